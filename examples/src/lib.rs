@@ -1,0 +1,2 @@
+//! Examples for Sigil. The quickstart arrives with the agent issue.
+#![forbid(unsafe_code)]

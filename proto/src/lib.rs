@@ -1,0 +1,24 @@
+//! Protocol buffers for Sigil, generated at build time with [protox](https://docs.rs/protox)
+//! (pure Rust), so neither building nor testing needs `protoc`.
+//!
+//! - [`workload`]: the SPIFFE Workload API, field for field as the SPIFFE standard defines it.
+//!   The proto has no `package` line, so the service is `SpiffeWorkloadAPI` and its methods are
+//!   served at `/SpiffeWorkloadAPI/<Method>`, as every SPIFFE client expects.
+//!
+//! The agent-to-server (`sigil/node/v1`) and operator (`sigil/admin/v1`) protocols arrive with
+//! the server-core and operator-surface issues, as sibling modules.
+#![forbid(unsafe_code)]
+
+/// The SPIFFE Workload API (`workload.proto`): messages, the `SpiffeWorkloadAPI` server trait and
+/// its client.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    reason = "generated code"
+)]
+pub mod workload {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}
