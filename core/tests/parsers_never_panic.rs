@@ -24,7 +24,7 @@ proptest! {
     fn spiffe_id_parse_never_panics_and_round_trips(input in id_like()) {
         if let Ok(id) = SpiffeId::new(&input) {
             prop_assert_eq!(id.to_string(), input.clone());
-            prop_assert_eq!(SpiffeId::new(&id.to_string()), Ok(id.clone()));
+            prop_assert_eq!(SpiffeId::new(id.as_str()), Ok(id.clone()));
             prop_assert!(input.len() <= sigil_core::spiffe_id::MAX_SPIFFE_ID_LEN);
             prop_assert_eq!(id.trust_domain().root_id().trust_domain(), id.trust_domain());
         }

@@ -207,12 +207,15 @@ async fn round_trip_over_a_unix_socket_at_the_spec_path() {
     server.await.unwrap().unwrap();
 }
 
+/// A message's expected fields: (name, number, type, repeated).
+type Fields = &'static [(&'static str, i32, Type, bool)];
+
 /// Every message of spec section 6.3: field name -> (number, type, repeated).
 #[test]
 fn messages_match_the_spec_field_for_field() {
     use Type::*;
     const MAP: Type = Message; // a map field is a repeated message (its entry type)
-    let spec: &[(&str, &[(&str, i32, Type, bool)])] = &[
+    let spec: &[(&str, Fields)] = &[
         ("X509SVIDRequest", &[]),
         (
             "X509SVIDResponse",
