@@ -5,8 +5,9 @@
 //!   The proto has no `package` line, so the service is `SpiffeWorkloadAPI` and its methods are
 //!   served at `/SpiffeWorkloadAPI/<Method>`, as every SPIFFE client expects.
 //!
-//! The agent-to-server (`sigil/node/v1`) and operator (`sigil/admin/v1`) protocols arrive with
-//! the server-core and operator-surface issues, as sibling modules.
+//! - [`node`]: `sigil.node.v1`, the agent-facing API of the server (TCP with mTLS).
+//!
+//! The operator protocol (`sigil/admin/v1`) arrives with the operator-surface issue.
 #![forbid(unsafe_code)]
 
 /// The SPIFFE Workload API (`workload.proto`): messages, the `SpiffeWorkloadAPI` server trait and
@@ -21,4 +22,17 @@
 )]
 pub mod workload {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}
+
+/// `sigil.node.v1`: the agent-facing API of the Sigil server.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    reason = "generated code"
+)]
+pub mod node {
+    include!(concat!(env!("OUT_DIR"), "/sigil.node.v1.rs"));
 }

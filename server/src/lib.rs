@@ -1,5 +1,11 @@
-//! The Sigil server: the trust domain's signing authority.
+//! # sigil-server: the trust domain's authority
 //!
-//! **Not built yet** (server-core issue): CA and rotation, the sled store with its change feed,
-//! join-token attestation, the agent-facing API, the admin API and the operator CLI.
+//! The server holds the trust domain's signing keys, keeps the registration entries and attested
+//! agents in its store, and serves agents over TCP with mTLS.
+//!
+//! - [`ca`]: the signing authorities (self-signed P-256 roots), their rotation as a pure function
+//!   of time, and one signing method per credential kind.
+//! - [`store`]: the [`store::Store`] trait, its sled backend with group commit, and the change
+//!   feed that drives agent sync.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
