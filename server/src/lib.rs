@@ -3,9 +3,12 @@
 //! The server holds the trust domain's signing keys, keeps the registration entries and attested
 //! agents in its store, and serves agents over TCP with mTLS.
 //!
+//! - [`config`]: the TOML file and flags, checked all at once into a typed [`config::ServerConfig`].
 //! - [`ca`]: the signing authorities (self-signed P-256 roots), their rotation as a pure function
 //!   of time, and one signing method per credential kind.
 //! - [`store`]: the [`store::Store`] trait, its sled backend with group commit, and the change
 //!   feed that drives agent sync.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod config;

@@ -1,0 +1,693 @@
+//! Server configuration: a TOML file, overridden by command-line flags, turned into a typed
+//! [`ServerConfig`] that reports every problem at once.
+//!
+//! Every key, its meaning and its default is documented on [`FileConfig`] and in
+//! `examples/config/server.toml` (which a test parses, so the sample cannot drift).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sigil_core::lifetime::max_svid_ttl;
+use sigil_core::{HumanDuration, TrustDomain, parse_duration};
+
+/// Default address of the agent-facing API.
+pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/tmp/sigil-server/data";
+/// Default path of the admin socket.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/sigil-server/private/admin.sock";
+/// Default lifetime of the signing authorities.
+pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default X509-SVID lifetime.
+pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Default JWT-SVID lifetime.
+pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
+
+/// The configuration file, as written. Every field is optional; the defaults are those below.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The trust domain this server is the authority for, e.g. `example.org`. Required (here or
+    /// with `--trust-domain`).
+    pub trust_domain: Option<String>,
+    /// Address (IP:PORT) of the agent-facing API (TCP, mTLS). Default `0.0.0.0:8081`.
+    pub bind_address: Option<String>,
+    /// Directory for the store and the CA keys (mode 0700). Default `/tmp/sigil-server/data`;
+    /// set a persistent path in production.
+    pub data_dir: Option<String>,
+    /// Path of the admin Unix socket used by the CLI. Default
+    /// `/tmp/sigil-server/private/admin.sock`.
+    pub admin_socket: Option<String>,
+    /// Uids allowed to call the admin socket, besides uid 0 (always allowed). Default `[]`.
+    pub admin_uids: Option<Vec<u32>>,
+    /// Lifetime of each signing authority (X.509 CA and JWT key). Default `24h`. Every SVID TTL
+    /// must be at most a sixth of it.
+    pub ca_ttl: Option<String>,
+    /// Default X509-SVID lifetime for workload entries without their own. Default `1h`.
+    pub default_x509_svid_ttl: Option<String>,
+    /// Default JWT-SVID lifetime. Default `5m`.
+    pub default_jwt_svid_ttl: Option<String>,
+    /// Lifetime of agent X509-SVIDs. Default: `default_x509_svid_ttl`.
+    pub agent_svid_ttl: Option<String>,
+    /// Value of the `iss` claim in JWT-SVIDs. Default: no `iss` claim.
+    pub jwt_issuer: Option<String>,
+    /// Log level: `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
+    pub log_level: Option<String>,
+    /// Log format: `text` or `json`. Default `text`.
+    pub log_format: Option<String>,
+}
+
+/// The keys [`FileConfig`] accepts, for reporting every unknown key at once.
+const KNOWN_KEYS: &[&str] = &[
+    "trust_domain",
+    "bind_address",
+    "data_dir",
+    "admin_socket",
+    "admin_uids",
+    "ca_ttl",
+    "default_x509_svid_ttl",
+    "default_jwt_svid_ttl",
+    "agent_svid_ttl",
+    "jwt_issuer",
+    "log_level",
+    "log_format",
+];
+
+/// Command-line values that override the file (each `None` when the flag was not given).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--trust-domain`.
+    pub trust_domain: Option<String>,
+    /// `--bind-address`.
+    pub bind_address: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<String>,
+    /// `--admin-socket`.
+    pub admin_socket: Option<String>,
+    /// `--log-level`.
+    pub log_level: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<String>,
+}
+
+/// The validated server configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Address of the agent-facing API.
+    pub bind_address: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Uids allowed on the admin socket besides 0.
+    pub admin_uids: Vec<u32>,
+    /// Signing authority lifetime.
+    pub ca_ttl: Duration,
+    /// Default workload X509-SVID TTL.
+    pub default_x509_svid_ttl: Duration,
+    /// Default JWT-SVID TTL.
+    pub default_jwt_svid_ttl: Duration,
+    /// Agent X509-SVID TTL.
+    pub agent_svid_ttl: Duration,
+    /// `iss` claim for JWT-SVIDs.
+    pub jwt_issuer: Option<String>,
+    /// Log level.
+    pub log_level: LogLevel,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// The default.
+    Info,
+    /// Verbose.
+    Debug,
+    /// Very verbose.
+    Trace,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One configuration problem, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The key (or `config` for the file as a whole).
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The problems, in the order found.
+    pub problems: Vec<ConfigProblem>,
+}
+
+// === impl ServerConfig ===
+
+impl ServerConfig {
+    /// Builds the configuration from the text of the TOML file (if any) and the command-line
+    /// overrides, reporting every problem at once.
+    pub fn from_sources(file: Option<&str>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut problems = Problems::default();
+        let file = match file {
+            Some(text) => parse_file(text, &mut problems),
+            None => FileConfig::default(),
+        };
+        let pick = |flag: Option<String>, file: Option<String>| flag.or(file);
+
+        let trust_domain = match pick(overrides.trust_domain, file.trust_domain) {
+            Some(td) => problems.check("trust_domain", TrustDomain::new(&td)),
+            None => {
+                problems.push(
+                    "trust_domain",
+                    "is required (set it in the file or with --trust-domain)",
+                );
+                None
+            }
+        };
+        let bind_address = problems.check(
+            "bind_address",
+            pick(overrides.bind_address, file.bind_address)
+                .as_deref()
+                .unwrap_or(DEFAULT_BIND_ADDRESS)
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("{e} (write it as IP:PORT, e.g. 0.0.0.0:8081)")),
+        );
+        let data_dir = path_value(
+            &mut problems,
+            "data_dir",
+            pick(overrides.data_dir, file.data_dir),
+            DEFAULT_DATA_DIR,
+        );
+        let admin_socket = path_value(
+            &mut problems,
+            "admin_socket",
+            pick(overrides.admin_socket, file.admin_socket),
+            DEFAULT_ADMIN_SOCKET,
+        );
+        let ca_ttl = duration_value(&mut problems, "ca_ttl", file.ca_ttl, DEFAULT_CA_TTL);
+        let x509_ttl = duration_value(
+            &mut problems,
+            "default_x509_svid_ttl",
+            file.default_x509_svid_ttl,
+            DEFAULT_X509_SVID_TTL,
+        );
+        let jwt_ttl = duration_value(
+            &mut problems,
+            "default_jwt_svid_ttl",
+            file.default_jwt_svid_ttl,
+            DEFAULT_JWT_SVID_TTL,
+        );
+        let agent_ttl = match file.agent_svid_ttl {
+            Some(text) => duration_value(
+                &mut problems,
+                "agent_svid_ttl",
+                Some(text),
+                DEFAULT_X509_SVID_TTL,
+            ),
+            None => x509_ttl,
+        };
+        if let Some(ca_ttl) = ca_ttl {
+            let limit = max_svid_ttl(ca_ttl);
+            for (key, ttl) in [
+                ("default_x509_svid_ttl", x509_ttl),
+                ("default_jwt_svid_ttl", jwt_ttl),
+                ("agent_svid_ttl", agent_ttl),
+            ] {
+                if let Some(ttl) = ttl {
+                    if ttl > limit {
+                        problems.push(
+                            key,
+                            format!(
+                                "{} is longer than ca_ttl / 6 = {} (ca_ttl is {}): an authority signs for 5/6 of its \
+                                 life and nothing it signs may outlive it; lower the TTL or raise ca_ttl to at least {}",
+                                HumanDuration(ttl),
+                                HumanDuration(limit),
+                                HumanDuration(ca_ttl),
+                                HumanDuration(ttl * 6),
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let jwt_issuer = match file.jwt_issuer {
+            Some(issuer) if issuer.trim().is_empty() => {
+                problems.push(
+                    "jwt_issuer",
+                    "cannot be empty (leave the key out for no iss claim)",
+                );
+                None
+            }
+            other => other,
+        };
+        let log_level = problems.check(
+            "log_level",
+            pick(overrides.log_level, file.log_level)
+                .as_deref()
+                .unwrap_or("info")
+                .parse::<LogLevel>(),
+        );
+        let log_format = problems.check(
+            "log_format",
+            pick(overrides.log_format, file.log_format)
+                .as_deref()
+                .unwrap_or("text")
+                .parse::<LogFormat>(),
+        );
+
+        problems.into_result()?;
+        // Every value that failed pushed a problem above, so all are present here.
+        let (
+            Some(trust_domain),
+            Some(bind_address),
+            Some(data_dir),
+            Some(admin_socket),
+            Some(ca_ttl),
+            Some(default_x509_svid_ttl),
+            Some(default_jwt_svid_ttl),
+            Some(agent_svid_ttl),
+            Some(log_level),
+            Some(log_format),
+        ) = (
+            trust_domain,
+            bind_address,
+            data_dir,
+            admin_socket,
+            ca_ttl,
+            x509_ttl,
+            jwt_ttl,
+            agent_ttl,
+            log_level,
+            log_format,
+        )
+        else {
+            return Err(ConfigError {
+                problems: vec![ConfigProblem {
+                    key: "config".into(),
+                    message: "incomplete configuration".into(),
+                }],
+            });
+        };
+        Ok(Self {
+            trust_domain,
+            bind_address,
+            data_dir,
+            admin_socket,
+            admin_uids: file.admin_uids.unwrap_or_default(),
+            ca_ttl,
+            default_x509_svid_ttl,
+            default_jwt_svid_ttl,
+            agent_svid_ttl,
+            jwt_issuer,
+            log_level,
+            log_format,
+        })
+    }
+
+    /// The largest SVID TTL the authorities can honour (`ca_ttl / 6`); longer per-entry TTLs are
+    /// capped to it.
+    pub fn max_svid_ttl(&self) -> Duration {
+        max_svid_ttl(self.ca_ttl)
+    }
+}
+
+// === impl LogLevel, LogFormat ===
+
+impl LogLevel {
+    /// The `tracing` filter directive for this level.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
+impl FromStr for LogLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "error" => Self::Error,
+            "warn" => Self::Warn,
+            "info" => Self::Info,
+            "debug" => Self::Debug,
+            "trace" => Self::Trace,
+            other => {
+                return Err(format!(
+                    "{other:?} is not a log level (error, warn, info, debug, trace)"
+                ));
+            }
+        })
+    }
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "text" => Self::Text,
+            "json" => Self::Json,
+            other => return Err(format!("{other:?} is not a log format (text, json)")),
+        })
+    }
+}
+
+// === impl ConfigError ===
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "invalid configuration ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+// === helpers ===
+
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn push(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn check<T, E: fmt::Display>(&mut self, key: &str, result: Result<T, E>) -> Option<T> {
+        result.map_err(|e| self.push(key, e.to_string())).ok()
+    }
+
+    fn into_result(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: self.0 })
+        }
+    }
+}
+
+/// Parses the file, reporting every unknown key (not just the first) and every type error.
+fn parse_file(text: &str, problems: &mut Problems) -> FileConfig {
+    let table: toml::Table = match toml::from_str(text) {
+        Ok(table) => table,
+        Err(e) => {
+            problems.push("config", format!("not valid TOML: {}", e.message()));
+            return FileConfig::default();
+        }
+    };
+    let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
+    let mut unknown = false;
+    for key in table.keys() {
+        if !known.contains(key.as_str()) {
+            problems.push(key, "unknown key");
+            unknown = true;
+        }
+    }
+    if unknown {
+        // Still check the known keys' values, so every problem is reported at once.
+        let known_only: toml::Table = table
+            .into_iter()
+            .filter(|(k, _)| known.contains(k.as_str()))
+            .collect();
+        return decode_file(known_only, problems);
+    }
+    decode_file(table, problems)
+}
+
+fn decode_file(table: toml::Table, problems: &mut Problems) -> FileConfig {
+    // Decode key by key so one wrong type does not hide the others.
+    let mut config = FileConfig::default();
+    for (key, value) in table {
+        let one: toml::Table = [(key.clone(), value)].into_iter().collect();
+        match one.try_into::<FileConfig>() {
+            Ok(part) => merge(&mut config, part),
+            Err(e) => problems.push(&key, e.message().to_owned()),
+        }
+    }
+    config
+}
+
+fn merge(into: &mut FileConfig, part: FileConfig) {
+    macro_rules! take {
+        ($($field:ident),*) => { $( if part.$field.is_some() { into.$field = part.$field; } )* };
+    }
+    take!(
+        trust_domain,
+        bind_address,
+        data_dir,
+        admin_socket,
+        admin_uids,
+        ca_ttl,
+        default_x509_svid_ttl,
+        default_jwt_svid_ttl,
+        agent_svid_ttl,
+        jwt_issuer,
+        log_level,
+        log_format
+    );
+}
+
+fn duration_value(
+    problems: &mut Problems,
+    key: &str,
+    value: Option<String>,
+    default: Duration,
+) -> Option<Duration> {
+    let Some(text) = value else {
+        return Some(default);
+    };
+    match parse_duration(&text) {
+        Ok(d) if d.is_zero() => {
+            problems.push(key, "must be greater than zero");
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            problems.push(key, e.to_string());
+            None
+        }
+    }
+}
+
+fn path_value(
+    problems: &mut Problems,
+    key: &str,
+    value: Option<String>,
+    default: &str,
+) -> Option<PathBuf> {
+    let text = value.unwrap_or_else(|| default.to_owned());
+    if text.is_empty() {
+        problems.push(key, "cannot be empty");
+        return None;
+    }
+    Some(PathBuf::from(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(err: &ConfigError) -> Vec<&str> {
+        err.problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    #[test]
+    fn minimal_file_gets_the_documented_defaults() {
+        let c = ServerConfig::from_sources(
+            Some("trust_domain = \"example.org\""),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.trust_domain.name(), "example.org");
+        assert_eq!(c.bind_address, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert!(c.admin_uids.is_empty());
+        assert_eq!(c.ca_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.default_x509_svid_ttl, Duration::from_secs(3600));
+        assert_eq!(c.default_jwt_svid_ttl, Duration::from_secs(300));
+        assert_eq!(c.agent_svid_ttl, c.default_x509_svid_ttl);
+        assert_eq!(c.jwt_issuer, None);
+        assert_eq!(c.log_level, LogLevel::Info);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.max_svid_ttl(), Duration::from_secs(4 * 3600));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = "trust_domain = \"a.org\"\nbind_address = \"127.0.0.1:1\"\nlog_level = \"warn\"";
+        let c = ServerConfig::from_sources(
+            Some(file),
+            Overrides {
+                trust_domain: Some("b.org".into()),
+                bind_address: Some("127.0.0.1:2".into()),
+                data_dir: Some("/d".into()),
+                admin_socket: Some("/s.sock".into()),
+                log_level: Some("debug".into()),
+                log_format: Some("json".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(c.trust_domain.name(), "b.org");
+        assert_eq!(c.bind_address.port(), 2);
+        assert_eq!(c.data_dir, PathBuf::from("/d"));
+        assert_eq!(c.admin_socket, PathBuf::from("/s.sock"));
+        assert_eq!(c.log_level, LogLevel::Debug);
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_naming_each_key() {
+        let file = r#"
+            trust_domain = "Example.org"
+            bind_address = "localhost"
+            ca_ttl = "forever"
+            default_jwt_svid_ttl = 5
+            log_level = "loud"
+            colour = "blue"
+            shade = 3
+        "#;
+        let err = ServerConfig::from_sources(Some(file), Overrides::default()).unwrap_err();
+        let mut got = keys(&err);
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            [
+                "bind_address",
+                "ca_ttl",
+                "colour",
+                "default_jwt_svid_ttl",
+                "log_level",
+                "shade",
+                "trust_domain"
+            ]
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("invalid configuration (7 problems):"),
+            "{text}"
+        );
+        assert!(text.contains("colour: unknown key"), "{text}");
+    }
+
+    #[test]
+    fn trust_domain_is_required() {
+        let err = ServerConfig::from_sources(None, Overrides::default()).unwrap_err();
+        assert_eq!(keys(&err), ["trust_domain"]);
+        let err = ServerConfig::from_sources(Some("not toml ="), Overrides::default()).unwrap_err();
+        assert_eq!(keys(&err), ["config", "trust_domain"]);
+    }
+
+    #[test]
+    fn ttls_must_fit_a_sixth_of_the_ca_ttl_with_the_numbers_in_the_message() {
+        let file = r#"
+            trust_domain = "example.org"
+            ca_ttl = "1h"
+            default_x509_svid_ttl = "20m"
+            agent_svid_ttl = "11m"
+        "#;
+        let err = ServerConfig::from_sources(Some(file), Overrides::default()).unwrap_err();
+        assert_eq!(keys(&err), ["default_x509_svid_ttl", "agent_svid_ttl"]);
+        let msg = &err.problems[0].message;
+        assert!(
+            msg.contains("20m") && msg.contains("10m") && msg.contains("1h") && msg.contains("2h"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_ttl_equal_to_a_sixth_of_the_ca_ttl_is_allowed() {
+        let file = r#"
+            trust_domain = "example.org"
+            ca_ttl = "1m"
+            default_x509_svid_ttl = "10s"
+            default_jwt_svid_ttl = "10s"
+        "#;
+        let c = ServerConfig::from_sources(Some(file), Overrides::default()).unwrap();
+        assert_eq!(c.agent_svid_ttl, Duration::from_secs(10));
+        // The agent TTL defaults to the X.509 TTL, so it is checked too.
+        let file =
+            "trust_domain = \"example.org\"\nca_ttl = \"1m\"\ndefault_jwt_svid_ttl = \"10s\"";
+        let err = ServerConfig::from_sources(Some(file), Overrides::default()).unwrap_err();
+        assert_eq!(keys(&err), ["default_x509_svid_ttl", "agent_svid_ttl"]);
+    }
+
+    #[test]
+    fn zero_and_empty_values_are_refused() {
+        let file = r#"
+            trust_domain = "example.org"
+            default_jwt_svid_ttl = "0s"
+            data_dir = ""
+            jwt_issuer = " "
+            log_format = "xml"
+        "#;
+        let err = ServerConfig::from_sources(Some(file), Overrides::default()).unwrap_err();
+        let mut got = keys(&err);
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            [
+                "data_dir",
+                "default_jwt_svid_ttl",
+                "jwt_issuer",
+                "log_format"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_sample_config_documents_every_key_and_parses() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/config/server.toml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let c = ServerConfig::from_sources(Some(&text), Overrides::default()).unwrap();
+        assert_eq!(c.trust_domain.name(), "example.org");
+        for key in KNOWN_KEYS {
+            assert!(
+                text.lines().any(|l| l
+                    .trim_start_matches(['#', ' '])
+                    .starts_with(&format!("{key} ="))),
+                "examples/config/server.toml does not document {key}"
+            );
+        }
+    }
+}
