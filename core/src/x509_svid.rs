@@ -514,6 +514,27 @@ pub fn verify_chain(
     Ok(VerifiedSvid { spiffe_id })
 }
 
+/// Checks one leaf certificate against the whole X509-SVID leaf profile, without a private key
+/// or a bundle, and returns its SPIFFE ID: what an issuer checks on a certificate it just signed.
+///
+/// The rules are those of [`X509Svid::from_parts`] for the leaf: exactly one URI SAN holding a
+/// SPIFFE ID with a path (X-1, X-2, XV-4, XL-1), not a CA (XL-2), a critical Key Usage with
+/// `digitalSignature` and neither `keyCertSign` nor `cRLSign` (XL-3, XL-4, XL-6), an EKU, if
+/// present, with both `serverAuth` and `clientAuth` (XL-7), and a critical SAN extension when
+/// the subject is empty (XL-8). Signatures and validity dates are not checked: that is
+/// [`verify_chain`]'s job.
+///
+/// # Errors
+///
+/// The [`X509SvidError`] variant of the first rule broken.
+pub fn check_leaf_certificate(leaf: &CertificateDer<'_>) -> Result<SpiffeId, X509SvidError> {
+    let leaf = parse_certificate(leaf, 0)?;
+    let spiffe_id = leaf_spiffe_id(&leaf)?;
+    check_leaf(&leaf, &spiffe_id)?;
+    check_leaf_profile(&leaf)?;
+    Ok(spiffe_id)
+}
+
 /// The bundle's authorities as webpki trust anchors, keeping only those valid at `now`.
 ///
 /// RFC 5280 path validation does not look at a trust anchor's own validity dates, and neither

@@ -236,9 +236,10 @@ impl ServerConfig {
                 ("default_jwt_svid_ttl", jwt_ttl),
                 ("agent_svid_ttl", agent_ttl),
             ] {
-                if let Some(ttl) = ttl {
-                    if ttl > limit {
-                        problems.push(
+                if let Some(ttl) = ttl
+                    && ttl > limit
+                {
+                    problems.push(
                             key,
                             format!(
                                 "{} is longer than ca_ttl / 6 = {} (ca_ttl is {}): an authority signs for 5/6 of its \
@@ -249,7 +250,6 @@ impl ServerConfig {
                                 HumanDuration(ttl * 6),
                             ),
                         );
-                    }
                 }
             }
         }
