@@ -2,7 +2,11 @@
 //! no `protoc` is needed to build or test.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["workload.proto", "sigil/node/v1/node.proto"];
+    let protos = [
+        "workload.proto",
+        "sigil/node/v1/node.proto",
+        "sigil/admin/v1/admin.proto",
+    ];
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)

@@ -1,5 +1,11 @@
 //! Property tests for the parsers: whatever the input, parsing returns `Ok` or an error and never
 //! panics, and whatever parses prints back to the same string.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
 
 use proptest::prelude::*;
 use sigil_core::{EndpointAddress, Selector, SpiffeId, TrustDomain};

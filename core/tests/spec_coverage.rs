@@ -1,6 +1,12 @@
 //! Every numbered item of `spec/spiffe.md` sections 1 to 5 that sigil-core covers is named in at
 //! least one of its tests (as `XV-2` in a case name or `xv_2_` in a test name). This keeps the
 //! mapping from spec to tests from eroding: deleting the last test of an item fails here.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
 
 use std::path::Path;
 

@@ -6,8 +6,7 @@
 //!   served at `/SpiffeWorkloadAPI/<Method>`, as every SPIFFE client expects.
 //!
 //! - [`node`]: `sigil.node.v1`, the agent-facing API of the server (TCP with mTLS).
-//!
-//! The operator protocol (`sigil/admin/v1`) arrives with the operator-surface issue.
+//! - [`admin`]: `sigil.admin.v1`, the operator API of the server (local Unix socket).
 #![forbid(unsafe_code)]
 
 /// The SPIFFE Workload API (`workload.proto`): messages, the `SpiffeWorkloadAPI` server trait and
@@ -35,4 +34,17 @@ pub mod workload {
 )]
 pub mod node {
     include!(concat!(env!("OUT_DIR"), "/sigil.node.v1.rs"));
+}
+
+/// `sigil.admin.v1`: the operator API of the Sigil server.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    reason = "generated code"
+)]
+pub mod admin {
+    include!(concat!(env!("OUT_DIR"), "/sigil.admin.v1.rs"));
 }

@@ -1,6 +1,12 @@
 //! The generated Workload API matches the SPIFFE standard on the wire: the exact gRPC paths
 //! (no `package` line), every message field by name, number and type, and a real round trip over
 //! a Unix socket.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

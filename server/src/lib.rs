@@ -3,6 +3,7 @@
 //! The server holds the trust domain's signing keys, keeps the registration entries and attested
 //! agents in its store, and serves agents over TCP with mTLS.
 //!
+//! - [`api`]: the gRPC services; [`api::node`] is the agent-facing API.
 //! - [`config`]: the TOML file and flags, checked all at once into a typed [`config::ServerConfig`].
 //! - [`ca`]: the signing authorities (self-signed P-256 roots), their rotation as a pure function
 //!   of time, and one signing method per credential kind.
@@ -11,4 +12,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod ca;
 pub mod config;
+pub mod server;
+pub mod store;
+pub mod tls;

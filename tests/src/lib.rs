@@ -1,2 +1,422 @@
-//! Shared helpers for Sigil's end-to-end tests (each behaviour has its own file in `tests/`).
+//! Shared helpers for Sigil's end-to-end tests. Each behaviour has its own file in `tests/`; this
+//! crate starts the real binaries (`target/debug/sigil-server`) in temporary directories, talks
+//! to them over their real sockets (the admin Unix socket, the agent-facing TCP port with mTLS),
+//! and cleans up, also when a test fails.
 #![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr,
+    missing_docs,
+    missing_debug_implementations,
+    reason = "test support code: a failed setup step is a failed test"
+)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rcgen::{CertificateParams, DistinguishedName, KeyPair};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use sigil_core::tls::{SharedBundles, SpiffeServerVerifier};
+use sigil_core::x509_bundle::X509Bundle;
+use sigil_core::x509_svid::Authorizer;
+use sigil_core::{SpiffeId, TrustDomain};
+use sigil_proto::admin::admin_client::AdminClient;
+use sigil_proto::node::node_client::NodeClient;
+use tempfile::TempDir;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The trust domain test servers run.
+pub const TRUST_DOMAIN: &str = "example.org";
+
+/// Path of a binary built by `cargo test --workspace` (`target/debug/NAME`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/test-xxxx -> target/debug/NAME
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A `sigil-server run` child process with its own data directory and sockets.
+pub struct TestServer {
+    dir: TempDir,
+    extra_config: String,
+    child: Option<Child>,
+    /// The agent-facing API address.
+    pub node_addr: SocketAddr,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TestServer {
+    /// Starts a server for [`TRUST_DOMAIN`]; `extra_config` is appended to its TOML config.
+    pub fn start(extra_config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = Self {
+            dir,
+            extra_config: extra_config.to_owned(),
+            child: None,
+            node_addr: "127.0.0.1:0".parse().unwrap(),
+            log: Arc::default(),
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("admin.sock")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("server.toml")
+    }
+
+    fn spawn(&mut self) {
+        let config = format!(
+            "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nadmin_socket = \"{sock}\"\nlog_format = \"json\"\n{extra}\n",
+            port = self.node_addr.port(),
+            data = self.data_dir().display(),
+            sock = self.admin_socket().display(),
+            extra = self.extra_config,
+        );
+        std::fs::write(self.config_path(), config).unwrap();
+        let mut child = Command::new(binary("sigil-server"))
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .env("SIGIL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("agent-facing api listening")
+                    && let Some(addr) = serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| v["fields"]["address"].as_str().map(str::to_owned))
+                {
+                    let _ = addr_tx.send(addr);
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+        self.child = Some(child);
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("server did not start; log:\n{}", self.log_text()));
+        self.node_addr = addr.parse().unwrap();
+        // The admin socket is bound before the node API logs that it listens; wait for it anyway.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.admin_socket().exists() {
+            assert!(Instant::now() < deadline, "admin socket missing");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the server logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Stops the server with SIGKILL (no cleanup, as in a crash) and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Sends a signal and waits (at most `timeout`) for the exit; returns the status and how
+    /// long it took.
+    pub fn signal(&mut self, signal: &str, timeout: Duration) -> (ExitStatus, Duration) {
+        let mut child = self.child.take().expect("server not running");
+        let start = Instant::now();
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                child.kill().unwrap();
+                panic!("server did not exit within {timeout:?} of SIG{signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same data directory and port.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// A client of the admin API, as the current (root) user.
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(unix_channel(self.admin_socket()).await)
+    }
+
+    /// The trust domain's X.509 bundle, fetched through the admin API.
+    pub async fn bundle(&self) -> X509Bundle {
+        let pem = self
+            .admin()
+            .await
+            .get_bundle(sigil_proto::admin::GetBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .pem;
+        X509Bundle::from_pem(trust_domain(), pem.as_bytes()).unwrap()
+    }
+
+    /// Generates a join token.
+    pub async fn join_token(&self, ttl: Duration) -> String {
+        self.admin()
+            .await
+            .generate_join_token(sigil_proto::admin::GenerateJoinTokenRequest {
+                ttl_seconds: ttl.as_secs(),
+                spiffe_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A tonic channel over a Unix socket.
+pub async fn unix_channel(path: PathBuf) -> Channel {
+    Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+pub fn trust_domain() -> TrustDomain {
+    TrustDomain::new(TRUST_DOMAIN).unwrap()
+}
+
+pub fn server_id() -> SpiffeId {
+    trust_domain().id(["sigil", "server"]).unwrap()
+}
+
+/// A P-256 key for an agent or workload, and a CSR for it.
+pub struct TestKey {
+    pub key: KeyPair,
+}
+
+impl TestKey {
+    pub fn new() -> Self {
+        Self {
+            key: KeyPair::generate().unwrap(),
+        }
+    }
+
+    /// A CSR for this key (empty subject: the server ignores it anyway).
+    pub fn csr(&self) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.serialize_request(&self.key).unwrap().der().to_vec()
+    }
+
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
+    }
+}
+
+impl Default for TestKey {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Splits concatenated DER certificates.
+pub fn certs(der: &[u8]) -> Vec<CertificateDer<'static>> {
+    X509Bundle::from_der(trust_domain(), der)
+        .map(|b| b.authorities().to_vec())
+        .unwrap_or_default()
+}
+
+/// A client of the agent-facing API over TCP with TLS: the server must present the SVID
+/// `spiffe://example.org/sigil/server` chaining to `bundle`; `identity` is the client SVID to
+/// present (none for `AttestAgent`).
+pub async fn node_client(
+    addr: SocketAddr,
+    bundle: &X509Bundle,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<NodeClient<Channel>, tonic::transport::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            SharedBundles::from_bundle(bundle.clone()),
+            Authorizer::exact(server_id()),
+        )));
+    let mut config = match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let channel = Endpoint::try_from("http://sigil-server")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let tls = connector
+                    .connect(ServerName::try_from("sigil-server").unwrap(), tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await?;
+    Ok(NodeClient::new(channel))
+}
+
+/// Runs `openssl verify -x509_strict` on `leaf` against `bundle`; returns its output on failure.
+pub fn openssl_verify(bundle: &X509Bundle, leaf: &CertificateDer<'_>) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("bundle.pem");
+    let cert = dir.path().join("leaf.pem");
+    std::fs::write(&ca, bundle.to_pem()).unwrap();
+    let leaf_bundle = X509Bundle::new(trust_domain(), vec![leaf.clone().into_owned()]).unwrap();
+    std::fs::write(&cert, leaf_bundle.to_pem()).unwrap();
+    let out = Command::new("openssl")
+        .args(["verify", "-x509_strict", "-CAfile"])
+        .arg(&ca)
+        .arg(&cert)
+        .output()
+        .expect("openssl must be installed");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// An attested test agent: its SVID chain and key.
+pub struct TestAgent {
+    pub id: SpiffeId,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: TestKey,
+}
+
+impl TestAgent {
+    /// Attests with a fresh join token.
+    pub async fn attest(server: &TestServer) -> Self {
+        let token = server.join_token(Duration::from_secs(600)).await;
+        Self::attest_with(server, &token).await.unwrap()
+    }
+
+    /// Attests with `token`.
+    pub async fn attest_with(server: &TestServer, token: &str) -> Result<Self, tonic::Status> {
+        let bundle = server.bundle().await;
+        let mut client = node_client(server.node_addr, &bundle, None).await.unwrap();
+        let key = TestKey::new();
+        let resp = client
+            .attest_agent(sigil_proto::node::AttestAgentRequest {
+                join_token: token.to_owned(),
+                csr: key.csr(),
+            })
+            .await?
+            .into_inner();
+        let svid = resp.svid.unwrap();
+        Ok(Self {
+            id: SpiffeId::new(&svid.spiffe_id).unwrap(),
+            chain: certs(&svid.cert_chain),
+            key,
+        })
+    }
+
+    /// A node API client presenting this agent's SVID.
+    pub async fn client(&self, server: &TestServer) -> NodeClient<Channel> {
+        let bundle = server.bundle().await;
+        node_client(
+            server.node_addr,
+            &bundle,
+            Some((self.chain.clone(), self.key.private_key())),
+        )
+        .await
+        .unwrap()
+    }
+}
+
+/// A registration entry for the admin API.
+pub fn entry(spiffe_id: &str, parent_id: &str, selectors: &[&str]) -> sigil_proto::admin::Entry {
+    sigil_proto::admin::Entry {
+        spiffe_id: spiffe_id.to_owned(),
+        parent_id: parent_id.to_owned(),
+        selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Creates one entry through the admin API and returns it.
+pub async fn create_entry(
+    server: &TestServer,
+    entry: sigil_proto::admin::Entry,
+) -> Result<sigil_proto::admin::Entry, String> {
+    let resp = server
+        .admin()
+        .await
+        .create_entries(sigil_proto::admin::CreateEntriesRequest {
+            entries: vec![entry],
+        })
+        .await
+        .map_err(|s| s.message().to_owned())?
+        .into_inner();
+    match resp.results.into_iter().next().and_then(|r| r.result) {
+        Some(sigil_proto::admin::entry_result::Result::Entry(e)) => Ok(e),
+        Some(sigil_proto::admin::entry_result::Result::Error(e)) => Err(e.message),
+        None => Err("no result".into()),
+    }
+}

@@ -1,0 +1,956 @@
+//! The agent-facing API (`sigil.node.v1.Node`), served over TCP with mTLS.
+//!
+//! `AttestAgent` is the only call accepted without a client certificate. Every other call
+//! authenticates the agent from its X509-SVID on **every call** ([`NodeService::authenticate`]):
+//! the chain must verify against the current bundle at the current time, the agent's node record
+//! must exist and not be banned, and the certificate's serial must be the node's current one (or
+//! the one its last renewal issued, which then becomes current). A refusal is `PermissionDenied`
+//! with a machine-readable reason in the `sigil-reason` response metadata ([`DenyReason`]).
+//!
+//! What an agent may ask for is decided here, never by the agent: an entry is authorized for an
+//! agent when its parent is the agent's ID or the SPIFFE ID of another entry authorized for it
+//! (recursively, which is how alias entries work). Certificates are built from the entry; the
+//! CSR only proves possession of the key (SPIRE CVE-2021-27098).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sigil_core::tls::SharedBundles;
+use sigil_core::{SpiffeId, TrustDomain};
+use sigil_proto::node::node_server::Node;
+use sigil_proto::node::{
+    self as pb, AttestAgentRequest, AttestAgentResponse, BatchNewX509svidRequest,
+    BatchNewX509svidResponse, GetBundleRequest, GetBundleResponse, NewJwtsvidRequest,
+    NewJwtsvidResponse, RenewAgentRequest, RenewAgentResponse, SyncEntriesRequest,
+    SyncEntriesResponse,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, instrument, warn};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::store::{
+    AttestedNode, Change, ChangeKind, ChangesSince, EntryId, RegistrationEntry, Store, StoreError,
+};
+use crate::tls::PeerInfo;
+
+/// The first path segments of every ID the server reserves for itself and its agents.
+pub const RESERVED_PATH_PREFIX: &str = "/sigil/";
+
+/// The most CSRs one `BatchNewX509SVID` call may carry.
+pub const MAX_BATCH_SIZE: usize = 500;
+
+/// Entries per snapshot page of `SyncEntries` (a page stays far below gRPC's 4 MB limit).
+pub const SNAPSHOT_PAGE_SIZE: usize = 1000;
+
+/// Changes read from the store per step of a `SyncEntries` stream.
+const CHANGES_PER_READ: usize = 1000;
+
+/// The metadata key carrying the reason of a `PermissionDenied`.
+pub const REASON_METADATA_KEY: &str = "sigil-reason";
+
+/// What the node API needs from the signing authority. Declared here, beside its caller;
+/// implemented by the server's CA.
+pub trait NodeAuthority: Send + Sync + 'static {
+    /// Signs an agent X509-SVID for `agent_id` over the CSR's key.
+    fn sign_agent_svid(
+        &self,
+        agent_id: &SpiffeId,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedSvid, SignError>;
+
+    /// Signs a workload X509-SVID for `entry` over the CSR's key (identity from the entry).
+    fn sign_workload_svid(
+        &self,
+        entry: &RegistrationEntry,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedSvid, SignError>;
+
+    /// Signs a JWT-SVID for `entry`.
+    fn sign_jwt_svid(
+        &self,
+        entry: &RegistrationEntry,
+        audience: &[String],
+        now: SystemTime,
+    ) -> Result<IssuedJwt, SignError>;
+
+    /// The current bundle.
+    fn bundle(&self) -> BundleSnapshot;
+
+    /// A receiver that changes whenever the bundle does (its value is the bundle sequence).
+    fn subscribe_bundle(&self) -> watch::Receiver<u64>;
+
+    /// The TTLs entries get: (X.509 default, JWT default, largest allowed).
+    fn ttls(&self) -> EntryTtls;
+}
+
+/// An issued X509-SVID.
+#[derive(Debug, Clone)]
+pub struct IssuedSvid {
+    /// The SPIFFE ID in it.
+    pub spiffe_id: SpiffeId,
+    /// The chain, DER, leaf first.
+    pub chain_der: Vec<u8>,
+    /// The leaf's serial number, lowercase hex.
+    pub serial: String,
+    /// NotAfter.
+    pub not_after: SystemTime,
+}
+
+/// An issued JWT-SVID.
+#[derive(Debug, Clone)]
+pub struct IssuedJwt {
+    /// The token.
+    pub token: String,
+    /// Its `exp`.
+    pub expires_at: SystemTime,
+}
+
+/// The trust domain's bundle at one moment.
+#[derive(Debug, Clone)]
+pub struct BundleSnapshot {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// SPIFFE bundle JSON.
+    pub spiffe_json: Vec<u8>,
+    /// Its `spiffe_sequence`.
+    pub sequence: u64,
+}
+
+/// Default and maximum TTLs for entries.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryTtls {
+    /// X509-SVID TTL of entries without their own.
+    pub x509_default: Duration,
+    /// JWT-SVID TTL of entries without their own.
+    pub jwt_default: Duration,
+    /// The cap for every TTL (`ca_ttl / 6`).
+    pub max: Duration,
+}
+
+/// Why signing failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignError {
+    /// The request was bad: malformed CSR, wrong key type, invalid audience.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The authority could not sign.
+    #[error("signing failed: {0}")]
+    Internal(String),
+}
+
+/// Why an agent was refused. Sent as `sigil-reason` metadata with `PermissionDenied`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DenyReason {
+    /// The agent SVID is expired (or not yet valid).
+    Expired,
+    /// No valid agent SVID was presented, or the server has no record of this agent.
+    NotAttested,
+    /// The agent is banned.
+    Banned,
+    /// The SVID is not the agent's current one: attest again.
+    MustReattest,
+}
+
+/// The service. Cheap to clone: its parts are shared.
+#[derive(Clone)]
+pub struct NodeService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    trust_domain: TrustDomain,
+    store: Arc<dyn Store>,
+    authority: Arc<dyn NodeAuthority>,
+    bundles: SharedBundles,
+    clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// An authenticated agent.
+#[derive(Debug, Clone)]
+struct Agent {
+    id: SpiffeId,
+    not_after: SystemTime,
+}
+
+/// What one `SyncEntries` stream has told its agent.
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Entry id -> revision, for every entry the agent holds.
+    sent: BTreeMap<EntryId, u64>,
+    /// The parents whose children concern the agent (see [`Authorized::reachable`]).
+    reachable: HashSet<SpiffeId>,
+}
+
+/// The entries authorized for one agent.
+#[derive(Debug, Default)]
+struct Authorized {
+    /// Entry id -> entry.
+    entries: BTreeMap<EntryId, RegistrationEntry>,
+    /// The agent's ID and the SPIFFE IDs of its authorized entries: parents of further entries.
+    reachable: HashSet<SpiffeId>,
+}
+
+// === impl DenyReason ===
+
+impl DenyReason {
+    /// The wire value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::NotAttested => "not_attested",
+            Self::Banned => "banned",
+            Self::MustReattest => "must_reattest",
+        }
+    }
+
+    /// Reads the reason of a `PermissionDenied` status, if it carries one.
+    pub fn from_status(status: &Status) -> Option<Self> {
+        match status.metadata().get(REASON_METADATA_KEY)?.to_str().ok()? {
+            "expired" => Some(Self::Expired),
+            "not_attested" => Some(Self::NotAttested),
+            "banned" => Some(Self::Banned),
+            "must_reattest" => Some(Self::MustReattest),
+            _ => None,
+        }
+    }
+
+    fn status(self, message: impl Into<String>) -> Status {
+        let mut status = Status::permission_denied(message);
+        status.metadata_mut().insert(
+            REASON_METADATA_KEY,
+            MetadataValue::from_static(self.as_str()),
+        );
+        status
+    }
+}
+
+// === impl NodeService ===
+
+impl std::fmt::Debug for NodeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeService")
+            .field("trust_domain", &self.inner.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeService {
+    /// Builds the service. `bundles` is the X.509 bundle set agents' SVIDs are verified
+    /// against (kept current by the CA manager); `shutdown` ends open streams when it turns
+    /// true.
+    pub fn new(
+        trust_domain: TrustDomain,
+        store: Arc<dyn Store>,
+        authority: Arc<dyn NodeAuthority>,
+        bundles: SharedBundles,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self::with_clock(
+            trust_domain,
+            store,
+            authority,
+            bundles,
+            shutdown,
+            Arc::new(SystemTime::now),
+        )
+    }
+
+    /// [`NodeService::new`] with an explicit clock (for tests).
+    pub fn with_clock(
+        trust_domain: TrustDomain,
+        store: Arc<dyn Store>,
+        authority: Arc<dyn NodeAuthority>,
+        bundles: SharedBundles,
+        shutdown: watch::Receiver<bool>,
+        clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                trust_domain,
+                store,
+                authority,
+                bundles,
+                clock,
+                shutdown,
+            }),
+        }
+    }
+
+    /// The SPIFFE ID an agent attested with `token` gets.
+    pub fn join_token_agent_id(
+        trust_domain: &TrustDomain,
+        token: &str,
+    ) -> Result<SpiffeId, Status> {
+        trust_domain
+            .id(["sigil", "agent", "join_token", token])
+            .map_err(|_| Status::permission_denied("join token unknown, expired or already used"))
+    }
+
+    fn now(&self) -> SystemTime {
+        (self.inner.clock)()
+    }
+
+    /// Authenticates the calling agent from its client certificate (see the module docs).
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<Agent, Status> {
+        let chain = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|peer| peer.cert_chain.clone())
+            .ok_or_else(|| {
+                DenyReason::NotAttested.status("no agent SVID presented: attest first")
+            })?;
+        let now = self.now();
+        let (serial, not_after) = chain
+            .first()
+            .and_then(|leaf| leaf_serial_and_expiry(leaf))
+            .ok_or_else(|| DenyReason::NotAttested.status("agent SVID cannot be parsed"))?;
+        if not_after <= now {
+            return Err(DenyReason::Expired.status("agent SVID expired"));
+        }
+        let id = self.inner.bundles.verify(&chain, now).map_err(|e| {
+            debug!(error = %e, "agent svid rejected");
+            DenyReason::NotAttested.status(format!("agent SVID rejected: {e}"))
+        })?;
+        if !is_agent_id(&self.inner.trust_domain, &id) {
+            return Err(
+                DenyReason::NotAttested.status("the client certificate is not an agent SVID")
+            );
+        }
+        let Some(mut node) = self.inner.store.get_node(&id).await.map_err(store_status)? else {
+            return Err(DenyReason::NotAttested.status("no such agent: attest again"));
+        };
+        if node.banned {
+            return Err(DenyReason::Banned.status("agent is banned"));
+        }
+        if node.serial != serial {
+            if node.new_serial.as_deref() == Some(serial.as_str()) {
+                // First use of the renewed SVID: it becomes current, the old one stops working.
+                node.serial = serial;
+                node.new_serial = None;
+                node.not_after = not_after;
+                self.inner
+                    .store
+                    .update_node(node)
+                    .await
+                    .map_err(store_status)?;
+            } else {
+                return Err(
+                    DenyReason::MustReattest.status("agent SVID is not current: attest again")
+                );
+            }
+        }
+        Ok(Agent { id, not_after })
+    }
+
+    /// The entries authorized for `agent`: parented to it or, recursively, to an authorized
+    /// entry's SPIFFE ID. Expired entries authorize nothing.
+    async fn authorized(&self, agent: &SpiffeId) -> Result<Authorized, Status> {
+        let now = self.now();
+        let mut out = Authorized::default();
+        out.reachable.insert(agent.clone());
+        let mut queue = VecDeque::from([agent.clone()]);
+        while let Some(parent) = queue.pop_front() {
+            for entry in self
+                .inner
+                .store
+                .entries_by_parent(&parent)
+                .await
+                .map_err(store_status)?
+            {
+                if entry.expires_at.is_some_and(|at| at <= now) || is_reserved(&entry.spiffe_id) {
+                    continue;
+                }
+                if out.reachable.insert(entry.spiffe_id.clone()) {
+                    queue.push_back(entry.spiffe_id.clone());
+                }
+                out.entries.insert(entry.id.clone(), entry);
+            }
+        }
+        Ok(out)
+    }
+
+    fn bundle_message(&self) -> pb::Bundle {
+        let b = self.inner.authority.bundle();
+        pb::Bundle {
+            trust_domain: b.trust_domain.name().to_owned(),
+            spiffe_bundle: b.spiffe_json,
+            sequence: b.sequence,
+        }
+    }
+
+    fn entry_message(&self, entry: &RegistrationEntry) -> pb::Entry {
+        let ttls = self.inner.authority.ttls();
+        pb::Entry {
+            id: entry.id.as_str().to_owned(),
+            spiffe_id: entry.spiffe_id.to_string(),
+            parent_id: entry.parent_id.to_string(),
+            selectors: entry.selectors.iter().map(ToString::to_string).collect(),
+            x509_svid_ttl: entry
+                .x509_svid_ttl
+                .unwrap_or(ttls.x509_default)
+                .min(ttls.max)
+                .as_secs(),
+            jwt_svid_ttl: entry
+                .jwt_svid_ttl
+                .unwrap_or(ttls.jwt_default)
+                .min(ttls.max)
+                .as_secs(),
+            dns_names: entry.dns_names.clone(),
+            hint: entry.hint.clone(),
+            expires_at: entry.expires_at.map_or(0, unix_seconds),
+            revision: entry.revision,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    type SyncEntriesStream =
+        Pin<Box<dyn Stream<Item = Result<SyncEntriesResponse, Status>> + Send>>;
+
+    #[instrument(skip_all, fields(peer = ?request.remote_addr()))]
+    async fn attest_agent(
+        &self,
+        request: Request<AttestAgentRequest>,
+    ) -> Result<Response<AttestAgentResponse>, Status> {
+        let req = request.into_inner();
+        if req.join_token.is_empty() {
+            return Err(Status::invalid_argument("join_token is required"));
+        }
+        if req.csr.is_empty() {
+            return Err(Status::invalid_argument("csr is required"));
+        }
+        let now = self.now();
+        let agent_id = Self::join_token_agent_id(&self.inner.trust_domain, &req.join_token)?;
+        // Check the CSR before spending the token, so a malformed request does not burn it.
+        if let Err(e) = check_csr(&req.csr) {
+            return Err(Status::invalid_argument(e));
+        }
+        let token = match self
+            .inner
+            .store
+            .consume_join_token(&req.join_token, now)
+            .await
+        {
+            Ok(token) => token,
+            Err(StoreError::TokenNotFound) => {
+                warn!("attestation refused: join token unknown or already used");
+                return Err(DenyReason::NotAttested.status("join token unknown or already used"));
+            }
+            Err(StoreError::TokenExpired) => {
+                warn!("attestation refused: join token expired");
+                return Err(DenyReason::NotAttested.status("join token expired"));
+            }
+            Err(e) => return Err(store_status(e)),
+        };
+        let svid = self
+            .inner
+            .authority
+            .sign_agent_svid(&agent_id, &req.csr, now)
+            .map_err(sign_status)?;
+        let node = AttestedNode {
+            spiffe_id: agent_id.clone(),
+            attestation_type: "join_token".into(),
+            serial: svid.serial.clone(),
+            new_serial: None,
+            not_after: svid.not_after,
+            banned: false,
+            selectors: Default::default(),
+            created_at: now,
+            updated_at: now,
+        };
+        self.inner
+            .store
+            .create_node(node)
+            .await
+            .map_err(store_status)?;
+        if let Some(alias) = token.alias_spiffe_id {
+            let entry = crate::store::NewEntry::new(alias, agent_id.clone(), Default::default());
+            match self.inner.store.create_entry(entry).await {
+                Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(store_status(e)),
+            }
+        }
+        info!(agent_id = %agent_id, "agent attested");
+        Ok(Response::new(AttestAgentResponse {
+            svid: Some(svid_message(&svid)),
+            bundle: Some(self.bundle_message()),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn renew_agent(
+        &self,
+        request: Request<RenewAgentRequest>,
+    ) -> Result<Response<RenewAgentResponse>, Status> {
+        let agent = self.authenticate(&request).await?;
+        let csr = request.into_inner().csr;
+        let svid = self
+            .inner
+            .authority
+            .sign_agent_svid(&agent.id, &csr, self.now())
+            .map_err(sign_status)?;
+        let Some(mut node) = self
+            .inner
+            .store
+            .get_node(&agent.id)
+            .await
+            .map_err(store_status)?
+        else {
+            return Err(DenyReason::NotAttested.status("no such agent: attest again"));
+        };
+        node.new_serial = Some(svid.serial.clone());
+        self.inner
+            .store
+            .update_node(node)
+            .await
+            .map_err(store_status)?;
+        info!(agent_id = %agent.id, "agent svid renewed");
+        Ok(Response::new(RenewAgentResponse {
+            svid: Some(svid_message(&svid)),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn sync_entries(
+        &self,
+        request: Request<SyncEntriesRequest>,
+    ) -> Result<Response<Self::SyncEntriesStream>, Status> {
+        let agent = self.authenticate(&request).await?;
+        let since = request.into_inner().since_revision;
+        let (tx, rx) = mpsc::channel(4);
+        let service = self.clone();
+        tokio::spawn(async move {
+            if let Err(status) = service.run_sync(agent, since, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[instrument(skip_all)]
+    async fn batch_new_x509svid(
+        &self,
+        request: Request<BatchNewX509svidRequest>,
+    ) -> Result<Response<BatchNewX509svidResponse>, Status> {
+        let agent = self.authenticate(&request).await?;
+        let params = request.into_inner().params;
+        if params.len() > MAX_BATCH_SIZE {
+            return Err(Status::invalid_argument(format!(
+                "{} CSRs in one batch; the maximum is {MAX_BATCH_SIZE}",
+                params.len()
+            )));
+        }
+        let authorized = self.authorized(&agent.id).await?;
+        let now = self.now();
+        let mut results = Vec::with_capacity(params.len());
+        for param in params {
+            let outcome = match EntryId::parse(&param.entry_id) {
+                Err(e) => Err(Status::invalid_argument(e.to_string())),
+                Ok(id) => match authorized.entries.get(&id) {
+                    None => {
+                        warn!(agent_id = %agent.id, entry_id = %param.entry_id, "svid refused: entry not authorized for agent");
+                        Err(Status::permission_denied(
+                            "entry is not authorized for this agent",
+                        ))
+                    }
+                    Some(entry) => self
+                        .inner
+                        .authority
+                        .sign_workload_svid(entry, &param.csr, now)
+                        .map_err(sign_status),
+                },
+            };
+            results.push(pb::X509svidResult {
+                entry_id: param.entry_id,
+                result: Some(match outcome {
+                    Ok(svid) => pb::x509svid_result::Result::Svid(svid_message(&svid)),
+                    Err(status) => pb::x509svid_result::Result::Error(pb::Error {
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                    }),
+                }),
+            });
+        }
+        Ok(Response::new(BatchNewX509svidResponse { results }))
+    }
+
+    #[instrument(skip_all)]
+    async fn new_jwtsvid(
+        &self,
+        request: Request<NewJwtsvidRequest>,
+    ) -> Result<Response<NewJwtsvidResponse>, Status> {
+        let agent = self.authenticate(&request).await?;
+        let req = request.into_inner();
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience is required"));
+        }
+        let id =
+            EntryId::parse(&req.entry_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let authorized = self.authorized(&agent.id).await?;
+        let Some(entry) = authorized.entries.get(&id) else {
+            warn!(agent_id = %agent.id, entry_id = %req.entry_id, "jwt refused: entry not authorized for agent");
+            return Err(Status::permission_denied(
+                "entry is not authorized for this agent",
+            ));
+        };
+        let jwt = self
+            .inner
+            .authority
+            .sign_jwt_svid(entry, &req.audience, self.now())
+            .map_err(sign_status)?;
+        Ok(Response::new(NewJwtsvidResponse {
+            spiffe_id: entry.spiffe_id.to_string(),
+            token: jwt.token,
+            expires_at: unix_seconds(jwt.expires_at),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn get_bundle(
+        &self,
+        request: Request<GetBundleRequest>,
+    ) -> Result<Response<GetBundleResponse>, Status> {
+        self.authenticate(&request).await?;
+        Ok(Response::new(GetBundleResponse {
+            bundle: Some(self.bundle_message()),
+        }))
+    }
+}
+
+// === SyncEntries ===
+
+type SyncSender = mpsc::Sender<Result<SyncEntriesResponse, Status>>;
+
+impl NodeService {
+    /// Runs one `SyncEntries` stream until the client goes away, its SVID expires, or the
+    /// server shuts down.
+    async fn run_sync(&self, agent: Agent, since: u64, tx: &SyncSender) -> Result<(), Status> {
+        let store = &self.inner.store;
+        let mut revisions = store.subscribe();
+        let mut bundle_updates = self.inner.authority.subscribe_bundle();
+        let mut shutdown = self.inner.shutdown.clone();
+        let mut state = SyncState::default();
+
+        // Resume from `since` when the store still has the changes after it; else snapshot.
+        let mut revision = match self.resume(&agent, since, &mut state, tx).await? {
+            Some(revision) => revision,
+            None => self.snapshot(&agent, &mut state, tx).await?,
+        };
+        let mut bundle_sequence = *bundle_updates.borrow_and_update();
+        let expiry = tokio::time::sleep(
+            agent
+                .not_after
+                .duration_since(self.now())
+                .unwrap_or(Duration::ZERO),
+        );
+        tokio::pin!(expiry);
+
+        loop {
+            // Drain every durable change after `revision`.
+            loop {
+                let changes = match store
+                    .changes_since(revision, CHANGES_PER_READ)
+                    .await
+                    .map_err(store_status)?
+                {
+                    ChangesSince::Changes(changes) => changes,
+                    ChangesSince::Expired => {
+                        // Fell too far behind: start over with a snapshot.
+                        revision = self.snapshot(&agent, &mut state, tx).await?;
+                        continue;
+                    }
+                };
+                let Some(last) = changes.last().map(|c| c.revision) else {
+                    break;
+                };
+                let out = self.apply_changes(&agent, &changes, &mut state).await?;
+                if !out.is_empty() && !send_changes(tx, out).await {
+                    return Ok(());
+                }
+                revision = last;
+            }
+            let current_bundle = *bundle_updates.borrow_and_update();
+            if current_bundle != bundle_sequence {
+                bundle_sequence = current_bundle;
+                let change = pb::Change {
+                    revision,
+                    change: Some(pb::change::Change::Bundle(self.bundle_message())),
+                };
+                if !send_changes(tx, vec![change]).await {
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                changed = revisions.changed() => if changed.is_err() { return Ok(()) },
+                changed = bundle_updates.changed() => if changed.is_err() { return Ok(()) },
+                () = &mut expiry => {
+                    return Err(DenyReason::Expired.status("agent SVID expired: reconnect with the renewed SVID"));
+                }
+                _ = shutdown.wait_for(|stop| *stop) => return Err(Status::unavailable("server shutting down")),
+                () = tx.closed() => return Ok(()),
+            }
+        }
+    }
+
+    /// Sends the agent's authorized entries in pages; returns the snapshot's revision.
+    async fn snapshot(
+        &self,
+        agent: &Agent,
+        state: &mut SyncState,
+        tx: &SyncSender,
+    ) -> Result<u64, Status> {
+        // The revision first, then the entries: changes racing with the walk are re-applied by
+        // the change loop (upserts are idempotent).
+        let revision = self
+            .inner
+            .store
+            .current_revision()
+            .await
+            .map_err(store_status)?;
+        let authorized = self.authorized(&agent.id).await?;
+        state.sent.clear();
+        let entries: Vec<_> = authorized.entries.values().collect();
+        let mut pages = entries.chunks(SNAPSHOT_PAGE_SIZE).peekable();
+        if pages.peek().is_none() {
+            let page = pb::SnapshotPage {
+                entries: vec![],
+                revision,
+                last: true,
+            };
+            send(tx, pb::sync_entries_response::Message::Snapshot(page)).await;
+            state.reachable = authorized.reachable;
+            return Ok(revision);
+        }
+        while let Some(chunk) = pages.next() {
+            for entry in chunk {
+                state.sent.insert(entry.id.clone(), entry.revision);
+            }
+            let page = pb::SnapshotPage {
+                entries: chunk.iter().map(|e| self.entry_message(e)).collect(),
+                revision,
+                last: pages.peek().is_none(),
+            };
+            if !send(tx, pb::sync_entries_response::Message::Snapshot(page)).await {
+                break;
+            }
+        }
+        debug!(agent_id = %agent.id, entries = state.sent.len(), revision, "sync snapshot sent");
+        state.reachable = authorized.reachable;
+        Ok(revision)
+    }
+
+    /// Resumes after `since`: every entry changed since then is sent again if it is authorized
+    /// now, or deleted if it is not. `None` when a snapshot is needed instead.
+    async fn resume(
+        &self,
+        agent: &Agent,
+        since: u64,
+        state: &mut SyncState,
+        tx: &SyncSender,
+    ) -> Result<Option<u64>, Status> {
+        if since == 0 {
+            return Ok(None);
+        }
+        let current = self
+            .inner
+            .store
+            .current_revision()
+            .await
+            .map_err(store_status)?;
+        if since > current {
+            return Ok(None);
+        }
+        let mut changed = BTreeSet::new();
+        let mut revision = since;
+        loop {
+            match self
+                .inner
+                .store
+                .changes_since(revision, CHANGES_PER_READ)
+                .await
+                .map_err(store_status)?
+            {
+                ChangesSince::Expired => return Ok(None),
+                ChangesSince::Changes(changes) => {
+                    let Some(last) = changes.last().map(|c| c.revision) else {
+                        break;
+                    };
+                    changed.extend(changes.into_iter().map(|c| entry_of(&c).id.clone()));
+                    revision = last;
+                }
+            }
+        }
+        let authorized = self.authorized(&agent.id).await?;
+        state.sent = authorized
+            .entries
+            .iter()
+            .map(|(id, e)| (id.clone(), e.revision))
+            .collect();
+        let out: Vec<_> = changed
+            .into_iter()
+            .map(|id| match authorized.entries.get(&id) {
+                Some(entry) => pb::Change {
+                    revision: entry.revision,
+                    change: Some(pb::change::Change::Upsert(self.entry_message(entry))),
+                },
+                None => pb::Change {
+                    revision,
+                    change: Some(pb::change::Change::Delete(id.as_str().to_owned())),
+                },
+            })
+            .collect();
+        for chunk in out.chunks(SNAPSHOT_PAGE_SIZE) {
+            if !send_changes(tx, chunk.to_vec()).await {
+                break;
+            }
+        }
+        state.reachable = authorized.reachable;
+        Ok(Some(revision))
+    }
+
+    /// Turns store changes into this agent's changes: upserts for entries it is (still)
+    /// authorized for, deletes for entries it no longer is. Changes that cannot concern the
+    /// agent cost a set lookup; the others trigger a walk of the agent's entries.
+    async fn apply_changes(
+        &self,
+        agent: &Agent,
+        changes: &[Change],
+        state: &mut SyncState,
+    ) -> Result<Vec<pb::Change>, Status> {
+        let relevant = changes.iter().any(|c| {
+            let e = entry_of(c);
+            state.sent.contains_key(&e.id) || state.reachable.contains(&e.parent_id)
+        });
+        if !relevant {
+            return Ok(vec![]);
+        }
+        let revision = changes.last().map_or(0, |c| c.revision);
+        let authorized = self.authorized(&agent.id).await?;
+        let mut out = Vec::new();
+        for (id, entry) in &authorized.entries {
+            if state.sent.get(id) != Some(&entry.revision) {
+                state.sent.insert(id.clone(), entry.revision);
+                out.push(pb::Change {
+                    revision: entry.revision,
+                    change: Some(pb::change::Change::Upsert(self.entry_message(entry))),
+                });
+            }
+        }
+        let gone: Vec<EntryId> = state
+            .sent
+            .keys()
+            .filter(|id| !authorized.entries.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            state.sent.remove(&id);
+            out.push(pb::Change {
+                revision,
+                change: Some(pb::change::Change::Delete(id.as_str().to_owned())),
+            });
+        }
+        state.reachable = authorized.reachable;
+        Ok(out)
+    }
+}
+
+async fn send(tx: &SyncSender, message: pb::sync_entries_response::Message) -> bool {
+    tx.send(Ok(SyncEntriesResponse {
+        message: Some(message),
+    }))
+    .await
+    .is_ok()
+}
+
+async fn send_changes(tx: &SyncSender, changes: Vec<pb::Change>) -> bool {
+    send(
+        tx,
+        pb::sync_entries_response::Message::Changes(pb::Changes { changes }),
+    )
+    .await
+}
+
+fn entry_of(change: &Change) -> &RegistrationEntry {
+    match &change.kind {
+        ChangeKind::EntryUpserted(e) | ChangeKind::EntryDeleted(e) => e,
+    }
+}
+
+// === helpers ===
+
+/// True for `spiffe://TD/sigil/agent/...`.
+fn is_agent_id(trust_domain: &TrustDomain, id: &SpiffeId) -> bool {
+    id.is_member_of(trust_domain) && id.path().starts_with("/sigil/agent/")
+}
+
+/// True for IDs under the reserved `/sigil/` prefix, which no entry may grant.
+pub fn is_reserved(id: &SpiffeId) -> bool {
+    id.path().starts_with(RESERVED_PATH_PREFIX) || id.path() == "/sigil"
+}
+
+fn leaf_serial_and_expiry(leaf: &[u8]) -> Option<(String, SystemTime)> {
+    let (_, cert) = X509Certificate::from_der(leaf).ok()?;
+    let serial = hex(cert.raw_serial());
+    let not_after = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some((serial, UNIX_EPOCH + Duration::from_secs(not_after)))
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn check_csr(csr: &[u8]) -> Result<(), String> {
+    x509_parser::certification_request::X509CertificationRequest::from_der(csr)
+        .map(|_| ())
+        .map_err(|e| format!("malformed CSR: {e}"))
+}
+
+fn svid_message(svid: &IssuedSvid) -> pb::X509svid {
+    pb::X509svid {
+        spiffe_id: svid.spiffe_id.to_string(),
+        cert_chain: svid.chain_der.clone(),
+        expires_at: unix_seconds(svid.not_after),
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Maps store errors to gRPC statuses without leaking internal detail.
+fn store_status(error: StoreError) -> Status {
+    match error {
+        StoreError::NotFound { resource, .. } => Status::not_found(format!("{resource} not found")),
+        StoreError::AlreadyExists { resource, .. } => {
+            Status::already_exists(format!("{resource} already exists"))
+        }
+        other => {
+            warn!(error = %other, "store call failed");
+            Status::unavailable("the server's store is unavailable; retry")
+        }
+    }
+}
+
+fn sign_status(error: SignError) -> Status {
+    match error {
+        SignError::InvalidRequest(message) => Status::invalid_argument(message),
+        SignError::Internal(message) => {
+            warn!(error = %message, "signing failed");
+            Status::internal("signing failed")
+        }
+    }
+}

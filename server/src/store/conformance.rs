@@ -1,0 +1,1011 @@
+//! The conformance suite that every [`Store`] backend passes.
+//!
+//! [`run_all`] runs every behaviour below, each on a fresh store. A backend's tests call it from
+//! a multi-thread tokio runtime (the concurrency behaviours need real parallelism):
+//!
+//! ```ignore
+//! #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+//! async fn passes_the_conformance_suite() {
+//!     conformance::run_all(|config| {
+//!         let dir = tempfile::tempdir().unwrap();
+//!         (MyStore::open(dir.path(), config.change_retention), dir)
+//!     })
+//!     .await;
+//! }
+//! ```
+//!
+//! Each behaviour is also public, so a backend can run one alone while debugging it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr,
+    reason = "test suite"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sigil_core::{Selector, SelectorSet, SpiffeId, TrustDomain};
+use tokio::sync::Barrier;
+
+use super::{
+    AttestedNode, Change, ChangeKind, ChangesSince, DEFAULT_PAGE_SIZE, EntryFilter, EntryId,
+    JoinToken, NewEntry, PageRequest, RegistrationEntry, Store, StoreError,
+};
+
+/// What the suite asks of a fresh store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestConfig {
+    /// How many changes the store must retain before pruning.
+    pub change_retention: u64,
+}
+
+/// The retention [`changes_expire_after_retention`] runs with.
+const SMALL_RETENTION: u64 = 10;
+
+/// Runs every behaviour on a fresh store made by `new_store`. The guard the factory returns with
+/// each store (a temporary directory, a test database) is dropped after that store.
+pub async fn run_all<S, G, F>(new_store: F)
+where
+    S: Store + 'static,
+    F: Fn(TestConfig) -> (S, G),
+{
+    let default = TestConfig {
+        change_retention: super::DEFAULT_CHANGE_RETENTION,
+    };
+    macro_rules! run {
+        ($behaviour:ident) => {
+            run!($behaviour, default, )
+        };
+        ($behaviour:ident, $config:expr, $($arg:expr),*) => {{
+            eprintln!("store conformance: {}", stringify!($behaviour));
+            let (store, guard) = new_store($config);
+            let store: Arc<dyn Store> = Arc::new(store);
+            $behaviour(store, $($arg),*).await;
+            drop(guard);
+        }};
+    }
+    run!(entry_crud);
+    run!(duplicate_entry_rejected);
+    run!(batch_create_returns_one_result_per_input);
+    run!(pagination_covers_every_entry_once);
+    run!(list_filters);
+    run!(entries_by_parent_follows_updates_and_deletes);
+    run!(revisions_strictly_increasing);
+    run!(changes_since_resumes_exactly_after_a_revision);
+    run!(
+        changes_expire_after_retention,
+        TestConfig {
+            change_retention: SMALL_RETENTION
+        },
+        SMALL_RETENTION
+    );
+    run!(subscribe_wakes_on_a_write);
+    run!(delete_appears_in_the_feed_with_the_last_version);
+    run!(snapshot_then_changes_is_exact);
+    run!(node_crud);
+    run!(node_pagination);
+    run!(join_token_create_and_consume);
+    run!(join_token_consumed_exactly_once_under_concurrency);
+    run!(expired_join_token_consumed_and_refused);
+    run!(prune_join_tokens_removes_only_expired_ones);
+    run!(federated_bundles_round_trip);
+    run!(ca_journal_round_trip);
+}
+
+// --- registration entries ---
+
+/// Create, get, update (revision bumped, id and `created_at` kept), delete (returns the last
+/// version), and `NotFound` for a missing entry.
+pub async fn entry_crud(store: Arc<dyn Store>) {
+    let parent = agent("a");
+    let mut new = workload(1, &parent);
+    new.x509_svid_ttl = Some(Duration::from_secs(600));
+    new.jwt_svid_ttl = Some(Duration::from_secs(300));
+    new.dns_names = vec!["web.example.org".to_owned()];
+    new.hint = "web".to_owned();
+    new.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::new(2_000_000_000, 123_456_789));
+
+    let created = store.create_entry(new.clone()).await.unwrap();
+    assert_eq!(created.to_new(), new);
+    assert_eq!(created.id.as_str().len(), 32);
+    assert!(created.revision > 0);
+    assert_eq!(
+        store.get_entry(&created.id).await.unwrap(),
+        Some(created.clone())
+    );
+    assert_eq!(store.count_entries().await.unwrap(), 1);
+
+    let mut changed = new.clone();
+    changed.hint = "api".to_owned();
+    changed.selectors = selectors(&["unix:uid:1", "unix:gid:2"]);
+    let updated = store
+        .update_entry(&created.id, changed.clone())
+        .await
+        .unwrap();
+    assert_eq!(updated.id, created.id);
+    assert_eq!(updated.created_at, created.created_at);
+    assert!(updated.revision > created.revision);
+    assert_eq!(updated.to_new(), changed);
+    assert_eq!(
+        store.get_entry(&created.id).await.unwrap(),
+        Some(updated.clone())
+    );
+
+    let deleted = store.delete_entry(&created.id).await.unwrap();
+    assert_eq!(deleted, updated);
+    assert_eq!(store.get_entry(&created.id).await.unwrap(), None);
+    assert_eq!(store.count_entries().await.unwrap(), 0);
+
+    let missing = EntryId::generate().unwrap();
+    assert!(store.get_entry(&missing).await.unwrap().is_none());
+    assert!(matches!(
+        store.update_entry(&missing, new.clone()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.delete_entry(&created.id).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+/// An entry with the same SPIFFE ID, parent ID and selectors as another is refused, on create
+/// and on update; other fields do not make it different; deleting frees the triple.
+pub async fn duplicate_entry_rejected(store: Arc<dyn Store>) {
+    let parent = agent("a");
+    let a = store.create_entry(workload(1, &parent)).await.unwrap();
+
+    let mut same = workload(1, &parent);
+    same.hint = "different hint".to_owned();
+    same.dns_names = vec!["x.example.org".to_owned()];
+    match store.create_entry(same.clone()).await {
+        Err(StoreError::AlreadyExists { key, .. }) => assert_eq!(key, a.id.as_str()),
+        other => panic!("expected AlreadyExists, got {other:?}"),
+    }
+
+    let mut other_selectors = workload(1, &parent);
+    other_selectors.selectors = selectors(&["unix:uid:1", "unix:gid:7"]);
+    let b = store.create_entry(other_selectors).await.unwrap();
+    let mut other_parent = workload(1, &agent("b"));
+    other_parent.hint = "other parent".to_owned();
+    store.create_entry(other_parent).await.unwrap();
+
+    assert!(matches!(
+        store.update_entry(&b.id, workload(1, &parent)).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    // Updating an entry to its own triple is not a duplicate.
+    let a2 = store.update_entry(&a.id, same.clone()).await.unwrap();
+    assert_eq!(a2.hint, "different hint");
+
+    store.delete_entry(&a.id).await.unwrap();
+    let again = store.create_entry(workload(1, &parent)).await.unwrap();
+    assert_ne!(again.id, a.id);
+    assert_eq!(store.count_entries().await.unwrap(), 3);
+}
+
+/// `create_entries` returns one result per input, in order; duplicates (of stored entries or of
+/// earlier inputs) fail alone.
+pub async fn batch_create_returns_one_result_per_input(store: Arc<dyn Store>) {
+    let parent = agent("a");
+    let existing = store.create_entry(workload(0, &parent)).await.unwrap();
+    let inputs = vec![
+        workload(1, &parent),
+        workload(2, &parent),
+        workload(1, &parent),
+        workload(3, &parent),
+        workload(0, &parent),
+    ];
+    let results = store.create_entries(inputs.clone()).await.unwrap();
+    assert_eq!(results.len(), inputs.len());
+    let mut last_revision = existing.revision;
+    for (index, (result, input)) in results.iter().zip(&inputs).enumerate() {
+        match (index, result) {
+            (2 | 4, Err(StoreError::AlreadyExists { .. })) => {}
+            (0 | 1 | 3, Ok(entry)) => {
+                assert_eq!(entry.to_new(), *input);
+                assert!(entry.revision > last_revision);
+                last_revision = entry.revision;
+                assert_eq!(
+                    store.get_entry(&entry.id).await.unwrap().as_ref(),
+                    Some(entry)
+                );
+            }
+            (index, other) => panic!("input {index}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(store.count_entries().await.unwrap(), 4);
+    assert!(store.create_entries(Vec::new()).await.unwrap().is_empty());
+}
+
+/// Paging through 2,500 entries (page size 1,000) visits each exactly once, in ascending id
+/// order, with or without a filter; a foreign page token is refused.
+pub async fn pagination_covers_every_entry_once(store: Arc<dyn Store>) {
+    let (a, b) = (agent("a"), agent("b"));
+    let inputs = (0..2_500)
+        .map(|n| workload(n, if n % 2 == 0 { &a } else { &b }))
+        .collect();
+    let created: Vec<RegistrationEntry> = store
+        .create_entries(inputs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(store.count_entries().await.unwrap(), 2_500);
+
+    let (ids, sizes) = page_through(&store, &EntryFilter::default(), 1_000).await;
+    assert_eq!(sizes, vec![1_000, 1_000, 500]);
+    let expected: BTreeSet<EntryId> = created.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids, expected.iter().cloned().collect::<Vec<_>>());
+
+    let first = store
+        .list_entries(&EntryFilter::default(), &PageRequest::first(0))
+        .await
+        .unwrap();
+    assert_eq!(first.items.len(), DEFAULT_PAGE_SIZE);
+
+    let filter = EntryFilter {
+        parent_id: Some(a.clone()),
+        ..EntryFilter::default()
+    };
+    let (ids, sizes) = page_through(&store, &filter, 300).await;
+    assert_eq!(sizes.iter().sum::<usize>(), 1_250);
+    let expected: Vec<EntryId> = created
+        .iter()
+        .filter(|e| e.parent_id == a)
+        .map(|e| e.id.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(ids, expected);
+
+    for token in ["zz", "", "not hex at all"] {
+        let page = PageRequest::after(10, token.to_owned());
+        assert!(matches!(
+            store.list_entries(&EntryFilter::default(), &page).await,
+            Err(StoreError::InvalidPageToken)
+        ));
+    }
+}
+
+/// The filters of `list_entries`: by SPIFFE ID, by parent ID, by selector, and together.
+pub async fn list_filters(store: Arc<dyn Store>) {
+    let (a, b) = (agent("a"), agent("b"));
+    let web = spiffe("spiffe://example.org/web");
+    let mut entries = Vec::new();
+    for (spiffe_id, parent, sels) in [
+        (&web, &a, &["unix:uid:1"][..]),
+        (&web, &b, &["unix:uid:1", "unix:gid:5"][..]),
+        (&spiffe("spiffe://example.org/db"), &a, &["unix:gid:5"][..]),
+        (&spiffe("spiffe://example.org/db"), &b, &["unix:uid:2"][..]),
+    ] {
+        let new = NewEntry::new(spiffe_id.clone(), parent.clone(), selectors(sels));
+        entries.push(store.create_entry(new).await.unwrap());
+    }
+    let list = |filter: EntryFilter| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .list_entries(&filter, &PageRequest::first(100))
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .map(|e| e.id)
+                .collect::<BTreeSet<_>>()
+        }
+    };
+    let ids = |indexes: &[usize]| indexes.iter().map(|&i| entries[i].id.clone()).collect();
+
+    assert_eq!(list(EntryFilter::default()).await, ids(&[0, 1, 2, 3]));
+    let by_spiffe = EntryFilter {
+        spiffe_id: Some(web.clone()),
+        ..EntryFilter::default()
+    };
+    assert_eq!(list(by_spiffe).await, ids(&[0, 1]));
+    let by_parent = EntryFilter {
+        parent_id: Some(b.clone()),
+        ..EntryFilter::default()
+    };
+    assert_eq!(list(by_parent).await, ids(&[1, 3]));
+    let by_selector = EntryFilter {
+        selector: Some(Selector::parse("unix:gid:5").unwrap()),
+        ..EntryFilter::default()
+    };
+    assert_eq!(list(by_selector).await, ids(&[1, 2]));
+    let all_three = EntryFilter {
+        spiffe_id: Some(web.clone()),
+        parent_id: Some(b.clone()),
+        selector: Some(Selector::parse("unix:uid:1").unwrap()),
+    };
+    assert_eq!(list(all_three).await, ids(&[1]));
+    let none = EntryFilter {
+        spiffe_id: Some(web),
+        selector: Some(Selector::parse("unix:uid:2").unwrap()),
+        ..EntryFilter::default()
+    };
+    assert_eq!(list(none).await, BTreeSet::new());
+}
+
+/// `entries_by_parent` follows creates, re-parenting updates and deletes.
+pub async fn entries_by_parent_follows_updates_and_deletes(store: Arc<dyn Store>) {
+    let (a, b) = (agent("a"), agent("b"));
+    let e1 = store.create_entry(workload(1, &a)).await.unwrap();
+    let e2 = store.create_entry(workload(2, &a)).await.unwrap();
+    let e3 = store.create_entry(workload(3, &b)).await.unwrap();
+    // A workload's own ID as a parent (nested entries).
+    let nested = store
+        .create_entry(workload(4, &e1.spiffe_id))
+        .await
+        .unwrap();
+
+    let ids = |entries: Vec<RegistrationEntry>| {
+        entries.into_iter().map(|e| e.id).collect::<BTreeSet<_>>()
+    };
+    let set = |list: &[&RegistrationEntry]| list.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(
+        ids(store.entries_by_parent(&a).await.unwrap()),
+        set(&[&e1, &e2])
+    );
+    assert_eq!(ids(store.entries_by_parent(&b).await.unwrap()), set(&[&e3]));
+    assert_eq!(
+        ids(store.entries_by_parent(&e1.spiffe_id).await.unwrap()),
+        set(&[&nested])
+    );
+    let listed = store.entries_by_parent(&a).await.unwrap();
+    assert!(listed.windows(2).all(|w| w[0].id < w[1].id));
+
+    let mut moved = e2.to_new();
+    moved.parent_id = b.clone();
+    let e2 = store.update_entry(&e2.id, moved).await.unwrap();
+    assert_eq!(ids(store.entries_by_parent(&a).await.unwrap()), set(&[&e1]));
+    assert_eq!(
+        ids(store.entries_by_parent(&b).await.unwrap()),
+        set(&[&e2, &e3])
+    );
+
+    store.delete_entry(&e3.id).await.unwrap();
+    assert_eq!(ids(store.entries_by_parent(&b).await.unwrap()), set(&[&e2]));
+    assert!(
+        store
+            .entries_by_parent(&agent("nobody"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+// --- change feed ---
+
+/// Every mutation, sequential or concurrent, takes a new revision; the feed has exactly one
+/// change per revision, gap-free, and `current_revision` reaches the last one.
+pub async fn revisions_strictly_increasing(store: Arc<dyn Store>) {
+    let start = store.current_revision().await.unwrap();
+    let parent = agent("a");
+    let mut revisions = Vec::new();
+    let e = store.create_entry(workload(1, &parent)).await.unwrap();
+    revisions.push(e.revision);
+    let mut new = e.to_new();
+    new.hint = "updated".to_owned();
+    revisions.push(store.update_entry(&e.id, new).await.unwrap().revision);
+    let batch = store
+        .create_entries(vec![workload(2, &parent), workload(3, &parent)])
+        .await
+        .unwrap();
+    revisions.extend(batch.into_iter().map(|r| r.unwrap().revision));
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");
+    let deleted_at = store.current_revision().await.unwrap();
+    store.delete_entry(&e.id).await.unwrap();
+    assert!(store.current_revision().await.unwrap() > deleted_at);
+
+    let tasks: Vec<_> = (100..132)
+        .map(|n| {
+            let store = Arc::clone(&store);
+            let parent = parent.clone();
+            tokio::spawn(async move { store.create_entry(workload(n, &parent)).await.unwrap() })
+        })
+        .collect();
+    let mut concurrent = BTreeSet::new();
+    for task in tasks {
+        let entry = task.await.unwrap();
+        assert!(store.current_revision().await.unwrap() >= entry.revision);
+        assert!(concurrent.insert(entry.revision), "revision reused");
+    }
+    assert_eq!(concurrent.len(), 32);
+
+    let changes = all_changes_since(&store, start).await;
+    let feed: Vec<u64> = changes.iter().map(|c| c.revision).collect();
+    let expected: Vec<u64> = (start + 1..=start + feed.len() as u64).collect();
+    assert_eq!(feed, expected, "feed revisions must be gap-free");
+    assert_eq!(feed.len(), 5 + 32);
+    assert_eq!(store.current_revision().await.unwrap(), start + 37);
+    for change in &changes {
+        if let ChangeKind::EntryUpserted(entry) = &change.kind {
+            assert_eq!(entry.revision, change.revision);
+        }
+    }
+}
+
+/// `changes_since(r)` starts exactly at `r + 1`, honours its limit, is empty at the current
+/// revision, and answers `Expired` for a revision the store never issued.
+pub async fn changes_since_resumes_exactly_after_a_revision(store: Arc<dyn Store>) {
+    let start = store.current_revision().await.unwrap();
+    let parent = agent("a");
+    let mut created = Vec::new();
+    for n in 0..10 {
+        created.push(store.create_entry(workload(n, &parent)).await.unwrap());
+    }
+    let ChangesSince::Changes(all) = store.changes_since(start, 100).await.unwrap() else {
+        panic!("expected changes");
+    };
+    assert_eq!(all.len(), 10);
+    for (change, entry) in all.iter().zip(&created) {
+        assert_eq!(change.revision, entry.revision);
+        assert_eq!(change.kind, ChangeKind::EntryUpserted(entry.clone()));
+    }
+
+    let resume = created[4].revision;
+    let ChangesSince::Changes(rest) = store.changes_since(resume, 100).await.unwrap() else {
+        panic!("expected changes");
+    };
+    assert_eq!(rest.first().unwrap().revision, resume + 1);
+    assert_eq!(rest, all[5..].to_vec());
+
+    let ChangesSince::Changes(limited) = store.changes_since(resume, 3).await.unwrap() else {
+        panic!("expected changes");
+    };
+    assert_eq!(limited, all[5..8].to_vec());
+
+    let current = store.current_revision().await.unwrap();
+    assert_eq!(current, created[9].revision);
+    assert_eq!(
+        store.changes_since(current, 100).await.unwrap(),
+        ChangesSince::Changes(Vec::new())
+    );
+    assert_eq!(
+        store.changes_since(current + 1_000, 100).await.unwrap(),
+        ChangesSince::Expired
+    );
+}
+
+/// Once more than `retention` changes were made, asking for changes older than the window
+/// answers `Expired`; the window itself is still served.
+pub async fn changes_expire_after_retention(store: Arc<dyn Store>, retention: u64) {
+    let start = store.current_revision().await.unwrap();
+    let parent = agent("a");
+    for n in 0..(retention * 2 + 5) {
+        store
+            .create_entry(workload(n as usize, &parent))
+            .await
+            .unwrap();
+    }
+    let current = store.current_revision().await.unwrap();
+    assert_eq!(current, start + retention * 2 + 5);
+    match store
+        .changes_since(current - retention, 1_000)
+        .await
+        .unwrap()
+    {
+        ChangesSince::Changes(changes) => {
+            assert_eq!(changes.len() as u64, retention);
+            assert_eq!(changes.first().unwrap().revision, current - retention + 1);
+        }
+        ChangesSince::Expired => panic!("the retained window must be served"),
+    }
+    assert_eq!(
+        store
+            .changes_since(current - retention - 1, 1_000)
+            .await
+            .unwrap(),
+        ChangesSince::Expired
+    );
+    assert_eq!(
+        store.changes_since(start, 1_000).await.unwrap(),
+        ChangesSince::Expired
+    );
+    // A snapshot still works, and the feed resumes after it.
+    let snapshot = store.snapshot_entries().await.unwrap();
+    assert_eq!(snapshot.revision, current);
+    assert_eq!(snapshot.entries.len() as u64, retention * 2 + 5);
+    assert_eq!(
+        store.changes_since(snapshot.revision, 10).await.unwrap(),
+        ChangesSince::Changes(Vec::new())
+    );
+}
+
+/// A receiver from `subscribe` wakes when a write becomes durable, and then shows a revision at
+/// least as high as the write's.
+pub async fn subscribe_wakes_on_a_write(store: Arc<dyn Store>) {
+    let mut receiver = store.subscribe();
+    let before = *receiver.borrow_and_update();
+    let writer = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.create_entry(workload(1, &agent("a"))).await.unwrap() })
+    };
+    tokio::time::timeout(Duration::from_secs(10), receiver.changed())
+        .await
+        .expect("subscribe did not wake on a write")
+        .unwrap();
+    let entry = writer.await.unwrap();
+    assert!(*receiver.borrow() > before);
+    let seen = tokio::time::timeout(
+        Duration::from_secs(10),
+        receiver.wait_for(|revision| *revision >= entry.revision),
+    )
+    .await
+    .expect("the durable revision never reached the write's")
+    .map(|revision| *revision)
+    .unwrap();
+    assert!(seen >= entry.revision);
+    assert!(store.current_revision().await.unwrap() >= entry.revision);
+}
+
+/// A deletion appears in the feed, under its own revision, with the entry's last version.
+pub async fn delete_appears_in_the_feed_with_the_last_version(store: Arc<dyn Store>) {
+    let created = store.create_entry(workload(1, &agent("a"))).await.unwrap();
+    let mut new = created.to_new();
+    new.hint = "last version".to_owned();
+    let updated = store.update_entry(&created.id, new).await.unwrap();
+    let deleted = store.delete_entry(&created.id).await.unwrap();
+    assert_eq!(deleted, updated);
+    let ChangesSince::Changes(changes) = store.changes_since(updated.revision, 10).await.unwrap()
+    else {
+        panic!("expected changes");
+    };
+    assert_eq!(
+        changes,
+        vec![Change {
+            revision: updated.revision + 1,
+            kind: ChangeKind::EntryDeleted(updated),
+        }]
+    );
+}
+
+/// Snapshots taken while writers run are exact: each equals a replay of the feed up to its
+/// revision, and a snapshot plus the changes after it equals the final state.
+pub async fn snapshot_then_changes_is_exact(store: Arc<dyn Store>) {
+    let parent = agent("a");
+    let initial: Vec<RegistrationEntry> = store
+        .create_entries((0..200).map(|n| workload(n, &parent)).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let base = store.snapshot_entries().await.unwrap();
+    assert_eq!(base.entries.len(), 200);
+
+    let writer = {
+        let store = Arc::clone(&store);
+        let parent = parent.clone();
+        tokio::spawn(async move {
+            for (step, entry) in initial.iter().enumerate().take(150) {
+                match step % 3 {
+                    0 => {
+                        store.delete_entry(&entry.id).await.unwrap();
+                    }
+                    1 => {
+                        let mut new = entry.to_new();
+                        new.hint = format!("step {step}");
+                        store.update_entry(&entry.id, new).await.unwrap();
+                    }
+                    _ => {
+                        store
+                            .create_entry(workload(1_000 + step, &parent))
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        })
+    };
+    let mut snapshots = Vec::new();
+    while !writer.is_finished() {
+        snapshots.push(store.snapshot_entries().await.unwrap());
+        tokio::task::yield_now().await;
+    }
+    writer.await.unwrap();
+    snapshots.push(store.snapshot_entries().await.unwrap());
+
+    // The feed from the empty store rebuilds each snapshot exactly.
+    let feed = all_changes_since(&store, 0).await;
+    for snapshot in &snapshots {
+        let replayed = apply(
+            BTreeMap::new(),
+            feed.iter().filter(|c| c.revision <= snapshot.revision),
+        );
+        assert_eq!(
+            snapshot.entries,
+            replayed.into_values().collect::<Vec<_>>(),
+            "snapshot at revision {} is not exact",
+            snapshot.revision
+        );
+        assert!(snapshot.entries.windows(2).all(|w| w[0].id < w[1].id));
+    }
+
+    // A sync that starts from the first snapshot and follows the feed ends where the store is.
+    let first = &snapshots[0];
+    let start = first
+        .entries
+        .iter()
+        .map(|e| (e.id.clone(), e.clone()))
+        .collect();
+    let synced = apply(
+        start,
+        all_changes_since(&store, first.revision).await.iter(),
+    );
+    let (ids, _) = page_through(&store, &EntryFilter::default(), 1_000).await;
+    let mut now = Vec::new();
+    for id in ids {
+        now.push(store.get_entry(&id).await.unwrap().unwrap());
+    }
+    assert_eq!(synced.into_values().collect::<Vec<_>>(), now);
+    assert_eq!(now.len(), 200 - 50 + 50);
+}
+
+// --- attested nodes ---
+
+/// Create (timestamps set by the store), duplicate refused, get, update (keeps `created_at`),
+/// delete, and `NotFound` for a missing node.
+pub async fn node_crud(store: Arc<dyn Store>) {
+    let before = SystemTime::now();
+    let created = store.create_node(node("a")).await.unwrap();
+    assert!(created.created_at >= before - Duration::from_secs(1));
+    assert_eq!(created.created_at, created.updated_at);
+    assert_eq!(created.serial, node("a").serial);
+    assert!(matches!(
+        store.create_node(node("a")).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert_eq!(
+        store.get_node(&created.spiffe_id).await.unwrap(),
+        Some(created.clone())
+    );
+
+    let mut changed = created.clone();
+    changed.banned = true;
+    changed.new_serial = Some("0badc0de".to_owned());
+    changed.selectors = selectors(&["join_token:alias:x"]);
+    changed.created_at = SystemTime::UNIX_EPOCH;
+    let updated = store.update_node(changed.clone()).await.unwrap();
+    assert_eq!(updated.created_at, created.created_at);
+    assert!(updated.updated_at >= created.updated_at);
+    assert!(updated.banned);
+    assert_eq!(updated.new_serial, changed.new_serial);
+    assert_eq!(updated.selectors, changed.selectors);
+    assert_eq!(
+        store.get_node(&created.spiffe_id).await.unwrap(),
+        Some(updated.clone())
+    );
+
+    assert_eq!(
+        store.delete_node(&created.spiffe_id).await.unwrap(),
+        updated
+    );
+    assert_eq!(store.get_node(&created.spiffe_id).await.unwrap(), None);
+    assert!(matches!(
+        store.delete_node(&created.spiffe_id).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.update_node(node("b")).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+/// Paging through 25 nodes, 10 at a time, visits each once in SPIFFE ID order.
+pub async fn node_pagination(store: Arc<dyn Store>) {
+    let mut expected = BTreeSet::new();
+    for n in 0..25 {
+        let created = store.create_node(node(&format!("n{n}"))).await.unwrap();
+        expected.insert(created.spiffe_id.to_string());
+    }
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut page = PageRequest::first(10);
+    loop {
+        let result = store.list_nodes(&page).await.unwrap();
+        sizes.push(result.items.len());
+        seen.extend(result.items.into_iter().map(|n| n.spiffe_id.to_string()));
+        match result.next_page_token {
+            Some(token) => page = PageRequest::after(10, token),
+            None => break,
+        }
+    }
+    assert_eq!(sizes, vec![10, 10, 5]);
+    assert_eq!(seen, expected.into_iter().collect::<Vec<_>>());
+    assert!(matches!(
+        store
+            .list_nodes(&PageRequest::after(10, "zz".to_owned()))
+            .await,
+        Err(StoreError::InvalidPageToken)
+    ));
+}
+
+// --- join tokens ---
+
+/// A token is created once, consumed once, and unknown afterwards.
+pub async fn join_token_create_and_consume(store: Arc<dyn Store>) {
+    let now = SystemTime::now();
+    let mut token = join_token("t-1", now + Duration::from_secs(600));
+    token.alias_spiffe_id = Some(spiffe("spiffe://example.org/cluster/web"));
+    store.create_join_token(token.clone()).await.unwrap();
+    assert!(matches!(
+        store.create_join_token(token.clone()).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert_eq!(store.consume_join_token("t-1", now).await.unwrap(), token);
+    assert!(matches!(
+        store.consume_join_token("t-1", now).await,
+        Err(StoreError::TokenNotFound)
+    ));
+    assert!(matches!(
+        store.consume_join_token("never-issued", now).await,
+        Err(StoreError::TokenNotFound)
+    ));
+}
+
+/// 64 tasks race for one token: exactly one gets it, the others get `TokenNotFound`.
+pub async fn join_token_consumed_exactly_once_under_concurrency(store: Arc<dyn Store>) {
+    const RACERS: usize = 64;
+    let now = SystemTime::now();
+    store
+        .create_join_token(join_token("contended", now + Duration::from_secs(600)))
+        .await
+        .unwrap();
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.consume_join_token("contended", now).await
+            })
+        })
+        .collect();
+    let (mut won, mut lost) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(token) => {
+                assert_eq!(token.token, "contended");
+                won += 1;
+            }
+            Err(StoreError::TokenNotFound) => lost += 1,
+            Err(other) => panic!("unexpected error {other:?}"),
+        }
+    }
+    assert_eq!((won, lost), (1, RACERS - 1));
+}
+
+/// An expired token is consumed (deleted) and refused; afterwards it is unknown.
+pub async fn expired_join_token_consumed_and_refused(store: Arc<dyn Store>) {
+    let now = SystemTime::now();
+    store
+        .create_join_token(join_token("old", now - Duration::from_secs(1)))
+        .await
+        .unwrap();
+    store
+        .create_join_token(join_token("edge", now))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.consume_join_token("old", now).await,
+        Err(StoreError::TokenExpired)
+    ));
+    assert!(matches!(
+        store.consume_join_token("old", now).await,
+        Err(StoreError::TokenNotFound)
+    ));
+    // Expiry is inclusive: a token is refused at its expiry instant.
+    assert!(matches!(
+        store.consume_join_token("edge", now).await,
+        Err(StoreError::TokenExpired)
+    ));
+    assert!(matches!(
+        store
+            .consume_join_token("edge", now - Duration::from_secs(60))
+            .await,
+        Err(StoreError::TokenNotFound)
+    ));
+}
+
+/// `prune_join_tokens` deletes the expired tokens and keeps the others.
+pub async fn prune_join_tokens_removes_only_expired_ones(store: Arc<dyn Store>) {
+    let now = SystemTime::now();
+    for (name, expires_at) in [
+        ("gone-1", now - Duration::from_secs(10)),
+        ("gone-2", now),
+        ("kept", now + Duration::from_secs(10)),
+    ] {
+        store
+            .create_join_token(join_token(name, expires_at))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.prune_join_tokens(now).await.unwrap(), 2);
+    assert_eq!(store.prune_join_tokens(now).await.unwrap(), 0);
+    assert!(matches!(
+        store
+            .consume_join_token("gone-1", now - Duration::from_secs(60))
+            .await,
+        Err(StoreError::TokenNotFound)
+    ));
+    assert!(store.consume_join_token("kept", now).await.is_ok());
+}
+
+// --- federated bundles and CA state ---
+
+/// Bundles are set, replaced, read, listed in trust domain order and deleted, byte for byte.
+pub async fn federated_bundles_round_trip(store: Arc<dyn Store>) {
+    let td = |name: &str| TrustDomain::new(name).unwrap();
+    let (b, a) = (td("b.example.org"), td("a.example.org"));
+    assert_eq!(store.get_federated_bundle(&a).await.unwrap(), None);
+    let raw = br#"{"keys":[],"spiffe_sequence":1}"#.to_vec();
+    let set = store.set_federated_bundle(&b, raw.clone()).await.unwrap();
+    assert_eq!(
+        (set.trust_domain.clone(), set.bundle.clone()),
+        (b.clone(), raw)
+    );
+    let binary: Vec<u8> = (0..=255).collect();
+    store
+        .set_federated_bundle(&a, binary.clone())
+        .await
+        .unwrap();
+    let replaced = br#"{"keys":[],"spiffe_sequence":2}"#.to_vec();
+    let set = store
+        .set_federated_bundle(&b, replaced.clone())
+        .await
+        .unwrap();
+    assert!(set.updated_at >= SystemTime::UNIX_EPOCH);
+
+    assert_eq!(
+        store.get_federated_bundle(&b).await.unwrap(),
+        Some(set.clone())
+    );
+    assert_eq!(
+        store
+            .get_federated_bundle(&a)
+            .await
+            .unwrap()
+            .unwrap()
+            .bundle,
+        binary
+    );
+    let listed = store.list_federated_bundles().await.unwrap();
+    let names: Vec<_> = listed.iter().map(|b| b.trust_domain.clone()).collect();
+    assert_eq!(names, vec![a.clone(), b.clone()]);
+
+    assert_eq!(store.delete_federated_bundle(&b).await.unwrap(), set);
+    assert_eq!(store.get_federated_bundle(&b).await.unwrap(), None);
+    assert!(matches!(
+        store.delete_federated_bundle(&b).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(store.list_federated_bundles().await.unwrap().len(), 1);
+}
+
+/// The CA journal is absent at first, then returned byte for byte, then replaced.
+pub async fn ca_journal_round_trip(store: Arc<dyn Store>) {
+    assert_eq!(store.load_ca_journal().await.unwrap(), None);
+    let first: Vec<u8> = (0..=255).cycle().take(10_000).collect();
+    store.save_ca_journal(first.clone()).await.unwrap();
+    assert_eq!(store.load_ca_journal().await.unwrap(), Some(first));
+    store.save_ca_journal(b"second".to_vec()).await.unwrap();
+    assert_eq!(
+        store.load_ca_journal().await.unwrap(),
+        Some(b"second".to_vec())
+    );
+}
+
+// --- helpers ---
+
+fn spiffe(id: &str) -> SpiffeId {
+    SpiffeId::new(id).unwrap()
+}
+
+fn selectors(list: &[&str]) -> SelectorSet {
+    list.iter().map(|s| Selector::parse(s).unwrap()).collect()
+}
+
+fn agent(name: &str) -> SpiffeId {
+    spiffe(&format!(
+        "spiffe://example.org/sigil/agent/join_token/{name}"
+    ))
+}
+
+/// Entry number `n`: a distinct SPIFFE ID and selector for every `n`.
+fn workload(n: usize, parent: &SpiffeId) -> NewEntry {
+    NewEntry::new(
+        spiffe(&format!("spiffe://example.org/workload/{n}")),
+        parent.clone(),
+        selectors(&[&format!("unix:uid:{n}")]),
+    )
+}
+
+fn node(name: &str) -> AttestedNode {
+    AttestedNode {
+        spiffe_id: agent(name),
+        attestation_type: "join_token".to_owned(),
+        serial: "01ab".to_owned(),
+        new_serial: None,
+        not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000),
+        banned: false,
+        selectors: SelectorSet::new(),
+        created_at: SystemTime::UNIX_EPOCH,
+        updated_at: SystemTime::UNIX_EPOCH,
+    }
+}
+
+fn join_token(value: &str, expires_at: SystemTime) -> JoinToken {
+    JoinToken {
+        token: value.to_owned(),
+        expires_at,
+        created_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        alias_spiffe_id: None,
+    }
+}
+
+/// Follows `next_page_token` to the end; returns the ids in order and each page's size.
+async fn page_through(
+    store: &Arc<dyn Store>,
+    filter: &EntryFilter,
+    size: usize,
+) -> (Vec<EntryId>, Vec<usize>) {
+    let mut ids = Vec::new();
+    let mut sizes = Vec::new();
+    let mut page = PageRequest::first(size);
+    loop {
+        let result = store.list_entries(filter, &page).await.unwrap();
+        sizes.push(result.items.len());
+        ids.extend(result.items.into_iter().map(|e| e.id));
+        match result.next_page_token {
+            Some(token) => page = PageRequest::after(size, token),
+            None => break,
+        }
+    }
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "not in ascending id order"
+    );
+    (ids, sizes)
+}
+
+/// Every change after `revision`, following the feed until it is up to date.
+async fn all_changes_since(store: &Arc<dyn Store>, mut revision: u64) -> Vec<Change> {
+    let mut all = Vec::new();
+    loop {
+        match store.changes_since(revision, 1_000).await.unwrap() {
+            ChangesSince::Changes(changes) if changes.is_empty() => return all,
+            ChangesSince::Changes(changes) => {
+                for change in changes {
+                    assert_eq!(change.revision, revision + 1, "gap in the feed");
+                    revision = change.revision;
+                    all.push(change);
+                }
+            }
+            ChangesSince::Expired => panic!("changes after {revision} expired"),
+        }
+    }
+}
+
+/// Applies changes, in order, to a map of entries by id.
+fn apply<'a>(
+    mut entries: BTreeMap<EntryId, RegistrationEntry>,
+    changes: impl Iterator<Item = &'a Change>,
+) -> BTreeMap<EntryId, RegistrationEntry> {
+    for change in changes {
+        match &change.kind {
+            ChangeKind::EntryUpserted(entry) => {
+                entries.insert(entry.id.clone(), entry.clone());
+            }
+            ChangeKind::EntryDeleted(entry) => {
+                entries.remove(&entry.id);
+            }
+        }
+    }
+    entries
+}

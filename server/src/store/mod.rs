@@ -1,0 +1,785 @@
+//! The server's store: registration entries, attested nodes, join tokens, federated bundles and
+//! the CA journal, behind one narrow async [`Store`] trait, with a change feed that drives agent
+//! sync.
+//!
+//! The embedded backend is [`SledStore`]; every backend passes the same conformance suite
+//! (`conformance`, compiled for tests and under the `testing` feature).
+//!
+//! # Revisions and the change feed
+//!
+//! Every mutation of a registration entry takes the next value of one monotonic revision counter,
+//! and the store records a [`Change`] under that revision in the same atomic write as the mutation
+//! itself. Revisions are therefore gap-free: revision `r` exists in the feed for every `r` between
+//! the oldest retained change and [`Store::current_revision`]. The store keeps the last
+//! `change_retention` changes (default [`DEFAULT_CHANGE_RETENTION`]); asking for changes after an
+//! older revision answers [`ChangesSince::Expired`], and the caller takes a fresh snapshot.
+//!
+//! Readers only ever see **durable** revisions: [`Store::current_revision`], [`Store::subscribe`],
+//! [`Store::changes_since`] and [`Store::snapshot_entries`] never report a change that a crash
+//! could still undo. Without that rule, a revision handed to an agent could be lost in a crash
+//! and then reused for a different change, and the agent, resuming after it, would miss that
+//! change.
+//!
+//! # Starting a sync
+//!
+//! An agent's sync starts with [`Store::snapshot_entries`] (every entry, exactly as of the
+//! snapshot's revision `R`), then [`Store::changes_since`]`(R, ..)` repeatedly, waking on
+//! [`Store::subscribe`]. The snapshot is exact: nothing changed at or before `R` is missing from
+//! it, and nothing after `R` is in it, so applying the changes after `R` in order reproduces the
+//! store's state at every later revision. How a backend guarantees it is documented on the backend
+//! ([`SledStore`]).
+//!
+//! # Durability
+//!
+//! Every mutating call returns only after a flush to disk covers its write. Backends batch
+//! concurrent writers into one flush (group commit).
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sigil_core::{Selector, SelectorSet, SpiffeId, TrustDomain};
+use tokio::sync::watch;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod conformance;
+pub mod sled;
+
+pub use self::sled::{SledStore, SledStoreOptions};
+
+/// Number of changes the store keeps by default before pruning the oldest.
+pub const DEFAULT_CHANGE_RETENTION: u64 = 100_000;
+
+/// Page size used when a [`PageRequest`] asks for 0 items.
+pub const DEFAULT_PAGE_SIZE: usize = 1_000;
+
+/// Largest page a listing returns; larger requests are clamped to it.
+pub const MAX_PAGE_SIZE: usize = 10_000;
+
+/// Most changes one [`Store::changes_since`] call returns; larger limits are clamped to it.
+pub const MAX_CHANGES_PER_CALL: usize = 10_000;
+
+/// Number of random bytes in an [`EntryId`].
+const ENTRY_ID_BYTES: usize = 16;
+
+/// The store: every piece of server state that must survive a restart.
+///
+/// Object safe; the server holds it as `Arc<dyn Store>`. Every mutating call returns only once
+/// its write is durable. Read calls may observe writes whose callers are still waiting for their
+/// flush, except the change-feed calls, which only report durable revisions (see the module
+/// docs).
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    // --- registration entries ---
+
+    /// Creates an entry with a fresh [`EntryId`] and the next revision.
+    ///
+    /// Fails with [`StoreError::AlreadyExists`] when an entry with the same SPIFFE ID, parent ID
+    /// and selectors exists.
+    async fn create_entry(&self, entry: NewEntry) -> Result<RegistrationEntry, StoreError>;
+
+    /// Creates many entries with one durable flush. Returns one result per input, in order; an
+    /// input that duplicates an existing entry, or an earlier input of the same batch, gets
+    /// [`StoreError::AlreadyExists`] without affecting the others. The outer error means that
+    /// nothing can be assumed about the batch (the backend or its flush failed).
+    async fn create_entries(
+        &self,
+        entries: Vec<NewEntry>,
+    ) -> Result<Vec<Result<RegistrationEntry, StoreError>>, StoreError>;
+
+    /// The entry with this id, if any.
+    async fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>, StoreError>;
+
+    /// Replaces every operator-set field of the entry `id`, keeping its id and `created_at`, and
+    /// gives it the next revision.
+    ///
+    /// Fails with [`StoreError::NotFound`] when there is no such entry, and with
+    /// [`StoreError::AlreadyExists`] when the new fields duplicate another entry.
+    async fn update_entry(
+        &self,
+        id: &EntryId,
+        entry: NewEntry,
+    ) -> Result<RegistrationEntry, StoreError>;
+
+    /// Deletes the entry `id` and returns its last version. The deletion takes the next revision
+    /// and appears in the feed as [`ChangeKind::EntryDeleted`] with that last version.
+    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry, StoreError>;
+
+    /// One page of the entries that pass `filter`, in ascending [`EntryId`] order.
+    ///
+    /// Following `next_page_token` until it is `None` visits every entry that exists during the
+    /// whole listing exactly once; entries created or deleted meanwhile may or may not appear.
+    /// Fails with [`StoreError::InvalidPageToken`] for a token this store did not issue.
+    async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+        page: &PageRequest,
+    ) -> Result<Page<RegistrationEntry>, StoreError>;
+
+    /// The number of entries.
+    async fn count_entries(&self) -> Result<u64, StoreError>;
+
+    /// The entries whose parent is `parent_id`, in ascending [`EntryId`] order, read through an
+    /// index. The server walks it recursively to find the entries an agent is authorized for.
+    async fn entries_by_parent(
+        &self,
+        parent_id: &SpiffeId,
+    ) -> Result<Vec<RegistrationEntry>, StoreError>;
+
+    /// Every entry, exactly as of the returned (durable) revision, in ascending [`EntryId`]
+    /// order. A sync continues with [`Store::changes_since`] from that revision.
+    async fn snapshot_entries(&self) -> Result<EntrySnapshot, StoreError>;
+
+    // --- change feed ---
+
+    /// The latest durable revision (0 for an empty store).
+    async fn current_revision(&self) -> Result<u64, StoreError>;
+
+    /// Up to `limit` changes with a revision greater than `revision`, oldest first, and only
+    /// durable ones. [`ChangesSince::Changes`] with an empty list means the caller is up to date.
+    /// [`ChangesSince::Expired`] means the changes right after `revision` are no longer
+    /// retained (or `revision` is newer than anything this store has issued): take a fresh
+    /// snapshot. `limit` 0 is taken as 1, and limits above [`MAX_CHANGES_PER_CALL`] are
+    /// clamped.
+    async fn changes_since(&self, revision: u64, limit: usize) -> Result<ChangesSince, StoreError>;
+
+    /// A receiver of the latest durable revision; it changes (and wakes its waiters) whenever a
+    /// flush makes new changes durable, so sync streams wait on it instead of polling.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+
+    // --- attested nodes ---
+
+    /// Stores a newly attested node. The store sets `created_at` and `updated_at` to now.
+    /// Fails with [`StoreError::AlreadyExists`] when a node with this SPIFFE ID exists.
+    async fn create_node(&self, node: AttestedNode) -> Result<AttestedNode, StoreError>;
+
+    /// The node with this SPIFFE ID, if any.
+    async fn get_node(&self, spiffe_id: &SpiffeId) -> Result<Option<AttestedNode>, StoreError>;
+
+    /// Replaces the node with the same SPIFFE ID, keeping its `created_at` and setting
+    /// `updated_at` to now. Fails with [`StoreError::NotFound`] when there is none.
+    async fn update_node(&self, node: AttestedNode) -> Result<AttestedNode, StoreError>;
+
+    /// Deletes the node and returns its last version.
+    async fn delete_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode, StoreError>;
+
+    /// One page of the attested nodes, in ascending SPIFFE ID order (same guarantees as
+    /// [`Store::list_entries`]).
+    async fn list_nodes(&self, page: &PageRequest) -> Result<Page<AttestedNode>, StoreError>;
+
+    // --- join tokens ---
+
+    /// Stores a join token. Fails with [`StoreError::AlreadyExists`] when the token exists.
+    async fn create_join_token(&self, token: JoinToken) -> Result<(), StoreError>;
+
+    /// Removes the token atomically and returns it: among any number of concurrent callers,
+    /// exactly one gets it. Fails with [`StoreError::TokenNotFound`] when it does not exist (or
+    /// was consumed already), and with [`StoreError::TokenExpired`] when it expired at or before
+    /// `now`; an expired token is removed all the same.
+    async fn consume_join_token(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<JoinToken, StoreError>;
+
+    /// Deletes every join token that expired at or before `now`; returns how many.
+    async fn prune_join_tokens(&self, now: SystemTime) -> Result<u64, StoreError>;
+
+    // --- federated bundles ---
+
+    /// Stores (or replaces) the SPIFFE bundle JSON of a federated trust domain, stamped now.
+    async fn set_federated_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+        bundle: Vec<u8>,
+    ) -> Result<FederatedBundle, StoreError>;
+
+    /// The bundle of this trust domain, if any.
+    async fn get_federated_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederatedBundle>, StoreError>;
+
+    /// Deletes the bundle of this trust domain and returns it.
+    async fn delete_federated_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<FederatedBundle, StoreError>;
+
+    /// Every federated bundle, in ascending trust domain order.
+    async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>, StoreError>;
+
+    // --- CA state ---
+
+    /// The CA journal last saved, if any: opaque bytes that the CA module serializes.
+    async fn load_ca_journal(&self) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Replaces the CA journal.
+    async fn save_ca_journal(&self, journal: Vec<u8>) -> Result<(), StoreError>;
+}
+
+/// The identifier of a registration entry: 32 lowercase hex characters (16 random bytes).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntryId(String);
+
+/// Why a string is not an [`EntryId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid entry id {input:?}: expected 32 lowercase hex characters")]
+pub struct EntryIdError {
+    /// The rejected input.
+    pub input: String,
+}
+
+/// A registration entry: which workloads (selectors, under which parent) get which SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationEntry {
+    /// Assigned by the store at creation; never changes.
+    pub id: EntryId,
+    /// The identity granted.
+    pub spiffe_id: SpiffeId,
+    /// The agent (or another entry's SPIFFE ID) under which the workload runs.
+    pub parent_id: SpiffeId,
+    /// What a workload must present (all of them) to get the identity.
+    pub selectors: SelectorSet,
+    /// X509-SVID lifetime; `None` means the server default.
+    pub x509_svid_ttl: Option<Duration>,
+    /// JWT-SVID lifetime; `None` means the server default.
+    pub jwt_svid_ttl: Option<Duration>,
+    /// DNS SANs for the X509-SVID.
+    pub dns_names: Vec<String>,
+    /// Operator hint that lets workloads tell their identities apart; may be empty.
+    pub hint: String,
+    /// When the entry stops granting anything; `None` means never.
+    pub expires_at: Option<SystemTime>,
+    /// Set by the store at creation.
+    pub created_at: SystemTime,
+    /// The revision of the entry's last change (creation or update).
+    pub revision: u64,
+}
+
+/// A registration entry as an operator writes it: [`RegistrationEntry`] without the fields the
+/// store assigns (`id`, `created_at`, `revision`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEntry {
+    /// The identity granted.
+    pub spiffe_id: SpiffeId,
+    /// The agent (or another entry's SPIFFE ID) under which the workload runs.
+    pub parent_id: SpiffeId,
+    /// What a workload must present (all of them) to get the identity.
+    pub selectors: SelectorSet,
+    /// X509-SVID lifetime; `None` means the server default.
+    pub x509_svid_ttl: Option<Duration>,
+    /// JWT-SVID lifetime; `None` means the server default.
+    pub jwt_svid_ttl: Option<Duration>,
+    /// DNS SANs for the X509-SVID.
+    pub dns_names: Vec<String>,
+    /// Operator hint; may be empty.
+    pub hint: String,
+    /// When the entry stops granting anything; `None` means never.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// Which entries [`Store::list_entries`] returns: every condition that is set must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryFilter {
+    /// Only entries granting exactly this SPIFFE ID.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Only entries with exactly this parent ID.
+    pub parent_id: Option<SpiffeId>,
+    /// Only entries whose selectors include this one.
+    pub selector: Option<Selector>,
+}
+
+/// Which page of a listing to return.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Most items to return; 0 means [`DEFAULT_PAGE_SIZE`], and sizes above [`MAX_PAGE_SIZE`]
+    /// are clamped.
+    pub size: usize,
+    /// `next_page_token` of the previous page; `None` for the first page.
+    pub token: Option<String>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items, in the listing's stable order.
+    pub items: Vec<T>,
+    /// Pass it in the next [`PageRequest`] to continue; `None` when this is the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// Every registration entry as of one revision (see [`Store::snapshot_entries`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntrySnapshot {
+    /// The durable revision the snapshot reflects: continue with the changes after it.
+    pub revision: u64,
+    /// Every entry at that revision, in ascending [`EntryId`] order.
+    pub entries: Vec<RegistrationEntry>,
+}
+
+/// One change of the feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// The revision the change took; strictly increasing and gap-free.
+    pub revision: u64,
+    /// What changed.
+    pub kind: ChangeKind,
+}
+
+/// What a [`Change`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeKind {
+    /// The entry was created or updated; this is its new version (its `revision` is the
+    /// change's).
+    EntryUpserted(RegistrationEntry),
+    /// The entry was deleted; this is its last version, so that the server can tell which
+    /// agents held it.
+    EntryDeleted(RegistrationEntry),
+}
+
+/// The answer of [`Store::changes_since`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangesSince {
+    /// The changes after the requested revision, oldest first (empty: up to date).
+    Changes(Vec<Change>),
+    /// The changes after the requested revision are no longer retained: take a fresh snapshot.
+    Expired,
+}
+
+/// An agent that attested to this server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttestedNode {
+    /// The agent's SPIFFE ID; the key of the record.
+    pub spiffe_id: SpiffeId,
+    /// How it attested, e.g. `join_token`.
+    pub attestation_type: String,
+    /// Serial number of its current SVID.
+    pub serial: String,
+    /// Serial number of the SVID issued by a renewal the agent has not used yet.
+    pub new_serial: Option<String>,
+    /// NotAfter of its current SVID.
+    pub not_after: SystemTime,
+    /// A banned agent must not be served and must not re-attest.
+    pub banned: bool,
+    /// Selectors of the node, from attestation.
+    pub selectors: SelectorSet,
+    /// Set by the store at creation.
+    pub created_at: SystemTime,
+    /// Set by the store at every write.
+    pub updated_at: SystemTime,
+}
+
+/// A single-use join token. Its `Debug` never prints the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    /// The secret value an agent presents.
+    pub token: String,
+    /// After this instant the token is refused.
+    pub expires_at: SystemTime,
+    /// When it was minted.
+    pub created_at: SystemTime,
+    /// A SPIFFE ID the attested agent also holds, as a parent for entries.
+    pub alias_spiffe_id: Option<SpiffeId>,
+}
+
+/// The SPIFFE bundle of a federated trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FederatedBundle {
+    /// The trust domain the bundle is for.
+    pub trust_domain: TrustDomain,
+    /// The SPIFFE bundle JSON, as received.
+    #[serde(with = "base64_bytes")]
+    pub bundle: Vec<u8>,
+    /// When it was last set.
+    pub updated_at: SystemTime,
+}
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The record to update or delete does not exist.
+    #[error("{resource} not found: {key}")]
+    NotFound {
+        /// The kind of record (`entry`, `node`, `federated bundle`).
+        resource: &'static str,
+        /// Its key.
+        key: String,
+    },
+    /// A record with the same key (or, for entries, the same SPIFFE ID, parent ID and selectors)
+    /// exists.
+    #[error("{resource} already exists: {key}")]
+    AlreadyExists {
+        /// The kind of record.
+        resource: &'static str,
+        /// The key of the existing record (the existing entry's id; redacted for join tokens).
+        key: String,
+    },
+    /// The join token does not exist or was consumed already.
+    #[error("join token not found")]
+    TokenNotFound,
+    /// The join token had expired; it has been removed.
+    #[error("join token expired")]
+    TokenExpired,
+    /// A page token that this store did not issue.
+    #[error("invalid page token")]
+    InvalidPageToken,
+    /// A stored record cannot be decoded.
+    #[error("corrupt {what} record: {reason}")]
+    Corrupt {
+        /// What was being read.
+        what: &'static str,
+        /// Why it could not be decoded.
+        reason: String,
+    },
+    /// A record cannot be encoded (for example a time before 1970).
+    #[error("cannot encode {what}: {reason}")]
+    Encode {
+        /// What was being written.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The storage backend failed.
+    #[error("storage backend failed: {0}")]
+    Backend(#[from] ::sled::Error),
+    /// An operating system call failed (opening the store, starting its flusher thread).
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A flush to disk failed; the store refuses every later write, since it can no longer
+    /// tell what is on disk.
+    #[error("flush to disk failed: {0}")]
+    FlushFailed(String),
+    /// The system random number generator failed.
+    #[error("system random number generator failed")]
+    Random,
+    /// A consistent snapshot could not be taken because the changes it needed were pruned
+    /// while it was being read (a write rate far above the change retention).
+    #[error("snapshot could not be taken: the store changed too fast")]
+    SnapshotUnavailable,
+    /// A blocking store task failed.
+    #[error("store task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The store is shut down.
+    #[error("store is closed")]
+    Closed,
+}
+
+// === impl EntryId ===
+
+impl EntryId {
+    /// A fresh random id (16 bytes from the system's secure random number generator).
+    pub fn generate() -> Result<Self, StoreError> {
+        let mut bytes = [0u8; ENTRY_ID_BYTES];
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| StoreError::Random)?;
+        Ok(Self(hex_encode(&bytes)))
+    }
+
+    /// Parses the 32-character lowercase hex form.
+    pub fn parse(input: &str) -> Result<Self, EntryIdError> {
+        let valid = input.len() == 2 * ENTRY_ID_BYTES
+            && input
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if valid {
+            Ok(Self(input.to_owned()))
+        } else {
+            Err(EntryIdError {
+                input: input.to_owned(),
+            })
+        }
+    }
+
+    /// The 32-character hex form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for EntryId {
+    type Err = EntryIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EntryId({})", self.0)
+    }
+}
+
+impl Serialize for EntryId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for EntryId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+// === impl RegistrationEntry ===
+
+impl RegistrationEntry {
+    /// Builds the stored record from what the operator wrote and what the store assigns.
+    pub fn from_new(id: EntryId, entry: NewEntry, created_at: SystemTime, revision: u64) -> Self {
+        let NewEntry {
+            spiffe_id,
+            parent_id,
+            selectors,
+            x509_svid_ttl,
+            jwt_svid_ttl,
+            dns_names,
+            hint,
+            expires_at,
+        } = entry;
+        Self {
+            id,
+            spiffe_id,
+            parent_id,
+            selectors,
+            x509_svid_ttl,
+            jwt_svid_ttl,
+            dns_names,
+            hint,
+            expires_at,
+            created_at,
+            revision,
+        }
+    }
+
+    /// The operator-set fields, as a [`NewEntry`].
+    pub fn to_new(&self) -> NewEntry {
+        NewEntry {
+            spiffe_id: self.spiffe_id.clone(),
+            parent_id: self.parent_id.clone(),
+            selectors: self.selectors.clone(),
+            x509_svid_ttl: self.x509_svid_ttl,
+            jwt_svid_ttl: self.jwt_svid_ttl,
+            dns_names: self.dns_names.clone(),
+            hint: self.hint.clone(),
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+// === impl NewEntry ===
+
+impl NewEntry {
+    /// An entry granting `spiffe_id` under `parent_id` to workloads with `selectors`, with every
+    /// optional field unset.
+    pub fn new(spiffe_id: SpiffeId, parent_id: SpiffeId, selectors: SelectorSet) -> Self {
+        Self {
+            spiffe_id,
+            parent_id,
+            selectors,
+            x509_svid_ttl: None,
+            jwt_svid_ttl: None,
+            dns_names: Vec::new(),
+            hint: String::new(),
+            expires_at: None,
+        }
+    }
+
+    /// The uniqueness key of an entry: SHA-256 over its SPIFFE ID, parent ID and selectors,
+    /// each length-prefixed so that no two different triples encode alike.
+    pub(crate) fn identity_key(&self) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut field = |bytes: &[u8]| {
+            ctx.update(&(bytes.len() as u64).to_be_bytes());
+            ctx.update(bytes);
+        };
+        field(self.spiffe_id.as_str().as_bytes());
+        field(self.parent_id.as_str().as_bytes());
+        for selector in &self.selectors {
+            field(selector.kind().as_bytes());
+            field(selector.value().as_bytes());
+        }
+        let digest = ctx.finish();
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        key
+    }
+}
+
+// === impl EntryFilter ===
+
+impl EntryFilter {
+    /// True when `entry` passes every condition that is set.
+    pub fn matches(&self, entry: &RegistrationEntry) -> bool {
+        self.spiffe_id
+            .as_ref()
+            .is_none_or(|id| *id == entry.spiffe_id)
+            && self
+                .parent_id
+                .as_ref()
+                .is_none_or(|id| *id == entry.parent_id)
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|s| entry.selectors.contains(s))
+    }
+}
+
+// === impl PageRequest ===
+
+impl PageRequest {
+    /// The first page, with `size` items at most.
+    pub fn first(size: usize) -> Self {
+        Self { size, token: None }
+    }
+
+    /// The page after the one that returned `token` as its `next_page_token`.
+    pub fn after(size: usize, token: String) -> Self {
+        Self {
+            size,
+            token: Some(token),
+        }
+    }
+
+    /// The page size actually used: 0 means the default, and the maximum is enforced.
+    pub fn effective_size(&self) -> usize {
+        match self.size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        }
+    }
+}
+
+// === impl JoinToken ===
+
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinToken")
+            .field("token", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("created_at", &self.created_at)
+            .field("alias_spiffe_id", &self.alias_spiffe_id)
+            .finish()
+    }
+}
+
+// === helpers ===
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex_encode(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+/// Decodes lowercase hex; `None` for anything else.
+pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    let bytes = s.as_bytes();
+    if !bytes.len().is_multiple_of(2) {
+        return None;
+    }
+    bytes
+        .chunks_exact(2)
+        .map(|pair| Some((nibble(pair[0])? << 4) | nibble(pair[1])?))
+        .collect()
+}
+
+/// Serde helper: bytes as a base64 string (JSON arrays of numbers would quadruple their size).
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_are_32_lowercase_hex_and_parse_back() {
+        let id = EntryId::generate().unwrap();
+        assert_eq!(id.as_str().len(), 32);
+        assert_eq!(EntryId::parse(id.as_str()).unwrap(), id);
+        assert_ne!(EntryId::generate().unwrap(), id);
+        assert!(EntryId::parse("ABCDEF0123456789abcdef0123456789").is_err());
+        assert!(EntryId::parse("abc").is_err());
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(serde_json::from_str::<EntryId>(&json).unwrap(), id);
+        assert!(serde_json::from_str::<EntryId>("\"xyz\"").is_err());
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_uppercase() {
+        let bytes = [0u8, 1, 0x7f, 0x80, 0xff];
+        assert_eq!(hex_decode(&hex_encode(&bytes)).unwrap(), bytes);
+        assert!(hex_decode("AB").is_none());
+        assert!(hex_decode("abc").is_none());
+    }
+
+    #[test]
+    fn identity_key_depends_on_every_part_and_not_on_selector_order() {
+        let id = |s: &str| SpiffeId::new(s).unwrap();
+        let sel = |s: &str| Selector::parse(s).unwrap();
+        let a = NewEntry::new(
+            id("spiffe://td/a"),
+            id("spiffe://td/p"),
+            [sel("unix:uid:1"), sel("unix:gid:2")].into_iter().collect(),
+        );
+        let mut b = a.clone();
+        b.selectors = [sel("unix:gid:2"), sel("unix:uid:1")].into_iter().collect();
+        b.hint = "other".into();
+        assert_eq!(a.identity_key(), b.identity_key());
+        let mut c = a.clone();
+        c.parent_id = id("spiffe://td/q");
+        assert_ne!(a.identity_key(), c.identity_key());
+        let mut d = a.clone();
+        d.selectors = [sel("unix:uid:1")].into_iter().collect();
+        assert_ne!(a.identity_key(), d.identity_key());
+    }
+
+    #[test]
+    fn join_token_debug_is_redacted() {
+        let token = JoinToken {
+            token: "s3cret".into(),
+            expires_at: SystemTime::UNIX_EPOCH,
+            created_at: SystemTime::UNIX_EPOCH,
+            alias_spiffe_id: None,
+        };
+        assert!(!format!("{token:?}").contains("s3cret"));
+    }
+}
