@@ -200,7 +200,10 @@ impl SledStore {
     /// the retention, flushes, and starts the flusher thread.
     pub fn open(path: impl AsRef<Path>, options: SledStoreOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let mut config = ::sled::Config::new().path(&path);
+        // No sled background flusher: the group-commit flusher below makes writes durable, and
+        // sled's own thread would keep the database (and its lock file) open for up to its
+        // interval after the store is dropped.
+        let mut config = ::sled::Config::new().path(&path).flush_every_ms(None);
         if let Some(bytes) = options.cache_capacity_bytes {
             config = config.cache_capacity(bytes);
         }

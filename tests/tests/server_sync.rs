@@ -1,0 +1,223 @@
+//! `SyncEntries` of the real server: a snapshot of the entries authorized for the calling agent,
+//! then each change as it happens, filtered per agent, and resumable from a revision without a
+//! reload.
+
+use std::time::Duration;
+
+use sigil_proto::admin::DeleteEntryRequest;
+use sigil_proto::node::{SyncEntriesRequest, SyncEntriesResponse, change, sync_entries_response};
+use sigil_tests::*;
+use tonic::Streaming;
+
+/// Reads the next message, failing the test if none comes within 10 s.
+async fn next(stream: &mut Streaming<SyncEntriesResponse>) -> sync_entries_response::Message {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("no sync message within 10 s")
+        .unwrap()
+        .unwrap()
+        .message
+        .unwrap()
+}
+
+/// The next message, which must be changes: (upserted SPIFFE IDs, deleted entry ids, last revision).
+async fn next_changes(
+    stream: &mut Streaming<SyncEntriesResponse>,
+) -> (Vec<String>, Vec<String>, u64) {
+    let sync_entries_response::Message::Changes(changes) = next(stream).await else {
+        panic!("expected changes");
+    };
+    let mut upserts = Vec::new();
+    let mut deletes = Vec::new();
+    let mut revision = 0;
+    for c in changes.changes {
+        revision = revision.max(c.revision);
+        match c.change.unwrap() {
+            change::Change::Upsert(e) => upserts.push(e.spiffe_id),
+            change::Change::Delete(id) => deletes.push(id),
+            change::Change::Bundle(_) => {}
+        }
+    }
+    (upserts, deletes, revision)
+}
+
+#[tokio::test]
+async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
+    let server = TestServer::start("");
+    let a = TestAgent::attest(&server).await;
+    let b = TestAgent::attest(&server).await;
+    let a1 = create_entry(
+        &server,
+        entry("spiffe://example.org/a1", a.id.as_str(), &["unix:uid:1"]),
+    )
+    .await
+    .unwrap();
+    create_entry(
+        &server,
+        entry("spiffe://example.org/b1", b.id.as_str(), &["unix:uid:1"]),
+    )
+    .await
+    .unwrap();
+
+    let mut client = a.client(&server).await;
+    let mut stream = client
+        .sync_entries(SyncEntriesRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
+        panic!("the first message must be the snapshot");
+    };
+    assert!(page.last);
+    let ids: Vec<_> = page.entries.iter().map(|e| e.spiffe_id.as_str()).collect();
+    assert_eq!(ids, ["spiffe://example.org/a1"], "only agent A's entries");
+    assert_eq!(
+        page.entries[0].x509_svid_ttl, 3600,
+        "effective TTL from the server default"
+    );
+
+    // B's new entry is not A's business; A's next message is about its own entry.
+    create_entry(
+        &server,
+        entry("spiffe://example.org/b2", b.id.as_str(), &["unix:uid:1"]),
+    )
+    .await
+    .unwrap();
+    create_entry(
+        &server,
+        entry("spiffe://example.org/a2", a.id.as_str(), &["unix:uid:1"]),
+    )
+    .await
+    .unwrap();
+    let (upserts, deletes, _) = next_changes(&mut stream).await;
+    assert_eq!(upserts, ["spiffe://example.org/a2"]);
+    assert!(deletes.is_empty());
+
+    // A child of A's entry is A's too (nested parents).
+    create_entry(
+        &server,
+        entry(
+            "spiffe://example.org/a2/child",
+            "spiffe://example.org/a2",
+            &["unix:uid:2"],
+        ),
+    )
+    .await
+    .unwrap();
+    let (upserts, _, _) = next_changes(&mut stream).await;
+    assert_eq!(upserts, ["spiffe://example.org/a2/child"]);
+
+    let mut admin = server.admin().await;
+    admin
+        .delete_entry(DeleteEntryRequest { id: a1.id.clone() })
+        .await
+        .unwrap();
+    let (upserts, deletes, revision) = next_changes(&mut stream).await;
+    assert!(upserts.is_empty());
+    assert_eq!(deletes, [a1.id.clone()]);
+
+    // Disconnect; changes happen meanwhile; resume from the last revision seen.
+    drop(stream);
+    drop(client);
+    let a3 = create_entry(
+        &server,
+        entry("spiffe://example.org/a3", a.id.as_str(), &["unix:uid:3"]),
+    )
+    .await
+    .unwrap();
+    create_entry(
+        &server,
+        entry("spiffe://example.org/b3", b.id.as_str(), &["unix:uid:3"]),
+    )
+    .await
+    .unwrap();
+    let mut client = a.client(&server).await;
+    let mut stream = client
+        .sync_entries(SyncEntriesRequest {
+            since_revision: revision,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (upserts, _, _) = next_changes(&mut stream).await;
+    assert_eq!(
+        upserts,
+        ["spiffe://example.org/a3"],
+        "only what A missed, no snapshot"
+    );
+
+    // And the resumed stream goes on live.
+    admin
+        .delete_entry(DeleteEntryRequest { id: a3.id.clone() })
+        .await
+        .unwrap();
+    let (_, deletes, _) = next_changes(&mut stream).await;
+    assert_eq!(deletes, [a3.id]);
+}
+
+#[tokio::test]
+async fn a_revision_the_server_does_not_have_means_a_fresh_snapshot() {
+    let server = TestServer::start("");
+    let a = TestAgent::attest(&server).await;
+    create_entry(
+        &server,
+        entry("spiffe://example.org/a1", a.id.as_str(), &["unix:uid:1"]),
+    )
+    .await
+    .unwrap();
+    let mut client = a.client(&server).await;
+    let mut stream = client
+        .sync_entries(SyncEntriesRequest {
+            since_revision: 1_000_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
+        panic!("expected a snapshot");
+    };
+    assert_eq!(page.entries.len(), 1);
+}
+
+#[tokio::test]
+async fn large_snapshots_are_paged_under_the_message_limit() {
+    let server = TestServer::start("");
+    let a = TestAgent::attest(&server).await;
+    let entries: Vec<_> = (0..2500)
+        .map(|i| {
+            entry(
+                &format!("spiffe://example.org/w/{i}"),
+                a.id.as_str(),
+                &["unix:uid:1"],
+            )
+        })
+        .collect();
+    let resp = server
+        .admin()
+        .await
+        .create_entries(sigil_proto::admin::CreateEntriesRequest { entries })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.results.len(), 2500);
+    let mut client = a.client(&server).await;
+    let mut stream = client
+        .sync_entries(SyncEntriesRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut total = 0;
+    let mut pages = 0;
+    loop {
+        let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
+            panic!("expected snapshot pages");
+        };
+        pages += 1;
+        total += page.entries.len();
+        if page.last {
+            break;
+        }
+    }
+    assert_eq!(total, 2500);
+    assert_eq!(pages, 3);
+}
