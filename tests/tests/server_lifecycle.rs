@@ -1,5 +1,11 @@
 //! The `sigil-server` process over its life: durability under kill -9, restarts that keep the
 //! trust domain, CA rotation as time passes, and shutdown on SIGTERM with streams open.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
 
 use std::time::Duration;
 

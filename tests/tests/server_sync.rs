@@ -1,6 +1,12 @@
 //! `SyncEntries` of the real server: a snapshot of the entries authorized for the calling agent,
 //! then each change as it happens, filtered per agent, and resumable from a revision without a
 //! reload.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
 
 use std::time::Duration;
 
@@ -114,7 +120,7 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
         .unwrap();
     let (upserts, deletes, revision) = next_changes(&mut stream).await;
     assert!(upserts.is_empty());
-    assert_eq!(deletes, [a1.id.clone()]);
+    assert_eq!(deletes, std::slice::from_ref(&a1.id));
 
     // Disconnect; changes happen meanwhile; resume from the last revision seen.
     drop(stream);
