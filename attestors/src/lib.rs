@@ -1,6 +1,11 @@
-//! Node and workload attestation for Sigil, behind traits.
+//! # sigil-attestors: node and workload attestation
 //!
-//! **Not built yet.** This crate will hold the `unix` workload attestor (selectors from the
-//! caller's kernel credentials) and the `join_token` node attestor; see DESIGN.md and the agent
-//! and server-core issues. It exists now so that the workspace layout is final.
+//! - [`unix`]: the `unix` workload attestor: selectors from the caller's kernel credentials
+//!   (uid, gid, names, supplementary groups, executable path and hash).
+//! - [`join_token`]: the node attestation trait for one-time join tokens, declared here and
+//!   implemented by the server's store (which consumes tokens atomically).
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod join_token;
+pub mod unix;

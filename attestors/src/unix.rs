@@ -1,0 +1,385 @@
+//! The `unix` workload attestor: selectors from the caller's kernel credentials.
+//!
+//! Given the uid, gid and pid the kernel reported for a Workload API connection (SO_PEERCRED),
+//! it produces:
+//!
+//! | selector | source |
+//! |---|---|
+//! | `unix:uid:N`, `unix:gid:N` | the credentials |
+//! | `unix:user:NAME`, `unix:group:NAME` | `/etc/passwd`, `/etc/group` (when the ids have names) |
+//! | `unix:supplementary_gid:N` | `Groups:` of `/proc/PID/status` |
+//! | `unix:path:/abs/exe` | `/proc/PID/exe` |
+//! | `unix:sha256:HEX` | SHA-256 of the executable actually running, read through `/proc/PID/exe` |
+//!
+//! Hashing costs milliseconds, so it runs only when asked ([`UnixAttestor::attest`]'s
+//! `with_sha256`, which the agent sets when some entry on the node uses a `unix:sha256`
+//! selector), is bounded by a size limit, and is cached by file identity (device, inode, size,
+//! modification time). Selector values are never logged at info level.
+//!
+//! The pid may be reused by another process between connect and attestation: the caller must
+//! check afterwards that the process is still the one that connected (the agent's front door
+//! does), and give no identity otherwise.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::SystemTime;
+
+use sigil_core::{Selector, SelectorSet};
+
+/// The selector type this attestor produces.
+pub const SELECTOR_TYPE: &str = "unix";
+
+/// Executables larger than this are not hashed (no `unix:sha256` selector).
+pub const DEFAULT_HASH_SIZE_LIMIT: u64 = 256 * 1024 * 1024;
+
+/// Cached hashes kept at most.
+const HASH_CACHE_CAPACITY: usize = 1024;
+
+/// Why attestation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UnixAttestorError {
+    /// The process is gone, or `/proc` cannot be read for it.
+    #[error("cannot inspect process {pid}: {source}")]
+    Process {
+        /// The pid.
+        pid: i32,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A selector could not be built (a value the selector rules refuse).
+    #[error("invalid selector: {0}")]
+    Selector(#[from] sigil_core::SelectorError),
+}
+
+/// The kernel's view of a caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Process id, when the kernel reported one.
+    pub pid: Option<i32>,
+}
+
+/// The attestor. Holds the hash cache; share one per agent.
+#[derive(Debug)]
+pub struct UnixAttestor {
+    proc_root: PathBuf,
+    etc_root: PathBuf,
+    hash_size_limit: u64,
+    hashes: Mutex<HashMap<FileIdentity, String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: Option<SystemTime>,
+}
+
+// === impl UnixAttestor ===
+
+impl Default for UnixAttestor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UnixAttestor {
+    /// An attestor reading the real `/proc` and `/etc`.
+    pub fn new() -> Self {
+        Self::with_roots("/proc", "/etc")
+    }
+
+    /// An attestor reading `proc_root` and `etc_root` instead (for tests).
+    pub fn with_roots(proc_root: impl Into<PathBuf>, etc_root: impl Into<PathBuf>) -> Self {
+        Self {
+            proc_root: proc_root.into(),
+            etc_root: etc_root.into(),
+            hash_size_limit: DEFAULT_HASH_SIZE_LIMIT,
+            hashes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sets the largest executable that is hashed.
+    pub fn hash_size_limit(mut self, bytes: u64) -> Self {
+        self.hash_size_limit = bytes;
+        self
+    }
+
+    /// The selectors of the caller. With a pid, the process must be inspectable (else an
+    /// error: no identity for a caller that cannot be attested). `with_sha256` adds
+    /// `unix:sha256` (when the executable is within the size limit).
+    pub fn attest(
+        &self,
+        creds: Credentials,
+        with_sha256: bool,
+    ) -> Result<SelectorSet, UnixAttestorError> {
+        let mut set = SelectorSet::new();
+        set.insert(selector(&format!("uid:{}", creds.uid))?);
+        set.insert(selector(&format!("gid:{}", creds.gid))?);
+        if let Some(name) = lookup_name(&self.etc_root.join("passwd"), creds.uid) {
+            set.insert(selector(&format!("user:{name}"))?);
+        }
+        if let Some(name) = lookup_name(&self.etc_root.join("group"), creds.gid) {
+            set.insert(selector(&format!("group:{name}"))?);
+        }
+        let Some(pid) = creds.pid else {
+            return Ok(set);
+        };
+        let proc_dir = self.proc_root.join(pid.to_string());
+        let io = |source| UnixAttestorError::Process { pid, source };
+        let status = std::fs::read_to_string(proc_dir.join("status")).map_err(io)?;
+        for gid in supplementary_gids(&status) {
+            set.insert(selector(&format!("supplementary_gid:{gid}"))?);
+        }
+        let exe_link = proc_dir.join("exe");
+        let exe = std::fs::read_link(&exe_link).map_err(io)?;
+        set.insert(selector(&format!("path:{}", exe.display()))?);
+        if with_sha256 && let Some(hash) = self.sha256(&exe_link).map_err(io)? {
+            set.insert(selector(&format!("sha256:{hash}"))?);
+        }
+        Ok(set)
+    }
+
+    /// SHA-256 (hex) of the file behind `/proc/PID/exe`, through the link itself so that the
+    /// running executable is hashed even if its path now names another file. `None` above the
+    /// size limit.
+    fn sha256(&self, exe_link: &Path) -> std::io::Result<Option<String>> {
+        let mut file = File::open(exe_link)?;
+        let meta = file.metadata()?;
+        if meta.len() > self.hash_size_limit {
+            return Ok(None);
+        }
+        let identity = FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime: meta.modified().ok(),
+        };
+        if let Some(hash) = self
+            .hashes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&identity)
+        {
+            return Ok(Some(hash.clone()));
+        }
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if total > self.hash_size_limit {
+                return Ok(None);
+            }
+            context.update(&buf[..n]);
+        }
+        let hash: String = context
+            .finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut cache = self.hashes.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= HASH_CACHE_CAPACITY {
+            cache.clear();
+        }
+        cache.insert(identity, hash.clone());
+        Ok(Some(hash))
+    }
+}
+
+fn selector(value: &str) -> Result<Selector, sigil_core::SelectorError> {
+    Selector::new(SELECTOR_TYPE, value)
+}
+
+/// The name of `id` in a passwd- or group-format file (`name:x:id:...`).
+fn lookup_name(file: &Path, id: u32) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let _password = fields.next()?;
+        let found: u32 = fields.next()?.parse().ok()?;
+        (found == id && !name.is_empty()).then(|| name.to_owned())
+    })
+}
+
+/// The `Groups:` line of `/proc/PID/status`.
+fn supplementary_gids(status: &str) -> Vec<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn has(set: &SelectorSet, s: &str) -> bool {
+        set.contains(&Selector::parse(s).unwrap())
+    }
+
+    #[test]
+    fn the_current_process_is_attested_with_every_selector() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        let uid = std::fs::metadata("/proc/self").unwrap().uid();
+        let gid = std::fs::metadata("/proc/self").unwrap().gid();
+        let attestor = UnixAttestor::new();
+        let set = attestor
+            .attest(
+                Credentials {
+                    uid,
+                    gid,
+                    pid: Some(pid),
+                },
+                true,
+            )
+            .unwrap();
+        assert!(has(&set, &format!("unix:uid:{uid}")));
+        assert!(has(&set, &format!("unix:gid:{gid}")));
+        let exe = std::env::current_exe().unwrap();
+        assert!(
+            has(&set, &format!("unix:path:{}", exe.display())),
+            "{set:?}"
+        );
+        let bytes = std::fs::read(&exe).unwrap();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(has(&set, &format!("unix:sha256:{hex}")));
+        if uid == 0 {
+            assert!(has(&set, "unix:user:root"), "{set:?}");
+        }
+        // Cached the second time (same answer).
+        let again = attestor
+            .attest(
+                Credentials {
+                    uid,
+                    gid,
+                    pid: Some(pid),
+                },
+                true,
+            )
+            .unwrap();
+        assert_eq!(again, set);
+        // No hashing unless asked.
+        let cheap = attestor
+            .attest(
+                Credentials {
+                    uid,
+                    gid,
+                    pid: Some(pid),
+                },
+                false,
+            )
+            .unwrap();
+        assert!(!cheap.iter().any(|s| s.value().starts_with("sha256:")));
+    }
+
+    #[test]
+    fn names_come_from_passwd_and_group_files_and_groups_from_proc() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        let proc_ = dir.path().join("proc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(proc_.join("42")).unwrap();
+        std::fs::write(
+            etc.join("passwd"),
+            "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/a:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(etc.join("group"), "root:x:0:\nstaff:x:1000:alice\n").unwrap();
+        std::fs::write(proc_.join("42/status"), "Name:\tx\nGroups:\t4 27 1000 \n").unwrap();
+        std::os::unix::fs::symlink("/usr/bin/env", proc_.join("42/exe")).unwrap();
+        let attestor = UnixAttestor::with_roots(&proc_, &etc);
+        let set = attestor
+            .attest(
+                Credentials {
+                    uid: 1000,
+                    gid: 1000,
+                    pid: Some(42),
+                },
+                false,
+            )
+            .unwrap();
+        for s in [
+            "unix:uid:1000",
+            "unix:gid:1000",
+            "unix:user:alice",
+            "unix:group:staff",
+            "unix:supplementary_gid:4",
+            "unix:supplementary_gid:27",
+            "unix:supplementary_gid:1000",
+            "unix:path:/usr/bin/env",
+        ] {
+            assert!(has(&set, s), "{s} missing from {set:?}");
+        }
+        // A uid without a name gets no user selector.
+        let set = attestor
+            .attest(
+                Credentials {
+                    uid: 4242,
+                    gid: 4242,
+                    pid: None,
+                },
+                false,
+            )
+            .unwrap();
+        assert_eq!(set.len(), 2);
+    }
+
+    #[test]
+    fn a_vanished_process_is_an_error_not_an_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let attestor = UnixAttestor::with_roots(dir.path(), dir.path());
+        let err = attestor
+            .attest(
+                Credentials {
+                    uid: 0,
+                    gid: 0,
+                    pid: Some(7),
+                },
+                false,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, UnixAttestorError::Process { pid: 7, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn executables_over_the_size_limit_are_not_hashed() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        let attestor = UnixAttestor::new().hash_size_limit(10);
+        let set = attestor
+            .attest(
+                Credentials {
+                    uid: 0,
+                    gid: 0,
+                    pid: Some(pid),
+                },
+                true,
+            )
+            .unwrap();
+        assert!(!set.iter().any(|s| s.value().starts_with("sha256:")));
+    }
+}
