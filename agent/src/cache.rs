@@ -1,0 +1,157 @@
+//! What the agent can hand out: the trust domain's bundle and one X509-SVID per authorized
+//! entry, as one immutable [`Snapshot`] published through `tokio::sync::watch`. Workload API
+//! streams hold a receiver and send a new message whenever the snapshot changes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls_pki_types::CertificateDer;
+use sigil_core::{SelectorSet, SpiffeBundle, SpiffeId, TrustDomain};
+use zeroize::Zeroizing;
+
+/// One workload identity the agent holds.
+#[derive(Clone)]
+pub struct WorkloadSvid {
+    /// The registration entry it comes from.
+    pub entry_id: String,
+    /// The SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// The selectors a workload must have.
+    pub selectors: SelectorSet,
+    /// The entry's hint.
+    pub hint: String,
+    /// JWT-SVID TTL of the entry (seconds, effective).
+    pub jwt_ttl: u64,
+    /// The entry revision the SVID was minted for.
+    pub revision: u64,
+    /// When it was minted (renewal counts from here).
+    pub issued_at: SystemTime,
+    /// The chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key, PKCS#8.
+    pub key: Arc<Zeroizing<Vec<u8>>>,
+    /// NotAfter of the leaf.
+    pub not_after: SystemTime,
+}
+
+/// Everything the agent serves at one moment.
+#[derive(Clone)]
+pub struct Snapshot {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Its bundle.
+    pub bundle: SpiffeBundle,
+    /// Identities, by entry id.
+    pub svids: BTreeMap<String, WorkloadSvid>,
+    /// Whether any entry uses a `unix:sha256` selector (so attestation must hash).
+    pub needs_sha256: bool,
+    /// Whether the agent has finished its first sync (until then, "no identity" may only mean
+    /// "not yet").
+    pub synced: bool,
+}
+
+// === impl WorkloadSvid ===
+
+impl fmt::Debug for WorkloadSvid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkloadSvid")
+            .field("entry_id", &self.entry_id)
+            .field("spiffe_id", &self.spiffe_id)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Snapshot ===
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("trust_domain", &self.trust_domain)
+            .field("svids", &self.svids.len())
+            .field("synced", &self.synced)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    /// An empty snapshot for `trust_domain` with `bundle`.
+    pub fn new(trust_domain: TrustDomain, bundle: SpiffeBundle) -> Self {
+        Self {
+            trust_domain,
+            bundle,
+            svids: BTreeMap::new(),
+            needs_sha256: false,
+            synced: false,
+        }
+    }
+
+    /// The identities a workload with `selectors` is entitled to, in a stable order (by entry
+    /// id; the first is the default identity), unexpired at `now`, with duplicate non-empty
+    /// hints dropped (the first keeps it).
+    pub fn identities_for(&self, selectors: &SelectorSet, now: SystemTime) -> Vec<&WorkloadSvid> {
+        let mut hints = std::collections::HashSet::new();
+        self.svids
+            .values()
+            .filter(|svid| svid.selectors.matches(selectors) && svid.not_after > now)
+            .filter(|svid| svid.hint.is_empty() || hints.insert(svid.hint.as_str()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sigil_core::Selector;
+
+    use super::*;
+
+    fn svid(entry: &str, hint: &str, selectors: &[&str], not_after: SystemTime) -> WorkloadSvid {
+        WorkloadSvid {
+            entry_id: entry.into(),
+            spiffe_id: SpiffeId::new(&format!("spiffe://example.org/{entry}")).unwrap(),
+            selectors: selectors
+                .iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
+            hint: hint.into(),
+            jwt_ttl: 300,
+            revision: 1,
+            issued_at: not_after - Duration::from_secs(60),
+            chain: vec![],
+            key: Arc::new(Zeroizing::new(vec![])),
+            not_after,
+        }
+    }
+
+    #[test]
+    fn identities_are_matched_ordered_unexpired_and_hints_unique() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let now = SystemTime::now();
+        let later = now + Duration::from_secs(60);
+        let mut s = Snapshot::new(td.clone(), SpiffeBundle::new(td));
+        for w in [
+            svid("a", "internal", &["unix:uid:1"], later),
+            svid("b", "internal", &["unix:uid:1"], later),
+            svid("c", "", &["unix:uid:1", "unix:gid:1"], later),
+            svid("d", "", &["unix:uid:2"], later),
+            svid("e", "", &["unix:uid:1"], now),
+        ] {
+            s.svids.insert(w.entry_id.clone(), w);
+        }
+        let workload: SelectorSet = ["unix:uid:1", "unix:gid:1"]
+            .iter()
+            .map(|x| Selector::parse(x).unwrap())
+            .collect();
+        let got: Vec<_> = s
+            .identities_for(&workload, now)
+            .iter()
+            .map(|w| w.entry_id.as_str())
+            .collect();
+        // b shares a's hint (a is first), d does not match, e has expired.
+        assert_eq!(got, ["a", "c"]);
+    }
+}

@@ -1,0 +1,247 @@
+//! Agent configuration: a TOML file, overridden by flags, checked into [`AgentConfig`] with
+//! every problem reported at once. Every key is documented on [`FileConfig`] and in
+//! `examples/config/agent.toml` (parsed by a test).
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use sigil_core::TrustDomain;
+
+/// Default Workload API socket.
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/sigil-agent/public/api.sock";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/tmp/sigil-agent/data";
+/// Default server address.
+pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
+
+/// The configuration file as written; every field optional.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The trust domain of the server. Required.
+    pub trust_domain: Option<String>,
+    /// The server's agent-facing API, `HOST:PORT`. Default `127.0.0.1:8081`.
+    pub server_address: Option<String>,
+    /// A one-time join token for the first start (`sigil-server token generate`). Not needed
+    /// once the agent has attested: it keeps its SVID in `data_dir`.
+    pub join_token: Option<String>,
+    /// PEM file of the server's X.509 authorities (`sigil-server bundle show`), trusted on the
+    /// first start only; later starts trust the bundle kept in `data_dir`.
+    pub trust_bundle: Option<String>,
+    /// The Workload API socket. Default `/tmp/sigil-agent/public/api.sock`.
+    pub socket_path: Option<String>,
+    /// Where the agent keeps its key, SVID and bundle (mode 0700). Default
+    /// `/tmp/sigil-agent/data`.
+    pub data_dir: Option<String>,
+    /// `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
+    pub log_level: Option<String>,
+    /// `text` or `json`. Default `text`.
+    pub log_format: Option<String>,
+}
+
+/// Flags that override the file.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--trust-domain`.
+    pub trust_domain: Option<String>,
+    /// `--server-address`.
+    pub server_address: Option<String>,
+    /// `--join-token`.
+    pub join_token: Option<String>,
+    /// `--trust-bundle`.
+    pub trust_bundle: Option<String>,
+    /// `--socket-path`.
+    pub socket_path: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<String>,
+    /// `--log-level`.
+    pub log_level: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<String>,
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Server address, `HOST:PORT`.
+    pub server_address: String,
+    /// Join token for the first attestation.
+    pub join_token: Option<String>,
+    /// Bootstrap bundle file.
+    pub trust_bundle: Option<PathBuf>,
+    /// Workload API socket.
+    pub socket_path: PathBuf,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Log level.
+    pub log_level: String,
+    /// Log format is JSON.
+    pub log_json: bool,
+}
+
+/// Every problem found, one `key: message` per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .problems.join("\n  "))]
+pub struct ConfigError {
+    /// `key: message` lines.
+    pub problems: Vec<String>,
+}
+
+// === impl AgentConfig ===
+
+impl AgentConfig {
+    /// Builds the configuration from the file's text (if any) and the flags.
+    pub fn from_sources(file: Option<&str>, flags: Overrides) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let file: FileConfig = match file.map(toml::from_str::<FileConfig>) {
+            None => FileConfig::default(),
+            Some(Ok(file)) => file,
+            Some(Err(e)) => {
+                problems.push(format!("config: {}", e.message()));
+                FileConfig::default()
+            }
+        };
+        let pick =
+            |flag: Option<String>, file: Option<String>| flag.or(file).filter(|v| !v.is_empty());
+
+        let trust_domain = match pick(flags.trust_domain, file.trust_domain) {
+            None => {
+                problems.push(
+                    "trust_domain: is required (in the file or with --trust-domain)".to_owned(),
+                );
+                None
+            }
+            Some(td) => TrustDomain::new(&td)
+                .map_err(|e| problems.push(format!("trust_domain: {td:?}: {e}")))
+                .ok(),
+        };
+        let server_address = pick(flags.server_address, file.server_address)
+            .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.to_owned());
+        if server_address
+            .rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        {
+            problems.push(format!(
+                "server_address: {server_address:?} is not HOST:PORT"
+            ));
+        }
+        let log_level = pick(flags.log_level, file.log_level).unwrap_or_else(|| "info".to_owned());
+        if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
+            problems.push(format!(
+                "log_level: {log_level:?} is not one of error, warn, info, debug, trace"
+            ));
+        }
+        let log_format =
+            pick(flags.log_format, file.log_format).unwrap_or_else(|| "text".to_owned());
+        if !["text", "json"].contains(&log_format.as_str()) {
+            problems.push(format!("log_format: {log_format:?} is not text or json"));
+        }
+        let socket_path = PathBuf::from(
+            pick(flags.socket_path, file.socket_path)
+                .unwrap_or_else(|| DEFAULT_SOCKET_PATH.to_owned()),
+        );
+        if !socket_path.is_absolute() {
+            problems.push(format!(
+                "socket_path: {} must be an absolute path",
+                socket_path.display()
+            ));
+        }
+        let data_dir = PathBuf::from(
+            pick(flags.data_dir, file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.to_owned()),
+        );
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let Some(trust_domain) = trust_domain else {
+            return Err(ConfigError {
+                problems: vec!["trust_domain: is required".to_owned()],
+            });
+        };
+        Ok(Self {
+            trust_domain,
+            server_address,
+            join_token: pick(flags.join_token, file.join_token),
+            trust_bundle: pick(flags.trust_bundle, file.trust_bundle).map(PathBuf::from),
+            socket_path,
+            data_dir,
+            log_level,
+            log_json: log_format == "json",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c =
+            AgentConfig::from_sources(Some("trust_domain = \"example.org\""), Overrides::default())
+                .unwrap();
+        assert_eq!(c.server_address, "127.0.0.1:8081");
+        assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.join_token, None);
+        assert!(!c.log_json);
+        let c = AgentConfig::from_sources(
+            Some("trust_domain = \"example.org\"\nserver_address = \"10.0.0.1:1\""),
+            Overrides {
+                server_address: Some("server.example.org:8081".into()),
+                join_token: Some("abc".into()),
+                log_format: Some("json".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.server_address, "server.example.org:8081");
+        assert_eq!(c.join_token.as_deref(), Some("abc"));
+        assert!(c.log_json);
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let err = AgentConfig::from_sources(
+            Some("trust_domain = \"Bad\"\nserver_address = \"nope\"\nsocket_path = \"rel.sock\"\nlog_level = \"loud\""),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| p.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            ["trust_domain", "server_address", "log_level", "socket_path"]
+        );
+        let err = AgentConfig::from_sources(Some("colour = 1"), Overrides::default()).unwrap_err();
+        assert!(err.problems[0].contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn the_sample_config_documents_every_key_and_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/config/agent.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        AgentConfig::from_sources(Some(&text), Overrides::default()).unwrap();
+        for key in [
+            "trust_domain",
+            "server_address",
+            "join_token",
+            "trust_bundle",
+            "socket_path",
+            "data_dir",
+            "log_level",
+            "log_format",
+        ] {
+            assert!(
+                text.lines().any(|l| l
+                    .trim_start_matches(['#', ' '])
+                    .starts_with(&format!("{key} ="))),
+                "examples/config/agent.toml does not document {key}"
+            );
+        }
+    }
+}

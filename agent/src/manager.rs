@@ -1,0 +1,359 @@
+//! The manager keeps the agent's [`Snapshot`] current: it holds the `SyncEntries` stream open
+//! (resumed from the last revision it saw), mints an X509-SVID for every entry authorized for
+//! this agent (the agent makes the P-256 key; the server signs a CSR), renews each at half its
+//! life (never in a loop when a cap keeps NotAfter where it is), renews the agent's own SVID,
+//! and publishes every change through a `watch` channel.
+//!
+//! SVIDs are minted ahead for the entries of this agent (bounded by [`MAX_ENTRIES`]): a
+//! workload that connects gets its identity at once, and one already streaming gets new or
+//! changed identities without asking.
+//!
+//! While the server is unreachable it keeps serving what it holds until each SVID expires,
+//! reconnects with backoff and jitter capped at 10 s, and catches up from its last revision.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sigil_core::lifetime::Validity;
+use sigil_core::{Selector, SelectorSet, SpiffeBundle, SpiffeId, X509Bundle};
+use sigil_proto::node::{
+    BatchNewX509svidRequest, Entry, NewX509svidParams, SyncEntriesRequest, change,
+    sync_entries_response, x509svid_result,
+};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::cache::{Snapshot, WorkloadSvid};
+use crate::node::{NodeConnection, NodeError, csr, new_key, status_error};
+
+/// The most entries one agent mints SVIDs for.
+pub const MAX_ENTRIES: usize = 10_000;
+
+/// The longest wait between reconnection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// CSRs per `BatchNewX509SVID` call.
+const BATCH: usize = 100;
+
+/// Keeps the snapshot current. See the module docs.
+#[derive(Debug)]
+pub struct Manager {
+    node: Arc<NodeConnection>,
+    entries: BTreeMap<String, Entry>,
+    snapshot: Snapshot,
+    revision: u64,
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+// === impl Manager ===
+
+impl Manager {
+    /// A manager for `node`, and the receiver workload streams subscribe to.
+    pub fn new(node: Arc<NodeConnection>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+        let bundle = node.bundle();
+        let snapshot = Snapshot::new(bundle.trust_domain().clone(), bundle);
+        let (tx, rx) = watch::channel(Arc::new(snapshot.clone()));
+        (
+            Self {
+                node,
+                entries: BTreeMap::new(),
+                snapshot,
+                revision: 0,
+                tx,
+            },
+            rx,
+        )
+    }
+
+    /// Runs until a final refusal from the server (returned as the error) or until the
+    /// receivers are all gone.
+    pub async fn run(mut self) -> Result<(), NodeError> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.sync_once().await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(NodeError::Refused(reason)) => return Err(NodeError::Refused(reason)),
+                Err(e) => {
+                    let wait = jitter(backoff);
+                    warn!(error = %e, retry_in = ?wait, "sync with the server failed; serving what the agent holds");
+                    self.renew_svids().await;
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+            if self.tx.is_closed() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One `SyncEntries` stream, from connect to error.
+    async fn sync_once(&mut self) -> Result<(), NodeError> {
+        if self.node.should_renew(SystemTime::now()) {
+            self.node.renew().await?;
+        }
+        let mut stream = self
+            .node
+            .client()
+            .sync_entries(SyncEntriesRequest {
+                since_revision: self.revision,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        debug!(since = self.revision, "sync stream open");
+        let mut snapshot_pages: Vec<Entry> = Vec::new();
+        loop {
+            let wake = self.next_wakeup();
+            let message = tokio::select! {
+                message = stream.message() => message.map_err(status_error)?,
+                () = tokio::time::sleep_until(wake.into()) => {
+                    if self.node.should_renew(SystemTime::now()) {
+                        // Reconnect with the renewed SVID.
+                        self.node.renew().await?;
+                        return Ok(());
+                    }
+                    self.renew_svids().await;
+                    continue;
+                }
+            };
+            let Some(message) = message.and_then(|m| m.message) else {
+                return Err(NodeError::Unavailable(
+                    "the server closed the sync stream".into(),
+                ));
+            };
+            match message {
+                sync_entries_response::Message::Snapshot(page) => {
+                    snapshot_pages.extend(page.entries);
+                    if page.last {
+                        self.entries = std::mem::take(&mut snapshot_pages)
+                            .into_iter()
+                            .take(MAX_ENTRIES)
+                            .map(|e| (e.id.clone(), e))
+                            .collect();
+                        self.revision = page.revision;
+                        self.snapshot.synced = true;
+                        info!(
+                            entries = self.entries.len(),
+                            revision = self.revision,
+                            "synced entries"
+                        );
+                        self.reconcile().await;
+                    }
+                }
+                sync_entries_response::Message::Changes(changes) => {
+                    for c in changes.changes {
+                        self.revision = self.revision.max(c.revision);
+                        match c.change {
+                            Some(change::Change::Upsert(entry)) => {
+                                if self.entries.len() < MAX_ENTRIES
+                                    || self.entries.contains_key(&entry.id)
+                                {
+                                    self.entries.insert(entry.id.clone(), entry);
+                                }
+                            }
+                            Some(change::Change::Delete(id)) => {
+                                self.entries.remove(&id);
+                            }
+                            Some(change::Change::Bundle(bundle)) => {
+                                self.set_bundle(&bundle.spiffe_bundle)
+                            }
+                            None => {}
+                        }
+                    }
+                    self.reconcile().await;
+                }
+            }
+        }
+    }
+
+    fn set_bundle(&mut self, json: &[u8]) {
+        match SpiffeBundle::parse(self.snapshot.trust_domain.clone(), json) {
+            Ok(bundle) => {
+                if let Err(e) = self.node.set_bundle(bundle.clone()) {
+                    warn!(error = %e, "cannot store the new bundle");
+                }
+                self.snapshot.bundle = bundle;
+            }
+            Err(e) => {
+                warn!(error = %e, "the server sent an invalid bundle; keeping the previous one")
+            }
+        }
+    }
+
+    /// Drops SVIDs of entries that are gone, mints SVIDs for new or changed entries, renews
+    /// those due, and publishes.
+    async fn reconcile(&mut self) {
+        let entries = &self.entries;
+        // An SVID whose entry is gone, or now grants another ID, is withdrawn at once; one whose
+        // selectors or hint changed follows the entry now and is re-minted below.
+        self.snapshot.svids.retain(|id, svid| {
+            let Some(entry) = entries.get(id) else {
+                return false;
+            };
+            if entry.spiffe_id != svid.spiffe_id.as_str() {
+                return false;
+            }
+            match parse_selectors(entry) {
+                Ok(selectors) => {
+                    svid.selectors = selectors;
+                    svid.hint = entry.hint.clone();
+                    svid.jwt_ttl = entry.jwt_svid_ttl;
+                    true
+                }
+                Err(_) => false,
+            }
+        });
+        self.snapshot.needs_sha256 = self
+            .entries
+            .values()
+            .any(|e| e.selectors.iter().any(|s| s.starts_with("unix:sha256:")));
+        self.renew_svids().await;
+    }
+
+    /// Mints SVIDs for entries without a current one (new, changed, or due for renewal).
+    async fn renew_svids(&mut self) {
+        let now = SystemTime::now();
+        let due: Vec<Entry> = self
+            .entries
+            .values()
+            .filter(|entry| match self.snapshot.svids.get(&entry.id) {
+                None => true,
+                Some(svid) => svid_outdated(entry, svid, now),
+            })
+            .cloned()
+            .collect();
+        for chunk in due.chunks(BATCH) {
+            if let Err(e) = self.mint(chunk).await {
+                warn!(error = %e, "cannot mint svids now; will retry");
+                break;
+            }
+        }
+        self.publish();
+    }
+
+    async fn mint(&mut self, entries: &[Entry]) -> Result<(), NodeError> {
+        let mut keys = Vec::with_capacity(entries.len());
+        let mut params = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let key = new_key()?;
+            params.push(NewX509svidParams {
+                entry_id: entry.id.clone(),
+                csr: csr(&key)?,
+            });
+            keys.push(key);
+        }
+        let results = self
+            .node
+            .client()
+            .batch_new_x509svid(BatchNewX509svidRequest { params })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .results;
+        for ((entry, key), result) in entries.iter().zip(keys).zip(results) {
+            match result.result {
+                Some(x509svid_result::Result::Svid(svid)) => match workload_svid(entry, &svid, key)
+                {
+                    Ok(w) => {
+                        debug!(entry_id = %entry.id, "svid minted");
+                        self.snapshot.svids.insert(entry.id.clone(), w);
+                    }
+                    Err(e) => {
+                        warn!(entry_id = %entry.id, error = %e, "the server sent an unusable svid")
+                    }
+                },
+                Some(x509svid_result::Result::Error(e)) => {
+                    warn!(entry_id = %entry.id, code = e.code, error = %e.message, "svid refused");
+                    self.snapshot.svids.remove(&entry.id);
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let now = SystemTime::now();
+        self.snapshot.svids.retain(|_, svid| svid.not_after > now);
+        self.tx.send_replace(Arc::new(self.snapshot.clone()));
+    }
+
+    /// The earliest renewal or expiry among the SVIDs and the agent's own.
+    fn next_wakeup(&self) -> tokio::time::Instant {
+        let now = SystemTime::now();
+        let mut next = self.node.renew_at();
+        for svid in self.snapshot.svids.values() {
+            next = next.min(renew_time(svid)).min(svid.not_after);
+        }
+        let wait = next
+            .duration_since(now)
+            .unwrap_or(Duration::from_millis(50));
+        tokio::time::Instant::now() + wait.clamp(Duration::from_millis(50), Duration::from_secs(60))
+    }
+}
+
+/// Renewal is due at half the lifetime the SVID got.
+fn renew_time(svid: &WorkloadSvid) -> SystemTime {
+    Validity::from_parts(svid.issued_at, svid.not_after).renew_at()
+}
+
+fn parse_selectors(entry: &Entry) -> Result<SelectorSet, sigil_core::SelectorError> {
+    entry.selectors.iter().map(|s| Selector::parse(s)).collect()
+}
+
+/// An SVID must be re-minted when its entry changed or renewal is due (unless a fresh one could
+/// not end later: a capped SVID is not re-issued in a loop).
+fn svid_outdated(entry: &Entry, svid: &WorkloadSvid, now: SystemTime) -> bool {
+    if entry.spiffe_id != svid.spiffe_id.as_str() || entry.revision != svid.revision {
+        return true;
+    }
+    let validity = Validity::from_parts(svid.issued_at, svid.not_after);
+    let cap = (entry.expires_at > 0)
+        .then(|| UNIX_EPOCH + Duration::from_secs(entry.expires_at.unsigned_abs()));
+    validity.should_renew(
+        now,
+        Duration::from_secs(entry.x509_svid_ttl.max(1)),
+        &cap.into_iter().collect::<Vec<_>>(),
+    )
+}
+
+fn workload_svid(
+    entry: &Entry,
+    svid: &sigil_proto::node::X509svid,
+    key: zeroize::Zeroizing<Vec<u8>>,
+) -> Result<WorkloadSvid, String> {
+    let spiffe_id = SpiffeId::new(&svid.spiffe_id).map_err(|e| e.to_string())?;
+    if spiffe_id.as_str() != entry.spiffe_id {
+        return Err(format!(
+            "svid for {spiffe_id} answers entry {}",
+            entry.spiffe_id
+        ));
+    }
+    let chain = X509Bundle::from_der(spiffe_id.trust_domain(), &svid.cert_chain)
+        .map_err(|e| e.to_string())?
+        .authorities()
+        .to_vec();
+    let selectors = parse_selectors(entry).map_err(|e| e.to_string())?;
+    Ok(WorkloadSvid {
+        entry_id: entry.id.clone(),
+        spiffe_id,
+        selectors,
+        hint: entry.hint.clone(),
+        jwt_ttl: entry.jwt_svid_ttl,
+        revision: entry.revision,
+        issued_at: SystemTime::now(),
+        chain,
+        key: Arc::new(key),
+        not_after: UNIX_EPOCH + Duration::from_secs(u64::try_from(svid.expires_at).unwrap_or(0)),
+    })
+}
+
+/// `base` +/- 20%, so a fleet does not reconnect in step.
+fn jitter(base: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
+    let factor = 0.8 + f64::from(byte[0]) / 255.0 * 0.4;
+    base.mul_f64(factor).min(MAX_BACKOFF)
+}

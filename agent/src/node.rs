@@ -1,0 +1,484 @@
+//! The agent's identity and its connection to the server.
+//!
+//! First start: the agent attests with a join token over TLS, trusting the server through the
+//! bootstrap bundle file (the server must present `spiffe://TD/sigil/server`), and keeps its key,
+//! SVID and the server's bundle in its data directory (directory 0700, files 0600, written
+//! atomically). Later starts trust the stored bundle (which follows CA rotations) and need no
+//! token. The SVID is renewed at half its life; every call after that presents the new one.
+//!
+//! When the server refuses the agent for good (token unknown, used or expired; agent banned,
+//! unknown or required to re-attest), [`NodeError::Refused`] says exactly that, and the agent
+//! exits rather than looping.
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use serde::{Deserialize, Serialize};
+use sigil_core::lifetime::Validity;
+use sigil_core::tls::{SharedBundles, SpiffeServerVerifier};
+use sigil_core::x509_svid::Authorizer;
+use sigil_core::{SpiffeBundle, SpiffeId, TrustDomain, X509Bundle};
+use sigil_proto::node::node_client::NodeClient;
+use sigil_proto::node::{AttestAgentRequest, RenewAgentRequest};
+use tonic::transport::{Channel, Endpoint, Uri};
+use tracing::info;
+use zeroize::Zeroizing;
+
+/// Why the agent could not get or keep its identity.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The server refused the agent for good; the message says why.
+    #[error("the server refused this agent: {0}")]
+    Refused(String),
+    /// First start without what attestation needs.
+    #[error("{0}")]
+    Bootstrap(String),
+    /// The stored state is unusable.
+    #[error("stored agent state in {path} is unusable: {reason}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The server could not be reached or answered with a transient error.
+    #[error("cannot reach the server: {0}")]
+    Unavailable(String),
+    /// Local I/O.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Key or CSR generation failed.
+    #[error("cannot create a key: {0}")]
+    Key(String),
+}
+
+/// The agent's SVID and key.
+#[derive(Clone)]
+struct Identity {
+    id: SpiffeId,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<Zeroizing<Vec<u8>>>,
+    validity: Validity,
+}
+
+/// What the data directory holds besides the key file.
+#[derive(Serialize, Deserialize)]
+struct StoredState {
+    spiffe_id: String,
+    /// The SVID chain, DER, base64.
+    chain: String,
+    /// Unix seconds.
+    issued_at: u64,
+    not_after: u64,
+    /// The server's SPIFFE bundle JSON.
+    bundle: serde_json::Value,
+}
+
+/// The agent's connection to the server: its identity, the server's bundle, and a channel
+/// that presents the current SVID.
+pub struct NodeConnection {
+    trust_domain: TrustDomain,
+    server_address: String,
+    data_dir: PathBuf,
+    bundles: SharedBundles,
+    state: RwLock<(Identity, SpiffeBundle, Channel)>,
+}
+
+const STATE_FILE: &str = "agent.json";
+const KEY_FILE: &str = "agent.key";
+
+// === impl NodeConnection ===
+
+impl std::fmt::Debug for NodeConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConnection")
+            .field("server_address", &self.server_address)
+            .field("agent_id", &self.agent_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeConnection {
+    /// Loads the stored identity, or attests with `join_token` trusting `trust_bundle` (PEM).
+    pub async fn bootstrap(
+        trust_domain: TrustDomain,
+        server_address: String,
+        data_dir: &Path,
+        join_token: Option<&str>,
+        trust_bundle: Option<&Path>,
+    ) -> Result<Self, NodeError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|source| NodeError::Io {
+                what: format!("cannot create {}", data_dir.display()),
+                source,
+            })?;
+        if let Some((identity, bundle)) = load_state(data_dir, &trust_domain)? {
+            if identity.validity.not_after() <= SystemTime::now() {
+                return Err(NodeError::Refused(format!(
+                    "the stored agent SVID ({}) expired while the agent was down; attest again with a new join token after removing {}",
+                    identity.id,
+                    data_dir.join(STATE_FILE).display()
+                )));
+            }
+            info!(agent_id = %identity.id, "using the stored agent identity");
+            return Self::new(trust_domain, server_address, data_dir, identity, bundle);
+        }
+        let token = join_token.ok_or_else(|| {
+            NodeError::Bootstrap(
+                "first start: a join token is needed (--join-token or join_token)".to_owned(),
+            )
+        })?;
+        let bundle_path = trust_bundle.ok_or_else(|| {
+            NodeError::Bootstrap(
+                "first start: the server's bundle is needed to trust it (--trust-bundle FILE, from `sigil-server bundle show`)"
+                    .to_owned(),
+            )
+        })?;
+        let pem = std::fs::read(bundle_path).map_err(|source| NodeError::Io {
+            what: format!("cannot read {}", bundle_path.display()),
+            source,
+        })?;
+        let x509 =
+            X509Bundle::from_pem(trust_domain.clone(), &pem).map_err(|e| NodeError::State {
+                path: bundle_path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let bootstrap = SharedBundles::from_bundle(x509);
+        let key = new_key()?;
+        let channel = channel(&server_address, &trust_domain, &bootstrap, None)?;
+        let response = NodeClient::new(channel)
+            .attest_agent(AttestAgentRequest {
+                join_token: token.to_owned(),
+                csr: csr(&key)?,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let svid = response
+            .svid
+            .ok_or_else(|| NodeError::Unavailable("attestation answer without an SVID".into()))?;
+        let bundle = response
+            .bundle
+            .ok_or_else(|| NodeError::Unavailable("attestation answer without a bundle".into()))?;
+        let bundle =
+            SpiffeBundle::parse(trust_domain.clone(), &bundle.spiffe_bundle).map_err(|e| {
+                NodeError::Unavailable(format!("the server sent an invalid bundle: {e}"))
+            })?;
+        let identity = identity_from(&svid, key)?;
+        info!(agent_id = %identity.id, "attested");
+        store_state(data_dir, &identity, &bundle)?;
+        Self::new(trust_domain, server_address, data_dir, identity, bundle)
+    }
+
+    fn new(
+        trust_domain: TrustDomain,
+        server_address: String,
+        data_dir: &Path,
+        identity: Identity,
+        bundle: SpiffeBundle,
+    ) -> Result<Self, NodeError> {
+        let bundles = SharedBundles::from_bundle(x509_of(&bundle)?);
+        let channel = channel(&server_address, &trust_domain, &bundles, Some(&identity))?;
+        Ok(Self {
+            trust_domain,
+            server_address,
+            data_dir: data_dir.to_owned(),
+            bundles,
+            state: RwLock::new((identity, bundle, channel)),
+        })
+    }
+
+    /// The agent's SPIFFE ID.
+    pub fn agent_id(&self) -> SpiffeId {
+        self.read().0.id.clone()
+    }
+
+    /// A client of the node API presenting the current agent SVID.
+    pub fn client(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.read().2.clone())
+    }
+
+    /// The server's bundle as last received.
+    pub fn bundle(&self) -> SpiffeBundle {
+        self.read().1.clone()
+    }
+
+    /// Replaces the server's bundle (it changed on the server) and persists it.
+    pub fn set_bundle(&self, bundle: SpiffeBundle) -> Result<(), NodeError> {
+        self.bundles.replace(x509_of(&bundle)?);
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        state.1 = bundle;
+        store_state(&self.data_dir, &state.0, &state.1)
+    }
+
+    /// True when the agent SVID is due for renewal at `now`.
+    pub fn should_renew(&self, now: SystemTime) -> bool {
+        now >= self.read().0.validity.renew_at()
+    }
+
+    /// When the agent SVID is due for renewal.
+    pub fn renew_at(&self) -> SystemTime {
+        self.read().0.validity.renew_at()
+    }
+
+    /// Renews the agent SVID with a fresh key; later calls present the new SVID.
+    pub async fn renew(&self) -> Result<(), NodeError> {
+        let key = new_key()?;
+        let svid = self
+            .client()
+            .renew_agent(RenewAgentRequest { csr: csr(&key)? })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .svid
+            .ok_or_else(|| NodeError::Unavailable("renewal answer without an SVID".into()))?;
+        let identity = identity_from(&svid, key)?;
+        let channel = channel(
+            &self.server_address,
+            &self.trust_domain,
+            &self.bundles,
+            Some(&identity),
+        )?;
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        store_state(&self.data_dir, &identity, &state.1)?;
+        info!(not_after = ?identity.validity.not_after(), "agent svid renewed");
+        state.0 = identity;
+        state.2 = channel;
+        Ok(())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, (Identity, SpiffeBundle, Channel)> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Maps a status from the server: refusals with a reason (and unknown/used/expired tokens) are
+/// final; the rest are transient.
+pub fn status_error(status: tonic::Status) -> NodeError {
+    let reason = status
+        .metadata()
+        .get("sigil-reason")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match (status.code(), reason) {
+        (tonic::Code::PermissionDenied, Some(reason)) => {
+            NodeError::Refused(format!("{} ({reason})", status.message()))
+        }
+        (tonic::Code::InvalidArgument, _) => NodeError::Refused(status.message().to_owned()),
+        _ => NodeError::Unavailable(format!("{}: {}", status.code(), status.message())),
+    }
+}
+
+// === helpers ===
+
+fn x509_of(bundle: &SpiffeBundle) -> Result<X509Bundle, NodeError> {
+    bundle
+        .x509_bundle()
+        .map_err(|e| NodeError::Unavailable(format!("unusable bundle: {e}")))
+}
+
+/// A fresh P-256 key, PKCS#8.
+pub(crate) fn new_key() -> Result<Zeroizing<Vec<u8>>, NodeError> {
+    let rng = ring::rand::SystemRandom::new();
+    let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        &rng,
+    )
+    .map_err(|_| NodeError::Key("random number generator failed".into()))?;
+    Ok(Zeroizing::new(doc.as_ref().to_vec()))
+}
+
+/// A CSR (DER) for `key`; its subject is empty: the server takes the identity from elsewhere.
+pub(crate) fn csr(key: &[u8]) -> Result<Vec<u8>, NodeError> {
+    let pair = rcgen::KeyPair::try_from(key).map_err(|e| NodeError::Key(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let request = params
+        .serialize_request(&pair)
+        .map_err(|e| NodeError::Key(e.to_string()))?;
+    Ok(request.der().to_vec())
+}
+
+fn identity_from(
+    svid: &sigil_proto::node::X509svid,
+    key: Zeroizing<Vec<u8>>,
+) -> Result<Identity, NodeError> {
+    let bad = |reason: String| {
+        NodeError::Unavailable(format!("the server sent an unusable SVID: {reason}"))
+    };
+    let id = SpiffeId::new(&svid.spiffe_id).map_err(|e| bad(e.to_string()))?;
+    let chain = X509Bundle::from_der(id.trust_domain(), &svid.cert_chain)
+        .map_err(|e| bad(e.to_string()))?
+        .authorities()
+        .to_vec();
+    let not_after = UNIX_EPOCH + Duration::from_secs(u64::try_from(svid.expires_at).unwrap_or(0));
+    Ok(Identity {
+        id,
+        chain,
+        key: Arc::new(key),
+        validity: Validity::from_parts(SystemTime::now(), not_after),
+    })
+}
+
+fn channel(
+    address: &str,
+    trust_domain: &TrustDomain,
+    bundles: &SharedBundles,
+    identity: Option<&Identity>,
+) -> Result<Channel, NodeError> {
+    let server_id = trust_domain
+        .id(["sigil", "server"])
+        .map_err(|e| NodeError::Bootstrap(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| NodeError::Key(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            bundles.clone(),
+            Authorizer::exact(server_id),
+        )));
+    let mut config = match identity {
+        Some(identity) => {
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key.to_vec()));
+            builder
+                .with_client_auth_cert(identity.chain.clone(), key)
+                .map_err(|e| NodeError::Key(e.to_string()))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: every connection is a full handshake with the current SVID.
+    config.resumption = rustls::client::Resumption::disabled();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let address = address.to_owned();
+    let endpoint = Endpoint::try_from("http://sigil-server")
+        .map_err(|e| NodeError::Bootstrap(e.to_string()))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(30));
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let connector = connector.clone();
+            let address = address.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&address).await?;
+                tcp.set_nodelay(true)?;
+                let name = ServerName::try_from("sigil-server").map_err(std::io::Error::other)?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        })),
+    )
+}
+
+fn load_state(
+    dir: &Path,
+    trust_domain: &TrustDomain,
+) -> Result<Option<(Identity, SpiffeBundle)>, NodeError> {
+    let path = dir.join(STATE_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(NodeError::Io {
+                what: format!("cannot read {}", path.display()),
+                source,
+            });
+        }
+    };
+    let bad = |reason: String| NodeError::State {
+        path: path.clone(),
+        reason,
+    };
+    let state: StoredState = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    let key_path = dir.join(KEY_FILE);
+    let key = Zeroizing::new(std::fs::read(&key_path).map_err(|source| NodeError::Io {
+        what: format!("cannot read {}", key_path.display()),
+        source,
+    })?);
+    let id = SpiffeId::new(&state.spiffe_id).map_err(|e| bad(e.to_string()))?;
+    if !id.is_member_of(trust_domain) {
+        return Err(bad(format!("{id} is not in trust domain {trust_domain}")));
+    }
+    let der = STANDARD
+        .decode(state.chain)
+        .map_err(|e| bad(e.to_string()))?;
+    let chain = X509Bundle::from_der(trust_domain.clone(), &der)
+        .map_err(|e| bad(e.to_string()))?
+        .authorities()
+        .to_vec();
+    let bundle_json = serde_json::to_vec(&state.bundle).map_err(|e| bad(e.to_string()))?;
+    let bundle =
+        SpiffeBundle::parse(trust_domain.clone(), &bundle_json).map_err(|e| bad(e.to_string()))?;
+    let identity = Identity {
+        id,
+        chain,
+        key: Arc::new(key),
+        validity: Validity::from_parts(
+            UNIX_EPOCH + Duration::from_secs(state.issued_at),
+            UNIX_EPOCH + Duration::from_secs(state.not_after),
+        ),
+    };
+    Ok(Some((identity, bundle)))
+}
+
+fn store_state(dir: &Path, identity: &Identity, bundle: &SpiffeBundle) -> Result<(), NodeError> {
+    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let der: Vec<u8> = identity
+        .chain
+        .iter()
+        .flat_map(|c| c.iter().copied())
+        .collect();
+    let state = StoredState {
+        spiffe_id: identity.id.to_string(),
+        chain: STANDARD.encode(der),
+        issued_at: secs(identity.validity.issued_at()),
+        not_after: secs(identity.validity.not_after()),
+        bundle: serde_json::from_slice(&bundle.to_json()).unwrap_or(serde_json::Value::Null),
+    };
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| NodeError::Key(e.to_string()))?;
+    // The key first: a state file never names a key that is not on disk.
+    write_private(&dir.join(KEY_FILE), &identity.key)?;
+    write_private(&dir.join(STATE_FILE), &json)
+}
+
+/// Writes `bytes` to `path` atomically with mode 0600: a temporary file in the same directory,
+/// fsync, rename, fsync of the directory.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
+    use std::io::Write as _;
+    let io = |what: &str, source| NodeError::Io {
+        what: format!("{what} {}", path.display()),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io("cannot create", e))?;
+    file.write_all(bytes).map_err(|e| io("cannot write", e))?;
+    file.sync_all().map_err(|e| io("cannot sync", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io("cannot replace", e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("cannot sync the directory of", e))?;
+    }
+    Ok(())
+}
