@@ -92,10 +92,10 @@ pub async fn run(
         how = shutdown => {
             let _ = stop_tx.send(true);
             let _ = std::fs::remove_file(&socket);
-            if how == Shutdown::Graceful {
-                if tokio::time::timeout(DRAIN_TIMEOUT, &mut serve).await.is_err() {
-                    warn!("workload streams still open after the drain timeout; closing them");
-                }
+            if how == Shutdown::Graceful
+                && tokio::time::timeout(DRAIN_TIMEOUT, &mut serve).await.is_err()
+            {
+                warn!("workload streams still open after the drain timeout; closing them");
             }
             Ok(())
         }

@@ -108,7 +108,7 @@ impl Manager {
             let wake = self.next_wakeup();
             let message = tokio::select! {
                 message = stream.message() => message.map_err(status_error)?,
-                () = tokio::time::sleep_until(wake.into()) => {
+                () = tokio::time::sleep_until(wake) => {
                     if self.node.should_renew(SystemTime::now()) {
                         // Reconnect with the renewed SVID.
                         self.node.renew().await?;
@@ -146,12 +146,14 @@ impl Manager {
                     for c in changes.changes {
                         self.revision = self.revision.max(c.revision);
                         match c.change {
-                            Some(change::Change::Upsert(entry)) => {
+                            Some(change::Change::Upsert(entry))
                                 if self.entries.len() < MAX_ENTRIES
-                                    || self.entries.contains_key(&entry.id)
-                                {
-                                    self.entries.insert(entry.id.clone(), entry);
-                                }
+                                    || self.entries.contains_key(&entry.id) =>
+                            {
+                                self.entries.insert(entry.id.clone(), entry);
+                            }
+                            Some(change::Change::Upsert(entry)) => {
+                                warn!(entry_id = %entry.id, max = MAX_ENTRIES, "too many entries for this agent; ignoring one");
                             }
                             Some(change::Change::Delete(id)) => {
                                 self.entries.remove(&id);

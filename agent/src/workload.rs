@@ -81,7 +81,18 @@ pub struct WorkloadApi {
     node: Arc<NodeConnection>,
     attestor: Arc<UnixAttestor>,
     caller: CallerLookup,
-    jwt_cache: Arc<Mutex<HashMap<(String, Vec<String>), (String, SystemTime, SystemTime)>>>,
+    jwt_cache: Arc<Mutex<HashMap<JwtKey, CachedJwt>>>,
+}
+
+/// (entry id, sorted audience).
+type JwtKey = (String, Vec<String>);
+
+/// A JWT-SVID with the time it was fetched and its expiry.
+#[derive(Debug, Clone)]
+struct CachedJwt {
+    token: String,
+    fetched: SystemTime,
+    expires: SystemTime,
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -306,15 +317,18 @@ impl WorkloadApi {
     async fn jwt(&self, identity: &WorkloadSvid, audience: &[String]) -> Result<String, Status> {
         let key = (identity.entry_id.clone(), audience.to_vec());
         let now = SystemTime::now();
-        if let Some((token, issued, expires)) = self
+        if let Some(cached) = self
             .jwt_cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&key)
         {
-            let half = *issued + expires.duration_since(*issued).unwrap_or(Duration::ZERO) / 2;
-            if now < half {
-                return Ok(token.clone());
+            let life = cached
+                .expires
+                .duration_since(cached.fetched)
+                .unwrap_or(Duration::ZERO);
+            if now < cached.fetched + life / 2 {
+                return Ok(cached.token.clone());
             }
         }
         let response = self
@@ -339,7 +353,14 @@ impl WorkloadApi {
         if cache.len() > 10_000 {
             cache.clear();
         }
-        cache.insert(key, (response.token.clone(), now, expires));
+        cache.insert(
+            key,
+            CachedJwt {
+                token: response.token.clone(),
+                fetched: now,
+                expires,
+            },
+        );
         Ok(response.token)
     }
 }

@@ -420,3 +420,190 @@ pub async fn create_entry(
         None => Err("no result".into()),
     }
 }
+
+/// A `sigil-agent run` child attested to `server`, with its Workload API socket in a temp dir.
+pub struct TestAgentProcess {
+    dir: TempDir,
+    child: Option<Child>,
+    server_addr: SocketAddr,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TestAgentProcess {
+    /// Generates a join token, writes the bootstrap bundle, and starts the agent.
+    pub async fn start(server: &TestServer) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Readable by every uid, so unprivileged workloads can reach the socket.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("bootstrap.pem"),
+            server.bundle().await.to_pem(),
+        )
+        .unwrap();
+        let token = server.join_token(Duration::from_secs(600)).await;
+        let mut agent = Self {
+            dir,
+            child: None,
+            server_addr: server.node_addr,
+            log: Arc::default(),
+        };
+        agent.spawn(Some(&token));
+        agent
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("public").join("api.sock")
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn spawn(&mut self, token: Option<&str>) {
+        let _ = std::fs::remove_file(self.socket());
+        let mut cmd = Command::new(binary("sigil-agent"));
+        cmd.arg("run")
+            .args(["--trust-domain", TRUST_DOMAIN])
+            .arg("--server-address")
+            .arg(self.server_addr.to_string())
+            .arg("--trust-bundle")
+            .arg(self.dir.path().join("bootstrap.pem"))
+            .arg("--socket-path")
+            .arg(self.socket())
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .env("SIGIL_LOG", "info,sigil_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(token) = token {
+            cmd.arg("--join-token").arg(token);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                log.lock().unwrap().push(line);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket().exists() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {status}; log:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent socket missing; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's SPIFFE ID, from its stored state.
+    pub fn agent_id(&self) -> String {
+        let state: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.dir.path().join("data/agent.json")).unwrap(),
+        )
+        .unwrap();
+        state["spiffe_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Restarts the agent without a join token (it must use its stored identity).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn(None);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the agent to exit on its own (at most `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Starts an agent with `token` and expects it to exit on its own; returns its stderr.
+    pub async fn expect_refusal(server: &TestServer, token: &str) -> (ExitStatus, String) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("bootstrap.pem"),
+            server.bundle().await.to_pem(),
+        )
+        .unwrap();
+        let out = Command::new(binary("sigil-agent"))
+            .arg("run")
+            .args(["--trust-domain", TRUST_DOMAIN])
+            .arg("--server-address")
+            .arg(server.node_addr.to_string())
+            .arg("--trust-bundle")
+            .arg(dir.path().join("bootstrap.pem"))
+            .arg("--socket-path")
+            .arg(dir.path().join("api.sock"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--join-token")
+            .arg(token)
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for TestAgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Workload API client over `socket` that sends the `workload.spiffe.io: true` header.
+pub async fn workload_client(
+    socket: PathBuf,
+) -> sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
+> {
+    fn header(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert(
+            "workload.spiffe.io",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        Ok(r)
+    }
+    sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::with_interceptor(
+        unix_channel(socket).await,
+        header as fn(_) -> _,
+    )
+}
+
+/// The NotAfter of a DER certificate.
+pub fn not_after(der: &[u8]) -> std::time::SystemTime {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    std::time::UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap())
+}

@@ -1,0 +1,33 @@
+//! The SPIFFE Workload API endpoint of the agent.
+//!
+//! So far this holds its front door (issue 5):
+//!
+//! - [`listener`]: [`WorkloadListener`] binds the Unix socket and yields [`FrontDoorStream`]s for
+//!   `tonic::transport::Server::serve_with_incoming_shutdown`.
+//! - [`authority`]: the layer below h2 that normalises the `:authority` gRPC C-core, Java and Swift
+//!   clients send over Unix sockets, which h2 would refuse.
+//! - [`peer`]: [`CallerProcess`], the caller's kernel credentials and a handle on its process,
+//!   which tonic hands to every request as the connection's connect info:
+//!
+//! ```no_run
+//! # use sigil_agent::workload_api::CallerProcess;
+//! # fn handler(request: tonic::Request<()>) -> Result<(), tonic::Status> {
+//! let caller = request
+//!     .extensions()
+//!     .get::<CallerProcess>()
+//!     .ok_or_else(|| tonic::Status::internal("no caller"))?;
+//! // ... attest caller.pid() ...
+//! if !caller.still_alive_and_same() {
+//!     return Err(tonic::Status::unavailable("caller exited"));
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod authority;
+pub mod listener;
+pub mod peer;
+
+pub use authority::{AuthorityError, NormalizeAuthority};
+pub use listener::{FrontDoorStream, ListenerError, WorkloadListener};
+pub use peer::{CallerProcess, PeerError, ProcessHandleKind, ProcessTracking};

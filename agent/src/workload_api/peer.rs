@@ -1,0 +1,283 @@
+//! Who is calling: the caller's kernel credentials and a handle on its process.
+//!
+//! At accept, the kernel tells us the caller's uid, gid and pid as they were at `connect()`
+//! (`SO_PEERCRED`). A pid can be reused once its process exits, so a pid alone cannot prove that
+//! the process we attest is the one that connected. We therefore hold the process itself:
+//!
+//! - a pidfd from `SO_PEERPIDFD` (Linux 6.5 and later): it refers to the process that connected,
+//!   even if it exited before we accepted, and becomes readable when that process exits;
+//! - otherwise, an open `/proc/PID` directory plus the process start time (field 22 of
+//!   `/proc/PID/stat`), read at accept. Files opened through that directory fail with `ESRCH`
+//!   once the process is gone, and a reused pid has a different start time. (This fallback cannot
+//!   see a pid reused between `connect()` and accept; the pidfd path has no such gap.)
+//!
+//! After attestation, [`CallerProcess::still_alive_and_same`] says whether the process is still
+//! running and still the one that connected; a caller for which it is false gets no identity.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::sockopt::PeerPidfd;
+use nix::sys::stat::Mode;
+use tokio::net::UnixStream;
+
+/// Why the caller's credentials could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// `SO_PEERCRED` failed.
+    #[error("reading the caller's credentials (SO_PEERCRED) failed")]
+    Credentials(#[source] io::Error),
+}
+
+/// How the caller's process is held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ProcessTracking {
+    /// A pidfd from `SO_PEERPIDFD` where the kernel offers it, else `/proc/PID` and the start
+    /// time.
+    #[default]
+    Auto,
+    /// Always `/proc/PID` and the start time (for kernels without `SO_PEERPIDFD`, and to test
+    /// that path).
+    ProcFs,
+}
+
+/// Which kind of handle holds a caller's process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProcessHandleKind {
+    /// A pidfd (`SO_PEERPIDFD`).
+    Pidfd,
+    /// An open `/proc/PID` directory and the start time.
+    ProcFs,
+    /// No handle: the process had already exited at accept, or its pid is not visible in our pid
+    /// namespace. Such a caller is never "still alive and same".
+    None,
+}
+
+/// The process at the other end of a Workload API connection: its credentials at connect time
+/// and a handle on the process itself.
+///
+/// This is the connection's [`tonic::transport::server::Connected::ConnectInfo`], so a handler
+/// reads it with `request.extensions().get::<CallerProcess>()`. Cloning is cheap and shares the
+/// handle.
+#[derive(Clone)]
+pub struct CallerProcess {
+    uid: u32,
+    gid: u32,
+    pid: Option<u32>,
+    handle: Arc<ProcessHandle>,
+}
+
+enum ProcessHandle {
+    Pidfd(OwnedFd),
+    Proc { dir: OwnedFd, start_time: u64 },
+    None,
+}
+
+// === impl CallerProcess ===
+
+impl CallerProcess {
+    /// Reads the credentials of the peer of an accepted connection and takes a handle on its
+    /// process.
+    pub fn from_stream(stream: &UnixStream, tracking: ProcessTracking) -> Result<Self, PeerError> {
+        let cred = stream.peer_cred().map_err(PeerError::Credentials)?;
+        let pid = cred
+            .pid()
+            .and_then(|pid| u32::try_from(pid).ok())
+            .filter(|&pid| pid != 0);
+        let handle = match (tracking, pid) {
+            (_, None) => ProcessHandle::None,
+            (ProcessTracking::Auto, Some(pid)) => {
+                match nix::sys::socket::getsockopt(stream, PeerPidfd) {
+                    Ok(pidfd) => ProcessHandle::Pidfd(pidfd),
+                    // The process is gone already (kernels that refuse a pidfd for an exited task).
+                    Err(Errno::ESRCH) => ProcessHandle::None,
+                    // No SO_PEERPIDFD on this kernel.
+                    Err(_) => ProcessHandle::open_proc(pid),
+                }
+            }
+            (ProcessTracking::ProcFs, Some(pid)) => ProcessHandle::open_proc(pid),
+        };
+        Ok(Self {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid,
+            handle: Arc::new(handle),
+        })
+    }
+
+    /// A caller for the process `pid` with the given credentials, held through `/proc/PID` (for
+    /// tests and tools; connections use [`from_stream`](Self::from_stream)).
+    pub fn from_pid(uid: u32, gid: u32, pid: u32) -> Self {
+        Self {
+            uid,
+            gid,
+            pid: Some(pid),
+            handle: Arc::new(ProcessHandle::open_proc(pid)),
+        }
+    }
+
+    /// The caller's effective user id at `connect()`.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    /// The caller's effective group id at `connect()`.
+    pub fn gid(&self) -> u32 {
+        self.gid
+    }
+
+    /// The caller's process id at `connect()`, as seen in the agent's pid namespace; `None` if the
+    /// kernel reported none (a process outside our pid namespace).
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// How the process is held.
+    pub fn handle_kind(&self) -> ProcessHandleKind {
+        match *self.handle {
+            ProcessHandle::Pidfd(_) => ProcessHandleKind::Pidfd,
+            ProcessHandle::Proc { .. } => ProcessHandleKind::ProcFs,
+            ProcessHandle::None => ProcessHandleKind::None,
+        }
+    }
+
+    /// Whether the process that connected is still running and is still the one the pid names.
+    /// Check this after attestation and before handing out an identity: if it is false, whatever
+    /// was learnt from `/proc/PID` may describe another process.
+    pub fn still_alive_and_same(&self) -> bool {
+        match &*self.handle {
+            ProcessHandle::Pidfd(pidfd) => {
+                // A pidfd becomes readable when its process exits.
+                let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                matches!(nix::poll::poll(&mut fds, PollTimeout::ZERO), Ok(0))
+            }
+            ProcessHandle::Proc { dir, start_time } => {
+                matches!(read_stat(dir), Ok(stat) if stat.running && stat.start_time == *start_time)
+            }
+            ProcessHandle::None => false,
+        }
+    }
+}
+
+impl fmt::Debug for CallerProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallerProcess")
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("pid", &self.pid)
+            .field("handle", &self.handle_kind())
+            .finish()
+    }
+}
+
+// === impl ProcessHandle ===
+
+impl ProcessHandle {
+    /// Opens `/proc/PID` and records the start time; `None` if the process is gone or not running.
+    fn open_proc(pid: u32) -> Self {
+        let path = format!("/proc/{pid}");
+        let Ok(dir) = nix::fcntl::open(
+            path.as_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return Self::None;
+        };
+        match read_stat(&dir) {
+            Ok(stat) if stat.running => Self::Proc {
+                dir,
+                start_time: stat.start_time,
+            },
+            _ => Self::None,
+        }
+    }
+}
+
+/// What we need from `/proc/PID/stat`.
+struct Stat {
+    /// Not a zombie (`Z`) or dead (`X`, `x`).
+    running: bool,
+    /// Field 22, `starttime`, in clock ticks since boot.
+    start_time: u64,
+}
+
+/// Reads `stat` through an open `/proc/PID` directory (fails with `ESRCH` once the process is
+/// gone, even if the pid was reused).
+fn read_stat(dir: &OwnedFd) -> io::Result<Stat> {
+    let fd = nix::fcntl::openat(
+        dir,
+        "stat",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut text = String::new();
+    File::from(fd).take(4096).read_to_string(&mut text)?;
+    parse_stat(&text)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/PID/stat"))
+}
+
+/// Parses `/proc/PID/stat`. The command name (field 2) is in parentheses and may itself contain
+/// spaces and parentheses, so fields are counted from the last `)`.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let (_, rest) = text.rsplit_once(')')?;
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?; // field 3
+    let start_time = fields.nth(22 - 4)?.parse().ok()?; // field 22
+    Some(Stat {
+        running: !matches!(state, "Z" | "X" | "x"),
+        start_time,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_a_hostile_command_name() {
+        let text = "42 (a) b (c) R 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10 \
+                    18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        let stat = parse_stat(text).unwrap();
+        assert!(stat.running);
+        assert_eq!(stat.start_time, 987_654);
+        let zombie = text.replace(") R ", ") Z ");
+        assert!(!parse_stat(&zombie).unwrap().running);
+        assert!(parse_stat("42 (x) R 1").is_none());
+    }
+
+    #[test]
+    fn proc_handle_sees_a_child_exit_as_zombie_and_after_reaping() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let caller = CallerProcess::from_pid(0, 0, child.id());
+        assert_eq!(caller.handle_kind(), ProcessHandleKind::ProcFs);
+        assert!(caller.still_alive_and_same());
+        child.kill().unwrap();
+        // Until reaped, the child is a zombie: exited, not alive.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while caller.still_alive_and_same() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!caller.still_alive_and_same());
+        child.wait().unwrap();
+        assert!(!caller.still_alive_and_same());
+    }
+
+    #[test]
+    fn our_own_process_is_alive() {
+        let caller = CallerProcess::from_pid(0, 0, std::process::id());
+        assert!(caller.still_alive_and_same());
+        assert!(!CallerProcess::from_pid(0, 0, u32::MAX / 2).still_alive_and_same());
+    }
+}
