@@ -7,13 +7,16 @@
 //! - [`config`]: the TOML file and flags, checked all at once into a typed [`config::ServerConfig`].
 //! - [`ca`]: the signing authorities (self-signed P-256 roots), their rotation as a pure function
 //!   of time, and one signing method per credential kind.
+//! - [`audit`]: the hash-chained audit log, its signed checkpoints and its verification.
 //! - [`store`]: the [`store::Store`] trait, its sled backend with group commit, and the change
 //!   feed that drives agent sync.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod ca;
+pub mod cli;
 pub mod config;
 pub mod server;
 pub mod store;

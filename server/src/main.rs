@@ -1,65 +1,21 @@
 //! `sigil-server`: the Sigil server daemon and its operator commands.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::Parser as _;
+use sigil_server::cli::{Cli, Command, RunArgs};
 use sigil_server::config::{LogFormat, Overrides, ServerConfig};
 use sigil_server::server::{Server, Shutdown};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
-/// The Sigil server: the trust domain's signing authority.
-///
-/// It signs X509-SVIDs and JWT-SVIDs for the agents that attest to it, and keeps registration
-/// entries and attested agents in its store.
-#[derive(Debug, Parser)]
-#[command(name = "sigil-server", version, propagate_version = true)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the server daemon.
-    ///
-    /// SIGTERM stops it gracefully (open streams get 5 s to drain, then exit 0); SIGINT stops
-    /// it at once.
-    Run(RunArgs),
-}
-
-#[derive(Debug, Args)]
-struct RunArgs {
-    /// Configuration file (TOML). Every key is documented in examples/config/server.toml.
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// Trust domain this server is the authority for (overrides `trust_domain`).
-    #[arg(long, value_name = "TD")]
-    trust_domain: Option<String>,
-    /// Address of the agent-facing API, IP:PORT (overrides `bind_address`; default 0.0.0.0:8081).
-    #[arg(long, value_name = "ADDR")]
-    bind_address: Option<String>,
-    /// Data directory for the store and CA keys (overrides `data_dir`).
-    #[arg(long, value_name = "DIR")]
-    data_dir: Option<String>,
-    /// Admin socket path (overrides `admin_socket`).
-    #[arg(long, value_name = "PATH")]
-    admin_socket: Option<String>,
-    /// Log level: error, warn, info, debug, trace (overrides `log_level`; default info).
-    #[arg(long, value_name = "LEVEL")]
-    log_level: Option<String>,
-    /// Log format: text or json (overrides `log_format`; default text).
-    #[arg(long, value_name = "FORMAT")]
-    log_format: Option<String>,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Admin(command) => sigil_server::cli::execute(command),
     };
     match result {
         Ok(code) => code,

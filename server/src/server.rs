@@ -1,9 +1,12 @@
 //! The composition root: builds every component of a running server in order, hands each the
 //! narrow interface it needs, and runs the long-lived tasks under one shutdown signal.
 //!
-//! Order: data directory -> store -> CA (keys + journal) -> the server's own SVID -> bundle
-//! publication -> the agent-facing API (TCP, mTLS). A rotation task rotates the authorities,
-//! republishes the bundle when it changes and renews the server SVID before it expires.
+//! Order: data directory -> store -> CA (keys + journal) -> audit log (its signing key sits in
+//! the key directory beside the CA's) -> the server's own SVID -> bundle publication -> the
+//! agent-facing API (TCP, mTLS). A rotation task rotates the authorities, republishes the
+//! bundle when it changes and renews the server SVID before it expires. A checkpoint task signs
+//! the audit chain head every [`Server::audit_checkpoint_interval`] when it moved, and once
+//! more when the server stops (gracefully or not, but not when it is killed).
 //!
 //! Shutdown ([`Shutdown`]): `Graceful` stops accepting connections, tells open streams to end,
 //! and gives them [`DRAIN_TIMEOUT`] before closing whatever is left; `Immediate` returns at once.
@@ -31,8 +34,10 @@ use crate::api::admin::{AdminService, AdminSettings, AdminSocketError, bind_admi
 use crate::api::node::{
     BundleSnapshot, EntryTtls, IssuedJwt, IssuedSvid, NodeAuthority, NodeService, SignError, hex,
 };
+use crate::audit::{self, AuditError, AuditLog};
 use crate::ca::{
-    Ca, CaError, CaJournalStore, CaJournalStoreError, DiskKeyManager, WorkloadX509SvidParams,
+    Ca, CaError, CaJournalStore, CaJournalStoreError, DiskKeyManager, KeyManager,
+    WorkloadX509SvidParams,
 };
 use crate::config::ServerConfig;
 use crate::store::sled::SledStore;
@@ -69,6 +74,9 @@ pub enum ServerError {
     /// The CA could not start.
     #[error("certificate authority: {0}")]
     Ca(#[from] CaError),
+    /// The audit log's signing key could not be loaded or created.
+    #[error("audit log: {0}")]
+    Audit(#[from] AuditError),
     /// The server's own key could not be made.
     #[error("cannot create the server key")]
     ServerKey,
@@ -108,6 +116,11 @@ pub struct Server {
     pub store: Arc<dyn Store>,
     /// The CA.
     pub ca: Arc<Ca>,
+    /// The audit log.
+    pub audit: Arc<AuditLog>,
+    /// How often the audit chain head is signed when it moved (default
+    /// [`audit::DEFAULT_CHECKPOINT_INTERVAL`]); set it before [`Server::run`].
+    pub audit_checkpoint_interval: Duration,
     config: ServerConfig,
     listener: TcpListener,
     admin_listener: tokio::net::UnixListener,
@@ -136,19 +149,22 @@ impl Server {
             config.data_dir.join("store"),
             Default::default(),
         )?);
-        let keys = Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?);
+        let keys: Arc<dyn KeyManager> =
+            Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?);
         let journal: Arc<dyn CaJournalStore> = Arc::new(JournalStore(store.clone()));
         let now = SystemTime::now();
         let ca = Arc::new(
             Ca::load_or_init(
                 config.trust_domain.clone(),
                 config.ca_ttl,
-                keys,
+                keys.clone(),
                 journal,
                 now,
             )
             .await?,
         );
+        let audit = Arc::new(AuditLog::open(store.clone(), keys).await?);
+        info!(key_fingerprint = %audit.key_fingerprint(), "audit log ready");
         info!(trust_domain = %config.trust_domain, sequence = ca.bundle_sequence(), "certificate authority ready");
 
         let bundles = SharedBundles::from_bundle(ca.x509_bundle());
@@ -170,6 +186,8 @@ impl Server {
             local_addr,
             store,
             ca,
+            audit,
+            audit_checkpoint_interval: audit::DEFAULT_CHECKPOINT_INTERVAL,
             config,
             listener,
             admin_listener,
@@ -216,6 +234,15 @@ impl Server {
             .instrument(info_span!("rotation")),
         );
 
+        let checkpoints = tokio::spawn(
+            audit::run_checkpoints(
+                self.audit.clone(),
+                self.audit_checkpoint_interval,
+                stop_rx.clone(),
+            )
+            .instrument(info_span!("audit")),
+        );
+
         let tls_config = Arc::new(tls::server_config(
             self.certificate.clone(),
             self.bundles.clone(),
@@ -237,6 +264,7 @@ impl Server {
         let admin = AdminService::new(
             self.store.clone(),
             self.ca.clone(),
+            self.audit.clone(),
             AdminSettings {
                 trust_domain: self.config.trust_domain.clone(),
                 admin_uids: self.config.admin_uids.clone(),
@@ -270,6 +298,7 @@ impl Server {
             result = &mut serve => {
                 let _ = stop_tx.send(true);
                 rotation.abort();
+                final_checkpoint(checkpoints).await;
                 return result.map_err(ServerError::from);
             }
             how = shutdown => how,
@@ -287,8 +316,20 @@ impl Server {
                 }
             }
         }
+        // After the APIs stopped, so that nothing is appended after the last checkpoint.
+        final_checkpoint(checkpoints).await;
         info!("server stopped");
         Ok(())
+    }
+}
+
+/// Waits (at most [`DRAIN_TIMEOUT`]) for the checkpoint task, told to stop, to sign its last
+/// checkpoint.
+async fn final_checkpoint(task: tokio::task::JoinHandle<()>) {
+    match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => warn!(%error, "audit checkpoint task failed"),
+        Err(_) => warn!("audit checkpoint at shutdown timed out"),
     }
 }
 

@@ -35,7 +35,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// The trust domain test servers run.
 pub const TRUST_DOMAIN: &str = "example.org";
 
-/// Path of a binary built by `cargo test --workspace` (`target/debug/NAME`).
+/// Path of a binary built by `cargo test --workspace` (`target/debug/NAME`). Each binary's
+/// package has an integration test that runs it (`server/tests/binary.rs`,
+/// `agent/tests/front_door*.rs`, `examples/tests/quickstart.rs`), which is what makes
+/// `cargo test` build (and rebuild) the binary itself, not only its test harness.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/debug/deps/test-xxxx -> target/debug/NAME

@@ -5,6 +5,11 @@
 //! `PermissionDenied`, whatever the socket's file permissions allow. The caller's uid is the
 //! actor of every change.
 //!
+//! Every mutating call appends an audit record (actor `uid:N`) once its change is made, and
+//! every credential minted here (join tokens, X509-SVIDs, JWT-SVIDs) is handed out only after
+//! its record is durable: if the audit write fails, the call fails and nothing is returned.
+//! `ListAudit` and `VerifyAudit` read the log.
+//!
 //! Input from the CLI is parsed into domain types here, and every problem is reported as
 //! `InvalidArgument` with a message that says what to fix.
 
@@ -25,12 +30,17 @@ use sigil_proto::admin::{
     ListFederatedBundlesResponse, MintJwtsvidRequest, MintJwtsvidResponse, MintX509svidRequest,
     MintX509svidResponse, SetFederatedBundleRequest, UpdateEntryRequest,
 };
+use sigil_proto::admin::{
+    AuditCheckpointInfo, ListAuditRequest, ListAuditResponse, VerifyAuditRequest,
+    VerifyAuditResponse,
+};
 use tokio::net::UnixListener;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
-use tracing::{info, instrument, warn};
+use tracing::{error, info, instrument, warn};
 
 use crate::api::node::{NodeService, hex, is_reserved};
+use crate::audit::{AuditFilter, AuditLog, AuditRecord, NewAuditRecord, action, uid_actor};
 use crate::ca::{AuthorityKind, AuthorityState, Ca, WorkloadX509SvidParams};
 use crate::store::{
     AttestedNode, EntryFilter, EntryId, JoinToken, NewEntry, PageRequest, RegistrationEntry, Store,
@@ -71,6 +81,7 @@ pub struct AdminSettings {
 pub struct AdminService {
     store: Arc<dyn Store>,
     ca: Arc<Ca>,
+    audit: Arc<AuditLog>,
     settings: Arc<AdminSettings>,
 }
 
@@ -144,13 +155,44 @@ impl std::fmt::Debug for AdminService {
 }
 
 impl AdminService {
-    /// Builds the service.
-    pub fn new(store: Arc<dyn Store>, ca: Arc<Ca>, settings: AdminSettings) -> Self {
+    /// Builds the service. `audit` is the log every mutating call appends to.
+    pub fn new(
+        store: Arc<dyn Store>,
+        ca: Arc<Ca>,
+        audit: Arc<AuditLog>,
+        settings: AdminSettings,
+    ) -> Self {
         Self {
             store,
             ca,
+            audit,
             settings: Arc::new(settings),
         }
+    }
+
+    /// Appends the records of a change that is already made. On failure the caller learns that
+    /// the change stands but is not audited.
+    async fn audit_change(&self, records: Vec<NewAuditRecord>) -> Result<(), Status> {
+        self.audit.append(records).await.map(drop).map_err(|e| {
+            error!(error = %e, "audit append failed after a change was made");
+            Status::unavailable(format!(
+                "the change was made, but its audit record could not be written: {e}"
+            ))
+        })
+    }
+
+    /// Appends the record of a credential about to be handed out; on failure it must not be.
+    async fn audit_issuance(&self, record: NewAuditRecord) -> Result<(), Status> {
+        self.audit
+            .append(vec![record])
+            .await
+            .map(drop)
+            .map_err(|e| {
+                error!(error = %e, "audit append failed; credential withheld");
+                Status::unavailable(format!(
+                    "the audit record could not be written, so nothing was issued: {e}"
+                ))
+            })
     }
 
     /// The caller's uid, if it may use the admin API.
@@ -353,6 +395,14 @@ impl Admin for AdminService {
             })
             .await
             .map_err(store_status)?;
+        // The token itself is never recorded: only the agent ID it gives.
+        let mut record =
+            NewAuditRecord::new(uid_actor(uid), action::TOKEN_GENERATE, agent_id.to_string())
+                .time_detail("expires_at", now + ttl);
+        if let Some(alias) = &alias {
+            record = record.detail("alias_spiffe_id", alias.to_string());
+        }
+        self.audit_issuance(record).await?;
         info!(uid, agent_id = %agent_id, "join token generated");
         Ok(Response::new(GenerateJoinTokenResponse {
             token,
@@ -390,12 +440,14 @@ impl Admin for AdminService {
             .into_iter();
         let mut results = Vec::with_capacity(parsed.len());
         let mut created = 0usize;
+        let mut records = Vec::new();
         for p in parsed {
             let outcome = match p {
                 Err(status) => Err(status),
                 Ok(_) => match stored.next() {
                     Some(Ok(entry)) => {
                         created += 1;
+                        records.push(entry_record(uid, action::ENTRY_CREATE, &entry));
                         Ok(entry)
                     }
                     Some(Err(e)) => Err(store_status(e)),
@@ -410,6 +462,9 @@ impl Admin for AdminService {
                     Err(status) => pb::entry_result::Result::Error(error_message(&status)),
                 }),
             });
+        }
+        if !records.is_empty() {
+            self.audit_change(records).await?;
         }
         info!(uid, requested = results.len(), created, "entries created");
         Ok(Response::new(CreateEntriesResponse { results }))
@@ -486,6 +541,8 @@ impl Admin for AdminService {
             .update_entry(&id, new)
             .await
             .map_err(store_status)?;
+        self.audit_change(vec![entry_record(uid, action::ENTRY_UPDATE, &entry)])
+            .await?;
         info!(uid, entry_id = %id.as_str(), "entry updated");
         Ok(Response::new(self.entry_message(&entry)))
     }
@@ -498,6 +555,8 @@ impl Admin for AdminService {
         let uid = self.authorize(&request)?;
         let id = parse_entry_id(&request.into_inner().id)?;
         let entry = self.store.delete_entry(&id).await.map_err(store_status)?;
+        self.audit_change(vec![entry_record(uid, action::ENTRY_DELETE, &entry)])
+            .await?;
         info!(uid, entry_id = %id.as_str(), "entry deleted");
         Ok(Response::new(self.entry_message(&entry)))
     }
@@ -554,6 +613,8 @@ impl Admin for AdminService {
             )));
         }
         let node = self.store.delete_node(&id).await.map_err(store_status)?;
+        self.audit_change(vec![agent_record(uid, action::AGENT_EVICT, &node)])
+            .await?;
         info!(uid, agent_id = %id, "agent evicted");
         Ok(Response::new(agent_message(&node)))
     }
@@ -570,6 +631,8 @@ impl Admin for AdminService {
         };
         node.banned = true;
         let node = self.store.update_node(node).await.map_err(store_status)?;
+        self.audit_change(vec![agent_record(uid, action::AGENT_BAN, &node)])
+            .await?;
         info!(uid, agent_id = %id, "agent banned");
         Ok(Response::new(agent_message(&node)))
     }
@@ -652,6 +715,14 @@ impl Admin for AdminService {
             .set_federated_bundle(&td, json.clone())
             .await
             .map_err(store_status)?;
+        let record = NewAuditRecord::new(uid_actor(uid), action::BUNDLE_SET, td.name())
+            .detail("sha256", sha256_hex(&json))
+            .detail(
+                "x509_authorities",
+                bundle.x509_bundle().map_or(0, |x| x.authorities().len()),
+            )
+            .detail("sequence", bundle.sequence().unwrap_or_default());
+        self.audit_change(vec![record]).await?;
         info!(uid, trust_domain = %td, "federated bundle set");
         Ok(Response::new(pb::Bundle {
             trust_domain: td.name().to_owned(),
@@ -676,6 +747,9 @@ impl Admin for AdminService {
             .delete_federated_bundle(&td)
             .await
             .map_err(store_status)?;
+        let record = NewAuditRecord::new(uid_actor(uid), action::BUNDLE_DELETE, td.name())
+            .detail("sha256", sha256_hex(&deleted.bundle));
+        self.audit_change(vec![record]).await?;
         info!(uid, trust_domain = %td, "federated bundle deleted");
         Ok(Response::new(pb::Bundle {
             trust_domain: td.name().to_owned(),
@@ -710,6 +784,12 @@ impl Admin for AdminService {
             .ca
             .sign_workload_x509_svid(&params, &req.csr, SystemTime::now())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let record = NewAuditRecord::new(uid_actor(uid), action::X509_MINT, id.to_string())
+            .detail("spiffe_id", id.to_string())
+            .detail("serial", hex(svid.serial()))
+            .time_detail("not_after", svid.not_after())
+            .detail("dns_names", params.dns_names.clone());
+        self.audit_issuance(record).await?;
         info!(uid, spiffe_id = %id, serial = %hex(svid.serial()), "x509-svid minted");
         Ok(Response::new(MintX509svidResponse {
             expires_at: unix_seconds(svid.not_after()),
@@ -743,15 +823,153 @@ impl Admin for AdminService {
                 self.settings.jwt_issuer.as_deref(),
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let record = NewAuditRecord::new(uid_actor(uid), action::JWT_MINT, id.to_string())
+            .detail("spiffe_id", id.to_string())
+            .detail("audience", req.audience.clone())
+            .time_detail("expires_at", jwt.expiry());
+        self.audit_issuance(record).await?;
         info!(uid, spiffe_id = %id, "jwt-svid minted");
         Ok(Response::new(MintJwtsvidResponse {
             token: jwt.token().to_owned(),
             expires_at: unix_seconds(jwt.expiry()),
         }))
     }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let mut problems = Vec::new();
+        let since = match req.since_time {
+            0 => None,
+            t if t < 0 => {
+                problems.push("since_time is before 1970".to_owned());
+                None
+            }
+            t => Some(UNIX_EPOCH + Duration::from_secs(t.unsigned_abs())),
+        };
+        let spiffe_id = (!req.spiffe_id.is_empty())
+            .then(|| parse_id("spiffe_id", &req.spiffe_id, &mut problems))
+            .flatten()
+            .map(|id| id.to_string());
+        if !problems.is_empty() {
+            return Err(Status::invalid_argument(problems.join("; ")));
+        }
+        let filter = AuditFilter {
+            from_sequence: None,
+            since,
+            spiffe_id,
+            action: (!req.action.is_empty()).then_some(req.action),
+            actor: (!req.actor.is_empty()).then_some(req.actor),
+        };
+        let page = PageRequest {
+            size: req.page_size as usize,
+            token: (!req.page_token.is_empty()).then_some(req.page_token),
+        };
+        let page = self
+            .store
+            .list_audit(&filter, &page)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(ListAuditResponse {
+            records: page.items.iter().map(audit_message).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn verify_audit(
+        &self,
+        request: Request<VerifyAuditRequest>,
+    ) -> Result<Response<VerifyAuditResponse>, Status> {
+        let uid = self.authorize(&request)?;
+        let outcome = self.audit.verify().await.map_err(|e| {
+            warn!(error = %e, "audit log cannot be read");
+            Status::unavailable(format!("the audit log cannot be read: {e}"))
+        })?;
+        let key_fingerprint = self.audit.key_fingerprint();
+        let response = match outcome {
+            Ok(summary) => {
+                info!(uid, records = summary.records, "audit log verified");
+                VerifyAuditResponse {
+                    ok: true,
+                    checked: summary.records,
+                    head_sequence: summary.head.map_or(0, |h| h.sequence),
+                    head_hash: summary.head.map(|h| hex(&h.hash)).unwrap_or_default(),
+                    checkpoint: summary.checkpoint.map(|cp| AuditCheckpointInfo {
+                        sequence: cp.sequence,
+                        hash: hex(&cp.hash),
+                        time: unix_seconds(cp.time),
+                        key_id: cp.key_id,
+                        key_fingerprint: cp.key_fingerprint,
+                    }),
+                    unsigned_records: summary.unsigned_records,
+                    bad_sequence: 0,
+                    problem: String::new(),
+                    key_fingerprint,
+                }
+            }
+            Err(violation) => {
+                warn!(uid, sequence = violation.sequence, problem = %violation.kind, "audit log verification failed");
+                VerifyAuditResponse {
+                    ok: false,
+                    checked: violation.sequence.saturating_sub(1),
+                    bad_sequence: violation.sequence,
+                    problem: violation.kind.to_string(),
+                    key_fingerprint,
+                    ..VerifyAuditResponse::default()
+                }
+            }
+        };
+        Ok(Response::new(response))
+    }
 }
 
 // === helpers ===
+
+/// The audit record of an entry change.
+fn entry_record(uid: u32, action: &str, entry: &RegistrationEntry) -> NewAuditRecord {
+    NewAuditRecord::new(uid_actor(uid), action, entry.id.as_str())
+        .detail("spiffe_id", entry.spiffe_id.to_string())
+        .detail("parent_id", entry.parent_id.to_string())
+        .detail(
+            "selectors",
+            entry
+                .selectors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        )
+        .detail("revision", entry.revision)
+}
+
+/// The audit record of an agent change.
+fn agent_record(uid: u32, action: &str, node: &AttestedNode) -> NewAuditRecord {
+    NewAuditRecord::new(uid_actor(uid), action, node.spiffe_id.to_string())
+        .detail("agent", node.spiffe_id.to_string())
+        .detail("serial", node.serial.clone())
+}
+
+fn audit_message(record: &AuditRecord) -> pb::AuditRecord {
+    let since = record.time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    pb::AuditRecord {
+        sequence: record.sequence,
+        time: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        time_nanos: since.subsec_nanos(),
+        actor: record.actor.clone(),
+        action: record.action.clone(),
+        subject: record.subject.clone(),
+        details_json: serde_json::Value::Object(record.details.clone()).to_string(),
+        prev_hash: hex(&record.prev_hash),
+        hash: hex(&record.hash),
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
 
 fn parse_id(field: &str, value: &str, problems: &mut Vec<String>) -> Option<SpiffeId> {
     if value.is_empty() {

@@ -11,12 +11,18 @@
 //! agent when its parent is the agent's ID or the SPIFFE ID of another entry authorized for it
 //! (recursively, which is how alias entries work). Certificates are built from the entry; the
 //! CSR only proves possession of the key (SPIRE CVE-2021-27098).
+//!
+//! Every issuance (agent attestation and renewal, workload X509-SVIDs, JWT-SVIDs) is written to
+//! the audit log, with the agent as actor, and the credential is returned only once its record
+//! is durable: if the audit write fails, the call fails and nothing is handed out. A batch of
+//! X509-SVIDs is recorded with one append.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use sigil_attestors::join_token::{self, JoinTokenError, JoinTokens};
 use sigil_core::tls::SharedBundles;
 use sigil_core::{SpiffeId, TrustDomain};
 use sigil_proto::node::node_server::Node;
@@ -34,6 +40,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, instrument, warn};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::audit::{NewAuditRecord, action};
 use crate::store::{
     AttestedNode, Change, ChangeKind, ChangesSince, EntryId, RegistrationEntry, Store, StoreError,
 };
@@ -292,8 +299,7 @@ impl NodeService {
         trust_domain: &TrustDomain,
         token: &str,
     ) -> Result<SpiffeId, Status> {
-        trust_domain
-            .id(["sigil", "agent", "join_token", token])
+        join_token::agent_id(trust_domain, token)
             .map_err(|_| Status::permission_denied("join token unknown, expired or already used"))
     }
 
@@ -380,6 +386,23 @@ impl NodeService {
         Ok(out)
     }
 
+    /// Appends `records` and waits until they are durable; the caller hands out nothing if
+    /// this fails.
+    async fn audit(&self, records: Vec<NewAuditRecord>) -> Result<(), Status> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .store
+            .append_audit(records)
+            .await
+            .map(drop)
+            .map_err(|error| {
+                warn!(%error, "audit append failed; credential withheld");
+                Status::unavailable("the server could not record the issuance; retry")
+            })
+    }
+
     fn bundle_message(&self) -> pb::Bundle {
         let b = self.inner.authority.bundle();
         pb::Bundle {
@@ -437,28 +460,30 @@ impl Node for NodeService {
         if let Err(e) = check_csr(&req.csr) {
             return Err(Status::invalid_argument(e));
         }
-        let token = match self
-            .inner
-            .store
-            .consume_join_token(&req.join_token, now)
-            .await
-        {
-            Ok(token) => token,
-            Err(StoreError::TokenNotFound) => {
-                warn!("attestation refused: join token unknown or already used");
-                return Err(DenyReason::NotAttested.status("join token unknown or already used"));
+        let alias = match JoinTokens::consume(&*self.inner.store, &req.join_token, now).await {
+            Ok(alias) => alias,
+            Err(e @ (JoinTokenError::NotFound | JoinTokenError::Expired)) => {
+                warn!(error = %e, "attestation refused");
+                return Err(DenyReason::NotAttested.status(e.to_string()));
             }
-            Err(StoreError::TokenExpired) => {
-                warn!("attestation refused: join token expired");
-                return Err(DenyReason::NotAttested.status("join token expired"));
+            Err(e) => {
+                warn!(error = %e, "attestation failed");
+                return Err(Status::unavailable(
+                    "the server's store is unavailable; retry",
+                ));
             }
-            Err(e) => return Err(store_status(e)),
         };
         let svid = self
             .inner
             .authority
             .sign_agent_svid(&agent_id, &req.csr, now)
             .map_err(sign_status)?;
+        let mut record = agent_svid_record(&agent_id, action::AGENT_ATTEST, &svid)
+            .detail("attestation_type", "join_token");
+        if let Some(alias) = &alias {
+            record = record.detail("alias_spiffe_id", alias.to_string());
+        }
+        self.audit(vec![record]).await?;
         let node = AttestedNode {
             spiffe_id: agent_id.clone(),
             attestation_type: "join_token".into(),
@@ -475,7 +500,7 @@ impl Node for NodeService {
             .create_node(node)
             .await
             .map_err(store_status)?;
-        if let Some(alias) = token.alias_spiffe_id {
+        if let Some(alias) = alias {
             let entry = crate::store::NewEntry::new(alias, agent_id.clone(), Default::default());
             match self.inner.store.create_entry(entry).await {
                 Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
@@ -501,6 +526,12 @@ impl Node for NodeService {
             .authority
             .sign_agent_svid(&agent.id, &csr, self.now())
             .map_err(sign_status)?;
+        self.audit(vec![agent_svid_record(
+            &agent.id,
+            action::AGENT_RENEW,
+            &svid,
+        )])
+        .await?;
         let Some(mut node) = self
             .inner
             .store
@@ -554,7 +585,8 @@ impl Node for NodeService {
         }
         let authorized = self.authorized(&agent.id).await?;
         let now = self.now();
-        let mut results = Vec::with_capacity(params.len());
+        let mut outcomes = Vec::with_capacity(params.len());
+        let mut records = Vec::new();
         for param in params {
             let outcome = match EntryId::parse(&param.entry_id) {
                 Err(e) => Err(Status::invalid_argument(e.to_string())),
@@ -572,8 +604,28 @@ impl Node for NodeService {
                         .map_err(sign_status),
                 },
             };
+            if let Ok(svid) = &outcome {
+                records.push(
+                    NewAuditRecord::new(
+                        agent.id.to_string(),
+                        action::SVID_X509_ISSUE,
+                        svid.spiffe_id.to_string(),
+                    )
+                    .detail("spiffe_id", svid.spiffe_id.to_string())
+                    .detail("entry_id", param.entry_id.clone())
+                    .detail("serial", svid.serial.clone())
+                    .time_detail("not_after", svid.not_after)
+                    .detail("agent", agent.id.to_string()),
+                );
+            }
+            outcomes.push((param.entry_id, outcome));
+        }
+        // One append for the batch; nothing is returned unless it is durable.
+        self.audit(records).await?;
+        let mut results = Vec::with_capacity(outcomes.len());
+        for (entry_id, outcome) in outcomes {
             results.push(pb::X509svidResult {
-                entry_id: param.entry_id,
+                entry_id,
                 result: Some(match outcome {
                     Ok(svid) => pb::x509svid_result::Result::Svid(svid_message(&svid)),
                     Err(status) => pb::x509svid_result::Result::Error(pb::Error {
@@ -610,6 +662,17 @@ impl Node for NodeService {
             .authority
             .sign_jwt_svid(entry, &req.audience, self.now())
             .map_err(sign_status)?;
+        let record = NewAuditRecord::new(
+            agent.id.to_string(),
+            action::SVID_JWT_ISSUE,
+            entry.spiffe_id.to_string(),
+        )
+        .detail("spiffe_id", entry.spiffe_id.to_string())
+        .detail("entry_id", entry.id.as_str())
+        .detail("audience", req.audience.clone())
+        .time_detail("expires_at", jwt.expires_at)
+        .detail("agent", agent.id.to_string());
+        self.audit(vec![record]).await?;
         Ok(Response::new(NewJwtsvidResponse {
             spiffe_id: entry.spiffe_id.to_string(),
             token: jwt.token,
@@ -889,6 +952,14 @@ fn entry_of(change: &Change) -> &RegistrationEntry {
 }
 
 // === helpers ===
+
+/// The audit record of an agent SVID (attestation or renewal).
+fn agent_svid_record(agent_id: &SpiffeId, action: &str, svid: &IssuedSvid) -> NewAuditRecord {
+    NewAuditRecord::new(agent_id.to_string(), action, agent_id.to_string())
+        .detail("agent", agent_id.to_string())
+        .detail("serial", svid.serial.clone())
+        .time_detail("not_after", svid.not_after)
+}
 
 /// True for `spiffe://TD/sigil/agent/...`.
 fn is_agent_id(trust_domain: &TrustDomain, id: &SpiffeId) -> bool {

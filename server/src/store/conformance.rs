@@ -30,6 +30,8 @@ use std::time::{Duration, SystemTime};
 use sigil_core::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tokio::sync::Barrier;
 
+use crate::audit::{self, AuditCheckpoint, AuditFilter, AuditRecord, GENESIS_HASH, NewAuditRecord};
+
 use super::{
     AttestedNode, Change, ChangeKind, ChangesSince, DEFAULT_PAGE_SIZE, EntryFilter, EntryId,
     JoinToken, NewEntry, PageRequest, RegistrationEntry, Store, StoreError,
@@ -93,6 +95,10 @@ where
     run!(prune_join_tokens_removes_only_expired_ones);
     run!(federated_bundles_round_trip);
     run!(ca_journal_round_trip);
+    run!(audit_chain_links_and_head);
+    run!(audit_concurrent_appends_never_fork);
+    run!(audit_pagination_and_filters);
+    run!(audit_checkpoints_round_trip);
 }
 
 // --- registration entries ---
@@ -902,6 +908,273 @@ pub async fn ca_journal_round_trip(store: Arc<dyn Store>) {
 }
 
 // --- helpers ---
+
+// --- audit log ---
+
+/// Appends seal records 1, 2, 3, ... each linked to the one before, with non-decreasing times;
+/// the head follows; an empty append does nothing.
+pub async fn audit_chain_links_and_head(store: Arc<dyn Store>) {
+    assert_eq!(store.audit_head().await.unwrap(), None);
+    assert!(store.append_audit(vec![]).await.unwrap().is_empty());
+    let first = store.append_audit(audit_records("a", 3)).await.unwrap();
+    let second = store.append_audit(audit_records("b", 2)).await.unwrap();
+    let sealed: Vec<AuditRecord> = first.into_iter().chain(second).collect();
+    assert_eq!(
+        sealed.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(sealed[0].prev_hash, GENESIS_HASH);
+    for pair in sealed.windows(2) {
+        assert_eq!(pair[1].prev_hash, pair[0].hash);
+        assert!(pair[1].time >= pair[0].time);
+    }
+    for record in &sealed {
+        assert_eq!(record.compute_hash().unwrap(), record.hash);
+    }
+    assert_eq!(sealed[3].actor, "uid:0");
+    assert_eq!(sealed[3].subject, "b-0");
+    assert_eq!(sealed[3].details["n"], 0);
+    assert_eq!(store.audit_head().await.unwrap(), Some(sealed[4].head()));
+    let listed = all_audit(&store, &AuditFilter::default(), 100).await;
+    assert_eq!(listed, sealed, "records are stored exactly as sealed");
+    audit::verify(&listed, None, &[]).unwrap();
+}
+
+/// Many concurrent appenders (single records and batches) get disjoint, gap-free sequences,
+/// and the chain stays one line.
+pub async fn audit_concurrent_appends_never_fork(store: Arc<dyn Store>) {
+    const TASKS: usize = 16;
+    const APPENDS: usize = 10;
+    let barrier = Arc::new(Barrier::new(TASKS));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let mut sealed = Vec::new();
+                for n in 0..APPENDS {
+                    let batch = audit_records(&format!("t{task}-{n}"), 1 + (task + n) % 3);
+                    sealed.extend(store.append_audit(batch).await.unwrap());
+                }
+                sealed
+            })
+        })
+        .collect();
+    let mut returned = BTreeMap::new();
+    for task in tasks {
+        for record in task.await.unwrap() {
+            assert!(
+                returned.insert(record.sequence, record).is_none(),
+                "a sequence was handed out twice"
+            );
+        }
+    }
+    let total = returned.len() as u64;
+    assert_eq!(
+        returned.keys().copied().collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
+    let listed = all_audit(&store, &AuditFilter::default(), 37).await;
+    assert_eq!(listed, returned.into_values().collect::<Vec<_>>());
+    let summary = audit::verify(&listed, None, &[]).unwrap();
+    assert_eq!(summary.records, total);
+    assert_eq!(store.audit_head().await.unwrap(), summary.head);
+}
+
+/// Paging visits every record once, in order; filters by actor, action (prefix), SPIFFE ID
+/// (subject or details), time and sequence; a foreign page token is refused.
+pub async fn audit_pagination_and_filters(store: Arc<dyn Store>) {
+    let agent = "spiffe://example.org/sigil/agent/join_token/a";
+    let mut batch = Vec::new();
+    for n in 0..25u64 {
+        let record = if n % 5 == 0 {
+            NewAuditRecord::new(
+                agent,
+                audit::action::SVID_X509_ISSUE,
+                format!("spiffe://example.org/w{n}"),
+            )
+            .detail("agent", agent)
+        } else {
+            NewAuditRecord::new(
+                format!("uid:{}", n % 2),
+                audit::action::ENTRY_CREATE,
+                format!("entry-{n}"),
+            )
+            .detail("spiffe_id", format!("spiffe://example.org/w{n}"))
+        };
+        batch.push(record);
+    }
+    let sealed = store.append_audit(batch).await.unwrap();
+    // The second half gets a later time, for the `since` filter.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let later = store.append_audit(audit_records("late", 5)).await.unwrap();
+
+    for size in [1, 7, 30, 0] {
+        let listed = all_audit(&store, &AuditFilter::default(), size).await;
+        assert_eq!(listed.len(), 30, "page size {size}");
+        assert!(
+            listed
+                .windows(2)
+                .all(|p| p[0].sequence + 1 == p[1].sequence)
+        );
+    }
+    let count = |filter: AuditFilter| {
+        let store = store.clone();
+        async move { all_audit(&store, &filter, 4).await }
+    };
+    let by_agent = count(AuditFilter {
+        actor: Some(agent.to_owned()),
+        ..AuditFilter::default()
+    })
+    .await;
+    assert_eq!(by_agent.len(), 5);
+    assert!(by_agent.iter().all(|r| r.action == "svid.x509.issue"));
+    assert_eq!(
+        count(AuditFilter {
+            action: Some("svid".to_owned()),
+            ..AuditFilter::default()
+        })
+        .await
+        .len(),
+        5
+    );
+    assert_eq!(
+        count(AuditFilter {
+            action: Some("entry.create".to_owned()),
+            actor: Some("uid:1".to_owned()),
+            ..AuditFilter::default()
+        })
+        .await
+        .len(),
+        10
+    );
+    // A SPIFFE ID matches the subject of one record and a detail of another.
+    let w5 = count(AuditFilter {
+        spiffe_id: Some("spiffe://example.org/w5".to_owned()),
+        ..AuditFilter::default()
+    })
+    .await;
+    assert_eq!(w5.iter().map(|r| r.sequence).collect::<Vec<_>>(), vec![6]);
+    let w6 = count(AuditFilter {
+        spiffe_id: Some("spiffe://example.org/w6".to_owned()),
+        ..AuditFilter::default()
+    })
+    .await;
+    assert_eq!(w6.iter().map(|r| r.sequence).collect::<Vec<_>>(), vec![7]);
+    assert_eq!(
+        count(AuditFilter {
+            spiffe_id: Some(agent.to_owned()),
+            ..AuditFilter::default()
+        })
+        .await
+        .len(),
+        5
+    );
+    // Time and sequence.
+    let since = count(AuditFilter {
+        since: Some(later[0].time),
+        ..AuditFilter::default()
+    })
+    .await;
+    assert_eq!(since, later);
+    assert!(sealed.iter().all(|r| r.time < later[0].time));
+    assert_eq!(
+        count(AuditFilter {
+            since: Some(SystemTime::now() + Duration::from_secs(3600)),
+            ..AuditFilter::default()
+        })
+        .await,
+        vec![]
+    );
+    assert_eq!(
+        count(AuditFilter {
+            from_sequence: Some(28),
+            ..AuditFilter::default()
+        })
+        .await
+        .len(),
+        3
+    );
+    // Page tokens.
+    let first = store
+        .list_audit(&AuditFilter::default(), &PageRequest::first(10))
+        .await
+        .unwrap();
+    assert_eq!(first.items.len(), 10);
+    assert!(first.next_page_token.is_some());
+    assert!(matches!(
+        store
+            .list_audit(
+                &AuditFilter::default(),
+                &PageRequest::after(10, "zz".to_owned())
+            )
+            .await,
+        Err(StoreError::InvalidPageToken)
+    ));
+    assert!(matches!(
+        store
+            .list_audit(
+                &AuditFilter::default(),
+                &PageRequest::after(10, "0102".to_owned())
+            )
+            .await,
+        Err(StoreError::InvalidPageToken)
+    ));
+}
+
+/// Checkpoints round-trip; the latest is the one covering the highest sequence.
+pub async fn audit_checkpoints_round_trip(store: Arc<dyn Store>) {
+    assert_eq!(store.latest_audit_checkpoint().await.unwrap(), None);
+    let sealed = store.append_audit(audit_records("c", 4)).await.unwrap();
+    let checkpoint = |record: &AuditRecord| AuditCheckpoint {
+        sequence: record.sequence,
+        hash: record.hash,
+        time: record.time,
+        key_id: "audit-signing".to_owned(),
+        public_key: vec![4; 65],
+        signature: vec![0x30, 0x01, 0x00],
+    };
+    store
+        .save_audit_checkpoint(checkpoint(&sealed[3]))
+        .await
+        .unwrap();
+    store
+        .save_audit_checkpoint(checkpoint(&sealed[1]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.latest_audit_checkpoint().await.unwrap(),
+        Some(checkpoint(&sealed[3]))
+    );
+}
+
+fn audit_records(prefix: &str, n: usize) -> Vec<NewAuditRecord> {
+    (0..n)
+        .map(|i| {
+            NewAuditRecord::new(
+                "uid:0",
+                audit::action::ENTRY_CREATE,
+                format!("{prefix}-{i}"),
+            )
+            .detail("n", i)
+        })
+        .collect()
+}
+
+/// Every record passing `filter`, following the pages.
+async fn all_audit(store: &Arc<dyn Store>, filter: &AuditFilter, size: usize) -> Vec<AuditRecord> {
+    let mut out = Vec::new();
+    let mut page = PageRequest::first(size);
+    loop {
+        let listed = store.list_audit(filter, &page).await.unwrap();
+        out.extend(listed.items);
+        match listed.next_page_token {
+            Some(token) => page = PageRequest::after(size, token),
+            None => return out,
+        }
+    }
+}
 
 fn spiffe(id: &str) -> SpiffeId {
     SpiffeId::new(id).unwrap()

@@ -1,5 +1,5 @@
-//! The server's store: registration entries, attested nodes, join tokens, federated bundles and
-//! the CA journal, behind one narrow async [`Store`] trait, with a change feed that drives agent
+//! The server's store: registration entries, attested nodes, join tokens, federated bundles,
+//! the CA journal and the audit log, behind one narrow async [`Store`] trait, with a change feed that drives agent
 //! sync.
 //!
 //! The embedded backend is [`SledStore`]; every backend passes the same conformance suite
@@ -43,6 +43,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sigil_core::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tokio::sync::watch;
+
+use crate::audit::{AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, NewAuditRecord};
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
@@ -219,6 +221,38 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Replaces the CA journal.
     async fn save_ca_journal(&self, journal: Vec<u8>) -> Result<(), StoreError>;
+
+    // --- audit log (see the `audit` module) ---
+
+    /// Appends `records`, in order, to the audit chain: each gets the next sequence, the
+    /// store's current time (never earlier than the previous record's), the previous record's
+    /// hash and its own hash, assigned atomically with the chain head so that concurrent
+    /// appenders never fork the chain. Returns the sealed records once they are **durable**:
+    /// a caller hands out what they describe only after this returns `Ok`.
+    ///
+    /// An empty batch appends nothing. Records are never rewritten or deleted by any call.
+    async fn append_audit(
+        &self,
+        records: Vec<NewAuditRecord>,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// One page of the audit records that pass `filter`, in ascending sequence order (same
+    /// paging guarantees as [`Store::list_entries`]). A listing may include records whose
+    /// append is still waiting for its flush.
+    async fn list_audit(
+        &self,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Page<AuditRecord>, StoreError>;
+
+    /// The last record of the chain, or `None` while the log is empty.
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
+
+    /// Stores a signed checkpoint (replacing one for the same sequence).
+    async fn save_audit_checkpoint(&self, checkpoint: AuditCheckpoint) -> Result<(), StoreError>;
+
+    /// The checkpoint with the highest sequence, if any.
+    async fn latest_audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError>;
 }
 
 /// The identifier of a registration entry: 32 lowercase hex characters (16 random bytes).
@@ -723,6 +757,25 @@ mod base64_bytes {
     ) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(deserializer)?;
         STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+// === the store as the join-token attestor's token source ===
+
+#[async_trait]
+impl sigil_attestors::join_token::JoinTokens for dyn Store {
+    async fn consume(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<Option<SpiffeId>, sigil_attestors::join_token::JoinTokenError> {
+        use sigil_attestors::join_token::JoinTokenError;
+        match self.consume_join_token(token, now).await {
+            Ok(token) => Ok(token.alias_spiffe_id),
+            Err(StoreError::TokenNotFound) => Err(JoinTokenError::NotFound),
+            Err(StoreError::TokenExpired) => Err(JoinTokenError::Expired),
+            Err(e) => Err(JoinTokenError::Store(e.to_string())),
+        }
     }
 }
 

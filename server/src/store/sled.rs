@@ -18,8 +18,17 @@
 //! | `nodes`                | agent SPIFFE ID                   | [`AttestedNode`]               |
 //! | `join_tokens`          | token                             | [`JoinToken`]                  |
 //! | `federated_bundles`    | trust domain name                 | [`FederatedBundle`]            |
+//! | `audit`                | sequence, 8 bytes big-endian      | [`AuditRecord`]                |
+//! | `audit_head`           | `head`                            | [`AuditHead`] (the last record)|
+//! | `audit_checkpoints`    | covered sequence, 8 bytes BE      | [`AuditCheckpoint`]            |
 //!
 //! A SPIFFE ID never contains `0x00`, so `ID 0x00` is an unambiguous index prefix.
+//!
+//! An audit append is one sled transaction over `audit` and `audit_head`: it reads the head,
+//! seals each record after it (sequence, time, hashes; see [`crate::audit`]), inserts them and
+//! writes the new head, so concurrent appenders never fork the chain. Large batches are split
+//! into transactions of [`AUDIT_CHUNK`] records, all covered by one flush. Record times never
+//! decrease along the chain, so a `since` filter starts with a binary search over sequences.
 //!
 //! Every entry mutation is one sled transaction over the six entry trees: it reads and bumps the
 //! revision counter, updates the entry and its indexes, writes the [`Change`] under the new
@@ -69,6 +78,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
+/// The sled crate this backend is built on, re-exported so that forensic tools and tests can
+/// open a data directory (of a stopped server) with the same version and read its trees as
+/// the module docs lay them out.
+pub use ::sled as engine;
 use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use ::sled::{Db, IVec, Transactional, Tree};
 use async_trait::async_trait;
@@ -82,6 +95,9 @@ use super::{
     EntrySnapshot, FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
     RegistrationEntry, Store, StoreError, hex_decode, hex_encode,
 };
+use crate::audit::{
+    AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, GENESIS_HASH, NewAuditRecord,
+};
 
 /// Key of the revision counter in the `meta` tree.
 const REVISION_KEY: &[u8] = b"revision";
@@ -89,6 +105,10 @@ const REVISION_KEY: &[u8] = b"revision";
 const CA_JOURNAL_KEY: &[u8] = b"ca_journal";
 /// Entries created per transaction by [`Store::create_entries`] (all of them share one flush).
 const BATCH_CHUNK: usize = 1_000;
+/// Key of the chain head in the `audit_head` tree.
+const AUDIT_HEAD_KEY: &[u8] = b"head";
+/// Audit records sealed per transaction by [`Store::append_audit`] (all share one flush).
+const AUDIT_CHUNK: usize = 1_000;
 /// How many times [`Store::snapshot_entries`] starts over when the changes it needs are pruned.
 const SNAPSHOT_ATTEMPTS: usize = 3;
 
@@ -131,6 +151,9 @@ struct Trees {
     nodes: Tree,
     join_tokens: Tree,
     bundles: Tree,
+    audit: Tree,
+    audit_head: Tree,
+    audit_checkpoints: Tree,
 }
 
 /// What writers and the flusher thread share (see "Group commit" in the module docs).
@@ -576,6 +599,73 @@ impl Store for SledStore {
         .await?;
         self.commit().await
     }
+
+    async fn append_audit(
+        &self,
+        records: Vec<NewAuditRecord>,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sealed = self
+            .blocking(move |inner| {
+                let mut sealed = Vec::with_capacity(records.len());
+                for chunk in records.chunks(AUDIT_CHUNK) {
+                    sealed.extend(inner.append_audit(chunk)?);
+                }
+                Ok(sealed)
+            })
+            .await?;
+        self.commit().await?;
+        Ok(sealed)
+    }
+
+    async fn list_audit(
+        &self,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Page<AuditRecord>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.blocking(move |inner| inner.list_audit(&filter, &page))
+            .await
+    }
+
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+        self.blocking(|inner| {
+            inner
+                .trees
+                .audit_head
+                .get(AUDIT_HEAD_KEY)?
+                .map(|bytes| decode("audit head", &bytes))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn save_audit_checkpoint(&self, checkpoint: AuditCheckpoint) -> Result<(), StoreError> {
+        self.blocking(move |inner| {
+            let value = encode("audit checkpoint", &checkpoint)?;
+            inner
+                .trees
+                .audit_checkpoints
+                .insert(checkpoint.sequence.to_be_bytes(), value)?;
+            Ok(())
+        })
+        .await?;
+        self.commit().await
+    }
+
+    async fn latest_audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
+        self.blocking(|inner| {
+            inner
+                .trees
+                .audit_checkpoints
+                .last()?
+                .map(|(_, bytes)| decode("audit checkpoint", &bytes))
+                .transpose()
+        })
+        .await
+    }
 }
 
 // === impl Inner ===
@@ -913,6 +1003,109 @@ impl Inner {
     }
 }
 
+// --- audit log ---
+
+impl Inner {
+    /// Seals and inserts `chunk` after the chain head, in one transaction (see the module docs).
+    fn append_audit(&self, chunk: &[NewAuditRecord]) -> Result<Vec<AuditRecord>, StoreError> {
+        let now = SystemTime::now();
+        (&self.trees.audit, &self.trees.audit_head)
+            .transaction(|(audit, head_tree)| {
+                let abort = ConflictableTransactionError::Abort;
+                let head: Option<AuditHead> = match head_tree.get(AUDIT_HEAD_KEY)? {
+                    Some(bytes) => Some(decode("audit head", &bytes).map_err(abort)?),
+                    None => None,
+                };
+                let (mut sequence, mut prev_hash, prev_time) = head
+                    .map_or((0, GENESIS_HASH, SystemTime::UNIX_EPOCH), |h| {
+                        (h.sequence, h.hash, h.time)
+                    });
+                // Times never decrease along the chain, even if the clock steps back.
+                let time = now.max(prev_time);
+                let mut sealed = Vec::with_capacity(chunk.len());
+                for new in chunk {
+                    sequence = sequence.checked_add(1).ok_or_else(|| {
+                        abort(StoreError::Corrupt {
+                            what: "audit head",
+                            reason: "sequence exhausted".to_owned(),
+                        })
+                    })?;
+                    let record = new.clone().seal(sequence, time, prev_hash).map_err(|e| {
+                        abort(StoreError::Encode {
+                            what: "audit record",
+                            reason: e.to_string(),
+                        })
+                    })?;
+                    let value = encode("audit record", &record).map_err(abort)?;
+                    audit.insert(&sequence.to_be_bytes()[..], value)?;
+                    prev_hash = record.hash;
+                    sealed.push(record);
+                }
+                if let Some(last) = sealed.last() {
+                    let value = encode("audit head", &last.head()).map_err(abort)?;
+                    head_tree.insert(AUDIT_HEAD_KEY, value)?;
+                }
+                Ok(sealed)
+            })
+            .map_err(|error| match error {
+                TransactionError::Abort(error) => error,
+                TransactionError::Storage(error) => StoreError::Backend(error),
+            })
+    }
+
+    fn list_audit(
+        &self,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Page<AuditRecord>, StoreError> {
+        let mut start = filter.from_sequence.unwrap_or(1).max(1);
+        if let Some(token) = page.token.as_deref() {
+            let key = decode_page_token(token)?;
+            let after = <[u8; 8]>::try_from(key.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::InvalidPageToken)?;
+            start = start.max(after.saturating_add(1));
+        }
+        if let Some(since) = filter.since {
+            start = start.max(self.first_audit_at(since)?);
+        }
+        let mut page = PageCollector::new(page.effective_size());
+        for item in self.trees.audit.range(start.to_be_bytes()..) {
+            let (key, value) = item?;
+            let record = decode_audit(&key, &value)?;
+            if filter.matches(&record) && !page.offer(record) {
+                break;
+            }
+        }
+        Ok(page.finish(|record| record.sequence.to_be_bytes().to_vec()))
+    }
+
+    /// The first sequence whose record's time is at or after `since` (binary search: times
+    /// never decrease along the chain).
+    fn first_audit_at(&self, since: SystemTime) -> Result<u64, StoreError> {
+        let Some((last, _)) = self.trees.audit.last()? else {
+            return Ok(1);
+        };
+        let (mut low, mut high) = (1u64, audit_sequence(&last)?.saturating_add(1));
+        while low < high {
+            let mid = low + (high - low) / 2;
+            match self.trees.audit.range(mid.to_be_bytes()..).next() {
+                None => high = mid,
+                Some(item) => {
+                    let (key, value) = item?;
+                    let record = decode_audit(&key, &value)?;
+                    if record.time < since {
+                        low = record.sequence.saturating_add(1).max(mid + 1);
+                    } else {
+                        high = mid;
+                    }
+                }
+            }
+        }
+        Ok(low)
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.group.shut_down();
@@ -939,6 +1132,9 @@ impl Trees {
             nodes: db.open_tree("nodes")?,
             join_tokens: db.open_tree("join_tokens")?,
             bundles: db.open_tree("federated_bundles")?,
+            audit: db.open_tree("audit")?,
+            audit_head: db.open_tree("audit_head")?,
+            audit_checkpoints: db.open_tree("audit_checkpoints")?,
         })
     }
 }
@@ -1175,6 +1371,26 @@ fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, St
     })
 }
 
+fn audit_sequence(key: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(key)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            what: "audit",
+            reason: format!("key of {} bytes", key.len()),
+        })
+}
+
+/// Decodes an audit record, naming its sequence when it cannot be decoded.
+fn decode_audit(key: &[u8], value: &[u8]) -> Result<AuditRecord, StoreError> {
+    serde_json::from_slice(value).map_err(|error| StoreError::Corrupt {
+        what: "audit",
+        reason: match audit_sequence(key) {
+            Ok(sequence) => format!("record {sequence}: {error}"),
+            Err(_) => error.to_string(),
+        },
+    })
+}
+
 fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
     let array: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
         what: "revision",
@@ -1408,6 +1624,32 @@ mod tests {
             store.snapshot_entries().await,
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_undecodable_audit_record_is_reported_with_its_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let records = (0..3)
+            .map(|n| NewAuditRecord::new("uid:0", "entry.delete", format!("e{n}")))
+            .collect();
+        store.append_audit(records).await.unwrap();
+        store
+            .inner
+            .trees
+            .audit
+            .insert(2u64.to_be_bytes(), &b"not json"[..])
+            .unwrap();
+        let error = store
+            .list_audit(&AuditFilter::default(), &PageRequest::first(10))
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("corrupt audit record: record 2: "),
+            "{error}"
+        );
     }
 
     /// Group commit, observed without timing: the flusher is held while 200 writers do their

@@ -1,0 +1,277 @@
+//! The running audit log: the store's chain plus the server's signing key, the periodic
+//! checkpoint task, and verification of what the store holds.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use super::verify::{ChainVerifier, Violation, ViolationKind};
+use super::{
+    AUDIT_KEY_ID, AuditCheckpoint, AuditFilter, AuditRecord, EncodeError, NewAuditRecord,
+    VerifySummary, key_fingerprint,
+};
+use crate::ca::{CaKey, KeyError, KeyManager};
+use crate::store::{MAX_PAGE_SIZE, PageRequest, Store, StoreError};
+
+/// The audit log of a running server: appends go to the store; checkpoints are signed with the
+/// server's audit key.
+#[derive(Debug)]
+pub struct AuditLog {
+    store: Arc<dyn Store>,
+    key: Arc<dyn CaKey>,
+}
+
+/// Why an audit operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// The store failed (or holds a record it cannot decode).
+    #[error("audit store: {0}")]
+    Store(#[from] StoreError),
+    /// The audit key could not be loaded, created or used.
+    #[error("audit key: {0}")]
+    Key(#[from] KeyError),
+    /// A checkpoint could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The records since the last checkpoint do not verify, so no checkpoint is signed over
+    /// them.
+    #[error("refusing to sign an audit checkpoint over a broken chain: {0}")]
+    ChainBroken(Violation),
+    /// The latest checkpoint was not signed by this server's audit key, so the chain cannot be
+    /// continued from it.
+    #[error(
+        "refusing to sign an audit checkpoint: the latest checkpoint (record {sequence}) is not \
+         signed by this server's audit key; run `sigil-server audit verify`"
+    )]
+    ForeignCheckpoint {
+        /// The record the foreign checkpoint covers.
+        sequence: u64,
+    },
+    /// A blocking key operation could not run.
+    #[error("audit key task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+// === impl AuditLog ===
+
+impl AuditLog {
+    /// Uses `key` to sign checkpoints of the chain in `store`.
+    pub fn new(store: Arc<dyn Store>, key: Arc<dyn CaKey>) -> Self {
+        Self { store, key }
+    }
+
+    /// Loads the audit key [`AUDIT_KEY_ID`] from `keys`, creating it on first start.
+    ///
+    /// # Errors
+    ///
+    /// Any key manager failure other than a missing key.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        keys: Arc<dyn KeyManager>,
+    ) -> Result<Self, AuditError> {
+        let key = tokio::task::spawn_blocking(move || match keys.load_key(AUDIT_KEY_ID) {
+            Err(KeyError::NotFound { .. }) => {
+                info!(key_id = AUDIT_KEY_ID, "creating the audit signing key");
+                keys.generate_key(AUDIT_KEY_ID)
+            }
+            other => other,
+        })
+        .await??;
+        Ok(Self::new(store, key))
+    }
+
+    /// The public key checkpoints are signed with (uncompressed SEC 1 P-256).
+    pub fn public_key(&self) -> &[u8] {
+        self.key.public_key()
+    }
+
+    /// SHA-256 of the public key, hex: what operators pin.
+    pub fn key_fingerprint(&self) -> String {
+        key_fingerprint(self.key.public_key())
+    }
+
+    /// Appends `records` as one batch and returns them sealed, once they are durable.
+    ///
+    /// # Errors
+    ///
+    /// The store's error: the records may not be durable, so whatever they describe must not
+    /// be handed out.
+    pub async fn append(
+        &self,
+        records: Vec<NewAuditRecord>,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        self.store.append_audit(records).await
+    }
+
+    /// Signs and stores a checkpoint of the current chain head, unless the latest checkpoint
+    /// already covers it (then `None`). The records since the latest checkpoint are verified
+    /// first: a broken chain is never signed.
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::ChainBroken`] and [`AuditError::ForeignCheckpoint`] when the chain cannot
+    /// be vouched for; store and key failures.
+    pub async fn checkpoint(&self, now: SystemTime) -> Result<Option<AuditCheckpoint>, AuditError> {
+        let Some(head) = self.store.audit_head().await? else {
+            return Ok(None);
+        };
+        let latest = self.store.latest_audit_checkpoint().await?;
+        let (mut verifier, start) = match &latest {
+            None => (ChainVerifier::new(None, self.key.public_key()), 1),
+            Some(cp) if cp.sequence == head.sequence && cp.hash == head.hash => return Ok(None),
+            Some(cp) => {
+                if cp.public_key != self.key.public_key() || !cp.signature_is_valid() {
+                    return Err(AuditError::ForeignCheckpoint {
+                        sequence: cp.sequence,
+                    });
+                }
+                let anchor = self.anchor(cp).await?;
+                (ChainVerifier::resume(anchor.head()), cp.sequence + 1)
+            }
+        };
+        self.walk(&mut verifier, start, head.sequence)
+            .await?
+            .map_err(AuditError::ChainBroken)?;
+        let summary = verifier.finish().map_err(AuditError::ChainBroken)?;
+        let Some(verified) = summary.head else {
+            return Ok(None);
+        };
+        let time = now.max(verified.time);
+        let message = AuditCheckpoint::signed_message(verified.sequence, &verified.hash, time)?;
+        let key = Arc::clone(&self.key);
+        let signature = tokio::task::spawn_blocking(move || key.sign(&message)).await??;
+        let checkpoint = AuditCheckpoint {
+            sequence: verified.sequence,
+            hash: verified.hash,
+            time,
+            key_id: self.key.id().to_owned(),
+            public_key: self.key.public_key().to_vec(),
+            signature,
+        };
+        self.store.save_audit_checkpoint(checkpoint.clone()).await?;
+        Ok(Some(checkpoint))
+    }
+
+    /// Verifies the whole chain in the store against its latest checkpoint and this server's
+    /// audit key. The outer error is a failure to read; the inner one names the first bad
+    /// record.
+    ///
+    /// # Errors
+    ///
+    /// A store failure.
+    pub async fn verify(&self) -> Result<Result<VerifySummary, Violation>, AuditError> {
+        let checkpoint = self.store.latest_audit_checkpoint().await?;
+        let mut verifier = ChainVerifier::new(checkpoint, self.key.public_key());
+        if let Err(violation) = self.walk(&mut verifier, 1, u64::MAX).await? {
+            return Ok(Err(violation));
+        }
+        Ok(verifier.finish())
+    }
+
+    /// The record a checkpoint covers, checked against it.
+    async fn anchor(&self, cp: &AuditCheckpoint) -> Result<AuditRecord, AuditError> {
+        let filter = AuditFilter {
+            from_sequence: Some(cp.sequence),
+            ..AuditFilter::default()
+        };
+        let page = self
+            .store
+            .list_audit(&filter, &PageRequest::first(1))
+            .await?;
+        let broken = |kind| {
+            AuditError::ChainBroken(Violation {
+                sequence: cp.sequence,
+                kind,
+            })
+        };
+        let Some(record) = page.items.into_iter().next() else {
+            return Err(broken(ViolationKind::Truncated {
+                checkpoint: cp.sequence,
+                last: cp.sequence.saturating_sub(1),
+            }));
+        };
+        if record.sequence != cp.sequence {
+            return Err(broken(ViolationKind::Missing {
+                found: record.sequence,
+            }));
+        }
+        if record.compute_hash()? != record.hash {
+            return Err(broken(ViolationKind::HashMismatch));
+        }
+        if record.hash != cp.hash {
+            return Err(broken(ViolationKind::CheckpointMismatch));
+        }
+        Ok(record)
+    }
+
+    /// Pushes the records `start..=end` (those present) through `verifier`.
+    async fn walk(
+        &self,
+        verifier: &mut ChainVerifier,
+        start: u64,
+        end: u64,
+    ) -> Result<Result<(), Violation>, AuditError> {
+        let filter = AuditFilter {
+            from_sequence: Some(start),
+            ..AuditFilter::default()
+        };
+        let mut page = PageRequest::first(MAX_PAGE_SIZE);
+        loop {
+            let listed = self.store.list_audit(&filter, &page).await?;
+            for record in &listed.items {
+                if record.sequence > end {
+                    return Ok(Ok(()));
+                }
+                if let Err(violation) = verifier.push(record) {
+                    return Ok(Err(violation));
+                }
+            }
+            match listed.next_page_token {
+                Some(token) => page = PageRequest::after(MAX_PAGE_SIZE, token),
+                None => return Ok(Ok(())),
+            }
+        }
+    }
+}
+
+/// Checkpoints `log` every `interval` when its head moved, until `stop` turns true, then
+/// signs a last checkpoint (the shutdown checkpoint) and returns.
+pub async fn run_checkpoints(
+    log: Arc<AuditLog>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+        match log.checkpoint(SystemTime::now()).await {
+            Ok(Some(cp)) => {
+                failures = 0;
+                debug!(sequence = cp.sequence, "audit checkpoint signed");
+            }
+            Ok(None) => failures = 0,
+            Err(error) => {
+                failures += 1;
+                if failures <= 3 {
+                    error!(%error, "audit checkpoint failed");
+                } else {
+                    debug!(%error, "audit checkpoint failed again");
+                }
+            }
+        }
+    }
+    match log.checkpoint(SystemTime::now()).await {
+        Ok(Some(cp)) => info!(
+            sequence = cp.sequence,
+            "audit checkpoint signed at shutdown"
+        ),
+        Ok(None) => debug!("audit log unchanged since its last checkpoint"),
+        Err(error) => warn!(%error, "audit checkpoint at shutdown failed"),
+    }
+}

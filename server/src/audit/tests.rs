@@ -1,0 +1,441 @@
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
+use serde_json::json;
+
+use super::*;
+use crate::ca::{DiskKeyManager, KeyManager};
+use crate::store::{PageRequest, SledStore, SledStoreOptions, Store};
+
+fn key_pair() -> EcdsaKeyPair {
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap()
+}
+
+fn t(seconds: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::new(1_700_000_000 + seconds, 123_456_789)
+}
+
+/// A chain of `n` records, sealed as the store seals them.
+fn chain(n: u64) -> Vec<AuditRecord> {
+    let mut prev = GENESIS_HASH;
+    (1..=n)
+        .map(|sequence| {
+            let record =
+                NewAuditRecord::new("uid:0", action::ENTRY_CREATE, format!("entry-{sequence}"))
+                    .detail("spiffe_id", format!("spiffe://example.org/w/{sequence}"))
+                    .detail("revision", sequence)
+                    .seal(sequence, t(sequence), prev)
+                    .unwrap();
+            prev = record.hash;
+            record
+        })
+        .collect()
+}
+
+fn checkpoint(key: &EcdsaKeyPair, record: &AuditRecord) -> AuditCheckpoint {
+    let time = record.time + Duration::from_secs(30);
+    let message = AuditCheckpoint::signed_message(record.sequence, &record.hash, time).unwrap();
+    AuditCheckpoint {
+        sequence: record.sequence,
+        hash: record.hash,
+        time,
+        key_id: AUDIT_KEY_ID.to_owned(),
+        public_key: key.public_key().as_ref().to_vec(),
+        signature: key
+            .sign(&SystemRandom::new(), &message)
+            .unwrap()
+            .as_ref()
+            .to_vec(),
+    }
+}
+
+/// Re-seals `records[from..]` after an edit, as someone who can write the store would.
+fn reseal_from(records: &mut [AuditRecord], from: usize) {
+    for i in from..records.len() {
+        if i > 0 {
+            records[i].prev_hash = records[i - 1].hash;
+        }
+        records[i].hash = records[i].compute_hash().unwrap();
+    }
+}
+
+fn violation(result: Result<VerifySummary, Violation>) -> Violation {
+    result.expect_err("verification must fail")
+}
+
+#[test]
+fn a_fresh_log_passes_with_and_without_a_checkpoint() {
+    let key = key_pair();
+    let public = key.public_key().as_ref();
+    assert_eq!(
+        verify(Vec::<AuditRecord>::new(), None, public)
+            .unwrap()
+            .records,
+        0
+    );
+
+    let records = chain(5);
+    let summary = verify(&records, None, public).unwrap();
+    assert_eq!(summary.records, 5);
+    assert_eq!(summary.unsigned_records, 5);
+    assert_eq!(summary.head.unwrap().hash, records[4].hash);
+    assert!(summary.checkpoint.is_none());
+
+    let cp = checkpoint(&key, &records[3]);
+    let summary = verify(&records, Some(&cp), public).unwrap();
+    assert_eq!(summary.records, 5);
+    assert_eq!(summary.unsigned_records, 1);
+    let info = summary.checkpoint.unwrap();
+    assert_eq!(info.sequence, 4);
+    assert_eq!(info.key_fingerprint, key_fingerprint(public));
+}
+
+#[test]
+fn links_are_the_previous_records_hash() {
+    let records = chain(3);
+    assert_eq!(records[0].prev_hash, GENESIS_HASH);
+    assert_eq!(records[1].prev_hash, records[0].hash);
+    assert_eq!(records[2].prev_hash, records[1].hash);
+    assert_ne!(records[1].hash, records[2].hash);
+}
+
+#[test]
+fn a_modified_detail_is_named() {
+    let key = key_pair();
+    let mut records = chain(6);
+    let cp = checkpoint(&key, &records[5]);
+    records[2]
+        .details
+        .insert("spiffe_id".into(), json!("spiffe://example.org/evil"));
+    let v = violation(verify(&records, Some(&cp), key.public_key().as_ref()));
+    assert_eq!(v.sequence, 3);
+    assert_eq!(v.kind, ViolationKind::HashMismatch);
+    assert!(v.to_string().starts_with("record 3: "), "{v}");
+}
+
+#[test]
+fn a_modified_record_with_its_hash_recomputed_breaks_the_next_link() {
+    let mut records = chain(6);
+    records[2].actor = "uid:1000".into();
+    records[2].hash = records[2].compute_hash().unwrap();
+    let v = violation(verify(&records, None, &[]));
+    assert_eq!((v.sequence, v.kind), (4, ViolationKind::BrokenLink));
+}
+
+#[test]
+fn a_rewritten_chain_is_caught_by_the_checkpoint() {
+    let key = key_pair();
+    let mut records = chain(6);
+    let cp = checkpoint(&key, &records[4]);
+    records[1].subject = "entry-rewritten".into();
+    reseal_from(&mut records, 1);
+    // The chain alone is consistent again...
+    verify(&records, None, &[]).unwrap();
+    // ...but not with the signed checkpoint.
+    let v = violation(verify(&records, Some(&cp), key.public_key().as_ref()));
+    assert_eq!((v.sequence, v.kind), (5, ViolationKind::CheckpointMismatch));
+}
+
+#[test]
+fn a_deleted_record_is_named() {
+    let mut records = chain(6);
+    records.remove(2);
+    let v = violation(verify(&records, None, &[]));
+    assert_eq!(v.sequence, 3);
+    assert_eq!(v.kind, ViolationKind::Missing { found: 4 });
+    assert!(v.to_string().contains("record 3: missing"), "{v}");
+}
+
+#[test]
+fn a_reordered_record_is_named() {
+    let mut records = chain(6);
+    records.swap(2, 3);
+    let v = violation(verify(&records, None, &[]));
+    assert_eq!(
+        (v.sequence, v.kind),
+        (3, ViolationKind::Missing { found: 4 })
+    );
+
+    // Renumbered to hide the swap: the hashes give it away.
+    let mut records = chain(6);
+    records.swap(2, 3);
+    records[2].sequence = 3;
+    records[3].sequence = 4;
+    let v = violation(verify(&records, None, &[]));
+    assert_eq!((v.sequence, v.kind), (3, ViolationKind::HashMismatch));
+
+    // A duplicate.
+    let mut records = chain(4);
+    records.insert(2, records[1].clone());
+    let v = violation(verify(&records, None, &[]));
+    assert_eq!(
+        (v.sequence, v.kind),
+        (3, ViolationKind::OutOfOrder { found: 2 })
+    );
+}
+
+#[test]
+fn a_truncated_log_is_named() {
+    let key = key_pair();
+    let mut records = chain(6);
+    let cp = checkpoint(&key, &records[5]);
+    records.truncate(4);
+    let v = violation(verify(&records, Some(&cp), key.public_key().as_ref()));
+    assert_eq!(v.sequence, 5);
+    assert_eq!(
+        v.kind,
+        ViolationKind::Truncated {
+            checkpoint: 6,
+            last: 4
+        }
+    );
+}
+
+#[test]
+fn a_forged_checkpoint_is_named() {
+    let key = key_pair();
+    let public = key.public_key().as_ref();
+    let mut records = chain(6);
+    records[1].details.insert("serial".into(), json!("beef"));
+    reseal_from(&mut records, 1);
+
+    // Signed by the forger's own key (which it also put in the checkpoint).
+    let forger = key_pair();
+    let forged = checkpoint(&forger, &records[5]);
+    assert!(forged.signature_is_valid());
+    let v = violation(verify(&records, Some(&forged), public));
+    assert_eq!(v.sequence, 6);
+    assert!(
+        matches!(v.kind, ViolationKind::CheckpointUntrustedKey { .. }),
+        "{v}"
+    );
+
+    // The server's checkpoint with its covered hash replaced.
+    let records_before = chain(6);
+    let mut altered = checkpoint(&key, &records_before[5]);
+    altered.hash = records[5].hash;
+    let v = violation(verify(&records, Some(&altered), public));
+    assert_eq!(
+        (v.sequence, v.kind),
+        (6, ViolationKind::CheckpointSignatureInvalid)
+    );
+
+    // A checkpoint beyond the end with a bad signature: the signature is what is reported.
+    let mut beyond = checkpoint(&key, &records_before[5]);
+    beyond.sequence = 9;
+    let v = violation(verify(&records, Some(&beyond), public));
+    assert_eq!(
+        (v.sequence, v.kind),
+        (9, ViolationKind::CheckpointSignatureInvalid)
+    );
+}
+
+#[test]
+fn a_record_whose_time_goes_back_is_named() {
+    let mut records = chain(4);
+    records[2].time = t(1);
+    reseal_from(&mut records, 2);
+    let v = violation(verify(&records, None, &[]));
+    assert_eq!((v.sequence, v.kind), (3, ViolationKind::TimeWentBack));
+}
+
+#[test]
+fn the_encoding_is_canonical() {
+    let a = NewAuditRecord::new("uid:0", "x509.mint", "spiffe://example.org/a")
+        .detail("serial", "01")
+        .detail("nested", json!({"b": 1, "a": [true, null, "x"]}))
+        .detail("not_after", 1_700_000_000u64)
+        .seal(1, t(0), GENESIS_HASH)
+        .unwrap();
+    let b = NewAuditRecord::new("uid:0", "x509.mint", "spiffe://example.org/a")
+        .detail("not_after", 1_700_000_000u64)
+        .detail("nested", json!({"a": [true, null, "x"], "b": 1}))
+        .detail("serial", "01")
+        .seal(1, t(0), GENESIS_HASH)
+        .unwrap();
+    assert_eq!(a.hash, b.hash);
+    assert_eq!(
+        a.canonical_encoding().unwrap(),
+        b.canonical_encoding().unwrap()
+    );
+
+    // The stored form (JSON) decodes to a record with the same hash.
+    let stored = serde_json::to_vec(&a).unwrap();
+    let decoded: AuditRecord = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(decoded, a);
+    assert_eq!(decoded.compute_hash().unwrap(), a.hash);
+
+    // Field boundaries matter: moving a character between fields changes the hash.
+    let c = NewAuditRecord::new("uid:0x", "509.mint", "spiffe://example.org/a")
+        .seal(1, t(0), GENESIS_HASH)
+        .unwrap();
+    let d = NewAuditRecord::new("uid:0", "x509.mint", "spiffe://example.org/a")
+        .seal(1, t(0), GENESIS_HASH)
+        .unwrap();
+    assert_ne!(c.hash, d.hash);
+
+    // Floats have no canonical form here.
+    let float = NewAuditRecord::new("uid:0", "x", "y")
+        .detail("ratio", 0.5)
+        .seal(1, t(0), GENESIS_HASH);
+    assert!(matches!(float, Err(EncodeError::Float(_))));
+    // Neither do times before 1970.
+    let early = NewAuditRecord::new("uid:0", "x", "y").seal(
+        1,
+        UNIX_EPOCH - Duration::from_secs(1),
+        GENESIS_HASH,
+    );
+    assert_eq!(early.unwrap_err(), EncodeError::TimeBeforeEpoch);
+}
+
+#[test]
+fn filters_match_actions_by_prefix_and_ids_in_details() {
+    let record = NewAuditRecord::new(
+        "spiffe://example.org/sigil/agent/join_token/a",
+        action::SVID_X509_ISSUE,
+        "spiffe://example.org/web",
+    )
+    .detail("agent", "spiffe://example.org/sigil/agent/join_token/a")
+    .seal(7, t(10), GENESIS_HASH)
+    .unwrap();
+    let matches = |filter: AuditFilter| filter.matches(&record);
+    assert!(matches(AuditFilter::default()));
+    for action in ["svid", "svid.x509", "svid.x509.issue"] {
+        assert!(matches(AuditFilter {
+            action: Some(action.into()),
+            ..AuditFilter::default()
+        }));
+    }
+    for action in ["sv", "svid.x", "svid.x509.issue.more", "entry"] {
+        assert!(!matches(AuditFilter {
+            action: Some(action.into()),
+            ..AuditFilter::default()
+        }));
+    }
+    for id in [
+        "spiffe://example.org/web",
+        "spiffe://example.org/sigil/agent/join_token/a",
+    ] {
+        assert!(matches(AuditFilter {
+            spiffe_id: Some(id.into()),
+            ..AuditFilter::default()
+        }));
+    }
+    assert!(!matches(AuditFilter {
+        spiffe_id: Some("spiffe://example.org/other".into()),
+        ..AuditFilter::default()
+    }));
+    assert!(matches(AuditFilter {
+        since: Some(t(10)),
+        from_sequence: Some(7),
+        ..AuditFilter::default()
+    }));
+    assert!(!matches(AuditFilter {
+        since: Some(t(11)),
+        ..AuditFilter::default()
+    }));
+    assert!(!matches(AuditFilter {
+        from_sequence: Some(8),
+        ..AuditFilter::default()
+    }));
+    assert!(!matches(AuditFilter {
+        actor: Some("uid:0".into()),
+        ..AuditFilter::default()
+    }));
+}
+
+async fn audit_log(dir: &std::path::Path) -> (Arc<dyn Store>, Arc<dyn KeyManager>, AuditLog) {
+    let store: Arc<dyn Store> =
+        Arc::new(SledStore::open(dir.join("store"), SledStoreOptions::default()).unwrap());
+    let keys: Arc<dyn KeyManager> = Arc::new(DiskKeyManager::new(dir.join("keys")).unwrap());
+    let log = AuditLog::open(store.clone(), keys.clone()).await.unwrap();
+    (store, keys, log)
+}
+
+fn records(n: usize) -> Vec<NewAuditRecord> {
+    (0..n)
+        .map(|i| NewAuditRecord::new("uid:0", action::ENTRY_DELETE, format!("e{i}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_checkpoints_only_a_moved_head_and_verifies_against_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, keys, log) = audit_log(dir.path()).await;
+    // The key is a 0600 file in the key directory, and survives a reopen.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("keys").join("audit-signing.key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let reopened = AuditLog::open(store.clone(), keys).await.unwrap();
+    assert_eq!(reopened.public_key(), log.public_key());
+
+    assert!(log.checkpoint(SystemTime::now()).await.unwrap().is_none());
+    log.append(records(3)).await.unwrap();
+    let first = log.checkpoint(SystemTime::now()).await.unwrap().unwrap();
+    assert_eq!(first.sequence, 3);
+    assert!(log.checkpoint(SystemTime::now()).await.unwrap().is_none());
+    log.append(records(2)).await.unwrap();
+    let second = log.checkpoint(SystemTime::now()).await.unwrap().unwrap();
+    assert_eq!(second.sequence, 5);
+    assert_eq!(store.latest_audit_checkpoint().await.unwrap(), Some(second));
+
+    let summary = log.verify().await.unwrap().unwrap();
+    assert_eq!(summary.records, 5);
+    assert_eq!(summary.unsigned_records, 0);
+    assert_eq!(
+        summary.checkpoint.unwrap().key_fingerprint,
+        log.key_fingerprint()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_to_continue_from_a_foreign_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, log) = audit_log(dir.path()).await;
+    let sealed = log.append(records(2)).await.unwrap();
+    store
+        .save_audit_checkpoint(checkpoint(&key_pair(), &sealed[1]))
+        .await
+        .unwrap();
+    log.append(records(1)).await.unwrap();
+    assert!(matches!(
+        log.checkpoint(SystemTime::now()).await,
+        Err(AuditError::ForeignCheckpoint { sequence: 2 })
+    ));
+    let v = log.verify().await.unwrap().unwrap_err();
+    assert_eq!(v.sequence, 2);
+    assert!(matches!(
+        v.kind,
+        ViolationKind::CheckpointUntrustedKey { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_task_signs_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, log) = audit_log(dir.path()).await;
+    let log = Arc::new(log);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(run_checkpoints(
+        log.clone(),
+        Duration::from_secs(3600),
+        stop_rx,
+    ));
+    log.append(records(4)).await.unwrap();
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
+    let cp = store.latest_audit_checkpoint().await.unwrap().unwrap();
+    assert_eq!(cp.sequence, 4);
+    let listed = store
+        .list_audit(&AuditFilter::default(), &PageRequest::first(10))
+        .await
+        .unwrap();
+    verify(&listed.items, Some(&cp), log.public_key()).unwrap();
+}

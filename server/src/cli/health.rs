@@ -1,0 +1,69 @@
+//! `sigil-server healthcheck`.
+
+use std::error::Error as _;
+use std::process::ExitCode;
+
+use clap::Args;
+use serde::Serialize;
+use sigil_proto::admin::HealthcheckRequest;
+use tonic::Code;
+
+use super::ConnectArgs;
+use super::client::Admin;
+use super::output::{Printer, block};
+use super::time::{format_rfc3339, format_with_distance, now_unix};
+
+/// Flags of `healthcheck`.
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+#[derive(Debug, Serialize)]
+struct HealthJson<'a> {
+    id: &'a str,
+    status: &'static str,
+    trust_domain: &'a str,
+    bundle_sequence: u64,
+    active_authority_expires_at: String,
+}
+
+pub(super) async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
+    let printer = Printer::new(args.connect.output);
+    let admin = Admin::connect(&args.connect.admin_socket).await?;
+    let health = admin
+        .call_raw(|mut c| async move { c.healthcheck(HealthcheckRequest {}).await })
+        .await
+        .map_err(|status| {
+            if status.code() == Code::Unavailable && status.source().is_none() {
+                anyhow::anyhow!(
+                    "the server at {} answers but is not healthy: {} (see the server's log)",
+                    admin.socket().display(),
+                    status.message()
+                )
+            } else {
+                admin.status_error(&status)
+            }
+        })?;
+    if printer.is_json() {
+        printer.json(&HealthJson {
+            id: &health.trust_domain,
+            status: "healthy",
+            trust_domain: &health.trust_domain,
+            bundle_sequence: health.bundle_sequence,
+            active_authority_expires_at: format_rfc3339(health.active_authority_expires_at),
+        })?;
+    } else {
+        let text = block(&[
+            ("Trust domain", health.trust_domain.clone()),
+            ("Bundle sequence", health.bundle_sequence.to_string()),
+            (
+                "Active CA expires at",
+                format_with_distance(health.active_authority_expires_at, now_unix()),
+            ),
+        ]);
+        printer.text(&format!("Server is healthy.\n{text}"))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
