@@ -287,3 +287,53 @@ async fn admin_calls_and_issuances_are_audited_verified_and_tampering_is_named()
     assert_eq!(details(&shown[0])["serial"], "00deadbeef");
     assert_ne!(serial, "00deadbeef");
 }
+
+/// The CLI's `audit show` and `audit verify` against the real server.
+#[tokio::test]
+async fn the_cli_shows_and_verifies_the_audit_log() {
+    let server = TestServer::start("");
+    server.join_token(std::time::Duration::from_secs(60)).await;
+    let cli = |args: &[&str]| {
+        std::process::Command::new(binary("sigil-server"))
+            .args(args)
+            .arg("--admin-socket")
+            .arg(server.admin_socket())
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["audit", "show", "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["action"] == "token.generate" && r["actor"] == "uid:0"),
+        "{records:?}"
+    );
+    assert_eq!(records[0]["id"], "1");
+    let out = cli(&["audit", "show", "--action", "token"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("SEQ") && text.contains("token.generate"),
+        "{text}"
+    );
+    let out = cli(&["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .contains("Result           : OK")
+    );
+}

@@ -12,6 +12,7 @@
 //! with this command tree.
 
 mod agent;
+mod audit;
 mod bundle;
 mod client;
 mod entry;
@@ -29,6 +30,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use self::agent::{AgentCommand, AgentIdArgs, AgentListArgs};
+pub use self::audit::{AuditCommand, AuditShowArgs, AuditVerifyArgs};
 pub use self::bundle::{
     BundleCommand, BundleDeleteArgs, BundleFormat, BundleListArgs, BundleSetArgs, BundleShowArgs,
 };
@@ -120,6 +122,9 @@ pub enum AdminCommand {
     /// JWT-SVIDs minted directly for an operator, without an entry or an agent.
     #[command(subcommand)]
     Jwt(JwtCommand),
+    /// The tamper-evident audit log: show records, verify the chain and its signed checkpoint.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 /// How to reach the server, and how to print results: taken by every operator command.
@@ -169,6 +174,7 @@ pub fn execute(command: AdminCommand) -> anyhow::Result<ExitCode> {
             AdminCommand::Bundle(command) => bundle::execute(command).await,
             AdminCommand::X509(command) => svid::execute_x509(command).await,
             AdminCommand::Jwt(command) => svid::execute_jwt(command).await,
+            AdminCommand::Audit(command) => audit::execute(command).await,
         }
     });
     match result {
