@@ -1,7 +1,7 @@
 //! The agent-facing API (`sigil.node.v1.Node`), served over TCP with mTLS.
 //!
 //! `AttestAgent` is the only call accepted without a client certificate. Every other call
-//! authenticates the agent from its X509-SVID on **every call** ([`NodeService::authenticate`]):
+//! authenticates the agent from its X509-SVID on **every call** (`NodeService::authenticate`):
 //! the chain must verify against the current bundle at the current time, the agent's node record
 //! must exist and not be banned, and the certificate's serial must be the node's current one (or
 //! the one its last renewal issued, which then becomes current). A refusal is `PermissionDenied`

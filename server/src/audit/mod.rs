@@ -42,7 +42,7 @@
 //! A hash chain alone proves nothing against someone who can write the store: they can alter a
 //! record and recompute every hash after it. So the server signs a checkpoint, `(sequence, head
 //! hash, time)`, with its audit key ([`AUDIT_KEY_ID`], ECDSA P-256, kept by the
-//! [`KeyManager`] as a 0600 file in the key directory, apart from the store). It does so
+//! [`KeyManager`](crate::ca::KeyManager) as a 0600 file in the key directory, apart from the store). It does so
 //! periodically when the head moved, and at shutdown ([`AuditLog::checkpoint`]). Before signing,
 //! it checks the records since the previous checkpoint, so it never signs over a broken chain,
 //! and it refuses to continue from a checkpoint that its own key did not sign.

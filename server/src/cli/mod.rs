@@ -2,7 +2,7 @@
 //! command that talks to a running server over its admin socket (`sigil.admin.v1`).
 //!
 //! Every operator command takes `--admin-socket PATH` (default
-//! [`DEFAULT_ADMIN_SOCKET`](crate::config::DEFAULT_ADMIN_SOCKET), or `SIGIL_ADMIN_SOCKET`) and
+//! [`crate::config::DEFAULT_ADMIN_SOCKET`], or `SIGIL_ADMIN_SOCKET`) and
 //! `--output text|json`. Text is for people: aligned blocks and tables, times in RFC 3339 UTC,
 //! durations like `5m`. JSON is for scripts: one document per result, one per line for listings
 //! and batches, each object carrying its identifier as the string field `id`. Errors go to

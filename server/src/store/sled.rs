@@ -27,7 +27,7 @@
 //! An audit append is one sled transaction over `audit` and `audit_head`: it reads the head,
 //! seals each record after it (sequence, time, hashes; see [`crate::audit`]), inserts them and
 //! writes the new head, so concurrent appenders never fork the chain. Large batches are split
-//! into transactions of [`AUDIT_CHUNK`] records, all covered by one flush. Record times never
+//! into transactions of `AUDIT_CHUNK` records, all covered by one flush. Record times never
 //! decrease along the chain, so a `since` filter starts with a binary search over sequences.
 //!
 //! Every entry mutation is one sled transaction over the six entry trees: it reads and bumps the
