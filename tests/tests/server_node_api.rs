@@ -504,3 +504,90 @@ async fn oversized_messages_are_refused_without_harm() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("maximum is 500"), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_sync_stream_ends_when_the_client_svid_expires() {
+    let server = TestServer::start(
+        "ca_ttl = \"1m\"\ndefault_x509_svid_ttl = \"10s\"\ndefault_jwt_svid_ttl = \"10s\"\nagent_svid_ttl = \"5s\"",
+    );
+    let agent = TestAgent::attest(&server).await;
+    let mut client = agent.client(&server).await;
+    let mut stream = client
+        .sync_entries(sigil_proto::node::SyncEntriesRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap(); // the snapshot
+    let end = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream outlived the agent SVID");
+    let status = end.unwrap_err();
+    assert_eq!(
+        DenyReason::from_status(&status),
+        Some(DenyReason::Expired),
+        "{status:?}"
+    );
+    // And a new call with the expired SVID is refused as such.
+    let err = agent
+        .client(&server)
+        .await
+        .get_bundle(GetBundleRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        DenyReason::from_status(&err),
+        Some(DenyReason::Expired),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn tls_sessions_are_never_resumed() {
+    let server = TestServer::start("");
+    let bundle = server.bundle().await;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(
+            sigil_core::tls::SpiffeServerVerifier::new(
+                sigil_core::tls::SharedBundles::from_bundle(bundle),
+                sigil_core::x509_svid::Authorizer::exact(server_id()),
+            ),
+        ))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    // The client offers resumption; the server must never accept it.
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    for attempt in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(server.node_addr)
+            .await
+            .unwrap();
+        let name = rustls_pki_types::ServerName::try_from("sigil-server").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        // Read a little so TLS 1.3 tickets, if any were sent, arrive.
+        use tokio::io::AsyncWriteExt as _;
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let _ = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::io::AsyncReadExt::read(&mut tls, &mut buf),
+        )
+        .await;
+        assert_eq!(
+            tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "attempt {attempt} resumed a session"
+        );
+    }
+}
