@@ -1,21 +1,18 @@
 //! The composition root: the agent's identity, the manager, and the Workload API endpoint,
 //! run under one shutdown signal.
 
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sigil_attestors::unix::UnixAttestor;
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::AgentConfig;
 use crate::manager::Manager;
 use crate::node::{NodeConnection, NodeError};
-use crate::workload::{WorkloadApi, uds_caller};
+use crate::workload::{WorkloadApi, front_door_caller};
+use crate::workload_api::{ListenerError, WorkloadListener};
 
 /// How long open Workload API streams get after SIGTERM.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,13 +25,8 @@ pub enum AgentError {
     #[error(transparent)]
     Node(#[from] NodeError),
     /// The Workload API socket could not be set up.
-    #[error("cannot set up the workload api socket {path}: {source}")]
-    Socket {
-        /// The path.
-        path: String,
-        /// The error.
-        source: std::io::Error,
-    },
+    #[error("workload api socket: {0}")]
+    Socket(#[from] ListenerError),
     /// The gRPC server failed.
     #[error("workload api server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -68,12 +60,19 @@ pub async fn run(
     let (manager, snapshots) = Manager::new(node.clone());
     let mut manager = tokio::spawn(manager.run().instrument(info_span!("manager")));
 
-    let listener = bind_socket(&config.socket_path)?;
-    let api = WorkloadApi::new(snapshots, node, Arc::new(UnixAttestor::new()), uds_caller);
+    // The front door: accepts every gRPC client stack (it normalises the `:authority` of
+    // C-core, Java and Swift clients) and holds each caller's process.
+    let listener = WorkloadListener::bind(&config.socket_path)?;
+    let api = WorkloadApi::new(
+        snapshots,
+        node,
+        Arc::new(UnixAttestor::new()),
+        front_door_caller,
+    );
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let serve = tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(api))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(listener, async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         });
     info!(path = %config.socket_path.display(), "workload api listening");
@@ -103,32 +102,4 @@ pub async fn run(
     manager.abort();
     let _ = std::fs::remove_file(&socket);
     outcome
-}
-
-/// Binds the Workload API socket: creates its directory, replaces a stale socket, and makes
-/// the socket connectable by every local user (0777): identity comes from the kernel.
-pub fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
-    let io = |source| AgentError::Socket {
-        path: path.display().to_string(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(io)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
-        Ok(_) => {
-            return Err(io(std::io::Error::other(
-                "a file that is not a socket is in the way",
-            )));
-        }
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(io)?;
-    Ok(listener)
 }

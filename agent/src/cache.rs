@@ -1,6 +1,7 @@
-//! What the agent can hand out: the trust domain's bundle and one X509-SVID per authorized
-//! entry, as one immutable [`Snapshot`] published through `tokio::sync::watch`. Workload API
-//! streams hold a receiver and send a new message whenever the snapshot changes.
+//! What the agent can hand out: the trust domain's bundle and CRLs, one X509-SVID per authorized
+//! entry, and the privileged sessions this agent may mint for on demand, as one immutable
+//! [`Snapshot`] published through `tokio::sync::watch`. Workload API streams hold a receiver and
+//! send a new message whenever the snapshot changes.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -36,6 +37,27 @@ pub struct WorkloadSvid {
     pub not_after: SystemTime,
 }
 
+/// A privileged session's entry: its SVIDs are minted on demand, per workload, never ahead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEntry {
+    /// The registration entry carrying the session.
+    pub entry_id: String,
+    /// The session's id.
+    pub session_id: String,
+    /// The SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// The selectors a workload must have.
+    pub selectors: SelectorSet,
+    /// The entry's hint.
+    pub hint: String,
+    /// Lifetime of each SVID (seconds).
+    pub svid_ttl: u64,
+    /// The session's end: no SVID outlives it, and none is served after it.
+    pub ends_at: SystemTime,
+    /// The entry revision.
+    pub revision: u64,
+}
+
 /// Everything the agent serves at one moment.
 #[derive(Clone)]
 pub struct Snapshot {
@@ -50,6 +72,12 @@ pub struct Snapshot {
     /// Whether the agent has finished its first sync (until then, "no identity" may only mean
     /// "not yet").
     pub synced: bool,
+    /// Privileged sessions of this agent, by entry id.
+    pub sessions: BTreeMap<String, SessionEntry>,
+    /// The trust domain's CRLs, DER.
+    pub crls: Vec<Vec<u8>>,
+    /// Whether the sync stream to the server is up: session SVIDs are served only then.
+    pub connected: bool,
 }
 
 // === impl WorkloadSvid ===
@@ -85,7 +113,22 @@ impl Snapshot {
             svids: BTreeMap::new(),
             needs_sha256: false,
             synced: false,
+            sessions: BTreeMap::new(),
+            crls: Vec::new(),
+            connected: false,
         }
+    }
+
+    /// The sessions a workload with `selectors` may get SVIDs for at `now`: none while the
+    /// agent cannot reach the server, none past a session's end.
+    pub fn sessions_for(&self, selectors: &SelectorSet, now: SystemTime) -> Vec<&SessionEntry> {
+        if !self.connected {
+            return Vec::new();
+        }
+        self.sessions
+            .values()
+            .filter(|s| s.selectors.matches(selectors) && s.ends_at > now)
+            .collect()
     }
 
     /// The identities a workload with `selectors` is entitled to, in a stable order (by entry

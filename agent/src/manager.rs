@@ -10,6 +10,13 @@
 //!
 //! While the server is unreachable it keeps serving what it holds until each SVID expires,
 //! reconnects with backoff and jitter capped at 10 s, and catches up from its last revision.
+//!
+//! Privileged sessions are the exception: their entries are kept apart
+//! ([`Snapshot::sessions`]) and never minted ahead; the Workload API mints their SVIDs on
+//! demand, for the workload that asks. While the sync stream is down the snapshot says so
+//! ([`Snapshot::connected`]) and no session SVID is served, since a close or revocation could
+//! not reach the agent. The CRLs the server sends with the snapshot and with bundle changes go
+//! into [`Snapshot::crls`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,7 +31,7 @@ use sigil_proto::node::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::cache::{Snapshot, WorkloadSvid};
+use crate::cache::{SessionEntry, Snapshot, WorkloadSvid};
 use crate::node::{NodeConnection, NodeError, csr, new_key, status_error};
 
 /// The most entries one agent mints SVIDs for.
@@ -77,6 +84,8 @@ impl Manager {
                 Err(e) => {
                     let wait = jitter(backoff);
                     warn!(error = %e, retry_in = ?wait, "sync with the server failed; serving what the agent holds");
+                    // Session SVIDs are not served while the server cannot be reached.
+                    self.snapshot.connected = false;
                     self.renew_svids().await;
                     tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -103,6 +112,10 @@ impl Manager {
             .map_err(status_error)?
             .into_inner();
         debug!(since = self.revision, "sync stream open");
+        if !self.snapshot.connected {
+            self.snapshot.connected = true;
+            self.publish();
+        }
         let mut snapshot_pages: Vec<Entry> = Vec::new();
         loop {
             let wake = self.next_wakeup();
@@ -127,6 +140,7 @@ impl Manager {
                 sync_entries_response::Message::Snapshot(page) => {
                     snapshot_pages.extend(page.entries);
                     if page.last {
+                        self.snapshot.crls = page.crls;
                         self.entries = std::mem::take(&mut snapshot_pages)
                             .into_iter()
                             .take(MAX_ENTRIES)
@@ -159,7 +173,8 @@ impl Manager {
                                 self.entries.remove(&id);
                             }
                             Some(change::Change::Bundle(bundle)) => {
-                                self.set_bundle(&bundle.spiffe_bundle)
+                                self.set_bundle(&bundle.spiffe_bundle);
+                                self.snapshot.crls = bundle.crls;
                             }
                             None => {}
                         }
@@ -191,7 +206,7 @@ impl Manager {
         // An SVID whose entry is gone, or now grants another ID, is withdrawn at once; one whose
         // selectors or hint changed follows the entry now and is re-minted below.
         self.snapshot.svids.retain(|id, svid| {
-            let Some(entry) = entries.get(id) else {
+            let Some(entry) = entries.get(id).filter(|e| e.session.is_none()) else {
                 return false;
             };
             if entry.spiffe_id != svid.spiffe_id.as_str() {
@@ -207,6 +222,18 @@ impl Manager {
                 Err(_) => false,
             }
         });
+        self.snapshot.sessions = self
+            .entries
+            .values()
+            .filter_map(|e| match session_entry(e) {
+                Ok(s) => s,
+                Err(error) => {
+                    warn!(entry_id = %e.id, %error, "unusable session entry");
+                    None
+                }
+            })
+            .map(|s| (s.entry_id.clone(), s))
+            .collect();
         self.snapshot.needs_sha256 = self
             .entries
             .values()
@@ -220,6 +247,7 @@ impl Manager {
         let due: Vec<Entry> = self
             .entries
             .values()
+            .filter(|entry| entry.session.is_none())
             .filter(|entry| match self.snapshot.svids.get(&entry.id) {
                 None => true,
                 Some(svid) => svid_outdated(entry, svid, now),
@@ -350,6 +378,28 @@ fn workload_svid(
         key: Arc::new(key),
         not_after: UNIX_EPOCH + Duration::from_secs(u64::try_from(svid.expires_at).unwrap_or(0)),
     })
+}
+
+/// The session entry of `entry`, if it carries a privileged session.
+fn session_entry(entry: &Entry) -> Result<Option<SessionEntry>, String> {
+    let Some(session) = &entry.session else {
+        return Ok(None);
+    };
+    let ends_at = u64::try_from(entry.expires_at)
+        .ok()
+        .filter(|t| *t > 0)
+        .map(|t| UNIX_EPOCH + Duration::from_secs(t))
+        .ok_or("a session entry without an end")?;
+    Ok(Some(SessionEntry {
+        entry_id: entry.id.clone(),
+        session_id: session.id.clone(),
+        spiffe_id: SpiffeId::new(&entry.spiffe_id).map_err(|e| e.to_string())?,
+        selectors: parse_selectors(entry).map_err(|e| e.to_string())?,
+        hint: entry.hint.clone(),
+        svid_ttl: entry.x509_svid_ttl,
+        ends_at,
+        revision: entry.revision,
+    }))
 }
 
 /// `base` +/- 20%, so a fleet does not reconnect in step.

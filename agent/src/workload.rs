@@ -7,16 +7,27 @@
 //! issued"). Streams send the complete state at once and again on every change of what the
 //! caller is entitled to (rotation, entry change, bundle change); when the caller's last
 //! identity is withdrawn, `FetchX509SVID` ends with `PermissionDenied`.
+//!
+//! Privileged sessions: a `FetchX509SVID` stream of a workload that matches a session gets an
+//! SVID minted for it alone, on demand (`NewSessionX509SVID`, carrying its pid, uid, gid and
+//! selectors, which the server audits before it signs), renewed at half its life unless the
+//! session's end caps it, and dropped from the stream as soon as the session leaves the
+//! snapshot (close, revoke, expiry) or the agent loses the server. `FetchJWTSVID` does the same
+//! per call, without caching. The CRLs of the snapshot fill the `crl` fields.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sigil_attestors::unix::{Credentials, UnixAttestor};
+use sigil_core::X509Bundle;
 use sigil_core::jwt::{JwtBundleSet, JwtSvid};
+use sigil_core::lifetime::Validity;
 use sigil_core::{SelectorSet, SpiffeId};
-use sigil_proto::node::NewJwtsvidRequest;
+use sigil_proto::node::{
+    NewJwtsvidRequest, NewSessionJwtsvidRequest, NewSessionX509svidRequest, Workload,
+};
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use sigil_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
@@ -30,8 +41,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
-use crate::cache::{Snapshot, WorkloadSvid};
-use crate::node::NodeConnection;
+use crate::cache::{SessionEntry, Snapshot, WorkloadSvid};
+use crate::node::{NodeConnection, csr, new_key};
 
 /// The metadata key every Workload API request must carry with the value `true` (WE-5).
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -45,33 +56,31 @@ pub trait CallerIdentity: Send + Sync + 'static {
     fn is_same_process(&self) -> bool;
 }
 
-/// The caller identity tonic's own Unix-socket listener records (no process handle: the pid is
-/// checked to be alive only).
-impl CallerIdentity for tonic::transport::server::UdsConnectInfo {
+/// The caller as the front door recorded it at accept: SO_PEERCRED plus a handle on the process
+/// (a pidfd where the kernel offers one), so a reused pid is never mistaken for the caller.
+impl CallerIdentity for crate::workload_api::CallerProcess {
     fn credentials(&self) -> Credentials {
-        let cred = self.peer_cred;
         Credentials {
-            uid: cred.map_or(u32::MAX, |c| c.uid()),
-            gid: cred.map_or(u32::MAX, |c| c.gid()),
-            pid: cred.and_then(|c| c.pid()),
+            uid: self.uid(),
+            gid: self.gid(),
+            pid: self.pid().and_then(|pid| i32::try_from(pid).ok()),
         }
     }
 
     fn is_same_process(&self) -> bool {
-        self.peer_cred
-            .and_then(|c| c.pid())
-            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        self.still_alive_and_same()
     }
 }
 
 /// Finds the caller in a request: a listener puts its connection info in the extensions.
 pub type CallerLookup = fn(&tonic::Extensions) -> Option<Arc<dyn CallerIdentity>>;
 
-/// The lookup for tonic's plain `UnixListenerStream`.
-pub fn uds_caller(extensions: &tonic::Extensions) -> Option<Arc<dyn CallerIdentity>> {
+/// The lookup for connections accepted by the front door
+/// ([`WorkloadListener`](crate::workload_api::WorkloadListener)).
+pub fn front_door_caller(extensions: &tonic::Extensions) -> Option<Arc<dyn CallerIdentity>> {
     extensions
-        .get::<tonic::transport::server::UdsConnectInfo>()
-        .map(|info| Arc::new(info.clone()) as Arc<dyn CallerIdentity>)
+        .get::<crate::workload_api::CallerProcess>()
+        .map(|caller| Arc::new(caller.clone()) as Arc<dyn CallerIdentity>)
 }
 
 /// The Workload API service.
@@ -124,6 +133,16 @@ impl WorkloadApi {
 
     /// Checks the security header, then attests the caller: its selectors.
     async fn attest<T>(&self, request: &Request<T>) -> Result<SelectorSet, Status> {
+        self.attest_caller(request)
+            .await
+            .map(|(selectors, _)| selectors)
+    }
+
+    /// [`WorkloadApi::attest`], with the caller's kernel credentials.
+    async fn attest_caller<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(SelectorSet, Credentials), Status> {
         check_header(request)?;
         let caller = (self.caller)(request.extensions()).ok_or_else(|| {
             Status::unavailable("workload attestation failed: caller credentials unavailable")
@@ -145,7 +164,7 @@ impl WorkloadApi {
                 "workload attestation failed: the calling process is gone",
             ));
         }
-        Ok(selectors)
+        Ok((selectors, creds))
     }
 }
 
@@ -161,22 +180,32 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = self.attest(&request).await?;
+        let (selectors, creds) = self.attest_caller(&request).await?;
         let mut snapshots = self.snapshots.clone();
-        let first = x509_response(&snapshots.borrow_and_update(), &selectors)
+        let mut held = BTreeMap::new();
+        let snapshot = snapshots.borrow_and_update().clone();
+        self.refresh_sessions(&snapshot, &selectors, creds, &mut held)
+            .await;
+        let first = x509_response(&snapshot, &selectors, &held)
             .ok_or_else(|| Status::permission_denied("no identity issued"))?;
         let (tx, rx) = mpsc::channel(2);
+        let api = self.clone();
         tokio::spawn(async move {
             let mut last = first.clone();
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
             loop {
+                let wake = session_wakeup(&held, &snapshots.borrow());
                 tokio::select! {
                     changed = snapshots.changed() => if changed.is_err() { return },
+                    () = sleep_until(wake) => {}
                     () = tx.closed() => return,
                 }
-                let next = x509_response(&snapshots.borrow_and_update(), &selectors);
+                let snapshot = snapshots.borrow_and_update().clone();
+                api.refresh_sessions(&snapshot, &selectors, creds, &mut held)
+                    .await;
+                let next = x509_response(&snapshot, &selectors, &held);
                 match next {
                     None => {
                         let _ = tx
@@ -206,7 +235,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         stream_bundles(snapshots, selectors, |s| {
             let bundle = s.bundle.x509_bundle().ok()?;
             Some(X509BundlesResponse {
-                crl: vec![],
+                crl: s.crls.clone(),
                 bundles: [(s.trust_domain.id_string(), bundle.to_der())].into(),
             })
         })
@@ -231,17 +260,26 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let mut audience = req.audience.clone();
         audience.sort();
         audience.dedup();
-        let selectors = self.attest(&request).await?;
-        let identities: Vec<WorkloadSvid> = {
+        let (selectors, creds) = self.attest_caller(&request).await?;
+        let (identities, sessions): (Vec<WorkloadSvid>, Vec<SessionEntry>) = {
             let snapshot = self.snapshots.borrow();
-            snapshot
-                .identities_for(&selectors, SystemTime::now())
-                .into_iter()
-                .filter(|w| wanted.as_ref().is_none_or(|id| *id == w.spiffe_id))
-                .cloned()
-                .collect()
+            let now = SystemTime::now();
+            (
+                snapshot
+                    .identities_for(&selectors, now)
+                    .into_iter()
+                    .filter(|w| wanted.as_ref().is_none_or(|id| *id == w.spiffe_id))
+                    .cloned()
+                    .collect(),
+                snapshot
+                    .sessions_for(&selectors, now)
+                    .into_iter()
+                    .filter(|s| wanted.as_ref().is_none_or(|id| *id == s.spiffe_id))
+                    .cloned()
+                    .collect(),
+            )
         };
-        if identities.is_empty() {
+        if identities.is_empty() && sessions.is_empty() {
             return Err(Status::permission_denied("no identity issued"));
         }
         let mut svids = Vec::with_capacity(identities.len());
@@ -251,6 +289,27 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 spiffe_id: identity.spiffe_id.to_string(),
                 svid: token,
                 hint: identity.hint.clone(),
+            });
+        }
+        for session in sessions {
+            let response = self
+                .node
+                .client()
+                .new_session_jwtsvid(NewSessionJwtsvidRequest {
+                    entry_id: session.entry_id.clone(),
+                    audience: audience.clone(),
+                    workload: Some(workload_message(creds, &selectors)),
+                })
+                .await
+                .map_err(|status| {
+                    warn!(session_id = %session.session_id, error = %status.message(), "session jwt-svid refused");
+                    Status::unavailable("cannot get a JWT-SVID from the server now; retry")
+                })?
+                .into_inner();
+            svids.push(Jwtsvid {
+                spiffe_id: response.spiffe_id,
+                svid: response.token,
+                hint: session.hint.clone(),
             });
         }
         Ok(Response::new(JwtsvidResponse { svids }))
@@ -312,6 +371,95 @@ impl SpiffeWorkloadApi for WorkloadApi {
 }
 
 impl WorkloadApi {
+    /// Brings `held` (this caller's session SVIDs, by entry id) in line with `snapshot`: drops
+    /// those whose session is gone, ended or unreachable, and mints those missing, changed or
+    /// due for renewal. A refused or failed mint leaves that session out.
+    async fn refresh_sessions(
+        &self,
+        snapshot: &Snapshot,
+        selectors: &SelectorSet,
+        creds: Credentials,
+        held: &mut BTreeMap<String, WorkloadSvid>,
+    ) {
+        let now = SystemTime::now();
+        let sessions: Vec<SessionEntry> = snapshot
+            .sessions_for(selectors, now)
+            .into_iter()
+            .cloned()
+            .collect();
+        held.retain(|id, svid| {
+            sessions
+                .iter()
+                .any(|s| s.entry_id == *id && s.revision == svid.revision)
+                && svid.not_after > now
+        });
+        for session in sessions {
+            if let Some(svid) = held.get(&session.entry_id) {
+                let validity = Validity::from_parts(svid.issued_at, svid.not_after);
+                let ttl = Duration::from_secs(session.svid_ttl.max(1));
+                if !validity.should_renew(now, ttl, &[session.ends_at]) {
+                    continue;
+                }
+            }
+            match self.mint_session(&session, creds, selectors).await {
+                Ok(svid) => {
+                    held.insert(session.entry_id.clone(), svid);
+                }
+                Err(error) => {
+                    warn!(session_id = %session.session_id, %error, "no session svid for this workload");
+                    held.remove(&session.entry_id);
+                }
+            }
+        }
+    }
+
+    /// Mints one session SVID for the calling workload.
+    async fn mint_session(
+        &self,
+        session: &SessionEntry,
+        creds: Credentials,
+        selectors: &SelectorSet,
+    ) -> Result<WorkloadSvid, String> {
+        let key = new_key().map_err(|e| e.to_string())?;
+        let csr = csr(&key).map_err(|e| e.to_string())?;
+        let svid = self
+            .node
+            .client()
+            .new_session_x509svid(NewSessionX509svidRequest {
+                entry_id: session.entry_id.clone(),
+                csr,
+                workload: Some(workload_message(creds, selectors)),
+            })
+            .await
+            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+            .into_inner();
+        let spiffe_id = SpiffeId::new(&svid.spiffe_id).map_err(|e| e.to_string())?;
+        if spiffe_id != session.spiffe_id {
+            return Err(format!(
+                "the server signed {spiffe_id} for {}",
+                session.spiffe_id
+            ));
+        }
+        let chain = X509Bundle::from_der(spiffe_id.trust_domain(), &svid.cert_chain)
+            .map_err(|e| e.to_string())?
+            .authorities()
+            .to_vec();
+        debug!(session_id = %session.session_id, "session svid minted");
+        Ok(WorkloadSvid {
+            entry_id: session.entry_id.clone(),
+            spiffe_id,
+            selectors: session.selectors.clone(),
+            hint: session.hint.clone(),
+            jwt_ttl: session.svid_ttl,
+            revision: session.revision,
+            issued_at: SystemTime::now(),
+            chain,
+            key: Arc::new(key),
+            not_after: UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(svid.expires_at).unwrap_or(0)),
+        })
+    }
+
     /// A JWT-SVID for `identity` and `audience`: from the cache while it has more than half its
     /// life left, else from the server.
     async fn jwt(&self, identity: &WorkloadSvid, audience: &[String]) -> Result<String, Status> {
@@ -378,12 +526,19 @@ fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
     }
 }
 
-/// The full X509-SVID response for `selectors`, or `None` when they grant nothing.
-fn x509_response(snapshot: &Snapshot, selectors: &SelectorSet) -> Option<X509svidResponse> {
+/// The full X509-SVID response for `selectors` (the caller's session SVIDs last), or `None`
+/// when they grant nothing.
+fn x509_response(
+    snapshot: &Snapshot,
+    selectors: &SelectorSet,
+    sessions: &BTreeMap<String, WorkloadSvid>,
+) -> Option<X509svidResponse> {
     let bundle = snapshot.bundle.x509_bundle().ok()?.to_der();
+    let now = SystemTime::now();
     let svids: Vec<X509svid> = snapshot
-        .identities_for(selectors, SystemTime::now())
+        .identities_for(selectors, now)
         .into_iter()
+        .chain(sessions.values().filter(|w| w.not_after > now))
         .map(|w| X509svid {
             spiffe_id: w.spiffe_id.to_string(),
             x509_svid: w.chain.iter().flat_map(|c| c.iter().copied()).collect(),
@@ -394,9 +549,47 @@ fn x509_response(snapshot: &Snapshot, selectors: &SelectorSet) -> Option<X509svi
         .collect();
     (!svids.is_empty()).then(|| X509svidResponse {
         svids,
-        crl: vec![],
+        crl: snapshot.crls.clone(),
         federated_bundles: HashMap::new(),
     })
+}
+
+/// When a stream must look at its session SVIDs again: the earliest renewal that would gain
+/// something, or expiry (at most a minute away).
+fn session_wakeup(
+    held: &BTreeMap<String, WorkloadSvid>,
+    snapshot: &Snapshot,
+) -> tokio::time::Instant {
+    let now = SystemTime::now();
+    let mut next = now + Duration::from_secs(60);
+    for svid in held.values() {
+        let validity = Validity::from_parts(svid.issued_at, svid.not_after);
+        let renew = validity.renew_at();
+        let capped = snapshot
+            .sessions
+            .get(&svid.entry_id)
+            .is_none_or(|s| s.ends_at <= svid.not_after);
+        next = next.min(svid.not_after);
+        if !capped {
+            next = next.min(renew);
+        }
+    }
+    let wait = next.duration_since(now).unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now() + wait.max(Duration::from_millis(50))
+}
+
+async fn sleep_until(at: tokio::time::Instant) {
+    tokio::time::sleep_until(at).await;
+}
+
+/// The workload a session SVID is for, as the server's request carries it.
+fn workload_message(creds: Credentials, selectors: &SelectorSet) -> Workload {
+    Workload {
+        pid: creds.pid.unwrap_or(0),
+        uid: creds.uid,
+        gid: creds.gid,
+        selectors: selectors.iter().map(ToString::to_string).collect(),
+    }
 }
 
 /// A bundle stream: the caller must hold an identity; a message at once and on every change.
@@ -410,9 +603,9 @@ where
 {
     let first = {
         let snapshot = snapshots.borrow_and_update();
-        if snapshot
-            .identities_for(&selectors, SystemTime::now())
-            .is_empty()
+        let now = SystemTime::now();
+        if snapshot.identities_for(&selectors, now).is_empty()
+            && snapshot.sessions_for(&selectors, now).is_empty()
         {
             return Err(Status::permission_denied("no identity issued"));
         }

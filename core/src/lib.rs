@@ -14,6 +14,7 @@
 //!   entry applies to a workload when every selector of the entry is among the workload's.
 //! - [`endpoint`]: [`EndpointAddress`], the `SPIFFE_ENDPOINT_SOCKET` format (WE-8 to WE-11).
 //! - [`duration`]: durations as operators write them (`90s`, `5m`, `1h30m`), both ways.
+//! - [`time`]: RFC 3339 times in UTC, formatted and parsed, for the command lines.
 //! - [`lifetime`]: NotBefore/NotAfter, renewal and authority rotation as pure functions of `now`.
 //! - [`x509_bundle`] and [`x509_svid`]: [`X509Bundle`] (one trust domain's X.509 authorities,
 //!   never merged: B-2, B-9, B-10) and [`X509Svid`] (the leaf profile, XL-1 to XL-8 and
@@ -36,6 +37,7 @@ pub mod lifetime;
 pub mod selector;
 pub mod spiffe_bundle;
 pub mod spiffe_id;
+pub mod time;
 #[cfg(feature = "rustls")]
 pub mod tls;
 pub mod x509_bundle;

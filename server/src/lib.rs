@@ -8,6 +8,8 @@
 //! - [`ca`]: the signing authorities (self-signed P-256 roots), their rotation as a pure function
 //!   of time, and one signing method per credential kind.
 //! - [`audit`]: the hash-chained audit log, its signed checkpoints and its verification.
+//! - [`session`]: privileged sessions (open, approve, close, revoke, expiry by the server's
+//!   clock) and the certificate revocation lists.
 //! - [`store`]: the [`store::Store`] trait, its sled backend with group commit, and the change
 //!   feed that drives agent sync.
 #![forbid(unsafe_code)]
@@ -19,5 +21,6 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod server;
+pub mod session;
 pub mod store;
 pub mod tls;

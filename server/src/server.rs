@@ -4,7 +4,9 @@
 //! Order: data directory -> store -> CA (keys + journal) -> audit log (its signing key sits in
 //! the key directory beside the CA's) -> the server's own SVID -> bundle publication -> the
 //! agent-facing API (TCP, mTLS). A rotation task rotates the authorities, republishes the
-//! bundle when it changes and renews the server SVID before it expires. A checkpoint task signs
+//! bundle when it changes and renews the server SVID before it expires. A session task expires
+//! privileged sessions at their end (server clock), and a CRL task re-signs the revocation
+//! lists when the authorities change and before they go stale. A checkpoint task signs
 //! the audit chain head every [`Server::audit_checkpoint_interval`] when it moved, and once
 //! more when the server stops (gracefully or not, but not when it is killed).
 //!
@@ -40,6 +42,8 @@ use crate::ca::{
     WorkloadX509SvidParams,
 };
 use crate::config::ServerConfig;
+use crate::session::crl::CrlPublisher;
+use crate::session::{SessionSettings, Sessions};
 use crate::store::sled::SledStore;
 use crate::store::{RegistrationEntry, Store};
 use crate::tls::{self, ServerCertificate};
@@ -94,6 +98,9 @@ pub enum ServerError {
     /// The admin socket could not be set up.
     #[error(transparent)]
     AdminSocket(#[from] AdminSocketError),
+    /// The certificate revocation lists could not be published.
+    #[error("crls: {0}")]
+    Crl(#[from] crate::session::crl::CrlError),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -214,12 +221,39 @@ impl Server {
             agent_ttl: self.config.agent_svid_ttl,
             jwt_issuer: self.config.jwt_issuer.clone(),
         });
+        let crls = Arc::new(CrlPublisher::new(self.ca.clone(), self.store.clone()));
+        crls.publish(SystemTime::now()).await?;
+        let sessions = Arc::new(Sessions::new(
+            self.store.clone(),
+            self.audit.clone(),
+            crls.clone(),
+            SessionSettings {
+                trust_domain: self.config.trust_domain.clone(),
+                max_session_ttl: self.config.max_session_ttl,
+                session_svid_ttl: self.config.session_svid_ttl,
+                require_session_approval: self.config.require_session_approval,
+                max_svid_ttl: self.config.max_svid_ttl(),
+            },
+        ));
+        sessions.load().await?;
         let node = NodeService::new(
             self.config.trust_domain.clone(),
             self.store.clone(),
             authority,
             self.bundles.clone(),
             stop_rx.clone(),
+            crls.subscribe(),
+        );
+        let expiry = tokio::spawn(
+            sessions
+                .clone()
+                .run_expiry(stop_rx.clone())
+                .instrument(info_span!("sessions")),
+        );
+        let crl_refresh = tokio::spawn(
+            crls.clone()
+                .run(self.bundle_tx.subscribe(), stop_rx.clone())
+                .instrument(info_span!("crls")),
         );
 
         let rotation = tokio::spawn(
@@ -265,6 +299,7 @@ impl Server {
             self.store.clone(),
             self.ca.clone(),
             self.audit.clone(),
+            sessions.clone(),
             AdminSettings {
                 trust_domain: self.config.trust_domain.clone(),
                 admin_uids: self.config.admin_uids.clone(),
@@ -298,6 +333,8 @@ impl Server {
             result = &mut serve => {
                 let _ = stop_tx.send(true);
                 rotation.abort();
+                expiry.abort();
+                crl_refresh.abort();
                 final_checkpoint(checkpoints).await;
                 return result.map_err(ServerError::from);
             }
@@ -305,6 +342,8 @@ impl Server {
         };
         let _ = stop_tx.send(true);
         rotation.abort();
+        expiry.abort();
+        crl_refresh.abort();
         admin_serve.abort();
         match how {
             Shutdown::Immediate => info!("stopping now"),
@@ -385,10 +424,14 @@ impl NodeAuthority for CaAuthority {
         audience: &[String],
         now: SystemTime,
     ) -> Result<IssuedJwt, SignError> {
-        let ttl = entry
+        let mut ttl = entry
             .jwt_svid_ttl
             .unwrap_or(self.ttls.jwt_default)
             .min(self.ttls.max);
+        if let Some(end) = entry.expires_at {
+            // A JWT-SVID never outlives its entry (a privileged session's end).
+            ttl = ttl.min(end.duration_since(now).unwrap_or(Duration::ZERO));
+        }
         let jwt = self
             .ca
             .sign_jwt_svid(
@@ -429,6 +472,7 @@ fn issued(svid: crate::ca::IssuedX509Svid) -> IssuedSvid {
         serial: hex(svid.serial()),
         not_after: svid.not_after(),
         chain_der: svid.certificate().to_vec(),
+        authority_id: svid.authority_id().to_owned(),
     }
 }
 

@@ -610,3 +610,206 @@ pub fn not_after(der: &[u8]) -> std::time::SystemTime {
     std::time::UNIX_EPOCH
         + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap())
 }
+
+/// What a finished CLI run printed.
+#[derive(Debug)]
+pub struct CliRun {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// The stdout as one JSON document (for `--output json` commands that print one).
+    pub fn json(&self) -> serde_json::Value {
+        assert!(
+            self.status.success(),
+            "command failed ({}): {}",
+            self.status,
+            self.stderr
+        );
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document: {e}\n{}", self.stdout))
+    }
+
+    /// The stdout as JSON lines.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        assert!(self.status.success(), "command failed: {}", self.stderr);
+        self.stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// Runs `sigil-server ARGS --admin-socket SOCKET` as the test's own uid.
+pub fn server_cli(server: &TestServer, args: &[&str]) -> CliRun {
+    server_cli_as(server, None, args)
+}
+
+/// Runs `sigil-server ARGS --admin-socket SOCKET` as `uid` (and gid) when given, from a copy
+/// of the binary every uid can run. Switching uid needs root.
+pub fn server_cli_as(server: &TestServer, uid: Option<u32>, args: &[&str]) -> CliRun {
+    use std::os::unix::process::CommandExt as _;
+    let mut command = match uid {
+        None => Command::new(binary("sigil-server")),
+        Some(uid) => {
+            let dir = server.dir.path().join(format!("cli-{uid}"));
+            let bin = dir.join("sigil-server");
+            if !bin.exists() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::copy(binary("sigil-server"), &bin).unwrap();
+                for path in [&bin, &dir] {
+                    std::fs::set_permissions(
+                        path,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+                    )
+                    .unwrap();
+                }
+                std::fs::set_permissions(
+                    server.dir.path(),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o755),
+                )
+                .unwrap();
+            }
+            let mut c = Command::new(bin);
+            c.uid(uid).gid(uid).current_dir("/");
+            c
+        }
+    };
+    let out = command
+        .args(args)
+        .arg("--admin-socket")
+        .arg(server.admin_socket())
+        .env_remove("SIGIL_ADMIN_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    CliRun {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// True when the tests run as root (needed to run the CLI as another admin uid).
+pub fn is_root() -> bool {
+    std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0
+}
+
+/// The uid the tests run as.
+pub fn my_uid() -> u32 {
+    std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap())
+}
+
+/// Opens a session for the test's own uid on `agent` with `sigil-server session open ...
+/// --output json` plus `extra` flags, and returns the printed session.
+pub fn open_session(
+    server: &TestServer,
+    agent: &TestAgentProcess,
+    spiffe_id: &str,
+    ttl: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let me = format!("unix:uid:{}", my_uid());
+    let agent_id = agent.agent_id();
+    let mut args = vec![
+        "session",
+        "open",
+        "--spiffe-id",
+        spiffe_id,
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        &me,
+        "--ticket",
+        "CHG-123",
+        "--reason",
+        "end-to-end test",
+        "--ttl",
+        ttl,
+        "--output",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    server_cli(server, &args).json()
+}
+
+/// The SPIFFE IDs in an X509-SVID response.
+pub fn svid_ids(msg: &sigil_proto::workload::X509svidResponse) -> Vec<String> {
+    msg.svids.iter().map(|s| s.spiffe_id.clone()).collect()
+}
+
+/// Waits (at most `timeout`) for a message of an X509-SVID stream that passes `wanted`, and
+/// returns it; fails on a stream error or end.
+pub async fn next_x509_until(
+    stream: &mut tonic::Streaming<sigil_proto::workload::X509svidResponse>,
+    timeout: Duration,
+    wanted: impl Fn(&sigil_proto::workload::X509svidResponse) -> bool,
+) -> Result<sigil_proto::workload::X509svidResponse, tonic::Status> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no matching message in time"))??
+            .ok_or_else(|| tonic::Status::aborted("stream ended"))?;
+        if wanted(&msg) {
+            return Ok(msg);
+        }
+    }
+}
+
+/// Opens a `FetchX509SVID` stream on `agent`, retrying (at most 10 s) while the workload has
+/// no identity yet or the first message does not pass `wanted`.
+pub async fn x509_stream_with(
+    agent: &TestAgentProcess,
+    wanted: impl Fn(&sigil_proto::workload::X509svidResponse) -> bool,
+) -> (
+    tonic::Streaming<sigil_proto::workload::X509svidResponse>,
+    sigil_proto::workload::X509svidResponse,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut client = workload_client(agent.socket()).await;
+        match client
+            .fetch_x509svid(sigil_proto::workload::X509svidRequest {})
+            .await
+        {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                if let Ok(Some(msg)) = stream.message().await
+                    && wanted(&msg)
+                {
+                    return (stream, msg);
+                }
+            }
+            Err(status) if status.code() == tonic::Code::PermissionDenied => {}
+            Err(status) => panic!("{status:?}\nagent log:\n{}", agent.log_text()),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no matching X509-SVID response within 10 s; agent log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The serial (lowercase hex) and NotAfter of the leaf at the start of a DER chain.
+pub fn leaf_serial(chain_der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(chain_der).unwrap();
+    cert.raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The serials listed in a DER CRL.
+pub fn crl_serials(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
+    crl.iter_revoked_certificates()
+        .map(|r| r.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+        .collect()
+}

@@ -11,9 +11,12 @@
 //!
 //! The client-to-server byte stream is parsed as HTTP/2: the connection preface, then frames.
 //! Every frame passes through unchanged except header blocks (`HEADERS` plus its `CONTINUATION`
-//! frames), which are collected and decoded with [`loona_hpack`], following the connection's HPACK
+//! frames), which are collected and decoded with [`httlib_hpack`], following the connection's HPACK
 //! dynamic table (and the `SETTINGS_HEADER_TABLE_SIZE` the server announces, read from the
-//! server-to-client stream, which itself passes through untouched).
+//! server-to-client stream, which itself passes through untouched). Our own bounds-checking scanner
+//! first splits each block into its representations (RFC 7541 section 6) and rejects malformed
+//! integers and strings; the decoder is then handed one well-formed representation at a time,
+//! which keeps its work linear in the block size.
 //!
 //! - While every `:authority` seen on a connection is valid, each header block is forwarded byte for
 //!   byte, so h2's decoder follows the client's own dynamic table (tonic, Go, rust-spiffe clients
@@ -72,6 +75,8 @@ const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
 
 const SETTINGS_HEADER_TABLE_SIZE: u16 = 0x1;
+/// Dynamic table size updates accepted at the start of a block (RFC 7541 section 4.2 needs two).
+const MAX_SIZE_UPDATES: usize = 4;
 /// Server SETTINGS payloads longer than this are not parsed (h2 sends a few dozen bytes).
 const MAX_OBSERVED_SETTINGS: usize = 1024;
 
@@ -114,7 +119,7 @@ pub enum AuthorityError {
     Hpack(&'static str),
     /// A header block is not valid HPACK, as the HPACK decoder found.
     #[error("invalid hpack: {0}")]
-    HpackDecode(#[from] loona_hpack::decoder::DecoderError),
+    HpackDecode(#[from] httlib_hpack::DecoderError),
 }
 
 impl From<AuthorityError> for io::Error {
@@ -157,6 +162,17 @@ impl<S> NormalizeAuthority<S> {
     /// was valid).
     pub fn rewritten_blocks(&self) -> u64 {
         self.normalizer.rewritten_blocks()
+    }
+}
+
+/// The wrapped connection's connect info, so the layer can sit in front of any tonic transport.
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
+    for NormalizeAuthority<S>
+{
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
     }
 }
 
@@ -261,7 +277,7 @@ pub struct AuthorityNormalizer {
     pending: BytesMut,
     /// The header block being assembled, if a `HEADERS` frame without `END_HEADERS` came.
     block: Option<Block>,
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: httlib_hpack::Decoder<'static>,
     /// The largest dynamic table size the client may announce.
     allowed_table_size: usize,
     /// Whether this connection re-encodes its header blocks (one-way).
@@ -296,13 +312,15 @@ struct Block {
     raw: Vec<u8>,
 }
 
-/// Decoded fields of one block, in one arena.
+/// Buffers reused across blocks.
 #[derive(Debug, Default)]
 struct Scratch {
-    arena: Vec<u8>,
-    /// (name length, value length, never indexed) per field, in order.
-    fields: Vec<(usize, usize, bool)>,
-    never_indexed: Vec<bool>,
+    /// (start, end) of each representation of the block.
+    spans: Vec<(usize, usize)>,
+    /// One representation, as the decoder takes it.
+    representation: Vec<u8>,
+    /// Decoded fields: name, value, decoder flags.
+    fields: Vec<(Vec<u8>, Vec<u8>, u8)>,
     encoded: Vec<u8>,
 }
 
@@ -311,8 +329,8 @@ struct Scratch {
 impl AuthorityNormalizer {
     /// A normaliser for a new connection.
     pub fn new() -> Self {
-        let mut decoder = loona_hpack::Decoder::new();
-        decoder.set_max_allowed_table_size(DEFAULT_TABLE_SIZE);
+        let mut decoder = httlib_hpack::Decoder::with_dynamic_size(DEFAULT_TABLE_SIZE as u32);
+        decoder.set_max_dynamic_size(DEFAULT_TABLE_SIZE as u32);
         Self {
             preface: Some(0),
             pass_remaining: 0,
@@ -382,7 +400,9 @@ impl AuthorityNormalizer {
                 // Never lowered: blocks the client encoded before it saw a lower value may still
                 // use the old one, and h2 does its own check on what it decodes.
                 self.allowed_table_size = size;
-                self.decoder.set_max_allowed_table_size(size);
+                // `size <= MAX_DYNAMIC_TABLE`, which fits in a u32.
+                self.decoder
+                    .set_max_dynamic_size(u32::try_from(size).unwrap_or(u32::MAX));
             }
         }
     }
@@ -479,40 +499,29 @@ impl AuthorityNormalizer {
     /// Decodes a complete header block and forwards it, unchanged or re-encoded.
     fn finish_block(&mut self, block: &Block, out: &mut BytesMut) -> Result<(), AuthorityError> {
         let scratch = &mut self.scratch;
-        scan_representations(&block.fragment, &mut scratch.never_indexed)?;
-        scratch.arena.clear();
+        scan_representations(&block.fragment, &mut scratch.spans)?;
         scratch.fields.clear();
         let mut list_size = 0usize;
         let mut invalid_authority = false;
-        let mut too_large = false;
-        self.decoder
-            .decode_with_cb(&block.fragment, |name, value| {
+        for &(start, end) in &scratch.spans {
+            let first = scratch.fields.len();
+            scratch.representation.clear();
+            scratch
+                .representation
+                .extend_from_slice(&block.fragment[start..end]);
+            self.decoder
+                .decode(&mut scratch.representation, &mut scratch.fields)?;
+            for (name, value, _) in &scratch.fields[first..] {
                 list_size = list_size.saturating_add(name.len() + value.len() + 32);
-                if list_size > MAX_HEADER_LIST {
-                    too_large = true;
-                    return;
-                }
-                if &*name == b":authority" && !is_valid_authority(&value) {
+                if name == b":authority" && !is_valid_authority(value) {
                     invalid_authority = true;
                 }
-                let never_indexed = scratch
-                    .never_indexed
-                    .get(scratch.fields.len())
-                    .copied()
-                    .unwrap_or(false);
-                scratch.arena.extend_from_slice(&name);
-                scratch.arena.extend_from_slice(&value);
-                scratch
-                    .fields
-                    .push((name.len(), value.len(), never_indexed));
-            })?;
-        if too_large {
-            return Err(AuthorityError::HeaderListTooLarge {
-                limit: MAX_HEADER_LIST,
-            });
-        }
-        if scratch.fields.len() != scratch.never_indexed.len() {
-            return Err(AuthorityError::Hpack("field count mismatch"));
+            }
+            if list_size > MAX_HEADER_LIST {
+                return Err(AuthorityError::HeaderListTooLarge {
+                    limit: MAX_HEADER_LIST,
+                });
+            }
         }
         if !invalid_authority && !self.rewriting {
             out.extend_from_slice(&block.raw);
@@ -524,14 +533,13 @@ impl AuthorityNormalizer {
         self.rewriting = true;
         self.rewritten += 1;
         scratch.encoded.clear();
-        let mut at = 0;
-        for &(name_len, value_len, never_indexed) in &scratch.fields {
-            let name = &scratch.arena[at..at + name_len];
-            let mut value = &scratch.arena[at + name_len..at + name_len + value_len];
-            at += name_len + value_len;
-            if name == b":authority" && !is_valid_authority(value) {
-                value = REPLACEMENT_AUTHORITY;
-            }
+        for (name, value, flags) in &scratch.fields {
+            let value = if name == b":authority" && !is_valid_authority(value) {
+                REPLACEMENT_AUTHORITY
+            } else {
+                value
+            };
+            let never_indexed = flags & httlib_hpack::Decoder::NEVER_INDEXED != 0;
             encode_literal(&mut scratch.encoded, name, value, never_indexed);
         }
         write_header_frames(out, block, &scratch.encoded);
@@ -648,21 +656,29 @@ fn split_headers_payload(
     Ok((priority, &rest[..end]))
 }
 
-/// Walks a header block's representations (RFC 7541 section 6) without decoding strings: records
-/// for each field whether it is "never indexed", and rejects a dynamic table size update after the
-/// first field, as h2 does.
-fn scan_representations(block: &[u8], never_indexed: &mut Vec<bool>) -> Result<(), AuthorityError> {
-    never_indexed.clear();
+/// Splits a header block into its representations (RFC 7541 section 6) without decoding
+/// strings, checking that every integer and string is complete and in bounds. Rejects a dynamic
+/// table size update after the first field (as h2 does), and more than a few of them.
+fn scan_representations(
+    block: &[u8],
+    spans: &mut Vec<(usize, usize)>,
+) -> Result<(), AuthorityError> {
+    spans.clear();
     let mut at = 0;
+    let mut fields = 0usize;
     while let Some(&first) = block.get(at) {
+        let start = at;
         if first & 0x80 != 0 {
             at = skip_integer(block, at, 7)?;
-            never_indexed.push(false);
+            fields += 1;
         } else if first & 0xe0 == 0x20 {
-            if !never_indexed.is_empty() {
+            if fields > 0 {
                 return Err(AuthorityError::Hpack(
                     "dynamic table size update after a header field",
                 ));
+            }
+            if spans.len() >= MAX_SIZE_UPDATES {
+                return Err(AuthorityError::Hpack("too many dynamic table size updates"));
             }
             at = skip_integer(block, at, 5)?;
         } else {
@@ -673,13 +689,15 @@ fn scan_representations(block: &[u8], never_indexed: &mut Vec<bool>) -> Result<(
                 at = skip_string(block, at)?;
             }
             at = skip_string(block, at)?;
-            never_indexed.push(first & 0xf0 == 0x10);
+            fields += 1;
         }
+        spans.push((start, at));
     }
     Ok(())
 }
 
 /// Reads an HPACK integer with an N-bit prefix at `at`; returns its value and the next offset.
+/// At most five octets, as h2 and the decoder accept.
 fn read_integer(block: &[u8], at: usize, prefix: u32) -> Result<(usize, usize), AuthorityError> {
     const TRUNCATED: AuthorityError = AuthorityError::Hpack("truncated integer");
     let mask = (1usize << prefix) - 1;
@@ -688,20 +706,14 @@ fn read_integer(block: &[u8], at: usize, prefix: u32) -> Result<(usize, usize), 
         return Ok((first, at + 1));
     }
     let mut value = mask;
-    let mut shift = 0u32;
-    let mut i = at + 1;
-    loop {
+    for (shift, i) in (at + 1..at + 5).enumerate() {
         let byte = *block.get(i).ok_or(TRUNCATED)?;
-        i += 1;
-        if shift > 28 {
-            return Err(AuthorityError::Hpack("integer too large"));
-        }
-        value += usize::from(byte & 0x7f) << shift;
-        shift += 7;
+        value += usize::from(byte & 0x7f) << (7 * shift);
         if byte & 0x80 == 0 {
-            return Ok((value, i));
+            return Ok((value, i + 1));
         }
     }
+    Err(AuthorityError::Hpack("integer too large"))
 }
 
 fn skip_integer(block: &[u8], at: usize, prefix: u32) -> Result<usize, AuthorityError> {
@@ -806,6 +818,7 @@ mod tests {
                 300,
                 16_383,
                 1 << 20,
+                (1 << 28) - 1,
             ] {
                 let mut out = Vec::new();
                 encode_integer(&mut out, 0, prefix, value);

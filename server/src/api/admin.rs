@@ -31,8 +31,9 @@ use sigil_proto::admin::{
     MintX509svidResponse, SetFederatedBundleRequest, UpdateEntryRequest,
 };
 use sigil_proto::admin::{
-    AuditCheckpointInfo, ListAuditRequest, ListAuditResponse, VerifyAuditRequest,
-    VerifyAuditResponse,
+    AuditCheckpointInfo, ListAuditRequest, ListAuditResponse, ListSessionAuditRequest,
+    ListSessionsRequest, ListSessionsResponse, OpenSessionRequest, RevokeSessionRequest,
+    SessionRequest, VerifyAuditRequest, VerifyAuditResponse,
 };
 use tokio::net::UnixListener;
 use tonic::transport::server::UdsConnectInfo;
@@ -42,9 +43,10 @@ use tracing::{error, info, instrument, warn};
 use crate::api::node::{NodeService, hex, is_reserved};
 use crate::audit::{AuditFilter, AuditLog, AuditRecord, NewAuditRecord, action, uid_actor};
 use crate::ca::{AuthorityKind, AuthorityState, Ca, WorkloadX509SvidParams};
+use crate::session::{OpenRequest, SessionError, Sessions};
 use crate::store::{
-    AttestedNode, EntryFilter, EntryId, JoinToken, NewEntry, PageRequest, RegistrationEntry, Store,
-    StoreError,
+    AttestedNode, EntryFilter, EntryId, JoinToken, NewEntry, PageRequest, RegistrationEntry,
+    Revocation, Session, SessionFilter, SessionId, SessionState, Store, StoreError,
 };
 
 /// Lifetime of a join token when the request gives none (SPIRE's default).
@@ -82,6 +84,7 @@ pub struct AdminService {
     store: Arc<dyn Store>,
     ca: Arc<Ca>,
     audit: Arc<AuditLog>,
+    sessions: Arc<Sessions>,
     settings: Arc<AdminSettings>,
 }
 
@@ -155,17 +158,20 @@ impl std::fmt::Debug for AdminService {
 }
 
 impl AdminService {
-    /// Builds the service. `audit` is the log every mutating call appends to.
+    /// Builds the service. `audit` is the log every mutating call appends to; `sessions`
+    /// runs the privileged session calls.
     pub fn new(
         store: Arc<dyn Store>,
         ca: Arc<Ca>,
         audit: Arc<AuditLog>,
+        sessions: Arc<Sessions>,
         settings: AdminSettings,
     ) -> Self {
         Self {
             store,
             ca,
             audit,
+            sessions,
             settings: Arc::new(settings),
         }
     }
@@ -308,9 +314,23 @@ impl AdminService {
                 dns_names: e.dns_names.clone(),
                 hint: e.hint.clone(),
                 expires_at,
+                session_id: None,
             }),
             _ => Err(Status::invalid_argument(problems.join("; "))),
         }
+    }
+
+    /// Session entries change only through the session calls.
+    async fn refuse_session_entry(&self, id: &EntryId) -> Result<(), Status> {
+        if let Some(entry) = self.store.get_entry(id).await.map_err(store_status)?
+            && let Some(session) = entry.session_id
+        {
+            return Err(Status::failed_precondition(format!(
+                "entry {} belongs to privileged session {session}: use `session close` or `session revoke`",
+                id.as_str()
+            )));
+        }
+        Ok(())
     }
 
     fn bundle_message(&self) -> pb::Bundle {
@@ -320,6 +340,21 @@ impl AdminService {
             spiffe_bundle: bundle.to_json(),
             pem: self.ca.x509_bundle().to_pem(),
             sequence: bundle.sequence().unwrap_or_default(),
+            crls: self
+                .sessions
+                .crls()
+                .current()
+                .crls
+                .iter()
+                .map(|c| pb::Crl {
+                    authority_id: c.authority_id.clone(),
+                    der: c.der.clone(),
+                    crl_number: c.crl_number,
+                    this_update: unix_seconds(c.this_update),
+                    next_update: unix_seconds(c.next_update),
+                    revoked_serials: c.revoked_serials.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -536,6 +571,7 @@ impl Admin for AdminService {
             .ok_or_else(|| Status::invalid_argument("entry is required"))?;
         let id = parse_entry_id(&wire.id)?;
         let new = self.parse_entry(&wire)?;
+        self.refuse_session_entry(&id).await?;
         let entry = self
             .store
             .update_entry(&id, new)
@@ -554,6 +590,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Entry>, Status> {
         let uid = self.authorize(&request)?;
         let id = parse_entry_id(&request.into_inner().id)?;
+        self.refuse_session_entry(&id).await?;
         let entry = self.store.delete_entry(&id).await.map_err(store_status)?;
         self.audit_change(vec![entry_record(uid, action::ENTRY_DELETE, &entry)])
             .await?;
@@ -631,6 +668,29 @@ impl Admin for AdminService {
         };
         node.banned = true;
         let node = self.store.update_node(node).await.map_err(store_status)?;
+        // Its SVIDs go on the CRLs until they expire (the authority is not recorded for agent
+        // SVIDs, so every authority's CRL lists them).
+        let now = SystemTime::now();
+        let revocations: Vec<Revocation> = std::iter::once(node.serial.clone())
+            .chain(node.new_serial.clone())
+            .filter(|_| node.not_after > now)
+            .map(|serial| Revocation {
+                serial,
+                // A renewed SVID may end later than the current one; its lifetime is bounded
+                // by the agent SVID TTL, which never exceeds ca_ttl / 6.
+                not_after: now.max(node.not_after) + self.settings.max_svid_ttl,
+                authority_id: None,
+                revoked_at: now,
+                cause: format!("agent:{}", node.spiffe_id),
+            })
+            .collect();
+        self.store
+            .add_revocations(revocations)
+            .await
+            .map_err(store_status)?;
+        if let Err(error) = self.sessions.crls().publish(now).await {
+            warn!(%error, "crls not re-published after a ban");
+        }
         self.audit_change(vec![agent_record(uid, action::AGENT_BAN, &node)])
             .await?;
         info!(uid, agent_id = %id, "agent banned");
@@ -668,6 +728,7 @@ impl Admin for AdminService {
                         .unwrap_or_default(),
                     sequence: parsed.and_then(|p| p.sequence()).unwrap_or_default(),
                     spiffe_bundle: b.bundle,
+                    crls: vec![],
                 }
             })
             .collect();
@@ -729,6 +790,7 @@ impl Admin for AdminService {
             pem: bundle.x509_bundle().map(|x| x.to_pem()).unwrap_or_default(),
             sequence: bundle.sequence().unwrap_or_default(),
             spiffe_bundle: json,
+            crls: vec![],
         }))
     }
 
@@ -756,6 +818,7 @@ impl Admin for AdminService {
             spiffe_bundle: deleted.bundle,
             pem: String::new(),
             sequence: 0,
+            crls: vec![],
         }))
     }
 
@@ -835,6 +898,161 @@ impl Admin for AdminService {
         }))
     }
 
+    #[instrument(skip_all)]
+    async fn open_session(
+        &self,
+        request: Request<OpenSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let uid = self.authorize(&request)?;
+        let req = request.into_inner();
+        let mut problems = Vec::new();
+        let spiffe_id = parse_id("spiffe_id", &req.spiffe_id, &mut problems);
+        let parent_id = parse_id("parent_id", &req.parent_id, &mut problems);
+        let mut selectors = SelectorSet::new();
+        for s in &req.selectors {
+            match Selector::parse(s) {
+                Ok(selector) => {
+                    selectors.insert(selector);
+                }
+                Err(err) => problems.push(format!("selector {s:?}: {err}")),
+            }
+        }
+        let (Some(spiffe_id), Some(parent_id), true) = (spiffe_id, parent_id, problems.is_empty())
+        else {
+            return Err(Status::invalid_argument(problems.join("; ")));
+        };
+        let open = OpenRequest {
+            spiffe_id,
+            parent_id,
+            selectors,
+            ticket: req.ticket,
+            reason: req.reason,
+            ttl: Duration::from_secs(req.ttl_seconds),
+            svid_ttl: (req.svid_ttl_seconds > 0).then(|| Duration::from_secs(req.svid_ttl_seconds)),
+            require_approval: req.require_approval,
+        };
+        let session = self
+            .sessions
+            .open(uid, open, SystemTime::now())
+            .await
+            .map_err(session_status)?;
+        Ok(Response::new(session_message(&session)))
+    }
+
+    #[instrument(skip_all)]
+    async fn approve_session(
+        &self,
+        request: Request<SessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let uid = self.authorize(&request)?;
+        let id = parse_session_id(&request.into_inner().id)?;
+        let session = self
+            .sessions
+            .approve(uid, &id, SystemTime::now())
+            .await
+            .map_err(session_status)?;
+        Ok(Response::new(session_message(&session)))
+    }
+
+    #[instrument(skip_all)]
+    async fn close_session(
+        &self,
+        request: Request<SessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let uid = self.authorize(&request)?;
+        let id = parse_session_id(&request.into_inner().id)?;
+        let session = self
+            .sessions
+            .close(uid, &id, SystemTime::now())
+            .await
+            .map_err(session_status)?;
+        Ok(Response::new(session_message(&session)))
+    }
+
+    #[instrument(skip_all)]
+    async fn revoke_session(
+        &self,
+        request: Request<RevokeSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let uid = self.authorize(&request)?;
+        let req = request.into_inner();
+        let id = parse_session_id(&req.id)?;
+        let session = self
+            .sessions
+            .revoke(uid, &id, req.reason, SystemTime::now())
+            .await
+            .map_err(session_status)?;
+        Ok(Response::new(session_message(&session)))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<SessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        self.authorize(&request)?;
+        let id = parse_session_id(&request.into_inner().id)?;
+        let session = self.sessions.get(&id).await.map_err(session_status)?;
+        Ok(Response::new(session_message(&session)))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListSessionsResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let state = match req.state.as_str() {
+            "" => None,
+            s => Some(
+                s.parse::<SessionState>()
+                    .map_err(Status::invalid_argument)?,
+            ),
+        };
+        let filter = SessionFilter {
+            state,
+            ticket: (!req.ticket.is_empty()).then_some(req.ticket),
+        };
+        let page = PageRequest {
+            size: req.page_size as usize,
+            token: (!req.page_token.is_empty()).then_some(req.page_token),
+        };
+        let page = self
+            .store
+            .list_sessions(&filter, &page)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(ListSessionsResponse {
+            sessions: page.items.iter().map(session_message).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn list_session_audit(
+        &self,
+        request: Request<ListSessionAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let id = parse_session_id(&req.session_id)?;
+        let filter = AuditFilter {
+            session_id: Some(id.as_str().to_owned()),
+            ..AuditFilter::default()
+        };
+        let page = PageRequest {
+            size: req.page_size as usize,
+            token: (!req.page_token.is_empty()).then_some(req.page_token),
+        };
+        let page = self
+            .store
+            .list_audit(&filter, &page)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(ListAuditResponse {
+            records: page.items.iter().map(audit_message).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
     async fn list_audit(
         &self,
         request: Request<ListAuditRequest>,
@@ -863,6 +1081,7 @@ impl Admin for AdminService {
             spiffe_id,
             action: (!req.action.is_empty()).then_some(req.action),
             actor: (!req.actor.is_empty()).then_some(req.actor),
+            session_id: None,
         };
         let page = PageRequest {
             size: req.page_size as usize,
@@ -964,6 +1183,63 @@ fn audit_message(record: &AuditRecord) -> pb::AuditRecord {
         details_json: serde_json::Value::Object(record.details.clone()).to_string(),
         prev_hash: hex(&record.prev_hash),
         hash: hex(&record.hash),
+    }
+}
+
+fn session_message(s: &Session) -> pb::Session {
+    let at = |t: Option<SystemTime>| t.map_or(0, unix_seconds);
+    pb::Session {
+        id: s.id.as_str().to_owned(),
+        spiffe_id: s.spiffe_id.to_string(),
+        parent_id: s.parent_id.to_string(),
+        selectors: s.selectors.iter().map(ToString::to_string).collect(),
+        ticket: s.ticket.clone(),
+        reason: s.reason.clone(),
+        state: s.state.as_str().to_owned(),
+        requester: s.requester.clone(),
+        approver: s.approver.clone().unwrap_or_default(),
+        approval_required: s.approval_required,
+        opened_at: unix_seconds(s.opened_at),
+        approved_at: at(s.approved_at),
+        expires_at: unix_seconds(s.expires_at),
+        ended_at: at(s.ended_at),
+        svid_ttl: s.svid_ttl.as_secs(),
+        end_reason: s.end_reason.clone().unwrap_or_default(),
+        serials: s
+            .serials
+            .iter()
+            .map(|x| pb::SessionSerial {
+                serial: x.serial.clone(),
+                not_after: unix_seconds(x.not_after),
+            })
+            .collect(),
+        entry_id: s
+            .entry_id
+            .as_ref()
+            .map(|e| e.as_str().to_owned())
+            .unwrap_or_default(),
+    }
+}
+
+fn parse_session_id(value: &str) -> Result<SessionId, Status> {
+    SessionId::parse(value).map_err(|_| {
+        Status::invalid_argument(format!(
+            "invalid session id {value:?}: expected 32 lowercase hex characters"
+        ))
+    })
+}
+
+/// Maps session errors to statuses: the messages are written for the operator.
+fn session_status(error: SessionError) -> Status {
+    match error {
+        SessionError::Invalid(m) => Status::invalid_argument(m),
+        SessionError::NotFound(id) => Status::not_found(format!("no session with id {id}")),
+        SessionError::Refused(m) => Status::failed_precondition(m),
+        e @ (SessionError::AuditFailed(_) | SessionError::AuditAfterChange(_)) => {
+            error!(error = %e, "session audit failed");
+            Status::unavailable(e.to_string())
+        }
+        SessionError::Store(e) => store_status(e),
     }
 }
 

@@ -29,8 +29,8 @@ use sigil_proto::node::node_server::Node;
 use sigil_proto::node::{
     self as pb, AttestAgentRequest, AttestAgentResponse, BatchNewX509svidRequest,
     BatchNewX509svidResponse, GetBundleRequest, GetBundleResponse, NewJwtsvidRequest,
-    NewJwtsvidResponse, RenewAgentRequest, RenewAgentResponse, SyncEntriesRequest,
-    SyncEntriesResponse,
+    NewJwtsvidResponse, NewSessionJwtsvidRequest, NewSessionX509svidRequest, RenewAgentRequest,
+    RenewAgentResponse, SyncEntriesRequest, SyncEntriesResponse,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
@@ -41,8 +41,10 @@ use tracing::{debug, info, instrument, warn};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::audit::{NewAuditRecord, action};
+use crate::session::crl::CrlSet;
 use crate::store::{
-    AttestedNode, Change, ChangeKind, ChangesSince, EntryId, RegistrationEntry, Store, StoreError,
+    AttestedNode, Change, ChangeKind, ChangesSince, EntryId, RegistrationEntry, Session,
+    SessionSerial, SessionState, Store, StoreError,
 };
 use crate::tls::PeerInfo;
 
@@ -109,6 +111,8 @@ pub struct IssuedSvid {
     pub serial: String,
     /// NotAfter.
     pub not_after: SystemTime,
+    /// The id of the authority that signed it.
+    pub authority_id: String,
 }
 
 /// An issued JWT-SVID.
@@ -181,6 +185,7 @@ struct Inner {
     bundles: SharedBundles,
     clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
     shutdown: watch::Receiver<bool>,
+    crls: watch::Receiver<Arc<CrlSet>>,
 }
 
 /// An authenticated agent.
@@ -206,6 +211,54 @@ struct Authorized {
     entries: BTreeMap<EntryId, RegistrationEntry>,
     /// The agent's ID and the SPIFFE IDs of its authorized entries: parents of further entries.
     reachable: HashSet<SpiffeId>,
+}
+
+/// The workload a session SVID is for, as the agent reported it.
+#[derive(Debug, Clone)]
+struct SessionWorkload {
+    pid: i32,
+    uid: u32,
+    gid: u32,
+    selectors: sigil_core::SelectorSet,
+}
+
+// === impl SessionWorkload ===
+
+impl SessionWorkload {
+    fn parse(workload: Option<&pb::Workload>) -> Result<Self, Status> {
+        let w = workload
+            .ok_or_else(|| Status::invalid_argument("workload is required for a session svid"))?;
+        if w.pid <= 0 {
+            return Err(Status::invalid_argument("workload pid is required"));
+        }
+        let selectors = w
+            .selectors
+            .iter()
+            .map(|s| sigil_core::Selector::parse(s))
+            .collect::<Result<sigil_core::SelectorSet, _>>()
+            .map_err(|e| Status::invalid_argument(format!("workload selector: {e}")))?;
+        Ok(Self {
+            pid: w.pid,
+            uid: w.uid,
+            gid: w.gid,
+            selectors,
+        })
+    }
+
+    /// `record` with the workload's pid, uid, gid and selectors.
+    fn record(&self, record: NewAuditRecord) -> NewAuditRecord {
+        record
+            .detail("workload_pid", i64::from(self.pid))
+            .detail("workload_uid", u64::from(self.uid))
+            .detail("workload_gid", u64::from(self.gid))
+            .detail(
+                "workload_selectors",
+                self.selectors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            )
+    }
 }
 
 // === impl DenyReason ===
@@ -255,13 +308,14 @@ impl std::fmt::Debug for NodeService {
 impl NodeService {
     /// Builds the service. `bundles` is the X.509 bundle set agents' SVIDs are verified
     /// against (kept current by the CA manager); `shutdown` ends open streams when it turns
-    /// true.
+    /// true; `crls` are the revocation lists sync streams deliver.
     pub fn new(
         trust_domain: TrustDomain,
         store: Arc<dyn Store>,
         authority: Arc<dyn NodeAuthority>,
         bundles: SharedBundles,
         shutdown: watch::Receiver<bool>,
+        crls: watch::Receiver<Arc<CrlSet>>,
     ) -> Self {
         Self::with_clock(
             trust_domain,
@@ -269,6 +323,7 @@ impl NodeService {
             authority,
             bundles,
             shutdown,
+            crls,
             Arc::new(SystemTime::now),
         )
     }
@@ -280,6 +335,7 @@ impl NodeService {
         authority: Arc<dyn NodeAuthority>,
         bundles: SharedBundles,
         shutdown: watch::Receiver<bool>,
+        crls: watch::Receiver<Arc<CrlSet>>,
         clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
     ) -> Self {
         Self {
@@ -290,6 +346,7 @@ impl NodeService {
                 bundles,
                 clock,
                 shutdown,
+                crls,
             }),
         }
     }
@@ -403,12 +460,65 @@ impl NodeService {
             })
     }
 
+    /// Checks a session SVID request: the entry is authorized for `agent` and carries a
+    /// session that is active at `now`, and the workload (required) has every selector of
+    /// the entry. Returns the entry, the session and the workload.
+    async fn session_grant(
+        &self,
+        agent: &Agent,
+        entry_id: &str,
+        workload: Option<&pb::Workload>,
+        now: SystemTime,
+    ) -> Result<(RegistrationEntry, Session, SessionWorkload), Status> {
+        let id = EntryId::parse(entry_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let workload = SessionWorkload::parse(workload)?;
+        let authorized = self.authorized(&agent.id).await?;
+        let Some(entry) = authorized.entries.get(&id) else {
+            warn!(agent_id = %agent.id, entry_id, "session svid refused: entry not authorized for agent");
+            return Err(Status::permission_denied(
+                "entry is not authorized for this agent",
+            ));
+        };
+        let Some(session_id) = &entry.session_id else {
+            return Err(Status::failed_precondition(
+                "entry is not a privileged session's: use BatchNewX509SVID",
+            ));
+        };
+        let Some(session) = self
+            .inner
+            .store
+            .get_session(session_id)
+            .await
+            .map_err(store_status)?
+        else {
+            return Err(Status::permission_denied("no such session"));
+        };
+        if session.state != SessionState::Active || session.expires_at <= now {
+            return Err(Status::permission_denied(format!(
+                "session is {}",
+                if session.state == SessionState::Active {
+                    "at its end"
+                } else {
+                    session.state.as_str()
+                }
+            )));
+        }
+        if !entry.selectors.matches(&workload.selectors) {
+            warn!(agent_id = %agent.id, session_id = %session.id, "session svid refused: workload selectors do not match");
+            return Err(Status::permission_denied(
+                "the workload's selectors do not match the session's",
+            ));
+        }
+        Ok((entry.clone(), session, workload))
+    }
+
     fn bundle_message(&self) -> pb::Bundle {
         let b = self.inner.authority.bundle();
         pb::Bundle {
             trust_domain: b.trust_domain.name().to_owned(),
             spiffe_bundle: b.spiffe_json,
             sequence: b.sequence,
+            crls: self.inner.crls.borrow().ders(),
         }
     }
 
@@ -433,6 +543,9 @@ impl NodeService {
             hint: entry.hint.clone(),
             expires_at: entry.expires_at.map_or(0, unix_seconds),
             revision: entry.revision,
+            session: entry.session_id.as_ref().map(|id| pb::Session {
+                id: id.as_str().to_owned(),
+            }),
         }
     }
 }
@@ -597,6 +710,9 @@ impl Node for NodeService {
                             "entry is not authorized for this agent",
                         ))
                     }
+                    Some(entry) if entry.session_id.is_some() => Err(Status::failed_precondition(
+                        "entry belongs to a privileged session: use NewSessionX509SVID",
+                    )),
                     Some(entry) => self
                         .inner
                         .authority
@@ -657,6 +773,11 @@ impl Node for NodeService {
                 "entry is not authorized for this agent",
             ));
         };
+        if entry.session_id.is_some() {
+            return Err(Status::failed_precondition(
+                "entry belongs to a privileged session: use NewSessionJWTSVID",
+            ));
+        }
         let jwt = self
             .inner
             .authority
@@ -672,6 +793,102 @@ impl Node for NodeService {
         .detail("audience", req.audience.clone())
         .time_detail("expires_at", jwt.expires_at)
         .detail("agent", agent.id.to_string());
+        self.audit(vec![record]).await?;
+        Ok(Response::new(NewJwtsvidResponse {
+            spiffe_id: entry.spiffe_id.to_string(),
+            token: jwt.token,
+            expires_at: unix_seconds(jwt.expires_at),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn new_session_x509svid(
+        &self,
+        request: Request<NewSessionX509svidRequest>,
+    ) -> Result<Response<pb::X509svid>, Status> {
+        let agent = self.authenticate(&request).await?;
+        let req = request.into_inner();
+        let now = self.now();
+        let (entry, session, workload) = self
+            .session_grant(&agent, &req.entry_id, req.workload.as_ref(), now)
+            .await?;
+        let svid = self
+            .inner
+            .authority
+            .sign_workload_svid(&entry, &req.csr, now)
+            .map_err(sign_status)?;
+        // Record the serial on the session first (so a revocation finds it), then audit; the
+        // certificate is returned only when both are durable and the session is still active.
+        let recorded = self
+            .inner
+            .store
+            .add_session_serial(
+                &session.id,
+                SessionSerial {
+                    serial: svid.serial.clone(),
+                    not_after: svid.not_after,
+                    authority_id: svid.authority_id.clone(),
+                },
+            )
+            .await
+            .map_err(store_status)?;
+        let record = workload
+            .record(
+                NewAuditRecord::new(
+                    agent.id.to_string(),
+                    action::SVID_X509_ISSUE,
+                    svid.spiffe_id.to_string(),
+                )
+                .detail("spiffe_id", svid.spiffe_id.to_string())
+                .detail("entry_id", entry.id.as_str())
+                .detail("serial", svid.serial.clone())
+                .time_detail("not_after", svid.not_after)
+                .detail("agent", agent.id.to_string()),
+            )
+            .detail("session_id", session.id.as_str())
+            .detail("ticket", session.ticket.clone());
+        self.audit(vec![record]).await?;
+        if recorded.state != SessionState::Active {
+            return Err(Status::permission_denied("the session ended"));
+        }
+        info!(agent_id = %agent.id, session_id = %session.id, serial = %svid.serial, "session svid issued");
+        Ok(Response::new(svid_message(&svid)))
+    }
+
+    #[instrument(skip_all)]
+    async fn new_session_jwtsvid(
+        &self,
+        request: Request<NewSessionJwtsvidRequest>,
+    ) -> Result<Response<NewJwtsvidResponse>, Status> {
+        let agent = self.authenticate(&request).await?;
+        let req = request.into_inner();
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience is required"));
+        }
+        let now = self.now();
+        let (entry, session, workload) = self
+            .session_grant(&agent, &req.entry_id, req.workload.as_ref(), now)
+            .await?;
+        let jwt = self
+            .inner
+            .authority
+            .sign_jwt_svid(&entry, &req.audience, now)
+            .map_err(sign_status)?;
+        let record = workload
+            .record(
+                NewAuditRecord::new(
+                    agent.id.to_string(),
+                    action::SVID_JWT_ISSUE,
+                    entry.spiffe_id.to_string(),
+                )
+                .detail("spiffe_id", entry.spiffe_id.to_string())
+                .detail("entry_id", entry.id.as_str())
+                .detail("audience", req.audience.clone())
+                .time_detail("expires_at", jwt.expires_at)
+                .detail("agent", agent.id.to_string()),
+            )
+            .detail("session_id", session.id.as_str())
+            .detail("ticket", session.ticket.clone());
         self.audit(vec![record]).await?;
         Ok(Response::new(NewJwtsvidResponse {
             spiffe_id: entry.spiffe_id.to_string(),
@@ -703,12 +920,29 @@ impl NodeService {
         let store = &self.inner.store;
         let mut revisions = store.subscribe();
         let mut bundle_updates = self.inner.authority.subscribe_bundle();
+        let mut crl_updates = self.inner.crls.clone();
+        let mut crls_open = true;
         let mut shutdown = self.inner.shutdown.clone();
         let mut state = SyncState::default();
 
-        // Resume from `since` when the store still has the changes after it; else snapshot.
+        // Resume from `since` when the store still has the changes after it; else snapshot
+        // (whose last page carries the CRLs).
+        let crls_now = crl_updates.borrow_and_update().clone();
+        let mut crl_generation = crls_now.generation;
         let mut revision = match self.resume(&agent, since, &mut state, tx).await? {
-            Some(revision) => revision,
+            Some(revision) => {
+                // Revocations the agent may have missed while disconnected.
+                if crls_now.lists_anything() {
+                    let change = pb::Change {
+                        revision,
+                        change: Some(pb::change::Change::Bundle(self.bundle_message())),
+                    };
+                    if !send_changes(tx, vec![change]).await {
+                        return Ok(());
+                    }
+                }
+                revision
+            }
             None => self.snapshot(&agent, &mut state, tx).await?,
         };
         let mut bundle_sequence = *bundle_updates.borrow_and_update();
@@ -745,8 +979,10 @@ impl NodeService {
                 revision = last;
             }
             let current_bundle = *bundle_updates.borrow_and_update();
-            if current_bundle != bundle_sequence {
+            let current_crls = crl_updates.borrow_and_update().generation;
+            if current_bundle != bundle_sequence || current_crls != crl_generation {
                 bundle_sequence = current_bundle;
+                crl_generation = current_crls;
                 let change = pb::Change {
                     revision,
                     change: Some(pb::change::Change::Bundle(self.bundle_message())),
@@ -758,6 +994,7 @@ impl NodeService {
             tokio::select! {
                 changed = revisions.changed() => if changed.is_err() { return Ok(()) },
                 changed = bundle_updates.changed() => if changed.is_err() { return Ok(()) },
+                changed = crl_updates.changed(), if crls_open => if changed.is_err() { crls_open = false },
                 () = &mut expiry => {
                     return Err(DenyReason::Expired.status("agent SVID expired: reconnect with the renewed SVID"));
                 }
@@ -791,6 +1028,7 @@ impl NodeService {
                 entries: vec![],
                 revision,
                 last: true,
+                crls: self.inner.crls.borrow().ders(),
             };
             send(tx, pb::sync_entries_response::Message::Snapshot(page)).await;
             state.reachable = authorized.reachable;
@@ -800,10 +1038,16 @@ impl NodeService {
             for entry in chunk {
                 state.sent.insert(entry.id.clone(), entry.revision);
             }
+            let last = pages.peek().is_none();
             let page = pb::SnapshotPage {
                 entries: chunk.iter().map(|e| self.entry_message(e)).collect(),
                 revision,
-                last: pages.peek().is_none(),
+                last,
+                crls: if last {
+                    self.inner.crls.borrow().ders()
+                } else {
+                    vec![]
+                },
             };
             if !send(tx, pb::sync_entries_response::Message::Snapshot(page)).await {
                 break;

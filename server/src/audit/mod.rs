@@ -135,6 +135,16 @@ pub mod action {
     pub const X509_MINT: &str = "x509.mint";
     /// An admin minted a JWT-SVID directly.
     pub const JWT_MINT: &str = "jwt.mint";
+    /// An admin opened a privileged session.
+    pub const SESSION_OPEN: &str = "session.open";
+    /// A second admin approved a pending session.
+    pub const SESSION_APPROVE: &str = "session.approve";
+    /// An admin closed a session (task done).
+    pub const SESSION_CLOSE: &str = "session.close";
+    /// An admin revoked a session; its unexpired serials went on the CRLs.
+    pub const SESSION_REVOKE: &str = "session.revoke";
+    /// A session reached its end (server clock).
+    pub const SESSION_EXPIRE: &str = "session.expire";
 }
 
 /// A record as a caller writes it: the store adds sequence, time and hashes.
@@ -221,6 +231,8 @@ pub struct AuditFilter {
     pub action: Option<String>,
     /// Only records by exactly this actor.
     pub actor: Option<String>,
+    /// Only records of this privileged session (their `session_id` detail).
+    pub session_id: Option<String>,
 }
 
 /// Why a record cannot be encoded.
@@ -407,6 +419,9 @@ impl AuditFilter {
                         .action
                         .strip_prefix(a.as_str())
                         .is_some_and(|rest| rest.starts_with('.'))
+            })
+            && self.session_id.as_ref().is_none_or(|id| {
+                record.details.get("session_id").and_then(Value::as_str) == Some(id.as_str())
             })
             && self.spiffe_id.as_ref().is_none_or(|id| {
                 record.subject == *id

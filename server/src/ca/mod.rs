@@ -46,6 +46,7 @@
 //! authority's NotAfter (nor any extra cap, such as a privileged session's end).
 
 mod authority;
+mod crl;
 pub mod keys;
 mod template;
 
@@ -74,6 +75,7 @@ use self::authority::{
 use self::template::{P256PublicKey, floor_to_second, random_serial};
 
 pub use self::authority::{AuthorityInfo, AuthorityKind, AuthorityState};
+pub use self::crl::{RevokedSerial, SignedCrl};
 pub use self::keys::{CaKey, DiskKeyManager, KeyError, KeyManager};
 pub use self::template::MAX_CSR_LEN;
 

@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use sigil_proto::admin::{ListAuditRequest, VerifyAuditRequest};
+use sigil_proto::admin::{
+    ListAuditRequest, ListAuditResponse, ListSessionAuditRequest, VerifyAuditRequest,
+};
 
 use super::client::Admin;
 use super::output::{Printer, block, table};
@@ -14,7 +16,8 @@ use super::{ConnectArgs, report_failure, spiffe_id, time};
 /// `sigil-server audit ...`.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Show audit records, oldest first, filtered by time, SPIFFE ID, action or actor.
+    /// Show audit records, oldest first, filtered by time, SPIFFE ID, action, actor or
+    /// privileged session.
     Show(AuditShowArgs),
     /// Recompute the hash chain, check the latest signed checkpoint, and name the first bad
     /// record (exit 1) if any.
@@ -36,6 +39,10 @@ pub struct AuditShowArgs {
     /// Only records by this actor (`uid:0`, an agent SPIFFE ID, `server`).
     #[arg(long, value_name = "ACTOR")]
     actor: Option<String>,
+    /// The whole story of one privileged session: its open, approval, end and every SVID
+    /// issued under it, in order (other filters do not apply).
+    #[arg(long, value_name = "ID", conflicts_with_all = ["since", "spiffe_id", "action", "actor"])]
+    session: Option<String>,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -73,17 +80,31 @@ async fn show(args: AuditShowArgs) -> anyhow::Result<ExitCode> {
     let mut token = String::new();
     let mut rows = Vec::new();
     loop {
-        let request = ListAuditRequest {
-            since_time: args.since.unwrap_or(0),
-            spiffe_id: args.spiffe_id.clone().unwrap_or_default(),
-            action: args.action.clone().unwrap_or_default(),
-            actor: args.actor.clone().unwrap_or_default(),
-            page_size: 1000,
-            page_token: token,
+        let page: ListAuditResponse = match &args.session {
+            Some(session) => {
+                let request = ListSessionAuditRequest {
+                    session_id: session.clone(),
+                    page_size: 1000,
+                    page_token: token,
+                };
+                admin
+                    .call(|mut c| async move { c.list_session_audit(request).await })
+                    .await?
+            }
+            None => {
+                let request = ListAuditRequest {
+                    since_time: args.since.unwrap_or(0),
+                    spiffe_id: args.spiffe_id.clone().unwrap_or_default(),
+                    action: args.action.clone().unwrap_or_default(),
+                    actor: args.actor.clone().unwrap_or_default(),
+                    page_size: 1000,
+                    page_token: token,
+                };
+                admin
+                    .call(|mut c| async move { c.list_audit(request).await })
+                    .await?
+            }
         };
-        let page = admin
-            .call(|mut c| async move { c.list_audit(request).await })
-            .await?;
         for r in &page.records {
             if printer.is_json() {
                 printer.json(&RecordJson {

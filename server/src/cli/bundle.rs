@@ -14,6 +14,7 @@ use sigil_proto::admin::{
 use super::ConnectArgs;
 use super::client::Admin;
 use super::output::{Printer, count};
+use super::time::format_rfc3339;
 
 /// `sigil-server bundle ...`.
 #[derive(Debug, Subcommand)]
@@ -44,6 +45,10 @@ pub struct BundleShowArgs {
     /// Format of the bundle in text output.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = BundleFormat::Pem)]
     format: BundleFormat,
+    /// Print the certificate revocation lists instead (one per X.509 authority, PEM in text
+    /// output, with their numbers, validity and revoked serials in JSON).
+    #[arg(long)]
+    crl: bool,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -126,6 +131,24 @@ async fn show(args: BundleShowArgs) -> anyhow::Result<ExitCode> {
     let bundle = admin
         .call(|mut c| async move { c.get_bundle(GetBundleRequest {}).await })
         .await?;
+    if args.crl {
+        for crl in &bundle.crls {
+            if printer.is_json() {
+                printer.json(&serde_json::json!({
+                    "id": crl.authority_id,
+                    "authority_id": crl.authority_id,
+                    "crl_number": crl.crl_number,
+                    "this_update": format_rfc3339(crl.this_update),
+                    "next_update": format_rfc3339(crl.next_update),
+                    "revoked_serials": crl.revoked_serials,
+                    "pem": crl_pem(&crl.der),
+                }))?;
+            } else {
+                printer.text(&crl_pem(&crl.der))?;
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if printer.is_json() {
         printer.json(&BundleJson::new(&bundle))?;
     } else {
@@ -252,6 +275,19 @@ fn bundle_text(bundle: &pb::Bundle, format: BundleFormat) -> anyhow::Result<Stri
             text
         }
     })
+}
+
+/// A CRL as PEM (`X509 CRL`), ending with a newline.
+fn crl_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN X509 CRL-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END X509 CRL-----\n");
+    out
 }
 
 fn authority_count(pem: &str) -> usize {

@@ -18,6 +18,7 @@ mod client;
 mod entry;
 mod health;
 mod output;
+mod session;
 mod svid;
 mod time;
 mod token;
@@ -39,6 +40,9 @@ pub use self::entry::{
     EntryUpdateArgs,
 };
 pub use self::health::HealthcheckArgs;
+pub use self::session::{
+    SessionCommand, SessionIdArgs, SessionListArgs, SessionOpenArgs, SessionRevokeArgs,
+};
 pub use self::svid::{JwtCommand, JwtMintArgs, X509Command, X509MintArgs};
 pub use self::token::{TokenCommand, TokenGenerateArgs};
 use crate::config::DEFAULT_ADMIN_SOCKET;
@@ -122,6 +126,9 @@ pub enum AdminCommand {
     /// JWT-SVIDs minted directly for an operator, without an entry or an agent.
     #[command(subcommand)]
     Jwt(JwtCommand),
+    /// Privileged sessions: just-in-time, ticket-bound, approved, revocable identities.
+    #[command(subcommand)]
+    Session(SessionCommand),
     /// The tamper-evident audit log: show records, verify the chain and its signed checkpoint.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -174,6 +181,7 @@ pub fn execute(command: AdminCommand) -> anyhow::Result<ExitCode> {
             AdminCommand::Bundle(command) => bundle::execute(command).await,
             AdminCommand::X509(command) => svid::execute_x509(command).await,
             AdminCommand::Jwt(command) => svid::execute_jwt(command).await,
+            AdminCommand::Session(command) => session::execute(command).await,
             AdminCommand::Audit(command) => audit::execute(command).await,
         }
     });
@@ -221,7 +229,7 @@ fn expiry_time(input: &str) -> Result<i64, String> {
     if input == "never" {
         return Ok(0);
     }
-    time::parse_rfc3339(input)
+    time::parse_rfc3339(input).map_err(|e| e.to_string())
 }
 
 /// Reports a failure that is not an error of the command itself (some results of a batch

@@ -34,7 +34,8 @@ use crate::audit::{self, AuditCheckpoint, AuditFilter, AuditRecord, GENESIS_HASH
 
 use super::{
     AttestedNode, Change, ChangeKind, ChangesSince, DEFAULT_PAGE_SIZE, EntryFilter, EntryId,
-    JoinToken, NewEntry, PageRequest, RegistrationEntry, Store, StoreError,
+    JoinToken, NewEntry, PageRequest, RegistrationEntry, Revocation, Session, SessionEntryOp,
+    SessionFilter, SessionId, SessionSerial, SessionState, SessionUpdate, Store, StoreError,
 };
 
 /// What the suite asks of a fresh store.
@@ -99,6 +100,214 @@ where
     run!(audit_concurrent_appends_never_fork);
     run!(audit_pagination_and_filters);
     run!(audit_checkpoints_round_trip);
+    run!(session_lifecycle_moves_its_entry_atomically);
+    run!(revocations_round_trip_and_prune);
+}
+
+// --- privileged sessions ---
+
+fn session(state: SessionState, ticket: &str) -> Session {
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+    Session {
+        id: SessionId::generate().unwrap(),
+        spiffe_id: spiffe("spiffe://example.org/admin/db"),
+        parent_id: agent("a"),
+        selectors: selectors(&["unix:uid:0"]),
+        ticket: ticket.to_owned(),
+        reason: "fix".to_owned(),
+        state,
+        requester: "uid:0".to_owned(),
+        approver: None,
+        approval_required: state == SessionState::Pending,
+        opened_at: now,
+        approved_at: None,
+        expires_at: now + Duration::from_secs(900),
+        ended_at: None,
+        ended_by: None,
+        end_reason: None,
+        svid_ttl: Duration::from_secs(300),
+        serials: vec![],
+        entry_id: None,
+    }
+}
+
+fn session_entry(s: &Session) -> NewEntry {
+    let mut e = NewEntry::new(
+        s.spiffe_id.clone(),
+        s.parent_id.clone(),
+        s.selectors.clone(),
+    );
+    e.session_id = Some(s.id.clone());
+    e.expires_at = Some(s.expires_at);
+    e
+}
+
+/// A pending session has no entry; approval creates it and close deletes it, each in the
+/// change feed; a stale expected state changes nothing; serials accumulate; filters work.
+pub async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn Store>) {
+    let pending = session(SessionState::Pending, "CHG-1");
+    let created = store.create_session(pending.clone(), None).await.unwrap();
+    assert_eq!(created, pending);
+    assert!(matches!(
+        store.create_session(pending.clone(), None).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    let before = store.current_revision().await.unwrap();
+
+    let mut active = created.clone();
+    active.state = SessionState::Active;
+    active.approver = Some("uid:1000".to_owned());
+    let approved = store
+        .update_session(SessionUpdate {
+            session: active.clone(),
+            expected: SessionState::Pending,
+            entry: SessionEntryOp::Create(Box::new(session_entry(&active))),
+            revocations: vec![],
+        })
+        .await
+        .unwrap();
+    let entry_id = approved.entry_id.clone().unwrap();
+    let entry = store.get_entry(&entry_id).await.unwrap().unwrap();
+    assert_eq!(entry.session_id, Some(active.id.clone()));
+    let ChangesSince::Changes(changes) = store.changes_since(before, 10).await.unwrap() else {
+        panic!("changes expected");
+    };
+    assert!(
+        matches!(&changes[..], [Change { kind: ChangeKind::EntryUpserted(e), .. }] if e.id == entry_id)
+    );
+
+    // A second approval, made from the stale state, is refused and changes nothing.
+    let err = store
+        .update_session(SessionUpdate {
+            session: active.clone(),
+            expected: SessionState::Pending,
+            entry: SessionEntryOp::Create(Box::new(session_entry(&active))),
+            revocations: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::StateChanged { .. }), "{err}");
+
+    let serial = SessionSerial {
+        serial: "0a0b".to_owned(),
+        not_after: active.expires_at,
+        authority_id: "01".to_owned(),
+    };
+    let with_serial = store
+        .add_session_serial(&active.id, serial.clone())
+        .await
+        .unwrap();
+    assert_eq!(with_serial.serials, std::slice::from_ref(&serial));
+
+    let mut revoked = approved.clone();
+    revoked.state = SessionState::Revoked;
+    revoked.serials.clear();
+    let revision = store.current_revision().await.unwrap();
+    let ended = store
+        .update_session(SessionUpdate {
+            session: revoked,
+            expected: SessionState::Active,
+            entry: SessionEntryOp::Delete,
+            revocations: vec![Revocation {
+                serial: serial.serial.clone(),
+                not_after: serial.not_after,
+                authority_id: Some(serial.authority_id.clone()),
+                revoked_at: active.opened_at,
+                cause: format!("session:{}", active.id),
+            }],
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ended.serials,
+        std::slice::from_ref(&serial),
+        "serials survive the update"
+    );
+    assert_eq!(ended.entry_id, Some(entry_id.clone()));
+    assert!(store.get_entry(&entry_id).await.unwrap().is_none());
+    let ChangesSince::Changes(changes) = store.changes_since(revision, 10).await.unwrap() else {
+        panic!("changes expected");
+    };
+    assert!(
+        matches!(&changes[..], [Change { kind: ChangeKind::EntryDeleted(e), .. }] if e.id == entry_id)
+    );
+    assert_eq!(store.list_revocations().await.unwrap().len(), 1);
+    assert_eq!(
+        store.get_session(&active.id).await.unwrap().unwrap().state,
+        SessionState::Revoked
+    );
+
+    let other = store
+        .create_session(session(SessionState::Pending, "CHG-2"), None)
+        .await
+        .unwrap();
+    let all = store
+        .list_sessions(&SessionFilter::default(), &PageRequest::first(1))
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 1);
+    let token = all.next_page_token.unwrap();
+    let rest = store
+        .list_sessions(&SessionFilter::default(), &PageRequest::after(1, token))
+        .await
+        .unwrap();
+    assert_eq!(rest.items.len(), 1);
+    assert!(rest.next_page_token.is_none());
+    let by_ticket = store
+        .list_sessions(
+            &SessionFilter {
+                state: None,
+                ticket: Some("CHG-2".to_owned()),
+            },
+            &PageRequest::first(0),
+        )
+        .await
+        .unwrap();
+    assert_eq!(by_ticket.items, [other]);
+    let revoked_only = store
+        .list_sessions(
+            &SessionFilter {
+                state: Some(SessionState::Revoked),
+                ticket: None,
+            },
+            &PageRequest::first(0),
+        )
+        .await
+        .unwrap();
+    assert_eq!(revoked_only.items.len(), 1);
+}
+
+/// Revocations are listed in serial order and pruned once their certificate expired.
+pub async fn revocations_round_trip_and_prune(store: Arc<dyn Store>) {
+    let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+    let revocation = |serial: &str, not_after: u64| Revocation {
+        serial: serial.to_owned(),
+        not_after: t(not_after),
+        authority_id: None,
+        revoked_at: t(1),
+        cause: "agent:spiffe://example.org/sigil/agent/x".to_owned(),
+    };
+    store
+        .add_revocations(vec![revocation("bb", 100), revocation("aa", 200)])
+        .await
+        .unwrap();
+    let listed: Vec<_> = store
+        .list_revocations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    assert_eq!(listed, ["aa", "bb"]);
+    assert_eq!(store.prune_revocations(t(100)).await.unwrap(), 1);
+    let listed: Vec<_> = store
+        .list_revocations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    assert_eq!(listed, ["aa"]);
 }
 
 // --- registration entries ---

@@ -48,8 +48,13 @@ use crate::audit::{AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, NewAudi
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+pub mod session;
 pub mod sled;
 
+pub use self::session::{
+    Revocation, Session, SessionEntryOp, SessionFilter, SessionId, SessionSerial, SessionState,
+    SessionUpdate,
+};
 pub use self::sled::{SledStore, SledStoreOptions};
 
 /// Number of changes the store keeps by default before pruning the oldest.
@@ -253,6 +258,53 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// The checkpoint with the highest sequence, if any.
     async fn latest_audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError>;
+
+    // --- privileged sessions (see the `session` module) ---
+
+    /// Stores a new session. With `entry` (a session active from the start) the entry is
+    /// created in the same atomic write, with the next revision, and its id is recorded in
+    /// the returned session's `entry_id`. Fails with [`StoreError::AlreadyExists`] when the id
+    /// exists or the entry duplicates another.
+    async fn create_session(
+        &self,
+        session: Session,
+        entry: Option<NewEntry>,
+    ) -> Result<Session, StoreError>;
+
+    /// Applies a state change atomically: the record, its entry ([`SessionEntryOp`]) and its
+    /// revocations, only if the stored record is still in `update.expected` (else
+    /// [`StoreError::StateChanged`]). Fails with [`StoreError::NotFound`] for an unknown id.
+    async fn update_session(&self, update: SessionUpdate) -> Result<Session, StoreError>;
+
+    /// The session with this id, if any.
+    async fn get_session(&self, id: &SessionId) -> Result<Option<Session>, StoreError>;
+
+    /// One page of the sessions that pass `filter`, in ascending id order (same paging
+    /// guarantees as [`Store::list_entries`]).
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Session>, StoreError>;
+
+    /// Appends an issued serial to the session's record, whatever its state; durable on
+    /// return. Fails with [`StoreError::NotFound`] for an unknown id.
+    async fn add_session_serial(
+        &self,
+        id: &SessionId,
+        serial: SessionSerial,
+    ) -> Result<Session, StoreError>;
+
+    // --- revoked serials ---
+
+    /// Adds serials to the revocation list (replacing any with the same serial).
+    async fn add_revocations(&self, revocations: Vec<Revocation>) -> Result<(), StoreError>;
+
+    /// Every revoked serial, in ascending serial order.
+    async fn list_revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+
+    /// Removes the revocations whose certificate expired at or before `now`; returns how many.
+    async fn prune_revocations(&self, now: SystemTime) -> Result<u64, StoreError>;
 }
 
 /// The identifier of a registration entry: 32 lowercase hex characters (16 random bytes).
@@ -292,6 +344,9 @@ pub struct RegistrationEntry {
     pub created_at: SystemTime,
     /// The revision of the entry's last change (creation or update).
     pub revision: u64,
+    /// The privileged session this entry carries, if any (only the session calls make these).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<SessionId>,
 }
 
 /// A registration entry as an operator writes it: [`RegistrationEntry`] without the fields the
@@ -314,6 +369,9 @@ pub struct NewEntry {
     pub hint: String,
     /// When the entry stops granting anything; `None` means never.
     pub expires_at: Option<SystemTime>,
+    /// The privileged session this entry carries, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<SessionId>,
 }
 
 /// Which entries [`Store::list_entries`] returns: every condition that is set must hold.
@@ -501,6 +559,14 @@ pub enum StoreError {
     /// The store is shut down.
     #[error("store is closed")]
     Closed,
+    /// The record changed state since it was read (a concurrent update won).
+    #[error("{resource} {key} changed meanwhile; read it again")]
+    StateChanged {
+        /// The kind of record.
+        resource: &'static str,
+        /// Its key.
+        key: String,
+    },
 }
 
 // === impl EntryId ===
@@ -583,6 +649,7 @@ impl RegistrationEntry {
             dns_names,
             hint,
             expires_at,
+            session_id,
         } = entry;
         Self {
             id,
@@ -596,6 +663,7 @@ impl RegistrationEntry {
             expires_at,
             created_at,
             revision,
+            session_id,
         }
     }
 
@@ -610,6 +678,7 @@ impl RegistrationEntry {
             dns_names: self.dns_names.clone(),
             hint: self.hint.clone(),
             expires_at: self.expires_at,
+            session_id: self.session_id.clone(),
         }
     }
 }
@@ -629,6 +698,7 @@ impl NewEntry {
             dns_names: Vec::new(),
             hint: String::new(),
             expires_at: None,
+            session_id: None,
         }
     }
 
@@ -645,6 +715,12 @@ impl NewEntry {
         for selector in &self.selectors {
             field(selector.kind().as_bytes());
             field(selector.value().as_bytes());
+        }
+        if let Some(session) = &self.session_id {
+            // Set apart from the selector fields by its tag, so two sessions for the same
+            // identity never clash with each other or with an ordinary entry.
+            field(b"\0session");
+            field(session.as_str().as_bytes());
         }
         let digest = ctx.finish();
         let mut key = [0u8; 32];

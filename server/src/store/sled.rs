@@ -93,7 +93,8 @@ use tokio::sync::watch;
 use super::{
     AttestedNode, Change, ChangeKind, ChangesSince, DEFAULT_CHANGE_RETENTION, EntryFilter, EntryId,
     EntrySnapshot, FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
-    RegistrationEntry, Store, StoreError, hex_decode, hex_encode,
+    RegistrationEntry, Revocation, Session, SessionEntryOp, SessionFilter, SessionId,
+    SessionSerial, SessionUpdate, Store, StoreError, hex_decode, hex_encode,
 };
 use crate::audit::{
     AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, GENESIS_HASH, NewAuditRecord,
@@ -154,6 +155,8 @@ struct Trees {
     audit: Tree,
     audit_head: Tree,
     audit_checkpoints: Tree,
+    sessions: Tree,
+    revocations: Tree,
 }
 
 /// What writers and the flusher thread share (see "Group commit" in the module docs).
@@ -185,7 +188,7 @@ struct Progress {
     failure: Option<String>,
 }
 
-/// The six entry trees inside one transaction.
+/// The six entry trees, and the session and revocation trees, inside one transaction.
 struct EntryTx<'a> {
     entries: &'a TransactionalTree,
     by_parent: &'a TransactionalTree,
@@ -193,6 +196,8 @@ struct EntryTx<'a> {
     by_identity: &'a TransactionalTree,
     changes: &'a TransactionalTree,
     meta: &'a TransactionalTree,
+    sessions: &'a TransactionalTree,
+    revocations: &'a TransactionalTree,
     retention: u64,
 }
 
@@ -666,6 +671,277 @@ impl Store for SledStore {
         })
         .await
     }
+
+    async fn create_session(
+        &self,
+        session: Session,
+        entry: Option<NewEntry>,
+    ) -> Result<Session, StoreError> {
+        let entry = match entry {
+            Some(entry) => Some((EntryId::generate()?, entry)),
+            None => None,
+        };
+        let now = SystemTime::now();
+        let created = self
+            .blocking(move |inner| inner.create_session(&session, entry.as_ref(), now))
+            .await?;
+        self.commit().await?;
+        Ok(created)
+    }
+
+    async fn update_session(&self, update: SessionUpdate) -> Result<Session, StoreError> {
+        let entry_id = match &update.entry {
+            SessionEntryOp::Create(_) => Some(EntryId::generate()?),
+            _ => None,
+        };
+        let now = SystemTime::now();
+        let updated = self
+            .blocking(move |inner| inner.update_session(&update, entry_id.as_ref(), now))
+            .await?;
+        self.commit().await?;
+        Ok(updated)
+    }
+
+    async fn get_session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+        let id = id.clone();
+        self.blocking(move |inner| {
+            inner
+                .trees
+                .sessions
+                .get(id.as_str())?
+                .map(|bytes| decode("session", &bytes))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Session>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.blocking(move |inner| inner.list_sessions(&filter, &page))
+            .await
+    }
+
+    async fn add_session_serial(
+        &self,
+        id: &SessionId,
+        serial: SessionSerial,
+    ) -> Result<Session, StoreError> {
+        let id = id.clone();
+        let updated = self
+            .blocking(move |inner| inner.add_session_serial(&id, &serial))
+            .await?;
+        self.commit().await?;
+        Ok(updated)
+    }
+
+    async fn add_revocations(&self, revocations: Vec<Revocation>) -> Result<(), StoreError> {
+        if revocations.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |inner| {
+            let mut batch = ::sled::Batch::default();
+            for revocation in &revocations {
+                batch.insert(
+                    revocation.serial.as_bytes(),
+                    encode("revocation", revocation)?,
+                );
+            }
+            inner.trees.revocations.apply_batch(batch)?;
+            Ok(())
+        })
+        .await?;
+        self.commit().await
+    }
+
+    async fn list_revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.blocking(move |inner| {
+            inner
+                .trees
+                .revocations
+                .iter()
+                .map(|item| decode("revocation", &item?.1))
+                .collect()
+        })
+        .await
+    }
+
+    async fn prune_revocations(&self, now: SystemTime) -> Result<u64, StoreError> {
+        let pruned = self
+            .blocking(move |inner| {
+                let mut pruned = 0;
+                for item in inner.trees.revocations.iter() {
+                    let (key, value) = item?;
+                    let revocation: Revocation = decode("revocation", &value)?;
+                    if revocation.not_after <= now
+                        && inner
+                            .trees
+                            .revocations
+                            .compare_and_swap(&key, Some(&value), None::<IVec>)?
+                            .is_ok()
+                    {
+                        pruned += 1;
+                    }
+                }
+                Ok(pruned)
+            })
+            .await?;
+        if pruned > 0 {
+            self.commit().await?;
+        }
+        Ok(pruned)
+    }
+}
+
+// --- privileged sessions ---
+
+impl Inner {
+    fn create_session(
+        &self,
+        session: &Session,
+        entry: Option<&(EntryId, NewEntry)>,
+        now: SystemTime,
+    ) -> Result<Session, StoreError> {
+        self.entry_tx(|tx| {
+            if tx.sessions.get(session.id.as_str())?.is_some() {
+                return Err(ConflictableTransactionError::Abort(
+                    StoreError::AlreadyExists {
+                        resource: "session",
+                        key: session.id.to_string(),
+                    },
+                ));
+            }
+            let mut session = session.clone();
+            if let Some((id, new)) = entry {
+                let created = tx.create_entry(id, new, now)?;
+                session.entry_id = Some(created.id);
+            }
+            tx.put_session(&session)?;
+            Ok(session)
+        })
+    }
+
+    fn update_session(
+        &self,
+        update: &SessionUpdate,
+        entry_id: Option<&EntryId>,
+        now: SystemTime,
+    ) -> Result<Session, StoreError> {
+        self.entry_tx(|tx| {
+            let id = &update.session.id;
+            let Some(bytes) = tx.sessions.get(id.as_str())? else {
+                return Err(ConflictableTransactionError::Abort(StoreError::NotFound {
+                    resource: "session",
+                    key: id.to_string(),
+                }));
+            };
+            let old: Session =
+                decode("session", &bytes).map_err(ConflictableTransactionError::Abort)?;
+            if old.state != update.expected {
+                return Err(ConflictableTransactionError::Abort(
+                    StoreError::StateChanged {
+                        resource: "session",
+                        key: id.to_string(),
+                    },
+                ));
+            }
+            let mut session = update.session.clone();
+            // Serials recorded meanwhile are kept.
+            session.serials = old.serials.clone();
+            match &update.entry {
+                SessionEntryOp::Keep => {}
+                SessionEntryOp::Create(new) => {
+                    if let Some(entry_id) = entry_id {
+                        let created = tx.create_entry(entry_id, new, now)?;
+                        session.entry_id = Some(created.id);
+                    }
+                }
+                SessionEntryOp::Delete => {
+                    if let Some(entry_id) = &old.entry_id
+                        && let Some(entry) = tx.get(entry_id)?
+                    {
+                        let revision = tx.next_revision()?;
+                        tx.entries.remove(entry_id.as_str())?;
+                        tx.unindex(&entry)?;
+                        tx.record(Change {
+                            revision,
+                            kind: ChangeKind::EntryDeleted(entry),
+                        })?;
+                    }
+                }
+            }
+            for revocation in &update.revocations {
+                let value = encode("revocation", revocation)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                tx.revocations.insert(revocation.serial.as_bytes(), value)?;
+            }
+            tx.put_session(&session)?;
+            Ok(session)
+        })
+    }
+
+    fn add_session_serial(
+        &self,
+        id: &SessionId,
+        serial: &SessionSerial,
+    ) -> Result<Session, StoreError> {
+        self.trees
+            .sessions
+            .transaction(|tx| {
+                let Some(bytes) = tx.get(id.as_str())? else {
+                    return Err(ConflictableTransactionError::Abort(StoreError::NotFound {
+                        resource: "session",
+                        key: id.to_string(),
+                    }));
+                };
+                let mut session: Session =
+                    decode("session", &bytes).map_err(ConflictableTransactionError::Abort)?;
+                session.serials.push(serial.clone());
+                let value =
+                    encode("session", &session).map_err(ConflictableTransactionError::Abort)?;
+                tx.insert(id.as_str(), value)?;
+                Ok(session)
+            })
+            .map_err(|error| match error {
+                TransactionError::Abort(error) => error,
+                TransactionError::Storage(error) => StoreError::Backend(error),
+            })
+    }
+
+    fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Session>, StoreError> {
+        let start = match page.token.as_deref() {
+            Some(token) => {
+                let key = decode_page_token(token)?;
+                let valid = std::str::from_utf8(&key)
+                    .ok()
+                    .is_some_and(|s| SessionId::parse(s).is_ok());
+                if !valid {
+                    return Err(StoreError::InvalidPageToken);
+                }
+                Bound::Excluded(key)
+            }
+            None => Bound::Unbounded,
+        };
+        let mut page = PageCollector::new(page.effective_size());
+        for item in self
+            .trees
+            .sessions
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+        {
+            let session: Session = decode("session", &item?.1)?;
+            if filter.matches(&session) && !page.offer(session) {
+                break;
+            }
+        }
+        Ok(page.finish(|session: &Session| session.id.as_str().as_bytes().to_vec()))
+    }
 }
 
 // === impl Inner ===
@@ -681,9 +957,20 @@ impl Inner {
             &t.by_identity,
             &t.changes,
             &t.meta,
+            &t.sessions,
+            &t.revocations,
         )
             .transaction(
-                |(entries, by_parent, by_spiffe_id, by_identity, changes, meta)| {
+                |(
+                    entries,
+                    by_parent,
+                    by_spiffe_id,
+                    by_identity,
+                    changes,
+                    meta,
+                    sessions,
+                    revocations,
+                )| {
                     f(&EntryTx {
                         entries,
                         by_parent,
@@ -691,6 +978,8 @@ impl Inner {
                         by_identity,
                         changes,
                         meta,
+                        sessions,
+                        revocations,
                         retention: self.retention,
                     })
                 },
@@ -1135,6 +1424,8 @@ impl Trees {
             audit: db.open_tree("audit")?,
             audit_head: db.open_tree("audit_head")?,
             audit_checkpoints: db.open_tree("audit_checkpoints")?,
+            sessions: db.open_tree("sessions")?,
+            revocations: db.open_tree("revocations")?,
         })
     }
 }
@@ -1244,6 +1535,33 @@ impl GroupCommit {
 // === impl EntryTx ===
 
 impl EntryTx<'_> {
+    /// Creates one entry with the next revision; a duplicate aborts the transaction.
+    fn create_entry(
+        &self,
+        id: &EntryId,
+        new: &NewEntry,
+        now: SystemTime,
+    ) -> TxResult<RegistrationEntry> {
+        let identity = new.identity_key();
+        if let Some(existing) = self.duplicate_of(&identity, id)? {
+            return Err(ConflictableTransactionError::Abort(existing));
+        }
+        let revision = self.next_revision()?;
+        let entry = RegistrationEntry::from_new(id.clone(), new.clone(), now, revision);
+        self.put(&entry, &identity)?;
+        self.record(Change {
+            revision,
+            kind: ChangeKind::EntryUpserted(entry.clone()),
+        })?;
+        Ok(entry)
+    }
+
+    fn put_session(&self, session: &Session) -> TxResult<()> {
+        let value = encode("session", session).map_err(ConflictableTransactionError::Abort)?;
+        self.sessions.insert(session.id.as_str(), value)?;
+        Ok(())
+    }
+
     fn next_revision(&self) -> TxResult<u64> {
         let current = match self.meta.get(REVISION_KEY)? {
             Some(bytes) => decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?,

@@ -1,0 +1,267 @@
+//! The roles the harness re-executes itself in, so that the server, the agent and the baseline
+//! service each run in a process of their own (their memory and CPU are then theirs alone) while
+//! running exactly the library code this build compiled:
+//!
+//! - `__server CONFIG.toml`: [`sigil_server::server::Server`], as `sigil-server run` starts it;
+//!   prints `READY <node API address>`.
+//! - `__agent TRUST_DOMAIN SERVER_ADDR JOIN_TOKEN BUNDLE.pem SOCKET DATA_DIR`:
+//!   [`sigil_agent::agent::run`], as `sigil-agent run` starts it.
+//! - `__baseline PLAIN_SOCKET FRONT_DOOR_SOCKET`: a trivial Workload API service (static
+//!   answers) on a plain tokio `UnixListener`, the listener `agent::run` serves on, and on the
+//!   front-door [`WorkloadListener`]; prints `READY ok`.
+//!
+//! Each stops at once when its stdin closes. Logs (warnings and errors) go to stderr.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use sigil_agent::workload_api::WorkloadListener;
+use sigil_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use sigil_proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse,
+    WitsvidRequest, WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid,
+    X509svidRequest, X509svidResponse,
+};
+use tokio::io::AsyncReadExt as _;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::{Request, Response, Status};
+
+/// The log target of the front-door listener, which logs `workload api listening` when bound.
+const FRONT_DOOR_TARGET: &str = "sigil_agent::workload_api::listener";
+
+/// What the front-door listener logs when it binds (at info, under [`FRONT_DOOR_TARGET`]).
+pub(crate) const FRONT_DOOR_BOUND: &str = "workload api listening";
+
+/// Runs the role named by `args[0]`, if it is one; `None` when `args` name no role.
+pub(crate) fn dispatch(args: &[String]) -> Option<anyhow::Result<()>> {
+    let (role, rest) = args.split_first()?;
+    let run = match role.as_str() {
+        "__server" => server,
+        "__agent" => agent,
+        "__baseline" => baseline,
+        _ => return None,
+    };
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return Some(Err(e).context("cannot start the async runtime")),
+    };
+    let result = runtime.block_on(run(rest.to_vec()));
+    // Nothing may keep a stopped child alive (tokio's stdin reader is a blocking thread).
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Some(result)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIGIL_LOG")
+        // The front door's bind line tells the harness which listener `agent::run` serves on.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("warn,{FRONT_DOOR_TARGET}=info"))
+        });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves when stdin reaches its end (the harness closed it or died).
+async fn stdin_closed() {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stdin.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn ready(value: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "READY {value}")?;
+    out.flush()?;
+    Ok(())
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+fn server(args: Vec<String>) -> BoxFuture {
+    Box::pin(async move {
+        let [config_path] = args.as_slice() else {
+            bail!("usage: __server CONFIG.toml");
+        };
+        let text = std::fs::read_to_string(config_path)
+            .with_context(|| format!("cannot read {config_path}"))?;
+        let config =
+            sigil_server::config::ServerConfig::from_sources(Some(&text), Default::default())?;
+        let server = sigil_server::server::Server::start(config).await?;
+        ready(&server.local_addr.to_string())?;
+        server
+            .run(async {
+                stdin_closed().await;
+                sigil_server::server::Shutdown::Immediate
+            })
+            .await?;
+        Ok(())
+    })
+}
+
+fn agent(args: Vec<String>) -> BoxFuture {
+    Box::pin(async move {
+        let [trust_domain, server, token, bundle, socket, data] = args.as_slice() else {
+            bail!("usage: __agent TRUST_DOMAIN SERVER_ADDR JOIN_TOKEN BUNDLE.pem SOCKET DATA_DIR");
+        };
+        let config = sigil_agent::config::AgentConfig::from_sources(
+            None,
+            sigil_agent::config::Overrides {
+                trust_domain: Some(trust_domain.clone()),
+                server_address: Some(server.clone()),
+                join_token: Some(token.clone()),
+                trust_bundle: Some(bundle.clone()),
+                socket_path: Some(socket.clone()),
+                data_dir: Some(data.clone()),
+                ..Default::default()
+            },
+        )?;
+        sigil_agent::agent::run(config, async {
+            stdin_closed().await;
+            sigil_agent::agent::Shutdown::Immediate
+        })
+        .await?;
+        Ok(())
+    })
+}
+
+fn baseline(args: Vec<String>) -> BoxFuture {
+    Box::pin(async move {
+        let [plain, front] = args.as_slice() else {
+            bail!("usage: __baseline PLAIN_SOCKET FRONT_DOOR_SOCKET");
+        };
+        let plain_listener = tokio::net::UnixListener::bind(PathBuf::from(plain))
+            .with_context(|| format!("cannot bind {plain}"))?;
+        let front_listener = WorkloadListener::bind(front)?;
+        let plain = tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(Trivial::new()))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(plain_listener), stdin_closed());
+        let front = tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(Trivial::new()))
+            .serve_with_incoming(front_listener);
+        ready("ok")?;
+        tokio::select! {
+            result = plain => result?,
+            result = front => result?,
+        }
+        Ok(())
+    })
+}
+
+/// The baseline service: static answers, no attestation, no cache.
+#[derive(Debug, Clone)]
+struct Trivial {
+    x509: X509svidResponse,
+}
+
+impl Trivial {
+    fn new() -> Self {
+        // About the size of a real answer: a 450-byte leaf, a 138-byte key, a 500-byte bundle.
+        Self {
+            x509: X509svidResponse {
+                svids: vec![X509svid {
+                    spiffe_id: "spiffe://bench.example/baseline".into(),
+                    x509_svid: vec![0x30; 450],
+                    x509_svid_key: vec![0x30; 138],
+                    bundle: vec![0x30; 500],
+                    hint: String::new(),
+                }],
+                crl: vec![],
+                federated_bundles: Default::default(),
+            },
+        }
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for Trivial {
+    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
+    type FetchWITSVIDStream = ResponseStream<WitsvidResponse>;
+    type FetchWITBundlesStream = ResponseStream<WitBundlesResponse>;
+
+    /// One static message, then the stream stays open until the client goes (as the agent's
+    /// streams do: a task and a channel per stream).
+    async fn fetch_x509svid(
+        &self,
+        _: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let first = self.x509.clone();
+        tokio::spawn(async move {
+            if tx.send(Ok(first)).await.is_ok() {
+                tx.closed().await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        _: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    /// The bare unary call: a static answer.
+    async fn fetch_jwtsvid(
+        &self,
+        _: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        Ok(Response::new(JwtsvidResponse {
+            svids: vec![Jwtsvid {
+                spiffe_id: "spiffe://bench.example/baseline".into(),
+                svid: "baseline".into(),
+                hint: String::new(),
+            }],
+        }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        _: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        _: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        _: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+}

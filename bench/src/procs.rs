@@ -1,0 +1,224 @@
+//! The processes the harness starts (itself, re-executed as a server, an agent or the baseline
+//! service; see [`crate::children`]) and what `/proc` says about them.
+//!
+//! Every child gets a pipe on its stdin and stops when that pipe closes, so a harness that dies
+//! takes its children with it. Their logs (warnings and errors only) go to a file in the run's
+//! temporary directory and are shown when something breaks.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+/// Clock ticks per second in `/proc/PID/stat` (`USER_HZ`, 100 on every Linux we run on).
+const USER_HZ: f64 = 100.0;
+
+/// A running child process of the harness.
+#[derive(Debug)]
+pub(crate) struct Process {
+    name: String,
+    child: Child,
+    pid: u32,
+    stdin: Option<ChildStdin>,
+    stdout: Option<Lines<BufReader<ChildStdout>>>,
+    log: PathBuf,
+}
+
+// === impl Process ===
+
+impl Process {
+    /// Starts this executable with `args` (the first names the role); its stderr goes to `log`.
+    pub(crate) fn spawn(name: &str, args: &[OsString], log: &Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the harness executable")?;
+        let log_file = std::fs::File::create(log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start the {name}"))?;
+        let pid = child
+            .id()
+            .with_context(|| format!("the {name} exited at once"))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            pid,
+            stdin,
+            stdout,
+            log: log.to_owned(),
+        })
+    }
+
+    /// Waits (at most `timeout`) for the child's `READY <value>` line; returns the value.
+    pub(crate) async fn ready(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        let Some(lines) = self.stdout.as_mut() else {
+            bail!("the {} has no stdout", self.name);
+        };
+        let line = tokio::time::timeout(timeout, async {
+            loop {
+                match lines.next_line().await {
+                    Ok(Some(line)) => {
+                        if let Some(value) = line.strip_prefix("READY ") {
+                            return Some(value.to_owned());
+                        }
+                    }
+                    Ok(None) | Err(_) => return None,
+                }
+            }
+        })
+        .await;
+        match line {
+            Ok(Some(value)) => Ok(value),
+            Ok(None) => bail!(
+                "the {} exited before it was ready; its log:\n{}",
+                self.name,
+                self.log_tail()
+            ),
+            Err(_) => bail!(
+                "the {} was not ready within {timeout:?}; its log:\n{}",
+                self.name,
+                self.log_tail()
+            ),
+        }
+    }
+
+    /// Fails with the child's log if it has exited.
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            bail!(
+                "the {} exited ({status}); its log:\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+        Ok(())
+    }
+
+    /// Resident memory now (`VmRSS`), in bytes.
+    pub(crate) fn rss(&self) -> anyhow::Result<u64> {
+        rss_of(&format!("/proc/{}/status", self.pid))
+    }
+
+    /// CPU time used so far, user and system, all threads.
+    pub(crate) fn cpu(&self) -> anyhow::Result<Duration> {
+        cpu_of(self.pid)
+    }
+
+    /// The last lines of the child's log.
+    pub(crate) fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// How many lines of the child's log contain `needle`.
+    pub(crate) fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// Closes the child's stdin (it stops at once) and waits for it (at most 10 s, then kills
+    /// it).
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
+        drop(self.stdin.take());
+        match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e).with_context(|| format!("waiting for the {}", self.name)),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                bail!("the {} did not stop within 10 s; killed it", self.name)
+            }
+        }
+    }
+}
+
+/// `VmRSS` of a `/proc/.../status` file, in bytes.
+pub(crate) fn rss_of(status_path: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(status_path)
+        .with_context(|| format!("cannot read {status_path}"))?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .with_context(|| format!("no VmRSS in {status_path}"))?;
+    Ok(kib * 1024)
+}
+
+/// User plus system CPU time of process `pid` (all its threads).
+pub(crate) fn cpu_of(pid: u32) -> anyhow::Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    // The command name (field 2) may hold spaces; the fields after its closing parenthesis are
+    // state (3), ..., utime (14), stime (15).
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("unexpected {path}"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| -> anyhow::Result<f64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .with_context(|| format!("unexpected {path}"))
+    };
+    // After the parenthesis, field 3 is index 0, so utime (14) is 11 and stime (15) is 12.
+    Ok(Duration::from_secs_f64((tick(11)? + tick(12)?) / USER_HZ))
+}
+
+/// Bytes a directory tree occupies on disk (allocated blocks) and its files' apparent size.
+pub(crate) fn disk_usage(dir: &Path) -> anyhow::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut allocated = 0;
+    let mut apparent = 0;
+    let mut pending = vec![dir.to_owned()];
+    // Bounded: a data directory holds a few dozen files.
+    let mut visited = 0usize;
+    while let Some(path) = pending.pop() {
+        visited += 1;
+        if visited > 100_000 {
+            bail!("more than 100,000 files under {}", dir.display());
+        }
+        let meta = std::fs::symlink_metadata(&path)
+            .with_context(|| format!("cannot stat {}", path.display()))?;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path)
+                .with_context(|| format!("cannot list {}", path.display()))?
+            {
+                pending.push(entry?.path());
+            }
+        } else {
+            allocated += meta.blocks() * 512;
+            apparent += meta.len();
+        }
+    }
+    Ok((allocated, apparent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_figures_are_readable() {
+        assert!(rss_of("/proc/self/status").unwrap() > 0);
+        cpu_of(std::process::id()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), vec![1u8; 10_000]).unwrap();
+        let (_, apparent) = disk_usage(dir.path()).unwrap();
+        assert_eq!(apparent, 10_000);
+    }
+}

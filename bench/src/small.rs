@@ -1,0 +1,772 @@
+//! Measurements 1 to 4, on one small server with one real agent, next to the baseline service.
+//!
+//! The agent holds one entry, `spiffe://bench.example/workload`, granted to this process's
+//! `unix:uid` (no `unix:sha256` selector anywhere, so its attestation never hashes).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use rcgen::KeyPair;
+use sigil_attestors::unix::{Credentials, UnixAttestor};
+use sigil_proto::admin::admin_client::AdminClient;
+use sigil_proto::admin::{self, DeleteEntryRequest, UpdateEntryRequest};
+use sigil_proto::node::{BatchNewX509svidRequest, NewX509svidParams, x509svid_result};
+use sigil_proto::workload::{JwtsvidRequest, X509svidRequest, X509svidResponse};
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+use tonic::transport::Channel;
+
+use crate::Harness;
+use crate::children::FRONT_DOOR_BOUND;
+use crate::clients::{self, SimAgent, TRUST_DOMAIN};
+use crate::crypto;
+use crate::report::{self, Percentiles, Row, bytes, duration, rate};
+use crate::topology::{AgentHandle, BaselineHandle, ServerHandle};
+
+/// CSRs per `BatchNewX509SVID` call in the issuance load (the agent's own batch size).
+const ISSUANCE_BATCH: usize = 100;
+
+/// Calls in flight at once in the issuance load.
+const ISSUANCE_CALLERS: usize = 4;
+
+/// The longest any single wait for a stream message may take.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the scale test reuses from this part of the run.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Facts {
+    /// Resident memory of an agent holding one SVID, with no workload connected yet.
+    pub(crate) agent_rss_one_svid: Option<u64>,
+    /// DER bytes of one cached SVID: chain, key and the bundle the agent hands out with it.
+    pub(crate) svid_der_bytes: Option<usize>,
+}
+
+/// Runs the sections of `only` among issuance, latency, concurrency and propagation.
+pub(crate) async fn run(h: &mut Harness, only: &BTreeSet<String>) -> anyhow::Result<Facts> {
+    let mut facts = Facts::default();
+    if !["issuance", "latency", "concurrency", "propagation"]
+        .iter()
+        .any(|s| only.contains(*s))
+    {
+        return Ok(facts);
+    }
+    let dir = h.dir.path().join("small");
+    let (server, took) = ServerHandle::start(&dir.join("server")).await?;
+    h.note(&format!("server up in {}", duration(took)));
+    let mut admin = server.admin().await?;
+    let bundle = clients::bundle(&mut admin).await?;
+    let baseline = BaselineHandle::start(&dir.join("baseline")).await?;
+
+    let (token, agent_id) = clients::join_token(&mut admin).await?;
+    let workload_entry = clients::create_entries(
+        &mut admin,
+        vec![clients::entry(
+            &format!("spiffe://{TRUST_DOMAIN}/workload"),
+            &agent_id,
+            &[h.uid_selector()],
+        )],
+    )
+    .await?
+    .into_iter()
+    .next()
+    .context("no entry created")?;
+    let mut agent = AgentHandle::spawn(&dir.join("agent"), &server, &bundle, &token)?;
+    agent.wait_socket(Duration::from_secs(60)).await?;
+    let first = wait_for_identity(&agent, &workload_entry.spiffe_id, Duration::from_secs(60))
+        .await
+        .context("the agent never served the workload its SVID")?;
+    // Settle, then the memory of an agent that holds one SVID and has served one fetch.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    facts.agent_rss_one_svid = Some(agent.process.rss()?);
+    facts.svid_der_bytes = first
+        .svids
+        .first()
+        .map(|s| s.x509_svid.len() + s.x509_svid_key.len());
+    h.note("server, agent and baseline service up; the workload has its SVID");
+
+    let mut ctx = Small {
+        server,
+        admin,
+        agent,
+        baseline,
+        agent_id,
+        workload_entry,
+    };
+    if only.contains("issuance") {
+        issuance(h, &mut ctx, &bundle).await?;
+    }
+    if only.contains("latency") {
+        latency(h, &ctx).await?;
+        attestation(h).await?;
+    }
+    if only.contains("concurrency") {
+        concurrency(h, &mut ctx).await?;
+    }
+    if only.contains("propagation") {
+        propagation(h, &mut ctx).await?;
+    }
+    let Small {
+        server,
+        agent,
+        baseline,
+        ..
+    } = ctx;
+    agent.stop().await?;
+    baseline.stop().await?;
+    server.stop().await?;
+    Ok(facts)
+}
+
+/// The processes and entries the small measurements share.
+#[derive(Debug)]
+pub(crate) struct Small {
+    server: ServerHandle,
+    admin: AdminClient<Channel>,
+    agent: AgentHandle,
+    baseline: BaselineHandle,
+    agent_id: String,
+    workload_entry: admin::Entry,
+}
+
+/// Measurement 1, issuance: X509-SVIDs per server CPU-second through `BatchNewX509SVID`.
+pub(crate) async fn issuance(
+    h: &mut Harness,
+    ctx: &mut Small,
+    bundle: &sigil_core::X509Bundle,
+) -> anyhow::Result<()> {
+    h.note("issuance: attesting a simulated agent and registering its entries");
+    let (token, _) = clients::join_token(&mut ctx.admin).await?;
+    let mut attest = clients::node(ctx.server.addr, bundle, None).await?;
+    let sim = SimAgent::attest(&mut attest, &token).await?;
+    let entries: Vec<admin::Entry> = (0..ISSUANCE_BATCH)
+        .map(|i| {
+            clients::entry(
+                &format!("spiffe://{TRUST_DOMAIN}/issue/{i}"),
+                sim.id.as_str(),
+                // Selectors no local workload has: these entries only feed the load.
+                &[format!("unix:uid:{}", 2_000_000 + i)],
+            )
+        })
+        .collect();
+    let created = clients::create_entries(&mut ctx.admin, entries).await?;
+    let mut params = Vec::with_capacity(created.len());
+    for entry in &created {
+        params.push(NewX509svidParams {
+            entry_id: entry.id.clone(),
+            csr: clients::csr(&KeyPair::generate()?)?,
+        });
+    }
+    let client = sim.client(ctx.server.addr, bundle).await?;
+    // Warm-up, and a check that every CSR is signed.
+    let warm = client
+        .clone()
+        .batch_new_x509svid(BatchNewX509svidRequest {
+            params: params.clone(),
+        })
+        .await?
+        .into_inner();
+    if let Some(refused) = warm.results.iter().find_map(|r| match &r.result {
+        Some(x509svid_result::Result::Svid(_)) => None,
+        Some(x509svid_result::Result::Error(e)) => Some(e.message.clone()),
+        None => Some("no result".into()),
+    }) {
+        bail!("the server refused an authorized entry: {refused}");
+    }
+
+    let crypto_time = h.plan.crypto_time;
+    let before =
+        tokio::task::spawn_blocking(move || crypto::verify_sign_pairs_per_second(crypto_time))
+            .await??;
+    h.note(&format!(
+        "issuance: {ISSUANCE_CALLERS} callers x {ISSUANCE_BATCH} CSRs per call for {:?}",
+        h.plan.issuance_time
+    ));
+    let cpu_before = ctx.server.process.cpu()?;
+    let client_cpu_before = crate::procs::cpu_of(std::process::id())?;
+    let started = Instant::now();
+    let deadline = started + h.plan.issuance_time;
+    let params = Arc::new(params);
+    // One connection per caller, as separate agents would have.
+    let mut clients = vec![client];
+    for _ in 1..ISSUANCE_CALLERS {
+        clients.push(sim.client(ctx.server.addr, bundle).await?);
+    }
+    let mut callers = JoinSet::new();
+    for mut client in clients {
+        let params = Arc::clone(&params);
+        callers.spawn(async move {
+            let (mut signed, mut refused) = (0u64, 0u64);
+            // Bounded in time, and in calls.
+            for _ in 0..1_000_000u32 {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let results = client
+                    .batch_new_x509svid(BatchNewX509svidRequest {
+                        params: params.as_ref().clone(),
+                    })
+                    .await?
+                    .into_inner()
+                    .results;
+                for result in results {
+                    match result.result {
+                        Some(x509svid_result::Result::Svid(_)) => signed += 1,
+                        _ => refused += 1,
+                    }
+                }
+            }
+            anyhow::Ok((signed, refused))
+        });
+    }
+    let (mut signed, mut refused) = (0u64, 0u64);
+    while let Some(joined) = callers.join_next().await {
+        let (s, r) = joined??;
+        signed += s;
+        refused += r;
+    }
+    let wall = started.elapsed();
+    let cpu = ctx.server.process.cpu()?.saturating_sub(cpu_before);
+    let client_cpu = crate::procs::cpu_of(std::process::id())?.saturating_sub(client_cpu_before);
+    let after =
+        tokio::task::spawn_blocking(move || crypto::verify_sign_pairs_per_second(crypto_time))
+            .await??;
+    if refused > 0 {
+        bail!("{refused} of {} CSRs refused under load", signed + refused);
+    }
+    let baseline = (before + after) / 2.0;
+    let per_cpu_second = signed as f64 / cpu.as_secs_f64().max(1e-3);
+    let ratio = per_cpu_second / baseline;
+    h.rows.push(
+        Row::info(
+            "1. Issuance: X509-SVIDs per server CPU-second (BatchNewX509SVID over mTLS, 100 CSRs/call: CSR check, template, sign, audit record durable)",
+            rate(per_cpu_second),
+            format!(
+                "ring P-256 verify+sign pairs, 1 core: {} (before {}, after {})",
+                rate(baseline),
+                rate(before),
+                rate(after),
+            ),
+            Some(ratio),
+        )
+        .target("≥ 0.5", ratio >= 0.5),
+    );
+    h.rows.push(Row::info(
+        "1. Issuance: X509-SVIDs per second, wall clock (server and client share 2 cores)",
+        format!(
+            "{} ({signed} in {}; CPU: server {}, harness client {})",
+            rate(signed as f64 / wall.as_secs_f64()),
+            duration(wall),
+            duration(cpu),
+            duration(client_cpu)
+        ),
+        format!("ring pairs, 1 core: {}", rate(baseline)),
+        Some(signed as f64 / wall.as_secs_f64() / baseline),
+    ));
+    Ok(())
+}
+
+/// Measurement 2, Workload API latency: first `FetchX509SVID` message on a fresh connection,
+/// against a bare unary call on a fresh connection; JWT-SVID fetches.
+pub(crate) async fn latency(h: &mut Harness, ctx: &Small) -> anyhow::Result<()> {
+    let n = h.plan.latency_connections;
+    h.note(&format!(
+        "latency: {n} fresh connections each to the agent, the plain baseline and the front door"
+    ));
+    let deadline = h.phase_deadline(Duration::from_secs(if h.plan.quick { 10 } else { 60 }));
+    // Warm-up: the first connections pay for page faults and lazy set-up.
+    for _ in 0..20 {
+        first_message(&ctx.agent.socket).await?;
+        bare_unary(&ctx.baseline.plain).await?;
+        bare_unary(&ctx.baseline.front_door).await?;
+    }
+    let (mut ours, mut plain, mut front) = (Vec::new(), Vec::new(), Vec::new());
+    // Interleaved, so that the three series share whatever else the machine is doing.
+    for _ in 0..n {
+        if Instant::now() > deadline {
+            break;
+        }
+        let t = Instant::now();
+        first_message(&ctx.agent.socket).await?;
+        ours.push(t.elapsed());
+        let t = Instant::now();
+        bare_unary(&ctx.baseline.plain).await?;
+        plain.push(t.elapsed());
+        let t = Instant::now();
+        bare_unary(&ctx.baseline.front_door).await?;
+        front.push(t.elapsed());
+    }
+    let ours = Percentiles::of(&ours).context("no latency sample")?;
+    let plain = Percentiles::of(&plain).context("no latency sample")?;
+    let front = Percentiles::of(&front).context("no latency sample")?;
+    // The baseline goes through the listener type the agent serves on: the front door once
+    // `agent::run` binds it (it logs so), else tokio's plain `UnixListener`.
+    let agent_uses_front_door = ctx.agent.process.log_count(FRONT_DOOR_BOUND) > 0;
+    let (same, same_name, other, other_name) = if agent_uses_front_door {
+        (
+            front,
+            "front-door WorkloadListener",
+            plain,
+            "plain tokio UnixListener",
+        )
+    } else {
+        (
+            plain,
+            "plain tokio UnixListener",
+            front,
+            "front-door WorkloadListener",
+        )
+    };
+    let p50_ratio = report::ratio(ours.p50, same.p50);
+    h.rows.push(
+        Row::info(
+            format!("2. Workload API: fresh connection to first FetchX509SVID message (unix:uid, cached SVID; agent listener: {same_name})"),
+            ours.text(),
+            format!(
+                "bare unary call, fresh connection, trivial tonic service, same listener type: {}",
+                same.text()
+            ),
+            p50_ratio,
+        )
+        .target("p50 ratio ≤ 2", p50_ratio.is_some_and(|r| r <= 2.0)),
+    );
+    h.rows.push(Row::info(
+        "2. Workload API: the same, p99",
+        duration(ours.p99),
+        format!("bare unary p99: {}", duration(same.p99)),
+        report::ratio(ours.p99, same.p99),
+    ));
+    h.rows.push(Row::info(
+        format!("2. Bare unary call through the other listener type ({other_name})"),
+        other.text(),
+        format!("{same_name}: p50 {}", duration(same.p50)),
+        report::ratio(other.p50, same.p50),
+    ));
+
+    // JWT-SVIDs: one audience (the agent's cache answers after the first), then a new audience
+    // per call (the server signs each).
+    let jwt_deadline = h.phase_deadline(Duration::from_secs(if h.plan.quick { 5 } else { 30 }));
+    fetch_jwt(&ctx.agent.socket, "bench-cached").await?;
+    let mut cached = Vec::new();
+    for _ in 0..h.plan.jwt_cached {
+        if Instant::now() > jwt_deadline {
+            break;
+        }
+        let t = Instant::now();
+        fetch_jwt(&ctx.agent.socket, "bench-cached").await?;
+        cached.push(t.elapsed());
+    }
+    let mut signed = Vec::new();
+    for i in 0..h.plan.jwt_signed {
+        if Instant::now() > jwt_deadline {
+            break;
+        }
+        let t = Instant::now();
+        fetch_jwt(&ctx.agent.socket, &format!("bench-{i}")).await?;
+        signed.push(t.elapsed());
+    }
+    let cached = Percentiles::of(&cached).context("no JWT sample")?;
+    let signed = Percentiles::of(&signed).context("no JWT sample")?;
+    h.rows.push(Row::info(
+        "2. FetchJWTSVID, fresh connection, audience cached by the agent",
+        cached.text(),
+        format!("bare unary: p50 {}", duration(same.p50)),
+        report::ratio(cached.p50, same.p50),
+    ));
+    h.rows.push(Row::info(
+        "2. FetchJWTSVID, fresh connection, new audience (the server signs: agent -> node API -> audit)",
+        signed.text(),
+        format!("bare unary: p50 {}", duration(same.p50)),
+        report::ratio(signed.p50, same.p50),
+    ));
+    Ok(())
+}
+
+/// Measurement 2, attestation: `unix:sha256` attestation of this process, cold (hashes the
+/// executable) and cached.
+pub(crate) async fn attestation(h: &mut Harness) -> anyhow::Result<()> {
+    let plan = h.plan.clone();
+    let creds = Credentials {
+        uid: h.uid,
+        gid: h.gid,
+        pid: Some(i32::try_from(std::process::id())?),
+    };
+    h.note("attestation: unix:sha256 cold and cached");
+    let exe = PathBuf::from("/proc/self/exe");
+    let size = std::fs::metadata(&exe)?.len();
+    let (cold, hash, cached, plain) = tokio::task::spawn_blocking(move || {
+        let (mut cold, mut hash, mut cached, mut plain) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..plan.sha256_cold {
+            let attestor = UnixAttestor::new();
+            let t = Instant::now();
+            let selectors = attestor.attest(creds, true)?;
+            cold.push(t.elapsed());
+            if !selectors
+                .iter()
+                .any(|s| s.to_string().starts_with("unix:sha256:"))
+            {
+                bail!("no unix:sha256 selector (the executable is above the size limit?)");
+            }
+            hash.push(crypto::read_and_hash(&exe)?);
+        }
+        let attestor = UnixAttestor::new();
+        attestor.attest(creds, true)?;
+        for _ in 0..plan.attest_cached {
+            let t = Instant::now();
+            attestor.attest(creds, true)?;
+            cached.push(t.elapsed());
+            let t = Instant::now();
+            attestor.attest(creds, false)?;
+            plain.push(t.elapsed());
+        }
+        anyhow::Ok((cold, hash, cached, plain))
+    })
+    .await??;
+    let cold = Percentiles::of(&cold).context("no sample")?;
+    let hash = Percentiles::of(&hash).context("no sample")?;
+    let cached = Percentiles::of(&cached).context("no sample")?;
+    let plain = Percentiles::of(&plain).context("no sample")?;
+    h.rows.push(Row::info(
+        format!(
+            "2. unix:sha256 attestation, cold (hashes the {} executable)",
+            bytes(size as f64)
+        ),
+        format!("p50 {}", duration(cold.p50)),
+        format!(
+            "read + SHA-256 of the same file (ring): p50 {}",
+            duration(hash.p50)
+        ),
+        report::ratio(cold.p50, hash.p50),
+    ));
+    h.rows.push(Row::info(
+        "2. unix:sha256 attestation, cached (same file identity)",
+        format!("p50 {}", duration(cached.p50)),
+        format!(
+            "unix attestation without sha256 (uid, gid, names, path): p50 {}",
+            duration(plain.p50)
+        ),
+        report::ratio(cached.p50, plain.p50),
+    ));
+    Ok(())
+}
+
+/// Measurement 3, concurrency: memory per open stream and the time to push one rotation to all
+/// of them.
+pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Result<()> {
+    let n = h.plan.streams;
+    let deadline = h.phase_deadline(Duration::from_secs(if h.plan.quick { 15 } else { 120 }));
+    h.note("concurrency: one stream, rotations pushed to it");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let one = hold_stream(&ctx.agent.socket, 0, tx.clone()).await?;
+    let mut single = Vec::new();
+    for k in 0..h.plan.pushes {
+        if Instant::now() > deadline {
+            break;
+        }
+        drain(&mut rx);
+        let t = Instant::now();
+        rotate(&mut ctx.admin, &mut ctx.workload_entry, &format!("one-{k}")).await?;
+        let (_, at) = tokio::time::timeout(MESSAGE_TIMEOUT, rx.recv())
+            .await
+            .context("the rotation never reached the stream")?
+            .context("stream task gone")?;
+        single.push(at.saturating_duration_since(t));
+    }
+    one.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    h.note(&format!(
+        "concurrency: opening {n} streams on the agent and on the baseline"
+    ));
+    let agent_before = ctx.agent.process.rss()?;
+    let baseline_before = ctx.baseline.process.rss()?;
+    let mut streams = Vec::with_capacity(n);
+    let mut base_streams = Vec::with_capacity(n);
+    for i in 0..n {
+        if Instant::now() > deadline {
+            break;
+        }
+        streams.push(hold_stream(&ctx.agent.socket, i, tx.clone()).await?);
+        let (base_tx, _) = mpsc::unbounded_channel();
+        base_streams.push(hold_stream(&ctx.baseline.plain, i, base_tx).await?);
+    }
+    let opened = streams.len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let agent_after = ctx.agent.process.rss()?;
+    let baseline_after = ctx.baseline.process.rss()?;
+    let per_stream = agent_after.saturating_sub(agent_before) as f64 / opened.max(1) as f64;
+    let base_per_stream =
+        baseline_after.saturating_sub(baseline_before) as f64 / opened.max(1) as f64;
+
+    h.note(&format!(
+        "concurrency: pushing rotations to {opened} streams"
+    ));
+    let mut fanout = Vec::new();
+    for k in 0..h.plan.pushes {
+        if Instant::now() > deadline {
+            break;
+        }
+        drain(&mut rx);
+        let t = Instant::now();
+        rotate(&mut ctx.admin, &mut ctx.workload_entry, &format!("all-{k}")).await?;
+        let mut seen = vec![false; opened];
+        let mut count = 0;
+        let mut last = t;
+        let wait_until = Instant::now() + Duration::from_secs(30);
+        while count < opened {
+            let left = wait_until.saturating_duration_since(Instant::now());
+            let (i, at) = tokio::time::timeout(left, rx.recv())
+                .await
+                .with_context(|| format!("the rotation reached {count} of {opened} streams"))?
+                .context("stream tasks gone")?;
+            if let Some(slot) = seen.get_mut(i)
+                && !*slot
+            {
+                *slot = true;
+                count += 1;
+                last = last.max(at);
+            }
+        }
+        fanout.push(last.saturating_duration_since(t));
+    }
+    for s in streams.iter().chain(&base_streams) {
+        s.abort();
+    }
+    let single = Percentiles::of(&single).context("no push sample")?;
+    let fanout = Percentiles::of(&fanout).context("no push sample")?;
+    h.rows.push(Row::info(
+        format!(
+            "3. Agent memory per open FetchX509SVID stream ({opened} streams, one connection each)"
+        ),
+        format!(
+            "{} ({} -> {} RSS)",
+            bytes(per_stream),
+            bytes(agent_before as f64),
+            bytes(agent_after as f64)
+        ),
+        format!(
+            "trivial tonic streaming service, same streams: {}",
+            bytes(base_per_stream)
+        ),
+        (base_per_stream > 0.0).then(|| per_stream / base_per_stream),
+    ));
+    h.rows.push(Row::info(
+        format!("3. One rotation (entry update: agent re-mints) pushed to all {opened} streams"),
+        format!("median {} (n={})", duration(fanout.p50), fanout.count),
+        format!(
+            "the same rotation to one stream: median {}",
+            duration(single.p50)
+        ),
+        report::ratio(fanout.p50, single.p50),
+    ));
+    Ok(())
+}
+
+/// Measurement 4, propagation: entry created (deleted) through the admin API until an open
+/// workload stream holds (no longer holds) its SVID.
+pub(crate) async fn propagation(h: &mut Harness, ctx: &mut Small) -> anyhow::Result<()> {
+    let n = h.plan.propagation_trials;
+    h.note(&format!("propagation: {n} create and delete trials"));
+    let deadline = h.phase_deadline(Duration::from_secs(if h.plan.quick { 10 } else { 90 }));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<String>)>();
+    let mut client = clients::workload(ctx.agent.socket.clone()).await?;
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await?
+        .into_inner();
+    let watcher = tokio::spawn(async move {
+        let _client = client;
+        while let Ok(Some(message)) = stream.message().await {
+            let ids = message.svids.into_iter().map(|s| s.spiffe_id).collect();
+            if tx.send((Instant::now(), ids)).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut create, mut delete, mut create_rpc, mut delete_rpc) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut missed = 0usize;
+    for k in 0..n {
+        if Instant::now() > deadline {
+            break;
+        }
+        let id = format!("spiffe://{TRUST_DOMAIN}/propagation/{k}");
+        drain(&mut rx);
+        let t = Instant::now();
+        let created = clients::create_entries(
+            &mut ctx.admin,
+            vec![clients::entry(&id, &ctx.agent_id, &[h.uid_selector()])],
+        )
+        .await?
+        .into_iter()
+        .next()
+        .context("no entry created")?;
+        create_rpc.push(t.elapsed());
+        match wait_ids(&mut rx, |ids| ids.contains(&id)).await {
+            Some(at) => create.push(at.saturating_duration_since(t)),
+            None => missed += 1,
+        }
+        drain(&mut rx);
+        let t = Instant::now();
+        ctx.admin
+            .delete_entry(DeleteEntryRequest { id: created.id })
+            .await?;
+        delete_rpc.push(t.elapsed());
+        match wait_ids(&mut rx, |ids| !ids.contains(&id)).await {
+            Some(at) => delete.push(at.saturating_duration_since(t)),
+            None => missed += 1,
+        }
+    }
+    watcher.abort();
+    if missed > 0 {
+        h.note(&format!(
+            "propagation: {missed} changes never reached the stream within {MESSAGE_TIMEOUT:?}"
+        ));
+    }
+    for (what, samples, rpc, call) in [
+        ("created", &create, &create_rpc, "CreateEntries"),
+        ("deleted", &delete, &delete_rpc, "DeleteEntry"),
+    ] {
+        let ours = Percentiles::of(samples).context("no propagation sample")?;
+        let rpc = Percentiles::of(rpc).context("no propagation sample")?;
+        let met = missed == 0 && ours.p99 < Duration::from_secs(1);
+        h.rows.push(
+            Row::info(
+                format!("4. Propagation: entry {what} (admin API) until the open workload stream shows it"),
+                ours.text(),
+                format!("the admin {call} round trip alone (durable): p50 {}", duration(rpc.p50)),
+                report::ratio(ours.p50, rpc.p50),
+            )
+            .target(
+                if missed > 0 {
+                    format!("p99 < 1 s ({missed} missed)")
+                } else {
+                    "p99 < 1 s".into()
+                },
+                met,
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Waits for the first message whose SPIFFE IDs satisfy `wanted`; its arrival time.
+async fn wait_ids(
+    rx: &mut mpsc::UnboundedReceiver<(Instant, Vec<String>)>,
+    wanted: impl Fn(&[String]) -> bool,
+) -> Option<Instant> {
+    let until = Instant::now() + MESSAGE_TIMEOUT;
+    // Bounded by the timeout; and by a message count far above what one change produces.
+    for _ in 0..10_000 {
+        let left = until.saturating_duration_since(Instant::now());
+        let (at, ids) = tokio::time::timeout(left, rx.recv()).await.ok()??;
+        if wanted(&ids) {
+            return Some(at);
+        }
+    }
+    None
+}
+
+/// Drops whatever a channel holds.
+fn drain<T>(rx: &mut mpsc::UnboundedReceiver<T>) {
+    while rx.try_recv().is_ok() {}
+}
+
+/// Updates the entry's hint: the agent re-mints its SVID and pushes it to every stream.
+async fn rotate(
+    admin: &mut AdminClient<Channel>,
+    entry: &mut admin::Entry,
+    hint: &str,
+) -> anyhow::Result<()> {
+    let mut next = entry.clone();
+    next.hint = hint.to_owned();
+    *entry = admin
+        .update_entry(UpdateEntryRequest { entry: Some(next) })
+        .await?
+        .into_inner();
+    Ok(())
+}
+
+/// Opens a `FetchX509SVID` stream on a connection of its own, waits for its first message, and
+/// reports each later message as `(index, arrival)` until aborted.
+async fn hold_stream(
+    socket: &Path,
+    index: usize,
+    tx: mpsc::UnboundedSender<(usize, Instant)>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let mut client = clients::workload(socket.to_owned()).await?;
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await?
+        .into_inner();
+    tokio::time::timeout(MESSAGE_TIMEOUT, stream.message())
+        .await
+        .context("no first message")??
+        .context("the stream ended at once")?;
+    Ok(tokio::spawn(async move {
+        let _client = client;
+        while let Ok(Some(_)) = stream.message().await {
+            if tx.send((index, Instant::now())).is_err() {
+                break;
+            }
+        }
+    }))
+}
+
+/// A fresh connection, `FetchX509SVID`, its first message.
+async fn first_message(socket: &Path) -> anyhow::Result<X509svidResponse> {
+    let mut client = clients::workload(socket.to_owned()).await?;
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await?
+        .into_inner();
+    stream.message().await?.context("the stream ended at once")
+}
+
+/// A fresh connection and one unary call (`FetchJWTSVID`, answered statically by the baseline).
+async fn bare_unary(socket: &Path) -> anyhow::Result<()> {
+    fetch_jwt(socket, "bench").await
+}
+
+/// A fresh connection and a `FetchJWTSVID` for `audience`.
+async fn fetch_jwt(socket: &Path, audience: &str) -> anyhow::Result<()> {
+    let mut client = clients::workload(socket.to_owned()).await?;
+    let answer = client
+        .fetch_jwtsvid(JwtsvidRequest {
+            audience: vec![audience.to_owned()],
+            spiffe_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    if answer.svids.is_empty() {
+        bail!("no JWT-SVID in the answer");
+    }
+    Ok(())
+}
+
+/// Polls the agent with fresh `FetchX509SVID` calls until the answer holds `spiffe_id`.
+pub(crate) async fn wait_for_identity(
+    agent: &AgentHandle,
+    spiffe_id: &str,
+    timeout: Duration,
+) -> anyhow::Result<X509svidResponse> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = String::from("no answer");
+    while Instant::now() < deadline {
+        match first_message(&agent.socket).await {
+            Ok(message) if message.svids.iter().any(|s| s.spiffe_id == spiffe_id) => {
+                return Ok(message);
+            }
+            Ok(_) => last_error = format!("{spiffe_id} not in the answer"),
+            Err(e) => last_error = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!(
+        "{spiffe_id} not served within {timeout:?} (last: {last_error}); agent log:\n{}",
+        agent.process.log_tail()
+    )
+}

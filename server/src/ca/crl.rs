@@ -1,0 +1,104 @@
+//! Certificate revocation lists: one per X.509 authority, signed by that authority.
+
+use std::time::SystemTime;
+
+use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+
+use super::{Ca, CaError};
+
+/// A serial to list, and which authority's CRL lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedSerial {
+    /// The serial number, lowercase hex.
+    pub serial: String,
+    /// When it was revoked.
+    pub revoked_at: SystemTime,
+    /// The authority that signed the certificate; `None` lists it on every authority's CRL.
+    pub authority_id: Option<String>,
+}
+
+/// A CRL just signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedCrl {
+    /// The signing authority's id.
+    pub authority_id: String,
+    /// The CRL, DER.
+    pub der: Vec<u8>,
+    /// Its CRL number.
+    pub crl_number: u64,
+    /// thisUpdate.
+    pub this_update: SystemTime,
+    /// nextUpdate.
+    pub next_update: SystemTime,
+    /// The serials it lists, lowercase hex.
+    pub revoked_serials: Vec<String>,
+}
+
+// === impl Ca ===
+
+impl Ca {
+    /// Signs one CRL per X.509 authority in the bundle, each listing the serials revoked under
+    /// it (and those with no authority), numbered `crl_number`, valid from `now` to
+    /// `next_update`.
+    ///
+    /// # Errors
+    ///
+    /// [`CaError::Certificate`] when a serial is not hex or signing fails.
+    pub fn sign_crls(
+        &self,
+        revoked: &[RevokedSerial],
+        crl_number: u64,
+        now: SystemTime,
+        next_update: SystemTime,
+    ) -> Result<Vec<SignedCrl>, CaError> {
+        let authorities = self.snapshot();
+        let mut out = Vec::with_capacity(authorities.x509.len());
+        for slot in &authorities.x509 {
+            let authority = &slot.authority;
+            let mine: Vec<&RevokedSerial> = revoked
+                .iter()
+                .filter(|r| {
+                    r.authority_id
+                        .as_deref()
+                        .is_none_or(|id| id == authority.id)
+                })
+                .collect();
+            let mut revoked_certs = Vec::with_capacity(mine.len());
+            for r in &mine {
+                let bytes =
+                    crate::store::hex_decode(&r.serial).ok_or_else(|| CaError::Certificate {
+                        reason: format!("revoked serial {:?} is not lowercase hex", r.serial),
+                    })?;
+                revoked_certs.push(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&bytes),
+                    revocation_time: r.revoked_at.into(),
+                    reason_code: None,
+                    invalidity_date: None,
+                });
+            }
+            let params = CertificateRevocationListParams {
+                this_update: now.into(),
+                next_update: next_update.into(),
+                crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
+                issuing_distribution_point: None,
+                revoked_certs,
+                key_identifier_method: KeyIdMethod::Sha256,
+            };
+            let crl = params
+                .signed_by(&authority.issuer)
+                .map_err(|e| CaError::Certificate {
+                    reason: format!("crl of authority {}: {e}", authority.id),
+                })?;
+            out.push(SignedCrl {
+                authority_id: authority.id.clone(),
+                der: crl.der().to_vec(),
+                crl_number,
+                this_update: now,
+                next_update,
+                revoked_serials: mine.iter().map(|r| r.serial.clone()).collect(),
+            });
+        }
+        tracing::debug!(crl_number, crls = out.len(), "crls signed");
+        Ok(out)
+    }
+}

@@ -1,0 +1,158 @@
+//! The certificate revocation lists the server publishes: one per X.509 authority, re-signed
+//! whenever the revoked serials or the authorities change, and every [`CRL_REFRESH`] so that
+//! `nextUpdate` ([`CRL_VALIDITY`] after `thisUpdate`) never passes while the server runs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Mutex, watch};
+use tracing::{info, warn};
+
+use crate::ca::{Ca, CaError, RevokedSerial, SignedCrl};
+use crate::store::{Store, StoreError};
+
+/// How long a CRL is valid (`nextUpdate - thisUpdate`).
+pub const CRL_VALIDITY: Duration = Duration::from_secs(3600);
+
+/// How often the CRLs are re-signed when nothing changed.
+pub const CRL_REFRESH: Duration = Duration::from_secs(20 * 60);
+
+/// The CRLs at one moment; `generation` increases with every publication.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CrlSet {
+    /// Increases by one with every publication (0: nothing published yet).
+    pub generation: u64,
+    /// One per X.509 authority.
+    pub crls: Vec<SignedCrl>,
+}
+
+/// Why the CRLs could not be published.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CrlError {
+    /// Reading or pruning the revoked serials failed.
+    #[error("cannot read the revoked serials: {0}")]
+    Store(#[from] StoreError),
+    /// Signing failed.
+    #[error("cannot sign the crls: {0}")]
+    Sign(#[from] CaError),
+}
+
+/// Signs and publishes the CRLs; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct CrlPublisher {
+    ca: Arc<Ca>,
+    store: Arc<dyn Store>,
+    tx: watch::Sender<Arc<CrlSet>>,
+    last_number: AtomicU64,
+    publishing: Mutex<()>,
+}
+
+// === impl CrlSet ===
+
+impl CrlSet {
+    /// The CRLs, DER.
+    pub fn ders(&self) -> Vec<Vec<u8>> {
+        self.crls.iter().map(|c| c.der.clone()).collect()
+    }
+
+    /// True when some CRL lists a serial.
+    pub fn lists_anything(&self) -> bool {
+        self.crls.iter().any(|c| !c.revoked_serials.is_empty())
+    }
+}
+
+// === impl CrlPublisher ===
+
+impl CrlPublisher {
+    /// A publisher with nothing published yet.
+    pub fn new(ca: Arc<Ca>, store: Arc<dyn Store>) -> Self {
+        let (tx, _) = watch::channel(Arc::new(CrlSet::default()));
+        Self {
+            ca,
+            store,
+            tx,
+            last_number: AtomicU64::new(0),
+            publishing: Mutex::new(()),
+        }
+    }
+
+    /// A receiver of every publication.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<CrlSet>> {
+        self.tx.subscribe()
+    }
+
+    /// The CRLs published last.
+    pub fn current(&self) -> Arc<CrlSet> {
+        self.tx.borrow().clone()
+    }
+
+    /// Drops revocations of expired certificates, signs fresh CRLs and publishes them.
+    ///
+    /// The CRL number is the time in milliseconds since the Unix epoch, or one more than the
+    /// previous number if the clock has not moved past it: it increases across restarts as
+    /// long as the clock does not step back.
+    ///
+    /// # Errors
+    ///
+    /// [`CrlError`]: the previous CRLs stay published.
+    pub async fn publish(&self, now: SystemTime) -> Result<Arc<CrlSet>, CrlError> {
+        let _guard = self.publishing.lock().await;
+        self.store.prune_revocations(now).await?;
+        let revoked: Vec<RevokedSerial> = self
+            .store
+            .list_revocations()
+            .await?
+            .into_iter()
+            .map(|r| RevokedSerial {
+                serial: r.serial,
+                revoked_at: r.revoked_at,
+                authority_id: r.authority_id,
+            })
+            .collect();
+        let millis = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let previous = self.last_number.load(Ordering::SeqCst);
+        let number = millis.max(previous.saturating_add(1));
+        self.last_number.store(number, Ordering::SeqCst);
+        let crls = self
+            .ca
+            .sign_crls(&revoked, number, now, now + CRL_VALIDITY)?;
+        let generation = self.tx.borrow().generation + 1;
+        let set = Arc::new(CrlSet { generation, crls });
+        self.tx.send_replace(set.clone());
+        info!(
+            crl_number = number,
+            revoked = revoked.len(),
+            "certificate revocation lists published"
+        );
+        Ok(set)
+    }
+
+    /// Re-publishes every [`CRL_REFRESH`] and whenever `bundle` (the bundle sequence) changes,
+    /// until `shutdown` turns true.
+    pub async fn run(
+        self: Arc<Self>,
+        mut bundle: watch::Receiver<u64>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut bundle_open = true;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(CRL_REFRESH) => {}
+                changed = bundle.changed(), if bundle_open => {
+                    if changed.is_err() {
+                        bundle_open = false;
+                        continue;
+                    }
+                }
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            if let Err(error) = self.publish(SystemTime::now()).await {
+                warn!(%error, "cannot refresh the crls; the previous ones stay published");
+            }
+        }
+    }
+}
