@@ -532,6 +532,25 @@ impl TestAgentProcess {
         }
     }
 
+    /// Sends a signal to the agent and waits (at most `timeout`) for it to exit; returns the
+    /// status and how long it took.
+    pub fn signal(&mut self, signal: &str, timeout: Duration) -> (ExitStatus, Duration) {
+        let pid = self.child.as_ref().expect("agent not running").id();
+        let start = Instant::now();
+        assert!(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = self
+            .wait_exit(timeout)
+            .unwrap_or_else(|| panic!("agent did not exit within {timeout:?} of SIG{signal}"));
+        (status, start.elapsed())
+    }
+
     /// Waits for the agent to exit on its own (at most `timeout`).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;

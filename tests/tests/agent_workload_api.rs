@@ -494,3 +494,20 @@ async fn the_spiffe_crate_fetches_from_the_agent_unmodified() {
             .is_some()
     );
 }
+
+#[tokio::test]
+async fn sigterm_closes_the_socket_and_exits_within_five_seconds_with_streams_open() {
+    let (_server, mut agent) = setup("").await;
+    first_x509(&agent).await;
+    let mut client = workload_client(agent.socket()).await;
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    let (status, took) = agent.signal("TERM", Duration::from_secs(10));
+    assert!(status.success(), "{status:?}\n{}", agent.log_text());
+    assert!(took <= Duration::from_secs(6), "took {took:?}");
+    assert!(!agent.socket().exists(), "the socket is removed");
+}
