@@ -64,7 +64,7 @@ const SECTIONS: [&str; 5] = ["issuance", "latency", "concurrency", "propagation"
 pub(crate) struct Plan {
     /// `--quick`.
     pub(crate) quick: bool,
-    /// How long the issuance load runs.
+    /// How long each issuance load runs (one agent, then several).
     pub(crate) issuance_time: Duration,
     /// How long each crypto baseline runs (once before, once after what it is compared with).
     pub(crate) crypto_time: Duration,
@@ -103,7 +103,7 @@ impl Plan {
         if quick {
             Self {
                 quick,
-                issuance_time: Duration::from_secs(2),
+                issuance_time: Duration::from_millis(1500),
                 crypto_time: Duration::from_millis(500),
                 latency_connections: 100,
                 jwt_cached: 100,
@@ -122,7 +122,7 @@ impl Plan {
         } else {
             Self {
                 quick,
-                issuance_time: Duration::from_secs(10),
+                issuance_time: Duration::from_secs(8),
                 crypto_time: Duration::from_secs(3),
                 latency_connections: 1_000,
                 jwt_cached: 1_000,

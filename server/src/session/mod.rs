@@ -1,7 +1,7 @@
 //! Privileged sessions: a just-in-time, ticket-bound identity that ends on its own.
 //!
 //! A session is a registration entry with a purpose and an end (see `docs/sessions.md`). Its
-//! record ([`Session`](crate::store::Session)) goes through these states:
+//! record ([`crate::store::Session`]) goes through these states:
 //!
 //! ```text
 //! open ──(approval needed)──> pending ──approve──> active ──close──> closed
