@@ -156,10 +156,11 @@ async fn main() -> anyhow::Result<()> {
         "     serial   {}",
         leaf.raw_serial_as_string().replace(':', "")
     ))?;
+    let rfc3339 = sigil_core::time::format_rfc3339;
     say(&format!(
         "     valid    {} to {}",
-        leaf.validity().not_before,
-        leaf.validity().not_after
+        rfc3339(leaf.validity().not_before.timestamp()),
+        rfc3339(leaf.validity().not_after.timestamp())
     ))?;
     say(&format!("     issuer   {}", leaf.issuer()))?;
     say(&format!(
@@ -171,7 +172,10 @@ async fn main() -> anyhow::Result<()> {
         .expiry()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    say(&format!("     expires  {exp} (unix seconds)"))?;
+    say(&format!(
+        "     expires  {}",
+        rfc3339(i64::try_from(exp).unwrap_or(i64::MAX))
+    ))?;
     say(
         "Done: server, agent and workload all ran; everything was verified with the bundle alone.",
     )?;
