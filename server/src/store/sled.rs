@@ -916,19 +916,7 @@ impl Inner {
         filter: &SessionFilter,
         page: &PageRequest,
     ) -> Result<Page<Session>, StoreError> {
-        let start = match page.token.as_deref() {
-            Some(token) => {
-                let key = decode_page_token(token)?;
-                let valid = std::str::from_utf8(&key)
-                    .ok()
-                    .is_some_and(|s| SessionId::parse(s).is_ok());
-                if !valid {
-                    return Err(StoreError::InvalidPageToken);
-                }
-                Bound::Excluded(key)
-            }
-            None => Bound::Unbounded,
-        };
+        let start = page_start(page.token.as_deref(), |s| SessionId::parse(s).is_ok())?;
         let mut page = PageCollector::new(page.effective_size());
         for item in self
             .trees
@@ -1246,19 +1234,7 @@ impl Inner {
     }
 
     fn list_nodes(&self, page: &PageRequest) -> Result<Page<AttestedNode>, StoreError> {
-        let start = match page.token.as_deref() {
-            Some(token) => {
-                let key = decode_page_token(token)?;
-                let valid = std::str::from_utf8(&key)
-                    .ok()
-                    .is_some_and(|s| SpiffeId::new(s).is_ok());
-                if !valid {
-                    return Err(StoreError::InvalidPageToken);
-                }
-                Bound::Excluded(key)
-            }
-            None => Bound::Unbounded,
-        };
+        let start = page_start(page.token.as_deref(), |s| SpiffeId::new(s).is_ok())?;
         let mut page = PageCollector::new(page.effective_size());
         for item in self
             .trees
@@ -1765,6 +1741,23 @@ fn index_key(id: &SpiffeId, entry: &EntryId) -> Vec<u8> {
     let mut key = index_prefix(id);
     key.extend_from_slice(entry.as_str().as_bytes());
     key
+}
+
+/// Where a listing keyed by strings resumes: after the key in `token`, which must be one that
+/// `is_key` accepts (a token this store issued); from the start without a token.
+fn page_start(
+    token: Option<&str>,
+    is_key: impl Fn(&str) -> bool,
+) -> Result<Bound<Vec<u8>>, StoreError> {
+    let Some(token) = token else {
+        return Ok(Bound::Unbounded);
+    };
+    let key = decode_page_token(token)?;
+    if std::str::from_utf8(&key).is_ok_and(is_key) {
+        Ok(Bound::Excluded(key))
+    } else {
+        Err(StoreError::InvalidPageToken)
+    }
 }
 
 fn decode_page_token(token: &str) -> Result<Vec<u8>, StoreError> {
