@@ -117,6 +117,7 @@ impl Manager {
             self.publish();
         }
         let mut snapshot_pages: Vec<Entry> = Vec::new();
+        let mut resume = Resume::default();
         loop {
             let wake = self.next_wakeup();
             let message = tokio::select! {
@@ -152,6 +153,33 @@ impl Manager {
                             entries = self.entries.len(),
                             revision = self.revision,
                             "synced entries"
+                        );
+                        self.reconcile().await;
+                    }
+                }
+                sync_entries_response::Message::Resume(page) => {
+                    resume.entries.extend(page.entries);
+                    resume.unchanged.extend(page.unchanged_ids);
+                    if page.last {
+                        let resumed = std::mem::take(&mut resume);
+                        let Some(entries) = resumed.apply(&self.entries) else {
+                            // The server counts on an entry this agent does not hold.
+                            self.revision = 0;
+                            return Err(NodeError::Unavailable(
+                                "the resumed sync names an entry this agent does not hold; taking a snapshot".into(),
+                            ));
+                        };
+                        self.entries = entries;
+                        self.revision = page.revision;
+                        if let Some(bundle) = page.bundle {
+                            self.set_bundle(&bundle.spiffe_bundle);
+                            self.snapshot.crls = bundle.crls;
+                        }
+                        self.snapshot.synced = true;
+                        info!(
+                            entries = self.entries.len(),
+                            revision = self.revision,
+                            "resumed sync"
                         );
                         self.reconcile().await;
                     }
@@ -324,6 +352,36 @@ impl Manager {
     }
 }
 
+/// The pages of a resumed sync, gathered until the last.
+#[derive(Debug, Default)]
+struct Resume {
+    entries: Vec<Entry>,
+    unchanged: Vec<String>,
+}
+
+// === impl Resume ===
+
+impl Resume {
+    /// The entry set after the resume: the entries sent in full and, of those `held`, the
+    /// unchanged ones named (every other held entry is gone). `None` when an unchanged entry
+    /// named is not held: only a snapshot can tell what it is.
+    fn apply(self, held: &BTreeMap<String, Entry>) -> Option<BTreeMap<String, Entry>> {
+        let mut next = BTreeMap::new();
+        for id in self.unchanged {
+            let entry = held.get(&id)?.clone();
+            next.insert(id, entry);
+        }
+        for entry in self.entries {
+            if next.len() >= MAX_ENTRIES && !next.contains_key(&entry.id) {
+                warn!(entry_id = %entry.id, max = MAX_ENTRIES, "too many entries for this agent; ignoring one");
+                continue;
+            }
+            next.insert(entry.id.clone(), entry);
+        }
+        Some(next)
+    }
+}
+
 /// Renewal is due at half the lifetime the SVID got.
 fn renew_time(svid: &WorkloadSvid) -> SystemTime {
     Validity::from_parts(svid.issued_at, svid.not_after).renew_at()
@@ -408,4 +466,47 @@ fn jitter(base: Duration) -> Duration {
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
     let factor = 0.8 + f64::from(byte[0]) / 255.0 * 0.4;
     base.mul_f64(factor).min(MAX_BACKOFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, revision: u64) -> Entry {
+        Entry {
+            id: id.to_owned(),
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            revision,
+            ..Entry::default()
+        }
+    }
+
+    fn held(entries: &[Entry]) -> BTreeMap<String, Entry> {
+        entries.iter().map(|e| (e.id.clone(), e.clone())).collect()
+    }
+
+    #[test]
+    fn a_resume_keeps_exactly_what_it_names() {
+        let before = held(&[entry("kept", 1), entry("changed", 1), entry("gone", 1)]);
+        let resume = Resume {
+            entries: vec![entry("changed", 7), entry("new", 8)],
+            unchanged: vec!["kept".into()],
+        };
+        let after = resume.apply(&before).unwrap();
+        let summary: Vec<(&str, u64)> = after
+            .values()
+            .map(|e| (e.id.as_str(), e.revision))
+            .collect();
+        assert_eq!(summary, [("changed", 7), ("kept", 1), ("new", 8)]);
+    }
+
+    #[test]
+    fn a_resume_naming_an_entry_the_agent_lacks_asks_for_a_snapshot() {
+        let before = held(&[entry("kept", 1)]);
+        let resume = Resume {
+            entries: vec![],
+            unchanged: vec!["kept".into(), "never-seen".into()],
+        };
+        assert!(resume.apply(&before).is_none());
+    }
 }

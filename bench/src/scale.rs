@@ -416,7 +416,11 @@ async fn sync_stream(
                         }
                     }
                 }
-                Some(sync_entries_response::Message::Snapshot(_)) | None => {}
+                Some(
+                    sync_entries_response::Message::Snapshot(_)
+                    | sync_entries_response::Message::Resume(_),
+                )
+                | None => {}
             }
         }
     }))

@@ -27,6 +27,10 @@ pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Default JWT-SVID lifetime.
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
+/// Default size of the store's page cache, in MiB.
+pub const DEFAULT_STORE_CACHE_MIB: u64 = 128;
+/// The largest store page cache accepted, in MiB (1 TiB).
+pub const MAX_STORE_CACHE_MIB: u64 = 1024 * 1024;
 
 /// The configuration file, as written. Every field is optional; the defaults are those below.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
@@ -63,6 +67,10 @@ pub struct FileConfig {
     pub session_svid_ttl: Option<String>,
     /// Whether every privileged session needs a second admin's approval. Default `false`.
     pub require_session_approval: Option<bool>,
+    /// The store's page cache, in MiB (at least 1). Default `128`. The entries themselves are
+    /// held in memory apart from it (the entry cache), so this bounds the rest: audit records,
+    /// nodes, the change feed.
+    pub store_cache_mib: Option<u64>,
     /// Log level: `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
     pub log_level: Option<String>,
     /// Log format: `text` or `json`. Default `text`.
@@ -84,6 +92,7 @@ const KNOWN_KEYS: &[&str] = &[
     "max_session_ttl",
     "session_svid_ttl",
     "require_session_approval",
+    "store_cache_mib",
     "log_level",
     "log_format",
 ];
@@ -134,6 +143,8 @@ pub struct ServerConfig {
     pub session_svid_ttl: Duration,
     /// Whether every session needs a second admin's approval.
     pub require_session_approval: bool,
+    /// The store's page cache, in bytes.
+    pub store_cache_bytes: u64,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -309,6 +320,13 @@ impl ServerConfig {
             }
             other => other,
         };
+        let store_cache_mib = file.store_cache_mib.unwrap_or(DEFAULT_STORE_CACHE_MIB);
+        if !(1..=MAX_STORE_CACHE_MIB).contains(&store_cache_mib) {
+            problems.push(
+                "store_cache_mib",
+                format!("{store_cache_mib} is out of range: 1 to {MAX_STORE_CACHE_MIB} (MiB)"),
+            );
+        }
         let log_level = problems.check(
             "log_level",
             pick(overrides.log_level, file.log_level)
@@ -375,6 +393,7 @@ impl ServerConfig {
             max_session_ttl,
             session_svid_ttl,
             require_session_approval: file.require_session_approval.unwrap_or(false),
+            store_cache_bytes: store_cache_mib.saturating_mul(1024 * 1024),
             log_level,
             log_format,
         })
@@ -535,6 +554,7 @@ fn merge(into: &mut FileConfig, part: FileConfig) {
         max_session_ttl,
         session_svid_ttl,
         require_session_approval,
+        store_cache_mib,
         log_level,
         log_format
     );
@@ -604,6 +624,22 @@ mod tests {
         assert_eq!(c.log_level, LogLevel::Info);
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.max_svid_ttl(), Duration::from_secs(4 * 3600));
+        assert_eq!(c.store_cache_bytes, 128 * 1024 * 1024);
+    }
+
+    #[test]
+    fn the_store_cache_size_is_checked() {
+        let c = ServerConfig::from_sources(
+            Some("trust_domain = \"example.org\"\nstore_cache_mib = 16"),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.store_cache_bytes, 16 * 1024 * 1024);
+        for bad in ["0", "2000000", "\"16MiB\"", "-1"] {
+            let text = format!("trust_domain = \"example.org\"\nstore_cache_mib = {bad}");
+            let err = ServerConfig::from_sources(Some(&text), Overrides::default()).unwrap_err();
+            assert_eq!(keys(&err), ["store_cache_mib"], "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::api::admin::{AdminService, AdminSettings, AdminSocketError, bind_admin_socket};
+use crate::api::entry_cache::EntryCache;
 use crate::api::node::{
     BundleSnapshot, EntryTtls, IssuedJwt, IssuedSvid, NodeAuthority, NodeService, SignError, hex,
 };
@@ -44,7 +45,7 @@ use crate::ca::{
 use crate::config::ServerConfig;
 use crate::session::crl::CrlPublisher;
 use crate::session::{SessionSettings, Sessions};
-use crate::store::sled::SledStore;
+use crate::store::sled::{SledStore, SledStoreOptions};
 use crate::store::{RegistrationEntry, Store};
 use crate::tls::{self, ServerCertificate};
 
@@ -129,6 +130,7 @@ pub struct Server {
     /// [`audit::DEFAULT_CHECKPOINT_INTERVAL`]); set it before [`Server::run`].
     pub audit_checkpoint_interval: Duration,
     config: ServerConfig,
+    entries: Arc<EntryCache>,
     listener: TcpListener,
     admin_listener: tokio::net::UnixListener,
     bundles: SharedBundles,
@@ -154,7 +156,10 @@ impl Server {
         create_private_dir(&config.data_dir)?;
         let store: Arc<dyn Store> = Arc::new(SledStore::open(
             config.data_dir.join("store"),
-            Default::default(),
+            SledStoreOptions {
+                cache_capacity_bytes: Some(config.store_cache_bytes),
+                ..SledStoreOptions::default()
+            },
         )?);
         let keys: Arc<dyn KeyManager> =
             Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?);
@@ -171,6 +176,7 @@ impl Server {
             .await?,
         );
         let audit = Arc::new(AuditLog::open(store.clone(), keys).await?);
+        let entries = EntryCache::load(store.clone()).await?;
         info!(key_fingerprint = %audit.key_fingerprint(), "audit log ready");
         info!(trust_domain = %config.trust_domain, sequence = ca.bundle_sequence(), "certificate authority ready");
 
@@ -196,6 +202,7 @@ impl Server {
             audit,
             audit_checkpoint_interval: audit::DEFAULT_CHECKPOINT_INTERVAL,
             config,
+            entries,
             listener,
             admin_listener,
             bundles,
@@ -236,9 +243,16 @@ impl Server {
             },
         ));
         sessions.load().await?;
+        let entry_cache = tokio::spawn(
+            self.entries
+                .clone()
+                .run(stop_rx.clone())
+                .instrument(info_span!("entry_cache")),
+        );
         let node = NodeService::new(
             self.config.trust_domain.clone(),
             self.store.clone(),
+            self.entries.clone(),
             authority,
             self.bundles.clone(),
             stop_rx.clone(),
@@ -334,6 +348,7 @@ impl Server {
                 let _ = stop_tx.send(true);
                 rotation.abort();
                 expiry.abort();
+                entry_cache.abort();
                 crl_refresh.abort();
                 final_checkpoint(checkpoints).await;
                 return result.map_err(ServerError::from);

@@ -11,7 +11,9 @@
 use std::time::Duration;
 
 use sigil_proto::admin::DeleteEntryRequest;
-use sigil_proto::node::{SyncEntriesRequest, SyncEntriesResponse, change, sync_entries_response};
+use sigil_proto::node::{
+    ResumePage, SyncEntriesRequest, SyncEntriesResponse, change, sync_entries_response,
+};
 use sigil_tests::*;
 use tonic::Streaming;
 
@@ -89,7 +91,7 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
     )
     .await
     .unwrap();
-    create_entry(
+    let a2 = create_entry(
         &server,
         entry("spiffe://example.org/a2", a.id.as_str(), &["unix:uid:1"]),
     )
@@ -131,7 +133,7 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
     )
     .await
     .unwrap();
-    create_entry(
+    let b3 = create_entry(
         &server,
         entry("spiffe://example.org/b3", b.id.as_str(), &["unix:uid:3"]),
     )
@@ -145,12 +147,25 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
         .await
         .unwrap()
         .into_inner();
-    let (upserts, _, _) = next_changes(&mut stream).await;
+    let page = next_resume(&mut stream).await;
+    assert!(page.revision > revision);
+    let mut full: Vec<_> = page.entries.iter().map(|e| e.spiffe_id.as_str()).collect();
+    full.sort_unstable();
     assert_eq!(
-        upserts,
-        ["spiffe://example.org/a3"],
-        "only what A missed, no snapshot"
+        full,
+        ["spiffe://example.org/a2/child", "spiffe://example.org/a3"],
+        "what A missed, and the nested entry (its authorization depends on a2), no snapshot"
     );
+    assert_eq!(
+        page.unchanged_ids,
+        std::slice::from_ref(&a2.id),
+        "a2 did not change: by id only"
+    );
+    assert!(
+        !format!("{page:?}").contains(&b3.id),
+        "nothing of B's appears"
+    );
+    assert!(page.bundle.is_some(), "the last page carries the bundle");
 
     // And the resumed stream goes on live.
     admin
@@ -159,6 +174,107 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
         .unwrap();
     let (_, deletes, _) = next_changes(&mut stream).await;
     assert_eq!(deletes, [a3.id]);
+}
+
+/// The next message, which must be a complete (one-page) resume.
+async fn next_resume(stream: &mut Streaming<SyncEntriesResponse>) -> ResumePage {
+    let sync_entries_response::Message::Resume(page) = next(stream).await else {
+        panic!("expected resume pages");
+    };
+    assert!(page.last, "one page is enough here");
+    page
+}
+
+#[tokio::test]
+async fn a_resume_drops_what_an_alias_deleted_meanwhile_authorized_and_leaks_nothing() {
+    let server = TestServer::start("");
+    let a = TestAgent::attest(&server).await;
+    let b = TestAgent::attest(&server).await;
+    // A's alias entry, a workload entry below it, and one of A's own.
+    let alias = create_entry(
+        &server,
+        entry(
+            "spiffe://example.org/node/a",
+            a.id.as_str(),
+            &["unix:uid:0"],
+        ),
+    )
+    .await
+    .unwrap();
+    create_entry(
+        &server,
+        entry(
+            "spiffe://example.org/below-alias",
+            "spiffe://example.org/node/a",
+            &["unix:uid:1"],
+        ),
+    )
+    .await
+    .unwrap();
+    let own = create_entry(
+        &server,
+        entry("spiffe://example.org/own", a.id.as_str(), &["unix:uid:1"]),
+    )
+    .await
+    .unwrap();
+    let b1 = create_entry(
+        &server,
+        entry("spiffe://example.org/b1", b.id.as_str(), &["unix:uid:1"]),
+    )
+    .await
+    .unwrap();
+
+    let mut client = a.client(&server).await;
+    let mut stream = client
+        .sync_entries(SyncEntriesRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
+        panic!("expected the snapshot");
+    };
+    assert_eq!(page.entries.len(), 3);
+    let revision = page.revision;
+    drop(stream);
+    drop(client);
+
+    // While A is away: its alias goes (the entry below it is unchanged but no longer A's),
+    // and B's entry changes.
+    let mut admin = server.admin().await;
+    admin
+        .delete_entry(DeleteEntryRequest {
+            id: alias.id.clone(),
+        })
+        .await
+        .unwrap();
+    admin
+        .delete_entry(DeleteEntryRequest { id: b1.id.clone() })
+        .await
+        .unwrap();
+
+    let mut client = a.client(&server).await;
+    let mut stream = client
+        .sync_entries(SyncEntriesRequest {
+            since_revision: revision,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let page = next_resume(&mut stream).await;
+    assert!(
+        page.entries.is_empty(),
+        "nothing A holds changed: {:?}",
+        page.entries
+    );
+    assert_eq!(
+        page.unchanged_ids,
+        std::slice::from_ref(&own.id),
+        "A keeps only its own entry: the alias and the entry below it are gone"
+    );
+    assert!(
+        !format!("{page:?}").contains(&b1.id),
+        "B's deleted entry id is not shown to A"
+    );
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@
 //! is durable: if the audit write fails, the call fails and nothing is handed out. A batch of
 //! X509-SVIDs is recorded with one append.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,11 +40,12 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, instrument, warn};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use super::entry_cache::{Authorized, EntryCache, EntryCacheError, Recent};
 use crate::audit::{NewAuditRecord, action};
 use crate::session::crl::CrlSet;
 use crate::store::{
-    AttestedNode, Change, ChangeKind, ChangesSince, EntryId, RegistrationEntry, Session,
-    SessionSerial, SessionState, Store, StoreError,
+    AttestedNode, Change, ChangeKind, EntryId, RegistrationEntry, Session, SessionSerial,
+    SessionState, Store, StoreError,
 };
 use crate::tls::PeerInfo;
 
@@ -57,8 +58,11 @@ pub const MAX_BATCH_SIZE: usize = 500;
 /// Entries per snapshot page of `SyncEntries` (a page stays far below gRPC's 4 MB limit).
 pub const SNAPSHOT_PAGE_SIZE: usize = 1000;
 
-/// Changes read from the store per step of a `SyncEntries` stream.
+/// Changes taken from the entry cache per step of a `SyncEntries` stream.
 const CHANGES_PER_READ: usize = 1000;
+
+/// Entry ids per resume page of `SyncEntries` (34 bytes each on the wire: 340 KB a page).
+pub const RESUME_IDS_PER_PAGE: usize = 10_000;
 
 /// The metadata key carrying the reason of a `PermissionDenied`.
 pub const REASON_METADATA_KEY: &str = "sigil-reason";
@@ -181,6 +185,7 @@ pub struct NodeService {
 struct Inner {
     trust_domain: TrustDomain,
     store: Arc<dyn Store>,
+    entries: Arc<EntryCache>,
     authority: Arc<dyn NodeAuthority>,
     bundles: SharedBundles,
     clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
@@ -201,15 +206,6 @@ struct SyncState {
     /// Entry id -> revision, for every entry the agent holds.
     sent: BTreeMap<EntryId, u64>,
     /// The parents whose children concern the agent (see [`Authorized::reachable`]).
-    reachable: HashSet<SpiffeId>,
-}
-
-/// The entries authorized for one agent.
-#[derive(Debug, Default)]
-struct Authorized {
-    /// Entry id -> entry.
-    entries: BTreeMap<EntryId, RegistrationEntry>,
-    /// The agent's ID and the SPIFFE IDs of its authorized entries: parents of further entries.
     reachable: HashSet<SpiffeId>,
 }
 
@@ -306,12 +302,14 @@ impl std::fmt::Debug for NodeService {
 }
 
 impl NodeService {
-    /// Builds the service. `bundles` is the X.509 bundle set agents' SVIDs are verified
+    /// Builds the service. `entries` is the entry cache over `store` (kept current by its own
+    /// task, [`EntryCache::run`]); `bundles` is the X.509 bundle set agents' SVIDs are verified
     /// against (kept current by the CA manager); `shutdown` ends open streams when it turns
     /// true; `crls` are the revocation lists sync streams deliver.
     pub fn new(
         trust_domain: TrustDomain,
         store: Arc<dyn Store>,
+        entries: Arc<EntryCache>,
         authority: Arc<dyn NodeAuthority>,
         bundles: SharedBundles,
         shutdown: watch::Receiver<bool>,
@@ -320,6 +318,7 @@ impl NodeService {
         Self::with_clock(
             trust_domain,
             store,
+            entries,
             authority,
             bundles,
             shutdown,
@@ -329,9 +328,14 @@ impl NodeService {
     }
 
     /// [`NodeService::new`] with an explicit clock (for tests).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "each part is distinct; a builder would add nothing"
+    )]
     pub fn with_clock(
         trust_domain: TrustDomain,
         store: Arc<dyn Store>,
+        entries: Arc<EntryCache>,
         authority: Arc<dyn NodeAuthority>,
         bundles: SharedBundles,
         shutdown: watch::Receiver<bool>,
@@ -342,6 +346,7 @@ impl NodeService {
             inner: Arc::new(Inner {
                 trust_domain,
                 store,
+                entries,
                 authority,
                 bundles,
                 clock,
@@ -416,31 +421,15 @@ impl NodeService {
         Ok(Agent { id, not_after })
     }
 
-    /// The entries authorized for `agent`: parented to it or, recursively, to an authorized
-    /// entry's SPIFFE ID. Expired entries authorize nothing.
+    /// The entries authorized for `agent`, from the entry cache: parented to it or,
+    /// recursively, to an authorized entry's SPIFFE ID. Expired entries and entries for
+    /// reserved IDs authorize nothing.
     async fn authorized(&self, agent: &SpiffeId) -> Result<Authorized, Status> {
-        let now = self.now();
-        let mut out = Authorized::default();
-        out.reachable.insert(agent.clone());
-        let mut queue = VecDeque::from([agent.clone()]);
-        while let Some(parent) = queue.pop_front() {
-            for entry in self
-                .inner
-                .store
-                .entries_by_parent(&parent)
-                .await
-                .map_err(store_status)?
-            {
-                if entry.expires_at.is_some_and(|at| at <= now) || is_reserved(&entry.spiffe_id) {
-                    continue;
-                }
-                if out.reachable.insert(entry.spiffe_id.clone()) {
-                    queue.push_back(entry.spiffe_id.clone());
-                }
-                out.entries.insert(entry.id.clone(), entry);
-            }
-        }
-        Ok(out)
+        self.inner
+            .entries
+            .authorized(agent, self.now(), |entry| is_reserved(&entry.spiffe_id))
+            .await
+            .map_err(cache_status)
     }
 
     /// Appends `records` and waits until they are durable; the caller hands out nothing if
@@ -509,7 +498,7 @@ impl NodeService {
                 "the workload's selectors do not match the session's",
             ));
         }
-        Ok((entry.clone(), session, workload))
+        Ok((RegistrationEntry::clone(entry), session, workload))
     }
 
     fn bundle_message(&self) -> pb::Bundle {
@@ -915,37 +904,26 @@ type SyncSender = mpsc::Sender<Result<SyncEntriesResponse, Status>>;
 
 impl NodeService {
     /// Runs one `SyncEntries` stream until the client goes away, its SVID expires, or the
-    /// server shuts down.
+    /// server shuts down. Everything it sends comes from the entry cache: the snapshot (or the
+    /// resume pages), then each change the cache applies, filtered for this agent.
     async fn run_sync(&self, agent: Agent, since: u64, tx: &SyncSender) -> Result<(), Status> {
-        let store = &self.inner.store;
-        let mut revisions = store.subscribe();
+        let cache = &self.inner.entries;
+        let mut revisions = cache.subscribe();
         let mut bundle_updates = self.inner.authority.subscribe_bundle();
         let mut crl_updates = self.inner.crls.clone();
         let mut crls_open = true;
         let mut shutdown = self.inner.shutdown.clone();
         let mut state = SyncState::default();
 
-        // Resume from `since` when the store still has the changes after it; else snapshot
-        // (whose last page carries the CRLs).
-        let crls_now = crl_updates.borrow_and_update().clone();
-        let mut crl_generation = crls_now.generation;
+        // Resume from `since` when it is a revision of this store; else snapshot. Either way
+        // the last page carries the CRLs; a resumed agent also gets the bundle, which may have
+        // changed while it was away.
+        let mut crl_generation = crl_updates.borrow_and_update().generation;
+        let mut bundle_sequence = *bundle_updates.borrow_and_update();
         let mut revision = match self.resume(&agent, since, &mut state, tx).await? {
-            Some(revision) => {
-                // Revocations the agent may have missed while disconnected.
-                if crls_now.lists_anything() {
-                    let change = pb::Change {
-                        revision,
-                        change: Some(pb::change::Change::Bundle(self.bundle_message())),
-                    };
-                    if !send_changes(tx, vec![change]).await {
-                        return Ok(());
-                    }
-                }
-                revision
-            }
+            Some(revision) => revision,
             None => self.snapshot(&agent, &mut state, tx).await?,
         };
-        let mut bundle_sequence = *bundle_updates.borrow_and_update();
         let expiry = tokio::time::sleep(
             agent
                 .not_after
@@ -955,15 +933,11 @@ impl NodeService {
         tokio::pin!(expiry);
 
         loop {
-            // Drain every durable change after `revision`.
+            // Every change the cache has applied after `revision`.
             loop {
-                let changes = match store
-                    .changes_since(revision, CHANGES_PER_READ)
-                    .await
-                    .map_err(store_status)?
-                {
-                    ChangesSince::Changes(changes) => changes,
-                    ChangesSince::Expired => {
+                let changes = match cache.changes_after(revision, CHANGES_PER_READ) {
+                    Recent::Changes(changes) => changes,
+                    Recent::Gone => {
                         // Fell too far behind: start over with a snapshot.
                         revision = self.snapshot(&agent, &mut state, tx).await?;
                         continue;
@@ -972,11 +946,11 @@ impl NodeService {
                 let Some(last) = changes.last().map(|c| c.revision) else {
                     break;
                 };
-                let out = self.apply_changes(&agent, &changes, &mut state).await?;
+                let (out, seen) = self.apply_changes(&agent, &changes, &mut state).await?;
                 if !out.is_empty() && !send_changes(tx, out).await {
                     return Ok(());
                 }
-                revision = last;
+                revision = seen.max(last);
             }
             let current_bundle = *bundle_updates.borrow_and_update();
             let current_crls = crl_updates.borrow_and_update().generation;
@@ -1011,33 +985,17 @@ impl NodeService {
         state: &mut SyncState,
         tx: &SyncSender,
     ) -> Result<u64, Status> {
-        // The revision first, then the entries: changes racing with the walk are re-applied by
-        // the change loop (upserts are idempotent).
-        let revision = self
-            .inner
-            .store
-            .current_revision()
-            .await
-            .map_err(store_status)?;
         let authorized = self.authorized(&agent.id).await?;
-        state.sent.clear();
+        let revision = authorized.revision;
+        state.sent = authorized
+            .entries
+            .iter()
+            .map(|(id, e)| (id.clone(), e.revision))
+            .collect();
         let entries: Vec<_> = authorized.entries.values().collect();
         let mut pages = entries.chunks(SNAPSHOT_PAGE_SIZE).peekable();
-        if pages.peek().is_none() {
-            let page = pb::SnapshotPage {
-                entries: vec![],
-                revision,
-                last: true,
-                crls: self.inner.crls.borrow().ders(),
-            };
-            send(tx, pb::sync_entries_response::Message::Snapshot(page)).await;
-            state.reachable = authorized.reachable;
-            return Ok(revision);
-        }
-        while let Some(chunk) = pages.next() {
-            for entry in chunk {
-                state.sent.insert(entry.id.clone(), entry.revision);
-            }
+        loop {
+            let chunk = pages.next().unwrap_or_default();
             let last = pages.peek().is_none();
             let page = pb::SnapshotPage {
                 entries: chunk.iter().map(|e| self.entry_message(e)).collect(),
@@ -1049,7 +1007,7 @@ impl NodeService {
                     vec![]
                 },
             };
-            if !send(tx, pb::sync_entries_response::Message::Snapshot(page)).await {
+            if !send(tx, pb::sync_entries_response::Message::Snapshot(page)).await || last {
                 break;
             }
         }
@@ -1058,8 +1016,13 @@ impl NodeService {
         Ok(revision)
     }
 
-    /// Resumes after `since`: every entry changed since then is sent again if it is authorized
-    /// now, or deleted if it is not. `None` when a snapshot is needed instead.
+    /// Resumes after `since` without sending what the agent already holds: resume pages carry
+    /// in full the authorized entries that changed after `since` and those below another entry
+    /// (their authorization depends on their ancestors, which may have changed), and by id the
+    /// entries parented to the agent itself that did not change (authorized now and unchanged
+    /// since `since`, so authorized then too). The agent keeps exactly these. Only ids of
+    /// entries authorized for this agent are ever sent. `None` when a snapshot is needed
+    /// instead (`since` is 0 or newer than anything this server has).
     async fn resume(
         &self,
         agent: &Agent,
@@ -1070,81 +1033,72 @@ impl NodeService {
         if since == 0 {
             return Ok(None);
         }
-        let current = self
-            .inner
-            .store
-            .current_revision()
-            .await
-            .map_err(store_status)?;
-        if since > current {
+        let authorized = self.authorized(&agent.id).await?;
+        let revision = authorized.revision;
+        if since > revision {
             return Ok(None);
         }
-        let mut changed = BTreeSet::new();
-        let mut revision = since;
-        loop {
-            match self
-                .inner
-                .store
-                .changes_since(revision, CHANGES_PER_READ)
-                .await
-                .map_err(store_status)?
-            {
-                ChangesSince::Expired => return Ok(None),
-                ChangesSince::Changes(changes) => {
-                    let Some(last) = changes.last().map(|c| c.revision) else {
-                        break;
-                    };
-                    changed.extend(changes.into_iter().map(|c| entry_of(&c).id.clone()));
-                    revision = last;
-                }
-            }
-        }
-        let authorized = self.authorized(&agent.id).await?;
+        let (unchanged, resent): (Vec<_>, Vec<_>) = authorized
+            .entries
+            .values()
+            .partition(|e| e.revision <= since && e.parent_id == agent.id);
         state.sent = authorized
             .entries
             .iter()
             .map(|(id, e)| (id.clone(), e.revision))
             .collect();
-        let out: Vec<_> = changed
-            .into_iter()
-            .map(|id| match authorized.entries.get(&id) {
-                Some(entry) => pb::Change {
-                    revision: entry.revision,
-                    change: Some(pb::change::Change::Upsert(self.entry_message(entry))),
-                },
-                None => pb::Change {
-                    revision,
-                    change: Some(pb::change::Change::Delete(id.as_str().to_owned())),
-                },
-            })
-            .collect();
-        for chunk in out.chunks(SNAPSHOT_PAGE_SIZE) {
-            if !send_changes(tx, chunk.to_vec()).await {
+        let mut entries = resent.chunks(SNAPSHOT_PAGE_SIZE);
+        let mut ids = unchanged.chunks(RESUME_IDS_PER_PAGE);
+        loop {
+            let (chunk, id_chunk) = (entries.next(), ids.next());
+            let last = entries.len() == 0 && ids.len() == 0;
+            let page = pb::ResumePage {
+                entries: chunk
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|e| self.entry_message(e))
+                    .collect(),
+                unchanged_ids: id_chunk
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|e| e.id.as_str().to_owned())
+                    .collect(),
+                revision,
+                last,
+                bundle: last.then(|| self.bundle_message()),
+            };
+            if !send(tx, pb::sync_entries_response::Message::Resume(page)).await {
+                return Ok(Some(revision));
+            }
+            if last {
                 break;
             }
         }
+        debug!(agent_id = %agent.id, since, revision, resent = resent.len(), unchanged = unchanged.len(), "sync resumed");
         state.reachable = authorized.reachable;
         Ok(Some(revision))
     }
 
-    /// Turns store changes into this agent's changes: upserts for entries it is (still)
-    /// authorized for, deletes for entries it no longer is. Changes that cannot concern the
-    /// agent cost a set lookup; the others trigger a walk of the agent's entries.
+    /// Turns changes into this agent's changes: upserts for entries it is (still) authorized
+    /// for, deletes for entries it no longer is. Changes that cannot concern the agent cost a
+    /// set lookup each; the others trigger a walk of the agent's entries in the cache. Returns
+    /// the changes and the cache revision they bring the agent to (0 when nothing concerned
+    /// it).
     async fn apply_changes(
         &self,
         agent: &Agent,
-        changes: &[Change],
+        changes: &[Arc<Change>],
         state: &mut SyncState,
-    ) -> Result<Vec<pb::Change>, Status> {
+    ) -> Result<(Vec<pb::Change>, u64), Status> {
         let relevant = changes.iter().any(|c| {
             let e = entry_of(c);
             state.sent.contains_key(&e.id) || state.reachable.contains(&e.parent_id)
         });
         if !relevant {
-            return Ok(vec![]);
+            return Ok((vec![], 0));
         }
-        let revision = changes.last().map_or(0, |c| c.revision);
         let authorized = self.authorized(&agent.id).await?;
+        let revision = authorized.revision;
         let mut out = Vec::new();
         for (id, entry) in &authorized.entries {
             if state.sent.get(id) != Some(&entry.revision) {
@@ -1169,7 +1123,7 @@ impl NodeService {
             });
         }
         state.reachable = authorized.reachable;
-        Ok(out)
+        Ok((out, revision))
     }
 }
 
@@ -1256,6 +1210,15 @@ fn store_status(error: StoreError) -> Status {
         other => {
             warn!(error = %other, "store call failed");
             Status::unavailable("the server's store is unavailable; retry")
+        }
+    }
+}
+
+fn cache_status(error: EntryCacheError) -> Status {
+    match error {
+        EntryCacheError::Stale => {
+            warn!(%error, "authorization refused");
+            Status::unavailable("the server cannot read its entries now; retry")
         }
     }
 }

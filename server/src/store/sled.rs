@@ -270,6 +270,19 @@ impl SledStore {
     }
 
     /// Runs `f` on the blocking thread pool (sled calls block, and scans can be long).
+    /// Replaces the raw bytes of the change at `revision` and returns what was there (tests of
+    /// readers that must survive a corrupt record).
+    #[cfg(test)]
+    pub(crate) fn swap_raw_change(&self, revision: u64, bytes: &[u8]) -> Option<Vec<u8>> {
+        self.inner
+            .trees
+            .changes
+            .insert(revision.to_be_bytes(), bytes)
+            .ok()
+            .flatten()
+            .map(|old| old.to_vec())
+    }
+
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
@@ -1785,7 +1798,26 @@ mod tests {
     const ACKS_BEFORE_KILL: usize = 300;
 
     fn open(dir: &Path) -> SledStore {
-        SledStore::open(dir, SledStoreOptions::default()).unwrap()
+        open_with(dir, SledStoreOptions::default())
+    }
+
+    /// Opens the store, waiting (up to 5 s) for a store of the same directory that this
+    /// process just dropped to let go of sled's lock file: sled's own I/O threads may hold the
+    /// database for a moment after the last handle is gone.
+    fn open_with(dir: &Path, options: SledStoreOptions) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match SledStore::open(dir, options.clone()) {
+                Ok(store) => return store,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("cannot open the store: {e}"),
+            }
+        }
     }
 
     fn entry(name: &str) -> NewEntry {
@@ -1902,7 +1934,7 @@ mod tests {
             change_retention: 5,
             ..SledStoreOptions::default()
         };
-        let store = SledStore::open(dir.path(), options).unwrap();
+        let store = open_with(dir.path(), options);
         assert_eq!(store.inner.trees.changes.len(), 5);
         assert_eq!(
             store.changes_since(24, 100).await.unwrap(),

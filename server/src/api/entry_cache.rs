@@ -1,0 +1,671 @@
+//! The entry cache: every registration entry in memory, indexed by parent ID, kept current from
+//! the store's change feed by one task, together with the most recent changes, which every
+//! agent's `SyncEntries` stream shares.
+//!
+//! Why it exists: what an agent may ask for is a walk from the agent's ID down the parent index
+//! (see [`super::node`]). Done against the store, that walk cost one read per reachable ID on
+//! every sync step and every signing call (an agent with 10,000 entries: 10,001 reads for each
+//! batch of 100 CSRs), and every sync stream read each change from the store itself (1,000
+//! agents: 1,000 reads and decodes of the same change). Here the walk is in memory and each
+//! change is read once and shared (`Arc`). This is SPIRE's lesson (spiffe/spire#1351, #2147,
+//! PR #1859): the whole entry table in memory is the core of the design, and it must be kept
+//! current incrementally, not rebuilt on a timer.
+//!
+//! Consistency. The cache holds durable state only: it starts from a consistent snapshot
+//! ([`Store::snapshot_entries`]) and applies the gap-free change feed in revision order, so its
+//! state at revision R is the store's at R. The follower applies each change as soon as the
+//! store publishes it durable; an authorization that finds the cache behind the store's durable
+//! revision applies the missing changes itself first, so a write acknowledged before a call is
+//! always reflected by it (read-your-writes, as when the store itself was read).
+//!
+//! Fail closed: when the follower cannot read the store, the cache marks itself stale and
+//! [`EntryCache::authorized`] refuses (the callers answer `Unavailable`) until it has caught up
+//! again; a stale cache never authorizes from old state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime};
+
+use sigil_core::SpiffeId;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::store::{
+    Change, ChangeKind, ChangesSince, EntryId, RegistrationEntry, Store, StoreError,
+};
+
+/// How many of the most recent changes the cache keeps for sync streams. A stream that falls
+/// further behind takes a fresh snapshot (from the cache, not the store).
+pub const RECENT_CHANGES: usize = 4096;
+
+/// Changes the follower reads from the store per call.
+const FOLLOW_BATCH: usize = 1000;
+
+/// The longest wait between the follower's attempts after a store error.
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// See the module docs.
+pub struct EntryCache {
+    store: Arc<dyn Store>,
+    state: RwLock<State>,
+    revision: watch::Sender<u64>,
+}
+
+/// What the cache holds at one revision.
+#[derive(Default)]
+struct State {
+    revision: u64,
+    entries: HashMap<EntryId, Arc<RegistrationEntry>>,
+    by_parent: HashMap<SpiffeId, BTreeSet<EntryId>>,
+    /// The last [`RECENT_CHANGES`] changes, oldest first, ending at `revision`.
+    recent: VecDeque<Arc<Change>>,
+    /// Set while the follower cannot read the store.
+    stale: bool,
+}
+
+/// The entries authorized for one agent, as of one revision of the cache.
+#[derive(Debug, Default)]
+pub struct Authorized {
+    /// The cache revision this reflects.
+    pub revision: u64,
+    /// Entry id -> entry.
+    pub entries: BTreeMap<EntryId, Arc<RegistrationEntry>>,
+    /// The agent's ID and the SPIFFE IDs of its authorized entries: the parents whose children
+    /// concern the agent.
+    pub reachable: HashSet<SpiffeId>,
+}
+
+/// The answer of [`EntryCache::changes_after`].
+#[derive(Debug)]
+pub enum Recent {
+    /// The changes after the asked revision, oldest first (empty: up to date).
+    Changes(Vec<Arc<Change>>),
+    /// The cache no longer holds the changes right after the asked revision: take a snapshot.
+    Gone,
+}
+
+/// Why the cache could not answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EntryCacheError {
+    /// The follower cannot read the store; nothing is authorized until it catches up.
+    #[error("the entry cache is behind the store")]
+    Stale,
+}
+
+// === impl EntryCache ===
+
+impl std::fmt::Debug for EntryCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.read();
+        f.debug_struct("EntryCache")
+            .field("revision", &state.revision)
+            .field("entries", &state.entries.len())
+            .field("stale", &state.stale)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EntryCache {
+    /// Loads every entry from a consistent snapshot of `store`. Call [`EntryCache::run`] to
+    /// keep it current.
+    ///
+    /// # Errors
+    ///
+    /// The store's, when the snapshot cannot be read.
+    pub async fn load(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+        let snapshot = store.snapshot_entries().await?;
+        let state = State::from_snapshot(snapshot.revision, snapshot.entries);
+        info!(
+            entries = state.entries.len(),
+            revision = state.revision,
+            "entry cache loaded"
+        );
+        let (revision, _) = watch::channel(state.revision);
+        Ok(Arc::new(Self {
+            store,
+            state: RwLock::new(state),
+            revision,
+        }))
+    }
+
+    /// Follows the store's change feed until `shutdown` turns true: every durable change is
+    /// applied, in order, as soon as the store publishes it.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        // Subscribed before the first catch-up, so no publication between the two is missed.
+        let mut durable = self.store.subscribe();
+        let mut retry = Duration::from_millis(100);
+        loop {
+            match self.catch_up().await {
+                Ok(()) => retry = Duration::from_millis(100),
+                Err(error) => {
+                    if !std::mem::replace(&mut self.write().stale, true) {
+                        warn!(%error, "entry cache cannot read the store; authorizing nothing until it catches up");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(retry) => {}
+                        _ = shutdown.wait_for(|stop| *stop) => return,
+                    }
+                    retry = (retry * 2).min(MAX_RETRY);
+                    continue;
+                }
+            }
+            tokio::select! {
+                changed = durable.changed() => if changed.is_err() { return },
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    /// Applies every durable change the cache has not applied yet.
+    ///
+    /// # Errors
+    ///
+    /// The store's; the cache keeps what it had applied and is marked stale by the caller.
+    pub async fn catch_up(&self) -> Result<(), StoreError> {
+        loop {
+            let revision = self.read().revision;
+            match self.store.changes_since(revision, FOLLOW_BATCH).await? {
+                ChangesSince::Changes(changes) if changes.is_empty() => {
+                    let mut state = self.write();
+                    if std::mem::replace(&mut state.stale, false) {
+                        info!(
+                            revision = state.revision,
+                            "entry cache caught up with the store"
+                        );
+                    }
+                    return Ok(());
+                }
+                ChangesSince::Changes(changes) => {
+                    let applied = self.write().apply(changes);
+                    match applied {
+                        Some(revision) => {
+                            self.revision.send_replace(revision);
+                        }
+                        None => self.reload().await?,
+                    }
+                }
+                // Fell behind the feed's retention (or the feed is not gap-free): start over.
+                ChangesSince::Expired => self.reload().await?,
+            }
+        }
+    }
+
+    /// A receiver of the cache's revision: it changes whenever changes were applied.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    /// The revision the cache reflects.
+    pub fn revision(&self) -> u64 {
+        self.read().revision
+    }
+
+    /// The number of entries held.
+    pub fn len(&self) -> usize {
+        self.read().entries.len()
+    }
+
+    /// True when the cache holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.read().entries.is_empty()
+    }
+
+    /// The entries authorized for `agent` at `now`: parented to it or, recursively, to the
+    /// SPIFFE ID of an authorized entry. Entries that expired at or before `now`, and entries
+    /// for which `excluded` says true, authorize nothing (nor anything below them).
+    ///
+    /// Read-your-writes: when the store has durable changes the cache has not applied yet, it
+    /// applies them first, so every write acknowledged before the call is reflected.
+    ///
+    /// # Errors
+    ///
+    /// [`EntryCacheError::Stale`] while the store cannot be read.
+    pub async fn authorized(
+        &self,
+        agent: &SpiffeId,
+        now: SystemTime,
+        excluded: impl Fn(&RegistrationEntry) -> bool,
+    ) -> Result<Authorized, EntryCacheError> {
+        let durable = self
+            .store
+            .current_revision()
+            .await
+            .map_err(|_| EntryCacheError::Stale)?;
+        if self.revision() < durable
+            && let Err(error) = self.catch_up().await
+        {
+            warn!(%error, "entry cache cannot catch up with the store");
+            return Err(EntryCacheError::Stale);
+        }
+        self.authorized_now(agent, now, excluded)
+    }
+
+    /// [`EntryCache::authorized`] from what the cache holds now, without catching up.
+    ///
+    /// # Errors
+    ///
+    /// [`EntryCacheError::Stale`] while the follower cannot read the store.
+    pub fn authorized_now(
+        &self,
+        agent: &SpiffeId,
+        now: SystemTime,
+        excluded: impl Fn(&RegistrationEntry) -> bool,
+    ) -> Result<Authorized, EntryCacheError> {
+        let state = self.read();
+        if state.stale {
+            return Err(EntryCacheError::Stale);
+        }
+        let mut out = Authorized {
+            revision: state.revision,
+            ..Authorized::default()
+        };
+        out.reachable.insert(agent.clone());
+        let mut queue = VecDeque::from([agent.clone()]);
+        while let Some(parent) = queue.pop_front() {
+            let Some(children) = state.by_parent.get(&parent) else {
+                continue;
+            };
+            for id in children {
+                let Some(entry) = state.entries.get(id) else {
+                    continue;
+                };
+                if entry.expires_at.is_some_and(|at| at <= now) || excluded(entry) {
+                    continue;
+                }
+                if out.reachable.insert(entry.spiffe_id.clone()) {
+                    queue.push_back(entry.spiffe_id.clone());
+                }
+                out.entries.insert(id.clone(), entry.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` changes after `revision`, oldest first, from the recent changes held in
+    /// memory.
+    pub fn changes_after(&self, revision: u64, limit: usize) -> Recent {
+        let state = self.read();
+        if revision == state.revision {
+            return Recent::Changes(Vec::new());
+        }
+        let Some(first) = state.recent.front().map(|c| c.revision) else {
+            return Recent::Gone;
+        };
+        if revision > state.revision || revision + 1 < first {
+            return Recent::Gone;
+        }
+        let skip = usize::try_from(revision + 1 - first).unwrap_or(usize::MAX);
+        Recent::Changes(
+            state
+                .recent
+                .iter()
+                .skip(skip)
+                .take(limit.max(1))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    // --- private ---
+
+    /// Replaces the whole state with a fresh snapshot of the store.
+    async fn reload(&self) -> Result<(), StoreError> {
+        let snapshot = self.store.snapshot_entries().await?;
+        let fresh = State::from_snapshot(snapshot.revision, snapshot.entries);
+        let revision = fresh.revision;
+        {
+            let mut state = self.write();
+            let stale = state.stale;
+            *state = fresh;
+            state.stale = stale;
+        }
+        warn!(revision, "entry cache reloaded from a store snapshot");
+        self.revision.send_replace(revision);
+        Ok(())
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+// === impl State ===
+
+impl State {
+    fn from_snapshot(revision: u64, entries: Vec<RegistrationEntry>) -> Self {
+        let mut state = Self {
+            revision,
+            ..Self::default()
+        };
+        for entry in entries {
+            state.put(entry);
+        }
+        state
+    }
+
+    /// Applies `changes` in order; returns the new revision, or `None` (nothing applied past
+    /// the break) when they do not follow on from the cache's revision without a gap.
+    fn apply(&mut self, changes: Vec<Change>) -> Option<u64> {
+        for change in changes {
+            if change.revision <= self.revision {
+                // Applied already (a concurrent catch-up read the same changes).
+                continue;
+            }
+            if change.revision != self.revision + 1 {
+                debug!(
+                    have = self.revision,
+                    got = change.revision,
+                    "change feed gap: reloading"
+                );
+                return None;
+            }
+            match &change.kind {
+                ChangeKind::EntryUpserted(entry) => self.put(entry.clone()),
+                ChangeKind::EntryDeleted(entry) => self.remove(&entry.id),
+            }
+            self.revision = change.revision;
+            self.recent.push_back(Arc::new(change));
+            if self.recent.len() > RECENT_CHANGES {
+                self.recent.pop_front();
+            }
+        }
+        Some(self.revision)
+    }
+
+    fn put(&mut self, entry: RegistrationEntry) {
+        let id = entry.id.clone();
+        self.by_parent
+            .entry(entry.parent_id.clone())
+            .or_default()
+            .insert(id.clone());
+        if let Some(old) = self.entries.insert(id.clone(), Arc::new(entry)) {
+            let moved = self
+                .entries
+                .get(&id)
+                .is_some_and(|new| new.parent_id != old.parent_id);
+            if moved {
+                self.unindex(&old.parent_id, &id);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &EntryId) {
+        if let Some(old) = self.entries.remove(id) {
+            self.unindex(&old.parent_id, id);
+        }
+    }
+
+    fn unindex(&mut self, parent: &SpiffeId, id: &EntryId) {
+        if let Some(children) = self.by_parent.get_mut(parent) {
+            children.remove(id);
+            if children.is_empty() {
+                self.by_parent.remove(parent);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use sigil_core::{Selector, SelectorSet};
+
+    use super::*;
+    use crate::store::NewEntry;
+    use crate::store::sled::{SledStore, SledStoreOptions};
+
+    const AGENT: &str = "spiffe://example.org/sigil/agent/join_token/a";
+    const OTHER_AGENT: &str = "spiffe://example.org/sigil/agent/join_token/b";
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::new(s).unwrap()
+    }
+
+    fn new_entry(spiffe_id: &str, parent: &str) -> NewEntry {
+        NewEntry::new(
+            id(spiffe_id),
+            id(parent),
+            [Selector::parse("unix:uid:1").unwrap()]
+                .into_iter()
+                .collect::<SelectorSet>(),
+        )
+    }
+
+    fn open(dir: &std::path::Path, retention: u64) -> Arc<SledStore> {
+        Arc::new(
+            SledStore::open(
+                dir,
+                SledStoreOptions {
+                    change_retention: retention,
+                    ..SledStoreOptions::default()
+                },
+            )
+            .unwrap(),
+        )
+    }
+
+    fn granted(cache: &EntryCache, agent: &str) -> Vec<String> {
+        let mut ids: Vec<String> = cache
+            .authorized_now(&id(agent), SystemTime::now(), |_| false)
+            .unwrap()
+            .entries
+            .values()
+            .map(|e| e.spiffe_id.to_string())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn follows_creates_nesting_moves_expiry_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        store
+            .create_entry(new_entry("spiffe://example.org/before", AGENT))
+            .await
+            .unwrap();
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        assert_eq!(granted(&cache, AGENT), ["spiffe://example.org/before"]);
+        assert_eq!(cache.revision(), 1);
+
+        // A nested entry, through an alias; another agent's entry; an expired one.
+        store
+            .create_entry(new_entry("spiffe://example.org/alias", AGENT))
+            .await
+            .unwrap();
+        let nested = store
+            .create_entry(new_entry(
+                "spiffe://example.org/nested",
+                "spiffe://example.org/alias",
+            ))
+            .await
+            .unwrap();
+        store
+            .create_entry(new_entry("spiffe://example.org/theirs", OTHER_AGENT))
+            .await
+            .unwrap();
+        let mut expired = new_entry("spiffe://example.org/expired", AGENT);
+        expired.expires_at = Some(UNIX_EPOCH + Duration::from_secs(1));
+        store.create_entry(expired).await.unwrap();
+        // Not applied until the cache catches up (no follower runs here)...
+        assert_eq!(granted(&cache, AGENT), ["spiffe://example.org/before"]);
+        // ...but an authorization catches up first: every acknowledged write counts.
+        let authorized = cache
+            .authorized(&id(AGENT), SystemTime::now(), |_| false)
+            .await
+            .unwrap();
+        assert_eq!(authorized.revision, 5);
+        assert_eq!(authorized.entries.len(), 3);
+        assert_eq!(cache.revision(), 5);
+        assert_eq!(
+            granted(&cache, AGENT),
+            [
+                "spiffe://example.org/alias",
+                "spiffe://example.org/before",
+                "spiffe://example.org/nested"
+            ]
+        );
+        assert_eq!(
+            granted(&cache, OTHER_AGENT),
+            ["spiffe://example.org/theirs"]
+        );
+        // An excluded entry authorizes nothing, nor anything below it.
+        let without_alias = cache
+            .authorized_now(&id(AGENT), SystemTime::now(), |e| {
+                e.spiffe_id.path() == "/alias"
+            })
+            .unwrap();
+        assert_eq!(without_alias.entries.len(), 1);
+
+        // The nested entry moves to the other agent: the old parent's index forgets it.
+        store
+            .update_entry(
+                &nested.id,
+                new_entry("spiffe://example.org/nested", OTHER_AGENT),
+            )
+            .await
+            .unwrap();
+        cache.catch_up().await.unwrap();
+        assert_eq!(
+            granted(&cache, AGENT),
+            ["spiffe://example.org/alias", "spiffe://example.org/before"]
+        );
+        assert_eq!(
+            granted(&cache, OTHER_AGENT),
+            ["spiffe://example.org/nested", "spiffe://example.org/theirs"]
+        );
+        store.delete_entry(&nested.id).await.unwrap();
+        cache.catch_up().await.unwrap();
+        assert_eq!(
+            granted(&cache, OTHER_AGENT),
+            ["spiffe://example.org/theirs"]
+        );
+        assert_eq!(cache.len(), 4);
+
+        // The cache equals a fresh load of the store.
+        let fresh = EntryCache::load(store.clone()).await.unwrap();
+        assert_eq!(fresh.revision(), cache.revision());
+        for agent in [AGENT, OTHER_AGENT] {
+            assert_eq!(granted(&fresh, agent), granted(&cache, agent));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recent_changes_are_shared_and_a_stream_too_far_behind_is_told_to_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 100_000);
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        assert!(matches!(cache.changes_after(0, 10), Recent::Changes(c) if c.is_empty()));
+        let created = RECENT_CHANGES + 10;
+        let entries = (0..created)
+            .map(|i| new_entry(&format!("spiffe://example.org/w/{i}"), AGENT))
+            .collect();
+        store.create_entries(entries).await.unwrap();
+        cache.catch_up().await.unwrap();
+        let last = cache.revision();
+        assert_eq!(last, created as u64);
+        // The oldest 10 fell out of the window.
+        assert!(matches!(cache.changes_after(0, 10), Recent::Gone));
+        assert!(matches!(cache.changes_after(9, 10), Recent::Gone));
+        let Recent::Changes(changes) = cache.changes_after(10, 3) else {
+            panic!("revision 10 is the window's start");
+        };
+        let revisions: Vec<u64> = changes.iter().map(|c| c.revision).collect();
+        assert_eq!(revisions, [11, 12, 13]);
+        let Recent::Changes(tail) = cache.changes_after(last - 2, 100) else {
+            panic!("in the window");
+        };
+        assert_eq!(tail.len(), 2);
+        assert!(matches!(cache.changes_after(last, 100), Recent::Changes(c) if c.is_empty()));
+        assert!(matches!(cache.changes_after(last + 1, 100), Recent::Gone));
+        // Shared, not copied: two readers get the same allocation.
+        let Recent::Changes(again) = cache.changes_after(last - 2, 100) else {
+            panic!("in the window");
+        };
+        assert!(Arc::ptr_eq(&tail[0], &again[0]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cache_behind_the_feed_retention_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 5);
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        for i in 0..20 {
+            store
+                .create_entry(new_entry(&format!("spiffe://example.org/w/{i}"), AGENT))
+                .await
+                .unwrap();
+        }
+        // Changes 1..=15 are gone from the feed: the cache takes a snapshot instead.
+        cache.catch_up().await.unwrap();
+        assert_eq!(cache.revision(), 20);
+        assert_eq!(granted(&cache, AGENT).len(), 20);
+        assert!(matches!(cache.changes_after(19, 10), Recent::Gone));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_it_cannot_read_makes_it_refuse_until_it_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        store
+            .create_entry(new_entry("spiffe://example.org/one", AGENT))
+            .await
+            .unwrap();
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        let mut revisions = cache.subscribe();
+
+        // The next change cannot be decoded (it is corrupted before the follower starts, so
+        // that it cannot have been applied already): the follower cannot apply it.
+        let deleted = store
+            .create_entry(new_entry("spiffe://example.org/two", AGENT))
+            .await
+            .unwrap();
+        let good = store.swap_raw_change(2, b"not json").unwrap();
+        store.delete_entry(&deleted.id).await.unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let follower = tokio::spawn(cache.clone().run(stop_rx));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while cache
+            .authorized_now(&id(AGENT), SystemTime::now(), |_| false)
+            .is_ok()
+        {
+            assert!(tokio::time::Instant::now() < deadline, "never went stale");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(matches!(
+            cache.authorized_now(&id(AGENT), SystemTime::now(), |_| false),
+            Err(EntryCacheError::Stale)
+        ));
+        assert!(matches!(
+            cache
+                .authorized(&id(AGENT), SystemTime::now(), |_| false)
+                .await,
+            Err(EntryCacheError::Stale)
+        ));
+        assert_eq!(cache.revision(), 1, "nothing past the bad change applied");
+
+        // Repaired: the follower's retry catches up, and the cache authorizes again.
+        store.swap_raw_change(2, &good);
+        tokio::time::timeout(Duration::from_secs(10), revisions.wait_for(|r| *r == 3))
+            .await
+            .unwrap()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while cache
+            .authorized_now(&id(AGENT), SystemTime::now(), |_| false)
+            .is_err()
+        {
+            assert!(tokio::time::Instant::now() < deadline, "never caught up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(granted(&cache, AGENT), ["spiffe://example.org/one"]);
+        stop_tx.send(true).unwrap();
+        follower.await.unwrap();
+    }
+}
