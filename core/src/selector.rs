@@ -5,7 +5,6 @@
 //! workload when **every** selector of the entry is among the workload's selectors (the entry's
 //! set is a subset of the workload's), as in SPIRE.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
@@ -63,10 +62,15 @@ pub struct Selector {
 ///
 /// Ordered and free of duplicates, so two sets with the same selectors are equal whatever order
 /// they were given in.
-#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Held as a sorted slice without duplicates: the same order, equality and ordering as a
+/// `BTreeSet`, in one small allocation (a server holds one per registration entry, an agent one
+/// per cached SVID; a B-tree node for a single selector costs half a kilobyte).
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct SelectorSet {
-    selectors: BTreeSet<Selector>,
+    /// Sorted, no duplicates.
+    selectors: Box<[Selector]>,
 }
 
 // === impl Selector ===
@@ -161,12 +165,20 @@ impl SelectorSet {
 
     /// Adds a selector; returns false when it was already present.
     pub fn insert(&mut self, selector: Selector) -> bool {
-        self.selectors.insert(selector)
+        match self.selectors.binary_search(&selector) {
+            Ok(_) => false,
+            Err(at) => {
+                let mut selectors = std::mem::take(&mut self.selectors).into_vec();
+                selectors.insert(at, selector);
+                self.selectors = selectors.into_boxed_slice();
+                true
+            }
+        }
     }
 
     /// True when the set holds `selector`.
     pub fn contains(&self, selector: &Selector) -> bool {
-        self.selectors.contains(selector)
+        self.selectors.binary_search(selector).is_ok()
     }
 
     /// The number of selectors.
@@ -190,27 +202,42 @@ impl SelectorSet {
     /// An entry with no selectors matches nothing: a registration must name at least one
     /// property of the workload, so an empty set never grants an identity (fail closed).
     pub fn matches(&self, workload: &SelectorSet) -> bool {
-        !self.is_empty() && self.selectors.is_subset(&workload.selectors)
+        !self.is_empty() && self.selectors.iter().all(|s| workload.contains(s))
+    }
+
+    fn from_vec(mut selectors: Vec<Selector>) -> Self {
+        selectors.sort_unstable();
+        selectors.dedup();
+        Self {
+            selectors: selectors.into_boxed_slice(),
+        }
     }
 }
 
 impl FromIterator<Selector> for SelectorSet {
     fn from_iter<I: IntoIterator<Item = Selector>>(iter: I) -> Self {
-        Self {
-            selectors: iter.into_iter().collect(),
-        }
+        Self::from_vec(iter.into_iter().collect())
     }
 }
 
 impl Extend<Selector> for SelectorSet {
     fn extend<I: IntoIterator<Item = Selector>>(&mut self, iter: I) {
-        self.selectors.extend(iter);
+        let mut selectors = std::mem::take(&mut self.selectors).into_vec();
+        selectors.extend(iter);
+        *self = Self::from_vec(selectors);
+    }
+}
+
+impl<'de> Deserialize<'de> for SelectorSet {
+    /// Any order, duplicates dropped: the same as collecting into the set.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<Selector>::deserialize(deserializer).map(Self::from_vec)
     }
 }
 
 impl<'a> IntoIterator for &'a SelectorSet {
     type Item = &'a Selector;
-    type IntoIter = std::collections::btree_set::Iter<'a, Selector>;
+    type IntoIter = std::slice::Iter<'a, Selector>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.selectors.iter()
