@@ -65,8 +65,9 @@ pub struct Snapshot {
     pub trust_domain: TrustDomain,
     /// Its bundle.
     pub bundle: SpiffeBundle,
-    /// Identities, by entry id.
-    pub svids: BTreeMap<String, WorkloadSvid>,
+    /// Identities, by entry id. Shared (`Arc`) between the manager's working copy and every
+    /// published snapshot, so publishing copies no certificate or key.
+    pub svids: BTreeMap<String, Arc<WorkloadSvid>>,
     /// Whether any entry uses a `unix:sha256` selector (so attestation must hash).
     pub needs_sha256: bool,
     /// Whether the agent has finished its first sync (until then, "no identity" may only mean
@@ -140,6 +141,7 @@ impl Snapshot {
             .values()
             .filter(|svid| svid.selectors.matches(selectors) && svid.not_after > now)
             .filter(|svid| svid.hint.is_empty() || hints.insert(svid.hint.as_str()))
+            .map(|svid| &**svid)
             .collect()
     }
 }
@@ -183,7 +185,7 @@ mod tests {
             svid("d", "", &["unix:uid:2"], later),
             svid("e", "", &["unix:uid:1"], now),
         ] {
-            s.svids.insert(w.entry_id.clone(), w);
+            s.svids.insert(w.entry_id.clone(), Arc::new(w));
         }
         let workload: SelectorSet = ["unix:uid:1", "unix:gid:1"]
             .iter()

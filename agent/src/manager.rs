@@ -242,9 +242,16 @@ impl Manager {
             }
             match parse_selectors(entry) {
                 Ok(selectors) => {
-                    svid.selectors = selectors;
-                    svid.hint = entry.hint.clone();
-                    svid.jwt_ttl = entry.jwt_svid_ttl;
+                    // Copied (from the published snapshots' shared one) only when it changes.
+                    if svid.selectors != selectors
+                        || svid.hint != entry.hint
+                        || svid.jwt_ttl != entry.jwt_svid_ttl
+                    {
+                        let svid = Arc::make_mut(svid);
+                        svid.selectors = selectors;
+                        svid.hint = entry.hint.clone();
+                        svid.jwt_ttl = entry.jwt_svid_ttl;
+                    }
                     true
                 }
                 Err(_) => false,
@@ -316,7 +323,7 @@ impl Manager {
                 {
                     Ok(w) => {
                         debug!(entry_id = %entry.id, "svid minted");
-                        self.snapshot.svids.insert(entry.id.clone(), w);
+                        self.snapshot.svids.insert(entry.id.clone(), Arc::new(w));
                     }
                     Err(e) => {
                         warn!(entry_id = %entry.id, error = %e, "the server sent an unusable svid")

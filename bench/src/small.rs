@@ -108,6 +108,7 @@ pub(crate) async fn run(h: &mut Harness, only: &BTreeSet<String>) -> anyhow::Res
     }
     if only.contains("propagation") {
         propagation(h, &mut ctx).await?;
+        session_revocation(h, &mut ctx).await?;
     }
     let Small {
         server,
@@ -713,6 +714,201 @@ pub(crate) async fn propagation(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
         );
     }
     Ok(())
+}
+
+/// What one `FetchX509SVID` message showed: its SVIDs (SPIFFE ID and leaf serial, lowercase
+/// hex) and the serials its CRLs list.
+#[derive(Debug)]
+struct Shown {
+    at: Instant,
+    svids: Vec<(String, String)>,
+    revoked: BTreeSet<String>,
+}
+
+impl Shown {
+    fn of(message: X509svidResponse) -> Self {
+        let svids = message
+            .svids
+            .into_iter()
+            .map(|s| {
+                let serial = x509_parser::parse_x509_certificate(&s.x509_svid)
+                    .map(|(_, leaf)| hex(leaf.raw_serial()))
+                    .unwrap_or_default();
+                (s.spiffe_id, serial)
+            })
+            .collect();
+        let revoked = message
+            .crl
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_crl(der).ok())
+            .flat_map(|(_, crl)| {
+                crl.iter_revoked_certificates()
+                    .map(|r| hex(r.raw_serial()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Self {
+            at: Instant::now(),
+            svids,
+            revoked,
+        }
+    }
+
+    fn serial_of(&self, spiffe_id: &str) -> Option<&str> {
+        self.svids
+            .iter()
+            .find(|(id, _)| id == spiffe_id)
+            .map(|(_, serial)| serial.as_str())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Measurement 4, privileged sessions: `session revoke` until an open workload stream has
+/// dropped the session's SVID, and until the CRL it carries lists the SVID's serial (what an
+/// mTLS peer needs to refuse a copy of it). Each trial opens a session for this process's
+/// uid, waits for the stream to show its SVID (minted on demand, audited), then revokes it.
+pub(crate) async fn session_revocation(h: &mut Harness, ctx: &mut Small) -> anyhow::Result<()> {
+    let n = h.plan.propagation_trials;
+    h.note(&format!(
+        "propagation: {n} privileged sessions opened and revoked"
+    ));
+    let deadline = h.phase_deadline(Duration::from_secs(if h.plan.quick { 10 } else { 90 }));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Shown>();
+    let mut client = clients::workload(ctx.agent.socket.clone()).await?;
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await?
+        .into_inner();
+    let watcher = tokio::spawn(async move {
+        let _client = client;
+        while let Ok(Some(message)) = stream.message().await {
+            if tx.send(Shown::of(message)).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut opened, mut dropped, mut listed, mut open_rpc, mut revoke_rpc) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut missed = 0usize;
+    for k in 0..n {
+        if Instant::now() > deadline {
+            break;
+        }
+        let id = format!("spiffe://{TRUST_DOMAIN}/session/{k}");
+        drain(&mut rx);
+        let t = Instant::now();
+        let session = ctx
+            .admin
+            .open_session(admin::OpenSessionRequest {
+                spiffe_id: id.clone(),
+                parent_id: ctx.agent_id.clone(),
+                selectors: vec![h.uid_selector()],
+                ticket: format!("BENCH-{k}"),
+                reason: "sigil-bench: revocation propagation".into(),
+                ttl_seconds: 600,
+                svid_ttl_seconds: 0,
+                require_approval: false,
+            })
+            .await?
+            .into_inner();
+        open_rpc.push(t.elapsed());
+        let Some((at, serial)) = wait_shown(&mut rx, |m| m.serial_of(&id).map(str::to_owned)).await
+        else {
+            missed += 1;
+            continue;
+        };
+        opened.push(at.saturating_duration_since(t));
+        drain(&mut rx);
+        let t = Instant::now();
+        ctx.admin
+            .revoke_session(admin::RevokeSessionRequest {
+                id: session.id,
+                reason: "sigil-bench".into(),
+            })
+            .await?;
+        revoke_rpc.push(t.elapsed());
+        // The withdrawal and the CRL may come in one message or in two, in either order.
+        let (mut gone, mut on_crl) = (None, None);
+        let until = Instant::now() + MESSAGE_TIMEOUT;
+        while gone.is_none() || on_crl.is_none() {
+            let left = until.saturating_duration_since(Instant::now());
+            let Ok(Some(shown)) = tokio::time::timeout(left, rx.recv()).await else {
+                break;
+            };
+            if gone.is_none() && shown.serial_of(&id).is_none() {
+                gone = Some(shown.at.saturating_duration_since(t));
+            }
+            if on_crl.is_none() && shown.revoked.contains(&serial) {
+                on_crl = Some(shown.at.saturating_duration_since(t));
+            }
+        }
+        match (gone, on_crl) {
+            (Some(gone), Some(on_crl)) => {
+                dropped.push(gone);
+                listed.push(on_crl);
+            }
+            _ => missed += 1,
+        }
+    }
+    watcher.abort();
+    if missed > 0 {
+        h.note(&format!(
+            "propagation: {missed} session trials not seen through within {MESSAGE_TIMEOUT:?}"
+        ));
+    }
+    let rpc = Percentiles::of(&revoke_rpc).context("no session revoked")?;
+    let open_rpc = Percentiles::of(&open_rpc).context("no session opened")?;
+    let opened = Percentiles::of(&opened).context("no session SVID seen")?;
+    h.rows.push(Row::info(
+        "4. Privileged session opened (admin API) until the open workload stream has its SVID (entry to the agent, minted on demand for this workload, audited)".to_owned(),
+        opened.text(),
+        format!("the admin OpenSession round trip alone (durable, audited): p50 {}", duration(open_rpc.p50)),
+        report::ratio(opened.p50, open_rpc.p50),
+    ));
+    for (what, samples) in [
+        ("drops the session's SVID", &dropped),
+        ("carries a CRL listing the SVID's serial", &listed),
+    ] {
+        let ours = Percentiles::of(samples).context("no revocation sample")?;
+        let met = missed == 0 && ours.p99 < Duration::from_secs(1);
+        h.rows.push(
+            Row::info(
+                format!("4. Propagation: `session revoke` (admin API) until the open workload stream {what}"),
+                ours.text(),
+                format!("the admin RevokeSession round trip alone: p50 {}", duration(rpc.p50)),
+                report::ratio(ours.p50, rpc.p50),
+            )
+            .target(
+                if missed > 0 {
+                    format!("p99 < 1 s ({missed} missed)")
+                } else {
+                    "p99 < 1 s".into()
+                },
+                met,
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Waits for the first message for which `wanted` gives something; its arrival and that.
+async fn wait_shown<T>(
+    rx: &mut mpsc::UnboundedReceiver<Shown>,
+    wanted: impl Fn(&Shown) -> Option<T>,
+) -> Option<(Instant, T)> {
+    let until = Instant::now() + MESSAGE_TIMEOUT;
+    // Bounded by the timeout; and by a message count far above what one change produces.
+    for _ in 0..10_000 {
+        let left = until.saturating_duration_since(Instant::now());
+        let shown = tokio::time::timeout(left, rx.recv()).await.ok()??;
+        if let Some(found) = wanted(&shown) {
+            return Some((shown.at, found));
+        }
+    }
+    None
 }
 
 /// Waits for the first message whose SPIFFE IDs satisfy `wanted`; its arrival time.
