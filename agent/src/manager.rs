@@ -289,8 +289,23 @@ impl Manager {
             })
             .cloned()
             .collect();
-        for chunk in due.chunks(BATCH) {
-            if let Err(e) = self.mint(chunk).await {
+        let mut chunks = due.chunks(BATCH).map(<[Entry]>::to_vec);
+        let mut next = chunks.next().map(Prepared::spawn);
+        while let Some(prepared) = next.take() {
+            let batch = match prepared.await {
+                Ok(Ok(batch)) => batch,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "cannot mint svids now; will retry");
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "key generation task failed; will retry");
+                    break;
+                }
+            };
+            // The next batch's keys and CSRs are made while the server signs this one.
+            next = chunks.next().map(Prepared::spawn);
+            if let Err(e) = self.mint(batch).await {
                 warn!(error = %e, "cannot mint svids now; will retry");
                 break;
             }
@@ -298,17 +313,12 @@ impl Manager {
         self.publish();
     }
 
-    async fn mint(&mut self, entries: &[Entry]) -> Result<(), NodeError> {
-        let mut keys = Vec::with_capacity(entries.len());
-        let mut params = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let key = new_key()?;
-            params.push(NewX509svidParams {
-                entry_id: entry.id.clone(),
-                csr: csr(&key)?,
-            });
-            keys.push(key);
-        }
+    async fn mint(&mut self, batch: Prepared) -> Result<(), NodeError> {
+        let Prepared {
+            entries,
+            keys,
+            params,
+        } = batch;
         let results = self
             .node
             .client()
@@ -318,6 +328,10 @@ impl Manager {
             .into_inner()
             .results;
         for ((entry, key), result) in entries.iter().zip(keys).zip(results) {
+            if result.entry_id != entry.id {
+                warn!(entry_id = %entry.id, answered = %result.entry_id, "the server answered out of order; ignoring the result");
+                continue;
+            }
             match result.result {
                 Some(x509svid_result::Result::Svid(svid)) => match workload_svid(entry, &svid, key)
                 {
@@ -356,6 +370,38 @@ impl Manager {
             .duration_since(now)
             .unwrap_or(Duration::from_millis(50));
         tokio::time::Instant::now() + wait.clamp(Duration::from_millis(50), Duration::from_secs(60))
+    }
+}
+
+/// A batch ready to send: the entries, a fresh key for each, and the CSRs.
+struct Prepared {
+    entries: Vec<Entry>,
+    keys: Vec<zeroize::Zeroizing<Vec<u8>>>,
+    params: Vec<NewX509svidParams>,
+}
+
+// === impl Prepared ===
+
+impl Prepared {
+    /// Makes the keys and CSRs for `entries` on a blocking thread.
+    fn spawn(entries: Vec<Entry>) -> tokio::task::JoinHandle<Result<Self, NodeError>> {
+        tokio::task::spawn_blocking(move || {
+            let mut keys = Vec::with_capacity(entries.len());
+            let mut params = Vec::with_capacity(entries.len());
+            for entry in &entries {
+                let key = new_key()?;
+                params.push(NewX509svidParams {
+                    entry_id: entry.id.clone(),
+                    csr: csr(&key)?,
+                });
+                keys.push(key);
+            }
+            Ok(Self {
+                entries,
+                keys,
+                params,
+            })
+        })
     }
 }
 

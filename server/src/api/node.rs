@@ -29,8 +29,8 @@ use sigil_proto::node::node_server::Node;
 use sigil_proto::node::{
     self as pb, AttestAgentRequest, AttestAgentResponse, BatchNewX509svidRequest,
     BatchNewX509svidResponse, GetBundleRequest, GetBundleResponse, NewJwtsvidRequest,
-    NewJwtsvidResponse, NewSessionJwtsvidRequest, NewSessionX509svidRequest, RenewAgentRequest,
-    RenewAgentResponse, SyncEntriesRequest, SyncEntriesResponse,
+    NewJwtsvidResponse, NewSessionJwtsvidRequest, NewSessionX509svidRequest, NewX509svidParams,
+    RenewAgentRequest, RenewAgentResponse, SyncEntriesRequest, SyncEntriesResponse,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
@@ -432,6 +432,35 @@ impl NodeService {
             .map_err(cache_status)
     }
 
+    /// `id` if it is authorized for `agent` (the same rule, decided for this one entry).
+    async fn authorize_one(
+        &self,
+        agent: &SpiffeId,
+        id: &EntryId,
+    ) -> Result<Option<Arc<RegistrationEntry>>, Status> {
+        Ok(self
+            .authorize(agent, std::slice::from_ref(id))
+            .await?
+            .into_iter()
+            .next()
+            .flatten())
+    }
+
+    /// For each of `ids`, the entry if it is authorized for `agent`.
+    async fn authorize(
+        &self,
+        agent: &SpiffeId,
+        ids: &[EntryId],
+    ) -> Result<Vec<Option<Arc<RegistrationEntry>>>, Status> {
+        self.inner
+            .entries
+            .authorize(agent, ids, self.now(), |entry| {
+                is_reserved(&entry.spiffe_id)
+            })
+            .await
+            .map_err(cache_status)
+    }
+
     /// Appends `records` and waits until they are durable; the caller hands out nothing if
     /// this fails.
     async fn audit(&self, records: Vec<NewAuditRecord>) -> Result<(), Status> {
@@ -461,8 +490,7 @@ impl NodeService {
     ) -> Result<(RegistrationEntry, Session, SessionWorkload), Status> {
         let id = EntryId::parse(entry_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let workload = SessionWorkload::parse(workload)?;
-        let authorized = self.authorized(&agent.id).await?;
-        let Some(entry) = authorized.entries.get(&id) else {
+        let Some(entry) = self.authorize_one(&agent.id, &id).await? else {
             warn!(agent_id = %agent.id, entry_id, "session svid refused: entry not authorized for agent");
             return Err(Status::permission_denied(
                 "entry is not authorized for this agent",
@@ -498,7 +526,7 @@ impl NodeService {
                 "the workload's selectors do not match the session's",
             ));
         }
-        Ok((RegistrationEntry::clone(entry), session, workload))
+        Ok((RegistrationEntry::clone(&entry), session, workload))
     }
 
     fn bundle_message(&self) -> pb::Bundle {
@@ -685,14 +713,23 @@ impl Node for NodeService {
                 params.len()
             )));
         }
-        let authorized = self.authorized(&agent.id).await?;
         let now = self.now();
-        let mut outcomes = Vec::with_capacity(params.len());
-        let mut records = Vec::new();
-        for param in params {
-            let outcome = match EntryId::parse(&param.entry_id) {
-                Err(e) => Err(Status::invalid_argument(e.to_string())),
-                Ok(id) => match authorized.entries.get(&id) {
+        let parsed: Vec<Result<EntryId, Status>> = params
+            .iter()
+            .map(|p| {
+                EntryId::parse(&p.entry_id).map_err(|e| Status::invalid_argument(e.to_string()))
+            })
+            .collect();
+        let valid: Vec<EntryId> = parsed
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        let mut granted = self.authorize(&agent.id, &valid).await?.into_iter();
+        let jobs: Vec<(NewX509svidParams, Result<Arc<RegistrationEntry>, Status>)> = params
+            .into_iter()
+            .zip(parsed)
+            .map(|(param, id)| {
+                let job = id.and_then(|_| match granted.next().flatten() {
                     None => {
                         warn!(agent_id = %agent.id, entry_id = %param.entry_id, "svid refused: entry not authorized for agent");
                         Err(Status::permission_denied(
@@ -702,13 +739,34 @@ impl Node for NodeService {
                     Some(entry) if entry.session_id.is_some() => Err(Status::failed_precondition(
                         "entry belongs to a privileged session: use NewSessionX509SVID",
                     )),
-                    Some(entry) => self
-                        .inner
-                        .authority
-                        .sign_workload_svid(entry, &param.csr, now)
-                        .map_err(sign_status),
-                },
-            };
+                    Some(entry) => Ok(entry),
+                });
+                (param, job)
+            })
+            .collect();
+        // The signing itself (a CSR verify and a signature each) runs off the async workers,
+        // so that a large batch does not hold up other agents' calls.
+        let authority = self.inner.authority.clone();
+        let signed = tokio::task::spawn_blocking(move || {
+            jobs.into_iter()
+                .map(|(param, job)| {
+                    let outcome = job.and_then(|entry| {
+                        authority
+                            .sign_workload_svid(&entry, &param.csr, now)
+                            .map_err(sign_status)
+                    });
+                    (param.entry_id, outcome)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|error| {
+            warn!(%error, "signing task failed");
+            Status::internal("signing failed")
+        })?;
+        let mut outcomes = Vec::with_capacity(signed.len());
+        let mut records = Vec::new();
+        for (entry_id, outcome) in signed {
             if let Ok(svid) = &outcome {
                 records.push(
                     NewAuditRecord::new(
@@ -717,13 +775,13 @@ impl Node for NodeService {
                         svid.spiffe_id.to_string(),
                     )
                     .detail("spiffe_id", svid.spiffe_id.to_string())
-                    .detail("entry_id", param.entry_id.clone())
+                    .detail("entry_id", entry_id.clone())
                     .detail("serial", svid.serial.clone())
                     .time_detail("not_after", svid.not_after)
                     .detail("agent", agent.id.to_string()),
                 );
             }
-            outcomes.push((param.entry_id, outcome));
+            outcomes.push((entry_id, outcome));
         }
         // One append for the batch; nothing is returned unless it is durable.
         self.audit(records).await?;
@@ -755,8 +813,7 @@ impl Node for NodeService {
         }
         let id =
             EntryId::parse(&req.entry_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let authorized = self.authorized(&agent.id).await?;
-        let Some(entry) = authorized.entries.get(&id) else {
+        let Some(entry) = self.authorize_one(&agent.id, &id).await? else {
             warn!(agent_id = %agent.id, entry_id = %req.entry_id, "jwt refused: entry not authorized for agent");
             return Err(Status::permission_denied(
                 "entry is not authorized for this agent",
@@ -770,7 +827,7 @@ impl Node for NodeService {
         let jwt = self
             .inner
             .authority
-            .sign_jwt_svid(entry, &req.audience, self.now())
+            .sign_jwt_svid(&entry, &req.audience, self.now())
             .map_err(sign_status)?;
         let record = NewAuditRecord::new(
             agent.id.to_string(),
