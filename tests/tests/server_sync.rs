@@ -11,11 +11,31 @@
 use std::time::Duration;
 
 use sigil_proto::admin::DeleteEntryRequest;
+use sigil_proto::node::node_client::NodeClient;
 use sigil_proto::node::{
     ResumePage, SyncEntriesRequest, SyncEntriesResponse, change, sync_entries_response,
 };
 use sigil_tests::*;
 use tonic::Streaming;
+use tonic::transport::Channel;
+
+/// Agent `agent`'s sync stream from `since`, on a connection of its own (kept alive by the
+/// returned client).
+async fn open_sync(
+    server: &TestServer,
+    agent: &TestAgent,
+    since: u64,
+) -> (NodeClient<Channel>, Streaming<SyncEntriesResponse>) {
+    let mut client = agent.client(server).await;
+    let stream = client
+        .sync_entries(SyncEntriesRequest {
+            since_revision: since,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (client, stream)
+}
 
 /// Reads the next message, failing the test if none comes within 10 s.
 async fn next(stream: &mut Streaming<SyncEntriesResponse>) -> sync_entries_response::Message {
@@ -67,12 +87,7 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
     .await
     .unwrap();
 
-    let mut client = a.client(&server).await;
-    let mut stream = client
-        .sync_entries(SyncEntriesRequest { since_revision: 0 })
-        .await
-        .unwrap()
-        .into_inner();
+    let (client, mut stream) = open_sync(&server, &a, 0).await;
     let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
         panic!("the first message must be the snapshot");
     };
@@ -139,14 +154,7 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
     )
     .await
     .unwrap();
-    let mut client = a.client(&server).await;
-    let mut stream = client
-        .sync_entries(SyncEntriesRequest {
-            since_revision: revision,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_client, mut stream) = open_sync(&server, &a, revision).await;
     let page = next_resume(&mut stream).await;
     assert!(page.revision > revision);
     let mut full: Vec<_> = page.entries.iter().map(|e| e.spiffe_id.as_str()).collect();
@@ -224,12 +232,7 @@ async fn a_resume_drops_what_an_alias_deleted_meanwhile_authorized_and_leaks_not
     .await
     .unwrap();
 
-    let mut client = a.client(&server).await;
-    let mut stream = client
-        .sync_entries(SyncEntriesRequest { since_revision: 0 })
-        .await
-        .unwrap()
-        .into_inner();
+    let (client, mut stream) = open_sync(&server, &a, 0).await;
     let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
         panic!("expected the snapshot");
     };
@@ -252,14 +255,7 @@ async fn a_resume_drops_what_an_alias_deleted_meanwhile_authorized_and_leaks_not
         .await
         .unwrap();
 
-    let mut client = a.client(&server).await;
-    let mut stream = client
-        .sync_entries(SyncEntriesRequest {
-            since_revision: revision,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_client, mut stream) = open_sync(&server, &a, revision).await;
     let page = next_resume(&mut stream).await;
     assert!(
         page.entries.is_empty(),
@@ -287,14 +283,7 @@ async fn a_revision_the_server_does_not_have_means_a_fresh_snapshot() {
     )
     .await
     .unwrap();
-    let mut client = a.client(&server).await;
-    let mut stream = client
-        .sync_entries(SyncEntriesRequest {
-            since_revision: 1_000_000,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_client, mut stream) = open_sync(&server, &a, 1_000_000).await;
     let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
         panic!("expected a snapshot");
     };
@@ -322,12 +311,7 @@ async fn large_snapshots_are_paged_under_the_message_limit() {
         .unwrap()
         .into_inner();
     assert_eq!(resp.results.len(), 2500);
-    let mut client = a.client(&server).await;
-    let mut stream = client
-        .sync_entries(SyncEntriesRequest { since_revision: 0 })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_client, mut stream) = open_sync(&server, &a, 0).await;
     let mut total = 0;
     let mut pages = 0;
     loop {
