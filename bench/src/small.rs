@@ -634,21 +634,7 @@ pub(crate) async fn propagation(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
     let n = h.plan.propagation_trials;
     h.note(&format!("propagation: {n} create and delete trials"));
     let deadline = h.phase_deadline(Duration::from_secs(if h.plan.quick { 10 } else { 90 }));
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<String>)>();
-    let mut client = clients::workload(ctx.agent.socket.clone()).await?;
-    let mut stream = client
-        .fetch_x509svid(X509svidRequest {})
-        .await?
-        .into_inner();
-    let watcher = tokio::spawn(async move {
-        let _client = client;
-        while let Ok(Some(message)) = stream.message().await {
-            let ids = message.svids.into_iter().map(|s| s.spiffe_id).collect();
-            if tx.send((Instant::now(), ids)).is_err() {
-                break;
-            }
-        }
-    });
+    let (watcher, mut rx) = watch_stream(&ctx.agent.socket).await?;
     let (mut create, mut delete, mut create_rpc, mut delete_rpc) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut missed = 0usize;
@@ -668,8 +654,8 @@ pub(crate) async fn propagation(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
         .next()
         .context("no entry created")?;
         create_rpc.push(t.elapsed());
-        match wait_ids(&mut rx, |ids| ids.contains(&id)).await {
-            Some(at) => create.push(at.saturating_duration_since(t)),
+        match wait_shown(&mut rx, |m| m.serial_of(&id).map(drop)).await {
+            Some((at, ())) => create.push(at.saturating_duration_since(t)),
             None => missed += 1,
         }
         drain(&mut rx);
@@ -678,8 +664,8 @@ pub(crate) async fn propagation(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
             .delete_entry(DeleteEntryRequest { id: created.id })
             .await?;
         delete_rpc.push(t.elapsed());
-        match wait_ids(&mut rx, |ids| !ids.contains(&id)).await {
-            Some(at) => delete.push(at.saturating_duration_since(t)),
+        match wait_shown(&mut rx, |m| m.serial_of(&id).is_none().then_some(())).await {
+            Some((at, ())) => delete.push(at.saturating_duration_since(t)),
             None => missed += 1,
         }
     }
@@ -794,20 +780,7 @@ pub(crate) async fn session_revocation(h: &mut Harness, ctx: &mut Small) -> anyh
         "propagation: {n} privileged sessions opened and revoked"
     ));
     let deadline = h.phase_deadline(Duration::from_secs(if h.plan.quick { 10 } else { 90 }));
-    let (tx, mut rx) = mpsc::unbounded_channel::<Shown>();
-    let mut client = clients::workload(ctx.agent.socket.clone()).await?;
-    let mut stream = client
-        .fetch_x509svid(X509svidRequest {})
-        .await?
-        .into_inner();
-    let watcher = tokio::spawn(async move {
-        let _client = client;
-        while let Ok(Some(message)) = stream.message().await {
-            if tx.send(Shown::of(message)).is_err() {
-                break;
-            }
-        }
-    });
+    let (watcher, mut rx) = watch_stream(&ctx.agent.socket).await?;
     let (mut opened, mut dropped, mut listed, mut open_rpc, mut revoke_rpc) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut missed = 0usize;
@@ -921,21 +894,26 @@ async fn wait_shown<T>(
     None
 }
 
-/// Waits for the first message whose SPIFFE IDs satisfy `wanted`; its arrival time.
-async fn wait_ids(
-    rx: &mut mpsc::UnboundedReceiver<(Instant, Vec<String>)>,
-    wanted: impl Fn(&[String]) -> bool,
-) -> Option<Instant> {
-    let until = Instant::now() + MESSAGE_TIMEOUT;
-    // Bounded by the timeout; and by a message count far above what one change produces.
-    for _ in 0..10_000 {
-        let left = until.saturating_duration_since(Instant::now());
-        let (at, ids) = tokio::time::timeout(left, rx.recv()).await.ok()??;
-        if wanted(&ids) {
-            return Some(at);
+/// Opens a `FetchX509SVID` stream on the agent's socket; a task reports each message until
+/// aborted.
+async fn watch_stream(
+    socket: &Path,
+) -> anyhow::Result<(JoinHandle<()>, mpsc::UnboundedReceiver<Shown>)> {
+    let (tx, rx) = mpsc::unbounded_channel::<Shown>();
+    let mut client = clients::workload(socket.to_owned()).await?;
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await?
+        .into_inner();
+    let watcher = tokio::spawn(async move {
+        let _client = client;
+        while let Ok(Some(message)) = stream.message().await {
+            if tx.send(Shown::of(message)).is_err() {
+                break;
+            }
         }
-    }
-    None
+    });
+    Ok((watcher, rx))
 }
 
 /// Drops whatever a channel holds.

@@ -19,6 +19,18 @@ use sigil_tests::*;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
+/// Creates an entry with one selector (through the admin API).
+async fn add(
+    server: &TestServer,
+    spiffe_id: &str,
+    parent_id: &str,
+    selector: &str,
+) -> sigil_proto::admin::Entry {
+    create_entry(server, entry(spiffe_id, parent_id, &[selector]))
+        .await
+        .unwrap()
+}
+
 /// Agent `agent`'s sync stream from `since`, on a connection of its own (kept alive by the
 /// returned client).
 async fn open_sync(
@@ -74,18 +86,20 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
     let server = TestServer::start("");
     let a = TestAgent::attest(&server).await;
     let b = TestAgent::attest(&server).await;
-    let a1 = create_entry(
+    let a1 = add(
         &server,
-        entry("spiffe://example.org/a1", a.id.as_str(), &["unix:uid:1"]),
+        "spiffe://example.org/a1",
+        a.id.as_str(),
+        "unix:uid:1",
     )
-    .await
-    .unwrap();
-    create_entry(
+    .await;
+    add(
         &server,
-        entry("spiffe://example.org/b1", b.id.as_str(), &["unix:uid:1"]),
+        "spiffe://example.org/b1",
+        b.id.as_str(),
+        "unix:uid:1",
     )
-    .await
-    .unwrap();
+    .await;
 
     let (client, mut stream) = open_sync(&server, &a, 0).await;
     let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
@@ -100,33 +114,32 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
     );
 
     // B's new entry is not A's business; A's next message is about its own entry.
-    create_entry(
+    add(
         &server,
-        entry("spiffe://example.org/b2", b.id.as_str(), &["unix:uid:1"]),
+        "spiffe://example.org/b2",
+        b.id.as_str(),
+        "unix:uid:1",
     )
-    .await
-    .unwrap();
-    let a2 = create_entry(
+    .await;
+    let a2 = add(
         &server,
-        entry("spiffe://example.org/a2", a.id.as_str(), &["unix:uid:1"]),
+        "spiffe://example.org/a2",
+        a.id.as_str(),
+        "unix:uid:1",
     )
-    .await
-    .unwrap();
+    .await;
     let (upserts, deletes, _) = next_changes(&mut stream).await;
     assert_eq!(upserts, ["spiffe://example.org/a2"]);
     assert!(deletes.is_empty());
 
     // A child of A's entry is A's too (nested parents).
-    create_entry(
+    add(
         &server,
-        entry(
-            "spiffe://example.org/a2/child",
-            "spiffe://example.org/a2",
-            &["unix:uid:2"],
-        ),
+        "spiffe://example.org/a2/child",
+        "spiffe://example.org/a2",
+        "unix:uid:2",
     )
-    .await
-    .unwrap();
+    .await;
     let (upserts, _, _) = next_changes(&mut stream).await;
     assert_eq!(upserts, ["spiffe://example.org/a2/child"]);
 
@@ -142,18 +155,20 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
     // Disconnect; changes happen meanwhile; resume from the last revision seen.
     drop(stream);
     drop(client);
-    let a3 = create_entry(
+    let a3 = add(
         &server,
-        entry("spiffe://example.org/a3", a.id.as_str(), &["unix:uid:3"]),
+        "spiffe://example.org/a3",
+        a.id.as_str(),
+        "unix:uid:3",
     )
-    .await
-    .unwrap();
-    let b3 = create_entry(
+    .await;
+    let b3 = add(
         &server,
-        entry("spiffe://example.org/b3", b.id.as_str(), &["unix:uid:3"]),
+        "spiffe://example.org/b3",
+        b.id.as_str(),
+        "unix:uid:3",
     )
-    .await
-    .unwrap();
+    .await;
     let (_client, mut stream) = open_sync(&server, &a, revision).await;
     let page = next_resume(&mut stream).await;
     assert!(page.revision > revision);
@@ -199,38 +214,34 @@ async fn a_resume_drops_what_an_alias_deleted_meanwhile_authorized_and_leaks_not
     let a = TestAgent::attest(&server).await;
     let b = TestAgent::attest(&server).await;
     // A's alias entry, a workload entry below it, and one of A's own.
-    let alias = create_entry(
+    let alias = add(
         &server,
-        entry(
-            "spiffe://example.org/node/a",
-            a.id.as_str(),
-            &["unix:uid:0"],
-        ),
+        "spiffe://example.org/node/a",
+        a.id.as_str(),
+        "unix:uid:0",
     )
-    .await
-    .unwrap();
-    create_entry(
+    .await;
+    add(
         &server,
-        entry(
-            "spiffe://example.org/below-alias",
-            "spiffe://example.org/node/a",
-            &["unix:uid:1"],
-        ),
+        "spiffe://example.org/below-alias",
+        "spiffe://example.org/node/a",
+        "unix:uid:1",
     )
-    .await
-    .unwrap();
-    let own = create_entry(
+    .await;
+    let own = add(
         &server,
-        entry("spiffe://example.org/own", a.id.as_str(), &["unix:uid:1"]),
+        "spiffe://example.org/own",
+        a.id.as_str(),
+        "unix:uid:1",
     )
-    .await
-    .unwrap();
-    let b1 = create_entry(
+    .await;
+    let b1 = add(
         &server,
-        entry("spiffe://example.org/b1", b.id.as_str(), &["unix:uid:1"]),
+        "spiffe://example.org/b1",
+        b.id.as_str(),
+        "unix:uid:1",
     )
-    .await
-    .unwrap();
+    .await;
 
     let (client, mut stream) = open_sync(&server, &a, 0).await;
     let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
@@ -277,12 +288,13 @@ async fn a_resume_drops_what_an_alias_deleted_meanwhile_authorized_and_leaks_not
 async fn a_revision_the_server_does_not_have_means_a_fresh_snapshot() {
     let server = TestServer::start("");
     let a = TestAgent::attest(&server).await;
-    create_entry(
+    add(
         &server,
-        entry("spiffe://example.org/a1", a.id.as_str(), &["unix:uid:1"]),
+        "spiffe://example.org/a1",
+        a.id.as_str(),
+        "unix:uid:1",
     )
-    .await
-    .unwrap();
+    .await;
     let (_client, mut stream) = open_sync(&server, &a, 1_000_000).await;
     let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
         panic!("expected a snapshot");
