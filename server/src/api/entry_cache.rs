@@ -56,8 +56,10 @@ pub struct EntryCache {
 struct State {
     revision: u64,
     entries: HashMap<EntryId, Arc<RegistrationEntry>>,
+    /// Parent ID -> the entries under it (often many: a B-tree set).
     by_parent: HashMap<SpiffeId, BTreeSet<EntryId>>,
-    by_spiffe_id: HashMap<SpiffeId, BTreeSet<EntryId>>,
+    /// SPIFFE ID -> the entries granting it (usually one: a vector).
+    by_spiffe_id: HashMap<SpiffeId, Vec<EntryId>>,
     /// The last [`RECENT_CHANGES`] changes, oldest first, ending at `revision`.
     recent: VecDeque<Arc<Change>>,
     /// Set while the follower cannot read the store.
@@ -388,15 +390,31 @@ impl State {
     fn put(&mut self, entry: RegistrationEntry) {
         let id = entry.id.clone();
         self.remove(&id);
-        index(&mut self.by_parent, &entry.parent_id, &id);
-        index(&mut self.by_spiffe_id, &entry.spiffe_id, &id);
+        self.by_parent
+            .entry(entry.parent_id.clone())
+            .or_default()
+            .insert(id.clone());
+        self.by_spiffe_id
+            .entry(entry.spiffe_id.clone())
+            .or_default()
+            .push(id.clone());
         self.entries.insert(id, Arc::new(entry));
     }
 
     fn remove(&mut self, id: &EntryId) {
         if let Some(old) = self.entries.remove(id) {
-            unindex(&mut self.by_parent, &old.parent_id, id);
-            unindex(&mut self.by_spiffe_id, &old.spiffe_id, id);
+            if let Some(ids) = self.by_parent.get_mut(&old.parent_id) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.by_parent.remove(&old.parent_id);
+                }
+            }
+            if let Some(ids) = self.by_spiffe_id.get_mut(&old.spiffe_id) {
+                ids.retain(|other| other != id);
+                if ids.is_empty() {
+                    self.by_spiffe_id.remove(&old.spiffe_id);
+                }
+            }
         }
     }
 
@@ -503,19 +521,6 @@ fn usable(
     excluded: &impl Fn(&RegistrationEntry) -> bool,
 ) -> bool {
     entry.expires_at.is_none_or(|at| at > now) && !excluded(entry)
-}
-
-fn index(map: &mut HashMap<SpiffeId, BTreeSet<EntryId>>, key: &SpiffeId, id: &EntryId) {
-    map.entry(key.clone()).or_default().insert(id.clone());
-}
-
-fn unindex(map: &mut HashMap<SpiffeId, BTreeSet<EntryId>>, key: &SpiffeId, id: &EntryId) {
-    if let Some(ids) = map.get_mut(key) {
-        ids.remove(id);
-        if ids.is_empty() {
-            map.remove(key);
-        }
-    }
 }
 
 #[cfg(test)]
