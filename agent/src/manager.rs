@@ -417,12 +417,19 @@ struct Resume {
 impl Resume {
     /// The entry set after the resume: the entries sent in full and, of those `held`, the
     /// unchanged ones named (every other held entry is gone). `None` when an unchanged entry
-    /// named is not held: only a snapshot can tell what it is.
+    /// named is not held: only a snapshot can tell what it is. An agent at its cap
+    /// ([`MAX_ENTRIES`]) skips those instead: it left them out of its snapshot too.
     fn apply(self, held: &BTreeMap<String, Entry>) -> Option<BTreeMap<String, Entry>> {
+        let at_cap = held.len() >= MAX_ENTRIES;
         let mut next = BTreeMap::new();
         for id in self.unchanged {
-            let entry = held.get(&id)?.clone();
-            next.insert(id, entry);
+            match held.get(&id) {
+                Some(entry) => {
+                    next.insert(id, entry.clone());
+                }
+                None if at_cap => {}
+                None => return None,
+            }
         }
         for entry in self.entries {
             if next.len() >= MAX_ENTRIES && !next.contains_key(&entry.id) {
@@ -561,5 +568,22 @@ mod tests {
             unchanged: vec!["kept".into(), "never-seen".into()],
         };
         assert!(resume.apply(&before).is_none());
+    }
+
+    #[test]
+    fn an_agent_at_its_cap_keeps_what_it_holds_instead_of_asking_again() {
+        let before = held(
+            &(0..MAX_ENTRIES)
+                .map(|i| entry(&format!("e{i}"), 1))
+                .collect::<Vec<_>>(),
+        );
+        let resume = Resume {
+            entries: vec![entry("new", 9)],
+            unchanged: (0..MAX_ENTRIES + 5).map(|i| format!("e{i}")).collect(),
+        };
+        let after = resume.apply(&before).unwrap();
+        assert_eq!(after.len(), MAX_ENTRIES, "still capped");
+        assert!(!after.contains_key("new"), "no room for a new entry");
+        assert!(after.contains_key("e0"));
     }
 }
