@@ -1,13 +1,14 @@
-//! The entry cache: every registration entry in memory, indexed by parent ID, kept current from
-//! the store's change feed by one task, together with the most recent changes, which every
-//! agent's `SyncEntries` stream shares.
+//! The entry cache: every registration entry in memory, indexed by parent ID and by SPIFFE ID,
+//! kept current from the store's change feed by one task, together with the most recent
+//! changes, which every agent's `SyncEntries` stream shares.
 //!
 //! Why it exists: what an agent may ask for is a walk from the agent's ID down the parent index
 //! (see [`super::node`]). Done against the store, that walk cost one read per reachable ID on
 //! every sync step and every signing call (an agent with 10,000 entries: 10,001 reads for each
 //! batch of 100 CSRs), and every sync stream read each change from the store itself (1,000
-//! agents: 1,000 reads and decodes of the same change). Here the walk is in memory and each
-//! change is read once and shared (`Arc`). This is SPIRE's lesson (spiffe/spire#1351, #2147,
+//! agents: 1,000 reads and decodes of the same change). Here the walk is in memory, a signing
+//! call checks just the entries it asks for by walking up from each ([`EntryCache::authorize`]),
+//! and each change is read once and shared (`Arc`). This is SPIRE's lesson (spiffe/spire#1351, #2147,
 //! PR #1859): the whole entry table in memory is the core of the design, and it must be kept
 //! current incrementally, not rebuilt on a timer.
 //!
@@ -19,8 +20,8 @@
 //! always reflected by it (read-your-writes, as when the store itself was read).
 //!
 //! Fail closed: when the follower cannot read the store, the cache marks itself stale and
-//! [`EntryCache::authorized`] refuses (the callers answer `Unavailable`) until it has caught up
-//! again; a stale cache never authorizes from old state.
+//! [`EntryCache::authorized`] and [`EntryCache::authorize`] refuse (the callers answer
+//! `Unavailable`) until it has caught up again; a stale cache never authorizes from old state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
