@@ -116,8 +116,7 @@ impl Manager {
             self.snapshot.connected = true;
             self.publish();
         }
-        let mut snapshot_pages: Vec<Entry> = Vec::new();
-        let mut resume = Resume::default();
+        let mut pages = Pages::default();
         loop {
             let wake = self.next_wakeup();
             let message = tokio::select! {
@@ -139,49 +138,23 @@ impl Manager {
             };
             match message {
                 sync_entries_response::Message::Snapshot(page) => {
-                    snapshot_pages.extend(page.entries);
+                    pages.entries.extend(page.entries);
                     if page.last {
                         self.snapshot.crls = page.crls;
-                        self.entries = std::mem::take(&mut snapshot_pages)
-                            .into_iter()
-                            .take(MAX_ENTRIES)
-                            .map(|e| (e.id.clone(), e))
-                            .collect();
-                        self.revision = page.revision;
-                        self.snapshot.synced = true;
-                        info!(
-                            entries = self.entries.len(),
-                            revision = self.revision,
-                            "synced entries"
-                        );
-                        self.reconcile().await;
+                        self.synced(std::mem::take(&mut pages), page.revision)
+                            .await?;
                     }
                 }
                 sync_entries_response::Message::Resume(page) => {
-                    resume.entries.extend(page.entries);
-                    resume.unchanged.extend(page.unchanged_ids);
+                    pages.entries.extend(page.entries);
+                    pages.unchanged.extend(page.unchanged_ids);
                     if page.last {
-                        let resumed = std::mem::take(&mut resume);
-                        let Some(entries) = resumed.apply(&self.entries) else {
-                            // The server counts on an entry this agent does not hold.
-                            self.revision = 0;
-                            return Err(NodeError::Unavailable(
-                                "the resumed sync names an entry this agent does not hold; taking a snapshot".into(),
-                            ));
-                        };
-                        self.entries = entries;
-                        self.revision = page.revision;
                         if let Some(bundle) = page.bundle {
                             self.set_bundle(&bundle.spiffe_bundle);
                             self.snapshot.crls = bundle.crls;
                         }
-                        self.snapshot.synced = true;
-                        info!(
-                            entries = self.entries.len(),
-                            revision = self.revision,
-                            "resumed sync"
-                        );
-                        self.reconcile().await;
+                        self.synced(std::mem::take(&mut pages), page.revision)
+                            .await?;
                     }
                 }
                 sync_entries_response::Message::Changes(changes) => {
@@ -211,6 +184,29 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// The last page of a snapshot or a resume has come: the entry set becomes what the pages
+    /// say, at `revision`.
+    async fn synced(&mut self, pages: Pages, revision: u64) -> Result<(), NodeError> {
+        let resumed = !pages.unchanged.is_empty();
+        let Some(entries) = pages.apply(&self.entries) else {
+            // The server counts on an entry this agent does not hold.
+            self.revision = 0;
+            return Err(NodeError::Unavailable(
+                "the resumed sync names an entry this agent does not hold; taking a snapshot"
+                    .into(),
+            ));
+        };
+        self.entries = entries;
+        self.revision = revision;
+        self.snapshot.synced = true;
+        info!(
+            entries = self.entries.len(),
+            revision, resumed, "synced entries"
+        );
+        self.reconcile().await;
+        Ok(())
     }
 
     fn set_bundle(&mut self, json: &[u8]) {
@@ -405,20 +401,21 @@ impl Prepared {
     }
 }
 
-/// The pages of a resumed sync, gathered until the last.
+/// The pages of a snapshot or of a resume, gathered until the last (a snapshot's name no
+/// entry by id).
 #[derive(Debug, Default)]
-struct Resume {
+struct Pages {
     entries: Vec<Entry>,
     unchanged: Vec<String>,
 }
 
-// === impl Resume ===
+// === impl Pages ===
 
-impl Resume {
-    /// The entry set after the resume: the entries sent in full and, of those `held`, the
-    /// unchanged ones named (every other held entry is gone). `None` when an unchanged entry
-    /// named is not held: only a snapshot can tell what it is. An agent at its cap
-    /// ([`MAX_ENTRIES`]) skips those instead: it left them out of its snapshot too.
+impl Pages {
+    /// The entry set the pages give: the entries sent in full and, of those `held`, the
+    /// unchanged ones named (every other held entry is gone), at most [`MAX_ENTRIES`]. `None`
+    /// when an unchanged entry named is not held: only a snapshot can tell what it is. An agent
+    /// at its cap skips those instead: it left them out of its snapshot too.
     fn apply(self, held: &BTreeMap<String, Entry>) -> Option<BTreeMap<String, Entry>> {
         let at_cap = held.len() >= MAX_ENTRIES;
         let mut next = BTreeMap::new();
@@ -431,12 +428,20 @@ impl Resume {
                 None => return None,
             }
         }
+        let mut ignored = 0usize;
         for entry in self.entries {
             if next.len() >= MAX_ENTRIES && !next.contains_key(&entry.id) {
-                warn!(entry_id = %entry.id, max = MAX_ENTRIES, "too many entries for this agent; ignoring one");
+                ignored += 1;
                 continue;
             }
             next.insert(entry.id.clone(), entry);
+        }
+        if ignored > 0 {
+            warn!(
+                ignored,
+                max = MAX_ENTRIES,
+                "too many entries for this agent; ignoring the rest"
+            );
         }
         Some(next)
     }
@@ -548,7 +553,7 @@ mod tests {
     #[test]
     fn a_resume_keeps_exactly_what_it_names() {
         let before = held(&[entry("kept", 1), entry("changed", 1), entry("gone", 1)]);
-        let resume = Resume {
+        let resume = Pages {
             entries: vec![entry("changed", 7), entry("new", 8)],
             unchanged: vec!["kept".into()],
         };
@@ -563,11 +568,28 @@ mod tests {
     #[test]
     fn a_resume_naming_an_entry_the_agent_lacks_asks_for_a_snapshot() {
         let before = held(&[entry("kept", 1)]);
-        let resume = Resume {
+        let resume = Pages {
             entries: vec![],
             unchanged: vec!["kept".into(), "never-seen".into()],
         };
         assert!(resume.apply(&before).is_none());
+    }
+
+    #[test]
+    fn a_snapshot_beyond_the_cap_keeps_the_first_entries() {
+        let pages = Pages {
+            entries: (0..MAX_ENTRIES + 3)
+                .map(|i| entry(&format!("e{i:05}"), 1))
+                .collect(),
+            unchanged: vec![],
+        };
+        let after = pages.apply(&held(&[entry("gone", 1)])).unwrap();
+        assert_eq!(after.len(), MAX_ENTRIES);
+        assert!(after.contains_key("e00000"));
+        assert!(
+            !after.contains_key("gone"),
+            "a snapshot replaces what was held"
+        );
     }
 
     #[test]
@@ -577,7 +599,7 @@ mod tests {
                 .map(|i| entry(&format!("e{i}"), 1))
                 .collect::<Vec<_>>(),
         );
-        let resume = Resume {
+        let resume = Pages {
             entries: vec![entry("new", 9)],
             unchanged: (0..MAX_ENTRIES + 5).map(|i| format!("e{i}")).collect(),
         };

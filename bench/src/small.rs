@@ -654,7 +654,7 @@ pub(crate) async fn propagation(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
         .next()
         .context("no entry created")?;
         create_rpc.push(t.elapsed());
-        match wait_shown(&mut rx, |m| m.serial_of(&id).map(drop)).await {
+        match wait_shown(&mut rx, |m| m.has(&id).then_some(())).await {
             Some((at, ())) => create.push(at.saturating_duration_since(t)),
             None => missed += 1,
         }
@@ -664,7 +664,7 @@ pub(crate) async fn propagation(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
             .delete_entry(DeleteEntryRequest { id: created.id })
             .await?;
         delete_rpc.push(t.elapsed());
-        match wait_shown(&mut rx, |m| m.serial_of(&id).is_none().then_some(())).await {
+        match wait_shown(&mut rx, |m| (!m.has(&id)).then_some(())).await {
             Some((at, ())) => delete.push(at.saturating_duration_since(t)),
             None => missed += 1,
         }
@@ -758,6 +758,10 @@ impl Shown {
         }
     }
 
+    fn has(&self, spiffe_id: &str) -> bool {
+        self.serial_of(spiffe_id).is_some()
+    }
+
     fn serial_of(&self, spiffe_id: &str) -> Option<&str> {
         self.svids
             .iter()
@@ -829,7 +833,7 @@ pub(crate) async fn session_revocation(h: &mut Harness, ctx: &mut Small) -> anyh
             let Ok(Some(shown)) = tokio::time::timeout(left, rx.recv()).await else {
                 break;
             };
-            if gone.is_none() && shown.serial_of(&id).is_none() {
+            if gone.is_none() && !shown.has(&id) {
                 gone = Some(shown.at.saturating_duration_since(t));
             }
             if on_crl.is_none() && shown.revoked.contains(&serial) {

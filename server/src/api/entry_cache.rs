@@ -161,22 +161,17 @@ impl EntryCache {
         }
     }
 
-    /// Applies every durable change the cache has not applied yet.
-    ///
-    /// # Errors
-    ///
-    /// The store's; the cache keeps what it had applied and is marked stale by the caller.
-    pub async fn catch_up(&self) -> Result<(), StoreError> {
+    /// Applies every durable change the cache has not applied yet. On error the cache keeps
+    /// what it had applied (the follower marks it stale).
+    async fn catch_up(&self) -> Result<(), StoreError> {
         loop {
             let revision = self.read().revision;
             match self.store.changes_since(revision, FOLLOW_BATCH).await? {
                 ChangesSince::Changes(changes) if changes.is_empty() => {
-                    let mut state = self.write();
-                    if std::mem::replace(&mut state.stale, false) {
-                        info!(
-                            revision = state.revision,
-                            "entry cache caught up with the store"
-                        );
+                    // Checked under the read lock first: the write lock only to clear it.
+                    let stale = self.read().stale;
+                    if stale && std::mem::replace(&mut self.write().stale, false) {
+                        info!(revision, "entry cache caught up with the store");
                     }
                     return Ok(());
                 }
@@ -205,16 +200,6 @@ impl EntryCache {
         self.read().revision
     }
 
-    /// The number of entries held.
-    pub fn len(&self) -> usize {
-        self.read().entries.len()
-    }
-
-    /// True when the cache holds no entry.
-    pub fn is_empty(&self) -> bool {
-        self.read().entries.is_empty()
-    }
-
     /// The entries authorized for `agent` at `now`: parented to it or, recursively, to the
     /// SPIFFE ID of an authorized entry. Entries that expired at or before `now`, and entries
     /// for which `excluded` says true, authorize nothing (nor anything below them).
@@ -235,25 +220,7 @@ impl EntryCache {
         self.authorized_now(agent, now, excluded)
     }
 
-    /// [`EntryCache::authorized`] from what the cache holds now, without catching up.
-    ///
-    /// # Errors
-    ///
-    /// [`EntryCacheError::Stale`] while the follower cannot read the store.
-    pub fn authorized_now(
-        &self,
-        agent: &SpiffeId,
-        now: SystemTime,
-        excluded: impl Fn(&RegistrationEntry) -> bool,
-    ) -> Result<Authorized, EntryCacheError> {
-        let state = self.read();
-        if state.stale {
-            return Err(EntryCacheError::Stale);
-        }
-        Ok(state.authorized(agent, &|e| usable(e, now, &excluded)))
-    }
-
-    /// For each of `ids`, the entry if it is authorized for `agent` at `now` (the rule of
+    /// The entries among `ids` that are authorized for `agent` at `now` (the rule of
     /// [`EntryCache::authorized`]), decided by walking up from the entry's parent to the agent
     /// rather than down from the agent through all its entries: what a signing call needs, at
     /// a cost that does not grow with the agent's other entries. Catches up first, as
@@ -268,13 +235,11 @@ impl EntryCache {
         ids: &[EntryId],
         now: SystemTime,
         excluded: impl Fn(&RegistrationEntry) -> bool,
-    ) -> Result<Vec<Option<Arc<RegistrationEntry>>>, EntryCacheError> {
+    ) -> Result<HashMap<EntryId, Arc<RegistrationEntry>>, EntryCacheError> {
         self.catch_up_if_behind().await?;
-        let state = self.read();
-        if state.stale {
-            return Err(EntryCacheError::Stale);
-        }
-        Ok(state.authorize(agent, ids, &|e| usable(e, now, &excluded)))
+        Ok(self
+            .read_fresh()?
+            .authorize(agent, ids, &|e| usable(e, now, &excluded)))
     }
 
     /// Up to `limit` changes after `revision`, oldest first, from the recent changes held in
@@ -303,6 +268,27 @@ impl EntryCache {
     }
 
     // --- private ---
+
+    /// [`EntryCache::authorized`] from what the cache holds now, without catching up.
+    fn authorized_now(
+        &self,
+        agent: &SpiffeId,
+        now: SystemTime,
+        excluded: impl Fn(&RegistrationEntry) -> bool,
+    ) -> Result<Authorized, EntryCacheError> {
+        Ok(self
+            .read_fresh()?
+            .authorized(agent, &|e| usable(e, now, &excluded)))
+    }
+
+    /// The state, unless the follower cannot read the store.
+    fn read_fresh(&self) -> Result<RwLockReadGuard<'_, State>, EntryCacheError> {
+        let state = self.read();
+        if state.stale {
+            return Err(EntryCacheError::Stale);
+        }
+        Ok(state)
+    }
 
     /// Applies what the store has made durable and the cache has not applied yet.
     async fn catch_up_if_behind(&self) -> Result<(), EntryCacheError> {
@@ -446,28 +432,23 @@ impl State {
         out
     }
 
-    /// The walk up from each entry (see [`EntryCache::authorize`]).
+    /// The walk up from each entry (see [`EntryCache::authorize`]); each parent is walked
+    /// from once.
     fn authorize(
         &self,
         agent: &SpiffeId,
         ids: &[EntryId],
         usable: &dyn Fn(&RegistrationEntry) -> bool,
-    ) -> Vec<Option<Arc<RegistrationEntry>>> {
+    ) -> HashMap<EntryId, Arc<RegistrationEntry>> {
         let mut reaches: HashMap<&SpiffeId, bool> = HashMap::new();
         ids.iter()
-            .map(|id| {
-                let entry = self.entries.get(id).filter(|e| usable(e))?;
-                let parent = &entry.parent_id;
-                let ok = match reaches.get(parent) {
-                    Some(ok) => *ok,
-                    None => {
-                        let ok = self.reaches(parent, agent, usable);
-                        reaches.insert(parent, ok);
-                        ok
-                    }
-                };
-                ok.then(|| entry.clone())
+            .filter_map(|id| self.entries.get(id).filter(|e| usable(e)))
+            .filter(|entry| {
+                *reaches
+                    .entry(&entry.parent_id)
+                    .or_insert_with(|| self.reaches(&entry.parent_id, agent, usable))
             })
+            .map(|entry| (entry.id.clone(), entry.clone()))
             .collect()
     }
 
@@ -660,7 +641,7 @@ mod tests {
             granted(&cache, OTHER_AGENT),
             ["spiffe://example.org/theirs"]
         );
-        assert_eq!(cache.len(), 4);
+        assert_eq!(cache.read().entries.len(), 4);
 
         // The cache equals a fresh load of the store.
         let fresh = EntryCache::load(store.clone()).await.unwrap();
@@ -722,9 +703,7 @@ mod tests {
                     state.authorized(&id(AGENT), &usable).entries.into_keys().collect();
                 let up: BTreeSet<EntryId> = state
                     .authorize(&id(AGENT), &ids, &usable)
-                    .into_iter()
-                    .flatten()
-                    .map(|e| e.id.clone())
+                    .into_keys()
                     .collect();
                 prop_assert_eq!(up, down);
             }

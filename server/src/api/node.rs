@@ -17,7 +17,7 @@
 //! is durable: if the audit write fails, the call fails and nothing is handed out. A batch of
 //! X509-SVIDs is recorded with one append.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -441,17 +441,15 @@ impl NodeService {
         Ok(self
             .authorize(agent, std::slice::from_ref(id))
             .await?
-            .into_iter()
-            .next()
-            .flatten())
+            .remove(id))
     }
 
-    /// For each of `ids`, the entry if it is authorized for `agent`.
+    /// The entries among `ids` that are authorized for `agent`.
     async fn authorize(
         &self,
         agent: &SpiffeId,
         ids: &[EntryId],
-    ) -> Result<Vec<Option<Arc<RegistrationEntry>>>, Status> {
+    ) -> Result<HashMap<EntryId, Arc<RegistrationEntry>>, Status> {
         self.inner
             .entries
             .authorize(agent, ids, self.now(), |entry| {
@@ -720,16 +718,13 @@ impl Node for NodeService {
                 EntryId::parse(&p.entry_id).map_err(|e| Status::invalid_argument(e.to_string()))
             })
             .collect();
-        let valid: Vec<EntryId> = parsed
-            .iter()
-            .filter_map(|r| r.as_ref().ok().cloned())
-            .collect();
-        let mut granted = self.authorize(&agent.id, &valid).await?.into_iter();
+        let valid: Vec<EntryId> = parsed.iter().flatten().cloned().collect();
+        let granted = self.authorize(&agent.id, &valid).await?;
         let jobs: Vec<(NewX509svidParams, Result<Arc<RegistrationEntry>, Status>)> = params
             .into_iter()
             .zip(parsed)
             .map(|(param, id)| {
-                let job = id.and_then(|_| match granted.next().flatten() {
+                let job = id.and_then(|id| match granted.get(&id).cloned() {
                     None => {
                         warn!(agent_id = %agent.id, entry_id = %param.entry_id, "svid refused: entry not authorized for agent");
                         Err(Status::permission_denied(
@@ -1000,14 +995,14 @@ impl NodeService {
                         continue;
                     }
                 };
-                let Some(last) = changes.last().map(|c| c.revision) else {
+                if changes.is_empty() {
                     break;
-                };
+                }
                 let (out, seen) = self.apply_changes(&agent, &changes, &mut state).await?;
                 if !out.is_empty() && !send_changes(tx, out).await {
                     return Ok(());
                 }
-                revision = seen.max(last);
+                revision = seen;
             }
             let current_bundle = *bundle_updates.borrow_and_update();
             let current_crls = crl_updates.borrow_and_update().generation;
@@ -1139,8 +1134,7 @@ impl NodeService {
     /// Turns changes into this agent's changes: upserts for entries it is (still) authorized
     /// for, deletes for entries it no longer is. Changes that cannot concern the agent cost a
     /// set lookup each; the others trigger a walk of the agent's entries in the cache. Returns
-    /// the changes and the cache revision they bring the agent to (0 when nothing concerned
-    /// it).
+    /// the changes and the cache revision they bring the agent to (at least the last change's).
     async fn apply_changes(
         &self,
         agent: &Agent,
@@ -1152,7 +1146,7 @@ impl NodeService {
             state.sent.contains_key(&e.id) || state.reachable.contains(&e.parent_id)
         });
         if !relevant {
-            return Ok((vec![], 0));
+            return Ok((vec![], changes.last().map_or(0, |c| c.revision)));
         }
         let authorized = self.authorized(&agent.id).await?;
         let revision = authorized.revision;
