@@ -14,7 +14,9 @@
 //!   entry applies to a workload when every selector of the entry is among the workload's.
 //! - [`endpoint`]: [`EndpointAddress`], the `SPIFFE_ENDPOINT_SOCKET` format (WE-8 to WE-11).
 //! - [`duration`]: durations as operators write them (`90s`, `5m`, `1h30m`), both ways.
-//! - [`time`]: RFC 3339 times in UTC, formatted and parsed, for the command lines.
+//! - [`time`]: RFC 3339 times in UTC, formatted and parsed, for the command lines, and the
+//!   Unix-seconds conversions the protos use.
+//! - [`hex`]: lowercase hex, the one spelling of serials, hashes and fingerprints.
 //! - [`lifetime`]: NotBefore/NotAfter, renewal and authority rotation as pure functions of `now`.
 //! - [`x509_bundle`] and [`x509_svid`]: [`X509Bundle`] (one trust domain's X.509 authorities,
 //!   never merged: B-2, B-9, B-10) and [`X509Svid`] (the leaf profile, XL-1 to XL-8 and
@@ -32,6 +34,7 @@
 
 pub mod duration;
 pub mod endpoint;
+pub mod hex;
 pub mod jwt;
 pub mod lifetime;
 pub mod selector;

@@ -17,9 +17,20 @@ pub struct TimeError {
 
 /// Seconds since the Unix epoch, now.
 pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    unix_seconds(SystemTime::now())
+}
+
+/// Whole seconds since the Unix epoch, as the protos carry times: 0 for a time before the
+/// epoch, `i64::MAX` past the end of `i64`.
+pub fn unix_seconds(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The time `secs` seconds after the Unix epoch; `None` for a negative value or one past what
+/// [`SystemTime`] holds.
+pub fn from_unix_seconds(secs: i64) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(std::time::Duration::from_secs(u64::try_from(secs).ok()?))
 }
 
 /// `2025-01-31T12:00:00Z` for seconds since the Unix epoch.
@@ -159,6 +170,22 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_seconds_clamp_and_round_trip() {
+        let t = UNIX_EPOCH + std::time::Duration::from_millis(1_738_324_800_900);
+        assert_eq!(unix_seconds(t), 1_738_324_800);
+        assert_eq!(
+            unix_seconds(UNIX_EPOCH - std::time::Duration::from_secs(5)),
+            0
+        );
+        assert_eq!(
+            from_unix_seconds(1_738_324_800),
+            Some(UNIX_EPOCH + std::time::Duration::from_secs(1_738_324_800))
+        );
+        assert_eq!(from_unix_seconds(-1), None);
+        assert_eq!(from_unix_seconds(0), Some(UNIX_EPOCH));
+    }
 
     #[test]
     fn formats_known_instants() {

@@ -260,12 +260,12 @@ impl ServerConfig {
             &mut problems,
             "max_session_ttl",
             file.max_session_ttl,
-            crate::session::DEFAULT_MAX_SESSION_TTL,
+            crate::policy::DEFAULT_MAX_SESSION_TTL,
         );
         // Left unset, the session SVID TTL follows a short ca_ttl down (test configurations
         // with ca_ttl = "1m" stay valid); set explicitly, it is checked like the others.
-        let session_svid_default = ca_ttl.map_or(crate::session::DEFAULT_SESSION_SVID_TTL, |ca| {
-            crate::session::DEFAULT_SESSION_SVID_TTL.min(max_svid_ttl(ca))
+        let session_svid_default = ca_ttl.map_or(crate::policy::DEFAULT_SESSION_SVID_TTL, |ca| {
+            crate::policy::DEFAULT_SESSION_SVID_TTL.min(max_svid_ttl(ca))
         });
         let session_svid_ttl = duration_value(
             &mut problems,
@@ -403,6 +403,18 @@ impl ServerConfig {
     /// capped to it.
     pub fn max_svid_ttl(&self) -> Duration {
         max_svid_ttl(self.ca_ttl)
+    }
+
+    /// The lifetimes of every credential kind, as this configuration sets them.
+    pub fn ttl_policy(&self) -> crate::policy::TtlPolicy {
+        crate::policy::TtlPolicy {
+            x509_default: self.default_x509_svid_ttl,
+            jwt_default: self.default_jwt_svid_ttl,
+            agent: self.agent_svid_ttl,
+            session_svid_default: self.session_svid_ttl,
+            max_session: self.max_session_ttl,
+            max_svid: self.max_svid_ttl(),
+        }
     }
 }
 

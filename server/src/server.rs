@@ -20,11 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sigil_core::SpiffeId;
 use sigil_core::lifetime::Validity;
-use sigil_core::tls::SharedBundles;
 use sigil_proto::admin::admin_server::AdminServer;
 use sigil_proto::node::node_server::NodeServer;
 use tokio::net::TcpListener;
@@ -32,21 +28,22 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::api::admin::{AdminService, AdminSettings, AdminSocketError, bind_admin_socket};
-use crate::api::entry_cache::EntryCache;
-use crate::api::node::{
-    BundleSnapshot, EntryTtls, IssuedJwt, IssuedSvid, NodeAuthority, NodeService, SignError, hex,
-};
-use crate::audit::{self, AuditError, AuditLog};
-use crate::ca::{
-    Ca, CaError, CaJournalStore, CaJournalStoreError, DiskKeyManager, KeyManager,
-    WorkloadX509SvidParams,
-};
+use crate::api::admin::{AdminService, AdminServices, AdminSocketError, bind_admin_socket};
+use crate::api::node::NodeService;
+use crate::ca::{Ca, CaError, DiskKeyManager, KeyManager};
 use crate::config::ServerConfig;
-use crate::session::crl::CrlPublisher;
-use crate::session::{SessionSettings, Sessions};
+use crate::service::agents::Agents;
+use crate::service::audit::{self, AuditError, AuditLog};
+use crate::service::authority::{Authority, SignError, StoreJournal};
+use crate::service::bundles::Bundles;
+use crate::service::crl::{CrlError, CrlPublisher};
+use crate::service::entries::Entries;
+use crate::service::entry_cache::EntryCache;
+use crate::service::sessions::Sessions;
+use crate::service::svids::Svids;
+use crate::service::sync::EntrySync;
+use crate::store::Store;
 use crate::store::sled::{SledStore, SledStoreOptions};
-use crate::store::{RegistrationEntry, Store};
 use crate::tls::{self, ServerCertificate};
 
 /// How long open streams get to finish after a graceful shutdown begins.
@@ -82,9 +79,9 @@ pub enum ServerError {
     /// The audit log's signing key could not be loaded or created.
     #[error("audit log: {0}")]
     Audit(#[from] AuditError),
-    /// The server's own key could not be made.
-    #[error("cannot create the server key")]
-    ServerKey,
+    /// The server's own SVID could not be made.
+    #[error("cannot create the server svid: {0}")]
+    ServerSvid(#[from] SignError),
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -101,7 +98,7 @@ pub enum ServerError {
     AdminSocket(#[from] AdminSocketError),
     /// The certificate revocation lists could not be published.
     #[error("crls: {0}")]
-    Crl(#[from] crate::session::crl::CrlError),
+    Crl(#[from] CrlError),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -120,12 +117,9 @@ pub enum Shutdown {
 pub struct Server {
     /// The address the agent-facing API listens on (the bound one, if port 0 was asked for).
     pub local_addr: SocketAddr,
-    /// The store.
-    pub store: Arc<dyn Store>,
-    /// The CA.
-    pub ca: Arc<Ca>,
-    /// The audit log.
-    pub audit: Arc<AuditLog>,
+    store: Arc<dyn Store>,
+    authority: Arc<Authority>,
+    audit: Arc<AuditLog>,
     /// How often the audit chain head is signed when it moved (default
     /// [`audit::DEFAULT_CHECKPOINT_INTERVAL`]); set it before [`Server::run`].
     pub audit_checkpoint_interval: Duration,
@@ -133,9 +127,7 @@ pub struct Server {
     entries: Arc<EntryCache>,
     listener: TcpListener,
     admin_listener: tokio::net::UnixListener,
-    bundles: SharedBundles,
     certificate: ServerCertificate,
-    bundle_tx: watch::Sender<u64>,
 }
 
 // === impl Server ===
@@ -163,14 +155,13 @@ impl Server {
         )?);
         let keys: Arc<dyn KeyManager> =
             Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?);
-        let journal: Arc<dyn CaJournalStore> = Arc::new(JournalStore(store.clone()));
         let now = SystemTime::now();
         let ca = Arc::new(
             Ca::load_or_init(
                 config.trust_domain.clone(),
                 config.ca_ttl,
                 keys.clone(),
-                journal,
+                Arc::new(StoreJournal(store.clone())),
                 now,
             )
             .await?,
@@ -180,9 +171,13 @@ impl Server {
         info!(key_fingerprint = %audit.key_fingerprint(), "audit log ready");
         info!(trust_domain = %config.trust_domain, sequence = ca.bundle_sequence(), "certificate authority ready");
 
-        let bundles = SharedBundles::from_bundle(ca.x509_bundle());
-        let (chain, key, _) = server_svid(&ca, &config, now)?;
-        let certificate = ServerCertificate::new(chain, key)?;
+        let authority = Arc::new(Authority::new(
+            ca,
+            config.ttl_policy(),
+            config.jwt_issuer.clone(),
+        ));
+        let svid = authority.server_svid(now)?;
+        let certificate = ServerCertificate::new(svid.chain, svid.key)?;
         let listener = TcpListener::bind(config.bind_address)
             .await
             .map_err(|source| ServerError::Bind {
@@ -194,20 +189,17 @@ impl Server {
             source,
         })?;
         let admin_listener = bind_admin_socket(&config.admin_socket).await?;
-        let (bundle_tx, _) = watch::channel(ca.bundle_sequence());
         Ok(Self {
             local_addr,
             store,
-            ca,
+            authority,
             audit,
             audit_checkpoint_interval: audit::DEFAULT_CHECKPOINT_INTERVAL,
             config,
             entries,
             listener,
             admin_listener,
-            bundles,
             certificate,
-            bundle_tx,
         })
     }
 
@@ -217,32 +209,31 @@ impl Server {
         shutdown: impl Future<Output = Shutdown> + Send,
     ) -> Result<(), ServerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let authority: Arc<dyn NodeAuthority> = Arc::new(CaAuthority {
-            ca: self.ca.clone(),
-            bundle_tx: self.bundle_tx.clone(),
-            ttls: EntryTtls {
-                x509_default: self.config.default_x509_svid_ttl,
-                jwt_default: self.config.default_jwt_svid_ttl,
-                max: self.config.max_svid_ttl(),
-            },
-            agent_ttl: self.config.agent_svid_ttl,
-            jwt_issuer: self.config.jwt_issuer.clone(),
-        });
-        let crls = Arc::new(CrlPublisher::new(self.ca.clone(), self.store.clone()));
+        let store = &self.store;
+        let authority = &self.authority;
+        let audit = &self.audit;
+        let crls = Arc::new(CrlPublisher::new(authority.ca().clone(), store.clone()));
         crls.publish(SystemTime::now()).await?;
         let sessions = Arc::new(Sessions::new(
-            self.store.clone(),
-            self.audit.clone(),
+            store.clone(),
+            audit.clone(),
             crls.clone(),
-            SessionSettings {
-                trust_domain: self.config.trust_domain.clone(),
-                max_session_ttl: self.config.max_session_ttl,
-                session_svid_ttl: self.config.session_svid_ttl,
-                require_session_approval: self.config.require_session_approval,
-                max_svid_ttl: self.config.max_svid_ttl(),
-            },
+            authority.clone(),
+            self.entries.clone(),
+            self.config.require_session_approval,
         ));
         sessions.load().await?;
+        let agents = Arc::new(Agents::new(
+            store.clone(),
+            audit.clone(),
+            authority.clone(),
+            crls.clone(),
+        ));
+        let svids = Arc::new(Svids::new(
+            audit.clone(),
+            authority.clone(),
+            self.entries.clone(),
+        ));
         let entry_cache = tokio::spawn(
             self.entries
                 .clone()
@@ -250,13 +241,16 @@ impl Server {
                 .instrument(info_span!("entry_cache")),
         );
         let node = NodeService::new(
-            self.config.trust_domain.clone(),
-            self.store.clone(),
-            self.entries.clone(),
-            authority,
-            self.bundles.clone(),
-            stop_rx.clone(),
-            crls.subscribe(),
+            agents.clone(),
+            svids.clone(),
+            sessions.clone(),
+            EntrySync::new(
+                self.entries.clone(),
+                authority.clone(),
+                crls.clone(),
+                stop_rx.clone(),
+            ),
+            *authority.ttls(),
         );
         let expiry = tokio::spawn(
             sessions
@@ -266,25 +260,18 @@ impl Server {
         );
         let crl_refresh = tokio::spawn(
             crls.clone()
-                .run(self.bundle_tx.subscribe(), stop_rx.clone())
+                .run(authority.subscribe(), stop_rx.clone())
                 .instrument(info_span!("crls")),
         );
 
         let rotation = tokio::spawn(
-            rotation_task(
-                self.ca.clone(),
-                self.config.clone(),
-                self.bundles.clone(),
-                self.certificate.clone(),
-                self.bundle_tx.clone(),
-                stop_rx.clone(),
-            )
-            .instrument(info_span!("rotation")),
+            rotation_task(authority.clone(), self.certificate.clone(), stop_rx.clone())
+                .instrument(info_span!("rotation")),
         );
 
         let checkpoints = tokio::spawn(
             audit::run_checkpoints(
-                self.audit.clone(),
+                audit.clone(),
                 self.audit_checkpoint_interval,
                 stop_rx.clone(),
             )
@@ -293,7 +280,7 @@ impl Server {
 
         let tls_config = Arc::new(tls::server_config(
             self.certificate.clone(),
-            self.bundles.clone(),
+            authority.verifier_bundles().clone(),
         )?);
         let incoming = ReceiverStream::new(tls::incoming(self.listener, tls_config));
         let mut stop_serving = stop_rx.clone();
@@ -310,18 +297,25 @@ impl Server {
         info!(address = %self.local_addr, "agent-facing api listening");
 
         let admin = AdminService::new(
-            self.store.clone(),
-            self.ca.clone(),
-            self.audit.clone(),
-            sessions.clone(),
-            AdminSettings {
-                trust_domain: self.config.trust_domain.clone(),
-                admin_uids: self.config.admin_uids.clone(),
-                default_x509_svid_ttl: self.config.default_x509_svid_ttl,
-                default_jwt_svid_ttl: self.config.default_jwt_svid_ttl,
-                max_svid_ttl: self.config.max_svid_ttl(),
-                jwt_issuer: self.config.jwt_issuer.clone(),
+            AdminServices {
+                entries: Arc::new(Entries::new(
+                    store.clone(),
+                    audit.clone(),
+                    self.config.trust_domain.clone(),
+                )),
+                agents,
+                svids,
+                bundles: Arc::new(Bundles::new(
+                    store.clone(),
+                    audit.clone(),
+                    authority.clone(),
+                    crls.clone(),
+                )),
+                sessions: sessions.clone(),
+                audit: audit.clone(),
+                authority: authority.clone(),
             },
+            self.config.admin_uids.clone(),
         );
         let mut stop_admin = stop_rx.clone();
         let admin_socket = self.config.admin_socket.clone();
@@ -387,156 +381,21 @@ async fn final_checkpoint(task: tokio::task::JoinHandle<()>) {
     }
 }
 
-// === the CA as the node API's authority ===
-
-struct CaAuthority {
-    ca: Arc<Ca>,
-    bundle_tx: watch::Sender<u64>,
-    ttls: EntryTtls,
-    agent_ttl: Duration,
-    jwt_issuer: Option<String>,
-}
-
-impl NodeAuthority for CaAuthority {
-    fn sign_agent_svid(
-        &self,
-        agent_id: &SpiffeId,
-        csr_der: &[u8],
-        now: SystemTime,
-    ) -> Result<IssuedSvid, SignError> {
-        let svid = self
-            .ca
-            .sign_agent_x509_svid(agent_id, csr_der, self.agent_ttl, now)
-            .map_err(sign_error)?;
-        Ok(issued(svid))
-    }
-
-    fn sign_workload_svid(
-        &self,
-        entry: &RegistrationEntry,
-        csr_der: &[u8],
-        now: SystemTime,
-    ) -> Result<IssuedSvid, SignError> {
-        let params = WorkloadX509SvidParams {
-            spiffe_id: entry.spiffe_id.clone(),
-            dns_names: entry.dns_names.clone(),
-            ttl: entry
-                .x509_svid_ttl
-                .unwrap_or(self.ttls.x509_default)
-                .min(self.ttls.max),
-            caps: entry.expires_at.into_iter().collect(),
-        };
-        let svid = self
-            .ca
-            .sign_workload_x509_svid(&params, csr_der, now)
-            .map_err(sign_error)?;
-        Ok(issued(svid))
-    }
-
-    fn sign_jwt_svid(
-        &self,
-        entry: &RegistrationEntry,
-        audience: &[String],
-        now: SystemTime,
-    ) -> Result<IssuedJwt, SignError> {
-        let mut ttl = entry
-            .jwt_svid_ttl
-            .unwrap_or(self.ttls.jwt_default)
-            .min(self.ttls.max);
-        if let Some(end) = entry.expires_at {
-            // A JWT-SVID never outlives its entry (a privileged session's end).
-            ttl = ttl.min(end.duration_since(now).unwrap_or(Duration::ZERO));
-        }
-        let jwt = self
-            .ca
-            .sign_jwt_svid(
-                &entry.spiffe_id,
-                audience,
-                ttl,
-                now,
-                self.jwt_issuer.as_deref(),
-            )
-            .map_err(sign_error)?;
-        Ok(IssuedJwt {
-            token: jwt.token().to_owned(),
-            expires_at: jwt.expiry(),
-        })
-    }
-
-    fn bundle(&self) -> BundleSnapshot {
-        let bundle = self.ca.bundle();
-        BundleSnapshot {
-            trust_domain: self.ca.trust_domain().clone(),
-            sequence: bundle.sequence().unwrap_or_default(),
-            spiffe_json: bundle.to_json(),
-        }
-    }
-
-    fn subscribe_bundle(&self) -> watch::Receiver<u64> {
-        self.bundle_tx.subscribe()
-    }
-
-    fn ttls(&self) -> EntryTtls {
-        self.ttls
-    }
-}
-
-fn issued(svid: crate::ca::IssuedX509Svid) -> IssuedSvid {
-    IssuedSvid {
-        spiffe_id: svid.spiffe_id().clone(),
-        serial: hex(svid.serial()),
-        not_after: svid.not_after(),
-        chain_der: svid.certificate().to_vec(),
-        authority_id: svid.authority_id().to_owned(),
-    }
-}
-
-/// Errors caused by the request (the CSR, the ID, the audience) are the caller's to fix; the
-/// rest are the server's.
-fn sign_error(error: CaError) -> SignError {
-    match error {
-        CaError::CsrTooLarge { .. }
-        | CaError::MalformedCsr { .. }
-        | CaError::CsrSignatureInvalid
-        | CaError::UnsupportedKey { .. }
-        | CaError::MalformedPublicKey { .. }
-        | CaError::ForeignTrustDomain { .. }
-        | CaError::RootId { .. }
-        | CaError::ReservedId { .. }
-        | CaError::NotAgentId { .. }
-        | CaError::InvalidDnsName { .. }
-        | CaError::EmptyAudience
-        | CaError::TtlTooShort { .. }
-        | CaError::Lifetime(_) => SignError::InvalidRequest(error.to_string()),
-        other => SignError::Internal(other.to_string()),
-    }
-}
-
 // === tasks ===
 
-/// Rotates the authorities every [`ROTATION_INTERVAL`], republishes the bundle when it changed,
-/// and renews the server's own SVID at half its life.
+/// Rotates the authorities every [`ROTATION_INTERVAL`] (the authority publishes the bundle
+/// when it changed), and renews the server's own SVID at half its life.
 async fn rotation_task(
-    ca: Arc<Ca>,
-    config: ServerConfig,
-    bundles: SharedBundles,
+    authority: Arc<Authority>,
     certificate: ServerCertificate,
-    bundle_tx: watch::Sender<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut server_validity = None::<Validity>;
     let mut failures = 0u32;
     loop {
         let now = SystemTime::now();
-        match ca.rotate(now).await {
-            Ok(changed) => {
-                failures = 0;
-                if changed {
-                    bundles.replace(ca.x509_bundle());
-                    bundle_tx.send_replace(ca.bundle_sequence());
-                    info!(sequence = ca.bundle_sequence(), "bundle changed");
-                }
-            }
+        match authority.rotate(now).await {
+            Ok(_) => failures = 0,
             Err(e) => {
                 failures += 1;
                 if failures <= 3 {
@@ -547,11 +406,11 @@ async fn rotation_task(
             }
         }
         let renew =
-            server_validity.is_none_or(|v| v.should_renew(now, server_svid_ttl(&config), &[]));
+            server_validity.is_none_or(|v| v.should_renew(now, authority.ttls().agent_svid(), &[]));
         if renew {
-            match server_svid(&ca, &config, now) {
-                Ok((chain, key, not_after)) => match certificate.replace(chain, key) {
-                    Ok(()) => server_validity = Some(Validity::from_parts(now, not_after)),
+            match authority.server_svid(now) {
+                Ok(svid) => match certificate.replace(svid.chain, svid.key) {
+                    Ok(()) => server_validity = Some(Validity::from_parts(now, svid.not_after)),
                     Err(e) => warn!(error = %e, "cannot install the renewed server svid"),
                 },
                 Err(e) => warn!(error = %e, "cannot renew the server svid"),
@@ -562,40 +421,6 @@ async fn rotation_task(
             _ = stop.wait_for(|s| *s) => return,
         }
     }
-}
-
-fn server_svid_ttl(config: &ServerConfig) -> Duration {
-    config.agent_svid_ttl.min(config.max_svid_ttl())
-}
-
-/// A fresh P-256 key and its SVID `spiffe://TD/sigil/server`, with the SVID's NotAfter.
-fn server_svid(
-    ca: &Ca,
-    config: &ServerConfig,
-    now: SystemTime,
-) -> Result<
-    (
-        Vec<CertificateDer<'static>>,
-        PrivateKeyDer<'static>,
-        SystemTime,
-    ),
-    ServerError,
-> {
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
-        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
-        &rng,
-    )
-    .map_err(|_| ServerError::ServerKey)?;
-    let key_pair = rcgen::KeyPair::try_from(pkcs8.as_ref()).map_err(|_| ServerError::ServerKey)?;
-    let svid = ca.sign_server_x509_svid(
-        &rcgen::PublicKeyData::subject_public_key_info(&key_pair),
-        server_svid_ttl(config),
-        now,
-    )?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_ref().to_vec()));
-    let not_after = svid.not_after();
-    Ok((vec![svid.into_certificate()], key, not_after))
 }
 
 /// Creates `path` (and its parents) with mode 0700 if it does not exist.
@@ -616,25 +441,5 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// The store as the CA's journal store.
-struct JournalStore(Arc<dyn Store>);
-
-#[async_trait]
-impl CaJournalStore for JournalStore {
-    async fn load_ca_journal(&self) -> Result<Option<Vec<u8>>, CaJournalStoreError> {
-        self.0
-            .load_ca_journal()
-            .await
-            .map_err(CaJournalStoreError::new)
-    }
-
-    async fn save_ca_journal(&self, journal: Vec<u8>) -> Result<(), CaJournalStoreError> {
-        self.0
-            .save_ca_journal(journal)
-            .await
-            .map_err(CaJournalStoreError::new)
     }
 }

@@ -1,10 +1,12 @@
-//! The server's gRPC services.
+//! The server's gRPC services: thin handlers over [`crate::service`].
 //!
 //! - [`admin`]: the operator API (`sigil.admin.v1`), a local Unix socket authorized by uid.
 //! - [`node`]: the agent-facing API (`sigil.node.v1`), TCP with mTLS.
-//! - [`entry_cache`]: every entry in memory, kept current from the change feed; what the node
-//!   API authorizes agents from and feeds their sync streams with.
+//! - [`status`]: each service's errors as gRPC statuses, one function per service.
+//!
+//! A handler authorizes the caller, converts the request to domain types, calls one service
+//! method and maps the error; it writes no store and appends no audit record of its own.
 
 pub mod admin;
-pub mod entry_cache;
 pub mod node;
+pub mod status;

@@ -43,7 +43,8 @@
 //! record and recompute every hash after it. So the server signs a checkpoint, `(sequence, head
 //! hash, time)`, with its audit key ([`AUDIT_KEY_ID`], ECDSA P-256, kept by the
 //! [`KeyManager`](crate::ca::KeyManager) as a 0600 file in the key directory, apart from the store). It does so
-//! periodically when the head moved, and at shutdown ([`AuditLog::checkpoint`]). Before signing,
+//! periodically when the head moved, and at shutdown (`AuditLog::checkpoint` in the audit
+//! service). Before signing,
 //! it checks the records since the previous checkpoint, so it never signs over a broken chain,
 //! and it refuses to continue from a checkpoint that its own key did not sign.
 //!
@@ -72,26 +73,21 @@
 //! everything", the only one implemented; pruning would have to keep the chain verifiable
 //! (for example by starting from a signed checkpoint), which is future work.
 
-mod log;
 mod verify;
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use self::log::{AuditError, AuditLog, run_checkpoints};
 pub use self::verify::{
     ChainVerifier, CheckpointSummary, VerifySummary, Violation, ViolationKind, verify,
 };
-use crate::store::{hex_decode, hex_encode};
+use sigil_core::hex::{decode as hex_decode, encode as hex_encode};
 
 /// The id of the audit signing key in the [`KeyManager`](crate::ca::KeyManager).
 pub const AUDIT_KEY_ID: &str = "audit-signing";
-
-/// How often the server checkpoints the chain head, when it moved, by default.
-pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The actor of records the server writes on its own behalf.
 pub const SERVER_ACTOR: &str = "server";

@@ -1,4 +1,3 @@
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::rand::SystemRandom;
@@ -6,8 +5,6 @@ use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _
 use serde_json::json;
 
 use super::*;
-use crate::ca::{DiskKeyManager, KeyManager};
-use crate::store::{PageRequest, SledStore, SledStoreOptions, Store};
 
 fn key_pair() -> EcdsaKeyPair {
     let rng = SystemRandom::new();
@@ -346,96 +343,4 @@ fn filters_match_actions_by_prefix_and_ids_in_details() {
         actor: Some("uid:0".into()),
         ..AuditFilter::default()
     }));
-}
-
-async fn audit_log(dir: &std::path::Path) -> (Arc<dyn Store>, Arc<dyn KeyManager>, AuditLog) {
-    let store: Arc<dyn Store> =
-        Arc::new(SledStore::open(dir.join("store"), SledStoreOptions::default()).unwrap());
-    let keys: Arc<dyn KeyManager> = Arc::new(DiskKeyManager::new(dir.join("keys")).unwrap());
-    let log = AuditLog::open(store.clone(), keys.clone()).await.unwrap();
-    (store, keys, log)
-}
-
-fn records(n: usize) -> Vec<NewAuditRecord> {
-    (0..n)
-        .map(|i| NewAuditRecord::new("uid:0", action::ENTRY_DELETE, format!("e{i}")))
-        .collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_server_checkpoints_only_a_moved_head_and_verifies_against_its_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, keys, log) = audit_log(dir.path()).await;
-    // The key is a 0600 file in the key directory, and survives a reopen.
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(dir.path().join("keys").join("audit-signing.key"))
-            .unwrap()
-            .permissions(),
-    );
-    assert_eq!(mode & 0o777, 0o600);
-    let reopened = AuditLog::open(store.clone(), keys).await.unwrap();
-    assert_eq!(reopened.public_key(), log.public_key());
-
-    assert!(log.checkpoint(SystemTime::now()).await.unwrap().is_none());
-    log.append(records(3)).await.unwrap();
-    let first = log.checkpoint(SystemTime::now()).await.unwrap().unwrap();
-    assert_eq!(first.sequence, 3);
-    assert!(log.checkpoint(SystemTime::now()).await.unwrap().is_none());
-    log.append(records(2)).await.unwrap();
-    let second = log.checkpoint(SystemTime::now()).await.unwrap().unwrap();
-    assert_eq!(second.sequence, 5);
-    assert_eq!(store.latest_audit_checkpoint().await.unwrap(), Some(second));
-
-    let summary = log.verify().await.unwrap().unwrap();
-    assert_eq!(summary.records, 5);
-    assert_eq!(summary.unsigned_records, 0);
-    assert_eq!(
-        summary.checkpoint.unwrap().key_fingerprint,
-        log.key_fingerprint()
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_server_refuses_to_continue_from_a_foreign_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _, log) = audit_log(dir.path()).await;
-    let sealed = log.append(records(2)).await.unwrap();
-    store
-        .save_audit_checkpoint(checkpoint(&key_pair(), &sealed[1]))
-        .await
-        .unwrap();
-    log.append(records(1)).await.unwrap();
-    assert!(matches!(
-        log.checkpoint(SystemTime::now()).await,
-        Err(AuditError::ForeignCheckpoint { sequence: 2 })
-    ));
-    let v = log.verify().await.unwrap().unwrap_err();
-    assert_eq!(v.sequence, 2);
-    assert!(matches!(
-        v.kind,
-        ViolationKind::CheckpointUntrustedKey { .. }
-    ));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_checkpoint_task_signs_at_shutdown() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _, log) = audit_log(dir.path()).await;
-    let log = Arc::new(log);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(run_checkpoints(
-        log.clone(),
-        Duration::from_secs(3600),
-        stop_rx,
-    ));
-    log.append(records(4)).await.unwrap();
-    stop_tx.send(true).unwrap();
-    task.await.unwrap();
-    let cp = store.latest_audit_checkpoint().await.unwrap().unwrap();
-    assert_eq!(cp.sequence, 4);
-    let listed = store
-        .list_audit(&AuditFilter::default(), &PageRequest::first(10))
-        .await
-        .unwrap();
-    verify(&listed.items, Some(&cp), log.public_key()).unwrap();
 }

@@ -15,52 +15,55 @@
 //! session to agents and takes it away again). Expiry is decided by the server's clock
 //! ([`Sessions::run_expiry`]), never by an agent's.
 //!
+//! SVIDs under a session are issued here too, on demand and per caller
+//! ([`Sessions::issue_x509`], [`Sessions::issue_jwt`]): the entry must be authorized for the
+//! calling agent and carry a session active at that moment, and the workload must present every
+//! selector of the session. Each serial is recorded on the session before the certificate is
+//! handed out, under the same lock as a revocation reads the serials, so a revocation either
+//! sees the serial (and puts it on the CRLs) or the issuance sees the revoked session (and
+//! hands nothing out).
+//!
 //! Audit order, failing closed: the records of steps that grant something (`session.open`,
 //! `session.approve`) are appended **before** the change is made, so a failed audit write
 //! grants nothing. Steps that take something away (`session.close`, `session.revoke`,
 //! `session.expire`) take effect first and are audited right after: a broken audit log never
 //! keeps a session alive; the caller is told if its record could not be written.
 
-pub mod crl;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sigil_core::{SelectorSet, SpiffeId, TrustDomain};
+use sigil_core::{SelectorSet, SpiffeId};
 use tokio::sync::{Mutex, Notify, watch};
 use tracing::{info, warn};
 
-use self::crl::CrlPublisher;
-use crate::api::node::is_reserved;
-use crate::audit::{AuditLog, NewAuditRecord, SERVER_ACTOR, action, uid_actor};
+use crate::audit::{NewAuditRecord, SERVER_ACTOR, action, uid_actor};
+use crate::policy;
+use crate::service::agents::Agent;
+use crate::service::audit::AuditLog;
+use crate::service::authority::{Authority, IssuedJwt, IssuedSvid, SignError};
+use crate::service::crl::CrlPublisher;
+use crate::service::entry_cache::{EntryCache, EntryCacheError};
+use crate::service::svids;
 use crate::store::{
-    NewEntry, PageRequest, Revocation, Session, SessionEntryOp, SessionFilter, SessionId,
-    SessionState, SessionUpdate, Store, StoreError,
+    EntryId, NewEntry, PageRequest, RegistrationEntry, Revocation, Session, SessionEntryOp,
+    SessionFilter, SessionId, SessionSerial, SessionState, SessionUpdate, Store, StoreError,
 };
-
-/// Default `max_session_ttl`.
-pub const DEFAULT_MAX_SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
-
-/// Default `session_svid_ttl`.
-pub const DEFAULT_SESSION_SVID_TTL: Duration = Duration::from_secs(300);
 
 /// The longest ticket and reason accepted, in bytes.
 pub const MAX_TEXT_LEN: usize = 1024;
 
-/// The server settings sessions follow.
-#[derive(Debug, Clone)]
-pub struct SessionSettings {
-    /// The trust domain.
-    pub trust_domain: TrustDomain,
-    /// The longest session.
-    pub max_session_ttl: Duration,
-    /// The default lifetime of each SVID issued under a session.
-    pub session_svid_ttl: Duration,
-    /// Whether every session needs a second admin's approval.
-    pub require_session_approval: bool,
-    /// The longest SVID lifetime the authorities honour (`ca_ttl / 6`).
-    pub max_svid_ttl: Duration,
+/// The workload a session SVID is for, as its agent attested it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionWorkload {
+    /// Its process id.
+    pub pid: i32,
+    /// Its uid.
+    pub uid: u32,
+    /// Its gid.
+    pub gid: u32,
+    /// Its selectors.
+    pub selectors: SelectorSet,
 }
 
 /// What an admin asks for when opening a session.
@@ -104,6 +107,16 @@ pub enum SessionError {
     /// The change was made but its audit record could not be written.
     #[error("the change was made, but its audit record could not be written: {0}")]
     AuditAfterChange(StoreError),
+    /// The calling agent or workload may not have this session's SVIDs now (not authorized,
+    /// selectors that do not match, a session that is not active).
+    #[error("{0}")]
+    Denied(String),
+    /// Signing failed.
+    #[error(transparent)]
+    Sign(#[from] SignError),
+    /// The entries cannot be read now, so nothing is authorized.
+    #[error(transparent)]
+    Entries(#[from] EntryCacheError),
     /// The store failed.
     #[error("the server's store failed: {0}")]
     Store(#[from] StoreError),
@@ -115,29 +128,41 @@ pub struct Sessions {
     store: Arc<dyn Store>,
     audit: Arc<AuditLog>,
     crls: Arc<CrlPublisher>,
-    settings: SessionSettings,
+    authority: Arc<Authority>,
+    entries: Arc<EntryCache>,
+    /// Whether every session needs a second admin's approval.
+    require_approval: bool,
     /// Sessions that can still expire (pending or active), by id, with their end.
     live: Mutex<BTreeMap<SessionId, SystemTime>>,
     wake: Notify,
+    /// Held while a revocation reads and ends a session, and while an issuance records its
+    /// serial: each sees the other's outcome whole.
+    serials: Mutex<()>,
 }
 
 // === impl Sessions ===
 
 impl Sessions {
-    /// The service; call [`Sessions::load`] before serving.
+    /// The service; call [`Sessions::load`] before serving. `require_approval` makes every
+    /// session wait for a second admin.
     pub fn new(
         store: Arc<dyn Store>,
         audit: Arc<AuditLog>,
         crls: Arc<CrlPublisher>,
-        settings: SessionSettings,
+        authority: Arc<Authority>,
+        entries: Arc<EntryCache>,
+        require_approval: bool,
     ) -> Self {
         Self {
             store,
             audit,
             crls,
-            settings,
+            authority,
+            entries,
+            require_approval,
             live: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
+            serials: Mutex::new(()),
         }
     }
 
@@ -168,16 +193,6 @@ impl Sessions {
         Ok(())
     }
 
-    /// The settings.
-    pub fn settings(&self) -> &SessionSettings {
-        &self.settings
-    }
-
-    /// The CRL publisher.
-    pub fn crls(&self) -> &Arc<CrlPublisher> {
-        &self.crls
-    }
-
     /// Opens a session for admin `uid`: active at once, or pending when approval is required.
     ///
     /// # Errors
@@ -189,23 +204,15 @@ impl Sessions {
         request: OpenRequest,
         now: SystemTime,
     ) -> Result<Session, SessionError> {
-        let s = &self.settings;
+        let td = self.authority.trust_domain();
         let mut problems = Vec::new();
-        if !request.spiffe_id.is_member_of(&s.trust_domain) {
-            problems.push(format!(
-                "spiffe_id {} is not in trust domain {}",
-                request.spiffe_id, s.trust_domain
-            ));
-        } else if request.spiffe_id.is_root() || is_reserved(&request.spiffe_id) {
-            problems.push(format!(
-                "spiffe_id {} cannot be granted (no path, or under the reserved /sigil/)",
-                request.spiffe_id
-            ));
+        if let Err(e) = policy::check_workload_id(td, &request.spiffe_id) {
+            problems.push(format!("spiffe_id {e}"));
         }
-        if !request.parent_id.is_member_of(&s.trust_domain) {
+        if !request.parent_id.is_member_of(td) {
             problems.push(format!(
-                "parent_id {} is not in trust domain {}",
-                request.parent_id, s.trust_domain
+                "parent_id {} is not in trust domain {td}",
+                request.parent_id
             ));
         }
         if request.selectors.is_empty() {
@@ -218,34 +225,16 @@ impl Sessions {
                 problems.push(format!("{name} is longer than {MAX_TEXT_LEN} bytes"));
             }
         }
-        if request.ttl.is_zero() {
-            problems.push("ttl is required".to_owned());
-        } else if request.ttl > s.max_session_ttl {
-            problems.push(format!(
-                "ttl {}s is longer than the server's max_session_ttl {}s",
-                request.ttl.as_secs(),
-                s.max_session_ttl.as_secs()
-            ));
-        }
-        let svid_ttl = request.svid_ttl.unwrap_or(s.session_svid_ttl);
-        if svid_ttl >= request.ttl && !request.ttl.is_zero() {
-            problems.push(format!(
-                "svid ttl {}s must be shorter than the session ttl {}s",
-                svid_ttl.as_secs(),
-                request.ttl.as_secs()
-            ));
-        }
-        if svid_ttl > s.max_svid_ttl {
-            problems.push(format!(
-                "svid ttl {}s is longer than ca_ttl / 6 = {}s",
-                svid_ttl.as_secs(),
-                s.max_svid_ttl.as_secs()
-            ));
-        }
+        let svid_ttl = self
+            .authority
+            .ttls()
+            .session(request.ttl, request.svid_ttl)
+            .map_err(|mut ttl_problems| problems.append(&mut ttl_problems))
+            .unwrap_or_default();
         if !problems.is_empty() {
             return Err(SessionError::Invalid(problems.join("; ")));
         }
-        let approval_required = s.require_session_approval || request.require_approval;
+        let approval_required = self.require_approval || request.require_approval;
         let session = Session {
             id: SessionId::generate()?,
             spiffe_id: request.spiffe_id,
@@ -410,6 +399,7 @@ impl Sessions {
                 "reason is longer than {MAX_TEXT_LEN} bytes"
             )));
         }
+        let serials = self.serials.lock().await;
         let session = self.get(id).await?;
         if matches!(session.state, SessionState::Revoked | SessionState::Expired) {
             return Err(SessionError::Refused(format!(
@@ -441,20 +431,7 @@ impl Sessions {
                 now,
             )
             .await?;
-        // Serials issued while the state was changing are caught here.
-        let late: Vec<Revocation> = ended
-            .serials
-            .iter()
-            .filter(|s| s.not_after > now && !session.serials.contains(s))
-            .map(|s| Revocation {
-                serial: s.serial.clone(),
-                not_after: s.not_after,
-                authority_id: Some(s.authority_id.clone()),
-                revoked_at: now,
-                cause: cause.clone(),
-            })
-            .collect();
-        self.store.add_revocations(late).await?;
+        drop(serials);
         if let Err(error) = self.crls.publish(now).await {
             warn!(%error, session_id = %id, "crls not re-published after a revocation");
         }
@@ -474,6 +451,81 @@ impl Sessions {
             .map_err(SessionError::AuditAfterChange)?;
         info!(uid, session_id = %id, "session revoked");
         Ok(ended)
+    }
+
+    /// Signs an X509-SVID under the session of entry `entry_id` for `workload`, over the CSR's
+    /// key. The serial is recorded on the session, then audited; the certificate is returned
+    /// only if both are durable and the session is still active.
+    ///
+    /// # Errors
+    ///
+    /// [`SessionError::Invalid`]; [`SessionError::Refused`] for an entry without a session;
+    /// [`SessionError::Denied`]; signing, entry cache, store and audit failures.
+    pub async fn issue_x509(
+        &self,
+        agent: &Agent,
+        entry_id: &str,
+        workload: &SessionWorkload,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedSvid, SessionError> {
+        let (entry, session) = self.grant(agent, entry_id, workload, now).await?;
+        let svid = self.authority.sign_workload_svid(&entry, csr, now)?;
+        let recorded = {
+            let _serials = self.serials.lock().await;
+            self.store
+                .add_session_serial(
+                    &session.id,
+                    SessionSerial {
+                        serial: svid.serial.clone(),
+                        not_after: svid.not_after,
+                        authority_id: svid.authority_id.clone(),
+                    },
+                )
+                .await?
+        };
+        let record = workload.record(svids::x509_record(&agent.id, entry.id.as_str(), &svid));
+        self.audit_issuance(record, &session).await?;
+        if recorded.state != SessionState::Active {
+            return Err(SessionError::Denied("the session ended".to_owned()));
+        }
+        info!(agent_id = %agent.id, session_id = %session.id, serial = %svid.serial, "session svid issued");
+        Ok(svid)
+    }
+
+    /// Signs a JWT-SVID under the session of entry `entry_id` for `workload`; it never
+    /// outlives the session.
+    ///
+    /// # Errors
+    ///
+    /// As [`Sessions::issue_x509`], and [`SessionError::Invalid`] for an empty audience.
+    pub async fn issue_jwt(
+        &self,
+        agent: &Agent,
+        entry_id: &str,
+        workload: &SessionWorkload,
+        audience: &[String],
+        now: SystemTime,
+    ) -> Result<(SpiffeId, IssuedJwt), SessionError> {
+        svids::check_audience(audience).map_err(|e| SessionError::Invalid(e.to_string()))?;
+        let (entry, session) = self.grant(agent, entry_id, workload, now).await?;
+        let jwt = self.authority.sign_jwt_svid(&entry, audience, now)?;
+        let record = workload.record(svids::jwt_record(&agent.id, &entry, audience, &jwt));
+        self.audit_issuance(record, &session).await?;
+        Ok((entry.spiffe_id.clone(), jwt))
+    }
+
+    /// One page of the sessions that pass `filter`.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn list(
+        &self,
+        filter: &SessionFilter,
+        page: &PageRequest,
+    ) -> Result<crate::store::Page<Session>, SessionError> {
+        Ok(self.store.list_sessions(filter, page).await?)
     }
 
     /// The session with this id.
@@ -529,6 +581,68 @@ impl Sessions {
     }
 
     // --- private ---
+
+    /// Checks a session SVID request: the entry is authorized for `agent` and carries a
+    /// session that is active at `now`, and the workload has every selector of the entry.
+    async fn grant(
+        &self,
+        agent: &Agent,
+        entry_id: &str,
+        workload: &SessionWorkload,
+        now: SystemTime,
+    ) -> Result<(RegistrationEntry, Session), SessionError> {
+        let id = EntryId::parse(entry_id).map_err(|e| SessionError::Invalid(e.to_string()))?;
+        let Some(entry) = self.entries.grant_one(&agent.id, &id, now).await? else {
+            warn!(agent_id = %agent.id, entry_id, "session svid refused: entry not authorized for agent");
+            return Err(SessionError::Denied(
+                "entry is not authorized for this agent".to_owned(),
+            ));
+        };
+        let Some(session_id) = &entry.session_id else {
+            return Err(SessionError::Refused(
+                "entry is not a privileged session's: use BatchNewX509SVID".to_owned(),
+            ));
+        };
+        let Some(session) = self.store.get_session(session_id).await? else {
+            return Err(SessionError::Denied("no such session".to_owned()));
+        };
+        if session.state != SessionState::Active || session.expires_at <= now {
+            return Err(SessionError::Denied(format!(
+                "session is {}",
+                if session.state == SessionState::Active {
+                    "at its end"
+                } else {
+                    session.state.as_str()
+                }
+            )));
+        }
+        if !entry.selectors.matches(&workload.selectors) {
+            warn!(agent_id = %agent.id, session_id = %session.id, "session svid refused: workload selectors do not match");
+            return Err(SessionError::Denied(
+                "the workload's selectors do not match the session's".to_owned(),
+            ));
+        }
+        Ok((RegistrationEntry::clone(&entry), session))
+    }
+
+    /// Appends the record of a session credential; on failure it is not handed out.
+    async fn audit_issuance(
+        &self,
+        record: NewAuditRecord,
+        session: &Session,
+    ) -> Result<(), SessionError> {
+        let record = record
+            .detail("session_id", session.id.as_str())
+            .detail("ticket", session.ticket.clone());
+        self.audit
+            .append(vec![record])
+            .await
+            .map(drop)
+            .map_err(|error| {
+                warn!(%error, "audit append failed; credential withheld");
+                SessionError::AuditFailed(error)
+            })
+    }
 
     async fn track(&self, session: &Session) {
         if session.state.is_final() {
@@ -600,6 +714,25 @@ impl Sessions {
     }
 }
 
+// === impl SessionWorkload ===
+
+impl SessionWorkload {
+    /// `record` with the workload's pid, uid, gid and selectors.
+    fn record(&self, record: NewAuditRecord) -> NewAuditRecord {
+        record
+            .detail("workload_pid", i64::from(self.pid))
+            .detail("workload_uid", u64::from(self.uid))
+            .detail("workload_gid", u64::from(self.gid))
+            .detail(
+                "workload_selectors",
+                self.selectors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            )
+    }
+}
+
 // === helpers ===
 
 /// The entry that carries an active session.
@@ -630,5 +763,237 @@ fn state_changed(error: StoreError) -> SessionError {
             "session {key} changed state meanwhile; look at it again"
         )),
         other => SessionError::Store(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sigil_core::Selector;
+
+    use super::*;
+    use crate::audit::AuditFilter;
+    use crate::service::testing::{Fixture, csr};
+
+    fn selectors() -> SelectorSet {
+        [Selector::parse("unix:uid:1000").unwrap()]
+            .into_iter()
+            .collect()
+    }
+
+    fn open_request(parent: &SpiffeId) -> OpenRequest {
+        OpenRequest {
+            spiffe_id: SpiffeId::new("spiffe://example.org/admin/db").unwrap(),
+            parent_id: parent.clone(),
+            selectors: selectors(),
+            ticket: "CHG-1".to_owned(),
+            reason: "migrate".to_owned(),
+            ttl: Duration::from_secs(600),
+            svid_ttl: None,
+            require_approval: false,
+        }
+    }
+
+    fn workload() -> SessionWorkload {
+        SessionWorkload {
+            pid: 42,
+            uid: 1000,
+            gid: 1000,
+            selectors: selectors(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_checks_every_rule_at_once() {
+        let fx = Fixture::new().await;
+        let agent = fx.attested_agent().await;
+        let mut bad = open_request(&agent.id);
+        bad.spiffe_id = SpiffeId::new("spiffe://example.org/sigil/x").unwrap();
+        bad.ticket = " ".to_owned();
+        bad.ttl = Duration::from_secs(9 * 3600);
+        let Err(SessionError::Invalid(message)) = fx.sessions.open(0, bad, SystemTime::now()).await
+        else {
+            panic!("expected invalid");
+        };
+        for problem in ["reserved", "ticket is required", "max_session_ttl"] {
+            assert!(message.contains(problem), "{problem}: {message}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_svid_is_issued_per_workload_recorded_and_revoked_onto_the_crls() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let agent = fx.attested_agent().await;
+        let session = fx
+            .sessions
+            .open(0, open_request(&agent.id), now)
+            .await
+            .unwrap();
+        assert_eq!(session.state, SessionState::Active);
+        let entry_id = session.entry_id.clone().unwrap();
+        let (csr_der, _) = csr();
+
+        // A workload without the session's selectors gets nothing.
+        let stranger = SessionWorkload {
+            selectors: SelectorSet::new(),
+            ..workload()
+        };
+        assert!(matches!(
+            fx.sessions
+                .issue_x509(&agent, entry_id.as_str(), &stranger, &csr_der, now)
+                .await,
+            Err(SessionError::Denied(_))
+        ));
+        // Ordinary issuance refuses the session's entry.
+        let svid = fx
+            .sessions
+            .issue_x509(&agent, entry_id.as_str(), &workload(), &csr_der, now)
+            .await
+            .unwrap();
+        assert_eq!(svid.spiffe_id, session.spiffe_id);
+        let (_, jwt) = fx
+            .sessions
+            .issue_jwt(
+                &agent,
+                entry_id.as_str(),
+                &workload(),
+                &["db".to_owned()],
+                now,
+            )
+            .await
+            .unwrap();
+        assert!(jwt.expires_at <= session.expires_at);
+        let recorded = fx.sessions.get(&session.id).await.unwrap();
+        assert_eq!(recorded.serials.len(), 1);
+        assert_eq!(recorded.serials[0].serial, svid.serial);
+
+        let records = fx
+            .store
+            .list_audit(
+                &AuditFilter {
+                    session_id: Some(session.id.as_str().to_owned()),
+                    ..AuditFilter::default()
+                },
+                &PageRequest::first(10),
+            )
+            .await
+            .unwrap()
+            .items;
+        let actions: Vec<&str> = records.iter().map(|r| r.action.as_str()).collect();
+        assert_eq!(
+            actions,
+            [
+                action::SESSION_OPEN,
+                action::SVID_X509_ISSUE,
+                action::SVID_JWT_ISSUE
+            ]
+        );
+        assert_eq!(records[1].details["workload_pid"], 42);
+        assert_eq!(records[1].details["ticket"], "CHG-1");
+
+        let revoked = fx
+            .sessions
+            .revoke(0, &session.id, "done badly".to_owned(), now)
+            .await
+            .unwrap();
+        assert_eq!(revoked.state, SessionState::Revoked);
+        let crls = fx.crls.current();
+        assert!(
+            crls.crls
+                .iter()
+                .any(|c| c.revoked_serials.contains(&svid.serial)),
+            "{crls:?}"
+        );
+        // After the revocation nothing more is issued.
+        assert!(matches!(
+            fx.sessions
+                .issue_x509(&agent, entry_id.as_str(), &workload(), &csr_der, now)
+                .await,
+            Err(SessionError::Denied(_))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_serial_issued_while_a_revocation_runs_is_revoked_or_withheld() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let agent = fx.attested_agent().await;
+        let session = fx
+            .sessions
+            .open(0, open_request(&agent.id), now)
+            .await
+            .unwrap();
+        let entry_id = session.entry_id.clone().unwrap();
+        let (csr_der, _) = csr();
+        let issuers: Vec<_> = (0..8)
+            .map(|_| {
+                let sessions = fx.sessions.clone();
+                let agent = agent.clone();
+                let entry_id = entry_id.clone();
+                let csr_der = csr_der.clone();
+                tokio::spawn(async move {
+                    let mut handed_out = Vec::new();
+                    for _ in 0..5 {
+                        if let Ok(svid) = sessions
+                            .issue_x509(&agent, entry_id.as_str(), &workload(), &csr_der, now)
+                            .await
+                        {
+                            handed_out.push(svid.serial);
+                        }
+                    }
+                    handed_out
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        fx.sessions
+            .revoke(0, &session.id, "stop".to_owned(), now)
+            .await
+            .unwrap();
+        let mut handed_out = Vec::new();
+        for issuer in issuers {
+            handed_out.extend(issuer.await.unwrap());
+        }
+        let revoked: Vec<String> = fx
+            .store
+            .list_revocations()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.serial)
+            .collect();
+        for serial in &handed_out {
+            assert!(
+                revoked.contains(serial),
+                "{serial} handed out but not revoked"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn approval_takes_a_second_admin() {
+        let fx = Fixture::requiring_approval().await;
+        let now = SystemTime::now();
+        let agent = fx.attested_agent().await;
+        let pending = fx
+            .sessions
+            .open(10, open_request(&agent.id), now)
+            .await
+            .unwrap();
+        assert_eq!(pending.state, SessionState::Pending);
+        assert!(pending.entry_id.is_none());
+        assert!(matches!(
+            fx.sessions.approve(10, &pending.id, now).await,
+            Err(SessionError::Refused(m)) if m.contains("two-person")
+        ));
+        let active = fx.sessions.approve(11, &pending.id, now).await.unwrap();
+        assert_eq!(active.state, SessionState::Active);
+        assert_eq!(active.approver.as_deref(), Some("uid:11"));
+        let closed = fx.sessions.close(10, &pending.id, now).await.unwrap();
+        assert_eq!(closed.state, SessionState::Closed);
+        assert!(matches!(
+            fx.sessions.close(10, &pending.id, now).await,
+            Err(SessionError::Refused(_))
+        ));
     }
 }

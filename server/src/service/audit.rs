@@ -1,5 +1,7 @@
 //! The running audit log: the store's chain plus the server's signing key, the periodic
-//! checkpoint task, and verification of what the store holds.
+//! checkpoint task, and verification of what the store holds. The chain itself (records, their
+//! canonical encoding, hashing, checkpoints, verification) is [`crate::audit`], which knows no
+//! store.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -7,13 +9,15 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use super::verify::{ChainVerifier, Violation, ViolationKind};
-use super::{
-    AUDIT_KEY_ID, AuditCheckpoint, AuditFilter, AuditRecord, EncodeError, NewAuditRecord,
-    VerifySummary, key_fingerprint,
+use crate::audit::{
+    AUDIT_KEY_ID, AuditCheckpoint, AuditFilter, AuditRecord, ChainVerifier, EncodeError,
+    NewAuditRecord, VerifySummary, Violation, ViolationKind, key_fingerprint,
 };
 use crate::ca::{CaKey, KeyError, KeyManager};
 use crate::store::{MAX_PAGE_SIZE, PageRequest, Store, StoreError};
+
+/// How often the server checkpoints the chain head, when it moved, by default.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The audit log of a running server: appends go to the store; checkpoints are signed with the
 /// server's audit key.
@@ -91,6 +95,19 @@ impl AuditLog {
     /// SHA-256 of the public key, hex: what operators pin.
     pub fn key_fingerprint(&self) -> String {
         key_fingerprint(self.key.public_key())
+    }
+
+    /// One page of the records that pass `filter`.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn list(
+        &self,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<crate::store::Page<AuditRecord>, StoreError> {
+        self.store.list_audit(filter, page).await
     }
 
     /// Appends `records` as one batch and returns them sealed, once they are durable.
@@ -273,5 +290,126 @@ pub async fn run_checkpoints(
         ),
         Ok(None) => debug!("audit log unchanged since its last checkpoint"),
         Err(error) => warn!(%error, "audit checkpoint at shutdown failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ring::rand::SystemRandom;
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
+
+    use super::*;
+    use crate::audit::{action, verify};
+    use crate::ca::DiskKeyManager;
+    use crate::store::{SledStore, SledStoreOptions};
+
+    async fn audit_log(dir: &std::path::Path) -> (Arc<dyn Store>, Arc<dyn KeyManager>, AuditLog) {
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(dir.join("store"), SledStoreOptions::default()).unwrap());
+        let keys: Arc<dyn KeyManager> = Arc::new(DiskKeyManager::new(dir.join("keys")).unwrap());
+        let log = AuditLog::open(store.clone(), keys.clone()).await.unwrap();
+        (store, keys, log)
+    }
+
+    fn records(n: usize) -> Vec<NewAuditRecord> {
+        (0..n)
+            .map(|i| NewAuditRecord::new("uid:0", action::ENTRY_DELETE, format!("e{i}")))
+            .collect()
+    }
+
+    /// A checkpoint of `record` signed by a key that is not the server's.
+    fn foreign_checkpoint(record: &AuditRecord) -> AuditCheckpoint {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let time = record.time + Duration::from_secs(30);
+        let message = AuditCheckpoint::signed_message(record.sequence, &record.hash, time).unwrap();
+        AuditCheckpoint {
+            sequence: record.sequence,
+            hash: record.hash,
+            time,
+            key_id: AUDIT_KEY_ID.to_owned(),
+            public_key: key.public_key().as_ref().to_vec(),
+            signature: key.sign(&rng, &message).unwrap().as_ref().to_vec(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_server_checkpoints_only_a_moved_head_and_verifies_against_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, keys, log) = audit_log(dir.path()).await;
+        // The key is a 0600 file in the key directory, and survives a reopen.
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("keys").join("audit-signing.key"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        let reopened = AuditLog::open(store.clone(), keys).await.unwrap();
+        assert_eq!(reopened.public_key(), log.public_key());
+
+        assert!(log.checkpoint(SystemTime::now()).await.unwrap().is_none());
+        log.append(records(3)).await.unwrap();
+        let first = log.checkpoint(SystemTime::now()).await.unwrap().unwrap();
+        assert_eq!(first.sequence, 3);
+        assert!(log.checkpoint(SystemTime::now()).await.unwrap().is_none());
+        log.append(records(2)).await.unwrap();
+        let second = log.checkpoint(SystemTime::now()).await.unwrap().unwrap();
+        assert_eq!(second.sequence, 5);
+        assert_eq!(store.latest_audit_checkpoint().await.unwrap(), Some(second));
+
+        let summary = log.verify().await.unwrap().unwrap();
+        assert_eq!(summary.records, 5);
+        assert_eq!(summary.unsigned_records, 0);
+        assert_eq!(
+            summary.checkpoint.unwrap().key_fingerprint,
+            log.key_fingerprint()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_server_refuses_to_continue_from_a_foreign_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, log) = audit_log(dir.path()).await;
+        let sealed = log.append(records(2)).await.unwrap();
+        store
+            .save_audit_checkpoint(foreign_checkpoint(&sealed[1]))
+            .await
+            .unwrap();
+        log.append(records(1)).await.unwrap();
+        assert!(matches!(
+            log.checkpoint(SystemTime::now()).await,
+            Err(AuditError::ForeignCheckpoint { sequence: 2 })
+        ));
+        let v = log.verify().await.unwrap().unwrap_err();
+        assert_eq!(v.sequence, 2);
+        assert!(matches!(
+            v.kind,
+            ViolationKind::CheckpointUntrustedKey { .. }
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_checkpoint_task_signs_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, log) = audit_log(dir.path()).await;
+        let log = Arc::new(log);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(run_checkpoints(
+            log.clone(),
+            Duration::from_secs(3600),
+            stop_rx,
+        ));
+        log.append(records(4)).await.unwrap();
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        let cp = store.latest_audit_checkpoint().await.unwrap().unwrap();
+        assert_eq!(cp.sequence, 4);
+        let listed = store
+            .list_audit(&AuditFilter::default(), &PageRequest::first(10))
+            .await
+            .unwrap();
+        verify(&listed.items, Some(&cp), log.public_key()).unwrap();
     }
 }

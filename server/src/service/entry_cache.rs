@@ -3,7 +3,7 @@
 //! changes, which every agent's `SyncEntries` stream shares.
 //!
 //! Why it exists: what an agent may ask for is a walk from the agent's ID down the parent index
-//! (see [`super::node`]). Done against the store, that walk cost one read per reachable ID on
+//! (see [`super::svids`]). Done against the store, that walk cost one read per reachable ID on
 //! every sync step and every signing call (an agent with 10,000 entries: 10,001 reads for each
 //! batch of 100 CSRs), and every sync stream read each change from the store itself (1,000
 //! agents: 1,000 reads and decodes of the same change). Here the walk is in memory, a signing
@@ -31,6 +31,7 @@ use sigil_core::SpiffeId;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::policy;
 use crate::store::{
     Change, ChangeKind, ChangesSince, EntryId, RegistrationEntry, Store, StoreError,
 };
@@ -240,6 +241,53 @@ impl EntryCache {
         Ok(self
             .read_fresh()?
             .authorize(agent, ids, &|e| usable(e, now, &excluded)))
+    }
+
+    /// [`EntryCache::authorized`] under the server's ID policy: entries for reserved IDs
+    /// ([`policy::is_reserved`]) grant nothing, nor anything below them. What sync streams send.
+    ///
+    /// # Errors
+    ///
+    /// [`EntryCacheError::Stale`] while the store cannot be read.
+    pub async fn granted(
+        &self,
+        agent: &SpiffeId,
+        now: SystemTime,
+    ) -> Result<Authorized, EntryCacheError> {
+        self.authorized(agent, now, |e| policy::is_reserved(&e.spiffe_id))
+            .await
+    }
+
+    /// [`EntryCache::authorize`] under the server's ID policy: what signing calls ask.
+    ///
+    /// # Errors
+    ///
+    /// [`EntryCacheError::Stale`] while the store cannot be read.
+    pub async fn grant(
+        &self,
+        agent: &SpiffeId,
+        ids: &[EntryId],
+        now: SystemTime,
+    ) -> Result<HashMap<EntryId, Arc<RegistrationEntry>>, EntryCacheError> {
+        self.authorize(agent, ids, now, |e| policy::is_reserved(&e.spiffe_id))
+            .await
+    }
+
+    /// Entry `id` if [`EntryCache::grant`] grants it to `agent`.
+    ///
+    /// # Errors
+    ///
+    /// [`EntryCacheError::Stale`] while the store cannot be read.
+    pub async fn grant_one(
+        &self,
+        agent: &SpiffeId,
+        id: &EntryId,
+        now: SystemTime,
+    ) -> Result<Option<Arc<RegistrationEntry>>, EntryCacheError> {
+        Ok(self
+            .grant(agent, std::slice::from_ref(id), now)
+            .await?
+            .remove(id))
     }
 
     /// Up to `limit` changes after `revision`, oldest first, from the recent changes held in

@@ -10,6 +10,7 @@ use tokio::sync::{Mutex, watch};
 use tracing::{info, warn};
 
 use crate::ca::{Ca, CaError, RevokedSerial, SignedCrl};
+use crate::service::authority::BundleState;
 use crate::store::{Store, StoreError};
 
 /// How long a CRL is valid (`nextUpdate - thisUpdate`).
@@ -131,11 +132,11 @@ impl CrlPublisher {
         Ok(set)
     }
 
-    /// Re-publishes every [`CRL_REFRESH`] and whenever `bundle` (the bundle sequence) changes,
+    /// Re-publishes every [`CRL_REFRESH`] and whenever the bundle (the authorities) changes,
     /// until `shutdown` turns true.
     pub async fn run(
         self: Arc<Self>,
-        mut bundle: watch::Receiver<u64>,
+        mut bundle: watch::Receiver<Arc<BundleState>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut bundle_open = true;

@@ -1,0 +1,206 @@
+//! How each service's errors become gRPC statuses: one function per service, used by both APIs.
+//!
+//! Callers' mistakes are `InvalidArgument`, `NotFound`, `AlreadyExists` or
+//! `FailedPrecondition` with a message that says what to fix; refusals of an agent are
+//! `PermissionDenied` (with `sigil-reason` metadata when the agent must act); failures of the
+//! server itself are logged here and answered `Unavailable` (retry) or `Internal`, without
+//! internal detail.
+
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+use tracing::{error, warn};
+
+use super::node::REASON_METADATA_KEY;
+use crate::service::agents::{AgentError, DenyReason};
+use crate::service::authority::SignError;
+use crate::service::bundles::BundleError;
+use crate::service::entries::EntryError;
+use crate::service::entry_cache::EntryCacheError;
+use crate::service::sessions::SessionError;
+use crate::service::svids::SvidError;
+use crate::service::sync::SyncError;
+use crate::store::StoreError;
+
+/// A store error: not-found and already-exists name the record; the rest are the server's.
+pub(crate) fn store_status(error: StoreError) -> Status {
+    match error {
+        StoreError::NotFound { resource, key } => {
+            Status::not_found(format!("{resource} not found: {key}"))
+        }
+        StoreError::AlreadyExists { resource, key } => {
+            Status::already_exists(format!("{resource} already exists: {key}"))
+        }
+        StoreError::InvalidPageToken => Status::invalid_argument("invalid page token"),
+        StoreError::StateChanged { resource, key } => {
+            Status::aborted(format!("{resource} {key} changed meanwhile; read it again"))
+        }
+        other => {
+            warn!(error = %other, "store call failed");
+            Status::unavailable("the server's store is unavailable; retry")
+        }
+    }
+}
+
+/// A refusal of an agent, with the reason it acts on.
+pub(crate) fn deny_status(reason: DenyReason, message: impl Into<String>) -> Status {
+    let mut status = Status::permission_denied(message);
+    status.metadata_mut().insert(
+        REASON_METADATA_KEY,
+        MetadataValue::from_static(reason.as_str()),
+    );
+    status
+}
+
+pub(crate) fn sign_status(error: SignError) -> Status {
+    match error {
+        SignError::InvalidRequest(message) => Status::invalid_argument(message),
+        SignError::Internal(message) => {
+            warn!(error = %message, "signing failed");
+            Status::internal("signing failed")
+        }
+    }
+}
+
+fn audit_failed(error: &dyn std::fmt::Display, what: &str) -> Status {
+    error!(%error, "audit append failed");
+    Status::unavailable(format!("{what}: {error}"))
+}
+
+fn cache_status(error: EntryCacheError) -> Status {
+    warn!(%error, "authorization refused");
+    Status::unavailable("the server cannot read its entries now; retry")
+}
+
+pub(crate) fn entry_status(error: EntryError) -> Status {
+    match error {
+        EntryError::Invalid(m) => Status::invalid_argument(m),
+        e @ EntryError::TooMany { .. } => Status::invalid_argument(e.to_string()),
+        e @ EntryError::NotFound(_) => Status::not_found(e.to_string()),
+        e @ EntryError::SessionEntry { .. } => Status::failed_precondition(e.to_string()),
+        EntryError::AuditAfterChange(e) => audit_failed(
+            &e,
+            "the change was made, but its audit record could not be written",
+        ),
+        EntryError::Store(e) => store_status(e),
+    }
+}
+
+pub(crate) fn agent_status(error: AgentError) -> Status {
+    match error {
+        AgentError::Denied { reason, message } => deny_status(reason, message),
+        AgentError::Invalid(m) => Status::invalid_argument(m),
+        e @ AgentError::NotFound(_) => Status::not_found(e.to_string()),
+        e @ AgentError::EvictBanned(_) => Status::failed_precondition(e.to_string()),
+        AgentError::Sign(e) => sign_status(e),
+        AgentError::AuditFailed(e) => audit_failed(
+            &e,
+            "the audit record could not be written, so nothing was issued",
+        ),
+        AgentError::AuditAfterChange(e) => audit_failed(
+            &e,
+            "the change was made, but its audit record could not be written",
+        ),
+        AgentError::Random => Status::internal("random number generator failed"),
+        AgentError::TokenStore(e) => {
+            warn!(error = %e, "join tokens cannot be read");
+            Status::unavailable("the server's store is unavailable; retry")
+        }
+        AgentError::Store(e) => store_status(e),
+    }
+}
+
+pub(crate) fn svid_status(error: SvidError) -> Status {
+    match error {
+        SvidError::Invalid(m) => Status::invalid_argument(m),
+        e @ SvidError::NotAuthorized => Status::permission_denied(e.to_string()),
+        e @ SvidError::SessionEntry(_) => Status::failed_precondition(e.to_string()),
+        SvidError::Sign(e) => sign_status(e),
+        SvidError::Entries(e) => cache_status(e),
+        SvidError::AuditFailed(e) => {
+            warn!(error = %e, "audit append failed; credential withheld");
+            Status::unavailable("the server could not record the issuance; retry")
+        }
+        SvidError::Task(e) => {
+            warn!(error = %e, "signing task failed");
+            Status::internal("signing failed")
+        }
+    }
+}
+
+pub(crate) fn session_status(error: SessionError) -> Status {
+    match error {
+        SessionError::Invalid(m) => Status::invalid_argument(m),
+        SessionError::NotFound(id) => Status::not_found(format!("no session with id {id}")),
+        SessionError::Refused(m) => Status::failed_precondition(m),
+        SessionError::Denied(m) => Status::permission_denied(m),
+        e @ (SessionError::AuditFailed(_) | SessionError::AuditAfterChange(_)) => {
+            error!(error = %e, "session audit failed");
+            Status::unavailable(e.to_string())
+        }
+        SessionError::Sign(e) => sign_status(e),
+        SessionError::Entries(e) => cache_status(e),
+        SessionError::Store(e) => store_status(e),
+    }
+}
+
+pub(crate) fn bundle_status(error: BundleError) -> Status {
+    match error {
+        BundleError::Invalid(m) => Status::invalid_argument(m),
+        BundleError::AuditAfterChange(e) => audit_failed(
+            &e,
+            "the change was made, but its audit record could not be written",
+        ),
+        BundleError::Store(e) => store_status(e),
+    }
+}
+
+pub(crate) fn sync_status(error: SyncError) -> Status {
+    match error {
+        e @ SyncError::Expired => deny_status(DenyReason::Expired, e.to_string()),
+        e @ SyncError::ShuttingDown => Status::unavailable(e.to_string()),
+        SyncError::Entries(e) => cache_status(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EntryId;
+
+    #[test]
+    fn callers_mistakes_and_server_failures_get_distinct_codes() {
+        use tonic::Code;
+        assert_eq!(
+            entry_status(EntryError::Invalid("x".into())).code(),
+            Code::InvalidArgument
+        );
+        let id = EntryId::parse("0123456789abcdef0123456789abcdef").unwrap();
+        assert_eq!(
+            entry_status(EntryError::NotFound(id)).code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            entry_status(EntryError::Store(StoreError::Closed)).code(),
+            Code::Unavailable
+        );
+        assert_eq!(
+            svid_status(SvidError::Sign(SignError::Internal("k".into()))).code(),
+            Code::Internal
+        );
+        assert_eq!(
+            svid_status(SvidError::Sign(SignError::InvalidRequest("csr".into()))).code(),
+            Code::InvalidArgument
+        );
+        let denied = agent_status(AgentError::Denied {
+            reason: DenyReason::Banned,
+            message: "agent is banned".into(),
+        });
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        assert_eq!(DenyReason::from_status(&denied), Some(DenyReason::Banned));
+        let expired = sync_status(SyncError::Expired);
+        assert_eq!(DenyReason::from_status(&expired), Some(DenyReason::Expired));
+        // A store failure's detail stays in the server's log.
+        let status = store_status(StoreError::FlushFailed("disk on fire".into()));
+        assert!(!status.message().contains("disk on fire"));
+    }
+}

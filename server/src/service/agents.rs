@@ -1,0 +1,662 @@
+//! Agents: join tokens, attestation, authentication on every call, renewal, eviction and bans.
+//!
+//! An agent is authenticated from its X509-SVID on **every call** ([`Agents::authenticate`]):
+//! the chain must verify against the current bundle at the current time, the agent's node
+//! record must exist and not be banned, and the certificate's serial must be the node's current
+//! one (or the one its last renewal issued, which then becomes current). A refusal carries a
+//! [`DenyReason`] the agent acts on.
+//!
+//! Credentials are handed out only once their audit record is durable (attestation, renewal,
+//! join tokens); changes that take something away (evict, ban) are made first and audited
+//! right after.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::CertificateDer;
+use sigil_attestors::join_token::{self, JoinTokenError, JoinTokens};
+use sigil_core::SpiffeId;
+use tracing::{debug, error, info, warn};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::audit::{NewAuditRecord, action, uid_actor};
+use crate::policy;
+use crate::service::audit::AuditLog;
+use crate::service::authority::{Authority, IssuedSvid, SignError};
+use crate::service::crl::CrlPublisher;
+use crate::store::{
+    AttestedNode, JoinToken, NewEntry, Page, PageRequest, Revocation, Store, StoreError,
+};
+
+/// Why an agent was refused. The node API sends it as `sigil-reason` metadata with
+/// `PermissionDenied`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DenyReason {
+    /// The agent SVID is expired (or not yet valid).
+    Expired,
+    /// No valid agent SVID was presented, or the server has no record of this agent.
+    NotAttested,
+    /// The agent is banned.
+    Banned,
+    /// The SVID is not the agent's current one: attest again.
+    MustReattest,
+}
+
+/// An authenticated agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    /// Its ID.
+    pub id: SpiffeId,
+    /// When the SVID it authenticated with expires.
+    pub not_after: SystemTime,
+}
+
+/// A join token just generated.
+#[derive(Debug, Clone)]
+pub struct GeneratedToken {
+    /// The secret.
+    pub token: String,
+    /// When it stops working.
+    pub expires_at: SystemTime,
+    /// The ID the agent that spends it gets.
+    pub agent_id: SpiffeId,
+    /// The alias entry's ID, if the token carries one.
+    pub alias: Option<SpiffeId>,
+}
+
+/// Why an agent call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The caller is not (or no longer) an agent in good standing.
+    #[error("{message}")]
+    Denied {
+        /// What the agent should do.
+        reason: DenyReason,
+        /// For the log and the caller.
+        message: String,
+    },
+    /// The request breaks a rule.
+    #[error("{0}")]
+    Invalid(String),
+    /// No agent with this ID.
+    #[error("no agent {0}")]
+    NotFound(SpiffeId),
+    /// A banned agent cannot be evicted: it stays recorded so that it cannot attest again.
+    #[error("agent {0} is banned; a banned agent stays recorded so it cannot attest again")]
+    EvictBanned(SpiffeId),
+    /// Signing failed.
+    #[error(transparent)]
+    Sign(#[from] SignError),
+    /// The audit record of a credential could not be written, so it was not handed out.
+    #[error("the audit record could not be written, so nothing was issued: {0}")]
+    AuditFailed(StoreError),
+    /// The change was made but its audit record could not be written.
+    #[error("the change was made, but its audit record could not be written: {0}")]
+    AuditAfterChange(StoreError),
+    /// The system random number generator failed.
+    #[error("random number generator failed")]
+    Random,
+    /// The join tokens could not be read.
+    #[error("join tokens cannot be read: {0}")]
+    TokenStore(JoinTokenError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The agent service.
+#[derive(Debug)]
+pub struct Agents {
+    store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
+    authority: Arc<Authority>,
+    crls: Arc<CrlPublisher>,
+}
+
+// === impl DenyReason ===
+
+impl DenyReason {
+    /// The wire value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::NotAttested => "not_attested",
+            Self::Banned => "banned",
+            Self::MustReattest => "must_reattest",
+        }
+    }
+
+    /// The reason whose wire value is `value`.
+    pub fn parse(value: &str) -> Option<Self> {
+        [
+            Self::Expired,
+            Self::NotAttested,
+            Self::Banned,
+            Self::MustReattest,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == value)
+    }
+
+    fn error(self, message: impl Into<String>) -> AgentError {
+        AgentError::Denied {
+            reason: self,
+            message: message.into(),
+        }
+    }
+}
+
+// === impl Agents ===
+
+impl Agents {
+    /// The service; `crls` are re-published when a ban revokes an agent's SVIDs.
+    pub fn new(
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        authority: Arc<Authority>,
+        crls: Arc<CrlPublisher>,
+    ) -> Self {
+        Self {
+            store,
+            audit,
+            authority,
+            crls,
+        }
+    }
+
+    /// Generates a join token for admin `uid`, valid for `ttl` (`None`: the default), whose
+    /// agent also gets the alias entry `alias`. The token itself is never recorded: only the
+    /// agent ID it gives.
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::Invalid`] for a lifetime or alias that breaks the policy; store and audit
+    /// failures (then the token is not returned).
+    pub async fn generate_join_token(
+        &self,
+        uid: u32,
+        ttl: Option<Duration>,
+        alias: Option<SpiffeId>,
+        now: SystemTime,
+    ) -> Result<GeneratedToken, AgentError> {
+        let td = self.authority.trust_domain();
+        let ttl = self
+            .authority
+            .ttls()
+            .join_token(ttl)
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        if let Some(alias) = &alias {
+            policy::check_workload_id(td, alias)
+                .map_err(|e| AgentError::Invalid(format!("spiffe_id {e}")))?;
+        }
+        let token = random_token()?;
+        let agent_id = join_token::agent_id(td, &token)
+            .map_err(|e| AgentError::Invalid(format!("join token: {e}")))?;
+        self.store
+            .create_join_token(JoinToken {
+                token: token.clone(),
+                expires_at: now + ttl,
+                created_at: now,
+                alias_spiffe_id: alias.clone(),
+            })
+            .await?;
+        let mut record =
+            NewAuditRecord::new(uid_actor(uid), action::TOKEN_GENERATE, agent_id.to_string())
+                .time_detail("expires_at", now + ttl);
+        if let Some(alias) = &alias {
+            record = record.detail("alias_spiffe_id", alias.to_string());
+        }
+        self.audit_issuance(vec![record]).await?;
+        info!(uid, agent_id = %agent_id, "join token generated");
+        Ok(GeneratedToken {
+            token,
+            expires_at: now + ttl,
+            agent_id,
+            alias,
+        })
+    }
+
+    /// Attests an agent with a join token: spends the token, signs the agent SVID over the
+    /// CSR's key, records the node and, if the token carries one, the alias entry.
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::Invalid`] for a malformed request (checked before the token is spent);
+    /// [`DenyReason::NotAttested`] for an unknown, expired or used token; signing, store and
+    /// audit failures.
+    pub async fn attest(
+        &self,
+        token: &str,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedSvid, AgentError> {
+        if token.is_empty() {
+            return Err(AgentError::Invalid("join_token is required".to_owned()));
+        }
+        if csr.is_empty() {
+            return Err(AgentError::Invalid("csr is required".to_owned()));
+        }
+        let refused =
+            || DenyReason::NotAttested.error("join token unknown, expired or already used");
+        let agent_id =
+            join_token::agent_id(self.authority.trust_domain(), token).map_err(|_| refused())?;
+        // Check the CSR before spending the token, so a malformed request does not burn it.
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr)
+            .map_err(|e| AgentError::Invalid(format!("malformed CSR: {e}")))?;
+        let alias = match JoinTokens::consume(&*self.store, token, now).await {
+            Ok(alias) => alias,
+            Err(e @ (JoinTokenError::NotFound | JoinTokenError::Expired)) => {
+                warn!(error = %e, "attestation refused");
+                return Err(DenyReason::NotAttested.error(e.to_string()));
+            }
+            Err(e) => {
+                warn!(error = %e, "attestation failed");
+                return Err(AgentError::TokenStore(e));
+            }
+        };
+        let svid = self.authority.sign_agent_svid(&agent_id, csr, now)?;
+        let mut record = agent_svid_record(&agent_id, action::AGENT_ATTEST, &svid)
+            .detail("attestation_type", "join_token");
+        if let Some(alias) = &alias {
+            record = record.detail("alias_spiffe_id", alias.to_string());
+        }
+        self.audit_issuance(vec![record]).await?;
+        self.store
+            .create_node(AttestedNode {
+                spiffe_id: agent_id.clone(),
+                attestation_type: "join_token".into(),
+                serial: svid.serial.clone(),
+                new_serial: None,
+                not_after: svid.not_after,
+                banned: false,
+                selectors: Default::default(),
+                created_at: now,
+                updated_at: now,
+            })
+            .await?;
+        if let Some(alias) = alias {
+            let entry = NewEntry::new(alias, agent_id.clone(), Default::default());
+            match self.store.create_entry(entry).await {
+                Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        info!(agent_id = %agent_id, "agent attested");
+        Ok(svid)
+    }
+
+    /// Authenticates the caller from its client certificate chain (see the module docs).
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::Denied`] with the reason; store failures.
+    pub async fn authenticate(
+        &self,
+        chain: Option<&[CertificateDer<'static>]>,
+        now: SystemTime,
+    ) -> Result<Agent, AgentError> {
+        let chain = chain.ok_or_else(|| {
+            DenyReason::NotAttested.error("no agent SVID presented: attest first")
+        })?;
+        let (serial, not_after) = chain
+            .first()
+            .and_then(|leaf| leaf_serial_and_expiry(leaf))
+            .ok_or_else(|| DenyReason::NotAttested.error("agent SVID cannot be parsed"))?;
+        if not_after <= now {
+            return Err(DenyReason::Expired.error("agent SVID expired"));
+        }
+        let id = self
+            .authority
+            .verifier_bundles()
+            .verify(chain, now)
+            .map_err(|e| {
+                debug!(error = %e, "agent svid rejected");
+                DenyReason::NotAttested.error(format!("agent SVID rejected: {e}"))
+            })?;
+        if !policy::is_agent_id(self.authority.trust_domain(), &id) {
+            return Err(
+                DenyReason::NotAttested.error("the client certificate is not an agent SVID")
+            );
+        }
+        let Some(mut node) = self.store.get_node(&id).await? else {
+            return Err(DenyReason::NotAttested.error("no such agent: attest again"));
+        };
+        if node.banned {
+            return Err(DenyReason::Banned.error("agent is banned"));
+        }
+        if node.serial != serial {
+            if node.new_serial.as_deref() != Some(serial.as_str()) {
+                return Err(
+                    DenyReason::MustReattest.error("agent SVID is not current: attest again")
+                );
+            }
+            // First use of the renewed SVID: it becomes current, the old one stops working.
+            node.serial = serial;
+            node.new_serial = None;
+            node.not_after = not_after;
+            self.store.update_node(node).await?;
+        }
+        Ok(Agent { id, not_after })
+    }
+
+    /// Signs a renewed SVID for `agent` over the CSR's key; it becomes current at its first
+    /// use.
+    ///
+    /// # Errors
+    ///
+    /// Signing, store and audit failures; [`DenyReason::NotAttested`] if the node is gone.
+    pub async fn renew(
+        &self,
+        agent: &Agent,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedSvid, AgentError> {
+        let svid = self.authority.sign_agent_svid(&agent.id, csr, now)?;
+        self.audit_issuance(vec![agent_svid_record(
+            &agent.id,
+            action::AGENT_RENEW,
+            &svid,
+        )])
+        .await?;
+        let Some(mut node) = self.store.get_node(&agent.id).await? else {
+            return Err(DenyReason::NotAttested.error("no such agent: attest again"));
+        };
+        node.new_serial = Some(svid.serial.clone());
+        self.store.update_node(node).await?;
+        info!(agent_id = %agent.id, "agent svid renewed");
+        Ok(svid)
+    }
+
+    /// One page of the attested agents.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn list(&self, page: &PageRequest) -> Result<Page<AttestedNode>, AgentError> {
+        Ok(self.store.list_nodes(page).await?)
+    }
+
+    /// The agent `id`.
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::NotFound`]; the store's.
+    pub async fn get(&self, id: &SpiffeId) -> Result<AttestedNode, AgentError> {
+        self.store
+            .get_node(id)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(id.clone()))
+    }
+
+    /// Forgets agent `id` for admin `uid`: it must attest again.
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::EvictBanned`]; the store's; [`AgentError::AuditAfterChange`].
+    pub async fn evict(&self, uid: u32, id: &SpiffeId) -> Result<AttestedNode, AgentError> {
+        if self.store.get_node(id).await?.is_some_and(|n| n.banned) {
+            return Err(AgentError::EvictBanned(id.clone()));
+        }
+        let node = self.store.delete_node(id).await?;
+        self.audit_change(vec![agent_record(uid, action::AGENT_EVICT, &node)])
+            .await?;
+        info!(uid, agent_id = %id, "agent evicted");
+        Ok(node)
+    }
+
+    /// Bans agent `id` for admin `uid`: it is refused from now on, and its SVIDs go on the
+    /// CRLs until they expire.
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::NotFound`]; the store's; [`AgentError::AuditAfterChange`].
+    pub async fn ban(
+        &self,
+        uid: u32,
+        id: &SpiffeId,
+        now: SystemTime,
+    ) -> Result<AttestedNode, AgentError> {
+        let mut node = self.get(id).await?;
+        node.banned = true;
+        let node = self.store.update_node(node).await?;
+        // The authority is not recorded for agent SVIDs, so every authority's CRL lists them.
+        // A renewed SVID may end later than the current one; its lifetime is bounded by the
+        // agent SVID TTL, which never exceeds the SVID cap.
+        let max_svid = self.authority.ttls().max_svid;
+        let revocations: Vec<Revocation> = std::iter::once(node.serial.clone())
+            .chain(node.new_serial.clone())
+            .filter(|_| node.not_after > now)
+            .map(|serial| Revocation {
+                serial,
+                not_after: now.max(node.not_after) + max_svid,
+                authority_id: None,
+                revoked_at: now,
+                cause: format!("agent:{}", node.spiffe_id),
+            })
+            .collect();
+        self.store.add_revocations(revocations).await?;
+        if let Err(error) = self.crls.publish(now).await {
+            warn!(%error, "crls not re-published after a ban");
+        }
+        self.audit_change(vec![agent_record(uid, action::AGENT_BAN, &node)])
+            .await?;
+        info!(uid, agent_id = %id, "agent banned");
+        Ok(node)
+    }
+
+    async fn audit_issuance(&self, records: Vec<NewAuditRecord>) -> Result<(), AgentError> {
+        self.audit.append(records).await.map(drop).map_err(|e| {
+            error!(error = %e, "audit append failed; credential withheld");
+            AgentError::AuditFailed(e)
+        })
+    }
+
+    async fn audit_change(&self, records: Vec<NewAuditRecord>) -> Result<(), AgentError> {
+        self.audit.append(records).await.map(drop).map_err(|e| {
+            error!(error = %e, "audit append failed after a change was made");
+            AgentError::AuditAfterChange(e)
+        })
+    }
+}
+
+// === helpers ===
+
+/// A join token: 16 random bytes, hex (a valid SPIFFE ID path segment).
+fn random_token() -> Result<String, AgentError> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| AgentError::Random)?;
+    Ok(sigil_core::hex::encode(&bytes))
+}
+
+/// The audit record of an agent SVID (attestation or renewal).
+fn agent_svid_record(agent_id: &SpiffeId, action: &str, svid: &IssuedSvid) -> NewAuditRecord {
+    NewAuditRecord::new(agent_id.to_string(), action, agent_id.to_string())
+        .detail("agent", agent_id.to_string())
+        .detail("serial", svid.serial.clone())
+        .time_detail("not_after", svid.not_after)
+}
+
+/// The audit record of an admin's change to an agent.
+fn agent_record(uid: u32, action: &str, node: &AttestedNode) -> NewAuditRecord {
+    NewAuditRecord::new(uid_actor(uid), action, node.spiffe_id.to_string())
+        .detail("agent", node.spiffe_id.to_string())
+        .detail("serial", node.serial.clone())
+}
+
+fn leaf_serial_and_expiry(leaf: &[u8]) -> Option<(String, SystemTime)> {
+    let (_, cert) = X509Certificate::from_der(leaf).ok()?;
+    let serial = sigil_core::hex::encode(cert.raw_serial());
+    let not_after = sigil_core::time::from_unix_seconds(cert.validity().not_after.timestamp())?;
+    Some((serial, not_after))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::testing::{Fixture, csr};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_token_attests_once_and_the_agent_authenticates_until_banned() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let alias = SpiffeId::new("spiffe://example.org/cluster/a").unwrap();
+        let token = fx
+            .agents
+            .generate_join_token(0, None, Some(alias.clone()), now)
+            .await
+            .unwrap();
+        assert!(policy::is_agent_id(
+            fx.authority.trust_domain(),
+            &token.agent_id
+        ));
+        // A malformed CSR does not burn the token.
+        assert!(matches!(
+            fx.agents.attest(&token.token, b"junk", now).await,
+            Err(AgentError::Invalid(_))
+        ));
+        let (csr_der, _) = csr();
+        let svid = fx.agents.attest(&token.token, &csr_der, now).await.unwrap();
+        assert_eq!(svid.spiffe_id, token.agent_id);
+        let again = fx
+            .agents
+            .attest(&token.token, &csr_der, now)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            again,
+            AgentError::Denied {
+                reason: DenyReason::NotAttested,
+                ..
+            }
+        ));
+        // The alias entry exists, parented to the agent.
+        let listed = fx
+            .store
+            .list_entries(&Default::default(), &PageRequest::first(10))
+            .await
+            .unwrap();
+        assert_eq!(listed.items.len(), 1);
+        assert_eq!(listed.items[0].spiffe_id, alias);
+        assert_eq!(listed.items[0].parent_id, token.agent_id);
+
+        let chain = [CertificateDer::from(svid.chain_der.clone())];
+        let agent = fx.agents.authenticate(Some(&chain), now).await.unwrap();
+        assert_eq!(agent.id, token.agent_id);
+        assert!(matches!(
+            fx.agents.authenticate(None, now).await,
+            Err(AgentError::Denied {
+                reason: DenyReason::NotAttested,
+                ..
+            })
+        ));
+        assert!(matches!(
+            fx.agents.authenticate(Some(&chain), svid.not_after).await,
+            Err(AgentError::Denied {
+                reason: DenyReason::Expired,
+                ..
+            })
+        ));
+
+        // A renewed SVID becomes current at first use; the old one then must re-attest.
+        let renewed = fx.agents.renew(&agent, &csr_der, now).await.unwrap();
+        let renewed_chain = [CertificateDer::from(renewed.chain_der.clone())];
+        fx.agents
+            .authenticate(Some(&renewed_chain), now)
+            .await
+            .unwrap();
+        assert!(matches!(
+            fx.agents.authenticate(Some(&chain), now).await,
+            Err(AgentError::Denied {
+                reason: DenyReason::MustReattest,
+                ..
+            })
+        ));
+
+        let banned = fx.agents.ban(0, &agent.id, now).await.unwrap();
+        assert!(banned.banned);
+        assert!(matches!(
+            fx.agents.authenticate(Some(&renewed_chain), now).await,
+            Err(AgentError::Denied {
+                reason: DenyReason::Banned,
+                ..
+            })
+        ));
+        let revoked = fx.store.list_revocations().await.unwrap();
+        assert!(
+            revoked.iter().any(|r| r.serial == renewed.serial),
+            "{revoked:?}"
+        );
+        assert!(fx.crls.current().lists_anything());
+        assert!(matches!(
+            fx.agents.evict(0, &agent.id).await,
+            Err(AgentError::EvictBanned(_))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn token_rules_and_eviction() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let too_long = fx
+            .agents
+            .generate_join_token(0, Some(policy::MAX_JOIN_TOKEN_TTL * 2), None, now)
+            .await
+            .unwrap_err();
+        assert!(matches!(too_long, AgentError::Invalid(m) if m.contains("7d")));
+        let reserved = SpiffeId::new("spiffe://example.org/sigil/x").unwrap();
+        assert!(matches!(
+            fx.agents.generate_join_token(0, None, Some(reserved), now).await,
+            Err(AgentError::Invalid(m)) if m.contains("reserved")
+        ));
+        // The token is never in the audit record; the agent ID is.
+        let token = fx
+            .agents
+            .generate_join_token(0, None, None, now)
+            .await
+            .unwrap();
+        let records = fx
+            .store
+            .list_audit(&Default::default(), &PageRequest::first(10))
+            .await
+            .unwrap()
+            .items;
+        assert_eq!(records.len(), 1);
+        let text = serde_json::to_string(&records[0]).unwrap();
+        assert!(!text.contains(&token.token));
+        assert_eq!(records[0].subject, token.agent_id.to_string());
+
+        let (csr_der, _) = csr();
+        fx.agents.attest(&token.token, &csr_der, now).await.unwrap();
+        assert_eq!(
+            fx.agents
+                .list(&PageRequest::first(10))
+                .await
+                .unwrap()
+                .items
+                .len(),
+            1
+        );
+        let evicted = fx.agents.evict(0, &token.agent_id).await.unwrap();
+        assert_eq!(evicted.spiffe_id, token.agent_id);
+        assert!(matches!(
+            fx.agents.get(&token.agent_id).await,
+            Err(AgentError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn deny_reasons_round_trip() {
+        for reason in [
+            DenyReason::Expired,
+            DenyReason::NotAttested,
+            DenyReason::Banned,
+            DenyReason::MustReattest,
+        ] {
+            assert_eq!(DenyReason::parse(reason.as_str()), Some(reason));
+        }
+        assert_eq!(DenyReason::parse("other"), None);
+    }
+}

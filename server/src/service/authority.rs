@@ -1,0 +1,439 @@
+//! The CA as the services see it: one signing call per credential kind with the TTL policy
+//! applied, and the trust domain's bundle as **one** published state.
+//!
+//! The bundle state ([`BundleState`]: sequence, SPIFFE bundle JSON, X.509 authorities) is built
+//! from the CA and published on one watch channel by [`Authority::rotate`] when the authorities
+//! change. Everything that serves or verifies the bundle reads it from here: sync streams and
+//! the admin API take [`Authority::bundle`] or [`Authority::subscribe`], and the TLS verifier and
+//! agent authentication verify against [`Authority::verifier_bundles`], which the same
+//! publication replaces. Nothing else keeps a copy in step by hand.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sigil_core::tls::SharedBundles;
+use sigil_core::{SpiffeBundle, SpiffeId, TrustDomain, X509Bundle};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::ca::{
+    Ca, CaError, CaJournalStore, CaJournalStoreError, IssuedX509Svid, WorkloadX509SvidParams,
+};
+use crate::policy::TtlPolicy;
+use crate::store::{RegistrationEntry, Store};
+
+/// The trust domain's bundle at one moment.
+#[derive(Debug, Clone)]
+pub struct BundleState {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Its `spiffe_sequence`: raised with every change.
+    pub sequence: u64,
+    /// The SPIFFE bundle, JSON.
+    pub spiffe_json: Vec<u8>,
+    /// The X.509 authorities.
+    pub x509: X509Bundle,
+}
+
+/// An issued X509-SVID.
+#[derive(Debug, Clone)]
+pub struct IssuedSvid {
+    /// The SPIFFE ID in it.
+    pub spiffe_id: SpiffeId,
+    /// The chain, DER, leaf first.
+    pub chain_der: Vec<u8>,
+    /// The leaf's serial number, lowercase hex.
+    pub serial: String,
+    /// NotAfter.
+    pub not_after: SystemTime,
+    /// The id of the authority that signed it.
+    pub authority_id: String,
+}
+
+/// An issued JWT-SVID.
+#[derive(Debug, Clone)]
+pub struct IssuedJwt {
+    /// The token.
+    pub token: String,
+    /// Its `exp`.
+    pub expires_at: SystemTime,
+}
+
+/// The server's own SVID and key.
+#[derive(Debug)]
+pub struct ServerSvid {
+    /// The certificate chain.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Its private key.
+    pub key: PrivateKeyDer<'static>,
+    /// NotAfter.
+    pub not_after: SystemTime,
+}
+
+/// Why signing failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignError {
+    /// The request was bad: malformed CSR, wrong key type, invalid audience, an ID that may
+    /// not be granted.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The authority could not sign.
+    #[error("signing failed: {0}")]
+    Internal(String),
+}
+
+/// The CA with the TTL policy and the published bundle.
+#[derive(Debug)]
+pub struct Authority {
+    ca: Arc<Ca>,
+    ttls: TtlPolicy,
+    jwt_issuer: Option<String>,
+    bundle: watch::Sender<Arc<BundleState>>,
+    verifier_bundles: SharedBundles,
+}
+
+// === impl Authority ===
+
+impl Authority {
+    /// Publishes `ca`'s current bundle; `ttls` decides every lifetime, `jwt_issuer` is the
+    /// `iss` of JWT-SVIDs.
+    pub fn new(ca: Arc<Ca>, ttls: TtlPolicy, jwt_issuer: Option<String>) -> Self {
+        let state = bundle_state(&ca);
+        let verifier_bundles = SharedBundles::from_bundle(state.x509.clone());
+        let (bundle, _) = watch::channel(Arc::new(state));
+        Self {
+            ca,
+            ttls,
+            jwt_issuer,
+            bundle,
+            verifier_bundles,
+        }
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &Arc<Ca> {
+        &self.ca
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        self.ca.trust_domain()
+    }
+
+    /// The lifetimes of every credential kind.
+    pub fn ttls(&self) -> &TtlPolicy {
+        &self.ttls
+    }
+
+    /// The bundle as last published.
+    pub fn bundle(&self) -> Arc<BundleState> {
+        self.bundle.borrow().clone()
+    }
+
+    /// A receiver of every bundle publication.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<BundleState>> {
+        self.bundle.subscribe()
+    }
+
+    /// The X.509 bundles that agent SVIDs are verified against (the TLS handshake and every
+    /// node API call); replaced by each publication.
+    pub fn verifier_bundles(&self) -> &SharedBundles {
+        &self.verifier_bundles
+    }
+
+    /// Rotates the authorities at `now` and, when they changed, publishes the new bundle.
+    /// Returns whether it changed.
+    ///
+    /// # Errors
+    ///
+    /// The CA's: the previous bundle stays published.
+    pub async fn rotate(&self, now: SystemTime) -> Result<bool, CaError> {
+        let changed = self.ca.rotate(now).await?;
+        if changed {
+            let state = bundle_state(&self.ca);
+            self.verifier_bundles.replace(state.x509.clone());
+            info!(sequence = state.sequence, "bundle changed");
+            self.bundle.send_replace(Arc::new(state));
+        }
+        Ok(changed)
+    }
+
+    /// Signs an agent X509-SVID for `agent_id` over the CSR's key.
+    ///
+    /// # Errors
+    ///
+    /// [`SignError::InvalidRequest`] for a bad CSR or an ID that is not an agent's.
+    pub fn sign_agent_svid(
+        &self,
+        agent_id: &SpiffeId,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedSvid, SignError> {
+        let svid = self
+            .ca
+            .sign_agent_x509_svid(agent_id, csr_der, self.ttls.agent_svid(), now)
+            .map_err(sign_error)?;
+        Ok(issued(svid))
+    }
+
+    /// Signs a workload X509-SVID for `entry` over the CSR's key: identity, DNS names and
+    /// lifetime from the entry, never ending after the entry does.
+    ///
+    /// # Errors
+    ///
+    /// [`SignError::InvalidRequest`] for a bad CSR.
+    pub fn sign_workload_svid(
+        &self,
+        entry: &RegistrationEntry,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedSvid, SignError> {
+        let params = WorkloadX509SvidParams {
+            spiffe_id: entry.spiffe_id.clone(),
+            dns_names: entry.dns_names.clone(),
+            ttl: self.ttls.x509(entry.x509_svid_ttl),
+            caps: entry.expires_at.into_iter().collect(),
+        };
+        let svid = self
+            .ca
+            .sign_workload_x509_svid(&params, csr_der, now)
+            .map_err(sign_error)?;
+        Ok(issued(svid))
+    }
+
+    /// Signs a JWT-SVID for `entry`, never outliving the entry.
+    ///
+    /// # Errors
+    ///
+    /// [`SignError::InvalidRequest`] for an empty audience.
+    pub fn sign_jwt_svid(
+        &self,
+        entry: &RegistrationEntry,
+        audience: &[String],
+        now: SystemTime,
+    ) -> Result<IssuedJwt, SignError> {
+        let ttl = self
+            .ttls
+            .jwt_until(entry.jwt_svid_ttl, entry.expires_at, now);
+        self.jwt(&entry.spiffe_id, audience, ttl, now)
+    }
+
+    /// Mints an X509-SVID that no entry backs (an operator's `x509 mint`): `ttl` `None` means
+    /// the default; the cap applies.
+    ///
+    /// # Errors
+    ///
+    /// [`SignError::InvalidRequest`] for a bad CSR, DNS name or an ID that may not be granted.
+    pub fn mint_x509_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        dns_names: Vec<String>,
+        ttl: Option<std::time::Duration>,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedSvid, SignError> {
+        let params = WorkloadX509SvidParams {
+            spiffe_id: spiffe_id.clone(),
+            dns_names,
+            ttl: self.ttls.x509(ttl),
+            caps: vec![],
+        };
+        let svid = self
+            .ca
+            .sign_workload_x509_svid(&params, csr_der, now)
+            .map_err(sign_error)?;
+        Ok(issued(svid))
+    }
+
+    /// Mints a JWT-SVID that no entry backs (an operator's `jwt mint`).
+    ///
+    /// # Errors
+    ///
+    /// [`SignError::InvalidRequest`] for an empty audience or an ID that may not be granted.
+    pub fn mint_jwt_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Option<std::time::Duration>,
+        now: SystemTime,
+    ) -> Result<IssuedJwt, SignError> {
+        self.jwt(spiffe_id, audience, self.ttls.jwt(ttl), now)
+    }
+
+    /// A fresh P-256 key and its SVID `spiffe://TD/sigil/server`, for the node API's TLS.
+    ///
+    /// # Errors
+    ///
+    /// [`SignError::Internal`] when the key cannot be made or signed.
+    pub fn server_svid(&self, now: SystemTime) -> Result<ServerSvid, SignError> {
+        let internal = |what: &str| SignError::Internal(format!("cannot create the server {what}"));
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &rng,
+        )
+        .map_err(|_| internal("key"))?;
+        let key_pair = rcgen::KeyPair::try_from(pkcs8.as_ref()).map_err(|_| internal("key"))?;
+        let svid = self
+            .ca
+            .sign_server_x509_svid(
+                &rcgen::PublicKeyData::subject_public_key_info(&key_pair),
+                self.ttls.agent_svid(),
+                now,
+            )
+            .map_err(sign_error)?;
+        let not_after = svid.not_after();
+        Ok(ServerSvid {
+            chain: vec![svid.into_certificate()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_ref().to_vec())),
+            not_after,
+        })
+    }
+
+    fn jwt(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: std::time::Duration,
+        now: SystemTime,
+    ) -> Result<IssuedJwt, SignError> {
+        let jwt = self
+            .ca
+            .sign_jwt_svid(spiffe_id, audience, ttl, now, self.jwt_issuer.as_deref())
+            .map_err(sign_error)?;
+        Ok(IssuedJwt {
+            token: jwt.token().to_owned(),
+            expires_at: jwt.expiry(),
+        })
+    }
+}
+
+/// The store as the CA's journal store.
+#[derive(Debug)]
+pub struct StoreJournal(pub Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl CaJournalStore for StoreJournal {
+    async fn load_ca_journal(&self) -> Result<Option<Vec<u8>>, CaJournalStoreError> {
+        self.0
+            .load_ca_journal()
+            .await
+            .map_err(CaJournalStoreError::new)
+    }
+
+    async fn save_ca_journal(&self, journal: Vec<u8>) -> Result<(), CaJournalStoreError> {
+        self.0
+            .save_ca_journal(journal)
+            .await
+            .map_err(CaJournalStoreError::new)
+    }
+}
+
+// === helpers ===
+
+fn bundle_state(ca: &Ca) -> BundleState {
+    let bundle: SpiffeBundle = ca.bundle();
+    BundleState {
+        trust_domain: ca.trust_domain().clone(),
+        sequence: bundle.sequence().unwrap_or_default(),
+        spiffe_json: bundle.to_json(),
+        x509: ca.x509_bundle(),
+    }
+}
+
+fn issued(svid: IssuedX509Svid) -> IssuedSvid {
+    IssuedSvid {
+        spiffe_id: svid.spiffe_id().clone(),
+        serial: svid.serial_hex(),
+        not_after: svid.not_after(),
+        chain_der: svid.certificate().to_vec(),
+        authority_id: svid.authority_id().to_owned(),
+    }
+}
+
+/// Errors caused by the request (the CSR, the ID, the audience) are the caller's to fix; the
+/// rest are the server's.
+fn sign_error(error: CaError) -> SignError {
+    match error {
+        CaError::CsrTooLarge { .. }
+        | CaError::MalformedCsr { .. }
+        | CaError::CsrSignatureInvalid
+        | CaError::UnsupportedKey { .. }
+        | CaError::MalformedPublicKey { .. }
+        | CaError::ForeignTrustDomain { .. }
+        | CaError::RootId { .. }
+        | CaError::ReservedId { .. }
+        | CaError::NotAgentId { .. }
+        | CaError::InvalidDnsName { .. }
+        | CaError::EmptyAudience
+        | CaError::TtlTooShort { .. }
+        | CaError::Lifetime(_) => SignError::InvalidRequest(error.to_string()),
+        other => SignError::Internal(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::service::testing::Fixture;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rotation_publishes_one_bundle_state_to_every_reader() {
+        let fx = Fixture::with_ca_ttl(Duration::from_secs(60)).await;
+        let authority = &fx.authority;
+        let mut updates = authority.subscribe();
+        let before = authority.bundle();
+        assert_eq!(before.sequence, authority.ca().bundle_sequence());
+        // Half-way through the authority's life the next one is prepared and published.
+        let later = SystemTime::now() + Duration::from_secs(31);
+        assert!(authority.rotate(later).await.unwrap());
+        assert!(updates.has_changed().unwrap());
+        let after = updates.borrow_and_update().clone();
+        assert!(after.sequence > before.sequence);
+        assert_eq!(after.x509.authorities().len(), 2);
+        // The verifier's bundle is the same publication.
+        let verifier = authority
+            .verifier_bundles()
+            .get(authority.trust_domain())
+            .unwrap();
+        assert_eq!(verifier.authorities(), after.x509.authorities());
+        // Nothing changed: nothing published.
+        assert!(!authority.rotate(later).await.unwrap());
+        assert!(!updates.has_changed().unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ttls_come_from_the_policy_and_caller_errors_are_invalid_requests() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let id = SpiffeId::new("spiffe://example.org/web").unwrap();
+        let jwt = fx
+            .authority
+            .mint_jwt_svid(
+                &id,
+                &["db".to_owned()],
+                Some(Duration::from_secs(86_400 * 30)),
+                now,
+            )
+            .unwrap();
+        let lifetime = jwt.expires_at.duration_since(now).unwrap();
+        assert!(lifetime <= fx.authority.ttls().max_svid, "{lifetime:?}");
+        let err = fx
+            .authority
+            .mint_x509_svid(&id, vec![], None, b"not a csr", now)
+            .unwrap_err();
+        assert!(matches!(err, SignError::InvalidRequest(_)), "{err}");
+        let reserved = SpiffeId::new("spiffe://example.org/sigil/agent/x").unwrap();
+        let err = fx
+            .authority
+            .mint_jwt_svid(&reserved, &["db".to_owned()], None, now)
+            .unwrap_err();
+        assert!(matches!(err, SignError::InvalidRequest(_)), "{err}");
+        let server = fx.authority.server_svid(now).unwrap();
+        assert!(server.not_after > now);
+    }
+}

@@ -1,0 +1,242 @@
+//! Bundles: the trust domain's own (published by the [`Authority`], with the CRLs) and the
+//! federated trust domains' bundles an operator sets by hand.
+
+use std::sync::Arc;
+
+use sigil_core::x509_bundle::X509Bundle;
+use sigil_core::{SpiffeBundle, TrustDomain};
+use tracing::{error, info};
+
+use crate::audit::{NewAuditRecord, action, uid_actor};
+use crate::service::audit::AuditLog;
+use crate::service::authority::{Authority, BundleState};
+use crate::service::crl::{CrlPublisher, CrlSet};
+use crate::store::{FederatedBundle, Store, StoreError};
+
+/// How a federated bundle is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleFormat {
+    /// SPIFFE bundle JSON (a JWKS).
+    Spiffe,
+    /// PEM certificates: X.509 authorities only.
+    Pem,
+}
+
+/// A federated bundle as stored, with what could be read from it.
+#[derive(Debug, Clone)]
+pub struct Federated {
+    /// The stored record.
+    pub stored: FederatedBundle,
+    /// The bundle, if it parses.
+    pub parsed: Option<SpiffeBundle>,
+}
+
+/// Why a bundle call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BundleError {
+    /// The bundle or trust domain is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The change was made but its audit record could not be written.
+    #[error("the change was made, but its audit record could not be written: {0}")]
+    AuditAfterChange(StoreError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The bundle service.
+#[derive(Debug)]
+pub struct Bundles {
+    store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
+    authority: Arc<Authority>,
+    crls: Arc<CrlPublisher>,
+}
+
+// === impl Bundles ===
+
+impl Bundles {
+    /// The service.
+    pub fn new(
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        authority: Arc<Authority>,
+        crls: Arc<CrlPublisher>,
+    ) -> Self {
+        Self {
+            store,
+            audit,
+            authority,
+            crls,
+        }
+    }
+
+    /// The trust domain's own bundle and its CRLs, as last published.
+    pub fn own(&self) -> (Arc<BundleState>, Arc<CrlSet>) {
+        (self.authority.bundle(), self.crls.current())
+    }
+
+    /// Every federated bundle, in trust domain order.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn list_federated(&self) -> Result<Vec<Federated>, BundleError> {
+        Ok(self
+            .store
+            .list_federated_bundles()
+            .await?
+            .into_iter()
+            .map(|stored| {
+                let parsed = SpiffeBundle::parse(stored.trust_domain.clone(), &stored.bundle).ok();
+                Federated { stored, parsed }
+            })
+            .collect())
+    }
+
+    /// Stores the bundle of federated trust domain `trust_domain` for admin `uid`.
+    ///
+    /// # Errors
+    ///
+    /// [`BundleError::Invalid`] for the server's own trust domain or a bundle that does not
+    /// parse; the store's; [`BundleError::AuditAfterChange`].
+    pub async fn set_federated(
+        &self,
+        uid: u32,
+        trust_domain: &TrustDomain,
+        format: BundleFormat,
+        text: &[u8],
+    ) -> Result<SpiffeBundle, BundleError> {
+        if trust_domain == self.authority.trust_domain() {
+            return Err(BundleError::Invalid(
+                "the server's own bundle cannot be set; it is managed by the CA".to_owned(),
+            ));
+        }
+        let bundle = match format {
+            BundleFormat::Spiffe => SpiffeBundle::parse(trust_domain.clone(), text)
+                .map_err(|e| BundleError::Invalid(format!("not a valid SPIFFE bundle: {e}")))?,
+            BundleFormat::Pem => {
+                let x509 = X509Bundle::from_pem(trust_domain.clone(), text)
+                    .map_err(|e| BundleError::Invalid(format!("not a valid PEM bundle: {e}")))?;
+                let mut bundle = SpiffeBundle::new(trust_domain.clone());
+                for cert in x509.authorities() {
+                    bundle
+                        .add_x509_authority(cert.clone())
+                        .map_err(|e| BundleError::Invalid(e.to_string()))?;
+                }
+                bundle
+            }
+        };
+        let json = bundle.to_json();
+        self.store
+            .set_federated_bundle(trust_domain, json.clone())
+            .await?;
+        let record = NewAuditRecord::new(uid_actor(uid), action::BUNDLE_SET, trust_domain.name())
+            .detail("sha256", sigil_core::hex::sha256(&json))
+            .detail(
+                "x509_authorities",
+                bundle.x509_bundle().map_or(0, |x| x.authorities().len()),
+            )
+            .detail("sequence", bundle.sequence().unwrap_or_default());
+        self.audit_change(record).await?;
+        info!(uid, trust_domain = %trust_domain, "federated bundle set");
+        Ok(bundle)
+    }
+
+    /// Deletes the bundle of `trust_domain` for admin `uid`; returns it.
+    ///
+    /// # Errors
+    ///
+    /// The store's (not found); [`BundleError::AuditAfterChange`].
+    pub async fn delete_federated(
+        &self,
+        uid: u32,
+        trust_domain: &TrustDomain,
+    ) -> Result<FederatedBundle, BundleError> {
+        let deleted = self.store.delete_federated_bundle(trust_domain).await?;
+        let record =
+            NewAuditRecord::new(uid_actor(uid), action::BUNDLE_DELETE, trust_domain.name())
+                .detail("sha256", sigil_core::hex::sha256(&deleted.bundle));
+        self.audit_change(record).await?;
+        info!(uid, trust_domain = %trust_domain, "federated bundle deleted");
+        Ok(deleted)
+    }
+
+    async fn audit_change(&self, record: NewAuditRecord) -> Result<(), BundleError> {
+        self.audit
+            .append(vec![record])
+            .await
+            .map(drop)
+            .map_err(|e| {
+                error!(error = %e, "audit append failed after a change was made");
+                BundleError::AuditAfterChange(e)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditFilter;
+    use crate::service::testing::Fixture;
+    use crate::store::PageRequest;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn federated_bundles_are_checked_stored_audited_and_deleted() {
+        let fx = Fixture::new().await;
+        let other = Fixture::new_in("other.org").await;
+        let td = TrustDomain::new("other.org").unwrap();
+        let pem = other.authority.bundle().x509.to_pem();
+        let set = fx
+            .bundles
+            .set_federated(0, &td, BundleFormat::Pem, pem.as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(set.x509_bundle().unwrap().authorities().len(), 1);
+        let listed = fx.bundles.list_federated().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].stored.trust_domain, td);
+        assert!(listed[0].parsed.is_some());
+
+        let own = fx.authority.trust_domain().clone();
+        assert!(matches!(
+            fx.bundles
+                .set_federated(0, &own, BundleFormat::Pem, pem.as_bytes())
+                .await,
+            Err(BundleError::Invalid(m)) if m.contains("own bundle")
+        ));
+        assert!(matches!(
+            fx.bundles
+                .set_federated(0, &td, BundleFormat::Spiffe, b"{not json")
+                .await,
+            Err(BundleError::Invalid(_))
+        ));
+        let deleted = fx.bundles.delete_federated(0, &td).await.unwrap();
+        assert_eq!(deleted.trust_domain, td);
+        assert!(matches!(
+            fx.bundles.delete_federated(0, &td).await,
+            Err(BundleError::Store(StoreError::NotFound { .. }))
+        ));
+        let actions: Vec<String> = fx
+            .store
+            .list_audit(
+                &AuditFilter {
+                    action: Some("bundle".to_owned()),
+                    ..AuditFilter::default()
+                },
+                &PageRequest::first(10),
+            )
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|r| r.action)
+            .collect();
+        assert_eq!(actions, [action::BUNDLE_SET, action::BUNDLE_DELETE]);
+        let (state, crls) = fx.bundles.own();
+        assert_eq!(state.trust_domain, own);
+        assert!(crls.generation > 0);
+    }
+}

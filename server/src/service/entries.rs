@@ -1,0 +1,449 @@
+//! Registration entries: what an operator may register, written to the store and audited in
+//! one place.
+//!
+//! An entry grants a workload ID ([`policy::check_workload_id`]) to workloads that present its
+//! selectors under its parent. Every problem with an entry is reported at once, as sentences
+//! for the operator. Entries that carry a privileged session change only through the session
+//! calls. Every change is audited once it is made (actor `uid:N`); if that append fails the
+//! caller is told that the change stands unaudited.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use sigil_core::TrustDomain;
+use tracing::{error, info};
+
+use crate::audit::{NewAuditRecord, action, uid_actor};
+use crate::policy;
+use crate::service::audit::AuditLog;
+use crate::store::{
+    EntryFilter, EntryId, NewEntry, Page, PageRequest, RegistrationEntry, SessionId, Store,
+    StoreError,
+};
+
+/// The longest entry hint (WA-9).
+pub const MAX_HINT_LEN: usize = 1024;
+
+/// Most entries one create call may carry.
+pub const MAX_ENTRIES_PER_CALL: usize = 10_000;
+
+/// Why an entry call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EntryError {
+    /// The entry breaks a rule; the message lists every problem.
+    #[error("{0}")]
+    Invalid(String),
+    /// Too many entries in one call.
+    #[error("{count} entries in one call; the maximum is {MAX_ENTRIES_PER_CALL}")]
+    TooMany {
+        /// How many were sent.
+        count: usize,
+    },
+    /// No entry with this id.
+    #[error("no entry with id {0}")]
+    NotFound(EntryId),
+    /// The entry carries a privileged session.
+    #[error(
+        "entry {entry} belongs to privileged session {session}: use `session close` or `session revoke`"
+    )]
+    SessionEntry {
+        /// The entry.
+        entry: EntryId,
+        /// Its session.
+        session: SessionId,
+    },
+    /// The change was made but its audit record could not be written.
+    #[error("the change was made, but its audit record could not be written: {0}")]
+    AuditAfterChange(StoreError),
+    /// The store failed (or refused: a duplicate, an unknown id).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The entry service.
+#[derive(Debug)]
+pub struct Entries {
+    store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
+    trust_domain: TrustDomain,
+}
+
+// === impl Entries ===
+
+impl Entries {
+    /// The service for `trust_domain`'s entries in `store`, audited to `audit`.
+    pub fn new(store: Arc<dyn Store>, audit: Arc<AuditLog>, trust_domain: TrustDomain) -> Self {
+        Self {
+            store,
+            audit,
+            trust_domain,
+        }
+    }
+
+    /// Creates `entries` for admin `uid` with one durable write; one result per input, in
+    /// order. The created ones are audited with one append.
+    ///
+    /// # Errors
+    ///
+    /// [`EntryError::TooMany`]; a store failure that leaves the batch unknown;
+    /// [`EntryError::AuditAfterChange`].
+    pub async fn create(
+        &self,
+        uid: u32,
+        entries: Vec<NewEntry>,
+        now: SystemTime,
+    ) -> Result<Vec<Result<RegistrationEntry, EntryError>>, EntryError> {
+        if entries.len() > MAX_ENTRIES_PER_CALL {
+            return Err(EntryError::TooMany {
+                count: entries.len(),
+            });
+        }
+        let checked: Vec<Result<NewEntry, EntryError>> = entries
+            .into_iter()
+            .map(|e| self.check(&e, now).map(|()| e))
+            .collect();
+        let valid: Vec<NewEntry> = checked
+            .iter()
+            .filter_map(|c| c.as_ref().ok().cloned())
+            .collect();
+        let mut stored = self.store.create_entries(valid).await?.into_iter();
+        let mut results = Vec::with_capacity(checked.len());
+        let mut records = Vec::new();
+        for outcome in checked {
+            results.push(match outcome {
+                Err(e) => Err(e),
+                Ok(_) => match stored.next() {
+                    Some(Ok(entry)) => {
+                        records.push(entry_record(uid, action::ENTRY_CREATE, &entry));
+                        Ok(entry)
+                    }
+                    Some(Err(e)) => Err(EntryError::Store(e)),
+                    None => Err(EntryError::Store(StoreError::Corrupt {
+                        what: "entry batch",
+                        reason: "the store returned fewer results than entries".to_owned(),
+                    })),
+                },
+            });
+        }
+        let created = records.len();
+        self.audit_change(records).await?;
+        info!(uid, requested = results.len(), created, "entries created");
+        Ok(results)
+    }
+
+    /// One page of the entries that pass `filter`.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn list(
+        &self,
+        filter: &EntryFilter,
+        page: &PageRequest,
+    ) -> Result<Page<RegistrationEntry>, EntryError> {
+        Ok(self.store.list_entries(filter, page).await?)
+    }
+
+    /// The entry `id`.
+    ///
+    /// # Errors
+    ///
+    /// [`EntryError::NotFound`]; the store's.
+    pub async fn get(&self, id: &EntryId) -> Result<RegistrationEntry, EntryError> {
+        self.store
+            .get_entry(id)
+            .await?
+            .ok_or_else(|| EntryError::NotFound(id.clone()))
+    }
+
+    /// The number of entries.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn count(&self) -> Result<u64, EntryError> {
+        Ok(self.store.count_entries().await?)
+    }
+
+    /// The store's latest durable revision: a read that fails when the store cannot be read.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn revision(&self) -> Result<u64, EntryError> {
+        Ok(self.store.current_revision().await?)
+    }
+
+    /// Replaces the operator-set fields of entry `id` for admin `uid`.
+    ///
+    /// # Errors
+    ///
+    /// [`EntryError::Invalid`]; [`EntryError::SessionEntry`]; the store's (not found,
+    /// duplicate); [`EntryError::AuditAfterChange`].
+    pub async fn update(
+        &self,
+        uid: u32,
+        id: &EntryId,
+        entry: NewEntry,
+        now: SystemTime,
+    ) -> Result<RegistrationEntry, EntryError> {
+        self.check(&entry, now)?;
+        self.refuse_session_entry(id).await?;
+        let entry = self.store.update_entry(id, entry).await?;
+        self.audit_change(vec![entry_record(uid, action::ENTRY_UPDATE, &entry)])
+            .await?;
+        info!(uid, entry_id = %id.as_str(), "entry updated");
+        Ok(entry)
+    }
+
+    /// Deletes entry `id` for admin `uid`; returns its last version.
+    ///
+    /// # Errors
+    ///
+    /// [`EntryError::SessionEntry`]; the store's; [`EntryError::AuditAfterChange`].
+    pub async fn delete(&self, uid: u32, id: &EntryId) -> Result<RegistrationEntry, EntryError> {
+        self.refuse_session_entry(id).await?;
+        let entry = self.store.delete_entry(id).await?;
+        self.audit_change(vec![entry_record(uid, action::ENTRY_DELETE, &entry)])
+            .await?;
+        info!(uid, entry_id = %id.as_str(), "entry deleted");
+        Ok(entry)
+    }
+
+    /// Every rule an entry must obey, all problems at once.
+    fn check(&self, entry: &NewEntry, now: SystemTime) -> Result<(), EntryError> {
+        let mut problems = Vec::new();
+        if let Err(e) = policy::check_workload_id(&self.trust_domain, &entry.spiffe_id) {
+            problems.push(format!("spiffe_id {e}"));
+        }
+        if !entry.parent_id.is_member_of(&self.trust_domain) {
+            problems.push(format!(
+                "parent_id {} is not in trust domain {}",
+                entry.parent_id, self.trust_domain
+            ));
+        }
+        if entry.selectors.is_empty() {
+            problems.push("at least one selector is required".to_owned());
+        }
+        for name in &entry.dns_names {
+            if let Err(e) = policy::check_dns_name(name) {
+                problems.push(e.to_string());
+            }
+        }
+        if entry.hint.len() > MAX_HINT_LEN {
+            problems.push(format!(
+                "hint is {} bytes; the maximum is {MAX_HINT_LEN}",
+                entry.hint.len()
+            ));
+        }
+        if entry.expires_at.is_some_and(|at| at <= now) {
+            problems.push("expires_at is in the past".to_owned());
+        }
+        if entry.session_id.is_some() {
+            problems.push("session entries are made by `session open` only".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(EntryError::Invalid(problems.join("; ")))
+        }
+    }
+
+    /// Session entries change only through the session calls.
+    async fn refuse_session_entry(&self, id: &EntryId) -> Result<(), EntryError> {
+        if let Some(entry) = self.store.get_entry(id).await?
+            && let Some(session) = entry.session_id
+        {
+            return Err(EntryError::SessionEntry {
+                entry: id.clone(),
+                session,
+            });
+        }
+        Ok(())
+    }
+
+    async fn audit_change(&self, records: Vec<NewAuditRecord>) -> Result<(), EntryError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.audit.append(records).await.map(drop).map_err(|e| {
+            error!(error = %e, "audit append failed after a change was made");
+            EntryError::AuditAfterChange(e)
+        })
+    }
+}
+
+/// The audit record of an entry change.
+fn entry_record(uid: u32, action: &str, entry: &RegistrationEntry) -> NewAuditRecord {
+    NewAuditRecord::new(uid_actor(uid), action, entry.id.as_str())
+        .detail("spiffe_id", entry.spiffe_id.to_string())
+        .detail("parent_id", entry.parent_id.to_string())
+        .detail(
+            "selectors",
+            entry
+                .selectors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        )
+        .detail("revision", entry.revision)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sigil_core::{Selector, SelectorSet, SpiffeId};
+
+    use super::*;
+    use crate::audit::AuditFilter;
+    use crate::service::testing::Fixture;
+
+    fn new_entry(id: &str) -> NewEntry {
+        NewEntry::new(
+            SpiffeId::new(id).unwrap(),
+            SpiffeId::new("spiffe://example.org/sigil/agent/join_token/a").unwrap(),
+            [Selector::parse("unix:uid:1000").unwrap()]
+                .into_iter()
+                .collect::<SelectorSet>(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn create_checks_each_entry_stores_the_valid_ones_and_audits_them() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let mut bad = new_entry("spiffe://other.org/web");
+        bad.dns_names = vec!["a*b.example.org".to_owned()];
+        bad.hint = "h".repeat(MAX_HINT_LEN + 1);
+        bad.selectors = SelectorSet::new();
+        bad.expires_at = Some(now - Duration::from_secs(1));
+        let reserved = new_entry("spiffe://example.org/sigil/server");
+        let results = fx
+            .entries
+            .create(
+                0,
+                vec![new_entry("spiffe://example.org/web"), bad, reserved],
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!(results.len(), 3);
+        let created = results[0].as_ref().unwrap();
+        let Err(EntryError::Invalid(message)) = &results[1] else {
+            panic!("{:?}", results[1]);
+        };
+        for problem in [
+            "not in trust domain example.org",
+            "a*b.example.org",
+            "hint is 1025 bytes",
+            "at least one selector",
+            "expires_at is in the past",
+        ] {
+            assert!(message.contains(problem), "{problem}: {message}");
+        }
+        assert!(matches!(&results[2], Err(EntryError::Invalid(m)) if m.contains("reserved")));
+        assert_eq!(fx.entries.count().await.unwrap(), 1);
+        assert_eq!(fx.entries.get(&created.id).await.unwrap(), *created);
+
+        let audited = fx
+            .store
+            .list_audit(
+                &AuditFilter {
+                    action: Some(action::ENTRY_CREATE.to_owned()),
+                    ..AuditFilter::default()
+                },
+                &PageRequest::first(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(audited.items.len(), 1);
+        assert_eq!(audited.items[0].subject, created.id.as_str());
+        assert_eq!(audited.items[0].actor, "uid:0");
+
+        // A duplicate is refused by the store, per entry.
+        let again = fx
+            .entries
+            .create(0, vec![new_entry("spiffe://example.org/web")], now)
+            .await
+            .unwrap();
+        assert!(matches!(
+            &again[0],
+            Err(EntryError::Store(StoreError::AlreadyExists { .. }))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn too_many_entries_in_one_call_are_refused_whole() {
+        let fx = Fixture::new().await;
+        let many = vec![new_entry("spiffe://example.org/web"); MAX_ENTRIES_PER_CALL + 1];
+        let err = fx
+            .entries
+            .create(0, many, SystemTime::now())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EntryError::TooMany { count } if count == MAX_ENTRIES_PER_CALL + 1));
+        assert_eq!(fx.entries.count().await.unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn update_and_delete_are_audited_and_unknown_ids_are_not_found() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let created = fx
+            .entries
+            .create(7, vec![new_entry("spiffe://example.org/web")], now)
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        let mut changed = created.to_new();
+        changed.hint = "web".to_owned();
+        let updated = fx
+            .entries
+            .update(7, &created.id, changed, now)
+            .await
+            .unwrap();
+        assert_eq!(updated.hint, "web");
+        assert!(updated.revision > created.revision);
+        let invalid = new_entry("spiffe://example.org");
+        assert!(matches!(
+            fx.entries.update(7, &created.id, invalid, now).await,
+            Err(EntryError::Invalid(_))
+        ));
+        let deleted = fx.entries.delete(7, &created.id).await.unwrap();
+        assert_eq!(deleted.id, created.id);
+        assert!(matches!(
+            fx.entries.get(&created.id).await,
+            Err(EntryError::NotFound(_))
+        ));
+        assert!(matches!(
+            fx.entries.delete(7, &created.id).await,
+            Err(EntryError::Store(StoreError::NotFound { .. }))
+        ));
+        let actions: Vec<String> = fx
+            .store
+            .list_audit(
+                &AuditFilter {
+                    actor: Some("uid:7".to_owned()),
+                    ..AuditFilter::default()
+                },
+                &PageRequest::first(10),
+            )
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|r| r.action)
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                action::ENTRY_CREATE,
+                action::ENTRY_UPDATE,
+                action::ENTRY_DELETE
+            ]
+        );
+    }
+}

@@ -1,0 +1,497 @@
+//! Entry sync: what one agent's `SyncEntries` stream tells it, from the entry cache.
+//!
+//! A stream starts with a snapshot of the agent's authorized entries (in pages), or, when the
+//! agent resumes from a revision this server issued, with resume pages that resend only what
+//! may have changed. Then it sends each change the cache applies that concerns the agent, and
+//! the bundle (with the CRLs) whenever either changes. It ends when the agent goes away, its
+//! SVID expires, or the server shuts down. The messages are domain values
+//! ([`SyncMessage`]); the node API turns them into protobuf.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sigil_core::SpiffeId;
+use tokio::sync::{mpsc, watch};
+use tracing::debug;
+
+use crate::service::agents::{Agent, DenyReason};
+use crate::service::authority::{Authority, BundleState};
+use crate::service::crl::{CrlPublisher, CrlSet};
+use crate::service::entry_cache::{EntryCache, EntryCacheError, Recent};
+use crate::store::{Change, ChangeKind, EntryId, RegistrationEntry};
+
+/// Entries per snapshot page (a page stays far below gRPC's 4 MB limit).
+pub const SNAPSHOT_PAGE_SIZE: usize = 1000;
+
+/// Entry ids per resume page (34 bytes each on the wire: 340 KB a page).
+pub const RESUME_IDS_PER_PAGE: usize = 10_000;
+
+/// Changes taken from the entry cache per step.
+const CHANGES_PER_READ: usize = 1000;
+
+/// The bundle with the CRLs, as a stream sends it.
+#[derive(Debug, Clone)]
+pub struct BundleUpdate {
+    /// The bundle.
+    pub bundle: Arc<BundleState>,
+    /// The CRLs.
+    pub crls: Arc<CrlSet>,
+}
+
+/// One message of a sync stream.
+#[derive(Debug, Clone)]
+pub enum SyncMessage {
+    /// A page of a snapshot: the last one carries the CRLs.
+    Snapshot {
+        /// Entries.
+        entries: Vec<Arc<RegistrationEntry>>,
+        /// The revision the snapshot is at.
+        revision: u64,
+        /// The CRLs, on the last page only.
+        crls: Option<Arc<CrlSet>>,
+    },
+    /// A page of a resume: the last one carries the bundle.
+    Resume {
+        /// Entries that may have changed, in full.
+        entries: Vec<Arc<RegistrationEntry>>,
+        /// Entries the agent keeps as it has them.
+        unchanged: Vec<EntryId>,
+        /// The revision the resume is at.
+        revision: u64,
+        /// The bundle, on the last page only.
+        bundle: Option<BundleUpdate>,
+    },
+    /// Changes since the last message.
+    Changes(Vec<SyncChange>),
+}
+
+/// One change of a [`SyncMessage::Changes`].
+#[derive(Debug, Clone)]
+pub enum SyncChange {
+    /// The agent holds this entry now (new or changed).
+    Upsert(Arc<RegistrationEntry>),
+    /// The agent no longer holds this entry.
+    Delete {
+        /// The entry.
+        id: EntryId,
+        /// The revision of the deletion.
+        revision: u64,
+    },
+    /// The bundle or the CRLs changed.
+    Bundle {
+        /// The entry revision the stream is at.
+        revision: u64,
+        /// The bundle and CRLs.
+        update: BundleUpdate,
+    },
+}
+
+/// Why a stream ended with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The agent's SVID expired: it reconnects with the renewed one.
+    #[error("agent SVID expired: reconnect with the renewed SVID")]
+    Expired,
+    /// The server is shutting down.
+    #[error("server shutting down")]
+    ShuttingDown,
+    /// The entries cannot be read now.
+    #[error(transparent)]
+    Entries(#[from] EntryCacheError),
+}
+
+/// The receiving end of a stream.
+pub type SyncSender = mpsc::Sender<Result<SyncMessage, SyncError>>;
+
+/// The sync service.
+#[derive(Debug, Clone)]
+pub struct EntrySync {
+    entries: Arc<EntryCache>,
+    authority: Arc<Authority>,
+    crls: Arc<CrlPublisher>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// What one stream has told its agent.
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Entry id -> revision, for every entry the agent holds.
+    sent: BTreeMap<EntryId, u64>,
+    /// The parents whose children concern the agent.
+    reachable: HashSet<SpiffeId>,
+}
+
+// === impl SyncError ===
+
+impl SyncError {
+    /// The reason an agent is refused with, if this is a refusal.
+    pub fn deny_reason(&self) -> Option<DenyReason> {
+        matches!(self, Self::Expired).then_some(DenyReason::Expired)
+    }
+}
+
+// === impl EntrySync ===
+
+impl EntrySync {
+    /// The service; streams end when `shutdown` turns true.
+    pub fn new(
+        entries: Arc<EntryCache>,
+        authority: Arc<Authority>,
+        crls: Arc<CrlPublisher>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            entries,
+            authority,
+            crls,
+            shutdown,
+        }
+    }
+
+    /// The bundle and CRLs as last published.
+    pub fn bundle(&self) -> BundleUpdate {
+        BundleUpdate {
+            bundle: self.authority.bundle(),
+            crls: self.crls.current(),
+        }
+    }
+
+    /// Runs one stream for `agent`, resuming after `since` when it can, until the agent goes
+    /// away (`Ok`), its SVID expires or the server shuts down.
+    ///
+    /// # Errors
+    ///
+    /// [`SyncError`]: the stream's last message.
+    pub async fn run(&self, agent: Agent, since: u64, tx: &SyncSender) -> Result<(), SyncError> {
+        let cache = &self.entries;
+        let mut revisions = cache.subscribe();
+        let mut bundle_updates = self.authority.subscribe();
+        let mut crl_updates = self.crls.subscribe();
+        let mut crls_open = true;
+        let mut shutdown = self.shutdown.clone();
+        let mut state = SyncState::default();
+
+        // Resume from `since` when it is a revision of this store; else snapshot. Either way
+        // the last page carries the CRLs; a resumed agent also gets the bundle, which may have
+        // changed while it was away.
+        let mut crl_generation = crl_updates.borrow_and_update().generation;
+        let mut bundle_sequence = bundle_updates.borrow_and_update().sequence;
+        let mut revision = match self.resume(&agent, since, &mut state, tx).await? {
+            Some(revision) => revision,
+            None => self.snapshot(&agent, &mut state, tx).await?,
+        };
+        let expiry = tokio::time::sleep(
+            agent
+                .not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+        );
+        tokio::pin!(expiry);
+
+        loop {
+            // Every change the cache has applied after `revision`.
+            loop {
+                let changes = match cache.changes_after(revision, CHANGES_PER_READ) {
+                    Recent::Changes(changes) => changes,
+                    Recent::Gone => {
+                        // Fell too far behind: start over with a snapshot.
+                        revision = self.snapshot(&agent, &mut state, tx).await?;
+                        continue;
+                    }
+                };
+                if changes.is_empty() {
+                    break;
+                }
+                let (out, seen) = self.apply_changes(&agent, &changes, &mut state).await?;
+                if !out.is_empty() && !send(tx, SyncMessage::Changes(out)).await {
+                    return Ok(());
+                }
+                revision = seen;
+            }
+            let current_bundle = bundle_updates.borrow_and_update().sequence;
+            let current_crls = crl_updates.borrow_and_update().generation;
+            if current_bundle != bundle_sequence || current_crls != crl_generation {
+                bundle_sequence = current_bundle;
+                crl_generation = current_crls;
+                let change = SyncChange::Bundle {
+                    revision,
+                    update: self.bundle(),
+                };
+                if !send(tx, SyncMessage::Changes(vec![change])).await {
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                changed = revisions.changed() => if changed.is_err() { return Ok(()) },
+                changed = bundle_updates.changed() => if changed.is_err() { return Ok(()) },
+                changed = crl_updates.changed(), if crls_open => if changed.is_err() { crls_open = false },
+                () = &mut expiry => return Err(SyncError::Expired),
+                _ = shutdown.wait_for(|stop| *stop) => return Err(SyncError::ShuttingDown),
+                () = tx.closed() => return Ok(()),
+            }
+        }
+    }
+
+    /// Sends the agent's authorized entries in pages; returns the snapshot's revision.
+    async fn snapshot(
+        &self,
+        agent: &Agent,
+        state: &mut SyncState,
+        tx: &SyncSender,
+    ) -> Result<u64, SyncError> {
+        let authorized = self.entries.granted(&agent.id, SystemTime::now()).await?;
+        let revision = authorized.revision;
+        state.sent = authorized
+            .entries
+            .iter()
+            .map(|(id, e)| (id.clone(), e.revision))
+            .collect();
+        let entries: Vec<_> = authorized.entries.values().cloned().collect();
+        let mut pages = entries.chunks(SNAPSHOT_PAGE_SIZE).peekable();
+        loop {
+            let chunk = pages.next().unwrap_or_default();
+            let last = pages.peek().is_none();
+            let page = SyncMessage::Snapshot {
+                entries: chunk.to_vec(),
+                revision,
+                crls: last.then(|| self.crls.current()),
+            };
+            if !send(tx, page).await || last {
+                break;
+            }
+        }
+        debug!(agent_id = %agent.id, entries = state.sent.len(), revision, "sync snapshot sent");
+        state.reachable = authorized.reachable;
+        Ok(revision)
+    }
+
+    /// Resumes after `since` without sending what the agent already holds: resume pages carry
+    /// in full the authorized entries that changed after `since` and those below another entry
+    /// (their authorization depends on their ancestors, which may have changed), and by id the
+    /// entries parented to the agent itself that did not change (authorized now and unchanged
+    /// since `since`, so authorized then too). The agent keeps exactly these. Only ids of
+    /// entries authorized for this agent are ever sent. `None` when a snapshot is needed
+    /// instead (`since` is 0 or newer than anything this server has).
+    async fn resume(
+        &self,
+        agent: &Agent,
+        since: u64,
+        state: &mut SyncState,
+        tx: &SyncSender,
+    ) -> Result<Option<u64>, SyncError> {
+        if since == 0 {
+            return Ok(None);
+        }
+        let authorized = self.entries.granted(&agent.id, SystemTime::now()).await?;
+        let revision = authorized.revision;
+        if since > revision {
+            return Ok(None);
+        }
+        let (unchanged, resent): (Vec<_>, Vec<_>) = authorized
+            .entries
+            .values()
+            .cloned()
+            .partition(|e| e.revision <= since && e.parent_id == agent.id);
+        state.sent = authorized
+            .entries
+            .iter()
+            .map(|(id, e)| (id.clone(), e.revision))
+            .collect();
+        let mut entries = resent.chunks(SNAPSHOT_PAGE_SIZE);
+        let mut ids = unchanged.chunks(RESUME_IDS_PER_PAGE);
+        loop {
+            let (chunk, id_chunk) = (entries.next(), ids.next());
+            let last = entries.len() == 0 && ids.len() == 0;
+            let page = SyncMessage::Resume {
+                entries: chunk.unwrap_or_default().to_vec(),
+                unchanged: id_chunk
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|e| e.id.clone())
+                    .collect(),
+                revision,
+                bundle: last.then(|| self.bundle()),
+            };
+            if !send(tx, page).await {
+                return Ok(Some(revision));
+            }
+            if last {
+                break;
+            }
+        }
+        debug!(agent_id = %agent.id, since, revision, resent = resent.len(), unchanged = unchanged.len(), "sync resumed");
+        state.reachable = authorized.reachable;
+        Ok(Some(revision))
+    }
+
+    /// Turns changes into this agent's changes: upserts for entries it is (still) authorized
+    /// for, deletes for entries it no longer is. Changes that cannot concern the agent cost a
+    /// set lookup each; the others trigger a walk of the agent's entries in the cache. Returns
+    /// the changes and the cache revision they bring the agent to (at least the last change's).
+    async fn apply_changes(
+        &self,
+        agent: &Agent,
+        changes: &[Arc<Change>],
+        state: &mut SyncState,
+    ) -> Result<(Vec<SyncChange>, u64), SyncError> {
+        let relevant = changes.iter().any(|c| {
+            let e = entry_of(c);
+            state.sent.contains_key(&e.id) || state.reachable.contains(&e.parent_id)
+        });
+        if !relevant {
+            return Ok((vec![], changes.last().map_or(0, |c| c.revision)));
+        }
+        let authorized = self.entries.granted(&agent.id, SystemTime::now()).await?;
+        let revision = authorized.revision;
+        let mut out = Vec::new();
+        for (id, entry) in &authorized.entries {
+            if state.sent.get(id) != Some(&entry.revision) {
+                state.sent.insert(id.clone(), entry.revision);
+                out.push(SyncChange::Upsert(entry.clone()));
+            }
+        }
+        let gone: Vec<EntryId> = state
+            .sent
+            .keys()
+            .filter(|id| !authorized.entries.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            state.sent.remove(&id);
+            out.push(SyncChange::Delete { id, revision });
+        }
+        state.reachable = authorized.reachable;
+        Ok((out, revision))
+    }
+}
+
+async fn send(tx: &SyncSender, message: SyncMessage) -> bool {
+    tx.send(Ok(message)).await.is_ok()
+}
+
+fn entry_of(change: &Change) -> &RegistrationEntry {
+    match &change.kind {
+        ChangeKind::EntryUpserted(e) | ChangeKind::EntryDeleted(e) => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sigil_core::{Selector, SelectorSet};
+
+    use super::*;
+    use crate::service::testing::Fixture;
+    use crate::store::NewEntry;
+
+    fn entry(spiffe_id: &str, parent: &SpiffeId) -> NewEntry {
+        NewEntry::new(
+            SpiffeId::new(spiffe_id).unwrap(),
+            parent.clone(),
+            [Selector::parse("unix:uid:1000").unwrap()]
+                .into_iter()
+                .collect::<SelectorSet>(),
+        )
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Result<SyncMessage, SyncError>>) -> SyncMessage {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a sync message within 10 s")
+            .expect("the stream is open")
+            .expect("not an error")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_sends_a_snapshot_then_the_agents_changes_only_then_resumes() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let agent = fx.attested_agent().await;
+        let other = SpiffeId::new("spiffe://example.org/sigil/agent/join_token/other").unwrap();
+        let first = fx
+            .entries
+            .create(0, vec![entry("spiffe://example.org/a", &agent.id)], now)
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+
+        let (tx, mut rx) = mpsc::channel(4);
+        let sync = fx.sync.clone();
+        let stream_agent = agent.clone();
+        let task = tokio::spawn(async move { sync.run(stream_agent, 0, &tx).await });
+        let SyncMessage::Snapshot {
+            entries,
+            revision,
+            crls,
+        } = next(&mut rx).await
+        else {
+            panic!("expected a snapshot");
+        };
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].id, first.id);
+        assert!(crls.is_some());
+
+        // Another agent's entry is not sent; this agent's is.
+        fx.entries
+            .create(0, vec![entry("spiffe://example.org/b", &other)], now)
+            .await
+            .unwrap();
+        let mine = fx
+            .entries
+            .create(0, vec![entry("spiffe://example.org/c", &agent.id)], now)
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        let SyncMessage::Changes(changes) = next(&mut rx).await else {
+            panic!("expected changes");
+        };
+        assert_eq!(changes.len(), 1);
+        assert!(matches!(&changes[0], SyncChange::Upsert(e) if e.id == mine.id));
+        fx.entries.delete(0, &first.id).await.unwrap();
+        let SyncMessage::Changes(changes) = next(&mut rx).await else {
+            panic!("expected changes");
+        };
+        assert!(matches!(&changes[0], SyncChange::Delete { id, .. } if *id == first.id));
+        drop(rx);
+        task.await.unwrap().unwrap();
+
+        // Resuming from the snapshot's revision resends the new entry, not the unchanged.
+        let (tx, mut rx) = mpsc::channel(4);
+        let sync = fx.sync.clone();
+        let task = tokio::spawn(async move { sync.run(agent, revision, &tx).await });
+        let SyncMessage::Resume {
+            entries,
+            unchanged,
+            bundle,
+            ..
+        } = next(&mut rx).await
+        else {
+            panic!("expected a resume page");
+        };
+        assert_eq!(
+            entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+            [mine.id.clone()]
+        );
+        assert!(unchanged.is_empty());
+        assert!(bundle.is_some());
+        drop(rx);
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_ends_when_the_agent_svid_expires() {
+        let fx = Fixture::new().await;
+        let mut agent = fx.attested_agent().await;
+        agent.not_after = SystemTime::now() + Duration::from_millis(200);
+        let (tx, mut rx) = mpsc::channel(4);
+        let sync = fx.sync.clone();
+        let task = tokio::spawn(async move { sync.run(agent, 0, &tx).await });
+        assert!(matches!(next(&mut rx).await, SyncMessage::Snapshot { .. }));
+        let ended = task.await.unwrap().unwrap_err();
+        assert!(matches!(ended, SyncError::Expired));
+        assert_eq!(ended.deny_reason(), Some(DenyReason::Expired));
+    }
+}

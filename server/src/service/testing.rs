@@ -1,0 +1,151 @@
+//! A whole service layer over a real sled store and a real CA in a temp dir, for the services'
+//! unit tests.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::CertificateDer;
+use sigil_core::TrustDomain;
+use tokio::sync::watch;
+
+use crate::ca::{Ca, DiskKeyManager, KeyManager};
+use crate::policy::{DEFAULT_MAX_SESSION_TTL, DEFAULT_SESSION_SVID_TTL, TtlPolicy};
+use crate::service::agents::{Agent, Agents};
+use crate::service::audit::AuditLog;
+use crate::service::authority::{Authority, StoreJournal};
+use crate::service::bundles::Bundles;
+use crate::service::crl::CrlPublisher;
+use crate::service::entries::Entries;
+use crate::service::entry_cache::EntryCache;
+use crate::service::sessions::Sessions;
+use crate::service::svids::Svids;
+use crate::service::sync::EntrySync;
+use crate::store::{SledStore, SledStoreOptions, Store};
+
+/// Every service, wired as the server wires them.
+pub(crate) struct Fixture {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) authority: Arc<Authority>,
+    pub(crate) crls: Arc<CrlPublisher>,
+    pub(crate) entries: Entries,
+    pub(crate) agents: Agents,
+    pub(crate) svids: Svids,
+    pub(crate) bundles: Bundles,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) sync: EntrySync,
+    _stop: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// Trust domain `example.org`, `ca_ttl` 24h.
+    pub(crate) async fn new() -> Self {
+        Self::build("example.org", Duration::from_secs(24 * 3600), false).await
+    }
+
+    /// Trust domain `trust_domain`.
+    pub(crate) async fn new_in(trust_domain: &str) -> Self {
+        Self::build(trust_domain, Duration::from_secs(24 * 3600), false).await
+    }
+
+    /// Authorities that live `ca_ttl`.
+    pub(crate) async fn with_ca_ttl(ca_ttl: Duration) -> Self {
+        Self::build("example.org", ca_ttl, false).await
+    }
+
+    /// Every session needs a second admin's approval.
+    pub(crate) async fn requiring_approval() -> Self {
+        Self::build("example.org", Duration::from_secs(24 * 3600), true).await
+    }
+
+    async fn build(trust_domain: &str, ca_ttl: Duration, require_approval: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SledStore::open(dir.path().join("store"), SledStoreOptions::default()).unwrap(),
+        );
+        let keys: Arc<dyn KeyManager> =
+            Arc::new(DiskKeyManager::new(dir.path().join("keys")).unwrap());
+        let trust_domain = TrustDomain::new(trust_domain).unwrap();
+        let now = SystemTime::now();
+        let ca = Arc::new(
+            Ca::load_or_init(
+                trust_domain.clone(),
+                ca_ttl,
+                keys.clone(),
+                Arc::new(StoreJournal(store.clone())),
+                now,
+            )
+            .await
+            .unwrap(),
+        );
+        let max_svid = sigil_core::lifetime::max_svid_ttl(ca_ttl);
+        let ttls = TtlPolicy {
+            x509_default: Duration::from_secs(3600).min(max_svid),
+            jwt_default: Duration::from_secs(300).min(max_svid),
+            agent: Duration::from_secs(3600).min(max_svid),
+            session_svid_default: DEFAULT_SESSION_SVID_TTL.min(max_svid),
+            max_session: DEFAULT_MAX_SESSION_TTL,
+            max_svid,
+        };
+        let authority = Arc::new(Authority::new(ca.clone(), ttls, None));
+        let audit = Arc::new(AuditLog::open(store.clone(), keys).await.unwrap());
+        let crls = Arc::new(CrlPublisher::new(ca, store.clone()));
+        crls.publish(now).await.unwrap();
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(cache.clone().run(stop_rx.clone()));
+        let sessions = Arc::new(Sessions::new(
+            store.clone(),
+            audit.clone(),
+            crls.clone(),
+            authority.clone(),
+            cache.clone(),
+            require_approval,
+        ));
+        sessions.load().await.unwrap();
+        Self {
+            entries: Entries::new(store.clone(), audit.clone(), trust_domain),
+            agents: Agents::new(
+                store.clone(),
+                audit.clone(),
+                authority.clone(),
+                crls.clone(),
+            ),
+            svids: Svids::new(audit.clone(), authority.clone(), cache.clone()),
+            bundles: Bundles::new(store.clone(), audit, authority.clone(), crls.clone()),
+            sync: EntrySync::new(cache, authority.clone(), crls.clone(), stop_rx),
+            sessions,
+            store,
+            authority,
+            crls,
+            _stop: stop,
+            _dir: dir,
+        }
+    }
+
+    /// An agent attested with a fresh join token and authenticated.
+    pub(crate) async fn attested_agent(&self) -> Agent {
+        let now = SystemTime::now();
+        let token = self
+            .agents
+            .generate_join_token(0, None, None, now)
+            .await
+            .unwrap();
+        let (csr_der, _) = csr();
+        let svid = self
+            .agents
+            .attest(&token.token, &csr_der, now)
+            .await
+            .unwrap();
+        let chain = [CertificateDer::from(svid.chain_der)];
+        self.agents.authenticate(Some(&chain), now).await.unwrap()
+    }
+}
+
+/// A P-256 key and a CSR over it, DER.
+pub(crate) fn csr() -> (Vec<u8>, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    let der = params.serialize_request(&key).unwrap().der().to_vec();
+    (der, key)
+}
