@@ -129,13 +129,6 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The number of entries.
     async fn count_entries(&self) -> Result<u64, StoreError>;
 
-    /// The entries whose parent is `parent_id`, in ascending [`EntryId`] order, read through an
-    /// index. The server walks it recursively to find the entries an agent is authorized for.
-    async fn entries_by_parent(
-        &self,
-        parent_id: &SpiffeId,
-    ) -> Result<Vec<RegistrationEntry>, StoreError>;
-
     /// Every entry, exactly as of the returned (durable) revision, in ascending [`EntryId`]
     /// order. A sync continues with [`Store::changes_since`] from that revision.
     async fn snapshot_entries(&self) -> Result<EntrySnapshot, StoreError>;

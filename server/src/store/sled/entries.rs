@@ -1,0 +1,467 @@
+//! Registration entries: the entry transaction ([`EntryTx`]) over the entry trees and their
+//! indexes, listings, the consistent snapshot and the change feed (see the `sled` module docs
+//! for the layout and "Consistent snapshots").
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::time::SystemTime;
+
+use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use ::sled::{Transactional, Tree};
+use sigil_core::SpiffeId;
+
+use super::{
+    Inner, PageCollector, REVISION_KEY, decode, decode_page_token, decode_u64, encode,
+    read_revision,
+};
+use crate::store::{
+    Change, ChangeKind, EntryFilter, EntryId, EntrySnapshot, NewEntry, Page, PageRequest,
+    RegistrationEntry, StoreError,
+};
+
+/// Entries created per transaction by [`Store::create_entries`] (all of them share one flush).
+///
+/// [`Store::create_entries`]: crate::store::Store::create_entries
+const BATCH_CHUNK: usize = 1_000;
+/// How many times [`Store::snapshot_entries`] starts over when the changes it needs are pruned.
+///
+/// [`Store::snapshot_entries`]: crate::store::Store::snapshot_entries
+const SNAPSHOT_ATTEMPTS: usize = 3;
+
+/// The six entry trees, and the session and revocation trees, inside one transaction.
+pub(super) struct EntryTx<'a> {
+    pub(super) entries: &'a TransactionalTree,
+    by_parent: &'a TransactionalTree,
+    by_spiffe_id: &'a TransactionalTree,
+    by_identity: &'a TransactionalTree,
+    changes: &'a TransactionalTree,
+    meta: &'a TransactionalTree,
+    pub(super) sessions: &'a TransactionalTree,
+    pub(super) revocations: &'a TransactionalTree,
+    retention: u64,
+}
+
+pub(super) type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+// === impl Inner ===
+
+impl Inner {
+    /// Runs `f` in one transaction over the entry trees.
+    pub(super) fn entry_tx<T>(
+        &self,
+        f: impl Fn(&EntryTx<'_>) -> TxResult<T>,
+    ) -> Result<T, StoreError> {
+        let t = &self.trees;
+        (
+            &t.entries,
+            &t.by_parent,
+            &t.by_spiffe_id,
+            &t.by_identity,
+            &t.changes,
+            &t.meta,
+            &t.sessions,
+            &t.revocations,
+        )
+            .transaction(
+                |(
+                    entries,
+                    by_parent,
+                    by_spiffe_id,
+                    by_identity,
+                    changes,
+                    meta,
+                    sessions,
+                    revocations,
+                )| {
+                    f(&EntryTx {
+                        entries,
+                        by_parent,
+                        by_spiffe_id,
+                        by_identity,
+                        changes,
+                        meta,
+                        sessions,
+                        revocations,
+                        retention: self.retention,
+                    })
+                },
+            )
+            .map_err(|error| match error {
+                TransactionError::Abort(error) => error,
+                TransactionError::Storage(error) => StoreError::Backend(error),
+            })
+    }
+
+    /// Creates `items` in transactions of [`BATCH_CHUNK`] entries (the caller's one flush covers
+    /// them all).
+    pub(super) fn create_entries(
+        &self,
+        items: &[(EntryId, NewEntry)],
+        now: SystemTime,
+    ) -> Result<Vec<Result<RegistrationEntry, StoreError>>, StoreError> {
+        let mut results = Vec::with_capacity(items.len());
+        for chunk in items.chunks(BATCH_CHUNK) {
+            results.extend(self.create_entry_chunk(chunk, now)?);
+        }
+        Ok(results)
+    }
+
+    fn create_entry_chunk(
+        &self,
+        items: &[(EntryId, NewEntry)],
+        now: SystemTime,
+    ) -> Result<Vec<Result<RegistrationEntry, StoreError>>, StoreError> {
+        self.entry_tx(|tx| {
+            let mut results = Vec::with_capacity(items.len());
+            for (id, new) in items {
+                let identity = new.identity_key();
+                if let Some(existing) = tx.duplicate_of(&identity, id)? {
+                    results.push(Err(existing));
+                    continue;
+                }
+                let revision = tx.next_revision()?;
+                let entry = RegistrationEntry::from_new(id.clone(), new.clone(), now, revision);
+                tx.put(&entry, &identity)?;
+                tx.record(Change {
+                    revision,
+                    kind: ChangeKind::EntryUpserted(entry.clone()),
+                })?;
+                results.push(Ok(entry));
+            }
+            Ok(results)
+        })
+    }
+
+    pub(super) fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>, StoreError> {
+        self.trees
+            .entries
+            .get(id.as_str())?
+            .map(|bytes| decode("entry", &bytes))
+            .transpose()
+    }
+
+    pub(super) fn update_entry(
+        &self,
+        id: &EntryId,
+        new: &NewEntry,
+    ) -> Result<RegistrationEntry, StoreError> {
+        self.entry_tx(|tx| {
+            let old = tx.get(id)?.ok_or_else(|| entry_not_found(id))?;
+            let identity = new.identity_key();
+            if let Some(existing) = tx.duplicate_of(&identity, id)? {
+                return Err(ConflictableTransactionError::Abort(existing));
+            }
+            let revision = tx.next_revision()?;
+            let entry =
+                RegistrationEntry::from_new(id.clone(), new.clone(), old.created_at, revision);
+            tx.unindex(&old)?;
+            tx.put(&entry, &identity)?;
+            tx.record(Change {
+                revision,
+                kind: ChangeKind::EntryUpserted(entry.clone()),
+            })?;
+            Ok(entry)
+        })
+    }
+
+    pub(super) fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry, StoreError> {
+        self.entry_tx(|tx| {
+            let old = tx.get(id)?.ok_or_else(|| entry_not_found(id))?;
+            let revision = tx.next_revision()?;
+            tx.entries.remove(id.as_str())?;
+            tx.unindex(&old)?;
+            tx.record(Change {
+                revision,
+                kind: ChangeKind::EntryDeleted(old.clone()),
+            })?;
+            Ok(old)
+        })
+    }
+
+    pub(super) fn list_entries(
+        &self,
+        filter: &EntryFilter,
+        page: &PageRequest,
+    ) -> Result<Page<RegistrationEntry>, StoreError> {
+        let after = page
+            .token
+            .as_deref()
+            .map(|token| {
+                let key = decode_page_token(token)?;
+                std::str::from_utf8(&key)
+                    .ok()
+                    .and_then(|s| EntryId::parse(s).ok())
+                    .ok_or(StoreError::InvalidPageToken)
+            })
+            .transpose()?;
+        let mut page = PageCollector::new(page.effective_size());
+        let index = match (&filter.parent_id, &filter.spiffe_id) {
+            (Some(parent_id), _) => Some((&self.trees.by_parent, parent_id)),
+            (None, Some(spiffe_id)) => Some((&self.trees.by_spiffe_id, spiffe_id)),
+            (None, None) => None,
+        };
+        if let Some((tree, indexed)) = index {
+            let prefix = index_prefix(indexed);
+            let start = match &after {
+                Some(after) => Bound::Excluded(index_key(indexed, after)),
+                None => Bound::Included(prefix.clone()),
+            };
+            for item in tree.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+                let (key, _) = item?;
+                let Some(id) = key.strip_prefix(prefix.as_slice()) else {
+                    break;
+                };
+                // An index key whose entry is gone was deleted during the listing.
+                let Some(bytes) = self.trees.entries.get(id)? else {
+                    continue;
+                };
+                let entry: RegistrationEntry = decode("entry", &bytes)?;
+                if filter.matches(&entry) && !page.offer(entry) {
+                    break;
+                }
+            }
+        } else {
+            let start = match &after {
+                Some(after) => Bound::Excluded(after.as_str().as_bytes().to_vec()),
+                None => Bound::Unbounded,
+            };
+            for item in self
+                .trees
+                .entries
+                .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            {
+                let entry: RegistrationEntry = decode("entry", &item?.1)?;
+                if filter.matches(&entry) && !page.offer(entry) {
+                    break;
+                }
+            }
+        }
+        Ok(page.finish(|entry| entry.id.as_str().as_bytes().to_vec()))
+    }
+
+    pub(super) fn count_entries(&self) -> Result<u64, StoreError> {
+        Ok(self.trees.entries.len() as u64)
+    }
+
+    /// The entries whose parent is `parent_id`, read through the `entries_by_parent` index (for
+    /// the conformance suite's `TestableStore`).
+    #[cfg(any(test, feature = "testing"))]
+    pub(super) fn entries_by_parent(
+        &self,
+        parent_id: &SpiffeId,
+    ) -> Result<Vec<RegistrationEntry>, StoreError> {
+        let prefix = index_prefix(parent_id);
+        let mut entries = Vec::new();
+        for item in self.trees.by_parent.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            let id = key.get(prefix.len()..).unwrap_or_default();
+            if let Some(bytes) = self.trees.entries.get(id)? {
+                let entry: RegistrationEntry = decode("entry", &bytes)?;
+                // The index and the entry are read separately: skip an entry re-parented since.
+                if entry.parent_id == *parent_id {
+                    entries.push(entry);
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    /// See "Consistent snapshots" in the `sled` module docs.
+    pub(super) fn snapshot_entries(&self) -> Result<EntrySnapshot, StoreError> {
+        for _ in 0..SNAPSHOT_ATTEMPTS {
+            let start = read_revision(&self.trees.meta)?;
+            let mut entries = BTreeMap::new();
+            for item in self.trees.entries.iter() {
+                let entry: RegistrationEntry = decode("entry", &item?.1)?;
+                entries.insert(entry.id.clone(), entry);
+            }
+            let end = read_revision(&self.trees.meta)?;
+            let span = end - start;
+            let changes = self.read_changes(start, end, usize::MAX)?;
+            let complete = changes.len() as u64 == span
+                && changes.first().is_none_or(|c| c.revision == start + 1);
+            if !complete {
+                continue;
+            }
+            for change in changes {
+                match change.kind {
+                    ChangeKind::EntryUpserted(entry) => {
+                        entries.insert(entry.id.clone(), entry);
+                    }
+                    ChangeKind::EntryDeleted(entry) => {
+                        entries.remove(&entry.id);
+                    }
+                }
+            }
+            return Ok(EntrySnapshot {
+                revision: end,
+                entries: entries.into_values().collect(),
+            });
+        }
+        Err(StoreError::SnapshotUnavailable)
+    }
+
+    /// Up to `limit` retained changes in `after+1 ..= through`, oldest first.
+    pub(super) fn read_changes(
+        &self,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<Vec<Change>, StoreError> {
+        if through <= after {
+            return Ok(Vec::new());
+        }
+        let range = (after + 1).to_be_bytes()..=through.to_be_bytes();
+        self.trees
+            .changes
+            .range(range)
+            .take(limit)
+            .map(|item| decode("change", &item?.1))
+            .collect()
+    }
+}
+
+// === impl EntryTx ===
+
+impl EntryTx<'_> {
+    /// Creates one entry with the next revision; a duplicate aborts the transaction.
+    pub(super) fn create_entry(
+        &self,
+        id: &EntryId,
+        new: &NewEntry,
+        now: SystemTime,
+    ) -> TxResult<RegistrationEntry> {
+        let identity = new.identity_key();
+        if let Some(existing) = self.duplicate_of(&identity, id)? {
+            return Err(ConflictableTransactionError::Abort(existing));
+        }
+        let revision = self.next_revision()?;
+        let entry = RegistrationEntry::from_new(id.clone(), new.clone(), now, revision);
+        self.put(&entry, &identity)?;
+        self.record(Change {
+            revision,
+            kind: ChangeKind::EntryUpserted(entry.clone()),
+        })?;
+        Ok(entry)
+    }
+
+    pub(super) fn next_revision(&self) -> TxResult<u64> {
+        let current = match self.meta.get(REVISION_KEY)? {
+            Some(bytes) => decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?,
+            None => 0,
+        };
+        let next = current.checked_add(1).ok_or_else(|| {
+            ConflictableTransactionError::Abort(StoreError::Corrupt {
+                what: "revision",
+                reason: "counter exhausted".to_owned(),
+            })
+        })?;
+        self.meta.insert(REVISION_KEY, &next.to_be_bytes()[..])?;
+        Ok(next)
+    }
+
+    /// Writes the change and drops the one that leaves the retention window.
+    pub(super) fn record(&self, change: Change) -> TxResult<()> {
+        let value = encode("change", &change).map_err(ConflictableTransactionError::Abort)?;
+        self.changes
+            .insert(&change.revision.to_be_bytes()[..], value)?;
+        if let Some(expired) = change.revision.checked_sub(self.retention) {
+            self.changes.remove(&expired.to_be_bytes()[..])?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn get(&self, id: &EntryId) -> TxResult<Option<RegistrationEntry>> {
+        match self.entries.get(id.as_str())? {
+            Some(bytes) => decode("entry", &bytes)
+                .map(Some)
+                .map_err(ConflictableTransactionError::Abort),
+            None => Ok(None),
+        }
+    }
+
+    /// The [`StoreError::AlreadyExists`] to return when another entry than `id` has this
+    /// identity.
+    fn duplicate_of(&self, identity: &[u8; 32], id: &EntryId) -> TxResult<Option<StoreError>> {
+        Ok(match self.by_identity.get(identity)? {
+            Some(existing) if existing.as_ref() != id.as_str().as_bytes() => {
+                Some(StoreError::AlreadyExists {
+                    resource: "entry",
+                    key: String::from_utf8_lossy(&existing).into_owned(),
+                })
+            }
+            _ => None,
+        })
+    }
+
+    fn put(&self, entry: &RegistrationEntry, identity: &[u8; 32]) -> TxResult<()> {
+        let value = encode("entry", entry).map_err(ConflictableTransactionError::Abort)?;
+        let id = entry.id.as_str();
+        self.entries.insert(id, value)?;
+        self.by_parent
+            .insert(index_key(&entry.parent_id, &entry.id), Vec::new())?;
+        self.by_spiffe_id
+            .insert(index_key(&entry.spiffe_id, &entry.id), Vec::new())?;
+        self.by_identity.insert(&identity[..], id)?;
+        Ok(())
+    }
+
+    pub(super) fn unindex(&self, entry: &RegistrationEntry) -> TxResult<()> {
+        self.by_parent
+            .remove(index_key(&entry.parent_id, &entry.id))?;
+        self.by_spiffe_id
+            .remove(index_key(&entry.spiffe_id, &entry.id))?;
+        self.by_identity
+            .remove(&entry.to_new().identity_key()[..])?;
+        Ok(())
+    }
+}
+
+// === helpers ===
+
+/// Removes every change older than the retention window (after a restart with a smaller one).
+pub(super) fn prune_changes(
+    changes: &Tree,
+    revision: u64,
+    retention: u64,
+) -> Result<(), StoreError> {
+    let Some(oldest_kept) = revision.checked_sub(retention).map(|r| r + 1) else {
+        return Ok(());
+    };
+    let mut pruned = 0u64;
+    for item in changes.range(..oldest_kept.to_be_bytes()) {
+        let (key, _) = item?;
+        changes.remove(key)?;
+        pruned += 1;
+    }
+    if pruned > 0 {
+        tracing::info!(
+            pruned,
+            oldest_kept,
+            "pruned the change feed to its retention"
+        );
+    }
+    Ok(())
+}
+
+fn entry_not_found(id: &EntryId) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(StoreError::NotFound {
+        resource: "entry",
+        key: id.to_string(),
+    })
+}
+
+/// `ID 0x00`: the prefix of every index key under `id`.
+fn index_prefix(id: &SpiffeId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(id.as_str().len() + 1);
+    key.extend_from_slice(id.as_str().as_bytes());
+    key.push(0);
+    key
+}
+
+/// `ID 0x00 ENTRY_ID`.
+fn index_key(id: &SpiffeId, entry: &EntryId) -> Vec<u8> {
+    let mut key = index_prefix(id);
+    key.extend_from_slice(entry.as_str().as_bytes());
+    key
+}

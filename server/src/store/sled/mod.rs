@@ -1,0 +1,755 @@
+//! The embedded [`Store`] backend: sled, with group commit.
+//!
+//! # Layout
+//!
+//! One sled database with these trees (records are JSON: every domain type already implements
+//! serde, a record can be read with any JSON tool when debugging a data directory, and new
+//! optional fields can be added without a migration; the encoding is nowhere near the cost of
+//! the fsync that every write pays anyway):
+//!
+//! | tree                   | key                               | value                          |
+//! |------------------------|-----------------------------------|--------------------------------|
+//! | `entries`              | entry id (32 hex chars)           | [`RegistrationEntry`]          |
+//! | `entries_by_parent`    | parent ID, `0x00`, entry id       | empty                          |
+//! | `entries_by_spiffe_id` | SPIFFE ID, `0x00`, entry id       | empty                          |
+//! | `entries_by_identity`  | SHA-256(SPIFFE ID, parent, sels)  | entry id (uniqueness index)    |
+//! | `changes`              | revision, 8 bytes big-endian      | [`Change`]                     |
+//! | `meta`                 | `revision`, `ca_journal`          | u64 big-endian, opaque bytes   |
+//! | `nodes`                | agent SPIFFE ID                   | [`AttestedNode`]               |
+//! | `join_tokens`          | token                             | [`JoinToken`]                  |
+//! | `federated_bundles`    | trust domain name                 | [`FederatedBundle`]            |
+//! | `audit`                | sequence, 8 bytes big-endian      | [`AuditRecord`]                |
+//! | `audit_head`           | `head`                            | [`AuditHead`] (the last record)|
+//! | `audit_checkpoints`    | covered sequence, 8 bytes BE      | [`AuditCheckpoint`]            |
+//!
+//! A SPIFFE ID never contains `0x00`, so `ID 0x00` is an unambiguous index prefix.
+//!
+//! An audit append is one sled transaction over `audit` and `audit_head`: it reads the head,
+//! seals each record after it (sequence, time, hashes; see [`crate::audit`]), inserts them and
+//! writes the new head, so concurrent appenders never fork the chain. Large batches are split
+//! into transactions of `AUDIT_CHUNK` records, all covered by one flush. Record times never
+//! decrease along the chain, so a `since` filter starts with a binary search over sequences.
+//!
+//! Every entry mutation is one sled transaction over the six entry trees: it reads and bumps the
+//! revision counter, updates the entry and its indexes, writes the [`Change`] under the new
+//! revision and removes the change that falls out of the retention window. sled 0.34 runs
+//! transactions one at a time and applies each atomically with respect to every other read and
+//! write, so revisions are gap-free and follow commit order.
+//!
+//! # Group commit
+//!
+//! A mutating call does its write (in a blocking task), then takes a ticket (`requested += 1`)
+//! and waits. One flusher thread loops: it takes the highest ticket issued so far, reads the
+//! revision counter, calls `Db::flush` (which writes out and fsyncs everything written before
+//! it), then publishes "flushed through ticket T" and "durable revision R" on watch channels.
+//! Every writer whose ticket is at most T wakes: its write finished before it took its ticket,
+//! hence before the flush began. Writers that arrive during a flush are covered by the next
+//! one, so N concurrent writes cost about one fsync. The durable revision is the one read just
+//! before the flush: every transaction up to it had committed, so the flush covers it.
+//!
+//! A failed flush is sticky: the store answers [`StoreError::FlushFailed`] to every later write
+//! (after a failed fsync nobody can tell what reached the disk).
+//!
+//! # Consistent snapshots
+//!
+//! sled has no multi-key read snapshots, so [`Store::snapshot_entries`] builds an exact one from
+//! a fuzzy scan and the change feed:
+//!
+//! 1. read the revision counter: `R0` (a single read, atomic with respect to transactions);
+//! 2. scan the `entries` tree into a map;
+//! 3. read the revision counter again: `R1`;
+//! 4. replay the changes `R0+1 ..= R1`, in order, onto the map.
+//!
+//! An entry untouched between `R0` and `R1` had the same value during the whole scan, so the
+//! scan returned it exactly (a sled scan sees every key present for its whole duration, and no
+//! key absent for its whole duration). An entry touched between `R0` and `R1` gets its state at
+//! `R1` from its last change in that range. Nothing the scan saw can come from after `R1`,
+//! since the scan ended before `R1` was read. The map is therefore exactly the state at `R1`.
+//! The call then waits until `R1` is durable. If the changes it needs were pruned meanwhile it
+//! starts over (three times, then [`StoreError::SnapshotUnavailable`]); with the default
+//! retention that takes 100,000 writes during one scan.
+
+use std::fmt;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+/// The sled crate this backend is built on, re-exported so that forensic tools and tests can
+/// open a data directory (of a stopped server) with the same version and read its trees as
+/// the module docs lay them out.
+pub use ::sled as engine;
+use ::sled::{Db, Tree};
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sigil_core::{SpiffeId, TrustDomain};
+use tokio::sync::watch;
+
+use self::commit::GroupCommit;
+use self::entries::prune_changes;
+use super::{
+    AttestedNode, ChangesSince, DEFAULT_CHANGE_RETENTION, EntryFilter, EntryId, EntrySnapshot,
+    FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
+    RegistrationEntry, Revocation, Session, SessionEntryOp, SessionFilter, SessionId,
+    SessionSerial, SessionUpdate, Store, StoreError, hex_decode, hex_encode,
+};
+use crate::audit::{AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, NewAuditRecord};
+
+mod audit;
+mod bundles;
+mod commit;
+mod entries;
+mod nodes;
+mod sessions;
+#[cfg(test)]
+mod tests;
+
+/// Key of the revision counter in the `meta` tree.
+const REVISION_KEY: &[u8] = b"revision";
+
+/// Options of [`SledStore::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SledStoreOptions {
+    /// How many changes the feed keeps (at least 1). Default [`DEFAULT_CHANGE_RETENTION`].
+    pub change_retention: u64,
+    /// sled's page cache size in bytes. Default: sled's default (1 GiB).
+    pub cache_capacity_bytes: Option<u64>,
+}
+
+/// The sled backend of [`Store`] (see the module docs for layout, group commit and snapshots).
+///
+/// Cheap to clone; clones share the database. The database closes, after a last flush, when the
+/// last clone is dropped.
+#[derive(Clone)]
+pub struct SledStore {
+    inner: Arc<Inner>,
+}
+
+/// The shared state behind [`SledStore`]'s clones.
+struct Inner {
+    path: PathBuf,
+    trees: Trees,
+    retention: u64,
+    group: Arc<GroupCommit>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The database's trees.
+#[derive(Clone)]
+struct Trees {
+    entries: Tree,
+    by_parent: Tree,
+    by_spiffe_id: Tree,
+    by_identity: Tree,
+    changes: Tree,
+    meta: Tree,
+    nodes: Tree,
+    join_tokens: Tree,
+    bundles: Tree,
+    audit: Tree,
+    audit_head: Tree,
+    audit_checkpoints: Tree,
+    sessions: Tree,
+    revocations: Tree,
+}
+
+/// Collects one page of a listing, noting whether anything is left after it.
+struct PageCollector<T> {
+    size: usize,
+    items: Vec<T>,
+    more: bool,
+}
+
+// === impl SledStoreOptions ===
+
+impl Default for SledStoreOptions {
+    fn default() -> Self {
+        Self {
+            change_retention: DEFAULT_CHANGE_RETENTION,
+            cache_capacity_bytes: None,
+        }
+    }
+}
+
+// === impl SledStore ===
+
+impl SledStore {
+    /// Opens (or creates) the database in the directory `path`, prunes the change feed down to
+    /// the retention, flushes, and starts the flusher thread.
+    pub fn open(path: impl AsRef<Path>, options: SledStoreOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        // No sled background flusher: the group-commit flusher below makes writes durable, and
+        // sled's own thread would keep the database (and its lock file) open for up to its
+        // interval after the store is dropped.
+        let mut config = ::sled::Config::new().path(&path).flush_every_ms(None);
+        if let Some(bytes) = options.cache_capacity_bytes {
+            config = config.cache_capacity(bytes);
+        }
+        let db = config.open()?;
+        let trees = Trees::open(&db)?;
+        let retention = options.change_retention.max(1);
+        let revision = read_revision(&trees.meta)?;
+        prune_changes(&trees.changes, revision, retention)?;
+        // What sled recovered may sit in the page cache only (the last process died before
+        // flushing it): make it durable before reporting any of it.
+        db.flush()?;
+
+        let group = Arc::new(GroupCommit::new(revision));
+        let handle = std::thread::Builder::new()
+            .name("sigil-store-flush".to_owned())
+            .spawn({
+                let group = Arc::clone(&group);
+                let meta = trees.meta.clone();
+                move || group.run_flusher(&db, &meta)
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                trees,
+                retention,
+                group,
+                flusher: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// How many flushes the flusher thread has run (group commit makes it much smaller than the
+    /// number of writes under concurrency).
+    pub fn flush_count(&self) -> u64 {
+        self.inner.group.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the raw bytes of the change at `revision` and returns what was there (tests of
+    /// readers that must survive a corrupt record).
+    #[cfg(test)]
+    pub(crate) fn swap_raw_change(&self, revision: u64, bytes: &[u8]) -> Option<Vec<u8>> {
+        self.inner
+            .trees
+            .changes
+            .insert(revision.to_be_bytes(), bytes)
+            .ok()
+            .flatten()
+            .map(|old| old.to_vec())
+    }
+
+    /// Runs `f` on the blocking thread pool (sled calls block, and scans can be long).
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner)).await?
+    }
+
+    /// Waits until a flush covers every write made so far.
+    async fn commit(&self) -> Result<(), StoreError> {
+        self.inner.group.commit().await
+    }
+
+    fn durable_revision(&self) -> u64 {
+        *self.inner.group.durable_revision.borrow()
+    }
+}
+
+impl fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledStore")
+            .field("path", &self.inner.path)
+            .field("change_retention", &self.inner.retention)
+            .field("durable_revision", &self.durable_revision())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn create_entry(&self, entry: NewEntry) -> Result<RegistrationEntry, StoreError> {
+        let mut results = self.create_entries(vec![entry]).await?;
+        results.pop().unwrap_or(Err(StoreError::Closed))
+    }
+
+    async fn create_entries(
+        &self,
+        entries: Vec<NewEntry>,
+    ) -> Result<Vec<Result<RegistrationEntry, StoreError>>, StoreError> {
+        let mut items = Vec::with_capacity(entries.len());
+        for entry in entries {
+            items.push((EntryId::generate()?, entry));
+        }
+        let now = SystemTime::now();
+        let results = self
+            .blocking(move |inner| inner.create_entries(&items, now))
+            .await?;
+        if results.iter().any(Result::is_ok) {
+            self.commit().await?;
+        }
+        Ok(results)
+    }
+
+    async fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>, StoreError> {
+        let id = id.clone();
+        self.blocking(move |inner| inner.get_entry(&id)).await
+    }
+
+    async fn update_entry(
+        &self,
+        id: &EntryId,
+        entry: NewEntry,
+    ) -> Result<RegistrationEntry, StoreError> {
+        let id = id.clone();
+        let updated = self
+            .blocking(move |inner| inner.update_entry(&id, &entry))
+            .await?;
+        self.commit().await?;
+        Ok(updated)
+    }
+
+    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry, StoreError> {
+        let id = id.clone();
+        let deleted = self.blocking(move |inner| inner.delete_entry(&id)).await?;
+        self.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+        page: &PageRequest,
+    ) -> Result<Page<RegistrationEntry>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.blocking(move |inner| inner.list_entries(&filter, &page))
+            .await
+    }
+
+    async fn count_entries(&self) -> Result<u64, StoreError> {
+        self.blocking(|inner| inner.count_entries()).await
+    }
+
+    async fn snapshot_entries(&self) -> Result<EntrySnapshot, StoreError> {
+        let snapshot = self.blocking(|inner| inner.snapshot_entries()).await?;
+        if self.durable_revision() < snapshot.revision {
+            // Its changes committed before this ticket, so the flush that serves the ticket
+            // covers them and publishes a durable revision at least as high.
+            self.commit().await?;
+        }
+        Ok(snapshot)
+    }
+
+    async fn current_revision(&self) -> Result<u64, StoreError> {
+        Ok(self.durable_revision())
+    }
+
+    async fn changes_since(&self, revision: u64, limit: usize) -> Result<ChangesSince, StoreError> {
+        let durable = self.durable_revision();
+        if revision > durable {
+            return Ok(ChangesSince::Expired);
+        }
+        if revision == durable {
+            return Ok(ChangesSince::Changes(Vec::new()));
+        }
+        let limit = limit.clamp(1, MAX_CHANGES_PER_CALL);
+        let changes = self
+            .blocking(move |inner| inner.read_changes(revision, durable, limit))
+            .await?;
+        match changes.first() {
+            Some(first) if first.revision == revision + 1 => Ok(ChangesSince::Changes(changes)),
+            _ => Ok(ChangesSince::Expired),
+        }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.group.durable_revision.subscribe()
+    }
+
+    async fn create_node(&self, node: AttestedNode) -> Result<AttestedNode, StoreError> {
+        let now = SystemTime::now();
+        let node = self
+            .blocking(move |inner| inner.create_node(node, now))
+            .await?;
+        self.commit().await?;
+        Ok(node)
+    }
+
+    async fn get_node(&self, spiffe_id: &SpiffeId) -> Result<Option<AttestedNode>, StoreError> {
+        let spiffe_id = spiffe_id.clone();
+        self.blocking(move |inner| inner.get_node(&spiffe_id)).await
+    }
+
+    async fn update_node(&self, node: AttestedNode) -> Result<AttestedNode, StoreError> {
+        let now = SystemTime::now();
+        let node = self
+            .blocking(move |inner| inner.update_node(&node, now))
+            .await?;
+        self.commit().await?;
+        Ok(node)
+    }
+
+    async fn delete_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode, StoreError> {
+        let spiffe_id = spiffe_id.clone();
+        let node = self
+            .blocking(move |inner| inner.delete_node(&spiffe_id))
+            .await?;
+        self.commit().await?;
+        Ok(node)
+    }
+
+    async fn list_nodes(&self, page: &PageRequest) -> Result<Page<AttestedNode>, StoreError> {
+        let page = page.clone();
+        self.blocking(move |inner| inner.list_nodes(&page)).await
+    }
+
+    async fn create_join_token(&self, token: JoinToken) -> Result<(), StoreError> {
+        self.blocking(move |inner| inner.create_join_token(&token))
+            .await?;
+        self.commit().await
+    }
+
+    async fn consume_join_token(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<JoinToken, StoreError> {
+        let token = token.to_owned();
+        // sled's `remove` is atomic and returns the old value: exactly one caller gets it.
+        let removed = self
+            .blocking(move |inner| inner.remove_join_token(&token))
+            .await?;
+        let Some(bytes) = removed else {
+            return Err(StoreError::TokenNotFound);
+        };
+        self.commit().await?;
+        let token: JoinToken = decode("join token", &bytes)?;
+        if token.expires_at <= now {
+            return Err(StoreError::TokenExpired);
+        }
+        Ok(token)
+    }
+
+    async fn prune_join_tokens(&self, now: SystemTime) -> Result<u64, StoreError> {
+        let pruned = self
+            .blocking(move |inner| inner.prune_join_tokens(now))
+            .await?;
+        if pruned > 0 {
+            self.commit().await?;
+        }
+        Ok(pruned)
+    }
+
+    async fn set_federated_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+        bundle: Vec<u8>,
+    ) -> Result<FederatedBundle, StoreError> {
+        let record = FederatedBundle {
+            trust_domain: trust_domain.clone(),
+            bundle,
+            updated_at: SystemTime::now(),
+        };
+        let record = self
+            .blocking(move |inner| inner.put_federated_bundle(record))
+            .await?;
+        self.commit().await?;
+        Ok(record)
+    }
+
+    async fn get_federated_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederatedBundle>, StoreError> {
+        let trust_domain = trust_domain.clone();
+        self.blocking(move |inner| inner.get_federated_bundle(&trust_domain))
+            .await
+    }
+
+    async fn delete_federated_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<FederatedBundle, StoreError> {
+        let trust_domain = trust_domain.clone();
+        let record = self
+            .blocking(move |inner| inner.delete_federated_bundle(&trust_domain))
+            .await?;
+        self.commit().await?;
+        Ok(record)
+    }
+
+    async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>, StoreError> {
+        self.blocking(|inner| inner.list_federated_bundles()).await
+    }
+
+    async fn load_ca_journal(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.blocking(|inner| inner.load_ca_journal()).await
+    }
+
+    async fn save_ca_journal(&self, journal: Vec<u8>) -> Result<(), StoreError> {
+        self.blocking(move |inner| inner.save_ca_journal(journal))
+            .await?;
+        self.commit().await
+    }
+
+    async fn append_audit(
+        &self,
+        records: Vec<NewAuditRecord>,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sealed = self
+            .blocking(move |inner| inner.append_audit(&records))
+            .await?;
+        self.commit().await?;
+        Ok(sealed)
+    }
+
+    async fn list_audit(
+        &self,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Page<AuditRecord>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.blocking(move |inner| inner.list_audit(&filter, &page))
+            .await
+    }
+
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+        self.blocking(|inner| inner.audit_head()).await
+    }
+
+    async fn save_audit_checkpoint(&self, checkpoint: AuditCheckpoint) -> Result<(), StoreError> {
+        self.blocking(move |inner| inner.save_audit_checkpoint(&checkpoint))
+            .await?;
+        self.commit().await
+    }
+
+    async fn latest_audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
+        self.blocking(|inner| inner.latest_audit_checkpoint()).await
+    }
+
+    async fn create_session(
+        &self,
+        session: Session,
+        entry: Option<NewEntry>,
+    ) -> Result<Session, StoreError> {
+        let entry = match entry {
+            Some(entry) => Some((EntryId::generate()?, entry)),
+            None => None,
+        };
+        let now = SystemTime::now();
+        let created = self
+            .blocking(move |inner| inner.create_session(&session, entry.as_ref(), now))
+            .await?;
+        self.commit().await?;
+        Ok(created)
+    }
+
+    async fn update_session(&self, update: SessionUpdate) -> Result<Session, StoreError> {
+        let entry_id = match &update.entry {
+            SessionEntryOp::Create(_) => Some(EntryId::generate()?),
+            _ => None,
+        };
+        let now = SystemTime::now();
+        let updated = self
+            .blocking(move |inner| inner.update_session(&update, entry_id.as_ref(), now))
+            .await?;
+        self.commit().await?;
+        Ok(updated)
+    }
+
+    async fn get_session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+        let id = id.clone();
+        self.blocking(move |inner| inner.get_session(&id)).await
+    }
+
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Session>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.blocking(move |inner| inner.list_sessions(&filter, &page))
+            .await
+    }
+
+    async fn add_session_serial(
+        &self,
+        id: &SessionId,
+        serial: SessionSerial,
+    ) -> Result<Session, StoreError> {
+        let id = id.clone();
+        let updated = self
+            .blocking(move |inner| inner.add_session_serial(&id, &serial))
+            .await?;
+        self.commit().await?;
+        Ok(updated)
+    }
+
+    async fn add_revocations(&self, revocations: Vec<Revocation>) -> Result<(), StoreError> {
+        if revocations.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |inner| inner.add_revocations(&revocations))
+            .await?;
+        self.commit().await
+    }
+
+    async fn list_revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.blocking(|inner| inner.list_revocations()).await
+    }
+
+    async fn prune_revocations(&self, now: SystemTime) -> Result<u64, StoreError> {
+        let pruned = self
+            .blocking(move |inner| inner.prune_revocations(now))
+            .await?;
+        if pruned > 0 {
+            self.commit().await?;
+        }
+        Ok(pruned)
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+#[async_trait]
+impl super::conformance::TestableStore for SledStore {
+    async fn entries_by_parent(
+        &self,
+        parent_id: &SpiffeId,
+    ) -> Result<Vec<RegistrationEntry>, StoreError> {
+        let parent_id = parent_id.clone();
+        self.blocking(move |inner| inner.entries_by_parent(&parent_id))
+            .await
+    }
+}
+
+// === impl Inner ===
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.group.shut_down();
+        let handle = lock(&self.flusher).take();
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            tracing::error!("store flusher thread panicked");
+        }
+    }
+}
+
+// === impl Trees ===
+
+impl Trees {
+    fn open(db: &Db) -> Result<Self, StoreError> {
+        Ok(Self {
+            entries: db.open_tree("entries")?,
+            by_parent: db.open_tree("entries_by_parent")?,
+            by_spiffe_id: db.open_tree("entries_by_spiffe_id")?,
+            by_identity: db.open_tree("entries_by_identity")?,
+            changes: db.open_tree("changes")?,
+            meta: db.open_tree("meta")?,
+            nodes: db.open_tree("nodes")?,
+            join_tokens: db.open_tree("join_tokens")?,
+            bundles: db.open_tree("federated_bundles")?,
+            audit: db.open_tree("audit")?,
+            audit_head: db.open_tree("audit_head")?,
+            audit_checkpoints: db.open_tree("audit_checkpoints")?,
+            sessions: db.open_tree("sessions")?,
+            revocations: db.open_tree("revocations")?,
+        })
+    }
+}
+
+// === impl PageCollector ===
+
+impl<T> PageCollector<T> {
+    fn new(size: usize) -> Self {
+        Self {
+            size,
+            items: Vec::new(),
+            more: false,
+        }
+    }
+
+    /// Adds `item` if the page has room; false (stop) once an item is found past a full page.
+    fn offer(&mut self, item: T) -> bool {
+        if self.items.len() == self.size {
+            self.more = true;
+            return false;
+        }
+        self.items.push(item);
+        true
+    }
+
+    fn finish(self, key: impl Fn(&T) -> Vec<u8>) -> Page<T> {
+        let next_page_token = if self.more {
+            self.items.last().map(|item| hex_encode(&key(item)))
+        } else {
+            None
+        };
+        Page {
+            items: self.items,
+            next_page_token,
+        }
+    }
+}
+
+// === helpers ===
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded state stays consistent even if a holder panicked (plain counters and flags).
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|error| StoreError::Encode {
+        what,
+        reason: error.to_string(),
+    })
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
+        what,
+        reason: error.to_string(),
+    })
+}
+
+fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    let array: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        what: "revision",
+        reason: format!("expected 8 bytes, found {}", bytes.len()),
+    })?;
+    Ok(u64::from_be_bytes(array))
+}
+
+fn read_revision(meta: &Tree) -> Result<u64, StoreError> {
+    match meta.get(REVISION_KEY)? {
+        Some(bytes) => decode_u64(&bytes),
+        None => Ok(0),
+    }
+}
+
+/// Where a listing keyed by strings resumes: after the key in `token`, which must be one that
+/// `is_key` accepts (a token this store issued); from the start without a token.
+fn page_start(
+    token: Option<&str>,
+    is_key: impl Fn(&str) -> bool,
+) -> Result<Bound<Vec<u8>>, StoreError> {
+    let Some(token) = token else {
+        return Ok(Bound::Unbounded);
+    };
+    let key = decode_page_token(token)?;
+    if std::str::from_utf8(&key).is_ok_and(is_key) {
+        Ok(Bound::Excluded(key))
+    } else {
+        Err(StoreError::InvalidPageToken)
+    }
+}
+
+fn decode_page_token(token: &str) -> Result<Vec<u8>, StoreError> {
+    hex_decode(token)
+        .filter(|key| !key.is_empty())
+        .ok_or(StoreError::InvalidPageToken)
+}

@@ -1,0 +1,355 @@
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use sigil_core::{Selector, SelectorSet};
+
+use super::*;
+use crate::store::conformance::{self, TestConfig};
+
+/// Set (to a store directory) in the child process of the crash test.
+const CRASH_CHILD_ENV: &str = "SIGIL_STORE_CRASH_CHILD_DIR";
+/// The test the crash test runs as its child.
+const CRASH_CHILD_TEST: &str = "store::sled::tests::crash_child_writes_until_killed";
+/// Acknowledged writes the crash test waits for before it kills the child.
+const ACKS_BEFORE_KILL: usize = 300;
+
+fn open(dir: &Path) -> SledStore {
+    open_with(dir, SledStoreOptions::default())
+}
+
+/// Opens the store, waiting (up to 5 s) for a store of the same directory that this
+/// process just dropped to let go of sled's lock file: sled's own I/O threads may hold the
+/// database for a moment after the last handle is gone.
+fn open_with(dir: &Path, options: SledStoreOptions) -> SledStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match SledStore::open(dir, options.clone()) {
+            Ok(store) => return store,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot open the store: {e}"),
+        }
+    }
+}
+
+fn entry(name: &str) -> NewEntry {
+    let id = |s: &str| SpiffeId::new(s).unwrap();
+    NewEntry::new(
+        id(&format!("spiffe://example.org/{name}")),
+        id("spiffe://example.org/sigil/agent/join_token/a"),
+        [Selector::parse(&format!("test:name:{name}")).unwrap()]
+            .into_iter()
+            .collect::<SelectorSet>(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passes_the_conformance_suite() {
+    conformance::run_all(|config: TestConfig| {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SledStoreOptions {
+            change_retention: config.change_retention,
+            ..SledStoreOptions::default()
+        };
+        (SledStore::open(dir.path(), options).unwrap(), dir)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_keeps_everything_including_the_revision_counter() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let td = TrustDomain::new("other.org").unwrap();
+    let (kept, revision, node) = {
+        let store = open(dir.path());
+        let kept = store.create_entry(entry("kept")).await.unwrap();
+        let gone = store.create_entry(entry("gone")).await.unwrap();
+        store.delete_entry(&gone.id).await.unwrap();
+        let node = store
+            .create_node(AttestedNode {
+                spiffe_id: SpiffeId::new("spiffe://example.org/sigil/agent/join_token/a").unwrap(),
+                attestation_type: "join_token".to_owned(),
+                serial: "01".to_owned(),
+                new_serial: None,
+                not_after: now,
+                banned: false,
+                selectors: SelectorSet::new(),
+                created_at: now,
+                updated_at: now,
+            })
+            .await
+            .unwrap();
+        store
+            .create_join_token(JoinToken {
+                token: "tok".to_owned(),
+                expires_at: now + Duration::from_secs(600),
+                created_at: now,
+                alias_spiffe_id: None,
+            })
+            .await
+            .unwrap();
+        store
+            .set_federated_bundle(&td, b"{}".to_vec())
+            .await
+            .unwrap();
+        store.save_ca_journal(b"journal".to_vec()).await.unwrap();
+        let revision = store.current_revision().await.unwrap();
+        (kept, revision, node)
+    };
+
+    let store = open(dir.path());
+    assert_eq!(store.current_revision().await.unwrap(), revision);
+    assert_eq!(store.get_entry(&kept.id).await.unwrap(), Some(kept.clone()));
+    assert_eq!(store.count_entries().await.unwrap(), 1);
+    assert_eq!(store.get_node(&node.spiffe_id).await.unwrap(), Some(node));
+    assert_eq!(
+        store.consume_join_token("tok", now).await.unwrap().token,
+        "tok"
+    );
+    assert_eq!(
+        store
+            .get_federated_bundle(&td)
+            .await
+            .unwrap()
+            .unwrap()
+            .bundle,
+        b"{}"
+    );
+    assert_eq!(
+        store.load_ca_journal().await.unwrap(),
+        Some(b"journal".to_vec())
+    );
+    let ChangesSince::Changes(feed) = store.changes_since(0, 100).await.unwrap() else {
+        panic!("the feed must survive a restart");
+    };
+    assert_eq!(feed.len() as u64, revision);
+    // The duplicate index survived too.
+    assert!(matches!(
+        store.create_entry(entry("kept")).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    let after = store.create_entry(entry("after")).await.unwrap();
+    assert_eq!(after.revision, revision + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopening_with_a_smaller_retention_prunes_the_feed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        let batch = (0..30).map(|n| entry(&format!("e{n}"))).collect();
+        store.create_entries(batch).await.unwrap();
+    }
+    let options = SledStoreOptions {
+        change_retention: 5,
+        ..SledStoreOptions::default()
+    };
+    let store = open_with(dir.path(), options);
+    assert_eq!(store.inner.trees.changes.len(), 5);
+    assert_eq!(
+        store.changes_since(24, 100).await.unwrap(),
+        ChangesSince::Expired
+    );
+    let ChangesSince::Changes(window) = store.changes_since(25, 100).await.unwrap() else {
+        panic!("the retained window must be served");
+    };
+    assert_eq!(window.len(), 5);
+    store.create_entry(entry("next")).await.unwrap();
+    assert_eq!(store.inner.trees.changes.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_record_is_reported_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let id = EntryId::generate().unwrap();
+    store
+        .inner
+        .trees
+        .entries
+        .insert(id.as_str(), &b"not json"[..])
+        .unwrap();
+    assert!(matches!(
+        store.get_entry(&id).await,
+        Err(StoreError::Corrupt { what: "entry", .. })
+    ));
+    assert!(matches!(
+        store.snapshot_entries().await,
+        Err(StoreError::Corrupt { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_audit_record_is_reported_with_its_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let records = (0..3)
+        .map(|n| NewAuditRecord::new("uid:0", "entry.delete", format!("e{n}")))
+        .collect();
+    store.append_audit(records).await.unwrap();
+    store
+        .inner
+        .trees
+        .audit
+        .insert(2u64.to_be_bytes(), &b"not json"[..])
+        .unwrap();
+    let error = store
+        .list_audit(&AuditFilter::default(), &PageRequest::first(10))
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("corrupt audit record: record 2: "),
+        "{error}"
+    );
+}
+
+/// Group commit, observed without timing: the flusher is held while 200 writers do their
+/// writes and take their tickets, then released: far fewer flushes than writes, and every
+/// writer is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_covers_many_writes_with_few_flushes() {
+    const WRITERS: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let group = Arc::clone(&store.inner.group);
+    group.set_paused(true);
+    let requested_before = group.requested();
+    let flushes_before = store.flush_count();
+
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move { store.create_entry(entry(&format!("w{n}"))).await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while group.requested() < requested_before + WRITERS {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "writers never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Nothing is acknowledged while the flusher is held.
+    assert!(tasks.iter().all(|task| !task.is_finished()));
+    assert_eq!(store.flush_count(), flushes_before);
+    group.set_paused(false);
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let flushes = store.flush_count() - flushes_before;
+    assert!(flushes >= 1);
+    assert!(
+        flushes < WRITERS,
+        "{flushes} flushes for {WRITERS} writes: no group commit"
+    );
+    assert_eq!(store.current_revision().await.unwrap(), WRITERS);
+}
+
+/// kill -9 durability: a child process (this test binary, running
+/// [`crash_child_writes_until_killed`]) writes entries and prints each acknowledged id; it
+/// is SIGKILLed mid-loop; every acknowledged entry must be in the reopened store.
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            CRASH_CHILD_TEST,
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_CHILD_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut acked = Vec::new();
+    while acked.len() < ACKS_BEFORE_KILL {
+        let Some(line) = lines.next() else { break };
+        if let Some(id) = line.unwrap().strip_prefix("ACK ") {
+            acked.push(id.to_owned());
+        }
+    }
+    // `Child::kill` sends SIGKILL: no destructor, no final flush.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        acked.len() >= ACKS_BEFORE_KILL,
+        "the child stopped after {} acknowledgements",
+        acked.len()
+    );
+    // Lines already in the pipe were acknowledged too.
+    for line in lines {
+        let Ok(line) = line else { break };
+        if let Some(id) = line.strip_prefix("ACK ") {
+            acked.push(id.to_owned());
+        }
+    }
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = open(dir.path());
+        for id in &acked {
+            let id = EntryId::parse(id).unwrap();
+            assert!(
+                store.get_entry(&id).await.unwrap().is_some(),
+                "acknowledged entry {id} lost in the crash"
+            );
+        }
+        assert!(store.count_entries().await.unwrap() >= acked.len() as u64);
+        // The feed is gap-free after recovery, and new writes continue it.
+        let current = store.current_revision().await.unwrap();
+        let mut seen = 0;
+        while let ChangesSince::Changes(changes) = store.changes_since(seen, 1_000).await.unwrap() {
+            let Some(last) = changes.last() else { break };
+            assert_eq!(changes[0].revision, seen + 1);
+            assert_eq!(last.revision, seen + changes.len() as u64);
+            seen = last.revision;
+        }
+        assert_eq!(seen, current, "the feed must reach the current revision");
+        let next = store.create_entry(entry("after-crash")).await.unwrap();
+        assert_eq!(next.revision, current + 1);
+    });
+}
+
+/// The child of [`acknowledged_writes_survive_sigkill`]; does nothing in a normal run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child_writes_until_killed() {
+    let Some(dir) = std::env::var_os(CRASH_CHILD_ENV) else {
+        return;
+    };
+    let store = open(Path::new(&dir));
+    let writers: Vec<_> = (0..4)
+        .map(|writer| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                // Bounded, in case the parent dies without killing us.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                let mut n = 0;
+                while tokio::time::Instant::now() < deadline {
+                    let created = store
+                        .create_entry(entry(&format!("crash/{writer}/{n}")))
+                        .await
+                        .unwrap();
+                    let mut stdout = std::io::stdout().lock();
+                    writeln!(stdout, "ACK {}", created.id).unwrap();
+                    stdout.flush().unwrap();
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+}
