@@ -1,0 +1,326 @@
+//! One signing method per credential kind: [`Ca::sign_agent_x509_svid`],
+//! [`Ca::sign_workload_x509_svid`], [`Ca::sign_server_x509_svid`] and [`Ca::sign_jwt_svid`],
+//! with the checks of the IDs they are asked for. CRLs are signed in `crl.rs`.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rustls_pki_types::CertificateDer;
+use serde_json::{Map, Value};
+use sigil_core::lifetime::LifetimeError;
+use sigil_core::x509_svid::check_leaf_certificate;
+use sigil_core::{JwtSvid, SpiffeId, Validity};
+
+use super::template::{self, P256PublicKey, floor_to_second, random_serial};
+use super::{AGENT_PATH_PREFIX, Ca, CaError, RESERVED_PATH_PREFIX, authority, hex, keys};
+
+/// What to put in a workload X509-SVID ([`Ca::sign_workload_x509_svid`]), from its
+/// registration entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadX509SvidParams {
+    /// The entry's SPIFFE ID: the one URI SAN.
+    pub spiffe_id: SpiffeId,
+    /// The entry's DNS names, as DNS SANs after the URI SAN.
+    pub dns_names: Vec<String>,
+    /// The TTL asked for; NotAfter is capped by the authority and by `caps`.
+    pub ttl: Duration,
+    /// Further NotAfter caps, such as a privileged session's end.
+    pub caps: Vec<SystemTime>,
+}
+
+/// An X509-SVID certificate just signed, with what audit records need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedX509Svid {
+    spiffe_id: SpiffeId,
+    certificate: CertificateDer<'static>,
+    serial: Vec<u8>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    authority_id: String,
+}
+
+// === impl IssuedX509Svid ===
+
+impl IssuedX509Svid {
+    /// The SPIFFE ID in the certificate.
+    pub fn spiffe_id(&self) -> &SpiffeId {
+        &self.spiffe_id
+    }
+
+    /// The certificate (DER). The chain is just this certificate: it is signed by a root in
+    /// the bundle.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.certificate
+    }
+
+    /// The certificate, by value.
+    pub fn into_certificate(self) -> CertificateDer<'static> {
+        self.certificate
+    }
+
+    /// The serial number, big-endian (16 bytes).
+    pub fn serial(&self) -> &[u8] {
+        &self.serial
+    }
+
+    /// The serial number in lowercase hex.
+    pub fn serial_hex(&self) -> String {
+        hex(&self.serial)
+    }
+
+    /// NotBefore (the issuing time, backdated).
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    /// NotAfter.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// The id of the X.509 authority that signed it (its serial number in hex).
+    pub fn authority_id(&self) -> &str {
+        &self.authority_id
+    }
+}
+
+// === impl Ca ===
+
+impl Ca {
+    /// Signs an agent's X509-SVID for `agent_id` (under `spiffe://<td>/sigil/agent/`) and the
+    /// P-256 key of `csr_der`, valid for `ttl` from `now`, capped at the authority's NotAfter.
+    ///
+    /// # Errors
+    ///
+    /// [`CaError::NotAgentId`] or [`CaError::ForeignTrustDomain`] for the ID; the CSR errors
+    /// ([`CaError::MalformedCsr`], [`CaError::CsrTooLarge`], [`CaError::CsrSignatureInvalid`],
+    /// [`CaError::UnsupportedKey`]); [`CaError::TtlTooShort`] and [`CaError::Lifetime`].
+    pub fn sign_agent_x509_svid(
+        &self,
+        agent_id: &SpiffeId,
+        csr_der: &[u8],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedX509Svid, CaError> {
+        self.check_member(agent_id)?;
+        if !agent_id.path().starts_with(AGENT_PATH_PREFIX)
+            || agent_id.path().len() == AGENT_PATH_PREFIX.len()
+        {
+            return Err(CaError::NotAgentId {
+                id: agent_id.clone(),
+            });
+        }
+        let public_key = P256PublicKey::from_csr(csr_der)?;
+        self.sign_x509(agent_id, &[], &public_key, ttl, &[], now)
+    }
+
+    /// Signs a workload's X509-SVID from its registration entry (`params`) and the P-256 key of
+    /// `csr_der`. The identity comes from `params` only; the CSR proves possession of the key.
+    ///
+    /// # Errors
+    ///
+    /// [`CaError::ForeignTrustDomain`], [`CaError::RootId`] or [`CaError::ReservedId`] for the
+    /// ID; [`CaError::InvalidDnsName`]; the CSR errors; [`CaError::TtlTooShort`] and
+    /// [`CaError::Lifetime`] (a cap in `params.caps` that has passed).
+    pub fn sign_workload_x509_svid(
+        &self,
+        params: &WorkloadX509SvidParams,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedX509Svid, CaError> {
+        self.check_workload_id(&params.spiffe_id)?;
+        let public_key = P256PublicKey::from_csr(csr_der)?;
+        self.sign_x509(
+            &params.spiffe_id,
+            &params.dns_names,
+            &public_key,
+            params.ttl,
+            &params.caps,
+            now,
+        )
+    }
+
+    /// Signs the server's own X509-SVID, `spiffe://<td>/sigil/server`, for the P-256 key given
+    /// as a DER SubjectPublicKeyInfo (the server generates the key itself).
+    ///
+    /// # Errors
+    ///
+    /// [`CaError::MalformedPublicKey`] or [`CaError::UnsupportedKey`] for the key;
+    /// [`CaError::TtlTooShort`] and [`CaError::Lifetime`].
+    pub fn sign_server_x509_svid(
+        &self,
+        public_key_spki_der: &[u8],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedX509Svid, CaError> {
+        let public_key = P256PublicKey::from_spki_der(public_key_spki_der)?;
+        self.sign_x509(&self.server_id(), &[], &public_key, ttl, &[], now)
+    }
+
+    /// Signs a JWT-SVID for `spiffe_id` and `audience` with the active JWT key: ES256, `kid`
+    /// in the header, `sub`, `aud` (always an array), `iat` = `now`, `exp` = `now + ttl` capped
+    /// at the key's NotAfter, and `iss` when `issuer` is given and not empty. The token is
+    /// validated with sigil-core against the CA's JWT bundle before it is returned.
+    ///
+    /// # Errors
+    ///
+    /// [`CaError::ForeignTrustDomain`], [`CaError::RootId`] or [`CaError::ReservedId`] for the
+    /// ID; [`CaError::EmptyAudience`]; [`CaError::TtlTooShort`] and [`CaError::Lifetime`];
+    /// [`CaError::JwtSigning`] when the key fails to sign.
+    pub fn sign_jwt_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+        now: SystemTime,
+        issuer: Option<&str>,
+    ) -> Result<JwtSvid, CaError> {
+        self.check_workload_id(spiffe_id)?;
+        let Some(first_audience) = audience.first() else {
+            return Err(CaError::EmptyAudience);
+        };
+        if audience.iter().any(String::is_empty) {
+            return Err(CaError::EmptyAudience);
+        }
+        check_ttl(ttl)?;
+        let authorities = self.snapshot();
+        let key = authorities.active_jwt()?;
+        let now = floor_to_second(now);
+        let validity = Validity::issue(now, ttl, &[key.not_after])?;
+        let iat = authority::unix_seconds(now);
+        let exp = authority::unix_seconds(floor_to_second(validity.not_after()));
+
+        let mut header = Map::new();
+        header.insert("alg".to_owned(), "ES256".into());
+        header.insert("kid".to_owned(), key.kid.as_str().into());
+        header.insert("typ".to_owned(), "JWT".into());
+        let mut claims = Map::new();
+        claims.insert("sub".to_owned(), spiffe_id.as_str().into());
+        claims.insert("aud".to_owned(), audience.to_vec().into());
+        claims.insert("exp".to_owned(), exp.into());
+        claims.insert("iat".to_owned(), iat.into());
+        if let Some(issuer) = issuer.filter(|issuer| !issuer.is_empty()) {
+            claims.insert("iss".to_owned(), issuer.into());
+        }
+        let mut token = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(Value::Object(header).to_string()),
+            URL_SAFE_NO_PAD.encode(Value::Object(claims).to_string())
+        );
+        let signature =
+            keys::jws_signature(key.key.as_ref(), token.as_bytes()).map_err(CaError::JwtSigning)?;
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(signature));
+
+        // Check what was signed, as a relying party would.
+        let svid =
+            JwtSvid::parse_and_validate(&token, &authorities.jwt_bundle, first_audience, now)
+                .map_err(CaError::IssuedJwtSvidInvalid)?;
+        if svid.spiffe_id() != spiffe_id || svid.audience() != audience {
+            return Err(CaError::IssuedSvidMismatch {
+                what: "jwt-svid subject or audience",
+            });
+        }
+        tracing::debug!(spiffe_id = %spiffe_id, kid = %key.kid, exp, "jwt-svid signed");
+        Ok(svid)
+    }
+
+    // --- private ---
+
+    /// Builds, signs and checks an X509-SVID leaf.
+    fn sign_x509(
+        &self,
+        spiffe_id: &SpiffeId,
+        dns_names: &[String],
+        public_key: &P256PublicKey,
+        ttl: Duration,
+        caps: &[SystemTime],
+        now: SystemTime,
+    ) -> Result<IssuedX509Svid, CaError> {
+        check_ttl(ttl)?;
+        let authorities = self.snapshot();
+        let authority = authorities.active_x509()?;
+        let now = floor_to_second(now);
+        let mut all_caps = Vec::with_capacity(1 + caps.len());
+        all_caps.push(authority.not_after);
+        all_caps.extend_from_slice(caps);
+        let validity = Validity::issue(now, ttl, &all_caps)?;
+        let not_before = validity.not_before();
+        let not_after = floor_to_second(validity.not_after());
+        if not_after <= now {
+            // A cap less than a second away.
+            return Err(CaError::Lifetime(LifetimeError::CapPassed));
+        }
+        let serial = random_serial()?;
+        let params = template::leaf_params(spiffe_id, dns_names, &serial, not_before, not_after)?;
+        let certificate = params
+            .signed_by(public_key, &authority.issuer)
+            .map_err(|e| CaError::Certificate {
+                reason: e.to_string(),
+            })?
+            .der()
+            .clone();
+
+        // Check what was signed: the leaf profile and the identity. The signature itself is not
+        // verified again here (that second ECDSA verify was a third of the issuance cost): the
+        // active authority's key is checked against its certificate when the journal is loaded,
+        // and the tests verify every credential kind with openssl and `verify_chain`.
+        let issued_id =
+            check_leaf_certificate(&certificate).map_err(CaError::IssuedX509SvidInvalid)?;
+        if issued_id != *spiffe_id {
+            return Err(CaError::IssuedSvidMismatch {
+                what: "x509-svid spiffe id",
+            });
+        }
+
+        tracing::debug!(
+            spiffe_id = %spiffe_id,
+            serial = %hex(&serial),
+            authority_id = %authority.id,
+            "x509-svid signed"
+        );
+        Ok(IssuedX509Svid {
+            spiffe_id: spiffe_id.clone(),
+            certificate,
+            serial: serial.to_vec(),
+            not_before,
+            not_after,
+            authority_id: authority.id.clone(),
+        })
+    }
+
+    fn check_member(&self, id: &SpiffeId) -> Result<(), CaError> {
+        if !id.is_member_of(&self.trust_domain) {
+            return Err(CaError::ForeignTrustDomain {
+                id: id.clone(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_workload_id(&self, id: &SpiffeId) -> Result<(), CaError> {
+        self.check_member(id)?;
+        if id.is_root() {
+            return Err(CaError::RootId { id: id.clone() });
+        }
+        if is_reserved(id) {
+            return Err(CaError::ReservedId { id: id.clone() });
+        }
+        Ok(())
+    }
+}
+
+fn check_ttl(ttl: Duration) -> Result<(), CaError> {
+    if ttl < Duration::from_secs(1) {
+        return Err(CaError::TtlTooShort { ttl });
+    }
+    Ok(())
+}
+
+/// Whether `id` is the reserved `/sigil` path or under it.
+fn is_reserved(id: &SpiffeId) -> bool {
+    let path = id.path();
+    path.starts_with(RESERVED_PATH_PREFIX) || path == RESERVED_PATH_PREFIX.trim_end_matches('/')
+}
