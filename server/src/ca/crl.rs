@@ -66,7 +66,7 @@ impl Ca {
             let mut revoked_certs = Vec::with_capacity(mine.len());
             for r in &mine {
                 let bytes =
-                    crate::store::hex_decode(&r.serial).ok_or_else(|| CaError::Certificate {
+                    sigil_core::hex::decode(&r.serial).ok_or_else(|| CaError::Certificate {
                         reason: format!("revoked serial {:?} is not lowercase hex", r.serial),
                     })?;
                 revoked_certs.push(RevokedCertParams {

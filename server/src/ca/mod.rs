@@ -77,14 +77,7 @@ pub use self::template::MAX_CSR_LEN;
 /// at least one second.
 pub const MIN_CA_TTL: Duration = Duration::from_secs(6);
 
-/// The path prefix reserved for the server's and agents' own IDs: no workload SVID may use it.
-pub const RESERVED_PATH_PREFIX: &str = "/sigil/";
-
-/// The path prefix of agent IDs (`spiffe://<td>/sigil/agent/...`).
-pub const AGENT_PATH_PREFIX: &str = "/sigil/agent/";
-
-/// The path of the server's own ID (`spiffe://<td>/sigil/server`).
-pub const SERVER_PATH: &str = "/sigil/server";
+pub use crate::policy::{AGENT_PATH_PREFIX, RESERVED_PATH_PREFIX, SERVER_PATH};
 
 /// The trust domain's certificate authority. Share it behind an `Arc`: signing takes `&self`
 /// and never waits for a rotation in progress.
@@ -165,13 +158,4 @@ impl fmt::Debug for Ca {
     }
 }
 
-/// Lowercase hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
-}
+pub(crate) use sigil_core::hex::encode as hex;

@@ -13,7 +13,7 @@ use sigil_core::x509_svid::check_leaf_certificate;
 use sigil_core::{JwtSvid, SpiffeId, Validity};
 
 use super::template::{self, P256PublicKey, floor_to_second, random_serial};
-use super::{AGENT_PATH_PREFIX, Ca, CaError, RESERVED_PATH_PREFIX, authority, hex, keys};
+use super::{Ca, CaError, authority, hex, keys};
 
 /// What to put in a workload X509-SVID ([`Ca::sign_workload_x509_svid`]), from its
 /// registration entry.
@@ -104,9 +104,7 @@ impl Ca {
         now: SystemTime,
     ) -> Result<IssuedX509Svid, CaError> {
         self.check_member(agent_id)?;
-        if !agent_id.path().starts_with(AGENT_PATH_PREFIX)
-            || agent_id.path().len() == AGENT_PATH_PREFIX.len()
-        {
+        if !crate::policy::is_agent_id(&self.trust_domain, agent_id) {
             return Err(CaError::NotAgentId {
                 id: agent_id.clone(),
             });
@@ -305,7 +303,7 @@ impl Ca {
         if id.is_root() {
             return Err(CaError::RootId { id: id.clone() });
         }
-        if is_reserved(id) {
+        if crate::policy::is_reserved(id) {
             return Err(CaError::ReservedId { id: id.clone() });
         }
         Ok(())
@@ -317,10 +315,4 @@ fn check_ttl(ttl: Duration) -> Result<(), CaError> {
         return Err(CaError::TtlTooShort { ttl });
     }
     Ok(())
-}
-
-/// Whether `id` is the reserved `/sigil` path or under it.
-fn is_reserved(id: &SpiffeId) -> bool {
-    let path = id.path();
-    path.starts_with(RESERVED_PATH_PREFIX) || path == RESERVED_PATH_PREFIX.trim_end_matches('/')
 }

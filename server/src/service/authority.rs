@@ -356,21 +356,10 @@ fn issued(svid: IssuedX509Svid) -> IssuedSvid {
 /// Errors caused by the request (the CSR, the ID, the audience) are the caller's to fix; the
 /// rest are the server's.
 fn sign_error(error: CaError) -> SignError {
-    match error {
-        CaError::CsrTooLarge { .. }
-        | CaError::MalformedCsr { .. }
-        | CaError::CsrSignatureInvalid
-        | CaError::UnsupportedKey { .. }
-        | CaError::MalformedPublicKey { .. }
-        | CaError::ForeignTrustDomain { .. }
-        | CaError::RootId { .. }
-        | CaError::ReservedId { .. }
-        | CaError::NotAgentId { .. }
-        | CaError::InvalidDnsName { .. }
-        | CaError::EmptyAudience
-        | CaError::TtlTooShort { .. }
-        | CaError::Lifetime(_) => SignError::InvalidRequest(error.to_string()),
-        other => SignError::Internal(other.to_string()),
+    if error.is_caller_error() {
+        SignError::InvalidRequest(error.to_string())
+    } else {
+        SignError::Internal(error.to_string())
     }
 }
 

@@ -781,35 +781,7 @@ impl fmt::Debug for JoinToken {
 
 // === helpers ===
 
-/// Lowercase hex of `bytes`.
-pub(crate) fn hex_encode(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
-}
-
-/// Decodes lowercase hex; `None` for anything else.
-pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        }
-    }
-    let bytes = s.as_bytes();
-    if !bytes.len().is_multiple_of(2) {
-        return None;
-    }
-    bytes
-        .chunks_exact(2)
-        .map(|pair| Some((nibble(pair[0])? << 4) | nibble(pair[1])?))
-        .collect()
-}
+pub(crate) use sigil_core::hex::{decode as hex_decode, encode as hex_encode};
 
 /// Serde helper: bytes as a base64 string (JSON arrays of numbers would quadruple their size).
 mod base64_bytes {
@@ -863,14 +835,6 @@ mod tests {
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(serde_json::from_str::<EntryId>(&json).unwrap(), id);
         assert!(serde_json::from_str::<EntryId>("\"xyz\"").is_err());
-    }
-
-    #[test]
-    fn hex_round_trips_and_rejects_uppercase() {
-        let bytes = [0u8, 1, 0x7f, 0x80, 0xff];
-        assert_eq!(hex_decode(&hex_encode(&bytes)).unwrap(), bytes);
-        assert!(hex_decode("AB").is_none());
-        assert!(hex_decode("abc").is_none());
     }
 
     #[test]
