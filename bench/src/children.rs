@@ -2,7 +2,7 @@
 //! service each run in a process of their own (their memory and CPU are then theirs alone) while
 //! running exactly the library code this build compiled:
 //!
-//! - `__server CONFIG.toml`: [`sigil_server::server::Server`], as `sigil-server run` starts it;
+//! - `__server CONFIG.toml`: [`sigil_server::Server`], as `sigil-server run` starts it;
 //!   prints `READY <node API address>`.
 //! - `__agent TRUST_DOMAIN SERVER_ADDR JOIN_TOKEN BUNDLE.pem SOCKET DATA_DIR`:
 //!   [`sigil_agent::agent::run`], as `sigil-agent run` starts it.
@@ -103,13 +103,13 @@ fn server(args: Vec<String>) -> BoxFuture {
         let text = std::fs::read_to_string(config_path)
             .with_context(|| format!("cannot read {config_path}"))?;
         let config =
-            sigil_server::config::ServerConfig::from_sources(Some(&text), Default::default())?;
-        let server = sigil_server::server::Server::start(config).await?;
+            sigil_server::ServerConfig::from_sources(Some(&text), Default::default())?;
+        let server = sigil_server::Server::start(config).await?;
         ready(&server.local_addr.to_string())?;
         server
             .run(async {
                 stdin_closed().await;
-                sigil_server::server::Shutdown::Immediate
+                sigil_server::Shutdown::Immediate
             })
             .await?;
         Ok(())

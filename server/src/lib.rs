@@ -1,27 +1,66 @@
 //! # sigil-server: the trust domain's authority
 //!
 //! The server holds the trust domain's signing keys, keeps the registration entries and attested
-//! agents in its store, and serves agents over TCP with mTLS.
+//! agents in its store, and serves agents over TCP with mTLS and operators on a Unix socket.
 //!
-//! - [`api`]: the gRPC services; [`api::node`] is the agent-facing API.
-//! - [`config`]: the TOML file and flags, checked all at once into a typed [`config::ServerConfig`].
-//! - [`ca`]: the signing authorities (self-signed P-256 roots), their rotation as a pure function
-//!   of time, and one signing method per credential kind.
-//! - [`audit`]: the hash-chained audit log, its signed checkpoints and its verification.
-//! - [`session`]: privileged sessions (open, approve, close, revoke, expiry by the server's
-//!   clock) and the certificate revocation lists.
-//! - [`store`]: the [`store::Store`] trait, its sled backend with group commit, and the change
-//!   feed that drives agent sync.
+//! ## Layout: who owns what, who may call whom
+//!
+//! ```text
+//!  main.rs ── cli ────────────────────────────── (admin socket) ──┐
+//!     │                                                           │
+//!  server (composition root: builds everything, runs the tasks)   │
+//!     │                                                           ▼
+//!  api ── admin, node: thin gRPC handlers; status: errors -> gRPC codes
+//!     │
+//!  service ── entries, agents, svids, bundles, sessions, sync, authority,
+//!     │        crl, audit (the running log), entry_cache
+//!     │
+//!     ├── ca       the signing authorities, rotation, one signing method per kind
+//!     ├── store    the Store trait, the sled backend, the conformance suite
+//!     ├── audit    the pure audit chain: records, canonical encoding, hashing, verification
+//!     ├── policy   the rules written once: reserved IDs, grantable IDs, DNS names, TTLs
+//!     └── config, tls
+//! ```
+//!
+//! - `policy` and `audit` are pure: they depend on `sigil-core` only.
+//! - `store` depends on `audit` (it seals records in the same transaction as the chain head);
+//!   `ca` depends on `policy`; neither knows the services.
+//! - `service` is where the rules live: each service validates, writes the store and audits,
+//!   in one place, and has unit tests against a real sled store and a real CA. Services know
+//!   nothing of gRPC.
+//! - `api` handlers authorize the caller, convert the request, call one service method and map
+//!   its error with that service's one function in `api::status`. They write no store and
+//!   append no audit record of their own.
+//! - `server` wires the parts together and is the only module that knows them all.
+//!
+//! No module imports one that imports it back; `tests/tests/module_graph.rs` reads the
+//! `crate::` paths of every file and fails on a cycle.
+//!
+//! ## The public surface
+//!
+//! Everything above is private. What the binary, the benchmarks and the end-to-end tests use
+//! is re-exported here: [`Server`], [`ServerConfig`] and its parts, the [`cli`] the binary
+//! runs, [`DenyReason`] (how agents read a refusal), and the sled engine (`sled`, for tests
+//! that inspect a data directory).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod api;
-pub mod audit;
-pub mod ca;
+mod api;
+mod audit;
+mod ca;
 pub mod cli;
-pub mod config;
-pub mod policy;
-pub mod server;
-pub mod service;
-pub mod store;
-pub mod tls;
+mod config;
+mod policy;
+mod server;
+mod service;
+mod store;
+mod tls;
+
+pub use crate::api::node::REASON_METADATA_KEY;
+pub use crate::config::{
+    ConfigError, ConfigProblem, DEFAULT_ADMIN_SOCKET, FileConfig, LogFormat, LogLevel, Overrides,
+    ServerConfig,
+};
+pub use crate::server::{DRAIN_TIMEOUT, MAX_MESSAGE_SIZE, Server, ServerError, Shutdown};
+pub use crate::service::agents::DenyReason;
+pub use crate::store::sled::engine as sled;

@@ -6,8 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 use sigil_server::cli::{Cli, Command, RunArgs};
-use sigil_server::config::{LogFormat, Overrides, ServerConfig};
-use sigil_server::server::{Server, Shutdown};
+use sigil_server::{LogFormat, Overrides, Server, ServerConfig, Shutdown};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 

@@ -18,7 +18,7 @@ use sigil_proto::admin::{
     VerifyAuditRequest, VerifyAuditResponse,
 };
 use sigil_proto::node::{BatchNewX509svidRequest, NewJwtsvidRequest, NewX509svidParams};
-use sigil_server::store::sled::engine;
+use sigil_server::sled as engine;
 use sigil_tests::*;
 
 /// The actor the admin API records for this test process.

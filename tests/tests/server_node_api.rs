@@ -14,7 +14,7 @@ use sigil_proto::node::{
     AttestAgentRequest, BatchNewX509svidRequest, GetBundleRequest, NewJwtsvidRequest,
     NewX509svidParams, RenewAgentRequest, x509svid_result,
 };
-use sigil_server::api::node::DenyReason;
+use sigil_server::DenyReason;
 use sigil_tests::*;
 use tonic::Code;
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sigil_proto::admin::{AgentRequest, VerifyAuditRequest};
 use sigil_proto::workload::{JwtsvidRequest, X509BundlesRequest};
-use sigil_server::store::sled::engine;
+use sigil_server::sled as engine;
 use sigil_tests::*;
 
 const ID: &str = "spiffe://example.org/admin/db-migrate";

@@ -31,7 +31,7 @@ async fn main() -> anyhow::Result<()> {
     say(&format!("Working in {}", dir.path().display()))?;
 
     // 1. The server.
-    let server_config = sigil_server::config::ServerConfig::from_sources(
+    let server_config = sigil_server::ServerConfig::from_sources(
         Some(&format!(
             "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nadmin_socket = \"{}\"\nlog_level = \"warn\"",
             dir.path().join("server").display(),
@@ -39,12 +39,12 @@ async fn main() -> anyhow::Result<()> {
         )),
         Default::default(),
     )?;
-    let server = sigil_server::server::Server::start(server_config).await?;
+    let server = sigil_server::Server::start(server_config).await?;
     let server_addr = server.local_addr;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server_task = tokio::spawn(server.run(async move {
         let _ = server_stopped.await;
-        sigil_server::server::Shutdown::Immediate
+        sigil_server::Shutdown::Immediate
     }));
     say(&format!(
         "1. Server for {TRUST_DOMAIN} listening on {server_addr}"
