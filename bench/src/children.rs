@@ -102,8 +102,7 @@ fn server(args: Vec<String>) -> BoxFuture {
         };
         let text = std::fs::read_to_string(config_path)
             .with_context(|| format!("cannot read {config_path}"))?;
-        let config =
-            sigil_server::ServerConfig::from_sources(Some(&text), Default::default())?;
+        let config = sigil_server::ServerConfig::from_sources(Some(&text), Default::default())?;
         let server = sigil_server::Server::start(config).await?;
         ready(&server.local_addr.to_string())?;
         server

@@ -16,21 +16,21 @@ use sigil_core::lifetime::max_svid_ttl;
 use sigil_core::{HumanDuration, TrustDomain, parse_duration};
 
 /// Default address of the agent-facing API.
-pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
+pub(crate) const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
 /// Default data directory.
-pub const DEFAULT_DATA_DIR: &str = "/tmp/sigil-server/data";
+pub(crate) const DEFAULT_DATA_DIR: &str = "/tmp/sigil-server/data";
 /// Default path of the admin socket.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/sigil-server/private/admin.sock";
 /// Default lifetime of the signing authorities.
-pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default X509-SVID lifetime.
-pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Default JWT-SVID lifetime.
-pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
 /// Default size of the store's page cache, in MiB.
-pub const DEFAULT_STORE_CACHE_MIB: u64 = 128;
+pub(crate) const DEFAULT_STORE_CACHE_MIB: u64 = 128;
 /// The largest store page cache accepted, in MiB (1 TiB).
-pub const MAX_STORE_CACHE_MIB: u64 = 1024 * 1024;
+pub(crate) const MAX_STORE_CACHE_MIB: u64 = 1024 * 1024;
 
 /// The configuration file, as written. Every field is optional; the defaults are those below.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

@@ -16,30 +16,30 @@ use std::time::{Duration, SystemTime};
 use sigil_core::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// The first path segments of every ID the server reserves for itself and its agents.
-pub const RESERVED_PATH_PREFIX: &str = "/sigil/";
+pub(crate) const RESERVED_PATH_PREFIX: &str = "/sigil/";
 
 /// The path prefix of agent IDs (`spiffe://TD/sigil/agent/...`).
-pub const AGENT_PATH_PREFIX: &str = "/sigil/agent/";
+pub(crate) const AGENT_PATH_PREFIX: &str = "/sigil/agent/";
 
 /// The path of the server's own ID.
-pub const SERVER_PATH: &str = "/sigil/server";
+pub(crate) const SERVER_PATH: &str = "/sigil/server";
 
 /// Default `max_session_ttl`.
-pub const DEFAULT_MAX_SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
+pub(crate) const DEFAULT_MAX_SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 
 /// Default `session_svid_ttl`.
-pub const DEFAULT_SESSION_SVID_TTL: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_SESSION_SVID_TTL: Duration = Duration::from_secs(300);
 
 /// Lifetime of a join token when the request gives none (SPIRE's default).
-pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(600);
+pub(crate) const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(600);
 
 /// The longest join token lifetime.
-pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Why an ID may not be granted to a workload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum IdPolicyError {
+pub(crate) enum IdPolicyError {
     /// The ID belongs to another trust domain.
     #[error("{id} is not in trust domain {trust_domain}")]
     ForeignTrustDomain {
@@ -65,7 +65,7 @@ pub enum IdPolicyError {
 /// Why a DNS name may not go into a certificate.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("dns name {name:?} is not valid: {reason}")]
-pub struct DnsNameError {
+pub(crate) struct DnsNameError {
     /// The name.
     pub name: String,
     /// What is wrong with it.
@@ -187,13 +187,13 @@ impl TtlPolicy {
 // === identities ===
 
 /// True for the reserved `/sigil` path and everything under it, which no entry may grant.
-pub fn is_reserved(id: &SpiffeId) -> bool {
+pub(crate) fn is_reserved(id: &SpiffeId) -> bool {
     let path = id.path();
     path.starts_with(RESERVED_PATH_PREFIX) || path == RESERVED_PATH_PREFIX.trim_end_matches('/')
 }
 
 /// True for `spiffe://TD/sigil/agent/<something>` in `trust_domain`.
-pub fn is_agent_id(trust_domain: &TrustDomain, id: &SpiffeId) -> bool {
+pub(crate) fn is_agent_id(trust_domain: &TrustDomain, id: &SpiffeId) -> bool {
     id.is_member_of(trust_domain)
         && id.path().starts_with(AGENT_PATH_PREFIX)
         && id.path().len() > AGENT_PATH_PREFIX.len()
@@ -204,7 +204,7 @@ pub fn is_agent_id(trust_domain: &TrustDomain, id: &SpiffeId) -> bool {
 /// # Errors
 ///
 /// None in practice: the path is a valid constant.
-pub fn server_id(trust_domain: &TrustDomain) -> Result<SpiffeId, SpiffeIdError> {
+pub(crate) fn server_id(trust_domain: &TrustDomain) -> Result<SpiffeId, SpiffeIdError> {
     trust_domain.id_from_path(SERVER_PATH)
 }
 
@@ -214,7 +214,10 @@ pub fn server_id(trust_domain: &TrustDomain) -> Result<SpiffeId, SpiffeIdError> 
 /// # Errors
 ///
 /// The first rule `id` breaks.
-pub fn check_workload_id(trust_domain: &TrustDomain, id: &SpiffeId) -> Result<(), IdPolicyError> {
+pub(crate) fn check_workload_id(
+    trust_domain: &TrustDomain,
+    id: &SpiffeId,
+) -> Result<(), IdPolicyError> {
     if !id.is_member_of(trust_domain) {
         return Err(IdPolicyError::ForeignTrustDomain {
             id: id.clone(),
@@ -236,7 +239,7 @@ pub fn check_workload_id(trust_domain: &TrustDomain, id: &SpiffeId) -> Result<()
 /// # Errors
 ///
 /// [`DnsNameError`] naming the rule broken.
-pub fn check_dns_name(name: &str) -> Result<(), DnsNameError> {
+pub(crate) fn check_dns_name(name: &str) -> Result<(), DnsNameError> {
     let invalid = |reason| {
         Err(DnsNameError {
             name: name.to_owned(),

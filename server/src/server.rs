@@ -121,7 +121,7 @@ pub struct Server {
     authority: Arc<Authority>,
     audit: Arc<AuditLog>,
     /// How often the audit chain head is signed when it moved (default
-    /// [`audit::DEFAULT_CHECKPOINT_INTERVAL`]); set it before [`Server::run`].
+    /// 60 s); set it before [`Server::run`].
     pub audit_checkpoint_interval: Duration,
     config: ServerConfig,
     entries: Arc<EntryCache>,
@@ -234,6 +234,12 @@ impl Server {
             authority.clone(),
             self.entries.clone(),
         ));
+        let token_pruning = tokio::spawn(
+            agents
+                .clone()
+                .run_token_pruning(stop_rx.clone())
+                .instrument(info_span!("join_tokens")),
+        );
         let entry_cache = tokio::spawn(
             self.entries
                 .clone()
@@ -342,6 +348,7 @@ impl Server {
                 let _ = stop_tx.send(true);
                 rotation.abort();
                 expiry.abort();
+                token_pruning.abort();
                 entry_cache.abort();
                 crl_refresh.abort();
                 final_checkpoint(checkpoints).await;
@@ -352,6 +359,7 @@ impl Server {
         let _ = stop_tx.send(true);
         rotation.abort();
         expiry.abort();
+        token_pruning.abort();
         crl_refresh.abort();
         admin_serve.abort();
         match how {

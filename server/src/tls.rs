@@ -9,7 +9,6 @@
 //! certificate check (SPIRE 1.14.3 advisory).
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
@@ -29,7 +28,7 @@ use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
 /// How long a client may take to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors building the TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -43,24 +42,22 @@ pub enum TlsError {
 /// The server's current certificate and key, replaceable at any time (SVID renewal, CA
 /// rotation); new handshakes use the newest.
 #[derive(Debug, Clone)]
-pub struct ServerCertificate {
+pub(crate) struct ServerCertificate {
     current: Arc<RwLock<Arc<CertifiedKey>>>,
 }
 
-/// What tonic knows about each connection: its address and the client's verified certificate
-/// chain (leaf first), if it presented one.
+/// What tonic knows about each connection: the client's verified certificate chain (leaf
+/// first), if it presented one.
 #[derive(Debug, Clone)]
-pub struct PeerInfo {
-    /// The client's address.
-    pub remote_addr: Option<SocketAddr>,
+pub(crate) struct PeerInfo {
     /// The client's certificate chain, verified at the handshake against the bundle of that
     /// moment. Calls re-check it against the current bundle and store.
-    pub cert_chain: Option<Arc<Vec<CertificateDer<'static>>>>,
+    pub(crate) cert_chain: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
 /// One accepted, handshaken connection.
 #[derive(Debug)]
-pub struct TlsConnection {
+pub(crate) struct TlsConnection {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
 }
@@ -69,7 +66,7 @@ pub struct TlsConnection {
 
 impl ServerCertificate {
     /// A resolver serving `chain` (leaf first) with `key` (PKCS#8 P-256).
-    pub fn new(
+    pub(crate) fn new(
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, TlsError> {
@@ -79,7 +76,7 @@ impl ServerCertificate {
     }
 
     /// Replaces the certificate for all later handshakes.
-    pub fn replace(
+    pub(crate) fn replace(
         &self,
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
@@ -111,7 +108,7 @@ fn certified_key(
 
 /// The rustls configuration of the agent-facing API: TLS 1.2/1.3 with the ring provider, client
 /// SVIDs optional but verified against `bundles` when presented, no session resumption, ALPN h2.
-pub fn server_config(
+pub(crate) fn server_config(
     certificate: ServerCertificate,
     bundles: SharedBundles,
 ) -> Result<rustls::ServerConfig, TlsError> {
@@ -130,7 +127,7 @@ pub fn server_config(
 /// Accepts TCP connections on `listener`, runs each TLS handshake in its own task (bounded by
 /// [`HANDSHAKE_TIMEOUT`]), and yields the connections that complete it. A failed handshake
 /// affects only its own connection. The loop ends when the receiver is dropped.
-pub fn incoming(
+pub(crate) fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
 ) -> mpsc::Receiver<io::Result<TlsConnection>> {
@@ -158,10 +155,7 @@ pub fn incoming(
                         let cert_chain = stream.get_ref().1.peer_certificates().map(|certs| {
                             Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect())
                         });
-                        let peer = PeerInfo {
-                            remote_addr: Some(remote),
-                            cert_chain,
-                        };
+                        let peer = PeerInfo { cert_chain };
                         let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
                     }
                     Ok(Err(error)) => debug!(%error, %remote, "tls handshake failed"),

@@ -59,7 +59,7 @@ use crate::store::{
 
 /// The services the admin API calls.
 #[derive(Debug, Clone)]
-pub struct AdminServices {
+pub(crate) struct AdminServices {
     /// Entries.
     pub entries: Arc<Entries>,
     /// Agents and join tokens.
@@ -78,7 +78,7 @@ pub struct AdminServices {
 
 /// The admin service.
 #[derive(Clone)]
-pub struct AdminService {
+pub(crate) struct AdminService {
     services: AdminServices,
     admin_uids: Arc<Vec<u32>>,
 }
@@ -106,7 +106,7 @@ pub enum AdminSocketError {
 /// Binds the admin socket: creates its directory (mode 0711: reachable, not listable), replaces
 /// a stale socket left by a crash (refusing if a live server answers on it), and makes the
 /// socket connectable by every local user (0666); authorization is by uid, per call.
-pub async fn bind_admin_socket(path: &Path) -> Result<UnixListener, AdminSocketError> {
+pub(crate) async fn bind_admin_socket(path: &Path) -> Result<UnixListener, AdminSocketError> {
     let shown = path.display().to_string();
     let io = |source| AdminSocketError::Io {
         path: shown.clone(),
@@ -154,7 +154,7 @@ impl std::fmt::Debug for AdminService {
 
 impl AdminService {
     /// Builds the service over `services`; uid 0 and `admin_uids` may call it.
-    pub fn new(services: AdminServices, admin_uids: Vec<u32>) -> Self {
+    pub(crate) fn new(services: AdminServices, admin_uids: Vec<u32>) -> Self {
         Self {
             services,
             admin_uids: Arc::new(admin_uids),

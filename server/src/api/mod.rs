@@ -7,6 +7,6 @@
 //! A handler authorizes the caller, converts the request to domain types, calls one service
 //! method and maps the error; it writes no store and appends no audit record of its own.
 
-pub mod admin;
-pub mod node;
-pub mod status;
+pub(crate) mod admin;
+pub(crate) mod node;
+pub(crate) mod status;

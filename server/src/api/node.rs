@@ -31,7 +31,7 @@ use tracing::instrument;
 
 use super::status::{agent_status, session_status, svid_status, sync_status};
 use crate::policy::TtlPolicy;
-pub use crate::service::agents::DenyReason;
+pub(crate) use crate::service::agents::DenyReason;
 use crate::service::agents::{Agent, Agents};
 use crate::service::authority::IssuedSvid;
 use crate::service::sessions::{SessionWorkload, Sessions};
@@ -45,7 +45,7 @@ pub const REASON_METADATA_KEY: &str = "sigil-reason";
 
 /// The node service. Cheap to clone: its parts are shared.
 #[derive(Debug, Clone)]
-pub struct NodeService {
+pub(crate) struct NodeService {
     agents: Arc<Agents>,
     svids: Arc<Svids>,
     sessions: Arc<Sessions>,
@@ -67,7 +67,7 @@ impl DenyReason {
 impl NodeService {
     /// Builds the service over the services it calls; `ttls` fills in entries' effective
     /// lifetimes for agents.
-    pub fn new(
+    pub(crate) fn new(
         agents: Arc<Agents>,
         svids: Arc<Svids>,
         sessions: Arc<Sessions>,

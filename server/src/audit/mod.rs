@@ -81,16 +81,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use self::verify::{
-    ChainVerifier, CheckpointSummary, VerifySummary, Violation, ViolationKind, verify,
-};
+#[cfg(test)]
+pub(crate) use self::verify::verify;
+pub(crate) use self::verify::{ChainVerifier, VerifySummary, Violation, ViolationKind};
 use sigil_core::hex::{decode as hex_decode, encode as hex_encode};
 
 /// The id of the audit signing key in the [`KeyManager`](crate::ca::KeyManager).
-pub const AUDIT_KEY_ID: &str = "audit-signing";
+pub(crate) const AUDIT_KEY_ID: &str = "audit-signing";
 
 /// The actor of records the server writes on its own behalf.
-pub const SERVER_ACTOR: &str = "server";
+pub(crate) const SERVER_ACTOR: &str = "server";
 
 /// The domain tag that starts a record's canonical encoding.
 const RECORD_TAG: &[u8] = b"sigil.audit.record.v1\0";
@@ -99,53 +99,53 @@ const RECORD_TAG: &[u8] = b"sigil.audit.record.v1\0";
 const CHECKPOINT_TAG: &[u8] = b"sigil.audit.checkpoint.v1\0";
 
 /// The `prev_hash` of record 1.
-pub const GENESIS_HASH: [u8; 32] = [0; 32];
+pub(crate) const GENESIS_HASH: [u8; 32] = [0; 32];
 
 /// The action names records use.
-pub mod action {
+pub(crate) mod action {
     /// An admin created a registration entry.
-    pub const ENTRY_CREATE: &str = "entry.create";
+    pub(crate) const ENTRY_CREATE: &str = "entry.create";
     /// An admin updated a registration entry.
-    pub const ENTRY_UPDATE: &str = "entry.update";
+    pub(crate) const ENTRY_UPDATE: &str = "entry.update";
     /// An admin deleted a registration entry.
-    pub const ENTRY_DELETE: &str = "entry.delete";
+    pub(crate) const ENTRY_DELETE: &str = "entry.delete";
     /// An admin generated a join token (recorded as the agent ID it gives, never the token).
-    pub const TOKEN_GENERATE: &str = "token.generate";
+    pub(crate) const TOKEN_GENERATE: &str = "token.generate";
     /// An agent attested and got its first SVID.
-    pub const AGENT_ATTEST: &str = "agent.attest";
+    pub(crate) const AGENT_ATTEST: &str = "agent.attest";
     /// An agent renewed its SVID.
-    pub const AGENT_RENEW: &str = "agent.renew";
+    pub(crate) const AGENT_RENEW: &str = "agent.renew";
     /// An admin evicted an agent.
-    pub const AGENT_EVICT: &str = "agent.evict";
+    pub(crate) const AGENT_EVICT: &str = "agent.evict";
     /// An admin banned an agent.
-    pub const AGENT_BAN: &str = "agent.ban";
+    pub(crate) const AGENT_BAN: &str = "agent.ban";
     /// An admin set a federated bundle.
-    pub const BUNDLE_SET: &str = "bundle.set";
+    pub(crate) const BUNDLE_SET: &str = "bundle.set";
     /// An admin deleted a federated bundle.
-    pub const BUNDLE_DELETE: &str = "bundle.delete";
+    pub(crate) const BUNDLE_DELETE: &str = "bundle.delete";
     /// A workload X509-SVID was issued to an agent.
-    pub const SVID_X509_ISSUE: &str = "svid.x509.issue";
+    pub(crate) const SVID_X509_ISSUE: &str = "svid.x509.issue";
     /// A workload JWT-SVID was issued to an agent.
-    pub const SVID_JWT_ISSUE: &str = "svid.jwt.issue";
+    pub(crate) const SVID_JWT_ISSUE: &str = "svid.jwt.issue";
     /// An admin minted an X509-SVID directly.
-    pub const X509_MINT: &str = "x509.mint";
+    pub(crate) const X509_MINT: &str = "x509.mint";
     /// An admin minted a JWT-SVID directly.
-    pub const JWT_MINT: &str = "jwt.mint";
+    pub(crate) const JWT_MINT: &str = "jwt.mint";
     /// An admin opened a privileged session.
-    pub const SESSION_OPEN: &str = "session.open";
+    pub(crate) const SESSION_OPEN: &str = "session.open";
     /// A second admin approved a pending session.
-    pub const SESSION_APPROVE: &str = "session.approve";
+    pub(crate) const SESSION_APPROVE: &str = "session.approve";
     /// An admin closed a session (task done).
-    pub const SESSION_CLOSE: &str = "session.close";
+    pub(crate) const SESSION_CLOSE: &str = "session.close";
     /// An admin revoked a session; its unexpired serials went on the CRLs.
-    pub const SESSION_REVOKE: &str = "session.revoke";
+    pub(crate) const SESSION_REVOKE: &str = "session.revoke";
     /// A session reached its end (server clock).
-    pub const SESSION_EXPIRE: &str = "session.expire";
+    pub(crate) const SESSION_EXPIRE: &str = "session.expire";
 }
 
 /// A record as a caller writes it: the store adds sequence, time and hashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewAuditRecord {
+pub(crate) struct NewAuditRecord {
     /// Who: `uid:N`, an agent SPIFFE ID, or [`SERVER_ACTOR`].
     pub actor: String,
     /// What: a dotted name from [`action`].
@@ -159,7 +159,7 @@ pub struct NewAuditRecord {
 
 /// A record of the chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditRecord {
+pub(crate) struct AuditRecord {
     /// Position in the chain: 1, 2, 3, ... without gaps.
     pub sequence: u64,
     /// When the store appended it; never before the previous record's time.
@@ -182,7 +182,7 @@ pub struct AuditRecord {
 
 /// The last record of the chain, as the store keeps it to append the next one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditHead {
+pub(crate) struct AuditHead {
     /// The last record's sequence.
     pub sequence: u64,
     /// The last record's hash.
@@ -194,7 +194,7 @@ pub struct AuditHead {
 
 /// A signed statement that the chain's record `sequence` has hash `hash`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditCheckpoint {
+pub(crate) struct AuditCheckpoint {
     /// The sequence of the record it covers (and, through the chain, of every earlier one).
     pub sequence: u64,
     /// That record's hash.
@@ -215,7 +215,7 @@ pub struct AuditCheckpoint {
 /// Which records [`Store::list_audit`](crate::store::Store::list_audit) returns: every condition
 /// that is set must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuditFilter {
+pub(crate) struct AuditFilter {
     /// Only records with this sequence or a later one.
     pub from_sequence: Option<u64>,
     /// Only records at or after this time.
@@ -250,7 +250,7 @@ pub enum EncodeError {
 
 impl NewAuditRecord {
     /// A record with no details.
-    pub fn new(
+    pub(crate) fn new(
         actor: impl Into<String>,
         action: impl Into<String>,
         subject: impl Into<String>,
@@ -265,14 +265,14 @@ impl NewAuditRecord {
 
     /// Adds (or replaces) one detail.
     #[must_use]
-    pub fn detail(mut self, key: &str, value: impl Into<Value>) -> Self {
+    pub(crate) fn detail(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.details.insert(key.to_owned(), value.into());
         self
     }
 
     /// Adds a time detail, as whole seconds since the Unix epoch (an integer).
     #[must_use]
-    pub fn time_detail(self, key: &str, time: SystemTime) -> Self {
+    pub(crate) fn time_detail(self, key: &str, time: SystemTime) -> Self {
         let seconds = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         self.detail(key, seconds)
     }
@@ -282,7 +282,7 @@ impl NewAuditRecord {
     /// # Errors
     ///
     /// [`EncodeError`] when the record has no canonical encoding.
-    pub fn seal(
+    pub(crate) fn seal(
         self,
         sequence: u64,
         time: SystemTime,
@@ -311,7 +311,7 @@ impl AuditRecord {
     /// # Errors
     ///
     /// [`EncodeError`] when a field cannot be encoded.
-    pub fn canonical_encoding(&self) -> Result<Vec<u8>, EncodeError> {
+    pub(crate) fn canonical_encoding(&self) -> Result<Vec<u8>, EncodeError> {
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(RECORD_TAG);
         out.extend_from_slice(&self.sequence.to_be_bytes());
@@ -331,12 +331,12 @@ impl AuditRecord {
     /// # Errors
     ///
     /// [`EncodeError`] when a field cannot be encoded.
-    pub fn compute_hash(&self) -> Result<[u8; 32], EncodeError> {
+    pub(crate) fn compute_hash(&self) -> Result<[u8; 32], EncodeError> {
         Ok(sha256(&self.canonical_encoding()?))
     }
 
     /// The head of a chain ending with this record.
-    pub fn head(&self) -> AuditHead {
+    pub(crate) fn head(&self) -> AuditHead {
         AuditHead {
             sequence: self.sequence,
             hash: self.hash,
@@ -355,7 +355,7 @@ impl AuditCheckpoint {
     /// # Errors
     ///
     /// [`EncodeError::TimeBeforeEpoch`].
-    pub fn signed_message(
+    pub(crate) fn signed_message(
         sequence: u64,
         hash: &[u8; 32],
         time: SystemTime,
@@ -369,13 +369,13 @@ impl AuditCheckpoint {
     }
 
     /// Lowercase hex SHA-256 of the public key: the value to pin outside the host.
-    pub fn key_fingerprint(&self) -> String {
+    pub(crate) fn key_fingerprint(&self) -> String {
         key_fingerprint(&self.public_key)
     }
 
     /// True when `signature` is a valid signature over this checkpoint by `public_key`
     /// (which says nothing about whether that key is trusted).
-    pub fn signature_is_valid(&self) -> bool {
+    pub(crate) fn signature_is_valid(&self) -> bool {
         let Ok(message) = Self::signed_message(self.sequence, &self.hash, self.time) else {
             return false;
         };
@@ -404,7 +404,7 @@ impl fmt::Debug for AuditCheckpoint {
 
 impl AuditFilter {
     /// True when `record` passes every condition that is set.
-    pub fn matches(&self, record: &AuditRecord) -> bool {
+    pub(crate) fn matches(&self, record: &AuditRecord) -> bool {
         self.from_sequence
             .is_none_or(|from| record.sequence >= from)
             && self.since.is_none_or(|since| record.time >= since)
@@ -432,12 +432,12 @@ impl AuditFilter {
 // === helpers ===
 
 /// The `actor` of an admin caller.
-pub fn uid_actor(uid: u32) -> String {
+pub(crate) fn uid_actor(uid: u32) -> String {
     format!("uid:{uid}")
 }
 
 /// Lowercase hex SHA-256 of a public key.
-pub fn key_fingerprint(public_key: &[u8]) -> String {
+pub(crate) fn key_fingerprint(public_key: &[u8]) -> String {
     hex_encode(&sha256(public_key))
 }
 

@@ -1,7 +1,6 @@
 //! Verification of the chain and its latest checkpoint: pure functions of the records, the
 //! checkpoint and the trusted key.
 
-use std::borrow::Borrow;
 use std::fmt;
 use std::time::SystemTime;
 
@@ -85,7 +84,7 @@ pub enum ViolationKind {
 
 /// What a successful verification checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifySummary {
+pub(crate) struct VerifySummary {
     /// How many records were checked.
     pub records: u64,
     /// The last record, if any.
@@ -99,7 +98,7 @@ pub struct VerifySummary {
 
 /// The checkpoint a verification checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckpointSummary {
+pub(crate) struct CheckpointSummary {
     /// The record it covers.
     pub sequence: u64,
     /// That record's hash.
@@ -115,7 +114,7 @@ pub struct CheckpointSummary {
 /// Verifies a chain record by record, so that a long log need not sit in memory at once:
 /// [`ChainVerifier::push`] every record in sequence order, then [`ChainVerifier::finish`].
 #[derive(Debug)]
-pub struct ChainVerifier {
+pub(crate) struct ChainVerifier {
     next: u64,
     prev_hash: [u8; 32],
     prev_time: Option<SystemTime>,
@@ -138,7 +137,7 @@ impl fmt::Display for Violation {
 impl ChainVerifier {
     /// Verifies a chain from record 1, against `checkpoint` (the latest one, if any), which
     /// must be signed by `trusted_key` (an uncompressed SEC 1 P-256 public key).
-    pub fn new(checkpoint: Option<AuditCheckpoint>, trusted_key: &[u8]) -> Self {
+    pub(crate) fn new(checkpoint: Option<AuditCheckpoint>, trusted_key: &[u8]) -> Self {
         let checkpoint_problem = checkpoint.as_ref().and_then(|cp| {
             if cp.public_key != trusted_key {
                 Some(ViolationKind::CheckpointUntrustedKey {
@@ -161,7 +160,7 @@ impl ChainVerifier {
     }
 
     /// Verifies the records after `head` (a point already known good), without a checkpoint.
-    pub fn resume(head: AuditHead) -> Self {
+    pub(crate) fn resume(head: AuditHead) -> Self {
         Self {
             next: head.sequence.saturating_add(1),
             prev_hash: head.hash,
@@ -177,7 +176,7 @@ impl ChainVerifier {
     /// # Errors
     ///
     /// The [`Violation`] this record is (or reveals); stop at the first.
-    pub fn push(&mut self, record: &AuditRecord) -> Result<(), Violation> {
+    pub(crate) fn push(&mut self, record: &AuditRecord) -> Result<(), Violation> {
         let at = |kind| Violation {
             sequence: record.sequence,
             kind,
@@ -232,7 +231,7 @@ impl ChainVerifier {
     /// # Errors
     ///
     /// A checkpoint beyond the last record, or a bad checkpoint.
-    pub fn finish(self) -> Result<VerifySummary, Violation> {
+    pub(crate) fn finish(self) -> Result<VerifySummary, Violation> {
         let last = self.next - 1;
         let head = (last > 0).then(|| AuditHead {
             sequence: last,
@@ -277,24 +276,25 @@ impl ChainVerifier {
     }
 }
 
+#[cfg(test)]
 /// Verifies a whole chain, from record 1, against the latest checkpoint (if any), which must
 /// be signed by `trusted_key`.
 ///
 /// # Errors
 ///
 /// The first bad record (see [`ChainVerifier`]).
-pub fn verify<I>(
+pub(crate) fn verify<I>(
     records: I,
     checkpoint: Option<&AuditCheckpoint>,
     trusted_key: &[u8],
 ) -> Result<VerifySummary, Violation>
 where
     I: IntoIterator,
-    I::Item: Borrow<AuditRecord>,
+    I::Item: std::borrow::Borrow<AuditRecord>,
 {
     let mut verifier = ChainVerifier::new(checkpoint.cloned(), trusted_key);
     for record in records {
-        verifier.push(record.borrow())?;
+        verifier.push(std::borrow::Borrow::borrow(&record))?;
     }
     verifier.finish()
 }

@@ -30,7 +30,7 @@ pub(crate) const JOURNAL_VERSION: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
-pub enum AuthorityState {
+pub(crate) enum AuthorityState {
     /// Created and published in the bundle, so that relying parties learn it before it signs;
     /// not signing yet.
     Prepared,
@@ -44,7 +44,7 @@ pub enum AuthorityState {
 /// What kind of authority an [`AuthorityInfo`] describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum AuthorityKind {
+pub(crate) enum AuthorityKind {
     /// An X.509 root that signs X509-SVIDs.
     X509,
     /// A key that signs JWT-SVIDs.
@@ -53,7 +53,7 @@ pub enum AuthorityKind {
 
 /// A summary of one authority, for operators (`localauthority show` in SPIRE's terms).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthorityInfo {
+pub(crate) struct AuthorityInfo {
     /// X.509 or JWT.
     pub kind: AuthorityKind,
     /// The authority's id: the root's serial number in hex for X.509, the `kid` for JWT.

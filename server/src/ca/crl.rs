@@ -8,7 +8,7 @@ use super::{Ca, CaError};
 
 /// A serial to list, and which authority's CRL lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RevokedSerial {
+pub(crate) struct RevokedSerial {
     /// The serial number, lowercase hex.
     pub serial: String,
     /// When it was revoked.
@@ -19,7 +19,7 @@ pub struct RevokedSerial {
 
 /// A CRL just signed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignedCrl {
+pub(crate) struct SignedCrl {
     /// The signing authority's id.
     pub authority_id: String,
     /// The CRL, DER.
@@ -44,7 +44,7 @@ impl Ca {
     /// # Errors
     ///
     /// [`CaError::Certificate`] when a serial is not hex or signing fails.
-    pub fn sign_crls(
+    pub(crate) fn sign_crls(
         &self,
         revoked: &[RevokedSerial],
         crl_number: u64,

@@ -8,7 +8,7 @@ use sigil_core::lifetime::LifetimeError;
 use sigil_core::{JwtSvidError, SpiffeId, TrustDomain, X509SvidError};
 
 use super::keys::KeyError;
-use super::{AGENT_PATH_PREFIX, RESERVED_PATH_PREFIX};
+use crate::policy::{AGENT_PATH_PREFIX, RESERVED_PATH_PREFIX};
 
 /// Why the CA could not start, rotate, or sign.
 #[derive(Debug, thiserror::Error)]

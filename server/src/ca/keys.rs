@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 use super::hex;
 
 /// The longest key id a [`KeyManager`] must accept, in bytes.
-pub const MAX_KEY_ID_LEN: usize = 64;
+pub(crate) const MAX_KEY_ID_LEN: usize = 64;
 
 /// The largest key file [`DiskKeyManager`] reads, in bytes (a P-256 PKCS#8 key is 138).
 const MAX_KEY_FILE_LEN: u64 = 16 * 1024;
@@ -96,7 +96,7 @@ pub enum KeyError {
 }
 
 /// An ECDSA P-256 signing key held by a [`KeyManager`]. The private half never leaves it.
-pub trait CaKey: Send + Sync + fmt::Debug {
+pub(crate) trait CaKey: Send + Sync + fmt::Debug {
     /// The id the key manager knows the key by.
     fn id(&self) -> &str;
 
@@ -116,7 +116,7 @@ pub trait CaKey: Send + Sync + fmt::Debug {
 ///
 /// Ids are 1 to [`MAX_KEY_ID_LEN`] lowercase letters, digits and dashes. The calls may block
 /// (disk, network): the CA runs them on tokio's blocking pool.
-pub trait KeyManager: Send + Sync + fmt::Debug {
+pub(crate) trait KeyManager: Send + Sync + fmt::Debug {
     /// Generates and stores a new key under `id`.
     ///
     /// # Errors
@@ -142,13 +142,13 @@ pub trait KeyManager: Send + Sync + fmt::Debug {
 /// A [`CaKey`] as rcgen's `SigningKey` (ECDSA P-256 with SHA-256), to sign certificates
 /// through `rcgen::Issuer`.
 #[derive(Clone)]
-pub struct RcgenSigner {
+pub(crate) struct RcgenSigner {
     key: Arc<dyn CaKey>,
 }
 
 /// Keys as PKCS#8 DER files in one directory: `<dir>/<id>.key`, mode 0600, directory 0700.
 #[derive(Debug, Clone)]
-pub struct DiskKeyManager {
+pub(crate) struct DiskKeyManager {
     dir: PathBuf,
 }
 
@@ -162,13 +162,8 @@ struct DiskKey {
 
 impl RcgenSigner {
     /// Wraps `key`.
-    pub fn new(key: Arc<dyn CaKey>) -> Self {
+    pub(crate) fn new(key: Arc<dyn CaKey>) -> Self {
         Self { key }
-    }
-
-    /// The wrapped key.
-    pub fn key(&self) -> &Arc<dyn CaKey> {
-        &self.key
     }
 }
 
@@ -206,7 +201,7 @@ impl fmt::Debug for RcgenSigner {
 ///
 /// The key's signing error, or [`KeyError::Crypto`] when its signature is not a well-formed
 /// DER ECDSA P-256 signature.
-pub fn jws_signature(key: &dyn CaKey, message: &[u8]) -> Result<[u8; 64], KeyError> {
+pub(crate) fn jws_signature(key: &dyn CaKey, message: &[u8]) -> Result<[u8; 64], KeyError> {
     let der = key.sign(message)?;
     der_signature_to_fixed(&der).ok_or(KeyError::Crypto {
         operation: "decoding an ecdsa signature",
@@ -256,7 +251,7 @@ impl DiskKeyManager {
     /// # Errors
     ///
     /// [`KeyError::Io`] when the directory cannot be created or its mode set.
-    pub fn new(dir: impl Into<PathBuf>) -> Result<Self, KeyError> {
+    pub(crate) fn new(dir: impl Into<PathBuf>) -> Result<Self, KeyError> {
         let dir = dir.into();
         DirBuilder::new()
             .recursive(true)
@@ -268,8 +263,9 @@ impl DiskKeyManager {
         Ok(Self { dir })
     }
 
+    #[cfg(test)]
     /// The key directory.
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 

@@ -50,7 +50,7 @@
 mod authority;
 mod crl;
 mod error;
-pub mod keys;
+pub(crate) mod keys;
 mod rotation;
 mod signing;
 mod template;
@@ -61,27 +61,26 @@ use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use sigil_core::{JwtBundle, SpiffeBundle, SpiffeId, TrustDomain, X509Bundle};
+use sigil_core::{SpiffeBundle, SpiffeId, TrustDomain, X509Bundle};
 
 use self::authority::Authorities;
 
-pub use self::authority::{AuthorityInfo, AuthorityKind, AuthorityState};
-pub use self::crl::{RevokedSerial, SignedCrl};
-pub use self::error::{CaError, CaJournalStoreError};
-pub use self::keys::{CaKey, DiskKeyManager, KeyError, KeyManager};
-pub use self::rotation::CaJournalStore;
-pub use self::signing::{IssuedX509Svid, WorkloadX509SvidParams};
-pub use self::template::MAX_CSR_LEN;
+pub(crate) use self::authority::{AuthorityInfo, AuthorityKind, AuthorityState};
+pub(crate) use self::crl::{RevokedSerial, SignedCrl};
+pub(crate) use self::error::{CaError, CaJournalStoreError};
+pub(crate) use self::keys::{CaKey, DiskKeyManager, KeyError, KeyManager};
+pub(crate) use self::rotation::CaJournalStore;
+pub(crate) use self::signing::{IssuedX509Svid, WorkloadX509SvidParams};
+#[cfg(test)]
+pub(crate) use self::template::MAX_CSR_LEN;
 
 /// The shortest `ca_ttl` accepted: one sixth of it (the longest SVID TTL it can honour) is then
 /// at least one second.
-pub const MIN_CA_TTL: Duration = Duration::from_secs(6);
-
-pub use crate::policy::{AGENT_PATH_PREFIX, RESERVED_PATH_PREFIX, SERVER_PATH};
+pub(crate) const MIN_CA_TTL: Duration = Duration::from_secs(6);
 
 /// The trust domain's certificate authority. Share it behind an `Arc`: signing takes `&self`
 /// and never waits for a rotation in progress.
-pub struct Ca {
+pub(crate) struct Ca {
     trust_domain: TrustDomain,
     ca_ttl: Duration,
     key_manager: Arc<dyn KeyManager>,
@@ -94,48 +93,42 @@ pub struct Ca {
 
 impl Ca {
     /// The trust domain.
-    pub fn trust_domain(&self) -> &TrustDomain {
+    pub(crate) fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
-    }
-
-    /// The lifetime of new authorities (whole seconds).
-    pub fn ca_ttl(&self) -> Duration {
-        self.ca_ttl
     }
 
     /// The SPIFFE bundle: every authority not yet pruned (prepared, active and old) and every
     /// JWT key, with `spiffe_sequence` set.
-    pub fn bundle(&self) -> SpiffeBundle {
+    pub(crate) fn bundle(&self) -> SpiffeBundle {
         self.snapshot().bundle.clone()
     }
 
     /// The X.509 part of [`Ca::bundle`].
-    pub fn x509_bundle(&self) -> X509Bundle {
+    pub(crate) fn x509_bundle(&self) -> X509Bundle {
         self.snapshot().x509_bundle.clone()
     }
 
+    #[cfg(test)]
     /// The JWT part of [`Ca::bundle`].
-    pub fn jwt_bundle(&self) -> JwtBundle {
+    pub(crate) fn jwt_bundle(&self) -> sigil_core::JwtBundle {
         self.snapshot().jwt_bundle.clone()
     }
 
     /// The bundle's `spiffe_sequence`.
-    pub fn bundle_sequence(&self) -> u64 {
+    pub(crate) fn bundle_sequence(&self) -> u64 {
         self.snapshot().sequence
     }
 
     /// Every authority, X.509 first, each kind oldest first.
-    pub fn authorities(&self) -> Vec<AuthorityInfo> {
+    pub(crate) fn authorities(&self) -> Vec<AuthorityInfo> {
         self.snapshot().infos()
     }
 
     /// The server's own SPIFFE ID, `spiffe://<td>/sigil/server`.
-    pub fn server_id(&self) -> SpiffeId {
+    pub(crate) fn server_id(&self) -> SpiffeId {
         // The trust domain and the constant path are both valid, so this cannot fail; the
         // fallback keeps the signature infallible without a panic.
-        self.trust_domain
-            .id_from_path(SERVER_PATH)
-            .unwrap_or_else(|_| self.trust_domain.root_id())
+        crate::policy::server_id(&self.trust_domain).unwrap_or_else(|_| self.trust_domain.root_id())
     }
 
     /// The current authorities.

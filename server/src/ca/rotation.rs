@@ -26,7 +26,7 @@ const MAX_ROTATION_STEPS: usize = 8;
 /// Where the CA keeps its journal: one opaque document, loaded at start and replaced on every
 /// rotation change. Implemented by the server's store.
 #[async_trait]
-pub trait CaJournalStore: Send + Sync {
+pub(crate) trait CaJournalStore: Send + Sync {
     /// The stored journal, or `None` when the CA has never saved one.
     async fn load_ca_journal(&self) -> Result<Option<Vec<u8>>, CaJournalStoreError>;
 
@@ -45,7 +45,7 @@ impl Ca {
     /// [`CaError::CaTtlTooShort`]; the journal store's error; [`CaError::CorruptJournal`] or
     /// [`CaError::TrustDomainMismatch`] for a journal that cannot be used; [`CaError::Key`]
     /// when a key named by the journal cannot be loaded or a new one generated.
-    pub async fn load_or_init(
+    pub(crate) async fn load_or_init(
         trust_domain: TrustDomain,
         ca_ttl: Duration,
         key_manager: Arc<dyn KeyManager>,
@@ -89,7 +89,7 @@ impl Ca {
     ///
     /// [`CaError::Key`] when a key cannot be generated, and the journal store's error; the CA
     /// then keeps its previous authorities.
-    pub async fn rotate(&self, now: SystemTime) -> Result<bool, CaError> {
+    pub(crate) async fn rotate(&self, now: SystemTime) -> Result<bool, CaError> {
         let _rotating = self.rotation.lock().await;
         let current = self.snapshot();
         let now = floor_to_second(now);

@@ -18,7 +18,7 @@ use super::{Ca, CaError, authority, hex, keys};
 /// What to put in a workload X509-SVID ([`Ca::sign_workload_x509_svid`]), from its
 /// registration entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkloadX509SvidParams {
+pub(crate) struct WorkloadX509SvidParams {
     /// The entry's SPIFFE ID: the one URI SAN.
     pub spiffe_id: SpiffeId,
     /// The entry's DNS names, as DNS SANs after the URI SAN.
@@ -31,7 +31,7 @@ pub struct WorkloadX509SvidParams {
 
 /// An X509-SVID certificate just signed, with what audit records need.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IssuedX509Svid {
+pub(crate) struct IssuedX509Svid {
     spiffe_id: SpiffeId,
     certificate: CertificateDer<'static>,
     serial: Vec<u8>,
@@ -44,43 +44,45 @@ pub struct IssuedX509Svid {
 
 impl IssuedX509Svid {
     /// The SPIFFE ID in the certificate.
-    pub fn spiffe_id(&self) -> &SpiffeId {
+    pub(crate) fn spiffe_id(&self) -> &SpiffeId {
         &self.spiffe_id
     }
 
     /// The certificate (DER). The chain is just this certificate: it is signed by a root in
     /// the bundle.
-    pub fn certificate(&self) -> &CertificateDer<'static> {
+    pub(crate) fn certificate(&self) -> &CertificateDer<'static> {
         &self.certificate
     }
 
     /// The certificate, by value.
-    pub fn into_certificate(self) -> CertificateDer<'static> {
+    pub(crate) fn into_certificate(self) -> CertificateDer<'static> {
         self.certificate
     }
 
+    #[cfg(test)]
     /// The serial number, big-endian (16 bytes).
-    pub fn serial(&self) -> &[u8] {
+    pub(crate) fn serial(&self) -> &[u8] {
         &self.serial
     }
 
     /// The serial number in lowercase hex.
-    pub fn serial_hex(&self) -> String {
+    pub(crate) fn serial_hex(&self) -> String {
         hex(&self.serial)
     }
 
+    #[cfg(test)]
     /// NotBefore (the issuing time, backdated).
-    pub fn not_before(&self) -> SystemTime {
+    pub(crate) fn not_before(&self) -> SystemTime {
         self.not_before
     }
 
     /// NotAfter.
-    pub fn not_after(&self) -> SystemTime {
+    pub(crate) fn not_after(&self) -> SystemTime {
         self.not_after
     }
 
     /// The id of the X.509 authority that signed it (its serial number in hex).
-    pub fn authority_id(&self) -> &str {
+    pub(crate) fn authority_id(&self) -> &str {
         &self.authority_id
     }
 }
@@ -96,7 +98,7 @@ impl Ca {
     /// [`CaError::NotAgentId`] or [`CaError::ForeignTrustDomain`] for the ID; the CSR errors
     /// ([`CaError::MalformedCsr`], [`CaError::CsrTooLarge`], [`CaError::CsrSignatureInvalid`],
     /// [`CaError::UnsupportedKey`]); [`CaError::TtlTooShort`] and [`CaError::Lifetime`].
-    pub fn sign_agent_x509_svid(
+    pub(crate) fn sign_agent_x509_svid(
         &self,
         agent_id: &SpiffeId,
         csr_der: &[u8],
@@ -121,7 +123,7 @@ impl Ca {
     /// [`CaError::ForeignTrustDomain`], [`CaError::RootId`] or [`CaError::ReservedId`] for the
     /// ID; [`CaError::InvalidDnsName`]; the CSR errors; [`CaError::TtlTooShort`] and
     /// [`CaError::Lifetime`] (a cap in `params.caps` that has passed).
-    pub fn sign_workload_x509_svid(
+    pub(crate) fn sign_workload_x509_svid(
         &self,
         params: &WorkloadX509SvidParams,
         csr_der: &[u8],
@@ -146,7 +148,7 @@ impl Ca {
     ///
     /// [`CaError::MalformedPublicKey`] or [`CaError::UnsupportedKey`] for the key;
     /// [`CaError::TtlTooShort`] and [`CaError::Lifetime`].
-    pub fn sign_server_x509_svid(
+    pub(crate) fn sign_server_x509_svid(
         &self,
         public_key_spki_der: &[u8],
         ttl: Duration,
@@ -166,7 +168,7 @@ impl Ca {
     /// [`CaError::ForeignTrustDomain`], [`CaError::RootId`] or [`CaError::ReservedId`] for the
     /// ID; [`CaError::EmptyAudience`]; [`CaError::TtlTooShort`] and [`CaError::Lifetime`];
     /// [`CaError::JwtSigning`] when the key fails to sign.
-    pub fn sign_jwt_svid(
+    pub(crate) fn sign_jwt_svid(
         &self,
         spiffe_id: &SpiffeId,
         audience: &[String],

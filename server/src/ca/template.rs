@@ -28,7 +28,7 @@ use super::CaError;
 
 /// The largest CSR the CA parses, in bytes. A P-256 CSR is about 250 bytes; the limit bounds
 /// the work a hostile one can cause.
-pub const MAX_CSR_LEN: usize = 8 * 1024;
+pub(crate) const MAX_CSR_LEN: usize = 8 * 1024;
 
 /// The organization in every authority's subject.
 const ORGANIZATION: &str = "Sigil";

@@ -28,6 +28,9 @@ use crate::store::{
     AttestedNode, JoinToken, NewEntry, Page, PageRequest, Revocation, Store, StoreError,
 };
 
+/// How often expired join tokens are deleted.
+pub(crate) const TOKEN_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
 /// Why an agent was refused. The node API sends it as `sigil-reason` metadata with
 /// `PermissionDenied`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +48,7 @@ pub enum DenyReason {
 
 /// An authenticated agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Agent {
+pub(crate) struct Agent {
     /// Its ID.
     pub id: SpiffeId,
     /// When the SVID it authenticated with expires.
@@ -54,7 +57,7 @@ pub struct Agent {
 
 /// A join token just generated.
 #[derive(Debug, Clone)]
-pub struct GeneratedToken {
+pub(crate) struct GeneratedToken {
     /// The secret.
     pub token: String,
     /// When it stops working.
@@ -68,7 +71,7 @@ pub struct GeneratedToken {
 /// Why an agent call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum AgentError {
+pub(crate) enum AgentError {
     /// The caller is not (or no longer) an agent in good standing.
     #[error("{message}")]
     Denied {
@@ -108,7 +111,7 @@ pub enum AgentError {
 
 /// The agent service.
 #[derive(Debug)]
-pub struct Agents {
+pub(crate) struct Agents {
     store: Arc<dyn Store>,
     audit: Arc<AuditLog>,
     authority: Arc<Authority>,
@@ -152,7 +155,7 @@ impl DenyReason {
 
 impl Agents {
     /// The service; `crls` are re-published when a ban revokes an agent's SVIDs.
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn Store>,
         audit: Arc<AuditLog>,
         authority: Arc<Authority>,
@@ -174,7 +177,7 @@ impl Agents {
     ///
     /// [`AgentError::Invalid`] for a lifetime or alias that breaks the policy; store and audit
     /// failures (then the token is not returned).
-    pub async fn generate_join_token(
+    pub(crate) async fn generate_join_token(
         &self,
         uid: u32,
         ttl: Option<Duration>,
@@ -226,7 +229,7 @@ impl Agents {
     /// [`AgentError::Invalid`] for a malformed request (checked before the token is spent);
     /// [`DenyReason::NotAttested`] for an unknown, expired or used token; signing, store and
     /// audit failures.
-    pub async fn attest(
+    pub(crate) async fn attest(
         &self,
         token: &str,
         csr: &[u8],
@@ -292,7 +295,7 @@ impl Agents {
     /// # Errors
     ///
     /// [`AgentError::Denied`] with the reason; store failures.
-    pub async fn authenticate(
+    pub(crate) async fn authenticate(
         &self,
         chain: Option<&[CertificateDer<'static>]>,
         now: SystemTime,
@@ -347,7 +350,7 @@ impl Agents {
     /// # Errors
     ///
     /// Signing, store and audit failures; [`DenyReason::NotAttested`] if the node is gone.
-    pub async fn renew(
+    pub(crate) async fn renew(
         &self,
         agent: &Agent,
         csr: &[u8],
@@ -374,7 +377,7 @@ impl Agents {
     /// # Errors
     ///
     /// The store's.
-    pub async fn list(&self, page: &PageRequest) -> Result<Page<AttestedNode>, AgentError> {
+    pub(crate) async fn list(&self, page: &PageRequest) -> Result<Page<AttestedNode>, AgentError> {
         Ok(self.store.list_nodes(page).await?)
     }
 
@@ -383,7 +386,7 @@ impl Agents {
     /// # Errors
     ///
     /// [`AgentError::NotFound`]; the store's.
-    pub async fn get(&self, id: &SpiffeId) -> Result<AttestedNode, AgentError> {
+    pub(crate) async fn get(&self, id: &SpiffeId) -> Result<AttestedNode, AgentError> {
         self.store
             .get_node(id)
             .await?
@@ -395,7 +398,7 @@ impl Agents {
     /// # Errors
     ///
     /// [`AgentError::EvictBanned`]; the store's; [`AgentError::AuditAfterChange`].
-    pub async fn evict(&self, uid: u32, id: &SpiffeId) -> Result<AttestedNode, AgentError> {
+    pub(crate) async fn evict(&self, uid: u32, id: &SpiffeId) -> Result<AttestedNode, AgentError> {
         if self.store.get_node(id).await?.is_some_and(|n| n.banned) {
             return Err(AgentError::EvictBanned(id.clone()));
         }
@@ -412,7 +415,7 @@ impl Agents {
     /// # Errors
     ///
     /// [`AgentError::NotFound`]; the store's; [`AgentError::AuditAfterChange`].
-    pub async fn ban(
+    pub(crate) async fn ban(
         &self,
         uid: u32,
         id: &SpiffeId,
@@ -444,6 +447,33 @@ impl Agents {
             .await?;
         info!(uid, agent_id = %id, "agent banned");
         Ok(node)
+    }
+
+    /// Deletes the join tokens that expired at or before `now`; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub(crate) async fn prune_tokens(&self, now: SystemTime) -> Result<u64, AgentError> {
+        Ok(self.store.prune_join_tokens(now).await?)
+    }
+
+    /// Prunes expired join tokens every [`TOKEN_PRUNE_INTERVAL`] until `shutdown` turns true.
+    pub(crate) async fn run_token_pruning(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(TOKEN_PRUNE_INTERVAL) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            match self.prune_tokens(SystemTime::now()).await {
+                Ok(0) => {}
+                Ok(pruned) => debug!(pruned, "expired join tokens pruned"),
+                Err(error) => warn!(%error, "cannot prune expired join tokens"),
+            }
+        }
     }
 
     async fn audit_issuance(&self, records: Vec<NewAuditRecord>) -> Result<(), AgentError> {
@@ -645,6 +675,33 @@ mod tests {
             fx.agents.get(&token.agent_id).await,
             Err(AgentError::NotFound(_))
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expired_tokens_are_pruned_and_then_unknown() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let short = fx
+            .agents
+            .generate_join_token(0, Some(Duration::from_secs(60)), None, now)
+            .await
+            .unwrap();
+        let long = fx
+            .agents
+            .generate_join_token(0, None, None, now)
+            .await
+            .unwrap();
+        let later = now + Duration::from_secs(61);
+        assert_eq!(fx.agents.prune_tokens(later).await.unwrap(), 1);
+        let (csr_der, _) = csr();
+        assert!(matches!(
+            fx.agents.attest(&short.token, &csr_der, now).await,
+            Err(AgentError::Denied {
+                reason: DenyReason::NotAttested,
+                ..
+            })
+        ));
+        fx.agents.attest(&long.token, &csr_der, now).await.unwrap();
     }
 
     #[test]

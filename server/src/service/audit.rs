@@ -17,12 +17,12 @@ use crate::ca::{CaKey, KeyError, KeyManager};
 use crate::store::{MAX_PAGE_SIZE, PageRequest, Store, StoreError};
 
 /// How often the server checkpoints the chain head, when it moved, by default.
-pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The audit log of a running server: appends go to the store; checkpoints are signed with the
 /// server's audit key.
 #[derive(Debug)]
-pub struct AuditLog {
+pub(crate) struct AuditLog {
     store: Arc<dyn Store>,
     key: Arc<dyn CaKey>,
 }
@@ -63,7 +63,7 @@ pub enum AuditError {
 
 impl AuditLog {
     /// Uses `key` to sign checkpoints of the chain in `store`.
-    pub fn new(store: Arc<dyn Store>, key: Arc<dyn CaKey>) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>, key: Arc<dyn CaKey>) -> Self {
         Self { store, key }
     }
 
@@ -72,7 +72,7 @@ impl AuditLog {
     /// # Errors
     ///
     /// Any key manager failure other than a missing key.
-    pub async fn open(
+    pub(crate) async fn open(
         store: Arc<dyn Store>,
         keys: Arc<dyn KeyManager>,
     ) -> Result<Self, AuditError> {
@@ -87,13 +87,14 @@ impl AuditLog {
         Ok(Self::new(store, key))
     }
 
+    #[cfg(test)]
     /// The public key checkpoints are signed with (uncompressed SEC 1 P-256).
-    pub fn public_key(&self) -> &[u8] {
+    pub(crate) fn public_key(&self) -> &[u8] {
         self.key.public_key()
     }
 
     /// SHA-256 of the public key, hex: what operators pin.
-    pub fn key_fingerprint(&self) -> String {
+    pub(crate) fn key_fingerprint(&self) -> String {
         key_fingerprint(self.key.public_key())
     }
 
@@ -102,7 +103,7 @@ impl AuditLog {
     /// # Errors
     ///
     /// The store's.
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         filter: &AuditFilter,
         page: &PageRequest,
@@ -116,7 +117,7 @@ impl AuditLog {
     ///
     /// The store's error: the records may not be durable, so whatever they describe must not
     /// be handed out.
-    pub async fn append(
+    pub(crate) async fn append(
         &self,
         records: Vec<NewAuditRecord>,
     ) -> Result<Vec<AuditRecord>, StoreError> {
@@ -131,7 +132,10 @@ impl AuditLog {
     ///
     /// [`AuditError::ChainBroken`] and [`AuditError::ForeignCheckpoint`] when the chain cannot
     /// be vouched for; store and key failures.
-    pub async fn checkpoint(&self, now: SystemTime) -> Result<Option<AuditCheckpoint>, AuditError> {
+    pub(crate) async fn checkpoint(
+        &self,
+        now: SystemTime,
+    ) -> Result<Option<AuditCheckpoint>, AuditError> {
         let Some(head) = self.store.audit_head().await? else {
             return Ok(None);
         };
@@ -179,7 +183,7 @@ impl AuditLog {
     /// # Errors
     ///
     /// A store failure.
-    pub async fn verify(&self) -> Result<Result<VerifySummary, Violation>, AuditError> {
+    pub(crate) async fn verify(&self) -> Result<Result<VerifySummary, Violation>, AuditError> {
         let checkpoint = self.store.latest_audit_checkpoint().await?;
         let mut verifier = ChainVerifier::new(checkpoint, self.key.public_key());
         if let Err(violation) = self.walk(&mut verifier, 1, u64::MAX).await? {
@@ -256,7 +260,7 @@ impl AuditLog {
 
 /// Checkpoints `log` every `interval` when its head moved, until `stop` turns true, then
 /// signs a last checkpoint (the shutdown checkpoint) and returns.
-pub async fn run_checkpoints(
+pub(crate) async fn run_checkpoints(
     log: Arc<AuditLog>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,

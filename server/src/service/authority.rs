@@ -25,7 +25,7 @@ use crate::store::{RegistrationEntry, Store};
 
 /// The trust domain's bundle at one moment.
 #[derive(Debug, Clone)]
-pub struct BundleState {
+pub(crate) struct BundleState {
     /// The trust domain.
     pub trust_domain: TrustDomain,
     /// Its `spiffe_sequence`: raised with every change.
@@ -38,7 +38,7 @@ pub struct BundleState {
 
 /// An issued X509-SVID.
 #[derive(Debug, Clone)]
-pub struct IssuedSvid {
+pub(crate) struct IssuedSvid {
     /// The SPIFFE ID in it.
     pub spiffe_id: SpiffeId,
     /// The chain, DER, leaf first.
@@ -53,7 +53,7 @@ pub struct IssuedSvid {
 
 /// An issued JWT-SVID.
 #[derive(Debug, Clone)]
-pub struct IssuedJwt {
+pub(crate) struct IssuedJwt {
     /// The token.
     pub token: String,
     /// Its `exp`.
@@ -62,7 +62,7 @@ pub struct IssuedJwt {
 
 /// The server's own SVID and key.
 #[derive(Debug)]
-pub struct ServerSvid {
+pub(crate) struct ServerSvid {
     /// The certificate chain.
     pub chain: Vec<CertificateDer<'static>>,
     /// Its private key.
@@ -86,7 +86,7 @@ pub enum SignError {
 
 /// The CA with the TTL policy and the published bundle.
 #[derive(Debug)]
-pub struct Authority {
+pub(crate) struct Authority {
     ca: Arc<Ca>,
     ttls: TtlPolicy,
     jwt_issuer: Option<String>,
@@ -99,7 +99,7 @@ pub struct Authority {
 impl Authority {
     /// Publishes `ca`'s current bundle; `ttls` decides every lifetime, `jwt_issuer` is the
     /// `iss` of JWT-SVIDs.
-    pub fn new(ca: Arc<Ca>, ttls: TtlPolicy, jwt_issuer: Option<String>) -> Self {
+    pub(crate) fn new(ca: Arc<Ca>, ttls: TtlPolicy, jwt_issuer: Option<String>) -> Self {
         let state = bundle_state(&ca);
         let verifier_bundles = SharedBundles::from_bundle(state.x509.clone());
         let (bundle, _) = watch::channel(Arc::new(state));
@@ -113,33 +113,33 @@ impl Authority {
     }
 
     /// The CA.
-    pub fn ca(&self) -> &Arc<Ca> {
+    pub(crate) fn ca(&self) -> &Arc<Ca> {
         &self.ca
     }
 
     /// The trust domain.
-    pub fn trust_domain(&self) -> &TrustDomain {
+    pub(crate) fn trust_domain(&self) -> &TrustDomain {
         self.ca.trust_domain()
     }
 
     /// The lifetimes of every credential kind.
-    pub fn ttls(&self) -> &TtlPolicy {
+    pub(crate) fn ttls(&self) -> &TtlPolicy {
         &self.ttls
     }
 
     /// The bundle as last published.
-    pub fn bundle(&self) -> Arc<BundleState> {
+    pub(crate) fn bundle(&self) -> Arc<BundleState> {
         self.bundle.borrow().clone()
     }
 
     /// A receiver of every bundle publication.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<BundleState>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<BundleState>> {
         self.bundle.subscribe()
     }
 
     /// The X.509 bundles that agent SVIDs are verified against (the TLS handshake and every
     /// node API call); replaced by each publication.
-    pub fn verifier_bundles(&self) -> &SharedBundles {
+    pub(crate) fn verifier_bundles(&self) -> &SharedBundles {
         &self.verifier_bundles
     }
 
@@ -149,7 +149,7 @@ impl Authority {
     /// # Errors
     ///
     /// The CA's: the previous bundle stays published.
-    pub async fn rotate(&self, now: SystemTime) -> Result<bool, CaError> {
+    pub(crate) async fn rotate(&self, now: SystemTime) -> Result<bool, CaError> {
         let changed = self.ca.rotate(now).await?;
         if changed {
             let state = bundle_state(&self.ca);
@@ -165,7 +165,7 @@ impl Authority {
     /// # Errors
     ///
     /// [`SignError::InvalidRequest`] for a bad CSR or an ID that is not an agent's.
-    pub fn sign_agent_svid(
+    pub(crate) fn sign_agent_svid(
         &self,
         agent_id: &SpiffeId,
         csr_der: &[u8],
@@ -184,7 +184,7 @@ impl Authority {
     /// # Errors
     ///
     /// [`SignError::InvalidRequest`] for a bad CSR.
-    pub fn sign_workload_svid(
+    pub(crate) fn sign_workload_svid(
         &self,
         entry: &RegistrationEntry,
         csr_der: &[u8],
@@ -208,7 +208,7 @@ impl Authority {
     /// # Errors
     ///
     /// [`SignError::InvalidRequest`] for an empty audience.
-    pub fn sign_jwt_svid(
+    pub(crate) fn sign_jwt_svid(
         &self,
         entry: &RegistrationEntry,
         audience: &[String],
@@ -226,7 +226,7 @@ impl Authority {
     /// # Errors
     ///
     /// [`SignError::InvalidRequest`] for a bad CSR, DNS name or an ID that may not be granted.
-    pub fn mint_x509_svid(
+    pub(crate) fn mint_x509_svid(
         &self,
         spiffe_id: &SpiffeId,
         dns_names: Vec<String>,
@@ -252,7 +252,7 @@ impl Authority {
     /// # Errors
     ///
     /// [`SignError::InvalidRequest`] for an empty audience or an ID that may not be granted.
-    pub fn mint_jwt_svid(
+    pub(crate) fn mint_jwt_svid(
         &self,
         spiffe_id: &SpiffeId,
         audience: &[String],
@@ -267,7 +267,7 @@ impl Authority {
     /// # Errors
     ///
     /// [`SignError::Internal`] when the key cannot be made or signed.
-    pub fn server_svid(&self, now: SystemTime) -> Result<ServerSvid, SignError> {
+    pub(crate) fn server_svid(&self, now: SystemTime) -> Result<ServerSvid, SignError> {
         let internal = |what: &str| SignError::Internal(format!("cannot create the server {what}"));
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
@@ -312,7 +312,7 @@ impl Authority {
 
 /// The store as the CA's journal store.
 #[derive(Debug)]
-pub struct StoreJournal(pub Arc<dyn Store>);
+pub(crate) struct StoreJournal(pub Arc<dyn Store>);
 
 #[async_trait::async_trait]
 impl CaJournalStore for StoreJournal {

@@ -15,7 +15,7 @@ use crate::store::{FederatedBundle, Store, StoreError};
 
 /// How a federated bundle is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BundleFormat {
+pub(crate) enum BundleFormat {
     /// SPIFFE bundle JSON (a JWKS).
     Spiffe,
     /// PEM certificates: X.509 authorities only.
@@ -24,7 +24,7 @@ pub enum BundleFormat {
 
 /// A federated bundle as stored, with what could be read from it.
 #[derive(Debug, Clone)]
-pub struct Federated {
+pub(crate) struct Federated {
     /// The stored record.
     pub stored: FederatedBundle,
     /// The bundle, if it parses.
@@ -34,7 +34,7 @@ pub struct Federated {
 /// Why a bundle call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum BundleError {
+pub(crate) enum BundleError {
     /// The bundle or trust domain is not acceptable.
     #[error("{0}")]
     Invalid(String),
@@ -48,7 +48,7 @@ pub enum BundleError {
 
 /// The bundle service.
 #[derive(Debug)]
-pub struct Bundles {
+pub(crate) struct Bundles {
     store: Arc<dyn Store>,
     audit: Arc<AuditLog>,
     authority: Arc<Authority>,
@@ -59,7 +59,7 @@ pub struct Bundles {
 
 impl Bundles {
     /// The service.
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn Store>,
         audit: Arc<AuditLog>,
         authority: Arc<Authority>,
@@ -74,7 +74,7 @@ impl Bundles {
     }
 
     /// The trust domain's own bundle and its CRLs, as last published.
-    pub fn own(&self) -> (Arc<BundleState>, Arc<CrlSet>) {
+    pub(crate) fn own(&self) -> (Arc<BundleState>, Arc<CrlSet>) {
         (self.authority.bundle(), self.crls.current())
     }
 
@@ -83,7 +83,7 @@ impl Bundles {
     /// # Errors
     ///
     /// The store's.
-    pub async fn list_federated(&self) -> Result<Vec<Federated>, BundleError> {
+    pub(crate) async fn list_federated(&self) -> Result<Vec<Federated>, BundleError> {
         Ok(self
             .store
             .list_federated_bundles()
@@ -102,7 +102,7 @@ impl Bundles {
     ///
     /// [`BundleError::Invalid`] for the server's own trust domain or a bundle that does not
     /// parse; the store's; [`BundleError::AuditAfterChange`].
-    pub async fn set_federated(
+    pub(crate) async fn set_federated(
         &self,
         uid: u32,
         trust_domain: &TrustDomain,
@@ -150,7 +150,7 @@ impl Bundles {
     /// # Errors
     ///
     /// The store's (not found); [`BundleError::AuditAfterChange`].
-    pub async fn delete_federated(
+    pub(crate) async fn delete_federated(
         &self,
         uid: u32,
         trust_domain: &TrustDomain,

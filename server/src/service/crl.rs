@@ -14,14 +14,14 @@ use crate::service::authority::BundleState;
 use crate::store::{Store, StoreError};
 
 /// How long a CRL is valid (`nextUpdate - thisUpdate`).
-pub const CRL_VALIDITY: Duration = Duration::from_secs(3600);
+pub(crate) const CRL_VALIDITY: Duration = Duration::from_secs(3600);
 
 /// How often the CRLs are re-signed when nothing changed.
-pub const CRL_REFRESH: Duration = Duration::from_secs(20 * 60);
+pub(crate) const CRL_REFRESH: Duration = Duration::from_secs(20 * 60);
 
 /// The CRLs at one moment; `generation` increases with every publication.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CrlSet {
+pub(crate) struct CrlSet {
     /// Increases by one with every publication (0: nothing published yet).
     pub generation: u64,
     /// One per X.509 authority.
@@ -42,7 +42,7 @@ pub enum CrlError {
 
 /// Signs and publishes the CRLs; cheap to share behind an `Arc`.
 #[derive(Debug)]
-pub struct CrlPublisher {
+pub(crate) struct CrlPublisher {
     ca: Arc<Ca>,
     store: Arc<dyn Store>,
     tx: watch::Sender<Arc<CrlSet>>,
@@ -54,12 +54,13 @@ pub struct CrlPublisher {
 
 impl CrlSet {
     /// The CRLs, DER.
-    pub fn ders(&self) -> Vec<Vec<u8>> {
+    pub(crate) fn ders(&self) -> Vec<Vec<u8>> {
         self.crls.iter().map(|c| c.der.clone()).collect()
     }
 
+    #[cfg(test)]
     /// True when some CRL lists a serial.
-    pub fn lists_anything(&self) -> bool {
+    pub(crate) fn lists_anything(&self) -> bool {
         self.crls.iter().any(|c| !c.revoked_serials.is_empty())
     }
 }
@@ -68,7 +69,7 @@ impl CrlSet {
 
 impl CrlPublisher {
     /// A publisher with nothing published yet.
-    pub fn new(ca: Arc<Ca>, store: Arc<dyn Store>) -> Self {
+    pub(crate) fn new(ca: Arc<Ca>, store: Arc<dyn Store>) -> Self {
         let (tx, _) = watch::channel(Arc::new(CrlSet::default()));
         Self {
             ca,
@@ -80,12 +81,12 @@ impl CrlPublisher {
     }
 
     /// A receiver of every publication.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<CrlSet>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<CrlSet>> {
         self.tx.subscribe()
     }
 
     /// The CRLs published last.
-    pub fn current(&self) -> Arc<CrlSet> {
+    pub(crate) fn current(&self) -> Arc<CrlSet> {
         self.tx.borrow().clone()
     }
 
@@ -98,7 +99,7 @@ impl CrlPublisher {
     /// # Errors
     ///
     /// [`CrlError`]: the previous CRLs stay published.
-    pub async fn publish(&self, now: SystemTime) -> Result<Arc<CrlSet>, CrlError> {
+    pub(crate) async fn publish(&self, now: SystemTime) -> Result<Arc<CrlSet>, CrlError> {
         let _guard = self.publishing.lock().await;
         self.store.prune_revocations(now).await?;
         let revoked: Vec<RevokedSerial> = self
@@ -134,7 +135,7 @@ impl CrlPublisher {
 
     /// Re-publishes every [`CRL_REFRESH`] and whenever the bundle (the authorities) changes,
     /// until `shutdown` turns true.
-    pub async fn run(
+    pub(crate) async fn run(
         self: Arc<Self>,
         mut bundle: watch::Receiver<Arc<BundleState>>,
         mut shutdown: watch::Receiver<bool>,

@@ -22,15 +22,15 @@ use crate::store::{
 };
 
 /// The longest entry hint (WA-9).
-pub const MAX_HINT_LEN: usize = 1024;
+pub(crate) const MAX_HINT_LEN: usize = 1024;
 
 /// Most entries one create call may carry.
-pub const MAX_ENTRIES_PER_CALL: usize = 10_000;
+pub(crate) const MAX_ENTRIES_PER_CALL: usize = 10_000;
 
 /// Why an entry call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum EntryError {
+pub(crate) enum EntryError {
     /// The entry breaks a rule; the message lists every problem.
     #[error("{0}")]
     Invalid(String),
@@ -63,7 +63,7 @@ pub enum EntryError {
 
 /// The entry service.
 #[derive(Debug)]
-pub struct Entries {
+pub(crate) struct Entries {
     store: Arc<dyn Store>,
     audit: Arc<AuditLog>,
     trust_domain: TrustDomain,
@@ -73,7 +73,11 @@ pub struct Entries {
 
 impl Entries {
     /// The service for `trust_domain`'s entries in `store`, audited to `audit`.
-    pub fn new(store: Arc<dyn Store>, audit: Arc<AuditLog>, trust_domain: TrustDomain) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        trust_domain: TrustDomain,
+    ) -> Self {
         Self {
             store,
             audit,
@@ -88,7 +92,7 @@ impl Entries {
     ///
     /// [`EntryError::TooMany`]; a store failure that leaves the batch unknown;
     /// [`EntryError::AuditAfterChange`].
-    pub async fn create(
+    pub(crate) async fn create(
         &self,
         uid: u32,
         entries: Vec<NewEntry>,
@@ -137,7 +141,7 @@ impl Entries {
     /// # Errors
     ///
     /// The store's.
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         filter: &EntryFilter,
         page: &PageRequest,
@@ -150,7 +154,7 @@ impl Entries {
     /// # Errors
     ///
     /// [`EntryError::NotFound`]; the store's.
-    pub async fn get(&self, id: &EntryId) -> Result<RegistrationEntry, EntryError> {
+    pub(crate) async fn get(&self, id: &EntryId) -> Result<RegistrationEntry, EntryError> {
         self.store
             .get_entry(id)
             .await?
@@ -162,7 +166,7 @@ impl Entries {
     /// # Errors
     ///
     /// The store's.
-    pub async fn count(&self) -> Result<u64, EntryError> {
+    pub(crate) async fn count(&self) -> Result<u64, EntryError> {
         Ok(self.store.count_entries().await?)
     }
 
@@ -171,7 +175,7 @@ impl Entries {
     /// # Errors
     ///
     /// The store's.
-    pub async fn revision(&self) -> Result<u64, EntryError> {
+    pub(crate) async fn revision(&self) -> Result<u64, EntryError> {
         Ok(self.store.current_revision().await?)
     }
 
@@ -181,7 +185,7 @@ impl Entries {
     ///
     /// [`EntryError::Invalid`]; [`EntryError::SessionEntry`]; the store's (not found,
     /// duplicate); [`EntryError::AuditAfterChange`].
-    pub async fn update(
+    pub(crate) async fn update(
         &self,
         uid: u32,
         id: &EntryId,
@@ -202,7 +206,11 @@ impl Entries {
     /// # Errors
     ///
     /// [`EntryError::SessionEntry`]; the store's; [`EntryError::AuditAfterChange`].
-    pub async fn delete(&self, uid: u32, id: &EntryId) -> Result<RegistrationEntry, EntryError> {
+    pub(crate) async fn delete(
+        &self,
+        uid: u32,
+        id: &EntryId,
+    ) -> Result<RegistrationEntry, EntryError> {
         self.refuse_session_entry(id).await?;
         let entry = self.store.delete_entry(id).await?;
         self.audit_change(vec![entry_record(uid, action::ENTRY_DELETE, &entry)])

@@ -38,7 +38,7 @@ use crate::store::{
 
 /// How many of the most recent changes the cache keeps for sync streams. A stream that falls
 /// further behind takes a fresh snapshot (from the cache, not the store).
-pub const RECENT_CHANGES: usize = 4096;
+pub(crate) const RECENT_CHANGES: usize = 4096;
 
 /// Changes the follower reads from the store per call.
 const FOLLOW_BATCH: usize = 1000;
@@ -47,7 +47,7 @@ const FOLLOW_BATCH: usize = 1000;
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
 /// See the module docs.
-pub struct EntryCache {
+pub(crate) struct EntryCache {
     store: Arc<dyn Store>,
     state: RwLock<State>,
     revision: watch::Sender<u64>,
@@ -70,7 +70,7 @@ struct State {
 
 /// The entries authorized for one agent, as of one revision of the cache.
 #[derive(Debug, Default)]
-pub struct Authorized {
+pub(crate) struct Authorized {
     /// The cache revision this reflects.
     pub revision: u64,
     /// Entry id -> entry.
@@ -82,7 +82,7 @@ pub struct Authorized {
 
 /// The answer of [`EntryCache::changes_after`].
 #[derive(Debug)]
-pub enum Recent {
+pub(crate) enum Recent {
     /// The changes after the asked revision, oldest first (empty: up to date).
     Changes(Vec<Arc<Change>>),
     /// The cache no longer holds the changes right after the asked revision: take a snapshot.
@@ -92,7 +92,7 @@ pub enum Recent {
 /// Why the cache could not answer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum EntryCacheError {
+pub(crate) enum EntryCacheError {
     /// The follower cannot read the store; nothing is authorized until it catches up.
     #[error("the entry cache is behind the store")]
     Stale,
@@ -118,7 +118,7 @@ impl EntryCache {
     /// # Errors
     ///
     /// The store's, when the snapshot cannot be read.
-    pub async fn load(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+    pub(crate) async fn load(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
         let snapshot = store.snapshot_entries().await?;
         let state = State::from_snapshot(snapshot.revision, snapshot.entries);
         info!(
@@ -136,7 +136,7 @@ impl EntryCache {
 
     /// Follows the store's change feed until `shutdown` turns true: every durable change is
     /// applied, in order, as soon as the store publishes it.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         // Subscribed before the first catch-up, so no publication between the two is missed.
         let mut durable = self.store.subscribe();
         let mut retry = Duration::from_millis(100);
@@ -192,12 +192,12 @@ impl EntryCache {
     }
 
     /// A receiver of the cache's revision: it changes whenever changes were applied.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
     }
 
     /// The revision the cache reflects.
-    pub fn revision(&self) -> u64 {
+    pub(crate) fn revision(&self) -> u64 {
         self.read().revision
     }
 
@@ -211,7 +211,7 @@ impl EntryCache {
     /// # Errors
     ///
     /// [`EntryCacheError::Stale`] while the store cannot be read.
-    pub async fn authorized(
+    pub(crate) async fn authorized(
         &self,
         agent: &SpiffeId,
         now: SystemTime,
@@ -230,7 +230,7 @@ impl EntryCache {
     /// # Errors
     ///
     /// [`EntryCacheError::Stale`] while the store cannot be read.
-    pub async fn authorize(
+    pub(crate) async fn authorize(
         &self,
         agent: &SpiffeId,
         ids: &[EntryId],
@@ -249,7 +249,7 @@ impl EntryCache {
     /// # Errors
     ///
     /// [`EntryCacheError::Stale`] while the store cannot be read.
-    pub async fn granted(
+    pub(crate) async fn granted(
         &self,
         agent: &SpiffeId,
         now: SystemTime,
@@ -263,7 +263,7 @@ impl EntryCache {
     /// # Errors
     ///
     /// [`EntryCacheError::Stale`] while the store cannot be read.
-    pub async fn grant(
+    pub(crate) async fn grant(
         &self,
         agent: &SpiffeId,
         ids: &[EntryId],
@@ -278,7 +278,7 @@ impl EntryCache {
     /// # Errors
     ///
     /// [`EntryCacheError::Stale`] while the store cannot be read.
-    pub async fn grant_one(
+    pub(crate) async fn grant_one(
         &self,
         agent: &SpiffeId,
         id: &EntryId,
@@ -292,7 +292,7 @@ impl EntryCache {
 
     /// Up to `limit` changes after `revision`, oldest first, from the recent changes held in
     /// memory.
-    pub fn changes_after(&self, revision: u64, limit: usize) -> Recent {
+    pub(crate) fn changes_after(&self, revision: u64, limit: usize) -> Recent {
         let state = self.read();
         if revision == state.revision {
             return Recent::Changes(Vec::new());

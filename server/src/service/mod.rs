@@ -18,15 +18,15 @@
 //! Who may call whom: services call the store, the CA, the pure [`crate::audit`] and
 //! [`crate::policy`] modules and each other's types; they never call [`crate::api`].
 
-pub mod agents;
-pub mod audit;
-pub mod authority;
-pub mod bundles;
-pub mod crl;
-pub mod entries;
-pub mod entry_cache;
-pub mod sessions;
-pub mod svids;
-pub mod sync;
+pub(crate) mod agents;
+pub(crate) mod audit;
+pub(crate) mod authority;
+pub(crate) mod bundles;
+pub(crate) mod crl;
+pub(crate) mod entries;
+pub(crate) mod entry_cache;
+pub(crate) mod sessions;
+pub(crate) mod svids;
+pub(crate) mod sync;
 #[cfg(test)]
 pub(crate) mod testing;

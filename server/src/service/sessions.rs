@@ -51,11 +51,11 @@ use crate::store::{
 };
 
 /// The longest ticket and reason accepted, in bytes.
-pub const MAX_TEXT_LEN: usize = 1024;
+pub(crate) const MAX_TEXT_LEN: usize = 1024;
 
 /// The workload a session SVID is for, as its agent attested it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionWorkload {
+pub(crate) struct SessionWorkload {
     /// Its process id.
     pub pid: i32,
     /// Its uid.
@@ -68,7 +68,7 @@ pub struct SessionWorkload {
 
 /// What an admin asks for when opening a session.
 #[derive(Debug, Clone)]
-pub struct OpenRequest {
+pub(crate) struct OpenRequest {
     /// The identity.
     pub spiffe_id: SpiffeId,
     /// The agent (or alias) it is for.
@@ -90,7 +90,7 @@ pub struct OpenRequest {
 /// Why a session call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum SessionError {
+pub(crate) enum SessionError {
     /// The request is malformed or breaks a rule; the message says what to fix.
     #[error("{0}")]
     Invalid(String),
@@ -124,7 +124,7 @@ pub enum SessionError {
 
 /// The session service: state changes, their audit, expiry and revocation.
 #[derive(Debug)]
-pub struct Sessions {
+pub(crate) struct Sessions {
     store: Arc<dyn Store>,
     audit: Arc<AuditLog>,
     crls: Arc<CrlPublisher>,
@@ -145,7 +145,7 @@ pub struct Sessions {
 impl Sessions {
     /// The service; call [`Sessions::load`] before serving. `require_approval` makes every
     /// session wait for a second admin.
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn Store>,
         audit: Arc<AuditLog>,
         crls: Arc<CrlPublisher>,
@@ -171,7 +171,7 @@ impl Sessions {
     /// # Errors
     ///
     /// The store's.
-    pub async fn load(&self) -> Result<(), StoreError> {
+    pub(crate) async fn load(&self) -> Result<(), StoreError> {
         let mut live = self.live.lock().await;
         for state in [SessionState::Pending, SessionState::Active] {
             let filter = SessionFilter {
@@ -198,7 +198,7 @@ impl Sessions {
     /// # Errors
     ///
     /// [`SessionError::Invalid`] for a request that breaks a rule; audit and store failures.
-    pub async fn open(
+    pub(crate) async fn open(
         &self,
         uid: u32,
         request: OpenRequest,
@@ -292,7 +292,7 @@ impl Sessions {
     ///
     /// [`SessionError::Refused`] when it is not pending, has reached its end, or `uid` opened
     /// it; audit and store failures.
-    pub async fn approve(
+    pub(crate) async fn approve(
         &self,
         uid: u32,
         id: &SessionId,
@@ -349,7 +349,7 @@ impl Sessions {
     ///
     /// [`SessionError::Refused`] when it has ended; store failures; and
     /// [`SessionError::AuditAfterChange`] when it was closed but not recorded.
-    pub async fn close(
+    pub(crate) async fn close(
         &self,
         uid: u32,
         id: &SessionId,
@@ -384,7 +384,7 @@ impl Sessions {
     ///
     /// [`SessionError::Invalid`] without a reason; [`SessionError::Refused`] when it is
     /// revoked or expired already; store and audit failures.
-    pub async fn revoke(
+    pub(crate) async fn revoke(
         &self,
         uid: u32,
         id: &SessionId,
@@ -461,7 +461,7 @@ impl Sessions {
     ///
     /// [`SessionError::Invalid`]; [`SessionError::Refused`] for an entry without a session;
     /// [`SessionError::Denied`]; signing, entry cache, store and audit failures.
-    pub async fn issue_x509(
+    pub(crate) async fn issue_x509(
         &self,
         agent: &Agent,
         entry_id: &str,
@@ -499,7 +499,7 @@ impl Sessions {
     /// # Errors
     ///
     /// As [`Sessions::issue_x509`], and [`SessionError::Invalid`] for an empty audience.
-    pub async fn issue_jwt(
+    pub(crate) async fn issue_jwt(
         &self,
         agent: &Agent,
         entry_id: &str,
@@ -520,7 +520,7 @@ impl Sessions {
     /// # Errors
     ///
     /// The store's.
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         filter: &SessionFilter,
         page: &PageRequest,
@@ -533,7 +533,7 @@ impl Sessions {
     /// # Errors
     ///
     /// [`SessionError::NotFound`]; store failures.
-    pub async fn get(&self, id: &SessionId) -> Result<Session, SessionError> {
+    pub(crate) async fn get(&self, id: &SessionId) -> Result<Session, SessionError> {
         self.store
             .get_session(id)
             .await?
@@ -542,7 +542,7 @@ impl Sessions {
 
     /// Expires every pending or active session whose end is at or before `now`; returns how
     /// many it expired. Failures are logged and retried on the next call.
-    pub async fn expire_due(&self, now: SystemTime) -> usize {
+    pub(crate) async fn expire_due(&self, now: SystemTime) -> usize {
         let due: Vec<SessionId> = self
             .live
             .lock()
@@ -563,7 +563,7 @@ impl Sessions {
     }
 
     /// Expires sessions at their end, by the server's clock, until `shutdown` turns true.
-    pub async fn run_expiry(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run_expiry(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
             self.expire_due(SystemTime::now()).await;
             let next = self.live.lock().await.values().min().copied();
@@ -750,7 +750,7 @@ fn session_entry(session: &Session) -> NewEntry {
 }
 
 /// A session step's audit record: subject the session id, with its id, ticket and identity.
-pub fn session_record(actor: &str, action: &str, session: &Session) -> NewAuditRecord {
+pub(crate) fn session_record(actor: &str, action: &str, session: &Session) -> NewAuditRecord {
     NewAuditRecord::new(actor, action, session.id.as_str())
         .detail("session_id", session.id.as_str())
         .detail("ticket", session.ticket.clone())

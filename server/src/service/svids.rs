@@ -25,12 +25,12 @@ use crate::service::entry_cache::{EntryCache, EntryCacheError};
 use crate::store::{EntryId, RegistrationEntry, StoreError};
 
 /// The most CSRs one batch may carry.
-pub const MAX_BATCH_SIZE: usize = 500;
+pub(crate) const MAX_BATCH_SIZE: usize = 500;
 
 /// Why an SVID was not issued.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum SvidError {
+pub(crate) enum SvidError {
     /// The request is malformed.
     #[error("{0}")]
     Invalid(String),
@@ -56,7 +56,7 @@ pub enum SvidError {
 
 /// One CSR of a batch: the entry it is for and the CSR, DER.
 #[derive(Debug, Clone)]
-pub struct SvidRequest {
+pub(crate) struct SvidRequest {
     /// The entry id, as the agent sent it.
     pub entry_id: String,
     /// The CSR.
@@ -65,7 +65,7 @@ pub struct SvidRequest {
 
 /// The workload SVID service.
 #[derive(Debug)]
-pub struct Svids {
+pub(crate) struct Svids {
     audit: Arc<AuditLog>,
     authority: Arc<Authority>,
     entries: Arc<EntryCache>,
@@ -75,7 +75,11 @@ pub struct Svids {
 
 impl Svids {
     /// The service; `entries` decides what each agent is authorized for.
-    pub fn new(audit: Arc<AuditLog>, authority: Arc<Authority>, entries: Arc<EntryCache>) -> Self {
+    pub(crate) fn new(
+        audit: Arc<AuditLog>,
+        authority: Arc<Authority>,
+        entries: Arc<EntryCache>,
+    ) -> Self {
         Self {
             audit,
             authority,
@@ -90,7 +94,7 @@ impl Svids {
     ///
     /// For the whole batch: [`SvidError::Invalid`] over [`MAX_BATCH_SIZE`], the entry cache's,
     /// a failed audit append (nothing is returned), a failed signing task.
-    pub async fn batch_x509(
+    pub(crate) async fn batch_x509(
         &self,
         agent: &Agent,
         requests: Vec<SvidRequest>,
@@ -160,7 +164,7 @@ impl Svids {
     ///
     /// [`SvidError::Invalid`]; [`SvidError::NotAuthorized`]; [`SvidError::SessionEntry`];
     /// signing, entry cache and audit failures.
-    pub async fn jwt(
+    pub(crate) async fn jwt(
         &self,
         agent: &Agent,
         entry_id: &str,
@@ -188,7 +192,7 @@ impl Svids {
     ///
     /// Signing failures (an ID that may not be granted, a bad CSR or DNS name); a failed audit
     /// append.
-    pub async fn mint_x509(
+    pub(crate) async fn mint_x509(
         &self,
         uid: u32,
         spiffe_id: &SpiffeId,
@@ -215,7 +219,7 @@ impl Svids {
     /// # Errors
     ///
     /// Signing failures; a failed audit append.
-    pub async fn mint_jwt(
+    pub(crate) async fn mint_jwt(
         &self,
         uid: u32,
         spiffe_id: &SpiffeId,
@@ -253,7 +257,7 @@ impl Svids {
 /// # Errors
 ///
 /// [`SvidError::Invalid`].
-pub fn check_audience(audience: &[String]) -> Result<(), SvidError> {
+pub(crate) fn check_audience(audience: &[String]) -> Result<(), SvidError> {
     if audience.is_empty() || audience.iter().any(String::is_empty) {
         return Err(SvidError::Invalid("audience is required".to_owned()));
     }
@@ -261,7 +265,7 @@ pub fn check_audience(audience: &[String]) -> Result<(), SvidError> {
 }
 
 /// The audit record of a workload X509-SVID issued to `agent` from entry `entry_id`.
-pub fn x509_record(agent: &SpiffeId, entry_id: &str, svid: &IssuedSvid) -> NewAuditRecord {
+pub(crate) fn x509_record(agent: &SpiffeId, entry_id: &str, svid: &IssuedSvid) -> NewAuditRecord {
     NewAuditRecord::new(
         agent.to_string(),
         action::SVID_X509_ISSUE,
@@ -275,7 +279,7 @@ pub fn x509_record(agent: &SpiffeId, entry_id: &str, svid: &IssuedSvid) -> NewAu
 }
 
 /// The audit record of a JWT-SVID issued to `agent` from `entry`.
-pub fn jwt_record(
+pub(crate) fn jwt_record(
     agent: &SpiffeId,
     entry: &RegistrationEntry,
     audience: &[String],

@@ -15,24 +15,24 @@ use sigil_core::SpiffeId;
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
-use crate::service::agents::{Agent, DenyReason};
+use crate::service::agents::Agent;
 use crate::service::authority::{Authority, BundleState};
 use crate::service::crl::{CrlPublisher, CrlSet};
 use crate::service::entry_cache::{EntryCache, EntryCacheError, Recent};
 use crate::store::{Change, ChangeKind, EntryId, RegistrationEntry};
 
 /// Entries per snapshot page (a page stays far below gRPC's 4 MB limit).
-pub const SNAPSHOT_PAGE_SIZE: usize = 1000;
+pub(crate) const SNAPSHOT_PAGE_SIZE: usize = 1000;
 
 /// Entry ids per resume page (34 bytes each on the wire: 340 KB a page).
-pub const RESUME_IDS_PER_PAGE: usize = 10_000;
+pub(crate) const RESUME_IDS_PER_PAGE: usize = 10_000;
 
 /// Changes taken from the entry cache per step.
 const CHANGES_PER_READ: usize = 1000;
 
 /// The bundle with the CRLs, as a stream sends it.
 #[derive(Debug, Clone)]
-pub struct BundleUpdate {
+pub(crate) struct BundleUpdate {
     /// The bundle.
     pub bundle: Arc<BundleState>,
     /// The CRLs.
@@ -41,7 +41,7 @@ pub struct BundleUpdate {
 
 /// One message of a sync stream.
 #[derive(Debug, Clone)]
-pub enum SyncMessage {
+pub(crate) enum SyncMessage {
     /// A page of a snapshot: the last one carries the CRLs.
     Snapshot {
         /// Entries.
@@ -68,7 +68,7 @@ pub enum SyncMessage {
 
 /// One change of a [`SyncMessage::Changes`].
 #[derive(Debug, Clone)]
-pub enum SyncChange {
+pub(crate) enum SyncChange {
     /// The agent holds this entry now (new or changed).
     Upsert(Arc<RegistrationEntry>),
     /// The agent no longer holds this entry.
@@ -90,7 +90,7 @@ pub enum SyncChange {
 /// Why a stream ended with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum SyncError {
+pub(crate) enum SyncError {
     /// The agent's SVID expired: it reconnects with the renewed one.
     #[error("agent SVID expired: reconnect with the renewed SVID")]
     Expired,
@@ -103,11 +103,11 @@ pub enum SyncError {
 }
 
 /// The receiving end of a stream.
-pub type SyncSender = mpsc::Sender<Result<SyncMessage, SyncError>>;
+pub(crate) type SyncSender = mpsc::Sender<Result<SyncMessage, SyncError>>;
 
 /// The sync service.
 #[derive(Debug, Clone)]
-pub struct EntrySync {
+pub(crate) struct EntrySync {
     entries: Arc<EntryCache>,
     authority: Arc<Authority>,
     crls: Arc<CrlPublisher>,
@@ -123,20 +123,11 @@ struct SyncState {
     reachable: HashSet<SpiffeId>,
 }
 
-// === impl SyncError ===
-
-impl SyncError {
-    /// The reason an agent is refused with, if this is a refusal.
-    pub fn deny_reason(&self) -> Option<DenyReason> {
-        matches!(self, Self::Expired).then_some(DenyReason::Expired)
-    }
-}
-
 // === impl EntrySync ===
 
 impl EntrySync {
     /// The service; streams end when `shutdown` turns true.
-    pub fn new(
+    pub(crate) fn new(
         entries: Arc<EntryCache>,
         authority: Arc<Authority>,
         crls: Arc<CrlPublisher>,
@@ -151,7 +142,7 @@ impl EntrySync {
     }
 
     /// The bundle and CRLs as last published.
-    pub fn bundle(&self) -> BundleUpdate {
+    pub(crate) fn bundle(&self) -> BundleUpdate {
         BundleUpdate {
             bundle: self.authority.bundle(),
             crls: self.crls.current(),
@@ -164,7 +155,12 @@ impl EntrySync {
     /// # Errors
     ///
     /// [`SyncError`]: the stream's last message.
-    pub async fn run(&self, agent: Agent, since: u64, tx: &SyncSender) -> Result<(), SyncError> {
+    pub(crate) async fn run(
+        &self,
+        agent: Agent,
+        since: u64,
+        tx: &SyncSender,
+    ) -> Result<(), SyncError> {
         let cache = &self.entries;
         let mut revisions = cache.subscribe();
         let mut bundle_updates = self.authority.subscribe();
@@ -473,7 +469,7 @@ mod tests {
         };
         assert_eq!(
             entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
-            [mine.id.clone()]
+            std::slice::from_ref(&mine.id)
         );
         assert!(unchanged.is_empty());
         assert!(bundle.is_some());
@@ -492,6 +488,5 @@ mod tests {
         assert!(matches!(next(&mut rx).await, SyncMessage::Snapshot { .. }));
         let ended = task.await.unwrap().unwrap_err();
         assert!(matches!(ended, SyncError::Expired));
-        assert_eq!(ended.deny_reason(), Some(DenyReason::Expired));
     }
 }

@@ -44,7 +44,7 @@ use super::{
 /// What the suite needs of a backend beyond [`Store`]: calls that only tests make, kept out of
 /// the trait that a backend must implement for the server.
 #[async_trait]
-pub trait TestableStore: Store {
+pub(crate) trait TestableStore: Store {
     /// The entries whose parent is `parent_id`, in ascending [`EntryId`] order, read through an
     /// index.
     async fn entries_by_parent(
@@ -55,7 +55,7 @@ pub trait TestableStore: Store {
 
 /// What the suite asks of a fresh store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TestConfig {
+pub(crate) struct TestConfig {
     /// How many changes the store must retain before pruning.
     pub change_retention: u64,
 }
@@ -65,7 +65,7 @@ const SMALL_RETENTION: u64 = 10;
 
 /// Runs every behaviour on a fresh store made by `new_store`. The guard the factory returns with
 /// each store (a temporary directory, a test database) is dropped after that store.
-pub async fn run_all<S, G, F>(new_store: F)
+pub(crate) async fn run_all<S, G, F>(new_store: F)
 where
     S: TestableStore + 'static,
     F: Fn(TestConfig) -> (S, G),
@@ -160,7 +160,7 @@ fn session_entry(s: &Session) -> NewEntry {
 
 /// A pending session has no entry; approval creates it and close deletes it, each in the
 /// change feed; a stale expected state changes nothing; serials accumulate; filters work.
-pub async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn Store>) {
+pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn Store>) {
     let pending = session(SessionState::Pending, "CHG-1");
     let created = store.create_session(pending.clone(), None).await.unwrap();
     assert_eq!(created, pending);
@@ -294,7 +294,7 @@ pub async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn Store>)
 }
 
 /// Revocations are listed in serial order and pruned once their certificate expired.
-pub async fn revocations_round_trip_and_prune(store: Arc<dyn Store>) {
+pub(crate) async fn revocations_round_trip_and_prune(store: Arc<dyn Store>) {
     let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
     let revocation = |serial: &str, not_after: u64| Revocation {
         serial: serial.to_owned(),
@@ -330,7 +330,7 @@ pub async fn revocations_round_trip_and_prune(store: Arc<dyn Store>) {
 
 /// Create, get, update (revision bumped, id and `created_at` kept), delete (returns the last
 /// version), and `NotFound` for a missing entry.
-pub async fn entry_crud(store: Arc<dyn Store>) {
+pub(crate) async fn entry_crud(store: Arc<dyn Store>) {
     let parent = agent("a");
     let mut new = workload(1, &parent);
     new.x509_svid_ttl = Some(Duration::from_secs(600));
@@ -384,7 +384,7 @@ pub async fn entry_crud(store: Arc<dyn Store>) {
 
 /// An entry with the same SPIFFE ID, parent ID and selectors as another is refused, on create
 /// and on update; other fields do not make it different; deleting frees the triple.
-pub async fn duplicate_entry_rejected(store: Arc<dyn Store>) {
+pub(crate) async fn duplicate_entry_rejected(store: Arc<dyn Store>) {
     let parent = agent("a");
     let a = store.create_entry(workload(1, &parent)).await.unwrap();
 
@@ -419,7 +419,7 @@ pub async fn duplicate_entry_rejected(store: Arc<dyn Store>) {
 
 /// `create_entries` returns one result per input, in order; duplicates (of stored entries or of
 /// earlier inputs) fail alone.
-pub async fn batch_create_returns_one_result_per_input(store: Arc<dyn Store>) {
+pub(crate) async fn batch_create_returns_one_result_per_input(store: Arc<dyn Store>) {
     let parent = agent("a");
     let existing = store.create_entry(workload(0, &parent)).await.unwrap();
     let inputs = vec![
@@ -453,7 +453,7 @@ pub async fn batch_create_returns_one_result_per_input(store: Arc<dyn Store>) {
 
 /// Paging through 2,500 entries (page size 1,000) visits each exactly once, in ascending id
 /// order, with or without a filter; a foreign page token is refused.
-pub async fn pagination_covers_every_entry_once(store: Arc<dyn Store>) {
+pub(crate) async fn pagination_covers_every_entry_once(store: Arc<dyn Store>) {
     let (a, b) = (agent("a"), agent("b"));
     let inputs = (0..2_500)
         .map(|n| workload(n, if n % 2 == 0 { &a } else { &b }))
@@ -503,7 +503,7 @@ pub async fn pagination_covers_every_entry_once(store: Arc<dyn Store>) {
 }
 
 /// The filters of `list_entries`: by SPIFFE ID, by parent ID, by selector, and together.
-pub async fn list_filters(store: Arc<dyn Store>) {
+pub(crate) async fn list_filters(store: Arc<dyn Store>) {
     let (a, b) = (agent("a"), agent("b"));
     let web = spiffe("spiffe://example.org/web");
     let mut entries = Vec::new();
@@ -562,7 +562,7 @@ pub async fn list_filters(store: Arc<dyn Store>) {
 }
 
 /// `entries_by_parent` follows creates, re-parenting updates and deletes.
-pub async fn entries_by_parent_follows_updates_and_deletes(store: Arc<dyn TestableStore>) {
+pub(crate) async fn entries_by_parent_follows_updates_and_deletes(store: Arc<dyn TestableStore>) {
     let (a, b) = (agent("a"), agent("b"));
     let e1 = store.create_entry(workload(1, &a)).await.unwrap();
     let e2 = store.create_entry(workload(2, &a)).await.unwrap();
@@ -613,7 +613,7 @@ pub async fn entries_by_parent_follows_updates_and_deletes(store: Arc<dyn Testab
 
 /// Every mutation, sequential or concurrent, takes a new revision; the feed has exactly one
 /// change per revision, gap-free, and `current_revision` reaches the last one.
-pub async fn revisions_strictly_increasing(store: Arc<dyn Store>) {
+pub(crate) async fn revisions_strictly_increasing(store: Arc<dyn Store>) {
     let start = store.current_revision().await.unwrap();
     let parent = agent("a");
     let mut revisions = Vec::new();
@@ -662,7 +662,7 @@ pub async fn revisions_strictly_increasing(store: Arc<dyn Store>) {
 
 /// `changes_since(r)` starts exactly at `r + 1`, honours its limit, is empty at the current
 /// revision, and answers `Expired` for a revision the store never issued.
-pub async fn changes_since_resumes_exactly_after_a_revision(store: Arc<dyn Store>) {
+pub(crate) async fn changes_since_resumes_exactly_after_a_revision(store: Arc<dyn Store>) {
     let start = store.current_revision().await.unwrap();
     let parent = agent("a");
     let mut created = Vec::new();
@@ -704,7 +704,7 @@ pub async fn changes_since_resumes_exactly_after_a_revision(store: Arc<dyn Store
 
 /// Once more than `retention` changes were made, asking for changes older than the window
 /// answers `Expired`; the window itself is still served.
-pub async fn changes_expire_after_retention(store: Arc<dyn Store>, retention: u64) {
+pub(crate) async fn changes_expire_after_retention(store: Arc<dyn Store>, retention: u64) {
     let start = store.current_revision().await.unwrap();
     let parent = agent("a");
     for n in 0..(retention * 2 + 5) {
@@ -749,7 +749,7 @@ pub async fn changes_expire_after_retention(store: Arc<dyn Store>, retention: u6
 
 /// A receiver from `subscribe` wakes when a write becomes durable, and then shows a revision at
 /// least as high as the write's.
-pub async fn subscribe_wakes_on_a_write(store: Arc<dyn Store>) {
+pub(crate) async fn subscribe_wakes_on_a_write(store: Arc<dyn Store>) {
     let mut receiver = store.subscribe();
     let before = *receiver.borrow_and_update();
     let writer = {
@@ -775,7 +775,7 @@ pub async fn subscribe_wakes_on_a_write(store: Arc<dyn Store>) {
 }
 
 /// A deletion appears in the feed, under its own revision, with the entry's last version.
-pub async fn delete_appears_in_the_feed_with_the_last_version(store: Arc<dyn Store>) {
+pub(crate) async fn delete_appears_in_the_feed_with_the_last_version(store: Arc<dyn Store>) {
     let created = store.create_entry(workload(1, &agent("a"))).await.unwrap();
     let mut new = created.to_new();
     new.hint = "last version".to_owned();
@@ -797,7 +797,7 @@ pub async fn delete_appears_in_the_feed_with_the_last_version(store: Arc<dyn Sto
 
 /// Snapshots taken while writers run are exact: each equals a replay of the feed up to its
 /// revision, and a snapshot plus the changes after it equals the final state.
-pub async fn snapshot_then_changes_is_exact(store: Arc<dyn Store>) {
+pub(crate) async fn snapshot_then_changes_is_exact(store: Arc<dyn Store>) {
     let parent = agent("a");
     let initial: Vec<RegistrationEntry> = store
         .create_entries((0..200).map(|n| workload(n, &parent)).collect())
@@ -881,7 +881,7 @@ pub async fn snapshot_then_changes_is_exact(store: Arc<dyn Store>) {
 
 /// Create (timestamps set by the store), duplicate refused, get, update (keeps `created_at`),
 /// delete, and `NotFound` for a missing node.
-pub async fn node_crud(store: Arc<dyn Store>) {
+pub(crate) async fn node_crud(store: Arc<dyn Store>) {
     let before = SystemTime::now();
     let created = store.create_node(node("a")).await.unwrap();
     assert!(created.created_at >= before - Duration::from_secs(1));
@@ -928,7 +928,7 @@ pub async fn node_crud(store: Arc<dyn Store>) {
 }
 
 /// Paging through 25 nodes, 10 at a time, visits each once in SPIFFE ID order.
-pub async fn node_pagination(store: Arc<dyn Store>) {
+pub(crate) async fn node_pagination(store: Arc<dyn Store>) {
     let mut expected = BTreeSet::new();
     for n in 0..25 {
         let created = store.create_node(node(&format!("n{n}"))).await.unwrap();
@@ -959,7 +959,7 @@ pub async fn node_pagination(store: Arc<dyn Store>) {
 // --- join tokens ---
 
 /// A token is created once, consumed once, and unknown afterwards.
-pub async fn join_token_create_and_consume(store: Arc<dyn Store>) {
+pub(crate) async fn join_token_create_and_consume(store: Arc<dyn Store>) {
     let now = SystemTime::now();
     let mut token = join_token("t-1", now + Duration::from_secs(600));
     token.alias_spiffe_id = Some(spiffe("spiffe://example.org/cluster/web"));
@@ -980,7 +980,7 @@ pub async fn join_token_create_and_consume(store: Arc<dyn Store>) {
 }
 
 /// 64 tasks race for one token: exactly one gets it, the others get `TokenNotFound`.
-pub async fn join_token_consumed_exactly_once_under_concurrency(store: Arc<dyn Store>) {
+pub(crate) async fn join_token_consumed_exactly_once_under_concurrency(store: Arc<dyn Store>) {
     const RACERS: usize = 64;
     let now = SystemTime::now();
     store
@@ -1013,7 +1013,7 @@ pub async fn join_token_consumed_exactly_once_under_concurrency(store: Arc<dyn S
 }
 
 /// An expired token is consumed (deleted) and refused; afterwards it is unknown.
-pub async fn expired_join_token_consumed_and_refused(store: Arc<dyn Store>) {
+pub(crate) async fn expired_join_token_consumed_and_refused(store: Arc<dyn Store>) {
     let now = SystemTime::now();
     store
         .create_join_token(join_token("old", now - Duration::from_secs(1)))
@@ -1045,7 +1045,7 @@ pub async fn expired_join_token_consumed_and_refused(store: Arc<dyn Store>) {
 }
 
 /// `prune_join_tokens` deletes the expired tokens and keeps the others.
-pub async fn prune_join_tokens_removes_only_expired_ones(store: Arc<dyn Store>) {
+pub(crate) async fn prune_join_tokens_removes_only_expired_ones(store: Arc<dyn Store>) {
     let now = SystemTime::now();
     for (name, expires_at) in [
         ("gone-1", now - Duration::from_secs(10)),
@@ -1071,7 +1071,7 @@ pub async fn prune_join_tokens_removes_only_expired_ones(store: Arc<dyn Store>) 
 // --- federated bundles and CA state ---
 
 /// Bundles are set, replaced, read, listed in trust domain order and deleted, byte for byte.
-pub async fn federated_bundles_round_trip(store: Arc<dyn Store>) {
+pub(crate) async fn federated_bundles_round_trip(store: Arc<dyn Store>) {
     let td = |name: &str| TrustDomain::new(name).unwrap();
     let (b, a) = (td("b.example.org"), td("a.example.org"));
     assert_eq!(store.get_federated_bundle(&a).await.unwrap(), None);
@@ -1120,7 +1120,7 @@ pub async fn federated_bundles_round_trip(store: Arc<dyn Store>) {
 }
 
 /// The CA journal is absent at first, then returned byte for byte, then replaced.
-pub async fn ca_journal_round_trip(store: Arc<dyn Store>) {
+pub(crate) async fn ca_journal_round_trip(store: Arc<dyn Store>) {
     assert_eq!(store.load_ca_journal().await.unwrap(), None);
     let first: Vec<u8> = (0..=255).cycle().take(10_000).collect();
     store.save_ca_journal(first.clone()).await.unwrap();
@@ -1138,7 +1138,7 @@ pub async fn ca_journal_round_trip(store: Arc<dyn Store>) {
 
 /// Appends seal records 1, 2, 3, ... each linked to the one before, with non-decreasing times;
 /// the head follows; an empty append does nothing.
-pub async fn audit_chain_links_and_head(store: Arc<dyn Store>) {
+pub(crate) async fn audit_chain_links_and_head(store: Arc<dyn Store>) {
     assert_eq!(store.audit_head().await.unwrap(), None);
     assert!(store.append_audit(vec![]).await.unwrap().is_empty());
     let first = store.append_audit(audit_records("a", 3)).await.unwrap();
@@ -1167,7 +1167,7 @@ pub async fn audit_chain_links_and_head(store: Arc<dyn Store>) {
 
 /// Many concurrent appenders (single records and batches) get disjoint, gap-free sequences,
 /// and the chain stays one line.
-pub async fn audit_concurrent_appends_never_fork(store: Arc<dyn Store>) {
+pub(crate) async fn audit_concurrent_appends_never_fork(store: Arc<dyn Store>) {
     const TASKS: usize = 16;
     const APPENDS: usize = 10;
     let barrier = Arc::new(Barrier::new(TASKS));
@@ -1209,7 +1209,7 @@ pub async fn audit_concurrent_appends_never_fork(store: Arc<dyn Store>) {
 
 /// Paging visits every record once, in order; filters by actor, action (prefix), SPIFFE ID
 /// (subject or details), time and sequence; a foreign page token is refused.
-pub async fn audit_pagination_and_filters(store: Arc<dyn Store>) {
+pub(crate) async fn audit_pagination_and_filters(store: Arc<dyn Store>) {
     let agent = "spiffe://example.org/sigil/agent/join_token/a";
     let mut batch = Vec::new();
     for n in 0..25u64 {
@@ -1349,7 +1349,7 @@ pub async fn audit_pagination_and_filters(store: Arc<dyn Store>) {
 }
 
 /// Checkpoints round-trip; the latest is the one covering the highest sequence.
-pub async fn audit_checkpoints_round_trip(store: Arc<dyn Store>) {
+pub(crate) async fn audit_checkpoints_round_trip(store: Arc<dyn Store>) {
     assert_eq!(store.latest_audit_checkpoint().await.unwrap(), None);
     let sealed = store.append_audit(audit_records("c", 4)).await.unwrap();
     let checkpoint = |record: &AuditRecord| AuditCheckpoint {

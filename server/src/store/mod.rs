@@ -46,28 +46,29 @@ use tokio::sync::watch;
 
 use crate::audit::{AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, NewAuditRecord};
 
-#[cfg(any(test, feature = "testing"))]
-pub mod conformance;
-pub mod session;
-pub mod sled;
+#[cfg(test)]
+pub(crate) mod conformance;
+pub(crate) mod session;
+pub(crate) mod sled;
 
-pub use self::session::{
+pub(crate) use self::session::{
     Revocation, Session, SessionEntryOp, SessionFilter, SessionId, SessionSerial, SessionState,
     SessionUpdate,
 };
-pub use self::sled::{SledStore, SledStoreOptions};
+#[cfg(test)]
+pub(crate) use self::sled::{SledStore, SledStoreOptions};
 
 /// Number of changes the store keeps by default before pruning the oldest.
-pub const DEFAULT_CHANGE_RETENTION: u64 = 100_000;
+pub(crate) const DEFAULT_CHANGE_RETENTION: u64 = 100_000;
 
 /// Page size used when a [`PageRequest`] asks for 0 items.
-pub const DEFAULT_PAGE_SIZE: usize = 1_000;
+pub(crate) const DEFAULT_PAGE_SIZE: usize = 1_000;
 
 /// Largest page a listing returns; larger requests are clamped to it.
-pub const MAX_PAGE_SIZE: usize = 10_000;
+pub(crate) const MAX_PAGE_SIZE: usize = 10_000;
 
 /// Most changes one [`Store::changes_since`] call returns; larger limits are clamped to it.
-pub const MAX_CHANGES_PER_CALL: usize = 10_000;
+pub(crate) const MAX_CHANGES_PER_CALL: usize = 10_000;
 
 /// Number of random bytes in an [`EntryId`].
 const ENTRY_ID_BYTES: usize = 16;
@@ -79,7 +80,7 @@ const ENTRY_ID_BYTES: usize = 16;
 /// flush, except the change-feed calls, which only report durable revisions (see the module
 /// docs).
 #[async_trait]
-pub trait Store: Send + Sync + fmt::Debug {
+pub(crate) trait Store: Send + Sync + fmt::Debug {
     // --- registration entries ---
 
     /// Creates an entry with a fresh [`EntryId`] and the next revision.
@@ -198,6 +199,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> Result<FederatedBundle, StoreError>;
 
     /// The bundle of this trust domain, if any.
+    #[allow(
+        dead_code,
+        reason = "part of the backend contract (the conformance suite checks it); the server \
+                  lists federated bundles today, and federation reads them one by one"
+    )]
     async fn get_federated_bundle(
         &self,
         trust_domain: &TrustDomain,
@@ -302,19 +308,19 @@ pub trait Store: Send + Sync + fmt::Debug {
 
 /// The identifier of a registration entry: 32 lowercase hex characters (16 random bytes).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EntryId(String);
+pub(crate) struct EntryId(String);
 
 /// Why a string is not an [`EntryId`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid entry id {input:?}: expected 32 lowercase hex characters")]
-pub struct EntryIdError {
+pub(crate) struct EntryIdError {
     /// The rejected input.
     pub input: String,
 }
 
 /// A registration entry: which workloads (selectors, under which parent) get which SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegistrationEntry {
+pub(crate) struct RegistrationEntry {
     /// Assigned by the store at creation; never changes.
     pub id: EntryId,
     /// The identity granted.
@@ -345,7 +351,7 @@ pub struct RegistrationEntry {
 /// A registration entry as an operator writes it: [`RegistrationEntry`] without the fields the
 /// store assigns (`id`, `created_at`, `revision`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NewEntry {
+pub(crate) struct NewEntry {
     /// The identity granted.
     pub spiffe_id: SpiffeId,
     /// The agent (or another entry's SPIFFE ID) under which the workload runs.
@@ -369,7 +375,7 @@ pub struct NewEntry {
 
 /// Which entries [`Store::list_entries`] returns: every condition that is set must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EntryFilter {
+pub(crate) struct EntryFilter {
     /// Only entries granting exactly this SPIFFE ID.
     pub spiffe_id: Option<SpiffeId>,
     /// Only entries with exactly this parent ID.
@@ -380,7 +386,7 @@ pub struct EntryFilter {
 
 /// Which page of a listing to return.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PageRequest {
+pub(crate) struct PageRequest {
     /// Most items to return; 0 means [`DEFAULT_PAGE_SIZE`], and sizes above [`MAX_PAGE_SIZE`]
     /// are clamped.
     pub size: usize,
@@ -390,7 +396,7 @@ pub struct PageRequest {
 
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Page<T> {
+pub(crate) struct Page<T> {
     /// The items, in the listing's stable order.
     pub items: Vec<T>,
     /// Pass it in the next [`PageRequest`] to continue; `None` when this is the last page.
@@ -399,7 +405,7 @@ pub struct Page<T> {
 
 /// Every registration entry as of one revision (see [`Store::snapshot_entries`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EntrySnapshot {
+pub(crate) struct EntrySnapshot {
     /// The durable revision the snapshot reflects: continue with the changes after it.
     pub revision: u64,
     /// Every entry at that revision, in ascending [`EntryId`] order.
@@ -408,7 +414,7 @@ pub struct EntrySnapshot {
 
 /// One change of the feed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Change {
+pub(crate) struct Change {
     /// The revision the change took; strictly increasing and gap-free.
     pub revision: u64,
     /// What changed.
@@ -417,7 +423,7 @@ pub struct Change {
 
 /// What a [`Change`] did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ChangeKind {
+pub(crate) enum ChangeKind {
     /// The entry was created or updated; this is its new version (its `revision` is the
     /// change's).
     EntryUpserted(RegistrationEntry),
@@ -428,7 +434,7 @@ pub enum ChangeKind {
 
 /// The answer of [`Store::changes_since`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChangesSince {
+pub(crate) enum ChangesSince {
     /// The changes after the requested revision, oldest first (empty: up to date).
     Changes(Vec<Change>),
     /// The changes after the requested revision are no longer retained: take a fresh snapshot.
@@ -437,7 +443,7 @@ pub enum ChangesSince {
 
 /// An agent that attested to this server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttestedNode {
+pub(crate) struct AttestedNode {
     /// The agent's SPIFFE ID; the key of the record.
     pub spiffe_id: SpiffeId,
     /// How it attested, e.g. `join_token`.
@@ -460,7 +466,7 @@ pub struct AttestedNode {
 
 /// A single-use join token. Its `Debug` never prints the token.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JoinToken {
+pub(crate) struct JoinToken {
     /// The secret value an agent presents.
     pub token: String,
     /// After this instant the token is refused.
@@ -473,7 +479,7 @@ pub struct JoinToken {
 
 /// The SPIFFE bundle of a federated trust domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FederatedBundle {
+pub(crate) struct FederatedBundle {
     /// The trust domain the bundle is for.
     pub trust_domain: TrustDomain,
     /// The SPIFFE bundle JSON, as received.
@@ -566,7 +572,7 @@ pub enum StoreError {
 
 impl EntryId {
     /// A fresh random id (16 bytes from the system's secure random number generator).
-    pub fn generate() -> Result<Self, StoreError> {
+    pub(crate) fn generate() -> Result<Self, StoreError> {
         let mut bytes = [0u8; ENTRY_ID_BYTES];
         SystemRandom::new()
             .fill(&mut bytes)
@@ -575,7 +581,7 @@ impl EntryId {
     }
 
     /// Parses the 32-character lowercase hex form.
-    pub fn parse(input: &str) -> Result<Self, EntryIdError> {
+    pub(crate) fn parse(input: &str) -> Result<Self, EntryIdError> {
         let valid = input.len() == 2 * ENTRY_ID_BYTES
             && input
                 .bytes()
@@ -590,7 +596,7 @@ impl EntryId {
     }
 
     /// The 32-character hex form.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -632,7 +638,12 @@ impl<'de> Deserialize<'de> for EntryId {
 
 impl RegistrationEntry {
     /// Builds the stored record from what the operator wrote and what the store assigns.
-    pub fn from_new(id: EntryId, entry: NewEntry, created_at: SystemTime, revision: u64) -> Self {
+    pub(crate) fn from_new(
+        id: EntryId,
+        entry: NewEntry,
+        created_at: SystemTime,
+        revision: u64,
+    ) -> Self {
         let NewEntry {
             spiffe_id,
             parent_id,
@@ -661,7 +672,7 @@ impl RegistrationEntry {
     }
 
     /// The operator-set fields, as a [`NewEntry`].
-    pub fn to_new(&self) -> NewEntry {
+    pub(crate) fn to_new(&self) -> NewEntry {
         NewEntry {
             spiffe_id: self.spiffe_id.clone(),
             parent_id: self.parent_id.clone(),
@@ -681,7 +692,7 @@ impl RegistrationEntry {
 impl NewEntry {
     /// An entry granting `spiffe_id` under `parent_id` to workloads with `selectors`, with every
     /// optional field unset.
-    pub fn new(spiffe_id: SpiffeId, parent_id: SpiffeId, selectors: SelectorSet) -> Self {
+    pub(crate) fn new(spiffe_id: SpiffeId, parent_id: SpiffeId, selectors: SelectorSet) -> Self {
         Self {
             spiffe_id,
             parent_id,
@@ -726,7 +737,7 @@ impl NewEntry {
 
 impl EntryFilter {
     /// True when `entry` passes every condition that is set.
-    pub fn matches(&self, entry: &RegistrationEntry) -> bool {
+    pub(crate) fn matches(&self, entry: &RegistrationEntry) -> bool {
         self.spiffe_id
             .as_ref()
             .is_none_or(|id| *id == entry.spiffe_id)
@@ -745,12 +756,12 @@ impl EntryFilter {
 
 impl PageRequest {
     /// The first page, with `size` items at most.
-    pub fn first(size: usize) -> Self {
+    pub(crate) fn first(size: usize) -> Self {
         Self { size, token: None }
     }
 
     /// The page after the one that returned `token` as its `next_page_token`.
-    pub fn after(size: usize, token: String) -> Self {
+    pub(crate) fn after(size: usize, token: String) -> Self {
         Self {
             size,
             token: Some(token),
@@ -758,7 +769,7 @@ impl PageRequest {
     }
 
     /// The page size actually used: 0 means the default, and the maximum is enforced.
-    pub fn effective_size(&self) -> usize {
+    pub(crate) fn effective_size(&self) -> usize {
         match self.size {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),

@@ -23,12 +23,12 @@ use super::{EntryId, EntryIdError, NewEntry, StoreError};
 
 /// The identifier of a session: 32 lowercase hex characters (16 random bytes).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId(String);
+pub(crate) struct SessionId(String);
 
 /// The state of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum SessionState {
+pub(crate) enum SessionState {
     /// Waiting for a second admin's approval; grants nothing.
     Pending,
     /// Grants its identity until it ends.
@@ -43,64 +43,62 @@ pub enum SessionState {
 
 /// One X509-SVID issued under a session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionSerial {
+pub(crate) struct SessionSerial {
     /// The certificate's serial, lowercase hex.
-    pub serial: String,
+    pub(crate) serial: String,
     /// Its NotAfter.
-    pub not_after: SystemTime,
+    pub(crate) not_after: SystemTime,
     /// The authority that signed it (its id), so its CRL lists it on revocation.
-    pub authority_id: String,
+    pub(crate) authority_id: String,
 }
 
 /// The record of a privileged session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Session {
+pub(crate) struct Session {
     /// Assigned at open.
-    pub id: SessionId,
+    pub(crate) id: SessionId,
     /// The identity granted.
-    pub spiffe_id: SpiffeId,
+    pub(crate) spiffe_id: SpiffeId,
     /// The agent (or alias) under which the workload runs.
-    pub parent_id: SpiffeId,
+    pub(crate) parent_id: SpiffeId,
     /// What the workload must present.
-    pub selectors: SelectorSet,
+    pub(crate) selectors: SelectorSet,
     /// The change or incident ticket the session is for.
-    pub ticket: String,
+    pub(crate) ticket: String,
     /// Why it is needed.
-    pub reason: String,
+    pub(crate) reason: String,
     /// The state.
-    pub state: SessionState,
+    pub(crate) state: SessionState,
     /// `uid:N` of the admin who opened it.
-    pub requester: String,
+    pub(crate) requester: String,
     /// `uid:N` of the admin who approved it.
-    pub approver: Option<String>,
+    pub(crate) approver: Option<String>,
     /// Whether a second admin must approve it before it grants anything.
-    pub approval_required: bool,
+    pub(crate) approval_required: bool,
     /// When it was opened.
-    pub opened_at: SystemTime,
+    pub(crate) opened_at: SystemTime,
     /// When it was approved.
-    pub approved_at: Option<SystemTime>,
+    pub(crate) approved_at: Option<SystemTime>,
     /// When it ends at the latest (opened + ttl).
-    pub expires_at: SystemTime,
+    pub(crate) expires_at: SystemTime,
     /// When it was closed, revoked or expired.
-    pub ended_at: Option<SystemTime>,
+    pub(crate) ended_at: Option<SystemTime>,
     /// `uid:N` (or `server`) of whoever ended it.
-    pub ended_by: Option<String>,
+    pub(crate) ended_by: Option<String>,
     /// Why it was revoked.
-    pub end_reason: Option<String>,
+    pub(crate) end_reason: Option<String>,
     /// Lifetime of each SVID issued under it.
-    pub svid_ttl: Duration,
+    pub(crate) svid_ttl: Duration,
     /// The X509-SVIDs issued under it, in order.
-    pub serials: Vec<SessionSerial>,
+    pub(crate) serials: Vec<SessionSerial>,
     /// The registration entry carrying it while active (kept after it ends, for the record).
-    pub entry_id: Option<EntryId>,
+    pub(crate) entry_id: Option<EntryId>,
 }
 
 /// What [`Store::update_session`](super::Store::update_session) does to the session's entry in
 /// the same atomic write.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SessionEntryOp {
-    /// Nothing.
-    Keep,
+pub(crate) enum SessionEntryOp {
     /// Create the entry (the session becomes active); its id goes to `Session::entry_id`.
     Create(Box<NewEntry>),
     /// Delete the session's entry if it still exists (the session ended).
@@ -110,57 +108,57 @@ pub enum SessionEntryOp {
 /// A state change of a session, applied atomically by
 /// [`Store::update_session`](super::Store::update_session).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionUpdate {
+pub(crate) struct SessionUpdate {
     /// The new record (same id).
-    pub session: Session,
+    pub(crate) session: Session,
     /// The state the stored record must still be in; otherwise
     /// [`StoreError::StateChanged`] and nothing is written.
-    pub expected: SessionState,
+    pub(crate) expected: SessionState,
     /// What happens to its entry.
-    pub entry: SessionEntryOp,
+    pub(crate) entry: SessionEntryOp,
     /// Serials to put on the CRLs in the same write.
-    pub revocations: Vec<Revocation>,
+    pub(crate) revocations: Vec<Revocation>,
 }
 
 /// Which sessions [`Store::list_sessions`](super::Store::list_sessions) returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SessionFilter {
+pub(crate) struct SessionFilter {
     /// Only sessions in this state.
-    pub state: Option<SessionState>,
+    pub(crate) state: Option<SessionState>,
     /// Only sessions for exactly this ticket.
-    pub ticket: Option<String>,
+    pub(crate) ticket: Option<String>,
 }
 
 /// A revoked certificate serial, on the CRLs until `not_after`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Revocation {
+pub(crate) struct Revocation {
     /// The serial, lowercase hex.
-    pub serial: String,
+    pub(crate) serial: String,
     /// The certificate's NotAfter; after it, the serial leaves the CRLs.
-    pub not_after: SystemTime,
+    pub(crate) not_after: SystemTime,
     /// The id of the authority that signed it; `None` puts it on every authority's CRL.
-    pub authority_id: Option<String>,
+    pub(crate) authority_id: Option<String>,
     /// When it was revoked.
-    pub revoked_at: SystemTime,
+    pub(crate) revoked_at: SystemTime,
     /// What it was: `session:<id>` or `agent:<spiffe id>`.
-    pub cause: String,
+    pub(crate) cause: String,
 }
 
 // === impl SessionId ===
 
 impl SessionId {
     /// A fresh random id.
-    pub fn generate() -> Result<Self, StoreError> {
+    pub(crate) fn generate() -> Result<Self, StoreError> {
         Ok(Self(EntryId::generate()?.as_str().to_owned()))
     }
 
     /// Parses the 32-character lowercase hex form.
-    pub fn parse(input: &str) -> Result<Self, EntryIdError> {
+    pub(crate) fn parse(input: &str) -> Result<Self, EntryIdError> {
         EntryId::parse(input).map(|id| Self(id.as_str().to_owned()))
     }
 
     /// The hex form.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -202,7 +200,7 @@ impl<'de> Deserialize<'de> for SessionId {
 
 impl SessionState {
     /// The lowercase name.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
             Self::Active => "active",
@@ -213,7 +211,7 @@ impl SessionState {
     }
 
     /// True for `closed`, `revoked` and `expired`: nothing changes it any more.
-    pub fn is_final(self) -> bool {
+    pub(crate) fn is_final(self) -> bool {
         matches!(self, Self::Closed | Self::Revoked | Self::Expired)
     }
 }
@@ -247,7 +245,7 @@ impl fmt::Display for SessionState {
 
 impl SessionFilter {
     /// True when `session` passes every condition that is set.
-    pub fn matches(&self, session: &Session) -> bool {
+    pub(crate) fn matches(&self, session: &Session) -> bool {
         self.state.is_none_or(|s| s == session.state)
             && self.ticket.as_ref().is_none_or(|t| *t == session.ticket)
     }

@@ -23,6 +23,7 @@ impl Inner {
         Ok(record)
     }
 
+    #[allow(dead_code, reason = "behind Store::get_federated_bundle")]
     pub(super) fn get_federated_bundle(
         &self,
         trust_domain: &TrustDomain,

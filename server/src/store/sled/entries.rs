@@ -245,7 +245,7 @@ impl Inner {
 
     /// The entries whose parent is `parent_id`, read through the `entries_by_parent` index (for
     /// the conformance suite's `TestableStore`).
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(test)]
     pub(super) fn entries_by_parent(
         &self,
         parent_id: &SpiffeId,

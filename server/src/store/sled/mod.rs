@@ -72,7 +72,6 @@
 use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
@@ -112,7 +111,7 @@ const REVISION_KEY: &[u8] = b"revision";
 
 /// Options of [`SledStore::open`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SledStoreOptions {
+pub(crate) struct SledStoreOptions {
     /// How many changes the feed keeps (at least 1). Default [`DEFAULT_CHANGE_RETENTION`].
     pub change_retention: u64,
     /// sled's page cache size in bytes. Default: sled's default (1 GiB).
@@ -124,7 +123,7 @@ pub struct SledStoreOptions {
 /// Cheap to clone; clones share the database. The database closes, after a last flush, when the
 /// last clone is dropped.
 #[derive(Clone)]
-pub struct SledStore {
+pub(crate) struct SledStore {
     inner: Arc<Inner>,
 }
 
@@ -179,7 +178,10 @@ impl Default for SledStoreOptions {
 impl SledStore {
     /// Opens (or creates) the database in the directory `path`, prunes the change feed down to
     /// the retention, flushes, and starts the flusher thread.
-    pub fn open(path: impl AsRef<Path>, options: SledStoreOptions) -> Result<Self, StoreError> {
+    pub(crate) fn open(
+        path: impl AsRef<Path>,
+        options: SledStoreOptions,
+    ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         // No sled background flusher: the group-commit flusher below makes writes durable, and
         // sled's own thread would keep the database (and its lock file) open for up to its
@@ -216,10 +218,14 @@ impl SledStore {
         })
     }
 
+    #[cfg(test)]
     /// How many flushes the flusher thread has run (group commit makes it much smaller than the
     /// number of writes under concurrency).
-    pub fn flush_count(&self) -> u64 {
-        self.inner.group.flushes.load(Ordering::Relaxed)
+    pub(crate) fn flush_count(&self) -> u64 {
+        self.inner
+            .group
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Replaces the raw bytes of the change at `revision` and returns what was there (tests of
@@ -611,7 +617,7 @@ impl Store for SledStore {
     }
 }
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 #[async_trait]
 impl super::conformance::TestableStore for SledStore {
     async fn entries_by_parent(

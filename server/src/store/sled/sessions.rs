@@ -69,7 +69,6 @@ impl Inner {
             // Serials recorded meanwhile are kept.
             session.serials = old.serials.clone();
             match &update.entry {
-                SessionEntryOp::Keep => {}
                 SessionEntryOp::Create(new) => {
                     if let Some(entry_id) = entry_id {
                         let created = tx.create_entry(entry_id, new, now)?;
