@@ -559,4 +559,4 @@ mod hex_bytes {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::*;
 
-fn key_pair() -> EcdsaKeyPair {
+pub(crate) fn key_pair() -> EcdsaKeyPair {
     let rng = SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
     EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap()
@@ -33,7 +33,7 @@ fn chain(n: u64) -> Vec<AuditRecord> {
         .collect()
 }
 
-fn checkpoint(key: &EcdsaKeyPair, record: &AuditRecord) -> AuditCheckpoint {
+pub(crate) fn checkpoint(key: &EcdsaKeyPair, record: &AuditRecord) -> AuditCheckpoint {
     let time = record.time + Duration::from_secs(30);
     let message = AuditCheckpoint::signed_message(record.sequence, &record.hash, time).unwrap();
     AuditCheckpoint {

@@ -247,36 +247,12 @@ fn backdated(issued_at: SystemTime) -> Result<SystemTime, CaError> {
         ))
 }
 
-/// Checks a DNS SAN: 1 to 253 characters, dot-separated labels of 1 to 63 ASCII letters,
-/// digits and hyphens (not at either end of a label), the first label optionally `*`.
+/// Checks a DNS SAN by the server's one rule ([`crate::policy::check_dns_name`]).
 fn check_dns_name(name: &str) -> Result<(), CaError> {
-    let invalid = |reason| {
-        Err(CaError::InvalidDnsName {
-            name: name.to_owned(),
-            reason,
-        })
-    };
-    if name.is_empty() || name.len() > 253 {
-        return invalid("must be 1 to 253 characters long");
-    }
-    for (index, label) in name.split('.').enumerate() {
-        if index == 0 && label == "*" {
-            continue;
-        }
-        if label.is_empty() || label.len() > 63 {
-            return invalid("each label must be 1 to 63 characters long");
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            return invalid("labels may hold only letters, digits and hyphens");
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return invalid("labels cannot start or end with a hyphen");
-        }
-    }
-    Ok(())
+    crate::policy::check_dns_name(name).map_err(|e| CaError::InvalidDnsName {
+        name: e.name,
+        reason: e.reason,
+    })
 }
 
 fn certificate_error(e: impl std::fmt::Display) -> CaError {

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use rustls_pki_types::CertificateDer;
 use sigil_attestors::join_token::{self, JoinTokenError, JoinTokens};
 use sigil_core::SpiffeId;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::audit::{NewAuditRecord, action, uid_actor};
@@ -211,7 +211,10 @@ impl Agents {
         if let Some(alias) = &alias {
             record = record.detail("alias_spiffe_id", alias.to_string());
         }
-        self.audit_issuance(vec![record]).await?;
+        self.audit
+            .before_grant(vec![record])
+            .await
+            .map_err(AgentError::AuditFailed)?;
         info!(uid, agent_id = %agent_id, "join token generated");
         Ok(GeneratedToken {
             token,
@@ -265,7 +268,10 @@ impl Agents {
         if let Some(alias) = &alias {
             record = record.detail("alias_spiffe_id", alias.to_string());
         }
-        self.audit_issuance(vec![record]).await?;
+        self.audit
+            .before_grant(vec![record])
+            .await
+            .map_err(AgentError::AuditFailed)?;
         self.store
             .create_node(AttestedNode {
                 spiffe_id: agent_id.clone(),
@@ -357,12 +363,14 @@ impl Agents {
         now: SystemTime,
     ) -> Result<IssuedSvid, AgentError> {
         let svid = self.authority.sign_agent_svid(&agent.id, csr, now)?;
-        self.audit_issuance(vec![agent_svid_record(
-            &agent.id,
-            action::AGENT_RENEW,
-            &svid,
-        )])
-        .await?;
+        self.audit
+            .before_grant(vec![agent_svid_record(
+                &agent.id,
+                action::AGENT_RENEW,
+                &svid,
+            )])
+            .await
+            .map_err(AgentError::AuditFailed)?;
         let Some(mut node) = self.store.get_node(&agent.id).await? else {
             return Err(DenyReason::NotAttested.error("no such agent: attest again"));
         };
@@ -403,8 +411,10 @@ impl Agents {
             return Err(AgentError::EvictBanned(id.clone()));
         }
         let node = self.store.delete_node(id).await?;
-        self.audit_change(vec![agent_record(uid, action::AGENT_EVICT, &node)])
-            .await?;
+        self.audit
+            .after_change(vec![agent_record(uid, action::AGENT_EVICT, &node)])
+            .await
+            .map_err(AgentError::AuditAfterChange)?;
         info!(uid, agent_id = %id, "agent evicted");
         Ok(node)
     }
@@ -443,8 +453,10 @@ impl Agents {
         if let Err(error) = self.crls.publish(now).await {
             warn!(%error, "crls not re-published after a ban");
         }
-        self.audit_change(vec![agent_record(uid, action::AGENT_BAN, &node)])
-            .await?;
+        self.audit
+            .after_change(vec![agent_record(uid, action::AGENT_BAN, &node)])
+            .await
+            .map_err(AgentError::AuditAfterChange)?;
         info!(uid, agent_id = %id, "agent banned");
         Ok(node)
     }
@@ -474,20 +486,6 @@ impl Agents {
                 Err(error) => warn!(%error, "cannot prune expired join tokens"),
             }
         }
-    }
-
-    async fn audit_issuance(&self, records: Vec<NewAuditRecord>) -> Result<(), AgentError> {
-        self.audit.append(records).await.map(drop).map_err(|e| {
-            error!(error = %e, "audit append failed; credential withheld");
-            AgentError::AuditFailed(e)
-        })
-    }
-
-    async fn audit_change(&self, records: Vec<NewAuditRecord>) -> Result<(), AgentError> {
-        self.audit.append(records).await.map(drop).map_err(|e| {
-            error!(error = %e, "audit append failed after a change was made");
-            AgentError::AuditAfterChange(e)
-        })
     }
 }
 
@@ -648,12 +646,7 @@ mod tests {
             .generate_join_token(0, None, None, now)
             .await
             .unwrap();
-        let records = fx
-            .store
-            .list_audit(&Default::default(), &PageRequest::first(10))
-            .await
-            .unwrap()
-            .items;
+        let records = fx.audit_records(Default::default()).await;
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].action, action::TOKEN_GENERATE);
         assert_eq!(records[0].subject, token.agent_id.to_string());

@@ -98,6 +98,54 @@ impl AuditLog {
         key_fingerprint(self.key.public_key())
     }
 
+    /// Appends the records of something about to be handed out or granted, and waits until
+    /// they are durable. On failure, nothing they describe may be handed out: the caller
+    /// fails closed. An empty batch appends nothing.
+    ///
+    /// # Errors
+    ///
+    /// The store's (logged here).
+    pub(crate) async fn before_grant(
+        &self,
+        records: Vec<NewAuditRecord>,
+    ) -> Result<(), StoreError> {
+        self.append_logged(records, "audit append failed; nothing handed out")
+            .await
+    }
+
+    /// Appends the records of a change already made (something taken away: a broken audit log
+    /// never keeps a credential alive). On failure the caller tells its own caller that the
+    /// change stands unaudited. An empty batch appends nothing.
+    ///
+    /// # Errors
+    ///
+    /// The store's (logged here).
+    pub(crate) async fn after_change(
+        &self,
+        records: Vec<NewAuditRecord>,
+    ) -> Result<(), StoreError> {
+        self.append_logged(records, "audit append failed after a change was made")
+            .await
+    }
+
+    async fn append_logged(
+        &self,
+        records: Vec<NewAuditRecord>,
+        failure: &'static str,
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .append_audit(records)
+            .await
+            .map(drop)
+            .map_err(|error| {
+                error!(%error, "{failure}");
+                error
+            })
+    }
+
     /// One page of the records that pass `filter`.
     ///
     /// # Errors
@@ -111,6 +159,7 @@ impl AuditLog {
         self.store.list_audit(filter, page).await
     }
 
+    #[cfg(test)]
     /// Appends `records` as one batch and returns them sealed, once they are durable.
     ///
     /// # Errors
@@ -299,9 +348,6 @@ pub(crate) async fn run_checkpoints(
 
 #[cfg(test)]
 mod tests {
-    use ring::rand::SystemRandom;
-    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
-
     use super::*;
     use crate::audit::{action, verify};
     use crate::ca::DiskKeyManager;
@@ -323,20 +369,7 @@ mod tests {
 
     /// A checkpoint of `record` signed by a key that is not the server's.
     fn foreign_checkpoint(record: &AuditRecord) -> AuditCheckpoint {
-        let rng = SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-            .unwrap();
-        let time = record.time + Duration::from_secs(30);
-        let message = AuditCheckpoint::signed_message(record.sequence, &record.hash, time).unwrap();
-        AuditCheckpoint {
-            sequence: record.sequence,
-            hash: record.hash,
-            time,
-            key_id: AUDIT_KEY_ID.to_owned(),
-            public_key: key.public_key().as_ref().to_vec(),
-            signature: key.sign(&rng, &message).unwrap().as_ref().to_vec(),
-        }
+        crate::audit::tests::checkpoint(&crate::audit::tests::key_pair(), record)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

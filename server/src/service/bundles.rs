@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use sigil_core::x509_bundle::X509Bundle;
 use sigil_core::{SpiffeBundle, TrustDomain};
-use tracing::{error, info};
+use tracing::info;
 
 use crate::audit::{NewAuditRecord, action, uid_actor};
 use crate::service::audit::AuditLog;
@@ -140,7 +140,10 @@ impl Bundles {
                 bundle.x509_bundle().map_or(0, |x| x.authorities().len()),
             )
             .detail("sequence", bundle.sequence().unwrap_or_default());
-        self.audit_change(record).await?;
+        self.audit
+            .after_change(vec![record])
+            .await
+            .map_err(BundleError::AuditAfterChange)?;
         info!(uid, trust_domain = %trust_domain, "federated bundle set");
         Ok(bundle)
     }
@@ -159,20 +162,12 @@ impl Bundles {
         let record =
             NewAuditRecord::new(uid_actor(uid), action::BUNDLE_DELETE, trust_domain.name())
                 .detail("sha256", sigil_core::hex::sha256(&deleted.bundle));
-        self.audit_change(record).await?;
+        self.audit
+            .after_change(vec![record])
+            .await
+            .map_err(BundleError::AuditAfterChange)?;
         info!(uid, trust_domain = %trust_domain, "federated bundle deleted");
         Ok(deleted)
-    }
-
-    async fn audit_change(&self, record: NewAuditRecord) -> Result<(), BundleError> {
-        self.audit
-            .append(vec![record])
-            .await
-            .map(drop)
-            .map_err(|e| {
-                error!(error = %e, "audit append failed after a change was made");
-                BundleError::AuditAfterChange(e)
-            })
     }
 }
 
@@ -181,7 +176,6 @@ mod tests {
     use super::*;
     use crate::audit::AuditFilter;
     use crate::service::testing::Fixture;
-    use crate::store::PageRequest;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn federated_bundles_are_checked_stored_audited_and_deleted() {
@@ -219,21 +213,12 @@ mod tests {
             fx.bundles.delete_federated(0, &td).await,
             Err(BundleError::Store(StoreError::NotFound { .. }))
         ));
-        let actions: Vec<String> = fx
-            .store
-            .list_audit(
-                &AuditFilter {
-                    action: Some("bundle".to_owned()),
-                    ..AuditFilter::default()
-                },
-                &PageRequest::first(10),
-            )
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .map(|r| r.action)
-            .collect();
+        let actions = fx
+            .audit_actions(AuditFilter {
+                action: Some("bundle".to_owned()),
+                ..AuditFilter::default()
+            })
+            .await;
         assert_eq!(actions, [action::BUNDLE_SET, action::BUNDLE_DELETE]);
         let (state, crls) = fx.bundles.own();
         assert_eq!(state.trust_domain, own);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use sigil_core::TrustDomain;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::audit::{NewAuditRecord, action, uid_actor};
 use crate::policy;
@@ -131,7 +131,10 @@ impl Entries {
             });
         }
         let created = records.len();
-        self.audit_change(records).await?;
+        self.audit
+            .after_change(records)
+            .await
+            .map_err(EntryError::AuditAfterChange)?;
         info!(uid, requested = results.len(), created, "entries created");
         Ok(results)
     }
@@ -195,8 +198,10 @@ impl Entries {
         self.check(&entry, now)?;
         self.refuse_session_entry(id).await?;
         let entry = self.store.update_entry(id, entry).await?;
-        self.audit_change(vec![entry_record(uid, action::ENTRY_UPDATE, &entry)])
-            .await?;
+        self.audit
+            .after_change(vec![entry_record(uid, action::ENTRY_UPDATE, &entry)])
+            .await
+            .map_err(EntryError::AuditAfterChange)?;
         info!(uid, entry_id = %id.as_str(), "entry updated");
         Ok(entry)
     }
@@ -213,8 +218,10 @@ impl Entries {
     ) -> Result<RegistrationEntry, EntryError> {
         self.refuse_session_entry(id).await?;
         let entry = self.store.delete_entry(id).await?;
-        self.audit_change(vec![entry_record(uid, action::ENTRY_DELETE, &entry)])
-            .await?;
+        self.audit
+            .after_change(vec![entry_record(uid, action::ENTRY_DELETE, &entry)])
+            .await
+            .map_err(EntryError::AuditAfterChange)?;
         info!(uid, entry_id = %id.as_str(), "entry deleted");
         Ok(entry)
     }
@@ -270,16 +277,6 @@ impl Entries {
         }
         Ok(())
     }
-
-    async fn audit_change(&self, records: Vec<NewAuditRecord>) -> Result<(), EntryError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        self.audit.append(records).await.map(drop).map_err(|e| {
-            error!(error = %e, "audit append failed after a change was made");
-            EntryError::AuditAfterChange(e)
-        })
-    }
 }
 
 /// The audit record of an entry change.
@@ -302,20 +299,15 @@ fn entry_record(uid: u32, action: &str, entry: &RegistrationEntry) -> NewAuditRe
 mod tests {
     use std::time::Duration;
 
-    use sigil_core::{Selector, SelectorSet, SpiffeId};
+    use sigil_core::{SelectorSet, SpiffeId};
 
     use super::*;
     use crate::audit::AuditFilter;
-    use crate::service::testing::Fixture;
+    use crate::service::testing::{Fixture, entry};
 
     fn new_entry(id: &str) -> NewEntry {
-        NewEntry::new(
-            SpiffeId::new(id).unwrap(),
-            SpiffeId::new("spiffe://example.org/sigil/agent/join_token/a").unwrap(),
-            [Selector::parse("unix:uid:1000").unwrap()]
-                .into_iter()
-                .collect::<SelectorSet>(),
-        )
+        let agent = SpiffeId::new("spiffe://example.org/sigil/agent/join_token/a").unwrap();
+        entry(id, &agent)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,19 +348,14 @@ mod tests {
         assert_eq!(fx.entries.get(&created.id).await.unwrap(), *created);
 
         let audited = fx
-            .store
-            .list_audit(
-                &AuditFilter {
-                    action: Some(action::ENTRY_CREATE.to_owned()),
-                    ..AuditFilter::default()
-                },
-                &PageRequest::first(10),
-            )
-            .await
-            .unwrap();
-        assert_eq!(audited.items.len(), 1);
-        assert_eq!(audited.items[0].subject, created.id.as_str());
-        assert_eq!(audited.items[0].actor, "uid:0");
+            .audit_records(AuditFilter {
+                action: Some(action::ENTRY_CREATE.to_owned()),
+                ..AuditFilter::default()
+            })
+            .await;
+        assert_eq!(audited.len(), 1);
+        assert_eq!(audited[0].subject, created.id.as_str());
+        assert_eq!(audited[0].actor, "uid:0");
 
         // A duplicate is refused by the store, per entry.
         let again = fx
@@ -430,21 +417,12 @@ mod tests {
             fx.entries.delete(7, &created.id).await,
             Err(EntryError::Store(StoreError::NotFound { .. }))
         ));
-        let actions: Vec<String> = fx
-            .store
-            .list_audit(
-                &AuditFilter {
-                    actor: Some("uid:7".to_owned()),
-                    ..AuditFilter::default()
-                },
-                &PageRequest::first(10),
-            )
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .map(|r| r.action)
-            .collect();
+        let actions = fx
+            .audit_actions(AuditFilter {
+                actor: Some("uid:7".to_owned()),
+                ..AuditFilter::default()
+            })
+            .await;
         assert_eq!(
             actions,
             [

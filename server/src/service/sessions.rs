@@ -276,7 +276,7 @@ impl Sessions {
             .detail("svid_ttl", svid_ttl.as_secs())
             .time_detail("expires_at", session.expires_at);
         self.audit
-            .append(vec![record])
+            .before_grant(vec![record])
             .await
             .map_err(SessionError::AuditFailed)?;
         let entry = (!approval_required).then(|| session_entry(&session));
@@ -321,7 +321,7 @@ impl Sessions {
         let record = session_record(&approver, action::SESSION_APPROVE, &session)
             .detail("requester", session.requester.clone());
         self.audit
-            .append(vec![record])
+            .before_grant(vec![record])
             .await
             .map_err(SessionError::AuditFailed)?;
         let mut next = session.clone();
@@ -369,7 +369,7 @@ impl Sessions {
         let record = session_record(&actor, action::SESSION_CLOSE, &ended)
             .detail("previous_state", session.state.as_str());
         self.audit
-            .append(vec![record])
+            .after_change(vec![record])
             .await
             .map_err(SessionError::AuditAfterChange)?;
         info!(uid, session_id = %id, "session closed");
@@ -446,7 +446,7 @@ impl Sessions {
             .detail("previous_state", session.state.as_str())
             .detail("revoked_serials", revoked_serials);
         self.audit
-            .append(vec![record])
+            .after_change(vec![record])
             .await
             .map_err(SessionError::AuditAfterChange)?;
         info!(uid, session_id = %id, "session revoked");
@@ -635,13 +635,9 @@ impl Sessions {
             .detail("session_id", session.id.as_str())
             .detail("ticket", session.ticket.clone());
         self.audit
-            .append(vec![record])
+            .before_grant(vec![record])
             .await
-            .map(drop)
-            .map_err(|error| {
-                warn!(%error, "audit append failed; credential withheld");
-                SessionError::AuditFailed(error)
-            })
+            .map_err(SessionError::AuditFailed)
     }
 
     async fn track(&self, session: &Session) {
@@ -706,7 +702,7 @@ impl Sessions {
             .detail("previous_state", session.state.as_str())
             .time_detail("expires_at", session.expires_at);
         self.audit
-            .append(vec![record])
+            .after_change(vec![record])
             .await
             .map_err(SessionError::AuditAfterChange)?;
         info!(session_id = %id, "session expired");
@@ -868,17 +864,11 @@ mod tests {
         assert_eq!(recorded.serials[0].serial, svid.serial);
 
         let records = fx
-            .store
-            .list_audit(
-                &AuditFilter {
-                    session_id: Some(session.id.as_str().to_owned()),
-                    ..AuditFilter::default()
-                },
-                &PageRequest::first(10),
-            )
-            .await
-            .unwrap()
-            .items;
+            .audit_records(AuditFilter {
+                session_id: Some(session.id.as_str().to_owned()),
+                ..AuditFilter::default()
+            })
+            .await;
         let actions: Vec<&str> = records.iter().map(|r| r.action.as_str()).collect();
         assert_eq!(
             actions,

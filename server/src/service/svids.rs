@@ -154,7 +154,10 @@ impl Svids {
             })
             .collect();
         // One append for the batch; nothing is returned unless it is durable.
-        self.audit_issuance(records).await?;
+        self.audit
+            .before_grant(records)
+            .await
+            .map_err(SvidError::AuditFailed)?;
         Ok(signed)
     }
 
@@ -181,8 +184,10 @@ impl Svids {
             return Err(SvidError::SessionEntry("NewSessionJWTSVID"));
         }
         let jwt = self.authority.sign_jwt_svid(&entry, audience, now)?;
-        self.audit_issuance(vec![jwt_record(&agent.id, &entry, audience, &jwt)])
-            .await?;
+        self.audit
+            .before_grant(vec![jwt_record(&agent.id, &entry, audience, &jwt)])
+            .await
+            .map_err(SvidError::AuditFailed)?;
         Ok((entry.spiffe_id.clone(), jwt))
     }
 
@@ -209,7 +214,10 @@ impl Svids {
             .detail("serial", svid.serial.clone())
             .time_detail("not_after", svid.not_after)
             .detail("dns_names", dns_names);
-        self.audit_issuance(vec![record]).await?;
+        self.audit
+            .before_grant(vec![record])
+            .await
+            .map_err(SvidError::AuditFailed)?;
         info!(uid, spiffe_id = %spiffe_id, serial = %svid.serial, "x509-svid minted");
         Ok(svid)
     }
@@ -234,19 +242,12 @@ impl Svids {
             .detail("spiffe_id", spiffe_id.to_string())
             .detail("audience", audience.to_vec())
             .time_detail("expires_at", jwt.expires_at);
-        self.audit_issuance(vec![record]).await?;
+        self.audit
+            .before_grant(vec![record])
+            .await
+            .map_err(SvidError::AuditFailed)?;
         info!(uid, spiffe_id = %spiffe_id, "jwt-svid minted");
         Ok(jwt)
-    }
-
-    async fn audit_issuance(&self, records: Vec<NewAuditRecord>) -> Result<(), SvidError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        self.audit.append(records).await.map(drop).map_err(|error| {
-            warn!(%error, "audit append failed; credential withheld");
-            SvidError::AuditFailed(error)
-        })
     }
 }
 
@@ -299,22 +300,9 @@ pub(crate) fn jwt_record(
 
 #[cfg(test)]
 mod tests {
-    use sigil_core::{Selector, SelectorSet};
-
     use super::*;
     use crate::audit::AuditFilter;
-    use crate::service::testing::{Fixture, csr};
-    use crate::store::{NewEntry, PageRequest};
-
-    fn entry(spiffe_id: &str, parent: &SpiffeId) -> NewEntry {
-        NewEntry::new(
-            SpiffeId::new(spiffe_id).unwrap(),
-            parent.clone(),
-            [Selector::parse("unix:uid:1000").unwrap()]
-                .into_iter()
-                .collect::<SelectorSet>(),
-        )
-    }
+    use crate::service::testing::{Fixture, csr, entry};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn agents_get_svids_for_their_entries_only_and_each_is_audited() {
@@ -373,22 +361,13 @@ mod tests {
             Err(SvidError::Invalid(_))
         ));
 
-        let issued: Vec<String> = fx
-            .store
-            .list_audit(
-                &AuditFilter {
-                    actor: Some(agent.id.to_string()),
-                    action: Some("svid".to_owned()),
-                    ..AuditFilter::default()
-                },
-                &PageRequest::first(10),
-            )
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .map(|r| r.action)
-            .collect();
+        let issued = fx
+            .audit_actions(AuditFilter {
+                actor: Some(agent.id.to_string()),
+                action: Some("svid".to_owned()),
+                ..AuditFilter::default()
+            })
+            .await;
         assert_eq!(issued, [action::SVID_X509_ISSUE, action::SVID_JWT_ISSUE]);
     }
 
@@ -431,17 +410,11 @@ mod tests {
             .unwrap();
         assert_eq!(minted.spiffe_id, web);
         let records = fx
-            .store
-            .list_audit(
-                &AuditFilter {
-                    action: Some(action::X509_MINT.to_owned()),
-                    ..AuditFilter::default()
-                },
-                &PageRequest::first(10),
-            )
-            .await
-            .unwrap()
-            .items;
+            .audit_records(AuditFilter {
+                action: Some(action::X509_MINT.to_owned()),
+                ..AuditFilter::default()
+            })
+            .await;
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].details["serial"], minted.serial.as_str());
     }

@@ -375,21 +375,8 @@ fn entry_of(change: &Change) -> &RegistrationEntry {
 
 #[cfg(test)]
 mod tests {
-    use sigil_core::{Selector, SelectorSet};
-
     use super::*;
-    use crate::service::testing::Fixture;
-    use crate::store::NewEntry;
-
-    fn entry(spiffe_id: &str, parent: &SpiffeId) -> NewEntry {
-        NewEntry::new(
-            SpiffeId::new(spiffe_id).unwrap(),
-            parent.clone(),
-            [Selector::parse("unix:uid:1000").unwrap()]
-                .into_iter()
-                .collect::<SelectorSet>(),
-        )
-    }
+    use crate::service::testing::{Fixture, entry};
 
     async fn next(rx: &mut mpsc::Receiver<Result<SyncMessage, SyncError>>) -> SyncMessage {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())

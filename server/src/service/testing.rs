@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateDer;
-use sigil_core::TrustDomain;
+use sigil_core::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
+use crate::audit::{AuditFilter, AuditRecord};
 use crate::ca::{Ca, DiskKeyManager, KeyManager};
 use crate::policy::{DEFAULT_MAX_SESSION_TTL, DEFAULT_SESSION_SVID_TTL, TtlPolicy};
 use crate::service::agents::{Agent, Agents};
@@ -20,7 +21,7 @@ use crate::service::entry_cache::EntryCache;
 use crate::service::sessions::Sessions;
 use crate::service::svids::Svids;
 use crate::service::sync::EntrySync;
-use crate::store::{SledStore, SledStoreOptions, Store};
+use crate::store::{NewEntry, PageRequest, SledStore, SledStoreOptions, Store};
 
 /// Every service, wired as the server wires them.
 pub(crate) struct Fixture {
@@ -123,6 +124,27 @@ impl Fixture {
         }
     }
 
+    /// The actions of the audit records that pass `filter`, in order.
+    pub(crate) async fn audit_actions(&self, filter: AuditFilter) -> Vec<String> {
+        self.store
+            .list_audit(&filter, &PageRequest::first(100))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|r| r.action)
+            .collect()
+    }
+
+    /// The audit records that pass `filter`, in order.
+    pub(crate) async fn audit_records(&self, filter: AuditFilter) -> Vec<AuditRecord> {
+        self.store
+            .list_audit(&filter, &PageRequest::first(100))
+            .await
+            .unwrap()
+            .items
+    }
+
     /// An agent attested with a fresh join token and authenticated.
     pub(crate) async fn attested_agent(&self) -> Agent {
         let now = SystemTime::now();
@@ -140,6 +162,17 @@ impl Fixture {
         let chain = [CertificateDer::from(svid.chain_der)];
         self.agents.authenticate(Some(&chain), now).await.unwrap()
     }
+}
+
+/// An entry for `spiffe_id` under `parent`, selecting `unix:uid:1000`.
+pub(crate) fn entry(spiffe_id: &str, parent: &SpiffeId) -> NewEntry {
+    NewEntry::new(
+        SpiffeId::new(spiffe_id).unwrap(),
+        parent.clone(),
+        [Selector::parse("unix:uid:1000").unwrap()]
+            .into_iter()
+            .collect::<SelectorSet>(),
+    )
 }
 
 /// A P-256 key and a CSR over it, DER.
