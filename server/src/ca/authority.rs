@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -238,7 +238,9 @@ impl X509Authority {
                 "x509 authority {id}: the certificate's serial number differs"
             )));
         }
-        if Some(not_after) != unix_time(parsed.validity().not_after.timestamp()) {
+        if Some(not_after)
+            != sigil_core::time::from_unix_seconds(parsed.validity().not_after.timestamp())
+        {
             return Err(corrupt(format!(
                 "x509 authority {id}: the certificate's not after differs from the journal's"
             )));
@@ -578,22 +580,21 @@ fn active<T>(slots: &[Slot<T>]) -> Option<&T> {
         .map(|slot| slot.authority.as_ref())
 }
 
-/// Whole seconds since the epoch (0 before it).
+/// Whole seconds since the epoch (0 before it), unsigned as the journal and JWT claims hold
+/// them; the conversion is [`sigil_core::time::unix_seconds`].
 pub(crate) fn unix_seconds(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    sigil_core::time::unix_seconds(t).unsigned_abs()
 }
 
 /// The time `secs` seconds after the epoch.
 pub(crate) fn from_unix_seconds(secs: u64) -> Option<SystemTime> {
-    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
-}
-
-fn unix_time(timestamp: i64) -> Option<SystemTime> {
-    from_unix_seconds(u64::try_from(timestamp).ok()?)
+    sigil_core::time::from_unix_seconds(i64::try_from(secs).ok()?)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
     use super::*;
 
     /// A bare authority for the planner.
