@@ -869,7 +869,13 @@ fn parse_entry(e: &pb::Entry) -> Result<NewEntry, Status> {
             problems.push("expires_at is before 1970".to_owned());
             None
         }
-        t => from_unix_seconds(t),
+        t => {
+            let at = from_unix_seconds(t);
+            if at.is_none() {
+                problems.push(format!("expires_at {t} is out of range"));
+            }
+            at
+        }
     };
     match (problems.is_empty(), spiffe_id, parent_id) {
         (true, Some(spiffe_id), Some(parent_id)) => Ok(NewEntry {

@@ -8,7 +8,7 @@
 
 use tonic::Status;
 use tonic::metadata::MetadataValue;
-use tracing::{error, warn};
+use tracing::warn;
 
 use super::node::REASON_METADATA_KEY;
 use crate::service::agents::{AgentError, DenyReason};
@@ -61,9 +61,17 @@ pub(crate) fn sign_status(error: SignError) -> Status {
     }
 }
 
-fn audit_failed(error: &dyn std::fmt::Display, what: &str) -> Status {
-    error!(%error, "audit append failed");
-    Status::unavailable(format!("{what}: {error}"))
+/// Nothing was handed out or granted because its audit record could not be written (the
+/// audit log service has logged why; the store's detail stays in the server's log).
+fn audit_withheld() -> Status {
+    Status::unavailable("the audit record could not be written, so nothing was issued; retry")
+}
+
+/// The change stands, unaudited: the operator (admin API only) is told, with the detail.
+fn audit_after_change(error: &StoreError) -> Status {
+    Status::unavailable(format!(
+        "the change was made, but its audit record could not be written: {error}"
+    ))
 }
 
 fn cache_status(error: EntryCacheError) -> Status {
@@ -77,10 +85,7 @@ pub(crate) fn entry_status(error: EntryError) -> Status {
         e @ EntryError::TooMany { .. } => Status::invalid_argument(e.to_string()),
         e @ EntryError::NotFound(_) => Status::not_found(e.to_string()),
         e @ EntryError::SessionEntry { .. } => Status::failed_precondition(e.to_string()),
-        EntryError::AuditAfterChange(e) => audit_failed(
-            &e,
-            "the change was made, but its audit record could not be written",
-        ),
+        EntryError::AuditAfterChange(e) => audit_after_change(&e),
         EntryError::Store(e) => store_status(e),
     }
 }
@@ -92,14 +97,8 @@ pub(crate) fn agent_status(error: AgentError) -> Status {
         e @ AgentError::NotFound(_) => Status::not_found(e.to_string()),
         e @ AgentError::EvictBanned(_) => Status::failed_precondition(e.to_string()),
         AgentError::Sign(e) => sign_status(e),
-        AgentError::AuditFailed(e) => audit_failed(
-            &e,
-            "the audit record could not be written, so nothing was issued",
-        ),
-        AgentError::AuditAfterChange(e) => audit_failed(
-            &e,
-            "the change was made, but its audit record could not be written",
-        ),
+        AgentError::AuditFailed(_) => audit_withheld(),
+        AgentError::AuditAfterChange(e) => audit_after_change(&e),
         AgentError::Random => Status::internal("random number generator failed"),
         AgentError::TokenStore(e) => {
             warn!(error = %e, "join tokens cannot be read");
@@ -116,10 +115,7 @@ pub(crate) fn svid_status(error: SvidError) -> Status {
         e @ SvidError::SessionEntry(_) => Status::failed_precondition(e.to_string()),
         SvidError::Sign(e) => sign_status(e),
         SvidError::Entries(e) => cache_status(e),
-        SvidError::AuditFailed(e) => {
-            warn!(error = %e, "audit append failed; credential withheld");
-            Status::unavailable("the server could not record the issuance; retry")
-        }
+        SvidError::AuditFailed(_) => audit_withheld(),
         SvidError::Task(e) => {
             warn!(error = %e, "signing task failed");
             Status::internal("signing failed")
@@ -133,10 +129,8 @@ pub(crate) fn session_status(error: SessionError) -> Status {
         SessionError::NotFound(id) => Status::not_found(format!("no session with id {id}")),
         SessionError::Refused(m) => Status::failed_precondition(m),
         SessionError::Denied(m) => Status::permission_denied(m),
-        e @ (SessionError::AuditFailed(_) | SessionError::AuditAfterChange(_)) => {
-            error!(error = %e, "session audit failed");
-            Status::unavailable(e.to_string())
-        }
+        SessionError::AuditFailed(_) => audit_withheld(),
+        SessionError::AuditAfterChange(e) => audit_after_change(&e),
         SessionError::Sign(e) => sign_status(e),
         SessionError::Entries(e) => cache_status(e),
         SessionError::Store(e) => store_status(e),
@@ -146,10 +140,7 @@ pub(crate) fn session_status(error: SessionError) -> Status {
 pub(crate) fn bundle_status(error: BundleError) -> Status {
     match error {
         BundleError::Invalid(m) => Status::invalid_argument(m),
-        BundleError::AuditAfterChange(e) => audit_failed(
-            &e,
-            "the change was made, but its audit record could not be written",
-        ),
+        BundleError::AuditAfterChange(e) => audit_after_change(&e),
         BundleError::Store(e) => store_status(e),
     }
 }
@@ -199,8 +190,23 @@ mod tests {
         assert_eq!(DenyReason::from_status(&denied), Some(DenyReason::Banned));
         let expired = sync_status(SyncError::Expired);
         assert_eq!(DenyReason::from_status(&expired), Some(DenyReason::Expired));
-        // A store failure's detail stays in the server's log.
+        // A store failure's detail stays in the server's log, also when it stopped an
+        // issuance (agents reach these over the network, unauthenticated for attestation).
         let status = store_status(StoreError::FlushFailed("disk on fire".into()));
         assert!(!status.message().contains("disk on fire"));
+        for status in [
+            agent_status(AgentError::AuditFailed(StoreError::FlushFailed(
+                "disk on fire".into(),
+            ))),
+            session_status(SessionError::AuditFailed(StoreError::FlushFailed(
+                "disk on fire".into(),
+            ))),
+            svid_status(SvidError::AuditFailed(StoreError::FlushFailed(
+                "disk on fire".into(),
+            ))),
+        ] {
+            assert_eq!(status.code(), Code::Unavailable);
+            assert!(!status.message().contains("disk on fire"), "{status:?}");
+        }
     }
 }

@@ -102,7 +102,7 @@ pub(crate) enum SessionError {
     #[error("{0}")]
     Refused(String),
     /// The audit record of a step that grants something could not be written: nothing changed.
-    #[error("the audit record could not be written, so nothing was changed: {0}")]
+    #[error("the audit record could not be written, so nothing was granted or issued: {0}")]
     AuditFailed(StoreError),
     /// The change was made but its audit record could not be written.
     #[error("the change was made, but its audit record could not be written: {0}")]
