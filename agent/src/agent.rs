@@ -2,20 +2,17 @@
 //! run under one shutdown signal.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use sigil_attestors::unix::UnixAttestor;
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span};
 
 use crate::config::AgentConfig;
 use crate::manager::Manager;
 use crate::node::{NodeConnection, NodeError};
-use crate::workload::{WorkloadApi, front_door_caller};
-use crate::workload_api::{ListenerError, WorkloadListener};
+use crate::workload_api::{ListenerError, WorkloadApi, WorkloadListener, front_door_caller};
 
-/// How long open Workload API streams get after SIGTERM.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub use sigil_daemon::{DRAIN_TIMEOUT, Shutdown};
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -32,15 +29,6 @@ pub enum AgentError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// How to stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shutdown {
-    /// Close the socket, give streams [`DRAIN_TIMEOUT`], stop.
-    Graceful,
-    /// Stop now.
-    Immediate,
-}
-
 /// Runs the agent until `shutdown` yields or the server refuses it for good.
 pub async fn run(
     config: AgentConfig,
@@ -49,7 +37,7 @@ pub async fn run(
     let node = Arc::new(
         NodeConnection::bootstrap(
             config.trust_domain.clone(),
-            config.server_address.clone(),
+            config.server_address.to_string(),
             &config.data_dir,
             config.join_token.as_deref(),
             config.trust_bundle.as_deref(),
@@ -57,7 +45,8 @@ pub async fn run(
         .await?,
     );
     info!(agent_id = %node.agent_id(), server = %config.server_address, "agent identity ready");
-    let (manager, snapshots) = Manager::new(node.clone());
+    let (manager, snapshots) = Manager::new(node);
+    let minter = manager.minter();
     let mut manager = tokio::spawn(manager.run().instrument(info_span!("manager")));
 
     // The front door: accepts every gRPC client stack (it normalises the `:authority` of
@@ -65,7 +54,7 @@ pub async fn run(
     let listener = WorkloadListener::bind(&config.socket_path)?;
     let api = WorkloadApi::new(
         snapshots,
-        node,
+        minter,
         Arc::new(UnixAttestor::new()),
         front_door_caller,
     );
@@ -91,10 +80,8 @@ pub async fn run(
         how = shutdown => {
             let _ = stop_tx.send(true);
             let _ = std::fs::remove_file(&socket);
-            if how == Shutdown::Graceful
-                && tokio::time::timeout(DRAIN_TIMEOUT, &mut serve).await.is_err()
-            {
-                warn!("workload streams still open after the drain timeout; closing them");
+            if how == Shutdown::Graceful {
+                sigil_daemon::drain(&mut serve).await;
             }
             Ok(())
         }

@@ -1,6 +1,6 @@
 //! What the agent can hand out: the trust domain's bundle and CRLs, one X509-SVID per authorized
 //! entry, and the privileged sessions this agent may mint for on demand, as one immutable
-//! [`Snapshot`] published through `tokio::sync::watch`. Workload API streams hold a receiver and
+//! [`Inventory`] published through `tokio::sync::watch`. Workload API streams hold a receiver and
 //! send a new message whenever the snapshot changes.
 
 use std::collections::BTreeMap;
@@ -60,7 +60,7 @@ pub struct SessionEntry {
 
 /// Everything the agent serves at one moment.
 #[derive(Clone)]
-pub struct Snapshot {
+pub struct Inventory {
     /// The trust domain.
     pub trust_domain: TrustDomain,
     /// Its bundle.
@@ -93,11 +93,11 @@ impl fmt::Debug for WorkloadSvid {
     }
 }
 
-// === impl Snapshot ===
+// === impl Inventory ===
 
-impl fmt::Debug for Snapshot {
+impl fmt::Debug for Inventory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Snapshot")
+        f.debug_struct("Inventory")
             .field("trust_domain", &self.trust_domain)
             .field("svids", &self.svids.len())
             .field("synced", &self.synced)
@@ -105,7 +105,7 @@ impl fmt::Debug for Snapshot {
     }
 }
 
-impl Snapshot {
+impl Inventory {
     /// An empty snapshot for `trust_domain` with `bundle`.
     pub fn new(trust_domain: TrustDomain, bundle: SpiffeBundle) -> Self {
         Self {
@@ -177,7 +177,7 @@ mod tests {
         let td = TrustDomain::new("example.org").unwrap();
         let now = SystemTime::now();
         let later = now + Duration::from_secs(60);
-        let mut s = Snapshot::new(td.clone(), SpiffeBundle::new(td));
+        let mut s = Inventory::new(td.clone(), SpiffeBundle::new(td));
         for w in [
             svid("a", "internal", &["unix:uid:1"], later),
             svid("b", "internal", &["unix:uid:1"], later),

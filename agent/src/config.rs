@@ -2,10 +2,14 @@
 //! every problem reported at once. Every key is documented on [`FileConfig`] and in
 //! `examples/config/agent.toml` (parsed by a test).
 
+use std::fmt;
 use std::path::PathBuf;
 
 use serde::Deserialize;
 use sigil_core::TrustDomain;
+pub use sigil_daemon::config::{ConfigError, ConfigProblem};
+use sigil_daemon::config::{Problems, parse_file};
+pub use sigil_daemon::{LogFormat, LogLevel};
 
 /// Default Workload API socket.
 pub const DEFAULT_SOCKET_PATH: &str = "/tmp/sigil-agent/public/api.sock";
@@ -13,6 +17,18 @@ pub const DEFAULT_SOCKET_PATH: &str = "/tmp/sigil-agent/public/api.sock";
 pub const DEFAULT_DATA_DIR: &str = "/tmp/sigil-agent/data";
 /// Default server address.
 pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
+
+/// The keys [`FileConfig`] accepts, for reporting every unknown key at once.
+const KNOWN_KEYS: &[&str] = &[
+    "trust_domain",
+    "server_address",
+    "join_token",
+    "trust_bundle",
+    "socket_path",
+    "data_dir",
+    "log_level",
+    "log_format",
+];
 
 /// The configuration file as written; every field optional.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
@@ -65,8 +81,8 @@ pub struct Overrides {
 pub struct AgentConfig {
     /// Trust domain.
     pub trust_domain: TrustDomain,
-    /// Server address, `HOST:PORT`.
-    pub server_address: String,
+    /// The server's agent-facing API.
+    pub server_address: ServerAddress,
     /// Join token for the first attestation.
     pub join_token: Option<String>,
     /// Bootstrap bundle file.
@@ -76,32 +92,71 @@ pub struct AgentConfig {
     /// Data directory.
     pub data_dir: PathBuf,
     /// Log level.
-    pub log_level: String,
-    /// Log format is JSON.
-    pub log_json: bool,
+    pub log_level: LogLevel,
+    /// Log format.
+    pub log_format: LogFormat,
 }
 
-/// Every problem found, one `key: message` per line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid configuration:\n  {}", .problems.join("\n  "))]
-pub struct ConfigError {
-    /// `key: message` lines.
-    pub problems: Vec<String>,
+/// A server address: a host name or IP and a port (`server.example.org:8081`,
+/// `[::1]:8081`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddress {
+    host: String,
+    port: u16,
+}
+
+// === impl ServerAddress ===
+
+impl ServerAddress {
+    /// Parses `HOST:PORT`.
+    ///
+    /// # Errors
+    ///
+    /// A message naming what is missing.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not HOST:PORT");
+        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+        let port = port.parse::<u16>().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The host (an IPv6 address keeps its brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl fmt::Display for ServerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
 }
 
 // === impl AgentConfig ===
 
 impl AgentConfig {
-    /// Builds the configuration from the file's text (if any) and the flags.
+    /// Builds the configuration from the file's text (if any) and the flags, reporting every
+    /// problem at once, unknown keys included.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] with every problem, each naming its key.
     pub fn from_sources(file: Option<&str>, flags: Overrides) -> Result<Self, ConfigError> {
-        let mut problems = Vec::new();
-        let file: FileConfig = match file.map(toml::from_str::<FileConfig>) {
+        let mut problems = Problems::default();
+        let file: FileConfig = match file {
+            Some(text) => parse_file(text, KNOWN_KEYS, &mut problems),
             None => FileConfig::default(),
-            Some(Ok(file)) => file,
-            Some(Err(e)) => {
-                problems.push(format!("config: {}", e.message()));
-                FileConfig::default()
-            }
         };
         let pick =
             |flag: Option<String>, file: Option<String>| flag.or(file).filter(|v| !v.is_empty());
@@ -109,54 +164,60 @@ impl AgentConfig {
         let trust_domain = match pick(flags.trust_domain, file.trust_domain) {
             None => {
                 problems.push(
-                    "trust_domain: is required (in the file or with --trust-domain)".to_owned(),
+                    "trust_domain",
+                    "is required (in the file or with --trust-domain)",
                 );
                 None
             }
-            Some(td) => TrustDomain::new(&td)
-                .map_err(|e| problems.push(format!("trust_domain: {td:?}: {e}")))
-                .ok(),
+            Some(td) => problems.check("trust_domain", TrustDomain::new(&td)),
         };
-        let server_address = pick(flags.server_address, file.server_address)
-            .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.to_owned());
-        if server_address
-            .rsplit_once(':')
-            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
-        {
-            problems.push(format!(
-                "server_address: {server_address:?} is not HOST:PORT"
-            ));
-        }
-        let log_level = pick(flags.log_level, file.log_level).unwrap_or_else(|| "info".to_owned());
-        if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
-            problems.push(format!(
-                "log_level: {log_level:?} is not one of error, warn, info, debug, trace"
-            ));
-        }
-        let log_format =
-            pick(flags.log_format, file.log_format).unwrap_or_else(|| "text".to_owned());
-        if !["text", "json"].contains(&log_format.as_str()) {
-            problems.push(format!("log_format: {log_format:?} is not text or json"));
-        }
+        let server_address = problems.check(
+            "server_address",
+            ServerAddress::parse(
+                &pick(flags.server_address, file.server_address)
+                    .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.to_owned()),
+            ),
+        );
+        let log_level = problems.check(
+            "log_level",
+            pick(flags.log_level, file.log_level)
+                .as_deref()
+                .unwrap_or("info")
+                .parse::<LogLevel>(),
+        );
+        let log_format = problems.check(
+            "log_format",
+            pick(flags.log_format, file.log_format)
+                .as_deref()
+                .unwrap_or("text")
+                .parse::<LogFormat>(),
+        );
         let socket_path = PathBuf::from(
             pick(flags.socket_path, file.socket_path)
                 .unwrap_or_else(|| DEFAULT_SOCKET_PATH.to_owned()),
         );
         if !socket_path.is_absolute() {
-            problems.push(format!(
-                "socket_path: {} must be an absolute path",
-                socket_path.display()
-            ));
+            problems.push(
+                "socket_path",
+                format!("{} must be an absolute path", socket_path.display()),
+            );
         }
         let data_dir = PathBuf::from(
             pick(flags.data_dir, file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.to_owned()),
         );
-        if !problems.is_empty() {
-            return Err(ConfigError { problems });
-        }
-        let Some(trust_domain) = trust_domain else {
+        let (Some(trust_domain), Some(server_address), Some(log_level), Some(log_format), true) = (
+            trust_domain,
+            server_address,
+            log_level,
+            log_format,
+            problems.is_empty(),
+        ) else {
+            problems.into_result()?;
             return Err(ConfigError {
-                problems: vec!["trust_domain: is required".to_owned()],
+                problems: vec![ConfigProblem {
+                    key: "config".to_owned(),
+                    message: "incomplete".to_owned(),
+                }],
             });
         };
         Ok(Self {
@@ -167,7 +228,7 @@ impl AgentConfig {
             socket_path,
             data_dir,
             log_level,
-            log_json: log_format == "json",
+            log_format,
         })
     }
 }
@@ -181,11 +242,13 @@ mod tests {
         let c =
             AgentConfig::from_sources(Some("trust_domain = \"example.org\""), Overrides::default())
                 .unwrap();
-        assert_eq!(c.server_address, "127.0.0.1:8081");
+        assert_eq!(c.server_address.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.server_address.port(), 8081);
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.join_token, None);
-        assert!(!c.log_json);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.log_level, LogLevel::Info);
         let c = AgentConfig::from_sources(
             Some("trust_domain = \"example.org\"\nserver_address = \"10.0.0.1:1\""),
             Overrides {
@@ -196,9 +259,9 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(c.server_address, "server.example.org:8081");
+        assert_eq!(c.server_address.host(), "server.example.org");
         assert_eq!(c.join_token.as_deref(), Some("abc"));
-        assert!(c.log_json);
+        assert_eq!(c.log_format, LogFormat::Json);
     }
 
     #[test]
@@ -208,17 +271,20 @@ mod tests {
             Overrides::default(),
         )
         .unwrap_err();
-        let keys: Vec<_> = err
-            .problems
-            .iter()
-            .map(|p| p.split(':').next().unwrap())
-            .collect();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
             keys,
             ["trust_domain", "server_address", "log_level", "socket_path"]
         );
-        let err = AgentConfig::from_sources(Some("colour = 1"), Overrides::default()).unwrap_err();
-        assert!(err.problems[0].contains("unknown field `colour`"), "{err}");
+        // Every unknown key, not just the first, with the known keys still checked.
+        let err = AgentConfig::from_sources(
+            Some("colour = 1\nsize = 2\nlog_format = \"xml\"\ntrust_domain = \"example.org\""),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["colour", "size", "log_format"], "{err}");
+        assert_eq!(err.problems[0].message, "unknown key");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 
 use httlib_hpack::{Decoder, Encoder};
 use proptest::prelude::*;
-use sigil_agent::workload_api::authority::{
+use sigil_agent::workload_api::http_authority::{
     AuthorityNormalizer, MAX_HEADER_BLOCK, NormalizeAuthority, is_valid_authority,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};

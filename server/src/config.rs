@@ -4,11 +4,8 @@
 //! Every key, its meaning and its default is documented on [`FileConfig`] and in
 //! `examples/config/server.toml` (which a test parses, so the sample cannot drift).
 
-use std::collections::BTreeSet;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -151,45 +148,10 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
 }
 
-/// Log verbosity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogLevel {
-    /// Errors only.
-    Error,
-    /// Warnings and errors.
-    Warn,
-    /// The default.
-    Info,
-    /// Verbose.
-    Debug,
-    /// Very verbose.
-    Trace,
-}
+pub use sigil_daemon::{LogFormat, LogLevel};
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// One configuration problem, naming the key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigProblem {
-    /// The key (or `config` for the file as a whole).
-    pub key: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-/// Every problem found in a configuration.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigError {
-    /// The problems, in the order found.
-    pub problems: Vec<ConfigProblem>,
-}
+pub use sigil_daemon::config::{ConfigError, ConfigProblem};
+use sigil_daemon::config::{Problems, parse_file};
 
 // === impl ServerConfig ===
 
@@ -199,7 +161,7 @@ impl ServerConfig {
     pub fn from_sources(file: Option<&str>, overrides: Overrides) -> Result<Self, ConfigError> {
         let mut problems = Problems::default();
         let file = match file {
-            Some(text) => parse_file(text, &mut problems),
+            Some(text) => parse_file(text, KNOWN_KEYS, &mut problems),
             None => FileConfig::default(),
         };
         let pick = |flag: Option<String>, file: Option<String>| flag.or(file);
@@ -418,159 +380,7 @@ impl ServerConfig {
     }
 }
 
-// === impl LogLevel, LogFormat ===
-
-impl LogLevel {
-    /// The `tracing` filter directive for this level.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Error => "error",
-            Self::Warn => "warn",
-            Self::Info => "info",
-            Self::Debug => "debug",
-            Self::Trace => "trace",
-        }
-    }
-}
-
-impl FromStr for LogLevel {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "error" => Self::Error,
-            "warn" => Self::Warn,
-            "info" => Self::Info,
-            "debug" => Self::Debug,
-            "trace" => Self::Trace,
-            other => {
-                return Err(format!(
-                    "{other:?} is not a log level (error, warn, info, debug, trace)"
-                ));
-            }
-        })
-    }
-}
-
-impl FromStr for LogFormat {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "text" => Self::Text,
-            "json" => Self::Json,
-            other => return Err(format!("{other:?} is not a log format (text, json)")),
-        })
-    }
-}
-
-// === impl ConfigError ===
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.problems.len();
-        write!(
-            f,
-            "invalid configuration ({n} problem{}):",
-            if n == 1 { "" } else { "s" }
-        )?;
-        for p in &self.problems {
-            write!(f, "\n  {}: {}", p.key, p.message)?;
-        }
-        Ok(())
-    }
-}
-
 // === helpers ===
-
-#[derive(Default)]
-struct Problems(Vec<ConfigProblem>);
-
-impl Problems {
-    fn push(&mut self, key: &str, message: impl Into<String>) {
-        self.0.push(ConfigProblem {
-            key: key.to_owned(),
-            message: message.into(),
-        });
-    }
-
-    fn check<T, E: fmt::Display>(&mut self, key: &str, result: Result<T, E>) -> Option<T> {
-        result.map_err(|e| self.push(key, e.to_string())).ok()
-    }
-
-    fn into_result(self) -> Result<(), ConfigError> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError { problems: self.0 })
-        }
-    }
-}
-
-/// Parses the file, reporting every unknown key (not just the first) and every type error.
-fn parse_file(text: &str, problems: &mut Problems) -> FileConfig {
-    let table: toml::Table = match toml::from_str(text) {
-        Ok(table) => table,
-        Err(e) => {
-            problems.push("config", format!("not valid TOML: {}", e.message()));
-            return FileConfig::default();
-        }
-    };
-    let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
-    let mut unknown = false;
-    for key in table.keys() {
-        if !known.contains(key.as_str()) {
-            problems.push(key, "unknown key");
-            unknown = true;
-        }
-    }
-    if unknown {
-        // Still check the known keys' values, so every problem is reported at once.
-        let known_only: toml::Table = table
-            .into_iter()
-            .filter(|(k, _)| known.contains(k.as_str()))
-            .collect();
-        return decode_file(known_only, problems);
-    }
-    decode_file(table, problems)
-}
-
-fn decode_file(table: toml::Table, problems: &mut Problems) -> FileConfig {
-    // Decode key by key so one wrong type does not hide the others.
-    let mut config = FileConfig::default();
-    for (key, value) in table {
-        let one: toml::Table = [(key.clone(), value)].into_iter().collect();
-        match one.try_into::<FileConfig>() {
-            Ok(part) => merge(&mut config, part),
-            Err(e) => problems.push(&key, e.message().to_owned()),
-        }
-    }
-    config
-}
-
-fn merge(into: &mut FileConfig, part: FileConfig) {
-    macro_rules! take {
-        ($($field:ident),*) => { $( if part.$field.is_some() { into.$field = part.$field; } )* };
-    }
-    take!(
-        trust_domain,
-        bind_address,
-        data_dir,
-        admin_socket,
-        admin_uids,
-        ca_ttl,
-        default_x509_svid_ttl,
-        default_jwt_svid_ttl,
-        agent_svid_ttl,
-        jwt_issuer,
-        max_session_ttl,
-        session_svid_ttl,
-        require_session_approval,
-        store_cache_mib,
-        log_level,
-        log_format
-    );
-}
 
 fn duration_value(
     problems: &mut Problems,

@@ -6,9 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 use sigil_server::cli::{Cli, Command, RunArgs};
-use sigil_server::{LogFormat, Overrides, Server, ServerConfig, Shutdown};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use sigil_server::{Overrides, Server, ServerConfig};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -50,37 +48,17 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         log_format: args.log_format,
     };
     let config = ServerConfig::from_sources(file.as_deref(), overrides)?;
-    init_logging(&config);
+    sigil_daemon::init_logging(config.log_level, config.log_format);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        let shutdown =
+            sigil_daemon::shutdown_signal().context("cannot watch SIGTERM and SIGINT")?;
         let server = Server::start(config).await?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = sigterm.recv() => { info!("SIGTERM: shutting down gracefully"); Shutdown::Graceful }
-                _ = sigint.recv() => { info!("SIGINT: shutting down now"); Shutdown::Immediate }
-            }
-        };
         server.run(shutdown).await?;
         Ok(ExitCode::SUCCESS)
     })
-}
-
-fn init_logging(config: &ServerConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SIGIL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config.log_level.as_str()));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
 }

@@ -46,8 +46,7 @@ use crate::store::Store;
 use crate::store::sled::{SledStore, SledStoreOptions};
 use crate::tls::{self, ServerCertificate};
 
-/// How long open streams get to finish after a graceful shutdown begins.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub use sigil_daemon::{DRAIN_TIMEOUT, Shutdown};
 
 /// How often the rotation task runs.
 const ROTATION_INTERVAL: Duration = Duration::from_secs(1);
@@ -102,15 +101,6 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
-}
-
-/// How to stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shutdown {
-    /// Stop accepting, let streams drain for at most [`DRAIN_TIMEOUT`], then stop.
-    Graceful,
-    /// Stop now.
-    Immediate,
 }
 
 /// A started server: its components, for the caller (and tests) to use.
@@ -366,9 +356,8 @@ impl Server {
             Shutdown::Immediate => info!("stopping now"),
             Shutdown::Graceful => {
                 info!(timeout = ?DRAIN_TIMEOUT, "stopping: draining open streams");
-                match tokio::time::timeout(DRAIN_TIMEOUT, &mut serve).await {
-                    Ok(result) => result?,
-                    Err(_) => warn!("streams still open after the drain timeout; closing them"),
+                if let Some(result) = sigil_daemon::drain(&mut serve).await {
+                    result?;
                 }
             }
         }

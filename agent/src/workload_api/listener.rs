@@ -15,7 +15,7 @@ use tokio::net::UnixStream;
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
-use super::authority::NormalizeAuthority;
+use super::http_authority::NormalizeAuthority;
 use super::peer::{CallerProcess, ProcessTracking};
 
 /// How long the accept loop pauses after an error such as running out of file descriptors.

@@ -1,11 +1,13 @@
-//! The SPIFFE Workload API endpoint of the agent.
+//! The SPIFFE Workload API endpoint of the agent: one module, one file per part.
 //!
-//! So far this holds its front door (issue 5):
-//!
+//! - [`service`]: [`WorkloadApi`], the five RPCs (spec sections 5 and 6): header check,
+//!   attestation of the caller, entitlement, streams.
+//! - [`sessions`]: a caller's privileged-session SVIDs, minted for it alone and renewed.
+//! - [`caller`]: [`CallerIdentity`], who is calling (kernel credentials, same process?).
 //! - [`listener`]: [`WorkloadListener`] binds the Unix socket and yields [`FrontDoorStream`]s for
-//!   `tonic::transport::Server::serve_with_incoming_shutdown`.
-//! - [`authority`]: the layer below h2 that normalises the `:authority` gRPC C-core, Java and Swift
-//!   clients send over Unix sockets, which h2 would refuse.
+//!   `tonic::transport::Server::serve_with_incoming_shutdown` (the front door).
+//! - [`http_authority`]: the layer below h2 that normalises the `:authority` gRPC C-core, Java
+//!   and Swift clients send over Unix sockets, which h2 would refuse.
 //! - [`peer`]: [`CallerProcess`], the caller's kernel credentials and a handle on its process,
 //!   which tonic hands to every request as the connection's connect info:
 //!
@@ -24,10 +26,15 @@
 //! # }
 //! ```
 
-pub mod authority;
+pub mod caller;
+pub mod http_authority;
 pub mod listener;
 pub mod peer;
+pub mod service;
+pub mod sessions;
 
-pub use authority::{AuthorityError, NormalizeAuthority};
+pub use caller::{CallerIdentity, CallerLookup, front_door_caller};
+pub use http_authority::{AuthorityError, NormalizeAuthority};
 pub use listener::{FrontDoorStream, ListenerError, WorkloadListener};
 pub use peer::{CallerProcess, PeerError, ProcessHandleKind, ProcessTracking};
+pub use service::{SECURITY_HEADER, WorkloadApi};

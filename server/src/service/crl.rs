@@ -158,3 +158,63 @@ impl CrlPublisher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    use x509_parser::revocation_list::CertificateRevocationList;
+
+    use super::*;
+    use crate::service::testing::Fixture;
+    use crate::store::Revocation;
+
+    fn revocation(serial: &str, not_after: SystemTime) -> Revocation {
+        Revocation {
+            serial: serial.to_owned(),
+            not_after,
+            authority_id: None,
+            revoked_at: SystemTime::now(),
+            cause: "test".to_owned(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_publication_signs_every_revoked_serial_with_a_rising_number() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let updates = fx.crls.subscribe();
+        let first = fx.crls.current();
+        assert!(!first.lists_anything());
+        fx.store
+            .add_revocations(vec![
+                revocation("0a0b", now + Duration::from_secs(600)),
+                revocation("0c0d", now - Duration::from_secs(1)),
+            ])
+            .await
+            .unwrap();
+        let second = fx.crls.publish(now).await.unwrap();
+        assert_eq!(second.generation, first.generation + 1);
+        assert!(updates.has_changed().unwrap());
+        assert_eq!(second.crls.len(), 1, "one CRL per X.509 authority");
+        let crl = &second.crls[0];
+        // The expired certificate's revocation is pruned; the live one is listed.
+        assert_eq!(crl.revoked_serials, ["0a0b"]);
+        assert!(crl.crl_number > first.crls[0].crl_number);
+        assert_eq!(crl.next_update, crl.this_update + CRL_VALIDITY);
+        // The DER is a CRL issued by the authority in the bundle.
+        let (_, parsed) = CertificateRevocationList::from_der(&crl.der).unwrap();
+        let bundle = fx.authority.bundle();
+        let (_, issuer) = X509Certificate::from_der(bundle.x509.authorities()[0].as_ref()).unwrap();
+        assert_eq!(parsed.issuer(), issuer.subject());
+        let listed: Vec<String> = parsed
+            .iter_revoked_certificates()
+            .map(|r| sigil_core::hex::encode(r.raw_serial()))
+            .collect();
+        assert_eq!(listed, ["0a0b"]);
+        // Published again at the same instant: the number still rises.
+        let third = fx.crls.publish(now).await.unwrap();
+        assert!(third.crls[0].crl_number > crl.crl_number);
+    }
+}

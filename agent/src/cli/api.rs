@@ -37,7 +37,7 @@ type Client = SpiffeWorkloadApiClient<
 
 fn add_header(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
     request.metadata_mut().insert(
-        crate::workload::SECURITY_HEADER,
+        crate::workload_api::SECURITY_HEADER,
         tonic::metadata::MetadataValue::from_static("true"),
     );
     Ok(request)

@@ -17,17 +17,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use sigil_attestors::unix::{Credentials, UnixAttestor};
-use sigil_core::X509Bundle;
 use sigil_core::jwt::{JwtBundleSet, JwtSvid};
-use sigil_core::lifetime::Validity;
 use sigil_core::{SelectorSet, SpiffeId};
-use sigil_proto::node::{
-    NewJwtsvidRequest, NewSessionJwtsvidRequest, NewSessionX509svidRequest, Workload,
-};
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use sigil_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
@@ -41,67 +36,21 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
-use crate::cache::{SessionEntry, Snapshot, WorkloadSvid};
-use crate::node::{NodeConnection, csr, new_key};
+use super::caller::CallerLookup;
+use super::sessions;
+use crate::cache::{Inventory, SessionEntry, WorkloadSvid};
+use crate::manager::{Caller, Minter};
 
 /// The metadata key every Workload API request must carry with the value `true` (WE-5).
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
-/// Who is calling, as the connection's listener learned it from the kernel.
-pub trait CallerIdentity: Send + Sync + 'static {
-    /// uid, gid and pid at connect time.
-    fn credentials(&self) -> Credentials;
-    /// True while the process that connected is still the one behind its pid (so a reused
-    /// pid is never mistaken for it).
-    fn is_same_process(&self) -> bool;
-}
-
-/// The caller as the front door recorded it at accept: SO_PEERCRED plus a handle on the process
-/// (a pidfd where the kernel offers one), so a reused pid is never mistaken for the caller.
-impl CallerIdentity for crate::workload_api::CallerProcess {
-    fn credentials(&self) -> Credentials {
-        Credentials {
-            uid: self.uid(),
-            gid: self.gid(),
-            pid: self.pid().and_then(|pid| i32::try_from(pid).ok()),
-        }
-    }
-
-    fn is_same_process(&self) -> bool {
-        self.still_alive_and_same()
-    }
-}
-
-/// Finds the caller in a request: a listener puts its connection info in the extensions.
-pub type CallerLookup = fn(&tonic::Extensions) -> Option<Arc<dyn CallerIdentity>>;
-
-/// The lookup for connections accepted by the front door
-/// ([`WorkloadListener`](crate::workload_api::WorkloadListener)).
-pub fn front_door_caller(extensions: &tonic::Extensions) -> Option<Arc<dyn CallerIdentity>> {
-    extensions
-        .get::<crate::workload_api::CallerProcess>()
-        .map(|caller| Arc::new(caller.clone()) as Arc<dyn CallerIdentity>)
-}
-
 /// The Workload API service.
 #[derive(Clone)]
 pub struct WorkloadApi {
-    snapshots: watch::Receiver<Arc<Snapshot>>,
-    node: Arc<NodeConnection>,
+    snapshots: watch::Receiver<Arc<Inventory>>,
+    minter: Minter,
     attestor: Arc<UnixAttestor>,
     caller: CallerLookup,
-    jwt_cache: Arc<Mutex<HashMap<JwtKey, CachedJwt>>>,
-}
-
-/// (entry id, sorted audience).
-type JwtKey = (String, Vec<String>);
-
-/// A JWT-SVID with the time it was fetched and its expiry.
-#[derive(Debug, Clone)]
-struct CachedJwt {
-    token: String,
-    fetched: SystemTime,
-    expires: SystemTime,
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -115,19 +64,19 @@ impl std::fmt::Debug for WorkloadApi {
 }
 
 impl WorkloadApi {
-    /// The service, serving what `snapshots` publishes and asking `node` for JWT-SVIDs.
+    /// The service, serving what `snapshots` publishes and minting JWT-SVIDs and session SVIDs
+    /// through `minter`.
     pub fn new(
-        snapshots: watch::Receiver<Arc<Snapshot>>,
-        node: Arc<NodeConnection>,
+        snapshots: watch::Receiver<Arc<Inventory>>,
+        minter: Minter,
         attestor: Arc<UnixAttestor>,
         caller: CallerLookup,
     ) -> Self {
         Self {
             snapshots,
-            node,
+            minter,
             attestor,
             caller,
-            jwt_cache: Arc::default(),
         }
     }
 
@@ -184,8 +133,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let mut snapshots = self.snapshots.clone();
         let mut held = BTreeMap::new();
         let snapshot = snapshots.borrow_and_update().clone();
-        self.refresh_sessions(&snapshot, &selectors, creds, &mut held)
-            .await;
+        sessions::refresh(&self.minter, &snapshot, &selectors, creds, &mut held).await;
         let first = x509_response(&snapshot, &selectors, &held)
             .ok_or_else(|| Status::permission_denied("no identity issued"))?;
         let (tx, rx) = mpsc::channel(2);
@@ -196,15 +144,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 return;
             }
             loop {
-                let wake = session_wakeup(&held, &snapshots.borrow());
+                let wake = sessions::wakeup(&held, &snapshots.borrow());
                 tokio::select! {
                     changed = snapshots.changed() => if changed.is_err() { return },
                     () = sleep_until(wake) => {}
                     () = tx.closed() => return,
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
-                api.refresh_sessions(&snapshot, &selectors, creds, &mut held)
-                    .await;
+                sessions::refresh(&api.minter, &snapshot, &selectors, creds, &mut held).await;
                 let next = x509_response(&snapshot, &selectors, &held);
                 match next {
                     None => {
@@ -284,7 +231,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         let mut svids = Vec::with_capacity(identities.len());
         for identity in identities {
-            let token = self.jwt(&identity, &audience).await?;
+            let token = self
+                .minter
+                .jwt(&identity, &audience)
+                .await
+                .map_err(|error| {
+                    warn!(%error, "cannot get a jwt-svid from the server");
+                    Status::unavailable("cannot get a JWT-SVID from the server now; retry")
+                })?;
             svids.push(Jwtsvid {
                 spiffe_id: identity.spiffe_id.to_string(),
                 svid: token,
@@ -292,23 +246,21 @@ impl SpiffeWorkloadApi for WorkloadApi {
             });
         }
         for session in sessions {
-            let response = self
-                .node
-                .client()
-                .new_session_jwtsvid(NewSessionJwtsvidRequest {
-                    entry_id: session.entry_id.clone(),
-                    audience: audience.clone(),
-                    workload: Some(workload_message(creds, &selectors)),
-                })
+            let caller = Caller {
+                credentials: creds,
+                selectors: &selectors,
+            };
+            let (spiffe_id, svid) = self
+                .minter
+                .session_jwt(&session, &audience, caller)
                 .await
-                .map_err(|status| {
-                    warn!(session_id = %session.session_id, error = %status.message(), "session jwt-svid refused");
+                .map_err(|error| {
+                    warn!(session_id = %session.session_id, %error, "session jwt-svid refused");
                     Status::unavailable("cannot get a JWT-SVID from the server now; retry")
-                })?
-                .into_inner();
+                })?;
             svids.push(Jwtsvid {
-                spiffe_id: response.spiffe_id,
-                svid: response.token,
+                spiffe_id,
+                svid,
                 hint: session.hint.clone(),
             });
         }
@@ -370,149 +322,6 @@ impl SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
-impl WorkloadApi {
-    /// Brings `held` (this caller's session SVIDs, by entry id) in line with `snapshot`: drops
-    /// those whose session is gone, ended or unreachable, and mints those missing, changed or
-    /// due for renewal. A refused or failed mint leaves that session out.
-    async fn refresh_sessions(
-        &self,
-        snapshot: &Snapshot,
-        selectors: &SelectorSet,
-        creds: Credentials,
-        held: &mut BTreeMap<String, WorkloadSvid>,
-    ) {
-        let now = SystemTime::now();
-        let sessions: Vec<SessionEntry> = snapshot
-            .sessions_for(selectors, now)
-            .into_iter()
-            .cloned()
-            .collect();
-        held.retain(|id, svid| {
-            sessions
-                .iter()
-                .any(|s| s.entry_id == *id && s.revision == svid.revision)
-                && svid.not_after > now
-        });
-        for session in sessions {
-            if let Some(svid) = held.get(&session.entry_id) {
-                let validity = Validity::from_parts(svid.issued_at, svid.not_after);
-                let ttl = Duration::from_secs(session.svid_ttl.max(1));
-                if !validity.should_renew(now, ttl, &[session.ends_at]) {
-                    continue;
-                }
-            }
-            match self.mint_session(&session, creds, selectors).await {
-                Ok(svid) => {
-                    held.insert(session.entry_id.clone(), svid);
-                }
-                Err(error) => {
-                    warn!(session_id = %session.session_id, %error, "no session svid for this workload");
-                    held.remove(&session.entry_id);
-                }
-            }
-        }
-    }
-
-    /// Mints one session SVID for the calling workload.
-    async fn mint_session(
-        &self,
-        session: &SessionEntry,
-        creds: Credentials,
-        selectors: &SelectorSet,
-    ) -> Result<WorkloadSvid, String> {
-        let key = new_key().map_err(|e| e.to_string())?;
-        let csr = csr(&key).map_err(|e| e.to_string())?;
-        let svid = self
-            .node
-            .client()
-            .new_session_x509svid(NewSessionX509svidRequest {
-                entry_id: session.entry_id.clone(),
-                csr,
-                workload: Some(workload_message(creds, selectors)),
-            })
-            .await
-            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
-            .into_inner();
-        let spiffe_id = SpiffeId::new(&svid.spiffe_id).map_err(|e| e.to_string())?;
-        if spiffe_id != session.spiffe_id {
-            return Err(format!(
-                "the server signed {spiffe_id} for {}",
-                session.spiffe_id
-            ));
-        }
-        let chain = X509Bundle::from_der(spiffe_id.trust_domain(), &svid.cert_chain)
-            .map_err(|e| e.to_string())?
-            .authorities()
-            .to_vec();
-        debug!(session_id = %session.session_id, "session svid minted");
-        Ok(WorkloadSvid {
-            entry_id: session.entry_id.clone(),
-            spiffe_id,
-            selectors: session.selectors.clone(),
-            hint: session.hint.clone(),
-            jwt_ttl: session.svid_ttl,
-            revision: session.revision,
-            issued_at: SystemTime::now(),
-            chain,
-            key: Arc::new(key),
-            not_after: UNIX_EPOCH
-                + Duration::from_secs(u64::try_from(svid.expires_at).unwrap_or(0)),
-        })
-    }
-
-    /// A JWT-SVID for `identity` and `audience`: from the cache while it has more than half its
-    /// life left, else from the server.
-    async fn jwt(&self, identity: &WorkloadSvid, audience: &[String]) -> Result<String, Status> {
-        let key = (identity.entry_id.clone(), audience.to_vec());
-        let now = SystemTime::now();
-        if let Some(cached) = self
-            .jwt_cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-        {
-            let life = cached
-                .expires
-                .duration_since(cached.fetched)
-                .unwrap_or(Duration::ZERO);
-            if now < cached.fetched + life / 2 {
-                return Ok(cached.token.clone());
-            }
-        }
-        let response = self
-            .node
-            .client()
-            .new_jwtsvid(NewJwtsvidRequest {
-                entry_id: identity.entry_id.clone(),
-                audience: audience.to_vec(),
-            })
-            .await
-            .map_err(|status| {
-                warn!(error = %status.message(), "cannot get a jwt-svid from the server");
-                Status::unavailable("cannot get a JWT-SVID from the server now; retry")
-            })?
-            .into_inner();
-        let expires =
-            UNIX_EPOCH + Duration::from_secs(u64::try_from(response.expires_at).unwrap_or(0));
-        let mut cache = self
-            .jwt_cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(
-            key,
-            CachedJwt {
-                token: response.token.clone(),
-                fetched: now,
-                expires,
-            },
-        );
-        Ok(response.token)
-    }
-}
-
 // === helpers ===
 
 /// WE-5, WE-6: exactly one `workload.spiffe.io` value, `true`.
@@ -529,7 +338,7 @@ fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
 /// The full X509-SVID response for `selectors` (the caller's session SVIDs last), or `None`
 /// when they grant nothing.
 fn x509_response(
-    snapshot: &Snapshot,
+    snapshot: &Inventory,
     selectors: &SelectorSet,
     sessions: &BTreeMap<String, WorkloadSvid>,
 ) -> Option<X509svidResponse> {
@@ -554,49 +363,15 @@ fn x509_response(
     })
 }
 
-/// When a stream must look at its session SVIDs again: the earliest renewal that would gain
-/// something, or expiry (at most a minute away).
-fn session_wakeup(
-    held: &BTreeMap<String, WorkloadSvid>,
-    snapshot: &Snapshot,
-) -> tokio::time::Instant {
-    let now = SystemTime::now();
-    let mut next = now + Duration::from_secs(60);
-    for svid in held.values() {
-        let validity = Validity::from_parts(svid.issued_at, svid.not_after);
-        let renew = validity.renew_at();
-        let capped = snapshot
-            .sessions
-            .get(&svid.entry_id)
-            .is_none_or(|s| s.ends_at <= svid.not_after);
-        next = next.min(svid.not_after);
-        if !capped {
-            next = next.min(renew);
-        }
-    }
-    let wait = next.duration_since(now).unwrap_or(Duration::ZERO);
-    tokio::time::Instant::now() + wait.max(Duration::from_millis(50))
-}
-
 async fn sleep_until(at: tokio::time::Instant) {
     tokio::time::sleep_until(at).await;
 }
 
-/// The workload a session SVID is for, as the server's request carries it.
-fn workload_message(creds: Credentials, selectors: &SelectorSet) -> Workload {
-    Workload {
-        pid: creds.pid.unwrap_or(0),
-        uid: creds.uid,
-        gid: creds.gid,
-        selectors: selectors.iter().map(ToString::to_string).collect(),
-    }
-}
-
 /// A bundle stream: the caller must hold an identity; a message at once and on every change.
 fn stream_bundles<T>(
-    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut snapshots: watch::Receiver<Arc<Inventory>>,
     selectors: SelectorSet,
-    build: fn(&Snapshot) -> Option<T>,
+    build: fn(&Inventory) -> Option<T>,
 ) -> Result<Response<ResponseStream<T>>, Status>
 where
     T: PartialEq + Clone + Send + 'static,

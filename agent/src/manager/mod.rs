@@ -1,8 +1,12 @@
-//! The manager keeps the agent's [`Snapshot`] current: it holds the `SyncEntries` stream open
+//! The manager keeps the agent's [`Inventory`] current: it holds the `SyncEntries` stream open
 //! (resumed from the last revision it saw), mints an X509-SVID for every entry authorized for
 //! this agent (the agent makes the P-256 key; the server signs a CSR), renews each at half its
 //! life (never in a loop when a cap keeps NotAfter where it is), renews the agent's own SVID,
 //! and publishes every change through a `watch` channel.
+//!
+//! Every SVID the agent obtains goes through the manager's [`Minter`]: the batches minted ahead
+//! here, and the JWT-SVIDs and session SVIDs the Workload API asks for (session SVIDs per caller,
+//! never from a cache).
 //!
 //! SVIDs are minted ahead for the entries of this agent (bounded by [`MAX_ENTRIES`]): a
 //! workload that connects gets its identity at once, and one already streaming gets new or
@@ -12,18 +16,20 @@
 //! reconnects with backoff and jitter capped at 10 s, and catches up from its last revision.
 //!
 //! Privileged sessions are the exception: their entries are kept apart
-//! ([`Snapshot::sessions`]) and never minted ahead; the Workload API mints their SVIDs on
-//! demand, for the workload that asks. While the sync stream is down the snapshot says so
-//! ([`Snapshot::connected`]) and no session SVID is served, since a close or revocation could
+//! ([`Inventory::sessions`]) and never minted ahead; the Workload API mints their SVIDs on
+//! demand, for the workload that asks. While the sync stream is down the inventory says so
+//! ([`Inventory::connected`]) and no session SVID is served, since a close or revocation could
 //! not reach the agent. The CRLs the server sends with the snapshot and with bundle changes go
-//! into [`Snapshot::crls`].
+//! into [`Inventory::crls`].
+
+mod mint;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use sigil_core::lifetime::Validity;
-use sigil_core::{Selector, SelectorSet, SpiffeBundle, SpiffeId, X509Bundle};
+use sigil_core::{Selector, SelectorSet, SpiffeBundle, SpiffeId};
 use sigil_proto::node::{
     BatchNewX509svidRequest, Entry, NewX509svidParams, SyncEntriesRequest, change,
     sync_entries_response, x509svid_result,
@@ -31,7 +37,9 @@ use sigil_proto::node::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::cache::{SessionEntry, Snapshot, WorkloadSvid};
+use self::mint::issued_svid;
+pub use self::mint::{Caller, Grant, MintError, Minter};
+use crate::cache::{Inventory, SessionEntry, WorkloadSvid};
 use crate::node::{NodeConnection, NodeError, csr, new_key, status_error};
 
 /// The most entries one agent mints SVIDs for.
@@ -43,34 +51,42 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// CSRs per `BatchNewX509SVID` call.
 const BATCH: usize = 100;
 
-/// Keeps the snapshot current. See the module docs.
+/// Keeps the inventory current. See the module docs.
 #[derive(Debug)]
 pub struct Manager {
     node: Arc<NodeConnection>,
+    minter: Minter,
     entries: BTreeMap<String, Entry>,
-    snapshot: Snapshot,
+    inventory: Inventory,
     revision: u64,
-    tx: watch::Sender<Arc<Snapshot>>,
+    tx: watch::Sender<Arc<Inventory>>,
 }
 
 // === impl Manager ===
 
 impl Manager {
     /// A manager for `node`, and the receiver workload streams subscribe to.
-    pub fn new(node: Arc<NodeConnection>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+    pub fn new(node: Arc<NodeConnection>) -> (Self, watch::Receiver<Arc<Inventory>>) {
         let bundle = node.bundle();
-        let snapshot = Snapshot::new(bundle.trust_domain().clone(), bundle);
-        let (tx, rx) = watch::channel(Arc::new(snapshot.clone()));
+        let inventory = Inventory::new(bundle.trust_domain().clone(), bundle);
+        let (tx, rx) = watch::channel(Arc::new(inventory.clone()));
         (
             Self {
+                minter: Minter::new(node.clone()),
                 node,
                 entries: BTreeMap::new(),
-                snapshot,
+                inventory,
                 revision: 0,
                 tx,
             },
             rx,
         )
+    }
+
+    /// The minter every other SVID of this agent goes through (the Workload API's JWT-SVIDs
+    /// and session SVIDs).
+    pub fn minter(&self) -> Minter {
+        self.minter.clone()
     }
 
     /// Runs until a final refusal from the server (returned as the error) or until the
@@ -85,7 +101,7 @@ impl Manager {
                     let wait = jitter(backoff);
                     warn!(error = %e, retry_in = ?wait, "sync with the server failed; serving what the agent holds");
                     // Session SVIDs are not served while the server cannot be reached.
-                    self.snapshot.connected = false;
+                    self.inventory.connected = false;
                     self.renew_svids().await;
                     tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -112,8 +128,8 @@ impl Manager {
             .map_err(status_error)?
             .into_inner();
         debug!(since = self.revision, "sync stream open");
-        if !self.snapshot.connected {
-            self.snapshot.connected = true;
+        if !self.inventory.connected {
+            self.inventory.connected = true;
             self.publish();
         }
         let mut pages = Pages::default();
@@ -140,7 +156,7 @@ impl Manager {
                 sync_entries_response::Message::Snapshot(page) => {
                     pages.entries.extend(page.entries);
                     if page.last {
-                        self.snapshot.crls = page.crls;
+                        self.inventory.crls = page.crls;
                         self.synced(std::mem::take(&mut pages), page.revision)
                             .await?;
                     }
@@ -151,7 +167,7 @@ impl Manager {
                     if page.last {
                         if let Some(bundle) = page.bundle {
                             self.set_bundle(&bundle.spiffe_bundle);
-                            self.snapshot.crls = bundle.crls;
+                            self.inventory.crls = bundle.crls;
                         }
                         self.synced(std::mem::take(&mut pages), page.revision)
                             .await?;
@@ -175,7 +191,7 @@ impl Manager {
                             }
                             Some(change::Change::Bundle(bundle)) => {
                                 self.set_bundle(&bundle.spiffe_bundle);
-                                self.snapshot.crls = bundle.crls;
+                                self.inventory.crls = bundle.crls;
                             }
                             None => {}
                         }
@@ -200,7 +216,7 @@ impl Manager {
         };
         self.entries = entries;
         self.revision = revision;
-        self.snapshot.synced = true;
+        self.inventory.synced = true;
         info!(
             entries = self.entries.len(),
             revision, resumed, "synced entries"
@@ -210,12 +226,12 @@ impl Manager {
     }
 
     fn set_bundle(&mut self, json: &[u8]) {
-        match SpiffeBundle::parse(self.snapshot.trust_domain.clone(), json) {
+        match SpiffeBundle::parse(self.inventory.trust_domain.clone(), json) {
             Ok(bundle) => {
                 if let Err(e) = self.node.set_bundle(bundle.clone()) {
                     warn!(error = %e, "cannot store the new bundle");
                 }
-                self.snapshot.bundle = bundle;
+                self.inventory.bundle = bundle;
             }
             Err(e) => {
                 warn!(error = %e, "the server sent an invalid bundle; keeping the previous one")
@@ -229,7 +245,7 @@ impl Manager {
         let entries = &self.entries;
         // An SVID whose entry is gone, or now grants another ID, is withdrawn at once; one whose
         // selectors or hint changed follows the entry now and is re-minted below.
-        self.snapshot.svids.retain(|id, svid| {
+        self.inventory.svids.retain(|id, svid| {
             let Some(entry) = entries.get(id).filter(|e| e.session.is_none()) else {
                 return false;
             };
@@ -238,7 +254,7 @@ impl Manager {
             }
             match parse_selectors(entry) {
                 Ok(selectors) => {
-                    // Copied (from the published snapshots' shared one) only when it changes.
+                    // Copied (from the published inventories' shared one) only when it changes.
                     if svid.selectors != selectors
                         || svid.hint != entry.hint
                         || svid.jwt_ttl != entry.jwt_svid_ttl
@@ -253,7 +269,7 @@ impl Manager {
                 Err(_) => false,
             }
         });
-        self.snapshot.sessions = self
+        self.inventory.sessions = self
             .entries
             .values()
             .filter_map(|e| match session_entry(e) {
@@ -265,7 +281,7 @@ impl Manager {
             })
             .map(|s| (s.entry_id.clone(), s))
             .collect();
-        self.snapshot.needs_sha256 = self
+        self.inventory.needs_sha256 = self
             .entries
             .values()
             .any(|e| e.selectors.iter().any(|s| s.starts_with("unix:sha256:")));
@@ -279,7 +295,7 @@ impl Manager {
             .entries
             .values()
             .filter(|entry| entry.session.is_none())
-            .filter(|entry| match self.snapshot.svids.get(&entry.id) {
+            .filter(|entry| match self.inventory.svids.get(&entry.id) {
                 None => true,
                 Some(svid) => svid_outdated(entry, svid, now),
             })
@@ -329,19 +345,20 @@ impl Manager {
                 continue;
             }
             match result.result {
-                Some(x509svid_result::Result::Svid(svid)) => match workload_svid(entry, &svid, key)
-                {
-                    Ok(w) => {
-                        debug!(entry_id = %entry.id, "svid minted");
-                        self.snapshot.svids.insert(entry.id.clone(), Arc::new(w));
+                Some(x509svid_result::Result::Svid(svid)) => {
+                    match grant_of(entry).and_then(|grant| issued_svid(grant, &svid, key)) {
+                        Ok(w) => {
+                            debug!(entry_id = %entry.id, "svid minted");
+                            self.inventory.svids.insert(entry.id.clone(), Arc::new(w));
+                        }
+                        Err(e) => {
+                            warn!(entry_id = %entry.id, error = %e, "the server sent an unusable svid")
+                        }
                     }
-                    Err(e) => {
-                        warn!(entry_id = %entry.id, error = %e, "the server sent an unusable svid")
-                    }
-                },
+                }
                 Some(x509svid_result::Result::Error(e)) => {
                     warn!(entry_id = %entry.id, code = e.code, error = %e.message, "svid refused");
-                    self.snapshot.svids.remove(&entry.id);
+                    self.inventory.svids.remove(&entry.id);
                 }
                 None => {}
             }
@@ -351,15 +368,15 @@ impl Manager {
 
     fn publish(&mut self) {
         let now = SystemTime::now();
-        self.snapshot.svids.retain(|_, svid| svid.not_after > now);
-        self.tx.send_replace(Arc::new(self.snapshot.clone()));
+        self.inventory.svids.retain(|_, svid| svid.not_after > now);
+        self.tx.send_replace(Arc::new(self.inventory.clone()));
     }
 
     /// The earliest renewal or expiry among the SVIDs and the agent's own.
     fn next_wakeup(&self) -> tokio::time::Instant {
         let now = SystemTime::now();
         let mut next = self.node.renew_at();
-        for svid in self.snapshot.svids.values() {
+        for svid in self.inventory.svids.values() {
             next = next.min(renew_time(svid)).min(svid.not_after);
         }
         let wait = next
@@ -464,7 +481,8 @@ fn svid_outdated(entry: &Entry, svid: &WorkloadSvid, now: SystemTime) -> bool {
     }
     let validity = Validity::from_parts(svid.issued_at, svid.not_after);
     let cap = (entry.expires_at > 0)
-        .then(|| UNIX_EPOCH + Duration::from_secs(entry.expires_at.unsigned_abs()));
+        .then(|| sigil_core::time::from_unix_seconds(entry.expires_at))
+        .flatten();
     validity.should_renew(
         now,
         Duration::from_secs(entry.x509_svid_ttl.max(1)),
@@ -472,52 +490,48 @@ fn svid_outdated(entry: &Entry, svid: &WorkloadSvid, now: SystemTime) -> bool {
     )
 }
 
-fn workload_svid(
-    entry: &Entry,
-    svid: &sigil_proto::node::X509svid,
-    key: zeroize::Zeroizing<Vec<u8>>,
-) -> Result<WorkloadSvid, String> {
-    let spiffe_id = SpiffeId::new(&svid.spiffe_id).map_err(|e| e.to_string())?;
-    if spiffe_id.as_str() != entry.spiffe_id {
-        return Err(format!(
-            "svid for {spiffe_id} answers entry {}",
-            entry.spiffe_id
-        ));
-    }
-    let chain = X509Bundle::from_der(spiffe_id.trust_domain(), &svid.cert_chain)
-        .map_err(|e| e.to_string())?
-        .authorities()
-        .to_vec();
-    let selectors = parse_selectors(entry).map_err(|e| e.to_string())?;
-    Ok(WorkloadSvid {
+/// What `entry` grants, for [`issued_svid`].
+fn grant_of(entry: &Entry) -> Result<Grant, MintError> {
+    let unusable = |e: EntryError| MintError::Unusable(e.to_string());
+    Ok(Grant {
         entry_id: entry.id.clone(),
-        spiffe_id,
-        selectors,
+        spiffe_id: SpiffeId::new(&entry.spiffe_id).map_err(|e| unusable(e.into()))?,
+        selectors: parse_selectors(entry).map_err(|e| unusable(e.into()))?,
         hint: entry.hint.clone(),
         jwt_ttl: entry.jwt_svid_ttl,
         revision: entry.revision,
-        issued_at: SystemTime::now(),
-        chain,
-        key: Arc::new(key),
-        not_after: UNIX_EPOCH + Duration::from_secs(u64::try_from(svid.expires_at).unwrap_or(0)),
     })
 }
 
+/// Why an entry from the server cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EntryError {
+    /// A session entry must end.
+    #[error("a session entry without an end")]
+    SessionWithoutEnd,
+    /// The SPIFFE ID does not parse.
+    #[error("invalid spiffe id: {0}")]
+    SpiffeId(#[from] sigil_core::SpiffeIdError),
+    /// A selector does not parse.
+    #[error("invalid selector: {0}")]
+    Selector(#[from] sigil_core::SelectorError),
+}
+
 /// The session entry of `entry`, if it carries a privileged session.
-fn session_entry(entry: &Entry) -> Result<Option<SessionEntry>, String> {
+fn session_entry(entry: &Entry) -> Result<Option<SessionEntry>, EntryError> {
     let Some(session) = &entry.session else {
         return Ok(None);
     };
-    let ends_at = u64::try_from(entry.expires_at)
-        .ok()
-        .filter(|t| *t > 0)
-        .map(|t| UNIX_EPOCH + Duration::from_secs(t))
-        .ok_or("a session entry without an end")?;
+    let ends_at = (entry.expires_at > 0)
+        .then(|| sigil_core::time::from_unix_seconds(entry.expires_at))
+        .flatten()
+        .ok_or(EntryError::SessionWithoutEnd)?;
     Ok(Some(SessionEntry {
         entry_id: entry.id.clone(),
         session_id: session.id.clone(),
-        spiffe_id: SpiffeId::new(&entry.spiffe_id).map_err(|e| e.to_string())?,
-        selectors: parse_selectors(entry).map_err(|e| e.to_string())?,
+        spiffe_id: SpiffeId::new(&entry.spiffe_id)?,
+        selectors: parse_selectors(entry)?,
         hint: entry.hint.clone(),
         svid_ttl: entry.x509_svid_ttl,
         ends_at,

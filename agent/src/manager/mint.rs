@@ -1,0 +1,291 @@
+//! Every SVID the agent obtains from the server goes through the [`Minter`]: the batches the
+//! manager mints ahead for its entries, the JWT-SVIDs workloads ask for (cached per entry and
+//! audience), and the SVIDs of privileged sessions, which are **minted per caller and never
+//! served from a cache to another process** (the server audits each with that caller's pid).
+//! A server's answer becomes a [`WorkloadSvid`] in one place ([`issued_svid`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use sigil_attestors::unix::Credentials;
+use sigil_core::{SelectorSet, SpiffeId, X509Bundle};
+use sigil_proto::node::{
+    NewJwtsvidRequest, NewSessionJwtsvidRequest, NewSessionX509svidRequest, Workload, X509svid,
+};
+use tracing::debug;
+use zeroize::Zeroizing;
+
+use crate::cache::{SessionEntry, WorkloadSvid};
+use crate::node::{NodeConnection, NodeError, csr, new_key};
+
+/// The most JWT-SVIDs the cache holds before it starts over.
+const MAX_CACHED_JWTS: usize = 10_000;
+
+/// Why an SVID could not be minted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MintError {
+    /// The key or the CSR could not be made.
+    #[error("cannot make a key or csr: {0}")]
+    Key(#[from] NodeError),
+    /// The server refused or could not be reached.
+    #[error("the server answered {code:?}: {message}")]
+    Server {
+        /// The gRPC code.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
+    /// The server signed another identity than the one asked for.
+    #[error("the server signed {got} for {expected}")]
+    WrongIdentity {
+        /// What was asked for.
+        expected: String,
+        /// What came back.
+        got: String,
+    },
+    /// The answer cannot be used (an ID or a chain that does not parse).
+    #[error("the server sent an unusable svid: {0}")]
+    Unusable(String),
+}
+
+/// What an SVID is minted for: the entry's identity and what a workload must present.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The registration entry.
+    pub entry_id: String,
+    /// The identity.
+    pub spiffe_id: SpiffeId,
+    /// The selectors a workload must have.
+    pub selectors: SelectorSet,
+    /// The entry's hint.
+    pub hint: String,
+    /// JWT-SVID TTL (seconds, effective).
+    pub jwt_ttl: u64,
+    /// The entry revision.
+    pub revision: u64,
+}
+
+/// The workload a session SVID is for, as the server records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    /// Its kernel credentials.
+    pub credentials: Credentials,
+    /// Its selectors.
+    pub selectors: &'a SelectorSet,
+}
+
+/// Mints through the node connection. Cheap to clone.
+#[derive(Clone)]
+pub struct Minter {
+    node: Arc<NodeConnection>,
+    jwts: Arc<Mutex<HashMap<JwtKey, CachedJwt>>>,
+}
+
+/// (entry id, sorted audience).
+type JwtKey = (String, Vec<String>);
+
+/// A JWT-SVID with the time it was fetched and its expiry.
+#[derive(Debug, Clone)]
+struct CachedJwt {
+    token: String,
+    fetched: SystemTime,
+    expires: SystemTime,
+}
+
+// === impl Minter ===
+
+impl std::fmt::Debug for Minter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minter").finish_non_exhaustive()
+    }
+}
+
+impl Minter {
+    /// A minter over `node`.
+    pub fn new(node: Arc<NodeConnection>) -> Self {
+        Self {
+            node,
+            jwts: Arc::default(),
+        }
+    }
+
+    /// A session SVID for `session`, minted for `caller` alone: a fresh key, a CSR, and the
+    /// server's signature after it audited the caller. Never cached.
+    ///
+    /// # Errors
+    ///
+    /// [`MintError`].
+    pub async fn session_x509(
+        &self,
+        session: &SessionEntry,
+        caller: Caller<'_>,
+    ) -> Result<WorkloadSvid, MintError> {
+        let key = new_key()?;
+        let csr = csr(&key)?;
+        let svid = self
+            .node
+            .client()
+            .new_session_x509svid(NewSessionX509svidRequest {
+                entry_id: session.entry_id.clone(),
+                csr,
+                workload: Some(workload_message(caller)),
+            })
+            .await
+            .map_err(server_error)?
+            .into_inner();
+        debug!(session_id = %session.session_id, "session svid minted");
+        issued_svid(
+            Grant {
+                entry_id: session.entry_id.clone(),
+                spiffe_id: session.spiffe_id.clone(),
+                selectors: session.selectors.clone(),
+                hint: session.hint.clone(),
+                jwt_ttl: session.svid_ttl,
+                revision: session.revision,
+            },
+            &svid,
+            key,
+        )
+    }
+
+    /// A JWT-SVID for `identity` and `audience` (sorted, deduplicated): from the cache while it
+    /// has more than half its life left, else from the server.
+    ///
+    /// # Errors
+    ///
+    /// [`MintError::Server`].
+    pub async fn jwt(
+        &self,
+        identity: &WorkloadSvid,
+        audience: &[String],
+    ) -> Result<String, MintError> {
+        let key = (identity.entry_id.clone(), audience.to_vec());
+        let now = SystemTime::now();
+        if let Some(cached) = self.jwts().get(&key) {
+            let life = cached
+                .expires
+                .duration_since(cached.fetched)
+                .unwrap_or(Duration::ZERO);
+            if now < cached.fetched + life / 2 {
+                return Ok(cached.token.clone());
+            }
+        }
+        let response = self
+            .node
+            .client()
+            .new_jwtsvid(NewJwtsvidRequest {
+                entry_id: identity.entry_id.clone(),
+                audience: audience.to_vec(),
+            })
+            .await
+            .map_err(server_error)?
+            .into_inner();
+        let expires = expiry(response.expires_at);
+        let mut cache = self.jwts();
+        if cache.len() > MAX_CACHED_JWTS {
+            cache.clear();
+        }
+        cache.insert(
+            key,
+            CachedJwt {
+                token: response.token.clone(),
+                fetched: now,
+                expires,
+            },
+        );
+        Ok(response.token)
+    }
+
+    /// A JWT-SVID under `session` for `caller` alone; never cached. Returns the SPIFFE ID and
+    /// the token.
+    ///
+    /// # Errors
+    ///
+    /// [`MintError::Server`].
+    pub async fn session_jwt(
+        &self,
+        session: &SessionEntry,
+        audience: &[String],
+        caller: Caller<'_>,
+    ) -> Result<(String, String), MintError> {
+        let response = self
+            .node
+            .client()
+            .new_session_jwtsvid(NewSessionJwtsvidRequest {
+                entry_id: session.entry_id.clone(),
+                audience: audience.to_vec(),
+                workload: Some(workload_message(caller)),
+            })
+            .await
+            .map_err(server_error)?
+            .into_inner();
+        Ok((response.spiffe_id, response.token))
+    }
+
+    fn jwts(&self) -> std::sync::MutexGuard<'_, HashMap<JwtKey, CachedJwt>> {
+        self.jwts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+// === helpers ===
+
+/// The server's X509-SVID for `grant`, with its key, as the agent holds it: the identity must
+/// be the one granted and the chain must parse.
+///
+/// # Errors
+///
+/// [`MintError::WrongIdentity`], [`MintError::Unusable`].
+pub(crate) fn issued_svid(
+    grant: Grant,
+    svid: &X509svid,
+    key: Zeroizing<Vec<u8>>,
+) -> Result<WorkloadSvid, MintError> {
+    let spiffe_id =
+        SpiffeId::new(&svid.spiffe_id).map_err(|e| MintError::Unusable(e.to_string()))?;
+    if spiffe_id != grant.spiffe_id {
+        return Err(MintError::WrongIdentity {
+            expected: grant.spiffe_id.to_string(),
+            got: spiffe_id.to_string(),
+        });
+    }
+    let chain = X509Bundle::from_der(spiffe_id.trust_domain(), &svid.cert_chain)
+        .map_err(|e| MintError::Unusable(e.to_string()))?
+        .authorities()
+        .to_vec();
+    Ok(WorkloadSvid {
+        entry_id: grant.entry_id,
+        spiffe_id,
+        selectors: grant.selectors,
+        hint: grant.hint,
+        jwt_ttl: grant.jwt_ttl,
+        revision: grant.revision,
+        issued_at: SystemTime::now(),
+        chain,
+        key: Arc::new(key),
+        not_after: expiry(svid.expires_at),
+    })
+}
+
+/// A protobuf expiry (seconds since the epoch) as a time; the epoch for nonsense.
+fn expiry(expires_at: i64) -> SystemTime {
+    sigil_core::time::from_unix_seconds(expires_at).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+fn server_error(status: tonic::Status) -> MintError {
+    MintError::Server {
+        code: status.code(),
+        message: status.message().to_owned(),
+    }
+}
+
+/// The workload a session SVID is for, as the server's request carries it.
+fn workload_message(caller: Caller<'_>) -> Workload {
+    Workload {
+        pid: caller.credentials.pid.unwrap_or(0),
+        uid: caller.credentials.uid,
+        gid: caller.credentials.gid,
+        selectors: caller.selectors.iter().map(ToString::to_string).collect(),
+    }
+}

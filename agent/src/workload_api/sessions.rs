@@ -1,0 +1,85 @@
+//! A caller's session SVIDs: minted for it alone through the [`Minter`] when its selectors
+//! match a privileged session, renewed at half their life unless the session's end caps them,
+//! and dropped as soon as the session leaves the inventory (close, revoke, expiry) or the agent
+//! loses the server.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use sigil_attestors::unix::Credentials;
+use sigil_core::SelectorSet;
+use sigil_core::lifetime::Validity;
+use tracing::warn;
+
+use crate::cache::{Inventory, SessionEntry, WorkloadSvid};
+use crate::manager::{Caller, Minter};
+
+/// Brings `held` (this caller's session SVIDs, by entry id) in line with `inventory`: drops
+/// those whose session is gone, ended or unreachable, and mints those missing, changed or due
+/// for renewal. A refused or failed mint leaves that session out.
+pub(crate) async fn refresh(
+    minter: &Minter,
+    inventory: &Inventory,
+    selectors: &SelectorSet,
+    credentials: Credentials,
+    held: &mut BTreeMap<String, WorkloadSvid>,
+) {
+    let now = SystemTime::now();
+    let sessions: Vec<SessionEntry> = inventory
+        .sessions_for(selectors, now)
+        .into_iter()
+        .cloned()
+        .collect();
+    held.retain(|id, svid| {
+        sessions
+            .iter()
+            .any(|s| s.entry_id == *id && s.revision == svid.revision)
+            && svid.not_after > now
+    });
+    for session in sessions {
+        if let Some(svid) = held.get(&session.entry_id) {
+            let validity = Validity::from_parts(svid.issued_at, svid.not_after);
+            let ttl = Duration::from_secs(session.svid_ttl.max(1));
+            if !validity.should_renew(now, ttl, &[session.ends_at]) {
+                continue;
+            }
+        }
+        let caller = Caller {
+            credentials,
+            selectors,
+        };
+        match minter.session_x509(&session, caller).await {
+            Ok(svid) => {
+                held.insert(session.entry_id.clone(), svid);
+            }
+            Err(error) => {
+                warn!(session_id = %session.session_id, %error, "no session svid for this workload");
+                held.remove(&session.entry_id);
+            }
+        }
+    }
+}
+
+/// When a stream must look at its session SVIDs again: the earliest renewal that would gain
+/// something, or expiry (at most a minute away).
+pub(crate) fn wakeup(
+    held: &BTreeMap<String, WorkloadSvid>,
+    inventory: &Inventory,
+) -> tokio::time::Instant {
+    let now = SystemTime::now();
+    let mut next = now + Duration::from_secs(60);
+    for svid in held.values() {
+        let validity = Validity::from_parts(svid.issued_at, svid.not_after);
+        let renew = validity.renew_at();
+        let capped = inventory
+            .sessions
+            .get(&svid.entry_id)
+            .is_none_or(|s| s.ends_at <= svid.not_after);
+        next = next.min(svid.not_after);
+        if !capped {
+            next = next.min(renew);
+        }
+    }
+    let wait = next.duration_since(now).unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now() + wait.max(Duration::from_millis(50))
+}
