@@ -8,7 +8,7 @@
     reason = "test code"
 )]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Items sigil-core covers, each of which must be named in a test.
 const COVERED: &[&str] = &[
@@ -63,26 +63,47 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ("WE-12", "agent Workload API"),
 ];
 
-/// The test code of sigil-core: the `mod tests` part of each source file, and `tests/`.
+/// The test code of sigil-core: the inline `mod tests` part of each source file, every file of a
+/// `tests.rs` submodule (`src/jwt/tests.rs` and the files under `src/jwt/tests/`), and `tests/`.
 fn test_code() -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut code = String::new();
     for dir in ["src", "tests"] {
-        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("spec_coverage.rs") {
-                let text = std::fs::read_to_string(&path).unwrap();
-                let tests = match (dir, text.find("mod tests {")) {
-                    ("tests", _) => &text[..],
-                    (_, Some(start)) => &text[start..],
-                    (_, None) => "",
-                };
-                code.push_str(tests);
-                code.push('\n');
+        let mut files = Vec::new();
+        rust_files(&root.join(dir), &mut files);
+        for path in files {
+            if path.ends_with("spec_coverage.rs") {
+                continue;
             }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let in_test_module = path
+                .strip_prefix(root.join(dir))
+                .unwrap()
+                .iter()
+                .any(|part| part == "tests" || part == "tests.rs");
+            let tests = match (dir, text.find("mod tests {")) {
+                ("tests", _) => &text[..],
+                _ if in_test_module => &text[..],
+                (_, Some(start)) => &text[start..],
+                (_, None) => "",
+            };
+            code.push_str(tests);
+            code.push('\n');
         }
     }
     code
+}
+
+/// Every `.rs` file under `dir`, at any depth.
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
 }
 
 /// True when `item` (e.g. `XV-2`) or its snake-case form (`xv_2`) occurs, not followed by a digit.
