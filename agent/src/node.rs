@@ -20,6 +20,7 @@ use base64::engine::general_purpose::STANDARD;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde::{Deserialize, Serialize};
 use sigil_core::lifetime::Validity;
+use sigil_core::time::{from_unix_seconds, unix_seconds};
 use sigil_core::tls::{SharedBundles, SpiffeServerVerifier};
 use sigil_core::x509_svid::Authorizer;
 use sigil_core::{SpiffeBundle, SpiffeId, TrustDomain, X509Bundle};
@@ -325,7 +326,7 @@ fn identity_from(
         .map_err(|e| bad(e.to_string()))?
         .authorities()
         .to_vec();
-    let not_after = UNIX_EPOCH + Duration::from_secs(u64::try_from(svid.expires_at).unwrap_or(0));
+    let not_after = from_unix_seconds(svid.expires_at).unwrap_or(UNIX_EPOCH);
     Ok(Identity {
         id,
         chain,
@@ -429,15 +430,23 @@ fn load_state(
         chain,
         key: Arc::new(key),
         validity: Validity::from_parts(
-            UNIX_EPOCH + Duration::from_secs(state.issued_at),
-            UNIX_EPOCH + Duration::from_secs(state.not_after),
+            unsigned_seconds(state.issued_at),
+            unsigned_seconds(state.not_after),
         ),
     };
     Ok(Some((identity, bundle)))
 }
 
+/// The time `secs` seconds after the epoch, as the state file stores it.
+fn unsigned_seconds(secs: u64) -> SystemTime {
+    i64::try_from(secs)
+        .ok()
+        .and_then(from_unix_seconds)
+        .unwrap_or(UNIX_EPOCH)
+}
+
 fn store_state(dir: &Path, identity: &Identity, bundle: &SpiffeBundle) -> Result<(), NodeError> {
-    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = |t: SystemTime| unix_seconds(t).unsigned_abs();
     let der: Vec<u8> = identity
         .chain
         .iter()

@@ -208,7 +208,16 @@ fn the_server_modules_have_no_cycle() {
 
 #[test]
 fn the_agent_modules_have_no_cycle() {
-    check("agent", &[("manager", "cache"), ("manager", "node")]);
+    check(
+        "agent",
+        &[
+            ("workload_api", "manager"),
+            ("workload_api", "cache"),
+            ("manager", "cache"),
+            ("manager", "node"),
+            ("agent", "workload_api"),
+        ],
+    );
 }
 
 #[test]

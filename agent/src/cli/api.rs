@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
 use sigil_core::{EndpointAddress, X509Bundle};
@@ -98,8 +98,7 @@ fn code_name(code: tonic::Code) -> &'static str {
 }
 
 fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    sigil_core::time::format_rfc3339(i64::try_from(secs).unwrap_or(i64::MAX))
+    sigil_core::time::format_rfc3339(sigil_core::time::unix_seconds(t))
 }
 
 fn out(text: &str) -> anyhow::Result<()> {
@@ -115,14 +114,9 @@ fn summarize(response: &X509svidResponse) -> anyhow::Result<Vec<(String, serde_j
     for svid in &response.svids {
         let (_, leaf) = x509_parser::parse_x509_certificate(&svid.x509_svid)
             .context("the agent sent an invalid certificate")?;
-        let nb = UNIX_EPOCH
-            + Duration::from_secs(
-                u64::try_from(leaf.validity().not_before.timestamp()).unwrap_or(0),
-            );
-        let na = UNIX_EPOCH
-            + Duration::from_secs(
-                u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0),
-            );
+        let time = |t: i64| sigil_core::time::from_unix_seconds(t).unwrap_or(UNIX_EPOCH);
+        let nb = time(leaf.validity().not_before.timestamp());
+        let na = time(leaf.validity().not_after.timestamp());
         let serial = leaf.raw_serial_as_string().replace(':', "").to_lowercase();
         let td = sigil_core::SpiffeId::new(&svid.spiffe_id)
             .map(|id| id.trust_domain().to_string())
@@ -302,11 +296,11 @@ mod tests {
     fn rfc3339_formats_utc() {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
         assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
+            rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000)),
             "2027-01-15T08:00:00Z"
         );
         assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)),
             "2000-02-29T00:00:00Z"
         );
     }

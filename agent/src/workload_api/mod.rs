@@ -37,4 +37,4 @@ pub use caller::{CallerIdentity, CallerLookup, front_door_caller};
 pub use http_authority::{AuthorityError, NormalizeAuthority};
 pub use listener::{FrontDoorStream, ListenerError, WorkloadListener};
 pub use peer::{CallerProcess, PeerError, ProcessHandleKind, ProcessTracking};
-pub use service::{SECURITY_HEADER, WorkloadApi};
+pub use service::{SECURITY_HEADER, WorkloadApi, WorkloadError};

@@ -44,6 +44,51 @@ use crate::manager::{Caller, Minter};
 /// The metadata key every Workload API request must carry with the value `true` (WE-5).
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
+/// Why a Workload API call is refused. Each maps to the status code the spec gives it in one
+/// place: its `From` conversion into a `tonic::Status`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkloadError {
+    /// The `workload.spiffe.io: true` header is missing (WE-5, WE-6): `InvalidArgument`.
+    #[error("security header missing from request")]
+    MissingHeader,
+    /// A field of the request is missing or malformed: `InvalidArgument`.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The caller cannot be attested, or is no longer the process that connected:
+    /// `Unavailable`.
+    #[error("workload attestation failed{0}")]
+    Attestation(&'static str),
+    /// The caller's selectors grant nothing: `PermissionDenied`.
+    #[error("no identity issued")]
+    NoIdentity,
+    /// The agent has no bundle yet: `Unavailable`.
+    #[error("no bundle yet")]
+    NoBundle,
+    /// The server could not mint what the call needs now: `Unavailable`.
+    #[error("cannot get a JWT-SVID from the server now; retry")]
+    Upstream,
+    /// WIT-SVIDs: `Unimplemented`.
+    #[error("WIT-SVIDs are not supported")]
+    Unsupported,
+}
+
+impl From<WorkloadError> for Status {
+    fn from(error: WorkloadError) -> Self {
+        let message = error.to_string();
+        match error {
+            WorkloadError::MissingHeader | WorkloadError::InvalidRequest(_) => {
+                Status::invalid_argument(message)
+            }
+            WorkloadError::Attestation(_) | WorkloadError::NoBundle | WorkloadError::Upstream => {
+                Status::unavailable(message)
+            }
+            WorkloadError::NoIdentity => Status::permission_denied(message),
+            WorkloadError::Unsupported => Status::unimplemented(message),
+        }
+    }
+}
+
 /// The Workload API service.
 #[derive(Clone)]
 pub struct WorkloadApi {
@@ -94,24 +139,24 @@ impl WorkloadApi {
     ) -> Result<(SelectorSet, Credentials), Status> {
         check_header(request)?;
         let caller = (self.caller)(request.extensions()).ok_or_else(|| {
-            Status::unavailable("workload attestation failed: caller credentials unavailable")
+            Status::from(WorkloadError::Attestation(
+                ": caller credentials unavailable",
+            ))
         })?;
         let needs_sha256 = self.snapshots.borrow().needs_sha256;
         let attestor = self.attestor.clone();
         let creds = caller.credentials();
         let selectors = tokio::task::spawn_blocking(move || attestor.attest(creds, needs_sha256))
             .await
-            .map_err(|_| Status::unavailable("workload attestation failed"))?
+            .map_err(|_| Status::from(WorkloadError::Attestation("")))?
             .map_err(|e| {
                 debug!(error = %e, "workload attestation failed");
-                Status::unavailable("workload attestation failed")
+                Status::from(WorkloadError::Attestation(""))
             })?;
         // The pid may have been reused since connect: give nothing unless it is the same process.
         if !caller.is_same_process() {
             warn!(pid = ?creds.pid, "caller process changed during attestation; no identity");
-            return Err(Status::unavailable(
-                "workload attestation failed: the calling process is gone",
-            ));
+            return Err(WorkloadError::Attestation(": the calling process is gone").into());
         }
         Ok((selectors, creds))
     }
@@ -135,7 +180,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let snapshot = snapshots.borrow_and_update().clone();
         sessions::refresh(&self.minter, &snapshot, &selectors, creds, &mut held).await;
         let first = x509_response(&snapshot, &selectors, &held)
-            .ok_or_else(|| Status::permission_denied("no identity issued"))?;
+            .ok_or_else(|| Status::from(WorkloadError::NoIdentity))?;
         let (tx, rx) = mpsc::channel(2);
         let api = self.clone();
         tokio::spawn(async move {
@@ -155,9 +200,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 let next = x509_response(&snapshot, &selectors, &held);
                 match next {
                     None => {
-                        let _ = tx
-                            .send(Err(Status::permission_denied("no identity issued")))
-                            .await;
+                        let _ = tx.send(Err(WorkloadError::NoIdentity.into())).await;
                         return;
                     }
                     Some(next) if next != last => {
@@ -195,14 +238,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         check_header(&request)?;
         let req = request.get_ref();
         if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
-            return Err(Status::invalid_argument("audience must be specified"));
+            return Err(
+                WorkloadError::InvalidRequest("audience must be specified".to_owned()).into(),
+            );
         }
         let wanted = match req.spiffe_id.as_str() {
             "" => None,
-            s => Some(
-                SpiffeId::new(s)
-                    .map_err(|e| Status::invalid_argument(format!("invalid spiffe_id: {e}")))?,
-            ),
+            s => Some(SpiffeId::new(s).map_err(|e| {
+                Status::from(WorkloadError::InvalidRequest(format!(
+                    "invalid spiffe_id: {e}"
+                )))
+            })?),
         };
         let mut audience = req.audience.clone();
         audience.sort();
@@ -227,7 +273,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             )
         };
         if identities.is_empty() && sessions.is_empty() {
-            return Err(Status::permission_denied("no identity issued"));
+            return Err(WorkloadError::NoIdentity.into());
         }
         let mut svids = Vec::with_capacity(identities.len());
         for identity in identities {
@@ -237,7 +283,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .await
                 .map_err(|error| {
                     warn!(%error, "cannot get a jwt-svid from the server");
-                    Status::unavailable("cannot get a JWT-SVID from the server now; retry")
+                    Status::from(WorkloadError::Upstream)
                 })?;
             svids.push(Jwtsvid {
                 spiffe_id: identity.spiffe_id.to_string(),
@@ -256,7 +302,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .await
                 .map_err(|error| {
                     warn!(session_id = %session.session_id, %error, "session jwt-svid refused");
-                    Status::unavailable("cannot get a JWT-SVID from the server now; retry")
+                    Status::from(WorkloadError::Upstream)
                 })?;
             svids.push(Jwtsvid {
                 spiffe_id,
@@ -286,10 +332,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         check_header(&request)?;
         let req = request.get_ref();
         if req.audience.is_empty() {
-            return Err(Status::invalid_argument("audience must be specified"));
+            return Err(
+                WorkloadError::InvalidRequest("audience must be specified".to_owned()).into(),
+            );
         }
         if req.svid.is_empty() {
-            return Err(Status::invalid_argument("svid must be specified"));
+            return Err(WorkloadError::InvalidRequest("svid must be specified".to_owned()).into());
         }
         // Validation needs a successful attestation, not an identity.
         self.attest(&request).await?;
@@ -300,7 +348,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         };
         let svid =
             JwtSvid::parse_and_validate(&req.svid, &bundles, &req.audience, SystemTime::now())
-                .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
+                .map_err(|e| {
+                    Status::from(WorkloadError::InvalidRequest(format!(
+                        "invalid JWT-SVID: {e}"
+                    )))
+                })?;
         Ok(Response::new(ValidateJwtsvidResponse {
             spiffe_id: svid.spiffe_id().to_string(),
             claims: Some(to_struct(svid.claims())),
@@ -311,14 +363,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         _request: Request<WitsvidRequest>,
     ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
-        Err(Status::unimplemented("WIT-SVIDs are not supported"))
+        Err(WorkloadError::Unsupported.into())
     }
 
     async fn fetch_wit_bundles(
         &self,
         _request: Request<WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
-        Err(Status::unimplemented("WIT-SVIDs are not supported"))
+        Err(WorkloadError::Unsupported.into())
     }
 }
 
@@ -329,9 +381,7 @@ fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
     let mut values = request.metadata().get_all(SECURITY_HEADER).iter();
     match (values.next(), values.next()) {
         (Some(v), None) if v.as_bytes() == b"true" => Ok(()),
-        _ => Err(Status::invalid_argument(
-            "security header missing from request",
-        )),
+        _ => Err(WorkloadError::MissingHeader.into()),
     }
 }
 
@@ -382,9 +432,9 @@ where
         if snapshot.identities_for(&selectors, now).is_empty()
             && snapshot.sessions_for(&selectors, now).is_empty()
         {
-            return Err(Status::permission_denied("no identity issued"));
+            return Err(WorkloadError::NoIdentity.into());
         }
-        build(&snapshot).ok_or_else(|| Status::unavailable("no bundle yet"))?
+        build(&snapshot).ok_or_else(|| Status::from(WorkloadError::NoBundle))?
     };
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
