@@ -8,29 +8,11 @@ use sigil_agent::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            report(&anyhow::anyhow!("cannot start the async runtime: {e}"));
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(cli::execute(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            report(&e);
-            ExitCode::FAILURE
-        }
-    }
-}
-
-#[expect(
-    clippy::print_stderr,
-    reason = "the fatal error of a command goes to stderr"
-)]
-fn report(error: &anyhow::Error) {
-    eprintln!("sigil-agent: {error:#}");
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+        .and_then(|runtime| runtime.block_on(cli::execute(cli)))
+        .map(|()| ExitCode::SUCCESS);
+    sigil_daemon::exit_code("sigil-agent", result)
 }

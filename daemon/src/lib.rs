@@ -17,6 +17,7 @@ pub mod config;
 
 use std::fmt;
 use std::future::Future;
+use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -132,6 +133,22 @@ pub fn init_logging(level: LogLevel, format: LogFormat) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+/// The exit code of a command that ended with `result`; a failure is printed on stderr as
+/// `PROGRAM: error: cause: cause` (every cause, as `anyhow` shows them with `{:#}`).
+#[expect(
+    clippy::print_stderr,
+    reason = "the fatal error of a command goes to stderr"
+)]
+pub fn exit_code<E: fmt::Display>(program: &str, result: Result<ExitCode, E>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("{program}: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

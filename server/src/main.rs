@@ -14,21 +14,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Admin(command) => sigil_server::cli::execute(command),
     };
-    match result {
-        Ok(code) => code,
-        Err(error) => {
-            report(&error);
-            ExitCode::FAILURE
-        }
-    }
-}
-
-#[expect(
-    clippy::print_stderr,
-    reason = "the fatal error of a command goes to stderr"
-)]
-fn report(error: &anyhow::Error) {
-    eprintln!("sigil-server: {error:#}");
+    sigil_daemon::exit_code("sigil-server", result)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
