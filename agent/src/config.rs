@@ -205,20 +205,12 @@ impl AgentConfig {
         let data_dir = PathBuf::from(
             pick(flags.data_dir, file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.to_owned()),
         );
-        let (Some(trust_domain), Some(server_address), Some(log_level), Some(log_format), true) = (
-            trust_domain,
-            server_address,
-            log_level,
-            log_format,
-            problems.is_empty(),
-        ) else {
-            problems.into_result()?;
-            return Err(ConfigError {
-                problems: vec![ConfigProblem {
-                    key: "config".to_owned(),
-                    message: "incomplete".to_owned(),
-                }],
-            });
+        problems.into_result()?;
+        // Every value that failed pushed a problem above, so all are present here.
+        let (Some(trust_domain), Some(server_address), Some(log_level), Some(log_format)) =
+            (trust_domain, server_address, log_level, log_format)
+        else {
+            return Err(ConfigError::incomplete());
         };
         Ok(Self {
             trust_domain,

@@ -27,6 +27,19 @@ pub struct Problems(Vec<ConfigProblem>);
 
 // === impl ConfigError ===
 
+impl ConfigError {
+    /// For a value that is missing although no problem was recorded for it: a checker's bug,
+    /// reported rather than panicked on.
+    pub fn incomplete() -> Self {
+        Self {
+            problems: vec![ConfigProblem {
+                key: "config".to_owned(),
+                message: "incomplete configuration".to_owned(),
+            }],
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();

@@ -334,12 +334,7 @@ impl ServerConfig {
             log_format,
         )
         else {
-            return Err(ConfigError {
-                problems: vec![ConfigProblem {
-                    key: "config".into(),
-                    message: "incomplete configuration".into(),
-                }],
-            });
+            return Err(ConfigError::incomplete());
         };
         Ok(Self {
             trust_domain,

@@ -191,7 +191,7 @@ impl Node for NodeService {
             .await
             .map_err(agent_status)?;
         Ok(Response::new(AttestAgentResponse {
-            svid: Some(svid_message(&svid)),
+            svid: Some(svid_message(svid)),
             bundle: Some(self.bundle_message(&self.sync.bundle())),
         }))
     }
@@ -209,7 +209,7 @@ impl Node for NodeService {
             .await
             .map_err(agent_status)?;
         Ok(Response::new(RenewAgentResponse {
-            svid: Some(svid_message(&svid)),
+            svid: Some(svid_message(svid)),
         }))
     }
 
@@ -260,7 +260,7 @@ impl Node for NodeService {
             .map(|(entry_id, outcome)| pb::X509svidResult {
                 entry_id,
                 result: Some(match outcome {
-                    Ok(svid) => pb::x509svid_result::Result::Svid(svid_message(&svid)),
+                    Ok(svid) => pb::x509svid_result::Result::Svid(svid_message(svid)),
                     Err(error) => {
                         let status = svid_status(error);
                         pb::x509svid_result::Result::Error(pb::Error {
@@ -312,7 +312,7 @@ impl Node for NodeService {
             )
             .await
             .map_err(session_status)?;
-        Ok(Response::new(svid_message(&svid)))
+        Ok(Response::new(svid_message(svid)))
     }
 
     #[instrument(skip_all)]
@@ -376,10 +376,10 @@ fn session_workload(workload: Option<&pb::Workload>) -> Result<SessionWorkload, 
     })
 }
 
-fn svid_message(svid: &IssuedSvid) -> pb::X509svid {
+fn svid_message(svid: IssuedSvid) -> pb::X509svid {
     pb::X509svid {
         spiffe_id: svid.spiffe_id.to_string(),
-        cert_chain: svid.chain_der.clone(),
+        cert_chain: svid.chain_der,
         expires_at: unix_seconds(svid.not_after),
     }
 }

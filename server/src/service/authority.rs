@@ -196,11 +196,7 @@ impl Authority {
             ttl: self.ttls.x509(entry.x509_svid_ttl),
             caps: entry.expires_at.into_iter().collect(),
         };
-        let svid = self
-            .ca
-            .sign_workload_x509_svid(&params, csr_der, now)
-            .map_err(sign_error)?;
-        Ok(issued(svid))
+        self.workload_x509(&params, csr_der, now)
     }
 
     /// Signs a JWT-SVID for `entry`, never outliving the entry.
@@ -240,11 +236,7 @@ impl Authority {
             ttl: self.ttls.x509(ttl),
             caps: vec![],
         };
-        let svid = self
-            .ca
-            .sign_workload_x509_svid(&params, csr_der, now)
-            .map_err(sign_error)?;
-        Ok(issued(svid))
+        self.workload_x509(&params, csr_der, now)
     }
 
     /// Mints a JWT-SVID that no entry backs (an operator's `jwt mint`).
@@ -290,6 +282,18 @@ impl Authority {
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_ref().to_vec())),
             not_after,
         })
+    }
+
+    fn workload_x509(
+        &self,
+        params: &WorkloadX509SvidParams,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedSvid, SignError> {
+        self.ca
+            .sign_workload_x509_svid(params, csr_der, now)
+            .map(issued)
+            .map_err(sign_error)
     }
 
     fn jwt(

@@ -203,7 +203,8 @@ impl EntryCache {
 
     /// The entries authorized for `agent` at `now`: parented to it or, recursively, to the
     /// SPIFFE ID of an authorized entry. Entries that expired at or before `now`, and entries
-    /// for which `excluded` says true, authorize nothing (nor anything below them).
+    /// for IDs the server reserves ([`policy::is_reserved`]), authorize nothing (nor anything
+    /// below them). What sync streams send.
     ///
     /// Read-your-writes: when the store has durable changes the cache has not applied yet, it
     /// applies them first, so every write acknowledged before the call is reflected.
@@ -215,10 +216,9 @@ impl EntryCache {
         &self,
         agent: &SpiffeId,
         now: SystemTime,
-        excluded: impl Fn(&RegistrationEntry) -> bool,
     ) -> Result<Authorized, EntryCacheError> {
         self.catch_up_if_behind().await?;
-        self.authorized_now(agent, now, excluded)
+        self.authorized_now(agent, now)
     }
 
     /// The entries among `ids` that are authorized for `agent` at `now` (the rule of
@@ -235,57 +235,26 @@ impl EntryCache {
         agent: &SpiffeId,
         ids: &[EntryId],
         now: SystemTime,
-        excluded: impl Fn(&RegistrationEntry) -> bool,
     ) -> Result<HashMap<EntryId, Arc<RegistrationEntry>>, EntryCacheError> {
         self.catch_up_if_behind().await?;
         Ok(self
             .read_fresh()?
-            .authorize(agent, ids, &|e| usable(e, now, &excluded)))
+            .authorize(agent, ids, &|e| usable(e, now)))
     }
 
-    /// [`EntryCache::authorized`] under the server's ID policy: entries for reserved IDs
-    /// ([`policy::is_reserved`]) grant nothing, nor anything below them. What sync streams send.
+    /// Entry `id` if [`EntryCache::authorize`] authorizes it for `agent`.
     ///
     /// # Errors
     ///
     /// [`EntryCacheError::Stale`] while the store cannot be read.
-    pub(crate) async fn granted(
-        &self,
-        agent: &SpiffeId,
-        now: SystemTime,
-    ) -> Result<Authorized, EntryCacheError> {
-        self.authorized(agent, now, |e| policy::is_reserved(&e.spiffe_id))
-            .await
-    }
-
-    /// [`EntryCache::authorize`] under the server's ID policy: what signing calls ask.
-    ///
-    /// # Errors
-    ///
-    /// [`EntryCacheError::Stale`] while the store cannot be read.
-    pub(crate) async fn grant(
-        &self,
-        agent: &SpiffeId,
-        ids: &[EntryId],
-        now: SystemTime,
-    ) -> Result<HashMap<EntryId, Arc<RegistrationEntry>>, EntryCacheError> {
-        self.authorize(agent, ids, now, |e| policy::is_reserved(&e.spiffe_id))
-            .await
-    }
-
-    /// Entry `id` if [`EntryCache::grant`] grants it to `agent`.
-    ///
-    /// # Errors
-    ///
-    /// [`EntryCacheError::Stale`] while the store cannot be read.
-    pub(crate) async fn grant_one(
+    pub(crate) async fn authorize_one(
         &self,
         agent: &SpiffeId,
         id: &EntryId,
         now: SystemTime,
     ) -> Result<Option<Arc<RegistrationEntry>>, EntryCacheError> {
         Ok(self
-            .grant(agent, std::slice::from_ref(id), now)
+            .authorize(agent, std::slice::from_ref(id), now)
             .await?
             .remove(id))
     }
@@ -322,11 +291,8 @@ impl EntryCache {
         &self,
         agent: &SpiffeId,
         now: SystemTime,
-        excluded: impl Fn(&RegistrationEntry) -> bool,
     ) -> Result<Authorized, EntryCacheError> {
-        Ok(self
-            .read_fresh()?
-            .authorized(agent, &|e| usable(e, now, &excluded)))
+        Ok(self.read_fresh()?.authorized(agent, &|e| usable(e, now)))
     }
 
     /// The state, unless the follower cannot read the store.
@@ -544,13 +510,9 @@ impl State {
     }
 }
 
-/// An entry counts for authorization at `now` unless it expired or `excluded` says so.
-fn usable(
-    entry: &RegistrationEntry,
-    now: SystemTime,
-    excluded: &impl Fn(&RegistrationEntry) -> bool,
-) -> bool {
-    entry.expires_at.is_none_or(|at| at > now) && !excluded(entry)
+/// An entry counts for authorization at `now` unless it expired or grants a reserved ID.
+fn usable(entry: &RegistrationEntry, now: SystemTime) -> bool {
+    entry.expires_at.is_none_or(|at| at > now) && !policy::is_reserved(&entry.spiffe_id)
 }
 
 #[cfg(test)]
@@ -595,7 +557,7 @@ mod tests {
 
     fn granted(cache: &EntryCache, agent: &str) -> Vec<String> {
         let mut ids: Vec<String> = cache
-            .authorized_now(&id(agent), SystemTime::now(), |_| false)
+            .authorized_now(&id(agent), SystemTime::now())
             .unwrap()
             .entries
             .values()
@@ -640,7 +602,7 @@ mod tests {
         assert_eq!(granted(&cache, AGENT), ["spiffe://example.org/before"]);
         // ...but an authorization catches up first: every acknowledged write counts.
         let authorized = cache
-            .authorized(&id(AGENT), SystemTime::now(), |_| false)
+            .authorized(&id(AGENT), SystemTime::now())
             .await
             .unwrap();
         assert_eq!(authorized.revision, 5);
@@ -659,11 +621,10 @@ mod tests {
             ["spiffe://example.org/theirs"]
         );
         // An excluded entry authorizes nothing, nor anything below it.
-        let without_alias = cache
-            .authorized_now(&id(AGENT), SystemTime::now(), |e| {
-                e.spiffe_id.path() == "/alias"
-            })
-            .unwrap();
+        let now = SystemTime::now();
+        let without_alias = cache.read_fresh().unwrap().authorized(&id(AGENT), &|e| {
+            usable(e, now) && e.spiffe_id.path() != "/alias"
+        });
         assert_eq!(without_alias.entries.len(), 1);
 
         // The nested entry moves to the other agent: the old parent's index forgets it.
@@ -745,8 +706,7 @@ mod tests {
                     .collect();
                 let ids: Vec<EntryId> = entries.iter().map(|e| e.id.clone()).collect();
                 let state = State::from_snapshot(entries.len() as u64, entries);
-                let excluded = |e: &RegistrationEntry| e.spiffe_id == node(5);
-                let usable = |e: &RegistrationEntry| usable(e, now, &excluded);
+                let usable = |e: &RegistrationEntry| usable(e, now) && e.spiffe_id != node(5);
                 let down: BTreeSet<EntryId> =
                     state.authorized(&id(AGENT), &usable).entries.into_keys().collect();
                 let up: BTreeSet<EntryId> = state
@@ -833,21 +793,16 @@ mod tests {
         let (stop_tx, stop_rx) = watch::channel(false);
         let follower = tokio::spawn(cache.clone().run(stop_rx));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while cache
-            .authorized_now(&id(AGENT), SystemTime::now(), |_| false)
-            .is_ok()
-        {
+        while cache.authorized_now(&id(AGENT), SystemTime::now()).is_ok() {
             assert!(tokio::time::Instant::now() < deadline, "never went stale");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(matches!(
-            cache.authorized_now(&id(AGENT), SystemTime::now(), |_| false),
+            cache.authorized_now(&id(AGENT), SystemTime::now()),
             Err(EntryCacheError::Stale)
         ));
         assert!(matches!(
-            cache
-                .authorized(&id(AGENT), SystemTime::now(), |_| false)
-                .await,
+            cache.authorized(&id(AGENT), SystemTime::now()).await,
             Err(EntryCacheError::Stale)
         ));
         assert_eq!(cache.revision(), 1, "nothing past the bad change applied");
@@ -859,10 +814,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while cache
-            .authorized_now(&id(AGENT), SystemTime::now(), |_| false)
-            .is_err()
-        {
+        while cache.authorized_now(&id(AGENT), SystemTime::now()).is_err() {
             assert!(tokio::time::Instant::now() < deadline, "never caught up");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -4,9 +4,9 @@
 use std::time::SystemTime;
 
 use ::sled::Transactional;
-use ::sled::transaction::{ConflictableTransactionError, TransactionError};
+use ::sled::transaction::ConflictableTransactionError;
 
-use super::{Inner, PageCollector, decode, decode_page_token, encode};
+use super::{Inner, PageCollector, decode, decode_page_token, encode, transaction_error};
 use crate::audit::{
     AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, GENESIS_HASH, NewAuditRecord,
 };
@@ -75,10 +75,7 @@ impl Inner {
                 }
                 Ok(sealed)
             })
-            .map_err(|error| match error {
-                TransactionError::Abort(error) => error,
-                TransactionError::Storage(error) => StoreError::Backend(error),
-            })
+            .map_err(transaction_error)
     }
 
     pub(super) fn list_audit(

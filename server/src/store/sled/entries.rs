@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::time::SystemTime;
 
-use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use ::sled::{Transactional, Tree};
 use sigil_core::SpiffeId;
 
 use super::{
     Inner, PageCollector, REVISION_KEY, decode, decode_page_token, decode_u64, encode,
-    read_revision,
+    read_revision, transaction_error,
 };
 use crate::store::{
     Change, ChangeKind, EntryFilter, EntryId, EntrySnapshot, NewEntry, Page, PageRequest,
@@ -86,10 +86,7 @@ impl Inner {
                     })
                 },
             )
-            .map_err(|error| match error {
-                TransactionError::Abort(error) => error,
-                TransactionError::Storage(error) => StoreError::Backend(error),
-            })
+            .map_err(transaction_error)
     }
 
     /// Creates `items` in transactions of [`BATCH_CHUNK`] entries (the caller's one flush covers

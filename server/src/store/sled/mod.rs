@@ -80,6 +80,7 @@ use std::time::SystemTime;
 /// open a data directory (of a stopped server) with the same version and read its trees as
 /// the module docs lay them out.
 pub use ::sled as engine;
+use ::sled::transaction::TransactionError;
 use ::sled::{Db, Tree};
 use async_trait::async_trait;
 use serde::Serialize;
@@ -706,6 +707,15 @@ impl<T> PageCollector<T> {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded state stays consistent even if a holder panicked (plain counters and flags).
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A failed sled transaction as a store error: the abort the transaction chose, or the
+/// backend's failure.
+fn transaction_error(error: TransactionError<StoreError>) -> StoreError {
+    match error {
+        TransactionError::Abort(error) => error,
+        TransactionError::Storage(error) => StoreError::Backend(error),
+    }
 }
 
 fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {

@@ -4,10 +4,10 @@ use std::ops::Bound;
 use std::time::SystemTime;
 
 use ::sled::IVec;
-use ::sled::transaction::{ConflictableTransactionError, TransactionError};
+use ::sled::transaction::ConflictableTransactionError;
 use sigil_core::SpiffeId;
 
-use super::{Inner, PageCollector, decode, encode, page_start};
+use super::{Inner, PageCollector, decode, encode, page_start, transaction_error};
 use crate::store::{AttestedNode, JoinToken, Page, PageRequest, StoreError};
 
 // --- attested nodes ---
@@ -70,10 +70,7 @@ impl Inner {
                 tx.insert(key, value)?;
                 Ok(node)
             })
-            .map_err(|error| match error {
-                TransactionError::Abort(error) => error,
-                TransactionError::Storage(error) => StoreError::Backend(error),
-            })
+            .map_err(transaction_error)
     }
 
     pub(super) fn delete_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode, StoreError> {

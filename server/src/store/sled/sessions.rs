@@ -4,10 +4,10 @@ use std::ops::Bound;
 use std::time::SystemTime;
 
 use ::sled::IVec;
-use ::sled::transaction::{ConflictableTransactionError, TransactionError};
+use ::sled::transaction::ConflictableTransactionError;
 
 use super::entries::{EntryTx, TxResult};
-use super::{Inner, PageCollector, decode, encode, page_start};
+use super::{Inner, PageCollector, decode, encode, page_start, transaction_error};
 use crate::store::{
     Change, ChangeKind, EntryId, NewEntry, Page, PageRequest, Revocation, Session, SessionEntryOp,
     SessionFilter, SessionId, SessionSerial, SessionUpdate, StoreError,
@@ -121,10 +121,7 @@ impl Inner {
                 tx.insert(id.as_str(), value)?;
                 Ok(session)
             })
-            .map_err(|error| match error {
-                TransactionError::Abort(error) => error,
-                TransactionError::Storage(error) => StoreError::Backend(error),
-            })
+            .map_err(transaction_error)
     }
 
     pub(super) fn list_sessions(
