@@ -10,7 +10,7 @@
 //! unknown or required to re-attest), [`NodeError::Refused`] says exactly that, and the agent
 //! exits rather than looping.
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -206,6 +206,11 @@ impl NodeConnection {
     /// The agent's SPIFFE ID.
     pub fn agent_id(&self) -> SpiffeId {
         self.read().0.id.clone()
+    }
+
+    /// The agent's data directory (its identity, and what it witnessed of the audit log).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     /// A client of the node API presenting the current agent SVID.
@@ -465,29 +470,10 @@ fn store_state(dir: &Path, identity: &Identity, bundle: &SpiffeBundle) -> Result
     write_private(&dir.join(STATE_FILE), &json)
 }
 
-/// Writes `bytes` to `path` atomically with mode 0600: a temporary file in the same directory,
-/// fsync, rename, fsync of the directory.
+/// Writes `bytes` to `path` atomically with mode 0600 (see [`sigil_daemon::write_private`]).
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
-    use std::io::Write as _;
-    let io = |what: &str, source| NodeError::Io {
-        what: format!("{what} {}", path.display()),
+    sigil_daemon::write_private(path, bytes).map_err(|source| NodeError::Io {
+        what: format!("cannot write {}", path.display()),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| io("cannot create", e))?;
-    file.write_all(bytes).map_err(|e| io("cannot write", e))?;
-    file.sync_all().map_err(|e| io("cannot sync", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("cannot replace", e))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("cannot sync the directory of", e))?;
-    }
-    Ok(())
+    })
 }

@@ -395,7 +395,10 @@ async fn sync_stream(
     synced: Arc<AtomicUsize>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let mut stream = client
-        .sync_entries(SyncEntriesRequest { since_revision: 0 })
+        .sync_entries(SyncEntriesRequest {
+            since_revision: 0,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     Ok(tokio::spawn(async move {
@@ -418,7 +421,8 @@ async fn sync_stream(
                 }
                 Some(
                     sync_entries_response::Message::Snapshot(_)
-                    | sync_entries_response::Message::Resume(_),
+                    | sync_entries_response::Message::Resume(_)
+                    | sync_entries_response::Message::AuditCheckpoint(_),
                 )
                 | None => {}
             }

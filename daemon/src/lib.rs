@@ -9,11 +9,15 @@
 //!   [`Shutdown::Immediate`];
 //! - draining: [`drain`] gives open streams [`DRAIN_TIMEOUT`] after a graceful shutdown began;
 //! - configuration files: [`config`] reads a TOML file reporting every problem at once, unknown
-//!   keys included.
+//!   keys included;
+//! - private state files: [`write_private`] replaces a 0600 file atomically.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod config;
+mod fs;
+
+pub use self::fs::{PRIVATE_FILE_MODE, write_private};
 
 use std::fmt;
 use std::future::Future;

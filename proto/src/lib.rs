@@ -23,7 +23,8 @@ pub mod workload {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }
 
-/// `sigil.node.v1`: the agent-facing API of the Sigil server.
+/// The `sigil.*` packages, nested as their names are so that one may use another's messages
+/// (`sigil.admin.v1` uses `sigil.node.v1.AuditCheckpoint`); [`node`] and [`admin`] name them.
 #[allow(
     missing_docs,
     missing_debug_implementations,
@@ -32,19 +33,25 @@ pub mod workload {
     clippy::pedantic,
     reason = "generated code"
 )]
-pub mod node {
-    include!(concat!(env!("OUT_DIR"), "/sigil.node.v1.rs"));
+pub mod sigil {
+    /// `sigil.node.v1`.
+    pub mod node {
+        /// `sigil.node.v1`.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/sigil.node.v1.rs"));
+        }
+    }
+    /// `sigil.admin.v1`.
+    pub mod admin {
+        /// `sigil.admin.v1`.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/sigil.admin.v1.rs"));
+        }
+    }
 }
 
+/// `sigil.node.v1`: the agent-facing API of the Sigil server.
+pub use self::sigil::node::v1 as node;
+
 /// `sigil.admin.v1`: the operator API of the Sigil server.
-#[allow(
-    missing_docs,
-    missing_debug_implementations,
-    unreachable_pub,
-    clippy::all,
-    clippy::pedantic,
-    reason = "generated code"
-)]
-pub mod admin {
-    include!(concat!(env!("OUT_DIR"), "/sigil.admin.v1.rs"));
-}
+pub use self::sigil::admin::v1 as admin;

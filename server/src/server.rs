@@ -30,6 +30,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::api::admin::{AdminService, AdminServices, AdminSocketError, bind_admin_socket};
 use crate::api::node::NodeService;
+use crate::audit::DEFAULT_CHAIN_ID;
 use crate::ca::{Ca, CaError, DiskKeyManager, KeyManager};
 use crate::config::ServerConfig;
 use crate::service::agents::Agents;
@@ -156,7 +157,18 @@ impl Server {
             )
             .await?,
         );
-        let audit = Arc::new(AuditLog::open(store.clone(), keys).await?);
+        let audit = Arc::new(
+            AuditLog::open(
+                store.clone(),
+                keys,
+                DEFAULT_CHAIN_ID,
+                config.data_dir.join("keys").join(audit::STATE_FILE),
+            )
+            .await?,
+        );
+        // The genesis checkpoint (or one of a head that moved while the server was down),
+        // before anything is served.
+        audit.prepare(now).await?;
         let entries = EntryCache::load(store.clone()).await?;
         info!(key_fingerprint = %audit.key_fingerprint(), "audit log ready");
         info!(trust_domain = %config.trust_domain, sequence = ca.bundle_sequence(), "certificate authority ready");
@@ -244,6 +256,7 @@ impl Server {
                 self.entries.clone(),
                 authority.clone(),
                 crls.clone(),
+                audit.clone(),
                 stop_rx.clone(),
             ),
             *authority.ttls(),

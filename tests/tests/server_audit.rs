@@ -54,7 +54,7 @@ async fn verify_audit(server: &TestServer) -> VerifyAuditResponse {
     server
         .admin()
         .await
-        .verify_audit(VerifyAuditRequest {})
+        .verify_audit(VerifyAuditRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -259,7 +259,10 @@ async fn sigterm_exits_within_six_seconds_with_streams_open() {
     .unwrap();
     let mut client = agent.client(&server).await;
     let mut stream = client
-        .sync_entries(SyncEntriesRequest { since_revision: 0 })
+        .sync_entries(SyncEntriesRequest {
+            since_revision: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -513,7 +513,10 @@ async fn a_sync_stream_ends_when_the_client_svid_expires() {
     let agent = TestAgent::attest(&server).await;
     let mut client = agent.client(&server).await;
     let mut stream = client
-        .sync_entries(sigil_proto::node::SyncEntriesRequest { since_revision: 0 })
+        .sync_entries(sigil_proto::node::SyncEntriesRequest {
+            since_revision: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -42,6 +42,7 @@ async fn open_sync(
     let stream = client
         .sync_entries(SyncEntriesRequest {
             since_revision: since,
+            ..SyncEntriesRequest::default()
         })
         .await
         .unwrap()

@@ -180,7 +180,7 @@ async fn session_revoke_puts_the_serial_on_the_crl_delivered_to_workloads_and_th
     let verified = server
         .admin()
         .await
-        .verify_audit(VerifyAuditRequest {})
+        .verify_audit(VerifyAuditRequest::default())
         .await
         .unwrap()
         .into_inner();

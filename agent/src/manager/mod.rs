@@ -21,8 +21,12 @@
 //! ([`Inventory::connected`]) and no session SVID is served, since a close or revocation could
 //! not reach the agent. The CRLs the server sends with the snapshot and with bundle changes go
 //! into [`Inventory::crls`].
+//!
+//! The agent is also a witness of the server's audit log: it keeps the latest signed checkpoint
+//! the server sends and presents it when it reconnects (see [`WITNESS_FILE`]).
 
 mod mint;
+mod witness;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -39,6 +43,8 @@ use tracing::{debug, info, warn};
 
 use self::mint::issued_svid;
 pub use self::mint::{Caller, Grant, MintError, Minter};
+pub use self::witness::WITNESS_FILE;
+use self::witness::Witness;
 use crate::cache::{Inventory, SessionEntry, WorkloadSvid};
 use crate::node::{NodeConnection, NodeError, csr, new_key, status_error};
 
@@ -59,6 +65,7 @@ pub struct Manager {
     entries: BTreeMap<String, Entry>,
     inventory: Inventory,
     revision: u64,
+    witness: Witness,
     tx: watch::Sender<Arc<Inventory>>,
 }
 
@@ -73,6 +80,7 @@ impl Manager {
         (
             Self {
                 minter: Minter::new(node.clone()),
+                witness: Witness::load(node.data_dir()),
                 node,
                 entries: BTreeMap::new(),
                 inventory,
@@ -123,6 +131,7 @@ impl Manager {
             .client()
             .sync_entries(SyncEntriesRequest {
                 since_revision: self.revision,
+                audit_checkpoints: self.witness.presented(),
             })
             .await
             .map_err(status_error)?
@@ -171,6 +180,11 @@ impl Manager {
                         }
                         self.synced(std::mem::take(&mut pages), page.revision)
                             .await?;
+                    }
+                }
+                sync_entries_response::Message::AuditCheckpoint(cp) => {
+                    if let Err(error) = self.witness.receive(cp) {
+                        warn!(%error, "cannot keep the audit checkpoint the server sent");
                     }
                 }
                 sync_entries_response::Message::Changes(changes) => {

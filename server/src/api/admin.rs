@@ -14,7 +14,7 @@
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use sigil_core::hex::encode as hex;
 use sigil_core::time::{from_unix_seconds, unix_seconds};
@@ -30,6 +30,10 @@ use sigil_proto::admin::{
     MintX509svidResponse, SetFederatedBundleRequest, UpdateEntryRequest,
 };
 use sigil_proto::admin::{
+    AcknowledgeAuditDivergenceRequest, AcknowledgeAuditDivergenceResponse,
+    SignAuditCheckpointRequest, SignAuditCheckpointResponse,
+};
+use sigil_proto::admin::{
     AuditCheckpointInfo, ListAuditRequest, ListAuditResponse, ListSessionAuditRequest,
     ListSessionsRequest, ListSessionsResponse, OpenSessionRequest, RevokeSessionRequest,
     SessionRequest, VerifyAuditRequest, VerifyAuditResponse,
@@ -39,10 +43,12 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
 
+use super::audit::{checkpoint_message, divergence_message, parse_checkpoint, record_message};
 use super::status::{
-    agent_status, bundle_status, entry_status, session_status, store_status, svid_status,
+    agent_status, audit_status, bundle_status, entry_status, session_status, store_status,
+    svid_status,
 };
-use crate::audit::{AuditFilter, AuditRecord};
+use crate::audit::{AuditFilter, uid_actor};
 use crate::ca::{AuthorityKind, AuthorityState};
 use crate::policy::TtlPolicy;
 use crate::service::agents::Agents;
@@ -246,6 +252,13 @@ impl Admin for AdminService {
             return Err(Status::unavailable(
                 "the active X.509 authority has expired",
             ));
+        }
+        if let Some(divergence) = self.services.audit.divergence() {
+            return Err(Status::unavailable(format!(
+                "the audit log diverged from a checkpoint this server signed ({}: {}); no audit \
+                 checkpoint is signed until an operator runs `sigil-server audit acknowledge`",
+                divergence.source, divergence.problem
+            )));
         }
         self.services
             .entries
@@ -784,31 +797,48 @@ impl Admin for AdminService {
         request: Request<VerifyAuditRequest>,
     ) -> Result<Response<VerifyAuditResponse>, Status> {
         let uid = self.authorize(&request)?;
+        let extra = request
+            .into_inner()
+            .checkpoint
+            .map(parse_checkpoint)
+            .transpose()
+            .map_err(Status::invalid_argument)?;
         let audit = &self.services.audit;
-        let outcome = audit.verify().await.map_err(|e| {
+        let outcome = audit.verify(extra).await.map_err(|e| {
             warn!(error = %e, "audit log cannot be read");
             Status::unavailable(format!("the audit log cannot be read: {e}"))
         })?;
-        let key_fingerprint = audit.key_fingerprint();
+        let divergence = audit.divergence().map(|d| divergence_message(&d));
+        let base = VerifyAuditResponse {
+            key_fingerprint: audit.key_fingerprint(),
+            chain_id: audit.chain_id().to_owned(),
+            divergence,
+            ..VerifyAuditResponse::default()
+        };
         let response = match outcome {
             Ok(summary) => {
-                info!(uid, records = summary.records, "audit log verified");
+                info!(
+                    uid,
+                    records = summary.records,
+                    checkpoints = summary.checkpoints,
+                    "audit log verified"
+                );
                 VerifyAuditResponse {
                     ok: true,
                     checked: summary.records,
-                    head_sequence: summary.head.map_or(0, |h| h.sequence),
+                    head_sequence: summary.head.as_ref().map_or(0, |h| h.sequence),
                     head_hash: summary.head.map(|h| hex(&h.hash)).unwrap_or_default(),
                     checkpoint: summary.checkpoint.map(|cp| AuditCheckpointInfo {
+                        chain_id: audit.chain_id().to_owned(),
                         sequence: cp.sequence,
                         hash: hex(&cp.hash),
                         time: unix_seconds(cp.time),
                         key_id: cp.key_id,
                         key_fingerprint: cp.key_fingerprint,
                     }),
+                    checkpoints_checked: summary.checkpoints,
                     unsigned_records: summary.unsigned_records,
-                    bad_sequence: 0,
-                    problem: String::new(),
-                    key_fingerprint,
+                    ..base
                 }
             }
             Err(violation) => {
@@ -818,12 +848,62 @@ impl Admin for AdminService {
                     checked: violation.sequence.saturating_sub(1),
                     bad_sequence: violation.sequence,
                     problem: violation.kind.to_string(),
-                    key_fingerprint,
-                    ..VerifyAuditResponse::default()
+                    ..base
                 }
             }
         };
         Ok(Response::new(response))
+    }
+
+    #[instrument(skip_all)]
+    async fn sign_audit_checkpoint(
+        &self,
+        request: Request<SignAuditCheckpointRequest>,
+    ) -> Result<Response<SignAuditCheckpointResponse>, Status> {
+        let uid = self.authorize(&request)?;
+        let audit = &self.services.audit;
+        let (checkpoint, signed) = match audit
+            .checkpoint(SystemTime::now())
+            .await
+            .map_err(audit_status)?
+        {
+            Some(cp) => (cp, true),
+            None => (audit.latest().await.map_err(audit_status)?, false),
+        };
+        info!(
+            uid,
+            sequence = checkpoint.sequence,
+            signed,
+            "audit checkpoint requested"
+        );
+        Ok(Response::new(SignAuditCheckpointResponse {
+            checkpoint: Some(checkpoint_message(&checkpoint)),
+            signed,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn acknowledge_audit_divergence(
+        &self,
+        request: Request<AcknowledgeAuditDivergenceRequest>,
+    ) -> Result<Response<AcknowledgeAuditDivergenceResponse>, Status> {
+        let uid = self.authorize(&request)?;
+        let req = request.into_inner();
+        let checkpoint = req
+            .checkpoint
+            .map(parse_checkpoint)
+            .transpose()
+            .map_err(Status::invalid_argument)?;
+        let done = self
+            .services
+            .audit
+            .acknowledge(&uid_actor(uid), checkpoint, &req.reason, SystemTime::now())
+            .await
+            .map_err(audit_status)?;
+        Ok(Response::new(AcknowledgeAuditDivergenceResponse {
+            record: Some(record_message(&done.record)),
+            checkpoint: Some(checkpoint_message(&done.checkpoint)),
+        }))
     }
 }
 
@@ -841,7 +921,7 @@ impl AdminService {
             .await
             .map_err(store_status)?;
         Ok(Response::new(ListAuditResponse {
-            records: page.items.iter().map(audit_message).collect(),
+            records: page.items.iter().map(record_message).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }
@@ -946,21 +1026,6 @@ fn federated_message(td: &TrustDomain, bundle: &SpiffeBundle) -> pb::Bundle {
         sequence: bundle.sequence().unwrap_or_default(),
         spiffe_bundle: bundle.to_json(),
         crls: vec![],
-    }
-}
-
-fn audit_message(record: &AuditRecord) -> pb::AuditRecord {
-    let since = record.time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    pb::AuditRecord {
-        sequence: record.sequence,
-        time: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-        time_nanos: since.subsec_nanos(),
-        actor: record.actor.clone(),
-        action: record.action.clone(),
-        subject: record.subject.clone(),
-        details_json: serde_json::Value::Object(record.details.clone()).to_string(),
-        prev_hash: hex(&record.prev_hash),
-        hash: hex(&record.hash),
     }
 }
 

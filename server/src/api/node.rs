@@ -27,8 +27,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
-use tracing::instrument;
+use tracing::{debug, instrument};
 
+use super::audit::{checkpoint_message, parse_checkpoint};
 use super::status::{agent_status, session_status, svid_status, sync_status};
 use crate::policy::TtlPolicy;
 pub(crate) use crate::service::agents::DenyReason;
@@ -167,6 +168,7 @@ impl NodeService {
                     })
                     .collect(),
             }),
+            SyncMessage::Checkpoint(cp) => Message::AuditCheckpoint(checkpoint_message(&cp)),
         };
         SyncEntriesResponse {
             message: Some(message),
@@ -219,11 +221,23 @@ impl Node for NodeService {
         request: Request<SyncEntriesRequest>,
     ) -> Result<Response<Self::SyncEntriesStream>, Status> {
         let agent = self.authenticate(&request).await?;
-        let since = request.into_inner().since_revision;
+        let req = request.into_inner();
+        // A malformed checkpoint is dropped, not refused: witnessing must never cost an agent
+        // its entries.
+        let witnessed = req
+            .audit_checkpoints
+            .into_iter()
+            .filter_map(|cp| {
+                parse_checkpoint(cp)
+                    .map_err(|problem| debug!(agent = %agent.id, %problem, "malformed audit checkpoint ignored"))
+                    .ok()
+            })
+            .collect();
+        let since = req.since_revision;
         let (tx, rx) = mpsc::channel(4);
         let sync = self.sync.clone();
         tokio::spawn(async move {
-            if let Err(error) = sync.run(agent, since, &tx).await {
+            if let Err(error) = sync.run(agent, since, witnessed, &tx).await {
                 let _ = tx.send(Err(error)).await;
             }
         });

@@ -12,6 +12,7 @@ use tracing::warn;
 
 use super::node::REASON_METADATA_KEY;
 use crate::service::agents::{AgentError, DenyReason};
+use crate::service::audit::AuditError;
 use crate::service::authority::SignError;
 use crate::service::bundles::BundleError;
 use crate::service::entries::EntryError;
@@ -207,6 +208,24 @@ mod tests {
         ] {
             assert_eq!(status.code(), Code::Unavailable);
             assert!(!status.message().contains("disk on fire"), "{status:?}");
+        }
+    }
+}
+
+/// An audit log error: a chain that cannot be vouched for is a precondition the operator must
+/// fix; a bad acknowledgement is the caller's mistake.
+pub(crate) fn audit_status(error: AuditError) -> Status {
+    match error {
+        AuditError::Store(error) => store_status(error),
+        e @ (AuditError::Diverged { .. }
+        | AuditError::ChainBroken(_)
+        | AuditError::ForeignCheckpoint { .. }
+        | AuditError::NoCheckpoint
+        | AuditError::NotDiverged) => Status::failed_precondition(e.to_string()),
+        AuditError::Acknowledge(message) => Status::invalid_argument(message),
+        other => {
+            warn!(error = %other, "audit log operation failed");
+            Status::internal("the audit log operation failed; see the server's log")
         }
     }
 }

@@ -17,13 +17,20 @@
 //! a credential appends first and hands it out only when the append succeeded: if the audit
 //! write fails, nothing is issued.
 //!
-//! # Canonical encoding (version 1)
+//! # Chains
+//!
+//! Every record and checkpoint names its chain (`chain_id`): [`DEFAULT_CHAIN_ID`] for a single
+//! server; each server of a highly available deployment will write a chain of its own. A chain
+//! is verified on its own, and a record or checkpoint of another chain in it is a violation.
+//!
+//! # Canonical encoding (version 2)
 //!
 //! `hash` is SHA-256 over the record's canonical encoding, and `prev_hash` is the previous
 //! record's `hash` (32 zero bytes for record 1). The encoding is, in order:
 //!
-//! 1. the domain tag `sigil.audit.record.v1` followed by one `0x00` byte;
-//! 2. `sequence`, 8 bytes big-endian;
+//! 1. the domain tag `sigil.audit.record.v2` followed by one `0x00` byte;
+//! 2. `chain_id`, as a 4-byte big-endian length followed by that many bytes of UTF-8, then
+//!    `sequence`, 8 bytes big-endian;
 //! 3. `time` as seconds since the Unix epoch (8 bytes big-endian) and nanoseconds (4 bytes
 //!    big-endian);
 //! 4. `actor`, `action`, `subject` and `details`, each as a 4-byte big-endian length followed
@@ -40,17 +47,21 @@
 //! # Checkpoints and the trust model
 //!
 //! A hash chain alone proves nothing against someone who can write the store: they can alter a
-//! record and recompute every hash after it. So the server signs a checkpoint, `(sequence, head
-//! hash, time)`, with its audit key ([`AUDIT_KEY_ID`], ECDSA P-256, kept by the
+//! record and recompute every hash after it. So the server signs a checkpoint, `(chain, sequence,
+//! head hash, time)`, with its audit key ([`AUDIT_KEY_ID`], ECDSA P-256, kept by the
 //! [`KeyManager`](crate::ca::KeyManager) as a 0600 file in the key directory, apart from the store). It does so
-//! periodically when the head moved, and at shutdown (`AuditLog::checkpoint` in the audit
-//! service). Before signing,
-//! it checks the records since the previous checkpoint, so it never signs over a broken chain,
-//! and it refuses to continue from a checkpoint that its own key did not sign.
+//! before it serves anything (the genesis checkpoint: sequence 0, the hash of nothing, 32 zero
+//! bytes), periodically when the head moved, on an operator's request, and at shutdown
+//! (`AuditLog::checkpoint` in the audit service). Before signing, it checks the records since the
+//! previous checkpoint, so it never signs over a broken chain, it refuses to continue from a
+//! checkpoint that its own key did not sign, and it checks that the chain still extends the last
+//! checkpoint it signed (which it remembers outside the store).
 //!
 //! [`verify`] (or [`ChainVerifier`], record by record) recomputes every hash from record 1,
-//! checks every link, checks that the latest checkpoint was signed by the trusted key and
-//! that its `(sequence, hash)` matches the recomputed chain, and names the first bad record.
+//! checks every link, checks that every checkpoint given (all those stored, and any kept
+//! elsewhere) was signed by the trusted key and that its `(sequence, hash)` matches the
+//! recomputed chain, and names the first bad record. A chain with records and no checkpoint
+//! at all fails: the genesis checkpoint is always there unless checkpoints were deleted.
 //!
 //! What this does and does not protect against:
 //!
@@ -64,8 +75,12 @@
 //!   anyone who controls the server process. Keep the key directory (0700, files 0600) out of
 //!   backups that leave the host, and pin the key's fingerprint
 //!   ([`AuditCheckpoint::key_fingerprint`]) outside the host if that matters to you.
-//! - Deleting the latest checkpoints makes an older one the latest: that is not detected, but
-//!   it only widens the unsigned tail, which verify reports.
+//! - Deleting the latest checkpoints from the store, or restoring an older copy of the whole
+//!   data directory, is caught only by a checkpoint kept elsewhere: one an operator saved
+//!   (`sigil-server audit checkpoint`, then `audit verify --checkpoint`), the server's own
+//!   record of the last checkpoint it signed (unless that was restored too), or one an agent
+//!   received (agents are witnesses: they present the latest checkpoint they saw when they
+//!   reconnect).
 //!
 //! # Retention
 //!
@@ -82,8 +97,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 #[cfg(test)]
-pub(crate) use self::verify::verify;
-pub(crate) use self::verify::{ChainVerifier, VerifySummary, Violation, ViolationKind};
+pub(crate) use self::verify::ViolationKind;
+pub(crate) use self::verify::{ChainVerifier, VerifySummary, Violation};
+#[cfg(test)]
+pub(crate) use self::verify::{verify, verify_links};
 use sigil_core::hex::{decode as hex_decode, encode as hex_encode};
 
 /// The id of the audit signing key in the [`KeyManager`](crate::ca::KeyManager).
@@ -92,11 +109,14 @@ pub(crate) const AUDIT_KEY_ID: &str = "audit-signing";
 /// The actor of records the server writes on its own behalf.
 pub(crate) const SERVER_ACTOR: &str = "server";
 
+/// The chain of a single server.
+pub(crate) const DEFAULT_CHAIN_ID: &str = "default";
+
 /// The domain tag that starts a record's canonical encoding.
-const RECORD_TAG: &[u8] = b"sigil.audit.record.v1\0";
+const RECORD_TAG: &[u8] = b"sigil.audit.record.v2\0";
 
 /// The domain tag that starts a checkpoint's signed message.
-const CHECKPOINT_TAG: &[u8] = b"sigil.audit.checkpoint.v1\0";
+const CHECKPOINT_TAG: &[u8] = b"sigil.audit.checkpoint.v2\0";
 
 /// The `prev_hash` of record 1.
 pub(crate) const GENESIS_HASH: [u8; 32] = [0; 32];
@@ -141,6 +161,9 @@ pub(crate) mod action {
     pub(crate) const SESSION_REVOKE: &str = "session.revoke";
     /// A session reached its end (server clock).
     pub(crate) const SESSION_EXPIRE: &str = "session.expire";
+    /// An operator acknowledged that records after a signed checkpoint were lost or
+    /// rewritten; signing resumed.
+    pub(crate) const AUDIT_DIVERGENCE: &str = "audit.divergence";
 }
 
 /// A record as a caller writes it: the store adds sequence, time and hashes.
@@ -160,6 +183,8 @@ pub(crate) struct NewAuditRecord {
 /// A record of the chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct AuditRecord {
+    /// The chain it belongs to ([`DEFAULT_CHAIN_ID`] for a single server).
+    pub chain_id: String,
     /// Position in the chain: 1, 2, 3, ... without gaps.
     pub sequence: u64,
     /// When the store appended it; never before the previous record's time.
@@ -181,8 +206,10 @@ pub(crate) struct AuditRecord {
 }
 
 /// The last record of the chain, as the store keeps it to append the next one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct AuditHead {
+    /// The chain.
+    pub chain_id: String,
     /// The last record's sequence.
     pub sequence: u64,
     /// The last record's hash.
@@ -195,12 +222,15 @@ pub(crate) struct AuditHead {
 /// A signed statement that the chain's record `sequence` has hash `hash`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct AuditCheckpoint {
-    /// The sequence of the record it covers (and, through the chain, of every earlier one).
+    /// The chain.
+    pub chain_id: String,
+    /// The sequence of the record it covers (and, through the chain, of every earlier one); 0
+    /// for the genesis checkpoint of the empty chain.
     pub sequence: u64,
-    /// That record's hash.
+    /// That record's hash ([`GENESIS_HASH`] for sequence 0).
     #[serde(with = "hex32")]
     pub hash: [u8; 32],
-    /// When it was signed.
+    /// When it was signed (whole seconds).
     pub time: SystemTime,
     /// The id of the signing key in the key manager.
     pub key_id: String,
@@ -277,18 +307,21 @@ impl NewAuditRecord {
         self.detail(key, seconds)
     }
 
-    /// Seals the record at position `sequence` after the record whose hash is `prev_hash`.
+    /// Seals the record at position `sequence` of chain `chain_id`, after the record whose
+    /// hash is `prev_hash`.
     ///
     /// # Errors
     ///
     /// [`EncodeError`] when the record has no canonical encoding.
     pub(crate) fn seal(
         self,
+        chain_id: &str,
         sequence: u64,
         time: SystemTime,
         prev_hash: [u8; 32],
     ) -> Result<AuditRecord, EncodeError> {
         let mut record = AuditRecord {
+            chain_id: chain_id.to_owned(),
             sequence,
             time,
             actor: self.actor,
@@ -314,6 +347,7 @@ impl AuditRecord {
     pub(crate) fn canonical_encoding(&self) -> Result<Vec<u8>, EncodeError> {
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(RECORD_TAG);
+        length_prefixed(&mut out, "chain_id", self.chain_id.as_bytes())?;
         out.extend_from_slice(&self.sequence.to_be_bytes());
         encode_time(&mut out, self.time)?;
         length_prefixed(&mut out, "actor", self.actor.as_bytes())?;
@@ -338,6 +372,7 @@ impl AuditRecord {
     /// The head of a chain ending with this record.
     pub(crate) fn head(&self) -> AuditHead {
         AuditHead {
+            chain_id: self.chain_id.clone(),
             sequence: self.sequence,
             hash: self.hash,
             time: self.time,
@@ -348,20 +383,23 @@ impl AuditRecord {
 // === impl AuditCheckpoint ===
 
 impl AuditCheckpoint {
-    /// The bytes the signature covers: the tag `sigil.audit.checkpoint.v1` and a `0x00` byte,
-    /// `sequence` (8 bytes big-endian), `hash` (32 bytes), and `time` as seconds (8 bytes
-    /// big-endian) and nanoseconds (4 bytes big-endian) since the Unix epoch.
+    /// The bytes the signature covers: the tag `sigil.audit.checkpoint.v2` and a `0x00` byte,
+    /// `chain_id` (4-byte big-endian length, then UTF-8), `sequence` (8 bytes big-endian),
+    /// `hash` (32 bytes), and `time` as seconds (8 bytes big-endian) and nanoseconds (4 bytes
+    /// big-endian) since the Unix epoch.
     ///
     /// # Errors
     ///
-    /// [`EncodeError::TimeBeforeEpoch`].
+    /// [`EncodeError::TimeBeforeEpoch`], [`EncodeError::TooLong`].
     pub(crate) fn signed_message(
+        chain_id: &str,
         sequence: u64,
         hash: &[u8; 32],
         time: SystemTime,
     ) -> Result<Vec<u8>, EncodeError> {
-        let mut out = Vec::with_capacity(CHECKPOINT_TAG.len() + 52);
+        let mut out = Vec::with_capacity(CHECKPOINT_TAG.len() + 56 + chain_id.len());
         out.extend_from_slice(CHECKPOINT_TAG);
+        length_prefixed(&mut out, "chain_id", chain_id.as_bytes())?;
         out.extend_from_slice(&sequence.to_be_bytes());
         out.extend_from_slice(hash);
         encode_time(&mut out, time)?;
@@ -376,7 +414,9 @@ impl AuditCheckpoint {
     /// True when `signature` is a valid signature over this checkpoint by `public_key`
     /// (which says nothing about whether that key is trusted).
     pub(crate) fn signature_is_valid(&self) -> bool {
-        let Ok(message) = Self::signed_message(self.sequence, &self.hash, self.time) else {
+        let Ok(message) =
+            Self::signed_message(&self.chain_id, self.sequence, &self.hash, self.time)
+        else {
             return false;
         };
         ring::signature::UnparsedPublicKey::new(
@@ -391,6 +431,7 @@ impl AuditCheckpoint {
 impl fmt::Debug for AuditCheckpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuditCheckpoint")
+            .field("chain_id", &self.chain_id)
             .field("sequence", &self.sequence)
             .field("hash", &hex_encode(&self.hash))
             .field("time", &self.time)

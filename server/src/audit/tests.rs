@@ -25,7 +25,7 @@ fn chain(n: u64) -> Vec<AuditRecord> {
                 NewAuditRecord::new("uid:0", action::ENTRY_CREATE, format!("entry-{sequence}"))
                     .detail("spiffe_id", format!("spiffe://example.org/w/{sequence}"))
                     .detail("revision", sequence)
-                    .seal(sequence, t(sequence), prev)
+                    .seal("default", sequence, t(sequence), prev)
                     .unwrap();
             prev = record.hash;
             record
@@ -33,12 +33,36 @@ fn chain(n: u64) -> Vec<AuditRecord> {
         .collect()
 }
 
+/// A checkpoint of `record`, signed by `key` 30 s after it, at a whole second.
 pub(crate) fn checkpoint(key: &EcdsaKeyPair, record: &AuditRecord) -> AuditCheckpoint {
-    let time = record.time + Duration::from_secs(30);
-    let message = AuditCheckpoint::signed_message(record.sequence, &record.hash, time).unwrap();
+    signed(
+        key,
+        &record.chain_id,
+        record.sequence,
+        record.hash,
+        record.time,
+    )
+}
+
+/// The genesis checkpoint of chain `default`, signed by `key`.
+pub(crate) fn genesis(key: &EcdsaKeyPair) -> AuditCheckpoint {
+    signed(key, DEFAULT_CHAIN_ID, 0, GENESIS_HASH, t(0))
+}
+
+fn signed(
+    key: &EcdsaKeyPair,
+    chain_id: &str,
+    sequence: u64,
+    hash: [u8; 32],
+    after: SystemTime,
+) -> AuditCheckpoint {
+    let seconds = after.duration_since(UNIX_EPOCH).unwrap().as_secs() + 30;
+    let time = UNIX_EPOCH + Duration::from_secs(seconds);
+    let message = AuditCheckpoint::signed_message(chain_id, sequence, &hash, time).unwrap();
     AuditCheckpoint {
-        sequence: record.sequence,
-        hash: record.hash,
+        chain_id: chain_id.to_owned(),
+        sequence,
+        hash,
         time,
         key_id: AUDIT_KEY_ID.to_owned(),
         public_key: key.public_key().as_ref().to_vec(),
@@ -65,30 +89,115 @@ fn violation(result: Result<VerifySummary, Violation>) -> Violation {
 }
 
 #[test]
-fn a_fresh_log_passes_with_and_without_a_checkpoint() {
+fn a_log_passes_from_its_genesis_checkpoint_and_fails_without_any() {
     let key = key_pair();
     let public = key.public_key().as_ref();
+    // An empty log, before and after its genesis checkpoint.
     assert_eq!(
-        verify(Vec::<AuditRecord>::new(), None, public)
+        verify(Vec::<AuditRecord>::new(), &[], public)
             .unwrap()
             .records,
         0
     );
+    let genesis = genesis(&key);
+    let summary = verify(
+        Vec::<AuditRecord>::new(),
+        std::slice::from_ref(&genesis),
+        public,
+    )
+    .unwrap();
+    assert_eq!((summary.checkpoints, summary.unsigned_records), (1, 0));
 
+    // Records after the genesis checkpoint only: verified, and counted as unsigned.
     let records = chain(5);
-    let summary = verify(&records, None, public).unwrap();
+    let summary = verify(&records, std::slice::from_ref(&genesis), public).unwrap();
     assert_eq!(summary.records, 5);
     assert_eq!(summary.unsigned_records, 5);
     assert_eq!(summary.head.unwrap().hash, records[4].hash);
-    assert!(summary.checkpoint.is_none());
+    assert_eq!(summary.checkpoint.unwrap().sequence, 0);
 
-    let cp = checkpoint(&key, &records[3]);
-    let summary = verify(&records, Some(&cp), public).unwrap();
+    // Records and no checkpoint at all: the genesis one was deleted.
+    let v = violation(verify(&records, &[], public));
+    assert_eq!((v.sequence, v.kind), (1, ViolationKind::NoCheckpoint));
+
+    // Every checkpoint is checked, the latest is reported.
+    let cp2 = checkpoint(&key, &records[1]);
+    let cp4 = checkpoint(&key, &records[3]);
+    let summary = verify(&records, &[cp4, genesis.clone(), cp2.clone()], public).unwrap();
     assert_eq!(summary.records, 5);
+    assert_eq!(summary.checkpoints, 3);
     assert_eq!(summary.unsigned_records, 1);
     let info = summary.checkpoint.unwrap();
     assert_eq!(info.sequence, 4);
     assert_eq!(info.key_fingerprint, key_fingerprint(public));
+
+    // An older checkpoint that no longer matches is caught though a later one matches:
+    // records 1..=2 were rewritten and everything after resealed, then the later checkpoint
+    // re-signed (by a thief of the key), the earlier one left alone.
+    let mut rewritten = records.clone();
+    rewritten[0].subject = "entry-rewritten".into();
+    reseal_from(&mut rewritten, 0);
+    let resigned = checkpoint(&key, &rewritten[3]);
+    let v = violation(verify(
+        &rewritten,
+        &[genesis.clone(), cp2, resigned],
+        public,
+    ));
+    assert_eq!((v.sequence, v.kind), (2, ViolationKind::CheckpointMismatch));
+
+    // A genesis checkpoint must name the hash of nothing.
+    let mut bad_genesis = genesis;
+    bad_genesis.hash = records[0].hash;
+    let v = violation(verify(&records, &[bad_genesis], public));
+    assert_eq!(v.sequence, 0);
+    assert!(
+        matches!(
+            v.kind,
+            ViolationKind::CheckpointSignatureInvalid | ViolationKind::CheckpointMismatch
+        ),
+        "{v}"
+    );
+}
+
+#[test]
+fn records_and_checkpoints_of_another_chain_are_named() {
+    let key = key_pair();
+    let public = key.public_key().as_ref();
+    let mut records = chain(3);
+    let genesis = genesis(&key);
+    // A record moved in from another chain (its hash recomputed: the chain id is hashed).
+    records[1].chain_id = "server-b".into();
+    reseal_from(&mut records, 1);
+    let v = violation(verify(&records, std::slice::from_ref(&genesis), public));
+    assert_eq!(
+        (v.sequence, v.kind),
+        (
+            2,
+            ViolationKind::WrongChain {
+                found: "server-b".into()
+            }
+        )
+    );
+    // Moving it without recomputing: the hash gives it away.
+    let mut records = chain(3);
+    records[1].chain_id = "server-b".into();
+    assert_ne!(records[1].compute_hash().unwrap(), records[1].hash);
+
+    // A checkpoint of another chain.
+    let records = chain(3);
+    let mut other = records.clone();
+    other[2].chain_id = "server-b".into();
+    let foreign_chain = checkpoint(&key, &other[2]);
+    let v = violation(verify(&records, &[genesis, foreign_chain], public));
+    assert_eq!(
+        (v.sequence, v.kind),
+        (
+            3,
+            ViolationKind::CheckpointWrongChain {
+                found: "server-b".into()
+            }
+        )
+    );
 }
 
 #[test]
@@ -108,7 +217,11 @@ fn a_modified_detail_is_named() {
     records[2]
         .details
         .insert("spiffe_id".into(), json!("spiffe://example.org/evil"));
-    let v = violation(verify(&records, Some(&cp), key.public_key().as_ref()));
+    let v = violation(verify(
+        &records,
+        std::slice::from_ref(&cp),
+        key.public_key().as_ref(),
+    ));
     assert_eq!(v.sequence, 3);
     assert_eq!(v.kind, ViolationKind::HashMismatch);
     assert!(v.to_string().starts_with("record 3: "), "{v}");
@@ -119,7 +232,7 @@ fn a_modified_record_with_its_hash_recomputed_breaks_the_next_link() {
     let mut records = chain(6);
     records[2].actor = "uid:1000".into();
     records[2].hash = records[2].compute_hash().unwrap();
-    let v = violation(verify(&records, None, &[]));
+    let v = violation(verify(&records, &[], &[]));
     assert_eq!((v.sequence, v.kind), (4, ViolationKind::BrokenLink));
 }
 
@@ -131,9 +244,19 @@ fn a_rewritten_chain_is_caught_by_the_checkpoint() {
     records[1].subject = "entry-rewritten".into();
     reseal_from(&mut records, 1);
     // The chain alone is consistent again...
-    verify(&records, None, &[]).unwrap();
+    let genesis = genesis(&key);
+    verify(
+        &records,
+        std::slice::from_ref(&genesis),
+        key.public_key().as_ref(),
+    )
+    .unwrap();
     // ...but not with the signed checkpoint.
-    let v = violation(verify(&records, Some(&cp), key.public_key().as_ref()));
+    let v = violation(verify(
+        &records,
+        std::slice::from_ref(&cp),
+        key.public_key().as_ref(),
+    ));
     assert_eq!((v.sequence, v.kind), (5, ViolationKind::CheckpointMismatch));
 }
 
@@ -141,7 +264,7 @@ fn a_rewritten_chain_is_caught_by_the_checkpoint() {
 fn a_deleted_record_is_named() {
     let mut records = chain(6);
     records.remove(2);
-    let v = violation(verify(&records, None, &[]));
+    let v = violation(verify(&records, &[], &[]));
     assert_eq!(v.sequence, 3);
     assert_eq!(v.kind, ViolationKind::Missing { found: 4 });
     assert!(v.to_string().contains("record 3: missing"), "{v}");
@@ -151,7 +274,7 @@ fn a_deleted_record_is_named() {
 fn a_reordered_record_is_named() {
     let mut records = chain(6);
     records.swap(2, 3);
-    let v = violation(verify(&records, None, &[]));
+    let v = violation(verify(&records, &[], &[]));
     assert_eq!(
         (v.sequence, v.kind),
         (3, ViolationKind::Missing { found: 4 })
@@ -162,13 +285,13 @@ fn a_reordered_record_is_named() {
     records.swap(2, 3);
     records[2].sequence = 3;
     records[3].sequence = 4;
-    let v = violation(verify(&records, None, &[]));
+    let v = violation(verify(&records, &[], &[]));
     assert_eq!((v.sequence, v.kind), (3, ViolationKind::HashMismatch));
 
     // A duplicate.
     let mut records = chain(4);
     records.insert(2, records[1].clone());
-    let v = violation(verify(&records, None, &[]));
+    let v = violation(verify(&records, &[], &[]));
     assert_eq!(
         (v.sequence, v.kind),
         (3, ViolationKind::OutOfOrder { found: 2 })
@@ -181,7 +304,11 @@ fn a_truncated_log_is_named() {
     let mut records = chain(6);
     let cp = checkpoint(&key, &records[5]);
     records.truncate(4);
-    let v = violation(verify(&records, Some(&cp), key.public_key().as_ref()));
+    let v = violation(verify(
+        &records,
+        std::slice::from_ref(&cp),
+        key.public_key().as_ref(),
+    ));
     assert_eq!(v.sequence, 5);
     assert_eq!(
         v.kind,
@@ -204,7 +331,7 @@ fn a_forged_checkpoint_is_named() {
     let forger = key_pair();
     let forged = checkpoint(&forger, &records[5]);
     assert!(forged.signature_is_valid());
-    let v = violation(verify(&records, Some(&forged), public));
+    let v = violation(verify(&records, std::slice::from_ref(&forged), public));
     assert_eq!(v.sequence, 6);
     assert!(
         matches!(v.kind, ViolationKind::CheckpointUntrustedKey { .. }),
@@ -215,7 +342,7 @@ fn a_forged_checkpoint_is_named() {
     let records_before = chain(6);
     let mut altered = checkpoint(&key, &records_before[5]);
     altered.hash = records[5].hash;
-    let v = violation(verify(&records, Some(&altered), public));
+    let v = violation(verify(&records, std::slice::from_ref(&altered), public));
     assert_eq!(
         (v.sequence, v.kind),
         (6, ViolationKind::CheckpointSignatureInvalid)
@@ -224,7 +351,7 @@ fn a_forged_checkpoint_is_named() {
     // A checkpoint beyond the end with a bad signature: the signature is what is reported.
     let mut beyond = checkpoint(&key, &records_before[5]);
     beyond.sequence = 9;
-    let v = violation(verify(&records, Some(&beyond), public));
+    let v = violation(verify(&records, std::slice::from_ref(&beyond), public));
     assert_eq!(
         (v.sequence, v.kind),
         (9, ViolationKind::CheckpointSignatureInvalid)
@@ -236,7 +363,7 @@ fn a_record_whose_time_goes_back_is_named() {
     let mut records = chain(4);
     records[2].time = t(1);
     reseal_from(&mut records, 2);
-    let v = violation(verify(&records, None, &[]));
+    let v = violation(verify(&records, &[], &[]));
     assert_eq!((v.sequence, v.kind), (3, ViolationKind::TimeWentBack));
 }
 
@@ -246,13 +373,13 @@ fn the_encoding_is_canonical() {
         .detail("serial", "01")
         .detail("nested", json!({"b": 1, "a": [true, null, "x"]}))
         .detail("not_after", 1_700_000_000u64)
-        .seal(1, t(0), GENESIS_HASH)
+        .seal("default", 1, t(0), GENESIS_HASH)
         .unwrap();
     let b = NewAuditRecord::new("uid:0", "x509.mint", "spiffe://example.org/a")
         .detail("not_after", 1_700_000_000u64)
         .detail("nested", json!({"a": [true, null, "x"], "b": 1}))
         .detail("serial", "01")
-        .seal(1, t(0), GENESIS_HASH)
+        .seal("default", 1, t(0), GENESIS_HASH)
         .unwrap();
     assert_eq!(a.hash, b.hash);
     assert_eq!(
@@ -268,20 +395,21 @@ fn the_encoding_is_canonical() {
 
     // Field boundaries matter: moving a character between fields changes the hash.
     let c = NewAuditRecord::new("uid:0x", "509.mint", "spiffe://example.org/a")
-        .seal(1, t(0), GENESIS_HASH)
+        .seal("default", 1, t(0), GENESIS_HASH)
         .unwrap();
     let d = NewAuditRecord::new("uid:0", "x509.mint", "spiffe://example.org/a")
-        .seal(1, t(0), GENESIS_HASH)
+        .seal("default", 1, t(0), GENESIS_HASH)
         .unwrap();
     assert_ne!(c.hash, d.hash);
 
     // Floats have no canonical form here.
     let float = NewAuditRecord::new("uid:0", "x", "y")
         .detail("ratio", 0.5)
-        .seal(1, t(0), GENESIS_HASH);
+        .seal("default", 1, t(0), GENESIS_HASH);
     assert!(matches!(float, Err(EncodeError::Float(_))));
     // Neither do times before 1970.
     let early = NewAuditRecord::new("uid:0", "x", "y").seal(
+        "default",
         1,
         UNIX_EPOCH - Duration::from_secs(1),
         GENESIS_HASH,
@@ -297,7 +425,7 @@ fn filters_match_actions_by_prefix_and_ids_in_details() {
         "spiffe://example.org/web",
     )
     .detail("agent", "spiffe://example.org/sigil/agent/join_token/a")
-    .seal(7, t(10), GENESIS_HASH)
+    .seal("default", 7, t(10), GENESIS_HASH)
     .unwrap();
     let matches = |filter: AuditFilter| filter.matches(&record);
     assert!(matches(AuditFilter::default()));

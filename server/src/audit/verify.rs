@@ -1,6 +1,7 @@
-//! Verification of the chain and its latest checkpoint: pure functions of the records, the
-//! checkpoint and the trusted key.
+//! Verification of a chain and its checkpoints: pure functions of the records, the
+//! checkpoints and the trusted key.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::SystemTime;
 
@@ -10,7 +11,7 @@ use super::{AuditCheckpoint, AuditHead, AuditRecord, EncodeError, GENESIS_HASH, 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct Violation {
     /// The sequence of the first bad record (for a checkpoint problem: the record the
-    /// checkpoint covers).
+    /// checkpoint covers; 0 for the genesis checkpoint).
     pub sequence: u64,
     /// What is wrong with it.
     pub kind: ViolationKind,
@@ -50,7 +51,26 @@ pub enum ViolationKind {
     /// The record has no canonical encoding.
     #[error("it cannot be encoded: {0}")]
     Unencodable(EncodeError),
-    /// The log ends before the record the latest checkpoint covers.
+    /// The record belongs to another chain.
+    #[error("it belongs to chain {found:?}, not to this one (records of two chains were mixed)")]
+    WrongChain {
+        /// The record's chain id.
+        found: String,
+    },
+    /// The log has records but no signed checkpoint at all, not even the genesis one that a
+    /// server signs before it serves.
+    #[error(
+        "the log has records but no signed checkpoint, not even the genesis one: checkpoints \
+         were deleted, or the records were not written by this server"
+    )]
+    NoCheckpoint,
+    /// A checkpoint names another chain.
+    #[error("the checkpoint covering it is of chain {found:?}, not of this one")]
+    CheckpointWrongChain {
+        /// The checkpoint's chain id.
+        found: String,
+    },
+    /// The log ends before the record a signed checkpoint covers.
     #[error(
         "missing: the signed checkpoint covers records up to {checkpoint}, the log ends at {last}"
     )]
@@ -89,10 +109,11 @@ pub(crate) struct VerifySummary {
     pub records: u64,
     /// The last record, if any.
     pub head: Option<AuditHead>,
-    /// The latest checkpoint, if there is one (none yet on a log younger than one checkpoint
-    /// interval).
+    /// The latest checkpoint checked, if any.
     pub checkpoint: Option<CheckpointSummary>,
-    /// Records after the checkpoint: protected by the chain only (see the module docs).
+    /// How many checkpoints were checked.
+    pub checkpoints: u64,
+    /// Records after the latest checkpoint: protected by the chain only (see the module docs).
     pub unsigned_records: u64,
 }
 
@@ -115,13 +136,20 @@ pub(crate) struct CheckpointSummary {
 /// [`ChainVerifier::push`] every record in sequence order, then [`ChainVerifier::finish`].
 #[derive(Debug)]
 pub(crate) struct ChainVerifier {
+    chain_id: String,
+    trusted_key: Vec<u8>,
     next: u64,
     prev_hash: [u8; 32],
     prev_time: Option<SystemTime>,
     checked: u64,
-    checkpoint: Option<AuditCheckpoint>,
-    /// `Some` when the checkpoint itself is bad (checked once, reported at its record).
-    checkpoint_problem: Option<ViolationKind>,
+    /// Checkpoints not reached yet, by ascending sequence, each with what is wrong with the
+    /// checkpoint itself (checked once, reported at its record).
+    pending: VecDeque<(AuditCheckpoint, Option<ViolationKind>)>,
+    /// The latest checkpoint that matched the chain, and how many did.
+    latest: Option<AuditCheckpoint>,
+    matched: u64,
+    /// Whether a chain with records must have a checkpoint (not when resuming from one).
+    require_checkpoint: bool,
 }
 
 // === impl Violation ===
@@ -135,40 +163,98 @@ impl fmt::Display for Violation {
 // === impl ChainVerifier ===
 
 impl ChainVerifier {
-    /// Verifies a chain from record 1, against `checkpoint` (the latest one, if any), which
-    /// must be signed by `trusted_key` (an uncompressed SEC 1 P-256 public key).
-    pub(crate) fn new(checkpoint: Option<AuditCheckpoint>, trusted_key: &[u8]) -> Self {
-        let checkpoint_problem = checkpoint.as_ref().and_then(|cp| {
-            if cp.public_key != trusted_key {
-                Some(ViolationKind::CheckpointUntrustedKey {
-                    fingerprint: cp.key_fingerprint(),
-                })
-            } else if !cp.signature_is_valid() {
-                Some(ViolationKind::CheckpointSignatureInvalid)
-            } else {
-                None
-            }
-        });
-        Self {
+    /// Verifies chain `chain_id` from record 1 against `checkpoints` (in any order; every one
+    /// must be of this chain, signed by `trusted_key`, an uncompressed SEC 1 P-256 public key,
+    /// and match the chain).
+    pub(crate) fn new(
+        chain_id: &str,
+        mut checkpoints: Vec<AuditCheckpoint>,
+        trusted_key: &[u8],
+    ) -> Self {
+        checkpoints.sort_by_key(|cp| cp.sequence);
+        let mut verifier = Self {
+            chain_id: chain_id.to_owned(),
+            trusted_key: trusted_key.to_vec(),
             next: 1,
             prev_hash: GENESIS_HASH,
             prev_time: None,
             checked: 0,
-            checkpoint,
-            checkpoint_problem,
+            pending: VecDeque::with_capacity(checkpoints.len()),
+            latest: None,
+            matched: 0,
+            require_checkpoint: true,
+        };
+        for cp in checkpoints {
+            verifier.add_checkpoint(cp);
         }
+        verifier
     }
 
-    /// Verifies the records after `head` (a point already known good), without a checkpoint.
+    /// Adds a checkpoint to check, before the walk reaches the record it covers (one for a
+    /// record already pushed is reported as a mismatch).
+    pub(crate) fn add_checkpoint(&mut self, cp: AuditCheckpoint) {
+        let problem = if cp.chain_id != self.chain_id {
+            Some(ViolationKind::CheckpointWrongChain {
+                found: cp.chain_id.clone(),
+            })
+        } else if cp.public_key != self.trusted_key {
+            Some(ViolationKind::CheckpointUntrustedKey {
+                fingerprint: cp.key_fingerprint(),
+            })
+        } else if !cp.signature_is_valid() {
+            Some(ViolationKind::CheckpointSignatureInvalid)
+        } else {
+            None
+        };
+        let at = self
+            .pending
+            .partition_point(|(pending, _)| pending.sequence <= cp.sequence);
+        self.pending.insert(at, (cp, problem));
+    }
+
+    /// Verifies the records of chain `head.chain_id` after `head` (a point already known
+    /// good), without checkpoints.
     pub(crate) fn resume(head: AuditHead) -> Self {
         Self {
+            chain_id: head.chain_id,
+            trusted_key: Vec::new(),
             next: head.sequence.saturating_add(1),
             prev_hash: head.hash,
             prev_time: Some(head.time),
             checked: 0,
-            checkpoint: None,
-            checkpoint_problem: None,
+            pending: VecDeque::new(),
+            latest: None,
+            matched: 0,
+            require_checkpoint: false,
         }
+    }
+
+    /// Checks the checkpoints that cover the last record pushed (the genesis ones before the
+    /// first record).
+    fn settle(&mut self) -> Result<(), Violation> {
+        let last = self.next - 1;
+        while self
+            .pending
+            .front()
+            .is_some_and(|(cp, _)| cp.sequence <= last)
+        {
+            let Some((cp, problem)) = self.pending.pop_front() else {
+                break;
+            };
+            let at = |kind| Violation {
+                sequence: cp.sequence,
+                kind,
+            };
+            if let Some(problem) = problem {
+                return Err(at(problem));
+            }
+            if cp.sequence != last || cp.hash != self.prev_hash {
+                return Err(at(ViolationKind::CheckpointMismatch));
+            }
+            self.matched += 1;
+            self.latest = Some(cp);
+        }
+        Ok(())
     }
 
     /// Checks the next record.
@@ -177,6 +263,7 @@ impl ChainVerifier {
     ///
     /// The [`Violation`] this record is (or reveals); stop at the first.
     pub(crate) fn push(&mut self, record: &AuditRecord) -> Result<(), Violation> {
+        self.settle()?;
         let at = |kind| Violation {
             sequence: record.sequence,
             kind,
@@ -196,6 +283,11 @@ impl ChainVerifier {
                 kind,
             });
         }
+        if record.chain_id != self.chain_id {
+            return Err(at(ViolationKind::WrongChain {
+                found: record.chain_id.clone(),
+            }));
+        }
         let hash = record
             .compute_hash()
             .map_err(|e| at(ViolationKind::Unencodable(e)))?;
@@ -208,51 +300,31 @@ impl ChainVerifier {
         if self.prev_time.is_some_and(|prev| record.time < prev) {
             return Err(at(ViolationKind::TimeWentBack));
         }
-        if let Some(cp) = &self.checkpoint
-            && cp.sequence == record.sequence
-        {
-            if let Some(problem) = self.checkpoint_problem.clone() {
-                return Err(at(problem));
-            }
-            if cp.hash != hash {
-                return Err(at(ViolationKind::CheckpointMismatch));
-            }
-        }
         self.next += 1;
         self.prev_hash = hash;
         self.prev_time = Some(record.time);
         self.checked += 1;
-        Ok(())
+        self.settle()
     }
 
-    /// Ends the walk: checks that the checkpoint was reached (the log was not truncated) and
-    /// is sound.
+    /// Ends the walk: checks that every checkpoint was reached (the log was not truncated)
+    /// and, from record 1, that a chain with records has one.
     ///
     /// # Errors
     ///
-    /// A checkpoint beyond the last record, or a bad checkpoint.
-    pub(crate) fn finish(self) -> Result<VerifySummary, Violation> {
+    /// A checkpoint beyond the last record, a bad checkpoint, or no checkpoint at all.
+    pub(crate) fn finish(mut self) -> Result<VerifySummary, Violation> {
+        self.settle()?;
         let last = self.next - 1;
-        let head = (last > 0).then(|| AuditHead {
-            sequence: last,
-            hash: self.prev_hash,
-            time: self.prev_time.unwrap_or(SystemTime::UNIX_EPOCH),
-        });
-        let Some(cp) = self.checkpoint else {
-            return Ok(VerifySummary {
-                records: self.checked,
-                head,
-                checkpoint: None,
-                unsigned_records: self.checked,
-            });
-        };
-        if let Some(problem) = self.checkpoint_problem {
-            return Err(Violation {
-                sequence: cp.sequence,
-                kind: problem,
-            });
+        if let Some((cp, problem)) = self.pending.iter().find(|(_, p)| p.is_some()) {
+            if let Some(problem) = problem.clone() {
+                return Err(Violation {
+                    sequence: cp.sequence,
+                    kind: problem,
+                });
+            }
         }
-        if cp.sequence > last {
+        if let Some((cp, _)) = self.pending.back() {
             return Err(Violation {
                 sequence: last + 1,
                 kind: ViolationKind::Truncated {
@@ -261,40 +333,75 @@ impl ChainVerifier {
                 },
             });
         }
+        if self.require_checkpoint && last > 0 && self.latest.is_none() {
+            return Err(Violation {
+                sequence: 1,
+                kind: ViolationKind::NoCheckpoint,
+            });
+        }
+        let head = (last > 0).then(|| AuditHead {
+            chain_id: self.chain_id.clone(),
+            sequence: last,
+            hash: self.prev_hash,
+            time: self.prev_time.unwrap_or(SystemTime::UNIX_EPOCH),
+        });
+        let signed_up_to = self.latest.as_ref().map_or(0, |cp| cp.sequence);
         Ok(VerifySummary {
             records: self.checked,
             head,
-            unsigned_records: last - cp.sequence,
-            checkpoint: Some(CheckpointSummary {
+            checkpoints: self.matched,
+            unsigned_records: last.saturating_sub(signed_up_to),
+            checkpoint: self.latest.map(|cp| CheckpointSummary {
                 sequence: cp.sequence,
                 hash: cp.hash,
                 time: cp.time,
-                key_id: cp.key_id.clone(),
                 key_fingerprint: key_fingerprint(&cp.public_key),
+                key_id: cp.key_id,
             }),
         })
     }
 }
 
 #[cfg(test)]
-/// Verifies a whole chain, from record 1, against the latest checkpoint (if any), which must
-/// be signed by `trusted_key`.
+/// Verifies a whole chain of [`DEFAULT_CHAIN_ID`](super::DEFAULT_CHAIN_ID), from record 1,
+/// against `checkpoints`, which must be signed by `trusted_key`.
 ///
 /// # Errors
 ///
 /// The first bad record (see [`ChainVerifier`]).
 pub(crate) fn verify<I>(
     records: I,
-    checkpoint: Option<&AuditCheckpoint>,
+    checkpoints: &[AuditCheckpoint],
     trusted_key: &[u8],
 ) -> Result<VerifySummary, Violation>
 where
     I: IntoIterator,
     I::Item: std::borrow::Borrow<AuditRecord>,
 {
-    let mut verifier = ChainVerifier::new(checkpoint.cloned(), trusted_key);
+    let mut verifier =
+        ChainVerifier::new(super::DEFAULT_CHAIN_ID, checkpoints.to_vec(), trusted_key);
     for record in records {
         verifier.push(std::borrow::Borrow::borrow(&record))?;
+    }
+    verifier.finish()
+}
+
+#[cfg(test)]
+/// Verifies the links and hashes of a chain of [`DEFAULT_CHAIN_ID`](super::DEFAULT_CHAIN_ID)
+/// from record 1, without checkpoints (what a store's own tests check).
+///
+/// # Errors
+///
+/// The first bad record.
+pub(crate) fn verify_links(records: &[AuditRecord]) -> Result<VerifySummary, Violation> {
+    let mut verifier = ChainVerifier::resume(AuditHead {
+        chain_id: super::DEFAULT_CHAIN_ID.to_owned(),
+        sequence: 0,
+        hash: GENESIS_HASH,
+        time: SystemTime::UNIX_EPOCH,
+    });
+    for record in records {
+        verifier.push(record)?;
     }
     verifier.finish()
 }

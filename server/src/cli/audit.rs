@@ -1,12 +1,21 @@
-//! `sigil-server audit show | verify`.
+//! `sigil-server audit show | verify | checkpoint | acknowledge`.
+//!
+//! A checkpoint leaves the server as one JSON document ([`CheckpointJson`], what `audit
+//! checkpoint --output json` prints) and comes back in exactly that form (`audit verify
+//! --checkpoint FILE`, `audit acknowledge --checkpoint FILE`).
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use sigil_core::hex::{decode as hex_decode, encode as hex, sha256};
 use sigil_proto::admin::{
-    ListAuditRequest, ListAuditResponse, ListSessionAuditRequest, VerifyAuditRequest,
+    AcknowledgeAuditDivergenceRequest, AuditDivergence, ListAuditRequest, ListAuditResponse,
+    ListSessionAuditRequest, SignAuditCheckpointRequest, VerifyAuditRequest,
 };
+use sigil_proto::node::AuditCheckpoint;
 
 use super::client::Admin;
 use super::output::{Printer, block, table};
@@ -19,9 +28,17 @@ pub enum AuditCommand {
     /// Show audit records, oldest first, filtered by time, SPIFFE ID, action, actor or
     /// privileged session.
     Show(AuditShowArgs),
-    /// Recompute the hash chain, check the latest signed checkpoint, and name the first bad
-    /// record (exit 1) if any.
+    /// Recompute the hash chain, check every signed checkpoint (and one kept elsewhere, with
+    /// --checkpoint), and name the first bad record; exit 1 if the log is broken or has
+    /// diverged from a checkpoint the server signed.
     Verify(AuditVerifyArgs),
+    /// Sign a checkpoint of the chain head if it moved, and print the latest checkpoint: keep
+    /// it outside the server (`--output json` is what `audit verify --checkpoint` reads).
+    Checkpoint(AuditCheckpointArgs),
+    /// Accept that the audit log lost or rewrote records after a checkpoint the server signed
+    /// (a restore from an older backup, say): records an `audit.divergence` entry naming the
+    /// lost range and your reason, and lets the server sign checkpoints again.
+    Acknowledge(AuditAcknowledgeArgs),
 }
 
 /// Flags of `audit show`.
@@ -50,8 +67,68 @@ pub struct AuditShowArgs {
 /// Flags of `audit verify`.
 #[derive(Debug, Args)]
 pub struct AuditVerifyArgs {
+    /// A checkpoint kept outside the server (the JSON `audit checkpoint --output json`
+    /// printed): the log must hold its record with its hash, and extend it. This is what
+    /// catches a restore of an older copy of the data directory.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
     #[command(flatten)]
     connect: ConnectArgs,
+}
+
+/// Flags of `audit checkpoint`.
+#[derive(Debug, Args)]
+pub struct AuditCheckpointArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+/// Flags of `audit acknowledge`.
+#[derive(Debug, Args)]
+pub struct AuditAcknowledgeArgs {
+    /// The checkpoint the divergence is about, as JSON: the `divergence.checkpoint` of
+    /// `audit verify --output json`. Omit it only when the divergence names no checkpoint.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
+    /// Why the loss is acceptable; recorded in the audit log.
+    #[arg(long, value_name = "TEXT")]
+    reason: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+/// A signed checkpoint as JSON: what `audit checkpoint --output json` prints and `--checkpoint
+/// FILE` reads.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CheckpointJson {
+    /// `CHAIN:SEQUENCE`.
+    #[serde(default)]
+    id: String,
+    chain_id: String,
+    sequence: u64,
+    /// SHA-256 of the record, lowercase hex.
+    hash: String,
+    /// When it was signed, RFC 3339 (whole seconds, as signed).
+    time: String,
+    key_id: String,
+    /// SHA-256 of the public key, lowercase hex (checked against it when read).
+    key_fingerprint: String,
+    /// Uncompressed SEC 1 P-256 point, lowercase hex.
+    public_key: String,
+    /// ECDSA P-256 SHA-256, ASN.1 DER, lowercase hex.
+    signature: String,
+    /// Whether `audit checkpoint` signed it just now (printed, ignored when read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signed: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct DivergenceJson {
+    checkpoint: Option<CheckpointJson>,
+    source: String,
+    problem: String,
+    detected_at: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,6 +148,157 @@ pub(super) async fn execute(command: AuditCommand) -> anyhow::Result<ExitCode> {
     match command {
         AuditCommand::Show(args) => show(args).await,
         AuditCommand::Verify(args) => verify(args).await,
+        AuditCommand::Checkpoint(args) => checkpoint(args).await,
+        AuditCommand::Acknowledge(args) => acknowledge(args).await,
+    }
+}
+
+// === impl CheckpointJson ===
+
+impl CheckpointJson {
+    fn from_message(cp: &AuditCheckpoint, signed: Option<bool>) -> Self {
+        Self {
+            id: format!("{}:{}", cp.chain_id, cp.sequence),
+            chain_id: cp.chain_id.clone(),
+            sequence: cp.sequence,
+            hash: hex(&cp.hash),
+            time: format_rfc3339(cp.time),
+            key_id: cp.key_id.clone(),
+            key_fingerprint: sha256(&cp.public_key),
+            public_key: hex(&cp.public_key),
+            signature: hex(&cp.signature),
+            signed,
+        }
+    }
+
+    fn into_message(self) -> anyhow::Result<AuditCheckpoint> {
+        let bytes = |field: &str, value: &str| {
+            hex_decode(value).with_context(|| format!("{field} is not lowercase hex"))
+        };
+        let public_key = bytes("public_key", &self.public_key)?;
+        if sha256(&public_key) != self.key_fingerprint {
+            bail!("key_fingerprint is not the SHA-256 of public_key: the file was altered");
+        }
+        Ok(AuditCheckpoint {
+            chain_id: self.chain_id,
+            sequence: self.sequence,
+            hash: bytes("hash", &self.hash)?,
+            time: time::parse_rfc3339(&self.time).map_err(|e| anyhow::anyhow!("time: {e}"))?,
+            key_id: self.key_id,
+            public_key,
+            signature: bytes("signature", &self.signature)?,
+        })
+    }
+
+    /// Reads the file `audit checkpoint --output json` wrote.
+    fn read(path: &Path) -> anyhow::Result<AuditCheckpoint> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json: Self = serde_json::from_str(text.trim()).with_context(|| {
+            format!(
+                "{} is not an audit checkpoint as `sigil-server audit checkpoint --output json` \
+                 prints it",
+                path.display()
+            )
+        })?;
+        json.into_message()
+            .with_context(|| format!("{} holds a malformed audit checkpoint", path.display()))
+    }
+}
+
+fn checkpoint_rows(cp: &AuditCheckpoint) -> Vec<(&'static str, String)> {
+    vec![
+        ("Chain", cp.chain_id.clone()),
+        ("Sequence", cp.sequence.to_string()),
+        ("Hash", hex(&cp.hash)),
+        ("Signed at", format_rfc3339(cp.time)),
+        ("Key id", cp.key_id.clone()),
+        ("Key fingerprint", sha256(&cp.public_key)),
+        ("Signature", hex(&cp.signature)),
+    ]
+}
+
+async fn checkpoint(args: AuditCheckpointArgs) -> anyhow::Result<ExitCode> {
+    let printer = Printer::new(args.connect.output);
+    let admin = Admin::connect(&args.connect.admin_socket).await?;
+    let response = admin
+        .call(|mut c| async move { c.sign_audit_checkpoint(SignAuditCheckpointRequest {}).await })
+        .await?;
+    let Some(cp) = response.checkpoint else {
+        bail!("the server answered without a checkpoint");
+    };
+    if printer.is_json() {
+        printer.json(&CheckpointJson::from_message(&cp, Some(response.signed)))?;
+    } else {
+        let mut rows = checkpoint_rows(&cp);
+        rows.push((
+            "Signed now",
+            if response.signed {
+                "yes"
+            } else {
+                "no (the head had not moved)"
+            }
+            .to_owned(),
+        ));
+        printer.text(&block(&rows))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn acknowledge(args: AuditAcknowledgeArgs) -> anyhow::Result<ExitCode> {
+    let printer = Printer::new(args.connect.output);
+    let checkpoint = args
+        .checkpoint
+        .as_deref()
+        .map(CheckpointJson::read)
+        .transpose()?;
+    let admin = Admin::connect(&args.connect.admin_socket).await?;
+    let request = AcknowledgeAuditDivergenceRequest {
+        checkpoint,
+        reason: args.reason,
+    };
+    let response = admin
+        .call(|mut c| async move { c.acknowledge_audit_divergence(request).await })
+        .await?;
+    let (Some(record), Some(cp)) = (response.record, response.checkpoint) else {
+        bail!("the server answered without the record or the checkpoint");
+    };
+    let details: serde_json::Value =
+        serde_json::from_str(&record.details_json).unwrap_or(serde_json::Value::Null);
+    if printer.is_json() {
+        printer.json(&serde_json::json!({
+            "id": record.sequence.to_string(),
+            "sequence": record.sequence,
+            "action": record.action,
+            "details": details,
+            "checkpoint": CheckpointJson::from_message(&cp, None),
+        }))?;
+    } else {
+        let range = format!("{}..={}", details["lost_from"], details["lost_to"]);
+        printer.text(&block(&[
+            (
+                "Recorded",
+                format!("record {} ({})", record.sequence, record.action),
+            ),
+            ("Lost records", range),
+            (
+                "Signing",
+                format!("resumed: checkpoint of record {} signed", cp.sequence),
+            ),
+        ]))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn divergence_json(d: &AuditDivergence) -> DivergenceJson {
+    DivergenceJson {
+        checkpoint: d
+            .checkpoint
+            .as_ref()
+            .map(|cp| CheckpointJson::from_message(cp, None)),
+        source: d.source.clone(),
+        problem: d.problem.clone(),
+        detected_at: format_rfc3339(d.detected_at),
     }
 }
 
@@ -150,16 +378,27 @@ async fn show(args: AuditShowArgs) -> anyhow::Result<ExitCode> {
 
 async fn verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
     let printer = Printer::new(args.connect.output);
+    let extra = args
+        .checkpoint
+        .as_deref()
+        .map(CheckpointJson::read)
+        .transpose()?;
     let admin = Admin::connect(&args.connect.admin_socket).await?;
+    let request = VerifyAuditRequest { checkpoint: extra };
     let result = admin
-        .call(|mut c| async move { c.verify_audit(VerifyAuditRequest {}).await })
+        .call(|mut c| async move { c.verify_audit(request).await })
         .await?;
     let checkpoint = result.checkpoint.as_ref();
+    let divergence = result.divergence.as_ref();
     if printer.is_json() {
         printer.json(&serde_json::json!({
-            "id": "audit",
-            "ok": result.ok,
+            "id": result.chain_id,
+            "chain_id": result.chain_id,
+            "ok": result.ok && divergence.is_none(),
+            "chain_ok": result.ok,
             "checked": result.checked,
+            "checkpoints_checked": result.checkpoints_checked,
+            "divergence": divergence.map(divergence_json),
             "head_sequence": result.head_sequence,
             "head_hash": result.head_hash,
             "checkpoint_sequence": checkpoint.map(|c| c.sequence),
@@ -179,7 +418,12 @@ async fn verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
                     "BROKEN".to_owned()
                 },
             ),
+            ("Chain", result.chain_id.clone()),
             ("Records checked", result.checked.to_string()),
+            (
+                "Checkpoints checked",
+                result.checkpoints_checked.to_string(),
+            ),
             (
                 "Head",
                 format!("{} {}", result.head_sequence, result.head_hash),
@@ -198,15 +442,32 @@ async fn verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
             rows.push(("First bad record", result.bad_sequence.to_string()));
             rows.push(("Problem", result.problem.clone()));
         }
+        if let Some(d) = divergence {
+            rows.push(("Diverged", format!("{}: {}", d.source, d.problem)));
+            if let Some(cp) = &d.checkpoint {
+                rows.push((
+                    "Divergent checkpoint",
+                    serde_json::to_string(&CheckpointJson::from_message(cp, None))?,
+                ));
+            }
+        }
         printer.text(&block(&rows))?;
     }
-    if result.ok {
-        Ok(ExitCode::SUCCESS)
-    } else {
+    if !result.ok {
         report_failure(&format!(
             "the audit log is broken at record {}: {}",
             result.bad_sequence, result.problem
         ));
-        Ok(ExitCode::FAILURE)
+        return Ok(ExitCode::FAILURE);
     }
+    if let Some(d) = divergence {
+        report_failure(&format!(
+            "the audit log diverged from a checkpoint the server signed ({}: {}); the server \
+             signs no checkpoint until `sigil-server audit acknowledge --checkpoint FILE \
+             --reason TEXT` (FILE: the divergent checkpoint above, as JSON)",
+            d.source, d.problem
+        ));
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }

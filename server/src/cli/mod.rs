@@ -31,7 +31,9 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use self::agent::{AgentCommand, AgentIdArgs, AgentListArgs};
-pub use self::audit::{AuditCommand, AuditShowArgs, AuditVerifyArgs};
+pub use self::audit::{
+    AuditAcknowledgeArgs, AuditCheckpointArgs, AuditCommand, AuditShowArgs, AuditVerifyArgs,
+};
 pub use self::bundle::{
     BundleCommand, BundleDeleteArgs, BundleFormat, BundleListArgs, BundleSetArgs, BundleShowArgs,
 };
@@ -129,7 +131,8 @@ pub enum AdminCommand {
     /// Privileged sessions: just-in-time, ticket-bound, approved, revocable identities.
     #[command(subcommand)]
     Session(SessionCommand),
-    /// The tamper-evident audit log: show records, verify the chain and its signed checkpoint.
+    /// The tamper-evident audit log: show records, verify the chain and its signed checkpoints,
+    /// take a checkpoint to keep elsewhere, acknowledge a divergence.
     #[command(subcommand)]
     Audit(AuditCommand),
 }

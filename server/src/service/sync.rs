@@ -6,6 +6,11 @@
 //! the bundle (with the CRLs) whenever either changes. It ends when the agent goes away, its
 //! SVID expires, or the server shuts down. The messages are domain values
 //! ([`SyncMessage`]); the node API turns them into protobuf.
+//!
+//! Agents are witnesses of the audit log: before anything else, the checkpoints the agent
+//! presents are checked against the log ([`AuditLog::witness`]); then the stream sends the
+//! latest signed checkpoint, and each new one as it is signed, unless the log has diverged
+//! (an agent must keep the evidence it holds until an operator acknowledged it).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -15,7 +20,9 @@ use sigil_core::SpiffeId;
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
+use crate::audit::AuditCheckpoint;
 use crate::service::agents::Agent;
+use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, BundleState};
 use crate::service::crl::{CrlPublisher, CrlSet};
 use crate::service::entry_cache::{EntryCache, EntryCacheError, Recent};
@@ -64,6 +71,8 @@ pub(crate) enum SyncMessage {
     },
     /// Changes since the last message.
     Changes(Vec<SyncChange>),
+    /// A signed checkpoint of the audit log, for the agent to keep as a witness.
+    Checkpoint(Arc<AuditCheckpoint>),
 }
 
 /// One change of a [`SyncMessage::Changes`].
@@ -111,6 +120,7 @@ pub(crate) struct EntrySync {
     entries: Arc<EntryCache>,
     authority: Arc<Authority>,
     crls: Arc<CrlPublisher>,
+    audit: Arc<AuditLog>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -131,12 +141,14 @@ impl EntrySync {
         entries: Arc<EntryCache>,
         authority: Arc<Authority>,
         crls: Arc<CrlPublisher>,
+        audit: Arc<AuditLog>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
             entries,
             authority,
             crls,
+            audit,
             shutdown,
         }
     }
@@ -150,7 +162,8 @@ impl EntrySync {
     }
 
     /// Runs one stream for `agent`, resuming after `since` when it can, until the agent goes
-    /// away (`Ok`), its SVID expires or the server shuts down.
+    /// away (`Ok`), its SVID expires or the server shuts down. `witnessed` are the audit
+    /// checkpoints the agent presents.
     ///
     /// # Errors
     ///
@@ -159,8 +172,21 @@ impl EntrySync {
         &self,
         agent: Agent,
         since: u64,
+        witnessed: Vec<AuditCheckpoint>,
         tx: &SyncSender,
     ) -> Result<(), SyncError> {
+        if !witnessed.is_empty() {
+            // A store failure here must not keep the agent from its entries.
+            if let Err(error) = self
+                .audit
+                .witness(agent.id.as_str(), witnessed, SystemTime::now())
+                .await
+            {
+                tracing::warn!(%error, agent = %agent.id, "cannot check the audit checkpoints the agent presented");
+            }
+        }
+        let mut checkpoints = self.audit.subscribe();
+        let mut sent_checkpoint: Option<Arc<AuditCheckpoint>> = None;
         let cache = &self.entries;
         let mut revisions = cache.subscribe();
         let mut bundle_updates = self.authority.subscribe();
@@ -206,6 +232,15 @@ impl EntrySync {
                 }
                 revision = seen;
             }
+            let checkpoint = checkpoints.borrow_and_update().clone();
+            if checkpoint != sent_checkpoint && self.audit.divergence().is_none() {
+                if let Some(cp) = checkpoint.clone()
+                    && !send(tx, SyncMessage::Checkpoint(cp)).await
+                {
+                    return Ok(());
+                }
+                sent_checkpoint = checkpoint;
+            }
             let current_bundle = bundle_updates.borrow_and_update().sequence;
             let current_crls = crl_updates.borrow_and_update().generation;
             if current_bundle != bundle_sequence || current_crls != crl_generation {
@@ -223,6 +258,7 @@ impl EntrySync {
                 changed = revisions.changed() => if changed.is_err() { return Ok(()) },
                 changed = bundle_updates.changed() => if changed.is_err() { return Ok(()) },
                 changed = crl_updates.changed(), if crls_open => if changed.is_err() { crls_open = false },
+                changed = checkpoints.changed() => if changed.is_err() { return Ok(()) },
                 () = &mut expiry => return Err(SyncError::Expired),
                 _ = shutdown.wait_for(|stop| *stop) => return Err(SyncError::ShuttingDown),
                 () = tx.closed() => return Ok(()),
@@ -387,7 +423,17 @@ mod tests {
     use super::*;
     use crate::service::testing::{Fixture, entry};
 
+    /// The next message other than an audit checkpoint.
     async fn next(rx: &mut mpsc::Receiver<Result<SyncMessage, SyncError>>) -> SyncMessage {
+        loop {
+            match next_any(rx).await {
+                SyncMessage::Checkpoint(_) => {}
+                other => return other,
+            }
+        }
+    }
+
+    async fn next_any(rx: &mut mpsc::Receiver<Result<SyncMessage, SyncError>>) -> SyncMessage {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .expect("a sync message within 10 s")
@@ -412,7 +458,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let sync = fx.sync.clone();
         let stream_agent = agent.clone();
-        let task = tokio::spawn(async move { sync.run(stream_agent, 0, &tx).await });
+        let task = tokio::spawn(async move { sync.run(stream_agent, 0, vec![], &tx).await });
         let SyncMessage::Snapshot {
             entries,
             revision,
@@ -453,7 +499,7 @@ mod tests {
         // Resuming from the snapshot's revision resends the new entry, not the unchanged.
         let (tx, mut rx) = mpsc::channel(4);
         let sync = fx.sync.clone();
-        let task = tokio::spawn(async move { sync.run(agent, revision, &tx).await });
+        let task = tokio::spawn(async move { sync.run(agent, revision, vec![], &tx).await });
         let SyncMessage::Resume {
             entries,
             unchanged,
@@ -480,7 +526,7 @@ mod tests {
         agent.not_after = SystemTime::now() + Duration::from_millis(200);
         let (tx, mut rx) = mpsc::channel(4);
         let sync = fx.sync.clone();
-        let task = tokio::spawn(async move { sync.run(agent, 0, &tx).await });
+        let task = tokio::spawn(async move { sync.run(agent, 0, vec![], &tx).await });
         assert!(matches!(next(&mut rx).await, SyncMessage::Snapshot { .. }));
         let ended = task.await.unwrap().unwrap_err();
         assert!(matches!(ended, SyncError::Expired));

@@ -89,7 +89,19 @@ impl Fixture {
             max_svid,
         };
         let authority = Arc::new(Authority::new(ca.clone(), ttls, None));
-        let audit = Arc::new(AuditLog::open(store.clone(), keys).await.unwrap());
+        let audit = Arc::new(
+            AuditLog::open(
+                store.clone(),
+                keys,
+                crate::audit::DEFAULT_CHAIN_ID,
+                dir.path()
+                    .join("keys")
+                    .join(crate::service::audit::STATE_FILE),
+            )
+            .await
+            .unwrap(),
+        );
+        audit.prepare(SystemTime::now()).await.unwrap();
         let crls = Arc::new(CrlPublisher::new(ca, store.clone()));
         crls.publish(now).await.unwrap();
         let cache = EntryCache::load(store.clone()).await.unwrap();
@@ -113,8 +125,13 @@ impl Fixture {
                 crls.clone(),
             ),
             svids: Svids::new(audit.clone(), authority.clone(), cache.clone()),
-            bundles: Bundles::new(store.clone(), audit, authority.clone(), crls.clone()),
-            sync: EntrySync::new(cache, authority.clone(), crls.clone(), stop_rx),
+            bundles: Bundles::new(
+                store.clone(),
+                audit.clone(),
+                authority.clone(),
+                crls.clone(),
+            ),
+            sync: EntrySync::new(cache, authority.clone(), crls.clone(), audit, stop_rx),
             sessions,
             store,
             authority,

@@ -228,7 +228,8 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
 
     // --- audit log (see the `audit` module) ---
 
-    /// Appends `records`, in order, to the audit chain: each gets the next sequence, the
+    /// Appends `records`, in order, to the store's audit chain (named when the store was
+    /// opened; the chain of its head and records must be that one): each gets the next sequence, the
     /// store's current time (never earlier than the previous record's), the previous record's
     /// hash and its own hash, assigned atomically with the chain head so that concurrent
     /// appenders never fork the chain. Returns the sealed records once they are **durable**:
@@ -257,6 +258,18 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
 
     /// The checkpoint with the highest sequence, if any.
     async fn latest_audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError>;
+
+    /// Removes the checkpoint of `sequence`, if any: only when an operator acknowledged that
+    /// the log no longer extends it (the `audit.divergence` record names it).
+    async fn remove_audit_checkpoint(&self, sequence: u64) -> Result<(), StoreError>;
+
+    /// Up to `limit` checkpoints with sequences from `from_sequence` on, in ascending
+    /// sequence order.
+    async fn list_audit_checkpoints(
+        &self,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditCheckpoint>, StoreError>;
 
     // --- privileged sessions (see the `session` module) ---
 

@@ -44,6 +44,15 @@ impl Inner {
                     Some(bytes) => Some(decode("audit head", &bytes).map_err(abort)?),
                     None => None,
                 };
+                if let Some(head) = head.as_ref().filter(|h| h.chain_id != self.audit_chain_id) {
+                    return Err(abort(StoreError::Corrupt {
+                        what: "audit head",
+                        reason: format!(
+                            "the store holds audit chain {:?}, not {:?}",
+                            head.chain_id, self.audit_chain_id
+                        ),
+                    }));
+                }
                 let (mut sequence, mut prev_hash, prev_time) = head
                     .map_or((0, GENESIS_HASH, SystemTime::UNIX_EPOCH), |h| {
                         (h.sequence, h.hash, h.time)
@@ -58,12 +67,15 @@ impl Inner {
                             reason: "sequence exhausted".to_owned(),
                         })
                     })?;
-                    let record = new.clone().seal(sequence, time, prev_hash).map_err(|e| {
-                        abort(StoreError::Encode {
-                            what: "audit record",
-                            reason: e.to_string(),
-                        })
-                    })?;
+                    let record = new
+                        .clone()
+                        .seal(&self.audit_chain_id, sequence, time, prev_hash)
+                        .map_err(|e| {
+                            abort(StoreError::Encode {
+                                what: "audit record",
+                                reason: e.to_string(),
+                            })
+                        })?;
                     let value = encode("audit record", &record).map_err(abort)?;
                     audit.insert(&sequence.to_be_bytes()[..], value)?;
                     prev_hash = record.hash;
@@ -155,6 +167,29 @@ impl Inner {
             .last()?
             .map(|(_, bytes)| decode("audit checkpoint", &bytes))
             .transpose()
+    }
+
+    pub(super) fn remove_audit_checkpoint(&self, sequence: u64) -> Result<(), StoreError> {
+        self.trees
+            .audit_checkpoints
+            .remove(sequence.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub(super) fn list_audit_checkpoints(
+        &self,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditCheckpoint>, StoreError> {
+        self.trees
+            .audit_checkpoints
+            .range(from_sequence.to_be_bytes()..)
+            .take(limit)
+            .map(|item| {
+                let (_, bytes) = item?;
+                decode("audit checkpoint", &bytes)
+            })
+            .collect()
     }
 }
 

@@ -117,6 +117,9 @@ pub(crate) struct SledStoreOptions {
     pub change_retention: u64,
     /// sled's page cache size in bytes. Default: sled's default (1 GiB).
     pub cache_capacity_bytes: Option<u64>,
+    /// The audit chain this store's records are sealed into. Default
+    /// [`DEFAULT_CHAIN_ID`](crate::audit::DEFAULT_CHAIN_ID).
+    pub audit_chain_id: String,
 }
 
 /// The sled backend of [`Store`] (see the module docs for layout, group commit and snapshots).
@@ -131,6 +134,7 @@ pub(crate) struct SledStore {
 /// The shared state behind [`SledStore`]'s clones.
 struct Inner {
     path: PathBuf,
+    audit_chain_id: String,
     trees: Trees,
     retention: u64,
     group: Arc<GroupCommit>,
@@ -170,6 +174,7 @@ impl Default for SledStoreOptions {
         Self {
             change_retention: DEFAULT_CHANGE_RETENTION,
             cache_capacity_bytes: None,
+            audit_chain_id: crate::audit::DEFAULT_CHAIN_ID.to_owned(),
         }
     }
 }
@@ -211,6 +216,7 @@ impl SledStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
+                audit_chain_id: options.audit_chain_id,
                 trees,
                 retention,
                 group,
@@ -534,6 +540,20 @@ impl Store for SledStore {
 
     async fn latest_audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
         self.blocking(|inner| inner.latest_audit_checkpoint()).await
+    }
+
+    async fn remove_audit_checkpoint(&self, sequence: u64) -> Result<(), StoreError> {
+        self.blocking(move |inner| inner.remove_audit_checkpoint(sequence))
+            .await
+    }
+
+    async fn list_audit_checkpoints(
+        &self,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditCheckpoint>, StoreError> {
+        self.blocking(move |inner| inner.list_audit_checkpoints(from_sequence, limit))
+            .await
     }
 
     async fn create_session(
