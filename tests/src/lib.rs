@@ -511,6 +511,11 @@ impl TestAgentProcess {
     }
 
     /// The agent's SPIFFE ID, from its stored state.
+    /// The agent's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     pub fn agent_id(&self) -> String {
         let state: serde_json::Value = serde_json::from_slice(
             &std::fs::read(self.dir.path().join("data/agent.json")).unwrap(),

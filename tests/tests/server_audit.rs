@@ -234,10 +234,18 @@ async fn admin_calls_and_issuances_are_audited_verified_and_tampering_is_named()
     .await;
     assert!(future.is_empty());
 
-    // An intact log verifies; nothing is signed yet (the periodic checkpoint is a minute away).
+    // An intact log verifies; only the genesis checkpoint, signed before the server served, is
+    // there yet (the periodic checkpoint is a minute away).
     let verified = verify_audit(&server).await;
     assert!(verified.ok, "{verified:?}");
     assert_eq!(verified.checked, 8);
+    assert_eq!(verified.checkpoint.as_ref().map(|c| c.sequence), Some(0));
+    assert_eq!(
+        (verified.checkpoints_checked, verified.unsigned_records),
+        (1, 8)
+    );
+    assert_eq!(verified.chain_id, "default");
+    assert!(records.iter().all(|r| r.chain_id == "default"));
     assert_eq!(verified.head_sequence, 8);
     assert_eq!(verified.head_hash, records[7].hash);
     assert_eq!(verified.key_fingerprint.len(), 64);
@@ -331,9 +339,11 @@ async fn the_cli_shows_and_verifies_the_audit_log() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .contains("Result           : OK")
+        text.lines()
+            .any(|l| l.starts_with("Result ") && l.ends_with(": OK")),
+        "{text}"
     );
+    assert!(text.contains("Checkpoints checked"), "{text}");
 }

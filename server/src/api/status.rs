@@ -154,6 +154,24 @@ pub(crate) fn sync_status(error: SyncError) -> Status {
     }
 }
 
+/// An audit log error: a chain that cannot be vouched for is a precondition the operator must
+/// fix; a bad acknowledgement is the caller's mistake.
+pub(crate) fn audit_status(error: AuditError) -> Status {
+    match error {
+        AuditError::Store(error) => store_status(error),
+        e @ (AuditError::Diverged { .. }
+        | AuditError::ChainBroken(_)
+        | AuditError::ForeignCheckpoint { .. }
+        | AuditError::NoCheckpoint
+        | AuditError::NotDiverged) => Status::failed_precondition(e.to_string()),
+        AuditError::Acknowledge(message) => Status::invalid_argument(message),
+        other => {
+            warn!(error = %other, "audit log operation failed");
+            Status::internal("the audit log operation failed; see the server's log")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,24 +226,6 @@ mod tests {
         ] {
             assert_eq!(status.code(), Code::Unavailable);
             assert!(!status.message().contains("disk on fire"), "{status:?}");
-        }
-    }
-}
-
-/// An audit log error: a chain that cannot be vouched for is a precondition the operator must
-/// fix; a bad acknowledgement is the caller's mistake.
-pub(crate) fn audit_status(error: AuditError) -> Status {
-    match error {
-        AuditError::Store(error) => store_status(error),
-        e @ (AuditError::Diverged { .. }
-        | AuditError::ChainBroken(_)
-        | AuditError::ForeignCheckpoint { .. }
-        | AuditError::NoCheckpoint
-        | AuditError::NotDiverged) => Status::failed_precondition(e.to_string()),
-        AuditError::Acknowledge(message) => Status::invalid_argument(message),
-        other => {
-            warn!(error = %other, "audit log operation failed");
-            Status::internal("the audit log operation failed; see the server's log")
         }
     }
 }

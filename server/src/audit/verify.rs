@@ -316,13 +316,11 @@ impl ChainVerifier {
     pub(crate) fn finish(mut self) -> Result<VerifySummary, Violation> {
         self.settle()?;
         let last = self.next - 1;
-        if let Some((cp, problem)) = self.pending.iter().find(|(_, p)| p.is_some()) {
-            if let Some(problem) = problem.clone() {
-                return Err(Violation {
-                    sequence: cp.sequence,
-                    kind: problem,
-                });
-            }
+        if let Some((cp, Some(problem))) = self.pending.iter().find(|(_, p)| p.is_some()) {
+            return Err(Violation {
+                sequence: cp.sequence,
+                kind: problem.clone(),
+            });
         }
         if let Some((cp, _)) = self.pending.back() {
             return Err(Violation {

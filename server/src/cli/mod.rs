@@ -108,7 +108,8 @@ pub struct RunArgs {
 pub enum AdminCommand {
     /// Check that the server answers on its admin socket and its CA is usable.
     ///
-    /// Exits 0 when healthy; otherwise prints why on stderr and exits 1.
+    /// Exits 0 when healthy; otherwise prints why on stderr and exits 1 (the CA expired, the
+    /// store cannot be read, or the audit log diverged from a checkpoint the server signed).
     Healthcheck(HealthcheckArgs),
     /// Join tokens, with which agents attest to the server.
     #[command(subcommand)]
