@@ -13,7 +13,8 @@ use sigil_proto::admin::{
     CountEntriesRequest, CreateEntriesRequest, GetBundleRequest, ListEntriesRequest,
 };
 use sigil_proto::node::{
-    GetBundleRequest as NodeGetBundle, SyncEntriesRequest, sync_entries_response,
+    GetBundleRequest as NodeGetBundle, SyncEntriesRequest, SyncEntriesResponse,
+    sync_entries_response,
 };
 use sigil_tests::*;
 
@@ -276,10 +277,19 @@ async fn sigterm_exits_within_six_seconds_with_streams_open() {
     let (status, took) = server.signal("TERM", Duration::from_secs(10));
     assert!(status.success(), "exit status {status:?}");
     assert!(took <= Duration::from_secs(6), "took {took:?}");
-    // The stream ended rather than hanging.
-    let end = tokio::time::timeout(Duration::from_secs(2), stream.message())
-        .await
-        .expect("stream still open");
+    // The stream ended rather than hanging (after the audit checkpoint that follows the
+    // snapshot, if it was not read yet).
+    let end = loop {
+        let next = tokio::time::timeout(Duration::from_secs(2), stream.message())
+            .await
+            .expect("stream still open");
+        match next {
+            Ok(Some(SyncEntriesResponse {
+                message: Some(sync_entries_response::Message::AuditCheckpoint(_)),
+            })) => {}
+            other => break other,
+        }
+    };
     assert!(!matches!(end, Ok(Some(_))), "{end:?}");
 }
 

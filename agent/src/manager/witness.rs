@@ -21,6 +21,9 @@ use crate::node::{NodeError, write_private};
 /// The file, in the agent's data directory, holding the checkpoints it witnessed.
 pub const WITNESS_FILE: &str = "audit-checkpoints.json";
 
+/// How far ahead of the agent's clock a checkpoint's time may be.
+const MAX_CLOCK_AHEAD_SECONDS: i64 = 3600;
+
 /// The most chains an agent keeps a checkpoint of (one per server of the trust domain).
 const MAX_CHAINS: usize = 64;
 
@@ -84,6 +87,12 @@ impl Witness {
     ///
     /// The file could not be written (the checkpoint is kept in memory all the same).
     pub(crate) fn receive(&mut self, cp: AuditCheckpoint) -> Result<(), NodeError> {
+        // One dated far ahead would never be replaced: refuse it.
+        let now = sigil_core::time::unix_seconds(std::time::SystemTime::now());
+        if cp.time > now.saturating_add(MAX_CLOCK_AHEAD_SECONDS) {
+            warn!(chain_id = %cp.chain_id, time = cp.time, "an audit checkpoint dated in the future; not kept");
+            return Ok(());
+        }
         if let Some(held) = self.latest.get(&cp.chain_id) {
             if held.time > cp.time || *held == cp {
                 return Ok(());
@@ -137,6 +146,16 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
 
     use super::*;
+
+    #[test]
+    fn a_checkpoint_dated_in_the_future_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut witness = Witness::load(dir.path());
+        witness.receive(cp("default", 3, 100)).unwrap();
+        let far = sigil_core::time::unix_seconds(std::time::SystemTime::now()) + 10 * 3600;
+        witness.receive(cp("default", 9, far)).unwrap();
+        assert_eq!(witness.presented(), vec![cp("default", 3, 100)]);
+    }
 
     fn cp(chain: &str, sequence: u64, time: i64) -> AuditCheckpoint {
         AuditCheckpoint {

@@ -253,12 +253,8 @@ impl Admin for AdminService {
                 "the active X.509 authority has expired",
             ));
         }
-        if let Some(divergence) = self.services.audit.divergence() {
-            return Err(Status::unavailable(format!(
-                "the audit log diverged from a checkpoint this server signed ({}: {}); no audit \
-                 checkpoint is signed until an operator runs `sigil-server audit acknowledge`",
-                divergence.source, divergence.problem
-            )));
+        if let Some(reason) = self.services.audit.signing_blocked() {
+            return Err(Status::unavailable(reason));
         }
         self.services
             .entries

@@ -41,6 +41,10 @@ use crate::service::sync::{BundleUpdate, EntrySync, SyncChange, SyncMessage};
 use crate::store::RegistrationEntry;
 use crate::tls::PeerInfo;
 
+/// The most audit checkpoints an agent's `SyncEntries` call is checked for (agents keep one per
+/// chain; the rest are ignored, so that no agent can hold the audit log's lock for long).
+const MAX_WITNESSED_CHECKPOINTS: usize = 16;
+
 /// The metadata key carrying the reason of a `PermissionDenied`.
 pub const REASON_METADATA_KEY: &str = "sigil-reason";
 
@@ -227,6 +231,7 @@ impl Node for NodeService {
         let witnessed = req
             .audit_checkpoints
             .into_iter()
+            .take(MAX_WITNESSED_CHECKPOINTS)
             .filter_map(|cp| {
                 parse_checkpoint(cp)
                     .map_err(|problem| debug!(agent = %agent.id, %problem, "malformed audit checkpoint ignored"))

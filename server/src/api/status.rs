@@ -161,7 +161,6 @@ pub(crate) fn audit_status(error: AuditError) -> Status {
         AuditError::Store(error) => store_status(error),
         e @ (AuditError::Diverged { .. }
         | AuditError::ChainBroken(_)
-        | AuditError::ForeignCheckpoint { .. }
         | AuditError::NoCheckpoint
         | AuditError::NotDiverged) => Status::failed_precondition(e.to_string()),
         AuditError::Acknowledge(message) => Status::invalid_argument(message),

@@ -96,9 +96,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-#[cfg(test)]
-pub(crate) use self::verify::ViolationKind;
-pub(crate) use self::verify::{ChainVerifier, VerifySummary, Violation};
+pub(crate) use self::verify::{ChainVerifier, VerifySummary, Violation, ViolationKind};
 #[cfg(test)]
 pub(crate) use self::verify::{verify, verify_links};
 use sigil_core::hex::{decode as hex_decode, encode as hex_encode};

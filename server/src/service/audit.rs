@@ -33,8 +33,8 @@ use tokio::sync::{Mutex, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::audit::{
-    AUDIT_KEY_ID, AuditCheckpoint, AuditFilter, AuditRecord, ChainVerifier, EncodeError,
-    GENESIS_HASH, NewAuditRecord, VerifySummary, Violation, action, key_fingerprint,
+    AUDIT_KEY_ID, AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, ChainVerifier, EncodeError,
+    GENESIS_HASH, NewAuditRecord, VerifySummary, Violation, ViolationKind, action, key_fingerprint,
 };
 use crate::ca::{CaKey, KeyError, KeyManager};
 use crate::store::{MAX_PAGE_SIZE, PageRequest, Store, StoreError};
@@ -65,6 +65,8 @@ pub(crate) struct AuditLog {
     state: Mutex<SavedState>,
     /// The divergence, if any, readable without the lock (the healthcheck).
     divergence: watch::Sender<Option<Arc<Divergence>>>,
+    /// Why the last checkpoint attempt failed on a broken chain, if it did.
+    blocked: watch::Sender<Option<String>>,
     /// The latest checkpoint signed (or found at start), for the agents' sync streams.
     latest: watch::Sender<Option<Arc<AuditCheckpoint>>>,
 }
@@ -113,16 +115,6 @@ pub enum AuditError {
     /// them.
     #[error("refusing to sign an audit checkpoint over a broken chain: {0}")]
     ChainBroken(Violation),
-    /// The latest checkpoint was not signed by this server's audit key, so the chain cannot be
-    /// continued from it.
-    #[error(
-        "refusing to sign an audit checkpoint: the latest checkpoint (record {sequence}) is not \
-         signed by this server's audit key; run `sigil-server audit verify`"
-    )]
-    ForeignCheckpoint {
-        /// The record the foreign checkpoint covers.
-        sequence: u64,
-    },
     /// The log does not extend a checkpoint this server signed: nothing is signed until an
     /// operator acknowledges it.
     #[error(
@@ -191,7 +183,16 @@ impl AuditLog {
         .await??;
         let state = read_state(&state_path)?;
         let divergence = state.divergence.clone().map(Arc::new);
-        let latest = store.latest_audit_checkpoint().await?.map(Arc::new);
+        // Only a checkpoint this server signed goes to the agents' witness files.
+        let latest = store
+            .latest_audit_checkpoint()
+            .await?
+            .filter(|cp| {
+                cp.chain_id == chain_id
+                    && cp.public_key == key.public_key()
+                    && cp.signature_is_valid()
+            })
+            .map(Arc::new);
         Ok(Self {
             store,
             key,
@@ -199,6 +200,7 @@ impl AuditLog {
             state_path,
             state: Mutex::new(state),
             divergence: watch::Sender::new(divergence),
+            blocked: watch::Sender::new(None),
             latest: watch::Sender::new(latest),
         })
     }
@@ -218,11 +220,7 @@ impl AuditLog {
                 Ok(())
             }
             Ok(_) => Ok(()),
-            Err(
-                error @ (AuditError::Diverged { .. }
-                | AuditError::ChainBroken(_)
-                | AuditError::ForeignCheckpoint { .. }),
-            ) => {
+            Err(error @ (AuditError::Diverged { .. } | AuditError::ChainBroken(_))) => {
                 error!(%error, "the audit log cannot be vouched for; the server serves but signs no audit checkpoint");
                 Ok(())
             }
@@ -352,15 +350,24 @@ impl AuditLog {
     ///
     /// # Errors
     ///
-    /// [`AuditError::Diverged`], [`AuditError::ChainBroken`] and
-    /// [`AuditError::ForeignCheckpoint`] when the chain cannot be vouched for; store, key and
-    /// state file failures.
+    /// [`AuditError::Diverged`] (a latest stored checkpoint not signed by this server's key
+    /// included) and [`AuditError::ChainBroken`] when the chain cannot be vouched for; store,
+    /// key and state file failures.
     pub(crate) async fn checkpoint(
         &self,
         now: SystemTime,
     ) -> Result<Option<AuditCheckpoint>, AuditError> {
         let mut state = self.state.lock().await;
-        self.checkpoint_locked(&mut state, now).await
+        let result = self.checkpoint_locked(&mut state, now).await;
+        match &result {
+            Ok(_) | Err(AuditError::Diverged { .. }) => self.set_blocked(None),
+            Err(error @ AuditError::ChainBroken(_)) => self.set_blocked(Some(format!(
+                "{error}; run `sigil-server audit verify` (a broken record cannot be \
+                 acknowledged away: restore it)"
+            ))),
+            Err(_) => {}
+        }
+        result
     }
 
     async fn checkpoint_locked(
@@ -391,9 +398,13 @@ impl AuditLog {
         }
         let (mut verifier, start) = match &latest {
             Some(cp) if !self.is_own(cp) => {
-                return Err(AuditError::ForeignCheckpoint {
-                    sequence: cp.sequence,
-                });
+                let problem = format!(
+                    "the latest stored checkpoint (record {}) is not signed by this server's \
+                     audit key (fingerprint {}): it was planted, or the audit key was replaced",
+                    cp.sequence,
+                    self.key_fingerprint()
+                );
+                return Err(self.diverge(state, None, "store", problem, now).await);
             }
             Some(cp) if head.as_ref().map_or(0, |h| h.sequence) == cp.sequence => {
                 return Ok(None);
@@ -435,6 +446,16 @@ impl AuditLog {
         let Some(verified) = summary.head else {
             return Ok(None);
         };
+        if verified.sequence != end {
+            // The head names records that are not there.
+            return Err(AuditError::ChainBroken(Violation {
+                sequence: verified.sequence + 1,
+                kind: ViolationKind::Truncated {
+                    checkpoint: end,
+                    last: verified.sequence,
+                },
+            }));
+        }
         self.sign(state, verified.sequence, verified.hash, now)
             .await
             .map(Some)
@@ -545,25 +566,64 @@ impl AuditLog {
                     .to_owned(),
             }));
         }
-        let head = self.store.audit_head().await?.map_or(0, |h| h.sequence);
+        let head = self.store.audit_head().await?;
+        let head_sequence = head.as_ref().map_or(0, |h| h.sequence);
+        // The stored checkpoints the log no longer vouches for: not this server's, or not
+        // extended. The latest of the others is where signing continues from.
+        let mut forgotten = Vec::new();
+        let mut anchor: Option<AuditCheckpoint> = None;
+        let mut from = 0;
+        loop {
+            let page = self
+                .store
+                .list_audit_checkpoints(from, CHECKPOINT_PAGE)
+                .await?;
+            let done = page.len() < CHECKPOINT_PAGE;
+            for cp in page {
+                from = cp.sequence.saturating_add(1);
+                if self.is_own(&cp) && self.not_extended(&cp).await?.is_none() {
+                    anchor = Some(cp);
+                } else {
+                    forgotten.push(cp.sequence);
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        let anchor_sequence = anchor.as_ref().map_or(0, |cp| cp.sequence);
         let (lost_from, lost_to) = match &divergence.checkpoint {
             Some(cp) => (
-                self.last_good_checkpoint(cp.sequence).await? + 1,
+                anchor_sequence.min(cp.sequence.saturating_sub(1)) + 1,
                 cp.sequence,
             ),
-            None => (1, head),
+            None => (anchor_sequence + 1, head_sequence),
         };
-        // Forget the stored checkpoints the log does not extend: the record names them.
-        let mut forgotten = Vec::new();
-        for cp in self
-            .store
-            .list_audit_checkpoints(lost_from, usize::MAX)
+        // The records after the anchor must verify: a broken record cannot be acknowledged
+        // away.
+        let start_head = match &anchor {
+            Some(cp) if cp.sequence > 0 => match self.record_at(cp.sequence).await? {
+                Some(record) => record.head(),
+                None => self.genesis_head(),
+            },
+            _ => self.genesis_head(),
+        };
+        let mut verifier = ChainVerifier::resume(start_head.clone());
+        self.walk(&mut verifier, start_head.sequence + 1, head_sequence, false)
             .await?
-        {
-            if self.not_extended(&cp).await?.is_some() {
-                self.store.remove_audit_checkpoint(cp.sequence).await?;
-                forgotten.push(cp.sequence);
-            }
+            .map_err(AuditError::ChainBroken)?;
+        let verified = verifier.finish().map_err(AuditError::ChainBroken)?;
+        let verified_head = verified.head.unwrap_or(start_head);
+        if verified_head.sequence != head_sequence {
+            return Err(AuditError::ChainBroken(Violation {
+                sequence: verified_head.sequence + 1,
+                kind: ViolationKind::Missing {
+                    found: head_sequence,
+                },
+            }));
+        }
+        for sequence in &forgotten {
+            self.store.remove_audit_checkpoint(*sequence).await?;
         }
         let mut record = NewAuditRecord::new(actor, action::AUDIT_DIVERGENCE, &self.chain_id)
             .detail("source", divergence.source.as_str())
@@ -571,9 +631,15 @@ impl AuditLog {
             .time_detail("detected_at", divergence.detected_at)
             .detail("lost_from", lost_from)
             .detail("lost_to", lost_to)
-            .detail("head_sequence", head)
-            .detail("forgotten_checkpoints", forgotten)
+            .detail("head_sequence", head_sequence)
+            .detail("resumed_from_checkpoint", anchor_sequence)
+            .detail("forgotten_checkpoints", forgotten.len())
             .detail("reason", reason);
+        if let (Some(first), Some(last)) = (forgotten.first(), forgotten.last()) {
+            record = record
+                .detail("forgotten_from", *first)
+                .detail("forgotten_to", *last);
+        }
         if let Some(cp) = &divergence.checkpoint {
             record = record
                 .detail("checkpoint_sequence", cp.sequence)
@@ -586,19 +652,19 @@ impl AuditLog {
                 "the store appended no record".to_owned(),
             ));
         };
+        let mut verifier = ChainVerifier::resume(verified_head);
+        verifier.push(&record).map_err(AuditError::ChainBroken)?;
         if let Some(cp) = divergence.checkpoint.clone() {
             state.acknowledged.push(cp);
         }
         state.divergence = None;
-        // The file's checkpoint may be the lost one: continue from the store's.
-        state.last_signed = None;
-        self.save_state(&state)?;
         self.divergence.send_replace(None);
         warn!(%actor, lost_from, lost_to, reason, "audit divergence acknowledged; signing resumes");
-        let checkpoint = match self.checkpoint_locked(&mut state, now).await? {
-            Some(cp) => cp,
-            None => self.latest().await?,
-        };
+        // Signed directly: the state file's checkpoint may be the lost one.
+        let checkpoint = self
+            .sign(&mut state, record.sequence, record.hash, now)
+            .await?;
+        self.set_blocked(None);
         Ok(Acknowledged { record, checkpoint })
     }
 
@@ -613,11 +679,13 @@ impl AuditLog {
         &self,
         extra: Option<AuditCheckpoint>,
     ) -> Result<Result<VerifySummary, Violation>, AuditError> {
-        let mut verifier = ChainVerifier::new(
-            &self.chain_id,
-            extra.into_iter().collect(),
-            self.key.public_key(),
-        );
+        // The server's own record of the last checkpoint it signed is checked too.
+        let last_signed = self.state.lock().await.last_signed.clone();
+        let checkpoints = extra
+            .into_iter()
+            .chain(last_signed.filter(|cp| self.is_own(cp)))
+            .collect();
+        let mut verifier = ChainVerifier::new(&self.chain_id, checkpoints, self.key.public_key());
         if let Err(violation) = self.walk(&mut verifier, 1, u64::MAX, true).await? {
             return Ok(Err(violation));
         }
@@ -662,18 +730,6 @@ impl AuditLog {
         })
     }
 
-    /// The highest sequence below `below` of a stored checkpoint the log extends (0: none but
-    /// genesis).
-    async fn last_good_checkpoint(&self, below: u64) -> Result<u64, AuditError> {
-        let stored = self.store.list_audit_checkpoints(0, usize::MAX).await?;
-        for cp in stored.iter().rev().filter(|cp| cp.sequence < below) {
-            if self.is_own(cp) && self.not_extended(cp).await?.is_none() {
-                return Ok(cp.sequence);
-            }
-        }
-        Ok(0)
-    }
-
     /// Records the divergence (unless one is recorded already), persists and publishes it,
     /// and returns the error to report.
     async fn diverge(
@@ -714,6 +770,38 @@ impl AuditLog {
         };
         let json = serde_json::to_vec_pretty(state).map_err(|e| bad(e.to_string()))?;
         sigil_daemon::write_private(&self.state_path, &json).map_err(|e| bad(e.to_string()))
+    }
+
+    /// The head of the empty chain.
+    fn genesis_head(&self) -> AuditHead {
+        AuditHead {
+            chain_id: self.chain_id.clone(),
+            sequence: 0,
+            hash: GENESIS_HASH,
+            time: UNIX_EPOCH,
+        }
+    }
+
+    /// Notes why signing is blocked (a broken chain), for the healthcheck; `None` clears it.
+    fn set_blocked(&self, reason: Option<String>) {
+        self.blocked.send_if_modified(|current| {
+            let changed = *current != reason;
+            *current = reason;
+            changed
+        });
+    }
+
+    /// Why the server cannot sign a checkpoint now, if it cannot: a divergence, or a chain
+    /// that does not verify (for the healthcheck).
+    pub(crate) fn signing_blocked(&self) -> Option<String> {
+        if let Some(d) = self.divergence() {
+            return Some(format!(
+                "the audit log diverged from a checkpoint this server signed ({}: {}); no audit \
+                 checkpoint is signed until an operator runs `sigil-server audit acknowledge`",
+                d.source, d.problem
+            ));
+        }
+        self.blocked.borrow().clone()
     }
 
     /// Record `sequence`, if present.
@@ -875,7 +963,7 @@ pub(crate) async fn run_checkpoints(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{ViolationKind, action, verify};
+    use crate::audit::{action, verify};
     use crate::ca::DiskKeyManager;
     use crate::store::{SledStore, SledStoreOptions};
 
@@ -971,7 +1059,10 @@ mod tests {
 
         let summary = log.verify(None).await.unwrap().unwrap();
         assert_eq!(summary.records, 5);
-        assert_eq!(summary.checkpoints, 3, "genesis, 3 and 5");
+        assert_eq!(
+            summary.checkpoints, 4,
+            "genesis, 3 and 5 in the store, and 5 in the state file"
+        );
         assert_eq!(summary.unsigned_records, 0);
         assert_eq!(
             summary.checkpoint.unwrap().key_fingerprint,
@@ -979,7 +1070,7 @@ mod tests {
         );
         // A checkpoint kept elsewhere is checked too.
         let summary = log.verify(Some(first)).await.unwrap().unwrap();
-        assert_eq!(summary.checkpoints, 4);
+        assert_eq!(summary.checkpoints, 5);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -994,8 +1085,23 @@ mod tests {
         log.append(records(1)).await.unwrap();
         assert!(matches!(
             log.checkpoint(SystemTime::now()).await,
-            Err(AuditError::ForeignCheckpoint { sequence: 2 })
+            Err(AuditError::Diverged { .. })
         ));
+        let divergence = log.divergence().unwrap();
+        assert_eq!(
+            (divergence.source.as_str(), divergence.checkpoint.as_ref()),
+            ("store", None)
+        );
+        assert!(
+            divergence.problem.contains("record 2"),
+            "{}",
+            divergence.problem
+        );
+        assert!(
+            log.signing_blocked()
+                .unwrap()
+                .contains("not signed by this server")
+        );
         let v = log.verify(None).await.unwrap().unwrap_err();
         assert_eq!(v.sequence, 2);
         assert!(matches!(
@@ -1038,8 +1144,18 @@ mod tests {
             log.checkpoint(SystemTime::now()).await,
             Err(AuditError::Diverged { .. })
         ));
-        // The chain alone still verifies; the checkpoint kept elsewhere does not.
-        assert!(log.verify(None).await.unwrap().is_ok());
+        // The chain is consistent in itself, but neither the state file's checkpoint nor the
+        // one kept elsewhere is in it.
+        for kept in [None, Some(later.clone())] {
+            let v = log.verify(kept).await.unwrap().unwrap_err();
+            assert_eq!(
+                v.kind,
+                ViolationKind::Truncated {
+                    checkpoint: 7,
+                    last: 4
+                }
+            );
+        }
         let v = log.verify(Some(later.clone())).await.unwrap().unwrap_err();
         assert_eq!(
             v.kind,
@@ -1220,6 +1336,132 @@ mod tests {
             "{}",
             divergence.problem
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_planted_checkpoint_is_acknowledged_away_and_signing_resumes_from_the_last_good_one()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let Opened { store, log, .. } = open_in(dir.path()).await;
+        let sealed = log.append(records(2)).await.unwrap();
+        let good = log.checkpoint(SystemTime::now()).await.unwrap().unwrap();
+        log.append(records(2)).await.unwrap();
+        store
+            .save_audit_checkpoint(foreign_checkpoint(&sealed[1]))
+            .await
+            .unwrap();
+        let mut planted = foreign_checkpoint(&sealed[1]);
+        planted.sequence = 4;
+        store.save_audit_checkpoint(planted).await.unwrap();
+        assert!(matches!(
+            log.checkpoint(SystemTime::now()).await,
+            Err(AuditError::Diverged { .. })
+        ));
+        // The divergence names no checkpoint: acknowledged without one.
+        assert!(matches!(
+            log.acknowledge("uid:0", Some(good.clone()), "x", SystemTime::now())
+                .await,
+            Err(AuditError::Acknowledge(_))
+        ));
+        let done = log
+            .acknowledge("uid:0", None, "planted by a test", SystemTime::now())
+            .await
+            .unwrap();
+        // Both checkpoints at 2 and 4 were foreign (the one at 2 replaced the good one).
+        assert_eq!(done.record.details["forgotten_checkpoints"], 2);
+        assert_eq!(done.record.details["resumed_from_checkpoint"], 0);
+        assert_eq!(done.record.details["lost_from"], 1);
+        assert_eq!(done.checkpoint.sequence, 5);
+        assert!(log.signing_blocked().is_none());
+        assert!(log.verify(None).await.unwrap().is_ok());
+        log.append(records(1)).await.unwrap();
+        assert_eq!(
+            log.checkpoint(SystemTime::now())
+                .await
+                .unwrap()
+                .unwrap()
+                .sequence,
+            6
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_with_no_checkpoint_at_all_are_acknowledged_and_then_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let Opened { log, .. } = open_in(dir.path()).await;
+            log.append(records(3)).await.unwrap();
+        }
+        // The stored checkpoints and the state file are gone.
+        let store: Arc<dyn Store> = Arc::new(
+            SledStore::open(dir.path().join("store"), SledStoreOptions::default()).unwrap(),
+        );
+        store.remove_audit_checkpoint(0).await.unwrap();
+        drop(store);
+        std::fs::remove_file(dir.path().join("keys").join(STATE_FILE)).unwrap();
+        let Opened { log, .. } = open_in(dir.path()).await;
+        let divergence = log.divergence().unwrap();
+        assert!(
+            divergence.problem.contains("no signed checkpoint"),
+            "{}",
+            divergence.problem
+        );
+        assert!(log.verify(None).await.unwrap().is_err());
+        let done = log
+            .acknowledge("uid:0", None, "checkpoints lost", SystemTime::now())
+            .await
+            .unwrap();
+        assert_eq!((done.record.sequence, done.checkpoint.sequence), (4, 4));
+        assert!(log.divergence().is_none());
+        assert!(log.verify(None).await.unwrap().is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_chain_blocks_signing_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let Opened { log, .. } = open_in(dir.path()).await;
+            log.append(records(3)).await.unwrap();
+        }
+        // Record 2 altered in the store, after the genesis checkpoint.
+        {
+            // The store just closed; sled may hold its lock file a moment longer.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let db = loop {
+                match ::sled::Config::new()
+                    .path(dir.path().join("store"))
+                    .flush_every_ms(None)
+                    .open()
+                {
+                    Ok(db) => break db,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("cannot open the store: {e}"),
+                }
+            };
+            let tree = db.open_tree("audit").unwrap();
+            let mut record: serde_json::Value =
+                serde_json::from_slice(&tree.get(2u64.to_be_bytes()).unwrap().unwrap()).unwrap();
+            record["subject"] = serde_json::Value::from("altered");
+            tree.insert(2u64.to_be_bytes(), serde_json::to_vec(&record).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let Opened { log, .. } = open_in(dir.path()).await;
+        assert!(log.divergence().is_none());
+        let blocked = log.signing_blocked().unwrap();
+        assert!(blocked.contains("record 2"), "{blocked}");
+        assert!(matches!(
+            log.checkpoint(SystemTime::now()).await,
+            Err(AuditError::ChainBroken(_))
+        ));
+        // Nothing to acknowledge: a broken record is not a divergence.
+        assert!(matches!(
+            log.acknowledge("uid:0", None, "x", SystemTime::now()).await,
+            Err(AuditError::NotDiverged)
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
