@@ -66,7 +66,8 @@ async fn a_fresh_server_signs_its_genesis_and_verifies_clean() {
     let verified = server_cli(&server, &["audit", "verify", "--output", "json"]).json();
     assert_eq!(verified["ok"], true, "{verified}");
     assert_eq!(verified["chain_id"], "default");
-    assert_eq!(verified["checkpoints_checked"], 1);
+    // In the store, and in the state file beside the audit key.
+    assert_eq!(verified["checkpoints_checked"], 2);
     assert_eq!(verified["checkpoint_sequence"], 0);
     assert_eq!(verified["divergence"], Value::Null);
 
@@ -99,7 +100,7 @@ async fn a_fresh_server_signs_its_genesis_and_verifies_clean() {
     );
     assert!(run.status.success(), "{run:?}");
     assert!(
-        run.stdout.contains("Checkpoints checked : 3"),
+        run.stdout.contains("Checkpoints checked : 4"),
         "{}",
         run.stdout
     );

@@ -50,15 +50,21 @@ async fn open_sync(
     (client, stream)
 }
 
-/// Reads the next message, failing the test if none comes within 10 s.
+/// Reads the next message other than an audit checkpoint (the witnessing the stream also
+/// carries is tested in `audit_integrity.rs`), failing the test if none comes within 10 s.
 async fn next(stream: &mut Streaming<SyncEntriesResponse>) -> sync_entries_response::Message {
-    tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("no sync message within 10 s")
-        .unwrap()
-        .unwrap()
-        .message
-        .unwrap()
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("no sync message within 10 s")
+            .unwrap()
+            .unwrap()
+            .message
+            .unwrap();
+        if !matches!(message, sync_entries_response::Message::AuditCheckpoint(_)) {
+            return message;
+        }
+    }
 }
 
 /// The next message, which must be changes: (upserted SPIFFE IDs, deleted entry ids, last revision).

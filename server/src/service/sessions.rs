@@ -23,9 +23,9 @@
 //! sees the serial (and puts it on the CRLs) or the issuance sees the revoked session (and
 //! hands nothing out).
 //!
-//! Audit order, failing closed: the records of steps that grant something (`session.open`,
-//! `session.approve`) are appended **before** the change is made, so a failed audit write
-//! grants nothing. Steps that take something away (`session.close`, `session.revoke`,
+//! Audit order, failing closed: the records of steps that grant something are never behind
+//! the grant. `session.open` and `session.approve` are written in the same store transaction as
+//! the session (and its entry): both are durable or neither is. Steps that take something away (`session.close`, `session.revoke`,
 //! `session.expire`) take effect first and are audited right after: a broken audit log never
 //! keeps a session alive; the caller is told if its record could not be written.
 
@@ -275,12 +275,12 @@ impl Sessions {
             .detail("approval_required", approval_required)
             .detail("svid_ttl", svid_ttl.as_secs())
             .time_detail("expires_at", session.expires_at);
-        self.audit
-            .before_grant(vec![record])
-            .await
-            .map_err(SessionError::AuditFailed)?;
         let entry = (!approval_required).then(|| session_entry(&session));
-        let session = self.store.create_session(session, entry).await?;
+        // The session (its entry, if active at once) and its record are one write.
+        let session = self
+            .store
+            .create_session(session, entry, vec![record])
+            .await?;
         self.track(&session).await;
         info!(uid, session_id = %session.id, state = %session.state, "session opened");
         Ok(session)
@@ -320,10 +320,6 @@ impl Sessions {
         }
         let record = session_record(&approver, action::SESSION_APPROVE, &session)
             .detail("requester", session.requester.clone());
-        self.audit
-            .before_grant(vec![record])
-            .await
-            .map_err(SessionError::AuditFailed)?;
         let mut next = session.clone();
         next.state = SessionState::Active;
         next.approver = Some(approver);
@@ -336,6 +332,8 @@ impl Sessions {
                 expected: SessionState::Pending,
                 entry: SessionEntryOp::Create(Box::new(entry)),
                 revocations: vec![],
+                // The grant and its record are one write: neither is durable alone.
+                audit: vec![record],
             })
             .await
             .map_err(state_changed)?;
@@ -674,6 +672,8 @@ impl Sessions {
                 expected: session.state,
                 entry: SessionEntryOp::Delete,
                 revocations,
+                // Recorded after the change: a failing audit log never keeps a session alive.
+                audit: vec![],
             })
             .await
             .map_err(state_changed)?;

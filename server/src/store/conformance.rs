@@ -162,10 +162,13 @@ fn session_entry(s: &Session) -> NewEntry {
 /// change feed; a stale expected state changes nothing; serials accumulate; filters work.
 pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn Store>) {
     let pending = session(SessionState::Pending, "CHG-1");
-    let created = store.create_session(pending.clone(), None).await.unwrap();
+    let created = store
+        .create_session(pending.clone(), None, vec![])
+        .await
+        .unwrap();
     assert_eq!(created, pending);
     assert!(matches!(
-        store.create_session(pending.clone(), None).await,
+        store.create_session(pending.clone(), None, vec![]).await,
         Err(StoreError::AlreadyExists { .. })
     ));
     let before = store.current_revision().await.unwrap();
@@ -173,15 +176,32 @@ pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn 
     let mut active = created.clone();
     active.state = SessionState::Active;
     active.approver = Some("uid:1000".to_owned());
+    let audit_before = store.audit_head().await.unwrap().map_or(0, |h| h.sequence);
+    let approval_record = || {
+        vec![NewAuditRecord::new(
+            "uid:1000",
+            audit::action::SESSION_APPROVE,
+            active.spiffe_id.to_string(),
+        )]
+    };
     let approved = store
         .update_session(SessionUpdate {
             session: active.clone(),
             expected: SessionState::Pending,
             entry: SessionEntryOp::Create(Box::new(session_entry(&active))),
             revocations: vec![],
+            audit: approval_record(),
         })
         .await
         .unwrap();
+    // The approval's record was written with it.
+    let head = store.audit_head().await.unwrap().unwrap();
+    assert_eq!(head.sequence, audit_before + 1);
+    let written = all_audit(&store, &AuditFilter::default(), 100).await;
+    assert_eq!(
+        written.last().unwrap().action,
+        audit::action::SESSION_APPROVE
+    );
     let entry_id = approved.entry_id.clone().unwrap();
     let entry = store.get_entry(&entry_id).await.unwrap().unwrap();
     assert_eq!(entry.session_id, Some(active.id.clone()));
@@ -199,10 +219,13 @@ pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn 
             expected: SessionState::Pending,
             entry: SessionEntryOp::Create(Box::new(session_entry(&active))),
             revocations: vec![],
+            audit: approval_record(),
         })
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::StateChanged { .. }), "{err}");
+    // ...its record included.
+    assert_eq!(store.audit_head().await.unwrap(), Some(head));
 
     let serial = SessionSerial {
         serial: "0a0b".to_owned(),
@@ -231,6 +254,7 @@ pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn 
                 revoked_at: active.opened_at,
                 cause: format!("session:{}", active.id),
             }],
+            audit: vec![],
         })
         .await
         .unwrap();
@@ -254,7 +278,7 @@ pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn 
     );
 
     let other = store
-        .create_session(session(SessionState::Pending, "CHG-2"), None)
+        .create_session(session(SessionState::Pending, "CHG-2"), None, vec![])
         .await
         .unwrap();
     let all = store

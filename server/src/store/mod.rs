@@ -275,12 +275,14 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
 
     /// Stores a new session. With `entry` (a session active from the start) the entry is
     /// created in the same atomic write, with the next revision, and its id is recorded in
-    /// the returned session's `entry_id`. Fails with [`StoreError::AlreadyExists`] when the id
-    /// exists or the entry duplicates another.
+    /// the returned session's `entry_id`; `audit` records are appended to the chain in the
+    /// same write. Fails with [`StoreError::AlreadyExists`] when the id exists or the entry
+    /// duplicates another (and then writes nothing, records included).
     async fn create_session(
         &self,
         session: Session,
         entry: Option<NewEntry>,
+        audit: Vec<NewAuditRecord>,
     ) -> Result<Session, StoreError>;
 
     /// Applies a state change atomically: the record, its entry ([`SessionEntryOp`]) and its

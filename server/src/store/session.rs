@@ -20,6 +20,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sigil_core::{SelectorSet, SpiffeId};
 
 use super::{EntryId, EntryIdError, NewEntry, StoreError};
+use crate::audit::NewAuditRecord;
 
 /// The identifier of a session: 32 lowercase hex characters (16 random bytes).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,6 +119,9 @@ pub(crate) struct SessionUpdate {
     pub(crate) entry: SessionEntryOp,
     /// Serials to put on the CRLs in the same write.
     pub(crate) revocations: Vec<Revocation>,
+    /// Audit records appended to the chain in the same write: the change and its record are
+    /// durable together or not at all.
+    pub(crate) audit: Vec<NewAuditRecord>,
 }
 
 /// Which sessions [`Store::list_sessions`](super::Store::list_sessions) returns.

@@ -4,8 +4,9 @@
 use std::time::SystemTime;
 
 use ::sled::Transactional;
-use ::sled::transaction::ConflictableTransactionError;
+use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
+use super::entries::TxResult;
 use super::{Inner, PageCollector, decode, decode_page_token, encode, transaction_error};
 use crate::audit::{
     AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, GENESIS_HASH, NewAuditRecord,
@@ -38,56 +39,66 @@ impl Inner {
     fn append_audit_chunk(&self, chunk: &[NewAuditRecord]) -> Result<Vec<AuditRecord>, StoreError> {
         let now = SystemTime::now();
         (&self.trees.audit, &self.trees.audit_head)
-            .transaction(|(audit, head_tree)| {
-                let abort = ConflictableTransactionError::Abort;
-                let head: Option<AuditHead> = match head_tree.get(AUDIT_HEAD_KEY)? {
-                    Some(bytes) => Some(decode("audit head", &bytes).map_err(abort)?),
-                    None => None,
-                };
-                if let Some(head) = head.as_ref().filter(|h| h.chain_id != self.audit_chain_id) {
-                    return Err(abort(StoreError::Corrupt {
-                        what: "audit head",
-                        reason: format!(
-                            "the store holds audit chain {:?}, not {:?}",
-                            head.chain_id, self.audit_chain_id
-                        ),
-                    }));
-                }
-                let (mut sequence, mut prev_hash, prev_time) = head
-                    .map_or((0, GENESIS_HASH, SystemTime::UNIX_EPOCH), |h| {
-                        (h.sequence, h.hash, h.time)
-                    });
-                // Times never decrease along the chain, even if the clock steps back.
-                let time = now.max(prev_time);
-                let mut sealed = Vec::with_capacity(chunk.len());
-                for new in chunk {
-                    sequence = sequence.checked_add(1).ok_or_else(|| {
-                        abort(StoreError::Corrupt {
-                            what: "audit head",
-                            reason: "sequence exhausted".to_owned(),
-                        })
-                    })?;
-                    let record = new
-                        .clone()
-                        .seal(&self.audit_chain_id, sequence, time, prev_hash)
-                        .map_err(|e| {
-                            abort(StoreError::Encode {
-                                what: "audit record",
-                                reason: e.to_string(),
-                            })
-                        })?;
-                    let value = encode("audit record", &record).map_err(abort)?;
-                    audit.insert(&sequence.to_be_bytes()[..], value)?;
-                    prev_hash = record.hash;
-                    sealed.push(record);
-                }
-                if let Some(last) = sealed.last() {
-                    let value = encode("audit head", &last.head()).map_err(abort)?;
-                    head_tree.insert(AUDIT_HEAD_KEY, value)?;
-                }
-                Ok(sealed)
-            })
+            .transaction(|(audit, head_tree)| self.seal_into(audit, head_tree, chunk, now))
             .map_err(transaction_error)
+    }
+
+    /// Seals `records` after the chain head and inserts them and the new head, inside the
+    /// caller's transaction over the `audit` and `audit_head` trees.
+    pub(super) fn seal_into(
+        &self,
+        audit: &TransactionalTree,
+        head_tree: &TransactionalTree,
+        records: &[NewAuditRecord],
+        now: SystemTime,
+    ) -> TxResult<Vec<AuditRecord>> {
+        let abort = ConflictableTransactionError::Abort;
+        let head: Option<AuditHead> = match head_tree.get(AUDIT_HEAD_KEY)? {
+            Some(bytes) => Some(decode("audit head", &bytes).map_err(abort)?),
+            None => None,
+        };
+        if let Some(head) = head.as_ref().filter(|h| h.chain_id != self.audit_chain_id) {
+            return Err(abort(StoreError::Corrupt {
+                what: "audit head",
+                reason: format!(
+                    "the store holds audit chain {:?}, not {:?}",
+                    head.chain_id, self.audit_chain_id
+                ),
+            }));
+        }
+        let (mut sequence, mut prev_hash, prev_time) = head
+            .map_or((0, GENESIS_HASH, SystemTime::UNIX_EPOCH), |h| {
+                (h.sequence, h.hash, h.time)
+            });
+        // Times never decrease along the chain, even if the clock steps back.
+        let time = now.max(prev_time);
+        let mut sealed = Vec::with_capacity(records.len());
+        for new in records {
+            sequence = sequence.checked_add(1).ok_or_else(|| {
+                abort(StoreError::Corrupt {
+                    what: "audit head",
+                    reason: "sequence exhausted".to_owned(),
+                })
+            })?;
+            let record = new
+                .clone()
+                .seal(&self.audit_chain_id, sequence, time, prev_hash)
+                .map_err(|e| {
+                    abort(StoreError::Encode {
+                        what: "audit record",
+                        reason: e.to_string(),
+                    })
+                })?;
+            let value = encode("audit record", &record).map_err(abort)?;
+            audit.insert(&sequence.to_be_bytes()[..], value)?;
+            prev_hash = record.hash;
+            sealed.push(record);
+        }
+        if let Some(last) = sealed.last() {
+            let value = encode("audit head", &last.head()).map_err(abort)?;
+            head_tree.insert(AUDIT_HEAD_KEY, value)?;
+        }
+        Ok(sealed)
     }
 
     pub(super) fn list_audit(

@@ -38,6 +38,9 @@ pub(super) struct EntryTx<'a> {
     meta: &'a TransactionalTree,
     pub(super) sessions: &'a TransactionalTree,
     pub(super) revocations: &'a TransactionalTree,
+    /// The audit chain and its head, for a change whose audit record is written with it.
+    pub(super) audit: &'a TransactionalTree,
+    pub(super) audit_head: &'a TransactionalTree,
     retention: u64,
 }
 
@@ -61,6 +64,8 @@ impl Inner {
             &t.meta,
             &t.sessions,
             &t.revocations,
+            &t.audit,
+            &t.audit_head,
         )
             .transaction(
                 |(
@@ -72,6 +77,8 @@ impl Inner {
                     meta,
                     sessions,
                     revocations,
+                    audit,
+                    audit_head,
                 )| {
                     f(&EntryTx {
                         entries,
@@ -82,6 +89,8 @@ impl Inner {
                         meta,
                         sessions,
                         revocations,
+                        audit,
+                        audit_head,
                         retention: self.retention,
                     })
                 },

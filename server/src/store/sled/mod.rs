@@ -560,6 +560,7 @@ impl Store for SledStore {
         &self,
         session: Session,
         entry: Option<NewEntry>,
+        audit: Vec<NewAuditRecord>,
     ) -> Result<Session, StoreError> {
         let entry = match entry {
             Some(entry) => Some((EntryId::generate()?, entry)),
@@ -567,7 +568,7 @@ impl Store for SledStore {
         };
         let now = SystemTime::now();
         let created = self
-            .blocking(move |inner| inner.create_session(&session, entry.as_ref(), now))
+            .blocking(move |inner| inner.create_session(&session, entry.as_ref(), &audit, now))
             .await?;
         self.commit().await?;
         Ok(created)

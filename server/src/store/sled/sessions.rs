@@ -8,6 +8,7 @@ use ::sled::transaction::ConflictableTransactionError;
 
 use super::entries::{EntryTx, TxResult};
 use super::{Inner, PageCollector, decode, encode, page_start, transaction_error};
+use crate::audit::NewAuditRecord;
 use crate::store::{
     Change, ChangeKind, EntryId, NewEntry, Page, PageRequest, Revocation, Session, SessionEntryOp,
     SessionFilter, SessionId, SessionSerial, SessionUpdate, StoreError,
@@ -20,6 +21,7 @@ impl Inner {
         &self,
         session: &Session,
         entry: Option<&(EntryId, NewEntry)>,
+        audit: &[NewAuditRecord],
         now: SystemTime,
     ) -> Result<Session, StoreError> {
         self.entry_tx(|tx| {
@@ -37,6 +39,7 @@ impl Inner {
                 session.entry_id = Some(created.id);
             }
             tx.put_session(&session)?;
+            self.seal_into(tx.audit, tx.audit_head, audit, now)?;
             Ok(session)
         })
     }
@@ -95,6 +98,8 @@ impl Inner {
                 tx.revocations.insert(revocation.serial.as_bytes(), value)?;
             }
             tx.put_session(&session)?;
+            // The change and its audit records are one write.
+            self.seal_into(tx.audit, tx.audit_head, &update.audit, now)?;
             Ok(session)
         })
     }
