@@ -515,13 +515,29 @@ impl AuditLog {
             }
             // A checkpoint signed no later than one acknowledged as lost is history the
             // operator accepted.
-            if state.divergence.is_some() || state.acknowledged.iter().any(|a| cp.time <= a.time) {
+            if state.acknowledged.iter().any(|a| cp.time <= a.time) {
                 continue;
             }
-            if let Some(problem) = self.not_extended(&cp).await? {
-                self.diverge(&mut state, Some(cp), source, problem, now)
-                    .await;
+            // While diverged, only a later checkpoint matters: it widens the lost range, and
+            // the operator must see it before acknowledging (the agent would drop it once it
+            // receives the checkpoint signed after the acknowledgement).
+            let later = state.divergence.as_ref().map(|d| {
+                d.checkpoint
+                    .as_ref()
+                    .is_none_or(|held| (cp.time, cp.sequence) > (held.time, held.sequence))
+            });
+            if later == Some(false) {
+                continue;
             }
+            let Some(problem) = self.not_extended(&cp).await? else {
+                continue;
+            };
+            if later == Some(true) {
+                warn!(%source, sequence = cp.sequence, "a later checkpoint the audit log does not extend widens the divergence");
+                state.divergence = None;
+            }
+            self.diverge(&mut state, Some(cp), source, problem, now)
+                .await;
         }
         Ok(self.divergence())
     }
@@ -1301,6 +1317,37 @@ mod tests {
             log.checkpoint(SystemTime::now()).await,
             Err(AuditError::Diverged { .. })
         ));
+        // Another agent saw an even later checkpoint of the lost history: the divergence now
+        // names that one (an older one changes nothing).
+        let mut later = held.clone();
+        later.sequence = 9;
+        later.time += Duration::from_secs(60);
+        later.signature = {
+            let message = AuditCheckpoint::signed_message(
+                &later.chain_id,
+                later.sequence,
+                &later.hash,
+                later.time,
+            )
+            .unwrap();
+            log.key.sign(&message).unwrap()
+        };
+        let other = "spiffe://example.org/sigil/agent/join_token/b";
+        let widened = log
+            .witness(other, vec![later.clone()], SystemTime::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (widened.source.as_str(), widened.checkpoint.as_ref()),
+            (other, Some(&later))
+        );
+        let kept = log
+            .witness(agent, vec![held], SystemTime::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept.checkpoint.as_ref(), Some(&later));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
