@@ -24,8 +24,9 @@ pub const WITNESS_FILE: &str = "audit-checkpoints.json";
 /// How far ahead of the agent's clock a checkpoint's time may be.
 const MAX_CLOCK_AHEAD_SECONDS: i64 = 3600;
 
-/// The most chains an agent keeps a checkpoint of (one per server of the trust domain).
-const MAX_CHAINS: usize = 64;
+/// The most chains an agent keeps a checkpoint of (one per server of the trust domain; the
+/// server checks at most this many per call).
+const MAX_CHAINS: usize = 16;
 
 /// The latest checkpoint received of each chain, kept on disk.
 #[derive(Debug)]

@@ -80,6 +80,14 @@ pub enum ViolationKind {
         /// The last record present.
         last: u64,
     },
+    /// The store's chain head names records the log does not hold.
+    #[error("missing: the chain head says the log goes up to record {head}, it ends at {last}")]
+    HeadBeyondLog {
+        /// The head's sequence.
+        head: u64,
+        /// The last record present.
+        last: u64,
+    },
     /// The record the checkpoint covers has another hash than the checkpoint says.
     #[error(
         "its hash differs from the one the signed checkpoint records: this record or an \

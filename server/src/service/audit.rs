@@ -234,6 +234,16 @@ impl AuditLog {
     }
 
     #[cfg(test)]
+    /// `cp` re-signed by this server's key as it stands (for tests that need a genuine
+    /// checkpoint of a history the log does not hold).
+    pub(crate) fn resign(&self, mut cp: AuditCheckpoint) -> AuditCheckpoint {
+        let message = AuditCheckpoint::signed_message(&cp.chain_id, cp.sequence, &cp.hash, cp.time)
+            .expect("encodable");
+        cp.signature = self.key.sign(&message).expect("signed");
+        cp
+    }
+
+    #[cfg(test)]
     /// The public key checkpoints are signed with (uncompressed SEC 1 P-256).
     pub(crate) fn public_key(&self) -> &[u8] {
         self.key.public_key()
@@ -443,19 +453,20 @@ impl AuditLog {
             .await?
             .map_err(AuditError::ChainBroken)?;
         let summary = verifier.finish().map_err(AuditError::ChainBroken)?;
-        let Some(verified) = summary.head else {
-            return Ok(None);
-        };
-        if verified.sequence != end {
+        let reached = summary.head.as_ref().map_or(start - 1, |h| h.sequence);
+        if reached != end {
             // The head names records that are not there.
             return Err(AuditError::ChainBroken(Violation {
-                sequence: verified.sequence + 1,
-                kind: ViolationKind::Truncated {
-                    checkpoint: end,
-                    last: verified.sequence,
+                sequence: reached + 1,
+                kind: ViolationKind::HeadBeyondLog {
+                    head: end,
+                    last: reached,
                 },
             }));
         }
+        let Some(verified) = summary.head else {
+            return Ok(None);
+        };
         self.sign(state, verified.sequence, verified.hash, now)
             .await
             .map(Some)
@@ -638,9 +649,6 @@ impl AuditLog {
                 },
             }));
         }
-        for sequence in &forgotten {
-            self.store.remove_audit_checkpoint(*sequence).await?;
-        }
         let mut record = NewAuditRecord::new(actor, action::AUDIT_DIVERGENCE, &self.chain_id)
             .detail("source", divergence.source.as_str())
             .detail("problem", divergence.problem.as_str())
@@ -668,19 +676,48 @@ impl AuditLog {
                 "the store appended no record".to_owned(),
             ));
         };
-        let mut verifier = ChainVerifier::resume(verified_head);
-        verifier.push(&record).map_err(AuditError::ChainBroken)?;
+        // The record names them: now they may go.
+        for sequence in &forgotten {
+            self.store.remove_audit_checkpoint(*sequence).await?;
+        }
+        // Records appended meanwhile (issuance does not wait for this lock) are verified too,
+        // up to the divergence record.
+        let mut verifier = ChainVerifier::resume(verified_head.clone());
+        self.walk(
+            &mut verifier,
+            verified_head.sequence + 1,
+            record.sequence,
+            false,
+        )
+        .await?
+        .map_err(AuditError::ChainBroken)?;
+        let reached = verifier
+            .finish()
+            .map_err(AuditError::ChainBroken)?
+            .head
+            .map_or(verified_head.sequence, |h| h.sequence);
+        if reached != record.sequence {
+            return Err(AuditError::ChainBroken(Violation {
+                sequence: reached + 1,
+                kind: ViolationKind::HeadBeyondLog {
+                    head: record.sequence,
+                    last: reached,
+                },
+            }));
+        }
+        // Signed directly (the state file's checkpoint may be the lost one), before the
+        // divergence is cleared: a failure here leaves it for another try.
+        let checkpoint = self
+            .sign(&mut state, record.sequence, record.hash, now)
+            .await?;
         if let Some(cp) = divergence.checkpoint.clone() {
             state.acknowledged.push(cp);
         }
         state.divergence = None;
+        self.save_state(&state)?;
         self.divergence.send_replace(None);
-        warn!(%actor, lost_from, lost_to, reason, "audit divergence acknowledged; signing resumes");
-        // Signed directly: the state file's checkpoint may be the lost one.
-        let checkpoint = self
-            .sign(&mut state, record.sequence, record.hash, now)
-            .await?;
         self.set_blocked(None);
+        warn!(%actor, lost_from, lost_to, reason, "audit divergence acknowledged; signing resumes");
         Ok(Acknowledged { record, checkpoint })
     }
 
@@ -702,10 +739,21 @@ impl AuditLog {
             .chain(last_signed.filter(|cp| self.is_own(cp)))
             .collect();
         let mut verifier = ChainVerifier::new(&self.chain_id, checkpoints, self.key.public_key());
+        let head = self.store.audit_head().await?.map_or(0, |h| h.sequence);
         if let Err(violation) = self.walk(&mut verifier, 1, u64::MAX, true).await? {
             return Ok(Err(violation));
         }
-        Ok(verifier.finish())
+        Ok(verifier.finish().and_then(|summary| {
+            let last = summary.head.as_ref().map_or(0, |h| h.sequence);
+            // The store's head names records the walk did not find.
+            if last < head {
+                return Err(Violation {
+                    sequence: last + 1,
+                    kind: ViolationKind::HeadBeyondLog { head, last },
+                });
+            }
+            Ok(summary)
+        }))
     }
 
     /// True when `cp` is of this chain and validly signed by this server's audit key.
@@ -1463,6 +1511,50 @@ mod tests {
         assert!(log.verify(None).await.unwrap().is_ok());
     }
 
+    /// The stopped store's sled database, as someone with write access to it would open it
+    /// (sled may hold the lock file a moment after the store closed).
+    fn open_raw(path: &std::path::Path) -> ::sled::Db {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match ::sled::Config::new().path(path).flush_every_ms(None).open() {
+                Ok(db) => return db,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "cannot open the store: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_head_beyond_the_records_is_never_signed_nor_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let Opened { log, .. } = open_in(dir.path()).await;
+            log.append(records(3)).await.unwrap();
+        }
+        // Records 1..=3 removed; the head still says 3.
+        {
+            let db = open_raw(&dir.path().join("store"));
+            let tree = db.open_tree("audit").unwrap();
+            for sequence in 1u64..=3 {
+                tree.remove(sequence.to_be_bytes()).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let Opened { log, .. } = open_in(dir.path()).await;
+        let Err(AuditError::ChainBroken(v)) = log.checkpoint(SystemTime::now()).await else {
+            panic!("a head beyond the records must not be signed");
+        };
+        assert_eq!(v.kind, ViolationKind::HeadBeyondLog { head: 3, last: 0 });
+        assert!(log.signing_blocked().is_some());
+        let v = log.verify(None).await.unwrap().unwrap_err();
+        assert_eq!(v.kind, ViolationKind::HeadBeyondLog { head: 3, last: 0 });
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_broken_chain_blocks_signing_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
@@ -1472,22 +1564,7 @@ mod tests {
         }
         // Record 2 altered in the store, after the genesis checkpoint.
         {
-            // The store just closed; sled may hold its lock file a moment longer.
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            let db = loop {
-                match ::sled::Config::new()
-                    .path(dir.path().join("store"))
-                    .flush_every_ms(None)
-                    .open()
-                {
-                    Ok(db) => break db,
-                    Err(e) if std::time::Instant::now() < deadline => {
-                        let _ = e;
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(e) => panic!("cannot open the store: {e}"),
-                }
-            };
+            let db = open_raw(&dir.path().join("store"));
             let tree = db.open_tree("audit").unwrap();
             let mut record: serde_json::Value =
                 serde_json::from_slice(&tree.get(2u64.to_be_bytes()).unwrap().unwrap()).unwrap();

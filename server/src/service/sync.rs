@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil_core::SpiffeId;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 
 use crate::audit::AuditCheckpoint;
@@ -175,16 +175,29 @@ impl EntrySync {
         witnessed: Vec<AuditCheckpoint>,
         tx: &SyncSender,
     ) -> Result<(), SyncError> {
-        if !witnessed.is_empty() {
-            // A store failure here must not keep the agent from its entries.
-            if let Err(error) = self
-                .audit
-                .witness(agent.id.as_str(), witnessed, SystemTime::now())
-                .await
-            {
-                tracing::warn!(%error, agent = %agent.id, "cannot check the audit checkpoints the agent presented");
-            }
+        // The checkpoints the agent presents are checked beside the stream (the audit log's
+        // lock must never hold up its entries); until that check is done, and for good if it
+        // failed, the stream sends no checkpoint that could replace the evidence the agent
+        // holds.
+        let (witnessed_tx, mut witnessed_rx) = oneshot::channel();
+        if witnessed.is_empty() {
+            let _ = witnessed_tx.send(true);
+        } else {
+            let audit = Arc::clone(&self.audit);
+            let source = agent.id.to_string();
+            tokio::spawn(async move {
+                let checked = match audit.witness(&source, witnessed, SystemTime::now()).await {
+                    Ok(_) => true,
+                    Err(error) => {
+                        tracing::warn!(%error, agent = %source, "cannot check the audit checkpoints the agent presented");
+                        false
+                    }
+                };
+                let _ = witnessed_tx.send(checked);
+            });
         }
+        let mut witness_pending = true;
+        let mut may_send_checkpoints = false;
         let mut checkpoints = self.audit.subscribe();
         let mut sent_checkpoint: Option<Arc<AuditCheckpoint>> = None;
         let cache = &self.entries;
@@ -233,7 +246,10 @@ impl EntrySync {
                 revision = seen;
             }
             let checkpoint = checkpoints.borrow_and_update().clone();
-            if checkpoint != sent_checkpoint && self.audit.divergence().is_none() {
+            if may_send_checkpoints
+                && checkpoint != sent_checkpoint
+                && self.audit.divergence().is_none()
+            {
                 if let Some(cp) = checkpoint.clone()
                     && !send(tx, SyncMessage::Checkpoint(cp)).await
                 {
@@ -259,6 +275,10 @@ impl EntrySync {
                 changed = bundle_updates.changed() => if changed.is_err() { return Ok(()) },
                 changed = crl_updates.changed(), if crls_open => if changed.is_err() { crls_open = false },
                 changed = checkpoints.changed() => if changed.is_err() { return Ok(()) },
+                checked = &mut witnessed_rx, if witness_pending => {
+                    witness_pending = false;
+                    may_send_checkpoints = checked.unwrap_or(false);
+                }
                 () = &mut expiry => return Err(SyncError::Expired),
                 _ = shutdown.wait_for(|stop| *stop) => return Err(SyncError::ShuttingDown),
                 () = tx.closed() => return Ok(()),
@@ -439,6 +459,58 @@ mod tests {
             .expect("a sync message within 10 s")
             .expect("the stream is open")
             .expect("not an error")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_carries_checkpoints_unless_the_agents_own_reveal_a_divergence() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let agent = fx.attested_agent().await;
+        let cp = fx.audit.checkpoint(now).await.unwrap().unwrap();
+
+        // A stream: the snapshot, then the latest checkpoint for the agent to keep.
+        let (tx, mut rx) = mpsc::channel(4);
+        let sync = fx.sync.clone();
+        let stream_agent = agent.clone();
+        let task = tokio::spawn(async move { sync.run(stream_agent, 0, vec![], &tx).await });
+        assert!(matches!(
+            next_any(&mut rx).await,
+            SyncMessage::Snapshot { .. }
+        ));
+        let SyncMessage::Checkpoint(sent) = next_any(&mut rx).await else {
+            panic!("expected the checkpoint");
+        };
+        assert_eq!(*sent, cp);
+        drop(rx);
+        task.await.unwrap().unwrap();
+
+        // An agent that saw a later checkpoint of a history this log does not hold: the
+        // divergence is found, and the stream sends it no checkpoint that could replace it.
+        let mut lost = cp.clone();
+        lost.sequence += 100;
+        let lost = fx.audit.resign(lost);
+        let (tx, mut rx) = mpsc::channel(4);
+        let sync = fx.sync.clone();
+        let stream_agent = agent.clone();
+        let task = tokio::spawn(async move { sync.run(stream_agent, 0, vec![lost], &tx).await });
+        assert!(matches!(
+            next_any(&mut rx).await,
+            SyncMessage::Snapshot { .. }
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while fx.audit.divergence().is_none() {
+            assert!(std::time::Instant::now() < deadline, "no divergence found");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        fx.entries
+            .create(0, vec![entry("spiffe://example.org/after", &agent.id)], now)
+            .await
+            .unwrap();
+        assert!(matches!(next_any(&mut rx).await, SyncMessage::Changes(_)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(rx.try_recv().is_err(), "nothing else, no checkpoint");
+        drop(rx);
+        task.await.unwrap().unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

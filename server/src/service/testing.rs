@@ -34,6 +34,7 @@ pub(crate) struct Fixture {
     pub(crate) bundles: Bundles,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) sync: EntrySync,
+    pub(crate) audit: Arc<AuditLog>,
     _stop: watch::Sender<bool>,
     _dir: tempfile::TempDir,
 }
@@ -131,7 +132,14 @@ impl Fixture {
                 authority.clone(),
                 crls.clone(),
             ),
-            sync: EntrySync::new(cache, authority.clone(), crls.clone(), audit, stop_rx),
+            sync: EntrySync::new(
+                cache,
+                authority.clone(),
+                crls.clone(),
+                audit.clone(),
+                stop_rx,
+            ),
+            audit,
             sessions,
             store,
             authority,
