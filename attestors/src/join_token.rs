@@ -3,7 +3,10 @@
 //! A join token is a one-time secret an operator hands to a new agent. The agent presents it
 //! once; the server consumes it atomically (two concurrent attestations with one token: exactly
 //! one succeeds), refuses expired tokens (and consumes them too), and names the agent
-//! `spiffe://TD/sigil/agent/join_token/TOKEN`.
+//! `spiffe://TD/sigil/agent/join_token/FINGERPRINT`: the first 16 hex characters of the token's
+//! SHA-256 ([`fingerprint`]). The token itself is a secret until it is spent, so it appears in
+//! no SPIFFE ID, log line or audit record, and the server stores only its full SHA-256
+//! ([`token_hash`]).
 
 use std::time::SystemTime;
 
@@ -43,10 +46,27 @@ pub trait JoinTokens: Send + Sync {
     ) -> Result<Option<SpiffeId>, JoinTokenError>;
 }
 
-/// The SPIFFE ID of the agent that attests with `token`.
+/// How many hex characters of the token's SHA-256 name its agent (64 bits: a collision among
+/// the tokens of one trust domain is not a practical concern, and the ID stays short).
+pub const FINGERPRINT_LEN: usize = 16;
+
+/// What the server stores in place of `token`: its SHA-256, lowercase hex.
+pub fn token_hash(token: &str) -> String {
+    sigil_core::hex::sha256(token.as_bytes())
+}
+
+/// The first [`FINGERPRINT_LEN`] hex characters of the token's SHA-256: what names its agent.
+pub fn fingerprint(token: &str) -> String {
+    let mut hash = token_hash(token);
+    hash.truncate(FINGERPRINT_LEN);
+    hash
+}
+
+/// The SPIFFE ID of the agent that attests with `token`: its [`fingerprint`], never the token.
 pub fn agent_id(trust_domain: &TrustDomain, token: &str) -> Result<SpiffeId, JoinTokenError> {
+    let fingerprint = fingerprint(token);
     let mut segments: Vec<&str> = AGENT_PATH.to_vec();
-    segments.push(token);
+    segments.push(&fingerprint);
     Ok(trust_domain.id(segments)?)
 }
 
@@ -55,16 +75,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn agent_ids_are_built_from_valid_tokens_only() {
+    fn agent_ids_name_the_tokens_fingerprint_never_the_token() {
         let td = TrustDomain::new("example.org").unwrap();
+        // SHA-256("abc123") = 6ca13d52ca70c883e0f0bb101e425a89e8624de51db2d2392593af6a84118090
         assert_eq!(
-            agent_id(&td, "abc123").unwrap().as_str(),
-            "spiffe://example.org/sigil/agent/join_token/abc123"
+            token_hash("abc123"),
+            "6ca13d52ca70c883e0f0bb101e425a89e8624de51db2d2392593af6a84118090"
         );
-        for bad in ["", "a/b", "..", "a b", "a%2F"] {
-            assert!(
-                matches!(agent_id(&td, bad), Err(JoinTokenError::Malformed(_))),
-                "{bad:?}"
+        assert_eq!(fingerprint("abc123"), "6ca13d52ca70c883");
+        let id = agent_id(&td, "abc123").unwrap();
+        assert_eq!(
+            id.as_str(),
+            "spiffe://example.org/sigil/agent/join_token/6ca13d52ca70c883"
+        );
+        assert!(!id.as_str().contains("abc123"));
+        // Any string is a token as far as its ID goes: none can inject a path.
+        for odd in ["", "a/b", "..", "a b", "a%2F"] {
+            let id = agent_id(&td, odd).unwrap();
+            assert_eq!(
+                id.path().len(),
+                "/sigil/agent/join_token/".len() + FINGERPRINT_LEN
             );
         }
     }

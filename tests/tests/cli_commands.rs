@@ -53,20 +53,24 @@ fn cli_token_generate_with_and_without_an_alias() {
     let out = text.ok();
     let token = field(out, "Token");
     assert_eq!(token.len(), 32, "{out}");
+    // The agent ID names the token's fingerprint (the first 16 hex of its SHA-256), never
+    // the token: it is a secret until spent.
+    let fingerprint = &sigil_core::hex::sha256(token.as_bytes())[..16];
     assert_eq!(
         field(out, "Agent SPIFFE ID"),
-        format!("spiffe://example.org/sigil/agent/join_token/{token}")
+        format!("spiffe://example.org/sigil/agent/join_token/{fingerprint}")
     );
     assert_eq!(field(out, "Alias SPIFFE ID"), "spiffe://example.org/node1");
     assert!(field(out, "Expires at").ends_with("(in 1h)"), "{out}");
 
     let json = server.json(&["token", "generate"]).one();
     assert_eq!(json["id"], json["token"]);
+    let fingerprint = &sigil_core::hex::sha256(id_of(&json).as_bytes())[..16];
     assert!(
         json["agent_spiffe_id"]
             .as_str()
             .unwrap()
-            .ends_with(id_of(&json))
+            .ends_with(&format!("/join_token/{fingerprint}"))
     );
     assert_eq!(json["alias_spiffe_id"], Value::Null);
 

@@ -170,8 +170,8 @@ impl Agents {
     }
 
     /// Generates a join token for admin `uid`, valid for `ttl` (`None`: the default), whose
-    /// agent also gets the alias entry `alias`. The token itself is never recorded: only the
-    /// agent ID it gives.
+    /// agent also gets the alias entry `alias`. The token itself is never stored, logged or
+    /// recorded: the store keeps its SHA-256, and the agent ID it gives names its fingerprint.
     ///
     /// # Errors
     ///
@@ -199,7 +199,7 @@ impl Agents {
             .map_err(|e| AgentError::Invalid(format!("join token: {e}")))?;
         self.store
             .create_join_token(JoinToken {
-                token: token.clone(),
+                token_hash: join_token::token_hash(&token),
                 expires_at: now + ttl,
                 created_at: now,
                 alias_spiffe_id: alias.clone(),

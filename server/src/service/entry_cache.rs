@@ -204,7 +204,10 @@ impl EntryCache {
     /// The entries authorized for `agent` at `now`: parented to it or, recursively, to the
     /// SPIFFE ID of an authorized entry. Entries that expired at or before `now`, and entries
     /// for IDs the server reserves ([`policy::is_reserved`]), authorize nothing (nor anything
-    /// below them). What sync streams send.
+    /// below them). A privileged session's ID is never a parent (nothing below it is
+    /// authorized), and a node alias (an entry with no selectors, made by a join token's
+    /// `--spiffe-id`) is a parent only, never an identity issued to the agent's workloads.
+    /// What sync streams send.
     ///
     /// Read-your-writes: when the store has durable changes the cache has not applied yet, it
     /// applies them first, so every write acknowledged before the call is reflected.
@@ -437,10 +440,12 @@ impl State {
                 if !usable(entry) {
                     continue;
                 }
-                if out.reachable.insert(entry.spiffe_id.clone()) {
+                if is_parent(entry) && out.reachable.insert(entry.spiffe_id.clone()) {
                     queue.push_back(entry.spiffe_id.clone());
                 }
-                out.entries.insert(entry.id.clone(), entry.clone());
+                if is_issued(entry) {
+                    out.entries.insert(entry.id.clone(), entry.clone());
+                }
             }
         }
         out
@@ -456,7 +461,7 @@ impl State {
     ) -> HashMap<EntryId, Arc<RegistrationEntry>> {
         let mut reaches: HashMap<&SpiffeId, bool> = HashMap::new();
         ids.iter()
-            .filter_map(|id| self.entries.get(id).filter(|e| usable(e)))
+            .filter_map(|id| self.entries.get(id).filter(|e| usable(e) && is_issued(e)))
             .filter(|entry| {
                 *reaches
                     .entry(&entry.parent_id)
@@ -484,7 +489,7 @@ impl State {
         while let Some(id) = queue.pop_front() {
             let granting = self.by_spiffe_id.get(id).into_iter().flatten();
             for entry in granting.filter_map(|e| self.entries.get(e)) {
-                if !usable(entry) {
+                if !usable(entry) || !is_parent(entry) {
                     continue;
                 }
                 if entry.parent_id == *agent {
@@ -513,6 +518,18 @@ impl State {
 /// An entry counts for authorization at `now` unless it expired or grants a reserved ID.
 fn usable(entry: &RegistrationEntry, now: SystemTime) -> bool {
     entry.expires_at.is_none_or(|at| at > now) && !policy::is_reserved(&entry.spiffe_id)
+}
+
+/// Whether the ID an entry grants can parent other entries: not a privileged session's (a
+/// session is bound to one task, approved for itself; nothing may hang below it).
+fn is_parent(entry: &RegistrationEntry) -> bool {
+    entry.session_id.is_none()
+}
+
+/// Whether an entry's ID is issued to workloads: not a node alias (no selectors: it would match
+/// every workload of the node), which only names the agent as a parent.
+fn is_issued(entry: &RegistrationEntry) -> bool {
+    !entry.selectors.is_empty()
 }
 
 #[cfg(test)]
@@ -565,6 +582,87 @@ mod tests {
             .collect();
         ids.sort_unstable();
         ids
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn node_aliases_are_parents_only_and_sessions_parent_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        // The alias a join token's --spiffe-id makes: no selectors.
+        let alias = store
+            .create_entry(NewEntry::new(
+                id("spiffe://example.org/node/web-1"),
+                id(AGENT),
+                SelectorSet::default(),
+            ))
+            .await
+            .unwrap();
+        let below_alias = store
+            .create_entry(new_entry(
+                "spiffe://example.org/web",
+                "spiffe://example.org/node/web-1",
+            ))
+            .await
+            .unwrap();
+        // A session's entry, and one an admin parented to the session's ID.
+        let mut session = new_entry("spiffe://example.org/admin/db-migrate", AGENT);
+        session.session_id = Some(crate::store::SessionId::generate().unwrap());
+        let session = store.create_entry(session).await.unwrap();
+        let below_session = store
+            .create_entry(new_entry(
+                "spiffe://example.org/escalated",
+                "spiffe://example.org/admin/db-migrate",
+            ))
+            .await
+            .unwrap();
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        let now = SystemTime::now();
+
+        // Walking down: the alias's child and the session entry, not the alias itself nor
+        // anything below the session.
+        assert_eq!(
+            granted(&cache, AGENT),
+            [
+                "spiffe://example.org/admin/db-migrate",
+                "spiffe://example.org/web"
+            ]
+        );
+        // Walking up (what signing asks): the same answer.
+        let ids = [
+            alias.id.clone(),
+            below_alias.id.clone(),
+            session.id.clone(),
+            below_session.id.clone(),
+        ];
+        let mut signed: Vec<String> = cache
+            .authorize(&id(AGENT), &ids, now)
+            .await
+            .unwrap()
+            .values()
+            .map(|e| e.spiffe_id.to_string())
+            .collect();
+        signed.sort_unstable();
+        assert_eq!(
+            signed,
+            [
+                "spiffe://example.org/admin/db-migrate",
+                "spiffe://example.org/web"
+            ]
+        );
+        assert!(
+            cache
+                .authorize_one(&id(AGENT), &alias.id, now)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            cache
+                .authorize_one(&id(AGENT), &below_session.id, now)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

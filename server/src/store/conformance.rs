@@ -1026,7 +1026,7 @@ pub(crate) async fn join_token_consumed_exactly_once_under_concurrency(store: Ar
     for task in tasks {
         match task.await.unwrap() {
             Ok(token) => {
-                assert_eq!(token.token, "contended");
+                assert_eq!(token.token_hash, "contended");
                 won += 1;
             }
             Err(StoreError::TokenNotFound) => lost += 1,
@@ -1479,7 +1479,7 @@ fn node(name: &str) -> AttestedNode {
 
 fn join_token(value: &str, expires_at: SystemTime) -> JoinToken {
     JoinToken {
-        token: value.to_owned(),
+        token_hash: value.to_owned(),
         expires_at,
         created_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         alias_spiffe_id: None,

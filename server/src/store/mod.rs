@@ -176,13 +176,13 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
     /// Stores a join token. Fails with [`StoreError::AlreadyExists`] when the token exists.
     async fn create_join_token(&self, token: JoinToken) -> Result<(), StoreError>;
 
-    /// Removes the token atomically and returns it: among any number of concurrent callers,
-    /// exactly one gets it. Fails with [`StoreError::TokenNotFound`] when it does not exist (or
+    /// Removes the token whose SHA-256 is `token_hash` atomically and returns it: among any
+    /// number of concurrent callers, exactly one gets it. Fails with [`StoreError::TokenNotFound`] when it does not exist (or
     /// was consumed already), and with [`StoreError::TokenExpired`] when it expired at or before
     /// `now`; an expired token is removed all the same.
     async fn consume_join_token(
         &self,
-        token: &str,
+        token_hash: &str,
         now: SystemTime,
     ) -> Result<JoinToken, StoreError>;
 
@@ -482,8 +482,10 @@ pub(crate) struct AttestedNode {
 /// A single-use join token. Its `Debug` never prints the token.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct JoinToken {
-    /// The secret value an agent presents.
-    pub token: String,
+    /// SHA-256 of the secret value an agent presents, lowercase hex
+    /// ([`token_hash`](sigil_attestors::join_token::token_hash)): the token itself is never
+    /// stored.
+    pub token_hash: String,
     /// After this instant the token is refused.
     pub expires_at: SystemTime,
     /// When it was minted.
@@ -797,7 +799,7 @@ impl PageRequest {
 impl fmt::Debug for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JoinToken")
-            .field("token", &"<redacted>")
+            .field("token_hash", &"<redacted>")
             .field("expires_at", &self.expires_at)
             .field("created_at", &self.created_at)
             .field("alias_spiffe_id", &self.alias_spiffe_id)
@@ -837,7 +839,8 @@ impl sigil_attestors::join_token::JoinTokens for dyn Store {
         now: SystemTime,
     ) -> Result<Option<SpiffeId>, sigil_attestors::join_token::JoinTokenError> {
         use sigil_attestors::join_token::JoinTokenError;
-        match self.consume_join_token(token, now).await {
+        let hash = sigil_attestors::join_token::token_hash(token);
+        match self.consume_join_token(&hash, now).await {
             Ok(token) => Ok(token.alias_spiffe_id),
             Err(StoreError::TokenNotFound) => Err(JoinTokenError::NotFound),
             Err(StoreError::TokenExpired) => Err(JoinTokenError::Expired),
@@ -887,7 +890,7 @@ mod tests {
     #[test]
     fn join_token_debug_is_redacted() {
         let token = JoinToken {
-            token: "s3cret".into(),
+            token_hash: "s3cret".into(),
             expires_at: SystemTime::UNIX_EPOCH,
             created_at: SystemTime::UNIX_EPOCH,
             alias_spiffe_id: None,

@@ -201,6 +201,13 @@ impl SledStore {
         let retention = options.change_retention.max(1);
         let revision = read_revision(&trees.meta)?;
         prune_changes(&trees.changes, revision, retention)?;
+        let rehashed = nodes::hash_legacy_join_tokens(&trees.join_tokens)?;
+        if rehashed > 0 {
+            tracing::info!(
+                rehashed,
+                "join tokens stored in the clear by an earlier build are now stored hashed"
+            );
+        }
         // What sled recovered may sit in the page cache only (the last process died before
         // flushing it): make it durable before reporting any of it.
         db.flush()?;
@@ -423,13 +430,13 @@ impl Store for SledStore {
 
     async fn consume_join_token(
         &self,
-        token: &str,
+        token_hash: &str,
         now: SystemTime,
     ) -> Result<JoinToken, StoreError> {
-        let token = token.to_owned();
+        let token_hash = token_hash.to_owned();
         // sled's `remove` is atomic and returns the old value: exactly one caller gets it.
         let removed = self
-            .blocking(move |inner| inner.remove_join_token(&token))
+            .blocking(move |inner| inner.remove_join_token(&token_hash))
             .await?;
         let Some(bytes) = removed else {
             return Err(StoreError::TokenNotFound);

@@ -105,7 +105,7 @@ impl Inner {
 impl Inner {
     pub(super) fn create_join_token(&self, token: &JoinToken) -> Result<(), StoreError> {
         let value = encode("join token", token)?;
-        let key = token.token.as_bytes();
+        let key = token.token_hash.as_bytes();
         match self
             .trees
             .join_tokens
@@ -119,9 +119,9 @@ impl Inner {
         }
     }
 
-    /// Removes the token and returns its record, if it was there.
-    pub(super) fn remove_join_token(&self, token: &str) -> Result<Option<IVec>, StoreError> {
-        Ok(self.trees.join_tokens.remove(token.as_bytes())?)
+    /// Removes the token whose SHA-256 is `token_hash` and returns its record, if it was there.
+    pub(super) fn remove_join_token(&self, token_hash: &str) -> Result<Option<IVec>, StoreError> {
+        Ok(self.trees.join_tokens.remove(token_hash.as_bytes())?)
     }
 
     pub(super) fn prune_join_tokens(&self, now: SystemTime) -> Result<u64, StoreError> {
@@ -142,4 +142,43 @@ impl Inner {
         }
         Ok(pruned)
     }
+}
+
+/// A join token as an earlier build stored it: in the clear, under itself.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegacyJoinToken {
+    token: String,
+    expires_at: SystemTime,
+    created_at: SystemTime,
+    alias_spiffe_id: Option<SpiffeId>,
+}
+
+/// Re-keys the join tokens an earlier build stored in the clear under their SHA-256 (each in
+/// one transaction: a crash leaves every token in one form or the other); returns how many.
+pub(super) fn hash_legacy_join_tokens(tree: &::sled::Tree) -> Result<u64, StoreError> {
+    let mut rehashed = 0;
+    for item in tree.iter() {
+        let (key, value) = item?;
+        let Ok(legacy) = serde_json::from_slice::<LegacyJoinToken>(&value) else {
+            continue;
+        };
+        let token = JoinToken {
+            token_hash: sigil_attestors::join_token::token_hash(&legacy.token),
+            expires_at: legacy.expires_at,
+            created_at: legacy.created_at,
+            alias_spiffe_id: legacy.alias_spiffe_id,
+        };
+        let new_value = encode("join token", &token)?;
+        tree.transaction(|tx| {
+            if tx.get(&key)?.as_deref() == Some(&value[..]) {
+                tx.remove(&key)?;
+                tx.insert(token.token_hash.as_bytes(), new_value.clone())?;
+            }
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })
+        .map_err(transaction_error)?;
+        rehashed += 1;
+    }
+    Ok(rehashed)
 }

@@ -87,7 +87,7 @@ async fn reopen_keeps_everything_including_the_revision_counter() {
             .unwrap();
         store
             .create_join_token(JoinToken {
-                token: "tok".to_owned(),
+                token_hash: "tok".to_owned(),
                 expires_at: now + Duration::from_secs(600),
                 created_at: now,
                 alias_spiffe_id: None,
@@ -109,7 +109,11 @@ async fn reopen_keeps_everything_including_the_revision_counter() {
     assert_eq!(store.count_entries().await.unwrap(), 1);
     assert_eq!(store.get_node(&node.spiffe_id).await.unwrap(), Some(node));
     assert_eq!(
-        store.consume_join_token("tok", now).await.unwrap().token,
+        store
+            .consume_join_token("tok", now)
+            .await
+            .unwrap()
+            .token_hash,
         "tok"
     );
     assert_eq!(
@@ -183,6 +187,55 @@ async fn an_undecodable_record_is_reported_as_corrupt() {
         store.snapshot_entries().await,
         Err(StoreError::Corrupt { .. })
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tokens_stored_in_the_clear_are_hashed_at_open_and_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "3f9c0c8e1d2b4a5f6e7d8c9b0a1f2e3d";
+    let expires = SystemTime::now() + Duration::from_secs(600);
+    {
+        // What an earlier build wrote: the token as the key and in the value.
+        let store = open(dir.path());
+        let legacy = serde_json::json!({
+            "token": token,
+            "expires_at": expires,
+            "created_at": SystemTime::UNIX_EPOCH,
+            "alias_spiffe_id": "spiffe://example.org/db",
+        });
+        store
+            .inner
+            .trees
+            .join_tokens
+            .insert(token, serde_json::to_vec(&legacy).unwrap())
+            .unwrap();
+        store.inner.trees.join_tokens.flush().unwrap();
+    }
+    let store = open(dir.path());
+    // Nothing holds the token any more, in keys or values.
+    for item in store.inner.trees.join_tokens.iter() {
+        let (key, value) = item.unwrap();
+        assert!(!String::from_utf8_lossy(&key).contains(token));
+        assert!(!String::from_utf8_lossy(&value).contains(token));
+    }
+    // The agent holding it still attests (once), with its alias.
+    let consumed = sigil_attestors::join_token::JoinTokens::consume(
+        &*(Arc::new(store.clone()) as Arc<dyn Store>),
+        token,
+        SystemTime::now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(consumed.unwrap().as_str(), "spiffe://example.org/db");
+    assert!(
+        sigil_attestors::join_token::JoinTokens::consume(
+            &*(Arc::new(store) as Arc<dyn Store>),
+            token,
+            SystemTime::now(),
+        )
+        .await
+        .is_err()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
