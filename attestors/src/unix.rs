@@ -14,7 +14,9 @@
 //! Hashing costs milliseconds, so it runs only when asked ([`UnixAttestor::attest`]'s
 //! `with_sha256`, which the agent sets when some entry on the node uses a `unix:sha256`
 //! selector), is bounded by a size limit, and is cached by file identity (device, inode, size,
-//! modification time). Selector values are never logged at info level.
+//! and the inode's change time: not the modification time, which the file's owner may set back
+//! after rewriting it, while any write or `utime` moves the change time). Selector values are
+//! never logged at info level.
 //!
 //! The pid may be reused by another process between connect and attestation: the caller must
 //! check afterwards that the process is still the one that connected (the agent's front door
@@ -26,7 +28,6 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
-use std::time::SystemTime;
 
 use sigil_core::{Selector, SelectorSet};
 
@@ -81,7 +82,9 @@ struct FileIdentity {
     dev: u64,
     ino: u64,
     size: u64,
-    mtime: Option<SystemTime>,
+    /// The inode change time (seconds, nanoseconds): moved by every write, `chmod` or `utime`,
+    /// and not settable by the file's owner.
+    ctime: (i64, i64),
 }
 
 // === impl UnixAttestor ===
@@ -162,7 +165,7 @@ impl UnixAttestor {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.len(),
-            mtime: meta.modified().ok(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
         };
         if let Some(hash) = self
             .hashes
@@ -364,6 +367,30 @@ mod tests {
             matches!(err, UnixAttestorError::Process { pid: 7, .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_rewritten_file_is_hashed_again_even_with_its_mtime_set_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"the approved build").unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let attestor = UnixAttestor::new();
+        let first = attestor.sha256(&path).unwrap().unwrap();
+        // Same size, new content, the modification time put back as it was: what an owner
+        // hiding a swap would do. The change time still moves.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, b"the evil build!!!!").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+        let second = attestor.sha256(&path).unwrap().unwrap();
+        assert_ne!(first, second, "the cache served the old file's hash");
+        assert_eq!(second, sigil_core::hex::sha256(b"the evil build!!!!"));
     }
 
     #[test]

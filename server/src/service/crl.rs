@@ -3,7 +3,6 @@
 //! `nextUpdate` ([`CRL_VALIDITY`] after `thisUpdate`) never passes while the server runs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Mutex, watch};
@@ -46,7 +45,6 @@ pub(crate) struct CrlPublisher {
     ca: Arc<Ca>,
     store: Arc<dyn Store>,
     tx: watch::Sender<Arc<CrlSet>>,
-    last_number: AtomicU64,
     publishing: Mutex<()>,
 }
 
@@ -75,7 +73,6 @@ impl CrlPublisher {
             ca,
             store,
             tx,
-            last_number: AtomicU64::new(0),
             publishing: Mutex::new(()),
         }
     }
@@ -93,8 +90,8 @@ impl CrlPublisher {
     /// Drops revocations of expired certificates, signs fresh CRLs and publishes them.
     ///
     /// The CRL number is the time in milliseconds since the Unix epoch, or one more than the
-    /// previous number if the clock has not moved past it: it increases across restarts as
-    /// long as the clock does not step back.
+    /// last number the store handed out if the clock has not moved past it: it increases
+    /// across restarts and clock steps ([`Store::next_crl_number`]).
     ///
     /// # Errors
     ///
@@ -116,9 +113,7 @@ impl CrlPublisher {
         let millis = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let previous = self.last_number.load(Ordering::SeqCst);
-        let number = millis.max(previous.saturating_add(1));
-        self.last_number.store(number, Ordering::SeqCst);
+        let number = self.store.next_crl_number(millis).await?;
         let crls = self
             .ca
             .sign_crls(&revoked, number, now, now + CRL_VALIDITY)?;
@@ -178,6 +173,22 @@ mod tests {
             revoked_at: SystemTime::now(),
             cause: "test".to_owned(),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_crl_number_rises_across_a_restart_with_the_clock_stepped_back() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let before = fx.crls.publish(now).await.unwrap().crls[0].crl_number;
+        // A new publisher on the same store (a restart) whose clock stepped back an hour.
+        let restarted = CrlPublisher::new(fx.authority.ca().clone(), fx.store.clone());
+        let after = restarted
+            .publish(now - Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .crls[0]
+            .crl_number;
+        assert!(after > before, "{after} <= {before}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,7 @@ where
     run!(audit_checkpoints_round_trip);
     run!(session_lifecycle_moves_its_entry_atomically);
     run!(revocations_round_trip_and_prune);
+    run!(crl_numbers_only_rise);
 }
 
 // --- privileged sessions ---
@@ -318,6 +319,15 @@ pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn 
 }
 
 /// Revocations are listed in serial order and pruned once their certificate expired.
+/// CRL numbers: at least what is asked, always above the last one handed out.
+pub(crate) async fn crl_numbers_only_rise(store: Arc<dyn Store>) {
+    assert_eq!(store.next_crl_number(1_000).await.unwrap(), 1_000);
+    assert_eq!(store.next_crl_number(5_000).await.unwrap(), 5_000);
+    // A clock that stepped back asks for less: it gets the next number all the same.
+    assert_eq!(store.next_crl_number(2_000).await.unwrap(), 5_001);
+    assert_eq!(store.next_crl_number(0).await.unwrap(), 5_002);
+}
+
 pub(crate) async fn revocations_round_trip_and_prune(store: Arc<dyn Store>) {
     let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
     let revocation = |serial: &str, not_after: u64| Revocation {

@@ -319,6 +319,11 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
 
     /// Removes the revocations whose certificate expired at or before `now`; returns how many.
     async fn prune_revocations(&self, now: SystemTime) -> Result<u64, StoreError>;
+
+    /// The next CRL number: `at_least`, or one more than the last number this store handed
+    /// out if that is higher. Durable before it returns, so CRL numbers never go backwards,
+    /// across restarts and clock steps.
+    async fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError>;
 }
 
 /// The identifier of a registration entry: 32 lowercase hex characters (16 random bytes).

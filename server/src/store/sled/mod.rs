@@ -109,6 +109,8 @@ mod tests;
 
 /// Key of the revision counter in the `meta` tree.
 const REVISION_KEY: &[u8] = b"revision";
+/// Key of the last CRL number handed out, in the `meta` tree.
+const CRL_NUMBER_KEY: &[u8] = b"crl_number";
 
 /// Options of [`SledStore::open`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -635,6 +637,14 @@ impl Store for SledStore {
         self.blocking(|inner| inner.list_revocations()).await
     }
 
+    async fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError> {
+        let number = self
+            .blocking(move |inner| inner.next_crl_number(at_least))
+            .await?;
+        self.commit().await?;
+        Ok(number)
+    }
+
     async fn prune_revocations(&self, now: SystemTime) -> Result<u64, StoreError> {
         let pruned = self
             .blocking(move |inner| inner.prune_revocations(now))
@@ -766,6 +776,34 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
         reason: format!("expected 8 bytes, found {}", bytes.len()),
     })?;
     Ok(u64::from_be_bytes(array))
+}
+
+impl Inner {
+    /// See [`Store::next_crl_number`]: one atomic update of the counter in `meta`.
+    fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError> {
+        let mut corrupt = None;
+        let updated = self.trees.meta.update_and_fetch(CRL_NUMBER_KEY, |old| {
+            let last = match old.map(decode_u64) {
+                Some(Ok(last)) => last,
+                Some(Err(e)) => {
+                    corrupt = Some(e);
+                    return old.map(<[u8]>::to_vec);
+                }
+                None => 0,
+            };
+            Some(at_least.max(last.saturating_add(1)).to_be_bytes().to_vec())
+        })?;
+        if let Some(e) = corrupt {
+            return Err(e);
+        }
+        match updated {
+            Some(bytes) => decode_u64(&bytes),
+            None => Err(StoreError::Corrupt {
+                what: "crl number",
+                reason: "missing after update".to_owned(),
+            }),
+        }
+    }
 }
 
 fn read_revision(meta: &Tree) -> Result<u64, StoreError> {
