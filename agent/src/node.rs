@@ -73,10 +73,16 @@ struct Identity {
     validity: Validity,
 }
 
-/// What the data directory holds besides the key file.
+/// The agent's identity and the server's bundle, as one 0600 file in the data directory
+/// ([`STATE_FILE`]), key included: written in one atomic step, so that a crash never leaves a
+/// key that does not match the stored certificate (which would cost a new join token).
 #[derive(Serialize, Deserialize)]
 struct StoredState {
     spiffe_id: String,
+    /// The private key, PKCS#8 DER, base64. Absent in state written by an earlier build,
+    /// which kept it in [`KEY_FILE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<Zeroizing<String>>,
     /// The SVID chain, DER, base64.
     chain: String,
     /// Unix seconds.
@@ -97,6 +103,8 @@ pub struct NodeConnection {
 }
 
 const STATE_FILE: &str = "agent.json";
+/// Where an earlier build kept the key apart from the state (read once, removed on the next
+/// write).
 const KEY_FILE: &str = "agent.key";
 
 // === impl NodeConnection ===
@@ -410,12 +418,22 @@ fn load_state(
         path: path.clone(),
         reason,
     };
+    let text = Zeroizing::new(text);
     let state: StoredState = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
-    let key_path = dir.join(KEY_FILE);
-    let key = Zeroizing::new(std::fs::read(&key_path).map_err(|source| NodeError::Io {
-        what: format!("cannot read {}", key_path.display()),
-        source,
-    })?);
+    let key = match &state.key {
+        Some(key) => Zeroizing::new(
+            STANDARD
+                .decode(key.as_bytes())
+                .map_err(|e| bad(e.to_string()))?,
+        ),
+        None => {
+            let key_path = dir.join(KEY_FILE);
+            Zeroizing::new(std::fs::read(&key_path).map_err(|source| NodeError::Io {
+                what: format!("cannot read {}", key_path.display()),
+                source,
+            })?)
+        }
+    };
     let id = SpiffeId::new(&state.spiffe_id).map_err(|e| bad(e.to_string()))?;
     if !id.is_member_of(trust_domain) {
         return Err(bad(format!("{id} is not in trust domain {trust_domain}")));
@@ -459,15 +477,26 @@ fn store_state(dir: &Path, identity: &Identity, bundle: &SpiffeBundle) -> Result
         .collect();
     let state = StoredState {
         spiffe_id: identity.id.to_string(),
+        key: Some(Zeroizing::new(STANDARD.encode(identity.key.as_slice()))),
         chain: STANDARD.encode(der),
         issued_at: secs(identity.validity.issued_at()),
         not_after: secs(identity.validity.not_after()),
         bundle: serde_json::from_slice(&bundle.to_json()).unwrap_or(serde_json::Value::Null),
     };
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| NodeError::Key(e.to_string()))?;
-    // The key first: a state file never names a key that is not on disk.
-    write_private(&dir.join(KEY_FILE), &identity.key)?;
-    write_private(&dir.join(STATE_FILE), &json)
+    let json = Zeroizing::new(
+        serde_json::to_vec_pretty(&state).map_err(|e| NodeError::Key(e.to_string()))?,
+    );
+    // Key and certificate in one atomic write.
+    write_private(&dir.join(STATE_FILE), &json)?;
+    // The key file of an earlier build is stale now.
+    match std::fs::remove_file(dir.join(KEY_FILE)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(NodeError::Io {
+            what: format!("cannot remove {}", dir.join(KEY_FILE).display()),
+            source,
+        }),
+    }
 }
 
 /// Writes `bytes` to `path` atomically with mode 0600 (see [`sigil_daemon::write_private`]).
@@ -476,4 +505,77 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), NodeError> 
         what: format!("cannot write {}", path.display()),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    /// An identity with a real certificate (self-signed, SPIFFE URI SAN) and key.
+    fn identity(td: &TrustDomain) -> (Identity, SpiffeBundle) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let id = td
+            .id(["sigil", "agent", "join_token", "0123456789abcdef"])
+            .unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(id.as_str()).unwrap(),
+        )];
+        let cert = params.self_signed(&key).unwrap();
+        let chain = vec![cert.der().clone()];
+        let mut bundle = SpiffeBundle::new(td.clone());
+        bundle.add_x509_authority(cert.der().clone()).unwrap();
+        let now = SystemTime::now();
+        let identity = Identity {
+            id,
+            chain,
+            key: Arc::new(Zeroizing::new(key.serialize_der())),
+            validity: Validity::from_parts(now, now + Duration::from_secs(3600)),
+        };
+        (identity, bundle)
+    }
+
+    #[test]
+    fn key_and_certificate_are_one_atomic_write_and_an_earlier_layout_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let (first, bundle) = identity(&td);
+
+        // An earlier build's layout: the key apart from the state.
+        store_state(dir.path(), &first, &bundle).unwrap();
+        let mut legacy: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
+        legacy.as_object_mut().unwrap().remove("key");
+        std::fs::write(dir.path().join(STATE_FILE), legacy.to_string()).unwrap();
+        std::fs::write(dir.path().join(KEY_FILE), first.key.as_slice()).unwrap();
+        let (loaded, _) = load_state(dir.path(), &td).unwrap().unwrap();
+        assert_eq!(loaded.key.as_slice(), first.key.as_slice());
+
+        // A renewal: one file holds key and certificate; the old key file is gone.
+        let (second, _) = identity(&td);
+        store_state(dir.path(), &second, &bundle).unwrap();
+        assert!(!dir.path().join(KEY_FILE).exists());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join(STATE_FILE))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        let (loaded, _) = load_state(dir.path(), &td).unwrap().unwrap();
+        assert_eq!(loaded.key.as_slice(), second.key.as_slice());
+        assert_eq!(loaded.chain, second.chain);
+
+        // A crash in the middle of the next write leaves its temporary file behind, and the
+        // state as it was: the agent starts with a key that matches its certificate.
+        std::fs::write(
+            dir.path().join(format!(".{STATE_FILE}.tmp-1")),
+            b"{\"spiffe_id\": \"half-writ",
+        )
+        .unwrap();
+        let (loaded, _) = load_state(dir.path(), &td).unwrap().unwrap();
+        assert_eq!(loaded.key.as_slice(), second.key.as_slice());
+        assert_eq!(loaded.chain, second.chain);
+    }
 }
