@@ -13,7 +13,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use sigil_core::{SpiffeId, SpiffeIdError, TrustDomain};
+use sigil_core::{SelectorSet, SpiffeId, SpiffeIdError, TrustDomain};
 
 /// The first path segments of every ID the server reserves for itself and its agents.
 pub(crate) const RESERVED_PATH_PREFIX: &str = "/sigil/";
@@ -35,6 +35,32 @@ pub(crate) const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(600);
 
 /// The longest join token lifetime.
 pub(crate) const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The most bytes an entry may take on the wire ([`entry_wire_size`]): far below the 4 MiB
+/// message limit, so that any page of a sync stream holds at least one entry.
+pub(crate) const MAX_ENTRY_WIRE_BYTES: usize = 256 * 1024;
+
+/// An upper bound of the bytes an entry takes in a protobuf message: its strings plus a fixed
+/// allowance per field for tags, lengths and the numbers (TTLs, times, revision, ids).
+pub(crate) fn entry_wire_size(
+    spiffe_id: &SpiffeId,
+    parent_id: &SpiffeId,
+    selectors: &SelectorSet,
+    dns_names: &[String],
+    hint: &str,
+) -> usize {
+    const FIELD: usize = 16;
+    const FIXED: usize = 160;
+    FIXED
+        + spiffe_id.as_str().len()
+        + parent_id.as_str().len()
+        + hint.len()
+        + selectors
+            .iter()
+            .map(|s| s.kind().len() + 1 + s.value().len() + FIELD)
+            .sum::<usize>()
+        + dns_names.iter().map(|d| d.len() + FIELD).sum::<usize>()
+}
 
 /// Why an ID may not be granted to a workload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

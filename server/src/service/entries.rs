@@ -246,6 +246,20 @@ impl Entries {
                 problems.push(e.to_string());
             }
         }
+        let size = policy::entry_wire_size(
+            &entry.spiffe_id,
+            &entry.parent_id,
+            &entry.selectors,
+            &entry.dns_names,
+            &entry.hint,
+        );
+        if size > policy::MAX_ENTRY_WIRE_BYTES {
+            problems.push(format!(
+                "the entry takes about {size} bytes; the maximum is {} (fewer or shorter \
+                 selectors and DNS names)",
+                policy::MAX_ENTRY_WIRE_BYTES
+            ));
+        }
         if entry.hint.len() > MAX_HINT_LEN {
             problems.push(format!(
                 "hint is {} bytes; the maximum is {MAX_HINT_LEN}",
@@ -303,7 +317,28 @@ mod tests {
 
     use super::*;
     use crate::audit::AuditFilter;
-    use crate::service::testing::{Fixture, entry};
+    use crate::service::testing::{Fixture, bulky_entry, entry};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_too_large_for_a_sync_page_is_refused() {
+        let fx = Fixture::new().await;
+        let agent = SpiffeId::new("spiffe://example.org/sigil/agent/join_token/a").unwrap();
+        let results = fx
+            .entries
+            .create(
+                0,
+                vec![
+                    bulky_entry("spiffe://example.org/big", &agent, 70),
+                    bulky_entry("spiffe://example.org/fits", &agent, 60),
+                ],
+                SystemTime::now(),
+            )
+            .await
+            .unwrap();
+        let refused = results[0].as_ref().unwrap_err().to_string();
+        assert!(refused.contains("the maximum is 262144"), "{refused}");
+        assert!(results[1].is_ok());
+    }
 
     fn new_entry(id: &str) -> NewEntry {
         let agent = SpiffeId::new("spiffe://example.org/sigil/agent/join_token/a").unwrap();

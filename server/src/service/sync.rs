@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 
 use crate::audit::AuditCheckpoint;
+use crate::policy;
 use crate::service::agents::Agent;
 use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, BundleState};
@@ -28,8 +29,13 @@ use crate::service::crl::{CrlPublisher, CrlSet};
 use crate::service::entry_cache::{EntryCache, EntryCacheError, Recent};
 use crate::store::{Change, ChangeKind, EntryId, RegistrationEntry};
 
-/// Entries per snapshot page (a page stays far below gRPC's 4 MB limit).
+/// Entries per snapshot or resume page at most.
 pub(crate) const SNAPSHOT_PAGE_SIZE: usize = 1000;
+
+/// Bytes of entries per page at most ([`policy::entry_wire_size`]): pages are cut by size as
+/// well as by count, so that entries with many or long selectors never make a page exceed
+/// gRPC's 4 MiB limit (an entry takes at most [`policy::MAX_ENTRY_WIRE_BYTES`]).
+pub(crate) const PAGE_BYTES: usize = 1024 * 1024;
 
 /// Entry ids per resume page (34 bytes each on the wire: 340 KB a page).
 pub(crate) const RESUME_IDS_PER_PAGE: usize = 10_000;
@@ -304,7 +310,7 @@ impl EntrySync {
             .map(|(id, e)| (id.clone(), e.revision))
             .collect();
         let entries: Vec<_> = authorized.entries.values().cloned().collect();
-        let mut pages = entries.chunks(SNAPSHOT_PAGE_SIZE).peekable();
+        let mut pages = pages(&entries).into_iter().peekable();
         loop {
             let chunk = pages.next().unwrap_or_default();
             let last = pages.peek().is_none();
@@ -357,7 +363,7 @@ impl EntrySync {
             .iter()
             .map(|(id, e)| (id.clone(), e.revision))
             .collect();
-        let mut entries = resent.chunks(SNAPSHOT_PAGE_SIZE);
+        let mut entries = pages(&resent).into_iter();
         let mut ids = unchanged.chunks(RESUME_IDS_PER_PAGE);
         loop {
             let (chunk, id_chunk) = (entries.next(), ids.next());
@@ -428,6 +434,31 @@ impl EntrySync {
     }
 }
 
+/// `entries` cut into pages of at most [`SNAPSHOT_PAGE_SIZE`] entries and [`PAGE_BYTES`]
+/// bytes (a page holds one entry at least).
+fn pages(entries: &[Arc<RegistrationEntry>]) -> Vec<&[Arc<RegistrationEntry>]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, entry) in entries.iter().enumerate() {
+        let size = policy::entry_wire_size(
+            &entry.spiffe_id,
+            &entry.parent_id,
+            &entry.selectors,
+            &entry.dns_names,
+            &entry.hint,
+        );
+        if i > start && (i - start == SNAPSHOT_PAGE_SIZE || bytes + size > PAGE_BYTES) {
+            out.push(&entries[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < entries.len() {
+        out.push(&entries[start..]);
+    }
+    out
+}
+
 async fn send(tx: &SyncSender, message: SyncMessage) -> bool {
     tx.send(Ok(message)).await.is_ok()
 }
@@ -441,7 +472,54 @@ fn entry_of(change: &Change) -> &RegistrationEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::testing::{Fixture, entry};
+    use crate::service::testing::{Fixture, bulky_entry, entry};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pages_are_cut_by_size_so_bulky_entries_never_exceed_the_message_limit() {
+        let fx = Fixture::new().await;
+        let agent = fx.attested_agent().await;
+        let now = SystemTime::now();
+        // 12 entries of about 240 KB: 2.9 MB, far fewer than a page's 1000 entries.
+        let bulky: Vec<_> = (0..12)
+            .map(|i| bulky_entry(&format!("spiffe://example.org/bulky/{i}"), &agent.id, 60))
+            .collect();
+        for result in fx.entries.create(0, bulky, now).await.unwrap() {
+            result.unwrap();
+        }
+        let (tx, mut rx) = mpsc::channel(16);
+        let sync = fx.sync.clone();
+        let stream_agent = agent.clone();
+        let task = tokio::spawn(async move { sync.run(stream_agent, 0, vec![], &tx).await });
+        let mut received = 0;
+        let mut pages = 0;
+        loop {
+            let SyncMessage::Snapshot { entries, crls, .. } = next(&mut rx).await else {
+                panic!("expected snapshot pages");
+            };
+            let bytes: usize = entries
+                .iter()
+                .map(|e| {
+                    policy::entry_wire_size(
+                        &e.spiffe_id,
+                        &e.parent_id,
+                        &e.selectors,
+                        &e.dns_names,
+                        &e.hint,
+                    )
+                })
+                .sum();
+            assert!(bytes <= PAGE_BYTES, "a page of {bytes} bytes");
+            received += entries.len();
+            pages += 1;
+            if crls.is_some() {
+                break;
+            }
+        }
+        assert_eq!(received, 12);
+        assert!(pages >= 3, "{pages} pages");
+        drop(rx);
+        task.await.unwrap().unwrap();
+    }
 
     /// The next message other than an audit checkpoint.
     async fn next(rx: &mut mpsc::Receiver<Result<SyncMessage, SyncError>>) -> SyncMessage {

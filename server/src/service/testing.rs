@@ -200,6 +200,15 @@ pub(crate) fn entry(spiffe_id: &str, parent: &SpiffeId) -> NewEntry {
     )
 }
 
+/// An entry for `spiffe_id` under `parent` with `count` selectors of 4000 bytes each (about
+/// 4 KB on the wire apiece).
+pub(crate) fn bulky_entry(spiffe_id: &str, parent: &SpiffeId, count: usize) -> NewEntry {
+    let selectors = (0..count)
+        .map(|i| Selector::parse(&format!("k8s:label:{i:04}{}", "x".repeat(3990))).unwrap())
+        .collect::<SelectorSet>();
+    NewEntry::new(SpiffeId::new(spiffe_id).unwrap(), parent.clone(), selectors)
+}
+
 /// A P-256 key and a CSR over it, DER.
 pub(crate) fn csr() -> (Vec<u8>, rcgen::KeyPair) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
