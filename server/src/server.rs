@@ -257,6 +257,7 @@ impl Server {
                 authority.clone(),
                 crls.clone(),
                 audit.clone(),
+                agents.clone(),
                 stop_rx.clone(),
             ),
             *authority.ttls(),

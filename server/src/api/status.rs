@@ -150,6 +150,7 @@ pub(crate) fn sync_status(error: SyncError) -> Status {
     match error {
         e @ SyncError::Expired => deny_status(DenyReason::Expired, e.to_string()),
         e @ SyncError::ShuttingDown => Status::unavailable(e.to_string()),
+        e @ SyncError::Removed(reason) => deny_status(reason, e.to_string()),
         SyncError::Entries(e) => cache_status(e),
     }
 }

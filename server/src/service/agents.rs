@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use rustls_pki_types::CertificateDer;
 use sigil_attestors::join_token::{self, JoinTokenError, JoinTokens};
 use sigil_core::SpiffeId;
+use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -116,6 +117,16 @@ pub(crate) struct Agents {
     audit: Arc<AuditLog>,
     authority: Arc<Authority>,
     crls: Arc<CrlPublisher>,
+    removed: broadcast::Sender<Removed>,
+}
+
+/// An agent banned or evicted: its open streams end at once, with the reason it acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Removed {
+    /// The agent.
+    pub id: SpiffeId,
+    /// Why it is refused from now on.
+    pub reason: DenyReason,
 }
 
 // === impl DenyReason ===
@@ -166,7 +177,13 @@ impl Agents {
             audit,
             authority,
             crls,
+            removed: broadcast::Sender::new(64),
         }
+    }
+
+    /// Every agent banned or evicted from now on (open sync streams end on it).
+    pub(crate) fn subscribe_removed(&self) -> broadcast::Receiver<Removed> {
+        self.removed.subscribe()
     }
 
     /// Generates a join token for admin `uid`, valid for `ttl` (`None`: the default), whose
@@ -411,6 +428,10 @@ impl Agents {
             return Err(AgentError::EvictBanned(id.clone()));
         }
         let node = self.store.delete_node(id).await?;
+        let _ = self.removed.send(Removed {
+            id: id.clone(),
+            reason: DenyReason::NotAttested,
+        });
         self.audit
             .after_change(vec![agent_record(uid, action::AGENT_EVICT, &node)])
             .await
@@ -434,6 +455,10 @@ impl Agents {
         let mut node = self.get(id).await?;
         node.banned = true;
         let node = self.store.update_node(node).await?;
+        let _ = self.removed.send(Removed {
+            id: id.clone(),
+            reason: DenyReason::Banned,
+        });
         // The authority is not recorded for agent SVIDs, so every authority's CRL lists them.
         // A renewed SVID may end later than the current one; its lifetime is bounded by the
         // agent SVID TTL, which never exceeds the SVID cap.

@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil_core::SpiffeId;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::debug;
 
 use crate::audit::AuditCheckpoint;
 use crate::policy;
-use crate::service::agents::Agent;
+use crate::service::agents::{Agent, Agents, DenyReason};
 use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, BundleState};
 use crate::service::crl::{CrlPublisher, CrlSet};
@@ -112,6 +112,9 @@ pub(crate) enum SyncError {
     /// The server is shutting down.
     #[error("server shutting down")]
     ShuttingDown,
+    /// The agent was banned or evicted while its stream was open.
+    #[error("this agent was banned or evicted")]
+    Removed(DenyReason),
     /// The entries cannot be read now.
     #[error(transparent)]
     Entries(#[from] EntryCacheError),
@@ -127,6 +130,7 @@ pub(crate) struct EntrySync {
     authority: Arc<Authority>,
     crls: Arc<CrlPublisher>,
     audit: Arc<AuditLog>,
+    agents: Arc<Agents>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -148,6 +152,7 @@ impl EntrySync {
         authority: Arc<Authority>,
         crls: Arc<CrlPublisher>,
         audit: Arc<AuditLog>,
+        agents: Arc<Agents>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -155,6 +160,7 @@ impl EntrySync {
             authority,
             crls,
             audit,
+            agents,
             shutdown,
         }
     }
@@ -207,6 +213,9 @@ impl EntrySync {
         let mut checkpoints = self.audit.subscribe();
         let mut sent_checkpoint: Option<Arc<AuditCheckpoint>> = None;
         let cache = &self.entries;
+        // Subscribed before anything is sent: a ban after this point ends the stream.
+        let mut removals = self.agents.subscribe_removed();
+        let mut removals_open = true;
         let mut revisions = cache.subscribe();
         let mut bundle_updates = self.authority.subscribe();
         let mut crl_updates = self.crls.subscribe();
@@ -285,6 +294,15 @@ impl EntrySync {
                     witness_pending = false;
                     may_send_checkpoints = checked.unwrap_or(false);
                 }
+                removed = removals.recv(), if removals_open => match removed {
+                    Ok(removed) if removed.id == agent.id => {
+                        return Err(SyncError::Removed(removed.reason));
+                    }
+                    Ok(_) => {}
+                    // Missed some: the agent reconnects and is authenticated afresh.
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Err(SyncError::ShuttingDown),
+                    Err(broadcast::error::RecvError::Closed) => removals_open = false,
+                },
                 () = &mut expiry => return Err(SyncError::Expired),
                 _ = shutdown.wait_for(|stop| *stop) => return Err(SyncError::ShuttingDown),
                 () = tx.closed() => return Ok(()),
@@ -473,6 +491,55 @@ fn entry_of(change: &Change) -> &RegistrationEntry {
 mod tests {
     use super::*;
     use crate::service::testing::{Fixture, bulky_entry, entry};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ban_or_an_eviction_ends_the_agents_open_stream_at_once() {
+        let fx = Fixture::new().await;
+        let banned = fx.attested_agent().await;
+        let evicted = fx.attested_agent().await;
+        let bystander = fx.attested_agent().await;
+        let mut streams = Vec::new();
+        for agent in [&banned, &evicted, &bystander] {
+            let (tx, mut rx) = mpsc::channel(16);
+            let sync = fx.sync.clone();
+            let agent = agent.clone();
+            let task = tokio::spawn(async move { sync.run(agent, 0, vec![], &tx).await });
+            assert!(matches!(next(&mut rx).await, SyncMessage::Snapshot { .. }));
+            streams.push((rx, task));
+        }
+        let (bystander_rx, bystander_task) = streams.pop().unwrap();
+        let (_evicted_rx, evicted_task) = streams.pop().unwrap();
+        let (_banned_rx, banned_task) = streams.pop().unwrap();
+
+        fx.agents
+            .ban(0, &banned.id, SystemTime::now())
+            .await
+            .unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), banned_task)
+            .await
+            .expect("the banned agent's stream ended at once")
+            .unwrap();
+        assert!(
+            matches!(ended, Err(SyncError::Removed(DenyReason::Banned))),
+            "{ended:?}"
+        );
+
+        fx.agents.evict(0, &evicted.id).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), evicted_task)
+            .await
+            .expect("the evicted agent's stream ended at once")
+            .unwrap();
+        assert!(
+            matches!(ended, Err(SyncError::Removed(DenyReason::NotAttested))),
+            "{ended:?}"
+        );
+
+        // Another agent's stream is not touched.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!bystander_task.is_finished());
+        drop(bystander_rx);
+        bystander_task.await.unwrap().unwrap();
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pages_are_cut_by_size_so_bulky_entries_never_exceed_the_message_limit() {

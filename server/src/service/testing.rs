@@ -29,7 +29,7 @@ pub(crate) struct Fixture {
     pub(crate) authority: Arc<Authority>,
     pub(crate) crls: Arc<CrlPublisher>,
     pub(crate) entries: Entries,
-    pub(crate) agents: Agents,
+    pub(crate) agents: Arc<Agents>,
     pub(crate) svids: Svids,
     pub(crate) bundles: Bundles,
     pub(crate) sessions: Arc<Sessions>,
@@ -117,14 +117,15 @@ impl Fixture {
             require_approval,
         ));
         sessions.load().await.unwrap();
+        let agents = Arc::new(Agents::new(
+            store.clone(),
+            audit.clone(),
+            authority.clone(),
+            crls.clone(),
+        ));
         Self {
             entries: Entries::new(store.clone(), audit.clone(), trust_domain),
-            agents: Agents::new(
-                store.clone(),
-                audit.clone(),
-                authority.clone(),
-                crls.clone(),
-            ),
+            agents: agents.clone(),
             svids: Svids::new(audit.clone(), authority.clone(), cache.clone()),
             bundles: Bundles::new(
                 store.clone(),
@@ -137,6 +138,7 @@ impl Fixture {
                 authority.clone(),
                 crls.clone(),
                 audit.clone(),
+                agents,
                 stop_rx,
             ),
             audit,
