@@ -120,6 +120,9 @@ pub(crate) struct Agents {
     removed: broadcast::Sender<Removed>,
 }
 
+/// How often a node update is tried again when the node changed between read and write.
+const NODE_CAS_ATTEMPTS: usize = 8;
+
 /// An agent banned or evicted: its open streams end at once, with the reason it acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Removed {
@@ -346,25 +349,38 @@ impl Agents {
                 DenyReason::NotAttested.error("the client certificate is not an agent SVID")
             );
         }
-        let Some(mut node) = self.store.get_node(&id).await? else {
-            return Err(DenyReason::NotAttested.error("no such agent: attest again"));
-        };
-        if node.banned {
-            return Err(DenyReason::Banned.error("agent is banned"));
-        }
-        if node.serial != serial {
+        // Read, check and (on first use of a renewed SVID) swap; a concurrent change (a ban,
+        // another first use) makes the swap fail, and the check runs again on what is stored.
+        for _ in 0..NODE_CAS_ATTEMPTS {
+            let Some(node) = self.store.get_node(&id).await? else {
+                return Err(DenyReason::NotAttested.error("no such agent: attest again"));
+            };
+            if node.banned {
+                return Err(DenyReason::Banned.error("agent is banned"));
+            }
+            if node.serial == serial {
+                return Ok(Agent { id, not_after });
+            }
             if node.new_serial.as_deref() != Some(serial.as_str()) {
                 return Err(
                     DenyReason::MustReattest.error("agent SVID is not current: attest again")
                 );
             }
             // First use of the renewed SVID: it becomes current, the old one stops working.
-            node.serial = serial;
-            node.new_serial = None;
-            node.not_after = not_after;
-            self.store.update_node(node).await?;
+            let mut next = node.clone();
+            next.serial = serial.clone();
+            next.new_serial = None;
+            next.not_after = not_after;
+            match self.store.update_node(&node, next).await {
+                Ok(_) => return Ok(Agent { id, not_after }),
+                Err(StoreError::StateChanged { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(Agent { id, not_after })
+        Err(AgentError::Store(StoreError::StateChanged {
+            resource: "node",
+            key: id.to_string(),
+        }))
     }
 
     /// Signs a renewed SVID for `agent` over the CSR's key; it becomes current at its first
@@ -388,13 +404,30 @@ impl Agents {
             )])
             .await
             .map_err(AgentError::AuditFailed)?;
-        let Some(mut node) = self.store.get_node(&agent.id).await? else {
-            return Err(DenyReason::NotAttested.error("no such agent: attest again"));
-        };
-        node.new_serial = Some(svid.serial.clone());
-        self.store.update_node(node).await?;
-        info!(agent_id = %agent.id, "agent svid renewed");
-        Ok(svid)
+        // Recorded by compare-and-swap: a ban since the read wins (the check runs again on
+        // what is stored), so a renewed SVID of a banned agent is never recorded, never works.
+        for _ in 0..NODE_CAS_ATTEMPTS {
+            let Some(node) = self.store.get_node(&agent.id).await? else {
+                return Err(DenyReason::NotAttested.error("no such agent: attest again"));
+            };
+            if node.banned {
+                return Err(DenyReason::Banned.error("agent is banned"));
+            }
+            let mut next = node.clone();
+            next.new_serial = Some(svid.serial.clone());
+            match self.store.update_node(&node, next).await {
+                Ok(_) => {
+                    info!(agent_id = %agent.id, "agent svid renewed");
+                    return Ok(svid);
+                }
+                Err(StoreError::StateChanged { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(AgentError::Store(StoreError::StateChanged {
+            resource: "node",
+            key: agent.id.to_string(),
+        }))
     }
 
     /// One page of the attested agents.
@@ -452,9 +485,19 @@ impl Agents {
         id: &SpiffeId,
         now: SystemTime,
     ) -> Result<AttestedNode, AgentError> {
-        let mut node = self.get(id).await?;
-        node.banned = true;
-        let node = self.store.update_node(node).await?;
+        let mut attempts = 0;
+        let node = loop {
+            let node = self.get(id).await?;
+            let mut next = node.clone();
+            next.banned = true;
+            match self.store.update_node(&node, next).await {
+                Ok(node) => break node,
+                Err(StoreError::StateChanged { .. }) if attempts < NODE_CAS_ATTEMPTS => {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let _ = self.removed.send(Removed {
             id: id.clone(),
             reason: DenyReason::Banned,
@@ -550,6 +593,46 @@ fn leaf_serial_and_expiry(leaf: &[u8]) -> Option<(String, SystemTime)> {
 mod tests {
     use super::*;
     use crate::service::testing::{Fixture, csr};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ban_racing_renewals_always_stands() {
+        let fx = Fixture::new().await;
+        let agent = fx.attested_agent().await;
+        let now = SystemTime::now();
+        let agents = fx.agents.clone();
+        let renewals: Vec<_> = (0..16)
+            .map(|_| {
+                let agents = agents.clone();
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    let (der, _) = csr();
+                    agents.renew(&agent, &der, now).await
+                })
+            })
+            .collect();
+        fx.agents.ban(0, &agent.id, now).await.unwrap();
+        for renewal in renewals {
+            // Before the ban: renewed; after it: refused as banned. Never an error else.
+            match renewal.await.unwrap() {
+                Ok(_)
+                | Err(AgentError::Denied {
+                    reason: DenyReason::Banned,
+                    ..
+                }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let node = fx.store.get_node(&agent.id).await.unwrap().unwrap();
+        assert!(node.banned, "a renewal undid the ban");
+        // Any renewed SVID it holds does not authenticate.
+        assert!(matches!(
+            fx.agents.renew(&agent, &csr().0, now).await,
+            Err(AgentError::Denied {
+                reason: DenyReason::Banned,
+                ..
+            })
+        ));
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_token_attests_once_and_the_agent_authenticates_until_banned() {

@@ -935,12 +935,23 @@ pub(crate) async fn node_crud(store: Arc<dyn Store>) {
     changed.new_serial = Some("0badc0de".to_owned());
     changed.selectors = selectors(&["join_token:alias:x"]);
     changed.created_at = SystemTime::UNIX_EPOCH;
-    let updated = store.update_node(changed.clone()).await.unwrap();
+    let updated = store.update_node(&created, changed.clone()).await.unwrap();
     assert_eq!(updated.created_at, created.created_at);
     assert!(updated.updated_at >= created.updated_at);
     assert!(updated.banned);
     assert_eq!(updated.new_serial, changed.new_serial);
     assert_eq!(updated.selectors, changed.selectors);
+    assert_eq!(
+        store.get_node(&created.spiffe_id).await.unwrap(),
+        Some(updated.clone())
+    );
+    // A write made from the older read (a renew racing the ban above) changes nothing.
+    let mut stale = created.clone();
+    stale.new_serial = Some("0ddba11".to_owned());
+    assert!(matches!(
+        store.update_node(&created, stale).await,
+        Err(StoreError::StateChanged { .. })
+    ));
     assert_eq!(
         store.get_node(&created.spiffe_id).await.unwrap(),
         Some(updated.clone())
@@ -956,7 +967,7 @@ pub(crate) async fn node_crud(store: Arc<dyn Store>) {
         Err(StoreError::NotFound { .. })
     ));
     assert!(matches!(
-        store.update_node(node("b")).await,
+        store.update_node(&node("b"), node("b")).await,
         Err(StoreError::NotFound { .. })
     ));
 }

@@ -161,8 +161,15 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
     async fn get_node(&self, spiffe_id: &SpiffeId) -> Result<Option<AttestedNode>, StoreError>;
 
     /// Replaces the node with the same SPIFFE ID, keeping its `created_at` and setting
-    /// `updated_at` to now. Fails with [`StoreError::NotFound`] when there is none.
-    async fn update_node(&self, node: AttestedNode) -> Result<AttestedNode, StoreError>;
+    /// `updated_at` to now, only if the stored node is still exactly `expected` (as the caller
+    /// read it): a compare-and-swap, so that a concurrent change (a ban) is never undone by a
+    /// write made from an older read. Fails with [`StoreError::StateChanged`] (nothing
+    /// written) when it changed meanwhile, [`StoreError::NotFound`] when there is none.
+    async fn update_node(
+        &self,
+        expected: &AttestedNode,
+        node: AttestedNode,
+    ) -> Result<AttestedNode, StoreError>;
 
     /// Deletes the node and returns its last version.
     async fn delete_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode, StoreError>;

@@ -401,10 +401,15 @@ impl Store for SledStore {
         self.blocking(move |inner| inner.get_node(&spiffe_id)).await
     }
 
-    async fn update_node(&self, node: AttestedNode) -> Result<AttestedNode, StoreError> {
+    async fn update_node(
+        &self,
+        expected: &AttestedNode,
+        node: AttestedNode,
+    ) -> Result<AttestedNode, StoreError> {
         let now = SystemTime::now();
+        let expected = expected.clone();
         let node = self
-            .blocking(move |inner| inner.update_node(&node, now))
+            .blocking(move |inner| inner.update_node(&expected, &node, now))
             .await?;
         self.commit().await?;
         Ok(node)

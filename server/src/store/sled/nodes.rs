@@ -48,6 +48,7 @@ impl Inner {
 
     pub(super) fn update_node(
         &self,
+        expected: &AttestedNode,
         node: &AttestedNode,
         now: SystemTime,
     ) -> Result<AttestedNode, StoreError> {
@@ -63,6 +64,14 @@ impl Inner {
                 };
                 let old: AttestedNode =
                     decode("node", &old).map_err(ConflictableTransactionError::Abort)?;
+                if old != *expected {
+                    return Err(ConflictableTransactionError::Abort(
+                        StoreError::StateChanged {
+                            resource: "node",
+                            key: node.spiffe_id.to_string(),
+                        },
+                    ));
+                }
                 let mut node = node.clone();
                 node.created_at = old.created_at;
                 node.updated_at = now;
