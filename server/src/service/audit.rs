@@ -1037,9 +1037,26 @@ mod tests {
         log: AuditLog,
     }
 
+    /// The store in `path`, waiting (up to 10 s) for a store of the same directory this
+    /// process just dropped to let go of sled's lock file.
+    fn open_store(path: &std::path::Path) -> SledStore {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match SledStore::open(path, SledStoreOptions::default()) {
+                Ok(store) => return store,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "cannot open the store: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
     async fn open_in(dir: &std::path::Path) -> Opened {
-        let store: Arc<dyn Store> =
-            Arc::new(SledStore::open(dir.join("store"), SledStoreOptions::default()).unwrap());
+        let store: Arc<dyn Store> = Arc::new(open_store(&dir.join("store")));
         let keys: Arc<dyn KeyManager> = Arc::new(DiskKeyManager::new(dir.join("keys")).unwrap());
         let log = AuditLog::open(
             store.clone(),
@@ -1408,9 +1425,7 @@ mod tests {
         // Someone with write access rewrites the whole store's chain (records resealed, the
         // stored checkpoints deleted); only the state file remembers.
         std::fs::remove_dir_all(dir.path().join("store")).unwrap();
-        let store: Arc<dyn Store> = Arc::new(
-            SledStore::open(dir.path().join("store"), SledStoreOptions::default()).unwrap(),
-        );
+        let store: Arc<dyn Store> = Arc::new(open_store(&dir.path().join("store")));
         store
             .append_audit(vec![
                 NewAuditRecord::new(
@@ -1488,9 +1503,7 @@ mod tests {
             log.append(records(3)).await.unwrap();
         }
         // The stored checkpoints and the state file are gone.
-        let store: Arc<dyn Store> = Arc::new(
-            SledStore::open(dir.path().join("store"), SledStoreOptions::default()).unwrap(),
-        );
+        let store: Arc<dyn Store> = Arc::new(open_store(&dir.path().join("store")));
         store.remove_audit_checkpoint(0).await.unwrap();
         drop(store);
         std::fs::remove_file(dir.path().join("keys").join(STATE_FILE)).unwrap();
