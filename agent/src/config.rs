@@ -284,16 +284,7 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/config/agent.toml");
         let text = std::fs::read_to_string(path).unwrap();
         AgentConfig::from_sources(Some(&text), Overrides::default()).unwrap();
-        for key in [
-            "trust_domain",
-            "server_address",
-            "join_token",
-            "trust_bundle",
-            "socket_path",
-            "data_dir",
-            "log_level",
-            "log_format",
-        ] {
+        for key in KNOWN_KEYS {
             assert!(
                 text.lines().any(|l| l
                     .trim_start_matches(['#', ' '])

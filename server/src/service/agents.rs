@@ -120,6 +120,15 @@ pub(crate) struct Agents {
     removed: broadcast::Sender<Removed>,
 }
 
+/// The node of an agent that may be served: present and not banned.
+fn attested(node: Option<&AttestedNode>) -> Result<&AttestedNode, AgentError> {
+    let node = node.ok_or_else(|| DenyReason::NotAttested.error("no such agent: attest again"))?;
+    if node.banned {
+        return Err(DenyReason::Banned.error("agent is banned"));
+    }
+    Ok(node)
+}
+
 /// How often a node update is tried again when the node changed between read and write.
 const NODE_CAS_ATTEMPTS: usize = 8;
 
@@ -349,17 +358,12 @@ impl Agents {
                 DenyReason::NotAttested.error("the client certificate is not an agent SVID")
             );
         }
-        // Read, check and (on first use of a renewed SVID) swap; a concurrent change (a ban,
-        // another first use) makes the swap fail, and the check runs again on what is stored.
-        for _ in 0..NODE_CAS_ATTEMPTS {
-            let Some(node) = self.store.get_node(&id).await? else {
-                return Err(DenyReason::NotAttested.error("no such agent: attest again"));
-            };
-            if node.banned {
-                return Err(DenyReason::Banned.error("agent is banned"));
-            }
+        // A concurrent change (a ban, another first use) makes the check run again on what is
+        // stored.
+        self.change_node(&id, |node| {
+            let node = attested(node)?;
             if node.serial == serial {
-                return Ok(Agent { id, not_after });
+                return Ok(None);
             }
             if node.new_serial.as_deref() != Some(serial.as_str()) {
                 return Err(
@@ -371,8 +375,37 @@ impl Agents {
             next.serial = serial.clone();
             next.new_serial = None;
             next.not_after = not_after;
+            Ok(Some(next))
+        })
+        .await?;
+        Ok(Agent { id, not_after })
+    }
+
+    /// Changes node `id` by compare-and-swap: `change` sees the stored node (`None`: there is
+    /// none) and returns the node to write (`None`: nothing to write). When the node changed
+    /// between the read and the write, it is read again and `change` asked again, so a
+    /// concurrent change (a ban) is never undone. Returns what was written.
+    ///
+    /// # Errors
+    ///
+    /// `change`'s; the store's, [`StoreError::StateChanged`] after
+    /// [`NODE_CAS_ATTEMPTS`] changes in a row.
+    async fn change_node(
+        &self,
+        id: &SpiffeId,
+        change: impl Fn(Option<&AttestedNode>) -> Result<Option<AttestedNode>, AgentError>,
+    ) -> Result<Option<AttestedNode>, AgentError> {
+        for _ in 0..NODE_CAS_ATTEMPTS {
+            let node = self.store.get_node(id).await?;
+            let Some(next) = change(node.as_ref())? else {
+                return Ok(None);
+            };
+            let Some(node) = node else {
+                // `change` wrote a node that is not there: nothing to swap with.
+                return Err(AgentError::NotFound(id.clone()));
+            };
             match self.store.update_node(&node, next).await {
-                Ok(_) => return Ok(Agent { id, not_after }),
+                Ok(written) => return Ok(Some(written)),
                 Err(StoreError::StateChanged { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -404,30 +437,16 @@ impl Agents {
             )])
             .await
             .map_err(AgentError::AuditFailed)?;
-        // Recorded by compare-and-swap: a ban since the read wins (the check runs again on
-        // what is stored), so a renewed SVID of a banned agent is never recorded, never works.
-        for _ in 0..NODE_CAS_ATTEMPTS {
-            let Some(node) = self.store.get_node(&agent.id).await? else {
-                return Err(DenyReason::NotAttested.error("no such agent: attest again"));
-            };
-            if node.banned {
-                return Err(DenyReason::Banned.error("agent is banned"));
-            }
-            let mut next = node.clone();
+        // A ban since the read wins (the check runs again on what is stored), so a renewed
+        // SVID of a banned agent is never recorded, never works.
+        self.change_node(&agent.id, |node| {
+            let mut next = attested(node)?.clone();
             next.new_serial = Some(svid.serial.clone());
-            match self.store.update_node(&node, next).await {
-                Ok(_) => {
-                    info!(agent_id = %agent.id, "agent svid renewed");
-                    return Ok(svid);
-                }
-                Err(StoreError::StateChanged { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(AgentError::Store(StoreError::StateChanged {
-            resource: "node",
-            key: agent.id.to_string(),
-        }))
+            Ok(Some(next))
+        })
+        .await?;
+        info!(agent_id = %agent.id, "agent svid renewed");
+        Ok(svid)
     }
 
     /// One page of the attested agents.
@@ -485,19 +504,15 @@ impl Agents {
         id: &SpiffeId,
         now: SystemTime,
     ) -> Result<AttestedNode, AgentError> {
-        let mut attempts = 0;
-        let node = loop {
-            let node = self.get(id).await?;
-            let mut next = node.clone();
-            next.banned = true;
-            match self.store.update_node(&node, next).await {
-                Ok(node) => break node,
-                Err(StoreError::StateChanged { .. }) if attempts < NODE_CAS_ATTEMPTS => {
-                    attempts += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let not_found = || AgentError::NotFound(id.clone());
+        let node = self
+            .change_node(id, |node| {
+                let mut next = node.ok_or_else(not_found)?.clone();
+                next.banned = true;
+                Ok(Some(next))
+            })
+            .await?
+            .ok_or_else(not_found)?;
         let _ = self.removed.send(Removed {
             id: id.clone(),
             reason: DenyReason::Banned,

@@ -187,11 +187,7 @@ impl AuditLog {
         let latest = store
             .latest_audit_checkpoint()
             .await?
-            .filter(|cp| {
-                cp.chain_id == chain_id
-                    && cp.public_key == key.public_key()
-                    && cp.signature_is_valid()
-            })
+            .filter(|cp| signed_by(cp, chain_id, key.public_key()))
             .map(Arc::new);
         Ok(Self {
             store,
@@ -406,7 +402,7 @@ impl AuditLog {
                 return Err(self.diverge(state, Some(cp), source, problem, now).await);
             }
         }
-        let (mut verifier, start) = match &latest {
+        let from = match &latest {
             Some(cp) if !self.is_own(cp) => {
                 let problem = format!(
                     "the latest stored checkpoint (record {}) is not signed by this server's \
@@ -419,25 +415,13 @@ impl AuditLog {
             Some(cp) if head.as_ref().map_or(0, |h| h.sequence) == cp.sequence => {
                 return Ok(None);
             }
-            Some(cp) => {
-                let anchor = self.record_at(cp.sequence).await?;
-                match anchor {
-                    Some(record) => (ChainVerifier::resume(record.head()), cp.sequence + 1),
-                    // The genesis checkpoint.
-                    None => (
-                        ChainVerifier::new(&self.chain_id, vec![cp.clone()], self.key.public_key()),
-                        1,
-                    ),
-                }
-            }
+            Some(cp) => self.anchor_head(cp.sequence).await?,
             None => match (&head, &state.last_signed) {
                 (None, _) => return self.sign(state, 0, GENESIS_HASH, now).await.map(Some),
-                // The store lost its checkpoints; the file still vouches for a prefix.
-                (Some(_), Some(cp)) => (
-                    ChainVerifier::new(&self.chain_id, vec![cp.clone()], self.key.public_key()),
-                    1,
-                ),
-                (Some(head), None) => {
+                // The store lost its checkpoints; the file's, checked above, still vouches for
+                // a prefix: the whole chain is verified.
+                (Some(_), Some(cp)) if self.is_own(cp) => self.genesis_head(),
+                (Some(head), _) => {
                     let problem = format!(
                         "the log holds records 1..={} but no signed checkpoint at all, and this \
                          server has no record of one: checkpoints were deleted, or the records \
@@ -449,27 +433,61 @@ impl AuditLog {
             },
         };
         let end = head.as_ref().map_or(0, |h| h.sequence);
-        self.walk(&mut verifier, start, end, false)
-            .await?
-            .map_err(AuditError::ChainBroken)?;
-        let summary = verifier.finish().map_err(AuditError::ChainBroken)?;
-        let reached = summary.head.as_ref().map_or(start - 1, |h| h.sequence);
-        if reached != end {
-            // The head names records that are not there.
-            return Err(AuditError::ChainBroken(Violation {
-                sequence: reached + 1,
-                kind: ViolationKind::HeadBeyondLog {
-                    head: end,
-                    last: reached,
-                },
-            }));
-        }
-        let Some(verified) = summary.head else {
-            return Ok(None);
-        };
+        let verified = self.verify_after(from, end).await?;
         self.sign(state, verified.sequence, verified.hash, now)
             .await
             .map(Some)
+    }
+
+    /// Verifies the records after `from` (a point known good) up to `end`, which the walk must
+    /// reach; returns the head it reached.
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::ChainBroken`] at the first bad record, or when the store's head names
+    /// records that are not there; store failures.
+    async fn verify_after(&self, from: AuditHead, end: u64) -> Result<AuditHead, AuditError> {
+        let mut verifier = ChainVerifier::resume(from.clone());
+        self.walk(&mut verifier, from.sequence + 1, end, false)
+            .await?
+            .map_err(AuditError::ChainBroken)?;
+        let reached = verifier
+            .finish()
+            .map_err(AuditError::ChainBroken)?
+            .head
+            .unwrap_or(from);
+        if reached.sequence != end {
+            return Err(AuditError::ChainBroken(Violation {
+                sequence: reached.sequence + 1,
+                kind: ViolationKind::HeadBeyondLog {
+                    head: end,
+                    last: reached.sequence,
+                },
+            }));
+        }
+        Ok(reached)
+    }
+
+    /// The head of the chain ending at record `sequence` (the empty chain's for 0), where a
+    /// checkpoint anchors verification.
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::ChainBroken`] when the record is gone; store failures.
+    async fn anchor_head(&self, sequence: u64) -> Result<AuditHead, AuditError> {
+        if sequence == 0 {
+            return Ok(self.genesis_head());
+        }
+        match self.record_at(sequence).await? {
+            Some(record) => Ok(record.head()),
+            None => Err(AuditError::ChainBroken(Violation {
+                sequence,
+                kind: ViolationKind::Truncated {
+                    checkpoint: sequence,
+                    last: sequence - 1,
+                },
+            })),
+        }
     }
 
     /// Signs `(sequence, hash)` of this chain, stores the checkpoint, remembers it in the state
@@ -598,7 +616,7 @@ impl AuditLog {
         // The stored checkpoints the log no longer vouches for: not this server's, or not
         // extended. The latest of the others is where signing continues from.
         let mut forgotten = Vec::new();
-        let mut anchor: Option<AuditCheckpoint> = None;
+        let mut anchor_sequence = 0;
         let mut from = 0;
         loop {
             let page = self
@@ -609,7 +627,7 @@ impl AuditLog {
             for cp in page {
                 from = cp.sequence.saturating_add(1);
                 if self.is_own(&cp) && self.not_extended(&cp).await?.is_none() {
-                    anchor = Some(cp);
+                    anchor_sequence = cp.sequence;
                 } else {
                     forgotten.push(cp.sequence);
                 }
@@ -618,7 +636,6 @@ impl AuditLog {
                 break;
             }
         }
-        let anchor_sequence = anchor.as_ref().map_or(0, |cp| cp.sequence);
         let (lost_from, lost_to) = match &divergence.checkpoint {
             Some(cp) => (
                 anchor_sequence.min(cp.sequence.saturating_sub(1)) + 1,
@@ -628,27 +645,9 @@ impl AuditLog {
         };
         // The records after the anchor must verify: a broken record cannot be acknowledged
         // away.
-        let start_head = match &anchor {
-            Some(cp) if cp.sequence > 0 => match self.record_at(cp.sequence).await? {
-                Some(record) => record.head(),
-                None => self.genesis_head(),
-            },
-            _ => self.genesis_head(),
-        };
-        let mut verifier = ChainVerifier::resume(start_head.clone());
-        self.walk(&mut verifier, start_head.sequence + 1, head_sequence, false)
-            .await?
-            .map_err(AuditError::ChainBroken)?;
-        let verified = verifier.finish().map_err(AuditError::ChainBroken)?;
-        let verified_head = verified.head.unwrap_or(start_head);
-        if verified_head.sequence != head_sequence {
-            return Err(AuditError::ChainBroken(Violation {
-                sequence: verified_head.sequence + 1,
-                kind: ViolationKind::Missing {
-                    found: head_sequence,
-                },
-            }));
-        }
+        let verified_head = self
+            .verify_after(self.anchor_head(anchor_sequence).await?, head_sequence)
+            .await?;
         let mut record = NewAuditRecord::new(actor, action::AUDIT_DIVERGENCE, &self.chain_id)
             .detail("source", divergence.source.as_str())
             .detail("problem", divergence.problem.as_str())
@@ -682,29 +681,7 @@ impl AuditLog {
         }
         // Records appended meanwhile (issuance does not wait for this lock) are verified too,
         // up to the divergence record.
-        let mut verifier = ChainVerifier::resume(verified_head.clone());
-        self.walk(
-            &mut verifier,
-            verified_head.sequence + 1,
-            record.sequence,
-            false,
-        )
-        .await?
-        .map_err(AuditError::ChainBroken)?;
-        let reached = verifier
-            .finish()
-            .map_err(AuditError::ChainBroken)?
-            .head
-            .map_or(verified_head.sequence, |h| h.sequence);
-        if reached != record.sequence {
-            return Err(AuditError::ChainBroken(Violation {
-                sequence: reached + 1,
-                kind: ViolationKind::HeadBeyondLog {
-                    head: record.sequence,
-                    last: reached,
-                },
-            }));
-        }
+        self.verify_after(verified_head, record.sequence).await?;
         // Signed directly (the state file's checkpoint may be the lost one), before the
         // divergence is cleared: a failure here leaves it for another try.
         let checkpoint = self
@@ -758,9 +735,7 @@ impl AuditLog {
 
     /// True when `cp` is of this chain and validly signed by this server's audit key.
     fn is_own(&self, cp: &AuditCheckpoint) -> bool {
-        cp.chain_id == self.chain_id
-            && cp.public_key == self.key.public_key()
-            && cp.signature_is_valid()
+        signed_by(cp, &self.chain_id, self.key.public_key())
     }
 
     /// What is wrong when the log does not hold `cp`'s record with `cp`'s hash; `None` when it
@@ -958,6 +933,11 @@ impl StoredCheckpoints {
         }
         Ok(())
     }
+}
+
+/// True when `cp` is of chain `chain_id` and validly signed by `public_key`.
+fn signed_by(cp: &AuditCheckpoint, chain_id: &str, public_key: &[u8]) -> bool {
+    cp.chain_id == chain_id && cp.public_key == public_key && cp.signature_is_valid()
 }
 
 /// Reads the state file; a missing one is an empty state.
