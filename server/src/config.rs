@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use sigil_core::lifetime::max_svid_ttl;
-use sigil_core::{HumanDuration, TrustDomain, parse_duration};
+use sigil_core::{HumanDuration, SpiffeId, TrustDomain, parse_duration};
 
 /// Default address of the agent-facing API.
 pub(crate) const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
@@ -64,6 +64,13 @@ pub struct FileConfig {
     pub session_svid_ttl: Option<String>,
     /// Whether every privileged session needs a second admin's approval. Default `false`.
     pub require_session_approval: Option<bool>,
+    /// SPIFFE ID prefixes, matched on whole path segments, whose IDs are granted only through
+    /// approved privileged sessions: entries, `x509 mint`, `jwt mint` and join token aliases
+    /// naming them are refused, every session for them needs a second admin's approval, and a
+    /// server that finds an entry under one refuses to start. Default `[]`.
+    pub session_only_ids: Option<Vec<String>>,
+    /// Uids that may approve sessions. Default `[]`: any admin other than the requester.
+    pub session_approver_uids: Option<Vec<u32>>,
     /// The store's page cache, in MiB (at least 1). Default `128`. The entries themselves are
     /// held in memory apart from it (the entry cache), so this bounds the rest: audit records,
     /// nodes, the change feed.
@@ -89,6 +96,8 @@ const KNOWN_KEYS: &[&str] = &[
     "max_session_ttl",
     "session_svid_ttl",
     "require_session_approval",
+    "session_only_ids",
+    "session_approver_uids",
     "store_cache_mib",
     "log_level",
     "log_format",
@@ -109,6 +118,8 @@ pub struct Overrides {
     pub log_level: Option<String>,
     /// `--log-format`.
     pub log_format: Option<String>,
+    /// `--session-only-id`, each added to the file's `session_only_ids`.
+    pub session_only_ids: Vec<String>,
 }
 
 /// The validated server configuration.
@@ -140,6 +151,10 @@ pub struct ServerConfig {
     pub session_svid_ttl: Duration,
     /// Whether every session needs a second admin's approval.
     pub require_session_approval: bool,
+    /// The ID prefixes granted only through approved sessions.
+    pub session_only_ids: Vec<SpiffeId>,
+    /// The uids that may approve sessions (empty: any admin but the requester).
+    pub session_approver_uids: Vec<u32>,
     /// The store's page cache, in bytes.
     pub store_cache_bytes: u64,
     /// Log level.
@@ -282,6 +297,30 @@ impl ServerConfig {
             }
             other => other,
         };
+        let mut session_only_ids = Vec::new();
+        for text in file
+            .session_only_ids
+            .unwrap_or_default()
+            .into_iter()
+            .chain(overrides.session_only_ids)
+        {
+            let id = match SpiffeId::new(&text) {
+                Ok(id) => id,
+                Err(e) => {
+                    problems.push("session_only_ids", format!("{text:?}: {e}"));
+                    continue;
+                }
+            };
+            if let Some(td) = &trust_domain
+                && let Err(e) = crate::policy::check_workload_id(td, &id)
+            {
+                problems.push("session_only_ids", e.to_string());
+                continue;
+            }
+            if !session_only_ids.contains(&id) {
+                session_only_ids.push(id);
+            }
+        }
         let store_cache_mib = file.store_cache_mib.unwrap_or(DEFAULT_STORE_CACHE_MIB);
         if !(1..=MAX_STORE_CACHE_MIB).contains(&store_cache_mib) {
             problems.push(
@@ -350,6 +389,8 @@ impl ServerConfig {
             max_session_ttl,
             session_svid_ttl,
             require_session_approval: file.require_session_approval.unwrap_or(false),
+            session_only_ids,
+            session_approver_uids: file.session_approver_uids.unwrap_or_default(),
             store_cache_bytes: store_cache_mib.saturating_mul(1024 * 1024),
             log_level,
             log_format,
@@ -445,6 +486,38 @@ mod tests {
     }
 
     #[test]
+    fn session_only_ids_come_from_the_file_and_the_flags_and_are_checked() {
+        let file = "trust_domain = \"example.org\"\nsession_only_ids = [\"spiffe://example.org/admin\"]\nsession_approver_uids = [7, 8]";
+        let c = ServerConfig::from_sources(
+            Some(file),
+            Overrides {
+                session_only_ids: vec![
+                    "spiffe://example.org/db/root".into(),
+                    "spiffe://example.org/admin".into(),
+                ],
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        let ids: Vec<&str> = c.session_only_ids.iter().map(SpiffeId::as_str).collect();
+        assert_eq!(
+            ids,
+            ["spiffe://example.org/admin", "spiffe://example.org/db/root"]
+        );
+        assert_eq!(c.session_approver_uids, [7, 8]);
+        for bad in [
+            "\"spiffe://other.org/admin\"",
+            "\"spiffe://example.org/sigil/agent\"",
+            "\"spiffe://example.org\"",
+            "\"not an id\"",
+        ] {
+            let text = format!("trust_domain = \"example.org\"\nsession_only_ids = [{bad}]");
+            let err = ServerConfig::from_sources(Some(&text), Overrides::default()).unwrap_err();
+            assert_eq!(keys(&err), ["session_only_ids"], "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn the_store_cache_size_is_checked() {
         let c = ServerConfig::from_sources(
             Some("trust_domain = \"example.org\"\nstore_cache_mib = 16"),
@@ -471,6 +544,7 @@ mod tests {
                 admin_socket: Some("/s.sock".into()),
                 log_level: Some("debug".into()),
                 log_format: Some("json".into()),
+                session_only_ids: vec![],
             },
         )
         .unwrap();

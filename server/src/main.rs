@@ -32,6 +32,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         admin_socket: args.admin_socket,
         log_level: args.log_level,
         log_format: args.log_format,
+        session_only_ids: args.session_only_ids,
     };
     let config = ServerConfig::from_sources(file.as_deref(), overrides)?;
     sigil_daemon::init_logging(config.log_level, config.log_format);

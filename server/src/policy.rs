@@ -259,6 +259,62 @@ pub(crate) fn check_workload_id(
     Ok(())
 }
 
+/// The SPIFFE ID prefixes (`session_only_ids`) whose IDs are granted only through approved
+/// privileged sessions: no entry, mint or join token alias may name them, and every session
+/// for them waits for a second admin's approval, whatever `require_session_approval` says.
+///
+/// A prefix matches on whole path segments: `spiffe://td/admin` covers `spiffe://td/admin` and
+/// `spiffe://td/admin/db`, not `spiffe://td/administrator`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SessionOnly {
+    prefixes: Vec<SpiffeId>,
+}
+
+// === impl SessionOnly ===
+
+impl SessionOnly {
+    /// The rule for `prefixes` (none: every ID may be granted outside sessions).
+    pub(crate) fn new(prefixes: Vec<SpiffeId>) -> Self {
+        Self { prefixes }
+    }
+
+    /// The prefixes.
+    pub(crate) fn prefixes(&self) -> &[SpiffeId] {
+        &self.prefixes
+    }
+
+    /// The first prefix that covers `id`, if any.
+    pub(crate) fn covering(&self, id: &SpiffeId) -> Option<&SpiffeId> {
+        self.prefixes.iter().find(|prefix| {
+            if prefix.trust_domain_name() != id.trust_domain_name() {
+                return false;
+            }
+            let (prefix, path) = (prefix.path(), id.path());
+            path == prefix
+                || path
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+    }
+
+    /// Refuses `id` when a prefix covers it, with what to do instead: `what` names the refused
+    /// way (`"an entry"`, `"x509 mint"`).
+    ///
+    /// # Errors
+    ///
+    /// A message for the operator.
+    pub(crate) fn refuse(&self, id: &SpiffeId, what: &str) -> Result<(), String> {
+        match self.covering(id) {
+            None => Ok(()),
+            Some(prefix) => Err(format!(
+                "{id} is under session_only_ids prefix {prefix}: it is granted only through an \
+                 approved privileged session, not by {what}; open one with `sigil-server session \
+                 open --spiffe-id {id} --ticket ... --reason ...`"
+            )),
+        }
+    }
+}
+
 /// Checks a DNS SAN: 1 to 253 characters, dot-separated labels of 1 to 63 ASCII letters,
 /// digits and hyphens (not at either end of a label), the first label optionally `*`.
 ///
@@ -316,6 +372,37 @@ mod tests {
             max_session: Duration::from_secs(8 * 3600),
             max_svid: Duration::from_secs(4 * 3600),
         }
+    }
+
+    #[test]
+    fn session_only_prefixes_match_whole_segments() {
+        let rule = SessionOnly::new(vec![id("spiffe://example.org/admin")]);
+        for covered in [
+            "spiffe://example.org/admin",
+            "spiffe://example.org/admin/db",
+            "spiffe://example.org/admin/db/root",
+        ] {
+            assert_eq!(
+                rule.covering(&id(covered)).map(SpiffeId::as_str),
+                Some("spiffe://example.org/admin"),
+                "{covered}"
+            );
+            let refused = rule.refuse(&id(covered), "an entry").unwrap_err();
+            assert!(refused.contains("session open"), "{refused}");
+        }
+        for free in [
+            "spiffe://example.org/administrator",
+            "spiffe://example.org/adm",
+            "spiffe://example.org/web/admin",
+            "spiffe://other.org/admin",
+        ] {
+            assert_eq!(rule.covering(&id(free)), None, "{free}");
+            assert_eq!(rule.refuse(&id(free), "an entry"), Ok(()));
+        }
+        assert_eq!(
+            SessionOnly::default().covering(&id("spiffe://example.org/admin")),
+            None
+        );
     }
 
     #[test]

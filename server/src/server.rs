@@ -33,6 +33,7 @@ use crate::api::node::NodeService;
 use crate::audit::DEFAULT_CHAIN_ID;
 use crate::ca::{Ca, CaError, DiskKeyManager, KeyManager};
 use crate::config::ServerConfig;
+use crate::policy::SessionOnly;
 use crate::service::agents::Agents;
 use crate::service::audit::{self, AuditError, AuditLog};
 use crate::service::authority::{Authority, SignError, StoreJournal};
@@ -40,7 +41,7 @@ use crate::service::bundles::Bundles;
 use crate::service::crl::{CrlError, CrlPublisher};
 use crate::service::entries::Entries;
 use crate::service::entry_cache::EntryCache;
-use crate::service::sessions::Sessions;
+use crate::service::sessions::{SessionRules, Sessions};
 use crate::service::svids::Svids;
 use crate::service::sync::EntrySync;
 use crate::store::Store;
@@ -96,6 +97,15 @@ pub enum ServerError {
     /// The admin socket could not be set up.
     #[error(transparent)]
     AdminSocket(#[from] AdminSocketError),
+    /// Entries name IDs under `session_only_ids`: the rule would not hold, so nothing starts.
+    #[error(
+        "{} registration entries name IDs under session_only_ids, which only approved sessions \
+         may grant; delete them (sigil-server entry delete --id ID) or remove their prefix from \
+         session_only_ids, then start again:\n{}",
+        .0.len(),
+        .0.join("\n")
+    )]
+    SessionOnlyEntries(Vec<String>),
     /// The certificate revocation lists could not be published.
     #[error("crls: {0}")]
     Crl(#[from] CrlError),
@@ -169,15 +179,16 @@ impl Server {
         // The genesis checkpoint (or one of a head that moved while the server was down),
         // before anything is served.
         audit.prepare(now).await?;
+        let session_only = SessionOnly::new(config.session_only_ids.clone());
+        refuse_session_only_entries(store.as_ref(), &session_only).await?;
         let entries = EntryCache::load(store.clone()).await?;
         info!(key_fingerprint = %audit.key_fingerprint(), "audit log ready");
         info!(trust_domain = %config.trust_domain, sequence = ca.bundle_sequence(), "certificate authority ready");
 
-        let authority = Arc::new(Authority::new(
-            ca,
-            config.ttl_policy(),
-            config.jwt_issuer.clone(),
-        ));
+        let authority = Arc::new(
+            Authority::new(ca, config.ttl_policy(), config.jwt_issuer.clone())
+                .with_session_only(session_only),
+        );
         let svid = authority.server_svid(now)?;
         let certificate = ServerCertificate::new(svid.chain, svid.key)?;
         let listener = TcpListener::bind(config.bind_address)
@@ -222,7 +233,10 @@ impl Server {
             crls.clone(),
             authority.clone(),
             self.entries.clone(),
-            self.config.require_session_approval,
+            SessionRules {
+                require_approval: self.config.require_session_approval,
+                approver_uids: self.config.session_approver_uids.clone(),
+            },
         ));
         sessions.load().await?;
         let agents = Arc::new(Agents::new(
@@ -312,6 +326,7 @@ impl Server {
                     store.clone(),
                     audit.clone(),
                     self.config.trust_domain.clone(),
+                    authority.session_only().clone(),
                 )),
                 agents,
                 svids,
@@ -379,6 +394,38 @@ impl Server {
         final_checkpoint(checkpoints).await;
         info!("server stopped");
         Ok(())
+    }
+}
+
+/// Refuses to start while an entry that is not a session's names an ID under `session_only`,
+/// listing each (id, SPIFFE ID, the prefix).
+async fn refuse_session_only_entries(
+    store: &dyn Store,
+    session_only: &SessionOnly,
+) -> Result<(), ServerError> {
+    if session_only.prefixes().is_empty() {
+        return Ok(());
+    }
+    let offending: Vec<String> = store
+        .snapshot_entries()
+        .await?
+        .entries
+        .iter()
+        .filter(|entry| entry.session_id.is_none())
+        .filter_map(|entry| {
+            session_only.covering(&entry.spiffe_id).map(|prefix| {
+                format!(
+                    "  entry {} grants {} (under {prefix})",
+                    entry.id.as_str(),
+                    entry.spiffe_id
+                )
+            })
+        })
+        .collect();
+    if offending.is_empty() {
+        Ok(())
+    } else {
+        Err(ServerError::SessionOnlyEntries(offending))
     }
 }
 

@@ -101,6 +101,11 @@ pub struct RunArgs {
     /// Log format: text or json (overrides `log_format`; default text).
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// A SPIFFE ID prefix granted only through approved privileged sessions (repeat for more;
+    /// added to `session_only_ids`). Entries, mints and join token aliases under it are
+    /// refused, and the server will not start while an entry names one.
+    #[arg(long = "session-only-id", value_name = "SPIFFE_ID")]
+    pub session_only_ids: Vec<String>,
 }
 
 /// The operator commands.

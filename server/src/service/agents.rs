@@ -222,6 +222,10 @@ impl Agents {
         if let Some(alias) = &alias {
             policy::check_workload_id(td, alias)
                 .map_err(|e| AgentError::Invalid(format!("spiffe_id {e}")))?;
+            self.authority
+                .session_only()
+                .refuse(alias, "a join token alias")
+                .map_err(AgentError::Invalid)?;
         }
         let token = random_token()?;
         let agent_id = join_token::agent_id(td, &token)

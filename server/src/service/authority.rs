@@ -20,7 +20,7 @@ use tracing::info;
 use crate::ca::{
     Ca, CaError, CaJournalStore, CaJournalStoreError, IssuedX509Svid, WorkloadX509SvidParams,
 };
-use crate::policy::TtlPolicy;
+use crate::policy::{SessionOnly, TtlPolicy};
 use crate::store::{RegistrationEntry, Store};
 
 /// The trust domain's bundle at one moment.
@@ -90,6 +90,7 @@ pub(crate) struct Authority {
     ca: Arc<Ca>,
     ttls: TtlPolicy,
     jwt_issuer: Option<String>,
+    session_only: SessionOnly,
     bundle: watch::Sender<Arc<BundleState>>,
     verifier_bundles: SharedBundles,
 }
@@ -107,9 +108,22 @@ impl Authority {
             ca,
             ttls,
             jwt_issuer,
+            session_only: SessionOnly::default(),
             bundle,
             verifier_bundles,
         }
+    }
+
+    /// The same authority, refusing to mint IDs under `session_only`'s prefixes.
+    #[must_use]
+    pub(crate) fn with_session_only(mut self, session_only: SessionOnly) -> Self {
+        self.session_only = session_only;
+        self
+    }
+
+    /// The IDs granted only through approved sessions.
+    pub(crate) fn session_only(&self) -> &SessionOnly {
+        &self.session_only
     }
 
     /// The CA.
@@ -230,6 +244,9 @@ impl Authority {
         csr_der: &[u8],
         now: SystemTime,
     ) -> Result<IssuedSvid, SignError> {
+        self.session_only
+            .refuse(spiffe_id, "x509 mint")
+            .map_err(SignError::InvalidRequest)?;
         let params = WorkloadX509SvidParams {
             spiffe_id: spiffe_id.clone(),
             dns_names,
@@ -251,6 +268,9 @@ impl Authority {
         ttl: Option<std::time::Duration>,
         now: SystemTime,
     ) -> Result<IssuedJwt, SignError> {
+        self.session_only
+            .refuse(spiffe_id, "jwt mint")
+            .map_err(SignError::InvalidRequest)?;
         self.jwt(spiffe_id, audience, self.ttls.jwt(ttl), now)
     }
 

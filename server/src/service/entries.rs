@@ -14,7 +14,7 @@ use sigil_core::TrustDomain;
 use tracing::info;
 
 use crate::audit::{NewAuditRecord, action, uid_actor};
-use crate::policy;
+use crate::policy::{self, SessionOnly};
 use crate::service::audit::AuditLog;
 use crate::store::{
     EntryFilter, EntryId, NewEntry, Page, PageRequest, RegistrationEntry, SessionId, Store,
@@ -67,21 +67,25 @@ pub(crate) struct Entries {
     store: Arc<dyn Store>,
     audit: Arc<AuditLog>,
     trust_domain: TrustDomain,
+    session_only: SessionOnly,
 }
 
 // === impl Entries ===
 
 impl Entries {
-    /// The service for `trust_domain`'s entries in `store`, audited to `audit`.
+    /// The service for `trust_domain`'s entries in `store`, audited to `audit`; no entry may
+    /// name an ID under `session_only`.
     pub(crate) fn new(
         store: Arc<dyn Store>,
         audit: Arc<AuditLog>,
         trust_domain: TrustDomain,
+        session_only: SessionOnly,
     ) -> Self {
         Self {
             store,
             audit,
             trust_domain,
+            session_only,
         }
     }
 
@@ -231,6 +235,9 @@ impl Entries {
         let mut problems = Vec::new();
         if let Err(e) = policy::check_workload_id(&self.trust_domain, &entry.spiffe_id) {
             problems.push(format!("spiffe_id {e}"));
+        }
+        if let Err(e) = self.session_only.refuse(&entry.spiffe_id, "an entry") {
+            problems.push(e);
         }
         if !entry.parent_id.is_member_of(&self.trust_domain) {
             problems.push(format!(

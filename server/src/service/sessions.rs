@@ -122,6 +122,15 @@ pub(crate) enum SessionError {
     Store(#[from] StoreError),
 }
 
+/// Who must approve which sessions, from the configuration.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SessionRules {
+    /// Every session needs a second admin's approval (`require_session_approval`).
+    pub require_approval: bool,
+    /// When not empty, only these uids approve (`session_approver_uids`).
+    pub approver_uids: Vec<u32>,
+}
+
 /// The session service: state changes, their audit, expiry and revocation.
 #[derive(Debug)]
 pub(crate) struct Sessions {
@@ -130,8 +139,8 @@ pub(crate) struct Sessions {
     crls: Arc<CrlPublisher>,
     authority: Arc<Authority>,
     entries: Arc<EntryCache>,
-    /// Whether every session needs a second admin's approval.
-    require_approval: bool,
+    /// Who approves which sessions.
+    rules: SessionRules,
     /// Sessions that can still expire (pending or active), by id, with their end.
     live: Mutex<BTreeMap<SessionId, SystemTime>>,
     wake: Notify,
@@ -143,15 +152,15 @@ pub(crate) struct Sessions {
 // === impl Sessions ===
 
 impl Sessions {
-    /// The service; call [`Sessions::load`] before serving. `require_approval` makes every
-    /// session wait for a second admin.
+    /// The service; call [`Sessions::load`] before serving. `rules` say who approves; a
+    /// session for an ID under the authority's `session_only_ids` always waits for approval.
     pub(crate) fn new(
         store: Arc<dyn Store>,
         audit: Arc<AuditLog>,
         crls: Arc<CrlPublisher>,
         authority: Arc<Authority>,
         entries: Arc<EntryCache>,
-        require_approval: bool,
+        rules: SessionRules,
     ) -> Self {
         Self {
             store,
@@ -159,7 +168,7 @@ impl Sessions {
             crls,
             authority,
             entries,
-            require_approval,
+            rules,
             live: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
             serials: Mutex::new(()),
@@ -234,7 +243,13 @@ impl Sessions {
         if !problems.is_empty() {
             return Err(SessionError::Invalid(problems.join("; ")));
         }
-        let approval_required = self.require_approval || request.require_approval;
+        let approval_required = self.rules.require_approval
+            || request.require_approval
+            || self
+                .authority
+                .session_only()
+                .covering(&request.spiffe_id)
+                .is_some();
         let session = Session {
             id: SessionId::generate()?,
             spiffe_id: request.spiffe_id,
@@ -316,6 +331,18 @@ impl Sessions {
             warn!(uid, session_id = %id, "self-approval refused");
             return Err(SessionError::Refused(format!(
                 "uid {uid} opened session {id} and cannot approve it: a different admin must (two-person rule)"
+            )));
+        }
+        if !self.rules.approver_uids.is_empty() && !self.rules.approver_uids.contains(&uid) {
+            warn!(uid, session_id = %id, "approval by a uid outside session_approver_uids refused");
+            return Err(SessionError::Refused(format!(
+                "uid {uid} is not in session_approver_uids ({}): only those uids approve sessions",
+                self.rules
+                    .approver_uids
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         let record = session_record(&approver, action::SESSION_APPROVE, &session)
@@ -985,5 +1012,36 @@ mod tests {
             fx.sessions.close(10, &pending.id, now).await,
             Err(SessionError::Refused(_))
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn session_only_ids_always_wait_for_a_listed_approver() {
+        let rules = SessionRules {
+            require_approval: false,
+            approver_uids: vec![12],
+        };
+        let prefix = SpiffeId::new("spiffe://example.org/admin").unwrap();
+        let fx = Fixture::with_rules(rules, policy::SessionOnly::new(vec![prefix])).await;
+        let now = SystemTime::now();
+        let agent = fx.attested_agent().await;
+        // Outside the prefix, no approval is needed.
+        let mut free = open_request(&agent.id);
+        free.spiffe_id = SpiffeId::new("spiffe://example.org/web").unwrap();
+        let free = fx.sessions.open(10, free, now).await.unwrap();
+        assert_eq!(free.state, SessionState::Active);
+        // Under it, the session waits, and only uid 12 approves it.
+        let pending = fx
+            .sessions
+            .open(10, open_request(&agent.id), now)
+            .await
+            .unwrap();
+        assert_eq!(pending.state, SessionState::Pending);
+        assert!(pending.approval_required);
+        assert!(matches!(
+            fx.sessions.approve(11, &pending.id, now).await,
+            Err(SessionError::Refused(m)) if m.contains("session_approver_uids")
+        ));
+        let active = fx.sessions.approve(12, &pending.id, now).await.unwrap();
+        assert_eq!(active.approver.as_deref(), Some("uid:12"));
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::audit::{AuditFilter, AuditRecord};
 use crate::ca::{Ca, DiskKeyManager, KeyManager};
-use crate::policy::{DEFAULT_MAX_SESSION_TTL, DEFAULT_SESSION_SVID_TTL, TtlPolicy};
+use crate::policy::{DEFAULT_MAX_SESSION_TTL, DEFAULT_SESSION_SVID_TTL, SessionOnly, TtlPolicy};
 use crate::service::agents::{Agent, Agents};
 use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, StoreJournal};
@@ -18,7 +18,7 @@ use crate::service::bundles::Bundles;
 use crate::service::crl::CrlPublisher;
 use crate::service::entries::Entries;
 use crate::service::entry_cache::EntryCache;
-use crate::service::sessions::Sessions;
+use crate::service::sessions::{SessionRules, Sessions};
 use crate::service::svids::Svids;
 use crate::service::sync::EntrySync;
 use crate::store::{NewEntry, PageRequest, SledStore, SledStoreOptions, Store};
@@ -61,6 +61,30 @@ impl Fixture {
     }
 
     async fn build(trust_domain: &str, ca_ttl: Duration, require_approval: bool) -> Self {
+        let rules = SessionRules {
+            require_approval,
+            approver_uids: Vec::new(),
+        };
+        Self::build_with(trust_domain, ca_ttl, rules, SessionOnly::default()).await
+    }
+
+    /// Sessions approved under `rules`; IDs under `session_only` granted only by sessions.
+    pub(crate) async fn with_rules(rules: SessionRules, session_only: SessionOnly) -> Self {
+        Self::build_with(
+            "example.org",
+            Duration::from_secs(24 * 3600),
+            rules,
+            session_only,
+        )
+        .await
+    }
+
+    async fn build_with(
+        trust_domain: &str,
+        ca_ttl: Duration,
+        rules: SessionRules,
+        session_only: SessionOnly,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(
             SledStore::open(dir.path().join("store"), SledStoreOptions::default()).unwrap(),
@@ -89,7 +113,9 @@ impl Fixture {
             max_session: DEFAULT_MAX_SESSION_TTL,
             max_svid,
         };
-        let authority = Arc::new(Authority::new(ca.clone(), ttls, None));
+        let authority = Arc::new(
+            Authority::new(ca.clone(), ttls, None).with_session_only(session_only.clone()),
+        );
         let audit = Arc::new(
             AuditLog::open(
                 store.clone(),
@@ -114,7 +140,7 @@ impl Fixture {
             crls.clone(),
             authority.clone(),
             cache.clone(),
-            require_approval,
+            rules,
         ));
         sessions.load().await.unwrap();
         let agents = Arc::new(Agents::new(
@@ -124,7 +150,7 @@ impl Fixture {
             crls.clone(),
         ));
         Self {
-            entries: Entries::new(store.clone(), audit.clone(), trust_domain),
+            entries: Entries::new(store.clone(), audit.clone(), trust_domain, session_only),
             agents: agents.clone(),
             svids: Svids::new(audit.clone(), authority.clone(), cache.clone()),
             bundles: Bundles::new(
