@@ -10,7 +10,6 @@
 //! unknown or required to re-attest), [`NodeError::Refused`] says exactly that, and the agent
 //! exits rather than looping.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,6 +39,9 @@ pub enum NodeError {
     /// First start without what attestation needs.
     #[error("{0}")]
     Bootstrap(String),
+    /// The data directory or the stored key is not this agent's alone.
+    #[error(transparent)]
+    Untrusted(#[from] sigil_daemon::PrivatePathError),
     /// The stored state is unusable.
     #[error("stored agent state in {path} is unusable: {reason}")]
     State {
@@ -127,14 +129,7 @@ impl NodeConnection {
         join_token: Option<&str>,
         trust_bundle: Option<&Path>,
     ) -> Result<Self, NodeError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(data_dir)
-            .map_err(|source| NodeError::Io {
-                what: format!("cannot create {}", data_dir.display()),
-                source,
-            })?;
+        sigil_daemon::check_private_dir(data_dir, 0o700, false)?;
         if let Some((identity, bundle)) = load_state(data_dir, &trust_domain)? {
             if identity.validity.not_after() <= SystemTime::now() {
                 return Err(NodeError::Refused(format!(
@@ -399,26 +394,43 @@ fn channel(
     )
 }
 
+/// Why a file holding the agent's key could not be read.
+enum KeyFileError {
+    Io(std::io::Error),
+    Untrusted(sigil_daemon::PrivatePathError),
+}
+
+/// Reads a file that holds the agent's private key, once it is known to be the agent's own
+/// (owner) and nobody else's to read (mode 0600).
+fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path).map_err(KeyFileError::Io)?;
+    sigil_daemon::check_key_file(path, &file).map_err(KeyFileError::Untrusted)?;
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes).map_err(KeyFileError::Io)?;
+    Ok(bytes)
+}
+
 fn load_state(
     dir: &Path,
     trust_domain: &TrustDomain,
 ) -> Result<Option<(Identity, SpiffeBundle)>, NodeError> {
     let path = dir.join(STATE_FILE);
-    let text = match std::fs::read(&path) {
+    let text = match read_key_file(&path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
+        Err(KeyFileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(KeyFileError::Io(source)) => {
             return Err(NodeError::Io {
                 what: format!("cannot read {}", path.display()),
                 source,
             });
         }
+        Err(KeyFileError::Untrusted(e)) => return Err(NodeError::Untrusted(e)),
     };
     let bad = |reason: String| NodeError::State {
         path: path.clone(),
         reason,
     };
-    let text = Zeroizing::new(text);
     let state: StoredState = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
     let key = match &state.key {
         Some(key) => Zeroizing::new(
@@ -428,10 +440,13 @@ fn load_state(
         ),
         None => {
             let key_path = dir.join(KEY_FILE);
-            Zeroizing::new(std::fs::read(&key_path).map_err(|source| NodeError::Io {
-                what: format!("cannot read {}", key_path.display()),
-                source,
-            })?)
+            read_key_file(&key_path).map_err(|e| match e {
+                KeyFileError::Io(source) => NodeError::Io {
+                    what: format!("cannot read {}", key_path.display()),
+                    source,
+                },
+                KeyFileError::Untrusted(e) => NodeError::Untrusted(e),
+            })?
         }
     };
     let id = SpiffeId::new(&state.spiffe_id).map_err(|e| bad(e.to_string()))?;
@@ -548,8 +563,9 @@ mod tests {
         let mut legacy: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
         legacy.as_object_mut().unwrap().remove("key");
-        std::fs::write(dir.path().join(STATE_FILE), legacy.to_string()).unwrap();
-        std::fs::write(dir.path().join(KEY_FILE), first.key.as_slice()).unwrap();
+        sigil_daemon::write_private(&dir.path().join(STATE_FILE), legacy.to_string().as_bytes())
+            .unwrap();
+        sigil_daemon::write_private(&dir.path().join(KEY_FILE), first.key.as_slice()).unwrap();
         let (loaded, _) = load_state(dir.path(), &td).unwrap().unwrap();
         assert_eq!(loaded.key.as_slice(), first.key.as_slice());
 

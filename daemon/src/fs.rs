@@ -1,9 +1,164 @@
-//! Files a daemon keeps beside its store: written whole or not at all, readable by the owner only.
+//! Files a daemon keeps beside its store: written whole or not at all, readable by the owner only;
+//! and the directories they live in, which must belong to the daemon.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-use std::path::Path;
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
+use std::path::{Path, PathBuf};
+
+/// Why a directory or a key file a daemon keeps cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrivatePathError {
+    /// It could not be created or inspected.
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// It exists but is not a directory.
+    #[error("{path} exists but is not a directory")]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Another uid owns it: that user could read or replace what the daemon keeps there.
+    #[error(
+        "{path} is owned by uid {owner}, not by uid {uid} that this daemon runs as (nor root): \
+         its owner could read or replace what is kept there; remove it, or `chown {uid} {path}` \
+         if it is yours"
+    )]
+    Owner {
+        /// The path.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The daemon's effective uid.
+        uid: u32,
+    },
+    /// Group or others may write it (a directory: create, rename or replace entries in it).
+    #[error(
+        "{path} is writable by group or others (mode {mode:04o}): another user could replace \
+         what is kept there; `chmod go-w {path}`"
+    )]
+    Writable {
+        /// The path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A key file group or others may read or write.
+    #[error("{path} has mode {mode:04o}; a key file must be 0600 (`chmod 600 {path}`)")]
+    KeyMode {
+        /// The path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// Who may own what a daemon keeps: itself, or root (who can read everything anyway).
+fn check_owner(path: &Path, meta: &Metadata) -> Result<(), PrivatePathError> {
+    let uid = nix::unistd::geteuid().as_raw();
+    let owner = meta.uid();
+    if owner == uid || owner == 0 {
+        Ok(())
+    } else {
+        Err(PrivatePathError::Owner {
+            path: path.to_owned(),
+            owner,
+            uid,
+        })
+    }
+}
+
+/// Makes sure `path` is a directory only this daemon (or root) controls: when missing, creates
+/// it and its parents with `mode`; when it exists, it must be a directory owned by the daemon's
+/// uid or root, not writable by group or others. With `shared_sticky`, a root-owned directory
+/// with the sticky bit (like `/tmp`, where nobody can remove or rename another's entries) is
+/// accepted too: that is where a socket may live, never a store.
+///
+/// # Errors
+///
+/// [`PrivatePathError`], saying what to change.
+pub fn check_private_dir(
+    path: &Path,
+    mode: u32,
+    shared_sticky: bool,
+) -> Result<(), PrivatePathError> {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(path)
+                .map_err(|source| PrivatePathError::Io {
+                    what: "create directory",
+                    path: path.to_owned(),
+                    source,
+                })?;
+            // Created now, or by someone else in the meantime: check it either way.
+            fs::metadata(path).map_err(|source| PrivatePathError::Io {
+                what: "inspect",
+                path: path.to_owned(),
+                source,
+            })?
+        }
+        Err(source) => {
+            return Err(PrivatePathError::Io {
+                what: "inspect",
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    if !meta.is_dir() {
+        return Err(PrivatePathError::NotADirectory {
+            path: path.to_owned(),
+        });
+    }
+    let bits = meta.permissions().mode() & 0o7777;
+    if shared_sticky && meta.uid() == 0 && bits & 0o1000 != 0 {
+        return Ok(());
+    }
+    check_owner(path, &meta)?;
+    if bits & 0o022 != 0 {
+        return Err(PrivatePathError::Writable {
+            path: path.to_owned(),
+            mode: bits,
+        });
+    }
+    Ok(())
+}
+
+/// Checks an open key file: owned by the daemon's uid (or root), mode 0600 or stricter.
+///
+/// # Errors
+///
+/// [`PrivatePathError::Owner`], [`PrivatePathError::KeyMode`], or the `fstat` failure.
+pub fn check_key_file(path: &Path, file: &File) -> Result<(), PrivatePathError> {
+    let meta = file.metadata().map_err(|source| PrivatePathError::Io {
+        what: "inspect",
+        path: path.to_owned(),
+        source,
+    })?;
+    check_owner(path, &meta)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PrivatePathError::KeyMode {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
 
 /// The mode of every file [`write_private`] writes.
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
@@ -48,6 +203,78 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
 
     use super::*;
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn a_private_dir_is_created_or_must_be_the_daemons_and_not_writable_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("a/b/data");
+        check_private_dir(&data, 0o700, false).unwrap();
+        assert_eq!(
+            fs::metadata(&data).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // Existing and fine: accepted again.
+        check_private_dir(&data, 0o700, false).unwrap();
+        for mode in [0o770, 0o702, 0o777] {
+            fs::set_permissions(&data, fs::Permissions::from_mode(mode)).unwrap();
+            let err = check_private_dir(&data, 0o700, false).unwrap_err();
+            assert!(
+                matches!(err, PrivatePathError::Writable { .. }),
+                "{mode:o}: {err}"
+            );
+            assert!(err.to_string().contains("chmod go-w"), "{err}");
+        }
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).unwrap();
+        check_private_dir(&data, 0o700, false).unwrap();
+        // A file where the directory should be.
+        let file = dir.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            check_private_dir(&file, 0o700, false),
+            Err(PrivatePathError::NotADirectory { .. })
+        ));
+        // A world-writable sticky directory: only where a socket may live, and only root's.
+        let sticky = dir.path().join("sticky");
+        fs::create_dir(&sticky).unwrap();
+        fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(check_private_dir(&sticky, 0o700, false).is_err());
+        assert_eq!(check_private_dir(&sticky, 0o700, true).is_ok(), is_root());
+    }
+
+    #[test]
+    fn a_directory_or_key_of_another_uid_is_refused() {
+        if !is_root() {
+            eprintln!("note: skipping: giving a directory to another uid needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        fs::create_dir(&data).unwrap();
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+        let err = check_private_dir(&data, 0o700, true).unwrap_err();
+        assert!(
+            matches!(err, PrivatePathError::Owner { owner: 65534, .. }),
+            "{err}"
+        );
+        let key = dir.path().join("key");
+        write_private(&key, b"secret").unwrap();
+        check_key_file(&key, &File::open(&key).unwrap()).unwrap();
+        std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+        let err = check_key_file(&key, &File::open(&key).unwrap()).unwrap_err();
+        assert!(matches!(err, PrivatePathError::Owner { .. }), "{err}");
+        std::os::unix::fs::chown(&key, Some(0), None).unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).unwrap();
+        let err = check_key_file(&key, &File::open(&key).unwrap()).unwrap_err();
+        assert!(
+            matches!(err, PrivatePathError::KeyMode { mode: 0o640, .. }),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_private_file_is_replaced_whole_with_mode_0600() {

@@ -17,7 +17,9 @@
 pub mod config;
 mod fs;
 
-pub use self::fs::{PRIVATE_FILE_MODE, write_private};
+pub use self::fs::{
+    PRIVATE_FILE_MODE, PrivatePathError, check_key_file, check_private_dir, write_private,
+};
 
 use std::fmt;
 use std::future::Future;

@@ -15,8 +15,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -60,14 +59,9 @@ pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
-    /// The data directory could not be created.
-    #[error("cannot create data directory {path}: {source}")]
-    DataDir {
-        /// The directory.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    /// The data directory could not be created, or is not this server's alone.
+    #[error("data directory: {0}")]
+    DataDir(#[from] sigil_daemon::PrivatePathError),
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::store::StoreError),
@@ -146,7 +140,7 @@ impl Server {
     /// Opens the store and the CA and binds the agent-facing API; nothing is served until
     /// [`Server::run`].
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
-        create_private_dir(&config.data_dir)?;
+        sigil_daemon::check_private_dir(&config.data_dir, 0o700, false)?;
         let store: Arc<dyn Store> = Arc::new(SledStore::open(
             config.data_dir.join("store"),
             SledStoreOptions {
@@ -479,18 +473,6 @@ async fn rotation_task(
             _ = stop.wait_for(|s| *s) => return,
         }
     }
-}
-
-/// Creates `path` (and its parents) with mode 0700 if it does not exist.
-fn create_private_dir(path: &Path) -> Result<(), ServerError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|source| ServerError::DataDir {
-            path: path.to_owned(),
-            source,
-        })
 }
 
 /// Removes the admin socket file when the server stops.

@@ -207,6 +207,77 @@ async fn jwt_svids_are_fetched_and_validated() {
 }
 
 #[tokio::test]
+async fn an_updated_entry_never_serves_the_jwt_svid_of_its_previous_version() {
+    let (server, agent) = setup("").await;
+    first_x509(&agent).await;
+    assert_eq!(jwt_subject(&agent).await, "spiffe://example.org/workload");
+
+    // The entry now grants another ID; once the workload holds it, a JWT-SVID names it too,
+    // although the first token (5 minutes) has most of its life left.
+    let entries = server
+        .admin()
+        .await
+        .list_entries(sigil_proto::admin::ListEntriesRequest {
+            spiffe_id: "spiffe://example.org/workload".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let updated = server_cli(
+        &server,
+        &[
+            "entry",
+            "update",
+            "--id",
+            &entries[0].id,
+            "--spiffe-id",
+            "spiffe://example.org/renamed",
+        ],
+    );
+    assert!(updated.status.success(), "{}", updated.stderr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ids = svid_ids(&first_x509(&agent).await);
+        if ids == ["spiffe://example.org/renamed"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the update never arrived: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(jwt_subject(&agent).await, "spiffe://example.org/renamed");
+}
+
+/// The subject of a JWT-SVID for audience `db` fetched from `agent`, as the agent validates it.
+async fn jwt_subject(agent: &TestAgentProcess) -> String {
+    let mut client = workload_client(agent.socket()).await;
+    let token = client
+        .fetch_jwtsvid(JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .svids[0]
+        .svid
+        .clone();
+    client
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: "db".into(),
+            svid: token,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .spiffe_id
+}
+
+#[tokio::test]
 async fn without_the_security_header_every_call_is_invalid_argument() {
     let (_server, agent) = setup("").await;
     let mut raw = sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(

@@ -54,6 +54,22 @@ async fn session_revoke_puts_the_serial_on_the_crl_delivered_to_workloads_and_th
         .unwrap()
         .into_inner();
     assert_eq!(jwts.svids.len(), 1);
+    // It carries a jti, recorded on the session like a serial.
+    let jti = {
+        use base64::Engine as _;
+        let payload = jwts.svids[0].svid.split('.').nth(1).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        claims["jti"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(jti.len(), 32, "{jti}");
+    let shown = server_cli(&server, &["session", "show", &id, "--output", "json"]).json();
+    assert_eq!(shown["jwts"][0]["jti"], jti.as_str(), "{shown}");
+    assert_eq!(shown["jwts"][0]["audience"][0], "db");
 
     let revoked = server_cli(
         &server,
@@ -167,6 +183,7 @@ async fn session_revoke_puts_the_serial_on_the_crl_delivered_to_workloads_and_th
     );
     assert_eq!(story[1]["details"]["serial"], serial.as_str());
     assert_eq!(story[2]["details"]["ticket"], "CHG-123");
+    assert_eq!(story[2]["details"]["jti"], jti.as_str());
     assert_eq!(story[3]["details"]["reason"], "credentials leaked");
     let seqs: Vec<_> = story
         .iter()

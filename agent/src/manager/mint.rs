@@ -83,8 +83,9 @@ pub struct Minter {
     jwts: Arc<Mutex<HashMap<JwtKey, CachedJwt>>>,
 }
 
-/// (entry id, sorted audience).
-type JwtKey = (String, Vec<String>);
+/// (entry id, entry revision, sorted audience): an updated entry (another SPIFFE ID, another
+/// TTL) never serves a token minted for its previous version.
+type JwtKey = (String, u64, Vec<String>);
 
 /// A JWT-SVID with the time it was fetched and its expiry.
 #[derive(Debug, Clone)]
@@ -161,7 +162,11 @@ impl Minter {
         identity: &WorkloadSvid,
         audience: &[String],
     ) -> Result<String, MintError> {
-        let key = (identity.entry_id.clone(), audience.to_vec());
+        let key = (
+            identity.entry_id.clone(),
+            identity.revision,
+            audience.to_vec(),
+        );
         let now = SystemTime::now();
         if let Some(cached) = self.jwts().get(&key) {
             let life = cached

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -28,15 +28,9 @@ pub enum ListenerError {
     /// The endpoint address is not a Unix socket.
     #[error("the workload api listens on a unix socket, not {0}")]
     NotUnix(EndpointAddress),
-    /// The socket's directory could not be created.
-    #[error("creating the socket directory {path} failed")]
-    CreateDir {
-        /// The directory.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
+    /// The socket's directory could not be created, or another user controls it.
+    #[error("socket directory: {0}")]
+    Dir(#[from] sigil_daemon::PrivatePathError),
     /// Something other than a socket is at the socket path.
     #[error("{0} exists and is not a socket")]
     NotASocket(PathBuf),
@@ -94,7 +88,8 @@ pub struct WorkloadListener {
 // === impl WorkloadListener ===
 
 impl WorkloadListener {
-    /// Binds the socket at `path`: creates its directory (mode 0755) if needed, replaces a stale
+    /// Binds the socket at `path`: creates its directory (mode 0755) if needed, or checks that
+    /// the daemon's uid (or root) owns it and nobody else may write it, replaces a stale
     /// socket (one nobody accepts on), refuses to replace a live socket or anything that is not a
     /// socket, and sets the socket's mode to 0777 so that every local user can connect.
     ///
@@ -105,14 +100,7 @@ impl WorkloadListener {
             return Err(ListenerError::NoRuntime);
         }
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(dir)
-                .map_err(|source| ListenerError::CreateDir {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
+            sigil_daemon::check_private_dir(dir, 0o755, true)?;
         }
         remove_stale_socket(&path)?;
         let bind_error = |source| ListenerError::Bind {

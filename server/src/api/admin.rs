@@ -11,7 +11,7 @@
 //! audit (actor `uid:N`); a credential minted here is handed out only after its record is
 //! durable.
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -99,6 +99,9 @@ pub enum AdminSocketError {
     /// A file that is not a socket is in the way.
     #[error("{0} exists and is not a socket; remove it or choose another admin_socket")]
     NotASocket(String),
+    /// The socket's directory is not this server's alone (or could not be created).
+    #[error("admin socket directory: {0}")]
+    Dir(#[from] sigil_daemon::PrivatePathError),
     /// Creating the directory, removing a stale socket, binding or setting the mode failed.
     #[error("cannot set up admin socket {path}: {source}")]
     Io {
@@ -118,15 +121,12 @@ pub(crate) async fn bind_admin_socket(path: &Path) -> Result<UnixListener, Admin
         path: shown.clone(),
         source,
     };
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(dir)
-            .map_err(io)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        let existed = dir.exists();
+        sigil_daemon::check_private_dir(dir, 0o711, true)?;
+        if !existed {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
+        }
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
@@ -1050,6 +1050,15 @@ fn session_message(s: &Session) -> pb::Session {
             .map(|x| pb::SessionSerial {
                 serial: x.serial.clone(),
                 not_after: unix_seconds(x.not_after),
+            })
+            .collect(),
+        jwts: s
+            .jwts
+            .iter()
+            .map(|j| pb::SessionJwt {
+                jti: j.jti.clone(),
+                audience: j.audience.clone(),
+                expires_at: unix_seconds(j.expires_at),
             })
             .collect(),
         entry_id: s

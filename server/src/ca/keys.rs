@@ -12,6 +12,7 @@
 //! write, fsync, rename, fsync the directory), so a crash leaves either no key or the whole key.
 //! Key bytes are zeroized after use and never logged: every type here has a redacted `Debug`.
 
+use sigil_daemon::PrivatePathError;
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
@@ -70,6 +71,9 @@ pub enum KeyError {
         /// Its permission bits.
         mode: u32,
     },
+    /// The key file belongs to another uid, or could not be inspected.
+    #[error(transparent)]
+    Untrusted(sigil_daemon::PrivatePathError),
     /// The stored key is not an unencrypted PKCS#8 ECDSA P-256 key.
     #[error("key {id} is not a valid pkcs#8 p-256 key")]
     InvalidKey {
@@ -356,15 +360,12 @@ impl KeyManager for DiskKeyManager {
             }
             Err(source) => return Err(io_error("open", &path, source)),
         };
-        let mode = file
-            .metadata()
-            .map_err(|source| io_error("stat", &path, source))?
-            .permissions()
-            .mode()
-            & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::InsecurePermissions { path, mode });
-        }
+        sigil_daemon::check_key_file(&path, &file).map_err(|e| match e {
+            PrivatePathError::KeyMode { path, mode } => {
+                KeyError::InsecurePermissions { path, mode }
+            }
+            other => KeyError::Untrusted(other),
+        })?;
         let mut pkcs8 = Zeroizing::new(Vec::new());
         (&mut file)
             .take(MAX_KEY_FILE_LEN)

@@ -32,7 +32,7 @@ pub enum SessionCommand {
     /// Revoke a session: something is wrong; agents drop its SVIDs at once and its unexpired
     /// serials go on the certificate revocation lists.
     Revoke(SessionRevokeArgs),
-    /// Show one session, with the serials issued under it.
+    /// Show one session, with the X509-SVID serials and JWT-SVID ids (jti) issued under it.
     Show(SessionIdArgs),
     /// List sessions, oldest id first, optionally by state or ticket.
     List(SessionListArgs),
@@ -128,12 +128,20 @@ struct SessionJson<'a> {
     svid_ttl_seconds: u64,
     entry_id: Option<&'a str>,
     serials: Vec<SerialJson<'a>>,
+    jwts: Vec<JwtJson<'a>>,
 }
 
 #[derive(Debug, Serialize)]
 struct SerialJson<'a> {
     serial: &'a str,
     not_after: String,
+}
+
+#[derive(Debug, Serialize)]
+struct JwtJson<'a> {
+    jti: &'a str,
+    audience: &'a [String],
+    expires_at: String,
 }
 
 // === impl SessionJson ===
@@ -166,6 +174,15 @@ impl<'a> SessionJson<'a> {
                 .map(|x| SerialJson {
                     serial: &x.serial,
                     not_after: format_rfc3339(x.not_after),
+                })
+                .collect(),
+            jwts: s
+                .jwts
+                .iter()
+                .map(|j| JwtJson {
+                    jti: &j.jti,
+                    audience: &j.audience,
+                    expires_at: format_rfc3339(j.expires_at),
                 })
                 .collect(),
         }
@@ -345,6 +362,25 @@ fn print(s: &pb::Session, printer: Printer) -> anyhow::Result<ExitCode> {
             s.serials
                 .iter()
                 .map(|x| format!("{} (until {})", x.serial, format_rfc3339(x.not_after)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    ));
+    rows.push((
+        "JWT ids",
+        if s.jwts.is_empty() {
+            "-".to_owned()
+        } else {
+            s.jwts
+                .iter()
+                .map(|j| {
+                    format!(
+                        "{} (aud {}, until {})",
+                        j.jti,
+                        j.audience.join(" "),
+                        format_rfc3339(j.expires_at)
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         },

@@ -56,6 +56,8 @@ pub(crate) struct IssuedSvid {
 pub(crate) struct IssuedJwt {
     /// The token.
     pub token: String,
+    /// Its `jti`.
+    pub jti: String,
     /// Its `exp`.
     pub expires_at: SystemTime,
 }
@@ -329,6 +331,12 @@ impl Authority {
             .map_err(sign_error)?;
         Ok(IssuedJwt {
             token: jwt.token().to_owned(),
+            jti: jwt
+                .claims()
+                .get("jti")
+                .and_then(|jti| jti.as_str())
+                .unwrap_or_default()
+                .to_owned(),
             expires_at: jwt.expiry(),
         })
     }

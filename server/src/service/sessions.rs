@@ -46,8 +46,9 @@ use crate::service::crl::CrlPublisher;
 use crate::service::entry_cache::{EntryCache, EntryCacheError};
 use crate::service::svids;
 use crate::store::{
-    EntryId, NewEntry, PageRequest, RegistrationEntry, Revocation, Session, SessionEntryOp,
-    SessionFilter, SessionId, SessionSerial, SessionState, SessionUpdate, Store, StoreError,
+    EntryId, NewEntry, PageRequest, RegistrationEntry, Revocation, Session, SessionCredential,
+    SessionEntryOp, SessionFilter, SessionId, SessionJwt, SessionSerial, SessionState,
+    SessionUpdate, Store, StoreError,
 };
 
 /// The longest ticket and reason accepted, in bytes.
@@ -273,6 +274,7 @@ impl Sessions {
             end_reason: None,
             svid_ttl,
             serials: Vec::new(),
+            jwts: Vec::new(),
             entry_id: None,
         };
         let record = session_record(&uid_actor(uid), action::SESSION_OPEN, &session)
@@ -499,13 +501,13 @@ impl Sessions {
         let recorded = {
             let _serials = self.serials.lock().await;
             self.store
-                .add_session_serial(
+                .add_session_credential(
                     &session.id,
-                    SessionSerial {
+                    SessionCredential::X509(SessionSerial {
                         serial: svid.serial.clone(),
                         not_after: svid.not_after,
                         authority_id: svid.authority_id.clone(),
-                    },
+                    }),
                 )
                 .await?
         };
@@ -535,8 +537,23 @@ impl Sessions {
         svids::check_audience(audience).map_err(|e| SessionError::Invalid(e.to_string()))?;
         let (entry, session) = self.grant(agent, entry_id, workload, now).await?;
         let jwt = self.authority.sign_jwt_svid(&entry, audience, now)?;
+        let recorded = self
+            .store
+            .add_session_credential(
+                &session.id,
+                SessionCredential::Jwt(SessionJwt {
+                    jti: jwt.jti.clone(),
+                    audience: audience.to_vec(),
+                    expires_at: jwt.expires_at,
+                }),
+            )
+            .await?;
         let record = workload.record(svids::jwt_record(&agent.id, &entry, audience, &jwt));
         self.audit_issuance(record, &session).await?;
+        if recorded.state != SessionState::Active {
+            return Err(SessionError::Denied("the session ended".to_owned()));
+        }
+        info!(agent_id = %agent.id, session_id = %session.id, jti = %jwt.jti, "session jwt-svid issued");
         Ok((entry.spiffe_id.clone(), jwt))
     }
 

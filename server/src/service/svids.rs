@@ -241,6 +241,7 @@ impl Svids {
         let record = NewAuditRecord::new(uid_actor(uid), action::JWT_MINT, spiffe_id.to_string())
             .detail("spiffe_id", spiffe_id.to_string())
             .detail("audience", audience.to_vec())
+            .detail("jti", jwt.jti.clone())
             .time_detail("expires_at", jwt.expires_at);
         self.audit
             .before_grant(vec![record])
@@ -294,6 +295,7 @@ pub(crate) fn jwt_record(
     .detail("spiffe_id", entry.spiffe_id.to_string())
     .detail("entry_id", entry.id.as_str())
     .detail("audience", audience.to_vec())
+    .detail("jti", jwt.jti.clone())
     .time_detail("expires_at", jwt.expires_at)
     .detail("agent", agent.to_string())
 }

@@ -37,8 +37,9 @@ use crate::audit::{self, AuditCheckpoint, AuditFilter, AuditRecord, GENESIS_HASH
 
 use super::{
     AttestedNode, Change, ChangeKind, ChangesSince, DEFAULT_PAGE_SIZE, EntryFilter, EntryId,
-    JoinToken, NewEntry, PageRequest, RegistrationEntry, Revocation, Session, SessionEntryOp,
-    SessionFilter, SessionId, SessionSerial, SessionState, SessionUpdate, Store, StoreError,
+    JoinToken, NewEntry, PageRequest, RegistrationEntry, Revocation, Session, SessionCredential,
+    SessionEntryOp, SessionFilter, SessionId, SessionJwt, SessionSerial, SessionState,
+    SessionUpdate, Store, StoreError,
 };
 
 /// What the suite needs of a backend beyond [`Store`]: calls that only tests make, kept out of
@@ -144,6 +145,7 @@ fn session(state: SessionState, ticket: &str) -> Session {
         end_reason: None,
         svid_ttl: Duration::from_secs(300),
         serials: vec![],
+        jwts: vec![],
         entry_id: None,
     }
 }
@@ -234,10 +236,25 @@ pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn 
         authority_id: "01".to_owned(),
     };
     let with_serial = store
-        .add_session_serial(&active.id, serial.clone())
+        .add_session_credential(&active.id, SessionCredential::X509(serial.clone()))
         .await
         .unwrap();
     assert_eq!(with_serial.serials, std::slice::from_ref(&serial));
+    let jwt = SessionJwt {
+        jti: "0c0d".to_owned(),
+        audience: vec!["db".to_owned()],
+        expires_at: active.expires_at,
+    };
+    let with_jwt = store
+        .add_session_credential(&active.id, SessionCredential::Jwt(jwt.clone()))
+        .await
+        .unwrap();
+    assert_eq!(with_jwt.serials, std::slice::from_ref(&serial));
+    assert_eq!(with_jwt.jwts, std::slice::from_ref(&jwt));
+    assert_eq!(
+        store.get_session(&active.id).await.unwrap().unwrap().jwts,
+        [jwt]
+    );
 
     let mut revoked = approved.clone();
     revoked.state = SessionState::Revoked;

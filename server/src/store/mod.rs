@@ -52,8 +52,8 @@ pub(crate) mod session;
 pub(crate) mod sled;
 
 pub(crate) use self::session::{
-    Revocation, Session, SessionEntryOp, SessionFilter, SessionId, SessionSerial, SessionState,
-    SessionUpdate,
+    Revocation, Session, SessionCredential, SessionEntryOp, SessionFilter, SessionId, SessionJwt,
+    SessionSerial, SessionState, SessionUpdate,
 };
 #[cfg(test)]
 pub(crate) use self::sled::{SledStore, SledStoreOptions};
@@ -308,12 +308,13 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
         page: &PageRequest,
     ) -> Result<Page<Session>, StoreError>;
 
-    /// Appends an issued serial to the session's record, whatever its state; durable on
-    /// return. Fails with [`StoreError::NotFound`] for an unknown id.
-    async fn add_session_serial(
+    /// Appends an issued credential (an X509-SVID's serial, a JWT-SVID's `jti`) to the
+    /// session's record, whatever its state; durable on return. Fails with
+    /// [`StoreError::NotFound`] for an unknown id.
+    async fn add_session_credential(
         &self,
         id: &SessionId,
-        serial: SessionSerial,
+        credential: SessionCredential,
     ) -> Result<Session, StoreError>;
 
     // --- revoked serials ---

@@ -53,6 +53,26 @@ pub(crate) struct SessionSerial {
     pub(crate) authority_id: String,
 }
 
+/// One JWT-SVID issued under a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SessionJwt {
+    /// Its `jti` claim, lowercase hex.
+    pub(crate) jti: String,
+    /// Its `aud` claim.
+    pub(crate) audience: Vec<String>,
+    /// Its `exp` claim.
+    pub(crate) expires_at: SystemTime,
+}
+
+/// A credential issued under a session, as recorded on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SessionCredential {
+    /// An X509-SVID.
+    X509(SessionSerial),
+    /// A JWT-SVID.
+    Jwt(SessionJwt),
+}
+
 /// The record of a privileged session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Session {
@@ -92,6 +112,9 @@ pub(crate) struct Session {
     pub(crate) svid_ttl: Duration,
     /// The X509-SVIDs issued under it, in order.
     pub(crate) serials: Vec<SessionSerial>,
+    /// The JWT-SVIDs issued under it, in order (absent from records of earlier builds).
+    #[serde(default)]
+    pub(crate) jwts: Vec<SessionJwt>,
     /// The registration entry carrying it while active (kept after it ends, for the record).
     pub(crate) entry_id: Option<EntryId>,
 }

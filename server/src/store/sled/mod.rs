@@ -93,8 +93,8 @@ use self::entries::prune_changes;
 use super::{
     AttestedNode, ChangesSince, DEFAULT_CHANGE_RETENTION, EntryFilter, EntryId, EntrySnapshot,
     FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
-    RegistrationEntry, Revocation, Session, SessionEntryOp, SessionFilter, SessionId,
-    SessionSerial, SessionUpdate, Store, StoreError, hex_decode, hex_encode,
+    RegistrationEntry, Revocation, Session, SessionCredential, SessionEntryOp, SessionFilter,
+    SessionId, SessionUpdate, Store, StoreError, hex_decode, hex_encode,
 };
 use crate::audit::{AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, NewAuditRecord};
 
@@ -616,14 +616,14 @@ impl Store for SledStore {
             .await
     }
 
-    async fn add_session_serial(
+    async fn add_session_credential(
         &self,
         id: &SessionId,
-        serial: SessionSerial,
+        credential: SessionCredential,
     ) -> Result<Session, StoreError> {
         let id = id.clone();
         let updated = self
-            .blocking(move |inner| inner.add_session_serial(&id, &serial))
+            .blocking(move |inner| inner.add_session_credential(&id, &credential))
             .await?;
         self.commit().await?;
         Ok(updated)

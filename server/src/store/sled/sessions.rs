@@ -10,8 +10,8 @@ use super::entries::{EntryTx, TxResult};
 use super::{Inner, PageCollector, decode, encode, page_start, transaction_error};
 use crate::audit::NewAuditRecord;
 use crate::store::{
-    Change, ChangeKind, EntryId, NewEntry, Page, PageRequest, Revocation, Session, SessionEntryOp,
-    SessionFilter, SessionId, SessionSerial, SessionUpdate, StoreError,
+    Change, ChangeKind, EntryId, NewEntry, Page, PageRequest, Revocation, Session,
+    SessionCredential, SessionEntryOp, SessionFilter, SessionId, SessionUpdate, StoreError,
 };
 
 // --- privileged sessions ---
@@ -104,10 +104,10 @@ impl Inner {
         })
     }
 
-    pub(super) fn add_session_serial(
+    pub(super) fn add_session_credential(
         &self,
         id: &SessionId,
-        serial: &SessionSerial,
+        credential: &SessionCredential,
     ) -> Result<Session, StoreError> {
         self.trees
             .sessions
@@ -120,7 +120,10 @@ impl Inner {
                 };
                 let mut session: Session =
                     decode("session", &bytes).map_err(ConflictableTransactionError::Abort)?;
-                session.serials.push(serial.clone());
+                match credential {
+                    SessionCredential::X509(serial) => session.serials.push(serial.clone()),
+                    SessionCredential::Jwt(jwt) => session.jwts.push(jwt.clone()),
+                }
                 let value =
                     encode("session", &session).map_err(ConflictableTransactionError::Abort)?;
                 tx.insert(id.as_str(), value)?;
