@@ -12,7 +12,9 @@ pub trait CallerIdentity: Send + Sync + 'static {
     /// uid, gid and pid at connect time.
     fn credentials(&self) -> Credentials;
     /// True while the process that connected is still the one behind its pid (so a reused
-    /// pid is never mistaken for it).
+    /// pid is never mistaken for it) and still runs the executable it ran when the connection
+    /// was accepted (so a process that `exec`s after connecting is not attested as what it
+    /// became).
     fn is_same_process(&self) -> bool;
 }
 
@@ -28,7 +30,7 @@ impl CallerIdentity for CallerProcess {
     }
 
     fn is_same_process(&self) -> bool {
-        self.still_alive_and_same()
+        self.still_alive_and_same() && self.same_executable()
     }
 }
 

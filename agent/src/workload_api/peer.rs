@@ -74,6 +74,8 @@ pub struct CallerProcess {
     gid: u32,
     pid: Option<u32>,
     handle: Arc<ProcessHandle>,
+    /// The executable the process ran at accept: (device, inode) of `/proc/PID/exe`.
+    exe: Option<(u64, u64)>,
 }
 
 enum ProcessHandle {
@@ -111,6 +113,7 @@ impl CallerProcess {
             gid: cred.gid(),
             pid,
             handle: Arc::new(handle),
+            exe: pid.and_then(exe_identity),
         })
     }
 
@@ -122,6 +125,7 @@ impl CallerProcess {
             gid,
             pid: Some(pid),
             handle: Arc::new(ProcessHandle::open_proc(pid)),
+            exe: exe_identity(pid),
         }
     }
 
@@ -166,6 +170,22 @@ impl CallerProcess {
             ProcessHandle::None => false,
         }
     }
+
+    /// Whether the process still runs the executable it ran when the connection was accepted
+    /// (same device and inode behind `/proc/PID/exe`). A process can connect and then `exec`
+    /// another program, or hand its socket to a child that does; what is attested then is not
+    /// what connected, so such a caller gets nothing.
+    pub fn same_executable(&self) -> bool {
+        self.exe == self.pid.and_then(exe_identity)
+    }
+}
+
+/// (device, inode) of the executable `pid` runs, if it can be read.
+fn exe_identity(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
 }
 
 impl fmt::Debug for CallerProcess {

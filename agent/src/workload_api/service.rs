@@ -36,7 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
-use super::caller::CallerLookup;
+use super::caller::{CallerIdentity, CallerLookup};
 use super::sessions;
 use crate::cache::{Inventory, SessionEntry, WorkloadSvid};
 use crate::manager::{Caller, Minter};
@@ -100,6 +100,24 @@ pub struct WorkloadApi {
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// A stream's caller, to attest again before a session mint.
+pub(crate) struct CallerCheck {
+    api: WorkloadApi,
+    caller: Arc<dyn CallerIdentity>,
+    selectors: SelectorSet,
+}
+
+impl CallerCheck {
+    /// Whether the caller is still the process (and executable) that connected, with the
+    /// selectors it had when the stream began.
+    pub(crate) async fn still_same(&self) -> bool {
+        self.api
+            .attest_process(self.caller.clone())
+            .await
+            .is_ok_and(|now| now == self.selectors)
+    }
+}
+
 // === impl WorkloadApi ===
 
 impl std::fmt::Debug for WorkloadApi {
@@ -129,20 +147,28 @@ impl WorkloadApi {
     async fn attest<T>(&self, request: &Request<T>) -> Result<SelectorSet, Status> {
         self.attest_caller(request)
             .await
-            .map(|(selectors, _)| selectors)
+            .map(|(selectors, _, _)| selectors)
     }
 
-    /// [`WorkloadApi::attest`], with the caller's kernel credentials.
+    /// [`WorkloadApi::attest`], with the caller's kernel credentials and the caller itself (to
+    /// attest it again later with [`WorkloadApi::attest_process`]).
     async fn attest_caller<T>(
         &self,
         request: &Request<T>,
-    ) -> Result<(SelectorSet, Credentials), Status> {
+    ) -> Result<(SelectorSet, Credentials, Arc<dyn CallerIdentity>), Status> {
         check_header(request)?;
         let caller = (self.caller)(request.extensions()).ok_or_else(|| {
             Status::from(WorkloadError::Attestation(
                 ": caller credentials unavailable",
             ))
         })?;
+        let selectors = self.attest_process(caller.clone()).await?;
+        Ok((selectors, caller.credentials(), caller))
+    }
+
+    /// The selectors of `caller`, read now; an error unless it is still the process (and the
+    /// executable) that connected.
+    async fn attest_process(&self, caller: Arc<dyn CallerIdentity>) -> Result<SelectorSet, Status> {
         let needs_sha256 = self.snapshots.borrow().needs_sha256;
         let attestor = self.attestor.clone();
         let creds = caller.credentials();
@@ -153,12 +179,16 @@ impl WorkloadApi {
                 debug!(error = %e, "workload attestation failed");
                 Status::from(WorkloadError::Attestation(""))
             })?;
-        // The pid may have been reused since connect: give nothing unless it is the same process.
+        // The pid may have been reused since connect, or the process may have exec'd another
+        // program: give nothing unless it is the same process running the same executable.
         if !caller.is_same_process() {
-            warn!(pid = ?creds.pid, "caller process changed during attestation; no identity");
-            return Err(WorkloadError::Attestation(": the calling process is gone").into());
+            warn!(pid = ?creds.pid, "caller process exited or changed its executable since it connected; no identity");
+            return Err(WorkloadError::Attestation(
+                ": the calling process exited or runs another executable than when it connected",
+            )
+            .into());
         }
-        Ok((selectors, creds))
+        Ok(selectors)
     }
 }
 
@@ -174,11 +204,27 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (selectors, creds) = self.attest_caller(&request).await?;
+        let (selectors, creds, caller) = self.attest_caller(&request).await?;
         let mut snapshots = self.snapshots.clone();
         let mut held = BTreeMap::new();
         let snapshot = snapshots.borrow_and_update().clone();
-        sessions::refresh(&self.minter, &snapshot, &selectors, creds, &mut held).await;
+        // Before every session mint, the caller must still be the process that connected,
+        // with the same selectors: a stream outlives many mints.
+        let recheck = CallerCheck {
+            api: self.clone(),
+            caller,
+            selectors: selectors.clone(),
+        };
+        sessions::refresh(
+            &self.minter,
+            &snapshot,
+            &selectors,
+            creds,
+            &recheck,
+            &mut held,
+        )
+        .await
+        .map_err(Status::from)?;
         let first = x509_response(&snapshot, &selectors, &held)
             .ok_or_else(|| Status::from(WorkloadError::NoIdentity))?;
         let (tx, rx) = mpsc::channel(2);
@@ -196,7 +242,19 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     () = tx.closed() => return,
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
-                sessions::refresh(&api.minter, &snapshot, &selectors, creds, &mut held).await;
+                if let Err(changed) = sessions::refresh(
+                    &api.minter,
+                    &snapshot,
+                    &selectors,
+                    creds,
+                    &recheck,
+                    &mut held,
+                )
+                .await
+                {
+                    let _ = tx.send(Err(changed.into())).await;
+                    return;
+                }
                 let next = x509_response(&snapshot, &selectors, &held);
                 match next {
                     None => {
@@ -253,7 +311,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let mut audience = req.audience.clone();
         audience.sort();
         audience.dedup();
-        let (selectors, creds) = self.attest_caller(&request).await?;
+        let (selectors, creds, _) = self.attest_caller(&request).await?;
         let (identities, sessions): (Vec<WorkloadSvid>, Vec<SessionEntry>) = {
             let snapshot = self.snapshots.borrow();
             let now = SystemTime::now();

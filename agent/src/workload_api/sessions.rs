@@ -13,17 +13,28 @@ use tracing::warn;
 
 use crate::cache::{Inventory, SessionEntry, WorkloadSvid};
 use crate::manager::{Caller, Minter};
+use crate::workload_api::service::{CallerCheck, WorkloadError};
 
 /// Brings `held` (this caller's session SVIDs, by entry id) in line with `inventory`: drops
 /// those whose session is gone, ended or unreachable, and mints those missing, changed or due
 /// for renewal. A refused or failed mint leaves that session out.
+///
+/// Before the first mint, `recheck` must say the caller is still the process that connected,
+/// with the selectors it had then; otherwise every session SVID is dropped and the stream must
+/// end.
+///
+/// # Errors
+///
+/// [`WorkloadError::Attestation`] when `recheck` fails.
 pub(crate) async fn refresh(
     minter: &Minter,
     inventory: &Inventory,
     selectors: &SelectorSet,
     credentials: Credentials,
+    recheck: &CallerCheck,
     held: &mut BTreeMap<String, WorkloadSvid>,
-) {
+) -> Result<(), WorkloadError> {
+    let mut rechecked = false;
     let now = SystemTime::now();
     let sessions: Vec<SessionEntry> = inventory
         .sessions_for(selectors, now)
@@ -44,6 +55,16 @@ pub(crate) async fn refresh(
                 continue;
             }
         }
+        if !rechecked {
+            if !recheck.still_same().await {
+                warn!(pid = ?credentials.pid, "caller changed since it connected; its session svids are dropped");
+                held.clear();
+                return Err(WorkloadError::Attestation(
+                    ": the calling process changed since it connected; reconnect",
+                ));
+            }
+            rechecked = true;
+        }
         let caller = Caller {
             credentials,
             selectors,
@@ -58,6 +79,7 @@ pub(crate) async fn refresh(
             }
         }
     }
+    Ok(())
 }
 
 /// When a stream must look at its session SVIDs again: the earliest renewal that would gain
