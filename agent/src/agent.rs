@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use sigil_attestors::unix::UnixAttestor;
+use sigil_daemon::limits::ConnectionLimit;
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tracing::{Instrument, error, info, info_span};
 
@@ -11,6 +12,10 @@ use crate::config::AgentConfig;
 use crate::manager::Manager;
 use crate::node::{NodeConnection, NodeError};
 use crate::workload_api::{ListenerError, WorkloadApi, WorkloadListener, front_door_caller};
+
+/// Workload API connections served at once (one per workload holding a stream, typically);
+/// those beyond are closed when accepted.
+pub const MAX_WORKLOAD_CONNECTIONS: usize = 4096;
 
 pub use sigil_daemon::{DRAIN_TIMEOUT, Shutdown};
 
@@ -59,11 +64,14 @@ pub async fn run(
         front_door_caller,
     );
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let serve = tonic::transport::Server::builder()
+    let serve = sigil_daemon::limits::grpc_server()
         .add_service(SpiffeWorkloadApiServer::new(api))
-        .serve_with_incoming_shutdown(listener, async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        });
+        .serve_with_incoming_shutdown(
+            ConnectionLimit::new("workload api", MAX_WORKLOAD_CONNECTIONS).apply(listener),
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        );
     info!(path = %config.socket_path.display(), "workload api listening");
     let socket = config.socket_path.clone();
     tokio::pin!(serve);

@@ -16,6 +16,7 @@
 
 pub mod config;
 mod fs;
+pub mod limits;
 
 pub use self::fs::{
     PRIVATE_FILE_MODE, PrivatePathError, check_key_file, check_private_dir, write_private,

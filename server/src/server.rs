@@ -46,6 +46,7 @@ use crate::service::sync::EntrySync;
 use crate::store::Store;
 use crate::store::sled::{SledStore, SledStoreOptions};
 use crate::tls::{self, ServerCertificate};
+use sigil_daemon::limits::ConnectionLimit;
 
 pub use sigil_daemon::{DRAIN_TIMEOUT, Shutdown};
 
@@ -54,6 +55,10 @@ const ROTATION_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Largest gRPC message the agent-facing API accepts.
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+/// Admin socket connections served at once (authorization is per call, so any local user can
+/// connect); those beyond are closed when accepted.
+const MAX_ADMIN_CONNECTIONS: usize = 256;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -300,18 +305,39 @@ impl Server {
             self.certificate.clone(),
             authority.verifier_bundles().clone(),
         )?);
-        let incoming = ReceiverStream::new(tls::incoming(self.listener, tls_config));
+        let incoming = tls::incoming(self.listener, tls_config);
+        let node = Arc::new(node);
         let mut stop_serving = stop_rx.clone();
-        let serve = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        let serve = sigil_daemon::limits::grpc_server()
             .add_service(
-                NodeServer::new(node)
+                NodeServer::from_arc(node.clone())
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)
                     .max_encoding_message_size(MAX_MESSAGE_SIZE),
             )
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stop_serving.wait_for(|stop| *stop).await;
-            });
+            .serve_with_incoming_shutdown(
+                ReceiverStream::new(incoming.authenticated),
+                async move {
+                    let _ = stop_serving.wait_for(|stop| *stop).await;
+                },
+            );
+        // Connections without a client certificate can only attest: their own server gives
+        // them a few streams and small messages.
+        let mut stop_attest = stop_rx.clone();
+        let attest_serve = tokio::spawn(
+            sigil_daemon::limits::grpc_server()
+                .max_concurrent_streams(tls::MAX_UNAUTHENTICATED_STREAMS)
+                .add_service(
+                    NodeServer::from_arc(node)
+                        .max_decoding_message_size(tls::MAX_UNAUTHENTICATED_MESSAGE)
+                        .max_encoding_message_size(MAX_MESSAGE_SIZE),
+                )
+                .serve_with_incoming_shutdown(
+                    ReceiverStream::new(incoming.unauthenticated),
+                    async move {
+                        let _ = stop_attest.wait_for(|stop| *stop).await;
+                    },
+                ),
+        );
         info!(address = %self.local_addr, "agent-facing api listening");
 
         let admin = AdminService::new(
@@ -339,14 +365,15 @@ impl Server {
         let mut stop_admin = stop_rx.clone();
         let admin_socket = self.config.admin_socket.clone();
         let admin_serve = tokio::spawn(
-            tonic::transport::Server::builder()
+            sigil_daemon::limits::grpc_server()
                 .add_service(
                     AdminServer::new(admin)
                         .max_decoding_message_size(MAX_MESSAGE_SIZE)
                         .max_encoding_message_size(MAX_MESSAGE_SIZE),
                 )
                 .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(self.admin_listener),
+                    ConnectionLimit::new("admin socket", MAX_ADMIN_CONNECTIONS)
+                        .apply(UnixListenerStream::new(self.admin_listener)),
                     async move {
                         let _ = stop_admin.wait_for(|stop| *stop).await;
                     },
@@ -364,6 +391,7 @@ impl Server {
                 token_pruning.abort();
                 entry_cache.abort();
                 crl_refresh.abort();
+                attest_serve.abort();
                 final_checkpoint(checkpoints).await;
                 return result.map_err(ServerError::from);
             }
@@ -375,6 +403,7 @@ impl Server {
         token_pruning.abort();
         crl_refresh.abort();
         admin_serve.abort();
+        attest_serve.abort();
         match how {
             Shutdown::Immediate => info!("stopping now"),
             Shutdown::Graceful => {

@@ -19,6 +19,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sigil_core::tls::{SharedBundles, SpiffeClientVerifier};
 use sigil_core::x509_svid::Authorizer;
+use sigil_daemon::limits::ConnectionLimit;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -27,8 +28,41 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
-/// How long a client may take to complete the TLS handshake.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) use sigil_daemon::limits::HANDSHAKE_TIMEOUT;
+
+/// How long a connection without a client certificate lives. Such a connection can only
+/// attest (an agent with a join token, which then reconnects with its SVID), so a minute is
+/// ample; holding one open costs the peer a new handshake every minute.
+pub(crate) const UNAUTHENTICATED_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Connections with a client certificate (agents) served at once; those beyond are closed
+/// after their handshake.
+pub(crate) const MAX_AUTHENTICATED_CONNECTIONS: usize = 4096;
+
+/// Connections without one (agents attesting with a join token) served at once.
+pub(crate) const MAX_UNAUTHENTICATED_CONNECTIONS: usize = 256;
+
+/// Streams a connection without a client certificate may have open at once: it can only
+/// attest, which takes one.
+pub(crate) const MAX_UNAUTHENTICATED_STREAMS: u32 = 4;
+
+/// The largest message a connection without a client certificate may send (an attestation: a
+/// join token and a CSR).
+pub(crate) const MAX_UNAUTHENTICATED_MESSAGE: usize = 64 * 1024;
+
+/// TLS handshakes in progress at once; connections beyond are closed when accepted.
+pub(crate) const MAX_HANDSHAKES: usize = 1024;
+
+/// The connections [`incoming`] yields, by whether the client presented a certificate: each
+/// kind is served by its own gRPC server, so that a client without one gets only the few
+/// streams and small messages an attestation needs.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    /// Connections with a verified client SVID.
+    pub(crate) authenticated: mpsc::Receiver<io::Result<TlsConnection>>,
+    /// Connections without a client certificate.
+    pub(crate) unauthenticated: mpsc::Receiver<io::Result<TlsConnection>>,
+}
 
 /// Errors building the TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +89,14 @@ pub(crate) struct PeerInfo {
     pub(crate) cert_chain: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
-/// One accepted, handshaken connection.
+/// One accepted, handshaken connection, holding its slot of the connection limit.
 #[derive(Debug)]
 pub(crate) struct TlsConnection {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// When a connection without a client certificate is closed.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 // === impl ServerCertificate ===
@@ -124,14 +161,21 @@ pub(crate) fn server_config(
     Ok(config)
 }
 
-/// Accepts TCP connections on `listener`, runs each TLS handshake in its own task (bounded by
-/// [`HANDSHAKE_TIMEOUT`]), and yields the connections that complete it. A failed handshake
-/// affects only its own connection. The loop ends when the receiver is dropped.
-pub(crate) fn incoming(
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-) -> mpsc::Receiver<io::Result<TlsConnection>> {
-    let (tx, rx) = mpsc::channel(64);
+/// Accepts TCP connections on `listener`, runs each TLS handshake in its own task (at most
+/// [`MAX_HANDSHAKES`] at once, each bounded by [`HANDSHAKE_TIMEOUT`]), and yields the
+/// connections that complete it, by kind, each kind within its connection limit (a connection
+/// beyond it is closed). One without a client certificate is closed after
+/// [`UNAUTHENTICATED_LIFETIME`]. A failed handshake affects only its own connection. The loop
+/// ends when the authenticated receiver is dropped.
+pub(crate) fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Incoming {
+    let (tx, authenticated) = mpsc::channel(64);
+    let (tx_unauthenticated, unauthenticated) = mpsc::channel(64);
+    let handshakes = ConnectionLimit::new("agent-facing api handshakes", MAX_HANDSHAKES);
+    let with_cert = ConnectionLimit::new("agent-facing api", MAX_AUTHENTICATED_CONNECTIONS);
+    let without_cert = ConnectionLimit::new(
+        "agent-facing api without a client certificate",
+        MAX_UNAUTHENTICATED_CONNECTIONS,
+    );
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
@@ -146,17 +190,42 @@ pub(crate) fn incoming(
                 },
                 () = tx.closed() => return,
             };
+            let Some(handshake) = handshakes.try_admit() else {
+                drop(tcp);
+                continue;
+            };
             let acceptor = acceptor.clone();
-            let tx = tx.clone();
+            let (tx, tx_unauthenticated) = (tx.clone(), tx_unauthenticated.clone());
+            let (with_cert, without_cert) = (with_cert.clone(), without_cert.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshaken =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(handshake);
+                match handshaken {
                     Ok(Ok(stream)) => {
                         let cert_chain = stream.get_ref().1.peer_certificates().map(|certs| {
                             Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect())
                         });
+                        let (limit, tx, deadline) = match cert_chain {
+                            Some(_) => (with_cert, tx, None),
+                            None => (
+                                without_cert,
+                                tx_unauthenticated,
+                                Some(Box::pin(tokio::time::sleep(UNAUTHENTICATED_LIFETIME))),
+                            ),
+                        };
+                        let Some(permit) = limit.try_admit() else {
+                            return;
+                        };
                         let peer = PeerInfo { cert_chain };
-                        let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
+                        let connection = TlsConnection {
+                            stream,
+                            peer,
+                            deadline,
+                            _permit: permit,
+                        };
+                        let _ = tx.send(Ok(connection)).await;
                     }
                     Ok(Err(error)) => debug!(%error, %remote, "tls handshake failed"),
                     Err(_) => debug!(%remote, "tls handshake timed out"),
@@ -164,7 +233,10 @@ pub(crate) fn incoming(
             });
         }
     });
-    rx
+    Incoming {
+        authenticated,
+        unauthenticated,
+    }
 }
 
 // === impl TlsConnection ===
@@ -177,12 +249,28 @@ impl Connected for TlsConnection {
     }
 }
 
+impl TlsConnection {
+    /// An error once an unauthenticated connection has lived its time.
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if let Some(deadline) = &mut self.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a connection without a client certificate lives at most a minute",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl AsyncRead for TlsConnection {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.check_deadline(cx)?;
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -193,6 +281,7 @@ impl AsyncWrite for TlsConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.check_deadline(cx)?;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 

@@ -137,6 +137,11 @@ impl TestServer {
         }
     }
 
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server not running").id()
+    }
+
     /// Everything the server logged so far.
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
