@@ -64,3 +64,18 @@ pub use crate::config::{
 pub use crate::server::{DRAIN_TIMEOUT, MAX_MESSAGE_SIZE, Server, ServerError, Shutdown};
 pub use crate::service::agents::DenyReason;
 pub use crate::store::sled::engine as sled;
+
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`; not part of the API).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The CA's CSR reader: the P-256 key of a PKCS#10 CSR whose signature verifies, as an
+    /// uncompressed point, or why the CSR is refused.
+    ///
+    /// # Errors
+    ///
+    /// The refusal, as the CA words it.
+    pub fn csr_public_key(der: &[u8]) -> Result<Vec<u8>, String> {
+        crate::ca::fuzz_csr_public_key(der)
+    }
+}

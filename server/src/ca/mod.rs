@@ -74,6 +74,14 @@ pub(crate) use self::signing::{IssuedX509Svid, WorkloadX509SvidParams};
 #[cfg(test)]
 pub(crate) use self::template::MAX_CSR_LEN;
 
+/// [`template::P256PublicKey::from_csr`], for the fuzz target (feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_csr_public_key(der: &[u8]) -> Result<Vec<u8>, String> {
+    template::P256PublicKey::from_csr(der)
+        .map(|key| rcgen::PublicKeyData::der_bytes(&key).to_vec())
+        .map_err(|e| e.to_string())
+}
+
 /// The shortest `ca_ttl` accepted: one sixth of it (the longest SVID TTL it can honour) is then
 /// at least one second.
 pub(crate) const MIN_CA_TTL: Duration = Duration::from_secs(6);
