@@ -321,11 +321,13 @@ impl Server {
                 },
             );
         // Connections without a client certificate can only attest: their own server gives
-        // them a few streams and small messages.
+        // them a few streams, small messages and a minute.
         let mut stop_attest = stop_rx.clone();
         let attest_serve = tokio::spawn(
             sigil_daemon::limits::grpc_server()
                 .max_concurrent_streams(tls::MAX_UNAUTHENTICATED_STREAMS)
+                .max_connection_age(tls::UNAUTHENTICATED_LIFETIME)
+                .max_connection_age_grace(tls::UNAUTHENTICATED_GRACE)
                 .add_service(
                     NodeServer::from_arc(node)
                         .max_decoding_message_size(tls::MAX_UNAUTHENTICATED_MESSAGE)

@@ -30,10 +30,15 @@ use tracing::{debug, warn};
 
 pub(crate) use sigil_daemon::limits::HANDSHAKE_TIMEOUT;
 
-/// How long a connection without a client certificate lives. Such a connection can only
-/// attest (an agent with a join token, which then reconnects with its SVID), so a minute is
-/// ample; holding one open costs the peer a new handshake every minute.
+/// How long a connection without a client certificate lives before the server sends it
+/// `GOAWAY`. Such a connection can only attest (an agent with a join token, which then
+/// reconnects with its SVID), so a minute is ample; holding one open costs the peer a new
+/// handshake every minute.
 pub(crate) const UNAUTHENTICATED_LIFETIME: Duration = Duration::from_secs(60);
+
+/// How long calls in flight on such a connection may still take after its `GOAWAY`, before it
+/// is closed.
+pub(crate) const UNAUTHENTICATED_GRACE: Duration = Duration::from_secs(10);
 
 /// Connections with a client certificate (agents) served at once; those beyond are closed
 /// after their handshake.
@@ -94,8 +99,6 @@ pub(crate) struct PeerInfo {
 pub(crate) struct TlsConnection {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
-    /// When a connection without a client certificate is closed.
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -164,9 +167,8 @@ pub(crate) fn server_config(
 /// Accepts TCP connections on `listener`, runs each TLS handshake in its own task (at most
 /// [`MAX_HANDSHAKES`] at once, each bounded by [`HANDSHAKE_TIMEOUT`]), and yields the
 /// connections that complete it, by kind, each kind within its connection limit (a connection
-/// beyond it is closed). One without a client certificate is closed after
-/// [`UNAUTHENTICATED_LIFETIME`]. A failed handshake affects only its own connection. The loop
-/// ends when the authenticated receiver is dropped.
+/// beyond it is closed). A failed handshake affects only its own connection. The loop ends when
+/// the authenticated receiver is dropped.
 pub(crate) fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Incoming {
     let (tx, authenticated) = mpsc::channel(64);
     let (tx_unauthenticated, unauthenticated) = mpsc::channel(64);
@@ -207,13 +209,9 @@ pub(crate) fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>)
                         let cert_chain = stream.get_ref().1.peer_certificates().map(|certs| {
                             Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect())
                         });
-                        let (limit, tx, deadline) = match cert_chain {
-                            Some(_) => (with_cert, tx, None),
-                            None => (
-                                without_cert,
-                                tx_unauthenticated,
-                                Some(Box::pin(tokio::time::sleep(UNAUTHENTICATED_LIFETIME))),
-                            ),
+                        let (limit, tx) = match cert_chain {
+                            Some(_) => (with_cert, tx),
+                            None => (without_cert, tx_unauthenticated),
                         };
                         let Some(permit) = limit.try_admit() else {
                             return;
@@ -222,7 +220,6 @@ pub(crate) fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>)
                         let connection = TlsConnection {
                             stream,
                             peer,
-                            deadline,
                             _permit: permit,
                         };
                         let _ = tx.send(Ok(connection)).await;
@@ -249,28 +246,12 @@ impl Connected for TlsConnection {
     }
 }
 
-impl TlsConnection {
-    /// An error once an unauthenticated connection has lived its time.
-    fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if let Some(deadline) = &mut self.deadline
-            && deadline.as_mut().poll(cx).is_ready()
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "a connection without a client certificate lives at most a minute",
-            ));
-        }
-        Ok(())
-    }
-}
-
 impl AsyncRead for TlsConnection {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.check_deadline(cx)?;
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -281,7 +262,6 @@ impl AsyncWrite for TlsConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.check_deadline(cx)?;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 

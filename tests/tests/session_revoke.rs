@@ -185,6 +185,7 @@ async fn session_revoke_puts_the_serial_on_the_crl_delivered_to_workloads_and_th
     assert_eq!(story[2]["details"]["ticket"], "CHG-123");
     assert_eq!(story[2]["details"]["jti"], jti.as_str());
     assert_eq!(story[3]["details"]["reason"], "credentials leaked");
+    assert_eq!(story[3]["details"]["unexpired_jwts"][0], jti.as_str());
     let seqs: Vec<_> = story
         .iter()
         .map(|r| r["sequence"].as_u64().unwrap())

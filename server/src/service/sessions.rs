@@ -468,10 +468,19 @@ impl Sessions {
             .filter(|s| s.not_after > now)
             .map(|s| s.serial.clone())
             .collect();
+        // JWT-SVIDs cannot be put on a CRL: their ids are recorded, for relying parties that
+        // keep a deny list until they expire.
+        let unexpired_jwts: Vec<String> = ended
+            .jwts
+            .iter()
+            .filter(|j| j.expires_at > now)
+            .map(|j| j.jti.clone())
+            .collect();
         let record = session_record(&actor, action::SESSION_REVOKE, &ended)
             .detail("reason", reason)
             .detail("previous_state", session.state.as_str())
-            .detail("revoked_serials", revoked_serials);
+            .detail("revoked_serials", revoked_serials)
+            .detail("unexpired_jwts", unexpired_jwts);
         self.audit
             .after_change(vec![record])
             .await
