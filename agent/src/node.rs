@@ -129,7 +129,7 @@ impl NodeConnection {
         join_token: Option<&str>,
         trust_bundle: Option<&Path>,
     ) -> Result<Self, NodeError> {
-        sigil_daemon::check_private_dir(data_dir, 0o700, false)?;
+        sigil_daemon::check_private_dir(data_dir, 0o700)?;
         if let Some((identity, bundle)) = load_state(data_dir, &trust_domain)? {
             if identity.validity.not_after() <= SystemTime::now() {
                 return Err(NodeError::Refused(format!(

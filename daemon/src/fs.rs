@@ -28,6 +28,12 @@ pub enum PrivatePathError {
         /// The path.
         path: PathBuf,
     },
+    /// It is a symbolic link: where it points could be changed under the daemon.
+    #[error("{path} is a symbolic link; give the directory itself")]
+    Symlink {
+        /// The path.
+        path: PathBuf,
+    },
     /// Another uid owns it: that user could read or replace what the daemon keeps there.
     #[error(
         "{path} is owned by uid {owner}, not by uid {uid} that this daemon runs as (nor root): \
@@ -79,61 +85,69 @@ fn check_owner(path: &Path, meta: &Metadata) -> Result<(), PrivatePathError> {
 }
 
 /// Makes sure `path` is a directory only this daemon (or root) controls: when missing, creates
-/// it and its parents with `mode`; when it exists, it must be a directory owned by the daemon's
-/// uid or root, not writable by group or others. With `shared_sticky`, a root-owned directory
-/// with the sticky bit (like `/tmp`, where nobody can remove or rename another's entries) is
-/// accepted too: that is where a socket may live, never a store.
+/// it and its parents with `mode`; then every directory from `/` down to it must be owned by
+/// the daemon's uid or root and not writable by group or others, except that a directory above
+/// it may be a root-owned shared one with the sticky bit (like `/tmp`, where nobody can rename
+/// or remove another's entries). `path` itself may not be a symbolic link, and a link above it
+/// must belong to the daemon's uid or root. Otherwise another user could rename the directory
+/// away and put their own in its place (a socket of theirs where workloads or admins connect, a
+/// store of theirs the daemon trusts).
 ///
 /// # Errors
 ///
-/// [`PrivatePathError`], saying what to change.
-pub fn check_private_dir(
-    path: &Path,
-    mode: u32,
-    shared_sticky: bool,
-) -> Result<(), PrivatePathError> {
-    let meta = match fs::metadata(path) {
-        Ok(meta) => meta,
+/// [`PrivatePathError`], naming the directory at fault and what to change.
+pub fn check_private_dir(path: &Path, mode: u32) -> Result<(), PrivatePathError> {
+    let io = |what, path: &Path| {
+        let path = path.to_owned();
+        move |source| PrivatePathError::Io { what, path, source }
+    };
+    match fs::symlink_metadata(path) {
+        Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(mode)
                 .create(path)
-                .map_err(|source| PrivatePathError::Io {
-                    what: "create directory",
-                    path: path.to_owned(),
-                    source,
-                })?;
-            // Created now, or by someone else in the meantime: check it either way.
-            fs::metadata(path).map_err(|source| PrivatePathError::Io {
-                what: "inspect",
-                path: path.to_owned(),
-                source,
-            })?
+                .map_err(io("create directory", path))?;
         }
-        Err(source) => {
-            return Err(PrivatePathError::Io {
-                what: "inspect",
-                path: path.to_owned(),
-                source,
+        Err(source) => return Err(io("inspect", path)(source)),
+    }
+    // Created now, or by someone else in the meantime: check it either way, from the root down.
+    let absolute = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir()
+            .map_err(io("resolve", path))?
+            .join(path)
+    };
+    let mut chain: Vec<&Path> = absolute.ancestors().collect();
+    chain.reverse();
+    let last = chain.len().saturating_sub(1);
+    for (i, dir) in chain.into_iter().enumerate() {
+        let link = fs::symlink_metadata(dir).map_err(io("inspect", dir))?;
+        if link.file_type().is_symlink() {
+            if i == last {
+                return Err(PrivatePathError::Symlink {
+                    path: dir.to_owned(),
+                });
+            }
+            check_owner(dir, &link)?;
+        }
+        let meta = fs::metadata(dir).map_err(io("inspect", dir))?;
+        if !meta.is_dir() {
+            return Err(PrivatePathError::NotADirectory {
+                path: dir.to_owned(),
             });
         }
-    };
-    if !meta.is_dir() {
-        return Err(PrivatePathError::NotADirectory {
-            path: path.to_owned(),
-        });
-    }
-    let bits = meta.permissions().mode() & 0o7777;
-    if shared_sticky && meta.uid() == 0 && bits & 0o1000 != 0 {
-        return Ok(());
-    }
-    check_owner(path, &meta)?;
-    if bits & 0o022 != 0 {
-        return Err(PrivatePathError::Writable {
-            path: path.to_owned(),
-            mode: bits,
-        });
+        check_owner(dir, &meta)?;
+        let bits = meta.permissions().mode() & 0o7777;
+        let shared_sticky = i != last && meta.uid() == 0 && bits & 0o1000 != 0;
+        if bits & 0o022 != 0 && !shared_sticky {
+            return Err(PrivatePathError::Writable {
+                path: dir.to_owned(),
+                mode: bits,
+            });
+        }
     }
     Ok(())
 }
@@ -212,16 +226,16 @@ mod tests {
     fn a_private_dir_is_created_or_must_be_the_daemons_and_not_writable_by_others() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("a/b/data");
-        check_private_dir(&data, 0o700, false).unwrap();
+        check_private_dir(&data, 0o700).unwrap();
         assert_eq!(
             fs::metadata(&data).unwrap().permissions().mode() & 0o777,
             0o700
         );
         // Existing and fine: accepted again.
-        check_private_dir(&data, 0o700, false).unwrap();
-        for mode in [0o770, 0o702, 0o777] {
+        check_private_dir(&data, 0o700).unwrap();
+        for mode in [0o770, 0o702, 0o777, 0o1777] {
             fs::set_permissions(&data, fs::Permissions::from_mode(mode)).unwrap();
-            let err = check_private_dir(&data, 0o700, false).unwrap_err();
+            let err = check_private_dir(&data, 0o700).unwrap_err();
             assert!(
                 matches!(err, PrivatePathError::Writable { .. }),
                 "{mode:o}: {err}"
@@ -229,20 +243,36 @@ mod tests {
             assert!(err.to_string().contains("chmod go-w"), "{err}");
         }
         fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).unwrap();
-        check_private_dir(&data, 0o700, false).unwrap();
-        // A file where the directory should be.
+        check_private_dir(&data, 0o700).unwrap();
+        // A directory above it that others may write: they could rename ours away.
+        let above = dir.path().join("a");
+        fs::set_permissions(&above, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_private_dir(&data, 0o700).unwrap_err();
+        assert!(
+            matches!(&err, PrivatePathError::Writable { path, .. } if *path == above),
+            "{err}"
+        );
+        // ...unless it is root's, with the sticky bit (as /tmp is).
+        fs::set_permissions(&above, fs::Permissions::from_mode(0o1777)).unwrap();
+        assert_eq!(check_private_dir(&data, 0o700).is_ok(), is_root());
+        fs::set_permissions(&above, fs::Permissions::from_mode(0o755)).unwrap();
+        // A file where the directory should be, and a link in its place.
         let file = dir.path().join("file");
         fs::write(&file, b"x").unwrap();
         assert!(matches!(
-            check_private_dir(&file, 0o700, false),
+            check_private_dir(&file, 0o700),
             Err(PrivatePathError::NotADirectory { .. })
         ));
-        // A world-writable sticky directory: only where a socket may live, and only root's.
-        let sticky = dir.path().join("sticky");
-        fs::create_dir(&sticky).unwrap();
-        fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
-        assert!(check_private_dir(&sticky, 0o700, false).is_err());
-        assert_eq!(check_private_dir(&sticky, 0o700, true).is_ok(), is_root());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&data, &link).unwrap();
+        assert!(matches!(
+            check_private_dir(&link, 0o700),
+            Err(PrivatePathError::Symlink { .. })
+        ));
+        // Through a link of ours above it: fine.
+        let via = dir.path().join("via");
+        std::os::unix::fs::symlink(dir.path().join("a/b"), &via).unwrap();
+        check_private_dir(&via.join("data"), 0o700).unwrap();
     }
 
     #[test]
@@ -256,9 +286,19 @@ mod tests {
         fs::create_dir(&data).unwrap();
         fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
         std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
-        let err = check_private_dir(&data, 0o700, true).unwrap_err();
+        let err = check_private_dir(&data, 0o700).unwrap_err();
         assert!(
             matches!(err, PrivatePathError::Owner { owner: 65534, .. }),
+            "{err}"
+        );
+        // A directory of another uid above ours.
+        let inner = data.join("inner");
+        std::os::unix::fs::chown(&data, Some(0), Some(0)).unwrap();
+        check_private_dir(&inner, 0o700).unwrap();
+        std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+        let err = check_private_dir(&inner, 0o700).unwrap_err();
+        assert!(
+            matches!(&err, PrivatePathError::Owner { path, owner: 65534, .. } if *path == data),
             "{err}"
         );
         let key = dir.path().join("key");

@@ -145,7 +145,7 @@ impl Server {
     /// Opens the store and the CA and binds the agent-facing API; nothing is served until
     /// [`Server::run`].
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
-        sigil_daemon::check_private_dir(&config.data_dir, 0o700, false)?;
+        sigil_daemon::check_private_dir(&config.data_dir, 0o700)?;
         let store: Arc<dyn Store> = Arc::new(SledStore::open(
             config.data_dir.join("store"),
             SledStoreOptions {

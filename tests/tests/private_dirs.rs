@@ -87,6 +87,20 @@ fn a_server_data_dir_or_admin_socket_dir_others_may_write_is_refused() {
     // Nothing was created in it.
     assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
 
+    // A directory above it that others may write (they could rename ours away).
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    chmod(&shared, 0o777);
+    let stderr = refused(&mut server(
+        &shared.join("data"),
+        &private.join("admin.sock"),
+    ));
+    assert!(
+        stderr.contains("writable by group or others")
+            && stderr.contains(&format!("{} ", shared.display())),
+        "{stderr}"
+    );
+
     chmod(&data, 0o700);
     chmod(&private, 0o773);
     let stderr = refused(&mut server(&data, &private.join("admin.sock")));

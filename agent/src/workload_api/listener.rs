@@ -100,7 +100,7 @@ impl WorkloadListener {
             return Err(ListenerError::NoRuntime);
         }
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-            sigil_daemon::check_private_dir(dir, 0o755, true)?;
+            sigil_daemon::check_private_dir(dir, 0o755)?;
         }
         remove_stale_socket(&path)?;
         let bind_error = |source| ListenerError::Bind {

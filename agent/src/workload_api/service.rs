@@ -100,21 +100,48 @@ pub struct WorkloadApi {
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// A stream's caller, to attest again before a session mint.
-pub(crate) struct CallerCheck {
+/// A `FetchX509SVID` stream's caller as attested when the stream began, and the means to mint
+/// its session SVIDs and to attest it again before each.
+pub(crate) struct StreamCaller {
     api: WorkloadApi,
     caller: Arc<dyn CallerIdentity>,
     selectors: SelectorSet,
+    credentials: Credentials,
 }
 
-impl CallerCheck {
+impl StreamCaller {
+    /// The minter of session SVIDs.
+    pub(crate) fn minter(&self) -> &Minter {
+        &self.api.minter
+    }
+
+    /// The selectors read when the stream began.
+    pub(crate) fn selectors(&self) -> &SelectorSet {
+        &self.selectors
+    }
+
+    /// The kernel credentials read when the connection was accepted.
+    pub(crate) fn credentials(&self) -> Credentials {
+        self.credentials
+    }
+
     /// Whether the caller is still the process (and executable) that connected, with the
-    /// selectors it had when the stream began.
+    /// selectors it had when the stream began (read the same way: with the executable's hash
+    /// if and only if they had it, so that entries added or removed meanwhile change nothing).
     pub(crate) async fn still_same(&self) -> bool {
+        let with_sha256 = self.selectors.iter().any(|s| {
+            s.kind() == sigil_attestors::unix::SELECTOR_TYPE && s.value().starts_with("sha256:")
+        });
         self.api
-            .attest_process(self.caller.clone())
+            .attest_process(self.caller.clone(), Some(with_sha256))
             .await
             .is_ok_and(|now| now == self.selectors)
+    }
+
+    /// Whether the caller is still the process, and the executable, that connected (cheap: no
+    /// attestation); checked before anything is sent on the stream.
+    pub(crate) fn same_process(&self) -> bool {
+        self.caller.is_same_process()
     }
 }
 
@@ -162,14 +189,19 @@ impl WorkloadApi {
                 ": caller credentials unavailable",
             ))
         })?;
-        let selectors = self.attest_process(caller.clone()).await?;
+        let selectors = self.attest_process(caller.clone(), None).await?;
         Ok((selectors, caller.credentials(), caller))
     }
 
     /// The selectors of `caller`, read now; an error unless it is still the process (and the
     /// executable) that connected.
-    async fn attest_process(&self, caller: Arc<dyn CallerIdentity>) -> Result<SelectorSet, Status> {
-        let needs_sha256 = self.snapshots.borrow().needs_sha256;
+    /// `with_sha256`: hash the executable (`None`: when some entry of this node needs it).
+    async fn attest_process(
+        &self,
+        caller: Arc<dyn CallerIdentity>,
+        with_sha256: Option<bool>,
+    ) -> Result<SelectorSet, Status> {
+        let needs_sha256 = with_sha256.unwrap_or_else(|| self.snapshots.borrow().needs_sha256);
         let attestor = self.attestor.clone();
         let creds = caller.credentials();
         let selectors = tokio::task::spawn_blocking(move || attestor.attest(creds, needs_sha256))
@@ -210,25 +242,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let snapshot = snapshots.borrow_and_update().clone();
         // Before every session mint, the caller must still be the process that connected,
         // with the same selectors: a stream outlives many mints.
-        let recheck = CallerCheck {
+        let stream_caller = StreamCaller {
             api: self.clone(),
             caller,
             selectors: selectors.clone(),
+            credentials: creds,
         };
-        sessions::refresh(
-            &self.minter,
-            &snapshot,
-            &selectors,
-            creds,
-            &recheck,
-            &mut held,
-        )
-        .await
-        .map_err(Status::from)?;
+        sessions::refresh(&stream_caller, &snapshot, &mut held)
+            .await
+            .map_err(Status::from)?;
         let first = x509_response(&snapshot, &selectors, &held)
             .ok_or_else(|| Status::from(WorkloadError::NoIdentity))?;
         let (tx, rx) = mpsc::channel(2);
-        let api = self.clone();
         tokio::spawn(async move {
             let mut last = first.clone();
             if tx.send(Ok(first)).await.is_err() {
@@ -242,15 +267,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     () = tx.closed() => return,
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
-                if let Err(changed) = sessions::refresh(
-                    &api.minter,
-                    &snapshot,
-                    &selectors,
-                    creds,
-                    &recheck,
-                    &mut held,
-                )
-                .await
+                if let Err(changed) = sessions::refresh(&stream_caller, &snapshot, &mut held).await
                 {
                     let _ = tx.send(Err(changed.into())).await;
                     return;
@@ -262,6 +279,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         return;
                     }
                     Some(next) if next != last => {
+                        // Nothing more for a caller that exited or exec'd since it connected.
+                        if !stream_caller.same_process() {
+                            let _ = tx
+                                .send(Err(WorkloadError::Attestation(
+                                    ": the calling process changed since it connected; reconnect",
+                                )
+                                .into()))
+                                .await;
+                            return;
+                        }
                         last = next.clone();
                         if tx.send(Ok(next)).await.is_err() {
                             return;

@@ -6,34 +6,29 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use sigil_attestors::unix::Credentials;
-use sigil_core::SelectorSet;
 use sigil_core::lifetime::Validity;
 use tracing::warn;
 
 use crate::cache::{Inventory, SessionEntry, WorkloadSvid};
-use crate::manager::{Caller, Minter};
-use crate::workload_api::service::{CallerCheck, WorkloadError};
+use crate::manager::Caller;
+use crate::workload_api::service::{StreamCaller, WorkloadError};
 
 /// Brings `held` (this caller's session SVIDs, by entry id) in line with `inventory`: drops
 /// those whose session is gone, ended or unreachable, and mints those missing, changed or due
 /// for renewal. A refused or failed mint leaves that session out.
 ///
-/// Before the first mint, `recheck` must say the caller is still the process that connected,
-/// with the selectors it had then; otherwise every session SVID is dropped and the stream must
-/// end.
+/// Before the first mint, `caller` must still be the process that connected, with the
+/// selectors it had then; otherwise every session SVID is dropped and the stream must end.
 ///
 /// # Errors
 ///
-/// [`WorkloadError::Attestation`] when `recheck` fails.
+/// [`WorkloadError::Attestation`] when the caller changed.
 pub(crate) async fn refresh(
-    minter: &Minter,
+    caller: &StreamCaller,
     inventory: &Inventory,
-    selectors: &SelectorSet,
-    credentials: Credentials,
-    recheck: &CallerCheck,
     held: &mut BTreeMap<String, WorkloadSvid>,
 ) -> Result<(), WorkloadError> {
+    let (selectors, credentials) = (caller.selectors(), caller.credentials());
     let mut rechecked = false;
     let now = SystemTime::now();
     let sessions: Vec<SessionEntry> = inventory
@@ -56,7 +51,7 @@ pub(crate) async fn refresh(
             }
         }
         if !rechecked {
-            if !recheck.still_same().await {
+            if !caller.still_same().await {
                 warn!(pid = ?credentials.pid, "caller changed since it connected; its session svids are dropped");
                 held.clear();
                 return Err(WorkloadError::Attestation(
@@ -65,11 +60,11 @@ pub(crate) async fn refresh(
             }
             rechecked = true;
         }
-        let caller = Caller {
+        let who = Caller {
             credentials,
             selectors,
         };
-        match minter.session_x509(&session, caller).await {
+        match caller.minter().session_x509(&session, who).await {
             Ok(svid) => {
                 held.insert(session.entry_id.clone(), svid);
             }

@@ -123,7 +123,7 @@ pub(crate) async fn bind_admin_socket(path: &Path) -> Result<UnixListener, Admin
     };
     if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         let existed = dir.exists();
-        sigil_daemon::check_private_dir(dir, 0o711, true)?;
+        sigil_daemon::check_private_dir(dir, 0o711)?;
         if !existed {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
         }

@@ -200,8 +200,9 @@ impl Ca {
         claims.insert("aud".to_owned(), audience.to_vec().into());
         claims.insert("exp".to_owned(), exp.into());
         claims.insert("iat".to_owned(), iat.into());
-        // A unique id (128 random bits), so that each token can be named in the audit log and
-        // on its session, and a relying party can refuse a replay.
+        // A unique id (127 random bits), so that each token can be named in the audit log, on
+        // its session, and in a relying party's deny list. (Not a nonce: the agent hands the
+        // same cached token to every caller of an entry.)
         claims.insert("jti".to_owned(), hex(&random_serial()?).into());
         if let Some(issuer) = issuer.filter(|issuer| !issuer.is_empty()) {
             claims.insert("iss".to_owned(), issuer.into());

@@ -259,6 +259,7 @@ pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn 
     let mut revoked = approved.clone();
     revoked.state = SessionState::Revoked;
     revoked.serials.clear();
+    revoked.jwts.clear();
     let revision = store.current_revision().await.unwrap();
     let ended = store
         .update_session(SessionUpdate {
@@ -281,6 +282,7 @@ pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn 
         std::slice::from_ref(&serial),
         "serials survive the update"
     );
+    assert_eq!(ended.jwts.len(), 1, "jwt ids survive the update");
     assert_eq!(ended.entry_id, Some(entry_id.clone()));
     assert!(store.get_entry(&entry_id).await.unwrap().is_none());
     let ChangesSince::Changes(changes) = store.changes_since(revision, 10).await.unwrap() else {

@@ -69,8 +69,9 @@ impl Inner {
                 ));
             }
             let mut session = update.session.clone();
-            // Serials recorded meanwhile are kept.
+            // Serials and JWT ids recorded meanwhile are kept.
             session.serials = old.serials.clone();
+            session.jwts = old.jwts.clone();
             match &update.entry {
                 SessionEntryOp::Create(new) => {
                     if let Some(entry_id) = entry_id {
