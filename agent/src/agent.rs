@@ -13,6 +13,10 @@ use crate::manager::Manager;
 use crate::node::{NodeConnection, NodeError};
 use crate::workload_api::{ListenerError, WorkloadApi, WorkloadListener, front_door_caller};
 
+/// The largest Workload API request (the largest is a `ValidateJWTSVID` with a token of at most
+/// 16 KiB).
+pub const MAX_WORKLOAD_REQUEST: usize = 64 * 1024;
+
 /// Workload API connections served at once (one per workload holding a stream, typically);
 /// those beyond are closed when accepted.
 pub const MAX_WORKLOAD_CONNECTIONS: usize = 4096;
@@ -65,7 +69,9 @@ pub async fn run(
     );
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let serve = sigil_daemon::limits::grpc_server()
-        .add_service(SpiffeWorkloadApiServer::new(api))
+        .add_service(
+            SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_WORKLOAD_REQUEST),
+        )
         .serve_with_incoming_shutdown(
             ConnectionLimit::new("workload api", MAX_WORKLOAD_CONNECTIONS).apply(listener),
             async move {

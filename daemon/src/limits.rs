@@ -39,6 +39,28 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The interval of the server's keepalive pings.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Raises the soft limit of open files to the hard limit, so that the connection limits of this
+/// module, not `EMFILE`, decide when a listener stops accepting (each Workload API connection also
+/// holds a pidfd). Returns the limit in force; a failure leaves the limit as it was (and is
+/// logged).
+pub fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(error) => {
+                tracing::warn!(%error, soft, hard, "cannot raise the open files limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the open files limit");
+            0
+        }
+    }
+}
+
 /// A gRPC server with every limit of this module set. Listeners add their own connection cap
 /// ([`ConnectionLimit`]) and message sizes (per service).
 pub fn grpc_server() -> tonic::transport::Server {

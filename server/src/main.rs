@@ -36,6 +36,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let config = ServerConfig::from_sources(file.as_deref(), overrides)?;
     sigil_daemon::init_logging(config.log_level, config.log_format);
+    let open_files = sigil_daemon::limits::raise_open_files_limit();
+    tracing::debug!(open_files, "open files limit");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

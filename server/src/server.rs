@@ -24,10 +24,12 @@ use sigil_proto::admin::admin_server::AdminServer;
 use sigil_proto::node::node_server::NodeServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::api::admin::{AdminService, AdminServices, AdminSocketError, bind_admin_socket};
+use crate::api::admin::{
+    AdminService, AdminServices, AdminSocketError, bind_admin_socket, split_by_uid,
+};
 use crate::api::node::NodeService;
 use crate::audit::DEFAULT_CHAIN_ID;
 use crate::ca::{Ca, CaError, DiskKeyManager, KeyManager};
@@ -56,9 +58,16 @@ const ROTATION_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest gRPC message the agent-facing API accepts.
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
-/// Admin socket connections served at once (authorization is per call, so any local user can
-/// connect); those beyond are closed when accepted.
+/// Admin socket connections of uid 0 and `admin_uids` served at once; those beyond are closed
+/// when accepted.
 const MAX_ADMIN_CONNECTIONS: usize = 256;
+
+/// Admin socket connections of other uids served at once (each gets one stream, to be told it
+/// may not call).
+const MAX_NON_ADMIN_CONNECTIONS: usize = 16;
+
+/// The largest message on a connection of a uid that may not use the admin API.
+const NON_ADMIN_MESSAGE_SIZE: usize = 16 * 1024;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -304,6 +313,7 @@ impl Server {
         let tls_config = Arc::new(tls::server_config(
             self.certificate.clone(),
             authority.verifier_bundles().clone(),
+            authority.trust_domain().clone(),
         )?);
         let incoming = tls::incoming(self.listener, tls_config);
         let node = Arc::new(node);
@@ -326,6 +336,8 @@ impl Server {
         let attest_serve = tokio::spawn(
             sigil_daemon::limits::grpc_server()
                 .max_concurrent_streams(tls::MAX_UNAUTHENTICATED_STREAMS)
+                .initial_stream_window_size(tls::UNAUTHENTICATED_WINDOW)
+                .initial_connection_window_size(tls::UNAUTHENTICATED_WINDOW)
                 .max_connection_age(tls::UNAUTHENTICATED_LIFETIME)
                 .max_connection_age_grace(tls::UNAUTHENTICATED_GRACE)
                 .add_service(
@@ -364,20 +376,40 @@ impl Server {
             },
             self.config.admin_uids.clone(),
         );
+        let admin = Arc::new(admin);
+        let admin_incoming = split_by_uid(self.admin_listener, self.config.admin_uids.clone());
         let mut stop_admin = stop_rx.clone();
         let admin_socket = self.config.admin_socket.clone();
         let admin_serve = tokio::spawn(
             sigil_daemon::limits::grpc_server()
                 .add_service(
-                    AdminServer::new(admin)
+                    AdminServer::from_arc(admin.clone())
                         .max_decoding_message_size(MAX_MESSAGE_SIZE)
                         .max_encoding_message_size(MAX_MESSAGE_SIZE),
                 )
                 .serve_with_incoming_shutdown(
                     ConnectionLimit::new("admin socket", MAX_ADMIN_CONNECTIONS)
-                        .apply(UnixListenerStream::new(self.admin_listener)),
+                        .apply(ReceiverStream::new(admin_incoming.admins)),
                     async move {
                         let _ = stop_admin.wait_for(|stop| *stop).await;
+                    },
+                ),
+        );
+        // Uids that may not use the admin API are told so, on a server of their own.
+        let mut stop_others = stop_rx.clone();
+        let others_serve = tokio::spawn(
+            sigil_daemon::limits::grpc_server()
+                .max_concurrent_streams(1)
+                .add_service(
+                    AdminServer::from_arc(admin)
+                        .max_decoding_message_size(NON_ADMIN_MESSAGE_SIZE)
+                        .max_encoding_message_size(NON_ADMIN_MESSAGE_SIZE),
+                )
+                .serve_with_incoming_shutdown(
+                    ConnectionLimit::new("admin socket, other uids", MAX_NON_ADMIN_CONNECTIONS)
+                        .apply(ReceiverStream::new(admin_incoming.others)),
+                    async move {
+                        let _ = stop_others.wait_for(|stop| *stop).await;
                     },
                 ),
         );
@@ -394,6 +426,8 @@ impl Server {
                 entry_cache.abort();
                 crl_refresh.abort();
                 attest_serve.abort();
+                others_serve.abort();
+                admin_serve.abort();
                 final_checkpoint(checkpoints).await;
                 return result.map_err(ServerError::from);
             }
@@ -405,6 +439,7 @@ impl Server {
         token_pruning.abort();
         crl_refresh.abort();
         admin_serve.abort();
+        others_serve.abort();
         attest_serve.abort();
         match how {
             Shutdown::Immediate => info!("stopping now"),

@@ -17,6 +17,7 @@ use std::time::Duration;
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sigil_core::TrustDomain;
 use sigil_core::tls::{SharedBundles, SpiffeClientVerifier};
 use sigil_core::x509_svid::Authorizer;
 use sigil_daemon::limits::ConnectionLimit;
@@ -54,6 +55,10 @@ pub(crate) const MAX_UNAUTHENTICATED_STREAMS: u32 = 4;
 /// The largest message a connection without a client certificate may send (an attestation: a
 /// join token and a CSR).
 pub(crate) const MAX_UNAUTHENTICATED_MESSAGE: usize = 64 * 1024;
+
+/// The HTTP/2 flow-control window (per stream and per connection) of such a connection: what it
+/// may send before the server has read it.
+pub(crate) const UNAUTHENTICATED_WINDOW: u32 = 64 * 1024;
 
 /// TLS handshakes in progress at once; connections beyond are closed when accepted.
 pub(crate) const MAX_HANDSHAKES: usize = 1024;
@@ -147,13 +152,18 @@ fn certified_key(
 }
 
 /// The rustls configuration of the agent-facing API: TLS 1.2/1.3 with the ring provider, client
-/// SVIDs optional but verified against `bundles` when presented, no session resumption, ALPN h2.
+/// SVIDs optional but, when presented, verified against `bundles` and only an agent's of
+/// `trust_domain` (a workload SVID is refused at the handshake, so it never reaches the server
+/// for agents), no session resumption, ALPN h2.
 pub(crate) fn server_config(
     certificate: ServerCertificate,
     bundles: SharedBundles,
+    trust_domain: TrustDomain,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = SpiffeClientVerifier::new(bundles, Authorizer::any()).optional();
+    let agents_only =
+        Authorizer::predicate(move |id| crate::policy::is_agent_id(&trust_domain, id));
+    let verifier = SpiffeClientVerifier::new(bundles, agents_only).optional();
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(verifier))

@@ -178,6 +178,13 @@ impl TestServer {
         }
     }
 
+    /// Starts the server again on the same data directory and port with `extra_config` in
+    /// place of the one it had.
+    pub fn restart_with(&mut self, extra_config: &str) {
+        extra_config.clone_into(&mut self.extra_config);
+        self.restart();
+    }
+
     /// Starts the server again on the same data directory and port.
     pub fn restart(&mut self) {
         self.kill9();

@@ -185,6 +185,41 @@ async fn calls_without_an_agent_svid_are_refused_with_a_reason() {
 }
 
 #[tokio::test]
+async fn a_workload_svid_is_refused_at_the_handshake() {
+    let server = TestServer::start("");
+    let bundle = server.bundle().await;
+    let key = TestKey::new();
+    let minted = server
+        .admin()
+        .await
+        .mint_x509svid(sigil_proto::admin::MintX509svidRequest {
+            spiffe_id: "spiffe://example.org/web".into(),
+            csr: key.csr(),
+            ttl_seconds: 0,
+            dns_names: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A valid SVID of the trust domain, but not an agent's: the server for agents never sees
+    // the connection.
+    let connected = node_client(
+        server.node_addr,
+        &bundle,
+        Some((certs(&minted.cert_chain), key.private_key())),
+    )
+    .await;
+    match connected {
+        Err(_) => {}
+        Ok(mut client) => {
+            // TLS 1.3: the server's refusal arrives as an alert with the first request.
+            let err = client.get_bundle(GetBundleRequest {}).await.unwrap_err();
+            assert!(format!("{err:?}").contains("alert"), "{err:?}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn banned_and_evicted_agents_are_refused_with_their_reason() {
     let server = TestServer::start("");
     let agent = TestAgent::attest(&server).await;

@@ -138,6 +138,50 @@ async fn session_only_ids_are_refused_everywhere_but_an_approved_session() {
 }
 
 #[tokio::test]
+async fn a_join_token_alias_made_before_the_rule_is_not_created_at_attestation() {
+    let mut server = TestServer::start("");
+    let generated = server_cli(
+        &server,
+        &["token", "generate", "--spiffe-id", ID, "--output", "json"],
+    )
+    .json();
+    let token = generated["token"].as_str().unwrap().to_owned();
+    server.restart_with(&format!("session_only_ids = [\"{PREFIX}\"]\n"));
+
+    // The agent attests; its alias is not created, and the audit record says why.
+    TestAgent::attest_with(&server, &token).await.unwrap();
+    let listed = server
+        .admin()
+        .await
+        .list_entries(sigil_proto::admin::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(listed.iter().all(|e| e.spiffe_id != ID), "{listed:?}");
+    let attests = server_cli(
+        &server,
+        &[
+            "audit",
+            "show",
+            "--action",
+            "agent.attest",
+            "--output",
+            "json",
+        ],
+    )
+    .json_lines();
+    assert!(
+        attests[0]["details"]["alias_refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("session_only_ids")),
+        "{attests:?}"
+    );
+    // And the server still starts.
+    server.restart();
+}
+
+#[tokio::test]
 async fn a_server_with_entries_under_a_session_only_prefix_refuses_to_start_and_names_them() {
     let mut server = TestServer::start("");
     let agent = TestAgentProcess::start(&server).await;

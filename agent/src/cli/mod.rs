@@ -200,6 +200,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     )?;
     sigil_daemon::init_logging(config.log_level, config.log_format);
+    let open_files = sigil_daemon::limits::raise_open_files_limit();
+    tracing::debug!(open_files, "open files limit");
     let shutdown = sigil_daemon::shutdown_signal().context("cannot watch SIGTERM and SIGINT")?;
     agent::run(config, shutdown).await?;
     Ok(())

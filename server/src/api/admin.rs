@@ -38,7 +38,8 @@ use sigil_proto::admin::{
     ListSessionsRequest, ListSessionsResponse, OpenSessionRequest, RevokeSessionRequest,
     SessionRequest, VerifyAuditRequest, VerifyAuditResponse,
 };
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
@@ -110,6 +111,47 @@ pub enum AdminSocketError {
         /// The I/O error.
         source: std::io::Error,
     },
+}
+
+/// The admin socket's connections, by whether the caller's uid (SO_PEERCRED at accept) may use
+/// the admin API. Each kind is served by its own gRPC server: a uid that may not gets one stream
+/// and small messages, enough to be told so, and cannot hold memory or slots admins need.
+#[derive(Debug)]
+pub(crate) struct AdminIncoming {
+    /// Connections of uid 0 and `admin_uids`.
+    pub(crate) admins: mpsc::Receiver<std::io::Result<UnixStream>>,
+    /// Everyone else's.
+    pub(crate) others: mpsc::Receiver<std::io::Result<UnixStream>>,
+}
+
+/// Accepts on `listener` and sorts each connection by its caller's uid (see [`AdminIncoming`]).
+/// A connection whose credentials cannot be read goes with the others. The loop ends when the
+/// admins' receiver is dropped.
+pub(crate) fn split_by_uid(listener: UnixListener, admin_uids: Vec<u32>) -> AdminIncoming {
+    let (admins_tx, admins) = mpsc::channel(16);
+    let (others_tx, others) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        warn!(%error, "admin socket accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = admins_tx.closed() => return,
+            };
+            let admin = stream
+                .peer_cred()
+                .is_ok_and(|cred| cred.uid() == 0 || admin_uids.contains(&cred.uid()));
+            let tx = if admin { &admins_tx } else { &others_tx };
+            // Never wait on a full queue: the accept loop serves admins too.
+            let _ = tx.try_send(Ok(stream));
+        }
+    });
+    AdminIncoming { admins, others }
 }
 
 /// Binds the admin socket: creates its directory (mode 0711: reachable, not listable), replaces

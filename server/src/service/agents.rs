@@ -301,6 +301,19 @@ impl Agents {
         if let Some(alias) = &alias {
             record = record.detail("alias_spiffe_id", alias.to_string());
         }
+        // A token made before its alias's prefix became session-only: the agent attests, but
+        // the alias is not created (no entry may name such an ID).
+        let alias = match alias {
+            Some(alias) => match self.authority.session_only().refuse(&alias, "an alias") {
+                Ok(()) => Some(alias),
+                Err(reason) => {
+                    warn!(agent_id = %agent_id, alias = %alias, "join token alias not created: it is under session_only_ids");
+                    record = record.detail("alias_refused", reason);
+                    None
+                }
+            },
+            None => None,
+        };
         self.audit
             .before_grant(vec![record])
             .await
