@@ -266,6 +266,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     () = sleep_until(wake) => {}
                     () = tx.closed() => return,
                 }
+                // A client that has gone needs no more session SVIDs minted for it.
+                if tx.is_closed() {
+                    return;
+                }
                 let snapshot = snapshots.borrow_and_update().clone();
                 if let Err(changed) = sessions::refresh(&stream_caller, &snapshot, &mut held).await
                 {
