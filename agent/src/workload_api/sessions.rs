@@ -1,4 +1,4 @@
-//! A caller's session SVIDs: minted for it alone through the [`Minter`] when its selectors
+//! A caller's session SVIDs: minted for it alone through the [`Minter`](crate::manager::Minter) when its selectors
 //! match a privileged session, renewed at half their life unless the session's end caps them,
 //! and dropped as soon as the session leaves the inventory (close, revoke, expiry) or the agent
 //! loses the server.
