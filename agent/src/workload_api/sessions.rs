@@ -1,7 +1,7 @@
-//! A caller's session SVIDs: minted for it alone through the [`Minter`](crate::manager::Minter) when its selectors
-//! match a privileged session, renewed at half their life unless the session's end caps them,
-//! and dropped as soon as the session leaves the inventory (close, revoke, expiry) or the agent
-//! loses the server.
+//! A caller's session SVIDs: minted for it alone through the
+//! [`Minter`](crate::manager::Minter) when its selectors match a privileged session, renewed at
+//! half their life unless the session's end caps them, and dropped as soon as the session leaves
+//! the inventory (close, revoke, expiry) or the agent loses the server.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
