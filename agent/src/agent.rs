@@ -21,6 +21,10 @@ pub const MAX_WORKLOAD_REQUEST: usize = 64 * 1024;
 /// those beyond are closed when accepted.
 pub const MAX_WORKLOAD_CONNECTIONS: usize = 4096;
 
+/// Workload API connections of one uid other than root served at once, so that one local user
+/// cannot take every slot.
+pub const MAX_WORKLOAD_CONNECTIONS_PER_UID: usize = 1024;
+
 pub use sigil_daemon::{DRAIN_TIMEOUT, Shutdown};
 
 /// Why the agent stopped with an error.
@@ -73,7 +77,13 @@ pub async fn run(
             SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_WORKLOAD_REQUEST),
         )
         .serve_with_incoming_shutdown(
-            ConnectionLimit::new("workload api", MAX_WORKLOAD_CONNECTIONS).apply(listener),
+            ConnectionLimit::new("workload api", MAX_WORKLOAD_CONNECTIONS)
+                .per_key(MAX_WORKLOAD_CONNECTIONS_PER_UID)
+                .apply_keyed(listener, |conn| {
+                    // Root is not limited apart: it is trusted (and often every container).
+                    let uid = conn.caller().uid();
+                    (uid != 0).then_some(u64::from(uid))
+                }),
             async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             },

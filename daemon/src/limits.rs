@@ -5,10 +5,11 @@
 //! tonic passes no stream limit to hyper unless told, so without these a single connection
 //! could open streams (each a task and its buffers) until memory runs out.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -81,6 +82,40 @@ pub struct ConnectionLimit {
     max: usize,
     refused: Arc<AtomicU64>,
     listener: &'static str,
+    per_key: Option<PerKey>,
+}
+
+/// At most `max` connections per key (a caller's uid, say).
+#[derive(Debug, Clone)]
+struct PerKey {
+    max: usize,
+    open: Arc<Mutex<HashMap<u64, usize>>>,
+}
+
+/// What an admitted connection holds while it lives: its slot, and its key's.
+#[derive(Debug)]
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _key: Option<KeyGuard>,
+}
+
+/// One connection counted against its key; uncounted on drop.
+#[derive(Debug)]
+struct KeyGuard {
+    key: u64,
+    open: Arc<Mutex<HashMap<u64, usize>>>,
+}
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl ConnectionLimit {
@@ -91,6 +126,77 @@ impl ConnectionLimit {
             max,
             refused: Arc::default(),
             listener,
+            per_key: None,
+        }
+    }
+
+    /// The same limit, and at most `max` connections per key as well (see
+    /// [`apply_keyed`](Self::apply_keyed)), so that one caller cannot take every slot.
+    #[must_use]
+    pub fn per_key(mut self, max: usize) -> Self {
+        self.per_key = Some(PerKey {
+            max,
+            open: Arc::default(),
+        });
+        self
+    }
+
+    /// A slot for one more connection of `key` (`None`: counted against the total only), or
+    /// `None` (then close it) when the total or the key's share is taken.
+    pub fn try_admit_keyed(&self, key: Option<u64>) -> Option<Admission> {
+        let guard = match (&self.per_key, key) {
+            (Some(per_key), Some(key)) => {
+                let mut open = per_key.open.lock().unwrap_or_else(PoisonError::into_inner);
+                let count = open.entry(key).or_insert(0);
+                if *count >= per_key.max {
+                    drop(open);
+                    self.note_refusal(
+                        "per-caller connection limit reached; closing its new connections",
+                    );
+                    return None;
+                }
+                *count += 1;
+                Some(KeyGuard {
+                    key,
+                    open: per_key.open.clone(),
+                })
+            }
+            _ => None,
+        };
+        // On failure the guard, if any, is dropped here and uncounts the connection.
+        let permit = self.try_admit()?;
+        Some(Admission {
+            _permit: permit,
+            _key: guard,
+        })
+    }
+
+    /// `incoming` with each connection holding a slot of the total and of its key
+    /// (`key(&connection)`) while it lives; a connection for which there is none is dropped
+    /// (closed) at once.
+    pub fn apply_keyed<S, IO, E>(
+        self,
+        incoming: S,
+        key: impl Fn(&IO) -> Option<u64>,
+    ) -> impl Stream<Item = Result<Limited<IO>, E>>
+    where
+        S: Stream<Item = Result<IO, E>>,
+    {
+        incoming.filter_map(move |item| match item {
+            Ok(io) => self.try_admit_keyed(key(&io)).map(|admission| {
+                Ok(Limited {
+                    io,
+                    _admission: admission,
+                })
+            }),
+            Err(e) => Some(Err(e)),
+        })
+    }
+
+    fn note_refusal(&self, what: &'static str) {
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if refused.is_power_of_two() {
+            tracing::warn!(listener = self.listener, max = self.max, refused, "{what}");
         }
     }
 
@@ -99,15 +205,7 @@ impl ConnectionLimit {
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => Some(permit),
             Err(_) => {
-                let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-                if refused.is_power_of_two() {
-                    tracing::warn!(
-                        listener = self.listener,
-                        max = self.max,
-                        refused,
-                        "connection limit reached; closing new connections"
-                    );
-                }
+                self.note_refusal("connection limit reached; closing new connections");
                 None
             }
         }
@@ -124,15 +222,7 @@ impl ConnectionLimit {
     where
         S: Stream<Item = Result<IO, E>>,
     {
-        incoming.filter_map(move |item| match item {
-            Ok(io) => self.try_admit().map(|permit| {
-                Ok(Limited {
-                    io,
-                    _permit: permit,
-                })
-            }),
-            Err(e) => Some(Err(e)),
-        })
+        self.apply_keyed(incoming, |_| None)
     }
 }
 
@@ -140,7 +230,7 @@ impl ConnectionLimit {
 #[derive(Debug)]
 pub struct Limited<IO> {
     io: IO,
-    _permit: OwnedSemaphorePermit,
+    _admission: Admission,
 }
 
 impl<IO: Connected> Connected for Limited<IO> {
@@ -213,5 +303,32 @@ mod tests {
         assert_eq!(limit.refused(), 3);
         drop(admitted);
         assert!(limit.try_admit().is_some());
+    }
+
+    #[tokio::test]
+    async fn one_key_cannot_take_every_slot_and_a_closed_connection_frees_its_keys_share() {
+        let limit = ConnectionLimit::new("test", 4).per_key(2);
+        // Keys 7, 7, 7, 8, none: the third of key 7 is refused, the others fit.
+        let incoming = tokio_stream::iter([7, 7, 7, 8, 0].map(Ok::<u64, io::Error>));
+        let admitted: Vec<_> = limit
+            .clone()
+            .apply_keyed(incoming, |&k| (k != 0).then_some(k))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            admitted.iter().map(|l| l.io).collect::<Vec<_>>(),
+            [7, 7, 8, 0]
+        );
+        assert_eq!(limit.refused(), 1);
+        // The total is taken: even a new key is refused, and its share is not kept.
+        assert!(limit.try_admit_keyed(Some(9)).is_none());
+        drop(admitted);
+        assert!(limit.try_admit_keyed(Some(9)).is_some());
+        let again: Vec<_> = (0..2).map(|_| limit.try_admit_keyed(Some(7))).collect();
+        assert!(again.iter().all(Option::is_some));
+        assert!(limit.try_admit_keyed(Some(7)).is_none());
     }
 }

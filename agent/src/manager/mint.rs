@@ -156,7 +156,8 @@ impl Minter {
     ///
     /// # Errors
     ///
-    /// [`MintError::Server`].
+    /// [`MintError::Server`]; [`MintError::WrongIdentity`] when the entry grants another ID
+    /// than `identity` now (its new SVID is on its way: retry).
     pub async fn jwt(
         &self,
         identity: &WorkloadSvid,
@@ -187,6 +188,14 @@ impl Minter {
             .await
             .map_err(server_error)?
             .into_inner();
+        // The entry changed since this identity was minted (the server signs for the entry as
+        // it is now): the workload gets this identity's token once its new SVID arrives.
+        if response.spiffe_id != identity.spiffe_id.as_str() {
+            return Err(MintError::WrongIdentity {
+                expected: identity.spiffe_id.to_string(),
+                got: response.spiffe_id,
+            });
+        }
         let expires = expiry(response.expires_at);
         let mut cache = self.jwts();
         if cache.len() > MAX_CACHED_JWTS {

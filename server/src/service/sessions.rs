@@ -1041,6 +1041,48 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_whose_crls_cannot_be_published_is_still_recorded() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let agent = fx.attested_agent().await;
+        let session = fx
+            .sessions
+            .open(10, open_request(&agent.id), now)
+            .await
+            .unwrap();
+        // A revoked serial the CA cannot sign into a CRL: every publication fails from now on.
+        fx.store
+            .add_revocations(vec![Revocation {
+                serial: "not hex".to_owned(),
+                not_after: now + Duration::from_secs(3600),
+                authority_id: None,
+                revoked_at: now,
+                cause: "fault injected by the test".to_owned(),
+            }])
+            .await
+            .unwrap();
+        assert!(fx.crls.publish(now).await.is_err());
+
+        let revoked = fx
+            .sessions
+            .revoke(11, &session.id, "leaked".to_owned(), now)
+            .await
+            .unwrap();
+        assert_eq!(revoked.state, SessionState::Revoked);
+        let records = fx
+            .audit_records(AuditFilter {
+                session_id: Some(session.id.as_str().to_owned()),
+                ..AuditFilter::default()
+            })
+            .await;
+        let revoke: Vec<_> = records
+            .iter()
+            .filter(|r| r.action == action::SESSION_REVOKE)
+            .collect();
+        assert_eq!(revoke.len(), 1, "{records:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn session_only_ids_always_wait_for_a_listed_approver() {
         let rules = SessionRules {
             require_approval: false,
