@@ -842,6 +842,19 @@ pub fn leaf_serial(chain_der: &[u8]) -> String {
 }
 
 /// The serials listed in a DER CRL.
+/// The (serial, reasonCode) of each entry of a DER CRL; the code is RFC 5280's number
+/// (5: cessationOfOperation, 9: privilegeWithdrawn), `None` without the extension.
+pub fn crl_reasons(der: &[u8]) -> Vec<(String, Option<u8>)> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
+    crl.iter_revoked_certificates()
+        .map(|r| {
+            let serial = r.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+            (serial, r.reason_code().map(|(_, code)| code.0))
+        })
+        .collect()
+}
+
 pub fn crl_serials(der: &[u8]) -> Vec<String> {
     use x509_parser::prelude::FromDer as _;
     let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();

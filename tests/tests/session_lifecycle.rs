@@ -142,30 +142,62 @@ async fn session_close_drops_the_svid_from_open_streams_at_once() {
     let session = open_session(&server, &agent, ADMIN_ID, "10m", &[]);
     let id = session["id"].as_str().unwrap().to_owned();
     let (mut stream, first) = x509_stream_with(&agent, |m| svid_of(m, ADMIN_ID).is_some()).await;
-    let (_, not_after) = svid_of(&first, ADMIN_ID).unwrap();
+    let (serial, not_after) = svid_of(&first, ADMIN_ID).unwrap();
     assert!(
         not_after <= SystemTime::now() + Duration::from_secs(300 + 1),
         "the default session_svid_ttl is 5m"
     );
 
+    // Close is close everywhere: the SVID leaves the stream and its serial goes on the CRL the
+    // workloads receive, as cessationOfOperation (5).
     let closed = server_cli(&server, &["session", "close", &id, "--output", "json"]).json();
     assert_eq!(closed["state"], "closed");
     let started = std::time::Instant::now();
+    let reason_of = |m: &sigil_proto::workload::X509svidResponse| {
+        m.crl
+            .iter()
+            .flat_map(|c| crl_reasons(c))
+            .find(|(s, _)| *s == serial)
+            .map(|(_, reason)| reason)
+    };
     let update = next_x509_until(&mut stream, Duration::from_secs(5), |m| {
-        svid_of(m, ADMIN_ID).is_none()
+        svid_of(m, ADMIN_ID).is_none() && reason_of(m).is_some()
     })
     .await
     .unwrap();
     assert_eq!(svid_ids(&update), ["spiffe://example.org/standing"]);
     assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(reason_of(&update), Some(Some(5)), "cessationOfOperation");
 
-    // Closed is final.
+    // Revoking the closed session lists its serial again, as privilegeWithdrawn (9).
+    let revoked = server_cli(
+        &server,
+        &[
+            "session",
+            "revoke",
+            &id,
+            "--reason",
+            "found later",
+            "--output",
+            "json",
+        ],
+    )
+    .json();
+    assert_eq!(revoked["state"], "revoked");
+    let update = next_x509_until(&mut stream, Duration::from_secs(5), |m| {
+        reason_of(m) == Some(Some(9))
+    })
+    .await
+    .unwrap();
+    assert_eq!(svid_ids(&update), ["spiffe://example.org/standing"]);
+
+    // Ended is final.
     let again = server_cli(&server, &["session", "close", &id]);
     assert!(!again.status.success());
-    assert!(again.stderr.contains("already closed"), "{}", again.stderr);
+    assert!(again.stderr.contains("already revoked"), "{}", again.stderr);
     let listed = server_cli(
         &server,
-        &["session", "list", "--state", "closed", "--output", "json"],
+        &["session", "list", "--state", "revoked", "--output", "json"],
     )
     .json_lines();
     assert_eq!(listed.len(), 1);

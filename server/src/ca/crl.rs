@@ -6,6 +6,30 @@ use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, Ser
 
 use super::{Ca, CaError};
 
+/// Why a serial is listed (RFC 5280 section 5.3.1 `CRLReason`), as far as Sigil says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RevocationReason {
+    /// No reason given (no reasonCode extension): a banned or evicted agent's SVIDs.
+    #[default]
+    Unspecified,
+    /// The task is over: a closed session's SVIDs (`cessationOfOperation`).
+    CessationOfOperation,
+    /// The grant was taken back: a revoked session's SVIDs (`privilegeWithdrawn`).
+    PrivilegeWithdrawn,
+}
+
+impl RevocationReason {
+    /// The reasonCode extension of the CRL entry, if any.
+    fn code(self) -> Option<rcgen::RevocationReason> {
+        match self {
+            Self::Unspecified => None,
+            Self::CessationOfOperation => Some(rcgen::RevocationReason::CessationOfOperation),
+            Self::PrivilegeWithdrawn => Some(rcgen::RevocationReason::PrivilegeWithdrawn),
+        }
+    }
+}
+
 /// A serial to list, and which authority's CRL lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RevokedSerial {
@@ -15,6 +39,8 @@ pub(crate) struct RevokedSerial {
     pub revoked_at: SystemTime,
     /// The authority that signed the certificate; `None` lists it on every authority's CRL.
     pub authority_id: Option<String>,
+    /// Why.
+    pub reason: RevocationReason,
 }
 
 /// A CRL just signed.
@@ -72,7 +98,7 @@ impl Ca {
                 revoked_certs.push(RevokedCertParams {
                     serial_number: SerialNumber::from_slice(&bytes),
                     revocation_time: r.revoked_at.into(),
-                    reason_code: None,
+                    reason_code: r.reason.code(),
                     invalidity_date: None,
                 });
             }

@@ -66,7 +66,7 @@ use sigil_core::{SpiffeBundle, SpiffeId, TrustDomain, X509Bundle};
 use self::authority::Authorities;
 
 pub(crate) use self::authority::{AuthorityInfo, AuthorityKind, AuthorityState};
-pub(crate) use self::crl::{RevokedSerial, SignedCrl};
+pub(crate) use self::crl::{RevocationReason, RevokedSerial, SignedCrl};
 pub(crate) use self::error::{CaError, CaJournalStoreError};
 pub(crate) use self::keys::{CaKey, DiskKeyManager, KeyError, KeyManager};
 pub(crate) use self::rotation::CaJournalStore;

@@ -27,10 +27,12 @@ pub enum SessionCommand {
     Open(SessionOpenArgs),
     /// Approve a pending session (two-person rule: not by the admin who opened it).
     Approve(SessionIdArgs),
-    /// Close a session: the task is done; agents drop its SVIDs at once.
+    /// Close a session: the task is done; agents drop its SVIDs at once and its unexpired
+    /// serials go on the certificate revocation lists (reason cessationOfOperation).
     Close(SessionIdArgs),
     /// Revoke a session: something is wrong; agents drop its SVIDs at once and its unexpired
-    /// serials go on the certificate revocation lists.
+    /// serials go on the certificate revocation lists (reason privilegeWithdrawn), a closed
+    /// session's again.
     Revoke(SessionRevokeArgs),
     /// Show one session, with the X509-SVID serials and JWT-SVID ids (jti) issued under it.
     Show(SessionIdArgs),

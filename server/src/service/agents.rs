@@ -26,7 +26,8 @@ use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, IssuedSvid, SignError};
 use crate::service::crl::CrlPublisher;
 use crate::store::{
-    AttestedNode, JoinToken, NewEntry, Page, PageRequest, Revocation, Store, StoreError,
+    AttestedNode, JoinToken, NewEntry, Page, PageRequest, Revocation, RevocationReason, Store,
+    StoreError,
 };
 
 /// How often expired join tokens are deleted.
@@ -547,6 +548,7 @@ impl Agents {
                 authority_id: None,
                 revoked_at: now,
                 cause: format!("agent:{}", node.spiffe_id),
+                reason: RevocationReason::Unspecified,
             })
             .collect();
         self.store.add_revocations(revocations).await?;

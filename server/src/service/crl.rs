@@ -108,6 +108,7 @@ impl CrlPublisher {
                 serial: r.serial,
                 revoked_at: r.revoked_at,
                 authority_id: r.authority_id,
+                reason: r.reason,
             })
             .collect();
         let millis = now
@@ -172,6 +173,7 @@ mod tests {
             authority_id: None,
             revoked_at: SystemTime::now(),
             cause: "test".to_owned(),
+            reason: crate::store::RevocationReason::Unspecified,
         }
     }
 

@@ -46,9 +46,9 @@ use crate::service::crl::CrlPublisher;
 use crate::service::entry_cache::{EntryCache, EntryCacheError};
 use crate::service::svids;
 use crate::store::{
-    EntryId, NewEntry, PageRequest, RegistrationEntry, Revocation, Session, SessionCredential,
-    SessionEntryOp, SessionFilter, SessionId, SessionJwt, SessionSerial, SessionState,
-    SessionUpdate, Store, StoreError,
+    EntryId, NewEntry, PageRequest, RegistrationEntry, Revocation, RevocationReason, Session,
+    SessionCredential, SessionEntryOp, SessionFilter, SessionId, SessionJwt, SessionSerial,
+    SessionState, SessionUpdate, Store, StoreError,
 };
 
 /// The longest ticket and reason accepted, in bytes.
@@ -382,6 +382,9 @@ impl Sessions {
         id: &SessionId,
         now: SystemTime,
     ) -> Result<Session, SessionError> {
+        // As in a revocation: every serial issued so far is listed, or the issuance sees the
+        // session closed and hands nothing out.
+        let serials = self.serials.lock().await;
         let session = self.get(id).await?;
         if session.state.is_final() {
             return Err(SessionError::Refused(format!(
@@ -390,11 +393,25 @@ impl Sessions {
             )));
         }
         let actor = uid_actor(uid);
+        let revocations =
+            unexpired_revocations(&session, now, RevocationReason::CessationOfOperation);
         let ended = self
-            .end(&session, SessionState::Closed, &actor, None, vec![], now)
+            .end(
+                &session,
+                SessionState::Closed,
+                &actor,
+                None,
+                revocations,
+                now,
+            )
             .await?;
+        drop(serials);
+        if let Err(error) = self.crls.publish(now).await {
+            warn!(%error, session_id = %id, "crls not re-published after a close");
+        }
         let record = session_record(&actor, action::SESSION_CLOSE, &ended)
-            .detail("previous_state", session.state.as_str());
+            .detail("previous_state", session.state.as_str())
+            .detail("revoked_serials", unexpired_serials(&ended, now));
         self.audit
             .after_change(vec![record])
             .await
@@ -435,19 +452,9 @@ impl Sessions {
             )));
         }
         let actor = uid_actor(uid);
-        let cause = format!("session:{id}");
-        let revocations: Vec<Revocation> = session
-            .serials
-            .iter()
-            .filter(|s| s.not_after > now)
-            .map(|s| Revocation {
-                serial: s.serial.clone(),
-                not_after: s.not_after,
-                authority_id: Some(s.authority_id.clone()),
-                revoked_at: now,
-                cause: cause.clone(),
-            })
-            .collect();
+        // A closed session's serials are listed again, with this reason.
+        let revocations =
+            unexpired_revocations(&session, now, RevocationReason::PrivilegeWithdrawn);
         let ended = self
             .end(
                 &session,
@@ -462,12 +469,7 @@ impl Sessions {
         if let Err(error) = self.crls.publish(now).await {
             warn!(%error, session_id = %id, "crls not re-published after a revocation");
         }
-        let revoked_serials: Vec<String> = ended
-            .serials
-            .iter()
-            .filter(|s| s.not_after > now)
-            .map(|s| s.serial.clone())
-            .collect();
+        let revoked_serials = unexpired_serials(&ended, now);
         // JWT-SVIDs cannot be put on a CRL: their ids are recorded, for relying parties that
         // keep a deny list until they expire.
         let unexpired_jwts: Vec<String> = ended
@@ -784,6 +786,38 @@ impl SessionWorkload {
 
 // === helpers ===
 
+/// The revocations of `session`'s serials that have not expired at `now`, for `reason`.
+fn unexpired_revocations(
+    session: &Session,
+    now: SystemTime,
+    reason: RevocationReason,
+) -> Vec<Revocation> {
+    let cause = format!("session:{}", session.id);
+    session
+        .serials
+        .iter()
+        .filter(|s| s.not_after > now)
+        .map(|s| Revocation {
+            serial: s.serial.clone(),
+            not_after: s.not_after,
+            authority_id: Some(s.authority_id.clone()),
+            revoked_at: now,
+            cause: cause.clone(),
+            reason,
+        })
+        .collect()
+}
+
+/// The serials of `session` that have not expired at `now`.
+fn unexpired_serials(session: &Session, now: SystemTime) -> Vec<String> {
+    session
+        .serials
+        .iter()
+        .filter(|s| s.not_after > now)
+        .map(|s| s.serial.clone())
+        .collect()
+}
+
 /// The entry that carries an active session.
 fn session_entry(session: &Session) -> NewEntry {
     let mut entry = NewEntry::new(
@@ -1058,6 +1092,7 @@ mod tests {
                 authority_id: None,
                 revoked_at: now,
                 cause: "fault injected by the test".to_owned(),
+                reason: RevocationReason::Unspecified,
             }])
             .await
             .unwrap();

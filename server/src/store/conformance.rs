@@ -37,9 +37,9 @@ use crate::audit::{self, AuditCheckpoint, AuditFilter, AuditRecord, GENESIS_HASH
 
 use super::{
     AttestedNode, Change, ChangeKind, ChangesSince, DEFAULT_PAGE_SIZE, EntryFilter, EntryId,
-    JoinToken, NewEntry, PageRequest, RegistrationEntry, Revocation, Session, SessionCredential,
-    SessionEntryOp, SessionFilter, SessionId, SessionJwt, SessionSerial, SessionState,
-    SessionUpdate, Store, StoreError,
+    JoinToken, NewEntry, PageRequest, RegistrationEntry, Revocation, RevocationReason, Session,
+    SessionCredential, SessionEntryOp, SessionFilter, SessionId, SessionJwt, SessionSerial,
+    SessionState, SessionUpdate, Store, StoreError,
 };
 
 /// What the suite needs of a backend beyond [`Store`]: calls that only tests make, kept out of
@@ -272,6 +272,7 @@ pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn 
                 authority_id: Some(serial.authority_id.clone()),
                 revoked_at: active.opened_at,
                 cause: format!("session:{}", active.id),
+                reason: RevocationReason::PrivilegeWithdrawn,
             }],
             audit: vec![],
         })
@@ -355,11 +356,34 @@ pub(crate) async fn revocations_round_trip_and_prune(store: Arc<dyn Store>) {
         authority_id: None,
         revoked_at: t(1),
         cause: "agent:spiffe://example.org/sigil/agent/x".to_owned(),
+        reason: RevocationReason::Unspecified,
     };
     store
         .add_revocations(vec![revocation("bb", 100), revocation("aa", 200)])
         .await
         .unwrap();
+    // Listing a serial again replaces it, reason included.
+    store
+        .add_revocations(vec![Revocation {
+            reason: RevocationReason::CessationOfOperation,
+            ..revocation("aa", 200)
+        }])
+        .await
+        .unwrap();
+    let reasons: Vec<_> = store
+        .list_revocations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.reason)
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            RevocationReason::CessationOfOperation,
+            RevocationReason::Unspecified
+        ]
+    );
     let listed: Vec<_> = store
         .list_revocations()
         .await

@@ -52,8 +52,8 @@ pub(crate) mod session;
 pub(crate) mod sled;
 
 pub(crate) use self::session::{
-    Revocation, Session, SessionCredential, SessionEntryOp, SessionFilter, SessionId, SessionJwt,
-    SessionSerial, SessionState, SessionUpdate,
+    Revocation, RevocationReason, Session, SessionCredential, SessionEntryOp, SessionFilter,
+    SessionId, SessionJwt, SessionSerial, SessionState, SessionUpdate,
 };
 #[cfg(test)]
 pub(crate) use self::sled::{SledStore, SledStoreOptions};

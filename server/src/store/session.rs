@@ -21,6 +21,7 @@ use sigil_core::{SelectorSet, SpiffeId};
 
 use super::{EntryId, EntryIdError, NewEntry, StoreError};
 use crate::audit::NewAuditRecord;
+pub(crate) use crate::ca::RevocationReason;
 
 /// The identifier of a session: 32 lowercase hex characters (16 random bytes).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -169,6 +170,9 @@ pub(crate) struct Revocation {
     pub(crate) revoked_at: SystemTime,
     /// What it was: `session:<id>` or `agent:<spiffe id>`.
     pub(crate) cause: String,
+    /// Why, as the CRL entry says it (absent from records of earlier builds: unspecified).
+    #[serde(default)]
+    pub(crate) reason: RevocationReason,
 }
 
 // === impl SessionId ===
