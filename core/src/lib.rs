@@ -38,6 +38,7 @@ pub mod hex;
 pub mod jwt;
 pub mod lifetime;
 pub mod selector;
+pub mod session;
 pub mod spiffe_bundle;
 pub mod spiffe_id;
 pub mod time;

@@ -714,19 +714,33 @@ pub fn server_cli_as(server: &TestServer, uid: Option<u32>, args: &[&str]) -> Cl
             c
         }
     };
-    let out = command
+    command
         .args(args)
         .arg("--admin-socket")
         .arg(server.admin_socket())
         .env_remove("SIGIL_ADMIN_SOCKET")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+        .stdin(Stdio::null());
+    let out = retry_busy(|| command.output());
     CliRun {
         status: out.status,
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Runs `make()` until it does not fail with ETXTBSY: an executable this test process just
+/// copied may still be open for writing in a child another test thread forked meanwhile (until
+/// that child execs).
+pub fn retry_busy<T>(mut make: impl FnMut() -> std::io::Result<T>) -> T {
+    for _ in 0..100 {
+        match make() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("the executable stayed busy");
 }
 
 /// True when the tests run as root (needed to run the CLI as another admin uid).

@@ -46,13 +46,14 @@ async fn setup() -> (TestServer, TestAgentProcess) {
 }
 
 fn connect_then_exec(agent: &TestAgentProcess, first: &Path, then: &Path) -> String {
-    let out = Command::new(first)
-        .arg("connect-then-exec")
-        .arg(agent.socket())
-        .arg(then)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = retry_busy(|| {
+        Command::new(first)
+            .arg("connect-then-exec")
+            .arg(agent.socket())
+            .arg(then)
+            .stdin(Stdio::null())
+            .output()
+    });
     assert!(
         out.status.success(),
         "{}",
@@ -90,13 +91,14 @@ async fn a_session_stream_attests_its_caller_again_before_each_mint() {
     let (server, agent) = setup().await;
     let dir = tempfile::tempdir().unwrap();
     let helper = helper_copy(dir.path(), "workload");
-    let mut child = Command::new(&helper)
-        .arg("stream")
-        .arg(agent.socket())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = retry_busy(|| {
+        Command::new(&helper)
+            .arg("stream")
+            .arg(agent.socket())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+    });
     let mut stdin = child.stdin.take().unwrap();
     let (tx, lines) = mpsc::channel();
     let stdout = child.stdout.take().unwrap();

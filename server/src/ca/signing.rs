@@ -9,6 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rustls_pki_types::CertificateDer;
 use serde_json::{Map, Value};
 use sigil_core::lifetime::LifetimeError;
+use sigil_core::session::SessionClaims;
 use sigil_core::x509_svid::check_leaf_certificate;
 use sigil_core::{JwtSvid, SpiffeId, Validity};
 
@@ -27,6 +28,21 @@ pub(crate) struct WorkloadX509SvidParams {
     pub ttl: Duration,
     /// Further NotAfter caps, such as a privileged session's end.
     pub caps: Vec<SystemTime>,
+    /// The privileged session it is issued under, carried in the session extension.
+    pub session: Option<SessionClaims>,
+}
+
+impl WorkloadX509SvidParams {
+    /// An SVID for `spiffe_id` living `ttl`, with no DNS names, caps or session.
+    fn bare(spiffe_id: SpiffeId, ttl: Duration) -> Self {
+        Self {
+            spiffe_id,
+            dns_names: Vec::new(),
+            ttl,
+            caps: Vec::new(),
+            session: None,
+        }
+    }
 }
 
 /// An X509-SVID certificate just signed, with what audit records need.
@@ -112,7 +128,11 @@ impl Ca {
             });
         }
         let public_key = P256PublicKey::from_csr(csr_der)?;
-        self.sign_x509(agent_id, &[], &public_key, ttl, &[], now)
+        self.sign_x509(
+            &WorkloadX509SvidParams::bare(agent_id.clone(), ttl),
+            &public_key,
+            now,
+        )
     }
 
     /// Signs a workload's X509-SVID from its registration entry (`params`) and the P-256 key of
@@ -131,14 +151,7 @@ impl Ca {
     ) -> Result<IssuedX509Svid, CaError> {
         self.check_workload_id(&params.spiffe_id)?;
         let public_key = P256PublicKey::from_csr(csr_der)?;
-        self.sign_x509(
-            &params.spiffe_id,
-            &params.dns_names,
-            &public_key,
-            params.ttl,
-            &params.caps,
-            now,
-        )
+        self.sign_x509(params, &public_key, now)
     }
 
     /// Signs the server's own X509-SVID, `spiffe://<td>/sigil/server`, for the P-256 key given
@@ -155,7 +168,11 @@ impl Ca {
         now: SystemTime,
     ) -> Result<IssuedX509Svid, CaError> {
         let public_key = P256PublicKey::from_spki_der(public_key_spki_der)?;
-        self.sign_x509(&self.server_id(), &[], &public_key, ttl, &[], now)
+        self.sign_x509(
+            &WorkloadX509SvidParams::bare(self.server_id(), ttl),
+            &public_key,
+            now,
+        )
     }
 
     /// Signs a JWT-SVID for `spiffe_id` and `audience` with the active JWT key: ES256, `kid`
@@ -168,6 +185,7 @@ impl Ca {
     /// [`CaError::ForeignTrustDomain`], [`CaError::RootId`] or [`CaError::ReservedId`] for the
     /// ID; [`CaError::EmptyAudience`]; [`CaError::TtlTooShort`] and [`CaError::Lifetime`];
     /// [`CaError::JwtSigning`] when the key fails to sign.
+    #[cfg(test)]
     pub(crate) fn sign_jwt_svid(
         &self,
         spiffe_id: &SpiffeId,
@@ -175,6 +193,23 @@ impl Ca {
         ttl: Duration,
         now: SystemTime,
         issuer: Option<&str>,
+    ) -> Result<JwtSvid, CaError> {
+        self.sign_jwt_svid_in(spiffe_id, audience, ttl, now, issuer, None)
+    }
+
+    /// [`Ca::sign_jwt_svid`], with the claims of the privileged session it is issued under.
+    ///
+    /// # Errors
+    ///
+    /// As [`Ca::sign_jwt_svid`].
+    pub(crate) fn sign_jwt_svid_in(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+        now: SystemTime,
+        issuer: Option<&str>,
+        session: Option<&SessionClaims>,
     ) -> Result<JwtSvid, CaError> {
         self.check_workload_id(spiffe_id)?;
         let Some(first_audience) = audience.first() else {
@@ -204,6 +239,9 @@ impl Ca {
         // its session, and in a relying party's deny list. (Not a nonce: the agent hands the
         // same cached token to every caller of an entry.)
         claims.insert("jti".to_owned(), hex(&random_serial()?).into());
+        if let Some(session) = session {
+            claims.extend(session.jwt_claims());
+        }
         if let Some(issuer) = issuer.filter(|issuer| !issuer.is_empty()) {
             claims.insert("iss".to_owned(), issuer.into());
         }
@@ -232,16 +270,21 @@ impl Ca {
 
     // --- private ---
 
-    /// Builds, signs and checks an X509-SVID leaf.
+    /// Builds, signs and checks an X509-SVID leaf for `params` over `public_key`.
     fn sign_x509(
         &self,
-        spiffe_id: &SpiffeId,
-        dns_names: &[String],
+        params: &WorkloadX509SvidParams,
         public_key: &P256PublicKey,
-        ttl: Duration,
-        caps: &[SystemTime],
         now: SystemTime,
     ) -> Result<IssuedX509Svid, CaError> {
+        let WorkloadX509SvidParams {
+            spiffe_id,
+            dns_names,
+            ttl,
+            caps,
+            session,
+        } = params;
+        let ttl = *ttl;
         check_ttl(ttl)?;
         let authorities = self.snapshot();
         let authority = authorities.active_x509()?;
@@ -257,7 +300,18 @@ impl Ca {
             return Err(CaError::Lifetime(LifetimeError::CapPassed));
         }
         let serial = random_serial()?;
-        let params = template::leaf_params(spiffe_id, dns_names, &serial, not_before, not_after)?;
+        let mut params =
+            template::leaf_params(spiffe_id, dns_names, &serial, not_before, not_after)?;
+        if let Some(session) = session {
+            // Non-critical: relying parties that do not know it ignore it (SPIFFE X509-SVID
+            // section 4.5 allows further non-critical extensions).
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &sigil_core::session::SESSION_EXTENSION_OID,
+                    session.extension_value(),
+                ));
+        }
         let certificate = params
             .signed_by(public_key, &authority.issuer)
             .map_err(|e| CaError::Certificate {

@@ -120,6 +120,7 @@ fn workload(ttl: u64) -> WorkloadX509SvidParams {
         dns_names: vec!["web.example.org".into(), "*.web.example.org".into()],
         ttl: secs(ttl),
         caps: vec![],
+        session: None,
     }
 }
 

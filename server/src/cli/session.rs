@@ -52,7 +52,8 @@ pub struct SessionOpenArgs {
     /// A selector the workload must have, `type:value`; repeat for several (all must match).
     #[arg(long = "selector", value_name = "TYPE:VALUE", value_parser = selector, required = true)]
     selectors: Vec<String>,
-    /// The change or incident ticket the session is for.
+    /// The change or incident ticket the session is for (at most 128 bytes: every SVID of the
+    /// session carries it).
     #[arg(long, value_name = "REF")]
     ticket: String,
     /// Why the session is needed.

@@ -22,6 +22,7 @@ use crate::ca::{
 };
 use crate::policy::{SessionOnly, TtlPolicy};
 use crate::store::{RegistrationEntry, Store};
+use sigil_core::session::SessionClaims;
 
 /// The trust domain's bundle at one moment.
 #[derive(Debug, Clone)]
@@ -195,7 +196,8 @@ impl Authority {
     }
 
     /// Signs a workload X509-SVID for `entry` over the CSR's key: identity, DNS names and
-    /// lifetime from the entry, never ending after the entry does.
+    /// lifetime from the entry, never ending after the entry does; under a privileged
+    /// `session`, it carries the session extension.
     ///
     /// # Errors
     ///
@@ -203,6 +205,7 @@ impl Authority {
     pub(crate) fn sign_workload_svid(
         &self,
         entry: &RegistrationEntry,
+        session: Option<&SessionClaims>,
         csr_der: &[u8],
         now: SystemTime,
     ) -> Result<IssuedSvid, SignError> {
@@ -211,6 +214,7 @@ impl Authority {
             dns_names: entry.dns_names.clone(),
             ttl: self.ttls.x509(entry.x509_svid_ttl),
             caps: entry.expires_at.into_iter().collect(),
+            session: session.cloned(),
         };
         self.workload_x509(&params, csr_der, now)
     }
@@ -223,13 +227,14 @@ impl Authority {
     pub(crate) fn sign_jwt_svid(
         &self,
         entry: &RegistrationEntry,
+        session: Option<&SessionClaims>,
         audience: &[String],
         now: SystemTime,
     ) -> Result<IssuedJwt, SignError> {
         let ttl = self
             .ttls
             .jwt_until(entry.jwt_svid_ttl, entry.expires_at, now);
-        self.jwt(&entry.spiffe_id, audience, ttl, now)
+        self.jwt(&entry.spiffe_id, audience, ttl, now, session)
     }
 
     /// Mints an X509-SVID that no entry backs (an operator's `x509 mint`): `ttl` `None` means
@@ -254,6 +259,7 @@ impl Authority {
             dns_names,
             ttl: self.ttls.x509(ttl),
             caps: vec![],
+            session: None,
         };
         self.workload_x509(&params, csr_der, now)
     }
@@ -273,7 +279,7 @@ impl Authority {
         self.session_only
             .refuse(spiffe_id, "jwt mint")
             .map_err(SignError::InvalidRequest)?;
-        self.jwt(spiffe_id, audience, self.ttls.jwt(ttl), now)
+        self.jwt(spiffe_id, audience, self.ttls.jwt(ttl), now, None)
     }
 
     /// A fresh P-256 key and its SVID `spiffe://TD/sigil/server`, for the node API's TLS.
@@ -324,10 +330,18 @@ impl Authority {
         audience: &[String],
         ttl: std::time::Duration,
         now: SystemTime,
+        session: Option<&SessionClaims>,
     ) -> Result<IssuedJwt, SignError> {
         let jwt = self
             .ca
-            .sign_jwt_svid(spiffe_id, audience, ttl, now, self.jwt_issuer.as_deref())
+            .sign_jwt_svid_in(
+                spiffe_id,
+                audience,
+                ttl,
+                now,
+                self.jwt_issuer.as_deref(),
+                session,
+            )
             .map_err(sign_error)?;
         Ok(IssuedJwt {
             token: jwt.token().to_owned(),

@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use sigil_core::session::{MAX_TICKET_LEN, SessionClaims};
 use sigil_core::{SelectorSet, SpiffeId};
 use tokio::sync::{Mutex, Notify, watch};
 use tracing::{info, warn};
@@ -227,6 +228,12 @@ impl Sessions {
         }
         if request.selectors.is_empty() {
             problems.push("at least one selector is required".to_owned());
+        }
+        if request.ticket.len() > MAX_TICKET_LEN {
+            problems.push(format!(
+                "ticket is longer than {MAX_TICKET_LEN} bytes (it is carried in every SVID of the \
+                 session, and TLS 1.2 sends client certificates in the clear)"
+            ));
         }
         for (name, text) in [("ticket", &request.ticket), ("reason", &request.reason)] {
             if text.trim().is_empty() {
@@ -508,7 +515,10 @@ impl Sessions {
         now: SystemTime,
     ) -> Result<IssuedSvid, SessionError> {
         let (entry, session) = self.grant(agent, entry_id, workload, now).await?;
-        let svid = self.authority.sign_workload_svid(&entry, csr, now)?;
+        let claims = session_claims(&session)?;
+        let svid = self
+            .authority
+            .sign_workload_svid(&entry, Some(&claims), csr, now)?;
         let recorded = {
             let _serials = self.serials.lock().await;
             self.store
@@ -547,7 +557,10 @@ impl Sessions {
     ) -> Result<(SpiffeId, IssuedJwt), SessionError> {
         svids::check_audience(audience).map_err(|e| SessionError::Invalid(e.to_string()))?;
         let (entry, session) = self.grant(agent, entry_id, workload, now).await?;
-        let jwt = self.authority.sign_jwt_svid(&entry, audience, now)?;
+        let claims = session_claims(&session)?;
+        let jwt = self
+            .authority
+            .sign_jwt_svid(&entry, Some(&claims), audience, now)?;
         let recorded = self
             .store
             .add_session_credential(
@@ -806,6 +819,16 @@ fn unexpired_revocations(
             reason,
         })
         .collect()
+}
+
+/// What a credential issued under `session` says of it.
+fn session_claims(session: &Session) -> Result<SessionClaims, SessionError> {
+    SessionClaims::new(session.id.as_str(), &session.ticket, session.expires_at).map_err(|e| {
+        SessionError::Denied(format!(
+            "session {} cannot be named in a credential ({e}); open a new one",
+            session.id
+        ))
+    })
 }
 
 /// The serials of `session` that have not expired at `now`.

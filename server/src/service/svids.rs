@@ -137,7 +137,7 @@ impl Svids {
                 .map(|(request, job)| {
                     let outcome = job.and_then(|entry| {
                         authority
-                            .sign_workload_svid(&entry, &request.csr, now)
+                            .sign_workload_svid(&entry, None, &request.csr, now)
                             .map_err(SvidError::from)
                     });
                     (request.entry_id, outcome)
@@ -183,7 +183,7 @@ impl Svids {
         if entry.session_id.is_some() {
             return Err(SvidError::SessionEntry("NewSessionJWTSVID"));
         }
-        let jwt = self.authority.sign_jwt_svid(&entry, audience, now)?;
+        let jwt = self.authority.sign_jwt_svid(&entry, None, audience, now)?;
         self.audit
             .before_grant(vec![jwt_record(&agent.id, &entry, audience, &jwt)])
             .await

@@ -64,8 +64,16 @@ fn connect_then_exec(socket: &str, program: &str) {
         CString::new("fetch-fd").unwrap(),
         CString::new(fd.to_string()).unwrap(),
     ];
-    let err = nix::unistd::execv(&program, &args).unwrap_err();
-    panic!("exec failed: {err}");
+    // A copy another thread of the test just wrote may still be open for writing in a child
+    // forked meanwhile (ETXTBSY until that child execs): retry a little.
+    for _ in 0..100 {
+        let err = nix::unistd::execv(&program, &args).unwrap_err();
+        if err != nix::errno::Errno::ETXTBSY {
+            panic!("exec failed: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("exec failed: the program stayed busy");
 }
 
 type Client = SpiffeWorkloadApiClient<
