@@ -3,7 +3,8 @@
 //! session and ticket it serves and when that session ends.
 //!
 //! - **X509-SVIDs** carry a non-critical extension, OID [`SESSION_EXTENSION_OID`]
-//!   (`2.25.7383958270214826139`, a UUID-derived arc picked for Sigil), whose value is
+//!   (`2.25.7383958270214826139`: a fixed 63-bit arc under `2.25` picked for Sigil), whose
+//!   value is
 //!
 //!   ```text
 //!   SessionClaims ::= SEQUENCE {
@@ -18,6 +19,10 @@
 //!
 //! Credentials not issued under a session carry neither. The ticket is bounded (TLS 1.2 sends
 //! client certificates in the clear, and a CRL-sized ticket helps nobody).
+//!
+//! **Trust.** Parsing verifies nothing: the claims mean something only in a credential already
+//! verified against *your own* trust domain's bundle (an X509-SVID chain, a JWT-SVID signature).
+//! A federated trust domain's CA could put the same extension or claims in its credentials.
 
 use std::time::SystemTime;
 
@@ -170,10 +175,15 @@ impl SessionClaims {
                 .map(str::to_owned)
                 .map_err(|_| SessionClaimsError::Malformed("a string is not UTF-8"))
         };
-        // YYYYMMDDHHMMSSZ, as DER requires (no fraction, UTC).
+        // YYYYMMDDHHMMSSZ, as DER requires (no fraction, UTC), checked byte by byte before any
+        // slicing; seconds up to 59, so that each time has one encoding.
+        let well_formed = time.len() == 15
+            && time[..14].iter().all(u8::is_ascii_digit)
+            && time[14] == b'Z'
+            && &time[12..14] <= b"59".as_slice();
         let t = std::str::from_utf8(time)
             .ok()
-            .filter(|t| t.len() == 15 && t.ends_with('Z'))
+            .filter(|_| well_formed)
             .ok_or(SessionClaimsError::Malformed(
                 "the end is not YYYYMMDDHHMMSSZ",
             ))?;
@@ -191,7 +201,8 @@ impl SessionClaims {
         Self::checked(text(session)?, text(ticket)?, ends_at)
     }
 
-    /// The claims of a DER certificate: `None` when it has no session extension.
+    /// The claims of a DER certificate: `None` when it has no session extension. Verify the
+    /// certificate against your trust domain's bundle first (see the module docs).
     ///
     /// # Errors
     ///
@@ -362,6 +373,18 @@ mod tests {
         let mut padded = vec![0x30, 0x81, der[1]];
         padded.extend_from_slice(&der[2..]);
         assert!(SessionClaims::from_extension_value(&padded).is_err());
+        // A time of the right length whose bytes are not digits (a multi-byte character where
+        // a digit should be), a leap second, a misplaced Z: errors, not panics or a second
+        // encoding of one time.
+        for time in ["203\u{e9}101000000Z", "20300101235960Z", "2030010100000Z0"] {
+            let mut body = Vec::new();
+            der_put(&mut body, 0x0c, ID.as_bytes());
+            der_put(&mut body, 0x0c, b"t");
+            der_put(&mut body, 0x18, time.as_bytes());
+            let mut bad = Vec::new();
+            der_put(&mut bad, 0x30, &body);
+            assert!(SessionClaims::from_extension_value(&bad).is_err(), "{time}");
+        }
     }
 
     #[test]

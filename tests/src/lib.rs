@@ -855,7 +855,6 @@ pub fn leaf_serial(chain_der: &[u8]) -> String {
         .collect()
 }
 
-/// The serials listed in a DER CRL.
 /// The (serial, reasonCode) of each entry of a DER CRL; the code is RFC 5280's number
 /// (5: cessationOfOperation, 9: privilegeWithdrawn), `None` without the extension.
 pub fn crl_reasons(der: &[u8]) -> Vec<(String, Option<u8>)> {
@@ -869,6 +868,7 @@ pub fn crl_reasons(der: &[u8]) -> Vec<(String, Option<u8>)> {
         .collect()
 }
 
+/// The serials listed in a DER CRL.
 pub fn crl_serials(der: &[u8]) -> Vec<String> {
     use x509_parser::prelude::FromDer as _;
     let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();

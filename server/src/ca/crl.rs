@@ -10,13 +10,15 @@ use super::{Ca, CaError};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum RevocationReason {
-    /// No reason given (no reasonCode extension): a banned or evicted agent's SVIDs.
-    #[default]
-    Unspecified,
     /// The task is over: a closed session's SVIDs (`cessationOfOperation`).
     CessationOfOperation,
     /// The grant was taken back: a revoked session's SVIDs (`privilegeWithdrawn`).
     PrivilegeWithdrawn,
+    /// No reason given (no reasonCode extension): a banned or evicted agent's SVIDs. Also what
+    /// a reason written by a later build reads as, so a downgrade still publishes CRLs.
+    #[default]
+    #[serde(other)]
+    Unspecified,
 }
 
 impl RevocationReason {

@@ -461,7 +461,19 @@ impl Sessions {
         let actor = uid_actor(uid);
         // A closed session's serials are listed again, with this reason.
         let revocations =
-            unexpired_revocations(&session, now, RevocationReason::PrivilegeWithdrawn);
+            unexpired_revocations(&session, now, RevocationReason::PrivilegeWithdrawn)
+                .into_iter()
+                .map(|r| Revocation {
+                    // A closed session's serials were revoked when it closed: only the reason
+                    // changes.
+                    revoked_at: if session.state == SessionState::Closed {
+                        session.ended_at.unwrap_or(now)
+                    } else {
+                        now
+                    },
+                    ..r
+                })
+                .collect();
         let ended = self
             .end(
                 &session,
