@@ -317,7 +317,6 @@ impl Server {
         )?);
         let incoming = tls::incoming(self.listener, tls_config);
         let node = Arc::new(node);
-        let mut stop_serving = stop_rx.clone();
         let serve = sigil_daemon::limits::grpc_server()
             .add_service(
                 NodeServer::from_arc(node.clone())
@@ -326,13 +325,10 @@ impl Server {
             )
             .serve_with_incoming_shutdown(
                 ReceiverStream::new(incoming.authenticated),
-                async move {
-                    let _ = stop_serving.wait_for(|stop| *stop).await;
-                },
+                stopped(stop_rx.clone()),
             );
         // Connections without a client certificate can only attest: their own server gives
         // them a few streams, small messages and a minute.
-        let mut stop_attest = stop_rx.clone();
         let attest_serve = tokio::spawn(
             sigil_daemon::limits::grpc_server()
                 .max_concurrent_streams(tls::MAX_UNAUTHENTICATED_STREAMS)
@@ -347,9 +343,7 @@ impl Server {
                 )
                 .serve_with_incoming_shutdown(
                     ReceiverStream::new(incoming.unauthenticated),
-                    async move {
-                        let _ = stop_attest.wait_for(|stop| *stop).await;
-                    },
+                    stopped(stop_rx.clone()),
                 ),
         );
         info!(address = %self.local_addr, "agent-facing api listening");
@@ -378,7 +372,6 @@ impl Server {
         );
         let admin = Arc::new(admin);
         let admin_incoming = split_by_uid(self.admin_listener, self.config.admin_uids.clone());
-        let mut stop_admin = stop_rx.clone();
         let admin_socket = self.config.admin_socket.clone();
         let admin_serve = tokio::spawn(
             sigil_daemon::limits::grpc_server()
@@ -390,13 +383,10 @@ impl Server {
                 .serve_with_incoming_shutdown(
                     ConnectionLimit::new("admin socket", MAX_ADMIN_CONNECTIONS)
                         .apply(ReceiverStream::new(admin_incoming.admins)),
-                    async move {
-                        let _ = stop_admin.wait_for(|stop| *stop).await;
-                    },
+                    stopped(stop_rx.clone()),
                 ),
         );
         // Uids that may not use the admin API are told so, on a server of their own.
-        let mut stop_others = stop_rx.clone();
         let others_serve = tokio::spawn(
             sigil_daemon::limits::grpc_server()
                 .max_concurrent_streams(1)
@@ -408,9 +398,7 @@ impl Server {
                 .serve_with_incoming_shutdown(
                     ConnectionLimit::new("admin socket, other uids", MAX_NON_ADMIN_CONNECTIONS)
                         .apply(ReceiverStream::new(admin_incoming.others)),
-                    async move {
-                        let _ = stop_others.wait_for(|stop| *stop).await;
-                    },
+                    stopped(stop_rx.clone()),
                 ),
         );
         info!(path = %admin_socket.display(), "admin api listening");
@@ -487,6 +475,11 @@ async fn refuse_session_only_entries(
     } else {
         Err(ServerError::SessionOnlyEntries(offending))
     }
+}
+
+/// Resolves once `stop` says the server is stopping: the shutdown signal of each gRPC server.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 /// Waits (at most [`DRAIN_TIMEOUT`]) for the checkpoint task, told to stop, to sign its last

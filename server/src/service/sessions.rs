@@ -401,7 +401,7 @@ impl Sessions {
         }
         let actor = uid_actor(uid);
         let revocations =
-            unexpired_revocations(&session, now, RevocationReason::CessationOfOperation);
+            unexpired_revocations(&session, now, now, RevocationReason::CessationOfOperation);
         let ended = self
             .end(
                 &session,
@@ -459,21 +459,18 @@ impl Sessions {
             )));
         }
         let actor = uid_actor(uid);
-        // A closed session's serials are listed again, with this reason.
-        let revocations =
-            unexpired_revocations(&session, now, RevocationReason::PrivilegeWithdrawn)
-                .into_iter()
-                .map(|r| Revocation {
-                    // A closed session's serials were revoked when it closed: only the reason
-                    // changes.
-                    revoked_at: if session.state == SessionState::Closed {
-                        session.ended_at.unwrap_or(now)
-                    } else {
-                        now
-                    },
-                    ..r
-                })
-                .collect();
+        // A closed session's serials are listed again, with this reason; they were revoked
+        // when it closed.
+        let revoked_at = match session.state {
+            SessionState::Closed => session.ended_at.unwrap_or(now),
+            _ => now,
+        };
+        let revocations = unexpired_revocations(
+            &session,
+            now,
+            revoked_at,
+            RevocationReason::PrivilegeWithdrawn,
+        );
         let ended = self
             .end(
                 &session,
@@ -811,10 +808,12 @@ impl SessionWorkload {
 
 // === helpers ===
 
-/// The revocations of `session`'s serials that have not expired at `now`, for `reason`.
+/// The revocations of `session`'s serials that have not expired at `now`, revoked at
+/// `revoked_at` for `reason`.
 fn unexpired_revocations(
     session: &Session,
     now: SystemTime,
+    revoked_at: SystemTime,
     reason: RevocationReason,
 ) -> Vec<Revocation> {
     let cause = format!("session:{}", session.id);
@@ -826,7 +825,7 @@ fn unexpired_revocations(
             serial: s.serial.clone(),
             not_after: s.not_after,
             authority_id: Some(s.authority_id.clone()),
-            revoked_at: now,
+            revoked_at,
             cause: cause.clone(),
             reason,
         })
