@@ -46,6 +46,15 @@ pub fn format_rfc3339(unix: i64) -> String {
     )
 }
 
+/// `2025-01-31T12:00:00.123456789Z` for seconds since the Unix epoch and the nanoseconds
+/// within that second (clamped to 999,999,999): always nine fractional digits, so that two such
+/// strings of years 1970 to 9999 sort as the times they name.
+pub fn format_rfc3339_nanos(unix: i64, nanos: u32) -> String {
+    let whole = format_rfc3339(unix);
+    let date_time = whole.strip_suffix('Z').unwrap_or(&whole);
+    format!("{date_time}.{:09}Z", nanos.min(999_999_999))
+}
+
 /// The time and how far it is from now: `2025-01-31T12:00:00Z (in 5m)`, `... (3h ago)`. The
 /// distance is rounded down to minutes past an hour and to hours past a day.
 pub fn format_with_distance(unix: i64, now: i64) -> String {
@@ -193,6 +202,27 @@ mod tests {
         assert_eq!(format_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(format_rfc3339(1_738_324_800), "2025-01-31T12:00:00Z");
         assert_eq!(format_rfc3339(-1), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn nanosecond_times_have_nine_digits_and_sort_as_times() {
+        assert_eq!(
+            format_rfc3339_nanos(1_738_324_800, 5),
+            "2025-01-31T12:00:00.000000005Z"
+        );
+        assert_eq!(
+            format_rfc3339_nanos(0, 2_000_000_000),
+            "1970-01-01T00:00:00.999999999Z"
+        );
+        let times = [(5, 10), (5, 999_999_999), (6, 0), (4_102_444_799, 1)];
+        for pair in times.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            assert!(format_rfc3339_nanos(a.0, a.1) < format_rfc3339_nanos(b.0, b.1));
+        }
+        assert_eq!(
+            parse_rfc3339(&format_rfc3339_nanos(1_738_324_800, 123)),
+            Ok(1_738_324_800)
+        );
     }
 
     #[test]

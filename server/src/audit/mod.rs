@@ -4,9 +4,10 @@
 //!
 //! # Records
 //!
-//! An [`AuditRecord`] says who (`actor`: `uid:N` for an admin caller, an agent's SPIFFE ID, or
-//! `server`) did what (`action`, a dotted name from [`action`]) to what (`subject`: an entry
-//! id, a SPIFFE ID, a trust domain), with `details` (a JSON object: serial, not-after, SPIFFE
+//! An [`AuditRecord`] says who (`actor`: `uid:N` for an admin caller, an agent's SPIFFE ID, an
+//! audit source's SPIFFE ID (a broker, for `broker.*` records), or `server`) did what
+//! (`action`, a dotted name from [`action`]) to what (`subject`: an entry id, a SPIFFE ID, a
+//! trust domain), with `details` (a JSON object: serial, not-after, SPIFFE
 //! ID, agent, ...). Details never hold keys or tokens; a join token appears only as the agent
 //! ID it will give. Sequences start at 1 and have no gaps; times never decrease along the
 //! chain (the store clamps a clock that stepped back to the previous record's time).
@@ -238,6 +239,34 @@ pub(crate) struct AuditCheckpoint {
     /// ECDSA P-256 SHA-256 signature (ASN.1 DER) over [`AuditCheckpoint::signed_message`].
     #[serde(with = "hex_bytes")]
     pub signature: Vec<u8>,
+}
+
+/// A relying party's spool of events (`sigil.audit.v1`): the caller's SPIFFE ID and the id of
+/// its spool. The store counts sequences per source, so that each event is appended once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct AuditSource {
+    /// The caller's SPIFFE ID (the records' actor).
+    pub spiffe_id: String,
+    /// The spool's id (32 lowercase hex characters).
+    pub spool_id: String,
+}
+
+/// One event of an [`AuditSource`]: its spool sequence and the record it becomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SourceEvent {
+    /// Its position in the source's spool: 1, 2, 3, ...
+    pub sequence: u64,
+    /// The record, its `source_sequence` detail included.
+    pub record: NewAuditRecord,
+}
+
+/// What [`Store::append_source_events`](crate::store::Store::append_source_events) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SourceAppend {
+    /// The records appended now, sealed (events already in the chain are not among them).
+    pub appended: Vec<AuditRecord>,
+    /// The source's last sequence in the chain, after this call.
+    pub acknowledged: u64,
 }
 
 /// Which records [`Store::list_audit`](crate::store::Store::list_audit) returns: every condition

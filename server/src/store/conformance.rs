@@ -33,7 +33,10 @@ use async_trait::async_trait;
 use sigil_core::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tokio::sync::Barrier;
 
-use crate::audit::{self, AuditCheckpoint, AuditFilter, AuditRecord, GENESIS_HASH, NewAuditRecord};
+use crate::audit::{
+    self, AuditCheckpoint, AuditFilter, AuditRecord, AuditSource, GENESIS_HASH, NewAuditRecord,
+    SourceEvent,
+};
 
 use super::{
     AttestedNode, Change, ChangeKind, ChangesSince, DEFAULT_PAGE_SIZE, EntryFilter, EntryId,
@@ -117,6 +120,8 @@ where
     run!(audit_concurrent_appends_never_fork);
     run!(audit_pagination_and_filters);
     run!(audit_checkpoints_round_trip);
+    run!(audit_source_events_are_appended_once);
+    run!(audit_source_events_race_to_one_copy);
     run!(session_lifecycle_moves_its_entry_atomically);
     run!(revocations_round_trip_and_prune);
     run!(crl_numbers_only_rise);
@@ -1250,6 +1255,176 @@ pub(crate) async fn audit_chain_links_and_head(store: Arc<dyn Store>) {
     assert_eq!(store.audit_head().await.unwrap(), Some(sealed[4].head()));
     let listed = all_audit(&store, &AuditFilter::default(), 100).await;
     assert_eq!(listed, sealed, "records are stored exactly as sealed");
+    audit::verify_links(&listed).unwrap();
+}
+
+fn source(spiffe_id: &str, spool_id: &str) -> AuditSource {
+    AuditSource {
+        spiffe_id: spiffe_id.to_owned(),
+        spool_id: spool_id.to_owned(),
+    }
+}
+
+fn source_events(sequences: &[u64]) -> Vec<SourceEvent> {
+    sequences
+        .iter()
+        .map(|&sequence| SourceEvent {
+            sequence,
+            record: NewAuditRecord::new("spiffe://example.org/broker", "broker.request", "db")
+                .detail("source_sequence", sequence),
+        })
+        .collect()
+}
+
+fn source_sequences(records: &[AuditRecord]) -> Vec<u64> {
+    records
+        .iter()
+        .map(|r| r.details["source_sequence"].as_u64().unwrap())
+        .collect()
+}
+
+/// A source's events above its last stored sequence are appended, in order, and the rest are
+/// skipped; spools and sources count apart; events that leave a gap, or are out of order, append
+/// nothing; all of it is in the chain as one line.
+pub(crate) async fn audit_source_events_are_appended_once(store: Arc<dyn Store>) {
+    let broker = source("spiffe://example.org/broker", "aa");
+    let first = store
+        .append_source_events(&broker, source_events(&[1, 2, 3]))
+        .await
+        .unwrap();
+    assert_eq!(first.acknowledged, 3);
+    assert_eq!(source_sequences(&first.appended), [1, 2, 3]);
+    assert_eq!(
+        first
+            .appended
+            .iter()
+            .map(|r| r.sequence)
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+
+    // Sent again, with one new event: only the new one lands.
+    let again = store
+        .append_source_events(&broker, source_events(&[2, 3, 4]))
+        .await
+        .unwrap();
+    assert_eq!(again.acknowledged, 4);
+    assert_eq!(source_sequences(&again.appended), [4]);
+    let nothing = store
+        .append_source_events(&broker, source_events(&[1, 4]))
+        .await
+        .unwrap();
+    assert!(nothing.appended.is_empty());
+    assert_eq!(nothing.acknowledged, 4);
+    let empty = store.append_source_events(&broker, vec![]).await.unwrap();
+    assert_eq!((empty.appended.len(), empty.acknowledged), (0, 4));
+
+    // Another spool of the same caller, and another caller, count from 1.
+    for other in [
+        source("spiffe://example.org/broker", "bb"),
+        source("spiffe://example.org/broker-2", "aa"),
+    ] {
+        let appended = store
+            .append_source_events(&other, source_events(&[1]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (source_sequences(&appended.appended), appended.acknowledged),
+            (vec![1], 1)
+        );
+    }
+
+    // Events that do not continue the spool (a later batch sent before an earlier one was
+    // acknowledged) append nothing, and the answer says where to resume.
+    let head = store.audit_head().await.unwrap();
+    let gap = store
+        .append_source_events(&broker, source_events(&[3, 4, 6, 7]))
+        .await
+        .unwrap();
+    assert_eq!((gap.appended.len(), gap.acknowledged), (0, 4));
+    let ahead = store
+        .append_source_events(&broker, source_events(&[7, 8]))
+        .await
+        .unwrap();
+    assert_eq!((ahead.appended.len(), ahead.acknowledged), (0, 4));
+    assert_eq!(store.audit_head().await.unwrap(), head);
+    let resumed = store
+        .append_source_events(&broker, source_events(&[5, 6, 7, 8]))
+        .await
+        .unwrap();
+    assert_eq!(source_sequences(&resumed.appended), [5, 6, 7, 8]);
+    assert_eq!(store.audit_source_sequence(&broker).await.unwrap(), 8);
+    assert_eq!(
+        store
+            .audit_source_sequence(&source("spiffe://example.org/nobody", "aa"))
+            .await
+            .unwrap(),
+        0
+    );
+
+    // Out of order: refused, nothing written.
+    let head = store.audit_head().await.unwrap();
+    for bad in [&[9u64, 9][..], &[10, 9]] {
+        let err = store
+            .append_source_events(&broker, source_events(bad))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Encode { .. }), "{err}");
+    }
+    assert_eq!(store.audit_head().await.unwrap(), head);
+    let next = store
+        .append_source_events(&broker, source_events(&[9]))
+        .await
+        .unwrap();
+    assert_eq!(source_sequences(&next.appended), [9]);
+
+    let listed = all_audit(&store, &AuditFilter::default(), 100).await;
+    assert_eq!(
+        listed.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+        (1..=11).collect::<Vec<_>>()
+    );
+    audit::verify_links(&listed).unwrap();
+}
+
+/// Concurrent senders of the same events (a broker that resent while its first call was in
+/// flight, or two servers of one database) leave exactly one copy of each in the chain.
+pub(crate) async fn audit_source_events_race_to_one_copy(store: Arc<dyn Store>) {
+    const TASKS: usize = 8;
+    const ROUNDS: u64 = 5;
+    let broker = source("spiffe://example.org/broker", "cc");
+    let barrier = Arc::new(Barrier::new(TASKS));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let (store, broker, barrier) = (store.clone(), broker.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let mut acknowledged = 0;
+                for round in 1..=ROUNDS {
+                    // Each resends everything from 1: what others appended meanwhile is
+                    // skipped, the rest continues the spool.
+                    let upto = round * 4 + task as u64 % 3;
+                    let sequences: Vec<u64> = (1..=upto).collect();
+                    let done = store
+                        .append_source_events(&broker, source_events(&sequences))
+                        .await
+                        .unwrap();
+                    assert!(done.acknowledged >= acknowledged.max(upto));
+                    acknowledged = done.acknowledged;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let listed = all_audit(&store, &AuditFilter::default(), 1000).await;
+    let top = ROUNDS * 4 + 2;
+    assert_eq!(
+        source_sequences(&listed),
+        (1..=top).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    assert_eq!(store.audit_source_sequence(&broker).await.unwrap(), top);
     audit::verify_links(&listed).unwrap();
 }
 

@@ -44,7 +44,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sigil_core::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
-use crate::audit::{AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, NewAuditRecord};
+use crate::audit::{
+    AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, AuditSource, NewAuditRecord,
+    SourceAppend, SourceEvent,
+};
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -247,6 +250,24 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
         &self,
         records: Vec<NewAuditRecord>,
     ) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Appends the events of `source` that are not in the chain yet, those whose sequence is
+    /// above the last one stored for the source, in order, in **one atomic write** with the
+    /// source's new last sequence: an event sent again (an answer lost, either side restarted)
+    /// is appended once. `events` must be in strictly increasing sequence order (else
+    /// [`StoreError::Encode`], nothing written), and those above the last stored must continue
+    /// it without a gap (`last + 1`, `last + 2`, ...): otherwise nothing is appended, and the
+    /// returned `acknowledged` (below the events' sequences) says where the source must resume.
+    /// Returns once the records (and, for a call that appends nothing, every earlier write) are
+    /// durable.
+    async fn append_source_events(
+        &self,
+        source: &AuditSource,
+        events: Vec<SourceEvent>,
+    ) -> Result<SourceAppend, StoreError>;
+
+    /// The last sequence of `source` in the chain (0 when it has appended nothing).
+    async fn audit_source_sequence(&self, source: &AuditSource) -> Result<u64, StoreError>;
 
     /// One page of the audit records that pass `filter`, in ascending sequence order (same
     /// paging guarantees as [`Store::list_entries`]). A listing may include records whose

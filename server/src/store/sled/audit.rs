@@ -9,7 +9,8 @@ use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use super::entries::TxResult;
 use super::{Inner, PageCollector, decode, decode_page_token, encode, transaction_error};
 use crate::audit::{
-    AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, GENESIS_HASH, NewAuditRecord,
+    AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, AuditSource, GENESIS_HASH,
+    NewAuditRecord, SourceAppend, SourceEvent,
 };
 use crate::store::{Page, PageRequest, StoreError};
 
@@ -41,6 +42,65 @@ impl Inner {
         (&self.trees.audit, &self.trees.audit_head)
             .transaction(|(audit, head_tree)| self.seal_into(audit, head_tree, chunk, now))
             .map_err(transaction_error)
+    }
+
+    /// Appends the events of `source` above its last stored sequence, and that sequence, in one
+    /// transaction over `audit`, `audit_head` and `audit_sources`.
+    pub(super) fn append_source_events(
+        &self,
+        source: &AuditSource,
+        events: &[SourceEvent],
+    ) -> Result<SourceAppend, StoreError> {
+        if events.windows(2).any(|w| w[1].sequence <= w[0].sequence) {
+            return Err(StoreError::Encode {
+                what: "audit source events",
+                reason: "sequences must increase strictly".to_owned(),
+            });
+        }
+        let key = source_key(source);
+        let now = SystemTime::now();
+        (
+            &self.trees.audit,
+            &self.trees.audit_head,
+            &self.trees.audit_sources,
+        )
+            .transaction(|(audit, head_tree, sources)| {
+                let abort = ConflictableTransactionError::Abort;
+                let last = match sources.get(&key)? {
+                    Some(bytes) => source_sequence(&bytes).map_err(abort)?,
+                    None => 0,
+                };
+                let fresh: Vec<&SourceEvent> =
+                    events.iter().filter(|e| e.sequence > last).collect();
+                let continues = fresh
+                    .iter()
+                    .zip(1u64..)
+                    .all(|(event, n)| Some(event.sequence) == last.checked_add(n));
+                if !continues {
+                    return Ok(SourceAppend {
+                        appended: Vec::new(),
+                        acknowledged: last,
+                    });
+                }
+                let records: Vec<NewAuditRecord> = fresh.iter().map(|e| e.record.clone()).collect();
+                let previous = fresh.last().map_or(last, |e| e.sequence);
+                let appended = self.seal_into(audit, head_tree, &records, now)?;
+                if previous > last {
+                    sources.insert(key.as_slice(), &previous.to_be_bytes()[..])?;
+                }
+                Ok(SourceAppend {
+                    appended,
+                    acknowledged: previous,
+                })
+            })
+            .map_err(transaction_error)
+    }
+
+    pub(super) fn audit_source_sequence(&self, source: &AuditSource) -> Result<u64, StoreError> {
+        match self.trees.audit_sources.get(source_key(source))? {
+            Some(bytes) => source_sequence(&bytes),
+            None => Ok(0),
+        }
     }
 
     /// Seals `records` after the chain head and inserts them and the new head, inside the
@@ -205,6 +265,24 @@ impl Inner {
 }
 
 // === helpers ===
+
+/// The `audit_sources` key of a source: its SPIFFE ID, `0x00`, its spool id.
+fn source_key(source: &AuditSource) -> Vec<u8> {
+    let mut key = Vec::with_capacity(source.spiffe_id.len() + 1 + source.spool_id.len());
+    key.extend_from_slice(source.spiffe_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(source.spool_id.as_bytes());
+    key
+}
+
+fn source_sequence(bytes: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            what: "audit source",
+            reason: format!("last sequence of {} bytes", bytes.len()),
+        })
+}
 
 fn audit_sequence(key: &[u8]) -> Result<u64, StoreError> {
     <[u8; 8]>::try_from(key)

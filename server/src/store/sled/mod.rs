@@ -21,6 +21,7 @@
 //! | `audit`                | sequence, 8 bytes big-endian      | [`AuditRecord`]                |
 //! | `audit_head`           | `head`                            | [`AuditHead`] (the last record)|
 //! | `audit_checkpoints`    | covered sequence, 8 bytes BE      | [`AuditCheckpoint`]            |
+//! | `audit_sources`        | source SPIFFE ID, `0x00`, spool id | last sequence, u64 big-endian |
 //!
 //! A SPIFFE ID never contains `0x00`, so `ID 0x00` is an unambiguous index prefix.
 //!
@@ -96,7 +97,10 @@ use super::{
     RegistrationEntry, Revocation, Session, SessionCredential, SessionEntryOp, SessionFilter,
     SessionId, SessionUpdate, Store, StoreError, hex_decode, hex_encode,
 };
-use crate::audit::{AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, NewAuditRecord};
+use crate::audit::{
+    AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, AuditSource, NewAuditRecord,
+    SourceAppend, SourceEvent,
+};
 
 mod audit;
 mod bundles;
@@ -158,6 +162,7 @@ struct Trees {
     audit: Tree,
     audit_head: Tree,
     audit_checkpoints: Tree,
+    audit_sources: Tree,
     sessions: Tree,
     revocations: Tree,
 }
@@ -532,6 +537,27 @@ impl Store for SledStore {
         Ok(sealed)
     }
 
+    async fn append_source_events(
+        &self,
+        source: &AuditSource,
+        events: Vec<SourceEvent>,
+    ) -> Result<SourceAppend, StoreError> {
+        let source = source.clone();
+        let appended = self
+            .blocking(move |inner| inner.append_source_events(&source, &events))
+            .await?;
+        // Also when nothing was appended: the earlier call that appended these events may
+        // still be waiting for its flush, and the caller forgets what is acknowledged.
+        self.commit().await?;
+        Ok(appended)
+    }
+
+    async fn audit_source_sequence(&self, source: &AuditSource) -> Result<u64, StoreError> {
+        let source = source.clone();
+        self.blocking(move |inner| inner.audit_source_sequence(&source))
+            .await
+    }
+
     async fn list_audit(
         &self,
         filter: &AuditFilter,
@@ -705,6 +731,7 @@ impl Trees {
             audit: db.open_tree("audit")?,
             audit_head: db.open_tree("audit_head")?,
             audit_checkpoints: db.open_tree("audit_checkpoints")?,
+            audit_sources: db.open_tree("audit_sources")?,
             sessions: db.open_tree("sessions")?,
             revocations: db.open_tree("revocations")?,
         })

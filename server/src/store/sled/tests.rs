@@ -264,6 +264,52 @@ async fn an_undecodable_audit_record_is_reported_with_its_sequence() {
     );
 }
 
+/// An audit source resending events whose first append is still waiting for its flush gets its
+/// acknowledgement only after that flush too: what a source forgets is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resend_is_acknowledged_only_once_the_first_append_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let group = Arc::clone(&store.inner.group);
+    let source = crate::audit::AuditSource {
+        spiffe_id: "spiffe://example.org/broker".to_owned(),
+        spool_id: "ab".repeat(16),
+    };
+    let events = vec![crate::audit::SourceEvent {
+        sequence: 1,
+        record: crate::audit::NewAuditRecord::new("spiffe://example.org/broker", "broker.x", "t"),
+    }];
+    group.set_paused(true);
+    let requested_before = group.requested();
+    let first = tokio::spawn({
+        let (store, source, events) = (store.clone(), source.clone(), events.clone());
+        async move { store.append_source_events(&source, events).await }
+    });
+    let resend = tokio::spawn({
+        let (store, source) = (store.clone(), source.clone());
+        async move { store.append_source_events(&source, events).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while group.requested() < requested_before + 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "appends never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Both wrote (one appended, one found it there), and neither is acknowledged yet.
+    assert_eq!(store.audit_source_sequence(&source).await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!first.is_finished() && !resend.is_finished());
+    group.set_paused(false);
+    let (first, resend) = (
+        first.await.unwrap().unwrap(),
+        resend.await.unwrap().unwrap(),
+    );
+    assert_eq!(first.appended.len() + resend.appended.len(), 1);
+    assert_eq!((first.acknowledged, resend.acknowledged), (1, 1));
+}
+
 /// Group commit, observed without timing: the flusher is held while 200 writers do their
 /// writes and take their tickets, then released: far fewer flushes than writes, and every
 /// writer is acknowledged.
