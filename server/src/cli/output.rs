@@ -60,7 +60,15 @@ pub(crate) fn block(rows: &[(&str, String)]) -> String {
 }
 
 /// Columns aligned with two spaces between them, a header row first, ending with a newline.
+/// Control characters and bidirectional overrides in a cell are shown escaped (`\u{1b}`), so a
+/// value written by someone else (an audit record's details) cannot move the cursor, forge a
+/// line or reorder what the terminal shows.
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| printable(cell)).collect())
+        .collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -86,6 +94,26 @@ pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// `cell` with control characters and bidirectional formatting characters escaped.
+fn printable(cell: &str) -> String {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !cell.chars().any(hidden) {
+        return cell.to_owned();
+    }
+    cell.chars()
+        .map(|c| {
+            if hidden(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// `1 entry`, `2 entries`.
 pub(crate) fn count(n: usize, one: &str, many: &str) -> String {
     if n == 1 {
@@ -98,6 +126,19 @@ pub(crate) fn count(n: usize, one: &str, many: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_escape_what_would_move_the_terminal() {
+        let rows = vec![vec![
+            "ok \u{1b}[2J".to_owned(),
+            "a\nb \u{202e}txt \u{9b}".to_owned(),
+        ]];
+        let text = table(&["A", "B"], &rows);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(!text.contains('\u{1b}') && !text.contains('\u{202e}') && !text.contains('\u{9b}'));
+        assert!(text.contains("ok \\u{1b}[2J"), "{text}");
+        assert!(text.contains("a\\u{a}b \\u{202e}txt \\u{9b}"), "{text}");
+    }
 
     #[test]
     fn blocks_align_their_colons() {
