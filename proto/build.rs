@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "workload.proto",
         "sigil/node/v1/node.proto",
         "sigil/admin/v1/admin.proto",
+        "sigil/audit/v1/audit.proto",
     ];
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()

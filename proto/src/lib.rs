@@ -7,6 +7,8 @@
 //!
 //! - [`node`]: `sigil.node.v1`, the agent-facing API of the server (TCP with mTLS).
 //! - [`admin`]: `sigil.admin.v1`, the operator API of the server (local Unix socket).
+//! - [`audit`]: `sigil.audit.v1`, the audit ingest API of the server (TCP with mTLS), where
+//!   brokers record what session identities did.
 #![forbid(unsafe_code)]
 
 /// The SPIFFE Workload API (`workload.proto`): messages, the `SpiffeWorkloadAPI` server trait and
@@ -48,6 +50,13 @@ pub mod sigil {
             include!(concat!(env!("OUT_DIR"), "/sigil.admin.v1.rs"));
         }
     }
+    /// `sigil.audit.v1`.
+    pub mod audit {
+        /// `sigil.audit.v1`.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/sigil.audit.v1.rs"));
+        }
+    }
 }
 
 /// `sigil.node.v1`: the agent-facing API of the Sigil server.
@@ -55,3 +64,6 @@ pub use self::sigil::node::v1 as node;
 
 /// `sigil.admin.v1`: the operator API of the Sigil server.
 pub use self::sigil::admin::v1 as admin;
+
+/// `sigil.audit.v1`: the audit ingest API of the Sigil server.
+pub use self::sigil::audit::v1 as audit;

@@ -71,6 +71,10 @@ pub struct FileConfig {
     pub session_only_ids: Option<Vec<String>>,
     /// Uids that may approve sessions. Default `[]`: any admin other than the requester.
     pub session_approver_uids: Option<Vec<u32>>,
+    /// SPIFFE IDs (workload IDs of this trust domain) that may record events in the audit
+    /// chain through the audit ingest API (`sigil.audit.v1` on `bind_address`): the brokers.
+    /// Only `broker.*` actions are accepted. Default `[]`: the API refuses everyone.
+    pub audit_sources: Option<Vec<String>>,
     /// The store's page cache, in MiB (at least 1). Default `128`. The entries themselves are
     /// held in memory apart from it (the entry cache), so this bounds the rest: audit records,
     /// nodes, the change feed.
@@ -98,6 +102,7 @@ const KNOWN_KEYS: &[&str] = &[
     "require_session_approval",
     "session_only_ids",
     "session_approver_uids",
+    "audit_sources",
     "store_cache_mib",
     "log_level",
     "log_format",
@@ -155,6 +160,8 @@ pub struct ServerConfig {
     pub session_only_ids: Vec<SpiffeId>,
     /// The uids that may approve sessions (empty: any admin but the requester).
     pub session_approver_uids: Vec<u32>,
+    /// The SPIFFE IDs that may record events through the audit ingest API.
+    pub audit_sources: Vec<SpiffeId>,
     /// The store's page cache, in bytes.
     pub store_cache_bytes: u64,
     /// Log level.
@@ -297,30 +304,21 @@ impl ServerConfig {
             }
             other => other,
         };
-        let mut session_only_ids = Vec::new();
-        for text in file
-            .session_only_ids
-            .unwrap_or_default()
-            .into_iter()
-            .chain(overrides.session_only_ids)
-        {
-            let id = match SpiffeId::new(&text) {
-                Ok(id) => id,
-                Err(e) => {
-                    problems.push("session_only_ids", format!("{text:?}: {e}"));
-                    continue;
-                }
-            };
-            if let Some(td) = &trust_domain
-                && let Err(e) = crate::policy::check_workload_id(td, &id)
-            {
-                problems.push("session_only_ids", e.to_string());
-                continue;
-            }
-            if !session_only_ids.contains(&id) {
-                session_only_ids.push(id);
-            }
-        }
+        let session_only_ids = workload_ids(
+            "session_only_ids",
+            file.session_only_ids
+                .unwrap_or_default()
+                .into_iter()
+                .chain(overrides.session_only_ids),
+            trust_domain.as_ref(),
+            &mut problems,
+        );
+        let audit_sources = workload_ids(
+            "audit_sources",
+            file.audit_sources.unwrap_or_default(),
+            trust_domain.as_ref(),
+            &mut problems,
+        );
         let store_cache_mib = file.store_cache_mib.unwrap_or(DEFAULT_STORE_CACHE_MIB);
         if !(1..=MAX_STORE_CACHE_MIB).contains(&store_cache_mib) {
             problems.push(
@@ -391,6 +389,7 @@ impl ServerConfig {
             require_session_approval: file.require_session_approval.unwrap_or(false),
             session_only_ids,
             session_approver_uids: file.session_approver_uids.unwrap_or_default(),
+            audit_sources,
             store_cache_bytes: store_cache_mib.saturating_mul(1024 * 1024),
             log_level,
             log_format,
@@ -454,6 +453,36 @@ fn path_value(
     Some(PathBuf::from(text))
 }
 
+/// The distinct workload IDs of `trust_domain` among `texts` (the values of `key`), each
+/// problem reported.
+fn workload_ids(
+    key: &'static str,
+    texts: impl IntoIterator<Item = String>,
+    trust_domain: Option<&TrustDomain>,
+    problems: &mut Problems,
+) -> Vec<SpiffeId> {
+    let mut ids = Vec::new();
+    for text in texts {
+        let id = match SpiffeId::new(&text) {
+            Ok(id) => id,
+            Err(e) => {
+                problems.push(key, format!("{text:?}: {e}"));
+                continue;
+            }
+        };
+        if let Some(td) = trust_domain
+            && let Err(e) = crate::policy::check_workload_id(td, &id)
+        {
+            problems.push(key, e.to_string());
+            continue;
+        }
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,16 +534,39 @@ mod tests {
             ["spiffe://example.org/admin", "spiffe://example.org/db/root"]
         );
         assert_eq!(c.session_approver_uids, [7, 8]);
-        for bad in [
-            "\"spiffe://other.org/admin\"",
-            "\"spiffe://example.org/sigil/agent\"",
-            "\"spiffe://example.org\"",
-            "\"not an id\"",
-        ] {
-            let text = format!("trust_domain = \"example.org\"\nsession_only_ids = [{bad}]");
-            let err = ServerConfig::from_sources(Some(&text), Overrides::default()).unwrap_err();
-            assert_eq!(keys(&err), ["session_only_ids"], "{bad}: {err}");
+        for key in ["session_only_ids", "audit_sources"] {
+            for bad in [
+                "\"spiffe://other.org/admin\"",
+                "\"spiffe://example.org/sigil/agent\"",
+                "\"spiffe://example.org\"",
+                "\"not an id\"",
+            ] {
+                let text = format!("trust_domain = \"example.org\"\n{key} = [{bad}]");
+                let err =
+                    ServerConfig::from_sources(Some(&text), Overrides::default()).unwrap_err();
+                assert_eq!(keys(&err), [key], "{bad}: {err}");
+            }
         }
+    }
+
+    #[test]
+    fn audit_sources_are_distinct_workload_ids() {
+        let file = "trust_domain = \"example.org\"\naudit_sources = [\"spiffe://example.org/broker/db\", \"spiffe://example.org/broker/db\", \"spiffe://example.org/broker/web\"]";
+        let c = ServerConfig::from_sources(Some(file), Overrides::default()).unwrap();
+        let ids: Vec<&str> = c.audit_sources.iter().map(SpiffeId::as_str).collect();
+        assert_eq!(
+            ids,
+            [
+                "spiffe://example.org/broker/db",
+                "spiffe://example.org/broker/web"
+            ]
+        );
+        let none = ServerConfig::from_sources(
+            Some("trust_domain = \"example.org\""),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert!(none.audit_sources.is_empty());
     }
 
     #[test]

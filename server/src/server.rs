@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use sigil_core::lifetime::Validity;
 use sigil_proto::admin::admin_server::AdminServer;
+use sigil_proto::audit::audit_ingest_server::AuditIngestServer;
 use sigil_proto::node::node_server::NodeServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -30,6 +31,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::api::admin::{
     AdminService, AdminServices, AdminSocketError, bind_admin_socket, split_by_uid,
 };
+use crate::api::ingest::AuditIngestService;
 use crate::api::node::NodeService;
 use crate::audit::DEFAULT_CHAIN_ID;
 use crate::ca::{Ca, CaError, DiskKeyManager, KeyManager};
@@ -42,6 +44,7 @@ use crate::service::bundles::Bundles;
 use crate::service::crl::{CrlError, CrlPublisher};
 use crate::service::entries::Entries;
 use crate::service::entry_cache::EntryCache;
+use crate::service::ingest::AuditIngest;
 use crate::service::sessions::{SessionRules, Sessions};
 use crate::service::svids::Svids;
 use crate::service::sync::EntrySync;
@@ -314,8 +317,12 @@ impl Server {
             self.certificate.clone(),
             authority.verifier_bundles().clone(),
             authority.trust_domain().clone(),
+            self.config.audit_sources.clone(),
         )?);
-        let incoming = tls::incoming(self.listener, tls_config);
+        let trust_domain = authority.trust_domain().clone();
+        let incoming = tls::incoming(self.listener, tls_config, move |id| {
+            crate::policy::is_agent_id(&trust_domain, id)
+        });
         let node = Arc::new(node);
         let serve = sigil_daemon::limits::grpc_server()
             .add_service(
@@ -327,6 +334,24 @@ impl Server {
                 ReceiverStream::new(incoming.authenticated),
                 stopped(stop_rx.clone()),
             );
+        // Audit sources (brokers) get the audit ingest API only, on a server of their own.
+        let ingest_serve = tokio::spawn(
+            sigil_daemon::limits::grpc_server()
+                .max_concurrent_streams(tls::MAX_SOURCE_STREAMS)
+                .add_service(
+                    AuditIngestServer::new(AuditIngestService::new(Arc::new(AuditIngest::new(
+                        store.clone(),
+                        authority.clone(),
+                        self.config.audit_sources.clone(),
+                    ))))
+                    .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                    .max_encoding_message_size(MAX_MESSAGE_SIZE),
+                )
+                .serve_with_incoming_shutdown(
+                    ReceiverStream::new(incoming.sources),
+                    stopped(stop_rx.clone()),
+                ),
+        );
         // Connections without a client certificate can only attest: their own server gives
         // them a few streams, small messages and a minute.
         let attest_serve = tokio::spawn(
@@ -414,6 +439,7 @@ impl Server {
                 entry_cache.abort();
                 crl_refresh.abort();
                 attest_serve.abort();
+                ingest_serve.abort();
                 others_serve.abort();
                 admin_serve.abort();
                 final_checkpoint(checkpoints).await;
@@ -430,11 +456,23 @@ impl Server {
         others_serve.abort();
         attest_serve.abort();
         match how {
-            Shutdown::Immediate => info!("stopping now"),
+            Shutdown::Immediate => {
+                info!("stopping now");
+                ingest_serve.abort();
+            }
             Shutdown::Graceful => {
                 info!(timeout = ?DRAIN_TIMEOUT, "stopping: draining open streams");
                 if let Some(result) = sigil_daemon::drain(&mut serve).await {
                     result?;
+                }
+                // Appends in flight finish, and their sources get their answer, before the
+                // last checkpoint (the ingest server stopped taking calls with the others).
+                let mut ingest_serve = ingest_serve;
+                if tokio::time::timeout(DRAIN_TIMEOUT, &mut ingest_serve)
+                    .await
+                    .is_err()
+                {
+                    ingest_serve.abort();
                 }
             }
         }

@@ -17,9 +17,9 @@ use std::time::Duration;
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use sigil_core::TrustDomain;
 use sigil_core::tls::{SharedBundles, SpiffeClientVerifier};
-use sigil_core::x509_svid::Authorizer;
+use sigil_core::x509_svid::{Authorizer, check_leaf_certificate};
+use sigil_core::{SpiffeId, TrustDomain};
 use sigil_daemon::limits::ConnectionLimit;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,9 +41,17 @@ pub(crate) const UNAUTHENTICATED_LIFETIME: Duration = Duration::from_secs(60);
 /// is closed.
 pub(crate) const UNAUTHENTICATED_GRACE: Duration = Duration::from_secs(10);
 
-/// Connections with a client certificate (agents) served at once; those beyond are closed
-/// after their handshake.
+/// Connections with an agent's SVID served at once; those beyond are closed after their
+/// handshake.
 pub(crate) const MAX_AUTHENTICATED_CONNECTIONS: usize = 4096;
+
+/// Connections with an audit source's SVID (brokers) served at once: a handful of brokers
+/// need a few each, and they never take a slot an agent needs.
+pub(crate) const MAX_SOURCE_CONNECTIONS: usize = 32;
+
+/// Streams an audit source's connection may have open at once (each an `Append` of up to
+/// 4 MiB).
+pub(crate) const MAX_SOURCE_STREAMS: u32 = 4;
 
 /// Connections without one (agents attesting with a join token) served at once.
 pub(crate) const MAX_UNAUTHENTICATED_CONNECTIONS: usize = 256;
@@ -63,13 +71,16 @@ pub(crate) const UNAUTHENTICATED_WINDOW: u32 = 64 * 1024;
 /// TLS handshakes in progress at once; connections beyond are closed when accepted.
 pub(crate) const MAX_HANDSHAKES: usize = 1024;
 
-/// The connections [`incoming`] yields, by whether the client presented a certificate: each
-/// kind is served by its own gRPC server, so that a client without one gets only the few
-/// streams and small messages an attestation needs.
+/// The connections [`incoming`] yields, by who the client is: each kind is served by its own
+/// gRPC server with only the service it may call, so that a client without a certificate gets
+/// only the few streams and small messages an attestation needs, and an audit source only the
+/// audit ingest, within limits of its own.
 #[derive(Debug)]
 pub(crate) struct Incoming {
-    /// Connections with a verified client SVID.
+    /// Connections with a verified agent SVID.
     pub(crate) authenticated: mpsc::Receiver<io::Result<TlsConnection>>,
+    /// Connections with a verified SVID of a listed audit source.
+    pub(crate) sources: mpsc::Receiver<io::Result<TlsConnection>>,
     /// Connections without a client certificate.
     pub(crate) unauthenticated: mpsc::Receiver<io::Result<TlsConnection>>,
 }
@@ -153,17 +164,21 @@ fn certified_key(
 
 /// The rustls configuration of the agent-facing API: TLS 1.2/1.3 with the ring provider, client
 /// SVIDs optional but, when presented, verified against `bundles` and only an agent's of
-/// `trust_domain` (a workload SVID is refused at the handshake, so it never reaches the server
-/// for agents), no session resumption, ALPN h2.
+/// `trust_domain` or a listed audit source's (any other workload SVID is refused at the
+/// handshake, so it never reaches the server), no session resumption, ALPN h2. Each call checks
+/// the caller again for what it asks: the node API takes agents only, the audit ingest API audit
+/// sources only.
 pub(crate) fn server_config(
     certificate: ServerCertificate,
     bundles: SharedBundles,
     trust_domain: TrustDomain,
+    audit_sources: Vec<SpiffeId>,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let agents_only =
-        Authorizer::predicate(move |id| crate::policy::is_agent_id(&trust_domain, id));
-    let verifier = SpiffeClientVerifier::new(bundles, agents_only).optional();
+    let callers = Authorizer::predicate(move |id| {
+        crate::policy::is_agent_id(&trust_domain, id) || audit_sources.contains(id)
+    });
+    let verifier = SpiffeClientVerifier::new(bundles, callers).optional();
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -176,18 +191,26 @@ pub(crate) fn server_config(
 
 /// Accepts TCP connections on `listener`, runs each TLS handshake in its own task (at most
 /// [`MAX_HANDSHAKES`] at once, each bounded by [`HANDSHAKE_TIMEOUT`]), and yields the
-/// connections that complete it, by kind, each kind within its connection limit (a connection
-/// beyond it is closed). A failed handshake affects only its own connection. The loop ends when
-/// the authenticated receiver is dropped.
-pub(crate) fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Incoming {
+/// connections that complete it, by kind (`is_agent` tells an agent's verified SVID from an
+/// audit source's), each kind within its connection limit (a connection beyond it is closed). A
+/// failed handshake affects only its own connection. The loop ends when the authenticated
+/// receiver is dropped.
+pub(crate) fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    is_agent: impl Fn(&SpiffeId) -> bool + Send + Sync + 'static,
+) -> Incoming {
     let (tx, authenticated) = mpsc::channel(64);
+    let (tx_sources, sources) = mpsc::channel(16);
     let (tx_unauthenticated, unauthenticated) = mpsc::channel(64);
     let handshakes = ConnectionLimit::new("agent-facing api handshakes", MAX_HANDSHAKES);
     let with_cert = ConnectionLimit::new("agent-facing api", MAX_AUTHENTICATED_CONNECTIONS);
+    let of_sources = ConnectionLimit::new("audit ingest api", MAX_SOURCE_CONNECTIONS);
     let without_cert = ConnectionLimit::new(
         "agent-facing api without a client certificate",
         MAX_UNAUTHENTICATED_CONNECTIONS,
     );
+    let is_agent = Arc::new(is_agent);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
@@ -207,8 +230,9 @@ pub(crate) fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>)
                 continue;
             };
             let acceptor = acceptor.clone();
-            let (tx, tx_unauthenticated) = (tx.clone(), tx_unauthenticated.clone());
-            let (with_cert, without_cert) = (with_cert.clone(), without_cert.clone());
+            let senders = (tx.clone(), tx_sources.clone(), tx_unauthenticated.clone());
+            let limits = (with_cert.clone(), of_sources.clone(), without_cert.clone());
+            let is_agent = is_agent.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 let handshaken =
@@ -216,12 +240,22 @@ pub(crate) fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>)
                 drop(handshake);
                 match handshaken {
                     Ok(Ok(stream)) => {
-                        let cert_chain = stream.get_ref().1.peer_certificates().map(|certs| {
-                            Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect())
+                        let cert_chain: Option<Arc<Vec<CertificateDer<'static>>>> =
+                            stream.get_ref().1.peer_certificates().map(|certs| {
+                                Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect())
+                            });
+                        // The handshake verified the chain and that its ID is an agent's or a
+                        // listed source's: only which of the two is left to tell.
+                        let agent = cert_chain.as_ref().map(|chain| {
+                            chain
+                                .first()
+                                .and_then(|leaf| check_leaf_certificate(leaf).ok())
+                                .is_some_and(|id| is_agent(&id))
                         });
-                        let (limit, tx) = match cert_chain {
-                            Some(_) => (with_cert, tx),
-                            None => (without_cert, tx_unauthenticated),
+                        let (limit, tx) = match agent {
+                            Some(true) => (limits.0, senders.0),
+                            Some(false) => (limits.1, senders.1),
+                            None => (limits.2, senders.2),
                         };
                         let Some(permit) = limit.try_admit() else {
                             return;
@@ -242,6 +276,7 @@ pub(crate) fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>)
     });
     Incoming {
         authenticated,
+        sources,
         unauthenticated,
     }
 }

@@ -302,6 +302,18 @@ pub async fn node_client(
     bundle: &X509Bundle,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<NodeClient<Channel>, tonic::transport::Error> {
+    Ok(NodeClient::new(
+        server_channel(addr, bundle, identity).await?,
+    ))
+}
+
+/// A gRPC channel to the server's agent-facing port (the node and audit ingest APIs) over TCP
+/// with TLS, as [`node_client`] makes it.
+pub async fn server_channel(
+    addr: SocketAddr,
+    bundle: &X509Bundle,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Channel, tonic::transport::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -317,7 +329,7 @@ pub async fn node_client(
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let channel = Endpoint::try_from("http://sigil-server")
+    Endpoint::try_from("http://sigil-server")
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let connector = connector.clone();
@@ -329,8 +341,29 @@ pub async fn node_client(
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
         }))
-        .await?;
-    Ok(NodeClient::new(channel))
+        .await
+}
+
+/// An X509-SVID for `spiffe_id` minted by the server (`MintX509SVID`), with its key: the
+/// identity of a test client that is not an agent (a broker, an outsider).
+pub async fn minted_identity(
+    server: &TestServer,
+    spiffe_id: &str,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let key = TestKey::new();
+    let minted = server
+        .admin()
+        .await
+        .mint_x509svid(sigil_proto::admin::MintX509svidRequest {
+            spiffe_id: spiffe_id.to_owned(),
+            csr: key.csr(),
+            ttl_seconds: 600,
+            dns_names: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (certs(&minted.cert_chain), key.private_key())
 }
 
 /// Runs `openssl verify -x509_strict` on `leaf` against `bundle`; returns its output on failure.

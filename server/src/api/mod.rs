@@ -2,6 +2,8 @@
 //!
 //! - [`admin`]: the operator API (`sigil.admin.v1`), a local Unix socket authorized by uid.
 //! - [`node`]: the agent-facing API (`sigil.node.v1`), TCP with mTLS.
+//! - [`ingest`]: the audit ingest API (`sigil.audit.v1`), on the same port, for listed audit
+//!   sources (brokers).
 //! - [`audit`]: audit records and checkpoints on the wire.
 //! - [`status`]: each service's errors as gRPC statuses, one function per service.
 //!
@@ -10,5 +12,6 @@
 
 pub(crate) mod admin;
 pub(crate) mod audit;
+pub(crate) mod ingest;
 pub(crate) mod node;
 pub(crate) mod status;

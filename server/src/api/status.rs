@@ -17,6 +17,7 @@ use crate::service::authority::SignError;
 use crate::service::bundles::BundleError;
 use crate::service::entries::EntryError;
 use crate::service::entry_cache::EntryCacheError;
+use crate::service::ingest::IngestError;
 use crate::service::sessions::SessionError;
 use crate::service::svids::SvidError;
 use crate::service::sync::SyncError;
@@ -39,6 +40,30 @@ pub(crate) fn store_status(error: StoreError) -> Status {
             warn!(error = %other, "store call failed");
             Status::unavailable("the server's store is unavailable; retry")
         }
+    }
+}
+
+/// The metadata key of an out-of-order `Append`'s `FailedPrecondition`: the sequence the spool
+/// must resume from.
+pub(crate) const NEXT_SEQUENCE_METADATA_KEY: &str = "sigil-next-sequence";
+
+/// The audit ingest's errors: a caller that is not a listed source is refused, a malformed
+/// request is the caller's to fix, and a store failure is retried (nothing was acknowledged).
+pub(crate) fn ingest_status(error: IngestError) -> Status {
+    match error {
+        IngestError::NotASource(message) => Status::permission_denied(message),
+        IngestError::Invalid(message) => Status::invalid_argument(message),
+        IngestError::OutOfOrder { expected } => {
+            let mut status =
+                Status::failed_precondition(IngestError::OutOfOrder { expected }.to_string());
+            status
+                .metadata_mut()
+                .insert(NEXT_SEQUENCE_METADATA_KEY, MetadataValue::from(expected));
+            status
+        }
+        IngestError::Store(_) => Status::unavailable(
+            "the audit record could not be written, nothing was acknowledged; retry",
+        ),
     }
 }
 

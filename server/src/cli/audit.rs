@@ -12,14 +12,14 @@ use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 use sigil_core::hex::{decode as hex_decode, encode as hex, sha256};
 use sigil_proto::admin::{
-    AcknowledgeAuditDivergenceRequest, AuditDivergence, ListAuditRequest, ListAuditResponse,
-    ListSessionAuditRequest, SignAuditCheckpointRequest, VerifyAuditRequest,
+    AcknowledgeAuditDivergenceRequest, AuditDivergence, AuditRecord, ListAuditRequest,
+    ListAuditResponse, ListSessionAuditRequest, SignAuditCheckpointRequest, VerifyAuditRequest,
 };
 use sigil_proto::node::AuditCheckpoint;
 
 use super::client::Admin;
 use super::output::{Printer, block, table};
-use super::time::format_rfc3339;
+use super::time::{format_rfc3339, format_rfc3339_nanos};
 use super::{ConnectArgs, report_failure, spiffe_id, time};
 
 /// `sigil-server audit ...`.
@@ -53,11 +53,13 @@ pub struct AuditShowArgs {
     /// Only this action, or actions under it (`svid` matches `svid.x509.issue`).
     #[arg(long, value_name = "ACTION")]
     action: Option<String>,
-    /// Only records by this actor (`uid:0`, an agent SPIFFE ID, `server`).
+    /// Only records by this actor (`uid:0`, an agent's or an audit source's SPIFFE ID,
+    /// `server`).
     #[arg(long, value_name = "ACTOR")]
     actor: Option<String>,
-    /// The whole story of one privileged session: its open, approval, end and every SVID
-    /// issued under it, in order (other filters do not apply).
+    /// The whole story of one privileged session: its open, approval, end, every SVID issued
+    /// under it and every event a broker recorded about it, in the order things happened
+    /// (broker events by their observed_at; other filters do not apply).
     #[arg(long, value_name = "ID", conflicts_with_all = ["since", "spiffe_id", "action", "actor"])]
     session: Option<String>,
     #[command(flatten)]
@@ -136,6 +138,9 @@ struct RecordJson<'a> {
     id: String,
     sequence: u64,
     time: String,
+    /// When an audit source observed the event (RFC 3339, nanoseconds); only on its records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    observed_at: Option<String>,
     actor: &'a str,
     action: &'a str,
     subject: &'a str,
@@ -307,6 +312,9 @@ async fn show(args: AuditShowArgs) -> anyhow::Result<ExitCode> {
     let admin = Admin::connect(&args.connect.admin_socket).await?;
     let mut token = String::new();
     let mut rows = Vec::new();
+    // A session's story is told in the order things happened: a broker's events may reach the
+    // chain late (after an outage), so its records are gathered and ordered by `observed_at`.
+    let mut story = Vec::new();
     loop {
         let page: ListAuditResponse = match &args.session {
             Some(session) => {
@@ -333,35 +341,21 @@ async fn show(args: AuditShowArgs) -> anyhow::Result<ExitCode> {
                     .await?
             }
         };
-        for r in &page.records {
-            if printer.is_json() {
-                printer.json(&RecordJson {
-                    id: r.sequence.to_string(),
-                    sequence: r.sequence,
-                    time: format_rfc3339(r.time),
-                    actor: &r.actor,
-                    action: &r.action,
-                    subject: &r.subject,
-                    details: serde_json::from_str(&r.details_json)
-                        .unwrap_or(serde_json::Value::Null),
-                    prev_hash: &r.prev_hash,
-                    hash: &r.hash,
-                })?;
-            } else {
-                rows.push(vec![
-                    r.sequence.to_string(),
-                    format_rfc3339(r.time),
-                    r.actor.clone(),
-                    r.action.clone(),
-                    r.subject.clone(),
-                    r.details_json.clone(),
-                ]);
+        if args.session.is_some() {
+            story.extend(page.records);
+        } else {
+            for r in &page.records {
+                show_record(&printer, r, &mut rows)?;
             }
         }
         if page.next_page_token.is_empty() {
             break;
         }
         token = page.next_page_token;
+    }
+    story.sort_by_cached_key(|r| (happened_at(r), r.sequence));
+    for r in &story {
+        show_record(&printer, r, &mut rows)?;
     }
     if !printer.is_json() {
         if rows.is_empty() {
@@ -374,6 +368,55 @@ async fn show(args: AuditShowArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one record as a JSON line, or adds its table row. The TIME column is when it
+/// happened: `observed_at` for an event an audit source recorded, else the record's time.
+fn show_record(
+    printer: &Printer,
+    r: &AuditRecord,
+    rows: &mut Vec<Vec<String>>,
+) -> anyhow::Result<()> {
+    let details: serde_json::Value =
+        serde_json::from_str(&r.details_json).unwrap_or(serde_json::Value::Null);
+    let observed_at = details["observed_at"].as_str().map(str::to_owned);
+    if printer.is_json() {
+        printer.json(&RecordJson {
+            id: r.sequence.to_string(),
+            sequence: r.sequence,
+            time: format_rfc3339(r.time),
+            observed_at,
+            actor: &r.actor,
+            action: &r.action,
+            subject: &r.subject,
+            details,
+            prev_hash: &r.prev_hash,
+            hash: &r.hash,
+        })?;
+    } else {
+        let time = observed_at
+            .as_deref()
+            .and_then(|t| time::parse_rfc3339(t).ok())
+            .unwrap_or(r.time);
+        rows.push(vec![
+            r.sequence.to_string(),
+            format_rfc3339(time),
+            r.actor.clone(),
+            r.action.clone(),
+            r.subject.clone(),
+            r.details_json.clone(),
+        ]);
+    }
+    Ok(())
+}
+
+/// When a record's event happened, as a string that sorts as times do: its `observed_at`
+/// detail (an audit source's clock, nanoseconds) or else its own time.
+fn happened_at(r: &AuditRecord) -> String {
+    serde_json::from_str::<serde_json::Value>(&r.details_json)
+        .ok()
+        .and_then(|d| d["observed_at"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format_rfc3339_nanos(r.time, r.time_nanos))
 }
 
 async fn verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {

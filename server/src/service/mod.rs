@@ -12,6 +12,7 @@
 //! | [`sync::EntrySync`] | what each agent's sync stream says |
 //! | [`crl::CrlPublisher`] | the revocation lists |
 //! | [`audit::AuditLog`] | the running audit log on the store (the chain itself is [`crate::audit`]) |
+//! | [`ingest::AuditIngest`] | what audit sources (brokers) record in the chain, each event once |
 //! | [`entry_cache::EntryCache`] | every entry in memory, kept current from the change feed |
 //!
 //! Services take and return domain types and their own error enum; they know nothing of gRPC.
@@ -25,6 +26,7 @@ pub(crate) mod bundles;
 pub(crate) mod crl;
 pub(crate) mod entries;
 pub(crate) mod entry_cache;
+pub(crate) mod ingest;
 pub(crate) mod sessions;
 pub(crate) mod svids;
 pub(crate) mod sync;
