@@ -1,0 +1,177 @@
+//! The broker's own credentials, from the Workload API like any workload's: its X509-SVID, the
+//! trust domain's bundle and the CRLs, replaced on every message of the `FetchX509SVID` stream
+//! (rotation, bundle change, revocation) without touching listeners or live connections.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+use sigil_core::{SpiffeId, X509Bundle, X509Svid};
+use sigil_proto::workload::X509svidRequest;
+use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tracing::{info, warn};
+use x509_parser::prelude::FromDer as _;
+use x509_parser::revocation_list::CertificateRevocationList;
+
+/// The credentials of one moment.
+pub(crate) struct Credentials {
+    /// The broker's SVID (chain and key).
+    pub(crate) svid: X509Svid,
+    /// The trust domain's bundle.
+    pub(crate) bundle: X509Bundle,
+    /// The CRLs, DER.
+    pub(crate) crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Every serial on a CRL, lowercase hex.
+    pub(crate) revoked: HashSet<String>,
+    /// Each CRL's nextUpdate (none for a CRL without one).
+    pub(crate) next_updates: Vec<SystemTime>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("spiffe_id", self.svid.spiffe_id())
+            .field("crls", &self.crls.len())
+            .field("revoked", &self.revoked.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// The first CRL past its nextUpdate at `now`, as a time, if any.
+    pub(crate) fn stale_since(&self, now: SystemTime) -> Option<SystemTime> {
+        self.next_updates.iter().copied().filter(|t| *t < now).min()
+    }
+}
+
+/// Keeps `tx` current from the Workload API at `socket`: every message replaces the
+/// credentials (the SVID named `want`, or the first). A broken stream is reopened after a
+/// second; the last credentials stay until then.
+pub(crate) async fn watch_credentials(
+    socket: PathBuf,
+    want: Option<SpiffeId>,
+    tx: watch::Sender<Option<Arc<Credentials>>>,
+) {
+    loop {
+        if let Err(error) = follow(&socket, want.as_ref(), &tx).await {
+            warn!(%error, socket = %socket.display(), "workload api stream ended; reconnecting in 1s");
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn follow(
+    socket: &Path,
+    want: Option<&SpiffeId>,
+    tx: &watch::Sender<Option<Arc<Credentials>>>,
+) -> anyhow::Result<()> {
+    let mut client = workload_client(socket).await?;
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    while let Some(message) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+    {
+        let Some(svid) = message
+            .svids
+            .iter()
+            .find(|s| want.is_none_or(|w| w.as_str() == s.spiffe_id))
+        else {
+            warn!(
+                want = want.map(SpiffeId::as_str),
+                "the workload api offers no such identity; keeping the previous one"
+            );
+            continue;
+        };
+        let parsed = X509Svid::parse(&svid.x509_svid, &svid.x509_svid_key)
+            .map_err(|e| anyhow::anyhow!("the workload api sent an unusable svid: {e}"))?;
+        let bundle = X509Bundle::from_der(parsed.spiffe_id().trust_domain().clone(), &svid.bundle)
+            .map_err(|e| anyhow::anyhow!("the workload api sent an unusable bundle: {e}"))?;
+        let mut revoked = HashSet::new();
+        let mut next_updates = Vec::new();
+        for der in &message.crl {
+            match CertificateRevocationList::from_der(der) {
+                Ok((_, crl)) => {
+                    revoked.extend(
+                        crl.iter_revoked_certificates()
+                            .map(|r| sigil_core::hex::encode(r.raw_serial())),
+                    );
+                    if let Some(next) = crl.next_update() {
+                        next_updates.push(
+                            sigil_core::time::from_unix_seconds(next.timestamp())
+                                .unwrap_or(SystemTime::UNIX_EPOCH),
+                        );
+                    }
+                }
+                Err(error) => warn!(%error, "the workload api sent an unreadable crl; ignored"),
+            }
+        }
+        let credentials = Credentials {
+            svid: parsed,
+            bundle,
+            crls: message
+                .crl
+                .iter()
+                .map(|c| CertificateRevocationListDer::from(c.clone()))
+                .collect(),
+            revoked,
+            next_updates,
+        };
+        info!(
+            identity = %credentials.svid.spiffe_id(),
+            crls = credentials.crls.len(),
+            revoked = credentials.revoked.len(),
+            "credentials updated"
+        );
+        tx.send_replace(Some(Arc::new(credentials)));
+    }
+    Ok(())
+}
+
+type Header = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+
+async fn workload_client(
+    socket: &Path,
+) -> anyhow::Result<
+    SpiffeWorkloadApiClient<tonic::service::interceptor::InterceptedService<Channel, Header>>,
+> {
+    fn header(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert(
+            "workload.spiffe.io",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        Ok(request)
+    }
+    let path = socket.to_owned();
+    let channel = Endpoint::try_from("http://localhost")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(SpiffeWorkloadApiClient::with_interceptor(
+        channel,
+        header as Header,
+    ))
+}
+
+/// The serial of a certificate, lowercase hex (as CRLs and the audit log name it).
+pub(crate) fn serial(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
+    Some(sigil_core::hex::encode(parsed.raw_serial()))
+}

@@ -1,0 +1,420 @@
+//! Serving one target: accept, mTLS handshake with the current credentials, the peer's identity
+//! and session from its certificate, a policy decision, the event in the spool **before**
+//! anything goes upstream, then the bytes both ways until one side closes or the connection is
+//! cut: its serial on a CRL, its session's end, its certificate's expiry, or shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
+
+use rustls::ServerConfig;
+use rustls_pki_types::CertificateDer;
+use serde_json::{Map, Value};
+use sigil_core::session::SessionClaims;
+use sigil_core::x509_svid::check_leaf_certificate;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use x509_parser::prelude::FromDer as _;
+
+use crate::config::{StaleCrl, Target};
+use crate::credentials::{Credentials, serial};
+use crate::policy::{Principal, TargetPolicy};
+use crate::spool::{NewEvent, Spool};
+use crate::upstream;
+
+/// Why a connection ended (the `reason` detail of `broker.connection.close` and `broker.deny`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// The client closed it.
+    Client,
+    /// The upstream closed it, or could not be reached.
+    Upstream,
+    /// The peer's serial appeared on a CRL.
+    Revoked,
+    /// The peer's session ended.
+    SessionEnded,
+    /// The peer's certificate expired.
+    Expired,
+    /// A policy denied it.
+    Policy,
+    /// The broker is stopping.
+    Shutdown,
+}
+
+impl CloseReason {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Upstream => "upstream",
+            Self::Revoked => "revoked",
+            Self::SessionEnded => "session_ended",
+            Self::Expired => "expired",
+            Self::Policy => "policy",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One live connection: its peer's serial, and where to say why it must end.
+type LiveConnection = (String, watch::Sender<Option<CloseReason>>);
+
+/// The live connections of every target, by the serial of the peer's certificate, so that a
+/// revocation cuts them at once.
+#[derive(Debug, Default)]
+pub(crate) struct Live {
+    next: AtomicU64,
+    connections: Mutex<HashMap<u64, LiveConnection>>,
+}
+
+impl Live {
+    fn register(&self, serial: &str) -> (u64, watch::Receiver<Option<CloseReason>>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, (serial.to_owned(), tx));
+        (id, rx)
+    }
+
+    fn remove(&self, id: u64) {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    /// Cuts every connection whose peer serial is in `revoked`; returns how many.
+    pub(crate) fn cut_revoked(&self, revoked: &std::collections::HashSet<String>) -> usize {
+        let connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut cut = 0;
+        for (serial, tx) in connections.values() {
+            if revoked.contains(serial) && tx.borrow().is_none() {
+                tx.send_replace(Some(CloseReason::Revoked));
+                cut += 1;
+            }
+        }
+        cut
+    }
+
+    /// Cuts every connection (shutdown).
+    pub(crate) fn cut_all(&self) {
+        let connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (_, tx) in connections.values() {
+            tx.send_replace(Some(CloseReason::Shutdown));
+        }
+    }
+
+    /// How many connections are live.
+    pub(crate) fn count(&self) -> usize {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// What every connection of a target shares.
+#[derive(Debug)]
+pub(crate) struct TargetContext {
+    pub(crate) target: Target,
+    pub(crate) policy: Arc<TargetPolicy>,
+    pub(crate) spool: Arc<Spool>,
+    pub(crate) live: Arc<Live>,
+    pub(crate) credentials: watch::Receiver<Option<Arc<Credentials>>>,
+    pub(crate) tls: watch::Receiver<Option<Arc<ServerConfig>>>,
+    pub(crate) stale_crl: StaleCrl,
+}
+
+/// The peer, as its verified certificate says.
+struct Peer {
+    principal: Principal,
+    leaf: CertificateDer<'static>,
+    serial: String,
+    session_end: Option<SystemTime>,
+    not_after: SystemTime,
+}
+
+/// Accepts connections on `listener` until `stop`, each served in its own task.
+pub(crate) async fn serve(
+    context: Arc<TargetContext>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let context = Arc::clone(&context);
+        tokio::spawn(async move {
+            if let Err(error) = connection(&context, tcp, remote).await {
+                debug!(%error, %remote, target = %context.target.name, "connection refused");
+            }
+        });
+    }
+}
+
+async fn connection(
+    context: &TargetContext,
+    tcp: TcpStream,
+    remote: SocketAddr,
+) -> anyhow::Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let (Some(tls), Some(credentials)) = (
+        context.tls.borrow().clone(),
+        context.credentials.borrow().clone(),
+    ) else {
+        anyhow::bail!("no credentials from the workload api yet");
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let client = tokio::time::timeout(
+        sigil_daemon::limits::HANDSHAKE_TIMEOUT,
+        acceptor.accept(tcp),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("tls handshake timed out"))??;
+    let peer = peer(&client, &credentials)?;
+    let target = &context.target;
+    let mut facts = peer_facts(&peer, remote);
+
+    let now = SystemTime::now();
+    if let Some(since) = credentials.stale_since(now) {
+        let stale = sigil_core::time::unix_seconds(since);
+        if context.stale_crl == StaleCrl::Refuse {
+            warn!(target = %target.name, crl_next_update = stale, "a CRL is past its nextUpdate: refusing new connections until a fresh one arrives (stale_crl = \"refuse\")");
+            facts.insert("reason".to_owned(), Value::from("stale_crl"));
+            record(context, "broker.deny", facts, &peer).await?;
+            return Ok(());
+        }
+        warn!(target = %target.name, crl_next_update = stale, "a CRL is past its nextUpdate; accepting anyway (stale_crl = \"allow\")");
+    }
+
+    let verdict = context.policy.decide(&peer.principal, "connect", None);
+    facts.insert(
+        "decision".to_owned(),
+        Value::from(if verdict.allowed { "allow" } else { "deny" }),
+    );
+    facts.insert("policies".to_owned(), Value::from(verdict.policies.clone()));
+    if !verdict.allowed {
+        facts.insert(
+            "reason".to_owned(),
+            Value::from(CloseReason::Policy.as_str()),
+        );
+        info!(target = %target.name, peer = %peer.principal.spiffe_id, "connection denied by policy");
+        record(context, "broker.deny", facts, &peer).await?;
+        return Ok(());
+    }
+    // Durable before the first byte goes upstream: a spool failure refuses the connection.
+    record(context, "broker.connection.open", facts, &peer).await?;
+    let started = Instant::now();
+    let (id, cut) = context.live.register(&peer.serial);
+    // A revocation that arrived between the handshake and the registration.
+    if context
+        .credentials
+        .borrow()
+        .as_ref()
+        .is_some_and(|c| c.revoked.contains(&peer.serial))
+    {
+        context
+            .live
+            .cut_revoked(&std::iter::once(peer.serial.clone()).collect());
+    }
+    let counters = Counters::default();
+    let reason = match upstream::connect(
+        &target.upstream,
+        target.upstream_spiffe_id.as_ref(),
+        &credentials,
+    )
+    .await
+    {
+        Ok(server) => relay(client, server, &counters, cut, &peer).await,
+        Err(error) => {
+            warn!(%error, target = %target.name, "upstream unreachable");
+            CloseReason::Upstream
+        }
+    };
+    context.live.remove(id);
+    let mut close = Map::new();
+    close.insert("reason".to_owned(), Value::from(reason.as_str()));
+    close.insert(
+        "duration_ms".to_owned(),
+        Value::from(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+    );
+    close.insert(
+        "bytes_up".to_owned(),
+        Value::from(counters.up.load(Ordering::Relaxed)),
+    );
+    close.insert(
+        "bytes_down".to_owned(),
+        Value::from(counters.down.load(Ordering::Relaxed)),
+    );
+    close.insert("source".to_owned(), Value::from(remote.to_string()));
+    info!(target = %target.name, peer = %peer.principal.spiffe_id, reason = reason.as_str(), "connection closed");
+    record(context, "broker.connection.close", close, &peer).await?;
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+/// Copies both ways until one side closes both directions' work is done, or the connection is
+/// cut; returns why it ended.
+async fn relay(
+    client: impl AsyncRead + AsyncWrite + Unpin + Send,
+    server: Box<dyn upstream::Stream>,
+    counters: &Counters,
+    mut cut: watch::Receiver<Option<CloseReason>>,
+    peer: &Peer,
+) -> CloseReason {
+    let (client_read, client_write) = tokio::io::split(client);
+    let (server_read, server_write) = tokio::io::split(server);
+    let up = pump(client_read, server_write, &counters.up);
+    let down = pump(server_read, client_write, &counters.down);
+    tokio::pin!(up, down);
+    let (deadline, at_deadline) = match peer.session_end {
+        Some(end) if end < peer.not_after => (end, CloseReason::SessionEnded),
+        _ => (peer.not_after, CloseReason::Expired),
+    };
+    let until = deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    let sleep = tokio::time::sleep(until);
+    tokio::pin!(sleep);
+    let (mut up_done, mut down_done) = (false, false);
+    let mut first = None;
+    loop {
+        tokio::select! {
+            () = &mut up, if !up_done => {
+                up_done = true;
+                first.get_or_insert(CloseReason::Client);
+            }
+            () = &mut down, if !down_done => {
+                down_done = true;
+                first.get_or_insert(CloseReason::Upstream);
+            }
+            changed = cut.changed() => {
+                return match changed {
+                    Ok(()) => cut.borrow().unwrap_or(CloseReason::Shutdown),
+                    Err(_) => CloseReason::Shutdown,
+                };
+            }
+            () = &mut sleep => return at_deadline,
+        }
+        if up_done && down_done {
+            return first.unwrap_or(CloseReason::Client);
+        }
+    }
+}
+
+/// Copies `from` to `to`, counting bytes, until `from` ends (then shuts `to` down) or an error.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    count: &AtomicU64,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                count.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The peer's identity from the verified handshake: an X509-SVID of the broker's own trust
+/// domain, with its session claims if it carries them.
+fn peer(
+    client: &tokio_rustls::server::TlsStream<TcpStream>,
+    credentials: &Credentials,
+) -> anyhow::Result<Peer> {
+    let leaf = client
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .ok_or_else(|| anyhow::anyhow!("the client presented no certificate"))?
+        .clone()
+        .into_owned();
+    let spiffe_id = check_leaf_certificate(&leaf)?;
+    if spiffe_id.trust_domain() != *credentials.bundle.trust_domain() {
+        anyhow::bail!("{spiffe_id} is not of the broker's trust domain");
+    }
+    let serial = serial(&leaf).ok_or_else(|| anyhow::anyhow!("unreadable serial"))?;
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&leaf)?;
+    let not_after = sigil_core::time::from_unix_seconds(parsed.validity().not_after.timestamp())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let claims = SessionClaims::from_certificate(&leaf)?;
+    Ok(Peer {
+        principal: Principal {
+            spiffe_id,
+            session: claims
+                .as_ref()
+                .map(|c| (c.session_id().to_owned(), c.ticket().to_owned())),
+        },
+        session_end: claims.as_ref().map(SessionClaims::ends_at),
+        serial,
+        not_after,
+        leaf,
+    })
+}
+
+fn peer_facts(peer: &Peer, remote: SocketAddr) -> Map<String, Value> {
+    let mut facts = Map::new();
+    facts.insert("source".to_owned(), Value::from(remote.to_string()));
+    facts.insert(
+        "peer".to_owned(),
+        Value::from(peer.principal.spiffe_id.to_string()),
+    );
+    facts
+}
+
+async fn record(
+    context: &TargetContext,
+    action: &'static str,
+    details: Map<String, Value>,
+    peer: &Peer,
+) -> anyhow::Result<()> {
+    context
+        .spool
+        .record(NewEvent {
+            action,
+            subject: context.target.name.clone(),
+            details,
+            peer: Some(peer.leaf.to_vec()),
+        })
+        .await
+        .map(drop)
+        .map_err(|error| {
+            tracing::error!(%error, "cannot record in the spool; refusing");
+            anyhow::Error::from(error)
+        })
+}

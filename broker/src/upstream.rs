@@ -1,0 +1,141 @@
+//! The broker's outgoing connections and its TLS server side, all from the current
+//! [`Credentials`]: the channel to the server's audit ingest (the server must present
+//! `spiffe://TD/sigil/server`), the connection to a target's upstream (plain, or TLS with the
+//! broker's SVID to exactly `upstream_spiffe_id`), and the rustls server configuration that
+//! clients meet (client SVIDs required, chained to the bundle and not on a CRL).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use sigil_core::SpiffeId;
+use sigil_core::tls::{SharedBundles, SpiffeServerVerifier};
+use sigil_core::x509_svid::Authorizer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::config::Upstream;
+use crate::credentials::Credentials;
+
+/// A stream to an upstream, whatever carries it.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn key(credentials: &Credentials) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        credentials.svid.private_key().pkcs8_der().to_vec(),
+    ))
+}
+
+/// A client configuration presenting the broker's SVID to a peer that must be exactly `peer`.
+fn client_config(
+    credentials: &Credentials,
+    peer: SpiffeId,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            SharedBundles::from_bundle(credentials.bundle.clone()),
+            Authorizer::exact(peer),
+        )))
+        .with_client_auth_cert(credentials.svid.cert_chain().to_vec(), key(credentials))?;
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+/// A channel to the server's agent-facing port at `address`, which must present
+/// `spiffe://TD/sigil/server`, with the broker's SVID as client certificate.
+///
+/// # Errors
+///
+/// When the configuration cannot be built or the address is malformed.
+pub(crate) fn server_channel(address: &str, credentials: &Credentials) -> anyhow::Result<Channel> {
+    let server_id = credentials
+        .svid
+        .spiffe_id()
+        .trust_domain()
+        .id(["sigil", "server"])?;
+    let mut config = client_config(credentials, server_id)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let address = address.to_owned();
+    Ok(Endpoint::try_from("http://sigil-server")?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let (connector, address) = (connector.clone(), address.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&address).await?;
+                let _ = tcp.set_nodelay(true);
+                let name = ServerName::try_from("sigil-server")
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        })))
+}
+
+/// Connects to `upstream`, over TLS with the broker's SVID when `tls_peer` names the SPIFFE ID
+/// it must present.
+///
+/// # Errors
+///
+/// When the upstream cannot be reached or its TLS handshake fails.
+pub(crate) async fn connect(
+    upstream: &Upstream,
+    tls_peer: Option<&SpiffeId>,
+    credentials: &Credentials,
+) -> anyhow::Result<Box<dyn Stream>> {
+    let plain: Box<dyn Stream> = match upstream {
+        Upstream::Tcp(address) => {
+            let tcp = tokio::net::TcpStream::connect(address).await?;
+            let _ = tcp.set_nodelay(true);
+            Box::new(tcp)
+        }
+        Upstream::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
+    };
+    match tls_peer {
+        None => Ok(plain),
+        Some(peer) => {
+            let config = client_config(credentials, peer.clone())?;
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            let name = ServerName::try_from("upstream")?;
+            Ok(Box::new(connector.connect(name, plain).await?))
+        }
+    }
+}
+
+/// The configuration clients meet: the broker's SVID; client SVIDs required, chained to the
+/// bundle and not on a CRL (the SPIFFE ID is checked after the handshake).
+///
+/// # Errors
+///
+/// When rustls refuses the credentials.
+pub(crate) fn server_config(credentials: &Credentials) -> anyhow::Result<Arc<ServerConfig>> {
+    let mut roots = RootCertStore::empty();
+    for root in credentials.bundle.authorities() {
+        roots.add(root.clone())?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(credentials.crls.clone())
+        .only_check_end_entity_revocation()
+        // A CRL of a just-created authority may not have reached the broker yet; a stale one
+        // is decided by `stale_crl`.
+        .allow_unknown_revocation_status()
+        .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(credentials.svid.cert_chain().to_vec(), key(credentials))?;
+    // Every connection is a full handshake, checked against the CRLs of that moment.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,373 @@
+//! The session broker with the real binaries: server, agent and `sigil-broker` in front of a
+//! TCP echo upstream. A session SVID gets through; an identity the policy refuses is cut after
+//! the handshake and recorded as `broker.deny`; `session revoke` cuts the open connection; a new
+//! connection with the revoked SVID is refused; a SIGHUP with a bad policy keeps the old one;
+//! the broker's events reach the audit chain once, name the session, and `audit verify` passes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr,
+    reason = "test code"
+)]
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use sigil_core::tls::{SharedBundles, SpiffeServerVerifier};
+use sigil_core::x509_svid::Authorizer;
+use sigil_core::{SpiffeId, X509Bundle};
+use sigil_tests::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const BROKER: &str = "spiffe://example.org/broker/db";
+const SESSION_ID: &str = "spiffe://example.org/admin/db";
+const STANDING: &str = "spiffe://example.org/web";
+
+const POLICY: &str = r#"
+@id("sessions-only")
+permit(principal is Sigil::Workload, action == Sigil::Action::"connect", resource == Sigil::Target::"db")
+when { principal has session };
+"#;
+
+/// A `sigil-broker run` child with its config, policy and spool in a temp dir.
+struct BrokerProcess {
+    dir: tempfile::TempDir,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    address: SocketAddr,
+}
+
+impl BrokerProcess {
+    fn start(server: &TestServer, agent: &TestAgentProcess) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("db.cedar");
+        std::fs::write(&policy, POLICY).unwrap();
+        let config = dir.path().join("broker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"socket_path = "unix://{socket}"
+spiffe_id = "{BROKER}"
+server_address = ["{server}"]
+spool_dir = "{spool}"
+log_level = "debug"
+log_format = "json"
+
+[[target]]
+name = "db"
+listen = "127.0.0.1:0"
+kind = "tcp"
+upstream = "{upstream}"
+policy = "{policy}"
+"#,
+                socket = agent.socket().display(),
+                server = server.node_addr,
+                spool = dir.path().join("spool").display(),
+                upstream = echo_server(),
+                policy = policy.display(),
+            ),
+        )
+        .unwrap();
+        let mut child = retry_busy(|| {
+            Command::new(binary("sigil-broker"))
+                .args(["run", "--config"])
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+        });
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("target listening") {
+                        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+                        let _ = tx.send(json["fields"]["address"].as_str().unwrap().to_owned());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let address = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("broker did not listen: {}", log.lock().unwrap().join("\n")))
+            .parse()
+            .unwrap();
+        Self {
+            dir,
+            child,
+            log,
+            address,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("db.cedar")
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits until the log has a line containing `needle`.
+    fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the broker log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP echo server on a thread of its own; returns its address.
+fn echo_server() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().unwrap();
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+    address
+}
+
+type Client = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// An mTLS connection to the broker with the X509-SVID `spiffe_id` of `msg`.
+async fn connect(
+    broker: SocketAddr,
+    msg: &sigil_proto::workload::X509svidResponse,
+    spiffe_id: &str,
+) -> std::io::Result<Client> {
+    let svid = msg.svids.iter().find(|s| s.spiffe_id == spiffe_id).unwrap();
+    let bundle = X509Bundle::from_der(trust_domain(), &svid.bundle).unwrap();
+    let chain: Vec<CertificateDer<'static>> = certs(&svid.x509_svid);
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.x509_svid_key.clone()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            SharedBundles::from_bundle(bundle),
+            Authorizer::exact(SpiffeId::new(BROKER).unwrap()),
+        )))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(broker).await?;
+    connector
+        .connect(ServerName::try_from("broker").unwrap(), tcp)
+        .await
+}
+
+/// Writes `text` and reads it back: the connection goes through to the echo upstream.
+async fn echoes(client: &mut Client, text: &[u8]) -> bool {
+    if client.write_all(text).await.is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; text.len()];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut buf)).await,
+        Ok(Ok(_))
+    ) && buf == text
+}
+
+/// Waits (at most 10 s) until the connection ends: a read returns EOF or an error.
+async fn ends(client: &mut Client) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the connection was not cut within 10 s"),
+        }
+    }
+}
+
+/// Waits (at most 15 s) until `audit show --session ID` holds `action` with `reason`.
+fn wait_story(server: &TestServer, id: &str, action: &str) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let story = server_cli(
+            server,
+            &["audit", "show", "--session", id, "--output", "json"],
+        )
+        .json_lines();
+        if story.iter().any(|r| r["action"] == action) {
+            return story;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {action} in the session's story: {story:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spool_pending(dir: &Path) -> usize {
+    let acked: u64 = std::fs::read_to_string(dir.join("spool/acked"))
+        .map(|t| t.trim().parse().unwrap())
+        .unwrap_or(0);
+    std::fs::read_to_string(dir.join("spool/events.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+                > acked
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_get_through_are_cut_on_revoke_and_every_step_is_in_the_chain() {
+    let server = TestServer::start(&format!("audit_sources = [\"{BROKER}\"]\n"));
+    let agent = TestAgentProcess::start(&server).await;
+    let me = format!("unix:uid:{}", my_uid());
+    for id in [BROKER, STANDING] {
+        create_entry(&server, entry(id, &agent.agent_id(), &[&me]))
+            .await
+            .unwrap();
+    }
+    let session = open_session(&server, &agent, SESSION_ID, "10m", &[]);
+    let session_id = session["id"].as_str().unwrap().to_owned();
+    let broker = BrokerProcess::start(&server, &agent);
+    let (_stream, msg) = x509_stream_with(&agent, |m| {
+        [BROKER, SESSION_ID, STANDING]
+            .iter()
+            .all(|id| svid_ids(m).contains(&(*id).to_owned()))
+    })
+    .await;
+    broker.wait_log("credentials updated");
+
+    // The session's SVID gets through, both ways.
+    let mut client = connect(broker.address, &msg, SESSION_ID).await.unwrap();
+    assert!(
+        echoes(&mut client, b"select 1;").await,
+        "{}",
+        broker.log_text()
+    );
+
+    // A standing identity: the policy wants a session, so the broker cuts it after the
+    // handshake, before anything reaches the upstream.
+    if let Ok(mut standing) = connect(broker.address, &msg, STANDING).await {
+        assert!(!echoes(&mut standing, b"drop table").await);
+    }
+    broker.wait_log("connection denied by policy");
+
+    // A SIGHUP with a policy that does not validate keeps the one in force.
+    std::fs::write(broker.policy_path(), "permit(principal, action, resource").unwrap();
+    broker.signal("HUP");
+    broker.wait_log("policy not reloaded");
+    let mut second = connect(broker.address, &msg, SESSION_ID).await.unwrap();
+    assert!(echoes(&mut second, b"still allowed").await);
+    drop(second);
+
+    // Revoking the session cuts the open connection.
+    server_cli(
+        &server,
+        &["session", "revoke", &session_id, "--reason", "task over"],
+    );
+    let cut_after = ends(&mut client).await;
+    eprintln!("revoke to cut: {cut_after:?}");
+    broker.wait_log("\"reason\":\"revoked\"");
+
+    // The revoked SVID no longer gets a connection through.
+    match connect(broker.address, &msg, SESSION_ID).await {
+        Err(_) => {}
+        Ok(mut again) => assert!(!echoes(&mut again, b"after revoke").await),
+    }
+
+    // The story: open, issuance, the connections, the revocation and the cut, each once.
+    let story = wait_story(&server, &session_id, "broker.connection.close");
+    let actions: Vec<&str> = story
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| **a == "broker.connection.open")
+            .count(),
+        2,
+        "{actions:?}"
+    );
+    let cut = story
+        .iter()
+        .find(|r| r["action"] == "broker.connection.close" && r["details"]["reason"] == "revoked")
+        .unwrap_or_else(|| panic!("no cut in {story:#?}"));
+    assert_eq!(cut["actor"], BROKER);
+    assert_eq!(cut["subject"], "db");
+    assert_eq!(cut["details"]["ticket"], "CHG-123");
+    assert!(cut["details"]["bytes_up"].as_u64().unwrap() >= 9);
+    let position = |pred: &dyn Fn(&serde_json::Value) -> bool| story.iter().position(pred).unwrap();
+    assert!(
+        position(&|r| r["action"] == "session.revoke")
+            < position(&|r| r["action"] == "broker.connection.close"
+                && r["details"]["reason"] == "revoked"),
+        "{actions:?}"
+    );
+    let denies = server_cli(
+        &server,
+        &[
+            "audit",
+            "show",
+            "--actor",
+            BROKER,
+            "--action",
+            "broker.deny",
+            "--output",
+            "json",
+        ],
+    )
+    .json_lines();
+    assert!(
+        denies
+            .iter()
+            .any(|r| r["details"]["peer_spiffe_id"] == STANDING
+                && r["details"]["reason"] == "policy"),
+        "{denies:#?}"
+    );
+    let verified = server_cli(&server, &["audit", "verify", "--output", "json"]).json();
+    assert_eq!(verified["ok"], true, "{verified}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spool_pending(broker.dir.path()) > 0 {
+        assert!(Instant::now() < deadline, "the spool never emptied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
