@@ -74,40 +74,23 @@ policy = "{policy}"
             ),
         )
         .unwrap();
-        let mut child = retry_busy(|| {
-            Command::new(binary("sigil-broker"))
-                .args(["run", "--config"])
-                .arg(&config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-        });
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("target listening") {
-                        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
-                        let _ = tx.send(json["fields"]["address"].as_str().unwrap().to_owned());
-                    }
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        let address = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("broker did not listen: {}", log.lock().unwrap().join("\n")))
-            .parse()
-            .unwrap();
+        let (child, log, address) = spawn(&config);
         Self {
             dir,
             child,
             log,
             address,
         }
+    }
+
+    /// Kills the broker with SIGKILL (as a crash) and starts it again on the same spool.
+    fn kill9_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, log, address) = spawn(&self.dir.path().join("broker.toml"));
+        self.child = child;
+        self.log = log;
+        self.address = address;
     }
 
     fn log_text(&self) -> String {
@@ -138,6 +121,39 @@ policy = "{policy}"
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Runs `sigil-broker run --config CONFIG`; returns it, its log and its target's address.
+fn spawn(config: &Path) -> (Child, Arc<Mutex<Vec<String>>>, SocketAddr) {
+    let mut child = retry_busy(|| {
+        Command::new(binary("sigil-broker"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+    });
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("target listening") {
+                    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    let _ = tx.send(json["fields"]["address"].as_str().unwrap().to_owned());
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+    }
+    let address = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("broker did not listen: {}", log.lock().unwrap().join("\n")))
+        .parse()
+        .unwrap();
+    (child, log, address)
 }
 
 impl Drop for BrokerProcess {
@@ -219,7 +235,7 @@ async fn ends(client: &mut Client) -> Duration {
 }
 
 /// Waits (at most 15 s) until `audit show --session ID` holds `action` with `reason`.
-fn wait_story(server: &TestServer, id: &str, action: &str) -> Vec<serde_json::Value> {
+fn wait_story(server: &TestServer, id: &str, action: &str, reason: &str) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let story = server_cli(
@@ -227,7 +243,10 @@ fn wait_story(server: &TestServer, id: &str, action: &str) -> Vec<serde_json::Va
             &["audit", "show", "--session", id, "--output", "json"],
         )
         .json_lines();
-        if story.iter().any(|r| r["action"] == action) {
+        if story
+            .iter()
+            .any(|r| r["action"] == action && r["details"]["reason"] == reason)
+        {
             return story;
         }
         assert!(
@@ -314,7 +333,7 @@ async fn sessions_get_through_are_cut_on_revoke_and_every_step_is_in_the_chain()
     }
 
     // The story: open, issuance, the connections, the revocation and the cut, each once.
-    let story = wait_story(&server, &session_id, "broker.connection.close");
+    let story = wait_story(&server, &session_id, "broker.connection.close", "revoked");
     let actions: Vec<&str> = story
         .iter()
         .map(|r| r["action"].as_str().unwrap())
@@ -370,4 +389,99 @@ async fn sessions_get_through_are_cut_on_revoke_and_every_step_is_in_the_chain()
         assert!(Instant::now() < deadline, "the spool never emptied");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The spool's last sequence (its events log is never compacted in a test this small).
+fn spool_last(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("spool/events.log"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_server_down_and_a_broker_crash_every_event_reaches_the_chain_once() {
+    let mut server = TestServer::start(&format!("audit_sources = [\"{BROKER}\"]\n"));
+    let agent = TestAgentProcess::start(&server).await;
+    let me = format!("unix:uid:{}", my_uid());
+    create_entry(&server, entry(BROKER, &agent.agent_id(), &[&me]))
+        .await
+        .unwrap();
+    open_session(&server, &agent, SESSION_ID, "10m", &[]);
+    let mut broker = BrokerProcess::start(&server, &agent);
+    let (_stream, msg) = x509_stream_with(&agent, |m| {
+        [BROKER, SESSION_ID]
+            .iter()
+            .all(|id| svid_ids(m).contains(&(*id).to_owned()))
+    })
+    .await;
+    broker.wait_log("credentials updated");
+    let through = |broker: SocketAddr, text: &'static [u8]| {
+        let msg = msg.clone();
+        async move {
+            let mut client = connect(broker, &msg, SESSION_ID).await.unwrap();
+            assert!(echoes(&mut client, text).await);
+            client.shutdown().await.unwrap();
+            ends(&mut client).await;
+        }
+    };
+    through(broker.address, b"before the outage").await;
+
+    // The server goes away: requests still go through, their events wait in the spool.
+    server.kill9();
+    for _ in 0..3 {
+        through(broker.address, b"during the outage").await;
+    }
+    // The broker crashes and comes back on the same spool; more traffic.
+    broker.kill9_and_restart();
+    broker.wait_log("credentials updated");
+    through(broker.address, b"after the crash").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !broker.log_text().contains("cannot forward audit events") {
+        assert!(Instant::now() < deadline, "{}", broker.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(spool_pending(broker.dir.path()) > 0);
+
+    // The server comes back: the spool drains, every event lands once, in order.
+    server.restart();
+    // 5 connections: an open and a close each (the last close may still be on its way).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while spool_last(broker.dir.path()) < 10 || spool_pending(broker.dir.path()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the spool never drained: {}",
+            broker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let last = spool_last(broker.dir.path());
+    assert_eq!(last, 10);
+    let records = server_cli(
+        &server,
+        &["audit", "show", "--actor", BROKER, "--output", "json"],
+    )
+    .json_lines();
+    let sequences: Vec<u64> = records
+        .iter()
+        .map(|r| r["details"]["source_sequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        sequences,
+        (1..=last).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    let spools: std::collections::HashSet<&str> = records
+        .iter()
+        .map(|r| r["details"]["source_spool"].as_str().unwrap())
+        .collect();
+    assert_eq!(spools.len(), 1, "the spool kept its id across the crash");
+    let verified = server_cli(&server, &["audit", "verify", "--output", "json"]).json();
+    assert_eq!(verified["ok"], true, "{verified}");
 }
