@@ -19,6 +19,7 @@
 
 pub mod config;
 mod credentials;
+mod http;
 pub mod policy;
 mod proxy;
 mod spool;
@@ -63,14 +64,6 @@ pub enum BrokerError {
     /// A signal handler could not be installed.
     #[error("cannot watch SIGHUP: {0}")]
     Signal(std::io::Error),
-    /// A target asks for what this build cannot do.
-    #[error("target {target}: {reason}")]
-    Unsupported {
-        /// The target.
-        target: String,
-        /// What.
-        reason: &'static str,
-    },
 }
 
 /// Runs the broker until `shutdown` yields.
@@ -82,16 +75,6 @@ pub async fn run(
     config: BrokerConfig,
     shutdown: impl Future<Output = Shutdown> + Send,
 ) -> Result<(), BrokerError> {
-    if let Some(target) = config
-        .targets
-        .iter()
-        .find(|t| t.kind == config::TargetKind::Http)
-    {
-        return Err(BrokerError::Unsupported {
-            target: target.name.clone(),
-            reason: "kind = \"http\" (per-request decisions) is not in this build yet; use \"tcp\"",
-        });
-    }
     let spool = Arc::new(Spool::open(&config.spool_dir, config.record)?);
     let mut policies = Vec::new();
     for target in &config.targets {

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use x509_parser::prelude::FromDer as _;
 
-use crate::config::{StaleCrl, Target};
+use crate::config::{StaleCrl, Target, TargetKind};
 use crate::credentials::{Credentials, serial};
 use crate::policy::{Principal, TargetPolicy};
 use crate::spool::{NewEvent, Spool};
@@ -137,8 +137,10 @@ pub(crate) struct TargetContext {
 }
 
 /// The peer, as its verified certificate says.
-struct Peer {
-    principal: Principal,
+#[derive(Debug)]
+pub(crate) struct Peer {
+    /// Who, for the policies.
+    pub(crate) principal: Principal,
     leaf: CertificateDer<'static>,
     serial: String,
     session_end: Option<SystemTime>,
@@ -165,7 +167,7 @@ pub(crate) async fn serve(
         };
         let context = Arc::clone(&context);
         tokio::spawn(async move {
-            if let Err(error) = connection(&context, tcp, remote).await {
+            if let Err(error) = connection(Arc::clone(&context), tcp, remote).await {
                 debug!(%error, %remote, target = %context.target.name, "connection refused");
             }
         });
@@ -173,7 +175,7 @@ pub(crate) async fn serve(
 }
 
 async fn connection(
-    context: &TargetContext,
+    context: Arc<TargetContext>,
     tcp: TcpStream,
     remote: SocketAddr,
 ) -> anyhow::Result<()> {
@@ -191,8 +193,9 @@ async fn connection(
     )
     .await
     .map_err(|_| anyhow::anyhow!("tls handshake timed out"))??;
-    let peer = peer(&client, &credentials)?;
+    let peer = Arc::new(peer(&client, &credentials)?);
     let target = &context.target;
+    let http = target.kind == TargetKind::Http;
     let mut facts = peer_facts(&peer, remote);
 
     let now = SystemTime::now();
@@ -201,29 +204,32 @@ async fn connection(
         if context.stale_crl == StaleCrl::Refuse {
             warn!(target = %target.name, crl_next_update = stale, "a CRL is past its nextUpdate: refusing new connections until a fresh one arrives (stale_crl = \"refuse\")");
             facts.insert("reason".to_owned(), Value::from("stale_crl"));
-            record(context, "broker.deny", facts, &peer).await?;
+            record(&context, "broker.deny", facts, &peer).await?;
             return Ok(());
         }
         warn!(target = %target.name, crl_next_update = stale, "a CRL is past its nextUpdate; accepting anyway (stale_crl = \"allow\")");
     }
 
-    let verdict = context.policy.decide(&peer.principal, "connect", None);
-    facts.insert(
-        "decision".to_owned(),
-        Value::from(if verdict.allowed { "allow" } else { "deny" }),
-    );
-    facts.insert("policies".to_owned(), Value::from(verdict.policies.clone()));
-    if !verdict.allowed {
+    // A tcp connection is decided once; an http one request by request.
+    if !http {
+        let verdict = context.policy.decide(&peer.principal, "connect", None);
         facts.insert(
-            "reason".to_owned(),
-            Value::from(CloseReason::Policy.as_str()),
+            "decision".to_owned(),
+            Value::from(if verdict.allowed { "allow" } else { "deny" }),
         );
-        info!(target = %target.name, peer = %peer.principal.spiffe_id, "connection denied by policy");
-        record(context, "broker.deny", facts, &peer).await?;
-        return Ok(());
+        facts.insert("policies".to_owned(), Value::from(verdict.policies.clone()));
+        if !verdict.allowed {
+            facts.insert(
+                "reason".to_owned(),
+                Value::from(CloseReason::Policy.as_str()),
+            );
+            info!(target = %target.name, peer = %peer.principal.spiffe_id, "connection denied by policy");
+            record(&context, "broker.deny", facts, &peer).await?;
+            return Ok(());
+        }
     }
     // Durable before the first byte goes upstream: a spool failure refuses the connection.
-    record(context, "broker.connection.open", facts, &peer).await?;
+    record(&context, "broker.connection.open", facts, &peer).await?;
     let started = Instant::now();
     let (id, cut) = context.live.register(&peer.serial);
     // A revocation that arrived between the handshake and the registration.
@@ -237,7 +243,7 @@ async fn connection(
             .live
             .cut_revoked(&std::iter::once(peer.serial.clone()).collect());
     }
-    let counters = Counters::default();
+    let counters = Arc::new(Counters::default());
     let reason = match upstream::connect(
         &target.upstream,
         target.upstream_spiffe_id.as_ref(),
@@ -245,6 +251,17 @@ async fn connection(
     )
     .await
     {
+        Ok(server) if http => {
+            crate::http::serve(
+                Arc::clone(&context),
+                client,
+                server,
+                Arc::clone(&counters),
+                cut,
+                Arc::clone(&peer),
+            )
+            .await
+        }
         Ok(server) => relay(client, server, &counters, cut, &peer).await,
         Err(error) => {
             warn!(%error, target = %target.name, "upstream unreachable");
@@ -268,14 +285,30 @@ async fn connection(
     );
     close.insert("source".to_owned(), Value::from(remote.to_string()));
     info!(target = %target.name, peer = %peer.principal.spiffe_id, reason = reason.as_str(), "connection closed");
-    record(context, "broker.connection.close", close, &peer).await?;
+    record(&context, "broker.connection.close", close, &peer).await?;
     Ok(())
 }
 
+/// The bytes a connection carried each way.
 #[derive(Debug, Default)]
-struct Counters {
-    up: AtomicU64,
-    down: AtomicU64,
+pub(crate) struct Counters {
+    /// From the client to the upstream.
+    pub(crate) up: AtomicU64,
+    /// From the upstream to the client.
+    pub(crate) down: AtomicU64,
+}
+
+/// When `peer`'s connection must end at the latest, and why: its session's end or its
+/// certificate's NotAfter, whichever comes first.
+pub(crate) fn deadline(peer: &Peer) -> (std::time::Duration, CloseReason) {
+    let (at, reason) = match peer.session_end {
+        Some(end) if end < peer.not_after => (end, CloseReason::SessionEnded),
+        _ => (peer.not_after, CloseReason::Expired),
+    };
+    (
+        at.duration_since(SystemTime::now()).unwrap_or_default(),
+        reason,
+    )
 }
 
 /// Copies both ways until one side closes both directions' work is done, or the connection is
@@ -292,13 +325,7 @@ async fn relay(
     let up = pump(client_read, server_write, &counters.up);
     let down = pump(server_read, client_write, &counters.down);
     tokio::pin!(up, down);
-    let (deadline, at_deadline) = match peer.session_end {
-        Some(end) if end < peer.not_after => (end, CloseReason::SessionEnded),
-        _ => (peer.not_after, CloseReason::Expired),
-    };
-    let until = deadline
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
+    let (until, at_deadline) = deadline(peer);
     let sleep = tokio::time::sleep(until);
     tokio::pin!(sleep);
     let (mut up_done, mut down_done) = (false, false);
@@ -397,7 +424,9 @@ fn peer_facts(peer: &Peer, remote: SocketAddr) -> Map<String, Value> {
     facts
 }
 
-async fn record(
+/// Records an event about `peer` in the spool; an error means what it describes must not
+/// happen.
+pub(crate) async fn record(
     context: &TargetContext,
     action: &'static str,
     details: Map<String, Value>,

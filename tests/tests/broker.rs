@@ -45,9 +45,19 @@ struct BrokerProcess {
 
 impl BrokerProcess {
     fn start(server: &TestServer, agent: &TestAgentProcess) -> Self {
+        Self::start_with(server, agent, "tcp", echo_server(), POLICY)
+    }
+
+    fn start_with(
+        server: &TestServer,
+        agent: &TestAgentProcess,
+        kind: &str,
+        upstream: SocketAddr,
+        policy_text: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let policy = dir.path().join("db.cedar");
-        std::fs::write(&policy, POLICY).unwrap();
+        std::fs::write(&policy, policy_text).unwrap();
         let config = dir.path().join("broker.toml");
         std::fs::write(
             &config,
@@ -62,14 +72,13 @@ log_format = "json"
 [[target]]
 name = "db"
 listen = "127.0.0.1:0"
-kind = "tcp"
+kind = "{kind}"
 upstream = "{upstream}"
 policy = "{policy}"
 "#,
                 socket = agent.socket().display(),
                 server = server.node_addr,
                 spool = dir.path().join("spool").display(),
-                upstream = echo_server(),
                 policy = policy.display(),
             ),
         )
@@ -431,13 +440,24 @@ async fn with_the_server_down_and_a_broker_crash_every_event_reaches_the_chain_o
             ends(&mut client).await;
         }
     };
+    // Each connection leaves an open and a close in the spool; the close is written just after
+    // the client sees the end, so wait for it before counting on it.
+    let spooled = |broker: &BrokerProcess, count: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while spool_last(broker.dir.path()) < count {
+            assert!(Instant::now() < deadline, "{}", broker.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     through(broker.address, b"before the outage").await;
+    spooled(&broker, 2);
 
     // The server goes away: requests still go through, their events wait in the spool.
     server.kill9();
     for _ in 0..3 {
         through(broker.address, b"during the outage").await;
     }
+    spooled(&broker, 8);
     // The broker crashes and comes back on the same spool; more traffic.
     broker.kill9_and_restart();
     broker.wait_log("credentials updated");
@@ -482,6 +502,151 @@ async fn with_the_server_down_and_a_broker_crash_every_event_reaches_the_chain_o
         .map(|r| r["details"]["source_spool"].as_str().unwrap())
         .collect();
     assert_eq!(spools.len(), 1, "the spool kept its id across the crash");
+    let verified = server_cli(&server, &["audit", "verify", "--output", "json"]).json();
+    assert_eq!(verified["ok"], true, "{verified}");
+}
+
+/// A minimal HTTP/1.1 upstream on a thread of its own: every request (headers only) gets
+/// `200` with the body `you asked for <PATH>`, on a kept-alive connection.
+fn http_server() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = request_line.split(' ').nth(1).unwrap_or("").to_owned();
+                    loop {
+                        let mut header = String::new();
+                        if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if header == "\r\n" {
+                            break;
+                        }
+                    }
+                    let body = format!("you asked for {path}");
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if std::io::Write::write_all(&mut writer, response.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// Sends one request on `client` and reads the response: status and body.
+async fn request(client: &mut Client, method: &str, path: &str) -> (u16, String) {
+    let text = format!("{method} {path} HTTP/1.1\r\nhost: db\r\n\r\n");
+    client.write_all(text.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("no response within 5 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&received).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if body.len() >= length {
+                let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+                return (status, body[..length].to_owned());
+            }
+        }
+    }
+}
+
+const HTTP_POLICY: &str = r#"
+@id("session-reads")
+permit(principal is Sigil::Workload, action == Sigil::Action::"GET", resource == Sigil::Target::"db")
+when { principal has session && context.path like "/tables*" };
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_are_decided_one_by_one_and_an_idle_keep_alive_is_cut_on_revoke() {
+    let server = TestServer::start(&format!("audit_sources = [\"{BROKER}\"]\n"));
+    let agent = TestAgentProcess::start(&server).await;
+    let me = format!("unix:uid:{}", my_uid());
+    for id in [BROKER, STANDING] {
+        create_entry(&server, entry(id, &agent.agent_id(), &[&me]))
+            .await
+            .unwrap();
+    }
+    let session = open_session(&server, &agent, SESSION_ID, "10m", &[]);
+    let session_id = session["id"].as_str().unwrap().to_owned();
+    let broker = BrokerProcess::start_with(&server, &agent, "http", http_server(), HTTP_POLICY);
+    let (_stream, msg) = x509_stream_with(&agent, |m| {
+        [BROKER, SESSION_ID, STANDING]
+            .iter()
+            .all(|id| svid_ids(m).contains(&(*id).to_owned()))
+    })
+    .await;
+    broker.wait_log("credentials updated");
+
+    let mut client = connect(broker.address, &msg, SESSION_ID).await.unwrap();
+    assert_eq!(
+        request(&mut client, "GET", "/tables/7").await,
+        (200, "you asked for /tables/7".to_owned())
+    );
+    // On the same connection: what the policy does not allow gets 403, and the connection
+    // carries on.
+    assert_eq!(request(&mut client, "DELETE", "/tables/7").await.0, 403);
+    assert_eq!(request(&mut client, "GET", "/users").await.0, 403);
+    assert_eq!(request(&mut client, "BREW", "/tables").await.0, 403);
+    assert_eq!(request(&mut client, "GET", "/tables").await.0, 200);
+
+    let mut standing = connect(broker.address, &msg, STANDING).await.unwrap();
+    assert_eq!(request(&mut standing, "GET", "/tables").await.0, 403);
+
+    // The session's connection is now idle (keep-alive); the revocation cuts it.
+    server_cli(
+        &server,
+        &["session", "revoke", &session_id, "--reason", "task over"],
+    );
+    ends(&mut client).await;
+
+    let story = wait_story(&server, &session_id, "broker.connection.close", "revoked");
+    let of = |action: &str| -> Vec<&serde_json::Value> {
+        story.iter().filter(|r| r["action"] == action).collect()
+    };
+    let requests = of("broker.request");
+    assert_eq!(requests.len(), 2, "{story:#?}");
+    assert_eq!(requests[0]["details"]["method"], "GET");
+    assert_eq!(requests[0]["details"]["path"], "/tables/7");
+    assert_eq!(requests[0]["details"]["policies"][0], "session-reads");
+    let responses = of("broker.response");
+    assert_eq!(responses.len(), 2, "{story:#?}");
+    assert_eq!(responses[0]["details"]["status"], 200);
+    assert!(responses[0]["details"]["latency_us"].as_u64().is_some());
+    let denies = of("broker.deny");
+    assert_eq!(denies.len(), 3, "{story:#?}");
+    assert!(denies.iter().all(|d| d["details"]["status"] == 403));
+    assert!(denies.iter().any(|d| d["details"]["method"] == "DELETE"));
     let verified = server_cli(&server, &["audit", "verify", "--output", "json"]).json();
     assert_eq!(verified["ok"], true, "{verified}");
 }
