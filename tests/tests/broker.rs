@@ -650,3 +650,54 @@ async fn http_requests_are_decided_one_by_one_and_an_idle_keep_alive_is_cut_on_r
     let verified = server_cli(&server, &["audit", "verify", "--output", "json"]).json();
     assert_eq!(verified["ok"], true, "{verified}");
 }
+
+const ANYONE: &str = r#"permit(principal, action == Sigil::Action::"connect", resource);"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_own_svid_rotates_without_dropping_a_connection() {
+    // The broker's SVID lives 20 s (renewed about every 10 s); the client's 60 s.
+    let server = TestServer::start(&format!(
+        "audit_sources = [\"{BROKER}\"]\nca_ttl = \"6m\"\ndefault_x509_svid_ttl = \"20s\"\ndefault_jwt_svid_ttl = \"1m\"\nsession_svid_ttl = \"1m\"\n"
+    ));
+    let agent = TestAgentProcess::start(&server).await;
+    let me = format!("unix:uid:{}", my_uid());
+    create_entry(&server, entry(BROKER, &agent.agent_id(), &[&me]))
+        .await
+        .unwrap();
+    let mut standing = entry(STANDING, &agent.agent_id(), &[&me]);
+    standing.x509_svid_ttl = 60;
+    create_entry(&server, standing).await.unwrap();
+    let broker = BrokerProcess::start_with(&server, &agent, "tcp", echo_server(), ANYONE);
+    let (_stream, msg) = x509_stream_with(&agent, |m| {
+        [BROKER, STANDING]
+            .iter()
+            .all(|id| svid_ids(m).contains(&(*id).to_owned()))
+    })
+    .await;
+    broker.wait_log("credentials updated");
+    let mut client = connect(broker.address, &msg, STANDING).await.unwrap();
+    assert!(echoes(&mut client, b"before the rotation").await);
+    let served = |c: &Client| serial_of(c.get_ref().1.peer_certificates().unwrap()[0].as_ref());
+    let first = served(&client);
+
+    // New handshakes get the broker's next SVID...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_stream, fresh) =
+            x509_stream_with(&agent, |m| svid_ids(m).contains(&STANDING.to_owned())).await;
+        let probe = connect(broker.address, &fresh, STANDING).await.unwrap();
+        if served(&probe) != first {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the broker's SVID never rotated");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // ...and the connection made with the old one carries on.
+    assert!(echoes(&mut client, b"after the rotation").await);
+    assert!(!broker.log_text().contains("\"reason\":\"shutdown\""));
+}
+
+fn serial_of(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    sigil_core::hex::encode(cert.raw_serial())
+}
