@@ -55,6 +55,18 @@ impl BrokerProcess {
         upstream: SocketAddr,
         policy_text: &str,
     ) -> Self {
+        Self::start_target(server, agent, kind, upstream, policy_text, "")
+    }
+
+    /// A broker with one target; `target_extra` is appended to its table.
+    fn start_target(
+        server: &TestServer,
+        agent: &TestAgentProcess,
+        kind: &str,
+        upstream: SocketAddr,
+        policy_text: &str,
+        target_extra: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let policy = dir.path().join("db.cedar");
         std::fs::write(&policy, policy_text).unwrap();
@@ -75,6 +87,7 @@ listen = "127.0.0.1:0"
 kind = "{kind}"
 upstream = "{upstream}"
 policy = "{policy}"
+{target_extra}
 "#,
                 socket = agent.socket().display(),
                 server = server.node_addr,
@@ -700,4 +713,89 @@ async fn the_brokers_own_svid_rotates_without_dropping_a_connection() {
 fn serial_of(der: &[u8]) -> String {
     let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
     sigil_core::hex::encode(cert.raw_serial())
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_upstream_presents_the_brokers_svid_to_exactly_the_expected_id() {
+    const DB: &str = "spiffe://example.org/db";
+    let server = TestServer::start(&format!("audit_sources = [\"{BROKER}\"]\n"));
+    let agent = TestAgentProcess::start(&server).await;
+    let me = format!("unix:uid:{}", my_uid());
+    for id in [BROKER, DB, STANDING] {
+        create_entry(&server, entry(id, &agent.agent_id(), &[&me]))
+            .await
+            .unwrap();
+    }
+    let (_stream, msg) = x509_stream_with(&agent, |m| svid_ids(m).len() == 3).await;
+    // The upstream: the mTLS example server as DB, allowing only the broker (so an answer
+    // proves the broker presented its own SVID).
+    let mut upstream = Kill(
+        Command::new(binary("mtls-server"))
+            .arg("--socket-path")
+            .arg(agent.socket())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--svid",
+                DB,
+                "--allow-id",
+                BROKER,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(upstream.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let upstream_addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let tls_to = |id: &str| format!("upstream_tls = true\nupstream_spiffe_id = \"{id}\"");
+    let broker =
+        BrokerProcess::start_target(&server, &agent, "tcp", upstream_addr, ANYONE, &tls_to(DB));
+    broker.wait_log("credentials updated");
+    let mut client = connect(broker.address, &msg, STANDING).await.unwrap();
+    client.write_all(b"hello\n").await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(
+        answer.contains(&format!("hello {BROKER}")),
+        "{answer}\n{}",
+        broker.log_text()
+    );
+
+    // A broker that expects another ID at the upstream refuses to talk to this one.
+    let wrong = BrokerProcess::start_target(
+        &server,
+        &agent,
+        "tcp",
+        upstream_addr,
+        ANYONE,
+        &tls_to("spiffe://example.org/elsewhere"),
+    );
+    wrong.wait_log("credentials updated");
+    let mut client = connect(wrong.address, &msg, STANDING).await.unwrap();
+    let _ = client.write_all(b"hello\n").await;
+    ends(&mut client).await;
+    wrong.wait_log("upstream unreachable");
 }

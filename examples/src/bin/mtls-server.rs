@@ -1,7 +1,7 @@
 //! An mTLS server that takes its X509-SVID, the trust bundle and the CRLs from the SPIFFE
 //! Workload API, reloads them on every update without dropping its listener, accepts only
 //! clients whose SPIFFE ID is allowed (an exact ID or a trust domain) and whose serial is on no
-//! CRL, and answers each line `hello` with `hello <client SPIFFE ID> from <own SPIFFE ID>`.
+//! CRL, and answers each line `hello` with `hello <client SPIFFE ID>`.
 //!
 //! ```text
 //! mtls-server --socket-path /run/sigil/api.sock --listen 127.0.0.1:8443 \
