@@ -2,7 +2,7 @@
 //! trust domain's bundle and the CRLs, replaced on every message of the `FetchX509SVID` stream
 //! (rotation, bundle change, revocation) without touching listeners or live connections.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,8 +27,8 @@ pub(crate) struct Credentials {
     pub(crate) crls: Vec<CertificateRevocationListDer<'static>>,
     /// Every serial on a CRL, lowercase hex.
     pub(crate) revoked: HashSet<String>,
-    /// Each CRL's nextUpdate (none for a CRL without one).
-    pub(crate) next_updates: Vec<SystemTime>,
+    /// Each readable CRL's nextUpdate (`None`: it has none), by its issuer's name (DER).
+    pub(crate) crl_next_update: HashMap<Vec<u8>, Option<SystemTime>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -42,9 +42,26 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// The first CRL past its nextUpdate at `now`, as a time, if any.
-    pub(crate) fn stale_since(&self, now: SystemTime) -> Option<SystemTime> {
-        self.next_updates.iter().copied().filter(|t| *t < now).min()
+    /// Why revocations of the authority named `issuer` (a certificate's issuer, DER) cannot be
+    /// trusted at `now`: no readable CRL of it, a CRL without nextUpdate, or one past it.
+    pub(crate) fn crl_problem(&self, issuer: &[u8], now: SystemTime) -> Option<String> {
+        crl_problem(&self.crl_next_update, issuer, now)
+    }
+}
+
+fn crl_problem(
+    next_updates: &HashMap<Vec<u8>, Option<SystemTime>>,
+    issuer: &[u8],
+    now: SystemTime,
+) -> Option<String> {
+    match next_updates.get(issuer) {
+        None => Some("no readable CRL of the peer's authority".to_owned()),
+        Some(None) => Some("the CRL of the peer's authority has no nextUpdate".to_owned()),
+        Some(Some(next)) if *next < now => Some(format!(
+            "the CRL of the peer's authority is past its nextUpdate ({})",
+            sigil_core::time::format_rfc3339(sigil_core::time::unix_seconds(*next))
+        )),
+        Some(Some(_)) => None,
     }
 }
 
@@ -99,7 +116,7 @@ async fn follow(
         let bundle = X509Bundle::from_der(parsed.spiffe_id().trust_domain().clone(), &svid.bundle)
             .map_err(|e| anyhow::anyhow!("the workload api sent an unusable bundle: {e}"))?;
         let mut revoked = HashSet::new();
-        let mut next_updates = Vec::new();
+        let mut crl_next_update = HashMap::new();
         for der in &message.crl {
             match CertificateRevocationList::from_der(der) {
                 Ok((_, crl)) => {
@@ -107,14 +124,16 @@ async fn follow(
                         crl.iter_revoked_certificates()
                             .map(|r| sigil_core::hex::encode(r.raw_serial())),
                     );
-                    if let Some(next) = crl.next_update() {
-                        next_updates.push(
-                            sigil_core::time::from_unix_seconds(next.timestamp())
-                                .unwrap_or(SystemTime::UNIX_EPOCH),
-                        );
-                    }
+                    let next = crl.next_update().map(|t| {
+                        sigil_core::time::from_unix_seconds(t.timestamp())
+                            .unwrap_or(SystemTime::UNIX_EPOCH)
+                    });
+                    crl_next_update.insert(crl.issuer().as_raw().to_vec(), next);
                 }
-                Err(error) => warn!(%error, "the workload api sent an unreadable crl; ignored"),
+                Err(error) => warn!(
+                    %error,
+                    "the workload api sent an unreadable crl; its authority's peers count as unchecked"
+                ),
             }
         }
         let credentials = Credentials {
@@ -126,7 +145,7 @@ async fn follow(
                 .map(|c| CertificateRevocationListDer::from(c.clone()))
                 .collect(),
             revoked,
-            next_updates,
+            crl_next_update,
         };
         info!(
             identity = %credentials.svid.spiffe_id(),
@@ -174,4 +193,31 @@ async fn workload_client(
 pub(crate) fn serial(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
     Some(sigil_core::hex::encode(parsed.raw_serial()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn revocations_count_as_unchecked_without_a_fresh_crl_of_the_peers_authority() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+        let hour = Duration::from_secs(3600);
+        let map = HashMap::from([
+            (b"fresh".to_vec(), Some(now + hour)),
+            (b"stale".to_vec(), Some(now - hour)),
+            (b"open-ended".to_vec(), None),
+        ]);
+        assert_eq!(crl_problem(&map, b"fresh", now), None);
+        for (issuer, words) in [
+            (&b"stale"[..], "past its nextUpdate"),
+            (b"open-ended", "no nextUpdate"),
+            (b"unknown", "no readable CRL"),
+        ] {
+            let problem = crl_problem(&map, issuer, now).unwrap_or_default();
+            assert!(problem.contains(words), "{problem}");
+        }
+    }
 }

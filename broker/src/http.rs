@@ -73,6 +73,12 @@ pub(crate) async fn serve(
     let sleep = tokio::time::sleep(at);
     tokio::pin!(connection, sleep);
     let reason = tokio::select! {
+        biased;
+        changed = cut.changed() => match changed {
+            Ok(()) => cut.borrow().unwrap_or(CloseReason::Shutdown),
+            Err(_) => CloseReason::Shutdown,
+        },
+        () = &mut sleep => at_deadline,
         result = &mut connection => match result {
             Ok(()) => CloseReason::Client,
             Err(error) => {
@@ -80,11 +86,6 @@ pub(crate) async fn serve(
                 CloseReason::Client
             }
         },
-        changed = cut.changed() => match changed {
-            Ok(()) => cut.borrow().unwrap_or(CloseReason::Shutdown),
-            Err(_) => CloseReason::Shutdown,
-        },
-        () = &mut sleep => at_deadline,
     };
     upstream.abort();
     reason

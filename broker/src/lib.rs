@@ -7,9 +7,9 @@
 //!   `stale_crl = "refuse"`, refuses new connections while a CRL is past its nextUpdate);
 //! - decides each connection with the target's Cedar policies ([`policy`]) over the peer's
 //!   SPIFFE ID and session claims;
-//! - records each connection (open and close, with the reason) and each refusal in a durable
-//!   spool **before** anything goes upstream, and forwards the spool to the server's audit
-//!   chain (the spool);
+//! - records each connection that completed its TLS handshake (open and close, with the
+//!   reason) and each refusal in a durable spool **before** anything goes upstream, and
+//!   forwards the spool to the server's audit chain;
 //! - cuts a live connection when its serial appears on a CRL (`session revoke`, `session
 //!   close`), when its session ends, or when its certificate expires.
 //!
@@ -106,6 +106,7 @@ pub async fn run(
     let (credentials_tx, credentials) = watch::channel(None);
     let (tls_tx, tls) = watch::channel(None);
     let live = Arc::new(Live::default());
+    let connection_tasks = Arc::new(proxy::Tasks::default());
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(
         watch_credentials(
@@ -159,6 +160,8 @@ pub async fn run(
             credentials: credentials.clone(),
             tls: tls.clone(),
             stale_crl: config.stale_crl,
+            stopping: stop.clone(),
+            tasks: connection_tasks.clone(),
         });
         tasks.push(tokio::spawn(
             proxy::serve(context, listener, stop.clone())
@@ -183,9 +186,10 @@ pub async fn run(
     info!(?how, live = live.count(), "stopping");
     let _ = stop_tx.send(true);
     live.cut_all();
-    // Let the cut connections record their close before the process ends.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    while live.count() > 0 && tokio::time::Instant::now() < deadline {
+    // Let every connection task record its close (or refusal) before the process ends.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while connection_tasks.running() > 0 && tokio::time::Instant::now() < deadline {
+        live.cut_all();
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     for task in tasks {

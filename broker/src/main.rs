@@ -67,6 +67,8 @@ fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let env = std::env::var(sigil_core::endpoint::ENDPOINT_SOCKET_ENV).ok();
     let config = BrokerConfig::from_file(&text, env.as_deref())?;
     sigil_daemon::init_logging(config.log_level, config.log_format);
+    let open_files = sigil_daemon::limits::raise_open_files_limit();
+    tracing::debug!(open_files, "open files limit");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

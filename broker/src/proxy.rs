@@ -25,6 +25,7 @@ use crate::credentials::{Credentials, serial};
 use crate::policy::{Principal, TargetPolicy};
 use crate::spool::{NewEvent, Spool};
 use crate::upstream;
+use sigil_daemon::limits::ConnectionLimit;
 
 /// Why a connection ended (the `reason` detail of `broker.connection.close` and `broker.deny`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +135,36 @@ pub(crate) struct TargetContext {
     pub(crate) credentials: watch::Receiver<Option<Arc<Credentials>>>,
     pub(crate) tls: watch::Receiver<Option<Arc<ServerConfig>>>,
     pub(crate) stale_crl: StaleCrl,
+    /// Turns true when the broker stops: no new connection goes upstream.
+    pub(crate) stopping: watch::Receiver<bool>,
+    /// The connection tasks, so that stopping waits for their close records.
+    pub(crate) tasks: Arc<Tasks>,
+}
+
+/// Counts the connection tasks still running.
+#[derive(Debug, Default)]
+pub(crate) struct Tasks(AtomicU64);
+
+/// One running task; dropping it ends it.
+#[derive(Debug)]
+pub(crate) struct Task(Arc<Tasks>);
+
+impl Tasks {
+    fn start(self: &Arc<Self>) -> Task {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        Task(Arc::clone(self))
+    }
+
+    /// How many are running.
+    pub(crate) fn running(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The peer, as its verified certificate says.
@@ -143,16 +174,34 @@ pub(crate) struct Peer {
     pub(crate) principal: Principal,
     leaf: CertificateDer<'static>,
     serial: String,
+    /// The issuer's name (DER), to find its CRL.
+    issuer: Vec<u8>,
     session_end: Option<SystemTime>,
     not_after: SystemTime,
 }
 
-/// Accepts connections on `listener` until `stop`, each served in its own task.
+/// TLS handshakes in progress at once, per target; connections beyond are closed at accept.
+pub(crate) const MAX_HANDSHAKES: usize = 256;
+
+/// Connections served at once, per target; connections beyond are closed at accept.
+pub(crate) const MAX_CONNECTIONS: usize = 4096;
+
+/// How long the upstream has to accept a connection (and finish its TLS handshake).
+const UPSTREAM_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a tcp connection stays open after the upstream closed its side, for the client to
+/// read what is left and close its own.
+const HALF_CLOSED_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Accepts connections on `listener` until `stop`, each served in its own task (within
+/// [`MAX_CONNECTIONS`], at most [`MAX_HANDSHAKES`] of them still in their handshake).
 pub(crate) async fn serve(
     context: Arc<TargetContext>,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
+    let connections = ConnectionLimit::new("broker target", MAX_CONNECTIONS);
+    let handshakes = ConnectionLimit::new("broker target handshakes", MAX_HANDSHAKES);
     loop {
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -165,11 +214,18 @@ pub(crate) async fn serve(
             },
             _ = stop.changed() => return,
         };
+        let (Some(slot), Some(handshake)) = (connections.try_admit(), handshakes.try_admit())
+        else {
+            drop(tcp);
+            continue;
+        };
         let context = Arc::clone(&context);
+        let task = context.tasks.start();
         tokio::spawn(async move {
-            if let Err(error) = connection(Arc::clone(&context), tcp, remote).await {
+            if let Err(error) = connection(Arc::clone(&context), tcp, remote, handshake).await {
                 debug!(%error, %remote, target = %context.target.name, "connection refused");
             }
+            drop((slot, task));
         });
     }
 }
@@ -178,6 +234,7 @@ async fn connection(
     context: Arc<TargetContext>,
     tcp: TcpStream,
     remote: SocketAddr,
+    handshake: tokio::sync::OwnedSemaphorePermit,
 ) -> anyhow::Result<()> {
     let _ = tcp.set_nodelay(true);
     let (Some(tls), Some(credentials)) = (
@@ -193,21 +250,40 @@ async fn connection(
     )
     .await
     .map_err(|_| anyhow::anyhow!("tls handshake timed out"))??;
+    drop(handshake);
+    // The credentials of now, not of the handshake's start: a revocation may have arrived.
+    let credentials = context.credentials.borrow().clone().unwrap_or(credentials);
     let peer = Arc::new(peer(&client, &credentials)?);
     let target = &context.target;
     let http = target.kind == TargetKind::Http;
     let mut facts = peer_facts(&peer, remote);
 
-    let now = SystemTime::now();
-    if let Some(since) = credentials.stale_since(now) {
-        let stale = sigil_core::time::unix_seconds(since);
+    if credentials.revoked.contains(&peer.serial) {
+        facts.insert(
+            "reason".to_owned(),
+            Value::from(CloseReason::Revoked.as_str()),
+        );
+        info!(target = %target.name, peer = %peer.principal.spiffe_id, "connection refused: its certificate is revoked");
+        record(&context, "broker.deny", facts, &peer).await?;
+        return Ok(());
+    }
+    if let Some(problem) = credentials.crl_problem(&peer.issuer, SystemTime::now()) {
         if context.stale_crl == StaleCrl::Refuse {
-            warn!(target = %target.name, crl_next_update = stale, "a CRL is past its nextUpdate: refusing new connections until a fresh one arrives (stale_crl = \"refuse\")");
+            warn!(target = %target.name, %problem, "refusing the connection until a fresh CRL arrives (stale_crl = \"refuse\")");
             facts.insert("reason".to_owned(), Value::from("stale_crl"));
+            facts.insert("crl_problem".to_owned(), Value::from(problem));
             record(&context, "broker.deny", facts, &peer).await?;
             return Ok(());
         }
-        warn!(target = %target.name, crl_next_update = stale, "a CRL is past its nextUpdate; accepting anyway (stale_crl = \"allow\")");
+        warn!(target = %target.name, %problem, "accepting the connection anyway (stale_crl = \"allow\")");
+    }
+    if *context.stopping.borrow() {
+        facts.insert(
+            "reason".to_owned(),
+            Value::from(CloseReason::Shutdown.as_str()),
+        );
+        record(&context, "broker.deny", facts, &peer).await?;
+        return Ok(());
     }
 
     // A tcp connection is decided once; an http one request by request.
@@ -244,14 +320,18 @@ async fn connection(
             .cut_revoked(&std::iter::once(peer.serial.clone()).collect());
     }
     let counters = Arc::new(Counters::default());
-    let reason = match upstream::connect(
-        &target.upstream,
-        target.upstream_spiffe_id.as_ref(),
-        &credentials,
-    )
-    .await
-    {
-        Ok(server) if http => {
+    let mut cut_early = cut.clone();
+    let connected = tokio::select! {
+        biased;
+        _ = cut_early.wait_for(Option::is_some) => None,
+        connected = tokio::time::timeout(
+            UPSTREAM_CONNECT_TIMEOUT,
+            upstream::connect(&target.upstream, target.upstream_spiffe_id.as_ref(), &credentials),
+        ) => Some(connected),
+    };
+    let reason = match connected {
+        None => cut.borrow().unwrap_or(CloseReason::Shutdown),
+        Some(Ok(Ok(server))) if http => {
             crate::http::serve(
                 Arc::clone(&context),
                 client,
@@ -262,13 +342,16 @@ async fn connection(
             )
             .await
         }
-        Ok(server) => relay(client, server, &counters, cut, &peer).await,
-        Err(error) => {
+        Some(Ok(Ok(server))) => relay(client, server, &counters, cut, &peer).await,
+        Some(Ok(Err(error))) => {
             warn!(%error, target = %target.name, "upstream unreachable");
             CloseReason::Upstream
         }
+        Some(Err(_)) => {
+            warn!(target = %target.name, "upstream unreachable: no connection within 10 s");
+            CloseReason::Upstream
+        }
     };
-    context.live.remove(id);
     let mut close = Map::new();
     close.insert("reason".to_owned(), Value::from(reason.as_str()));
     close.insert(
@@ -285,8 +368,9 @@ async fn connection(
     );
     close.insert("source".to_owned(), Value::from(remote.to_string()));
     info!(target = %target.name, peer = %peer.principal.spiffe_id, reason = reason.as_str(), "connection closed");
-    record(&context, "broker.connection.close", close, &peer).await?;
-    Ok(())
+    let recorded = record(&context, "broker.connection.close", close, &peer).await;
+    context.live.remove(id);
+    recorded
 }
 
 /// The bytes a connection carried each way.
@@ -302,7 +386,7 @@ pub(crate) struct Counters {
 /// certificate's NotAfter, whichever comes first.
 pub(crate) fn deadline(peer: &Peer) -> (std::time::Duration, CloseReason) {
     let (at, reason) = match peer.session_end {
-        Some(end) if end < peer.not_after => (end, CloseReason::SessionEnded),
+        Some(end) if end <= peer.not_after => (end, CloseReason::SessionEnded),
         _ => (peer.not_after, CloseReason::Expired),
     };
     (
@@ -330,16 +414,11 @@ async fn relay(
     tokio::pin!(sleep);
     let (mut up_done, mut down_done) = (false, false);
     let mut first = None;
+    let grace = tokio::time::sleep(HALF_CLOSED_GRACE);
+    tokio::pin!(grace);
     loop {
         tokio::select! {
-            () = &mut up, if !up_done => {
-                up_done = true;
-                first.get_or_insert(CloseReason::Client);
-            }
-            () = &mut down, if !down_done => {
-                down_done = true;
-                first.get_or_insert(CloseReason::Upstream);
-            }
+            biased;
             changed = cut.changed() => {
                 return match changed {
                     Ok(()) => cut.borrow().unwrap_or(CloseReason::Shutdown),
@@ -347,6 +426,16 @@ async fn relay(
                 };
             }
             () = &mut sleep => return at_deadline,
+            () = &mut grace, if down_done => return CloseReason::Upstream,
+            () = &mut up, if !up_done => {
+                up_done = true;
+                first.get_or_insert(CloseReason::Client);
+            }
+            () = &mut down, if !down_done => {
+                down_done = true;
+                first.get_or_insert(CloseReason::Upstream);
+                grace.as_mut().reset(tokio::time::Instant::now() + HALF_CLOSED_GRACE);
+            }
         }
         if up_done && down_done {
             return first.unwrap_or(CloseReason::Client);
@@ -408,6 +497,7 @@ fn peer(
                 .map(|c| (c.session_id().to_owned(), c.ticket().to_owned())),
         },
         session_end: claims.as_ref().map(SessionClaims::ends_at),
+        issuer: parsed.issuer().as_raw().to_vec(),
         serial,
         not_after,
         leaf,

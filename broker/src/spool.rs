@@ -2,24 +2,34 @@
 //! upstream, then forwarded to the server's audit ingest (`sigil.audit.v1`) and resent until
 //! the server acknowledges it. A server outage delays events, never drops them; a crash of the
 //! broker loses none that was recorded (`record = "sync"`: fsync before forwarding) or at most
-//! the last 10 ms of them (`record = "async"`: one fsync every 10 ms).
+//! the last 10 ms of them (`record = "async"`: one fsync every 10 ms; only synced events are
+//! forwarded, so the server never holds an event the spool could lose).
 //!
 //! Layout of `spool_dir` (0700, files 0600):
 //!
-//! - `spool.id`: the spool's id, 32 random hex characters, made when the spool is created. The
-//!   server counts sequences per (broker SPIFFE ID, spool id), so a new spool (its directory
-//!   lost) starts again at 1 without clashing with the old one.
-//! - `events.log`: one JSON object a line, in sequence order (1, 2, 3, ...). A torn last line
-//!   (a crash mid-write) is dropped at start.
-//! - `acked`: the last sequence the server acknowledged. Once every event is acknowledged, the
-//!   log is emptied.
+//! - `spool.id`: the spool's id, 32 random lowercase hex characters. The server counts
+//!   sequences per (broker SPIFFE ID, spool id).
+//! - `events.log`: one JSON object a line, sequences 1, 2, 3, ... A torn last line (a crash
+//!   mid-write) is dropped at start; a malformed line before the last stops the broker (the log
+//!   was damaged: move the directory aside). The log is rewritten with only the events still
+//!   pending once it exceeds 1 MiB.
+//! - `acked`: the last sequence the server acknowledged.
+//!
+//! The spool fails closed: a failed write or fsync marks it broken, and every later event, hence
+//! every later connection and request, is refused until the broker is restarted. More than
+//! [`MAX_PENDING`] events waiting for the server refuses new ones too.
+//!
+//! When the server's answer shows that the spool's numbering cannot continue (the server holds
+//! more events of this spool than the broker sent, as when a copy of the spool directory runs in
+//! another broker, or fewer than the broker already forgot, as after the server's database was
+//! restored from a backup), the broker starts a new spool: a new id, the pending events
+//! renumbered from 1, and an error in the log.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead as _, BufReader, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -27,6 +37,7 @@ use ring::rand::{SecureRandom as _, SystemRandom};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, watch};
+use tonic::transport::Channel;
 use tracing::{debug, error, info, warn};
 
 use crate::config::RecordMode;
@@ -36,13 +47,27 @@ use crate::upstream::server_channel;
 /// The most events one `Append` carries.
 const BATCH: usize = 500;
 
+/// The most bytes (details and certificates, before encoding) one `Append` carries: well under
+/// the server's 4 MiB message limit.
+const BATCH_BYTES: usize = 2 * 1024 * 1024;
+
+/// The server's limit on an event's details.
+const MAX_DETAILS: usize = 16 * 1024;
+
+/// The server's limit on an event's peer certificate.
+const MAX_PEER: usize = 16 * 1024;
+
+/// Events waiting for the server beyond which new ones are refused (fail closed: a broker that
+/// cannot record refuses the traffic).
+pub(crate) const MAX_PENDING: usize = 1_000_000;
+
 /// How long the async mode may leave events unsynced.
 const ASYNC_FLUSH: Duration = Duration::from_millis(10);
 
 /// The longest wait between two attempts to reach a server.
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
-/// Once every event is acknowledged, the log is emptied when it is larger than this.
+/// The log is rewritten with only its pending events once it is larger than this.
 const COMPACT_AT: u64 = 1024 * 1024;
 
 /// One event, as spooled and forwarded.
@@ -88,7 +113,8 @@ pub enum SpoolError {
         /// Why.
         source: std::io::Error,
     },
-    /// The spool directory is not private or a file in it is malformed.
+    /// The spool directory is not private, a file in it is malformed, or the spool is broken
+    /// or full.
     #[error("spool {path}: {reason}")]
     Invalid {
         /// The file.
@@ -99,26 +125,43 @@ pub enum SpoolError {
 }
 
 struct Inner {
+    id: String,
     log: File,
+    log_len: u64,
+    /// The next sequence to hand out.
     next: u64,
+    /// Every event up to this sequence is on disk.
+    synced: u64,
     pending: VecDeque<Event>,
+    /// Why the spool refuses to record, after a failed write or fsync.
+    broken: Option<String>,
 }
 
 /// The spool. Shared by every connection of every target.
 pub(crate) struct Spool {
     dir: PathBuf,
-    id: String,
     mode: RecordMode,
     inner: Mutex<Inner>,
-    dirty: AtomicBool,
     wake: Notify,
+}
+
+/// What the server said to one `Append`.
+enum Answer {
+    /// Every event up to this sequence is in the chain.
+    Acknowledged(u64),
+    /// An event of the batch was refused as malformed.
+    Rejected {
+        sequence: Option<u64>,
+        reason: String,
+    },
+    /// The server expects this sequence next.
+    Resume(u64),
 }
 
 impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Spool")
             .field("dir", &self.dir)
-            .field("id", &self.id)
             .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
@@ -131,83 +174,60 @@ impl Spool {
     ///
     /// [`SpoolError`].
     pub(crate) fn open(dir: &Path, mode: RecordMode) -> Result<Self, SpoolError> {
-        sigil_daemon::check_private_dir(dir, 0o700).map_err(|e| SpoolError::Invalid {
-            path: dir.to_owned(),
-            reason: e.to_string(),
-        })?;
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| SpoolError::Io { path, source }
-        };
+        sigil_daemon::check_private_dir(dir, 0o700).map_err(|e| invalid(dir, e.to_string()))?;
         let id_path = dir.join("spool.id");
         let id = match std::fs::read_to_string(&id_path) {
             Ok(text) => text.trim().to_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut bytes = [0u8; 16];
-                SystemRandom::new()
-                    .fill(&mut bytes)
-                    .map_err(|_| SpoolError::Invalid {
-                        path: id_path.clone(),
-                        reason: "the system random number generator failed".to_owned(),
-                    })?;
-                let id = sigil_core::hex::encode(&bytes);
-                sigil_daemon::write_private(&id_path, id.as_bytes()).map_err(io(&id_path))?;
-                id
-            }
-            Err(e) => return Err(io(&id_path)(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => new_id(dir)?,
+            Err(e) => return Err(io(&id_path, e)),
         };
-        if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(SpoolError::Invalid {
-                path: id_path,
-                reason: "not 32 hex characters".to_owned(),
-            });
+        if !is_spool_id(&id) {
+            return Err(invalid(&id_path, "not 32 lowercase hex characters"));
         }
         let acked_path = dir.join("acked");
         let acked = match std::fs::read_to_string(&acked_path) {
             Ok(text) => text
                 .trim()
                 .parse::<u64>()
-                .map_err(|e| SpoolError::Invalid {
-                    path: acked_path.clone(),
-                    reason: e.to_string(),
-                })?,
+                .map_err(|e| invalid(&acked_path, e.to_string()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(io(&acked_path)(e)),
+            Err(e) => return Err(io(&acked_path, e)),
         };
         let log_path = dir.join("events.log");
-        let mut log = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .mode_0600()
-            .open(&log_path)
-            .map_err(io(&log_path))?;
-        let (events, good_len) = read_log(&log).map_err(io(&log_path))?;
-        let file_len = log.metadata().map_err(io(&log_path))?.len();
+        let mut log = open_log(&log_path)?;
+        let (events, good_len) = read_log(&log, &log_path)?;
+        let file_len = log.metadata().map_err(|e| io(&log_path, e))?.len();
         if good_len < file_len {
             warn!(
                 dropped_bytes = file_len - good_len,
                 "the spool's last event was torn by a crash; dropped"
             );
-            log.set_len(good_len).map_err(io(&log_path))?;
-            log.sync_data().map_err(io(&log_path))?;
+            log.set_len(good_len)
+                .and_then(|()| log.sync_data())
+                .map_err(|e| io(&log_path, e))?;
         }
-        log.seek(SeekFrom::End(0)).map_err(io(&log_path))?;
+        log.seek(SeekFrom::End(0)).map_err(|e| io(&log_path, e))?;
         let last = events.last().map_or(0, |e| e.sequence).max(acked);
         let pending: VecDeque<Event> = events.into_iter().filter(|e| e.sequence > acked).collect();
         info!(spool = %id, pending = pending.len(), next = last + 1, "spool open");
         Ok(Self {
             dir: dir.to_owned(),
-            id,
             mode,
             inner: Mutex::new(Inner {
+                id,
                 log,
+                log_len: good_len,
                 next: last + 1,
+                synced: last,
                 pending,
+                broken: None,
             }),
-            dirty: AtomicBool::new(false),
             wake: Notify::new(),
         })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records `event`, durably as the mode says, and returns its sequence. The caller lets
@@ -220,10 +240,7 @@ impl Spool {
         let spool = Arc::clone(self);
         let sequence = tokio::task::spawn_blocking(move || spool.append(event))
             .await
-            .map_err(|e| SpoolError::Invalid {
-                path: self.dir.clone(),
-                reason: format!("spool task failed: {e}"),
-            })??;
+            .map_err(|e| invalid(&self.dir, format!("spool task failed: {e}")))??;
         self.wake.notify_one();
         Ok(sequence)
     }
@@ -232,8 +249,21 @@ impl Spool {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let event = Event {
+        let path = self.dir.join("events.log");
+        let mut inner = self.lock();
+        if let Some(why) = &inner.broken {
+            return Err(invalid(
+                &path,
+                format!("broken since {why}; restart the broker"),
+            ));
+        }
+        if inner.pending.len() >= MAX_PENDING {
+            return Err(invalid(
+                &path,
+                format!("{MAX_PENDING} events wait for the server; refusing more"),
+            ));
+        }
+        let event = bounded(Event {
             sequence: inner.next,
             seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
             nanos: now.subsec_nanos(),
@@ -244,24 +274,31 @@ impl Spool {
                 .peer
                 .map(|der| base64::engine::general_purpose::STANDARD.encode(der))
                 .unwrap_or_default(),
-        };
-        let path = self.dir.join("events.log");
-        let io = |source| SpoolError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut line = serde_json::to_vec(&event).map_err(|e| SpoolError::Invalid {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        });
+        let mut line = serde_json::to_vec(&event).map_err(|e| invalid(&path, e.to_string()))?;
         line.push(b'\n');
-        inner.log.write_all(&line).map_err(io)?;
-        match self.mode {
-            RecordMode::Sync => inner.log.sync_data().map_err(io)?,
-            RecordMode::Async => self.dirty.store(true, Ordering::Release),
+        let before = inner.log_len;
+        if let Err(e) = inner.log.write_all(&line) {
+            // Leave no partial line for the next event to be glued to.
+            if inner.log.set_len(before).is_err() {
+                inner.broken = Some(format!("a failed write: {e}"));
+            }
+            return Err(io(&path, e));
+        }
+        if self.mode == RecordMode::Sync
+            && let Err(e) = inner.log.sync_data()
+        {
+            // Nobody can tell what reached the disk: refuse from now on.
+            error!(error = %e, "spool fsync failed; refusing every event until restarted");
+            inner.broken = Some(format!("a failed fsync: {e}"));
+            return Err(io(&path, e));
         }
         let sequence = event.sequence;
+        inner.log_len = before + line.len() as u64;
         inner.next += 1;
+        if self.mode == RecordMode::Sync {
+            inner.synced = sequence;
+        }
         inner.pending.push_back(event);
         Ok(sequence)
     }
@@ -276,40 +313,62 @@ impl Spool {
                 () = tokio::time::sleep(ASYNC_FLUSH) => {}
                 _ = stop.changed() => {}
             }
-            if self.dirty.swap(false, Ordering::AcqRel) {
-                let spool = Arc::clone(&self);
-                let synced = tokio::task::spawn_blocking(move || {
-                    let inner = spool.inner.lock().unwrap_or_else(PoisonError::into_inner);
-                    inner.log.sync_data()
-                })
-                .await;
-                if !matches!(synced, Ok(Ok(()))) {
-                    error!("spool fsync failed; events of the last 10 ms may not be durable");
-                }
-            }
+            let spool = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || spool.sync()).await;
             if *stop.borrow() {
                 return;
             }
         }
     }
 
-    /// Up to [`BATCH`] events not acknowledged yet, oldest first.
-    fn batch(&self) -> Vec<Event> {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner.pending.iter().take(BATCH).cloned().collect()
+    fn sync(&self) {
+        let mut inner = self.lock();
+        let written = inner.next - 1;
+        if inner.synced >= written || inner.broken.is_some() {
+            return;
+        }
+        match inner.log.sync_data() {
+            Ok(()) => {
+                inner.synced = written;
+                drop(inner);
+                self.wake.notify_one();
+            }
+            Err(e) => {
+                error!(error = %e, "spool fsync failed; refusing every event until restarted");
+                inner.broken = Some(format!("a failed fsync: {e}"));
+            }
+        }
     }
 
-    /// Forgets the events up to `acknowledged`, records it, and empties the log once nothing is
-    /// pending.
+    /// Up to [`BATCH`] synced events not acknowledged yet, oldest first, within
+    /// [`BATCH_BYTES`].
+    fn batch(&self) -> (String, Vec<Event>) {
+        let inner = self.lock();
+        let mut bytes = 0usize;
+        let mut batch = Vec::new();
+        for event in inner
+            .pending
+            .iter()
+            .take_while(|e| e.sequence <= inner.synced)
+            .take(BATCH)
+        {
+            let size = event.peer.len() + Value::Object(event.details.clone()).to_string().len();
+            if !batch.is_empty() && bytes + size > BATCH_BYTES {
+                break;
+            }
+            bytes += size;
+            batch.push(event.clone());
+        }
+        (inner.id.clone(), batch)
+    }
+
+    /// Forgets the events up to `acknowledged` (which the caller checked), records it, and
+    /// rewrites the log with only the pending events once it is large.
     fn acknowledge(&self, acknowledged: u64) -> Result<(), SpoolError> {
         let acked_path = self.dir.join("acked");
-        sigil_daemon::write_private(&acked_path, acknowledged.to_string().as_bytes()).map_err(
-            |source| SpoolError::Io {
-                path: acked_path.clone(),
-                source,
-            },
-        )?;
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        sigil_daemon::write_private(&acked_path, acknowledged.to_string().as_bytes())
+            .map_err(|e| io(&acked_path, e))?;
+        let mut inner = self.lock();
         while inner
             .pending
             .front()
@@ -317,25 +376,69 @@ impl Spool {
         {
             inner.pending.pop_front();
         }
-        let len = inner.log.metadata().map(|m| m.len()).unwrap_or(0);
-        if inner.pending.is_empty() && len > COMPACT_AT {
-            let path = self.dir.join("events.log");
-            inner
-                .log
-                .set_len(0)
-                .and_then(|()| inner.log.sync_data())
-                .map_err(|source| SpoolError::Io { path, source })?;
+        if inner.log_len > COMPACT_AT {
+            self.rewrite(&mut inner)?;
         }
         Ok(())
     }
 
+    /// Writes the pending events to a new log and puts it in place (fsynced, then renamed).
+    fn rewrite(&self, inner: &mut Inner) -> Result<(), SpoolError> {
+        let path = self.dir.join("events.log");
+        let temp = self.dir.join("events.log.new");
+        let mut bytes = Vec::new();
+        for event in &inner.pending {
+            let mut line = serde_json::to_vec(event).map_err(|e| invalid(&path, e.to_string()))?;
+            line.push(b'\n');
+            bytes.extend_from_slice(&line);
+        }
+        sigil_daemon::write_private(&temp, &bytes).map_err(|e| io(&temp, e))?;
+        std::fs::rename(&temp, &path).map_err(|e| io(&path, e))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(&self.dir, e))?;
+        inner.log = open_log(&path)?;
+        inner.log.seek(SeekFrom::End(0)).map_err(|e| io(&path, e))?;
+        inner.log_len = bytes.len() as u64;
+        inner.synced = inner.next - 1;
+        Ok(())
+    }
+
+    /// Starts a new spool: a new id, the pending events renumbered from 1 (see the module docs).
+    fn start_over(&self, why: &str) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        let old = inner.id.clone();
+        let id = new_id(&self.dir)?;
+        let acked_path = self.dir.join("acked");
+        sigil_daemon::write_private(&acked_path, b"0").map_err(|e| io(&acked_path, e))?;
+        for (event, sequence) in inner.pending.iter_mut().zip(1u64..) {
+            event.sequence = sequence;
+        }
+        inner.next = inner.pending.len() as u64 + 1;
+        inner.id = id.clone();
+        self.rewrite(&mut inner)?;
+        error!(old_spool = %old, new_spool = %id, pending = inner.pending.len(), "{why}: the spool starts over under a new id");
+        Ok(())
+    }
+
+    /// Replaces the details of event `sequence` (which the server refused as malformed) with
+    /// the server's reason, and drops its peer certificate, so that the record still lands.
+    fn quarantine(&self, sequence: u64, reason: &str) {
+        let mut inner = self.lock();
+        if let Some(event) = inner.pending.iter_mut().find(|e| e.sequence == sequence) {
+            let mut details = Map::new();
+            details.insert(
+                "rejected_by_server".to_owned(),
+                Value::from(reason.chars().take(512).collect::<String>()),
+            );
+            event.details = details;
+            event.peer.clear();
+        }
+    }
+
     /// How many events wait for the server.
     pub(crate) fn pending(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pending
-            .len()
+        self.lock().pending.len()
     }
 
     /// Forwards pending events to the servers (tried in turn) until `stop`, retrying at least
@@ -348,38 +451,78 @@ impl Spool {
     ) {
         let mut server = 0usize;
         let mut backoff = Duration::from_millis(200);
+        let mut channel: Option<(usize, Arc<Credentials>, Channel)> = None;
         loop {
             if *stop.borrow() {
                 return;
             }
-            let batch = self.batch();
-            if batch.is_empty() {
+            let spool = Arc::clone(&self);
+            let Ok((id, batch)) = tokio::task::spawn_blocking(move || spool.batch()).await else {
+                return;
+            };
+            let Some(first) = batch.first().map(|e| e.sequence) else {
                 tokio::select! {
                     () = self.wake.notified() => {}
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = stop.changed() => {}
                 }
                 continue;
-            }
+            };
+            let last = batch.last().map_or(first, |e| e.sequence);
             let current = credentials.borrow().clone();
             let Some(current) = current else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
-            let address = servers
-                .get(server % servers.len().max(1))
-                .cloned()
-                .unwrap_or_default();
-            match self.send(&address, &current, batch).await {
-                Ok(acknowledged) => {
-                    backoff = Duration::from_millis(200);
-                    if let Err(error) = self.acknowledge(acknowledged) {
-                        error!(%error, "cannot record the server's acknowledgement; events will be resent");
-                    }
+            let index = server % servers.len().max(1);
+            let address = servers.get(index).cloned().unwrap_or_default();
+            // One channel per (server, credentials), reused while both stay.
+            let reuse = channel
+                .as_ref()
+                .filter(|(i, c, _)| *i == index && Arc::ptr_eq(c, &current))
+                .map(|(_, _, ch)| ch.clone());
+            let ch = match reuse {
+                Some(ch) => Ok(ch),
+                None => server_channel(&address, &current).inspect(|ch| {
+                    channel = Some((index, Arc::clone(&current), ch.clone()));
+                }),
+            };
+            let answer = match ch {
+                Ok(ch) => send(ch, id, batch).await,
+                Err(e) => Err(e),
+            };
+            let spool = Arc::clone(&self);
+            let handled = match answer {
+                Ok(Answer::Acknowledged(ack)) => {
+                    tokio::task::spawn_blocking(move || spool.settle(ack, first, last))
+                        .await
+                        .unwrap_or_else(|e| Err(invalid(Path::new("spool"), e.to_string())))
                 }
-                Err(error) => {
-                    warn!(%error, server = %address, pending = self.pending(), "cannot forward audit events; retrying");
+                Ok(Answer::Resume(next)) => tokio::task::spawn_blocking(move || {
+                    spool.settle(next.saturating_sub(1), first, last)
+                })
+                .await
+                .unwrap_or_else(|e| Err(invalid(Path::new("spool"), e.to_string()))),
+                Ok(Answer::Rejected { sequence, reason }) => {
+                    match sequence {
+                        Some(sequence) => {
+                            warn!(sequence, %reason, "the server refused a spooled event; forwarding it with the reason in place of its details");
+                            self.quarantine(sequence, &reason);
+                        }
+                        None => error!(%reason, "the server refused a batch of spooled events"),
+                    }
+                    Err(invalid(Path::new("spool"), reason))
+                }
+                Err(e) => {
+                    warn!(error = %e, server = %address, "cannot forward audit events; retrying");
+                    channel = None;
                     server = server.wrapping_add(1);
+                    Err(invalid(Path::new("spool"), e.to_string()))
+                }
+            };
+            match handled {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(_) => {
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => {}
@@ -390,90 +533,183 @@ impl Spool {
         }
     }
 
-    async fn send(
-        &self,
-        address: &str,
-        credentials: &Credentials,
-        batch: Vec<Event>,
-    ) -> anyhow::Result<u64> {
-        use sigil_proto::audit::audit_ingest_client::AuditIngestClient;
-        let channel = server_channel(address, credentials)?;
-        let mut client = AuditIngestClient::new(channel);
-        let first = batch.first().map_or(0, |e| e.sequence);
-        let events = batch
-            .into_iter()
-            .map(|e| sigil_proto::audit::Event {
-                sequence: e.sequence,
-                observed_at_seconds: e.seconds,
-                observed_at_nanos: e.nanos,
-                action: e.action,
-                subject: e.subject,
-                details_json: Value::Object(e.details).to_string(),
-                peer_certificate: base64::engine::general_purpose::STANDARD
-                    .decode(e.peer)
-                    .unwrap_or_default(),
-            })
-            .collect();
-        let request = sigil_proto::audit::AppendRequest {
-            spool_id: self.id.clone(),
-            events,
-        };
-        let response = tokio::time::timeout(Duration::from_secs(10), client.append(request))
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer within 10 s"))?;
-        match response {
-            Ok(answer) => {
-                let answer = answer.into_inner();
-                debug!(
-                    appended = answer.appended,
-                    acknowledged = answer.acknowledged_sequence,
-                    "audit events forwarded"
-                );
-                Ok(answer.acknowledged_sequence)
-            }
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                let next = status
-                    .metadata()
-                    .get("sigil-next-sequence")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or_else(|| anyhow::anyhow!("{}", status.message()))?;
-                if next > first {
-                    // The server has more than we thought (an acknowledgement we lost).
-                    Ok(next - 1)
-                } else {
-                    Err(anyhow::anyhow!(
-                        "the server expects event {next} of this spool, which is no longer here: \
-                         {}",
-                        status.message()
-                    ))
-                }
-            }
-            Err(status) => Err(anyhow::anyhow!("{:?}: {}", status.code(), status.message())),
+    /// Applies the server's word that it holds this spool's events up to `acknowledged`, for a
+    /// batch `first..=last`: forgets them, or starts over when the numbering cannot continue.
+    fn settle(&self, acknowledged: u64, first: u64, last: u64) -> Result<(), SpoolError> {
+        if acknowledged > last {
+            // Events this broker never sent: another writer uses this spool's id.
+            return self.start_over(&format!(
+                "the server holds event {acknowledged} of this spool, but this broker sent only up to {last} (is a copy of the spool directory running elsewhere?)"
+            ));
         }
+        if acknowledged + 1 < first {
+            // The server lacks events this broker already forgot (its database was restored?).
+            return self.start_over(&format!(
+                "the server expects event {} of this spool, which this broker no longer has",
+                acknowledged + 1
+            ));
+        }
+        self.acknowledge(acknowledged)
     }
 }
 
-/// Reads the log's events and the length of its well-formed prefix.
-fn read_log(file: &File) -> std::io::Result<(Vec<Event>, u64)> {
+async fn send(channel: Channel, spool_id: String, batch: Vec<Event>) -> anyhow::Result<Answer> {
+    use sigil_proto::audit::audit_ingest_client::AuditIngestClient;
+    let mut client = AuditIngestClient::new(channel);
+    let events = batch
+        .into_iter()
+        .map(|e| sigil_proto::audit::Event {
+            sequence: e.sequence,
+            observed_at_seconds: e.seconds,
+            observed_at_nanos: e.nanos,
+            action: e.action,
+            subject: e.subject,
+            details_json: Value::Object(e.details).to_string(),
+            peer_certificate: base64::engine::general_purpose::STANDARD
+                .decode(e.peer)
+                .unwrap_or_default(),
+        })
+        .collect();
+    let request = sigil_proto::audit::AppendRequest { spool_id, events };
+    let response = tokio::time::timeout(Duration::from_secs(10), client.append(request))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within 10 s"))?;
+    match response {
+        Ok(answer) => {
+            let answer = answer.into_inner();
+            debug!(
+                appended = answer.appended,
+                acknowledged = answer.acknowledged_sequence,
+                "audit events forwarded"
+            );
+            Ok(Answer::Acknowledged(answer.acknowledged_sequence))
+        }
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => status
+            .metadata()
+            .get("sigil-next-sequence")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Answer::Resume)
+            .ok_or_else(|| anyhow::anyhow!("{}", status.message())),
+        Err(status) if status.code() == tonic::Code::InvalidArgument => {
+            let message = status.message().to_owned();
+            // "event N: ..." names the event.
+            let sequence = message
+                .strip_prefix("event ")
+                .and_then(|rest| rest.split(':').next())
+                .and_then(|n| n.parse::<u64>().ok());
+            Ok(Answer::Rejected {
+                sequence,
+                reason: message,
+            })
+        }
+        Err(status) => Err(anyhow::anyhow!("{:?}: {}", status.code(), status.message())),
+    }
+}
+
+/// Keeps an event within the server's limits: oversized details are replaced by their size,
+/// an oversized certificate is dropped (and said so).
+fn bounded(mut event: Event) -> Event {
+    let size = Value::Object(event.details.clone()).to_string().len();
+    if size > MAX_DETAILS - 512 {
+        let mut details = Map::new();
+        details.insert("oversized_details_bytes".to_owned(), Value::from(size));
+        event.details = details;
+    }
+    if event.peer.len() > MAX_PEER * 4 / 3 {
+        event.peer.clear();
+        event
+            .details
+            .insert("peer_certificate_dropped".to_owned(), Value::from(true));
+    }
+    event
+}
+
+fn new_id(dir: &Path) -> Result<String, SpoolError> {
+    let id_path = dir.join("spool.id");
+    let mut bytes = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| invalid(&id_path, "the system random number generator failed"))?;
+    let id = sigil_core::hex::encode(&bytes);
+    sigil_daemon::write_private(&id_path, id.as_bytes()).map_err(|e| io(&id_path, e))?;
+    Ok(id)
+}
+
+fn is_spool_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn open_log(path: &Path) -> Result<File, SpoolError> {
+    OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .mode_0600()
+        .open(path)
+        .map_err(|e| io(path, e))
+}
+
+/// Reads the log's events and the length of its well-formed prefix; only the last line may be
+/// malformed (torn by a crash), and sequences must increase by one.
+fn read_log(file: &File, path: &Path) -> Result<(Vec<Event>, u64), SpoolError> {
     let mut reader = BufReader::new(file);
-    reader.seek(SeekFrom::Start(0))?;
-    let mut events = Vec::new();
+    reader.seek(SeekFrom::Start(0)).map_err(|e| io(path, e))?;
+    let mut events: Vec<Event> = Vec::new();
     let mut good = 0u64;
     let mut line = Vec::new();
+    let mut torn = false;
     loop {
         line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
-        if n == 0 || line.last() != Some(&b'\n') {
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| io(path, e))?;
+        if n == 0 {
             break;
         }
-        match serde_json::from_slice::<Event>(&line) {
-            Ok(event) => events.push(event),
-            Err(_) => break,
+        if torn {
+            return Err(invalid(
+                path,
+                format!(
+                    "a malformed line follows event {}: the log was damaged; move the spool directory aside",
+                    events.last().map_or(0, |e| e.sequence)
+                ),
+            ));
         }
-        good += n as u64;
+        match serde_json::from_slice::<Event>(&line) {
+            Ok(event) if line.last() == Some(&b'\n') => {
+                if let Some(previous) = events.last()
+                    && event.sequence != previous.sequence + 1
+                {
+                    return Err(invalid(
+                        path,
+                        format!(
+                            "event {} follows event {}: the log was damaged; move the spool directory aside",
+                            event.sequence, previous.sequence
+                        ),
+                    ));
+                }
+                good += n as u64;
+                events.push(event);
+            }
+            _ => torn = true,
+        }
     }
     Ok((events, good))
+}
+
+fn io(path: &Path, source: std::io::Error) -> SpoolError {
+    SpoolError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> SpoolError {
+    SpoolError::Invalid {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
 }
 
 trait OpenOptionsExt {
@@ -501,6 +737,10 @@ mod tests {
         }
     }
 
+    fn sequences(spool: &Spool) -> Vec<u64> {
+        spool.batch().1.iter().map(|e| e.sequence).collect()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn events_survive_a_restart_and_a_torn_line() {
         let dir = tempfile::tempdir().unwrap();
@@ -509,8 +749,9 @@ mod tests {
         for n in 1..=3 {
             assert_eq!(spool.record(event(n)).await.unwrap(), n);
         }
-        let id = spool.id.clone();
-        spool.acknowledge(1).unwrap();
+        let id = spool.batch().0;
+        assert!(is_spool_id(&id));
+        spool.settle(1, 1, 3).unwrap();
         drop(spool);
         // A crash mid-write leaves half a line.
         let mut log = OpenOptions::new()
@@ -521,18 +762,15 @@ mod tests {
         drop(log);
 
         let spool = Arc::new(Spool::open(&path, RecordMode::Sync).unwrap());
-        assert_eq!(spool.id, id, "the spool keeps its id");
-        let pending = spool.batch();
-        assert_eq!(
-            pending.iter().map(|e| e.sequence).collect::<Vec<_>>(),
-            [2, 3]
-        );
+        let (same_id, pending) = spool.batch();
+        assert_eq!(same_id, id, "the spool keeps its id");
+        assert_eq!(sequences(&spool), [2, 3]);
         assert_eq!(
             pending[0].peer,
             base64::engine::general_purpose::STANDARD.encode([1, 2, 3])
         );
         assert_eq!(spool.record(event(4)).await.unwrap(), 4);
-        spool.acknowledge(4).unwrap();
+        spool.settle(4, 2, 4).unwrap();
         assert_eq!(spool.pending(), 0);
         let mode = std::fs::metadata(path.join("events.log")).unwrap();
         assert_eq!(
@@ -540,12 +778,113 @@ mod tests {
             0o600
         );
         drop(spool);
-        let spool = Spool::open(&path, RecordMode::Async).unwrap();
+        let spool = Arc::new(Spool::open(&path, RecordMode::Sync).unwrap());
         assert_eq!(spool.pending(), 0);
         assert_eq!(
-            spool.inner.lock().unwrap().next,
+            spool.record(event(5)).await.unwrap(),
             5,
             "sequences never go back"
         );
+    }
+
+    #[test]
+    fn a_damaged_log_stops_the_broker_rather_than_renumbering() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        let spool = Spool::open(&path, RecordMode::Sync).unwrap();
+        for n in 1..=3 {
+            spool.append(event(n)).unwrap();
+        }
+        drop(spool);
+        let log = path.join("events.log");
+        let text = std::fs::read_to_string(&log).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines[1] = "garbage";
+        std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+        let err = Spool::open(&path, RecordMode::Sync).unwrap_err();
+        assert!(err.to_string().contains("damaged"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_mode_forwards_only_synced_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(&dir.path().join("spool"), RecordMode::Async).unwrap());
+        spool.record(event(1)).await.unwrap();
+        assert!(sequences(&spool).is_empty(), "not on disk yet");
+        spool.sync();
+        assert_eq!(sequences(&spool), [1]);
+    }
+
+    #[test]
+    fn answers_that_break_the_numbering_start_a_new_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        let spool = Spool::open(&path, RecordMode::Sync).unwrap();
+        for n in 1..=4 {
+            spool.append(event(n)).unwrap();
+        }
+        let (old, _) = spool.batch();
+        // The server holds more than was sent: another writer.
+        spool.settle(9, 1, 4).unwrap();
+        let (new, batch) = spool.batch();
+        assert_ne!(new, old);
+        assert_eq!(
+            batch.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(batch[3].details["n"], 4, "the same events, renumbered");
+        assert_eq!(spool.append(event(5)).unwrap(), 5);
+        // The server lacks what was forgotten.
+        spool.settle(2, 1, 5).unwrap();
+        assert_eq!(sequences(&spool), [3, 4, 5]);
+        let (before, _) = spool.batch();
+        spool.settle(0, 3, 5).unwrap();
+        let (after, batch) = spool.batch();
+        assert_ne!(before, after);
+        assert_eq!(batch.len(), 3);
+        assert_eq!(batch[0].sequence, 1);
+        drop(spool);
+        // The new numbering and id survive a restart.
+        let spool = Spool::open(&path, RecordMode::Sync).unwrap();
+        assert_eq!(spool.batch().0, after);
+        assert_eq!(sequences(&spool), [1, 2, 3]);
+    }
+
+    #[test]
+    fn events_stay_within_the_servers_limits_and_the_log_is_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        let spool = Spool::open(&path, RecordMode::Sync).unwrap();
+        let mut big = event(1);
+        big.details
+            .insert("policies".to_owned(), Value::from("p".repeat(MAX_DETAILS)));
+        big.peer = Some(vec![0; MAX_PEER + 1]);
+        spool.append(big).unwrap();
+        let (_, batch) = spool.batch();
+        assert!(batch[0].details.contains_key("oversized_details_bytes"));
+        assert_eq!(batch[0].details["peer_certificate_dropped"], true);
+        assert!(batch[0].peer.is_empty());
+        spool.quarantine(1, "event 1: something");
+        assert_eq!(
+            spool.batch().1[0].details["rejected_by_server"],
+            "event 1: something"
+        );
+
+        // Past 1 MiB, an acknowledgement rewrites the log with only what is pending.
+        let mut n = 2;
+        while spool.lock().log_len <= COMPACT_AT {
+            let mut e = event(n);
+            e.details
+                .insert("pad".to_owned(), Value::from("x".repeat(8 * 1024)));
+            spool.append(e).unwrap();
+            n += 1;
+        }
+        let last = n - 1;
+        spool.settle(last - 2, 1, last).unwrap();
+        assert!(std::fs::metadata(path.join("events.log")).unwrap().len() < 64 * 1024);
+        drop(spool);
+        let spool = Spool::open(&path, RecordMode::Sync).unwrap();
+        assert_eq!(sequences(&spool), [last - 1, last]);
+        assert_eq!(spool.append(event(0)).unwrap(), last + 1);
     }
 }

@@ -187,10 +187,18 @@ impl Drop for BrokerProcess {
 
 /// A TCP echo server on a thread of its own; returns its address.
 fn echo_server() -> SocketAddr {
+    counting_echo_server().0
+}
+
+/// A TCP echo server that counts the connections it accepted.
+fn counting_echo_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().map_while(Result::ok) {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             std::thread::spawn(move || {
                 let mut reader = stream.try_clone().unwrap();
                 let mut writer = stream;
@@ -198,7 +206,7 @@ fn echo_server() -> SocketAddr {
             });
         }
     });
-    address
+    (address, accepted)
 }
 
 type Client = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
@@ -307,7 +315,9 @@ async fn sessions_get_through_are_cut_on_revoke_and_every_step_is_in_the_chain()
     }
     let session = open_session(&server, &agent, SESSION_ID, "10m", &[]);
     let session_id = session["id"].as_str().unwrap().to_owned();
-    let broker = BrokerProcess::start(&server, &agent);
+    let (upstream, upstream_connections) = counting_echo_server();
+    let upstream_count = || upstream_connections.load(std::sync::atomic::Ordering::SeqCst);
+    let broker = BrokerProcess::start_with(&server, &agent, "tcp", upstream, POLICY);
     let (_stream, msg) = x509_stream_with(&agent, |m| {
         [BROKER, SESSION_ID, STANDING]
             .iter()
@@ -326,10 +336,16 @@ async fn sessions_get_through_are_cut_on_revoke_and_every_step_is_in_the_chain()
 
     // A standing identity: the policy wants a session, so the broker cuts it after the
     // handshake, before anything reaches the upstream.
+    assert_eq!(upstream_count(), 1);
     if let Ok(mut standing) = connect(broker.address, &msg, STANDING).await {
         assert!(!echoes(&mut standing, b"drop table").await);
     }
     broker.wait_log("connection denied by policy");
+    assert_eq!(
+        upstream_count(),
+        1,
+        "a denied peer never reaches the upstream"
+    );
 
     // A SIGHUP with a policy that does not validate keeps the one in force.
     std::fs::write(broker.policy_path(), "permit(principal, action, resource").unwrap();
@@ -348,11 +364,13 @@ async fn sessions_get_through_are_cut_on_revoke_and_every_step_is_in_the_chain()
     eprintln!("revoke to cut: {cut_after:?}");
     broker.wait_log("\"reason\":\"revoked\"");
 
-    // The revoked SVID no longer gets a connection through.
+    // The revoked SVID no longer gets a connection through, nor reaches the upstream.
+    let before = upstream_count();
     match connect(broker.address, &msg, SESSION_ID).await {
         Err(_) => {}
         Ok(mut again) => assert!(!echoes(&mut again, b"after revoke").await),
     }
+    assert_eq!(upstream_count(), before);
 
     // The story: open, issuance, the connections, the revocation and the cut, each once.
     let story = wait_story(&server, &session_id, "broker.connection.close", "revoked");
@@ -411,6 +429,29 @@ async fn sessions_get_through_are_cut_on_revoke_and_every_step_is_in_the_chain()
         assert!(Instant::now() < deadline, "the spool never emptied");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Once everything arrived: nothing was let through after the revocation.
+    let story = server_cli(
+        &server,
+        &[
+            "audit",
+            "show",
+            "--session",
+            &session_id,
+            "--output",
+            "json",
+        ],
+    )
+    .json_lines();
+    let revoked_at = story
+        .iter()
+        .position(|r| r["action"] == "session.revoke")
+        .unwrap();
+    assert!(
+        story[revoked_at..]
+            .iter()
+            .all(|r| r["action"] != "broker.connection.open"),
+        "{story:#?}"
+    );
 }
 
 /// The spool's last sequence (its events log is never compacted in a test this small).
