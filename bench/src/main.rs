@@ -24,11 +24,15 @@
 //!    until an open workload stream shows it.
 //! 5. Scale ([`scale::run`]): a server with many entries and many simulated agents, and one
 //!    agent with many entries.
+//! 6. Broker ([`broker::run`]): the `sigil-broker` binary (built beside this one) against
+//!    direct mTLS: new-connection latency in both record modes, stream throughput, Cedar
+//!    decisions per second, revocation to cut.
 //!
 //! `--quick` makes no timing assertion: it exits 0 unless something breaks. Every loop is
 //! bounded in count and time; only loopback addresses are used.
 #![forbid(unsafe_code)]
 
+mod broker;
 mod children;
 mod clients;
 mod crypto;
@@ -51,13 +55,21 @@ const USAGE: &str = "\
 usage: sigil-bench [--quick] [--only SECTION[,SECTION...]]
 
   --quick   every measurement at a small size, in under a minute; no timing assertions
-  --only    run only these sections: issuance, latency, concurrency, propagation, scale
+  --only    run only these sections: issuance, latency, concurrency, propagation, scale,
+            broker (needs target/<profile>/sigil-broker: cargo build --release --bin sigil-broker)
 
 Prints one Markdown table on stdout (progress on stderr). Exit status 0 unless something
 breaks; a missed target is reported in the table, not in the exit status.";
 
 /// The sections of a run, in order.
-const SECTIONS: [&str; 5] = ["issuance", "latency", "concurrency", "propagation", "scale"];
+const SECTIONS: [&str; 6] = [
+    "issuance",
+    "latency",
+    "concurrency",
+    "propagation",
+    "scale",
+    "broker",
+];
 
 /// Sizes and time bounds of one run.
 #[derive(Debug, Clone)]
@@ -248,6 +260,9 @@ fn run_harness(args: &[String]) -> anyhow::Result<()> {
         let facts = small::run(&mut harness, &only).await?;
         if only.contains("scale") {
             scale::run(&mut harness, &facts).await?;
+        }
+        if only.contains("broker") {
+            broker::run(&mut harness).await?;
         }
         anyhow::Ok(())
     });

@@ -39,6 +39,11 @@ impl ServerHandle {
     /// Starts a server in `dir`; returns it and its start-up time (from spawn until the admin
     /// API has answered `CountEntries`).
     pub(crate) async fn start(dir: &Path) -> anyhow::Result<(Self, Duration)> {
+        Self::start_with(dir, "").await
+    }
+
+    /// [`ServerHandle::start`] with `extra` appended to the configuration file.
+    pub(crate) async fn start_with(dir: &Path, extra: &str) -> anyhow::Result<(Self, Duration)> {
         std::fs::create_dir_all(dir)?;
         let data_dir = dir.join("data");
         let admin_socket = dir.join("admin.sock");
@@ -46,7 +51,7 @@ impl ServerHandle {
         std::fs::write(
             &config,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nadmin_socket = \"{}\"\nlog_level = \"warn\"\n",
+                "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nadmin_socket = \"{}\"\nlog_level = \"warn\"\n{extra}\n",
                 data_dir.display(),
                 admin_socket.display()
             ),

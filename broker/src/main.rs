@@ -35,6 +35,15 @@ enum Command {
     },
     /// Print the Cedar schema policies are validated against.
     Schema,
+    /// Time DECISIONS connect decisions of a session identity against the policy file and
+    /// print `DECISIONS_PER_SECOND <n>` (for sigil-bench).
+    #[command(hide = true)]
+    BenchPolicy {
+        /// The policy file.
+        policy: PathBuf,
+        /// How many decisions.
+        decisions: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,6 +51,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::CheckPolicy { policy } => check_policy(&policy),
+        Command::BenchPolicy { policy, decisions } => {
+            sigil_broker::policy::decisions_per_second(&policy, decisions)
+                .map(|rate| {
+                    print_out(&format!("DECISIONS_PER_SECOND {rate:.0}"));
+                    ExitCode::SUCCESS
+                })
+                .map_err(anyhow::Error::from)
+        }
         Command::Schema => {
             print_out(sigil_broker::policy::SCHEMA.trim_start());
             Ok(ExitCode::SUCCESS)

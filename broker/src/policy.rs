@@ -227,6 +227,33 @@ pub fn check_file(path: &Path) -> Result<usize, PolicyError> {
     Ok(read(path, &schema)?.policies().count())
 }
 
+/// Decides `decisions` tcp connections of a session identity against the policy file, and
+/// returns the decisions per second (for the benchmark harness, which must not link Cedar).
+///
+/// # Errors
+///
+/// [`PolicyError`].
+pub fn decisions_per_second(path: &Path, decisions: u32) -> Result<f64, PolicyError> {
+    let policy = TargetPolicy::load("bench", path)?;
+    let principal = Principal {
+        spiffe_id: SpiffeId::new("spiffe://bench.example/admin/db").map_err(|e| {
+            PolicyError::Invalid {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }
+        })?,
+        session: Some(("ab".repeat(16), "CHG-1".to_owned())),
+    };
+    let started = std::time::Instant::now();
+    let mut allowed = 0u32;
+    for _ in 0..decisions {
+        allowed += u32::from(policy.decide(&principal, "connect", None).allowed);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::debug!(allowed, decisions, "policy benchmark");
+    Ok(f64::from(decisions) / seconds.max(f64::EPSILON))
+}
+
 fn schema(path: &Path) -> Result<Schema, PolicyError> {
     Schema::from_cedarschema_str(SCHEMA)
         .map(|(schema, _warnings)| schema)

@@ -1,0 +1,537 @@
+//! The session broker ([`run`]): the real `sigil-broker` binary (found next to this executable:
+//! `cargo build --release --bin sigil-broker`; the harness does not link Cedar) in front of an
+//! echo upstream, against direct mTLS to an echo server in the same run, with the same
+//! credentials and the same TLS stack.
+//!
+//! - New connection (TCP connect, mTLS handshake, one 64-byte echo, close): through the broker
+//!   in `record = "sync"` and `"async"` modes, and direct. Each brokered connection spools two
+//!   events (open, close); in sync mode the open is fsynced before the connection goes
+//!   upstream, so the sync figure is compared with one `fdatasync` of the same disk, measured in
+//!   the same run.
+//! - Stream throughput: one connection echoing a large payload, brokered (async) and direct.
+//! - Cedar decisions per second (`sigil-broker bench-policy`).
+//! - Revocation to cut: a session's connection open through the broker, `RevokeSession`
+//!   through the admin API, until the client's read ends.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use sigil_core::X509Bundle;
+use sigil_core::tls::{SharedBundles, SpiffeServerVerifier};
+use sigil_core::x509_svid::Authorizer;
+use sigil_proto::admin::{OpenSessionRequest, RevokeSessionRequest};
+use sigil_proto::workload::{X509svidRequest, X509svidResponse};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+use crate::Harness;
+use crate::clients;
+use crate::report::{Percentiles, Row, duration, ratio};
+use crate::topology::{AgentHandle, ServerHandle};
+
+const BROKER: &str = "spiffe://bench.example/broker";
+const CLIENT: &str = "spiffe://bench.example/client";
+const SESSION: &str = "spiffe://bench.example/admin/db";
+const ANYONE: &str = r#"permit(principal, action == Sigil::Action::"connect", resource);"#;
+
+/// The credentials of one SVID from the Workload API.
+struct Svid {
+    chain: Vec<CertificateDer<'static>>,
+    key: Vec<u8>,
+    bundle: X509Bundle,
+}
+
+/// Runs the broker section.
+pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
+    let exe = broker_binary()?;
+    let dir = h.dir.path().join("broker");
+    let (server, _) = ServerHandle::start_with(
+        &dir.join("server"),
+        &format!("audit_sources = [\"{BROKER}\"]"),
+    )
+    .await?;
+    let mut admin = server.admin().await?;
+    let (token, agent_id) = clients::join_token(&mut admin).await?;
+    let me = vec![h.uid_selector()];
+    clients::create_entries(
+        &mut admin,
+        vec![
+            clients::entry(BROKER, &agent_id, &me),
+            clients::entry(CLIENT, &agent_id, &me),
+        ],
+    )
+    .await?;
+    let bundle = clients::bundle(&mut admin).await?;
+    let mut agent = AgentHandle::spawn(&dir.join("agent"), &server, &bundle, &token)?;
+    agent.wait_socket(Duration::from_secs(60)).await?;
+    let svids = fetch(
+        &agent.socket,
+        &[BROKER, CLIENT],
+        h.phase_deadline(Duration::from_secs(30)),
+    )
+    .await?;
+    let client = svid(&svids, CLIENT)?;
+    let broker_svid = svid(&svids, BROKER)?;
+
+    let upstream = echo_upstream().await?;
+    let direct = direct_echo(&broker_svid).await?;
+    let policy = dir.join("anyone.cedar");
+    std::fs::write(&policy, ANYONE)?;
+    let mut sync = Broker::start(
+        &exe,
+        &dir.join("sync"),
+        &agent.socket,
+        &server,
+        upstream,
+        &policy,
+        "sync",
+    )
+    .await?;
+    let mut asynchronous = Broker::start(
+        &exe,
+        &dir.join("async"),
+        &agent.socket,
+        &server,
+        upstream,
+        &policy,
+        "async",
+    )
+    .await?;
+    h.note("brokers up");
+
+    let trials = if h.plan.quick { 50 } else { 500 };
+    let fsync = fsync_latency(&dir, trials)?;
+    let direct_times = connections(direct, &client, trials).await?;
+    let sync_times = connections(sync.address, &client, trials).await?;
+    let async_times = connections(asynchronous.address, &client, trials).await?;
+    let (Some(d), Some(s), Some(a), Some(f)) = (
+        Percentiles::of(&direct_times),
+        Percentiles::of(&sync_times),
+        Percentiles::of(&async_times),
+        Percentiles::of(&fsync),
+    ) else {
+        bail!("no samples");
+    };
+    let added = |ours: Duration, base: Duration| ours.saturating_sub(base);
+    let budget = Duration::from_micros(300);
+    h.rows.push(
+        Row::info(
+            format!("Broker, new connection + echo, record=async (p50 / p99, {trials})"),
+            format!("{} / {}", duration(a.p50), duration(a.p99)),
+            format!("direct mTLS {} / {}", duration(d.p50), duration(d.p99)),
+            ratio(a.p50, d.p50),
+        )
+        .target(
+            format!(
+                "added p50 <= 300 us (added: {})",
+                duration(added(a.p50, d.p50))
+            ),
+            added(a.p50, d.p50) <= budget,
+        ),
+    );
+    h.rows.push(
+        Row::info(
+            format!("Broker, new connection + echo, record=sync (p50 / p99, {trials})"),
+            format!("{} / {}", duration(s.p50), duration(s.p99)),
+            format!(
+                "direct mTLS {} / {}; fdatasync p50 {}",
+                duration(d.p50),
+                duration(d.p99),
+                duration(f.p50)
+            ),
+            ratio(s.p50, d.p50),
+        )
+        .target(
+            format!(
+                "added p50 <= fdatasync + 300 us (added: {})",
+                duration(added(s.p50, d.p50))
+            ),
+            added(s.p50, d.p50) <= f.p50 + budget,
+        ),
+    );
+
+    let payload = if h.plan.quick { 8 << 20 } else { 64 << 20 };
+    let direct_rate = throughput(direct, &client, payload).await?;
+    let broker_rate = throughput(asynchronous.address, &client, payload).await?;
+    h.rows.push(
+        Row::info(
+            format!("Broker, stream throughput ({} MiB echoed)", payload >> 20),
+            format!("{:.0} MiB/s", broker_rate),
+            format!("direct mTLS {:.0} MiB/s", direct_rate),
+            Some(broker_rate / direct_rate.max(f64::EPSILON)),
+        )
+        .target(">= 0.8x direct", broker_rate >= 0.8 * direct_rate),
+    );
+
+    let decisions = if h.plan.quick { 20_000 } else { 200_000 };
+    let output = Command::new(&exe)
+        .arg("bench-policy")
+        .arg(&policy)
+        .arg(decisions.to_string())
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let rate: f64 = text
+        .trim()
+        .strip_prefix("DECISIONS_PER_SECOND ")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("bench-policy printed {text:?}"))?;
+    h.rows.push(Row::info(
+        "Broker, Cedar decisions per second (one core)",
+        format!("{rate:.0}/s"),
+        "—",
+        None,
+    ));
+
+    let cuts = revoke_to_cut(h, &mut admin, &agent, &agent_id, sync.address).await?;
+    if let Some(c) = Percentiles::of(&cuts) {
+        h.rows.push(
+            Row::info(
+                format!(
+                    "Broker, session revoke to connection cut (p50 / p99, {})",
+                    c.count
+                ),
+                format!("{} / {}", duration(c.p50), duration(c.p99)),
+                "—",
+                None,
+            )
+            .target("p99 < 1 s", c.p99 < Duration::from_secs(1)),
+        );
+    }
+    sync.stop().await;
+    asynchronous.stop().await;
+    agent.stop().await?;
+    server.stop().await?;
+    Ok(())
+}
+
+/// `sigil-broker` next to this executable.
+fn broker_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .context("the harness executable has no directory")?
+        .join("sigil-broker");
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it first (cargo build --release --bin sigil-broker)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Waits until the Workload API serves every ID in `ids`.
+async fn fetch(socket: &Path, ids: &[&str], deadline: Instant) -> anyhow::Result<X509svidResponse> {
+    loop {
+        let mut client = clients::workload(socket.to_owned()).await?;
+        if let Ok(stream) = client.fetch_x509svid(X509svidRequest {}).await
+            && let Ok(Some(message)) = stream.into_inner().message().await
+            && ids
+                .iter()
+                .all(|id| message.svids.iter().any(|s| s.spiffe_id == *id))
+        {
+            return Ok(message);
+        }
+        if Instant::now() > deadline {
+            bail!("the agent never served {ids:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn svid(message: &X509svidResponse, id: &str) -> anyhow::Result<Svid> {
+    let svid = message
+        .svids
+        .iter()
+        .find(|s| s.spiffe_id == id)
+        .with_context(|| format!("no {id}"))?;
+    let bundle = X509Bundle::from_der(clients::trust_domain()?, &svid.bundle)?;
+    Ok(Svid {
+        chain: X509Bundle::from_der(clients::trust_domain()?, &svid.x509_svid)?
+            .authorities()
+            .to_vec(),
+        key: svid.x509_svid_key.clone(),
+        bundle,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TCP echo server on loopback.
+async fn echo_upstream() -> anyhow::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// The baseline: an mTLS echo server with the broker's SVID, requiring a client SVID of the
+/// bundle (what the broker's handshake does, minus the broker).
+async fn direct_echo(svid: &Svid) -> anyhow::Result<std::net::SocketAddr> {
+    let mut roots = rustls::RootCertStore::empty();
+    for root in svid.bundle.authorities() {
+        roots.add(root.clone())?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            svid.chain.clone(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.clone())),
+        )?;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+    Ok(address)
+}
+
+type Client = tokio_rustls::client::TlsStream<TcpStream>;
+
+async fn connect(address: std::net::SocketAddr, client: &Svid) -> anyhow::Result<Client> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            SharedBundles::from_bundle(client.bundle.clone()),
+            Authorizer::exact(sigil_core::SpiffeId::new(BROKER)?),
+        )))
+        .with_client_auth_cert(
+            client.chain.clone(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(client.key.clone())),
+        )?;
+    config.resumption = rustls::client::Resumption::disabled();
+    let tcp = TcpStream::connect(address).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from("broker")?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?)
+}
+
+/// `trials` times: connect, handshake, echo 64 bytes, close.
+async fn connections(
+    address: std::net::SocketAddr,
+    client: &Svid,
+    trials: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut times = Vec::with_capacity(trials);
+    let ping = [7u8; 64];
+    for _ in 0..trials {
+        let started = Instant::now();
+        let mut tls = connect(address, client).await?;
+        tls.write_all(&ping).await?;
+        let mut back = [0u8; 64];
+        tls.read_exact(&mut back).await?;
+        times.push(started.elapsed());
+        let _ = tls.shutdown().await;
+    }
+    Ok(times)
+}
+
+/// MiB/s echoing `bytes` through one connection (written and read back concurrently).
+async fn throughput(
+    address: std::net::SocketAddr,
+    client: &Svid,
+    bytes: usize,
+) -> anyhow::Result<f64> {
+    let tls = connect(address, client).await?;
+    let (mut r, mut w) = tokio::io::split(tls);
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![1u8; 64 * 1024];
+        let mut sent = 0;
+        while sent < bytes {
+            w.write_all(&chunk).await?;
+            sent += chunk.len();
+        }
+        anyhow::Ok(w)
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut received = 0;
+    while received < bytes {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            bail!("the connection closed after {received} bytes");
+        }
+        received += n;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(writer.await??);
+    Ok(received as f64 / (1024.0 * 1024.0) / elapsed.max(f64::EPSILON))
+}
+
+/// `trials` appends of 200 bytes, each followed by `fdatasync`, in `dir` (the disk the spools
+/// are on).
+fn fsync_latency(dir: &Path, trials: usize) -> anyhow::Result<Vec<Duration>> {
+    use std::io::Write as _;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("fsync.probe"))?;
+    let line = [b'x'; 200];
+    let mut times = Vec::with_capacity(trials);
+    for _ in 0..trials {
+        let started = Instant::now();
+        file.write_all(&line)?;
+        file.sync_data()?;
+        times.push(started.elapsed());
+    }
+    Ok(times)
+}
+
+/// Opens a session, connects through the broker with its SVID, revokes it, and times until the
+/// connection ends; a few times.
+async fn revoke_to_cut(
+    h: &Harness,
+    admin: &mut sigil_proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+    agent: &AgentHandle,
+    agent_id: &str,
+    broker: std::net::SocketAddr,
+) -> anyhow::Result<Vec<Duration>> {
+    let trials = if h.plan.quick { 3 } else { 20 };
+    let mut cuts = Vec::with_capacity(trials);
+    for n in 0..trials {
+        let session = admin
+            .open_session(OpenSessionRequest {
+                spiffe_id: format!("{SESSION}/{n}"),
+                parent_id: agent_id.to_owned(),
+                selectors: vec![h.uid_selector()],
+                ticket: format!("BENCH-{n}"),
+                reason: "benchmark".to_owned(),
+                ttl_seconds: 600,
+                svid_ttl_seconds: 0,
+                require_approval: false,
+            })
+            .await?
+            .into_inner();
+        let id = format!("{SESSION}/{n}");
+        let message = fetch(
+            &agent.socket,
+            &[&id],
+            h.phase_deadline(Duration::from_secs(30)),
+        )
+        .await?;
+        let client = svid(&message, &id)?;
+        let mut tls = connect(broker, &client).await?;
+        tls.write_all(b"ping").await?;
+        let mut back = [0u8; 4];
+        tls.read_exact(&mut back).await?;
+        let started = Instant::now();
+        admin
+            .revoke_session(RevokeSessionRequest {
+                id: session.id,
+                reason: "benchmark".to_owned(),
+            })
+            .await?;
+        let mut buf = [0u8; 16];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => bail!("a revoked session's connection was not cut within 10 s"),
+            }
+        }
+        cuts.push(started.elapsed());
+    }
+    Ok(cuts)
+}
+
+/// A `sigil-broker run` child.
+struct Broker {
+    child: Child,
+    address: std::net::SocketAddr,
+}
+
+impl Broker {
+    async fn start(
+        exe: &Path,
+        dir: &Path,
+        socket: &Path,
+        server: &ServerHandle,
+        upstream: std::net::SocketAddr,
+        policy: &Path,
+        record: &str,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("broker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "socket_path = \"unix://{}\"\nspiffe_id = \"{BROKER}\"\nserver_address = [\"{}\"]\nspool_dir = \"{}\"\nrecord = \"{record}\"\nlog_format = \"json\"\nlog_level = \"info\"\n\n[[target]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\nkind = \"tcp\"\nupstream = \"{upstream}\"\npolicy = \"{}\"\n",
+                socket.display(),
+                server.addr,
+                dir.join("spool").display(),
+                policy.display()
+            ),
+        )?;
+        let mut child = Command::new(exe)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut address = None;
+        let mut ready = false;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(ready && address.is_some()) {
+            let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+                .await
+                .context("the broker did not start within 60 s")??
+                .context("the broker exited")?;
+            if line.contains("target listening") {
+                address = line
+                    .split("\"address\":\"")
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .and_then(|a| a.parse().ok());
+            }
+            ready |= line.contains("credentials updated");
+        }
+        // Keep draining its log so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child,
+            address: address.context("no address")?,
+        })
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
