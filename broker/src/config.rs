@@ -372,8 +372,14 @@ upstream_spiffe_id = "spiffe://example.org/admin-api"
         let all: String = example
             .lines()
             .map(|l| {
+                // Only the commented-out settings (`# key = value`), not prose.
                 l.strip_prefix("# ")
-                    .filter(|r| r.contains(" = "))
+                    .filter(|r| {
+                        r.split_once(" = ").is_some_and(|(key, _)| {
+                            !key.is_empty()
+                                && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                        })
+                    })
                     .unwrap_or(l)
             })
             .collect::<Vec<_>>()
