@@ -840,3 +840,71 @@ async fn tls_to_the_upstream_presents_the_brokers_svid_to_exactly_the_expected_i
     ends(&mut client).await;
     wrong.wait_log("upstream unreachable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_s_end_cuts_its_connection_and_a_shutdown_records_every_close() {
+    let server = TestServer::start(&format!("audit_sources = [\"{BROKER}\"]\n"));
+    let agent = TestAgentProcess::start(&server).await;
+    let me = format!("unix:uid:{}", my_uid());
+    for id in [BROKER, STANDING] {
+        create_entry(&server, entry(id, &agent.agent_id(), &[&me]))
+            .await
+            .unwrap();
+    }
+    // The session's SVID is minted on demand (the broker's own Workload API stream asks first,
+    // for the same uid): minted 2 s after the open with a 19 s TTL, it is capped at the
+    // session's end, which is then what ends the connection.
+    let session = open_session(&server, &agent, SESSION_ID, "20s", &["--svid-ttl", "19s"]);
+    let session_id = session["id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut broker = BrokerProcess::start_with(&server, &agent, "tcp", echo_server(), ANYONE);
+    let (_stream, msg) = x509_stream_with(&agent, |m| {
+        [BROKER, SESSION_ID, STANDING]
+            .iter()
+            .all(|id| svid_ids(m).contains(&(*id).to_owned()))
+    })
+    .await;
+    broker.wait_log("credentials updated");
+
+    // The session's connection ends with the session, and says so.
+    let mut client = connect(broker.address, &msg, SESSION_ID).await.unwrap();
+    assert!(echoes(&mut client, b"while the session lasts").await);
+    let mut standing = connect(broker.address, &msg, STANDING).await.unwrap();
+    assert!(echoes(&mut standing, b"standing").await);
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), client.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the session's end did not cut its connection"),
+        }
+    }
+    eprintln!("cut {:?} after the first echo", started.elapsed());
+    broker.wait_log("\"reason\":\"session_ended\"");
+    wait_story(
+        &server,
+        &session_id,
+        "broker.connection.close",
+        "session_ended",
+    );
+
+    // SIGTERM with a connection open: it is cut, and its close is in the spool first.
+    broker.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the broker did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(broker.dir.path().join("spool/events.log")).unwrap();
+    let closes: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["action"] == "broker.connection.close")
+        .collect();
+    assert!(
+        closes.iter().any(|e| e["details"]["reason"] == "shutdown"),
+        "{closes:#?}"
+    );
+    drop(standing);
+}
