@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+use rustls_pki_types::CertificateRevocationListDer;
 use sigil_core::{SpiffeId, X509Bundle, X509Svid};
 use sigil_proto::workload::X509svidRequest;
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -187,12 +187,6 @@ async fn workload_client(
         channel,
         header as Header,
     ))
-}
-
-/// The serial of a certificate, lowercase hex (as CRLs and the audit log name it).
-pub(crate) fn serial(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
-    Some(sigil_core::hex::encode(parsed.raw_serial()))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use x509_parser::prelude::FromDer as _;
 
 use crate::config::{StaleCrl, Target, TargetKind};
-use crate::credentials::{Credentials, serial};
+use crate::credentials::Credentials;
 use crate::policy::{Principal, TargetPolicy};
 use crate::spool::{NewEvent, Spool};
 use crate::upstream;
@@ -484,8 +484,8 @@ fn peer(
     if spiffe_id.trust_domain() != *credentials.bundle.trust_domain() {
         anyhow::bail!("{spiffe_id} is not of the broker's trust domain");
     }
-    let serial = serial(&leaf).ok_or_else(|| anyhow::anyhow!("unreadable serial"))?;
     let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&leaf)?;
+    let serial = sigil_core::hex::encode(parsed.raw_serial());
     let not_after = sigil_core::time::from_unix_seconds(parsed.validity().not_after.timestamp())
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let claims = SessionClaims::from_certificate(&leaf)?;

@@ -147,15 +147,14 @@ pub(crate) struct Spool {
 
 /// What the server said to one `Append`.
 enum Answer {
-    /// Every event up to this sequence is in the chain.
+    /// Every event up to this sequence is in the chain (an answer, or the sequence before the
+    /// one the server expects next).
     Acknowledged(u64),
     /// An event of the batch was refused as malformed.
     Rejected {
         sequence: Option<u64>,
         reason: String,
     },
-    /// The server expects this sequence next.
-    Resume(u64),
 }
 
 impl std::fmt::Debug for Spool {
@@ -352,7 +351,7 @@ impl Spool {
             .take_while(|e| e.sequence <= inner.synced)
             .take(BATCH)
         {
-            let size = event.peer.len() + Value::Object(event.details.clone()).to_string().len();
+            let size = event.peer.len() + json_len(&event.details);
             if !batch.is_empty() && bytes + size > BATCH_BYTES {
                 break;
             }
@@ -498,11 +497,6 @@ impl Spool {
                         .await
                         .unwrap_or_else(|e| Err(invalid(Path::new("spool"), e.to_string())))
                 }
-                Ok(Answer::Resume(next)) => tokio::task::spawn_blocking(move || {
-                    spool.settle(next.saturating_sub(1), first, last)
-                })
-                .await
-                .unwrap_or_else(|e| Err(invalid(Path::new("spool"), e.to_string()))),
                 Ok(Answer::Rejected { sequence, reason }) => {
                     match sequence {
                         Some(sequence) => {
@@ -589,7 +583,7 @@ async fn send(channel: Channel, spool_id: String, batch: Vec<Event>) -> anyhow::
             .get("sigil-next-sequence")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
-            .map(Answer::Resume)
+            .map(|next| Answer::Acknowledged(next.saturating_sub(1)))
             .ok_or_else(|| anyhow::anyhow!("{}", status.message())),
         Err(status) if status.code() == tonic::Code::InvalidArgument => {
             let message = status.message().to_owned();
@@ -610,7 +604,7 @@ async fn send(channel: Channel, spool_id: String, batch: Vec<Event>) -> anyhow::
 /// Keeps an event within the server's limits: oversized details are replaced by their size,
 /// an oversized certificate is dropped (and said so).
 fn bounded(mut event: Event) -> Event {
-    let size = Value::Object(event.details.clone()).to_string().len();
+    let size = json_len(&event.details);
     if size > MAX_DETAILS - 512 {
         let mut details = Map::new();
         details.insert("oversized_details_bytes".to_owned(), Value::from(size));
@@ -623,6 +617,11 @@ fn bounded(mut event: Event) -> Event {
             .insert("peer_certificate_dropped".to_owned(), Value::from(true));
     }
     event
+}
+
+/// The length of `details` as JSON.
+fn json_len(details: &Map<String, Value>) -> usize {
+    serde_json::to_vec(details).map_or(usize::MAX, |bytes| bytes.len())
 }
 
 fn new_id(dir: &Path) -> Result<String, SpoolError> {

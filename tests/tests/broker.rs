@@ -303,28 +303,47 @@ fn spool_pending(dir: &Path) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_get_through_are_cut_on_revoke_and_every_step_is_in_the_chain() {
-    let server = TestServer::start(&format!("audit_sources = [\"{BROKER}\"]\n"));
+/// A server that lists the broker in `audit_sources` (then `extra`), its agent, and entries
+/// granting `ids` to this process's uid.
+async fn deployment(extra: &str, ids: &[&str]) -> (TestServer, TestAgentProcess) {
+    let server = TestServer::start(&format!("audit_sources = [\"{BROKER}\"]\n{extra}"));
     let agent = TestAgentProcess::start(&server).await;
     let me = format!("unix:uid:{}", my_uid());
-    for id in [BROKER, STANDING] {
+    for id in ids {
         create_entry(&server, entry(id, &agent.agent_id(), &[&me]))
             .await
             .unwrap();
     }
+    (server, agent)
+}
+
+/// Waits until the agent serves every ID of `ids` to this process and `broker` has its
+/// credentials; returns the open stream and its message.
+async fn serving(
+    agent: &TestAgentProcess,
+    broker: &BrokerProcess,
+    ids: &[&str],
+) -> (
+    tonic::Streaming<sigil_proto::workload::X509svidResponse>,
+    sigil_proto::workload::X509svidResponse,
+) {
+    let served = x509_stream_with(agent, |m| {
+        ids.iter().all(|id| svid_ids(m).contains(&(*id).to_owned()))
+    })
+    .await;
+    broker.wait_log("credentials updated");
+    served
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_get_through_are_cut_on_revoke_and_every_step_is_in_the_chain() {
+    let (server, agent) = deployment("", &[BROKER, STANDING]).await;
     let session = open_session(&server, &agent, SESSION_ID, "10m", &[]);
     let session_id = session["id"].as_str().unwrap().to_owned();
     let (upstream, upstream_connections) = counting_echo_server();
     let upstream_count = || upstream_connections.load(std::sync::atomic::Ordering::SeqCst);
     let broker = BrokerProcess::start_with(&server, &agent, "tcp", upstream, POLICY);
-    let (_stream, msg) = x509_stream_with(&agent, |m| {
-        [BROKER, SESSION_ID, STANDING]
-            .iter()
-            .all(|id| svid_ids(m).contains(&(*id).to_owned()))
-    })
-    .await;
-    broker.wait_log("credentials updated");
+    let (_stream, msg) = serving(&agent, &broker, &[BROKER, SESSION_ID, STANDING]).await;
 
     // The session's SVID gets through, both ways.
     let mut client = connect(broker.address, &msg, SESSION_ID).await.unwrap();
@@ -470,21 +489,10 @@ fn spool_last(dir: &Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_server_down_and_a_broker_crash_every_event_reaches_the_chain_once() {
-    let mut server = TestServer::start(&format!("audit_sources = [\"{BROKER}\"]\n"));
-    let agent = TestAgentProcess::start(&server).await;
-    let me = format!("unix:uid:{}", my_uid());
-    create_entry(&server, entry(BROKER, &agent.agent_id(), &[&me]))
-        .await
-        .unwrap();
+    let (mut server, agent) = deployment("", &[BROKER]).await;
     open_session(&server, &agent, SESSION_ID, "10m", &[]);
     let mut broker = BrokerProcess::start(&server, &agent);
-    let (_stream, msg) = x509_stream_with(&agent, |m| {
-        [BROKER, SESSION_ID]
-            .iter()
-            .all(|id| svid_ids(m).contains(&(*id).to_owned()))
-    })
-    .await;
-    broker.wait_log("credentials updated");
+    let (_stream, msg) = serving(&agent, &broker, &[BROKER, SESSION_ID]).await;
     let through = |broker: SocketAddr, text: &'static [u8]| {
         let msg = msg.clone();
         async move {
@@ -643,24 +651,11 @@ when { principal has session && context.path like "/tables*" };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_requests_are_decided_one_by_one_and_an_idle_keep_alive_is_cut_on_revoke() {
-    let server = TestServer::start(&format!("audit_sources = [\"{BROKER}\"]\n"));
-    let agent = TestAgentProcess::start(&server).await;
-    let me = format!("unix:uid:{}", my_uid());
-    for id in [BROKER, STANDING] {
-        create_entry(&server, entry(id, &agent.agent_id(), &[&me]))
-            .await
-            .unwrap();
-    }
+    let (server, agent) = deployment("", &[BROKER, STANDING]).await;
     let session = open_session(&server, &agent, SESSION_ID, "10m", &[]);
     let session_id = session["id"].as_str().unwrap().to_owned();
     let broker = BrokerProcess::start_with(&server, &agent, "http", http_server(), HTTP_POLICY);
-    let (_stream, msg) = x509_stream_with(&agent, |m| {
-        [BROKER, SESSION_ID, STANDING]
-            .iter()
-            .all(|id| svid_ids(m).contains(&(*id).to_owned()))
-    })
-    .await;
-    broker.wait_log("credentials updated");
+    let (_stream, msg) = serving(&agent, &broker, &[BROKER, SESSION_ID, STANDING]).await;
 
     let mut client = connect(broker.address, &msg, SESSION_ID).await.unwrap();
     assert_eq!(
@@ -710,25 +705,17 @@ const ANYONE: &str = r#"permit(principal, action == Sigil::Action::"connect", re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_brokers_own_svid_rotates_without_dropping_a_connection() {
     // The broker's SVID lives 20 s (renewed about every 10 s); the client's 60 s.
-    let server = TestServer::start(&format!(
-        "audit_sources = [\"{BROKER}\"]\nca_ttl = \"6m\"\ndefault_x509_svid_ttl = \"20s\"\ndefault_jwt_svid_ttl = \"1m\"\nsession_svid_ttl = \"1m\"\n"
-    ));
-    let agent = TestAgentProcess::start(&server).await;
+    let (server, agent) = deployment(
+        "ca_ttl = \"6m\"\ndefault_x509_svid_ttl = \"20s\"\ndefault_jwt_svid_ttl = \"1m\"\nsession_svid_ttl = \"1m\"",
+        &[BROKER],
+    )
+    .await;
     let me = format!("unix:uid:{}", my_uid());
-    create_entry(&server, entry(BROKER, &agent.agent_id(), &[&me]))
-        .await
-        .unwrap();
     let mut standing = entry(STANDING, &agent.agent_id(), &[&me]);
     standing.x509_svid_ttl = 60;
     create_entry(&server, standing).await.unwrap();
     let broker = BrokerProcess::start_with(&server, &agent, "tcp", echo_server(), ANYONE);
-    let (_stream, msg) = x509_stream_with(&agent, |m| {
-        [BROKER, STANDING]
-            .iter()
-            .all(|id| svid_ids(m).contains(&(*id).to_owned()))
-    })
-    .await;
-    broker.wait_log("credentials updated");
+    let (_stream, msg) = serving(&agent, &broker, &[BROKER, STANDING]).await;
     let mut client = connect(broker.address, &msg, STANDING).await.unwrap();
     assert!(echoes(&mut client, b"before the rotation").await);
     let served = |c: &Client| serial_of(c.get_ref().1.peer_certificates().unwrap()[0].as_ref());
@@ -768,14 +755,7 @@ impl Drop for Kill {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_the_upstream_presents_the_brokers_svid_to_exactly_the_expected_id() {
     const DB: &str = "spiffe://example.org/db";
-    let server = TestServer::start(&format!("audit_sources = [\"{BROKER}\"]\n"));
-    let agent = TestAgentProcess::start(&server).await;
-    let me = format!("unix:uid:{}", my_uid());
-    for id in [BROKER, DB, STANDING] {
-        create_entry(&server, entry(id, &agent.agent_id(), &[&me]))
-            .await
-            .unwrap();
-    }
+    let (server, agent) = deployment("", &[BROKER, DB, STANDING]).await;
     let (_stream, msg) = x509_stream_with(&agent, |m| svid_ids(m).len() == 3).await;
     // The upstream: the mTLS example server as DB, allowing only the broker (so an answer
     // proves the broker presented its own SVID).
@@ -843,14 +823,7 @@ async fn tls_to_the_upstream_presents_the_brokers_svid_to_exactly_the_expected_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_s_end_cuts_its_connection_and_a_shutdown_records_every_close() {
-    let server = TestServer::start(&format!("audit_sources = [\"{BROKER}\"]\n"));
-    let agent = TestAgentProcess::start(&server).await;
-    let me = format!("unix:uid:{}", my_uid());
-    for id in [BROKER, STANDING] {
-        create_entry(&server, entry(id, &agent.agent_id(), &[&me]))
-            .await
-            .unwrap();
-    }
+    let (server, agent) = deployment("", &[BROKER, STANDING]).await;
     // The session's SVID is minted on demand (the broker's own Workload API stream asks first,
     // for the same uid): minted 2 s after the open with a 19 s TTL, it is capped at the
     // session's end, which is then what ends the connection.
@@ -858,13 +831,7 @@ async fn a_session_s_end_cuts_its_connection_and_a_shutdown_records_every_close(
     let session_id = session["id"].as_str().unwrap().to_owned();
     std::thread::sleep(Duration::from_secs(2));
     let mut broker = BrokerProcess::start_with(&server, &agent, "tcp", echo_server(), ANYONE);
-    let (_stream, msg) = x509_stream_with(&agent, |m| {
-        [BROKER, SESSION_ID, STANDING]
-            .iter()
-            .all(|id| svid_ids(m).contains(&(*id).to_owned()))
-    })
-    .await;
-    broker.wait_log("credentials updated");
+    let (_stream, msg) = serving(&agent, &broker, &[BROKER, SESSION_ID, STANDING]).await;
 
     // The session's connection ends with the session, and says so.
     let mut client = connect(broker.address, &msg, SESSION_ID).await.unwrap();
