@@ -247,7 +247,8 @@ fn check_target(t: TargetFile, earlier: &[Target], problems: &mut Problems) -> O
         ok = false;
     }
     let listen = problems.check(&format!("{key}.listen"), t.listen.parse::<SocketAddr>());
-    if listen.is_some_and(|l| earlier.iter().any(|e| e.listen == l)) {
+    // Port 0 (any free port) is a distinct port for each target.
+    if listen.is_some_and(|l| l.port() != 0 && earlier.iter().any(|e| e.listen == l)) {
         problems.push(&key, "two targets listen on this address");
         ok = false;
     }
@@ -415,6 +416,23 @@ upstream_spiffe_id = "spiffe://example.org/admin-api"
                 .map(SpiffeId::as_str),
             Some("spiffe://example.org/admin-api")
         );
+    }
+
+    #[test]
+    fn two_targets_may_not_share_an_address_but_may_both_take_any_free_port() {
+        let shared = GOOD.replace("127.0.0.1:18443", "127.0.0.1:15432");
+        let err = BrokerConfig::from_file(&shared, None).unwrap_err();
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.message.contains("two targets listen on this address")),
+            "{err}"
+        );
+        let any = GOOD
+            .replace("127.0.0.1:18443", "127.0.0.1:0")
+            .replace("127.0.0.1:15432", "127.0.0.1:0");
+        let c = BrokerConfig::from_file(&any, None).unwrap();
+        assert_eq!(c.targets.len(), 2);
     }
 
     #[test]
