@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Mutex, watch};
 use tracing::{debug, info};
 
-use crate::proxy::{CloseReason, Counters, Peer, TargetContext, deadline, record};
+use crate::proxy::{CloseReason, Counters, Peer, TargetContext, deadline, note, record};
 use crate::upstream;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -117,7 +117,7 @@ async fn handle(
         );
         facts.insert("status".to_owned(), Value::from(403));
         info!(peer = %peer.principal.spiffe_id, %method, %path, "request denied by policy");
-        if record(&context, "broker.deny", facts, &peer).await.is_err() {
+        if note(&context, "broker.deny", facts, &peer).is_err() {
             return Ok(plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cannot record the request\n",
@@ -169,9 +169,9 @@ async fn handle(
             plain(StatusCode::BAD_GATEWAY, "the upstream did not answer\n")
         }
     };
-    // The request already went upstream: a failure to record its outcome is logged by
-    // `record`, and the answer still goes back.
-    let _ = record(&context, "broker.response", outcome, &peer).await;
+    // The request already went upstream: its outcome is recorded without waiting for the disk
+    // (a failure is logged by `note`), and the answer goes back.
+    let _ = note(&context, "broker.response", outcome, &peer);
     Ok(response)
 }
 

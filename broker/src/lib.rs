@@ -150,7 +150,6 @@ pub async fn run(
             )
             .instrument(info_span!("forwarder")),
     ));
-    tasks.push(tokio::spawn(spool.clone().run_flusher(stop.clone())));
     for ((target, listener), policy) in config.targets.iter().zip(listeners).zip(&policies) {
         let context = Arc::new(TargetContext {
             target: target.clone(),
@@ -194,6 +193,14 @@ pub async fn run(
     }
     for task in tasks {
         task.abort();
+    }
+    // What the connections recorded last (their closes) is on disk before the process ends.
+    let closing = Arc::clone(&spool);
+    if tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .is_err()
+    {
+        error!("the spool could not be closed");
     }
     info!(pending = spool.pending(), "broker stopped");
     Ok(())

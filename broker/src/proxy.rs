@@ -264,7 +264,7 @@ async fn connection(
             Value::from(CloseReason::Revoked.as_str()),
         );
         info!(target = %target.name, peer = %peer.principal.spiffe_id, "connection refused: its certificate is revoked");
-        record(&context, "broker.deny", facts, &peer).await?;
+        note(&context, "broker.deny", facts, &peer)?;
         return Ok(());
     }
     if let Some(problem) = credentials.crl_problem(&peer.issuer, SystemTime::now()) {
@@ -272,7 +272,7 @@ async fn connection(
             warn!(target = %target.name, %problem, "refusing the connection until a fresh CRL arrives (stale_crl = \"refuse\")");
             facts.insert("reason".to_owned(), Value::from("stale_crl"));
             facts.insert("crl_problem".to_owned(), Value::from(problem));
-            record(&context, "broker.deny", facts, &peer).await?;
+            note(&context, "broker.deny", facts, &peer)?;
             return Ok(());
         }
         warn!(target = %target.name, %problem, "accepting the connection anyway (stale_crl = \"allow\")");
@@ -282,7 +282,7 @@ async fn connection(
             "reason".to_owned(),
             Value::from(CloseReason::Shutdown.as_str()),
         );
-        record(&context, "broker.deny", facts, &peer).await?;
+        note(&context, "broker.deny", facts, &peer)?;
         return Ok(());
     }
 
@@ -300,12 +300,19 @@ async fn connection(
                 Value::from(CloseReason::Policy.as_str()),
             );
             info!(target = %target.name, peer = %peer.principal.spiffe_id, "connection denied by policy");
-            record(&context, "broker.deny", facts, &peer).await?;
+            note(&context, "broker.deny", facts, &peer)?;
             return Ok(());
         }
     }
-    // Durable before the first byte goes upstream: a spool failure refuses the connection.
-    record(&context, "broker.connection.open", facts, &peer).await?;
+    // In the log before anything else happens, durable before the first byte goes upstream
+    // (a spool failure refuses the connection); the upstream connection is made meanwhile.
+    let written = context
+        .spool
+        .write(event(&context, "broker.connection.open", facts, &peer))
+        .map_err(|error| {
+            tracing::error!(%error, "cannot record in the spool; refusing");
+            anyhow::Error::from(error)
+        })?;
     let started = Instant::now();
     let (id, cut) = context.live.register(&peer.serial);
     // A revocation that arrived between the handshake and the registration.
@@ -321,13 +328,30 @@ async fn connection(
     }
     let counters = Arc::new(Counters::default());
     let mut cut_early = cut.clone();
+    let opening = async {
+        tokio::join!(
+            context.spool.durable(written),
+            tokio::time::timeout(
+                UPSTREAM_CONNECT_TIMEOUT,
+                upstream::connect(
+                    &target.upstream,
+                    target.upstream_spiffe_id.as_ref(),
+                    &credentials
+                ),
+            )
+        )
+    };
     let connected = tokio::select! {
         biased;
         _ = cut_early.wait_for(Option::is_some) => None,
-        connected = tokio::time::timeout(
-            UPSTREAM_CONNECT_TIMEOUT,
-            upstream::connect(&target.upstream, target.upstream_spiffe_id.as_ref(), &credentials),
-        ) => Some(connected),
+        (durable, connected) = opening => {
+            if let Err(error) = durable {
+                tracing::error!(%error, "cannot record in the spool; refusing");
+                context.live.remove(id);
+                return Err(error.into());
+            }
+            Some(connected)
+        }
     };
     let reason = match connected {
         None => cut.borrow().unwrap_or(CloseReason::Shutdown),
@@ -367,8 +391,8 @@ async fn connection(
         Value::from(counters.down.load(Ordering::Relaxed)),
     );
     close.insert("source".to_owned(), Value::from(remote.to_string()));
-    info!(target = %target.name, peer = %peer.principal.spiffe_id, reason = reason.as_str(), "connection closed");
-    let recorded = record(&context, "broker.connection.close", close, &peer).await;
+    debug!(target = %target.name, peer = %peer.principal.spiffe_id, reason = reason.as_str(), "connection closed");
+    let recorded = note(&context, "broker.connection.close", close, &peer);
     context.live.remove(id);
     recorded
 }
@@ -444,12 +468,15 @@ async fn relay(
 }
 
 /// Copies `from` to `to`, counting bytes, until `from` ends (then shuts `to` down) or an error.
+///
+/// Each write is flushed: a TLS stream whose socket was full accepts the bytes but may hold
+/// the last records until flushed, and the other side would wait for them forever.
 async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     count: &AtomicU64,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => {
@@ -457,7 +484,7 @@ async fn pump(
                 return;
             }
             Ok(n) => {
-                if to.write_all(&buf[..n]).await.is_err() {
+                if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
                     return;
                 }
                 count.fetch_add(n as u64, Ordering::Relaxed);
@@ -514,8 +541,8 @@ fn peer_facts(peer: &Peer, remote: SocketAddr) -> Map<String, Value> {
     facts
 }
 
-/// Records an event about `peer` in the spool; an error means what it describes must not
-/// happen.
+/// Records an event about `peer` that describes what is about to go upstream: durable as the
+/// record mode says when it returns `Ok`; an error means it must not happen.
 pub(crate) async fn record(
     context: &TargetContext,
     action: &'static str,
@@ -524,16 +551,110 @@ pub(crate) async fn record(
 ) -> anyhow::Result<()> {
     context
         .spool
-        .record(NewEvent {
-            action,
-            subject: context.target.name.clone(),
-            details,
-            peer: Some(peer.leaf.to_vec()),
-        })
+        .record(event(context, action, details, peer))
         .await
         .map(drop)
         .map_err(|error| {
             tracing::error!(%error, "cannot record in the spool; refusing");
             anyhow::Error::from(error)
         })
+}
+
+/// Records an event about `peer` that describes what already happened (a refusal, a close, a
+/// response), without waiting for the disk.
+///
+/// # Errors
+///
+/// The spool is broken or full (logged).
+pub(crate) fn note(
+    context: &TargetContext,
+    action: &'static str,
+    details: Map<String, Value>,
+    peer: &Peer,
+) -> anyhow::Result<()> {
+    context
+        .spool
+        .note(event(context, action, details, peer))
+        .map(drop)
+        .map_err(|error| {
+            tracing::error!(%error, "cannot record in the spool");
+            anyhow::Error::from(error)
+        })
+}
+
+fn event(
+    context: &TargetContext,
+    action: &'static str,
+    details: Map<String, Value>,
+    peer: &Peer,
+) -> NewEvent {
+    NewEvent {
+        action,
+        subject: context.target.name.clone(),
+        details,
+        peer: Some(peer.leaf.to_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A writer like a TLS stream over a full socket: it takes the bytes but delivers them
+    /// only when flushed.
+    #[derive(Default, Clone)]
+    struct Holding {
+        held: Arc<Mutex<Vec<u8>>>,
+        delivered: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncWrite for Holding {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.held.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            let held = std::mem::take(&mut *self.held.lock().unwrap());
+            self.delivered.lock().unwrap().extend_from_slice(&held);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_relay_delivers_what_it_read_while_the_other_side_is_quiet() {
+        let (mut client, from) = tokio::io::duplex(1024);
+        let to = Holding::default();
+        let count = Arc::new(AtomicU64::new(0));
+        let relay = tokio::spawn({
+            let (to, count) = (to.clone(), Arc::clone(&count));
+            async move { pump(from, to, &count).await }
+        });
+        // The client sends a request and waits for the answer, the stream staying open.
+        client.write_all(b"SELECT 1;").await.unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while to.delivered.lock().unwrap().as_slice() != b"SELECT 1;" {
+            assert!(
+                Instant::now() < deadline,
+                "the request stayed in the writer's buffer"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(count.load(Ordering::Relaxed), 9);
+        drop(client);
+        relay.await.unwrap();
+    }
 }
