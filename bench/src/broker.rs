@@ -8,6 +8,10 @@
 //!   events (open, close); in sync mode the open is fsynced before the connection goes
 //!   upstream, so the sync figure is compared with one `fdatasync` of the same disk, measured in
 //!   the same run.
+//! - HTTP request on a kept-alive connection (the issue's "request latency"): a `GET` through
+//!   an `http` target in both record modes, against the same request over direct mTLS to the
+//!   same kind of HTTP server. Each brokered request is recorded before it goes upstream
+//!   (fsynced in sync mode) and its response after.
 //! - Stream throughput: one connection echoing a large payload, brokered (async) and direct.
 //! - Cedar decisions per second (`sigil-broker bench-policy`).
 //! - Revocation to cut: a session's connection open through the broker, `RevokeSession`
@@ -30,13 +34,14 @@ use tokio::process::{Child, Command};
 
 use crate::Harness;
 use crate::clients;
+use crate::procs;
 use crate::report::{Percentiles, Row, duration, ratio};
 use crate::topology::{AgentHandle, ServerHandle};
 
 const BROKER: &str = "spiffe://bench.example/broker";
 const CLIENT: &str = "spiffe://bench.example/client";
 const SESSION: &str = "spiffe://bench.example/admin/db";
-const ANYONE: &str = r#"permit(principal, action == Sigil::Action::"connect", resource);"#;
+const ANYONE: &str = r#"permit(principal, action, resource);"#;
 
 /// The credentials of one SVID from the Workload API.
 struct Svid {
@@ -78,7 +83,9 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
     let broker_svid = svid(&svids, BROKER)?;
 
     let upstream = echo_upstream().await?;
+    let http_upstream = http_upstream().await?;
     let direct = direct_echo(&broker_svid).await?;
+    let direct_http = direct_http(&broker_svid).await?;
     let policy = dir.join("anyone.cedar");
     std::fs::write(&policy, ANYONE)?;
     let mut sync = Broker::start(
@@ -86,7 +93,7 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
         &dir.join("sync"),
         &agent.socket,
         &server,
-        upstream,
+        (upstream, http_upstream),
         &policy,
         "sync",
     )
@@ -96,7 +103,7 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
         &dir.join("async"),
         &agent.socket,
         &server,
-        upstream,
+        (upstream, http_upstream),
         &policy,
         "async",
     )
@@ -154,14 +161,94 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
         ),
     );
 
-    let payload = if h.plan.quick { 8 << 20 } else { 64 << 20 };
-    let direct_rate = throughput(direct, &client, payload).await?;
-    let broker_rate = throughput(asynchronous.address, &client, payload).await?;
+    let requests = if h.plan.quick { 200 } else { 2000 };
+    let direct_requests = requests_on_one_connection(direct_http, &client, requests).await?;
+    let sync_requests = requests_on_one_connection(sync.http, &client, requests).await?;
+    let async_requests = requests_on_one_connection(asynchronous.http, &client, requests).await?;
+    let (Some(d), Some(s), Some(a)) = (
+        Percentiles::of(&direct_requests),
+        Percentiles::of(&sync_requests),
+        Percentiles::of(&async_requests),
+    ) else {
+        bail!("no samples");
+    };
     h.rows.push(
         Row::info(
-            format!("Broker, stream throughput ({} MiB echoed)", payload >> 20),
-            format!("{:.0} MiB/s", broker_rate),
-            format!("direct mTLS {:.0} MiB/s", direct_rate),
+            format!("Broker, HTTP request on a kept-alive connection, record=async (p50 / p99, {requests})"),
+            format!("{} / {}", duration(a.p50), duration(a.p99)),
+            format!("direct mTLS {} / {}", duration(d.p50), duration(d.p99)),
+            ratio(a.p50, d.p50),
+        )
+        .target(
+            format!(
+                "added p50 <= 300 us (added: {}; p99 added {})",
+                duration(added(a.p50, d.p50)),
+                duration(added(a.p99, d.p99))
+            ),
+            added(a.p50, d.p50) <= budget,
+        ),
+    );
+    h.rows.push(
+        Row::info(
+            format!("Broker, HTTP request on a kept-alive connection, record=sync (p50 / p99, {requests})"),
+            format!("{} / {}", duration(s.p50), duration(s.p99)),
+            format!(
+                "direct mTLS {} / {}; fdatasync p50 {}",
+                duration(d.p50),
+                duration(d.p99),
+                duration(f.p50)
+            ),
+            ratio(s.p50, d.p50),
+        )
+        .target(
+            format!(
+                "added p50 <= fdatasync + 300 us (added: {}; p99 added {})",
+                duration(added(s.p50, d.p50)),
+                duration(added(s.p99, d.p99))
+            ),
+            added(s.p50, d.p50) <= f.p50 + budget,
+        ),
+    );
+
+    let payload = if h.plan.quick { 8 << 20 } else { 64 << 20 };
+    // CPU per MiB echoed, to tell a slower relay from more work on the same two cores: the
+    // direct run's work is all in this process (client and TLS echo server); the brokered
+    // run's is in this process (client, plain echo upstream) and the broker. Three runs of
+    // each, alternated; the median rate, the CPU of all.
+    let me = std::process::id();
+    let broker_pid = asynchronous.child.id().context("the async broker exited")?;
+    let (mut direct_rates, mut broker_rates) = (Vec::new(), Vec::new());
+    let (mut direct_cpu, mut broker_cpu, mut brokered_cpu) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    for _ in 0..3 {
+        let before = procs::cpu_ns_of(me)?;
+        direct_rates.push(throughput(direct, &client, payload).await?);
+        direct_cpu += procs::cpu_ns_of(me)?.saturating_sub(before);
+        let (before, broker_before) = (procs::cpu_ns_of(me)?, procs::cpu_ns_of(broker_pid)?);
+        broker_rates.push(throughput(asynchronous.address, &client, payload).await?);
+        let broker = procs::cpu_ns_of(broker_pid)?.saturating_sub(broker_before);
+        broker_cpu += broker;
+        brokered_cpu += procs::cpu_ns_of(me)?.saturating_sub(before) + broker;
+    }
+    direct_rates.sort_by(f64::total_cmp);
+    broker_rates.sort_by(f64::total_cmp);
+    let (direct_rate, broker_rate) = (direct_rates[1], broker_rates[1]);
+    let per_mib = |cpu: Duration| duration(cpu / u32::try_from(3 * (payload >> 20)).unwrap_or(1));
+    h.rows.push(
+        Row::info(
+            format!(
+                "Broker, stream throughput ({} MiB echoed, median of 3)",
+                payload >> 20
+            ),
+            format!(
+                "{broker_rate:.0} MiB/s; CPU {} per MiB ({} in the broker)",
+                per_mib(brokered_cpu),
+                per_mib(broker_cpu)
+            ),
+            format!(
+                "direct mTLS {direct_rate:.0} MiB/s; CPU {} per MiB",
+                per_mib(direct_cpu)
+            ),
             Some(broker_rate / direct_rate.max(f64::EPSILON)),
         )
         .target(">= 0.8x direct", broker_rate >= 0.8 * direct_rate),
@@ -283,6 +370,26 @@ async fn echo_upstream() -> anyhow::Result<std::net::SocketAddr> {
 /// The baseline: an mTLS echo server with the broker's SVID, requiring a client SVID of the
 /// bundle (what the broker's handshake does, minus the broker).
 async fn direct_echo(svid: &Svid) -> anyhow::Result<std::net::SocketAddr> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(direct_tls(svid)?);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// The baselines' TLS: the broker's SVID, a client SVID of the bundle required.
+fn direct_tls(svid: &Svid) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for root in svid.bundle.authorities() {
         roots.add(root.clone())?;
@@ -299,7 +406,50 @@ async fn direct_echo(svid: &Svid) -> anyhow::Result<std::net::SocketAddr> {
         )?;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    Ok(Arc::new(config))
+}
+
+/// The answer of the benchmark's HTTP servers to every request.
+const HTTP_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+/// Answers every request on `stream` with [`HTTP_OK`] until it closes (requests without a body,
+/// as the benchmark sends).
+async fn serve_http(stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin) {
+    let (read, mut write) = tokio::io::split(stream);
+    let mut read = tokio::io::BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        // One request: lines up to the empty one.
+        loop {
+            line.clear();
+            match read.read_line(&mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) => {}
+            }
+        }
+        if write.write_all(HTTP_OK).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A plain HTTP/1.1 server on loopback (the broker's `http` upstream).
+async fn http_upstream() -> anyhow::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(serve_http(tcp));
+        }
+    });
+    Ok(address)
+}
+
+/// The baseline of the request rows: the same HTTP server behind mTLS with the broker's SVID.
+async fn direct_http(svid: &Svid) -> anyhow::Result<std::net::SocketAddr> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(direct_tls(svid)?);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     tokio::spawn(async move {
@@ -308,13 +458,55 @@ async fn direct_echo(svid: &Svid) -> anyhow::Result<std::net::SocketAddr> {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(tcp).await {
-                    let (mut r, mut w) = tokio::io::split(tls);
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    serve_http(tls).await;
                 }
             });
         }
     });
     Ok(address)
+}
+
+/// `trials` `GET` requests, one after another, on one kept-alive connection: the time of each.
+async fn requests_on_one_connection(
+    address: std::net::SocketAddr,
+    client: &Svid,
+    trials: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let tls = connect(address, client).await?;
+    let (read, mut write) = tokio::io::split(tls);
+    let mut read = tokio::io::BufReader::new(read);
+    let mut times = Vec::with_capacity(trials);
+    let mut line = String::new();
+    for n in 0..trials {
+        let started = Instant::now();
+        write
+            .write_all(format!("GET /rows/{n} HTTP/1.1\r\nhost: bench\r\n\r\n").as_bytes())
+            .await?;
+        let mut status = None;
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            if read.read_line(&mut line).await? == 0 {
+                bail!("the connection closed after {n} requests");
+            }
+            if status.is_none() {
+                status = line.split(' ').nth(1).map(str::to_owned);
+            } else if line == "\r\n" {
+                break;
+            } else if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse()?;
+            }
+        }
+        let mut body = vec![0u8; length];
+        read.read_exact(&mut body).await?;
+        times.push(started.elapsed());
+        if status.as_deref() != Some("200") {
+            bail!("request {n} was answered {status:?}");
+        }
+    }
+    Ok(times)
 }
 
 type Client = tokio_rustls::client::TlsStream<TcpStream>;
@@ -376,6 +568,8 @@ async fn throughput(
             w.write_all(&chunk).await?;
             sent += chunk.len();
         }
+        // TLS may hold the last records until flushed (a full socket buffer at the last write).
+        w.flush().await?;
         anyhow::Ok(w)
     });
     let mut buf = vec![0u8; 64 * 1024];
@@ -471,7 +665,10 @@ async fn revoke_to_cut(
 /// A `sigil-broker run` child.
 struct Broker {
     child: Child,
+    /// The `tcp` target (echo upstream).
     address: std::net::SocketAddr,
+    /// The `http` target.
+    http: std::net::SocketAddr,
 }
 
 impl Broker {
@@ -480,7 +677,7 @@ impl Broker {
         dir: &Path,
         socket: &Path,
         server: &ServerHandle,
-        upstream: std::net::SocketAddr,
+        (upstream, http_upstream): (std::net::SocketAddr, std::net::SocketAddr),
         policy: &Path,
         record: &str,
     ) -> anyhow::Result<Self> {
@@ -489,11 +686,11 @@ impl Broker {
         std::fs::write(
             &config,
             format!(
-                "socket_path = \"unix://{}\"\nspiffe_id = \"{BROKER}\"\nserver_address = [\"{}\"]\nspool_dir = \"{}\"\nrecord = \"{record}\"\nlog_format = \"json\"\nlog_level = \"info\"\n\n[[target]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\nkind = \"tcp\"\nupstream = \"{upstream}\"\npolicy = \"{}\"\n",
+                "socket_path = \"unix://{}\"\nspiffe_id = \"{BROKER}\"\nserver_address = [\"{}\"]\nspool_dir = \"{}\"\nrecord = \"{record}\"\nlog_format = \"json\"\nlog_level = \"info\"\n\n[[target]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\nkind = \"tcp\"\nupstream = \"{upstream}\"\npolicy = \"{policy}\"\n\n[[target]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nkind = \"http\"\nupstream = \"{http_upstream}\"\npolicy = \"{policy}\"\n",
                 socket.display(),
                 server.addr,
                 dir.join("spool").display(),
-                policy.display()
+                policy = policy.display()
             ),
         )?;
         let mut child = Command::new(exe)
@@ -506,20 +703,23 @@ impl Broker {
             .spawn()?;
         let stderr = child.stderr.take().context("no stderr")?;
         let mut lines = tokio::io::BufReader::new(stderr).lines();
-        let mut address = None;
+        // The targets log their addresses in the order of the configuration.
+        let mut addresses = Vec::new();
         let mut ready = false;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !(ready && address.is_some()) {
+        while !(ready && addresses.len() == 2) {
             let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
                 .await
                 .context("the broker did not start within 60 s")??
                 .context("the broker exited")?;
             if line.contains("target listening") {
-                address = line
-                    .split("\"address\":\"")
-                    .nth(1)
-                    .and_then(|rest| rest.split('"').next())
-                    .and_then(|a| a.parse().ok());
+                addresses.push(
+                    line.split("\"address\":\"")
+                        .nth(1)
+                        .and_then(|rest| rest.split('"').next())
+                        .and_then(|a| a.parse().ok())
+                        .with_context(|| format!("no address in {line}"))?,
+                );
             }
             ready |= line.contains("credentials updated");
         }
@@ -527,7 +727,8 @@ impl Broker {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self {
             child,
-            address: address.context("no address")?,
+            address: addresses[0],
+            http: addresses[1],
         })
     }
 

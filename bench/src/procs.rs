@@ -179,6 +179,26 @@ pub(crate) fn cpu_of(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64((tick(11)? + tick(12)?) / USER_HZ))
 }
 
+/// Time on a CPU of every thread process `pid` has now, in nanoseconds (`schedstat`: finer
+/// than [`cpu_of`]'s clock ticks; threads that already ended are not counted).
+pub(crate) fn cpu_ns_of(pid: u32) -> anyhow::Result<Duration> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut total = 0u64;
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("cannot list {tasks}"))? {
+        let path = task?.path().join("schedstat");
+        // A thread may end between the listing and the read.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .with_context(|| format!("unexpected {}", path.display()))?;
+    }
+    Ok(Duration::from_nanos(total))
+}
+
 /// Bytes a directory tree occupies on disk (allocated blocks) and its files' apparent size.
 pub(crate) fn disk_usage(dir: &Path) -> anyhow::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
