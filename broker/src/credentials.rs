@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateRevocationListDer;
 use sigil_core::{SpiffeId, X509Bundle, X509Svid};
-use sigil_proto::workload::X509svidRequest;
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil_proto::workload::{X509svid, X509svidRequest};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{info, warn};
@@ -42,6 +42,50 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
+    /// The credentials in one Workload API message: `svid` (with its bundle) and the CRLs.
+    /// An unreadable CRL is logged and skipped: its authority's peers count as unchecked.
+    ///
+    /// # Errors
+    ///
+    /// The SVID or the bundle is unusable.
+    pub(crate) fn from_workload_api(svid: &X509svid, crls: &[Vec<u8>]) -> anyhow::Result<Self> {
+        let parsed = X509Svid::parse(&svid.x509_svid, &svid.x509_svid_key)
+            .map_err(|e| anyhow::anyhow!("the workload api sent an unusable svid: {e}"))?;
+        let bundle = X509Bundle::from_der(parsed.spiffe_id().trust_domain().clone(), &svid.bundle)
+            .map_err(|e| anyhow::anyhow!("the workload api sent an unusable bundle: {e}"))?;
+        let mut revoked = HashSet::new();
+        let mut crl_next_update = HashMap::new();
+        for der in crls {
+            match CertificateRevocationList::from_der(der) {
+                Ok((_, crl)) => {
+                    revoked.extend(
+                        crl.iter_revoked_certificates()
+                            .map(|r| sigil_core::hex::encode(r.raw_serial())),
+                    );
+                    let next = crl.next_update().map(|t| {
+                        sigil_core::time::from_unix_seconds(t.timestamp())
+                            .unwrap_or(SystemTime::UNIX_EPOCH)
+                    });
+                    crl_next_update.insert(crl.issuer().as_raw().to_vec(), next);
+                }
+                Err(error) => warn!(
+                    %error,
+                    "the workload api sent an unreadable crl; its authority's peers count as unchecked"
+                ),
+            }
+        }
+        Ok(Self {
+            svid: parsed,
+            bundle,
+            crls: crls
+                .iter()
+                .map(|c| CertificateRevocationListDer::from(c.clone()))
+                .collect(),
+            revoked,
+            crl_next_update,
+        })
+    }
+
     /// Why revocations of the authority named `issuer` (a certificate's issuer, DER) cannot be
     /// trusted at `now`: no readable CRL of it, a CRL without nextUpdate, or one past it.
     pub(crate) fn crl_problem(&self, issuer: &[u8], now: SystemTime) -> Option<String> {
@@ -111,42 +155,7 @@ async fn follow(
             );
             continue;
         };
-        let parsed = X509Svid::parse(&svid.x509_svid, &svid.x509_svid_key)
-            .map_err(|e| anyhow::anyhow!("the workload api sent an unusable svid: {e}"))?;
-        let bundle = X509Bundle::from_der(parsed.spiffe_id().trust_domain().clone(), &svid.bundle)
-            .map_err(|e| anyhow::anyhow!("the workload api sent an unusable bundle: {e}"))?;
-        let mut revoked = HashSet::new();
-        let mut crl_next_update = HashMap::new();
-        for der in &message.crl {
-            match CertificateRevocationList::from_der(der) {
-                Ok((_, crl)) => {
-                    revoked.extend(
-                        crl.iter_revoked_certificates()
-                            .map(|r| sigil_core::hex::encode(r.raw_serial())),
-                    );
-                    let next = crl.next_update().map(|t| {
-                        sigil_core::time::from_unix_seconds(t.timestamp())
-                            .unwrap_or(SystemTime::UNIX_EPOCH)
-                    });
-                    crl_next_update.insert(crl.issuer().as_raw().to_vec(), next);
-                }
-                Err(error) => warn!(
-                    %error,
-                    "the workload api sent an unreadable crl; its authority's peers count as unchecked"
-                ),
-            }
-        }
-        let credentials = Credentials {
-            svid: parsed,
-            bundle,
-            crls: message
-                .crl
-                .iter()
-                .map(|c| CertificateRevocationListDer::from(c.clone()))
-                .collect(),
-            revoked,
-            crl_next_update,
-        };
+        let credentials = Credentials::from_workload_api(svid, &message.crl)?;
         info!(
             identity = %credentials.svid.spiffe_id(),
             crls = credentials.crls.len(),

@@ -600,10 +600,12 @@ fn event(
 mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
 
+    use std::path::Path;
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
     use super::*;
+    use crate::credentials::Credentials;
 
     /// A writer like a TLS stream over a full socket: it takes the bytes but delivers them
     /// only when flushed.
@@ -656,5 +658,231 @@ mod tests {
         assert_eq!(count.load(Ordering::Relaxed), 9);
         drop(client);
         relay.await.unwrap();
+    }
+
+    /// A test PKI: a CA, SVIDs signed by it, and CRLs of it.
+    struct Pki {
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+        ca_der: Vec<u8>,
+    }
+
+    impl Pki {
+        fn new() -> Self {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+                rcgen::KeyUsagePurpose::DigitalSignature,
+            ];
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationName, "test CA");
+            let ca = params.self_signed(&key).unwrap();
+            Self {
+                ca_der: ca.der().to_vec(),
+                issuer: rcgen::Issuer::new(params, key),
+            }
+        }
+
+        /// An X509-SVID of `id`, as the Workload API carries it.
+        fn svid(&self, id: &str) -> sigil_proto::workload::X509svid {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+            params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let leaf = params.signed_by(&key, &self.issuer).unwrap();
+            sigil_proto::workload::X509svid {
+                spiffe_id: id.to_owned(),
+                x509_svid: leaf.der().to_vec(),
+                x509_svid_key: key.serialize_der(),
+                bundle: self.ca_der.clone(),
+                hint: String::new(),
+            }
+        }
+
+        /// An empty CRL whose nextUpdate is `next_update` from now (negative: past).
+        fn crl(&self, next_update: i64) -> Vec<u8> {
+            let now = SystemTime::now();
+            let at = |seconds: i64| {
+                if seconds < 0 {
+                    now - std::time::Duration::from_secs(seconds.unsigned_abs())
+                } else {
+                    now + std::time::Duration::from_secs(seconds.unsigned_abs())
+                }
+            };
+            rcgen::CertificateRevocationListParams {
+                this_update: at(next_update - 3600).into(),
+                next_update: at(next_update).into(),
+                crl_number: rcgen::SerialNumber::from(1u64),
+                issuing_distribution_point: None,
+                revoked_certs: Vec::new(),
+                key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            }
+            .signed_by(&self.issuer)
+            .unwrap()
+            .der()
+            .to_vec()
+        }
+    }
+
+    /// Serves a tcp target with `credentials` in front of an echo upstream; returns its
+    /// address and the spool.
+    async fn broker(
+        dir: &Path,
+        credentials: Credentials,
+        stale_crl: StaleCrl,
+    ) -> (SocketAddr, Arc<Spool>, watch::Sender<bool>) {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_address = upstream.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = upstream.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tcp.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let policy = dir.join("db.cedar");
+        std::fs::write(
+            &policy,
+            r#"permit(principal, action == Sigil::Action::"connect", resource);"#,
+        )
+        .unwrap();
+        let spool_dir = dir.join("spool");
+        std::fs::create_dir(&spool_dir).unwrap();
+        std::fs::set_permissions(
+            &spool_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let spool = Arc::new(Spool::open(&spool_dir, crate::config::RecordMode::Sync).unwrap());
+        let credentials = Arc::new(credentials);
+        let tls = upstream::server_config(&credentials).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop_tx, stop) = watch::channel(false);
+        let context = Arc::new(TargetContext {
+            target: Target {
+                name: "db".to_owned(),
+                listen: address,
+                kind: TargetKind::Tcp,
+                upstream: crate::config::Upstream::Tcp(upstream_address.to_string()),
+                policy: policy.clone(),
+                upstream_spiffe_id: None,
+            },
+            policy: Arc::new(TargetPolicy::load("db", &policy).unwrap()),
+            spool: Arc::clone(&spool),
+            live: Arc::new(Live::default()),
+            credentials: watch::channel(Some(credentials)).1,
+            tls: watch::channel(Some(tls)).1,
+            stale_crl,
+            stopping: stop.clone(),
+            tasks: Arc::new(Tasks::default()),
+        });
+        tokio::spawn(serve(context, listener, stop));
+        (address, spool, stop_tx)
+    }
+
+    /// Connects as `client`, sends a line and says whether it came back.
+    async fn echoes(
+        address: SocketAddr,
+        pki: &Pki,
+        client: &sigil_proto::workload::X509svid,
+    ) -> bool {
+        let bundle = sigil_core::X509Bundle::from_der(
+            sigil_core::TrustDomain::new("test.example").unwrap(),
+            &pki.ca_der,
+        )
+        .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(sigil_core::tls::SpiffeServerVerifier::new(
+            sigil_core::tls::SharedBundles::from_bundle(bundle),
+            sigil_core::x509_svid::Authorizer::exact(
+                sigil_core::SpiffeId::new("spiffe://test.example/broker").unwrap(),
+            ),
+        )))
+        .with_client_auth_cert(
+            vec![CertificateDer::from(client.x509_svid.clone())],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(client.x509_svid_key.clone().into()),
+        )
+        .unwrap();
+        let tcp = TcpStream::connect(address).await.unwrap();
+        let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(rustls_pki_types::ServerName::try_from("db").unwrap(), tcp)
+            .await
+        else {
+            return false;
+        };
+        if tls.write_all(b"ping\n").await.is_err() {
+            return false;
+        }
+        let mut back = [0u8; 5];
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_exact(&mut back)).await,
+            Ok(Ok(_)) if &back == b"ping\n"
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crl_past_its_next_update_refuses_new_connections_unless_allowed() {
+        let pki = Pki::new();
+        let broker_svid = pki.svid("spiffe://test.example/broker");
+        let client = pki.svid("spiffe://test.example/client");
+        let cases = [
+            ("fresh", pki.crl(3600), StaleCrl::Refuse, true),
+            ("stale, refuse", pki.crl(-60), StaleCrl::Refuse, false),
+            ("none, refuse", Vec::new(), StaleCrl::Refuse, false),
+            ("stale, allow", pki.crl(-60), StaleCrl::Allow, true),
+        ];
+        for (case, crl, stale_crl, admitted) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let crls: Vec<Vec<u8>> = if crl.is_empty() {
+                Vec::new()
+            } else {
+                vec![crl]
+            };
+            let credentials = Credentials::from_workload_api(&broker_svid, &crls).unwrap();
+            let (address, spool, _stop) = broker(dir.path(), credentials, stale_crl).await;
+            assert_eq!(echoes(address, &pki, &client).await, admitted, "{case}");
+            // The refusal is recorded, with why.
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                let events = spool.events_for_test();
+                let deny = events.iter().find(|e| e.action == "broker.deny");
+                if admitted {
+                    assert!(deny.is_none(), "{case}: {events:?}");
+                    if events.iter().any(|e| e.action == "broker.connection.open") {
+                        break;
+                    }
+                } else if let Some(deny) = deny {
+                    assert_eq!(deny.details["reason"], "stale_crl", "{case}");
+                    let problem = deny.details["crl_problem"].as_str().unwrap();
+                    let expected = if case.starts_with("none") {
+                        "no readable CRL"
+                    } else {
+                        "past its nextUpdate"
+                    };
+                    assert!(problem.contains(expected), "{case}: {problem}");
+                    assert!(
+                        !events.iter().any(|e| e.action == "broker.connection.open"),
+                        "{case}: nothing went upstream"
+                    );
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{case}: no event: {events:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
     }
 }

@@ -662,6 +662,12 @@ impl Spool {
         }
     }
 
+    /// The events waiting for the server (tests look at what was recorded).
+    #[cfg(test)]
+    pub(crate) fn events_for_test(&self) -> Vec<Event> {
+        self.lock().pending.iter().cloned().collect()
+    }
+
     /// How many events wait for the server.
     pub(crate) fn pending(&self) -> usize {
         self.lock().pending.len()

@@ -1,7 +1,7 @@
 //! The session broker with the real binaries: server, agent and `sigil-broker` in front of a
 //! TCP echo upstream. A session SVID gets through; an identity the policy refuses is cut after
 //! the handshake and recorded as `broker.deny`; `session revoke` cuts the open connection; a new
-//! connection with the revoked SVID is refused; a SIGHUP with a bad policy keeps the old one;
+//! connection with the revoked SVID is refused; a SIGHUP with a bad policy keeps the old one, one with a good policy applies it at once (live connections too);
 //! the broker's events reach the audit chain once, name the session, and `audit verify` passes.
 #![allow(
     clippy::unwrap_used,
@@ -649,6 +649,13 @@ permit(principal is Sigil::Workload, action == Sigil::Action::"GET", resource ==
 when { principal has session && context.path like "/tables*" };
 "#;
 
+/// Added by a SIGHUP in the middle of the HTTP test.
+const HTTP_DELETES: &str = r#"
+@id("session-deletes")
+permit(principal is Sigil::Workload, action == Sigil::Action::"DELETE", resource == Sigil::Target::"db")
+when { principal has session && context.path like "/tables/*" };
+"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_requests_are_decided_one_by_one_and_an_idle_keep_alive_is_cut_on_revoke() {
     let (server, agent) = deployment("", &[BROKER, STANDING]).await;
@@ -672,6 +679,17 @@ async fn http_requests_are_decided_one_by_one_and_an_idle_keep_alive_is_cut_on_r
     let mut standing = connect(broker.address, &msg, STANDING).await.unwrap();
     assert_eq!(request(&mut standing, "GET", "/tables").await.0, 403);
 
+    // A SIGHUP with a valid policy takes effect at once, on the live connection too.
+    std::fs::write(
+        broker.policy_path(),
+        format!("{HTTP_POLICY}\n{HTTP_DELETES}"),
+    )
+    .unwrap();
+    broker.signal("HUP");
+    broker.wait_log("SIGHUP: policy reloaded");
+    assert_eq!(request(&mut client, "DELETE", "/tables/7").await.0, 200);
+    assert_eq!(request(&mut client, "DELETE", "/users/7").await.0, 403);
+
     // The session's connection is now idle (keep-alive); the revocation cuts it.
     server_cli(
         &server,
@@ -684,16 +702,18 @@ async fn http_requests_are_decided_one_by_one_and_an_idle_keep_alive_is_cut_on_r
         story.iter().filter(|r| r["action"] == action).collect()
     };
     let requests = of("broker.request");
-    assert_eq!(requests.len(), 2, "{story:#?}");
+    assert_eq!(requests.len(), 3, "{story:#?}");
     assert_eq!(requests[0]["details"]["method"], "GET");
     assert_eq!(requests[0]["details"]["path"], "/tables/7");
     assert_eq!(requests[0]["details"]["policies"][0], "session-reads");
+    assert_eq!(requests[2]["details"]["method"], "DELETE");
+    assert_eq!(requests[2]["details"]["policies"][0], "session-deletes");
     let responses = of("broker.response");
-    assert_eq!(responses.len(), 2, "{story:#?}");
+    assert_eq!(responses.len(), 3, "{story:#?}");
     assert_eq!(responses[0]["details"]["status"], 200);
     assert!(responses[0]["details"]["latency_us"].as_u64().is_some());
     let denies = of("broker.deny");
-    assert_eq!(denies.len(), 3, "{story:#?}");
+    assert_eq!(denies.len(), 4, "{story:#?}");
     assert!(denies.iter().all(|d| d["details"]["status"] == 403));
     assert!(denies.iter().any(|d| d["details"]["method"] == "DELETE"));
     let verified = server_cli(&server, &["audit", "verify", "--output", "json"]).json();
