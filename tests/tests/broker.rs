@@ -241,7 +241,8 @@ async fn connect(
 
 /// Writes `text` and reads it back: the connection goes through to the echo upstream.
 async fn echoes(client: &mut Client, text: &[u8]) -> bool {
-    if client.write_all(text).await.is_err() {
+    // A TLS stream may hold what it was given until flushed.
+    if client.write_all(text).await.is_err() || client.flush().await.is_err() {
         return false;
     }
     let mut buf = vec![0u8; text.len()];
@@ -612,6 +613,7 @@ fn http_server() -> SocketAddr {
 async fn request(client: &mut Client, method: &str, path: &str) -> (u16, String) {
     let text = format!("{method} {path} HTTP/1.1\r\nhost: db\r\n\r\n");
     client.write_all(text.as_bytes()).await.unwrap();
+    client.flush().await.unwrap();
     let mut received = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -813,6 +815,7 @@ async fn tls_to_the_upstream_presents_the_brokers_svid_to_exactly_the_expected_i
     broker.wait_log("credentials updated");
     let mut client = connect(broker.address, &msg, STANDING).await.unwrap();
     client.write_all(b"hello\n").await.unwrap();
+    client.flush().await.unwrap();
     let mut buf = vec![0u8; 256];
     let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
         .await
@@ -837,6 +840,7 @@ async fn tls_to_the_upstream_presents_the_brokers_svid_to_exactly_the_expected_i
     wrong.wait_log("credentials updated");
     let mut client = connect(wrong.address, &msg, STANDING).await.unwrap();
     let _ = client.write_all(b"hello\n").await;
+    let _ = client.flush().await;
     ends(&mut client).await;
     wrong.wait_log("upstream unreachable");
 }
