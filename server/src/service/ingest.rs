@@ -212,6 +212,7 @@ impl AuditIngest {
             spool_id: spool_id.to_owned(),
         };
         let last = self.store.audit_source_sequence(&source).await?;
+        let peers = self.verify_peers(events.iter().filter(|e| e.sequence > last));
         let mut checked = Vec::with_capacity(events.len());
         for event in events.into_iter().filter(|e| e.sequence > last) {
             let sequence = event.sequence;
@@ -221,7 +222,7 @@ impl AuditIngest {
                 });
             }
             let record = self
-                .build_record(caller, spool_id, event)
+                .build_record(caller, spool_id, event, &peers)
                 .map_err(|e| IngestError::Invalid(format!("event {sequence}: {e}")))?;
             checked.push(SourceEvent { sequence, record });
         }
@@ -256,6 +257,7 @@ impl AuditIngest {
         caller: &SpiffeId,
         spool_id: &str,
         event: IngestEvent,
+        peers: &VerifiedPeers,
     ) -> Result<NewAuditRecord, String> {
         let observed_at = check_event(&event)?;
         let mut record = NewAuditRecord::new(caller.to_string(), event.action, event.subject);
@@ -268,7 +270,10 @@ impl AuditIngest {
                 format_rfc3339_nanos(event.observed_at_seconds, event.observed_at_nanos),
             );
         if !event.peer_certificate.is_empty() {
-            record = self.peer_details(record, &event.peer_certificate, observed_at)?;
+            record = match peers.get(&event.peer_certificate, observed_at) {
+                Some(peer) => peer.add_to(record),
+                None => self.peer_details(record, &event.peer_certificate, observed_at)?,
+            };
         }
         Ok(record)
     }
@@ -285,6 +290,19 @@ impl AuditIngest {
         der: &[u8],
         observed_at: SystemTime,
     ) -> Result<NewAuditRecord, String> {
+        match self.verify_peer(der, observed_at)? {
+            Ok(peer) => Ok(peer.add_to(record)),
+            Err(why) => Ok(record.detail("peer_unverified", why)),
+        }
+    }
+
+    /// What a peer certificate says if it verifies at `at` (`Err`: why it does not), or what
+    /// is wrong with it.
+    fn verify_peer(
+        &self,
+        der: &[u8],
+        at: SystemTime,
+    ) -> Result<Result<VerifiedPeer, String>, String> {
         if der.len() > MAX_PEER_CERTIFICATE_LEN {
             return Err(format!(
                 "peer_certificate of {} bytes; at most {MAX_PEER_CERTIFICATE_LEN}",
@@ -294,29 +312,92 @@ impl AuditIngest {
         let leaf = CertificateDer::from(der);
         check_leaf_certificate(&leaf)
             .map_err(|e| format!("peer_certificate is not an X509-SVID: {e}"))?;
-        let peer_id = match self
+        let spiffe_id = match self
             .authority
             .verifier_bundles()
-            .verify(std::slice::from_ref(&leaf), observed_at)
+            .verify(std::slice::from_ref(&leaf), at)
         {
             Ok(id) => id,
-            Err(e) => return Ok(record.detail("peer_unverified", e.to_string())),
+            Err(e) => return Ok(Err(e.to_string())),
         };
         let (_, cert) = X509Certificate::from_der(der)
             .map_err(|e| format!("peer_certificate cannot be parsed: {e}"))?;
-        let serial = sigil_core::hex::encode(cert.raw_serial());
-        let mut record = record
-            .detail("peer_spiffe_id", peer_id.to_string())
-            .detail("peer_serial", serial);
         let claims = SessionClaims::from_certificate(der)
             .map_err(|e| format!("peer_certificate has a malformed session extension: {e}"))?;
-        if let Some(claims) = claims {
+        Ok(Ok(VerifiedPeer {
+            spiffe_id,
+            serial: sigil_core::hex::encode(cert.raw_serial()),
+            claims,
+        }))
+    }
+
+    /// Verifies each distinct peer certificate of `events` once or twice rather than once per
+    /// event (a connection's events all carry its peer's certificate): at the earliest and the
+    /// latest time an event with it was observed. A certificate valid at both is valid at every
+    /// time between them (its validity and its authority's are intervals, and only the authority
+    /// whose key signed it can verify it), so those events take the result; any other event is
+    /// verified on its own.
+    fn verify_peers<'a>(&self, events: impl Iterator<Item = &'a IngestEvent>) -> VerifiedPeers {
+        let mut spans: std::collections::HashMap<&[u8], (SystemTime, SystemTime)> =
+            std::collections::HashMap::new();
+        for event in events {
+            if event.peer_certificate.is_empty() {
+                continue;
+            }
+            let Ok(at) = check_event(event) else { continue };
+            spans
+                .entry(&event.peer_certificate)
+                .and_modify(|(first, last)| {
+                    *first = (*first).min(at);
+                    *last = (*last).max(at);
+                })
+                .or_insert((at, at));
+        }
+        let mut verified = std::collections::HashMap::new();
+        for (der, (first, last)) in spans {
+            if let (Ok(Ok(peer)), Ok(Ok(_))) =
+                (self.verify_peer(der, first), self.verify_peer(der, last))
+            {
+                verified.insert(der.to_vec(), (first, last, peer));
+            }
+        }
+        VerifiedPeers(verified)
+    }
+}
+
+/// A peer certificate that verified, and what it says.
+struct VerifiedPeer {
+    spiffe_id: SpiffeId,
+    serial: String,
+    claims: Option<SessionClaims>,
+}
+
+impl VerifiedPeer {
+    fn add_to(&self, record: NewAuditRecord) -> NewAuditRecord {
+        let mut record = record
+            .detail("peer_spiffe_id", self.spiffe_id.to_string())
+            .detail("peer_serial", self.serial.clone());
+        if let Some(claims) = &self.claims {
             record = record
                 .detail("session_id", claims.session_id())
                 .detail("ticket", claims.ticket())
                 .detail("session_end", unix_seconds(claims.ends_at()));
         }
-        Ok(record)
+        record
+    }
+}
+
+/// The peer certificates of one request that verified at both ends of a span of time.
+#[derive(Default)]
+struct VerifiedPeers(std::collections::HashMap<Vec<u8>, (SystemTime, SystemTime, VerifiedPeer)>);
+
+impl VerifiedPeers {
+    /// What `der` says if it verified over a span that holds `at`.
+    fn get(&self, der: &[u8], at: SystemTime) -> Option<&VerifiedPeer> {
+        self.0
+            .get(der)
+            .filter(|(first, last, _)| *first <= at && at <= *last)
+            .map(|(_, _, peer)| peer)
     }
 }
 
@@ -477,7 +558,12 @@ mod tests {
     async fn an_event_becomes_a_record_of_its_source() {
         let (_fx, ingest) = ingest().await;
         let record = ingest
-            .build_record(&caller(), "ab", event("broker.request", r#"{"path":"/x"}"#))
+            .build_record(
+                &caller(),
+                "ab",
+                event("broker.request", r#"{"path":"/x"}"#),
+                &VerifiedPeers::default(),
+            )
             .unwrap();
         assert_eq!(record.actor, "spiffe://example.org/broker");
         assert_eq!(record.action, "broker.request");
@@ -500,7 +586,12 @@ mod tests {
 
         let ours = session_svid(&fx, "spiffe://example.org/admin/db", Some(&claims)).await;
         let record = ingest
-            .build_record(&caller(), "ab", now_event("broker.request", ours))
+            .build_record(
+                &caller(),
+                "ab",
+                now_event("broker.request", ours),
+                &VerifiedPeers::default(),
+            )
             .unwrap();
         assert_eq!(record.details["session_id"], "ab".repeat(16));
         assert_eq!(record.details["ticket"], "CHG-9");
@@ -513,7 +604,12 @@ mod tests {
 
         let standing = session_svid(&fx, "spiffe://example.org/db", None).await;
         let record = ingest
-            .build_record(&caller(), "ab", now_event("broker.request", standing))
+            .build_record(
+                &caller(),
+                "ab",
+                now_event("broker.request", standing),
+                &VerifiedPeers::default(),
+            )
             .unwrap();
         assert_eq!(record.details["peer_spiffe_id"], "spiffe://example.org/db");
         assert!(
@@ -527,7 +623,12 @@ mod tests {
         let other = Fixture::new().await;
         let forged = session_svid(&other, "spiffe://example.org/admin/db", Some(&claims)).await;
         let record = ingest
-            .build_record(&caller(), "ab", now_event("broker.request", forged))
+            .build_record(
+                &caller(),
+                "ab",
+                now_event("broker.request", forged),
+                &VerifiedPeers::default(),
+            )
             .unwrap();
         assert!(
             record.details["peer_unverified"].as_str().is_some(),
@@ -547,7 +648,11 @@ mod tests {
     #[tokio::test]
     async fn only_bounded_broker_events_are_accepted() {
         let (_fx, ingest) = ingest().await;
-        let refused = |e: IngestEvent| ingest.build_record(&caller(), "ab", e).unwrap_err();
+        let refused = |e: IngestEvent| {
+            ingest
+                .build_record(&caller(), "ab", e, &VerifiedPeers::default())
+                .unwrap_err()
+        };
         for action in [
             "entry.create",
             "session.revoke",
@@ -604,6 +709,7 @@ mod tests {
                 &caller(),
                 "ab",
                 event("broker.connection.close", r#"{"n":[1,{"b":true}]}"#),
+                &VerifiedPeers::default(),
             )
             .unwrap();
     }
@@ -645,6 +751,57 @@ mod tests {
         assert_eq!((done.appended.len(), done.acknowledged), (1, 3));
         let empty = ingest.append(&caller(), &spool, vec![]).await.unwrap();
         assert_eq!((empty.appended.len(), empty.acknowledged), (0, 3));
+    }
+
+    #[tokio::test]
+    async fn a_certificate_is_verified_for_a_span_and_each_event_outside_it_on_its_own() {
+        let (fx, ingest) = ingest().await;
+        let ends = SystemTime::now() + std::time::Duration::from_secs(600);
+        let claims = SessionClaims::new(&"ab".repeat(16), "CHG-9", ends).unwrap();
+        let ours = session_svid(&fx, "spiffe://example.org/admin/db", Some(&claims)).await;
+        let not_after = X509Certificate::from_der(&ours)
+            .unwrap()
+            .1
+            .validity()
+            .not_after
+            .timestamp();
+        let other = Fixture::new().await;
+        let forged = session_svid(&other, "spiffe://example.org/admin/db", Some(&claims)).await;
+        let mut events = Vec::new();
+        for (sequence, peer, seconds_after_now) in
+            [(1, &ours, 0), (2, &ours, 1), (3, &forged, 1), (4, &ours, 2)]
+        {
+            let mut e = now_event("broker.request", peer.clone());
+            e.sequence = sequence;
+            e.observed_at_seconds += seconds_after_now;
+            events.push(e);
+        }
+        // Observed after the certificate expired: in the batch, but not in a verified span.
+        let mut late = now_event("broker.request", ours.clone());
+        late.sequence = 5;
+        late.observed_at_seconds = not_after + 60;
+        events.push(late);
+        let done = ingest
+            .append(&caller(), &"cd".repeat(16), events)
+            .await
+            .unwrap();
+        let records = done.appended;
+        assert_eq!(records.len(), 5);
+        for i in [0, 1, 3] {
+            assert_eq!(records[i].details["session_id"], "ab".repeat(16), "{i}");
+            assert_eq!(
+                records[i].details["peer_spiffe_id"],
+                "spiffe://example.org/admin/db"
+            );
+        }
+        for i in [2, 4] {
+            assert!(
+                records[i].details["peer_unverified"].as_str().is_some(),
+                "{i}: {:?}",
+                records[i]
+            );
+            assert!(!records[i].details.contains_key("session_id"), "{i}");
+        }
     }
 
     #[test]
