@@ -218,17 +218,36 @@ impl Shared {
     /// that appends go on (they are made durable by the next call).
     fn sync_now(&self) {
         let started = Instant::now();
-        let (written, log) = {
-            let inner = self.lock();
-            if inner.broken.is_some() || inner.next - 1 <= inner.synced {
-                return;
-            }
-            (inner.next - 1, Arc::clone(&inner.log))
+        let Some((written, log)) = self.to_sync() else {
+            return;
         };
         // Everything up to `written` is in this file (or in an older one whose events a
         // compaction rewrote into it, durably).
         let result = log.sync_data();
+        self.synced_to(written, &log, result, started);
+    }
+
+    /// What a sync now would cover: the last event written and the file it is in.
+    fn to_sync(&self) -> Option<(u64, Arc<File>)> {
+        let inner = self.lock();
+        (inner.broken.is_none() && inner.next - 1 > inner.synced)
+            .then(|| (inner.next - 1, Arc::clone(&inner.log)))
+    }
+
+    /// Takes the result of an fsync of `log` that began at `started` covering up to `written`.
+    fn synced_to(
+        &self,
+        written: u64,
+        log: &Arc<File>,
+        result: std::io::Result<()>,
+        started: Instant,
+    ) {
         let mut inner = self.lock();
+        if !Arc::ptr_eq(log, &inner.log) {
+            // A rewrite replaced the file meanwhile and made every pending event durable in the
+            // new one, perhaps under new numbers (a start over): `written` means nothing now.
+            return;
+        }
         match result {
             Ok(()) => {
                 self.set_synced(&mut inner, written);
@@ -505,6 +524,10 @@ impl Spool {
                 format!("broken since {why}; restart the broker"),
             ));
         }
+        if inner.closing {
+            // The final sync may have run: nothing written now would be made durable.
+            return Err(invalid(&path, "the spool is closed"));
+        }
         if inner.pending.len() >= MAX_PENDING {
             return Err(invalid(
                 &path,
@@ -612,11 +635,25 @@ impl Spool {
         }
         sigil_daemon::write_private(&temp, &bytes).map_err(|e| io(&temp, e))?;
         std::fs::rename(&temp, &path).map_err(|e| io(&path, e))?;
-        File::open(&self.dir)
+        // From here the log in use is no longer `events.log`: a failure would leave events
+        // written to a file no restart reads, so the spool refuses from then on.
+        let reopened = File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| io(&self.dir, e))?;
-        let mut log = open_log(&path)?;
-        log.seek(SeekFrom::End(0)).map_err(|e| io(&path, e))?;
+            .map_err(|e| io(&self.dir, e))
+            .and_then(|()| open_log(&path))
+            .and_then(|mut log| {
+                log.seek(SeekFrom::End(0)).map_err(|e| io(&path, e))?;
+                Ok(log)
+            });
+        let log = match reopened {
+            Ok(log) => log,
+            Err(e) => {
+                error!(error = %e, "the spool's log could not be put back after compaction; refusing every event until restarted");
+                inner.broken = Some(format!("a failed compaction: {e}"));
+                self.shared.publish(inner);
+                return Err(e);
+            }
+        };
         inner.log = Arc::new(log);
         inner.log_len = bytes.len() as u64;
         // Every pending event is in the new log, durably.
@@ -1121,6 +1158,40 @@ mod tests {
                 .unwrap();
             assert!(spool.lock().synced >= sequence);
         }
+    }
+
+    #[test]
+    fn an_fsync_that_ends_after_a_start_over_does_not_mark_the_new_numbering_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool"), RecordMode::Sync).unwrap();
+        for n in 1..=5 {
+            recorded(&spool, event(n));
+        }
+        spool.settle(3, 1, 5).unwrap();
+        spool.note(event(6)).unwrap();
+        // The syncer takes event 6 and its file, and fsyncs outside the lock; meanwhile the
+        // server's answer makes the spool start over (events 4, 5, 6 become 1, 2, 3).
+        let (written, log) = spool.shared.to_sync().unwrap();
+        assert_eq!(written, 6);
+        spool.settle(9, 4, 6).unwrap();
+        spool.note(event(7)).unwrap();
+        spool
+            .shared
+            .synced_to(written, &log, Ok(()), Instant::now());
+        // Event 4 of the new numbering (written after the rewrite) is not durable.
+        assert_eq!(spool.lock().synced, 3);
+        assert_eq!(sequences(&spool), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_closed_spool_takes_no_more_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool"), RecordMode::Sync).unwrap();
+        spool.note(event(1)).unwrap();
+        spool.close();
+        assert_eq!(spool.lock().synced, 1, "closing synced what was written");
+        let err = spool.note(event(2)).unwrap_err();
+        assert!(err.to_string().contains("closed"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -335,8 +335,8 @@ impl AuditIngest {
     /// event (a connection's events all carry its peer's certificate): at the earliest and the
     /// latest time an event with it was observed. A certificate valid at both is valid at every
     /// time between them (its validity and its authority's are intervals, and only the authority
-    /// whose key signed it can verify it), so those events take the result; any other event is
-    /// verified on its own.
+    /// whose key signed it can verify it: every authority the CA makes has a key of its own), so
+    /// those events take the result; any other event is verified on its own.
     fn verify_peers<'a>(&self, events: impl Iterator<Item = &'a IngestEvent>) -> VerifiedPeers {
         let mut spans: std::collections::HashMap<&[u8], (SystemTime, SystemTime)> =
             std::collections::HashMap::new();
@@ -355,8 +355,9 @@ impl AuditIngest {
         }
         let mut verified = std::collections::HashMap::new();
         for (der, (first, last)) in spans {
-            if let (Ok(Ok(peer)), Ok(Ok(_))) =
-                (self.verify_peer(der, first), self.verify_peer(der, last))
+            // Both ends, the second only if the first verified.
+            if let Ok(Ok(peer)) = self.verify_peer(der, first)
+                && (first == last || matches!(self.verify_peer(der, last), Ok(Ok(_))))
             {
                 verified.insert(der.to_vec(), (first, last, peer));
             }
