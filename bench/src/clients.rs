@@ -16,8 +16,6 @@ use sigil_proto::admin::admin_client::AdminClient;
 use sigil_proto::admin::{self, entry_result};
 use sigil_proto::node::AttestAgentRequest;
 use sigil_proto::node::node_client::NodeClient;
-use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The trust domain of every server the harness runs.
@@ -29,15 +27,7 @@ const MAX_WORKLOAD_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// A tonic channel over a fresh connection to the Unix socket at `path`.
 pub(crate) async fn unix_channel(path: PathBuf) -> anyhow::Result<Channel> {
-    Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    sigil_proto::client::unix_channel(path)
         .await
         .context("cannot connect over the unix socket")
 }
@@ -49,26 +39,15 @@ pub(crate) async fn admin(socket: PathBuf) -> anyhow::Result<AdminClient<Channel
         .max_encoding_message_size(MAX_WORKLOAD_MESSAGE))
 }
 
-/// Adds the `workload.spiffe.io: true` header every Workload API call must carry.
-pub(crate) type Header = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
-
 /// A Workload API client.
-pub(crate) type WorkloadClient = SpiffeWorkloadApiClient<InterceptedService<Channel, Header>>;
-
-fn header(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    request.metadata_mut().insert(
-        "workload.spiffe.io",
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
-    Ok(request)
-}
+pub(crate) type WorkloadClient = sigil_proto::client::WorkloadApiClient;
 
 /// A Workload API client over a fresh connection to `socket`.
 pub(crate) async fn workload(socket: PathBuf) -> anyhow::Result<WorkloadClient> {
-    Ok(
-        SpiffeWorkloadApiClient::with_interceptor(unix_channel(socket).await?, header as Header)
-            .max_decoding_message_size(MAX_WORKLOAD_MESSAGE),
-    )
+    Ok(sigil_proto::client::workload_api(socket)
+        .await
+        .context("cannot connect to the workload api")?
+        .max_decoding_message_size(MAX_WORKLOAD_MESSAGE))
 }
 
 /// The harness's trust domain.

@@ -9,10 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateRevocationListDer;
 use sigil_core::{SpiffeId, X509Bundle, X509Svid};
-use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil_proto::workload::{X509svid, X509svidRequest};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{info, warn};
 use x509_parser::prelude::FromDer as _;
 use x509_parser::revocation_list::CertificateRevocationList;
@@ -133,7 +131,7 @@ async fn follow(
     want: Option<&SpiffeId>,
     tx: &watch::Sender<Option<Arc<Credentials>>>,
 ) -> anyhow::Result<()> {
-    let mut client = workload_client(socket).await?;
+    let mut client = sigil_proto::client::workload_api(socket).await?;
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
         .await
@@ -165,37 +163,6 @@ async fn follow(
         tx.send_replace(Some(Arc::new(credentials)));
     }
     Ok(())
-}
-
-type Header = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
-
-async fn workload_client(
-    socket: &Path,
-) -> anyhow::Result<
-    SpiffeWorkloadApiClient<tonic::service::interceptor::InterceptedService<Channel, Header>>,
-> {
-    fn header(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert(
-            "workload.spiffe.io",
-            tonic::metadata::MetadataValue::from_static("true"),
-        );
-        Ok(request)
-    }
-    let path = socket.to_owned();
-    let channel = Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await?;
-    Ok(SpiffeWorkloadApiClient::with_interceptor(
-        channel,
-        header as Header,
-    ))
 }
 
 #[cfg(test)]

@@ -9,7 +9,10 @@
 //! - [`admin`]: `sigil.admin.v1`, the operator API of the server (local Unix socket).
 //! - [`audit`]: `sigil.audit.v1`, the audit ingest API of the server (TCP with mTLS), where
 //!   brokers record what session identities did.
+//! - [`client`]: connecting to the Workload API and the admin API over their Unix sockets.
 #![forbid(unsafe_code)]
+
+pub mod client;
 
 /// The SPIFFE Workload API (`workload.proto`): messages, the `SpiffeWorkloadAPI` server trait and
 /// its client.

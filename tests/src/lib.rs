@@ -235,18 +235,7 @@ impl Drop for TestServer {
 
 /// A tonic channel over a Unix socket.
 pub async fn unix_channel(path: PathBuf) -> Channel {
-    Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
+    sigil_proto::client::unix_channel(path).await.unwrap()
 }
 
 pub fn trust_domain() -> TrustDomain {
@@ -652,25 +641,8 @@ impl Drop for TestAgentProcess {
 }
 
 /// A Workload API client over `socket` that sends the `workload.spiffe.io: true` header.
-pub async fn workload_client(
-    socket: PathBuf,
-) -> sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
-    tonic::service::interceptor::InterceptedService<
-        Channel,
-        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
-    >,
-> {
-    fn header(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert(
-            "workload.spiffe.io",
-            tonic::metadata::MetadataValue::from_static("true"),
-        );
-        Ok(r)
-    }
-    sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::with_interceptor(
-        unix_channel(socket).await,
-        header as fn(_) -> _,
-    )
+pub async fn workload_client(socket: PathBuf) -> sigil_proto::client::WorkloadApiClient {
+    sigil_proto::client::workload_api(socket).await.unwrap()
 }
 
 /// The NotAfter of a DER certificate.

@@ -12,7 +12,7 @@
 //! 5. verifies both against the trust bundle and prints what it got.
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
@@ -20,8 +20,6 @@ use sigil_core::jwt::{JwtBundleSet, JwtSvid};
 use sigil_core::x509_svid::verify_chain;
 use sigil_core::{SpiffeBundle, TrustDomain, X509Bundle, X509Svid};
 use sigil_proto::admin::admin_client::AdminClient;
-use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 const TRUST_DOMAIN: &str = "quickstart.example";
 
@@ -51,7 +49,8 @@ async fn main() -> anyhow::Result<()> {
     ))?;
 
     // 2. A join token and the agent.
-    let mut admin = AdminClient::new(unix_channel(dir.path().join("admin.sock")).await?);
+    let mut admin =
+        AdminClient::new(sigil_proto::client::unix_channel(dir.path().join("admin.sock")).await?);
     let token = admin
         .generate_join_token(sigil_proto::admin::GenerateJoinTokenRequest {
             ttl_seconds: 600,
@@ -108,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
     ))?;
 
     // 4. The workload: X509-SVID and JWT-SVID through the Workload API.
-    let mut workload = workload_client(&socket).await?;
+    let mut workload = sigil_proto::client::workload_api(&socket).await?;
     let started = Instant::now();
     let x509 = loop {
         match workload
@@ -202,37 +201,4 @@ async fn wait_for(path: &Path) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
-}
-
-async fn unix_channel(path: PathBuf) -> anyhow::Result<Channel> {
-    Ok(Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await?)
-}
-
-type Header = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
-
-async fn workload_client(
-    socket: &Path,
-) -> anyhow::Result<
-    SpiffeWorkloadApiClient<tonic::service::interceptor::InterceptedService<Channel, Header>>,
-> {
-    fn header(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert(
-            "workload.spiffe.io",
-            tonic::metadata::MetadataValue::from_static("true"),
-        );
-        Ok(request)
-    }
-    Ok(SpiffeWorkloadApiClient::with_interceptor(
-        unix_channel(socket.to_owned()).await?,
-        header as Header,
-    ))
 }

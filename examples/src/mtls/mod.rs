@@ -19,9 +19,7 @@ use rustls_pki_types::{
 };
 use sigil_core::{SpiffeId, TrustDomain, X509Bundle, X509Svid};
 use sigil_proto::workload::X509svidRequest;
-use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The credentials of one moment, from one Workload API message.
 #[derive(Clone)]
@@ -123,7 +121,7 @@ async fn follow(
     want: Option<&SpiffeId>,
     tx: &watch::Sender<Option<Arc<Credentials>>>,
 ) -> anyhow::Result<()> {
-    let mut client = workload_client(socket).await?;
+    let mut client = sigil_proto::client::workload_api(socket).await?;
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
         .await
@@ -167,37 +165,6 @@ async fn follow(
         tx.send_replace(credentials);
     }
     Ok(())
-}
-
-type Header = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
-
-async fn workload_client(
-    socket: &Path,
-) -> anyhow::Result<
-    SpiffeWorkloadApiClient<tonic::service::interceptor::InterceptedService<Channel, Header>>,
-> {
-    fn header(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert(
-            "workload.spiffe.io",
-            tonic::metadata::MetadataValue::from_static("true"),
-        );
-        Ok(request)
-    }
-    let path = socket.to_owned();
-    let channel = Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await?;
-    Ok(SpiffeWorkloadApiClient::with_interceptor(
-        channel,
-        header as Header,
-    ))
 }
 
 // === rustls ===

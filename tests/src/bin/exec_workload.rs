@@ -76,20 +76,7 @@ fn connect_then_exec(socket: &str, program: &str) {
     panic!("exec failed: the program stayed busy");
 }
 
-type Client = SpiffeWorkloadApiClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
-    >,
->;
-
-fn header(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    r.metadata_mut().insert(
-        "workload.spiffe.io",
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
-    Ok(r)
-}
+use sigil_proto::client::{SecurityHeader, WorkloadApiClient as Client, security_header};
 
 async fn client_over(stream: tokio::net::UnixStream) -> Client {
     let mut stream = Some(stream);
@@ -105,7 +92,7 @@ async fn client_over(stream: tokio::net::UnixStream) -> Client {
         }))
         .await
         .unwrap();
-    SpiffeWorkloadApiClient::with_interceptor(channel, header as fn(_) -> _)
+    SpiffeWorkloadApiClient::with_interceptor(channel, security_header as SecurityHeader)
 }
 
 fn ids(msg: &sigil_proto::workload::X509svidResponse) -> String {
