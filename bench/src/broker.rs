@@ -29,7 +29,9 @@ use sigil_core::tls::{SharedBundles, SpiffeServerVerifier};
 use sigil_core::x509_svid::Authorizer;
 use sigil_proto::admin::{OpenSessionRequest, RevokeSessionRequest};
 use sigil_proto::workload::{X509svidRequest, X509svidResponse};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{
+    AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
@@ -83,10 +85,10 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
     let client = svid(&svids, CLIENT)?;
     let broker_svid = svid(&svids, BROKER)?;
 
-    let upstream = echo_upstream().await?;
-    let http_upstream = http_upstream().await?;
-    let direct = direct_echo(&broker_svid).await?;
-    let direct_http = direct_http(&broker_svid).await?;
+    let upstream = listen(Service::Echo, None).await?;
+    let http_upstream = listen(Service::Http, None).await?;
+    let direct = listen(Service::Echo, Some(direct_tls(&broker_svid)?)).await?;
+    let direct_http = listen(Service::Http, Some(direct_tls(&broker_svid)?)).await?;
     let policy = dir.join("anyone.cedar");
     std::fs::write(&policy, ANYONE)?;
     let mut sync = Broker::start(
@@ -126,6 +128,11 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
     };
     let added = |ours: Duration, base: Duration| ours.saturating_sub(base);
     let budget = Duration::from_micros(300);
+    let fsync_p50 = f.p50;
+    let direct_of =
+        |d: &Percentiles| format!("direct mTLS {} / {}", duration(d.p50), duration(d.p99));
+    let direct_and_fsync =
+        |d: &Percentiles| format!("{}; fdatasync p50 {}", direct_of(d), duration(fsync_p50));
     // The latency targets are per request (the HTTP rows below); a new connection
     // adds a second TCP connection (to the upstream) and a relay hop, so these rows say what
     // a connection costs, without a target.
@@ -137,7 +144,7 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
             duration(a.p99),
             duration(added(a.p50, d.p50))
         ),
-        format!("direct mTLS {} / {}", duration(d.p50), duration(d.p99)),
+        direct_of(&d),
         ratio(a.p50, d.p50),
     ));
     h.rows.push(Row::info(
@@ -148,12 +155,7 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
             duration(s.p99),
             duration(added(s.p50, d.p50))
         ),
-        format!(
-            "direct mTLS {} / {}; fdatasync p50 {}",
-            duration(d.p50),
-            duration(d.p99),
-            duration(f.p50)
-        ),
+        direct_and_fsync(&d),
         ratio(s.p50, d.p50),
     ));
 
@@ -172,7 +174,7 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
         Row::info(
             format!("Broker, HTTP request on a kept-alive connection, record=async (p50 / p99, {requests})"),
             format!("{} / {}", duration(a.p50), duration(a.p99)),
-            format!("direct mTLS {} / {}", duration(d.p50), duration(d.p99)),
+            direct_of(&d),
             ratio(a.p50, d.p50),
         )
         .target(
@@ -188,12 +190,7 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
         Row::info(
             format!("Broker, HTTP request on a kept-alive connection, record=sync (p50 / p99, {requests})"),
             format!("{} / {}", duration(s.p50), duration(s.p99)),
-            format!(
-                "direct mTLS {} / {}; fdatasync p50 {}",
-                duration(d.p50),
-                duration(d.p99),
-                duration(f.p50)
-            ),
+            direct_and_fsync(&d),
             ratio(s.p50, d.p50),
         )
         .target(
@@ -347,26 +344,31 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A TCP echo server on loopback.
-async fn echo_upstream() -> anyhow::Result<std::net::SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let _ = tcp.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(address)
+/// What a benchmark server does with each connection.
+#[derive(Debug, Clone, Copy)]
+enum Service {
+    /// Echoes every byte.
+    Echo,
+    /// Answers every HTTP request with [`HTTP_OK`].
+    Http,
 }
 
-/// The baseline: an mTLS echo server with the broker's SVID, requiring a client SVID of the
-/// bundle (what the broker's handshake does, minus the broker).
-async fn direct_echo(svid: &Svid) -> anyhow::Result<std::net::SocketAddr> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(direct_tls(svid)?);
+/// A server on loopback doing `service` on each connection, behind the baselines' mTLS when
+/// `tls` is given (the baselines), in plain TCP otherwise (the broker's upstreams).
+async fn listen(
+    service: Service,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    async fn serve(service: Service, stream: impl AsyncRead + AsyncWrite + Unpin) {
+        match service {
+            Service::Echo => {
+                let (mut r, mut w) = tokio::io::split(stream);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+            Service::Http => serve_http(stream).await,
+        }
+    }
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     tokio::spawn(async move {
@@ -374,9 +376,13 @@ async fn direct_echo(svid: &Svid) -> anyhow::Result<std::net::SocketAddr> {
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                if let Ok(tls) = acceptor.accept(tcp).await {
-                    let (mut r, mut w) = tokio::io::split(tls);
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                match acceptor {
+                    Some(acceptor) => {
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            serve(service, tls).await;
+                        }
+                    }
+                    None => serve(service, tcp).await,
                 }
             });
         }
@@ -410,7 +416,7 @@ const HTTP_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
 /// Answers every request on `stream` with [`HTTP_OK`] until it closes (requests without a body,
 /// as the benchmark sends).
-async fn serve_http(stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin) {
+async fn serve_http(stream: impl AsyncRead + AsyncWrite + Unpin) {
     let (read, mut write) = tokio::io::split(stream);
     let mut read = tokio::io::BufReader::new(read);
     let mut line = String::new();
@@ -429,38 +435,6 @@ async fn serve_http(stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + 
             return;
         }
     }
-}
-
-/// A plain HTTP/1.1 server on loopback (the broker's `http` upstream).
-async fn http_upstream() -> anyhow::Result<std::net::SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let _ = tcp.set_nodelay(true);
-            tokio::spawn(serve_http(tcp));
-        }
-    });
-    Ok(address)
-}
-
-/// The baseline of the request rows: the same HTTP server behind mTLS with the broker's SVID.
-async fn direct_http(svid: &Svid) -> anyhow::Result<std::net::SocketAddr> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(direct_tls(svid)?);
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                if let Ok(tls) = acceptor.accept(tcp).await {
-                    serve_http(tls).await;
-                }
-            });
-        }
-    });
-    Ok(address)
 }
 
 /// `trials` `GET` requests, one after another, on one kept-alive connection: the time of each.

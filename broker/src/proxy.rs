@@ -306,13 +306,12 @@ async fn connection(
     }
     // In the log before anything else happens, durable before the first byte goes upstream
     // (a spool failure refuses the connection); the upstream connection is made meanwhile.
-    let written = context
-        .spool
-        .write(event(&context, "broker.connection.open", facts, &peer))
-        .map_err(|error| {
-            tracing::error!(%error, "cannot record in the spool; refusing");
-            anyhow::Error::from(error)
-        })?;
+    let written = logged(
+        context
+            .spool
+            .write(event(&context, "broker.connection.open", facts, &peer)),
+        REFUSING,
+    )?;
     let started = Instant::now();
     let (id, cut) = context.live.register(&peer.serial);
     // A revocation that arrived between the handshake and the registration.
@@ -345,10 +344,9 @@ async fn connection(
         biased;
         _ = cut_early.wait_for(Option::is_some) => None,
         (durable, connected) = opening => {
-            if let Err(error) = durable {
-                tracing::error!(%error, "cannot record in the spool; refusing");
+            if let Err(error) = logged(durable, REFUSING) {
                 context.live.remove(id);
-                return Err(error.into());
+                return Err(error);
             }
             Some(connected)
         }
@@ -549,15 +547,11 @@ pub(crate) async fn record(
     details: Map<String, Value>,
     peer: &Peer,
 ) -> anyhow::Result<()> {
-    context
+    let recorded = context
         .spool
         .record(event(context, action, details, peer))
-        .await
-        .map(drop)
-        .map_err(|error| {
-            tracing::error!(%error, "cannot record in the spool; refusing");
-            anyhow::Error::from(error)
-        })
+        .await;
+    logged(recorded, REFUSING).map(drop)
 }
 
 /// Records an event about `peer` that describes what already happened (a refusal, a close, a
@@ -572,14 +566,19 @@ pub(crate) fn note(
     details: Map<String, Value>,
     peer: &Peer,
 ) -> anyhow::Result<()> {
-    context
-        .spool
-        .note(event(context, action, details, peer))
-        .map(drop)
-        .map_err(|error| {
-            tracing::error!(%error, "cannot record in the spool");
-            anyhow::Error::from(error)
-        })
+    let noted = context.spool.note(event(context, action, details, peer));
+    logged(noted, "cannot record in the spool").map(drop)
+}
+
+/// What the log says when the spool refuses an event that must precede traffic.
+const REFUSING: &str = "cannot record in the spool; refusing";
+
+/// `result`, with a spool error logged with `what`.
+fn logged<T>(result: Result<T, crate::spool::SpoolError>, what: &str) -> anyhow::Result<T> {
+    result.map_err(|error| {
+        tracing::error!(%error, "{what}");
+        anyhow::Error::from(error)
+    })
 }
 
 fn event(
