@@ -687,8 +687,20 @@ mod tests {
 
         /// An X509-SVID of `id`, as the Workload API carries it.
         fn svid(&self, id: &str) -> sigil_proto::workload::X509svid {
+            self.svid_until(id, None)
+        }
+
+        /// An X509-SVID of `id` whose NotAfter is `not_after` (default: far away).
+        fn svid_until(
+            &self,
+            id: &str,
+            not_after: Option<SystemTime>,
+        ) -> sigil_proto::workload::X509svid {
             let key = rcgen::KeyPair::generate().unwrap();
             let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            if let Some(not_after) = not_after {
+                params.not_after = not_after.into();
+            }
             params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
             params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
             params.extended_key_usages = vec![
@@ -788,12 +800,38 @@ mod tests {
         (address, spool, stop_tx)
     }
 
+    type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
     /// Connects as `client`, sends a line and says whether it came back.
     async fn echoes(
         address: SocketAddr,
         pki: &Pki,
         client: &sigil_proto::workload::X509svid,
     ) -> bool {
+        let Some(mut tls) = connect_as(address, pki, client).await else {
+            return false;
+        };
+        echoed(&mut tls).await
+    }
+
+    /// Sends a line on `tls` and says whether it came back.
+    async fn echoed(tls: &mut ClientStream) -> bool {
+        if tls.write_all(b"ping\n").await.is_err() || tls.flush().await.is_err() {
+            return false;
+        }
+        let mut back = [0u8; 5];
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_exact(&mut back)).await,
+            Ok(Ok(_)) if &back == b"ping\n"
+        )
+    }
+
+    /// An mTLS connection to the broker as `client` (`None`: the handshake failed).
+    async fn connect_as(
+        address: SocketAddr,
+        pki: &Pki,
+        client: &sigil_proto::workload::X509svid,
+    ) -> Option<ClientStream> {
         let bundle = sigil_core::X509Bundle::from_der(
             sigil_core::TrustDomain::new("test.example").unwrap(),
             &pki.ca_der,
@@ -817,20 +855,52 @@ mod tests {
         )
         .unwrap();
         let tcp = TcpStream::connect(address).await.unwrap();
-        let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+        tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(rustls_pki_types::ServerName::try_from("db").unwrap(), tcp)
             .await
-        else {
-            return false;
-        };
-        if tls.write_all(b"ping\n").await.is_err() || tls.flush().await.is_err() {
-            return false;
+            .ok()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_is_cut_when_the_peers_certificate_expires() {
+        let pki = Pki::new();
+        let broker_svid = pki.svid("spiffe://test.example/broker");
+        let expires = SystemTime::now() + std::time::Duration::from_secs(3);
+        let client = pki.svid_until("spiffe://test.example/client", Some(expires));
+        let credentials = Credentials::from_workload_api(&broker_svid, &[pki.crl(3600)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (address, spool, _stop) = broker(dir.path(), credentials, StaleCrl::Refuse).await;
+        let mut tls = connect_as(address, &pki, &client).await.unwrap();
+        assert!(echoed(&mut tls).await);
+        // The connection stays open until the certificate's NotAfter, then the broker cuts it.
+        let mut buf = [0u8; 16];
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "not cut at the certificate's expiry");
+        assert!(
+            SystemTime::now() + std::time::Duration::from_secs(1) >= expires,
+            "cut before the certificate expired"
+        );
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let events = spool.events_for_test();
+            if let Some(close) = events
+                .iter()
+                .find(|e| e.action == "broker.connection.close")
+            {
+                assert_eq!(close.details["reason"], "expired", "{events:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no close recorded: {events:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let mut back = [0u8; 5];
-        matches!(
-            tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_exact(&mut back)).await,
-            Ok(Ok(_)) if &back == b"ping\n"
-        )
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
