@@ -136,28 +136,22 @@ pub(crate) async fn run(h: &mut Harness) -> anyhow::Result<()> {
     // The latency targets are per request (the HTTP rows below); a new connection
     // adds a second TCP connection (to the upstream) and a relay hop, so these rows say what
     // a connection costs, without a target.
-    h.rows.push(Row::info(
-        format!("Broker, new connection + echo, record=async (p50 / p99, {trials})"),
-        format!(
-            "{} / {} (added p50 {})",
-            duration(a.p50),
-            duration(a.p99),
-            duration(added(a.p50, d.p50))
-        ),
-        direct_of(&d),
-        ratio(a.p50, d.p50),
-    ));
-    h.rows.push(Row::info(
-        format!("Broker, new connection + echo, record=sync (p50 / p99, {trials})"),
-        format!(
-            "{} / {} (added p50 {})",
-            duration(s.p50),
-            duration(s.p99),
-            duration(added(s.p50, d.p50))
-        ),
-        direct_and_fsync(&d),
-        ratio(s.p50, d.p50),
-    ));
+    for (mode, ours, baseline) in [
+        ("async", a, direct_of(&d)),
+        ("sync", s, direct_and_fsync(&d)),
+    ] {
+        h.rows.push(Row::info(
+            format!("Broker, new connection + echo, record={mode} (p50 / p99, {trials})"),
+            format!(
+                "{} / {} (added p50 {})",
+                duration(ours.p50),
+                duration(ours.p99),
+                duration(added(ours.p50, d.p50))
+            ),
+            baseline,
+            ratio(ours.p50, d.p50),
+        ));
+    }
 
     let requests = if h.plan.quick { 200 } else { 2000 };
     let direct_requests = requests_on_one_connection(direct_http, &client, requests).await?;

@@ -70,8 +70,9 @@ const MAX_PEER: usize = 16 * 1024;
 /// cannot record refuses the traffic).
 pub(crate) const MAX_PENDING: usize = 1_000_000;
 
-/// How long the async mode may leave events unsynced.
-const ASYNC_FLUSH: Duration = Duration::from_millis(10);
+/// How long an event nobody waits for may stay unsynced: every event in `async` mode, and the
+/// events that follow traffic (closes, responses, refusals) in both modes.
+const SYNC_WITHIN: Duration = Duration::from_millis(10);
 
 /// How long the forwarder lets events gather before it sends a batch that is not full: under
 /// steady traffic the server gets one `Append` per 20 ms, not one per event (each costs it a
@@ -283,7 +284,7 @@ impl Shared {
             }
             let due = inner
                 .unsynced_since
-                .map_or_else(Instant::now, |since| since + ASYNC_FLUSH);
+                .map_or_else(Instant::now, |since| since + SYNC_WITHIN);
             let now = Instant::now();
             if inner.wanted > inner.synced || now >= due {
                 drop(inner);
@@ -331,8 +332,7 @@ impl std::fmt::Debug for Spool {
 
 impl Drop for Spool {
     fn drop(&mut self) {
-        self.lock().closing = true;
-        self.shared.written.notify_all();
+        self.stop_syncer();
     }
 }
 
@@ -495,10 +495,15 @@ impl Spool {
         self.shared.sync_now();
     }
 
-    /// Stops the syncer after it synced what was written (at shutdown).
-    pub(crate) fn close(&self) {
+    /// Tells the syncer to sync what was written and end; from now on no event is taken.
+    fn stop_syncer(&self) {
         self.lock().closing = true;
         self.shared.written.notify_all();
+    }
+
+    /// Stops the syncer after it synced what was written (at shutdown), and waits for it.
+    pub(crate) fn close(&self) {
+        self.stop_syncer();
         let handle = self
             .syncer
             .lock()
