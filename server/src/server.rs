@@ -173,7 +173,10 @@ impl Server {
                 config.trust_domain.clone(),
                 config.ca_ttl,
                 keys.clone(),
-                Arc::new(StoreJournal(store.clone())),
+                Arc::new(StoreJournal {
+                    store: store.clone(),
+                    server_id: crate::store::DEFAULT_SERVER_ID.to_owned(),
+                }),
                 now,
             )
             .await?,

@@ -65,8 +65,18 @@ pub(crate) struct SignedCrl {
 // === impl Ca ===
 
 impl Ca {
+    /// The ids of the X.509 authorities in the bundle (those [`Ca::sign_crls`] signs for).
+    pub(crate) fn x509_authority_ids(&self) -> Vec<String> {
+        self.snapshot()
+            .x509
+            .iter()
+            .map(|slot| slot.authority.id.clone())
+            .collect()
+    }
+
     /// Signs one CRL per X.509 authority in the bundle, each listing the serials revoked under
-    /// it (and those with no authority), numbered `crl_number`, valid from `now` to
+    /// it (and those with no authority), numbered as `crl_numbers` says for its id (an
+    /// authority that appeared since the numbers were taken: `fallback`), valid from `now` to
     /// `next_update`.
     ///
     /// # Errors
@@ -75,7 +85,8 @@ impl Ca {
     pub(crate) fn sign_crls(
         &self,
         revoked: &[RevokedSerial],
-        crl_number: u64,
+        crl_numbers: &std::collections::BTreeMap<String, u64>,
+        fallback: u64,
         now: SystemTime,
         next_update: SystemTime,
     ) -> Result<Vec<SignedCrl>, CaError> {
@@ -83,6 +94,7 @@ impl Ca {
         let mut out = Vec::with_capacity(authorities.x509.len());
         for slot in &authorities.x509 {
             let authority = &slot.authority;
+            let crl_number = crl_numbers.get(&authority.id).copied().unwrap_or(fallback);
             let mine: Vec<&RevokedSerial> = revoked
                 .iter()
                 .filter(|r| {
@@ -126,7 +138,7 @@ impl Ca {
                 revoked_serials: mine.iter().map(|r| r.serial.clone()).collect(),
             });
         }
-        tracing::debug!(crl_number, crls = out.len(), "crls signed");
+        tracing::debug!(crls = out.len(), "crls signed");
         Ok(out)
     }
 }

@@ -356,22 +356,27 @@ impl Authority {
     }
 }
 
-/// The store as the CA's journal store.
+/// The store as the CA's journal store: the journal of one server (`server_id`).
 #[derive(Debug)]
-pub(crate) struct StoreJournal(pub Arc<dyn Store>);
+pub(crate) struct StoreJournal {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Whose journal.
+    pub server_id: String,
+}
 
 #[async_trait::async_trait]
 impl CaJournalStore for StoreJournal {
     async fn load_ca_journal(&self) -> Result<Option<Vec<u8>>, CaJournalStoreError> {
-        self.0
-            .load_ca_journal()
+        self.store
+            .load_ca_journal(&self.server_id)
             .await
             .map_err(CaJournalStoreError::new)
     }
 
     async fn save_ca_journal(&self, journal: Vec<u8>) -> Result<(), CaJournalStoreError> {
-        self.0
-            .save_ca_journal(journal)
+        self.store
+            .save_ca_journal(&self.server_id, journal)
             .await
             .map_err(CaJournalStoreError::new)
     }

@@ -114,10 +114,15 @@ impl CrlPublisher {
         let millis = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let number = self.store.next_crl_number(millis).await?;
+        let mut numbers = std::collections::BTreeMap::new();
+        for id in self.ca.x509_authority_ids() {
+            let number = self.store.next_crl_number(&id, millis).await?;
+            numbers.insert(id, number);
+        }
         let crls = self
             .ca
-            .sign_crls(&revoked, number, now, now + CRL_VALIDITY)?;
+            .sign_crls(&revoked, &numbers, millis, now, now + CRL_VALIDITY)?;
+        let number = numbers.values().copied().max().unwrap_or(millis);
         let generation = self.tx.borrow().generation + 1;
         let set = Arc::new(CrlSet { generation, crls });
         self.tx.send_replace(set.clone());

@@ -98,7 +98,10 @@ impl Fixture {
                 trust_domain.clone(),
                 ca_ttl,
                 keys.clone(),
-                Arc::new(StoreJournal(store.clone())),
+                Arc::new(StoreJournal {
+                    store: store.clone(),
+                    server_id: crate::store::DEFAULT_SERVER_ID.to_owned(),
+                }),
                 now,
             )
             .await

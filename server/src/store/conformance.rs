@@ -6,7 +6,7 @@
 //! ```ignore
 //! #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 //! async fn passes_the_conformance_suite() {
-//!     conformance::run_all(|config| {
+//!     conformance::run_all(|config| async move {
 //!         let dir = tempfile::tempdir().unwrap();
 //!         (MyStore::open(dir.path(), config.change_retention), dir)
 //!     })
@@ -69,10 +69,11 @@ const SMALL_RETENTION: u64 = 10;
 
 /// Runs every behaviour on a fresh store made by `new_store`. The guard the factory returns with
 /// each store (a temporary directory, a test database) is dropped after that store.
-pub(crate) async fn run_all<S, G, F>(new_store: F)
+pub(crate) async fn run_all<S, G, F, Fut>(new_store: F)
 where
     S: TestableStore + 'static,
-    F: Fn(TestConfig) -> (S, G),
+    F: Fn(TestConfig) -> Fut,
+    Fut: std::future::Future<Output = (S, G)>,
 {
     let default = TestConfig {
         change_retention: super::DEFAULT_CHANGE_RETENTION,
@@ -83,7 +84,7 @@ where
         };
         ($behaviour:ident, $config:expr, $($arg:expr),*) => {{
             eprintln!("store conformance: {}", stringify!($behaviour));
-            let (store, guard) = new_store($config);
+            let (store, guard) = new_store($config).await;
             // Coerced to what the behaviour takes: `Arc<dyn Store>` or `Arc<dyn TestableStore>`.
             let store = Arc::new(store);
             $behaviour(store, $($arg),*).await;
@@ -344,13 +345,30 @@ pub(crate) async fn session_lifecycle_moves_its_entry_atomically(store: Arc<dyn 
 }
 
 /// Revocations are listed in serial order and pruned once their certificate expired.
-/// CRL numbers: at least what is asked, always above the last one handed out.
+/// CRL numbers: at least what is asked, always above the last one handed out, and counted
+/// apart for each authority.
 pub(crate) async fn crl_numbers_only_rise(store: Arc<dyn Store>) {
-    assert_eq!(store.next_crl_number(1_000).await.unwrap(), 1_000);
-    assert_eq!(store.next_crl_number(5_000).await.unwrap(), 5_000);
+    assert_eq!(store.next_crl_number("a", 1_000).await.unwrap(), 1_000);
+    assert_eq!(store.next_crl_number("a", 5_000).await.unwrap(), 5_000);
     // A clock that stepped back asks for less: it gets the next number all the same.
-    assert_eq!(store.next_crl_number(2_000).await.unwrap(), 5_001);
-    assert_eq!(store.next_crl_number(0).await.unwrap(), 5_002);
+    assert_eq!(store.next_crl_number("a", 2_000).await.unwrap(), 5_001);
+    assert_eq!(store.next_crl_number("a", 0).await.unwrap(), 5_002);
+    // Another authority (another server's CA) has numbers of its own.
+    assert_eq!(store.next_crl_number("b", 2_000).await.unwrap(), 2_000);
+    assert_eq!(store.next_crl_number("a", 0).await.unwrap(), 5_003);
+    // Concurrent callers never get the same number.
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(
+            async move { store.next_crl_number("c", 7).await },
+        ));
+    }
+    let mut numbers = BTreeSet::new();
+    for task in tasks {
+        assert!(numbers.insert(task.await.unwrap().unwrap()));
+    }
+    assert_eq!(numbers, (7..23).collect::<BTreeSet<u64>>());
 }
 
 pub(crate) async fn revocations_round_trip_and_prune(store: Arc<dyn Store>) {
@@ -1212,16 +1230,35 @@ pub(crate) async fn federated_bundles_round_trip(store: Arc<dyn Store>) {
     assert_eq!(store.list_federated_bundles().await.unwrap().len(), 1);
 }
 
-/// The CA journal is absent at first, then returned byte for byte, then replaced.
+/// The CA journal is absent at first, then returned byte for byte, then replaced; each server
+/// has its own.
 pub(crate) async fn ca_journal_round_trip(store: Arc<dyn Store>) {
-    assert_eq!(store.load_ca_journal().await.unwrap(), None);
+    assert_eq!(store.load_ca_journal("default").await.unwrap(), None);
     let first: Vec<u8> = (0..=255).cycle().take(10_000).collect();
-    store.save_ca_journal(first.clone()).await.unwrap();
-    assert_eq!(store.load_ca_journal().await.unwrap(), Some(first));
-    store.save_ca_journal(b"second".to_vec()).await.unwrap();
+    store
+        .save_ca_journal("default", first.clone())
+        .await
+        .unwrap();
     assert_eq!(
-        store.load_ca_journal().await.unwrap(),
+        store.load_ca_journal("default").await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(store.load_ca_journal("server-b").await.unwrap(), None);
+    store
+        .save_ca_journal("server-b", b"b".to_vec())
+        .await
+        .unwrap();
+    store
+        .save_ca_journal("default", b"second".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_ca_journal("default").await.unwrap(),
         Some(b"second".to_vec())
+    );
+    assert_eq!(
+        store.load_ca_journal("server-b").await.unwrap(),
+        Some(b"b".to_vec())
     );
 }
 
@@ -1233,6 +1270,7 @@ pub(crate) async fn ca_journal_round_trip(store: Arc<dyn Store>) {
 /// the head follows; an empty append does nothing.
 pub(crate) async fn audit_chain_links_and_head(store: Arc<dyn Store>) {
     assert_eq!(store.audit_head().await.unwrap(), None);
+    assert_eq!(store.audit_chains().await.unwrap(), vec![]);
     assert!(store.append_audit(vec![]).await.unwrap().is_empty());
     let first = store.append_audit(audit_records("a", 3)).await.unwrap();
     let second = store.append_audit(audit_records("b", 2)).await.unwrap();
@@ -1253,6 +1291,7 @@ pub(crate) async fn audit_chain_links_and_head(store: Arc<dyn Store>) {
     assert_eq!(sealed[3].subject, "b-0");
     assert_eq!(sealed[3].details["n"], 0);
     assert_eq!(store.audit_head().await.unwrap(), Some(sealed[4].head()));
+    assert_eq!(store.audit_chains().await.unwrap(), vec![sealed[4].head()]);
     let listed = all_audit(&store, &AuditFilter::default(), 100).await;
     assert_eq!(listed, sealed, "records are stored exactly as sealed");
     audit::verify_links(&listed).unwrap();

@@ -51,6 +51,7 @@ use crate::audit::{
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub(crate) mod postgres;
 pub(crate) mod session;
 pub(crate) mod sled;
 
@@ -60,6 +61,10 @@ pub(crate) use self::session::{
 };
 #[cfg(test)]
 pub(crate) use self::sled::{SledStore, SledStoreOptions};
+
+/// The id of a server that was not given one (`server_id` in the configuration): the only
+/// server of a deployment.
+pub(crate) const DEFAULT_SERVER_ID: &str = "default";
 
 /// Number of changes the store keeps by default before pruning the oldest.
 pub(crate) const DEFAULT_CHANGE_RETENTION: u64 = 100_000;
@@ -230,11 +235,13 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
 
     // --- CA state ---
 
-    /// The CA journal last saved, if any: opaque bytes that the CA module serializes.
-    async fn load_ca_journal(&self) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The CA journal the server `server_id` last saved, if any: opaque bytes that the CA
+    /// module serializes. Each server of a deployment keeps its own CA (its keys on its own
+    /// disk) and so its own journal.
+    async fn load_ca_journal(&self, server_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
-    /// Replaces the CA journal.
-    async fn save_ca_journal(&self, journal: Vec<u8>) -> Result<(), StoreError>;
+    /// Replaces the CA journal of the server `server_id`.
+    async fn save_ca_journal(&self, server_id: &str, journal: Vec<u8>) -> Result<(), StoreError>;
 
     // --- audit log (see the `audit` module) ---
 
@@ -280,6 +287,11 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
 
     /// The last record of the chain, or `None` while the log is empty.
     async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
+
+    /// The head of every audit chain the store holds (one per server that ever appended), in
+    /// ascending chain id order. A store opened for one chain appends only to that chain; the
+    /// others are kept apart by their chain id (a record's position is `(chain_id, sequence)`).
+    async fn audit_chains(&self) -> Result<Vec<AuditHead>, StoreError>;
 
     /// Stores a signed checkpoint (replacing one for the same sequence).
     async fn save_audit_checkpoint(&self, checkpoint: AuditCheckpoint) -> Result<(), StoreError>;
@@ -349,10 +361,11 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
     /// Removes the revocations whose certificate expired at or before `now`; returns how many.
     async fn prune_revocations(&self, now: SystemTime) -> Result<u64, StoreError>;
 
-    /// The next CRL number: `at_least`, or one more than the last number this store handed
-    /// out if that is higher. Durable before it returns, so CRL numbers never go backwards,
-    /// across restarts and clock steps.
-    async fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError>;
+    /// The next CRL number of the authority `authority_id`: `at_least`, or one more than the
+    /// last number this store handed out for it if that is higher. Durable before it returns,
+    /// so an authority's CRL numbers never go backwards, across restarts, clock steps and the
+    /// servers of a deployment.
+    async fn next_crl_number(&self, authority_id: &str, at_least: u64) -> Result<u64, StoreError>;
 }
 
 /// The identifier of a registration entry: 32 lowercase hex characters (16 random bytes).
@@ -589,6 +602,18 @@ pub enum StoreError {
     /// The storage backend failed.
     #[error("storage backend failed: {0}")]
     Backend(#[from] ::sled::Error),
+    /// The database failed or refused a statement.
+    #[error("database: {0}")]
+    Database(#[source] tokio_postgres::Error),
+    /// No database connection could be had (the pool timed out or is closed).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The store's configuration is wrong (a connection string, a TLS file).
+    #[error("{0}")]
+    Config(String),
+    /// The database cannot be used by this build (too old a server, a newer schema).
+    #[error("{0}")]
+    Unsupported(String),
     /// An operating system call failed (opening the store, starting its flusher thread).
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),

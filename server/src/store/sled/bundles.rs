@@ -61,12 +61,31 @@ impl Inner {
 // --- CA journal ---
 
 impl Inner {
-    pub(super) fn load_ca_journal(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.trees.meta.get(CA_JOURNAL_KEY)?.map(|v| v.to_vec()))
+    pub(super) fn load_ca_journal(&self, server_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .trees
+            .meta
+            .get(ca_journal_key(server_id))?
+            .map(|v| v.to_vec()))
     }
 
-    pub(super) fn save_ca_journal(&self, journal: Vec<u8>) -> Result<(), StoreError> {
-        self.trees.meta.insert(CA_JOURNAL_KEY, journal)?;
+    pub(super) fn save_ca_journal(
+        &self,
+        server_id: &str,
+        journal: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.trees.meta.insert(ca_journal_key(server_id), journal)?;
         Ok(())
+    }
+}
+
+/// The `meta` key of a server's CA journal: `ca_journal` for the default server (the key of
+/// every build before servers had ids, so an upgraded data directory keeps its CA), else
+/// `ca_journal/` and the id.
+fn ca_journal_key(server_id: &str) -> Vec<u8> {
+    if server_id == crate::store::DEFAULT_SERVER_ID {
+        CA_JOURNAL_KEY.to_vec()
+    } else {
+        [CA_JOURNAL_KEY, b"/", server_id.as_bytes()].concat()
     }
 }

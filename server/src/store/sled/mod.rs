@@ -14,7 +14,7 @@
 //! | `entries_by_spiffe_id` | SPIFFE ID, `0x00`, entry id       | empty                          |
 //! | `entries_by_identity`  | SHA-256(SPIFFE ID, parent, sels)  | entry id (uniqueness index)    |
 //! | `changes`              | revision, 8 bytes big-endian      | [`Change`]                     |
-//! | `meta`                 | `revision`, `ca_journal`          | u64 big-endian, opaque bytes   |
+//! | `meta`                 | `revision`, `ca_journal[/server]`, `crl_number/authority` | u64 big-endian, opaque bytes |
 //! | `nodes`                | agent SPIFFE ID                   | [`AttestedNode`]               |
 //! | `join_tokens`          | token                             | [`JoinToken`]                  |
 //! | `federated_bundles`    | trust domain name                 | [`FederatedBundle`]            |
@@ -513,12 +513,15 @@ impl Store for SledStore {
         self.blocking(|inner| inner.list_federated_bundles()).await
     }
 
-    async fn load_ca_journal(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        self.blocking(|inner| inner.load_ca_journal()).await
+    async fn load_ca_journal(&self, server_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let server_id = server_id.to_owned();
+        self.blocking(move |inner| inner.load_ca_journal(&server_id))
+            .await
     }
 
-    async fn save_ca_journal(&self, journal: Vec<u8>) -> Result<(), StoreError> {
-        self.blocking(move |inner| inner.save_ca_journal(journal))
+    async fn save_ca_journal(&self, server_id: &str, journal: Vec<u8>) -> Result<(), StoreError> {
+        let server_id = server_id.to_owned();
+        self.blocking(move |inner| inner.save_ca_journal(&server_id, journal))
             .await?;
         self.commit().await
     }
@@ -570,6 +573,11 @@ impl Store for SledStore {
 
     async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
         self.blocking(|inner| inner.audit_head()).await
+    }
+
+    async fn audit_chains(&self) -> Result<Vec<AuditHead>, StoreError> {
+        // One database holds the one chain it was opened for.
+        Ok(self.audit_head().await?.into_iter().collect())
     }
 
     async fn save_audit_checkpoint(&self, checkpoint: AuditCheckpoint) -> Result<(), StoreError> {
@@ -668,9 +676,10 @@ impl Store for SledStore {
         self.blocking(|inner| inner.list_revocations()).await
     }
 
-    async fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError> {
+    async fn next_crl_number(&self, authority_id: &str, at_least: u64) -> Result<u64, StoreError> {
+        let authority_id = authority_id.to_owned();
         let number = self
-            .blocking(move |inner| inner.next_crl_number(at_least))
+            .blocking(move |inner| inner.next_crl_number(&authority_id, at_least))
             .await?;
         self.commit().await?;
         Ok(number)
@@ -811,17 +820,25 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl Inner {
-    /// See [`Store::next_crl_number`]: one atomic update of the counter in `meta`.
-    fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError> {
+    /// See [`Store::next_crl_number`]: one atomic update of the authority's counter in `meta`
+    /// (`crl_number/` and the authority id). An authority without a counter yet starts above
+    /// the one counter of earlier builds (`crl_number`), so numbers never go backwards across
+    /// the upgrade.
+    fn next_crl_number(&self, authority_id: &str, at_least: u64) -> Result<u64, StoreError> {
+        let legacy = match self.trees.meta.get(CRL_NUMBER_KEY)? {
+            Some(bytes) => decode_u64(&bytes)?,
+            None => 0,
+        };
+        let key = [CRL_NUMBER_KEY, b"/", authority_id.as_bytes()].concat();
         let mut corrupt = None;
-        let updated = self.trees.meta.update_and_fetch(CRL_NUMBER_KEY, |old| {
+        let updated = self.trees.meta.update_and_fetch(key, |old| {
             let last = match old.map(decode_u64) {
                 Some(Ok(last)) => last,
                 Some(Err(e)) => {
                     corrupt = Some(e);
                     return old.map(<[u8]>::to_vec);
                 }
-                None => 0,
+                None => legacy,
             };
             Some(at_least.max(last.saturating_add(1)).to_be_bytes().to_vec())
         })?;

@@ -50,7 +50,7 @@ fn entry(name: &str) -> NewEntry {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn passes_the_conformance_suite() {
-    conformance::run_all(|config: TestConfig| {
+    conformance::run_all(|config: TestConfig| async move {
         let dir = tempfile::tempdir().unwrap();
         let options = SledStoreOptions {
             change_retention: config.change_retention,
@@ -98,7 +98,10 @@ async fn reopen_keeps_everything_including_the_revision_counter() {
             .set_federated_bundle(&td, b"{}".to_vec())
             .await
             .unwrap();
-        store.save_ca_journal(b"journal".to_vec()).await.unwrap();
+        store
+            .save_ca_journal("default", b"journal".to_vec())
+            .await
+            .unwrap();
         let revision = store.current_revision().await.unwrap();
         (kept, revision, node)
     };
@@ -126,7 +129,7 @@ async fn reopen_keeps_everything_including_the_revision_counter() {
         b"{}"
     );
     assert_eq!(
-        store.load_ca_journal().await.unwrap(),
+        store.load_ca_journal("default").await.unwrap(),
         Some(b"journal".to_vec())
     );
     let ChangesSince::Changes(feed) = store.changes_since(0, 100).await.unwrap() else {

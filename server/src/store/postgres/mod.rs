@@ -1,0 +1,543 @@
+//! The PostgreSQL [`Store`] backend: several servers on one database.
+//!
+//! # Connections
+//!
+//! tokio-postgres through a deadpool pool; TLS by rustls with ring when `postgres_ca_file`
+//! names the CA that signed the database's certificate (the certificate and its host name are
+//! always verified; there is no "encrypt without verifying" mode). The connection string never
+//! carries a password: it comes from a file or the environment ([`PostgresOptions`]) and
+//! never reaches a log. Every connection runs with `synchronous_commit = on`, so a write is
+//! acknowledged only once its commit record is on the database's disk.
+//!
+//! # The change feed
+//!
+//! Every transaction that changes registration entries makes its changes first and takes its
+//! revisions **last**, from the one-row counter `feed_head`
+//! (`UPDATE feed_head SET revision = revision + n RETURNING revision`), then writes the change
+//! rows and commits. The row lock on the counter is held from that update to the commit, so a
+//! transaction can only take revisions after every transaction with lower revisions has
+//! committed: revision order is commit order. A transaction that rolls back releases the lock
+//! without having changed the counter, so it leaves no gap. A reader therefore never sees
+//! revision `r + 1` committed while `r` is not, and `SELECT ... WHERE revision > $r ORDER BY
+//! revision` is an exact, gap-free continuation (SPIRE's events table, fed by a sequence, can
+//! show id 2 before id 1 commits; that is the gap this design rules out).
+//!
+//! What a reader sees committed is durable: with `synchronous_commit = on` PostgreSQL makes a
+//! transaction visible only after its commit record is flushed.
+//!
+//! Watchers learn of new revisions three ways: a write made through this store publishes its
+//! revision as soon as it commits; a `LISTEN` connection wakes the follower on every
+//! `pg_notify` a writer sends (another server's writes); and the follower polls the counter
+//! every `poll_interval` whatever happens, because a notification is only a hint (it is lost
+//! with its connection).
+//!
+//! # Snapshots
+//!
+//! [`Store::snapshot_entries`] reads the counter and every entry in one `REPEATABLE READ READ
+//! ONLY` transaction: one MVCC snapshot, so the entries are exactly those of the revision read.
+//!
+//! # Locks
+//!
+//! Transactions lock in one order, so they never deadlock on each other: a session's row, a
+//! source's row, the audit chain head, then the feed counter (always last). A transaction that
+//! still fails with a serialization failure or a deadlock is retried (three times).
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, Config, NoTls, Socket};
+use tracing::{debug, info, warn};
+use zeroize::Zeroizing;
+
+use super::{DEFAULT_CHANGE_RETENTION, StoreError, hex_decode, hex_encode};
+
+mod schema;
+mod store;
+#[cfg(test)]
+mod tests;
+
+/// The channel writers notify and the follower listens on.
+const FEED_CHANNEL: &str = "sigil_feed";
+
+/// Default pool size: enough for the RPCs of a busy server; PostgreSQL's default
+/// `max_connections` is 100, shared by every server of a deployment.
+pub(crate) const DEFAULT_POOL_SIZE: usize = 16;
+
+/// Default interval of the follower's poll of the feed counter.
+pub(crate) const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often a failed transaction (serialization failure, deadlock) is tried again.
+const RETRIES: usize = 3;
+
+/// Options of [`PostgresStore::open`].
+#[derive(Clone)]
+pub(crate) struct PostgresOptions {
+    /// libpq-style connection string, URL (`postgresql://user@host/db`) or `key=value` pairs.
+    /// Must not contain a password.
+    pub url: String,
+    /// The password, read from `postgres_password_file` or `PGPASSWORD`.
+    pub password: Option<Zeroizing<String>>,
+    /// PEM file of the CA certificates that may sign the database server's certificate;
+    /// turns TLS on (required).
+    pub ca_file: Option<PathBuf>,
+    /// Most connections in the pool.
+    pub pool_size: usize,
+    /// How many changes the feed keeps (at least 1).
+    pub change_retention: u64,
+    /// The audit chain this store's appends extend.
+    pub audit_chain_id: String,
+    /// How often the follower polls the feed counter.
+    pub poll_interval: Duration,
+}
+
+/// The PostgreSQL backend of [`Store`] (see the module docs).
+///
+/// Cheap to clone; clones share the pool. The follower tasks stop when the last clone is
+/// dropped.
+#[derive(Clone)]
+pub(crate) struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    /// `host:port/dbname` for logs and `Debug`; never the password.
+    target: String,
+    audit_chain_id: String,
+    retention: i64,
+    revision: watch::Sender<u64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The TLS connector of a connection: rustls with the configured roots, or none.
+#[derive(Clone)]
+enum Tls {
+    None,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+// === impl PostgresOptions ===
+
+impl PostgresOptions {
+    /// Options for `url` with every other setting at its default.
+    pub(crate) fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            password: None,
+            ca_file: None,
+            pool_size: DEFAULT_POOL_SIZE,
+            change_retention: DEFAULT_CHANGE_RETENTION,
+            audit_chain_id: crate::audit::DEFAULT_CHAIN_ID.to_owned(),
+            poll_interval: DEFAULT_POLL_INTERVAL,
+        }
+    }
+
+    /// Parses the connection string and applies the password and the settings every
+    /// connection needs. Refuses a password in the string.
+    fn connection_config(&self) -> Result<(Config, Tls), StoreError> {
+        let mut config: Config = self.url.parse().map_err(|e: tokio_postgres::Error| {
+            StoreError::Config(format!("postgres_url cannot be parsed: {e}"))
+        })?;
+        if config.get_password().is_some() {
+            return Err(StoreError::Config(
+                "postgres_url must not contain a password (it would sit in the configuration \
+                 file and in process listings): put it in the file named by \
+                 postgres_password_file, or in the PGPASSWORD environment variable"
+                    .to_owned(),
+            ));
+        }
+        if let Some(password) = &self.password {
+            config.password(password.as_bytes());
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("sigil-server");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        config.keepalives(true);
+        let options = match config.get_options() {
+            Some(options) => format!("{options} -c synchronous_commit=on"),
+            None => "-c synchronous_commit=on".to_owned(),
+        };
+        config.options(&options);
+        let tls = match &self.ca_file {
+            Some(path) => {
+                if config.get_ssl_mode() != SslMode::Require {
+                    config.ssl_mode(SslMode::Require);
+                }
+                Tls::Rustls(rustls_connector(path)?)
+            }
+            None if config.get_ssl_mode() == SslMode::Require => {
+                return Err(StoreError::Config(
+                    "postgres_url asks for sslmode=require: name the CA that signed the \
+                     database's certificate in postgres_ca_file"
+                        .to_owned(),
+                ));
+            }
+            None => {
+                config.ssl_mode(SslMode::Disable);
+                Tls::None
+            }
+        };
+        Ok((config, tls))
+    }
+}
+
+impl fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("ca_file", &self.ca_file)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("pool_size", &self.pool_size)
+            .field("change_retention", &self.change_retention)
+            .field("audit_chain_id", &self.audit_chain_id)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl PostgresStore ===
+
+impl PostgresStore {
+    /// Connects, checks the server's version, migrates the schema, and starts the follower
+    /// that publishes other servers' revisions.
+    pub(crate) async fn open(options: PostgresOptions) -> Result<Self, StoreError> {
+        let (config, tls) = options.connection_config()?;
+        let target = describe(&config);
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Tls::None => Manager::from_config(config.clone(), NoTls, manager_config),
+            Tls::Rustls(tls) => Manager::from_config(config.clone(), tls.clone(), manager_config),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(2))
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Config(format!("postgres pool: {e}")))?;
+        let mut client = pool.get().await.map_err(pool_error)?;
+        let applied = schema::migrate(&mut client).await?;
+        if !applied.is_empty() {
+            info!(database = %target, versions = ?applied, "database schema migrated");
+        }
+        let row = client
+            .query_one("SELECT revision FROM feed_head WHERE id = 1", &[])
+            .await
+            .map_err(db_error)?;
+        let revision = to_u64("revision", row.get(0))?;
+        drop(client);
+
+        let (tx, _) = watch::channel(revision);
+        let wake = Arc::new(Notify::new());
+        let listener = tokio::spawn(listen(config, tls, Arc::clone(&wake), target.clone()));
+        let follower = tokio::spawn(follow(
+            pool.clone(),
+            tx.clone(),
+            wake,
+            options.poll_interval,
+        ));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                target,
+                audit_chain_id: options.audit_chain_id,
+                retention: i64::try_from(options.change_retention.max(1)).unwrap_or(i64::MAX),
+                revision: tx,
+                tasks: vec![listener, follower],
+            }),
+        })
+    }
+
+    /// A pooled connection.
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.inner.pool.get().await.map_err(pool_error)
+    }
+
+    /// Publishes a revision this store committed (watchers wake at once, not at the next
+    /// poll).
+    fn published(&self, revision: u64) {
+        publish(&self.inner.revision, revision);
+    }
+
+    /// Runs `attempt` until it succeeds or fails with something other than a serialization
+    /// failure or a deadlock (then at most [`RETRIES`] times).
+    async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match attempt().await {
+                Err(StoreError::Database(e)) if tries < RETRIES && is_retryable(&e) => {
+                    debug!(error = %e, "transaction retried");
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("database", &self.inner.target)
+            .field("audit_chain_id", &self.inner.audit_chain_id)
+            .field("revision", &*self.inner.revision.borrow())
+            .finish()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.pool.close();
+    }
+}
+
+// === the follower ===
+
+/// Publishes the counter whenever the listener wakes it, and every `interval` regardless.
+async fn follow(pool: Pool, tx: watch::Sender<u64>, wake: Arc<Notify>, interval: Duration) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(interval) => {}
+        }
+        let read = async {
+            let client = pool.get().await.map_err(pool_error)?;
+            let row = client
+                .query_one("SELECT revision FROM feed_head WHERE id = 1", &[])
+                .await
+                .map_err(db_error)?;
+            to_u64("revision", row.get(0))
+        };
+        match read.await {
+            Ok(revision) => {
+                if failing {
+                    info!("database reachable again");
+                    failing = false;
+                }
+                publish(&tx, revision);
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "cannot read the change feed's revision; retrying");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps a `LISTEN` connection open (reconnecting after a failure) and wakes the follower on
+/// every notification.
+async fn listen(config: Config, tls: Tls, wake: Arc<Notify>, target: String) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = match &tls {
+            Tls::None => listen_once(&config, NoTls, &wake).await,
+            Tls::Rustls(tls) => listen_once(&config, tls.clone(), &wake).await,
+        };
+        if let Err(e) = result {
+            debug!(database = %target, error = %e, "change feed listener reconnecting");
+        }
+        // A notification may have been missed while disconnected: poll now.
+        wake.notify_one();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn listen_once<T>(config: &Config, tls: T, wake: &Notify) -> Result<(), StoreError>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, mut connection) = config.connect(tls).await.map_err(db_error)?;
+    let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    // Drives the connection (requests and notifications alike); ends when the client is
+    // dropped or the connection fails.
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(_))) => {
+                    let _ = notified.send(());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(db_error(e)),
+                None => return Ok(()),
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {FEED_CHANNEL}"))
+        .await
+        .map_err(db_error)?;
+    // Listening from now on: whatever was written before is read by the poll this triggers.
+    wake.notify_one();
+    while notifications.recv().await.is_some() {
+        wake.notify_one();
+    }
+    drop(client);
+    driver.await?
+}
+
+fn publish(tx: &watch::Sender<u64>, revision: u64) {
+    tx.send_if_modified(|current| {
+        if revision > *current {
+            *current = revision;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+// === helpers ===
+
+fn rustls_connector(
+    path: &PathBuf,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| StoreError::Config(format!("postgres_ca_file {}: {e}", path.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut found = 0;
+    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
+        let cert: rustls_pki_types::CertificateDer<'static> = cert
+            .map_err(|e| StoreError::Config(format!("postgres_ca_file {}: {e}", path.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| StoreError::Config(format!("postgres_ca_file {}: {e}", path.display())))?;
+        found += 1;
+    }
+    if found == 0 {
+        return Err(StoreError::Config(format!(
+            "postgres_ca_file {} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Config(format!("TLS to PostgreSQL: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// `host:port/dbname` of a connection config, for logs.
+fn describe(config: &Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".to_owned());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let dbname = config.get_dbname().unwrap_or("");
+    format!("{host}:{port}/{dbname}")
+}
+
+fn is_retryable(error: &tokio_postgres::Error) -> bool {
+    matches!(
+        error.code(),
+        Some(code) if *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+fn is_unique_violation(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+pub(super) fn db_error(error: tokio_postgres::Error) -> StoreError {
+    StoreError::Database(error)
+}
+
+fn pool_error(error: deadpool_postgres::PoolError) -> StoreError {
+    match error {
+        deadpool_postgres::PoolError::Backend(e) => StoreError::Database(e),
+        other => StoreError::Unavailable(format!("no database connection: {other}")),
+    }
+}
+
+fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|error| StoreError::Encode {
+        what,
+        reason: error.to_string(),
+    })
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|error| StoreError::Corrupt {
+        what,
+        reason: error.to_string(),
+    })
+}
+
+fn to_i64(what: &'static str, value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Encode {
+        what,
+        reason: format!("{value} does not fit a bigint"),
+    })
+}
+
+fn to_u64(what: &'static str, value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt {
+        what,
+        reason: format!("negative value {value}"),
+    })
+}
+
+/// Milliseconds since the Unix epoch (negative before it), for indexed time columns.
+fn millis(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+/// The page token of a key (hex, as the sled backend's).
+fn page_token(key: &[u8]) -> String {
+    hex_encode(key)
+}
+
+/// The key a page token resumes after, if `is_key` accepts it.
+fn token_key(
+    token: Option<&str>,
+    is_key: impl Fn(&str) -> bool,
+) -> Result<Option<String>, StoreError> {
+    let Some(token) = token else {
+        return Ok(None);
+    };
+    let key = hex_decode(token)
+        .filter(|k| !k.is_empty())
+        .and_then(|k| String::from_utf8(k).ok())
+        .ok_or(StoreError::InvalidPageToken)?;
+    if is_key(&key) {
+        Ok(Some(key))
+    } else {
+        Err(StoreError::InvalidPageToken)
+    }
+}
