@@ -77,8 +77,25 @@ pub struct FileConfig {
     pub audit_sources: Option<Vec<String>>,
     /// The store's page cache, in MiB (at least 1). Default `128`. The entries themselves are
     /// held in memory apart from it (the entry cache), so this bounds the rest: audit records,
-    /// nodes, the change feed.
+    /// nodes, the change feed. sled only (refused with `store = "postgres"`).
     pub store_cache_mib: Option<u64>,
+    /// The store backend: `sled` (embedded, in `data_dir`; one server) or `postgres` (a
+    /// PostgreSQL 14+ database, which several servers can share). Default `sled`.
+    pub store: Option<String>,
+    /// With `store = "postgres"` (required then): the database, as a libpq connection URL
+    /// (`postgresql://sigil@db.example.org:5432/sigil`) or `key=value` string
+    /// (`host=db.example.org user=sigil dbname=sigil`). A password in it is refused: it goes
+    /// in `postgres_password_file`, or in the `PGPASSWORD` environment variable.
+    pub postgres_url: Option<String>,
+    /// File holding the database password (one line; mode 0600 or stricter, else refused).
+    /// Default: `PGPASSWORD` from the environment, else no password.
+    pub postgres_password_file: Option<String>,
+    /// PEM file of the CA certificates that may sign the database's certificate. Set, every
+    /// connection uses TLS (rustls) and verifies the certificate and the host name; unset,
+    /// connections are plain TCP or a Unix socket (and `sslmode=require` is refused).
+    pub postgres_ca_file: Option<String>,
+    /// Most connections this server opens to the database. Default `16`; 2 to 1000.
+    pub postgres_pool_size: Option<u64>,
     /// Log level: `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
     pub log_level: Option<String>,
     /// Log format: `text` or `json`. Default `text`.
@@ -104,6 +121,11 @@ const KNOWN_KEYS: &[&str] = &[
     "session_approver_uids",
     "audit_sources",
     "store_cache_mib",
+    "store",
+    "postgres_url",
+    "postgres_password_file",
+    "postgres_ca_file",
+    "postgres_pool_size",
     "log_level",
     "log_format",
 ];
@@ -162,13 +184,31 @@ pub struct ServerConfig {
     pub session_approver_uids: Vec<u32>,
     /// The SPIFFE IDs that may record events through the audit ingest API.
     pub audit_sources: Vec<SpiffeId>,
-    /// The store's page cache, in bytes.
+    /// The store's page cache, in bytes (sled).
     pub store_cache_bytes: u64,
+    /// The PostgreSQL store, when `store = "postgres"`; `None`: sled in `data_dir`.
+    pub postgres: Option<PostgresConfig>,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
     pub log_format: LogFormat,
 }
+
+/// Where the PostgreSQL store is and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// The connection string (never holding a password).
+    pub url: String,
+    /// The file holding the password, if any.
+    pub password_file: Option<PathBuf>,
+    /// The CA certificates for TLS, if any.
+    pub ca_file: Option<PathBuf>,
+    /// Most connections in the pool.
+    pub pool_size: usize,
+}
+
+/// Default `postgres_pool_size`.
+pub(crate) const DEFAULT_POSTGRES_POOL_SIZE: u64 = 16;
 
 pub use sigil_daemon::{LogFormat, LogLevel};
 
@@ -188,6 +228,7 @@ impl ServerConfig {
         };
         let pick = |flag: Option<String>, file: Option<String>| flag.or(file);
 
+        let postgres = postgres_config(&file, &mut problems);
         let trust_domain = match pick(overrides.trust_domain, file.trust_domain) {
             Some(td) => problems.check("trust_domain", TrustDomain::new(&td)),
             None => {
@@ -391,6 +432,7 @@ impl ServerConfig {
             session_approver_uids: file.session_approver_uids.unwrap_or_default(),
             audit_sources,
             store_cache_bytes: store_cache_mib.saturating_mul(1024 * 1024),
+            postgres,
             log_level,
             log_format,
         })
@@ -416,6 +458,87 @@ impl ServerConfig {
 }
 
 // === helpers ===
+
+/// The `store` and `postgres_*` keys: `Some` for `store = "postgres"`.
+fn postgres_config(file: &FileConfig, problems: &mut Problems) -> Option<PostgresConfig> {
+    let postgres_keys = [
+        ("postgres_url", file.postgres_url.is_some()),
+        (
+            "postgres_password_file",
+            file.postgres_password_file.is_some(),
+        ),
+        ("postgres_ca_file", file.postgres_ca_file.is_some()),
+        ("postgres_pool_size", file.postgres_pool_size.is_some()),
+    ];
+    match file.store.as_deref().unwrap_or("sled") {
+        "sled" => {
+            for (key, set) in postgres_keys {
+                if set {
+                    problems.push(key, "is only for store = \"postgres\" (the store is sled)");
+                }
+            }
+            None
+        }
+        "postgres" => {
+            if file.store_cache_mib.is_some() {
+                problems.push(
+                    "store_cache_mib",
+                    "is only for the sled store: PostgreSQL caches in its own shared_buffers",
+                );
+            }
+            let url = match &file.postgres_url {
+                Some(url) => match crate::store::postgres::check_url(url) {
+                    Ok(()) => Some(url.clone()),
+                    Err(e) => {
+                        problems.push("postgres_url", e);
+                        None
+                    }
+                },
+                None => {
+                    problems.push("postgres_url", "is required with store = \"postgres\"");
+                    None
+                }
+            };
+            let pool_size = file
+                .postgres_pool_size
+                .unwrap_or(DEFAULT_POSTGRES_POOL_SIZE);
+            if !(2..=1000).contains(&pool_size) {
+                problems.push(
+                    "postgres_pool_size",
+                    format!("{pool_size} is out of range: 2 to 1000"),
+                );
+            }
+            let nonempty = |key: &str, value: &Option<String>, problems: &mut Problems| match value
+                .as_deref()
+            {
+                Some("") => {
+                    problems.push(key, "cannot be empty (leave the key out)");
+                    None
+                }
+                other => other.map(PathBuf::from),
+            };
+            let password_file = nonempty(
+                "postgres_password_file",
+                &file.postgres_password_file,
+                problems,
+            );
+            let ca_file = nonempty("postgres_ca_file", &file.postgres_ca_file, problems);
+            url.map(|url| PostgresConfig {
+                url,
+                password_file,
+                ca_file,
+                pool_size: usize::try_from(pool_size).unwrap_or(usize::MAX),
+            })
+        }
+        other => {
+            problems.push(
+                "store",
+                format!("{other:?} is not a store: write \"sled\" or \"postgres\""),
+            );
+            None
+        }
+    }
+}
 
 fn duration_value(
     problems: &mut Problems,
@@ -489,6 +612,10 @@ mod tests {
 
     fn keys(err: &ConfigError) -> Vec<&str> {
         err.problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    fn config(file: Option<&str>) -> Result<ServerConfig, ConfigError> {
+        ServerConfig::from_sources(file, Overrides::default())
     }
 
     #[test]
@@ -705,6 +832,43 @@ mod tests {
                 "log_format"
             ]
         );
+    }
+
+    #[test]
+    fn the_store_is_sled_unless_postgres_is_chosen_and_postgres_keys_are_checked() {
+        let c = config(Some("trust_domain = \"example.org\"")).unwrap();
+        assert_eq!(c.postgres, None);
+        let c = config(Some(
+            "trust_domain = \"example.org\"\nstore = \"postgres\"\n\
+             postgres_url = \"host=db user=sigil dbname=sigil\"\n\
+             postgres_password_file = \"/etc/sigil/pw\"\npostgres_pool_size = 4",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.postgres,
+            Some(PostgresConfig {
+                url: "host=db user=sigil dbname=sigil".into(),
+                password_file: Some("/etc/sigil/pw".into()),
+                ca_file: None,
+                pool_size: 4,
+            })
+        );
+        for (text, bad_keys) in [
+            ("store = \"postgres\"", vec!["postgres_url"]),
+            ("store = \"mysql\"", vec!["store"]),
+            ("postgres_url = \"host=db\"", vec!["postgres_url"]),
+            (
+                "store = \"postgres\"\npostgres_url = \"postgresql://u:hunter2@db/x\"\n\
+                 store_cache_mib = 8\npostgres_pool_size = 1",
+                vec!["postgres_pool_size", "postgres_url", "store_cache_mib"],
+            ),
+        ] {
+            let err = config(Some(&format!("trust_domain = \"example.org\"\n{text}"))).unwrap_err();
+            let mut got = keys(&err);
+            got.sort_unstable();
+            assert_eq!(got, bad_keys, "{text}: {err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
     }
 
     #[test]

@@ -49,9 +49,14 @@ use crate::service::sessions::{SessionRules, Sessions};
 use crate::service::svids::Svids;
 use crate::service::sync::EntrySync;
 use crate::store::Store;
+use crate::store::StoreError;
+use crate::store::postgres::{PostgresOptions, PostgresStore};
 use crate::store::sled::{SledStore, SledStoreOptions};
 use crate::tls::{self, ServerCertificate};
 use sigil_daemon::limits::ConnectionLimit;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use zeroize::Zeroizing;
 
 pub use sigil_daemon::{DRAIN_TIMEOUT, Shutdown};
 
@@ -142,6 +147,57 @@ pub struct Server {
     certificate: ServerCertificate,
 }
 
+/// Opens the store the configuration names: sled in `data_dir`, or PostgreSQL.
+pub(crate) async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
+    Ok(match &config.postgres {
+        None => Arc::new(SledStore::open(
+            config.data_dir.join("store"),
+            SledStoreOptions {
+                cache_capacity_bytes: Some(config.store_cache_bytes),
+                ..SledStoreOptions::default()
+            },
+        )?),
+        Some(postgres) => {
+            let mut options = PostgresOptions::new(postgres.url.clone());
+            options.password = postgres_password(postgres.password_file.as_deref())?;
+            options.ca_file = postgres.ca_file.clone();
+            options.pool_size = postgres.pool_size;
+            let store = PostgresStore::open(options).await?;
+            info!(database = ?store, "store: postgres");
+            Arc::new(store)
+        }
+    })
+}
+
+/// The database password: the file's first line (the file must be 0600 or stricter), else
+/// `PGPASSWORD`, else none.
+fn postgres_password(file: Option<&Path>) -> Result<Option<Zeroizing<String>>, StoreError> {
+    let Some(path) = file else {
+        return Ok(std::env::var("PGPASSWORD").ok().map(Zeroizing::new));
+    };
+    let shown = path.display();
+    let metadata = std::fs::metadata(path)
+        .map_err(|e| StoreError::Config(format!("postgres_password_file {shown}: {e}")))?;
+    if metadata.permissions().mode() & 0o077 != 0 {
+        return Err(StoreError::Config(format!(
+            "postgres_password_file {shown} is readable by group or others (mode {:o}): \
+             chmod 600 it",
+            metadata.permissions().mode() & 0o777
+        )));
+    }
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| StoreError::Config(format!("postgres_password_file {shown}: {e}")))?,
+    );
+    let password = text.lines().next().unwrap_or("");
+    if password.is_empty() {
+        return Err(StoreError::Config(format!(
+            "postgres_password_file {shown} is empty"
+        )));
+    }
+    Ok(Some(Zeroizing::new(password.to_owned())))
+}
+
 // === impl Server ===
 
 impl std::fmt::Debug for Server {
@@ -158,13 +214,7 @@ impl Server {
     /// [`Server::run`].
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
         sigil_daemon::check_private_dir(&config.data_dir, 0o700)?;
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(
-            config.data_dir.join("store"),
-            SledStoreOptions {
-                cache_capacity_bytes: Some(config.store_cache_bytes),
-                ..SledStoreOptions::default()
-            },
-        )?);
+        let store = open_store(&config).await?;
         let keys: Arc<dyn KeyManager> =
             Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?);
         let now = SystemTime::now();

@@ -52,9 +52,47 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The environment variable that puts test servers on PostgreSQL: `SIGIL_TEST_STORE=postgres`
+/// runs every end-to-end test whose server does not choose its store itself on a database of
+/// its own (in a cluster `sigil-testkit` starts); unset or `sled`, on sled in the data
+/// directory. CI runs the end-to-end tests both ways.
+pub const STORE_ENV: &str = "SIGIL_TEST_STORE";
+
+/// Configuration lines that pin a test server to sled: for the tests that open or alter the
+/// sled files themselves (forensics, tampering, restoring an old copy of the data directory).
+pub const SLED_STORE: &str = "store = \"sled\"";
+
+/// The `store` configuration of a new test server: the PostgreSQL lines when [`STORE_ENV`]
+/// asks for it and `extra_config` does not choose a store, else nothing (sled).
+fn store_config(extra_config: &str) -> String {
+    let wanted = std::env::var(STORE_ENV).unwrap_or_default();
+    match wanted.as_str() {
+        "" | "sled" => String::new(),
+        _ if extra_config.contains("store =") => String::new(),
+        "postgres" => {
+            let cluster = sigil_testkit::shared()
+                .unwrap_or_else(|| panic!("{STORE_ENV}=postgres but PostgreSQL is not installed"));
+            // Its own thread and runtime: this runs inside the tests' runtimes too.
+            let url = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(cluster.create_database())
+            })
+            .join()
+            .unwrap();
+            format!("store = \"postgres\"\npostgres_url = \"{url}\"\n")
+        }
+        other => panic!("{STORE_ENV}={other:?}: write sled or postgres"),
+    }
+}
+
 /// A `sigil-server run` child process with its own data directory and sockets.
 pub struct TestServer {
     dir: TempDir,
+    /// The store lines of its configuration (empty: sled), kept across restarts.
+    store_config: String,
     extra_config: String,
     child: Option<Child>,
     /// The agent-facing API address.
@@ -68,6 +106,7 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut server = Self {
             dir,
+            store_config: store_config(extra_config),
             extra_config: extra_config.to_owned(),
             child: None,
             node_addr: "127.0.0.1:0".parse().unwrap(),
@@ -85,16 +124,22 @@ impl TestServer {
         self.dir.path().join("admin.sock")
     }
 
+    /// Whether this server runs on PostgreSQL ([`STORE_ENV`]).
+    pub fn on_postgres(&self) -> bool {
+        !self.store_config.is_empty()
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("server.toml")
     }
 
     fn spawn(&mut self) {
         let config = format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nadmin_socket = \"{sock}\"\nlog_format = \"json\"\n{extra}\n",
+            "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nadmin_socket = \"{sock}\"\nlog_format = \"json\"\n{store}{extra}\n",
             port = self.node_addr.port(),
             data = self.data_dir().display(),
             sock = self.admin_socket().display(),
+            store = self.store_config,
             extra = self.extra_config,
         );
         std::fs::write(self.config_path(), config).unwrap();

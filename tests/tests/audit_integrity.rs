@@ -153,7 +153,8 @@ async fn a_fresh_server_signs_its_genesis_and_verifies_clean() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restored_older_data_directory_is_caught_and_must_be_acknowledged() {
-    let mut server = TestServer::start("");
+    // Opens the sled files of the stopped server itself.
+    let mut server = TestServer::start(sigil_tests::SLED_STORE);
     let agent = TestAgentProcess::start(&server).await;
     server.join_token(Duration::from_secs(60)).await;
 
@@ -302,7 +303,8 @@ async fn a_restored_older_data_directory_is_caught_and_must_be_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_tail_is_caught_by_the_state_file_and_a_kept_checkpoint() {
-    let mut server = TestServer::start("");
+    // Opens the sled files of the stopped server itself.
+    let mut server = TestServer::start(sigil_tests::SLED_STORE);
     for _ in 0..4 {
         server.join_token(Duration::from_secs(60)).await;
     }

@@ -83,7 +83,8 @@ fn alter_record(store_dir: &Path, sequence: u64) {
 
 #[tokio::test]
 async fn admin_calls_and_issuances_are_audited_verified_and_tampering_is_named() {
-    let mut server = TestServer::start("");
+    // Opens the sled files of the stopped server itself.
+    let mut server = TestServer::start(sigil_tests::SLED_STORE);
     let me = my_actor();
 
     // Admin calls and an attestation.

@@ -361,3 +361,28 @@ async fn a_bad_config_is_refused_with_every_problem_named() {
         "the limit is given in numbers: {stderr}"
     );
 }
+
+/// The end-to-end tests run on the store `SIGIL_TEST_STORE` asks for (CI runs them on both):
+/// a server on PostgreSQL says so and keeps no sled files; one on sled keeps them in its data
+/// directory.
+#[tokio::test]
+async fn the_server_runs_on_the_store_the_test_run_asks_for() {
+    let server = TestServer::start("");
+    let sled_dir = server.data_dir().join("store");
+    if std::env::var(STORE_ENV).as_deref() == Ok("postgres") {
+        assert!(server.on_postgres());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !server.log_text().contains("store: postgres") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}",
+                server.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!sled_dir.exists());
+    } else {
+        assert!(!server.on_postgres());
+        assert!(sled_dir.is_dir());
+    }
+}

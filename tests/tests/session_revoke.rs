@@ -21,7 +21,8 @@ const ID: &str = "spiffe://example.org/admin/db-migrate";
 #[tokio::test]
 async fn session_revoke_puts_the_serial_on_the_crl_delivered_to_workloads_and_the_audit_story_is_in_order()
  {
-    let mut server = TestServer::start("");
+    // Opens the sled files of the stopped server itself.
+    let mut server = TestServer::start(sigil_tests::SLED_STORE);
     let agent = TestAgentProcess::start(&server).await;
     let me = format!("unix:uid:{}", my_uid());
     create_entry(

@@ -146,17 +146,7 @@ impl PostgresOptions {
     /// Parses the connection string and applies the password and the settings every
     /// connection needs. Refuses a password in the string.
     fn connection_config(&self) -> Result<(Config, Tls), StoreError> {
-        let mut config: Config = self.url.parse().map_err(|e: tokio_postgres::Error| {
-            StoreError::Config(format!("postgres_url cannot be parsed: {e}"))
-        })?;
-        if config.get_password().is_some() {
-            return Err(StoreError::Config(
-                "postgres_url must not contain a password (it would sit in the configuration \
-                 file and in process listings): put it in the file named by \
-                 postgres_password_file, or in the PGPASSWORD environment variable"
-                    .to_owned(),
-            ));
-        }
+        let mut config = parse_url(&self.url)?;
         if let Some(password) = &self.password {
             config.password(password.as_bytes());
         }
@@ -205,6 +195,27 @@ impl fmt::Debug for PostgresOptions {
             .field("audit_chain_id", &self.audit_chain_id)
             .finish_non_exhaustive()
     }
+}
+
+/// Checks a connection string as the configuration is read: it parses, and holds no
+/// password. The message never repeats the string (it might hold a secret after all).
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
+    parse_url(url).map(drop).map_err(|e| e.to_string())
+}
+
+fn parse_url(url: &str) -> Result<Config, StoreError> {
+    let config: Config = url.parse().map_err(|e: tokio_postgres::Error| {
+        StoreError::Config(format!("postgres_url cannot be parsed: {e}"))
+    })?;
+    if config.get_password().is_some() {
+        return Err(StoreError::Config(
+            "postgres_url must not contain a password (it would sit in the configuration \
+             file and in process listings): put it in the file named by \
+             postgres_password_file, or in the PGPASSWORD environment variable"
+                .to_owned(),
+        ));
+    }
+    Ok(config)
 }
 
 // === impl PostgresStore ===
