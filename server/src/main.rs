@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Store(command) => sigil_server::cli::execute_store(command),
         Command::Admin(command) => sigil_server::cli::execute(command),
     };
     sigil_daemon::exit_code("sigil-server", result)

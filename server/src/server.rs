@@ -157,16 +157,24 @@ pub(crate) async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, 
                 ..SledStoreOptions::default()
             },
         )?),
-        Some(postgres) => {
-            let mut options = PostgresOptions::new(postgres.url.clone());
-            options.password = postgres_password(postgres.password_file.as_deref())?;
-            options.ca_file = postgres.ca_file.clone();
-            options.pool_size = postgres.pool_size;
-            let store = PostgresStore::open(options).await?;
+        Some(_) => {
+            let store = open_store_postgres(config).await?;
             info!(database = ?store, "store: postgres");
             Arc::new(store)
         }
     })
+}
+
+/// Opens the PostgreSQL store the configuration names.
+async fn open_store_postgres(config: &ServerConfig) -> Result<PostgresStore, StoreError> {
+    let Some(postgres) = &config.postgres else {
+        return Err(StoreError::Config("the store is not postgres".to_owned()));
+    };
+    let mut options = PostgresOptions::new(postgres.url.clone());
+    options.password = postgres_password(postgres.password_file.as_deref())?;
+    options.ca_file = postgres.ca_file.clone();
+    options.pool_size = postgres.pool_size;
+    PostgresStore::open(options).await
 }
 
 /// The database password: the file's first line (the file must be 0600 or stricter), else
@@ -196,6 +204,76 @@ fn postgres_password(file: Option<&Path>) -> Result<Option<Zeroizing<String>>, S
         )));
     }
     Ok(Some(Zeroizing::new(password.to_owned())))
+}
+
+/// `sigil-server store migrate --from FROM --to TO` (see
+/// [`StoreCommand::Migrate`](crate::cli::StoreCommand::Migrate)).
+pub(crate) async fn migrate_store(
+    from: &Path,
+    to: &Path,
+) -> anyhow::Result<std::process::ExitCode> {
+    use anyhow::{Context as _, bail};
+    let read = |path: &Path| -> anyhow::Result<ServerConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        ServerConfig::from_sources(Some(&text), crate::config::Overrides::default())
+            .with_context(|| format!("config file {}", path.display()))
+    };
+    let (from_config, to_config) = (read(from)?, read(to)?);
+    if from_config.postgres.is_some() {
+        bail!("--from must name a sled store (its store is postgres already)");
+    }
+    if to_config.postgres.is_none() {
+        bail!("--to must name a PostgreSQL store (store = \"postgres\")");
+    }
+    if from_config.trust_domain != to_config.trust_domain {
+        bail!(
+            "the trust domains differ ({} and {}): a migration moves one server's store",
+            from_config.trust_domain,
+            to_config.trust_domain
+        );
+    }
+    if from_config.data_dir != to_config.data_dir {
+        bail!(
+            "data_dir differs ({} and {}): the CA and audit keys stay in data_dir, so both \
+             configurations must name the same one",
+            from_config.data_dir.display(),
+            to_config.data_dir.display()
+        );
+    }
+    let sled_dir = from_config.data_dir.join("store");
+    if !sled_dir.is_dir() {
+        bail!("no sled store at {}", sled_dir.display());
+    }
+    let source = SledStore::open(
+        &sled_dir,
+        SledStoreOptions {
+            cache_capacity_bytes: Some(from_config.store_cache_bytes),
+            ..SledStoreOptions::default()
+        },
+    )
+    .with_context(|| {
+        format!(
+            "cannot open the sled store at {} (is the server still running? stop it first)",
+            sled_dir.display()
+        )
+    })?;
+    let target = open_store_postgres(&to_config)
+        .await
+        .context("cannot open the PostgreSQL store")?;
+    let report = crate::store::migrate::sled_to_postgres(&source, &target)
+        .await
+        .context("migration failed; the database is unchanged")?;
+    #[allow(clippy::print_stdout, reason = "the command's report")]
+    {
+        println!("migrated {report}");
+        println!(
+            "start the server with {} (the sled files in {} are no longer read)",
+            to.display(),
+            sled_dir.display()
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 // === impl Server ===

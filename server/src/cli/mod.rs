@@ -72,9 +72,53 @@ pub enum Command {
     /// SIGTERM stops it gracefully (open streams get 5 s to drain, then exit 0); SIGINT stops
     /// it at once.
     Run(RunArgs),
+    /// The store itself, with the server stopped: move a sled store to PostgreSQL.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// An operator command, sent to a running server over its admin socket.
     #[command(flatten)]
     Admin(AdminCommand),
+}
+
+/// `sigil-server store`: commands that open the store directly (the server must be stopped).
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy a sled store into an empty PostgreSQL database.
+    ///
+    /// Stop the server first (sled refuses a second opener). Reads the store `--from`'s
+    /// configuration names (sled, in its data_dir) and writes everything into the database
+    /// `--to`'s configuration names (store = "postgres"), in one database transaction:
+    /// entries with their ids and revisions (agents resume their sync where they were), the
+    /// retained change feed, agents, join tokens, federated bundles, sessions, revocations,
+    /// CRL numbers, CA journals, and the audit chain with its hashes, checkpoints and broker
+    /// sequences intact (`audit verify` stays clean). A target that holds anything is refused.
+    /// Both configurations must name the same trust domain and data_dir: the CA and audit keys
+    /// stay in data_dir. Then start the server with the `--to` configuration.
+    Migrate(StoreMigrateArgs),
+}
+
+/// Flags of `sigil-server store migrate`.
+#[derive(Debug, Args)]
+pub struct StoreMigrateArgs {
+    /// The configuration the server ran with (its sled store is read).
+    #[arg(long, value_name = "CONFIG")]
+    pub from: PathBuf,
+    /// The configuration it will run with (store = "postgres"; the database must be empty).
+    #[arg(long, value_name = "CONFIG")]
+    pub to: PathBuf,
+}
+
+/// Runs a `sigil-server store` command.
+pub fn execute_store(command: StoreCommand) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match command {
+            StoreCommand::Migrate(args) => crate::server::migrate_store(&args.from, &args.to).await,
+        }
+    })
 }
 
 /// Flags of `sigil-server run`; each overrides the matching key of the config file.

@@ -51,6 +51,7 @@ use crate::audit::{
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub(crate) mod migrate;
 pub(crate) mod postgres;
 pub(crate) mod session;
 pub(crate) mod sled;

@@ -62,8 +62,11 @@ use zeroize::Zeroizing;
 
 use super::{DEFAULT_CHANGE_RETENTION, StoreError, hex_decode, hex_encode};
 
+mod import;
 mod schema;
 mod store;
+
+pub(crate) use self::import::Import;
 #[cfg(test)]
 mod tests;
 

@@ -282,6 +282,73 @@ impl SledStore {
     }
 }
 
+/// What [`SledStore::export_extras`] reads: the records the [`Store`] trait has no listing
+/// for.
+#[derive(Debug, Default)]
+pub(crate) struct SledExtras {
+    /// Every retained change of the feed, oldest first.
+    pub changes: Vec<super::Change>,
+    /// Every unused join token (hashed).
+    pub join_tokens: Vec<JoinToken>,
+    /// Every audit source and its last sequence.
+    pub audit_sources: Vec<(AuditSource, u64)>,
+    /// Every server's CA journal.
+    pub ca_journals: Vec<(String, Vec<u8>)>,
+    /// Every authority's last CRL number.
+    pub crl_numbers: Vec<(String, u64)>,
+}
+
+impl SledStore {
+    /// Reads what a migration copies besides what [`Store`] lists (`store migrate`).
+    pub(crate) async fn export_extras(&self) -> Result<SledExtras, StoreError> {
+        self.blocking(|inner| {
+            let trees = &inner.trees;
+            let mut extras = SledExtras::default();
+            for item in trees.changes.iter() {
+                extras.changes.push(decode("change", &item?.1)?);
+            }
+            for item in trees.join_tokens.iter() {
+                extras.join_tokens.push(decode("join token", &item?.1)?);
+            }
+            for item in trees.audit_sources.iter() {
+                let (key, value) = item?;
+                let (spiffe_id, spool_id) = key
+                    .iter()
+                    .position(|b| *b == 0)
+                    .map(|at| (&key[..at], &key[at + 1..]))
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: "audit source",
+                        reason: "key without a separator".to_owned(),
+                    })?;
+                let source = AuditSource {
+                    spiffe_id: String::from_utf8_lossy(spiffe_id).into_owned(),
+                    spool_id: String::from_utf8_lossy(spool_id).into_owned(),
+                };
+                extras.audit_sources.push((source, decode_u64(&value)?));
+            }
+            for item in trees.meta.iter() {
+                let (key, value) = item?;
+                if key.as_ref() == b"ca_journal" {
+                    extras
+                        .ca_journals
+                        .push((super::DEFAULT_SERVER_ID.to_owned(), value.to_vec()));
+                } else if let Some(server) = key.strip_prefix(b"ca_journal/") {
+                    extras
+                        .ca_journals
+                        .push((String::from_utf8_lossy(server).into_owned(), value.to_vec()));
+                } else if let Some(authority) = key.strip_prefix(b"crl_number/") {
+                    extras.crl_numbers.push((
+                        String::from_utf8_lossy(authority).into_owned(),
+                        decode_u64(&value)?,
+                    ));
+                }
+            }
+            Ok(extras)
+        })
+        .await
+    }
+}
+
 impl fmt::Debug for SledStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SledStore")
