@@ -183,9 +183,13 @@ fn postgres_password(file: Option<&Path>) -> Result<Option<Zeroizing<String>>, S
     let Some(path) = file else {
         return Ok(std::env::var("PGPASSWORD").ok().map(Zeroizing::new));
     };
+    use std::io::Read as _;
     let shown = path.display();
-    let metadata = std::fs::metadata(path)
-        .map_err(|e| StoreError::Config(format!("postgres_password_file {shown}: {e}")))?;
+    let problem =
+        |e: std::io::Error| StoreError::Config(format!("postgres_password_file {shown}: {e}"));
+    // One handle for the check and the read, so the file checked is the file read.
+    let mut file = std::fs::File::open(path).map_err(problem)?;
+    let metadata = file.metadata().map_err(problem)?;
     if metadata.permissions().mode() & 0o077 != 0 {
         return Err(StoreError::Config(format!(
             "postgres_password_file {shown} is readable by group or others (mode {:o}): \
@@ -193,10 +197,8 @@ fn postgres_password(file: Option<&Path>) -> Result<Option<Zeroizing<String>>, S
             metadata.permissions().mode() & 0o777
         )));
     }
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .map_err(|e| StoreError::Config(format!("postgres_password_file {shown}: {e}")))?,
-    );
+    let mut text = Zeroizing::new(String::new());
+    file.read_to_string(&mut text).map_err(problem)?;
     let password = text.lines().next().unwrap_or("");
     if password.is_empty() {
         return Err(StoreError::Config(format!(
@@ -263,7 +265,7 @@ pub(crate) async fn migrate_store(
         .context("cannot open the PostgreSQL store")?;
     let report = crate::store::migrate::sled_to_postgres(&source, &target)
         .await
-        .context("migration failed; the database is unchanged")?;
+        .context("migration failed")?;
     #[allow(clippy::print_stdout, reason = "the command's report")]
     {
         println!("migrated {report}");

@@ -77,13 +77,26 @@ pub(crate) async fn sled_to_postgres(
     let result = copy(from, &mut import).await;
     match result {
         Ok(report) => {
-            import.commit(report.revision).await?;
+            import.commit(report.revision).await.map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "the final commit failed ({e}): the migration may or may not have been \
+                     written; run it again: it copies everything or is refused because the \
+                     database holds the copy"
+                ))
+            })?;
             Ok(report)
         }
         Err(e) => {
             import.rollback().await;
             Err(e)
         }
+    }
+}
+
+fn mismatch(reason: String) -> StoreError {
+    StoreError::Corrupt {
+        what: "migration",
+        reason,
     }
 }
 
@@ -154,14 +167,31 @@ async fn copy(from: &SledStore, import: &mut Import) -> Result<Report, StoreErro
     import.revocations(&revocations).await?;
     import.crl_numbers(&extras.crl_numbers).await?;
 
-    // The copy is checked before it commits: the same entries as the source.
+    // The copy is checked before it commits: the same entries as the source, an audit chain
+    // that ends at the source's head, and a feed that ends at the revision it continues from.
     let copied = import.count_entries().await?;
     let expected = from.count_entries().await?;
     if copied != expected {
-        return Err(StoreError::Corrupt {
-            what: "migration",
-            reason: format!("{copied} entries copied, the source has {expected}"),
-        });
+        return Err(mismatch(format!(
+            "{copied} entries copied, the source has {expected}"
+        )));
+    }
+    let head = from.audit_head().await?;
+    let head_sequence = head.as_ref().map_or(0, |h| h.sequence);
+    if report.audit_records as u64 != head_sequence {
+        return Err(mismatch(format!(
+            "{} audit records copied, the source's chain ends at record {head_sequence}",
+            report.audit_records
+        )));
+    }
+    let contiguous = changes
+        .windows(2)
+        .all(|w| w[1].revision == w[0].revision + 1)
+        && changes.last().is_none_or(|c| c.revision == report.revision);
+    if !contiguous {
+        return Err(mismatch(
+            "the source's change feed has a gap or does not end at its revision".to_owned(),
+        ));
     }
     Ok(report)
 }

@@ -2,7 +2,7 @@
 
 use deadpool_postgres::ClientWrapper;
 
-use super::{PostgresStore, db_error, encode, millis, to_i64, to_u64};
+use super::{PostgresStore, col, db_error, encode, millis, nanos, to_i64, to_u64};
 use crate::audit::{AuditCheckpoint, AuditHead, AuditRecord, AuditSource};
 use crate::store::{
     AttestedNode, Change, FederatedBundle, JoinToken, RegistrationEntry, Revocation, Session,
@@ -52,8 +52,16 @@ impl PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        let revision: i64 = row.get(0);
-        let rows: i64 = row.get(1);
+        let counts = |i: usize| {
+            row.try_get::<_, Option<i64>>(i)
+                .map_err(db_error)?
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: "feed head",
+                    reason: "the counter row is missing".to_owned(),
+                })
+        };
+        let revision = counts(0)?;
+        let rows = counts(1)?;
         if revision != 0 || rows != 0 {
             let _ = client.batch_execute("ROLLBACK").await;
             return Err(StoreError::Config(format!(
@@ -143,12 +151,12 @@ impl Import {
         let mut bodies = Vec::with_capacity(tokens.len());
         for token in tokens {
             hashes.push(token.token_hash.clone());
-            expiries.push(millis(token.expires_at));
+            expiries.push(nanos(token.expires_at));
             bodies.push(encode("join token", token)?);
         }
         self.client
             .execute(
-                "INSERT INTO join_tokens (token_hash, expires_at_ms, body) \
+                "INSERT INTO join_tokens (token_hash, expires_at_ns, body) \
                  SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])",
                 &[&hashes, &expiries, &bodies],
             )
@@ -299,12 +307,12 @@ impl Import {
         let mut bodies = Vec::with_capacity(revocations.len());
         for revocation in revocations {
             serials.push(revocation.serial.clone());
-            not_afters.push(millis(revocation.not_after));
+            not_afters.push(nanos(revocation.not_after));
             bodies.push(encode("revocation", revocation)?);
         }
         self.client
             .execute(
-                "INSERT INTO revocations (serial, not_after_ms, body) \
+                "INSERT INTO revocations (serial, not_after_ns, body) \
                  SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])",
                 &[&serials, &not_afters, &bodies],
             )
@@ -336,7 +344,7 @@ impl Import {
             .query_one("SELECT count(*) FROM entries", &[])
             .await
             .map_err(db_error)?;
-        to_u64("entry count", row.get(0))
+        to_u64("entry count", col(&row, 0)?)
     }
 
     /// Sets the feed counter to `revision` and commits everything.

@@ -160,9 +160,16 @@ impl PostgresOptions {
             config.connect_timeout(Duration::from_secs(10));
         }
         config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        // Durable commits; a transaction stalled with the feed counter's lock (a paused or
+        // partitioned writer) is ended by the database after a minute instead of blocking every
+        // writer until TCP gives up; a writer waits at most 30 s for a lock.
+        const SESSION: &str = "-c synchronous_commit=on \
+                               -c idle_in_transaction_session_timeout=60000 \
+                               -c lock_timeout=30000";
         let options = match config.get_options() {
-            Some(options) => format!("{options} -c synchronous_commit=on"),
-            None => "-c synchronous_commit=on".to_owned(),
+            Some(options) => format!("{options} {SESSION}"),
+            None => SESSION.to_owned(),
         };
         config.options(&options);
         let tls = match &self.ca_file {
@@ -180,6 +187,7 @@ impl PostgresOptions {
                 ));
             }
             None => {
+                check_plain_is_chosen(&self.url, &config)?;
                 config.ssl_mode(SslMode::Disable);
                 Tls::None
             }
@@ -204,6 +212,32 @@ impl fmt::Debug for PostgresOptions {
 /// password. The message never repeats the string (it might hold a secret after all).
 pub(crate) fn check_url(url: &str) -> Result<(), String> {
     parse_url(url).map(drop).map_err(|e| e.to_string())
+}
+
+/// Without `postgres_ca_file` connections are plain: fine over a Unix socket or loopback, but
+/// to any other host only when the URL says so (`sslmode=disable`), so that a database across
+/// a network is never reached in the clear by omission.
+fn check_plain_is_chosen(url: &str, config: &Config) -> Result<(), StoreError> {
+    let remote = config.get_hosts().iter().find_map(|host| match host {
+        tokio_postgres::config::Host::Tcp(name) => {
+            let loopback = name == "localhost"
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            (!loopback).then(|| name.clone())
+        }
+        tokio_postgres::config::Host::Unix(_) => None,
+    });
+    match remote {
+        Some(host) if !url.contains("sslmode=disable") => Err(StoreError::Config(format!(
+            "postgres_url names {host}, which is not this machine, and postgres_ca_file is not \
+             set: name the CA that signed the database's certificate in postgres_ca_file (TLS), \
+             or say sslmode=disable in postgres_url to connect in the clear on purpose"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn parse_url(url: &str) -> Result<Config, StoreError> {
@@ -248,15 +282,55 @@ impl PostgresStore {
             info!(database = %target, versions = ?applied, "database schema migrated");
         }
         let row = client
+            .query_one("SELECT current_setting('synchronous_commit')", &[])
+            .await
+            .map_err(db_error)?;
+        let synchronous: String = row.try_get(0).map_err(db_error)?;
+        if synchronous == "off" {
+            return Err(StoreError::Unsupported(format!(
+                "synchronous_commit is off on the connections to {target} although the server \
+                 asks for on (a connection pooler that drops startup options?): an acknowledged \
+                 write could be lost in a crash; connect to PostgreSQL directly"
+            )));
+        }
+        let row = client
             .query_one("SELECT revision FROM feed_head WHERE id = 1", &[])
             .await
             .map_err(db_error)?;
-        let revision = to_u64("revision", row.get(0))?;
+        let revision = to_u64("revision", row.try_get(0).map_err(db_error)?)?;
         drop(client);
 
         let (tx, _) = watch::channel(revision);
         let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(config, tls, Arc::clone(&wake), target.clone()));
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        let listener = tokio::spawn(listen(
+            config,
+            tls,
+            Arc::clone(&wake),
+            target.clone(),
+            lock_key(&options.audit_chain_id),
+            Some(first_tx),
+        ));
+        let locked = match first_rx.await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Closed),
+        };
+        match locked {
+            Ok(true) => {}
+            Ok(false) => {
+                listener.abort();
+                return Err(StoreError::Unsupported(format!(
+                    "another sigil-server with audit chain {:?} is running on {target}: one \
+                     server per chain (several servers on one database, each with its own \
+                     server id, come with high availability)",
+                    options.audit_chain_id
+                )));
+            }
+            Err(e) => {
+                listener.abort();
+                return Err(e);
+            }
+        }
         let follower = tokio::spawn(follow(
             pool.clone(),
             tx.clone(),
@@ -341,7 +415,7 @@ async fn follow(pool: Pool, tx: watch::Sender<u64>, wake: Arc<Notify>, interval:
                 .query_one("SELECT revision FROM feed_head WHERE id = 1", &[])
                 .await
                 .map_err(db_error)?;
-            to_u64("revision", row.get(0))
+            to_u64("revision", col(&row, 0)?)
         };
         match read.await {
             Ok(revision) => {
@@ -362,16 +436,41 @@ async fn follow(pool: Pool, tx: watch::Sender<u64>, wake: Arc<Notify>, interval:
 }
 
 /// Keeps a `LISTEN` connection open (reconnecting after a failure) and wakes the follower on
-/// every notification.
-async fn listen(config: Config, tls: Tls, wake: Arc<Notify>, target: String) {
+/// every notification. The same connection holds the server's advisory lock (`lock_key`), so
+/// that a second server with the same audit chain cannot run on the database: the first
+/// connection's answer goes to `first` (true: the lock is this server's).
+async fn listen(
+    config: Config,
+    tls: Tls,
+    wake: Arc<Notify>,
+    target: String,
+    lock_key: i64,
+    mut first: Option<tokio::sync::oneshot::Sender<Result<bool, StoreError>>>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let result = match &tls {
-            Tls::None => listen_once(&config, NoTls, &wake).await,
-            Tls::Rustls(tls) => listen_once(&config, tls.clone(), &wake).await,
+            Tls::None => listen_once(&config, NoTls, &wake, lock_key, &mut first).await,
+            Tls::Rustls(tls) => {
+                listen_once(&config, tls.clone(), &wake, lock_key, &mut first).await
+            }
         };
-        if let Err(e) = result {
-            debug!(database = %target, error = %e, "change feed listener reconnecting");
+        match result {
+            Err(e) => {
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err(e));
+                    return;
+                }
+                debug!(database = %target, error = %e, "change feed listener reconnecting");
+            }
+            Ok(Listened::Locked) => backoff = Duration::from_millis(100),
+            Ok(Listened::LockHeldElsewhere) => {
+                warn!(
+                    database = %target,
+                    "another server now holds this server's lock on the database (its audit \
+                     chain); this one keeps serving but should be stopped"
+                );
+            }
         }
         // A notification may have been missed while disconnected: poll now.
         wake.notify_one();
@@ -380,7 +479,21 @@ async fn listen(config: Config, tls: Tls, wake: Arc<Notify>, target: String) {
     }
 }
 
-async fn listen_once<T>(config: &Config, tls: T, wake: &Notify) -> Result<(), StoreError>
+/// How a listening connection ended.
+enum Listened {
+    /// It held the lock, listened, then closed.
+    Locked,
+    /// Another session holds the lock.
+    LockHeldElsewhere,
+}
+
+async fn listen_once<T>(
+    config: &Config,
+    tls: T,
+    wake: &Notify,
+    lock_key: i64,
+    first: &mut Option<tokio::sync::oneshot::Sender<Result<bool, StoreError>>>,
+) -> Result<Listened, StoreError>
 where
     T: MakeTlsConnect<Socket>,
     T::Stream: Send + 'static,
@@ -401,6 +514,17 @@ where
             }
         }
     });
+    let row = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key])
+        .await
+        .map_err(db_error)?;
+    let locked: bool = row.try_get(0).map_err(db_error)?;
+    if let Some(first) = first.take() {
+        let _ = first.send(Ok(locked));
+    }
+    if !locked {
+        return Ok(Listened::LockHeldElsewhere);
+    }
     client
         .batch_execute(&format!("LISTEN {FEED_CHANNEL}"))
         .await
@@ -411,7 +535,20 @@ where
         wake.notify_one();
     }
     drop(client);
-    driver.await?
+    driver.await??;
+    Ok(Listened::Locked)
+}
+
+/// The advisory lock key of a server's audit chain: the first 8 bytes of SHA-256 over
+/// `sigil-server/` and the chain id.
+fn lock_key(chain_id: &str) -> i64 {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("sigil-server/{chain_id}").as_bytes(),
+    );
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest.as_ref()[..8]);
+    i64::from_be_bytes(bytes)
 }
 
 fn publish(tx: &watch::Sender<u64>, revision: u64) {
@@ -522,6 +659,23 @@ fn to_u64(what: &'static str, value: i64) -> Result<u64, StoreError> {
         what,
         reason: format!("negative value {value}"),
     })
+}
+
+/// Column `index` of `row`: an error, not a panic, when it does not have the expected type.
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    index: usize,
+) -> Result<T, StoreError> {
+    row.try_get(index).map_err(db_error)
+}
+
+/// Nanoseconds since the Unix epoch (negative before it; saturating in 2262), for expiry
+/// columns: pruning compares them exactly, as the sled backend compares times.
+fn nanos(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_nanos()).map_or(i64::MIN, |ns| -ns),
+    }
 }
 
 /// Milliseconds since the Unix epoch (negative before it), for indexed time columns.

@@ -65,7 +65,7 @@ CREATE TABLE nodes (
 
 CREATE TABLE join_tokens (
     token_hash text COLLATE "C" PRIMARY KEY,
-    expires_at_ms bigint NOT NULL,
+    expires_at_ns bigint NOT NULL,
     body text NOT NULL
 );
 
@@ -115,7 +115,7 @@ CREATE TABLE sessions (
 
 CREATE TABLE revocations (
     serial text COLLATE "C" PRIMARY KEY,
-    not_after_ms bigint NOT NULL,
+    not_after_ns bigint NOT NULL,
     body text NOT NULL
 );
 
@@ -138,13 +138,31 @@ pub(super) async fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError>
         .query_one("SELECT current_setting('server_version_num')::integer", &[])
         .await
         .map_err(db_error)?;
-    let version: i32 = row.get(0);
+    let version: i32 = row.try_get(0).map_err(db_error)?;
     if version < MIN_SERVER_VERSION {
         return Err(StoreError::Unsupported(format!(
             "PostgreSQL {}.{} is too old: Sigil needs PostgreSQL 14 or later",
             version / 10_000,
             version % 10_000 / 100
         )));
+    }
+    // Up to date already: no lock and no DDL (a runtime role without CREATE can start).
+    let row = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await
+        .map_err(db_error)?;
+    if row.try_get::<_, bool>(0).map_err(db_error)? {
+        let row = client
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        let applied: i32 = row.try_get(0).map_err(db_error)?;
+        if applied == current_version() {
+            return Ok(Vec::new());
+        }
     }
     let tx = client.transaction().await.map_err(db_error)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -166,7 +184,7 @@ pub(super) async fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError>
         )
         .await
         .map_err(db_error)?;
-    let applied: i32 = row.get(0);
+    let applied: i32 = row.try_get(0).map_err(db_error)?;
     if applied > current_version() {
         return Err(StoreError::Unsupported(format!(
             "the database schema is at version {applied}, newer than this build knows ({}): \

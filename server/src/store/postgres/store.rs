@@ -10,8 +10,8 @@ use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    FEED_CHANNEL, PostgresStore, db_error, decode, encode, is_unique_violation, millis, page_token,
-    to_i64, to_u64, token_key,
+    FEED_CHANNEL, PostgresStore, col, db_error, decode, encode, is_unique_violation, millis, nanos,
+    page_token, to_i64, to_u64, token_key,
 };
 use crate::audit::{
     AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, AuditSource, GENESIS_HASH,
@@ -53,11 +53,22 @@ impl Store for PostgresStore {
         let (results, revision) = self
             .retrying(move || async move {
                 let mut client = self.client().await?;
-                let tx = client.transaction().await.map_err(db_error)?;
+                let tx = begin(&mut client).await?;
+                // Rows are inserted in identity order, so that two batches with common
+                // identities wait for each other instead of deadlocking; duplicates within the
+                // batch keep input order (the first one wins). Revisions follow input order.
+                let mut order: Vec<usize> = (0..items.len()).collect();
+                order.sort_by_key(|&i| items[i].1.identity_key());
+                let mut inserted: Vec<Option<Result<RegistrationEntry, StoreError>>> =
+                    (0..items.len()).map(|_| None).collect();
+                for i in order {
+                    let (id, new) = &items[i];
+                    inserted[i] = Some(insert_entry(&tx, id, new, now).await?);
+                }
                 let mut results = Vec::with_capacity(items.len());
                 let mut pending = Vec::new();
-                for (id, new) in items {
-                    match insert_entry(&tx, id, new, now).await? {
+                for result in inserted {
+                    match result.ok_or(StoreError::Closed)? {
                         Ok(entry) => {
                             results.push(Ok(()));
                             pending.push(Pending {
@@ -91,7 +102,7 @@ impl Store for PostgresStore {
             .query_opt("SELECT body FROM entries WHERE id = $1", &[&id.as_str()])
             .await
             .map_err(db_error)?;
-        row.map(|row| decode("entry", row.get(0))).transpose()
+        row.map(|row| decode("entry", col(&row, 0)?)).transpose()
     }
 
     async fn update_entry(
@@ -103,7 +114,7 @@ impl Store for PostgresStore {
         let updated = self
             .retrying(move || async move {
                 let mut client = self.client().await?;
-                let tx = client.transaction().await.map_err(db_error)?;
+                let tx = begin(&mut client).await?;
                 let row = tx
                     .query_opt(
                         "SELECT body FROM entries WHERE id = $1 FOR UPDATE",
@@ -112,7 +123,7 @@ impl Store for PostgresStore {
                     .await
                     .map_err(db_error)?
                     .ok_or_else(|| entry_not_found(id))?;
-                let old: RegistrationEntry = decode("entry", row.get(0))?;
+                let old: RegistrationEntry = decode("entry", col(&row, 0)?)?;
                 let identity = entry.identity_key();
                 if let Some(existing) = duplicate_of(&tx, &identity, id).await? {
                     return Err(existing);
@@ -158,7 +169,7 @@ impl Store for PostgresStore {
         let (deleted, revision) = self
             .retrying(move || async move {
                 let mut client = self.client().await?;
-                let tx = client.transaction().await.map_err(db_error)?;
+                let tx = begin(&mut client).await?;
                 let old = delete_entry_row(&tx, id)
                     .await?
                     .ok_or_else(|| entry_not_found(id))?;
@@ -204,7 +215,7 @@ impl Store for PostgresStore {
             .map_err(db_error)?;
         let items = rows
             .iter()
-            .map(|row| decode::<RegistrationEntry>("entry", row.get(0)))
+            .map(|row| decode::<RegistrationEntry>("entry", col(row, 0)?))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(page_of(items, size, |e| e.id.as_str().as_bytes().to_vec()))
     }
@@ -215,7 +226,7 @@ impl Store for PostgresStore {
             .query_one("SELECT count(*) FROM entries", &[])
             .await
             .map_err(db_error)?;
-        to_u64("entry count", row.get(0))
+        to_u64("entry count", col(&row, 0)?)
     }
 
     async fn snapshot_entries(&self) -> Result<EntrySnapshot, StoreError> {
@@ -231,7 +242,7 @@ impl Store for PostgresStore {
             .query_one("SELECT revision FROM feed_head WHERE id = 1", &[])
             .await
             .map_err(db_error)?;
-        let revision = to_u64("revision", row.get(0))?;
+        let revision = to_u64("revision", col(&row, 0)?)?;
         let rows = tx
             .query("SELECT body FROM entries ORDER BY id", &[])
             .await
@@ -239,7 +250,7 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(db_error)?;
         let entries = rows
             .iter()
-            .map(|row| decode("entry", row.get(0)))
+            .map(|row| decode("entry", col(row, 0)?))
             .collect::<Result<Vec<_>, _>>()?;
         self.published(revision);
         Ok(EntrySnapshot { revision, entries })
@@ -251,20 +262,23 @@ impl Store for PostgresStore {
             .query_one("SELECT revision FROM feed_head WHERE id = 1", &[])
             .await
             .map_err(db_error)?;
-        let revision = to_u64("revision", row.get(0))?;
+        let revision = to_u64("revision", col(&row, 0)?)?;
         self.published(revision);
         Ok(revision)
     }
 
     async fn changes_since(&self, revision: u64, limit: usize) -> Result<ChangesSince, StoreError> {
         let limit = limit.clamp(1, MAX_CHANGES_PER_CALL);
-        let after = to_i64("revision", revision)?;
+        let Ok(after) = i64::try_from(revision) else {
+            // Newer than any revision a bigint can hold: this store never issued it.
+            return Ok(ChangesSince::Expired);
+        };
         let client = self.client().await?;
         let head = client
             .query_one("SELECT revision FROM feed_head WHERE id = 1", &[])
             .await
             .map_err(db_error)?;
-        let head: i64 = head.get(0);
+        let head: i64 = col(&head, 0)?;
         if after > head {
             return Ok(ChangesSince::Expired);
         }
@@ -282,7 +296,7 @@ impl Store for PostgresStore {
             .map_err(db_error)?;
         let changes = rows
             .iter()
-            .map(|row| decode::<Change>("change", row.get(0)))
+            .map(|row| decode::<Change>("change", col(row, 0)?))
             .collect::<Result<Vec<_>, _>>()?;
         match changes.first() {
             Some(first) if first.revision == revision + 1 => Ok(ChangesSince::Changes(changes)),
@@ -325,7 +339,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        row.map(|row| decode("node", row.get(0))).transpose()
+        row.map(|row| decode("node", col(&row, 0)?)).transpose()
     }
 
     async fn update_node(
@@ -337,7 +351,7 @@ impl Store for PostgresStore {
         let node = &node;
         self.retrying(move || async move {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db_error)?;
+            let tx = begin(&mut client).await?;
             let key = node.spiffe_id.as_str();
             let row = tx
                 .query_opt(
@@ -350,7 +364,7 @@ impl Store for PostgresStore {
                     resource: "node",
                     key: key.to_owned(),
                 })?;
-            let old: AttestedNode = decode("node", row.get(0))?;
+            let old: AttestedNode = decode("node", col(&row, 0)?)?;
             if old != *expected {
                 return Err(StoreError::StateChanged {
                     resource: "node",
@@ -385,7 +399,7 @@ impl Store for PostgresStore {
                 resource: "node",
                 key: spiffe_id.to_string(),
             })?;
-        decode("node", row.get(0))
+        decode("node", col(&row, 0)?)
     }
 
     async fn list_nodes(&self, page: &PageRequest) -> Result<Page<AttestedNode>, StoreError> {
@@ -402,7 +416,7 @@ impl Store for PostgresStore {
             .map_err(db_error)?;
         let items = rows
             .iter()
-            .map(|row| decode::<AttestedNode>("node", row.get(0)))
+            .map(|row| decode::<AttestedNode>("node", col(row, 0)?))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(page_of(items, size, |n| {
             n.spiffe_id.as_str().as_bytes().to_vec()
@@ -413,11 +427,11 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         let inserted = client
             .execute(
-                "INSERT INTO join_tokens (token_hash, expires_at_ms, body) VALUES ($1, $2, $3) \
+                "INSERT INTO join_tokens (token_hash, expires_at_ns, body) VALUES ($1, $2, $3) \
                  ON CONFLICT DO NOTHING",
                 &[
                     &token.token_hash,
-                    &millis(token.expires_at),
+                    &nanos(token.expires_at),
                     &encode("join token", &token)?,
                 ],
             )
@@ -447,7 +461,7 @@ impl Store for PostgresStore {
             .await
             .map_err(db_error)?
             .ok_or(StoreError::TokenNotFound)?;
-        let token: JoinToken = decode("join token", row.get(0))?;
+        let token: JoinToken = decode("join token", col(&row, 0)?)?;
         if token.expires_at <= now {
             return Err(StoreError::TokenExpired);
         }
@@ -458,8 +472,8 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         client
             .execute(
-                "DELETE FROM join_tokens WHERE expires_at_ms <= $1",
-                &[&millis(now)],
+                "DELETE FROM join_tokens WHERE expires_at_ns <= $1",
+                &[&nanos(now)],
             )
             .await
             .map_err(db_error)
@@ -499,7 +513,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        row.map(|row| decode("federated bundle", row.get(0)))
+        row.map(|row| decode("federated bundle", col(&row, 0)?))
             .transpose()
     }
 
@@ -519,7 +533,7 @@ impl Store for PostgresStore {
                 resource: "federated bundle",
                 key: trust_domain.to_string(),
             })?;
-        decode("federated bundle", row.get(0))
+        decode("federated bundle", col(&row, 0)?)
     }
 
     async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>, StoreError> {
@@ -532,7 +546,7 @@ impl Store for PostgresStore {
             .await
             .map_err(db_error)?;
         rows.iter()
-            .map(|row| decode("federated bundle", row.get(0)))
+            .map(|row| decode("federated bundle", col(row, 0)?))
             .collect()
     }
 
@@ -545,7 +559,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        Ok(row.map(|row| row.get(0)))
+        row.map(|row| col(&row, 0)).transpose()
     }
 
     async fn save_ca_journal(&self, server_id: &str, journal: Vec<u8>) -> Result<(), StoreError> {
@@ -571,7 +585,7 @@ impl Store for PostgresStore {
         let records = &records;
         self.retrying(move || async move {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db_error)?;
+            let tx = begin(&mut client).await?;
             let sealed = self.seal_into(&tx, records, SystemTime::now()).await?;
             tx.commit().await.map_err(db_error)?;
             Ok(sealed)
@@ -593,7 +607,7 @@ impl Store for PostgresStore {
         let events = &events;
         self.retrying(move || async move {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db_error)?;
+            let tx = begin(&mut client).await?;
             tx.execute(
                 "INSERT INTO audit_sources (spiffe_id, spool_id, last_sequence) \
                  VALUES ($1, $2, 0) ON CONFLICT DO NOTHING",
@@ -609,7 +623,7 @@ impl Store for PostgresStore {
                 )
                 .await
                 .map_err(db_error)?;
-            let last = to_u64("audit source", row.get(0))?;
+            let last = to_u64("audit source", col(&row, 0)?)?;
             let fresh: Vec<&SourceEvent> = events.iter().filter(|e| e.sequence > last).collect();
             let continues = fresh
                 .iter()
@@ -653,7 +667,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        row.map_or(Ok(0), |row| to_u64("audit source", row.get(0)))
+        row.map_or(Ok(0), |row| to_u64("audit source", col(&row, 0)?))
     }
 
     async fn list_audit(
@@ -671,10 +685,16 @@ impl Store for PostgresStore {
         }
         let since = filter.since.map(millis);
         let size = page.effective_size();
-        let client = self.client().await?;
         let mut items = Vec::new();
         let mut more = false;
-        let mut from = to_i64("audit sequence", start)?;
+        let Ok(mut from) = i64::try_from(start) else {
+            // Past any sequence a bigint can hold: nothing there.
+            return Ok(Page {
+                items,
+                next_page_token: None,
+            });
+        };
+        let client = self.client().await?;
         'scan: loop {
             let rows = client
                 .query(
@@ -688,9 +708,9 @@ impl Store for PostgresStore {
                 .map_err(db_error)?;
             let fetched = rows.len();
             for row in &rows {
-                let sequence: i64 = row.get(0);
+                let sequence: i64 = col(row, 0)?;
                 let record: AuditRecord =
-                    serde_json::from_str(row.get(1)).map_err(|e| StoreError::Corrupt {
+                    serde_json::from_str(col(row, 1)?).map_err(|e| StoreError::Corrupt {
                         what: "audit",
                         reason: format!("record {sequence}: {e}"),
                     })?;
@@ -729,7 +749,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        row.map(|row| decode_head(row.get(0))).transpose()
+        row.map(|row| decode_head(col(&row, 0)?)).transpose()
     }
 
     async fn audit_chains(&self) -> Result<Vec<AuditHead>, StoreError> {
@@ -741,7 +761,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        rows.iter().map(|row| decode_head(row.get(0))).collect()
+        rows.iter().map(|row| decode_head(col(row, 0)?)).collect()
     }
 
     async fn save_audit_checkpoint(&self, checkpoint: AuditCheckpoint) -> Result<(), StoreError> {
@@ -771,7 +791,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        row.map(|row| decode("audit checkpoint", row.get(0)))
+        row.map(|row| decode("audit checkpoint", col(&row, 0)?))
             .transpose()
     }
 
@@ -809,7 +829,7 @@ impl Store for PostgresStore {
             .await
             .map_err(db_error)?;
         rows.iter()
-            .map(|row| decode("audit checkpoint", row.get(0)))
+            .map(|row| decode("audit checkpoint", col(row, 0)?))
             .collect()
     }
 
@@ -828,7 +848,7 @@ impl Store for PostgresStore {
         let (created, revision) = self
             .retrying(move || async move {
                 let mut client = self.client().await?;
-                let tx = client.transaction().await.map_err(db_error)?;
+                let tx = begin(&mut client).await?;
                 let mut session = session.clone();
                 let mut pending = Vec::new();
                 if let Some((id, new)) = &entry {
@@ -874,7 +894,7 @@ impl Store for PostgresStore {
         let (updated, revision) = self
             .retrying(move || async move {
                 let mut client = self.client().await?;
-                let tx = client.transaction().await.map_err(db_error)?;
+                let tx = begin(&mut client).await?;
                 let id = &update.session.id;
                 let row = tx
                     .query_opt(
@@ -887,7 +907,7 @@ impl Store for PostgresStore {
                         resource: "session",
                         key: id.to_string(),
                     })?;
-                let old: Session = decode("session", row.get(0))?;
+                let old: Session = decode("session", col(&row, 0)?)?;
                 if old.state != update.expected {
                     return Err(StoreError::StateChanged {
                         resource: "session",
@@ -947,7 +967,7 @@ impl Store for PostgresStore {
             .query_opt("SELECT body FROM sessions WHERE id = $1", &[&id.as_str()])
             .await
             .map_err(db_error)?;
-        row.map(|row| decode("session", row.get(0))).transpose()
+        row.map(|row| decode("session", col(&row, 0)?)).transpose()
     }
 
     async fn list_sessions(
@@ -971,8 +991,8 @@ impl Store for PostgresStore {
                 .map_err(db_error)?;
             let fetched = rows.len();
             for row in &rows {
-                after = Some(row.get::<_, String>(0));
-                let session: Session = decode("session", row.get(1))?;
+                after = Some(col::<String>(row, 0)?);
+                let session: Session = decode("session", col(row, 1)?)?;
                 if filter.matches(&session) {
                     if items.len() == size {
                         more = true;
@@ -1006,7 +1026,7 @@ impl Store for PostgresStore {
         let credential = &credential;
         self.retrying(move || async move {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db_error)?;
+            let tx = begin(&mut client).await?;
             let row = tx
                 .query_opt(
                     "SELECT body FROM sessions WHERE id = $1 FOR UPDATE",
@@ -1018,7 +1038,7 @@ impl Store for PostgresStore {
                     resource: "session",
                     key: id.to_string(),
                 })?;
-            let mut session: Session = decode("session", row.get(0))?;
+            let mut session: Session = decode("session", col(&row, 0)?)?;
             match &credential {
                 SessionCredential::X509(serial) => session.serials.push(serial.clone()),
                 SessionCredential::Jwt(jwt) => session.jwts.push(jwt.clone()),
@@ -1040,7 +1060,7 @@ impl Store for PostgresStore {
             return Ok(());
         }
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db_error)?;
+        let tx = begin(&mut client).await?;
         upsert_revocations(&tx, &revocations).await?;
         tx.commit().await.map_err(db_error)
     }
@@ -1052,7 +1072,7 @@ impl Store for PostgresStore {
             .await
             .map_err(db_error)?;
         rows.iter()
-            .map(|row| decode("revocation", row.get(0)))
+            .map(|row| decode("revocation", col(row, 0)?))
             .collect()
     }
 
@@ -1060,8 +1080,8 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         client
             .execute(
-                "DELETE FROM revocations WHERE not_after_ms <= $1",
-                &[&millis(now)],
+                "DELETE FROM revocations WHERE not_after_ns <= $1",
+                &[&nanos(now)],
             )
             .await
             .map_err(db_error)
@@ -1071,7 +1091,9 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "INSERT INTO crl_numbers (authority_id, last_number) VALUES ($1, $2) \
+                "INSERT INTO crl_numbers (authority_id, last_number) \
+                 VALUES ($1, greatest($2, coalesce((SELECT last_number + 1 FROM crl_numbers \
+                                                    WHERE authority_id = ''), 0))) \
                  ON CONFLICT (authority_id) DO UPDATE \
                  SET last_number = greatest(EXCLUDED.last_number, crl_numbers.last_number + 1) \
                  RETURNING last_number",
@@ -1079,7 +1101,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        to_u64("crl number", row.get(0))
+        to_u64("crl number", col(&row, 0)?)
     }
 }
 
@@ -1098,7 +1120,9 @@ impl crate::store::conformance::TestableStore for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        rows.iter().map(|row| decode("entry", row.get(0))).collect()
+        rows.iter()
+            .map(|row| decode("entry", col(row, 0)?))
+            .collect()
     }
 }
 
@@ -1125,7 +1149,7 @@ impl PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        let last: i64 = row.get(0);
+        let last: i64 = col(&row, 0)?;
         let first = last - n + 1;
         let mut revisions = Vec::with_capacity(pending.len());
         let mut bodies = Vec::with_capacity(pending.len());
@@ -1215,7 +1239,7 @@ impl PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        let head: Option<AuditHead> = row.get::<_, Option<&str>>(1).map(decode_head).transpose()?;
+        let head: Option<AuditHead> = col::<Option<&str>>(&row, 1)?.map(decode_head).transpose()?;
         let (mut sequence, mut prev_hash, prev_time) = head
             .map_or((0, GENESIS_HASH, SystemTime::UNIX_EPOCH), |h| {
                 (h.sequence, h.hash, h.time)
@@ -1267,6 +1291,18 @@ impl PostgresStore {
     }
 }
 
+/// Starts a READ COMMITTED transaction whatever the database's default: the feed counter's
+/// row lock and `ON CONFLICT DO NOTHING` rely on it (under REPEATABLE READ, concurrent writers
+/// of the counter would fail with serialization errors instead of waiting their turn).
+async fn begin(client: &mut tokio_postgres::Client) -> Result<Transaction<'_>, StoreError> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await
+        .map_err(db_error)
+}
+
 /// Inserts a new entry's row (its revision and body follow in [`PostgresStore::take_revisions`]).
 /// The inner error is [`StoreError::AlreadyExists`] when another entry has the same identity.
 async fn insert_entry(
@@ -1314,7 +1350,7 @@ async fn delete_entry_row(
         )
         .await
         .map_err(db_error)?;
-    row.map(|row| decode("entry", row.get(0))).transpose()
+    row.map(|row| decode("entry", col(&row, 0)?)).transpose()
 }
 
 /// [`StoreError::AlreadyExists`] naming the entry other than `id` with this identity, if any.
@@ -1330,10 +1366,13 @@ async fn duplicate_of(
         )
         .await
         .map_err(db_error)?;
-    Ok(row.map(|row| StoreError::AlreadyExists {
-        resource: "entry",
-        key: row.get(0),
-    }))
+    row.map(|row| {
+        Ok(StoreError::AlreadyExists {
+            resource: "entry",
+            key: col(&row, 0)?,
+        })
+    })
+    .transpose()
 }
 
 async fn upsert_revocations(
@@ -1348,18 +1387,18 @@ async fn upsert_revocations(
     let mut bodies = Vec::with_capacity(revocations.len());
     for revocation in revocations {
         serials.push(revocation.serial.clone());
-        not_afters.push(millis(revocation.not_after));
+        not_afters.push(nanos(revocation.not_after));
         bodies.push(encode("revocation", revocation)?);
     }
     let params: [&(dyn ToSql + Sync); 3] = [&serials, &not_afters, &bodies];
     tx.execute(
-        "INSERT INTO revocations (serial, not_after_ms, body) \
-         SELECT DISTINCT ON (serial) serial, not_after_ms, body \
+        "INSERT INTO revocations (serial, not_after_ns, body) \
+         SELECT DISTINCT ON (serial) serial, not_after_ns, body \
              FROM unnest($1::text[], $2::bigint[], $3::text[]) \
-             WITH ORDINALITY AS u(serial, not_after_ms, body, n) \
+             WITH ORDINALITY AS u(serial, not_after_ns, body, n) \
          ORDER BY serial, n DESC \
          ON CONFLICT (serial) DO UPDATE \
-         SET not_after_ms = EXCLUDED.not_after_ms, body = EXCLUDED.body",
+         SET not_after_ns = EXCLUDED.not_after_ns, body = EXCLUDED.body",
         &params,
     )
     .await

@@ -196,7 +196,7 @@ fn a_password_in_the_url_is_refused_and_never_printed() {
         assert!(text.contains("must not contain a password"), "{text}");
         assert!(!text.contains("hunter2"), "{text}");
     }
-    let mut options = PostgresOptions::new("host=db.example.org user=sigil");
+    let mut options = PostgresOptions::new("host=127.0.0.1 user=sigil");
     options.password = Some(zeroize::Zeroizing::new("hunter2".to_owned()));
     assert!(options.connection_config().is_ok());
     assert!(!format!("{options:?}").contains("hunter2"));
@@ -210,4 +210,112 @@ fn a_password_in_the_url_is_refused_and_never_printed() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("cannot be parsed"), "{err}");
+}
+
+/// Runs SQL on the database at `url` (what an operator or another server would do).
+async fn sql(url: &str, statements: &str) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(connection);
+    client.batch_execute(statements).await.unwrap();
+    drop(client);
+    let _ = task.await;
+}
+
+fn options(url: &str, chain: &str) -> PostgresOptions {
+    let mut options = PostgresOptions::new(url);
+    options.audit_chain_id = chain.to_owned();
+    options
+}
+
+/// The schema is created once; a second server (another chain) starting on it migrates
+/// nothing; a second server on the same chain is refused while the first runs, and may start
+/// once it is gone; a schema newer than this build is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_per_chain_and_no_schema_newer_than_the_build() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let first = PostgresStore::open(options(&url, "a")).await.unwrap();
+    let other_chain = PostgresStore::open(options(&url, "b")).await.unwrap();
+    let err = PostgresStore::open(options(&url, "a")).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("another sigil-server with audit chain \"a\""),
+        "{err}"
+    );
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        match PostgresStore::open(options(&url, "a")).await {
+            Ok(store) => break store,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(e.to_string().contains("another sigil-server"), "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the lock outlived its server: {e}"),
+        }
+    };
+    drop((again, other_chain));
+    sql(
+        &url,
+        "INSERT INTO schema_migrations (version, description) VALUES (999, 'from the future')",
+    )
+    .await;
+    let err = PostgresStore::open(options(&url, "c")).await.unwrap_err();
+    assert!(
+        err.to_string().contains("newer than this build knows"),
+        "{err}"
+    );
+}
+
+/// The one CRL counter of earlier builds, migrated as authority "", is a floor for every
+/// authority that has no counter yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_legacy_crl_counter_is_a_floor_for_new_authorities() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let store = PostgresStore::open(PostgresOptions::new(&url))
+        .await
+        .unwrap();
+    sql(
+        &url,
+        "INSERT INTO crl_numbers (authority_id, last_number) VALUES ('', 9000)",
+    )
+    .await;
+    assert_eq!(store.next_crl_number("new", 5).await.unwrap(), 9001);
+    assert_eq!(store.next_crl_number("new", 5).await.unwrap(), 9002);
+    assert_eq!(
+        store.next_crl_number("later", 10_000).await.unwrap(),
+        10_000
+    );
+}
+
+/// Without postgres_ca_file, only a Unix socket or loopback is reached in the clear unless
+/// the URL says sslmode=disable.
+#[test]
+fn plain_connections_to_other_hosts_must_be_chosen() {
+    for url in [
+        "host=/var/run/postgresql user=sigil",
+        "host=127.0.0.1 user=sigil",
+        "host=localhost user=sigil",
+        "postgresql://sigil@[::1]/sigil",
+        "host=db.example.org user=sigil sslmode=disable",
+    ] {
+        assert!(
+            PostgresOptions::new(url).connection_config().is_ok(),
+            "{url}"
+        );
+    }
+    for url in [
+        "host=db.example.org user=sigil",
+        "postgresql://sigil@10.0.0.5/sigil",
+    ] {
+        let err = PostgresOptions::new(url).connection_config().err().unwrap();
+        assert!(err.to_string().contains("postgres_ca_file"), "{url}: {err}");
+    }
 }

@@ -294,7 +294,8 @@ pub(crate) struct SledExtras {
     pub audit_sources: Vec<(AuditSource, u64)>,
     /// Every server's CA journal.
     pub ca_journals: Vec<(String, Vec<u8>)>,
-    /// Every authority's last CRL number.
+    /// Every authority's last CRL number (authority `""`: the one counter of builds before
+    /// CRL numbers were kept per authority, a floor for all).
     pub crl_numbers: Vec<(String, u64)>,
 }
 
@@ -336,6 +337,12 @@ impl SledStore {
                     extras
                         .ca_journals
                         .push((String::from_utf8_lossy(server).into_owned(), value.to_vec()));
+                } else if key.as_ref() == CRL_NUMBER_KEY {
+                    // The one counter of earlier builds: the floor of every authority's
+                    // (PostgreSQL keeps it as authority "").
+                    extras
+                        .crl_numbers
+                        .push((String::new(), decode_u64(&value)?));
                 } else if let Some(authority) = key.strip_prefix(b"crl_number/") {
                     extras.crl_numbers.push((
                         String::from_utf8_lossy(authority).into_owned(),
