@@ -41,6 +41,8 @@ pub struct Postgres {
     bin: PathBuf,
     as_postgres: bool,
     port: u16,
+    /// Extra `-c` settings of every start (TLS).
+    settings: String,
 }
 
 impl fmt::Debug for Postgres {
@@ -118,6 +120,7 @@ impl Postgres {
             bin,
             as_postgres,
             port,
+            settings: String::new(),
         };
         cluster.run(
             "initdb",
@@ -135,6 +138,46 @@ impl Postgres {
         )?;
         cluster.start_again()?;
         Ok(cluster)
+    }
+
+    /// Starts a cluster of its own that accepts **only** TLS connections on 127.0.0.1 (plain
+    /// ones have no `pg_hba.conf` line), with this certificate chain and key (PEM); `None` as
+    /// for [`shared`].
+    ///
+    /// # Panics
+    /// As [`Postgres::start`], and when the files cannot be written.
+    #[allow(clippy::panic, reason = "test support: a test that cannot start fails")]
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Option<Self> {
+        let mut cluster = Self::start()?;
+        let result = (|| -> Result<(), String> {
+            cluster.stop_immediately()?;
+            let data = PathBuf::from(cluster.data_dir());
+            let owner = std::fs::metadata(&data)
+                .map(|m| (m.uid(), m.gid()))
+                .map_err(|e| e.to_string())?;
+            for (name, text) in [
+                ("server.crt", cert_pem),
+                ("server.key", key_pem),
+                (
+                    "pg_hba.conf",
+                    "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+                ),
+            ] {
+                let path = data.join(name);
+                std::fs::write(&path, text).map_err(|e| format!("{name}: {e}"))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| format!("{name}: {e}"))?;
+                std::os::unix::fs::chown(&path, Some(owner.0), Some(owner.1))
+                    .map_err(|e| format!("{name}: {e}"))?;
+            }
+            cluster.settings =
+                "-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key".to_owned();
+            cluster.start_again()
+        })();
+        if let Err(e) = result {
+            panic!("cannot start a TLS PostgreSQL cluster for the tests: {e}");
+        }
+        Some(cluster)
     }
 
     /// The port it listens on (127.0.0.1).
@@ -193,9 +236,10 @@ impl Postgres {
     pub fn start_again(&self) -> Result<(), String> {
         let options = format!(
             "-c listen_addresses=127.0.0.1 -p {} -k {} -c max_connections=400 \
-             -c shared_buffers=32MB",
+             -c shared_buffers=32MB {}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.settings
         );
         let log = self.dir.path().join("postgres.log");
         self.run(

@@ -609,7 +609,7 @@ pub enum StoreError {
     #[error("storage backend failed: {0}")]
     Backend(#[from] ::sled::Error),
     /// The database failed or refused a statement.
-    #[error("database: {0}")]
+    #[error("database: {}", database_error_text(.0))]
     Database(#[source] tokio_postgres::Error),
     /// No database connection could be had (the pool timed out or is closed).
     #[error("{0}")]
@@ -648,6 +648,37 @@ pub enum StoreError {
         /// Its key.
         key: String,
     },
+}
+
+/// A database error with its causes (tokio-postgres keeps the server's message, SQLSTATE,
+/// detail and hint in its source, not in its own text).
+fn database_error_text(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut text = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!("; {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!("; hint: {hint}"));
+        }
+        return text;
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 // === impl EntryId ===

@@ -1,4 +1,5 @@
-//! The PostgreSQL [`Store`] backend: several servers on one database.
+//! The PostgreSQL [`Store`] backend: the store several servers will share (today one server
+//! per audit chain: a second one with the same chain is refused by an advisory lock).
 //!
 //! # Connections
 //!

@@ -319,3 +319,58 @@ fn plain_connections_to_other_hosts_must_be_chosen() {
         assert!(err.to_string().contains("postgres_ca_file"), "{url}: {err}");
     }
 }
+
+/// TLS through rustls against a real PostgreSQL that accepts only TLS: with the CA that signed
+/// its certificate the store opens and works; without a CA file (plain TCP) the server refuses
+/// the connection; with another CA, the certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_a_real_postgres_verifies_its_certificate() {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+    let Some(cluster) =
+        sigil_testkit::Postgres::start_tls(&server_cert.pem(), &server_key.serialize_pem())
+    else {
+        return;
+    };
+    let url = format!(
+        "host=127.0.0.1 port={} user=sigil dbname=postgres",
+        cluster.port()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    let mut options = PostgresOptions::new(url.clone());
+    options.ca_file = Some(ca_file);
+    let store = PostgresStore::open(options).await.unwrap();
+    let entry = store.create_entry(entry(0, 0)).await.unwrap();
+    assert_eq!(store.get_entry(&entry.id).await.unwrap(), Some(entry));
+    drop(store);
+
+    // Plain TCP: the database has no line for it.
+    let err = PostgresStore::open(PostgresOptions::new(url.clone()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("pg_hba.conf"), "{err}");
+
+    // Another CA: the certificate does not verify.
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other = other_params.self_signed(&other_key).unwrap();
+    let other_file = dir.path().join("other.pem");
+    std::fs::write(&other_file, other.pem()).unwrap();
+    let mut options = PostgresOptions::new(url);
+    options.ca_file = Some(other_file);
+    let err = PostgresStore::open(options).await.unwrap_err();
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+}
