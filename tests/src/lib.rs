@@ -503,6 +503,29 @@ pub async fn create_entry(
     }
 }
 
+/// Every entry of the server, through the admin API's pages.
+pub async fn all_entries(server: &TestServer) -> Vec<sigil_proto::admin::Entry> {
+    let mut admin = server.admin().await;
+    let mut entries = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = admin
+            .list_entries(sigil_proto::admin::ListEntriesRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        entries.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            return entries;
+        }
+        token = page.next_page_token;
+    }
+}
+
 /// A `sigil-agent run` child attested to `server`, with its Workload API socket in a temp dir.
 pub struct TestAgentProcess {
     dir: TempDir,

@@ -9,9 +9,7 @@
 
 use std::time::Duration;
 
-use sigil_proto::admin::{
-    CountEntriesRequest, CreateEntriesRequest, GetBundleRequest, ListEntriesRequest,
-};
+use sigil_proto::admin::{CountEntriesRequest, CreateEntriesRequest, GetBundleRequest};
 use sigil_proto::node::{
     GetBundleRequest as NodeGetBundle, SyncEntriesRequest, SyncEntriesResponse,
     sync_entries_response,
@@ -62,25 +60,11 @@ async fn every_acknowledged_write_survives_kill_9() {
     );
 
     server.restart();
-    let mut admin = server.admin().await;
-    let mut found = std::collections::HashSet::new();
-    let mut token = String::new();
-    loop {
-        let page = admin
-            .list_entries(ListEntriesRequest {
-                page_size: 1000,
-                page_token: token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        found.extend(page.entries.into_iter().map(|e| e.id));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let found: std::collections::HashSet<String> = all_entries(&server)
+        .await
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
     let lost: Vec<_> = acknowledged
         .iter()
         .filter(|id| !found.contains(*id))
@@ -91,7 +75,9 @@ async fn every_acknowledged_write_survives_kill_9() {
         lost.len(),
         acknowledged.len()
     );
-    let count = admin
+    let count = server
+        .admin()
+        .await
         .count_entries(CountEntriesRequest {})
         .await
         .unwrap()

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use sigil_proto::admin::{CreateEntriesRequest, ListEntriesRequest};
+use sigil_proto::admin::CreateEntriesRequest;
 use sigil_tests::*;
 
 /// Creates entries one by one until `stop` says so, recording each acknowledged one (id and
@@ -96,25 +96,11 @@ async fn postgres_killed_under_load_loses_no_acknowledged_write_and_the_server_r
     };
 
     // Every acknowledged write is there, with the revision it was acknowledged with.
-    let mut admin = server.admin().await;
-    let mut stored = BTreeMap::new();
-    let mut token = String::new();
-    loop {
-        let page = admin
-            .list_entries(ListEntriesRequest {
-                page_size: 1000,
-                page_token: token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        stored.extend(page.entries.into_iter().map(|e| (e.id, e.revision)));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let stored: BTreeMap<String, u64> = all_entries(&server)
+        .await
+        .into_iter()
+        .map(|e| (e.id, e.revision))
+        .collect();
     for (id, revision) in before.iter().chain(&after) {
         assert_eq!(
             stored.get(id),

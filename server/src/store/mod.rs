@@ -867,6 +867,24 @@ impl EntryFilter {
 
 // === impl PageRequest ===
 
+/// The first audit sequence a listing returns: `from_sequence` (at least 1), or the one after
+/// the record that ended the previous page (a token is the record's sequence, 8 bytes
+/// big-endian, in hex), whichever is later.
+pub(crate) fn audit_listing_start(
+    filter: &AuditFilter,
+    page: &PageRequest,
+) -> Result<u64, StoreError> {
+    let mut start = filter.from_sequence.unwrap_or(1).max(1);
+    if let Some(token) = page.token.as_deref() {
+        let after = hex_decode(token)
+            .and_then(|key| <[u8; 8]>::try_from(key.as_slice()).ok())
+            .map(u64::from_be_bytes)
+            .ok_or(StoreError::InvalidPageToken)?;
+        start = start.max(after.saturating_add(1));
+    }
+    Ok(start)
+}
+
 impl PageRequest {
     /// The first page, with `size` items at most.
     pub(crate) fn first(size: usize) -> Self {

@@ -302,14 +302,7 @@ impl Import {
         &mut self,
         revocations: &[Revocation],
     ) -> Result<(), StoreError> {
-        let mut serials = Vec::with_capacity(revocations.len());
-        let mut not_afters = Vec::with_capacity(revocations.len());
-        let mut bodies = Vec::with_capacity(revocations.len());
-        for revocation in revocations {
-            serials.push(revocation.serial.clone());
-            not_afters.push(nanos(revocation.not_after));
-            bodies.push(encode("revocation", revocation)?);
-        }
+        let (serials, not_afters, bodies) = super::store::revocation_columns(revocations)?;
         self.client
             .execute(
                 "INSERT INTO revocations (serial, not_after_ns, body) \

@@ -675,14 +675,7 @@ impl Store for PostgresStore {
         filter: &AuditFilter,
         page: &PageRequest,
     ) -> Result<Page<AuditRecord>, StoreError> {
-        let mut start = filter.from_sequence.unwrap_or(1).max(1);
-        if let Some(token) = page.token.as_deref() {
-            let key = super::hex_decode(token).ok_or(StoreError::InvalidPageToken)?;
-            let after = <[u8; 8]>::try_from(key.as_slice())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::InvalidPageToken)?;
-            start = start.max(after.saturating_add(1));
-        }
+        let start = crate::store::audit_listing_start(filter, page)?;
         let since = filter.since.map(millis);
         let size = page.effective_size();
         let mut items = Vec::new();
@@ -1382,14 +1375,7 @@ async fn upsert_revocations(
     if revocations.is_empty() {
         return Ok(());
     }
-    let mut serials = Vec::with_capacity(revocations.len());
-    let mut not_afters = Vec::with_capacity(revocations.len());
-    let mut bodies = Vec::with_capacity(revocations.len());
-    for revocation in revocations {
-        serials.push(revocation.serial.clone());
-        not_afters.push(nanos(revocation.not_after));
-        bodies.push(encode("revocation", revocation)?);
-    }
+    let (serials, not_afters, bodies) = revocation_columns(revocations)?;
     let params: [&(dyn ToSql + Sync); 3] = [&serials, &not_afters, &bodies];
     tx.execute(
         "INSERT INTO revocations (serial, not_after_ns, body) \
@@ -1404,6 +1390,25 @@ async fn upsert_revocations(
     .await
     .map_err(db_error)?;
     Ok(())
+}
+
+/// The columns of `revocations` rows (serial, NotAfter in nanoseconds, body), as arrays for
+/// `unnest`.
+pub(super) type RevocationColumns = (Vec<String>, Vec<i64>, Vec<String>);
+
+/// [`RevocationColumns`] of `revocations`.
+pub(super) fn revocation_columns(
+    revocations: &[Revocation],
+) -> Result<RevocationColumns, StoreError> {
+    let mut serials = Vec::with_capacity(revocations.len());
+    let mut not_afters = Vec::with_capacity(revocations.len());
+    let mut bodies = Vec::with_capacity(revocations.len());
+    for revocation in revocations {
+        serials.push(revocation.serial.clone());
+        not_afters.push(nanos(revocation.not_after));
+        bodies.push(encode("revocation", revocation)?);
+    }
+    Ok((serials, not_afters, bodies))
 }
 
 fn selector_strings(entry: &RegistrationEntry) -> Vec<String> {

@@ -7,7 +7,7 @@ use ::sled::Transactional;
 use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use super::entries::TxResult;
-use super::{Inner, PageCollector, decode, decode_page_token, encode, transaction_error};
+use super::{Inner, PageCollector, decode, encode, transaction_error};
 use crate::audit::{
     AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, AuditSource, GENESIS_HASH,
     NewAuditRecord, SourceAppend, SourceEvent,
@@ -166,14 +166,7 @@ impl Inner {
         filter: &AuditFilter,
         page: &PageRequest,
     ) -> Result<Page<AuditRecord>, StoreError> {
-        let mut start = filter.from_sequence.unwrap_or(1).max(1);
-        if let Some(token) = page.token.as_deref() {
-            let key = decode_page_token(token)?;
-            let after = <[u8; 8]>::try_from(key.as_slice())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::InvalidPageToken)?;
-            start = start.max(after.saturating_add(1));
-        }
+        let mut start = crate::store::audit_listing_start(filter, page)?;
         if let Some(since) = filter.since {
             start = start.max(self.first_audit_at(since)?);
         }
