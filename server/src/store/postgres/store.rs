@@ -97,12 +97,12 @@ impl Store for PostgresStore {
     }
 
     async fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt("SELECT body FROM entries WHERE id = $1", &[&id.as_str()])
-            .await
-            .map_err(db_error)?;
-        row.map(|row| decode("entry", col(&row, 0)?)).transpose()
+        self.fetch_opt(
+            "entry",
+            "SELECT body FROM entries WHERE id = $1",
+            &[&id.as_str()],
+        )
+        .await
     }
 
     async fn update_entry(
@@ -331,15 +331,12 @@ impl Store for PostgresStore {
     }
 
     async fn get_node(&self, spiffe_id: &SpiffeId) -> Result<Option<AttestedNode>, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT body FROM nodes WHERE spiffe_id = $1",
-                &[&spiffe_id.as_str()],
-            )
-            .await
-            .map_err(db_error)?;
-        row.map(|row| decode("node", col(&row, 0)?)).transpose()
+        self.fetch_opt(
+            "node",
+            "SELECT body FROM nodes WHERE spiffe_id = $1",
+            &[&spiffe_id.as_str()],
+        )
+        .await
     }
 
     async fn update_node(
@@ -505,16 +502,12 @@ impl Store for PostgresStore {
         &self,
         trust_domain: &TrustDomain,
     ) -> Result<Option<FederatedBundle>, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT body FROM federated_bundles WHERE trust_domain = $1",
-                &[&trust_domain.name()],
-            )
-            .await
-            .map_err(db_error)?;
-        row.map(|row| decode("federated bundle", col(&row, 0)?))
-            .transpose()
+        self.fetch_opt(
+            "federated bundle",
+            "SELECT body FROM federated_bundles WHERE trust_domain = $1",
+            &[&trust_domain.name()],
+        )
+        .await
     }
 
     async fn delete_federated_bundle(
@@ -537,17 +530,12 @@ impl Store for PostgresStore {
     }
 
     async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT body FROM federated_bundles ORDER BY trust_domain",
-                &[],
-            )
-            .await
-            .map_err(db_error)?;
-        rows.iter()
-            .map(|row| decode("federated bundle", col(row, 0)?))
-            .collect()
+        self.fetch_all(
+            "federated bundle",
+            "SELECT body FROM federated_bundles ORDER BY trust_domain",
+            &[],
+        )
+        .await
     }
 
     async fn load_ca_journal(&self, server_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -734,27 +722,21 @@ impl Store for PostgresStore {
     }
 
     async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT body FROM audit_heads WHERE chain_id = $1 AND sequence > 0",
-                &[&self.inner.audit_chain_id],
-            )
-            .await
-            .map_err(db_error)?;
-        row.map(|row| decode_head(col(&row, 0)?)).transpose()
+        self.fetch_opt(
+            "audit head",
+            "SELECT body FROM audit_heads WHERE chain_id = $1 AND sequence > 0",
+            &[&self.inner.audit_chain_id],
+        )
+        .await
     }
 
     async fn audit_chains(&self) -> Result<Vec<AuditHead>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT body FROM audit_heads WHERE sequence > 0 ORDER BY chain_id",
-                &[],
-            )
-            .await
-            .map_err(db_error)?;
-        rows.iter().map(|row| decode_head(col(row, 0)?)).collect()
+        self.fetch_all(
+            "audit head",
+            "SELECT body FROM audit_heads WHERE sequence > 0 ORDER BY chain_id",
+            &[],
+        )
+        .await
     }
 
     async fn save_audit_checkpoint(&self, checkpoint: AuditCheckpoint) -> Result<(), StoreError> {
@@ -775,17 +757,13 @@ impl Store for PostgresStore {
     }
 
     async fn latest_audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT body FROM audit_checkpoints WHERE chain_id = $1 \
+        self.fetch_opt(
+            "audit checkpoint",
+            "SELECT body FROM audit_checkpoints WHERE chain_id = $1 \
                  ORDER BY sequence DESC LIMIT 1",
-                &[&self.inner.audit_chain_id],
-            )
-            .await
-            .map_err(db_error)?;
-        row.map(|row| decode("audit checkpoint", col(&row, 0)?))
-            .transpose()
+            &[&self.inner.audit_chain_id],
+        )
+        .await
     }
 
     async fn remove_audit_checkpoint(&self, sequence: u64) -> Result<(), StoreError> {
@@ -808,22 +786,17 @@ impl Store for PostgresStore {
         from_sequence: u64,
         limit: usize,
     ) -> Result<Vec<AuditCheckpoint>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT body FROM audit_checkpoints WHERE chain_id = $1 AND sequence >= $2 \
+        self.fetch_all(
+            "audit checkpoint",
+            "SELECT body FROM audit_checkpoints WHERE chain_id = $1 AND sequence >= $2 \
                  ORDER BY sequence LIMIT $3",
-                &[
-                    &self.inner.audit_chain_id,
-                    &i64::try_from(from_sequence).unwrap_or(i64::MAX),
-                    &i64::try_from(limit).unwrap_or(i64::MAX),
-                ],
-            )
-            .await
-            .map_err(db_error)?;
-        rows.iter()
-            .map(|row| decode("audit checkpoint", col(row, 0)?))
-            .collect()
+            &[
+                &self.inner.audit_chain_id,
+                &i64::try_from(from_sequence).unwrap_or(i64::MAX),
+                &i64::try_from(limit).unwrap_or(i64::MAX),
+            ],
+        )
+        .await
     }
 
     async fn create_session(
@@ -955,12 +928,12 @@ impl Store for PostgresStore {
     }
 
     async fn get_session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt("SELECT body FROM sessions WHERE id = $1", &[&id.as_str()])
-            .await
-            .map_err(db_error)?;
-        row.map(|row| decode("session", col(&row, 0)?)).transpose()
+        self.fetch_opt(
+            "session",
+            "SELECT body FROM sessions WHERE id = $1",
+            &[&id.as_str()],
+        )
+        .await
     }
 
     async fn list_sessions(
@@ -1059,14 +1032,12 @@ impl Store for PostgresStore {
     }
 
     async fn list_revocations(&self) -> Result<Vec<Revocation>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query("SELECT body FROM revocations ORDER BY serial", &[])
-            .await
-            .map_err(db_error)?;
-        rows.iter()
-            .map(|row| decode("revocation", col(row, 0)?))
-            .collect()
+        self.fetch_all(
+            "revocation",
+            "SELECT body FROM revocations ORDER BY serial",
+            &[],
+        )
+        .await
     }
 
     async fn prune_revocations(&self, now: SystemTime) -> Result<u64, StoreError> {
@@ -1105,23 +1076,42 @@ impl crate::store::conformance::TestableStore for PostgresStore {
         &self,
         parent_id: &SpiffeId,
     ) -> Result<Vec<RegistrationEntry>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT body FROM entries WHERE parent_id = $1 ORDER BY id",
-                &[&parent_id.as_str()],
-            )
-            .await
-            .map_err(db_error)?;
-        rows.iter()
-            .map(|row| decode("entry", col(row, 0)?))
-            .collect()
+        self.fetch_all(
+            "entry",
+            "SELECT body FROM entries WHERE parent_id = $1 ORDER BY id",
+            &[&parent_id.as_str()],
+        )
+        .await
     }
 }
 
 // === transactions ===
 
 impl PostgresStore {
+    /// The record (JSON in column 0) of the one row `sql` returns, if any.
+    async fn fetch_opt<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<T>, StoreError> {
+        let client = self.client().await?;
+        let row = client.query_opt(sql, params).await.map_err(db_error)?;
+        row.map(|row| decode(what, col(&row, 0)?)).transpose()
+    }
+
+    /// The records (JSON in column 0) of every row `sql` returns, in its order.
+    async fn fetch_all<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<T>, StoreError> {
+        let client = self.client().await?;
+        let rows = client.query(sql, params).await.map_err(db_error)?;
+        rows.iter().map(|row| decode(what, col(row, 0)?)).collect()
+    }
+
     /// Takes the revisions of `pending` from the feed counter, as the **last** lock of the
     /// transaction, then writes each entry's final row and its change (see the module docs),
     /// prunes the feed to the retention and notifies the listeners (at commit). Returns the
