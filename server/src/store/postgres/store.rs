@@ -129,6 +129,11 @@ impl Store for PostgresStore {
                     return Err(existing);
                 }
                 let new = RegistrationEntry::from_new(id.clone(), entry.clone(), old.created_at, 0);
+                // A concurrent create may take the identity after the check above; the
+                // savepoint keeps the transaction usable to name that entry.
+                tx.batch_execute("SAVEPOINT identity")
+                    .await
+                    .map_err(db_error)?;
                 let result = tx
                     .execute(
                         "UPDATE entries SET identity_key = $2, spiffe_id = $3, parent_id = $4, \
@@ -144,11 +149,12 @@ impl Store for PostgresStore {
                     .await;
                 if let Err(e) = result {
                     if is_unique_violation(&e) {
-                        // A concurrent create took the identity after the check above.
-                        return Err(StoreError::AlreadyExists {
-                            resource: "entry",
-                            key: "(created concurrently)".to_owned(),
-                        });
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT identity")
+                            .await
+                            .map_err(db_error)?;
+                        return Err(duplicate_of(&tx, &identity, id)
+                            .await?
+                            .unwrap_or_else(concurrent_duplicate));
                     }
                     return Err(db_error(e));
                 }
@@ -1313,12 +1319,9 @@ async fn insert_entry(
     if inserted == 1 {
         return Ok(Ok(entry));
     }
-    Ok(Err(duplicate_of(tx, &identity, id).await?.unwrap_or(
-        StoreError::AlreadyExists {
-            resource: "entry",
-            key: "(created concurrently)".to_owned(),
-        },
-    )))
+    Ok(Err(duplicate_of(tx, &identity, id)
+        .await?
+        .unwrap_or_else(concurrent_duplicate)))
 }
 
 /// Deletes an entry's row and returns its last version.
@@ -1403,6 +1406,14 @@ pub(super) fn revocation_columns(
 
 fn selector_strings(entry: &RegistrationEntry) -> Vec<String> {
     entry.selectors.iter().map(ToString::to_string).collect()
+}
+
+/// A duplicate whose entry could not be read back (deleted again meanwhile).
+fn concurrent_duplicate() -> StoreError {
+    StoreError::AlreadyExists {
+        resource: "entry",
+        key: "(created and deleted concurrently)".to_owned(),
+    }
 }
 
 fn entry_not_found(id: &EntryId) -> StoreError {

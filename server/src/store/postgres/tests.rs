@@ -374,3 +374,53 @@ async fn tls_to_a_real_postgres_verifies_its_certificate() {
         "{err}"
     );
 }
+
+/// An update that races a create of the same identity (committed while the update waits on
+/// its unique index) is refused naming the entry that won, as the sled store names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_losing_a_race_for_an_identity_names_the_winner() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let store = PostgresStore::open(PostgresOptions::new(&url))
+        .await
+        .unwrap();
+    let moved = store.create_entry(entry(1, 1)).await.unwrap();
+    let target = entry(1, 2);
+
+    // Another writer inserts the target identity and holds its transaction open.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(connection);
+    client.batch_execute("BEGIN").await.unwrap();
+    let winner = "0123456789abcdef0123456789abcdef";
+    client
+        .execute(
+            "INSERT INTO entries (id, identity_key, spiffe_id, parent_id, selectors, revision, body) \
+             VALUES ($1, $2, 'spiffe://example.org/x', 'spiffe://example.org/agent', '{}', 0, '')",
+            &[&winner, &target.identity_key().as_slice()],
+        )
+        .await
+        .unwrap();
+    let update = {
+        let store = store.clone();
+        let id = moved.id.clone();
+        tokio::spawn(async move { store.update_entry(&id, target).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !update.is_finished(),
+        "the update waits for the other writer"
+    );
+    client.batch_execute("COMMIT").await.unwrap();
+    match update.await.unwrap() {
+        Err(StoreError::AlreadyExists { key, .. }) => assert_eq!(key, winner),
+        other => panic!("{other:?}"),
+    }
+    // The loser's entry is unchanged.
+    assert_eq!(store.get_entry(&moved.id).await.unwrap(), Some(moved));
+    drop(client);
+    let _ = task.await;
+}
