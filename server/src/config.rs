@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::store::DEFAULT_SERVER_ID;
 use sigil_core::lifetime::max_svid_ttl;
 use sigil_core::{HumanDuration, SpiffeId, TrustDomain, parse_duration};
 
@@ -96,6 +98,12 @@ pub struct FileConfig {
     pub postgres_ca_file: Option<String>,
     /// Most connections this server opens to the database. Default `16`; 2 to 1000.
     pub postgres_pool_size: Option<u64>,
+    /// This server's name among the servers sharing one database: 1 to 63 characters of
+    /// `a-z`, `0-9`, `-`, `_` and `.`, starting with a letter or digit (a host name fits).
+    /// Required with `store = "postgres"`; with sled it is `default` (one server). It names
+    /// the server's CA journal and audit chain in the store, so keep it across restarts; a
+    /// second live server with the same name is refused at start.
+    pub server_id: Option<String>,
     /// Log level: `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
     pub log_level: Option<String>,
     /// Log format: `text` or `json`. Default `text`.
@@ -126,6 +134,7 @@ const KNOWN_KEYS: &[&str] = &[
     "postgres_password_file",
     "postgres_ca_file",
     "postgres_pool_size",
+    "server_id",
     "log_level",
     "log_format",
 ];
@@ -188,6 +197,8 @@ pub struct ServerConfig {
     pub store_cache_bytes: u64,
     /// The PostgreSQL store, when `store = "postgres"`; `None`: sled in `data_dir`.
     pub postgres: Option<PostgresConfig>,
+    /// This server's name among those sharing the store (`default` with sled).
+    pub server_id: String,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -229,6 +240,7 @@ impl ServerConfig {
         let pick = |flag: Option<String>, file: Option<String>| flag.or(file);
 
         let postgres = postgres_config(&file, &mut problems);
+        let server_id = server_id(&file, &mut problems);
         let trust_domain = match pick(overrides.trust_domain, file.trust_domain) {
             Some(td) => problems.check("trust_domain", TrustDomain::new(&td)),
             None => {
@@ -433,6 +445,7 @@ impl ServerConfig {
             audit_sources,
             store_cache_bytes: store_cache_mib.saturating_mul(1024 * 1024),
             postgres,
+            server_id,
             log_level,
             log_format,
         })
@@ -458,6 +471,55 @@ impl ServerConfig {
 }
 
 // === helpers ===
+
+/// The `server_id` key: required with postgres, `default` with sled.
+fn server_id(file: &FileConfig, problems: &mut Problems) -> String {
+    let postgres = file.store.as_deref() == Some("postgres");
+    match &file.server_id {
+        Some(id) => match check_server_id(id) {
+            Ok(()) if !postgres && id != DEFAULT_SERVER_ID => {
+                problems.push(
+                    "server_id",
+                    format!(
+                        "is only for store = \"postgres\": a sled store has one server, \
+                         {DEFAULT_SERVER_ID:?}"
+                    ),
+                );
+                DEFAULT_SERVER_ID.to_owned()
+            }
+            Ok(()) => id.clone(),
+            Err(e) => {
+                problems.push("server_id", e);
+                DEFAULT_SERVER_ID.to_owned()
+            }
+        },
+        None if postgres => {
+            problems.push(
+                "server_id",
+                "is required with store = \"postgres\": a name unique among the servers \
+                 sharing the database, kept across restarts (the host name fits)",
+            );
+            DEFAULT_SERVER_ID.to_owned()
+        }
+        None => DEFAULT_SERVER_ID.to_owned(),
+    }
+}
+
+/// Checks a server id: 1 to 63 of `a-z 0-9 - _ .`, the first a letter or digit.
+fn check_server_id(id: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c);
+    let first_ok = id
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if id.is_empty() || id.len() > 63 || !first_ok || !id.chars().all(allowed) {
+        return Err(format!(
+            "{id:?} is not a server id: 1 to 63 characters of a-z, 0-9, '-', '_' and '.', \
+             starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
 
 /// The `store` and `postgres_*` keys: `Some` for `store = "postgres"`.
 fn postgres_config(file: &FileConfig, problems: &mut Problems) -> Option<PostgresConfig> {
@@ -838,12 +900,15 @@ mod tests {
     fn the_store_is_sled_unless_postgres_is_chosen_and_postgres_keys_are_checked() {
         let c = config(Some("trust_domain = \"example.org\"")).unwrap();
         assert_eq!(c.postgres, None);
+        assert_eq!(c.server_id, "default");
         let c = config(Some(
             "trust_domain = \"example.org\"\nstore = \"postgres\"\n\
              postgres_url = \"host=db user=sigil dbname=sigil\"\n\
-             postgres_password_file = \"/etc/sigil/pw\"\npostgres_pool_size = 4",
+             postgres_password_file = \"/etc/sigil/pw\"\npostgres_pool_size = 4\n\
+             server_id = \"sigil-1.eu\"",
         ))
         .unwrap();
+        assert_eq!(c.server_id, "sigil-1.eu");
         assert_eq!(
             c.postgres,
             Some(PostgresConfig {
@@ -854,12 +919,21 @@ mod tests {
             })
         );
         for (text, bad_keys) in [
-            ("store = \"postgres\"", vec!["postgres_url"]),
+            ("store = \"postgres\"", vec!["postgres_url", "server_id"]),
             ("store = \"mysql\"", vec!["store"]),
+            ("server_id = \"a\"", vec!["server_id"]),
+            (
+                "store = \"postgres\"\npostgres_url = \"host=db\"\nserver_id = \"-a\"",
+                vec!["server_id"],
+            ),
+            (
+                "store = \"postgres\"\npostgres_url = \"host=db\"\nserver_id = \"A b\"",
+                vec!["server_id"],
+            ),
             ("postgres_url = \"host=db\"", vec!["postgres_url"]),
             (
                 "store = \"postgres\"\npostgres_url = \"postgresql://u:hunter2@db/x\"\n\
-                 store_cache_mib = 8\npostgres_pool_size = 1",
+                 store_cache_mib = 8\npostgres_pool_size = 1\nserver_id = \"a\"",
                 vec!["postgres_pool_size", "postgres_url", "store_cache_mib"],
             ),
         ] {

@@ -33,7 +33,6 @@ use crate::api::admin::{
 };
 use crate::api::ingest::AuditIngestService;
 use crate::api::node::NodeService;
-use crate::audit::DEFAULT_CHAIN_ID;
 use crate::ca::{Ca, CaError, DiskKeyManager, KeyManager};
 use crate::config::ServerConfig;
 use crate::policy::SessionOnly;
@@ -60,8 +59,12 @@ use zeroize::Zeroizing;
 
 pub use sigil_daemon::{DRAIN_TIMEOUT, Shutdown};
 
-/// How often the rotation task runs.
+/// How often the rotation task runs (and so how soon another server's new authorities reach
+/// this server's bundle).
 const ROTATION_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the server records that it is alive in the store (`servers.heartbeat_at`).
+pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Largest gRPC message the agent-facing API accepts.
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
@@ -154,6 +157,7 @@ pub(crate) async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, 
             config.data_dir.join("store"),
             SledStoreOptions {
                 cache_capacity_bytes: Some(config.store_cache_bytes),
+                server_id: config.server_id.clone(),
                 ..SledStoreOptions::default()
             },
         )?),
@@ -174,6 +178,7 @@ async fn open_store_postgres(config: &ServerConfig) -> Result<PostgresStore, Sto
     options.password = postgres_password(postgres.password_file.as_deref())?;
     options.ca_file = postgres.ca_file.clone();
     options.pool_size = postgres.pool_size;
+    options.server_id = config.server_id.clone();
     PostgresStore::open(options).await
 }
 
@@ -233,6 +238,15 @@ pub(crate) async fn migrate_store(
             "the trust domains differ ({} and {}): a migration moves one server's store",
             from_config.trust_domain,
             to_config.trust_domain
+        );
+    }
+    if to_config.server_id != crate::store::DEFAULT_SERVER_ID {
+        bail!(
+            "--to has server_id = {:?}, but the sled store's CA journal and audit chain are \
+             those of server \"default\" (the chain's id is sealed into every record): set \
+             server_id = \"default\" in --to's configuration; servers added later take names \
+             of their own",
+            to_config.server_id
         );
     }
     if from_config.data_dir != to_config.data_dir {
@@ -305,7 +319,7 @@ impl Server {
                 keys.clone(),
                 Arc::new(StoreJournal {
                     store: store.clone(),
-                    server_id: crate::store::DEFAULT_SERVER_ID.to_owned(),
+                    server_id: config.server_id.clone(),
                 }),
                 now,
             )
@@ -315,7 +329,7 @@ impl Server {
             AuditLog::open(
                 store.clone(),
                 keys,
-                DEFAULT_CHAIN_ID,
+                &config.server_id,
                 config.data_dir.join("keys").join(audit::STATE_FILE),
             )
             .await?,
@@ -331,8 +345,11 @@ impl Server {
 
         let authority = Arc::new(
             Authority::new(ca, config.ttl_policy(), config.jwt_issuer.clone())
-                .with_session_only(session_only),
+                .with_session_only(session_only)
+                .with_shared_bundle(store.clone(), config.server_id.clone()),
         );
+        // Every server's authorities, before anything is served or verified.
+        authority.sync_shared_bundle(now).await?;
         let svid = authority.server_svid(now)?;
         let certificate = ServerCertificate::new(svid.chain, svid.key)?;
         let listener = TcpListener::bind(config.bind_address)
@@ -562,8 +579,29 @@ impl Server {
         info!(path = %admin_socket.display(), "admin api listening");
         let _remove_socket = RemoveOnDrop(admin_socket);
 
+        let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<StoreError>(1);
+        let heartbeat = tokio::spawn(
+            heartbeat_task(store.clone(), fatal_tx, stop_rx.clone())
+                .instrument(info_span!("heartbeat")),
+        );
+
         tokio::pin!(serve);
         let how = tokio::select! {
+            Some(error) = fatal_rx.recv() => {
+                // Another instance holds this server's id: serve nothing more, sign nothing.
+                error!(%error, "stopping");
+                let _ = stop_tx.send(true);
+                for task in [
+                    rotation, expiry, token_pruning, entry_cache, crl_refresh, checkpoints,
+                    heartbeat,
+                ] {
+                    task.abort();
+                }
+                for task in [attest_serve, ingest_serve, others_serve, admin_serve] {
+                    task.abort();
+                }
+                return Err(ServerError::Store(error));
+            }
             result = &mut serve => {
                 let _ = stop_tx.send(true);
                 rotation.abort();
@@ -575,6 +613,7 @@ impl Server {
                 ingest_serve.abort();
                 others_serve.abort();
                 admin_serve.abort();
+                heartbeat.abort();
                 final_checkpoint(checkpoints).await;
                 return result.map_err(ServerError::from);
             }
@@ -585,6 +624,7 @@ impl Server {
         expiry.abort();
         token_pruning.abort();
         crl_refresh.abort();
+        heartbeat.abort();
         admin_serve.abort();
         others_serve.abort();
         attest_serve.abort();
@@ -676,7 +716,16 @@ async fn rotation_task(
     let mut failures = 0u32;
     loop {
         let now = SystemTime::now();
-        match authority.rotate(now).await {
+        let rotated = authority.rotate(now).await.map_err(|e| e.to_string());
+        // Other servers' rotations (and this one's, if the store missed it) reach the bundle.
+        let synced = match rotated {
+            Ok(_) => authority
+                .sync_shared_bundle(now)
+                .await
+                .map_err(|e| format!("shared bundle: {e}")),
+            Err(e) => Err(e),
+        };
+        match synced {
             Ok(_) => failures = 0,
             Err(e) => {
                 failures += 1;
@@ -701,6 +750,40 @@ async fn rotation_task(
         tokio::select! {
             () = tokio::time::sleep(ROTATION_INTERVAL) => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Says every [`HEARTBEAT_INTERVAL`] that this server is alive; when another instance has
+/// claimed the server id, hands the error to `fatal` (the server stops) and ends.
+async fn heartbeat_task(
+    store: Arc<dyn Store>,
+    fatal: tokio::sync::mpsc::Sender<StoreError>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match store.heartbeat().await {
+            Ok(()) => {
+                if failing {
+                    info!("heartbeat recorded again");
+                    failing = false;
+                }
+            }
+            Err(error @ StoreError::Superseded { .. }) => {
+                let _ = fatal.send(error).await;
+                return;
+            }
+            Err(error) => {
+                if !failing {
+                    warn!(%error, "cannot record the heartbeat; retrying");
+                    failing = true;
+                }
+            }
         }
     }
 }

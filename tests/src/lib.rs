@@ -82,7 +82,7 @@ fn store_config(extra_config: &str) -> String {
             })
             .join()
             .unwrap();
-            format!("store = \"postgres\"\npostgres_url = \"{url}\"\n")
+            format!("store = \"postgres\"\npostgres_url = \"{url}\"\nserver_id = \"test\"\n")
         }
         other => panic!("{STORE_ENV}={other:?}: write sled or postgres"),
     }

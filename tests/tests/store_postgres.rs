@@ -51,7 +51,9 @@ async fn postgres_killed_under_load_loses_no_acknowledged_write_and_the_server_r
         return;
     };
     let url = postgres.create_database().await;
-    let server = TestServer::start(&format!("store = \"postgres\"\npostgres_url = \"{url}\"\n"));
+    let server = TestServer::start(&format!(
+        "store = \"postgres\"\npostgres_url = \"{url}\"\nserver_id = \"a\"\n"
+    ));
 
     // Writes before and through the crash.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -151,7 +153,8 @@ async fn a_sled_server_migrated_to_postgres_keeps_its_entries_sessions_and_audit
 
     let from = server.config_path();
     let to = from.with_file_name("server-postgres.toml");
-    let pg_lines = format!("store = \"postgres\"\npostgres_url = \"{url}\"\n");
+    let pg_lines =
+        format!("store = \"postgres\"\npostgres_url = \"{url}\"\nserver_id = \"default\"\n");
     std::fs::write(
         &to,
         std::fs::read_to_string(&from)

@@ -21,7 +21,7 @@ use crate::ca::{
     Ca, CaError, CaJournalStore, CaJournalStoreError, IssuedX509Svid, WorkloadX509SvidParams,
 };
 use crate::policy::{SessionOnly, TtlPolicy};
-use crate::store::{RegistrationEntry, Store};
+use crate::store::{RegistrationEntry, ServerBundles, Store, StoreError};
 use sigil_core::session::SessionClaims;
 
 /// The trust domain's bundle at one moment.
@@ -96,6 +96,24 @@ pub(crate) struct Authority {
     session_only: SessionOnly,
     bundle: watch::Sender<Arc<BundleState>>,
     verifier_bundles: SharedBundles,
+    shared: Option<Shared>,
+}
+
+/// The bundle the servers of one store share: each publishes its own authorities, every one
+/// serves the union.
+#[derive(Debug)]
+struct Shared {
+    store: Arc<dyn Store>,
+    server_id: String,
+    /// What this server last published (its own bundle JSON) and the shared sequence it last
+    /// merged; one sync at a time.
+    state: tokio::sync::Mutex<SharedState>,
+}
+
+#[derive(Debug, Default)]
+struct SharedState {
+    published: Option<Vec<u8>>,
+    merged: Option<u64>,
 }
 
 // === impl Authority ===
@@ -114,7 +132,90 @@ impl Authority {
             session_only: SessionOnly::default(),
             bundle,
             verifier_bundles,
+            shared: None,
         }
+    }
+
+    /// The same authority, publishing its authorities into the bundle that the servers of
+    /// `store` share (as server `server_id`) and serving their union: see
+    /// [`Authority::sync_shared_bundle`].
+    #[must_use]
+    pub(crate) fn with_shared_bundle(mut self, store: Arc<dyn Store>, server_id: String) -> Self {
+        self.shared = Some(Shared {
+            store,
+            server_id,
+            state: tokio::sync::Mutex::new(SharedState::default()),
+        });
+        self
+    }
+
+    /// Publishes this server's authorities into the shared bundle when they changed since it
+    /// last did (raising the shared sequence in the same transaction), then, when the shared
+    /// sequence moved, merges every server's authorities into the bundle this server serves
+    /// and verifies against. The union keeps this server's own authorities even while the
+    /// store is unreachable, and drops other servers' certificates past their NotAfter. The
+    /// served `spiffe_sequence` is the shared one. Returns whether the served bundle changed.
+    ///
+    /// # Errors
+    ///
+    /// The store's: nothing changes, and the next call tries again.
+    pub(crate) async fn sync_shared_bundle(&self, now: SystemTime) -> Result<bool, StoreError> {
+        let Some(shared) = &self.shared else {
+            return Ok(false);
+        };
+        let mut state = shared.state.lock().await;
+        let own = self.ca.bundle();
+        let own_json = own.to_json();
+        if state.published.as_ref() != Some(&own_json) {
+            let stored = shared.store.server_bundles().await?;
+            let unchanged = stored
+                .bundles
+                .iter()
+                .any(|(id, json)| *id == shared.server_id && *json == own_json);
+            if !unchanged {
+                let sequence = shared
+                    .store
+                    .publish_server_bundle(
+                        &shared.server_id,
+                        own_json.clone(),
+                        own.sequence().unwrap_or_default(),
+                    )
+                    .await?;
+                info!(sequence, "own authorities published into the shared bundle");
+            }
+            state.published = Some(own_json);
+            state.merged = None;
+        }
+        let sequence = shared.store.bundle_sequence().await?;
+        if state.merged == Some(sequence) {
+            return Ok(false);
+        }
+        let bundles = shared.store.server_bundles().await?;
+        let union = union_bundle(&own, &shared.server_id, &bundles, now);
+        let merged = bundles.sequence;
+        let state_now = BundleState {
+            trust_domain: self.ca.trust_domain().clone(),
+            sequence: union.sequence().unwrap_or_default(),
+            spiffe_json: union.to_json(),
+            x509: union.x509_bundle().map_err(|e| StoreError::Corrupt {
+                what: "shared bundle",
+                reason: e.to_string(),
+            })?,
+        };
+        state.merged = Some(merged);
+        let current = self.bundle();
+        if current.sequence == state_now.sequence && current.spiffe_json == state_now.spiffe_json {
+            return Ok(false);
+        }
+        self.verifier_bundles.replace(state_now.x509.clone());
+        info!(
+            sequence = state_now.sequence,
+            authorities = state_now.x509.authorities().len(),
+            servers = bundles.bundles.len(),
+            "shared bundle changed"
+        );
+        self.bundle.send_replace(Arc::new(state_now));
+        Ok(true)
     }
 
     /// The same authority, refusing to mint IDs under `session_only`'s prefixes.
@@ -168,7 +269,13 @@ impl Authority {
     /// The CA's: the previous bundle stays published.
     pub(crate) async fn rotate(&self, now: SystemTime) -> Result<bool, CaError> {
         let changed = self.ca.rotate(now).await?;
-        if changed {
+        if changed && self.shared.is_some() {
+            // The union (with this server's new authorities) is published by the sync, now
+            // and at every later call until the store takes it.
+            if let Err(e) = self.sync_shared_bundle(now).await {
+                tracing::warn!(error = %e, "cannot publish the rotated authorities yet; retrying");
+            }
+        } else if changed {
             let state = bundle_state(&self.ca);
             self.verifier_bundles.replace(state.x509.clone());
             info!(sequence = state.sequence, "bundle changed");
@@ -384,6 +491,60 @@ impl CaJournalStore for StoreJournal {
 
 // === helpers ===
 
+/// `own` with the authorities of every other server's published bundle added (X.509
+/// certificates not yet past NotAfter at `now`, JWT keys by `kid`), carrying the larger of
+/// the shared and own sequences. A bundle that does not parse is skipped, and said.
+fn union_bundle(
+    own: &SpiffeBundle,
+    server_id: &str,
+    bundles: &ServerBundles,
+    now: SystemTime,
+) -> SpiffeBundle {
+    let mut union = own.clone();
+    let mut seen: std::collections::HashSet<Vec<u8>> = own
+        .x509_authorities()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    for (id, json) in &bundles.bundles {
+        if id == server_id {
+            continue;
+        }
+        let bundle = match SpiffeBundle::parse(own.trust_domain().clone(), json) {
+            Ok(bundle) => bundle,
+            Err(e) => {
+                tracing::warn!(server_id = %id, error = %e, "skipping a server's published bundle that does not parse");
+                continue;
+            }
+        };
+        for certificate in bundle.x509_authorities() {
+            let expired = x509_parser::parse_x509_certificate(certificate.as_ref())
+                .map(|(_, c)| c.validity().not_after.timestamp() < unix_seconds(now))
+                .unwrap_or(true);
+            if expired || !seen.insert(certificate.as_ref().to_vec()) {
+                continue;
+            }
+            if let Err(e) = union.add_x509_authority(certificate.clone()) {
+                tracing::warn!(server_id = %id, error = %e, "skipping an authority of a server's published bundle");
+            }
+        }
+        for (kid, key) in bundle.jwt_keys() {
+            if !union.jwt_keys().contains_key(kid) {
+                let _ = union.insert_jwt_key(kid.clone(), key.clone());
+            }
+        }
+    }
+    union.set_sequence(Some(
+        bundles.sequence.max(own.sequence().unwrap_or_default()),
+    ));
+    union
+}
+
+fn unix_seconds(time: SystemTime) -> i64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 fn bundle_state(ca: &Ca) -> BundleState {
     let bundle: SpiffeBundle = ca.bundle();
     BundleState {
@@ -444,6 +605,119 @@ mod tests {
         // Nothing changed: nothing published.
         assert!(!authority.rotate(later).await.unwrap());
         assert!(!updates.has_changed().unwrap());
+    }
+
+    /// A server `id` of the trust domain on `store`, its keys under `dir`.
+    async fn sharing(
+        store: &Arc<dyn Store>,
+        dir: &std::path::Path,
+        id: &str,
+        ca_ttl: Duration,
+        now: SystemTime,
+    ) -> Authority {
+        let keys = Arc::new(crate::ca::DiskKeyManager::new(dir.join(id)).unwrap());
+        let journal = Arc::new(StoreJournal {
+            store: store.clone(),
+            server_id: id.to_owned(),
+        });
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca = Arc::new(
+            Ca::load_or_init(td, ca_ttl, keys, journal, now)
+                .await
+                .unwrap(),
+        );
+        let max_svid = sigil_core::lifetime::max_svid_ttl(ca_ttl);
+        let ttls = TtlPolicy {
+            x509_default: max_svid,
+            jwt_default: max_svid,
+            agent: max_svid,
+            session_svid_default: max_svid,
+            max_session: max_svid,
+            max_svid,
+        };
+        Authority::new(ca, ttls, None).with_shared_bundle(store.clone(), id.to_owned())
+    }
+
+    fn x509_set(authority: &Authority) -> std::collections::BTreeSet<Vec<u8>> {
+        let state = authority.bundle();
+        let verifier = authority
+            .verifier_bundles()
+            .get(authority.trust_domain())
+            .unwrap();
+        assert_eq!(verifier.authorities(), state.x509.authorities());
+        state
+            .x509
+            .authorities()
+            .iter()
+            .map(|c| c.as_ref().to_vec())
+            .collect()
+    }
+
+    /// Two servers on one store each serve (and verify against) both servers' authorities
+    /// under one sequence; one server's prepared authority reaches the other before it signs
+    /// anything; a server's restart publishes nothing new.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn servers_sharing_a_store_serve_the_union_of_their_authorities() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sled::SledStore::open(
+                dir.path().join("store"),
+                crate::store::sled::SledStoreOptions::default(),
+            )
+            .unwrap(),
+        );
+        let ttl = Duration::from_secs(600);
+        let now = SystemTime::now();
+        let a = sharing(&store, dir.path(), "a", ttl, now).await;
+        assert!(
+            !a.sync_shared_bundle(now).await.unwrap(),
+            "alone: its own bundle"
+        );
+        let b = sharing(&store, dir.path(), "b", ttl, now).await;
+        assert!(b.sync_shared_bundle(now).await.unwrap());
+        assert!(a.sync_shared_bundle(now).await.unwrap());
+        assert_eq!(x509_set(&a).len(), 2);
+        assert_eq!(x509_set(&a), x509_set(&b));
+        assert_eq!(a.bundle().sequence, b.bundle().sequence);
+        assert_eq!(a.bundle().sequence, store.bundle_sequence().await.unwrap());
+        let jwt_keys = |x: &Authority| {
+            SpiffeBundle::parse(x.trust_domain().clone(), &x.bundle().spiffe_json)
+                .unwrap()
+                .jwt_keys()
+                .len()
+        };
+        assert_eq!((jwt_keys(&a), jwt_keys(&b)), (2, 2));
+        // Nothing moved: nothing to do.
+        assert!(!a.sync_shared_bundle(now).await.unwrap());
+
+        // b prepares its next authority half-way through the first's life; a serves it at
+        // its next sync, while b still signs with the old one.
+        let before = a.bundle().sequence;
+        let later = now + ttl / 2 + Duration::from_secs(1);
+        assert!(b.rotate(later).await.unwrap());
+        assert!(a.sync_shared_bundle(later).await.unwrap());
+        assert_eq!(x509_set(&a).len(), 3);
+        assert_eq!(x509_set(&a), x509_set(&b));
+        assert!(a.bundle().sequence > before);
+        let prepared = b
+            .ca()
+            .authorities()
+            .into_iter()
+            .filter(|i| {
+                i.kind == crate::ca::AuthorityKind::X509
+                    && i.state == crate::ca::AuthorityState::Prepared
+            })
+            .count();
+        assert_eq!(prepared, 1);
+
+        // A restarted server (same keys and journal, before its own rotation is due)
+        // publishes nothing new.
+        let sequence = store.bundle_sequence().await.unwrap();
+        drop(a);
+        let a = sharing(&store, dir.path(), "a", ttl, now).await;
+        a.sync_shared_bundle(later).await.unwrap();
+        assert_eq!(store.bundle_sequence().await.unwrap(), sequence);
+        assert_eq!(x509_set(&a), x509_set(&b));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

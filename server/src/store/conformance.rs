@@ -40,9 +40,9 @@ use crate::audit::{
 
 use super::{
     AttestedNode, Change, ChangeKind, ChangesSince, DEFAULT_PAGE_SIZE, EntryFilter, EntryId,
-    JoinToken, NewEntry, PageRequest, RegistrationEntry, Revocation, RevocationReason, Session,
-    SessionCredential, SessionEntryOp, SessionFilter, SessionId, SessionJwt, SessionSerial,
-    SessionState, SessionUpdate, Store, StoreError,
+    JoinToken, NewEntry, PageRequest, RegistrationEntry, Revocation, RevocationReason,
+    ServerBundles, Session, SessionCredential, SessionEntryOp, SessionFilter, SessionId,
+    SessionJwt, SessionSerial, SessionState, SessionUpdate, Store, StoreError,
 };
 
 /// What the suite needs of a backend beyond [`Store`]: calls that only tests make, kept out of
@@ -117,6 +117,7 @@ where
     run!(prune_join_tokens_removes_only_expired_ones);
     run!(federated_bundles_round_trip);
     run!(ca_journal_round_trip);
+    run!(published_bundles_raise_one_shared_sequence);
     run!(audit_chain_links_and_head);
     run!(audit_concurrent_appends_never_fork);
     run!(audit_pagination_and_filters);
@@ -1232,6 +1233,67 @@ pub(crate) async fn federated_bundles_round_trip(store: Arc<dyn Store>) {
 
 /// The CA journal is absent at first, then returned byte for byte, then replaced; each server
 /// has its own.
+/// Each server's published bundle is kept apart; every publication raises the one shared
+/// sequence, by one or to the floor it names, and the listing reads the bundles with it.
+pub(crate) async fn published_bundles_raise_one_shared_sequence(store: Arc<dyn Store>) {
+    assert_eq!(store.bundle_sequence().await.unwrap(), 0);
+    assert_eq!(
+        store.server_bundles().await.unwrap(),
+        ServerBundles::default()
+    );
+    assert_eq!(
+        store
+            .publish_server_bundle("b", br#"{"keys":[]}"#.to_vec(), 0)
+            .await
+            .unwrap(),
+        1
+    );
+    // A server whose own sequence is ahead lifts the shared one to it.
+    assert_eq!(
+        store
+            .publish_server_bundle("a", b"{\"a\":1}".to_vec(), 7)
+            .await
+            .unwrap(),
+        7
+    );
+    assert_eq!(
+        store
+            .publish_server_bundle("a", b"{\"a\":2}".to_vec(), 3)
+            .await
+            .unwrap(),
+        8
+    );
+    assert_eq!(store.bundle_sequence().await.unwrap(), 8);
+    assert_eq!(
+        store.server_bundles().await.unwrap(),
+        ServerBundles {
+            sequence: 8,
+            bundles: vec![
+                ("a".to_owned(), b"{\"a\":2}".to_vec()),
+                ("b".to_owned(), br#"{"keys":[]}"#.to_vec()),
+            ],
+        }
+    );
+    // Concurrent publishers each get their own sequence.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .publish_server_bundle(&format!("s{i}"), b"{}".to_vec(), 0)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut got = Vec::new();
+    for task in tasks {
+        got.push(task.await.unwrap());
+    }
+    got.sort_unstable();
+    assert_eq!(got, (9..=16).collect::<Vec<u64>>());
+    assert_eq!(store.server_bundles().await.unwrap().bundles.len(), 10);
+}
+
 pub(crate) async fn ca_journal_round_trip(store: Arc<dyn Store>) {
     assert_eq!(store.load_ca_journal("default").await.unwrap(), None);
     let first: Vec<u8> = (0..=255).cycle().take(10_000).collect();

@@ -244,6 +244,29 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
     /// Replaces the CA journal of the server `server_id`.
     async fn save_ca_journal(&self, server_id: &str, journal: Vec<u8>) -> Result<(), StoreError>;
 
+    // --- the servers sharing the store, and their shared bundle ---
+
+    /// Says that this store's server (claimed when the store was opened) is alive. Fails
+    /// with [`StoreError::Superseded`] once another instance has claimed the same server id:
+    /// the caller must then stop serving.
+    async fn heartbeat(&self) -> Result<(), StoreError>;
+
+    /// Replaces the SPIFFE bundle JSON (its authorities) that server `server_id` publishes,
+    /// and raises the shared bundle sequence in the same transaction, to at least
+    /// `at_least`. Returns the new sequence.
+    async fn publish_server_bundle(
+        &self,
+        server_id: &str,
+        bundle: Vec<u8>,
+        at_least: u64,
+    ) -> Result<u64, StoreError>;
+
+    /// The shared bundle sequence: raised by every [`Store::publish_server_bundle`].
+    async fn bundle_sequence(&self) -> Result<u64, StoreError>;
+
+    /// Every server's published bundle, read with the sequence in one snapshot.
+    async fn server_bundles(&self) -> Result<ServerBundles, StoreError>;
+
     // --- audit log (see the `audit` module) ---
 
     /// Appends `records`, in order, to the store's audit chain (named when the store was
@@ -559,6 +582,32 @@ pub(crate) struct FederatedBundle {
     pub updated_at: SystemTime,
 }
 
+/// A new random instance id (16 hex digits): one per process that claims a server id.
+pub(crate) fn new_instance_id() -> Result<String, StoreError> {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| StoreError::Random)?;
+    Ok(sigil_core::hex::encode(&bytes))
+}
+
+/// This machine's host name (`/proc/sys/kernel/hostname`), or `unknown`.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Every server's published bundle.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ServerBundles {
+    /// The shared sequence when they were read.
+    pub sequence: u64,
+    /// `(server_id, SPIFFE bundle JSON)`, in ascending id order.
+    pub bundles: Vec<(String, Vec<u8>)>,
+}
+
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -640,6 +689,17 @@ pub enum StoreError {
     /// The store is shut down.
     #[error("store is closed")]
     Closed,
+    /// Another instance claimed this server's id: this one must stop serving.
+    #[error(
+        "another instance ({instance}) claimed server_id {server_id:?}: this one stops (two \
+         servers must not share an id)"
+    )]
+    Superseded {
+        /// The server id.
+        server_id: String,
+        /// The instance that holds it now (host and instance id), as far as known.
+        instance: String,
+    },
     /// The record changed state since it was read (a concurrent update won).
     #[error("{resource} {key} changed meanwhile; read it again")]
     StateChanged {

@@ -100,7 +100,7 @@ pub(crate) struct PostgresOptions {
     /// How many changes the feed keeps (at least 1).
     pub change_retention: u64,
     /// The audit chain this store's appends extend.
-    pub audit_chain_id: String,
+    pub server_id: String,
     /// How often the follower polls the feed counter.
     pub poll_interval: Duration,
 }
@@ -118,7 +118,9 @@ struct Inner {
     pool: Pool,
     /// `host:port/dbname` for logs and `Debug`; never the password.
     target: String,
-    audit_chain_id: String,
+    server_id: String,
+    /// This process's claim on `server_id` (the `servers` row holds it while the claim lasts).
+    instance_id: String,
     retention: i64,
     revision: watch::Sender<u64>,
     tasks: Vec<JoinHandle<()>>,
@@ -142,7 +144,7 @@ impl PostgresOptions {
             ca_file: None,
             pool_size: DEFAULT_POOL_SIZE,
             change_retention: DEFAULT_CHANGE_RETENTION,
-            audit_chain_id: crate::audit::DEFAULT_CHAIN_ID.to_owned(),
+            server_id: crate::audit::DEFAULT_CHAIN_ID.to_owned(),
             poll_interval: DEFAULT_POLL_INTERVAL,
         }
     }
@@ -204,7 +206,7 @@ impl fmt::Debug for PostgresOptions {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("pool_size", &self.pool_size)
             .field("change_retention", &self.change_retention)
-            .field("audit_chain_id", &self.audit_chain_id)
+            .field("server_id", &self.server_id)
             .finish_non_exhaustive()
     }
 }
@@ -309,7 +311,7 @@ impl PostgresStore {
             tls,
             Arc::clone(&wake),
             target.clone(),
-            lock_key(&options.audit_chain_id),
+            lock_key(&options.server_id),
             Some(first_tx),
         ));
         let locked = match first_rx.await {
@@ -320,11 +322,13 @@ impl PostgresStore {
             Ok(true) => {}
             Ok(false) => {
                 listener.abort();
+                let holder = holder_of(&pool, &options.server_id)
+                    .await
+                    .unwrap_or_else(|e| format!("unknown: {e}"));
                 return Err(StoreError::Unsupported(format!(
-                    "another sigil-server with audit chain {:?} is running on {target}: one \
-                     server per chain (several servers on one database, each with its own \
-                     server id, come with high availability)",
-                    options.audit_chain_id
+                    "another sigil-server with server_id {:?} is running on {target} ({holder}): \
+                     each server sharing a database needs its own server_id",
+                    options.server_id
                 )));
             }
             Err(e) => {
@@ -332,6 +336,13 @@ impl PostgresStore {
                 return Err(e);
             }
         }
+        let instance_id = match claim(&pool, &options.server_id).await {
+            Ok(id) => id,
+            Err(e) => {
+                listener.abort();
+                return Err(e);
+            }
+        };
         let follower = tokio::spawn(follow(
             pool.clone(),
             tx.clone(),
@@ -342,7 +353,8 @@ impl PostgresStore {
             inner: Arc::new(Inner {
                 pool,
                 target,
-                audit_chain_id: options.audit_chain_id,
+                server_id: options.server_id,
+                instance_id,
                 retention: i64::try_from(options.change_retention.max(1)).unwrap_or(i64::MAX),
                 revision: tx,
                 tasks: vec![listener, follower],
@@ -385,7 +397,7 @@ impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
             .field("database", &self.inner.target)
-            .field("audit_chain_id", &self.inner.audit_chain_id)
+            .field("server_id", &self.inner.server_id)
             .field("revision", &*self.inner.revision.borrow())
             .finish()
     }
@@ -398,6 +410,69 @@ impl Drop for Inner {
         }
         self.pool.close();
     }
+}
+
+// === the claim on the server id ===
+
+/// Records this process as the instance of `server_id` (the caller holds the server's
+/// advisory lock, so no other live process can); says so when it takes the id over from an
+/// earlier instance. Returns the new instance id.
+async fn claim(pool: &Pool, server_id: &str) -> Result<String, StoreError> {
+    let instance_id = crate::store::new_instance_id()?;
+    let client = pool.get().await.map_err(pool_error)?;
+    let previous = client
+        .query_opt(
+            "SELECT instance_id, host, extract(epoch FROM now() - heartbeat_at)::float8 \
+             FROM servers WHERE server_id = $1",
+            &[&server_id],
+        )
+        .await
+        .map_err(db_error)?;
+    client
+        .execute(
+            "INSERT INTO servers (server_id, instance_id, host, started_at, heartbeat_at) \
+             VALUES ($1, $2, $3, now(), now()) \
+             ON CONFLICT (server_id) DO UPDATE SET instance_id = EXCLUDED.instance_id, \
+                 host = EXCLUDED.host, started_at = now(), heartbeat_at = now()",
+            &[&server_id, &instance_id, &crate::store::host_name()],
+        )
+        .await
+        .map_err(db_error)?;
+    if let Some(row) = previous {
+        let (old, host, age): (&str, &str, f64) = (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?);
+        info!(
+            server_id,
+            previous_instance = old,
+            previous_host = host,
+            last_heartbeat_secs_ago = age.round(),
+            "server id taken over from the instance that held it before"
+        );
+    }
+    Ok(instance_id)
+}
+
+/// Who holds `server_id` now, for an error message: host, instance and heartbeat age.
+async fn holder_of(pool: &Pool, server_id: &str) -> Result<String, StoreError> {
+    let client = pool.get().await.map_err(pool_error)?;
+    let row = client
+        .query_opt(
+            "SELECT instance_id, host, extract(epoch FROM now() - heartbeat_at)::float8 \
+             FROM servers WHERE server_id = $1",
+            &[&server_id],
+        )
+        .await
+        .map_err(db_error)?;
+    Ok(match row {
+        Some(row) => {
+            let (instance, host, age): (&str, &str, f64) =
+                (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?);
+            format!(
+                "instance {instance} on host {host}, last heartbeat {:.0} s ago",
+                age.max(0.0)
+            )
+        }
+        None => "an instance still starting".to_owned(),
+    })
 }
 
 // === the follower ===

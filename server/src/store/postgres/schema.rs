@@ -29,11 +29,12 @@ struct Migration {
 }
 
 /// Every migration, in order. Append only: a released migration is never edited.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "entries and their change feed, nodes, join tokens, bundles, CA journals, \
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "entries and their change feed, nodes, join tokens, bundles, CA journals, \
                   audit chains, sessions, revocations, CRL numbers",
-    sql: r#"
+        sql: r#"
 CREATE TABLE feed_head (
     id integer PRIMARY KEY CHECK (id = 1),
     revision bigint NOT NULL
@@ -124,7 +125,34 @@ CREATE TABLE crl_numbers (
     last_number bigint NOT NULL
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        description: "servers sharing the database (claim and heartbeat), their published \
+                      bundles and the shared bundle sequence",
+        sql: r#"
+CREATE TABLE servers (
+    server_id text COLLATE "C" PRIMARY KEY,
+    instance_id text NOT NULL,
+    host text NOT NULL,
+    started_at timestamptz NOT NULL,
+    heartbeat_at timestamptz NOT NULL
+);
+
+CREATE TABLE server_bundles (
+    server_id text COLLATE "C" PRIMARY KEY,
+    bundle text NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+
+CREATE TABLE bundle_head (
+    id integer PRIMARY KEY CHECK (id = 1),
+    sequence bigint NOT NULL
+);
+INSERT INTO bundle_head (id, sequence) VALUES (1, 0);
+"#,
+    },
+];
 
 /// The schema version this build writes.
 pub(super) fn current_version() -> i32 {

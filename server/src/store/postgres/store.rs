@@ -20,8 +20,8 @@ use crate::audit::{
 use crate::store::{
     AttestedNode, Change, ChangeKind, ChangesSince, EntryFilter, EntryId, EntrySnapshot,
     FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
-    RegistrationEntry, Revocation, Session, SessionCredential, SessionEntryOp, SessionFilter,
-    SessionId, SessionUpdate, Store, StoreError,
+    RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential, SessionEntryOp,
+    SessionFilter, SessionId, SessionUpdate, Store, StoreError,
 };
 
 /// Rows fetched per round trip when a listing filters in Rust (audit records, sessions).
@@ -569,6 +569,105 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn heartbeat(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let updated = client
+            .execute(
+                "UPDATE servers SET heartbeat_at = now() \
+                 WHERE server_id = $1 AND instance_id = $2",
+                &[&self.inner.server_id, &self.inner.instance_id],
+            )
+            .await
+            .map_err(db_error)?;
+        if updated == 1 {
+            Ok(())
+        } else {
+            Err(self.superseded(&client).await)
+        }
+    }
+
+    async fn publish_server_bundle(
+        &self,
+        server_id: &str,
+        bundle: Vec<u8>,
+        at_least: u64,
+    ) -> Result<u64, StoreError> {
+        let text = String::from_utf8(bundle).map_err(|e| StoreError::Encode {
+            what: "server bundle",
+            reason: e.to_string(),
+        })?;
+        let at_least = to_i64("bundle sequence", at_least)?;
+        let text = &text;
+        self.retrying(move || async move {
+            let mut client = self.client().await?;
+            let tx = begin(&mut client).await?;
+            tx.execute(
+                "INSERT INTO server_bundles (server_id, bundle, updated_at) \
+                 VALUES ($1, $2, now()) ON CONFLICT (server_id) \
+                 DO UPDATE SET bundle = EXCLUDED.bundle, updated_at = now()",
+                &[&server_id, text],
+            )
+            .await
+            .map_err(db_error)?;
+            // Last, as the feed counter: readers of the sequence see the bundle with it.
+            let row = tx
+                .query_one(
+                    "UPDATE bundle_head SET sequence = greatest(sequence + 1, $1) \
+                     WHERE id = 1 RETURNING sequence",
+                    &[&at_least],
+                )
+                .await
+                .map_err(db_error)?;
+            let sequence = to_u64("bundle sequence", col(&row, 0)?)?;
+            tx.commit().await.map_err(db_error)?;
+            Ok(sequence)
+        })
+        .await
+    }
+
+    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT sequence FROM bundle_head WHERE id = 1", &[])
+            .await
+            .map_err(db_error)?;
+        to_u64("bundle sequence", col(&row, 0)?)
+    }
+
+    async fn server_bundles(&self) -> Result<ServerBundles, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db_error)?;
+        let row = tx
+            .query_one("SELECT sequence FROM bundle_head WHERE id = 1", &[])
+            .await
+            .map_err(db_error)?;
+        let sequence = to_u64("bundle sequence", col(&row, 0)?)?;
+        let rows = tx
+            .query(
+                "SELECT server_id, bundle FROM server_bundles ORDER BY server_id",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        let bundles = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    col::<&str>(row, 0)?.to_owned(),
+                    col::<&str>(row, 1)?.as_bytes().to_vec(),
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(ServerBundles { sequence, bundles })
+    }
+
     async fn append_audit(
         &self,
         records: Vec<NewAuditRecord>,
@@ -689,7 +788,7 @@ impl Store for PostgresStore {
                      WHERE chain_id = $1 AND sequence >= $2 \
                        AND ($3::bigint IS NULL OR time_ms >= $3) \
                      ORDER BY sequence LIMIT $4",
-                    &[&self.inner.audit_chain_id, &from, &since, &SCAN_BATCH],
+                    &[&self.inner.server_id, &from, &since, &SCAN_BATCH],
                 )
                 .await
                 .map_err(db_error)?;
@@ -731,7 +830,7 @@ impl Store for PostgresStore {
         self.fetch_opt(
             "audit head",
             "SELECT body FROM audit_heads WHERE chain_id = $1 AND sequence > 0",
-            &[&self.inner.audit_chain_id],
+            &[&self.inner.server_id],
         )
         .await
     }
@@ -752,7 +851,7 @@ impl Store for PostgresStore {
                 "INSERT INTO audit_checkpoints (chain_id, sequence, body) VALUES ($1, $2, $3) \
                  ON CONFLICT (chain_id, sequence) DO UPDATE SET body = EXCLUDED.body",
                 &[
-                    &self.inner.audit_chain_id,
+                    &self.inner.server_id,
                     &to_i64("audit checkpoint", checkpoint.sequence)?,
                     &encode("audit checkpoint", &checkpoint)?,
                 ],
@@ -767,7 +866,7 @@ impl Store for PostgresStore {
             "audit checkpoint",
             "SELECT body FROM audit_checkpoints WHERE chain_id = $1 \
                  ORDER BY sequence DESC LIMIT 1",
-            &[&self.inner.audit_chain_id],
+            &[&self.inner.server_id],
         )
         .await
     }
@@ -778,7 +877,7 @@ impl Store for PostgresStore {
             .execute(
                 "DELETE FROM audit_checkpoints WHERE chain_id = $1 AND sequence = $2",
                 &[
-                    &self.inner.audit_chain_id,
+                    &self.inner.server_id,
                     &to_i64("audit checkpoint", sequence)?,
                 ],
             )
@@ -797,7 +896,7 @@ impl Store for PostgresStore {
             "SELECT body FROM audit_checkpoints WHERE chain_id = $1 AND sequence >= $2 \
                  ORDER BY sequence LIMIT $3",
             &[
-                &self.inner.audit_chain_id,
+                &self.inner.server_id,
                 &i64::try_from(from_sequence).unwrap_or(i64::MAX),
                 &i64::try_from(limit).unwrap_or(i64::MAX),
             ],
@@ -1213,7 +1312,19 @@ impl PostgresStore {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let chain = &self.inner.audit_chain_id;
+        let chain = &self.inner.server_id;
+        // Only the instance that holds the server id extends its chain: the shared row lock
+        // holds off a takeover until this commits, and after one this instance writes nothing.
+        let claimed = tx
+            .query_opt(
+                "SELECT 1 FROM servers WHERE server_id = $1 AND instance_id = $2 FOR SHARE",
+                &[chain, &self.inner.instance_id],
+            )
+            .await
+            .map_err(db_error)?;
+        if claimed.is_none() {
+            return Err(self.superseded(tx.client()).await);
+        }
         tx.execute(
             "INSERT INTO audit_heads (chain_id, sequence, body) VALUES ($1, 0, NULL) \
              ON CONFLICT DO NOTHING",
@@ -1277,6 +1388,31 @@ impl PostgresStore {
             .map_err(db_error)?;
         }
         Ok(sealed)
+    }
+}
+
+impl PostgresStore {
+    /// The error of an instance whose claim on its server id was taken over, naming the
+    /// instance that holds it now.
+    async fn superseded(&self, client: &tokio_postgres::Client) -> StoreError {
+        let holder = client
+            .query_opt(
+                "SELECT host, instance_id FROM servers WHERE server_id = $1",
+                &[&self.inner.server_id],
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|row| {
+                let host: &str = row.try_get(0).ok()?;
+                let instance: &str = row.try_get(1).ok()?;
+                Some(format!("instance {instance} on host {host}"))
+            })
+            .unwrap_or_else(|| "none now".to_owned());
+        StoreError::Superseded {
+            server_id: self.inner.server_id.clone(),
+            instance: holder,
+        }
     }
 }
 

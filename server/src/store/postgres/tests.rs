@@ -225,28 +225,33 @@ async fn sql(url: &str, statements: &str) {
 
 fn options(url: &str, chain: &str) -> PostgresOptions {
     let mut options = PostgresOptions::new(url);
-    options.audit_chain_id = chain.to_owned();
+    options.server_id = chain.to_owned();
     options
 }
 
-/// The schema is created once; a second server (another chain) starting on it migrates
-/// nothing; a second server on the same chain is refused while the first runs, and may start
-/// once it is gone; a schema newer than this build is refused.
+/// The schema is created once; a second server (another id) starting on it migrates
+/// nothing; a second instance of the same server id is refused while the first runs (naming
+/// it), and may start as soon as it is gone; an instance whose id was taken over writes no
+/// audit record and its heartbeat says so; a schema newer than this build is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_server_per_chain_and_no_schema_newer_than_the_build() {
+async fn one_live_instance_per_server_id_and_no_schema_newer_than_the_build() {
     let Some(cluster) = sigil_testkit::shared() else {
         return;
     };
     let url = cluster.create_database().await;
     let first = PostgresStore::open(options(&url, "a")).await.unwrap();
+    first.heartbeat().await.unwrap();
     let other_chain = PostgresStore::open(options(&url, "b")).await.unwrap();
     let err = PostgresStore::open(options(&url, "a")).await.unwrap_err();
+    let text = err.to_string();
     assert!(
-        err.to_string()
-            .contains("another sigil-server with audit chain \"a\""),
+        text.contains("another sigil-server with server_id \"a\"")
+            && text.contains(&format!("instance {}", first.inner.instance_id))
+            && text.contains("last heartbeat"),
         "{err}"
     );
     drop(first);
+    // The lock goes with the connection: at once, not after a heartbeat timeout.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let again = loop {
         match PostgresStore::open(options(&url, "a")).await {
@@ -258,6 +263,34 @@ async fn one_server_per_chain_and_no_schema_newer_than_the_build() {
             Err(e) => panic!("the lock outlived its server: {e}"),
         }
     };
+    again.heartbeat().await.unwrap();
+    let record = || {
+        vec![crate::audit::NewAuditRecord::new(
+            "uid:0",
+            "entry.create",
+            "spiffe://example.org/x",
+        )]
+    };
+    again.append_audit(record()).await.unwrap();
+    // Another instance claims the id (as one would after this one lost its connection).
+    sql(
+        &url,
+        "UPDATE servers SET instance_id = 'intruder', host = 'elsewhere' WHERE server_id = 'a'",
+    )
+    .await;
+    for err in [
+        again.heartbeat().await.unwrap_err(),
+        again.append_audit(record()).await.unwrap_err(),
+    ] {
+        assert!(
+            matches!(&err, StoreError::Superseded { server_id, instance }
+                if server_id == "a" && instance == "instance intruder on host elsewhere"),
+            "{err:?}"
+        );
+    }
+    assert_eq!(again.audit_head().await.unwrap().unwrap().sequence, 1);
+    // The other server's chain is its own: untouched.
+    other_chain.append_audit(record()).await.unwrap();
     drop((again, other_chain));
     sql(
         &url,

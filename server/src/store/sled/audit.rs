@@ -117,12 +117,12 @@ impl Inner {
             Some(bytes) => Some(decode("audit head", &bytes).map_err(abort)?),
             None => None,
         };
-        if let Some(head) = head.as_ref().filter(|h| h.chain_id != self.audit_chain_id) {
+        if let Some(head) = head.as_ref().filter(|h| h.chain_id != self.server_id) {
             return Err(abort(StoreError::Corrupt {
                 what: "audit head",
                 reason: format!(
                     "the store holds audit chain {:?}, not {:?}",
-                    head.chain_id, self.audit_chain_id
+                    head.chain_id, self.server_id
                 ),
             }));
         }
@@ -142,7 +142,7 @@ impl Inner {
             })?;
             let record = new
                 .clone()
-                .seal(&self.audit_chain_id, sequence, time, prev_hash)
+                .seal(&self.server_id, sequence, time, prev_hash)
                 .map_err(|e| {
                     abort(StoreError::Encode {
                         what: "audit record",

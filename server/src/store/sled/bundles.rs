@@ -1,12 +1,18 @@
-//! Federated bundles and the CA journal.
+//! Federated bundles, the CA journal and the server's published bundle.
 
 use sigil_core::TrustDomain;
 
 use super::{Inner, decode, encode};
-use crate::store::{FederatedBundle, StoreError};
+use crate::store::{FederatedBundle, ServerBundles, StoreError};
 
 /// Key of the CA journal in the `meta` tree.
 const CA_JOURNAL_KEY: &[u8] = b"ca_journal";
+
+/// Prefix of a server's published bundle in the `meta` tree (then the server id).
+const SERVER_BUNDLE_PREFIX: &[u8] = b"server_bundle/";
+
+/// Key of the shared bundle sequence in the `meta` tree (8 bytes, big-endian).
+const BUNDLE_SEQUENCE_KEY: &[u8] = b"bundle_sequence";
 
 // --- federated bundles ---
 
@@ -88,4 +94,66 @@ fn ca_journal_key(server_id: &str) -> Vec<u8> {
     } else {
         [CA_JOURNAL_KEY, b"/", server_id.as_bytes()].concat()
     }
+}
+
+// --- published bundles ---
+
+impl Inner {
+    /// Stores `server_id`'s bundle and raises the sequence (to at least `at_least`), in one
+    /// transaction of the `meta` tree.
+    pub(super) fn publish_server_bundle(
+        &self,
+        server_id: &str,
+        bundle: &[u8],
+        at_least: u64,
+    ) -> Result<u64, StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let key = [SERVER_BUNDLE_PREFIX, server_id.as_bytes()].concat();
+        self.trees
+            .meta
+            .transaction(|meta| {
+                let current = meta
+                    .get(BUNDLE_SEQUENCE_KEY)?
+                    .map_or(Ok(0), |v| sequence_value(&v))
+                    .map_err(ConflictableTransactionError::Abort)?;
+                let next = current.saturating_add(1).max(at_least);
+                meta.insert(key.as_slice(), bundle)?;
+                meta.insert(BUNDLE_SEQUENCE_KEY, &next.to_be_bytes())?;
+                Ok(next)
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError::Backend(e),
+            })
+    }
+
+    /// The shared bundle sequence (0 before anything was published).
+    pub(super) fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        self.trees
+            .meta
+            .get(BUNDLE_SEQUENCE_KEY)?
+            .map_or(Ok(0), |v| sequence_value(&v))
+    }
+
+    /// Every published bundle with the sequence. (One process writes a sled store, and it
+    /// publishes from one task, so the two reads see one state.)
+    pub(super) fn server_bundles(&self) -> Result<ServerBundles, StoreError> {
+        let sequence = self.bundle_sequence()?;
+        let mut bundles = Vec::new();
+        for item in self.trees.meta.scan_prefix(SERVER_BUNDLE_PREFIX) {
+            let (key, value) = item?;
+            let id = String::from_utf8_lossy(&key[SERVER_BUNDLE_PREFIX.len()..]).into_owned();
+            bundles.push((id, value.to_vec()));
+        }
+        Ok(ServerBundles { sequence, bundles })
+    }
+}
+
+fn sequence_value(bytes: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            what: "bundle sequence",
+            reason: format!("{} bytes, expected 8", bytes.len()),
+        })
 }

@@ -94,8 +94,8 @@ use self::entries::prune_changes;
 use super::{
     AttestedNode, ChangesSince, DEFAULT_CHANGE_RETENTION, EntryFilter, EntryId, EntrySnapshot,
     FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
-    RegistrationEntry, Revocation, Session, SessionCredential, SessionEntryOp, SessionFilter,
-    SessionId, SessionUpdate, Store, StoreError, hex_decode, hex_encode,
+    RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential, SessionEntryOp,
+    SessionFilter, SessionId, SessionUpdate, Store, StoreError, hex_decode, hex_encode,
 };
 use crate::audit::{
     AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, AuditSource, NewAuditRecord,
@@ -125,7 +125,7 @@ pub(crate) struct SledStoreOptions {
     pub cache_capacity_bytes: Option<u64>,
     /// The audit chain this store's records are sealed into. Default
     /// [`DEFAULT_CHAIN_ID`](crate::audit::DEFAULT_CHAIN_ID).
-    pub audit_chain_id: String,
+    pub server_id: String,
 }
 
 /// The sled backend of [`Store`] (see the module docs for layout, group commit and snapshots).
@@ -140,7 +140,7 @@ pub(crate) struct SledStore {
 /// The shared state behind [`SledStore`]'s clones.
 struct Inner {
     path: PathBuf,
-    audit_chain_id: String,
+    server_id: String,
     trees: Trees,
     retention: u64,
     group: Arc<GroupCommit>,
@@ -181,7 +181,7 @@ impl Default for SledStoreOptions {
         Self {
             change_retention: DEFAULT_CHANGE_RETENTION,
             cache_capacity_bytes: None,
-            audit_chain_id: crate::audit::DEFAULT_CHAIN_ID.to_owned(),
+            server_id: crate::audit::DEFAULT_CHAIN_ID.to_owned(),
         }
     }
 }
@@ -230,7 +230,7 @@ impl SledStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
-                audit_chain_id: options.audit_chain_id,
+                server_id: options.server_id,
                 trees,
                 retention,
                 group,
@@ -598,6 +598,33 @@ impl Store for SledStore {
         self.blocking(move |inner| inner.save_ca_journal(&server_id, journal))
             .await?;
         self.commit().await
+    }
+
+    async fn heartbeat(&self) -> Result<(), StoreError> {
+        // The sled files are locked by this process: no other instance can claim them.
+        Ok(())
+    }
+
+    async fn publish_server_bundle(
+        &self,
+        server_id: &str,
+        bundle: Vec<u8>,
+        at_least: u64,
+    ) -> Result<u64, StoreError> {
+        let server_id = server_id.to_owned();
+        let sequence = self
+            .blocking(move |inner| inner.publish_server_bundle(&server_id, &bundle, at_least))
+            .await?;
+        self.commit().await?;
+        Ok(sequence)
+    }
+
+    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        self.blocking(|inner| inner.bundle_sequence()).await
+    }
+
+    async fn server_bundles(&self) -> Result<ServerBundles, StoreError> {
+        self.blocking(|inner| inner.server_bundles()).await
     }
 
     async fn append_audit(
