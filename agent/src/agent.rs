@@ -50,14 +50,18 @@ pub async fn run(
     let node = Arc::new(
         NodeConnection::bootstrap(
             config.trust_domain.clone(),
-            config.server_address.to_string(),
+            config
+                .server_addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             &config.data_dir,
             config.join_token.as_deref(),
             config.trust_bundle.as_deref(),
         )
         .await?,
     );
-    info!(agent_id = %node.agent_id(), server = %config.server_address, "agent identity ready");
+    info!(agent_id = %node.agent_id(), servers = ?node.server_addresses(), "agent identity ready");
     let (manager, snapshots) = Manager::new(node);
     let minter = manager.minter();
     let mut manager = tokio::spawn(manager.run().instrument(info_span!("manager")));

@@ -36,8 +36,10 @@ const KNOWN_KEYS: &[&str] = &[
 pub struct FileConfig {
     /// The trust domain of the server. Required.
     pub trust_domain: Option<String>,
-    /// The server's agent-facing API, `HOST:PORT`. Default `127.0.0.1:8081`.
-    pub server_address: Option<String>,
+    /// The server's agent-facing API, `HOST:PORT`, or a list of them (the servers sharing one
+    /// database): the agent uses the first that answers and, when its server goes away,
+    /// reconnects to the next. Default `127.0.0.1:8081`.
+    pub server_address: Option<OneOrMany>,
     /// A one-time join token for the first start (`sigil-server token generate`). Not needed
     /// once the agent has attested: it keeps its SVID in `data_dir`.
     pub join_token: Option<String>,
@@ -60,8 +62,8 @@ pub struct FileConfig {
 pub struct Overrides {
     /// `--trust-domain`.
     pub trust_domain: Option<String>,
-    /// `--server-address`.
-    pub server_address: Option<String>,
+    /// `--server-address`, each time it was given (empty: not given).
+    pub server_address: Vec<String>,
     /// `--join-token`.
     pub join_token: Option<String>,
     /// `--trust-bundle`.
@@ -81,8 +83,8 @@ pub struct Overrides {
 pub struct AgentConfig {
     /// Trust domain.
     pub trust_domain: TrustDomain,
-    /// The server's agent-facing API.
-    pub server_address: ServerAddress,
+    /// The servers' agent-facing APIs, in the order they are tried (at least one).
+    pub server_addresses: Vec<ServerAddress>,
     /// Join token for the first attestation.
     pub join_token: Option<String>,
     /// Bootstrap bundle file.
@@ -95,6 +97,25 @@ pub struct AgentConfig {
     pub log_level: LogLevel,
     /// Log format.
     pub log_format: LogFormat,
+}
+
+/// A string or a list of strings (a TOML key that takes either).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One value.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(many) => many,
+        }
+    }
 }
 
 /// A server address: a host name or IP and a port (`server.example.org:8081`,
@@ -171,12 +192,31 @@ impl AgentConfig {
             }
             Some(td) => problems.check("trust_domain", TrustDomain::new(&td)),
         };
-        let server_address = problems.check(
+        let addresses = if flags.server_address.is_empty() {
+            file.server_address
+                .map(OneOrMany::into_vec)
+                .unwrap_or_default()
+        } else {
+            flags.server_address
+        };
+        let addresses = if addresses.is_empty() {
+            vec![DEFAULT_SERVER_ADDRESS.to_owned()]
+        } else {
+            addresses
+        };
+        let server_addresses = problems.check(
             "server_address",
-            ServerAddress::parse(
-                &pick(flags.server_address, file.server_address)
-                    .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.to_owned()),
-            ),
+            addresses
+                .iter()
+                .map(|a| ServerAddress::parse(a))
+                .collect::<Result<Vec<_>, String>>()
+                .and_then(|list| {
+                    let mut seen = std::collections::HashSet::new();
+                    match list.iter().find(|a| !seen.insert(a.to_string())) {
+                        Some(twice) => Err(format!("{twice} is listed twice")),
+                        None => Ok(list),
+                    }
+                }),
         );
         let log_level = problems.check(
             "log_level",
@@ -207,14 +247,14 @@ impl AgentConfig {
         );
         problems.into_result()?;
         // Every value that failed pushed a problem above, so all are present here.
-        let (Some(trust_domain), Some(server_address), Some(log_level), Some(log_format)) =
-            (trust_domain, server_address, log_level, log_format)
+        let (Some(trust_domain), Some(server_addresses), Some(log_level), Some(log_format)) =
+            (trust_domain, server_addresses, log_level, log_format)
         else {
             return Err(ConfigError::incomplete());
         };
         Ok(Self {
             trust_domain,
-            server_address,
+            server_addresses,
             join_token: pick(flags.join_token, file.join_token),
             trust_bundle: pick(flags.trust_bundle, file.trust_bundle).map(PathBuf::from),
             socket_path,
@@ -234,8 +274,9 @@ mod tests {
         let c =
             AgentConfig::from_sources(Some("trust_domain = \"example.org\""), Overrides::default())
                 .unwrap();
-        assert_eq!(c.server_address.to_string(), "127.0.0.1:8081");
-        assert_eq!(c.server_address.port(), 8081);
+        assert_eq!(c.server_addresses.len(), 1);
+        assert_eq!(c.server_addresses[0].to_string(), "127.0.0.1:8081");
+        assert_eq!(c.server_addresses[0].port(), 8081);
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.join_token, None);
@@ -244,16 +285,55 @@ mod tests {
         let c = AgentConfig::from_sources(
             Some("trust_domain = \"example.org\"\nserver_address = \"10.0.0.1:1\""),
             Overrides {
-                server_address: Some("server.example.org:8081".into()),
+                server_address: vec!["server.example.org:8081".into()],
                 join_token: Some("abc".into()),
                 log_format: Some("json".into()),
                 ..Overrides::default()
             },
         )
         .unwrap();
-        assert_eq!(c.server_address.host(), "server.example.org");
+        assert_eq!(c.server_addresses.len(), 1);
+        assert_eq!(c.server_addresses[0].host(), "server.example.org");
         assert_eq!(c.join_token.as_deref(), Some("abc"));
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn server_address_takes_a_list_in_the_file_or_repeated_flags() {
+        let c = AgentConfig::from_sources(
+            Some(
+                "trust_domain = \"example.org\"\nserver_address = [\"a:1\", \"[::1]:2\", \"c:3\"]",
+            ),
+            Overrides::default(),
+        )
+        .unwrap();
+        let shown: Vec<String> = c.server_addresses.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["a:1", "[::1]:2", "c:3"]);
+        // The flags replace the file's list.
+        let c = AgentConfig::from_sources(
+            Some("trust_domain = \"example.org\"\nserver_address = [\"a:1\"]"),
+            Overrides {
+                server_address: vec!["x:1".into(), "y:2".into()],
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        let shown: Vec<String> = c.server_addresses.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["x:1", "y:2"]);
+        for bad in ["[\"a:1\", \"a:1\"]", "[\"a:1\", \"b\"]", "[]", "3"] {
+            let text = format!("trust_domain = \"example.org\"\nserver_address = {bad}");
+            let result = AgentConfig::from_sources(Some(&text), Overrides::default());
+            if bad == "[]" {
+                // An empty list is the default.
+                assert_eq!(result.unwrap().server_addresses.len(), 1);
+                continue;
+            }
+            let err = result.unwrap_err();
+            assert!(
+                err.problems.iter().any(|p| p.key == "server_address"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

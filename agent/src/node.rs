@@ -11,6 +11,7 @@
 //! exits rather than looping.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,7 +27,7 @@ use sigil_core::{SpiffeBundle, SpiffeId, TrustDomain, X509Bundle};
 use sigil_proto::node::node_client::NodeClient;
 use sigil_proto::node::{AttestAgentRequest, RenewAgentRequest};
 use tonic::transport::{Channel, Endpoint, Uri};
-use tracing::info;
+use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
 /// Why the agent could not get or keep its identity.
@@ -98,7 +99,7 @@ struct StoredState {
 /// that presents the current SVID.
 pub struct NodeConnection {
     trust_domain: TrustDomain,
-    server_address: String,
+    servers: Arc<Servers>,
     data_dir: PathBuf,
     bundles: SharedBundles,
     state: RwLock<(Identity, SpiffeBundle, Channel)>,
@@ -114,7 +115,7 @@ const KEY_FILE: &str = "agent.key";
 impl std::fmt::Debug for NodeConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeConnection")
-            .field("server_address", &self.server_address)
+            .field("servers", &self.servers.addresses)
             .field("agent_id", &self.agent_id())
             .finish_non_exhaustive()
     }
@@ -124,12 +125,19 @@ impl NodeConnection {
     /// Loads the stored identity, or attests with `join_token` trusting `trust_bundle` (PEM).
     pub async fn bootstrap(
         trust_domain: TrustDomain,
-        server_address: String,
+        server_addresses: Vec<String>,
         data_dir: &Path,
         join_token: Option<&str>,
         trust_bundle: Option<&Path>,
     ) -> Result<Self, NodeError> {
         sigil_daemon::check_private_dir(data_dir, 0o700)?;
+        if server_addresses.is_empty() {
+            return Err(NodeError::Bootstrap("no server address".to_owned()));
+        }
+        let servers = Arc::new(Servers {
+            addresses: server_addresses,
+            current: AtomicUsize::new(0),
+        });
         if let Some((identity, bundle)) = load_state(data_dir, &trust_domain)? {
             if identity.validity.not_after() <= SystemTime::now() {
                 return Err(NodeError::Refused(format!(
@@ -139,7 +147,7 @@ impl NodeConnection {
                 )));
             }
             info!(agent_id = %identity.id, "using the stored agent identity");
-            return Self::new(trust_domain, server_address, data_dir, identity, bundle);
+            return Self::new(trust_domain, servers, data_dir, identity, bundle);
         }
         let token = join_token.ok_or_else(|| {
             NodeError::Bootstrap(
@@ -163,7 +171,7 @@ impl NodeConnection {
             })?;
         let bootstrap = SharedBundles::from_bundle(x509);
         let key = new_key()?;
-        let channel = channel(&server_address, &trust_domain, &bootstrap, None)?;
+        let channel = channel(&servers, &trust_domain, &bootstrap, None)?;
         let response = NodeClient::new(channel)
             .attest_agent(AttestAgentRequest {
                 join_token: token.to_owned(),
@@ -185,21 +193,21 @@ impl NodeConnection {
         let identity = identity_from(&svid, key)?;
         info!(agent_id = %identity.id, "attested");
         store_state(data_dir, &identity, &bundle)?;
-        Self::new(trust_domain, server_address, data_dir, identity, bundle)
+        Self::new(trust_domain, servers, data_dir, identity, bundle)
     }
 
     fn new(
         trust_domain: TrustDomain,
-        server_address: String,
+        servers: Arc<Servers>,
         data_dir: &Path,
         identity: Identity,
         bundle: SpiffeBundle,
     ) -> Result<Self, NodeError> {
         let bundles = SharedBundles::from_bundle(x509_of(&bundle)?);
-        let channel = channel(&server_address, &trust_domain, &bundles, Some(&identity))?;
+        let channel = channel(&servers, &trust_domain, &bundles, Some(&identity))?;
         Ok(Self {
             trust_domain,
-            server_address,
+            servers,
             data_dir: data_dir.to_owned(),
             bundles,
             state: RwLock::new((identity, bundle, channel)),
@@ -209,6 +217,16 @@ impl NodeConnection {
     /// The agent's SPIFFE ID.
     pub fn agent_id(&self) -> SpiffeId {
         self.read().0.id.clone()
+    }
+
+    /// The servers' addresses, in the order they are tried.
+    pub fn server_addresses(&self) -> &[String] {
+        &self.servers.addresses
+    }
+
+    /// The address of the server the agent last connected to.
+    pub fn current_server(&self) -> &str {
+        self.servers.current()
     }
 
     /// The agent's data directory (its identity, and what it witnessed of the audit log).
@@ -257,7 +275,7 @@ impl NodeConnection {
             .ok_or_else(|| NodeError::Unavailable("renewal answer without an SVID".into()))?;
         let identity = identity_from(&svid, key)?;
         let channel = channel(
-            &self.server_address,
+            &self.servers,
             &self.trust_domain,
             &self.bundles,
             Some(&identity),
@@ -343,8 +361,69 @@ fn identity_from(
     })
 }
 
+/// The servers an agent may talk to (several sharing one database) and the one it last
+/// reached: each new connection tries that one first, then the others in order.
+struct Servers {
+    addresses: Vec<String>,
+    current: AtomicUsize,
+}
+
+/// How long one server gets to accept a connection before the next is tried.
+const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Servers {
+    fn current(&self) -> &str {
+        let index = self.current.load(Ordering::Relaxed) % self.addresses.len().max(1);
+        self.addresses.get(index).map_or("", String::as_str)
+    }
+
+    /// A TLS connection to the first server that completes a handshake, starting with the
+    /// one last reached; remembers it.
+    async fn connect(
+        &self,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let count = self.addresses.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last_error = std::io::Error::other("no server address");
+        for step in 0..count {
+            let index = (start + step) % count;
+            let Some(address) = self.addresses.get(index) else {
+                continue;
+            };
+            let attempt = async {
+                let tcp = tokio::net::TcpStream::connect(address.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                let name = ServerName::try_from("sigil-server").map_err(std::io::Error::other)?;
+                connector.connect(name, tcp).await
+            };
+            match tokio::time::timeout(SERVER_CONNECT_TIMEOUT, attempt).await {
+                Ok(Ok(tls)) => {
+                    if index != start % count {
+                        warn!(server = %address, "connected to another server");
+                        self.current.store(index, Ordering::Relaxed);
+                    }
+                    return Ok(tls);
+                }
+                Ok(Err(e)) => {
+                    debug!(server = %address, error = %e, "server unreachable; trying the next");
+                    last_error = std::io::Error::new(e.kind(), format!("{address}: {e}"));
+                }
+                Err(_) => {
+                    debug!(server = %address, "server connection timed out; trying the next");
+                    last_error = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("{address}: connection timed out"),
+                    );
+                }
+            }
+        }
+        Err(last_error)
+    }
+}
+
 fn channel(
-    address: &str,
+    servers: &Arc<Servers>,
     trust_domain: &TrustDomain,
     bundles: &SharedBundles,
     identity: Option<&Identity>,
@@ -374,20 +453,22 @@ fn channel(
     // No session resumption: every connection is a full handshake with the current SVID.
     config.resumption = rustls::client::Resumption::disabled();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let address = address.to_owned();
+    let servers = Arc::clone(servers);
     let endpoint = Endpoint::try_from("http://sigil-server")
         .map_err(|e| NodeError::Bootstrap(e.to_string()))?
-        .connect_timeout(Duration::from_secs(10))
+        // Each server gets SERVER_CONNECT_TIMEOUT; the connection waits for them all.
+        .connect_timeout(
+            SERVER_CONNECT_TIMEOUT
+                .saturating_mul(u32::try_from(servers.addresses.len()).unwrap_or(u32::MAX))
+                .max(Duration::from_secs(10)),
+        )
         .http2_keep_alive_interval(Duration::from_secs(30));
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let connector = connector.clone();
-            let address = address.clone();
+            let servers = Arc::clone(&servers);
             async move {
-                let tcp = tokio::net::TcpStream::connect(&address).await?;
-                tcp.set_nodelay(true)?;
-                let name = ServerName::try_from("sigil-server").map_err(std::io::Error::other)?;
-                let tls = connector.connect(name, tcp).await?;
+                let tls = servers.connect(&connector).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
         })),

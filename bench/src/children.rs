@@ -124,7 +124,7 @@ fn agent(args: Vec<String>) -> BoxFuture {
             None,
             sigil_agent::config::Overrides {
                 trust_domain: Some(trust_domain.clone()),
-                server_address: Some(server.clone()),
+                server_address: vec![server.clone()],
                 join_token: Some(token.clone()),
                 trust_bundle: Some(bundle.clone()),
                 socket_path: Some(socket.clone()),

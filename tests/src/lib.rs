@@ -530,13 +530,20 @@ pub async fn all_entries(server: &TestServer) -> Vec<sigil_proto::admin::Entry> 
 pub struct TestAgentProcess {
     dir: TempDir,
     child: Option<Child>,
-    server_addr: SocketAddr,
+    /// The servers it lists (`--server-address` each), in order.
+    server_addrs: Vec<SocketAddr>,
     log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl TestAgentProcess {
     /// Generates a join token, writes the bootstrap bundle, and starts the agent.
     pub async fn start(server: &TestServer) -> Self {
+        Self::start_listing(server, &[server.node_addr]).await
+    }
+
+    /// As [`TestAgentProcess::start`] (token and bundle from `server`), listing `servers` in
+    /// that order (several servers sharing one database).
+    pub async fn start_listing(server: &TestServer, servers: &[SocketAddr]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Readable by every uid, so unprivileged workloads can reach the socket.
         std::fs::set_permissions(
@@ -553,7 +560,7 @@ impl TestAgentProcess {
         let mut agent = Self {
             dir,
             child: None,
-            server_addr: server.node_addr,
+            server_addrs: servers.to_vec(),
             log: Arc::default(),
         };
         agent.spawn(Some(&token));
@@ -571,11 +578,11 @@ impl TestAgentProcess {
     fn spawn(&mut self, token: Option<&str>) {
         let _ = std::fs::remove_file(self.socket());
         let mut cmd = Command::new(binary("sigil-agent"));
-        cmd.arg("run")
-            .args(["--trust-domain", TRUST_DOMAIN])
-            .arg("--server-address")
-            .arg(self.server_addr.to_string())
-            .arg("--trust-bundle")
+        cmd.arg("run").args(["--trust-domain", TRUST_DOMAIN]);
+        for address in &self.server_addrs {
+            cmd.arg("--server-address").arg(address.to_string());
+        }
+        cmd.arg("--trust-bundle")
             .arg(self.dir.path().join("bootstrap.pem"))
             .arg("--socket-path")
             .arg(self.socket())

@@ -40,9 +40,10 @@ struct RunArgs {
     /// Configuration file (TOML); every key is documented in examples/config/agent.toml.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
-    /// The server's agent-facing API, HOST:PORT (default 127.0.0.1:8081).
+    /// The server's agent-facing API, HOST:PORT (default 127.0.0.1:8081). Repeat it to list
+    /// several servers sharing one database: the agent moves to the next when one goes away.
     #[arg(long, value_name = "HOST:PORT")]
-    server_address: Option<String>,
+    server_address: Vec<String>,
     /// The trust domain.
     #[arg(long, value_name = "TD")]
     trust_domain: Option<String>,

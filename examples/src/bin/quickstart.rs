@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
         None,
         sigil_agent::config::Overrides {
             trust_domain: Some(TRUST_DOMAIN.into()),
-            server_address: Some(server_addr.to_string()),
+            server_address: vec![server_addr.to_string()],
             join_token: Some(token.token.clone()),
             trust_bundle: Some(bootstrap.display().to_string()),
             socket_path: Some(socket.display().to_string()),

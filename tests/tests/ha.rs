@@ -1,0 +1,157 @@
+//! Several servers on one PostgreSQL database (high availability): each has its own CA and
+//! `server_id`, every one serves the union of their authorities, an entry written through
+//! one reaches agents syncing from another, and an agent whose server dies moves to the next
+//! server it lists and keeps serving its workloads.
+//!
+//! Needs PostgreSQL (`sigil-testkit` starts it); skipped with one line without it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::CertificateDer;
+use sigil_tests::{
+    TestAgentProcess, TestServer, create_entry, entry, my_uid, openssl_verify, svid_ids,
+    x509_stream_with,
+};
+
+/// The configuration of server `id` on the database at `url`.
+fn on_database(url: &str, id: &str) -> String {
+    format!("store = \"postgres\"\npostgres_url = \"{url}\"\nserver_id = \"{id}\"\n")
+}
+
+/// The DER of each authority in `server`'s bundle.
+async fn authorities(server: &TestServer) -> BTreeSet<Vec<u8>> {
+    server
+        .bundle()
+        .await
+        .authorities()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect()
+}
+
+/// Waits (at most 15 s) until every server's bundle holds `count` authorities, the same ones.
+async fn bundles_converge(servers: &[&TestServer], count: usize) -> BTreeSet<Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut seen = Vec::new();
+        for server in servers {
+            seen.push(authorities(server).await);
+        }
+        if seen.iter().all(|s| s.len() == count && *s == seen[0]) {
+            return seen.swap_remove(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bundles did not converge on {count} authorities: {:?}",
+            seen.iter().map(BTreeSet::len).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_serve_one_bundle_and_an_agent_fails_over_between_them() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let a = TestServer::start(&on_database(&url, "a"));
+    let b = TestServer::start(&on_database(&url, "b"));
+    let mut c = TestServer::start(&on_database(&url, "c"));
+
+    // Every server serves (and verifies against) all three CAs.
+    let union = bundles_converge(&[&a, &b, &c], 3).await;
+
+    // Nine agents race on one join token across the three servers: exactly one attests.
+    let token = a.join_token(Duration::from_secs(600)).await;
+    let mut racers = tokio::task::JoinSet::new();
+    for server in [&a, &b, &c].into_iter().cycle().take(9) {
+        let (address, bundle, token) = (server.node_addr, server.bundle().await, token.clone());
+        racers.spawn(async move {
+            let mut client = sigil_tests::node_client(address, &bundle, None)
+                .await
+                .unwrap();
+            client
+                .attest_agent(sigil_proto::node::AttestAgentRequest {
+                    join_token: token,
+                    csr: sigil_tests::TestKey::new().csr(),
+                })
+                .await
+        });
+    }
+    let mut attested = 0;
+    while let Some(result) = racers.join_next().await {
+        match result.unwrap() {
+            Ok(_) => attested += 1,
+            Err(status) => assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::NotFound
+                ),
+                "{status:?}"
+            ),
+        }
+    }
+    assert_eq!(attested, 1, "one join token, one agent");
+
+    // The agent takes its token and bootstrap bundle from A, lists C first: it attests at
+    // C (the token is in the shared database) and syncs from C.
+    let agent = TestAgentProcess::start_listing(&a, &[c.node_addr, b.node_addr]).await;
+    let me = format!("unix:uid:{}", my_uid());
+    const FIRST: &str = "spiffe://example.org/ha/first";
+    const SECOND: &str = "spiffe://example.org/ha/second";
+    // An entry created through A reaches the workload of an agent syncing from C.
+    create_entry(&a, entry(FIRST, &agent.agent_id(), &[&me]))
+        .await
+        .unwrap();
+    let (mut stream, first) =
+        x509_stream_with(&agent, |m| svid_ids(m).contains(&FIRST.into())).await;
+    let svid = &first.svids[0];
+    let leaf = CertificateDer::from(sigil_tests::certs(&svid.x509_svid)[0].to_vec());
+    // Signed by C's CA, verified by openssl against A's bundle.
+    openssl_verify(&a.bundle().await, &leaf).unwrap();
+    assert_eq!(
+        authorities(&a).await,
+        union,
+        "A's bundle is the union the agent's SVID chains to"
+    );
+
+    // C dies without a goodbye; the agent moves to B and the workload keeps its SVID and gets
+    // what is created afterwards.
+    c.kill9();
+    create_entry(&a, entry(SECOND, &agent.agent_id(), &[&me]))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let update = loop {
+        let msg = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the second entry never reached the workload after C died; agent log:\n{}",
+                    agent.log_text()
+                )
+            })
+            .unwrap()
+            .expect("the workload's stream ended");
+        if svid_ids(&msg).contains(&SECOND.to_owned()) {
+            break msg;
+        }
+    };
+    let ids = svid_ids(&update);
+    assert!(ids.contains(&FIRST.to_owned()), "{ids:?}");
+    for svid in &update.svids {
+        let leaf = CertificateDer::from(sigil_tests::certs(&svid.x509_svid)[0].to_vec());
+        openssl_verify(&b.bundle().await, &leaf).unwrap();
+    }
+    let log = agent.log_text();
+    assert!(
+        log.contains("connected to another server") && log.contains(&b.node_addr.to_string()),
+        "the agent did not say it moved to B; log:\n{log}"
+    );
+    // B and A still hold C's authority (its SVIDs are valid until they expire).
+    assert_eq!(authorities(&b).await, union);
+}
