@@ -386,7 +386,11 @@ impl Server {
         let store = &self.store;
         let authority = &self.authority;
         let audit = &self.audit;
-        let crls = Arc::new(CrlPublisher::new(authority.ca().clone(), store.clone()));
+        let crls = Arc::new(CrlPublisher::new(
+            authority.ca().clone(),
+            store.clone(),
+            self.config.server_id.clone(),
+        ));
         crls.publish(SystemTime::now()).await?;
         let sessions = Arc::new(Sessions::new(
             store.clone(),

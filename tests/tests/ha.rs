@@ -155,3 +155,97 @@ async fn three_servers_serve_one_bundle_and_an_agent_fails_over_between_them() {
     // B and A still hold C's authority (its SVIDs are valid until they expire).
     assert_eq!(authorities(&b).await, union);
 }
+
+/// The serials every CRL `server` serves lists (its own authorities' and the other servers').
+async fn served_revocations(server: &TestServer) -> (usize, BTreeSet<String>) {
+    let bundle = server
+        .admin()
+        .await
+        .get_bundle(sigil_proto::admin::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let serials = bundle
+        .crls
+        .iter()
+        .flat_map(|crl| sigil_tests::crl_serials(&crl.der))
+        .collect();
+    (bundle.crls.len(), serials)
+}
+
+/// A session opened through B for a workload whose agent syncs from A, and revoked through
+/// C: its SVID (signed by A) leaves the workload's stream and its serial goes on the CRL the
+/// workload receives, and every server serves every server's CRLs, that one included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_opened_through_one_server_and_revoked_through_another_is_withdrawn_everywhere() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let a = TestServer::start(&on_database(&url, "a"));
+    let b = TestServer::start(&on_database(&url, "b"));
+    let c = TestServer::start(&on_database(&url, "c"));
+    bundles_converge(&[&a, &b, &c], 3).await;
+    let agent = TestAgentProcess::start_listing(&a, &[a.node_addr]).await;
+    const STANDING: &str = "spiffe://example.org/ha/standing";
+    const ADMIN: &str = "spiffe://example.org/ha/admin";
+    create_entry(
+        &a,
+        entry(
+            STANDING,
+            &agent.agent_id(),
+            &[&format!("unix:uid:{}", my_uid())],
+        ),
+    )
+    .await
+    .unwrap();
+
+    let session = sigil_tests::open_session(&b, &agent, ADMIN, "10m", &[]);
+    let id = session["id"].as_str().unwrap().to_owned();
+    let (mut stream, first) =
+        x509_stream_with(&agent, |m| svid_ids(m).contains(&ADMIN.into())).await;
+    let svid = first.svids.iter().find(|s| s.spiffe_id == ADMIN).unwrap();
+    let serial = sigil_tests::leaf_serial(&svid.x509_svid);
+    // Minted by A (the agent's server), so only A can put it on a CRL.
+    let leaf = CertificateDer::from(sigil_tests::certs(&svid.x509_svid)[0].to_vec());
+    openssl_verify(&a.bundle().await, &leaf).unwrap();
+
+    let revoked = sigil_tests::server_cli(
+        &c,
+        &[
+            "session", "revoke", &id, "--reason", "ha test", "--output", "json",
+        ],
+    )
+    .json();
+    assert_eq!(revoked["state"], "revoked");
+    let update = sigil_tests::next_x509_until(&mut stream, Duration::from_secs(10), |m| {
+        !svid_ids(m).contains(&ADMIN.to_owned())
+            && m.crl
+                .iter()
+                .any(|crl| sigil_tests::crl_serials(crl).contains(&serial))
+    })
+    .await
+    .unwrap_or_else(|status| {
+        panic!(
+            "the revocation did not reach the workload: {status:?}\nA's log:\n{}",
+            a.log_text()
+        )
+    });
+    assert_eq!(svid_ids(&update), [STANDING]);
+    // Every server serves the three servers' CRLs, A's listing the serial.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for server in [&a, &b, &c] {
+        loop {
+            let (count, serials) = served_revocations(server).await;
+            if count == 3 && serials.contains(&serial) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a server serves {count} crls, serial listed: {}",
+                serials.contains(&serial)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

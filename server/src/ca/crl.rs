@@ -45,12 +45,13 @@ pub(crate) struct RevokedSerial {
     pub reason: RevocationReason,
 }
 
-/// A CRL just signed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A CRL just signed (by this server, or by another one sharing the store).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct SignedCrl {
     /// The signing authority's id.
     pub authority_id: String,
     /// The CRL, DER.
+    #[serde(with = "crate::store::base64_bytes")]
     pub der: Vec<u8>,
     /// Its CRL number.
     pub crl_number: u64,

@@ -1,6 +1,13 @@
 //! The certificate revocation lists the server publishes: one per X.509 authority, re-signed
 //! whenever the revoked serials or the authorities change, and every [`CRL_REFRESH`] so that
 //! `nextUpdate` ([`CRL_VALIDITY`] after `thisUpdate`) never passes while the server runs.
+//!
+//! Servers sharing a store each sign the CRLs of their own authorities and save them in the
+//! store; each serves its own and every other server's ([`CrlSet`]). Every
+//! [`CRL_POLL_INTERVAL`] a server reads the store's [`CrlCounters`](crate::store::CrlCounters): when revocations were
+//! added (through any server) it re-signs its own CRLs; when another server saved new ones it
+//! takes them in. A revocation through one server therefore reaches the CRLs of every
+//! server's authorities within about two poll intervals, as long as those servers run.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,12 +25,16 @@ pub(crate) const CRL_VALIDITY: Duration = Duration::from_secs(3600);
 /// How often the CRLs are re-signed when nothing changed.
 pub(crate) const CRL_REFRESH: Duration = Duration::from_secs(20 * 60);
 
+/// How often the store's CRL counters are read (other servers' revocations and CRLs).
+pub(crate) const CRL_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The CRLs at one moment; `generation` increases with every publication.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct CrlSet {
     /// Increases by one with every publication (0: nothing published yet).
     pub generation: u64,
-    /// One per X.509 authority.
+    /// One per X.509 authority of this server, then those of the other servers sharing the
+    /// store.
     pub crls: Vec<SignedCrl>,
 }
 
@@ -44,8 +55,21 @@ pub enum CrlError {
 pub(crate) struct CrlPublisher {
     ca: Arc<Ca>,
     store: Arc<dyn Store>,
+    server_id: String,
     tx: watch::Sender<Arc<CrlSet>>,
-    publishing: Mutex<()>,
+    /// One publication at a time, and what it last saw of the store.
+    publishing: Mutex<Seen>,
+}
+
+/// What the publisher last signed and read.
+#[derive(Debug, Default)]
+struct Seen {
+    /// [`CrlCounters::revocations`](crate::store::CrlCounters::revocations) when the own CRLs were last signed.
+    revocations: Option<u64>,
+    /// [`CrlCounters::crls`](crate::store::CrlCounters::crls) when the other servers' CRLs were last read.
+    crls: Option<u64>,
+    /// This server's CRLs as last signed.
+    own: Vec<SignedCrl>,
 }
 
 // === impl CrlSet ===
@@ -66,14 +90,15 @@ impl CrlSet {
 // === impl CrlPublisher ===
 
 impl CrlPublisher {
-    /// A publisher with nothing published yet.
-    pub(crate) fn new(ca: Arc<Ca>, store: Arc<dyn Store>) -> Self {
+    /// A publisher for server `server_id` with nothing published yet.
+    pub(crate) fn new(ca: Arc<Ca>, store: Arc<dyn Store>, server_id: String) -> Self {
         let (tx, _) = watch::channel(Arc::new(CrlSet::default()));
         Self {
             ca,
             store,
+            server_id,
             tx,
-            publishing: Mutex::new(()),
+            publishing: Mutex::new(Seen::default()),
         }
     }
 
@@ -97,7 +122,10 @@ impl CrlPublisher {
     ///
     /// [`CrlError`]: the previous CRLs stay published.
     pub(crate) async fn publish(&self, now: SystemTime) -> Result<Arc<CrlSet>, CrlError> {
-        let _guard = self.publishing.lock().await;
+        let mut seen = self.publishing.lock().await;
+        // Read before the serials: a revocation after this read raises the counter past it,
+        // and the next poll signs again.
+        let counters = self.store.crl_counters().await?;
         self.store.prune_revocations(now).await?;
         let revoked: Vec<RevokedSerial> = self
             .store
@@ -119,18 +147,80 @@ impl CrlPublisher {
             let number = self.store.next_crl_number(&id, millis).await?;
             numbers.insert(id, number);
         }
-        let crls = self
+        let own = self
             .ca
             .sign_crls(&revoked, &numbers, millis, now, now + CRL_VALIDITY)?;
+        let encoded = serde_json::to_vec(&own).map_err(|e| {
+            CrlError::Store(StoreError::Encode {
+                what: "crls",
+                reason: e.to_string(),
+            })
+        })?;
+        self.store
+            .save_server_crls(&self.server_id, encoded)
+            .await?;
         let number = numbers.values().copied().max().unwrap_or(millis);
-        let generation = self.tx.borrow().generation + 1;
-        let set = Arc::new(CrlSet { generation, crls });
-        self.tx.send_replace(set.clone());
+        seen.revocations = Some(counters.revocations);
+        seen.own = own;
+        let set = self.merge(&mut seen, true).await?;
         info!(
             crl_number = number,
             revoked = revoked.len(),
             "certificate revocation lists published"
         );
+        Ok(set)
+    }
+
+    /// Reads the store's counters: signs again when revocations were added since this server
+    /// last signed, takes in other servers' CRLs when they saved new ones; else nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`CrlError`]: the previous CRLs stay published.
+    pub(crate) async fn poll(&self, now: SystemTime) -> Result<(), CrlError> {
+        let counters = self.store.crl_counters().await?;
+        let mut seen = self.publishing.lock().await;
+        if seen.revocations != Some(counters.revocations) {
+            drop(seen);
+            self.publish(now).await?;
+        } else if seen.crls != Some(counters.crls) {
+            self.merge(&mut seen, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes this server's CRLs with every other server's (as the store has them now);
+    /// a new generation when `always` or when the set changed.
+    async fn merge(&self, seen: &mut Seen, always: bool) -> Result<Arc<CrlSet>, CrlError> {
+        let counters = self.store.crl_counters().await?;
+        let mut crls = seen.own.clone();
+        for (server_id, encoded) in self.store.server_crls().await? {
+            if server_id == self.server_id {
+                continue;
+            }
+            match serde_json::from_slice::<Vec<SignedCrl>>(&encoded) {
+                Ok(theirs) => {
+                    for crl in theirs {
+                        if !crls.iter().any(|o| o.authority_id == crl.authority_id) {
+                            crls.push(crl);
+                        }
+                    }
+                }
+                Err(error) => {
+                    warn!(%server_id, %error, "skipping another server's crls that do not decode")
+                }
+            }
+        }
+        seen.crls = Some(counters.crls);
+        let current = self.tx.borrow().clone();
+        if !always && current.crls == crls {
+            return Ok(current);
+        }
+        let set = Arc::new(CrlSet {
+            generation: current.generation + 1,
+            crls,
+        });
+        self.tx.send_replace(set.clone());
         Ok(set)
     }
 
@@ -142,19 +232,35 @@ impl CrlPublisher {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut bundle_open = true;
+        let mut refresh = tokio::time::Instant::now() + CRL_REFRESH;
+        let mut failing = false;
         loop {
-            tokio::select! {
-                () = tokio::time::sleep(CRL_REFRESH) => {}
+            let full = tokio::select! {
+                () = tokio::time::sleep_until(refresh) => true,
                 changed = bundle.changed(), if bundle_open => {
                     if changed.is_err() {
                         bundle_open = false;
                         continue;
                     }
+                    true
                 }
+                () = tokio::time::sleep(CRL_POLL_INTERVAL) => false,
                 _ = shutdown.wait_for(|stop| *stop) => return,
-            }
-            if let Err(error) = self.publish(SystemTime::now()).await {
-                warn!(%error, "cannot refresh the crls; the previous ones stay published");
+            };
+            let now = SystemTime::now();
+            let result = if full {
+                refresh = tokio::time::Instant::now() + CRL_REFRESH;
+                self.publish(now).await.map(|_| ())
+            } else {
+                self.poll(now).await
+            };
+            match result {
+                Ok(()) => failing = false,
+                Err(error) if !failing => {
+                    failing = true;
+                    warn!(%error, "cannot refresh the crls; the previous ones stay published");
+                }
+                Err(_) => {}
             }
         }
     }
@@ -188,7 +294,11 @@ mod tests {
         let now = SystemTime::now();
         let before = fx.crls.publish(now).await.unwrap().crls[0].crl_number;
         // A new publisher on the same store (a restart) whose clock stepped back an hour.
-        let restarted = CrlPublisher::new(fx.authority.ca().clone(), fx.store.clone());
+        let restarted = CrlPublisher::new(
+            fx.authority.ca().clone(),
+            fx.store.clone(),
+            crate::store::DEFAULT_SERVER_ID.to_owned(),
+        );
         let after = restarted
             .publish(now - Duration::from_secs(3600))
             .await

@@ -132,7 +132,11 @@ impl Fixture {
             .unwrap(),
         );
         audit.prepare(SystemTime::now()).await.unwrap();
-        let crls = Arc::new(CrlPublisher::new(ca, store.clone()));
+        let crls = Arc::new(CrlPublisher::new(
+            ca,
+            store.clone(),
+            crate::store::DEFAULT_SERVER_ID.to_owned(),
+        ));
         crls.publish(now).await.unwrap();
         let cache = EntryCache::load(store.clone()).await.unwrap();
         let (stop, stop_rx) = watch::channel(false);

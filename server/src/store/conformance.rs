@@ -126,6 +126,7 @@ where
     run!(audit_source_events_race_to_one_copy);
     run!(session_lifecycle_moves_its_entry_atomically);
     run!(revocations_round_trip_and_prune);
+    run!(crl_counters_tell_other_servers_to_re_sign_and_reload);
     run!(crl_numbers_only_rise);
 }
 
@@ -370,6 +371,43 @@ pub(crate) async fn crl_numbers_only_rise(store: Arc<dyn Store>) {
         assert!(numbers.insert(task.await.unwrap().unwrap()));
     }
     assert_eq!(numbers, (7..23).collect::<BTreeSet<u64>>());
+}
+
+/// Adding revocations raises the revocation counter; saving a server's CRLs raises the CRL
+/// counter and keeps each server's CRLs apart; neither counter moves otherwise.
+pub(crate) async fn crl_counters_tell_other_servers_to_re_sign_and_reload(store: Arc<dyn Store>) {
+    let start = store.crl_counters().await.unwrap();
+    store
+        .add_revocations(vec![Revocation {
+            serial: "aa".to_owned(),
+            not_after: SystemTime::now() + Duration::from_secs(60),
+            authority_id: Some("x".to_owned()),
+            revoked_at: SystemTime::now(),
+            cause: "uid:0".to_owned(),
+            reason: RevocationReason::PrivilegeWithdrawn,
+        }])
+        .await
+        .unwrap();
+    let after_revoke = store.crl_counters().await.unwrap();
+    assert!(after_revoke.revocations > start.revocations);
+    assert_eq!(after_revoke.crls, start.crls);
+    // An empty batch revokes nothing and tells nobody.
+    store.add_revocations(vec![]).await.unwrap();
+    assert_eq!(store.crl_counters().await.unwrap(), after_revoke);
+
+    store.save_server_crls("b", b"[1]".to_vec()).await.unwrap();
+    store.save_server_crls("a", b"[2]".to_vec()).await.unwrap();
+    store.save_server_crls("b", b"[3]".to_vec()).await.unwrap();
+    let after_saves = store.crl_counters().await.unwrap();
+    assert_eq!(after_saves.revocations, after_revoke.revocations);
+    assert!(after_saves.crls >= after_revoke.crls + 3);
+    assert_eq!(
+        store.server_crls().await.unwrap(),
+        [
+            ("a".to_owned(), b"[2]".to_vec()),
+            ("b".to_owned(), b"[3]".to_vec())
+        ]
+    );
 }
 
 pub(crate) async fn revocations_round_trip_and_prune(store: Arc<dyn Store>) {

@@ -267,6 +267,17 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
     /// Every server's published bundle, read with the sequence in one snapshot.
     async fn server_bundles(&self) -> Result<ServerBundles, StoreError>;
 
+    /// Replaces the CRLs server `server_id` signed for its own authorities (opaque bytes the
+    /// CRL service encodes) and raises [`CrlCounters::crls`] in the same transaction.
+    async fn save_server_crls(&self, server_id: &str, crls: Vec<u8>) -> Result<(), StoreError>;
+
+    /// Every server's CRLs, in ascending server id order.
+    async fn server_crls(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// The counters every server polls to learn that it must re-sign its CRLs (revocations
+    /// were added, by any server) or take in other servers' new CRLs.
+    async fn crl_counters(&self) -> Result<CrlCounters, StoreError>;
+
     // --- audit log (see the `audit` module) ---
 
     /// Appends `records`, in order, to the store's audit chain (named when the store was
@@ -597,6 +608,16 @@ pub(crate) fn host_name() -> String {
         .ok()
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Counters of the shared revocation state: each rises and never falls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CrlCounters {
+    /// Raised by every write that adds revoked serials ([`Store::add_revocations`], a
+    /// session update that carries revocations).
+    pub revocations: u64,
+    /// Raised by every [`Store::save_server_crls`].
+    pub crls: u64,
 }
 
 /// Every server's published bundle.
@@ -986,16 +1007,16 @@ impl fmt::Debug for JoinToken {
 pub(crate) use sigil_core::hex::{decode as hex_decode, encode as hex_encode};
 
 /// Serde helper: bytes as a base64 string (JSON arrays of numbers would quadruple their size).
-mod base64_bytes {
+pub(crate) mod base64_bytes {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&STANDARD.encode(bytes))
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(deserializer)?;

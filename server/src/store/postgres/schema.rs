@@ -129,7 +129,7 @@ CREATE TABLE crl_numbers (
     Migration {
         version: 2,
         description: "servers sharing the database (claim and heartbeat), their published \
-                      bundles and the shared bundle sequence",
+                      bundles and CRLs, and the counters that tell the others",
         sql: r#"
 CREATE TABLE servers (
     server_id text COLLATE "C" PRIMARY KEY,
@@ -150,6 +150,19 @@ CREATE TABLE bundle_head (
     sequence bigint NOT NULL
 );
 INSERT INTO bundle_head (id, sequence) VALUES (1, 0);
+
+CREATE TABLE server_crls (
+    server_id text COLLATE "C" PRIMARY KEY,
+    crls text NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+
+CREATE TABLE crl_head (
+    id integer PRIMARY KEY CHECK (id = 1),
+    revocations bigint NOT NULL,
+    crls bigint NOT NULL
+);
+INSERT INTO crl_head (id, revocations, crls) VALUES (1, 0, 0);
 "#,
     },
 ];

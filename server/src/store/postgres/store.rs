@@ -18,8 +18,8 @@ use crate::audit::{
     NewAuditRecord, SourceAppend, SourceEvent,
 };
 use crate::store::{
-    AttestedNode, Change, ChangeKind, ChangesSince, EntryFilter, EntryId, EntrySnapshot,
-    FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
+    AttestedNode, Change, ChangeKind, ChangesSince, CrlCounters, EntryFilter, EntryId,
+    EntrySnapshot, FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
     RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential, SessionEntryOp,
     SessionFilter, SessionId, SessionUpdate, Store, StoreError,
 };
@@ -666,6 +666,61 @@ impl Store for PostgresStore {
             .collect::<Result<_, StoreError>>()?;
         tx.commit().await.map_err(db_error)?;
         Ok(ServerBundles { sequence, bundles })
+    }
+
+    async fn save_server_crls(&self, server_id: &str, crls: Vec<u8>) -> Result<(), StoreError> {
+        let text = String::from_utf8(crls).map_err(|e| StoreError::Encode {
+            what: "server crls",
+            reason: e.to_string(),
+        })?;
+        let text = &text;
+        self.retrying(move || async move {
+            let mut client = self.client().await?;
+            let tx = begin(&mut client).await?;
+            tx.execute(
+                "INSERT INTO server_crls (server_id, crls, updated_at) VALUES ($1, $2, now()) \
+                 ON CONFLICT (server_id) DO UPDATE SET crls = EXCLUDED.crls, updated_at = now()",
+                &[&server_id, text],
+            )
+            .await
+            .map_err(db_error)?;
+            tx.execute("UPDATE crl_head SET crls = crls + 1 WHERE id = 1", &[])
+                .await
+                .map_err(db_error)?;
+            tx.commit().await.map_err(db_error)
+        })
+        .await
+    }
+
+    async fn server_crls(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT server_id, crls FROM server_crls ORDER BY server_id",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    col::<&str>(row, 0)?.to_owned(),
+                    col::<&str>(row, 1)?.as_bytes().to_vec(),
+                ))
+            })
+            .collect()
+    }
+
+    async fn crl_counters(&self) -> Result<CrlCounters, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT revocations, crls FROM crl_head WHERE id = 1", &[])
+            .await
+            .map_err(db_error)?;
+        Ok(CrlCounters {
+            revocations: to_u64("revocation counter", col(&row, 0)?)?,
+            crls: to_u64("crl counter", col(&row, 1)?)?,
+        })
     }
 
     async fn append_audit(
@@ -1515,6 +1570,13 @@ async fn upsert_revocations(
          ON CONFLICT (serial) DO UPDATE \
          SET not_after_ns = EXCLUDED.not_after_ns, body = EXCLUDED.body",
         &params,
+    )
+    .await
+    .map_err(db_error)?;
+    // Tells every server (each polls the counter) to re-sign the CRLs of its authorities.
+    tx.execute(
+        "UPDATE crl_head SET revocations = revocations + 1 WHERE id = 1",
+        &[],
     )
     .await
     .map_err(db_error)?;

@@ -11,6 +11,9 @@ const CA_JOURNAL_KEY: &[u8] = b"ca_journal";
 /// Prefix of a server's published bundle in the `meta` tree (then the server id).
 const SERVER_BUNDLE_PREFIX: &[u8] = b"server_bundle/";
 
+/// Prefix of a server's CRLs in the `meta` tree (then the server id).
+const SERVER_CRLS_PREFIX: &[u8] = b"server_crls/";
+
 /// Key of the shared bundle sequence in the `meta` tree (8 bytes, big-endian).
 const BUNDLE_SEQUENCE_KEY: &[u8] = b"bundle_sequence";
 
@@ -156,4 +159,24 @@ fn sequence_value(bytes: &[u8]) -> Result<u64, StoreError> {
             what: "bundle sequence",
             reason: format!("{} bytes, expected 8", bytes.len()),
         })
+}
+
+// --- published CRLs ---
+
+impl Inner {
+    pub(super) fn save_server_crls(&self, server_id: &str, crls: &[u8]) -> Result<(), StoreError> {
+        let key = [SERVER_CRLS_PREFIX, server_id.as_bytes()].concat();
+        self.trees.meta.insert(key, crls)?;
+        Ok(())
+    }
+
+    pub(super) fn server_crls(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.trees.meta.scan_prefix(SERVER_CRLS_PREFIX) {
+            let (key, value) = item?;
+            let id = String::from_utf8_lossy(&key[SERVER_CRLS_PREFIX.len()..]).into_owned();
+            out.push((id, value.to_vec()));
+        }
+        Ok(out)
+    }
 }

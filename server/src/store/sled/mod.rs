@@ -73,6 +73,7 @@
 use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
@@ -92,8 +93,8 @@ use tokio::sync::watch;
 use self::commit::GroupCommit;
 use self::entries::prune_changes;
 use super::{
-    AttestedNode, ChangesSince, DEFAULT_CHANGE_RETENTION, EntryFilter, EntryId, EntrySnapshot,
-    FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
+    AttestedNode, ChangesSince, CrlCounters, DEFAULT_CHANGE_RETENTION, EntryFilter, EntryId,
+    EntrySnapshot, FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
     RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential, SessionEntryOp,
     SessionFilter, SessionId, SessionUpdate, Store, StoreError, hex_decode, hex_encode,
 };
@@ -141,6 +142,10 @@ pub(crate) struct SledStore {
 struct Inner {
     path: PathBuf,
     server_id: String,
+    /// [`CrlCounters::revocations`]: raised after each write that revoked serials.
+    crl_revocations: AtomicU64,
+    /// [`CrlCounters::crls`]: raised after each `save_server_crls`.
+    crl_saves: AtomicU64,
     trees: Trees,
     retention: u64,
     group: Arc<GroupCommit>,
@@ -231,6 +236,8 @@ impl SledStore {
             inner: Arc::new(Inner {
                 path,
                 server_id: options.server_id,
+                crl_revocations: AtomicU64::new(0),
+                crl_saves: AtomicU64::new(0),
                 trees,
                 retention,
                 group,
@@ -627,6 +634,28 @@ impl Store for SledStore {
         self.blocking(|inner| inner.server_bundles()).await
     }
 
+    async fn save_server_crls(&self, server_id: &str, crls: Vec<u8>) -> Result<(), StoreError> {
+        let server_id = server_id.to_owned();
+        self.blocking(move |inner| inner.save_server_crls(&server_id, &crls))
+            .await?;
+        self.commit().await?;
+        self.inner.crl_saves.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn server_crls(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.blocking(|inner| inner.server_crls()).await
+    }
+
+    async fn crl_counters(&self) -> Result<CrlCounters, StoreError> {
+        // One process writes a sled store: the counters live in it (they only rise while it
+        // runs; a restart re-signs the CRLs anyway).
+        Ok(CrlCounters {
+            revocations: self.inner.crl_revocations.load(Ordering::SeqCst),
+            crls: self.inner.crl_saves.load(Ordering::SeqCst),
+        })
+    }
+
     async fn append_audit(
         &self,
         records: Vec<NewAuditRecord>,
@@ -729,10 +758,14 @@ impl Store for SledStore {
             _ => None,
         };
         let now = SystemTime::now();
+        let revokes = !update.revocations.is_empty();
         let updated = self
             .blocking(move |inner| inner.update_session(&update, entry_id.as_ref(), now))
             .await?;
         self.commit().await?;
+        if revokes {
+            self.inner.crl_revocations.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(updated)
     }
 
@@ -770,7 +803,9 @@ impl Store for SledStore {
         }
         self.blocking(move |inner| inner.add_revocations(&revocations))
             .await?;
-        self.commit().await
+        self.commit().await?;
+        self.inner.crl_revocations.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     async fn list_revocations(&self) -> Result<Vec<Revocation>, StoreError> {
