@@ -104,6 +104,12 @@ pub struct FileConfig {
     /// the server's CA journal and audit chain in the store, so keep it across restarts; a
     /// second live server with the same name is refused at start.
     pub server_id: Option<String>,
+    /// How long the server keeps authorizing agents from its entry cache after the store last
+    /// answered (a database that is down or cut off); after that it authorizes nothing, and
+    /// its health check fails, until the store answers again. `0s` refuses at once. Writes
+    /// (entries, sessions, audit records) need the store whatever this says. Default `30s`;
+    /// at most `1h`.
+    pub max_store_staleness: Option<String>,
     /// Log level: `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
     pub log_level: Option<String>,
     /// Log format: `text` or `json`. Default `text`.
@@ -135,6 +141,7 @@ const KNOWN_KEYS: &[&str] = &[
     "postgres_ca_file",
     "postgres_pool_size",
     "server_id",
+    "max_store_staleness",
     "log_level",
     "log_format",
 ];
@@ -199,6 +206,8 @@ pub struct ServerConfig {
     pub postgres: Option<PostgresConfig>,
     /// This server's name among those sharing the store (`default` with sled).
     pub server_id: String,
+    /// How long the entry cache authorizes after the store last answered.
+    pub max_store_staleness: Duration,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -217,6 +226,12 @@ pub struct PostgresConfig {
     /// Most connections in the pool.
     pub pool_size: usize,
 }
+
+/// Default `max_store_staleness`.
+pub(crate) const DEFAULT_MAX_STORE_STALENESS: Duration = Duration::from_secs(30);
+
+/// The largest `max_store_staleness`.
+const MAX_MAX_STORE_STALENESS: Duration = Duration::from_secs(3600);
 
 /// Default `postgres_pool_size`.
 pub(crate) const DEFAULT_POSTGRES_POOL_SIZE: u64 = 16;
@@ -394,6 +409,24 @@ impl ServerConfig {
                 .parse::<LogFormat>(),
         );
 
+        let max_store_staleness = match file.max_store_staleness.as_deref() {
+            None => DEFAULT_MAX_STORE_STALENESS,
+            Some(text) => match parse_duration(text) {
+                Ok(d) if d <= MAX_MAX_STORE_STALENESS => d,
+                Ok(d) => {
+                    problems.push(
+                        "max_store_staleness",
+                        format!("{} is out of range: 0s to 1h", HumanDuration(d)),
+                    );
+                    DEFAULT_MAX_STORE_STALENESS
+                }
+                Err(e) => {
+                    problems.push("max_store_staleness", e.to_string());
+                    DEFAULT_MAX_STORE_STALENESS
+                }
+            },
+        };
+
         problems.into_result()?;
         // Every value that failed pushed a problem above, so all are present here.
         let (
@@ -446,6 +479,7 @@ impl ServerConfig {
             store_cache_bytes: store_cache_mib.saturating_mul(1024 * 1024),
             postgres,
             server_id,
+            max_store_staleness,
             log_level,
             log_format,
         })
@@ -901,6 +935,19 @@ mod tests {
         let c = config(Some("trust_domain = \"example.org\"")).unwrap();
         assert_eq!(c.postgres, None);
         assert_eq!(c.server_id, "default");
+        assert_eq!(c.max_store_staleness, DEFAULT_MAX_STORE_STALENESS);
+        let c = config(Some(
+            "trust_domain = \"example.org\"\nmax_store_staleness = \"0s\"",
+        ))
+        .unwrap();
+        assert_eq!(c.max_store_staleness, Duration::ZERO);
+        for bad in ["2h", "soon"] {
+            let err = config(Some(&format!(
+                "trust_domain = \"example.org\"\nmax_store_staleness = \"{bad}\""
+            )))
+            .unwrap_err();
+            assert_eq!(keys(&err), ["max_store_staleness"], "{bad}: {err}");
+        }
         let c = config(Some(
             "trust_domain = \"example.org\"\nstore = \"postgres\"\n\
              postgres_url = \"host=db user=sigil dbname=sigil\"\n\

@@ -340,6 +340,7 @@ impl Server {
         let session_only = SessionOnly::new(config.session_only_ids.clone());
         refuse_session_only_entries(store.as_ref(), &session_only).await?;
         let entries = EntryCache::load(store.clone()).await?;
+        entries.set_max_staleness(config.max_store_staleness);
         info!(key_fingerprint = %audit.key_fingerprint(), "audit log ready");
         info!(trust_domain = %config.trust_domain, sequence = ca.bundle_sequence(), "certificate authority ready");
 
@@ -546,6 +547,7 @@ impl Server {
                 sessions: sessions.clone(),
                 audit: audit.clone(),
                 authority: authority.clone(),
+                entry_cache: self.entries.clone(),
             },
             self.config.admin_uids.clone(),
         );

@@ -249,3 +249,162 @@ async fn a_session_opened_through_one_server_and_revoked_through_another_is_with
         }
     }
 }
+
+/// A TCP proxy on loopback to PostgreSQL that can cut every connection and refuse new ones
+/// (a server cut from its database), then let them through again.
+struct CuttableProxy {
+    address: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let (cut, connections) = (cut.clone(), connections.clone());
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if cut.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection is refused
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    connections.lock().unwrap().push(task);
+                }
+            }
+        });
+        Self {
+            address,
+            cut,
+            connections,
+            accept,
+        }
+    }
+
+    /// Cuts every open connection and refuses new ones.
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for task in self.connections.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Runs `healthcheck` until its outcome passes `wanted` (at most `within`).
+fn health_until(
+    server: &TestServer,
+    within: Duration,
+    what: &str,
+    wanted: impl Fn(&sigil_tests::CliRun) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let run = sigil_tests::server_cli(server, &["healthcheck"]);
+        if wanted(&run) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "healthcheck not {what} within {within:?}: {}{}\nserver log:\n{}",
+            run.stdout,
+            run.stderr,
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A server cut from the database serves from its entry cache (its health says degraded)
+/// for `max_store_staleness`, then authorizes nothing (health fails), and recovers by itself
+/// when the database answers again: an entry created afterwards reaches the workload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cut_from_the_database_stops_authorizing_within_its_bound_and_recovers() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let upstream: std::net::SocketAddr = format!("127.0.0.1:{}", cluster.port()).parse().unwrap();
+    let proxy = CuttableProxy::start(upstream).await;
+    let through_proxy = url.replace(
+        &format!("port={}", cluster.port()),
+        &format!("port={}", proxy.address.port()),
+    );
+    assert_ne!(through_proxy, url);
+    let server = TestServer::start(&format!(
+        "{}max_store_staleness = \"4s\"\n",
+        on_database(&through_proxy, "a")
+    ));
+    let agent = TestAgentProcess::start(&server).await;
+    let me = format!("unix:uid:{}", my_uid());
+    const BEFORE: &str = "spiffe://example.org/ha/before";
+    const AFTER: &str = "spiffe://example.org/ha/after";
+    create_entry(&server, entry(BEFORE, &agent.agent_id(), &[&me]))
+        .await
+        .unwrap();
+    let (mut stream, _) = x509_stream_with(&agent, |m| svid_ids(m).contains(&BEFORE.into())).await;
+    health_until(&server, Duration::from_secs(5), "healthy", |r| {
+        r.status.success() && r.stdout.contains("Server is healthy")
+    });
+
+    proxy.cut();
+    let cut_at = Instant::now();
+    // Within the bound: serving, and saying it is degraded.
+    health_until(&server, Duration::from_secs(4), "degraded", |r| {
+        r.status.success() && r.stdout.contains("degraded")
+    });
+    // Past it: nothing authorized, health fails, naming the bound.
+    health_until(&server, Duration::from_secs(15), "failing", |r| {
+        !r.status.success() && r.stderr.contains("longer than max_store_staleness")
+    });
+    assert!(
+        cut_at.elapsed() >= Duration::from_secs(4),
+        "refused before max_store_staleness ran out ({:?})",
+        cut_at.elapsed()
+    );
+    assert!(
+        server
+            .log_text()
+            .contains("authorizing nothing until it does"),
+        "{}",
+        server.log_text()
+    );
+
+    // The database answers again: the server recovers without a restart.
+    proxy.restore();
+    health_until(&server, Duration::from_secs(30), "healthy again", |r| {
+        r.status.success() && r.stdout.contains("Server is healthy")
+    });
+    create_entry(&server, entry(AFTER, &agent.agent_id(), &[&me]))
+        .await
+        .unwrap();
+    sigil_tests::next_x509_until(&mut stream, Duration::from_secs(30), |m| {
+        svid_ids(m).contains(&AFTER.to_owned())
+    })
+    .await
+    .unwrap_or_else(|status| {
+        panic!(
+            "no SVID for the entry created after the recovery: {status:?}\nserver log:\n{}",
+            server.log_text()
+        )
+    });
+}

@@ -81,6 +81,8 @@ pub(crate) struct AdminServices {
     pub audit: Arc<AuditLog>,
     /// The authority (health, TTLs).
     pub authority: Arc<Authority>,
+    /// The entry cache (health: how current it is).
+    pub entry_cache: Arc<crate::service::entry_cache::EntryCache>,
 }
 
 /// The admin service.
@@ -298,15 +300,27 @@ impl Admin for AdminService {
         if let Some(reason) = self.services.audit.signing_blocked() {
             return Err(Status::unavailable(reason));
         }
-        self.services
-            .entries
-            .revision()
-            .await
-            .map_err(entry_status)?;
+        use crate::service::entry_cache::Freshness;
+        let warning = match self.services.entry_cache.freshness().await {
+            Freshness::Current => String::new(),
+            Freshness::Degraded { since } => format!(
+                "the store has not answered for {} s: agents are authorized from the entry \
+                 cache until max_store_staleness",
+                since.as_secs()
+            ),
+            Freshness::Stale { since } => {
+                return Err(Status::unavailable(format!(
+                    "the store has not answered for {} s, longer than max_store_staleness: \
+                     nothing is authorized until it does",
+                    since.as_secs()
+                )));
+            }
+        };
         Ok(Response::new(HealthcheckResponse {
             trust_domain: self.trust_domain().name().to_owned(),
             bundle_sequence: authority.bundle().sequence,
             active_authority_expires_at: unix_seconds(active.not_after),
+            warning,
         }))
     }
 

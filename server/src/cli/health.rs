@@ -27,6 +27,8 @@ struct HealthJson<'a> {
     trust_domain: &'a str,
     bundle_sequence: u64,
     active_authority_expires_at: String,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    warning: &'a str,
 }
 
 pub(super) async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
@@ -49,10 +51,15 @@ pub(super) async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCod
     if printer.is_json() {
         printer.json(&HealthJson {
             id: &health.trust_domain,
-            status: "healthy",
+            status: if health.warning.is_empty() {
+                "healthy"
+            } else {
+                "degraded"
+            },
             trust_domain: &health.trust_domain,
             bundle_sequence: health.bundle_sequence,
             active_authority_expires_at: format_rfc3339(health.active_authority_expires_at),
+            warning: &health.warning,
         })?;
     } else {
         let text = block(&[
@@ -63,7 +70,14 @@ pub(super) async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCod
                 format_with_distance(health.active_authority_expires_at, now_unix()),
             ),
         ]);
-        printer.text(&format!("Server is healthy.\n{text}"))?;
+        if health.warning.is_empty() {
+            printer.text(&format!("Server is healthy.\n{text}"))?;
+        } else {
+            printer.text(&format!(
+                "Server is serving, degraded: {}.\n{text}",
+                health.warning
+            ))?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -177,15 +177,6 @@ impl Entries {
         Ok(self.store.count_entries().await?)
     }
 
-    /// The store's latest durable revision: a read that fails when the store cannot be read.
-    ///
-    /// # Errors
-    ///
-    /// The store's.
-    pub(crate) async fn revision(&self) -> Result<u64, EntryError> {
-        Ok(self.store.current_revision().await?)
-    }
-
     /// Replaces the operator-set fields of entry `id` for admin `uid`.
     ///
     /// # Errors

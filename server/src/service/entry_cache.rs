@@ -24,8 +24,9 @@
 //! `Unavailable`) until it has caught up again; a stale cache never authorizes from old state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use sigil_core::SpiffeId;
 use tokio::sync::watch;
@@ -51,6 +52,38 @@ pub(crate) struct EntryCache {
     store: Arc<dyn Store>,
     state: RwLock<State>,
     revision: watch::Sender<u64>,
+    /// How long the cache may authorize after the store last answered (`max_store_staleness`;
+    /// zero until [`EntryCache::set_max_staleness`]).
+    max_staleness: RwLock<Duration>,
+    /// When the store last answered a read (the follower's or a caller's).
+    confirmed_at: RwLock<Instant>,
+    /// Set while the cache authorizes without the store (said once in the log).
+    degraded: AtomicBool,
+    /// Set while it refuses because the store has not answered for too long (said once).
+    refusing: AtomicBool,
+}
+
+/// How long a caller waits for the store to say its revision before the cache answers
+/// without it (within `max_store_staleness`) or refuses.
+const STORE_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How current the cache is, for the health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Freshness {
+    /// The store answered within [`STORE_ANSWER_TIMEOUT`] of the last read.
+    Current,
+    /// The store has not answered for `since`, within `max_store_staleness`: authorizing
+    /// from the cache.
+    Degraded {
+        /// Since the store last answered.
+        since: Duration,
+    },
+    /// The store has not answered for `since`, beyond `max_store_staleness`: authorizing
+    /// nothing.
+    Stale {
+        /// Since the store last answered.
+        since: Duration,
+    },
 }
 
 /// What the cache holds at one revision.
@@ -131,7 +164,36 @@ impl EntryCache {
             store,
             state: RwLock::new(state),
             revision,
+            max_staleness: RwLock::new(Duration::ZERO),
+            confirmed_at: RwLock::new(Instant::now()),
+            degraded: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
         }))
+    }
+
+    /// Lets the cache authorize for up to `max` after the store last answered
+    /// (`max_store_staleness`); zero (the default) refuses as soon as a read fails.
+    pub(crate) fn set_max_staleness(&self, max: Duration) {
+        *self
+            .max_staleness
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = max;
+    }
+
+    /// How current the cache is: whether the store answered its last read, and if not, for
+    /// how long it has not.
+    pub(crate) async fn freshness(&self) -> Freshness {
+        let answered =
+            tokio::time::timeout(STORE_ANSWER_TIMEOUT, self.store.current_revision()).await;
+        if matches!(answered, Ok(Ok(_))) && !self.read().stale {
+            self.confirm();
+            return Freshness::Current;
+        }
+        let since = self.unconfirmed_for();
+        match self.without_the_store() {
+            Ok(()) => Freshness::Degraded { since },
+            Err(EntryCacheError::Stale) => Freshness::Stale { since },
+        }
     }
 
     /// Follows the store's change feed until `shutdown` turns true: every durable change is
@@ -145,8 +207,16 @@ impl EntryCache {
                 Ok(()) => retry = Duration::from_millis(100),
                 Err(error) => {
                     if !std::mem::replace(&mut self.write().stale, true) {
-                        warn!(%error, "entry cache cannot read the store; authorizing nothing until it catches up");
+                        warn!(
+                            %error,
+                            max_store_staleness = ?self.max_staleness(),
+                            "entry cache cannot read the store; authorizing from what it holds \
+                             for at most max_store_staleness after the store last answered, \
+                             then nothing until it catches up"
+                        );
                     }
+                    // Says so when the grace runs out, whether or not anybody asks.
+                    let _ = self.without_the_store();
                     tokio::select! {
                         () = tokio::time::sleep(retry) => {}
                         _ = shutdown.wait_for(|stop| *stop) => return,
@@ -169,6 +239,7 @@ impl EntryCache {
             let revision = self.read().revision;
             match self.store.changes_since(revision, FOLLOW_BATCH).await? {
                 ChangesSince::Changes(changes) if changes.is_empty() => {
+                    self.confirm();
                     // Checked under the read lock first: the write lock only to clear it.
                     let stale = self.read().stale;
                     if stale && std::mem::replace(&mut self.write().stale, false) {
@@ -298,29 +369,90 @@ impl EntryCache {
         Ok(self.read_fresh()?.authorized(agent, &|e| usable(e, now)))
     }
 
-    /// The state, unless the follower cannot read the store.
+    /// The state, unless the follower cannot read the store and the store last answered
+    /// longer than `max_store_staleness` ago.
     fn read_fresh(&self) -> Result<RwLockReadGuard<'_, State>, EntryCacheError> {
         let state = self.read();
-        if state.stale {
+        if state.stale && !self.within_grace() {
             return Err(EntryCacheError::Stale);
         }
         Ok(state)
     }
 
-    /// Applies what the store has made durable and the cache has not applied yet.
+    /// Applies what the store has made durable and the cache has not applied yet. When the
+    /// store does not answer (within [`STORE_ANSWER_TIMEOUT`]), the cache answers from what it
+    /// holds while within `max_store_staleness` of the store's last answer, else refuses.
     async fn catch_up_if_behind(&self) -> Result<(), EntryCacheError> {
-        let durable = self
-            .store
-            .current_revision()
-            .await
-            .map_err(|_| EntryCacheError::Stale)?;
+        let answered =
+            tokio::time::timeout(STORE_ANSWER_TIMEOUT, self.store.current_revision()).await;
+        let durable = match answered {
+            Ok(Ok(durable)) => durable,
+            Ok(Err(_)) | Err(_) => return self.without_the_store(),
+        };
+        self.confirm();
         if self.revision() < durable
             && let Err(error) = self.catch_up().await
         {
             warn!(%error, "entry cache cannot catch up with the store");
-            return Err(EntryCacheError::Stale);
+            return self.without_the_store();
         }
         Ok(())
+    }
+
+    /// The store did not answer: go on from the cache within the grace, else refuse.
+    fn without_the_store(&self) -> Result<(), EntryCacheError> {
+        if self.within_grace() {
+            if !self.degraded.swap(true, Ordering::Relaxed) {
+                warn!(
+                    unanswered_for = ?self.unconfirmed_for(),
+                    max_store_staleness = ?self.max_staleness(),
+                    "the store does not answer: authorizing from the entry cache"
+                );
+            }
+            Ok(())
+        } else {
+            self.degraded.store(false, Ordering::Relaxed);
+            if !self.refusing.swap(true, Ordering::Relaxed) {
+                warn!(
+                    unanswered_for = ?self.unconfirmed_for(),
+                    "the store has not answered for longer than max_store_staleness: \
+                     authorizing nothing until it does"
+                );
+            }
+            Err(EntryCacheError::Stale)
+        }
+    }
+
+    /// The store answered now.
+    fn confirm(&self) {
+        *self
+            .confirmed_at
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        let was_degraded = self.degraded.swap(false, Ordering::Relaxed);
+        if self.refusing.swap(false, Ordering::Relaxed) || was_degraded {
+            info!("the store answers again");
+        }
+    }
+
+    fn unconfirmed_for(&self) -> Duration {
+        self.confirmed_at
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+    }
+
+    fn max_staleness(&self) -> Duration {
+        *self
+            .max_staleness
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the store last answered within `max_store_staleness`.
+    fn within_grace(&self) -> bool {
+        let max = self.max_staleness();
+        !max.is_zero() && self.unconfirmed_for() <= max
     }
 
     /// Replaces the whole state with a fresh snapshot of the store.
