@@ -110,6 +110,12 @@ pub struct FileConfig {
     /// (entries, sessions, audit records) need the store whatever this says. Default `30s`;
     /// at most `1h`.
     pub max_store_staleness: Option<String>,
+    /// The audit keys of the other servers sharing the store, as SHA-256 fingerprints (64
+    /// lowercase hex digits, as `audit verify` prints them on each server). A chain of another
+    /// server is verified against the key pinned here or, when none matches, against the key
+    /// this server saw first for that chain (recorded in `data_dir/keys/audit_peers.json`).
+    /// Default `[]`.
+    pub audit_peer_keys: Option<Vec<String>>,
     /// Log level: `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
     pub log_level: Option<String>,
     /// Log format: `text` or `json`. Default `text`.
@@ -142,6 +148,7 @@ const KNOWN_KEYS: &[&str] = &[
     "postgres_pool_size",
     "server_id",
     "max_store_staleness",
+    "audit_peer_keys",
     "log_level",
     "log_format",
 ];
@@ -208,6 +215,8 @@ pub struct ServerConfig {
     pub server_id: String,
     /// How long the entry cache authorizes after the store last answered.
     pub max_store_staleness: Duration,
+    /// Fingerprints of the other servers' audit keys.
+    pub audit_peer_keys: std::collections::BTreeSet<String>,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -427,6 +436,25 @@ impl ServerConfig {
             },
         };
 
+        let mut audit_peer_keys = std::collections::BTreeSet::new();
+        for key in file.audit_peer_keys.unwrap_or_default() {
+            if key.len() == 64
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                audit_peer_keys.insert(key);
+            } else {
+                problems.push(
+                    "audit_peer_keys",
+                    format!(
+                        "{key:?} is not a key fingerprint: 64 lowercase hex digits, as \
+                         `sigil-server audit verify` prints them"
+                    ),
+                );
+            }
+        }
+
         problems.into_result()?;
         // Every value that failed pushed a problem above, so all are present here.
         let (
@@ -480,6 +508,7 @@ impl ServerConfig {
             postgres,
             server_id,
             max_store_staleness,
+            audit_peer_keys,
             log_level,
             log_format,
         })
@@ -936,6 +965,18 @@ mod tests {
         assert_eq!(c.postgres, None);
         assert_eq!(c.server_id, "default");
         assert_eq!(c.max_store_staleness, DEFAULT_MAX_STORE_STALENESS);
+        assert!(c.audit_peer_keys.is_empty());
+        let fingerprint = "ab".repeat(32);
+        let c = config(Some(&format!(
+            "trust_domain = \"example.org\"\naudit_peer_keys = [\"{fingerprint}\"]"
+        )))
+        .unwrap();
+        assert!(c.audit_peer_keys.contains(&fingerprint));
+        let err = config(Some(
+            "trust_domain = \"example.org\"\naudit_peer_keys = [\"AB\"]",
+        ))
+        .unwrap_err();
+        assert_eq!(keys(&err), ["audit_peer_keys"], "{err}");
         let c = config(Some(
             "trust_domain = \"example.org\"\nmax_store_staleness = \"0s\"",
         ))

@@ -38,6 +38,7 @@ use crate::config::ServerConfig;
 use crate::policy::SessionOnly;
 use crate::service::agents::Agents;
 use crate::service::audit::{self, AuditError, AuditLog};
+use crate::service::audit_peers::{self, PeerChains};
 use crate::service::authority::{Authority, SignError, StoreJournal};
 use crate::service::bundles::Bundles;
 use crate::service::crl::{CrlError, CrlPublisher};
@@ -62,6 +63,9 @@ pub use sigil_daemon::{DRAIN_TIMEOUT, Shutdown};
 /// How often the rotation task runs (and so how soon another server's new authorities reach
 /// this server's bundle).
 const ROTATION_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the server looks for other servers' audit chains to pin their keys.
+const PIN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often the server records that it is alive in the store (`servers.heartbeat_at`).
 pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
@@ -140,6 +144,7 @@ pub struct Server {
     store: Arc<dyn Store>,
     authority: Arc<Authority>,
     audit: Arc<AuditLog>,
+    audit_peers: Arc<PeerChains>,
     /// How often the audit chain head is signed when it moved (default
     /// 60 s); set it before [`Server::run`].
     pub audit_checkpoint_interval: Duration,
@@ -337,6 +342,13 @@ impl Server {
         // The genesis checkpoint (or one of a head that moved while the server was down),
         // before anything is served.
         audit.prepare(now).await?;
+        let audit_peers = Arc::new(PeerChains::open(
+            store.clone(),
+            &config.server_id,
+            config.audit_peer_keys.clone(),
+            config.data_dir.join("keys").join(audit_peers::PINS_FILE),
+        )?);
+        audit_peers.pin_new(now).await?;
         let session_only = SessionOnly::new(config.session_only_ids.clone());
         refuse_session_only_entries(store.as_ref(), &session_only).await?;
         let entries = EntryCache::load(store.clone()).await?;
@@ -369,6 +381,7 @@ impl Server {
             store,
             authority,
             audit,
+            audit_peers,
             audit_checkpoint_interval: audit::DEFAULT_CHECKPOINT_INTERVAL,
             config,
             entries,
@@ -548,6 +561,7 @@ impl Server {
                 audit: audit.clone(),
                 authority: authority.clone(),
                 entry_cache: self.entries.clone(),
+                audit_peers: self.audit_peers.clone(),
             },
             self.config.admin_uids.clone(),
         );
@@ -585,6 +599,9 @@ impl Server {
         info!(path = %admin_socket.display(), "admin api listening");
         let _remove_socket = RemoveOnDrop(admin_socket);
 
+        let pinning = tokio::spawn(
+            pin_task(self.audit_peers.clone(), stop_rx.clone()).instrument(info_span!("audit")),
+        );
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<StoreError>(1);
         let heartbeat = tokio::spawn(
             heartbeat_task(store.clone(), fatal_tx, stop_rx.clone())
@@ -599,7 +616,7 @@ impl Server {
                 let _ = stop_tx.send(true);
                 for task in [
                     rotation, expiry, token_pruning, entry_cache, crl_refresh, checkpoints,
-                    heartbeat,
+                    heartbeat, pinning,
                 ] {
                     task.abort();
                 }
@@ -620,6 +637,7 @@ impl Server {
                 others_serve.abort();
                 admin_serve.abort();
                 heartbeat.abort();
+                pinning.abort();
                 final_checkpoint(checkpoints).await;
                 return result.map_err(ServerError::from);
             }
@@ -631,6 +649,7 @@ impl Server {
         token_pruning.abort();
         crl_refresh.abort();
         heartbeat.abort();
+        pinning.abort();
         admin_serve.abort();
         others_serve.abort();
         attest_serve.abort();
@@ -790,6 +809,20 @@ async fn heartbeat_task(
                     failing = true;
                 }
             }
+        }
+    }
+}
+
+/// Pins, every [`PIN_INTERVAL`], the audit key of each other server's chain seen for the
+/// first time.
+async fn pin_task(peers: Arc<PeerChains>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(PIN_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(error) = peers.pin_new(SystemTime::now()).await {
+            tracing::debug!(%error, "cannot pin other servers' audit keys now; retrying");
         }
     }
 }

@@ -222,6 +222,46 @@ impl Postgres {
         self.url(&name)
     }
 
+    /// Runs `statements` (one or more, `;`-separated) on the database at `url`, as an
+    /// operator with `psql` would (or whoever can write the database).
+    ///
+    /// # Errors
+    /// The connection's or a statement's error, as text.
+    pub async fn sql(url: &str, statements: &str) -> Result<(), String> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
+        let task = tokio::spawn(connection);
+        let result = client
+            .batch_execute(statements)
+            .await
+            .map_err(|e| format!("{e}: {e:?}"));
+        drop(client);
+        let _ = task.await;
+        result
+    }
+
+    /// The first column of the first row `query` returns, as text (`None`: no row, or NULL).
+    ///
+    /// # Errors
+    /// The connection's or the query's error, as text.
+    pub async fn sql_text(url: &str, query: &str) -> Result<Option<String>, String> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
+        let task = tokio::spawn(connection);
+        let result = match client.simple_query(query).await {
+            Ok(messages) => Ok(messages.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })),
+            Err(e) => Err(format!("{e}: {e:?}")),
+        };
+        drop(client);
+        let _ = task.await;
+        result
+    }
+
     /// Kills the cluster as a power cut would (`pg_ctl stop -m immediate`: no checkpoint,
     /// crash recovery at the next start).
     pub fn stop_immediately(&self) -> Result<(), String> {

@@ -184,7 +184,7 @@ async fn a_session_opened_through_one_server_and_revoked_through_another_is_with
     let url = cluster.create_database().await;
     let a = TestServer::start(&on_database(&url, "a"));
     let b = TestServer::start(&on_database(&url, "b"));
-    let c = TestServer::start(&on_database(&url, "c"));
+    let mut c = TestServer::start(&on_database(&url, "c"));
     bundles_converge(&[&a, &b, &c], 3).await;
     let agent = TestAgentProcess::start_listing(&a, &[a.node_addr]).await;
     const STANDING: &str = "spiffe://example.org/ha/standing";
@@ -248,6 +248,115 @@ async fn a_session_opened_through_one_server_and_revoked_through_another_is_with
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+
+    // Every server verifies its own chain and the other two, each against the key it pinned
+    // on first sight.
+    for server in [&a, &b, &c] {
+        let run = sigil_tests::server_cli(server, &["audit", "verify", "--output", "json"]);
+        let report = run.json();
+        assert!(run.status.success(), "{}{}", run.stdout, run.stderr);
+        assert_eq!(report["ok"], true, "{report}");
+        let peers = report["peer_chains"].as_array().unwrap();
+        assert_eq!(peers.len(), 2, "{report}");
+        for peer in peers {
+            assert_eq!(peer["ok"], true, "{peer}");
+            assert!(peer["checked"].as_u64().unwrap() > 0, "{peer}");
+            assert!(
+                peer["pinned_by"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("pinned on first sight"),
+                "{peer}"
+            );
+        }
+    }
+    let pins = std::fs::read_to_string(a.data_dir().join("keys/audit_peers.json")).unwrap();
+    assert!(pins.contains("\"b\"") && pins.contains("\"c\""), "{pins}");
+
+    // Whoever can write the database replaces C's chain with one of their own: records and
+    // checkpoints made by a server named `c` with another audit key (on a database of its
+    // own), copied over C's. Every link and signature in it is valid, but A pinned C's real
+    // key, so A refuses to vouch for it.
+    c.kill9();
+    let forge_db = cluster.create_database().await;
+    let forger = TestServer::start(&on_database(&forge_db, "c"));
+    create_entry(
+        &forger,
+        entry(
+            "spiffe://example.org/forged",
+            "spiffe://example.org/x",
+            &["unix:uid:1"],
+        ),
+    )
+    .await
+    .unwrap();
+    let dump = |table: &str, columns: &str, format: &str| {
+        format!(
+            "SELECT string_agg(format('INSERT INTO {table} ({columns}) VALUES ({format});', \
+             {columns}), E'\\n') FROM {table} WHERE chain_id = 'c'"
+        )
+    };
+    let mut script = String::from(
+        "DELETE FROM audit_records WHERE chain_id = 'c';\n\
+         DELETE FROM audit_checkpoints WHERE chain_id = 'c';\n\
+         DELETE FROM audit_heads WHERE chain_id = 'c';\n",
+    );
+    for (table, columns, format) in [
+        (
+            "audit_records",
+            "chain_id, sequence, time_ms, body",
+            "%L, %s, %s, %L",
+        ),
+        (
+            "audit_checkpoints",
+            "chain_id, sequence, body",
+            "%L, %s, %L",
+        ),
+        ("audit_heads", "chain_id, sequence, body", "%L, %s, %L"),
+    ] {
+        let rows = sigil_testkit::Postgres::sql_text(&forge_db, &dump(table, columns, format))
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        script.push_str(&rows);
+        script.push('\n');
+    }
+    drop(forger);
+    assert!(script.contains("audit_checkpoints"), "{script}");
+    sigil_testkit::Postgres::sql(&url, &script).await.unwrap();
+    let run = sigil_tests::server_cli(&a, &["audit", "verify", "--output", "json"]);
+    assert!(!run.status.success(), "{}", run.stdout);
+    let report: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(
+        report["chain_ok"], true,
+        "A's own chain is intact: {report}"
+    );
+    let peer_c = report["peer_chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["chain_id"] == "c")
+        .cloned()
+        .unwrap();
+    assert_eq!(peer_c["ok"], false, "{peer_c}");
+    assert!(
+        peer_c["problem"]
+            .as_str()
+            .unwrap()
+            .contains("no checkpoint is signed by the key the chain is pinned to"),
+        "{peer_c}"
+    );
+    assert!(run.stderr.contains("\"c\""), "{}", run.stderr);
+    // B's chain still verifies.
+    let peer_b = report["peer_chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["chain_id"] == "b")
+        .cloned()
+        .unwrap();
+    assert_eq!(peer_b["ok"], true, "{peer_b}");
 }
 
 /// A TCP proxy on loopback to PostgreSQL that can cut every connection and refuse new ones

@@ -44,7 +44,9 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
 
-use super::audit::{checkpoint_message, divergence_message, parse_checkpoint, record_message};
+use super::audit::{
+    checkpoint_message, divergence_message, parse_checkpoint, peer_chain_message, record_message,
+};
 use super::status::{
     agent_status, audit_status, bundle_status, entry_status, session_status, store_status,
     svid_status,
@@ -83,6 +85,8 @@ pub(crate) struct AdminServices {
     pub authority: Arc<Authority>,
     /// The entry cache (health: how current it is).
     pub entry_cache: Arc<crate::service::entry_cache::EntryCache>,
+    /// The other servers' audit chains.
+    pub audit_peers: Arc<crate::service::audit_peers::PeerChains>,
 }
 
 /// The admin service.
@@ -861,10 +865,23 @@ impl Admin for AdminService {
             Status::unavailable(format!("the audit log cannot be read: {e}"))
         })?;
         let divergence = audit.divergence().map(|d| divergence_message(&d));
+        let peer_chains = self
+            .services
+            .audit_peers
+            .verify(SystemTime::now())
+            .await
+            .map_err(|e| {
+                warn!(error = %e, "other servers' audit chains cannot be read");
+                Status::unavailable(format!("other servers' audit chains cannot be read: {e}"))
+            })?
+            .into_iter()
+            .map(peer_chain_message)
+            .collect();
         let base = VerifyAuditResponse {
             key_fingerprint: audit.key_fingerprint(),
             chain_id: audit.chain_id().to_owned(),
             divergence,
+            peer_chains,
             ..VerifyAuditResponse::default()
         };
         let response = match outcome {

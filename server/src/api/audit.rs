@@ -8,6 +8,7 @@ use sigil_proto::{admin as admin_pb, node as node_pb};
 
 use crate::audit::{AuditCheckpoint, AuditRecord};
 use crate::service::audit::Divergence;
+use crate::service::audit_peers::PeerChainReport;
 
 /// A checkpoint as both APIs carry it.
 pub(crate) fn checkpoint_message(cp: &AuditCheckpoint) -> node_pb::AuditCheckpoint {
@@ -84,6 +85,32 @@ pub(crate) fn divergence_message(divergence: &Divergence) -> admin_pb::AuditDive
         source: divergence.source.clone(),
         problem: divergence.problem.clone(),
         detected_at: unix_seconds(divergence.detected_at),
+    }
+}
+
+/// Another server's chain, as verified, on the admin API.
+pub(crate) fn peer_chain_message(report: PeerChainReport) -> admin_pb::PeerChainVerification {
+    let base = admin_pb::PeerChainVerification {
+        chain_id: report.chain_id,
+        key_fingerprint: report.pinned_fingerprint,
+        pinned_by: report.pinned_by,
+        ..admin_pb::PeerChainVerification::default()
+    };
+    match report.outcome {
+        Ok(summary) => admin_pb::PeerChainVerification {
+            ok: true,
+            checked: summary.records,
+            head_sequence: summary.head.as_ref().map_or(0, |h| h.sequence),
+            checkpoints_checked: summary.checkpoints,
+            ..base
+        },
+        Err(violation) => admin_pb::PeerChainVerification {
+            ok: false,
+            checked: violation.sequence.saturating_sub(1),
+            bad_sequence: violation.sequence,
+            problem: violation.kind.to_string(),
+            ..base
+        },
     }
 }
 

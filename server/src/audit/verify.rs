@@ -80,6 +80,12 @@ pub enum ViolationKind {
         /// The last record present.
         last: u64,
     },
+    /// Another server's chain cannot be checked against the key it is pinned to.
+    #[error("{problem}")]
+    Unpinned {
+        /// What is wrong.
+        problem: String,
+    },
     /// The store's chain head names records the log does not hold.
     #[error("missing: the chain head says the log goes up to record {head}, it ends at {last}")]
     HeadBeyondLog {
@@ -96,8 +102,9 @@ pub enum ViolationKind {
     CheckpointMismatch,
     /// The checkpoint was signed by a key other than the trusted one.
     #[error(
-        "the checkpoint covering it is signed by key {fingerprint}, not by the server's audit key \
-         (the checkpoint was forged, or the audit key was replaced)"
+        "the checkpoint covering it is signed by key {fingerprint}, not by the key the chain must \
+         be signed by (this server's audit key, or the key another server's chain is pinned to): \
+         the checkpoint was forged, or the audit key was replaced"
     )]
     CheckpointUntrustedKey {
         /// SHA-256 of the checkpoint's public key, hex.
@@ -145,7 +152,8 @@ pub(crate) struct CheckpointSummary {
 #[derive(Debug)]
 pub(crate) struct ChainVerifier {
     chain_id: String,
-    trusted_key: Vec<u8>,
+    /// The keys a checkpoint may be signed by (one for this server's own chain).
+    trusted_keys: Vec<Vec<u8>>,
     next: u64,
     prev_hash: [u8; 32],
     prev_time: Option<SystemTime>,
@@ -176,13 +184,23 @@ impl ChainVerifier {
     /// and match the chain).
     pub(crate) fn new(
         chain_id: &str,
-        mut checkpoints: Vec<AuditCheckpoint>,
+        checkpoints: Vec<AuditCheckpoint>,
         trusted_key: &[u8],
+    ) -> Self {
+        Self::with_keys(chain_id, checkpoints, vec![trusted_key.to_vec()])
+    }
+
+    /// As [`ChainVerifier::new`], each checkpoint signed by any of `trusted_keys` (another
+    /// server's chain whose key was pinned again after a replacement).
+    pub(crate) fn with_keys(
+        chain_id: &str,
+        mut checkpoints: Vec<AuditCheckpoint>,
+        trusted_keys: Vec<Vec<u8>>,
     ) -> Self {
         checkpoints.sort_by_key(|cp| cp.sequence);
         let mut verifier = Self {
             chain_id: chain_id.to_owned(),
-            trusted_key: trusted_key.to_vec(),
+            trusted_keys,
             next: 1,
             prev_hash: GENESIS_HASH,
             prev_time: None,
@@ -205,7 +223,7 @@ impl ChainVerifier {
             Some(ViolationKind::CheckpointWrongChain {
                 found: cp.chain_id.clone(),
             })
-        } else if cp.public_key != self.trusted_key {
+        } else if !self.trusted_keys.contains(&cp.public_key) {
             Some(ViolationKind::CheckpointUntrustedKey {
                 fingerprint: cp.key_fingerprint(),
             })
@@ -225,7 +243,7 @@ impl ChainVerifier {
     pub(crate) fn resume(head: AuditHead) -> Self {
         Self {
             chain_id: head.chain_id,
-            trusted_key: Vec::new(),
+            trusted_keys: Vec::new(),
             next: head.sequence.saturating_add(1),
             prev_hash: head.hash,
             prev_time: Some(head.time),

@@ -433,11 +433,30 @@ async fn verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
         .await?;
     let checkpoint = result.checkpoint.as_ref();
     let divergence = result.divergence.as_ref();
+    let broken_peers: Vec<_> = result.peer_chains.iter().filter(|p| !p.ok).collect();
     if printer.is_json() {
+        let peers: Vec<_> = result
+            .peer_chains
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "chain_id": p.chain_id,
+                    "ok": p.ok,
+                    "checked": p.checked,
+                    "head_sequence": p.head_sequence,
+                    "checkpoints_checked": p.checkpoints_checked,
+                    "bad_sequence": (!p.ok).then_some(p.bad_sequence),
+                    "problem": (!p.ok).then_some(p.problem.as_str()),
+                    "key_fingerprint": p.key_fingerprint,
+                    "pinned_by": p.pinned_by,
+                })
+            })
+            .collect();
         printer.json(&serde_json::json!({
             "id": result.chain_id,
             "chain_id": result.chain_id,
-            "ok": result.ok && divergence.is_none(),
+            "peer_chains": peers,
+            "ok": result.ok && divergence.is_none() && broken_peers.is_empty(),
             "chain_ok": result.ok,
             "checked": result.checked,
             "checkpoints_checked": result.checkpoints_checked,
@@ -494,12 +513,36 @@ async fn verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
                 ));
             }
         }
+        for peer in &result.peer_chains {
+            let state = if peer.ok {
+                format!(
+                    "OK: {} records, {} checkpoints, key {} ({})",
+                    peer.checked, peer.checkpoints_checked, peer.key_fingerprint, peer.pinned_by
+                )
+            } else {
+                format!(
+                    "BROKEN at record {}: {} (key {}, {})",
+                    peer.bad_sequence, peer.problem, peer.key_fingerprint, peer.pinned_by
+                )
+            };
+            rows.push((
+                "Other server's chain",
+                format!("{}: {state}", peer.chain_id),
+            ));
+        }
         printer.text(&block(&rows))?;
     }
     if !result.ok {
         report_failure(&format!(
             "the audit log is broken at record {}: {}",
             result.bad_sequence, result.problem
+        ));
+        return Ok(ExitCode::FAILURE);
+    }
+    if let Some(peer) = broken_peers.first() {
+        report_failure(&format!(
+            "the audit chain of server {:?} is broken at record {}: {}",
+            peer.chain_id, peer.bad_sequence, peer.problem
         ));
         return Ok(ExitCode::FAILURE);
     }

@@ -21,6 +21,7 @@
 
 pub(crate) mod agents;
 pub(crate) mod audit;
+pub(crate) mod audit_peers;
 pub(crate) mod authority;
 pub(crate) mod bundles;
 pub(crate) mod crl;

@@ -351,6 +351,24 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
         limit: usize,
     ) -> Result<Vec<AuditCheckpoint>, StoreError>;
 
+    /// Up to `limit` records of chain `chain_id` (any server's) with sequences from
+    /// `from_sequence` on, in ascending sequence order.
+    async fn list_chain_records(
+        &self,
+        chain_id: &str,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Up to `limit` checkpoints of chain `chain_id` (any server's) with sequences from
+    /// `from_sequence` on, in ascending sequence order.
+    async fn list_chain_checkpoints(
+        &self,
+        chain_id: &str,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditCheckpoint>, StoreError>;
+
     // --- privileged sessions (see the `session` module) ---
 
     /// Stores a new session. With `entry` (a session active from the start) the entry is

@@ -946,12 +946,51 @@ impl Store for PostgresStore {
         from_sequence: u64,
         limit: usize,
     ) -> Result<Vec<AuditCheckpoint>, StoreError> {
+        self.list_chain_checkpoints(&self.inner.server_id, from_sequence, limit)
+            .await
+    }
+
+    async fn list_chain_records(
+        &self,
+        chain_id: &str,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let Ok(from) = i64::try_from(from_sequence) else {
+            return Ok(Vec::new());
+        };
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT sequence, body FROM audit_records \
+                 WHERE chain_id = $1 AND sequence >= $2 ORDER BY sequence LIMIT $3",
+                &[&chain_id, &from, &i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                let sequence: i64 = col(row, 0)?;
+                serde_json::from_str(col(row, 1)?).map_err(|e| StoreError::Corrupt {
+                    what: "audit",
+                    reason: format!("record {sequence} of chain {chain_id}: {e}"),
+                })
+            })
+            .collect()
+    }
+
+    async fn list_chain_checkpoints(
+        &self,
+        chain_id: &str,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditCheckpoint>, StoreError> {
         self.fetch_all(
             "audit checkpoint",
             "SELECT body FROM audit_checkpoints WHERE chain_id = $1 AND sequence >= $2 \
                  ORDER BY sequence LIMIT $3",
             &[
-                &self.inner.server_id,
+                &chain_id,
                 &i64::try_from(from_sequence).unwrap_or(i64::MAX),
                 &i64::try_from(limit).unwrap_or(i64::MAX),
             ],

@@ -734,6 +734,39 @@ impl Store for SledStore {
             .await
     }
 
+    async fn list_chain_records(
+        &self,
+        chain_id: &str,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        // A sled store holds one chain, its server's.
+        if chain_id != self.inner.server_id {
+            return Ok(Vec::new());
+        }
+        let filter = AuditFilter {
+            from_sequence: Some(from_sequence),
+            ..AuditFilter::default()
+        };
+        let page = PageRequest::first(limit);
+        Ok(self
+            .blocking(move |inner| inner.list_audit(&filter, &page))
+            .await?
+            .items)
+    }
+
+    async fn list_chain_checkpoints(
+        &self,
+        chain_id: &str,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditCheckpoint>, StoreError> {
+        if chain_id != self.inner.server_id {
+            return Ok(Vec::new());
+        }
+        self.list_audit_checkpoints(from_sequence, limit).await
+    }
+
     async fn create_session(
         &self,
         session: Session,
