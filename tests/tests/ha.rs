@@ -517,3 +517,70 @@ async fn a_server_cut_from_the_database_stops_authorizing_within_its_bound_and_r
         )
     });
 }
+
+/// A session opened through B expires at its end although B is gone: every server expires
+/// the live sessions it finds in the store, whoever opened them, and exactly one records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_expires_on_time_when_the_server_that_opened_it_is_gone() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let a = TestServer::start(&on_database(&url, "a"));
+    let c = TestServer::start(&on_database(&url, "c"));
+    let mut b = TestServer::start(&on_database(&url, "b"));
+    bundles_converge(&[&a, &b, &c], 3).await;
+    let agent = TestAgentProcess::start_listing(&a, &[a.node_addr]).await;
+    let session = sigil_tests::open_session(
+        &b,
+        &agent,
+        "spiffe://example.org/ha/brief",
+        "4s",
+        &["--svid-ttl", "2s"],
+    );
+    let id = session["id"].as_str().unwrap().to_owned();
+    b.kill9();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let shown =
+            sigil_tests::server_cli(&a, &["session", "show", &id, "--output", "json"]).json();
+        if shown["state"] == "expired" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session was not expired without its opener: {shown}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Expired once: one record, by one of the servers still running.
+    let records = sigil_tests::server_cli(
+        &a,
+        &[
+            "audit",
+            "show",
+            "--action",
+            "session.expire",
+            "--output",
+            "json",
+        ],
+    )
+    .json_lines();
+    let records_c = sigil_tests::server_cli(
+        &c,
+        &[
+            "audit",
+            "show",
+            "--action",
+            "session.expire",
+            "--output",
+            "json",
+        ],
+    )
+    .json_lines();
+    assert_eq!(
+        records.len() + records_c.len(),
+        1,
+        "a: {records:?}\nc: {records_c:?}"
+    );
+}

@@ -133,6 +133,10 @@ pub(crate) struct SessionRules {
     pub approver_uids: Vec<u32>,
 }
 
+/// How often the expiry task reads the live sessions from the store again (those opened
+/// through other servers, whose opener may be gone, expire within this of their end).
+const SESSION_RESCAN: Duration = Duration::from_secs(5);
+
 /// The session service: state changes, their audit, expiry and revocation.
 #[derive(Debug)]
 pub(crate) struct Sessions {
@@ -639,14 +643,25 @@ impl Sessions {
 
     /// Expires sessions at their end, by the server's clock, until `shutdown` turns true.
     pub(crate) async fn run_expiry(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut rescan = tokio::time::Instant::now() + SESSION_RESCAN;
         loop {
+            // Sessions opened through the other servers sharing the store are expired here
+            // too (the server that opened one may be gone): the live set is read again.
+            if tokio::time::Instant::now() >= rescan {
+                rescan = tokio::time::Instant::now() + SESSION_RESCAN;
+                if let Err(error) = self.load().await {
+                    warn!(%error, "cannot read the live sessions; retrying");
+                }
+            }
             self.expire_due(SystemTime::now()).await;
             let next = self.live.lock().await.values().min().copied();
-            let wait = next.map_or(Duration::from_secs(60), |end| {
-                end.duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO)
-                    .clamp(Duration::from_millis(20), Duration::from_secs(60))
-            });
+            let wait = next
+                .map_or(SESSION_RESCAN, |end| {
+                    end.duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                        .max(Duration::from_millis(20))
+                })
+                .min(SESSION_RESCAN);
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = self.wake.notified() => {}
@@ -765,7 +780,7 @@ impl Sessions {
             self.live.lock().await.remove(id);
             return Ok(false);
         }
-        let ended = self
+        let ended = match self
             .end(
                 &session,
                 SessionState::Expired,
@@ -774,7 +789,17 @@ impl Sessions {
                 vec![],
                 now,
             )
-            .await?;
+            .await
+        {
+            Ok(ended) => ended,
+            // Another server sharing the store ended it first (expired it too, or an operator
+            // closed it): nothing left to do here.
+            Err(SessionError::Refused(_)) if self.get(id).await?.state.is_final() => {
+                self.live.lock().await.remove(id);
+                return Ok(false);
+            }
+            Err(error) => return Err(error),
+        };
         let record = session_record(SERVER_ACTOR, action::SESSION_EXPIRE, &ended)
             .detail("previous_state", session.state.as_str())
             .time_detail("expires_at", session.expires_at);
