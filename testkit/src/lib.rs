@@ -271,6 +271,15 @@ impl Postgres {
         )
     }
 
+    /// Stops the cluster as an operator's restart would (`pg_ctl stop -m fast`: sessions are
+    /// ended, a checkpoint is written).
+    pub fn stop_fast(&self) -> Result<(), String> {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data_dir(), "-m", "fast", "-w", "stop"],
+        )
+    }
+
     /// Starts the (stopped) cluster again on the same port and waits until it accepts
     /// connections.
     pub fn start_again(&self) -> Result<(), String> {

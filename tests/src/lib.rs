@@ -956,3 +956,39 @@ pub fn crl_serials(der: &[u8]) -> Vec<String> {
         .map(|r| r.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
         .collect()
 }
+
+/// Creates entries one by one until `stop` says so, recording each acknowledged one (id and
+/// revision) and counting refusals (the database was down).
+pub async fn write_entries_until(
+    server: &TestServer,
+    prefix: &str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<(String, u64)>, usize) {
+    let mut admin = server.admin().await;
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for i in 0.. {
+        if *stop.borrow() {
+            break;
+        }
+        let e = entry(
+            &format!("spiffe://example.org/{prefix}/{i}"),
+            "spiffe://example.org/sigil/agent/join_token/pg",
+            &["unix:uid:1"],
+        );
+        match admin
+            .create_entries(sigil_proto::admin::CreateEntriesRequest { entries: vec![e] })
+            .await
+            .map(|r| r.into_inner().results[0].result.clone())
+        {
+            Ok(Some(sigil_proto::admin::entry_result::Result::Entry(e))) => {
+                acked.push((e.id, e.revision));
+            }
+            Ok(_) | Err(_) => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    (acked, refused)
+}

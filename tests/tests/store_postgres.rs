@@ -5,44 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use sigil_proto::admin::CreateEntriesRequest;
 use sigil_tests::*;
-
-/// Creates entries one by one until `stop` says so, recording each acknowledged one (id and
-/// revision) and counting refusals (the database was down).
-async fn write_until(
-    server: &TestServer,
-    prefix: &str,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> (Vec<(String, u64)>, usize) {
-    let mut admin = server.admin().await;
-    let mut acked = Vec::new();
-    let mut refused = 0;
-    for i in 0.. {
-        if *stop.borrow() {
-            break;
-        }
-        let e = entry(
-            &format!("spiffe://example.org/{prefix}/{i}"),
-            "spiffe://example.org/sigil/agent/join_token/pg",
-            &["unix:uid:1"],
-        );
-        match admin
-            .create_entries(CreateEntriesRequest { entries: vec![e] })
-            .await
-            .map(|r| r.into_inner().results[0].result.clone())
-        {
-            Ok(Some(sigil_proto::admin::entry_result::Result::Entry(e))) => {
-                acked.push((e.id, e.revision));
-            }
-            Ok(_) | Err(_) => {
-                refused += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-    (acked, refused)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_killed_under_load_loses_no_acknowledged_write_and_the_server_recovers_by_itself()
@@ -60,7 +23,7 @@ async fn postgres_killed_under_load_loses_no_acknowledged_write_and_the_server_r
     let writer = {
         let stop_rx = stop_rx.clone();
         let server = &server;
-        async move { write_until(server, "before", stop_rx).await }
+        async move { write_entries_until(server, "before", stop_rx).await }
     };
     let crash = async {
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -81,7 +44,7 @@ async fn postgres_killed_under_load_loses_no_acknowledged_write_and_the_server_r
     let deadline = Instant::now() + Duration::from_secs(60);
     let after = loop {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let writer = write_until(&server, "after", rx);
+        let writer = write_entries_until(&server, "after", rx);
         let timer = async {
             tokio::time::sleep(Duration::from_millis(1000)).await;
             let _ = tx.send(true);
