@@ -89,28 +89,28 @@ const NON_ADMIN_MESSAGE_SIZE: usize = 16 * 1024;
 #[non_exhaustive]
 pub enum ServerError {
     /// The data directory could not be created, or is not this server's alone.
-    #[error("data directory: {0}")]
+    #[error("data directory")]
     DataDir(#[from] sigil_daemon::PrivatePathError),
     /// The store could not be opened.
-    #[error("cannot open the store: {0}")]
+    #[error("store")]
     Store(#[from] crate::store::StoreError),
     /// The key directory could not be used.
-    #[error("cannot use the key directory: {0}")]
+    #[error("cannot use the key directory")]
     Keys(#[from] crate::ca::KeyError),
     /// The CA could not start.
-    #[error("certificate authority: {0}")]
+    #[error("certificate authority")]
     Ca(#[from] CaError),
     /// The audit log's signing key could not be loaded or created.
-    #[error("audit log: {0}")]
+    #[error("audit log")]
     Audit(#[from] AuditError),
     /// The server's own SVID could not be made.
-    #[error("cannot create the server svid: {0}")]
+    #[error("cannot create the server svid")]
     ServerSvid(#[from] SignError),
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     /// The agent-facing API could not listen.
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}")]
     Bind {
         /// The address.
         address: SocketAddr,
@@ -130,10 +130,10 @@ pub enum ServerError {
     )]
     SessionOnlyEntries(Vec<String>),
     /// The certificate revocation lists could not be published.
-    #[error("crls: {0}")]
+    #[error("crls")]
     Crl(#[from] CrlError),
     /// The gRPC server failed.
-    #[error("grpc server: {0}")]
+    #[error("grpc server")]
     Transport(#[from] tonic::transport::Error),
 }
 

@@ -539,6 +539,15 @@ async fn a_session_expires_on_time_when_the_server_that_opened_it_is_gone() {
         &["--svid-ttl", "2s"],
     );
     let id = session["id"].as_str().unwrap().to_owned();
+    // A second live instance of `b` (another machine, say) is refused, naming the holder.
+    let (status, log) = second_instance(&url, "b");
+    assert!(!status.success());
+    assert!(
+        log.contains("another sigil-server with server_id \"b\"")
+            && log.contains("last heartbeat")
+            && log.matches("another sigil-server").count() == 1,
+        "{log}"
+    );
     b.kill9();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -583,6 +592,56 @@ async fn a_session_expires_on_time_when_the_server_that_opened_it_is_gone() {
         1,
         "a: {records:?}\nc: {records_c:?}"
     );
+    // The killed server starts again under its id at once: the database let go of its claim
+    // with its connection.
+    b.restart();
+    assert!(
+        sigil_tests::server_cli(&b, &["healthcheck"])
+            .status
+            .success(),
+        "{}",
+        b.log_text()
+    );
+}
+
+/// Runs `sigil-server run` as server `id` on the database at `url`, in a data directory of its
+/// own, and returns how it exited (within 30 s) and what it logged.
+fn second_instance(url: &str, id: &str) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"example.org\"\nbind_address = \"127.0.0.1:0\"\n\
+             data_dir = \"{}\"\nadmin_socket = \"{}\"\nlog_format = \"json\"\n{}",
+            dir.path().join("data").display(),
+            dir.path().join("admin.sock").display(),
+            on_database(url, id)
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(sigil_tests::binary("sigil-server"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("a second instance of server {id} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    (status, log)
 }
 
 /// Writes through each of `servers` until `stop`, then returns every acknowledged entry (id,
