@@ -769,3 +769,72 @@ async fn three_servers_ride_out_postgres_restarts_without_losing_an_acknowledged
         );
     }
 }
+
+/// A session whose SVID server A signed, revoked through B while A is down: the revocation
+/// names A as pending (its CRL cannot list the serial yet); once A is back, its CRL lists the
+/// serial and B serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_while_the_signing_server_is_down_names_it_and_reaches_its_crl_on_return() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let mut a = TestServer::start(&on_database(&url, "a"));
+    let b = TestServer::start(&on_database(&url, "b"));
+    bundles_converge(&[&a, &b], 2).await;
+    let agent = TestAgentProcess::start_listing(&a, &[a.node_addr, b.node_addr]).await;
+    const ADMIN: &str = "spiffe://example.org/ha/pending";
+    let session = sigil_tests::open_session(&a, &agent, ADMIN, "10m", &[]);
+    let id = session["id"].as_str().unwrap().to_owned();
+    let (_stream, first) = x509_stream_with(&agent, |m| svid_ids(m).contains(&ADMIN.into())).await;
+    let svid = first.svids.iter().find(|s| s.spiffe_id == ADMIN).unwrap();
+    let serial = sigil_tests::leaf_serial(&svid.x509_svid);
+
+    a.kill9();
+    let revoked = sigil_tests::server_cli(
+        &b,
+        &[
+            "session", "revoke", &id, "--reason", "ha test", "--output", "json",
+        ],
+    )
+    .json();
+    assert_eq!(revoked["state"], "revoked");
+    assert_eq!(
+        revoked["pending_crl_servers"],
+        serde_json::json!(["a"]),
+        "{revoked}"
+    );
+    let text = sigil_tests::server_cli(&b, &["session", "show", &id]);
+    assert!(
+        !text.stdout.contains("CRLs pending"),
+        "only revoke's answer says it"
+    );
+
+    // A returns: it signs its CRLs at start, with the serial, and B serves them.
+    a.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, serials) = served_revocations(&b).await;
+        if serials.contains(&serial) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's CRL with the serial never reached B"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A revocation while every server runs names nobody.
+    let agent_b = TestAgentProcess::start_listing(&b, &[b.node_addr]).await;
+    let session = sigil_tests::open_session(&b, &agent_b, ADMIN, "10m", &[]);
+    let id = session["id"].as_str().unwrap().to_owned();
+    x509_stream_with(&agent_b, |m| svid_ids(m).contains(&ADMIN.into())).await;
+    let revoked = sigil_tests::server_cli(
+        &a,
+        &[
+            "session", "revoke", &id, "--reason", "ha test", "--output", "json",
+        ],
+    )
+    .json();
+    assert!(revoked.get("pending_crl_servers").is_none(), "{revoked}");
+}

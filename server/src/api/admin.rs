@@ -751,7 +751,19 @@ impl Admin for AdminService {
             .revoke(uid, &id, req.reason, SystemTime::now())
             .await
             .map_err(session_status)?;
-        Ok(Response::new(session_message(&session)))
+        let pending = self
+            .services
+            .sessions
+            .pending_crl_servers(&session, SystemTime::now())
+            .await
+            .map_err(session_status)?;
+        if !pending.is_empty() {
+            warn!(session_id = %id, servers = ?pending, "the revoked serials are not on these servers' CRLs yet");
+        }
+        Ok(Response::new(pb::Session {
+            pending_crl_servers: pending,
+            ..session_message(&session)
+        }))
     }
 
     async fn get_session(
@@ -1139,6 +1151,7 @@ fn session_message(s: &Session) -> pb::Session {
             .as_ref()
             .map(|e| e.as_str().to_owned())
             .unwrap_or_default(),
+        pending_crl_servers: Vec::new(),
     }
 }
 

@@ -46,12 +46,11 @@ pub(crate) struct RevokedSerial {
 }
 
 /// A CRL just signed (by this server, or by another one sharing the store).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SignedCrl {
     /// The signing authority's id.
     pub authority_id: String,
     /// The CRL, DER.
-    #[serde(with = "crate::store::base64_bytes")]
     pub der: Vec<u8>,
     /// Its CRL number.
     pub crl_number: u64,

@@ -132,6 +132,9 @@ struct SessionJson<'a> {
     entry_id: Option<&'a str>,
     serials: Vec<SerialJson<'a>>,
     jwts: Vec<JwtJson<'a>>,
+    /// `session revoke` only: servers whose CRLs do not list the serials yet.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pending_crl_servers: &'a [String],
 }
 
 #[derive(Debug, Serialize)]
@@ -188,6 +191,7 @@ impl<'a> SessionJson<'a> {
                     expires_at: format_rfc3339(j.expires_at),
                 })
                 .collect(),
+            pending_crl_servers: &s.pending_crl_servers,
         }
     }
 }
@@ -356,6 +360,16 @@ fn print(s: &pb::Session, printer: Printer) -> anyhow::Result<ExitCode> {
     ];
     if !s.end_reason.is_empty() {
         rows.push(("End reason", s.end_reason.clone()));
+    }
+    if !s.pending_crl_servers.is_empty() {
+        rows.push((
+            "CRLs pending on",
+            format!(
+                "{} (down or cut from the store: their CRLs list the serials when they return; \
+                 the SVIDs expire within the SVID TTL anyway)",
+                s.pending_crl_servers.join(", ")
+            ),
+        ));
     }
     rows.push((
         "Serials",

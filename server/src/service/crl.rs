@@ -61,6 +61,50 @@ pub(crate) struct CrlPublisher {
     publishing: Mutex<Seen>,
 }
 
+/// A CRL as servers save it in the store for each other (JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StoredCrl {
+    authority_id: String,
+    #[serde(with = "crate::store::base64_bytes")]
+    der: Vec<u8>,
+    crl_number: u64,
+    this_update: SystemTime,
+    next_update: SystemTime,
+    revoked_serials: Vec<String>,
+}
+
+impl From<&SignedCrl> for StoredCrl {
+    fn from(crl: &SignedCrl) -> Self {
+        Self {
+            authority_id: crl.authority_id.clone(),
+            der: crl.der.clone(),
+            crl_number: crl.crl_number,
+            this_update: crl.this_update,
+            next_update: crl.next_update,
+            revoked_serials: crl.revoked_serials.clone(),
+        }
+    }
+}
+
+impl From<StoredCrl> for SignedCrl {
+    fn from(crl: StoredCrl) -> Self {
+        Self {
+            authority_id: crl.authority_id,
+            der: crl.der,
+            crl_number: crl.crl_number,
+            this_update: crl.this_update,
+            next_update: crl.next_update,
+            revoked_serials: crl.revoked_serials,
+        }
+    }
+}
+
+/// Decodes the CRLs another server saved.
+fn decode_crls(encoded: &[u8]) -> Result<Vec<SignedCrl>, serde_json::Error> {
+    serde_json::from_slice::<Vec<StoredCrl>>(encoded)
+        .map(|crls| crls.into_iter().map(SignedCrl::from).collect())
+}
+
 /// What the publisher last signed and read.
 #[derive(Debug, Default)]
 struct Seen {
@@ -150,7 +194,8 @@ impl CrlPublisher {
         let own = self
             .ca
             .sign_crls(&revoked, &numbers, millis, now, now + CRL_VALIDITY)?;
-        let encoded = serde_json::to_vec(&own).map_err(|e| {
+        let stored: Vec<StoredCrl> = own.iter().map(StoredCrl::from).collect();
+        let encoded = serde_json::to_vec(&stored).map_err(|e| {
             CrlError::Store(StoreError::Encode {
                 what: "crls",
                 reason: e.to_string(),
@@ -189,6 +234,56 @@ impl CrlPublisher {
         Ok(())
     }
 
+    /// Waits (at most `within`) until the CRLs saved in the store list every serial of
+    /// `revoked` (authority id -> serials) under its authority, and returns the servers whose
+    /// CRLs still do not (the owner of each authority, from the CRLs it saved before; an
+    /// authority nobody saved a CRL for is named by its id). This server's own authorities are
+    /// listed as soon as it published; another server's when it re-signs (within about two
+    /// [`CRL_POLL_INTERVAL`]s while it runs).
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub(crate) async fn pending_servers(
+        &self,
+        revoked: &std::collections::BTreeMap<String, Vec<String>>,
+        within: Duration,
+    ) -> Result<Vec<String>, CrlError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut owners = std::collections::BTreeMap::new();
+            let mut listed = std::collections::BTreeSet::new();
+            for (server_id, encoded) in self.store.server_crls().await? {
+                let Ok(crls) = decode_crls(&encoded) else {
+                    continue;
+                };
+                for crl in crls {
+                    let all = revoked.get(&crl.authority_id).is_some_and(|serials| {
+                        serials.iter().all(|s| crl.revoked_serials.contains(s))
+                    });
+                    if all {
+                        listed.insert(crl.authority_id.clone());
+                    }
+                    owners.insert(crl.authority_id, server_id.clone());
+                }
+            }
+            let pending: std::collections::BTreeSet<String> = revoked
+                .keys()
+                .filter(|authority| !listed.contains(*authority))
+                .map(|authority| {
+                    owners
+                        .get(authority)
+                        .cloned()
+                        .unwrap_or_else(|| format!("the server of authority {authority}"))
+                })
+                .collect();
+            if pending.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(pending.into_iter().collect());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Publishes this server's CRLs with every other server's (as the store has them now);
     /// a new generation when `always` or when the set changed.
     async fn merge(&self, seen: &mut Seen, always: bool) -> Result<Arc<CrlSet>, CrlError> {
@@ -198,7 +293,7 @@ impl CrlPublisher {
             if server_id == self.server_id {
                 continue;
             }
-            match serde_json::from_slice::<Vec<SignedCrl>>(&encoded) {
+            match decode_crls(&encoded) {
                 Ok(theirs) => {
                     for crl in theirs {
                         if !crls.iter().any(|o| o.authority_id == crl.authority_id) {

@@ -43,7 +43,7 @@ use crate::policy;
 use crate::service::agents::Agent;
 use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, IssuedJwt, IssuedSvid, SignError};
-use crate::service::crl::CrlPublisher;
+use crate::service::crl::{CrlError, CrlPublisher};
 use crate::service::entry_cache::{EntryCache, EntryCacheError};
 use crate::service::svids;
 use crate::store::{
@@ -132,6 +132,10 @@ pub(crate) struct SessionRules {
     /// When not empty, only these uids approve (`session_approver_uids`).
     pub approver_uids: Vec<u32>,
 }
+
+/// How long `session revoke` waits for the other servers to list the revoked serials on
+/// their CRLs before naming those that did not.
+const REVOKE_CRL_WAIT: Duration = Duration::from_secs(3);
 
 /// How often the expiry task reads the live sessions from the store again (those opened
 /// through other servers, whose opener may be gone, expire within this of their end).
@@ -771,6 +775,37 @@ impl Sessions {
             .map_err(state_changed)?;
         self.track(&ended).await;
         Ok(ended)
+    }
+
+    /// The servers whose CRLs do not list `session`'s revoked, unexpired serials after
+    /// waiting [`REVOKE_CRL_WAIT`] for them (down or cut from the store: the serials go on
+    /// their CRLs when they return, and expire within the session's SVID TTL anyway).
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub(crate) async fn pending_crl_servers(
+        &self,
+        session: &Session,
+        now: SystemTime,
+    ) -> Result<Vec<String>, SessionError> {
+        let mut revoked: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for serial in session.serials.iter().filter(|s| s.not_after > now) {
+            revoked
+                .entry(serial.authority_id.clone())
+                .or_default()
+                .push(serial.serial.clone());
+        }
+        if revoked.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.crls
+            .pending_servers(&revoked, REVOKE_CRL_WAIT)
+            .await
+            .map_err(|e| match e {
+                CrlError::Store(e) => SessionError::Store(e),
+                other => SessionError::Store(StoreError::Unavailable(other.to_string())),
+            })
     }
 
     /// Expires one session if it is still pending or active; false if it had ended.
