@@ -27,6 +27,9 @@
 //! 6. Broker ([`broker::run`]): the `sigil-broker` binary (built beside this one) against
 //!    direct mTLS: new-connection latency in both record modes, stream throughput, Cedar
 //!    decisions per second, revocation to cut.
+//! 7. Several servers ([`ha::run`]): issuance with two servers on one PostgreSQL database
+//!    against one sled server in the same run, and an entry created through one server until
+//!    a workload of the other server's agent shows it (skipped when PostgreSQL is absent).
 //!
 //! `--quick` makes no timing assertion: it exits 0 unless something breaks. Every loop is
 //! bounded in count and time; only loopback addresses are used.
@@ -36,6 +39,7 @@ mod broker;
 mod children;
 mod clients;
 mod crypto;
+mod ha;
 mod procs;
 mod report;
 mod scale;
@@ -56,19 +60,22 @@ usage: sigil-bench [--quick] [--only SECTION[,SECTION...]]
 
   --quick   every measurement at a small size, in under a minute; no timing assertions
   --only    run only these sections: issuance, latency, concurrency, propagation, scale,
-            broker (needs target/<profile>/sigil-broker: cargo build --release --bin sigil-broker)
+            broker (needs target/<profile>/sigil-broker: cargo build --release --bin sigil-broker),
+            ha (two servers on PostgreSQL; skipped with a notice when PostgreSQL is not
+            installed: apt-get install postgresql)
 
 Prints one Markdown table on stdout (progress on stderr). Exit status 0 unless something
 breaks; a missed target is reported in the table, not in the exit status.";
 
 /// The sections of a run, in order.
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "issuance",
     "latency",
     "concurrency",
     "propagation",
     "scale",
     "broker",
+    "ha",
 ];
 
 /// Sizes and time bounds of one run.
@@ -263,6 +270,9 @@ fn run_harness(args: &[String]) -> anyhow::Result<()> {
         }
         if only.contains("broker") {
             broker::run(&mut harness).await?;
+        }
+        if only.contains("ha") {
+            ha::run(&mut harness).await?;
         }
         anyhow::Ok(())
     });

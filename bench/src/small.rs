@@ -31,7 +31,7 @@ use crate::topology::{AgentHandle, BaselineHandle, ServerHandle};
 const ISSUANCE_BATCH: usize = 100;
 
 /// Calls in flight at once in the issuance load.
-const ISSUANCE_CALLERS: usize = 4;
+pub(crate) const ISSUANCE_CALLERS: usize = 4;
 
 /// The longest any single wait for a stream message may take.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -140,43 +140,8 @@ pub(crate) async fn issuance(
     bundle: &sigil_core::X509Bundle,
 ) -> anyhow::Result<()> {
     h.note("issuance: attesting a simulated agent and registering its entries");
-    let (token, _) = clients::join_token(&mut ctx.admin).await?;
-    let mut attest = clients::node(ctx.server.addr, bundle, None).await?;
-    let sim = SimAgent::attest(&mut attest, &token).await?;
-    let entries: Vec<admin::Entry> = (0..ISSUANCE_BATCH)
-        .map(|i| {
-            clients::entry(
-                &format!("spiffe://{TRUST_DOMAIN}/issue/{i}"),
-                sim.id.as_str(),
-                // Selectors no local workload has: these entries only feed the load.
-                &[format!("unix:uid:{}", 2_000_000 + i)],
-            )
-        })
-        .collect();
-    let created = clients::create_entries(&mut ctx.admin, entries).await?;
-    let mut params = Vec::with_capacity(created.len());
-    for entry in &created {
-        params.push(NewX509svidParams {
-            entry_id: entry.id.clone(),
-            csr: clients::csr(&KeyPair::generate()?)?,
-        });
-    }
+    let (sim, params) = issuance_setup(&mut ctx.admin, ctx.server.addr, bundle, "issue").await?;
     let client = sim.client(ctx.server.addr, bundle).await?;
-    // Warm-up, and a check that every CSR is signed.
-    let warm = client
-        .clone()
-        .batch_new_x509svid(BatchNewX509svidRequest {
-            params: params.clone(),
-        })
-        .await?
-        .into_inner();
-    if let Some(refused) = warm.results.iter().find_map(|r| match &r.result {
-        Some(x509svid_result::Result::Svid(_)) => None,
-        Some(x509svid_result::Result::Error(e)) => Some(e.message.clone()),
-        None => Some("no result".into()),
-    }) {
-        bail!("the server refused an authorized entry: {refused}");
-    }
 
     let crypto_time = h.plan.crypto_time;
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -187,7 +152,6 @@ pub(crate) async fn issuance(
         ))
     };
     let (idle_before, loaded_before) = tokio::task::spawn_blocking(baseline).await??;
-    let params = Arc::new(params);
     let one = load(h, &ctx.server, vec![client], &params).await?;
     let mut clients = Vec::with_capacity(ISSUANCE_CALLERS);
     for _ in 0..ISSUANCE_CALLERS {
@@ -242,21 +206,69 @@ pub(crate) async fn issuance(
     Ok(())
 }
 
+/// A simulated agent attested to the server at `addr` (token through `admin`), with
+/// [`ISSUANCE_BATCH`] entries under `spiffe://TD/PREFIX/N` and one CSR each; checked with one
+/// warm-up call that every CSR is signed.
+pub(crate) async fn issuance_setup(
+    admin: &mut AdminClient<Channel>,
+    addr: std::net::SocketAddr,
+    bundle: &sigil_core::X509Bundle,
+    prefix: &str,
+) -> anyhow::Result<(SimAgent, Arc<Vec<NewX509svidParams>>)> {
+    let (token, _) = clients::join_token(admin).await?;
+    let mut attest = clients::node(addr, bundle, None).await?;
+    let sim = SimAgent::attest(&mut attest, &token).await?;
+    let entries: Vec<admin::Entry> = (0..ISSUANCE_BATCH)
+        .map(|i| {
+            clients::entry(
+                &format!("spiffe://{TRUST_DOMAIN}/{prefix}/{i}"),
+                sim.id.as_str(),
+                // Selectors no local workload has: these entries only feed the load.
+                &[format!("unix:uid:{}", 2_000_000 + i)],
+            )
+        })
+        .collect();
+    let created = clients::create_entries(admin, entries).await?;
+    let mut params = Vec::with_capacity(created.len());
+    for entry in &created {
+        params.push(NewX509svidParams {
+            entry_id: entry.id.clone(),
+            csr: clients::csr(&KeyPair::generate()?)?,
+        });
+    }
+    let warm = sim
+        .client(addr, bundle)
+        .await?
+        .batch_new_x509svid(BatchNewX509svidRequest {
+            params: params.clone(),
+        })
+        .await?
+        .into_inner();
+    if let Some(refused) = warm.results.iter().find_map(|r| match &r.result {
+        Some(x509svid_result::Result::Svid(_)) => None,
+        Some(x509svid_result::Result::Error(e)) => Some(e.message.clone()),
+        None => Some("no result".into()),
+    }) {
+        bail!("the server refused an authorized entry: {refused}");
+    }
+    Ok((sim, Arc::new(params)))
+}
+
 /// What one issuance load did.
 #[derive(Debug)]
-struct Load {
-    signed: u64,
-    wall: Duration,
-    server_cpu: Duration,
-    harness_cpu: Duration,
+pub(crate) struct Load {
+    pub(crate) signed: u64,
+    pub(crate) wall: Duration,
+    pub(crate) server_cpu: Duration,
+    pub(crate) harness_cpu: Duration,
 }
 
 impl Load {
-    fn per_cpu_second(&self) -> f64 {
+    pub(crate) fn per_cpu_second(&self) -> f64 {
         self.signed as f64 / self.server_cpu.as_secs_f64().max(1e-3)
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         format!(
             "{} in {}; CPU: server {}, harness {}",
             thousands(self.signed),
@@ -269,7 +281,7 @@ impl Load {
 
 /// Sends `BatchNewX509SVID` calls with `params` for the plan's issuance time, one call at a time
 /// on each client; what the server's process spent on them.
-async fn load(
+pub(crate) async fn load(
     h: &Harness,
     server: &ServerHandle,
     clients: Vec<NodeClient<Channel>>,
@@ -696,7 +708,7 @@ pub(crate) async fn propagation(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
 
 /// A propagation row: our percentiles against an admin call's, with the target p99 < 1 s
 /// (missed unless every trial was seen through).
-fn propagation_row(
+pub(crate) fn propagation_row(
     what: String,
     ours: &Percentiles,
     baseline: String,
@@ -723,7 +735,7 @@ fn propagation_row(
 /// What one `FetchX509SVID` message showed: its SVIDs (SPIFFE ID and leaf serial, lowercase
 /// hex) and the serials its CRLs list.
 #[derive(Debug)]
-struct Shown {
+pub(crate) struct Shown {
     at: Instant,
     svids: Vec<(String, String)>,
     revoked: BTreeSet<String>,
@@ -758,7 +770,7 @@ impl Shown {
         }
     }
 
-    fn has(&self, spiffe_id: &str) -> bool {
+    pub(crate) fn has(&self, spiffe_id: &str) -> bool {
         self.serial_of(spiffe_id).is_some()
     }
 
@@ -882,7 +894,7 @@ pub(crate) async fn session_revocation(h: &mut Harness, ctx: &mut Small) -> anyh
 }
 
 /// Waits for the first message for which `wanted` gives something; its arrival and that.
-async fn wait_shown<T>(
+pub(crate) async fn wait_shown<T>(
     rx: &mut mpsc::UnboundedReceiver<Shown>,
     wanted: impl Fn(&Shown) -> Option<T>,
 ) -> Option<(Instant, T)> {
@@ -900,7 +912,7 @@ async fn wait_shown<T>(
 
 /// Opens a `FetchX509SVID` stream on the agent's socket; a task reports each message until
 /// aborted.
-async fn watch_stream(
+pub(crate) async fn watch_stream(
     socket: &Path,
 ) -> anyhow::Result<(JoinHandle<()>, mpsc::UnboundedReceiver<Shown>)> {
     let (tx, rx) = mpsc::unbounded_channel::<Shown>();
@@ -921,7 +933,7 @@ async fn watch_stream(
 }
 
 /// Drops whatever a channel holds.
-fn drain<T>(rx: &mut mpsc::UnboundedReceiver<T>) {
+pub(crate) fn drain<T>(rx: &mut mpsc::UnboundedReceiver<T>) {
     while rx.try_recv().is_ok() {}
 }
 
