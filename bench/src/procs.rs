@@ -179,6 +179,43 @@ pub(crate) fn cpu_of(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64((tick(11)? + tick(12)?) / USER_HZ))
 }
 
+/// User plus system CPU time of process `root` and its children (those alive now, and those
+/// that ended and were waited for): a PostgreSQL cluster, whose postmaster forks one backend
+/// per connection.
+pub(crate) fn tree_cpu_of(root: u32) -> anyhow::Result<Duration> {
+    let mut ticks = 0.0;
+    for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
+        let entry = entry?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may end between the listing and the read.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, after)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<f64> = after
+            .split_whitespace()
+            .map(|f| f.parse::<f64>().unwrap_or(0.0))
+            .collect();
+        // After the parenthesis: ppid (field 4) is index 1; utime, stime, cutime, cstime
+        // (14 to 17) are 11 to 14.
+        let field = |i: usize| fields.get(i).copied().unwrap_or(0.0);
+        if pid == root {
+            ticks += field(11) + field(12) + field(13) + field(14);
+        } else if field(1) as u32 == root {
+            ticks += field(11) + field(12);
+        }
+    }
+    Ok(Duration::from_secs_f64(ticks / USER_HZ))
+}
+
 /// Time on a CPU of every thread process `pid` has now, in nanoseconds (`schedstat`: finer
 /// than [`cpu_of`]'s clock ticks; threads that already ended are not counted).
 pub(crate) fn cpu_ns_of(pid: u32) -> anyhow::Result<Duration> {

@@ -185,6 +185,18 @@ impl Postgres {
         self.port
     }
 
+    /// The postmaster's process id (from `postmaster.pid`), while the cluster runs: the
+    /// parent of every backend, for measuring the cluster's CPU.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// A key=value connection string for database `dbname`.
     pub fn url(&self, dbname: &str) -> String {
         format!(

@@ -136,6 +136,8 @@ struct DivergenceJson {
 #[derive(Debug, Serialize)]
 struct RecordJson<'a> {
     id: String,
+    /// The server's chain the record is on (its `server_id`; `default` for one server).
+    chain_id: &'a str,
     sequence: u64,
     time: String,
     /// When an audit source observed the event (RFC 3339, nanoseconds); only on its records.
@@ -361,10 +363,26 @@ async fn show(args: AuditShowArgs) -> anyhow::Result<ExitCode> {
         if rows.is_empty() {
             printer.text("no audit records match\n")?;
         } else {
-            printer.text(&table(
-                &["SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT", "DETAILS"],
-                &rows,
-            ))?;
+            // The chain column only when records of several servers' chains are listed.
+            let chains: std::collections::BTreeSet<&String> =
+                rows.iter().filter_map(|row| row.first()).collect();
+            if chains.len() > 1 {
+                printer.text(&table(
+                    &[
+                        "CHAIN", "SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT", "DETAILS",
+                    ],
+                    &rows,
+                ))?;
+            } else {
+                let rows: Vec<Vec<String>> = rows
+                    .into_iter()
+                    .map(|row| row.into_iter().skip(1).collect())
+                    .collect();
+                printer.text(&table(
+                    &["SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT", "DETAILS"],
+                    &rows,
+                ))?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -383,6 +401,7 @@ fn show_record(
     if printer.is_json() {
         printer.json(&RecordJson {
             id: r.sequence.to_string(),
+            chain_id: &r.chain_id,
             sequence: r.sequence,
             time: format_rfc3339(r.time),
             observed_at,
@@ -399,6 +418,7 @@ fn show_record(
             .and_then(|t| time::parse_rfc3339(t).ok())
             .unwrap_or(r.time);
         rows.push(vec![
+            r.chain_id.clone(),
             r.sequence.to_string(),
             format_rfc3339(time),
             r.actor.clone(),

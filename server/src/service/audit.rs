@@ -321,7 +321,7 @@ impl AuditLog {
             })
     }
 
-    /// One page of the records that pass `filter`.
+    /// One page of the records that pass `filter`, from every server's chain, by time.
     ///
     /// # Errors
     ///
@@ -331,7 +331,7 @@ impl AuditLog {
         filter: &AuditFilter,
         page: &PageRequest,
     ) -> Result<crate::store::Page<AuditRecord>, StoreError> {
-        self.store.list_audit(filter, page).await
+        self.store.list_audit_merged(filter, page).await
     }
 
     #[cfg(test)]

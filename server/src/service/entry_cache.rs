@@ -948,6 +948,29 @@ mod tests {
         }
     }
 
+    /// A caller that knows a later revision than the cache has applied (an agent that synced
+    /// from another server sharing the store, whose follower has not woken yet) gets the
+    /// cache caught up with the store first, not an answer from behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_authorization_catches_the_cache_up_with_writes_it_has_not_followed_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        // No follower runs: the cache only learns of writes when asked.
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        store
+            .create_entry(new_entry("spiffe://example.org/elsewhere", AGENT))
+            .await
+            .unwrap();
+        let head = store.current_revision().await.unwrap();
+        assert!(cache.revision() < head);
+        let authorized = cache
+            .authorized(&id(AGENT), SystemTime::now())
+            .await
+            .unwrap();
+        assert_eq!(authorized.revision, head);
+        assert_eq!(authorized.entries.len(), 1);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn recent_changes_are_shared_and_a_stream_too_far_behind_is_told_to_snapshot() {
         let dir = tempfile::tempdir().unwrap();

@@ -1404,7 +1404,7 @@ fn source(spiffe_id: &str, spool_id: &str) -> AuditSource {
     }
 }
 
-fn source_events(sequences: &[u64]) -> Vec<SourceEvent> {
+pub(crate) fn source_events(sequences: &[u64]) -> Vec<SourceEvent> {
     sequences
         .iter()
         .map(|&sequence| SourceEvent {

@@ -351,6 +351,15 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
         limit: usize,
     ) -> Result<Vec<AuditCheckpoint>, StoreError>;
 
+    /// Records of **every** chain in the store (each server's), matching `filter`, ordered by
+    /// time, then chain id, then sequence: what `audit show` lists. With
+    /// `filter.from_sequence`, the store's own chain only, as [`Store::list_audit`].
+    async fn list_audit_merged(
+        &self,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Page<AuditRecord>, StoreError>;
+
     /// Up to `limit` records of chain `chain_id` (any server's) with sequences from
     /// `from_sequence` on, in ascending sequence order.
     async fn list_chain_records(

@@ -151,6 +151,9 @@ CREATE TABLE bundle_head (
 );
 INSERT INTO bundle_head (id, sequence) VALUES (1, 0);
 
+-- `audit show` across the servers' chains, by time.
+CREATE INDEX audit_records_merged ON audit_records (time_ms, chain_id, sequence);
+
 CREATE TABLE server_crls (
     server_id text COLLATE "C" PRIMARY KEY,
     crls text NOT NULL,

@@ -472,14 +472,12 @@ impl Store for PostgresStore {
     }
 
     async fn prune_join_tokens(&self, now: SystemTime) -> Result<u64, StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "DELETE FROM join_tokens WHERE expires_at_ns <= $1",
-                &[&nanos(now)],
-            )
-            .await
-            .map_err(db_error)
+        self.singleton(
+            "prune_join_tokens",
+            "DELETE FROM join_tokens WHERE expires_at_ns <= $1",
+            &[&nanos(now)],
+        )
+        .await
     }
 
     async fn set_federated_bundle(
@@ -950,6 +948,69 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn list_audit_merged(
+        &self,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Page<AuditRecord>, StoreError> {
+        if filter.from_sequence.is_some() {
+            return self.list_audit(filter, page).await;
+        }
+        // The position after which the page starts: (time_ms, chain_id, sequence).
+        let (mut time, mut chain, mut sequence) = match &page.token {
+            None => (i64::MIN, String::new(), i64::MIN),
+            Some(token) => merged_position(token)?,
+        };
+        let since = filter.since.map(millis);
+        let size = page.effective_size();
+        let mut items: Vec<AuditRecord> = Vec::new();
+        let mut last = None;
+        let mut more = false;
+        let client = self.client().await?;
+        'scan: loop {
+            let rows = client
+                .query(
+                    "SELECT chain_id, sequence, time_ms, body FROM audit_records \
+                     WHERE (time_ms, chain_id, sequence) > ($1, $2, $3) \
+                       AND ($4::bigint IS NULL OR time_ms >= $4) \
+                     ORDER BY time_ms, chain_id, sequence LIMIT $5",
+                    &[&time, &chain, &sequence, &since, &SCAN_BATCH],
+                )
+                .await
+                .map_err(db_error)?;
+            let fetched = rows.len();
+            for row in &rows {
+                let (row_chain, row_sequence, row_time): (&str, i64, i64) =
+                    (col(row, 0)?, col(row, 1)?, col(row, 2)?);
+                let record: AuditRecord =
+                    serde_json::from_str(col(row, 3)?).map_err(|e| StoreError::Corrupt {
+                        what: "audit",
+                        reason: format!("record {row_sequence} of chain {row_chain}: {e}"),
+                    })?;
+                (time, chain, sequence) = (row_time, row_chain.to_owned(), row_sequence);
+                if filter.matches(&record) {
+                    if items.len() == size {
+                        more = true;
+                        break 'scan;
+                    }
+                    items.push(record);
+                    last = Some((time, chain.clone(), sequence));
+                }
+            }
+            if i64::try_from(fetched).unwrap_or(i64::MAX) < SCAN_BATCH {
+                break;
+            }
+        }
+        let next_page_token = match (more, last) {
+            (true, Some((t, c, s))) => Some(page_token(format!("{t}:{s}:{c}").as_bytes())),
+            _ => None,
+        };
+        Ok(Page {
+            items,
+            next_page_token,
+        })
+    }
+
     async fn list_chain_records(
         &self,
         chain_id: &str,
@@ -1240,14 +1301,12 @@ impl Store for PostgresStore {
     }
 
     async fn prune_revocations(&self, now: SystemTime) -> Result<u64, StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "DELETE FROM revocations WHERE not_after_ns <= $1",
-                &[&nanos(now)],
-            )
-            .await
-            .map_err(db_error)
+        self.singleton(
+            "prune_revocations",
+            "DELETE FROM revocations WHERE not_after_ns <= $1",
+            &[&nanos(now)],
+        )
+        .await
     }
 
     async fn next_crl_number(&self, authority_id: &str, at_least: u64) -> Result<u64, StoreError> {
@@ -1485,7 +1544,50 @@ impl PostgresStore {
     }
 }
 
+/// The position a merged audit page token names: `time_ms:sequence:chain_id`, hex-encoded.
+fn merged_position(token: &str) -> Result<(i64, String, i64), StoreError> {
+    let text = token_key(Some(token), |_| true)?.ok_or(StoreError::InvalidPageToken)?;
+    let mut parts = text.splitn(3, ':');
+    let (Some(time), Some(sequence), Some(chain)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(StoreError::InvalidPageToken);
+    };
+    Ok((
+        time.parse().map_err(|_| StoreError::InvalidPageToken)?,
+        chain.to_owned(),
+        sequence.parse().map_err(|_| StoreError::InvalidPageToken)?,
+    ))
+}
+
 impl PostgresStore {
+    /// Runs `statement` as job `job` of the servers sharing the database: in a transaction
+    /// that first takes the job's advisory lock (`pg_try_advisory_xact_lock`), so that while
+    /// one server runs it the others skip it (0 rows) instead of doing the same work at once.
+    /// No leader is kept: the lock ends with the transaction. The statements are idempotent.
+    pub(super) async fn singleton(
+        &self,
+        job: &str,
+        statement: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = begin(&mut client).await?;
+        let row = tx
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock($1)",
+                &[&super::job_lock_key(job)],
+            )
+            .await
+            .map_err(db_error)?;
+        if !col::<bool>(&row, 0)? {
+            tracing::debug!(job, "another server runs this job now; skipped");
+            return Ok(0);
+        }
+        let done = tx.execute(statement, params).await.map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(done)
+    }
+
     /// The error of an instance whose claim on its server id was taken over, naming the
     /// instance that holds it now.
     async fn superseded(&self, client: &tokio_postgres::Client) -> StoreError {

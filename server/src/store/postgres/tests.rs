@@ -457,3 +457,80 @@ async fn an_update_losing_a_race_for_an_identity_names_the_winner() {
     drop(client);
     let _ = task.await;
 }
+
+/// A singleton job (pruning) is skipped while another server holds its advisory lock, and
+/// runs once the lock's transaction ended: no leader, no double work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_singleton_job_is_skipped_while_another_server_runs_it() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let store = PostgresStore::open(options(&url, "a")).await.unwrap();
+    let now = std::time::SystemTime::now();
+    store
+        .create_join_token(crate::store::JoinToken {
+            token_hash: "old".to_owned(),
+            expires_at: now - Duration::from_secs(1),
+            created_at: now - Duration::from_secs(60),
+            alias_spiffe_id: None,
+        })
+        .await
+        .unwrap();
+    // "Another server" in the middle of the job: its transaction holds the job's lock.
+    let (other, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    other.batch_execute("BEGIN").await.unwrap();
+    other
+        .query_one(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&super::job_lock_key("prune_join_tokens")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.prune_join_tokens(now).await.unwrap(), 0, "skipped");
+    other.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(store.prune_join_tokens(now).await.unwrap(), 1, "ran");
+    drop(other);
+    let _ = driver.await;
+}
+
+/// A broker's events that reach two servers (its forwarder retried through the other after a
+/// lost answer) are in the chains once: the source's last sequence is shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_events_sent_to_two_servers_are_recorded_once() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let a = PostgresStore::open(options(&url, "a")).await.unwrap();
+    let b = PostgresStore::open(options(&url, "b")).await.unwrap();
+    let source = crate::audit::AuditSource {
+        spiffe_id: "spiffe://example.org/broker".to_owned(),
+        spool_id: "0123456789abcdef0123456789abcdef".to_owned(),
+    };
+    let first = a
+        .append_source_events(&source, conformance::source_events(&[1, 2, 3]))
+        .await
+        .unwrap();
+    assert_eq!((first.appended.len(), first.acknowledged), (3, 3));
+    // The same batch again, and one more event, through the other server.
+    let again = b
+        .append_source_events(&source, conformance::source_events(&[1, 2, 3, 4]))
+        .await
+        .unwrap();
+    assert_eq!(again.acknowledged, 4);
+    assert_eq!(again.appended.len(), 1, "{:?}", again.appended);
+    assert_eq!(again.appended[0].chain_id, "b");
+    assert_eq!(b.audit_source_sequence(&source).await.unwrap(), 4);
+    let heads: Vec<u64> = a
+        .audit_chains()
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| h.sequence)
+        .collect();
+    assert_eq!(heads, [3, 1], "chains a and b hold 4 records in all");
+}

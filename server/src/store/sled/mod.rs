@@ -734,6 +734,15 @@ impl Store for SledStore {
             .await
     }
 
+    async fn list_audit_merged(
+        &self,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Page<AuditRecord>, StoreError> {
+        // A sled store holds one chain: its order by time is its order by sequence.
+        self.list_audit(filter, page).await
+    }
+
     async fn list_chain_records(
         &self,
         chain_id: &str,
