@@ -229,6 +229,32 @@ impl NodeConnection {
         self.servers.current()
     }
 
+    /// Makes the next connection start with the next listed server (the current one
+    /// failed the agent: it refused to sync, or its stream broke). A no-op with one server.
+    ///
+    /// # Errors
+    ///
+    /// When the new channel cannot be built.
+    pub fn next_server(&self) -> Result<(), NodeError> {
+        let count = self.servers.addresses.len();
+        if count < 2 {
+            return Ok(());
+        }
+        let current = self.servers.current.load(Ordering::Relaxed);
+        self.servers
+            .current
+            .store((current + 1) % count, Ordering::Relaxed);
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        state.2 = channel(
+            &self.servers,
+            &self.trust_domain,
+            &self.bundles,
+            Some(&state.0),
+        )?;
+        info!(server = %self.servers.current(), "trying the next server");
+        Ok(())
+    }
+
     /// The agent's data directory (its identity, and what it witnessed of the audit log).
     pub fn data_dir(&self) -> &Path {
         &self.data_dir

@@ -348,7 +348,11 @@ impl Server {
             config.audit_peer_keys.clone(),
             config.data_dir.join("keys").join(audit_peers::PINS_FILE),
         )?);
-        audit_peers.pin_new(now).await?;
+        // Not fatal: a peer's chain that cannot be read now is pinned by the task later, and
+        // `audit verify` reports it.
+        if let Err(error) = audit_peers.pin_new(now).await {
+            warn!(%error, "cannot pin the other servers' audit keys yet");
+        }
         let session_only = SessionOnly::new(config.session_only_ids.clone());
         refuse_session_only_entries(store.as_ref(), &session_only).await?;
         let entries = EntryCache::load(store.clone()).await?;

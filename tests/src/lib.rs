@@ -82,7 +82,8 @@ fn store_config(extra_config: &str) -> String {
             })
             .join()
             .unwrap();
-            format!("store = \"postgres\"\npostgres_url = \"{url}\"\nserver_id = \"test\"\n")
+            // `default`: the chain id the single-server tests expect on either store.
+            format!("store = \"postgres\"\npostgres_url = \"{url}\"\nserver_id = \"default\"\n")
         }
         other => panic!("{STORE_ENV}={other:?}: write sled or postgres"),
     }

@@ -149,7 +149,8 @@ async fn three_servers_serve_one_bundle_and_an_agent_fails_over_between_them() {
     }
     let log = agent.log_text();
     assert!(
-        log.contains("connected to another server") && log.contains(&b.node_addr.to_string()),
+        (log.contains("connected to another server") || log.contains("trying the next server"))
+            && log.contains(&b.node_addr.to_string()),
         "the agent did not say it moved to B; log:\n{log}"
     );
     // B and A still hold C's authority (its SVIDs are valid until they expire).
@@ -396,6 +397,60 @@ async fn a_session_opened_through_one_server_and_revoked_through_another_is_with
         .cloned()
         .unwrap();
     assert_eq!(peer_b["ok"], true, "{peer_b}");
+
+    // A writer cuts B's chain back past a checkpoint A already verified (deleting the last
+    // record and that checkpoint, and rewriting the head to match): every remaining link and
+    // signature is valid, but A remembers the checkpoint it verified.
+    create_entry(
+        &b,
+        entry(
+            "spiffe://example.org/ha/late",
+            "spiffe://example.org/x",
+            &["unix:uid:2"],
+        ),
+    )
+    .await
+    .unwrap();
+    let signed = sigil_tests::server_cli(&b, &["audit", "checkpoint", "--output", "json"]).json();
+    let last = signed["sequence"].as_u64().unwrap();
+    assert!(last >= 2, "{signed}");
+    let run = sigil_tests::server_cli(&a, &["audit", "verify", "--output", "json"]);
+    let report: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    let peer = |report: &serde_json::Value, chain: &str| {
+        report["peer_chains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["chain_id"] == chain)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(peer(&report, "b")["ok"], true, "{report}");
+    sigil_testkit::Postgres::sql(
+        &url,
+        &format!(
+            "DELETE FROM audit_records WHERE chain_id = 'b' AND sequence = {last};
+             DELETE FROM audit_checkpoints WHERE chain_id = 'b' AND sequence >= {last};
+             UPDATE audit_heads SET sequence = {previous}, body = (
+                 SELECT jsonb_build_object('chain_id', r->'chain_id', 'sequence', r->'sequence',
+                                           'hash', r->'hash', 'time', r->'time')::text
+                 FROM (SELECT body::jsonb AS r FROM audit_records
+                       WHERE chain_id = 'b' AND sequence = {previous}) AS x)
+             WHERE chain_id = 'b';",
+            previous = last - 1
+        ),
+    )
+    .await
+    .unwrap();
+    let run = sigil_tests::server_cli(&a, &["audit", "verify", "--output", "json"]);
+    assert!(!run.status.success());
+    let report: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    let peer_b = peer(&report, "b");
+    assert_eq!(peer_b["ok"], false, "{peer_b}");
+    assert!(
+        peer_b["problem"].as_str().unwrap().contains("missing"),
+        "{peer_b}"
+    );
 }
 
 /// A TCP proxy on loopback to PostgreSQL that can cut every connection and refuse new ones
@@ -483,8 +538,9 @@ fn health_until(
 }
 
 /// A server cut from the database serves from its entry cache (its health says degraded)
-/// for `max_store_staleness`, then authorizes nothing (health fails), and recovers by itself
-/// when the database answers again: an entry created afterwards reaches the workload.
+/// for `max_store_staleness`, then authorizes nothing (health fails) and ends its agents'
+/// streams, so that an agent listing another server moves there and keeps getting its
+/// entries; the cut server recovers by itself when the database answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_cut_from_the_database_stops_authorizing_within_its_bound_and_recovers() {
     let Some(cluster) = sigil_testkit::shared() else {
@@ -502,9 +558,13 @@ async fn a_server_cut_from_the_database_stops_authorizing_within_its_bound_and_r
         "{}max_store_staleness = \"4s\"\n",
         on_database(&through_proxy, "a")
     ));
-    let agent = TestAgentProcess::start(&server).await;
+    let other = TestServer::start(&on_database(&url, "b"));
+    bundles_converge(&[&server, &other], 2).await;
+    let agent =
+        TestAgentProcess::start_listing(&server, &[server.node_addr, other.node_addr]).await;
     let me = format!("unix:uid:{}", my_uid());
     const BEFORE: &str = "spiffe://example.org/ha/before";
+    const DURING: &str = "spiffe://example.org/ha/during";
     const AFTER: &str = "spiffe://example.org/ha/after";
     create_entry(&server, entry(BEFORE, &agent.agent_id(), &[&me]))
         .await
@@ -536,8 +596,23 @@ async fn a_server_cut_from_the_database_stops_authorizing_within_its_bound_and_r
         "{}",
         server.log_text()
     );
+    // The agent left the cut server for B: what is created through B reaches the workload.
+    create_entry(&other, entry(DURING, &agent.agent_id(), &[&me]))
+        .await
+        .unwrap();
+    sigil_tests::next_x509_until(&mut stream, Duration::from_secs(30), |m| {
+        svid_ids(m).contains(&DURING.to_owned())
+    })
+    .await
+    .unwrap_or_else(|status| {
+        panic!(
+            "the agent did not move to the server that still reads the database: {status:?}\nagent log:\n{}",
+            agent.log_text()
+        )
+    });
 
-    // The database answers again: the server recovers without a restart.
+    // The database answers again: the cut server recovers without a restart, and serves
+    // what was written meanwhile.
     proxy.restore();
     health_until(&server, Duration::from_secs(30), "healthy again", |r| {
         r.status.success() && r.stdout.contains("Server is healthy")
@@ -605,7 +680,14 @@ async fn a_session_expires_on_time_when_the_server_that_opened_it_is_gone() {
     // running.
     let records = sigil_tests::server_cli(
         &a,
-        &["audit", "show", "--action", "session.expire", "--output", "json"],
+        &[
+            "audit",
+            "show",
+            "--action",
+            "session.expire",
+            "--output",
+            "json",
+        ],
     )
     .json_lines();
     assert_eq!(records.len(), 1, "{records:?}");

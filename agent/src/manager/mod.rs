@@ -108,6 +108,10 @@ impl Manager {
                 Err(e) => {
                     let wait = jitter(backoff);
                     warn!(error = %e, retry_in = ?wait, "sync with the server failed; serving what the agent holds");
+                    // Another listed server may serve: the next attempt starts there.
+                    if let Err(error) = self.node.next_server() {
+                        warn!(%error, "cannot switch to the next server");
+                    }
                     // Session SVIDs are not served while the server cannot be reached.
                     self.inventory.connected = false;
                     self.renew_svids().await;

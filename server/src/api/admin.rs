@@ -751,12 +751,16 @@ impl Admin for AdminService {
             .revoke(uid, &id, req.reason, SystemTime::now())
             .await
             .map_err(session_status)?;
-        let pending = self
+        // The revocation is done; whether the other servers' CRLs list it yet is a report.
+        let pending = match self
             .services
             .sessions
             .pending_crl_servers(&session, SystemTime::now())
             .await
-            .map_err(session_status)?;
+        {
+            Ok(pending) => pending,
+            Err(error) => vec![format!("unknown (the store cannot be read: {error})")],
+        };
         if !pending.is_empty() {
             warn!(session_id = %id, servers = ?pending, "the revoked serials are not on these servers' CRLs yet");
         }

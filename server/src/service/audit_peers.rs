@@ -56,6 +56,23 @@ struct Pin {
     fingerprint: String,
     /// When it was recorded, seconds since the Unix epoch.
     pinned_at: u64,
+    /// Whether `audit_peer_keys` named the key (else: first sight).
+    #[serde(default)]
+    configured: bool,
+    /// The latest checkpoint of the chain this server verified: the chain must still hold
+    /// it (a chain cut back past it fails).
+    #[serde(default)]
+    verified: Option<AuditCheckpoint>,
+}
+
+impl Pin {
+    fn described(&self) -> String {
+        if self.configured {
+            format!("audit_peer_keys, recorded at {} (unix)", self.pinned_at)
+        } else {
+            format!("pinned on first sight at {} (unix)", self.pinned_at)
+        }
+    }
 }
 
 /// The other servers' chains as this server sees them.
@@ -143,7 +160,14 @@ impl PeerChains {
                         .get(&chain)
                         .map(|p| p.fingerprint.clone())
                         .unwrap_or_default(),
-                    pinned_by: "pinned on first sight".to_owned(),
+                    pinned_by: self
+                        .pins
+                        .lock()
+                        .await
+                        .chains
+                        .get(&chain)
+                        .map(Pin::described)
+                        .unwrap_or_default(),
                     outcome: Err(Violation {
                         sequence: 1,
                         kind: ViolationKind::Unpinned {
@@ -204,7 +228,28 @@ impl PeerChains {
                     },
                 })
             } else {
-                self.walk(&chain, checkpoints, keys, head.sequence).await?
+                // The latest checkpoint verified before must still be held by the chain.
+                let remembered = self
+                    .pins
+                    .lock()
+                    .await
+                    .chains
+                    .get(&chain)
+                    .and_then(|p| p.verified.clone());
+                let latest = checkpoints.iter().max_by_key(|cp| cp.sequence).cloned();
+                let mut all = checkpoints;
+                if let Some(cp) = remembered
+                    && !all.contains(&cp)
+                {
+                    all.push(cp);
+                }
+                let outcome = self.walk(&chain, all, keys, head.sequence).await?;
+                if outcome.is_ok()
+                    && let Some(latest) = latest
+                {
+                    self.remember_verified(&chain, latest).await?;
+                }
+                outcome
             };
             if let Err(violation) = &outcome {
                 warn!(chain_id = %chain, %violation, "another server's audit chain does not verify");
@@ -230,48 +275,71 @@ impl PeerChains {
     ) -> Result<Option<(String, String)>, AuditError> {
         let mut pins = self.pins.lock().await;
         if let Some(pin) = pins.chains.get(chain) {
-            return Ok(Some((
-                pin.fingerprint.clone(),
-                format!("pinned on first sight at {} (unix)", pin.pinned_at),
-            )));
+            return Ok(Some((pin.fingerprint.clone(), pin.described())));
         }
         let checkpoints = self.checkpoints(chain).await?;
-        if let Some(cp) = checkpoints
+        // A key `audit_peer_keys` names wins over first sight; either way the pin is recorded,
+        // so that it holds from then on whatever the chain later shows.
+        let (fingerprint, configured) = match checkpoints
             .iter()
             .find(|cp| self.configured.contains(&cp.key_fingerprint()))
         {
-            return Ok(Some((cp.key_fingerprint(), "audit_peer_keys".to_owned())));
-        }
-        let Some(first) = checkpoints.first() else {
-            return Ok(None);
+            Some(cp) => (cp.key_fingerprint(), true),
+            None => match checkpoints.first() {
+                Some(first) => (first.key_fingerprint(), false),
+                None => return Ok(None),
+            },
         };
-        let fingerprint = first.key_fingerprint();
         let pinned_at = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        pins.chains.insert(
-            chain.to_owned(),
-            Pin {
-                fingerprint: fingerprint.clone(),
-                pinned_at,
-            },
-        );
-        let json = serde_json::to_vec_pretty(&*pins).map_err(|e| AuditError::StateFile {
+        let pin = Pin {
+            fingerprint: fingerprint.clone(),
+            pinned_at,
+            configured,
+            verified: None,
+        };
+        let described = pin.described();
+        pins.chains.insert(chain.to_owned(), pin);
+        if let Err(e) = self.save(&pins) {
+            pins.chains.remove(chain);
+            return Err(e);
+        }
+        info!(chain_id = chain, key_fingerprint = %fingerprint, configured, "another server's audit key pinned");
+        Ok(Some((fingerprint, described)))
+    }
+
+    /// Records `checkpoint` as the latest one of `chain` verified.
+    async fn remember_verified(
+        &self,
+        chain: &str,
+        checkpoint: AuditCheckpoint,
+    ) -> Result<(), AuditError> {
+        let mut pins = self.pins.lock().await;
+        let Some(pin) = pins.chains.get_mut(chain) else {
+            return Ok(());
+        };
+        if pin
+            .verified
+            .as_ref()
+            .is_some_and(|known| known.sequence >= checkpoint.sequence)
+        {
+            return Ok(());
+        }
+        pin.verified = Some(checkpoint);
+        self.save(&pins)
+    }
+
+    /// Writes the pins file (0600).
+    fn save(&self, pins: &Pins) -> Result<(), AuditError> {
+        let json = serde_json::to_vec_pretty(pins).map_err(|e| AuditError::StateFile {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
-        if let Err(e) = sigil_daemon::write_private(&self.path, &json) {
-            pins.chains.remove(chain);
-            return Err(AuditError::StateFile {
-                path: self.path.clone(),
-                reason: e.to_string(),
-            });
-        }
-        info!(chain_id = chain, key_fingerprint = %fingerprint, "another server's audit key pinned on first sight");
-        Ok(Some((
-            fingerprint,
-            format!("pinned on first sight at {pinned_at} (unix)"),
-        )))
+        sigil_daemon::write_private(&self.path, &json).map_err(|e| AuditError::StateFile {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })
     }
 
     /// Every checkpoint of `chain`, by ascending sequence.

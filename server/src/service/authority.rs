@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sigil_core::tls::SharedBundles;
 use sigil_core::{SpiffeBundle, SpiffeId, TrustDomain, X509Bundle};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::ca::{
     Ca, CaError, CaJournalStore, CaJournalStoreError, IssuedX509Svid, WorkloadX509SvidParams,
@@ -183,7 +183,7 @@ impl Authority {
                     .await?;
                 info!(sequence, "own authorities published into the shared bundle");
             }
-            state.published = Some(own_json);
+            state.published = Some(own_json.clone());
             state.merged = None;
         }
         let sequence = shared.store.bundle_sequence().await?;
@@ -191,6 +191,16 @@ impl Authority {
             return Ok(false);
         }
         let bundles = shared.store.server_bundles().await?;
+        // This server's row must be what it published: if it was overwritten (by a stale
+        // instance, or by hand), publish again at the next sync.
+        let own_row_intact = bundles
+            .bundles
+            .iter()
+            .any(|(id, json)| *id == shared.server_id && *json == own_json);
+        if !own_row_intact {
+            warn!(server_id = %shared.server_id, "this server's published bundle in the store is not what it published; publishing it again");
+            state.published = None;
+        }
         let union = union_bundle(&own, &shared.server_id, &bundles, now);
         let merged = bundles.sequence;
         let state_now = BundleState {

@@ -114,6 +114,8 @@ struct Seen {
     crls: Option<u64>,
     /// This server's CRLs as last signed.
     own: Vec<SignedCrl>,
+    /// Each other server's CRLs as last decoded.
+    others: std::collections::BTreeMap<String, Vec<SignedCrl>>,
 }
 
 // === impl CrlSet ===
@@ -293,16 +295,26 @@ impl CrlPublisher {
             if server_id == self.server_id {
                 continue;
             }
-            match decode_crls(&encoded) {
+            let theirs = match decode_crls(&encoded) {
                 Ok(theirs) => {
-                    for crl in theirs {
-                        if !crls.iter().any(|o| o.authority_id == crl.authority_id) {
-                            crls.push(crl);
-                        }
-                    }
+                    seen.others.insert(server_id, theirs.clone());
+                    theirs
                 }
+                // Keep serving what the server published last that decoded: dropping its
+                // CRLs would make brokers refuse every SVID it signed.
                 Err(error) => {
-                    warn!(%server_id, %error, "skipping another server's crls that do not decode")
+                    warn!(%server_id, %error, "another server's crls do not decode; keeping the last good ones");
+                    seen.others.get(&server_id).cloned().unwrap_or_default()
+                }
+            };
+            for crl in theirs {
+                let own = seen.own.iter().any(|o| o.authority_id == crl.authority_id);
+                match crls.iter_mut().find(|o| o.authority_id == crl.authority_id) {
+                    // One authority, two CRLs (a row copied by hand, say): the later number;
+                    // this server's own always win.
+                    Some(known) if !own && known.crl_number < crl.crl_number => *known = crl,
+                    Some(_) => {}
+                    None => crls.push(crl),
                 }
             }
         }

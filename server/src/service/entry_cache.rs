@@ -63,6 +63,9 @@ pub(crate) struct EntryCache {
     refusing: AtomicBool,
 }
 
+/// How often the follower reads the store when nothing was published.
+const FRESHNESS_CHECK: Duration = Duration::from_secs(2);
+
 /// How long a caller waits for the store to say its revision before the cache answers
 /// without it (within `max_store_staleness`) or refuses.
 const STORE_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -171,6 +174,13 @@ impl EntryCache {
         }))
     }
 
+    /// True while the cache refuses to authorize: the follower cannot read the store and the
+    /// store last answered longer than `max_store_staleness` ago. Cheap: open sync streams
+    /// ask it to end themselves, so that their agents move to another server.
+    pub(crate) fn is_refusing(&self) -> bool {
+        self.read().stale && !self.within_grace()
+    }
+
     /// Lets the cache authorize for up to `max` after the store last answered
     /// (`max_store_staleness`); zero (the default) refuses as soon as a read fails.
     pub(crate) fn set_max_staleness(&self, max: Duration) {
@@ -183,14 +193,11 @@ impl EntryCache {
     /// How current the cache is: whether the store answered its last read, and if not, for
     /// how long it has not.
     pub(crate) async fn freshness(&self) -> Freshness {
-        let answered =
-            tokio::time::timeout(STORE_ANSWER_TIMEOUT, self.store.current_revision()).await;
-        if matches!(answered, Ok(Ok(_))) && !self.read().stale {
-            self.confirm();
-            return Freshness::Current;
-        }
+        // The same path an authorization takes: catch up if behind, else judge the grace.
+        let result = self.catch_up_if_behind().await;
         let since = self.unconfirmed_for();
-        match self.without_the_store() {
+        match result {
+            Ok(()) if !self.degraded.load(Ordering::Relaxed) => Freshness::Current,
             Ok(()) => Freshness::Degraded { since },
             Err(EntryCacheError::Stale) => Freshness::Stale { since },
         }
@@ -227,6 +234,9 @@ impl EntryCache {
             }
             tokio::select! {
                 changed = durable.changed() => if changed.is_err() { return },
+                // Reads the store now and then even when nothing is published, so that a
+                // store that went away is noticed (and the grace judged) without a caller.
+                () = tokio::time::sleep(FRESHNESS_CHECK) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
@@ -389,13 +399,17 @@ impl EntryCache {
             Ok(Ok(durable)) => durable,
             Ok(Err(_)) | Err(_) => return self.without_the_store(),
         };
-        self.confirm();
         if self.revision() < durable
             && let Err(error) = self.catch_up().await
         {
+            // The store answered, but the cache could not apply what it holds: the cache is
+            // no more current than before, so the grace keeps counting from the last time it
+            // was.
             warn!(%error, "entry cache cannot catch up with the store");
             return self.without_the_store();
         }
+        // Only now is the cache as current as the store said.
+        self.confirm();
         Ok(())
     }
 
@@ -946,6 +960,39 @@ mod tests {
                 prop_assert_eq!(up, down);
             }
         }
+    }
+
+    /// A store that answers but whose changes the cache cannot apply does not keep the grace
+    /// of `max_store_staleness` alive: the cache answers from what it holds for the grace,
+    /// then refuses (it would otherwise authorize from an old state for ever).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cache_that_cannot_apply_the_stores_changes_refuses_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        cache.set_max_staleness(Duration::from_millis(300));
+        store
+            .create_entry(new_entry("spiffe://example.org/two", AGENT))
+            .await
+            .unwrap();
+        store.swap_raw_change(1, b"not json").unwrap();
+        // Within the grace: answered from the cache (which does not hold the entry yet).
+        let within = cache
+            .authorized(&id(AGENT), SystemTime::now())
+            .await
+            .unwrap();
+        assert_eq!(within.revision, 0);
+        assert!(matches!(
+            cache.freshness().await,
+            Freshness::Degraded { .. }
+        ));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Every call found the store answering; none may have renewed the grace.
+        assert!(matches!(
+            cache.authorized(&id(AGENT), SystemTime::now()).await,
+            Err(EntryCacheError::Stale)
+        ));
+        assert!(matches!(cache.freshness().await, Freshness::Stale { .. }));
     }
 
     /// A caller that knows a later revision than the cache has applied (an agent that synced

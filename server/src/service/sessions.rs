@@ -191,7 +191,8 @@ impl Sessions {
     ///
     /// The store's.
     pub(crate) async fn load(&self) -> Result<(), StoreError> {
-        let mut live = self.live.lock().await;
+        // Read without holding the live set: session calls go on meanwhile.
+        let mut found = Vec::new();
         for state in [SessionState::Pending, SessionState::Active] {
             let filter = SessionFilter {
                 state: Some(state),
@@ -200,15 +201,14 @@ impl Sessions {
             let mut page = PageRequest::first(0);
             loop {
                 let got = self.store.list_sessions(&filter, &page).await?;
-                for s in got.items {
-                    live.insert(s.id, s.expires_at);
-                }
+                found.extend(got.items.into_iter().map(|s| (s.id, s.expires_at)));
                 match got.next_page_token {
                     Some(token) => page = PageRequest::after(0, token),
                     None => break,
                 }
             }
         }
+        self.live.lock().await.extend(found);
         Ok(())
     }
 

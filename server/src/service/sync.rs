@@ -102,6 +102,9 @@ pub(crate) enum SyncChange {
     },
 }
 
+/// How often an open stream checks that the entry cache still authorizes.
+const STALE_CHECK: Duration = Duration::from_secs(5);
+
 /// Why a stream ended with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -304,6 +307,11 @@ impl EntrySync {
                     Err(broadcast::error::RecvError::Closed) => removals_open = false,
                 },
                 () = &mut expiry => return Err(SyncError::Expired),
+                // A server that can no longer vouch for its entries ends its streams (their
+                // agents reconnect, to another server if they list one).
+                () = tokio::time::sleep(STALE_CHECK) => if cache.is_refusing() {
+                    return Err(SyncError::Entries(EntryCacheError::Stale));
+                },
                 _ = shutdown.wait_for(|stop| *stop) => return Err(SyncError::ShuttingDown),
                 () = tx.closed() => return Ok(()),
             }

@@ -599,6 +599,7 @@ impl Store for PostgresStore {
         self.retrying(move || async move {
             let mut client = self.client().await?;
             let tx = begin(&mut client).await?;
+            self.fence(&tx, server_id).await?;
             tx.execute(
                 "INSERT INTO server_bundles (server_id, bundle, updated_at) \
                  VALUES ($1, $2, now()) ON CONFLICT (server_id) \
@@ -675,6 +676,7 @@ impl Store for PostgresStore {
         self.retrying(move || async move {
             let mut client = self.client().await?;
             let tx = begin(&mut client).await?;
+            self.fence(&tx, server_id).await?;
             tx.execute(
                 "INSERT INTO server_crls (server_id, crls, updated_at) VALUES ($1, $2, now()) \
                  ON CONFLICT (server_id) DO UPDATE SET crls = EXCLUDED.crls, updated_at = now()",
@@ -1468,16 +1470,7 @@ impl PostgresStore {
         let chain = &self.inner.server_id;
         // Only the instance that holds the server id extends its chain: the shared row lock
         // holds off a takeover until this commits, and after one this instance writes nothing.
-        let claimed = tx
-            .query_opt(
-                "SELECT 1 FROM servers WHERE server_id = $1 AND instance_id = $2 FOR SHARE",
-                &[chain, &self.inner.instance_id],
-            )
-            .await
-            .map_err(db_error)?;
-        if claimed.is_none() {
-            return Err(self.superseded(tx.client()).await);
-        }
+        self.fence(tx, chain).await?;
         tx.execute(
             "INSERT INTO audit_heads (chain_id, sequence, body) VALUES ($1, 0, NULL) \
              ON CONFLICT DO NOTHING",
@@ -1560,6 +1553,26 @@ fn merged_position(token: &str) -> Result<(i64, String, i64), StoreError> {
 }
 
 impl PostgresStore {
+    /// Fails with [`StoreError::Superseded`] when `server_id` is this store's and another
+    /// instance has claimed it; holds the claim (a shared row lock) until `tx` ends, so a
+    /// takeover waits for this write instead of racing it.
+    async fn fence(&self, tx: &Transaction<'_>, server_id: &str) -> Result<(), StoreError> {
+        if server_id != self.inner.server_id {
+            return Ok(());
+        }
+        let claimed = tx
+            .query_opt(
+                "SELECT 1 FROM servers WHERE server_id = $1 AND instance_id = $2 FOR SHARE",
+                &[&server_id, &self.inner.instance_id],
+            )
+            .await
+            .map_err(db_error)?;
+        match claimed {
+            Some(_) => Ok(()),
+            None => Err(self.superseded(tx.client()).await),
+        }
+    }
+
     /// Runs `statement` as job `job` of the servers sharing the database: in a transaction
     /// that first takes the job's advisory lock (`pg_try_advisory_xact_lock`), so that while
     /// one server runs it the others skip it (0 rows) instead of doing the same work at once.
@@ -1591,20 +1604,20 @@ impl PostgresStore {
     /// The error of an instance whose claim on its server id was taken over, naming the
     /// instance that holds it now.
     async fn superseded(&self, client: &tokio_postgres::Client) -> StoreError {
-        let holder = client
+        let holder = match client
             .query_opt(
                 "SELECT host, instance_id FROM servers WHERE server_id = $1",
                 &[&self.inner.server_id],
             )
             .await
-            .ok()
-            .flatten()
-            .and_then(|row| {
-                let host: &str = row.try_get(0).ok()?;
-                let instance: &str = row.try_get(1).ok()?;
-                Some(format!("instance {instance} on host {host}"))
-            })
-            .unwrap_or_else(|| "none now".to_owned());
+        {
+            Ok(Some(row)) => match (row.try_get::<_, &str>(0), row.try_get::<_, &str>(1)) {
+                (Ok(host), Ok(instance)) => format!("instance {instance} on host {host}"),
+                _ => "unreadable".to_owned(),
+            },
+            Ok(None) => "none now".to_owned(),
+            Err(e) => format!("unknown: cannot read the servers table: {}", db_error(e)),
+        };
         StoreError::Superseded {
             server_id: self.inner.server_id.clone(),
             instance: holder,
