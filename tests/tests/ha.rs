@@ -52,18 +52,24 @@ async fn bundles_converge(servers: &[&TestServer], count: usize) -> BTreeSet<Vec
     }
 }
 
+/// Servers `ids` on the database at `url`, once every one's bundle holds every one's CA.
+async fn servers_on<const N: usize>(url: &str, ids: [&str; N]) -> [TestServer; N] {
+    let servers = ids.map(|id| TestServer::start(&on_database(url, id)));
+    let refs: Vec<&TestServer> = servers.iter().collect();
+    bundles_converge(&refs, N).await;
+    servers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_serve_one_bundle_and_an_agent_fails_over_between_them() {
     let Some(cluster) = sigil_testkit::shared() else {
         return;
     };
     let url = cluster.create_database().await;
-    let a = TestServer::start(&on_database(&url, "a"));
-    let b = TestServer::start(&on_database(&url, "b"));
-    let mut c = TestServer::start(&on_database(&url, "c"));
-
+    let [a, b, mut c] = servers_on(&url, ["a", "b", "c"]).await;
     // Every server serves (and verifies against) all three CAs.
-    let union = bundles_converge(&[&a, &b, &c], 3).await;
+    let union = authorities(&a).await;
+    assert_eq!(union.len(), 3);
 
     // Nine agents race on one join token across the three servers: exactly one attests.
     let token = a.join_token(Duration::from_secs(600)).await;
@@ -183,10 +189,7 @@ async fn a_session_opened_through_one_server_and_revoked_through_another_is_with
         return;
     };
     let url = cluster.create_database().await;
-    let a = TestServer::start(&on_database(&url, "a"));
-    let b = TestServer::start(&on_database(&url, "b"));
-    let mut c = TestServer::start(&on_database(&url, "c"));
-    bundles_converge(&[&a, &b, &c], 3).await;
+    let [a, b, mut c] = servers_on(&url, ["a", "b", "c"]).await;
     let agent = TestAgentProcess::start_listing(&a, &[a.node_addr]).await;
     const STANDING: &str = "spiffe://example.org/ha/standing";
     const ADMIN: &str = "spiffe://example.org/ha/admin";
@@ -640,10 +643,7 @@ async fn a_session_expires_on_time_when_the_server_that_opened_it_is_gone() {
         return;
     };
     let url = cluster.create_database().await;
-    let a = TestServer::start(&on_database(&url, "a"));
-    let c = TestServer::start(&on_database(&url, "c"));
-    let mut b = TestServer::start(&on_database(&url, "b"));
-    bundles_converge(&[&a, &b, &c], 3).await;
+    let [a, _c, mut b] = servers_on(&url, ["a", "c", "b"]).await;
     let agent = TestAgentProcess::start_listing(&a, &[a.node_addr]).await;
     let session = sigil_tests::open_session(
         &b,
@@ -783,11 +783,8 @@ async fn three_servers_ride_out_postgres_restarts_without_losing_an_acknowledged
         return;
     };
     let url = postgres.create_database().await;
-    let a = TestServer::start(&on_database(&url, "a"));
-    let b = TestServer::start(&on_database(&url, "b"));
-    let c = TestServer::start(&on_database(&url, "c"));
+    let [a, b, c] = servers_on(&url, ["a", "b", "c"]).await;
     let servers = [&a, &b, &c];
-    bundles_converge(&servers, 3).await;
 
     let mut acked = Vec::new();
     for (round, immediate) in [("fast", false), ("immediate", true)] {
@@ -882,9 +879,7 @@ async fn a_revocation_while_the_signing_server_is_down_names_it_and_reaches_its_
         return;
     };
     let url = cluster.create_database().await;
-    let mut a = TestServer::start(&on_database(&url, "a"));
-    let b = TestServer::start(&on_database(&url, "b"));
-    bundles_converge(&[&a, &b], 2).await;
+    let [mut a, b] = servers_on(&url, ["a", "b"]).await;
     let agent = TestAgentProcess::start_listing(&a, &[a.node_addr, b.node_addr]).await;
     const ADMIN: &str = "spiffe://example.org/ha/pending";
     let session = sigil_tests::open_session(&a, &agent, ADMIN, "10m", &[]);

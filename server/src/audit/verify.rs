@@ -333,8 +333,29 @@ impl ChainVerifier {
         self.settle()
     }
 
-    /// Ends the walk: checks that every checkpoint was reached (the log was not truncated)
-    /// and, from record 1, that a chain with records has one.
+    /// Ends the walk: checks that every checkpoint was reached (the log was not truncated),
+    /// from record 1 that a chain with records has one, and that the walk reached `head`, the
+    /// last sequence the store's chain head names.
+    ///
+    /// # Errors
+    ///
+    /// A checkpoint beyond the last record, a bad checkpoint, no checkpoint at all, or a head
+    /// beyond the last record.
+    pub(crate) fn finish_at(self, head: u64) -> Result<VerifySummary, Violation> {
+        self.finish().and_then(|summary| {
+            let last = summary.head.as_ref().map_or(0, |h| h.sequence);
+            // The store's head names records the walk did not find.
+            if last < head {
+                return Err(Violation {
+                    sequence: last + 1,
+                    kind: ViolationKind::HeadBeyondLog { head, last },
+                });
+            }
+            Ok(summary)
+        })
+    }
+
+    /// Ends the walk as [`ChainVerifier::finish_at`] does, without a head to reach.
     ///
     /// # Errors
     ///

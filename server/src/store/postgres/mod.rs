@@ -420,14 +420,7 @@ impl Drop for Inner {
 async fn claim(pool: &Pool, server_id: &str) -> Result<String, StoreError> {
     let instance_id = crate::store::new_instance_id()?;
     let client = pool.get().await.map_err(pool_error)?;
-    let previous = client
-        .query_opt(
-            "SELECT instance_id, host, extract(epoch FROM now() - heartbeat_at)::float8 \
-             FROM servers WHERE server_id = $1",
-            &[&server_id],
-        )
-        .await
-        .map_err(db_error)?;
+    let previous = holder_row(&client, server_id).await?;
     client
         .execute(
             "INSERT INTO servers (server_id, instance_id, host, started_at, heartbeat_at) \
@@ -438,12 +431,11 @@ async fn claim(pool: &Pool, server_id: &str) -> Result<String, StoreError> {
         )
         .await
         .map_err(db_error)?;
-    if let Some(row) = previous {
-        let (old, host, age): (&str, &str, f64) = (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?);
+    if let Some((old, host, age)) = previous {
         info!(
             server_id,
-            previous_instance = old,
-            previous_host = host,
+            previous_instance = %old,
+            previous_host = %host,
             last_heartbeat_secs_ago = age.round(),
             "server id taken over from the instance that held it before"
         );
@@ -454,6 +446,20 @@ async fn claim(pool: &Pool, server_id: &str) -> Result<String, StoreError> {
 /// Who holds `server_id` now, for an error message: host, instance and heartbeat age.
 async fn holder_of(pool: &Pool, server_id: &str) -> Result<String, StoreError> {
     let client = pool.get().await.map_err(pool_error)?;
+    Ok(match holder_row(&client, server_id).await? {
+        Some((instance, host, age)) => format!(
+            "instance {instance} on host {host}, last heartbeat {:.0} s ago",
+            age.max(0.0)
+        ),
+        None => "an instance still starting".to_owned(),
+    })
+}
+
+/// The `servers` row of `server_id`: instance id, host, seconds since its heartbeat.
+async fn holder_row(
+    client: &tokio_postgres::Client,
+    server_id: &str,
+) -> Result<Option<(String, String, f64)>, StoreError> {
     let row = client
         .query_opt(
             "SELECT instance_id, host, extract(epoch FROM now() - heartbeat_at)::float8 \
@@ -462,17 +468,14 @@ async fn holder_of(pool: &Pool, server_id: &str) -> Result<String, StoreError> {
         )
         .await
         .map_err(db_error)?;
-    Ok(match row {
-        Some(row) => {
-            let (instance, host, age): (&str, &str, f64) =
-                (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?);
-            format!(
-                "instance {instance} on host {host}, last heartbeat {:.0} s ago",
-                age.max(0.0)
-            )
-        }
-        None => "an instance still starting".to_owned(),
+    row.map(|row| {
+        Ok((
+            col::<&str>(&row, 0)?.to_owned(),
+            col::<&str>(&row, 1)?.to_owned(),
+            col::<f64>(&row, 2)?,
+        ))
     })
+    .transpose()
 }
 
 // === the follower ===

@@ -237,13 +237,7 @@ impl Store for PostgresStore {
 
     async fn snapshot_entries(&self) -> Result<EntrySnapshot, StoreError> {
         let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db_error)?;
+        let tx = begin_snapshot(&mut client).await?;
         let row = tx
             .query_one("SELECT revision FROM feed_head WHERE id = 1", &[])
             .await
@@ -635,13 +629,7 @@ impl Store for PostgresStore {
 
     async fn server_bundles(&self) -> Result<ServerBundles, StoreError> {
         let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db_error)?;
+        let tx = begin_snapshot(&mut client).await?;
         let row = tx
             .query_one("SELECT sequence FROM bundle_head WHERE id = 1", &[])
             .await
@@ -1623,6 +1611,19 @@ impl PostgresStore {
             instance: holder,
         }
     }
+}
+
+/// Starts a `REPEATABLE READ READ ONLY` transaction: every read in it sees one snapshot.
+async fn begin_snapshot(
+    client: &mut tokio_postgres::Client,
+) -> Result<Transaction<'_>, StoreError> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(db_error)
 }
 
 /// Starts a READ COMMITTED transaction whatever the database's default: the feed counter's
