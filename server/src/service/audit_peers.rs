@@ -147,27 +147,20 @@ impl PeerChains {
         let mut reports = Vec::new();
         let heads = self.store.audit_chains().await?;
         // A chain pinned earlier must still be there: emptying it is no way to hide it.
-        let pinned: Vec<String> = self.pins.lock().await.chains.keys().cloned().collect();
-        for chain in pinned {
+        let pinned: Vec<(String, Pin)> = self
+            .pins
+            .lock()
+            .await
+            .chains
+            .iter()
+            .map(|(chain, pin)| (chain.clone(), pin.clone()))
+            .collect();
+        for (chain, pin) in pinned {
             if chain != self.own_chain && !heads.iter().any(|h| h.chain_id == chain) {
                 reports.push(PeerChainReport {
-                    chain_id: chain.clone(),
-                    pinned_fingerprint: self
-                        .pins
-                        .lock()
-                        .await
-                        .chains
-                        .get(&chain)
-                        .map(|p| p.fingerprint.clone())
-                        .unwrap_or_default(),
-                    pinned_by: self
-                        .pins
-                        .lock()
-                        .await
-                        .chains
-                        .get(&chain)
-                        .map(Pin::described)
-                        .unwrap_or_default(),
+                    chain_id: chain,
+                    pinned_fingerprint: pin.fingerprint.clone(),
+                    pinned_by: pin.described(),
                     outcome: Err(Violation {
                         sequence: 1,
                         kind: ViolationKind::Unpinned {

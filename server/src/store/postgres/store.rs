@@ -1193,6 +1193,12 @@ impl Store for PostgresStore {
     ) -> Result<Page<Session>, StoreError> {
         let mut after = token_key(page.token.as_deref(), |s| SessionId::parse(s).is_ok())?;
         let size = page.effective_size();
+        // The state is matched by the database too: the servers read the live sessions every
+        // few seconds, and ended ones (most of the table) need not cross the wire for that.
+        let state = filter
+            .state
+            .map(|state| encode("session state", &state))
+            .transpose()?;
         let client = self.client().await?;
         let mut items = Vec::new();
         let mut more = false;
@@ -1200,8 +1206,9 @@ impl Store for PostgresStore {
             let rows = client
                 .query(
                     "SELECT id, body FROM sessions WHERE ($1::text IS NULL OR id > $1) \
+                       AND ($3::text IS NULL OR body::jsonb -> 'state' = $3::jsonb) \
                      ORDER BY id LIMIT $2",
-                    &[&after, &SCAN_BATCH],
+                    &[&after, &SCAN_BATCH, &state],
                 )
                 .await
                 .map_err(db_error)?;
