@@ -35,6 +35,28 @@ pub const REQUIRE_ENV: &str = "SIGIL_REQUIRE_POSTGRES";
 /// The role every cluster is created with (trust authentication on loopback).
 pub const USER: &str = "sigil";
 
+/// A connection kept open by [`Postgres::hold`]; dropping it closes the connection, which
+/// ends whatever it held.
+pub struct Held {
+    _client: tokio_postgres::Client,
+    task: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl Held {
+    /// Closes the connection and waits until it is closed.
+    pub async fn release(self) {
+        let Held { _client, task } = self;
+        drop(_client);
+        let _ = task.await;
+    }
+}
+
+impl fmt::Debug for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Held").finish_non_exhaustive()
+    }
+}
+
 /// A running PostgreSQL cluster of a test.
 pub struct Postgres {
     dir: tempfile::TempDir,
@@ -251,6 +273,28 @@ impl Postgres {
         drop(client);
         let _ = task.await;
         result
+    }
+
+    /// Runs `statements` on a connection of its own to the database at `url` and keeps that
+    /// connection open until the returned [`Held`] is dropped: what the statements took
+    /// (`BEGIN` and an advisory lock, say: another server in the middle of a job) is held
+    /// until then.
+    ///
+    /// # Errors
+    /// The connection's or a statement's error, as text.
+    pub async fn hold(url: &str, statements: &str) -> Result<Held, String> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
+        let task = tokio::spawn(connection);
+        client
+            .batch_execute(statements)
+            .await
+            .map_err(|e| format!("{e}: {e:?}"))?;
+        Ok(Held {
+            _client: client,
+            task,
+        })
     }
 
     /// The first column of the first row `query` returns, as text (`None`: no row, or NULL).

@@ -936,3 +936,200 @@ async fn a_revocation_while_the_signing_server_is_down_names_it_and_reaches_its_
     .json();
     assert!(revoked.get("pending_crl_servers").is_none(), "{revoked}");
 }
+
+/// The SQL value of the advisory lock key of job `job` (as the server derives it: the first
+/// eight bytes of SHA-256 over `sigil-server/job/` and the name, big-endian, signed).
+fn job_lock_key_sql(job: &str) -> String {
+    format!(
+        "('x' || left(encode(sha256('sigil-server/job/{job}'::bytea), 'hex'), 16))::bit(64)::bigint"
+    )
+}
+
+/// Session expiry is a job that one server at a time runs, under
+/// `pg_try_advisory_xact_lock`: while another holds the lock (a server in the middle of its
+/// pass) neither server expires anything, and once it lets go one of them expires the session,
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_expired_by_one_server_at_a_time() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let [a, b] = servers_on(&url, ["a", "b"]).await;
+    let agent = TestAgentProcess::start_listing(&a, &[a.node_addr]).await;
+    let held = sigil_testkit::Postgres::hold(
+        &url,
+        &format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({})",
+            job_lock_key_sql("expire_sessions")
+        ),
+    )
+    .await
+    .unwrap();
+    let session = sigil_tests::open_session(
+        &b,
+        &agent,
+        "spiffe://example.org/ha/held",
+        "4s",
+        &["--svid-ttl", "2s"],
+    );
+    let id = session["id"].as_str().unwrap().to_owned();
+    let show = |server: &TestServer| {
+        sigil_tests::server_cli(server, &["session", "show", &id, "--output", "json"]).json()
+    };
+    // Two seconds past its end (each server would expire it within milliseconds of it): still
+    // active, as far as both servers are concerned.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for server in [&a, &b] {
+        assert_eq!(
+            show(server)["state"],
+            "active",
+            "expired during another's pass"
+        );
+    }
+    held.release().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while show(&a)["state"] != "expired" {
+        assert!(
+            Instant::now() < deadline,
+            "not expired once the lock was free: {}",
+            show(&a)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(show(&b)["state"], "expired");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let records = sigil_tests::server_cli(
+        &b,
+        &[
+            "audit",
+            "show",
+            "--action",
+            "session.expire",
+            "--output",
+            "json",
+        ],
+    )
+    .json_lines();
+    assert_eq!(records.len(), 1, "expired once: {records:?}");
+}
+
+/// The subject of `der`, as text.
+fn subject(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der)
+        .unwrap()
+        .1
+        .subject()
+        .to_string()
+}
+
+/// The issuer of the leaf in the PEM `x509 mint` printed, and the leaf.
+fn minted_leaf(server: &TestServer) -> (String, CertificateDer<'static>) {
+    let minted = sigil_tests::server_cli(
+        server,
+        &[
+            "x509",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/ha/minted",
+            "--output",
+            "json",
+        ],
+    )
+    .json();
+    let pem = minted["svid_pem"].as_str().unwrap();
+    let leaf: CertificateDer<'static> =
+        rustls_pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+    let issuer = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .unwrap()
+        .1
+        .issuer()
+        .to_string();
+    (issuer, leaf)
+}
+
+/// A CA rotation by one server reaches the workloads of an agent that syncs from another
+/// server before the new CA signs anything: the bundle such a workload holds while server A
+/// still signs with its first CA already verifies what A signs after the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotated_by_one_server_reaches_another_servers_workloads_before_it_signs() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    // A's CA lives a minute: its successor is prepared at 30 s and signs from 50 s. B's lives
+    // the default (a day).
+    let a = TestServer::start(&format!(
+        "{}ca_ttl = \"1m\"\ndefault_x509_svid_ttl = \"10s\"\ndefault_jwt_svid_ttl = \"10s\"\n\
+         agent_svid_ttl = \"10s\"\n",
+        on_database(&url, "a")
+    ));
+    let b = TestServer::start(&on_database(&url, "b"));
+    let first = bundles_converge(&[&a, &b], 2).await;
+    let (first_issuer, _) = minted_leaf(&a);
+    let agent = TestAgentProcess::start_listing(&b, &[b.node_addr]).await;
+    const ID: &str = "spiffe://example.org/ha/rotated";
+    let me = format!("unix:uid:{}", my_uid());
+    create_entry(&b, entry(ID, &agent.agent_id(), &[&me]))
+        .await
+        .unwrap();
+    let (mut stream, _) = x509_stream_with(&agent, |m| svid_ids(m).contains(&ID.into())).await;
+
+    // Wait (up to 45 s) for the workload of B's agent to be given a bundle with A's successor.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    let (bundle, successor) = loop {
+        let msg = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "A's next CA never reached the workload; agent log:\n{}",
+                    agent.log_text()
+                )
+            })
+            .unwrap()
+            .expect("the workload's stream ended");
+        let svid = msg.svids.iter().find(|s| s.spiffe_id == ID).unwrap();
+        let bundle =
+            sigil_core::X509Bundle::from_der(sigil_tests::trust_domain(), &svid.bundle).unwrap();
+        let new: Vec<Vec<u8>> = bundle
+            .authorities()
+            .iter()
+            .map(|c| c.as_ref().to_vec())
+            .filter(|c| !first.contains(c))
+            .collect();
+        if let [successor] = new.as_slice() {
+            break (bundle, successor.clone());
+        }
+        assert!(new.is_empty(), "{} new authorities", new.len());
+    };
+    // At this moment A still signs with its first CA: the successor reached the workload
+    // before it was activated.
+    let (issuer, _) = minted_leaf(&a);
+    assert_eq!(
+        issuer, first_issuer,
+        "A switched before its successor was known"
+    );
+    assert_ne!(subject(&successor), first_issuer);
+
+    // Once A signs with its successor, what it signs verifies against the bundle the workload
+    // of B's agent was given before.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let leaf = loop {
+        let (issuer, leaf) = minted_leaf(&a);
+        if issuer == subject(&successor) {
+            break leaf;
+        }
+        assert_eq!(issuer, first_issuer);
+        assert!(
+            Instant::now() < deadline,
+            "A never switched to its successor"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    openssl_verify(&bundle, &leaf).unwrap();
+    // And B serves A's successor too.
+    assert!(authorities(&b).await.contains(&successor));
+}

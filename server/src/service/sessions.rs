@@ -141,6 +141,12 @@ const REVOKE_CRL_WAIT: Duration = Duration::from_secs(3);
 /// through other servers, whose opener may be gone, expire within this of their end).
 const SESSION_RESCAN: Duration = Duration::from_secs(5);
 
+/// The job name under which one server at a time expires sessions ([`Store::run_job`]).
+const EXPIRY_JOB: &str = "expire_sessions";
+
+/// How soon an expiry pass is tried again after it was another server's turn or failed.
+const EXPIRY_RETRY: Duration = Duration::from_millis(250);
+
 /// The session service: state changes, their audit, expiry and revocation.
 #[derive(Debug)]
 pub(crate) struct Sessions {
@@ -624,7 +630,10 @@ impl Sessions {
     }
 
     /// Expires every pending or active session whose end is at or before `now`; returns how
-    /// many it expired. Failures are logged and retried on the next call.
+    /// many it expired. The pass is a job that one server sharing the store runs at a time
+    /// ([`Store::run_job`]): while another server runs it, this one expires nothing and
+    /// [`Sessions::run_expiry`] tries again shortly. Failures are logged and retried the same
+    /// way.
     pub(crate) async fn expire_due(&self, now: SystemTime) -> usize {
         let due: Vec<SessionId> = self
             .live
@@ -634,6 +643,25 @@ impl Sessions {
             .filter(|(_, end)| **end <= now)
             .map(|(id, _)| id.clone())
             .collect();
+        if due.is_empty() {
+            return 0;
+        }
+        match self
+            .store
+            .run_job(EXPIRY_JOB, Box::pin(self.expire_each(due, now)))
+            .await
+        {
+            Ok(Some(expired)) => expired,
+            Ok(None) => 0,
+            Err(error) => {
+                warn!(%error, "cannot start expiring sessions; retrying");
+                0
+            }
+        }
+    }
+
+    /// Expires each of `due` that is still pending or active; returns how many it expired.
+    async fn expire_each(&self, due: Vec<SessionId>, now: SystemTime) -> usize {
         let mut expired = 0;
         for id in due {
             match self.expire_one(&id, now).await {
@@ -659,11 +687,12 @@ impl Sessions {
             }
             self.expire_due(SystemTime::now()).await;
             let next = self.live.lock().await.values().min().copied();
+            // A session whose end has passed is still here when the pass was another
+            // server's turn or failed: try again shortly, not at once.
             let wait = next
                 .map_or(SESSION_RESCAN, |end| {
                     end.duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO)
-                        .max(Duration::from_millis(20))
+                        .map_or(EXPIRY_RETRY, |left| left.max(Duration::from_millis(20)))
                 })
                 .min(SESSION_RESCAN);
             tokio::select! {

@@ -115,6 +115,7 @@ where
     run!(join_token_consumed_exactly_once_under_concurrency);
     run!(expired_join_token_consumed_and_refused);
     run!(prune_join_tokens_removes_only_expired_ones);
+    run!(a_job_nobody_else_runs_runs_once_and_in_turn);
     run!(federated_bundles_round_trip);
     run!(ca_journal_round_trip);
     run!(published_bundles_raise_one_shared_sequence);
@@ -1192,6 +1193,41 @@ pub(crate) async fn expired_join_token_consumed_and_refused(store: Arc<dyn Store
             .await,
         Err(StoreError::TokenNotFound)
     ));
+}
+
+/// `run_job` runs the work of a job no other server runs and returns its result; the same job
+/// can run again once it ended (the lock does not outlive the job), and a job run inside
+/// another job's work is not held up by it.
+pub(crate) async fn a_job_nobody_else_runs_runs_once_and_in_turn(store: Arc<dyn Store>) {
+    assert_eq!(
+        store
+            .run_job("conformance", Box::pin(async { 3 }))
+            .await
+            .unwrap(),
+        Some(3)
+    );
+    assert_eq!(
+        store
+            .run_job("conformance", Box::pin(async { 4 }))
+            .await
+            .unwrap(),
+        Some(4)
+    );
+    let inner = store.clone();
+    let nested = store
+        .run_job(
+            "conformance",
+            Box::pin(async move {
+                inner
+                    .run_job("conformance/other", Box::pin(async { 5 }))
+                    .await
+                    .unwrap()
+                    .unwrap_or(0)
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(nested, Some(5));
 }
 
 /// `prune_join_tokens` deletes the expired tokens and keeps the others.

@@ -82,6 +82,11 @@ pub(crate) const MAX_CHANGES_PER_CALL: usize = 10_000;
 /// Number of random bytes in an [`EntryId`].
 const ENTRY_ID_BYTES: usize = 16;
 
+/// The work of a job that one server at a time runs ([`Store::run_job`]): a future that
+/// yields how much it did.
+pub(crate) type JobWork<'w> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = usize> + Send + 'w>>;
+
 /// The store: every piece of server state that must survive a restart.
 ///
 /// Object safe; the server holds it as `Arc<dyn Store>`. Every mutating call returns only once
@@ -204,6 +209,26 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
 
     /// Deletes every join token that expired at or before `now`; returns how many.
     async fn prune_join_tokens(&self, now: SystemTime) -> Result<u64, StoreError>;
+
+    // --- jobs that one server at a time runs ---
+
+    /// Runs `work` as job `job` of the servers sharing the store and returns what it returned
+    /// (how much it did), unless another server runs that job now: then returns `Ok(None)` at
+    /// once and `work` is dropped unpolled. There is
+    /// no leader: on PostgreSQL the job holds `pg_try_advisory_xact_lock` in a transaction of
+    /// its own for as long as `work` runs, and the lock ends with that transaction (with its
+    /// connection if the server dies). A single-server backend (sled) always runs it. `work`
+    /// must be idempotent: if the lock's connection fails while `work` runs, another server
+    /// may start the same job before this one ends.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be reached to take the lock (`work` is not run).
+    async fn run_job<'w>(
+        &self,
+        job: &'static str,
+        work: JobWork<'w>,
+    ) -> Result<Option<usize>, StoreError>;
 
     // --- federated bundles ---
 

@@ -19,9 +19,9 @@ use crate::audit::{
 };
 use crate::store::{
     AttestedNode, Change, ChangeKind, ChangesSince, CrlCounters, EntryFilter, EntryId,
-    EntrySnapshot, FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
-    RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential, SessionEntryOp,
-    SessionFilter, SessionId, SessionUpdate, Store, StoreError,
+    EntrySnapshot, FederatedBundle, JobWork, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page,
+    PageRequest, RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential,
+    SessionEntryOp, SessionFilter, SessionId, SessionUpdate, Store, StoreError,
 };
 
 /// Rows fetched per round trip when a listing filters in Rust (audit records, sessions).
@@ -472,6 +472,26 @@ impl Store for PostgresStore {
             &[&nanos(now)],
         )
         .await
+    }
+
+    async fn run_job<'w>(
+        &self,
+        job: &'static str,
+        work: JobWork<'w>,
+    ) -> Result<Option<usize>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = begin(&mut client).await?;
+        if !try_job_lock(&tx, job).await? {
+            return Ok(None);
+        }
+        let done = work.await;
+        // The work is done (and each of its writes committed on its own); ending the lock's
+        // transaction only lets the next server in. Should this fail, the connection is gone
+        // and the lock with it.
+        if let Err(e) = tx.commit().await {
+            tracing::warn!(job, error = %db_error(e), "cannot end a job's lock transaction; the lock ends with its connection");
+        }
+        Ok(Some(done))
     }
 
     async fn set_federated_bundle(
@@ -1580,15 +1600,7 @@ impl PostgresStore {
     ) -> Result<u64, StoreError> {
         let mut client = self.client().await?;
         let tx = begin(&mut client).await?;
-        let row = tx
-            .query_one(
-                "SELECT pg_try_advisory_xact_lock($1)",
-                &[&super::job_lock_key(job)],
-            )
-            .await
-            .map_err(db_error)?;
-        if !col::<bool>(&row, 0)? {
-            tracing::debug!(job, "another server runs this job now; skipped");
+        if !try_job_lock(&tx, job).await? {
             return Ok(0);
         }
         let done = tx.execute(statement, params).await.map_err(db_error)?;
@@ -1643,6 +1655,23 @@ async fn begin(client: &mut tokio_postgres::Client) -> Result<Transaction<'_>, S
         .start()
         .await
         .map_err(db_error)
+}
+
+/// Takes job `job`'s advisory lock for the rest of `tx` if no other server holds it; false
+/// (logged) when one does.
+async fn try_job_lock(tx: &Transaction<'_>, job: &str) -> Result<bool, StoreError> {
+    let row = tx
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock($1)",
+            &[&super::job_lock_key(job)],
+        )
+        .await
+        .map_err(db_error)?;
+    let taken = col::<bool>(&row, 0)?;
+    if !taken {
+        tracing::debug!(job, "another server runs this job now; skipped");
+    }
+    Ok(taken)
 }
 
 /// Inserts a new entry's row (its revision and body follow in [`PostgresStore::take_revisions`]).

@@ -458,8 +458,8 @@ async fn an_update_losing_a_race_for_an_identity_names_the_winner() {
     let _ = task.await;
 }
 
-/// A singleton job (pruning) is skipped while another server holds its advisory lock, and
-/// runs once the lock's transaction ended: no leader, no double work.
+/// A singleton job (pruning, session expiry) is skipped while another server holds its
+/// advisory lock, and runs once the lock's transaction ended: no leader, no double work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_singleton_job_is_skipped_while_another_server_runs_it() {
     let Some(cluster) = sigil_testkit::shared() else {
@@ -493,6 +493,53 @@ async fn a_singleton_job_is_skipped_while_another_server_runs_it() {
     assert_eq!(store.prune_join_tokens(now).await.unwrap(), 0, "skipped");
     other.batch_execute("COMMIT").await.unwrap();
     assert_eq!(store.prune_join_tokens(now).await.unwrap(), 1, "ran");
+
+    // A job of several steps (session expiry) holds its lock while its work runs: the other
+    // server's work is dropped unpolled while this one's runs, and runs once it is done.
+    let polled = std::sync::atomic::AtomicUsize::new(0);
+    let work = |n: usize| {
+        let polled = &polled;
+        Box::pin(async move {
+            polled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            n
+        })
+    };
+    let b = PostgresStore::open(options(&url, "b")).await.unwrap();
+    let (entered, enter) = tokio::sync::oneshot::channel::<()>();
+    let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+    let running = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .run_job(
+                    "expire_sessions",
+                    Box::pin(async move {
+                        let _ = entered.send(());
+                        let _ = finished.await;
+                        7
+                    }),
+                )
+                .await
+        })
+    };
+    enter.await.unwrap();
+    assert_eq!(b.run_job("expire_sessions", work(1)).await.unwrap(), None);
+    assert_eq!(
+        b.run_job("prune_join_tokens", work(2)).await.unwrap(),
+        Some(2),
+        "another job is not held up"
+    );
+    finish.send(()).unwrap();
+    assert_eq!(running.await.unwrap().unwrap(), Some(7));
+    assert_eq!(
+        b.run_job("expire_sessions", work(3)).await.unwrap(),
+        Some(3)
+    );
+    assert_eq!(
+        polled.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the skipped work never ran"
+    );
     drop(other);
     let _ = driver.await;
 }

@@ -94,9 +94,10 @@ use self::commit::GroupCommit;
 use self::entries::prune_changes;
 use super::{
     AttestedNode, ChangesSince, CrlCounters, DEFAULT_CHANGE_RETENTION, EntryFilter, EntryId,
-    EntrySnapshot, FederatedBundle, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest,
-    RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential, SessionEntryOp,
-    SessionFilter, SessionId, SessionUpdate, Store, StoreError, hex_decode, hex_encode,
+    EntrySnapshot, FederatedBundle, JobWork, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page,
+    PageRequest, RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential,
+    SessionEntryOp, SessionFilter, SessionId, SessionUpdate, Store, StoreError, hex_decode,
+    hex_encode,
 };
 use crate::audit::{
     AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, AuditSource, NewAuditRecord,
@@ -550,6 +551,15 @@ impl Store for SledStore {
             self.commit().await?;
         }
         Ok(pruned)
+    }
+
+    /// One server per sled store: nobody else runs the job.
+    async fn run_job<'w>(
+        &self,
+        _job: &'static str,
+        work: JobWork<'w>,
+    ) -> Result<Option<usize>, StoreError> {
+        Ok(Some(work.await))
     }
 
     async fn set_federated_bundle(
