@@ -119,6 +119,15 @@ async fn three_servers_serve_one_bundle_and_an_agent_fails_over_between_them() {
     let leaf = CertificateDer::from(sigil_tests::certs(&svid.x509_svid)[0].to_vec());
     // Signed by C's CA, verified by openssl against A's bundle.
     openssl_verify(&a.bundle().await, &leaf).unwrap();
+    // A privileged session opened through B; its SVID reaches the workload, signed by C.
+    const ADMIN: &str = "spiffe://example.org/ha/failover-admin";
+    let session = sigil_tests::open_session(&b, &agent, ADMIN, "10m", &[]);
+    let session_id = session["id"].as_str().unwrap().to_owned();
+    sigil_tests::next_x509_until(&mut stream, Duration::from_secs(10), |m| {
+        svid_ids(m).contains(&ADMIN.to_owned())
+    })
+    .await
+    .unwrap();
     assert_eq!(
         authorities(&a).await,
         union,
@@ -149,10 +158,49 @@ async fn three_servers_serve_one_bundle_and_an_agent_fails_over_between_them() {
     };
     let ids = svid_ids(&update);
     assert!(ids.contains(&FIRST.to_owned()), "{ids:?}");
+    assert!(ids.contains(&ADMIN.to_owned()), "{ids:?}");
     for svid in &update.svids {
         let leaf = CertificateDer::from(sigil_tests::certs(&svid.x509_svid)[0].to_vec());
         openssl_verify(&b.bundle().await, &leaf).unwrap();
     }
+    // The session, opened through B, is revoked through A while C (whose CA signed its first
+    // SVID) is dead: withdrawn from the workload of the agent now syncing from B, and the
+    // revocation names C as the server whose CRL still has to list it.
+    let revoked = sigil_tests::server_cli(
+        &a,
+        &[
+            "session",
+            "revoke",
+            &session_id,
+            "--reason",
+            "failover test",
+            "--output",
+            "json",
+        ],
+    )
+    .json();
+    assert_eq!(revoked["state"], "revoked", "{revoked}");
+    assert!(
+        revoked["pending_crl_servers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|s| s == "c")),
+        "{revoked}"
+    );
+    let withdrawn = sigil_tests::next_x509_until(&mut stream, Duration::from_secs(10), |m| {
+        !svid_ids(m).contains(&ADMIN.to_owned())
+    })
+    .await
+    .unwrap_or_else(|status| {
+        panic!(
+            "the revoked session's SVID stayed with the workload: {status:?}\nagent log:\n{}",
+            agent.log_text()
+        )
+    });
+    let ids = svid_ids(&withdrawn);
+    assert!(
+        ids.contains(&FIRST.to_owned()) && ids.contains(&SECOND.to_owned()),
+        "{ids:?}"
+    );
     let log = agent.log_text();
     assert!(
         (log.contains("connected to another server") || log.contains("trying the next server"))
