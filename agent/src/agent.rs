@@ -2,15 +2,18 @@
 //! run under one shutdown signal.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sigil_attestors::unix::UnixAttestor;
 use sigil_daemon::limits::ConnectionLimit;
+use sigil_daemon::telemetry::{GrpcMetrics, HttpEndpoints};
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tracing::{Instrument, error, info, info_span};
 
 use crate::config::AgentConfig;
 use crate::manager::Manager;
 use crate::node::{NodeConnection, NodeError};
+use crate::telemetry;
 use crate::workload_api::{ListenerError, WorkloadApi, WorkloadListener, front_door_caller};
 
 /// The largest Workload API request (the largest is a `ValidateJWTSVID` with a token of at most
@@ -40,6 +43,9 @@ pub enum AgentError {
     /// The gRPC server failed.
     #[error("workload api server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The metrics or health listener could not be bound.
+    #[error(transparent)]
+    Http(#[from] sigil_daemon::telemetry::BindError),
 }
 
 /// Runs the agent until `shutdown` yields or the server refuses it for good.
@@ -47,6 +53,9 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = Shutdown> + Send,
 ) -> Result<(), AgentError> {
+    // Bound first, so that a taken port fails the start before anything else happens; served
+    // once the agent has its identity.
+    let http = HttpEndpoints::bind(config.metrics_address, config.health_address).await?;
     let node = Arc::new(
         NodeConnection::bootstrap(
             config.trust_domain.clone(),
@@ -69,6 +78,16 @@ pub async fn run(
     // The front door: accepts every gRPC client stack (it normalises the `:authority` of
     // C-core, Java and Swift clients) and holds each caller's process.
     let listener = WorkloadListener::bind(&config.socket_path)?;
+    let connections = ConnectionLimit::new("workload api", MAX_WORKLOAD_CONNECTIONS)
+        .per_key(MAX_WORKLOAD_CONNECTIONS_PER_UID);
+    let mut registry =
+        telemetry::registry(minter.metrics(), snapshots.clone(), connections.clone());
+    let grpc_metrics = GrpcMetrics::new(&mut registry);
+    let draining = Arc::new(AtomicBool::new(false));
+    let http = http.serve(
+        registry,
+        telemetry::readiness(draining.clone(), snapshots.clone()),
+    );
     let api = WorkloadApi::new(
         snapshots,
         minter,
@@ -77,17 +96,16 @@ pub async fn run(
     );
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let serve = sigil_daemon::limits::grpc_server()
+        .layer(grpc_metrics)
         .add_service(
             SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_WORKLOAD_REQUEST),
         )
         .serve_with_incoming_shutdown(
-            ConnectionLimit::new("workload api", MAX_WORKLOAD_CONNECTIONS)
-                .per_key(MAX_WORKLOAD_CONNECTIONS_PER_UID)
-                .apply_keyed(listener, |conn| {
-                    // Root is not limited apart: it is trusted (and often every container).
-                    let uid = conn.caller().uid();
-                    (uid != 0).then_some(u64::from(uid))
-                }),
+            connections.apply_keyed(listener, |conn| {
+                // Root is not limited apart: it is trusted (and often every container).
+                let uid = conn.caller().uid();
+                (uid != 0).then_some(u64::from(uid))
+            }),
             async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             },
@@ -106,6 +124,8 @@ pub async fn run(
             _ => Ok(()),
         },
         how = shutdown => {
+            // `/ready` says so from now on, through the drain.
+            draining.store(true, Ordering::SeqCst);
             let _ = stop_tx.send(true);
             let _ = std::fs::remove_file(&socket);
             if how == Shutdown::Graceful {
@@ -115,6 +135,7 @@ pub async fn run(
         }
     };
     manager.abort();
+    http.abort();
     let _ = std::fs::remove_file(&socket);
     outcome
 }

@@ -79,6 +79,9 @@ pub struct Inventory {
     pub crls: Vec<Vec<u8>>,
     /// Whether the sync stream to the server is up: session SVIDs are served only then.
     pub connected: bool,
+    /// Since when the agent has not reached a server (`None` while connected, and before the
+    /// first attempt failed).
+    pub disconnected_at: Option<SystemTime>,
 }
 
 // === impl WorkloadSvid ===
@@ -117,6 +120,7 @@ impl Inventory {
             sessions: BTreeMap::new(),
             crls: Vec::new(),
             connected: false,
+            disconnected_at: None,
         }
     }
 

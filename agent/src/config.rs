@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use sigil_core::TrustDomain;
 pub use sigil_daemon::config::{ConfigError, ConfigProblem};
-use sigil_daemon::config::{Problems, parse_file};
+use sigil_daemon::config::{Problems, listener_address, parse_file};
 pub use sigil_daemon::{LogFormat, LogLevel};
 
 /// Default Workload API socket.
@@ -26,6 +26,8 @@ const KNOWN_KEYS: &[&str] = &[
     "trust_bundle",
     "socket_path",
     "data_dir",
+    "metrics_address",
+    "health_address",
     "log_level",
     "log_format",
 ];
@@ -51,6 +53,12 @@ pub struct FileConfig {
     /// Where the agent keeps its key, SVID and bundle (mode 0700). Default
     /// `/tmp/sigil-agent/data`.
     pub data_dir: Option<String>,
+    /// Address (IP:PORT) of an HTTP listener serving Prometheus metrics at `/metrics`
+    /// (docs/operations.md). Default: none (off). Plain HTTP: keep it on loopback.
+    pub metrics_address: Option<String>,
+    /// Address (IP:PORT) of an HTTP listener serving `/live` and `/ready`. May be the same as
+    /// `metrics_address`. Default: none (off).
+    pub health_address: Option<String>,
     /// `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
     pub log_level: Option<String>,
     /// `text` or `json`. Default `text`.
@@ -93,6 +101,10 @@ pub struct AgentConfig {
     pub socket_path: PathBuf,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// The metrics listener, if any.
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// The health listener, if any.
+    pub health_address: Option<std::net::SocketAddr>,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -245,6 +257,16 @@ impl AgentConfig {
         let data_dir = PathBuf::from(
             pick(flags.data_dir, file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.to_owned()),
         );
+        let metrics_address = listener_address(
+            &mut problems,
+            "metrics_address",
+            file.metrics_address.as_deref(),
+        );
+        let health_address = listener_address(
+            &mut problems,
+            "health_address",
+            file.health_address.as_deref(),
+        );
         problems.into_result()?;
         // Every value that failed pushed a problem above, so all are present here.
         let (Some(trust_domain), Some(server_addresses), Some(log_level), Some(log_format)) =
@@ -259,6 +281,8 @@ impl AgentConfig {
             trust_bundle: pick(flags.trust_bundle, file.trust_bundle).map(PathBuf::from),
             socket_path,
             data_dir,
+            metrics_address,
+            health_address,
             log_level,
             log_format,
         })

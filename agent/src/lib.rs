@@ -27,6 +27,7 @@
 //!   cached per entry and audience; session SVIDs per caller, never cached).
 //! - [`cache`]: what the agent can hand out, and which identities a workload's selectors grant.
 //! - [`workload_api`]: the SPIFFE Workload API: the service and its front door.
+//! - [`telemetry`]: the agent's metrics and readiness (served by `sigil_daemon::telemetry`).
 //! - [`agent`]: the composition root; [`cli`]: the Workload API client commands.
 //!
 //! No module imports one that imports it back (`tests/tests/module_graph.rs`).
@@ -39,4 +40,5 @@ pub mod cli;
 pub mod config;
 pub mod manager;
 pub mod node;
+pub mod telemetry;
 pub mod workload_api;

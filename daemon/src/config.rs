@@ -129,6 +129,21 @@ pub fn parse_file<T: DeserializeOwned + Default>(
     }
 }
 
+/// An optional listener address (`metrics_address`, `health_address`): `IP:PORT`, or why
+/// not. Every problem is pushed onto `problems` under `key`.
+pub fn listener_address(
+    problems: &mut Problems,
+    key: &'static str,
+    text: Option<&str>,
+) -> Option<std::net::SocketAddr> {
+    let text = text?;
+    problems.check(
+        key,
+        text.parse::<std::net::SocketAddr>()
+            .map_err(|e| format!("{e} (write it as IP:PORT, e.g. 127.0.0.1:9988)")),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use serde::Deserialize;

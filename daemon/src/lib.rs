@@ -10,13 +10,16 @@
 //! - draining: [`drain`] gives open streams [`DRAIN_TIMEOUT`] after a graceful shutdown began;
 //! - configuration files: [`config`] reads a TOML file reporting every problem at once, unknown
 //!   keys included;
-//! - private state files: [`write_private`] replaces a 0600 file atomically.
+//! - private state files: [`write_private`] replaces a 0600 file atomically;
+//! - metrics and health: [`telemetry`] serves `/metrics`, `/live` and `/ready` and counts gRPC
+//!   calls.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod config;
 mod fs;
 pub mod limits;
+pub mod telemetry;
 
 pub use self::fs::{
     PRIVATE_FILE_MODE, PrivatePathError, check_key_file, check_private_dir, write_private,

@@ -211,6 +211,11 @@ impl ConnectionLimit {
         }
     }
 
+    /// How many connections hold a slot now.
+    pub fn open(&self) -> usize {
+        self.max.saturating_sub(self.permits.available_permits())
+    }
+
     /// How many connections were closed for the limit so far.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)

@@ -116,6 +116,13 @@ pub struct FileConfig {
     /// this server saw first for that chain (recorded in `data_dir/keys/audit_peers.json`).
     /// Default `[]`.
     pub audit_peer_keys: Option<Vec<String>>,
+    /// Address (IP:PORT) of an HTTP listener serving Prometheus metrics at `/metrics`
+    /// (OpenMetrics text; see docs/operations.md). Default: none (off). Keep it on loopback or
+    /// a management network: it is plain HTTP without authentication.
+    pub metrics_address: Option<String>,
+    /// Address (IP:PORT) of an HTTP listener serving `/live` and `/ready` (200 or 503 with the
+    /// reason). May be the same as `metrics_address`. Default: none (off).
+    pub health_address: Option<String>,
     /// Log level: `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
     pub log_level: Option<String>,
     /// Log format: `text` or `json`. Default `text`.
@@ -149,6 +156,8 @@ const KNOWN_KEYS: &[&str] = &[
     "server_id",
     "max_store_staleness",
     "audit_peer_keys",
+    "metrics_address",
+    "health_address",
     "log_level",
     "log_format",
 ];
@@ -217,6 +226,10 @@ pub struct ServerConfig {
     pub max_store_staleness: Duration,
     /// Fingerprints of the other servers' audit keys.
     pub audit_peer_keys: std::collections::BTreeSet<String>,
+    /// The metrics listener, if any.
+    pub metrics_address: Option<SocketAddr>,
+    /// The health listener, if any.
+    pub health_address: Option<SocketAddr>,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -248,7 +261,7 @@ pub(crate) const DEFAULT_POSTGRES_POOL_SIZE: u64 = 16;
 pub use sigil_daemon::{LogFormat, LogLevel};
 
 pub use sigil_daemon::config::{ConfigError, ConfigProblem};
-use sigil_daemon::config::{Problems, parse_file};
+use sigil_daemon::config::{Problems, listener_address, parse_file};
 
 // === impl ServerConfig ===
 
@@ -436,6 +449,17 @@ impl ServerConfig {
             },
         };
 
+        let metrics_address = listener_address(
+            &mut problems,
+            "metrics_address",
+            file.metrics_address.as_deref(),
+        );
+        let health_address = listener_address(
+            &mut problems,
+            "health_address",
+            file.health_address.as_deref(),
+        );
+
         let mut audit_peer_keys = std::collections::BTreeSet::new();
         for key in file.audit_peer_keys.unwrap_or_default() {
             if key.len() == 64
@@ -508,6 +532,8 @@ impl ServerConfig {
             postgres,
             server_id,
             max_store_staleness,
+            metrics_address,
+            health_address,
             audit_peer_keys,
             log_level,
             log_format,
@@ -868,6 +894,8 @@ mod tests {
             ca_ttl = "forever"
             default_jwt_svid_ttl = 5
             log_level = "loud"
+            metrics_address = "localhost:9988"
+            health_address = "127.0.0.1"
             colour = "blue"
             shade = 3
         "#;
@@ -881,7 +909,9 @@ mod tests {
                 "ca_ttl",
                 "colour",
                 "default_jwt_svid_ttl",
+                "health_address",
                 "log_level",
+                "metrics_address",
                 "shade",
                 "trust_domain"
             ]

@@ -45,6 +45,7 @@ use crate::service::crl::{CrlError, CrlPublisher};
 use crate::service::entries::Entries;
 use crate::service::entry_cache::EntryCache;
 use crate::service::ingest::AuditIngest;
+use crate::service::metrics;
 use crate::service::sessions::{SessionRules, Sessions};
 use crate::service::svids::Svids;
 use crate::service::sync::EntrySync;
@@ -54,8 +55,10 @@ use crate::store::postgres::{PostgresOptions, PostgresStore};
 use crate::store::sled::{SledStore, SledStoreOptions};
 use crate::tls::{self, ServerCertificate};
 use sigil_daemon::limits::ConnectionLimit;
+use sigil_daemon::telemetry::{GrpcMetrics, HttpEndpoints, ReadyCheck};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use zeroize::Zeroizing;
 
 pub use sigil_daemon::{DRAIN_TIMEOUT, Shutdown};
@@ -117,6 +120,9 @@ pub enum ServerError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The metrics or health listener could not be bound.
+    #[error(transparent)]
+    Http(#[from] sigil_daemon::telemetry::BindError),
     /// The admin socket could not be set up.
     #[error(transparent)]
     AdminSocket(#[from] AdminSocketError),
@@ -153,6 +159,7 @@ pub struct Server {
     listener: TcpListener,
     admin_listener: tokio::net::UnixListener,
     certificate: ServerCertificate,
+    http: HttpEndpoints,
 }
 
 /// Opens the store the configuration names: sled in `data_dir`, or PostgreSQL.
@@ -380,6 +387,7 @@ impl Server {
             source,
         })?;
         let admin_listener = bind_admin_socket(&config.admin_socket).await?;
+        let http = HttpEndpoints::bind(config.metrics_address, config.health_address).await?;
         Ok(Self {
             local_addr,
             store,
@@ -392,6 +400,7 @@ impl Server {
             listener,
             admin_listener,
             certificate,
+            http,
         })
     }
 
@@ -445,18 +454,20 @@ impl Server {
                 .run(stop_rx.clone())
                 .instrument(info_span!("entry_cache")),
         );
+        let entry_sync = EntrySync::new(
+            self.entries.clone(),
+            authority.clone(),
+            crls.clone(),
+            audit.clone(),
+            agents.clone(),
+            stop_rx.clone(),
+        );
+        let node_sync_metrics = entry_sync.metrics().clone();
         let node = NodeService::new(
             agents.clone(),
             svids.clone(),
             sessions.clone(),
-            EntrySync::new(
-                self.entries.clone(),
-                authority.clone(),
-                crls.clone(),
-                audit.clone(),
-                agents.clone(),
-                stop_rx.clone(),
-            ),
+            entry_sync,
             *authority.ttls(),
         );
         let expiry = tokio::spawn(
@@ -485,6 +496,22 @@ impl Server {
             .instrument(info_span!("audit")),
         );
 
+        let mut registry = metrics::registry(metrics::Sources {
+            authority: authority.clone(),
+            entries: self.entries.clone(),
+            crls: crls.clone(),
+            audit: audit.clone(),
+            sessions: sessions.metrics().clone(),
+            sync: node_sync_metrics.clone(),
+            store_commits: store.commit_latency(),
+        });
+        let grpc_metrics = GrpcMetrics::new(&mut registry);
+        let draining = Arc::new(AtomicBool::new(false));
+        let http = self.http.serve(
+            registry,
+            readiness(draining.clone(), authority.clone(), self.entries.clone()),
+        );
+
         let tls_config = Arc::new(tls::server_config(
             self.certificate.clone(),
             authority.verifier_bundles().clone(),
@@ -497,6 +524,7 @@ impl Server {
         });
         let node = Arc::new(node);
         let serve = sigil_daemon::limits::grpc_server()
+            .layer(grpc_metrics.clone())
             .add_service(
                 NodeServer::from_arc(node.clone())
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)
@@ -510,6 +538,7 @@ impl Server {
         let ingest_serve = tokio::spawn(
             sigil_daemon::limits::grpc_server()
                 .max_concurrent_streams(tls::MAX_SOURCE_STREAMS)
+                .layer(grpc_metrics.clone())
                 .add_service(
                     AuditIngestServer::new(AuditIngestService::new(Arc::new(AuditIngest::new(
                         store.clone(),
@@ -533,6 +562,7 @@ impl Server {
                 .initial_connection_window_size(tls::UNAUTHENTICATED_WINDOW)
                 .max_connection_age(tls::UNAUTHENTICATED_LIFETIME)
                 .max_connection_age_grace(tls::UNAUTHENTICATED_GRACE)
+                .layer(grpc_metrics.clone())
                 .add_service(
                     NodeServer::from_arc(node)
                         .max_decoding_message_size(tls::MAX_UNAUTHENTICATED_MESSAGE)
@@ -574,6 +604,7 @@ impl Server {
         let admin_socket = self.config.admin_socket.clone();
         let admin_serve = tokio::spawn(
             sigil_daemon::limits::grpc_server()
+                .layer(grpc_metrics.clone())
                 .add_service(
                     AdminServer::from_arc(admin.clone())
                         .max_decoding_message_size(MAX_MESSAGE_SIZE)
@@ -589,6 +620,7 @@ impl Server {
         let others_serve = tokio::spawn(
             sigil_daemon::limits::grpc_server()
                 .max_concurrent_streams(1)
+                .layer(grpc_metrics.clone())
                 .add_service(
                     AdminServer::from_arc(admin)
                         .max_decoding_message_size(NON_ADMIN_MESSAGE_SIZE)
@@ -624,6 +656,7 @@ impl Server {
                 ] {
                     task.abort();
                 }
+                http.abort();
                 for task in [attest_serve, ingest_serve, others_serve, admin_serve] {
                     task.abort();
                 }
@@ -642,11 +675,14 @@ impl Server {
                 admin_serve.abort();
                 heartbeat.abort();
                 pinning.abort();
+                http.abort();
                 final_checkpoint(checkpoints).await;
                 return result.map_err(ServerError::from);
             }
             how = shutdown => how,
         };
+        // `/ready` says so from now on, through the drain.
+        draining.store(true, Ordering::SeqCst);
         let _ = stop_tx.send(true);
         rotation.abort();
         expiry.abort();
@@ -680,6 +716,7 @@ impl Server {
         }
         // After the APIs stopped, so that nothing is appended after the last checkpoint.
         final_checkpoint(checkpoints).await;
+        http.abort();
         info!("server stopped");
         Ok(())
     }
@@ -715,6 +752,34 @@ async fn refuse_session_only_entries(
     } else {
         Err(ServerError::SessionOnlyEntries(offending))
     }
+}
+
+/// The server's readiness (`/ready`): not while draining, not while the entry cache refuses
+/// to authorize (the store has not answered within `max_store_staleness`), and not without
+/// an active X.509 authority. The store is loaded before anything is served.
+fn readiness(
+    draining: Arc<AtomicBool>,
+    authority: Arc<Authority>,
+    entries: Arc<EntryCache>,
+) -> ReadyCheck {
+    Arc::new(move || {
+        if draining.load(Ordering::SeqCst) {
+            return Err("draining: the server is stopping".to_owned());
+        }
+        if entries.is_refusing() {
+            return Err(
+                "the store has not answered within max_store_staleness: nothing is authorized"
+                    .to_owned(),
+            );
+        }
+        let active = authority.ca().authorities().iter().any(|a| {
+            a.kind == crate::ca::AuthorityKind::X509 && a.state == crate::ca::AuthorityState::Active
+        });
+        if !active {
+            return Err("no active X.509 authority".to_owned());
+        }
+        Ok(())
+    })
 }
 
 /// Resolves once `stop` says the server is stopping: the shutdown signal of each gRPC server.

@@ -203,6 +203,19 @@ impl TestServer {
 
     /// Sends a signal and waits (at most `timeout`) for the exit; returns the status and how
     /// long it took.
+    /// Sends `signal` (`TERM`, ...) and returns at once; the process is reaped later.
+    pub fn signal_nowait(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("not running").id();
+        assert!(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
     pub fn signal(&mut self, signal: &str, timeout: Duration) -> (ExitStatus, Duration) {
         let mut child = self.child.take().expect("server not running");
         let start = Instant::now();
@@ -534,6 +547,8 @@ pub struct TestAgentProcess {
     /// The servers it lists (`--server-address` each), in order.
     server_addrs: Vec<SocketAddr>,
     log: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Written to `agent.toml` and passed with `--config`, if any.
+    config: Option<String>,
 }
 
 impl TestAgentProcess {
@@ -545,6 +560,20 @@ impl TestAgentProcess {
     /// As [`TestAgentProcess::start`] (token and bundle from `server`), listing `servers` in
     /// that order (several servers sharing one database).
     pub async fn start_listing(server: &TestServer, servers: &[SocketAddr]) -> Self {
+        Self::start_configured(server, servers, None).await
+    }
+
+    /// As [`TestAgentProcess::start`], with `config` (TOML) as its configuration file; flags
+    /// give the rest.
+    pub async fn start_with_config(server: &TestServer, config: &str) -> Self {
+        Self::start_configured(server, &[server.node_addr], Some(config.to_owned())).await
+    }
+
+    async fn start_configured(
+        server: &TestServer,
+        servers: &[SocketAddr],
+        config: Option<String>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Readable by every uid, so unprivileged workloads can reach the socket.
         std::fs::set_permissions(
@@ -563,6 +592,7 @@ impl TestAgentProcess {
             child: None,
             server_addrs: servers.to_vec(),
             log: Arc::default(),
+            config,
         };
         agent.spawn(Some(&token));
         agent
@@ -580,6 +610,11 @@ impl TestAgentProcess {
         let _ = std::fs::remove_file(self.socket());
         let mut cmd = Command::new(binary("sigil-agent"));
         cmd.arg("run").args(["--trust-domain", TRUST_DOMAIN]);
+        if let Some(config) = &self.config {
+            let path = self.dir.path().join("agent.toml");
+            std::fs::write(&path, config).unwrap();
+            cmd.arg("--config").arg(path);
+        }
         for address in &self.server_addrs {
             cmd.arg("--server-address").arg(address.to_string());
         }
@@ -649,6 +684,19 @@ impl TestAgentProcess {
 
     /// Sends a signal to the agent and waits (at most `timeout`) for it to exit; returns the
     /// status and how long it took.
+    /// Sends `signal` (`TERM`, ...) and returns at once; the process is reaped later.
+    pub fn signal_nowait(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("not running").id();
+        assert!(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
     pub fn signal(&mut self, signal: &str, timeout: Duration) -> (ExitStatus, Duration) {
         let pid = self.child.as_ref().expect("agent not running").id();
         let start = Instant::now();
@@ -992,4 +1040,39 @@ pub async fn write_entries_until(
         }
     }
     (acked, refused)
+}
+
+/// The address a daemon's log says its HTTP listener serving `what` (`metrics` or `health`)
+/// is bound to (the `http endpoints listening` line).
+pub fn http_endpoint(log: &str, what: &str) -> Option<SocketAddr> {
+    log.lines().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let fields = &v["fields"];
+        (fields["message"] == "http endpoints listening" && fields[what] == true)
+            .then(|| fields["address"].as_str()?.parse().ok())?
+    })
+}
+
+/// `GET path` over HTTP/1.1 to `address`: the status code and the body, or the I/O error
+/// (connection refused once the daemon is gone).
+pub fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }

@@ -18,6 +18,7 @@ use zeroize::Zeroizing;
 
 use crate::cache::{SessionEntry, WorkloadSvid};
 use crate::node::{NodeConnection, NodeError, csr, new_key};
+use crate::telemetry::MintMetrics;
 
 /// The most JWT-SVIDs the cache holds before it starts over.
 const MAX_CACHED_JWTS: usize = 10_000;
@@ -81,6 +82,7 @@ pub struct Caller<'a> {
 pub struct Minter {
     node: Arc<NodeConnection>,
     jwts: Arc<Mutex<HashMap<JwtKey, CachedJwt>>>,
+    metrics: MintMetrics,
 }
 
 /// (entry id, entry revision, sorted audience): an updated entry (another SPIFFE ID, another
@@ -109,7 +111,13 @@ impl Minter {
         Self {
             node,
             jwts: Arc::default(),
+            metrics: MintMetrics::default(),
         }
+    }
+
+    /// What this minter (and its clones) obtained, by kind.
+    pub fn metrics(&self) -> &MintMetrics {
+        &self.metrics
     }
 
     /// A session SVID for `session`, minted for `caller` alone: a fresh key, a CSR, and the
@@ -137,6 +145,7 @@ impl Minter {
             .map_err(server_error)?
             .into_inner();
         debug!(session_id = %session.session_id, "session svid minted");
+        self.metrics.minted("x509_session");
         issued_svid(
             Grant {
                 entry_id: session.entry_id.clone(),
@@ -196,6 +205,7 @@ impl Minter {
                 got: response.spiffe_id,
             });
         }
+        self.metrics.minted("jwt");
         let expires = expiry(response.expires_at);
         let mut cache = self.jwts();
         if cache.len() > MAX_CACHED_JWTS {
@@ -235,6 +245,7 @@ impl Minter {
             .await
             .map_err(server_error)?
             .into_inner();
+        self.metrics.minted("jwt_session");
         Ok((response.spiffe_id, response.token))
     }
 

@@ -114,6 +114,10 @@ impl Manager {
                     }
                     // Session SVIDs are not served while the server cannot be reached.
                     self.inventory.connected = false;
+                    if self.inventory.disconnected_at.is_none() {
+                        self.inventory.disconnected_at = Some(SystemTime::now());
+                        self.publish();
+                    }
                     self.renew_svids().await;
                     tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -143,6 +147,7 @@ impl Manager {
         debug!(since = self.revision, "sync stream open");
         if !self.inventory.connected {
             self.inventory.connected = true;
+            self.inventory.disconnected_at = None;
             self.publish();
         }
         let mut pages = Pages::default();

@@ -51,6 +51,27 @@ pub(crate) enum AuthorityKind {
     Jwt,
 }
 
+impl AuthorityState {
+    /// The state's name: `prepared`, `active` or `old`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Prepared => "prepared",
+            Self::Active => "active",
+            Self::Old => "old",
+        }
+    }
+}
+
+impl AuthorityKind {
+    /// The kind's name: `x509` or `jwt`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::X509 => "x509",
+            Self::Jwt => "jwt",
+        }
+    }
+}
+
 /// A summary of one authority, for operators (`localauthority show` in SPIRE's terms).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct AuthorityInfo {

@@ -37,6 +37,7 @@ use crate::audit::{
     GENESIS_HASH, NewAuditRecord, VerifySummary, Violation, ViolationKind, action, key_fingerprint,
 };
 use crate::ca::{CaKey, KeyError, KeyManager};
+use crate::service::metrics::AuditMetrics;
 use crate::store::{MAX_PAGE_SIZE, PageRequest, Store, StoreError};
 
 /// How often the server checkpoints the chain head, when it moved, by default.
@@ -69,6 +70,7 @@ pub(crate) struct AuditLog {
     blocked: watch::Sender<Option<String>>,
     /// The latest checkpoint signed (or found at start), for the agents' sync streams.
     latest: watch::Sender<Option<Arc<AuditCheckpoint>>>,
+    metrics: AuditMetrics,
 }
 
 /// The state file: what must survive a restart and not live in the store.
@@ -198,7 +200,13 @@ impl AuditLog {
             divergence: watch::Sender::new(divergence),
             blocked: watch::Sender::new(None),
             latest: watch::Sender::new(latest),
+            metrics: AuditMetrics::default(),
         })
+    }
+
+    /// The records this server appended.
+    pub(crate) fn metrics(&self) -> &AuditMetrics {
+        &self.metrics
     }
 
     /// Readies the log before the server serves: signs the genesis checkpoint of an empty
@@ -311,10 +319,13 @@ impl AuditLog {
         if records.is_empty() {
             return Ok(());
         }
+        let count = records.len() as u64;
         self.store
             .append_audit(records)
             .await
-            .map(drop)
+            .map(|_| {
+                self.metrics.appended.inc_by(count);
+            })
             .map_err(|error| {
                 error!(%error, "{failure}");
                 error

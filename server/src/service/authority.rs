@@ -9,7 +9,7 @@
 //! publication replaces. Nothing else keeps a copy in step by hand.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sigil_core::tls::SharedBundles;
@@ -21,6 +21,7 @@ use crate::ca::{
     Ca, CaError, CaJournalStore, CaJournalStoreError, IssuedX509Svid, WorkloadX509SvidParams,
 };
 use crate::policy::{SessionOnly, TtlPolicy};
+use crate::service::metrics::IssueMetrics;
 use crate::store::{RegistrationEntry, ServerBundles, Store, StoreError};
 use sigil_core::session::SessionClaims;
 
@@ -97,6 +98,7 @@ pub(crate) struct Authority {
     bundle: watch::Sender<Arc<BundleState>>,
     verifier_bundles: SharedBundles,
     shared: Option<Shared>,
+    metrics: IssueMetrics,
 }
 
 /// The bundle the servers of one store share: each publishes its own authorities, every one
@@ -133,7 +135,13 @@ impl Authority {
             bundle,
             verifier_bundles,
             shared: None,
+            metrics: IssueMetrics::default(),
         }
+    }
+
+    /// What this authority signed, by kind, and how long signing took.
+    pub(crate) fn metrics(&self) -> &IssueMetrics {
+        &self.metrics
     }
 
     /// The same authority, publishing its authorities into the bundle that the servers of
@@ -305,10 +313,12 @@ impl Authority {
         csr_der: &[u8],
         now: SystemTime,
     ) -> Result<IssuedSvid, SignError> {
+        let started = Instant::now();
         let svid = self
             .ca
             .sign_agent_x509_svid(agent_id, csr_der, self.ttls.agent_svid(), now)
             .map_err(sign_error)?;
+        self.metrics.signed("x509_agent", started);
         Ok(issued(svid))
     }
 
@@ -333,7 +343,15 @@ impl Authority {
             caps: entry.expires_at.into_iter().collect(),
             session: session.cloned(),
         };
-        self.workload_x509(&params, csr_der, now)
+        let kind = if session.is_some() {
+            "x509_session"
+        } else {
+            "x509"
+        };
+        let started = Instant::now();
+        let svid = self.workload_x509(&params, csr_der, now)?;
+        self.metrics.signed(kind, started);
+        Ok(svid)
     }
 
     /// Signs a JWT-SVID for `entry`, never outliving the entry.
@@ -351,7 +369,15 @@ impl Authority {
         let ttl = self
             .ttls
             .jwt_until(entry.jwt_svid_ttl, entry.expires_at, now);
-        self.jwt(&entry.spiffe_id, audience, ttl, now, session)
+        let kind = if session.is_some() {
+            "jwt_session"
+        } else {
+            "jwt"
+        };
+        let started = Instant::now();
+        let jwt = self.jwt(&entry.spiffe_id, audience, ttl, now, session)?;
+        self.metrics.signed(kind, started);
+        Ok(jwt)
     }
 
     /// Mints an X509-SVID that no entry backs (an operator's `x509 mint`): `ttl` `None` means
@@ -378,7 +404,10 @@ impl Authority {
             caps: vec![],
             session: None,
         };
-        self.workload_x509(&params, csr_der, now)
+        let started = Instant::now();
+        let svid = self.workload_x509(&params, csr_der, now)?;
+        self.metrics.signed("x509_minted", started);
+        Ok(svid)
     }
 
     /// Mints a JWT-SVID that no entry backs (an operator's `jwt mint`).
@@ -396,7 +425,10 @@ impl Authority {
         self.session_only
             .refuse(spiffe_id, "jwt mint")
             .map_err(SignError::InvalidRequest)?;
-        self.jwt(spiffe_id, audience, self.ttls.jwt(ttl), now, None)
+        let started = Instant::now();
+        let jwt = self.jwt(spiffe_id, audience, self.ttls.jwt(ttl), now, None)?;
+        self.metrics.signed("jwt_minted", started);
+        Ok(jwt)
     }
 
     /// A fresh P-256 key and its SVID `spiffe://TD/sigil/server`, for the node API's TLS.
@@ -413,6 +445,7 @@ impl Authority {
         )
         .map_err(|_| internal("key"))?;
         let key_pair = rcgen::KeyPair::try_from(pkcs8.as_ref()).map_err(|_| internal("key"))?;
+        let started = Instant::now();
         let svid = self
             .ca
             .sign_server_x509_svid(
@@ -421,6 +454,7 @@ impl Authority {
                 now,
             )
             .map_err(sign_error)?;
+        self.metrics.signed("x509_server", started);
         let not_after = svid.not_after();
         Ok(ServerSvid {
             chain: vec![svid.into_certificate()],

@@ -174,6 +174,11 @@ impl EntryCache {
         }))
     }
 
+    /// How many entries the cache holds.
+    pub(crate) fn len(&self) -> usize {
+        self.read().entries.len()
+    }
+
     /// True while the cache refuses to authorize: the follower cannot read the store and the
     /// store last answered longer than `max_store_staleness` ago. Cheap: open sync streams
     /// ask it to end themselves, so that their agents move to another server.

@@ -28,6 +28,7 @@ pub(crate) mod crl;
 pub(crate) mod entries;
 pub(crate) mod entry_cache;
 pub(crate) mod ingest;
+pub(crate) mod metrics;
 pub(crate) mod sessions;
 pub(crate) mod svids;
 pub(crate) mod sync;

@@ -45,6 +45,7 @@ use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, IssuedJwt, IssuedSvid, SignError};
 use crate::service::crl::{CrlError, CrlPublisher};
 use crate::service::entry_cache::{EntryCache, EntryCacheError};
+use crate::service::metrics::{SessionMetrics, StateLabels};
 use crate::service::svids;
 use crate::store::{
     EntryId, NewEntry, PageRequest, RegistrationEntry, Revocation, RevocationReason, Session,
@@ -163,6 +164,7 @@ pub(crate) struct Sessions {
     /// Held while a revocation reads and ends a session, and while an issuance records its
     /// serial: each sees the other's outcome whole.
     serials: Mutex<()>,
+    metrics: SessionMetrics,
 }
 
 // === impl Sessions ===
@@ -188,7 +190,13 @@ impl Sessions {
             live: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
             serials: Mutex::new(()),
+            metrics: SessionMetrics::default(),
         }
+    }
+
+    /// Sessions opened, live by state, ended by how.
+    pub(crate) fn metrics(&self) -> &SessionMetrics {
+        &self.metrics
     }
 
     /// Reads the sessions that can still expire from the store.
@@ -205,6 +213,7 @@ impl Sessions {
                 ticket: None,
             };
             let mut page = PageRequest::first(0);
+            let before = found.len();
             loop {
                 let got = self.store.list_sessions(&filter, &page).await?;
                 found.extend(got.items.into_iter().map(|s| (s.id, s.expires_at)));
@@ -213,6 +222,12 @@ impl Sessions {
                     None => break,
                 }
             }
+            self.metrics
+                .live
+                .get_or_create(&StateLabels {
+                    state: state.as_str(),
+                })
+                .set(i64::try_from(found.len() - before).unwrap_or(i64::MAX));
         }
         self.live.lock().await.extend(found);
         Ok(())
@@ -319,6 +334,7 @@ impl Sessions {
             .store
             .create_session(session, entry, vec![record])
             .await?;
+        self.metrics.opened.inc();
         self.track(&session).await;
         info!(uid, session_id = %session.id, state = %session.state, "session opened");
         Ok(session)
@@ -802,6 +818,12 @@ impl Sessions {
             })
             .await
             .map_err(state_changed)?;
+        self.metrics
+            .ended
+            .get_or_create(&StateLabels {
+                state: state.as_str(),
+            })
+            .inc();
         self.track(&ended).await;
         Ok(ended)
     }

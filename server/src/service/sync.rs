@@ -27,6 +27,7 @@ use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, BundleState};
 use crate::service::crl::{CrlPublisher, CrlSet};
 use crate::service::entry_cache::{EntryCache, EntryCacheError, Recent};
+use crate::service::metrics::SyncMetrics;
 use crate::store::{Change, ChangeKind, EntryId, RegistrationEntry};
 
 /// Entries per snapshot or resume page at most.
@@ -135,6 +136,7 @@ pub(crate) struct EntrySync {
     audit: Arc<AuditLog>,
     agents: Arc<Agents>,
     shutdown: watch::Receiver<bool>,
+    metrics: SyncMetrics,
 }
 
 /// What one stream has told its agent.
@@ -165,7 +167,13 @@ impl EntrySync {
             audit,
             agents,
             shutdown,
+            metrics: SyncMetrics::default(),
         }
+    }
+
+    /// The streams open now.
+    pub(crate) fn metrics(&self) -> &SyncMetrics {
+        &self.metrics
     }
 
     /// The bundle and CRLs as last published.
@@ -190,6 +198,7 @@ impl EntrySync {
         witnessed: Vec<AuditCheckpoint>,
         tx: &SyncSender,
     ) -> Result<(), SyncError> {
+        let _open = self.metrics.open();
         // The checkpoints the agent presents are checked beside the stream (the audit log's
         // lock must never hold up its entries); until that check is done, and for good if it
         // failed, the stream sends no checkpoint that could replace the evidence the agent

@@ -210,6 +210,12 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
     /// Deletes every join token that expired at or before `now`; returns how many.
     async fn prune_join_tokens(&self, now: SystemTime) -> Result<u64, StoreError>;
 
+    // --- metrics ---
+
+    /// How long this store's durable writes take (a sled flush, a PostgreSQL commit): the
+    /// histogram the store observes, for the metrics registry.
+    fn commit_latency(&self) -> prometheus_client::metrics::histogram::Histogram;
+
     // --- jobs that one server at a time runs ---
 
     /// Runs `work` as job `job` of the servers sharing the store and returns what it returned

@@ -124,6 +124,8 @@ struct Inner {
     retention: i64,
     revision: watch::Sender<u64>,
     tasks: Vec<JoinHandle<()>>,
+    /// How long each commit took.
+    commits: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// The TLS connector of a connection: rustls with the configured roots, or none.
@@ -358,6 +360,7 @@ impl PostgresStore {
                 retention: i64::try_from(options.change_retention.max(1)).unwrap_or(i64::MAX),
                 revision: tx,
                 tasks: vec![listener, follower],
+                commits: sigil_daemon::telemetry::latency_histogram(),
             }),
         })
     }

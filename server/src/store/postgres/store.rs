@@ -80,7 +80,7 @@ impl Store for PostgresStore {
                     }
                 }
                 let written = self.take_revisions(&tx, &mut pending).await?;
-                tx.commit().await.map_err(db_error)?;
+                self.commit(tx).await?;
                 let mut written = written.into_iter();
                 let results: Vec<Result<RegistrationEntry, StoreError>> = results
                     .into_iter()
@@ -163,7 +163,7 @@ impl Store for PostgresStore {
                     deleted: false,
                 }];
                 let mut written = self.take_revisions(&tx, &mut pending).await?;
-                tx.commit().await.map_err(db_error)?;
+                self.commit(tx).await?;
                 written.pop().ok_or(StoreError::Closed)
             })
             .await?;
@@ -184,7 +184,7 @@ impl Store for PostgresStore {
                     deleted: true,
                 }];
                 self.take_revisions(&tx, &mut pending).await?;
-                tx.commit().await.map_err(db_error)?;
+                self.commit(tx).await?;
                 let revision = pending.last().map_or(0, |p| p.entry.revision);
                 Ok((old, revision))
             })
@@ -247,7 +247,7 @@ impl Store for PostgresStore {
             .query("SELECT body FROM entries ORDER BY id", &[])
             .await
             .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
+        self.commit(tx).await?;
         let entries = rows
             .iter()
             .map(|row| decode("entry", col(row, 0)?))
@@ -377,7 +377,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-            tx.commit().await.map_err(db_error)?;
+            self.commit(tx).await?;
             Ok(updated)
         })
         .await
@@ -472,6 +472,10 @@ impl Store for PostgresStore {
             &[&nanos(now)],
         )
         .await
+    }
+
+    fn commit_latency(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.inner.commits.clone()
     }
 
     async fn run_job<'w>(
@@ -632,7 +636,7 @@ impl Store for PostgresStore {
                 .await
                 .map_err(db_error)?;
             let sequence = to_u64("bundle sequence", col(&row, 0)?)?;
-            tx.commit().await.map_err(db_error)?;
+            self.commit(tx).await?;
             Ok(sequence)
         })
         .await
@@ -671,7 +675,7 @@ impl Store for PostgresStore {
                 ))
             })
             .collect::<Result<_, StoreError>>()?;
-        tx.commit().await.map_err(db_error)?;
+        self.commit(tx).await?;
         Ok(ServerBundles { sequence, bundles })
     }
 
@@ -695,7 +699,7 @@ impl Store for PostgresStore {
             tx.execute("UPDATE crl_head SET crls = crls + 1 WHERE id = 1", &[])
                 .await
                 .map_err(db_error)?;
-            tx.commit().await.map_err(db_error)
+            self.commit(tx).await
         })
         .await
     }
@@ -743,7 +747,7 @@ impl Store for PostgresStore {
             let mut client = self.client().await?;
             let tx = begin(&mut client).await?;
             let sealed = self.seal_into(&tx, records, SystemTime::now()).await?;
-            tx.commit().await.map_err(db_error)?;
+            self.commit(tx).await?;
             Ok(sealed)
         })
         .await
@@ -805,7 +809,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-            tx.commit().await.map_err(db_error)?;
+            self.commit(tx).await?;
             Ok(SourceAppend {
                 appended,
                 acknowledged,
@@ -1110,7 +1114,7 @@ impl Store for PostgresStore {
                 }
                 self.seal_into(&tx, audit, now).await?;
                 self.take_revisions(&tx, &mut pending).await?;
-                tx.commit().await.map_err(db_error)?;
+                self.commit(tx).await?;
                 Ok((session, pending.last().map(|p| p.entry.revision)))
             })
             .await?;
@@ -1187,7 +1191,7 @@ impl Store for PostgresStore {
                 // The change and its audit records are one write.
                 self.seal_into(&tx, &update.audit, now).await?;
                 self.take_revisions(&tx, &mut pending).await?;
-                tx.commit().await.map_err(db_error)?;
+                self.commit(tx).await?;
                 Ok((session, pending.last().map(|p| p.entry.revision)))
             })
             .await?;
@@ -1292,7 +1296,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-            tx.commit().await.map_err(db_error)?;
+            self.commit(tx).await?;
             Ok(session)
         })
         .await
@@ -1305,7 +1309,7 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = begin(&mut client).await?;
         upsert_revocations(&tx, &revocations).await?;
-        tx.commit().await.map_err(db_error)
+        self.commit(tx).await
     }
 
     async fn list_revocations(&self) -> Result<Vec<Revocation>, StoreError> {
@@ -1588,6 +1592,14 @@ impl PostgresStore {
         }
     }
 
+    /// Commits `tx`, timing it for `commit_latency`.
+    async fn commit(&self, tx: Transaction<'_>) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let done = tx.commit().await.map_err(db_error);
+        self.inner.commits.observe(started.elapsed().as_secs_f64());
+        done
+    }
+
     /// Runs `statement` as job `job` of the servers sharing the database: in a transaction
     /// that first takes the job's advisory lock (`pg_try_advisory_xact_lock`), so that while
     /// one server runs it the others skip it (0 rows) instead of doing the same work at once.
@@ -1604,7 +1616,7 @@ impl PostgresStore {
             return Ok(0);
         }
         let done = tx.execute(statement, params).await.map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
+        self.commit(tx).await?;
         Ok(done)
     }
 

@@ -85,9 +85,11 @@ pub use ::sled as engine;
 use ::sled::transaction::TransactionError;
 use ::sled::{Db, Tree};
 use async_trait::async_trait;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sigil_core::{SpiffeId, TrustDomain};
+use sigil_daemon::telemetry::latency_histogram;
 use tokio::sync::watch;
 
 use self::commit::GroupCommit;
@@ -151,6 +153,8 @@ struct Inner {
     retention: u64,
     group: Arc<GroupCommit>,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    /// How long each wait for a durable flush took.
+    commits: Histogram,
 }
 
 /// The database's trees.
@@ -243,6 +247,7 @@ impl SledStore {
                 retention,
                 group,
                 flusher: Mutex::new(Some(handle)),
+                commits: latency_histogram(),
             }),
         })
     }
@@ -282,7 +287,10 @@ impl SledStore {
 
     /// Waits until a flush covers every write made so far.
     async fn commit(&self) -> Result<(), StoreError> {
-        self.inner.group.commit().await
+        let started = std::time::Instant::now();
+        let done = self.inner.group.commit().await;
+        self.inner.commits.observe(started.elapsed().as_secs_f64());
+        done
     }
 
     fn durable_revision(&self) -> u64 {
@@ -551,6 +559,10 @@ impl Store for SledStore {
             self.commit().await?;
         }
         Ok(pruned)
+    }
+
+    fn commit_latency(&self) -> Histogram {
+        self.inner.commits.clone()
     }
 
     /// One server per sled store: nobody else runs the job.
