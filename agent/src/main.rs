@@ -12,7 +12,6 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
-        .and_then(|runtime| runtime.block_on(cli::execute(cli)))
-        .map(|()| ExitCode::SUCCESS);
+        .and_then(|runtime| runtime.block_on(cli::execute(cli)));
     sigil_daemon::exit_code("sigil-agent", result)
 }

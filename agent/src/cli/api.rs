@@ -28,7 +28,7 @@ pub enum Output {
     Json,
 }
 
-type Client = SpiffeWorkloadApiClient<
+pub(super) type Client = SpiffeWorkloadApiClient<
     InterceptedService<
         Channel,
         fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
@@ -63,7 +63,7 @@ pub fn socket_path(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
 }
 
-async fn connect(path: &Path) -> anyhow::Result<Client> {
+pub(super) async fn connect(path: &Path) -> anyhow::Result<Client> {
     let socket = path.to_owned();
     let channel = Endpoint::try_from("http://localhost")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -186,7 +186,7 @@ pub async fn fetch_x509(socket: &Path, write: Option<&Path>, output: Output) -> 
     Ok(())
 }
 
-fn pem_block(label: &str, der: &[u8]) -> String {
+pub(super) fn pem_block(label: &str, der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut pem = format!("-----BEGIN {label}-----\n");

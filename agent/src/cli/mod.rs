@@ -3,6 +3,7 @@
 //! agent's socket as a workload would.
 
 mod api;
+mod helper;
 
 use std::path::PathBuf;
 
@@ -10,6 +11,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 pub use self::api::{Output, fetch_jwt, fetch_x509, healthcheck, socket_path, validate_jwt, watch};
+pub use self::helper::{HelperArgs, HelperSettings};
 use crate::agent;
 use crate::config::{AgentConfig, Overrides};
 
@@ -33,6 +35,10 @@ enum Command {
     Api(ApiCommand),
     /// Exit 0 when the agent's Workload API answers.
     Healthcheck(ClientArgs),
+    /// Keep an SVID, its key, the bundle and the CRLs as files in a directory for software
+    /// that reads files (nginx, HAProxy, PostgreSQL), replaced as one set on every update;
+    /// then signal or reload that software. Like spiffe-helper.
+    Helper(HelperArgs),
 }
 
 #[derive(Debug, Args)]
@@ -127,14 +133,20 @@ enum ValidateCommand {
     },
 }
 
-/// Runs the command `cli` names to completion.
+/// Runs the command `cli` names to completion; the process's exit status.
 ///
 /// # Errors
 ///
 /// The command's failure, for `main` to print.
-pub async fn execute(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+pub async fn execute(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let done = match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Helper(args) => {
+            let settings = HelperSettings::from_args(args)?;
+            sigil_daemon::init_logging(sigil_daemon::LogLevel::Info, sigil_daemon::LogFormat::Text);
+            // The exit status of --cmd's process, when it ran one.
+            return helper::run(settings).await;
+        }
         Command::Healthcheck(c) => {
             healthcheck(&socket_path(c.socket_path.as_deref())?, c.output).await
         }
@@ -175,7 +187,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-    }
+    };
+    done.map(|()| std::process::ExitCode::SUCCESS)
 }
 
 /// `sigil-agent run`: the configuration, logging and signals, then the agent until a signal.

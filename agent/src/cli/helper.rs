@@ -1,0 +1,840 @@
+//! `sigil-agent helper`: SVIDs as files, for software that reads files and knows nothing of
+//! SPIFFE (nginx, HAProxy, PostgreSQL, Envoy's file-based SDS). Like spiffe-helper, in the
+//! agent's binary.
+//!
+//! It holds a Workload API stream open (`FetchX509SVID`) and on every update writes, into one
+//! directory: the SVID's chain, its key (0600), the bundle, the CRLs the agent was sent (PEM,
+//! one file, with an operator's extra CRL file appended), the federated bundles, and, with
+//! `--jwt-audience`, a JWT-SVID (refreshed at half its life). Then, once every file is in
+//! place, it signals the process it runs (`--cmd`, `--renew-signal`) and runs `--on-update`.
+//! When the stream ends (the agent restarts, say) it reconnects, and the files stay meanwhile.
+//!
+//! ## Files replaced as one set
+//!
+//! Each update is written whole into a new directory `DIR/.sigil-helper/gen-N`, flushed, and
+//! published by renaming one symlink, `DIR/.sigil-helper/current`, onto it. The file names in
+//! `DIR` are symlinks through `current` (`DIR/svid.pem -> .sigil-helper/current/svid.pem`), so a
+//! reader always opens a certificate and a key of the same set, and a crash (kill -9 included)
+//! before the rename leaves the previous set in place. Older generations are removed after the
+//! rename (the one before is kept, for readers that are mid-way).
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::Args;
+use serde::Deserialize;
+use sigil_proto::workload::{JwtsvidRequest, X509svidRequest, X509svidResponse};
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+use super::api::{connect, pem_block};
+
+/// The directory, under the output directory, that holds the generations.
+pub(super) const GENERATIONS_DIR: &str = ".sigil-helper";
+
+/// How long `--on-update` may run before it is killed.
+const ON_UPDATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// `sigil-agent helper`'s flags; each may also be set in the `--config` file under the same
+/// name with underscores (flags win).
+#[derive(Debug, Default, Args)]
+pub struct HelperArgs {
+    /// A TOML file with any of the settings below (keys: socket_path, dir, spiffe_id,
+    /// on_update, cmd, renew_signal, jwt_audience, svid_file_name, svid_key_file_name,
+    /// svid_bundle_file_name, crl_file_name, federated_bundle_file_name, jwt_svid_file_name,
+    /// extra_crl_file); flags win.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// The Workload API socket (else SPIFFE_ENDPOINT_SOCKET, else the agent's default).
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+    /// Where to write the files (created 0755 if missing). Required.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Which of the caller's SVIDs to write (default: the first the agent lists).
+    #[arg(long, value_name = "ID")]
+    pub spiffe_id: Option<String>,
+    /// A shell command run (`sh -c`) after every update, once every file is in place
+    /// (`nginx -s reload`, say); it gets 30 s.
+    #[arg(long, value_name = "CMD")]
+    pub on_update: Option<String>,
+    /// A process to run (`sh -c CMD`) once the first files are written, signalled with
+    /// `--renew-signal` after each later update; the helper exits with its status.
+    #[arg(long, value_name = "CMD")]
+    pub cmd: Option<String>,
+    /// The signal for `--cmd` after an update: HUP, USR1, ... (`SIG` prefix optional).
+    #[arg(long, value_name = "SIGNAL")]
+    pub renew_signal: Option<String>,
+    /// Also write a JWT-SVID for this audience (refreshed at half its life).
+    #[arg(long, value_name = "AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The SVID's chain, leaf first (default svid.pem).
+    #[arg(long, value_name = "NAME")]
+    pub svid_file_name: Option<String>,
+    /// Its private key, PKCS#8, mode 0600 (default svid_key.pem).
+    #[arg(long, value_name = "NAME")]
+    pub svid_key_file_name: Option<String>,
+    /// The trust bundle (default svid_bundle.pem).
+    #[arg(long, value_name = "NAME")]
+    pub svid_bundle_file_name: Option<String>,
+    /// The CRLs, one PEM file (default crl.pem).
+    #[arg(long, value_name = "NAME")]
+    pub crl_file_name: Option<String>,
+    /// The federated trust domains' bundles, one PEM file (default federated_bundle.pem).
+    #[arg(long, value_name = "NAME")]
+    pub federated_bundle_file_name: Option<String>,
+    /// The JWT-SVID, with `--jwt-audience` (default jwt_svid.token).
+    #[arg(long, value_name = "NAME")]
+    pub jwt_svid_file_name: Option<String>,
+    /// A PEM file of CRLs appended to the CRL file at every write (the CRLs of CAs above the
+    /// trust domain's, which nginx's `ssl_crl` wants for every CA in a chain).
+    #[arg(long, value_name = "PATH")]
+    pub extra_crl_file: Option<PathBuf>,
+}
+
+/// The keys the `--config` file accepts.
+const KNOWN_KEYS: &[&str] = &[
+    "socket_path",
+    "dir",
+    "spiffe_id",
+    "on_update",
+    "cmd",
+    "renew_signal",
+    "jwt_audience",
+    "svid_file_name",
+    "svid_key_file_name",
+    "svid_bundle_file_name",
+    "crl_file_name",
+    "federated_bundle_file_name",
+    "jwt_svid_file_name",
+    "extra_crl_file",
+];
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HelperFile {
+    socket_path: Option<PathBuf>,
+    dir: Option<PathBuf>,
+    spiffe_id: Option<String>,
+    on_update: Option<String>,
+    cmd: Option<String>,
+    renew_signal: Option<String>,
+    jwt_audience: Option<String>,
+    svid_file_name: Option<String>,
+    svid_key_file_name: Option<String>,
+    svid_bundle_file_name: Option<String>,
+    crl_file_name: Option<String>,
+    federated_bundle_file_name: Option<String>,
+    jwt_svid_file_name: Option<String>,
+    extra_crl_file: Option<PathBuf>,
+}
+
+/// The checked settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelperSettings {
+    socket: PathBuf,
+    dir: PathBuf,
+    spiffe_id: Option<String>,
+    on_update: Option<String>,
+    cmd: Option<String>,
+    renew_signal: Option<nix::sys::signal::Signal>,
+    jwt_audience: Option<String>,
+    names: FileNames,
+    extra_crl_file: Option<PathBuf>,
+}
+
+/// The name of each file in the output directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileNames {
+    svid: String,
+    key: String,
+    bundle: String,
+    crl: String,
+    federated: String,
+    jwt: String,
+}
+
+impl HelperSettings {
+    /// The settings from the flags and the file they name, every problem at once.
+    ///
+    /// # Errors
+    ///
+    /// Every problem, one per line, each naming its setting.
+    pub fn from_args(args: HelperArgs) -> anyhow::Result<Self> {
+        let mut problems = sigil_daemon::config::Problems::default();
+        let file: HelperFile = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                sigil_daemon::config::parse_file(&text, KNOWN_KEYS, &mut problems)
+            }
+            None => HelperFile::default(),
+        };
+        let dir = args.dir.or(file.dir);
+        if dir.is_none() {
+            problems.push("dir", "is required (--dir or dir in the file)");
+        }
+        let renew_signal = args
+            .renew_signal
+            .or(file.renew_signal)
+            .and_then(|name| problems.check("renew_signal", parse_signal(&name)));
+        let cmd = args.cmd.or(file.cmd);
+        if renew_signal.is_some() && cmd.is_none() {
+            problems.push("renew_signal", "needs cmd: the process to signal");
+        }
+        let mut name =
+            |key: &'static str, flag: Option<String>, file: Option<String>, default: &str| {
+                let name = flag.or(file).unwrap_or_else(|| default.to_owned());
+                if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                    problems.push(
+                        key,
+                        format!("{name:?} must be a plain file name (no '/', not hidden)"),
+                    );
+                }
+                name
+            };
+        let names = FileNames {
+            svid: name(
+                "svid_file_name",
+                args.svid_file_name,
+                file.svid_file_name,
+                "svid.pem",
+            ),
+            key: name(
+                "svid_key_file_name",
+                args.svid_key_file_name,
+                file.svid_key_file_name,
+                "svid_key.pem",
+            ),
+            bundle: name(
+                "svid_bundle_file_name",
+                args.svid_bundle_file_name,
+                file.svid_bundle_file_name,
+                "svid_bundle.pem",
+            ),
+            crl: name(
+                "crl_file_name",
+                args.crl_file_name,
+                file.crl_file_name,
+                "crl.pem",
+            ),
+            federated: name(
+                "federated_bundle_file_name",
+                args.federated_bundle_file_name,
+                file.federated_bundle_file_name,
+                "federated_bundle.pem",
+            ),
+            jwt: name(
+                "jwt_svid_file_name",
+                args.jwt_svid_file_name,
+                file.jwt_svid_file_name,
+                "jwt_svid.token",
+            ),
+        };
+        let all = [
+            &names.svid,
+            &names.key,
+            &names.bundle,
+            &names.crl,
+            &names.federated,
+            &names.jwt,
+        ];
+        let distinct: std::collections::BTreeSet<&String> = all.iter().copied().collect();
+        if distinct.len() != all.len() {
+            problems.push(
+                "svid_file_name",
+                "every file name must differ from the others",
+            );
+        }
+        let socket = super::api::socket_path(args.socket_path.or(file.socket_path).as_deref())?;
+        problems.into_result()?;
+        Ok(Self {
+            socket,
+            dir: dir.ok_or_else(|| anyhow!("dir is required"))?,
+            spiffe_id: args.spiffe_id.or(file.spiffe_id),
+            on_update: args.on_update.or(file.on_update),
+            cmd,
+            renew_signal,
+            jwt_audience: args.jwt_audience.or(file.jwt_audience),
+            names,
+            extra_crl_file: args.extra_crl_file.or(file.extra_crl_file),
+        })
+    }
+}
+
+/// `HUP`, `SIGHUP`, `hup`: the signal.
+fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal, String> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse::<nix::sys::signal::Signal>()
+        .map_err(|_| format!("{name:?} is not a signal name (HUP, USR1, ...)"))
+}
+
+/// One set of files: name -> (contents, mode).
+type FileSet = BTreeMap<String, (Vec<u8>, u32)>;
+
+/// Runs the helper until `--cmd`'s process exits (its status) or a fatal error.
+///
+/// # Errors
+///
+/// The output directory cannot be written; `--cmd` cannot be started.
+pub(super) async fn run(settings: HelperSettings) -> anyhow::Result<ExitCode> {
+    let mut writer = Writer::open(&settings.dir)?;
+    let mut child: Option<Child> = None;
+    let mut backoff = Duration::from_millis(200);
+    let mut last: Option<FileSet> = None;
+    loop {
+        let mut client = match connect(&settings.socket).await {
+            Ok(client) => client,
+            Err(error) => {
+                warn!(%error, retry_in = ?backoff, "cannot reach the Workload API; the files stay as they are");
+                if let Some(status) = wait_or_sleep(&mut child, backoff).await? {
+                    return Ok(status);
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let mut stream = match client.fetch_x509svid(X509svidRequest {}).await {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => {
+                warn!(code = ?status.code(), message = status.message(), retry_in = ?backoff, "the Workload API refused; the files stay as they are");
+                if let Some(status) = wait_or_sleep(&mut child, backoff).await? {
+                    return Ok(status);
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        info!(socket = %settings.socket.display(), "watching the Workload API");
+        let mut current: Option<X509svidResponse> = None;
+        let mut jwt_refresh: Option<tokio::time::Instant> = None;
+        loop {
+            let refresh_at = jwt_refresh
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
+            let update = tokio::select! {
+                message = stream.message() => match message {
+                    Ok(Some(message)) => Some(message),
+                    Ok(None) => { warn!("the Workload API ended the stream; reconnecting"); break }
+                    Err(status) => { warn!(code = ?status.code(), message = status.message(), "the Workload API stream failed; reconnecting"); break }
+                },
+                () = tokio::time::sleep_until(refresh_at) => None,
+                exited = wait_child(&mut child) => return exited,
+            };
+            if let Some(message) = update {
+                backoff = Duration::from_millis(200);
+                current = Some(message);
+            }
+            let Some(response) = &current else { continue };
+            let (files, jwt_expiry) = match render(&settings, response, &mut client).await {
+                Ok(rendered) => rendered,
+                Err(error) => {
+                    warn!(error = %format!("{error:#}"), "cannot write this update; keeping the previous files");
+                    jwt_refresh = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+                    continue;
+                }
+            };
+            jwt_refresh = jwt_expiry.map(half_life_from_now);
+            if last.as_ref() == Some(&files) {
+                continue;
+            }
+            writer.write(&files)?;
+            info!(dir = %settings.dir.display(), files = files.len(), "files updated");
+            last = Some(files);
+            notify(&settings, &mut child).await?;
+        }
+        if let Some(status) = wait_or_sleep(&mut child, backoff).await? {
+            return Ok(status);
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// When to fetch a JWT-SVID expiring at `expiry` again: at half its remaining life.
+fn half_life_from_now(expiry: SystemTime) -> tokio::time::Instant {
+    let left = expiry
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now() + (left / 2).max(Duration::from_secs(1))
+}
+
+/// The files of one update, and when its JWT-SVID (if any) expires.
+async fn render(
+    settings: &HelperSettings,
+    response: &X509svidResponse,
+    client: &mut super::api::Client,
+) -> anyhow::Result<(FileSet, Option<SystemTime>)> {
+    let svid = match &settings.spiffe_id {
+        Some(id) => response
+            .svids
+            .iter()
+            .find(|s| &s.spiffe_id == id)
+            .ok_or_else(|| anyhow!("the agent holds no SVID {id} for this process"))?,
+        None => response
+            .svids
+            .first()
+            .ok_or_else(|| anyhow!("the agent holds no SVID for this process"))?,
+    };
+    let names = &settings.names;
+    let mut files = FileSet::new();
+    files.insert(
+        names.svid.clone(),
+        (pem_all("CERTIFICATE", &svid.x509_svid)?, 0o644),
+    );
+    files.insert(
+        names.key.clone(),
+        (
+            pem_block("PRIVATE KEY", &svid.x509_svid_key).into_bytes(),
+            0o600,
+        ),
+    );
+    files.insert(
+        names.bundle.clone(),
+        (pem_all("CERTIFICATE", &svid.bundle)?, 0o644),
+    );
+    let mut crls = String::new();
+    for crl in &response.crl {
+        crls.push_str(&pem_block("X509 CRL", crl));
+    }
+    if let Some(extra) = &settings.extra_crl_file {
+        let text = std::fs::read_to_string(extra)
+            .with_context(|| format!("cannot read extra_crl_file {}", extra.display()))?;
+        if !text.contains("-----BEGIN X509 CRL-----") {
+            bail!("extra_crl_file {} holds no PEM CRL", extra.display());
+        }
+        crls.push_str(&text);
+        if !text.ends_with('\n') {
+            crls.push('\n');
+        }
+    }
+    files.insert(names.crl.clone(), (crls.into_bytes(), 0o644));
+    let mut federated = Vec::new();
+    for bundle in response.federated_bundles.values() {
+        federated.extend(pem_all("CERTIFICATE", bundle)?);
+    }
+    files.insert(names.federated.clone(), (federated, 0o644));
+    let mut jwt_expiry = None;
+    if let Some(audience) = &settings.jwt_audience {
+        let token = client
+            .fetch_jwtsvid(JwtsvidRequest {
+                audience: vec![audience.clone()],
+                spiffe_id: svid.spiffe_id.clone(),
+            })
+            .await
+            .map_err(|s| anyhow!("cannot fetch the JWT-SVID: {}", s.message()))?
+            .into_inner()
+            .svids
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("the agent returned no JWT-SVID"))?
+            .svid;
+        jwt_expiry = Some(jwt_expiry_of(&token)?);
+        files.insert(names.jwt.clone(), (token.into_bytes(), 0o600));
+    }
+    Ok((files, jwt_expiry))
+}
+
+/// The `exp` of a JWT (its signature was checked by the agent's server; this only schedules).
+fn jwt_expiry_of(token: &str) -> anyhow::Result<SystemTime> {
+    use base64::Engine as _;
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| anyhow!("the JWT-SVID is not a JWS"))?;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .context("the JWT-SVID's payload is not base64url")?,
+    )
+    .context("the JWT-SVID's payload is not JSON")?;
+    let exp = claims["exp"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("the JWT-SVID has no exp"))?;
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
+}
+
+/// Concatenated DER certificates (as the Workload API sends chains and bundles) as PEM.
+fn pem_all(label: &str, der: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut rest = der;
+    let mut pem = String::new();
+    while !rest.is_empty() {
+        let (after, _) = x509_parser::parse_x509_certificate(rest)
+            .map_err(|e| anyhow!("the agent sent a certificate that does not parse: {e}"))?;
+        let used = rest.len() - after.len();
+        pem.push_str(&pem_block(label, &rest[..used]));
+        rest = after;
+    }
+    Ok(pem.into_bytes())
+}
+
+/// After an update: signal `--cmd`'s process (starting it after the first), then run
+/// `--on-update`.
+async fn notify(settings: &HelperSettings, child: &mut Option<Child>) -> anyhow::Result<()> {
+    if let Some(cmd) = &settings.cmd {
+        match child {
+            None => {
+                let started = Command::new("/bin/sh")
+                    .args(["-c", cmd])
+                    .kill_on_drop(false)
+                    .spawn()
+                    .with_context(|| format!("cannot start --cmd {cmd:?}"))?;
+                info!(pid = started.id(), cmd, "started");
+                *child = Some(started);
+            }
+            Some(running) => {
+                if let (Some(signal), Some(pid)) = (settings.renew_signal, running.id()) {
+                    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+                    match nix::sys::signal::kill(pid, signal) {
+                        Ok(()) => info!(pid = pid.as_raw(), %signal, "signalled"),
+                        Err(error) => warn!(%error, %signal, "cannot signal --cmd's process"),
+                    }
+                }
+            }
+        }
+    }
+    if let Some(on_update) = &settings.on_update {
+        let run = Command::new("/bin/sh")
+            .args(["-c", on_update])
+            .kill_on_drop(true)
+            .status();
+        match tokio::time::timeout(ON_UPDATE_TIMEOUT, run).await {
+            Ok(Ok(status)) if status.success() => info!(command = on_update, "on-update ran"),
+            Ok(Ok(status)) => warn!(command = on_update, %status, "on-update failed"),
+            Ok(Err(error)) => warn!(command = on_update, %error, "cannot run on-update"),
+            Err(_) => warn!(
+                command = on_update,
+                "on-update timed out after 30 s and was killed"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Resolves with the helper's exit status once `--cmd`'s process exits; never without one.
+async fn wait_child(child: &mut Option<Child>) -> anyhow::Result<ExitCode> {
+    match child {
+        Some(running) => {
+            let status = running.wait().await.context("cannot wait for --cmd")?;
+            info!(%status, "--cmd exited; stopping");
+            Ok(status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .map_or(ExitCode::FAILURE, ExitCode::from))
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps `wait`, or returns `--cmd`'s exit status if it exits meanwhile.
+async fn wait_or_sleep(
+    child: &mut Option<Child>,
+    wait: Duration,
+) -> anyhow::Result<Option<ExitCode>> {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => Ok(None),
+        exited = wait_child(child) => exited.map(Some),
+    }
+}
+
+/// Writes file sets into a directory, each replacing the previous one whole (module docs).
+#[derive(Debug)]
+pub(super) struct Writer {
+    dir: PathBuf,
+    generations: PathBuf,
+    next: u64,
+}
+
+/// A generation written and flushed, not yet published.
+#[derive(Debug)]
+pub(super) struct Prepared {
+    name: String,
+    files: Vec<String>,
+}
+
+impl Writer {
+    /// A writer into `dir` (created 0755 if missing), continuing after the generations there.
+    ///
+    /// # Errors
+    ///
+    /// `dir` cannot be created or read.
+    pub(super) fn open(dir: &Path) -> anyhow::Result<Self> {
+        let generations = dir.join(GENERATIONS_DIR);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&generations)
+            .with_context(|| format!("cannot create {}", generations.display()))?;
+        let mut next = 0;
+        for entry in std::fs::read_dir(&generations)
+            .with_context(|| format!("cannot read {}", generations.display()))?
+        {
+            let name = entry?.file_name();
+            if let Some(n) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("gen-"))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                next = next.max(n + 1);
+            }
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            generations,
+            next,
+        })
+    }
+
+    /// Writes `files` as one set and publishes it.
+    ///
+    /// # Errors
+    ///
+    /// A file cannot be written; the previous set then stays.
+    pub(super) fn write(&mut self, files: &FileSet) -> anyhow::Result<()> {
+        let prepared = self.prepare(files)?;
+        self.publish(prepared)
+    }
+
+    /// Writes `files` into a new generation and flushes it; readers still see the previous
+    /// set.
+    ///
+    /// # Errors
+    ///
+    /// A file cannot be written.
+    pub(super) fn prepare(&mut self, files: &FileSet) -> anyhow::Result<Prepared> {
+        let name = format!("gen-{}", self.next);
+        self.next += 1;
+        let path = self.generations.join(&name);
+        if path.exists() {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot clear {}", path.display()))?;
+        }
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        for (file, (contents, mode)) in files {
+            let target = path.join(file);
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(*mode)
+                .open(&target)
+                .with_context(|| format!("cannot create {}", target.display()))?;
+            out.write_all(contents)
+                .and_then(|()| out.sync_all())
+                .with_context(|| format!("cannot write {}", target.display()))?;
+        }
+        sync_dir(&path)?;
+        Ok(Prepared {
+            name,
+            files: files.keys().cloned().collect(),
+        })
+    }
+
+    /// Points `current` at `prepared` (one rename), makes sure every file name in the
+    /// directory is the symlink through `current`, and removes generations older than the
+    /// previous one.
+    ///
+    /// # Errors
+    ///
+    /// The rename or a link fails.
+    pub(super) fn publish(&self, prepared: Prepared) -> anyhow::Result<()> {
+        let current = self.generations.join("current");
+        let previous = std::fs::read_link(&current).ok();
+        let staged = self.generations.join("current.new");
+        let _ = std::fs::remove_file(&staged);
+        std::os::unix::fs::symlink(&prepared.name, &staged)
+            .with_context(|| format!("cannot create {}", staged.display()))?;
+        std::fs::rename(&staged, &current)
+            .with_context(|| format!("cannot publish {}", current.display()))?;
+        sync_dir(&self.generations)?;
+        for file in &prepared.files {
+            let link = self.dir.join(file);
+            let target = Path::new(GENERATIONS_DIR).join("current").join(file);
+            if std::fs::read_link(&link).ok().as_deref() == Some(target.as_path()) {
+                continue;
+            }
+            let staged = self.dir.join(format!(".{file}.link"));
+            let _ = std::fs::remove_file(&staged);
+            std::os::unix::fs::symlink(&target, &staged)
+                .with_context(|| format!("cannot create {}", staged.display()))?;
+            std::fs::rename(&staged, &link)
+                .with_context(|| format!("cannot replace {}", link.display()))?;
+        }
+        sync_dir(&self.dir)?;
+        let keep = [Some(PathBuf::from(&prepared.name)), previous];
+        for entry in std::fs::read_dir(&self.generations)? {
+            let entry = entry?;
+            let name = PathBuf::from(entry.file_name());
+            let is_generation = name.to_str().is_some_and(|n| n.starts_with("gen-"));
+            if is_generation
+                && !keep.iter().flatten().any(|k| *k == name)
+                && let Err(error) = std::fs::remove_dir_all(entry.path())
+            {
+                warn!(%error, path = %entry.path().display(), "cannot remove an old generation");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Flushes a directory's entries.
+fn sync_dir(path: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(path)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot flush {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn set(tag: &str) -> FileSet {
+        [
+            (
+                "svid.pem".to_owned(),
+                (format!("cert {tag}").into_bytes(), 0o644),
+            ),
+            (
+                "svid_key.pem".to_owned(),
+                (format!("key {tag}").into_bytes(), 0o600),
+            ),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    fn read(dir: &Path) -> (String, String) {
+        (
+            std::fs::read_to_string(dir.join("svid.pem")).unwrap(),
+            std::fs::read_to_string(dir.join("svid_key.pem")).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_set_is_replaced_whole_and_a_crash_before_publishing_leaves_the_previous() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = Writer::open(dir.path()).unwrap();
+        writer.write(&set("1")).unwrap();
+        assert_eq!(read(dir.path()), ("cert 1".into(), "key 1".into()));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join("svid_key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // Killed after writing the next set, before publishing it: readers see set 1 whole.
+        let _unpublished = writer.prepare(&set("2")).unwrap();
+        drop(writer);
+        assert_eq!(read(dir.path()), ("cert 1".into(), "key 1".into()));
+
+        // A restarted helper goes on after the leftover generation, and cleans it up.
+        let mut writer = Writer::open(dir.path()).unwrap();
+        writer.write(&set("3")).unwrap();
+        assert_eq!(read(dir.path()), ("cert 3".into(), "key 3".into()));
+        writer.write(&set("4")).unwrap();
+        assert_eq!(read(dir.path()), ("cert 4".into(), "key 4".into()));
+        let generations: Vec<_> = std::fs::read_dir(dir.path().join(GENERATIONS_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("gen-"))
+            .collect();
+        assert_eq!(
+            generations.len(),
+            2,
+            "the current and the previous: {generations:?}"
+        );
+    }
+
+    #[test]
+    fn a_regular_file_in_the_way_becomes_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("svid.pem"), "from spiffe-helper").unwrap();
+        let mut writer = Writer::open(dir.path()).unwrap();
+        writer.write(&set("1")).unwrap();
+        assert_eq!(read(dir.path()).0, "cert 1");
+        assert!(
+            std::fs::symlink_metadata(dir.path().join("svid.pem"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+
+    /// docs/operations.md names every flag and every config key of the helper.
+    #[test]
+    fn the_operations_guide_documents_every_setting() {
+        use clap::CommandFactory as _;
+        let docs = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/operations.md"
+        ))
+        .unwrap();
+        let cli = crate::cli::Cli::command();
+        let helper = cli.find_subcommand("helper").unwrap();
+        for arg in helper.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" {
+                continue;
+            }
+            assert!(
+                docs.contains(&format!("`--{long}")),
+                "--{long} is not documented"
+            );
+        }
+        for key in KNOWN_KEYS {
+            assert!(
+                docs.contains(&format!("`{key}`")),
+                "{key} is not documented"
+            );
+        }
+    }
+
+    #[test]
+    fn settings_report_every_problem_and_signals_parse() {
+        let err = HelperSettings::from_args(HelperArgs {
+            renew_signal: Some("BOGUS".into()),
+            svid_file_name: Some("../x".into()),
+            ..HelperArgs::default()
+        })
+        .unwrap_err()
+        .to_string();
+        for key in ["dir", "renew_signal", "svid_file_name"] {
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        assert_eq!(
+            parse_signal("hup").unwrap(),
+            nix::sys::signal::Signal::SIGHUP
+        );
+        assert_eq!(
+            parse_signal("SIGUSR1").unwrap(),
+            nix::sys::signal::Signal::SIGUSR1
+        );
+        let ok = HelperSettings::from_args(HelperArgs {
+            dir: Some("/tmp/x".into()),
+            cmd: Some("nginx".into()),
+            renew_signal: Some("HUP".into()),
+            socket_path: Some("/tmp/api.sock".into()),
+            ..HelperArgs::default()
+        })
+        .unwrap();
+        assert_eq!(ok.names.key, "svid_key.pem");
+        assert_eq!(ok.names.crl, "crl.pem");
+    }
+}
