@@ -725,6 +725,23 @@ mod tests {
             (200, "ready\n".to_owned())
         );
         assert_eq!(get(health, "POST", "/ready").await.0, 405);
+
+        // The listener's cap: idle connections beyond it are closed as soon as accepted.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_HTTP_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(health).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut extra = tokio::net::TcpStream::connect(health).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(&mut extra, &mut buf),
+        )
+        .await
+        .expect("the connection over the cap was left open");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        drop(idle);
         task.abort();
     }
 }

@@ -189,6 +189,7 @@ async fn metrics_parse_and_move_and_ready_follows_the_lifecycle() {
             "sigil_server_signing_duration_seconds_count{kind=\"x509\"}",
             "sigil_server_entries{}",
             "sigil_server_sync_streams{}",
+            "sigil_server_agents_connected{}",
             "sigil_server_audit_appended_total{}",
             "sigil_server_store_commit_duration_seconds_count{}",
             "sigil_server_grpc_calls_total{code=\"ok\",method=\"AttestAgent\",service=\"sigil.node.v1.Node\"}",

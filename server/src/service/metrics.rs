@@ -9,7 +9,7 @@
 //! SPIFFE ID or a selector.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use prometheus_client::collector::Collector;
@@ -20,6 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+use sigil_core::SpiffeId;
 use sigil_core::lifetime::{hand_over_at, prepare_next_at};
 use sigil_daemon::telemetry::{LatencyFamily, latency_histogram};
 
@@ -94,10 +95,12 @@ impl fmt::Debug for SessionMetrics {
     }
 }
 
-/// Agents' sync streams open now.
+/// Agents' sync streams open now, and how many distinct agents hold them.
 #[derive(Clone, Default)]
 pub(crate) struct SyncMetrics {
     pub(crate) streams: Gauge,
+    pub(crate) agents: Gauge,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<SpiffeId, usize>>>,
 }
 
 impl fmt::Debug for SyncMetrics {
@@ -108,19 +111,43 @@ impl fmt::Debug for SyncMetrics {
 
 /// One open sync stream, counted while it lives.
 #[derive(Debug)]
-pub(crate) struct OpenStream(Gauge);
+pub(crate) struct OpenStream {
+    metrics: SyncMetrics,
+    agent: SpiffeId,
+}
 
 impl SyncMetrics {
-    /// Counts a stream until the guard drops.
-    pub(crate) fn open(&self) -> OpenStream {
+    /// Counts a stream of `agent` until the guard drops.
+    pub(crate) fn open(&self, agent: &SpiffeId) -> OpenStream {
         self.streams.inc();
-        OpenStream(self.streams.clone())
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        *open.entry(agent.clone()).or_default() += 1;
+        self.agents
+            .set(i64::try_from(open.len()).unwrap_or(i64::MAX));
+        OpenStream {
+            metrics: self.clone(),
+            agent: agent.clone(),
+        }
     }
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.dec();
+        self.metrics.streams.dec();
+        let mut open = self
+            .metrics
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.agent) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.agent);
+            }
+        }
+        self.metrics
+            .agents
+            .set(i64::try_from(open.len()).unwrap_or(i64::MAX));
     }
 }
 
@@ -176,8 +203,13 @@ pub(crate) fn registry(sources: Sources) -> Registry {
     );
     registry.register(
         "sync_streams",
-        "Agents' sync streams open on this server (one per connected agent)",
+        "Agents' sync streams open on this server",
         sources.sync.streams,
+    );
+    registry.register(
+        "agents_connected",
+        "Agents holding a sync stream open on this server",
+        sources.sync.agents,
     );
     registry.register(
         "audit_appended",

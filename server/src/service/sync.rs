@@ -198,7 +198,7 @@ impl EntrySync {
         witnessed: Vec<AuditCheckpoint>,
         tx: &SyncSender,
     ) -> Result<(), SyncError> {
-        let _open = self.metrics.open();
+        let _open = self.metrics.open(&agent.id);
         // The checkpoints the agent presents are checked beside the stream (the audit log's
         // lock must never hold up its entries); until that check is done, and for good if it
         // failed, the stream sends no checkpoint that could replace the evidence the agent
