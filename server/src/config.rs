@@ -918,7 +918,7 @@ mod tests {
         );
         let text = err.to_string();
         assert!(
-            text.starts_with("invalid configuration (7 problems):"),
+            text.starts_with("invalid configuration (9 problems):"),
             "{text}"
         );
         assert!(text.contains("colour: unknown key"), "{text}");
