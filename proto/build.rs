@@ -9,6 +9,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "sigil/audit/v1/audit.proto",
     ];
     let fds = protox::compile(protos, ["proto"])?;
+    // Every (service, method) the protos define, for the servers' metrics: only these become
+    // label values, whatever path a caller sends.
+    let mut methods = String::from("&[\n");
+    for file in &fds.file {
+        let package = file.package.as_deref().unwrap_or_default();
+        for service in &file.service {
+            let name = service.name.as_deref().unwrap_or_default();
+            let full = if package.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{package}.{name}")
+            };
+            for method in &service.method {
+                methods.push_str(&format!(
+                    "    ({full:?}, {:?}),\n",
+                    method.name.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    methods.push_str("]\n");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("rpc_methods.rs"), methods)?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -82,7 +82,7 @@ pub async fn run(
         .per_key(MAX_WORKLOAD_CONNECTIONS_PER_UID);
     let mut registry =
         telemetry::registry(minter.metrics(), snapshots.clone(), connections.clone());
-    let grpc_metrics = GrpcMetrics::new(&mut registry);
+    let grpc_metrics = GrpcMetrics::new(&mut registry, sigil_proto::RPC_METHODS);
     let draining = Arc::new(AtomicBool::new(false));
     let http = http.serve(
         registry,

@@ -279,14 +279,14 @@ fn text(status: u16, body: String) -> hyper::Response<Full<Bytes>> {
 
 // === gRPC calls ===
 
-/// The labels of a gRPC call: its service and method (`unknown` for a path the server does
-/// not implement, so that callers cannot mint label values) and its status code.
+/// The labels of a gRPC call: its service and method (`unknown` for a path the protos do not
+/// define, so that callers cannot mint label values) and its status code.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
-    /// `spiffe.workload.SpiffeWorkloadAPI`, `sigil.node.v1.Node`, ...
-    pub service: String,
+    /// `SpiffeWorkloadAPI`, `sigil.node.v1.Node`, ...
+    pub service: &'static str,
     /// `FetchX509SVID`, ...
-    pub method: String,
+    pub method: &'static str,
     /// The gRPC status code, as gRPC names it in lower case (`ok`, `permission_denied`, ...).
     pub code: &'static str,
 }
@@ -295,9 +295,9 @@ pub struct CallLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
     /// As [`CallLabels::service`].
-    pub service: String,
+    pub service: &'static str,
     /// As [`CallLabels::method`].
-    pub method: String,
+    pub method: &'static str,
 }
 
 /// A constructor of latency histograms: 0.5 ms to about 16 s, doubling.
@@ -315,6 +315,8 @@ pub type LatencyFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 pub struct GrpcMetrics {
     calls: Family<CallLabels, Counter>,
     latency: LatencyFamily<MethodLabels>,
+    /// `/service/method` -> its labels, for every method the protos define.
+    known: Arc<std::collections::HashMap<String, (&'static str, &'static str)>>,
 }
 
 impl fmt::Debug for GrpcMetrics {
@@ -324,8 +326,10 @@ impl fmt::Debug for GrpcMetrics {
 }
 
 impl GrpcMetrics {
-    /// The layer's metrics, registered in `registry` (under its prefix, if it has one).
-    pub fn new(registry: &mut Registry) -> Self {
+    /// The layer's metrics, registered in `registry` (under its prefix, if it has one). Only
+    /// the (`package.Service`, `Method`) pairs of `known` become label values; any other path
+    /// a caller sends counts as `unknown`.
+    pub fn new(registry: &mut Registry, known: &'static [(&'static str, &'static str)]) -> Self {
         let calls = Family::<CallLabels, Counter>::default();
         let latency = LatencyFamily::<MethodLabels>::new_with_constructor(latency_histogram);
         registry.register(
@@ -339,15 +343,23 @@ impl GrpcMetrics {
             prometheus_client::registry::Unit::Seconds,
             latency.clone(),
         );
-        Self { calls, latency }
+        let known = known
+            .iter()
+            .map(|&(service, method)| (format!("/{service}/{method}"), (service, method)))
+            .collect();
+        Self {
+            calls,
+            latency,
+            known: Arc::new(known),
+        }
     }
 
     /// How many calls of `service`/`method` ended with `code` (for tests and benches).
-    pub fn count(&self, service: &str, method: &str, code: &'static str) -> u64 {
+    pub fn count(&self, service: &'static str, method: &'static str, code: &'static str) -> u64 {
         self.calls
             .get(&CallLabels {
-                service: service.to_owned(),
-                method: method.to_owned(),
+                service,
+                method,
                 code,
             })
             .map_or(0, |c| c.get())
@@ -394,7 +406,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let (service, method) = split_path(request.uri().path());
+        let (service, method) = self
+            .metrics
+            .known
+            .get(request.uri().path())
+            .copied()
+            .unwrap_or(("unknown", "unknown"));
         let call = Call {
             metrics: self.metrics.clone(),
             service,
@@ -413,14 +430,6 @@ where
             Ok(response.map(|body| MeteredBody { inner: body, call }))
         })
     }
-}
-
-/// `/package.Service/Method` split in two.
-fn split_path(path: &str) -> (String, String) {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let service = parts.next().unwrap_or_default();
-    let method = parts.next().unwrap_or_default();
-    (service.to_owned(), method.to_owned())
 }
 
 /// The `grpc-status` of a header map, as a code name.
@@ -456,8 +465,8 @@ pub fn code_name(code: i32) -> &'static str {
 /// One call, counted when it ends.
 struct Call {
     metrics: GrpcMetrics,
-    service: String,
-    method: String,
+    service: &'static str,
+    method: &'static str,
     start: Instant,
     ended: bool,
 }
@@ -468,21 +477,10 @@ impl Call {
             return;
         }
         self.ended = true;
-        // Only implemented paths become label values.
-        let (service, method) = if code == "unimplemented" {
-            ("unknown".to_owned(), "unknown".to_owned())
-        } else {
-            (
-                std::mem::take(&mut self.service),
-                std::mem::take(&mut self.method),
-            )
-        };
+        let (service, method) = (self.service, self.method);
         self.metrics
             .latency
-            .get_or_create(&MethodLabels {
-                service: service.clone(),
-                method: method.clone(),
-            })
+            .get_or_create(&MethodLabels { service, method })
             .observe(self.start.elapsed().as_secs_f64());
         self.metrics
             .calls
@@ -588,7 +586,7 @@ mod tests {
     #[tokio::test]
     async fn calls_are_counted_at_their_trailers_and_unknown_paths_mint_no_labels() {
         let mut registry = Registry::default();
-        let metrics = GrpcMetrics::new(&mut registry);
+        let metrics = GrpcMetrics::new(&mut registry, &[("pkg.S", "Stream")]);
         // A gRPC-shaped service: `/pkg.S/Stream` answers with a body whose trailers say `ok`;
         // anything else is a trailers-only `unimplemented`, as tonic's router answers.
         let inner = tower::service_fn(|request: http::Request<()>| {
@@ -650,6 +648,14 @@ mod tests {
             .unwrap();
         drop(response);
         assert_eq!(metrics.count("pkg.S", "Stream", "cancelled"), 1);
+        // And so is a made-up path dropped before its answer: still no label of its own.
+        let response = service
+            .clone()
+            .oneshot(http::Request::get("/made.up/Path3").body(()).unwrap())
+            .await
+            .unwrap();
+        drop(response);
+        assert_eq!(metrics.count("unknown", "unknown", "unimplemented"), 4);
     }
 
     #[tokio::test]

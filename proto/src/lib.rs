@@ -14,6 +14,10 @@
 
 pub mod client;
 
+/// Every gRPC method the protos define, as (`package.Service`, `Method`): the paths the servers
+/// answer, and so the only values their call metrics use as labels.
+pub const RPC_METHODS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/rpc_methods.rs"));
+
 /// The SPIFFE Workload API (`workload.proto`): messages, the `SpiffeWorkloadAPI` server trait and
 /// its client.
 #[allow(

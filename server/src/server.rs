@@ -505,12 +505,8 @@ impl Server {
             sync: node_sync_metrics.clone(),
             store_commits: store.commit_latency(),
         });
-        let grpc_metrics = GrpcMetrics::new(&mut registry);
+        let grpc_metrics = GrpcMetrics::new(&mut registry, sigil_proto::RPC_METHODS);
         let draining = Arc::new(AtomicBool::new(false));
-        let http = self.http.serve(
-            registry,
-            readiness(draining.clone(), authority.clone(), self.entries.clone()),
-        );
 
         let tls_config = Arc::new(tls::server_config(
             self.certificate.clone(),
@@ -518,6 +514,12 @@ impl Server {
             authority.trust_domain().clone(),
             self.config.audit_sources.clone(),
         )?);
+        // Served from here to the very end (after the drain); nothing below returns early
+        // without aborting it.
+        let http = self.http.serve(
+            registry,
+            readiness(draining.clone(), authority.clone(), self.entries.clone()),
+        );
         let trust_domain = authority.trust_domain().clone();
         let incoming = tls::incoming(self.listener, tls_config, move |id| {
             crate::policy::is_agent_id(&trust_domain, id)

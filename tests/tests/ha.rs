@@ -1181,3 +1181,48 @@ async fn a_ca_rotated_by_one_server_reaches_another_servers_workloads_before_it_
     // And B serves A's successor too.
     assert!(authorities(&b).await.contains(&successor));
 }
+
+/// A database that hangs instead of failing (its feed locked by another session: reads wait,
+/// no error comes back) is a database that does not answer: past `max_store_staleness` the
+/// server's `/ready` says so, well before the database's own lock timeout (30 s) would have
+/// ended the wait, and it is ready again once the database answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_database_makes_the_server_unready_within_its_bound() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let server = TestServer::start(&format!(
+        "{}max_store_staleness = \"2s\"\nhealth_address = \"127.0.0.1:0\"\n",
+        on_database(&url, "a")
+    ));
+    let health = sigil_tests::http_endpoint(&server.log_text(), "health").unwrap();
+    assert_eq!(sigil_tests::http_get(health, "/ready").unwrap().0, 200);
+    let held =
+        sigil_testkit::Postgres::hold(&url, "BEGIN; LOCK TABLE feed_head IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+    let locked = Instant::now();
+    let body = loop {
+        let (status, body) = sigil_tests::http_get(health, "/ready").unwrap();
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            locked.elapsed() < Duration::from_secs(20),
+            "still ready {:?} after the database hung",
+            locked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(body.contains("max_store_staleness"), "{body}");
+    held.release().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sigil_tests::http_get(health, "/ready").unwrap().0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again after the database answered"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

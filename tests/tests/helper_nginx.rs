@@ -149,13 +149,38 @@ fn until<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
+/// A helper process: SIGTERM and a wait when dropped (it passes the signal on to its `--cmd`).
 struct Reap(Child);
+
+impl Reap {
+    /// SIGTERM, then its exit status (within 15 s).
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
 
 impl Drop for Reap {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if self.terminate().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
+}
+
+/// Whether process `pid` exists.
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +218,7 @@ async fn nginx_serves_and_verifies_with_the_helpers_files_and_reloads_on_revocat
         prefix.display(),
         conf.display()
     );
-    let helper = Reap(
+    let mut helper = Reap(
         Command::new(sigil_tests::binary("sigil-agent"))
             .arg("helper")
             .arg("--socket-path")
@@ -205,6 +230,28 @@ async fn nginx_serves_and_verifies_with_the_helpers_files_and_reloads_on_revocat
             .arg(&nginx_cmd)
             .arg("--on-update")
             .arg(format!("{nginx_cmd} -s reload"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    // A second helper whose --cmd records the --renew-signal it is sent.
+    let hups = dir.path().join("hups");
+    let files2 = dir.path().join("files2");
+    let _signalled = Reap(
+        Command::new(sigil_tests::binary("sigil-agent"))
+            .arg("helper")
+            .arg("--socket-path")
+            .arg(agent.socket())
+            .arg("--dir")
+            .arg(&files2)
+            .args(["--spiffe-id", NGINX_ID, "--renew-signal", "HUP", "--cmd"])
+            .arg(format!(
+                "/bin/sh -c 'trap \"echo hup >> {}\" HUP; while :; do sleep 0.1; done'",
+                hups.display()
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -336,5 +383,29 @@ async fn nginx_serves_and_verifies_with_the_helpers_files_and_reloads_on_revocat
         || served_serial(port).filter(|s| *s != rotated && *s != first_served),
     );
     assert_eq!(Some(renewed), file_serial(&files.join("svid.pem")));
-    drop(helper);
+
+    // The second helper signalled its process after the updates (the first set starts it).
+    let signalled = std::fs::read_to_string(&hups).unwrap_or_default();
+    assert!(signalled.lines().count() >= 1, "no HUP recorded");
+    assert_eq!(
+        file_serial(&files2.join("svid.pem")),
+        file_serial(&files.join("svid.pem"))
+    );
+
+    // SIGTERM to the helper reaches nginx, its --cmd: both exit.
+    let nginx_pid: u32 = std::fs::read_to_string(prefix.join("nginx.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(nginx_pid));
+    let status = helper
+        .terminate()
+        .expect("the helper did not exit after SIGTERM");
+    assert!(status.success(), "nginx's exit status, passed on: {status}");
+    until(
+        "nginx to exit with its helper",
+        Duration::from_secs(10),
+        || (!alive(nginx_pid)).then_some(()),
+    );
 }

@@ -3,7 +3,7 @@
 //! counters that move, and `/ready` through start, serving and the SIGTERM drain.
 //!
 //! The parser runs under `SIGIL_PYTHON` (default `python3`); `.ci/run` installs
-//! `prometheus-client` in its venv and sets `SIGIL_REQUIRE_GRPCIO=1`, which turns a missing
+//! `prometheus-client` in its venv and sets `SIGIL_REQUIRE_PROMETHEUS_CLIENT=1`, which turns a missing
 //! parser into a failure. Elsewhere that part is skipped with one line.
 
 #![allow(
@@ -56,8 +56,8 @@ fn parsed_by_prometheus_client(address: SocketAddr) -> Option<BTreeMap<String, f
         .is_ok_and(|o| o.status.success());
     if !has {
         assert!(
-            std::env::var("SIGIL_REQUIRE_GRPCIO").as_deref() != Ok("1"),
-            "SIGIL_REQUIRE_GRPCIO=1 but {python} has no prometheus_client (pip install prometheus-client)"
+            std::env::var("SIGIL_REQUIRE_PROMETHEUS_CLIENT").as_deref() != Ok("1"),
+            "SIGIL_REQUIRE_PROMETHEUS_CLIENT=1 but {python} has no prometheus_client (pip install prometheus-client)"
         );
         eprintln!(
             "SKIPPED the OpenMetrics parser: {python} has no prometheus_client (pip install prometheus-client)"

@@ -13,10 +13,14 @@
 //!
 //! Each update is written whole into a new directory `DIR/.sigil-helper/gen-N`, flushed, and
 //! published by renaming one symlink, `DIR/.sigil-helper/current`, onto it. The file names in
-//! `DIR` are symlinks through `current` (`DIR/svid.pem -> .sigil-helper/current/svid.pem`), so a
-//! reader always opens a certificate and a key of the same set, and a crash (kill -9 included)
-//! before the rename leaves the previous set in place. Older generations are removed after the
-//! rename (the one before is kept, for readers that are mid-way).
+//! `DIR` are symlinks through `current` (`DIR/svid.pem -> .sigil-helper/current/svid.pem`), so at
+//! every moment they resolve to one set, and a crash (kill -9 included) before the rename
+//! leaves the previous set in place. A reader opening the files across a rename would pair two
+//! sets: sets are published at most once every [`SETTLE`], and the software is told after the
+//! rename, so a reload reads the set that caused it. Older generations are removed after the
+//! rename (the one before is kept, for readers mid-way). `DIR` and `DIR/.sigil-helper` must be
+//! the helper's alone (`sigil_daemon::check_private_dir`): whoever could write them would choose
+//! what is read as the SVID, the bundle and the CRLs.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -66,8 +70,9 @@ pub struct HelperArgs {
     /// (`nginx -s reload`, say); it gets 30 s.
     #[arg(long, value_name = "CMD")]
     pub on_update: Option<String>,
-    /// A process to run (`sh -c CMD`) once the first files are written, signalled with
-    /// `--renew-signal` after each later update; the helper exits with its status.
+    /// A process to run once the first files are written (a program and its arguments, split
+    /// as a shell would, without a shell), signalled with `--renew-signal` after each later
+    /// update; SIGTERM and SIGINT are passed on to it, and the helper exits with its status.
     #[arg(long, value_name = "CMD")]
     pub cmd: Option<String>,
     /// The signal for `--cmd` after an update: HUP, USR1, ... (`SIG` prefix optional).
@@ -145,7 +150,7 @@ pub struct HelperSettings {
     dir: PathBuf,
     spiffe_id: Option<String>,
     on_update: Option<String>,
-    cmd: Option<String>,
+    cmd: Option<Vec<String>>,
     renew_signal: Option<nix::sys::signal::Signal>,
     jwt_audience: Option<String>,
     names: FileNames,
@@ -187,7 +192,18 @@ impl HelperSettings {
             .renew_signal
             .or(file.renew_signal)
             .and_then(|name| problems.check("renew_signal", parse_signal(&name)));
-        let cmd = args.cmd.or(file.cmd);
+        let cmd = args.cmd.or(file.cmd).and_then(|text| {
+            problems.check(
+                "cmd",
+                match shlex::split(&text) {
+                    Some(argv) if !argv.is_empty() => Ok(argv),
+                    _ => Err(format!(
+                        "{text:?} is not a command line (a program and its arguments, quoted as \
+                         in a shell; no shell features)"
+                    )),
+                },
+            )
+        });
         if renew_signal.is_some() && cmd.is_none() {
             problems.push("renew_signal", "needs cmd: the process to signal");
         }
@@ -286,34 +302,101 @@ fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal, String> {
 /// One set of files: name -> (contents, mode).
 type FileSet = BTreeMap<String, (Vec<u8>, u32)>;
 
-/// Runs the helper until `--cmd`'s process exits (its status) or a fatal error.
+/// The least time between two published sets: a reload triggered by one update reads that
+/// set before the next replaces it.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// How soon a set that could not be written is tried again.
+const WRITE_RETRY: Duration = Duration::from_secs(5);
+
+/// How long `--cmd`'s process gets to exit after SIGTERM before it is killed.
+const CHILD_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the watch loop returned.
+enum Stop {
+    /// `--cmd`'s process exited: the helper exits with its status.
+    Exited(ExitCode),
+    /// SIGTERM or SIGINT.
+    Signal(nix::sys::signal::Signal),
+}
+
+/// Runs the helper until `--cmd`'s process exits (its status), a SIGTERM or SIGINT (passed on
+/// to that process, whose status is then the helper's), or a fatal error (the process is
+/// stopped first).
 ///
 /// # Errors
 ///
-/// The output directory cannot be written; `--cmd` cannot be started.
+/// The output directory is not the helper's alone; `--cmd` cannot be started.
 pub(super) async fn run(settings: HelperSettings) -> anyhow::Result<ExitCode> {
-    let mut writer = Writer::open(&settings.dir)?;
     let mut child: Option<Child> = None;
+    let outcome = watch(&settings, &mut child).await;
+    match (outcome, child) {
+        (Ok(Stop::Exited(status)), _) => Ok(status),
+        (Ok(Stop::Signal(signal)), Some(running)) => Ok(stop_child(running, signal).await),
+        (Ok(Stop::Signal(_)), None) => Ok(ExitCode::SUCCESS),
+        (Err(error), Some(running)) => {
+            stop_child(running, nix::sys::signal::Signal::SIGTERM).await;
+            Err(error)
+        }
+        (Err(error), None) => Err(error),
+    }
+}
+
+/// Sends `signal` to `child`, waits [`CHILD_GRACE`] for it to exit (then kills it), and returns
+/// its exit status.
+async fn stop_child(mut child: Child, signal: nix::sys::signal::Signal) -> ExitCode {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+    }
+    let status = match tokio::time::timeout(CHILD_GRACE, child.wait()).await {
+        Ok(status) => status,
+        Err(_) => {
+            warn!("--cmd's process did not exit within 10 s of the signal; killing it");
+            let _ = child.kill().await;
+            child.wait().await
+        }
+    };
+    exit_code(status.ok())
+}
+
+/// The helper's exit code for `--cmd`'s exit status (1 when killed by a signal or unknown).
+fn exit_code(status: Option<std::process::ExitStatus>) -> ExitCode {
+    status
+        .and_then(|s| s.code())
+        .and_then(|c| u8::try_from(c).ok())
+        .map_or(ExitCode::FAILURE, ExitCode::from)
+}
+
+/// Watches the Workload API and writes every update, until `--cmd`'s process exits or a
+/// signal.
+async fn watch(settings: &HelperSettings, child: &mut Option<Child>) -> anyhow::Result<Stop> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    sigil_daemon::check_private_dir(&settings.dir, 0o755)
+        .with_context(|| format!("--dir {}", settings.dir.display()))?;
+    let mut writer = Writer::open(&settings.dir)?;
     let mut backoff = Duration::from_millis(200);
     let mut last: Option<FileSet> = None;
+    let mut published = tokio::time::Instant::now() - SETTLE;
     loop {
-        let mut client = match connect(&settings.socket).await {
-            Ok(client) => client,
-            Err(error) => {
-                warn!(%error, retry_in = ?backoff, "cannot reach the Workload API; the files stay as they are");
-                if let Some(status) = wait_or_sleep(&mut child, backoff).await? {
-                    return Ok(status);
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
+        // Connect (and open the stream), or wait and try again.
+        let connected = match connect(&settings.socket).await {
+            Ok(mut client) => match client.fetch_x509svid(X509svidRequest {}).await {
+                Ok(stream) => Ok((client, stream.into_inner())),
+                Err(status) => Err(format!("the Workload API refused: {}", status.message())),
+            },
+            Err(error) => Err(format!("{error:#}")),
         };
-        let mut stream = match client.fetch_x509svid(X509svidRequest {}).await {
-            Ok(stream) => stream.into_inner(),
-            Err(status) => {
-                warn!(code = ?status.code(), message = status.message(), retry_in = ?backoff, "the Workload API refused; the files stay as they are");
-                if let Some(status) = wait_or_sleep(&mut child, backoff).await? {
-                    return Ok(status);
+        let (mut client, mut stream) = match connected {
+            Ok(connected) => connected,
+            Err(error) => {
+                warn!(%error, retry_in = ?backoff, "the files stay as they are");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    exited = wait_child(child) => return exited.map(Stop::Exited),
+                    _ = terminate.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGTERM)),
+                    _ = interrupt.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGINT)),
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
@@ -321,53 +404,71 @@ pub(super) async fn run(settings: HelperSettings) -> anyhow::Result<ExitCode> {
         };
         info!(socket = %settings.socket.display(), "watching the Workload API");
         let mut current: Option<X509svidResponse> = None;
-        let mut jwt_refresh: Option<tokio::time::Instant> = None;
+        // When to render again without a new message: a JWT-SVID at half its life, or a set
+        // that could not be written.
+        let mut again: Option<tokio::time::Instant> = None;
         loop {
-            let refresh_at = jwt_refresh
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
-            let update = tokio::select! {
+            let wake = again.unwrap_or_else(far_future);
+            tokio::select! {
                 message = stream.message() => match message {
-                    Ok(Some(message)) => Some(message),
+                    Ok(Some(message)) => {
+                        backoff = Duration::from_millis(200);
+                        current = Some(message);
+                    }
                     Ok(None) => { warn!("the Workload API ended the stream; reconnecting"); break }
                     Err(status) => { warn!(code = ?status.code(), message = status.message(), "the Workload API stream failed; reconnecting"); break }
                 },
-                () = tokio::time::sleep_until(refresh_at) => None,
-                exited = wait_child(&mut child) => return exited,
-            };
-            if let Some(message) = update {
-                backoff = Duration::from_millis(200);
-                current = Some(message);
+                () = tokio::time::sleep_until(wake) => again = None,
+                exited = wait_child(child) => return exited.map(Stop::Exited),
+                _ = terminate.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGTERM)),
+                _ = interrupt.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGINT)),
             }
             let Some(response) = &current else { continue };
-            let (files, jwt_expiry) = match render(&settings, response, &mut client).await {
+            let (files, jwt_expiry) = match render(settings, response, &mut client).await {
                 Ok(rendered) => rendered,
                 Err(error) => {
-                    warn!(error = %format!("{error:#}"), "cannot write this update; keeping the previous files");
-                    jwt_refresh = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+                    warn!(error = %format!("{error:#}"), "cannot render this update; keeping the previous files");
+                    again = Some(tokio::time::Instant::now() + WRITE_RETRY);
                     continue;
                 }
             };
-            jwt_refresh = jwt_expiry.map(half_life_from_now);
+            again = jwt_expiry.map(half_life_from_now);
             if last.as_ref() == Some(&files) {
                 continue;
             }
-            writer.write(&files)?;
+            // One set at a time: the last reload reads its set before this one replaces it.
+            tokio::time::sleep_until(published + SETTLE).await;
+            if let Err(error) = writer.write(&files) {
+                warn!(error = %format!("{error:#}"), "cannot write the files; the previous set stays, retrying");
+                again = Some(tokio::time::Instant::now() + WRITE_RETRY);
+                continue;
+            }
+            published = tokio::time::Instant::now();
             info!(dir = %settings.dir.display(), files = files.len(), "files updated");
             last = Some(files);
-            notify(&settings, &mut child).await?;
+            notify(settings, child).await?;
         }
-        if let Some(status) = wait_or_sleep(&mut child, backoff).await? {
-            return Ok(status);
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            exited = wait_child(child) => return exited.map(Stop::Exited),
+            _ = terminate.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGTERM)),
+            _ = interrupt.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGINT)),
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// A day from now: "not scheduled".
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
 /// When to fetch a JWT-SVID expiring at `expiry` again: at half its remaining life.
 fn half_life_from_now(expiry: SystemTime) -> tokio::time::Instant {
     let left = expiry
         .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
+        .unwrap_or(Duration::ZERO)
+        .min(Duration::from_secs(86_400));
     tokio::time::Instant::now() + (left / 2).max(Duration::from_secs(1))
 }
 
@@ -463,7 +564,9 @@ fn jwt_expiry_of(token: &str) -> anyhow::Result<SystemTime> {
     let exp = claims["exp"]
         .as_u64()
         .ok_or_else(|| anyhow!("the JWT-SVID has no exp"))?;
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_secs(exp))
+        .ok_or_else(|| anyhow!("the JWT-SVID's exp is out of range"))
 }
 
 /// Concatenated DER certificates (as the Workload API sends chains and bundles) as PEM.
@@ -483,22 +586,26 @@ fn pem_all(label: &str, der: &[u8]) -> anyhow::Result<Vec<u8>> {
 /// After an update: signal `--cmd`'s process (starting it after the first), then run
 /// `--on-update`.
 async fn notify(settings: &HelperSettings, child: &mut Option<Child>) -> anyhow::Result<()> {
-    if let Some(cmd) = &settings.cmd {
+    if let Some(argv) = &settings.cmd {
         match child {
             None => {
-                let started = Command::new("/bin/sh")
-                    .args(["-c", cmd])
-                    .kill_on_drop(false)
+                let (program, args) = argv
+                    .split_first()
+                    .ok_or_else(|| anyhow!("--cmd is empty"))?;
+                let started = Command::new(program)
+                    .args(args)
                     .spawn()
-                    .with_context(|| format!("cannot start --cmd {cmd:?}"))?;
-                info!(pid = started.id(), cmd, "started");
+                    .with_context(|| format!("cannot start --cmd {argv:?}"))?;
+                info!(pid = started.id(), cmd = ?argv, "started");
                 *child = Some(started);
             }
             Some(running) => {
-                if let (Some(signal), Some(pid)) = (settings.renew_signal, running.id()) {
-                    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
-                    match nix::sys::signal::kill(pid, signal) {
-                        Ok(()) => info!(pid = pid.as_raw(), %signal, "signalled"),
+                if let (Some(signal), Some(pid)) = (
+                    settings.renew_signal,
+                    running.id().and_then(|p| i32::try_from(p).ok()),
+                ) {
+                    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+                        Ok(()) => info!(pid, %signal, "signalled"),
                         Err(error) => warn!(%error, %signal, "cannot signal --cmd's process"),
                     }
                 }
@@ -506,18 +613,36 @@ async fn notify(settings: &HelperSettings, child: &mut Option<Child>) -> anyhow:
         }
     }
     if let Some(on_update) = &settings.on_update {
-        let run = Command::new("/bin/sh")
+        // In a process group of its own, so that a timeout stops whatever it started too.
+        let mut command = Command::new("/bin/sh");
+        command
             .args(["-c", on_update])
-            .kill_on_drop(true)
-            .status();
-        match tokio::time::timeout(ON_UPDATE_TIMEOUT, run).await {
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut running = match command.spawn() {
+            Ok(running) => running,
+            Err(error) => {
+                warn!(command = on_update, %error, "cannot run on-update");
+                return Ok(());
+            }
+        };
+        match tokio::time::timeout(ON_UPDATE_TIMEOUT, running.wait()).await {
             Ok(Ok(status)) if status.success() => info!(command = on_update, "on-update ran"),
             Ok(Ok(status)) => warn!(command = on_update, %status, "on-update failed"),
-            Ok(Err(error)) => warn!(command = on_update, %error, "cannot run on-update"),
-            Err(_) => warn!(
-                command = on_update,
-                "on-update timed out after 30 s and was killed"
-            ),
+            Ok(Err(error)) => warn!(command = on_update, %error, "cannot wait for on-update"),
+            Err(_) => {
+                if let Some(group) = running.id().and_then(|p| i32::try_from(p).ok()) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(group),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = running.wait().await;
+                warn!(
+                    command = on_update,
+                    "on-update timed out after 30 s and was killed"
+                );
+            }
         }
     }
     Ok(())
@@ -529,23 +654,9 @@ async fn wait_child(child: &mut Option<Child>) -> anyhow::Result<ExitCode> {
         Some(running) => {
             let status = running.wait().await.context("cannot wait for --cmd")?;
             info!(%status, "--cmd exited; stopping");
-            Ok(status
-                .code()
-                .and_then(|c| u8::try_from(c).ok())
-                .map_or(ExitCode::FAILURE, ExitCode::from))
+            Ok(exit_code(Some(status)))
         }
         None => std::future::pending().await,
-    }
-}
-
-/// Sleeps `wait`, or returns `--cmd`'s exit status if it exits meanwhile.
-async fn wait_or_sleep(
-    child: &mut Option<Child>,
-    wait: Duration,
-) -> anyhow::Result<Option<ExitCode>> {
-    tokio::select! {
-        () = tokio::time::sleep(wait) => Ok(None),
-        exited = wait_child(child) => exited.map(Some),
     }
 }
 
@@ -572,11 +683,11 @@ impl Writer {
     /// `dir` cannot be created or read.
     pub(super) fn open(dir: &Path) -> anyhow::Result<Self> {
         let generations = dir.join(GENERATIONS_DIR);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&generations)
-            .with_context(|| format!("cannot create {}", generations.display()))?;
+        // Neither the directory nor the generations may be writable by anyone else, nor
+        // symbolic links: whoever could change them would choose what is read as the SVID,
+        // the bundle and the CRLs.
+        sigil_daemon::check_private_dir(&generations, 0o755)
+            .with_context(|| format!("{}", generations.display()))?;
         let mut next = 0;
         for entry in std::fs::read_dir(&generations)
             .with_context(|| format!("cannot read {}", generations.display()))?
@@ -587,7 +698,7 @@ impl Writer {
                 .and_then(|n| n.strip_prefix("gen-"))
                 .and_then(|n| n.parse::<u64>().ok())
             {
-                next = next.max(n + 1);
+                next = next.max(n.saturating_add(1));
             }
         }
         Ok(Self {
@@ -615,7 +726,7 @@ impl Writer {
     /// A file cannot be written.
     pub(super) fn prepare(&mut self, files: &FileSet) -> anyhow::Result<Prepared> {
         let name = format!("gen-{}", self.next);
-        self.next += 1;
+        self.next = self.next.saturating_add(1);
         let path = self.generations.join(&name);
         if path.exists() {
             std::fs::remove_dir_all(&path)
@@ -760,6 +871,27 @@ mod tests {
             2,
             "the current and the previous: {generations:?}"
         );
+    }
+
+    #[test]
+    fn a_directory_others_can_write_or_a_linked_generations_dir_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Writer::open(&shared).unwrap_err();
+        assert!(format!("{err:#}").contains("writable"), "{err:#}");
+
+        // Another user's `.sigil-helper` (here: a link to a directory of theirs).
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, out.join(GENERATIONS_DIR)).unwrap();
+        let err = Writer::open(&out).unwrap_err();
+        assert!(format!("{err:#}").contains("link"), "{err:#}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
     }
 
     #[test]

@@ -66,6 +66,10 @@ pub(crate) struct EntryCache {
 /// How often the follower reads the store when nothing was published.
 const FRESHNESS_CHECK: Duration = Duration::from_secs(2);
 
+/// How long the follower waits for one catch-up (every change since its revision, in
+/// batches) before it counts the store as not answering.
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a caller waits for the store to say its revision before the cache answers
 /// without it (within `max_store_staleness`) or refuses.
 const STORE_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -215,7 +219,16 @@ impl EntryCache {
         let mut durable = self.store.subscribe();
         let mut retry = Duration::from_millis(100);
         loop {
-            match self.catch_up().await {
+            // A store that hangs (a database cut off without a reset) is a store that does not
+            // answer: the follower must not wait on it for ever, or the cache would never be
+            // marked stale.
+            let caught_up = match tokio::time::timeout(FOLLOW_TIMEOUT, self.catch_up()).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Unavailable(format!(
+                    "the store did not answer within {FOLLOW_TIMEOUT:?}"
+                ))),
+            };
+            match caught_up {
                 Ok(()) => retry = Duration::from_millis(100),
                 Err(error) => {
                     if !std::mem::replace(&mut self.write().stale, true) {
