@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use sigil_core::TrustDomain;
 pub use sigil_daemon::config::{ConfigError, ConfigProblem};
-use sigil_daemon::config::{Problems, listener_address, parse_file};
+use sigil_daemon::config::{Problems, parse_file, telemetry_addresses};
 pub use sigil_daemon::{LogFormat, LogLevel};
 
 /// Default Workload API socket.
@@ -257,14 +257,9 @@ impl AgentConfig {
         let data_dir = PathBuf::from(
             pick(flags.data_dir, file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.to_owned()),
         );
-        let metrics_address = listener_address(
+        let (metrics_address, health_address) = telemetry_addresses(
             &mut problems,
-            "metrics_address",
             file.metrics_address.as_deref(),
-        );
-        let health_address = listener_address(
-            &mut problems,
-            "health_address",
             file.health_address.as_deref(),
         );
         problems.into_result()?;

@@ -12,14 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 use sigil_daemon::limits::ConnectionLimit;
-use sigil_daemon::telemetry::ReadyCheck;
+use sigil_daemon::telemetry::{ReadyCheck, encode_count, encode_gauge};
 use tokio::sync::watch;
 
 use crate::cache::Inventory;
@@ -102,20 +100,20 @@ impl Collector for Held {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let now = SystemTime::now();
         let inventory = self.inventory.borrow().clone();
-        count(
+        encode_count(
             &mut encoder,
             "svids",
             "X509-SVIDs the agent holds for its workloads",
             inventory.svids.len(),
         )?;
-        count(
+        encode_count(
             &mut encoder,
             "sessions",
             "Privileged sessions of this agent's workloads",
             inventory.sessions.len(),
         )?;
         if let Some(soonest) = inventory.svids.values().map(|s| s.not_after).min() {
-            gauge(
+            encode_gauge(
                 &mut encoder,
                 "svid_soonest_expiry",
                 "Seconds until the first of the held X509-SVIDs expires",
@@ -123,7 +121,7 @@ impl Collector for Held {
                 seconds_between(now, soonest),
             )?;
         }
-        gauge(
+        encode_gauge(
             &mut encoder,
             "server_connected",
             "1 while the sync stream to a server is up",
@@ -133,14 +131,14 @@ impl Collector for Held {
         let unreachable = inventory
             .disconnected_at
             .map_or(0.0, |since| seconds_between(since, now).max(0.0));
-        gauge(
+        encode_gauge(
             &mut encoder,
             "server_unreachable",
             "Seconds since the agent last had a sync stream up (0 while it has one)",
             Some(&Unit::Seconds),
             unreachable,
         )?;
-        count(
+        encode_count(
             &mut encoder,
             "workload_connections",
             "Workload API connections open",
@@ -148,29 +146,6 @@ impl Collector for Held {
         )?;
         Ok(())
     }
-}
-
-/// Encodes one unlabelled gauge of a count.
-fn count(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: usize,
-) -> Result<(), fmt::Error> {
-    let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)
-}
-
-/// Encodes one unlabelled gauge.
-fn gauge(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    value: f64,
-) -> Result<(), fmt::Error> {
-    let metric = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
-    ConstGauge::new(value).encode(metric)
 }
 
 /// The agent's readiness (`/ready`): not while draining, not before its first sync, and not

@@ -129,6 +129,18 @@ pub fn parse_file<T: DeserializeOwned + Default>(
     }
 }
 
+/// `metrics_address` and `health_address`, each checked by [`listener_address`].
+pub fn telemetry_addresses(
+    problems: &mut Problems,
+    metrics: Option<&str>,
+    health: Option<&str>,
+) -> (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>) {
+    (
+        listener_address(problems, "metrics_address", metrics),
+        listener_address(problems, "health_address", health),
+    )
+}
+
 /// An optional listener address (`metrics_address`, `health_address`): `IP:PORT`, or why
 /// not. Every problem is pushed onto `problems` under `key`.
 pub fn listener_address(

@@ -277,6 +277,52 @@ fn text(status: u16, body: String) -> hyper::Response<Full<Bytes>> {
     response
 }
 
+// === scrape-time values ===
+
+/// Encodes one unlabelled gauge whose value is read at the scrape (in a collector).
+///
+/// # Errors
+///
+/// The encoder's.
+pub fn encode_gauge(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&prometheus_client::registry::Unit>,
+    value: f64,
+) -> Result<(), fmt::Error> {
+    use prometheus_client::encoding::EncodeMetric as _;
+    let metric = encoder.encode_descriptor(
+        name,
+        help,
+        unit,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    prometheus_client::metrics::gauge::ConstGauge::new(value).encode(metric)
+}
+
+/// Encodes one unlabelled gauge of a count read at the scrape.
+///
+/// # Errors
+///
+/// The encoder's.
+pub fn encode_count(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: usize,
+) -> Result<(), fmt::Error> {
+    use prometheus_client::encoding::EncodeMetric as _;
+    let metric = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    prometheus_client::metrics::gauge::ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX))
+        .encode(metric)
+}
+
 // === gRPC calls ===
 
 /// The labels of a gRPC call: its service and method (`unknown` for a path the protos do not

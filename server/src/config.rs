@@ -261,7 +261,7 @@ pub(crate) const DEFAULT_POSTGRES_POOL_SIZE: u64 = 16;
 pub use sigil_daemon::{LogFormat, LogLevel};
 
 pub use sigil_daemon::config::{ConfigError, ConfigProblem};
-use sigil_daemon::config::{Problems, listener_address, parse_file};
+use sigil_daemon::config::{Problems, parse_file, telemetry_addresses};
 
 // === impl ServerConfig ===
 
@@ -449,14 +449,9 @@ impl ServerConfig {
             },
         };
 
-        let metrics_address = listener_address(
+        let (metrics_address, health_address) = telemetry_addresses(
             &mut problems,
-            "metrics_address",
             file.metrics_address.as_deref(),
-        );
-        let health_address = listener_address(
-            &mut problems,
-            "health_address",
             file.health_address.as_deref(),
         );
 

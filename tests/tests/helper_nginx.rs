@@ -247,7 +247,15 @@ async fn nginx_serves_and_verifies_with_the_helpers_files_and_reloads_on_revocat
             .arg(agent.socket())
             .arg("--dir")
             .arg(&files2)
-            .args(["--spiffe-id", NGINX_ID, "--renew-signal", "HUP", "--cmd"])
+            .args([
+                "--spiffe-id",
+                NGINX_ID,
+                "--renew-signal",
+                "HUP",
+                "--jwt-audience",
+                "db",
+            ])
+            .arg("--cmd")
             .arg(format!(
                 "/bin/sh -c 'trap \"echo hup >> {}\" HUP; while :; do sleep 0.1; done'",
                 hups.display()
@@ -391,6 +399,27 @@ async fn nginx_serves_and_verifies_with_the_helpers_files_and_reloads_on_revocat
         file_serial(&files2.join("svid.pem")),
         file_serial(&files.join("svid.pem"))
     );
+    // And wrote a JWT-SVID for its audience, readable by its owner only.
+    let token = std::fs::read_to_string(files2.join("jwt_svid.token")).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            token.split('.').nth(1).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], NGINX_ID);
+    assert!(
+        claims["aud"] == "db" || claims["aud"] == serde_json::json!(["db"]),
+        "{claims}"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(files2.join("jwt_svid.token"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
 
     // SIGTERM to the helper reaches nginx, its --cmd: both exit.
     let nginx_pid: u32 = std::fs::read_to_string(prefix.join("nginx.pid"))

@@ -370,9 +370,7 @@ fn exit_code(status: Option<std::process::ExitStatus>) -> ExitCode {
 /// Watches the Workload API and writes every update, until `--cmd`'s process exits or a
 /// signal.
 async fn watch(settings: &HelperSettings, child: &mut Option<Child>) -> anyhow::Result<Stop> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut signals = Signals::new()?;
     sigil_daemon::check_private_dir(&settings.dir, 0o755)
         .with_context(|| format!("--dir {}", settings.dir.display()))?;
     let mut writer = Writer::open(&settings.dir)?;
@@ -392,11 +390,8 @@ async fn watch(settings: &HelperSettings, child: &mut Option<Child>) -> anyhow::
             Ok(connected) => connected,
             Err(error) => {
                 warn!(%error, retry_in = ?backoff, "the files stay as they are");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    exited = wait_child(child) => return exited.map(Stop::Exited),
-                    _ = terminate.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGTERM)),
-                    _ = interrupt.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGINT)),
+                if let Some(stop) = pause(backoff, child, &mut signals).await? {
+                    return Ok(stop);
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
@@ -420,8 +415,7 @@ async fn watch(settings: &HelperSettings, child: &mut Option<Child>) -> anyhow::
                 },
                 () = tokio::time::sleep_until(wake) => again = None,
                 exited = wait_child(child) => return exited.map(Stop::Exited),
-                _ = terminate.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGTERM)),
-                _ = interrupt.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGINT)),
+                signal = signals.next() => return Ok(Stop::Signal(signal)),
             }
             let Some(response) = &current else { continue };
             let (files, jwt_expiry) = match render(settings, response, &mut client).await {
@@ -448,13 +442,47 @@ async fn watch(settings: &HelperSettings, child: &mut Option<Child>) -> anyhow::
             last = Some(files);
             notify(settings, child).await?;
         }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            exited = wait_child(child) => return exited.map(Stop::Exited),
-            _ = terminate.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGTERM)),
-            _ = interrupt.recv() => return Ok(Stop::Signal(nix::sys::signal::Signal::SIGINT)),
+        if let Some(stop) = pause(backoff, child, &mut signals).await? {
+            return Ok(stop);
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// SIGTERM and SIGINT, as the helper receives them.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
+    }
+
+    /// The next of the two to arrive.
+    async fn next(&mut self) -> nix::sys::signal::Signal {
+        tokio::select! {
+            _ = self.terminate.recv() => nix::sys::signal::Signal::SIGTERM,
+            _ = self.interrupt.recv() => nix::sys::signal::Signal::SIGINT,
+        }
+    }
+}
+
+/// Waits `wait`, unless `--cmd`'s process exits or a signal comes first (then why to stop).
+async fn pause(
+    wait: Duration,
+    child: &mut Option<Child>,
+    signals: &mut Signals,
+) -> anyhow::Result<Option<Stop>> {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => Ok(None),
+        exited = wait_child(child) => exited.map(|status| Some(Stop::Exited(status))),
+        signal = signals.next() => Ok(Some(Stop::Signal(signal))),
     }
 }
 
@@ -478,6 +506,33 @@ async fn render(
     response: &X509svidResponse,
     client: &mut super::api::Client,
 ) -> anyhow::Result<(FileSet, Option<SystemTime>)> {
+    let (mut files, spiffe_id) = render_x509(settings, response)?;
+    let Some(audience) = &settings.jwt_audience else {
+        return Ok((files, None));
+    };
+    let token = client
+        .fetch_jwtsvid(JwtsvidRequest {
+            audience: vec![audience.clone()],
+            spiffe_id,
+        })
+        .await
+        .map_err(|s| anyhow!("cannot fetch the JWT-SVID: {}", s.message()))?
+        .into_inner()
+        .svids
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("the agent returned no JWT-SVID"))?
+        .svid;
+    let expiry = jwt_expiry_of(&token)?;
+    files.insert(settings.names.jwt.clone(), (token.into_bytes(), 0o600));
+    Ok((files, Some(expiry)))
+}
+
+/// The files of an X509-SVID update (all but the JWT-SVID), and the SPIFFE ID chosen.
+fn render_x509(
+    settings: &HelperSettings,
+    response: &X509svidResponse,
+) -> anyhow::Result<(FileSet, String)> {
     let svid = match &settings.spiffe_id {
         Some(id) => response
             .svids
@@ -527,25 +582,7 @@ async fn render(
         federated.extend(pem_all("CERTIFICATE", bundle)?);
     }
     files.insert(names.federated.clone(), (federated, 0o644));
-    let mut jwt_expiry = None;
-    if let Some(audience) = &settings.jwt_audience {
-        let token = client
-            .fetch_jwtsvid(JwtsvidRequest {
-                audience: vec![audience.clone()],
-                spiffe_id: svid.spiffe_id.clone(),
-            })
-            .await
-            .map_err(|s| anyhow!("cannot fetch the JWT-SVID: {}", s.message()))?
-            .into_inner()
-            .svids
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow!("the agent returned no JWT-SVID"))?
-            .svid;
-        jwt_expiry = Some(jwt_expiry_of(&token)?);
-        files.insert(names.jwt.clone(), (token.into_bytes(), 0o600));
-    }
-    Ok((files, jwt_expiry))
+    Ok((files, svid.spiffe_id.clone()))
 }
 
 /// The `exp` of a JWT (its signature was checked by the agent's server; this only schedules).
@@ -907,6 +944,82 @@ mod tests {
                 .file_type()
                 .is_symlink()
         );
+    }
+
+    /// What one update becomes: the chosen SVID's chain, key (0600) and bundle as PEM, every
+    /// CRL then the extra file's, the federated bundles; an extra file without a CRL refused.
+    #[test]
+    fn an_update_renders_every_file() {
+        let cert = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            rcgen::CertificateParams::new(vec![name.to_owned()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap()
+                .der()
+                .to_vec()
+        };
+        let (leaf, ca, other_ca, peer) = (cert("leaf"), cert("ca"), cert("ca2"), cert("peer"));
+        let svid = |id: &str| sigil_proto::workload::X509svid {
+            spiffe_id: id.to_owned(),
+            x509_svid: leaf.clone(),
+            x509_svid_key: vec![1, 2, 3],
+            bundle: [ca.clone(), other_ca.clone()].concat(),
+            hint: String::new(),
+        };
+        let response = X509svidResponse {
+            svids: vec![
+                svid("spiffe://example.org/a"),
+                svid("spiffe://example.org/b"),
+            ],
+            crl: vec![vec![9, 9], vec![8, 8]],
+            federated_bundles: [("spiffe://other.org".to_owned(), peer.clone())]
+                .into_iter()
+                .collect(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let extra = dir.path().join("root.crl.pem");
+        std::fs::write(
+            &extra,
+            "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----",
+        )
+        .unwrap();
+        let mut settings = HelperSettings::from_args(HelperArgs {
+            dir: Some(dir.path().into()),
+            socket_path: Some("/tmp/api.sock".into()),
+            spiffe_id: Some("spiffe://example.org/b".into()),
+            extra_crl_file: Some(extra.clone()),
+            ..HelperArgs::default()
+        })
+        .unwrap();
+        let (files, id) = render_x509(&settings, &response).unwrap();
+        assert_eq!(id, "spiffe://example.org/b");
+        let text = |name: &str| String::from_utf8(files[name].0.clone()).unwrap();
+        assert_eq!(text("svid.pem").matches("BEGIN CERTIFICATE").count(), 1);
+        assert_eq!(
+            text("svid_bundle.pem").matches("BEGIN CERTIFICATE").count(),
+            2
+        );
+        assert_eq!(files["svid_key.pem"].1, 0o600);
+        assert!(text("svid_key.pem").starts_with("-----BEGIN PRIVATE KEY-----"));
+        let crl = text("crl.pem");
+        assert_eq!(crl.matches("-----BEGIN X509 CRL-----").count(), 3, "{crl}");
+        assert!(
+            crl.ends_with("AAAA\n-----END X509 CRL-----\n"),
+            "the extra file comes last: {crl}"
+        );
+        assert_eq!(
+            text("federated_bundle.pem")
+                .matches("BEGIN CERTIFICATE")
+                .count(),
+            1
+        );
+
+        std::fs::write(&extra, "not a crl").unwrap();
+        assert!(render_x509(&settings, &response).is_err());
+        settings.spiffe_id = Some("spiffe://example.org/none".into());
+        settings.extra_crl_file = None;
+        assert!(render_x509(&settings, &response).is_err());
     }
 
     /// docs/operations.md names every flag and every config key of the helper.

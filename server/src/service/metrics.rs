@@ -22,7 +22,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use sigil_core::SpiffeId;
 use sigil_core::lifetime::{hand_over_at, prepare_next_at};
-use sigil_daemon::telemetry::{LatencyFamily, latency_histogram};
+use sigil_daemon::telemetry::{LatencyFamily, encode_count, encode_gauge, latency_histogram};
 
 use crate::ca::AuthorityState;
 use crate::service::audit::AuditLog;
@@ -258,6 +258,19 @@ struct CrlLabels {
     authority: &'static str,
 }
 
+/// Encodes a gauge family read at the scrape: (name, help, unit), one value per label set.
+fn family<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    (name, help, unit): (&str, &str, Option<&Unit>),
+    values: impl IntoIterator<Item = (L, f64)>,
+) -> Result<(), fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, value) in values {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// Seconds from `now` to `at`, negative when `at` has passed.
 fn seconds_until(now: SystemTime, at: SystemTime) -> f64 {
     match at.duration_since(now) {
@@ -269,7 +282,7 @@ fn seconds_until(now: SystemTime, at: SystemTime) -> f64 {
 impl Collector for State {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let now = SystemTime::now();
-        count(
+        encode_count(
             &mut encoder,
             "entries",
             "Registration entries in this server's cache",
@@ -277,67 +290,61 @@ impl Collector for State {
         )?;
 
         let authorities = self.authority.ca().authorities();
-        let mut expiry = encoder.encode_descriptor(
-            "authority_expiry",
-            "Seconds until each authority of this server expires, by kind and state",
-            Some(&Unit::Seconds),
-            MetricType::Gauge,
-        )?;
-        for info in &authorities {
-            ConstGauge::new(seconds_until(now, info.not_after)).encode(expiry.encode_family(
-                &AuthorityLabels {
+        let seconds = Some(&Unit::Seconds);
+        family(
+            &mut encoder,
+            (
+                "authority_expiry",
+                "Seconds until each authority of this server expires, by kind and state",
+                seconds,
+            ),
+            authorities.iter().map(|info| {
+                let labels = AuthorityLabels {
                     kind: info.kind.as_str(),
                     state: info.state.as_str(),
-                },
-            )?)?;
-        }
+                };
+                (labels, seconds_until(now, info.not_after))
+            }),
+        )?;
         let active: Vec<_> = authorities
             .iter()
             .filter(|a| a.state == AuthorityState::Active)
             .collect();
-        let mut prepare = encoder.encode_descriptor(
-            "authority_next_prepare",
-            "Seconds until the active authority's successor is prepared (negative: due or done), by kind",
-            Some(&Unit::Seconds),
-            MetricType::Gauge,
+        let by_kind = |at: fn(SystemTime, SystemTime) -> SystemTime| {
+            active.iter().map(move |info| {
+                let labels = KindLabels {
+                    kind: info.kind.as_str(),
+                };
+                (
+                    labels,
+                    seconds_until(now, at(info.issued_at, info.not_after)),
+                )
+            })
+        };
+        family(
+            &mut encoder,
+            (
+                "authority_next_prepare",
+                "Seconds until the active authority's successor is prepared (negative: due or done), by kind",
+                seconds,
+            ),
+            by_kind(prepare_next_at),
         )?;
-        for info in &active {
-            ConstGauge::new(seconds_until(
-                now,
-                prepare_next_at(info.issued_at, info.not_after),
-            ))
-            .encode(prepare.encode_family(&KindLabels {
-                kind: info.kind.as_str(),
-            })?)?;
-        }
-        let mut activate = encoder.encode_descriptor(
-            "authority_next_activation",
-            "Seconds until the active authority hands over to its successor, by kind",
-            Some(&Unit::Seconds),
-            MetricType::Gauge,
+        family(
+            &mut encoder,
+            (
+                "authority_next_activation",
+                "Seconds until the active authority hands over to its successor, by kind",
+                seconds,
+            ),
+            by_kind(hand_over_at),
         )?;
-        for info in &active {
-            ConstGauge::new(seconds_until(
-                now,
-                hand_over_at(info.issued_at, info.not_after),
-            ))
-            .encode(activate.encode_family(&KindLabels {
-                kind: info.kind.as_str(),
-            })?)?;
-        }
 
         let own: std::collections::HashSet<String> =
             authorities.iter().map(|a| a.id.clone()).collect();
-        let crls = self.crls.current();
-        let mut numbers = encoder.encode_descriptor(
-            "crl_number",
-            "The highest CRL number served, by whose authorities signed it",
-            None,
-            MetricType::Gauge,
-        )?;
         let mut by_owner: std::collections::BTreeMap<&'static str, (u64, usize)> =
             std::collections::BTreeMap::new();
-        for crl in &crls.crls {
+        for crl in &self.crls.current().crls {
             let owner = if own.contains(&crl.authority_id) {
                 "own"
             } else {
@@ -347,23 +354,31 @@ impl Collector for State {
             slot.0 = slot.0.max(crl.crl_number);
             slot.1 += crl.revoked_serials.len();
         }
-        for (authority, (number, _)) in &by_owner {
-            ConstGauge::new(i64::try_from(*number).unwrap_or(i64::MAX))
-                .encode(numbers.encode_family(&CrlLabels { authority })?)?;
-        }
-        let mut revoked = encoder.encode_descriptor(
-            "crl_revoked_serials",
-            "Serials listed on the CRLs served, by whose authorities signed them",
-            None,
-            MetricType::Gauge,
+        family(
+            &mut encoder,
+            (
+                "crl_number",
+                "The highest CRL number served, by whose authorities signed it",
+                None,
+            ),
+            by_owner
+                .iter()
+                .map(|(&authority, &(number, _))| (CrlLabels { authority }, number as f64)),
         )?;
-        for (authority, (_, count)) in &by_owner {
-            ConstGauge::new(i64::try_from(*count).unwrap_or(i64::MAX))
-                .encode(revoked.encode_family(&CrlLabels { authority })?)?;
-        }
+        family(
+            &mut encoder,
+            (
+                "crl_revoked_serials",
+                "Serials listed on the CRLs served, by whose authorities signed them",
+                None,
+            ),
+            by_owner
+                .iter()
+                .map(|(&authority, &(_, count))| (CrlLabels { authority }, count as f64)),
+        )?;
 
         if let Some(checkpoint) = self.audit.subscribe().borrow().clone() {
-            gauge(
+            encode_gauge(
                 &mut encoder,
                 "audit_checkpoint_age",
                 "Seconds since this server's latest audit checkpoint was signed",
@@ -373,27 +388,4 @@ impl Collector for State {
         }
         Ok(())
     }
-}
-
-/// Encodes one unlabelled gauge of a count.
-fn count(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: usize,
-) -> Result<(), fmt::Error> {
-    let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)
-}
-
-/// Encodes one unlabelled gauge.
-fn gauge(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    value: f64,
-) -> Result<(), fmt::Error> {
-    let metric = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
-    ConstGauge::new(value).encode(metric)
 }
