@@ -205,26 +205,13 @@ impl TestServer {
     /// long it took.
     /// Sends `signal` (`TERM`, ...) and returns at once; the process is reaped later.
     pub fn signal_nowait(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("not running").id();
-        assert!(
-            Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(pid.to_string())
-                .status()
-                .unwrap()
-                .success()
-        );
+        send_signal(self.child.as_ref().expect("not running").id(), signal);
     }
 
     pub fn signal(&mut self, signal: &str, timeout: Duration) -> (ExitStatus, Duration) {
         let mut child = self.child.take().expect("server not running");
         let start = Instant::now();
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        send_signal(child.id(), signal);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return (status, start.elapsed());
@@ -686,28 +673,13 @@ impl TestAgentProcess {
     /// status and how long it took.
     /// Sends `signal` (`TERM`, ...) and returns at once; the process is reaped later.
     pub fn signal_nowait(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("not running").id();
-        assert!(
-            Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(pid.to_string())
-                .status()
-                .unwrap()
-                .success()
-        );
+        send_signal(self.child.as_ref().expect("not running").id(), signal);
     }
 
     pub fn signal(&mut self, signal: &str, timeout: Duration) -> (ExitStatus, Duration) {
         let pid = self.child.as_ref().expect("agent not running").id();
         let start = Instant::now();
-        assert!(
-            Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(pid.to_string())
-                .status()
-                .unwrap()
-                .success()
-        );
+        send_signal(pid, signal);
         let status = self
             .wait_exit(timeout)
             .unwrap_or_else(|| panic!("agent did not exit within {timeout:?} of SIG{signal}"));
@@ -1075,4 +1047,17 @@ pub fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// `kill -SIGNAL PID`, which must succeed.
+pub fn send_signal(pid: u32, signal: &str) {
+    assert!(
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success(),
+        "kill -{signal} {pid} failed"
+    );
 }

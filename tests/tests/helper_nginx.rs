@@ -155,9 +155,10 @@ struct Reap(Child);
 impl Reap {
     /// SIGTERM, then its exit status (within 15 s).
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
+        if let Ok(Some(status)) = self.0.try_wait() {
+            return Some(status);
+        }
+        sigil_tests::send_signal(self.0.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.0.try_wait() {
