@@ -103,34 +103,25 @@ impl HttpEndpoints {
     ) -> Result<Self, BindError> {
         // One listener per address, except that port 0 (any free port) always gets its own.
         let mut wanted: Vec<(SocketAddr, Paths, &'static str)> = Vec::new();
-        for (address, what, paths) in [
-            (
-                metrics,
-                "metrics_address",
-                Paths {
-                    metrics: true,
-                    health: false,
-                },
-            ),
-            (
-                health,
-                "health_address",
-                Paths {
-                    metrics: false,
-                    health: true,
-                },
-            ),
-        ] {
-            let Some(address) = address else { continue };
-            match wanted
-                .iter_mut()
-                .find(|(a, _, _)| *a == address && address.port() != 0)
-            {
-                Some((_, both, _)) => {
-                    both.metrics |= paths.metrics;
-                    both.health |= paths.health;
+        if let Some(address) = metrics {
+            let paths = Paths {
+                metrics: true,
+                health: false,
+            };
+            wanted.push((address, paths, "metrics_address"));
+        }
+        if let Some(address) = health {
+            match wanted.first_mut() {
+                Some((shared, paths, _)) if *shared == address && address.port() != 0 => {
+                    paths.health = true;
                 }
-                None => wanted.push((address, paths, what)),
+                _ => {
+                    let paths = Paths {
+                        metrics: false,
+                        health: true,
+                    };
+                    wanted.push((address, paths, "health_address"));
+                }
             }
         }
         let mut listeners = Vec::new();

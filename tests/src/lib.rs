@@ -1061,3 +1061,26 @@ pub fn send_signal(pid: u32, signal: &str) {
         "kill -{signal} {pid} failed"
     );
 }
+
+/// `SIGIL_PYTHON` (default `python3`) when it can `import` every module of `imports`
+/// (`"grpc, grpc_tools"`), else `None` after one line saying what `install` would add; with
+/// `require_env` set to `1` (CI sets it), a missing module fails the test instead.
+pub fn python_with(imports: &str, require_env: &str, install: &str) -> Option<String> {
+    let python = std::env::var("SIGIL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {imports}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(
+        std::env::var(require_env).as_deref() != Ok("1"),
+        "{require_env}=1 but {python} cannot import {imports} (pip install {install})"
+    );
+    #[allow(clippy::print_stderr, reason = "the skip line")]
+    {
+        eprintln!("SKIPPED: {python} cannot import {imports} (pip install {install})");
+    }
+    None
+}

@@ -18,22 +18,11 @@ use std::time::{Duration, SystemTime};
 use sigil_tests::*;
 
 fn python() -> Option<String> {
-    let python = std::env::var("SIGIL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python)
-        .args(["-c", "import grpc, grpc_tools, google.protobuf"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(python);
-    }
-    assert!(
-        std::env::var("SIGIL_REQUIRE_GRPCIO").as_deref() != Ok("1"),
-        "SIGIL_REQUIRE_GRPCIO=1 but {python} has no grpcio/grpcio-tools/protobuf"
-    );
-    eprintln!(
-        "SKIPPED agent python grpcio test: {python} has no grpcio, grpcio-tools and protobuf"
-    );
-    None
+    python_with(
+        "grpc, grpc_tools, google.protobuf",
+        "SIGIL_REQUIRE_GRPCIO",
+        "grpcio grpcio-tools protobuf",
+    )
 }
 
 fn hex(s: &str) -> Vec<u8> {

@@ -119,19 +119,9 @@ async fn session_credentials_name_their_session_and_others_do_not() {
 /// py-spiffe's client fetches every X509-SVID (the session one among them) and the session's
 /// JWT-SVID from the agent at `address`.
 fn py_spiffe_fetches(address: &str) {
-    let python = std::env::var("SIGIL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has = std::process::Command::new(&python)
-        .args(["-c", "import spiffe"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        assert!(
-            std::env::var("SIGIL_REQUIRE_GRPCIO").as_deref() != Ok("1"),
-            "SIGIL_REQUIRE_GRPCIO=1 but {python} has no py-spiffe (pip install spiffe)"
-        );
-        eprintln!("SKIPPED py-spiffe part: {python} has no py-spiffe (pip install spiffe)");
+    let Some(python) = sigil_tests::python_with("spiffe", "SIGIL_REQUIRE_GRPCIO", "spiffe") else {
         return;
-    }
+    };
     let script = format!(
         r#"
 from spiffe import WorkloadApiClient, SpiffeId

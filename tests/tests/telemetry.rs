@@ -49,21 +49,11 @@ fn parsed_by_prometheus_client(address: SocketAddr) -> Option<BTreeMap<String, f
     let (status, body) = http_get(address, "/metrics").unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.ends_with("# EOF\n"), "not OpenMetrics text: {body}");
-    let python = std::env::var("SIGIL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has = std::process::Command::new(&python)
-        .args(["-c", "import prometheus_client"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        assert!(
-            std::env::var("SIGIL_REQUIRE_PROMETHEUS_CLIENT").as_deref() != Ok("1"),
-            "SIGIL_REQUIRE_PROMETHEUS_CLIENT=1 but {python} has no prometheus_client (pip install prometheus-client)"
-        );
-        eprintln!(
-            "SKIPPED the OpenMetrics parser: {python} has no prometheus_client (pip install prometheus-client)"
-        );
-        return None;
-    }
+    let python = sigil_tests::python_with(
+        "prometheus_client",
+        "SIGIL_REQUIRE_PROMETHEUS_CLIENT",
+        "prometheus-client",
+    )?;
     let script = r#"
 import sys
 from prometheus_client.openmetrics.parser import text_string_to_metric_families

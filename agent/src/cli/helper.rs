@@ -48,14 +48,16 @@ const ON_UPDATE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// `sigil-agent helper`'s flags; each may also be set in the `--config` file under the same
-/// name with underscores (flags win).
-#[derive(Debug, Default, Args)]
+/// name with underscores (flags win): the file is read into this same shape.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HelperArgs {
     /// A TOML file with any of the settings below (keys: socket_path, dir, spiffe_id,
     /// on_update, cmd, renew_signal, jwt_audience, svid_file_name, svid_key_file_name,
     /// svid_bundle_file_name, crl_file_name, federated_bundle_file_name, jwt_svid_file_name,
     /// extra_crl_file); flags win.
     #[arg(long, value_name = "PATH")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// The Workload API socket (else SPIFFE_ENDPOINT_SOCKET, else the agent's default).
     #[arg(long, value_name = "PATH")]
@@ -123,26 +125,6 @@ const KNOWN_KEYS: &[&str] = &[
     "extra_crl_file",
 ];
 
-/// The `--config` file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HelperFile {
-    socket_path: Option<PathBuf>,
-    dir: Option<PathBuf>,
-    spiffe_id: Option<String>,
-    on_update: Option<String>,
-    cmd: Option<String>,
-    renew_signal: Option<String>,
-    jwt_audience: Option<String>,
-    svid_file_name: Option<String>,
-    svid_key_file_name: Option<String>,
-    svid_bundle_file_name: Option<String>,
-    crl_file_name: Option<String>,
-    federated_bundle_file_name: Option<String>,
-    jwt_svid_file_name: Option<String>,
-    extra_crl_file: Option<PathBuf>,
-}
-
 /// The checked settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelperSettings {
@@ -176,13 +158,13 @@ impl HelperSettings {
     /// Every problem, one per line, each naming its setting.
     pub fn from_args(args: HelperArgs) -> anyhow::Result<Self> {
         let mut problems = sigil_daemon::config::Problems::default();
-        let file: HelperFile = match &args.config {
+        let file: HelperArgs = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
                 sigil_daemon::config::parse_file(&text, KNOWN_KEYS, &mut problems)
             }
-            None => HelperFile::default(),
+            None => HelperArgs::default(),
         };
         let dir = args.dir.or(file.dir);
         if dir.is_none() {

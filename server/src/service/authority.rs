@@ -9,7 +9,7 @@
 //! publication replaces. Nothing else keeps a copy in step by hand.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sigil_core::tls::SharedBundles;
@@ -313,13 +313,13 @@ impl Authority {
         csr_der: &[u8],
         now: SystemTime,
     ) -> Result<IssuedSvid, SignError> {
-        let started = Instant::now();
-        let svid = self
-            .ca
-            .sign_agent_x509_svid(agent_id, csr_der, self.ttls.agent_svid(), now)
-            .map_err(sign_error)?;
-        self.metrics.signed("x509_agent", started);
-        Ok(issued(svid))
+        self.metrics
+            .time("x509_agent", || {
+                self.ca
+                    .sign_agent_x509_svid(agent_id, csr_der, self.ttls.agent_svid(), now)
+            })
+            .map(issued)
+            .map_err(sign_error)
     }
 
     /// Signs a workload X509-SVID for `entry` over the CSR's key: identity, DNS names and
@@ -348,10 +348,8 @@ impl Authority {
         } else {
             "x509"
         };
-        let started = Instant::now();
-        let svid = self.workload_x509(&params, csr_der, now)?;
-        self.metrics.signed(kind, started);
-        Ok(svid)
+        self.metrics
+            .time(kind, || self.workload_x509(&params, csr_der, now))
     }
 
     /// Signs a JWT-SVID for `entry`, never outliving the entry.
@@ -374,10 +372,9 @@ impl Authority {
         } else {
             "jwt"
         };
-        let started = Instant::now();
-        let jwt = self.jwt(&entry.spiffe_id, audience, ttl, now, session)?;
-        self.metrics.signed(kind, started);
-        Ok(jwt)
+        self.metrics.time(kind, || {
+            self.jwt(&entry.spiffe_id, audience, ttl, now, session)
+        })
     }
 
     /// Mints an X509-SVID that no entry backs (an operator's `x509 mint`): `ttl` `None` means
@@ -404,10 +401,8 @@ impl Authority {
             caps: vec![],
             session: None,
         };
-        let started = Instant::now();
-        let svid = self.workload_x509(&params, csr_der, now)?;
-        self.metrics.signed("x509_minted", started);
-        Ok(svid)
+        self.metrics
+            .time("x509_minted", || self.workload_x509(&params, csr_der, now))
     }
 
     /// Mints a JWT-SVID that no entry backs (an operator's `jwt mint`).
@@ -425,10 +420,9 @@ impl Authority {
         self.session_only
             .refuse(spiffe_id, "jwt mint")
             .map_err(SignError::InvalidRequest)?;
-        let started = Instant::now();
-        let jwt = self.jwt(spiffe_id, audience, self.ttls.jwt(ttl), now, None)?;
-        self.metrics.signed("jwt_minted", started);
-        Ok(jwt)
+        self.metrics.time("jwt_minted", || {
+            self.jwt(spiffe_id, audience, self.ttls.jwt(ttl), now, None)
+        })
     }
 
     /// A fresh P-256 key and its SVID `spiffe://TD/sigil/server`, for the node API's TLS.
@@ -445,16 +439,16 @@ impl Authority {
         )
         .map_err(|_| internal("key"))?;
         let key_pair = rcgen::KeyPair::try_from(pkcs8.as_ref()).map_err(|_| internal("key"))?;
-        let started = Instant::now();
         let svid = self
-            .ca
-            .sign_server_x509_svid(
-                &rcgen::PublicKeyData::subject_public_key_info(&key_pair),
-                self.ttls.agent_svid(),
-                now,
-            )
+            .metrics
+            .time("x509_server", || {
+                self.ca.sign_server_x509_svid(
+                    &rcgen::PublicKeyData::subject_public_key_info(&key_pair),
+                    self.ttls.agent_svid(),
+                    now,
+                )
+            })
             .map_err(sign_error)?;
-        self.metrics.signed("x509_server", started);
         let not_after = svid.not_after();
         Ok(ServerSvid {
             chain: vec![svid.into_certificate()],

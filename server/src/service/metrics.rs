@@ -70,13 +70,20 @@ impl fmt::Debug for IssueMetrics {
 }
 
 impl IssueMetrics {
-    /// Records one credential of `kind`, signed since `started`.
-    pub(crate) fn signed(&self, kind: &'static str, started: Instant) {
+    /// Runs `sign`, and when it signed a credential of `kind`, counts it with how long it took.
+    pub(crate) fn time<T, E>(
+        &self,
+        kind: &'static str,
+        sign: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let started = Instant::now();
+        let signed = sign()?;
         let labels = KindLabels { kind };
         self.signing
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
         self.issued.get_or_create(&labels).inc();
+        Ok(signed)
     }
 }
 

@@ -220,8 +220,7 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
 
     /// Runs `work` as job `job` of the servers sharing the store and returns what it returned
     /// (how much it did), unless another server runs that job now: then returns `Ok(None)` at
-    /// once and `work` is dropped unpolled. There is
-    /// no leader: on PostgreSQL the job holds `pg_try_advisory_xact_lock` in a transaction of
+    /// once and `work` is dropped unpolled. There is no leader: on PostgreSQL the job holds `pg_try_advisory_xact_lock` in a transaction of
     /// its own for as long as `work` runs, and the lock ends with that transaction (with its
     /// connection if the server dies). A single-server backend (sled) always runs it. `work`
     /// must be idempotent: if the lock's connection fails while `work` runs, another server

@@ -247,7 +247,7 @@ impl Store for PostgresStore {
             .query("SELECT body FROM entries ORDER BY id", &[])
             .await
             .map_err(db_error)?;
-        self.commit(tx).await?;
+        end_snapshot(tx).await?;
         let entries = rows
             .iter()
             .map(|row| decode("entry", col(row, 0)?))
@@ -675,7 +675,7 @@ impl Store for PostgresStore {
                 ))
             })
             .collect::<Result<_, StoreError>>()?;
-        self.commit(tx).await?;
+        end_snapshot(tx).await?;
         Ok(ServerBundles { sequence, bundles })
     }
 
@@ -1655,6 +1655,11 @@ async fn begin_snapshot(
         .start()
         .await
         .map_err(db_error)
+}
+
+/// Ends a [`begin_snapshot`] transaction. It wrote nothing, so it is not timed as a commit.
+async fn end_snapshot(tx: Transaction<'_>) -> Result<(), StoreError> {
+    tx.commit().await.map_err(db_error)
 }
 
 /// Starts a READ COMMITTED transaction whatever the database's default: the feed counter's
