@@ -593,6 +593,24 @@ impl TestAgentProcess {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// A Workload API client on this agent's socket; a failure to connect panics with the
+    /// agent's exit status (if it exited) and its log.
+    pub async fn client(&self) -> sigil_proto::client::WorkloadApiClient {
+        match sigil_proto::client::workload_api(self.socket()).await {
+            Ok(client) => client,
+            Err(e) => {
+                // A zombie ("Z" in /proc/PID/stat) has exited and is not reaped yet.
+                let state = self.child.as_ref().map(|c| {
+                    std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default()
+                });
+                panic!(
+                    "cannot reach the agent's socket: {e:?}; agent /proc stat: {state:?}; log:\n{}",
+                    self.log_text()
+                )
+            }
+        }
+    }
+
     fn spawn(&mut self, token: Option<&str>) {
         let _ = std::fs::remove_file(self.socket());
         let mut cmd = Command::new(binary("sigil-agent"));
@@ -734,11 +752,6 @@ impl Drop for TestAgentProcess {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// A Workload API client over `socket` that sends the `workload.spiffe.io: true` header.
-pub async fn workload_client(socket: PathBuf) -> sigil_proto::client::WorkloadApiClient {
-    sigil_proto::client::workload_api(socket).await.unwrap()
 }
 
 /// The NotAfter of a DER certificate.
@@ -922,7 +935,7 @@ pub async fn x509_stream_with(
 ) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut client = workload_client(agent.socket()).await;
+        let mut client = agent.client().await;
         match client
             .fetch_x509svid(sigil_proto::workload::X509svidRequest {})
             .await

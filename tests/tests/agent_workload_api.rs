@@ -40,7 +40,7 @@ fn nix_uid() -> u32 {
 async fn first_x509(agent: &TestAgentProcess) -> sigil_proto::workload::X509svidResponse {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut client = workload_client(agent.socket()).await;
+        let mut client = agent.client().await;
         match client.fetch_x509svid(X509svidRequest {}).await {
             Ok(stream) => {
                 if let Ok(Some(msg)) = stream.into_inner().message().await {
@@ -101,7 +101,7 @@ async fn a_workload_gets_its_x509_svid_and_openssl_accepts_what_the_cli_writes()
     assert_eq!(mode & 0o777, 0o600);
 
     // Bundles: the own trust domain under its SPIFFE ID, DER; JWT keys only, each with a kid.
-    let mut client = workload_client(agent.socket()).await;
+    let mut client = agent.client().await;
     let x509 = client
         .fetch_x509_bundles(X509BundlesRequest {})
         .await
@@ -140,7 +140,7 @@ async fn a_workload_gets_its_x509_svid_and_openssl_accepts_what_the_cli_writes()
 async fn jwt_svids_are_fetched_and_validated() {
     let (_server, agent) = setup("").await;
     first_x509(&agent).await;
-    let mut client = workload_client(agent.socket()).await;
+    let mut client = agent.client().await;
     let resp = client
         .fetch_jwtsvid(JwtsvidRequest {
             audience: vec!["db".into(), "cache".into()],
@@ -254,7 +254,7 @@ async fn an_updated_entry_never_serves_the_jwt_svid_of_its_previous_version() {
 
 /// The subject of a JWT-SVID for audience `db` fetched from `agent`, as the agent validates it.
 async fn jwt_subject(agent: &TestAgentProcess) -> String {
-    let mut client = workload_client(agent.socket()).await;
+    let mut client = agent.client().await;
     let token = client
         .fetch_jwtsvid(JwtsvidRequest {
             audience: vec!["db".into()],
@@ -349,7 +349,7 @@ async fn a_deleted_entry_updates_the_open_stream_and_the_last_one_ends_it() {
     )
     .await
     .unwrap();
-    let mut client = workload_client(agent.socket()).await;
+    let mut client = agent.client().await;
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
         .await
@@ -429,7 +429,7 @@ async fn the_agent_restarts_without_a_token_and_a_refused_token_stops_it() {
 async fn the_workload_holds_a_valid_svid_through_a_minute_of_rotations() {
     let (_server, agent) = setup("ca_ttl = \"1m\"\ndefault_x509_svid_ttl = \"10s\"\ndefault_jwt_svid_ttl = \"10s\"\nagent_svid_ttl = \"10s\"").await;
     let first = first_x509(&agent).await;
-    let mut client = workload_client(agent.socket()).await;
+    let mut client = agent.client().await;
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
         .await
@@ -469,7 +469,7 @@ async fn the_workload_keeps_a_valid_svid_while_the_server_restarts() {
         setup("ca_ttl = \"2m\"\ndefault_x509_svid_ttl = \"20s\"\ndefault_jwt_svid_ttl = \"20s\"")
             .await;
     let first = first_x509(&agent).await;
-    let mut client = workload_client(agent.socket()).await;
+    let mut client = agent.client().await;
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
         .await
@@ -570,7 +570,7 @@ async fn the_spiffe_crate_fetches_from_the_agent_unmodified() {
 async fn sigterm_closes_the_socket_and_exits_within_five_seconds_with_streams_open() {
     let (_server, mut agent) = setup("").await;
     first_x509(&agent).await;
-    let mut client = workload_client(agent.socket()).await;
+    let mut client = agent.client().await;
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
         .await
@@ -652,8 +652,16 @@ async fn an_agent_down_while_the_next_ca_is_prepared_serves_chains_that_verify_a
     );
     agent.restart();
 
-    // Still before activation: the workload is served by the old CA, and verifies.
-    let (issuer, verified) = issuer_and_verify(&rotation_workload_svid(&agent).await);
+    // Still before activation: the workload is served by the old CA, and verifies; the
+    // restarted agent got the bundle with the prepared CA from its first sync (not only at the
+    // next bundle change, which would leave it unable to verify a server signed by the new CA).
+    let (_, msg) = x509_stream_with(&agent, |m| {
+        m.svids
+            .iter()
+            .any(|s| s.spiffe_id == ROTATED && certs(&s.bundle).len() == 2)
+    })
+    .await;
+    let (issuer, verified) = issuer_and_verify(&msg);
     assert_eq!(issuer, first_issuer);
     verified.unwrap_or_else(|e| panic!("before activation: {e}"));
 

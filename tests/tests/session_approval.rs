@@ -36,7 +36,7 @@ async fn session_approval_is_required_self_approval_refused_and_another_admin_ap
 
     // Pending: the workload gets nothing.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut client = workload_client(agent.socket()).await;
+    let mut client = agent.client().await;
     let err = client
         .fetch_x509svid(sigil_proto::workload::X509svidRequest {})
         .await

@@ -28,7 +28,7 @@ async fn jwt_claims(
     agent: &TestAgentProcess,
     spiffe_id: &str,
 ) -> serde_json::Map<String, serde_json::Value> {
-    let mut client = workload_client(agent.socket()).await;
+    let mut client = agent.client().await;
     let token = client
         .fetch_jwtsvid(JwtsvidRequest {
             audience: vec!["db".into()],

@@ -116,7 +116,7 @@ async fn session_svid_is_minted_on_demand_capped_at_the_end_and_expires_by_the_s
     };
     assert_eq!(shown["state"], "expired");
     assert!(shown["ended_at"].is_string());
-    let mut client = workload_client(agent.socket()).await;
+    let mut client = agent.client().await;
     let err = client
         .fetch_x509svid(sigil_proto::workload::X509svidRequest {})
         .await

@@ -45,7 +45,7 @@ async fn session_revoke_puts_the_serial_on_the_crl_delivered_to_workloads_and_th
     assert!(first.crl.iter().all(|c| crl_serials(c).is_empty()));
 
     // A JWT-SVID under the session, for the same workload.
-    let mut client = workload_client(agent.socket()).await;
+    let mut client = agent.client().await;
     let jwts = client
         .fetch_jwtsvid(JwtsvidRequest {
             audience: vec!["db".into()],

@@ -174,6 +174,9 @@ impl Manager {
                 sync_entries_response::Message::Snapshot(page) => {
                     pages.entries.extend(page.entries);
                     if page.last {
+                        if let Some(bundle) = page.bundle {
+                            self.set_bundle(&bundle.spiffe_bundle);
+                        }
                         self.inventory.crls = page.crls;
                         self.synced(std::mem::take(&mut pages), page.revision)
                             .await?;

@@ -135,11 +135,13 @@ impl NodeService {
                 entries: list,
                 revision,
                 crls,
+                bundle,
             } => Message::Snapshot(pb::SnapshotPage {
                 entries: entries(&list),
                 revision,
                 last: crls.is_some(),
                 crls: crls.map(|c| c.ders()).unwrap_or_default(),
+                bundle: bundle.map(|b| self.bundle_message(&b)),
             }),
             SyncMessage::Resume {
                 entries: list,

@@ -56,7 +56,8 @@ pub(crate) struct BundleUpdate {
 /// One message of a sync stream.
 #[derive(Debug, Clone)]
 pub(crate) enum SyncMessage {
-    /// A page of a snapshot: the last one carries the CRLs.
+    /// A page of a snapshot: the last one carries the CRLs and the bundle (an agent that
+    /// restarted may hold an older one, and only changes after the snapshot are sent).
     Snapshot {
         /// Entries.
         entries: Vec<Arc<RegistrationEntry>>,
@@ -64,6 +65,8 @@ pub(crate) enum SyncMessage {
         revision: u64,
         /// The CRLs, on the last page only.
         crls: Option<Arc<CrlSet>>,
+        /// The bundle, on the last page only.
+        bundle: Option<BundleUpdate>,
     },
     /// A page of a resume: the last one carries the bundle.
     Resume {
@@ -236,8 +239,8 @@ impl EntrySync {
         let mut state = SyncState::default();
 
         // Resume from `since` when it is a revision of this store; else snapshot. Either way
-        // the last page carries the CRLs; a resumed agent also gets the bundle, which may have
-        // changed while it was away.
+        // the last page carries the CRLs and the bundle, which may have changed while the
+        // agent was away.
         let mut crl_generation = crl_updates.borrow_and_update().generation;
         let mut bundle_sequence = bundle_updates.borrow_and_update().sequence;
         let mut revision = match self.resume(&agent, since, &mut state, tx).await? {
@@ -353,6 +356,7 @@ impl EntrySync {
                 entries: chunk.to_vec(),
                 revision,
                 crls: last.then(|| self.crls.current()),
+                bundle: last.then(|| self.bundle()),
             };
             if !send(tx, page).await || last {
                 break;
@@ -697,6 +701,7 @@ mod tests {
             entries,
             revision,
             crls,
+            bundle,
         } = next(&mut rx).await
         else {
             panic!("expected a snapshot");
@@ -704,6 +709,11 @@ mod tests {
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].id, first.id);
         assert!(crls.is_some());
+        // An agent that restarted gets the current bundle with the snapshot.
+        assert_eq!(
+            bundle.map(|b| b.bundle.sequence),
+            Some(fx.sync.bundle().bundle.sequence)
+        );
 
         // Another agent's entry is not sent; this agent's is.
         fx.entries
