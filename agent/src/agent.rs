@@ -65,7 +65,7 @@ pub async fn run(
                 .map(ToString::to_string)
                 .collect(),
             &config.data_dir,
-            config.join_token.as_deref(),
+            &config.attestation,
             config.trust_bundle.as_deref(),
         )
         .await?,

@@ -23,6 +23,9 @@ const KNOWN_KEYS: &[&str] = &[
     "trust_domain",
     "server_address",
     "join_token",
+    "node_attestor",
+    "x509pop_cert_path",
+    "x509pop_key_path",
     "trust_bundle",
     "socket_path",
     "data_dir",
@@ -45,6 +48,15 @@ pub struct FileConfig {
     /// A one-time join token for the first start (`sigil-server token generate`). Not needed
     /// once the agent has attested: it keeps its SVID in `data_dir`.
     pub join_token: Option<String>,
+    /// How the agent attests on its first start (or when its stored SVID expired): `join_token`
+    /// (a one-time token) or `x509pop` (proof of possession of a host certificate's key,
+    /// issued by a CA in the server's `x509pop_ca_bundle_path`). Default `join_token`.
+    pub node_attestor: Option<String>,
+    /// x509pop: PEM file of the host certificate, followed by any intermediate CAs.
+    pub x509pop_cert_path: Option<String>,
+    /// x509pop: PEM file of the host certificate's private key (PKCS#8 ECDSA P-256/P-384,
+    /// Ed25519 or RSA, or PKCS#1 RSA). Readable by the agent only.
+    pub x509pop_key_path: Option<String>,
     /// PEM file of the server's X.509 authorities (`sigil-server bundle show`), trusted on the
     /// first start only; later starts trust the bundle kept in `data_dir`.
     pub trust_bundle: Option<String>,
@@ -74,6 +86,12 @@ pub struct Overrides {
     pub server_address: Vec<String>,
     /// `--join-token`.
     pub join_token: Option<String>,
+    /// `--node-attestor`.
+    pub node_attestor: Option<String>,
+    /// `--x509pop-cert-path`.
+    pub x509pop_cert_path: Option<String>,
+    /// `--x509pop-key-path`.
+    pub x509pop_key_path: Option<String>,
     /// `--trust-bundle`.
     pub trust_bundle: Option<String>,
     /// `--socket-path`.
@@ -93,8 +111,8 @@ pub struct AgentConfig {
     pub trust_domain: TrustDomain,
     /// The servers' agent-facing APIs, in the order they are tried (at least one).
     pub server_addresses: Vec<ServerAddress>,
-    /// Join token for the first attestation.
-    pub join_token: Option<String>,
+    /// How the agent attests.
+    pub attestation: NodeAttestation,
     /// Bootstrap bundle file.
     pub trust_bundle: Option<PathBuf>,
     /// Workload API socket.
@@ -109,6 +127,40 @@ pub struct AgentConfig {
     pub log_level: LogLevel,
     /// Log format.
     pub log_format: LogFormat,
+}
+
+/// How the agent attests (`node_attestor`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum NodeAttestation {
+    /// A one-time join token (needed on the first start only).
+    JoinToken(Option<String>),
+    /// x509pop with the host certificate and key at these paths.
+    X509Pop {
+        /// The certificate chain (PEM).
+        cert_path: PathBuf,
+        /// The private key (PEM).
+        key_path: PathBuf,
+    },
+}
+
+impl std::fmt::Debug for NodeAttestation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // The token is a secret until spent: never in a log line.
+            Self::JoinToken(token) => f
+                .debug_tuple("JoinToken")
+                .field(&token.as_ref().map(|_| "<redacted>"))
+                .finish(),
+            Self::X509Pop {
+                cert_path,
+                key_path,
+            } => f
+                .debug_struct("X509Pop")
+                .field("cert_path", cert_path)
+                .field("key_path", key_path)
+                .finish(),
+        }
+    }
 }
 
 /// A string or a list of strings (a TOML key that takes either).
@@ -262,17 +314,35 @@ impl AgentConfig {
             file.metrics_address.as_deref(),
             file.health_address.as_deref(),
         );
+        let attestation = node_attestation(
+            &mut problems,
+            pick(flags.node_attestor, file.node_attestor),
+            pick(flags.join_token, file.join_token),
+            pick(flags.x509pop_cert_path, file.x509pop_cert_path),
+            pick(flags.x509pop_key_path, file.x509pop_key_path),
+        );
         problems.into_result()?;
         // Every value that failed pushed a problem above, so all are present here.
-        let (Some(trust_domain), Some(server_addresses), Some(log_level), Some(log_format)) =
-            (trust_domain, server_addresses, log_level, log_format)
+        let (
+            Some(trust_domain),
+            Some(server_addresses),
+            Some(log_level),
+            Some(log_format),
+            Some(attestation),
+        ) = (
+            trust_domain,
+            server_addresses,
+            log_level,
+            log_format,
+            attestation,
+        )
         else {
             return Err(ConfigError::incomplete());
         };
         Ok(Self {
             trust_domain,
             server_addresses,
-            join_token: pick(flags.join_token, file.join_token),
+            attestation,
             trust_bundle: pick(flags.trust_bundle, file.trust_bundle).map(PathBuf::from),
             socket_path,
             data_dir,
@@ -281,6 +351,57 @@ impl AgentConfig {
             log_level,
             log_format,
         })
+    }
+}
+
+/// The `node_attestor` choice and what it needs, every conflict reported.
+fn node_attestation(
+    problems: &mut Problems,
+    attestor: Option<String>,
+    join_token: Option<String>,
+    cert_path: Option<String>,
+    key_path: Option<String>,
+) -> Option<NodeAttestation> {
+    match attestor.as_deref().unwrap_or("join_token") {
+        "join_token" => {
+            for (key, value) in [
+                ("x509pop_cert_path", &cert_path),
+                ("x509pop_key_path", &key_path),
+            ] {
+                if value.is_some() {
+                    problems.push(key, "is for node_attestor = \"x509pop\"");
+                }
+            }
+            Some(NodeAttestation::JoinToken(join_token))
+        }
+        "x509pop" => {
+            if join_token.is_some() {
+                problems.push(
+                    "join_token",
+                    "is for node_attestor = \"join_token\" (an x509pop agent proves its host certificate instead)",
+                );
+            }
+            let mut path = |key: &str, value: Option<String>| match value {
+                Some(v) if !v.is_empty() => Some(PathBuf::from(v)),
+                _ => {
+                    problems.push(key, "is required with node_attestor = \"x509pop\"");
+                    None
+                }
+            };
+            let cert_path = path("x509pop_cert_path", cert_path);
+            let key_path = path("x509pop_key_path", key_path);
+            Some(NodeAttestation::X509Pop {
+                cert_path: cert_path?,
+                key_path: key_path?,
+            })
+        }
+        other => {
+            problems.push(
+                "node_attestor",
+                format!("{other:?} is not a node attestor (join_token or x509pop)"),
+            );
+            None
+        }
     }
 }
 
@@ -298,7 +419,7 @@ mod tests {
         assert_eq!(c.server_addresses[0].port(), 8081);
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
-        assert_eq!(c.join_token, None);
+        assert_eq!(c.attestation, NodeAttestation::JoinToken(None));
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.log_level, LogLevel::Info);
         let c = AgentConfig::from_sources(
@@ -313,8 +434,72 @@ mod tests {
         .unwrap();
         assert_eq!(c.server_addresses.len(), 1);
         assert_eq!(c.server_addresses[0].host(), "server.example.org");
-        assert_eq!(c.join_token.as_deref(), Some("abc"));
+        assert_eq!(
+            c.attestation,
+            NodeAttestation::JoinToken(Some("abc".into()))
+        );
+        assert!(!format!("{:?}", c.attestation).contains("abc"));
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn x509pop_needs_its_two_paths_and_no_join_token() {
+        let td = "trust_domain = \"example.org\"\n";
+        let c = AgentConfig::from_sources(
+            Some(&format!(
+                "{td}node_attestor = \"x509pop\"\nx509pop_cert_path = \"/c.pem\""
+            )),
+            Overrides {
+                x509pop_key_path: Some("/k.pem".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            c.attestation,
+            NodeAttestation::X509Pop {
+                cert_path: "/c.pem".into(),
+                key_path: "/k.pem".into()
+            }
+        );
+        let err = AgentConfig::from_sources(
+            Some(&format!(
+                "{td}node_attestor = \"x509pop\"\njoin_token = \"t\""
+            )),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.problems
+                .iter()
+                .map(|p| p.key.as_str())
+                .collect::<Vec<_>>(),
+            ["join_token", "x509pop_cert_path", "x509pop_key_path"]
+        );
+        let err = AgentConfig::from_sources(
+            Some(&format!(
+                "{td}x509pop_key_path = \"/k\"\nnode_attestor = \"tpm\""
+            )),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.problems
+                .iter()
+                .map(|p| p.key.as_str())
+                .collect::<Vec<_>>(),
+            ["node_attestor"]
+        );
+        let err = AgentConfig::from_sources(
+            Some(&format!("{td}x509pop_key_path = \"/k\"")),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("is for node_attestor = \"x509pop\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -19,16 +19,22 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde::{Deserialize, Serialize};
+use sigil_attestors::x509pop::{self, HostCredentials};
 use sigil_core::lifetime::Validity;
 use sigil_core::time::{from_unix_seconds, unix_seconds};
 use sigil_core::tls::{SharedBundles, SpiffeServerVerifier};
 use sigil_core::x509_svid::Authorizer;
 use sigil_core::{SpiffeBundle, SpiffeId, TrustDomain, X509Bundle};
 use sigil_proto::node::node_client::NodeClient;
-use sigil_proto::node::{AttestAgentRequest, RenewAgentRequest};
+use sigil_proto::node::{
+    AttestAgentRequest, AttestAgentResponse, AttestParams, AttestRequest, RenewAgentRequest,
+    attest_request, attest_response,
+};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
+
+use crate::config::NodeAttestation;
 
 /// Why the agent could not get or keep its identity.
 #[derive(Debug, thiserror::Error)]
@@ -122,12 +128,14 @@ impl std::fmt::Debug for NodeConnection {
 }
 
 impl NodeConnection {
-    /// Loads the stored identity, or attests with `join_token` trusting `trust_bundle` (PEM).
+    /// Loads the stored identity, or attests as `attestation` says, trusting `trust_bundle`
+    /// (PEM; the stored bundle when there is one). An x509pop agent whose stored SVID expired
+    /// attests again with its host certificate; a join-token agent cannot (its token is spent).
     pub async fn bootstrap(
         trust_domain: TrustDomain,
         server_addresses: Vec<String>,
         data_dir: &Path,
-        join_token: Option<&str>,
+        attestation: &NodeAttestation,
         trust_bundle: Option<&Path>,
     ) -> Result<Self, NodeError> {
         sigil_daemon::check_private_dir(data_dir, 0o700)?;
@@ -138,48 +146,60 @@ impl NodeConnection {
             addresses: server_addresses,
             current: AtomicUsize::new(0),
         });
+        let mut stored_bundle = None;
         if let Some((identity, bundle)) = load_state(data_dir, &trust_domain)? {
-            if identity.validity.not_after() <= SystemTime::now() {
+            if identity.validity.not_after() > SystemTime::now() {
+                info!(agent_id = %identity.id, "using the stored agent identity");
+                return Self::new(trust_domain, servers, data_dir, identity, bundle);
+            }
+            if matches!(attestation, NodeAttestation::JoinToken(_)) {
                 return Err(NodeError::Refused(format!(
                     "the stored agent SVID ({}) expired while the agent was down; attest again with a new join token after removing {}",
                     identity.id,
                     data_dir.join(STATE_FILE).display()
                 )));
             }
-            info!(agent_id = %identity.id, "using the stored agent identity");
-            return Self::new(trust_domain, servers, data_dir, identity, bundle);
+            info!(agent_id = %identity.id, "the stored agent SVID expired while the agent was down: attesting again with the host certificate");
+            stored_bundle = Some(bundle);
         }
-        let token = join_token.ok_or_else(|| {
-            NodeError::Bootstrap(
-                "first start: a join token is needed (--join-token or join_token)".to_owned(),
-            )
-        })?;
-        let bundle_path = trust_bundle.ok_or_else(|| {
-            NodeError::Bootstrap(
-                "first start: the server's bundle is needed to trust it (--trust-bundle FILE, from `sigil-server bundle show`)"
-                    .to_owned(),
-            )
-        })?;
-        let pem = std::fs::read(bundle_path).map_err(|source| NodeError::Io {
-            what: format!("cannot read {}", bundle_path.display()),
-            source,
-        })?;
-        let x509 =
-            X509Bundle::from_pem(trust_domain.clone(), &pem).map_err(|e| NodeError::State {
-                path: bundle_path.to_owned(),
-                reason: e.to_string(),
-            })?;
-        let bootstrap = SharedBundles::from_bundle(x509);
+        // What the agent trusts the server through: the bundle it kept, else the bootstrap
+        // bundle file.
+        let bootstrap = match &stored_bundle {
+            Some(bundle) => SharedBundles::from_bundle(x509_of(bundle)?),
+            None => SharedBundles::from_bundle(bootstrap_bundle(
+                &trust_domain,
+                attestation,
+                trust_bundle,
+            )?),
+        };
         let key = new_key()?;
+        let csr = csr(&key)?;
         let channel = channel(&servers, &trust_domain, &bootstrap, None)?;
-        let response = NodeClient::new(channel)
-            .attest_agent(AttestAgentRequest {
-                join_token: token.to_owned(),
-                csr: csr(&key)?,
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
+        let response = match attestation {
+            NodeAttestation::JoinToken(token) => {
+                let token = token.as_deref().ok_or_else(|| {
+                    NodeError::Bootstrap(
+                        "first start: a join token is needed (--join-token or join_token)"
+                            .to_owned(),
+                    )
+                })?;
+                NodeClient::new(channel)
+                    .attest_agent(AttestAgentRequest {
+                        join_token: token.to_owned(),
+                        csr,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+            }
+            NodeAttestation::X509Pop {
+                cert_path,
+                key_path,
+            } => {
+                let host = host_credentials(cert_path, key_path)?;
+                attest_x509pop(channel, &host, csr).await?
+            }
+        };
         let svid = response
             .svid
             .ok_or_else(|| NodeError::Unavailable("attestation answer without an SVID".into()))?;
@@ -316,6 +336,99 @@ impl NodeConnection {
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, (Identity, SpiffeBundle, Channel)> {
         self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The bootstrap bundle file (first start).
+fn bootstrap_bundle(
+    trust_domain: &TrustDomain,
+    attestation: &NodeAttestation,
+    trust_bundle: Option<&Path>,
+) -> Result<X509Bundle, NodeError> {
+    // A join-token agent without its token fails on that first: it is what the operator forgot.
+    if matches!(attestation, NodeAttestation::JoinToken(None)) {
+        return Err(NodeError::Bootstrap(
+            "first start: a join token is needed (--join-token or join_token)".to_owned(),
+        ));
+    }
+    let bundle_path = trust_bundle.ok_or_else(|| {
+        NodeError::Bootstrap(
+            "first start: the server's bundle is needed to trust it (--trust-bundle FILE, from `sigil-server bundle show`)"
+                .to_owned(),
+        )
+    })?;
+    let pem = std::fs::read(bundle_path).map_err(|source| NodeError::Io {
+        what: format!("cannot read {}", bundle_path.display()),
+        source,
+    })?;
+    X509Bundle::from_pem(trust_domain.clone(), &pem).map_err(|e| NodeError::State {
+        path: bundle_path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads the x509pop host certificate and key (and checks that they belong together).
+fn host_credentials(cert_path: &Path, key_path: &Path) -> Result<HostCredentials, NodeError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| NodeError::Io {
+            what: format!("cannot read {}", path.display()),
+            source,
+        })
+    };
+    let cert = read(cert_path)?;
+    let key = Zeroizing::new(read(key_path)?);
+    HostCredentials::from_pem(&cert, &key).map_err(|e| {
+        NodeError::Bootstrap(format!(
+            "x509pop host credentials ({}, {}): {e}",
+            cert_path.display(),
+            key_path.display()
+        ))
+    })
+}
+
+/// Attests over the `Attest` stream with x509pop: sends the host chain and the CSR, signs the
+/// server's nonce (bound to the CSR), and returns the result.
+async fn attest_x509pop(
+    channel: Channel,
+    host: &HostCredentials,
+    csr: Vec<u8>,
+) -> Result<AttestAgentResponse, NodeError> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let closed = || NodeError::Unavailable("the server closed the attestation stream".into());
+    tx.send(AttestRequest {
+        step: Some(attest_request::Step::Params(AttestParams {
+            attestor: x509pop::NAME.to_owned(),
+            payload: host.payload(),
+            csr: csr.clone(),
+        })),
+    })
+    .await
+    .map_err(|_| closed())?;
+    let mut inbound = NodeClient::new(channel)
+        .attest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    loop {
+        let message = inbound
+            .message()
+            .await
+            .map_err(status_error)?
+            .ok_or_else(closed)?;
+        match message.step {
+            Some(attest_response::Step::Challenge(nonce)) => {
+                let answer = host
+                    .answer(&nonce, &csr)
+                    .map_err(|e| NodeError::Bootstrap(format!("x509pop: {e}")))?;
+                tx.send(AttestRequest {
+                    step: Some(attest_request::Step::ChallengeResponse(answer)),
+                })
+                .await
+                .map_err(|_| closed())?;
+            }
+            Some(attest_response::Step::Result(result)) => return Ok(result),
+            None => return Err(NodeError::Unavailable("an empty attestation answer".into())),
+        }
     }
 }
 

@@ -8,9 +8,15 @@
 //! no SPIFFE ID, log line or audit record, and the server stores only its full SHA-256
 //! ([`token_hash`]).
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use sigil_core::{SpiffeId, SpiffeIdError, TrustDomain};
+
+use crate::node::{AttestError, Attestation, Challenge, NodeAttestor};
+
+/// The attestor's name.
+pub const NAME: &str = "join_token";
 
 /// The path segments before the token in an agent ID.
 pub const AGENT_PATH: [&str; 3] = ["sigil", "agent", "join_token"];
@@ -68,6 +74,68 @@ pub fn agent_id(trust_domain: &TrustDomain, token: &str) -> Result<SpiffeId, Joi
     let mut segments: Vec<&str> = AGENT_PATH.to_vec();
     segments.push(&fingerprint);
     Ok(trust_domain.id(segments)?)
+}
+
+/// The join-token attestor: the payload is the token (UTF-8); it is consumed, so the agent
+/// cannot attest with it again.
+pub struct JoinTokenAttestor<T: ?Sized> {
+    trust_domain: TrustDomain,
+    tokens: Arc<T>,
+}
+
+impl<T: ?Sized> std::fmt::Debug for JoinTokenAttestor<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinTokenAttestor")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: JoinTokens + ?Sized> JoinTokenAttestor<T> {
+    /// Attests agents of `trust_domain` with the tokens in `tokens`.
+    pub fn new(trust_domain: TrustDomain, tokens: Arc<T>) -> Self {
+        Self {
+            trust_domain,
+            tokens,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<T: JoinTokens + ?Sized> NodeAttestor for JoinTokenAttestor<T> {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn attest(
+        &self,
+        payload: &[u8],
+        _binding: &[u8],
+        _challenge: &mut dyn Challenge,
+        now: SystemTime,
+    ) -> Result<Attestation, AttestError> {
+        let token = std::str::from_utf8(payload)
+            .map_err(|_| AttestError::Invalid("the join token is not UTF-8".to_owned()))?;
+        if token.is_empty() {
+            return Err(AttestError::Invalid("join_token is required".to_owned()));
+        }
+        let agent_id = agent_id(&self.trust_domain, token).map_err(|_| {
+            AttestError::Refused("join token unknown, expired or already used".to_owned())
+        })?;
+        let alias = match self.tokens.consume(token, now).await {
+            Ok(alias) => alias,
+            Err(e @ (JoinTokenError::NotFound | JoinTokenError::Expired)) => {
+                return Err(AttestError::Refused(e.to_string()));
+            }
+            Err(e) => return Err(AttestError::Unavailable(e.to_string())),
+        };
+        Ok(Attestation {
+            agent_id,
+            selectors: Vec::new(),
+            reattestable: false,
+            alias,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -123,6 +123,14 @@ pub struct FileConfig {
     /// Address (IP:PORT) of an HTTP listener serving `/live` and `/ready` (200 or 503 with the
     /// reason). May be the same as `metrics_address`. Default: none (off).
     pub health_address: Option<String>,
+    /// PEM file of the CA certificates whose host certificates agents may attest with
+    /// (`node_attestor = "x509pop"` on the agent). Default: none (x509pop off; agents attest
+    /// with join tokens only). Every host certificate these CAs sign can attest an agent.
+    pub x509pop_ca_bundle_path: Option<String>,
+    /// How x509pop agents are named, after `spiffe://TD/sigil/agent/`: literal path text and
+    /// the placeholders `{fingerprint}` (SHA-256 of the host certificate, hex), `{serial}`,
+    /// `{subject_cn}` and `{san_dns}` (its first DNS name). Default `x509pop/{fingerprint}`.
+    pub x509pop_agent_path_template: Option<String>,
     /// Log level: `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
     pub log_level: Option<String>,
     /// Log format: `text` or `json`. Default `text`.
@@ -158,6 +166,8 @@ const KNOWN_KEYS: &[&str] = &[
     "audit_peer_keys",
     "metrics_address",
     "health_address",
+    "x509pop_ca_bundle_path",
+    "x509pop_agent_path_template",
     "log_level",
     "log_format",
 ];
@@ -230,6 +240,8 @@ pub struct ServerConfig {
     pub metrics_address: Option<SocketAddr>,
     /// The health listener, if any.
     pub health_address: Option<SocketAddr>,
+    /// x509pop node attestation, when configured.
+    pub x509pop: Option<X509PopConfig>,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -247,6 +259,15 @@ pub struct PostgresConfig {
     pub ca_file: Option<PathBuf>,
     /// Most connections in the pool.
     pub pool_size: usize,
+}
+
+/// x509pop node attestation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X509PopConfig {
+    /// The CA certificates host certificates must chain to (PEM).
+    pub ca_bundle_path: PathBuf,
+    /// The agent path template (checked).
+    pub agent_path_template: Option<String>,
 }
 
 /// Default `max_store_staleness`.
@@ -278,6 +299,7 @@ impl ServerConfig {
 
         let postgres = postgres_config(&file, &mut problems);
         let server_id = server_id(&file, &mut problems);
+        let x509pop = x509pop_config(&file, &mut problems);
         let trust_domain = match pick(overrides.trust_domain, file.trust_domain) {
             Some(td) => problems.check("trust_domain", TrustDomain::new(&td)),
             None => {
@@ -529,6 +551,7 @@ impl ServerConfig {
             max_store_staleness,
             metrics_address,
             health_address,
+            x509pop,
             audit_peer_keys,
             log_level,
             log_format,
@@ -703,6 +726,35 @@ fn duration_value(
         Ok(d) => Some(d),
         Err(e) => {
             problems.push(key, e.to_string());
+            None
+        }
+    }
+}
+
+/// The x509pop keys: the template is checked here; the CA bundle is read at start.
+fn x509pop_config(file: &FileConfig, problems: &mut Problems) -> Option<X509PopConfig> {
+    let template = file.x509pop_agent_path_template.clone();
+    if let Some(template) = &template
+        && let Err(e) = sigil_attestors::x509pop::Template::parse(template)
+    {
+        problems.push("x509pop_agent_path_template", e.to_string());
+    }
+    match &file.x509pop_ca_bundle_path {
+        Some(path) if path.is_empty() => {
+            problems.push("x509pop_ca_bundle_path", "cannot be empty");
+            None
+        }
+        Some(path) => Some(X509PopConfig {
+            ca_bundle_path: PathBuf::from(path),
+            agent_path_template: template,
+        }),
+        None => {
+            if template.is_some() {
+                problems.push(
+                    "x509pop_agent_path_template",
+                    "needs x509pop_ca_bundle_path (the CAs x509pop agents' host certificates chain to)",
+                );
+            }
             None
         }
     }

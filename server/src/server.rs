@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use sigil_attestors::x509pop::X509Pop;
 use sigil_core::lifetime::Validity;
 use sigil_proto::admin::admin_server::AdminServer;
 use sigil_proto::audit::audit_ingest_server::AuditIngestServer;
@@ -112,6 +113,14 @@ pub enum ServerError {
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The x509pop CA bundle could not be read or used.
+    #[error("x509pop_ca_bundle_path {path}: {reason}")]
+    X509Pop {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The agent-facing API could not listen.
     #[error("cannot listen on {address}")]
     Bind {
@@ -436,6 +445,7 @@ impl Server {
             audit.clone(),
             authority.clone(),
             crls.clone(),
+            x509pop(&self.config)?,
         ));
         let svids = Arc::new(Svids::new(
             audit.clone(),
@@ -905,4 +915,24 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// The x509pop attestor the configuration asks for, its CA bundle read now.
+fn x509pop(config: &ServerConfig) -> Result<Option<X509Pop>, ServerError> {
+    let Some(pop) = &config.x509pop else {
+        return Ok(None);
+    };
+    let failed = |reason: String| ServerError::X509Pop {
+        path: pop.ca_bundle_path.clone(),
+        reason,
+    };
+    let pem = std::fs::read(&pop.ca_bundle_path).map_err(|e| failed(e.to_string()))?;
+    let attestor = X509Pop::new(
+        config.trust_domain.clone(),
+        &pem,
+        pop.agent_path_template.as_deref(),
+    )
+    .map_err(|e| failed(e.to_string()))?;
+    info!(path = %pop.ca_bundle_path.display(), "x509pop node attestation enabled");
+    Ok(Some(attestor))
 }

@@ -556,11 +556,27 @@ impl TestAgentProcess {
         Self::start_configured(server, &[server.node_addr], Some(config.to_owned())).await
     }
 
+    /// Starts an agent that attests without a join token (x509pop: `config` names the
+    /// attestor and the host credentials), trusting `server`'s bundle on its first start.
+    pub async fn start_without_token(server: &TestServer, config: &str) -> Self {
+        let mut agent = Self::prepare(server, &[server.node_addr], Some(config.to_owned())).await;
+        agent.spawn(None);
+        agent
+    }
+
     async fn start_configured(
         server: &TestServer,
         servers: &[SocketAddr],
         config: Option<String>,
     ) -> Self {
+        let token = server.join_token(Duration::from_secs(600)).await;
+        let mut agent = Self::prepare(server, servers, config).await;
+        agent.spawn(Some(&token));
+        agent
+    }
+
+    /// The agent's directory with the bootstrap bundle; not started.
+    async fn prepare(server: &TestServer, servers: &[SocketAddr], config: Option<String>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Readable by every uid, so unprivileged workloads can reach the socket.
         std::fs::set_permissions(
@@ -573,16 +589,13 @@ impl TestAgentProcess {
             server.bundle().await.to_pem(),
         )
         .unwrap();
-        let token = server.join_token(Duration::from_secs(600)).await;
-        let mut agent = Self {
+        Self {
             dir,
             child: None,
             server_addrs: servers.to_vec(),
             log: Arc::default(),
             config,
-        };
-        agent.spawn(Some(&token));
-        agent
+        }
     }
 
     pub fn socket(&self) -> PathBuf {

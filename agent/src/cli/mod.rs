@@ -56,6 +56,16 @@ struct RunArgs {
     /// One-time join token for the first start (`sigil-server token generate`).
     #[arg(long, value_name = "TOKEN")]
     join_token: Option<String>,
+    /// How the agent attests: join_token (default) or x509pop (a host certificate from a CA
+    /// the server trusts; the agent can attest again with it, e.g. after losing its data dir).
+    #[arg(long, value_name = "ATTESTOR")]
+    node_attestor: Option<String>,
+    /// x509pop: PEM file of the host certificate (then any intermediate CAs).
+    #[arg(long, value_name = "PATH")]
+    x509pop_cert_path: Option<String>,
+    /// x509pop: PEM file of the host certificate's private key (PKCS#8 or PKCS#1 RSA).
+    #[arg(long, value_name = "PATH")]
+    x509pop_key_path: Option<String>,
     /// PEM file of the server's authorities (`sigil-server bundle show`), trusted on the first start.
     #[arg(long, value_name = "PATH")]
     trust_bundle: Option<String>,
@@ -206,6 +216,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             trust_domain: args.trust_domain,
             server_address: args.server_address,
             join_token: args.join_token,
+            node_attestor: args.node_attestor,
+            x509pop_cert_path: args.x509pop_cert_path,
+            x509pop_key_path: args.x509pop_key_path,
             trust_bundle: args.trust_bundle,
             socket_path: args.socket_path,
             data_dir: args.data_dir,

@@ -35,4 +35,4 @@ pub use authorizer::Authorizer;
 pub use error::X509SvidError;
 pub use profile::check_leaf_certificate;
 pub use svid::{PrivateKey, X509Svid};
-pub use verify::{VerifiedSvid, verify_chain};
+pub use verify::{SUPPORTED_SIG_ALGS, VerifiedSvid, verify_chain};

@@ -136,7 +136,7 @@ fn trust_anchors<'a>(
 }
 
 /// The signature algorithms path validation accepts (rustls' set for the ring provider).
-static SUPPORTED_SIG_ALGS: &[&dyn SignatureVerificationAlgorithm] = &[
+pub static SUPPORTED_SIG_ALGS: &[&dyn SignatureVerificationAlgorithm] = &[
     webpki::ring::ECDSA_P256_SHA256,
     webpki::ring::ECDSA_P256_SHA384,
     webpki::ring::ECDSA_P384_SHA256,

@@ -1168,6 +1168,7 @@ fn agent_message(node: &AttestedNode) -> pb::Agent {
         banned: node.banned,
         created_at: unix_seconds(node.created_at),
         updated_at: unix_seconds(node.updated_at),
+        selectors: node.selectors.iter().map(ToString::to_string).collect(),
     }
 }
 

@@ -12,16 +12,19 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use sigil_attestors::join_token;
+use sigil_attestors::node::{AttestError, Challenge, NoChallenge};
 use sigil_core::time::unix_seconds;
 use sigil_core::{Selector, SelectorSet};
 use sigil_proto::node::node_server::Node;
 use sigil_proto::node::{
-    self as pb, AttestAgentRequest, AttestAgentResponse, BatchNewX509svidRequest,
-    BatchNewX509svidResponse, GetBundleRequest, GetBundleResponse, NewJwtsvidRequest,
-    NewJwtsvidResponse, NewSessionJwtsvidRequest, NewSessionX509svidRequest, RenewAgentRequest,
-    RenewAgentResponse, SyncEntriesRequest, SyncEntriesResponse,
+    self as pb, AttestAgentRequest, AttestAgentResponse, AttestRequest, AttestResponse,
+    BatchNewX509svidRequest, BatchNewX509svidResponse, GetBundleRequest, GetBundleResponse,
+    NewJwtsvidRequest, NewJwtsvidResponse, NewSessionJwtsvidRequest, NewSessionX509svidRequest,
+    RenewAgentRequest, RenewAgentResponse, SyncEntriesRequest, SyncEntriesResponse, attest_request,
+    attest_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -56,6 +59,43 @@ pub(crate) struct NodeService {
     sessions: Arc<Sessions>,
     sync: EntrySync,
     ttls: TtlPolicy,
+}
+
+/// How long an agent has to send each attestation request (the first one, each challenge
+/// response).
+const ATTEST_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a whole attestation may take.
+const ATTEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The challenges of an attestor, put to the agent on its attestation stream.
+struct StreamChallenge {
+    inbound: tonic::Streaming<AttestRequest>,
+    outbound: mpsc::Sender<Result<AttestResponse, Status>>,
+}
+
+#[async_trait::async_trait]
+impl Challenge for StreamChallenge {
+    async fn exchange(&mut self, challenge: Vec<u8>) -> Result<Vec<u8>, AttestError> {
+        let gone = || AttestError::Unavailable("the agent closed the attestation stream".into());
+        self.outbound
+            .send(Ok(AttestResponse {
+                step: Some(attest_response::Step::Challenge(challenge)),
+            }))
+            .await
+            .map_err(|_| gone())?;
+        let answer = tokio::time::timeout(ATTEST_STEP_TIMEOUT, self.inbound.message())
+            .await
+            .map_err(|_| AttestError::Refused("no answer to the challenge in time".into()))?
+            .map_err(|e| AttestError::Unavailable(format!("attestation stream: {}", e.message())))?
+            .ok_or_else(gone)?;
+        match answer.step {
+            Some(attest_request::Step::ChallengeResponse(bytes)) => Ok(bytes),
+            _ => Err(AttestError::Invalid(
+                "expected a challenge_response on the attestation stream".into(),
+            )),
+        }
+    }
 }
 
 // === impl DenyReason (wire) ===
@@ -126,6 +166,14 @@ impl NodeService {
         }
     }
 
+    /// The answer to a successful attestation: the SVID and the current bundle.
+    fn attested(&self, svid: IssuedSvid) -> AttestAgentResponse {
+        AttestAgentResponse {
+            svid: Some(svid_message(svid)),
+            bundle: Some(self.bundle_message(&self.sync.bundle())),
+        }
+    }
+
     fn sync_message(&self, message: SyncMessage) -> SyncEntriesResponse {
         use pb::sync_entries_response::Message;
         let entries =
@@ -193,15 +241,75 @@ impl Node for NodeService {
         request: Request<AttestAgentRequest>,
     ) -> Result<Response<AttestAgentResponse>, Status> {
         let req = request.into_inner();
+        let attestor = self
+            .agents
+            .attestor(join_token::NAME)
+            .map_err(agent_status)?;
         let svid = self
             .agents
-            .attest(&req.join_token, &req.csr, SystemTime::now())
+            .attest(
+                &*attestor,
+                req.join_token.as_bytes(),
+                &req.csr,
+                &mut NoChallenge,
+                SystemTime::now(),
+            )
             .await
             .map_err(agent_status)?;
-        Ok(Response::new(AttestAgentResponse {
-            svid: Some(svid_message(svid)),
-            bundle: Some(self.bundle_message(&self.sync.bundle())),
-        }))
+        Ok(Response::new(self.attested(svid)))
+    }
+
+    type AttestStream = Pin<Box<dyn Stream<Item = Result<AttestResponse, Status>> + Send>>;
+
+    #[instrument(skip_all)]
+    async fn attest(
+        &self,
+        request: Request<tonic::Streaming<AttestRequest>>,
+    ) -> Result<Response<Self::AttestStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(ATTEST_STEP_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no attestation request in time"))??
+            .ok_or_else(|| {
+                Status::invalid_argument("the attestation stream ended before its first request")
+            })?;
+        let Some(attest_request::Step::Params(params)) = first.step else {
+            return Err(Status::invalid_argument(
+                "the first attestation request must carry params",
+            ));
+        };
+        let attestor = self
+            .agents
+            .attestor(&params.attestor)
+            .map_err(agent_status)?;
+        let (tx, rx) = mpsc::channel(2);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut challenge = StreamChallenge {
+                inbound,
+                outbound: tx.clone(),
+            };
+            let attested = tokio::time::timeout(
+                ATTEST_TIMEOUT,
+                service.agents.attest(
+                    &*attestor,
+                    &params.payload,
+                    &params.csr,
+                    &mut challenge,
+                    SystemTime::now(),
+                ),
+            )
+            .await;
+            let result = match attested {
+                Ok(Ok(svid)) => Ok(AttestResponse {
+                    step: Some(attest_response::Step::Result(service.attested(svid))),
+                }),
+                Ok(Err(e)) => Err(agent_status(e)),
+                Err(_) => Err(Status::deadline_exceeded("attestation took too long")),
+            };
+            let _ = tx.send(result).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     #[instrument(skip_all)]

@@ -126,10 +126,7 @@ pub(crate) fn agent_status(error: AgentError) -> Status {
         AgentError::AuditFailed(_) => audit_withheld(),
         AgentError::AuditAfterChange(e) => audit_after_change(&e),
         AgentError::Random => Status::internal("random number generator failed"),
-        AgentError::TokenStore(e) => {
-            warn!(error = %e, "join tokens cannot be read");
-            Status::unavailable("the server's store is unavailable; retry")
-        }
+        AgentError::AttestorUnavailable(m) => Status::unavailable(format!("{m}; retry")),
         AgentError::Store(e) => store_status(e),
     }
 }

@@ -57,6 +57,7 @@ struct AgentJson<'a> {
     banned: bool,
     created_at: String,
     updated_at: String,
+    selectors: &'a [String],
 }
 
 // === impl AgentJson ===
@@ -72,6 +73,7 @@ impl<'a> AgentJson<'a> {
             banned: a.banned,
             created_at: format_rfc3339(a.created_at),
             updated_at: format_rfc3339(a.updated_at),
+            selectors: &a.selectors,
         }
     }
 }
@@ -193,6 +195,7 @@ fn agent_text(a: &pb::Agent) -> String {
     block(&[
         ("SPIFFE ID", a.spiffe_id.clone()),
         ("Attestation type", a.attestation_type.clone()),
+        ("Node selectors", a.selectors.join(" ")),
         ("SVID serial", a.serial.clone()),
         (
             "SVID expires at",

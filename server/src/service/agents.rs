@@ -14,8 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateDer;
-use sigil_attestors::join_token::{self, JoinTokenError, JoinTokens};
-use sigil_core::SpiffeId;
+use sigil_attestors::join_token::{self, JoinTokenAttestor};
+use sigil_attestors::node::{AttestError, Challenge, NodeAttestor};
+use sigil_attestors::x509pop::X509Pop;
+use sigil_core::{SelectorSet, SpiffeId};
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -103,9 +105,9 @@ pub(crate) enum AgentError {
     /// The system random number generator failed.
     #[error("random number generator failed")]
     Random,
-    /// The join tokens could not be read.
-    #[error("join tokens cannot be read: {0}")]
-    TokenStore(JoinTokenError),
+    /// Something the attestor relies on (the join tokens, the stream) failed.
+    #[error("attestation could not complete: {0}")]
+    AttestorUnavailable(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -119,6 +121,9 @@ pub(crate) struct Agents {
     authority: Arc<Authority>,
     crls: Arc<CrlPublisher>,
     removed: broadcast::Sender<Removed>,
+    /// The node attestors agents may use, by name: join_token always, x509pop when
+    /// configured.
+    attestors: Vec<Arc<dyn NodeAttestor>>,
 }
 
 /// The node of an agent that may be served: present and not banned.
@@ -178,20 +183,45 @@ impl DenyReason {
 // === impl Agents ===
 
 impl Agents {
-    /// The service; `crls` are re-published when a ban revokes an agent's SVIDs.
+    /// The service; `crls` are re-published when a ban revokes an agent's SVIDs. Agents
+    /// attest with join tokens, and with x509pop when `x509pop` is configured.
     pub(crate) fn new(
         store: Arc<dyn Store>,
         audit: Arc<AuditLog>,
         authority: Arc<Authority>,
         crls: Arc<CrlPublisher>,
+        x509pop: Option<X509Pop>,
     ) -> Self {
+        let mut attestors: Vec<Arc<dyn NodeAttestor>> = vec![Arc::new(JoinTokenAttestor::new(
+            authority.trust_domain().clone(),
+            store.clone(),
+        ))];
+        if let Some(x509pop) = x509pop {
+            attestors.push(Arc::new(x509pop));
+        }
         Self {
             store,
             audit,
             authority,
             crls,
             removed: broadcast::Sender::new(64),
+            attestors,
         }
+    }
+
+    /// The attestor named `name`, if this server offers it.
+    pub(crate) fn attestor(&self, name: &str) -> Result<Arc<dyn NodeAttestor>, AgentError> {
+        self.attestors
+            .iter()
+            .find(|a| a.name() == name)
+            .cloned()
+            .ok_or_else(|| {
+                let offered: Vec<&str> = self.attestors.iter().map(|a| a.name()).collect();
+                AgentError::Invalid(format!(
+                    "node attestor {name:?} is not enabled on this server (enabled: {})",
+                    offered.join(", ")
+                ))
+            })
     }
 
     /// Every agent banned or evicted from now on (open sync streams end on it).
@@ -258,47 +288,66 @@ impl Agents {
         })
     }
 
-    /// Attests an agent with a join token: spends the token, signs the agent SVID over the
-    /// CSR's key, records the node and, if the token carries one, the alias entry.
+    /// Attests an agent with `attestor` (its `payload`, challenges through `challenge`) and
+    /// signs its SVID over `csr`. The CSR is checked before the attestor runs, so a malformed
+    /// request does not spend a join token. An attestor whose proof can be presented again
+    /// (x509pop) re-attests a known agent under the same ID, unless it is banned; its old SVID
+    /// stops working.
     ///
     /// # Errors
     ///
-    /// [`AgentError::Invalid`] for a malformed request (checked before the token is spent);
-    /// [`DenyReason::NotAttested`] for an unknown, expired or used token; signing, store and
-    /// audit failures.
+    /// [`AgentError::Denied`] (`not_attested`) when the proof is refused, `banned` for a banned
+    /// agent; invalid requests; signing, audit and store failures.
     pub(crate) async fn attest(
         &self,
-        token: &str,
+        attestor: &dyn NodeAttestor,
+        payload: &[u8],
         csr: &[u8],
+        challenge: &mut dyn Challenge,
         now: SystemTime,
     ) -> Result<IssuedSvid, AgentError> {
-        if token.is_empty() {
-            return Err(AgentError::Invalid("join_token is required".to_owned()));
-        }
         if csr.is_empty() {
             return Err(AgentError::Invalid("csr is required".to_owned()));
         }
-        let refused =
-            || DenyReason::NotAttested.error("join token unknown, expired or already used");
-        let agent_id =
-            join_token::agent_id(self.authority.trust_domain(), token).map_err(|_| refused())?;
-        // Check the CSR before spending the token, so a malformed request does not burn it.
         x509_parser::certification_request::X509CertificationRequest::from_der(csr)
             .map_err(|e| AgentError::Invalid(format!("malformed CSR: {e}")))?;
-        let alias = match JoinTokens::consume(&*self.store, token, now).await {
-            Ok(alias) => alias,
-            Err(e @ (JoinTokenError::NotFound | JoinTokenError::Expired)) => {
-                warn!(error = %e, "attestation refused");
-                return Err(DenyReason::NotAttested.error(e.to_string()));
+        let attestation = match attestor.attest(payload, csr, challenge, now).await {
+            Ok(attestation) => attestation,
+            Err(AttestError::Refused(reason)) => {
+                warn!(attestor = attestor.name(), %reason, "attestation refused");
+                return Err(DenyReason::NotAttested.error(reason));
             }
+            Err(AttestError::Invalid(m)) => return Err(AgentError::Invalid(m)),
             Err(e) => {
-                warn!(error = %e, "attestation failed");
-                return Err(AgentError::TokenStore(e));
+                warn!(attestor = attestor.name(), error = %e, "attestation failed");
+                return Err(AgentError::AttestorUnavailable(e.to_string()));
             }
         };
+        let agent_id = attestation.agent_id;
+        if !policy::is_agent_id(self.authority.trust_domain(), &agent_id) {
+            return Err(DenyReason::NotAttested.error(format!(
+                "the attestor named {agent_id}, which is not an agent ID of this trust domain"
+            )));
+        }
+        // Checked again when the record is written (a ban in between wins).
+        let existing = self.store.get_node(&agent_id).await?;
+        if existing.as_ref().is_some_and(|node| node.banned) {
+            warn!(agent_id = %agent_id, "attestation refused: the agent is banned");
+            return Err(DenyReason::Banned.error("agent is banned"));
+        }
+        let known = existing.is_some();
         let svid = self.authority.sign_agent_svid(&agent_id, csr, now)?;
+        let selectors: SelectorSet = attestation.selectors.into_iter().collect();
         let mut record = agent_svid_record(&agent_id, action::AGENT_ATTEST, &svid)
-            .detail("attestation_type", "join_token");
+            .detail("attestation_type", attestor.name());
+        if !selectors.is_empty() {
+            let list: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+            record = record.detail("selectors", list.join(" "));
+        }
+        if known {
+            record = record.detail("reattested", "true");
+        }
+        let alias = attestation.alias;
         if let Some(alias) = &alias {
             record = record.detail("alias_spiffe_id", alias.to_string());
         }
@@ -319,18 +368,18 @@ impl Agents {
             .before_grant(vec![record])
             .await
             .map_err(AgentError::AuditFailed)?;
-        self.store
-            .create_node(AttestedNode {
-                spiffe_id: agent_id.clone(),
-                attestation_type: "join_token".into(),
-                serial: svid.serial.clone(),
-                new_serial: None,
-                not_after: svid.not_after,
-                banned: false,
-                selectors: Default::default(),
-                created_at: now,
-                updated_at: now,
-            })
+        let fresh = AttestedNode {
+            spiffe_id: agent_id.clone(),
+            attestation_type: attestor.name().into(),
+            serial: svid.serial.clone(),
+            new_serial: None,
+            not_after: svid.not_after,
+            banned: false,
+            selectors: selectors.clone(),
+            created_at: now,
+            updated_at: now,
+        };
+        self.record_attested(fresh, attestation.reattestable)
             .await?;
         if let Some(alias) = alias {
             let entry = NewEntry::new(alias, agent_id.clone(), Default::default());
@@ -339,8 +388,67 @@ impl Agents {
                 Err(e) => return Err(e.into()),
             }
         }
-        info!(agent_id = %agent_id, "agent attested");
+        info!(agent_id = %agent_id, attestor = attestor.name(), reattested = known, "agent attested");
         Ok(svid)
+    }
+
+    /// Attests with join token `token` (what `AttestAgent` does).
+    #[cfg(test)]
+    pub(crate) async fn attest_token(
+        &self,
+        token: &str,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedSvid, AgentError> {
+        let attestor = self.attestor(join_token::NAME)?;
+        self.attest(
+            &*attestor,
+            token.as_bytes(),
+            csr,
+            &mut sigil_attestors::node::NoChallenge,
+            now,
+        )
+        .await
+    }
+
+    /// Records a freshly attested node: created, or (for an attestor whose proof can be
+    /// presented again) the known node's SVID, selectors and attestor replaced, refused if it
+    /// is banned by then.
+    async fn record_attested(
+        &self,
+        fresh: AttestedNode,
+        reattestable: bool,
+    ) -> Result<(), AgentError> {
+        for _ in 0..NODE_CAS_ATTEMPTS {
+            match self.store.create_node(fresh.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::AlreadyExists { .. }) if reattestable => {}
+                Err(e) => return Err(e.into()),
+            }
+            let written = self
+                .change_node(&fresh.spiffe_id, |node| {
+                    let Some(node) = node else { return Ok(None) };
+                    if node.banned {
+                        return Err(DenyReason::Banned.error("agent is banned"));
+                    }
+                    let mut next = node.clone();
+                    next.serial = fresh.serial.clone();
+                    next.new_serial = None;
+                    next.not_after = fresh.not_after;
+                    next.selectors = fresh.selectors.clone();
+                    next.attestation_type = fresh.attestation_type.clone();
+                    Ok(Some(next))
+                })
+                .await?;
+            if written.is_some() {
+                return Ok(());
+            }
+            // Evicted in between: create it again.
+        }
+        Err(AgentError::Store(StoreError::StateChanged {
+            resource: "node",
+            key: fresh.spiffe_id.to_string(),
+        }))
     }
 
     /// Authenticates the caller from its client certificate chain (see the module docs).
@@ -684,15 +792,19 @@ mod tests {
         ));
         // A malformed CSR does not burn the token.
         assert!(matches!(
-            fx.agents.attest(&token.token, b"junk", now).await,
+            fx.agents.attest_token(&token.token, b"junk", now).await,
             Err(AgentError::Invalid(_))
         ));
         let (csr_der, _) = csr();
-        let svid = fx.agents.attest(&token.token, &csr_der, now).await.unwrap();
+        let svid = fx
+            .agents
+            .attest_token(&token.token, &csr_der, now)
+            .await
+            .unwrap();
         assert_eq!(svid.spiffe_id, token.agent_id);
         let again = fx
             .agents
-            .attest(&token.token, &csr_der, now)
+            .attest_token(&token.token, &csr_der, now)
             .await
             .unwrap_err();
         assert!(matches!(
@@ -794,7 +906,10 @@ mod tests {
         assert_eq!(records[0].subject, token.agent_id.to_string());
 
         let (csr_der, _) = csr();
-        fx.agents.attest(&token.token, &csr_der, now).await.unwrap();
+        fx.agents
+            .attest_token(&token.token, &csr_der, now)
+            .await
+            .unwrap();
         assert_eq!(
             fx.agents
                 .list(&PageRequest::first(10))
@@ -830,13 +945,16 @@ mod tests {
         assert_eq!(fx.agents.prune_tokens(later).await.unwrap(), 1);
         let (csr_der, _) = csr();
         assert!(matches!(
-            fx.agents.attest(&short.token, &csr_der, now).await,
+            fx.agents.attest_token(&short.token, &csr_der, now).await,
             Err(AgentError::Denied {
                 reason: DenyReason::NotAttested,
                 ..
             })
         ));
-        fx.agents.attest(&long.token, &csr_der, now).await.unwrap();
+        fx.agents
+            .attest_token(&long.token, &csr_der, now)
+            .await
+            .unwrap();
     }
 
     #[test]

@@ -155,6 +155,7 @@ impl Fixture {
             audit.clone(),
             authority.clone(),
             crls.clone(),
+            None,
         ));
         Self {
             entries: Entries::new(store.clone(), audit.clone(), trust_domain, session_only),
@@ -216,7 +217,7 @@ impl Fixture {
         let (csr_der, _) = csr();
         let svid = self
             .agents
-            .attest(&token.token, &csr_der, now)
+            .attest_token(&token.token, &csr_der, now)
             .await
             .unwrap();
         let chain = [CertificateDer::from(svid.chain_der)];
