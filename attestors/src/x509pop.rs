@@ -95,6 +95,11 @@ pub fn split_chain(der: &[u8]) -> Result<Vec<CertificateDer<'static>>, X509PopEr
     let mut rest = der;
     let mut out = Vec::new();
     while !rest.is_empty() {
+        if out.len() == MAX_CHAIN {
+            return Err(X509PopError::Certificate(format!(
+                "the chain has more than {MAX_CHAIN} certificates"
+            )));
+        }
         let (next, _) = X509Certificate::from_der(rest)
             .map_err(|e| X509PopError::Certificate(format!("malformed certificate: {e}")))?;
         let len = rest.len() - next.len();
@@ -308,9 +313,6 @@ impl X509Pop {
                 chain.len()
             )));
         }
-        let (_, parsed) = X509Certificate::from_der(leaf)
-            .map_err(|e| refuse(format!("malformed host certificate: {e}")))?;
-        check_usage(&parsed)?;
         let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         let anchors: Vec<(TrustAnchor<'_>, &CertificateDer<'_>)> = self
             .anchors
@@ -331,6 +333,9 @@ impl X509Pop {
                 None,
             )
             .map_err(|e| refuse(describe(&e)))?;
+        let (_, parsed) = X509Certificate::from_der(leaf)
+            .map_err(|e| refuse(format!("malformed host certificate: {e}")))?;
+        check_usage(&parsed)?;
         let mut cas: Vec<Vec<u8>> = path
             .intermediate_certificates()
             .map(|c| c.der().to_vec())
@@ -433,6 +438,17 @@ fn check_usage(cert: &X509Certificate<'_>) -> Result<(), X509PopError> {
             ParsedExtension::ExtendedKeyUsage(eku) if !eku.any && !eku.client_auth => {
                 return refuse("the host certificate's Extended Key Usage lacks clientAuth");
             }
+            // One of the three that cannot be read is not skipped: it could say anything.
+            ParsedExtension::ParseError { .. }
+                if [
+                    x509_parser::oid_registry::OID_X509_EXT_BASIC_CONSTRAINTS,
+                    x509_parser::oid_registry::OID_X509_EXT_KEY_USAGE,
+                    x509_parser::oid_registry::OID_X509_EXT_EXTENDED_KEY_USAGE,
+                ]
+                .contains(&ext.oid) =>
+            {
+                return refuse("the host certificate has a malformed usage extension");
+            }
             _ => {}
         }
     }
@@ -533,23 +549,31 @@ enum Part {
 }
 
 impl Template {
-    /// Parses and checks a template.
+    /// Parses and checks a template: `/`-separated segments, each a literal (letters, digits,
+    /// `.`, `-`, `_`; not `.` or `..`) or exactly one placeholder. The first segment is a
+    /// literal other than `join_token`, so x509pop agents never share a namespace with
+    /// join-token agents, and whole-segment placeholders cannot run into each other (with
+    /// `{subject_cn}{serial}`, two certificates could render alike).
     ///
     /// # Errors
     ///
-    /// [`X509PopError::Config`]: an unknown or unclosed placeholder, no placeholder at all, a
-    /// leading, trailing or doubled `/`, or a literal character not allowed in a SPIFFE ID path.
+    /// [`X509PopError::Config`] saying what is wrong.
     pub fn parse(template: &str) -> Result<Self, X509PopError> {
         let bad = |m: String| {
             X509PopError::Config(format!("x509pop_agent_path_template {template:?}: {m}"))
         };
         let mut parts = Vec::new();
-        let mut rest = template;
-        while !rest.is_empty() {
-            if let Some(after) = rest.strip_prefix('{') {
-                let (name, tail) = after
-                    .split_once('}')
-                    .ok_or_else(|| bad("a `{` is not closed".to_owned()))?;
+        for (i, segment) in template.split('/').enumerate() {
+            if i > 0 {
+                parts.push(Part::Literal("/".to_owned()));
+            }
+            if let Some(name) = segment.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+                if i == 0 {
+                    return Err(bad(
+                        "the first segment must be literal text (e.g. x509pop/{fingerprint})"
+                            .to_owned(),
+                    ));
+                }
                 parts.push(match name {
                     "fingerprint" => Part::Fingerprint,
                     "serial" => Part::Serial,
@@ -561,27 +585,35 @@ impl Template {
                         )));
                     }
                 });
-                rest = tail;
-            } else {
-                let end = rest.find('{').unwrap_or(rest.len());
-                let literal = &rest[..end];
-                if let Some(c) = literal
-                    .chars()
-                    .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/')))
-                {
-                    return Err(bad(format!("{c:?} cannot be part of a SPIFFE ID path")));
-                }
-                parts.push(Part::Literal(literal.to_owned()));
-                rest = &rest[end..];
+                continue;
             }
+            if segment.contains(['{', '}']) {
+                return Err(bad(format!(
+                    "{segment:?}: a placeholder must be a whole path segment"
+                )));
+            }
+            if segment.is_empty() || segment == "." || segment == ".." {
+                return Err(bad(format!(
+                    "{segment:?} is not a path segment (no leading, trailing or doubled `/`, no `.` or `..`)"
+                )));
+            }
+            if let Some(c) = segment
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+            {
+                return Err(bad(format!("{c:?} cannot be part of a SPIFFE ID path")));
+            }
+            if i == 0 && segment == crate::join_token::AGENT_PATH[2] {
+                return Err(bad(
+                    "join_token/ is the join-token agents' namespace".to_owned()
+                ));
+            }
+            parts.push(Part::Literal(segment.to_owned()));
         }
         if !parts.iter().any(|p| !matches!(p, Part::Literal(_))) {
             return Err(bad(
                 "it names no placeholder, so every host would get one ID".to_owned(),
             ));
-        }
-        if template.starts_with('/') || template.ends_with('/') || template.contains("//") {
-            return Err(bad("no leading, trailing or doubled `/`".to_owned()));
         }
         Ok(Self { parts })
     }
@@ -793,12 +825,18 @@ mod tests {
         for bad in [
             "",
             "x509pop",
-            "{nope}",
+            "x/{nope}",
             "/x/{fingerprint}",
             "x/{fingerprint}/",
             "x//{fingerprint}",
             "a b/{fingerprint}",
-            "{fingerprint",
+            "x/{fingerprint",
+            "{fingerprint}",
+            "join_token/{fingerprint}",
+            "x/{subject_cn}{serial}",
+            "x/a{fingerprint}",
+            "./{fingerprint}",
+            "x/../{fingerprint}",
         ] {
             assert!(
                 matches!(Template::parse(bad), Err(X509PopError::Config(_))),

@@ -218,6 +218,10 @@ pub(crate) fn is_reserved(id: &SpiffeId) -> bool {
     path.starts_with(RESERVED_PATH_PREFIX) || path == RESERVED_PATH_PREFIX.trim_end_matches('/')
 }
 
+/// The selector types node attestation produces (entries parented to the server's ID, the
+/// node aliases, may use only these).
+pub(crate) const NODE_SELECTOR_TYPES: &[&str] = &[sigil_attestors::x509pop::NAME];
+
 /// True for `spiffe://TD/sigil/agent/<something>` in `trust_domain`.
 pub(crate) fn is_agent_id(trust_domain: &TrustDomain, id: &SpiffeId) -> bool {
     id.is_member_of(trust_domain)

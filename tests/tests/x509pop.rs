@@ -195,7 +195,7 @@ async fn an_agent_attests_with_its_host_certificate_again_after_losing_its_data_
     make_host(dir.path(), "hostca", "node-1", "clientAuth");
     let server = x509pop_server(dir.path());
 
-    let mut agent =
+    let agent =
         TestAgentProcess::start_without_token(&server, &agent_config(dir.path(), "node-1")).await;
     let agent_id = agent.agent_id();
     assert_eq!(agent_id, expected_id(dir.path(), "node-1"));
@@ -236,20 +236,78 @@ async fn an_agent_attests_with_its_host_certificate_again_after_losing_its_data_
         assert!(selectors.contains(wanted), "{wanted} not in {selectors}");
     }
 
-    // Lost its data directory: it attests again, under the same ID, and serves again.
-    agent.kill();
-    std::fs::remove_dir_all(agent.data_dir()).unwrap();
-    agent.restart();
+    // A node alias picks the agent by its certificate's common name: what hangs below the
+    // alias reaches its workloads (and the alias itself is not issued to them).
+    let alias = "spiffe://example.org/nodes/node-1";
+    create_entry(
+        &server,
+        entry(
+            alias,
+            "spiffe://example.org/sigil/server",
+            &["x509pop:subject:cn:node-1"],
+        ),
+    )
+    .await
+    .unwrap();
+    let via_alias = "spiffe://example.org/via-alias";
+    create_entry(&server, entry(via_alias, alias, &[&me]))
+        .await
+        .unwrap();
+    let (_, msg) = x509_stream_with(&agent, |m| svid_ids(m).contains(&via_alias.to_owned())).await;
+    assert!(!svid_ids(&msg).contains(&alias.to_owned()));
+    // An alias for another host's name gives this agent nothing.
+    create_entry(
+        &server,
+        entry(
+            "spiffe://example.org/nodes/node-2",
+            "spiffe://example.org/sigil/server",
+            &["x509pop:subject:cn:node-2"],
+        ),
+    )
+    .await
+    .unwrap();
+    let not_mine = "spiffe://example.org/node-2-only";
+    create_entry(
+        &server,
+        entry(not_mine, "spiffe://example.org/nodes/node-2", &[&me]),
+    )
+    .await
+    .unwrap();
+
+    // Lost its data directory: it attests again under the same ID (here from a fresh
+    // directory while the old agent still runs), and the old SVID is cut off at once: the old
+    // agent's stream ends and it exits, refused.
+    let mut old = agent;
+    let agent =
+        TestAgentProcess::start_without_token(&server, &agent_config(dir.path(), "node-1")).await;
     assert_eq!(agent.agent_id(), agent_id);
-    let (_, msg) = x509_stream_with(&agent, |m| svid_ids(m).contains(&workload.to_owned())).await;
-    assert!(svid_ids(&msg).contains(&workload.to_owned()));
+    let exited = old.wait_exit(Duration::from_secs(20));
+    assert!(
+        exited.is_some_and(|status| !status.success()),
+        "the replaced agent still runs ({exited:?}); its log:\n{}",
+        old.log_text()
+    );
+    assert!(
+        old.log_text().contains("must_reattest"),
+        "{}",
+        old.log_text()
+    );
+    let (_, msg) = x509_stream_with(&agent, |m| {
+        svid_ids(m).contains(&workload.to_owned()) && svid_ids(m).contains(&via_alias.to_owned())
+    })
+    .await;
+    assert!(
+        !svid_ids(&msg).contains(&not_mine.to_owned()),
+        "{:?}",
+        svid_ids(&msg)
+    );
     let log = server.log_text();
     assert!(log.contains("\"reattested\":true"), "server log:\n{log}");
 
     // Banned, it cannot come back with the same certificate.
     let banned = server_cli(&server, &["agent", "ban", "--spiffe-id", &agent_id]);
     assert!(banned.status.success(), "{}", banned.stderr);
-    agent.kill();
+    drop(agent);
     let stderr = refused_agent(&server, dir.path(), "node-1");
     assert!(stderr.contains("banned"), "agent stderr:\n{stderr}");
 }

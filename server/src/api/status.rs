@@ -126,7 +126,9 @@ pub(crate) fn agent_status(error: AgentError) -> Status {
         AgentError::AuditFailed(_) => audit_withheld(),
         AgentError::AuditAfterChange(e) => audit_after_change(&e),
         AgentError::Random => Status::internal("random number generator failed"),
-        AgentError::AttestorUnavailable(m) => Status::unavailable(format!("{m}; retry")),
+        AgentError::AttestorUnavailable => {
+            Status::unavailable("attestation could not complete on the server; retry")
+        }
         AgentError::Store(e) => store_status(e),
     }
 }

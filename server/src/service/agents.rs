@@ -27,6 +27,7 @@ use crate::policy;
 use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, IssuedSvid, SignError};
 use crate::service::crl::CrlPublisher;
+use crate::service::entry_cache::NodeAgent;
 use crate::store::{
     AttestedNode, JoinToken, NewEntry, Page, PageRequest, Revocation, RevocationReason, Store,
     StoreError,
@@ -57,6 +58,17 @@ pub(crate) struct Agent {
     pub id: SpiffeId,
     /// When the SVID it authenticated with expires.
     pub not_after: SystemTime,
+    /// What attestation found on its node (node aliases match on them).
+    pub selectors: SelectorSet,
+}
+
+impl From<&Agent> for NodeAgent {
+    fn from(agent: &Agent) -> Self {
+        Self {
+            id: agent.id.clone(),
+            selectors: agent.selectors.clone(),
+        }
+    }
 }
 
 /// A join token just generated.
@@ -105,9 +117,10 @@ pub(crate) enum AgentError {
     /// The system random number generator failed.
     #[error("random number generator failed")]
     Random,
-    /// Something the attestor relies on (the join tokens, the stream) failed.
-    #[error("attestation could not complete: {0}")]
-    AttestorUnavailable(String),
+    /// Something the attestor relies on (the join tokens, the stream) failed; the detail is
+    /// logged.
+    #[error("attestation could not complete")]
+    AttestorUnavailable,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -319,8 +332,10 @@ impl Agents {
             }
             Err(AttestError::Invalid(m)) => return Err(AgentError::Invalid(m)),
             Err(e) => {
+                // The detail (a store's error) stays in the log: the caller is not
+                // authenticated yet.
                 warn!(attestor = attestor.name(), error = %e, "attestation failed");
-                return Err(AgentError::AttestorUnavailable(e.to_string()));
+                return Err(AgentError::AttestorUnavailable);
             }
         };
         let agent_id = attestation.agent_id;
@@ -329,13 +344,28 @@ impl Agents {
                 "the attestor named {agent_id}, which is not an agent ID of this trust domain"
             )));
         }
-        // Checked again when the record is written (a ban in between wins).
-        let existing = self.store.get_node(&agent_id).await?;
-        if existing.as_ref().is_some_and(|node| node.banned) {
-            warn!(agent_id = %agent_id, "attestation refused: the agent is banned");
-            return Err(DenyReason::Banned.error("agent is banned"));
-        }
-        let known = existing.is_some();
+        // Checked again when the record is written (a ban in between wins). A spent proof (a
+        // join token) names a new agent: nothing to look up.
+        let known = if attestation.reattestable {
+            match self.store.get_node(&agent_id).await? {
+                Some(node) if node.banned => {
+                    warn!(agent_id = %agent_id, "attestation refused: the agent is banned");
+                    return Err(DenyReason::Banned.error("agent is banned"));
+                }
+                Some(node) if node.attestation_type != attestor.name() => {
+                    warn!(agent_id = %agent_id, attested_with = %node.attestation_type, attestor = attestor.name(), "attestation refused: the agent ID belongs to an agent of another attestor");
+                    return Err(DenyReason::NotAttested.error(format!(
+                        "{agent_id} is an agent attested with {}, not {}",
+                        node.attestation_type,
+                        attestor.name()
+                    )));
+                }
+                Some(_) => true,
+                None => false,
+            }
+        } else {
+            false
+        };
         let svid = self.authority.sign_agent_svid(&agent_id, csr, now)?;
         let selectors: SelectorSet = attestation.selectors.into_iter().collect();
         let mut record = agent_svid_record(&agent_id, action::AGENT_ATTEST, &svid)
@@ -431,6 +461,12 @@ impl Agents {
                     if node.banned {
                         return Err(DenyReason::Banned.error("agent is banned"));
                     }
+                    if node.attestation_type != fresh.attestation_type {
+                        return Err(DenyReason::NotAttested.error(format!(
+                            "{} is an agent attested with {}",
+                            node.spiffe_id, node.attestation_type
+                        )));
+                    }
                     let mut next = node.clone();
                     next.serial = fresh.serial.clone();
                     next.new_serial = None;
@@ -441,6 +477,11 @@ impl Agents {
                 })
                 .await?;
             if written.is_some() {
+                // Whoever holds the replaced SVID is cut off at once, not when it expires.
+                let _ = self.removed.send(Removed {
+                    id: fresh.spiffe_id.clone(),
+                    reason: DenyReason::MustReattest,
+                });
                 return Ok(());
             }
             // Evicted in between: create it again.
@@ -486,8 +527,12 @@ impl Agents {
         }
         // A concurrent change (a ban, another first use) makes the check run again on what is
         // stored.
+        let selectors = std::sync::Mutex::new(SelectorSet::new());
         self.change_node(&id, |node| {
             let node = attested(node)?;
+            *selectors
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = node.selectors.clone();
             if node.serial == serial {
                 return Ok(None);
             }
@@ -504,7 +549,13 @@ impl Agents {
             Ok(Some(next))
         })
         .await?;
-        Ok(Agent { id, not_after })
+        Ok(Agent {
+            id,
+            not_after,
+            selectors: selectors
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        })
     }
 
     /// Changes node `id` by compare-and-swap: `change` sees the stored node (`None`: there is
@@ -606,6 +657,12 @@ impl Agents {
             return Err(AgentError::EvictBanned(id.clone()));
         }
         let node = self.store.delete_node(id).await?;
+        if node.banned {
+            // Banned between the check and the delete: the ban must stay recorded (a host
+            // certificate could otherwise attest the agent again).
+            self.store.create_node(node).await?;
+            return Err(AgentError::EvictBanned(id.clone()));
+        }
         let _ = self.removed.send(Removed {
             id: id.clone(),
             reason: DenyReason::NotAttested,
@@ -773,6 +830,116 @@ mod tests {
                 reason: DenyReason::Banned,
                 ..
             })
+        ));
+    }
+
+    /// An attestor that names a fixed agent with fixed selectors (as x509pop does for one host
+    /// certificate), under `name`.
+    #[derive(Debug)]
+    struct Fixed {
+        name: &'static str,
+        id: SpiffeId,
+    }
+
+    #[async_trait::async_trait]
+    impl NodeAttestor for Fixed {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+
+        async fn attest(
+            &self,
+            _payload: &[u8],
+            _binding: &[u8],
+            _challenge: &mut dyn Challenge,
+            _now: SystemTime,
+        ) -> Result<sigil_attestors::node::Attestation, AttestError> {
+            Ok(sigil_attestors::node::Attestation {
+                agent_id: self.id.clone(),
+                selectors: vec![sigil_core::Selector::parse("x509pop:subject:cn:node-1").unwrap()],
+                reattestable: true,
+                alias: None,
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reattestation_replaces_the_svid_of_the_same_attestors_agent_only_and_never_a_ban() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let mut removed = fx.agents.subscribe_removed();
+        let pop = Fixed {
+            name: "x509pop",
+            id: SpiffeId::new("spiffe://example.org/sigil/agent/x509pop/abc").unwrap(),
+        };
+        let attest = |attestor: &'static Fixed| {
+            let agents = fx.agents.clone();
+            async move {
+                agents
+                    .attest(
+                        attestor,
+                        b"p",
+                        &csr().0,
+                        &mut sigil_attestors::node::NoChallenge,
+                        now,
+                    )
+                    .await
+            }
+        };
+        let pop: &'static Fixed = Box::leak(Box::new(pop));
+        let first = attest(pop).await.unwrap();
+        let node = fx.store.get_node(&pop.id).await.unwrap().unwrap();
+        assert_eq!(node.attestation_type, "x509pop");
+        assert_eq!(node.selectors.len(), 1);
+        // Again: the node's SVID is the new one; the old one must re-attest, and its streams
+        // are told at once.
+        let second = attest(pop).await.unwrap();
+        assert_ne!(first.serial, second.serial);
+        let old = [CertificateDer::from(first.chain_der.clone())];
+        assert!(matches!(
+            fx.agents.authenticate(Some(&old), now).await,
+            Err(AgentError::Denied {
+                reason: DenyReason::MustReattest,
+                ..
+            })
+        ));
+        let cut = removed.try_recv().unwrap();
+        assert_eq!(
+            (cut.id, cut.reason),
+            (pop.id.clone(), DenyReason::MustReattest)
+        );
+        let new = [CertificateDer::from(second.chain_der.clone())];
+        let agent = fx.agents.authenticate(Some(&new), now).await.unwrap();
+        assert_eq!(
+            agent.selectors.len(),
+            1,
+            "node selectors reach the entry cache"
+        );
+
+        // An attestor may not take over another attestor's agent.
+        let token_agent = fx.attested_agent().await;
+        let thief: &'static Fixed = Box::leak(Box::new(Fixed {
+            name: "x509pop",
+            id: token_agent.id.clone(),
+        }));
+        let err = attest(thief).await.unwrap_err();
+        assert!(
+            matches!(&err, AgentError::Denied { reason: DenyReason::NotAttested, message } if message.contains("attested with join_token")),
+            "{err}"
+        );
+
+        // Banned: never again.
+        fx.agents.ban(0, &pop.id, now).await.unwrap();
+        assert!(matches!(
+            attest(pop).await,
+            Err(AgentError::Denied {
+                reason: DenyReason::Banned,
+                ..
+            })
+        ));
+        assert!(matches!(
+            fx.agents.evict(0, &pop.id).await,
+            Err(AgentError::EvictBanned(_))
         ));
     }
 

@@ -239,6 +239,23 @@ impl Entries {
         if entry.selectors.is_empty() {
             problems.push("at least one selector is required".to_owned());
         }
+        // Parented to the server: a node alias, for every agent whose node has its selectors.
+        if policy::server_id(&self.trust_domain).is_ok_and(|server| server == entry.parent_id) {
+            let not_node: Vec<String> = entry
+                .selectors
+                .iter()
+                .filter(|s| !policy::NODE_SELECTOR_TYPES.contains(&s.kind()))
+                .map(ToString::to_string)
+                .collect();
+            if !not_node.is_empty() {
+                problems.push(format!(
+                    "an entry parented to the server ({}) is a node alias: its selectors must be node selectors ({}:...), not {}",
+                    entry.parent_id,
+                    policy::NODE_SELECTOR_TYPES.join(":..., "),
+                    not_node.join(", ")
+                ));
+            }
+        }
         for name in &entry.dns_names {
             if let Err(e) = policy::check_dns_name(name) {
                 problems.push(e.to_string());
@@ -335,6 +352,38 @@ mod tests {
             .unwrap();
         let refused = results[0].as_ref().unwrap_err().to_string();
         assert!(refused.contains("the maximum is 262144"), "{refused}");
+        assert!(results[1].is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_parented_to_the_server_are_node_aliases_with_node_selectors_only() {
+        let fx = Fixture::new().await;
+        let server = SpiffeId::new("spiffe://example.org/sigil/server").unwrap();
+        let sel = |s: &str| sigil_core::Selector::parse(s).unwrap();
+        let alias = |selectors: &[&str]| {
+            NewEntry::new(
+                SpiffeId::new("spiffe://example.org/nodes/web").unwrap(),
+                server.clone(),
+                selectors.iter().map(|s| sel(s)).collect(),
+            )
+        };
+        let results = fx
+            .entries
+            .create(
+                0,
+                vec![
+                    alias(&["x509pop:subject:cn:web", "unix:uid:0"]),
+                    alias(&["x509pop:subject:cn:web"]),
+                ],
+                SystemTime::now(),
+            )
+            .await
+            .unwrap();
+        let refused = results[0].as_ref().unwrap_err().to_string();
+        assert!(
+            refused.contains("is a node alias") && refused.contains("not unix:uid:0"),
+            "{refused}"
+        );
         assert!(results[1].is_ok());
     }
 

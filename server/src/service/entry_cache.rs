@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use sigil_core::SpiffeId;
+use sigil_core::{SelectorSet, SpiffeId};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -118,6 +118,27 @@ pub(crate) struct Authorized {
     /// The agent's ID and the SPIFFE IDs of its authorized entries: the parents whose children
     /// concern the agent.
     pub reachable: HashSet<SpiffeId>,
+}
+
+/// Who entries are authorized for: an agent's ID and the selectors its node attestation
+/// found (x509pop's `x509pop:subject:cn:...`; none for join tokens).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NodeAgent {
+    /// The agent's ID.
+    pub id: SpiffeId,
+    /// Its node selectors.
+    pub selectors: SelectorSet,
+}
+
+/// Tests name agents by ID alone; the daemon always passes the node's selectors too.
+#[cfg(test)]
+impl From<&SpiffeId> for NodeAgent {
+    fn from(id: &SpiffeId) -> Self {
+        Self {
+            id: id.clone(),
+            selectors: SelectorSet::new(),
+        }
+    }
 }
 
 /// The answer of [`EntryCache::changes_after`].
@@ -316,7 +337,7 @@ impl EntryCache {
     /// [`EntryCacheError::Stale`] while the store cannot be read.
     pub(crate) async fn authorized(
         &self,
-        agent: &SpiffeId,
+        agent: impl Into<NodeAgent>,
         now: SystemTime,
     ) -> Result<Authorized, EntryCacheError> {
         self.catch_up_if_behind().await?;
@@ -334,14 +355,15 @@ impl EntryCache {
     /// [`EntryCacheError::Stale`] while the store cannot be read.
     pub(crate) async fn authorize(
         &self,
-        agent: &SpiffeId,
+        agent: impl Into<NodeAgent>,
         ids: &[EntryId],
         now: SystemTime,
     ) -> Result<HashMap<EntryId, Arc<RegistrationEntry>>, EntryCacheError> {
+        let agent = agent.into();
         self.catch_up_if_behind().await?;
         Ok(self
             .read_fresh()?
-            .authorize(agent, ids, &|e| usable(e, now)))
+            .authorize(&agent, ids, &|e| usable(e, now)))
     }
 
     /// Entry `id` if [`EntryCache::authorize`] authorizes it for `agent`.
@@ -351,7 +373,7 @@ impl EntryCache {
     /// [`EntryCacheError::Stale`] while the store cannot be read.
     pub(crate) async fn authorize_one(
         &self,
-        agent: &SpiffeId,
+        agent: impl Into<NodeAgent>,
         id: &EntryId,
         now: SystemTime,
     ) -> Result<Option<Arc<RegistrationEntry>>, EntryCacheError> {
@@ -391,10 +413,11 @@ impl EntryCache {
     /// [`EntryCache::authorized`] from what the cache holds now, without catching up.
     fn authorized_now(
         &self,
-        agent: &SpiffeId,
+        agent: impl Into<NodeAgent>,
         now: SystemTime,
     ) -> Result<Authorized, EntryCacheError> {
-        Ok(self.read_fresh()?.authorized(agent, &|e| usable(e, now)))
+        let agent = agent.into();
+        Ok(self.read_fresh()?.authorized(&agent, &|e| usable(e, now)))
     }
 
     /// The state, unless the follower cannot read the store and the store last answered
@@ -590,15 +613,22 @@ impl State {
     /// count at all.
     fn authorized(
         &self,
-        agent: &SpiffeId,
+        agent: &NodeAgent,
         usable: &dyn Fn(&RegistrationEntry) -> bool,
     ) -> Authorized {
         let mut out = Authorized {
             revision: self.revision,
             ..Authorized::default()
         };
-        out.reachable.insert(agent.clone());
-        let mut queue = VecDeque::from([agent.clone()]);
+        let roots = self.roots(agent, usable);
+        if !agent.selectors.is_empty()
+            && let Ok(server) = policy::server_id(&agent.id.trust_domain())
+        {
+            // Node aliases hang below the server's ID: a change there concerns this agent.
+            out.reachable.insert(server);
+        }
+        out.reachable.extend(roots.iter().cloned());
+        let mut queue = VecDeque::from(roots);
         while let Some(parent) = queue.pop_front() {
             for entry in self.children(&parent) {
                 if !usable(entry) {
@@ -619,33 +649,60 @@ impl State {
     /// from once.
     fn authorize(
         &self,
-        agent: &SpiffeId,
+        agent: &NodeAgent,
         ids: &[EntryId],
         usable: &dyn Fn(&RegistrationEntry) -> bool,
     ) -> HashMap<EntryId, Arc<RegistrationEntry>> {
+        let roots: HashSet<SpiffeId> = self.roots(agent, usable).into_iter().collect();
         let mut reaches: HashMap<&SpiffeId, bool> = HashMap::new();
         ids.iter()
             .filter_map(|id| self.entries.get(id).filter(|e| usable(e) && is_issued(e)))
             .filter(|entry| {
                 *reaches
                     .entry(&entry.parent_id)
-                    .or_insert_with(|| self.reaches(&entry.parent_id, agent, usable))
+                    .or_insert_with(|| self.reaches(&entry.parent_id, &roots, usable))
             })
             .map(|entry| (entry.id.clone(), entry.clone()))
             .collect()
     }
 
-    /// True when `agent` is `from` or an ancestor of it: there is a chain of usable entries,
-    /// each granting the ID that is the next one's parent, from one parented to `agent` down
-    /// to one granting `from`. Breadth first up the entries granting each ID, each ID visited
-    /// once (so cycles end).
+    /// The IDs an agent's entries may hang below: its own, and those of the node aliases its
+    /// node selectors match (usable entries parented to the server's ID, every selector of
+    /// which the node has).
+    fn roots(
+        &self,
+        agent: &NodeAgent,
+        usable: &dyn Fn(&RegistrationEntry) -> bool,
+    ) -> Vec<SpiffeId> {
+        let mut roots = vec![agent.id.clone()];
+        if agent.selectors.is_empty() {
+            return roots;
+        }
+        let Ok(server) = policy::server_id(&agent.id.trust_domain()) else {
+            return roots;
+        };
+        for alias in self.children(&server) {
+            if usable(alias)
+                && alias.selectors.matches(&agent.selectors)
+                && !roots.contains(&alias.spiffe_id)
+            {
+                roots.push(alias.spiffe_id.clone());
+            }
+        }
+        roots
+    }
+
+    /// True when one of `roots` is `from` or an ancestor of it: there is a chain of usable
+    /// entries, each granting the ID that is the next one's parent, from one parented to a
+    /// root down to one granting `from`. Breadth first up the entries granting each ID, each
+    /// ID visited once (so cycles end).
     fn reaches(
         &self,
         from: &SpiffeId,
-        agent: &SpiffeId,
+        roots: &HashSet<SpiffeId>,
         usable: &dyn Fn(&RegistrationEntry) -> bool,
     ) -> bool {
-        if from == agent {
+        if roots.contains(from) {
             return true;
         }
         let mut seen: HashSet<&SpiffeId> = HashSet::from([from]);
@@ -656,7 +713,7 @@ impl State {
                 if !usable(entry) || !is_parent(entry) {
                     continue;
                 }
-                if entry.parent_id == *agent {
+                if roots.contains(&entry.parent_id) {
                     return true;
                 }
                 if seen.insert(&entry.parent_id) {
@@ -700,7 +757,7 @@ fn is_issued(entry: &RegistrationEntry) -> bool {
 mod tests {
     use std::time::UNIX_EPOCH;
 
-    use sigil_core::{Selector, SelectorSet};
+    use sigil_core::Selector;
 
     use super::*;
     use crate::store::NewEntry;
@@ -830,6 +887,81 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn node_selector_aliases_authorize_what_hangs_below_them_for_matching_nodes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        let sel = |s: &str| Selector::parse(s).unwrap();
+        // A node alias: parented to the server, picking nodes by their x509pop selectors.
+        let alias = store
+            .create_entry(NewEntry::new(
+                id("spiffe://example.org/nodes/web"),
+                id("spiffe://example.org/sigil/server"),
+                [sel("x509pop:san:dns:web.example.org")]
+                    .into_iter()
+                    .collect(),
+            ))
+            .await
+            .unwrap();
+        let below = store
+            .create_entry(new_entry(
+                "spiffe://example.org/web-frontend",
+                "spiffe://example.org/nodes/web",
+            ))
+            .await
+            .unwrap();
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        let now = SystemTime::now();
+        let node = |selectors: &[&str]| NodeAgent {
+            id: id(AGENT),
+            selectors: selectors.iter().map(|s| sel(s)).collect(),
+        };
+        let web = node(&["x509pop:san:dns:web.example.org", "x509pop:subject:cn:web"]);
+        let db = node(&["x509pop:san:dns:db.example.org"]);
+
+        // Walking down: the entry below the alias, never the alias itself.
+        let granted: Vec<String> = cache
+            .authorized(web.clone(), now)
+            .await
+            .unwrap()
+            .entries
+            .values()
+            .map(|e| e.spiffe_id.to_string())
+            .collect();
+        assert_eq!(granted, ["spiffe://example.org/web-frontend"]);
+        // A changed alias concerns this agent's sync stream.
+        let reachable = cache.authorized(web.clone(), now).await.unwrap().reachable;
+        assert!(reachable.contains(&id("spiffe://example.org/sigil/server")));
+        // Another node, and an agent without node selectors (a join token): nothing.
+        for other in [db.clone(), node(&[])] {
+            assert!(
+                cache
+                    .authorized(other, now)
+                    .await
+                    .unwrap()
+                    .entries
+                    .is_empty()
+            );
+        }
+        // Walking up (what signing asks) agrees.
+        let ids = [alias.id.clone(), below.id.clone()];
+        let signed: Vec<EntryId> = cache
+            .authorize(web.clone(), &ids, now)
+            .await
+            .unwrap()
+            .into_keys()
+            .collect();
+        assert_eq!(signed, std::slice::from_ref(&below.id));
+        assert!(cache.authorize(db, &ids, now).await.unwrap().is_empty());
+        assert!(
+            cache
+                .authorize_one(&id(AGENT), &below.id, now)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn follows_creates_nesting_moves_expiry_and_deletes() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), 1000);
@@ -884,9 +1016,12 @@ mod tests {
         );
         // An excluded entry authorizes nothing, nor anything below it.
         let now = SystemTime::now();
-        let without_alias = cache.read_fresh().unwrap().authorized(&id(AGENT), &|e| {
-            usable(e, now) && e.spiffe_id.path() != "/alias"
-        });
+        let without_alias = cache
+            .read_fresh()
+            .unwrap()
+            .authorized(&(&id(AGENT)).into(), &|e| {
+                usable(e, now) && e.spiffe_id.path() != "/alias"
+            });
         assert_eq!(without_alias.entries.len(), 1);
 
         // The nested entry moves to the other agent: the old parent's index forgets it.
@@ -970,9 +1105,9 @@ mod tests {
                 let state = State::from_snapshot(entries.len() as u64, entries);
                 let usable = |e: &RegistrationEntry| usable(e, now) && e.spiffe_id != node(5);
                 let down: BTreeSet<EntryId> =
-                    state.authorized(&id(AGENT), &usable).entries.into_keys().collect();
+                    state.authorized(&(&id(AGENT)).into(), &usable).entries.into_keys().collect();
                 let up: BTreeSet<EntryId> = state
-                    .authorize(&id(AGENT), &ids, &usable)
+                    .authorize(&(&id(AGENT)).into(), &ids, &usable)
                     .into_keys()
                     .collect();
                 prop_assert_eq!(up, down);

@@ -731,7 +731,7 @@ impl Sessions {
         now: SystemTime,
     ) -> Result<(RegistrationEntry, Session), SessionError> {
         let id = EntryId::parse(entry_id).map_err(|e| SessionError::Invalid(e.to_string()))?;
-        let Some(entry) = self.entries.authorize_one(&agent.id, &id, now).await? else {
+        let Some(entry) = self.entries.authorize_one(agent, &id, now).await? else {
             warn!(agent_id = %agent.id, entry_id, "session svid refused: entry not authorized for agent");
             return Err(SessionError::Denied(
                 "entry is not authorized for this agent".to_owned(),

@@ -111,7 +111,7 @@ impl Svids {
             .map(|r| EntryId::parse(&r.entry_id).map_err(|e| SvidError::Invalid(e.to_string())))
             .collect();
         let valid: Vec<EntryId> = parsed.iter().flatten().cloned().collect();
-        let granted = self.entries.authorize(&agent.id, &valid, now).await?;
+        let granted = self.entries.authorize(agent, &valid, now).await?;
         let jobs: Vec<(SvidRequest, Result<Arc<RegistrationEntry>, SvidError>)> = requests
             .into_iter()
             .zip(parsed)
@@ -176,7 +176,7 @@ impl Svids {
     ) -> Result<(SpiffeId, IssuedJwt), SvidError> {
         check_audience(audience)?;
         let id = EntryId::parse(entry_id).map_err(|e| SvidError::Invalid(e.to_string()))?;
-        let Some(entry) = self.entries.authorize_one(&agent.id, &id, now).await? else {
+        let Some(entry) = self.entries.authorize_one(agent, &id, now).await? else {
             warn!(agent_id = %agent.id, entry_id, "jwt refused: entry not authorized for agent");
             return Err(SvidError::NotAuthorized);
         };

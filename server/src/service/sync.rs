@@ -337,10 +337,7 @@ impl EntrySync {
         state: &mut SyncState,
         tx: &SyncSender,
     ) -> Result<u64, SyncError> {
-        let authorized = self
-            .entries
-            .authorized(&agent.id, SystemTime::now())
-            .await?;
+        let authorized = self.entries.authorized(agent, SystemTime::now()).await?;
         let revision = authorized.revision;
         state.sent = authorized
             .entries
@@ -384,10 +381,7 @@ impl EntrySync {
         if since == 0 {
             return Ok(None);
         }
-        let authorized = self
-            .entries
-            .authorized(&agent.id, SystemTime::now())
-            .await?;
+        let authorized = self.entries.authorized(agent, SystemTime::now()).await?;
         let revision = authorized.revision;
         if since > revision {
             return Ok(None);
@@ -446,10 +440,7 @@ impl EntrySync {
         if !relevant {
             return Ok((vec![], changes.last().map_or(0, |c| c.revision)));
         }
-        let authorized = self
-            .entries
-            .authorized(&agent.id, SystemTime::now())
-            .await?;
+        let authorized = self.entries.authorized(agent, SystemTime::now()).await?;
         let revision = authorized.revision;
         let mut out = Vec::new();
         for (id, entry) in &authorized.entries {
