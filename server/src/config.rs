@@ -131,6 +131,17 @@ pub struct FileConfig {
     /// the placeholders `{fingerprint}` (SHA-256 of the host certificate, hex), `{serial}`,
     /// `{subject_cn}` and `{san_dns}` (its first DNS name). Default `x509pop/{fingerprint}`.
     pub x509pop_agent_path_template: Option<String>,
+    /// Puts Sigil's X.509 authorities under an enterprise CA: `disk` (the CA's certificate and
+    /// key are files). Each authority Sigil rotates is then an intermediate of that CA, SVID
+    /// chains carry the intermediates, and the trust bundle is the upstream root. Default:
+    /// none (self-signed roots). See docs/pki.md.
+    pub upstream_authority: Option<String>,
+    /// With `upstream_authority = "disk"`: PEM file of the upstream CA's certificate, then any
+    /// CAs between it and its root, the root last.
+    pub upstream_cert_path: Option<String>,
+    /// With `upstream_authority = "disk"`: PEM file of the upstream CA's private key (PKCS#8),
+    /// mode 0600 or stricter.
+    pub upstream_key_path: Option<String>,
     /// Log level: `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
     pub log_level: Option<String>,
     /// Log format: `text` or `json`. Default `text`.
@@ -168,6 +179,9 @@ const KNOWN_KEYS: &[&str] = &[
     "health_address",
     "x509pop_ca_bundle_path",
     "x509pop_agent_path_template",
+    "upstream_authority",
+    "upstream_cert_path",
+    "upstream_key_path",
     "log_level",
     "log_format",
 ];
@@ -242,6 +256,8 @@ pub struct ServerConfig {
     pub health_address: Option<SocketAddr>,
     /// x509pop node attestation, when configured.
     pub x509pop: Option<X509PopConfig>,
+    /// The upstream CA's files, when `upstream_authority = "disk"`.
+    pub upstream: Option<UpstreamConfig>,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -268,6 +284,15 @@ pub struct X509PopConfig {
     pub ca_bundle_path: PathBuf,
     /// The agent path template (checked).
     pub agent_path_template: Option<String>,
+}
+
+/// `upstream_authority = "disk"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// The upstream CA's certificate and chain (PEM).
+    pub cert_path: PathBuf,
+    /// Its private key (PEM, PKCS#8).
+    pub key_path: PathBuf,
 }
 
 /// Default `max_store_staleness`.
@@ -300,6 +325,7 @@ impl ServerConfig {
         let postgres = postgres_config(&file, &mut problems);
         let server_id = server_id(&file, &mut problems);
         let x509pop = x509pop_config(&file, &mut problems);
+        let upstream = upstream_config(&file, &mut problems);
         let trust_domain = match pick(overrides.trust_domain, file.trust_domain) {
             Some(td) => problems.check("trust_domain", TrustDomain::new(&td)),
             None => {
@@ -552,6 +578,7 @@ impl ServerConfig {
             metrics_address,
             health_address,
             x509pop,
+            upstream,
             audit_peer_keys,
             log_level,
             log_format,
@@ -726,6 +753,45 @@ fn duration_value(
         Ok(d) => Some(d),
         Err(e) => {
             problems.push(key, e.to_string());
+            None
+        }
+    }
+}
+
+/// The upstream authority keys: both paths with `disk`, none without.
+fn upstream_config(file: &FileConfig, problems: &mut Problems) -> Option<UpstreamConfig> {
+    let paths = [
+        ("upstream_cert_path", &file.upstream_cert_path),
+        ("upstream_key_path", &file.upstream_key_path),
+    ];
+    match file.upstream_authority.as_deref() {
+        None => {
+            for (key, value) in paths {
+                if value.is_some() {
+                    problems.push(key, "needs upstream_authority = \"disk\"");
+                }
+            }
+            None
+        }
+        Some("disk") => {
+            let mut found = Vec::new();
+            for (key, value) in paths {
+                match value.as_deref() {
+                    Some(path) if !path.is_empty() => found.push(PathBuf::from(path)),
+                    _ => problems.push(key, "is required with upstream_authority = \"disk\""),
+                }
+            }
+            let [cert_path, key_path] = <[PathBuf; 2]>::try_from(found).ok()?;
+            Some(UpstreamConfig {
+                cert_path,
+                key_path,
+            })
+        }
+        Some(other) => {
+            problems.push(
+                "upstream_authority",
+                format!("{other:?} is not an upstream authority (the one there is: disk)"),
+            );
             None
         }
     }
@@ -1034,6 +1100,47 @@ mod tests {
                 "log_format"
             ]
         );
+    }
+
+    #[test]
+    fn upstream_and_x509pop_keys_come_in_their_sets() {
+        let td = "trust_domain = \"example.org\"\n";
+        let c = config(Some(&format!(
+            "{td}upstream_authority = \"disk\"\nupstream_cert_path = \"/u.pem\"\n\
+             upstream_key_path = \"/u.key\"\nx509pop_ca_bundle_path = \"/ca.pem\"\n\
+             x509pop_agent_path_template = \"hosts/{{subject_cn}}\""
+        )))
+        .unwrap();
+        assert_eq!(
+            c.upstream,
+            Some(UpstreamConfig {
+                cert_path: "/u.pem".into(),
+                key_path: "/u.key".into()
+            })
+        );
+        assert_eq!(
+            c.x509pop.map(|p| p.agent_path_template),
+            Some(Some("hosts/{subject_cn}".to_owned()))
+        );
+        for (text, wanted) in [
+            (
+                "upstream_authority = \"disk\"",
+                vec!["upstream_cert_path", "upstream_key_path"],
+            ),
+            ("upstream_key_path = \"/k\"", vec!["upstream_key_path"]),
+            ("upstream_authority = \"vault\"", vec!["upstream_authority"]),
+            (
+                "x509pop_agent_path_template = \"x/{fingerprint}\"",
+                vec!["x509pop_agent_path_template"],
+            ),
+            (
+                "x509pop_ca_bundle_path = \"/c\"\nx509pop_agent_path_template = \"{serial}\"",
+                vec!["x509pop_agent_path_template"],
+            ),
+        ] {
+            let err = config(Some(&format!("{td}{text}"))).unwrap_err();
+            assert_eq!(keys(&err), wanted, "{text}: {err}");
+        }
     }
 
     #[test]

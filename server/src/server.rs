@@ -34,7 +34,7 @@ use crate::api::admin::{
 };
 use crate::api::ingest::AuditIngestService;
 use crate::api::node::NodeService;
-use crate::ca::{Ca, CaError, DiskKeyManager, KeyManager};
+use crate::ca::{Ca, CaError, DiskKeyManager, KeyManager, UpstreamAuthority};
 use crate::config::ServerConfig;
 use crate::policy::SessionOnly;
 use crate::service::agents::Agents;
@@ -113,6 +113,14 @@ pub enum ServerError {
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The upstream CA's files could not be read.
+    #[error("{path}: {reason}")]
+    UpstreamFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The x509pop CA bundle could not be read or used.
     #[error("x509pop_ca_bundle_path {path}: {reason}")]
     X509Pop {
@@ -334,7 +342,7 @@ impl Server {
             Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?);
         let now = SystemTime::now();
         let ca = Arc::new(
-            Ca::load_or_init(
+            Ca::load_or_init_under(
                 config.trust_domain.clone(),
                 config.ca_ttl,
                 keys.clone(),
@@ -342,6 +350,7 @@ impl Server {
                     store: store.clone(),
                     server_id: config.server_id.clone(),
                 }),
+                upstream(&config, now)?,
                 now,
             )
             .await?,
@@ -935,4 +944,37 @@ fn x509pop(config: &ServerConfig) -> Result<Option<X509Pop>, ServerError> {
     .map_err(|e| failed(e.to_string()))?;
     info!(path = %pop.ca_bundle_path.display(), "x509pop node attestation enabled");
     Ok(Some(attestor))
+}
+
+/// The upstream CA the configuration names, its files read and checked now.
+fn upstream(
+    config: &ServerConfig,
+    now: SystemTime,
+) -> Result<Option<Arc<UpstreamAuthority>>, ServerError> {
+    use std::io::Read as _;
+    let Some(files) = &config.upstream else {
+        return Ok(None);
+    };
+    let failed = |path: &Path, reason: String| ServerError::UpstreamFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let cert =
+        std::fs::read(&files.cert_path).map_err(|e| failed(&files.cert_path, e.to_string()))?;
+    // One handle for the check and the read: the file checked is the file read.
+    let mut key_file =
+        std::fs::File::open(&files.key_path).map_err(|e| failed(&files.key_path, e.to_string()))?;
+    sigil_daemon::check_key_file(&files.key_path, &key_file)
+        .map_err(|e| failed(&files.key_path, e.to_string()))?;
+    let mut key = Zeroizing::new(String::new());
+    key_file
+        .read_to_string(&mut key)
+        .map_err(|e| failed(&files.key_path, e.to_string()))?;
+    let upstream = UpstreamAuthority::from_pem(&cert, &key, now)?;
+    info!(
+        path = %files.cert_path.display(),
+        not_after = %sigil_core::time::format_rfc3339(sigil_core::time::unix_seconds(upstream.not_after())),
+        "x509 authorities are intermediates of the upstream CA"
+    );
+    Ok(Some(Arc::new(upstream)))
 }

@@ -1110,3 +1110,51 @@ pub fn python_with(imports: &str, require_env: &str, install: &str) -> Option<St
     }
     None
 }
+
+/// Runs `openssl` with `args` in `dir`; panics with its stderr on failure.
+pub fn openssl_in(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A self-signed P-256 CA made with openssl, as docs/pki.md shows: `NAME.pem` and `NAME.key`
+/// (PKCS#8, mode 0600) in `dir`, valid for two days.
+pub fn openssl_ca(dir: &std::path::Path, name: &str) {
+    openssl_in(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    std::fs::set_permissions(
+        dir.join(format!("{name}.key")),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+}

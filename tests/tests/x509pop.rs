@@ -15,52 +15,10 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use sigil_tests::*;
 
-/// Runs `openssl` with `args` in `dir`; panics with its stderr on failure.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA (`NAME.pem`, `NAME.key`) made with openssl, as docs/pki.md shows.
-fn make_ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-}
-
 /// A host certificate `HOST.pem` / `HOST.key` for `host`, signed by CA `ca`, with `usage` as
 /// its extended key usage.
 fn make_host(dir: &Path, ca: &str, host: &str, usage: &str) {
-    openssl(
+    openssl_in(
         dir,
         &[
             "req",
@@ -85,7 +43,7 @@ fn make_host(dir: &Path, ca: &str, host: &str, usage: &str) {
         ),
     )
     .unwrap();
-    openssl(
+    openssl_in(
         dir,
         &[
             "x509",
@@ -191,7 +149,7 @@ fn x509pop_server(dir: &Path) -> TestServer {
 async fn an_agent_attests_with_its_host_certificate_again_after_losing_its_data_but_not_once_banned()
  {
     let dir = tempfile::tempdir().unwrap();
-    make_ca(dir.path(), "hostca");
+    openssl_ca(dir.path(), "hostca");
     make_host(dir.path(), "hostca", "node-1", "clientAuth");
     let server = x509pop_server(dir.path());
 
@@ -315,8 +273,8 @@ async fn an_agent_attests_with_its_host_certificate_again_after_losing_its_data_
 #[tokio::test]
 async fn host_certificates_from_another_ca_or_without_client_auth_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    make_ca(dir.path(), "hostca");
-    make_ca(dir.path(), "otherca");
+    openssl_ca(dir.path(), "hostca");
+    openssl_ca(dir.path(), "otherca");
     make_host(dir.path(), "otherca", "stranger", "clientAuth");
     make_host(dir.path(), "hostca", "webserver", "serverAuth");
     let server = x509pop_server(dir.path());
@@ -343,7 +301,7 @@ async fn host_certificates_from_another_ca_or_without_client_auth_are_refused() 
 #[tokio::test]
 async fn a_server_without_x509pop_refuses_it_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    make_ca(dir.path(), "hostca");
+    openssl_ca(dir.path(), "hostca");
     make_host(dir.path(), "hostca", "node-1", "clientAuth");
     let server = TestServer::start("");
     let stderr = refused_agent(&server, dir.path(), "node-1");

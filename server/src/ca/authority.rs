@@ -118,6 +118,15 @@ pub(crate) struct X509Authority {
     /// The serial number in hex: the authority's id.
     pub(crate) id: String,
     pub(crate) certificate: CertificateDer<'static>,
+    /// What follows a leaf it signs in an SVID chain: nothing for a self-signed root; for an
+    /// intermediate under an upstream CA, itself and the upstream's intermediates (never the
+    /// root).
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    /// The certificate relying parties trust it through (the bundle's): itself, or the
+    /// upstream root.
+    pub(crate) anchor: CertificateDer<'static>,
+    /// The upstream CA's certificates (the CA first, the root last); empty for a root.
+    pub(crate) upstream: Vec<CertificateDer<'static>>,
     pub(crate) issuer: Issuer<'static, RcgenSigner>,
     pub(crate) key: Arc<dyn CaKey>,
     pub(crate) issued_at: SystemTime,
@@ -185,6 +194,10 @@ pub(crate) struct X509Entry {
     pub(crate) not_after: u64,
     /// The certificate, DER in standard base64.
     pub(crate) certificate: String,
+    /// For an intermediate: the upstream CA's certificates that signed it (the CA first, the
+    /// root last), DER in standard base64. Absent for a self-signed root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) upstream: Vec<String>,
 }
 
 /// A JWT signing key in the journal.
@@ -241,6 +254,7 @@ impl X509Authority {
     pub(crate) fn new(
         id: String,
         certificate: CertificateDer<'static>,
+        upstream: Vec<CertificateDer<'static>>,
         key: Arc<dyn CaKey>,
         issued_at: SystemTime,
         not_after: SystemTime,
@@ -248,6 +262,22 @@ impl X509Authority {
         let corrupt = |reason: String| CaError::CorruptJournal { reason };
         let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref())
             .map_err(|e| corrupt(format!("x509 authority {id}: {e}")))?;
+        let (chain, anchor) = match upstream.split_last() {
+            None => (Vec::new(), certificate.clone()),
+            Some((root, between)) => {
+                let signer = upstream.first().unwrap_or(root);
+                let (_, signer) = x509_parser::parse_x509_certificate(signer.as_ref())
+                    .map_err(|e| corrupt(format!("x509 authority {id}: upstream: {e}")))?;
+                if parsed.issuer().as_raw() != signer.subject().as_raw() {
+                    return Err(corrupt(format!(
+                        "x509 authority {id}: not issued by the upstream CA recorded with it"
+                    )));
+                }
+                let mut chain = vec![certificate.clone()];
+                chain.extend(between.iter().cloned());
+                (chain, root.clone())
+            }
+        };
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key() {
             return Err(corrupt(format!(
                 "x509 authority {id}: key {} does not match the certificate",
@@ -271,6 +301,9 @@ impl X509Authority {
         Ok(Self {
             id,
             certificate,
+            chain,
+            anchor,
+            upstream,
             issuer,
             key,
             issued_at,
@@ -337,13 +370,16 @@ impl Authorities {
         jwt: Vec<Slot<JwtAuthority>>,
     ) -> Result<Self, CaError> {
         let bundle_error = |reason: String| CaError::Bundle { reason };
-        let x509_bundle = X509Bundle::new(
-            trust_domain.clone(),
-            x509.iter()
-                .map(|slot| slot.authority.certificate.clone())
-                .collect(),
-        )
-        .map_err(|e| bundle_error(e.to_string()))?;
+        // Each authority's anchor once: under an upstream CA, every intermediate has the
+        // same root.
+        let mut anchors: Vec<CertificateDer<'static>> = Vec::new();
+        for slot in &x509 {
+            if !anchors.contains(&slot.authority.anchor) {
+                anchors.push(slot.authority.anchor.clone());
+            }
+        }
+        let x509_bundle = X509Bundle::new(trust_domain.clone(), anchors)
+            .map_err(|e| bundle_error(e.to_string()))?;
         let keys: BTreeMap<String, JwtPublicKey> = jwt
             .iter()
             .map(|slot| {
@@ -414,6 +450,12 @@ impl Authorities {
                     issued_at: unix_seconds(slot.authority.issued_at),
                     not_after: unix_seconds(slot.authority.not_after),
                     certificate: STANDARD.encode(slot.authority.certificate.as_ref()),
+                    upstream: slot
+                        .authority
+                        .upstream
+                        .iter()
+                        .map(|c| STANDARD.encode(c.as_ref()))
+                        .collect(),
                 })
                 .collect(),
             jwt_keys: self
@@ -497,6 +539,22 @@ pub(crate) fn decode_certificate(entry: &X509Entry) -> Result<CertificateDer<'st
         .map_err(|e| CaError::CorruptJournal {
             reason: format!("x509 authority {}: certificate: {e}", entry.id),
         })
+}
+
+/// Decodes the upstream certificates of a journal entry.
+pub(crate) fn decode_upstream(entry: &X509Entry) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    entry
+        .upstream
+        .iter()
+        .map(|b64| {
+            STANDARD
+                .decode(b64)
+                .map(CertificateDer::from)
+                .map_err(|e| CaError::CorruptJournal {
+                    reason: format!("x509 authority {}: upstream certificate: {e}", entry.id),
+                })
+        })
+        .collect()
 }
 
 /// Checks a journal JWT entry against the loaded authority.

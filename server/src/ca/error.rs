@@ -52,6 +52,12 @@ pub enum CaError {
     /// There is no active authority (only before the first rotation, or after a bug).
     #[error("no active signing authority")]
     NoActiveAuthority,
+    /// The upstream CA (`upstream_authority`) cannot be used.
+    #[error("upstream authority: {reason}")]
+    Upstream {
+        /// What is wrong.
+        reason: String,
+    },
     /// The bundle could not be built from the authorities.
     #[error("cannot build the bundle: {reason}")]
     Bundle {

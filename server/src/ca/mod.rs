@@ -1,5 +1,6 @@
-//! The trust domain's signing authorities: self-signed ECDSA P-256 X.509 roots and JWT signing
-//! keys, their rotation as a pure function of time, and one signing method per credential kind.
+//! The trust domain's signing authorities: ECDSA P-256 X.509 authorities (self-signed roots,
+//! or intermediates of an upstream CA: [`UpstreamAuthority`]) and JWT signing keys, their
+//! rotation as a pure function of time, and one signing method per credential kind.
 //!
 //! # Authorities and rotation
 //!
@@ -56,6 +57,7 @@ mod signing;
 mod template;
 #[cfg(test)]
 mod tests;
+mod upstream;
 
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -73,6 +75,7 @@ pub(crate) use self::rotation::CaJournalStore;
 pub(crate) use self::signing::{IssuedX509Svid, WorkloadX509SvidParams};
 #[cfg(test)]
 pub(crate) use self::template::MAX_CSR_LEN;
+pub(crate) use self::upstream::UpstreamAuthority;
 
 /// [`template::P256PublicKey::from_csr`], for the fuzz target (feature `fuzzing`).
 #[cfg(feature = "fuzzing")]
@@ -93,6 +96,8 @@ pub(crate) struct Ca {
     ca_ttl: Duration,
     key_manager: Arc<dyn KeyManager>,
     journal_store: Arc<dyn CaJournalStore>,
+    /// The upstream CA new X.509 authorities are intermediates of, if any.
+    upstream: Option<Arc<UpstreamAuthority>>,
     authorities: RwLock<Arc<Authorities>>,
     rotation: tokio::sync::Mutex<()>,
 }

@@ -12,11 +12,11 @@ use sigil_core::lifetime::LifetimeError;
 
 use super::authority::{
     self, Authorities, JwtAuthority, Slot, Step, Timed, X509Authority, apply_step, changes_bundle,
-    check_jwt_entry, decode_certificate, from_unix_seconds, next_step,
+    check_jwt_entry, decode_certificate, decode_upstream, from_unix_seconds, next_step,
 };
 use super::keys::{self, CaKey, KeyError, KeyManager};
 use super::template::{self, floor_to_second, random_serial};
-use super::{Ca, CaError, CaJournalStoreError, MIN_CA_TTL, hex};
+use super::{Ca, CaError, CaJournalStoreError, MIN_CA_TTL, UpstreamAuthority, hex};
 
 /// How many rotation steps one [`Ca::rotate`] takes at most, per kind of authority. Two or
 /// three are needed after a long downtime; more means a bug, and the rest waits for the next
@@ -45,11 +45,31 @@ impl Ca {
     /// [`CaError::CaTtlTooShort`]; the journal store's error; [`CaError::CorruptJournal`] or
     /// [`CaError::TrustDomainMismatch`] for a journal that cannot be used; [`CaError::Key`]
     /// when a key named by the journal cannot be loaded or a new one generated.
+    #[cfg(test)]
     pub(crate) async fn load_or_init(
         trust_domain: TrustDomain,
         ca_ttl: Duration,
         key_manager: Arc<dyn KeyManager>,
         journal_store: Arc<dyn CaJournalStore>,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
+        Self::load_or_init_under(trust_domain, ca_ttl, key_manager, journal_store, None, now).await
+    }
+
+    /// [`Ca::load_or_init`], creating new X.509 authorities as intermediates of `upstream`
+    /// when one is given (authorities already in the journal stay as they are until they
+    /// expire).
+    ///
+    /// # Errors
+    ///
+    /// As [`Ca::load_or_init`]; [`CaError::Upstream`] when the upstream CA expires too soon
+    /// to sign a new intermediate.
+    pub(crate) async fn load_or_init_under(
+        trust_domain: TrustDomain,
+        ca_ttl: Duration,
+        key_manager: Arc<dyn KeyManager>,
+        journal_store: Arc<dyn CaJournalStore>,
+        upstream: Option<Arc<UpstreamAuthority>>,
         now: SystemTime,
     ) -> Result<Self, CaError> {
         if ca_ttl < MIN_CA_TTL {
@@ -70,6 +90,7 @@ impl Ca {
             ca_ttl: Duration::from_secs(ca_ttl.as_secs()),
             key_manager,
             journal_store,
+            upstream,
             authorities: RwLock::new(Arc::new(authorities)),
             rotation: tokio::sync::Mutex::new(()),
         };
@@ -165,15 +186,43 @@ impl Ca {
         let not_after = now
             .checked_add(self.ca_ttl)
             .ok_or(CaError::Lifetime(LifetimeError::OutOfRange))?;
-        let params = template::authority_params(&self.trust_domain, &serial, now, not_after)?;
-        let certificate = params
-            .self_signed(&keys::RcgenSigner::new(key.clone()))
-            .map_err(|e| CaError::Certificate {
-                reason: e.to_string(),
-            })?
-            .der()
-            .clone();
-        let authority = X509Authority::new(id, certificate, key, now, not_after)?;
+        let certificate_error = |e: rcgen::Error| CaError::Certificate {
+            reason: e.to_string(),
+        };
+        let subject_key = keys::RcgenSigner::new(key.clone());
+        let (certificate, not_after, upstream) = match &self.upstream {
+            None => {
+                let params =
+                    template::authority_params(&self.trust_domain, &serial, now, not_after)?;
+                let certificate = params
+                    .self_signed(&subject_key)
+                    .map_err(certificate_error)?;
+                (certificate, not_after, Vec::new())
+            }
+            Some(upstream) => {
+                // Never past the upstream CA, and at least as long as the longest SVID needs.
+                let not_after = floor_to_second(not_after.min(upstream.not_after()));
+                if not_after < now + self.ca_ttl / 6 {
+                    return Err(CaError::Upstream {
+                        reason: format!(
+                            "the upstream CA expires at {}: too soon for a new intermediate (ca_ttl / 6 = {:?} at least)",
+                            sigil_core::time::format_rfc3339(sigil_core::time::unix_seconds(
+                                upstream.not_after()
+                            )),
+                            self.ca_ttl / 6
+                        ),
+                    });
+                }
+                let params =
+                    template::intermediate_params(&self.trust_domain, &serial, now, not_after)?;
+                let certificate = params
+                    .signed_by(&subject_key, upstream.issuer())
+                    .map_err(certificate_error)?;
+                (certificate, not_after, upstream.certificates().to_vec())
+            }
+        };
+        let authority =
+            X509Authority::new(id, certificate.der().clone(), upstream, key, now, not_after)?;
         Ok(Arc::new(authority))
     }
 
@@ -266,6 +315,7 @@ async fn load_authorities(
         let authority = X509Authority::new(
             entry.id.clone(),
             decode_certificate(entry)?,
+            decode_upstream(entry)?,
             key,
             time(entry.issued_at, "issued_at")?,
             time(entry.not_after, "not_after")?,

@@ -50,6 +50,8 @@ impl WorkloadX509SvidParams {
 pub(crate) struct IssuedX509Svid {
     spiffe_id: SpiffeId,
     certificate: CertificateDer<'static>,
+    /// The signing authority's chain (empty under a self-signed root).
+    intermediates: Vec<CertificateDer<'static>>,
     serial: Vec<u8>,
     not_before: SystemTime,
     not_after: SystemTime,
@@ -64,15 +66,29 @@ impl IssuedX509Svid {
         &self.spiffe_id
     }
 
-    /// The certificate (DER). The chain is just this certificate: it is signed by a root in
-    /// the bundle.
+    /// The certificate (DER), the leaf of [`IssuedX509Svid::into_chain`].
+    #[cfg(test)]
     pub(crate) fn certificate(&self) -> &CertificateDer<'static> {
         &self.certificate
     }
 
-    /// The certificate, by value.
-    pub(crate) fn into_certificate(self) -> CertificateDer<'static> {
-        self.certificate
+    /// The chain: the certificate, then what follows it up to (not including) the bundle's
+    /// root: nothing when a self-signed authority signed it; the intermediate and the
+    /// upstream's intermediates under an upstream CA.
+    pub(crate) fn into_chain(self) -> Vec<CertificateDer<'static>> {
+        let mut chain = Vec::with_capacity(1 + self.intermediates.len());
+        chain.push(self.certificate);
+        chain.extend(self.intermediates);
+        chain
+    }
+
+    /// The chain's DER, back to back (what the node and Workload APIs send).
+    pub(crate) fn chain_der(&self) -> Vec<u8> {
+        let mut der = self.certificate.to_vec();
+        for cert in &self.intermediates {
+            der.extend_from_slice(cert);
+        }
+        der
     }
 
     #[cfg(test)]
@@ -341,6 +357,7 @@ impl Ca {
         Ok(IssuedX509Svid {
             spiffe_id: spiffe_id.clone(),
             certificate,
+            intermediates: authority.chain.clone(),
             serial: serial.to_vec(),
             not_before,
             not_after,

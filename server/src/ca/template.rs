@@ -174,6 +174,21 @@ pub(crate) fn authority_params(
     Ok(params)
 }
 
+/// The template of an intermediate X.509 authority under an upstream CA: the root's template
+/// ([`authority_params`]) with pathLen 0 (it signs leaves only) and an Authority Key
+/// Identifier naming the upstream CA's key.
+pub(crate) fn intermediate_params(
+    trust_domain: &TrustDomain,
+    serial: &[u8],
+    issued_at: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, CaError> {
+    let mut params = authority_params(trust_domain, serial, issued_at, not_after)?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
 /// The template of an X509-SVID leaf: empty subject (so the SAN extension is critical),
 /// exactly one URI SAN (the SPIFFE ID) then the DNS SANs, CA=false, Key Usage
 /// digitalSignature (critical), EKU serverAuth and clientAuth, an Authority Key Identifier,

@@ -4,6 +4,7 @@
 
 mod authorities;
 mod signing;
+mod upstream;
 
 use std::process::Command;
 use std::sync::Mutex;

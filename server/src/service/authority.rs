@@ -451,7 +451,7 @@ impl Authority {
             .map_err(sign_error)?;
         let not_after = svid.not_after();
         Ok(ServerSvid {
-            chain: vec![svid.into_certificate()],
+            chain: svid.into_chain(),
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_ref().to_vec())),
             not_after,
         })
@@ -598,7 +598,7 @@ fn issued(svid: IssuedX509Svid) -> IssuedSvid {
         spiffe_id: svid.spiffe_id().clone(),
         serial: svid.serial_hex(),
         not_after: svid.not_after(),
-        chain_der: svid.certificate().to_vec(),
+        chain_der: svid.chain_der(),
         authority_id: svid.authority_id().to_owned(),
     }
 }
