@@ -9,7 +9,7 @@
 //! The proof is bound to the CSR, so a captured answer cannot get an SVID for another key.
 //!
 //! The agent ID is `spiffe://TD/sigil/agent/` followed by a [`Template`] (default
-//! [`DEFAULT_TEMPLATE`], `x509pop/{fingerprint}`). The node selectors ([`selectors`]) are
+//! [`DEFAULT_TEMPLATE`], `x509pop/{fingerprint}`). The node selectors are
 //! `x509pop:subject:cn:CN`, `x509pop:ca:fingerprint:HEX` (each CA of the verified path, root
 //! included), `x509pop:san:dns:NAME`, `x509pop:san:uri:URI` and `x509pop:serialnumber:HEX`.
 //! A host certificate can be presented again, so a node that lost its data directory attests
@@ -79,8 +79,8 @@ impl From<X509PopError> for AttestError {
     }
 }
 
-/// The message the agent signs: [`CONTEXT`], the nonce, and the SHA-256 of `binding` (the
-/// CSR's DER).
+/// The message the agent signs: the context `sigil x509pop v1\0`, the nonce, and the SHA-256
+/// of `binding` (the CSR's DER).
 pub fn challenge_message(nonce: &[u8], binding: &[u8]) -> Vec<u8> {
     let digest = ring::digest::digest(&ring::digest::SHA256, binding);
     [CONTEXT, nonce, digest.as_ref()].concat()

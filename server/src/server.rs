@@ -793,8 +793,11 @@ fn readiness(
                     .to_owned(),
             );
         }
+        let now = SystemTime::now();
         let active = authority.ca().authorities().iter().any(|a| {
-            a.kind == crate::ca::AuthorityKind::X509 && a.state == crate::ca::AuthorityState::Active
+            a.kind == crate::ca::AuthorityKind::X509
+                && a.state == crate::ca::AuthorityState::Active
+                && a.not_after > now
         });
         if !active {
             return Err("no active X.509 authority".to_owned());
@@ -970,7 +973,7 @@ fn upstream(
     key_file
         .read_to_string(&mut key)
         .map_err(|e| failed(&files.key_path, e.to_string()))?;
-    let upstream = UpstreamAuthority::from_pem(&cert, &key, now)?;
+    let upstream = UpstreamAuthority::from_pem(&config.trust_domain, &cert, key.as_bytes(), now)?;
     info!(
         path = %files.cert_path.display(),
         not_after = %sigil_core::time::format_rfc3339(sigil_core::time::unix_seconds(upstream.not_after())),

@@ -98,6 +98,8 @@ pub(crate) struct Ca {
     journal_store: Arc<dyn CaJournalStore>,
     /// The upstream CA new X.509 authorities are intermediates of, if any.
     upstream: Option<Arc<UpstreamAuthority>>,
+    /// When the upstream CA's trouble was last logged (unix seconds).
+    upstream_warned: std::sync::atomic::AtomicI64,
     authorities: RwLock<Arc<Authorities>>,
     rotation: tokio::sync::Mutex<()>,
 }

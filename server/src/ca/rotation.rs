@@ -78,6 +78,15 @@ impl Ca {
                 min: MIN_CA_TTL,
             });
         }
+        if let Some(upstream) = &upstream {
+            check_headroom(upstream, ca_ttl, now)?;
+            if upstream.not_after() < now + ca_ttl {
+                tracing::warn!(
+                    expires = %sigil_core::time::format_rfc3339(sigil_core::time::unix_seconds(upstream.not_after())),
+                    "the upstream CA expires within ca_ttl: renew it (and restart the server) before it is too old to sign intermediates"
+                );
+            }
+        }
         let authorities = match journal_store.load_ca_journal().await? {
             Some(bytes) => {
                 let journal = authority::Journal::parse(&bytes, &trust_domain)?;
@@ -91,6 +100,7 @@ impl Ca {
             key_manager,
             journal_store,
             upstream,
+            upstream_warned: std::sync::atomic::AtomicI64::new(i64::MIN),
             authorities: RwLock::new(Arc::new(authorities)),
             rotation: tokio::sync::Mutex::new(()),
         };
@@ -120,11 +130,30 @@ impl Ca {
         let mut created = Vec::new();
         let mut pruned = Vec::new();
 
+        let mut upstream_problem = None;
         let result = async {
-            let x509_change = rotate_slots(&mut x509, now, &mut created, &mut pruned, || {
+            let x509_change = match rotate_slots(&mut x509, now, &mut created, &mut pruned, || {
                 self.create_x509_authority(now)
             })
-            .await?;
+            .await
+            {
+                Ok(change) => change,
+                // The upstream CA cannot sign a successor: the steps taken before (prunes, an
+                // activation) stand, and the JWT keys rotate as usual.
+                Err(e @ CaError::Upstream { .. }) => {
+                    let states =
+                        |slots: &[Slot<X509Authority>]| -> Vec<(String, super::AuthorityState)> {
+                            slots
+                                .iter()
+                                .map(|s| (s.authority.id.clone(), s.state))
+                                .collect()
+                        };
+                    let changed = states(&x509) != states(&current.x509);
+                    upstream_problem = Some(e);
+                    changed.then_some(true)
+                }
+                Err(e) => return Err(e),
+            };
             let jwt_change = rotate_slots(&mut jwt, now, &mut created, &mut pruned, || {
                 self.create_jwt_authority(now)
             })
@@ -139,6 +168,9 @@ impl Ca {
                 return Err(e);
             }
         };
+        if let Some(problem) = &upstream_problem {
+            self.warn_upstream(problem, now);
+        }
         let Some(bundle_changed) = change else {
             return Ok(false);
         };
@@ -180,6 +212,10 @@ impl Ca {
     }
 
     async fn create_x509_authority(&self, now: SystemTime) -> Result<Arc<X509Authority>, CaError> {
+        if let Some(upstream) = &self.upstream {
+            // Checked before a key is made: no key churn while the upstream CA is too old.
+            check_headroom(upstream, self.ca_ttl, now)?;
+        }
         let serial = random_serial()?;
         let id = hex(&serial);
         let key = self.generate_key(format!("x509-{id}")).await?;
@@ -200,19 +236,8 @@ impl Ca {
                 (certificate, not_after, Vec::new())
             }
             Some(upstream) => {
-                // Never past the upstream CA, and at least as long as the longest SVID needs.
+                // Never past the upstream CA (checked above to leave the longest SVID room).
                 let not_after = floor_to_second(not_after.min(upstream.not_after()));
-                if not_after < now + self.ca_ttl / 6 {
-                    return Err(CaError::Upstream {
-                        reason: format!(
-                            "the upstream CA expires at {}: too soon for a new intermediate (ca_ttl / 6 = {:?} at least)",
-                            sigil_core::time::format_rfc3339(sigil_core::time::unix_seconds(
-                                upstream.not_after()
-                            )),
-                            self.ca_ttl / 6
-                        ),
-                    });
-                }
                 let params =
                     template::intermediate_params(&self.trust_domain, &serial, now, not_after)?;
                 let certificate = params
@@ -356,4 +381,40 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|_| CaError::KeyTask)?
         .map_err(CaError::from)
+}
+
+/// The upstream CA must outlive `now` by the longest SVID (`ca_ttl / 6`) to sign an
+/// intermediate.
+fn check_headroom(
+    upstream: &UpstreamAuthority,
+    ca_ttl: Duration,
+    now: SystemTime,
+) -> Result<(), CaError> {
+    if upstream.not_after() < now + ca_ttl / 6 {
+        return Err(CaError::Upstream {
+            reason: format!(
+                "the upstream CA (or a CA above it) expires at {}: too soon for a new intermediate (ca_ttl / 6 = {:?} at least); renew it and restart the server",
+                sigil_core::time::format_rfc3339(sigil_core::time::unix_seconds(
+                    upstream.not_after()
+                )),
+                ca_ttl / 6
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl Ca {
+    /// Logs that the upstream CA cannot sign a successor, at most once a minute.
+    fn warn_upstream(&self, problem: &CaError, now: SystemTime) {
+        let now = sigil_core::time::unix_seconds(now);
+        let last = self
+            .upstream_warned
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) >= 60 {
+            self.upstream_warned
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(error = %problem, "no new X.509 authority can be made");
+        }
+    }
 }

@@ -8,14 +8,18 @@
 //! domain's SPIFFE ID as URI SAN, an Authority Key Identifier, and a NotAfter within the
 //! upstream CA's.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{Issuer, KeyPair, PKCS_RSA_SHA256};
-use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sigil_core::x509_svid::verify_chain;
+use sigil_core::{TrustDomain, X509Bundle};
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
+use zeroize::Zeroizing;
 
 use super::CaError;
+use super::template::{floor_to_second, intermediate_params, leaf_params, random_serial};
 
 /// The upstream CA: its certificates and its signing key.
 pub(crate) struct UpstreamAuthority {
@@ -51,8 +55,9 @@ impl UpstreamAuthority {
     /// certificate is not self-signed or whose links do not name each other, a key that is not
     /// the CA's, an upstream CA not valid at `now`.
     pub(crate) fn from_pem(
+        trust_domain: &TrustDomain,
         cert_pem: &[u8],
-        key_pem: &str,
+        key_pem: &[u8],
         now: SystemTime,
     ) -> Result<Self, CaError> {
         let certificates = CertificateDer::pem_slice_iter(cert_pem)
@@ -71,7 +76,11 @@ impl UpstreamAuthority {
             })
             .collect::<Result<_, _>>()?;
         let ca = &parsed[0];
-        check_can_sign_a_ca(ca)?;
+        // Below the certificate at index i come the i certificates before it and Sigil's
+        // intermediate: each must be a CA allowed that many CAs below it.
+        for (i, cert) in parsed.iter().enumerate() {
+            check_can_sign_cas(cert, i + 1)?;
+        }
         for pair in parsed.windows(2) {
             if pair[0].issuer().as_raw() != pair[1].subject().as_raw() {
                 return Err(upstream_error(format!(
@@ -106,14 +115,27 @@ impl UpstreamAuthority {
                 )));
             }
         }
-        let not_after = sigil_core::time::from_unix_seconds(ca.validity().not_after.timestamp())
-            .ok_or_else(|| upstream_error("the upstream CA's NotAfter is out of range"))?;
+        // No intermediate may outlive any certificate of its path.
+        let not_after = parsed
+            .iter()
+            .map(|c| c.validity().not_after.timestamp())
+            .min()
+            .and_then(sigil_core::time::from_unix_seconds)
+            .ok_or_else(|| upstream_error("the upstream chain's NotAfter is out of range"))?;
 
-        let key = KeyPair::from_pem(key_pem)
-            .or_else(|_| KeyPair::from_pkcs8_pem_and_sign_algo(key_pem, &PKCS_RSA_SHA256))
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| upstream_error(format!("upstream_key_path: no private key: {e}")))?;
+        let PrivateKeyDer::Pkcs8(pkcs8) = key else {
+            return Err(upstream_error(
+                "upstream_key_path: not PKCS#8; an `EC PRIVATE KEY` or `RSA PRIVATE KEY` must be converted: openssl pkcs8 -topk8 -nocrypt",
+            ));
+        };
+        let der = Zeroizing::new(pkcs8.secret_pkcs8_der().to_vec());
+        let key = KeyPair::try_from(der.as_slice())
+            .or_else(|_| KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &PKCS_RSA_SHA256))
             .map_err(|e| {
                 upstream_error(format!(
-                    "upstream_key_path: no usable PKCS#8 key ({e}); an `EC PRIVATE KEY` or `RSA PRIVATE KEY` must be converted: openssl pkcs8 -topk8 -nocrypt"
+                    "upstream_key_path: unusable key ({e}): use ECDSA P-256/P-384, Ed25519 or RSA"
                 ))
             })?;
         if rcgen::PublicKeyData::subject_public_key_info(&key) != ca.public_key().raw {
@@ -124,11 +146,48 @@ impl UpstreamAuthority {
         let issuer = Issuer::from_ca_cert_der(first, key)
             .map_err(|e| upstream_error(format!("upstream_cert_path: {e}")))?;
         drop(parsed);
-        Ok(Self {
+        let upstream = Self {
             certificates,
             issuer,
             not_after,
-        })
+        };
+        upstream.probe(trust_domain, now)?;
+        Ok(upstream)
+    }
+
+    /// Signs a throwaway intermediate and a leaf under it, and verifies that chain against the
+    /// root as relying parties will (signatures of every link, path lengths, validity): an
+    /// upstream chain that would make every SVID unverifiable stops the server at start.
+    fn probe(&self, trust_domain: &TrustDomain, now: SystemTime) -> Result<(), CaError> {
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            upstream_error(format!(
+                "a chain under this upstream CA does not verify against its root ({what}: {e})"
+            ))
+        };
+        let now = floor_to_second(now);
+        let until = floor_to_second(self.not_after.min(now + Duration::from_secs(60)));
+        let ca_key = KeyPair::generate().map_err(|e| failed("key", &e))?;
+        let ca = intermediate_params(trust_domain, &random_serial()?, now, until)?
+            .signed_by(&ca_key, &self.issuer)
+            .map_err(|e| failed("intermediate", &e))?;
+        let ca_issuer =
+            Issuer::from_ca_cert_der(ca.der(), ca_key).map_err(|e| failed("intermediate", &e))?;
+        let leaf_key = KeyPair::generate().map_err(|e| failed("key", &e))?;
+        let id = crate::policy::server_id(trust_domain).map_err(|e| failed("id", &e))?;
+        let leaf = leaf_params(&id, &[], &random_serial()?, now, until)?
+            .signed_by(&leaf_key, &ca_issuer)
+            .map_err(|e| failed("leaf", &e))?;
+        let (root, between) = self
+            .certificates
+            .split_last()
+            .ok_or_else(|| upstream_error("no upstream certificate"))?;
+        let mut chain = vec![leaf.der().clone(), ca.der().clone()];
+        chain.extend(between.iter().cloned());
+        let bundle = X509Bundle::new(trust_domain.clone(), vec![root.clone()])
+            .map_err(|e| failed("root", &e))?;
+        verify_chain(&chain, &bundle, now + Duration::from_secs(1))
+            .map_err(|e| failed("verification", &e))?;
+        Ok(())
     }
 
     /// The upstream CA first, the root last.
@@ -147,16 +206,19 @@ impl UpstreamAuthority {
     }
 }
 
-/// The upstream CA must be a CA that may sign certificates and have a CA below it.
-fn check_can_sign_a_ca(cert: &X509Certificate<'_>) -> Result<(), CaError> {
+/// Each certificate of the upstream chain must be a CA that may sign certificates and have
+/// `below` CAs under it.
+fn check_can_sign_cas(cert: &X509Certificate<'_>, below: usize) -> Result<(), CaError> {
     let mut is_ca = false;
     for ext in cert.extensions() {
         match ext.parsed_extension() {
             ParsedExtension::BasicConstraints(bc) => {
                 is_ca = bc.ca;
-                if bc.path_len_constraint == Some(0) {
+                if let Some(len) = bc.path_len_constraint
+                    && usize::try_from(len).unwrap_or(usize::MAX) < below
+                {
                     return Err(upstream_error(format!(
-                        "{} has pathLen 0: it may not sign Sigil's intermediate CAs",
+                        "{} has pathLen {len}: it allows fewer CAs below it than the {below} it would have (Sigil's intermediates included)",
                         cert.subject()
                     )));
                 }

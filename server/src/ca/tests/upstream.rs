@@ -58,7 +58,8 @@ impl Fixture {
     async fn ca_under(&self, up: &Upstream, ca_ttl: Duration, now: SystemTime) -> Ca {
         let keys = Arc::new(DiskKeyManager::new(&self.keys_dir).unwrap());
         let upstream =
-            UpstreamAuthority::from_pem(up.chain_pem.as_bytes(), &up.key_pem, now).unwrap();
+            UpstreamAuthority::from_pem(&td(), up.chain_pem.as_bytes(), up.key_pem.as_bytes(), now)
+                .unwrap();
         Ca::load_or_init_under(
             td(),
             ca_ttl,
@@ -174,8 +175,13 @@ async fn an_intermediate_never_outlives_the_upstream_ca() {
     // Too close to the upstream's end for a new intermediate: refused, with the reason.
     let fx = Fixture::new();
     let keys = Arc::new(DiskKeyManager::new(&fx.keys_dir).unwrap());
-    let upstream =
-        UpstreamAuthority::from_pem(up.chain_pem.as_bytes(), &up.key_pem, t(390)).unwrap();
+    let upstream = UpstreamAuthority::from_pem(
+        &td(),
+        up.chain_pem.as_bytes(),
+        up.key_pem.as_bytes(),
+        t(390),
+    )
+    .unwrap();
     let err = Ca::load_or_init_under(
         td(),
         secs(600),
@@ -206,7 +212,8 @@ fn unusable_upstream_cas_are_refused_with_the_reason() {
         ),
     ];
     for (why, cert, key) in cases {
-        let err = UpstreamAuthority::from_pem(cert.as_bytes(), &key, t(0)).unwrap_err();
+        let err =
+            UpstreamAuthority::from_pem(&td(), cert.as_bytes(), key.as_bytes(), t(0)).unwrap_err();
         assert!(err.to_string().contains(why), "{why}: {err}");
     }
     // Not a CA; a CA whose pathLen 0 allows no intermediate below it.
@@ -218,8 +225,13 @@ fn unusable_upstream_cas_are_refused_with_the_reason() {
         let mut params = ca_params("Leafy", None, t(1_000_000));
         params.is_ca = edit;
         let cert = params.self_signed(&key).unwrap();
-        let err = UpstreamAuthority::from_pem(cert.pem().as_bytes(), &key.serialize_pem(), t(0))
-            .unwrap_err();
+        let err = UpstreamAuthority::from_pem(
+            &td(),
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+            t(0),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains(why), "{why}: {err}");
     }
     // A chain that does not end with a root.
@@ -230,6 +242,79 @@ fn unusable_upstream_cas_are_refused_with_the_reason() {
         .next()
         .unwrap()
         .to_owned();
-    let err = UpstreamAuthority::from_pem(first_only.as_bytes(), &two.key_pem, t(0)).unwrap_err();
+    let err =
+        UpstreamAuthority::from_pem(&td(), first_only.as_bytes(), two.key_pem.as_bytes(), t(0))
+            .unwrap_err();
     assert!(err.to_string().contains("must end with the root"), "{err}");
+    // A root re-keyed under the same name: the names link, the signatures do not, and the
+    // probe chain says so at start.
+    let rekeyed = upstream(t(1_000_000), true);
+    let mut pems: Vec<String> = two
+        .chain_pem
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .map(str::to_owned)
+        .collect();
+    let other_root = rekeyed
+        .chain_pem
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    pems[1] = other_root;
+    let err = UpstreamAuthority::from_pem(
+        &td(),
+        pems.concat().as_bytes(),
+        two.key_pem.as_bytes(),
+        t(0),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("does not verify against its root"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_too_old_for_a_successor_leaves_the_active_intermediate_and_jwt_rotation_alone()
+{
+    // The upstream ends at 560 s; ca_ttl 600 s: the first intermediate (clamped to 560 s) wants
+    // a successor from 280 s, which the upstream can no longer sign from 460 s (560 - 100).
+    let fx = Fixture::new();
+    let up = upstream(t(560), false);
+    let ca = fx.ca_under(&up, secs(600), t(0)).await;
+    let first = active_id(&ca, AuthorityKind::X509);
+    let jwt_before = active_id(&ca, AuthorityKind::Jwt);
+    // At 470 s: no new intermediate; the call still succeeds, and the JWT key rotates on
+    // schedule (prepared at 300 s, active from 500 s).
+    ca.rotate(t(470)).await.unwrap();
+    ca.rotate(t(501)).await.unwrap();
+    assert_eq!(active_id(&ca, AuthorityKind::X509), first);
+    assert_ne!(active_id(&ca, AuthorityKind::Jwt), jwt_before);
+    // No key was made for the successor that could not be signed.
+    let x509_keys = fx
+        .key_files()
+        .iter()
+        .filter(|k| k.starts_with("x509-"))
+        .count();
+    assert_eq!(x509_keys, 1, "{:?}", fx.key_files());
+    // A restart with so old an upstream is refused, with the reason.
+    let keys = Arc::new(DiskKeyManager::new(&fx.keys_dir).unwrap());
+    let upstream = UpstreamAuthority::from_pem(
+        &td(),
+        up.chain_pem.as_bytes(),
+        up.key_pem.as_bytes(),
+        t(501),
+    )
+    .unwrap();
+    let err = Ca::load_or_init_under(
+        td(),
+        secs(600),
+        keys,
+        fx.journal.clone(),
+        Some(Arc::new(upstream)),
+        t(501),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("renew it"), "{err}");
 }
