@@ -33,11 +33,22 @@ pub(crate) struct Process {
 impl Process {
     /// Starts this executable with `args` (the first names the role); its stderr goes to `log`.
     pub(crate) fn spawn(name: &str, args: &[OsString], log: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with_env(name, args, log, &[])
+    }
+
+    /// [`Process::spawn`] with `env` added to the child's environment.
+    pub(crate) fn spawn_with_env(
+        name: &str,
+        args: &[OsString],
+        log: &Path,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the harness executable")?;
         let log_file = std::fs::File::create(log)
             .with_context(|| format!("cannot create {}", log.display()))?;
         let mut child = Command::new(exe)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))

@@ -203,6 +203,47 @@ pub(crate) async fn issuance(
         format!("ring pairs, {cores} threads: {}", rate(loaded * cores as f64)),
         Some(wall_rate / (loaded * cores as f64)),
     ));
+    issuance_pkcs11(h, one_rate).await
+}
+
+/// Issuance per server CPU-second with the keys in a SoftHSM2 token (`key_manager =
+/// "pkcs11"`), one agent, beside the same load with disk keys measured in this run
+/// (`disk_rate`). Skipped with a notice row without SoftHSM2.
+async fn issuance_pkcs11(h: &mut Harness, disk_rate: f64) -> anyhow::Result<()> {
+    const NAME: &str =
+        "1. Issuance per core with the CA key in a PKCS#11 token (SoftHSM2), one agent";
+    let Some(hsm) = sigil_testkit::softhsm::SoftHsm::start("sigil-bench") else {
+        h.rows.push(Row::info(
+            NAME,
+            "skipped: SoftHSM2 is not installed (apt-get install softhsm2)",
+            "",
+            None,
+        ));
+        return Ok(());
+    };
+    h.note("issuance: the same load with the keys in SoftHSM2");
+    let extra = format!(
+        "key_manager = \"pkcs11\"\npkcs11_module = \"{}\"\npkcs11_token_label = \"{}\"\npkcs11_pin_file = \"{}\"\n",
+        hsm.module().display(),
+        hsm.label(),
+        hsm.pin_file(sigil_testkit::softhsm::PIN).display()
+    );
+    let env = vec![("SOFTHSM2_CONF".to_owned(), hsm.conf().display().to_string())];
+    let (server, _) =
+        ServerHandle::start_with_env(&h.dir.path().join("pkcs11"), &extra, env).await?;
+    let mut admin = server.admin().await?;
+    let bundle = clients::bundle(&mut admin).await?;
+    let (sim, params) = issuance_setup(&mut admin, server.addr, &bundle, "hsm").await?;
+    let client = sim.client(server.addr, &bundle).await?;
+    let hsm_load = load(h, &server, vec![client], &params).await?;
+    server.stop().await?;
+    let hsm_rate = hsm_load.per_cpu_second();
+    h.rows.push(Row::info(
+        NAME,
+        format!("{} ({})", rate(hsm_rate), hsm_load.text()),
+        format!("disk keys, same load in this run: {}", rate(disk_rate)),
+        Some(hsm_rate / disk_rate),
+    ));
     Ok(())
 }
 

@@ -31,6 +31,8 @@ pub(crate) struct ServerHandle {
     config: PathBuf,
     dir: PathBuf,
     starts: u32,
+    /// Extra environment of the server process (`SOFTHSM2_CONF`).
+    env: Vec<(String, String)>,
 }
 
 // === impl ServerHandle ===
@@ -44,6 +46,15 @@ impl ServerHandle {
 
     /// [`ServerHandle::start`] with `extra` appended to the configuration file.
     pub(crate) async fn start_with(dir: &Path, extra: &str) -> anyhow::Result<(Self, Duration)> {
+        Self::start_with_env(dir, extra, Vec::new()).await
+    }
+
+    /// [`ServerHandle::start_with`], the server process getting `env` too.
+    pub(crate) async fn start_with_env(
+        dir: &Path,
+        extra: &str,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<(Self, Duration)> {
         std::fs::create_dir_all(dir)?;
         let data_dir = dir.join("data");
         let admin_socket = dir.join("admin.sock");
@@ -56,7 +67,7 @@ impl ServerHandle {
                 admin_socket.display()
             ),
         )?;
-        let (process, addr, took) = spawn_server(dir, &config, &admin_socket, 1).await?;
+        let (process, addr, took) = spawn_server(dir, &config, &admin_socket, 1, &env).await?;
         Ok((
             Self {
                 process,
@@ -66,6 +77,7 @@ impl ServerHandle {
                 config,
                 dir: dir.to_owned(),
                 starts: 1,
+                env,
             },
             took,
         ))
@@ -81,10 +93,12 @@ impl ServerHandle {
             config,
             dir,
             starts,
+            env,
             ..
         } = self;
         process.stop().await?;
-        let (process, addr, took) = spawn_server(&dir, &config, &admin_socket, starts + 1).await?;
+        let (process, addr, took) =
+            spawn_server(&dir, &config, &admin_socket, starts + 1, &env).await?;
         Ok((
             Self {
                 process,
@@ -94,6 +108,7 @@ impl ServerHandle {
                 config,
                 dir,
                 starts: starts + 1,
+                env,
             },
             took,
         ))
@@ -117,13 +132,15 @@ async fn spawn_server(
     config: &Path,
     admin_socket: &Path,
     start: u32,
+    env: &[(String, String)],
 ) -> anyhow::Result<(Process, SocketAddr, Duration)> {
     let log = dir.join(format!("server.{start}.log"));
     let started = Instant::now();
-    let mut process = Process::spawn(
+    let mut process = Process::spawn_with_env(
         "server",
         &[OsString::from("__server"), config.as_os_str().to_owned()],
         &log,
+        env,
     )?;
     let addr: SocketAddr = process
         .ready(START_TIMEOUT)

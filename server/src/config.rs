@@ -142,6 +142,18 @@ pub struct FileConfig {
     /// With `upstream_authority = "disk"`: PEM file of the upstream CA's private key (PKCS#8),
     /// mode 0600 or stricter.
     pub upstream_key_path: Option<String>,
+    /// Where the trust domain's keys (X.509 authorities, JWT keys, the audit key) live:
+    /// `disk` (PKCS#8 files in `data_dir/keys`, mode 0600) or `pkcs11` (generated in a PKCS#11
+    /// token, an HSM, and never leaving it). Default `disk`. See docs/pki.md.
+    pub key_manager: Option<String>,
+    /// With `key_manager = "pkcs11"`: the PKCS#11 module (shared library) of the token, e.g.
+    /// `/usr/lib/softhsm/libsofthsm2.so`.
+    pub pkcs11_module: Option<String>,
+    /// With `key_manager = "pkcs11"`: the label of the token to use.
+    pub pkcs11_token_label: Option<String>,
+    /// With `key_manager = "pkcs11"`: a file holding the token's user PIN (one line; mode
+    /// 0600 or stricter).
+    pub pkcs11_pin_file: Option<String>,
     /// Log level: `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
     pub log_level: Option<String>,
     /// Log format: `text` or `json`. Default `text`.
@@ -182,6 +194,10 @@ const KNOWN_KEYS: &[&str] = &[
     "upstream_authority",
     "upstream_cert_path",
     "upstream_key_path",
+    "key_manager",
+    "pkcs11_module",
+    "pkcs11_token_label",
+    "pkcs11_pin_file",
     "log_level",
     "log_format",
 ];
@@ -258,6 +274,8 @@ pub struct ServerConfig {
     pub x509pop: Option<X509PopConfig>,
     /// The upstream CA's files, when `upstream_authority = "disk"`.
     pub upstream: Option<UpstreamConfig>,
+    /// The PKCS#11 token, when `key_manager = "pkcs11"` (else keys are files).
+    pub pkcs11: Option<Pkcs11Config>,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -284,6 +302,17 @@ pub struct X509PopConfig {
     pub ca_bundle_path: PathBuf,
     /// The agent path template (checked).
     pub agent_path_template: Option<String>,
+}
+
+/// `key_manager = "pkcs11"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11Config {
+    /// The module.
+    pub module: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// The file holding the user PIN.
+    pub pin_file: PathBuf,
 }
 
 /// `upstream_authority = "disk"`.
@@ -326,6 +355,7 @@ impl ServerConfig {
         let server_id = server_id(&file, &mut problems);
         let x509pop = x509pop_config(&file, &mut problems);
         let upstream = upstream_config(&file, &mut problems);
+        let pkcs11 = pkcs11_config(&file, &mut problems);
         let trust_domain = match pick(overrides.trust_domain, file.trust_domain) {
             Some(td) => problems.check("trust_domain", TrustDomain::new(&td)),
             None => {
@@ -579,6 +609,7 @@ impl ServerConfig {
             health_address,
             x509pop,
             upstream,
+            pkcs11,
             audit_peer_keys,
             log_level,
             log_format,
@@ -753,6 +784,47 @@ fn duration_value(
         Ok(d) => Some(d),
         Err(e) => {
             problems.push(key, e.to_string());
+            None
+        }
+    }
+}
+
+/// The key manager keys: the three pkcs11 keys with `pkcs11`, none with `disk`.
+fn pkcs11_config(file: &FileConfig, problems: &mut Problems) -> Option<Pkcs11Config> {
+    let keys = [
+        ("pkcs11_module", &file.pkcs11_module),
+        ("pkcs11_token_label", &file.pkcs11_token_label),
+        ("pkcs11_pin_file", &file.pkcs11_pin_file),
+    ];
+    match file.key_manager.as_deref().unwrap_or("disk") {
+        "disk" => {
+            for (key, value) in keys {
+                if value.is_some() {
+                    problems.push(key, "needs key_manager = \"pkcs11\"");
+                }
+            }
+            None
+        }
+        "pkcs11" => {
+            let mut found = Vec::new();
+            for (key, value) in keys {
+                match value.as_deref() {
+                    Some(v) if !v.is_empty() => found.push(v.to_owned()),
+                    _ => problems.push(key, "is required with key_manager = \"pkcs11\""),
+                }
+            }
+            let [module, token_label, pin_file] = <[String; 3]>::try_from(found).ok()?;
+            Some(Pkcs11Config {
+                module: PathBuf::from(module),
+                token_label,
+                pin_file: PathBuf::from(pin_file),
+            })
+        }
+        other => {
+            problems.push(
+                "key_manager",
+                format!("{other:?} is not a key manager (disk or pkcs11)"),
+            );
             None
         }
     }
@@ -1103,7 +1175,7 @@ mod tests {
     }
 
     #[test]
-    fn upstream_and_x509pop_keys_come_in_their_sets() {
+    fn upstream_x509pop_and_pkcs11_keys_come_in_their_sets() {
         let td = "trust_domain = \"example.org\"\n";
         let c = config(Some(&format!(
             "{td}upstream_authority = \"disk\"\nupstream_cert_path = \"/u.pem\"\n\
@@ -1137,6 +1209,12 @@ mod tests {
                 "x509pop_ca_bundle_path = \"/c\"\nx509pop_agent_path_template = \"{serial}\"",
                 vec!["x509pop_agent_path_template"],
             ),
+            (
+                "key_manager = \"pkcs11\"\npkcs11_module = \"/m.so\"",
+                vec!["pkcs11_token_label", "pkcs11_pin_file"],
+            ),
+            ("pkcs11_token_label = \"t\"", vec!["pkcs11_token_label"]),
+            ("key_manager = \"kms\"", vec!["key_manager"]),
         ] {
             let err = config(Some(&format!("{td}{text}"))).unwrap_err();
             assert_eq!(keys(&err), wanted, "{text}: {err}");

@@ -34,7 +34,9 @@ use crate::api::admin::{
 };
 use crate::api::ingest::AuditIngestService;
 use crate::api::node::NodeService;
-use crate::ca::{Ca, CaError, DiskKeyManager, KeyManager, UpstreamAuthority};
+use crate::ca::{
+    Ca, CaError, DiskKeyManager, KeyManager, Pkcs11KeyManager, Pkcs11OpenError, UpstreamAuthority,
+};
 use crate::config::ServerConfig;
 use crate::policy::SessionOnly;
 use crate::service::agents::Agents;
@@ -113,6 +115,17 @@ pub enum ServerError {
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The PKCS#11 token cannot be used.
+    #[error(transparent)]
+    Pkcs11(#[from] Pkcs11OpenError),
+    /// The PKCS#11 PIN file cannot be used.
+    #[error("pkcs11_pin_file {path}: {reason}")]
+    Pkcs11Pin {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The upstream CA's files could not be read.
     #[error("{path}: {reason}")]
     UpstreamFile {
@@ -338,8 +351,7 @@ impl Server {
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
         sigil_daemon::check_private_dir(&config.data_dir, 0o700)?;
         let store = open_store(&config).await?;
-        let keys: Arc<dyn KeyManager> =
-            Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?);
+        let keys = key_manager(&config)?;
         let now = SystemTime::now();
         let ca = Arc::new(
             Ca::load_or_init_under(
@@ -980,4 +992,31 @@ fn upstream(
         "x509 authorities are intermediates of the upstream CA"
     );
     Ok(Some(Arc::new(upstream)))
+}
+
+/// The key manager the configuration names: key files in `data_dir/keys`, or a PKCS#11 token
+/// (its PIN read from its file through one handle, which must be 0600 or stricter).
+fn key_manager(config: &ServerConfig) -> Result<Arc<dyn KeyManager>, ServerError> {
+    use std::io::Read as _;
+    let Some(token) = &config.pkcs11 else {
+        return Ok(Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?));
+    };
+    // The audit state and the pinned peer keys live there, whatever holds the keys.
+    sigil_daemon::check_private_dir(&config.data_dir.join("keys"), 0o700)?;
+    let failed = |reason: String| ServerError::Pkcs11Pin {
+        path: token.pin_file.clone(),
+        reason,
+    };
+    let mut file = std::fs::File::open(&token.pin_file).map_err(|e| failed(e.to_string()))?;
+    sigil_daemon::check_key_file(&token.pin_file, &file).map_err(|e| failed(e.to_string()))?;
+    let mut text = Zeroizing::new(String::new());
+    file.read_to_string(&mut text)
+        .map_err(|e| failed(e.to_string()))?;
+    let pin = text.lines().next().unwrap_or("");
+    if pin.is_empty() {
+        return Err(failed("is empty".to_owned()));
+    }
+    let manager = Pkcs11KeyManager::open(&token.module, &token.token_label, pin.to_owned().into())?;
+    info!(module = %token.module.display(), token = %token.token_label, "keys are in a PKCS#11 token");
+    Ok(Arc::new(manager))
 }

@@ -21,6 +21,8 @@
     reason = "the one line a skipped test prints is for the person running the tests"
 )]
 
+pub mod softhsm;
+
 use std::fmt;
 use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -95,6 +95,8 @@ pub struct TestServer {
     /// The store lines of its configuration (empty: sled), kept across restarts.
     store_config: String,
     extra_config: String,
+    /// Extra environment of the server process (`SOFTHSM2_CONF`).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     /// The agent-facing API address.
     pub node_addr: SocketAddr,
@@ -104,11 +106,21 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server for [`TRUST_DOMAIN`]; `extra_config` is appended to its TOML config.
     pub fn start(extra_config: &str) -> Self {
+        Self::start_with_env(extra_config, &[])
+    }
+
+    /// As [`TestServer::start`], with `env` added to the server's environment (on restarts
+    /// too).
+    pub fn start_with_env(extra_config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut server = Self {
             dir,
             store_config: store_config(extra_config),
             extra_config: extra_config.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             child: None,
             node_addr: "127.0.0.1:0".parse().unwrap(),
             log: Arc::default(),
@@ -149,6 +161,7 @@ impl TestServer {
             .arg("--config")
             .arg(self.config_path())
             .env("SIGIL_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -86,6 +86,12 @@ pub enum KeyError {
         /// What was being done.
         operation: &'static str,
     },
+    /// The PKCS#11 token failed or holds something unexpected.
+    #[error("{reason}")]
+    Token {
+        /// What the token reported.
+        reason: String,
+    },
     /// A file system operation failed.
     #[error("cannot {operation} {path}: {source}")]
     Io {
@@ -431,7 +437,7 @@ impl fmt::Debug for DiskKey {
 
 /// Checks that `id` is 1 to [`MAX_KEY_ID_LEN`] lowercase letters, digits and dashes, so that
 /// it is safe as a file name and in any backend.
-fn check_key_id(id: &str) -> Result<(), KeyError> {
+pub(crate) fn check_key_id(id: &str) -> Result<(), KeyError> {
     let valid = !id.is_empty()
         && id.len() <= MAX_KEY_ID_LEN
         && id

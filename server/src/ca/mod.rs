@@ -52,6 +52,7 @@ mod authority;
 mod crl;
 mod error;
 pub(crate) mod keys;
+mod pkcs11;
 mod rotation;
 mod signing;
 mod template;
@@ -71,6 +72,7 @@ pub(crate) use self::authority::{AuthorityInfo, AuthorityKind, AuthorityState};
 pub(crate) use self::crl::{RevocationReason, RevokedSerial, SignedCrl};
 pub(crate) use self::error::{CaError, CaJournalStoreError};
 pub(crate) use self::keys::{CaKey, DiskKeyManager, KeyError, KeyManager};
+pub(crate) use self::pkcs11::{Pkcs11KeyManager, Pkcs11OpenError};
 pub(crate) use self::rotation::CaJournalStore;
 pub(crate) use self::signing::{IssuedX509Svid, WorkloadX509SvidParams};
 #[cfg(test)]

@@ -175,7 +175,15 @@ impl AuditLog {
         chain_id: &str,
         state_path: PathBuf,
     ) -> Result<Self, AuditError> {
+        // A chain that has records was signed by a key: a missing key is never replaced
+        // silently (the chain would no longer verify); only a first start creates one.
+        let chain_started = store.audit_head().await?.is_some();
         let key = tokio::task::spawn_blocking(move || match keys.load_key(AUDIT_KEY_ID) {
+            Err(KeyError::NotFound { id }) if chain_started => Err(KeyError::Token {
+                reason: format!(
+                    "the audit signing key {id} is missing but the audit chain has records signed by it: restore the key (it is not replaced)"
+                ),
+            }),
             Err(KeyError::NotFound { .. }) => {
                 info!(key_id = AUDIT_KEY_ID, "creating the audit signing key");
                 keys.generate_key(AUDIT_KEY_ID)
