@@ -1009,14 +1009,23 @@ fn key_manager(config: &ServerConfig) -> Result<Arc<dyn KeyManager>, ServerError
     };
     let mut file = std::fs::File::open(&token.pin_file).map_err(|e| failed(e.to_string()))?;
     sigil_daemon::check_key_file(&token.pin_file, &file).map_err(|e| failed(e.to_string()))?;
-    let mut text = Zeroizing::new(String::new());
+    // Room for the whole file first, so reading never reallocates (and leaves a copy behind).
+    let size = file.metadata().map_or(0, |m| m.len());
+    let mut text = Zeroizing::new(String::with_capacity(
+        usize::try_from(size).unwrap_or(0).saturating_add(1),
+    ));
     file.read_to_string(&mut text)
         .map_err(|e| failed(e.to_string()))?;
     let pin = text.lines().next().unwrap_or("");
     if pin.is_empty() {
         return Err(failed("is empty".to_owned()));
     }
-    let manager = Pkcs11KeyManager::open(&token.module, &token.token_label, pin.to_owned().into())?;
+    let manager = Pkcs11KeyManager::open(
+        &token.module,
+        &token.token_label,
+        pin.to_owned().into(),
+        &config.server_id,
+    )?;
     info!(module = %token.module.display(), token = %token.token_label, "keys are in a PKCS#11 token");
     Ok(Arc::new(manager))
 }

@@ -64,7 +64,8 @@ async fn keys_live_in_the_token_through_issuance_rotation_and_restart() {
         key_files(&server.data_dir())
     );
 
-    // Issuance: an agent and a workload, an SVID that openssl accepts, a JWT-SVID.
+    // Issuance: an agent and a workload, an SVID that openssl accepts, a JWT-SVID that
+    // validates.
     let agent = TestAgentProcess::start(&server).await;
     let me = format!("unix:uid:{}", my_uid());
     let workload = "spiffe://example.org/hsm-workload";
@@ -76,6 +77,28 @@ async fn keys_live_in_the_token_through_issuance_rotation_and_restart() {
     let svid = msg.svids.iter().find(|s| s.spiffe_id == workload).unwrap();
     let bundle = sigil_core::X509Bundle::from_der(trust_domain(), &svid.bundle).unwrap();
     openssl_verify(&bundle, &certs(&svid.x509_svid)[0]).unwrap();
+    // A JWT-SVID signed by the token's JWT key (raw r || s turned into JOSE's form) validates.
+    let mut client = agent.client().await;
+    let jwt = client
+        .fetch_jwtsvid(sigil_proto::workload::JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: workload.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .svids
+        .remove(0)
+        .svid;
+    let validated = client
+        .validate_jwtsvid(sigil_proto::workload::ValidateJwtsvidRequest {
+            audience: "db".into(),
+            svid: jwt,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(validated.spiffe_id, workload);
     let before_restart = server.bundle().await;
 
     // A restart finds the same keys: the same authorities, and signing goes on.

@@ -8,7 +8,10 @@
 //! returned in the ASN.1 DER form X.509 uses.
 //!
 //! One logged-in read-write session serves every call (PKCS#11 sessions are not to be used by
-//! two threads at once): signing is serialized through it.
+//! two threads at once): signing is serialized through it. When the token loses the session
+//! (the HSM restarted, the connection dropped), the next call logs in again and retries once.
+//! Labels are namespaced by the server's `server_id` (`sigil:<server_id>:<key id>`), so
+//! servers sharing a token keep their keys apart.
 
 use std::fmt;
 use std::path::Path;
@@ -19,6 +22,7 @@ use cryptoki::error::{Error as Pkcs11Error, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 use super::keys::{CaKey, KeyError, KeyManager, check_key_id};
@@ -56,26 +60,44 @@ pub enum Pkcs11OpenError {
 
 /// Keys in one PKCS#11 token.
 pub(crate) struct Pkcs11KeyManager {
-    label: String,
-    session: Arc<Mutex<Session>>,
-    /// Kept alive for the session's sake (finalized on drop).
-    _context: Pkcs11,
+    inner: Arc<Inner>,
+}
+
+/// The token: the context, the slot, the PIN to log in again with, and the one session.
+struct Inner {
+    context: Pkcs11,
+    slot: Slot,
+    token: String,
+    pin: AuthPin,
+    /// Labels are `sigil:<server_id>:<key id>`: servers sharing a token never see each
+    /// other's keys (the audit key's id is the same on every server).
+    namespace: String,
+    state: Mutex<State>,
+}
+
+struct State {
+    session: Option<Session>,
+    /// Raised at every new session: object handles found in an older one are looked up again.
+    generation: u64,
 }
 
 impl fmt::Debug for Pkcs11KeyManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pkcs11KeyManager")
-            .field("token", &self.label)
+            .field("token", &self.inner.token)
+            .field("namespace", &self.inner.namespace)
             .finish_non_exhaustive()
     }
 }
 
-/// A key in the token: its public point and the private key's handle.
+/// A key in the token: its public point and the private key's handle in the current session.
 struct Pkcs11Key {
     id: String,
+    label: Vec<u8>,
     public_key: Vec<u8>,
-    private: ObjectHandle,
-    session: Arc<Mutex<Session>>,
+    inner: Arc<Inner>,
+    /// `(session generation, handle)`.
+    private: Mutex<(u64, ObjectHandle)>,
 }
 
 impl fmt::Debug for Pkcs11Key {
@@ -86,19 +108,120 @@ impl fmt::Debug for Pkcs11Key {
     }
 }
 
-fn token_error(e: Pkcs11Error) -> KeyError {
+fn token_error(e: &Pkcs11Error) -> KeyError {
     KeyError::Token {
         reason: format!("PKCS#11: {e}"),
     }
 }
 
+/// Errors after which a new session (and a new login) may succeed: the HSM restarted, the
+/// connection to it dropped, the login was lost.
+fn session_lost(e: &Pkcs11Error) -> bool {
+    matches!(
+        e,
+        Pkcs11Error::Pkcs11(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::DeviceRemoved
+                | RvError::DeviceError
+                | RvError::TokenNotPresent
+                | RvError::UserNotLoggedIn,
+            _
+        )
+    )
+}
+
+impl Inner {
+    fn login(&self) -> Result<Session, Pkcs11OpenError> {
+        let session = self
+            .context
+            .open_rw_session(self.slot)
+            .map_err(|e| Pkcs11OpenError::Token(e.to_string()))?;
+        match session.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(Pkcs11Error::Pkcs11(RvError::PinIncorrect | RvError::PinInvalid, _)) => {
+                Err(Pkcs11OpenError::WrongPin)
+            }
+            Err(e) => Err(Pkcs11OpenError::Token(e.to_string())),
+        }
+    }
+
+    /// Runs `f` on the session (opened and logged in when there is none); when the session
+    /// was lost, logs in again once and runs `f` again with the new session's generation.
+    fn run<T>(
+        &self,
+        mut f: impl FnMut(&Session, u64) -> Result<T, Pkcs11Error>,
+    ) -> Result<T, KeyError> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        for attempt in 0..2 {
+            let session = match state.session.take() {
+                Some(session) => session,
+                None => {
+                    let session = self.login().map_err(|e| KeyError::Token {
+                        reason: e.to_string(),
+                    })?;
+                    state.generation += 1;
+                    session
+                }
+            };
+            match f(&session, state.generation) {
+                Ok(value) => {
+                    state.session = Some(session);
+                    return Ok(value);
+                }
+                Err(e) if attempt == 0 && session_lost(&e) => {
+                    tracing::warn!(token = %self.token, error = %e, "PKCS#11 session lost; logging in again");
+                    // Dropped: closed if it still can be.
+                }
+                Err(e) => {
+                    state.session = Some(session);
+                    return Err(token_error(&e));
+                }
+            }
+        }
+        Err(KeyError::Token {
+            reason: format!("PKCS#11 token {:?}: the session was lost twice", self.token),
+        })
+    }
+
+    fn label(&self, id: &str) -> Vec<u8> {
+        format!("{}{id}", self.namespace).into_bytes()
+    }
+}
+
+/// The objects of class `class` labelled `label`.
+fn find(
+    session: &Session,
+    label: &[u8],
+    class: ObjectClass,
+) -> Result<Vec<ObjectHandle>, Pkcs11Error> {
+    session.find_objects(&[Attribute::Class(class), Attribute::Label(label.to_vec())])
+}
+
+/// The public point of `public`.
+fn ec_point(session: &Session, public: ObjectHandle) -> Result<Option<Vec<u8>>, Pkcs11Error> {
+    Ok(session
+        .get_attributes(public, &[AttributeType::EcPoint])?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::EcPoint(point) => uncompressed_point(&point),
+            _ => None,
+        }))
+}
+
 impl Pkcs11KeyManager {
-    /// Loads `module`, finds the token labelled `label` and logs in with `pin`.
+    /// Loads `module`, finds the one initialised token labelled `label`, logs in with `pin`;
+    /// keys are labelled under `server_id`.
     ///
     /// # Errors
     ///
     /// [`Pkcs11OpenError`] naming the cause: the module, the label, the PIN.
-    pub(crate) fn open(module: &Path, label: &str, pin: AuthPin) -> Result<Self, Pkcs11OpenError> {
+    pub(crate) fn open(
+        module: &Path,
+        label: &str,
+        pin: AuthPin,
+        server_id: &str,
+    ) -> Result<Self, Pkcs11OpenError> {
         let context = Pkcs11::new(module).map_err(|e| Pkcs11OpenError::Module {
             module: module.display().to_string(),
             reason: e.to_string(),
@@ -110,7 +233,7 @@ impl Pkcs11KeyManager {
             .get_slots_with_token()
             .map_err(|e| Pkcs11OpenError::Token(e.to_string()))?;
         let mut found = Vec::new();
-        let mut slot = None;
+        let mut matching = Vec::new();
         for candidate in slots {
             let info = context
                 .get_token_info(candidate)
@@ -119,99 +242,81 @@ impl Pkcs11KeyManager {
                 continue;
             }
             let name = info.label().trim_end().to_owned();
-            if name == label && slot.is_none() {
-                slot = Some(candidate);
+            if name == label {
+                matching.push(candidate);
             }
             found.push(format!("{name:?}"));
         }
-        let slot = slot.ok_or_else(|| Pkcs11OpenError::NoToken {
-            label: label.to_owned(),
-            found: if found.is_empty() {
-                "none".to_owned()
-            } else {
-                found.join(", ")
-            },
-        })?;
-        let session = context
-            .open_rw_session(slot)
-            .map_err(|e| Pkcs11OpenError::Token(e.to_string()))?;
-        match session.login(UserType::User, Some(&pin)) {
-            Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(Pkcs11Error::Pkcs11(RvError::PinIncorrect | RvError::PinInvalid, _)) => {
-                return Err(Pkcs11OpenError::WrongPin);
+        let slot = match matching.as_slice() {
+            [slot] => *slot,
+            [] => {
+                return Err(Pkcs11OpenError::NoToken {
+                    label: label.to_owned(),
+                    found: if found.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        found.join(", ")
+                    },
+                });
             }
-            Err(e) => return Err(Pkcs11OpenError::Token(e.to_string())),
-        }
+            several => {
+                return Err(Pkcs11OpenError::Token(format!(
+                    "{} tokens are labelled {label:?}: give each a label of its own",
+                    several.len()
+                )));
+            }
+        };
+        let inner = Inner {
+            context,
+            slot,
+            token: label.to_owned(),
+            pin,
+            namespace: format!("sigil:{server_id}:"),
+            state: Mutex::new(State {
+                session: None,
+                generation: 0,
+            }),
+        };
+        let session = inner.login()?;
+        inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .session = Some(session);
         Ok(Self {
-            label: label.to_owned(),
-            session: Arc::new(Mutex::new(session)),
-            _context: context,
+            inner: Arc::new(inner),
         })
-    }
-
-    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
-        self.session.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The objects of class `class` labelled `id`.
-    fn find(
-        session: &Session,
-        id: &str,
-        class: ObjectClass,
-    ) -> Result<Vec<ObjectHandle>, KeyError> {
-        session
-            .find_objects(&[
-                Attribute::Class(class),
-                Attribute::Label(id.as_bytes().to_vec()),
-            ])
-            .map_err(token_error)
     }
 
     fn key(
         &self,
         id: &str,
         private: ObjectHandle,
-        public: ObjectHandle,
-    ) -> Result<Arc<dyn CaKey>, KeyError> {
-        let session = self.session();
-        let attributes = session
-            .get_attributes(public, &[AttributeType::EcPoint])
-            .map_err(token_error)?;
-        let point = attributes
-            .into_iter()
-            .find_map(|a| match a {
-                Attribute::EcPoint(point) => Some(point),
-                _ => None,
-            })
-            .ok_or_else(|| KeyError::Token {
-                reason: format!("PKCS#11 key {id}: no CKA_EC_POINT"),
-            })?;
-        drop(session);
-        Ok(Arc::new(Pkcs11Key {
+        public_key: Vec<u8>,
+        generation: u64,
+    ) -> Arc<dyn CaKey> {
+        Arc::new(Pkcs11Key {
             id: id.to_owned(),
-            public_key: uncompressed_point(&point).ok_or_else(|| KeyError::Token {
-                reason: format!(
-                    "PKCS#11 key {id}: CKA_EC_POINT is not an uncompressed P-256 point"
-                ),
-            })?,
-            private,
-            session: self.session.clone(),
-        }))
+            label: self.inner.label(id),
+            public_key,
+            inner: self.inner.clone(),
+            private: Mutex::new((generation, private)),
+        })
     }
 }
 
 impl KeyManager for Pkcs11KeyManager {
     fn generate_key(&self, id: &str) -> Result<Arc<dyn CaKey>, KeyError> {
         check_key_id(id)?;
-        let (public, private) = {
-            let session = self.session();
-            if !Self::find(&session, id, ObjectClass::PRIVATE_KEY)?.is_empty() {
-                return Err(KeyError::AlreadyExists { id: id.to_owned() });
+        let label = self.inner.label(id);
+        let made = self.inner.run(|session, generation| {
+            if !find(session, &label, ObjectClass::PRIVATE_KEY)?.is_empty() {
+                return Ok(None);
             }
             let common = [
                 Attribute::Token(true),
-                Attribute::Label(id.as_bytes().to_vec()),
-                Attribute::Id(id.as_bytes().to_vec()),
+                Attribute::Label(label.clone()),
+                Attribute::Id(label.clone()),
                 Attribute::KeyType(KeyType::EC),
             ];
             let mut public = common.to_vec();
@@ -226,43 +331,86 @@ impl KeyManager for Pkcs11KeyManager {
                 Attribute::Extractable(false),
                 Attribute::Sign(true),
             ]);
-            session
-                .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
-                .map_err(token_error)?
-        };
-        self.key(id, private, public)
+            let (public, private) =
+                session.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)?;
+            match ec_point(session, public) {
+                Ok(Some(point)) => Ok(Some((private, point, generation))),
+                // Not a key we can use: nothing is left behind in the token.
+                other => {
+                    let _ = session.destroy_object(private);
+                    let _ = session.destroy_object(public);
+                    other.map(|_| None)
+                }
+            }
+        })?;
+        match made {
+            Some((private, point, generation)) => Ok(self.key(id, private, point, generation)),
+            None => Err(KeyError::AlreadyExists { id: id.to_owned() }),
+        }
     }
 
     fn load_key(&self, id: &str) -> Result<Arc<dyn CaKey>, KeyError> {
         check_key_id(id)?;
-        let (private, public) = {
-            let session = self.session();
-            (
-                Self::find(&session, id, ObjectClass::PRIVATE_KEY)?,
-                Self::find(&session, id, ObjectClass::PUBLIC_KEY)?,
-            )
+        let label = self.inner.label(id);
+        let found = self.inner.run(|session, generation| {
+            Ok((
+                find(session, &label, ObjectClass::PRIVATE_KEY)?,
+                find(session, &label, ObjectClass::PUBLIC_KEY)?,
+                generation,
+            ))
+        })?;
+        let (private, point, generation) = match found {
+            (private, public, generation) if private.len() == 1 && public.len() == 1 => {
+                let point = self
+                    .inner
+                    .run(|session, _| ec_point(session, public[0]))?
+                    .ok_or_else(|| KeyError::Token {
+                        reason: format!(
+                            "PKCS#11 key {id}: CKA_EC_POINT is not an uncompressed P-256 point"
+                        ),
+                    })?;
+                (private[0], point, generation)
+            }
+            (private, public, _) if private.is_empty() || public.is_empty() => {
+                return Err(KeyError::NotFound { id: id.to_owned() });
+            }
+            _ => {
+                return Err(KeyError::Token {
+                    reason: format!(
+                        "PKCS#11 token {:?} holds several keys labelled {}",
+                        self.inner.token,
+                        String::from_utf8_lossy(&label)
+                    ),
+                });
+            }
         };
-        match (private.as_slice(), public.as_slice()) {
-            ([private], [public]) => self.key(id, *private, *public),
-            ([], _) | (_, []) => Err(KeyError::NotFound { id: id.to_owned() }),
-            _ => Err(KeyError::Token {
-                reason: format!(
-                    "PKCS#11 token {:?} holds several keys labelled {id}",
-                    self.label
-                ),
-            }),
-        }
+        let key = self.key(id, private, point, generation);
+        // The two halves must belong together: a stray private key under the label would
+        // otherwise only show as signatures that do not verify.
+        let probe = b"sigil pkcs11 key check";
+        let signature = key.sign(probe)?;
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            key.public_key(),
+        )
+        .verify(probe, &signature)
+        .map_err(|_| KeyError::Token {
+            reason: format!("PKCS#11 key {id}: the private key does not match the public key"),
+        })?;
+        Ok(key)
     }
 
     fn delete_key(&self, id: &str) -> Result<(), KeyError> {
         check_key_id(id)?;
-        let session = self.session();
-        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
-            for object in Self::find(&session, id, class)? {
-                session.destroy_object(object).map_err(token_error)?;
+        let label = self.inner.label(id);
+        self.inner.run(|session, _| {
+            for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+                for object in find(session, &label, class)? {
+                    session.destroy_object(object)?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -277,12 +425,21 @@ impl CaKey for Pkcs11Key {
 
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
         let digest = ring::digest::digest(&ring::digest::SHA256, message);
-        let raw = self
-            .session
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .sign(&Mechanism::Ecdsa, self.private, digest.as_ref())
-            .map_err(token_error)?;
+        let raw = self.inner.run(|session, generation| {
+            let mut cached = self.private.lock().unwrap_or_else(PoisonError::into_inner);
+            if cached.0 != generation {
+                // A new session: find the key again.
+                let handle = find(session, &self.label, ObjectClass::PRIVATE_KEY)?
+                    .into_iter()
+                    .next()
+                    .ok_or(Pkcs11Error::Pkcs11(
+                        RvError::KeyHandleInvalid,
+                        cryptoki::context::Function::Sign,
+                    ))?;
+                *cached = (generation, handle);
+            }
+            session.sign(&Mechanism::Ecdsa, cached.1, digest.as_ref())
+        })?;
         fixed_to_der(&raw).ok_or_else(|| KeyError::Token {
             reason: format!(
                 "PKCS#11 key {}: a signature of {} bytes, not 64",

@@ -177,7 +177,11 @@ impl AuditLog {
     ) -> Result<Self, AuditError> {
         // A chain that has records was signed by a key: a missing key is never replaced
         // silently (the chain would no longer verify); only a first start creates one.
-        let chain_started = store.audit_head().await?.is_some();
+        let chain_started = store.audit_head().await?.is_some()
+            || store
+                .latest_audit_checkpoint()
+                .await?
+                .is_some_and(|cp| cp.chain_id == chain_id);
         let key = tokio::task::spawn_blocking(move || match keys.load_key(AUDIT_KEY_ID) {
             Err(KeyError::NotFound { id }) if chain_started => Err(KeyError::Token {
                 reason: format!(
@@ -1081,6 +1085,32 @@ mod tests {
                 std::fs::copy(entry.path(), target).unwrap();
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_audit_key_is_never_replaced_once_the_chain_has_begun() {
+        let dir = tempfile::tempdir().unwrap();
+        let Opened { store, log, .. } = open_in(dir.path()).await;
+        log.before_grant(records(1)).await.unwrap();
+        drop((store, log));
+        std::fs::remove_file(dir.path().join("keys").join("audit-signing.key")).unwrap();
+        let store: Arc<dyn Store> = Arc::new(open_store(&dir.path().join("store")));
+        let keys: Arc<dyn KeyManager> =
+            Arc::new(DiskKeyManager::new(dir.path().join("keys")).unwrap());
+        let err = AuditLog::open(
+            store,
+            keys.clone(),
+            crate::audit::DEFAULT_CHAIN_ID,
+            dir.path().join("keys").join(STATE_FILE),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("is not replaced"), "{err}");
+        assert!(matches!(
+            keys.load_key(AUDIT_KEY_ID),
+            Err(KeyError::NotFound { .. })
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
