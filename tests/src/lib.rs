@@ -416,15 +416,33 @@ pub async fn minted_identity(
 
 /// Runs `openssl verify -x509_strict` on `leaf` against `bundle`; returns its output on failure.
 pub fn openssl_verify(bundle: &X509Bundle, leaf: &CertificateDer<'_>) -> Result<(), String> {
+    openssl_verify_chain(bundle, &[leaf.clone().into_owned()])
+}
+
+/// `openssl verify -x509_strict` of `chain` (leaf first, then its intermediates, given as
+/// `-untrusted`) against `bundle` alone.
+pub fn openssl_verify_chain(
+    bundle: &X509Bundle,
+    chain: &[CertificateDer<'static>],
+) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
+    let pem = |certs: &[CertificateDer<'static>]| {
+        X509Bundle::new(trust_domain(), certs.to_vec())
+            .unwrap()
+            .to_pem()
+    };
     let ca = dir.path().join("bundle.pem");
     let cert = dir.path().join("leaf.pem");
     std::fs::write(&ca, bundle.to_pem()).unwrap();
-    let leaf_bundle = X509Bundle::new(trust_domain(), vec![leaf.clone().into_owned()]).unwrap();
-    std::fs::write(&cert, leaf_bundle.to_pem()).unwrap();
-    let out = Command::new("openssl")
-        .args(["verify", "-x509_strict", "-CAfile"])
-        .arg(&ca)
+    std::fs::write(&cert, pem(&chain[..1])).unwrap();
+    let mut command = Command::new("openssl");
+    command.args(["verify", "-x509_strict", "-CAfile"]).arg(&ca);
+    if chain.len() > 1 {
+        let untrusted = dir.path().join("untrusted.pem");
+        std::fs::write(&untrusted, pem(&chain[1..])).unwrap();
+        command.arg("-untrusted").arg(untrusted);
+    }
+    let out = command
         .arg(&cert)
         .output()
         .expect("openssl must be installed");

@@ -9,7 +9,6 @@
     reason = "test code"
 )]
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -19,43 +18,10 @@ use sigil_tests::*;
 
 const WORKLOAD: &str = "spiffe://example.org/upstream-workload";
 
-/// `openssl verify -x509_strict` of `chain` (leaf first) with `root.pem` the only trust anchor.
-fn verify_with_root_only(dir: &Path, chain: &[CertificateDer<'static>]) {
-    let pem = |der: &CertificateDer<'_>| {
-        let b64 = base64_lines(der);
-        format!("-----BEGIN CERTIFICATE-----\n{b64}-----END CERTIFICATE-----\n")
-    };
-    std::fs::write(dir.join("leaf.pem"), pem(&chain[0])).unwrap();
-    let rest: String = chain[1..].iter().map(pem).collect();
-    std::fs::write(dir.join("untrusted.pem"), rest).unwrap();
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args([
-            "verify",
-            "-x509_strict",
-            "-CAfile",
-            "root.pem",
-            "-untrusted",
-            "untrusted.pem",
-            "leaf.pem",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn base64_lines(der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    b64.as_bytes()
-        .chunks(64)
-        .map(|c| format!("{}\n", std::str::from_utf8(c).unwrap()))
-        .collect()
+/// `openssl verify -x509_strict` of `chain` (leaf first) with `root` the only trust anchor.
+fn verify_with_root_only(root: &CertificateDer<'static>, chain: &[CertificateDer<'static>]) {
+    let bundle = sigil_core::X509Bundle::new(trust_domain(), vec![root.clone()]).unwrap();
+    openssl_verify_chain(&bundle, chain).unwrap_or_else(|e| panic!("openssl verify: {e}"));
 }
 
 /// The workload's SVID chain and bundle in `msg`.
@@ -109,7 +75,7 @@ async fn svid_chains_verify_against_the_upstream_root_alone_across_a_rotation() 
     let (_, intermediate) = x509_parser::parse_x509_certificate(&chain[1]).unwrap();
     let constraints = intermediate.basic_constraints().unwrap().unwrap().value;
     assert!(constraints.ca && constraints.path_len_constraint == Some(0));
-    verify_with_root_only(dir.path(), &chain);
+    verify_with_root_only(&root, &chain);
     // The agent's own SVID too (as it stored it: its chain, DER back to back, base64).
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(agent.data_dir().join("agent.json")).unwrap())
@@ -123,7 +89,7 @@ async fn svid_chains_verify_against_the_upstream_root_alone_across_a_rotation() 
         )
     };
     assert_eq!(agent_chain.len(), 2);
-    verify_with_root_only(dir.path(), &agent_chain);
+    verify_with_root_only(&root, &agent_chain);
 
     // rust-spiffe and py-spiffe take the chains and the bundle as they are.
     let address = format!("unix:{}", agent.socket().display());
@@ -182,7 +148,7 @@ print(len(svid.cert_chain), len(bundle.x509_authorities))
     });
     let (after, bundle) = chain_and_bundle(&rotated);
     assert_eq!(bundle, std::slice::from_ref(&root));
-    verify_with_root_only(dir.path(), &after);
+    verify_with_root_only(&root, &after);
 }
 
 #[test]

@@ -56,6 +56,16 @@ fn upstream(not_after: SystemTime, intermediate: bool) -> Upstream {
 
 impl Fixture {
     async fn ca_under(&self, up: &Upstream, ca_ttl: Duration, now: SystemTime) -> Ca {
+        self.try_ca_under(up, ca_ttl, now).await.unwrap()
+    }
+
+    /// The CA under `up` (checked at `now`) on this fixture's keys and journal.
+    async fn try_ca_under(
+        &self,
+        up: &Upstream,
+        ca_ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Ca, CaError> {
         let keys = Arc::new(DiskKeyManager::new(&self.keys_dir).unwrap());
         let upstream =
             UpstreamAuthority::from_pem(&td(), up.chain_pem.as_bytes(), up.key_pem.as_bytes(), now)
@@ -69,7 +79,6 @@ impl Fixture {
             now,
         )
         .await
-        .unwrap()
     }
 }
 
@@ -174,24 +183,7 @@ async fn an_intermediate_never_outlives_the_upstream_ca() {
     );
     // Too close to the upstream's end for a new intermediate: refused, with the reason.
     let fx = Fixture::new();
-    let keys = Arc::new(DiskKeyManager::new(&fx.keys_dir).unwrap());
-    let upstream = UpstreamAuthority::from_pem(
-        &td(),
-        up.chain_pem.as_bytes(),
-        up.key_pem.as_bytes(),
-        t(390),
-    )
-    .unwrap();
-    let err = Ca::load_or_init_under(
-        td(),
-        secs(600),
-        keys,
-        fx.journal.clone(),
-        Some(Arc::new(upstream)),
-        t(390),
-    )
-    .await
-    .unwrap_err();
+    let err = fx.try_ca_under(&up, secs(600), t(390)).await.err().unwrap();
     assert!(err.to_string().contains("too soon"), "{err}");
 }
 
@@ -298,23 +290,6 @@ async fn an_upstream_too_old_for_a_successor_leaves_the_active_intermediate_and_
         .count();
     assert_eq!(x509_keys, 1, "{:?}", fx.key_files());
     // A restart with so old an upstream is refused, with the reason.
-    let keys = Arc::new(DiskKeyManager::new(&fx.keys_dir).unwrap());
-    let upstream = UpstreamAuthority::from_pem(
-        &td(),
-        up.chain_pem.as_bytes(),
-        up.key_pem.as_bytes(),
-        t(501),
-    )
-    .unwrap();
-    let err = Ca::load_or_init_under(
-        td(),
-        secs(600),
-        keys,
-        fx.journal.clone(),
-        Some(Arc::new(upstream)),
-        t(501),
-    )
-    .await
-    .unwrap_err();
+    let err = fx.try_ca_under(&up, secs(600), t(501)).await.err().unwrap();
     assert!(err.to_string().contains("renew it"), "{err}");
 }
