@@ -27,6 +27,8 @@ pub struct WorkloadSvid {
     pub jwt_ttl: u64,
     /// The entry revision the SVID was minted for.
     pub revision: u64,
+    /// The federated trust domains whose bundles the holder also gets.
+    pub federates_with: Vec<TrustDomain>,
     /// When it was minted (renewal counts from here).
     pub issued_at: SystemTime,
     /// The chain, leaf first.
@@ -56,6 +58,8 @@ pub struct SessionEntry {
     pub ends_at: SystemTime,
     /// The entry revision.
     pub revision: u64,
+    /// The federated trust domains whose bundles the holder also gets.
+    pub federates_with: Vec<TrustDomain>,
 }
 
 /// Everything the agent serves at one moment.
@@ -65,6 +69,9 @@ pub struct Inventory {
     pub trust_domain: TrustDomain,
     /// Its bundle.
     pub bundle: SpiffeBundle,
+    /// The federated trust domains' bundles, as the server last sent them (shared between
+    /// snapshots).
+    pub federated: Arc<BTreeMap<TrustDomain, SpiffeBundle>>,
     /// Identities, by entry id. Shared (`Arc`) between the manager's working copy and every
     /// published snapshot, so publishing copies no certificate or key.
     pub svids: BTreeMap<String, Arc<WorkloadSvid>>,
@@ -114,6 +121,7 @@ impl Inventory {
         Self {
             trust_domain,
             bundle,
+            federated: Arc::default(),
             svids: BTreeMap::new(),
             needs_sha256: false,
             synced: false,
@@ -134,6 +142,37 @@ impl Inventory {
             .values()
             .filter(|s| s.selectors.matches(selectors) && s.ends_at > now)
             .collect()
+    }
+
+    /// The federated bundles a workload holding `identities` (and `sessions`) gets: those of
+    /// the trust domains their entries federate with, in trust domain order. A trust domain
+    /// without a bundle (yet, or any more) is left out.
+    pub fn federated_for<'a>(
+        &'a self,
+        federates_with: impl IntoIterator<Item = &'a TrustDomain>,
+    ) -> Vec<&'a SpiffeBundle> {
+        let wanted: std::collections::BTreeSet<&TrustDomain> = federates_with.into_iter().collect();
+        wanted
+            .into_iter()
+            .filter_map(|td| self.federated.get(td))
+            .collect()
+    }
+
+    /// The federated bundles a workload with `selectors` gets at `now`: those its identities'
+    /// and sessions' entries federate with.
+    pub fn federated_for_selectors(
+        &self,
+        selectors: &SelectorSet,
+        now: SystemTime,
+    ) -> Vec<&SpiffeBundle> {
+        let identities = self.identities_for(selectors, now);
+        let sessions = self.sessions_for(selectors, now);
+        self.federated_for(
+            identities
+                .iter()
+                .flat_map(|w| w.federates_with.iter())
+                .chain(sessions.iter().flat_map(|s| s.federates_with.iter())),
+        )
     }
 
     /// The identities a workload with `selectors` is entitled to, in a stable order (by entry
@@ -169,6 +208,7 @@ mod tests {
             hint: hint.into(),
             jwt_ttl: 300,
             revision: 1,
+            federates_with: vec![],
             issued_at: not_after - Duration::from_secs(60),
             chain: vec![],
             key: Arc::new(Zeroizing::new(vec![])),

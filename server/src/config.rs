@@ -154,6 +154,26 @@ pub struct FileConfig {
     /// With `key_manager = "pkcs11"`: a file holding the token's user PIN (one line; mode
     /// 0600 or stricter).
     pub pkcs11_pin_file: Option<String>,
+    /// Address (IP:PORT) of the bundle endpoint: HTTPS serving this trust domain's SPIFFE
+    /// bundle at `/` to other trust domains' servers (SPIFFE Federation). Default: none (off).
+    /// See docs/federation.md.
+    pub bundle_endpoint_address: Option<String>,
+    /// How the bundle endpoint authenticates itself: `https_spiffe` (the server's own
+    /// X509-SVID, `spiffe://TD/sigil/server`) or `https_web` (a Web PKI certificate from
+    /// `bundle_endpoint_web_cert_path`). Default `https_spiffe`.
+    pub bundle_endpoint_profile: Option<String>,
+    /// The `spiffe_refresh_hint` the endpoint publishes: how often other trust domains should
+    /// fetch the bundle. Default `5m`; at least `1s`, at most `1h`.
+    pub bundle_endpoint_refresh_hint: Option<String>,
+    /// With `bundle_endpoint_profile = "https_web"`: PEM file of the certificate chain
+    /// (leaf first). Read again when it changes.
+    pub bundle_endpoint_web_cert_path: Option<String>,
+    /// With `bundle_endpoint_profile = "https_web"`: PEM file of its private key (PKCS#8,
+    /// mode 0600 or stricter). Read again when it changes.
+    pub bundle_endpoint_web_key_path: Option<String>,
+    /// The shortest interval between two fetches of a federated trust domain's bundle,
+    /// whatever its refresh hint says (the longest is 5 minutes). Default `30s`; `1s` to `5m`.
+    pub federation_min_poll: Option<String>,
     /// Log level: `error`, `warn`, `info`, `debug` or `trace`. Default `info`.
     pub log_level: Option<String>,
     /// Log format: `text` or `json`. Default `text`.
@@ -198,6 +218,12 @@ const KNOWN_KEYS: &[&str] = &[
     "pkcs11_module",
     "pkcs11_token_label",
     "pkcs11_pin_file",
+    "bundle_endpoint_address",
+    "bundle_endpoint_profile",
+    "bundle_endpoint_refresh_hint",
+    "bundle_endpoint_web_cert_path",
+    "bundle_endpoint_web_key_path",
+    "federation_min_poll",
     "log_level",
     "log_format",
 ];
@@ -276,6 +302,10 @@ pub struct ServerConfig {
     pub upstream: Option<UpstreamConfig>,
     /// The PKCS#11 token, when `key_manager = "pkcs11"` (else keys are files).
     pub pkcs11: Option<Pkcs11Config>,
+    /// The bundle endpoint, when `bundle_endpoint_address` is set.
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
+    /// The shortest interval between two fetches of a federated bundle.
+    pub federation_min_poll: Duration,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -314,6 +344,40 @@ pub struct Pkcs11Config {
     /// The file holding the user PIN.
     pub pin_file: PathBuf,
 }
+
+/// The bundle endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleEndpointConfig {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// How it authenticates itself.
+    pub profile: BundleEndpointProfile,
+    /// The `spiffe_refresh_hint` it publishes.
+    pub refresh_hint: Duration,
+}
+
+/// `bundle_endpoint_profile`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleEndpointProfile {
+    /// The server's own X509-SVID.
+    HttpsSpiffe,
+    /// A Web PKI certificate and key from files, read again when they change.
+    HttpsWeb {
+        /// The certificate chain (PEM).
+        cert_path: PathBuf,
+        /// The key (PEM, PKCS#8).
+        key_path: PathBuf,
+    },
+}
+
+/// Default `bundle_endpoint_refresh_hint` (SPIRE's too).
+pub(crate) const DEFAULT_REFRESH_HINT: Duration = Duration::from_secs(300);
+
+/// Default `federation_min_poll`.
+pub(crate) const DEFAULT_FEDERATION_MIN_POLL: Duration = Duration::from_secs(30);
+
+/// The longest interval between two fetches of a federated bundle.
+pub(crate) const MAX_FEDERATION_POLL: Duration = Duration::from_secs(300);
 
 /// `upstream_authority = "disk"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,6 +420,14 @@ impl ServerConfig {
         let x509pop = x509pop_config(&file, &mut problems);
         let upstream = upstream_config(&file, &mut problems);
         let pkcs11 = pkcs11_config(&file, &mut problems);
+        let bundle_endpoint = bundle_endpoint_config(&file, &mut problems);
+        let federation_min_poll = bounded_duration(
+            &mut problems,
+            "federation_min_poll",
+            file.federation_min_poll.as_deref(),
+            DEFAULT_FEDERATION_MIN_POLL,
+            (Duration::from_secs(1), MAX_FEDERATION_POLL),
+        );
         let trust_domain = match pick(overrides.trust_domain, file.trust_domain) {
             Some(td) => problems.check("trust_domain", TrustDomain::new(&td)),
             None => {
@@ -610,6 +682,8 @@ impl ServerConfig {
             x509pop,
             upstream,
             pkcs11,
+            bundle_endpoint,
+            federation_min_poll,
             audit_peer_keys,
             log_level,
             log_format,
@@ -828,6 +902,120 @@ fn pkcs11_config(file: &FileConfig, problems: &mut Problems) -> Option<Pkcs11Con
             None
         }
     }
+}
+
+/// A duration key with a default and inclusive bounds; a problem when it does not parse or is
+/// out of range.
+fn bounded_duration(
+    problems: &mut Problems,
+    key: &'static str,
+    text: Option<&str>,
+    default: Duration,
+    (min, max): (Duration, Duration),
+) -> Duration {
+    let Some(text) = text else {
+        return default;
+    };
+    match parse_duration(text) {
+        Ok(d) if d >= min && d <= max => d,
+        Ok(d) => {
+            problems.push(
+                key,
+                format!(
+                    "{} is out of range: {} to {}",
+                    HumanDuration(d),
+                    HumanDuration(min),
+                    HumanDuration(max)
+                ),
+            );
+            default
+        }
+        Err(e) => {
+            problems.push(key, e.to_string());
+            default
+        }
+    }
+}
+
+/// The bundle endpoint keys: the profile's files with `https_web` only.
+fn bundle_endpoint_config(
+    file: &FileConfig,
+    problems: &mut Problems,
+) -> Option<BundleEndpointConfig> {
+    let refresh_hint = bounded_duration(
+        problems,
+        "bundle_endpoint_refresh_hint",
+        file.bundle_endpoint_refresh_hint.as_deref(),
+        DEFAULT_REFRESH_HINT,
+        (Duration::from_secs(1), Duration::from_secs(3600)),
+    );
+    let address = sigil_daemon::config::listener_address(
+        problems,
+        "bundle_endpoint_address",
+        file.bundle_endpoint_address.as_deref(),
+    );
+    let web_paths = [
+        (
+            "bundle_endpoint_web_cert_path",
+            &file.bundle_endpoint_web_cert_path,
+        ),
+        (
+            "bundle_endpoint_web_key_path",
+            &file.bundle_endpoint_web_key_path,
+        ),
+    ];
+    let profile = match file.bundle_endpoint_profile.as_deref() {
+        None | Some("https_spiffe") => {
+            for (key, value) in web_paths {
+                if value.is_some() {
+                    problems.push(key, "needs bundle_endpoint_profile = \"https_web\"");
+                }
+            }
+            Some(BundleEndpointProfile::HttpsSpiffe)
+        }
+        Some("https_web") => {
+            let mut found = Vec::new();
+            for (key, value) in web_paths {
+                match value.as_deref() {
+                    Some(path) if !path.is_empty() => found.push(PathBuf::from(path)),
+                    _ => problems.push(key, "is required with bundle_endpoint_profile = \"https_web\""),
+                }
+            }
+            <[PathBuf; 2]>::try_from(found)
+                .ok()
+                .map(|[cert_path, key_path]| BundleEndpointProfile::HttpsWeb {
+                    cert_path,
+                    key_path,
+                })
+        }
+        Some(other) => {
+            problems.push(
+                "bundle_endpoint_profile",
+                format!("{other:?} is not a bundle endpoint profile (https_spiffe or https_web)"),
+            );
+            None
+        }
+    };
+    let set_without_address = [
+        ("bundle_endpoint_profile", file.bundle_endpoint_profile.is_some()),
+        (
+            "bundle_endpoint_refresh_hint",
+            file.bundle_endpoint_refresh_hint.is_some(),
+        ),
+    ];
+    if file.bundle_endpoint_address.is_none() {
+        for (key, set) in set_without_address {
+            if set {
+                problems.push(key, "needs bundle_endpoint_address");
+            }
+        }
+        return None;
+    }
+    Some(BundleEndpointConfig {
+        address: address?,
+        profile: profile?,
+        refresh_hint,
+    })
 }
 
 /// The upstream authority keys: both paths with `disk`, none without.

@@ -47,9 +47,11 @@
 
 mod api;
 mod audit;
+mod bundle_endpoint;
 mod ca;
 pub mod cli;
 mod config;
+mod federation_client;
 mod policy;
 mod server;
 mod service;
@@ -58,9 +60,11 @@ mod tls;
 
 pub use crate::api::node::REASON_METADATA_KEY;
 pub use crate::config::{
-    ConfigError, ConfigProblem, DEFAULT_ADMIN_SOCKET, FileConfig, LogFormat, LogLevel, Overrides,
+    BundleEndpointConfig, BundleEndpointProfile, ConfigError, ConfigProblem, DEFAULT_ADMIN_SOCKET,
+    FileConfig, LogFormat, LogLevel, Overrides,
     ServerConfig,
 };
+pub use crate::bundle_endpoint::BundleEndpointError;
 pub use crate::server::{DRAIN_TIMEOUT, MAX_MESSAGE_SIZE, Server, ServerError, Shutdown};
 pub use crate::service::agents::DenyReason;
 pub use crate::store::sled::engine as sled;

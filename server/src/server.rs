@@ -56,6 +56,8 @@ use crate::store::Store;
 use crate::store::StoreError;
 use crate::store::postgres::{PostgresOptions, PostgresStore};
 use crate::store::sled::{SledStore, SledStoreOptions};
+use crate::bundle_endpoint::BundleEndpoint;
+use crate::service::federation::{FederatedBundles, Federation};
 use crate::tls::{self, ServerCertificate};
 use sigil_daemon::limits::ConnectionLimit;
 use sigil_daemon::telemetry::{GrpcMetrics, HttpEndpoints, ReadyCheck};
@@ -171,6 +173,9 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("grpc server")]
     Transport(#[from] tonic::transport::Error),
+    /// The bundle endpoint cannot start.
+    #[error(transparent)]
+    BundleEndpoint(#[from] crate::bundle_endpoint::BundleEndpointError),
 }
 
 /// A started server: its components, for the caller (and tests) to use.
@@ -190,6 +195,7 @@ pub struct Server {
     admin_listener: tokio::net::UnixListener,
     certificate: ServerCertificate,
     http: HttpEndpoints,
+    bundle_endpoint: Option<BundleEndpoint>,
 }
 
 /// Opens the store the configuration names: sled in `data_dir`, or PostgreSQL.
@@ -418,6 +424,10 @@ impl Server {
         })?;
         let admin_listener = bind_admin_socket(&config.admin_socket).await?;
         let http = HttpEndpoints::bind(config.metrics_address, config.health_address).await?;
+        let bundle_endpoint = match &config.bundle_endpoint {
+            Some(endpoint) => Some(BundleEndpoint::bind(endpoint, certificate.clone()).await?),
+            None => None,
+        };
         Ok(Self {
             local_addr,
             store,
@@ -431,6 +441,7 @@ impl Server {
             admin_listener,
             certificate,
             http,
+            bundle_endpoint,
         })
     }
 
@@ -485,12 +496,41 @@ impl Server {
                 .run(stop_rx.clone())
                 .instrument(info_span!("entry_cache")),
         );
+        let federated = FederatedBundles::load(store.clone()).await?;
+        let federation = Arc::new(Federation::new(
+            store.clone(),
+            audit.clone(),
+            authority.clone(),
+            federated.clone(),
+            self.config.server_id.clone(),
+            self.config.federation_min_poll,
+        ));
+        let federated_refresh = tokio::spawn(
+            federated
+                .clone()
+                .run(stop_rx.clone())
+                .instrument(info_span!("federation")),
+        );
+        let federation_polling = tokio::spawn(
+            federation
+                .clone()
+                .run_polling(stop_rx.clone())
+                .instrument(info_span!("federation")),
+        );
+        let bundle_endpoint = self.bundle_endpoint.map(|endpoint| {
+            tokio::spawn(
+                endpoint
+                    .serve(authority.clone(), stop_rx.clone())
+                    .instrument(info_span!("bundle_endpoint")),
+            )
+        });
         let entry_sync = EntrySync::new(
             self.entries.clone(),
             authority.clone(),
             crls.clone(),
             audit.clone(),
             agents.clone(),
+            federated.clone(),
             stop_rx.clone(),
         );
         let node_sync_metrics = entry_sync.metrics().clone();
@@ -623,7 +663,9 @@ impl Server {
                     audit.clone(),
                     authority.clone(),
                     crls.clone(),
+                    federated.clone(),
                 )),
+                federation,
                 sessions: sessions.clone(),
                 audit: audit.clone(),
                 authority: authority.clone(),
@@ -685,8 +727,11 @@ impl Server {
                 let _ = stop_tx.send(true);
                 for task in [
                     rotation, expiry, token_pruning, entry_cache, crl_refresh, checkpoints,
-                    heartbeat, pinning,
+                    heartbeat, pinning, federated_refresh, federation_polling,
                 ] {
+                    task.abort();
+                }
+                if let Some(task) = bundle_endpoint {
                     task.abort();
                 }
                 http.abort();
@@ -708,6 +753,11 @@ impl Server {
                 admin_serve.abort();
                 heartbeat.abort();
                 pinning.abort();
+                federated_refresh.abort();
+                federation_polling.abort();
+                if let Some(task) = bundle_endpoint {
+                    task.abort();
+                }
                 http.abort();
                 final_checkpoint(checkpoints).await;
                 return result.map_err(ServerError::from);
@@ -723,6 +773,11 @@ impl Server {
         crl_refresh.abort();
         heartbeat.abort();
         pinning.abort();
+        federated_refresh.abort();
+        federation_polling.abort();
+        if let Some(task) = bundle_endpoint {
+            task.abort();
+        }
         admin_serve.abort();
         others_serve.abort();
         attest_serve.abort();
@@ -1015,7 +1070,7 @@ fn key_manager(config: &ServerConfig) -> Result<Arc<dyn KeyManager>, ServerError
 /// Reads a secret file (a key, a PIN) through one handle, so the file checked is the file read:
 /// owned by the server's uid or root, mode 0600 or stricter, read into zeroized memory with
 /// room for the whole file first (no reallocation leaves a copy behind).
-fn read_secret(path: &Path) -> Result<Zeroizing<String>, String> {
+pub(crate) fn read_secret(path: &Path) -> Result<Zeroizing<String>, String> {
     use std::io::Read as _;
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     sigil_daemon::check_key_file(path, &file).map_err(|e| e.to_string())?;

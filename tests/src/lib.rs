@@ -92,6 +92,8 @@ fn store_config(extra_config: &str) -> String {
 /// A `sigil-server run` child process with its own data directory and sockets.
 pub struct TestServer {
     dir: TempDir,
+    /// Its trust domain ([`TRUST_DOMAIN`] unless started with [`TestServer::start_in`]).
+    pub trust_domain: String,
     /// The store lines of its configuration (empty: sled), kept across restarts.
     store_config: String,
     extra_config: String,
@@ -112,9 +114,15 @@ impl TestServer {
     /// As [`TestServer::start`], with `env` added to the server's environment (on restarts
     /// too).
     pub fn start_with_env(extra_config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_in(TRUST_DOMAIN, extra_config, env)
+    }
+
+    /// As [`TestServer::start_with_env`], for `trust_domain`.
+    pub fn start_in(trust_domain: &str, extra_config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut server = Self {
             dir,
+            trust_domain: trust_domain.to_owned(),
             store_config: store_config(extra_config),
             extra_config: extra_config.to_owned(),
             env: env
@@ -148,7 +156,8 @@ impl TestServer {
 
     fn spawn(&mut self) {
         let config = format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nadmin_socket = \"{sock}\"\nlog_format = \"json\"\n{store}{extra}\n",
+            "trust_domain = \"{td}\"\nbind_address = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nadmin_socket = \"{sock}\"\nlog_format = \"json\"\n{store}{extra}\n",
+            td = self.trust_domain,
             port = self.node_addr.port(),
             data = self.data_dir().display(),
             sock = self.admin_socket().display(),
@@ -265,7 +274,33 @@ impl TestServer {
             .unwrap()
             .into_inner()
             .pem;
-        X509Bundle::from_pem(trust_domain(), pem.as_bytes()).unwrap()
+        X509Bundle::from_pem(
+            TrustDomain::new(&self.trust_domain).unwrap(),
+            pem.as_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// The bundle endpoint's address, from the log (`bundle_endpoint_address` must be set);
+    /// waits up to 10 s for the line.
+    pub fn bundle_endpoint(&self) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self.log.lock().unwrap().iter().find_map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                (v["fields"]["message"] == "bundle endpoint listening")
+                    .then(|| v["fields"]["address"].as_str()?.parse().ok())?
+            });
+            if let Some(address) = found {
+                return address;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no bundle endpoint in the log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Generates a join token.
@@ -561,6 +596,7 @@ pub async fn all_entries(server: &TestServer) -> Vec<sigil_proto::admin::Entry> 
 /// A `sigil-agent run` child attested to `server`, with its Workload API socket in a temp dir.
 pub struct TestAgentProcess {
     dir: TempDir,
+    trust_domain: String,
     child: Option<Child>,
     /// The servers it lists (`--server-address` each), in order.
     server_addrs: Vec<SocketAddr>,
@@ -622,6 +658,7 @@ impl TestAgentProcess {
         .unwrap();
         Self {
             dir,
+            trust_domain: server.trust_domain.clone(),
             child: None,
             server_addrs: servers.to_vec(),
             log: Arc::default(),
@@ -658,7 +695,8 @@ impl TestAgentProcess {
     fn spawn(&mut self, token: Option<&str>) {
         let _ = std::fs::remove_file(self.socket());
         let mut cmd = Command::new(binary("sigil-agent"));
-        cmd.arg("run").args(["--trust-domain", TRUST_DOMAIN]);
+        cmd.arg("run")
+            .args(["--trust-domain", self.trust_domain.as_str()]);
         if let Some(config) = &self.config {
             let path = self.dir.path().join("agent.toml");
             std::fs::write(&path, config).unwrap();

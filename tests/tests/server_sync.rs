@@ -82,7 +82,7 @@ async fn next_changes(
         match c.change.unwrap() {
             change::Change::Upsert(e) => upserts.push(e.spiffe_id),
             change::Change::Delete(id) => deletes.push(id),
-            change::Change::Bundle(_) => {}
+            change::Change::Bundle(_) | change::Change::FederatedBundles(_) => {}
         }
     }
     (upserts, deletes, revision)

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use sigil_attestors::unix::Credentials;
-use sigil_core::{SelectorSet, SpiffeId, X509Bundle};
+use sigil_core::{SelectorSet, SpiffeId, TrustDomain, X509Bundle};
 use sigil_proto::node::{
     NewJwtsvidRequest, NewSessionJwtsvidRequest, NewSessionX509svidRequest, Workload, X509svid,
 };
@@ -66,6 +66,8 @@ pub struct Grant {
     pub jwt_ttl: u64,
     /// The entry revision.
     pub revision: u64,
+    /// The federated trust domains the entry's workloads also trust.
+    pub federates_with: Vec<TrustDomain>,
 }
 
 /// The workload a session SVID is for, as the server records it.
@@ -154,6 +156,7 @@ impl Minter {
                 hint: session.hint.clone(),
                 jwt_ttl: session.svid_ttl,
                 revision: session.revision,
+                federates_with: session.federates_with.clone(),
             },
             &svid,
             key,
@@ -286,6 +289,7 @@ pub(crate) fn issued_svid(
         hint: grant.hint,
         jwt_ttl: grant.jwt_ttl,
         revision: grant.revision,
+        federates_with: grant.federates_with,
         issued_at: SystemTime::now(),
         chain,
         key: Arc::new(key),

@@ -33,9 +33,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil_core::lifetime::Validity;
-use sigil_core::{Selector, SelectorSet, SpiffeBundle, SpiffeId};
+use sigil_core::{Selector, SelectorSet, SpiffeBundle, SpiffeId, TrustDomain};
 use sigil_proto::node::{
-    BatchNewX509svidRequest, Entry, NewX509svidParams, SyncEntriesRequest, change,
+    BatchNewX509svidRequest, Entry, FederatedBundles, NewX509svidParams, SyncEntriesRequest, change,
     sync_entries_response, x509svid_result,
 };
 use tokio::sync::watch;
@@ -177,6 +177,9 @@ impl Manager {
                         if let Some(bundle) = page.bundle {
                             self.set_bundle(&bundle.spiffe_bundle);
                         }
+                        if let Some(federated) = page.federated_bundles {
+                            self.set_federated(federated);
+                        }
                         self.inventory.crls = page.crls;
                         self.synced(std::mem::take(&mut pages), page.revision)
                             .await?;
@@ -189,6 +192,9 @@ impl Manager {
                         if let Some(bundle) = page.bundle {
                             self.set_bundle(&bundle.spiffe_bundle);
                             self.inventory.crls = bundle.crls;
+                        }
+                        if let Some(federated) = page.federated_bundles {
+                            self.set_federated(federated);
                         }
                         self.synced(std::mem::take(&mut pages), page.revision)
                             .await?;
@@ -218,6 +224,9 @@ impl Manager {
                             Some(change::Change::Bundle(bundle)) => {
                                 self.set_bundle(&bundle.spiffe_bundle);
                                 self.inventory.crls = bundle.crls;
+                            }
+                            Some(change::Change::FederatedBundles(federated)) => {
+                                self.set_federated(federated);
                             }
                             None => {}
                         }
@@ -262,6 +271,35 @@ impl Manager {
             Err(e) => {
                 warn!(error = %e, "the server sent an invalid bundle; keeping the previous one")
             }
+        }
+    }
+
+    /// Replaces the federated bundles with the set the server sent (a bundle that does not
+    /// parse, or claims the agent's own trust domain, is left out, with a warning).
+    fn set_federated(&mut self, federated: FederatedBundles) {
+        let mut bundles = BTreeMap::new();
+        for bundle in federated.bundles {
+            let parsed = TrustDomain::new(&bundle.trust_domain)
+                .map_err(|e| e.to_string())
+                .and_then(|td| {
+                    if td == self.inventory.trust_domain {
+                        return Err("it names the agent's own trust domain".to_owned());
+                    }
+                    SpiffeBundle::parse(td, &bundle.spiffe_bundle).map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(parsed) => {
+                    bundles.insert(parsed.trust_domain().clone(), parsed);
+                }
+                Err(error) => {
+                    warn!(trust_domain = %bundle.trust_domain, %error, "the server sent an unusable federated bundle; leaving it out");
+                }
+            }
+        }
+        if *self.inventory.federated != bundles {
+            info!(trust_domains = bundles.len(), "federated bundles changed");
+            self.inventory.federated = Arc::new(bundles);
+            self.publish();
         }
     }
 
@@ -526,7 +564,17 @@ fn grant_of(entry: &Entry) -> Result<Grant, MintError> {
         hint: entry.hint.clone(),
         jwt_ttl: entry.jwt_svid_ttl,
         revision: entry.revision,
+        federates_with: federates_with(entry).map_err(|e| unusable(e.into()))?,
     })
+}
+
+/// The trust domains `entry` federates with.
+fn federates_with(entry: &Entry) -> Result<Vec<TrustDomain>, sigil_core::SpiffeIdError> {
+    entry
+        .federates_with
+        .iter()
+        .map(|td| TrustDomain::new(td))
+        .collect()
 }
 
 /// Why an entry from the server cannot be used.
@@ -562,6 +610,7 @@ fn session_entry(entry: &Entry) -> Result<Option<SessionEntry>, EntryError> {
         svid_ttl: entry.x509_svid_ttl,
         ends_at,
         revision: entry.revision,
+        federates_with: federates_with(entry)?,
     }))
 }
 

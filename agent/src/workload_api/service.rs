@@ -22,7 +22,7 @@ use std::time::SystemTime;
 
 use sigil_attestors::unix::{Credentials, UnixAttestor};
 use sigil_core::jwt::{JwtBundleSet, JwtSvid};
-use sigil_core::{SelectorSet, SpiffeId};
+use sigil_core::{SelectorSet, SpiffeBundle, SpiffeId};
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use sigil_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
@@ -311,11 +311,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let selectors = self.attest(&request).await?;
         let snapshots = self.snapshots.clone();
-        stream_bundles(snapshots, selectors, |s| {
+        stream_bundles(snapshots, selectors, |s, selectors| {
             let bundle = s.bundle.x509_bundle().ok()?;
+            let mut bundles: HashMap<String, Vec<u8>> =
+                [(s.trust_domain.id_string(), bundle.to_der())].into();
+            for federated in s.federated_for_selectors(selectors, SystemTime::now()) {
+                if let Ok(x509) = federated.x509_bundle() {
+                    bundles.insert(federated.trust_domain().id_string(), x509.to_der());
+                }
+            }
             Some(X509BundlesResponse {
                 crl: s.crls.clone(),
-                bundles: [(s.trust_domain.id_string(), bundle.to_der())].into(),
+                bundles,
             })
         })
     }
@@ -407,10 +414,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let selectors = self.attest(&request).await?;
-        stream_bundles(self.snapshots.clone(), selectors, |s| {
-            Some(JwtBundlesResponse {
-                bundles: [(s.trust_domain.id_string(), s.bundle.jwt_bundle().to_jwks())].into(),
-            })
+        stream_bundles(self.snapshots.clone(), selectors, |s, selectors| {
+            let mut bundles: HashMap<String, Vec<u8>> =
+                [(s.trust_domain.id_string(), s.bundle.jwt_bundle().to_jwks())].into();
+            for federated in s.federated_for_selectors(selectors, SystemTime::now()) {
+                bundles.insert(
+                    federated.trust_domain().id_string(),
+                    federated.jwt_bundle().to_jwks(),
+                );
+            }
+            Some(JwtBundlesResponse { bundles })
         })
     }
 
@@ -429,11 +442,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(WorkloadError::InvalidRequest("svid must be specified".to_owned()).into());
         }
         // Validation needs a successful attestation, not an identity.
-        self.attest(&request).await?;
+        let selectors = self.attest(&request).await?;
         let req = request.into_inner();
+        // The own trust domain's keys, and those of the federated trust domains the caller's
+        // entries federate with.
         let bundles: JwtBundleSet = {
             let snapshot = self.snapshots.borrow();
-            std::iter::once(snapshot.bundle.jwt_bundle()).collect()
+            std::iter::once(snapshot.bundle.jwt_bundle())
+                .chain(
+                    snapshot
+                        .federated_for_selectors(&selectors, SystemTime::now())
+                        .into_iter()
+                        .map(SpiffeBundle::jwt_bundle),
+                )
+                .collect()
         };
         let svid =
             JwtSvid::parse_and_validate(&req.svid, &bundles, &req.audience, SystemTime::now())
@@ -483,10 +505,19 @@ fn x509_response(
 ) -> Option<X509svidResponse> {
     let bundle = snapshot.bundle.x509_bundle().ok()?.to_der();
     let now = SystemTime::now();
-    let svids: Vec<X509svid> = snapshot
+    let held: Vec<&WorkloadSvid> = snapshot
         .identities_for(selectors, now)
         .into_iter()
         .chain(sessions.values().filter(|w| w.not_after > now))
+        .collect();
+    // The federated bundles of the SVIDs in this response (WE: `federated_bundles`).
+    let federated_bundles = snapshot
+        .federated_for(held.iter().flat_map(|w| w.federates_with.iter()))
+        .into_iter()
+        .filter_map(|b| Some((b.trust_domain().id_string(), b.x509_bundle().ok()?.to_der())))
+        .collect();
+    let svids: Vec<X509svid> = held
+        .into_iter()
         .map(|w| X509svid {
             spiffe_id: w.spiffe_id.to_string(),
             x509_svid: w.chain.iter().flat_map(|c| c.iter().copied()).collect(),
@@ -498,7 +529,7 @@ fn x509_response(
     (!svids.is_empty()).then(|| X509svidResponse {
         svids,
         crl: snapshot.crls.clone(),
-        federated_bundles: HashMap::new(),
+        federated_bundles,
     })
 }
 
@@ -510,7 +541,7 @@ async fn sleep_until(at: tokio::time::Instant) {
 fn stream_bundles<T>(
     mut snapshots: watch::Receiver<Arc<Inventory>>,
     selectors: SelectorSet,
-    build: fn(&Inventory) -> Option<T>,
+    build: fn(&Inventory, &SelectorSet) -> Option<T>,
 ) -> Result<Response<ResponseStream<T>>, Status>
 where
     T: PartialEq + Clone + Send + 'static,
@@ -523,7 +554,7 @@ where
         {
             return Err(WorkloadError::NoIdentity.into());
         }
-        build(&snapshot).ok_or_else(|| Status::from(WorkloadError::NoBundle))?
+        build(&snapshot, &selectors).ok_or_else(|| Status::from(WorkloadError::NoBundle))?
     };
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
@@ -536,7 +567,7 @@ where
                 changed = snapshots.changed() => if changed.is_err() { return },
                 () = tx.closed() => return,
             }
-            let next = build(&snapshots.borrow_and_update());
+            let next = build(&snapshots.borrow_and_update(), &selectors);
             if let Some(next) = next
                 && next != last
             {

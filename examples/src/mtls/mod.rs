@@ -2,6 +2,12 @@
 //! (the X509-SVID, the bundle and the CRLs, reloaded on every update), rustls configurations
 //! built from them (ring provider, revoked serials refused), and authorization of the peer by
 //! SPIFFE ID.
+//!
+//! Peers of a federated trust domain are accepted when the Workload API hands the workload
+//! that trust domain's bundle (its entry federates with it) and `--allow-id` or
+//! `--allow-trust-domain` names them: each peer's chain is verified against the bundle of the
+//! trust domain in its own SPIFFE ID, never another's (a federated CA cannot vouch for this
+//! trust domain's IDs, nor the other way round). The CRLs are this trust domain's.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +18,10 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
     UnixTime,
@@ -34,6 +43,8 @@ pub(crate) struct Credentials {
     pub(crate) roots: Vec<CertificateDer<'static>>,
     /// The CRLs.
     pub(crate) crls: Vec<CertificateRevocationListDer<'static>>,
+    /// The federated trust domains' authorities, by trust domain.
+    pub(crate) federated: Vec<(TrustDomain, Vec<CertificateDer<'static>>)>,
 }
 
 /// Which peers are accepted.
@@ -144,6 +155,15 @@ async fn follow(
                 let spiffe_id = parsed.spiffe_id().clone();
                 let bundle = X509Bundle::from_der(spiffe_id.trust_domain().clone(), &svid.bundle)
                     .context("the workload api sent an unusable bundle")?;
+                let mut federated = Vec::new();
+                for (id, der) in &message.federated_bundles {
+                    let td = TrustDomain::new(id)
+                        .context("the workload api sent a federated bundle of no trust domain")?;
+                    let bundle = X509Bundle::from_der(td.clone(), der)
+                        .context("the workload api sent an unusable federated bundle")?;
+                    federated.push((td, bundle.authorities().to_vec()));
+                }
+                federated.sort_by(|a, b| a.0.cmp(&b.0));
                 Some(Arc::new(Credentials {
                     spiffe_id,
                     chain: parsed.cert_chain().to_vec(),
@@ -154,12 +174,14 @@ async fn follow(
                         .iter()
                         .map(|c| CertificateRevocationListDer::from(c.clone()))
                         .collect(),
+                    federated,
                 }))
             }
         };
         tracing::info!(
             identity = credentials.as_ref().map(|c| c.spiffe_id.to_string()),
             crls = message.crl.len(),
+            federated = message.federated_bundles.len(),
             "credentials updated"
         );
         tx.send_replace(credentials);
@@ -173,12 +195,48 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn roots(credentials: &Credentials) -> anyhow::Result<Arc<RootCertStore>> {
+fn root_store(certificates: &[CertificateDer<'static>]) -> anyhow::Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
-    for root in &credentials.roots {
+    for root in certificates {
         roots.add(root.clone())?;
     }
     Ok(Arc::new(roots))
+}
+
+/// Every trust domain a peer may come from, with its authorities and (our own only) the CRLs.
+fn trust_domains(
+    credentials: &Credentials,
+) -> impl Iterator<
+    Item = (
+        TrustDomain,
+        &[CertificateDer<'static>],
+        Vec<CertificateRevocationListDer<'static>>,
+    ),
+> {
+    std::iter::once((
+        credentials.spiffe_id.trust_domain().clone(),
+        credentials.roots.as_slice(),
+        credentials.crls.clone(),
+    ))
+    .chain(
+        credentials
+            .federated
+            .iter()
+            .map(|(td, roots)| (td.clone(), roots.as_slice(), Vec::new())),
+    )
+}
+
+/// The trust domain of the SPIFFE ID in `leaf`, for choosing the bundle to verify it with.
+fn leaf_trust_domain(leaf: &CertificateDer<'_>) -> Result<TrustDomain, rustls::Error> {
+    sigil_core::x509_svid::check_leaf_certificate(leaf)
+        .map(|id| id.trust_domain().clone())
+        .map_err(|e| rustls::Error::General(format!("not an X509-SVID: {e}")))
+}
+
+fn unknown_trust_domain(td: &TrustDomain) -> rustls::Error {
+    rustls::Error::General(format!(
+        "no bundle of {td}: the peer's trust domain is neither ours nor federated with us"
+    ))
 }
 
 fn key(credentials: &Credentials) -> PrivateKeyDer<'static> {
@@ -190,15 +248,19 @@ fn key(credentials: &Credentials) -> PrivateKeyDer<'static> {
 pub(crate) fn server_config(
     credentials: &Credentials,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(credentials)?, provider())
-        .with_crls(credentials.crls.clone())
-        .only_check_end_entity_revocation()
-        // A CRL of a just-created authority may not have reached us yet.
-        .allow_unknown_revocation_status()
-        .build()?;
+    let mut by_trust_domain = Vec::new();
+    for (td, roots, crls) in trust_domains(credentials) {
+        let verifier = WebPkiClientVerifier::builder_with_provider(root_store(roots)?, provider())
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            // A CRL of a just-created authority may not have reached us yet.
+            .allow_unknown_revocation_status()
+            .build()?;
+        by_trust_domain.push((td, verifier));
+    }
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(ClientByTrustDomain(by_trust_domain)))
         .with_single_cert(credentials.chain.clone(), key(credentials))?;
     Ok(Arc::new(config))
 }
@@ -208,15 +270,19 @@ pub(crate) fn server_config(
 pub(crate) fn client_config(
     credentials: &Credentials,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let webpki = WebPkiServerVerifier::builder_with_provider(roots(credentials)?, provider())
-        .with_crls(credentials.crls.clone())
-        .only_check_end_entity_revocation()
-        .allow_unknown_revocation_status()
-        .build()?;
+    let mut by_trust_domain = Vec::new();
+    for (td, roots, crls) in trust_domains(credentials) {
+        let webpki = WebPkiServerVerifier::builder_with_provider(root_store(roots)?, provider())
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+            .build()?;
+        by_trust_domain.push((td, IgnoreName(webpki)));
+    }
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(IgnoreName(webpki)))
+        .with_custom_certificate_verifier(Arc::new(ServerByTrustDomain(by_trust_domain)))
         .with_client_auth_cert(credentials.chain.clone(), key(credentials))?;
     Ok(Arc::new(config))
 }
@@ -276,5 +342,121 @@ impl ServerCertVerifier for IgnoreName {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+/// Verifies a client with the verifier of the trust domain in its SVID.
+#[derive(Debug)]
+struct ClientByTrustDomain(Vec<(TrustDomain, Arc<dyn ClientCertVerifier>)>);
+
+impl ClientByTrustDomain {
+    fn first(&self) -> Result<&Arc<dyn ClientCertVerifier>, rustls::Error> {
+        self.0
+            .first()
+            .map(|(_, v)| v)
+            .ok_or_else(|| rustls::Error::General("no trust bundle".to_owned()))
+    }
+}
+
+impl ClientCertVerifier for ClientByTrustDomain {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let td = leaf_trust_domain(end_entity)?;
+        let (_, verifier) = self
+            .0
+            .iter()
+            .find(|(known, _)| *known == td)
+            .ok_or_else(|| unknown_trust_domain(&td))?;
+        verifier.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.first()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.first()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0
+            .first()
+            .map(|(_, v)| v.supported_verify_schemes())
+            .unwrap_or_default()
+    }
+}
+
+/// Verifies a server with the verifier of the trust domain in its SVID.
+#[derive(Debug)]
+struct ServerByTrustDomain(Vec<(TrustDomain, IgnoreName)>);
+
+impl ServerByTrustDomain {
+    fn first(&self) -> Result<&IgnoreName, rustls::Error> {
+        self.0
+            .first()
+            .map(|(_, v)| v)
+            .ok_or_else(|| rustls::Error::General("no trust bundle".to_owned()))
+    }
+}
+
+impl ServerCertVerifier for ServerByTrustDomain {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let td = leaf_trust_domain(end_entity)?;
+        let (_, verifier) = self
+            .0
+            .iter()
+            .find(|(known, _)| *known == td)
+            .ok_or_else(|| unknown_trust_domain(&td))?;
+        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.first()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.first()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0
+            .first()
+            .map(|(_, v)| v.supported_verify_schemes())
+            .unwrap_or_default()
     }
 }

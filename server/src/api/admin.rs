@@ -48,7 +48,7 @@ use super::audit::{
     checkpoint_message, divergence_message, parse_checkpoint, peer_chain_message, record_message,
 };
 use super::status::{
-    agent_status, audit_status, bundle_status, entry_status, session_status, store_status,
+    agent_status, audit_status, bundle_status, entry_status, federation_status, session_status, store_status,
     svid_status,
 };
 use crate::audit::{AuditFilter, uid_actor};
@@ -59,10 +59,11 @@ use crate::service::audit::AuditLog;
 use crate::service::authority::Authority;
 use crate::service::bundles::{BundleFormat, Bundles};
 use crate::service::entries::Entries;
+use crate::service::federation::{Federation, RelationshipSpec, RelationshipView};
 use crate::service::sessions::{OpenRequest, Sessions};
 use crate::service::svids::Svids;
 use crate::store::{
-    AttestedNode, EntryFilter, EntryId, NewEntry, PageRequest, RegistrationEntry, Session,
+    AttestedNode, EndpointProfile, EntryFilter, EntryId, NewEntry, PageRequest, RegistrationEntry, Session,
     SessionFilter, SessionId, SessionState,
 };
 
@@ -77,6 +78,8 @@ pub(crate) struct AdminServices {
     pub svids: Arc<Svids>,
     /// Bundles.
     pub bundles: Arc<Bundles>,
+    /// Federation relationships.
+    pub federation: Arc<Federation>,
     /// Sessions.
     pub sessions: Arc<Sessions>,
     /// The audit log.
@@ -256,6 +259,11 @@ impl AdminService {
             revision: entry.revision,
             effective_x509_svid_ttl: self.ttls().x509(entry.x509_svid_ttl).as_secs(),
             effective_jwt_svid_ttl: self.ttls().jwt(entry.jwt_svid_ttl).as_secs(),
+            federates_with: entry
+                .federates_with
+                .iter()
+                .map(|td| td.name().to_owned())
+                .collect(),
         }
     }
 
@@ -588,15 +596,7 @@ impl Admin for AdminService {
         let uid = self.authorize(&request)?;
         let req = request.into_inner();
         let td = parse_trust_domain(&req.trust_domain)?;
-        let format = match req.format.as_str() {
-            "" | "spiffe" => BundleFormat::Spiffe,
-            "pem" => BundleFormat::Pem,
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown format {other:?}: use pem or spiffe"
-                )));
-            }
-        };
+        let format = parse_bundle_format(&req.format)?;
         let bundle = self
             .services
             .bundles
@@ -604,6 +604,86 @@ impl Admin for AdminService {
             .await
             .map_err(bundle_status)?;
         Ok(Response::new(federated_message(&td, &bundle)))
+    }
+
+    #[instrument(skip_all)]
+    async fn create_federation(
+        &self,
+        request: Request<pb::FederationRequest>,
+    ) -> Result<Response<pb::Federation>, Status> {
+        let uid = self.authorize(&request)?;
+        let spec = parse_relationship(request.into_inner())?;
+        let view = self
+            .services
+            .federation
+            .create(uid, spec)
+            .await
+            .map_err(federation_status)?;
+        Ok(Response::new(federation_message(view)))
+    }
+
+    #[instrument(skip_all)]
+    async fn update_federation(
+        &self,
+        request: Request<pb::FederationRequest>,
+    ) -> Result<Response<pb::Federation>, Status> {
+        let uid = self.authorize(&request)?;
+        let spec = parse_relationship(request.into_inner())?;
+        let view = self
+            .services
+            .federation
+            .update(uid, spec)
+            .await
+            .map_err(federation_status)?;
+        Ok(Response::new(federation_message(view)))
+    }
+
+    async fn get_federation(
+        &self,
+        request: Request<pb::GetFederationRequest>,
+    ) -> Result<Response<pb::Federation>, Status> {
+        self.authorize(&request)?;
+        let td = parse_trust_domain(&request.into_inner().trust_domain)?;
+        let view = self
+            .services
+            .federation
+            .get(&td)
+            .await
+            .map_err(federation_status)?;
+        Ok(Response::new(federation_message(view)))
+    }
+
+    async fn list_federations(
+        &self,
+        request: Request<pb::ListFederationsRequest>,
+    ) -> Result<Response<pb::ListFederationsResponse>, Status> {
+        self.authorize(&request)?;
+        let federations = self
+            .services
+            .federation
+            .list()
+            .await
+            .map_err(federation_status)?
+            .into_iter()
+            .map(federation_message)
+            .collect();
+        Ok(Response::new(pb::ListFederationsResponse { federations }))
+    }
+
+    #[instrument(skip_all)]
+    async fn delete_federation(
+        &self,
+        request: Request<pb::GetFederationRequest>,
+    ) -> Result<Response<pb::Federation>, Status> {
+        let uid = self.authorize(&request)?;
+        let td = parse_trust_domain(&request.into_inner().trust_domain)?;
+        let view = self
+            .services
+            .federation
+            .delete(uid, &td)
+            .await
+            .map_err(federation_status)?;
+        Ok(Response::new(federation_message(view)))
     }
 
     #[instrument(skip_all)]
@@ -1042,6 +1122,13 @@ fn parse_entry(e: &pb::Entry) -> Result<NewEntry, Status> {
             at
         }
     };
+    let mut federates_with = Vec::new();
+    for td in &e.federates_with {
+        match TrustDomain::new(td) {
+            Ok(td) => federates_with.push(td),
+            Err(err) => problems.push(format!("federates_with {td:?}: {err}")),
+        }
+    }
     match (problems.is_empty(), spiffe_id, parent_id) {
         (true, Some(spiffe_id), Some(parent_id)) => Ok(NewEntry {
             spiffe_id,
@@ -1053,6 +1140,7 @@ fn parse_entry(e: &pb::Entry) -> Result<NewEntry, Status> {
             hint: e.hint.clone(),
             expires_at,
             session_id: None,
+            federates_with,
         }),
         _ => Err(Status::invalid_argument(problems.join("; "))),
     }
@@ -1102,6 +1190,102 @@ fn parse_session_id(value: &str) -> Result<SessionId, Status> {
 fn parse_trust_domain(value: &str) -> Result<TrustDomain, Status> {
     TrustDomain::new(value)
         .map_err(|e| Status::invalid_argument(format!("trust domain {value:?}: {e}")))
+}
+
+fn parse_bundle_format(format: &str) -> Result<BundleFormat, Status> {
+    match format {
+        "" | "spiffe" => Ok(BundleFormat::Spiffe),
+        "pem" => Ok(BundleFormat::Pem),
+        other => Err(Status::invalid_argument(format!(
+            "unknown format {other:?}: use pem or spiffe"
+        ))),
+    }
+}
+
+/// A relationship from the wire; every problem at once.
+fn parse_relationship(req: pb::FederationRequest) -> Result<RelationshipSpec, Status> {
+    let mut problems = Vec::new();
+    let trust_domain = TrustDomain::new(&req.trust_domain)
+        .map_err(|e| problems.push(format!("trust domain {:?}: {e}", req.trust_domain)))
+        .ok();
+    let profile = match (req.profile.as_str(), req.endpoint_spiffe_id.as_str()) {
+        ("https_spiffe", "") => {
+            problems.push(
+                "https_spiffe needs the endpoint's SPIFFE ID (--endpoint-spiffe-id)".to_owned(),
+            );
+            None
+        }
+        ("https_spiffe", id) => parse_id("endpoint_spiffe_id", id, &mut problems)
+            .map(|endpoint_spiffe_id| EndpointProfile::HttpsSpiffe { endpoint_spiffe_id }),
+        ("https_web", "") => Some(EndpointProfile::HttpsWeb),
+        ("https_web", _) => {
+            problems.push(
+                "https_web endpoints are authenticated by their Web PKI certificate: no \
+                 endpoint SPIFFE ID"
+                    .to_owned(),
+            );
+            None
+        }
+        (other, _) => {
+            problems.push(format!(
+                "profile {other:?}: use https_spiffe or https_web"
+            ));
+            None
+        }
+    };
+    let trust_bundle = if req.trust_bundle.is_empty() {
+        None
+    } else {
+        match parse_bundle_format(&req.trust_bundle_format) {
+            Ok(format) => Some((format, req.trust_bundle)),
+            Err(status) => {
+                problems.push(format!("trust bundle: {}", status.message()));
+                None
+            }
+        }
+    };
+    if req.bundle_endpoint_url.is_empty() {
+        problems.push("the bundle endpoint URL is required".to_owned());
+    }
+    match (trust_domain, profile) {
+        (Some(trust_domain), Some(profile)) if problems.is_empty() => Ok(RelationshipSpec {
+            trust_domain,
+            endpoint_url: req.bundle_endpoint_url,
+            profile,
+            trust_bundle,
+        }),
+        _ => Err(Status::invalid_argument(problems.join("; "))),
+    }
+}
+
+fn federation_message(view: RelationshipView) -> pb::Federation {
+    let r = view.relationship;
+    let at = |t: Option<SystemTime>| t.map_or(0, unix_seconds);
+    let (profile, endpoint_spiffe_id) = match &r.profile {
+        EndpointProfile::HttpsWeb => ("https_web", String::new()),
+        EndpointProfile::HttpsSpiffe { endpoint_spiffe_id } => {
+            ("https_spiffe", endpoint_spiffe_id.to_string())
+        }
+    };
+    pb::Federation {
+        trust_domain: r.trust_domain.name().to_owned(),
+        bundle_endpoint_url: r.endpoint_url.clone(),
+        profile: profile.to_owned(),
+        endpoint_spiffe_id,
+        created_at: unix_seconds(r.created_at),
+        updated_at: unix_seconds(r.updated_at),
+        status: Some(pb::FederationStatus {
+            last_attempt: at(r.status.last_attempt),
+            last_success: at(r.status.last_success),
+            last_error: r.status.last_error.clone().unwrap_or_default(),
+            failures: r.status.failures,
+            next_poll: at(r.status.next_poll),
+            server_id: r.status.server_id.clone(),
+        }),
+        bundle: view
+            .bundle
+            .map(|bundle| federated_message(&r.trust_domain, &bundle)),
+    }
 }
 
 fn federated_message(td: &TrustDomain, bundle: &SpiffeBundle) -> pb::Bundle {

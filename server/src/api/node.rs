@@ -40,6 +40,7 @@ use crate::service::agents::{Agent, Agents};
 use crate::service::authority::IssuedSvid;
 use crate::service::sessions::{SessionWorkload, Sessions};
 use crate::service::svids::{SvidRequest, Svids};
+use crate::service::federation::FederatedSet;
 use crate::service::sync::{BundleUpdate, EntrySync, SyncChange, SyncMessage};
 use crate::store::RegistrationEntry;
 use crate::tls::PeerInfo;
@@ -160,6 +161,11 @@ impl NodeService {
             session: entry.session_id.as_ref().map(|id| pb::Session {
                 id: id.as_str().to_owned(),
             }),
+            federates_with: entry
+                .federates_with
+                .iter()
+                .map(|td| td.name().to_owned())
+                .collect(),
         }
     }
 
@@ -181,24 +187,28 @@ impl NodeService {
                 revision,
                 crls,
                 bundle,
+                federated,
             } => Message::Snapshot(pb::SnapshotPage {
                 entries: entries(&list),
                 revision,
                 last: crls.is_some(),
                 crls: crls.map(|c| c.ders()).unwrap_or_default(),
                 bundle: bundle.map(|b| self.bundle_message(&b)),
+                federated_bundles: federated.map(|f| federated_message(&f)),
             }),
             SyncMessage::Resume {
                 entries: list,
                 unchanged,
                 revision,
                 bundle,
+                federated,
             } => Message::Resume(pb::ResumePage {
                 entries: entries(&list),
                 unchanged_ids: unchanged.iter().map(|id| id.as_str().to_owned()).collect(),
                 revision,
                 last: bundle.is_some(),
                 bundle: bundle.map(|b| self.bundle_message(&b)),
+                federated_bundles: federated.map(|f| federated_message(&f)),
             }),
             SyncMessage::Changes(changes) => Message::Changes(pb::Changes {
                 changes: changes
@@ -215,6 +225,12 @@ impl NodeService {
                         SyncChange::Bundle { revision, update } => pb::Change {
                             revision,
                             change: Some(pb::change::Change::Bundle(self.bundle_message(&update))),
+                        },
+                        SyncChange::Federated { revision, set } => pb::Change {
+                            revision,
+                            change: Some(pb::change::Change::FederatedBundles(
+                                federated_message(&set),
+                            )),
                         },
                     })
                     .collect(),
@@ -511,5 +527,21 @@ fn svid_message(svid: IssuedSvid) -> pb::X509svid {
         spiffe_id: svid.spiffe_id.to_string(),
         cert_chain: svid.chain_der,
         expires_at: unix_seconds(svid.not_after),
+    }
+}
+
+/// Every federated bundle, as the agent gets them.
+fn federated_message(set: &FederatedSet) -> pb::FederatedBundles {
+    pb::FederatedBundles {
+        bundles: set
+            .bundles
+            .iter()
+            .map(|(td, entry)| pb::Bundle {
+                trust_domain: td.name().to_owned(),
+                spiffe_bundle: entry.json.clone(),
+                sequence: entry.bundle.sequence().unwrap_or_default(),
+                crls: vec![],
+            })
+            .collect(),
     }
 }

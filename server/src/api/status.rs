@@ -36,6 +36,11 @@ pub(crate) fn store_status(error: StoreError) -> Status {
         StoreError::StateChanged { resource, key } => {
             Status::aborted(format!("{resource} {key} changed meanwhile; read it again"))
         }
+        StoreError::InUse {
+            resource,
+            key,
+            reason,
+        } => Status::failed_precondition(format!("{resource} {key} is in use: {reason}")),
         other => {
             warn!(error = %other, "store call failed");
             Status::unavailable("the server's store is unavailable; retry")
@@ -159,6 +164,18 @@ pub(crate) fn session_status(error: SessionError) -> Status {
         SessionError::Sign(e) => sign_status(e),
         SessionError::Entries(e) => cache_status(e),
         SessionError::Store(e) => store_status(e),
+    }
+}
+
+/// The federation service's errors.
+pub(crate) fn federation_status(
+    error: crate::service::federation::FederationError,
+) -> Status {
+    use crate::service::federation::FederationError;
+    match error {
+        FederationError::Invalid(m) => Status::invalid_argument(m),
+        FederationError::AuditAfterChange(e) => audit_after_change(&e),
+        FederationError::Store(e) => store_status(e),
     }
 }
 

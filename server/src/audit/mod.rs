@@ -142,6 +142,14 @@ pub(crate) mod action {
     pub(crate) const BUNDLE_SET: &str = "bundle.set";
     /// An admin deleted a federated bundle.
     pub(crate) const BUNDLE_DELETE: &str = "bundle.delete";
+    /// An admin created a federation relationship.
+    pub(crate) const FEDERATION_CREATE: &str = "federation.create";
+    /// An admin updated a federation relationship.
+    pub(crate) const FEDERATION_UPDATE: &str = "federation.update";
+    /// An admin deleted a federation relationship (and its bundle).
+    pub(crate) const FEDERATION_DELETE: &str = "federation.delete";
+    /// The server fetched a changed bundle from a federated trust domain's endpoint.
+    pub(crate) const FEDERATION_BUNDLE_UPDATE: &str = "federation.bundle_update";
     /// A workload X509-SVID was issued to an agent.
     pub(crate) const SVID_X509_ISSUE: &str = "svid.x509.issue";
     /// A workload JWT-SVID was issued to an agent.

@@ -290,6 +290,6 @@ fn crl_pem(der: &[u8]) -> String {
     out
 }
 
-fn authority_count(pem: &str) -> usize {
+pub(super) fn authority_count(pem: &str) -> usize {
     pem.matches("-----BEGIN CERTIFICATE-----").count()
 }

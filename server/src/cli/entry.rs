@@ -58,13 +58,13 @@ pub struct EntryCreateArgs {
     /// Create many entries from a file of JSON lines (`-` reads stdin). Each line is one entry
     /// whose keys are the flag names in snake_case: spiffe_id, parent_id, selector (a list),
     /// x509_svid_ttl, jwt_svid_ttl (`1h` or seconds), dns (a list), hint, expires_in,
-    /// expires_at. `entry show --output json` output is accepted as input too.
+    /// expires_at, federates_with (a list). `entry show --output json` output is accepted as input too.
     #[arg(
         long,
         value_name = "FILE",
         conflicts_with_all = [
             "spiffe_id", "parent_id", "selector", "x509_svid_ttl", "jwt_svid_ttl", "dns",
-            "hint", "expires_in", "expires_at",
+            "hint", "expires_in", "expires_at", "federates_with",
         ]
     )]
     data: Option<PathBuf>,
@@ -95,6 +95,12 @@ pub struct EntryOptions {
     /// expiry.
     #[arg(long, value_name = "TIME", value_parser = expiry_time)]
     expires_at: Option<i64>,
+    /// A federated trust domain (spiffe://other.org or other.org) whose bundle the entry's
+    /// workloads also get, and whose JWT-SVIDs they may validate; repeat for several. It needs
+    /// a federation relationship (or a bundle set). On update, replaces the list; `none`
+    /// empties it.
+    #[arg(long, value_name = "TRUST_DOMAIN")]
+    federates_with: Vec<String>,
 }
 
 /// Flags of `entry show`.
@@ -215,6 +221,8 @@ struct EntryLine {
     hint: Option<String>,
     expires_in: Option<DurationValue>,
     expires_at: Option<String>,
+    #[serde(default)]
+    federates_with: Vec<String>,
     // Output-only fields of `entry show --output json`, accepted so its output can be fed back.
     #[serde(default, rename = "id")]
     _id: Option<serde::de::IgnoredAny>,
@@ -262,6 +270,7 @@ impl EntryLine {
             dns_names: self.dns,
             hint: self.hint.unwrap_or_default(),
             expires_at,
+            federates_with: self.federates_with,
             ..pb::Entry::default()
         })
     }
@@ -489,11 +498,13 @@ async fn update(args: EntryUpdateArgs) -> anyhow::Result<ExitCode> {
         && o.dns.is_empty()
         && o.hint.is_none()
         && o.expires_in.is_none()
-        && o.expires_at.is_none();
+        && o.expires_at.is_none()
+        && o.federates_with.is_empty();
     if nothing {
         return Err(anyhow::anyhow!(
             "nothing to update: give at least one of --spiffe-id, --parent-id, --selector, \
-             --x509-svid-ttl, --jwt-svid-ttl, --dns, --hint, --expires-in, --expires-at"
+             --x509-svid-ttl, --jwt-svid-ttl, --dns, --hint, --expires-in, --expires-at, \
+             --federates-with"
         ));
     }
     let admin = Admin::connect(&args.connect.admin_socket).await?;
@@ -585,6 +596,14 @@ impl EntryOptions {
         if let Some(at) = self.expires_at {
             entry.expires_at = at;
         }
+        if !self.federates_with.is_empty() {
+            entry.federates_with = self
+                .federates_with
+                .iter()
+                .filter(|td| td.as_str() != "none")
+                .cloned()
+                .collect();
+        }
     }
 }
 
@@ -611,6 +630,8 @@ struct EntryJson<'a> {
     expires_at: Option<String>,
     created_at: String,
     revision: u64,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    federates_with: &'a [String],
 }
 
 // === impl EntryJson ===
@@ -631,6 +652,7 @@ impl<'a> EntryJson<'a> {
             expires_at: (e.expires_at != 0).then(|| format_rfc3339(e.expires_at)),
             created_at: format_rfc3339(e.created_at),
             revision: e.revision,
+            federates_with: &e.federates_with,
         }
     }
 }
@@ -661,6 +683,11 @@ fn entry_text(e: &pb::Entry, now: i64) -> String {
     ];
     rows.extend(e.selectors.iter().map(|s| ("Selector", s.clone())));
     rows.extend(e.dns_names.iter().map(|d| ("DNS name", d.clone())));
+    rows.extend(
+        e.federates_with
+            .iter()
+            .map(|td| ("Federates with", td.clone())),
+    );
     if !e.hint.is_empty() {
         rows.push(("Hint", e.hint.clone()));
     }

@@ -16,6 +16,7 @@ mod audit;
 mod bundle;
 mod client;
 mod entry;
+mod federation;
 mod health;
 mod output;
 mod session;
@@ -40,6 +41,10 @@ pub use self::bundle::{
 pub use self::entry::{
     EntryCommand, EntryCountArgs, EntryCreateArgs, EntryDeleteArgs, EntryOptions, EntryShowArgs,
     EntryUpdateArgs,
+};
+pub use self::federation::{
+    EndpointProfile, FederationCommand, FederationCreateArgs, FederationIdArgs,
+    FederationListArgs, FederationUpdateArgs, TrustBundleArgs,
 };
 pub use self::health::HealthcheckArgs;
 pub use self::session::{
@@ -172,6 +177,10 @@ pub enum AdminCommand {
     /// Trust bundles: the server's own, and those of federated trust domains.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Federation relationships: other trust domains whose bundles the server fetches from
+    /// their bundle endpoints and hands to the workloads whose entries federate with them.
+    #[command(subcommand)]
+    Federation(FederationCommand),
     /// X509-SVIDs minted directly for an operator, without an entry or an agent.
     #[command(subcommand)]
     X509(X509Command),
@@ -232,6 +241,7 @@ pub fn execute(command: AdminCommand) -> anyhow::Result<ExitCode> {
             AdminCommand::Entry(command) => entry::execute(command).await,
             AdminCommand::Agent(command) => agent::execute(command).await,
             AdminCommand::Bundle(command) => bundle::execute(command).await,
+            AdminCommand::Federation(command) => federation::execute(command).await,
             AdminCommand::X509(command) => svid::execute_x509(command).await,
             AdminCommand::Jwt(command) => svid::execute_jwt(command).await,
             AdminCommand::Session(command) => session::execute(command).await,

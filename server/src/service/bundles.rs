@@ -11,6 +11,7 @@ use crate::audit::{NewAuditRecord, action, uid_actor};
 use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, BundleState};
 use crate::service::crl::{CrlPublisher, CrlSet};
+use crate::service::federation::FederatedBundles;
 use crate::store::{FederatedBundle, Store, StoreError};
 
 /// How a federated bundle is written.
@@ -20,6 +21,33 @@ pub(crate) enum BundleFormat {
     Spiffe,
     /// PEM certificates: X.509 authorities only.
     Pem,
+}
+
+/// Reads a bundle of `trust_domain` written in `format`.
+///
+/// # Errors
+///
+/// Why it is not one, in words.
+pub(crate) fn parse_bundle(
+    trust_domain: &TrustDomain,
+    format: BundleFormat,
+    text: &[u8],
+) -> Result<SpiffeBundle, String> {
+    match format {
+        BundleFormat::Spiffe => SpiffeBundle::parse(trust_domain.clone(), text)
+            .map_err(|e| format!("not a valid SPIFFE bundle: {e}")),
+        BundleFormat::Pem => {
+            let x509 = X509Bundle::from_pem(trust_domain.clone(), text)
+                .map_err(|e| format!("not a valid PEM bundle: {e}"))?;
+            let mut bundle = SpiffeBundle::new(trust_domain.clone());
+            for cert in x509.authorities() {
+                bundle
+                    .add_x509_authority(cert.clone())
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(bundle)
+        }
+    }
 }
 
 /// A federated bundle as stored, with what could be read from it.
@@ -53,6 +81,7 @@ pub(crate) struct Bundles {
     audit: Arc<AuditLog>,
     authority: Arc<Authority>,
     crls: Arc<CrlPublisher>,
+    federated: Arc<FederatedBundles>,
 }
 
 // === impl Bundles ===
@@ -64,12 +93,22 @@ impl Bundles {
         audit: Arc<AuditLog>,
         authority: Arc<Authority>,
         crls: Arc<CrlPublisher>,
+        federated: Arc<FederatedBundles>,
     ) -> Self {
         Self {
             store,
             audit,
             authority,
             crls,
+            federated,
+        }
+    }
+
+    /// Publishes the federated bundles again after a change (the periodic refresh would, a
+    /// little later).
+    async fn republish(&self) {
+        if let Err(error) = self.federated.refresh().await {
+            tracing::warn!(%error, "cannot read the federated bundles again now; the next refresh will");
         }
     }
 
@@ -114,25 +153,12 @@ impl Bundles {
                 "the server's own bundle cannot be set; it is managed by the CA".to_owned(),
             ));
         }
-        let bundle = match format {
-            BundleFormat::Spiffe => SpiffeBundle::parse(trust_domain.clone(), text)
-                .map_err(|e| BundleError::Invalid(format!("not a valid SPIFFE bundle: {e}")))?,
-            BundleFormat::Pem => {
-                let x509 = X509Bundle::from_pem(trust_domain.clone(), text)
-                    .map_err(|e| BundleError::Invalid(format!("not a valid PEM bundle: {e}")))?;
-                let mut bundle = SpiffeBundle::new(trust_domain.clone());
-                for cert in x509.authorities() {
-                    bundle
-                        .add_x509_authority(cert.clone())
-                        .map_err(|e| BundleError::Invalid(e.to_string()))?;
-                }
-                bundle
-            }
-        };
+        let bundle = parse_bundle(trust_domain, format, text).map_err(BundleError::Invalid)?;
         let json = bundle.to_json();
         self.store
             .set_federated_bundle(trust_domain, json.clone())
             .await?;
+        self.republish().await;
         let record = NewAuditRecord::new(uid_actor(uid), action::BUNDLE_SET, trust_domain.name())
             .detail("sha256", sigil_core::hex::sha256(&json))
             .detail(
@@ -159,6 +185,7 @@ impl Bundles {
         trust_domain: &TrustDomain,
     ) -> Result<FederatedBundle, BundleError> {
         let deleted = self.store.delete_federated_bundle(trust_domain).await?;
+        self.republish().await;
         let record =
             NewAuditRecord::new(uid_actor(uid), action::BUNDLE_DELETE, trust_domain.name())
                 .detail("sha256", sigil_core::hex::sha256(&deleted.bundle));

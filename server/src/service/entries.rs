@@ -7,6 +7,7 @@
 //! calls. Every change is audited once it is made (actor `uid:N`); if that append fails the
 //! caller is told that the change stands unaudited.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -26,6 +27,9 @@ pub(crate) const MAX_HINT_LEN: usize = 1024;
 
 /// Most entries one create call may carry.
 pub(crate) const MAX_ENTRIES_PER_CALL: usize = 10_000;
+
+/// Federated trust domains one entry may name.
+pub(crate) const MAX_FEDERATES_WITH: usize = 16;
 
 /// Why an entry call failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,9 +111,14 @@ impl Entries {
                 count: entries.len(),
             });
         }
+        let known = self.federated_trust_domains(&entries).await?;
         let checked: Vec<Result<NewEntry, EntryError>> = entries
             .into_iter()
-            .map(|e| self.check(&e, now).map(|()| e))
+            .map(|e| {
+                self.check(&e, now)?;
+                check_federated(&e, &known)?;
+                Ok(e)
+            })
             .collect();
         let valid: Vec<NewEntry> = checked
             .iter()
@@ -191,6 +200,10 @@ impl Entries {
         now: SystemTime,
     ) -> Result<RegistrationEntry, EntryError> {
         self.check(&entry, now)?;
+        let known = self
+            .federated_trust_domains(std::slice::from_ref(&entry))
+            .await?;
+        check_federated(&entry, &known)?;
         self.refuse_session_entry(id).await?;
         let entry = self.store.update_entry(id, entry).await?;
         self.audit
@@ -287,11 +300,46 @@ impl Entries {
         if entry.session_id.is_some() {
             problems.push("session entries are made by `session open` only".to_owned());
         }
+        let mut federated = std::collections::BTreeSet::new();
+        for td in &entry.federates_with {
+            if td == &self.trust_domain {
+                problems.push(format!(
+                    "federates_with {td}: the entry's own trust domain is always trusted"
+                ));
+            } else if !federated.insert(td) {
+                problems.push(format!("federates_with {td} is given twice"));
+            }
+        }
+        if entry.federates_with.len() > MAX_FEDERATES_WITH {
+            problems.push(format!(
+                "federates_with names {} trust domains; the maximum is {MAX_FEDERATES_WITH}",
+                entry.federates_with.len()
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
             Err(EntryError::Invalid(problems.join("; ")))
         }
+    }
+
+    /// The federated trust domains the store knows (a relationship or a bundle), when any of
+    /// `entries` federates with one (else no store call).
+    async fn federated_trust_domains(
+        &self,
+        entries: &[NewEntry],
+    ) -> Result<BTreeSet<TrustDomain>, EntryError> {
+        let mut known = BTreeSet::new();
+        if entries.iter().all(|e| e.federates_with.is_empty()) {
+            return Ok(known);
+        }
+        for relationship in self.store.list_federations().await? {
+            known.insert(relationship.trust_domain);
+        }
+        for bundle in self.store.list_federated_bundles().await? {
+            known.insert(bundle.trust_domain);
+        }
+        Ok(known)
     }
 
     /// Session entries change only through the session calls.
@@ -309,8 +357,28 @@ impl Entries {
 }
 
 /// The audit record of an entry change.
+/// Refuses an entry that federates with a trust domain the server has neither a relationship
+/// with nor a bundle of (a typo would otherwise give its workloads nothing, silently).
+fn check_federated(entry: &NewEntry, known: &BTreeSet<TrustDomain>) -> Result<(), EntryError> {
+    let unknown: Vec<String> = entry
+        .federates_with
+        .iter()
+        .filter(|td| !known.contains(*td))
+        .map(ToString::to_string)
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(EntryError::Invalid(format!(
+            "federates_with names trust domains this server has no federation relationship \
+             with and no bundle of: {} (sigil-server federation create, or bundle set)",
+            unknown.join(", ")
+        )))
+    }
+}
+
 fn entry_record(uid: u32, action: &str, entry: &RegistrationEntry) -> NewAuditRecord {
-    NewAuditRecord::new(uid_actor(uid), action, entry.id.as_str())
+    let record = NewAuditRecord::new(uid_actor(uid), action, entry.id.as_str())
         .detail("spiffe_id", entry.spiffe_id.to_string())
         .detail("parent_id", entry.parent_id.to_string())
         .detail(
@@ -321,7 +389,19 @@ fn entry_record(uid: u32, action: &str, entry: &RegistrationEntry) -> NewAuditRe
                 .map(ToString::to_string)
                 .collect::<Vec<_>>(),
         )
-        .detail("revision", entry.revision)
+        .detail("revision", entry.revision);
+    if entry.federates_with.is_empty() {
+        record
+    } else {
+        record.detail(
+            "federates_with",
+            entry
+                .federates_with
+                .iter()
+                .map(TrustDomain::to_string)
+                .collect::<Vec<_>>(),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -1099,6 +1099,7 @@ mod tests {
                         created_at: now,
                         revision: n as u64 + 1,
                         session_id: None,
+                        federates_with: vec![],
                     })
                     .collect();
                 let ids: Vec<EntryId> = entries.iter().map(|e| e.id.clone()).collect();

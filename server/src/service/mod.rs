@@ -8,6 +8,7 @@
 //! | [`agents::Agents`] | join tokens, attestation, authentication on every call, renewal, eviction, bans |
 //! | [`svids::Svids`] | workload SVIDs for agents (authorized from the entry cache) and operator mints |
 //! | [`bundles::Bundles`] | the own bundle with its CRLs, and federated bundles |
+//! | [`federation::Federation`] | federation relationships, the poller of their bundle endpoints, and the federated bundles agents get |
 //! | [`sessions::Sessions`] | privileged sessions, from open to expiry, and the SVIDs issued under them |
 //! | [`sync::EntrySync`] | what each agent's sync stream says |
 //! | [`crl::CrlPublisher`] | the revocation lists |
@@ -27,6 +28,7 @@ pub(crate) mod bundles;
 pub(crate) mod crl;
 pub(crate) mod entries;
 pub(crate) mod entry_cache;
+pub(crate) mod federation;
 pub(crate) mod ingest;
 pub(crate) mod metrics;
 pub(crate) mod sessions;

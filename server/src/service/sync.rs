@@ -27,6 +27,7 @@ use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, BundleState};
 use crate::service::crl::{CrlPublisher, CrlSet};
 use crate::service::entry_cache::{EntryCache, EntryCacheError, Recent};
+use crate::service::federation::{FederatedBundles, FederatedSet};
 use crate::service::metrics::SyncMetrics;
 use crate::store::{Change, ChangeKind, EntryId, RegistrationEntry};
 
@@ -67,6 +68,8 @@ pub(crate) enum SyncMessage {
         crls: Option<Arc<CrlSet>>,
         /// The bundle, on the last page only.
         bundle: Option<BundleUpdate>,
+        /// The federated bundles, on the last page only.
+        federated: Option<Arc<FederatedSet>>,
     },
     /// A page of a resume: the last one carries the bundle.
     Resume {
@@ -78,6 +81,8 @@ pub(crate) enum SyncMessage {
         revision: u64,
         /// The bundle, on the last page only.
         bundle: Option<BundleUpdate>,
+        /// The federated bundles, on the last page only.
+        federated: Option<Arc<FederatedSet>>,
     },
     /// Changes since the last message.
     Changes(Vec<SyncChange>),
@@ -103,6 +108,13 @@ pub(crate) enum SyncChange {
         revision: u64,
         /// The bundle and CRLs.
         update: BundleUpdate,
+    },
+    /// A federated bundle changed, came or went: the whole set.
+    Federated {
+        /// The entry revision the stream is at.
+        revision: u64,
+        /// Every federated bundle.
+        set: Arc<FederatedSet>,
     },
 }
 
@@ -138,6 +150,7 @@ pub(crate) struct EntrySync {
     crls: Arc<CrlPublisher>,
     audit: Arc<AuditLog>,
     agents: Arc<Agents>,
+    federated: Arc<FederatedBundles>,
     shutdown: watch::Receiver<bool>,
     metrics: SyncMetrics,
 }
@@ -161,6 +174,7 @@ impl EntrySync {
         crls: Arc<CrlPublisher>,
         audit: Arc<AuditLog>,
         agents: Arc<Agents>,
+        federated: Arc<FederatedBundles>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -169,6 +183,7 @@ impl EntrySync {
             crls,
             audit,
             agents,
+            federated,
             shutdown,
             metrics: SyncMetrics::default(),
         }
@@ -235,6 +250,8 @@ impl EntrySync {
         let mut bundle_updates = self.authority.subscribe();
         let mut crl_updates = self.crls.subscribe();
         let mut crls_open = true;
+        let mut federated_updates = self.federated.subscribe();
+        let mut federated_generation = federated_updates.borrow_and_update().generation;
         let mut shutdown = self.shutdown.clone();
         let mut state = SyncState::default();
 
@@ -300,9 +317,21 @@ impl EntrySync {
                     return Ok(());
                 }
             }
+            let federated = federated_updates.borrow_and_update().clone();
+            if federated.generation != federated_generation {
+                federated_generation = federated.generation;
+                let change = SyncChange::Federated {
+                    revision,
+                    set: federated,
+                };
+                if !send(tx, SyncMessage::Changes(vec![change])).await {
+                    return Ok(());
+                }
+            }
             tokio::select! {
                 changed = revisions.changed() => if changed.is_err() { return Ok(()) },
                 changed = bundle_updates.changed() => if changed.is_err() { return Ok(()) },
+                changed = federated_updates.changed() => if changed.is_err() { return Ok(()) },
                 changed = crl_updates.changed(), if crls_open => if changed.is_err() { crls_open = false },
                 changed = checkpoints.changed() => if changed.is_err() { return Ok(()) },
                 checked = &mut witnessed_rx, if witness_pending => {
@@ -354,6 +383,7 @@ impl EntrySync {
                 revision,
                 crls: last.then(|| self.crls.current()),
                 bundle: last.then(|| self.bundle()),
+                federated: last.then(|| self.federated.current()),
             };
             if !send(tx, page).await || last {
                 break;
@@ -410,6 +440,7 @@ impl EntrySync {
                     .collect(),
                 revision,
                 bundle: last.then(|| self.bundle()),
+                federated: last.then(|| self.federated.current()),
             };
             if !send(tx, page).await {
                 return Ok(Some(revision));
@@ -693,6 +724,7 @@ mod tests {
             revision,
             crls,
             bundle,
+            ..
         } = next(&mut rx).await
         else {
             panic!("expected a snapshot");

@@ -18,6 +18,7 @@ use crate::service::bundles::Bundles;
 use crate::service::crl::CrlPublisher;
 use crate::service::entries::Entries;
 use crate::service::entry_cache::EntryCache;
+use crate::service::federation::{FederatedBundles, Federation};
 use crate::service::sessions::{SessionRules, Sessions};
 use crate::service::svids::Svids;
 use crate::service::sync::EntrySync;
@@ -32,6 +33,8 @@ pub(crate) struct Fixture {
     pub(crate) agents: Arc<Agents>,
     pub(crate) svids: Svids,
     pub(crate) bundles: Bundles,
+    pub(crate) federation: Federation,
+    pub(crate) federated: Arc<FederatedBundles>,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) sync: EntrySync,
     pub(crate) audit: Arc<AuditLog>,
@@ -157,6 +160,7 @@ impl Fixture {
             crls.clone(),
             None,
         ));
+        let federated = FederatedBundles::load(store.clone()).await.unwrap();
         Self {
             entries: Entries::new(store.clone(), audit.clone(), trust_domain, session_only),
             agents: agents.clone(),
@@ -166,6 +170,15 @@ impl Fixture {
                 audit.clone(),
                 authority.clone(),
                 crls.clone(),
+                federated.clone(),
+            ),
+            federation: Federation::new(
+                store.clone(),
+                audit.clone(),
+                authority.clone(),
+                federated.clone(),
+                crate::store::DEFAULT_SERVER_ID.to_owned(),
+                Duration::from_secs(1),
             ),
             sync: EntrySync::new(
                 cache,
@@ -173,8 +186,10 @@ impl Fixture {
                 crls.clone(),
                 audit.clone(),
                 agents,
+                federated.clone(),
                 stop_rx,
             ),
+            federated,
             audit,
             sessions,
             store,

@@ -33,6 +33,8 @@ pub(crate) struct Report {
     pub join_tokens: usize,
     /// Federated bundles.
     pub bundles: usize,
+    /// Federation relationships.
+    pub federations: usize,
     /// CA journals.
     pub ca_journals: usize,
     /// Audit records.
@@ -50,7 +52,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "revision {}: {} entries, {} feed changes, {} agents, {} join tokens, {} federated \
-             bundles, {} CA journals, {} audit records, {} audit checkpoints, {} sessions, {} \
+             bundles, {} federation relationships, {} CA journals, {} audit records, {} audit checkpoints, {} sessions, {} \
              revocations",
             self.revision,
             self.entries,
@@ -58,6 +60,7 @@ impl fmt::Display for Report {
             self.nodes,
             self.join_tokens,
             self.bundles,
+            self.federations,
             self.ca_journals,
             self.audit_records,
             self.audit_checkpoints,
@@ -131,6 +134,9 @@ async fn copy(from: &SledStore, import: &mut Import) -> Result<Report, StoreErro
     let bundles = from.list_federated_bundles().await?;
     report.bundles = bundles.len();
     import.bundles(&bundles).await?;
+    let federations = from.list_federations().await?;
+    report.federations = federations.len();
+    import.federations(&federations).await?;
     report.ca_journals = extras.ca_journals.len();
     import.ca_journals(&extras.ca_journals).await?;
 

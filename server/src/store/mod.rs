@@ -51,6 +51,7 @@ use crate::audit::{
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub(crate) mod federation;
 pub(crate) mod migrate;
 pub(crate) mod postgres;
 pub(crate) mod session;
@@ -62,6 +63,7 @@ pub(crate) use self::session::{
 };
 #[cfg(test)]
 pub(crate) use self::sled::{SledStore, SledStoreOptions};
+pub(crate) use self::federation::{EndpointProfile, FederationRelationship, FetchStatus, Put};
 
 /// The id of a server that was not given one (`server_id` in the configuration): the only
 /// server of a deployment.
@@ -255,7 +257,9 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
         trust_domain: &TrustDomain,
     ) -> Result<Option<FederatedBundle>, StoreError>;
 
-    /// Deletes the bundle of this trust domain and returns it.
+    /// Deletes the bundle of this trust domain and returns it. Refused with
+    /// [`StoreError::InUse`] while a federation relationship names the trust domain (deleting
+    /// the relationship deletes its bundle).
     async fn delete_federated_bundle(
         &self,
         trust_domain: &TrustDomain,
@@ -263,6 +267,47 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
 
     /// Every federated bundle, in ascending trust domain order.
     async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>, StoreError>;
+
+    // --- federation relationships ---
+
+    /// Creates or updates (as `put` says) the relationship with `relationship.trust_domain`,
+    /// with `bundle` (SPIFFE bundle JSON) as its trust domain's bundle when given, in one
+    /// transaction. The store sets `created_at`, `updated_at` and `generation`
+    /// ([`federation::put_relationship`]).
+    async fn put_federation(
+        &self,
+        relationship: FederationRelationship,
+        bundle: Option<Vec<u8>>,
+        put: Put,
+    ) -> Result<FederationRelationship, StoreError>;
+
+    /// The relationship with this trust domain, if any.
+    async fn get_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>, StoreError>;
+
+    /// Every relationship, in ascending trust domain order.
+    async fn list_federations(&self) -> Result<Vec<FederationRelationship>, StoreError>;
+
+    /// Deletes the relationship and its trust domain's bundle, in one transaction; returns
+    /// the relationship and the bundle it had.
+    async fn delete_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<(FederationRelationship, Option<FederatedBundle>), StoreError>;
+
+    /// Records a fetch of the relationship's endpoint: its `status` and, when the fetch gave a
+    /// new bundle, the bundle, in one transaction, only while the relationship is still at
+    /// `generation` (else nothing is written and `false` comes back: it was updated or
+    /// deleted meanwhile, and a bundle fetched under the old settings must not be kept).
+    async fn record_federation_fetch(
+        &self,
+        trust_domain: &TrustDomain,
+        generation: u64,
+        status: FetchStatus,
+        bundle: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError>;
 
     // --- CA state ---
 
@@ -505,6 +550,10 @@ pub(crate) struct RegistrationEntry {
     /// The privileged session this entry carries, if any (only the session calls make these).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<SessionId>,
+    /// Federated trust domains whose bundles the entry's workloads also get (and whose
+    /// JWT-SVIDs they may validate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub federates_with: Vec<TrustDomain>,
 }
 
 /// A registration entry as an operator writes it: [`RegistrationEntry`] without the fields the
@@ -530,6 +579,9 @@ pub(crate) struct NewEntry {
     /// The privileged session this entry carries, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<SessionId>,
+    /// Federated trust domains whose bundles the entry's workloads also get.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub federates_with: Vec<TrustDomain>,
 }
 
 /// Which entries [`Store::list_entries`] returns: every condition that is set must hold.
@@ -786,6 +838,16 @@ pub enum StoreError {
         /// Its key.
         key: String,
     },
+    /// The record is used by another and cannot be removed on its own.
+    #[error("{resource} {key} is in use: {reason}")]
+    InUse {
+        /// The kind of record.
+        resource: &'static str,
+        /// Its key.
+        key: String,
+        /// What uses it, and what to do.
+        reason: &'static str,
+    },
 }
 
 /// A database error with its causes (tokio-postgres keeps the server's message, SQLSTATE,
@@ -905,6 +967,7 @@ impl RegistrationEntry {
             hint,
             expires_at,
             session_id,
+            federates_with,
         } = entry;
         Self {
             id,
@@ -919,6 +982,7 @@ impl RegistrationEntry {
             created_at,
             revision,
             session_id,
+            federates_with,
         }
     }
 
@@ -934,6 +998,7 @@ impl RegistrationEntry {
             hint: self.hint.clone(),
             expires_at: self.expires_at,
             session_id: self.session_id.clone(),
+            federates_with: self.federates_with.clone(),
         }
     }
 }
@@ -954,6 +1019,7 @@ impl NewEntry {
             hint: String::new(),
             expires_at: None,
             session_id: None,
+            federates_with: Vec::new(),
         }
     }
 

@@ -11,7 +11,7 @@ use crate::store::{
 
 /// Every table a migration fills; all locked for the import.
 const TABLES: &str = "feed_head, entries, entry_changes, nodes, join_tokens, federated_bundles, \
-                      ca_journals, audit_heads, audit_records, audit_checkpoints, audit_sources, \
+                      federations, ca_journals, audit_heads, audit_records, audit_checkpoints, audit_sources, \
                       sessions, revocations, crl_numbers";
 
 /// An import under way: one open transaction on a connection of its own (taken out of the
@@ -43,7 +43,8 @@ impl PostgresStore {
                 "SELECT (SELECT revision FROM feed_head WHERE id = 1), \
                  (SELECT count(*) FROM entries) + (SELECT count(*) FROM entry_changes) \
                  + (SELECT count(*) FROM nodes) + (SELECT count(*) FROM join_tokens) \
-                 + (SELECT count(*) FROM federated_bundles) + (SELECT count(*) FROM ca_journals) \
+                 + (SELECT count(*) FROM federated_bundles) + (SELECT count(*) FROM federations) \
+                 + (SELECT count(*) FROM ca_journals) \
                  + (SELECT count(*) FROM audit_records) + (SELECT count(*) FROM audit_heads) \
                  + (SELECT count(*) FROM audit_checkpoints) \
                  + (SELECT count(*) FROM audit_sources) + (SELECT count(*) FROM sessions) \
@@ -175,6 +176,27 @@ impl Import {
         self.client
             .execute(
                 "INSERT INTO federated_bundles (trust_domain, body) \
+                 SELECT * FROM unnest($1::text[], $2::text[])",
+                &[&names, &bodies],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    pub(crate) async fn federations(
+        &mut self,
+        relationships: &[crate::store::FederationRelationship],
+    ) -> Result<(), StoreError> {
+        let mut names = Vec::with_capacity(relationships.len());
+        let mut bodies = Vec::with_capacity(relationships.len());
+        for relationship in relationships {
+            names.push(relationship.trust_domain.name().to_owned());
+            bodies.push(encode("federation relationship", relationship)?);
+        }
+        self.client
+            .execute(
+                "INSERT INTO federations (trust_domain, body) \
                  SELECT * FROM unnest($1::text[], $2::text[])",
                 &[&names, &bodies],
             )

@@ -168,6 +168,16 @@ CREATE TABLE crl_head (
 INSERT INTO crl_head (id, revocations, crls) VALUES (1, 0, 0);
 "#,
     },
+    Migration {
+        version: 3,
+        description: "federation relationships (their endpoint, profile and fetch status)",
+        sql: r#"
+CREATE TABLE federations (
+    trust_domain text COLLATE "C" PRIMARY KEY,
+    body text NOT NULL
+);
+"#,
+    },
 ];
 
 /// The schema version this build writes.

@@ -19,7 +19,8 @@ use crate::audit::{
 };
 use crate::store::{
     AttestedNode, Change, ChangeKind, ChangesSince, CrlCounters, EntryFilter, EntryId,
-    EntrySnapshot, FederatedBundle, JobWork, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page,
+    EntrySnapshot, FederatedBundle, FederationRelationship, FetchStatus, JobWork, JoinToken,
+    MAX_CHANGES_PER_CALL, NewEntry, Page, Put,
     PageRequest, RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential,
     SessionEntryOp, SessionFilter, SessionId, SessionUpdate, Store, StoreError,
 };
@@ -536,19 +537,227 @@ impl Store for PostgresStore {
         &self,
         trust_domain: &TrustDomain,
     ) -> Result<FederatedBundle, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "DELETE FROM federated_bundles WHERE trust_domain = $1 RETURNING body",
-                &[&trust_domain.name()],
+        self.retrying(move || async move {
+            let mut client = self.client().await?;
+            let tx = begin(&mut client).await?;
+            // The relationship's row is locked so that one created meanwhile waits for this.
+            let related = tx
+                .query_opt(
+                    "SELECT 1 FROM federations WHERE trust_domain = $1 FOR SHARE",
+                    &[&trust_domain.name()],
+                )
+                .await
+                .map_err(db_error)?;
+            if related.is_some() {
+                return Err(StoreError::InUse {
+                    resource: "federated bundle",
+                    key: trust_domain.name().to_owned(),
+                    reason: "a federation relationship keeps it; delete the relationship \
+                             (sigil-server federation delete), which deletes its bundle",
+                });
+            }
+            let row = tx
+                .query_opt(
+                    "DELETE FROM federated_bundles WHERE trust_domain = $1 RETURNING body",
+                    &[&trust_domain.name()],
+                )
+                .await
+                .map_err(db_error)?
+                .ok_or_else(|| StoreError::NotFound {
+                    resource: "federated bundle",
+                    key: trust_domain.name().to_owned(),
+                })?;
+            let deleted = decode("federated bundle", col(&row, 0)?)?;
+            self.commit(tx).await?;
+            Ok(deleted)
+        })
+        .await
+    }
+
+    async fn put_federation(
+        &self,
+        relationship: FederationRelationship,
+        bundle: Option<Vec<u8>>,
+        put: Put,
+    ) -> Result<FederationRelationship, StoreError> {
+        let relationship = &relationship;
+        let bundle = &bundle;
+        self.retrying(move || async move {
+            let now = SystemTime::now();
+            let key = relationship.trust_domain.name();
+            let mut client = self.client().await?;
+            let tx = begin(&mut client).await?;
+            let current: Option<FederationRelationship> = match tx
+                .query_opt(
+                    "SELECT body FROM federations WHERE trust_domain = $1 FOR UPDATE",
+                    &[&key],
+                )
+                .await
+                .map_err(db_error)?
+            {
+                Some(row) => Some(decode("federation relationship", col(&row, 0)?)?),
+                None => None,
+            };
+            let exists = current.is_some();
+            let record = crate::store::federation::put_relationship(
+                current,
+                relationship.clone(),
+                put,
+                now,
+            )?;
+            let body = encode("federation relationship", &record)?;
+            let written = if exists {
+                tx.execute(
+                    "UPDATE federations SET body = $2 WHERE trust_domain = $1",
+                    &[&key, &body],
+                )
+                .await
+            } else {
+                tx.execute(
+                    "INSERT INTO federations (trust_domain, body) VALUES ($1, $2)",
+                    &[&key, &body],
+                )
+                .await
+            };
+            match written {
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(StoreError::AlreadyExists {
+                        resource: "federation relationship",
+                        key: relationship.trust_domain.to_string(),
+                    });
+                }
+                other => other.map_err(db_error)?,
+            };
+            if let Some(bundle) = bundle {
+                let stored = FederatedBundle {
+                    trust_domain: record.trust_domain.clone(),
+                    bundle: bundle.clone(),
+                    updated_at: now,
+                };
+                tx.execute(
+                    "INSERT INTO federated_bundles (trust_domain, body) VALUES ($1, $2) \
+                     ON CONFLICT (trust_domain) DO UPDATE SET body = EXCLUDED.body",
+                    &[&key, &encode("federated bundle", &stored)?],
+                )
+                .await
+                .map_err(db_error)?;
+            }
+            self.commit(tx).await?;
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn get_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>, StoreError> {
+        self.fetch_opt(
+            "federation relationship",
+            "SELECT body FROM federations WHERE trust_domain = $1",
+            &[&trust_domain.name()],
+        )
+        .await
+    }
+
+    async fn list_federations(&self) -> Result<Vec<FederationRelationship>, StoreError> {
+        self.fetch_all(
+            "federation relationship",
+            "SELECT body FROM federations ORDER BY trust_domain",
+            &[],
+        )
+        .await
+    }
+
+    async fn delete_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<(FederationRelationship, Option<FederatedBundle>), StoreError> {
+        self.retrying(move || async move {
+            let mut client = self.client().await?;
+            let tx = begin(&mut client).await?;
+            let row = tx
+                .query_opt(
+                    "DELETE FROM federations WHERE trust_domain = $1 RETURNING body",
+                    &[&trust_domain.name()],
+                )
+                .await
+                .map_err(db_error)?
+                .ok_or_else(|| StoreError::NotFound {
+                    resource: "federation relationship",
+                    key: trust_domain.to_string(),
+                })?;
+            let relationship = decode("federation relationship", col(&row, 0)?)?;
+            let bundle = match tx
+                .query_opt(
+                    "DELETE FROM federated_bundles WHERE trust_domain = $1 RETURNING body",
+                    &[&trust_domain.name()],
+                )
+                .await
+                .map_err(db_error)?
+            {
+                Some(row) => Some(decode("federated bundle", col(&row, 0)?)?),
+                None => None,
+            };
+            self.commit(tx).await?;
+            Ok((relationship, bundle))
+        })
+        .await
+    }
+
+    async fn record_federation_fetch(
+        &self,
+        trust_domain: &TrustDomain,
+        generation: u64,
+        status: FetchStatus,
+        bundle: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        let status = &status;
+        let bundle = &bundle;
+        self.retrying(move || async move {
+            let key = trust_domain.name();
+            let mut client = self.client().await?;
+            let tx = begin(&mut client).await?;
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT body FROM federations WHERE trust_domain = $1 FOR UPDATE",
+                    &[&key],
+                )
+                .await
+                .map_err(db_error)?
+            else {
+                return Ok(false);
+            };
+            let mut current: FederationRelationship =
+                decode("federation relationship", col(&row, 0)?)?;
+            if current.generation != generation {
+                return Ok(false);
+            }
+            current.status = status.clone();
+            tx.execute(
+                "UPDATE federations SET body = $2 WHERE trust_domain = $1",
+                &[&key, &encode("federation relationship", &current)?],
             )
             .await
-            .map_err(db_error)?
-            .ok_or_else(|| StoreError::NotFound {
-                resource: "federated bundle",
-                key: trust_domain.to_string(),
-            })?;
-        decode("federated bundle", col(&row, 0)?)
+            .map_err(db_error)?;
+            if let Some(bundle) = bundle {
+                let stored = FederatedBundle {
+                    trust_domain: trust_domain.clone(),
+                    bundle: bundle.clone(),
+                    updated_at: SystemTime::now(),
+                };
+                tx.execute(
+                    "INSERT INTO federated_bundles (trust_domain, body) VALUES ($1, $2) \
+                     ON CONFLICT (trust_domain) DO UPDATE SET body = EXCLUDED.body",
+                    &[&key, &encode("federated bundle", &stored)?],
+                )
+                .await
+                .map_err(db_error)?;
+            }
+            self.commit(tx).await?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>, StoreError> {

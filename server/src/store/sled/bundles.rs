@@ -2,8 +2,16 @@
 
 use sigil_core::TrustDomain;
 
+use std::time::SystemTime;
+
+use ::sled::Transactional;
+use ::sled::transaction::{ConflictableTransactionError, TransactionError};
+
 use super::{Inner, decode, encode};
-use crate::store::{FederatedBundle, ServerBundles, StoreError};
+use crate::store::federation::put_relationship;
+use crate::store::{
+    FederatedBundle, FederationRelationship, FetchStatus, Put, ServerBundles, StoreError,
+};
 
 /// Key of the CA journal in the `meta` tree.
 const CA_JOURNAL_KEY: &[u8] = b"ca_journal";
@@ -49,13 +57,27 @@ impl Inner {
         trust_domain: &TrustDomain,
     ) -> Result<FederatedBundle, StoreError> {
         let key = trust_domain.name().to_owned();
-        match self.trees.bundles.remove(key.as_bytes())? {
-            Some(bytes) => decode("federated bundle", &bytes),
-            None => Err(StoreError::NotFound {
-                resource: "federated bundle",
-                key,
-            }),
-        }
+        let relationship = federation_key(trust_domain);
+        (&self.trees.meta, &self.trees.bundles)
+            .transaction(|(meta, bundles)| {
+                if meta.get(&relationship)?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(StoreError::InUse {
+                        resource: "federated bundle",
+                        key: key.clone(),
+                        reason: "a federation relationship keeps it; delete the relationship \
+                                 (sigil-server federation delete), which deletes its bundle",
+                    }));
+                }
+                match bundles.remove(key.as_bytes())? {
+                    Some(bytes) => decode("federated bundle", &bytes)
+                        .map_err(ConflictableTransactionError::Abort),
+                    None => Err(ConflictableTransactionError::Abort(StoreError::NotFound {
+                        resource: "federated bundle",
+                        key: key.clone(),
+                    })),
+                }
+            })
+            .map_err(transaction_error)
     }
 
     pub(super) fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>, StoreError> {
@@ -64,6 +86,155 @@ impl Inner {
             .iter()
             .map(|item| decode("federated bundle", &item?.1))
             .collect()
+    }
+}
+
+// --- federation relationships ---
+
+/// Prefix of a relationship in the `meta` tree (then the trust domain name).
+const FEDERATION_PREFIX: &[u8] = b"federation/";
+
+fn federation_key(trust_domain: &TrustDomain) -> Vec<u8> {
+    [FEDERATION_PREFIX, trust_domain.name().as_bytes()].concat()
+}
+
+fn transaction_error(error: TransactionError<StoreError>) -> StoreError {
+    match error {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Backend(e),
+    }
+}
+
+impl Inner {
+    pub(super) fn put_federation(
+        &self,
+        relationship: FederationRelationship,
+        bundle: Option<Vec<u8>>,
+        put: Put,
+    ) -> Result<FederationRelationship, StoreError> {
+        let key = federation_key(&relationship.trust_domain);
+        let now = SystemTime::now();
+        let bundle = bundle
+            .map(|bundle| {
+                encode(
+                    "federated bundle",
+                    &FederatedBundle {
+                        trust_domain: relationship.trust_domain.clone(),
+                        bundle,
+                        updated_at: now,
+                    },
+                )
+            })
+            .transpose()?;
+        (&self.trees.meta, &self.trees.bundles)
+            .transaction(|(meta, bundles)| {
+                let abort = ConflictableTransactionError::Abort;
+                let current = meta
+                    .get(&key)?
+                    .map(|v| decode::<FederationRelationship>("federation relationship", &v))
+                    .transpose()
+                    .map_err(abort)?;
+                let record =
+                    put_relationship(current, relationship.clone(), put, now).map_err(abort)?;
+                meta.insert(
+                    key.as_slice(),
+                    encode("federation relationship", &record).map_err(abort)?,
+                )?;
+                if let Some(bundle) = &bundle {
+                    bundles.insert(record.trust_domain.name().as_bytes(), bundle.as_slice())?;
+                }
+                Ok(record)
+            })
+            .map_err(transaction_error)
+    }
+
+    pub(super) fn get_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>, StoreError> {
+        self.trees
+            .meta
+            .get(federation_key(trust_domain))?
+            .map(|v| decode("federation relationship", &v))
+            .transpose()
+    }
+
+    pub(super) fn list_federations(&self) -> Result<Vec<FederationRelationship>, StoreError> {
+        self.trees
+            .meta
+            .scan_prefix(FEDERATION_PREFIX)
+            .map(|item| decode("federation relationship", &item?.1))
+            .collect()
+    }
+
+    pub(super) fn delete_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<(FederationRelationship, Option<FederatedBundle>), StoreError> {
+        let key = federation_key(trust_domain);
+        (&self.trees.meta, &self.trees.bundles)
+            .transaction(|(meta, bundles)| {
+                let abort = ConflictableTransactionError::Abort;
+                let Some(relationship) = meta.remove(key.as_slice())? else {
+                    return Err(abort(StoreError::NotFound {
+                        resource: "federation relationship",
+                        key: trust_domain.to_string(),
+                    }));
+                };
+                let relationship = decode("federation relationship", &relationship)
+                    .map_err(abort)?;
+                let bundle = bundles
+                    .remove(trust_domain.name().as_bytes())?
+                    .map(|v| decode("federated bundle", &v))
+                    .transpose()
+                    .map_err(abort)?;
+                Ok((relationship, bundle))
+            })
+            .map_err(transaction_error)
+    }
+
+    pub(super) fn record_federation_fetch(
+        &self,
+        trust_domain: &TrustDomain,
+        generation: u64,
+        status: FetchStatus,
+        bundle: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        let key = federation_key(trust_domain);
+        let bundle = bundle
+            .map(|bundle| {
+                encode(
+                    "federated bundle",
+                    &FederatedBundle {
+                        trust_domain: trust_domain.clone(),
+                        bundle,
+                        updated_at: SystemTime::now(),
+                    },
+                )
+            })
+            .transpose()?;
+        (&self.trees.meta, &self.trees.bundles)
+            .transaction(|(meta, bundles)| {
+                let abort = ConflictableTransactionError::Abort;
+                let Some(current) = meta.get(&key)? else {
+                    return Ok(false);
+                };
+                let mut current: FederationRelationship =
+                    decode("federation relationship", &current).map_err(abort)?;
+                if current.generation != generation {
+                    return Ok(false);
+                }
+                current.status = status.clone();
+                meta.insert(
+                    key.as_slice(),
+                    encode("federation relationship", &current).map_err(abort)?,
+                )?;
+                if let Some(bundle) = &bundle {
+                    bundles.insert(trust_domain.name().as_bytes(), bundle.as_slice())?;
+                }
+                Ok(true)
+            })
+            .map_err(transaction_error)
     }
 }
 
@@ -110,7 +281,6 @@ impl Inner {
         bundle: &[u8],
         at_least: u64,
     ) -> Result<u64, StoreError> {
-        use sled::transaction::{ConflictableTransactionError, TransactionError};
         let key = [SERVER_BUNDLE_PREFIX, server_id.as_bytes()].concat();
         self.trees
             .meta

@@ -96,7 +96,8 @@ use self::commit::GroupCommit;
 use self::entries::prune_changes;
 use super::{
     AttestedNode, ChangesSince, CrlCounters, DEFAULT_CHANGE_RETENTION, EntryFilter, EntryId,
-    EntrySnapshot, FederatedBundle, JobWork, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page,
+    EntrySnapshot, FederatedBundle, FederationRelationship, FetchStatus, JobWork, JoinToken,
+    MAX_CHANGES_PER_CALL, NewEntry, Page, Put,
     PageRequest, RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential,
     SessionEntryOp, SessionFilter, SessionId, SessionUpdate, Store, StoreError, hex_decode,
     hex_encode,
@@ -614,6 +615,61 @@ impl Store for SledStore {
 
     async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>, StoreError> {
         self.blocking(|inner| inner.list_federated_bundles()).await
+    }
+
+    async fn put_federation(
+        &self,
+        relationship: FederationRelationship,
+        bundle: Option<Vec<u8>>,
+        put: Put,
+    ) -> Result<FederationRelationship, StoreError> {
+        let record = self
+            .blocking(move |inner| inner.put_federation(relationship, bundle, put))
+            .await?;
+        self.commit().await?;
+        Ok(record)
+    }
+
+    async fn get_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>, StoreError> {
+        let trust_domain = trust_domain.clone();
+        self.blocking(move |inner| inner.get_federation(&trust_domain))
+            .await
+    }
+
+    async fn list_federations(&self) -> Result<Vec<FederationRelationship>, StoreError> {
+        self.blocking(|inner| inner.list_federations()).await
+    }
+
+    async fn delete_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<(FederationRelationship, Option<FederatedBundle>), StoreError> {
+        let trust_domain = trust_domain.clone();
+        let deleted = self
+            .blocking(move |inner| inner.delete_federation(&trust_domain))
+            .await?;
+        self.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn record_federation_fetch(
+        &self,
+        trust_domain: &TrustDomain,
+        generation: u64,
+        status: FetchStatus,
+        bundle: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        let trust_domain = trust_domain.clone();
+        let recorded = self
+            .blocking(move |inner| {
+                inner.record_federation_fetch(&trust_domain, generation, status, bundle)
+            })
+            .await?;
+        self.commit().await?;
+        Ok(recorded)
     }
 
     async fn load_ca_journal(&self, server_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
