@@ -106,12 +106,16 @@ pub(crate) enum Authentication {
 /// # Errors
 ///
 /// Why not, in words for `federation show` and the log.
-pub(crate) async fn fetch(url: &EndpointUrl, auth: Authentication) -> Result<Bytes, String> {
-    match tokio::time::timeout(FETCH_TIMEOUT, fetch_inner(url, auth)).await {
+pub(crate) async fn fetch(
+    url: &EndpointUrl,
+    auth: Authentication,
+    timeout: Duration,
+) -> Result<Bytes, String> {
+    match tokio::time::timeout(timeout, fetch_inner(url, auth)).await {
         Ok(result) => result,
         Err(_) => Err(format!(
             "no complete answer within {}s",
-            FETCH_TIMEOUT.as_secs()
+            timeout.as_secs_f64()
         )),
     }
 }

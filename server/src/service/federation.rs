@@ -207,6 +207,7 @@ pub(crate) struct Federation {
     federated: Arc<FederatedBundles>,
     server_id: String,
     min_poll: Duration,
+    fetch_timeout: Duration,
 }
 
 impl Federation {
@@ -226,7 +227,15 @@ impl Federation {
             federated,
             server_id,
             min_poll,
+            fetch_timeout: federation_client::FETCH_TIMEOUT,
         }
+    }
+
+    /// Sets how long one fetch may take (default [`federation_client::FETCH_TIMEOUT`]).
+    #[cfg(test)]
+    pub(crate) fn with_fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.fetch_timeout = timeout;
+        self
     }
 
     /// Creates a relationship for admin `uid`.
@@ -476,6 +485,11 @@ impl Federation {
 
     /// Fetches every relationship that is due, at once; returns how many were fetched.
     pub(crate) async fn poll_due(&self) -> usize {
+        self.poll_due_at(SystemTime::now()).await
+    }
+
+    /// Fetches every relationship due at `now`.
+    pub(crate) async fn poll_due_at(&self, now: SystemTime) -> usize {
         let relationships = match self.store.list_federations().await {
             Ok(relationships) => relationships,
             Err(error) => {
@@ -483,7 +497,6 @@ impl Federation {
                 return 0;
             }
         };
-        let now = SystemTime::now();
         let due: Vec<_> = relationships
             .into_iter()
             .filter(|r| r.status.next_poll.is_none_or(|at| at <= now))
@@ -498,6 +511,7 @@ impl Federation {
                 federated: self.federated.clone(),
                 server_id: self.server_id.clone(),
                 min_poll: self.min_poll,
+                fetch_timeout: self.fetch_timeout,
             };
             fetches.spawn(async move { this.poll(relationship).await });
         }
@@ -514,6 +528,7 @@ struct Poller {
     federated: Arc<FederatedBundles>,
     server_id: String,
     min_poll: Duration,
+    fetch_timeout: Duration,
 }
 
 impl Poller {
@@ -622,7 +637,7 @@ impl Poller {
                 bundle: self.endpoint_bundle(endpoint_spiffe_id, td, stored).await?,
             },
         };
-        let body = federation_client::fetch(&url, auth).await?;
+        let body = federation_client::fetch(&url, auth, self.fetch_timeout).await?;
         let bundle = SpiffeBundle::parse(td.clone(), &body)
             .map_err(|e| format!("the answer is not a SPIFFE bundle: {e}"))?;
         if bundle.is_empty() {
@@ -698,3 +713,7 @@ fn relationship_record(
             .detail("endpoint_spiffe_id", endpoint_spiffe_id.to_string()),
     }
 }
+
+#[cfg(test)]
+#[path = "federation_tests.rs"]
+mod tests;

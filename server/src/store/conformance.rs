@@ -117,6 +117,7 @@ where
     run!(prune_join_tokens_removes_only_expired_ones);
     run!(a_job_nobody_else_runs_runs_once_and_in_turn);
     run!(federated_bundles_round_trip);
+    run!(federation_relationships_keep_their_bundles_and_fetches_in_step);
     run!(ca_journal_round_trip);
     run!(published_bundles_raise_one_shared_sequence);
     run!(audit_chain_links_and_head);
@@ -1303,6 +1304,138 @@ pub(crate) async fn federated_bundles_round_trip(store: Arc<dyn Store>) {
         Err(StoreError::NotFound { .. })
     ));
     assert_eq!(store.list_federated_bundles().await.unwrap().len(), 1);
+}
+
+/// Relationships: created once, updated with a new generation, listed in order; a fetch is
+/// recorded only at the generation it started from; the bundle goes with the relationship and
+/// cannot be deleted while one keeps it.
+pub(crate) async fn federation_relationships_keep_their_bundles_and_fetches_in_step(
+    store: Arc<dyn Store>,
+) {
+    use crate::store::{EndpointProfile, FederationRelationship, FetchStatus, Put};
+    let td = |name: &str| TrustDomain::new(name).unwrap();
+    let (a, b) = (td("a.example.org"), td("b.example.org"));
+    let relationship = |trust_domain: &TrustDomain, url: &str| FederationRelationship {
+        trust_domain: trust_domain.clone(),
+        endpoint_url: url.to_owned(),
+        profile: EndpointProfile::HttpsSpiffe {
+            endpoint_spiffe_id: SpiffeId::new("spiffe://b.example.org/sigil/server").unwrap(),
+        },
+        created_at: SystemTime::UNIX_EPOCH,
+        updated_at: SystemTime::UNIX_EPOCH,
+        generation: 0,
+        status: FetchStatus::default(),
+    };
+    let bootstrap = br#"{"keys":[],"spiffe_sequence":1}"#.to_vec();
+    let created = store
+        .put_federation(
+            relationship(&b, "https://b/"),
+            Some(bootstrap.clone()),
+            Put::Create,
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.generation, 1);
+    assert!(created.created_at > SystemTime::UNIX_EPOCH);
+    assert_eq!(
+        store.get_federated_bundle(&b).await.unwrap().unwrap().bundle,
+        bootstrap
+    );
+    assert!(matches!(
+        store
+            .put_federation(relationship(&b, "https://b/"), None, Put::Create)
+            .await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        store
+            .put_federation(relationship(&a, "https://a/"), None, Put::Update)
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let mut web = relationship(&a, "https://a/");
+    web.profile = EndpointProfile::HttpsWeb;
+    store.put_federation(web, None, Put::Create).await.unwrap();
+    assert_eq!(store.get_federated_bundle(&a).await.unwrap(), None);
+
+    // A fetch at generation 1 is recorded, with its bundle.
+    let fetched = br#"{"keys":[],"spiffe_sequence":2}"#.to_vec();
+    let status = FetchStatus {
+        last_error: None,
+        last_success: Some(SystemTime::now()),
+        failures: 0,
+        server_id: "s1".to_owned(),
+        ..FetchStatus::default()
+    };
+    assert!(
+        store
+            .record_federation_fetch(&b, 1, status.clone(), Some(fetched.clone()))
+            .await
+            .unwrap()
+    );
+    let stored = store.get_federation(&b).await.unwrap().unwrap();
+    assert_eq!(stored.status, status);
+    assert_eq!(
+        store.get_federated_bundle(&b).await.unwrap().unwrap().bundle,
+        fetched
+    );
+    // An update raises the generation and keeps created_at and the status; a fetch that
+    // started before it is dropped, bundle and all.
+    let updated = store
+        .put_federation(relationship(&b, "https://b2/"), None, Put::Update)
+        .await
+        .unwrap();
+    assert_eq!(
+        (updated.generation, updated.created_at, updated.endpoint_url.as_str()),
+        (2, created.created_at, "https://b2/")
+    );
+    assert_eq!(updated.status.server_id, "s1");
+    assert!(
+        !store
+            .record_federation_fetch(&b, 1, FetchStatus::default(), Some(b"stale".to_vec()))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get_federated_bundle(&b).await.unwrap().unwrap().bundle,
+        fetched
+    );
+    let names: Vec<_> = store
+        .list_federations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.trust_domain)
+        .collect();
+    assert_eq!(names, [a.clone(), b.clone()]);
+
+    // The bundle stays while the relationship does; deleting the relationship deletes both,
+    // and a fetch finishing afterwards writes nothing back.
+    assert!(matches!(
+        store.delete_federated_bundle(&b).await,
+        Err(StoreError::InUse { .. })
+    ));
+    let (deleted, bundle) = store.delete_federation(&b).await.unwrap();
+    assert_eq!(deleted.trust_domain, b);
+    assert_eq!(bundle.unwrap().bundle, fetched);
+    assert_eq!(store.get_federated_bundle(&b).await.unwrap(), None);
+    assert!(
+        !store
+            .record_federation_fetch(&b, 2, FetchStatus::default(), Some(fetched))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.get_federated_bundle(&b).await.unwrap(), None);
+    assert!(matches!(
+        store.delete_federation(&b).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    // Without a relationship, a bundle set by hand is deleted as before.
+    store
+        .set_federated_bundle(&b, bootstrap.clone())
+        .await
+        .unwrap();
+    store.delete_federated_bundle(&b).await.unwrap();
 }
 
 /// The CA journal is absent at first, then returned byte for byte, then replaced; each server
