@@ -159,16 +159,15 @@ impl BundleEndpoint {
             let authority = authority.clone();
             let body = body.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        debug!(%error, "bundle endpoint: handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
+                let tls =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(error)) => {
+                            debug!(%error, "bundle endpoint: handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
                 let service = hyper::service::service_fn(move |request| {
                     let response = respond(&request, &body, &authority.bundle());
                     async move { Ok::<_, Infallible>(response) }
@@ -289,7 +288,8 @@ impl WebCertificate {
     /// [`BundleEndpointError::Certificate`] naming the file and the reason.
     pub(crate) fn load(cert_path: &Path, key_path: &Path) -> Result<Self, BundleEndpointError> {
         let stamp = stamp(cert_path, key_path);
-        let key = read_certified_key(cert_path, key_path).map_err(BundleEndpointError::Certificate)?;
+        let key =
+            read_certified_key(cert_path, key_path).map_err(BundleEndpointError::Certificate)?;
         Ok(Self {
             cert_path: cert_path.to_owned(),
             key_path: key_path.to_owned(),
@@ -301,7 +301,13 @@ impl WebCertificate {
     /// when the new one cannot be used. Returns whether a new one was loaded.
     pub(crate) fn reload_if_changed(&self) -> bool {
         let stamp = stamp(&self.cert_path, &self.key_path);
-        if stamp == self.current.read().unwrap_or_else(PoisonError::into_inner).0 {
+        if stamp
+            == self
+                .current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+        {
             return false;
         }
         match read_certified_key(&self.cert_path, &self.key_path) {

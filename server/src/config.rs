@@ -978,7 +978,10 @@ fn bundle_endpoint_config(
             for (key, value) in web_paths {
                 match value.as_deref() {
                     Some(path) if !path.is_empty() => found.push(PathBuf::from(path)),
-                    _ => problems.push(key, "is required with bundle_endpoint_profile = \"https_web\""),
+                    _ => problems.push(
+                        key,
+                        "is required with bundle_endpoint_profile = \"https_web\"",
+                    ),
                 }
             }
             <[PathBuf; 2]>::try_from(found)
@@ -997,7 +1000,10 @@ fn bundle_endpoint_config(
         }
     };
     let set_without_address = [
-        ("bundle_endpoint_profile", file.bundle_endpoint_profile.is_some()),
+        (
+            "bundle_endpoint_profile",
+            file.bundle_endpoint_profile.is_some(),
+        ),
         (
             "bundle_endpoint_refresh_hint",
             file.bundle_endpoint_refresh_hint.is_some(),
@@ -1403,6 +1409,84 @@ mod tests {
             ),
             ("pkcs11_token_label = \"t\"", vec!["pkcs11_token_label"]),
             ("key_manager = \"kms\"", vec!["key_manager"]),
+        ] {
+            let err = config(Some(&format!("{td}{text}"))).unwrap_err();
+            assert_eq!(keys(&err), wanted, "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn bundle_endpoint_and_federation_keys_are_checked() {
+        let td = "trust_domain = \"example.org\"\n";
+        let c = config(Some(td)).unwrap();
+        assert_eq!(c.bundle_endpoint, None);
+        assert_eq!(c.federation_min_poll, DEFAULT_FEDERATION_MIN_POLL);
+        let c = config(Some(&format!(
+            "{td}bundle_endpoint_address = \"127.0.0.1:8443\"\nfederation_min_poll = \"5s\""
+        )))
+        .unwrap();
+        assert_eq!(
+            c.bundle_endpoint,
+            Some(BundleEndpointConfig {
+                address: "127.0.0.1:8443".parse().unwrap(),
+                profile: BundleEndpointProfile::HttpsSpiffe,
+                refresh_hint: DEFAULT_REFRESH_HINT,
+            })
+        );
+        assert_eq!(c.federation_min_poll, Duration::from_secs(5));
+        let c = config(Some(&format!(
+            "{td}bundle_endpoint_address = \"[::1]:443\"\nbundle_endpoint_profile = \"https_web\"\n\
+             bundle_endpoint_web_cert_path = \"/c.pem\"\nbundle_endpoint_web_key_path = \"/c.key\"\n\
+             bundle_endpoint_refresh_hint = \"1m\""
+        )))
+        .unwrap();
+        assert_eq!(
+            c.bundle_endpoint.map(|e| (e.profile, e.refresh_hint)),
+            Some((
+                BundleEndpointProfile::HttpsWeb {
+                    cert_path: "/c.pem".into(),
+                    key_path: "/c.key".into()
+                },
+                Duration::from_secs(60)
+            ))
+        );
+        let at = "bundle_endpoint_address = \"127.0.0.1:8443\"\n";
+        for (text, wanted) in [
+            (
+                "bundle_endpoint_address = \"localhost:8443\"".to_owned(),
+                vec!["bundle_endpoint_address"],
+            ),
+            (
+                format!("{at}bundle_endpoint_profile = \"https_web\""),
+                vec![
+                    "bundle_endpoint_web_cert_path",
+                    "bundle_endpoint_web_key_path",
+                ],
+            ),
+            (
+                format!("{at}bundle_endpoint_web_cert_path = \"/c\""),
+                vec!["bundle_endpoint_web_cert_path"],
+            ),
+            (
+                format!("{at}bundle_endpoint_profile = \"acme\""),
+                vec!["bundle_endpoint_profile"],
+            ),
+            (
+                format!("{at}bundle_endpoint_refresh_hint = \"2h\""),
+                vec!["bundle_endpoint_refresh_hint"],
+            ),
+            (
+                "bundle_endpoint_profile = \"https_spiffe\"".to_owned(),
+                vec!["bundle_endpoint_profile"],
+            ),
+            (
+                "federation_min_poll = \"0s\"".to_owned(),
+                vec!["federation_min_poll"],
+            ),
+            (
+                "federation_min_poll = \"10m\"".to_owned(),
+                vec!["federation_min_poll"],
+            ),
         ] {
             let err = config(Some(&format!("{td}{text}"))).unwrap_err();
             assert_eq!(keys(&err), wanted, "{text}: {err}");

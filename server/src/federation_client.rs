@@ -60,7 +60,10 @@ impl EndpointUrl {
                 "{text:?}: a bundle endpoint URL must not carry userinfo (user:password@)"
             ));
         }
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         if host.is_empty() {
             return Err(format!("{text:?}: no host"));
         }
@@ -122,8 +125,8 @@ pub(crate) async fn fetch(
 
 async fn fetch_inner(url: &EndpointUrl, auth: Authentication) -> Result<Bytes, String> {
     let config = client_config(auth)?;
-    let server_name = ServerName::try_from(url.host.clone())
-        .map_err(|e| format!("host {:?}: {e}", url.host))?;
+    let server_name =
+        ServerName::try_from(url.host.clone()).map_err(|e| format!("host {:?}: {e}", url.host))?;
     let tcp = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(|e| format!("cannot connect to {}:{}: {e}", url.host, url.port))?;
@@ -187,8 +190,10 @@ fn client_config(auth: Authentication) -> Result<rustls::ClientConfig, String> {
             .with_root_certificates(system_roots()?)
             .with_no_client_auth(),
         Authentication::Spiffe { id, bundle } => {
-            let verifier =
-                SpiffeServerVerifier::new(SharedBundles::from_bundle(bundle), Authorizer::exact(id));
+            let verifier = SpiffeServerVerifier::new(
+                SharedBundles::from_bundle(bundle),
+                Authorizer::exact(id),
+            );
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(verifier))
@@ -246,7 +251,10 @@ mod tests {
         assert_eq!(url.port, 8443);
         assert_eq!(url.path_and_query(), "/td/bundle?x=1");
         let url = EndpointUrl::parse("https://127.0.0.1").unwrap();
-        assert_eq!((url.host.as_str(), url.port, url.path_and_query()), ("127.0.0.1", 443, "/"));
+        assert_eq!(
+            (url.host.as_str(), url.port, url.path_and_query()),
+            ("127.0.0.1", 443, "/")
+        );
         let url = EndpointUrl::parse("https://[::1]:9/").unwrap();
         assert_eq!(url.host, "::1");
         for (bad, why) in [

@@ -59,12 +59,11 @@ mod store;
 mod tls;
 
 pub use crate::api::node::REASON_METADATA_KEY;
+pub use crate::bundle_endpoint::BundleEndpointError;
 pub use crate::config::{
     BundleEndpointConfig, BundleEndpointProfile, ConfigError, ConfigProblem, DEFAULT_ADMIN_SOCKET,
-    FileConfig, LogFormat, LogLevel, Overrides,
-    ServerConfig,
+    FileConfig, LogFormat, LogLevel, Overrides, ServerConfig,
 };
-pub use crate::bundle_endpoint::BundleEndpointError;
 pub use crate::server::{DRAIN_TIMEOUT, MAX_MESSAGE_SIZE, Server, ServerError, Shutdown};
 pub use crate::service::agents::DenyReason;
 pub use crate::store::sled::engine as sled;

@@ -34,6 +34,7 @@ use crate::api::admin::{
 };
 use crate::api::ingest::AuditIngestService;
 use crate::api::node::NodeService;
+use crate::bundle_endpoint::BundleEndpoint;
 use crate::ca::{
     Ca, CaError, DiskKeyManager, KeyManager, Pkcs11KeyManager, Pkcs11OpenError, UpstreamAuthority,
 };
@@ -47,6 +48,7 @@ use crate::service::bundles::Bundles;
 use crate::service::crl::{CrlError, CrlPublisher};
 use crate::service::entries::Entries;
 use crate::service::entry_cache::EntryCache;
+use crate::service::federation::{FederatedBundles, Federation};
 use crate::service::ingest::AuditIngest;
 use crate::service::metrics;
 use crate::service::sessions::{SessionRules, Sessions};
@@ -56,8 +58,6 @@ use crate::store::Store;
 use crate::store::StoreError;
 use crate::store::postgres::{PostgresOptions, PostgresStore};
 use crate::store::sled::{SledStore, SledStoreOptions};
-use crate::bundle_endpoint::BundleEndpoint;
-use crate::service::federation::{FederatedBundles, Federation};
 use crate::tls::{self, ServerCertificate};
 use sigil_daemon::limits::ConnectionLimit;
 use sigil_daemon::telemetry::{GrpcMetrics, HttpEndpoints, ReadyCheck};

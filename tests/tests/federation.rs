@@ -84,7 +84,10 @@ async fn federate(from: &TestServer, to: &TestServer, endpoint_id: &str, dir: &P
 }
 
 fn show(server: &TestServer, td: &str) -> serde_json::Value {
-    let run = server_cli(server, &["federation", "show", "--id", td, "--output", "json"]);
+    let run = server_cli(
+        server,
+        &["federation", "show", "--id", td, "--output", "json"],
+    );
     assert!(run.status.success(), "{}{}", run.stdout, run.stderr);
     run.json()
 }
@@ -180,7 +183,13 @@ async fn two_trust_domains_federate_both_ways_over_https_spiffe() {
 
     // F-8: a wrong endpoint ID is a failed fetch that says why, in `federation show` and the
     // log; nothing is stored beyond the bootstrap bundle.
-    let wrong = federate(&pay, &ledger, "spiffe://ledger.example/not-the-server", dir.path()).await;
+    let wrong = federate(
+        &pay,
+        &ledger,
+        "spiffe://ledger.example/not-the-server",
+        dir.path(),
+    )
+    .await;
     assert!(wrong.status.success(), "{}{}", wrong.stdout, wrong.stderr);
     let shown = show_until(&pay, LEDGER_TD, |s| s["last_error"].is_string());
     let error = shown["last_error"].as_str().unwrap();
@@ -202,17 +211,32 @@ async fn two_trust_domains_federate_both_ways_over_https_spiffe() {
             "spiffe://ledger.example/sigil/server",
         ],
     );
-    assert!(updated.status.success(), "{}{}", updated.stdout, updated.stderr);
+    assert!(
+        updated.status.success(),
+        "{}{}",
+        updated.stdout,
+        updated.stderr
+    );
     let shown = show_until(&pay, LEDGER_TD, fetched);
     assert_eq!(shown["profile"], "https_spiffe");
     assert_eq!(shown["x509_authorities"], 1);
-    let back = federate(&ledger, &pay, "spiffe://example.org/sigil/server", dir.path()).await;
+    let back = federate(
+        &ledger,
+        &pay,
+        "spiffe://example.org/sigil/server",
+        dir.path(),
+    )
+    .await;
     assert!(back.status.success(), "{}{}", back.stdout, back.stderr);
     show_until(&ledger, PAY_TD, fetched);
     // F-13: `bundle delete` is refused while a relationship keeps the bundle.
     let refused = server_cli(&pay, &["bundle", "delete", "--id", LEDGER_TD]);
     assert!(!refused.status.success());
-    assert!(refused.stderr.contains("federation delete"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("federation delete"),
+        "{}",
+        refused.stderr
+    );
     // Every change of a federated bundle is audited.
     let audit = server_cli(&pay, &["audit", "show", "--output", "json"]);
     let actions: Vec<String> = audit
@@ -273,7 +297,10 @@ bundles = client.fetch_x509_bundles()
 print(" ".join(sorted(str(b.trust_domain) for b in bundles.bundles)))
 "#
         );
-        let out = Command::new(&python).args(["-c", &script]).output().unwrap();
+        let out = Command::new(&python)
+            .args(["-c", &script])
+            .output()
+            .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -312,7 +339,14 @@ print(" ".join(sorted(str(b.trust_domain) for b in bundles.bundles)))
         Command::new(binary("mtls-server"))
             .arg("--socket-path")
             .arg(ledger_agent.socket())
-            .args(["--listen", "127.0.0.1:0", "--svid", LEDGER, "--allow-id", PAY])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--svid",
+                LEDGER,
+                "--allow-id",
+                PAY,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -344,14 +378,26 @@ print(" ".join(sorted(str(b.trust_domain) for b in bundles.bundles)))
     let refused = Command::new(binary("mtls-client"))
         .arg("--socket-path")
         .arg(pay_agent.socket())
-        .args(["--connect", &addr, "--svid", PAY, "--allow-trust-domain", PAY_TD])
+        .args([
+            "--connect",
+            &addr,
+            "--svid",
+            PAY,
+            "--allow-trust-domain",
+            PAY_TD,
+        ])
         .output()
         .unwrap();
     assert!(!refused.status.success());
 
     // F-13: deleting the relationship removes the bundle from the workloads.
     let deleted = server_cli(&pay, &["federation", "delete", "--id", LEDGER_TD]);
-    assert!(deleted.status.success(), "{}{}", deleted.stdout, deleted.stderr);
+    assert!(
+        deleted.status.success(),
+        "{}{}",
+        deleted.stdout,
+        deleted.stderr
+    );
     let after = bundles_until(&mut bundles, |m| m.bundles.len() == 1).await;
     assert_eq!(authorities(&after, PAY_TD), 1);
     let gone = server_cli(&pay, &["federation", "show", "--id", LEDGER_TD]);
@@ -402,14 +448,20 @@ async fn fetch_endpoint(server: &TestServer) -> serde_json::Value {
             .unwrap()
     };
     // Other methods and paths are refused, as SPIRE's endpoint does.
-    let post = sender.send_request(get("/", hyper::Method::POST)).await.unwrap();
+    let post = sender
+        .send_request(get("/", hyper::Method::POST))
+        .await
+        .unwrap();
     assert_eq!(post.status(), 405);
     let other = sender
         .send_request(get("/other", hyper::Method::GET))
         .await
         .unwrap();
     assert_eq!(other.status(), 404);
-    let response = sender.send_request(get("/", hyper::Method::GET)).await.unwrap();
+    let response = sender
+        .send_request(get("/", hyper::Method::GET))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "application/json");
     let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -430,8 +482,19 @@ async fn a_ca_rotation_reaches_the_other_trust_domains_workloads_before_it_activ
     );
     let ledger = TestServer::start_in(LEDGER_TD, FEDERATING, &[]);
     let first = pay.bundle().await;
-    let created = federate(&ledger, &pay, "spiffe://example.org/sigil/server", dir.path()).await;
-    assert!(created.status.success(), "{}{}", created.stdout, created.stderr);
+    let created = federate(
+        &ledger,
+        &pay,
+        "spiffe://example.org/sigil/server",
+        dir.path(),
+    )
+    .await;
+    assert!(
+        created.status.success(),
+        "{}{}",
+        created.stdout,
+        created.stderr
+    );
     let ledger_agent = TestAgentProcess::start(&ledger).await;
     // The ledger workload needs a relationship to federate with: there is one.
     workload_entry(&ledger, &ledger_agent, LEDGER, PAY_TD);
@@ -501,8 +564,18 @@ async fn an_https_web_endpoint_is_trusted_through_the_system_roots() {
     openssl_in(
         dir.path(),
         &[
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
-            "web.key", "-out", "web.csr", "-subj", "/CN=localhost",
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "web.key",
+            "-out",
+            "web.csr",
+            "-subj",
+            "/CN=localhost",
         ],
     );
     std::fs::write(
@@ -513,8 +586,21 @@ async fn an_https_web_endpoint_is_trusted_through_the_system_roots() {
     openssl_in(
         dir.path(),
         &[
-            "x509", "-req", "-in", "web.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "web.ext", "-out", "web.pem",
+            "x509",
+            "-req",
+            "-in",
+            "web.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "web.ext",
+            "-out",
+            "web.pem",
         ],
     );
     let key = dir.path().join("web.key");
@@ -529,17 +615,32 @@ async fn an_https_web_endpoint_is_trusted_through_the_system_roots() {
         &[],
     );
     let ca = dir.path().join("ca.pem");
-    let ledger = TestServer::start_in(LEDGER_TD, FEDERATING, &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
+    let ledger = TestServer::start_in(
+        LEDGER_TD,
+        FEDERATING,
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+    );
     let url = format!("https://localhost:{}/", pay.bundle_endpoint().port());
     // F-7: no bootstrap bundle and no endpoint ID: the Web PKI authenticates the endpoint.
     let created = server_cli(
         &ledger,
         &[
-            "federation", "create", "--id", PAY_TD, "--bundle-endpoint-url", &url, "--profile",
+            "federation",
+            "create",
+            "--id",
+            PAY_TD,
+            "--bundle-endpoint-url",
+            &url,
+            "--profile",
             "https_web",
         ],
     );
-    assert!(created.status.success(), "{}{}", created.stdout, created.stderr);
+    assert!(
+        created.status.success(),
+        "{}{}",
+        created.stdout,
+        created.stderr
+    );
     let shown = show_until(&ledger, PAY_TD, fetched);
     assert_eq!(shown["profile"], "https_web");
     assert_eq!(shown["x509_authorities"], 1);
@@ -548,12 +649,27 @@ async fn an_https_web_endpoint_is_trusted_through_the_system_roots() {
     let by_ip = format!("https://127.0.0.1:{}/", pay.bundle_endpoint().port());
     let updated = server_cli(
         &ledger,
-        &["federation", "update", "--id", PAY_TD, "--bundle-endpoint-url", &by_ip],
+        &[
+            "federation",
+            "update",
+            "--id",
+            PAY_TD,
+            "--bundle-endpoint-url",
+            &by_ip,
+        ],
     );
-    assert!(updated.status.success(), "{}{}", updated.stdout, updated.stderr);
+    assert!(
+        updated.status.success(),
+        "{}{}",
+        updated.stdout,
+        updated.stderr
+    );
     let shown = show_until(&ledger, PAY_TD, |s| s["last_error"].is_string());
     assert!(
-        shown["last_error"].as_str().unwrap().contains("TLS handshake failed"),
+        shown["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("TLS handshake failed"),
         "{shown}"
     );
     assert_eq!(shown["x509_authorities"], 1);
@@ -561,10 +677,20 @@ async fn an_https_web_endpoint_is_trusted_through_the_system_roots() {
     let bad = server_cli(
         &ledger,
         &[
-            "federation", "create", "--id", "third.example", "--bundle-endpoint-url", &url,
-            "--profile", "https_spiffe",
+            "federation",
+            "create",
+            "--id",
+            "third.example",
+            "--bundle-endpoint-url",
+            &url,
+            "--profile",
+            "https_spiffe",
         ],
     );
     assert!(!bad.status.success());
-    assert!(bad.stderr.contains("--endpoint-spiffe-id"), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("--endpoint-spiffe-id"),
+        "{}",
+        bad.stderr
+    );
 }

@@ -35,8 +35,8 @@ use std::time::{Duration, SystemTime};
 use sigil_core::lifetime::Validity;
 use sigil_core::{Selector, SelectorSet, SpiffeBundle, SpiffeId, TrustDomain};
 use sigil_proto::node::{
-    BatchNewX509svidRequest, Entry, FederatedBundles, NewX509svidParams, SyncEntriesRequest, change,
-    sync_entries_response, x509svid_result,
+    BatchNewX509svidRequest, Entry, FederatedBundles, NewX509svidParams, SyncEntriesRequest,
+    change, sync_entries_response, x509svid_result,
 };
 use tokio::sync::watch;
 use tracing::{debug, info, warn};

@@ -48,8 +48,8 @@ use super::audit::{
     checkpoint_message, divergence_message, parse_checkpoint, peer_chain_message, record_message,
 };
 use super::status::{
-    agent_status, audit_status, bundle_status, entry_status, federation_status, session_status, store_status,
-    svid_status,
+    agent_status, audit_status, bundle_status, entry_status, federation_status, session_status,
+    store_status, svid_status,
 };
 use crate::audit::{AuditFilter, uid_actor};
 use crate::ca::{AuthorityKind, AuthorityState};
@@ -63,8 +63,8 @@ use crate::service::federation::{Federation, RelationshipSpec, RelationshipView}
 use crate::service::sessions::{OpenRequest, Sessions};
 use crate::service::svids::Svids;
 use crate::store::{
-    AttestedNode, EndpointProfile, EntryFilter, EntryId, NewEntry, PageRequest, RegistrationEntry, Session,
-    SessionFilter, SessionId, SessionState,
+    AttestedNode, EndpointProfile, EntryFilter, EntryId, NewEntry, PageRequest, RegistrationEntry,
+    Session, SessionFilter, SessionId, SessionState,
 };
 
 /// The services the admin API calls.
@@ -1227,9 +1227,7 @@ fn parse_relationship(req: pb::FederationRequest) -> Result<RelationshipSpec, St
             None
         }
         (other, _) => {
-            problems.push(format!(
-                "profile {other:?}: use https_spiffe or https_web"
-            ));
+            problems.push(format!("profile {other:?}: use https_spiffe or https_web"));
             None
         }
     };

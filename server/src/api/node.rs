@@ -38,9 +38,9 @@ use crate::policy::TtlPolicy;
 pub(crate) use crate::service::agents::DenyReason;
 use crate::service::agents::{Agent, Agents};
 use crate::service::authority::IssuedSvid;
+use crate::service::federation::FederatedSet;
 use crate::service::sessions::{SessionWorkload, Sessions};
 use crate::service::svids::{SvidRequest, Svids};
-use crate::service::federation::FederatedSet;
 use crate::service::sync::{BundleUpdate, EntrySync, SyncChange, SyncMessage};
 use crate::store::RegistrationEntry;
 use crate::tls::PeerInfo;
@@ -228,9 +228,9 @@ impl NodeService {
                         },
                         SyncChange::Federated { revision, set } => pb::Change {
                             revision,
-                            change: Some(pb::change::Change::FederatedBundles(
-                                federated_message(&set),
-                            )),
+                            change: Some(pb::change::Change::FederatedBundles(federated_message(
+                                &set,
+                            ))),
                         },
                     })
                     .collect(),

@@ -168,9 +168,7 @@ pub(crate) fn session_status(error: SessionError) -> Status {
 }
 
 /// The federation service's errors.
-pub(crate) fn federation_status(
-    error: crate::service::federation::FederationError,
-) -> Status {
+pub(crate) fn federation_status(error: crate::service::federation::FederationError) -> Status {
     use crate::service::federation::FederationError;
     match error {
         FederationError::Invalid(m) => Status::invalid_argument(m),

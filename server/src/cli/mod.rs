@@ -43,8 +43,8 @@ pub use self::entry::{
     EntryUpdateArgs,
 };
 pub use self::federation::{
-    EndpointProfile, FederationCommand, FederationCreateArgs, FederationIdArgs,
-    FederationListArgs, FederationUpdateArgs, TrustBundleArgs,
+    EndpointProfile, FederationCommand, FederationCreateArgs, FederationIdArgs, FederationListArgs,
+    FederationUpdateArgs, TrustBundleArgs,
 };
 pub use self::health::HealthcheckArgs;
 pub use self::session::{

@@ -341,7 +341,11 @@ impl Federation {
             // here, or one stored already.
             let at_hand = endpoint_td == *own
                 || (endpoint_td == *td && bundle.is_some())
-                || self.store.get_federated_bundle(&endpoint_td).await?.is_some();
+                || self
+                    .store
+                    .get_federated_bundle(&endpoint_td)
+                    .await?
+                    .is_some();
             if !at_hand {
                 problems.push(format!(
                     "https_spiffe: the endpoint {endpoint_spiffe_id} is authenticated with the \
@@ -437,7 +441,8 @@ impl Federation {
         if let Err(error) = self.federated.refresh().await {
             warn!(%error, "cannot read the federated bundles again now; the next refresh will");
         }
-        let mut record = relationship_record(uid_actor(uid), action::FEDERATION_DELETE, &relationship);
+        let mut record =
+            relationship_record(uid_actor(uid), action::FEDERATION_DELETE, &relationship);
         if let Some(bundle) = &bundle {
             record = record.detail("bundle_sha256", sigil_core::hex::sha256(&bundle.bundle));
         }
@@ -643,10 +648,8 @@ impl Poller {
         if bundle.is_empty() {
             return Err("the answer is a bundle without any key".to_owned());
         }
-        if let (Some(new), Some(old)) = (
-            bundle.sequence(),
-            stored.and_then(SpiffeBundle::sequence),
-        ) && new < old
+        if let (Some(new), Some(old)) = (bundle.sequence(), stored.and_then(SpiffeBundle::sequence))
+            && new < old
         {
             return Err(format!(
                 "the answer has spiffe_sequence {new}, older than the stored bundle's {old}"

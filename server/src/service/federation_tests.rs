@@ -234,7 +234,10 @@ async fn bad_endpoints_leave_the_last_good_bundle_and_say_why() {
     let status = &view.relationship.status;
     assert_eq!(status.last_error, None);
     let (success, next) = (status.last_success.unwrap(), status.next_poll.unwrap());
-    assert_eq!(next.duration_since(success).unwrap(), Duration::from_secs(7));
+    assert_eq!(
+        next.duration_since(success).unwrap(),
+        Duration::from_secs(7)
+    );
     assert_eq!(
         fx.federated.current().bundles[&other()].bundle.sequence(),
         Some(2)
@@ -254,8 +257,14 @@ async fn bad_endpoints_leave_the_last_good_bundle_and_say_why() {
             Answer::Body(vec![b' '; federation_client::MAX_BUNDLE_BYTES + 1]),
             "larger than",
         ),
-        (Answer::Slow(Duration::from_secs(3)), "no complete answer within"),
-        (Answer::Body(bundle_json(&[&ca], 1)), "older than the stored"),
+        (
+            Answer::Slow(Duration::from_secs(3)),
+            "no complete answer within",
+        ),
+        (
+            Answer::Body(bundle_json(&[&ca], 1)),
+            "older than the stored",
+        ),
         (Answer::Body(br#"{"keys":[]}"#.to_vec()), "without any key"),
         // F-9: a redirect is not followed; the error names where it points.
         (Answer::Redirect, "https://elsewhere.example/"),
@@ -284,11 +293,18 @@ async fn bad_endpoints_leave_the_last_good_bundle_and_say_why() {
     // F-8: an endpoint whose SVID has another ID than the configured one.
     endpoint.answer(Answer::Body(bundle_json(&[&ca], 3)));
     federation
-        .update(0, spiffe_spec(&endpoint.url(), "spiffe://other.org/elsewhere", None))
+        .update(
+            0,
+            spiffe_spec(&endpoint.url(), "spiffe://other.org/elsewhere", None),
+        )
         .await
         .unwrap();
     let view = poll(&federation).await;
-    assert!(last_error(&view).contains("TLS handshake failed"), "{}", last_error(&view));
+    assert!(
+        last_error(&view).contains("TLS handshake failed"),
+        "{}",
+        last_error(&view)
+    );
     assert_eq!(sequence(&view), Some(2));
     // An endpoint whose certificate chains to a CA not in the trust domain's bundle.
     let stranger = new_ca("unknown CA");
@@ -300,7 +316,11 @@ async fn bad_endpoints_leave_the_last_good_bundle_and_say_why() {
         .await
         .unwrap();
     let view = poll(&federation).await;
-    assert!(last_error(&view).contains("TLS handshake failed"), "{}", last_error(&view));
+    assert!(
+        last_error(&view).contains("TLS handshake failed"),
+        "{}",
+        last_error(&view)
+    );
     assert_eq!(sequence(&view), Some(2));
 
     // Rotation: a bundle with the next CA is fetched; an endpoint whose SVID the next CA
@@ -373,7 +393,11 @@ async fn f5_f6_f8_relationships_are_checked_before_they_are_stored() {
     .await;
     // F-8: a self-serving https_spiffe endpoint needs a bootstrap bundle; so does one in a
     // third trust domain nobody has a bundle of.
-    refuse(spiffe_spec("https://h/", ENDPOINT_ID, None), "--trust-bundle").await;
+    refuse(
+        spiffe_spec("https://h/", ENDPOINT_ID, None),
+        "--trust-bundle",
+    )
+    .await;
     refuse(
         spiffe_spec("https://h/", "spiffe://third.example/server", Some(&ca)),
         "bundle of third.example",
@@ -385,7 +409,10 @@ async fn f5_f6_f8_relationships_are_checked_before_they_are_stored() {
     assert!(fx.federation.list().await.unwrap().is_empty());
     // An endpoint served in this trust domain needs no bootstrap bundle; https_web neither.
     fx.federation
-        .create(0, spiffe_spec("https://h/", "spiffe://example.org/sigil/server", None))
+        .create(
+            0,
+            spiffe_spec("https://h/", "spiffe://example.org/sigil/server", None),
+        )
         .await
         .unwrap();
     let mut web = spiffe_spec("https://bundle.third.example/", ENDPOINT_ID, None);

@@ -1338,7 +1338,12 @@ pub(crate) async fn federation_relationships_keep_their_bundles_and_fetches_in_s
     assert_eq!(created.generation, 1);
     assert!(created.created_at > SystemTime::UNIX_EPOCH);
     assert_eq!(
-        store.get_federated_bundle(&b).await.unwrap().unwrap().bundle,
+        store
+            .get_federated_bundle(&b)
+            .await
+            .unwrap()
+            .unwrap()
+            .bundle,
         bootstrap
     );
     assert!(matches!(
@@ -1376,7 +1381,12 @@ pub(crate) async fn federation_relationships_keep_their_bundles_and_fetches_in_s
     let stored = store.get_federation(&b).await.unwrap().unwrap();
     assert_eq!(stored.status, status);
     assert_eq!(
-        store.get_federated_bundle(&b).await.unwrap().unwrap().bundle,
+        store
+            .get_federated_bundle(&b)
+            .await
+            .unwrap()
+            .unwrap()
+            .bundle,
         fetched
     );
     // An update raises the generation and keeps created_at and the status; a fetch that
@@ -1386,7 +1396,11 @@ pub(crate) async fn federation_relationships_keep_their_bundles_and_fetches_in_s
         .await
         .unwrap();
     assert_eq!(
-        (updated.generation, updated.created_at, updated.endpoint_url.as_str()),
+        (
+            updated.generation,
+            updated.created_at,
+            updated.endpoint_url.as_str()
+        ),
         (2, created.created_at, "https://b2/")
     );
     assert_eq!(updated.status.server_id, "s1");
@@ -1397,7 +1411,12 @@ pub(crate) async fn federation_relationships_keep_their_bundles_and_fetches_in_s
             .unwrap()
     );
     assert_eq!(
-        store.get_federated_bundle(&b).await.unwrap().unwrap().bundle,
+        store
+            .get_federated_bundle(&b)
+            .await
+            .unwrap()
+            .unwrap()
+            .bundle,
         fetched
     );
     let names: Vec<_> = store

@@ -57,13 +57,13 @@ pub(crate) mod postgres;
 pub(crate) mod session;
 pub(crate) mod sled;
 
+pub(crate) use self::federation::{EndpointProfile, FederationRelationship, FetchStatus, Put};
 pub(crate) use self::session::{
     Revocation, RevocationReason, Session, SessionCredential, SessionEntryOp, SessionFilter,
     SessionId, SessionJwt, SessionSerial, SessionState, SessionUpdate,
 };
 #[cfg(test)]
 pub(crate) use self::sled::{SledStore, SledStoreOptions};
-pub(crate) use self::federation::{EndpointProfile, FederationRelationship, FetchStatus, Put};
 
 /// The id of a server that was not given one (`server_id` in the configuration): the only
 /// server of a deployment.

@@ -20,9 +20,9 @@ use crate::audit::{
 use crate::store::{
     AttestedNode, Change, ChangeKind, ChangesSince, CrlCounters, EntryFilter, EntryId,
     EntrySnapshot, FederatedBundle, FederationRelationship, FetchStatus, JobWork, JoinToken,
-    MAX_CHANGES_PER_CALL, NewEntry, Page, Put,
-    PageRequest, RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential,
-    SessionEntryOp, SessionFilter, SessionId, SessionUpdate, Store, StoreError,
+    MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest, Put, RegistrationEntry, Revocation,
+    ServerBundles, Session, SessionCredential, SessionEntryOp, SessionFilter, SessionId,
+    SessionUpdate, Store, StoreError,
 };
 
 /// Rows fetched per round trip when a listing filters in Rust (audit records, sessions).

@@ -181,8 +181,8 @@ impl Inner {
                         key: trust_domain.to_string(),
                     }));
                 };
-                let relationship = decode("federation relationship", &relationship)
-                    .map_err(abort)?;
+                let relationship =
+                    decode("federation relationship", &relationship).map_err(abort)?;
                 let bundle = bundles
                     .remove(trust_domain.name().as_bytes())?
                     .map(|v| decode("federated bundle", &v))

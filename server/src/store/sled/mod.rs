@@ -97,10 +97,9 @@ use self::entries::prune_changes;
 use super::{
     AttestedNode, ChangesSince, CrlCounters, DEFAULT_CHANGE_RETENTION, EntryFilter, EntryId,
     EntrySnapshot, FederatedBundle, FederationRelationship, FetchStatus, JobWork, JoinToken,
-    MAX_CHANGES_PER_CALL, NewEntry, Page, Put,
-    PageRequest, RegistrationEntry, Revocation, ServerBundles, Session, SessionCredential,
-    SessionEntryOp, SessionFilter, SessionId, SessionUpdate, Store, StoreError, hex_decode,
-    hex_encode,
+    MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest, Put, RegistrationEntry, Revocation,
+    ServerBundles, Session, SessionCredential, SessionEntryOp, SessionFilter, SessionId,
+    SessionUpdate, Store, StoreError, hex_decode, hex_encode,
 };
 use crate::audit::{
     AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, AuditSource, NewAuditRecord,
