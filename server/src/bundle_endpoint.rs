@@ -13,7 +13,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -277,8 +277,8 @@ impl std::fmt::Debug for WebCertificate {
     }
 }
 
-/// What tells a changed file: modification time, length and inode of both files.
-type FileStamp = Option<[(SystemTime, u64, u64); 2]>;
+/// What tells a changed pair of files: the SHA-256 of their contents (`None`: unreadable).
+type FileStamp = Option<[u8; 32]>;
 
 impl WebCertificate {
     /// Reads both files.
@@ -344,12 +344,14 @@ impl ResolvesServerCert for WebCertificate {
 }
 
 fn stamp(cert_path: &Path, key_path: &Path) -> FileStamp {
-    use std::os::unix::fs::MetadataExt;
-    let one = |path: &Path| {
-        let meta = std::fs::metadata(path).ok()?;
-        Some((meta.modified().ok()?, meta.len(), meta.ino()))
-    };
-    Some([one(cert_path)?, one(key_path)?])
+    let cert = std::fs::read(cert_path).ok()?;
+    let key = zeroize::Zeroizing::new(std::fs::read(key_path).ok()?);
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [cert.as_slice(), key.as_slice()] {
+        digest.update(&(part.len() as u64).to_be_bytes());
+        digest.update(part);
+    }
+    digest.finish().as_ref().try_into().ok()
 }
 
 fn read_certified_key(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, String> {
@@ -373,4 +375,68 @@ fn read_certified_key(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey,
         .keys_match()
         .map_err(|e| format!("{} and {}: {e}", cert_path.display(), key_path.display()))?;
     Ok(certified)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use rcgen::{CertificateParams, KeyPair};
+
+    use super::*;
+
+    /// A self-signed certificate for localhost: (certificate PEM, key PEM, certificate DER).
+    fn certificate() -> (String, String, CertificateDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().clone())
+    }
+
+    fn served(web: &WebCertificate) -> CertificateDer<'static> {
+        web.current.read().unwrap().1.cert[0].clone()
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn the_web_certificate_is_read_again_when_it_changes_and_kept_when_the_new_one_is_bad() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("web.pem"), dir.path().join("web.key"));
+        let (cert, key, first) = certificate();
+        write(&cert_path, &cert);
+        write(&key_path, &key);
+        let web = WebCertificate::load(&cert_path, &key_path).unwrap();
+        assert_eq!(served(&web), first);
+        assert!(!web.reload_if_changed(), "nothing changed");
+
+        // A renewal: the new pair is served.
+        let (cert, key, second) = certificate();
+        write(&cert_path, &cert);
+        write(&key_path, &key);
+        assert!(web.reload_if_changed());
+        assert_eq!(served(&web), second);
+
+        // A certificate whose key is not the one beside it, then garbage: the previous pair
+        // stays in service.
+        let (other_cert, _, _) = certificate();
+        write(&cert_path, &other_cert);
+        assert!(!web.reload_if_changed());
+        assert_eq!(served(&web), second);
+        write(&cert_path, "not a certificate");
+        assert!(!web.reload_if_changed());
+        assert_eq!(served(&web), second);
+        // A key anyone may read is refused at start, naming the file.
+        let (cert, key, _) = certificate();
+        write(&cert_path, &cert);
+        write(&key_path, &key);
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = WebCertificate::load(&cert_path, &key_path).unwrap_err();
+        assert!(refused.to_string().contains("web.key"), "{refused}");
+    }
 }

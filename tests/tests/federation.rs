@@ -220,6 +220,12 @@ async fn two_trust_domains_federate_both_ways_over_https_spiffe() {
     let shown = show_until(&pay, LEDGER_TD, fetched);
     assert_eq!(shown["profile"], "https_spiffe");
     assert_eq!(shown["x509_authorities"], 1);
+    // F-14: every fetch is logged, the good ones too.
+    assert!(
+        pay.log_text().contains("federated bundle fetched"),
+        "{}",
+        pay.log_text()
+    );
     let back = federate(
         &ledger,
         &pay,
@@ -622,6 +628,8 @@ async fn an_https_web_endpoint_is_trusted_through_the_system_roots() {
     );
     let url = format!("https://localhost:{}/", pay.bundle_endpoint().port());
     // F-7: no bootstrap bundle and no endpoint ID: the Web PKI authenticates the endpoint.
+    // F-3: with the https_spiffe test above, the client side speaks both profiles, and the
+    // endpoint serves both.
     let created = server_cli(
         &ledger,
         &[
