@@ -42,6 +42,24 @@ pub struct SpiffeClientVerifier {
     algorithms: WebPkiSupportedAlgorithms,
 }
 
+/// Verifies a client certificate with the verifier of the trust domain in its SPIFFE ID (server
+/// side), so that each trust domain's authorities vouch for that trust domain's IDs only: with
+/// federated trust domains, a peer's chain is checked against its own trust domain's bundle,
+/// never another's. A peer of a trust domain without a verifier is refused. The verifiers are
+/// the caller's (webpki ones with the CRLs, say); the SPIFFE ID is authorized after the
+/// handshake.
+#[derive(Debug)]
+pub struct ClientVerifierByTrustDomain {
+    verifiers: Vec<(TrustDomain, Arc<dyn ClientCertVerifier>)>,
+}
+
+/// The client side of [`ClientVerifierByTrustDomain`]: a server certificate is verified by the
+/// verifier of the trust domain in its SPIFFE ID.
+#[derive(Debug)]
+pub struct ServerVerifierByTrustDomain {
+    verifiers: Vec<(TrustDomain, Arc<dyn ServerCertVerifier>)>,
+}
+
 /// Verifies a server's X509-SVID (client side), ignoring the TLS server name: the SPIFFE ID is
 /// what is authorized.
 pub struct SpiffeServerVerifier {
@@ -242,7 +260,142 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+// === impl ClientVerifierByTrustDomain ===
+
+impl ClientVerifierByTrustDomain {
+    /// One verifier per trust domain (the first one also checks handshake signatures).
+    pub fn new(verifiers: Vec<(TrustDomain, Arc<dyn ClientCertVerifier>)>) -> Self {
+        Self { verifiers }
+    }
+
+    fn first(&self) -> Result<&Arc<dyn ClientCertVerifier>, rustls::Error> {
+        self.verifiers
+            .first()
+            .map(|(_, v)| v)
+            .ok_or_else(|| rustls::Error::General("no trust bundle".to_owned()))
+    }
+}
+
+impl ClientCertVerifier for ClientVerifierByTrustDomain {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let td = leaf_trust_domain(end_entity)?;
+        let (_, verifier) = self
+            .verifiers
+            .iter()
+            .find(|(known, _)| *known == td)
+            .ok_or_else(|| unknown_trust_domain(&td))?;
+        verifier.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.first()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.first()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifiers
+            .first()
+            .map(|(_, v)| v.supported_verify_schemes())
+            .unwrap_or_default()
+    }
+}
+
+// === impl ServerVerifierByTrustDomain ===
+
+impl ServerVerifierByTrustDomain {
+    /// One verifier per trust domain (the first one also checks handshake signatures).
+    pub fn new(verifiers: Vec<(TrustDomain, Arc<dyn ServerCertVerifier>)>) -> Self {
+        Self { verifiers }
+    }
+
+    fn first(&self) -> Result<&Arc<dyn ServerCertVerifier>, rustls::Error> {
+        self.verifiers
+            .first()
+            .map(|(_, v)| v)
+            .ok_or_else(|| rustls::Error::General("no trust bundle".to_owned()))
+    }
+}
+
+impl ServerCertVerifier for ServerVerifierByTrustDomain {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let td = leaf_trust_domain(end_entity)?;
+        let (_, verifier) = self
+            .verifiers
+            .iter()
+            .find(|(known, _)| *known == td)
+            .ok_or_else(|| unknown_trust_domain(&td))?;
+        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.first()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.first()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifiers
+            .first()
+            .map(|(_, v)| v.supported_verify_schemes())
+            .unwrap_or_default()
+    }
+}
+
 // === helpers ===
+
+/// The trust domain of the SPIFFE ID in `leaf`, for choosing the verifier.
+fn leaf_trust_domain(leaf: &CertificateDer<'_>) -> Result<TrustDomain, rustls::Error> {
+    crate::x509_svid::check_leaf_certificate(leaf)
+        .map(|id| id.trust_domain().clone())
+        .map_err(|e| rustls::Error::General(format!("not an X509-SVID: {e}")))
+}
+
+fn unknown_trust_domain(td: &TrustDomain) -> rustls::Error {
+    rustls::Error::General(format!(
+        "no bundle of {td}: the peer's trust domain is neither ours nor federated with us"
+    ))
+}
 
 fn ring_algorithms() -> WebPkiSupportedAlgorithms {
     rustls::crypto::ring::default_provider().signature_verification_algorithms

@@ -131,17 +131,20 @@ impl BundleEndpoint {
         }
         let body = Arc::new(BundleBody::new(self.refresh_hint));
         let limit = ConnectionLimit::new("bundle endpoint", MAX_CONNECTIONS);
-        let mut reload = tokio::time::interval(WEB_RELOAD_INTERVAL);
-        reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The files are read on the blocking pool, beside the accept loop.
+        let _reload = self.web.clone().map(|web| {
+            let task = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(WEB_RELOAD_INTERVAL).await;
+                    let web = web.clone();
+                    let _ = tokio::task::spawn_blocking(move || web.reload_if_changed()).await;
+                }
+            });
+            AbortOnDrop(task)
+        });
         loop {
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
-                _ = reload.tick(), if self.web.is_some() => {
-                    if let Some(web) = &self.web {
-                        web.reload_if_changed();
-                    }
-                    continue;
-                }
                 _ = stop.wait_for(|stop| *stop) => return,
             };
             let stream = match accepted {
@@ -183,6 +186,15 @@ impl BundleEndpoint {
                 drop(permit);
             });
         }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -343,9 +355,23 @@ impl ResolvesServerCert for WebCertificate {
     }
 }
 
+/// The most of each file read (a certificate chain or a key is a few KiB).
+const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+fn read_bounded(path: &Path) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    use std::io::Read as _;
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    (bytes.len() as u64 <= MAX_FILE_BYTES).then_some(bytes)
+}
+
 fn stamp(cert_path: &Path, key_path: &Path) -> FileStamp {
-    let cert = std::fs::read(cert_path).ok()?;
-    let key = zeroize::Zeroizing::new(std::fs::read(key_path).ok()?);
+    let cert = read_bounded(cert_path)?;
+    let key = read_bounded(key_path)?;
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     for part in [cert.as_slice(), key.as_slice()] {
         digest.update(&(part.len() as u64).to_be_bytes());

@@ -67,6 +67,22 @@ impl EndpointUrl {
         if host.is_empty() {
             return Err(format!("{text:?}: no host"));
         }
+        // What follows the host must be nothing, or a port from 1 to 65535 (`http::Uri` takes
+        // `h:99999` and would connect to 443).
+        let after_host = authority
+            .as_str()
+            .get(authority.host().len()..)
+            .unwrap_or_default();
+        if !after_host.is_empty()
+            && !after_host
+                .strip_prefix(':')
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_some_and(|p| p > 0)
+        {
+            return Err(format!(
+                "{text:?}: the port is not a number from 1 to 65535"
+            ));
+        }
         Ok(Self {
             host: host.to_owned(),
             port: authority.port_u16().unwrap_or(443),
@@ -137,7 +153,8 @@ async fn fetch_inner(url: &EndpointUrl, auth: Authentication) -> Result<Bytes, S
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| format!("HTTP: {e}"))?;
-    let connection = tokio::spawn(connection);
+    // Aborted however this ends (the time limit drops this future at any await).
+    let connection = AbortOnDrop(tokio::spawn(connection));
     let request = hyper::Request::get(url.path_and_query())
         .header(hyper::header::HOST, url.host_header())
         .header(hyper::header::ACCEPT, "application/json")
@@ -154,15 +171,13 @@ async fn fetch_inner(url: &EndpointUrl, auth: Authentication) -> Result<Bytes, S
             .headers()
             .get(hyper::header::LOCATION)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("(none)");
-        connection.abort();
+            .map_or_else(|| "(none)".to_owned(), |l| truncated(l, 200));
         return Err(format!(
             "the endpoint redirects ({status}, Location {location}); redirects are not followed: \
              point the relationship at the final URL"
         ));
     }
     if status != hyper::StatusCode::OK {
-        connection.abort();
         return Err(format!("the endpoint answered {status}"));
     }
     let body = Limited::new(response.into_body(), MAX_BUNDLE_BYTES)
@@ -176,8 +191,26 @@ async fn fetch_inner(url: &EndpointUrl, auth: Authentication) -> Result<Bytes, S
             }
         })?
         .to_bytes();
-    connection.abort();
+    drop(connection);
     Ok(body)
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// At most `max` characters of `text` (what a remote endpoint says goes into the log and the
+/// store).
+fn truncated(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_owned(),
+    }
 }
 
 fn client_config(auth: Authentication) -> Result<rustls::ClientConfig, String> {
@@ -204,29 +237,29 @@ fn client_config(auth: Authentication) -> Result<rustls::ClientConfig, String> {
     Ok(config)
 }
 
-/// The system's root certificates, read once per process.
+/// The system's root certificates, read once per process (until they are found, every fetch
+/// tries: a machine without them yet may get them).
 fn system_roots() -> Result<Arc<RootCertStore>, String> {
-    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
-    ROOTS
-        .get_or_init(|| {
-            let found = rustls_native_certs::load_native_certs();
-            let mut roots = RootCertStore::empty();
-            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
-                return Err(format!(
-                    "no system root certificates to check an https_web endpoint with \
-                     (install ca-certificates, or set SSL_CERT_FILE){}",
-                    if errors.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", errors.join("; "))
-                    }
-                ));
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    if let Some(roots) = ROOTS.get() {
+        return Ok(roots.clone());
+    }
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+        return Err(format!(
+            "no system root certificates to check an https_web endpoint with \
+             (install ca-certificates, or set SSL_CERT_FILE){}",
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", errors.join("; "))
             }
-            Ok(Arc::new(roots))
-        })
-        .clone()
+        ));
+    }
+    Ok(ROOTS.get_or_init(|| Arc::new(roots)).clone())
 }
 
 /// The reason inside a rustls error, without the io wrapping.
@@ -264,6 +297,8 @@ mod tests {
             ("bundle.example.org", "must be https"),
             ("https:///x", "not a URL"),
             ("not a url", "not a URL"),
+            ("https://h:99999/", "port"),
+            ("https://h:0/", "port"),
         ] {
             let err = EndpointUrl::parse(bad).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");

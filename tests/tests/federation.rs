@@ -146,8 +146,9 @@ fn authorities(message: &X509BundlesResponse, td: &str) -> usize {
         })
 }
 
-/// An entry for the test process's uid under `agent` granting `id`, federating with `td`.
-fn workload_entry(server: &TestServer, agent: &TestAgentProcess, id: &str, td: &str) {
+/// An entry for the test process's uid under `agent` granting `id`, federating with `td`;
+/// returns its id.
+fn workload_entry(server: &TestServer, agent: &TestAgentProcess, id: &str, td: &str) -> String {
     let run = server_cli(
         server,
         &[
@@ -167,6 +168,7 @@ fn workload_entry(server: &TestServer, agent: &TestAgentProcess, id: &str, td: &
     );
     assert!(run.status.success(), "{}{}", run.stdout, run.stderr);
     assert_eq!(run.json()["federates_with"], serde_json::json!([td]));
+    run.json()["id"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test]
@@ -258,7 +260,7 @@ async fn two_trust_domains_federate_both_ways_over_https_spiffe() {
     let pay_agent = TestAgentProcess::start(&pay).await;
     let ledger_agent = TestAgentProcess::start(&ledger).await;
     workload_entry(&pay, &pay_agent, PAY, LEDGER_TD);
-    workload_entry(&ledger, &ledger_agent, LEDGER, PAY_TD);
+    let ledger_entry = workload_entry(&ledger, &ledger_agent, LEDGER, PAY_TD);
     let (_stream, svids) = x509_stream_with(&pay_agent, |m| {
         svid_ids(m) == [PAY] && m.federated_bundles.contains_key("spiffe://ledger.example")
     })
@@ -395,6 +397,35 @@ print(" ".join(sorted(str(b.trust_domain) for b in bundles.bundles)))
         .output()
         .unwrap();
     assert!(!refused.status.success());
+
+    // An entry that stops federating takes the bundle from its workloads with it.
+    let mut ledger_bundles = ledger_agent
+        .client()
+        .await
+        .fetch_x509_bundles(X509BundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    bundles_until(&mut ledger_bundles, |m| m.bundles.len() == 2).await;
+    let updated = server_cli(
+        &ledger,
+        &[
+            "entry",
+            "update",
+            "--id",
+            &ledger_entry,
+            "--federates-with",
+            "none",
+        ],
+    );
+    assert!(
+        updated.status.success(),
+        "{}{}",
+        updated.stdout,
+        updated.stderr
+    );
+    let after = bundles_until(&mut ledger_bundles, |m| m.bundles.len() == 1).await;
+    assert_eq!(authorities(&after, LEDGER_TD), 1);
 
     // F-13: deleting the relationship removes the bundle from the workloads.
     let deleted = server_cli(&pay, &["federation", "delete", "--id", LEDGER_TD]);

@@ -316,21 +316,26 @@ impl Manager {
             if entry.spiffe_id != svid.spiffe_id.as_str() {
                 return false;
             }
-            match parse_selectors(entry) {
-                Ok(selectors) => {
+            match (parse_selectors(entry), federates_with(entry)) {
+                (Ok(selectors), Ok(federates_with)) => {
                     // Copied (from the published inventories' shared one) only when it changes.
+                    // The federated trust domains follow the entry at once too: a workload
+                    // must not keep a trust domain its entry no longer names until the new
+                    // SVID is minted.
                     if svid.selectors != selectors
                         || svid.hint != entry.hint
                         || svid.jwt_ttl != entry.jwt_svid_ttl
+                        || svid.federates_with != federates_with
                     {
                         let svid = Arc::make_mut(svid);
                         svid.selectors = selectors;
                         svid.hint = entry.hint.clone();
                         svid.jwt_ttl = entry.jwt_svid_ttl;
+                        svid.federates_with = federates_with;
                     }
                     true
                 }
-                Err(_) => false,
+                _ => false,
             }
         });
         self.inventory.sessions = self

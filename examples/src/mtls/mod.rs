@@ -18,14 +18,13 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
-};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
     UnixTime,
 };
+use sigil_core::tls::{ClientVerifierByTrustDomain, ServerVerifierByTrustDomain};
 use sigil_core::{SpiffeId, TrustDomain, X509Bundle, X509Svid};
 use sigil_proto::workload::X509svidRequest;
 use tokio::sync::watch;
@@ -226,19 +225,6 @@ fn trust_domains(
     )
 }
 
-/// The trust domain of the SPIFFE ID in `leaf`, for choosing the bundle to verify it with.
-fn leaf_trust_domain(leaf: &CertificateDer<'_>) -> Result<TrustDomain, rustls::Error> {
-    sigil_core::x509_svid::check_leaf_certificate(leaf)
-        .map(|id| id.trust_domain().clone())
-        .map_err(|e| rustls::Error::General(format!("not an X509-SVID: {e}")))
-}
-
-fn unknown_trust_domain(td: &TrustDomain) -> rustls::Error {
-    rustls::Error::General(format!(
-        "no bundle of {td}: the peer's trust domain is neither ours nor federated with us"
-    ))
-}
-
 fn key(credentials: &Credentials) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(credentials.key.clone()))
 }
@@ -256,11 +242,11 @@ pub(crate) fn server_config(
             // A CRL of a just-created authority may not have reached us yet.
             .allow_unknown_revocation_status()
             .build()?;
-        by_trust_domain.push((td, verifier));
+        by_trust_domain.push((td, verifier as Arc<dyn ClientCertVerifier>));
     }
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(Arc::new(ClientByTrustDomain(by_trust_domain)))
+        .with_client_cert_verifier(Arc::new(ClientVerifierByTrustDomain::new(by_trust_domain)))
         .with_single_cert(credentials.chain.clone(), key(credentials))?;
     Ok(Arc::new(config))
 }
@@ -277,12 +263,17 @@ pub(crate) fn client_config(
             .only_check_end_entity_revocation()
             .allow_unknown_revocation_status()
             .build()?;
-        by_trust_domain.push((td, IgnoreName(webpki)));
+        by_trust_domain.push((
+            td,
+            Arc::new(IgnoreName(webpki)) as Arc<dyn ServerCertVerifier>,
+        ));
     }
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ServerByTrustDomain(by_trust_domain)))
+        .with_custom_certificate_verifier(Arc::new(ServerVerifierByTrustDomain::new(
+            by_trust_domain,
+        )))
         .with_client_auth_cert(credentials.chain.clone(), key(credentials))?;
     Ok(Arc::new(config))
 }
@@ -342,121 +333,5 @@ impl ServerCertVerifier for IgnoreName {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
-    }
-}
-
-/// Verifies a client with the verifier of the trust domain in its SVID.
-#[derive(Debug)]
-struct ClientByTrustDomain(Vec<(TrustDomain, Arc<dyn ClientCertVerifier>)>);
-
-impl ClientByTrustDomain {
-    fn first(&self) -> Result<&Arc<dyn ClientCertVerifier>, rustls::Error> {
-        self.0
-            .first()
-            .map(|(_, v)| v)
-            .ok_or_else(|| rustls::Error::General("no trust bundle".to_owned()))
-    }
-}
-
-impl ClientCertVerifier for ClientByTrustDomain {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let td = leaf_trust_domain(end_entity)?;
-        let (_, verifier) = self
-            .0
-            .iter()
-            .find(|(known, _)| *known == td)
-            .ok_or_else(|| unknown_trust_domain(&td))?;
-        verifier.verify_client_cert(end_entity, intermediates, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.first()?.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.first()?.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0
-            .first()
-            .map(|(_, v)| v.supported_verify_schemes())
-            .unwrap_or_default()
-    }
-}
-
-/// Verifies a server with the verifier of the trust domain in its SVID.
-#[derive(Debug)]
-struct ServerByTrustDomain(Vec<(TrustDomain, IgnoreName)>);
-
-impl ServerByTrustDomain {
-    fn first(&self) -> Result<&IgnoreName, rustls::Error> {
-        self.0
-            .first()
-            .map(|(_, v)| v)
-            .ok_or_else(|| rustls::Error::General("no trust bundle".to_owned()))
-    }
-}
-
-impl ServerCertVerifier for ServerByTrustDomain {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let td = leaf_trust_domain(end_entity)?;
-        let (_, verifier) = self
-            .0
-            .iter()
-            .find(|(known, _)| *known == td)
-            .ok_or_else(|| unknown_trust_domain(&td))?;
-        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.first()?.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.first()?.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0
-            .first()
-            .map(|(_, v)| v.supported_verify_schemes())
-            .unwrap_or_default()
     }
 }

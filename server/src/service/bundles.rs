@@ -153,6 +153,14 @@ impl Bundles {
                 "the server's own bundle cannot be set; it is managed by the CA".to_owned(),
             ));
         }
+        if self.store.get_federation(trust_domain).await?.is_some() {
+            return Err(BundleError::Invalid(format!(
+                "a federation relationship keeps the bundle of {trust_domain}: give the bundle \
+                 with `federation update --id {} --trust-bundle FILE` (or delete the \
+                 relationship)",
+                trust_domain.name()
+            )));
+        }
         let bundle = parse_bundle(trust_domain, format, text).map_err(BundleError::Invalid)?;
         let json = bundle.to_json();
         self.store

@@ -74,11 +74,19 @@ pub(crate) struct FederatedSet {
     pub bundles: BTreeMap<TrustDomain, Arc<FederatedEntry>>,
 }
 
+/// The most the federated bundles handed to agents may take together (their JSON): with a
+/// snapshot page of entries and the CRLs, one sync message stays well within gRPC's 4 MiB.
+/// Bundles beyond it (in trust domain order) are left out, with a warning.
+pub(crate) const MAX_FEDERATED_BYTES: usize = 1024 * 1024;
+
 /// The federated bundles the store holds, published to sync streams.
 #[derive(Debug)]
 pub(crate) struct FederatedBundles {
     store: Arc<dyn Store>,
     tx: watch::Sender<Arc<FederatedSet>>,
+    /// One refresh at a time: one that read the store before a delete never publishes after
+    /// one that read it after.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl FederatedBundles {
@@ -91,6 +99,7 @@ impl FederatedBundles {
         let this = Arc::new(Self {
             store,
             tx: watch::Sender::new(Arc::new(FederatedSet::default())),
+            refreshing: tokio::sync::Mutex::new(()),
         });
         this.refresh().await?;
         Ok(this)
@@ -113,8 +122,15 @@ impl FederatedBundles {
     ///
     /// The store's (the set stays as it was).
     pub(crate) async fn refresh(&self) -> Result<bool, StoreError> {
+        let _one_at_a_time = self.refreshing.lock().await;
         let mut bundles = BTreeMap::new();
+        let mut total = 0usize;
         for stored in self.store.list_federated_bundles().await? {
+            total = total.saturating_add(stored.bundle.len());
+            if total > MAX_FEDERATED_BYTES {
+                warn!(trust_domain = %stored.trust_domain, max = MAX_FEDERATED_BYTES, "the federated bundles are too large together; this one is not handed out");
+                continue;
+            }
             match SpiffeBundle::parse(stored.trust_domain.clone(), &stored.bundle) {
                 Ok(bundle) => {
                     bundles.insert(
@@ -208,6 +224,10 @@ pub(crate) struct Federation {
     server_id: String,
     min_poll: Duration,
     fetch_timeout: Duration,
+    /// When this server may next fetch each trust domain whatever the store says: a fetch
+    /// whose outcome could not be recorded (the store failing) is not tried again at every
+    /// tick.
+    not_before: std::sync::Mutex<BTreeMap<TrustDomain, SystemTime>>,
 }
 
 impl Federation {
@@ -228,6 +248,7 @@ impl Federation {
             server_id,
             min_poll,
             fetch_timeout: federation_client::FETCH_TIMEOUT,
+            not_before: std::sync::Mutex::default(),
         }
     }
 
@@ -502,10 +523,23 @@ impl Federation {
                 return 0;
             }
         };
-        let due: Vec<_> = relationships
-            .into_iter()
-            .filter(|r| r.status.next_poll.is_none_or(|at| at <= now))
-            .collect();
+        let due: Vec<_> = {
+            let mut not_before = self
+                .not_before
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            not_before.retain(|_, at| *at > now);
+            let due: Vec<_> = relationships
+                .into_iter()
+                .filter(|r| r.status.next_poll.is_none_or(|at| at <= now))
+                .filter(|r| !not_before.contains_key(&r.trust_domain))
+                .collect();
+            // However each fetch ends, not again from this server before federation_min_poll.
+            for relationship in &due {
+                not_before.insert(relationship.trust_domain.clone(), now + self.min_poll);
+            }
+            due
+        };
         let count = due.len();
         let mut fetches = tokio::task::JoinSet::new();
         for relationship in due {
@@ -648,12 +682,20 @@ impl Poller {
         if bundle.is_empty() {
             return Err("the answer is a bundle without any key".to_owned());
         }
-        if let (Some(new), Some(old)) = (bundle.sequence(), stored.and_then(SpiffeBundle::sequence))
-            && new < old
-        {
-            return Err(format!(
-                "the answer has spiffe_sequence {new}, older than the stored bundle's {old}"
-            ));
+        match (bundle.sequence(), stored.and_then(SpiffeBundle::sequence)) {
+            (Some(new), Some(old)) if new < old => {
+                return Err(format!(
+                    "the answer has spiffe_sequence {new}, older than the stored bundle's {old}"
+                ));
+            }
+            // Once the trust domain numbered its bundles, an answer without a number cannot
+            // be ordered against them (F-11): it could be an old copy.
+            (None, Some(old)) => {
+                return Err(format!(
+                    "the answer has no spiffe_sequence; the stored bundle has {old}"
+                ));
+            }
+            _ => {}
         }
         Ok(bundle)
     }

@@ -170,6 +170,13 @@ fn spiffe_spec(url: &str, endpoint_id: &str, bootstrap: Option<&Ca>) -> Relation
     }
 }
 
+/// A bundle of other.org without `spiffe_sequence`.
+fn unnumbered(ca: &Ca) -> Vec<u8> {
+    let mut bundle = SpiffeBundle::new(other());
+    bundle.add_x509_authority(ca.der.clone()).unwrap();
+    bundle.to_json()
+}
+
 fn pem_of(der: &CertificateDer<'_>) -> Vec<u8> {
     use base64::Engine as _;
     let body = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
@@ -182,10 +189,13 @@ fn pem_of(der: &CertificateDer<'_>) -> Vec<u8> {
     pem.into_bytes()
 }
 
-/// Polls everything (as if every relationship were due) and returns the relationship.
+/// Polls everything (as if every relationship were due, an hour later than the last time)
+/// and returns the relationship.
 async fn poll(federation: &Federation) -> RelationshipView {
+    static HOURS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let hours = HOURS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     federation
-        .poll_due_at(SystemTime::now() + Duration::from_secs(3600))
+        .poll_due_at(SystemTime::now() + Duration::from_secs(3600 * hours))
         .await;
     federation.get(&other()).await.unwrap()
 }
@@ -266,6 +276,7 @@ async fn bad_endpoints_leave_the_last_good_bundle_and_say_why() {
             "older than the stored",
         ),
         (Answer::Body(br#"{"keys":[]}"#.to_vec()), "without any key"),
+        (Answer::Body(unnumbered(&ca)), "no spiffe_sequence"),
         // F-9: a redirect is not followed; the error names where it points.
         (Answer::Redirect, "https://elsewhere.example/"),
     ];
@@ -288,7 +299,10 @@ async fn bad_endpoints_leave_the_last_good_bundle_and_say_why() {
         .unwrap()
         .duration_since(status.last_attempt.unwrap())
         .unwrap();
-    assert_eq!(wait, Duration::from_secs(32));
+    assert_eq!(wait, Duration::from_secs(64));
+    // The same server does not fetch again before federation_min_poll, however the store
+    // says (a fetch whose outcome could not be recorded is not retried at every tick).
+    assert_eq!(federation.poll_due_at(SystemTime::now()).await, 0);
 
     // F-8: an endpoint whose SVID has another ID than the configured one.
     endpoint.answer(Answer::Body(bundle_json(&[&ca], 3)));
@@ -343,6 +357,18 @@ async fn bad_endpoints_leave_the_last_good_bundle_and_say_why() {
     assert_eq!(view.relationship.status.last_error, None);
     assert_eq!(sequence(&view), Some(5));
 
+    // While the relationship keeps the bundle, `bundle set` cannot replace it behind the
+    // poller's back (the relationship's --trust-bundle can).
+    match fx
+        .bundles
+        .set_federated(0, &other(), BundleFormat::Pem, &pem_of(&stranger.der))
+        .await
+    {
+        Err(BundleError::Invalid(message)) => {
+            assert!(message.contains("federation update"), "{message}");
+        }
+        other => panic!("bundle set was not refused: {other:?}"),
+    }
     // F-13: the bundle cannot be deleted on its own; deleting the relationship deletes it,
     // and it leaves the published set at once.
     assert!(matches!(

@@ -1335,8 +1335,8 @@ pub(crate) async fn federation_relationships_keep_their_bundles_and_fetches_in_s
         )
         .await
         .unwrap();
-    assert_eq!(created.generation, 1);
     assert!(created.created_at > SystemTime::UNIX_EPOCH);
+    let first = created.generation;
     assert_eq!(
         store
             .get_federated_bundle(&b)
@@ -1374,7 +1374,7 @@ pub(crate) async fn federation_relationships_keep_their_bundles_and_fetches_in_s
     };
     assert!(
         store
-            .record_federation_fetch(&b, 1, status.clone(), Some(fetched.clone()))
+            .record_federation_fetch(&b, first, status.clone(), Some(fetched.clone()))
             .await
             .unwrap()
     );
@@ -1401,12 +1401,12 @@ pub(crate) async fn federation_relationships_keep_their_bundles_and_fetches_in_s
             updated.created_at,
             updated.endpoint_url.as_str()
         ),
-        (2, created.created_at, "https://b2/")
+        (first + 1, created.created_at, "https://b2/")
     );
     assert_eq!(updated.status.server_id, "s1");
     assert!(
         !store
-            .record_federation_fetch(&b, 1, FetchStatus::default(), Some(b"stale".to_vec()))
+            .record_federation_fetch(&b, first, FetchStatus::default(), Some(b"stale".to_vec()))
             .await
             .unwrap()
     );
@@ -1440,11 +1440,26 @@ pub(crate) async fn federation_relationships_keep_their_bundles_and_fetches_in_s
     assert_eq!(store.get_federated_bundle(&b).await.unwrap(), None);
     assert!(
         !store
-            .record_federation_fetch(&b, 2, FetchStatus::default(), Some(fetched))
+            .record_federation_fetch(&b, first + 1, FetchStatus::default(), Some(fetched.clone()))
             .await
             .unwrap()
     );
     assert_eq!(store.get_federated_bundle(&b).await.unwrap(), None);
+    // Created again, it has a generation it never had: a fetch of the deleted one that
+    // started before the delete is not recorded into the new one.
+    let again = store
+        .put_federation(relationship(&b, "https://b3/"), None, Put::Create)
+        .await
+        .unwrap();
+    assert!(again.generation != first && again.generation != first + 1);
+    assert!(
+        !store
+            .record_federation_fetch(&b, first + 1, FetchStatus::default(), Some(fetched))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.get_federated_bundle(&b).await.unwrap(), None);
+    store.delete_federation(&b).await.unwrap();
     assert!(matches!(
         store.delete_federation(&b).await,
         Err(StoreError::NotFound { .. })

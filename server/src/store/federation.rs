@@ -59,8 +59,9 @@ pub(crate) struct FederationRelationship {
     pub created_at: SystemTime,
     /// Set by the store at each update.
     pub updated_at: SystemTime,
-    /// Raised by the store at each update: a fetch that started before an update is not
-    /// recorded after it.
+    /// Set by the store: random at creation (a relationship deleted and created again never
+    /// gets a generation it had), raised by one at each update. A fetch that started at
+    /// another generation is not recorded.
     pub generation: u64,
     /// How fetching went.
     #[serde(default)]
@@ -96,14 +97,14 @@ pub(crate) fn put_relationship(
         (None, Put::Create) => {
             new.created_at = now;
             new.updated_at = now;
-            new.generation = 1;
+            new.generation = first_generation()?;
             new.status = FetchStatus::default();
             Ok(new)
         }
         (Some(old), Put::Update) => {
             new.created_at = old.created_at;
             new.updated_at = now;
-            new.generation = old.generation + 1;
+            new.generation = old.generation.wrapping_add(1);
             // A changed endpoint is fetched at once; how the old one went is kept until then.
             new.status = FetchStatus {
                 next_poll: None,
@@ -112,4 +113,12 @@ pub(crate) fn put_relationship(
             Ok(new)
         }
     }
+}
+
+/// A random first generation, below 2^62 so that updates never wrap in practice.
+fn first_generation() -> Result<u64, super::StoreError> {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| super::StoreError::Random)?;
+    Ok(u64::from_be_bytes(bytes) >> 2)
 }

@@ -540,10 +540,12 @@ impl Store for PostgresStore {
         self.retrying(move || async move {
             let mut client = self.client().await?;
             let tx = begin(&mut client).await?;
-            // The relationship's row is locked so that one created meanwhile waits for this.
+            // A relationship being created for the trust domain meanwhile waits for this (and
+            // this for it): both take the trust domain's lock.
+            lock_federation(&tx, trust_domain).await?;
             let related = tx
                 .query_opt(
-                    "SELECT 1 FROM federations WHERE trust_domain = $1 FOR SHARE",
+                    "SELECT 1 FROM federations WHERE trust_domain = $1",
                     &[&trust_domain.name()],
                 )
                 .await
@@ -587,6 +589,7 @@ impl Store for PostgresStore {
             let key = relationship.trust_domain.name();
             let mut client = self.client().await?;
             let tx = begin(&mut client).await?;
+            lock_federation(&tx, &relationship.trust_domain).await?;
             let current: Option<FederationRelationship> = match tx
                 .query_opt(
                     "SELECT body FROM federations WHERE trust_domain = $1 FOR UPDATE",
@@ -676,6 +679,7 @@ impl Store for PostgresStore {
         self.retrying(move || async move {
             let mut client = self.client().await?;
             let tx = begin(&mut client).await?;
+            lock_federation(&tx, trust_domain).await?;
             let row = tx
                 .query_opt(
                     "DELETE FROM federations WHERE trust_domain = $1 RETURNING body",
@@ -1881,6 +1885,25 @@ async fn begin(client: &mut tokio_postgres::Client) -> Result<Transaction<'_>, S
         .start()
         .await
         .map_err(db_error)
+}
+
+/// Takes `trust_domain`'s federation lock for the rest of `tx` (waiting for it): a
+/// relationship and its bundle change one transaction at a time, so a bundle is never deleted
+/// on its own while a relationship that keeps it is being created.
+async fn lock_federation(
+    tx: &Transaction<'_>,
+    trust_domain: &TrustDomain,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&super::lock_key(&format!(
+            "federation/{}",
+            trust_domain.name()
+        ))],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }
 
 /// Takes job `job`'s advisory lock for the rest of `tx` if no other server holds it; false
