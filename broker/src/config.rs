@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use sigil_core::{EndpointAddress, SpiffeId};
+use sigil_core::{EndpointAddress, SpiffeId, TrustDomain};
 use sigil_daemon::config::{ConfigError, Problems, parse_file};
 pub use sigil_daemon::{LogFormat, LogLevel};
 
@@ -20,6 +20,7 @@ struct FileConfig {
     spool_dir: Option<String>,
     record: Option<String>,
     stale_crl: Option<String>,
+    federated_trust_domains: Option<Vec<String>>,
     log_level: Option<String>,
     log_format: Option<String>,
     target: Option<Vec<TargetFile>>,
@@ -44,6 +45,7 @@ const KNOWN_KEYS: &[&str] = &[
     "spool_dir",
     "record",
     "stale_crl",
+    "federated_trust_domains",
     "log_level",
     "log_format",
     "target",
@@ -118,6 +120,10 @@ pub struct BrokerConfig {
     pub record: RecordMode,
     /// What a stale CRL means for new connections.
     pub stale_crl: StaleCrl,
+    /// Federated trust domains whose workloads may connect (each needs the broker's own entry
+    /// to federate with it, so that the Workload API hands the broker its bundle); the
+    /// policies decide what they may do. Empty: the broker's own trust domain only.
+    pub federated_trust_domains: Vec<TrustDomain>,
     /// The targets.
     pub targets: Vec<Target>,
     /// Log level.
@@ -188,6 +194,22 @@ impl BrokerConfig {
                 StaleCrl::Refuse
             }
         };
+        let mut federated_trust_domains = Vec::new();
+        for td in file.federated_trust_domains.unwrap_or_default() {
+            match TrustDomain::new(&td) {
+                Ok(td) if federated_trust_domains.contains(&td) => {
+                    problems.push("federated_trust_domains", format!("{td} is listed twice"))
+                }
+                Ok(td) if spiffe_id.as_ref().is_some_and(|id| id.trust_domain() == td) => {
+                    problems.push(
+                        "federated_trust_domains",
+                        format!("{td} is the broker's own trust domain, always accepted"),
+                    );
+                }
+                Ok(td) => federated_trust_domains.push(td),
+                Err(e) => problems.push("federated_trust_domains", format!("{td:?}: {e}")),
+            }
+        }
         let mut targets = Vec::new();
         for t in file.target.unwrap_or_default() {
             if let Some(target) = check_target(t, &targets, &mut problems) {
@@ -218,6 +240,7 @@ impl BrokerConfig {
                 spool_dir,
                 record,
                 stale_crl,
+                federated_trust_domains,
                 targets,
                 log_level,
                 log_format,
@@ -442,6 +465,31 @@ upstream_spiffe_id = "spiffe://example.org/admin-api"
         assert_eq!(c.socket_path, PathBuf::from("/tmp/x.sock"));
         let err = BrokerConfig::from_file(&text, None).unwrap_err();
         assert_eq!(keys(&err), ["socket_path"]);
+    }
+
+    #[test]
+    fn federated_trust_domains_are_checked() {
+        let c = BrokerConfig::from_file(GOOD, None).unwrap();
+        assert!(c.federated_trust_domains.is_empty());
+        let text = format!(
+            "federated_trust_domains = [\"spiffe://ledger.example\", \"b.example\"]\n{GOOD}"
+        );
+        let c = BrokerConfig::from_file(&text, None).unwrap();
+        let names: Vec<_> = c
+            .federated_trust_domains
+            .iter()
+            .map(|t| t.name().to_owned())
+            .collect();
+        assert_eq!(names, ["ledger.example", "b.example"]);
+        for (list, why) in [
+            ("[\"a.example\", \"a.example\"]", "twice"),
+            ("[\"Not A Domain\"]", "Not A Domain"),
+        ] {
+            let text = format!("federated_trust_domains = {list}\n{GOOD}");
+            let err = BrokerConfig::from_file(&text, None).unwrap_err();
+            assert_eq!(keys(&err), ["federated_trust_domains"], "{err}");
+            assert!(err.to_string().contains(why), "{err}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateRevocationListDer;
-use sigil_core::{SpiffeId, X509Bundle, X509Svid};
+use sigil_core::{SpiffeId, TrustDomain, X509Bundle, X509Svid};
 use sigil_proto::workload::{X509svid, X509svidRequest};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -27,6 +27,9 @@ pub(crate) struct Credentials {
     pub(crate) revoked: HashSet<String>,
     /// Each readable CRL's nextUpdate (`None`: it has none), by its issuer's name (DER).
     pub(crate) crl_next_update: HashMap<Vec<u8>, Option<SystemTime>>,
+    /// The bundles of the federated trust domains the broker accepts peers of
+    /// (`federated_trust_domains`) that the Workload API handed it.
+    pub(crate) federated: Vec<X509Bundle>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -40,13 +43,33 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// The credentials in one Workload API message: `svid` (with its bundle) and the CRLs.
-    /// An unreadable CRL is logged and skipped: its authority's peers count as unchecked.
+    /// The credentials in one Workload API message: `svid` (with its bundle), the CRLs, and
+    /// the federated bundles (`federated_bundles`: trust domain ID to DER) of the trust
+    /// domains in `accepted`. An unreadable CRL is logged and skipped: its authority's peers
+    /// count as unchecked. A federated bundle that does not parse is logged and left out: its
+    /// peers are refused.
     ///
     /// # Errors
     ///
     /// The SVID or the bundle is unusable.
-    pub(crate) fn from_workload_api(svid: &X509svid, crls: &[Vec<u8>]) -> anyhow::Result<Self> {
+    pub(crate) fn from_workload_api(
+        svid: &X509svid,
+        crls: &[Vec<u8>],
+        federated_bundles: &HashMap<String, Vec<u8>>,
+        accepted: &[TrustDomain],
+    ) -> anyhow::Result<Self> {
+        let mut federated = Vec::new();
+        for td in accepted {
+            let Some(der) = federated_bundles.get(&td.id_string()) else {
+                continue;
+            };
+            match X509Bundle::from_der(td.clone(), der) {
+                Ok(bundle) => federated.push(bundle),
+                Err(error) => {
+                    warn!(trust_domain = %td, %error, "the workload api sent an unusable federated bundle; its peers are refused");
+                }
+            }
+        }
         let parsed = X509Svid::parse(&svid.x509_svid, &svid.x509_svid_key)
             .map_err(|e| anyhow::anyhow!("the workload api sent an unusable svid: {e}"))?;
         let bundle = X509Bundle::from_der(parsed.spiffe_id().trust_domain().clone(), &svid.bundle)
@@ -81,7 +104,13 @@ impl Credentials {
                 .collect(),
             revoked,
             crl_next_update,
+            federated,
         })
+    }
+
+    /// The federated bundle of `td`, if the broker accepts its peers and has it.
+    pub(crate) fn federated_bundle(&self, td: &TrustDomain) -> Option<&X509Bundle> {
+        self.federated.iter().find(|b| b.trust_domain() == td)
     }
 
     /// Why revocations of the authority named `issuer` (a certificate's issuer, DER) cannot be
@@ -113,10 +142,11 @@ fn crl_problem(
 pub(crate) async fn watch_credentials(
     socket: PathBuf,
     want: Option<SpiffeId>,
+    federated: Vec<TrustDomain>,
     tx: watch::Sender<Option<Arc<Credentials>>>,
 ) {
     loop {
-        if let Err(error) = follow(&socket, want.as_ref(), &tx).await {
+        if let Err(error) = follow(&socket, want.as_ref(), &federated, &tx).await {
             warn!(%error, socket = %socket.display(), "workload api stream ended; reconnecting in 1s");
         }
         if tx.is_closed() {
@@ -129,6 +159,7 @@ pub(crate) async fn watch_credentials(
 async fn follow(
     socket: &Path,
     want: Option<&SpiffeId>,
+    federated: &[TrustDomain],
     tx: &watch::Sender<Option<Arc<Credentials>>>,
 ) -> anyhow::Result<()> {
     let mut client = sigil_proto::client::workload_api(socket).await?;
@@ -153,11 +184,17 @@ async fn follow(
             );
             continue;
         };
-        let credentials = Credentials::from_workload_api(svid, &message.crl)?;
+        let credentials = Credentials::from_workload_api(
+            svid,
+            &message.crl,
+            &message.federated_bundles,
+            federated,
+        )?;
         info!(
             identity = %credentials.svid.spiffe_id(),
             crls = credentials.crls.len(),
             revoked = credentials.revoked.len(),
+            federated = credentials.federated.len(),
             "credentials updated"
         );
         tx.send_replace(Some(Arc::new(credentials)));

@@ -112,6 +112,7 @@ pub async fn run(
         watch_credentials(
             config.socket_path.clone(),
             config.spiffe_id.clone(),
+            config.federated_trust_domains.clone(),
             credentials_tx,
         )
         .instrument(info_span!("workload_api")),
@@ -135,6 +136,13 @@ pub async fn run(
                 let cut = live.cut_revoked(&current.revoked);
                 if cut > 0 {
                     info!(cut, "connections of revoked credentials cut");
+                }
+                let cut = live.cut_untrusted(&current);
+                if cut > 0 {
+                    info!(
+                        cut,
+                        "connections of a federated trust domain no longer trusted cut"
+                    );
                 }
             }
         }

@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime};
 use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use serde_json::{Map, Value};
+use sigil_core::TrustDomain;
 use sigil_core::session::SessionClaims;
 use sigil_core::x509_svid::check_leaf_certificate;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -36,6 +37,8 @@ pub(crate) enum CloseReason {
     Upstream,
     /// The peer's serial appeared on a CRL.
     Revoked,
+    /// The peer's federated trust domain is no longer trusted (its bundle was withdrawn).
+    Untrusted,
     /// The peer's session ended.
     SessionEnded,
     /// The peer's certificate expired.
@@ -52,6 +55,7 @@ impl CloseReason {
             Self::Client => "client",
             Self::Upstream => "upstream",
             Self::Revoked => "revoked",
+            Self::Untrusted => "untrusted",
             Self::SessionEnded => "session_ended",
             Self::Expired => "expired",
             Self::Policy => "policy",
@@ -60,8 +64,13 @@ impl CloseReason {
     }
 }
 
-/// One live connection: its peer's serial, and where to say why it must end.
-type LiveConnection = (String, watch::Sender<Option<CloseReason>>);
+/// One live connection: its peer's serial, its trust domain when federated, and where to say
+/// why it must end.
+type LiveConnection = (
+    String,
+    Option<TrustDomain>,
+    watch::Sender<Option<CloseReason>>,
+);
 
 /// The live connections of every target, by the serial of the peer's certificate, so that a
 /// revocation cuts them at once.
@@ -72,13 +81,17 @@ pub(crate) struct Live {
 }
 
 impl Live {
-    fn register(&self, serial: &str) -> (u64, watch::Receiver<Option<CloseReason>>) {
+    fn register(
+        &self,
+        serial: &str,
+        federated: Option<TrustDomain>,
+    ) -> (u64, watch::Receiver<Option<CloseReason>>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
         self.connections
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, (serial.to_owned(), tx));
+            .insert(id, (serial.to_owned(), federated, tx));
         (id, rx)
     }
 
@@ -96,9 +109,30 @@ impl Live {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let mut cut = 0;
-        for (serial, tx) in connections.values() {
-            if revoked.contains(serial) && tx.borrow().is_none() {
+        for (serial, federated, tx) in connections.values() {
+            if federated.is_none() && revoked.contains(serial) && tx.borrow().is_none() {
                 tx.send_replace(Some(CloseReason::Revoked));
+                cut += 1;
+            }
+        }
+        cut
+    }
+
+    /// Cuts every connection of a federated trust domain that `trusted` no longer holds (its
+    /// relationship was deleted, or the broker's entry stopped federating with it); returns
+    /// how many.
+    pub(crate) fn cut_untrusted(&self, trusted: &Credentials) -> usize {
+        let connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut cut = 0;
+        for (_, federated, tx) in connections.values() {
+            if let Some(td) = federated
+                && trusted.federated_bundle(td).is_none()
+                && tx.borrow().is_none()
+            {
+                tx.send_replace(Some(CloseReason::Untrusted));
                 cut += 1;
             }
         }
@@ -111,7 +145,7 @@ impl Live {
             .connections
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for (_, tx) in connections.values() {
+        for (_, _, tx) in connections.values() {
             tx.send_replace(Some(CloseReason::Shutdown));
         }
     }
@@ -178,6 +212,8 @@ pub(crate) struct Peer {
     issuer: Vec<u8>,
     session_end: Option<SystemTime>,
     not_after: SystemTime,
+    /// Whether the peer is of a federated trust domain (no session, not on our CRLs).
+    federated: bool,
 }
 
 /// TLS handshakes in progress at once, per target; connections beyond are closed at accept.
@@ -267,7 +303,11 @@ async fn connection(
         note(&context, "broker.deny", facts, &peer)?;
         return Ok(());
     }
-    if let Some(problem) = credentials.crl_problem(&peer.issuer, SystemTime::now()) {
+    // Our CRLs say nothing of a federated trust domain's certificates (federation carries no
+    // CRLs): such a peer's revocation is its short lifetime.
+    if !peer.federated
+        && let Some(problem) = credentials.crl_problem(&peer.issuer, SystemTime::now())
+    {
         if context.stale_crl == StaleCrl::Refuse {
             warn!(target = %target.name, %problem, "refusing the connection until a fresh CRL arrives (stale_crl = \"refuse\")");
             facts.insert("reason".to_owned(), Value::from("stale_crl"));
@@ -313,7 +353,11 @@ async fn connection(
         REFUSING,
     )?;
     let started = Instant::now();
-    let (id, cut) = context.live.register(&peer.serial);
+    let (id, cut) = context.live.register(
+        &peer.serial,
+        peer.federated
+            .then(|| peer.principal.spiffe_id.trust_domain()),
+    );
     // A revocation that arrived between the handshake and the registration.
     if context
         .credentials
@@ -506,14 +550,29 @@ fn peer(
         .clone()
         .into_owned();
     let spiffe_id = check_leaf_certificate(&leaf)?;
-    if spiffe_id.trust_domain() != *credentials.bundle.trust_domain() {
-        anyhow::bail!("{spiffe_id} is not of the broker's trust domain");
+    // The handshake verified the chain against the bundle of this trust domain; only ours and
+    // the accepted federated ones have a verifier.
+    let federated = spiffe_id.trust_domain() != *credentials.bundle.trust_domain();
+    if federated
+        && credentials
+            .federated_bundle(&spiffe_id.trust_domain())
+            .is_none()
+    {
+        anyhow::bail!(
+            "{spiffe_id} is neither of the broker's trust domain nor of an accepted federated one"
+        );
     }
     let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&leaf)?;
     let serial = sigil_core::hex::encode(parsed.raw_serial());
     let not_after = sigil_core::time::from_unix_seconds(parsed.validity().not_after.timestamp())
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    let claims = SessionClaims::from_certificate(&leaf)?;
+    // Sessions are this trust domain's: session claims in a federated peer's certificate are
+    // another CA's say-so and are ignored (the peer is a standing identity).
+    let claims = if federated {
+        None
+    } else {
+        SessionClaims::from_certificate(&leaf)?
+    };
     Ok(Peer {
         principal: Principal {
             spiffe_id,
@@ -526,6 +585,7 @@ fn peer(
         serial,
         not_after,
         leaf,
+        federated,
     })
 }
 
@@ -867,7 +927,9 @@ mod tests {
         let broker_svid = pki.svid("spiffe://test.example/broker");
         let expires = SystemTime::now() + std::time::Duration::from_secs(3);
         let client = pki.svid_until("spiffe://test.example/client", Some(expires));
-        let credentials = Credentials::from_workload_api(&broker_svid, &[pki.crl(3600)]).unwrap();
+        let credentials =
+            Credentials::from_workload_api(&broker_svid, &[pki.crl(3600)], &HashMap::new(), &[])
+                .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (address, spool, _stop) = broker(dir.path(), credentials, StaleCrl::Refuse).await;
         let mut tls = connect_as(address, &pki, &client).await.unwrap();
@@ -921,7 +983,8 @@ mod tests {
             } else {
                 vec![crl]
             };
-            let credentials = Credentials::from_workload_api(&broker_svid, &crls).unwrap();
+            let credentials =
+                Credentials::from_workload_api(&broker_svid, &crls, &HashMap::new(), &[]).unwrap();
             let (address, spool, _stop) = broker(dir.path(), credentials, stale_crl).await;
             assert_eq!(echoes(address, &pki, &client).await, admitted, "{case}");
             // The refusal is recorded, with why.

@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use sigil_core::SpiffeId;
+use sigil_core::tls::ClientVerifierByTrustDomain;
 use sigil_core::tls::{SharedBundles, SpiffeServerVerifier};
 use sigil_core::x509_svid::Authorizer;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -119,20 +121,32 @@ pub(crate) async fn connect(
 ///
 /// When rustls refuses the credentials.
 pub(crate) fn server_config(credentials: &Credentials) -> anyhow::Result<Arc<ServerConfig>> {
-    let mut roots = RootCertStore::empty();
-    for root in credentials.bundle.authorities() {
-        roots.add(root.clone())?;
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+    let roots = |bundle: &sigil_core::X509Bundle| -> anyhow::Result<Arc<RootCertStore>> {
+        let mut roots = RootCertStore::empty();
+        for root in bundle.authorities() {
+            roots.add(root.clone())?;
+        }
+        Ok(Arc::new(roots))
+    };
+    let own = WebPkiClientVerifier::builder_with_provider(roots(&credentials.bundle)?, provider())
         .with_crls(credentials.crls.clone())
         .only_check_end_entity_revocation()
         // A CRL of a just-created authority may not have reached the broker yet; a stale one
         // is decided by `stale_crl`.
         .allow_unknown_revocation_status()
         .build()?;
+    // Each peer is verified against the bundle of its own SPIFFE ID's trust domain: ours (with
+    // our CRLs), or an accepted federated one's.
+    let mut verifiers: Vec<(sigil_core::TrustDomain, Arc<dyn ClientCertVerifier>)> =
+        vec![(credentials.bundle.trust_domain().clone(), own)];
+    for bundle in &credentials.federated {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(roots(bundle)?, provider()).build()?;
+        verifiers.push((bundle.trust_domain().clone(), verifier));
+    }
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(ClientVerifierByTrustDomain::new(verifiers)))
         .with_single_cert(credentials.svid.cert_chain().to_vec(), key(credentials))?;
     // Every connection is a full handshake, checked against the CRLs of that moment.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});

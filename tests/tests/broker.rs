@@ -67,6 +67,19 @@ impl BrokerProcess {
         policy_text: &str,
         target_extra: &str,
     ) -> Self {
+        Self::start_full(server, agent, kind, upstream, policy_text, "", target_extra)
+    }
+
+    /// As [`BrokerProcess::start_target`], with `top_extra` among the top-level keys.
+    fn start_full(
+        server: &TestServer,
+        agent: &TestAgentProcess,
+        kind: &str,
+        upstream: SocketAddr,
+        policy_text: &str,
+        top_extra: &str,
+        target_extra: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let policy = dir.path().join("db.cedar");
         std::fs::write(&policy, policy_text).unwrap();
@@ -80,6 +93,7 @@ server_address = ["{server}"]
 spool_dir = "{spool}"
 log_level = "debug"
 log_format = "json"
+{top_extra}
 
 [[target]]
 name = "db"
@@ -219,6 +233,17 @@ async fn connect(
 ) -> std::io::Result<Client> {
     let svid = msg.svids.iter().find(|s| s.spiffe_id == spiffe_id).unwrap();
     let bundle = X509Bundle::from_der(trust_domain(), &svid.bundle).unwrap();
+    connect_trusting(broker, msg, spiffe_id, bundle).await
+}
+
+/// As [`connect`], checking the broker's SVID against `bundle` (the broker's trust domain's).
+async fn connect_trusting(
+    broker: SocketAddr,
+    msg: &sigil_proto::workload::X509svidResponse,
+    spiffe_id: &str,
+    bundle: X509Bundle,
+) -> std::io::Result<Client> {
+    let svid = msg.svids.iter().find(|s| s.spiffe_id == spiffe_id).unwrap();
     let chain: Vec<CertificateDer<'static>> = certs(&svid.x509_svid);
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.x509_svid_key.clone()));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -898,4 +923,120 @@ async fn a_session_s_end_cuts_its_connection_and_a_shutdown_records_every_close(
         "{closes:#?}"
     );
     drop(standing);
+}
+
+const PARTNER: &str = "spiffe://ledger.example/client";
+
+/// Federated peers, when the broker is told to accept them: a workload of another trust domain
+/// gets through (its chain checked against its own trust domain's bundle, the policy deciding
+/// on its trust domain); a broker not told to refuses it; deleting the relationship cuts its
+/// live connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_peers_get_through_when_told_to_and_are_cut_when_the_relationship_ends() {
+    let federating = "bundle_endpoint_address = \"127.0.0.1:0\"\nfederation_min_poll = \"1s\"\nbundle_endpoint_refresh_hint = \"1s\"\n";
+    let (server, agent) = deployment(federating, &[]).await;
+    let ledger = TestServer::start_in("ledger.example", federating, &[]);
+    let ledger_agent = TestAgentProcess::start(&ledger).await;
+    let me = format!("unix:uid:{}", my_uid());
+    create_entry(&ledger, entry(PARTNER, &ledger_agent.agent_id(), &[&me]))
+        .await
+        .unwrap();
+    // This trust domain federates with the ledger's; the broker's entry says so.
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = dir.path().join("ledger.json");
+    let ledger_bundle = ledger
+        .admin()
+        .await
+        .get_bundle(sigil_proto::admin::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    std::fs::write(&bootstrap, &ledger_bundle.spiffe_bundle).unwrap();
+    let created = server_cli(
+        &server,
+        &[
+            "federation",
+            "create",
+            "--id",
+            "ledger.example",
+            "--bundle-endpoint-url",
+            &format!("https://{}/", ledger.bundle_endpoint()),
+            "--profile",
+            "https_spiffe",
+            "--endpoint-spiffe-id",
+            "spiffe://ledger.example/sigil/server",
+            "--trust-bundle",
+            bootstrap.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        created.status.success(),
+        "{}{}",
+        created.stdout,
+        created.stderr
+    );
+    let broker_entry = server_cli(
+        &server,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            BROKER,
+            "--parent-id",
+            &agent.agent_id(),
+            "--selector",
+            &me,
+            "--federates-with",
+            "ledger.example",
+        ],
+    );
+    assert!(broker_entry.status.success(), "{}", broker_entry.stderr);
+    let policy = r#"permit(principal, action == Sigil::Action::"connect", resource)
+when { principal.trust_domain == "ledger.example" };"#;
+    let broker = BrokerProcess::start_full(
+        &server,
+        &agent,
+        "tcp",
+        echo_server(),
+        policy,
+        "federated_trust_domains = [\"ledger.example\"]",
+        "",
+    );
+    // The broker has the ledger's bundle once its credentials say so.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !broker.log_text().contains("\"federated\":1") {
+        assert!(Instant::now() < deadline, "{}", broker.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_stream, partner) = x509_stream_with(&ledger_agent, |m| svid_ids(m) == [PARTNER]).await;
+    let ours = server.bundle().await;
+    let mut client = connect_trusting(broker.address, &partner, PARTNER, ours.clone())
+        .await
+        .unwrap();
+    assert!(
+        echoes(&mut client, b"across trust domains").await,
+        "{}",
+        broker.log_text()
+    );
+
+    // A broker not told to accept the ledger's trust domain refuses the same peer.
+    let strict = BrokerProcess::start_with(&server, &agent, "tcp", echo_server(), policy);
+    strict.wait_log("credentials updated");
+    let refused = match connect_trusting(strict.address, &partner, PARTNER, ours.clone()).await {
+        Err(_) => true,
+        Ok(mut c) => !echoes(&mut c, b"x").await,
+    };
+    assert!(refused, "{}", strict.log_text());
+
+    // The relationship ends: the bundle leaves the broker and the live connection is cut.
+    let deleted = server_cli(&server, &["federation", "delete", "--id", "ledger.example"]);
+    assert!(deleted.status.success(), "{}", deleted.stderr);
+    ends(&mut client).await;
+    broker.wait_log("no longer trusted cut");
+    // And a new connection of the ledger's workload is refused.
+    let refused = match connect_trusting(broker.address, &partner, PARTNER, ours).await {
+        Err(_) => true,
+        Ok(mut c) => !echoes(&mut c, b"x").await,
+    };
+    assert!(refused, "{}", broker.log_text());
 }
