@@ -74,10 +74,10 @@ impl EndpointUrl {
             .get(authority.host().len()..)
             .unwrap_or_default();
         if !after_host.is_empty()
-            && !after_host
+            && after_host
                 .strip_prefix(':')
                 .and_then(|p| p.parse::<u16>().ok())
-                .is_some_and(|p| p > 0)
+                .is_none_or(|p| p == 0)
         {
             return Err(format!(
                 "{text:?}: the port is not a number from 1 to 65535"
