@@ -174,6 +174,25 @@ pub fn check_key_file(path: &Path, file: &File) -> Result<(), PrivatePathError> 
     Ok(())
 }
 
+/// Reads a secret (a key, a PIN) from `path` into zeroized memory, once the open file is
+/// checked as [`check_key_file`] does (owned by the daemon's uid or root, mode 0600 or
+/// stricter), with room for it from the start so that no copy is left behind by a reallocation.
+///
+/// # Errors
+///
+/// Why not (the checks' errors name the path; the caller names it for the others).
+pub fn read_secret(path: &Path) -> Result<zeroize::Zeroizing<String>, String> {
+    use std::io::Read as _;
+    let mut file = File::open(path).map_err(|e| e.to_string())?;
+    check_key_file(path, &file).map_err(|e| e.to_string())?;
+    let size = file.metadata().map_or(0, |m| m.len());
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(
+        usize::try_from(size).unwrap_or(0).saturating_add(1),
+    ));
+    file.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
 /// The mode of every file [`write_private`] writes.
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
 

@@ -22,7 +22,8 @@ pub mod limits;
 pub mod telemetry;
 
 pub use self::fs::{
-    PRIVATE_FILE_MODE, PrivatePathError, check_key_file, check_private_dir, write_private,
+    PRIVATE_FILE_MODE, PrivatePathError, check_key_file, check_private_dir, read_secret,
+    write_private,
 };
 
 use std::fmt;

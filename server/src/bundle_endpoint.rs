@@ -388,7 +388,8 @@ fn read_certified_key(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey,
     if chain.is_empty() {
         return Err(format!("{}: no certificate in it", cert_path.display()));
     }
-    let key_pem = crate::server::read_secret(key_path)?;
+    let key_pem =
+        sigil_daemon::read_secret(key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| format!("{}: not a PEM private key: {e}", key_path.display()))?;
     let provider = rustls::crypto::ring::default_provider();

@@ -19,7 +19,8 @@
 //!     ├── store    the Store trait, the sled backend, the conformance suite
 //!     ├── audit    the pure audit chain: records, canonical encoding, hashing, verification
 //!     ├── policy   the rules written once: reserved IDs, grantable IDs, DNS names, TTLs
-//!     └── config, tls
+//!     └── config, tls, bundle_endpoint (the federation listener),
+//!         federation_client (fetching another trust domain's bundle)
 //! ```
 //!
 //! - `policy` and `audit` are pure: they depend on `sigil-core` only.

@@ -1030,7 +1030,7 @@ fn upstream(
     };
     let cert =
         std::fs::read(&files.cert_path).map_err(|e| failed(&files.cert_path, e.to_string()))?;
-    let key = read_secret(&files.key_path).map_err(|e| failed(&files.key_path, e))?;
+    let key = sigil_daemon::read_secret(&files.key_path).map_err(|e| failed(&files.key_path, e))?;
     let upstream = UpstreamAuthority::from_pem(&config.trust_domain, &cert, key.as_bytes(), now)?;
     info!(
         path = %files.cert_path.display(),
@@ -1052,7 +1052,7 @@ fn key_manager(config: &ServerConfig) -> Result<Arc<dyn KeyManager>, ServerError
         path: token.pin_file.clone(),
         reason,
     };
-    let text = read_secret(&token.pin_file).map_err(failed)?;
+    let text = sigil_daemon::read_secret(&token.pin_file).map_err(failed)?;
     let pin = text.lines().next().unwrap_or("");
     if pin.is_empty() {
         return Err(failed("is empty".to_owned()));
@@ -1065,19 +1065,4 @@ fn key_manager(config: &ServerConfig) -> Result<Arc<dyn KeyManager>, ServerError
     )?;
     info!(module = %token.module.display(), token = %token.token_label, "keys are in a PKCS#11 token");
     Ok(Arc::new(manager))
-}
-
-/// Reads a secret file (a key, a PIN) through one handle, so the file checked is the file read:
-/// owned by the server's uid or root, mode 0600 or stricter, read into zeroized memory with
-/// room for the whole file first (no reallocation leaves a copy behind).
-pub(crate) fn read_secret(path: &Path) -> Result<Zeroizing<String>, String> {
-    use std::io::Read as _;
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    sigil_daemon::check_key_file(path, &file).map_err(|e| e.to_string())?;
-    let size = file.metadata().map_or(0, |m| m.len());
-    let mut text = Zeroizing::new(String::with_capacity(
-        usize::try_from(size).unwrap_or(0).saturating_add(1),
-    ));
-    file.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    Ok(text)
 }

@@ -1227,3 +1227,39 @@ pub fn openssl_ca(dir: &std::path::Path, name: &str) {
     )
     .unwrap();
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the `mtls-server` example on `socket` (a Workload API) listening on a free loopback
+/// port, with `args` after `--listen`; returns it and the address it printed.
+pub fn mtls_server(socket: &Path, args: &[&str]) -> (KillOnDrop, String) {
+    let mut server = KillOnDrop(
+        Command::new(binary("mtls-server"))
+            .arg("--socket-path")
+            .arg(socket)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(server.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line of mtls-server: {line:?}"))
+        .to_owned();
+    (server, address)
+}

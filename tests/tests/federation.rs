@@ -10,9 +10,8 @@
     reason = "test code"
 )]
 
-use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sigil_proto::workload::{
@@ -28,15 +27,6 @@ const LEDGER: &str = "spiffe://ledger.example/ledger";
 
 /// Every server here serves its bundle endpoint and polls often.
 const FEDERATING: &str = "bundle_endpoint_address = \"127.0.0.1:0\"\nfederation_min_poll = \"1s\"\nbundle_endpoint_refresh_hint = \"1s\"\n";
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The server's SPIFFE bundle (JSON), written to `dir/NAME.json`.
 async fn bundle_file(server: &TestServer, dir: &Path) -> std::path::PathBuf {
@@ -343,32 +333,10 @@ print(" ".join(sorted(str(b.trust_domain) for b in bundles.bundles)))
     assert_eq!(validated.spiffe_id, PAY);
 
     // The mTLS examples: the ledger serves the payments workload, across trust domains.
-    let mut server = Kill(
-        Command::new(binary("mtls-server"))
-            .arg("--socket-path")
-            .arg(ledger_agent.socket())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--svid",
-                LEDGER,
-                "--allow-id",
-                PAY,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let (_server, addr) = mtls_server(
+        &ledger_agent.socket(),
+        &["--svid", LEDGER, "--allow-id", PAY],
     );
-    let mut line = String::new();
-    BufReader::new(server.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
     let client = Command::new(binary("mtls-client"))
         .arg("--socket-path")
         .arg(pay_agent.socket())

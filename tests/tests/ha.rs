@@ -1226,3 +1226,126 @@ async fn a_hung_database_makes_the_server_unready_within_its_bound() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// How many fetches of a federated bundle `server` has logged.
+fn fetches(server: &TestServer) -> usize {
+    server
+        .log_text()
+        .matches("federated bundle fetched")
+        .count()
+}
+
+/// Federation with several servers: one server at a time polls a relationship's endpoint
+/// (the polling job's lock), on one schedule kept in the database, so the endpoint is fetched
+/// once per refresh hint, not once per server; every server hands the bundle to its agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_at_a_time_polls_a_federated_endpoint_and_every_server_serves_the_bundle() {
+    let Some(cluster) = sigil_testkit::shared() else {
+        return;
+    };
+    let url = cluster.create_database().await;
+    let polling = "federation_min_poll = \"1s\"\n";
+    let a = TestServer::start(&format!("{}{polling}", on_database(&url, "a")));
+    let b = TestServer::start(&format!("{}{polling}", on_database(&url, "b")));
+    bundles_converge(&[&a, &b], 2).await;
+    let ledger = TestServer::start_in(
+        "ledger.example",
+        "bundle_endpoint_address = \"127.0.0.1:0\"\nbundle_endpoint_refresh_hint = \"2s\"\n",
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = dir.path().join("ledger.json");
+    let bundle = ledger
+        .admin()
+        .await
+        .get_bundle(sigil_proto::admin::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    std::fs::write(&bootstrap, bundle.spiffe_bundle).unwrap();
+
+    // While something else holds the polling job's lock, no server fetches.
+    let held = sigil_testkit::Postgres::hold(
+        &url,
+        &format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({})",
+            job_lock_key_sql("federation_poll")
+        ),
+    )
+    .await
+    .unwrap();
+    let created = sigil_tests::server_cli(
+        &a,
+        &[
+            "federation",
+            "create",
+            "--id",
+            "ledger.example",
+            "--bundle-endpoint-url",
+            &format!("https://{}/", ledger.bundle_endpoint()),
+            "--profile",
+            "https_spiffe",
+            "--endpoint-spiffe-id",
+            "spiffe://ledger.example/sigil/server",
+            "--trust-bundle",
+            bootstrap.to_str().unwrap(),
+        ],
+    );
+    assert!(created.status.success(), "{}", created.stderr);
+    let show = |server: &TestServer| {
+        sigil_tests::server_cli(
+            server,
+            &[
+                "federation",
+                "show",
+                "--id",
+                "ledger.example",
+                "--output",
+                "json",
+            ],
+        )
+        .json()
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(show(&b)["last_attempt"].is_null(), "{}", show(&b));
+    assert_eq!(fetches(&a) + fetches(&b), 0);
+    held.release().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while show(&b)["last_success"].is_null() {
+        assert!(Instant::now() < deadline, "never fetched: {}", show(&b));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Over ten seconds at a 2 s refresh hint: about five fetches between the two servers
+    // (each polling on its own would make about ten).
+    let before = fetches(&a) + fetches(&b);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = fetches(&a) + fetches(&b) - before;
+    assert!((3..=7).contains(&during), "{during} fetches in 10 s");
+
+    // An agent syncing from the server that did not create the relationship hands its
+    // workload the bundle.
+    let agent = TestAgentProcess::start_listing(&b, &[b.node_addr]).await;
+    let me = format!("unix:uid:{}", my_uid());
+    let created = sigil_tests::server_cli(
+        &b,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/ha/federated",
+            "--parent-id",
+            &agent.agent_id(),
+            "--selector",
+            &me,
+            "--federates-with",
+            "ledger.example",
+        ],
+    );
+    assert!(created.status.success(), "{}", created.stderr);
+    let (_stream, message) = x509_stream_with(&agent, |m| {
+        m.federated_bundles.contains_key("spiffe://ledger.example")
+    })
+    .await;
+    assert_eq!(svid_ids(&message), ["spiffe://example.org/ha/federated"]);
+}

@@ -9,8 +9,7 @@
     reason = "test code"
 )]
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,15 +21,6 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
 const DB: &str = "spiffe://example.org/db";
 const ADMIN: &str = "spiffe://example.org/admin/db-migrate";
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Connects to `addr` with `chain` and `key` as the client certificate, sends `hello` and
 /// returns the reply; an error when the server refuses us.
@@ -84,25 +74,7 @@ async fn session_mtls_example_refuses_the_revoked_svid_within_seconds() {
     // Wait until the agent serves both identities.
     let (_stream, first) = x509_stream_with(&agent, |m| svid_ids(m).len() == 2).await;
 
-    let mut mtls_server = Kill(
-        Command::new(binary("mtls-server"))
-            .arg("--socket-path")
-            .arg(agent.socket())
-            .args(["--listen", "127.0.0.1:0", "--svid", DB, "--allow-id", ADMIN])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(mtls_server.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
+    let (_mtls_server, addr) = mtls_server(&agent.socket(), &["--svid", DB, "--allow-id", ADMIN]);
 
     // The example client, with the session's SVID, is served.
     let client = Command::new(binary("mtls-client"))

@@ -632,18 +632,7 @@ impl Store for PostgresStore {
                 other => other.map_err(db_error)?,
             };
             if let Some(bundle) = bundle {
-                let stored = FederatedBundle {
-                    trust_domain: record.trust_domain.clone(),
-                    bundle: bundle.clone(),
-                    updated_at: now,
-                };
-                tx.execute(
-                    "INSERT INTO federated_bundles (trust_domain, body) VALUES ($1, $2) \
-                     ON CONFLICT (trust_domain) DO UPDATE SET body = EXCLUDED.body",
-                    &[&key, &encode("federated bundle", &stored)?],
-                )
-                .await
-                .map_err(db_error)?;
+                upsert_bundle(&tx, &record.trust_domain, bundle.clone(), now).await?;
             }
             self.commit(tx).await?;
             Ok(record)
@@ -745,18 +734,7 @@ impl Store for PostgresStore {
             .await
             .map_err(db_error)?;
             if let Some(bundle) = bundle {
-                let stored = FederatedBundle {
-                    trust_domain: trust_domain.clone(),
-                    bundle: bundle.clone(),
-                    updated_at: SystemTime::now(),
-                };
-                tx.execute(
-                    "INSERT INTO federated_bundles (trust_domain, body) VALUES ($1, $2) \
-                     ON CONFLICT (trust_domain) DO UPDATE SET body = EXCLUDED.body",
-                    &[&key, &encode("federated bundle", &stored)?],
-                )
-                .await
-                .map_err(db_error)?;
+                upsert_bundle(&tx, trust_domain, bundle.clone(), SystemTime::now()).await?;
             }
             self.commit(tx).await?;
             Ok(true)
@@ -1885,6 +1863,28 @@ async fn begin(client: &mut tokio_postgres::Client) -> Result<Transaction<'_>, S
         .start()
         .await
         .map_err(db_error)
+}
+
+/// Stores (or replaces) the bundle of `trust_domain` in `tx`.
+async fn upsert_bundle(
+    tx: &Transaction<'_>,
+    trust_domain: &TrustDomain,
+    bundle: Vec<u8>,
+    updated_at: SystemTime,
+) -> Result<(), StoreError> {
+    let stored = FederatedBundle {
+        trust_domain: trust_domain.clone(),
+        bundle,
+        updated_at,
+    };
+    tx.execute(
+        "INSERT INTO federated_bundles (trust_domain, body) VALUES ($1, $2) \
+         ON CONFLICT (trust_domain) DO UPDATE SET body = EXCLUDED.body",
+        &[&trust_domain.name(), &encode("federated bundle", &stored)?],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }
 
 /// Takes `trust_domain`'s federation lock for the rest of `tx` (waiting for it): a
