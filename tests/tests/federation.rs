@@ -218,6 +218,25 @@ async fn two_trust_domains_federate_both_ways_over_https_spiffe() {
         "{}",
         pay.log_text()
     );
+    // The text forms, for people.
+    let listed = server_cli(&pay, &["federation", "list"]);
+    assert!(
+        listed
+            .stdout
+            .contains("Endpoint ID  : spiffe://ledger.example/sigil/server")
+            && listed.stdout.ends_with("Found 1 federation relationship\n"),
+        "{}",
+        listed.stdout
+    );
+    let shown = server_cli(
+        &pay,
+        &["federation", "show", "--id", "spiffe://ledger.example"],
+    );
+    assert!(
+        shown.stdout.contains("Bundle       : sequence"),
+        "{}",
+        shown.stdout
+    );
     let back = federate(
         &ledger,
         &pay,
@@ -407,6 +426,13 @@ print(" ".join(sorted(str(b.trust_domain) for b in bundles.bundles)))
     assert_eq!(authorities(&after, PAY_TD), 1);
     let gone = server_cli(&pay, &["federation", "show", "--id", LEDGER_TD]);
     assert!(!gone.status.success());
+    assert!(
+        gone.stderr.contains("federation relationship not found"),
+        "{}",
+        gone.stderr
+    );
+    let none = server_cli(&pay, &["federation", "list"]);
+    assert_eq!(none.stdout, "No federation relationships\n");
     let listed = server_cli(&pay, &["bundle", "list", "--output", "json"]);
     assert!(listed.stdout.trim().is_empty(), "{}", listed.stdout);
 }
