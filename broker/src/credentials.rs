@@ -64,6 +64,9 @@ impl Credentials {
                 continue;
             };
             match X509Bundle::from_der(td.clone(), der) {
+                // A bundle without X.509 authorities (JWT keys only, or every key withdrawn)
+                // vouches for no peer: as if absent.
+                Ok(bundle) if bundle.authorities().is_empty() => {}
                 Ok(bundle) => federated.push(bundle),
                 Err(error) => {
                     warn!(trust_domain = %td, %error, "the workload api sent an unusable federated bundle; its peers are refused");

@@ -294,7 +294,7 @@ async fn connection(
     let http = target.kind == TargetKind::Http;
     let mut facts = peer_facts(&peer, remote);
 
-    if credentials.revoked.contains(&peer.serial) {
+    if !peer.federated && credentials.revoked.contains(&peer.serial) {
         facts.insert(
             "reason".to_owned(),
             Value::from(CloseReason::Revoked.as_str()),
@@ -358,16 +358,18 @@ async fn connection(
         peer.federated
             .then(|| peer.principal.spiffe_id.trust_domain()),
     );
-    // A revocation that arrived between the handshake and the registration.
-    if context
-        .credentials
-        .borrow()
-        .as_ref()
-        .is_some_and(|c| c.revoked.contains(&peer.serial))
-    {
-        context
-            .live
-            .cut_revoked(&std::iter::once(peer.serial.clone()).collect());
+    // A revocation, or a federated bundle withdrawn, between the handshake and the
+    // registration.
+    let current = context.credentials.borrow().clone();
+    if let Some(current) = current {
+        if current.revoked.contains(&peer.serial) {
+            context
+                .live
+                .cut_revoked(&std::iter::once(peer.serial.clone()).collect());
+        }
+        if peer.federated {
+            context.live.cut_untrusted(&current);
+        }
     }
     let counters = Arc::new(Counters::default());
     let mut cut_early = cut.clone();
@@ -919,6 +921,41 @@ mod tests {
             .connect(rustls_pki_types::ServerName::try_from("db").unwrap(), tcp)
             .await
             .ok()
+    }
+
+    #[test]
+    fn federated_bundles_count_only_when_accepted_and_holding_authorities() {
+        let pki = Pki::new();
+        let partner = Pki::new();
+        let broker_svid = pki.svid("spiffe://test.example/broker");
+        let td = |name: &str| TrustDomain::new(name).unwrap();
+        let federated = HashMap::from([
+            (
+                "spiffe://partner.example".to_owned(),
+                partner.ca_der.clone(),
+            ),
+            ("spiffe://jwt-only.example".to_owned(), Vec::new()),
+            (
+                "spiffe://not-accepted.example".to_owned(),
+                partner.ca_der.clone(),
+            ),
+        ]);
+        let accepted = [
+            td("partner.example"),
+            td("jwt-only.example"),
+            td("absent.example"),
+        ];
+        let credentials =
+            Credentials::from_workload_api(&broker_svid, &[], &federated, &accepted).unwrap();
+        assert!(
+            credentials
+                .federated_bundle(&td("partner.example"))
+                .is_some()
+        );
+        for name in ["jwt-only.example", "not-accepted.example", "absent.example"] {
+            assert!(credentials.federated_bundle(&td(name)).is_none(), "{name}");
+        }
+        upstream::server_config(&credentials).unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

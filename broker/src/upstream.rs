@@ -139,10 +139,20 @@ pub(crate) fn server_config(credentials: &Credentials) -> anyhow::Result<Arc<Ser
     // our CRLs), or an accepted federated one's.
     let mut verifiers: Vec<(sigil_core::TrustDomain, Arc<dyn ClientCertVerifier>)> =
         vec![(credentials.bundle.trust_domain().clone(), own)];
+    // A federated bundle that cannot make a verifier is left out (its peers are refused); it
+    // never holds up our own trust domain's roots and CRLs.
     for bundle in &credentials.federated {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(roots(bundle)?, provider()).build()?;
-        verifiers.push((bundle.trust_domain().clone(), verifier));
+        let verifier = roots(bundle).and_then(|roots| {
+            Ok(WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?)
+        });
+        match verifier {
+            Ok(verifier) => verifiers.push((bundle.trust_domain().clone(), verifier)),
+            Err(error) => tracing::warn!(
+                trust_domain = %bundle.trust_domain(),
+                %error,
+                "an unusable federated bundle; its peers are refused"
+            ),
+        }
     }
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?

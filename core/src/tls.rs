@@ -48,9 +48,13 @@ pub struct SpiffeClientVerifier {
 /// never another's. A peer of a trust domain without a verifier is refused. The verifiers are
 /// the caller's (webpki ones with the CRLs, say); the SPIFFE ID is authorized after the
 /// handshake.
+///
+/// Handshake signatures are checked with the ring provider's algorithms (as every verifier of
+/// this module does), whatever the verifiers are.
 #[derive(Debug)]
 pub struct ClientVerifierByTrustDomain {
     verifiers: Vec<(TrustDomain, Arc<dyn ClientCertVerifier>)>,
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
 /// The client side of [`ClientVerifierByTrustDomain`]: a server certificate is verified by the
@@ -58,6 +62,7 @@ pub struct ClientVerifierByTrustDomain {
 #[derive(Debug)]
 pub struct ServerVerifierByTrustDomain {
     verifiers: Vec<(TrustDomain, Arc<dyn ServerCertVerifier>)>,
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
 /// Verifies a server's X509-SVID (client side), ignoring the TLS server name: the SPIFFE ID is
@@ -263,16 +268,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 // === impl ClientVerifierByTrustDomain ===
 
 impl ClientVerifierByTrustDomain {
-    /// One verifier per trust domain (the first one also checks handshake signatures).
+    /// One verifier per trust domain.
     pub fn new(verifiers: Vec<(TrustDomain, Arc<dyn ClientCertVerifier>)>) -> Self {
-        Self { verifiers }
-    }
-
-    fn first(&self) -> Result<&Arc<dyn ClientCertVerifier>, rustls::Error> {
-        self.verifiers
-            .first()
-            .map(|(_, v)| v)
-            .ok_or_else(|| rustls::Error::General("no trust bundle".to_owned()))
+        Self {
+            verifiers,
+            algorithms: ring_algorithms(),
+        }
     }
 }
 
@@ -302,7 +303,7 @@ impl ClientCertVerifier for ClientVerifierByTrustDomain {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.first()?.verify_tls12_signature(message, cert, dss)
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -311,30 +312,23 @@ impl ClientCertVerifier for ClientVerifierByTrustDomain {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.first()?.verify_tls13_signature(message, cert, dss)
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.verifiers
-            .first()
-            .map(|(_, v)| v.supported_verify_schemes())
-            .unwrap_or_default()
+        self.algorithms.supported_schemes()
     }
 }
 
 // === impl ServerVerifierByTrustDomain ===
 
 impl ServerVerifierByTrustDomain {
-    /// One verifier per trust domain (the first one also checks handshake signatures).
+    /// One verifier per trust domain.
     pub fn new(verifiers: Vec<(TrustDomain, Arc<dyn ServerCertVerifier>)>) -> Self {
-        Self { verifiers }
-    }
-
-    fn first(&self) -> Result<&Arc<dyn ServerCertVerifier>, rustls::Error> {
-        self.verifiers
-            .first()
-            .map(|(_, v)| v)
-            .ok_or_else(|| rustls::Error::General("no trust bundle".to_owned()))
+        Self {
+            verifiers,
+            algorithms: ring_algorithms(),
+        }
     }
 }
 
@@ -362,7 +356,7 @@ impl ServerCertVerifier for ServerVerifierByTrustDomain {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.first()?.verify_tls12_signature(message, cert, dss)
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -371,14 +365,11 @@ impl ServerCertVerifier for ServerVerifierByTrustDomain {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.first()?.verify_tls13_signature(message, cert, dss)
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.verifiers
-            .first()
-            .map(|(_, v)| v.supported_verify_schemes())
-            .unwrap_or_default()
+        self.algorithms.supported_schemes()
     }
 }
 

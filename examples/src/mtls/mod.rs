@@ -155,12 +155,23 @@ async fn follow(
                 let bundle = X509Bundle::from_der(spiffe_id.trust_domain().clone(), &svid.bundle)
                     .context("the workload api sent an unusable bundle")?;
                 let mut federated = Vec::new();
+                // An unusable federated bundle is left out (its peers are refused); it never
+                // holds up our own credentials.
                 for (id, der) in &message.federated_bundles {
-                    let td = TrustDomain::new(id)
-                        .context("the workload api sent a federated bundle of no trust domain")?;
-                    let bundle = X509Bundle::from_der(td.clone(), der)
-                        .context("the workload api sent an unusable federated bundle")?;
-                    federated.push((td, bundle.authorities().to_vec()));
+                    let parsed = TrustDomain::new(id)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|td| Ok((td.clone(), X509Bundle::from_der(td, der)?)));
+                    match parsed {
+                        Ok((td, bundle)) if !bundle.authorities().is_empty() => {
+                            federated.push((td, bundle.authorities().to_vec()));
+                        }
+                        Ok(_) => {}
+                        Err(error) => tracing::warn!(
+                            trust_domain = %id,
+                            %error,
+                            "an unusable federated bundle; its peers are refused"
+                        ),
+                    }
                 }
                 federated.sort_by(|a, b| a.0.cmp(&b.0));
                 Some(Arc::new(Credentials {
@@ -229,20 +240,39 @@ fn key(credentials: &Credentials) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(credentials.key.clone()))
 }
 
+/// The verifier of the `n`th trust domain of [`trust_domains`]: ours (the first) must build;
+/// a federated one that does not is left out with a warning (its peers are refused).
+fn usable<V>(n: usize, td: &TrustDomain, verifier: anyhow::Result<V>) -> anyhow::Result<Option<V>> {
+    match verifier {
+        Ok(verifier) => Ok(Some(verifier)),
+        Err(error) if n > 0 => {
+            tracing::warn!(trust_domain = %td, %error, "an unusable federated bundle; its peers are refused");
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// A server configuration: our SVID, client certificates required, chained to the bundle and
 /// not on a CRL. The peer's SPIFFE ID is authorized after the handshake ([`peer_id`]).
 pub(crate) fn server_config(
     credentials: &Credentials,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let mut by_trust_domain = Vec::new();
-    for (td, roots, crls) in trust_domains(credentials) {
-        let verifier = WebPkiClientVerifier::builder_with_provider(root_store(roots)?, provider())
-            .with_crls(crls)
-            .only_check_end_entity_revocation()
-            // A CRL of a just-created authority may not have reached us yet.
-            .allow_unknown_revocation_status()
-            .build()?;
-        by_trust_domain.push((td, verifier as Arc<dyn ClientCertVerifier>));
+    for (n, (td, roots, crls)) in trust_domains(credentials).enumerate() {
+        let verifier = root_store(roots).and_then(|roots| {
+            Ok(
+                WebPkiClientVerifier::builder_with_provider(roots, provider())
+                    .with_crls(crls)
+                    .only_check_end_entity_revocation()
+                    // A CRL of a just-created authority may not have reached us yet.
+                    .allow_unknown_revocation_status()
+                    .build()?,
+            )
+        });
+        if let Some(verifier) = usable(n, &td, verifier)? {
+            by_trust_domain.push((td, verifier as Arc<dyn ClientCertVerifier>));
+        }
     }
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
@@ -257,16 +287,22 @@ pub(crate) fn client_config(
     credentials: &Credentials,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut by_trust_domain = Vec::new();
-    for (td, roots, crls) in trust_domains(credentials) {
-        let webpki = WebPkiServerVerifier::builder_with_provider(root_store(roots)?, provider())
-            .with_crls(crls)
-            .only_check_end_entity_revocation()
-            .allow_unknown_revocation_status()
-            .build()?;
-        by_trust_domain.push((
-            td,
-            Arc::new(IgnoreName(webpki)) as Arc<dyn ServerCertVerifier>,
-        ));
+    for (n, (td, roots, crls)) in trust_domains(credentials).enumerate() {
+        let webpki = root_store(roots).and_then(|roots| {
+            Ok(
+                WebPkiServerVerifier::builder_with_provider(roots, provider())
+                    .with_crls(crls)
+                    .only_check_end_entity_revocation()
+                    .allow_unknown_revocation_status()
+                    .build()?,
+            )
+        });
+        if let Some(webpki) = usable(n, &td, webpki)? {
+            by_trust_domain.push((
+                td,
+                Arc::new(IgnoreName(webpki)) as Arc<dyn ServerCertVerifier>,
+            ));
+        }
     }
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?

@@ -125,12 +125,13 @@ impl FederatedBundles {
         let _one_at_a_time = self.refreshing.lock().await;
         let mut bundles = BTreeMap::new();
         let mut total = 0usize;
+        let mut left_out = Vec::new();
         for stored in self.store.list_federated_bundles().await? {
-            total = total.saturating_add(stored.bundle.len());
-            if total > MAX_FEDERATED_BYTES {
-                warn!(trust_domain = %stored.trust_domain, max = MAX_FEDERATED_BYTES, "the federated bundles are too large together; this one is not handed out");
+            if total.saturating_add(stored.bundle.len()) > MAX_FEDERATED_BYTES {
+                left_out.push(stored.trust_domain);
                 continue;
             }
+            total = total.saturating_add(stored.bundle.len());
             match SpiffeBundle::parse(stored.trust_domain.clone(), &stored.bundle) {
                 Ok(bundle) => {
                     bundles.insert(
@@ -147,6 +148,13 @@ impl FederatedBundles {
             }
         }
         let mut changed = false;
+        // Said when the set handed out changes (not at every refresh).
+        let warn_left_out = |left_out: &[TrustDomain]| {
+            if !left_out.is_empty() {
+                let names: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+                warn!(left_out = %names.join(", "), max = MAX_FEDERATED_BYTES, "the federated bundles are too large together; these are not handed out");
+            }
+        };
         self.tx.send_if_modified(|current| {
             if current.bundles == bundles {
                 return false;
@@ -155,6 +163,7 @@ impl FederatedBundles {
                 generation: current.generation + 1,
                 bundles,
             });
+            warn_left_out(&left_out);
             changed = true;
             true
         });
@@ -227,7 +236,7 @@ pub(crate) struct Federation {
     /// When this server may next fetch each trust domain whatever the store says: a fetch
     /// whose outcome could not be recorded (the store failing) is not tried again at every
     /// tick.
-    not_before: std::sync::Mutex<BTreeMap<TrustDomain, SystemTime>>,
+    not_before: Arc<std::sync::Mutex<BTreeMap<TrustDomain, SystemTime>>>,
 }
 
 impl Federation {
@@ -248,7 +257,7 @@ impl Federation {
             server_id,
             min_poll,
             fetch_timeout: federation_client::FETCH_TIMEOUT,
-            not_before: std::sync::Mutex::default(),
+            not_before: Arc::default(),
         }
     }
 
@@ -529,16 +538,11 @@ impl Federation {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             not_before.retain(|_, at| *at > now);
-            let due: Vec<_> = relationships
+            relationships
                 .into_iter()
                 .filter(|r| r.status.next_poll.is_none_or(|at| at <= now))
                 .filter(|r| !not_before.contains_key(&r.trust_domain))
-                .collect();
-            // However each fetch ends, not again from this server before federation_min_poll.
-            for relationship in &due {
-                not_before.insert(relationship.trust_domain.clone(), now + self.min_poll);
-            }
-            due
+                .collect()
         };
         let count = due.len();
         let mut fetches = tokio::task::JoinSet::new();
@@ -551,6 +555,7 @@ impl Federation {
                 server_id: self.server_id.clone(),
                 min_poll: self.min_poll,
                 fetch_timeout: self.fetch_timeout,
+                not_before: self.not_before.clone(),
             };
             fetches.spawn(async move { this.poll(relationship).await });
         }
@@ -568,9 +573,19 @@ struct Poller {
     server_id: String,
     min_poll: Duration,
     fetch_timeout: Duration,
+    not_before: Arc<std::sync::Mutex<BTreeMap<TrustDomain, SystemTime>>>,
 }
 
 impl Poller {
+    /// The store could not be read or written for `td`: this server does not try it again
+    /// before `federation_min_poll`, whatever the schedule in the store says.
+    fn hold_off(&self, td: &TrustDomain) {
+        self.not_before
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(td.clone(), SystemTime::now() + self.min_poll);
+    }
+
     async fn poll(self, relationship: FederationRelationship) {
         let td = relationship.trust_domain.clone();
         let started = SystemTime::now();
@@ -578,6 +593,7 @@ impl Poller {
             Ok(stored) => stored.and_then(|b| SpiffeBundle::parse(b.trust_domain, &b.bundle).ok()),
             Err(error) => {
                 debug!(trust_domain = %td, %error, "cannot read the stored bundle now; fetching later");
+                self.hold_off(&td);
                 return;
             }
         };
@@ -656,7 +672,10 @@ impl Poller {
             Ok(false) => {
                 debug!(trust_domain = %td, "the relationship changed during the fetch; its result is dropped");
             }
-            Err(error) => warn!(trust_domain = %td, %error, "cannot record the fetch"),
+            Err(error) => {
+                warn!(trust_domain = %td, %error, "cannot record the fetch");
+                self.hold_off(&td);
+            }
         }
     }
 
