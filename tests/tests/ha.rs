@@ -1321,7 +1321,9 @@ async fn one_server_at_a_time_polls_a_federated_endpoint_and_every_server_serves
     let before = fetches(&a) + fetches(&b);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let during = fetches(&a) + fetches(&b) - before;
-    assert!((3..=7).contains(&during), "{during} fetches in 10 s");
+    // (At least two: polling goes on; a loaded machine stretches the periods, never shortens
+    // them.)
+    assert!((2..=7).contains(&during), "{during} fetches in 10 s");
 
     // An agent syncing from the server that did not create the relationship hands its
     // workload the bundle.
