@@ -30,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::config::{BundleEndpointConfig, BundleEndpointProfile};
+use crate::federation_client::AbortOnDrop;
 use crate::service::authority::{Authority, BundleState};
 use crate::tls::ServerCertificate;
 
@@ -186,15 +187,6 @@ impl BundleEndpoint {
                 drop(permit);
             });
         }
-    }
-}
-
-/// Aborts the task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -196,9 +196,9 @@ async fn fetch_inner(url: &EndpointUrl, auth: Authentication) -> Result<Bytes, S
 }
 
 /// Aborts the task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

@@ -1263,3 +1263,49 @@ pub fn mtls_server(socket: &Path, args: &[&str]) -> (KillOnDrop, String) {
         .to_owned();
     (server, address)
 }
+
+/// The server's SPIFFE bundle (JSON), written to `dir/TRUST_DOMAIN.json`.
+pub async fn bundle_file(server: &TestServer, dir: &Path) -> std::path::PathBuf {
+    let bundle = server
+        .admin()
+        .await
+        .get_bundle(sigil_proto::admin::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let path = dir.join(format!("{}.json", server.trust_domain));
+    std::fs::write(&path, bundle.spiffe_bundle).unwrap();
+    path
+}
+
+/// The URL of `server`'s bundle endpoint (`bundle_endpoint_address` must be set).
+pub fn endpoint_url(server: &TestServer) -> String {
+    format!("https://{}/", server.bundle_endpoint())
+}
+
+/// `federation create` on `from` for `to`'s trust domain over https_spiffe, bootstrapped with
+/// `to`'s bundle; `endpoint_id` is what the endpoint's SVID must be.
+pub async fn federate(from: &TestServer, to: &TestServer, endpoint_id: &str, dir: &Path) -> CliRun {
+    let bootstrap = bundle_file(to, dir).await;
+    server_cli(
+        from,
+        &[
+            "federation",
+            "create",
+            "--id",
+            &to.trust_domain,
+            "--bundle-endpoint-url",
+            &endpoint_url(to),
+            "--profile",
+            "https_spiffe",
+            "--endpoint-spiffe-id",
+            endpoint_id,
+            "--trust-bundle",
+            bootstrap.to_str().unwrap(),
+            "--trust-bundle-format",
+            "spiffe",
+            "--output",
+            "json",
+        ],
+    )
+}

@@ -943,32 +943,13 @@ async fn federated_peers_get_through_when_told_to_and_are_cut_when_the_relations
         .unwrap();
     // This trust domain federates with the ledger's; the broker's entry says so.
     let dir = tempfile::tempdir().unwrap();
-    let bootstrap = dir.path().join("ledger.json");
-    let ledger_bundle = ledger
-        .admin()
-        .await
-        .get_bundle(sigil_proto::admin::GetBundleRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    std::fs::write(&bootstrap, &ledger_bundle.spiffe_bundle).unwrap();
-    let created = server_cli(
+    let created = federate(
         &server,
-        &[
-            "federation",
-            "create",
-            "--id",
-            "ledger.example",
-            "--bundle-endpoint-url",
-            &format!("https://{}/", ledger.bundle_endpoint()),
-            "--profile",
-            "https_spiffe",
-            "--endpoint-spiffe-id",
-            "spiffe://ledger.example/sigil/server",
-            "--trust-bundle",
-            bootstrap.to_str().unwrap(),
-        ],
-    );
+        &ledger,
+        "spiffe://ledger.example/sigil/server",
+        dir.path(),
+    )
+    .await;
     assert!(
         created.status.success(),
         "{}{}",

@@ -28,51 +28,6 @@ const LEDGER: &str = "spiffe://ledger.example/ledger";
 /// Every server here serves its bundle endpoint and polls often.
 const FEDERATING: &str = "bundle_endpoint_address = \"127.0.0.1:0\"\nfederation_min_poll = \"1s\"\nbundle_endpoint_refresh_hint = \"1s\"\n";
 
-/// The server's SPIFFE bundle (JSON), written to `dir/NAME.json`.
-async fn bundle_file(server: &TestServer, dir: &Path) -> std::path::PathBuf {
-    let bundle = server
-        .admin()
-        .await
-        .get_bundle(sigil_proto::admin::GetBundleRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let path = dir.join(format!("{}.json", server.trust_domain));
-    std::fs::write(&path, bundle.spiffe_bundle).unwrap();
-    path
-}
-
-fn endpoint_url(server: &TestServer) -> String {
-    format!("https://{}/", server.bundle_endpoint())
-}
-
-/// `federation create` on `from` for `to`'s trust domain over https_spiffe, bootstrapped with
-/// `to`'s bundle; `endpoint_id` is what the endpoint's SVID must be.
-async fn federate(from: &TestServer, to: &TestServer, endpoint_id: &str, dir: &Path) -> CliRun {
-    let bootstrap = bundle_file(to, dir).await;
-    server_cli(
-        from,
-        &[
-            "federation",
-            "create",
-            "--id",
-            &to.trust_domain,
-            "--bundle-endpoint-url",
-            &endpoint_url(to),
-            "--profile",
-            "https_spiffe",
-            "--endpoint-spiffe-id",
-            endpoint_id,
-            "--trust-bundle",
-            bootstrap.to_str().unwrap(),
-            "--trust-bundle-format",
-            "spiffe",
-            "--output",
-            "json",
-        ],
-    )
-}
-
 fn show(server: &TestServer, td: &str) -> serde_json::Value {
     let run = server_cli(
         server,

@@ -1254,15 +1254,6 @@ async fn one_server_at_a_time_polls_a_federated_endpoint_and_every_server_serves
         &[],
     );
     let dir = tempfile::tempdir().unwrap();
-    let bootstrap = dir.path().join("ledger.json");
-    let bundle = ledger
-        .admin()
-        .await
-        .get_bundle(sigil_proto::admin::GetBundleRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    std::fs::write(&bootstrap, bundle.spiffe_bundle).unwrap();
 
     // While something else holds the polling job's lock, no server fetches.
     let held = sigil_testkit::Postgres::hold(
@@ -1274,23 +1265,13 @@ async fn one_server_at_a_time_polls_a_federated_endpoint_and_every_server_serves
     )
     .await
     .unwrap();
-    let created = sigil_tests::server_cli(
+    let created = sigil_tests::federate(
         &a,
-        &[
-            "federation",
-            "create",
-            "--id",
-            "ledger.example",
-            "--bundle-endpoint-url",
-            &format!("https://{}/", ledger.bundle_endpoint()),
-            "--profile",
-            "https_spiffe",
-            "--endpoint-spiffe-id",
-            "spiffe://ledger.example/sigil/server",
-            "--trust-bundle",
-            bootstrap.to_str().unwrap(),
-        ],
-    );
+        &ledger,
+        "spiffe://ledger.example/sigil/server",
+        dir.path(),
+    )
+    .await;
     assert!(created.status.success(), "{}", created.stderr);
     let show = |server: &TestServer| {
         sigil_tests::server_cli(

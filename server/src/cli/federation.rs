@@ -157,8 +157,18 @@ fn time(seconds: i64) -> Option<String> {
 
 impl<'a> FederationJson<'a> {
     fn new(f: &'a pb::Federation) -> Self {
-        let status = f.status.clone().unwrap_or_default();
+        // A missing status reads as "never fetched".
+        static NEVER: pb::FederationStatus = pb::FederationStatus {
+            last_attempt: 0,
+            last_success: 0,
+            last_error: String::new(),
+            failures: 0,
+            next_poll: 0,
+            server_id: String::new(),
+        };
+        let status = f.status.as_ref().unwrap_or(&NEVER);
         let bundle = f.bundle.as_ref();
+        let nonempty = |s: &'a str| (!s.is_empty()).then_some(s);
         Self {
             id: &f.trust_domain,
             trust_domain: &f.trust_domain,
@@ -169,18 +179,10 @@ impl<'a> FederationJson<'a> {
             updated_at: format_rfc3339(f.updated_at),
             last_attempt: time(status.last_attempt),
             last_success: time(status.last_success),
-            last_error: f
-                .status
-                .as_ref()
-                .map(|s| s.last_error.as_str())
-                .filter(|e| !e.is_empty()),
+            last_error: nonempty(&status.last_error),
             failures: status.failures,
             next_poll: time(status.next_poll),
-            fetched_by: f
-                .status
-                .as_ref()
-                .map(|s| s.server_id.as_str())
-                .filter(|s| !s.is_empty()),
+            fetched_by: nonempty(&status.server_id),
             bundle_sequence: bundle.map(|b| b.sequence),
             x509_authorities: bundle.map_or(0, |b| super::bundle::authority_count(&b.pem)),
             spiffe_bundle: bundle

@@ -129,7 +129,7 @@ impl Bundles {
             .await?
             .into_iter()
             .map(|stored| {
-                let parsed = SpiffeBundle::parse(stored.trust_domain.clone(), &stored.bundle).ok();
+                let parsed = stored.parsed();
                 Federated { stored, parsed }
             })
             .collect())

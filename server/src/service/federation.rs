@@ -236,7 +236,7 @@ pub(crate) struct Federation {
     /// When this server may next fetch each trust domain whatever the store says: a fetch
     /// whose outcome could not be recorded (the store failing) is not tried again at every
     /// tick.
-    not_before: Arc<std::sync::Mutex<BTreeMap<TrustDomain, SystemTime>>>,
+    not_before: std::sync::Mutex<BTreeMap<TrustDomain, SystemTime>>,
 }
 
 impl Federation {
@@ -257,7 +257,7 @@ impl Federation {
             server_id,
             min_poll,
             fetch_timeout: federation_client::FETCH_TIMEOUT,
-            not_before: Arc::default(),
+            not_before: std::sync::Mutex::default(),
         }
     }
 
@@ -447,7 +447,7 @@ impl Federation {
             .map(|relationship| {
                 let bundle = bundles
                     .remove(&relationship.trust_domain)
-                    .and_then(|b| SpiffeBundle::parse(b.trust_domain, &b.bundle).ok());
+                    .and_then(|b| b.parsed());
                 RelationshipView {
                     relationship,
                     bundle,
@@ -483,7 +483,7 @@ impl Federation {
         info!(uid, %trust_domain, "federation relationship deleted, with its bundle");
         Ok(RelationshipView {
             relationship,
-            bundle: bundle.and_then(|b| SpiffeBundle::parse(b.trust_domain, &b.bundle).ok()),
+            bundle: bundle.and_then(|b| b.parsed()),
         })
     }
 
@@ -495,7 +495,7 @@ impl Federation {
             .store
             .get_federated_bundle(trust_domain)
             .await?
-            .and_then(|b| SpiffeBundle::parse(b.trust_domain, &b.bundle).ok()))
+            .and_then(|b| b.parsed()))
     }
 
     // --- polling ---
@@ -519,12 +519,12 @@ impl Federation {
     }
 
     /// Fetches every relationship that is due, at once; returns how many were fetched.
-    pub(crate) async fn poll_due(&self) -> usize {
+    pub(crate) async fn poll_due(self: &Arc<Self>) -> usize {
         self.poll_due_at(SystemTime::now()).await
     }
 
     /// Fetches every relationship due at `now`.
-    pub(crate) async fn poll_due_at(&self, now: SystemTime) -> usize {
+    pub(crate) async fn poll_due_at(self: &Arc<Self>, now: SystemTime) -> usize {
         let relationships = match self.store.list_federations().await {
             Ok(relationships) => relationships,
             Err(error) => {
@@ -547,36 +547,13 @@ impl Federation {
         let count = due.len();
         let mut fetches = tokio::task::JoinSet::new();
         for relationship in due {
-            let this = Poller {
-                store: self.store.clone(),
-                audit: self.audit.clone(),
-                authority: self.authority.clone(),
-                federated: self.federated.clone(),
-                server_id: self.server_id.clone(),
-                min_poll: self.min_poll,
-                fetch_timeout: self.fetch_timeout,
-                not_before: self.not_before.clone(),
-            };
+            let this = Arc::clone(self);
             fetches.spawn(async move { this.poll(relationship).await });
         }
         while fetches.join_next().await.is_some() {}
         count
     }
-}
 
-/// What one fetch needs (owned, for its task).
-struct Poller {
-    store: Arc<dyn Store>,
-    audit: Arc<AuditLog>,
-    authority: Arc<Authority>,
-    federated: Arc<FederatedBundles>,
-    server_id: String,
-    min_poll: Duration,
-    fetch_timeout: Duration,
-    not_before: Arc<std::sync::Mutex<BTreeMap<TrustDomain, SystemTime>>>,
-}
-
-impl Poller {
     /// The store could not be read or written for `td`: this server does not try it again
     /// before `federation_min_poll`, whatever the schedule in the store says.
     fn hold_off(&self, td: &TrustDomain) {
@@ -586,11 +563,11 @@ impl Poller {
             .insert(td.clone(), SystemTime::now() + self.min_poll);
     }
 
-    async fn poll(self, relationship: FederationRelationship) {
+    async fn poll(&self, relationship: FederationRelationship) {
         let td = relationship.trust_domain.clone();
         let started = SystemTime::now();
         let stored = match self.store.get_federated_bundle(&td).await {
-            Ok(stored) => stored.and_then(|b| SpiffeBundle::parse(b.trust_domain, &b.bundle).ok()),
+            Ok(stored) => stored.and_then(|b| b.parsed()),
             Err(error) => {
                 debug!(trust_domain = %td, %error, "cannot read the stored bundle now; fetching later");
                 self.hold_off(&td);
@@ -737,7 +714,7 @@ impl Poller {
                 .get_federated_bundle(&endpoint_td)
                 .await
                 .map_err(|e| format!("cannot read the bundle of {endpoint_td}: {e}"))?
-                .and_then(|b| SpiffeBundle::parse(b.trust_domain, &b.bundle).ok())
+                .and_then(|b| b.parsed())
         };
         bundle
             .ok_or_else(|| format!("no bundle of {endpoint_td} to authenticate {id} with"))?

@@ -191,7 +191,7 @@ fn pem_of(der: &CertificateDer<'_>) -> Vec<u8> {
 
 /// Polls everything (as if every relationship were due, an hour later than the last time)
 /// and returns the relationship.
-async fn poll(federation: &Federation) -> RelationshipView {
+async fn poll(federation: &Arc<Federation>) -> RelationshipView {
     static HOURS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let hours = HOURS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     federation
@@ -215,15 +215,17 @@ fn last_error(view: &RelationshipView) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_endpoints_leave_the_last_good_bundle_and_say_why() {
     let fx = Fixture::new().await;
-    let federation = Federation::new(
-        fx.store.clone(),
-        fx.audit.clone(),
-        fx.authority.clone(),
-        fx.federated.clone(),
-        "default".to_owned(),
-        Duration::from_secs(1),
-    )
-    .with_fetch_timeout(Duration::from_millis(500));
+    let federation = Arc::new(
+        Federation::new(
+            fx.store.clone(),
+            fx.audit.clone(),
+            fx.authority.clone(),
+            fx.federated.clone(),
+            "default".to_owned(),
+            Duration::from_secs(1),
+        )
+        .with_fetch_timeout(Duration::from_millis(500)),
+    );
     let ca = new_ca("other CA");
     let (chain, key) = svid(&ca, ENDPOINT_ID);
     let endpoint = Endpoint::start(chain, key).await;

@@ -247,11 +247,6 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
     ) -> Result<FederatedBundle, StoreError>;
 
     /// The bundle of this trust domain, if any.
-    #[allow(
-        dead_code,
-        reason = "part of the backend contract (the conformance suite checks it); the server \
-                  lists federated bundles today, and federation reads them one by one"
-    )]
     async fn get_federated_bundle(
         &self,
         trust_domain: &TrustDomain,
@@ -700,6 +695,13 @@ pub(crate) struct FederatedBundle {
     pub bundle: Vec<u8>,
     /// When it was last set.
     pub updated_at: SystemTime,
+}
+
+impl FederatedBundle {
+    /// The bundle, if it parses as one of its trust domain.
+    pub(crate) fn parsed(&self) -> Option<sigil_core::SpiffeBundle> {
+        sigil_core::SpiffeBundle::parse(self.trust_domain.clone(), &self.bundle).ok()
+    }
 }
 
 /// A new random instance id (16 hex digits): one per process that claims a server id.

@@ -40,7 +40,6 @@ impl Inner {
         Ok(record)
     }
 
-    #[allow(dead_code, reason = "behind Store::get_federated_bundle")]
     pub(super) fn get_federated_bundle(
         &self,
         trust_domain: &TrustDomain,
@@ -98,6 +97,26 @@ fn federation_key(trust_domain: &TrustDomain) -> Vec<u8> {
     [FEDERATION_PREFIX, trust_domain.name().as_bytes()].concat()
 }
 
+/// The stored record of `bundle` (when given) for `trust_domain`, encoded.
+fn bundle_value(
+    trust_domain: &TrustDomain,
+    bundle: Option<Vec<u8>>,
+    updated_at: SystemTime,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    bundle
+        .map(|bundle| {
+            encode(
+                "federated bundle",
+                &FederatedBundle {
+                    trust_domain: trust_domain.clone(),
+                    bundle,
+                    updated_at,
+                },
+            )
+        })
+        .transpose()
+}
+
 fn transaction_error(error: TransactionError<StoreError>) -> StoreError {
     match error {
         TransactionError::Abort(e) => e,
@@ -114,18 +133,7 @@ impl Inner {
     ) -> Result<FederationRelationship, StoreError> {
         let key = federation_key(&relationship.trust_domain);
         let now = SystemTime::now();
-        let bundle = bundle
-            .map(|bundle| {
-                encode(
-                    "federated bundle",
-                    &FederatedBundle {
-                        trust_domain: relationship.trust_domain.clone(),
-                        bundle,
-                        updated_at: now,
-                    },
-                )
-            })
-            .transpose()?;
+        let bundle = bundle_value(&relationship.trust_domain, bundle, now)?;
         (&self.trees.meta, &self.trees.bundles)
             .transaction(|(meta, bundles)| {
                 let abort = ConflictableTransactionError::Abort;
@@ -201,18 +209,7 @@ impl Inner {
         bundle: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
         let key = federation_key(trust_domain);
-        let bundle = bundle
-            .map(|bundle| {
-                encode(
-                    "federated bundle",
-                    &FederatedBundle {
-                        trust_domain: trust_domain.clone(),
-                        bundle,
-                        updated_at: SystemTime::now(),
-                    },
-                )
-            })
-            .transpose()?;
+        let bundle = bundle_value(trust_domain, bundle, SystemTime::now())?;
         (&self.trees.meta, &self.trees.bundles)
             .transaction(|(meta, bundles)| {
                 let abort = ConflictableTransactionError::Abort;
