@@ -36,10 +36,12 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+mod cfssl;
 mod children;
 mod clients;
 mod crypto;
 mod ha;
+mod instructions;
 mod procs;
 mod report;
 mod scale;
@@ -57,6 +59,7 @@ use crate::report::Row;
 
 const USAGE: &str = "\
 usage: sigil-bench [--quick] [--only SECTION[,SECTION...]]
+       sigil-bench instructions [--out DIR]
 
   --quick   every measurement at a small size, in under a minute; no timing assertions
   --only    run only these sections: issuance, latency, concurrency, propagation, scale,
@@ -65,7 +68,11 @@ usage: sigil-bench [--quick] [--only SECTION[,SECTION...]]
             installed: apt-get install postgresql)
 
 Prints one Markdown table on stdout (progress on stderr). Exit status 0 unless something
-breaks; a missed target is reported in the table, not in the exit status.";
+breaks; a missed target is reported in the table, not in the exit status.
+
+`instructions` counts instructions per X509-SVID on the server's in-process signing path
+against a ring P-256 verify+sign pair under valgrind's callgrind (apt-get install valgrind),
+and keeps the profile in DIR; on demand, about a minute.";
 
 /// The sections of a run, in order.
 const SECTIONS: [&str; 7] = [
@@ -206,6 +213,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(result) = children::dispatch(&args) {
         return exit(result);
+    }
+    if let Some(result) = instructions::dispatch(&args) {
+        return exit(result);
+    }
+    if args.first().map(String::as_str) == Some("instructions") {
+        return exit(instructions::run(&args[1..]));
     }
     exit(run_harness(&args))
 }

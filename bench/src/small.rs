@@ -147,8 +147,8 @@ pub(crate) async fn issuance(
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let baseline = move || -> anyhow::Result<(f64, f64)> {
         Ok((
-            crypto::verify_sign_pairs_per_second(crypto_time)?,
-            crypto::verify_sign_pairs_per_second_loaded(cores, crypto_time)?,
+            crypto::verify_sign_pairs_per_cpu_second(crypto_time)?,
+            crypto::verify_sign_pairs_per_cpu_second_loaded(cores, crypto_time)?,
         ))
     };
     let (idle_before, loaded_before) = tokio::task::spawn_blocking(baseline).await??;
@@ -173,36 +173,37 @@ pub(crate) async fn issuance(
             format!("1. Issuance per core, one agent: X509-SVIDs per server CPU-second (BatchNewX509SVID over mTLS, {ISSUANCE_BATCH} CSRs/call, one call at a time: CSR check, template, sign, audit record durable)"),
             format!("{} ({})", rate(one_rate), one.text()),
             format!(
-                "ring P-256 verify+sign pairs per second, 1 thread: {} (before {}, after {})",
+                "ring P-256 verify+sign pairs per CPU-second, 1 thread: {} (before {}, after {})",
                 rate(idle),
                 rate(idle_before),
                 rate(idle_after)
             ),
             Some(one_rate / idle),
         )
-        .target("≥ 0.5", one_rate / idle >= 0.5),
+        .target("≥ 0.8", one_rate / idle >= 0.8),
     );
     h.rows.push(
         Row::info(
             format!("1. Issuance per core, {ISSUANCE_CALLERS} agents at once (a connection each)"),
             format!("{} ({})", rate(many_rate), many.text()),
             format!(
-                "ring pairs per second per thread, {cores} threads at once: {} (before {}, after {})",
+                "ring pairs per CPU-second of each thread, {cores} threads at once: {} (before {}, after {})",
                 rate(loaded),
                 rate(loaded_before),
                 rate(loaded_after),
             ),
             Some(many_rate / loaded),
         )
-        .target("≥ 0.5", many_rate / loaded >= 0.5),
+        .target("≥ 0.8", many_rate / loaded >= 0.8),
     );
     let wall_rate = many.signed as f64 / many.wall.as_secs_f64();
     h.rows.push(Row::info(
         format!("1. Issuance, wall clock, {ISSUANCE_CALLERS} agents at once ({cores} cores shared by server and harness)"),
         rate(wall_rate),
-        format!("ring pairs, {cores} threads: {}", rate(loaded * cores as f64)),
+        format!("ring pairs, {cores} threads, each on a core of its own: {}", rate(loaded * cores as f64)),
         Some(wall_rate / (loaded * cores as f64)),
     ));
+    crate::cfssl::issuance(h, ISSUANCE_CALLERS, many_rate).await?;
     issuance_pkcs11(h, one_rate).await
 }
 
@@ -446,7 +447,7 @@ pub(crate) async fn latency(h: &mut Harness, ctx: &Small) -> anyhow::Result<()> 
             ),
             p50_ratio,
         )
-        .target("p50 ratio ≤ 2", p50_ratio.is_some_and(|r| r <= 2.0)),
+        .target("p50 ratio ≤ 1.3", p50_ratio.is_some_and(|r| r <= 1.3)),
     );
     h.rows.push(Row::info(
         "2. Workload API: the same, p99",
@@ -669,15 +670,21 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
         ),
         (base_per_stream > 0.0).then(|| per_stream / base_per_stream),
     ));
-    h.rows.push(Row::info(
-        format!("3. One rotation (entry update: agent re-mints) pushed to all {opened} streams"),
-        format!("median {} (n={})", duration(fanout.p50), fanout.count),
-        format!(
-            "the same rotation to one stream: median {}",
-            duration(single.p50)
-        ),
-        report::ratio(fanout.p50, single.p50),
-    ));
+    let fanout_ratio = report::ratio(fanout.p50, single.p50);
+    h.rows.push(
+        Row::info(
+            format!(
+                "3. One rotation (entry update: agent re-mints) pushed to all {opened} streams"
+            ),
+            format!("median {} (n={})", duration(fanout.p50), fanout.count),
+            format!(
+                "the same rotation to one stream: median {}",
+                duration(single.p50)
+            ),
+            fanout_ratio,
+        )
+        .target("≤ 3", fanout_ratio.is_some_and(|r| r <= 3.0)),
+    );
     Ok(())
 }
 

@@ -53,6 +53,8 @@ mod ca;
 pub mod cli;
 mod config;
 mod federation_client;
+#[doc(hidden)]
+pub mod instructions;
 mod policy;
 mod server;
 mod service;
