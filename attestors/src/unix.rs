@@ -75,7 +75,30 @@ pub struct UnixAttestor {
     etc_root: PathBuf,
     hash_size_limit: u64,
     hashes: Mutex<HashMap<FileIdentity, String>>,
+    /// `/etc/passwd` parsed, while the file stays the same.
+    users: Mutex<Option<NameTable>>,
+    /// `/etc/group` parsed, while the file stays the same.
+    groups: Mutex<Option<NameTable>>,
 }
+
+/// The names of a passwd- or group-format file by id (the first line of each id), and the
+/// identity of the file they were read from: one `stat` tells whether they still hold, instead
+/// of reading and parsing the whole file for every caller.
+#[derive(Debug)]
+struct NameTable {
+    identity: FileIdentity,
+    /// Modification time (seconds, nanoseconds), with `ctime` in the identity.
+    mtime: (i64, i64),
+    /// Whether the file had not changed for [`NAME_TABLE_SETTLE`] when it was read. File times
+    /// move in clock ticks: a file written again within the tick of its last write can keep its
+    /// times (and its size). A table read from a file that changed just before is not trusted:
+    /// the file is read again until it has settled (git's "racy clean" rule).
+    settled: bool,
+    names: HashMap<u32, String>,
+}
+
+/// How long a passwd or group file must have been unchanged for its parsed names to be reused.
+const NAME_TABLE_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct FileIdentity {
@@ -108,6 +131,8 @@ impl UnixAttestor {
             etc_root: etc_root.into(),
             hash_size_limit: DEFAULT_HASH_SIZE_LIMIT,
             hashes: Mutex::new(HashMap::new()),
+            users: Mutex::new(None),
+            groups: Mutex::new(None),
         }
     }
 
@@ -128,10 +153,10 @@ impl UnixAttestor {
         let mut set = SelectorSet::new();
         set.insert(selector(&format!("uid:{}", creds.uid))?);
         set.insert(selector(&format!("gid:{}", creds.gid))?);
-        if let Some(name) = lookup_name(&self.etc_root.join("passwd"), creds.uid) {
+        if let Some(name) = lookup_name(&self.users, &self.etc_root.join("passwd"), creds.uid) {
             set.insert(selector(&format!("user:{name}"))?);
         }
-        if let Some(name) = lookup_name(&self.etc_root.join("group"), creds.gid) {
+        if let Some(name) = lookup_name(&self.groups, &self.etc_root.join("group"), creds.gid) {
             set.insert(selector(&format!("group:{name}"))?);
         }
         let Some(pid) = creds.pid else {
@@ -208,16 +233,52 @@ fn selector(value: &str) -> Result<Selector, sigil_core::SelectorError> {
     Selector::new(SELECTOR_TYPE, value)
 }
 
-/// The name of `id` in a passwd- or group-format file (`name:x:id:...`).
-fn lookup_name(file: &Path, id: u32) -> Option<String> {
-    let text = std::fs::read_to_string(file).ok()?;
-    text.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        let _password = fields.next()?;
-        let found: u32 = fields.next()?.parse().ok()?;
-        (found == id && !name.is_empty()).then(|| name.to_owned())
-    })
+/// The name of `id` in a passwd- or group-format file (`name:x:id:...`), from `table` while
+/// the file is the one it was read from (same device, inode, size, modification and change
+/// times), else read again. No name when the file cannot be read.
+fn lookup_name(table: &Mutex<Option<NameTable>>, file: &Path, id: u32) -> Option<String> {
+    let meta = std::fs::metadata(file).ok()?;
+    let identity = FileIdentity {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.len(),
+        ctime: (meta.ctime(), meta.ctime_nsec()),
+    };
+    let mtime = (meta.mtime(), meta.mtime_nsec());
+    let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
+    let fresh = table
+        .as_ref()
+        .is_some_and(|t| t.settled && t.identity == identity && t.mtime == mtime);
+    if !fresh {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let changed = meta.mtime().max(meta.ctime());
+        let settled = now.saturating_sub(changed)
+            >= i64::try_from(NAME_TABLE_SETTLE.as_secs()).unwrap_or(i64::MAX);
+        let text = std::fs::read_to_string(file).ok()?;
+        let mut names = HashMap::new();
+        for line in text.lines() {
+            let mut fields = line.split(':');
+            let (Some(name), Some(_password), Some(found)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            if let Ok(found) = found.parse::<u32>()
+                && !name.is_empty()
+            {
+                names.entry(found).or_insert_with(|| name.to_owned());
+            }
+        }
+        *table = Some(NameTable {
+            identity,
+            mtime,
+            settled,
+            names,
+        });
+    }
+    table.as_ref()?.names.get(&id).cloned()
 }
 
 /// The `Groups:` line of `/proc/PID/status`.
@@ -335,6 +396,43 @@ mod tests {
         ] {
             assert!(has(&set, s), "{s} missing from {set:?}");
         }
+        // A changed passwd file is read again (here: a new inode, as editors write it).
+        std::fs::write(
+            etc.join("passwd.new"),
+            "root:x:0:0::/root:/bin/sh\nbob:x:1000:1000::/home/b:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::rename(etc.join("passwd.new"), etc.join("passwd")).unwrap();
+        let renamed = attestor
+            .attest(
+                Credentials {
+                    uid: 1000,
+                    gid: 1000,
+                    pid: None,
+                },
+                false,
+            )
+            .unwrap();
+        assert!(has(&renamed, "unix:user:bob"), "{renamed:?}");
+        assert!(!has(&renamed, "unix:user:alice"), "{renamed:?}");
+        // Rewritten in place with the same size within the same clock tick (the file times may
+        // not move): a file that changed within the last seconds is read for every caller.
+        std::fs::write(
+            etc.join("passwd"),
+            "root:x:0:0::/root:/bin/sh\ncal:x:1000:1000::/home/b:/bin/sh\n",
+        )
+        .unwrap();
+        let rewritten = attestor
+            .attest(
+                Credentials {
+                    uid: 1000,
+                    gid: 1000,
+                    pid: None,
+                },
+                false,
+            )
+            .unwrap();
+        assert!(has(&rewritten, "unix:user:cal"), "{rewritten:?}");
         // A uid without a name gets no user selector.
         let set = attestor
             .attest(

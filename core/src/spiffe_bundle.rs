@@ -316,6 +316,13 @@ impl SpiffeBundle {
         X509Bundle::new(self.trust_domain.clone(), self.x509_authorities.clone())
     }
 
+    /// The X.509 authorities in the Workload API's wire form: DER certificates back to back
+    /// (what `x509_bundle()?.to_der()` gives, without parsing each authority again: every
+    /// authority was parsed, with nothing trailing, when it was added).
+    pub fn x509_der(&self) -> Vec<u8> {
+        crate::x509_bundle::concatenate_der(&self.x509_authorities)
+    }
+
     /// The JWT part, for verifying JWT-SVIDs (BJ-2). Empty when the trust domain does not
     /// support JWT-SVIDs.
     pub fn jwt_bundle(&self) -> JwtBundle {
@@ -1068,6 +1075,7 @@ mod tests {
         let x509 = bundle.x509_bundle().unwrap();
         assert_eq!(x509.trust_domain(), &td("example.org"));
         assert_eq!(x509.authorities(), bundle.x509_authorities());
+        assert_eq!(bundle.x509_der(), x509.to_der());
 
         // And back.
         let mut rebuilt = SpiffeBundle::from_bundles(&x509, &jwt).unwrap();

@@ -31,8 +31,8 @@ use sigil_proto::workload::{
     X509svidRequest, X509svidResponse,
 };
 use tokio::sync::{mpsc, watch};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
@@ -202,15 +202,22 @@ impl WorkloadApi {
         with_sha256: Option<bool>,
     ) -> Result<SelectorSet, Status> {
         let needs_sha256 = with_sha256.unwrap_or_else(|| self.snapshots.borrow().needs_sha256);
-        let attestor = self.attestor.clone();
         let creds = caller.credentials();
-        let selectors = tokio::task::spawn_blocking(move || attestor.attest(creds, needs_sha256))
-            .await
-            .map_err(|_| Status::from(WorkloadError::Attestation("")))?
-            .map_err(|e| {
-                debug!(error = %e, "workload attestation failed");
-                Status::from(WorkloadError::Attestation(""))
-            })?;
+        // Without hashing, attestation reads a few small files (/proc/PID, /etc/passwd,
+        // /etc/group): done here, a hop to the blocking pool would cost more than the reads.
+        // Hashing an executable can take long: that goes to the blocking pool.
+        let attested = if needs_sha256 {
+            let attestor = self.attestor.clone();
+            tokio::task::spawn_blocking(move || attestor.attest(creds, true))
+                .await
+                .map_err(|_| Status::from(WorkloadError::Attestation("")))?
+        } else {
+            self.attestor.attest(creds, false)
+        };
+        let selectors = attested.map_err(|e| {
+            debug!(error = %e, "workload attestation failed");
+            Status::from(WorkloadError::Attestation(""))
+        })?;
         // The pid may have been reused since connect, or the process may have exec'd another
         // program: give nothing unless it is the same process running the same executable.
         if !caller.is_same_process() {
@@ -254,11 +261,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let first = x509_response(&snapshot, &selectors, &held)
             .ok_or_else(|| Status::from(WorkloadError::NoIdentity))?;
         let (tx, rx) = mpsc::channel(2);
+        let mut last = first.clone();
         tokio::spawn(async move {
-            let mut last = first.clone();
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
             loop {
                 let wake = sessions::wakeup(&held, &snapshots.borrow());
                 tokio::select! {
@@ -302,7 +306,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The first message is ready in the body, so it leaves with the response headers
+        // (one write) rather than after a hop through the stream task.
+        Ok(Response::new(Box::pin(
+            tokio_stream::once(Ok(first)).chain(ReceiverStream::new(rx)),
+        )))
     }
 
     async fn fetch_x509_bundles(
@@ -312,13 +320,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let selectors = self.attest(&request).await?;
         let snapshots = self.snapshots.clone();
         stream_bundles(snapshots, selectors, |s, selectors| {
-            let bundle = s.bundle.x509_bundle().ok()?;
             let mut bundles: HashMap<String, Vec<u8>> =
-                [(s.trust_domain.id_string(), bundle.to_der())].into();
+                [(s.trust_domain.id_string(), s.bundle.x509_der())].into();
             for federated in s.federated_for_selectors(selectors, SystemTime::now()) {
-                if let Ok(x509) = federated.x509_bundle() {
-                    bundles.insert(federated.trust_domain().id_string(), x509.to_der());
-                }
+                bundles.insert(federated.trust_domain().id_string(), federated.x509_der());
             }
             Some(X509BundlesResponse {
                 crl: s.crls.clone(),
@@ -503,7 +508,7 @@ fn x509_response(
     selectors: &SelectorSet,
     sessions: &BTreeMap<String, WorkloadSvid>,
 ) -> Option<X509svidResponse> {
-    let bundle = snapshot.bundle.x509_bundle().ok()?.to_der();
+    let bundle = snapshot.bundle.x509_der();
     let now = SystemTime::now();
     let held: Vec<&WorkloadSvid> = snapshot
         .identities_for(selectors, now)
@@ -514,7 +519,7 @@ fn x509_response(
     let federated_bundles = snapshot
         .federated_for(held.iter().flat_map(|w| w.federates_with.iter()))
         .into_iter()
-        .filter_map(|b| Some((b.trust_domain().id_string(), b.x509_bundle().ok()?.to_der())))
+        .map(|b| (b.trust_domain().id_string(), b.x509_der()))
         .collect();
     let svids: Vec<X509svid> = held
         .into_iter()
