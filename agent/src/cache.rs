@@ -72,9 +72,10 @@ pub struct Inventory {
     /// The federated trust domains' bundles, as the server last sent them (shared between
     /// snapshots).
     pub federated: Arc<BTreeMap<TrustDomain, SpiffeBundle>>,
-    /// Identities, by entry id. Shared (`Arc`) between the manager's working copy and every
-    /// published snapshot, so publishing copies no certificate or key.
-    pub svids: BTreeMap<String, Arc<WorkloadSvid>>,
+    /// Identities, by entry id. The map and each SVID are shared (`Arc`) between the manager's
+    /// working copy and every published snapshot: publishing copies neither the map nor any
+    /// certificate or key, and the manager copies the map only to change it.
+    pub svids: Arc<BTreeMap<String, Arc<WorkloadSvid>>>,
     /// Whether any entry uses a `unix:sha256` selector (so attestation must hash).
     pub needs_sha256: bool,
     /// Whether the agent has finished its first sync (until then, "no identity" may only mean
@@ -122,7 +123,7 @@ impl Inventory {
             trust_domain,
             bundle,
             federated: Arc::default(),
-            svids: BTreeMap::new(),
+            svids: Arc::new(BTreeMap::new()),
             needs_sha256: false,
             synced: false,
             sessions: BTreeMap::new(),
@@ -229,7 +230,7 @@ mod tests {
             svid("d", "", &["unix:uid:2"], later),
             svid("e", "", &["unix:uid:1"], now),
         ] {
-            s.svids.insert(w.entry_id.clone(), Arc::new(w));
+            Arc::make_mut(&mut s.svids).insert(w.entry_id.clone(), Arc::new(w));
         }
         let workload: SelectorSet = ["unix:uid:1", "unix:gid:1"]
             .iter()

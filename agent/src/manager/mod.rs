@@ -62,7 +62,8 @@ const BATCH: usize = 100;
 pub struct Manager {
     node: Arc<NodeConnection>,
     minter: Minter,
-    entries: BTreeMap<String, Entry>,
+    /// The entries of this agent, each shared (`Arc`) with the batches that mint for it.
+    entries: BTreeMap<String, Arc<Entry>>,
     inventory: Inventory,
     revision: u64,
     witness: Witness,
@@ -213,7 +214,7 @@ impl Manager {
                                 if self.entries.len() < MAX_ENTRIES
                                     || self.entries.contains_key(&entry.id) =>
                             {
-                                self.entries.insert(entry.id.clone(), entry);
+                                self.entries.insert(entry.id.clone(), Arc::new(entry));
                             }
                             Some(change::Change::Upsert(entry)) => {
                                 warn!(entry_id = %entry.id, max = MAX_ENTRIES, "too many entries for this agent; ignoring one");
@@ -309,7 +310,7 @@ impl Manager {
         let entries = &self.entries;
         // An SVID whose entry is gone, or now grants another ID, is withdrawn at once; one whose
         // selectors or hint changed follows the entry now and is re-minted below.
-        self.inventory.svids.retain(|id, svid| {
+        Arc::make_mut(&mut self.inventory.svids).retain(|id, svid| {
             let Some(entry) = entries.get(id).filter(|e| e.session.is_none()) else {
                 return false;
             };
@@ -360,7 +361,7 @@ impl Manager {
     /// Mints SVIDs for entries without a current one (new, changed, or due for renewal).
     async fn renew_svids(&mut self) {
         let now = SystemTime::now();
-        let due: Vec<Entry> = self
+        let due: Vec<Arc<Entry>> = self
             .entries
             .values()
             .filter(|entry| entry.session.is_none())
@@ -370,7 +371,7 @@ impl Manager {
             })
             .cloned()
             .collect();
-        let mut chunks = due.chunks(BATCH).map(<[Entry]>::to_vec);
+        let mut chunks = due.chunks(BATCH).map(<[Arc<Entry>]>::to_vec);
         let mut next = chunks.next().map(Prepared::spawn);
         while let Some(prepared) = next.take() {
             let batch = match prepared.await {
@@ -418,7 +419,8 @@ impl Manager {
                     match grant_of(entry).and_then(|grant| issued_svid(grant, &svid, key)) {
                         Ok(w) => {
                             debug!(entry_id = %entry.id, "svid minted");
-                            self.inventory.svids.insert(entry.id.clone(), Arc::new(w));
+                            Arc::make_mut(&mut self.inventory.svids)
+                                .insert(entry.id.clone(), Arc::new(w));
                         }
                         Err(e) => {
                             warn!(entry_id = %entry.id, error = %e, "the server sent an unusable svid")
@@ -427,7 +429,9 @@ impl Manager {
                 }
                 Some(x509svid_result::Result::Error(e)) => {
                     warn!(entry_id = %entry.id, code = e.code, error = %e.message, "svid refused");
-                    self.inventory.svids.remove(&entry.id);
+                    if self.inventory.svids.contains_key(&entry.id) {
+                        Arc::make_mut(&mut self.inventory.svids).remove(&entry.id);
+                    }
                 }
                 None => {}
             }
@@ -437,7 +441,15 @@ impl Manager {
 
     fn publish(&mut self) {
         let now = SystemTime::now();
-        self.inventory.svids.retain(|_, svid| svid.not_after > now);
+        // The map is shared with the snapshots already published: copied only to change it.
+        if self
+            .inventory
+            .svids
+            .values()
+            .any(|svid| svid.not_after <= now)
+        {
+            Arc::make_mut(&mut self.inventory.svids).retain(|_, svid| svid.not_after > now);
+        }
         self.tx.send_replace(Arc::new(self.inventory.clone()));
     }
 
@@ -457,7 +469,7 @@ impl Manager {
 
 /// A batch ready to send: the entries, a fresh key for each, and the CSRs.
 struct Prepared {
-    entries: Vec<Entry>,
+    entries: Vec<Arc<Entry>>,
     keys: Vec<zeroize::Zeroizing<Vec<u8>>>,
     params: Vec<NewX509svidParams>,
 }
@@ -466,7 +478,7 @@ struct Prepared {
 
 impl Prepared {
     /// Makes the keys and CSRs for `entries` on a blocking thread.
-    fn spawn(entries: Vec<Entry>) -> tokio::task::JoinHandle<Result<Self, NodeError>> {
+    fn spawn(entries: Vec<Arc<Entry>>) -> tokio::task::JoinHandle<Result<Self, NodeError>> {
         tokio::task::spawn_blocking(move || {
             let mut keys = Vec::with_capacity(entries.len());
             let mut params = Vec::with_capacity(entries.len());
@@ -502,7 +514,7 @@ impl Pages {
     /// unchanged ones named (every other held entry is gone), at most [`MAX_ENTRIES`]. `None`
     /// when an unchanged entry named is not held: only a snapshot can tell what it is. An agent
     /// at its cap skips those instead: it left them out of its snapshot too.
-    fn apply(self, held: &BTreeMap<String, Entry>) -> Option<BTreeMap<String, Entry>> {
+    fn apply(self, held: &BTreeMap<String, Arc<Entry>>) -> Option<BTreeMap<String, Arc<Entry>>> {
         let at_cap = held.len() >= MAX_ENTRIES;
         let mut next = BTreeMap::new();
         for id in self.unchanged {
@@ -520,7 +532,7 @@ impl Pages {
                 ignored += 1;
                 continue;
             }
-            next.insert(entry.id.clone(), entry);
+            next.insert(entry.id.clone(), Arc::new(entry));
         }
         if ignored > 0 {
             warn!(
@@ -529,7 +541,9 @@ impl Pages {
                 "too many entries for this agent; ignoring the rest"
             );
         }
-        Some(next)
+        // Built again from its sorted contents: a map filled in key order leaves its nodes
+        // about half full, one built from a sorted sequence fills them (less memory per entry).
+        Some(next.into_iter().collect())
     }
 }
 
@@ -640,8 +654,11 @@ mod tests {
         }
     }
 
-    fn held(entries: &[Entry]) -> BTreeMap<String, Entry> {
-        entries.iter().map(|e| (e.id.clone(), e.clone())).collect()
+    fn held(entries: &[Entry]) -> BTreeMap<String, Arc<Entry>> {
+        entries
+            .iter()
+            .map(|e| (e.id.clone(), Arc::new(e.clone())))
+            .collect()
     }
 
     #[test]
