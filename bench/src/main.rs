@@ -13,7 +13,9 @@
 //! whether it is met. Progress goes to stderr; the table to stdout.
 //!
 //! 1. Issuance ([`small::issuance`]): X509-SVIDs per server CPU-second through
-//!    `BatchNewX509SVID`, against ring P-256 verify+sign pairs per second on one core.
+//!    `BatchNewX509SVID`, against ring P-256 verify+sign pairs per CPU-second of one thread;
+//!    `cfssl serve` under the same load as a real peer ([`cfssl`], full runs only); the same
+//!    load with the keys in SoftHSM2.
 //! 2. Workload API latency ([`small::latency`]): first `FetchX509SVID` message over a fresh
 //!    connection against a bare unary call to a trivial tonic service over a fresh connection
 //!    through the same listener type; JWT-SVID fetches; `unix:sha256` attestation cold and
@@ -33,6 +35,10 @@
 //!
 //! `--quick` makes no timing assertion: it exits 0 unless something breaks. Every loop is
 //! bounded in count and time; only loopback addresses are used.
+//!
+//! `sigil-bench instructions` ([`instructions`]) counts instructions per SVID on the server's
+//! in-process signing path against a ring verify+sign pair under callgrind: on demand, not in
+//! CI.
 #![forbid(unsafe_code)]
 
 mod broker;
