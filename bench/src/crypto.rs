@@ -109,7 +109,7 @@ pub(crate) fn svid_crypto_per_cpu_second(time: Duration) -> anyhow::Result<f64> 
 }
 
 /// A key, a CSR-sized message and its signature.
-fn csr_like(rng: &SystemRandom) -> anyhow::Result<(EcdsaKeyPair, Vec<u8>, Vec<u8>)> {
+pub(crate) fn csr_like(rng: &SystemRandom) -> anyhow::Result<(EcdsaKeyPair, Vec<u8>, Vec<u8>)> {
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, rng)
         .ok()
         .context("keygen")?;

@@ -21,10 +21,7 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 use rcgen::KeyPair;
 use ring::rand::SystemRandom;
-use ring::signature::{
-    ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _,
-    UnparsedPublicKey,
-};
+use ring::signature::{ECDSA_P256_SHA256_ASN1, KeyPair as _, UnparsedPublicKey};
 
 use crate::report::{Row, table, thousands};
 
@@ -212,14 +209,7 @@ fn count_signing(batches: usize) -> anyhow::Result<()> {
 /// [`crate::crypto::verify_sign_pairs_per_cpu_second`] does them).
 fn count_ring(pairs: usize) -> anyhow::Result<()> {
     let rng = SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
-        .ok()
-        .context("keygen")?;
-    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-        .ok()
-        .context("key load")?;
-    let info = vec![0x33u8; 250];
-    let signature = key.sign(&rng, &info).ok().context("sign")?;
+    let (key, info, signature) = crate::crypto::csr_like(&rng)?;
     let verifier = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref());
     let tbs = vec![0x5au8; 450];
     for (measured, count) in [(false, 50), (true, pairs)] {
@@ -228,7 +218,7 @@ fn count_ring(pairs: usize) -> anyhow::Result<()> {
         }
         for _ in 0..count {
             verifier
-                .verify(black_box(&info), black_box(signature.as_ref()))
+                .verify(black_box(&info), black_box(&signature))
                 .ok()
                 .context("verify")?;
             black_box(key.sign(&rng, black_box(&tbs)).ok().context("sign")?);

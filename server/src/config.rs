@@ -709,6 +709,20 @@ impl ServerConfig {
     }
 }
 
+/// The lifetimes a configuration that names none of them gives under `ca_ttl`, each default
+/// capped at `ca_ttl / 6` (for the services' tests and `sigil-bench instructions`).
+pub(crate) fn default_ttl_policy(ca_ttl: Duration) -> crate::policy::TtlPolicy {
+    let max_svid = max_svid_ttl(ca_ttl);
+    crate::policy::TtlPolicy {
+        x509_default: DEFAULT_X509_SVID_TTL.min(max_svid),
+        jwt_default: DEFAULT_JWT_SVID_TTL.min(max_svid),
+        agent: DEFAULT_X509_SVID_TTL.min(max_svid),
+        session_svid_default: crate::policy::DEFAULT_SESSION_SVID_TTL.min(max_svid),
+        max_session: crate::policy::DEFAULT_MAX_SESSION_TTL,
+        max_svid,
+    }
+}
+
 // === helpers ===
 
 /// The `server_id` key: required with postgres, `default` with sled.

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use sigil_core::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use crate::ca::{Ca, DiskKeyManager, KeyManager};
-use crate::policy::{DEFAULT_MAX_SESSION_TTL, DEFAULT_SESSION_SVID_TTL, TtlPolicy};
+
 use crate::service::agents::Agent;
 use crate::service::audit::{AuditLog, STATE_FILE};
 use crate::service::authority::{Authority, StoreJournal};
@@ -67,15 +67,7 @@ impl SigningPath {
             .await
             .map_err(|e| format!("CA: {e}"))?,
         );
-        let max_svid = sigil_core::lifetime::max_svid_ttl(ca_ttl);
-        let ttls = TtlPolicy {
-            x509_default: Duration::from_secs(3600).min(max_svid),
-            jwt_default: Duration::from_secs(300).min(max_svid),
-            agent: Duration::from_secs(3600).min(max_svid),
-            session_svid_default: DEFAULT_SESSION_SVID_TTL.min(max_svid),
-            max_session: DEFAULT_MAX_SESSION_TTL,
-            max_svid,
-        };
+        let ttls = crate::config::default_ttl_policy(ca_ttl);
         let authority = Arc::new(Authority::new(ca, ttls, None));
         let audit = Arc::new(
             AuditLog::open(

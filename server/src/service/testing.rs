@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::audit::{AuditFilter, AuditRecord};
 use crate::ca::{Ca, DiskKeyManager, KeyManager};
-use crate::policy::{DEFAULT_MAX_SESSION_TTL, DEFAULT_SESSION_SVID_TTL, SessionOnly, TtlPolicy};
+use crate::policy::SessionOnly;
 use crate::service::agents::{Agent, Agents};
 use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, StoreJournal};
@@ -110,15 +110,7 @@ impl Fixture {
             .await
             .unwrap(),
         );
-        let max_svid = sigil_core::lifetime::max_svid_ttl(ca_ttl);
-        let ttls = TtlPolicy {
-            x509_default: Duration::from_secs(3600).min(max_svid),
-            jwt_default: Duration::from_secs(300).min(max_svid),
-            agent: Duration::from_secs(3600).min(max_svid),
-            session_svid_default: DEFAULT_SESSION_SVID_TTL.min(max_svid),
-            max_session: DEFAULT_MAX_SESSION_TTL,
-            max_svid,
-        };
+        let ttls = crate::config::default_ttl_policy(ca_ttl);
         let authority = Arc::new(
             Authority::new(ca.clone(), ttls, None).with_session_only(session_only.clone()),
         );
