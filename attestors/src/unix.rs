@@ -89,15 +89,14 @@ struct NameTable {
     identity: FileIdentity,
     /// Modification time (seconds, nanoseconds), with `ctime` in the identity.
     mtime: (i64, i64),
-    /// Whether the file had not changed for [`NAME_TABLE_SETTLE`] when it was read. File times
-    /// move in clock ticks: a file written again within the tick of its last write can keep its
-    /// times (and its size). A table read from a file that changed just before is not trusted:
-    /// the file is read again until it has settled (git's "racy clean" rule).
-    settled: bool,
     names: HashMap<u32, String>,
 }
 
-/// How long a passwd or group file must have been unchanged for its parsed names to be reused.
+/// How long a passwd or group file must have been unchanged (counted in whole seconds of its
+/// times, so between one and two seconds of real time) for its parsed names to be kept. File
+/// times move in clock ticks: a file written again within the tick of its last write can keep
+/// its times (and its size), so the names of a file that changed just before are not kept and
+/// it is read for every caller until it has settled (git's "racy clean" rule).
 const NAME_TABLE_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -245,40 +244,46 @@ fn lookup_name(table: &Mutex<Option<NameTable>>, file: &Path, id: u32) -> Option
         ctime: (meta.ctime(), meta.ctime_nsec()),
     };
     let mtime = (meta.mtime(), meta.mtime_nsec());
-    let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
-    let fresh = table
+    if let Some(cached) = table
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
         .as_ref()
-        .is_some_and(|t| t.settled && t.identity == identity && t.mtime == mtime);
-    if !fresh {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        let changed = meta.mtime().max(meta.ctime());
-        let settled = now.saturating_sub(changed)
-            >= i64::try_from(NAME_TABLE_SETTLE.as_secs()).unwrap_or(i64::MAX);
-        let text = std::fs::read_to_string(file).ok()?;
-        let mut names = HashMap::new();
-        for line in text.lines() {
-            let mut fields = line.split(':');
-            let (Some(name), Some(_password), Some(found)) =
-                (fields.next(), fields.next(), fields.next())
-            else {
-                continue;
-            };
-            if let Ok(found) = found.parse::<u32>()
-                && !name.is_empty()
-            {
-                names.entry(found).or_insert_with(|| name.to_owned());
-            }
+        .filter(|t| t.identity == identity && t.mtime == mtime)
+    {
+        return cached.names.get(&id).cloned();
+    }
+    // Read and parsed without the lock: a large or slow file holds up no other caller. The
+    // file was stat'ed first, so what is read is at least as new as the identity kept with it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let settled = now.saturating_sub(meta.mtime().max(meta.ctime()))
+        >= i64::try_from(NAME_TABLE_SETTLE.as_secs()).unwrap_or(i64::MAX);
+    let text = std::fs::read_to_string(file).ok()?;
+    let mut names = HashMap::new();
+    for line in text.lines() {
+        let mut fields = line.split(':');
+        let (Some(name), Some(_password), Some(found)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if let Ok(found) = found.parse::<u32>()
+            && !name.is_empty()
+        {
+            names.entry(found).or_insert_with(|| name.to_owned());
         }
-        *table = Some(NameTable {
+    }
+    let name = names.get(&id).cloned();
+    // Only a settled file's names are kept (see `NAME_TABLE_SETTLE`).
+    if settled {
+        *table.lock().unwrap_or_else(PoisonError::into_inner) = Some(NameTable {
             identity,
             mtime,
-            settled,
             names,
         });
     }
-    table.as_ref()?.names.get(&id).cloned()
+    name
 }
 
 /// The `Groups:` line of `/proc/PID/status`.
