@@ -46,7 +46,25 @@ impl Process {
         let exe = std::env::current_exe().context("cannot find the harness executable")?;
         let log_file = std::fs::File::create(log)
             .with_context(|| format!("cannot create {}", log.display()))?;
-        let mut child = Command::new(exe)
+        // `SIGIL_BENCH_WRAP_<ROLE>` (e.g. `SIGIL_BENCH_WRAP_AGENT="valgrind --tool=massif"`)
+        // runs that role under a profiler: the words of the variable, then this executable.
+        let role = args
+            .first()
+            .and_then(|a| a.to_str())
+            .map(|a| a.trim_start_matches('_').to_ascii_uppercase());
+        let wrapper: Vec<String> = role
+            .and_then(|role| std::env::var(format!("SIGIL_BENCH_WRAP_{role}")).ok())
+            .map(|words| words.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(exe);
+                command
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::piped())
