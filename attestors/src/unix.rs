@@ -401,6 +401,18 @@ mod tests {
         ] {
             assert!(has(&set, s), "{s} missing from {set:?}");
         }
+        let by_uid_1000 = || {
+            attestor
+                .attest(
+                    Credentials {
+                        uid: 1000,
+                        gid: 1000,
+                        pid: None,
+                    },
+                    false,
+                )
+                .unwrap()
+        };
         // A changed passwd file is read again (here: a new inode, as editors write it).
         std::fs::write(
             etc.join("passwd.new"),
@@ -408,16 +420,7 @@ mod tests {
         )
         .unwrap();
         std::fs::rename(etc.join("passwd.new"), etc.join("passwd")).unwrap();
-        let renamed = attestor
-            .attest(
-                Credentials {
-                    uid: 1000,
-                    gid: 1000,
-                    pid: None,
-                },
-                false,
-            )
-            .unwrap();
+        let renamed = by_uid_1000();
         assert!(has(&renamed, "unix:user:bob"), "{renamed:?}");
         assert!(!has(&renamed, "unix:user:alice"), "{renamed:?}");
         // Rewritten in place with the same size within the same clock tick (the file times may
@@ -427,16 +430,7 @@ mod tests {
             "root:x:0:0::/root:/bin/sh\ncal:x:1000:1000::/home/b:/bin/sh\n",
         )
         .unwrap();
-        let rewritten = attestor
-            .attest(
-                Credentials {
-                    uid: 1000,
-                    gid: 1000,
-                    pid: None,
-                },
-                false,
-            )
-            .unwrap();
+        let rewritten = by_uid_1000();
         assert!(has(&rewritten, "unix:user:cal"), "{rewritten:?}");
         // A uid without a name gets no user selector.
         let set = attestor

@@ -37,9 +37,6 @@ const NAME: &str = "1. Issuance peer: cfssl (`cfssl serve`, POST /api/v1/cfssl/s
 /// Distinct CSRs the clients cycle through.
 const CSRS: usize = 100;
 
-/// How many requests each client keeps in flight (one at a time, as each simulated agent does).
-const PER_CLIENT: usize = 1;
-
 /// Measures `cfssl serve` under `callers` clients for the plan's issuance time and adds a row
 /// comparing Sigil's `sigil_rate` (SVIDs per server CPU-second under the same number of callers)
 /// with it.
@@ -152,7 +149,8 @@ async fn measure(
     let started = Instant::now();
     let deadline = started + h.plan.issuance_time;
     let mut tasks = JoinSet::new();
-    for caller in 0..callers * PER_CLIENT {
+    // One request at a time on each client, as each simulated agent sends its calls.
+    for caller in 0..callers {
         let bodies = Arc::clone(&bodies);
         tasks.spawn(async move {
             let mut client = Client::connect(addr).await?;
