@@ -52,10 +52,15 @@ pub enum SelectorError {
 }
 
 /// One selector: an attestor-defined type and a value, written `type:value`.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Held as its text in one allocation (a server holds one per registration entry, an agent one
+/// per cached SVID). Ordered by type, then value.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Selector {
-    kind: String,
-    value: String,
+    /// `type:value`. The type has no `:`, so the text says which is which.
+    text: Box<str>,
+    /// Where the `:` is: the length of the type.
+    colon: usize,
 }
 
 /// A set of selectors: what an attestor reports for a workload, or what an entry requires.
@@ -100,8 +105,8 @@ impl Selector {
             return Err(SelectorError::ControlChar);
         }
         Ok(Self {
-            kind: kind.to_owned(),
-            value: value.to_owned(),
+            text: format!("{kind}:{value}").into_boxed_str(),
+            colon: kind.len(),
         })
     }
 
@@ -113,12 +118,28 @@ impl Selector {
 
     /// The selector type, such as `unix`.
     pub fn kind(&self) -> &str {
-        &self.kind
+        self.text.get(..self.colon).unwrap_or_default()
     }
 
     /// The selector value, such as `uid:1000`.
     pub fn value(&self) -> &str {
-        &self.value
+        self.text.get(self.colon + 1..).unwrap_or_default()
+    }
+}
+
+impl PartialOrd for Selector {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Selector {
+    /// By type, then by value (not by the text: `a-b:x` sorts after `a:y`, as it always has;
+    /// sets are kept in this order).
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.kind()
+            .cmp(other.kind())
+            .then_with(|| self.value().cmp(other.value()))
     }
 }
 
@@ -132,7 +153,7 @@ impl FromStr for Selector {
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.kind, self.value)
+        f.write_str(&self.text)
     }
 }
 
@@ -347,6 +368,19 @@ mod tests {
         let empty = SelectorSet::new();
         assert!(!empty.matches(&set(&["unix:uid:0"])));
         assert!(!empty.matches(&SelectorSet::new()));
+    }
+
+    #[test]
+    fn selectors_sort_by_type_then_value_not_by_text() {
+        // By text `a-b:x` would come first ('-' sorts before ':'); sets have always been kept
+        // in (type, value) order, and what is stored and hashed follows that order.
+        let sorted: Vec<String> = set(&["a-b:x", "a:y", "a:b:c", "unix:uid:1"])
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(sorted, ["a:b:c", "a:y", "a-b:x", "unix:uid:1"]);
+        let s = Selector::parse("k8s:ns:default").unwrap();
+        assert_eq!((s.kind(), s.value()), ("k8s", "ns:default"));
     }
 
     #[test]
