@@ -8,33 +8,47 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use rustls_pki_types::CertificateDer;
 use sigil_core::{SelectorSet, SpiffeBundle, SpiffeId, TrustDomain};
 use zeroize::Zeroizing;
 
-/// One workload identity the agent holds.
-#[derive(Clone)]
-pub struct WorkloadSvid {
-    /// The registration entry it comes from.
-    pub entry_id: String,
-    /// The SPIFFE ID.
+/// What an entry grants: its identity and what a workload must present to get it. Parsed once
+/// when the entry arrives and shared (`Arc`) by the manager's copy of the entry and the SVIDs
+/// minted for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The registration entry (also the key of the maps that hold it, shared).
+    pub entry_id: Arc<str>,
+    /// The identity.
     pub spiffe_id: SpiffeId,
     /// The selectors a workload must have.
     pub selectors: SelectorSet,
     /// The entry's hint.
     pub hint: String,
-    /// JWT-SVID TTL of the entry (seconds, effective).
+    /// JWT-SVID TTL (seconds, effective).
     pub jwt_ttl: u64,
-    /// The entry revision the SVID was minted for.
-    pub revision: u64,
+    /// X509-SVID TTL (seconds, effective).
+    pub x509_ttl: u64,
+    /// The entry's own end, if it has one: no SVID is renewed to outlive it.
+    pub expires_at: Option<SystemTime>,
     /// The federated trust domains whose bundles the holder also gets.
     pub federates_with: Vec<TrustDomain>,
+}
+
+/// One workload identity the agent holds.
+#[derive(Clone)]
+pub struct WorkloadSvid {
+    /// What its entry grants. Replaced in place when the entry changes what a workload sees
+    /// (selectors, hint, JWT TTL, federation) but not the identity.
+    pub grant: Arc<Grant>,
+    /// The entry revision the SVID was minted for.
+    pub revision: u64,
     /// When it was minted (renewal counts from here).
     pub issued_at: SystemTime,
-    /// The chain, leaf first.
-    pub chain: Vec<CertificateDer<'static>>,
-    /// The private key, PKCS#8.
-    pub key: Arc<Zeroizing<Vec<u8>>>,
+    /// The chain, leaf first: DER certificates one after the other, as the server sent them and
+    /// as the Workload API sends them on (`x509_svid`). Checked when the SVID arrived.
+    pub chain: Box<[u8]>,
+    /// The private key, PKCS#8 DER.
+    pub key: Zeroizing<Box<[u8]>>,
     /// NotAfter of the leaf.
     pub not_after: SystemTime,
 }
@@ -75,7 +89,7 @@ pub struct Inventory {
     /// Identities, by entry id. The map and each SVID are shared (`Arc`) between the manager's
     /// working copy and every published snapshot: publishing copies neither the map nor any
     /// certificate or key, and the manager copies the map only to change it.
-    pub svids: Arc<BTreeMap<String, Arc<WorkloadSvid>>>,
+    pub svids: Arc<BTreeMap<Arc<str>, Arc<WorkloadSvid>>>,
     /// Whether any entry uses a `unix:sha256` selector (so attestation must hash).
     pub needs_sha256: bool,
     /// Whether the agent has finished its first sync (until then, "no identity" may only mean
@@ -97,8 +111,8 @@ pub struct Inventory {
 impl fmt::Debug for WorkloadSvid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WorkloadSvid")
-            .field("entry_id", &self.entry_id)
-            .field("spiffe_id", &self.spiffe_id)
+            .field("entry_id", &self.grant.entry_id)
+            .field("spiffe_id", &self.grant.spiffe_id)
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
     }
@@ -171,7 +185,7 @@ impl Inventory {
         self.federated_for(
             identities
                 .iter()
-                .flat_map(|w| w.federates_with.iter())
+                .flat_map(|w| w.grant.federates_with.iter())
                 .chain(sessions.iter().flat_map(|s| s.federates_with.iter())),
         )
     }
@@ -183,8 +197,8 @@ impl Inventory {
         let mut hints = std::collections::HashSet::new();
         self.svids
             .values()
-            .filter(|svid| svid.selectors.matches(selectors) && svid.not_after > now)
-            .filter(|svid| svid.hint.is_empty() || hints.insert(svid.hint.as_str()))
+            .filter(|svid| svid.grant.selectors.matches(selectors) && svid.not_after > now)
+            .filter(|svid| svid.grant.hint.is_empty() || hints.insert(svid.grant.hint.as_str()))
             .map(|svid| &**svid)
             .collect()
     }
@@ -200,19 +214,23 @@ mod tests {
 
     fn svid(entry: &str, hint: &str, selectors: &[&str], not_after: SystemTime) -> WorkloadSvid {
         WorkloadSvid {
-            entry_id: entry.into(),
-            spiffe_id: SpiffeId::new(&format!("spiffe://example.org/{entry}")).unwrap(),
-            selectors: selectors
-                .iter()
-                .map(|s| Selector::parse(s).unwrap())
-                .collect(),
-            hint: hint.into(),
-            jwt_ttl: 300,
+            grant: Arc::new(Grant {
+                entry_id: entry.into(),
+                spiffe_id: SpiffeId::new(&format!("spiffe://example.org/{entry}")).unwrap(),
+                selectors: selectors
+                    .iter()
+                    .map(|s| Selector::parse(s).unwrap())
+                    .collect(),
+                hint: hint.into(),
+                jwt_ttl: 300,
+                x509_ttl: 3600,
+                expires_at: None,
+                federates_with: vec![],
+            }),
             revision: 1,
-            federates_with: vec![],
             issued_at: not_after - Duration::from_secs(60),
-            chain: vec![],
-            key: Arc::new(Zeroizing::new(vec![])),
+            chain: Box::default(),
+            key: Zeroizing::new(Box::default()),
             not_after,
         }
     }
@@ -230,7 +248,7 @@ mod tests {
             svid("d", "", &["unix:uid:2"], later),
             svid("e", "", &["unix:uid:1"], now),
         ] {
-            Arc::make_mut(&mut s.svids).insert(w.entry_id.clone(), Arc::new(w));
+            Arc::make_mut(&mut s.svids).insert(w.grant.entry_id.clone(), Arc::new(w));
         }
         let workload: SelectorSet = ["unix:uid:1", "unix:gid:1"]
             .iter()
@@ -239,7 +257,7 @@ mod tests {
         let got: Vec<_> = s
             .identities_for(&workload, now)
             .iter()
-            .map(|w| w.entry_id.as_str())
+            .map(|w| &*w.grant.entry_id)
             .collect();
         // b shares a's hint (a is first), d does not match, e has expired.
         assert_eq!(got, ["a", "c"]);

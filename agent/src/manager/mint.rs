@@ -9,13 +9,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use sigil_attestors::unix::Credentials;
-use sigil_core::{SelectorSet, SpiffeId, TrustDomain, X509Bundle};
+use sigil_core::{SelectorSet, SpiffeId, X509Bundle};
 use sigil_proto::node::{
     NewJwtsvidRequest, NewSessionJwtsvidRequest, NewSessionX509svidRequest, Workload, X509svid,
 };
 use tracing::debug;
 use zeroize::Zeroizing;
 
+pub use crate::cache::Grant;
 use crate::cache::{SessionEntry, WorkloadSvid};
 use crate::node::{NodeConnection, NodeError, csr, new_key};
 use crate::telemetry::MintMetrics;
@@ -51,25 +52,6 @@ pub enum MintError {
     Unusable(String),
 }
 
-/// What an SVID is minted for: the entry's identity and what a workload must present.
-#[derive(Debug, Clone)]
-pub struct Grant {
-    /// The registration entry.
-    pub entry_id: String,
-    /// The identity.
-    pub spiffe_id: SpiffeId,
-    /// The selectors a workload must have.
-    pub selectors: SelectorSet,
-    /// The entry's hint.
-    pub hint: String,
-    /// JWT-SVID TTL (seconds, effective).
-    pub jwt_ttl: u64,
-    /// The entry revision.
-    pub revision: u64,
-    /// The federated trust domains the entry's workloads also trust.
-    pub federates_with: Vec<TrustDomain>,
-}
-
 /// The workload a session SVID is for, as the server records it.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller<'a> {
@@ -89,7 +71,7 @@ pub struct Minter {
 
 /// (entry id, entry revision, sorted audience): an updated entry (another SPIFFE ID, another
 /// TTL) never serves a token minted for its previous version.
-type JwtKey = (String, u64, Vec<String>);
+type JwtKey = (Arc<str>, u64, Vec<String>);
 
 /// A JWT-SVID with the time it was fetched and its expiry.
 #[derive(Debug, Clone)]
@@ -149,37 +131,37 @@ impl Minter {
         debug!(session_id = %session.session_id, "session svid minted");
         self.metrics.minted("x509_session");
         issued_svid(
-            Grant {
-                entry_id: session.entry_id.clone(),
+            Arc::new(Grant {
+                entry_id: session.entry_id.as_str().into(),
                 spiffe_id: session.spiffe_id.clone(),
                 selectors: session.selectors.clone(),
                 hint: session.hint.clone(),
                 jwt_ttl: session.svid_ttl,
-                revision: session.revision,
+                x509_ttl: session.svid_ttl,
+                expires_at: Some(session.ends_at),
                 federates_with: session.federates_with.clone(),
-            },
-            &svid,
-            key,
+            }),
+            session.revision,
+            svid,
+            &key,
         )
     }
 
-    /// A JWT-SVID for `identity` and `audience` (sorted, deduplicated): from the cache while it
-    /// has more than half its life left, else from the server.
+    /// A JWT-SVID for the identity `grant` gives (through the SVID minted for the entry at
+    /// `revision`) and `audience` (sorted, deduplicated): from the cache while it has more than
+    /// half its life left, else from the server.
     ///
     /// # Errors
     ///
     /// [`MintError::Server`]; [`MintError::WrongIdentity`] when the entry grants another ID
-    /// than `identity` now (its new SVID is on its way: retry).
+    /// than `grant` now (its new SVID is on its way: retry).
     pub async fn jwt(
         &self,
-        identity: &WorkloadSvid,
+        grant: &Grant,
+        revision: u64,
         audience: &[String],
     ) -> Result<String, MintError> {
-        let key = (
-            identity.entry_id.clone(),
-            identity.revision,
-            audience.to_vec(),
-        );
+        let key = (grant.entry_id.clone(), revision, audience.to_vec());
         let now = SystemTime::now();
         if let Some(cached) = self.jwts().get(&key) {
             let life = cached
@@ -194,7 +176,7 @@ impl Minter {
             .node
             .client()
             .new_jwtsvid(NewJwtsvidRequest {
-                entry_id: identity.entry_id.clone(),
+                entry_id: grant.entry_id.to_string(),
                 audience: audience.to_vec(),
             })
             .await
@@ -202,9 +184,9 @@ impl Minter {
             .into_inner();
         // The entry changed since this identity was minted (the server signs for the entry as
         // it is now): the workload gets this identity's token once its new SVID arrives.
-        if response.spiffe_id != identity.spiffe_id.as_str() {
+        if response.spiffe_id != grant.spiffe_id.as_str() {
             return Err(MintError::WrongIdentity {
-                expected: identity.spiffe_id.to_string(),
+                expected: grant.spiffe_id.to_string(),
                 got: response.spiffe_id,
             });
         }
@@ -259,16 +241,17 @@ impl Minter {
 
 // === helpers ===
 
-/// The server's X509-SVID for `grant`, with its key, as the agent holds it: the identity must
-/// be the one granted and the chain must parse.
+/// The server's X509-SVID for `grant` at the entry's `revision`, with its key, as the agent
+/// holds it: the identity must be the one granted and the chain must parse.
 ///
 /// # Errors
 ///
 /// [`MintError::WrongIdentity`], [`MintError::Unusable`].
 pub(crate) fn issued_svid(
-    grant: Grant,
-    svid: &X509svid,
-    key: Zeroizing<Vec<u8>>,
+    grant: Arc<Grant>,
+    revision: u64,
+    svid: X509svid,
+    key: &[u8],
 ) -> Result<WorkloadSvid, MintError> {
     let spiffe_id =
         SpiffeId::new(&svid.spiffe_id).map_err(|e| MintError::Unusable(e.to_string()))?;
@@ -278,21 +261,16 @@ pub(crate) fn issued_svid(
             got: spiffe_id.to_string(),
         });
     }
-    let chain = X509Bundle::from_der(spiffe_id.trust_domain(), &svid.cert_chain)
-        .map_err(|e| MintError::Unusable(e.to_string()))?
-        .authorities()
-        .to_vec();
+    X509Bundle::from_der(spiffe_id.trust_domain(), &svid.cert_chain)
+        .map_err(|e| MintError::Unusable(e.to_string()))?;
     Ok(WorkloadSvid {
-        entry_id: grant.entry_id,
-        spiffe_id,
-        selectors: grant.selectors,
-        hint: grant.hint,
-        jwt_ttl: grant.jwt_ttl,
-        revision: grant.revision,
-        federates_with: grant.federates_with,
+        grant,
+        revision,
         issued_at: SystemTime::now(),
-        chain,
-        key: Arc::new(key),
+        // Kept as the server sent it (no copy); the key is copied into an allocation of its
+        // own size, made here: the caller's buffer is zeroed when it is dropped.
+        chain: svid.cert_chain.into_boxed_slice(),
+        key: Zeroizing::new(key.into()),
         not_after: expiry(svid.expires_at),
     })
 }

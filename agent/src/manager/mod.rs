@@ -62,8 +62,9 @@ const BATCH: usize = 100;
 pub struct Manager {
     node: Arc<NodeConnection>,
     minter: Minter,
-    /// The entries of this agent, each shared (`Arc`) with the batches that mint for it.
-    entries: BTreeMap<String, Arc<Entry>>,
+    /// The entries of this agent, parsed when they arrive (the server's messages are not
+    /// kept). Keys and grants are shared (`Arc`) with the SVIDs minted for them.
+    entries: BTreeMap<Arc<str>, Held>,
     inventory: Inventory,
     revision: u64,
     witness: Witness,
@@ -173,7 +174,7 @@ impl Manager {
             };
             match message {
                 sync_entries_response::Message::Snapshot(page) => {
-                    pages.entries.extend(page.entries);
+                    pages.add(page.entries);
                     if page.last {
                         if let Some(bundle) = page.bundle {
                             self.set_bundle(&bundle.spiffe_bundle);
@@ -187,7 +188,7 @@ impl Manager {
                     }
                 }
                 sync_entries_response::Message::Resume(page) => {
-                    pages.entries.extend(page.entries);
+                    pages.add(page.entries);
                     pages.unchanged.extend(page.unchanged_ids);
                     if page.last {
                         if let Some(bundle) = page.bundle {
@@ -212,15 +213,19 @@ impl Manager {
                         match c.change {
                             Some(change::Change::Upsert(entry))
                                 if self.entries.len() < MAX_ENTRIES
-                                    || self.entries.contains_key(&entry.id) =>
+                                    || self.entries.contains_key(entry.id.as_str()) =>
                             {
-                                self.entries.insert(entry.id.clone(), Arc::new(entry));
+                                // Removed first: `insert` would keep the old key, a
+                                // second copy of the id beside the new grant's.
+                                let (id, held) = Held::of(&entry);
+                                self.entries.remove(&id);
+                                self.entries.insert(id, held);
                             }
                             Some(change::Change::Upsert(entry)) => {
                                 warn!(entry_id = %entry.id, max = MAX_ENTRIES, "too many entries for this agent; ignoring one");
                             }
                             Some(change::Change::Delete(id)) => {
-                                self.entries.remove(&id);
+                                self.entries.remove(id.as_str());
                             }
                             Some(change::Change::Bundle(bundle)) => {
                                 self.set_bundle(&bundle.spiffe_bundle);
@@ -309,69 +314,62 @@ impl Manager {
     async fn reconcile(&mut self) {
         let entries = &self.entries;
         // An SVID whose entry is gone, or now grants another ID, is withdrawn at once; one whose
-        // selectors or hint changed follows the entry now and is re-minted below.
+        // selectors, hint, JWT TTL or federated trust domains changed follows the entry now
+        // (copied, from the published inventories' shared one, only then) and is re-minted
+        // below: a workload must not keep a trust domain its entry no longer names until the
+        // new SVID is minted.
         Arc::make_mut(&mut self.inventory.svids).retain(|id, svid| {
-            let Some(entry) = entries.get(id).filter(|e| e.session.is_none()) else {
+            let Some(Held::Workload { grant, .. }) = entries.get(id) else {
                 return false;
             };
-            if entry.spiffe_id != svid.spiffe_id.as_str() {
+            if grant.spiffe_id != svid.grant.spiffe_id {
                 return false;
             }
-            match (parse_selectors(entry), federates_with(entry)) {
-                (Ok(selectors), Ok(federates_with)) => {
-                    // Copied (from the published inventories' shared one) only when it changes.
-                    // The federated trust domains follow the entry at once too: a workload
-                    // must not keep a trust domain its entry no longer names until the new
-                    // SVID is minted.
-                    if svid.selectors != selectors
-                        || svid.hint != entry.hint
-                        || svid.jwt_ttl != entry.jwt_svid_ttl
-                        || svid.federates_with != federates_with
-                    {
-                        let svid = Arc::make_mut(svid);
-                        svid.selectors = selectors;
-                        svid.hint = entry.hint.clone();
-                        svid.jwt_ttl = entry.jwt_svid_ttl;
-                        svid.federates_with = federates_with;
-                    }
-                    true
-                }
-                _ => false,
+            if !Arc::ptr_eq(grant, &svid.grant) && **grant != *svid.grant {
+                Arc::make_mut(svid).grant = Arc::clone(grant);
             }
+            true
         });
         self.inventory.sessions = self
             .entries
             .values()
-            .filter_map(|e| match session_entry(e) {
-                Ok(s) => s,
-                Err(error) => {
-                    warn!(entry_id = %e.id, %error, "unusable session entry");
-                    None
-                }
+            .filter_map(|held| match held {
+                Held::Session(session) => Some((session.entry_id.clone(), (**session).clone())),
+                Held::Workload { .. } | Held::Unusable { .. } => None,
             })
-            .map(|s| (s.entry_id.clone(), s))
             .collect();
-        self.inventory.needs_sha256 = self
-            .entries
-            .values()
-            .any(|e| e.selectors.iter().any(|s| s.starts_with("unix:sha256:")));
+        let hashes = |selectors: &SelectorSet| {
+            selectors
+                .iter()
+                .any(|s| s.kind() == "unix" && s.value().starts_with("sha256:"))
+        };
+        self.inventory.needs_sha256 = self.entries.values().any(|held| match held {
+            Held::Workload { grant, .. } => hashes(&grant.selectors),
+            Held::Session(session) => hashes(&session.selectors),
+            Held::Unusable { .. } => false,
+        });
         self.renew_svids().await;
     }
 
     /// Mints SVIDs for entries without a current one (new, changed, or due for renewal).
     async fn renew_svids(&mut self) {
         let now = SystemTime::now();
-        let due: Vec<Arc<Entry>> = self
+        let due: Vec<(Arc<Grant>, u64)> = self
             .entries
             .values()
-            .filter(|entry| entry.session.is_none())
-            .filter(|entry| match self.inventory.svids.get(&entry.id) {
-                None => true,
-                Some(svid) => svid_outdated(entry, svid, now),
+            .filter_map(|held| match held {
+                Held::Workload { grant, revision } => Some((grant, *revision)),
+                Held::Session(_) | Held::Unusable { .. } => None,
             })
-            .cloned()
+            .filter(
+                |(grant, revision)| match self.inventory.svids.get(&grant.entry_id) {
+                    None => true,
+                    Some(svid) => svid_outdated(grant, *revision, svid, now),
+                },
+            )
+            .map(|(grant, revision)| (Arc::clone(grant), revision))
             .collect();
-        let mut chunks = due.chunks(BATCH).map(<[Arc<Entry>]>::to_vec);
+        let mut chunks = due.chunks(BATCH).map(<[(Arc<Grant>, u64)]>::to_vec);
         let mut next = chunks.next().map(Prepared::spawn);
         while let Some(prepared) = next.take() {
             let batch = match prepared.await {
@@ -409,28 +407,31 @@ impl Manager {
             .map_err(status_error)?
             .into_inner()
             .results;
-        for ((entry, key), result) in entries.iter().zip(keys).zip(results) {
-            if result.entry_id != entry.id {
-                warn!(entry_id = %entry.id, answered = %result.entry_id, "the server answered out of order; ignoring the result");
+        for (((grant, revision), key), result) in entries.iter().zip(keys).zip(results) {
+            let entry_id = &grant.entry_id;
+            if result.entry_id != **entry_id {
+                warn!(%entry_id, answered = %result.entry_id, "the server answered out of order; ignoring the result");
                 continue;
             }
             match result.result {
                 Some(x509svid_result::Result::Svid(svid)) => {
-                    match grant_of(entry).and_then(|grant| issued_svid(grant, &svid, key)) {
+                    match issued_svid(Arc::clone(grant), *revision, svid, &key) {
                         Ok(w) => {
-                            debug!(entry_id = %entry.id, "svid minted");
-                            Arc::make_mut(&mut self.inventory.svids)
-                                .insert(entry.id.clone(), Arc::new(w));
+                            debug!(%entry_id, "svid minted");
+                            // Removed first, so that the key is the grant's id (as above).
+                            let svids = Arc::make_mut(&mut self.inventory.svids);
+                            svids.remove(entry_id);
+                            svids.insert(Arc::clone(entry_id), Arc::new(w));
                         }
                         Err(e) => {
-                            warn!(entry_id = %entry.id, error = %e, "the server sent an unusable svid")
+                            warn!(%entry_id, error = %e, "the server sent an unusable svid")
                         }
                     }
                 }
                 Some(x509svid_result::Result::Error(e)) => {
-                    warn!(entry_id = %entry.id, code = e.code, error = %e.message, "svid refused");
-                    if self.inventory.svids.contains_key(&entry.id) {
-                        Arc::make_mut(&mut self.inventory.svids).remove(&entry.id);
+                    warn!(%entry_id, code = e.code, error = %e.message, "svid refused");
+                    if self.inventory.svids.contains_key(entry_id) {
+                        Arc::make_mut(&mut self.inventory.svids).remove(entry_id);
                     }
                 }
                 None => {}
@@ -467,9 +468,10 @@ impl Manager {
     }
 }
 
-/// A batch ready to send: the entries, a fresh key for each, and the CSRs.
+/// A batch ready to send: the entries (what each grants, at which revision), a fresh key for
+/// each, and the CSRs.
 struct Prepared {
-    entries: Vec<Arc<Entry>>,
+    entries: Vec<(Arc<Grant>, u64)>,
     keys: Vec<zeroize::Zeroizing<Vec<u8>>>,
     params: Vec<NewX509svidParams>,
 }
@@ -478,14 +480,14 @@ struct Prepared {
 
 impl Prepared {
     /// Makes the keys and CSRs for `entries` on a blocking thread.
-    fn spawn(entries: Vec<Arc<Entry>>) -> tokio::task::JoinHandle<Result<Self, NodeError>> {
+    fn spawn(entries: Vec<(Arc<Grant>, u64)>) -> tokio::task::JoinHandle<Result<Self, NodeError>> {
         tokio::task::spawn_blocking(move || {
             let mut keys = Vec::with_capacity(entries.len());
             let mut params = Vec::with_capacity(entries.len());
-            for entry in &entries {
+            for (grant, _) in &entries {
                 let key = new_key()?;
                 params.push(NewX509svidParams {
-                    entry_id: entry.id.clone(),
+                    entry_id: grant.entry_id.to_string(),
                     csr: csr(&key)?,
                 });
                 keys.push(key);
@@ -503,36 +505,48 @@ impl Prepared {
 /// entry by id).
 #[derive(Debug, Default)]
 struct Pages {
-    entries: Vec<Entry>,
+    /// The entries sent in full, parsed page by page (the server's messages are not kept until
+    /// the last page: less memory at the peak of a large sync).
+    entries: Vec<(Arc<str>, Held)>,
     unchanged: Vec<String>,
 }
 
 // === impl Pages ===
 
 impl Pages {
+    /// Adds the entries of one page.
+    fn add(&mut self, entries: Vec<Entry>) {
+        self.entries.extend(entries.iter().map(Held::of));
+    }
+
     /// The entry set the pages give: the entries sent in full and, of those `held`, the
     /// unchanged ones named (every other held entry is gone), at most [`MAX_ENTRIES`]. `None`
     /// when an unchanged entry named is not held: only a snapshot can tell what it is. An agent
     /// at its cap skips those instead: it left them out of its snapshot too.
-    fn apply(self, held: &BTreeMap<String, Arc<Entry>>) -> Option<BTreeMap<String, Arc<Entry>>> {
+    fn apply(self, held: &BTreeMap<Arc<str>, Held>) -> Option<BTreeMap<Arc<str>, Held>> {
         let at_cap = held.len() >= MAX_ENTRIES;
         let mut next = BTreeMap::new();
         for id in self.unchanged {
-            match held.get(&id) {
-                Some(entry) => {
-                    next.insert(id, entry.clone());
+            match held.get_key_value(id.as_str()) {
+                Some((id, entry)) => {
+                    next.insert(Arc::clone(id), entry.clone());
                 }
                 None if at_cap => {}
                 None => return None,
             }
         }
         let mut ignored = 0usize;
-        for entry in self.entries {
-            if next.len() >= MAX_ENTRIES && !next.contains_key(&entry.id) {
+        for (id, parsed) in self.entries {
+            if next.len() >= MAX_ENTRIES && !next.contains_key(&id) {
                 ignored += 1;
                 continue;
             }
-            next.insert(entry.id.clone(), Arc::new(entry));
+            // An entry sent again as it is held (a snapshot after a reconnect) keeps the held
+            // value, which the SVIDs minted for it share: no second copy of its grant.
+            match held.get_key_value(&id) {
+                Some((id, entry)) if *entry == parsed => next.insert(Arc::clone(id), entry.clone()),
+                _ => next.insert(id, parsed),
+            };
         }
         if ignored > 0 {
             warn!(
@@ -556,34 +570,38 @@ fn parse_selectors(entry: &Entry) -> Result<SelectorSet, sigil_core::SelectorErr
     entry.selectors.iter().map(|s| Selector::parse(s)).collect()
 }
 
-/// An SVID must be re-minted when its entry changed or renewal is due (unless a fresh one could
-/// not end later: a capped SVID is not re-issued in a loop).
-fn svid_outdated(entry: &Entry, svid: &WorkloadSvid, now: SystemTime) -> bool {
-    if entry.spiffe_id != svid.spiffe_id.as_str() || entry.revision != svid.revision {
+/// An SVID must be re-minted when its entry (what it grants, at `revision`) changed or renewal
+/// is due (unless a fresh one could not end later: a capped SVID is not re-issued in a loop).
+fn svid_outdated(grant: &Grant, revision: u64, svid: &WorkloadSvid, now: SystemTime) -> bool {
+    if grant.spiffe_id != svid.grant.spiffe_id || revision != svid.revision {
         return true;
     }
     let validity = Validity::from_parts(svid.issued_at, svid.not_after);
-    let cap = (entry.expires_at > 0)
-        .then(|| sigil_core::time::from_unix_seconds(entry.expires_at))
-        .flatten();
     validity.should_renew(
         now,
-        Duration::from_secs(entry.x509_svid_ttl.max(1)),
-        &cap.into_iter().collect::<Vec<_>>(),
+        Duration::from_secs(grant.x509_ttl.max(1)),
+        &grant.expires_at.into_iter().collect::<Vec<_>>(),
     )
 }
 
-/// What `entry` grants, for [`issued_svid`].
-fn grant_of(entry: &Entry) -> Result<Grant, MintError> {
-    let unusable = |e: EntryError| MintError::Unusable(e.to_string());
+/// The entry's own end, if it has one.
+fn entry_end(entry: &Entry) -> Option<SystemTime> {
+    (entry.expires_at > 0)
+        .then(|| sigil_core::time::from_unix_seconds(entry.expires_at))
+        .flatten()
+}
+
+/// What `entry` grants.
+fn grant_of(entry: &Entry) -> Result<Grant, EntryError> {
     Ok(Grant {
-        entry_id: entry.id.clone(),
-        spiffe_id: SpiffeId::new(&entry.spiffe_id).map_err(|e| unusable(e.into()))?,
-        selectors: parse_selectors(entry).map_err(|e| unusable(e.into()))?,
+        entry_id: entry.id.as_str().into(),
+        spiffe_id: SpiffeId::new(&entry.spiffe_id)?,
+        selectors: parse_selectors(entry)?,
         hint: entry.hint.clone(),
         jwt_ttl: entry.jwt_svid_ttl,
-        revision: entry.revision,
-        federates_with: federates_with(entry).map_err(|e| unusable(e.into()))?,
+        x509_ttl: entry.x509_svid_ttl,
+        expires_at: entry_end(entry),
+        federates_with: federates_with(entry)?,
     })
 }
 
@@ -594,6 +612,65 @@ fn federates_with(entry: &Entry) -> Result<Vec<TrustDomain>, sigil_core::SpiffeI
         .iter()
         .map(|td| TrustDomain::new(td))
         .collect()
+}
+
+/// What the manager keeps of an entry the server sent: parsed once, when it arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Held {
+    /// An entry whose SVID is minted ahead: what it grants, at which revision.
+    Workload {
+        /// What it grants (shared with the SVIDs minted for it).
+        grant: Arc<Grant>,
+        /// The entry's revision.
+        revision: u64,
+    },
+    /// A privileged session's entry: its SVIDs are minted on demand, per caller.
+    Session(Arc<SessionEntry>),
+    /// An entry that does not parse (warned about when it came): nothing is minted for it.
+    Unusable {
+        /// The entry's revision.
+        revision: u64,
+    },
+}
+
+// === impl Held ===
+
+impl Held {
+    /// `entry` as the manager keeps it, and its id (the same `Arc` as its grant's).
+    fn of(entry: &Entry) -> (Arc<str>, Self) {
+        let parsed = match session_entry(entry) {
+            Ok(Some(session)) => Ok(Self::Session(Arc::new(session))),
+            Ok(None) => grant_of(entry).map(|grant| Self::Workload {
+                grant: Arc::new(grant),
+                revision: entry.revision,
+            }),
+            Err(error) => Err(error),
+        };
+        match parsed {
+            Ok(Self::Workload { grant, revision }) => (
+                Arc::clone(&grant.entry_id),
+                Self::Workload { grant, revision },
+            ),
+            Ok(held) => (entry.id.as_str().into(), held),
+            Err(error) => {
+                warn!(entry_id = %entry.id, %error, "unusable entry from the server; nothing is minted for it");
+                (
+                    entry.id.as_str().into(),
+                    Self::Unusable {
+                        revision: entry.revision,
+                    },
+                )
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn revision(&self) -> u64 {
+        match self {
+            Self::Workload { revision, .. } | Self::Unusable { revision } => *revision,
+            Self::Session(session) => session.revision,
+        }
+    }
 }
 
 /// Why an entry from the server cannot be used.
@@ -616,10 +693,7 @@ fn session_entry(entry: &Entry) -> Result<Option<SessionEntry>, EntryError> {
     let Some(session) = &entry.session else {
         return Ok(None);
     };
-    let ends_at = (entry.expires_at > 0)
-        .then(|| sigil_core::time::from_unix_seconds(entry.expires_at))
-        .flatten()
-        .ok_or(EntryError::SessionWithoutEnd)?;
+    let ends_at = entry_end(entry).ok_or(EntryError::SessionWithoutEnd)?;
     Ok(Some(SessionEntry {
         entry_id: entry.id.clone(),
         session_id: session.id.clone(),
@@ -654,46 +728,94 @@ mod tests {
         }
     }
 
-    fn held(entries: &[Entry]) -> BTreeMap<String, Arc<Entry>> {
-        entries
-            .iter()
-            .map(|e| (e.id.clone(), Arc::new(e.clone())))
-            .collect()
+    fn pages(entries: Vec<Entry>, unchanged: Vec<String>) -> Pages {
+        let mut pages = Pages {
+            entries: vec![],
+            unchanged,
+        };
+        pages.add(entries);
+        pages
+    }
+
+    fn held(entries: &[Entry]) -> BTreeMap<Arc<str>, Held> {
+        entries.iter().map(Held::of).collect()
     }
 
     #[test]
     fn a_resume_keeps_exactly_what_it_names() {
         let before = held(&[entry("kept", 1), entry("changed", 1), entry("gone", 1)]);
-        let resume = Pages {
-            entries: vec![entry("changed", 7), entry("new", 8)],
-            unchanged: vec!["kept".into()],
-        };
+        let resume = pages(
+            vec![entry("changed", 7), entry("new", 8)],
+            vec!["kept".into()],
+        );
         let after = resume.apply(&before).unwrap();
-        let summary: Vec<(&str, u64)> = after
-            .values()
-            .map(|e| (e.id.as_str(), e.revision))
-            .collect();
+        let summary: Vec<(&str, u64)> = after.iter().map(|(id, e)| (&**id, e.revision())).collect();
         assert_eq!(summary, [("changed", 7), ("kept", 1), ("new", 8)]);
+    }
+
+    fn grant(entries: &BTreeMap<Arc<str>, Held>, id: &str) -> Arc<Grant> {
+        match entries.get(id) {
+            Some(Held::Workload { grant, .. }) => Arc::clone(grant),
+            other => panic!("{id} is not a workload entry: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_entry_sent_again_unchanged_keeps_the_grant_its_svids_share() {
+        let before = held(&[entry("same", 1), entry("changed", 1)]);
+        let snapshot = pages(vec![entry("same", 1), entry("changed", 2)], vec![]);
+        let after = snapshot.apply(&before).unwrap();
+        assert!(Arc::ptr_eq(&grant(&before, "same"), &grant(&after, "same")));
+        assert!(!Arc::ptr_eq(
+            &grant(&before, "changed"),
+            &grant(&after, "changed")
+        ));
+        // The map's key is the grant's own id, not a second copy.
+        let (key, _) = after.get_key_value("same").unwrap();
+        assert!(Arc::ptr_eq(key, &grant(&after, "same").entry_id));
+    }
+
+    #[test]
+    fn an_entry_that_does_not_parse_is_held_as_unusable() {
+        let mut bad_id = entry("bad-id", 3);
+        bad_id.spiffe_id = "not a spiffe id".into();
+        let mut bad_selector = entry("bad-selector", 4);
+        bad_selector.selectors = vec!["no-colon".into()];
+        let mut endless_session = entry("endless-session", 5);
+        endless_session.session = Some(Default::default());
+        for e in [bad_id, bad_selector, endless_session] {
+            let (id, held) = Held::of(&e);
+            assert_eq!(&*id, e.id.as_str());
+            assert_eq!(
+                held,
+                Held::Unusable {
+                    revision: e.revision
+                },
+                "{}",
+                e.id
+            );
+        }
+        let mut session = entry("session", 6);
+        session.session = Some(Default::default());
+        session.expires_at = 4_000_000_000;
+        assert!(matches!(Held::of(&session).1, Held::Session(s) if s.revision == 6));
     }
 
     #[test]
     fn a_resume_naming_an_entry_the_agent_lacks_asks_for_a_snapshot() {
         let before = held(&[entry("kept", 1)]);
-        let resume = Pages {
-            entries: vec![],
-            unchanged: vec!["kept".into(), "never-seen".into()],
-        };
+        let resume = pages(vec![], vec!["kept".into(), "never-seen".into()]);
         assert!(resume.apply(&before).is_none());
     }
 
     #[test]
     fn a_snapshot_beyond_the_cap_keeps_the_first_entries() {
-        let pages = Pages {
-            entries: (0..MAX_ENTRIES + 3)
+        let pages = pages(
+            (0..MAX_ENTRIES + 3)
                 .map(|i| entry(&format!("e{i:05}"), 1))
                 .collect(),
-            unchanged: vec![],
-        };
+            vec![],
+        );
         let after = pages.apply(&held(&[entry("gone", 1)])).unwrap();
         assert_eq!(after.len(), MAX_ENTRIES);
         assert!(after.contains_key("e00000"));
@@ -710,10 +832,10 @@ mod tests {
                 .map(|i| entry(&format!("e{i}"), 1))
                 .collect::<Vec<_>>(),
         );
-        let resume = Pages {
-            entries: vec![entry("new", 9)],
-            unchanged: (0..MAX_ENTRIES + 5).map(|i| format!("e{i}")).collect(),
-        };
+        let resume = pages(
+            vec![entry("new", 9)],
+            (0..MAX_ENTRIES + 5).map(|i| format!("e{i}")).collect(),
+        );
         let after = resume.apply(&before).unwrap();
         assert_eq!(after.len(), MAX_ENTRIES, "still capped");
         assert!(!after.contains_key("new"), "no room for a new entry");

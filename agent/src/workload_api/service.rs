@@ -38,7 +38,7 @@ use tracing::{debug, warn};
 
 use super::caller::{CallerIdentity, CallerLookup};
 use super::sessions;
-use crate::cache::{Inventory, SessionEntry, WorkloadSvid};
+use crate::cache::{Grant, Inventory, SessionEntry, WorkloadSvid};
 use crate::manager::{Caller, Minter};
 
 /// The metadata key every Workload API request must carry with the value `true` (WE-5).
@@ -355,15 +355,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         audience.sort();
         audience.dedup();
         let (selectors, creds, _) = self.attest_caller(&request).await?;
-        let (identities, sessions): (Vec<WorkloadSvid>, Vec<SessionEntry>) = {
+        // What each identity grants and the revision it was minted for (not the SVID: its key
+        // is not copied for a JWT).
+        let (identities, sessions): (Vec<(Arc<Grant>, u64)>, Vec<SessionEntry>) = {
             let snapshot = self.snapshots.borrow();
             let now = SystemTime::now();
             (
                 snapshot
                     .identities_for(&selectors, now)
                     .into_iter()
-                    .filter(|w| wanted.as_ref().is_none_or(|id| *id == w.spiffe_id))
-                    .cloned()
+                    .filter(|w| wanted.as_ref().is_none_or(|id| *id == w.grant.spiffe_id))
+                    .map(|w| (Arc::clone(&w.grant), w.revision))
                     .collect(),
                 snapshot
                     .sessions_for(&selectors, now)
@@ -377,19 +379,19 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(WorkloadError::NoIdentity.into());
         }
         let mut svids = Vec::with_capacity(identities.len());
-        for identity in identities {
+        for (grant, revision) in identities {
             let token = self
                 .minter
-                .jwt(&identity, &audience)
+                .jwt(&grant, revision, &audience)
                 .await
                 .map_err(|error| {
                     warn!(%error, "cannot get a jwt-svid from the server");
                     Status::from(WorkloadError::Upstream)
                 })?;
             svids.push(Jwtsvid {
-                spiffe_id: identity.spiffe_id.to_string(),
+                spiffe_id: grant.spiffe_id.to_string(),
                 svid: token,
-                hint: identity.hint.clone(),
+                hint: grant.hint.clone(),
             });
         }
         for session in sessions {
@@ -517,18 +519,18 @@ fn x509_response(
         .collect();
     // The federated bundles of the SVIDs in this response (WE: `federated_bundles`).
     let federated_bundles = snapshot
-        .federated_for(held.iter().flat_map(|w| w.federates_with.iter()))
+        .federated_for(held.iter().flat_map(|w| w.grant.federates_with.iter()))
         .into_iter()
         .map(|b| (b.trust_domain().id_string(), b.x509_der()))
         .collect();
     let svids: Vec<X509svid> = held
         .into_iter()
         .map(|w| X509svid {
-            spiffe_id: w.spiffe_id.to_string(),
-            x509_svid: w.chain.iter().flat_map(|c| c.iter().copied()).collect(),
+            spiffe_id: w.grant.spiffe_id.to_string(),
+            x509_svid: w.chain.to_vec(),
             x509_svid_key: w.key.to_vec(),
             bundle: bundle.clone(),
-            hint: w.hint.clone(),
+            hint: w.grant.hint.clone(),
         })
         .collect();
     (!svids.is_empty()).then(|| X509svidResponse {

@@ -90,7 +90,7 @@ pub(crate) fn wakeup(
         let renew = validity.renew_at();
         let capped = inventory
             .sessions
-            .get(&svid.entry_id)
+            .get(&*svid.grant.entry_id)
             .is_none_or(|s| s.ends_at <= svid.not_after);
         next = next.min(svid.not_after);
         if !capped {
