@@ -138,6 +138,12 @@ impl Process {
         rss_of(&format!("/proc/{}/status", self.pid))
     }
 
+    /// Resident anonymous memory now (`RssAnon`: heap, stacks, anonymous maps), in bytes:
+    /// `VmRSS` without the pages of files mapped in, such as the executable's code.
+    pub(crate) fn rss_anon(&self) -> anyhow::Result<u64> {
+        status_bytes(&format!("/proc/{}/status", self.pid), "RssAnon:")
+    }
+
     /// CPU time used so far, user and system, all threads.
     pub(crate) fn cpu(&self) -> anyhow::Result<Duration> {
         cpu_of(self.pid)
@@ -176,14 +182,19 @@ impl Process {
 
 /// `VmRSS` of a `/proc/.../status` file, in bytes.
 pub(crate) fn rss_of(status_path: &str) -> anyhow::Result<u64> {
+    status_bytes(status_path, "VmRSS:")
+}
+
+/// The `field` (with its colon) of a `/proc/.../status` file, given in kB there, in bytes.
+fn status_bytes(status_path: &str, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(status_path)
         .with_context(|| format!("cannot read {status_path}"))?;
     let kib = status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse::<u64>().ok())
-        .with_context(|| format!("no VmRSS in {status_path}"))?;
+        .with_context(|| format!("no {field} in {status_path}"))?;
     Ok(kib * 1024)
 }
 
@@ -300,7 +311,12 @@ mod tests {
 
     #[test]
     fn own_process_figures_are_readable() {
-        assert!(rss_of("/proc/self/status").unwrap() > 0);
+        let rss = rss_of("/proc/self/status").unwrap();
+        let anon = status_bytes("/proc/self/status", "RssAnon:").unwrap();
+        assert!(
+            anon > 0 && anon < rss,
+            "RssAnon {anon} is part of VmRSS {rss}"
+        );
         cpu_of(std::process::id()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), vec![1u8; 10_000]).unwrap();

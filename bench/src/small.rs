@@ -41,6 +41,8 @@ const MESSAGE_TIMEOUT: Duration = Duration::from_secs(15);
 pub(crate) struct Facts {
     /// Resident memory of an agent holding one SVID, with no workload connected yet.
     pub(crate) agent_rss_one_svid: Option<u64>,
+    /// The anonymous part of it (`RssAnon`).
+    pub(crate) agent_anon_one_svid: Option<u64>,
     /// DER bytes of one cached SVID: chain, key and the bundle the agent hands out with it.
     pub(crate) svid_der_bytes: Option<usize>,
 }
@@ -82,6 +84,7 @@ pub(crate) async fn run(h: &mut Harness, only: &BTreeSet<String>) -> anyhow::Res
     // Settle, then the memory of an agent that holds one SVID and has served one fetch.
     tokio::time::sleep(Duration::from_millis(300)).await;
     facts.agent_rss_one_svid = Some(agent.process.rss()?);
+    facts.agent_anon_one_svid = Some(agent.process.rss_anon()?);
     facts.svid_der_bytes = first
         .svids
         .first()
