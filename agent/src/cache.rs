@@ -24,8 +24,6 @@ pub struct Grant {
     pub selectors: SelectorSet,
     /// The entry's hint.
     pub hint: String,
-    /// JWT-SVID TTL (seconds, effective).
-    pub jwt_ttl: u64,
     /// X509-SVID TTL (seconds, effective).
     pub x509_ttl: u64,
     /// The entry's own end, if it has one: no SVID is renewed to outlive it.
@@ -37,8 +35,8 @@ pub struct Grant {
 /// One workload identity the agent holds.
 #[derive(Clone)]
 pub struct WorkloadSvid {
-    /// What its entry grants. Replaced in place when the entry changes what a workload sees
-    /// (selectors, hint, JWT TTL, federation) but not the identity.
+    /// What its entry grants. Replaced in place when the entry changes it (selectors, hint,
+    /// TTL, end, federation) but not the identity.
     pub grant: Arc<Grant>,
     /// The entry revision the SVID was minted for.
     pub revision: u64,
@@ -222,7 +220,6 @@ mod tests {
                     .map(|s| Selector::parse(s).unwrap())
                     .collect(),
                 hint: hint.into(),
-                jwt_ttl: 300,
                 x509_ttl: 3600,
                 expires_at: None,
                 federates_with: vec![],

@@ -387,8 +387,9 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
             // that ran, and those move by a megabyte or more between builds of the same code
             // (the 1-SVID agent's `RssFile` differed by 1.5 MiB between two builds whose
             // `RssAnon` was the same), which is 150 B per SVID here.
-            let per_svid = agent_anon.saturating_sub(one_anon) as f64 / (svids.max(2) - 1) as f64;
-            let per_svid_rss = agent_rss.saturating_sub(one) as f64 / (svids.max(2) - 1) as f64;
+            let added = (svids.max(2) - 1) as f64;
+            let per_svid = agent_anon.saturating_sub(one_anon) as f64 / added;
+            let per_svid_rss = agent_rss.saturating_sub(one) as f64 / added;
             h.rows.push(Row::info(
                 format!(
                     "5. Agent resident memory with {} SVIDs",

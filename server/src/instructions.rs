@@ -15,7 +15,6 @@ use std::time::{Duration, SystemTime};
 use sigil_core::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use crate::ca::{Ca, DiskKeyManager, KeyManager};
-
 use crate::service::agents::Agent;
 use crate::service::audit::{AuditLog, STATE_FILE};
 use crate::service::authority::{Authority, StoreJournal};

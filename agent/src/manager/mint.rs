@@ -136,7 +136,6 @@ impl Minter {
                 spiffe_id: session.spiffe_id.clone(),
                 selectors: session.selectors.clone(),
                 hint: session.hint.clone(),
-                jwt_ttl: session.svid_ttl,
                 x509_ttl: session.svid_ttl,
                 expires_at: Some(session.ends_at),
                 federates_with: session.federates_with.clone(),

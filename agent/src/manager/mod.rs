@@ -314,7 +314,7 @@ impl Manager {
     async fn reconcile(&mut self) {
         let entries = &self.entries;
         // An SVID whose entry is gone, or now grants another ID, is withdrawn at once; one whose
-        // selectors, hint, JWT TTL or federated trust domains changed follows the entry now
+        // selectors, hint, TTL, end or federated trust domains changed follows the entry now
         // (copied, from the published inventories' shared one, only then) and is re-minted
         // below: a workload must not keep a trust domain its entry no longer names until the
         // new SVID is minted.
@@ -598,7 +598,6 @@ fn grant_of(entry: &Entry) -> Result<Grant, EntryError> {
         spiffe_id: SpiffeId::new(&entry.spiffe_id)?,
         selectors: parse_selectors(entry)?,
         hint: entry.hint.clone(),
-        jwt_ttl: entry.jwt_svid_ttl,
         x509_ttl: entry.x509_svid_ttl,
         expires_at: entry_end(entry),
         federates_with: federates_with(entry)?,
