@@ -45,10 +45,52 @@ pub struct WorkloadSvid {
     /// The chain, leaf first: DER certificates one after the other, as the server sent them and
     /// as the Workload API sends them on (`x509_svid`). Checked when the SVID arrived.
     pub chain: Box<[u8]>,
-    /// The private key, PKCS#8 DER.
-    pub key: Zeroizing<Box<[u8]>>,
+    /// The private key, held compactly: [`WorkloadSvid::private_key`] gives its PKCS#8 DER.
+    pub key: SvidKey,
     /// NotAfter of the leaf.
     pub not_after: SystemTime,
+}
+
+/// The private key of an X509-SVID, a P-256 key the agent made, held as its 32-byte private
+/// scalar and where the leaf certificate holds its public key. Its PKCS#8 document, the form
+/// ring generates and the Workload API sends (RFC 5208 around RFC 5915's `ECPrivateKey`), is
+/// fixed bytes, the scalar and the public key: 138 bytes in an allocation of their own
+/// become 36 inline, and the leaf is checked to certify this very key.
+#[derive(Clone)]
+pub struct SvidKey {
+    scalar: Zeroizing<[u8; SCALAR_LEN]>,
+    /// Where the leaf's `subjectPublicKey` (the uncompressed point) starts in the chain.
+    public_at: u32,
+}
+
+/// The PKCS#8 document of a P-256 key up to its private scalar: `PrivateKeyInfo` version 0,
+/// algorithm id-ecPublicKey with the named curve prime256v1, `ECPrivateKey` version 1.
+const PKCS8_P256_HEAD: [u8; 36] = [
+    0x30, 0x81, 0x87, 0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02,
+    0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x04, 0x6d, 0x30, 0x6b, 0x02,
+    0x01, 0x01, 0x04, 0x20,
+];
+/// Between the scalar and the public key: `[1]` holding the 66-byte BIT STRING.
+const PKCS8_P256_MIDDLE: [u8; 5] = [0xa1, 0x44, 0x03, 0x42, 0x00];
+const SCALAR_LEN: usize = 32;
+/// An uncompressed P-256 point: `04`, X, Y.
+const PUBLIC_LEN: usize = 65;
+const PKCS8_P256_LEN: usize =
+    PKCS8_P256_HEAD.len() + SCALAR_LEN + PKCS8_P256_MIDDLE.len() + PUBLIC_LEN;
+
+/// Why a key cannot be held for a chain.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SvidKeyError {
+    /// The key is not a P-256 PKCS#8 document in the form the agent makes.
+    #[error("the key is not a p-256 pkcs#8 document as the agent makes them")]
+    NotP256,
+    /// The chain's first certificate does not parse.
+    #[error("the leaf certificate does not parse: {0}")]
+    Leaf(String),
+    /// The leaf certifies another key than this one.
+    #[error("the leaf certificate is for another key than the one the agent sent")]
+    OtherKey,
 }
 
 /// A privileged session's entry: its SVIDs are minted on demand, per workload, never ahead.
@@ -104,7 +146,84 @@ pub struct Inventory {
     pub disconnected_at: Option<SystemTime>,
 }
 
+// === impl SvidKey ===
+
+impl SvidKey {
+    /// Holds `pkcs8`, the agent's P-256 key, for `chain`, whose leaf must certify it.
+    ///
+    /// # Errors
+    ///
+    /// [`SvidKeyError`]: a key in another form, a leaf that does not parse or certifies another
+    /// key.
+    pub fn for_chain(pkcs8: &[u8], chain: &[u8]) -> Result<Self, SvidKeyError> {
+        let (head, rest) = pkcs8
+            .split_at_checked(PKCS8_P256_HEAD.len())
+            .ok_or(SvidKeyError::NotP256)?;
+        let (scalar, rest) = rest
+            .split_at_checked(SCALAR_LEN)
+            .ok_or(SvidKeyError::NotP256)?;
+        let (middle, public) = rest
+            .split_at_checked(PKCS8_P256_MIDDLE.len())
+            .ok_or(SvidKeyError::NotP256)?;
+        if head != PKCS8_P256_HEAD
+            || middle != PKCS8_P256_MIDDLE
+            || public.len() != PUBLIC_LEN
+            || public.first() != Some(&0x04)
+        {
+            return Err(SvidKeyError::NotP256);
+        }
+        let (_, leaf) = x509_parser::parse_x509_certificate(chain)
+            .map_err(|e| SvidKeyError::Leaf(e.to_string()))?;
+        if *leaf.public_key().subject_public_key.data != *public {
+            return Err(SvidKeyError::OtherKey);
+        }
+        // The same bytes as the leaf's key: found where they are, so that what `pkcs8` rebuilds
+        // is by construction the document it was given.
+        let public_at = chain
+            .windows(PUBLIC_LEN)
+            .position(|w| w == public)
+            .and_then(|at| u32::try_from(at).ok())
+            .ok_or(SvidKeyError::OtherKey)?;
+        let mut held = Zeroizing::new([0; SCALAR_LEN]);
+        held.copy_from_slice(scalar);
+        Ok(Self {
+            scalar: held,
+            public_at,
+        })
+    }
+
+    /// The PKCS#8 document, given the chain this key was held for (empty for another chain too
+    /// short to hold the public key).
+    #[must_use]
+    pub fn pkcs8(&self, chain: &[u8]) -> Zeroizing<Vec<u8>> {
+        let mut doc = Zeroizing::new(Vec::with_capacity(PKCS8_P256_LEN));
+        let at = usize::try_from(self.public_at).unwrap_or(usize::MAX);
+        let Some(public) = chain.get(at..at.saturating_add(PUBLIC_LEN)) else {
+            return doc;
+        };
+        doc.extend_from_slice(&PKCS8_P256_HEAD);
+        doc.extend_from_slice(&*self.scalar);
+        doc.extend_from_slice(&PKCS8_P256_MIDDLE);
+        doc.extend_from_slice(public);
+        doc
+    }
+}
+
+impl fmt::Debug for SvidKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SvidKey(..)")
+    }
+}
+
 // === impl WorkloadSvid ===
+
+impl WorkloadSvid {
+    /// The private key, PKCS#8 DER.
+    #[must_use]
+    pub fn private_key(&self) -> Zeroizing<Vec<u8>> {
+        self.key.pkcs8(&self.chain)
+    }
+}
 
 impl fmt::Debug for WorkloadSvid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -227,7 +346,10 @@ mod tests {
             revision: 1,
             issued_at: not_after - Duration::from_secs(60),
             chain: Box::default(),
-            key: Zeroizing::new(Box::default()),
+            key: SvidKey {
+                scalar: Zeroizing::new([0; SCALAR_LEN]),
+                public_at: 0,
+            },
             not_after,
         }
     }
@@ -258,5 +380,95 @@ mod tests {
             .collect();
         // b shares a's hint (a is first), d does not match, e has expired.
         assert_eq!(got, ["a", "c"]);
+    }
+
+    /// A P-256 PKCS#8 document from ring and a chain whose leaf certifies `leaf_key` (the
+    /// document's own key unless another is given), followed by a CA certificate.
+    fn key_and_chain(leaf_key: Option<&rcgen::KeyPair>) -> (Vec<u8>, Vec<u8>) {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &rng,
+        )
+        .unwrap();
+        let own = rcgen::KeyPair::try_from(doc.as_ref()).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let mut leaf_params = rcgen::CertificateParams::new(vec![]).unwrap();
+        leaf_params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://example.org/w".try_into().unwrap(),
+        )];
+        let leaf = leaf_params
+            .signed_by(leaf_key.unwrap_or(&own), &issuer)
+            .unwrap();
+        let chain = [leaf.der().as_ref(), ca.der().as_ref()].concat();
+        (doc.as_ref().to_vec(), chain)
+    }
+
+    #[test]
+    fn a_held_key_gives_back_the_document_ring_made() {
+        for _ in 0..32 {
+            let (doc, chain) = key_and_chain(None);
+            let key = SvidKey::for_chain(&doc, &chain).unwrap();
+            let rebuilt = key.pkcs8(&chain);
+            assert_eq!(*rebuilt, doc);
+            ring::signature::EcdsaKeyPair::from_pkcs8(
+                &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+                &rebuilt,
+                &ring::rand::SystemRandom::new(),
+            )
+            .unwrap();
+            // Not the first bytes of the chain: the public key sits in the leaf's SPKI.
+            assert!(key.public_at > 100, "{}", key.public_at);
+        }
+    }
+
+    #[test]
+    fn a_key_is_held_only_for_a_leaf_that_certifies_it() {
+        let other = rcgen::KeyPair::generate().unwrap();
+        let (doc, chain) = key_and_chain(Some(&other));
+        assert_eq!(
+            SvidKey::for_chain(&doc, &chain).unwrap_err(),
+            SvidKeyError::OtherKey
+        );
+        let (doc, chain) = key_and_chain(None);
+        assert!(matches!(
+            SvidKey::for_chain(&doc, b"not a certificate"),
+            Err(SvidKeyError::Leaf(_))
+        ));
+        assert!(matches!(
+            SvidKey::for_chain(&doc, &[]),
+            Err(SvidKeyError::Leaf(_))
+        ));
+        // Another key type, a P-256 key in another form, a truncated one, one byte more.
+        let rng = ring::rand::SystemRandom::new();
+        let ed25519 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let p384 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P384_SHA384_ASN1_SIGNING,
+            &rng,
+        )
+        .unwrap();
+        let mut compressed = doc.clone();
+        compressed[PKCS8_P256_LEN - PUBLIC_LEN] = 0x02;
+        for bad in [
+            ed25519.as_ref(),
+            p384.as_ref(),
+            &doc[..doc.len() - 1],
+            &[doc.as_slice(), &[0]].concat(),
+            &compressed,
+            &[],
+        ] {
+            assert_eq!(
+                SvidKey::for_chain(bad, &chain).unwrap_err(),
+                SvidKeyError::NotP256
+            );
+        }
+        // Given a chain too short to hold the public key, no document rather than a wrong one.
+        let key = SvidKey::for_chain(&doc, &chain).unwrap();
+        assert!(key.pkcs8(&chain[..100]).is_empty());
+        assert_eq!(*key.pkcs8(&chain), doc);
     }
 }

@@ -14,10 +14,9 @@ use sigil_proto::node::{
     NewJwtsvidRequest, NewSessionJwtsvidRequest, NewSessionX509svidRequest, Workload, X509svid,
 };
 use tracing::debug;
-use zeroize::Zeroizing;
 
 pub use crate::cache::Grant;
-use crate::cache::{SessionEntry, WorkloadSvid};
+use crate::cache::{SessionEntry, SvidKey, WorkloadSvid};
 use crate::node::{NodeConnection, NodeError, csr, new_key};
 use crate::telemetry::MintMetrics;
 
@@ -262,14 +261,16 @@ pub(crate) fn issued_svid(
     }
     X509Bundle::from_der(spiffe_id.trust_domain(), &svid.cert_chain)
         .map_err(|e| MintError::Unusable(e.to_string()))?;
+    let key = SvidKey::for_chain(key, &svid.cert_chain)
+        .map_err(|e| MintError::Unusable(e.to_string()))?;
     Ok(WorkloadSvid {
         grant,
         revision,
         issued_at: SystemTime::now(),
-        // Kept as the server sent it (no copy); the key is copied into an allocation of its
-        // own size, made here: the caller's buffer is zeroed when it is dropped.
+        // Kept as the server sent it (no copy); the key's scalar is copied out of the caller's
+        // buffer, which is zeroed when it is dropped.
         chain: svid.cert_chain.into_boxed_slice(),
-        key: Zeroizing::new(key.into()),
+        key,
         not_after: expiry(svid.expires_at),
     })
 }
