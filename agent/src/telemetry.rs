@@ -112,7 +112,7 @@ impl Collector for Held {
             "Privileged sessions of this agent's workloads",
             inventory.sessions.len(),
         )?;
-        if let Some(soonest) = inventory.svids.values().map(|s| s.not_after).min() {
+        if let Some(soonest) = inventory.svids.values().map(|s| s.not_after()).min() {
             encode_gauge(
                 &mut encoder,
                 "svid_soonest_expiry",

@@ -117,8 +117,8 @@ pub struct TrustDomain {
 /// Compares byte for byte; the path is case-sensitive (ID-20).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    /// The whole ID, `spiffe://td/path`.
-    id: String,
+    /// The whole ID, `spiffe://td/path` (exact size: IDs are kept by the thousand).
+    id: Box<str>,
     /// Byte offset of the path (the first `/` after the trust domain, or `id.len()`).
     path_start: usize,
 }
@@ -160,7 +160,7 @@ impl TrustDomain {
     /// The trust domain's own SPIFFE ID (no path), which its signing authorities carry (SV-1).
     pub fn root_id(&self) -> SpiffeId {
         SpiffeId {
-            id: self.id_string(),
+            id: self.id_string().into(),
             path_start: SPIFFE_PREFIX.len() + self.name.len(),
         }
     }
@@ -190,7 +190,7 @@ impl TrustDomain {
         check_len(&id)?;
         Ok(SpiffeId {
             path_start: SPIFFE_PREFIX.len() + self.name.len(),
-            id,
+            id: id.into(),
         })
     }
 }
@@ -254,7 +254,7 @@ impl SpiffeId {
         }
         check_path(after)?;
         Ok(Self {
-            id: id.to_owned(),
+            id: id.into(),
             path_start: SPIFFE_PREFIX.len() + authority_len,
         })
     }
@@ -304,7 +304,7 @@ impl SpiffeId {
         let id = format!("{}/{segment}", self.id);
         check_len(&id)?;
         Ok(Self {
-            id,
+            id: id.into(),
             path_start: self.path_start,
         })
     }

@@ -16,7 +16,7 @@ use sigil_proto::node::{
 use tracing::debug;
 
 pub use crate::cache::Grant;
-use crate::cache::{SessionEntry, SvidKey, WorkloadSvid};
+use crate::cache::{SessionEntry, SvidKey, WorkloadSvid, millis};
 use crate::node::{NodeConnection, NodeError, csr, new_key};
 use crate::telemetry::MintMetrics;
 
@@ -134,7 +134,7 @@ impl Minter {
                 entry_id: session.entry_id.as_str().into(),
                 spiffe_id: session.spiffe_id.clone(),
                 selectors: session.selectors.clone(),
-                hint: session.hint.clone(),
+                hint: session.hint.as_str().into(),
                 x509_ttl: session.svid_ttl,
                 expires_at: Some(session.ends_at),
                 federates_with: session.federates_with.clone(),
@@ -266,12 +266,12 @@ pub(crate) fn issued_svid(
     Ok(WorkloadSvid {
         grant,
         revision,
-        issued_at: SystemTime::now(),
+        issued_at_ms: millis(SystemTime::now()),
         // Kept as the server sent it (no copy); the key's scalar is copied out of the caller's
         // buffer, which is zeroed when it is dropped.
         chain: svid.cert_chain.into_boxed_slice(),
         key,
-        not_after: expiry(svid.expires_at),
+        not_after_ms: millis(expiry(svid.expires_at)),
     })
 }
 

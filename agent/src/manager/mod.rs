@@ -370,6 +370,9 @@ impl Manager {
             .map(|(grant, revision)| (Arc::clone(grant), revision))
             .collect();
         let mut chunks = due.chunks(BATCH).map(<[(Arc<Grant>, u64)]>::to_vec);
+        // Sized once: a vector grown by doubling leaves the sizes it outgrew in malloc's free
+        // lists, resident.
+        let mut minted = Vec::with_capacity(due.len());
         let mut next = chunks.next().map(Prepared::spawn);
         while let Some(prepared) = next.take() {
             let batch = match prepared.await {
@@ -385,15 +388,27 @@ impl Manager {
             };
             // The next batch's keys and CSRs are made while the server signs this one.
             next = chunks.next().map(Prepared::spawn);
-            if let Err(e) = self.mint(batch).await {
+            if let Err(e) = self.mint(batch, &mut minted).await {
                 warn!(error = %e, "cannot mint svids now; will retry");
                 break;
             }
         }
+        self.add_minted(minted);
         self.publish();
     }
 
-    async fn mint(&mut self, batch: Prepared) -> Result<(), NodeError> {
+    /// Puts the SVIDs `renew_svids` minted in the map ([`with_minted`]).
+    fn add_minted(&mut self, minted: Vec<(Arc<str>, Arc<WorkloadSvid>)>) {
+        if !minted.is_empty() {
+            self.inventory.svids = Arc::new(with_minted(&self.inventory.svids, minted));
+        }
+    }
+
+    async fn mint(
+        &mut self,
+        batch: Prepared,
+        minted: &mut Vec<(Arc<str>, Arc<WorkloadSvid>)>,
+    ) -> Result<(), NodeError> {
         let Prepared {
             entries,
             keys,
@@ -418,10 +433,7 @@ impl Manager {
                     match issued_svid(Arc::clone(grant), *revision, svid, &key) {
                         Ok(w) => {
                             debug!(%entry_id, "svid minted");
-                            // Removed first, so that the key is the grant's id (as above).
-                            let svids = Arc::make_mut(&mut self.inventory.svids);
-                            svids.remove(entry_id);
-                            svids.insert(Arc::clone(entry_id), Arc::new(w));
+                            minted.push((Arc::clone(entry_id), Arc::new(w)));
                         }
                         Err(e) => {
                             warn!(%entry_id, error = %e, "the server sent an unusable svid")
@@ -447,9 +459,9 @@ impl Manager {
             .inventory
             .svids
             .values()
-            .any(|svid| svid.not_after <= now)
+            .any(|svid| svid.not_after() <= now)
         {
-            Arc::make_mut(&mut self.inventory.svids).retain(|_, svid| svid.not_after > now);
+            Arc::make_mut(&mut self.inventory.svids).retain(|_, svid| svid.not_after() > now);
         }
         self.tx.send_replace(Arc::new(self.inventory.clone()));
     }
@@ -459,7 +471,7 @@ impl Manager {
         let now = SystemTime::now();
         let mut next = self.node.renew_at();
         for svid in self.inventory.svids.values() {
-            next = next.min(renew_time(svid)).min(svid.not_after);
+            next = next.min(renew_time(svid)).min(svid.not_after());
         }
         let wait = next
             .duration_since(now)
@@ -524,6 +536,36 @@ impl Pages {
     /// when an unchanged entry named is not held: only a snapshot can tell what it is. An agent
     /// at its cap skips those instead: it left them out of its snapshot too.
     fn apply(self, held: &BTreeMap<Arc<str>, Held>) -> Option<BTreeMap<Arc<str>, Held>> {
+        if self.unchanged.len() + self.entries.len() > MAX_ENTRIES {
+            return self.apply_capped(held);
+        }
+        // Under the cap whatever repeats: one vector, sorted, built into the map in place (a
+        // map filled in key order leaves its nodes about half full, and its nodes freed after
+        // a rebuild would stay resident).
+        let at_cap = held.len() >= MAX_ENTRIES;
+        let mut next = Vec::with_capacity(self.unchanged.len() + self.entries.len());
+        for id in self.unchanged {
+            match held.get_key_value(id.as_str()) {
+                Some((id, entry)) => next.push((Arc::clone(id), entry.clone())),
+                None if at_cap => {}
+                None => return None,
+            }
+        }
+        next.extend(
+            self.entries
+                .into_iter()
+                .map(|(id, parsed)| keep_held(held, id, parsed)),
+        );
+        // Stable, so that of one id sent twice the last comes last, and is the one kept.
+        next.sort_by(|a, b| a.0.cmp(&b.0));
+        next.reverse();
+        next.dedup_by(|a, b| a.0 == b.0);
+        next.reverse();
+        Some(next.into_iter().collect())
+    }
+
+    /// [`Pages::apply`] when the pages may hold more than the cap: the first entries are kept.
+    fn apply_capped(self, held: &BTreeMap<Arc<str>, Held>) -> Option<BTreeMap<Arc<str>, Held>> {
         let at_cap = held.len() >= MAX_ENTRIES;
         let mut next = BTreeMap::new();
         for id in self.unchanged {
@@ -541,12 +583,8 @@ impl Pages {
                 ignored += 1;
                 continue;
             }
-            // An entry sent again as it is held (a snapshot after a reconnect) keeps the held
-            // value, which the SVIDs minted for it share: no second copy of its grant.
-            match held.get_key_value(&id) {
-                Some((id, entry)) if *entry == parsed => next.insert(Arc::clone(id), entry.clone()),
-                _ => next.insert(id, parsed),
-            };
+            let (id, entry) = keep_held(held, id, parsed);
+            next.insert(id, entry);
         }
         if ignored > 0 {
             warn!(
@@ -561,13 +599,47 @@ impl Pages {
     }
 }
 
+/// An entry sent again as it is held (a snapshot after a reconnect) keeps the held value, which
+/// the SVIDs minted for it share: no second copy of its grant.
+fn keep_held(held: &BTreeMap<Arc<str>, Held>, id: Arc<str>, parsed: Held) -> (Arc<str>, Held) {
+    match held.get_key_value(&id) {
+        Some((id, entry)) if *entry == parsed => (Arc::clone(id), entry.clone()),
+        _ => (id, parsed),
+    }
+}
+
 /// Renewal is due at half the lifetime the SVID got.
 fn renew_time(svid: &WorkloadSvid) -> SystemTime {
-    Validity::from_parts(svid.issued_at, svid.not_after).renew_at()
+    Validity::from_parts(svid.issued_at(), svid.not_after()).renew_at()
 }
 
 fn parse_selectors(entry: &Entry) -> Result<SelectorSet, sigil_core::SelectorError> {
     entry.selectors.iter().map(|s| Selector::parse(s)).collect()
+}
+
+/// `svids` with `minted` added or replacing what they renew, rebuilt from sorted contents: the
+/// B-tree's nodes come out full, where inserting in key order leaves them half empty, and the
+/// rebuild costs what the copy it replaces cost (a published snapshot shares the map, so
+/// changing it in place would copy it first). The keys of new SVIDs are their grants' ids.
+fn with_minted(
+    svids: &BTreeMap<Arc<str>, Arc<WorkloadSvid>>,
+    mut minted: Vec<(Arc<str>, Arc<WorkloadSvid>)>,
+) -> BTreeMap<Arc<str>, Arc<WorkloadSvid>> {
+    minted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    minted.dedup_by(|later, earlier| later.0 == earlier.0);
+    let mut all = Vec::with_capacity(svids.len() + minted.len());
+    all.extend(
+        svids
+            .iter()
+            .filter(|(id, _)| minted.binary_search_by(|(m, _)| m.cmp(id)).is_err())
+            .map(|(id, svid)| (Arc::clone(id), Arc::clone(svid))),
+    );
+    if all.is_empty() {
+        // The first sync: built in the vector's own buffer, no other copy.
+        return minted.into_iter().collect();
+    }
+    all.append(&mut minted);
+    all.into_iter().collect()
 }
 
 /// An SVID must be re-minted when its entry (what it grants, at `revision`) changed or renewal
@@ -576,7 +648,7 @@ fn svid_outdated(grant: &Grant, revision: u64, svid: &WorkloadSvid, now: SystemT
     if grant.spiffe_id != svid.grant.spiffe_id || revision != svid.revision {
         return true;
     }
-    let validity = Validity::from_parts(svid.issued_at, svid.not_after);
+    let validity = Validity::from_parts(svid.issued_at(), svid.not_after());
     validity.should_renew(
         now,
         Duration::from_secs(grant.x509_ttl.max(1)),
@@ -597,7 +669,7 @@ fn grant_of(entry: &Entry) -> Result<Grant, EntryError> {
         entry_id: entry.id.as_str().into(),
         spiffe_id: SpiffeId::new(&entry.spiffe_id)?,
         selectors: parse_selectors(entry)?,
-        hint: entry.hint.clone(),
+        hint: entry.hint.as_str().into(),
         x509_ttl: entry.x509_svid_ttl,
         expires_at: entry_end(entry),
         federates_with: federates_with(entry)?,
@@ -752,6 +824,22 @@ mod tests {
         assert_eq!(summary, [("changed", 7), ("kept", 1), ("new", 8)]);
     }
 
+    #[test]
+    fn an_entry_sent_twice_is_held_as_last_sent() {
+        let before = held(&[entry("kept", 1), entry("both", 1)]);
+        // "both" named unchanged and sent in full; "twice" on two pages.
+        let mut resume = pages(
+            vec![entry("twice", 3), entry("both", 2)],
+            vec!["kept".into(), "both".into()],
+        );
+        resume.add(vec![entry("twice", 4)]);
+        let after = resume.apply(&before).unwrap();
+        let summary: Vec<(&str, u64)> = after.iter().map(|(id, e)| (&**id, e.revision())).collect();
+        assert_eq!(summary, [("both", 2), ("kept", 1), ("twice", 4)]);
+        let (key, _) = after.get_key_value("twice").unwrap();
+        assert!(Arc::ptr_eq(key, &grant(&after, "twice").entry_id));
+    }
+
     fn grant(entries: &BTreeMap<Arc<str>, Held>, id: &str) -> Arc<Grant> {
         match entries.get(id) {
             Some(Held::Workload { grant, .. }) => Arc::clone(grant),
@@ -772,6 +860,35 @@ mod tests {
         // The map's key is the grant's own id, not a second copy.
         let (key, _) = after.get_key_value("same").unwrap();
         assert!(Arc::ptr_eq(key, &grant(&after, "same").entry_id));
+    }
+
+    #[test]
+    fn minted_svids_join_or_replace_what_the_map_holds() {
+        let svid = |entry: Entry| {
+            let grant = grant(&held(std::slice::from_ref(&entry)), &entry.id);
+            (
+                Arc::clone(&grant.entry_id),
+                Arc::new(WorkloadSvid::unsigned(
+                    grant,
+                    entry.revision,
+                    SystemTime::now(),
+                )),
+            )
+        };
+        let before: BTreeMap<_, _> = [svid(entry("a", 1)), svid(entry("b", 1))]
+            .into_iter()
+            .collect();
+        // Out of order, as nothing promises they come sorted.
+        let (c, b) = (svid(entry("c", 1)), svid(entry("b", 2)));
+        let after = with_minted(&before, vec![c.clone(), b.clone()]);
+        let summary: Vec<(&str, u64)> = after.iter().map(|(id, w)| (&**id, w.revision)).collect();
+        assert_eq!(summary, [("a", 1), ("b", 2), ("c", 1)]);
+        assert!(Arc::ptr_eq(&after["a"], &before["a"]));
+        assert!(Arc::ptr_eq(&after["b"], &b.1));
+        // The replaced SVID's key went with it: the key is the new grant's id.
+        assert!(Arc::ptr_eq(after.get_key_value("b").unwrap().0, &b.0));
+        assert!(!Arc::ptr_eq(&b.0, before.get_key_value("b").unwrap().0));
+        assert!(with_minted(&before, vec![]).keys().eq(before.keys()));
     }
 
     #[test]

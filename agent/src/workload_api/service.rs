@@ -391,7 +391,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             svids.push(Jwtsvid {
                 spiffe_id: grant.spiffe_id.to_string(),
                 svid: token,
-                hint: grant.hint.clone(),
+                hint: grant.hint.to_string(),
             });
         }
         for session in sessions {
@@ -515,7 +515,7 @@ fn x509_response(
     let held: Vec<&WorkloadSvid> = snapshot
         .identities_for(selectors, now)
         .into_iter()
-        .chain(sessions.values().filter(|w| w.not_after > now))
+        .chain(sessions.values().filter(|w| w.not_after() > now))
         .collect();
     // The federated bundles of the SVIDs in this response (WE: `federated_bundles`).
     let federated_bundles = snapshot
@@ -530,7 +530,7 @@ fn x509_response(
             x509_svid: w.chain.to_vec(),
             x509_svid_key: std::mem::take(&mut *w.private_key()),
             bundle: bundle.clone(),
-            hint: w.grant.hint.clone(),
+            hint: w.grant.hint.to_string(),
         })
         .collect();
     (!svids.is_empty()).then(|| X509svidResponse {

@@ -40,11 +40,11 @@ pub(crate) async fn refresh(
         sessions
             .iter()
             .any(|s| s.entry_id == *id && s.revision == svid.revision)
-            && svid.not_after > now
+            && svid.not_after() > now
     });
     for session in sessions {
         if let Some(svid) = held.get(&session.entry_id) {
-            let validity = Validity::from_parts(svid.issued_at, svid.not_after);
+            let validity = Validity::from_parts(svid.issued_at(), svid.not_after());
             let ttl = Duration::from_secs(session.svid_ttl.max(1));
             if !validity.should_renew(now, ttl, &[session.ends_at]) {
                 continue;
@@ -86,13 +86,13 @@ pub(crate) fn wakeup(
     let now = SystemTime::now();
     let mut next = now + Duration::from_secs(60);
     for svid in held.values() {
-        let validity = Validity::from_parts(svid.issued_at, svid.not_after);
+        let validity = Validity::from_parts(svid.issued_at(), svid.not_after());
         let renew = validity.renew_at();
         let capped = inventory
             .sessions
             .get(&*svid.grant.entry_id)
-            .is_none_or(|s| s.ends_at <= svid.not_after);
-        next = next.min(svid.not_after);
+            .is_none_or(|s| s.ends_at <= svid.not_after());
+        next = next.min(svid.not_after());
         if !capped {
             next = next.min(renew);
         }
