@@ -29,7 +29,7 @@ pub struct Grant {
     /// The entry's own end, if it has one: no SVID is renewed to outlive it.
     pub expires_at: Option<SystemTime>,
     /// The federated trust domains whose bundles the holder also gets.
-    pub federates_with: Vec<TrustDomain>,
+    pub federates_with: Box<[TrustDomain]>,
 }
 
 /// One workload identity the agent holds.
@@ -384,7 +384,7 @@ mod tests {
                 hint: hint.into(),
                 x509_ttl: 3600,
                 expires_at: None,
-                federates_with: vec![],
+                federates_with: Box::default(),
             }),
             1,
             not_after,
@@ -425,6 +425,8 @@ mod tests {
     #[test]
     fn what_is_held_per_svid_stays_small() {
         assert_eq!(std::mem::size_of::<SpiffeId>(), 24);
+        // One selector inline, more in a slice.
+        assert_eq!(std::mem::size_of::<SelectorSet>(), 24);
         assert!(
             std::mem::size_of::<Grant>() <= 120,
             "{}",

@@ -70,12 +70,19 @@ pub struct Selector {
 ///
 /// Held as a sorted slice without duplicates: the same order, equality and ordering as a
 /// `BTreeSet`, in one small allocation (a server holds one per registration entry, an agent one
-/// per cached SVID; a B-tree node for a single selector costs half a kilobyte).
-#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
+/// per cached SVID; a B-tree node for a single selector costs half a kilobyte), and a single
+/// selector, the most common set, in none.
+#[derive(Clone, Default)]
 pub struct SelectorSet {
     /// Sorted, no duplicates.
-    selectors: Box<[Selector]>,
+    selectors: Selectors,
+}
+
+/// The selectors of a set: one inline, else a slice (never of one, so that a set has one form).
+#[derive(Clone)]
+enum Selectors {
+    One(Selector),
+    Many(Box<[Selector]>),
 }
 
 // === impl Selector ===
@@ -186,12 +193,12 @@ impl SelectorSet {
 
     /// Adds a selector; returns false when it was already present.
     pub fn insert(&mut self, selector: Selector) -> bool {
-        match self.selectors.binary_search(&selector) {
+        match self.as_slice().binary_search(&selector) {
             Ok(_) => false,
             Err(at) => {
                 let mut selectors = std::mem::take(&mut self.selectors).into_vec();
                 selectors.insert(at, selector);
-                self.selectors = selectors.into_boxed_slice();
+                self.selectors = Selectors::from_sorted(selectors);
                 true
             }
         }
@@ -199,22 +206,30 @@ impl SelectorSet {
 
     /// True when the set holds `selector`.
     pub fn contains(&self, selector: &Selector) -> bool {
-        self.selectors.binary_search(selector).is_ok()
+        self.as_slice().binary_search(selector).is_ok()
     }
 
     /// The number of selectors.
     pub fn len(&self) -> usize {
-        self.selectors.len()
+        self.as_slice().len()
     }
 
     /// True when the set is empty.
     pub fn is_empty(&self) -> bool {
-        self.selectors.is_empty()
+        self.as_slice().is_empty()
     }
 
     /// The selectors, in order.
     pub fn iter(&self) -> impl Iterator<Item = &Selector> {
-        self.selectors.iter()
+        self.as_slice().iter()
+    }
+
+    /// The selectors, in order.
+    pub fn as_slice(&self) -> &[Selector] {
+        match &self.selectors {
+            Selectors::One(one) => std::slice::from_ref(one),
+            Selectors::Many(many) => many,
+        }
     }
 
     /// True when an entry requiring `self` applies to a workload whose attested selectors are
@@ -223,15 +238,77 @@ impl SelectorSet {
     /// An entry with no selectors matches nothing: a registration must name at least one
     /// property of the workload, so an empty set never grants an identity (fail closed).
     pub fn matches(&self, workload: &SelectorSet) -> bool {
-        !self.is_empty() && self.selectors.iter().all(|s| workload.contains(s))
+        !self.is_empty() && self.iter().all(|s| workload.contains(s))
     }
 
     fn from_vec(mut selectors: Vec<Selector>) -> Self {
         selectors.sort_unstable();
         selectors.dedup();
         Self {
-            selectors: selectors.into_boxed_slice(),
+            selectors: Selectors::from_sorted(selectors),
         }
+    }
+}
+
+impl PartialEq for SelectorSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for SelectorSet {}
+
+impl std::hash::Hash for SelectorSet {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl PartialOrd for SelectorSet {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SelectorSet {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
+impl Serialize for SelectorSet {
+    /// A sequence of strings, in order.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.as_slice())
+    }
+}
+
+// === impl Selectors ===
+
+impl Selectors {
+    /// `selectors` (sorted, no duplicates) in their form.
+    fn from_sorted(mut selectors: Vec<Selector>) -> Self {
+        match selectors.pop() {
+            Some(one) if selectors.is_empty() => Self::One(one),
+            Some(last) => {
+                selectors.push(last);
+                Self::Many(selectors.into_boxed_slice())
+            }
+            None => Self::default(),
+        }
+    }
+
+    fn into_vec(self) -> Vec<Selector> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(many) => many.into_vec(),
+        }
+    }
+}
+
+impl Default for Selectors {
+    fn default() -> Self {
+        Self::Many(Box::default())
     }
 }
 
@@ -261,13 +338,13 @@ impl<'a> IntoIterator for &'a SelectorSet {
     type IntoIter = std::slice::Iter<'a, Selector>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.selectors.iter()
+        self.as_slice().iter()
     }
 }
 
 impl fmt::Debug for SelectorSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.selectors.iter()).finish()
+        f.debug_set().entries(self.iter()).finish()
     }
 }
 
@@ -368,6 +445,44 @@ mod tests {
         let empty = SelectorSet::new();
         assert!(!empty.matches(&set(&["unix:uid:0"])));
         assert!(!empty.matches(&SelectorSet::new()));
+    }
+
+    /// A set of one selector is held inline and larger ones in a slice: however a set was
+    /// built, the same selectors make an equal set, with the same hash, order and text.
+    #[test]
+    fn a_set_is_one_value_whatever_its_form() {
+        use std::hash::{BuildHasher, RandomState};
+        let hash = RandomState::new();
+        let mut grown = SelectorSet::new();
+        assert!(grown.insert(Selector::parse("unix:uid:1").unwrap()));
+        assert_eq!(grown, set(&["unix:uid:1"]));
+        assert_eq!(hash.hash_one(&grown), hash.hash_one(set(&["unix:uid:1"])));
+        assert!(!grown.insert(Selector::parse("unix:uid:1").unwrap()));
+        assert_eq!(grown.len(), 1);
+        assert!(grown.insert(Selector::parse("a:b").unwrap()));
+        let two = set(&["unix:uid:1", "a:b", "a:b"]);
+        assert_eq!(grown, two);
+        assert_eq!(hash.hash_one(&grown), hash.hash_one(&two));
+        assert_eq!(grown.as_slice().len(), 2);
+        let mut extended = set(&["unix:uid:1"]);
+        extended.extend([Selector::parse("a:b").unwrap()]);
+        assert_eq!(extended, two);
+        // Ordered as their slices: [a:b, unix:uid:1] < [unix:uid:1] < [unix:uid:2].
+        assert!(two < set(&["unix:uid:1"]));
+        assert!(set(&["unix:uid:1"]) < set(&["unix:uid:2"]));
+        assert!(SelectorSet::new() < set(&["a:b"]));
+        for s in [SelectorSet::new(), set(&["unix:uid:1"]), two] {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(serde_json::from_str::<SelectorSet>(&json).unwrap(), s);
+            let as_set: std::collections::BTreeSet<_> = s.iter().collect();
+            assert_eq!(format!("{s:?}"), format!("{as_set:?}"));
+        }
+        assert_eq!(
+            serde_json::to_string(&set(&["unix:uid:1"])).unwrap(),
+            r#"["unix:uid:1"]"#
+        );
+        assert!(set(&["unix:uid:1"]).matches(&set(&["unix:uid:1", "a:b"])));
+        assert!(!set(&["unix:uid:1"]).matches(&set(&["a:b"])));
     }
 
     #[test]

@@ -137,7 +137,7 @@ impl Minter {
                 hint: session.hint.as_str().into(),
                 x509_ttl: session.svid_ttl,
                 expires_at: Some(session.ends_at),
-                federates_with: session.federates_with.clone(),
+                federates_with: session.federates_with.as_slice().into(),
             }),
             session.revision,
             svid,

@@ -677,7 +677,9 @@ fn grant_of(entry: &Entry) -> Result<Grant, EntryError> {
 }
 
 /// The trust domains `entry` federates with.
-fn federates_with(entry: &Entry) -> Result<Vec<TrustDomain>, sigil_core::SpiffeIdError> {
+fn federates_with<C: FromIterator<TrustDomain>>(
+    entry: &Entry,
+) -> Result<C, sigil_core::SpiffeIdError> {
     entry
         .federates_with
         .iter()
