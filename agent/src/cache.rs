@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil_core::{SelectorSet, SpiffeBundle, SpiffeId, TrustDomain};
+use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
 use zeroize::Zeroizing;
 
 /// What an entry grants: its identity and what a workload must present to get it. Parsed once
@@ -44,10 +45,11 @@ pub struct WorkloadSvid {
     /// ([`WorkloadSvid::issued_at`]): 8 bytes where a `SystemTime` takes 16.
     pub(crate) issued_at_ms: u64,
     /// The chain, leaf first: DER certificates one after the other, as the server sent them and
-    /// as the Workload API sends them on (`x509_svid`). Checked when the SVID arrived.
-    pub chain: Box<[u8]>,
+    /// as the Workload API sends them on (`x509_svid`). Checked when the SVID arrived. Never
+    /// replaced: the key points into it ([`WorkloadSvid::chain`] reads it).
+    pub(crate) chain: Box<[u8]>,
     /// The private key, held compactly: [`WorkloadSvid::private_key`] gives its PKCS#8 DER.
-    pub key: SvidKey,
+    pub(crate) key: SvidKey,
     /// NotAfter of the leaf, in milliseconds since the epoch ([`WorkloadSvid::not_after`]).
     pub(crate) not_after_ms: u64,
 }
@@ -56,7 +58,9 @@ pub struct WorkloadSvid {
 /// scalar and where the leaf certificate holds its public key. Its PKCS#8 document, the form
 /// ring generates and the Workload API sends (RFC 5208 around RFC 5915's `ECPrivateKey`), is
 /// fixed bytes, the scalar and the public key: 138 bytes in an allocation of their own
-/// become 36 inline, and the leaf is checked to certify this very key.
+/// become 36 inline, and the leaf is checked to certify this very key. The scalar is zeroed
+/// when the last holder drops it; being inline, the moves that build an SVID (before it is
+/// behind its `Arc`) may leave copies on the stack, where the boxed document left none.
 #[derive(Clone)]
 pub struct SvidKey {
     scalar: Zeroizing<[u8; SCALAR_LEN]>,
@@ -175,7 +179,15 @@ impl SvidKey {
         }
         let (_, leaf) = x509_parser::parse_x509_certificate(chain)
             .map_err(|e| SvidKeyError::Leaf(e.to_string()))?;
-        if *leaf.public_key().subject_public_key.data != *public {
+        let spki = leaf.public_key();
+        let p256 = spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY
+            && spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .is_some_and(|curve| curve == OID_EC_P256);
+        if !p256 || *spki.subject_public_key.data != *public {
             return Err(SvidKeyError::OtherKey);
         }
         // The same bytes as the leaf's key: found where they are, so that what `pkcs8` rebuilds
@@ -196,7 +208,7 @@ impl SvidKey {
     /// The PKCS#8 document, given the chain this key was held for (empty for another chain too
     /// short to hold the public key).
     #[must_use]
-    pub fn pkcs8(&self, chain: &[u8]) -> Zeroizing<Vec<u8>> {
+    pub(crate) fn pkcs8(&self, chain: &[u8]) -> Zeroizing<Vec<u8>> {
         let mut doc = Zeroizing::new(Vec::with_capacity(PKCS8_P256_LEN));
         let at = usize::try_from(self.public_at).unwrap_or(usize::MAX);
         let Some(public) = chain.get(at..at.saturating_add(PUBLIC_LEN)) else {
@@ -219,6 +231,12 @@ impl fmt::Debug for SvidKey {
 // === impl WorkloadSvid ===
 
 impl WorkloadSvid {
+    /// The chain, leaf first: DER certificates one after the other.
+    #[must_use]
+    pub fn chain(&self) -> &[u8] {
+        &self.chain
+    }
+
     /// When it was minted: renewal counts from here.
     #[must_use]
     pub fn issued_at(&self) -> SystemTime {

@@ -584,6 +584,8 @@ impl Pages {
                 continue;
             }
             let (id, entry) = keep_held(held, id, parsed);
+            // Removed first, so that the key is the value's own (the grant's id).
+            next.remove(&id);
             next.insert(id, entry);
         }
         if ignored > 0 {
@@ -625,8 +627,11 @@ fn with_minted(
     svids: &BTreeMap<Arc<str>, Arc<WorkloadSvid>>,
     mut minted: Vec<(Arc<str>, Arc<WorkloadSvid>)>,
 ) -> BTreeMap<Arc<str>, Arc<WorkloadSvid>> {
-    minted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    minted.dedup_by(|later, earlier| later.0 == earlier.0);
+    // Stable, then reversed: of one id minted twice (never, today), the last is kept.
+    minted.sort_by(|a, b| a.0.cmp(&b.0));
+    minted.reverse();
+    minted.dedup_by(|a, b| a.0 == b.0);
+    minted.reverse();
     let mut all = Vec::with_capacity(svids.len() + minted.len());
     all.extend(
         svids

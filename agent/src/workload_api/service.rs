@@ -527,7 +527,7 @@ fn x509_response(
         .into_iter()
         .map(|w| X509svid {
             spiffe_id: w.grant.spiffe_id.to_string(),
-            x509_svid: w.chain.to_vec(),
+            x509_svid: w.chain().to_vec(),
             x509_svid_key: std::mem::take(&mut *w.private_key()),
             bundle: bundle.clone(),
             hint: w.grant.hint.to_string(),
