@@ -287,14 +287,10 @@ impl Serialize for SelectorSet {
 
 impl Selectors {
     /// `selectors` (sorted, no duplicates) in their form.
-    fn from_sorted(mut selectors: Vec<Selector>) -> Self {
-        match selectors.pop() {
-            Some(one) if selectors.is_empty() => Self::One(one),
-            Some(last) => {
-                selectors.push(last);
-                Self::Many(selectors.into_boxed_slice())
-            }
-            None => Self::default(),
+    fn from_sorted(selectors: Vec<Selector>) -> Self {
+        match <[Selector; 1]>::try_from(selectors) {
+            Ok([one]) => Self::One(one),
+            Err(selectors) => Self::Many(selectors.into_boxed_slice()),
         }
     }
 

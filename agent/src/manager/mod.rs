@@ -556,11 +556,7 @@ impl Pages {
                 .into_iter()
                 .map(|(id, parsed)| keep_held(held, id, parsed)),
         );
-        // Stable, so that of one id sent twice the last comes last, and is the one kept.
-        next.sort_by(|a, b| a.0.cmp(&b.0));
-        next.reverse();
-        next.dedup_by(|a, b| a.0 == b.0);
-        next.reverse();
+        sort_keeping_last(&mut next);
         Some(next.into_iter().collect())
     }
 
@@ -627,24 +623,24 @@ fn with_minted(
     svids: &BTreeMap<Arc<str>, Arc<WorkloadSvid>>,
     mut minted: Vec<(Arc<str>, Arc<WorkloadSvid>)>,
 ) -> BTreeMap<Arc<str>, Arc<WorkloadSvid>> {
-    // Stable, then reversed: of one id minted twice (never, today), the last is kept.
-    minted.sort_by(|a, b| a.0.cmp(&b.0));
-    minted.reverse();
-    minted.dedup_by(|a, b| a.0 == b.0);
-    minted.reverse();
-    let mut all = Vec::with_capacity(svids.len() + minted.len());
-    all.extend(
-        svids
-            .iter()
-            .filter(|(id, _)| minted.binary_search_by(|(m, _)| m.cmp(id)).is_err())
-            .map(|(id, svid)| (Arc::clone(id), Arc::clone(svid))),
-    );
-    if all.is_empty() {
-        // The first sync: built in the vector's own buffer, no other copy.
-        return minted.into_iter().collect();
-    }
-    all.append(&mut minted);
-    all.into_iter().collect()
+    sort_keeping_last(&mut minted);
+    let kept: Vec<_> = svids
+        .iter()
+        .filter(|(id, _)| minted.binary_search_by(|(m, _)| m.cmp(id)).is_err())
+        .map(|(id, svid)| (Arc::clone(id), Arc::clone(svid)))
+        .collect();
+    // Keys now unique; the map sorts them again and is built in the vector's own buffer.
+    minted.extend(kept);
+    minted.into_iter().collect()
+}
+
+/// Sorts `pairs` by id, keeping of each id the last pair (stable sort, then the first of each
+/// run of the reversed order).
+fn sort_keeping_last<V>(pairs: &mut Vec<(Arc<str>, V)>) {
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    pairs.reverse();
+    pairs.dedup_by(|a, b| a.0 == b.0);
+    pairs.reverse();
 }
 
 /// An SVID must be re-minted when its entry (what it grants, at `revision`) changed or renewal
