@@ -3,15 +3,26 @@
 //! Decoding accepts exactly what [`encode`] writes (lowercase, an even number of digits), so a
 //! value has one spelling and comparisons of hex strings are comparisons of bytes.
 
+/// The sixteen digits, lowercase.
+pub const DIGITS: &[u8; 16] = b"0123456789abcdef";
+
 /// Lowercase hex of `bytes`.
 pub fn encode(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         out.push(char::from(DIGITS[usize::from(b >> 4)]));
         out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
     }
     out
+}
+
+/// Writes the lowercase hex of `bytes` (as ASCII) into `out`, two digits a byte, as far as the
+/// shorter of the two goes: for a fixed-size buffer of twice the input's length.
+pub fn encode_into(bytes: &[u8], out: &mut [u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
+    }
 }
 
 /// The bytes of lowercase hex; `None` for anything else (uppercase, odd length, other
@@ -49,6 +60,9 @@ mod tests {
     fn encodes_lowercase_and_rejects_everything_else() {
         assert_eq!(encode(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
         assert_eq!(decode("000fa0ff"), Some(vec![0x00, 0x0f, 0xa0, 0xff]));
+        let mut buffer = [b'-'; 9];
+        encode_into(&[0x00, 0x0f, 0xa0, 0xff], &mut buffer);
+        assert_eq!(&buffer, b"000fa0ff-");
         assert_eq!(decode(""), Some(vec![]));
         assert_eq!(decode("ABCD"), None);
         assert_eq!(decode("abc"), None);

@@ -541,6 +541,7 @@ impl State {
     fn from_snapshot(revision: u64, entries: Vec<RegistrationEntry>) -> Self {
         let mut state = Self {
             revision,
+            entries: HashMap::with_capacity(entries.len()),
             ..Self::default()
         };
         for entry in entries {
@@ -581,14 +582,23 @@ impl State {
     fn put(&mut self, entry: RegistrationEntry) {
         let id = entry.id.clone();
         self.remove(&id);
-        self.by_parent
-            .entry(entry.parent_id.clone())
-            .or_default()
-            .insert(id.clone());
-        self.by_spiffe_id
-            .entry(entry.spiffe_id.clone())
-            .or_default()
-            .push(id.clone());
+        // The index keys are copied only when new (most entries share their parent).
+        match self.by_parent.get_mut(&entry.parent_id) {
+            Some(ids) => {
+                ids.insert(id.clone());
+            }
+            None => {
+                self.by_parent
+                    .insert(entry.parent_id.clone(), BTreeSet::from([id.clone()]));
+            }
+        }
+        match self.by_spiffe_id.get_mut(&entry.spiffe_id) {
+            Some(ids) => ids.push(id.clone()),
+            None => {
+                self.by_spiffe_id
+                    .insert(entry.spiffe_id.clone(), vec![id.clone()]);
+            }
+        }
         self.entries.insert(id, Arc::new(entry));
     }
 

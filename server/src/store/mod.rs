@@ -506,8 +506,11 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
 }
 
 /// The identifier of a registration entry: 32 lowercase hex characters (16 random bytes).
+///
+/// Held inline as its ASCII characters: an id is a key of several maps in the entry cache, and
+/// copying it costs no allocation. Ordered as its string.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct EntryId(String);
+pub(crate) struct EntryId([u8; 2 * ENTRY_ID_BYTES]);
 
 /// Why a string is not an [`EntryId`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -892,27 +895,25 @@ impl EntryId {
         SystemRandom::new()
             .fill(&mut bytes)
             .map_err(|_| StoreError::Random)?;
-        Ok(Self(hex_encode(&bytes)))
+        let mut id = [0u8; 2 * ENTRY_ID_BYTES];
+        sigil_core::hex::encode_into(&bytes, &mut id);
+        Ok(Self(id))
     }
 
     /// Parses the 32-character lowercase hex form.
     pub(crate) fn parse(input: &str) -> Result<Self, EntryIdError> {
-        let valid = input.len() == 2 * ENTRY_ID_BYTES
-            && input
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        if valid {
-            Ok(Self(input.to_owned()))
-        } else {
-            Err(EntryIdError {
+        match <[u8; 2 * ENTRY_ID_BYTES]>::try_from(input.as_bytes()) {
+            Ok(id) if id.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => Ok(Self(id)),
+            _ => Err(EntryIdError {
                 input: input.to_owned(),
-            })
+            }),
         }
     }
 
     /// The 32-character hex form.
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
+        // Only `generate` and `parse` make ids: always ASCII hex, so never the empty fallback.
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
 
@@ -926,26 +927,40 @@ impl FromStr for EntryId {
 
 impl fmt::Display for EntryId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for EntryId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "EntryId({})", self.0)
+        write!(f, "EntryId({})", self.as_str())
     }
 }
 
 impl Serialize for EntryId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
+        serializer.serialize_str(self.as_str())
     }
 }
 
 impl<'de> Deserialize<'de> for EntryId {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
-        Self::parse(&s).map_err(serde::de::Error::custom)
+        /// Parses the string where the decoder holds it (no copy of it first).
+        struct Visitor;
+
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = EntryId;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an entry id (32 lowercase hex characters)")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<EntryId, E> {
+                EntryId::parse(s).map_err(E::custom)
+            }
+        }
+
+        deserializer.deserialize_str(Visitor)
     }
 }
 
@@ -1184,6 +1199,23 @@ mod tests {
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(serde_json::from_str::<EntryId>(&json).unwrap(), id);
         assert!(serde_json::from_str::<EntryId>("\"xyz\"").is_err());
+        // An escaped spelling decodes to the same id (the decoder unescapes into a buffer).
+        let escaped = format!(
+            "\"\\u00{:x}{}\"",
+            id.as_str().as_bytes()[0],
+            &id.as_str()[1..]
+        );
+        assert_eq!(serde_json::from_str::<EntryId>(&escaped).unwrap(), id);
+    }
+
+    /// Ids order as their strings do (the store's keys and listings are in that order).
+    #[test]
+    fn entry_ids_order_as_their_strings() {
+        let mut ids: Vec<EntryId> = (0..64).map(|_| EntryId::generate().unwrap()).collect();
+        let mut strings: Vec<String> = ids.iter().map(|id| id.as_str().to_owned()).collect();
+        ids.sort();
+        strings.sort();
+        assert_eq!(ids.iter().map(EntryId::as_str).collect::<Vec<_>>(), strings);
     }
 
     #[test]

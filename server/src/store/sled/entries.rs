@@ -27,6 +27,8 @@ const BATCH_CHUNK: usize = 1_000;
 ///
 /// [`Store::snapshot_entries`]: crate::store::Store::snapshot_entries
 const SNAPSHOT_ATTEMPTS: usize = 3;
+/// At most this many threads read the `entries` tree for a snapshot ([`scan_entries`]).
+const SCAN_THREADS: usize = 4;
 
 /// The six entry trees, and the session and revocation trees, inside one transaction.
 pub(super) struct EntryTx<'a> {
@@ -245,8 +247,11 @@ impl Inner {
         Ok(page.finish(|entry| entry.id.as_str().as_bytes().to_vec()))
     }
 
+    /// Counted in `entries_by_parent`, which holds one key (parent, entry id) per entry and no
+    /// value, written in the same transactions as `entries`: sled counts by walking a tree,
+    /// and this one's nodes are a fifth of the size of the entries'.
     pub(super) fn count_entries(&self) -> Result<u64, StoreError> {
-        Ok(self.trees.entries.len() as u64)
+        Ok(self.trees.by_parent.len() as u64)
     }
 
     /// The entries whose parent is `parent_id`, read through the `entries_by_parent` index (for
@@ -276,11 +281,7 @@ impl Inner {
     pub(super) fn snapshot_entries(&self) -> Result<EntrySnapshot, StoreError> {
         for _ in 0..SNAPSHOT_ATTEMPTS {
             let start = read_revision(&self.trees.meta)?;
-            let mut entries = BTreeMap::new();
-            for item in self.trees.entries.iter() {
-                let entry: RegistrationEntry = decode("entry", &item?.1)?;
-                entries.insert(entry.id.clone(), entry);
-            }
+            let scanned = scan_entries(&self.trees.entries)?;
             let end = read_revision(&self.trees.meta)?;
             let span = end - start;
             let changes = self.read_changes(start, end, usize::MAX)?;
@@ -289,6 +290,17 @@ impl Inner {
             if !complete {
                 continue;
             }
+            if changes.is_empty() {
+                // The scan is the state at `end` as it is, in id order.
+                return Ok(EntrySnapshot {
+                    revision: end,
+                    entries: scanned,
+                });
+            }
+            let mut entries: BTreeMap<EntryId, RegistrationEntry> = scanned
+                .into_iter()
+                .map(|entry| (entry.id.clone(), entry))
+                .collect();
             for change in changes {
                 match change.kind {
                     ChangeKind::EntryUpserted(entry) => {
@@ -424,6 +436,63 @@ impl EntryTx<'_> {
 }
 
 // === helpers ===
+
+/// Every record of the `entries` tree, decoded, in key (id) order.
+///
+/// Entry ids are random hex, so the first digit splits the tree into parts of about equal
+/// size: each part is read and decoded on a thread of its own, one per core (at most
+/// [`SCAN_THREADS`]; a server's start-up waits for this scan of every entry). Each key is read
+/// by exactly one part, so the parts together are a scan as "Consistent snapshots" describes.
+fn scan_entries(tree: &Tree) -> Result<Vec<RegistrationEntry>, StoreError> {
+    let parts = std::thread::available_parallelism().map_or(1, usize::from);
+    scan_entries_in(tree, parts)
+}
+
+/// [`scan_entries`] in `parts` parts (clamped to 1 ..= [`SCAN_THREADS`]).
+pub(super) fn scan_entries_in(
+    tree: &Tree,
+    parts: usize,
+) -> Result<Vec<RegistrationEntry>, StoreError> {
+    let parts = parts.clamp(1, SCAN_THREADS);
+    // Part `k` starts at the hex digit `16 * k / parts` (ids are lowercase hex); the first
+    // part starts before every key and the last one ends after every key, whatever its form.
+    let starts: Vec<Bound<Vec<u8>>> = (0..parts)
+        .map(|k| match k {
+            0 => Bound::Unbounded,
+            _ => Bound::Included(vec![sigil_core::hex::DIGITS[16 * k / parts]]),
+        })
+        .collect();
+    let range = |k: usize| {
+        let end = match starts.get(k + 1) {
+            Some(Bound::Included(next)) => Bound::Excluded(next.clone()),
+            _ => Bound::Unbounded,
+        };
+        (starts[k].clone(), end)
+    };
+    let decode_part = |k: usize| -> Result<Vec<RegistrationEntry>, StoreError> {
+        tree.range::<Vec<u8>, _>(range(k))
+            .map(|item| decode("entry", &item?.1))
+            .collect()
+    };
+    std::thread::scope(|scope| {
+        let mut others = Vec::with_capacity(parts - 1);
+        for k in 1..parts {
+            others.push(
+                std::thread::Builder::new()
+                    .name("sigil-store-scan".to_owned())
+                    .spawn_scoped(scope, move || decode_part(k))?,
+            );
+        }
+        let mut entries = decode_part(0)?;
+        for other in others {
+            let part = other.join().map_err(|_| {
+                StoreError::Io(std::io::Error::other("an entry scan thread panicked"))
+            })??;
+            entries.extend(part);
+        }
+        Ok(entries)
+    })
+}
 
 /// Removes every change older than the retention window (after a restart with a smaller one).
 pub(super) fn prune_changes(
