@@ -204,6 +204,22 @@ impl EntryCache {
         self.read().entries.len()
     }
 
+    /// The number of entries in the store, counted in the cache once it has applied every
+    /// change the store has made durable (read-your-writes, as for an authorization): a count
+    /// that does not walk the store. `None` when the store does not answer or the cache cannot
+    /// catch up with it: the caller asks the store, which is exact or fails.
+    pub(crate) async fn current_len(&self) -> Option<u64> {
+        let durable = tokio::time::timeout(STORE_ANSWER_TIMEOUT, self.store.current_revision())
+            .await
+            .ok()?
+            .ok()?;
+        if self.revision() < durable {
+            self.catch_up().await.ok()?;
+        }
+        let state = self.read();
+        (state.revision >= durable).then(|| state.entries.len() as u64)
+    }
+
     /// True while the cache refuses to authorize: the follower cannot read the store and the
     /// store last answered longer than `max_store_staleness` ago. Cheap: open sync streams
     /// ask it to end themselves, so that their agents move to another server.
@@ -1180,6 +1196,40 @@ mod tests {
             .unwrap();
         assert_eq!(authorized.revision, head);
         assert_eq!(authorized.entries.len(), 1);
+    }
+
+    /// The count from the cache includes every write acknowledged before it was asked, and a
+    /// cache that cannot apply the store's changes gives no count (the caller asks the store).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_count_from_the_cache_sees_every_acknowledged_write_or_none_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        // No follower runs: the cache only learns of writes when asked.
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        assert_eq!(cache.current_len().await, Some(0));
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let entry = store
+                .create_entry(new_entry(&format!("spiffe://example.org/{n}"), AGENT))
+                .await
+                .unwrap();
+            ids.push(entry.id);
+        }
+        assert_eq!(cache.current_len().await, Some(3));
+        store.delete_entry(&ids[0]).await.unwrap();
+        assert_eq!(cache.current_len().await, Some(2));
+        assert_eq!(
+            cache.current_len().await,
+            Some(store.count_entries().await.unwrap())
+        );
+
+        let next = store.current_revision().await.unwrap() + 1;
+        store
+            .create_entry(new_entry("spiffe://example.org/unreadable", AGENT))
+            .await
+            .unwrap();
+        store.swap_raw_change(next, b"not json").unwrap();
+        assert_eq!(cache.current_len().await, None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
