@@ -93,15 +93,20 @@ pub(crate) enum Freshness {
     },
 }
 
+/// The cache's maps: hashed with foldhash, seeded at random per map. A server's start-up
+/// builds them from every entry (with SipHash, std's default, hashing was a third of that);
+/// the keys are ids the store made and SPIFFE IDs only administrators register.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// What the cache holds at one revision.
 #[derive(Default)]
 struct State {
     revision: u64,
-    entries: HashMap<EntryId, Arc<RegistrationEntry>>,
+    entries: Map<EntryId, Arc<RegistrationEntry>>,
     /// Parent ID -> the entries under it (often many: a B-tree set).
-    by_parent: HashMap<SpiffeId, BTreeSet<EntryId>>,
+    by_parent: Map<SpiffeId, BTreeSet<EntryId>>,
     /// SPIFFE ID -> the entries granting it (usually one: a vector).
-    by_spiffe_id: HashMap<SpiffeId, Vec<EntryId>>,
+    by_spiffe_id: Map<SpiffeId, Vec<EntryId>>,
     /// The last [`RECENT_CHANGES`] changes, oldest first, ending at `revision`.
     recent: VecDeque<Arc<Change>>,
     /// Set while the follower cannot read the store.
@@ -557,7 +562,7 @@ impl State {
     fn from_snapshot(revision: u64, entries: Vec<RegistrationEntry>) -> Self {
         let mut state = Self {
             revision,
-            entries: HashMap::with_capacity(entries.len()),
+            entries: Map::with_capacity_and_hasher(entries.len(), Default::default()),
             ..Self::default()
         };
         for entry in entries {
