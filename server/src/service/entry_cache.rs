@@ -212,14 +212,17 @@ impl EntryCache {
     /// The number of entries in the store, counted in the cache once it has applied every
     /// change the store has made durable (read-your-writes, as for an authorization): a count
     /// that does not walk the store. `None` when the store does not answer or the cache cannot
-    /// catch up with it: the caller asks the store, which is exact or fails.
+    /// catch up with it (each within [`STORE_ANSWER_TIMEOUT`]): the caller asks the store.
     pub(crate) async fn current_len(&self) -> Option<u64> {
         let durable = tokio::time::timeout(STORE_ANSWER_TIMEOUT, self.store.current_revision())
             .await
             .ok()?
             .ok()?;
         if self.revision() < durable {
-            self.catch_up().await.ok()?;
+            tokio::time::timeout(STORE_ANSWER_TIMEOUT, self.catch_up())
+                .await
+                .ok()?
+                .ok()?;
         }
         let state = self.read();
         (state.revision >= durable).then(|| state.entries.len() as u64)
@@ -556,19 +559,95 @@ impl EntryCache {
     }
 }
 
+/// The two index maps of a [`State`], built apart from its id map.
+struct Indexes {
+    by_parent: Map<SpiffeId, BTreeSet<EntryId>>,
+    by_spiffe_id: Map<SpiffeId, Vec<EntryId>>,
+}
+
+// === impl Indexes ===
+
+impl Indexes {
+    /// The indexes of `entries`, each id given once.
+    fn of(entries: &[Arc<RegistrationEntry>]) -> Self {
+        let mut indexes = Self {
+            by_parent: Map::default(),
+            by_spiffe_id: Map::with_capacity_and_hasher(entries.len(), Default::default()),
+        };
+        for entry in entries {
+            index(&mut indexes.by_parent, &mut indexes.by_spiffe_id, entry);
+        }
+        indexes
+    }
+}
+
+/// Adds `entry` to the two indexes (its id must not be in them yet).
+fn index(
+    by_parent: &mut Map<SpiffeId, BTreeSet<EntryId>>,
+    by_spiffe_id: &mut Map<SpiffeId, Vec<EntryId>>,
+    entry: &RegistrationEntry,
+) {
+    // The keys are copied only when new (most entries share their parent).
+    match by_parent.get_mut(&entry.parent_id) {
+        Some(ids) => {
+            ids.insert(entry.id.clone());
+        }
+        None => {
+            by_parent.insert(entry.parent_id.clone(), BTreeSet::from([entry.id.clone()]));
+        }
+    }
+    match by_spiffe_id.get_mut(&entry.spiffe_id) {
+        Some(ids) => ids.push(entry.id.clone()),
+        None => {
+            by_spiffe_id.insert(entry.spiffe_id.clone(), vec![entry.id.clone()]);
+        }
+    }
+}
+
 // === impl State ===
 
 impl State {
+    /// The state holding `entries` at `revision`. A server's start-up waits for this with
+    /// every entry, so the id map is built on this thread and the two indexes on another
+    /// (a snapshot holds each id once: the three maps do not depend on one another).
     fn from_snapshot(revision: u64, entries: Vec<RegistrationEntry>) -> Self {
-        let mut state = Self {
-            revision,
-            entries: Map::with_capacity_and_hasher(entries.len(), Default::default()),
-            ..Self::default()
-        };
-        for entry in entries {
-            state.put(entry);
+        let entries: Vec<Arc<RegistrationEntry>> = entries.into_iter().map(Arc::new).collect();
+        let (by_id, indexes) = std::thread::scope(|scope| {
+            let indexes = std::thread::Builder::new()
+                .name("sigil-entry-index".to_owned())
+                .spawn_scoped(scope, || Indexes::of(&entries));
+            let mut by_id = Map::with_capacity_and_hasher(entries.len(), Default::default());
+            by_id.extend(
+                entries
+                    .iter()
+                    .map(|entry| (entry.id.clone(), Arc::clone(entry))),
+            );
+            // No thread (or one that failed): the indexes are built here below.
+            (by_id, indexes.ok().and_then(|thread| thread.join().ok()))
+        });
+        if by_id.len() != entries.len() {
+            // An id given twice (no store's snapshot does that): the later one wins, as the
+            // changes are applied.
+            let mut state = Self {
+                revision,
+                ..Self::default()
+            };
+            for entry in entries {
+                state.put(entry);
+            }
+            return state;
         }
-        state
+        let Indexes {
+            by_parent,
+            by_spiffe_id,
+        } = indexes.unwrap_or_else(|| Indexes::of(&entries));
+        Self {
+            revision,
+            entries: by_id,
+            by_parent,
+            by_spiffe_id,
+            ..Self::default()
+        }
     }
 
     /// Applies `changes` in order; returns the new revision, or `None` (nothing applied past
@@ -588,7 +667,7 @@ impl State {
                 return None;
             }
             match &change.kind {
-                ChangeKind::EntryUpserted(entry) => self.put(entry.clone()),
+                ChangeKind::EntryUpserted(entry) => self.put(Arc::new(entry.clone())),
                 ChangeKind::EntryDeleted(entry) => self.remove(&entry.id),
             }
             self.revision = change.revision;
@@ -600,27 +679,10 @@ impl State {
         Some(self.revision)
     }
 
-    fn put(&mut self, entry: RegistrationEntry) {
-        let id = entry.id.clone();
-        self.remove(&id);
-        // The index keys are copied only when new (most entries share their parent).
-        match self.by_parent.get_mut(&entry.parent_id) {
-            Some(ids) => {
-                ids.insert(id.clone());
-            }
-            None => {
-                self.by_parent
-                    .insert(entry.parent_id.clone(), BTreeSet::from([id.clone()]));
-            }
-        }
-        match self.by_spiffe_id.get_mut(&entry.spiffe_id) {
-            Some(ids) => ids.push(id.clone()),
-            None => {
-                self.by_spiffe_id
-                    .insert(entry.spiffe_id.clone(), vec![id.clone()]);
-            }
-        }
-        self.entries.insert(id, Arc::new(entry));
+    fn put(&mut self, entry: Arc<RegistrationEntry>) {
+        self.remove(&entry.id);
+        index(&mut self.by_parent, &mut self.by_spiffe_id, &entry);
+        self.entries.insert(entry.id.clone(), entry);
     }
 
     fn remove(&mut self, id: &EntryId) {
@@ -1201,6 +1263,59 @@ mod tests {
             .unwrap();
         assert_eq!(authorized.revision, head);
         assert_eq!(authorized.entries.len(), 1);
+    }
+
+    /// A state built from a snapshot (its id map and its indexes on two threads) is the
+    /// state the changes would build entry by entry; an id given twice is held as given last.
+    #[test]
+    fn a_state_from_a_snapshot_is_the_state_built_entry_by_entry() {
+        let record = |spiffe_id: &str, parent: &str| {
+            RegistrationEntry::from_new(
+                EntryId::generate().unwrap(),
+                new_entry(spiffe_id, parent),
+                UNIX_EPOCH,
+                1,
+            )
+        };
+        let mut entries: Vec<RegistrationEntry> = (0..300)
+            .map(|n| {
+                let parent = [AGENT, OTHER_AGENT, "spiffe://example.org/nested"][n % 3];
+                // Some SPIFFE IDs granted by two entries.
+                record(&format!("spiffe://example.org/w{}", n % 250), parent)
+            })
+            .collect();
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        let same = |a: &State, b: &State| {
+            assert_eq!(a.revision, b.revision);
+            assert_eq!(a.entries, b.entries);
+            assert_eq!(a.by_parent, b.by_parent);
+            assert_eq!(a.by_spiffe_id, b.by_spiffe_id);
+        };
+        let one_by_one = |entries: &[RegistrationEntry]| {
+            let mut state = State {
+                revision: 7,
+                ..State::default()
+            };
+            for entry in entries {
+                state.put(Arc::new(entry.clone()));
+            }
+            state
+        };
+        let built = State::from_snapshot(7, entries.clone());
+        same(&built, &one_by_one(&entries));
+        assert_eq!(built.entries.len(), 300);
+        assert_eq!(built.by_parent.len(), 3);
+        assert_eq!(built.by_spiffe_id.len(), 250);
+
+        // The first entry again, moved under another parent: the later one wins everywhere.
+        let mut moved = entries[0].clone();
+        moved.parent_id = id("spiffe://example.org/elsewhere");
+        entries.push(moved.clone());
+        let built = State::from_snapshot(7, entries.clone());
+        same(&built, &one_by_one(&entries));
+        assert_eq!(built.entries.len(), 300);
+        assert_eq!(*built.entries[&moved.id], moved);
+        assert_eq!(built.by_parent.len(), 4);
     }
 
     /// The count from the cache includes every write acknowledged before it was asked, and a

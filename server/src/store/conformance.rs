@@ -505,6 +505,13 @@ pub(crate) async fn entry_crud(store: Arc<dyn Store>) {
         store.get_entry(&created.id).await.unwrap(),
         Some(updated.clone())
     );
+    assert_eq!(store.count_entries().await.unwrap(), 1);
+
+    // Moved under another parent: still one entry.
+    let mut moved = changed.clone();
+    moved.parent_id = agent("moved");
+    let updated = store.update_entry(&created.id, moved).await.unwrap();
+    assert_eq!(store.count_entries().await.unwrap(), 1);
 
     let deleted = store.delete_entry(&created.id).await.unwrap();
     assert_eq!(deleted, updated);

@@ -247,11 +247,11 @@ impl Inner {
         Ok(page.finish(|entry| entry.id.as_str().as_bytes().to_vec()))
     }
 
-    /// Counted in `entries_by_parent`, which holds one key (parent, entry id) per entry and no
-    /// value, written in the same transactions as `entries`: sled counts by walking a tree,
-    /// and this one's nodes are a fifth of the size of the entries'.
+    /// sled counts by walking the tree. The `entries` tree, not a smaller index: an update
+    /// never moves an entry's key there, so a walk during updates counts each entry once (the
+    /// admin API counts in the entry cache when it can, so this walk is rare).
     pub(super) fn count_entries(&self) -> Result<u64, StoreError> {
-        Ok(self.trees.by_parent.len() as u64)
+        Ok(self.trees.entries.len() as u64)
     }
 
     /// The entries whose parent is `parent_id`, read through the `entries_by_parent` index (for
@@ -475,20 +475,31 @@ pub(super) fn scan_entries_in(
             .collect()
     };
     std::thread::scope(|scope| {
-        let mut others = Vec::with_capacity(parts - 1);
-        for k in 1..parts {
-            others.push(
+        // A part whose thread cannot be started is read on this thread, after part 0.
+        let others: Vec<_> = (1..parts)
+            .map(|k| {
                 std::thread::Builder::new()
                     .name("sigil-store-scan".to_owned())
-                    .spawn_scoped(scope, move || decode_part(k))?,
-            );
-        }
+                    .spawn_scoped(scope, move || decode_part(k))
+                    .map_err(|_| k)
+            })
+            .collect();
         let mut entries = decode_part(0)?;
         for other in others {
-            let part = other.join().map_err(|_| {
-                StoreError::Io(std::io::Error::other("an entry scan thread panicked"))
-            })??;
-            entries.extend(part);
+            let part = match other {
+                Ok(thread) => thread.join().map_err(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .copied()
+                        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                        .unwrap_or("no message");
+                    StoreError::Io(std::io::Error::other(format!(
+                        "an entry scan thread panicked: {what}"
+                    )))
+                })?,
+                Err(k) => decode_part(k),
+            };
+            entries.extend(part?);
         }
         Ok(entries)
     })
