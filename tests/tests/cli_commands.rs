@@ -574,7 +574,14 @@ fn cli_x509_mint_write_passes_openssl_verify_and_keeps_the_key_private() {
         out.starts_with("Minted an X509-SVID for spiffe://example.org/minted, expiring at "),
         "{out}"
     );
-    assert!(out.contains("(in 10m)"), "{out}");
+    // The distance is counted in whole seconds from the CLI's clock after the call, which
+    // can be a second or two past the one the server signed in on a loaded machine.
+    assert!(
+        ["(in 10m)", "(in 9m59s)", "(in 9m58s)"]
+            .iter()
+            .any(|distance| out.contains(distance)),
+        "{out}"
+    );
     let mode = std::fs::metadata(out_dir.join("svid.key"))
         .unwrap()
         .permissions()
