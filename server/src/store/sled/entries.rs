@@ -10,9 +10,10 @@ use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use ::sled::{Transactional, Tree};
 use sigil_core::SpiffeId;
 
+use super::record::{decode_change, decode_entry, encode_change, encode_entry};
 use super::{
-    Inner, PageCollector, REVISION_KEY, decode, decode_page_token, decode_u64, encode,
-    read_revision, transaction_error,
+    Inner, PageCollector, REVISION_KEY, decode_page_token, decode_u64, read_revision,
+    transaction_error,
 };
 use crate::store::{
     Change, ChangeKind, EntryFilter, EntryId, EntrySnapshot, NewEntry, Page, PageRequest,
@@ -144,7 +145,7 @@ impl Inner {
         self.trees
             .entries
             .get(id.as_str())?
-            .map(|bytes| decode("entry", &bytes))
+            .map(|bytes| decode_entry(&bytes))
             .transpose()
     }
 
@@ -223,7 +224,7 @@ impl Inner {
                 let Some(bytes) = self.trees.entries.get(id)? else {
                     continue;
                 };
-                let entry: RegistrationEntry = decode("entry", &bytes)?;
+                let entry: RegistrationEntry = decode_entry(&bytes)?;
                 if filter.matches(&entry) && !page.offer(entry) {
                     break;
                 }
@@ -238,7 +239,7 @@ impl Inner {
                 .entries
                 .range::<Vec<u8>, _>((start, Bound::Unbounded))
             {
-                let entry: RegistrationEntry = decode("entry", &item?.1)?;
+                let entry: RegistrationEntry = decode_entry(&item?.1)?;
                 if filter.matches(&entry) && !page.offer(entry) {
                     break;
                 }
@@ -267,7 +268,7 @@ impl Inner {
             let (key, _) = item?;
             let id = key.get(prefix.len()..).unwrap_or_default();
             if let Some(bytes) = self.trees.entries.get(id)? {
-                let entry: RegistrationEntry = decode("entry", &bytes)?;
+                let entry: RegistrationEntry = decode_entry(&bytes)?;
                 // The index and the entry are read separately: skip an entry re-parented since.
                 if entry.parent_id == *parent_id {
                     entries.push(entry);
@@ -334,7 +335,7 @@ impl Inner {
             .changes
             .range(range)
             .take(limit)
-            .map(|item| decode("change", &item?.1))
+            .map(|item| decode_change(&item?.1))
             .collect()
     }
 }
@@ -380,7 +381,7 @@ impl EntryTx<'_> {
 
     /// Writes the change and drops the one that leaves the retention window.
     pub(super) fn record(&self, change: Change) -> TxResult<()> {
-        let value = encode("change", &change).map_err(ConflictableTransactionError::Abort)?;
+        let value = encode_change(&change).map_err(ConflictableTransactionError::Abort)?;
         self.changes
             .insert(&change.revision.to_be_bytes()[..], value)?;
         if let Some(expired) = change.revision.checked_sub(self.retention) {
@@ -391,7 +392,7 @@ impl EntryTx<'_> {
 
     pub(super) fn get(&self, id: &EntryId) -> TxResult<Option<RegistrationEntry>> {
         match self.entries.get(id.as_str())? {
-            Some(bytes) => decode("entry", &bytes)
+            Some(bytes) => decode_entry(&bytes)
                 .map(Some)
                 .map_err(ConflictableTransactionError::Abort),
             None => Ok(None),
@@ -413,7 +414,7 @@ impl EntryTx<'_> {
     }
 
     fn put(&self, entry: &RegistrationEntry, identity: &[u8; 32]) -> TxResult<()> {
-        let value = encode("entry", entry).map_err(ConflictableTransactionError::Abort)?;
+        let value = encode_entry(entry).map_err(ConflictableTransactionError::Abort)?;
         let id = entry.id.as_str();
         self.entries.insert(id, value)?;
         self.by_parent
@@ -471,7 +472,7 @@ pub(super) fn scan_entries_in(
     };
     let decode_part = |k: usize| -> Result<Vec<RegistrationEntry>, StoreError> {
         tree.range::<Vec<u8>, _>(range(k))
-            .map(|item| decode("entry", &item?.1))
+            .map(|item| decode_entry(&item?.1))
             .collect()
     };
     std::thread::scope(|scope| {

@@ -2,10 +2,12 @@
 //!
 //! # Layout
 //!
-//! One sled database with these trees (records are JSON: every domain type already implements
-//! serde, a record can be read with any JSON tool when debugging a data directory, and new
-//! optional fields can be added without a migration; the encoding is nowhere near the cost of
-//! the fsync that every write pays anyway):
+//! One sled database with these trees. Entries and changes, the records a server reads at
+//! every start and the bulk of the log, are a version byte and a protobuf message (the
+//! `record` module; JSON records of earlier builds are still read). The other records are
+//! JSON: every domain type already implements serde, a record can be read with any JSON tool
+//! when debugging a data directory, and new optional fields can be added without a migration;
+//! the encoding is nowhere near the cost of the fsync that every write pays anyway.
 //!
 //! | tree                   | key                               | value                          |
 //! |------------------------|-----------------------------------|--------------------------------|
@@ -111,6 +113,7 @@ mod bundles;
 mod commit;
 mod entries;
 mod nodes;
+mod record;
 mod sessions;
 #[cfg(test)]
 mod tests;
@@ -322,7 +325,7 @@ impl SledStore {
             let trees = &inner.trees;
             let mut extras = SledExtras::default();
             for item in trees.changes.iter() {
-                extras.changes.push(decode("change", &item?.1)?);
+                extras.changes.push(record::decode_change(&item?.1)?);
             }
             for item in trees.join_tokens.iter() {
                 extras.join_tokens.push(decode("join token", &item?.1)?);

@@ -229,6 +229,76 @@ async fn an_undecodable_record_is_reported_as_corrupt() {
     ));
 }
 
+/// Entries and changes as a build before the binary records wrote them (JSON) are served after
+/// an upgrade as they were, and an entry's next write stores it in the binary form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_and_changes_written_as_json_by_an_earlier_build_are_still_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (created, changes) = {
+        let store = open(dir.path());
+        let a = store.create_entry(entry("a")).await.unwrap();
+        let b = store.create_entry(entry("b")).await.unwrap();
+        let trees = &store.inner.trees;
+        // Rewrite both trees' records as JSON, the form of the earlier build.
+        for (tree, is_entries) in [(&trees.entries, true), (&trees.changes, false)] {
+            for item in tree.iter() {
+                let (key, value) = item.unwrap();
+                assert_eq!(value[0], 0x01, "written in the binary form");
+                let json = if is_entries {
+                    serde_json::to_vec(&record::decode_entry(&value).unwrap()).unwrap()
+                } else {
+                    serde_json::to_vec(&record::decode_change(&value).unwrap()).unwrap()
+                };
+                tree.insert(key, json).unwrap();
+            }
+        }
+        trees.entries.flush().unwrap();
+        let ChangesSince::Changes(changes) = store.changes_since(0, 10).await.unwrap() else {
+            panic!("the feed holds its changes");
+        };
+        (vec![a, b], changes)
+    };
+    let store = open(dir.path());
+    assert_eq!(
+        store.inner.trees.entries.iter().next().unwrap().unwrap().1[0],
+        b'{'
+    );
+    let mut expected = created.clone();
+    expected.sort_by(|x, y| x.id.cmp(&y.id));
+    assert_eq!(store.snapshot_entries().await.unwrap().entries, expected);
+    for entry in &created {
+        assert_eq!(
+            store.get_entry(&entry.id).await.unwrap().as_ref(),
+            Some(entry)
+        );
+    }
+    let listed = store
+        .list_entries(&EntryFilter::default(), &PageRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.items, expected);
+    assert_eq!(
+        store.changes_since(0, 10).await.unwrap(),
+        ChangesSince::Changes(changes.clone())
+    );
+    assert_eq!(changes.len(), 2);
+    // The next write of an entry stores it in the binary form; the other stays as it was.
+    let mut renamed = entry("a");
+    renamed.hint = "renamed".to_owned();
+    let updated = store.update_entry(&created[0].id, renamed).await.unwrap();
+    let record = |id: &EntryId| store.inner.trees.entries.get(id.as_str()).unwrap().unwrap();
+    assert_eq!(record(&created[0].id)[0], 0x01);
+    assert_eq!(record(&created[1].id)[0], b'{');
+    assert_eq!(
+        store.get_entry(&created[0].id).await.unwrap(),
+        Some(updated)
+    );
+    assert_eq!(
+        store.get_entry(&created[1].id).await.unwrap().as_ref(),
+        Some(&created[1])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_tokens_stored_in_the_clear_are_hashed_at_open_and_still_work() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,421 @@
+//! The binary form of the records a server reads at every start: entries and the change feed.
+//!
+//! A record is one version byte, [`PROTOBUF_V1`], and a protobuf message ([`EntryRecord`],
+//! [`ChangeRecord`]). Against the JSON these records were before, an entry takes about a third
+//! of the bytes in sled's log (a server's start re-reads that log and decodes every entry) and
+//! decodes without scanning field names and escapes. Every value is checked on the way back as
+//! if a caller had sent it (a SPIFFE ID, a selector, an id): a damaged record is
+//! [`StoreError::Corrupt`], never a panic or an entry that could not have been written.
+//!
+//! Records written by builds before this form are JSON objects: their first byte is `{`, which
+//! is not a version byte, so they are still read as they are (no migration; a record becomes
+//! binary when it is next written). A build before this form cannot read a binary record.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use sigil_core::{Selector, SelectorSet, SpiffeId, TrustDomain};
+
+use crate::store::{Change, ChangeKind, EntryId, RegistrationEntry, SessionId, StoreError};
+
+/// The version byte of a protobuf record.
+const PROTOBUF_V1: u8 = 0x01;
+/// The first byte of a JSON record (an object), the form before [`PROTOBUF_V1`].
+const JSON_OBJECT: u8 = b'{';
+
+/// A [`RegistrationEntry`] as stored.
+#[derive(Clone, PartialEq, Message)]
+struct EntryRecord {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(string, tag = "2")]
+    spiffe_id: String,
+    #[prost(string, tag = "3")]
+    parent_id: String,
+    /// `type:value`, in the set's order.
+    #[prost(string, repeated, tag = "4")]
+    selectors: Vec<String>,
+    #[prost(message, optional, tag = "5")]
+    x509_svid_ttl: Option<Span>,
+    #[prost(message, optional, tag = "6")]
+    jwt_svid_ttl: Option<Span>,
+    #[prost(string, repeated, tag = "7")]
+    dns_names: Vec<String>,
+    #[prost(string, tag = "8")]
+    hint: String,
+    /// Since the Unix epoch.
+    #[prost(message, optional, tag = "9")]
+    expires_at: Option<Span>,
+    /// Since the Unix epoch; always present.
+    #[prost(message, optional, tag = "10")]
+    created_at: Option<Span>,
+    #[prost(uint64, tag = "11")]
+    revision: u64,
+    #[prost(string, optional, tag = "12")]
+    session_id: Option<String>,
+    #[prost(string, repeated, tag = "13")]
+    federates_with: Vec<String>,
+}
+
+/// A [`Change`] as stored: the entry's version after an upsert, its last one for a deletion.
+#[derive(Clone, PartialEq, Message)]
+struct ChangeRecord {
+    #[prost(uint64, tag = "1")]
+    revision: u64,
+    #[prost(bool, tag = "2")]
+    deleted: bool,
+    #[prost(message, optional, tag = "3")]
+    entry: Option<EntryRecord>,
+}
+
+/// A duration, or a time as the duration since the Unix epoch (`nanos` below 10^9).
+#[derive(Clone, Copy, PartialEq, Message)]
+struct Span {
+    #[prost(uint64, tag = "1")]
+    secs: u64,
+    #[prost(uint32, tag = "2")]
+    nanos: u32,
+}
+
+/// The record of an entry.
+pub(super) fn encode_entry(entry: &RegistrationEntry) -> Result<Vec<u8>, StoreError> {
+    Ok(versioned(&EntryRecord::of(entry, "entry")?))
+}
+
+/// An entry record, binary or JSON.
+pub(super) fn decode_entry(bytes: &[u8]) -> Result<RegistrationEntry, StoreError> {
+    const WHAT: &str = "entry";
+    match bytes.split_first() {
+        Some((&PROTOBUF_V1, message)) => EntryRecord::decode(message)
+            .map_err(|error| corrupt(WHAT, error))?
+            .into_entry(WHAT),
+        Some((&JSON_OBJECT, _)) => super::decode(WHAT, bytes),
+        _ => Err(unknown_form(WHAT, bytes)),
+    }
+}
+
+/// The record of a change of the feed.
+pub(super) fn encode_change(change: &Change) -> Result<Vec<u8>, StoreError> {
+    const WHAT: &str = "change";
+    let (deleted, entry) = match &change.kind {
+        ChangeKind::EntryUpserted(entry) => (false, entry),
+        ChangeKind::EntryDeleted(entry) => (true, entry),
+    };
+    Ok(versioned(&ChangeRecord {
+        revision: change.revision,
+        deleted,
+        entry: Some(EntryRecord::of(entry, WHAT)?),
+    }))
+}
+
+/// A change record, binary or JSON.
+pub(super) fn decode_change(bytes: &[u8]) -> Result<Change, StoreError> {
+    const WHAT: &str = "change";
+    match bytes.split_first() {
+        Some((&PROTOBUF_V1, message)) => {
+            let record = ChangeRecord::decode(message).map_err(|error| corrupt(WHAT, error))?;
+            let entry = record
+                .entry
+                .ok_or_else(|| corrupt(WHAT, "no entry"))?
+                .into_entry(WHAT)?;
+            Ok(Change {
+                revision: record.revision,
+                kind: if record.deleted {
+                    ChangeKind::EntryDeleted(entry)
+                } else {
+                    ChangeKind::EntryUpserted(entry)
+                },
+            })
+        }
+        Some((&JSON_OBJECT, _)) => super::decode(WHAT, bytes),
+        _ => Err(unknown_form(WHAT, bytes)),
+    }
+}
+
+// === impl EntryRecord ===
+
+impl EntryRecord {
+    fn of(entry: &RegistrationEntry, what: &'static str) -> Result<Self, StoreError> {
+        let time = |at: SystemTime| {
+            at.duration_since(UNIX_EPOCH)
+                .map(Span::from)
+                .map_err(|_| StoreError::Encode {
+                    what,
+                    reason: "a time before the Unix epoch".to_owned(),
+                })
+        };
+        Ok(Self {
+            id: entry.id.as_str().to_owned(),
+            spiffe_id: entry.spiffe_id.as_str().to_owned(),
+            parent_id: entry.parent_id.as_str().to_owned(),
+            selectors: entry.selectors.iter().map(Selector::to_string).collect(),
+            x509_svid_ttl: entry.x509_svid_ttl.map(Span::from),
+            jwt_svid_ttl: entry.jwt_svid_ttl.map(Span::from),
+            dns_names: entry.dns_names.clone(),
+            hint: entry.hint.clone(),
+            expires_at: entry.expires_at.map(time).transpose()?,
+            created_at: Some(time(entry.created_at)?),
+            revision: entry.revision,
+            session_id: entry.session_id.as_ref().map(|id| id.as_str().to_owned()),
+            federates_with: entry
+                .federates_with
+                .iter()
+                .map(TrustDomain::to_string)
+                .collect(),
+        })
+    }
+
+    /// The entry, every value checked.
+    fn into_entry(self, what: &'static str) -> Result<RegistrationEntry, StoreError> {
+        let bad = |error: &dyn std::fmt::Display| corrupt(what, error);
+        let time = |span: Span| -> Result<SystemTime, StoreError> {
+            UNIX_EPOCH
+                .checked_add(span.duration(what)?)
+                .ok_or_else(|| corrupt(what, "a time out of range"))
+        };
+        Ok(RegistrationEntry {
+            id: EntryId::parse(&self.id).map_err(|e| bad(&e))?,
+            spiffe_id: SpiffeId::new(&self.spiffe_id).map_err(|e| bad(&e))?,
+            parent_id: SpiffeId::new(&self.parent_id).map_err(|e| bad(&e))?,
+            selectors: self
+                .selectors
+                .iter()
+                .map(|s| Selector::parse(s))
+                .collect::<Result<SelectorSet, _>>()
+                .map_err(|e| bad(&e))?,
+            x509_svid_ttl: self.x509_svid_ttl.map(|s| s.duration(what)).transpose()?,
+            jwt_svid_ttl: self.jwt_svid_ttl.map(|s| s.duration(what)).transpose()?,
+            dns_names: self.dns_names,
+            hint: self.hint,
+            expires_at: self.expires_at.map(time).transpose()?,
+            created_at: time(
+                self.created_at
+                    .ok_or_else(|| corrupt(what, "no creation time"))?,
+            )?,
+            revision: self.revision,
+            session_id: self
+                .session_id
+                .map(|id| SessionId::parse(&id))
+                .transpose()
+                .map_err(|e| bad(&e))?,
+            federates_with: self
+                .federates_with
+                .iter()
+                .map(|td| TrustDomain::new(td))
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(&e))?,
+        })
+    }
+}
+
+// === impl Span ===
+
+impl Span {
+    fn duration(self, what: &'static str) -> Result<Duration, StoreError> {
+        if self.nanos >= 1_000_000_000 {
+            return Err(corrupt(what, "a duration's nanoseconds out of range"));
+        }
+        Ok(Duration::new(self.secs, self.nanos))
+    }
+}
+
+impl From<Duration> for Span {
+    fn from(duration: Duration) -> Self {
+        Self {
+            secs: duration.as_secs(),
+            nanos: duration.subsec_nanos(),
+        }
+    }
+}
+
+// === helpers ===
+
+fn versioned(message: &impl Message) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(1 + message.encoded_len());
+    bytes.push(PROTOBUF_V1);
+    // Encoding into a `Vec` cannot run out of room.
+    let _ = message.encode(&mut bytes);
+    bytes
+}
+
+fn corrupt(what: &'static str, reason: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        reason: reason.to_string(),
+    }
+}
+
+fn unknown_form(what: &'static str, bytes: &[u8]) -> StoreError {
+    corrupt(
+        what,
+        match bytes.first() {
+            None => "an empty record".to_owned(),
+            Some(byte) => {
+                format!("unknown record form 0x{byte:02x} (written by a newer version of Sigil?)")
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewEntry;
+
+    fn entry_with_every_field() -> RegistrationEntry {
+        let id = |s: &str| SpiffeId::new(s).unwrap();
+        let mut new = NewEntry::new(
+            id("spiffe://example.org/db/primary"),
+            id("spiffe://example.org/sigil/agent/join_token/a"),
+            ["unix:uid:1000", "k8s:ns:prod", "docker:label:a:b:c"]
+                .iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
+        );
+        new.x509_svid_ttl = Some(Duration::new(600, 7));
+        new.jwt_svid_ttl = Some(Duration::from_secs(300));
+        new.dns_names = vec!["db.example.org".to_owned(), "db".to_owned()];
+        new.hint = "primary \"db\"\n".to_owned();
+        new.expires_at = Some(UNIX_EPOCH + Duration::new(1_900_000_000, 123_456_789));
+        new.session_id = Some(SessionId::parse("0123456789abcdef0123456789abcdef").unwrap());
+        new.federates_with = vec![
+            TrustDomain::new("partner.example").unwrap(),
+            TrustDomain::new("other.example").unwrap(),
+        ];
+        RegistrationEntry::from_new(
+            EntryId::generate().unwrap(),
+            new,
+            UNIX_EPOCH + Duration::new(1_800_000_000, 5),
+            42,
+        )
+    }
+
+    fn entry_with_no_optional_field() -> RegistrationEntry {
+        let id = |s: &str| SpiffeId::new(s).unwrap();
+        RegistrationEntry::from_new(
+            EntryId::generate().unwrap(),
+            NewEntry::new(
+                id("spiffe://example.org/web"),
+                id("spiffe://example.org/sigil/agent/join_token/a"),
+                [Selector::parse("unix:uid:1000").unwrap()]
+                    .into_iter()
+                    .collect(),
+            ),
+            UNIX_EPOCH,
+            1,
+        )
+    }
+
+    #[test]
+    fn an_entry_reads_back_as_written_in_either_form() {
+        for entry in [entry_with_every_field(), entry_with_no_optional_field()] {
+            let binary = encode_entry(&entry).unwrap();
+            assert_eq!(binary[0], PROTOBUF_V1);
+            assert_eq!(decode_entry(&binary).unwrap(), entry);
+            // A record of a build before the binary form.
+            let json = serde_json::to_vec(&entry).unwrap();
+            assert_eq!(decode_entry(&json).unwrap(), entry);
+            assert!(
+                binary.len() * 2 < json.len(),
+                "binary {} B, JSON {} B",
+                binary.len(),
+                json.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_change_reads_back_as_written_in_either_form() {
+        let entry = entry_with_every_field();
+        for change in [
+            Change {
+                revision: 42,
+                kind: ChangeKind::EntryUpserted(entry.clone()),
+            },
+            Change {
+                revision: 43,
+                kind: ChangeKind::EntryDeleted(entry.clone()),
+            },
+        ] {
+            let binary = encode_change(&change).unwrap();
+            assert_eq!(binary[0], PROTOBUF_V1);
+            assert_eq!(decode_change(&binary).unwrap(), change);
+            let json = serde_json::to_vec(&change).unwrap();
+            assert_eq!(decode_change(&json).unwrap(), change);
+        }
+        // An entry record is not a change record.
+        assert!(matches!(
+            decode_change(&encode_entry(&entry).unwrap()),
+            Err(StoreError::Corrupt { what: "change", .. })
+        ));
+    }
+
+    /// Damaged or foreign bytes are a clear error, never a panic or an entry that could not
+    /// have been written.
+    #[test]
+    fn a_damaged_record_is_corrupt() {
+        let entry = entry_with_every_field();
+        let good = EntryRecord::of(&entry, "entry").unwrap();
+        let with = |f: &dyn Fn(&mut EntryRecord)| {
+            let mut record = good.clone();
+            f(&mut record);
+            versioned(&record)
+        };
+        let binary = encode_entry(&entry).unwrap();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", Vec::new()),
+            ("unknown version", [&[0x02][..], &binary[1..]].concat()),
+            ("truncated", binary[..binary.len() - 3].to_vec()),
+            ("bad id", with(&|r| r.id = "not-hex".to_owned())),
+            (
+                "bad SPIFFE ID",
+                with(&|r| r.spiffe_id = "https://example.org/x".to_owned()),
+            ),
+            ("bad parent", with(&|r| r.parent_id = String::new())),
+            (
+                "bad selector",
+                with(&|r| r.selectors.push("nocolon".to_owned())),
+            ),
+            (
+                "bad nanos",
+                with(&|r| {
+                    r.x509_svid_ttl = Some(Span {
+                        secs: u64::MAX,
+                        nanos: 1_000_000_000,
+                    });
+                }),
+            ),
+            (
+                "time out of range",
+                with(&|r| {
+                    r.expires_at = Some(Span {
+                        secs: u64::MAX,
+                        nanos: 0,
+                    });
+                }),
+            ),
+            ("no creation time", with(&|r| r.created_at = None)),
+            (
+                "bad session",
+                with(&|r| r.session_id = Some("x".to_owned())),
+            ),
+            (
+                "bad trust domain",
+                with(&|r| r.federates_with.push("Bad Domain".to_owned())),
+            ),
+            ("bad JSON", b"{\"id\":".to_vec()),
+        ];
+        for (case, bytes) in cases {
+            assert!(
+                matches!(
+                    decode_entry(&bytes),
+                    Err(StoreError::Corrupt { what: "entry", .. })
+                ),
+                "{case}: {:?}",
+                decode_entry(&bytes)
+            );
+        }
+        let unknown = decode_entry(&[0x7f, 1, 2]).unwrap_err().to_string();
+        assert!(unknown.contains("unknown record form 0x7f"), "{unknown}");
+    }
+}
