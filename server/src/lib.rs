@@ -72,6 +72,33 @@ pub use crate::service::agents::DenyReason;
 pub use crate::store::sled::engine as sled;
 
 /// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`; not part of the API).
+/// The stored form of audit records, for the tests that alter a stopped server's store as
+/// someone with write access to its directory could. Not a stable interface.
+#[doc(hidden)]
+pub mod store_records {
+    /// The audit record stored as `bytes` (either form), as its JSON fields.
+    ///
+    /// # Errors
+    ///
+    /// Why the bytes are not an audit record.
+    pub fn audit_to_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
+        let record = crate::store::sled::record::decode_audit(bytes).map_err(|e| e.to_string())?;
+        serde_json::to_value(record).map_err(|e| e.to_string())
+    }
+
+    /// The stored (binary) form of an audit record given as its JSON fields; its hashes are
+    /// kept as given, not computed.
+    ///
+    /// # Errors
+    ///
+    /// Why the JSON is not an audit record.
+    pub fn audit_from_json(json: &serde_json::Value) -> Result<Vec<u8>, String> {
+        let record: crate::audit::AuditRecord =
+            serde_json::from_value(json.clone()).map_err(|e| e.to_string())?;
+        crate::store::sled::record::encode_audit(&record).map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sigil_server::sled as engine;
+use sigil_server::store_records;
 use sigil_tests::*;
 
 /// Copies a directory tree (a stopped server's data directory: a backup).
@@ -322,8 +323,8 @@ async fn a_truncated_tail_is_caught_by_the_state_file_and_a_kept_checkpoint() {
             .open()
             .unwrap();
         let audit = db.open_tree("audit").unwrap();
-        let third: Value =
-            serde_json::from_slice(&audit.get(3u64.to_be_bytes()).unwrap().unwrap()).unwrap();
+        let third =
+            store_records::audit_to_json(&audit.get(3u64.to_be_bytes()).unwrap().unwrap()).unwrap();
         audit.remove(4u64.to_be_bytes()).unwrap();
         let head = serde_json::json!({
             "chain_id": third["chain_id"],

@@ -19,6 +19,7 @@ use sigil_proto::admin::{
 };
 use sigil_proto::node::{BatchNewX509svidRequest, NewJwtsvidRequest, NewX509svidParams};
 use sigil_server::sled as engine;
+use sigil_server::store_records;
 use sigil_tests::*;
 
 /// The actor the admin API records for this test process.
@@ -74,9 +75,9 @@ fn alter_record(store_dir: &Path, sequence: u64) {
         .unwrap();
     let tree = db.open_tree("audit").unwrap();
     let key = sequence.to_be_bytes();
-    let mut record: Value = serde_json::from_slice(&tree.get(key).unwrap().unwrap()).unwrap();
+    let mut record = store_records::audit_to_json(&tree.get(key).unwrap().unwrap()).unwrap();
     record["details"]["serial"] = Value::from("00deadbeef");
-    tree.insert(key, serde_json::to_vec(&record).unwrap())
+    tree.insert(key, store_records::audit_from_json(&record).unwrap())
         .unwrap();
     db.flush().unwrap();
 }

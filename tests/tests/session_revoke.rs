@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use sigil_proto::admin::{AgentRequest, VerifyAuditRequest};
 use sigil_proto::workload::{JwtsvidRequest, X509BundlesRequest};
 use sigil_server::sled as engine;
+use sigil_server::store_records;
 use sigil_tests::*;
 
 const ID: &str = "spiffe://example.org/admin/db-migrate";
@@ -232,10 +233,9 @@ async fn session_revoke_puts_the_serial_on_the_crl_delivered_to_workloads_and_th
             .unwrap();
         let tree = db.open_tree("audit").unwrap();
         let key = sequence.to_be_bytes();
-        let mut record: serde_json::Value =
-            serde_json::from_slice(&tree.get(key).unwrap().unwrap()).unwrap();
+        let mut record = store_records::audit_to_json(&tree.get(key).unwrap().unwrap()).unwrap();
         record["details"]["workload_uid"] = serde_json::Value::from(12345);
-        tree.insert(key, serde_json::to_vec(&record).unwrap())
+        tree.insert(key, store_records::audit_from_json(&record).unwrap())
             .unwrap();
         db.flush().unwrap();
     }

@@ -1598,11 +1598,16 @@ mod tests {
         {
             let db = open_raw(&dir.path().join("store"));
             let tree = db.open_tree("audit").unwrap();
-            let mut record: serde_json::Value =
-                serde_json::from_slice(&tree.get(2u64.to_be_bytes()).unwrap().unwrap()).unwrap();
+            let mut record = crate::store_records::audit_to_json(
+                &tree.get(2u64.to_be_bytes()).unwrap().unwrap(),
+            )
+            .unwrap();
             record["subject"] = serde_json::Value::from("altered");
-            tree.insert(2u64.to_be_bytes(), serde_json::to_vec(&record).unwrap())
-                .unwrap();
+            tree.insert(
+                2u64.to_be_bytes(),
+                crate::store_records::audit_from_json(&record).unwrap(),
+            )
+            .unwrap();
             db.flush().unwrap();
         }
         let Opened { log, .. } = open_in(dir.path()).await;

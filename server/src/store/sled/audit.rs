@@ -7,7 +7,7 @@ use ::sled::Transactional;
 use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use super::entries::TxResult;
-use super::{Inner, PageCollector, decode, encode, transaction_error};
+use super::{Inner, PageCollector, decode, encode, record, transaction_error};
 use crate::audit::{
     AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, AuditSource, GENESIS_HASH,
     NewAuditRecord, SourceAppend, SourceEvent,
@@ -149,7 +149,7 @@ impl Inner {
                         reason: e.to_string(),
                     })
                 })?;
-            let value = encode("audit record", &record).map_err(abort)?;
+            let value = record::encode_audit(&record).map_err(abort)?;
             audit.insert(&sequence.to_be_bytes()[..], value)?;
             prev_hash = record.hash;
             sealed.push(record);
@@ -288,11 +288,11 @@ fn audit_sequence(key: &[u8]) -> Result<u64, StoreError> {
 
 /// Decodes an audit record, naming its sequence when it cannot be decoded.
 fn decode_audit(key: &[u8], value: &[u8]) -> Result<AuditRecord, StoreError> {
-    serde_json::from_slice(value).map_err(|error| StoreError::Corrupt {
-        what: "audit",
-        reason: match audit_sequence(key) {
-            Ok(sequence) => format!("record {sequence}: {error}"),
-            Err(_) => error.to_string(),
+    record::decode_audit(value).map_err(|error| match (error, audit_sequence(key)) {
+        (StoreError::Corrupt { what, reason }, Ok(sequence)) => StoreError::Corrupt {
+            what,
+            reason: format!("record {sequence}: {reason}"),
         },
+        (error, _) => error,
     })
 }

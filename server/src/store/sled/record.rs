@@ -1,9 +1,11 @@
-//! The binary form of the records a server reads at every start: entries and the change feed.
+//! The binary form of the records a server reads at every start, entries and the change feed,
+//! and of the one that grows with every credential issued, the audit record.
 //!
 //! A record is one version byte, [`PROTOBUF_V1`], and a protobuf message ([`EntryRecord`],
-//! [`ChangeRecord`]). Against the JSON these records were before, an entry takes about a third
-//! of the bytes in sled's log (a server's start re-reads that log and decodes every entry) and
-//! decodes without scanning field names and escapes. Every value is checked on the way back as
+//! [`ChangeRecord`], [`AuditRecordBin`]). Against the JSON these records were before, an entry
+//! takes about a third of the bytes in sled's log (a server's start re-reads that log and
+//! decodes every entry) and decodes without scanning field names and escapes; an audit record
+//! keeps its hashes as bytes, not hex. Every value is checked on the way back as
 //! if a caller had sent it (a SPIFFE ID, a selector, an id): a damaged record is
 //! [`StoreError::Corrupt`], never a panic or an entry that could not have been written.
 //!
@@ -16,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use sigil_core::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
+use crate::audit::AuditRecord;
 use crate::store::{Change, ChangeKind, EntryId, RegistrationEntry, SessionId, StoreError};
 
 /// The version byte of a protobuf record.
@@ -66,6 +69,33 @@ struct ChangeRecord {
     deleted: bool,
     #[prost(message, optional, tag = "3")]
     entry: Option<EntryRecord>,
+}
+
+/// An [`AuditRecord`] as stored (its `hash` covers its canonical encoding, not this one).
+#[derive(Clone, PartialEq, Message)]
+struct AuditRecordBin {
+    #[prost(string, tag = "1")]
+    chain_id: String,
+    #[prost(uint64, tag = "2")]
+    sequence: u64,
+    /// Since the Unix epoch; always present.
+    #[prost(message, optional, tag = "3")]
+    time: Option<Span>,
+    #[prost(string, tag = "4")]
+    actor: String,
+    #[prost(string, tag = "5")]
+    action: String,
+    #[prost(string, tag = "6")]
+    subject: String,
+    /// A JSON object, as `serde_json` writes it.
+    #[prost(bytes = "vec", tag = "7")]
+    details: Vec<u8>,
+    /// 32 bytes.
+    #[prost(bytes = "vec", tag = "8")]
+    prev_hash: Vec<u8>,
+    /// 32 bytes.
+    #[prost(bytes = "vec", tag = "9")]
+    hash: Vec<u8>,
 }
 
 /// A duration, or a time as the duration since the Unix epoch (`nanos` below 10^9).
@@ -128,6 +158,58 @@ pub(super) fn decode_change(bytes: &[u8]) -> Result<Change, StoreError> {
             })
         }
         Some((&JSON_OBJECT, _)) => super::decode(WHAT, bytes),
+        _ => Err(unknown_form(WHAT, bytes)),
+    }
+}
+
+/// The record of a sealed audit record.
+pub(crate) fn encode_audit(record: &AuditRecord) -> Result<Vec<u8>, StoreError> {
+    const WHAT: &str = "audit record";
+    let encode_error = |reason: String| StoreError::Encode { what: WHAT, reason };
+    let time = record
+        .time
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| encode_error("a time before the Unix epoch".to_owned()))?;
+    Ok(versioned(&AuditRecordBin {
+        chain_id: record.chain_id.clone(),
+        sequence: record.sequence,
+        time: Some(Span::from(time)),
+        actor: record.actor.clone(),
+        action: record.action.clone(),
+        subject: record.subject.clone(),
+        details: serde_json::to_vec(&record.details).map_err(|e| encode_error(e.to_string()))?,
+        prev_hash: record.prev_hash.to_vec(),
+        hash: record.hash.to_vec(),
+    }))
+}
+
+/// An audit record, binary or JSON.
+pub(crate) fn decode_audit(bytes: &[u8]) -> Result<AuditRecord, StoreError> {
+    const WHAT: &str = "audit";
+    let bad = |reason: &dyn std::fmt::Display| corrupt(WHAT, reason);
+    match bytes.split_first() {
+        Some((&PROTOBUF_V1, message)) => {
+            let record = AuditRecordBin::decode(message).map_err(|e| bad(&e))?;
+            let hash = |bytes: Vec<u8>| {
+                <[u8; 32]>::try_from(bytes)
+                    .map_err(|b| bad(&format_args!("a hash of {} bytes", b.len())))
+            };
+            let time = record.time.ok_or_else(|| bad(&"no time"))?;
+            Ok(AuditRecord {
+                chain_id: record.chain_id,
+                sequence: record.sequence,
+                time: UNIX_EPOCH
+                    .checked_add(time.duration(WHAT)?)
+                    .ok_or_else(|| bad(&"a time out of range"))?,
+                actor: record.actor,
+                action: record.action,
+                subject: record.subject,
+                details: serde_json::from_slice(&record.details).map_err(|e| bad(&e))?,
+                prev_hash: hash(record.prev_hash)?,
+                hash: hash(record.hash)?,
+            })
+        }
+        Some((&JSON_OBJECT, _)) => serde_json::from_slice(bytes).map_err(|e| bad(&e)),
         _ => Err(unknown_form(WHAT, bytes)),
     }
 }
@@ -417,5 +499,75 @@ mod tests {
         }
         let unknown = decode_entry(&[0x7f, 1, 2]).unwrap_err().to_string();
         assert!(unknown.contains("unknown record form 0x7f"), "{unknown}");
+    }
+
+    fn sealed_audit_record() -> AuditRecord {
+        crate::audit::NewAuditRecord::new("uid:0", "entry.create", "0123")
+            .detail("spiffe_id", "spiffe://example.org/db")
+            .detail(
+                "selectors",
+                serde_json::json!(["unix:uid:1000", "k8s:ns:\"q\""]),
+            )
+            .detail("ttl", 600)
+            .seal(
+                "server-a",
+                7,
+                UNIX_EPOCH + Duration::new(1_800_000_000, 999_999_999),
+                [3; 32],
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn an_audit_record_reads_back_as_written_in_either_form_and_its_hash_holds() {
+        let record = sealed_audit_record();
+        let binary = encode_audit(&record).unwrap();
+        assert_eq!(binary[0], PROTOBUF_V1);
+        let read = decode_audit(&binary).unwrap();
+        assert_eq!(read, record);
+        assert_eq!(read.compute_hash().unwrap(), record.hash);
+        let json = serde_json::to_vec(&record).unwrap();
+        assert_eq!(decode_audit(&json).unwrap(), record);
+        assert!(
+            binary.len() * 10 < json.len() * 7,
+            "binary {} B, JSON {} B",
+            binary.len(),
+            json.len()
+        );
+    }
+
+    #[test]
+    fn a_damaged_audit_record_is_corrupt() {
+        let record = sealed_audit_record();
+        let binary = encode_audit(&record).unwrap();
+        let good = AuditRecordBin::decode(&binary[1..]).unwrap();
+        let with = |f: &dyn Fn(&mut AuditRecordBin)| {
+            let mut record = good.clone();
+            f(&mut record);
+            versioned(&record)
+        };
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("truncated", binary[..binary.len() - 1].to_vec()),
+            ("short hash", with(&|r| r.hash.truncate(31))),
+            ("long prev hash", with(&|r| r.prev_hash.push(0))),
+            ("no time", with(&|r| r.time = None)),
+            ("details not JSON", with(&|r| r.details = b"{".to_vec())),
+            (
+                "details not an object",
+                with(&|r| r.details = b"[1]".to_vec()),
+            ),
+            ("unknown form", vec![0x09]),
+            ("empty", Vec::new()),
+        ];
+        for (case, bytes) in cases {
+            assert!(
+                matches!(
+                    decode_audit(&bytes),
+                    Err(StoreError::Corrupt { what: "audit", .. })
+                ),
+                "{case}: {:?}",
+                decode_audit(&bytes)
+            );
+        }
     }
 }

@@ -374,6 +374,57 @@ async fn an_undecodable_audit_record_is_reported_with_its_sequence() {
     );
 }
 
+/// An audit chain whose first records an earlier build wrote as JSON reads back whole and
+/// verifies, the records appended after the upgrade (binary) linked to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_chain_begun_in_json_continues_in_binary_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = |n: usize| NewAuditRecord::new("uid:0", "entry.delete", format!("e{n}"));
+    let old = {
+        let store = open(dir.path());
+        let old = store
+            .append_audit((0..3).map(record).collect())
+            .await
+            .unwrap();
+        for record in &old {
+            store
+                .inner
+                .trees
+                .audit
+                .insert(
+                    record.sequence.to_be_bytes(),
+                    serde_json::to_vec(record).unwrap(),
+                )
+                .unwrap();
+        }
+        store.inner.trees.audit.flush().unwrap();
+        old
+    };
+    let store = open(dir.path());
+    let new = store
+        .append_audit((3..5).map(record).collect())
+        .await
+        .unwrap();
+    let kept = |sequence: u64| {
+        store
+            .inner
+            .trees
+            .audit
+            .get(sequence.to_be_bytes())
+            .unwrap()
+            .unwrap()[0]
+    };
+    assert_eq!((kept(3), kept(4)), (b'{', 0x01));
+    let listed = store
+        .list_audit(&AuditFilter::default(), &PageRequest::first(10))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(listed, [old, new].concat());
+    let summary = crate::audit::verify_links(&listed).unwrap();
+    assert_eq!(summary.records, 5);
+}
+
 /// An audit source resending events whose first append is still waiting for its flush gets its
 /// acknowledgement only after that flush too: what a source forgets is durable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
