@@ -5,10 +5,10 @@
 //! One sled database with these trees. Entries and changes, the records a server reads at
 //! every start, and audit records, one per credential issued, are a version byte and a
 //! protobuf message (the `record` module; JSON records of earlier builds are still read). The
-//! other records are
-//! JSON: every domain type already implements serde, a record can be read with any JSON tool
-//! when debugging a data directory, and new optional fields can be added without a migration;
-//! the encoding is nowhere near the cost of the fsync that every write pays anyway.
+//! other records are JSON: every domain type already implements serde, a record can be read
+//! with any JSON tool when debugging a data directory, and new optional fields can be added
+//! without a migration; the encoding is nowhere near the cost of the fsync that every write
+//! pays anyway.
 //!
 //! | tree                   | key                               | value                          |
 //! |------------------------|-----------------------------------|--------------------------------|
