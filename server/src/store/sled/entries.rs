@@ -455,20 +455,20 @@ pub(super) fn scan_entries_in(
     parts: usize,
 ) -> Result<Vec<RegistrationEntry>, StoreError> {
     let parts = parts.clamp(1, SCAN_THREADS);
-    // Part `k` starts at the hex digit `16 * k / parts` (ids are lowercase hex); the first
-    // part starts before every key and the last one ends after every key, whatever its form.
-    let starts: Vec<Bound<Vec<u8>>> = (0..parts)
-        .map(|k| match k {
-            0 => Bound::Unbounded,
-            _ => Bound::Included(vec![sigil_core::hex::DIGITS[16 * k / parts]]),
-        })
-        .collect();
+    // Part `k` starts at the hex digit `16 * k / parts` (ids are lowercase hex) and ends where
+    // part `k + 1` starts; the first part starts before every key and the last one ends after
+    // every key, whatever its form.
+    let digit = |k: usize| vec![sigil_core::hex::DIGITS[16 * k / parts]];
     let range = |k: usize| {
-        let end = match starts.get(k + 1) {
-            Some(Bound::Included(next)) => Bound::Excluded(next.clone()),
-            _ => Bound::Unbounded,
+        let start = match k {
+            0 => Bound::Unbounded,
+            _ => Bound::Included(digit(k)),
         };
-        (starts[k].clone(), end)
+        let end = match k + 1 {
+            last if last == parts => Bound::Unbounded,
+            next => Bound::Excluded(digit(next)),
+        };
+        (start, end)
     };
     let decode_part = |k: usize| -> Result<Vec<RegistrationEntry>, StoreError> {
         tree.range::<Vec<u8>, _>(range(k))
