@@ -71,7 +71,6 @@ pub use crate::server::{DRAIN_TIMEOUT, MAX_MESSAGE_SIZE, Server, ServerError, Sh
 pub use crate::service::agents::DenyReason;
 pub use crate::store::sled::engine as sled;
 
-/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`; not part of the API).
 /// The stored form of audit records, for the tests that alter a stopped server's store as
 /// someone with write access to its directory could. Not a stable interface.
 #[doc(hidden)]
@@ -99,6 +98,7 @@ pub mod store_records {
     }
 }
 
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`; not part of the API).
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing {

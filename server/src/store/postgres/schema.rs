@@ -6,8 +6,9 @@
 //! by a newer build (a version this build does not know) is refused rather than written.
 //!
 //! Text keys that listings order by are `COLLATE "C"`: byte order, as the sled backend orders
-//! them, whatever the database's default collation. Records are JSON text (`body`), the same
-//! encoding as the sled backend's values; the other columns are what queries filter, order or
+//! them, whatever the database's default collation. Records are JSON text (`body`), as the sled
+//! backend's were before it stored entries, changes and audit records in a binary form; the
+//! other columns are what queries filter, order or
 //! lock on.
 
 use tokio_postgres::Client;

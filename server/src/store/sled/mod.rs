@@ -83,7 +83,8 @@ use std::time::SystemTime;
 
 /// The sled crate this backend is built on, re-exported so that forensic tools and tests can
 /// open a data directory (of a stopped server) with the same version and read its trees as
-/// the module docs lay them out.
+/// the module docs lay them out (entries, changes and audit records in the `record` module's
+/// binary form; `sigil_server::store_records` reads and writes an audit record's).
 pub use ::sled as engine;
 use ::sled::transaction::TransactionError;
 use ::sled::{Db, Tree};

@@ -5,9 +5,11 @@
 //! [`ChangeRecord`], [`AuditRecordBin`]). Against the JSON these records were before, an entry
 //! takes about a third of the bytes in sled's log (a server's start re-reads that log and
 //! decodes every entry) and decodes without scanning field names and escapes; an audit record
-//! keeps its hashes as bytes, not hex. Every value is checked on the way back as
-//! if a caller had sent it (a SPIFFE ID, a selector, an id): a damaged record is
-//! [`StoreError::Corrupt`], never a panic or an entry that could not have been written.
+//! keeps its hashes as bytes, not hex. Every id, SPIFFE ID, selector and trust domain is
+//! checked on the way back with the constructors the JSON form's decoder uses, and an entry
+//! record ends with a marker field, so a record cut short or damaged is [`StoreError::Corrupt`],
+//! never a panic or an entry with fewer fields. (Neither form checks what only the admin API
+//! limits, such as a hint's length.)
 //!
 //! Records written by builds before this form are JSON objects: their first byte is `{`, which
 //! is not a version byte, so they are still read as they are (no migration; a record becomes
@@ -58,6 +60,10 @@ struct EntryRecord {
     session_id: Option<String>,
     #[prost(string, repeated, tag = "13")]
     federates_with: Vec<String>,
+    /// Always true, and the last field written: a record cut between two of its fields (which
+    /// protobuf alone would read as a record with fewer fields) lacks it.
+    #[prost(bool, tag = "15")]
+    end: bool,
 }
 
 /// A [`Change`] as stored: the entry's version after an upsert, its last one for a deletion.
@@ -244,11 +250,15 @@ impl EntryRecord {
                 .iter()
                 .map(TrustDomain::to_string)
                 .collect(),
+            end: true,
         })
     }
 
     /// The entry, every value checked.
     fn into_entry(self, what: &'static str) -> Result<RegistrationEntry, StoreError> {
+        if !self.end {
+            return Err(corrupt(what, "the record ends early"));
+        }
         let bad = |error: &dyn std::fmt::Display| corrupt(what, error);
         let time = |span: Span| -> Result<SystemTime, StoreError> {
             UNIX_EPOCH
@@ -501,6 +511,128 @@ mod tests {
         assert!(unknown.contains("unknown record form 0x7f"), "{unknown}");
     }
 
+    /// A record cut anywhere, even between two fields, is corrupt (the end marker).
+    #[test]
+    fn a_record_cut_short_anywhere_is_corrupt() {
+        let entry = entry_with_every_field();
+        let binary = encode_entry(&entry).unwrap();
+        for len in 0..binary.len() {
+            assert!(
+                matches!(
+                    decode_entry(&binary[..len]),
+                    Err(StoreError::Corrupt { what: "entry", .. })
+                ),
+                "cut at {len} of {}",
+                binary.len()
+            );
+        }
+        let change = encode_change(&Change {
+            revision: 42,
+            kind: ChangeKind::EntryDeleted(entry.clone()),
+        })
+        .unwrap();
+        for len in 0..change.len() {
+            assert!(
+                decode_change(&change[..len]).is_err(),
+                "change cut at {len}"
+            );
+        }
+        let audit = encode_audit(&sealed_audit_record()).unwrap();
+        for len in 0..audit.len() {
+            assert!(decode_audit(&audit[..len]).is_err(), "audit cut at {len}");
+        }
+    }
+
+    fn fixture_entry() -> RegistrationEntry {
+        let id = |s: &str| SpiffeId::new(s).unwrap();
+        RegistrationEntry {
+            id: EntryId::parse("00112233445566778899aabbccddeeff").unwrap(),
+            spiffe_id: id("spiffe://example.org/db"),
+            parent_id: id("spiffe://example.org/agent"),
+            selectors: ["unix:uid:1000", "k8s:ns:prod"]
+                .iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
+            x509_svid_ttl: Some(Duration::from_secs(600)),
+            jwt_svid_ttl: None,
+            dns_names: vec!["db.example.org".to_owned()],
+            hint: "primary".to_owned(),
+            expires_at: Some(UNIX_EPOCH + Duration::new(1_900_000_000, 5)),
+            created_at: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            revision: 7,
+            session_id: Some(SessionId::parse("ffeeddccbbaa99887766554433221100").unwrap()),
+            federates_with: vec![TrustDomain::new("partner.example").unwrap()],
+        }
+    }
+
+    /// Records as stores already hold them decode to what they held: a change of the encodings
+    /// (a tag, a type, a serde field name) that would misread a store on disk fails here.
+    #[test]
+    fn records_on_disk_keep_their_meaning() {
+        let expected = fixture_entry();
+        // The binary form (version 1), as this build writes it.
+        let binary = sigil_core::hex::decode(ENTRY_V1).unwrap();
+        assert_eq!(decode_entry(&binary).unwrap(), expected);
+        assert_eq!(
+            sigil_core::hex::encode(&encode_entry(&expected).unwrap()),
+            ENTRY_V1
+        );
+        let change = sigil_core::hex::decode(CHANGE_V1).unwrap();
+        assert_eq!(
+            decode_change(&change).unwrap(),
+            Change {
+                revision: 8,
+                kind: ChangeKind::EntryDeleted(expected.clone()),
+            }
+        );
+        // JSON as builds before the binary form wrote it (no session or federation fields:
+        // they were left out when unset).
+        let mut plain = expected.clone();
+        plain.session_id = None;
+        plain.federates_with = Vec::new();
+        plain.jwt_svid_ttl = Some(Duration::from_secs(300));
+        assert_eq!(decode_entry(ENTRY_JSON.as_bytes()).unwrap(), plain);
+        // An audit record in each form.
+        let audit = decode_audit(&sigil_core::hex::decode(AUDIT_V1).unwrap()).unwrap();
+        assert_eq!(audit, decode_audit(AUDIT_JSON.as_bytes()).unwrap());
+        assert_eq!(audit.compute_hash().unwrap(), audit.hash);
+        assert_eq!(
+            (
+                audit.sequence,
+                audit.subject.as_str(),
+                audit.details["ttl"].as_u64()
+            ),
+            (7, "0123", Some(600))
+        );
+    }
+
+    const ENTRY_V1: &str = concat!(
+        "010a2030303131323233333434353536363737383839396161626263636464656566661217737069",
+        "6666653a2f2f6578616d706c652e6f72672f64621a1a7370696666653a2f2f6578616d706c652e6f",
+        "72672f6167656e74220b6b38733a6e733a70726f64220d756e69783a7569643a313030302a0308d8",
+        "043a0e64622e6578616d706c652e6f726742077072696d6172794a080880e6fe8907100552060880",
+        "a4a7da06580762206666656564646363626261613939383837373636353534343333323231313030",
+        "6a0f706172746e65722e6578616d706c657801",
+    );
+    const CHANGE_V1: &str = concat!(
+        "01080810011ada010a20303031313232333334343535363637373838393961616262636364646565",
+        "666612177370696666653a2f2f6578616d706c652e6f72672f64621a1a7370696666653a2f2f6578",
+        "616d706c652e6f72672f6167656e74220b6b38733a6e733a70726f64220d756e69783a7569643a31",
+        "3030302a0308d8043a0e64622e6578616d706c652e6f726742077072696d6172794a080880e6fe89",
+        "07100552060880a4a7da065807622066666565646463636262616139393838373736363535343433",
+        "333232313130306a0f706172746e65722e6578616d706c657801",
+    );
+    const ENTRY_JSON: &str = r#"{"id":"00112233445566778899aabbccddeeff","spiffe_id":"spiffe://example.org/db","parent_id":"spiffe://example.org/agent","selectors":["k8s:ns:prod","unix:uid:1000"],"x509_svid_ttl":{"secs":600,"nanos":0},"jwt_svid_ttl":{"secs":300,"nanos":0},"dns_names":["db.example.org"],"hint":"primary","expires_at":{"secs_since_epoch":1900000000,"nanos_since_epoch":5},"created_at":{"secs_since_epoch":1800000000,"nanos_since_epoch":0},"revision":7}"#;
+    const AUDIT_V1: &str = concat!(
+        "010a087365727665722d6110071a0c0880a4a7da0610ff93ebdc0322057569643a302a0c656e7472",
+        "792e6372656174653204303132333a5e7b227370696666655f6964223a227370696666653a2f2f65",
+        "78616d706c652e6f72672f6462222c2273656c6563746f7273223a5b22756e69783a7569643a3130",
+        "3030222c226b38733a6e733a5c22715c22225d2c2274746c223a3630307d42200303030303030303",
+        "0303030303030303030303030303030303030303030303034a2047f152b2c8efe08821141fb459c5",
+        "8ad2b6e3d630a6c18bd8dc3ac067732f88df",
+    );
+    const AUDIT_JSON: &str = r#"{"chain_id":"server-a","sequence":7,"time":{"secs_since_epoch":1800000000,"nanos_since_epoch":999999999},"actor":"uid:0","action":"entry.create","subject":"0123","details":{"spiffe_id":"spiffe://example.org/db","selectors":["unix:uid:1000","k8s:ns:\"q\""],"ttl":600},"prev_hash":"0303030303030303030303030303030303030303030303030303030303030303","hash":"47f152b2c8efe08821141fb459c58ad2b6e3d630a6c18bd8dc3ac067732f88df"}"#;
+
     fn sealed_audit_record() -> AuditRecord {
         crate::audit::NewAuditRecord::new("uid:0", "entry.create", "0123")
             .detail("spiffe_id", "spiffe://example.org/db")
@@ -555,6 +687,24 @@ mod tests {
             (
                 "details not an object",
                 with(&|r| r.details = b"[1]".to_vec()),
+            ),
+            (
+                "nanoseconds out of range",
+                with(&|r| {
+                    r.time = Some(Span {
+                        secs: u64::MAX,
+                        nanos: 1_000_000_000,
+                    });
+                }),
+            ),
+            (
+                "time out of range",
+                with(&|r| {
+                    r.time = Some(Span {
+                        secs: u64::MAX,
+                        nanos: 0,
+                    });
+                }),
             ),
             ("unknown form", vec![0x09]),
             ("empty", Vec::new()),
