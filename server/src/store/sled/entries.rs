@@ -489,13 +489,9 @@ pub(super) fn scan_entries_in(
         for other in others {
             let part = match other {
                 Ok(thread) => thread.join().map_err(|panic| {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .copied()
-                        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                        .unwrap_or("no message");
                     StoreError::Io(std::io::Error::other(format!(
-                        "an entry scan thread panicked: {what}"
+                        "an entry scan thread panicked: {}",
+                        super::pool::panic_message(&*panic)
                     )))
                 })?,
                 Err(k) => decode_part(k),

@@ -42,7 +42,8 @@
 //!
 //! # Group commit
 //!
-//! A mutating call does its write (in a blocking task), then takes a ticket (`requested += 1`)
+//! A mutating call does its write (on one of the store's own threads: one per core, at least
+//! two, instead of tokio's blocking pool, see the `pool` module), then takes a ticket (`requested += 1`)
 //! and waits. One flusher thread loops: it takes the highest ticket issued so far, reads the
 //! revision counter, calls `Db::flush` (which writes out and fsyncs everything written before
 //! it), then publishes "flushed through ticket T" and "durable revision R" on watch channels.
@@ -98,6 +99,7 @@ use tokio::sync::watch;
 
 use self::commit::GroupCommit;
 use self::entries::prune_changes;
+use self::pool::CallPool;
 use super::{
     AttestedNode, ChangesSince, CrlCounters, DEFAULT_CHANGE_RETENTION, EntryFilter, EntryId,
     EntrySnapshot, FederatedBundle, FederationRelationship, FetchStatus, JobWork, JoinToken,
@@ -115,6 +117,7 @@ mod bundles;
 mod commit;
 mod entries;
 mod nodes;
+mod pool;
 pub(crate) mod record;
 mod sessions;
 #[cfg(test)]
@@ -156,6 +159,8 @@ struct Inner {
     crl_saves: AtomicU64,
     trees: Trees,
     retention: u64,
+    /// The threads every sled call runs on.
+    calls: CallPool,
     group: Arc<GroupCommit>,
     flusher: Mutex<Option<JoinHandle<()>>>,
     /// How long each wait for a durable flush took.
@@ -250,6 +255,7 @@ impl SledStore {
                 crl_saves: AtomicU64::new(0),
                 trees,
                 retention,
+                calls: CallPool::start()?,
                 group,
                 flusher: Mutex::new(Some(handle)),
                 commits: latency_histogram(),
@@ -280,14 +286,15 @@ impl SledStore {
             .map(|old| old.to_vec())
     }
 
-    /// Runs `f` on the blocking thread pool (sled calls block, and scans can be long).
+    /// Runs `f` on the store's own threads ([`CallPool`]: sled calls block, and scans can be
+    /// long).
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || f(&inner)).await?
+        self.inner.calls.run(move || f(&inner)).await?
     }
 
     /// Waits until a flush covers every write made so far.
