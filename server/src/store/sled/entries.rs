@@ -23,7 +23,7 @@ use crate::store::{
 /// Entries created per transaction by [`Store::create_entries`] (all of them share one flush).
 ///
 /// [`Store::create_entries`]: crate::store::Store::create_entries
-const BATCH_CHUNK: usize = 1_000;
+pub(super) const BATCH_CHUNK: usize = 1_000;
 /// How many times [`Store::snapshot_entries`] starts over when the changes it needs are pruned.
 ///
 /// [`Store::snapshot_entries`]: crate::store::Store::snapshot_entries

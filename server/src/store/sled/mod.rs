@@ -42,8 +42,8 @@
 //!
 //! # Group commit
 //!
-//! A mutating call does its write (on one of the store's own threads: one per core, at least
-//! two, instead of tokio's blocking pool, see the `pool` module), then takes a ticket (`requested += 1`)
+//! A mutating call does its write (on one of the store's own threads, see the `pool` module),
+//! then takes a ticket (`requested += 1`)
 //! and waits. One flusher thread loops: it takes the highest ticket issued so far, reads the
 //! revision counter, calls `Db::flush` (which writes out and fsyncs everything written before
 //! it), then publishes "flushed through ticket T" and "durable revision R" on watch channels.
@@ -216,6 +216,9 @@ impl SledStore {
         options: SledStoreOptions,
     ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
+        // First, so that a failure to start threads leaves nothing behind (no flusher holding
+        // the database open).
+        let calls = CallPool::start()?;
         // No sled background flusher: the group-commit flusher below makes writes durable, and
         // sled's own thread would keep the database (and its lock file) open for up to its
         // interval after the store is dropped.
@@ -255,7 +258,7 @@ impl SledStore {
                 crl_saves: AtomicU64::new(0),
                 trees,
                 retention,
-                calls: CallPool::start()?,
+                calls,
                 group,
                 flusher: Mutex::new(Some(handle)),
                 commits: latency_histogram(),
@@ -410,9 +413,18 @@ impl Store for SledStore {
             items.push((EntryId::generate()?, entry));
         }
         let now = SystemTime::now();
-        let results = self
-            .blocking(move |inner| inner.create_entries(&items, now))
-            .await?;
+        // One store call per transaction's worth, so that other calls (the entry cache's
+        // follower among them) get the store's threads in between the parts of a large batch.
+        let mut results = Vec::with_capacity(items.len());
+        let mut rest = items;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(entries::BATCH_CHUNK));
+            let chunk = std::mem::replace(&mut rest, tail);
+            results.extend(
+                self.blocking(move |inner| inner.create_entries(&chunk, now))
+                    .await?,
+            );
+        }
         if results.iter().any(Result::is_ok) {
             self.commit().await?;
         }
