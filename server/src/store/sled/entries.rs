@@ -101,21 +101,9 @@ impl Inner {
             .map_err(transaction_error)
     }
 
-    /// Creates `items` in transactions of [`BATCH_CHUNK`] entries (the caller's one flush covers
-    /// them all).
+    /// Creates `items` in one transaction (the caller passes at most [`BATCH_CHUNK`] of them,
+    /// and its one flush covers every transaction of a batch).
     pub(super) fn create_entries(
-        &self,
-        items: &[(EntryId, NewEntry)],
-        now: SystemTime,
-    ) -> Result<Vec<Result<RegistrationEntry, StoreError>>, StoreError> {
-        let mut results = Vec::with_capacity(items.len());
-        for chunk in items.chunks(BATCH_CHUNK) {
-            results.extend(self.create_entry_chunk(chunk, now)?);
-        }
-        Ok(results)
-    }
-
-    fn create_entry_chunk(
         &self,
         items: &[(EntryId, NewEntry)],
         now: SystemTime,

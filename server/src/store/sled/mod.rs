@@ -43,8 +43,7 @@
 //! # Group commit
 //!
 //! A mutating call does its write (on one of the store's own threads, see the `pool` module),
-//! then takes a ticket (`requested += 1`)
-//! and waits. One flusher thread loops: it takes the highest ticket issued so far, reads the
+//! then takes a ticket (`requested += 1`) and waits. One flusher thread loops: it takes the highest ticket issued so far, reads the
 //! revision counter, calls `Db::flush` (which writes out and fsyncs everything written before
 //! it), then publishes "flushed through ticket T" and "durable revision R" on watch channels.
 //! Every writer whose ticket is at most T wakes: its write finished before it took its ticket,
@@ -413,13 +412,15 @@ impl Store for SledStore {
             items.push((EntryId::generate()?, entry));
         }
         let now = SystemTime::now();
-        // One store call per transaction's worth, so that other calls (the entry cache's
-        // follower among them) get the store's threads in between the parts of a large batch.
+        // One store call per transaction, so that other calls (the entry cache's follower among
+        // them) get the store's threads in between the parts of a large batch.
         let mut results = Vec::with_capacity(items.len());
-        let mut rest = items;
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(entries::BATCH_CHUNK));
-            let chunk = std::mem::replace(&mut rest, tail);
+        let mut items = items.into_iter();
+        loop {
+            let chunk: Vec<_> = items.by_ref().take(entries::BATCH_CHUNK).collect();
+            if chunk.is_empty() {
+                break;
+            }
             results.extend(
                 self.blocking(move |inner| inner.create_entries(&chunk, now))
                     .await?,

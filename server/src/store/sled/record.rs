@@ -121,13 +121,11 @@ pub(super) fn encode_entry(entry: &RegistrationEntry) -> Result<Vec<u8>, StoreEr
 /// An entry record, binary or JSON.
 pub(super) fn decode_entry(bytes: &[u8]) -> Result<RegistrationEntry, StoreError> {
     const WHAT: &str = "entry";
-    match bytes.split_first() {
-        Some((&PROTOBUF_V1, message)) => EntryRecord::decode(message)
+    by_form(WHAT, bytes, |message| {
+        EntryRecord::decode(message)
             .map_err(|error| corrupt(WHAT, error))?
-            .into_entry(WHAT),
-        Some((&JSON_OBJECT, _)) => super::decode(WHAT, bytes),
-        _ => Err(unknown_form(WHAT, bytes)),
-    }
+            .into_entry(WHAT)
+    })
 }
 
 /// The record of a change of the feed.
@@ -147,43 +145,37 @@ pub(super) fn encode_change(change: &Change) -> Result<Vec<u8>, StoreError> {
 /// A change record, binary or JSON.
 pub(super) fn decode_change(bytes: &[u8]) -> Result<Change, StoreError> {
     const WHAT: &str = "change";
-    match bytes.split_first() {
-        Some((&PROTOBUF_V1, message)) => {
-            let record = ChangeRecord::decode(message).map_err(|error| corrupt(WHAT, error))?;
-            let entry = record
-                .entry
-                .ok_or_else(|| corrupt(WHAT, "no entry"))?
-                .into_entry(WHAT)?;
-            Ok(Change {
-                revision: record.revision,
-                kind: if record.deleted {
-                    ChangeKind::EntryDeleted(entry)
-                } else {
-                    ChangeKind::EntryUpserted(entry)
-                },
-            })
-        }
-        Some((&JSON_OBJECT, _)) => super::decode(WHAT, bytes),
-        _ => Err(unknown_form(WHAT, bytes)),
-    }
+    by_form(WHAT, bytes, |message| {
+        let record = ChangeRecord::decode(message).map_err(|error| corrupt(WHAT, error))?;
+        let entry = record
+            .entry
+            .ok_or_else(|| corrupt(WHAT, "no entry"))?
+            .into_entry(WHAT)?;
+        Ok(Change {
+            revision: record.revision,
+            kind: if record.deleted {
+                ChangeKind::EntryDeleted(entry)
+            } else {
+                ChangeKind::EntryUpserted(entry)
+            },
+        })
+    })
 }
 
 /// The record of a sealed audit record.
 pub(crate) fn encode_audit(record: &AuditRecord) -> Result<Vec<u8>, StoreError> {
     const WHAT: &str = "audit record";
-    let encode_error = |reason: String| StoreError::Encode { what: WHAT, reason };
-    let time = record
-        .time
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| encode_error("a time before the Unix epoch".to_owned()))?;
     Ok(versioned(&AuditRecordBin {
         chain_id: record.chain_id.clone(),
         sequence: record.sequence,
-        time: Some(Span::from(time)),
+        time: Some(Span::since_epoch(record.time, WHAT)?),
         actor: record.actor.clone(),
         action: record.action.clone(),
         subject: record.subject.clone(),
-        details: serde_json::to_vec(&record.details).map_err(|e| encode_error(e.to_string()))?,
+        details: serde_json::to_vec(&record.details).map_err(|e| StoreError::Encode {
+            what: WHAT,
+            reason: e.to_string(),
+        })?,
         prev_hash: record.prev_hash.to_vec(),
         hash: record.hash.to_vec(),
     }))
@@ -193,45 +185,31 @@ pub(crate) fn encode_audit(record: &AuditRecord) -> Result<Vec<u8>, StoreError> 
 pub(crate) fn decode_audit(bytes: &[u8]) -> Result<AuditRecord, StoreError> {
     const WHAT: &str = "audit";
     let bad = |reason: &dyn std::fmt::Display| corrupt(WHAT, reason);
-    match bytes.split_first() {
-        Some((&PROTOBUF_V1, message)) => {
-            let record = AuditRecordBin::decode(message).map_err(|e| bad(&e))?;
-            let hash = |bytes: Vec<u8>| {
-                <[u8; 32]>::try_from(bytes)
-                    .map_err(|b| bad(&format_args!("a hash of {} bytes", b.len())))
-            };
-            let time = record.time.ok_or_else(|| bad(&"no time"))?;
-            Ok(AuditRecord {
-                chain_id: record.chain_id,
-                sequence: record.sequence,
-                time: UNIX_EPOCH
-                    .checked_add(time.duration(WHAT)?)
-                    .ok_or_else(|| bad(&"a time out of range"))?,
-                actor: record.actor,
-                action: record.action,
-                subject: record.subject,
-                details: serde_json::from_slice(&record.details).map_err(|e| bad(&e))?,
-                prev_hash: hash(record.prev_hash)?,
-                hash: hash(record.hash)?,
-            })
-        }
-        Some((&JSON_OBJECT, _)) => serde_json::from_slice(bytes).map_err(|e| bad(&e)),
-        _ => Err(unknown_form(WHAT, bytes)),
-    }
+    by_form(WHAT, bytes, |message| {
+        let record = AuditRecordBin::decode(message).map_err(|e| bad(&e))?;
+        let hash = |bytes: Vec<u8>| {
+            <[u8; 32]>::try_from(bytes)
+                .map_err(|b| bad(&format_args!("a hash of {} bytes", b.len())))
+        };
+        Ok(AuditRecord {
+            chain_id: record.chain_id,
+            sequence: record.sequence,
+            time: record.time.ok_or_else(|| bad(&"no time"))?.time(WHAT)?,
+            actor: record.actor,
+            action: record.action,
+            subject: record.subject,
+            details: serde_json::from_slice(&record.details).map_err(|e| bad(&e))?,
+            prev_hash: hash(record.prev_hash)?,
+            hash: hash(record.hash)?,
+        })
+    })
 }
 
 // === impl EntryRecord ===
 
 impl EntryRecord {
     fn of(entry: &RegistrationEntry, what: &'static str) -> Result<Self, StoreError> {
-        let time = |at: SystemTime| {
-            at.duration_since(UNIX_EPOCH)
-                .map(Span::from)
-                .map_err(|_| StoreError::Encode {
-                    what,
-                    reason: "a time before the Unix epoch".to_owned(),
-                })
-        };
+        let time = |at: SystemTime| Span::since_epoch(at, what);
         Ok(Self {
             id: entry.id.as_str().to_owned(),
             spiffe_id: entry.spiffe_id.as_str().to_owned(),
@@ -260,11 +238,7 @@ impl EntryRecord {
             return Err(corrupt(what, "the record ends early"));
         }
         let bad = |error: &dyn std::fmt::Display| corrupt(what, error);
-        let time = |span: Span| -> Result<SystemTime, StoreError> {
-            UNIX_EPOCH
-                .checked_add(span.duration(what)?)
-                .ok_or_else(|| corrupt(what, "a time out of range"))
-        };
+        let time = |span: Span| span.time(what);
         Ok(RegistrationEntry {
             id: EntryId::parse(&self.id).map_err(|e| bad(&e))?,
             spiffe_id: SpiffeId::new(&self.spiffe_id).map_err(|e| bad(&e))?,
@@ -303,6 +277,23 @@ impl EntryRecord {
 // === impl Span ===
 
 impl Span {
+    /// `at` as the time since the Unix epoch; a time before it cannot be stored.
+    fn since_epoch(at: SystemTime, what: &'static str) -> Result<Self, StoreError> {
+        at.duration_since(UNIX_EPOCH)
+            .map(Self::from)
+            .map_err(|_| StoreError::Encode {
+                what,
+                reason: "a time before the Unix epoch".to_owned(),
+            })
+    }
+
+    /// The time this span after the Unix epoch is.
+    fn time(self, what: &'static str) -> Result<SystemTime, StoreError> {
+        UNIX_EPOCH
+            .checked_add(self.duration(what)?)
+            .ok_or_else(|| corrupt(what, "a time out of range"))
+    }
+
     fn duration(self, what: &'static str) -> Result<Duration, StoreError> {
         if self.nanos >= 1_000_000_000 {
             return Err(corrupt(what, "a duration's nanoseconds out of range"));
@@ -321,6 +312,20 @@ impl From<Duration> for Span {
 }
 
 // === helpers ===
+
+/// A record of either form: `binary` reads the message after [`PROTOBUF_V1`], serde reads a
+/// JSON object of an earlier build.
+fn by_form<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+    binary: impl FnOnce(&[u8]) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&PROTOBUF_V1, message)) => binary(message),
+        Some((&JSON_OBJECT, _)) => super::decode(what, bytes),
+        _ => Err(unknown_form(what, bytes)),
+    }
+}
 
 fn versioned(message: &impl Message) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(1 + message.encoded_len());
