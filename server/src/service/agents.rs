@@ -149,7 +149,12 @@ fn attested(node: Option<&AttestedNode>) -> Result<&AttestedNode, AgentError> {
 }
 
 /// How often a node update is tried again when the node changed between read and write.
-const NODE_CAS_ATTEMPTS: usize = 8;
+///
+/// Each round some writer wins, so a writer among N at once succeeds within N + 1 rounds; 32
+/// covers the bursts a node sees (renewals racing a ban, an eviction, a re-attestation) with a
+/// margin (a test renews one agent 16 times at once while banning it; with 8, one local run
+/// of the whole suite saw a renewal fail with an error other than the ban).
+const NODE_CAS_ATTEMPTS: usize = 32;
 
 /// An agent banned or evicted: its open streams end at once, with the reason it acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
