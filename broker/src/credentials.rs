@@ -11,7 +11,7 @@ use rustls_pki_types::CertificateRevocationListDer;
 use sigil_core::{SpiffeId, TrustDomain, X509Bundle, X509Svid};
 use sigil_proto::workload::{X509svid, X509svidRequest};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::warn;
 use x509_parser::prelude::FromDer as _;
 use x509_parser::revocation_list::CertificateRevocationList;
 
@@ -193,13 +193,8 @@ async fn follow(
             &message.federated_bundles,
             federated,
         )?;
-        info!(
-            identity = %credentials.svid.spiffe_id(),
-            crls = credentials.crls.len(),
-            revoked = credentials.revoked.len(),
-            federated = credentials.federated.len(),
-            "credentials updated"
-        );
+        // "credentials updated" is logged once new handshakes use them (the broker's
+        // credentials task), not here: a connection in between would find no TLS configuration.
         tx.send_replace(Some(Arc::new(credentials)));
     }
     Ok(())

@@ -128,6 +128,15 @@ pub async fn run(
                 match upstream::server_config(&current) {
                     Ok(config) => {
                         tls_tx.send_replace(Some(config));
+                        // Logged only now: a handshake from here on is made with them (tests and
+                        // operators take this line as "serving").
+                        info!(
+                            identity = %current.svid.spiffe_id(),
+                            crls = current.crls.len(),
+                            revoked = current.revoked.len(),
+                            federated = current.federated.len(),
+                            "credentials updated"
+                        );
                     }
                     Err(error) => {
                         error!(%error, "cannot use the new credentials; keeping the previous ones")
