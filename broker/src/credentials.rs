@@ -79,9 +79,14 @@ impl Credentials {
             .map_err(|e| anyhow::anyhow!("the workload api sent an unusable bundle: {e}"))?;
         let mut revoked = HashSet::new();
         let mut crl_next_update = HashMap::new();
+        // Only readable CRLs go to the TLS verifier: rustls refuses to build one with a CRL it
+        // cannot parse, and one bad CRL would keep every handshake on the previous
+        // configuration (at start-up: no configuration at all).
+        let mut readable = Vec::with_capacity(crls.len());
         for der in crls {
             match CertificateRevocationList::from_der(der) {
                 Ok((_, crl)) => {
+                    readable.push(CertificateRevocationListDer::from(der.clone()));
                     revoked.extend(
                         crl.iter_revoked_certificates()
                             .map(|r| sigil_core::hex::encode(r.raw_serial())),
@@ -101,10 +106,7 @@ impl Credentials {
         Ok(Self {
             svid: parsed,
             bundle,
-            crls: crls
-                .iter()
-                .map(|c| CertificateRevocationListDer::from(c.clone()))
-                .collect(),
+            crls: readable,
             revoked,
             crl_next_update,
             federated,

@@ -924,6 +924,19 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_crl_is_left_out_and_the_readable_ones_still_serve() {
+        let pki = Pki::new();
+        let broker_svid = pki.svid("spiffe://test.example/broker");
+        let crls = [b"not a crl".to_vec(), pki.crl(3600)];
+        let credentials =
+            Credentials::from_workload_api(&broker_svid, &crls, &HashMap::new(), &[]).unwrap();
+        assert_eq!(credentials.crls.len(), 1);
+        assert_eq!(credentials.crls[0].as_ref(), crls[1].as_slice());
+        // rustls builds the verifier: handshakes go on with the readable CRL.
+        upstream::server_config(&credentials).unwrap();
+    }
+
+    #[test]
     fn federated_bundles_count_only_when_accepted_and_holding_authorities() {
         let pki = Pki::new();
         let partner = Pki::new();

@@ -188,13 +188,16 @@ async fn follow(
                 }))
             }
         };
+        let identity = credentials.as_ref().map(|c| c.spiffe_id.to_string());
+        tx.send_replace(credentials);
+        // Logged once the watch holds them: the client's next call uses them, the server
+        // builds its TLS configuration from them next.
         tracing::info!(
-            identity = credentials.as_ref().map(|c| c.spiffe_id.to_string()),
+            identity,
             crls = message.crl.len(),
             federated = message.federated_bundles.len(),
             "credentials updated"
         );
-        tx.send_replace(credentials);
     }
     Ok(())
 }
