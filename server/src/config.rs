@@ -28,8 +28,8 @@ pub(crate) const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 pub(crate) const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
 /// Default size of the store's page cache, in MiB. Small because the entries are held in
 /// the entry cache apart from it: with 100,000 entries, 16 MiB leaves the server at about
-/// 260-290 MiB after creating them all at once, 128 MiB at about 390 MiB, for 20 % faster bulk
-/// creation (BENCHMARKS.md, "The store's page cache").
+/// 260-300 MiB after creating them all at once, 128 MiB at about 390 MiB, for about 30 % faster
+/// bulk creation (BENCHMARKS.md, "The store's page cache").
 pub(crate) const DEFAULT_STORE_CACHE_MIB: u64 = 16;
 /// The largest store page cache accepted, in MiB (1 TiB).
 pub(crate) const MAX_STORE_CACHE_MIB: u64 = 1024 * 1024;
@@ -80,7 +80,7 @@ pub struct FileConfig {
     /// chain through the audit ingest API (`sigil.audit.v1` on `bind_address`): the brokers.
     /// Only `broker.*` actions are accepted. Default `[]`: the API refuses everyone.
     pub audit_sources: Option<Vec<String>>,
-    /// The store's page cache, in MiB (at least 1). Default `128`. The entries themselves are
+    /// The store's page cache, in MiB (at least 1). Default `16`. The entries themselves are
     /// held in memory apart from it (the entry cache), so this bounds the rest: audit records,
     /// nodes, the change feed. sled only (refused with `store = "postgres"`).
     pub store_cache_mib: Option<u64>,

@@ -111,4 +111,15 @@ pub mod fuzzing {
     pub fn csr_public_key(der: &[u8]) -> Result<Vec<u8>, String> {
         crate::ca::fuzz_csr_public_key(der)
     }
+
+    /// The sled store's record decoders (entry, change, audit record; binary and the JSON of
+    /// earlier builds): how many kinds `bytes` decodes as, each written and read back
+    /// unchanged.
+    ///
+    /// # Errors
+    ///
+    /// A decoded value that did not come back the same.
+    pub fn store_records(bytes: &[u8]) -> Result<usize, String> {
+        crate::store::sled::record::round_trips(bytes)
+    }
 }

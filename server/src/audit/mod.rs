@@ -544,6 +544,17 @@ fn length_prefixed(
     Ok(())
 }
 
+/// Whether `value` holds a floating-point number anywhere: no audit record's details can (the
+/// chain hash's canonical JSON has no floats).
+pub(crate) fn holds_float(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => n.is_f64(),
+        Value::Array(items) => items.iter().any(holds_float),
+        Value::Object(map) => map.values().any(holds_float),
+        Value::Null | Value::Bool(_) | Value::String(_) => false,
+    }
+}
+
 /// Canonical JSON: no whitespace, object keys sorted by their bytes, no floats.
 fn canonical_json(value: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     match value {

@@ -36,7 +36,7 @@ use tracing::{debug, error};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use super::authority::Authority;
-use crate::audit::{AuditSource, NewAuditRecord, SourceAppend, SourceEvent};
+use crate::audit::{AuditSource, NewAuditRecord, SourceAppend, SourceEvent, holds_float};
 use crate::store::{Store, StoreError};
 
 /// The most events one request may carry.
@@ -490,15 +490,6 @@ fn parse_details(json: &str) -> Result<Map<String, Value>, String> {
         );
     }
     Ok(details)
-}
-
-fn holds_float(value: &Value) -> bool {
-    match value {
-        Value::Number(n) => n.is_f64(),
-        Value::Array(items) => items.iter().any(holds_float),
-        Value::Object(map) => map.values().any(holds_float),
-        Value::Null | Value::Bool(_) | Value::String(_) => false,
-    }
 }
 
 #[cfg(test)]
