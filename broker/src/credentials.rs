@@ -46,8 +46,9 @@ impl Credentials {
     /// The credentials in one Workload API message: `svid` (with its bundle), the CRLs, and
     /// the federated bundles (`federated_bundles`: trust domain ID to DER) of the trust
     /// domains in `accepted`. An unreadable CRL is logged and skipped: its authority's peers
-    /// count as unchecked. A federated bundle that does not parse is logged and left out: its
-    /// peers are refused.
+    /// count as unchecked. One that only rustls's parser (webpki) refuses is logged and kept
+    /// from the TLS verifier; its serials are still refused after the handshake. A federated
+    /// bundle that does not parse is logged and left out: its peers are refused.
     ///
     /// # Errors
     ///
@@ -79,14 +80,21 @@ impl Credentials {
             .map_err(|e| anyhow::anyhow!("the workload api sent an unusable bundle: {e}"))?;
         let mut revoked = HashSet::new();
         let mut crl_next_update = HashMap::new();
-        // Only readable CRLs go to the TLS verifier: rustls refuses to build one with a CRL it
-        // cannot parse, and one bad CRL would keep every handshake on the previous
-        // configuration (at start-up: no configuration at all).
+        // Only CRLs webpki reads go to the TLS verifier: rustls refuses to build one with a CRL
+        // webpki cannot parse, and one bad CRL would keep every handshake on the previous
+        // configuration (at start-up: no configuration at all). The serials of a CRL it refuses
+        // are still refused after the handshake (`revoked`).
         let mut readable = Vec::with_capacity(crls.len());
         for der in crls {
             match CertificateRevocationList::from_der(der) {
                 Ok((_, crl)) => {
-                    readable.push(CertificateRevocationListDer::from(der.clone()));
+                    match webpki::OwnedCertRevocationList::from_der(der) {
+                        Ok(_) => readable.push(CertificateRevocationListDer::from(der.clone())),
+                        Err(error) => warn!(
+                            %error,
+                            "the workload api sent a crl the tls verifier cannot use; its serials are refused after the handshake"
+                        ),
+                    }
                     revoked.extend(
                         crl.iter_revoked_certificates()
                             .map(|r| sigil_core::hex::encode(r.raw_serial())),

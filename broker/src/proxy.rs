@@ -937,6 +937,23 @@ mod tests {
     }
 
     #[test]
+    fn a_crl_only_x509_parser_reads_is_kept_from_the_tls_verifier_but_still_counts() {
+        let pki = Pki::new();
+        let broker_svid = pki.svid("spiffe://test.example/broker");
+        let mut crl = pki.crl(3600);
+        // The version field (v2, `02 01 01`) set to a version that does not exist: x509-parser
+        // reads the CRL, webpki (rustls's parser) refuses it.
+        let at = crl.windows(3).position(|w| w == [2, 1, 1]).unwrap();
+        crl[at + 2] = 2;
+        let credentials =
+            Credentials::from_workload_api(&broker_svid, &[crl], &HashMap::new(), &[]).unwrap();
+        assert!(credentials.crls.is_empty());
+        // Its authority still has a fresh CRL for the check after the handshake.
+        assert_eq!(credentials.crl_next_update.len(), 1);
+        upstream::server_config(&credentials).unwrap();
+    }
+
+    #[test]
     fn federated_bundles_count_only_when_accepted_and_holding_authorities() {
         let pki = Pki::new();
         let partner = Pki::new();
