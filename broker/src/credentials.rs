@@ -21,11 +21,12 @@ pub(crate) struct Credentials {
     pub(crate) svid: X509Svid,
     /// The trust domain's bundle.
     pub(crate) bundle: X509Bundle,
-    /// The CRLs, DER.
+    /// The CRLs the TLS verifier uses (those webpki reads), DER.
     pub(crate) crls: Vec<CertificateRevocationListDer<'static>>,
-    /// Every serial on a CRL, lowercase hex.
+    /// Every serial on a CRL x509-parser reads, lowercase hex; checked after the handshake.
     pub(crate) revoked: HashSet<String>,
-    /// Each readable CRL's nextUpdate (`None`: it has none), by its issuer's name (DER).
+    /// The nextUpdate (`None`: it has none) of each authority's CRLs that both parsers read,
+    /// the earliest of its CRLs, by the authority's name (DER).
     pub(crate) crl_next_update: HashMap<Vec<u8>, Option<SystemTime>>,
     /// The bundles of the federated trust domains the broker accepts peers of
     /// (`federated_trust_domains`) that the Workload API handed it.
@@ -45,9 +46,9 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// The credentials in one Workload API message: `svid` (with its bundle), the CRLs, and
     /// the federated bundles (`federated_bundles`: trust domain ID to DER) of the trust
-    /// domains in `accepted`. An unreadable CRL is logged and skipped: its authority's peers
-    /// count as unchecked. One that only rustls's parser (webpki) refuses is logged and kept
-    /// from the TLS verifier; its serials are still refused after the handshake. A federated
+    /// domains in `accepted`. A CRL either parser cannot read is logged, and its authority
+    /// counts as having no readable CRL (`stale_crl` decides); what one parser read is still
+    /// used (the verifier's CRLs, the serials refused after the handshake). A federated
     /// bundle that does not parse is logged and left out: its peers are refused.
     ///
     /// # Errors
@@ -80,41 +81,59 @@ impl Credentials {
             .map_err(|e| anyhow::anyhow!("the workload api sent an unusable bundle: {e}"))?;
         let mut revoked = HashSet::new();
         let mut crl_next_update = HashMap::new();
-        // Only CRLs webpki reads go to the TLS verifier: rustls refuses to build one with a CRL
-        // webpki cannot parse, and one bad CRL would keep every handshake on the previous
-        // configuration (at start-up: no configuration at all). The serials of a CRL it refuses
-        // are still refused after the handshake (`revoked`).
-        let mut readable = Vec::with_capacity(crls.len());
+        // Each CRL is read by two parsers, and each use takes only what its parser read:
+        // - the TLS verifier gets the CRLs webpki (rustls's parser) reads: rustls refuses to
+        //   build a verifier with one it cannot parse, and one bad CRL would keep every
+        //   handshake on the previous configuration (at start-up: no configuration at all);
+        // - `revoked` gets the serials of every CRL x509-parser reads (refusing too many is
+        //   safe);
+        // - a CRL counts for its authority's freshness only when both read it: one the verifier
+        //   cannot use (a delta or partitioned CRL, an unknown critical extension) leaves its
+        //   authority with "no readable CRL", and `stale_crl` decides.
+        let mut for_verifier = Vec::with_capacity(crls.len());
         for der in crls {
-            match CertificateRevocationList::from_der(der) {
-                Ok((_, crl)) => {
-                    match webpki::OwnedCertRevocationList::from_der(der) {
-                        Ok(_) => readable.push(CertificateRevocationListDer::from(der.clone())),
-                        Err(error) => warn!(
-                            %error,
-                            "the workload api sent a crl the tls verifier cannot use; its serials are refused after the handshake"
-                        ),
-                    }
-                    revoked.extend(
-                        crl.iter_revoked_certificates()
-                            .map(|r| sigil_core::hex::encode(r.raw_serial())),
-                    );
-                    let next = crl.next_update().map(|t| {
-                        sigil_core::time::from_unix_seconds(t.timestamp())
-                            .unwrap_or(SystemTime::UNIX_EPOCH)
-                    });
-                    crl_next_update.insert(crl.issuer().as_raw().to_vec(), next);
-                }
-                Err(error) => warn!(
-                    %error,
-                    "the workload api sent an unreadable crl; its authority's peers count as unchecked"
-                ),
+            let verifier = webpki::OwnedCertRevocationList::from_der(der).map(|_| ());
+            if verifier.is_ok() {
+                for_verifier.push(CertificateRevocationListDer::from(der.clone()));
             }
+            let crl = match CertificateRevocationList::from_der(der) {
+                Ok((_, crl)) => crl,
+                Err(error) => {
+                    warn!(
+                        %error,
+                        tls_verifier_uses_it = verifier.is_ok(),
+                        "the workload api sent a crl x509-parser cannot read; its authority counts as having no readable crl"
+                    );
+                    continue;
+                }
+            };
+            revoked.extend(
+                crl.iter_revoked_certificates()
+                    .map(|r| sigil_core::hex::encode(r.raw_serial())),
+            );
+            if let Err(error) = verifier {
+                warn!(
+                    %error,
+                    issuer = %crl.issuer(),
+                    "the workload api sent a crl the tls verifier cannot use: its serials are refused after the handshake, its authority counts as having no readable crl"
+                );
+                continue;
+            }
+            let next = crl.next_update().map(|t| {
+                sigil_core::time::from_unix_seconds(t.timestamp()).unwrap_or(SystemTime::UNIX_EPOCH)
+            });
+            // Two CRLs of one authority: the one that is stale first decides.
+            crl_next_update
+                .entry(crl.issuer().as_raw().to_vec())
+                .and_modify(|held: &mut Option<SystemTime>| {
+                    *held = held.zip(next).map(|(a, b)| a.min(b));
+                })
+                .or_insert(next);
         }
         Ok(Self {
             svid: parsed,
             bundle,
-            crls: readable,
+            crls: for_verifier,
             revoked,
             crl_next_update,
             federated,

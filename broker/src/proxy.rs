@@ -781,6 +781,11 @@ mod tests {
 
         /// An empty CRL whose nextUpdate is `next_update` from now (negative: past).
         fn crl(&self, next_update: i64) -> Vec<u8> {
+            self.crl_revoking(next_update, &[])
+        }
+
+        /// As [`Pki::crl`], listing `serials`.
+        fn crl_revoking(&self, next_update: i64, serials: &[&[u8]]) -> Vec<u8> {
             let now = SystemTime::now();
             let at = |seconds: i64| {
                 if seconds < 0 {
@@ -794,7 +799,15 @@ mod tests {
                 next_update: at(next_update).into(),
                 crl_number: rcgen::SerialNumber::from(1u64),
                 issuing_distribution_point: None,
-                revoked_certs: Vec::new(),
+                revoked_certs: serials
+                    .iter()
+                    .map(|serial| rcgen::RevokedCertParams {
+                        serial_number: rcgen::SerialNumber::from_slice(serial),
+                        revocation_time: now.into(),
+                        reason_code: None,
+                        invalidity_date: None,
+                    })
+                    .collect(),
                 key_identifier_method: rcgen::KeyIdMethod::Sha256,
             }
             .signed_by(&self.issuer)
@@ -937,20 +950,65 @@ mod tests {
     }
 
     #[test]
-    fn a_crl_only_x509_parser_reads_is_kept_from_the_tls_verifier_but_still_counts() {
+    fn a_crl_the_tls_verifier_cannot_use_still_revokes_but_does_not_count_as_fresh() {
         let pki = Pki::new();
         let broker_svid = pki.svid("spiffe://test.example/broker");
-        let mut crl = pki.crl(3600);
+        let good = pki.crl(3600);
+        let mut unusable = pki.crl_revoking(3600, &[&[0x0a, 0x0b, 0x0c]]);
         // The version field (v2, `02 01 01`) set to a version that does not exist: x509-parser
         // reads the CRL, webpki (rustls's parser) refuses it.
-        let at = crl.windows(3).position(|w| w == [2, 1, 1]).unwrap();
-        crl[at + 2] = 2;
+        let at = unusable.windows(3).position(|w| w == [2, 1, 1]).unwrap();
+        unusable[at + 2] = 2;
+        let issuer = {
+            let (_, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(&good).unwrap();
+            crl.issuer().as_raw().to_vec()
+        };
+        let now = SystemTime::now();
+
         let credentials =
-            Credentials::from_workload_api(&broker_svid, &[crl], &HashMap::new(), &[]).unwrap();
+            Credentials::from_workload_api(&broker_svid, &[unusable.clone()], &HashMap::new(), &[])
+                .unwrap();
+        // Kept from the verifier, which still builds...
         assert!(credentials.crls.is_empty());
-        // Its authority still has a fresh CRL for the check after the handshake.
-        assert_eq!(credentials.crl_next_update.len(), 1);
         upstream::server_config(&credentials).unwrap();
+        // ...its serial is refused after the handshake...
+        assert!(
+            credentials.revoked.contains("0a0b0c"),
+            "{:?}",
+            credentials.revoked
+        );
+        // ...and its authority has no CRL that vouches for freshness: `stale_crl` decides.
+        let problem = credentials.crl_problem(&issuer, now).unwrap_or_default();
+        assert!(problem.contains("no readable CRL"), "{problem}");
+
+        // Beside a usable CRL of the same authority, that one counts.
+        let credentials =
+            Credentials::from_workload_api(&broker_svid, &[unusable, good], &HashMap::new(), &[])
+                .unwrap();
+        assert_eq!(credentials.crls.len(), 1);
+        assert!(credentials.revoked.contains("0a0b0c"));
+        assert_eq!(credentials.crl_problem(&issuer, now), None);
+    }
+
+    #[test]
+    fn of_two_crls_of_one_authority_the_first_to_go_stale_decides() {
+        let pki = Pki::new();
+        let broker_svid = pki.svid("spiffe://test.example/broker");
+        let (fresh, stale) = (pki.crl(3600), pki.crl(-60));
+        let issuer = {
+            let (_, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(&fresh).unwrap();
+            crl.issuer().as_raw().to_vec()
+        };
+        for crls in [[fresh.clone(), stale.clone()], [stale, fresh]] {
+            let credentials =
+                Credentials::from_workload_api(&broker_svid, &crls, &HashMap::new(), &[]).unwrap();
+            let problem = credentials
+                .crl_problem(&issuer, SystemTime::now())
+                .unwrap_or_default();
+            assert!(problem.contains("past its nextUpdate"), "{problem}");
+        }
     }
 
     #[test]

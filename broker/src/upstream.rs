@@ -115,7 +115,8 @@ pub(crate) async fn connect(
 }
 
 /// The configuration clients meet: the broker's SVID; client SVIDs required, chained to the
-/// bundle and not on a CRL (the SPIFFE ID is checked after the handshake).
+/// bundle and not on a CRL the verifier holds (the SPIFFE ID, the serials of the CRLs only
+/// x509-parser reads and the CRL's freshness are checked after the handshake).
 ///
 /// # Errors
 ///
@@ -131,8 +132,9 @@ pub(crate) fn server_config(credentials: &Credentials) -> anyhow::Result<Arc<Ser
     let own = WebPkiClientVerifier::builder_with_provider(roots(&credentials.bundle)?, provider())
         .with_crls(credentials.crls.clone())
         .only_check_end_entity_revocation()
-        // A CRL of a just-created authority may not have reached the broker yet; a stale one
-        // is decided by `stale_crl`.
+        // A CRL of a just-created authority may not have reached the broker yet, and one the
+        // verifier cannot parse is not given to it; a missing or stale one is decided by
+        // `stale_crl` after the handshake.
         .allow_unknown_revocation_status()
         .build()?;
     // Each peer is verified against the bundle of its own SPIFFE ID's trust domain: ours (with
