@@ -46,10 +46,11 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// The credentials in one Workload API message: `svid` (with its bundle), the CRLs, and
     /// the federated bundles (`federated_bundles`: trust domain ID to DER) of the trust
-    /// domains in `accepted`. A CRL either parser cannot read is logged, and its authority
-    /// counts as having no readable CRL (`stale_crl` decides); what one parser read is still
-    /// used (the verifier's CRLs, the serials refused after the handshake). A federated
-    /// bundle that does not parse is logged and left out: its peers are refused.
+    /// domains in `accepted`. A CRL either parser cannot read is logged and does not count
+    /// for its authority's freshness (with no other CRL of it, `stale_crl` decides); what one
+    /// parser read is still used (the verifier's CRLs, the serials refused after the
+    /// handshake). A federated bundle that does not parse is logged and left out: its peers
+    /// are refused.
     ///
     /// # Errors
     ///
@@ -84,29 +85,34 @@ impl Credentials {
         // Each CRL is read by two parsers, and each use takes only what its parser read:
         // - the TLS verifier gets the CRLs webpki (rustls's parser) reads: rustls refuses to
         //   build a verifier with one it cannot parse, and one bad CRL would keep every
-        //   handshake on the previous configuration (at start-up: no configuration at all);
+        //   handshake on the previous configuration (at start-up: no configuration at all).
+        //   Those x509-parser cannot read come first: webpki checks only the first CRL of an
+        //   authority, and theirs are the serials `revoked` lacks;
         // - `revoked` gets the serials of every CRL x509-parser reads (refusing too many is
         //   safe);
         // - a CRL counts for its authority's freshness only when both read it: one the verifier
-        //   cannot use (a delta or partitioned CRL, an unknown critical extension) leaves its
-        //   authority with "no readable CRL", and `stale_crl` decides.
-        let mut for_verifier = Vec::with_capacity(crls.len());
+        //   cannot use (a delta or partitioned CRL, an unknown critical extension) does not,
+        //   and with no other CRL of its authority `stale_crl` decides.
+        let (mut for_verifier, mut verifier_only) = (Vec::new(), Vec::new());
         for der in crls {
             let verifier = webpki::OwnedCertRevocationList::from_der(der).map(|_| ());
-            if verifier.is_ok() {
-                for_verifier.push(CertificateRevocationListDer::from(der.clone()));
-            }
             let crl = match CertificateRevocationList::from_der(der) {
                 Ok((_, crl)) => crl,
                 Err(error) => {
                     warn!(
                         %error,
                         tls_verifier_uses_it = verifier.is_ok(),
-                        "the workload api sent a crl x509-parser cannot read; its authority counts as having no readable crl"
+                        "the workload api sent a crl x509-parser cannot read; it does not count for its authority's freshness"
                     );
+                    if verifier.is_ok() {
+                        verifier_only.push(CertificateRevocationListDer::from(der.clone()));
+                    }
                     continue;
                 }
             };
+            if verifier.is_ok() {
+                for_verifier.push(CertificateRevocationListDer::from(der.clone()));
+            }
             revoked.extend(
                 crl.iter_revoked_certificates()
                     .map(|r| sigil_core::hex::encode(r.raw_serial())),
@@ -115,14 +121,15 @@ impl Credentials {
                 warn!(
                     %error,
                     issuer = %crl.issuer(),
-                    "the workload api sent a crl the tls verifier cannot use: its serials are refused after the handshake, its authority counts as having no readable crl"
+                    "the workload api sent a crl the tls verifier cannot use: its serials are refused after the handshake; it does not count for its authority's freshness"
                 );
                 continue;
             }
             let next = crl.next_update().map(|t| {
                 sigil_core::time::from_unix_seconds(t.timestamp()).unwrap_or(SystemTime::UNIX_EPOCH)
             });
-            // Two CRLs of one authority: the one that is stale first decides.
+            // Several CRLs of one authority: the one that goes stale first decides (one without
+            // nextUpdate, at once).
             crl_next_update
                 .entry(crl.issuer().as_raw().to_vec())
                 .and_modify(|held: &mut Option<SystemTime>| {
@@ -133,7 +140,7 @@ impl Credentials {
         Ok(Self {
             svid: parsed,
             bundle,
-            crls: for_verifier,
+            crls: verifier_only.into_iter().chain(for_verifier).collect(),
             revoked,
             crl_next_update,
             federated,
