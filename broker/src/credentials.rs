@@ -96,7 +96,16 @@ impl Credentials {
         let (mut for_verifier, mut verifier_only) = (Vec::new(), Vec::new());
         for der in crls {
             let verifier = webpki::OwnedCertRevocationList::from_der(der).map(|_| ());
-            let crl = match CertificateRevocationList::from_der(der) {
+            let parsed = CertificateRevocationList::from_der(der);
+            if verifier.is_ok() {
+                let list = if parsed.is_ok() {
+                    &mut for_verifier
+                } else {
+                    &mut verifier_only
+                };
+                list.push(CertificateRevocationListDer::from(der.clone()));
+            }
+            let crl = match parsed {
                 Ok((_, crl)) => crl,
                 Err(error) => {
                     warn!(
@@ -104,15 +113,9 @@ impl Credentials {
                         tls_verifier_uses_it = verifier.is_ok(),
                         "the workload api sent a crl x509-parser cannot read; it does not count for its authority's freshness"
                     );
-                    if verifier.is_ok() {
-                        verifier_only.push(CertificateRevocationListDer::from(der.clone()));
-                    }
                     continue;
                 }
             };
-            if verifier.is_ok() {
-                for_verifier.push(CertificateRevocationListDer::from(der.clone()));
-            }
             revoked.extend(
                 crl.iter_revoked_certificates()
                     .map(|r| sigil_core::hex::encode(r.raw_serial())),

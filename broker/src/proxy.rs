@@ -959,11 +959,7 @@ mod tests {
         // reads the CRL, webpki (rustls's parser) refuses it.
         let at = unusable.windows(3).position(|w| w == [2, 1, 1]).unwrap();
         unusable[at + 2] = 2;
-        let issuer = {
-            let (_, crl) =
-                x509_parser::revocation_list::CertificateRevocationList::from_der(&good).unwrap();
-            crl.issuer().as_raw().to_vec()
-        };
+        let issuer = crl_issuer(&good);
         let now = SystemTime::now();
 
         let credentials =
@@ -996,11 +992,7 @@ mod tests {
         let pki = Pki::new();
         let broker_svid = pki.svid("spiffe://test.example/broker");
         let (fresh, stale) = (pki.crl(3600), pki.crl(-60));
-        let issuer = {
-            let (_, crl) =
-                x509_parser::revocation_list::CertificateRevocationList::from_der(&fresh).unwrap();
-            crl.issuer().as_raw().to_vec()
-        };
+        let issuer = crl_issuer(&fresh);
         for crls in [[fresh.clone(), stale.clone()], [stale, fresh]] {
             let credentials =
                 Credentials::from_workload_api(&broker_svid, &crls, &HashMap::new(), &[]).unwrap();
@@ -1009,6 +1001,13 @@ mod tests {
                 .unwrap_or_default();
             assert!(problem.contains("past its nextUpdate"), "{problem}");
         }
+    }
+
+    /// The issuer's name (DER) of the CRL `der`.
+    fn crl_issuer(der: &[u8]) -> Vec<u8> {
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
+        crl.issuer().as_raw().to_vec()
     }
 
     #[test]

@@ -43,11 +43,11 @@
 //! # Group commit
 //!
 //! A mutating call does its write (on one of the store's own threads, see the `pool` module),
-//! then takes a ticket (`requested += 1`) and waits. One flusher thread loops: it takes the highest ticket issued so far, reads the
-//! revision counter, calls `Db::flush` (which writes out and fsyncs everything written before
-//! it), then publishes "flushed through ticket T" and "durable revision R" on watch channels.
-//! Every writer whose ticket is at most T wakes: its write finished before it took its ticket,
-//! hence before the flush began. Writers that arrive during a flush are covered by the next
+//! then takes a ticket (`requested += 1`) and waits. One flusher thread loops: it takes the
+//! highest ticket issued so far, reads the revision counter, calls `Db::flush` (which writes out
+//! and fsyncs everything written before it), then publishes "flushed through ticket T" and
+//! "durable revision R" on watch channels. Every writer whose ticket is at most T wakes: its
+//! write finished before it took its ticket, hence before the flush began. Writers that arrive during a flush are covered by the next
 //! one, so N concurrent writes cost about one fsync. The durable revision is the one read just
 //! before the flush: every transaction up to it had committed, so the flush covers it.
 //!

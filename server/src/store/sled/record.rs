@@ -340,11 +340,13 @@ fn by_form<T: serde::de::DeserializeOwned>(
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn round_trips(bytes: &[u8]) -> Result<usize, String> {
     fn check<T: PartialEq + std::fmt::Debug>(
-        decoded: Result<T, StoreError>,
+        bytes: &[u8],
         encode: impl Fn(&T) -> Result<Vec<u8>, StoreError>,
         decode: impl Fn(&[u8]) -> Result<T, StoreError>,
     ) -> Result<usize, String> {
-        let Ok(value) = decoded else { return Ok(0) };
+        let Ok(value) = decode(bytes) else {
+            return Ok(0);
+        };
         let written =
             encode(&value).map_err(|e| format!("{value:?} was read but not written: {e}"))?;
         match decode(&written) {
@@ -353,9 +355,9 @@ pub(crate) fn round_trips(bytes: &[u8]) -> Result<usize, String> {
             Err(e) => Err(format!("{value:?} was written and could not be read: {e}")),
         }
     }
-    Ok(check(decode_entry(bytes), encode_entry, decode_entry)?
-        + check(decode_change(bytes), encode_change, decode_change)?
-        + check(decode_audit(bytes), encode_audit, decode_audit)?)
+    Ok(check(bytes, encode_entry, decode_entry)?
+        + check(bytes, encode_change, decode_change)?
+        + check(bytes, encode_audit, decode_audit)?)
 }
 
 fn versioned(message: &impl Message) -> Vec<u8> {
