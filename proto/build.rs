@@ -33,6 +33,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("rpc_methods.rs"), methods)?;
     tonic_prost_build::configure()
+        // A map in key order, so that one response always encodes to the same bytes: the
+        // agent shares one encoding between the streams it goes to and compares encodings to
+        // send only what changed.
+        .btree_map(".X509SVIDResponse.federated_bundles")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

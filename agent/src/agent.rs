@@ -7,14 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use sigil_attestors::unix::UnixAttestor;
 use sigil_daemon::limits::ConnectionLimit;
 use sigil_daemon::telemetry::{GrpcMetrics, HttpEndpoints};
-use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tracing::{Instrument, error, info, info_span};
 
 use crate::config::AgentConfig;
 use crate::manager::Manager;
 use crate::node::{NodeConnection, NodeError};
 use crate::telemetry;
-use crate::workload_api::{ListenerError, WorkloadApi, WorkloadListener, front_door_caller};
+use crate::workload_api::{
+    ListenerError, WorkloadApi, WorkloadApiServer, WorkloadListener, front_door_caller,
+};
 
 /// The largest Workload API request (the largest is a `ValidateJWTSVID` with a token of at most
 /// 16 KiB).
@@ -97,9 +98,7 @@ pub async fn run(
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let serve = sigil_daemon::limits::grpc_server()
         .layer(grpc_metrics)
-        .add_service(
-            SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_WORKLOAD_REQUEST),
-        )
+        .add_service(WorkloadApiServer::new(api, MAX_WORKLOAD_REQUEST))
         .serve_with_incoming_shutdown(
             connections.apply_keyed(listener, |conn| {
                 // Root is not limited apart: it is trusted (and often every container).

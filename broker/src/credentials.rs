@@ -2,7 +2,7 @@
 //! trust domain's bundle and the CRLs, replaced on every message of the `FetchX509SVID` stream
 //! (rotation, bundle change, revocation) without touching listeners or live connections.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -58,7 +58,7 @@ impl Credentials {
     pub(crate) fn from_workload_api(
         svid: &X509svid,
         crls: &[Vec<u8>],
-        federated_bundles: &HashMap<String, Vec<u8>>,
+        federated_bundles: &BTreeMap<String, Vec<u8>>,
         accepted: &[TrustDomain],
     ) -> anyhow::Result<Self> {
         let mut federated = Vec::new();

@@ -661,6 +661,7 @@ fn event(
 mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
 
+    use std::collections::BTreeMap;
     use std::path::Path;
     use std::pin::Pin;
     use std::task::{Context, Poll};
@@ -942,7 +943,7 @@ mod tests {
         let broker_svid = pki.svid("spiffe://test.example/broker");
         let crls = [b"not a crl".to_vec(), pki.crl(3600)];
         let credentials =
-            Credentials::from_workload_api(&broker_svid, &crls, &HashMap::new(), &[]).unwrap();
+            Credentials::from_workload_api(&broker_svid, &crls, &BTreeMap::new(), &[]).unwrap();
         assert_eq!(credentials.crls.len(), 1);
         assert_eq!(credentials.crls[0].as_ref(), crls[1].as_slice());
         // rustls builds the verifier: handshakes go on with the readable CRL.
@@ -962,9 +963,13 @@ mod tests {
         let issuer = crl_issuer(&good);
         let now = SystemTime::now();
 
-        let credentials =
-            Credentials::from_workload_api(&broker_svid, &[unusable.clone()], &HashMap::new(), &[])
-                .unwrap();
+        let credentials = Credentials::from_workload_api(
+            &broker_svid,
+            &[unusable.clone()],
+            &BTreeMap::new(),
+            &[],
+        )
+        .unwrap();
         // Kept from the verifier, which still builds...
         assert!(credentials.crls.is_empty());
         upstream::server_config(&credentials).unwrap();
@@ -980,7 +985,7 @@ mod tests {
 
         // Beside a usable CRL of the same authority, that one counts.
         let credentials =
-            Credentials::from_workload_api(&broker_svid, &[unusable, good], &HashMap::new(), &[])
+            Credentials::from_workload_api(&broker_svid, &[unusable, good], &BTreeMap::new(), &[])
                 .unwrap();
         assert_eq!(credentials.crls.len(), 1);
         assert!(credentials.revoked.contains("0a0b0c"));
@@ -995,7 +1000,7 @@ mod tests {
         let issuer = crl_issuer(&fresh);
         for crls in [[fresh.clone(), stale.clone()], [stale, fresh]] {
             let credentials =
-                Credentials::from_workload_api(&broker_svid, &crls, &HashMap::new(), &[]).unwrap();
+                Credentials::from_workload_api(&broker_svid, &crls, &BTreeMap::new(), &[]).unwrap();
             let problem = credentials
                 .crl_problem(&issuer, SystemTime::now())
                 .unwrap_or_default();
@@ -1016,7 +1021,7 @@ mod tests {
         let partner = Pki::new();
         let broker_svid = pki.svid("spiffe://test.example/broker");
         let td = |name: &str| TrustDomain::new(name).unwrap();
-        let federated = HashMap::from([
+        let federated = BTreeMap::from([
             (
                 "spiffe://partner.example".to_owned(),
                 partner.ca_der.clone(),
@@ -1052,7 +1057,7 @@ mod tests {
         let expires = SystemTime::now() + std::time::Duration::from_secs(3);
         let client = pki.svid_until("spiffe://test.example/client", Some(expires));
         let credentials =
-            Credentials::from_workload_api(&broker_svid, &[pki.crl(3600)], &HashMap::new(), &[])
+            Credentials::from_workload_api(&broker_svid, &[pki.crl(3600)], &BTreeMap::new(), &[])
                 .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (address, spool, _stop) = broker(dir.path(), credentials, StaleCrl::Refuse).await;
@@ -1108,7 +1113,7 @@ mod tests {
                 vec![crl]
             };
             let credentials =
-                Credentials::from_workload_api(&broker_svid, &crls, &HashMap::new(), &[]).unwrap();
+                Credentials::from_workload_api(&broker_svid, &crls, &BTreeMap::new(), &[]).unwrap();
             let (address, spool, _stop) = broker(dir.path(), credentials, stale_crl).await;
             assert_eq!(echoes(address, &pki, &client).await, admitted, "{case}");
             // The refusal is recorded, with why.

@@ -2,6 +2,8 @@
 //!
 //! - [`service`]: [`WorkloadApi`], the five RPCs (spec sections 5 and 6): header check,
 //!   attestation of the caller, entitlement, streams.
+//! - [`server`]: [`WorkloadApiServer`], the gRPC service: the generated one, with
+//!   `FetchX509SVID`'s messages written as encoded once for every stream that gets them.
 //! - [`sessions`]: a caller's privileged-session SVIDs, minted for it alone and renewed.
 //! - [`caller`]: [`CallerIdentity`], who is calling (kernel credentials, same process?).
 //! - [`listener`]: [`WorkloadListener`] binds the Unix socket and yields [`FrontDoorStream`]s for
@@ -30,6 +32,7 @@ pub mod caller;
 pub mod http_authority;
 pub mod listener;
 pub mod peer;
+pub mod server;
 pub mod service;
 pub mod sessions;
 
@@ -37,4 +40,5 @@ pub use caller::{CallerIdentity, CallerLookup, front_door_caller};
 pub use http_authority::{AuthorityError, NormalizeAuthority};
 pub use listener::{FrontDoorStream, ListenerError, WorkloadListener};
 pub use peer::{CallerProcess, PeerError, ProcessHandleKind, ProcessTracking};
+pub use server::WorkloadApiServer;
 pub use service::{SECURITY_HEADER, WorkloadApi, WorkloadError};

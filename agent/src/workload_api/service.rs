@@ -17,8 +17,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::SystemTime;
+
+use bytes::Bytes;
+use prost::Message as _;
 
 use sigil_attestors::unix::{Credentials, UnixAttestor};
 use sigil_core::jwt::{JwtBundleSet, JwtSvid};
@@ -35,6 +38,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
+use zeroize::{Zeroize as _, Zeroizing};
 
 use super::caller::{CallerIdentity, CallerLookup};
 use super::sessions;
@@ -96,9 +100,25 @@ pub struct WorkloadApi {
     minter: Minter,
     attestor: Arc<UnixAttestor>,
     caller: CallerLookup,
+    shared: Arc<Mutex<SharedResponses>>,
 }
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(crate) type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The `FetchX509SVID` messages of one snapshot, encoded once and shared by every stream whose
+/// caller gets the same SVIDs and has no session SVID of its own (a rotation pushed to a
+/// thousand workloads of one kind is built and encoded once, not a thousand times).
+#[derive(Default)]
+struct SharedResponses {
+    /// The snapshot they were built from (weak: an old snapshot is not kept alive by this; its
+    /// allocation is, so that its address cannot name another while this compares with it).
+    snapshot: Weak<Inventory>,
+    /// By the entry ids of the SVIDs in the message, in its order: in one snapshot, they
+    /// decide the whole message (each SVID, the federated bundles of their entries, the bundle
+    /// and the CRLs). Keyed by what the callers get rather than by their selectors, so there
+    /// are at most as many as the kinds of workload the entries name, whatever callers send.
+    by_identities: HashMap<Box<[Arc<str>]>, Bytes>,
+}
 
 /// A `FetchX509SVID` stream's caller as attested when the stream began, and the means to mint
 /// its session SVIDs and to attest it again before each.
@@ -145,6 +165,65 @@ impl StreamCaller {
     }
 }
 
+// === impl SharedResponses ===
+
+impl SharedResponses {
+    /// The encoded `FetchX509SVID` message for `selectors` in `snapshot` with the caller's
+    /// session SVIDs `held`, or `None` when they grant nothing. Without session SVIDs, the
+    /// message is shared with every caller that gets the same SVIDs while `snapshot` is the one
+    /// `published` holds.
+    fn message(
+        shared: &Mutex<Self>,
+        published: &watch::Receiver<Arc<Inventory>>,
+        snapshot: &Arc<Inventory>,
+        selectors: &SelectorSet,
+        held: &BTreeMap<String, WorkloadSvid>,
+    ) -> Option<Bytes> {
+        let now = SystemTime::now();
+        let identities = snapshot.identities_for(selectors, now);
+        if !held.is_empty() {
+            let sessions = held.values().filter(|w| w.not_after() > now);
+            return x509_response(snapshot, identities.into_iter().chain(sessions).collect())
+                .map(encode);
+        }
+        let key: Box<[Arc<str>]> = identities
+            .iter()
+            .map(|w| Arc::clone(&w.grant.entry_id))
+            .collect();
+        let stale = {
+            let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            if std::ptr::eq(shared.snapshot.as_ptr(), Arc::as_ptr(snapshot)) {
+                if let Some(message) = shared.by_identities.get(&key) {
+                    return Some(message.clone());
+                }
+                None
+            } else if Arc::ptr_eq(&published.borrow(), snapshot) {
+                // The first stream on a newly published snapshot: what was kept is of an older
+                // one (dropped below, outside the lock: its messages are wiped as they go).
+                Some(std::mem::replace(
+                    &mut *shared,
+                    Self {
+                        snapshot: Arc::downgrade(snapshot),
+                        by_identities: HashMap::new(),
+                    },
+                ))
+            } else {
+                // A stream late on an older snapshot: built for it alone, so that it does not
+                // throw away the messages of the newer one.
+                return x509_response(snapshot, identities).map(encode);
+            }
+        };
+        drop(stale);
+        // Built outside the lock: other streams' lookups need not wait for it.
+        let message = encode(x509_response(snapshot, identities)?);
+        let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if std::ptr::eq(shared.snapshot.as_ptr(), Arc::as_ptr(snapshot)) {
+            shared.by_identities.insert(key, message.clone());
+        }
+        Some(message)
+    }
+}
+
 // === impl WorkloadApi ===
 
 impl std::fmt::Debug for WorkloadApi {
@@ -167,7 +246,65 @@ impl WorkloadApi {
             minter,
             attestor,
             caller,
+            shared: Arc::default(),
         }
+    }
+
+    /// A `FetchX509SVID` stream, each message already encoded (protobuf): the first at once, then
+    /// one on every change of what the caller gets, until it has nothing or is no longer the
+    /// process that connected. The stream is polled by the connection's own task (no task or
+    /// channel of its own); dropping it (the client went away) stops it.
+    pub(crate) async fn x509_stream(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<ResponseStream<Bytes>>, Status> {
+        let (selectors, creds, caller) = self.attest_caller(&request).await?;
+        let mut snapshots = self.snapshots.clone();
+        let mut held = BTreeMap::new();
+        let snapshot = snapshots.borrow_and_update().clone();
+        // Before every session mint, the caller must still be the process that connected,
+        // with the same selectors: a stream outlives many mints.
+        let caller = StreamCaller {
+            api: self.clone(),
+            caller,
+            selectors,
+            credentials: creds,
+        };
+        sessions::refresh(&caller, &snapshot, &mut held)
+            .await
+            .map_err(Status::from)?;
+        let first = self
+            .encoded_x509(&snapshot, &caller.selectors, &held)
+            .ok_or_else(|| Status::from(WorkloadError::NoIdentity))?;
+        let follow = Follow {
+            caller,
+            snapshots,
+            held,
+            last: first.clone(),
+        };
+        let rest = futures_util::stream::unfold(Some(follow), |follow| async move {
+            let mut follow = follow?;
+            let next = follow.next().await?;
+            // After an error the stream ends.
+            let more = next.is_ok().then_some(follow);
+            Some((next, more))
+        });
+        // The first message is ready in the body, so it leaves with the response headers
+        // (one write).
+        Ok(Response::new(Box::pin(
+            tokio_stream::once(Ok(first)).chain(rest),
+        )))
+    }
+
+    /// The encoded `FetchX509SVID` message for `selectors` in `snapshot` with the caller's
+    /// session SVIDs `held`, or `None` when they grant nothing (see [`SharedResponses::message`]).
+    fn encoded_x509(
+        &self,
+        snapshot: &Arc<Inventory>,
+        selectors: &SelectorSet,
+        held: &BTreeMap<String, WorkloadSvid>,
+    ) -> Option<Bytes> {
+        SharedResponses::message(&self.shared, &self.snapshots, snapshot, selectors, held)
     }
 
     /// Checks the security header, then attests the caller: its selectors.
@@ -239,78 +376,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
     type FetchWITSVIDStream = ResponseStream<WitsvidResponse>;
     type FetchWITBundlesStream = ResponseStream<WitBundlesResponse>;
 
+    /// Served by [`WorkloadApiServer`](super::WorkloadApiServer) with the messages sent as
+    /// encoded ([`WorkloadApi::x509_stream`]); here (a caller of the trait itself, or the
+    /// generated server) they are decoded again.
     async fn fetch_x509svid(
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (selectors, creds, caller) = self.attest_caller(&request).await?;
-        let mut snapshots = self.snapshots.clone();
-        let mut held = BTreeMap::new();
-        let snapshot = snapshots.borrow_and_update().clone();
-        // Before every session mint, the caller must still be the process that connected,
-        // with the same selectors: a stream outlives many mints.
-        let stream_caller = StreamCaller {
-            api: self.clone(),
-            caller,
-            selectors: selectors.clone(),
-            credentials: creds,
-        };
-        sessions::refresh(&stream_caller, &snapshot, &mut held)
-            .await
-            .map_err(Status::from)?;
-        let first = x509_response(&snapshot, &selectors, &held)
-            .ok_or_else(|| Status::from(WorkloadError::NoIdentity))?;
-        let (tx, rx) = mpsc::channel(2);
-        let mut last = first.clone();
-        tokio::spawn(async move {
-            loop {
-                let wake = sessions::wakeup(&held, &snapshots.borrow());
-                tokio::select! {
-                    changed = snapshots.changed() => if changed.is_err() { return },
-                    () = sleep_until(wake) => {}
-                    () = tx.closed() => return,
-                }
-                // A client that has gone needs no more session SVIDs minted for it.
-                if tx.is_closed() {
-                    return;
-                }
-                let snapshot = snapshots.borrow_and_update().clone();
-                if let Err(changed) = sessions::refresh(&stream_caller, &snapshot, &mut held).await
-                {
-                    let _ = tx.send(Err(changed.into())).await;
-                    return;
-                }
-                let next = x509_response(&snapshot, &selectors, &held);
-                match next {
-                    None => {
-                        let _ = tx.send(Err(WorkloadError::NoIdentity.into())).await;
-                        return;
-                    }
-                    Some(next) if next != last => {
-                        // Nothing more for a caller that exited or exec'd since it connected.
-                        if !stream_caller.same_process() {
-                            let _ = tx
-                                .send(Err(WorkloadError::Attestation(
-                                    ": the calling process changed since it connected; reconnect",
-                                )
-                                .into()))
-                                .await;
-                            return;
-                        }
-                        last = next.clone();
-                        if tx.send(Ok(next)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(_) => {}
-                }
-            }
-        });
-        // The first message is ready in the body, so it leaves with the response headers
-        // (one write) rather than after a hop through the stream task.
-        Ok(Response::new(Box::pin(
-            tokio_stream::once(Ok(first)).chain(ReceiverStream::new(rx)),
-        )))
+        let stream = self.x509_stream(request).await?.into_inner();
+        Ok(Response::new(Box::pin(stream.map(|message| {
+            X509svidResponse::decode(message?)
+                .map_err(|_| Status::internal("cannot decode an X509-SVID message"))
+        }))))
     }
 
     async fn fetch_x509_bundles(
@@ -503,20 +580,13 @@ fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
     }
 }
 
-/// The full X509-SVID response for `selectors` (the caller's session SVIDs last), or `None`
-/// when they grant nothing.
-fn x509_response(
-    snapshot: &Inventory,
-    selectors: &SelectorSet,
-    sessions: &BTreeMap<String, WorkloadSvid>,
-) -> Option<X509svidResponse> {
+/// The full X509-SVID response holding `held` (the caller's identities, then its session
+/// SVIDs), or `None` when that is nothing.
+fn x509_response(snapshot: &Inventory, held: Vec<&WorkloadSvid>) -> Option<X509svidResponse> {
+    if held.is_empty() {
+        return None;
+    }
     let bundle = snapshot.bundle.x509_der();
-    let now = SystemTime::now();
-    let held: Vec<&WorkloadSvid> = snapshot
-        .identities_for(selectors, now)
-        .into_iter()
-        .chain(sessions.values().filter(|w| w.not_after() > now))
-        .collect();
     // The federated bundles of the SVIDs in this response (WE: `federated_bundles`).
     let federated_bundles = snapshot
         .federated_for(held.iter().flat_map(|w| w.grant.federates_with.iter()))
@@ -533,11 +603,71 @@ fn x509_response(
             hint: w.grant.hint.to_string(),
         })
         .collect();
-    (!svids.is_empty()).then(|| X509svidResponse {
+    Some(X509svidResponse {
         svids,
         crl: snapshot.crls.clone(),
         federated_bundles,
     })
+}
+
+/// What a `FetchX509SVID` stream follows after its first message.
+struct Follow {
+    caller: StreamCaller,
+    snapshots: watch::Receiver<Arc<Inventory>>,
+    /// The caller's session SVIDs, by entry id.
+    held: BTreeMap<String, WorkloadSvid>,
+    /// The last message sent: an unchanged message is not sent again.
+    last: Bytes,
+}
+
+impl Follow {
+    /// The next message to send, once what the caller gets has changed; an error ends the
+    /// stream, and `None` ends it without one (the agent is stopping).
+    async fn next(&mut self) -> Option<Result<Bytes, Status>> {
+        loop {
+            let wake = sessions::wakeup(&self.held, &self.snapshots.borrow());
+            tokio::select! {
+                changed = self.snapshots.changed() => if changed.is_err() { return None },
+                () = sleep_until(wake) => {}
+            }
+            let snapshot = self.snapshots.borrow_and_update().clone();
+            if let Err(changed) = sessions::refresh(&self.caller, &snapshot, &mut self.held).await {
+                return Some(Err(changed.into()));
+            }
+            let api = &self.caller.api;
+            match api.encoded_x509(&snapshot, &self.caller.selectors, &self.held) {
+                None => return Some(Err(WorkloadError::NoIdentity.into())),
+                // The same shared bytes (the usual case) need no comparison.
+                Some(next) if !same_bytes(&next, &self.last) => {
+                    // Nothing more for a caller that exited or exec'd since it connected.
+                    if !self.caller.same_process() {
+                        return Some(Err(WorkloadError::Attestation(
+                            ": the calling process changed since it connected; reconnect",
+                        )
+                        .into()));
+                    }
+                    self.last = next.clone();
+                    return Some(Ok(next));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// Whether two messages are the same bytes: the same buffer, or equal contents.
+fn same_bytes(a: &Bytes, b: &Bytes) -> bool {
+    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
+}
+
+/// A message's protobuf encoding, wiped when the last stream holding it lets it go (it carries
+/// private keys). tonic copies it into the connection's buffers, which it does not wipe.
+fn encode(mut response: X509svidResponse) -> Bytes {
+    let message = Bytes::from_owner(Zeroizing::new(response.encode_to_vec()));
+    for svid in &mut response.svids {
+        svid.x509_svid_key.zeroize();
+    }
+    message
 }
 
 async fn sleep_until(at: tokio::time::Instant) {
@@ -611,4 +741,156 @@ fn to_value(value: &serde_json::Value) -> prost_types::Value {
         serde_json::Value::Object(map) => Kind::StructValue(to_struct(map)),
     };
     prost_types::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sigil_core::{Selector, TrustDomain};
+
+    use super::*;
+
+    fn selectors(uid: u32) -> SelectorSet {
+        [Selector::parse(&format!("unix:uid:{uid}")).unwrap()]
+            .into_iter()
+            .collect()
+    }
+
+    fn svid(entry: &str, uid: u32, not_after: SystemTime) -> WorkloadSvid {
+        WorkloadSvid::unsigned(
+            Arc::new(Grant {
+                entry_id: entry.into(),
+                spiffe_id: SpiffeId::new(&format!("spiffe://example.org/{entry}")).unwrap(),
+                selectors: selectors(uid),
+                hint: Box::default(),
+                x509_ttl: 3600,
+                expires_at: None,
+                federates_with: Box::default(),
+            }),
+            1,
+            not_after,
+        )
+    }
+
+    /// An inventory holding `svids`.
+    fn inventory(svids: Vec<WorkloadSvid>) -> Arc<Inventory> {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut inventory = Inventory::new(td.clone(), SpiffeBundle::new(td));
+        let map = Arc::make_mut(&mut inventory.svids);
+        for w in svids {
+            map.insert(w.grant.entry_id.clone(), Arc::new(w));
+        }
+        Arc::new(inventory)
+    }
+
+    fn ids(message: &Bytes) -> Vec<String> {
+        X509svidResponse::decode(message.clone())
+            .unwrap()
+            .svids
+            .into_iter()
+            .map(|s| s.spiffe_id)
+            .collect()
+    }
+
+    #[test]
+    fn callers_of_one_kind_share_one_encoding_of_the_published_snapshot() {
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let first = inventory(vec![svid("a", 1, later), svid("b", 2, later)]);
+        let (publish, published) = watch::channel(Arc::clone(&first));
+        let shared = Mutex::default();
+        let none = BTreeMap::new();
+        let message = |snapshot: &Arc<Inventory>, uid| {
+            SharedResponses::message(&shared, &published, snapshot, &selectors(uid), &none)
+        };
+
+        let one = message(&first, 1).unwrap();
+        assert_eq!(ids(&one), ["spiffe://example.org/a"]);
+        // Another kind of caller that gets the same SVIDs gets the same bytes too.
+        let both: SelectorSet = [
+            Selector::parse("unix:uid:1").unwrap(),
+            Selector::parse("unix:path:/bin/w").unwrap(),
+        ]
+        .into_iter()
+        .collect();
+        let same = SharedResponses::message(&shared, &published, &first, &both, &none).unwrap();
+        assert_eq!(same.as_ptr(), one.as_ptr());
+        // The same bytes, not an equal copy.
+        assert_eq!(message(&first, 1).unwrap().as_ptr(), one.as_ptr());
+        let other = message(&first, 2).unwrap();
+        assert_eq!(ids(&other), ["spiffe://example.org/b"]);
+        assert_eq!(message(&first, 2).unwrap().as_ptr(), other.as_ptr());
+        assert!(message(&first, 3).is_none(), "uid 3 is granted nothing");
+
+        // A new snapshot is built anew, and replaces the kept messages.
+        let second = inventory(vec![svid("a", 1, later), svid("c", 1, later)]);
+        publish.send(Arc::clone(&second)).unwrap();
+        let two = message(&second, 1).unwrap();
+        assert_eq!(
+            ids(&two),
+            ["spiffe://example.org/a", "spiffe://example.org/c"]
+        );
+        assert_eq!(message(&second, 1).unwrap().as_ptr(), two.as_ptr());
+        // A stream late on the first snapshot gets its message, and does not displace the
+        // second's.
+        let late = message(&first, 2).unwrap();
+        assert_eq!(ids(&late), ["spiffe://example.org/b"]);
+        assert_eq!(message(&second, 1).unwrap().as_ptr(), two.as_ptr());
+    }
+
+    #[test]
+    fn a_kept_message_is_not_served_once_an_svid_in_it_has_expired() {
+        let now = SystemTime::now();
+        let snapshot = inventory(vec![
+            svid("a", 1, now + Duration::from_secs(1)),
+            svid("b", 1, now + Duration::from_secs(3600)),
+        ]);
+        let (_publish, published) = watch::channel(Arc::clone(&snapshot));
+        let shared = Mutex::default();
+        let none = BTreeMap::new();
+        let message =
+            || SharedResponses::message(&shared, &published, &snapshot, &selectors(1), &none);
+        let before = message().unwrap();
+        assert_eq!(
+            ids(&before),
+            ["spiffe://example.org/a", "spiffe://example.org/b"]
+        );
+        std::thread::sleep(Duration::from_millis(1200));
+        assert_eq!(ids(&message().unwrap()), ["spiffe://example.org/b"]);
+    }
+
+    #[test]
+    fn a_caller_with_session_svids_gets_a_message_of_its_own() {
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let snapshot = inventory(vec![svid("a", 1, later)]);
+        let (_publish, published) = watch::channel(Arc::clone(&snapshot));
+        let shared = Mutex::default();
+        let held = BTreeMap::from([("s".to_owned(), svid("s", 1, later))]);
+        let message = |held| {
+            SharedResponses::message(&shared, &published, &snapshot, &selectors(1), held).unwrap()
+        };
+        let own = message(&held);
+        assert_eq!(
+            ids(&own),
+            ["spiffe://example.org/a", "spiffe://example.org/s"]
+        );
+        assert_ne!(message(&held).as_ptr(), own.as_ptr(), "not kept");
+        // Nor does it fill what callers without sessions share.
+        let plain = message(&BTreeMap::new());
+        assert_eq!(ids(&plain), ["spiffe://example.org/a"]);
+    }
+
+    #[test]
+    fn one_response_always_encodes_to_the_same_bytes() {
+        // Streams send a message only when its encoding changed: a map in random order would
+        // send the same federated bundles again on every snapshot.
+        let response = || X509svidResponse {
+            svids: Vec::new(),
+            crl: Vec::new(),
+            federated_bundles: (0..20)
+                .map(|i| (format!("spiffe://td{i}.example"), vec![i]))
+                .collect(),
+        };
+        assert_eq!(encode(response()), encode(response()));
+    }
 }
