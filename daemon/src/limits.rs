@@ -42,8 +42,8 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Raises the soft limit of open files to the hard limit, so that the connection limits of this
 /// module, not `EMFILE`, decide when a listener stops accepting (each Workload API connection also
-/// holds a pidfd). Returns the limit in force; a failure leaves the limit as it was (and is
-/// logged).
+/// holds a pidfd and its process's `/proc/PID` directory: three descriptors). Returns the limit
+/// in force; a failure leaves the limit as it was (and is logged).
 pub fn raise_open_files_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {

@@ -5,7 +5,10 @@
 //! the process we attest is the one that connected. We therefore hold the process itself:
 //!
 //! - a pidfd from `SO_PEERPIDFD` (Linux 6.5 and later): it refers to the process that connected,
-//!   even if it exited before we accepted, and becomes readable when that process exits;
+//!   even if it exited before we accepted, and becomes readable when that process exits; with
+//!   it, the `/proc/PID` directory opened while the pidfd's process still ran (so the same
+//!   process: a pid is not reused while its process exists), through which the executable is
+//!   read with one `fstatat` per check;
 //! - otherwise, an open `/proc/PID` directory plus the process start time (field 22 of
 //!   `/proc/PID/stat`), read at accept. Files opened through that directory fail with `ESRCH`
 //!   once the process is gone, and a reused pid has a different start time. (This fallback cannot
@@ -75,12 +78,23 @@ pub struct CallerProcess {
     pid: Option<u32>,
     handle: Arc<ProcessHandle>,
     /// The executable the process ran at accept: (device, inode) of `/proc/PID/exe`.
-    exe: Option<(u64, u64)>,
+    exe: Option<ExeIdentity>,
 }
 
+/// (device, inode) of an executable.
+type ExeIdentity = (nix::libc::dev_t, nix::libc::ino_t);
+
 enum ProcessHandle {
-    Pidfd(OwnedFd),
-    Proc { dir: OwnedFd, start_time: u64 },
+    /// `dir`: `/proc/PID`, opened after the pidfd and while its process still ran, so the same
+    /// process (a pid is not reused while its process exists); `None` if that failed.
+    Pidfd {
+        pidfd: OwnedFd,
+        dir: Option<OwnedFd>,
+    },
+    Proc {
+        dir: OwnedFd,
+        start_time: u64,
+    },
     None,
 }
 
@@ -99,33 +113,38 @@ impl CallerProcess {
             (_, None) => ProcessHandle::None,
             (ProcessTracking::Auto, Some(pid)) => {
                 match nix::sys::socket::getsockopt(stream, PeerPidfd) {
-                    Ok(pidfd) => ProcessHandle::Pidfd(pidfd),
-                    // The process is gone already (kernels that refuse a pidfd for an exited task).
-                    Err(Errno::ESRCH) => ProcessHandle::None,
-                    // No SO_PEERPIDFD on this kernel.
-                    Err(_) => ProcessHandle::open_proc(pid),
+                    Ok(pidfd) => ProcessHandle::with_pidfd(pidfd, pid),
+                    // No SO_PEERPIDFD on this kernel: the weaker /proc/PID path.
+                    Err(Errno::ENOPROTOOPT) => ProcessHandle::open_proc(pid),
+                    // Any other error (the process is gone already: ESRCH, or EINVAL before
+                    // Linux 6.14; no file descriptor left: EMFILE) leaves the caller without a
+                    // handle, so it gets nothing; never the weaker path, which cannot see a pid
+                    // reused since connect().
+                    Err(_) => ProcessHandle::None,
                 }
             }
             (ProcessTracking::ProcFs, Some(pid)) => ProcessHandle::open_proc(pid),
         };
+        let exe = handle.exe_identity(pid);
         Ok(Self {
             uid: cred.uid(),
             gid: cred.gid(),
             pid,
             handle: Arc::new(handle),
-            exe: pid.and_then(exe_identity),
+            exe,
         })
     }
 
     /// A caller for the process `pid` with the given credentials, held through `/proc/PID` (for
     /// tests and tools; connections use [`from_stream`](Self::from_stream)).
     pub fn from_pid(uid: u32, gid: u32, pid: u32) -> Self {
+        let handle = ProcessHandle::open_proc(pid);
         Self {
             uid,
             gid,
             pid: Some(pid),
-            handle: Arc::new(ProcessHandle::open_proc(pid)),
-            exe: exe_identity(pid),
+            exe: handle.exe_identity(Some(pid)),
+            handle: Arc::new(handle),
         }
     }
 
@@ -148,7 +167,7 @@ impl CallerProcess {
     /// How the process is held.
     pub fn handle_kind(&self) -> ProcessHandleKind {
         match *self.handle {
-            ProcessHandle::Pidfd(_) => ProcessHandleKind::Pidfd,
+            ProcessHandle::Pidfd { .. } => ProcessHandleKind::Pidfd,
             ProcessHandle::Proc { .. } => ProcessHandleKind::ProcFs,
             ProcessHandle::None => ProcessHandleKind::None,
         }
@@ -159,11 +178,7 @@ impl CallerProcess {
     /// was learnt from `/proc/PID` may describe another process.
     pub fn still_alive_and_same(&self) -> bool {
         match &*self.handle {
-            ProcessHandle::Pidfd(pidfd) => {
-                // A pidfd becomes readable when its process exits.
-                let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-                matches!(nix::poll::poll(&mut fds, PollTimeout::ZERO), Ok(0))
-            }
+            ProcessHandle::Pidfd { pidfd, .. } => pidfd_running(pidfd),
             ProcessHandle::Proc { dir, start_time } => {
                 matches!(read_stat(dir), Ok(stat) if stat.running && stat.start_time == *start_time)
             }
@@ -176,16 +191,14 @@ impl CallerProcess {
     /// another program, or hand its socket to a child that does; what is attested then is not
     /// what connected, so such a caller gets nothing.
     pub fn same_executable(&self) -> bool {
-        self.exe == self.pid.and_then(exe_identity)
+        self.exe == self.handle.exe_identity(self.pid)
     }
 }
 
-/// (device, inode) of the executable `pid` runs, if it can be read.
-fn exe_identity(pid: u32) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(|meta| (meta.dev(), meta.ino()))
+/// Whether the process a pidfd holds still runs (a pidfd becomes readable when it exits).
+fn pidfd_running(pidfd: &OwnedFd) -> bool {
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    matches!(nix::poll::poll(&mut fds, PollTimeout::ZERO), Ok(0))
 }
 
 impl fmt::Debug for CallerProcess {
@@ -202,14 +215,32 @@ impl fmt::Debug for CallerProcess {
 // === impl ProcessHandle ===
 
 impl ProcessHandle {
+    /// A handle on the process `pidfd` holds, with its `/proc/PID` directory when the process
+    /// still runs once that is open.
+    fn with_pidfd(pidfd: OwnedFd, pid: u32) -> Self {
+        let dir = open_proc_dir(pid).ok().filter(|_| pidfd_running(&pidfd));
+        Self::Pidfd { pidfd, dir }
+    }
+
+    /// (device, inode) of the executable the process runs, if it can be read: through the
+    /// held `/proc/PID` directory (one `fstatat`; it fails once that process is gone, even if
+    /// the pid was reused), else through the path `/proc/PID/exe`.
+    fn exe_identity(&self, pid: Option<u32>) -> Option<ExeIdentity> {
+        use nix::fcntl::AtFlags;
+        let stat = match self {
+            Self::Pidfd { dir: Some(dir), .. } | Self::Proc { dir, .. } => {
+                nix::sys::stat::fstatat(dir, "exe", AtFlags::empty())
+            }
+            Self::Pidfd { dir: None, .. } | Self::None => {
+                nix::sys::stat::stat(format!("/proc/{}/exe", pid?).as_str())
+            }
+        };
+        stat.ok().map(|stat| (stat.st_dev, stat.st_ino))
+    }
+
     /// Opens `/proc/PID` and records the start time; `None` if the process is gone or not running.
     fn open_proc(pid: u32) -> Self {
-        let path = format!("/proc/{pid}");
-        let Ok(dir) = nix::fcntl::open(
-            path.as_str(),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) else {
+        let Ok(dir) = open_proc_dir(pid) else {
             return Self::None;
         };
         match read_stat(&dir) {
@@ -220,6 +251,15 @@ impl ProcessHandle {
             _ => Self::None,
         }
     }
+}
+
+/// Opens the directory `/proc/PID`.
+fn open_proc_dir(pid: u32) -> nix::Result<OwnedFd> {
+    nix::fcntl::open(
+        format!("/proc/{pid}").as_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 /// What we need from `/proc/PID/stat`.
@@ -292,6 +332,21 @@ mod tests {
         assert!(!caller.still_alive_and_same());
         child.wait().unwrap();
         assert!(!caller.still_alive_and_same());
+    }
+
+    #[tokio::test]
+    async fn a_connected_caller_is_checked_through_its_proc_directory() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let caller = CallerProcess::from_stream(&ours, ProcessTracking::Auto).unwrap();
+        // A pidfd where the kernel offers SO_PEERPIDFD, else /proc/PID: a directory either way.
+        assert!(matches!(
+            &*caller.handle,
+            ProcessHandle::Pidfd { dir: Some(_), .. } | ProcessHandle::Proc { .. }
+        ));
+        let own = nix::sys::stat::stat("/proc/self/exe").unwrap();
+        assert_eq!(caller.exe, Some((own.st_dev, own.st_ino)));
+        assert!(caller.still_alive_and_same());
+        assert!(caller.same_executable());
     }
 
     #[test]
