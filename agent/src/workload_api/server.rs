@@ -1,6 +1,6 @@
 //! The Workload API as a gRPC service: the generated `SpiffeWorkloadAPI` server, with
 //! `FetchX509SVID` routed apart so that its messages go out as the agent encoded them once for
-//! every stream that gets them ([`WorkloadApi::x509_stream`]), instead of each stream building
+//! every stream that gets them (`WorkloadApi::x509_stream`), instead of each stream building
 //! and encoding its own copy.
 
 use std::convert::Infallible;

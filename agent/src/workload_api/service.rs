@@ -377,7 +377,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     type FetchWITBundlesStream = ResponseStream<WitBundlesResponse>;
 
     /// Served by [`WorkloadApiServer`](super::WorkloadApiServer) with the messages sent as
-    /// encoded ([`WorkloadApi::x509_stream`]); here (a caller of the trait itself, or the
+    /// encoded (`WorkloadApi::x509_stream`); here (a caller of the trait itself, or the
     /// generated server) they are decoded again.
     async fn fetch_x509svid(
         &self,
