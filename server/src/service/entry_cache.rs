@@ -19,11 +19,16 @@
 //! revision applies the missing changes itself first, so a write acknowledged before a call is
 //! always reflected by it (read-your-writes, as when the store itself was read).
 //!
+//! Listings. The admin API's listings by parent or SPIFFE ID read the same two indexes
+//! ([`EntryCache::list_current`], once the cache is as current as the store): the sled store
+//! keeps no such index on disk (see its module docs).
+//!
 //! Fail closed: when the follower cannot read the store, the cache marks itself stale and
 //! [`EntryCache::authorized`] and [`EntryCache::authorize`] refuse (the callers answer
 //! `Unavailable`) until it has caught up again; a stale cache never authorizes from old state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -34,7 +39,8 @@ use tracing::{debug, info, warn};
 
 use crate::policy;
 use crate::store::{
-    Change, ChangeKind, ChangesSince, EntryId, RegistrationEntry, Store, StoreError,
+    Change, ChangeKind, ChangesSince, EntryFilter, EntryId, Page, PageRequest, RegistrationEntry,
+    Store, StoreError, hex_decode, hex_encode,
 };
 
 /// How many of the most recent changes the cache keeps for sync streams. A stream that falls
@@ -214,6 +220,52 @@ impl EntryCache {
     /// that does not walk the store. `None` when the store does not answer or the cache cannot
     /// catch up with it (each within [`STORE_ANSWER_TIMEOUT`]): the caller asks the store.
     pub(crate) async fn current_len(&self) -> Option<u64> {
+        Some(self.current().await?.entries.len() as u64)
+    }
+
+    /// One page of the entries that pass `filter`, read through the cache's indexes when
+    /// `filter` names a parent or a SPIFFE ID and the cache has applied every change the store
+    /// has made durable (read-your-writes, as [`EntryCache::current_len`]). The page is the one
+    /// [`Store::list_entries`] gives: entries in id order, its token the hex of the last id,
+    /// so that a listing may go on from either. `None`: the caller asks the store (the filter
+    /// names neither, or the cache cannot be brought up to date with the store).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidPageToken`] for a token that names no entry id.
+    pub(crate) async fn list_current(
+        &self,
+        filter: &EntryFilter,
+        page: &PageRequest,
+    ) -> Option<Result<Page<RegistrationEntry>, StoreError>> {
+        if filter.parent_id.is_none() && filter.spiffe_id.is_none() {
+            return None;
+        }
+        let after = match page.token.as_deref().map(token_entry_id).transpose() {
+            Ok(after) => after,
+            Err(e) => return Some(Err(e)),
+        };
+        let size = page.effective_size();
+        // Shared entries under the lock; the copies the page hands out after it.
+        let (listed, more) = self.current().await?.list(filter, after.as_ref(), size);
+        let items: Vec<RegistrationEntry> = listed
+            .iter()
+            .map(|entry| RegistrationEntry::clone(entry))
+            .collect();
+        let next_page_token = match items.last() {
+            Some(last) if more => Some(hex_encode(last.id.as_str().as_bytes())),
+            _ => None,
+        };
+        Some(Ok(Page {
+            items,
+            next_page_token,
+        }))
+    }
+
+    /// The state, once it has applied every change the store has made durable; `None` when
+    /// the store does not answer or the cache cannot catch up with it (each within
+    /// [`STORE_ANSWER_TIMEOUT`]).
+    async fn current(&self) -> Option<RwLockReadGuard<'_, State>> {
         let durable = tokio::time::timeout(STORE_ANSWER_TIMEOUT, self.store.current_revision())
             .await
             .ok()?
@@ -225,7 +277,7 @@ impl EntryCache {
                 .ok()?;
         }
         let state = self.read();
-        (state.revision >= durable).then(|| state.entries.len() as u64)
+        (state.revision >= durable).then_some(state)
     }
 
     /// True while the cache refuses to authorize: the follower cannot read the store and the
@@ -679,6 +731,54 @@ impl State {
         Some(self.revision)
     }
 
+    /// Up to `size` entries that pass `filter`, after the id `after`, in id order, through the
+    /// index of the filter's parent or else of its SPIFFE ID (the caller checked it names one),
+    /// and whether more pass after them.
+    fn list(
+        &self,
+        filter: &EntryFilter,
+        after: Option<&EntryId>,
+        size: usize,
+    ) -> (Vec<Arc<RegistrationEntry>>, bool) {
+        let ids: Box<dyn Iterator<Item = &EntryId> + '_> =
+            match (&filter.parent_id, &filter.spiffe_id) {
+                // A B-tree set: walked from the token on, no further than the page needs.
+                (Some(parent), _) => match self.by_parent.get(parent) {
+                    Some(ids) => Box::new(ids.range((
+                        after.map_or(Bound::Unbounded, Bound::Excluded),
+                        Bound::Unbounded,
+                    ))),
+                    None => Box::new(std::iter::empty()),
+                },
+                // Usually one id: sorted here.
+                (None, Some(spiffe_id)) => {
+                    let mut ids: Vec<&EntryId> = self
+                        .by_spiffe_id
+                        .get(spiffe_id)
+                        .map(|ids| {
+                            ids.iter()
+                                .filter(|id| after.is_none_or(|a| *id > a))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    ids.sort_unstable();
+                    Box::new(ids.into_iter())
+                }
+                (None, None) => Box::new(std::iter::empty()),
+            };
+        let mut items = Vec::new();
+        for entry in ids.filter_map(|id| self.entries.get(id)) {
+            if !filter.matches(entry) {
+                continue;
+            }
+            if items.len() == size {
+                return (items, true);
+            }
+            items.push(Arc::clone(entry));
+        }
+        (items, false)
+    }
+
     fn put(&mut self, entry: Arc<RegistrationEntry>) {
         self.remove(&entry.id);
         index(&mut self.by_parent, &mut self.by_spiffe_id, &entry);
@@ -827,6 +927,14 @@ impl State {
             .flatten()
             .filter_map(|id| self.entries.get(id))
     }
+}
+
+/// The entry id a page token names: the stores' tokens are the hex of the last id listed.
+fn token_entry_id(token: &str) -> Result<EntryId, StoreError> {
+    hex_decode(token)
+        .and_then(|key| String::from_utf8(key).ok())
+        .and_then(|key| EntryId::parse(&key).ok())
+        .ok_or(StoreError::InvalidPageToken)
 }
 
 /// An entry counts for authorization at `now` unless it expired or grants a reserved ID.
@@ -1350,6 +1458,161 @@ mod tests {
             .unwrap();
         store.swap_raw_change(next, b"not json").unwrap();
         assert_eq!(cache.current_len().await, None);
+    }
+
+    /// A listing by parent or by SPIFFE ID from the cache is the store's, page for page and
+    /// token for token (so a listing may go on from either), sees every acknowledged write, and
+    /// is not given for other filters or by a cache that cannot catch up with the store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_from_the_cache_is_the_stores_page_for_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        // No follower runs: the cache only learns of writes when asked.
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        let numbered = |n: usize, parent: &str| {
+            NewEntry::new(
+                id(&format!("spiffe://example.org/w{}", n % 2)),
+                id(parent),
+                [Selector::parse(&format!("unix:uid:{n}")).unwrap()]
+                    .into_iter()
+                    .collect::<SelectorSet>(),
+            )
+        };
+        let mut created = Vec::new();
+        for n in 0..20 {
+            let parent = if n % 3 == 0 { OTHER_AGENT } else { AGENT };
+            created.push(store.create_entry(numbered(n, parent)).await.unwrap());
+        }
+        let filters = [
+            EntryFilter {
+                parent_id: Some(id(AGENT)),
+                ..EntryFilter::default()
+            },
+            EntryFilter {
+                parent_id: Some(id(OTHER_AGENT)),
+                ..EntryFilter::default()
+            },
+            EntryFilter {
+                spiffe_id: Some(id("spiffe://example.org/w1")),
+                ..EntryFilter::default()
+            },
+            EntryFilter {
+                spiffe_id: Some(id("spiffe://example.org/w1")),
+                parent_id: Some(id(AGENT)),
+                ..EntryFilter::default()
+            },
+            EntryFilter {
+                parent_id: Some(id(AGENT)),
+                selector: Some(Selector::parse("unix:uid:4").unwrap()),
+                ..EntryFilter::default()
+            },
+            EntryFilter {
+                parent_id: Some(id("spiffe://example.org/nobody")),
+                ..EntryFilter::default()
+            },
+        ];
+        let same_pages = |filters: &[EntryFilter]| {
+            let (cache, store, filters) = (&cache, &store, filters.to_vec());
+            async move {
+                for filter in &filters {
+                    for size in [1, 3, 100] {
+                        let mut request = PageRequest::first(size);
+                        let mut seen = 0;
+                        loop {
+                            let cached =
+                                cache.list_current(filter, &request).await.unwrap().unwrap();
+                            let stored = store.list_entries(filter, &request).await.unwrap();
+                            assert_eq!(cached, stored, "{filter:?}, pages of {size}");
+                            assert!(cached.items.iter().all(|e| filter.matches(e)));
+                            seen += cached.items.len();
+                            match cached.next_page_token {
+                                Some(token) => request = PageRequest::after(size, token),
+                                None => break,
+                            }
+                        }
+                        let expected = store
+                            .list_entries(filter, &PageRequest::first(100))
+                            .await
+                            .unwrap()
+                            .items
+                            .len();
+                        assert_eq!(seen, expected, "{filter:?}, pages of {size}");
+                    }
+                }
+            }
+        };
+        same_pages(&filters).await;
+        // 13 entries under AGENT (n not a multiple of 3), 7 of them w1 (odd n); one under AGENT
+        // with uid 4; none elsewhere.
+        let count = |filter: &EntryFilter| {
+            let cache = &cache;
+            let filter = filter.clone();
+            async move {
+                cache
+                    .list_current(&filter, &PageRequest::first(100))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .items
+                    .len()
+            }
+        };
+        assert_eq!(count(&filters[0]).await, 13);
+        assert_eq!(count(&filters[1]).await, 7);
+        assert_eq!(count(&filters[2]).await, 10);
+        assert_eq!(count(&filters[3]).await, 7);
+        assert_eq!(count(&filters[4]).await, 1);
+        assert_eq!(count(&filters[5]).await, 0);
+
+        // Acknowledged writes are in the next listing: a creation, a move to another parent
+        // and SPIFFE ID, a deletion.
+        store.create_entry(numbered(21, AGENT)).await.unwrap();
+        assert_eq!(count(&filters[0]).await, 14);
+        assert_eq!(count(&filters[2]).await, 11);
+        store
+            .update_entry(&created[1].id, numbered(2 * 20, OTHER_AGENT))
+            .await
+            .unwrap();
+        store.delete_entry(&created[5].id).await.unwrap();
+        assert_eq!(count(&filters[0]).await, 12);
+        assert_eq!(count(&filters[1]).await, 8);
+        assert_eq!(count(&filters[2]).await, 9);
+        same_pages(&filters).await;
+
+        // Other filters, and tokens that name no entry.
+        for unindexed in [
+            EntryFilter::default(),
+            EntryFilter {
+                selector: Some(Selector::parse("unix:uid:1").unwrap()),
+                ..EntryFilter::default()
+            },
+        ] {
+            assert!(
+                cache
+                    .list_current(&unindexed, &PageRequest::first(10))
+                    .await
+                    .is_none()
+            );
+        }
+        for token in ["zz", "", &hex_encode(b"not an entry id")] {
+            assert!(matches!(
+                cache
+                    .list_current(&filters[0], &PageRequest::after(10, token.to_owned()))
+                    .await,
+                Some(Err(StoreError::InvalidPageToken))
+            ));
+        }
+
+        // A cache that cannot apply the store's changes gives nothing.
+        let next = store.current_revision().await.unwrap() + 1;
+        store.create_entry(numbered(30, AGENT)).await.unwrap();
+        store.swap_raw_change(next, b"not json").unwrap();
+        assert!(
+            cache
+                .list_current(&filters[0], &PageRequest::first(10))
+                .await
+                .is_none()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

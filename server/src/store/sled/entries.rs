@@ -1,5 +1,5 @@
 //! Registration entries: the entry transaction ([`EntryTx`]) over the entry trees and their
-//! indexes, listings, the consistent snapshot and the change feed (see the `sled` module docs
+//! uniqueness index, listings, the consistent snapshot and the change feed (see the `sled` module docs
 //! for the layout and "Consistent snapshots").
 
 use std::collections::BTreeMap;
@@ -8,7 +8,6 @@ use std::time::SystemTime;
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use ::sled::{Transactional, Tree};
-use sigil_core::SpiffeId;
 
 use super::record::{decode_change, decode_entry, encode_change, encode_entry};
 use super::{
@@ -31,11 +30,9 @@ const SNAPSHOT_ATTEMPTS: usize = 3;
 /// At most this many threads read the `entries` tree for a snapshot ([`scan_entries`]).
 const SCAN_THREADS: usize = 4;
 
-/// The six entry trees, and the session and revocation trees, inside one transaction.
+/// The four entry trees, and the session and revocation trees, inside one transaction.
 pub(super) struct EntryTx<'a> {
     pub(super) entries: &'a TransactionalTree,
-    by_parent: &'a TransactionalTree,
-    by_spiffe_id: &'a TransactionalTree,
     by_identity: &'a TransactionalTree,
     changes: &'a TransactionalTree,
     meta: &'a TransactionalTree,
@@ -60,8 +57,6 @@ impl Inner {
         let t = &self.trees;
         (
             &t.entries,
-            &t.by_parent,
-            &t.by_spiffe_id,
             &t.by_identity,
             &t.changes,
             &t.meta,
@@ -73,8 +68,6 @@ impl Inner {
             .transaction(
                 |(
                     entries,
-                    by_parent,
-                    by_spiffe_id,
                     by_identity,
                     changes,
                     meta,
@@ -85,8 +78,6 @@ impl Inner {
                 )| {
                     f(&EntryTx {
                         entries,
-                        by_parent,
-                        by_spiffe_id,
                         by_identity,
                         changes,
                         meta,
@@ -191,46 +182,21 @@ impl Inner {
                     .ok_or(StoreError::InvalidPageToken)
             })
             .transpose()?;
+        // No index on disk: a filtered listing walks the entries in id order, as an unfiltered
+        // one does (see "Layout" in the `sled` module docs for why).
         let mut page = PageCollector::new(page.effective_size());
-        let index = match (&filter.parent_id, &filter.spiffe_id) {
-            (Some(parent_id), _) => Some((&self.trees.by_parent, parent_id)),
-            (None, Some(spiffe_id)) => Some((&self.trees.by_spiffe_id, spiffe_id)),
-            (None, None) => None,
+        let start = match &after {
+            Some(after) => Bound::Excluded(after.as_str().as_bytes().to_vec()),
+            None => Bound::Unbounded,
         };
-        if let Some((tree, indexed)) = index {
-            let prefix = index_prefix(indexed);
-            let start = match &after {
-                Some(after) => Bound::Excluded(index_key(indexed, after)),
-                None => Bound::Included(prefix.clone()),
-            };
-            for item in tree.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
-                let (key, _) = item?;
-                let Some(id) = key.strip_prefix(prefix.as_slice()) else {
-                    break;
-                };
-                // An index key whose entry is gone was deleted during the listing.
-                let Some(bytes) = self.trees.entries.get(id)? else {
-                    continue;
-                };
-                let entry: RegistrationEntry = decode_entry(&bytes)?;
-                if filter.matches(&entry) && !page.offer(entry) {
-                    break;
-                }
-            }
-        } else {
-            let start = match &after {
-                Some(after) => Bound::Excluded(after.as_str().as_bytes().to_vec()),
-                None => Bound::Unbounded,
-            };
-            for item in self
-                .trees
-                .entries
-                .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            {
-                let entry: RegistrationEntry = decode_entry(&item?.1)?;
-                if filter.matches(&entry) && !page.offer(entry) {
-                    break;
-                }
+        for item in self
+            .trees
+            .entries
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+        {
+            let entry: RegistrationEntry = decode_entry(&item?.1)?;
+            if filter.matches(&entry) && !page.offer(entry) {
+                break;
             }
         }
         Ok(page.finish(|entry| entry.id.as_str().as_bytes().to_vec()))
@@ -243,24 +209,18 @@ impl Inner {
         Ok(self.trees.entries.len() as u64)
     }
 
-    /// The entries whose parent is `parent_id`, read through the `entries_by_parent` index (for
-    /// the conformance suite's `TestableStore`).
+    /// The entries whose parent is `parent_id` (for the conformance suite's `TestableStore`;
+    /// there is no index to read, so this walks the entries).
     #[cfg(test)]
     pub(super) fn entries_by_parent(
         &self,
-        parent_id: &SpiffeId,
+        parent_id: &sigil_core::SpiffeId,
     ) -> Result<Vec<RegistrationEntry>, StoreError> {
-        let prefix = index_prefix(parent_id);
         let mut entries = Vec::new();
-        for item in self.trees.by_parent.scan_prefix(&prefix) {
-            let (key, _) = item?;
-            let id = key.get(prefix.len()..).unwrap_or_default();
-            if let Some(bytes) = self.trees.entries.get(id)? {
-                let entry: RegistrationEntry = decode_entry(&bytes)?;
-                // The index and the entry are read separately: skip an entry re-parented since.
-                if entry.parent_id == *parent_id {
-                    entries.push(entry);
-                }
+        for item in self.trees.entries.iter() {
+            let entry: RegistrationEntry = decode_entry(&item?.1)?;
+            if entry.parent_id == *parent_id {
+                entries.push(entry);
             }
         }
         Ok(entries)
@@ -405,19 +365,11 @@ impl EntryTx<'_> {
         let value = encode_entry(entry).map_err(ConflictableTransactionError::Abort)?;
         let id = entry.id.as_str();
         self.entries.insert(id, value)?;
-        self.by_parent
-            .insert(index_key(&entry.parent_id, &entry.id), Vec::new())?;
-        self.by_spiffe_id
-            .insert(index_key(&entry.spiffe_id, &entry.id), Vec::new())?;
         self.by_identity.insert(&identity[..], id)?;
         Ok(())
     }
 
     pub(super) fn unindex(&self, entry: &RegistrationEntry) -> TxResult<()> {
-        self.by_parent
-            .remove(index_key(&entry.parent_id, &entry.id))?;
-        self.by_spiffe_id
-            .remove(index_key(&entry.spiffe_id, &entry.id))?;
         self.by_identity
             .remove(&entry.to_new().identity_key()[..])?;
         Ok(())
@@ -520,19 +472,4 @@ fn entry_not_found(id: &EntryId) -> ConflictableTransactionError<StoreError> {
         resource: "entry",
         key: id.to_string(),
     })
-}
-
-/// `ID 0x00`: the prefix of every index key under `id`.
-fn index_prefix(id: &SpiffeId) -> Vec<u8> {
-    let mut key = Vec::with_capacity(id.as_str().len() + 1);
-    key.extend_from_slice(id.as_str().as_bytes());
-    key.push(0);
-    key
-}
-
-/// `ID 0x00 ENTRY_ID`.
-fn index_key(id: &SpiffeId, entry: &EntryId) -> Vec<u8> {
-    let mut key = index_prefix(id);
-    key.extend_from_slice(entry.as_str().as_bytes());
-    key
 }

@@ -13,8 +13,6 @@
 //! | tree                   | key                               | value                          |
 //! |------------------------|-----------------------------------|--------------------------------|
 //! | `entries`              | entry id (32 hex chars)           | [`RegistrationEntry`]          |
-//! | `entries_by_parent`    | parent ID, `0x00`, entry id       | empty                          |
-//! | `entries_by_spiffe_id` | SPIFFE ID, `0x00`, entry id       | empty                          |
 //! | `entries_by_identity`  | SHA-256(SPIFFE ID, parent, sels)  | entry id (uniqueness index)    |
 //! | `changes`              | revision, 8 bytes big-endian      | [`Change`]                     |
 //! | `meta`                 | `revision`, `ca_journal[/server]`, `crl_number/authority` | u64 big-endian, opaque bytes |
@@ -26,7 +24,15 @@
 //! | `audit_checkpoints`    | covered sequence, 8 bytes BE      | [`AuditCheckpoint`]            |
 //! | `audit_sources`        | source SPIFFE ID, `0x00`, spool id | last sequence, u64 big-endian |
 //!
-//! A SPIFFE ID never contains `0x00`, so `ID 0x00` is an unambiguous index prefix.
+//! A SPIFFE ID never contains `0x00`, so `ID 0x00` is an unambiguous key prefix.
+//!
+//! Entries have no index by parent or by SPIFFE ID on disk: a filtered listing walks the
+//! `entries` tree, and the entry cache keeps both indexes in memory for what must be fast
+//! (authorizing agents and workloads). Builds before this layout kept the two indexes as the
+//! trees `entries_by_parent` and `entries_by_spiffe_id`; [`SledStore::open`] drops them. Their
+//! keys were random across the tree, and sled rewrote a leaf for every few of them: the two
+//! took a third of the store on disk for 100,000 entries (see BENCHMARKS.md), and sled reads
+//! all of it back at every start.
 //!
 //! An audit append is one sled transaction over `audit` and `audit_head`: it reads the head,
 //! seals each record after it (sequence, time, hashes; see [`crate::audit`]), inserts them and
@@ -34,8 +40,8 @@
 //! into transactions of `AUDIT_CHUNK` records, all covered by one flush. Record times never
 //! decrease along the chain, so a `since` filter starts with a binary search over sequences.
 //!
-//! Every entry mutation is one sled transaction over the six entry trees: it reads and bumps the
-//! revision counter, updates the entry and its indexes, writes the [`Change`] under the new
+//! Every entry mutation is one sled transaction over the four entry trees: it reads and bumps the
+//! revision counter, updates the entry and its uniqueness index, writes the [`Change`] under the new
 //! revision and removes the change that falls out of the retention window. sled 0.34 runs
 //! transactions one at a time and applies each atomically with respect to every other read and
 //! write, so revisions are gap-free and follow commit order.
@@ -122,6 +128,10 @@ mod sessions;
 #[cfg(test)]
 mod tests;
 
+/// Trees that builds before the current layout wrote and this one drops when it opens the
+/// database (see "Layout" in the module docs).
+const DROPPED_TREES: [&str; 2] = ["entries_by_parent", "entries_by_spiffe_id"];
+
 /// Key of the revision counter in the `meta` tree.
 const REVISION_KEY: &[u8] = b"revision";
 /// Key of the last CRL number handed out, in the `meta` tree.
@@ -170,8 +180,6 @@ struct Inner {
 #[derive(Clone)]
 struct Trees {
     entries: Tree,
-    by_parent: Tree,
-    by_spiffe_id: Tree,
     by_identity: Tree,
     changes: Tree,
     meta: Tree,
@@ -208,8 +216,9 @@ impl Default for SledStoreOptions {
 // === impl SledStore ===
 
 impl SledStore {
-    /// Opens (or creates) the database in the directory `path`, prunes the change feed down to
-    /// the retention, flushes, and starts the flusher thread.
+    /// Opens (or creates) the database in the directory `path`, drops the trees of an earlier
+    /// layout, prunes the change feed down to the retention, flushes, and starts the flusher
+    /// thread.
     pub(crate) fn open(
         path: impl AsRef<Path>,
         options: SledStoreOptions,
@@ -226,6 +235,14 @@ impl SledStore {
             config = config.cache_capacity(bytes);
         }
         let db = config.open()?;
+        for name in DROPPED_TREES {
+            if db.drop_tree(name)? {
+                tracing::info!(
+                    tree = name,
+                    "dropped an entry index of an earlier build: filtered listings walk the entries"
+                );
+            }
+        }
         let trees = Trees::open(&db)?;
         let retention = options.change_retention.max(1);
         let revision = read_revision(&trees.meta)?;
@@ -1009,8 +1026,6 @@ impl Trees {
     fn open(db: &Db) -> Result<Self, StoreError> {
         Ok(Self {
             entries: db.open_tree("entries")?,
-            by_parent: db.open_tree("entries_by_parent")?,
-            by_spiffe_id: db.open_tree("entries_by_spiffe_id")?,
             by_identity: db.open_tree("entries_by_identity")?,
             changes: db.open_tree("changes")?,
             meta: db.open_tree("meta")?,

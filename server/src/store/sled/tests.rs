@@ -311,6 +311,91 @@ async fn entries_and_changes_written_as_json_by_an_earlier_build_are_still_serve
     );
 }
 
+/// Opens the database with sled alone, waiting (up to 5 s) for a store of the same directory
+/// that this process just dropped to let go of sled's lock file.
+fn open_raw(dir: &Path) -> ::sled::Db {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match ::sled::open(dir) {
+            Ok(db) => return db,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot open the database: {e}"),
+        }
+    }
+}
+
+/// A data directory of a build that kept the entries' by-parent and by-SPIFFE-ID indexes on
+/// disk loses both trees when it is opened, and listings filtered either way still find the
+/// entries (they walk the entries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_entry_indexes_of_an_earlier_layout_are_dropped_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = {
+        let store = open(dir.path());
+        let a = store.create_entry(entry("a")).await.unwrap();
+        let b = store.create_entry(entry("b")).await.unwrap();
+        (a, b)
+    };
+    {
+        // What an earlier build wrote besides: `ID 0x00 ENTRY_ID` per entry in each index.
+        let db = open_raw(dir.path());
+        for (name, id_of) in [
+            (
+                "entries_by_parent",
+                (|e: &RegistrationEntry| e.parent_id.clone()) as fn(&RegistrationEntry) -> SpiffeId,
+            ),
+            ("entries_by_spiffe_id", |e: &RegistrationEntry| {
+                e.spiffe_id.clone()
+            }),
+        ] {
+            let tree = db.open_tree(name).unwrap();
+            for e in [&a, &b] {
+                let key = format!("{}\0{}", id_of(e), e.id);
+                tree.insert(key.as_bytes(), Vec::new()).unwrap();
+            }
+        }
+        db.flush().unwrap();
+        assert!(db.tree_names().iter().any(|n| n == b"entries_by_parent"));
+    }
+    let store = open(dir.path());
+    let list = |filter: EntryFilter| {
+        let store = store.clone();
+        async move {
+            store
+                .list_entries(&filter, &PageRequest::default())
+                .await
+                .unwrap()
+                .items
+        }
+    };
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort_by(|x, y| x.id.cmp(&y.id));
+    let by_parent = EntryFilter {
+        parent_id: Some(a.parent_id.clone()),
+        ..EntryFilter::default()
+    };
+    assert_eq!(list(by_parent).await, both);
+    let by_spiffe_id = EntryFilter {
+        spiffe_id: Some(b.spiffe_id.clone()),
+        ..EntryFilter::default()
+    };
+    assert_eq!(list(by_spiffe_id).await, vec![b.clone()]);
+    drop(store);
+    let names = open_raw(dir.path()).tree_names();
+    for name in DROPPED_TREES {
+        assert!(
+            !names.iter().any(|n| n == name.as_bytes()),
+            "{name} is still in the database"
+        );
+    }
+    assert!(names.iter().any(|n| n == b"entries"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_tokens_stored_in_the_clear_are_hashed_at_open_and_still_work() {
     let dir = tempfile::tempdir().unwrap();
