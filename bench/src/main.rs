@@ -3,7 +3,8 @@
 //! ```text
 //! cargo build --release --workspace
 //! target/release/sigil-bench            # the full run: fits in 10 minutes on 2 cores
-//! target/release/sigil-bench --quick    # everything at small sizes, in under a minute (CI)
+//! target/release/sigil-bench --quick    # everything at small sizes, in under a minute
+//!                                       # (CI runs target/debug/sigil-bench --quick)
 //! ```
 //!
 //! It starts the real server and agent on loopback in a temporary directory (each in a process
