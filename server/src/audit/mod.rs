@@ -389,7 +389,7 @@ impl AuditRecord {
         length_prefixed(&mut out, "action", self.action.as_bytes())?;
         length_prefixed(&mut out, "subject", self.subject.as_bytes())?;
         let mut details = Vec::new();
-        canonical_json(&Value::Object(self.details.clone()), &mut details)?;
+        canonical_object(&self.details, &mut details)?;
         length_prefixed(&mut out, "details", &details)?;
         out.extend_from_slice(&self.prev_hash);
         Ok(out)
@@ -578,21 +578,25 @@ fn canonical_json(value: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError> {
             }
             out.push(b']');
         }
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push(b'{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                json_string(key, out);
-                out.push(b':');
-                canonical_json(item, out)?;
-            }
-            out.push(b'}');
-        }
+        Value::Object(map) => canonical_object(map, out)?,
     }
+    Ok(())
+}
+
+/// A JSON object in the canonical form: keys sorted by their bytes.
+fn canonical_object(map: &Map<String, Value>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+    entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    out.push(b'{');
+    for (i, (key, item)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_string(key, out);
+        out.push(b':');
+        canonical_json(item, out)?;
+    }
+    out.push(b'}');
     Ok(())
 }
 

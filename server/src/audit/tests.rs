@@ -386,6 +386,20 @@ fn the_encoding_is_canonical() {
         a.canonical_encoding().unwrap(),
         b.canonical_encoding().unwrap()
     );
+    // The details are the sorted, whitespace-free JSON object, length-prefixed.
+    let details: &[u8] =
+        br#"{"nested":{"a":[true,null,"x"],"b":1},"not_after":1700000000,"serial":"01"}"#;
+    let encoding = a.canonical_encoding().unwrap();
+    let at = encoding
+        .windows(details.len())
+        .position(|w| w == details)
+        .expect("the details in canonical form");
+    assert_eq!(
+        encoding[at - 4..at],
+        u32::try_from(details.len()).unwrap().to_be_bytes()
+    );
+    // Then the previous record's hash ends it.
+    assert_eq!(encoding.len(), at + details.len() + 32);
 
     // The stored form (JSON) decodes to a record with the same hash.
     let stored = serde_json::to_vec(&a).unwrap();
