@@ -47,6 +47,10 @@ pub enum AgentError {
     /// The metrics or health listener could not be bound.
     #[error(transparent)]
     Http(#[from] sigil_daemon::telemetry::BindError),
+    /// Callers cannot be attested here (the proc filesystem is missing or another PID
+    /// namespace's).
+    #[error("workload attestation: {0}")]
+    Attestation(#[from] sigil_attestors::unix::UnixAttestorError),
 }
 
 /// Runs the agent until `shutdown` yields or the server refuses it for good.
@@ -54,6 +58,9 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = Shutdown> + Send,
 ) -> Result<(), AgentError> {
+    // Callers are attested through /proc: refuse to start where it would name other processes.
+    let attestor = Arc::new(UnixAttestor::new());
+    attestor.check_proc()?;
     // Bound first, so that a taken port fails the start before anything else happens; served
     // once the agent has its identity.
     let http = HttpEndpoints::bind(config.metrics_address, config.health_address).await?;
@@ -89,12 +96,7 @@ pub async fn run(
         registry,
         telemetry::readiness(draining.clone(), snapshots.clone()),
     );
-    let api = WorkloadApi::new(
-        snapshots,
-        minter,
-        Arc::new(UnixAttestor::new()),
-        front_door_caller,
-    );
+    let api = WorkloadApi::new(snapshots, minter, attestor, front_door_caller);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let serve = sigil_daemon::limits::grpc_server()
         .layer(grpc_metrics)

@@ -55,6 +55,30 @@ pub enum UnixAttestorError {
     /// A selector could not be built (a value the selector rules refuse).
     #[error("invalid selector: {0}")]
     Selector(#[from] sigil_core::SelectorError),
+    /// `/proc/self` cannot be read: there is no usable proc filesystem.
+    #[error("cannot read {path}: {source}; the unix attestor needs the proc filesystem")]
+    NoProc {
+        /// The link read.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The proc filesystem read belongs to another PID namespace than this process's: the
+    /// pids the kernel reports for callers would name other processes there.
+    #[error(
+        "{path} names process {found:?}, not this one ({own}): the proc filesystem there \
+         belongs to another PID namespace, where callers' pids name other processes; mount the \
+         proc filesystem of the agent's own PID namespace (a container that attests the host's \
+         processes must share the host's PID namespace)"
+    )]
+    ForeignProc {
+        /// The link read.
+        path: PathBuf,
+        /// What it names.
+        found: String,
+        /// This process's pid.
+        own: u32,
+    },
 }
 
 /// The kernel's view of a caller.
@@ -132,6 +156,31 @@ impl UnixAttestor {
             hashes: Mutex::new(HashMap::new()),
             users: Mutex::new(None),
             groups: Mutex::new(None),
+        }
+    }
+
+    /// Checks that the proc filesystem this attestor reads is the one of this process's PID
+    /// namespace: `self` there names this process. The kernel reports each caller's pid in the
+    /// namespace of the process that reads it; under a proc filesystem of another namespace
+    /// (a container's own `/proc` replaced by the host's, or the reverse) that pid would name
+    /// another process, and the caller would be attested as that process.
+    ///
+    /// # Errors
+    ///
+    /// [`UnixAttestorError::NoProc`] when `self` cannot be read,
+    /// [`UnixAttestorError::ForeignProc`] when it names another process.
+    pub fn check_proc(&self) -> Result<(), UnixAttestorError> {
+        let path = self.proc_root.join("self");
+        let target = std::fs::read_link(&path).map_err(|source| UnixAttestorError::NoProc {
+            path: path.clone(),
+            source,
+        })?;
+        let own = std::process::id();
+        let found = target.to_string_lossy().into_owned();
+        if found.parse::<u32>().ok() == Some(own) {
+            Ok(())
+        } else {
+            Err(UnixAttestorError::ForeignProc { path, found, own })
         }
     }
 
@@ -305,6 +354,34 @@ mod tests {
 
     fn has(set: &SelectorSet, s: &str) -> bool {
         set.contains(&Selector::parse(s).unwrap())
+    }
+
+    /// The agent starts only where `/proc/self` names it: the real `/proc` here passes; a
+    /// proc filesystem whose `self` names another process (another PID namespace's) or that
+    /// has no `self` is refused, and one whose `self` names this process passes.
+    #[test]
+    fn only_the_proc_filesystem_of_this_pid_namespace_passes_the_check() {
+        UnixAttestor::new().check_proc().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("proc");
+        std::fs::create_dir(&root).unwrap();
+        let attestor = UnixAttestor::with_roots(&root, "/etc");
+        assert!(matches!(
+            attestor.check_proc(),
+            Err(UnixAttestorError::NoProc { .. })
+        ));
+        std::os::unix::fs::symlink("1", root.join("self")).unwrap();
+        let err = attestor.check_proc().unwrap_err();
+        assert!(
+            matches!(&err, UnixAttestorError::ForeignProc { found, own, .. }
+                if found == "1" && *own == std::process::id()),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("another PID namespace"), "{err}");
+        std::fs::remove_file(root.join("self")).unwrap();
+        std::os::unix::fs::symlink(std::process::id().to_string(), root.join("self")).unwrap();
+        attestor.check_proc().unwrap();
     }
 
     #[test]
