@@ -55,10 +55,15 @@ pub enum UnixAttestorError {
     /// A selector could not be built (a value the selector rules refuse).
     #[error("invalid selector: {0}")]
     Selector(#[from] sigil_core::SelectorError),
-    /// `/proc/self` cannot be read: there is no usable proc filesystem.
-    #[error("cannot read {path}: {source}; the unix attestor needs the proc filesystem")]
+    /// `/proc/self` cannot be read: there is no proc filesystem, or this process is not in
+    /// the one there (it belongs to a namespace nested below the agent's).
+    #[error(
+        "cannot read {path}: {source}; the unix attestor needs the proc filesystem of the \
+         agent's own PID namespace (a proc filesystem that does not show this process belongs \
+         to another namespace)"
+    )]
     NoProc {
-        /// The link read.
+        /// What was read.
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
@@ -66,15 +71,15 @@ pub enum UnixAttestorError {
     /// The proc filesystem read belongs to another PID namespace than this process's: the
     /// pids the kernel reports for callers would name other processes there.
     #[error(
-        "{path} names process {found:?}, not this one ({own}): the proc filesystem there \
-         belongs to another PID namespace, where callers' pids name other processes; mount the \
-         proc filesystem of the agent's own PID namespace (a container that attests the host's \
+        "{path} shows {found} where this process is {own}: the proc filesystem there belongs \
+         to another PID namespace, where callers' pids name other processes; mount the proc \
+         filesystem of the agent's own PID namespace (a container that attests the host's \
          processes must share the host's PID namespace)"
     )]
     ForeignProc {
-        /// The link read.
+        /// What was read.
         path: PathBuf,
-        /// What it names.
+        /// What it shows (`process N`, or the `NSpid` list).
         found: String,
         /// This process's pid.
         own: u32,
@@ -160,28 +165,52 @@ impl UnixAttestor {
     }
 
     /// Checks that the proc filesystem this attestor reads is the one of this process's PID
-    /// namespace: `self` there names this process. The kernel reports each caller's pid in the
-    /// namespace of the process that reads it; under a proc filesystem of another namespace
-    /// (a container's own `/proc` replaced by the host's, or the reverse) that pid would name
-    /// another process, and the caller would be attested as that process.
+    /// namespace: `self` there names this process, and its `NSpid` this pid alone. The kernel
+    /// reports each caller's pid in the namespace of the process that reads it; under a proc
+    /// filesystem of another namespace (a container's own `/proc` replaced by the host's, or
+    /// the reverse) that pid would name another process, and the caller would be attested as
+    /// that process.
     ///
     /// # Errors
     ///
-    /// [`UnixAttestorError::NoProc`] when `self` cannot be read,
-    /// [`UnixAttestorError::ForeignProc`] when it names another process.
+    /// [`UnixAttestorError::NoProc`] when `self` or its status cannot be read,
+    /// [`UnixAttestorError::ForeignProc`] when it is another process or this one seen from
+    /// another namespace.
     pub fn check_proc(&self) -> Result<(), UnixAttestorError> {
-        let path = self.proc_root.join("self");
-        let target = std::fs::read_link(&path).map_err(|source| UnixAttestorError::NoProc {
-            path: path.clone(),
+        let own = std::process::id();
+        let link = self.proc_root.join("self");
+        let target = std::fs::read_link(&link).map_err(|source| UnixAttestorError::NoProc {
+            path: link.clone(),
             source,
         })?;
-        let own = std::process::id();
-        let found = target.to_string_lossy().into_owned();
-        if found.parse::<u32>().ok() == Some(own) {
-            Ok(())
-        } else {
-            Err(UnixAttestorError::ForeignProc { path, found, own })
+        if target.to_str().and_then(|t| t.parse::<u32>().ok()) != Some(own) {
+            return Err(UnixAttestorError::ForeignProc {
+                path: link,
+                found: format!("process {}", target.display()),
+                own,
+            });
         }
+        // The pid can be the same in two namespaces by chance. `NSpid` lists this process's
+        // pid in the proc filesystem's namespace, then in each namespace nested below it down
+        // to its own: one value when they are the same. (Linux 4.1 and later; without it, the
+        // link above is the check.)
+        let status_path = link.join("status");
+        let status =
+            std::fs::read_to_string(&status_path).map_err(|source| UnixAttestorError::NoProc {
+                path: status_path.clone(),
+                source,
+            })?;
+        if let Some(pids) = status.lines().find_map(|l| l.strip_prefix("NSpid:")) {
+            let pids: Vec<&str> = pids.split_whitespace().collect();
+            if pids != [own.to_string().as_str()] {
+                return Err(UnixAttestorError::ForeignProc {
+                    path: status_path,
+                    found: format!("pids {} (NSpid)", pids.join(" ")),
+                    own,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Sets the largest executable that is hashed.
@@ -356,32 +385,59 @@ mod tests {
         set.contains(&Selector::parse(s).unwrap())
     }
 
-    /// The agent starts only where `/proc/self` names it: the real `/proc` here passes; a
-    /// proc filesystem whose `self` names another process (another PID namespace's) or that
-    /// has no `self` is refused, and one whose `self` names this process passes.
+    /// The agent starts only where `/proc/self` is it alone: the real `/proc` here passes; a
+    /// proc filesystem with no `self`, whose `self` names another process, or whose `NSpid`
+    /// shows this process in a second namespace (the same pid in both by chance) is refused;
+    /// one whose `self` is this process, with `NSpid` its pid alone or no `NSpid` (before Linux
+    /// 4.1), passes.
     #[test]
     fn only_the_proc_filesystem_of_this_pid_namespace_passes_the_check() {
         UnixAttestor::new().check_proc().unwrap();
 
+        let own = std::process::id();
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("proc");
-        std::fs::create_dir(&root).unwrap();
+        std::fs::create_dir_all(root.join(own.to_string())).unwrap();
         let attestor = UnixAttestor::with_roots(&root, "/etc");
-        assert!(matches!(
-            attestor.check_proc(),
-            Err(UnixAttestorError::NoProc { .. })
-        ));
-        std::os::unix::fs::symlink("1", root.join("self")).unwrap();
-        let err = attestor.check_proc().unwrap_err();
+        let refusal = || attestor.check_proc().unwrap_err();
+        assert!(matches!(refusal(), UnixAttestorError::NoProc { .. }));
+
+        let link = |target: String| {
+            let _ = std::fs::remove_file(root.join("self"));
+            std::os::unix::fs::symlink(target, root.join("self")).unwrap();
+        };
+        link((own + 1).to_string());
+        let err = refusal();
         assert!(
-            matches!(&err, UnixAttestorError::ForeignProc { found, own, .. }
-                if found == "1" && *own == std::process::id()),
+            matches!(&err, UnixAttestorError::ForeignProc { found, own: o, .. }
+                if *found == format!("process {}", own + 1) && *o == own),
             "{err:?}"
         );
         assert!(err.to_string().contains("another PID namespace"), "{err}");
-        std::fs::remove_file(root.join("self")).unwrap();
-        std::os::unix::fs::symlink(std::process::id().to_string(), root.join("self")).unwrap();
+
+        link(own.to_string());
+        // No status to read.
+        assert!(matches!(refusal(), UnixAttestorError::NoProc { .. }));
+        let status = |nspid: &str| {
+            std::fs::write(
+                root.join(own.to_string()).join("status"),
+                format!("Name:\tsigil-agent\n{nspid}Uid:\t0\t0\t0\t0\n"),
+            )
+            .unwrap();
+        };
+        status(&format!("NSpid:\t{own}\n"));
         attestor.check_proc().unwrap();
+        status("");
+        attestor.check_proc().unwrap();
+        status(&format!("NSpid:\t{own}\t{own}\n"));
+        let err = refusal();
+        assert!(
+            matches!(&err, UnixAttestorError::ForeignProc { found, .. }
+                if *found == format!("pids {own} {own} (NSpid)")),
+            "{err:?}"
+        );
+        status(&format!("NSpid:\t{}\t{own}\n", own + 7));
+        assert!(matches!(refusal(), UnixAttestorError::ForeignProc { .. }));
     }
 
     #[test]
