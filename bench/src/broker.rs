@@ -1,5 +1,5 @@
 //! The session broker ([`run`]): the real `sigil-broker` binary (found next to this executable:
-//! `cargo build --release --bin sigil-broker`; the harness does not link Cedar) in front of an
+//! `cargo build --release --workspace` builds both; the harness does not link Cedar) in front of an
 //! echo upstream, against direct mTLS to an echo server in the same run, with the same
 //! credentials and the same TLS stack.
 //!
@@ -292,7 +292,7 @@ fn broker_binary() -> anyhow::Result<PathBuf> {
         .join("sigil-broker");
     if !path.exists() {
         bail!(
-            "{} is missing: build it first (cargo build --release --bin sigil-broker)",
+            "{} is missing: build it beside the harness first (cargo build --release --workspace)",
             path.display()
         );
     }
