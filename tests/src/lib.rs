@@ -570,6 +570,33 @@ pub async fn create_entry(
     }
 }
 
+/// Runs a daemon that must refuse to start: it has to exit, with failure, within 30 s (else it
+/// is killed and the test fails). Returns its stderr.
+pub fn refused(command: &mut Command) -> String {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the daemon started instead of refusing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "it exited 0: {stderr}");
+    stderr
+}
+
 /// Every entry of the server, through the admin API's pages.
 pub async fn all_entries(server: &TestServer) -> Vec<sigil_proto::admin::Entry> {
     let mut admin = server.admin().await;

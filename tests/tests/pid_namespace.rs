@@ -10,8 +10,7 @@
     reason = "test code"
 )]
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use sigil_tests::*;
 
@@ -34,36 +33,18 @@ fn an_agent_under_the_proc_of_another_pid_namespace_refuses_to_start() {
     // Without --mount-proc: the agent is pid 1 of the new namespace, and /proc is still the
     // one of the namespace it came from, where it has another pid.
     // --kill-child: the agent dies with unshare if the test has to kill it.
-    let mut child = Command::new("unshare")
-        .args(["--pid", "--fork", "--kill-child"])
-        .arg(binary("sigil-agent"))
-        .args(["run", "--trust-domain", "example.org"])
-        .args(["--server-address", "127.0.0.1:9"])
-        .args(["--join-token", "unused"])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--socket-path")
-        .arg(dir.path().join("api.sock"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the agent did not stop: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the agent started: {stderr}");
+    let stderr = refused(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child"])
+            .arg(binary("sigil-agent"))
+            .args(["run", "--trust-domain", "example.org"])
+            .args(["--server-address", "127.0.0.1:9"])
+            .args(["--join-token", "unused"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--socket-path")
+            .arg(dir.path().join("api.sock")),
+    );
     assert!(
         stderr.contains("workload attestation: /proc/self shows process")
             && stderr.contains("where this process is 1")

@@ -11,34 +11,9 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use sigil_tests::*;
-
-/// Runs `command`, which must exit (with failure) within 20 s; returns its stderr.
-fn refused(command: &mut Command) -> String {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut stderr = String::new();
-            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-            assert!(!status.success(), "it started: {stderr}");
-            return stderr;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("the daemon started instead of refusing");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn server(data_dir: &Path, admin_socket: &Path) -> Command {
     let mut command = Command::new(binary("sigil-server"));
