@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 use crate::policy;
 use crate::store::{
     Change, ChangeKind, ChangesSince, EntryFilter, EntryId, Page, PageRequest, RegistrationEntry,
-    Store, StoreError, hex_decode, hex_encode,
+    Store, StoreError, entry_after, entry_page_token,
 };
 
 /// How many of the most recent changes the cache keeps for sync streams. A stream that falls
@@ -241,7 +241,7 @@ impl EntryCache {
         if filter.parent_id.is_none() && filter.spiffe_id.is_none() {
             return None;
         }
-        let after = match page.token.as_deref().map(token_entry_id).transpose() {
+        let after = match entry_after(page.token.as_deref()) {
             Ok(after) => after,
             Err(e) => return Some(Err(e)),
         };
@@ -253,7 +253,7 @@ impl EntryCache {
             .map(|entry| RegistrationEntry::clone(entry))
             .collect();
         let next_page_token = match items.last() {
-            Some(last) if more => Some(hex_encode(last.id.as_str().as_bytes())),
+            Some(last) if more => Some(entry_page_token(&last.id)),
             _ => None,
         };
         Some(Ok(Page {
@@ -929,14 +929,6 @@ impl State {
     }
 }
 
-/// The entry id a page token names: the stores' tokens are the hex of the last id listed.
-fn token_entry_id(token: &str) -> Result<EntryId, StoreError> {
-    hex_decode(token)
-        .and_then(|key| String::from_utf8(key).ok())
-        .and_then(|key| EntryId::parse(&key).ok())
-        .ok_or(StoreError::InvalidPageToken)
-}
-
 /// An entry counts for authorization at `now` unless it expired or grants a reserved ID.
 fn usable(entry: &RegistrationEntry, now: SystemTime) -> bool {
     entry.expires_at.is_none_or(|at| at > now) && !policy::is_reserved(&entry.spiffe_id)
@@ -1594,7 +1586,7 @@ mod tests {
                     .is_none()
             );
         }
-        for token in ["zz", "", &hex_encode(b"not an entry id")] {
+        for token in ["zz", "", &crate::store::hex_encode(b"not an entry id")] {
             assert!(matches!(
                 cache
                     .list_current(&filters[0], &PageRequest::after(10, token.to_owned()))

@@ -1061,6 +1061,29 @@ impl fmt::Debug for JoinToken {
 
 pub(crate) use sigil_core::hex::{decode as hex_decode, encode as hex_encode};
 
+/// The entry after which a listing of entries goes on, from the page token of the page before
+/// (`None`: the first page). Every store's token, and the entry cache's, is the hex of the last
+/// entry id listed ([`entry_page_token`]), so a listing can go on from any of them.
+///
+/// # Errors
+///
+/// [`StoreError::InvalidPageToken`] for a token that names no entry id.
+pub(crate) fn entry_after(token: Option<&str>) -> Result<Option<EntryId>, StoreError> {
+    token
+        .map(|token| {
+            hex_decode(token)
+                .and_then(|key| String::from_utf8(key).ok())
+                .and_then(|key| EntryId::parse(&key).ok())
+                .ok_or(StoreError::InvalidPageToken)
+        })
+        .transpose()
+}
+
+/// The page token that goes on with the entries after `id` ([`entry_after`]).
+pub(crate) fn entry_page_token(id: &EntryId) -> String {
+    hex_encode(id.as_str().as_bytes())
+}
+
 /// Serde helper: bytes as a base64 string (JSON arrays of numbers would quadruple their size).
 pub(crate) mod base64_bytes {
     use base64::Engine;

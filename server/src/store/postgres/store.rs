@@ -22,7 +22,7 @@ use crate::store::{
     EntrySnapshot, FederatedBundle, FederationRelationship, FetchStatus, JobWork, JoinToken,
     MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest, Put, RegistrationEntry, Revocation,
     ServerBundles, Session, SessionCredential, SessionEntryOp, SessionFilter, SessionId,
-    SessionUpdate, Store, StoreError,
+    SessionUpdate, Store, StoreError, entry_after,
 };
 
 /// Rows fetched per round trip when a listing filters in Rust (audit records, sessions).
@@ -199,7 +199,7 @@ impl Store for PostgresStore {
         filter: &EntryFilter,
         page: &PageRequest,
     ) -> Result<Page<RegistrationEntry>, StoreError> {
-        let after = token_key(page.token.as_deref(), |s| EntryId::parse(s).is_ok())?;
+        let after = entry_after(page.token.as_deref())?.map(|id| id.as_str().to_owned());
         let size = page.effective_size();
         let client = self.client().await?;
         let rows = client

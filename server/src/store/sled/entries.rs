@@ -10,13 +10,10 @@ use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use ::sled::{Transactional, Tree};
 
 use super::record::{decode_change, decode_entry, encode_change, encode_entry};
-use super::{
-    Inner, PageCollector, REVISION_KEY, decode_page_token, decode_u64, read_revision,
-    transaction_error,
-};
+use super::{Inner, PageCollector, REVISION_KEY, decode_u64, read_revision, transaction_error};
 use crate::store::{
     Change, ChangeKind, EntryFilter, EntryId, EntrySnapshot, NewEntry, Page, PageRequest,
-    RegistrationEntry, StoreError,
+    RegistrationEntry, StoreError, entry_after,
 };
 
 /// Entries created per transaction by [`Store::create_entries`] (all of them share one flush).
@@ -171,17 +168,7 @@ impl Inner {
         filter: &EntryFilter,
         page: &PageRequest,
     ) -> Result<Page<RegistrationEntry>, StoreError> {
-        let after = page
-            .token
-            .as_deref()
-            .map(|token| {
-                let key = decode_page_token(token)?;
-                std::str::from_utf8(&key)
-                    .ok()
-                    .and_then(|s| EntryId::parse(s).ok())
-                    .ok_or(StoreError::InvalidPageToken)
-            })
-            .transpose()?;
+        let after = entry_after(page.token.as_deref())?;
         // No index on disk: a filtered listing walks the entries in id order, as an unfiltered
         // one does (see "Layout" in the `sled` module docs for why).
         let mut page = PageCollector::new(page.effective_size());
