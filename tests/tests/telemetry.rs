@@ -228,6 +228,32 @@ async fn metrics_parse_and_move_and_ready_follows_the_lifecycle() {
             "{after:#?}"
         );
     }
+    // A call is counted when it ends: end one stream (the one above may have been the first
+    // and is still open) and wait until the agent has seen it go.
+    {
+        let mut client = agent.client().await;
+        let mut ended = client
+            .fetch_x509svid(sigil_proto::workload::X509svidRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(ended.message().await.unwrap().is_some());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = http_get(agent_metrics, "/metrics").unwrap();
+        if body.lines().any(|line| {
+            line.starts_with("sigil_agent_grpc_calls_total{")
+                && line.contains("method=\"FetchX509SVID\"")
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an ended FetchX509SVID stream was never counted:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     if let Some(held) = parsed_by_prometheus_client(agent_metrics) {
         assert!(value(&held, "sigil_agent_svids{}") >= 1.0, "{held:#?}");
         assert_eq!(value(&held, "sigil_agent_server_connected{}"), 1.0);
