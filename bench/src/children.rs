@@ -88,6 +88,9 @@ async fn stdin_closed() {
 
 fn ready(value: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
+    // Under a `SIGIL_BENCH_WRAP_<ROLE>` wrapper the harness's child may be the wrapper
+    // (perf, a shell): this line tells it which process to measure.
+    writeln!(out, "PID {}", std::process::id())?;
     writeln!(out, "READY {value}")?;
     out.flush()?;
     Ok(())

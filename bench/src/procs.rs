@@ -88,17 +88,24 @@ impl Process {
         })
     }
 
-    /// Waits (at most `timeout`) for the child's `READY <value>` line; returns the value.
+    /// Waits (at most `timeout`) for the child's `READY <value>` line; returns the value. A
+    /// `PID <pid>` line before it names the process that [`Process::cpu`] and the memory
+    /// figures measure from then on: the role itself, when a `SIGIL_BENCH_WRAP_<ROLE>` wrapper
+    /// such as `perf record` runs it as a child of its own.
     pub(crate) async fn ready(&mut self, timeout: Duration) -> anyhow::Result<String> {
         let Some(lines) = self.stdout.as_mut() else {
             bail!("the {} has no stdout", self.name);
         };
+        let pid = &mut self.pid;
         let line = tokio::time::timeout(timeout, async {
             loop {
                 match lines.next_line().await {
                     Ok(Some(line)) => {
                         if let Some(value) = line.strip_prefix("READY ") {
                             return Some(value.to_owned());
+                        }
+                        if let Some(role) = line.strip_prefix("PID ").and_then(|p| p.parse().ok()) {
+                            *pid = role;
                         }
                     }
                     Ok(None) | Err(_) => return None,

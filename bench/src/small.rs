@@ -380,6 +380,9 @@ pub(crate) async fn load(
     if refused > 0 {
         bail!("{refused} of {} CSRs refused under load", signed + refused);
     }
+    if signed > 0 && server_cpu.is_zero() {
+        bail!("the server signed {signed} SVIDs in no CPU time: the wrong process was measured");
+    }
     Ok(Load {
         signed,
         wall,
