@@ -15,7 +15,7 @@
 //! | `entries`              | entry id (32 hex chars)           | [`RegistrationEntry`]          |
 //! | `entries_by_identity`  | SHA-256(SPIFFE ID, parent, sels)  | entry id (uniqueness index)    |
 //! | `changes`              | revision, 8 bytes big-endian      | [`Change`]                     |
-//! | `meta`                 | `revision`, `ca_journal[/server]`, `crl_number/authority` | u64 big-endian, opaque bytes |
+//! | `meta`                 | `layout`, `revision`, `ca_journal[/server]`, `crl_number/authority` | u64 big-endian, opaque bytes |
 //! | `nodes`                | agent SPIFFE ID                   | [`AttestedNode`]               |
 //! | `join_tokens`          | token                             | [`JoinToken`]                  |
 //! | `federated_bundles`    | trust domain name                 | [`FederatedBundle`]            |
@@ -25,6 +25,14 @@
 //! | `audit_sources`        | source SPIFFE ID, `0x00`, spool id | last sequence, u64 big-endian |
 //!
 //! A SPIFFE ID never contains `0x00`, so `ID 0x00` is an unambiguous key prefix.
+//!
+//! `meta`'s `layout` is the number of the layout the store was last opened with ([`LAYOUT`]).
+//! [`SledStore::open`] refuses a store whose layout is newer than this build's, before it
+//! changes anything in it: a build that does not know a layout would misread it (an index it
+//! does not know of is an index it does not update). A store without the key was last opened
+//! by a build from before layouts were numbered (layout 1); opening it brings it to this
+//! layout. Those builds do not read the key, so going back to one of them is safe only with the
+//! backup taken before the upgrade (operations.md).
 //!
 //! Entries have no index by parent or by SPIFFE ID on disk: a filtered listing walks the
 //! `entries` tree, and the entry cache keeps both indexes in memory for what must be fast
@@ -132,6 +140,11 @@ mod tests;
 /// database (see "Layout" in the module docs).
 const DROPPED_TREES: [&str; 2] = ["entries_by_parent", "entries_by_spiffe_id"];
 
+/// Key of the store's layout number in the `meta` tree (see "Layout" in the module docs).
+const LAYOUT_KEY: &[u8] = b"layout";
+/// The layout this build writes and the newest it reads: 2, no entry index trees by parent or
+/// by SPIFFE ID. Layout 1, unnumbered, is that of every build before the number.
+pub(crate) const LAYOUT: u64 = 2;
 /// Key of the revision counter in the `meta` tree.
 const REVISION_KEY: &[u8] = b"revision";
 /// Key of the last CRL number handed out, in the `meta` tree.
@@ -216,9 +229,9 @@ impl Default for SledStoreOptions {
 // === impl SledStore ===
 
 impl SledStore {
-    /// Opens (or creates) the database in the directory `path`, drops the trees of an earlier
-    /// layout, prunes the change feed down to the retention, flushes, and starts the flusher
-    /// thread.
+    /// Opens (or creates) the database in the directory `path`, refuses it if a newer build
+    /// wrote a layout this one does not know, drops the trees of an earlier layout, prunes the
+    /// change feed down to the retention, flushes, and starts the flusher thread.
     pub(crate) fn open(
         path: impl AsRef<Path>,
         options: SledStoreOptions,
@@ -235,6 +248,16 @@ impl SledStore {
             config = config.cache_capacity(bytes);
         }
         let db = config.open()?;
+        // Before anything is changed in it.
+        let layout = read_layout(&db.open_tree("meta")?)?;
+        if layout > LAYOUT {
+            return Err(StoreError::Unsupported(format!(
+                "the sled store in {} has layout {layout}, newer than this build knows \
+                 ({LAYOUT}): a newer sigil-server opened it; run that version, or restore the \
+                 backup taken before the upgrade",
+                path.display()
+            )));
+        }
         for name in DROPPED_TREES {
             if db.drop_tree(name)? {
                 tracing::info!(
@@ -254,8 +277,18 @@ impl SledStore {
                 "join tokens stored in the clear by an earlier build are now stored hashed"
             );
         }
+        if layout < LAYOUT {
+            trees.meta.insert(LAYOUT_KEY, &LAYOUT.to_be_bytes())?;
+            if layout > 0 {
+                tracing::info!(
+                    from = layout,
+                    to = LAYOUT,
+                    "the store's layout was brought to this build's"
+                );
+            }
+        }
         // What sled recovered may sit in the page cache only (the last process died before
-        // flushing it): make it durable before reporting any of it.
+        // flushing it): make it durable before reporting any of it (and the layout's number).
         db.flush()?;
 
         let group = Arc::new(GroupCommit::new(revision));
@@ -1147,6 +1180,19 @@ impl Inner {
                 reason: "missing after update".to_owned(),
             }),
         }
+    }
+}
+
+/// The layout number in `meta`: 1 where there is none (a store of a build from before the
+/// number), 0 for a store with nothing in `meta` (a new one).
+fn read_layout(meta: &Tree) -> Result<u64, StoreError> {
+    match meta.get(LAYOUT_KEY)? {
+        Some(bytes) => decode_u64(&bytes).map_err(|_| StoreError::Corrupt {
+            what: "store layout",
+            reason: format!("{} bytes, not an 8-byte number", bytes.len()),
+        }),
+        None if meta.is_empty() => Ok(0),
+        None => Ok(1),
     }
 }
 

@@ -396,6 +396,110 @@ async fn the_entry_indexes_of_an_earlier_layout_are_dropped_at_open() {
     assert!(names.iter().any(|n| n == b"entries"));
 }
 
+/// The error [`SledStore::open`] gives for `dir`, once sled's lock file is free (see
+/// [`open_with`]).
+fn open_refused(dir: &Path) -> StoreError {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match SledStore::open(dir, SledStoreOptions::default()) {
+            Ok(_) => panic!("{} opened", dir.display()),
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return e,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layout_is_recorded_and_a_newer_one_is_refused_before_anything_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout_of = |dir: &Path| {
+        open_raw(dir)
+            .open_tree("meta")
+            .unwrap()
+            .get(LAYOUT_KEY)
+            .unwrap()
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap()))
+    };
+    let created = {
+        let store = open(dir.path());
+        store.create_entry(entry("a")).await.unwrap()
+    };
+    assert_eq!(layout_of(dir.path()), Some(LAYOUT));
+
+    // A store of a build from before the number (layout 1): brought to this layout.
+    {
+        let db = open_raw(dir.path());
+        db.open_tree("meta").unwrap().remove(LAYOUT_KEY).unwrap();
+        db.flush().unwrap();
+    }
+    assert_eq!(layout_of(dir.path()), None);
+    drop(open(dir.path()));
+    assert_eq!(layout_of(dir.path()), Some(LAYOUT));
+
+    // A store a newer build opened: refused, and left as it was (this build would have
+    // dropped the tree below).
+    {
+        let db = open_raw(dir.path());
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert(LAYOUT_KEY, &(LAYOUT + 1).to_be_bytes())
+            .unwrap();
+        db.open_tree(DROPPED_TREES[0])
+            .unwrap()
+            .insert(b"kept", Vec::new())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let refused = open_refused(dir.path());
+    assert!(matches!(refused, StoreError::Unsupported(_)), "{refused:?}");
+    assert_eq!(
+        refused.to_string(),
+        format!(
+            "the sled store in {} has layout {}, newer than this build knows ({LAYOUT}): a newer \
+             sigil-server opened it; run that version, or restore the backup taken before the \
+             upgrade",
+            dir.path().display(),
+            LAYOUT + 1
+        )
+    );
+    assert_eq!(layout_of(dir.path()), Some(LAYOUT + 1));
+    let db = open_raw(dir.path());
+    assert!(
+        db.tree_names()
+            .iter()
+            .any(|n| n == DROPPED_TREES[0].as_bytes())
+    );
+    assert!(
+        db.open_tree("entries")
+            .unwrap()
+            .contains_key(created.id.as_str())
+            .unwrap()
+    );
+
+    // A layout that is not a number: corrupt, not a guess.
+    db.open_tree("meta")
+        .unwrap()
+        .insert(LAYOUT_KEY, &b"two"[..])
+        .unwrap();
+    db.flush().unwrap();
+    drop(db);
+    let corrupt = open_refused(dir.path());
+    assert!(
+        matches!(
+            corrupt,
+            StoreError::Corrupt {
+                what: "store layout",
+                ..
+            }
+        ),
+        "{corrupt:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_tokens_stored_in_the_clear_are_hashed_at_open_and_still_work() {
     let dir = tempfile::tempdir().unwrap();
