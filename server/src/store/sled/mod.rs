@@ -26,13 +26,14 @@
 //!
 //! A SPIFFE ID never contains `0x00`, so `ID 0x00` is an unambiguous key prefix.
 //!
-//! `meta`'s `layout` is the number of the layout the store was last opened with ([`LAYOUT`]).
-//! [`SledStore::open`] refuses a store whose layout is newer than this build's, before it
-//! changes anything in it: a build that does not know a layout would misread it (an index it
-//! does not know of is an index it does not update). A store without the key was last opened
-//! by a build from before layouts were numbered (layout 1); opening it brings it to this
-//! layout. Those builds do not read the key, so going back to one of them is safe only with the
-//! backup taken before the upgrade (operations.md).
+//! `meta`'s `layout` is the number of the newest layout that has opened the store
+//! ([`LAYOUT`]). [`SledStore::open`] refuses a store whose layout is newer than this build's,
+//! before it changes anything in it: a build that does not know a layout would misread it (an
+//! index it does not know of is an index it does not update). A store of an earlier build has
+//! no key (layout 1); opening it brings it to this layout. Builds from before the number do not
+//! read the key, so going back to one of them is safe only with the backup taken before the
+//! upgrade (operations.md). Later layouts must keep the number where it is (`meta`, `layout`,
+//! 8 bytes big-endian): it is what older builds look at.
 //!
 //! Entries have no index by parent or by SPIFFE ID on disk: a filtered listing walks the
 //! `entries` tree, and the entry cache keeps both indexes in memory for what must be fast
@@ -249,7 +250,7 @@ impl SledStore {
         }
         let db = config.open()?;
         // Before anything is changed in it.
-        let layout = read_layout(&db.open_tree("meta")?)?;
+        let layout = read_layout(&db)?;
         if layout > LAYOUT {
             return Err(StoreError::Unsupported(format!(
                 "the sled store in {} has layout {layout}, newer than this build knows \
@@ -1183,15 +1184,15 @@ impl Inner {
     }
 }
 
-/// The layout number in `meta`: 1 where there is none (a store of a build from before the
-/// number), 0 for a store with nothing in `meta` (a new one).
-fn read_layout(meta: &Tree) -> Result<u64, StoreError> {
-    match meta.get(LAYOUT_KEY)? {
+/// The layout number in `meta`: 0 for a store sled just created, 1 for an existing store
+/// without one (a store of a build from before the number).
+fn read_layout(db: &::sled::Db) -> Result<u64, StoreError> {
+    match db.open_tree("meta")?.get(LAYOUT_KEY)? {
         Some(bytes) => decode_u64(&bytes).map_err(|_| StoreError::Corrupt {
             what: "store layout",
             reason: format!("{} bytes, not an 8-byte number", bytes.len()),
         }),
-        None if meta.is_empty() => Ok(0),
+        None if !db.was_recovered() => Ok(0),
         None => Ok(1),
     }
 }
