@@ -58,7 +58,8 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = Shutdown> + Send,
 ) -> Result<(), AgentError> {
-    // Callers are attested through /proc: refuse to start where it would name other processes.
+    // Callers are attested through /proc: refuse to start where it would name other processes
+    // (checked here, before the agent binds or calls anything; `WorkloadApi::new` checks again).
     let attestor = Arc::new(UnixAttestor::new());
     attestor.check_proc()?;
     // Bound first, so that a taken port fails the start before anything else happens; served
@@ -96,7 +97,7 @@ pub async fn run(
         registry,
         telemetry::readiness(draining.clone(), snapshots.clone()),
     );
-    let api = WorkloadApi::new(snapshots, minter, attestor, front_door_caller);
+    let api = WorkloadApi::new(snapshots, minter, attestor, front_door_caller)?;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let serve = sigil_daemon::limits::grpc_server()
         .layer(grpc_metrics)

@@ -743,10 +743,22 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), NodeError> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
 
     use super::*;
+
+    /// A connection with a stored identity of `example.org`, kept in `data_dir`; nothing is
+    /// dialed (the channel connects at its first call).
+    pub(crate) fn offline_connection(data_dir: &Path) -> NodeConnection {
+        let td = TrustDomain::new("example.org").unwrap();
+        let (identity, bundle) = identity(&td);
+        let servers = Arc::new(Servers {
+            addresses: vec!["127.0.0.1:9".to_owned()],
+            current: AtomicUsize::new(0),
+        });
+        NodeConnection::new(td, servers, data_dir, identity, bundle).unwrap()
+    }
 
     /// An identity with a real certificate (self-signed, SPIFFE URI SAN) and key.
     fn identity(td: &TrustDomain) -> (Identity, SpiffeBundle) {

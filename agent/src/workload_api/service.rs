@@ -23,7 +23,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use prost::Message as _;
 
-use sigil_attestors::unix::{Credentials, UnixAttestor};
+use sigil_attestors::unix::{Credentials, UnixAttestor, UnixAttestorError};
 use sigil_core::jwt::{JwtBundleSet, JwtSvid};
 use sigil_core::{SelectorSet, SpiffeBundle, SpiffeId};
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
@@ -234,20 +234,27 @@ impl std::fmt::Debug for WorkloadApi {
 
 impl WorkloadApi {
     /// The service, serving what `snapshots` publishes and minting JWT-SVIDs and session SVIDs
-    /// through `minter`.
+    /// through `minter`, to callers `attestor` attests.
+    ///
+    /// # Errors
+    ///
+    /// What [`UnixAttestor::check_proc`] finds: the proc filesystem `attestor` reads is missing
+    /// or another PID namespace's, where a caller's pid would name another process. The service
+    /// is never built there, whoever embeds it.
     pub fn new(
         snapshots: watch::Receiver<Arc<Inventory>>,
         minter: Minter,
         attestor: Arc<UnixAttestor>,
         caller: CallerLookup,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, UnixAttestorError> {
+        attestor.check_proc()?;
+        Ok(Self {
             snapshots,
             minter,
             attestor,
             caller,
             shared: Arc::default(),
-        }
+        })
     }
 
     /// A `FetchX509SVID` stream, each message already encoded (protobuf): the first at once, then
@@ -782,6 +789,42 @@ mod tests {
             map.insert(w.grant.entry_id.clone(), Arc::new(w));
         }
         Arc::new(inventory)
+    }
+
+    /// The service is never built over a proc filesystem where a caller's pid would name
+    /// another process, whoever embeds it (the agent checks before this, at its start).
+    #[tokio::test]
+    async fn the_service_is_not_built_over_the_proc_of_another_pid_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Arc::new(crate::node::tests::offline_connection(dir.path()));
+        let (_publish, snapshots) = watch::channel(inventory(Vec::new()));
+        let build = |attestor: UnixAttestor| {
+            WorkloadApi::new(
+                snapshots.clone(),
+                Minter::new(Arc::clone(&node)),
+                Arc::new(attestor),
+                super::super::caller::front_door_caller,
+            )
+        };
+        // A proc filesystem whose `self` is another process: this process seen from the
+        // outside, or the outside seen from in here.
+        let foreign = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(
+            (std::process::id() + 1).to_string(),
+            foreign.path().join("self"),
+        )
+        .unwrap();
+        let refused = build(UnixAttestor::with_roots(foreign.path(), "/etc")).unwrap_err();
+        assert!(
+            matches!(refused, UnixAttestorError::ForeignProc { .. }),
+            "{refused:?}"
+        );
+        let missing = build(UnixAttestor::with_roots(dir.path().join("none"), "/etc"));
+        assert!(
+            matches!(missing, Err(UnixAttestorError::NoProc { .. })),
+            "{missing:?}"
+        );
+        build(UnixAttestor::new()).unwrap();
     }
 
     fn ids(message: &Bytes) -> Vec<String> {
