@@ -316,18 +316,7 @@ pub(crate) async fn migrate_store(
             ..SledStoreOptions::default()
         },
     )
-    .map_err(|e| {
-        // sled's lock file: another process (the server) has the store open.
-        let hint = if e.to_string().contains("could not acquire lock") {
-            " (is the server still running? stop it first)"
-        } else {
-            ""
-        };
-        anyhow::Error::new(e).context(format!(
-            "cannot open the sled store at {}{hint}",
-            sled_dir.display()
-        ))
-    })?;
+    .with_context(|| format!("cannot open the sled store at {}", sled_dir.display()))?;
     let target = open_store_postgres(&to_config)
         .await
         .context("cannot open the PostgreSQL store")?;

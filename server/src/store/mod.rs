@@ -782,9 +782,20 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
-    /// The storage backend failed.
+    /// The storage backend failed. (Its error is in the message, not given as the source
+    /// too: a report of the whole chain would print it twice.)
     #[error("storage backend failed: {0}")]
-    Backend(#[from] ::sled::Error),
+    Backend(::sled::Error),
+    /// Another process has the sled store open (sled takes a lock on it).
+    #[error(
+        "the sled store in {} is in use by another process (a sigil-server on the same \
+         data_dir, or `sigil-server store migrate`): stop it first",
+        .path.display()
+    )]
+    Locked {
+        /// The store's directory.
+        path: std::path::PathBuf,
+    },
     /// The database failed or refused a statement.
     #[error("database: {}", database_error_text(.0))]
     Database(#[source] tokio_postgres::Error),
@@ -846,6 +857,12 @@ pub enum StoreError {
         /// What uses it, and what to do.
         reason: &'static str,
     },
+}
+
+impl From<::sled::Error> for StoreError {
+    fn from(error: ::sled::Error) -> Self {
+        Self::Backend(error)
+    }
 }
 
 /// A database error with its causes (tokio-postgres keeps the server's message, SQLSTATE,

@@ -248,7 +248,13 @@ impl SledStore {
         if let Some(bytes) = options.cache_capacity_bytes {
             config = config.cache_capacity(bytes);
         }
-        let db = config.open()?;
+        let db = config.open().map_err(|error| match &error {
+            // sled's lock: another process (or another open store in this one) has it.
+            ::sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked { path: path.clone() }
+            }
+            _ => StoreError::Backend(error),
+        })?;
         // Before anything is changed in it.
         let layout = read_layout(&db)?;
         if layout > LAYOUT {

@@ -27,10 +27,7 @@ fn open_with(dir: &Path, options: SledStoreOptions) -> SledStore {
     loop {
         match SledStore::open(dir, options.clone()) {
             Ok(store) => return store,
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             Err(e) => panic!("cannot open the store: {e}"),
@@ -403,10 +400,7 @@ fn open_refused(dir: &Path) -> StoreError {
     loop {
         match SledStore::open(dir, SledStoreOptions::default()) {
             Ok(_) => panic!("{} opened", dir.display()),
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             Err(e) => return e,
@@ -498,6 +492,26 @@ async fn the_layout_is_recorded_and_a_newer_one_is_refused_before_anything_chang
         ),
         "{corrupt:?}"
     );
+}
+
+/// A store that is open already (another server on the same data_dir) is refused with what
+/// to do, not sled's lock error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_open_elsewhere_is_refused_as_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = open(dir.path());
+    let refused = SledStore::open(dir.path(), SledStoreOptions::default())
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        format!(
+            "the sled store in {} is in use by another process (a sigil-server on the same \
+             data_dir, or `sigil-server store migrate`): stop it first",
+            dir.path().display()
+        )
+    );
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
