@@ -316,7 +316,14 @@ pub(crate) async fn migrate_store(
             ..SledStoreOptions::default()
         },
     )
-    .with_context(|| format!("cannot open the sled store at {}", sled_dir.display()))?;
+    .map_err(|e| match e {
+        // Says which store, and what to do.
+        StoreError::Locked { .. } => anyhow::Error::new(e),
+        e => anyhow::Error::new(e).context(format!(
+            "cannot open the sled store at {}",
+            sled_dir.display()
+        )),
+    })?;
     let target = open_store_postgres(&to_config)
         .await
         .context("cannot open the PostgreSQL store")?;

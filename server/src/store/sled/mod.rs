@@ -248,12 +248,12 @@ impl SledStore {
         if let Some(bytes) = options.cache_capacity_bytes {
             config = config.cache_capacity(bytes);
         }
-        let db = config.open().map_err(|error| match &error {
-            // sled's lock: another process (or another open store in this one) has it.
-            ::sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+        let db = config.open().map_err(|error| {
+            if is_held_elsewhere(&error) {
                 StoreError::Locked { path: path.clone() }
+            } else {
+                StoreError::Backend(error)
             }
-            _ => StoreError::Backend(error),
         })?;
         // Before anything is changed in it.
         let layout = read_layout(&db)?;
@@ -1187,6 +1187,20 @@ impl Inner {
                 reason: "missing after update".to_owned(),
             }),
         }
+    }
+}
+
+/// Whether sled could not open a database because another opener holds its lock: sled 0.34
+/// reports every failure of its `flock` as "could not acquire lock" with the `io::Error`'s
+/// debug text; only `WouldBlock` means a holder (a filesystem without `flock` gives another
+/// error, which stays a [`StoreError::Backend`] with its text).
+fn is_held_elsewhere(error: &::sled::Error) -> bool {
+    match error {
+        ::sled::Error::Io(io) => {
+            let text = io.to_string();
+            text.contains("could not acquire lock") && text.contains("WouldBlock")
+        }
+        _ => false,
     }
 }
 

@@ -512,6 +512,20 @@ async fn a_store_open_elsewhere_is_refused_as_locked() {
         )
     );
     drop(held);
+
+    // sled words every failure of its `flock` the same way: only a holder (`WouldBlock`) is
+    // "in use"; a filesystem without locks keeps its own error.
+    let lock_error = |errno: &str| {
+        ::sled::Error::Io(std::io::Error::other(format!(
+            "could not acquire lock on \"/data/store/db\": {errno}"
+        )))
+    };
+    assert!(is_held_elsewhere(&lock_error(
+        "Os { code: 11, kind: WouldBlock, message: \"Resource temporarily unavailable\" }"
+    )));
+    assert!(!is_held_elsewhere(&lock_error(
+        "Os { code: 37, kind: Uncategorized, message: \"No locks available\" }"
+    )));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
