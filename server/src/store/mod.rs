@@ -782,8 +782,9 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
-    /// The storage backend failed. (Its error is in the message, not given as the source
-    /// too: a report of the whole chain would print it twice.)
+    /// The storage backend failed. (Here and in the other variants that wrap an error, the
+    /// error is in the message and not given as the source too: a report of the whole chain,
+    /// such as a daemon's fatal error, would print it twice.)
     #[error("storage backend failed: {0}")]
     Backend(::sled::Error),
     /// Another process has the sled store open (sled takes a lock on it).
@@ -798,7 +799,7 @@ pub enum StoreError {
     },
     /// The database failed or refused a statement.
     #[error("database: {}", database_error_text(.0))]
-    Database(#[source] tokio_postgres::Error),
+    Database(tokio_postgres::Error),
     /// No database connection could be had (the pool timed out or is closed).
     #[error("{0}")]
     Unavailable(String),
@@ -810,7 +811,7 @@ pub enum StoreError {
     Unsupported(String),
     /// An operating system call failed (opening the store, starting its flusher thread).
     #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// A flush to disk failed; the store refuses every later write, since it can no longer
     /// tell what is on disk.
     #[error("flush to disk failed: {0}")]
@@ -824,7 +825,7 @@ pub enum StoreError {
     SnapshotUnavailable,
     /// A blocking store task failed.
     #[error("store task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    Task(tokio::task::JoinError),
     /// The store is shut down.
     #[error("store is closed")]
     Closed,
@@ -862,6 +863,18 @@ pub enum StoreError {
 impl From<::sled::Error> for StoreError {
     fn from(error: ::sled::Error) -> Self {
         Self::Backend(error)
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(error: std::io::Error) -> Self {
+        Self::Io(error)
+    }
+}
+
+impl From<tokio::task::JoinError> for StoreError {
+    fn from(error: tokio::task::JoinError) -> Self {
+        Self::Task(error)
     }
 }
 
@@ -1203,5 +1216,19 @@ mod tests {
             alias_spiffe_id: None,
         };
         assert!(!format!("{token:?}").contains("s3cret"));
+    }
+
+    /// An error that a variant wraps is in its message only: a report of the whole chain (a
+    /// daemon's fatal error, `{:#}`) prints it once.
+    #[test]
+    fn a_wrapped_error_is_printed_once_in_a_chain() {
+        let wrapped = [
+            StoreError::Io(std::io::Error::other("disk gone")),
+            StoreError::Backend(::sled::Error::Io(std::io::Error::other("disk gone"))),
+        ];
+        for error in wrapped {
+            let report = format!("{:#}", anyhow::Error::new(error));
+            assert_eq!(report.matches("disk gone").count(), 1, "{report}");
+        }
     }
 }
