@@ -19,20 +19,34 @@ fn open(dir: &Path) -> SledStore {
     open_with(dir, SledStoreOptions::default())
 }
 
-/// Opens the store, waiting (up to 5 s) for a store of the same directory that this
-/// process just dropped to let go of sled's lock file: sled's own I/O threads may hold the
-/// database for a moment after the last handle is gone.
-fn open_with(dir: &Path, options: SledStoreOptions) -> SledStore {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+/// `open()`, again while it fails with `locked` (up to 5 s): a store of the same directory
+/// that this process just dropped lets go of sled's lock file a moment after its last handle
+/// is gone (sled's own I/O threads hold the database until then).
+fn retry_while_locked<T, E>(
+    mut open: impl FnMut() -> Result<T, E>,
+    locked: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        match SledStore::open(dir, options.clone()) {
-            Ok(store) => return store,
-            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+        match open() {
+            Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
             }
-            Err(e) => panic!("cannot open the store: {e}"),
+            done => return done,
         }
     }
+}
+
+/// What [`SledStore::open`] gives for `dir` once no store of this process holds it.
+fn try_open(dir: &Path, options: SledStoreOptions) -> Result<SledStore, StoreError> {
+    retry_while_locked(
+        || SledStore::open(dir, options.clone()),
+        |e| matches!(e, StoreError::Locked { .. }),
+    )
+}
+
+fn open_with(dir: &Path, options: SledStoreOptions) -> SledStore {
+    try_open(dir, options).unwrap_or_else(|e| panic!("cannot open the store: {e}"))
 }
 
 fn entry(name: &str) -> NewEntry {
@@ -308,22 +322,10 @@ async fn entries_and_changes_written_as_json_by_an_earlier_build_are_still_serve
     );
 }
 
-/// Opens the database with sled alone, waiting (up to 5 s) for a store of the same directory
-/// that this process just dropped to let go of sled's lock file.
+/// Opens the database with sled alone, once no store of this process holds it.
 fn open_raw(dir: &Path) -> ::sled::Db {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match ::sled::open(dir) {
-            Ok(db) => return db,
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("cannot open the database: {e}"),
-        }
-    }
+    retry_while_locked(|| ::sled::open(dir), is_held_elsewhere)
+        .unwrap_or_else(|e| panic!("cannot open the database: {e}"))
 }
 
 /// A data directory of a build that kept the entries' by-parent and by-SPIFFE-ID indexes on
@@ -393,18 +395,11 @@ async fn the_entry_indexes_of_an_earlier_layout_are_dropped_at_open() {
     assert!(names.iter().any(|n| n == b"entries"));
 }
 
-/// The error [`SledStore::open`] gives for `dir`, once sled's lock file is free (see
-/// [`open_with`]).
+/// The error [`SledStore::open`] gives for `dir` once no store of this process holds it.
 fn open_refused(dir: &Path) -> StoreError {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match SledStore::open(dir, SledStoreOptions::default()) {
-            Ok(_) => panic!("{} opened", dir.display()),
-            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => return e,
-        }
+    match try_open(dir, SledStoreOptions::default()) {
+        Ok(_) => panic!("{} opened", dir.display()),
+        Err(e) => e,
     }
 }
 
