@@ -67,7 +67,9 @@ pub use crate::config::{
     BundleEndpointConfig, BundleEndpointProfile, ConfigError, ConfigProblem, DEFAULT_ADMIN_SOCKET,
     FileConfig, LogFormat, LogLevel, Overrides, ServerConfig,
 };
-pub use crate::server::{DRAIN_TIMEOUT, MAX_MESSAGE_SIZE, Server, ServerError, Shutdown};
+pub use crate::server::{
+    DRAIN_TIMEOUT, MAX_MESSAGE_SIZE, Server, ServerError, Shutdown, snapshot_store_after_stop,
+};
 pub use crate::service::agents::DenyReason;
 pub use crate::store::sled::engine as sled;
 

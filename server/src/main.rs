@@ -44,11 +44,18 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let stopped = config.clone();
+    let result = runtime.block_on(async move {
         let shutdown =
             sigil_daemon::shutdown_signal().context("cannot watch SIGTERM and SIGINT")?;
         let server = Server::start(config).await?;
         server.run(shutdown).await?;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Every task, and with them every handle on the store, is gone with the runtime.
+    drop(runtime);
+    if result.is_ok() {
+        sigil_server::snapshot_store_after_stop(&stopped);
+    }
+    result
 }

@@ -75,7 +75,8 @@ pub enum Command {
     /// Run the server daemon.
     ///
     /// SIGTERM stops it gracefully (open streams get 5 s to drain, then exit 0); SIGINT stops
-    /// it at once.
+    /// it without the drain. Either stop ends with sled's snapshot of the store, so that the next
+    /// start need not read back the whole log (docs/operations.md, "Stop and start").
     Run(RunArgs),
     /// The store itself, with the server stopped: move a sled store to PostgreSQL.
     #[command(subcommand)]

@@ -69,6 +69,17 @@
 //! A failed flush is sticky: the store answers [`StoreError::FlushFailed`] to every later write
 //! (after a failed fsync nobody can tell what reached the disk).
 //!
+//! # sled's snapshot at a clean stop
+//!
+//! sled 0.34 recovers a store by reading its page-table snapshot and then every log record
+//! after it, and writes a new snapshot only when it opens a store. A server that wrote 100,000
+//! entries since its start would have the next start read all of that back. So the last step
+//! of a clean stop, once nothing of the server holds the store, opens it once more and closes
+//! it ([`SledStore::write_snapshot`], from `crate::server::snapshot_store_after_stop`): the
+//! stop pays the recovery and the next start reads the snapshot and a short tail. Nothing in
+//! the trees changes. A crash leaves the previous snapshot, and the next start reads the log
+//! after it, as sled always does.
+//!
 //! # Consistent snapshots
 //!
 //! sled has no multi-key read snapshots, so [`Store::snapshot_entries`] builds an exact one from
@@ -94,7 +105,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 /// The sled crate this backend is built on, re-exported so that forensic tools and tests can
 /// open a data directory (of a stopped server) with the same version and read its trees as
@@ -241,20 +252,7 @@ impl SledStore {
         // First, so that a failure to start threads leaves nothing behind (no flusher holding
         // the database open).
         let calls = CallPool::start()?;
-        // No sled background flusher: the group-commit flusher below makes writes durable, and
-        // sled's own thread would keep the database (and its lock file) open for up to its
-        // interval after the store is dropped.
-        let mut config = ::sled::Config::new().path(&path).flush_every_ms(None);
-        if let Some(bytes) = options.cache_capacity_bytes {
-            config = config.cache_capacity(bytes);
-        }
-        let db = config.open().map_err(|error| {
-            if is_held_elsewhere(&error) {
-                StoreError::Locked { path: path.clone() }
-            } else {
-                StoreError::Backend(error)
-            }
-        })?;
+        let db = open_db(&path, options.cache_capacity_bytes)?;
         // Before anything is changed in it.
         let layout = read_layout(&db)?;
         if layout > LAYOUT {
@@ -322,6 +320,43 @@ impl SledStore {
         })
     }
 
+    /// Opens the sled store in `path` once more after a clean stop, and closes it: sled 0.34
+    /// writes its page-table snapshot only when it opens a store, so without this the next
+    /// start re-reads the whole log written since the last one (for 100,000 entries, about
+    /// 200 ms of a start on a slow host; see BENCHMARKS.md). With it, the stop pays that
+    /// instead, and the next start reads the snapshot and the log's short tail. A crash leaves
+    /// only the snapshot of the last start; the next start then reads the log after it, as it
+    /// always did (a snapshot half-written by a process killed during this stop is removed at
+    /// the next open: see `open_db`).
+    ///
+    /// Waits up to `wait` for this process's last handle on the store to be gone (sled's
+    /// threads let go of its lock shortly after the last `SledStore` is dropped); then a held
+    /// store is [`StoreError::Locked`]. Creates nothing: `Ok(false)` if `path` holds no store.
+    /// Nothing in the store changes (sled writes the snapshot file beside its log).
+    pub(crate) fn write_snapshot(
+        path: &Path,
+        cache_capacity_bytes: Option<u64>,
+        wait: Duration,
+    ) -> Result<bool, StoreError> {
+        // sled creates a store where there is none; a stop must not.
+        if !path.join("conf").is_file() || !path.join("db").is_file() {
+            return Ok(false);
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            match open_db(path, cache_capacity_bytes) {
+                Ok(db) => {
+                    drop(db);
+                    return Ok(true);
+                }
+                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
     #[cfg(test)]
     /// How many flushes the flusher thread has run (group commit makes it much smaller than the
     /// number of writes under concurrency).
@@ -358,7 +393,7 @@ impl SledStore {
 
     /// Waits until a flush covers every write made so far.
     async fn commit(&self) -> Result<(), StoreError> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let done = self.inner.group.commit().await;
         self.inner.commits.observe(started.elapsed().as_secs_f64());
         done
@@ -1202,6 +1237,68 @@ fn is_held_elsewhere(error: &::sled::Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// Opens (or creates) the sled database in `path`; a database another process holds is
+/// [`StoreError::Locked`].
+///
+/// sled writes each snapshot as `snap.N.generating`, then renames it `snap.N`; but it also
+/// reads a `.generating` file it finds (the newest by name), so one left half-written by a
+/// process killed while writing it (at a start, or at a stop: `SledStore::write_snapshot`)
+/// makes every later open fail as corrupt. Such a file is never a snapshot sled finished: when
+/// the open fails as corrupt and one is there, it is removed and the open tried again (sled
+/// then recovers from the snapshot before it, or from the log's start).
+fn open_db(path: &Path, cache_capacity_bytes: Option<u64>) -> Result<Db, StoreError> {
+    match open_db_once(path, cache_capacity_bytes) {
+        Err(StoreError::Backend(::sled::Error::Corruption { at, bt })) => {
+            let unfinished = unfinished_snapshots(path)?;
+            if unfinished.is_empty() {
+                return Err(StoreError::Backend(::sled::Error::Corruption { at, bt }));
+            }
+            for file in &unfinished {
+                std::fs::remove_file(file)?;
+            }
+            tracing::warn!(
+                files = ?unfinished,
+                "removed the unfinished snapshot of a process killed while writing it; sled \
+                 recovers from its log"
+            );
+            open_db_once(path, cache_capacity_bytes)
+        }
+        other => other,
+    }
+}
+
+/// sled's snapshot files in `path` that it never finished (`snap.*.generating`).
+fn unfinished_snapshots(path: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(path)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            found.push(path.join(&*name));
+        }
+    }
+    Ok(found)
+}
+
+fn open_db_once(path: &Path, cache_capacity_bytes: Option<u64>) -> Result<Db, StoreError> {
+    // No sled background flusher: the group-commit flusher makes writes durable, and sled's own
+    // thread would keep the database (and its lock file) open for up to its interval after the
+    // store is dropped.
+    let mut config = ::sled::Config::new().path(path).flush_every_ms(None);
+    if let Some(bytes) = cache_capacity_bytes {
+        config = config.cache_capacity(bytes);
+    }
+    config.open().map_err(|error| {
+        if is_held_elsewhere(&error) {
+            StoreError::Locked {
+                path: path.to_path_buf(),
+            }
+        } else {
+            StoreError::Backend(error)
+        }
+    })
 }
 
 /// The layout number in `meta`: 0 for a store sled just created, 1 for an existing store

@@ -523,6 +523,88 @@ async fn a_store_open_elsewhere_is_refused_as_locked() {
     )));
 }
 
+/// The stable log offset of the newest page-table snapshot sled wrote in `dir` (its files are
+/// `snap.` and that offset in hex).
+fn snapshot_offset(dir: &Path) -> Option<u64> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|entry| {
+            let name = entry.unwrap().file_name().into_string().ok()?;
+            u64::from_str_radix(name.strip_prefix("snap.")?, 16).ok()
+        })
+        .max()
+}
+
+/// A clean stop opens the store once more so that sled writes its snapshot over everything
+/// written since the store's open (the next start reads the log after it only); it changes
+/// nothing in the store, creates no store where there is none, and reports a store still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_after_stop_covers_the_log_written_since_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    // A store sled creates gets no snapshot; the next open writes one.
+    drop(open(&path));
+    {
+        let store = open(&path);
+        let batch = (0..200).map(|n| entry(&format!("e{n}"))).collect();
+        store.create_entries(batch).await.unwrap();
+
+        // Held by a store of this process: refused once the wait is over.
+        let held = SledStore::write_snapshot(&path, None, Duration::from_millis(50));
+        assert!(matches!(held, Err(StoreError::Locked { .. })), "{held:?}");
+    }
+    // What the second open wrote, before the 200 entries.
+    let at_open = snapshot_offset(&path).expect("sled writes a snapshot when it opens a store");
+
+    let written = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || SledStore::write_snapshot(&path, None, Duration::from_secs(5))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(written);
+    let at_stop = snapshot_offset(&path).unwrap();
+    assert!(
+        at_stop > at_open,
+        "the snapshot at stop ({at_stop:#x}) does not cover the log written after the open \
+         ({at_open:#x})"
+    );
+    let store = open(&path);
+    assert_eq!(store.count_entries().await.unwrap(), 200);
+    drop(store);
+
+    let missing = dir.path().join("missing");
+    assert!(!SledStore::write_snapshot(&missing, None, Duration::ZERO).unwrap());
+    assert!(!missing.exists(), "a stop created a store");
+}
+
+/// A snapshot half-written by a process killed while writing it (at a start, or at a stop)
+/// does not leave the store unopenable, although sled alone refuses it as corrupt (it reads
+/// `snap.*.generating` files too): the file is removed at open and every entry is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_left_unfinished_by_a_kill_is_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        let batch = (0..10).map(|n| entry(&format!("e{n}"))).collect();
+        store.create_entries(batch).await.unwrap();
+    }
+    // What a kill during sled's snapshot leaves: the newest name, a few bytes.
+    let unfinished = dir.path().join("snap.7FFFFFFFFFFFFFFF.generating");
+    std::fs::write(&unfinished, b"partial").unwrap();
+    let raw = retry_while_locked(|| ::sled::open(dir.path()), is_held_elsewhere);
+    assert!(
+        matches!(raw, Err(::sled::Error::Corruption { .. })),
+        "sled itself should refuse it: {:?}",
+        raw.map(drop)
+    );
+
+    let store = open(dir.path());
+    assert_eq!(store.count_entries().await.unwrap(), 10);
+    assert!(!unfinished.exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_tokens_stored_in_the_clear_are_hashed_at_open_and_still_work() {
     let dir = tempfile::tempdir().unwrap();
