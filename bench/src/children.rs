@@ -59,7 +59,12 @@ pub(crate) fn dispatch(args: &[String]) -> Option<anyhow::Result<()>> {
     let result = runtime.block_on(run(rest.to_vec()));
     // Nothing may keep a stopped child alive (tokio's stdin reader is a blocking thread).
     runtime.shutdown_timeout(Duration::from_secs(1));
-    Some(result)
+    // As `sigil-server run` does once its runtime is gone.
+    Some(result.map(|stopped| {
+        if let Some(config) = stopped {
+            sigil_server::snapshot_store_after_stop(&config);
+        }
+    }))
 }
 
 fn init_logging() {
@@ -96,7 +101,10 @@ fn ready(value: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+/// What a role's future gives when it ends: the configuration of a server that stopped cleanly
+/// (its store gets sled's snapshot once the runtime is gone), or nothing.
+type BoxFuture =
+    Pin<Box<dyn Future<Output = anyhow::Result<Option<sigil_server::ServerConfig>>> + Send>>;
 
 fn server(args: Vec<String>) -> BoxFuture {
     Box::pin(async move {
@@ -106,7 +114,7 @@ fn server(args: Vec<String>) -> BoxFuture {
         let text = std::fs::read_to_string(config_path)
             .with_context(|| format!("cannot read {config_path}"))?;
         let config = sigil_server::ServerConfig::from_sources(Some(&text), Default::default())?;
-        let server = sigil_server::Server::start(config).await?;
+        let server = sigil_server::Server::start(config.clone()).await?;
         ready(&server.local_addr.to_string())?;
         server
             .run(async {
@@ -114,7 +122,7 @@ fn server(args: Vec<String>) -> BoxFuture {
                 sigil_server::Shutdown::Immediate
             })
             .await?;
-        Ok(())
+        Ok(Some(config))
     })
 }
 
@@ -140,7 +148,7 @@ fn agent(args: Vec<String>) -> BoxFuture {
             sigil_agent::agent::Shutdown::Immediate
         })
         .await?;
-        Ok(())
+        Ok(None)
     })
 }
 
@@ -163,7 +171,7 @@ fn baseline(args: Vec<String>) -> BoxFuture {
             result = plain => result?,
             result = front => result?,
         }
-        Ok(())
+        Ok(None)
     })
 }
 

@@ -5,6 +5,7 @@
 //! (entry-change cost: the baseline), join tokens, the entries, the other simulated agents, the
 //! entry-change cost again, the real agent's full sync, the store on disk, and a restart.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -258,7 +259,7 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
     }
     drop(events);
     h.note("scale: restarting the server");
-    let (server, restart) = server.restart().await?;
+    let (server, stop_time, restart) = server.restart().await?;
     let mut admin = server.admin().await?;
     let after_restart = admin
         .count_entries(CountEntriesRequest {})
@@ -267,7 +268,28 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
         .count;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let restarted_rss = server.process.rss()?;
+    let data_dir = server.data_dir.clone();
     server.stop().await?;
+
+    // What a start after kill -9 reads: the same store without sled's snapshots (the last one
+    // a crash leaves is the previous start's, here the empty store's: none), so the whole log.
+    h.note("scale: starting the same store without sled's snapshot, as after a crash");
+    let crashed_dir = dir.join("crashed");
+    std::fs::create_dir_all(&crashed_dir)?;
+    copy_tree(&data_dir, &crashed_dir.join("data"))?;
+    remove_snapshots(&crashed_dir.join("data").join("store"))?;
+    let (crashed, crash_start) = ServerHandle::start(&crashed_dir).await?;
+    let after_crash = crashed
+        .admin()
+        .await?
+        .count_entries(CountEntriesRequest {})
+        .await?
+        .into_inner()
+        .count;
+    crashed.stop().await?;
+    if after_crash != after_restart {
+        bail!("the store without its snapshot holds {after_crash} entries, not {after_restart}");
+    }
 
     // The table.
     let entries = thousands(after_restart);
@@ -287,7 +309,7 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
     let full = !h.plan.quick;
     h.rows.push(full_target(
         Row::info(
-            format!("5. Server start-up after a restart, {entries} entries (spawn until the admin API answers)"),
+            format!("5. Server start-up after a restart, {entries} entries (a clean stop, then spawn until the admin API answers)"),
             duration(restart),
             format!("the same server, empty: {}", duration(empty_start)),
             report::ratio(restart, empty_start),
@@ -295,6 +317,18 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
         full,
         "≤ 500 ms",
         restart <= Duration::from_millis(500),
+    ));
+    h.rows.push(Row::info(
+        format!("5. Server start-up on the same {entries} entries without sled's snapshot (as after kill -9: sled re-reads its whole log)"),
+        duration(crash_start),
+        format!("after a clean stop (above): {}", duration(restart)),
+        report::ratio(crash_start, restart),
+    ));
+    h.rows.push(Row::info(
+        format!("5. Server clean stop, {entries} entries (stdin closed until the process exits: sled's snapshot for the next start)"),
+        duration(stop_time),
+        "—",
+        None,
     ));
     h.rows.push(full_target(
         Row::info(
@@ -546,6 +580,43 @@ async fn change_trials(
         latency,
         elsewhere,
     })
+}
+
+/// Copies the directory `from` to `to` (which must not exist), files and directories with their
+/// permission bits (the server refuses a data directory that others may read), each file synced
+/// to disk as the server's own were (a start while the copy is still being written back reads
+/// up to three times slower).
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir(to).with_context(|| format!("cannot create {}", to.display()))?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("cannot copy {}", entry.path().display()))?;
+            std::fs::File::open(&target)?.sync_all()?;
+        }
+    }
+    std::fs::set_permissions(to, std::fs::metadata(from)?.permissions())?;
+    Ok(())
+}
+
+/// Removes sled's snapshot files (`snap.*`) from the store directory `store`.
+fn remove_snapshots(store: &Path) -> anyhow::Result<()> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(store)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with("snap.") {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    if removed == 0 {
+        bail!("no sled snapshot in {}", store.display());
+    }
+    Ok(())
 }
 
 /// `row` with `target` when the run is a full one (the targets are set for the full sizes; a

@@ -83,9 +83,10 @@ impl ServerHandle {
         ))
     }
 
-    /// Stops the server and starts it again on the same data directory; returns it and its
-    /// start-up time.
-    pub(crate) async fn restart(self) -> anyhow::Result<(Self, Duration)> {
+    /// Stops the server (a clean stop: it ends with sled's snapshot) and starts it again on the
+    /// same data directory; returns it, how long the stop took (stdin closed until the process
+    /// exited) and the start-up time.
+    pub(crate) async fn restart(self) -> anyhow::Result<(Self, Duration, Duration)> {
         let Self {
             process,
             admin_socket,
@@ -96,7 +97,14 @@ impl ServerHandle {
             env,
             ..
         } = self;
+        let stopping = Instant::now();
         process.stop().await?;
+        let stop = stopping.elapsed();
+        // A restart without the snapshot would be measured as one with it.
+        let log = std::fs::read_to_string(dir.join(format!("server.{starts}.log")))?;
+        if log.contains("no snapshot written at stop") {
+            bail!("the server stopped without sled's snapshot:\n{log}");
+        }
         let (process, addr, took) =
             spawn_server(&dir, &config, &admin_socket, starts + 1, &env).await?;
         Ok((
@@ -110,6 +118,7 @@ impl ServerHandle {
                 starts: starts + 1,
                 env,
             },
+            stop,
             took,
         ))
     }
