@@ -12,7 +12,8 @@
 //!   keys included;
 //! - private state files: [`write_private`] replaces a 0600 file atomically;
 //! - metrics and health: [`telemetry`] serves `/metrics`, `/live` and `/ready` and counts gRPC
-//!   calls.
+//!   calls;
+//! - fatal errors: [`exit_code`] prints one line with every cause, each once ([`report`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -148,19 +149,42 @@ pub fn init_logging(level: LogLevel, format: LogFormat) {
 }
 
 /// The exit code of a command that ended with `result`; a failure is printed on stderr as
-/// `PROGRAM: error: cause: cause` (every cause, as `anyhow` shows them with `{:#}`).
+/// `PROGRAM: error: cause: cause` ([`report`]).
 #[expect(
     clippy::print_stderr,
     reason = "the fatal error of a command goes to stderr"
 )]
-pub fn exit_code<E: fmt::Display>(program: &str, result: Result<ExitCode, E>) -> ExitCode {
+pub fn exit_code<E>(program: &str, result: Result<ExitCode, E>) -> ExitCode
+where
+    E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
+{
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("{program}: {error:#}");
+            eprintln!("{program}: {}", report(error.as_ref()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `error` and its causes, `error: cause: cause`, as `anyhow` prints them with `{:#}`, but
+/// without a cause whose text the one before it already holds: an error whose message quotes
+/// its source (`cannot read FILE: {source}`, as many errors do) would otherwise show it twice.
+#[must_use]
+pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut before = out.clone();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let text = error.to_string();
+        if !before.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        before = text;
+        cause = error.source();
+    }
+    out
 }
 
 /// Watches SIGTERM and SIGINT; the future yields how to stop when one arrives. Call it inside
@@ -200,6 +224,46 @@ pub async fn drain<T>(serving: impl Future<Output = T>) -> Option<T> {
 
 #[cfg(test)]
 mod tests {
+    /// An error whose message quotes its source, as `thiserror`'s `#[error("...: {0}")]` with
+    /// `#[from]` writes it.
+    #[derive(Debug)]
+    struct Quoting(std::io::Error);
+
+    impl std::fmt::Display for Quoting {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot read /etc/sigil/bundle.pem: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Quoting {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_report_prints_each_cause_once() {
+        let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        // anyhow prints the quoted source twice; the report once.
+        let quoting = anyhow::Error::new(Quoting(missing())).context("trust bundle");
+        assert_eq!(
+            format!("{quoting:#}"),
+            "trust bundle: cannot read /etc/sigil/bundle.pem: entity not found: entity not found"
+        );
+        assert_eq!(
+            super::report(quoting.as_ref()),
+            "trust bundle: cannot read /etc/sigil/bundle.pem: entity not found"
+        );
+        // Causes that the message before does not hold are all there, in order.
+        let chain = anyhow::Error::new(missing())
+            .context("cannot read the config")
+            .context("sigil-agent run");
+        assert_eq!(
+            super::report(chain.as_ref()),
+            "sigil-agent run: cannot read the config: entity not found"
+        );
+    }
+
     use super::*;
 
     #[test]

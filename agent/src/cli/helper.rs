@@ -366,7 +366,7 @@ async fn watch(settings: &HelperSettings, child: &mut Option<Child>) -> anyhow::
                 Ok(stream) => Ok((client, stream.into_inner())),
                 Err(status) => Err(format!("the Workload API refused: {}", status.message())),
             },
-            Err(error) => Err(format!("{error:#}")),
+            Err(error) => Err(sigil_daemon::report(error.as_ref())),
         };
         let (mut client, mut stream) = match connected {
             Ok(connected) => connected,
@@ -403,7 +403,7 @@ async fn watch(settings: &HelperSettings, child: &mut Option<Child>) -> anyhow::
             let (files, jwt_expiry) = match render(settings, response, &mut client).await {
                 Ok(rendered) => rendered,
                 Err(error) => {
-                    warn!(error = %format!("{error:#}"), "cannot render this update; keeping the previous files");
+                    warn!(error = %sigil_daemon::report(error.as_ref()), "cannot render this update; keeping the previous files");
                     again = Some(tokio::time::Instant::now() + WRITE_RETRY);
                     continue;
                 }
@@ -415,7 +415,7 @@ async fn watch(settings: &HelperSettings, child: &mut Option<Child>) -> anyhow::
             // One set at a time: the last reload reads its set before this one replaces it.
             tokio::time::sleep_until(published + SETTLE).await;
             if let Err(error) = writer.write(&files) {
-                warn!(error = %format!("{error:#}"), "cannot write the files; the previous set stays, retrying");
+                warn!(error = %sigil_daemon::report(error.as_ref()), "cannot write the files; the previous set stays, retrying");
                 again = Some(tokio::time::Instant::now() + WRITE_RETRY);
                 continue;
             }
