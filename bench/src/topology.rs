@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use sigil_core::X509Bundle;
@@ -98,12 +98,13 @@ impl ServerHandle {
             ..
         } = self;
         let stopping = Instant::now();
+        let stopping_at = SystemTime::now();
         process.stop().await?;
         let stop = stopping.elapsed();
         // A restart without the snapshot would be measured as one with it.
-        let log = std::fs::read_to_string(dir.join(format!("server.{starts}.log")))?;
-        if log.contains("no snapshot written at stop") {
-            bail!("the server stopped without sled's snapshot:\n{log}");
+        if !snapshot_since(&data_dir.join("store"), stopping_at)? {
+            let log = std::fs::read_to_string(dir.join(format!("server.{starts}.log")))?;
+            bail!("the server stopped without writing sled's snapshot; its log:\n{log}");
         }
         let (process, addr, took) =
             spawn_server(&dir, &config, &admin_socket, starts + 1, &env).await?;
@@ -132,6 +133,20 @@ impl ServerHandle {
     pub(crate) async fn stop(self) -> anyhow::Result<()> {
         self.process.stop().await
     }
+}
+
+/// Whether sled wrote a snapshot file (`snap.*`) in the store directory `store` at `since` or
+/// later.
+fn snapshot_since(store: &Path, since: SystemTime) -> anyhow::Result<bool> {
+    for entry in std::fs::read_dir(store)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with("snap.")
+            && entry.metadata()?.modified()? >= since
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Starts a server process with `config`; returns it, its node API address and its start-up

@@ -168,8 +168,8 @@ where
 }
 
 /// `error` and its causes, `error: cause: cause`, as `anyhow` prints them with `{:#}`, but
-/// without a cause whose text the one before it already holds: an error whose message quotes
-/// its source (`cannot read FILE: {source}`, as many errors do) would otherwise show it twice.
+/// without a cause whose text ends the one before it: an error whose message quotes its source
+/// (`cannot read FILE: {source}`, as many errors do) would otherwise show it twice.
 #[must_use]
 pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
     let mut out = error.to_string();
@@ -177,7 +177,7 @@ pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = error.source();
     while let Some(error) = cause {
         let text = error.to_string();
-        if !before.contains(&text) {
+        if !before.ends_with(&text) {
             out.push_str(": ");
             out.push_str(&text);
         }

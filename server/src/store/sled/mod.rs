@@ -1242,44 +1242,55 @@ fn is_held_elsewhere(error: &::sled::Error) -> bool {
 /// Opens (or creates) the sled database in `path`; a database another process holds is
 /// [`StoreError::Locked`].
 ///
-/// sled writes each snapshot as `snap.N.generating`, then renames it `snap.N`; but it also
-/// reads a `.generating` file it finds (the newest by name), so one left half-written by a
-/// process killed while writing it (at a start, or at a stop: `SledStore::write_snapshot`)
-/// makes every later open fail as corrupt. Such a file is never a snapshot sled finished: when
-/// the open fails as corrupt and one is there, it is removed and the open tried again (sled
-/// then recovers from the snapshot before it, or from the log's start).
+/// sled writes each snapshot as `snap.N.generating`, then renames it `snap.N`; but it reads the
+/// newest file by name, `.generating` ones included, so one left half-written by a process
+/// killed while writing it (at a start, or at a stop: `SledStore::write_snapshot`) makes every
+/// later open fail as corrupt. When an open fails as corrupt and the newest snapshot file is
+/// such a `.generating` file, it is removed and the open tried once more: sled then recovers
+/// from the snapshot before it, or from the log's start, as after any kill.
 fn open_db(path: &Path, cache_capacity_bytes: Option<u64>) -> Result<Db, StoreError> {
     match open_db_once(path, cache_capacity_bytes) {
         Err(StoreError::Backend(::sled::Error::Corruption { at, bt })) => {
-            let unfinished = unfinished_snapshots(path)?;
-            if unfinished.is_empty() {
-                return Err(StoreError::Backend(::sled::Error::Corruption { at, bt }));
+            let corrupt = || StoreError::Backend(::sled::Error::Corruption { at, bt });
+            let Some(unfinished) = newest_unfinished_snapshot(path) else {
+                return Err(corrupt());
+            };
+            match std::fs::remove_file(&unfinished) {
+                Ok(()) => {}
+                // Another process removed it (it failed the same way).
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    return Err(StoreError::Corrupt {
+                        what: "sled snapshot",
+                        reason: format!(
+                            "the store was refused as corrupt, and the unfinished snapshot {} \
+                             cannot be removed: {error}",
+                            unfinished.display()
+                        ),
+                    });
+                }
             }
-            for file in &unfinished {
-                std::fs::remove_file(file)?;
-            }
+            let db = open_db_once(path, cache_capacity_bytes)?;
             tracing::warn!(
-                files = ?unfinished,
+                file = %unfinished.display(),
                 "removed the unfinished snapshot of a process killed while writing it; sled \
-                 recovers from its log"
+                 recovered from its log"
             );
-            open_db_once(path, cache_capacity_bytes)
+            Ok(db)
         }
         other => other,
     }
 }
 
-/// sled's snapshot files in `path` that it never finished (`snap.*.generating`).
-fn unfinished_snapshots(path: &Path) -> Result<Vec<PathBuf>, StoreError> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(path)? {
-        let name = entry?.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("snap.") && name.ends_with(".generating") {
-            found.push(path.join(&*name));
-        }
-    }
-    Ok(found)
+/// The snapshot file sled would read in `path` (the newest `snap.*` by name), if it is one that
+/// sled never finished (`.generating`).
+fn newest_unfinished_snapshot(path: &Path) -> Option<PathBuf> {
+    let newest = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("snap.") && !name.ends_with(".in___motion"))
+        .max()?;
+    newest.ends_with(".generating").then(|| path.join(newest))
 }
 
 fn open_db_once(path: &Path, cache_capacity_bytes: Option<u64>) -> Result<Db, StoreError> {
