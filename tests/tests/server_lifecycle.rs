@@ -16,6 +16,18 @@ use sigil_proto::node::{
 };
 use sigil_tests::*;
 
+/// The server's entry count, through the admin API.
+async fn entry_count(server: &TestServer) -> u64 {
+    server
+        .admin()
+        .await
+        .count_entries(CountEntriesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .count
+}
+
 #[tokio::test]
 async fn every_acknowledged_write_survives_kill_9() {
     let mut server = TestServer::start("");
@@ -75,14 +87,7 @@ async fn every_acknowledged_write_survives_kill_9() {
         lost.len(),
         acknowledged.len()
     );
-    let count = server
-        .admin()
-        .await
-        .count_entries(CountEntriesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
+    let count = entry_count(&server).await;
     assert!(count >= acknowledged.len() as u64);
 }
 
@@ -128,14 +133,7 @@ async fn a_restart_keeps_the_ca_bundle_entries_and_agents() {
         .get_bundle(NodeGetBundle {})
         .await
         .unwrap();
-    let count = server
-        .admin()
-        .await
-        .count_entries(CountEntriesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
+    let count = entry_count(&server).await;
     assert_eq!(count, 1);
 }
 
@@ -335,14 +333,7 @@ async fn a_clean_stop_leaves_a_snapshot_of_the_store_for_the_next_start() {
     );
 
     server.restart();
-    let count = server
-        .admin()
-        .await
-        .count_entries(CountEntriesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
+    let count = entry_count(&server).await;
     assert_eq!(count, 20);
 }
 
