@@ -222,6 +222,10 @@ impl UnixAttestor {
     /// The selectors of the caller. With a pid, the process must be inspectable (else an
     /// error: no identity for a caller that cannot be attested). `with_sha256` adds
     /// `unix:sha256` (when the executable is within the size limit).
+    ///
+    /// It trusts that its proc root is the one of this process's PID namespace: call
+    /// [`UnixAttestor::check_proc`] once before attesting anyone (the agent does at its start,
+    /// and the Workload API service when it is built); it is not repeated here, per call.
     pub fn attest(
         &self,
         creds: Credentials,
