@@ -342,19 +342,13 @@ impl SledStore {
         if !path.join("conf").is_file() || !path.join("db").is_file() {
             return Ok(false);
         }
-        let deadline = Instant::now() + wait;
-        loop {
-            match open_db(path, cache_capacity_bytes) {
-                Ok(db) => {
-                    drop(db);
-                    return Ok(true);
-                }
-                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        let db = retry_while_locked(
+            wait,
+            || open_db(path, cache_capacity_bytes),
+            |e| matches!(e, StoreError::Locked { .. }),
+        )?;
+        drop(db);
+        Ok(true)
     }
 
     #[cfg(test)]
@@ -1236,6 +1230,26 @@ fn is_held_elsewhere(error: &::sled::Error) -> bool {
             text.contains("could not acquire lock") && text.contains("WouldBlock")
         }
         _ => false,
+    }
+}
+
+/// `open()`, again every 10 ms while it fails with an error that `locked` says is sled's lock
+/// held elsewhere, for up to `wait`: a store that this process just dropped lets go of sled's
+/// lock a moment after its last handle is gone (sled's own I/O threads hold the database until
+/// then).
+fn retry_while_locked<T, E>(
+    wait: Duration,
+    mut open: impl FnMut() -> Result<T, E>,
+    locked: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match open() {
+            Err(e) if locked(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            done => return done,
+        }
     }
 }
 

@@ -19,27 +19,13 @@ fn open(dir: &Path) -> SledStore {
     open_with(dir, SledStoreOptions::default())
 }
 
-/// `open()`, again while it fails with `locked` (up to 5 s): a store of the same directory
-/// that this process just dropped lets go of sled's lock file a moment after its last handle
-/// is gone (sled's own I/O threads hold the database until then).
-fn retry_while_locked<T, E>(
-    mut open: impl FnMut() -> Result<T, E>,
-    locked: impl Fn(&E) -> bool,
-) -> Result<T, E> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match open() {
-            Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            done => return done,
-        }
-    }
-}
+/// How long the tests wait for a store this process just dropped to let go of sled's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// What [`SledStore::open`] gives for `dir` once no store of this process holds it.
 fn try_open(dir: &Path, options: SledStoreOptions) -> Result<SledStore, StoreError> {
     retry_while_locked(
+        LOCK_WAIT,
         || SledStore::open(dir, options.clone()),
         |e| matches!(e, StoreError::Locked { .. }),
     )
@@ -324,7 +310,7 @@ async fn entries_and_changes_written_as_json_by_an_earlier_build_are_still_serve
 
 /// Opens the database with sled alone, once no store of this process holds it.
 fn open_raw(dir: &Path) -> ::sled::Db {
-    retry_while_locked(|| ::sled::open(dir), is_held_elsewhere)
+    retry_while_locked(LOCK_WAIT, || ::sled::open(dir), is_held_elsewhere)
         .unwrap_or_else(|e| panic!("cannot open the database: {e}"))
 }
 
@@ -558,7 +544,7 @@ async fn a_snapshot_after_stop_covers_the_log_written_since_the_open() {
 
     let written = tokio::task::spawn_blocking({
         let path = path.clone();
-        move || SledStore::write_snapshot(&path, None, Duration::from_secs(5))
+        move || SledStore::write_snapshot(&path, None, LOCK_WAIT)
     })
     .await
     .unwrap()
@@ -593,7 +579,7 @@ async fn a_snapshot_left_unfinished_by_a_kill_is_removed_at_open() {
     // What a kill during sled's snapshot leaves: the newest name, a few bytes.
     let unfinished = dir.path().join("snap.7FFFFFFFFFFFFFFF.generating");
     std::fs::write(&unfinished, b"partial").unwrap();
-    let raw = retry_while_locked(|| ::sled::open(dir.path()), is_held_elsewhere);
+    let raw = retry_while_locked(LOCK_WAIT, || ::sled::open(dir.path()), is_held_elsewhere);
     assert!(
         matches!(raw, Err(::sled::Error::Corruption { .. })),
         "sled itself should refuse it: {:?}",
