@@ -168,21 +168,31 @@ where
 }
 
 /// `error` and its causes, `error: cause: cause`, as `anyhow` prints them with `{:#}`, but
-/// without a cause whose text ends the one before it: an error whose message quotes its source
-/// (`cannot read FILE: {source}`, as many errors do) would otherwise show it twice.
+/// without what a message already quotes: a cause whose text ends the one before it (`cannot
+/// read FILE: {source}`, as many errors write it), and the rest of the chain from a cause on
+/// when the report so far already ends with all of it (a message that renders its whole
+/// chain, as the store's database errors do). Either would otherwise be shown twice.
 #[must_use]
 pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut before = out.clone();
+    let mut chain = vec![error.to_string()];
     let mut cause = error.source();
     while let Some(error) = cause {
-        let text = error.to_string();
-        if !before.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        before = text;
+        chain.push(error.to_string());
         cause = error.source();
+    }
+    let (first, causes) = chain.split_at(1);
+    let mut out = first.concat();
+    for (i, (before, text)) in chain.iter().zip(causes).enumerate() {
+        if causes
+            .get(i..)
+            .is_some_and(|rest| out.ends_with(&rest.join(": ")))
+        {
+            break;
+        }
+        if !before.ends_with(text.as_str()) {
+            out.push_str(": ");
+            out.push_str(text);
+        }
     }
     out
 }
@@ -224,28 +234,15 @@ pub async fn drain<T>(serving: impl Future<Output = T>) -> Option<T> {
 
 #[cfg(test)]
 mod tests {
-    /// An error whose message quotes its source, as `thiserror`'s `#[error("...: {0}")]` with
-    /// `#[from]` writes it.
-    #[derive(Debug)]
-    struct Quoting(std::io::Error);
-
-    impl std::fmt::Display for Quoting {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "cannot read /etc/sigil/bundle.pem: {}", self.0)
-        }
-    }
-
-    impl std::error::Error for Quoting {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            Some(&self.0)
-        }
-    }
-
     #[test]
     fn a_report_prints_each_cause_once() {
         let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
         // anyhow prints the quoted source twice; the report once.
-        let quoting = anyhow::Error::new(Quoting(missing())).context("trust bundle");
+        let quoting = anyhow::Error::new(Wrapping::new(
+            "cannot read /etc/sigil/bundle.pem: entity not found",
+            missing(),
+        ))
+        .context("trust bundle");
         assert_eq!(
             format!("{quoting:#}"),
             "trust bundle: cannot read /etc/sigil/bundle.pem: entity not found: entity not found"
@@ -262,6 +259,48 @@ mod tests {
             super::report(chain.as_ref()),
             "sigil-agent run: cannot read the config: entity not found"
         );
+        // A message that renders its source's whole chain, whose first link does not end it.
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let database = anyhow::Error::new(Wrapping::new(
+            "database: error connecting to server: connection refused",
+            Wrapping::new("error connecting to server", refused),
+        ))
+        .context("store");
+        assert_eq!(
+            super::report(database.as_ref()),
+            "store: database: error connecting to server: connection refused"
+        );
+    }
+
+    /// An error with its own message and a source, which the message may quote.
+    #[derive(Debug)]
+    struct Wrapping {
+        message: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    }
+
+    impl Wrapping {
+        fn new(
+            message: &'static str,
+            source: impl std::error::Error + Send + Sync + 'static,
+        ) -> Self {
+            Self {
+                message,
+                source: Box::new(source),
+            }
+        }
+    }
+
+    impl std::fmt::Display for Wrapping {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.message)
+        }
+    }
+
+    impl std::error::Error for Wrapping {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.source)
+        }
     }
 
     use super::*;

@@ -782,11 +782,9 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
-    /// The storage backend failed. (Here and in the other variants that wrap an error, the
-    /// error is in the message and not given as the source too: a report of the whole chain,
-    /// such as a daemon's fatal error, would print it twice.)
+    /// The storage backend failed.
     #[error("storage backend failed: {0}")]
-    Backend(::sled::Error),
+    Backend(#[from] ::sled::Error),
     /// Another process has the sled store open (sled takes a lock on it).
     #[error(
         "the sled store in {} is in use by another process (a sigil-server on the same \
@@ -799,7 +797,7 @@ pub enum StoreError {
     },
     /// The database failed or refused a statement.
     #[error("database: {}", database_error_text(.0))]
-    Database(tokio_postgres::Error),
+    Database(#[source] tokio_postgres::Error),
     /// No database connection could be had (the pool timed out or is closed).
     #[error("{0}")]
     Unavailable(String),
@@ -811,7 +809,7 @@ pub enum StoreError {
     Unsupported(String),
     /// An operating system call failed (opening the store, starting its flusher thread).
     #[error("i/o error: {0}")]
-    Io(std::io::Error),
+    Io(#[from] std::io::Error),
     /// A flush to disk failed; the store refuses every later write, since it can no longer
     /// tell what is on disk.
     #[error("flush to disk failed: {0}")]
@@ -825,7 +823,7 @@ pub enum StoreError {
     SnapshotUnavailable,
     /// A blocking store task failed.
     #[error("store task failed: {0}")]
-    Task(tokio::task::JoinError),
+    Task(#[from] tokio::task::JoinError),
     /// The store is shut down.
     #[error("store is closed")]
     Closed,
@@ -858,24 +856,6 @@ pub enum StoreError {
         /// What uses it, and what to do.
         reason: &'static str,
     },
-}
-
-impl From<::sled::Error> for StoreError {
-    fn from(error: ::sled::Error) -> Self {
-        Self::Backend(error)
-    }
-}
-
-impl From<std::io::Error> for StoreError {
-    fn from(error: std::io::Error) -> Self {
-        Self::Io(error)
-    }
-}
-
-impl From<tokio::task::JoinError> for StoreError {
-    fn from(error: tokio::task::JoinError) -> Self {
-        Self::Task(error)
-    }
 }
 
 /// A database error with its causes (tokio-postgres keeps the server's message, SQLSTATE,
@@ -1218,8 +1198,8 @@ mod tests {
         assert!(!format!("{token:?}").contains("s3cret"));
     }
 
-    /// An error that a variant wraps is in its message only: a report of the whole chain (a
-    /// daemon's fatal error, `{:#}`) prints it once.
+    /// An error that a variant wraps and quotes is printed once in the report of the whole
+    /// chain that a daemon's fatal error gets (`sigil_daemon::report`).
     #[test]
     fn a_wrapped_error_is_printed_once_in_a_chain() {
         let wrapped = [
@@ -1227,7 +1207,7 @@ mod tests {
             StoreError::Backend(::sled::Error::Io(std::io::Error::other("disk gone"))),
         ];
         for error in wrapped {
-            let report = format!("{:#}", anyhow::Error::new(error));
+            let report = sigil_daemon::report(anyhow::Error::new(error).as_ref());
             assert_eq!(report.matches("disk gone").count(), 1, "{report}");
         }
     }
