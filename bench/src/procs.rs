@@ -156,6 +156,11 @@ impl Process {
         cpu_of(self.pid)
     }
 
+    /// Time on a CPU of the threads it has now, in nanoseconds ([`cpu_ns_of`]).
+    pub(crate) fn cpu_ns(&self) -> anyhow::Result<Duration> {
+        cpu_ns_of(self.pid)
+    }
+
     /// The last lines of the child's log.
     pub(crate) fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

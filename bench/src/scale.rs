@@ -290,6 +290,11 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
     if after_crash != after_restart {
         bail!("the store without its snapshot holds {after_crash} entries, not {after_restart}");
     }
+    // What the store holds, tree by tree (the stopped server's store, read as the server
+    // wrote it): where the bytes on disk come from.
+    let store = data_dir.join("store");
+    let trees = tokio::task::spawn_blocking(move || records_by_tree(&store)).await??;
+    let logical: u64 = trees.iter().map(|t| t.bytes).sum();
 
     // The table.
     let entries = thousands(after_restart);
@@ -375,6 +380,12 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
         full,
         "≤ 10",
         disk_ratio <= 10.0,
+    ));
+    h.rows.push(Row::info(
+        format!("5. sled store's records by tree, {entries} entries (keys and values as the server wrote them, before sled's log and page rewrites)"),
+        format!("{}: {} in all", describe_trees(&trees), bytes(logical as f64)),
+        format!("on disk (above): {} allocated", bytes(allocated as f64)),
+        (logical > 0).then(|| allocated as f64 / logical as f64),
     ));
     h.rows.push(Row::info(
         format!("5. One entry change until the agent that needs it has it (its SyncEntries stream), {agents} agents connected"),
@@ -601,6 +612,67 @@ fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
     }
     std::fs::set_permissions(to, std::fs::metadata(from)?.permissions())?;
     Ok(())
+}
+
+/// The records of one sled tree: how many, and their keys' and values' bytes.
+#[derive(Debug)]
+struct TreeRecords {
+    name: String,
+    records: u64,
+    bytes: u64,
+}
+
+/// Every tree of the sled store `store` (of a stopped server), largest first.
+fn records_by_tree(store: &Path) -> anyhow::Result<Vec<TreeRecords>> {
+    let db = sigil_server::sled::Config::new()
+        .path(store)
+        .open()
+        .with_context(|| format!("cannot open the store {}", store.display()))?;
+    let mut trees = Vec::new();
+    for name in db.tree_names() {
+        let tree = db.open_tree(&name)?;
+        let (mut records, mut bytes) = (0u64, 0u64);
+        for item in tree.iter() {
+            let (key, value) = item?;
+            records += 1;
+            bytes += (key.len() + value.len()) as u64;
+        }
+        if records > 0 {
+            trees.push(TreeRecords {
+                name: String::from_utf8_lossy(&name).into_owned(),
+                records,
+                bytes,
+            });
+        }
+    }
+    trees.sort_by_key(|t| std::cmp::Reverse(t.bytes));
+    Ok(trees)
+}
+
+/// The four largest trees with their size and bytes per record, the rest together.
+fn describe_trees(trees: &[TreeRecords]) -> String {
+    let mut parts: Vec<String> = trees
+        .iter()
+        .take(4)
+        .map(|t| {
+            format!(
+                "{} {} ({} records, {} B each)",
+                t.name,
+                bytes(t.bytes as f64),
+                thousands(t.records),
+                t.bytes / t.records.max(1)
+            )
+        })
+        .collect();
+    let rest: u64 = trees.iter().skip(4).map(|t| t.bytes).sum();
+    if trees.len() > 4 {
+        parts.push(format!(
+            "{} other trees {}",
+            trees.len() - 4,
+            bytes(rest as f64)
+        ));
+    }
+    parts.join(", ")
 }
 
 /// Removes sled's snapshot files (`snap.*`) from the store directory `store`.

@@ -24,6 +24,7 @@ use crate::Harness;
 use crate::children::FRONT_DOOR_BOUND;
 use crate::clients::{self, SimAgent, TRUST_DOMAIN};
 use crate::crypto;
+use crate::procs;
 use crate::report::{self, Percentiles, Row, bytes, duration, rate, thousands};
 use crate::topology::{AgentHandle, BaselineHandle, ServerHandle};
 
@@ -585,11 +586,13 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
     let (tx, mut rx) = mpsc::unbounded_channel();
     let one = hold_stream(&ctx.agent.socket, 0, tx.clone()).await?;
     let mut single = Vec::new();
+    let mut single_cpu = CpuSplit::default();
     for k in 0..h.plan.pushes {
         if Instant::now() > deadline {
             break;
         }
         drain(&mut rx);
+        let before = CpuSplit::now(ctx)?;
         let t = Instant::now();
         rotate(&mut ctx.admin, &mut ctx.workload_entry, &format!("one-{k}")).await?;
         let (_, at) = tokio::time::timeout(MESSAGE_TIMEOUT, rx.recv())
@@ -597,6 +600,7 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
             .context("the rotation never reached the stream")?
             .context("stream task gone")?;
         single.push(at.saturating_duration_since(t));
+        single_cpu.add_since(&before, ctx)?;
     }
     one.abort();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -628,11 +632,13 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
         "concurrency: pushing rotations to {opened} streams"
     ));
     let mut fanout = Vec::new();
+    let mut fanout_cpu = CpuSplit::default();
     for k in 0..h.plan.pushes {
         if Instant::now() > deadline {
             break;
         }
         drain(&mut rx);
+        let before = CpuSplit::now(ctx)?;
         let t = Instant::now();
         rotate(&mut ctx.admin, &mut ctx.workload_entry, &format!("all-{k}")).await?;
         let mut seen = vec![false; opened];
@@ -654,6 +660,7 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
             }
         }
         fanout.push(last.saturating_duration_since(t));
+        fanout_cpu.add_since(&before, ctx)?;
     }
     for s in streams.iter().chain(&base_streams) {
         s.abort();
@@ -682,16 +689,64 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
             format!(
                 "3. One rotation (entry update: agent re-mints) pushed to all {opened} streams"
             ),
-            format!("median {} (n={})", duration(fanout.p50), fanout.count),
             format!(
-                "the same rotation to one stream: median {}",
-                duration(single.p50)
+                "median {} (n={}); CPU per rotation: {}",
+                duration(fanout.p50),
+                fanout.count,
+                fanout_cpu.per(fanout.count)
+            ),
+            format!(
+                "the same rotation to one stream: median {}; CPU per rotation: {}",
+                duration(single.p50),
+                single_cpu.per(single.count)
             ),
             fanout_ratio,
         )
         .target("≤ 3", fanout_ratio.is_some_and(|r| r <= 3.0)),
     );
     Ok(())
+}
+
+/// CPU time of the agent, the server and the harness itself (its workload clients) over a
+/// measurement: who spends what on the same two cores.
+#[derive(Debug, Default)]
+struct CpuSplit {
+    agent: Duration,
+    server: Duration,
+    harness: Duration,
+}
+
+// === impl CpuSplit ===
+
+impl CpuSplit {
+    /// The three processes' CPU time so far.
+    fn now(ctx: &Small) -> anyhow::Result<Self> {
+        Ok(Self {
+            agent: ctx.agent.process.cpu_ns()?,
+            server: ctx.server.process.cpu_ns()?,
+            harness: procs::cpu_ns_of(std::process::id())?,
+        })
+    }
+
+    /// Adds the CPU time spent since `before`.
+    fn add_since(&mut self, before: &Self, ctx: &Small) -> anyhow::Result<()> {
+        let now = Self::now(ctx)?;
+        self.agent += now.agent.saturating_sub(before.agent);
+        self.server += now.server.saturating_sub(before.server);
+        self.harness += now.harness.saturating_sub(before.harness);
+        Ok(())
+    }
+
+    /// The split per sample, as text.
+    fn per(&self, samples: usize) -> String {
+        let n = u32::try_from(samples.max(1)).unwrap_or(u32::MAX);
+        format!(
+            "agent {}, server {}, harness's clients {}",
+            duration(self.agent / n),
+            duration(self.server / n),
+            duration(self.harness / n)
+        )
+    }
 }
 
 /// Measurement 4, propagation: entry created (deleted) through the admin API until an open
