@@ -649,16 +649,17 @@ fn records_by_tree(store: &Path) -> anyhow::Result<Vec<TreeRecords>> {
     Ok(trees)
 }
 
-/// The four largest trees with their size and bytes per record, the rest together.
+/// The four largest trees with their size (in MiB, so that they add up at a glance) and bytes
+/// per record, the rest together.
 fn describe_trees(trees: &[TreeRecords]) -> String {
     let mut parts: Vec<String> = trees
         .iter()
         .take(4)
         .map(|t| {
             format!(
-                "{} {} ({} records, {} B each)",
+                "{} {:.1} MiB ({} records, {} B each)",
                 t.name,
-                bytes(t.bytes as f64),
+                t.bytes as f64 / 1024.0 / 1024.0,
                 thousands(t.records),
                 t.bytes / t.records.max(1)
             )
@@ -667,9 +668,9 @@ fn describe_trees(trees: &[TreeRecords]) -> String {
     let rest: u64 = trees.iter().skip(4).map(|t| t.bytes).sum();
     if trees.len() > 4 {
         parts.push(format!(
-            "{} other trees {}",
+            "{} other trees {:.1} MiB",
             trees.len() - 4,
-            bytes(rest as f64)
+            rest as f64 / 1024.0 / 1024.0
         ));
     }
     parts.join(", ")
