@@ -118,6 +118,24 @@ struct SharedResponses {
     /// and the CRLs). Keyed by what the callers get rather than by their selectors, so there
     /// are at most as many as the kinds of workload the entries name, whatever callers send.
     by_identities: HashMap<Box<[Arc<str>]>, Bytes>,
+    /// Which message of `by_identities` a caller's selectors get in this snapshot, so that
+    /// the streams of callers alike do not each match every SVID of the snapshot against their
+    /// selectors again (an agent with 10,000 SVIDs and 1,000 streams would make ten million
+    /// matches per rotation). Callers choose some of their selectors (a `unix:path` is where
+    /// they run from), so at most [`MAX_SELECTOR_SETS`] are kept; a caller beyond them is
+    /// matched as before.
+    by_selectors: HashMap<SelectorSet, Matched>,
+}
+
+/// The most selector sets [`SharedResponses`] remembers for one snapshot.
+const MAX_SELECTOR_SETS: usize = 4096;
+
+/// What a caller's selectors get in one snapshot: the key of the message in
+/// `SharedResponses::by_identities`, until the first of its SVIDs expires (the match leaves out
+/// expired SVIDs, so it must be made again then).
+struct Matched {
+    identities: Box<[Arc<str>]>,
+    until: SystemTime,
 }
 
 /// A `FetchX509SVID` stream's caller as attested when the stream began, and the means to mint
@@ -180,6 +198,11 @@ impl SharedResponses {
         held: &BTreeMap<String, WorkloadSvid>,
     ) -> Option<Bytes> {
         let now = SystemTime::now();
+        if held.is_empty()
+            && let Some(message) = Self::matched(shared, snapshot, selectors, now)
+        {
+            return Some(message);
+        }
         let identities = snapshot.identities_for(selectors, now);
         if !held.is_empty() {
             let sessions = held.values().filter(|w| w.not_after() > now);
@@ -190,11 +213,20 @@ impl SharedResponses {
             .iter()
             .map(|w| Arc::clone(&w.grant.entry_id))
             .collect();
+        let matched = identities
+            .iter()
+            .map(|w| w.not_after())
+            .min()
+            .map(|until| Matched {
+                identities: key.clone(),
+                until,
+            });
         let stale = {
             let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
             if std::ptr::eq(shared.snapshot.as_ptr(), Arc::as_ptr(snapshot)) {
-                if let Some(message) = shared.by_identities.get(&key) {
-                    return Some(message.clone());
+                if let Some(message) = shared.by_identities.get(&key).cloned() {
+                    shared.remember(selectors, matched);
+                    return Some(message);
                 }
                 None
             } else if Arc::ptr_eq(&published.borrow(), snapshot) {
@@ -205,6 +237,7 @@ impl SharedResponses {
                     Self {
                         snapshot: Arc::downgrade(snapshot),
                         by_identities: HashMap::new(),
+                        by_selectors: HashMap::new(),
                     },
                 ))
             } else {
@@ -219,8 +252,38 @@ impl SharedResponses {
         let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
         if std::ptr::eq(shared.snapshot.as_ptr(), Arc::as_ptr(snapshot)) {
             shared.by_identities.insert(key, message.clone());
+            shared.remember(selectors, matched);
         }
         Some(message)
+    }
+
+    /// The message `selectors` got in `snapshot` when they were last matched against it, if
+    /// `snapshot` is the one kept and none of its SVIDs has expired since.
+    fn matched(
+        shared: &Mutex<Self>,
+        snapshot: &Arc<Inventory>,
+        selectors: &SelectorSet,
+        now: SystemTime,
+    ) -> Option<Bytes> {
+        let shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if !std::ptr::eq(shared.snapshot.as_ptr(), Arc::as_ptr(snapshot)) {
+            return None;
+        }
+        let matched = shared.by_selectors.get(selectors)?;
+        if matched.until <= now {
+            return None;
+        }
+        shared.by_identities.get(&matched.identities).cloned()
+    }
+
+    /// Remembers what `selectors` get in the kept snapshot (nothing for a caller that gets
+    /// nothing, and nothing new beyond [`MAX_SELECTOR_SETS`]).
+    fn remember(&mut self, selectors: &SelectorSet, matched: Option<Matched>) {
+        let Some(matched) = matched else { return };
+        if self.by_selectors.len() < MAX_SELECTOR_SETS || self.by_selectors.contains_key(selectors)
+        {
+            self.by_selectors.insert(selectors.clone(), matched);
+        }
     }
 }
 
@@ -900,6 +963,75 @@ mod tests {
         );
         std::thread::sleep(Duration::from_millis(1200));
         assert_eq!(ids(&message().unwrap()), ["spiffe://example.org/b"]);
+    }
+
+    #[test]
+    fn callers_alike_are_not_matched_against_every_svid_again() {
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let first = inventory(vec![svid("a", 1, later), svid("b", 2, later)]);
+        let (publish, published) = watch::channel(Arc::clone(&first));
+        let shared = Mutex::<SharedResponses>::default();
+        let none = BTreeMap::new();
+        let message = |snapshot: &Arc<Inventory>, selectors: &SelectorSet| {
+            SharedResponses::message(&shared, &published, snapshot, selectors, &none)
+        };
+        let remembered = || shared.lock().unwrap().by_selectors.len();
+
+        let one = message(&first, &selectors(1)).unwrap();
+        assert_eq!(remembered(), 1);
+        assert!(message(&first, &selectors(3)).is_none());
+        assert_eq!(
+            remembered(),
+            1,
+            "a caller granted nothing is not remembered"
+        );
+        // What is remembered is what is served: a set planted with `a`'s message gets it,
+        // although matching uid 3 against the snapshot would grant nothing.
+        let planted = Matched {
+            identities: [Arc::from("a")].into(),
+            until: later,
+        };
+        shared
+            .lock()
+            .unwrap()
+            .by_selectors
+            .insert(selectors(3), planted);
+        assert_eq!(
+            message(&first, &selectors(3)).unwrap().as_ptr(),
+            one.as_ptr()
+        );
+
+        // At most MAX_SELECTOR_SETS sets; callers beyond them are matched as before.
+        let path = |n: usize| -> SelectorSet {
+            [
+                Selector::parse("unix:uid:2").unwrap(),
+                Selector::parse(&format!("unix:path:/bin/w{n}")).unwrap(),
+            ]
+            .into_iter()
+            .collect()
+        };
+        for n in 0..MAX_SELECTOR_SETS + 10 {
+            let got = message(&first, &path(n)).unwrap();
+            assert_eq!(ids(&got), ["spiffe://example.org/b"]);
+        }
+        assert_eq!(remembered(), MAX_SELECTOR_SETS);
+        // One already remembered is still served (and refreshed) at the bound.
+        assert_eq!(
+            ids(&message(&first, &selectors(1)).unwrap()),
+            ["spiffe://example.org/a"]
+        );
+        assert_eq!(remembered(), MAX_SELECTOR_SETS);
+
+        // A new snapshot forgets them all: uid 3 gets what matching gives it there.
+        let second = inventory(vec![svid("a", 1, later)]);
+        publish.send(Arc::clone(&second)).unwrap();
+        assert!(message(&second, &selectors(3)).is_none());
+        assert_eq!(remembered(), 0);
+        assert_eq!(
+            ids(&message(&second, &selectors(1)).unwrap()),
+            ["spiffe://example.org/a"]
+        );
+        assert_eq!(remembered(), 1);
     }
 
     #[test]
