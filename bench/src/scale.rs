@@ -23,7 +23,7 @@ use tonic::transport::Channel;
 use crate::clients::{self, SimAgent, TRUST_DOMAIN};
 use crate::procs::disk_usage;
 use crate::report::{self, Percentiles, Row, bytes, duration, rate, thousands};
-use crate::small::{Facts, wait_for_identity};
+use crate::small::{self, Facts, Rotations, wait_for_identity};
 use crate::topology::{AgentHandle, ServerHandle};
 use crate::{Harness, crypto};
 
@@ -137,6 +137,7 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
     let create_deadline = h.phase_deadline(Duration::from_secs(if plan.quick { 10 } else { 240 }));
     let started = Instant::now();
     let mut created = 0usize;
+    let mut sentinel_entry = None;
     let mut set = JoinSet::new();
     let mut batches = specs.chunks(CREATE_BATCH).map(<[admin::Entry]>::to_vec);
     loop {
@@ -148,7 +149,12 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
         let Some(joined) = set.join_next().await else {
             break;
         };
-        created += joined??.len();
+        for entry in joined?? {
+            created += 1;
+            if entry.spiffe_id == sentinel {
+                sentinel_entry = Some(entry);
+            }
+        }
     }
     let create_time = started.elapsed();
     let count = admin
@@ -246,6 +252,40 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
     let agent_anon = agent.process.rss_anon()?;
     let mint_problems =
         agent.process.log_count("cannot mint") + agent.process.log_count("svid refused");
+    // One rotation of the sentinel pushed to streams of this process on that agent: each
+    // stream's caller gets its message among the agent's 10,000 SVIDs.
+    let mut sentinel_entry =
+        sentinel_entry.context("the sentinel entry was not among those created")?;
+    h.note(&format!(
+        "scale: pushing rotations to {} streams of the agent with {} SVIDs",
+        plan.streams,
+        thousands(plan.agent_entries as u64)
+    ));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut streams_held = Vec::with_capacity(plan.streams);
+    for i in 0..plan.streams {
+        streams_held.push(small::hold_stream(&agent.socket, i, tx.clone()).await?);
+    }
+    let mut rotations = Rotations {
+        admin: &mut admin,
+        entry: &mut sentinel_entry,
+        agent: &agent.process,
+        server: &server.process,
+    };
+    let fanout_deadline = h.phase_deadline(Duration::from_secs(if plan.quick { 10 } else { 60 }));
+    let (loaded_fanout, loaded_cpu) = rotations
+        .push(
+            &mut rx,
+            plan.streams,
+            plan.pushes,
+            fanout_deadline,
+            "loaded",
+        )
+        .await?;
+    for stream in &streams_held {
+        stream.abort();
+    }
+    let loaded_fanout = Percentiles::of(&loaded_fanout).context("no push sample")?;
     agent.stop().await?;
     let crypto_time = plan.crypto_time;
     let svid_crypto =
@@ -380,6 +420,21 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
         full,
         "≤ 10",
         disk_ratio <= 10.0,
+    ));
+    h.rows.push(Row::info(
+        format!(
+            "5. One rotation pushed to {} streams of the agent with {} SVIDs (each stream's message found among them)",
+            plan.streams,
+            thousands(plan.agent_entries as u64)
+        ),
+        format!(
+            "median {} (n={}); CPU per rotation: {}",
+            duration(loaded_fanout.p50),
+            loaded_fanout.count,
+            loaded_cpu.per(loaded_fanout.count)
+        ),
+        "the same agent code with a few SVIDs: measurement 3",
+        None,
     ));
     h.rows.push(Row::info(
         format!("5. sled store's records by tree, {entries} entries (keys and values as the server wrote them, before sled's log and page rewrites)"),

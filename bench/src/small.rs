@@ -24,7 +24,7 @@ use crate::Harness;
 use crate::children::FRONT_DOOR_BOUND;
 use crate::clients::{self, SimAgent, TRUST_DOMAIN};
 use crate::crypto;
-use crate::procs;
+use crate::procs::{self, Process};
 use crate::report::{self, Percentiles, Row, bytes, duration, rate, thousands};
 use crate::topology::{AgentHandle, BaselineHandle, ServerHandle};
 
@@ -585,23 +585,15 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
     h.note("concurrency: one stream, rotations pushed to it");
     let (tx, mut rx) = mpsc::unbounded_channel();
     let one = hold_stream(&ctx.agent.socket, 0, tx.clone()).await?;
-    let mut single = Vec::new();
-    let mut single_cpu = CpuSplit::default();
-    for k in 0..h.plan.pushes {
-        if Instant::now() > deadline {
-            break;
-        }
-        drain(&mut rx);
-        let before = CpuSplit::now(ctx)?;
-        let t = Instant::now();
-        rotate(&mut ctx.admin, &mut ctx.workload_entry, &format!("one-{k}")).await?;
-        let (_, at) = tokio::time::timeout(MESSAGE_TIMEOUT, rx.recv())
-            .await
-            .context("the rotation never reached the stream")?
-            .context("stream task gone")?;
-        single.push(at.saturating_duration_since(t));
-        single_cpu.add_since(&before, ctx)?;
-    }
+    let mut rotations = Rotations {
+        admin: &mut ctx.admin,
+        entry: &mut ctx.workload_entry,
+        agent: &ctx.agent.process,
+        server: &ctx.server.process,
+    };
+    let (single, single_cpu) = rotations
+        .push(&mut rx, 1, h.plan.pushes, deadline, "one")
+        .await?;
     one.abort();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -631,37 +623,15 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
     h.note(&format!(
         "concurrency: pushing rotations to {opened} streams"
     ));
-    let mut fanout = Vec::new();
-    let mut fanout_cpu = CpuSplit::default();
-    for k in 0..h.plan.pushes {
-        if Instant::now() > deadline {
-            break;
-        }
-        drain(&mut rx);
-        let before = CpuSplit::now(ctx)?;
-        let t = Instant::now();
-        rotate(&mut ctx.admin, &mut ctx.workload_entry, &format!("all-{k}")).await?;
-        let mut seen = vec![false; opened];
-        let mut count = 0;
-        let mut last = t;
-        let wait_until = Instant::now() + Duration::from_secs(30);
-        while count < opened {
-            let left = wait_until.saturating_duration_since(Instant::now());
-            let (i, at) = tokio::time::timeout(left, rx.recv())
-                .await
-                .with_context(|| format!("the rotation reached {count} of {opened} streams"))?
-                .context("stream tasks gone")?;
-            if let Some(slot) = seen.get_mut(i)
-                && !*slot
-            {
-                *slot = true;
-                count += 1;
-                last = last.max(at);
-            }
-        }
-        fanout.push(last.saturating_duration_since(t));
-        fanout_cpu.add_since(&before, ctx)?;
-    }
+    let mut rotations = Rotations {
+        admin: &mut ctx.admin,
+        entry: &mut ctx.workload_entry,
+        agent: &ctx.agent.process,
+        server: &ctx.server.process,
+    };
+    let (fanout, fanout_cpu) = rotations
+        .push(&mut rx, opened, h.plan.pushes, deadline, "all")
+        .await?;
     for s in streams.iter().chain(&base_streams) {
         s.abort();
     }
@@ -707,10 +677,70 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
     Ok(())
 }
 
+/// Rotations of one entry pushed to open `FetchX509SVID` streams ([`hold_stream`]).
+pub(crate) struct Rotations<'a> {
+    /// The admin API, to update the entry.
+    pub(crate) admin: &'a mut AdminClient<Channel>,
+    /// The entry the streams' caller gets, as last updated.
+    pub(crate) entry: &'a mut admin::Entry,
+    /// The agent the streams are open on.
+    pub(crate) agent: &'a Process,
+    /// The server that signs the rotated SVIDs.
+    pub(crate) server: &'a Process,
+}
+
+// === impl Rotations ===
+
+impl Rotations<'_> {
+    /// Up to `pushes` rotations (until `deadline`), each until all `opened` streams whose
+    /// messages arrive on `rx` had it: the time of each, and the CPU time spent over them.
+    pub(crate) async fn push(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<(usize, Instant)>,
+        opened: usize,
+        pushes: usize,
+        deadline: Instant,
+        tag: &str,
+    ) -> anyhow::Result<(Vec<Duration>, CpuSplit)> {
+        let mut times = Vec::new();
+        let mut cpu = CpuSplit::default();
+        for k in 0..pushes {
+            if Instant::now() > deadline {
+                break;
+            }
+            drain(rx);
+            let before = CpuSplit::now(self.agent, self.server)?;
+            let t = Instant::now();
+            rotate(self.admin, self.entry, &format!("{tag}-{k}")).await?;
+            let mut seen = vec![false; opened];
+            let mut count = 0;
+            let mut last = t;
+            let wait_until = Instant::now() + Duration::from_secs(30);
+            while count < opened {
+                let left = wait_until.saturating_duration_since(Instant::now());
+                let (i, at) = tokio::time::timeout(left, rx.recv())
+                    .await
+                    .with_context(|| format!("the rotation reached {count} of {opened} streams"))?
+                    .context("stream tasks gone")?;
+                if let Some(slot) = seen.get_mut(i)
+                    && !*slot
+                {
+                    *slot = true;
+                    count += 1;
+                    last = last.max(at);
+                }
+            }
+            times.push(last.saturating_duration_since(t));
+            cpu.add_since(&before, self.agent, self.server)?;
+        }
+        Ok((times, cpu))
+    }
+}
+
 /// CPU time of the agent, the server and the harness itself (its workload clients) over a
 /// measurement: who spends what on the same two cores.
 #[derive(Debug, Default)]
-struct CpuSplit {
+pub(crate) struct CpuSplit {
     agent: Duration,
     server: Duration,
     harness: Duration,
@@ -720,17 +750,22 @@ struct CpuSplit {
 
 impl CpuSplit {
     /// The three processes' CPU time so far.
-    fn now(ctx: &Small) -> anyhow::Result<Self> {
+    fn now(agent: &Process, server: &Process) -> anyhow::Result<Self> {
         Ok(Self {
-            agent: ctx.agent.process.cpu_ns()?,
-            server: ctx.server.process.cpu_ns()?,
+            agent: agent.cpu_ns()?,
+            server: server.cpu_ns()?,
             harness: procs::cpu_ns_of(std::process::id())?,
         })
     }
 
     /// Adds the CPU time spent since `before`.
-    fn add_since(&mut self, before: &Self, ctx: &Small) -> anyhow::Result<()> {
-        let now = Self::now(ctx)?;
+    fn add_since(
+        &mut self,
+        before: &Self,
+        agent: &Process,
+        server: &Process,
+    ) -> anyhow::Result<()> {
+        let now = Self::now(agent, server)?;
         self.agent += now.agent.saturating_sub(before.agent);
         self.server += now.server.saturating_sub(before.server);
         self.harness += now.harness.saturating_sub(before.harness);
@@ -738,7 +773,7 @@ impl CpuSplit {
     }
 
     /// The split per sample, as text.
-    fn per(&self, samples: usize) -> String {
+    pub(crate) fn per(&self, samples: usize) -> String {
         let n = u32::try_from(samples.max(1)).unwrap_or(u32::MAX);
         format!(
             "agent {}, server {}, harness's clients {}",
@@ -1063,7 +1098,7 @@ async fn rotate(
 
 /// Opens a `FetchX509SVID` stream on a connection of its own, waits for its first message, and
 /// reports each later message as `(index, arrival)` until aborted.
-async fn hold_stream(
+pub(crate) async fn hold_stream(
     socket: &Path,
     index: usize,
     tx: mpsc::UnboundedSender<(usize, Instant)>,
