@@ -22,11 +22,13 @@
 //!    through the same listener type; JWT-SVID fetches; `unix:sha256` attestation cold and
 //!    cached ([`small::attestation`]).
 //! 3. Concurrency ([`small::concurrency`]): agent memory per open stream and the time to push one
-//!    rotation to all of them.
+//!    rotation to all of them, with the CPU time the agent, the server and this process's
+//!    workload clients spend per rotation.
 //! 4. Propagation ([`small::propagation`]): entry created (or deleted) through the admin API
 //!    until an open workload stream shows it.
 //! 5. Scale ([`scale::run`]): a server with many entries and many simulated agents, and one
-//!    agent with many entries.
+//!    agent with many entries (its full sync, its memory, one rotation pushed to as many
+//!    streams on it as measurement 3 opens); the store on disk and its records tree by tree.
 //! 6. Broker ([`broker::run`]): the `sigil-broker` binary (built beside this one) against
 //!    direct mTLS: new-connection latency in both record modes, stream throughput, Cedar
 //!    decisions per second, revocation to cut.

@@ -3,7 +3,8 @@
 //!
 //! Order: an empty server (start-up time and memory: the baselines), one simulated agent on it
 //! (entry-change cost: the baseline), join tokens, the entries, the other simulated agents, the
-//! entry-change cost again, the real agent's full sync, the store on disk, and a restart.
+//! entry-change cost again, the real agent's full sync and one rotation to streams on it, the
+//! store on disk, a restart, a start without sled's snapshot, and the store's records by tree.
 
 use std::path::Path;
 use std::sync::Arc;
