@@ -122,19 +122,26 @@ struct SharedResponses {
     /// the streams of callers alike do not each match every SVID of the snapshot against their
     /// selectors again (an agent with 10,000 SVIDs and 1,000 streams would make ten million
     /// matches per rotation). Callers choose some of their selectors (a `unix:path` is where
-    /// they run from), so at most [`MAX_SELECTOR_SETS`] are kept; a caller beyond them is
-    /// matched as before.
+    /// they run from, up to 4 KiB), so at most [`MAX_SELECTOR_SETS`] sets and
+    /// [`MAX_SELECTOR_BYTES`] of selectors are kept; a caller beyond them is matched as before.
     by_selectors: HashMap<SelectorSet, Matched>,
+    /// The bytes of the selectors in `by_selectors` (kinds and values).
+    selector_bytes: usize,
 }
 
 /// The most selector sets [`SharedResponses`] remembers for one snapshot.
 const MAX_SELECTOR_SETS: usize = 4096;
 
+/// The most bytes of selectors [`SharedResponses`] remembers for one snapshot.
+const MAX_SELECTOR_BYTES: usize = 1 << 20;
+
 /// What a caller's selectors get in one snapshot: the key of the message in
-/// `SharedResponses::by_identities`, until the first of its SVIDs expires (the match leaves out
-/// expired SVIDs, so it must be made again then).
+/// `SharedResponses::by_identities`, from when it was matched until the first of its SVIDs
+/// expires (the match leaves out expired SVIDs, so it must be made again then, and again if the
+/// clock is set back before the match: an SVID it left out as expired may be valid again).
 struct Matched {
     identities: Box<[Arc<str>]>,
+    at: SystemTime,
     until: SystemTime,
 }
 
@@ -188,8 +195,10 @@ impl StreamCaller {
 impl SharedResponses {
     /// The encoded `FetchX509SVID` message for `selectors` in `snapshot` with the caller's
     /// session SVIDs `held`, or `None` when they grant nothing. Without session SVIDs, the
-    /// message is shared with every caller that gets the same SVIDs while `snapshot` is the one
-    /// `published` holds.
+    /// message is kept and shared with every caller that gets the same SVIDs, and the match of
+    /// `selectors` is kept with it, while `snapshot` is the one kept: the first stream on a
+    /// newly `published` snapshot replaces what was kept, and a stream late on an older one
+    /// gets a message of its own.
     fn message(
         shared: &Mutex<Self>,
         published: &watch::Receiver<Arc<Inventory>>,
@@ -219,6 +228,7 @@ impl SharedResponses {
             .min()
             .map(|until| Matched {
                 identities: key.clone(),
+                at: now,
                 until,
             });
         let stale = {
@@ -238,6 +248,7 @@ impl SharedResponses {
                         snapshot: Arc::downgrade(snapshot),
                         by_identities: HashMap::new(),
                         by_selectors: HashMap::new(),
+                        selector_bytes: 0,
                     },
                 ))
             } else {
@@ -258,7 +269,8 @@ impl SharedResponses {
     }
 
     /// The message `selectors` got in `snapshot` when they were last matched against it, if
-    /// `snapshot` is the one kept and none of its SVIDs has expired since.
+    /// `snapshot` is the one kept and none of its SVIDs has expired since (nor the clock gone
+    /// back before the match).
     fn matched(
         shared: &Mutex<Self>,
         snapshot: &Arc<Inventory>,
@@ -270,18 +282,28 @@ impl SharedResponses {
             return None;
         }
         let matched = shared.by_selectors.get(selectors)?;
-        if matched.until <= now {
+        if now < matched.at || matched.until <= now {
             return None;
         }
         shared.by_identities.get(&matched.identities).cloned()
     }
 
     /// Remembers what `selectors` get in the kept snapshot (nothing for a caller that gets
-    /// nothing, and nothing new beyond [`MAX_SELECTOR_SETS`]).
+    /// nothing, and no new set beyond [`MAX_SELECTOR_SETS`] or [`MAX_SELECTOR_BYTES`]).
     fn remember(&mut self, selectors: &SelectorSet, matched: Option<Matched>) {
         let Some(matched) = matched else { return };
-        if self.by_selectors.len() < MAX_SELECTOR_SETS || self.by_selectors.contains_key(selectors)
+        if let Some(kept) = self.by_selectors.get_mut(selectors) {
+            *kept = matched;
+            return;
+        }
+        let bytes: usize = selectors
+            .iter()
+            .map(|s| s.kind().len() + s.value().len())
+            .sum();
+        if self.by_selectors.len() < MAX_SELECTOR_SETS
+            && self.selector_bytes + bytes <= MAX_SELECTOR_BYTES
         {
+            self.selector_bytes += bytes;
             self.by_selectors.insert(selectors.clone(), matched);
         }
     }
@@ -989,6 +1011,7 @@ mod tests {
         // although matching uid 3 against the snapshot would grant nothing.
         let planted = Matched {
             identities: [Arc::from("a")].into(),
+            at: SystemTime::now(),
             until: later,
         };
         shared
@@ -999,6 +1022,23 @@ mod tests {
         assert_eq!(
             message(&first, &selectors(3)).unwrap().as_ptr(),
             one.as_ptr()
+        );
+        // Not with the clock set back before the match: an SVID it left out as expired may be
+        // valid again.
+        shared
+            .lock()
+            .unwrap()
+            .by_selectors
+            .get_mut(&selectors(3))
+            .unwrap()
+            .at = later;
+        assert!(message(&first, &selectors(3)).is_none());
+        // A caller with session SVIDs gets its own message, whatever its selectors got.
+        let held = BTreeMap::from([("s".to_owned(), svid("s", 1, later))]);
+        let own = SharedResponses::message(&shared, &published, &first, &selectors(1), &held);
+        assert_eq!(
+            ids(&own.unwrap()),
+            ["spiffe://example.org/a", "spiffe://example.org/s"]
         );
 
         // At most MAX_SELECTOR_SETS sets; callers beyond them are matched as before.
@@ -1015,7 +1055,7 @@ mod tests {
             assert_eq!(ids(&got), ["spiffe://example.org/b"]);
         }
         assert_eq!(remembered(), MAX_SELECTOR_SETS);
-        // One already remembered is still served (and refreshed) at the bound.
+        // One already remembered is still served at the bound.
         assert_eq!(
             ids(&message(&first, &selectors(1)).unwrap()),
             ["spiffe://example.org/a"]
@@ -1032,6 +1072,43 @@ mod tests {
             ["spiffe://example.org/a"]
         );
         assert_eq!(remembered(), 1);
+        // A stream late on the first snapshot is matched there, and what it got is not
+        // remembered for the second, where uid 2 gets nothing.
+        assert_eq!(
+            ids(&message(&first, &selectors(2)).unwrap()),
+            ["spiffe://example.org/b"]
+        );
+        assert_eq!(remembered(), 1);
+        assert!(message(&second, &selectors(2)).is_none());
+    }
+
+    #[test]
+    fn the_selectors_remembered_are_bounded_in_bytes() {
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let snapshot = inventory(vec![svid("a", 1, later)]);
+        let (_publish, published) = watch::channel(Arc::clone(&snapshot));
+        let shared = Mutex::<SharedResponses>::default();
+        let none = BTreeMap::new();
+        // Sets of about 3 KiB each (a caller's path is its to choose): the byte bound stops them
+        // long before the count does.
+        let long = "x".repeat(3000);
+        for n in 0..400 {
+            let set: SelectorSet = [
+                Selector::parse("unix:uid:1").unwrap(),
+                Selector::parse(&format!("unix:path:/{long}/{n}")).unwrap(),
+            ]
+            .into_iter()
+            .collect();
+            let got = SharedResponses::message(&shared, &published, &snapshot, &set, &none);
+            assert_eq!(ids(&got.unwrap()), ["spiffe://example.org/a"]);
+        }
+        let kept = shared.lock().unwrap();
+        assert!(kept.selector_bytes <= MAX_SELECTOR_BYTES);
+        assert!(
+            kept.by_selectors.len() < 400 && kept.by_selectors.len() > 300,
+            "{} sets kept",
+            kept.by_selectors.len()
+        );
     }
 
     #[test]
