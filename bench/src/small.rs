@@ -137,6 +137,20 @@ pub(crate) struct Small {
     workload_entry: admin::Entry,
 }
 
+// === impl Small ===
+
+impl Small {
+    /// Rotations of the workload's entry, pushed to streams on the agent.
+    fn rotations(&mut self) -> Rotations<'_> {
+        Rotations {
+            admin: &mut self.admin,
+            entry: &mut self.workload_entry,
+            agent: &self.agent.process,
+            server: &self.server.process,
+        }
+    }
+}
+
 /// Measurement 1, issuance: X509-SVIDs per server CPU-second through `BatchNewX509SVID`.
 pub(crate) async fn issuance(
     h: &mut Harness,
@@ -585,13 +599,8 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
     h.note("concurrency: one stream, rotations pushed to it");
     let (tx, mut rx) = mpsc::unbounded_channel();
     let one = hold_stream(&ctx.agent.socket, 0, tx.clone()).await?;
-    let mut rotations = Rotations {
-        admin: &mut ctx.admin,
-        entry: &mut ctx.workload_entry,
-        agent: &ctx.agent.process,
-        server: &ctx.server.process,
-    };
-    let (single, single_cpu) = rotations
+    let (single, single_cpu) = ctx
+        .rotations()
         .push(&mut rx, 1, h.plan.pushes, deadline, "one")
         .await?;
     one.abort();
@@ -623,13 +632,8 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
     h.note(&format!(
         "concurrency: pushing rotations to {opened} streams"
     ));
-    let mut rotations = Rotations {
-        admin: &mut ctx.admin,
-        entry: &mut ctx.workload_entry,
-        agent: &ctx.agent.process,
-        server: &ctx.server.process,
-    };
-    let (fanout, fanout_cpu) = rotations
+    let (fanout, fanout_cpu) = ctx
+        .rotations()
         .push(&mut rx, opened, h.plan.pushes, deadline, "all")
         .await?;
     for s in streams.iter().chain(&base_streams) {
