@@ -16,11 +16,15 @@
 //! A cluster is stopped (`pg_ctl stop -m immediate`) and its directory removed when its
 //! [`Postgres`] is dropped; the shared one, a static that is never dropped, by a watchdog
 //! process that waits for the test process to exit.
+//!
+//! Also: throwaway SoftHSM2 tokens ([`softhsm`]) and what sled wrote in a store directory
+//! ([`sled_files`]).
 #![allow(
     clippy::print_stderr,
     reason = "the one line a skipped test prints is for the person running the tests"
 )]
 
+pub mod sled_files;
 pub mod softhsm;
 
 use std::fmt;

@@ -277,17 +277,6 @@ async fn sigterm_exits_within_six_seconds_with_streams_open() {
     assert!(!matches!(end, Ok(Some(_))), "{end:?}");
 }
 
-/// The stable log offset of the newest page-table snapshot sled wrote in the store `dir`.
-fn sled_snapshot_offset(dir: &std::path::Path) -> Option<u64> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|entry| {
-            let name = entry.unwrap().file_name().into_string().ok()?;
-            u64::from_str_radix(name.strip_prefix("snap.")?, 16).ok()
-        })
-        .max()
-}
-
 /// A clean stop ends with sled's snapshot over everything written since the start, so that the
 /// next start reads it instead of the whole log; the next start finds every entry.
 #[tokio::test]
@@ -295,7 +284,9 @@ async fn a_clean_stop_leaves_a_snapshot_of_the_store_for_the_next_start() {
     let mut server = TestServer::start(SLED_STORE);
     let store = server.data_dir().join("store");
     // A store sled creates gets no snapshot; each later open writes one.
-    let at_start = sled_snapshot_offset(&store).unwrap_or(0);
+    let at_start = sigil_testkit::sled_files::snapshot_offset(&store)
+        .unwrap()
+        .unwrap_or(0);
     let agent = "spiffe://example.org/sigil/agent/join_token/stop";
     for i in 0..20 {
         create_entry(
@@ -325,7 +316,9 @@ async fn a_clean_stop_leaves_a_snapshot_of_the_store_for_the_next_start() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let at_stop = sled_snapshot_offset(&store).expect("no snapshot after the stop");
+    let at_stop = sigil_testkit::sled_files::snapshot_offset(&store)
+        .unwrap()
+        .expect("no snapshot after the stop");
     assert!(
         at_stop > at_start,
         "the snapshot ({at_stop:#x}) does not cover what was written after the start \

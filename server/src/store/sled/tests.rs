@@ -509,18 +509,6 @@ async fn a_store_open_elsewhere_is_refused_as_locked() {
     )));
 }
 
-/// The stable log offset of the newest page-table snapshot sled wrote in `dir` (its files are
-/// `snap.` and that offset in hex).
-fn snapshot_offset(dir: &Path) -> Option<u64> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|entry| {
-            let name = entry.unwrap().file_name().into_string().ok()?;
-            u64::from_str_radix(name.strip_prefix("snap.")?, 16).ok()
-        })
-        .max()
-}
-
 /// A clean stop opens the store once more so that sled writes its snapshot over everything
 /// written since the store's open (the next start reads the log after it only); it changes
 /// nothing in the store, creates no store where there is none, and reports a store still held.
@@ -540,7 +528,9 @@ async fn a_snapshot_after_stop_covers_the_log_written_since_the_open() {
         assert!(matches!(held, Err(StoreError::Locked { .. })), "{held:?}");
     }
     // What the second open wrote, before the 200 entries.
-    let at_open = snapshot_offset(&path).expect("sled writes a snapshot when it opens a store");
+    let at_open = sigil_testkit::sled_files::snapshot_offset(&path)
+        .unwrap()
+        .expect("sled writes a snapshot when it opens a store");
 
     let written = tokio::task::spawn_blocking({
         let path = path.clone();
@@ -550,7 +540,9 @@ async fn a_snapshot_after_stop_covers_the_log_written_since_the_open() {
     .unwrap()
     .unwrap();
     assert!(written);
-    let at_stop = snapshot_offset(&path).unwrap();
+    let at_stop = sigil_testkit::sled_files::snapshot_offset(&path)
+        .unwrap()
+        .unwrap();
     assert!(
         at_stop > at_open,
         "the snapshot at stop ({at_stop:#x}) does not cover the log written after the open \
