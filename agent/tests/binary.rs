@@ -7,7 +7,19 @@
     reason = "test code"
 )]
 
+use std::path::Path;
 use std::process::Command;
+
+/// `sigil-agent run` for `example.org`, with its data directory and socket in `dir`.
+fn run_in(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sigil-agent"));
+    command
+        .args(["run", "--trust-domain", "example.org", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--socket-path")
+        .arg(dir.join("api.sock"));
+    command
+}
 
 #[test]
 fn help_lists_every_command() {
@@ -28,16 +40,37 @@ fn help_lists_every_command() {
 #[test]
 fn a_first_start_without_a_token_says_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sigil-agent"))
-        .args(["run", "--trust-domain", "example.org", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--socket-path")
-        .arg(dir.path().join("api.sock"))
+    let out = run_in(dir.path()).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("a join token is needed"), "{stderr}");
+}
+
+/// A fatal error, printed on stderr as `sigil-agent: error: cause: cause`, names each cause
+/// once, even when an error's message already quotes the error that caused it.
+#[test]
+fn a_fatal_error_names_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("missing-bundle.pem");
+    let out = run_in(dir.path())
+        .args(["--server-address", "127.0.0.1:1", "--join-token", "unused"])
+        .arg("--trust-bundle")
+        .arg(&bundle)
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stderr.contains("a join token is needed"), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|line| line.starts_with("sigil-agent: "))
+        .unwrap_or_else(|| panic!("no fatal error line in: {stderr}"));
+    assert_eq!(
+        line,
+        format!(
+            "sigil-agent: cannot read {}: No such file or directory (os error 2)",
+            bundle.display()
+        )
+    );
 }
 
 #[test]
