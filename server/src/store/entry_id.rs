@@ -3,13 +3,26 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{ENTRY_ID_BYTES, EntryIdError, StoreError};
 
-/// The identifier of a registration entry: 32 lowercase hex characters (16 random bytes).
+/// How many leading bytes of a new [`EntryId`] hold its time.
+const TIME_BYTES: usize = 6;
+
+/// The identifier of a registration entry: 32 lowercase hex characters (16 bytes).
+///
+/// A new id is time-ordered, as a UUIDv7 is: its first 6 bytes are the milliseconds since the
+/// Unix epoch, big-endian, and the other 10 are random (80 bits). Ids made later sort later, so
+/// the entries a server creates go to the end of the sled store's `entries` tree instead of to
+/// a random leaf each: with random ids, sled rewrote most of that tree's leaves for every batch
+/// of creations (see BENCHMARKS.md, "Time-ordered entry ids"). Ids of earlier builds, 16 random
+/// bytes, have the same form and are read as they are. Nothing reads the time back out of an
+/// id: an entry's `created_at` is the time of record, and ids of a clock set back are still
+/// unique, only out of order.
 ///
 /// Held inline as its ASCII characters: an id is a key of several maps in the entry cache, and
 /// copying it costs no allocation. Ordered as its string.
@@ -19,11 +32,22 @@ pub(crate) struct EntryId([u8; 2 * ENTRY_ID_BYTES]);
 // === impl EntryId ===
 
 impl EntryId {
-    /// A fresh random id (16 bytes from the system's secure random number generator).
+    /// A fresh id: the time now in milliseconds, then 80 bits from the system's secure random
+    /// number generator.
     pub(crate) fn generate() -> Result<Self, StoreError> {
+        Self::generate_at(SystemTime::now())
+    }
+
+    /// A fresh id made at `now` (a time before the epoch counts as the epoch).
+    pub(crate) fn generate_at(now: SystemTime) -> Result<Self, StoreError> {
+        let millis = now.duration_since(UNIX_EPOCH).map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        });
         let mut bytes = [0u8; ENTRY_ID_BYTES];
+        // The low 48 bits, as a UUIDv7 holds them (they wrap in the year 10889).
+        bytes[..TIME_BYTES].copy_from_slice(&millis.to_be_bytes()[8 - TIME_BYTES..]);
         SystemRandom::new()
-            .fill(&mut bytes)
+            .fill(&mut bytes[TIME_BYTES..])
             .map_err(|_| StoreError::Random)?;
         let mut id = [0u8; 2 * ENTRY_ID_BYTES];
         sigil_core::hex::encode_into(&bytes, &mut id);
@@ -91,5 +115,38 @@ impl<'de> Deserialize<'de> for EntryId {
         }
 
         deserializer.deserialize_str(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_new_id_is_its_time_in_milliseconds_then_random_bits() {
+        let at = UNIX_EPOCH + Duration::from_millis(0x0193_a4f2_c8a1);
+        let a = EntryId::generate_at(at).unwrap();
+        let b = EntryId::generate_at(at).unwrap();
+        assert_eq!(&a.as_str()[..12], "0193a4f2c8a1");
+        assert_eq!(&b.as_str()[..12], "0193a4f2c8a1");
+        // 80 random bits apart.
+        assert_ne!(a.as_str()[12..], b.as_str()[12..]);
+        assert_eq!(EntryId::parse(a.as_str()).unwrap(), a);
+
+        // Later sorts later, whatever the random bits: a sled tree keyed by id grows at its end.
+        let mut ids: Vec<EntryId> = (0..64u64)
+            .map(|n| EntryId::generate_at(at + Duration::from_millis(n)).unwrap())
+            .collect();
+        let made = ids.clone();
+        ids.sort();
+        assert_eq!(ids, made);
+
+        // Before the epoch counts as the epoch; past 48 bits of milliseconds, the low 48 bits.
+        let early = EntryId::generate_at(UNIX_EPOCH - Duration::from_secs(1)).unwrap();
+        assert_eq!(&early.as_str()[..12], "000000000000");
+        let late = EntryId::generate_at(UNIX_EPOCH + Duration::from_millis((1 << 48) + 5));
+        assert_eq!(&late.unwrap().as_str()[..12], "000000000005");
     }
 }

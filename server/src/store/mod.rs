@@ -929,6 +929,16 @@ impl RegistrationEntry {
     }
 
     /// The operator-set fields, as a [`NewEntry`].
+    /// [`NewEntry::identity_key`] of this entry (without copying it into a [`NewEntry`]).
+    pub(crate) fn identity_key(&self) -> [u8; 32] {
+        identity_key(
+            &self.spiffe_id,
+            &self.parent_id,
+            &self.selectors,
+            self.session_id.as_ref(),
+        )
+    }
+
     pub(crate) fn to_new(&self) -> NewEntry {
         NewEntry {
             spiffe_id: self.spiffe_id.clone(),
@@ -968,28 +978,43 @@ impl NewEntry {
     /// The uniqueness key of an entry: SHA-256 over its SPIFFE ID, parent ID and selectors,
     /// each length-prefixed so that no two different triples encode alike.
     pub(crate) fn identity_key(&self) -> [u8; 32] {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut field = |bytes: &[u8]| {
-            ctx.update(&(bytes.len() as u64).to_be_bytes());
-            ctx.update(bytes);
-        };
-        field(self.spiffe_id.as_str().as_bytes());
-        field(self.parent_id.as_str().as_bytes());
-        for selector in &self.selectors {
-            field(selector.kind().as_bytes());
-            field(selector.value().as_bytes());
-        }
-        if let Some(session) = &self.session_id {
-            // Set apart from the selector fields by its tag, so two sessions for the same
-            // identity never clash with each other or with an ordinary entry.
-            field(b"\0session");
-            field(session.as_str().as_bytes());
-        }
-        let digest = ctx.finish();
-        let mut key = [0u8; 32];
-        key.copy_from_slice(digest.as_ref());
-        key
+        identity_key(
+            &self.spiffe_id,
+            &self.parent_id,
+            &self.selectors,
+            self.session_id.as_ref(),
+        )
     }
+}
+
+/// [`NewEntry::identity_key`] of the parts of an entry.
+fn identity_key(
+    spiffe_id: &SpiffeId,
+    parent_id: &SpiffeId,
+    selectors: &SelectorSet,
+    session_id: Option<&SessionId>,
+) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut field = |bytes: &[u8]| {
+        ctx.update(&(bytes.len() as u64).to_be_bytes());
+        ctx.update(bytes);
+    };
+    field(spiffe_id.as_str().as_bytes());
+    field(parent_id.as_str().as_bytes());
+    for selector in selectors {
+        field(selector.kind().as_bytes());
+        field(selector.value().as_bytes());
+    }
+    if let Some(session) = session_id {
+        // Set apart from the selector fields by its tag, so two sessions for the same
+        // identity never clash with each other or with an ordinary entry.
+        field(b"\0session");
+        field(session.as_str().as_bytes());
+    }
+    let digest = ctx.finish();
+    let mut key = [0u8; 32];
+    key.copy_from_slice(digest.as_ref());
+    key
 }
 
 // === impl EntryFilter ===

@@ -2,7 +2,8 @@
 //! uniqueness index, listings, the consistent snapshot and the change feed (see the `sled` module docs
 //! for the layout and "Consistent snapshots").
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::time::SystemTime;
 
@@ -10,7 +11,9 @@ use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use ::sled::{Transactional, Tree};
 
 use super::record::{decode_change, decode_entry, encode_change, encode_entry};
-use super::{Inner, PageCollector, REVISION_KEY, decode_u64, read_revision, transaction_error};
+use super::{
+    Inner, PageCollector, REVISION_KEY, decode_u64, lock, read_revision, transaction_error,
+};
 use crate::store::{
     Change, ChangeKind, EntryFilter, EntryId, EntrySnapshot, NewEntry, Page, PageRequest,
     RegistrationEntry, StoreError, entry_after,
@@ -27,10 +30,18 @@ const SNAPSHOT_ATTEMPTS: usize = 3;
 /// At most this many threads read the `entries` tree for a snapshot ([`scan_entries`]).
 const SCAN_THREADS: usize = 4;
 
-/// The four entry trees, and the session and revocation trees, inside one transaction.
+/// Entry ids by uniqueness key ([`NewEntry::identity_key`]) of every entry in the store: the
+/// uniqueness index, held in memory (see "Layout" in the `sled` module docs).
+pub(super) type Identities = HashMap<[u8; 32], EntryId>;
+
+/// The entry trees, and the session and revocation trees, inside one transaction, with the
+/// uniqueness index as it was before the transaction and what the transaction changed in it.
 pub(super) struct EntryTx<'a> {
     pub(super) entries: &'a TransactionalTree,
-    by_identity: &'a TransactionalTree,
+    identities: &'a Identities,
+    /// Uniqueness keys this transaction gave an entry (`Some`) or freed (`None`), applied to
+    /// the index once it commits.
+    edits: RefCell<HashMap<[u8; 32], Option<EntryId>>>,
     changes: &'a TransactionalTree,
     meta: &'a TransactionalTree,
     pub(super) sessions: &'a TransactionalTree,
@@ -46,15 +57,27 @@ pub(super) type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>
 // === impl Inner ===
 
 impl Inner {
-    /// Runs `f` in one transaction over the entry trees.
+    /// Runs `f` in one transaction over the entry trees, and applies what it changed in the
+    /// uniqueness index once it commits.
+    ///
+    /// Every write of the `entries` tree is made here, one at a time: the index's lock is held
+    /// from the uniqueness check to the index's update, so two transactions never both find a
+    /// key free. (sled 0.34 runs transactions one at a time anyway.) The first call builds the
+    /// index, unless a snapshot did (see [`Inner::snapshot_entries`]).
     pub(super) fn entry_tx<T>(
         &self,
         f: impl Fn(&EntryTx<'_>) -> TxResult<T>,
     ) -> Result<T, StoreError> {
+        let mut held = lock(&self.identities);
+        // Out of the lock's slot while the transaction runs: if anything below panics, the
+        // slot stays empty and the next call builds the index again from the entries.
+        let mut identities = match held.take() {
+            Some(identities) => identities,
+            None => self.scan_under_lock()?.1,
+        };
         let t = &self.trees;
-        (
+        let committed = (
             &t.entries,
-            &t.by_identity,
             &t.changes,
             &t.meta,
             &t.sessions,
@@ -63,19 +86,11 @@ impl Inner {
             &t.audit_head,
         )
             .transaction(
-                |(
-                    entries,
-                    by_identity,
-                    changes,
-                    meta,
-                    sessions,
-                    revocations,
-                    audit,
-                    audit_head,
-                )| {
-                    f(&EntryTx {
+                |(entries, changes, meta, sessions, revocations, audit, audit_head)| {
+                    let tx = EntryTx {
                         entries,
-                        by_identity,
+                        identities: &identities,
+                        edits: RefCell::default(),
                         changes,
                         meta,
                         sessions,
@@ -83,10 +98,33 @@ impl Inner {
                         audit,
                         audit_head,
                         retention: self.retention,
-                    })
+                    };
+                    let value = f(&tx)?;
+                    Ok((value, tx.edits.into_inner()))
                 },
             )
-            .map_err(transaction_error)
+            .map_err(transaction_error);
+        if let Ok((_, edits)) = &committed {
+            for (key, id) in edits {
+                match id {
+                    Some(id) => identities.insert(*key, id.clone()),
+                    None => identities.remove(key),
+                };
+            }
+        }
+        *held = Some(identities);
+        committed.map(|(value, _)| value)
+    }
+
+    /// Every entry, read while the caller holds the index's lock (so no entry changes
+    /// meanwhile), and the uniqueness index built from them.
+    fn scan_under_lock(&self) -> Result<(Vec<RegistrationEntry>, Identities), StoreError> {
+        let entries = scan_entries(&self.trees.entries)?;
+        let identities = entries
+            .iter()
+            .map(|entry| (entry.identity_key(), entry.id.clone()))
+            .collect();
+        Ok((entries, identities))
     }
 
     /// Creates `items` in one transaction (the caller passes at most [`BATCH_CHUNK`] of them,
@@ -139,7 +177,7 @@ impl Inner {
             let revision = tx.next_revision()?;
             let entry =
                 RegistrationEntry::from_new(id.clone(), new.clone(), old.created_at, revision);
-            tx.unindex(&old)?;
+            tx.unindex(&old);
             tx.put(&entry, &identity)?;
             tx.record(Change {
                 revision,
@@ -154,7 +192,7 @@ impl Inner {
             let old = tx.get(id)?.ok_or_else(|| entry_not_found(id))?;
             let revision = tx.next_revision()?;
             tx.entries.remove(id.as_str())?;
-            tx.unindex(&old)?;
+            tx.unindex(&old);
             tx.record(Change {
                 revision,
                 kind: ChangeKind::EntryDeleted(old.clone()),
@@ -215,6 +253,18 @@ impl Inner {
 
     /// See "Consistent snapshots" in the `sled` module docs.
     pub(super) fn snapshot_entries(&self) -> Result<EntrySnapshot, StoreError> {
+        {
+            let mut held = lock(&self.identities);
+            if held.is_none() {
+                // The first snapshot (a server's start takes one) builds the uniqueness index
+                // from its scan. No entry changes while the lock is held, so the scan is
+                // exactly the state at the revision read before it.
+                let revision = read_revision(&self.trees.meta)?;
+                let (entries, identities) = self.scan_under_lock()?;
+                *held = Some(identities);
+                return Ok(EntrySnapshot { revision, entries });
+            }
+        }
         for _ in 0..SNAPSHOT_ATTEMPTS {
             let start = read_revision(&self.trees.meta)?;
             let scanned = scan_entries(&self.trees.entries)?;
@@ -336,30 +386,34 @@ impl EntryTx<'_> {
 
     /// The [`StoreError::AlreadyExists`] to return when another entry than `id` has this
     /// identity.
+    /// (This transaction's own edits first, then the index as it was before it.)
     fn duplicate_of(&self, identity: &[u8; 32], id: &EntryId) -> TxResult<Option<StoreError>> {
-        Ok(match self.by_identity.get(identity)? {
-            Some(existing) if existing.as_ref() != id.as_str().as_bytes() => {
-                Some(StoreError::AlreadyExists {
-                    resource: "entry",
-                    key: String::from_utf8_lossy(&existing).into_owned(),
-                })
-            }
+        let edits = self.edits.borrow();
+        let holder = match edits.get(identity) {
+            Some(edited) => edited.as_ref(),
+            None => self.identities.get(identity),
+        };
+        Ok(match holder {
+            Some(existing) if existing != id => Some(StoreError::AlreadyExists {
+                resource: "entry",
+                key: existing.to_string(),
+            }),
             _ => None,
         })
     }
 
     fn put(&self, entry: &RegistrationEntry, identity: &[u8; 32]) -> TxResult<()> {
         let value = encode_entry(entry).map_err(ConflictableTransactionError::Abort)?;
-        let id = entry.id.as_str();
-        self.entries.insert(id, value)?;
-        self.by_identity.insert(&identity[..], id)?;
+        self.entries.insert(entry.id.as_str(), value)?;
+        self.edits
+            .borrow_mut()
+            .insert(*identity, Some(entry.id.clone()));
         Ok(())
     }
 
-    pub(super) fn unindex(&self, entry: &RegistrationEntry) -> TxResult<()> {
-        self.by_identity
-            .remove(&entry.to_new().identity_key()[..])?;
-        Ok(())
+    /// Frees `entry`'s uniqueness key (it is deleted, or about to be put again).
+    pub(super) fn unindex(&self, entry: &RegistrationEntry) {
+        self.edits.borrow_mut().insert(entry.identity_key(), None);
     }
 }
 
@@ -367,10 +421,10 @@ impl EntryTx<'_> {
 
 /// Every record of the `entries` tree, decoded, in key (id) order.
 ///
-/// Entry ids are random hex, so the first digit splits the tree into parts of about equal
-/// size: each part is read and decoded on a thread of its own, one per core (at most
-/// [`SCAN_THREADS`]; a server's start-up waits for this scan of every entry). Each key is read
-/// by exactly one part, so the parts together are a scan as "Consistent snapshots" describes.
+/// The tree is read in parts of about equal size, each decoded on a thread of its own, one per
+/// core (at most [`SCAN_THREADS`]; a server's start-up waits for this scan of every entry).
+/// Each key is read by exactly one part, so the parts together are a scan as "Consistent
+/// snapshots" describes.
 fn scan_entries(tree: &Tree) -> Result<Vec<RegistrationEntry>, StoreError> {
     let parts = std::thread::available_parallelism().map_or(1, usize::from);
     scan_entries_in(tree, parts)
@@ -381,19 +435,18 @@ pub(super) fn scan_entries_in(
     tree: &Tree,
     parts: usize,
 ) -> Result<Vec<RegistrationEntry>, StoreError> {
-    let parts = parts.clamp(1, SCAN_THREADS);
-    // Part `k` starts at the hex digit `16 * k / parts` (ids are lowercase hex) and ends where
-    // part `k + 1` starts; the first part starts before every key and the last one ends after
-    // every key, whatever its form.
-    let digit = |k: usize| vec![sigil_core::hex::DIGITS[16 * k / parts]];
+    let starts = part_starts(tree, parts.clamp(1, SCAN_THREADS))?;
+    let parts = starts.len() + 1;
+    // Part `k` starts at `starts[k - 1]` and ends where part `k + 1` starts; the first part
+    // starts before every key and the last one ends after every key, whatever its form.
     let range = |k: usize| {
-        let start = match k {
-            0 => Bound::Unbounded,
-            _ => Bound::Included(digit(k)),
+        let start = match k.checked_sub(1).and_then(|previous| starts.get(previous)) {
+            None => Bound::Unbounded,
+            Some(start) => Bound::Included(start.clone()),
         };
-        let end = match k + 1 {
-            last if last == parts => Bound::Unbounded,
-            next => Bound::Excluded(digit(next)),
+        let end = match starts.get(k) {
+            None => Bound::Unbounded,
+            Some(next) => Bound::Excluded(next.clone()),
         };
         (start, end)
     };
@@ -427,6 +480,37 @@ pub(super) fn scan_entries_in(
         }
         Ok(entries)
     })
+}
+
+/// Where each part of a scan in `parts` parts after the first starts, in increasing order.
+///
+/// Ids are hex, so the points are spread evenly between the numbers the tree's first and last
+/// keys spell (their first 32 hex digits): time-ordered ids are spread by when they were made,
+/// ids of earlier builds (random) over the whole range. A key of another form (none is written)
+/// splits the tree by its first hex digit instead. Either way every key falls in exactly one
+/// part; only how even the parts are depends on the keys.
+pub(super) fn part_starts(tree: &Tree, parts: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+    if parts < 2 {
+        return Ok(Vec::new());
+    }
+    let (Some((first, _)), Some((last, _))) = (tree.first()?, tree.last()?) else {
+        return Ok(Vec::new());
+    };
+    let number = |key: &[u8]| {
+        let digits = std::str::from_utf8(key.get(..32)?).ok()?;
+        u128::from_str_radix(digits, 16).ok()
+    };
+    let Some((low, high)) = number(&first).zip(number(&last)) else {
+        let digit = |k: usize| vec![sigil_core::hex::DIGITS[16 * k / parts]];
+        return Ok((1..parts).map(digit).collect());
+    };
+    let step = high.saturating_sub(low) / parts as u128;
+    if step == 0 {
+        return Ok(Vec::new());
+    }
+    Ok((1..parts)
+        .map(|k| format!("{:032x}", low + step * k as u128).into_bytes())
+        .collect())
 }
 
 /// Removes every change older than the retention window (after a restart with a smaller one).

@@ -13,7 +13,6 @@
 //! | tree                   | key                               | value                          |
 //! |------------------------|-----------------------------------|--------------------------------|
 //! | `entries`              | entry id (32 hex chars)           | [`RegistrationEntry`]          |
-//! | `entries_by_identity`  | SHA-256(SPIFFE ID, parent, sels)  | entry id (uniqueness index)    |
 //! | `changes`              | revision, 8 bytes big-endian      | [`Change`]                     |
 //! | `meta`                 | `layout`, `revision`, `ca_journal[/server]`, `crl_number/authority` | u64 big-endian, opaque bytes |
 //! | `nodes`                | agent SPIFFE ID                   | [`AttestedNode`]               |
@@ -35,13 +34,19 @@
 //! upgrade (operations.md). Later layouts must keep the number where it is (`meta`, `layout`,
 //! 8 bytes big-endian): it is what older builds look at.
 //!
-//! Entries have no index by parent or by SPIFFE ID on disk: a filtered listing walks the
-//! `entries` tree, and the entry cache keeps both indexes in memory for what must be fast
-//! (authorizing agents and workloads). Builds before this layout kept the two indexes as the
-//! trees `entries_by_parent` and `entries_by_spiffe_id`; [`SledStore::open`] drops them. Their
-//! keys were random across the tree, and sled rewrote a leaf for every few of them: the two
-//! took a third of the store on disk for 100,000 entries (see BENCHMARKS.md), and sled reads
-//! all of it back at every start.
+//! Entries have no index on disk. A filtered listing walks the `entries` tree, and the entry
+//! cache keeps the indexes by parent and by SPIFFE ID in memory for what must be fast
+//! (authorizing agents and workloads). The uniqueness index (SHA-256 of an entry's SPIFFE ID,
+//! parent and selectors, to the entry's id; [`NewEntry::identity_key`]) is held in memory by
+//! the store itself: the first snapshot of the entries builds it from its scan (a server's
+//! start takes that snapshot), or else the first entry write does, and every entry write checks
+//! and updates it under its lock. Earlier layouts kept these indexes as the trees
+//! `entries_by_parent`, `entries_by_spiffe_id` (layout 1) and `entries_by_identity` (layout 2);
+//! [`SledStore::open`] drops them. Their keys were random across each tree, and sled rewrote
+//! a leaf for every few of them: for 100,000 entries the first two took a third of the store on
+//! disk and the third with the random entry ids of those builds about as much again (see
+//! BENCHMARKS.md), and sled reads all of it back at every start. Entry ids are time-ordered
+//! ([`EntryId`]), so new entries go to the end of the `entries` tree.
 //!
 //! An audit append is one sled transaction over `audit` and `audit_head`: it reads the head,
 //! seals each record after it (sequence, time, hashes; see [`crate::audit`]), inserts them and
@@ -49,9 +54,10 @@
 //! into transactions of `AUDIT_CHUNK` records, all covered by one flush. Record times never
 //! decrease along the chain, so a `since` filter starts with a binary search over sequences.
 //!
-//! Every entry mutation is one sled transaction over the four entry trees: it reads and bumps the
-//! revision counter, updates the entry and its uniqueness index, writes the [`Change`] under the new
-//! revision and removes the change that falls out of the retention window. sled 0.34 runs
+//! Every entry mutation is one sled transaction over the entry trees, made while holding the
+//! uniqueness index's lock: it checks the index, reads and bumps the revision counter, updates
+//! the entry, writes the [`Change`] under the new revision and removes the change that falls
+//! out of the retention window; once it commits, the index takes its changes. sled 0.34 runs
 //! transactions one at a time and applies each atomically with respect to every other read and
 //! write, so revisions are gap-free and follow commit order.
 //!
@@ -150,13 +156,18 @@ mod tests;
 
 /// Trees that builds before the current layout wrote and this one drops when it opens the
 /// database (see "Layout" in the module docs).
-const DROPPED_TREES: [&str; 2] = ["entries_by_parent", "entries_by_spiffe_id"];
+const DROPPED_TREES: [&str; 3] = [
+    "entries_by_parent",
+    "entries_by_spiffe_id",
+    "entries_by_identity",
+];
 
 /// Key of the store's layout number in the `meta` tree (see "Layout" in the module docs).
 const LAYOUT_KEY: &[u8] = b"layout";
-/// The layout this build writes and the newest it reads: 2, no entry index trees by parent or
-/// by SPIFFE ID. Layout 1, unnumbered, is that of every build before the number.
-pub(crate) const LAYOUT: u64 = 2;
+/// The layout this build writes and the newest it reads: 3, no uniqueness index of entries on
+/// disk. Layout 2 had one (`entries_by_identity`), and no entry index trees by parent or by
+/// SPIFFE ID; layout 1, unnumbered, is that of every build before the number.
+pub(crate) const LAYOUT: u64 = 3;
 /// Key of the revision counter in the `meta` tree.
 const REVISION_KEY: &[u8] = b"revision";
 /// Key of the last CRL number handed out, in the `meta` tree.
@@ -199,13 +210,15 @@ struct Inner {
     flusher: Mutex<Option<JoinHandle<()>>>,
     /// How long each wait for a durable flush took.
     commits: Histogram,
+    /// The uniqueness index of entries; `None` until the first snapshot or entry write builds
+    /// it (see "Layout" in the module docs). Its lock is held by every entry write.
+    identities: Mutex<Option<entries::Identities>>,
 }
 
 /// The database's trees.
 #[derive(Clone)]
 struct Trees {
     entries: Tree,
-    by_identity: Tree,
     changes: Tree,
     meta: Tree,
     nodes: Tree,
@@ -267,7 +280,7 @@ impl SledStore {
             if db.drop_tree(name)? {
                 tracing::info!(
                     tree = name,
-                    "dropped an entry index of an earlier build: filtered listings walk the entries"
+                    "dropped an entry index of an earlier build: this build keeps none on disk"
                 );
             }
         }
@@ -316,6 +329,7 @@ impl SledStore {
                 group,
                 flusher: Mutex::new(Some(handle)),
                 commits: latency_histogram(),
+                identities: Mutex::new(None),
             }),
         })
     }
@@ -1095,7 +1109,6 @@ impl Trees {
     fn open(db: &Db) -> Result<Self, StoreError> {
         Ok(Self {
             entries: db.open_tree("entries")?,
-            by_identity: db.open_tree("entries_by_identity")?,
             changes: db.open_tree("changes")?,
             meta: db.open_tree("meta")?,
             nodes: db.open_tree("nodes")?,

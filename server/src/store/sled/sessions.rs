@@ -85,7 +85,7 @@ impl Inner {
                     {
                         let revision = tx.next_revision()?;
                         tx.entries.remove(entry_id.as_str())?;
-                        tx.unindex(&entry)?;
+                        tx.unindex(&entry);
                         tx.record(Change {
                             revision,
                             kind: ChangeKind::EntryDeleted(entry),

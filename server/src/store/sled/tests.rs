@@ -83,6 +83,50 @@ fn a_scan_in_parts_reads_every_record_once_in_key_order() {
     }
 }
 
+/// Time-ordered ids all begin with the same digits: the scan's parts are spread between the
+/// first and last ids, so each reads about its share (split by first digit, one part would
+/// read them all and the start-up's scan would run on one core).
+#[test]
+fn a_scan_of_time_ordered_ids_is_split_evenly() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = ::sled::open(dir.path()).unwrap();
+    let tree = db.open_tree("entries").unwrap();
+    let at = SystemTime::now();
+    for n in 0..1_000u64 {
+        let id = EntryId::generate_at(at + Duration::from_millis(n)).unwrap();
+        tree.insert(id.as_str(), b"".to_vec()).unwrap();
+    }
+    for parts in [2, 4] {
+        let starts = entries::part_starts(&tree, parts).unwrap();
+        assert_eq!(starts.len(), parts - 1);
+        let mut bounds: Vec<Bound<Vec<u8>>> = vec![Bound::Unbounded];
+        bounds.extend(starts.into_iter().map(Bound::Included));
+        bounds.push(Bound::Unbounded);
+        let sizes: Vec<usize> = bounds
+            .windows(2)
+            .map(|pair| {
+                let end = match &pair[1] {
+                    Bound::Included(key) => Bound::Excluded(key.clone()),
+                    other => other.clone(),
+                };
+                tree.range::<Vec<u8>, _>((pair[0].clone(), end)).count()
+            })
+            .collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 1_000);
+        let share = 1_000 / parts;
+        assert!(
+            sizes.iter().all(|&size| size.abs_diff(share) <= share / 5),
+            "{parts} parts of {sizes:?}"
+        );
+    }
+    // One id, or none: one part.
+    let one = db.open_tree("one").unwrap();
+    assert!(entries::part_starts(&one, 4).unwrap().is_empty());
+    one.insert(EntryId::generate().unwrap().as_str(), b"".to_vec())
+        .unwrap();
+    assert!(entries::part_starts(&one, 4).unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn passes_the_conformance_suite() {
     conformance::run_all(|config: TestConfig| async move {
@@ -344,6 +388,11 @@ async fn the_entry_indexes_of_an_earlier_layout_are_dropped_at_open() {
                 tree.insert(key.as_bytes(), Vec::new()).unwrap();
             }
         }
+        // And layout 2's uniqueness index: identity key to entry id.
+        let tree = db.open_tree("entries_by_identity").unwrap();
+        for e in [&a, &b] {
+            tree.insert(&e.identity_key()[..], e.id.as_str()).unwrap();
+        }
         db.flush().unwrap();
         assert!(db.tree_names().iter().any(|n| n == b"entries_by_parent"));
     }
@@ -379,6 +428,68 @@ async fn the_entry_indexes_of_an_earlier_layout_are_dropped_at_open() {
         );
     }
     assert!(names.iter().any(|n| n == b"entries"));
+    // Without its tree, uniqueness still holds: the index is rebuilt from the entries.
+    let store = open(dir.path());
+    assert!(matches!(
+        store.create_entry(entry("a")).await,
+        Err(StoreError::AlreadyExists { key, .. }) if key == a.id.as_str()
+    ));
+}
+
+/// The uniqueness index lives in memory: after a restart it is rebuilt from the entries
+/// whichever comes first, a snapshot or a write, with what was freed before the restart free
+/// and what was taken still taken; concurrent creations of one identity leave one entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn uniqueness_holds_across_a_restart_whoever_builds_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = {
+        let store = open(dir.path());
+        let a = store.create_entry(entry("a")).await.unwrap();
+        let b = store.create_entry(entry("b")).await.unwrap();
+        let c = store.create_entry(entry("c")).await.unwrap();
+        store.delete_entry(&c.id).await.unwrap();
+        // b moves to the identity of "b2": "b" is free, "b2" taken.
+        let b = store.update_entry(&b.id, entry("b2")).await.unwrap();
+        (a, b)
+    };
+    let taken = |result: Result<RegistrationEntry, StoreError>, holder: &RegistrationEntry| matches!(result, Err(StoreError::AlreadyExists { key, .. }) if key == holder.id.as_str());
+    {
+        // A snapshot first (as a server's start does).
+        let store = open(dir.path());
+        let snapshot = store.snapshot_entries().await.unwrap();
+        assert_eq!(snapshot.entries.len(), 2);
+        assert_eq!(snapshot.revision, store.current_revision().await.unwrap());
+        assert!(taken(store.create_entry(entry("a")).await, &a));
+        assert!(taken(store.create_entry(entry("b2")).await, &b));
+        let c = store.create_entry(entry("c")).await.unwrap();
+        // Later snapshots see the write (they no longer build the index).
+        assert_eq!(store.snapshot_entries().await.unwrap().entries.len(), 3);
+        store.delete_entry(&c.id).await.unwrap();
+    }
+    let store = open(dir.path());
+    // A write first.
+    assert!(taken(store.create_entry(entry("b2")).await, &b));
+    let b_again = store.create_entry(entry("b")).await.unwrap();
+    assert!(taken(store.create_entry(entry("a")).await, &a));
+    // A failed write changes nothing in the index: "a" still holds its identity, "b" too.
+    assert!(taken(store.update_entry(&b_again.id, entry("a")).await, &a));
+    assert!(taken(store.create_entry(entry("b")).await, &b_again));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.create_entry(entry("x")).await })
+        })
+        .collect();
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => created += 1,
+            Err(StoreError::AlreadyExists { .. }) => {}
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert_eq!(created, 1);
+    assert_eq!(store.snapshot_entries().await.unwrap().entries.len(), 4);
 }
 
 /// The error [`SledStore::open`] gives for `dir` once no store of this process holds it.
