@@ -1677,8 +1677,8 @@ mod tests {
             .create_entry(new_entry("spiffe://example.org/two", AGENT))
             .await
             .unwrap();
-        let good = store.swap_raw_change(2, b"not json").unwrap();
         store.delete_entry(&deleted.id).await.unwrap();
+        let good = store.swap_raw_change(2, b"not json").unwrap();
         let (stop_tx, stop_rx) = watch::channel(false);
         let follower = tokio::spawn(cache.clone().run(stop_rx));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

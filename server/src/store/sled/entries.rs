@@ -5,12 +5,13 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
+use std::sync::mpsc;
 use std::time::SystemTime;
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
-use ::sled::{Transactional, Tree};
+use ::sled::{IVec, Transactional, Tree};
 
-use super::record::{decode_change, decode_entry, encode_change, encode_entry};
+use super::record::{StoredChange, decode_change, decode_entry, encode_change, encode_entry};
 use super::{
     Inner, PageCollector, REVISION_KEY, decode_u64, lock, read_revision, transaction_error,
 };
@@ -27,8 +28,10 @@ pub(super) const BATCH_CHUNK: usize = 1_000;
 ///
 /// [`Store::snapshot_entries`]: crate::store::Store::snapshot_entries
 const SNAPSHOT_ATTEMPTS: usize = 3;
-/// At most this many threads read the `entries` tree for a snapshot ([`scan_entries`]).
+/// At most this many threads decode the `entries` tree for a snapshot ([`scan_entries`]).
 const SCAN_THREADS: usize = 4;
+/// Records per chunk handed to a decoding thread by [`scan_entries`].
+const SCAN_CHUNK: usize = 256;
 
 /// Entry ids by uniqueness key ([`NewEntry::identity_key`]) of every entry in the store: the
 /// uniqueness index, held in memory (see "Layout" in the `sled` module docs).
@@ -119,10 +122,17 @@ impl Inner {
     /// Every entry, read while the caller holds the index's lock (so no entry changes
     /// meanwhile), and the uniqueness index built from them.
     fn scan_under_lock(&self) -> Result<(Vec<RegistrationEntry>, Identities), StoreError> {
-        let entries = scan_entries(&self.trees.entries)?;
-        let identities = entries
-            .iter()
-            .map(|entry| (entry.identity_key(), entry.id.clone()))
+        // Each key hashed on the thread that decoded its entry: a start-up waits for this.
+        let keyed = scan_entries_in(&self.trees.entries, scan_parts(), SCAN_CHUNK, |entry| {
+            (entry.identity_key(), entry)
+        })?;
+        let mut identities = Identities::with_capacity(keyed.len());
+        let entries = keyed
+            .into_iter()
+            .map(|(key, entry)| {
+                identities.insert(key, entry.id.clone());
+                entry
+            })
             .collect();
         Ok((entries, identities))
     }
@@ -145,10 +155,6 @@ impl Inner {
                 let revision = tx.next_revision()?;
                 let entry = RegistrationEntry::from_new(id.clone(), new.clone(), now, revision);
                 tx.put(&entry, &identity)?;
-                tx.record(Change {
-                    revision,
-                    kind: ChangeKind::EntryUpserted(entry.clone()),
-                })?;
                 results.push(Ok(entry));
             }
             Ok(results)
@@ -177,12 +183,8 @@ impl Inner {
             let revision = tx.next_revision()?;
             let entry =
                 RegistrationEntry::from_new(id.clone(), new.clone(), old.created_at, revision);
-            tx.unindex(&old);
+            tx.replace(&old)?;
             tx.put(&entry, &identity)?;
-            tx.record(Change {
-                revision,
-                kind: ChangeKind::EntryUpserted(entry.clone()),
-            })?;
             Ok(entry)
         })
     }
@@ -191,12 +193,12 @@ impl Inner {
         self.entry_tx(|tx| {
             let old = tx.get(id)?.ok_or_else(|| entry_not_found(id))?;
             let revision = tx.next_revision()?;
+            tx.replace(&old)?;
             tx.entries.remove(id.as_str())?;
-            tx.unindex(&old);
-            tx.record(Change {
+            tx.record(&StoredChange::Change(Change {
                 revision,
                 kind: ChangeKind::EntryDeleted(old.clone()),
-            })?;
+            }))?;
             Ok(old)
         })
     }
@@ -305,7 +307,8 @@ impl Inner {
         Err(StoreError::SnapshotUnavailable)
     }
 
-    /// Up to `limit` retained changes in `after+1 ..= through`, oldest first.
+    /// Up to `limit` retained changes in `after+1 ..= through`, oldest first (fewer if one is
+    /// pruned while they are read: those read are still the first ones, without a gap).
     pub(super) fn read_changes(
         &self,
         after: u64,
@@ -316,12 +319,58 @@ impl Inner {
             return Ok(Vec::new());
         }
         let range = (after + 1).to_be_bytes()..=through.to_be_bytes();
-        self.trees
-            .changes
-            .range(range)
-            .take(limit)
-            .map(|item| decode_change(&item?.1))
-            .collect()
+        let mut changes = Vec::new();
+        for item in self.trees.changes.range(range).take(limit) {
+            let (key, value) = item?;
+            match self.resolve(&key, decode_change(&value)?)? {
+                Some(change) => changes.push(change),
+                None => break,
+            }
+        }
+        Ok(changes)
+    }
+
+    /// The change `stored`, the record under `key` in `changes`, stands for; `None` if it was
+    /// pruned meanwhile.
+    ///
+    /// A [`StoredChange::Current`] is read with the entry's record. Reading both is not one
+    /// atomic read: if the entry's record is no longer at the change's revision, a transaction
+    /// replaced or removed it since the change was read, and that same transaction wrote the
+    /// change again in full, so the change is read again.
+    pub(super) fn resolve(
+        &self,
+        key: &[u8],
+        stored: StoredChange,
+    ) -> Result<Option<Change>, StoreError> {
+        let mut stored = stored;
+        // The second pass reads a change written again in full; a reference still there then
+        // is not what any transaction writes.
+        for _ in 0..2 {
+            let (revision, id) = match stored {
+                StoredChange::Change(change) => return Ok(Some(change)),
+                StoredChange::Current { revision, id } => (revision, id),
+            };
+            if let Some(bytes) = self.trees.entries.get(id.as_str())? {
+                let entry = decode_entry(&bytes)?;
+                if entry.revision == revision {
+                    return Ok(Some(Change {
+                        revision,
+                        kind: ChangeKind::EntryUpserted(entry),
+                    }));
+                }
+            }
+            stored = match self.trees.changes.get(key)? {
+                Some(bytes) => decode_change(&bytes)?,
+                None => return Ok(None),
+            };
+        }
+        Err(StoreError::Corrupt {
+            what: "change",
+            reason: format!(
+                "the change at revision {} names an entry whose record is not at that revision",
+                super::decode_u64(key).unwrap_or_default()
+            ),
+        })
     }
 }
 
@@ -342,10 +391,6 @@ impl EntryTx<'_> {
         let revision = self.next_revision()?;
         let entry = RegistrationEntry::from_new(id.clone(), new.clone(), now, revision);
         self.put(&entry, &identity)?;
-        self.record(Change {
-            revision,
-            kind: ChangeKind::EntryUpserted(entry.clone()),
-        })?;
         Ok(entry)
     }
 
@@ -365,11 +410,14 @@ impl EntryTx<'_> {
     }
 
     /// Writes the change and drops the one that leaves the retention window.
-    pub(super) fn record(&self, change: Change) -> TxResult<()> {
-        let value = encode_change(&change).map_err(ConflictableTransactionError::Abort)?;
-        self.changes
-            .insert(&change.revision.to_be_bytes()[..], value)?;
-        if let Some(expired) = change.revision.checked_sub(self.retention) {
+    pub(super) fn record(&self, change: &StoredChange) -> TxResult<()> {
+        let value = encode_change(change).map_err(ConflictableTransactionError::Abort)?;
+        let revision = match change {
+            StoredChange::Change(change) => change.revision,
+            StoredChange::Current { revision, .. } => *revision,
+        };
+        self.changes.insert(&revision.to_be_bytes()[..], value)?;
+        if let Some(expired) = revision.checked_sub(self.retention) {
             self.changes.remove(&expired.to_be_bytes()[..])?;
         }
         Ok(())
@@ -402,18 +450,38 @@ impl EntryTx<'_> {
         })
     }
 
+    /// Writes `entry`, its uniqueness key and its change (the upsert at its revision, which
+    /// names the record just written: [`StoredChange::Current`]).
     fn put(&self, entry: &RegistrationEntry, identity: &[u8; 32]) -> TxResult<()> {
         let value = encode_entry(entry).map_err(ConflictableTransactionError::Abort)?;
         self.entries.insert(entry.id.as_str(), value)?;
         self.edits
             .borrow_mut()
             .insert(*identity, Some(entry.id.clone()));
-        Ok(())
+        self.record(&StoredChange::Current {
+            revision: entry.revision,
+            id: entry.id.clone(),
+        })
     }
 
-    /// Frees `entry`'s uniqueness key (it is deleted, or about to be put again).
-    pub(super) fn unindex(&self, entry: &RegistrationEntry) {
-        self.edits.borrow_mut().insert(entry.identity_key(), None);
+    /// `old`, the entry's record, is about to be replaced or removed: frees its uniqueness key
+    /// and, if the change feed still holds the change that wrote it (at its revision) other
+    /// than in full, writes that change again with the entry in full. (A record there that
+    /// does not decode is that change too, damaged: it is written again as well.)
+    pub(super) fn replace(&self, old: &RegistrationEntry) -> TxResult<()> {
+        self.edits.borrow_mut().insert(old.identity_key(), None);
+        let key = old.revision.to_be_bytes();
+        if let Some(bytes) = self.changes.get(key)?
+            && !matches!(decode_change(&bytes), Ok(StoredChange::Change(_)))
+        {
+            let full = StoredChange::Change(Change {
+                revision: old.revision,
+                kind: ChangeKind::EntryUpserted(old.clone()),
+            });
+            let value = encode_change(&full).map_err(ConflictableTransactionError::Abort)?;
+            self.changes.insert(&key[..], value)?;
+        }
+        Ok(())
     }
 }
 
@@ -421,96 +489,100 @@ impl EntryTx<'_> {
 
 /// Every record of the `entries` tree, decoded, in key (id) order.
 ///
-/// The tree is read in parts of about equal size, each decoded on a thread of its own, one per
-/// core (at most [`SCAN_THREADS`]; a server's start-up waits for this scan of every entry).
-/// Each key is read by exactly one part, so the parts together are a scan as "Consistent
-/// snapshots" describes.
+/// One thread reads the tree in order and hands its records out in chunks of
+/// [`SCAN_CHUNK`], round robin, to itself and to threads that decode them, one per core in
+/// all (at most [`SCAN_THREADS`]; a server's start-up waits for this scan of every entry).
+/// However the keys are spread (time-ordered ids of one burst, random ids of earlier builds),
+/// each thread decodes its share. It is one scan of the tree, as "Consistent snapshots"
+/// describes.
 fn scan_entries(tree: &Tree) -> Result<Vec<RegistrationEntry>, StoreError> {
-    let parts = std::thread::available_parallelism().map_or(1, usize::from);
-    scan_entries_in(tree, parts)
+    scan_entries_in(tree, scan_parts(), SCAN_CHUNK, |entry| entry)
 }
 
-/// [`scan_entries`] in `parts` parts (clamped to 1 ..= [`SCAN_THREADS`]).
-pub(super) fn scan_entries_in(
+/// How many threads [`scan_entries`] decodes on: one per core.
+fn scan_parts() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// [`scan_entries`] on `threads` threads (clamped to 1 ..= [`SCAN_THREADS`]) in chunks of
+/// `chunk` records, each entry passed through `each` on the thread that decoded it.
+pub(super) fn scan_entries_in<T: Send>(
     tree: &Tree,
-    parts: usize,
-) -> Result<Vec<RegistrationEntry>, StoreError> {
-    let starts = part_starts(tree, parts.clamp(1, SCAN_THREADS))?;
-    let parts = starts.len() + 1;
-    // Part `k` starts at `starts[k - 1]` and ends where part `k + 1` starts; the first part
-    // starts before every key and the last one ends after every key, whatever its form.
-    let range = |k: usize| {
-        let start = match k.checked_sub(1).and_then(|previous| starts.get(previous)) {
-            None => Bound::Unbounded,
-            Some(start) => Bound::Included(start.clone()),
-        };
-        let end = match starts.get(k) {
-            None => Bound::Unbounded,
-            Some(next) => Bound::Excluded(next.clone()),
-        };
-        (start, end)
-    };
-    let decode_part = |k: usize| -> Result<Vec<RegistrationEntry>, StoreError> {
-        tree.range::<Vec<u8>, _>(range(k))
-            .map(|item| decode_entry(&item?.1))
+    threads: usize,
+    chunk: usize,
+    each: impl Fn(RegistrationEntry) -> T + Sync,
+) -> Result<Vec<T>, StoreError> {
+    type Decoded<T> = Vec<(usize, Vec<T>)>;
+    let chunk = chunk.max(1);
+    let decode = |records: Vec<IVec>| -> Result<Vec<T>, StoreError> {
+        records
+            .iter()
+            .map(|record| decode_entry(record).map(&each))
             .collect()
     };
     std::thread::scope(|scope| {
-        // A part whose thread cannot be started is read on this thread, after part 0.
-        let others: Vec<_> = (1..parts)
-            .map(|k| {
-                std::thread::Builder::new()
-                    .name("sigil-store-scan".to_owned())
-                    .spawn_scoped(scope, move || decode_part(k))
-                    .map_err(|_| k)
-            })
-            .collect();
-        let mut entries = decode_part(0)?;
-        for other in others {
-            let part = match other {
-                Ok(thread) => thread.join().map_err(|panic| {
-                    StoreError::Io(std::io::Error::other(format!(
-                        "an entry scan thread panicked: {}",
-                        super::pool::panic_message(&*panic)
-                    )))
-                })?,
-                Err(k) => decode_part(k),
-            };
-            entries.extend(part?);
+        // Fewer decoding threads if one cannot be started: this thread decodes the rest.
+        let mut workers = Vec::new();
+        for _ in 1..threads.clamp(1, SCAN_THREADS) {
+            let (send, receive) = mpsc::channel::<(usize, Vec<IVec>)>();
+            let decode = &decode;
+            let spawned = std::thread::Builder::new()
+                .name("sigil-store-scan".to_owned())
+                .spawn_scoped(scope, move || -> Result<Decoded<T>, StoreError> {
+                    receive
+                        .into_iter()
+                        .map(|(n, records)| Ok((n, decode(records)?)))
+                        .collect()
+                });
+            match spawned {
+                Ok(handle) => workers.push((send, handle)),
+                Err(_) => break,
+            }
         }
-        Ok(entries)
+        let mut decoded: Decoded<T> = Vec::new();
+        let mut hand_out = |n: usize, records: Vec<IVec>| -> Result<(), StoreError> {
+            match n
+                .checked_rem(workers.len() + 1)
+                .and_then(|slot| slot.checked_sub(1))
+            {
+                Some(worker) => {
+                    // A worker that stopped on an error reports it when joined below.
+                    if let Some((send, _)) = workers.get(worker) {
+                        let _ = send.send((n, records));
+                    }
+                }
+                None => decoded.push((n, decode(records)?)),
+            }
+            Ok(())
+        };
+        let mut records = Vec::with_capacity(chunk);
+        let mut chunks = 0;
+        for item in tree.iter() {
+            records.push(item?.1);
+            if records.len() == chunk {
+                hand_out(
+                    chunks,
+                    std::mem::replace(&mut records, Vec::with_capacity(chunk)),
+                )?;
+                chunks += 1;
+            }
+        }
+        if !records.is_empty() {
+            hand_out(chunks, records)?;
+        }
+        for (send, handle) in workers {
+            drop(send);
+            let part = handle.join().map_err(|panic| {
+                StoreError::Io(std::io::Error::other(format!(
+                    "an entry scan thread panicked: {}",
+                    super::pool::panic_message(&*panic)
+                )))
+            })??;
+            decoded.extend(part);
+        }
+        decoded.sort_unstable_by_key(|(n, _)| *n);
+        Ok(decoded.into_iter().flat_map(|(_, part)| part).collect())
     })
-}
-
-/// Where each part of a scan in `parts` parts after the first starts, in increasing order.
-///
-/// Ids are hex, so the points are spread evenly between the numbers the tree's first and last
-/// keys spell (their first 32 hex digits): time-ordered ids are spread by when they were made,
-/// ids of earlier builds (random) over the whole range. A key of another form (none is written)
-/// splits the tree by its first hex digit instead. Either way every key falls in exactly one
-/// part; only how even the parts are depends on the keys.
-pub(super) fn part_starts(tree: &Tree, parts: usize) -> Result<Vec<Vec<u8>>, StoreError> {
-    if parts < 2 {
-        return Ok(Vec::new());
-    }
-    let (Some((first, _)), Some((last, _))) = (tree.first()?, tree.last()?) else {
-        return Ok(Vec::new());
-    };
-    let number = |key: &[u8]| {
-        let digits = std::str::from_utf8(key.get(..32)?).ok()?;
-        u128::from_str_radix(digits, 16).ok()
-    };
-    let Some((low, high)) = number(&first).zip(number(&last)) else {
-        let digit = |k: usize| vec![sigil_core::hex::DIGITS[16 * k / parts]];
-        return Ok((1..parts).map(digit).collect());
-    };
-    let step = high.saturating_sub(low) / parts as u128;
-    if step == 0 {
-        return Ok(Vec::new());
-    }
-    Ok((1..parts)
-        .map(|k| format!("{:032x}", low + step * k as u128).into_bytes())
-        .collect())
 }
 
 /// Removes every change older than the retention window (after a restart with a smaller one).

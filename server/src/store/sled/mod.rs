@@ -13,7 +13,7 @@
 //! | tree                   | key                               | value                          |
 //! |------------------------|-----------------------------------|--------------------------------|
 //! | `entries`              | entry id (32 hex chars)           | [`RegistrationEntry`]          |
-//! | `changes`              | revision, 8 bytes big-endian      | [`Change`]                     |
+//! | `changes`              | revision, 8 bytes big-endian      | [`Change`], or the entry's id  |
 //! | `meta`                 | `layout`, `revision`, `ca_journal[/server]`, `crl_number/authority` | u64 big-endian, opaque bytes |
 //! | `nodes`                | agent SPIFFE ID                   | [`AttestedNode`]               |
 //! | `join_tokens`          | token                             | [`JoinToken`]                  |
@@ -47,6 +47,15 @@
 //! disk and the third with the random entry ids of those builds about as much again (see
 //! BENCHMARKS.md), and sled reads all of it back at every start. Entry ids are time-ordered
 //! ([`EntryId`]), so new entries go to the end of the `entries` tree.
+//!
+//! The change feed holds an upsert as the entry's id alone while the entry's record in
+//! `entries` is still that upsert's version (`record::StoredChange::Current`): most changes
+//! are an entry's latest, and the feed then holds no second copy of it. The transaction that
+//! replaces or removes the record writes that change again with the entry in full, so a
+//! reference always names a record at its own revision; a reader that finds the record moved
+//! on (the two reads are not one atomic read) reads the change again, now in full. A deletion
+//! is always in full. Builds before layout 3 wrote every change in full, and those records are
+//! read as they are.
 //!
 //! An audit append is one sled transaction over `audit` and `audit_head`: it reads the head,
 //! seals each record after it (sequence, time, hashes; see [`crate::audit`]), inserts them and
@@ -165,7 +174,8 @@ const DROPPED_TREES: [&str; 3] = [
 /// Key of the store's layout number in the `meta` tree (see "Layout" in the module docs).
 const LAYOUT_KEY: &[u8] = b"layout";
 /// The layout this build writes and the newest it reads: 3, no uniqueness index of entries on
-/// disk. Layout 2 had one (`entries_by_identity`), and no entry index trees by parent or by
+/// disk, and changes that name the entry's record instead of holding a copy (which builds of
+/// layout 2 cannot read). Layout 2 had the index (`entries_by_identity`), and no entry index trees by parent or by
 /// SPIFFE ID; layout 1, unnumbered, is that of every build before the number.
 pub(crate) const LAYOUT: u64 = 3;
 /// Key of the revision counter in the `meta` tree.
@@ -436,7 +446,11 @@ impl SledStore {
             let trees = &inner.trees;
             let mut extras = SledExtras::default();
             for item in trees.changes.iter() {
-                extras.changes.push(record::decode_change(&item?.1)?);
+                let (key, value) = item?;
+                // (Nothing else writes the store during a migration: nothing is pruned.)
+                if let Some(change) = inner.resolve(&key, record::decode_change(&value)?)? {
+                    extras.changes.push(change);
+                }
             }
             for item in trees.join_tokens.iter() {
                 extras.join_tokens.push(decode("join token", &item?.1)?);

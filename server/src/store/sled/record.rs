@@ -66,15 +66,36 @@ struct EntryRecord {
     end: bool,
 }
 
-/// A [`Change`] as stored: the entry's version after an upsert, its last one for a deletion.
+/// A [`Change`] as stored: the entry's version after an upsert, its last one for a deletion;
+/// or, for an upsert whose version is still the entry's record in `entries`, only the entry's
+/// id ([`StoredChange::Current`]).
 #[derive(Clone, PartialEq, Message)]
 struct ChangeRecord {
     #[prost(uint64, tag = "1")]
     revision: u64,
     #[prost(bool, tag = "2")]
     deleted: bool,
+    /// Absent in a record of [`StoredChange::Current`].
     #[prost(message, optional, tag = "3")]
     entry: Option<EntryRecord>,
+    /// Set only in a record of [`StoredChange::Current`].
+    #[prost(string, tag = "4")]
+    current_entry_id: String,
+}
+
+/// A record of the change feed as stored.
+// Decoded and consumed at once, never kept in numbers: not worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum StoredChange {
+    /// The change with its entry.
+    Change(Change),
+    /// The upsert of entry `id` at `revision`, whose version is the entry's record in
+    /// `entries` (whose own revision is `revision`). When that record is replaced or removed,
+    /// the same transaction writes the change again as [`StoredChange::Change`], so a record
+    /// of this kind always names a record at its revision. (Changes are most often the
+    /// entry's latest version: the feed holds them without a second copy of the entry.)
+    Current { revision: u64, id: EntryId },
 }
 
 /// An [`AuditRecord`] as stored (its `hash` covers its canonical encoding, not this one).
@@ -129,37 +150,61 @@ pub(super) fn decode_entry(bytes: &[u8]) -> Result<RegistrationEntry, StoreError
 }
 
 /// The record of a change of the feed.
-pub(super) fn encode_change(change: &Change) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode_change(change: &StoredChange) -> Result<Vec<u8>, StoreError> {
     const WHAT: &str = "change";
-    let (deleted, entry) = match &change.kind {
-        ChangeKind::EntryUpserted(entry) => (false, entry),
-        ChangeKind::EntryDeleted(entry) => (true, entry),
-    };
-    Ok(versioned(&ChangeRecord {
-        revision: change.revision,
-        deleted,
-        entry: Some(EntryRecord::of(entry, WHAT)?),
+    Ok(versioned(&match change {
+        StoredChange::Change(change) => {
+            let (deleted, entry) = match &change.kind {
+                ChangeKind::EntryUpserted(entry) => (false, entry),
+                ChangeKind::EntryDeleted(entry) => (true, entry),
+            };
+            ChangeRecord {
+                revision: change.revision,
+                deleted,
+                entry: Some(EntryRecord::of(entry, WHAT)?),
+                current_entry_id: String::new(),
+            }
+        }
+        StoredChange::Current { revision, id } => ChangeRecord {
+            revision: *revision,
+            deleted: false,
+            entry: None,
+            current_entry_id: id.to_string(),
+        },
     }))
 }
 
-/// A change record, binary or JSON.
-pub(super) fn decode_change(bytes: &[u8]) -> Result<Change, StoreError> {
+/// A change record, binary or JSON (which is always a [`StoredChange::Change`]).
+pub(crate) fn decode_change(bytes: &[u8]) -> Result<StoredChange, StoreError> {
     const WHAT: &str = "change";
-    by_form(WHAT, bytes, |message| {
+    let binary = |message: &[u8]| {
         let record = ChangeRecord::decode(message).map_err(|error| corrupt(WHAT, error))?;
-        let entry = record
-            .entry
-            .ok_or_else(|| corrupt(WHAT, "no entry"))?
-            .into_entry(WHAT)?;
-        Ok(Change {
-            revision: record.revision,
-            kind: if record.deleted {
-                ChangeKind::EntryDeleted(entry)
-            } else {
-                ChangeKind::EntryUpserted(entry)
-            },
-        })
-    })
+        match (record.entry, record.current_entry_id.as_str()) {
+            (Some(entry), "") => {
+                let entry = entry.into_entry(WHAT)?;
+                Ok(StoredChange::Change(Change {
+                    revision: record.revision,
+                    kind: if record.deleted {
+                        ChangeKind::EntryDeleted(entry)
+                    } else {
+                        ChangeKind::EntryUpserted(entry)
+                    },
+                }))
+            }
+            (None, id) if !id.is_empty() && !record.deleted => Ok(StoredChange::Current {
+                revision: record.revision,
+                id: EntryId::parse(id).map_err(|error| corrupt(WHAT, error))?,
+            }),
+            (None, "") => Err(corrupt(WHAT, "no entry")),
+            _ => Err(corrupt(WHAT, "both an entry and a current entry's id")),
+        }
+    };
+    // `by_form`, with the binary form's two kinds.
+    match bytes.split_first() {
+        Some((&PROTOBUF_V1, message)) => binary(message),
+        Some((&JSON_OBJECT, _)) => super::decode(WHAT, bytes).map(StoredChange::Change),
+        _ => Err(unknown_form(WHAT, bytes)),
+    }
 }
 
 /// The record of a sealed audit record.
@@ -467,17 +512,57 @@ mod tests {
                 kind: ChangeKind::EntryDeleted(entry.clone()),
             },
         ] {
+            let json = serde_json::to_vec(&change).unwrap();
+            let change = StoredChange::Change(change);
             let binary = encode_change(&change).unwrap();
             assert_eq!(binary[0], PROTOBUF_V1);
             assert_eq!(decode_change(&binary).unwrap(), change);
-            let json = serde_json::to_vec(&change).unwrap();
             assert_eq!(decode_change(&json).unwrap(), change);
         }
-        // An entry record is not a change record.
-        assert!(matches!(
-            decode_change(&encode_entry(&entry).unwrap()),
-            Err(StoreError::Corrupt { what: "change", .. })
-        ));
+        // The upsert that names the entry's record: the id and revision alone, a fraction of
+        // the full change.
+        let current = StoredChange::Current {
+            revision: 44,
+            id: entry.id.clone(),
+        };
+        let binary = encode_change(&current).unwrap();
+        assert_eq!(decode_change(&binary).unwrap(), current);
+        assert!(binary.len() <= 40, "{} B", binary.len());
+        // An entry record is not a change record, nor is a record with neither or both forms,
+        // or a deletion by reference.
+        let neither = versioned(&ChangeRecord {
+            revision: 45,
+            ..ChangeRecord::default()
+        });
+        let both = versioned(&ChangeRecord {
+            revision: 46,
+            entry: Some(EntryRecord::of(&entry, "change").unwrap()),
+            current_entry_id: entry.id.to_string(),
+            ..ChangeRecord::default()
+        });
+        let deleted = versioned(&ChangeRecord {
+            revision: 47,
+            deleted: true,
+            current_entry_id: entry.id.to_string(),
+            ..ChangeRecord::default()
+        });
+        let bad_id = versioned(&ChangeRecord {
+            revision: 48,
+            current_entry_id: "not an id".to_owned(),
+            ..ChangeRecord::default()
+        });
+        for bytes in [
+            encode_entry(&entry).unwrap(),
+            neither,
+            both,
+            deleted,
+            bad_id,
+        ] {
+            assert!(matches!(
+                decode_change(&bytes),
+                Err(StoreError::Corrupt { what: "change", .. })
+            ));
+        }
     }
 
     /// Damaged or foreign bytes are a clear error, never a panic or an entry that could not
@@ -556,9 +641,14 @@ mod tests {
         let entry = entry_with_every_field();
         let records = [
             encode_entry(&entry).unwrap(),
-            encode_change(&Change {
+            encode_change(&StoredChange::Change(Change {
                 revision: 9,
                 kind: ChangeKind::EntryUpserted(entry.clone()),
+            }))
+            .unwrap(),
+            encode_change(&StoredChange::Current {
+                revision: 10,
+                id: entry.id.clone(),
             })
             .unwrap(),
             encode_audit(&sealed_audit_record()).unwrap(),
@@ -596,15 +686,28 @@ mod tests {
                 binary.len()
             );
         }
-        let change = encode_change(&Change {
+        let change = encode_change(&StoredChange::Change(Change {
             revision: 42,
             kind: ChangeKind::EntryDeleted(entry.clone()),
-        })
+        }))
         .unwrap();
         for len in 0..change.len() {
             assert!(
                 decode_change(&change[..len]).is_err(),
                 "change cut at {len}"
+            );
+        }
+        // A reference cut inside its id no longer names an id. (Cut before its id, it is a
+        // record with neither form; cut after the version byte only, one with no entry.)
+        let current = encode_change(&StoredChange::Current {
+            revision: 43,
+            id: entry.id.clone(),
+        })
+        .unwrap();
+        for len in 0..current.len() {
+            assert!(
+                decode_change(&current[..len]).is_err(),
+                "reference cut at {len}"
             );
         }
         let audit = encode_audit(&sealed_audit_record()).unwrap();
@@ -650,10 +753,29 @@ mod tests {
         let change = sigil_core::hex::decode(CHANGE_V1).unwrap();
         assert_eq!(
             decode_change(&change).unwrap(),
-            Change {
+            StoredChange::Change(Change {
                 revision: 8,
                 kind: ChangeKind::EntryDeleted(expected.clone()),
-            }
+            })
+        );
+        // An upsert naming the entry's record: revision 9 (field 1), the id (field 4).
+        let current = StoredChange::Current {
+            revision: 9,
+            id: expected.id.clone(),
+        };
+        let bytes = concat!(
+            "01",
+            "0809",
+            "2220",
+            "3030313132323333343435353636373738383939616162626363646465656666"
+        );
+        assert_eq!(
+            decode_change(&sigil_core::hex::decode(bytes).unwrap()).unwrap(),
+            current
+        );
+        assert_eq!(
+            sigil_core::hex::encode(&encode_change(&current).unwrap()),
+            bytes
         );
         // JSON as builds before the binary form wrote it (no session or federation fields:
         // they were left out when unset).

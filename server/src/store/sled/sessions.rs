@@ -7,6 +7,7 @@ use ::sled::IVec;
 use ::sled::transaction::ConflictableTransactionError;
 
 use super::entries::{EntryTx, TxResult};
+use super::record::StoredChange;
 use super::{Inner, PageCollector, decode, encode, page_start, transaction_error};
 use crate::audit::NewAuditRecord;
 use crate::store::{
@@ -84,12 +85,12 @@ impl Inner {
                         && let Some(entry) = tx.get(entry_id)?
                     {
                         let revision = tx.next_revision()?;
+                        tx.replace(&entry)?;
                         tx.entries.remove(entry_id.as_str())?;
-                        tx.unindex(&entry);
-                        tx.record(Change {
+                        tx.record(&StoredChange::Change(Change {
                             revision,
                             kind: ChangeKind::EntryDeleted(entry),
-                        })?;
+                        }))?;
                     }
                 }
             }

@@ -6,6 +6,7 @@ use sigil_core::{Selector, SelectorSet};
 
 use super::*;
 use crate::store::conformance::{self, TestConfig};
+use crate::store::sled::record::StoredChange;
 use crate::store::{Change, ChangeKind};
 
 /// Set (to a store directory) in the child process of the crash test.
@@ -46,10 +47,11 @@ fn entry(name: &str) -> NewEntry {
     )
 }
 
-/// The parts of a snapshot's scan together read every record of `entries` once, in key order,
-/// whatever the keys (the tree's ids are hex; these keys are not all) and however many parts.
+/// A snapshot's scan reads every record of `entries` once, in key order, whatever the keys (the
+/// tree's ids are hex; these keys are not all), however many threads decode and in whatever
+/// chunks.
 #[test]
-fn a_scan_in_parts_reads_every_record_once_in_key_order() {
+fn a_scan_reads_every_record_once_in_key_order() {
     let dir = tempfile::tempdir().unwrap();
     let db = ::sled::open(dir.path()).unwrap();
     let tree = db.open_tree("entries").unwrap();
@@ -66,65 +68,53 @@ fn a_scan_in_parts_reads_every_record_once_in_key_order() {
             .unwrap();
         expected.push(record);
     }
-    for parts in 0..=6 {
-        assert_eq!(
-            entries::scan_entries_in(&tree, parts).unwrap(),
-            expected,
-            "{parts} parts"
-        );
+    for threads in 0..=6 {
+        for chunk in [0, 1, 2, 3, 256] {
+            assert_eq!(
+                entries::scan_entries_in(&tree, threads, chunk, |entry| entry).unwrap(),
+                expected,
+                "{threads} threads, chunks of {chunk}"
+            );
+        }
     }
-    // A record that does not decode fails the scan, whichever part reads it.
+    // A record that does not decode fails the scan, whichever thread decodes it.
     tree.insert(b"c", b"{".to_vec()).unwrap();
-    for parts in 1..=4 {
-        assert!(matches!(
-            entries::scan_entries_in(&tree, parts),
-            Err(StoreError::Corrupt { what: "entry", .. })
-        ));
+    for threads in 1..=4 {
+        for chunk in 1..=4 {
+            assert!(matches!(
+                entries::scan_entries_in(&tree, threads, chunk, |entry| entry),
+                Err(StoreError::Corrupt { what: "entry", .. })
+            ));
+        }
     }
 }
 
-/// Time-ordered ids all begin with the same digits: the scan's parts are spread between the
-/// first and last ids, so each reads about its share (split by first digit, one part would
-/// read them all and the start-up's scan would run on one core).
+/// Time-ordered ids of one burst all begin with the same digits: the scan still decodes on
+/// every thread it is given, whatever the keys.
 #[test]
-fn a_scan_of_time_ordered_ids_is_split_evenly() {
+fn a_scan_of_time_ordered_ids_decodes_on_every_thread() {
     let dir = tempfile::tempdir().unwrap();
     let db = ::sled::open(dir.path()).unwrap();
     let tree = db.open_tree("entries").unwrap();
     let at = SystemTime::now();
+    let mut expected = Vec::new();
     for n in 0..1_000u64 {
         let id = EntryId::generate_at(at + Duration::from_millis(n)).unwrap();
-        tree.insert(id.as_str(), b"".to_vec()).unwrap();
+        let record = RegistrationEntry::from_new(id, entry(&format!("e{n}")), at, n + 1);
+        tree.insert(record.id.as_str(), record::encode_entry(&record).unwrap())
+            .unwrap();
+        expected.push(record);
     }
-    for parts in [2, 4] {
-        let starts = entries::part_starts(&tree, parts).unwrap();
-        assert_eq!(starts.len(), parts - 1);
-        let mut bounds: Vec<Bound<Vec<u8>>> = vec![Bound::Unbounded];
-        bounds.extend(starts.into_iter().map(Bound::Included));
-        bounds.push(Bound::Unbounded);
-        let sizes: Vec<usize> = bounds
-            .windows(2)
-            .map(|pair| {
-                let end = match &pair[1] {
-                    Bound::Included(key) => Bound::Excluded(key.clone()),
-                    other => other.clone(),
-                };
-                tree.range::<Vec<u8>, _>((pair[0].clone(), end)).count()
-            })
-            .collect();
-        assert_eq!(sizes.iter().sum::<usize>(), 1_000);
-        let share = 1_000 / parts;
-        assert!(
-            sizes.iter().all(|&size| size.abs_diff(share) <= share / 5),
-            "{parts} parts of {sizes:?}"
-        );
-    }
-    // One id, or none: one part.
-    let one = db.open_tree("one").unwrap();
-    assert!(entries::part_starts(&one, 4).unwrap().is_empty());
-    one.insert(EntryId::generate().unwrap().as_str(), b"".to_vec())
+    for threads in [2, 4] {
+        let seen = Mutex::new(std::collections::HashSet::new());
+        let scanned = entries::scan_entries_in(&tree, threads, 64, |entry| {
+            seen.lock().unwrap().insert(std::thread::current().id());
+            entry
+        })
         .unwrap();
-    assert!(entries::part_starts(&one, 4).unwrap().is_empty());
+        assert_eq!(scanned, expected);
+        assert_eq!(seen.into_inner().unwrap().len(), threads);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -304,7 +294,10 @@ async fn entries_and_changes_written_as_json_by_an_earlier_build_are_still_serve
                 let json = if is_entries {
                     serde_json::to_vec(&record::decode_entry(&value).unwrap()).unwrap()
                 } else {
-                    serde_json::to_vec(&record::decode_change(&value).unwrap()).unwrap()
+                    // Earlier builds wrote every change in full.
+                    let revision = decode_u64(&key).unwrap();
+                    let change = changes.iter().find(|c| c.revision == revision).unwrap();
+                    serde_json::to_vec(change).unwrap()
                 };
                 tree.insert(key, json).unwrap();
             }
@@ -434,6 +427,119 @@ async fn the_entry_indexes_of_an_earlier_layout_are_dropped_at_open() {
         store.create_entry(entry("a")).await,
         Err(StoreError::AlreadyExists { key, .. }) if key == a.id.as_str()
     ));
+}
+
+/// An upsert still the entry's record is held in the change feed as a reference to that record,
+/// and written again in full in the transaction that replaces or removes the record: every
+/// change reads back as the version it wrote, also while writes race the reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_names_the_entrys_record_until_the_record_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let raw = |revision: u64| {
+        let bytes = store
+            .inner
+            .trees
+            .changes
+            .get(revision.to_be_bytes())
+            .unwrap();
+        record::decode_change(&bytes.unwrap()).unwrap()
+    };
+    let full = |revision: u64, kind: ChangeKind| StoredChange::Change(Change { revision, kind });
+    let a = store.create_entry(entry("a")).await.unwrap();
+    assert_eq!(
+        raw(a.revision),
+        StoredChange::Current {
+            revision: a.revision,
+            id: a.id.clone()
+        }
+    );
+    let mut renamed = entry("a");
+    renamed.hint = "renamed".to_owned();
+    let a2 = store.update_entry(&a.id, renamed).await.unwrap();
+    assert_eq!(
+        raw(a.revision),
+        full(a.revision, ChangeKind::EntryUpserted(a.clone()))
+    );
+    assert!(matches!(raw(a2.revision), StoredChange::Current { .. }));
+    let gone = store.delete_entry(&a.id).await.unwrap();
+    assert_eq!(gone, a2);
+    assert_eq!(
+        raw(a2.revision),
+        full(a2.revision, ChangeKind::EntryUpserted(a2.clone()))
+    );
+    let deleted = full(a2.revision + 1, ChangeKind::EntryDeleted(a2.clone()));
+    assert_eq!(raw(a2.revision + 1), deleted);
+    let StoredChange::Change(deleted) = deleted else {
+        unreachable!()
+    };
+    assert_eq!(
+        store.changes_since(0, 10).await.unwrap(),
+        ChangesSince::Changes(vec![
+            Change {
+                revision: a.revision,
+                kind: ChangeKind::EntryUpserted(a.clone()),
+            },
+            Change {
+                revision: a2.revision,
+                kind: ChangeKind::EntryUpserted(a2.clone()),
+            },
+            deleted,
+        ])
+    );
+
+    // One writer renames an entry over and over; readers read the whole feed meanwhile.
+    let b = store.create_entry(entry("b")).await.unwrap();
+    let written = Arc::new(Mutex::new(vec![b.clone()]));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (store, written, done) = (store.clone(), written.clone(), done.clone());
+        tokio::spawn(async move {
+            for n in 0..300 {
+                let mut next = entry("b");
+                next.hint = format!("v{n}");
+                let entry = store.update_entry(&b.id, next).await.unwrap();
+                written.lock().unwrap().push(entry);
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (inner, done) = (store.inner.clone(), done.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut reads = 0;
+                while !done.load(Ordering::SeqCst) || reads == 0 {
+                    for change in inner.read_changes(0, u64::MAX, usize::MAX).unwrap() {
+                        if let ChangeKind::EntryUpserted(entry) = &change.kind {
+                            assert_eq!(entry.revision, change.revision);
+                        }
+                    }
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    writer.await.unwrap();
+    for reader in readers {
+        assert!(reader.await.unwrap() > 0);
+    }
+    let ChangesSince::Changes(feed) = store.changes_since(a2.revision + 1, 1_000).await.unwrap()
+    else {
+        panic!("the feed expired")
+    };
+    let written = written.lock().unwrap().clone();
+    assert_eq!(
+        feed,
+        written
+            .into_iter()
+            .map(|entry| Change {
+                revision: entry.revision,
+                kind: ChangeKind::EntryUpserted(entry),
+            })
+            .collect::<Vec<_>>()
+    );
 }
 
 /// The uniqueness index lives in memory: after a restart it is rebuilt from the entries
