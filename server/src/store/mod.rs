@@ -928,7 +928,6 @@ impl RegistrationEntry {
         }
     }
 
-    /// The operator-set fields, as a [`NewEntry`].
     /// [`NewEntry::identity_key`] of this entry (without copying it into a [`NewEntry`]).
     pub(crate) fn identity_key(&self) -> [u8; 32] {
         identity_key(
@@ -939,6 +938,7 @@ impl RegistrationEntry {
         )
     }
 
+    /// The operator-set fields, as a [`NewEntry`].
     pub(crate) fn to_new(&self) -> NewEntry {
         NewEntry {
             spiffe_id: self.spiffe_id.clone(),

@@ -8,7 +8,7 @@ use std::ops::Bound;
 use std::sync::mpsc;
 use std::time::SystemTime;
 
-use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use ::sled::{IVec, Transactional, Tree};
 
 use super::record::{StoredChange, decode_change, decode_entry, encode_change, encode_entry};
@@ -105,18 +105,25 @@ impl Inner {
                     let value = f(&tx)?;
                     Ok((value, tx.edits.into_inner()))
                 },
-            )
-            .map_err(transaction_error);
-        if let Ok((_, edits)) = &committed {
-            for (key, id) in edits {
-                match id {
-                    Some(id) => identities.insert(*key, id.clone()),
-                    None => identities.remove(key),
-                };
+            );
+        match &committed {
+            Ok((_, edits)) => {
+                for (key, id) in edits {
+                    match id {
+                        Some(id) => identities.insert(*key, id.clone()),
+                        None => identities.remove(key),
+                    };
+                }
+                *held = Some(identities);
             }
+            // Refused before anything was written: the index is as it was.
+            Err(TransactionError::Abort(_)) => *held = Some(identities),
+            // sled applies a transaction's trees one after the other: a storage error may
+            // leave part of it written. The slot stays empty, and the next call builds the
+            // index again from what is on disk.
+            Err(TransactionError::Storage(_)) => {}
         }
-        *held = Some(identities);
-        committed.map(|(value, _)| value)
+        committed.map(|(value, _)| value).map_err(transaction_error)
     }
 
     /// Every entry, read while the caller holds the index's lock (so no entry changes
@@ -152,6 +159,7 @@ impl Inner {
                     results.push(Err(existing));
                     continue;
                 }
+                tx.id_is_free(id)?;
                 let revision = tx.next_revision()?;
                 let entry = RegistrationEntry::from_new(id.clone(), new.clone(), now, revision);
                 tx.put(&entry, &identity)?;
@@ -165,7 +173,7 @@ impl Inner {
         self.trees
             .entries
             .get(id.as_str())?
-            .map(|bytes| decode_entry(&bytes))
+            .map(|bytes| decode_entry(id.as_str().as_bytes(), &bytes))
             .transpose()
     }
 
@@ -221,7 +229,8 @@ impl Inner {
             .entries
             .range::<Vec<u8>, _>((start, Bound::Unbounded))
         {
-            let entry: RegistrationEntry = decode_entry(&item?.1)?;
+            let (key, value) = item?;
+            let entry = decode_entry(&key, &value)?;
             if filter.matches(&entry) && !page.offer(entry) {
                 break;
             }
@@ -245,7 +254,8 @@ impl Inner {
     ) -> Result<Vec<RegistrationEntry>, StoreError> {
         let mut entries = Vec::new();
         for item in self.trees.entries.iter() {
-            let entry: RegistrationEntry = decode_entry(&item?.1)?;
+            let (key, value) = item?;
+            let entry = decode_entry(&key, &value)?;
             if entry.parent_id == *parent_id {
                 entries.push(entry);
             }
@@ -351,7 +361,7 @@ impl Inner {
                 StoredChange::Current { revision, id } => (revision, id),
             };
             if let Some(bytes) = self.trees.entries.get(id.as_str())? {
-                let entry = decode_entry(&bytes)?;
+                let entry = decode_entry(id.as_str().as_bytes(), &bytes)?;
                 if entry.revision == revision {
                     return Ok(Some(Change {
                         revision,
@@ -388,6 +398,7 @@ impl EntryTx<'_> {
         if let Some(existing) = self.duplicate_of(&identity, id)? {
             return Err(ConflictableTransactionError::Abort(existing));
         }
+        self.id_is_free(id)?;
         let revision = self.next_revision()?;
         let entry = RegistrationEntry::from_new(id.clone(), new.clone(), now, revision);
         self.put(&entry, &identity)?;
@@ -425,7 +436,7 @@ impl EntryTx<'_> {
 
     pub(super) fn get(&self, id: &EntryId) -> TxResult<Option<RegistrationEntry>> {
         match self.entries.get(id.as_str())? {
-            Some(bytes) => decode_entry(&bytes)
+            Some(bytes) => decode_entry(id.as_str().as_bytes(), &bytes)
                 .map(Some)
                 .map_err(ConflictableTransactionError::Abort),
             None => Ok(None),
@@ -448,6 +459,21 @@ impl EntryTx<'_> {
             }),
             _ => None,
         })
+    }
+
+    /// Refuses to create an entry under an id already taken (ids have 80 random bits and a
+    /// time: never seen, but a record written over without [`EntryTx::replace`] would leave
+    /// its change naming a record at another revision).
+    fn id_is_free(&self, id: &EntryId) -> TxResult<()> {
+        match self.entries.get(id.as_str())? {
+            None => Ok(()),
+            Some(_) => Err(ConflictableTransactionError::Abort(
+                StoreError::AlreadyExists {
+                    resource: "entry",
+                    key: id.to_string(),
+                },
+            )),
+        }
     }
 
     /// Writes `entry`, its uniqueness key and its change (the upsert at its revision, which
@@ -474,6 +500,13 @@ impl EntryTx<'_> {
         if let Some(bytes) = self.changes.get(key)?
             && !matches!(decode_change(&bytes), Ok(StoredChange::Change(_)))
         {
+            if let Err(error) = decode_change(&bytes) {
+                tracing::warn!(
+                    revision = old.revision,
+                    %error,
+                    "a change that did not decode is written again from its entry's record"
+                );
+            }
             let full = StoredChange::Change(Change {
                 revision: old.revision,
                 kind: ChangeKind::EntryUpserted(old.clone()),
@@ -514,17 +547,17 @@ pub(super) fn scan_entries_in<T: Send>(
 ) -> Result<Vec<T>, StoreError> {
     type Decoded<T> = Vec<(usize, Vec<T>)>;
     let chunk = chunk.max(1);
-    let decode = |records: Vec<IVec>| -> Result<Vec<T>, StoreError> {
+    let decode = |records: Vec<(IVec, IVec)>| -> Result<Vec<T>, StoreError> {
         records
             .iter()
-            .map(|record| decode_entry(record).map(&each))
+            .map(|(key, value)| decode_entry(key, value).map(&each))
             .collect()
     };
     std::thread::scope(|scope| {
         // Fewer decoding threads if one cannot be started: this thread decodes the rest.
         let mut workers = Vec::new();
         for _ in 1..threads.clamp(1, SCAN_THREADS) {
-            let (send, receive) = mpsc::channel::<(usize, Vec<IVec>)>();
+            let (send, receive) = mpsc::channel::<(usize, Vec<(IVec, IVec)>)>();
             let decode = &decode;
             let spawned = std::thread::Builder::new()
                 .name("sigil-store-scan".to_owned())
@@ -540,7 +573,7 @@ pub(super) fn scan_entries_in<T: Send>(
             }
         }
         let mut decoded: Decoded<T> = Vec::new();
-        let mut hand_out = |n: usize, records: Vec<IVec>| -> Result<(), StoreError> {
+        let mut hand_out = |n: usize, records: Vec<(IVec, IVec)>| -> Result<(), StoreError> {
             match n
                 .checked_rem(workers.len() + 1)
                 .and_then(|slot| slot.checked_sub(1))
@@ -555,30 +588,42 @@ pub(super) fn scan_entries_in<T: Send>(
             }
             Ok(())
         };
-        let mut records = Vec::with_capacity(chunk);
-        let mut chunks = 0;
-        for item in tree.iter() {
-            records.push(item?.1);
-            if records.len() == chunk {
-                hand_out(
-                    chunks,
-                    std::mem::replace(&mut records, Vec::with_capacity(chunk)),
-                )?;
-                chunks += 1;
+        let read = (|| {
+            let mut records = Vec::with_capacity(chunk);
+            let mut chunks = 0;
+            for item in tree.iter() {
+                records.push(item?);
+                if records.len() == chunk {
+                    let full = std::mem::replace(&mut records, Vec::with_capacity(chunk));
+                    hand_out(chunks, full)?;
+                    chunks += 1;
+                }
             }
-        }
-        if !records.is_empty() {
-            hand_out(chunks, records)?;
-        }
+            if !records.is_empty() {
+                hand_out(chunks, records)?;
+            }
+            Ok(())
+        })();
+        // Every worker is joined whatever happened above (the scope would panic on one that
+        // panicked and was left to it), and the first error is the scan's.
+        let mut failed = read.err();
         for (send, handle) in workers {
             drop(send);
-            let part = handle.join().map_err(|panic| {
-                StoreError::Io(std::io::Error::other(format!(
-                    "an entry scan thread panicked: {}",
-                    super::pool::panic_message(&*panic)
-                )))
-            })??;
-            decoded.extend(part);
+            match handle.join() {
+                Ok(Ok(part)) => decoded.extend(part),
+                Ok(Err(error)) => {
+                    failed.get_or_insert(error);
+                }
+                Err(panic) => {
+                    failed.get_or_insert(StoreError::Io(std::io::Error::other(format!(
+                        "an entry scan thread panicked: {}",
+                        super::pool::panic_message(&*panic)
+                    ))));
+                }
+            }
+        }
+        if let Some(error) = failed {
+            return Err(error);
         }
         decoded.sort_unstable_by_key(|(n, _)| *n);
         Ok(decoded.into_iter().flat_map(|(_, part)| part).collect())

@@ -447,10 +447,15 @@ impl SledStore {
             let mut extras = SledExtras::default();
             for item in trees.changes.iter() {
                 let (key, value) = item?;
-                // (Nothing else writes the store during a migration: nothing is pruned.)
-                if let Some(change) = inner.resolve(&key, record::decode_change(&value)?)? {
-                    extras.changes.push(change);
-                }
+                // Nothing else writes the store during a migration, so nothing is pruned
+                // meanwhile; if a change were, the copy would have a gap: refused.
+                let change = inner
+                    .resolve(&key, record::decode_change(&value)?)?
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: "change",
+                        reason: "a change was removed while the feed was read".to_owned(),
+                    })?;
+                extras.changes.push(change);
             }
             for item in trees.join_tokens.iter() {
                 extras.join_tokens.push(decode("join token", &item?.1)?);

@@ -134,19 +134,31 @@ struct Span {
     nanos: u32,
 }
 
-/// The record of an entry.
+/// The record of an entry in the `entries` tree, whose key is the entry's id: the record
+/// leaves its id out (a third of what the change feed's copy of an entry used to add).
 pub(super) fn encode_entry(entry: &RegistrationEntry) -> Result<Vec<u8>, StoreError> {
-    Ok(versioned(&EntryRecord::of(entry, "entry")?))
+    let mut record = EntryRecord::of(entry, "entry")?;
+    record.id = String::new();
+    Ok(versioned(&record))
 }
 
-/// An entry record, binary or JSON.
-pub(super) fn decode_entry(bytes: &[u8]) -> Result<RegistrationEntry, StoreError> {
+/// An entry record of the `entries` tree under `key`, binary or JSON. A record without an id
+/// (as this build writes them) takes its key's; a record with one (as earlier builds wrote
+/// them) must be under it.
+pub(super) fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<RegistrationEntry, StoreError> {
     const WHAT: &str = "entry";
-    by_form(WHAT, bytes, |message| {
-        EntryRecord::decode(message)
-            .map_err(|error| corrupt(WHAT, error))?
-            .into_entry(WHAT)
-    })
+    let entry = by_form(WHAT, bytes, |message| {
+        let mut record = EntryRecord::decode(message).map_err(|error| corrupt(WHAT, error))?;
+        if record.id.is_empty() {
+            record.id = String::from_utf8(key.to_vec())
+                .map_err(|_| corrupt(WHAT, "a key that is not an entry id"))?;
+        }
+        record.into_entry(WHAT)
+    })?;
+    if entry.id.as_str().as_bytes() != key {
+        return Err(corrupt(WHAT, "a record under another entry's id"));
+    }
+    Ok(entry)
 }
 
 /// The record of a change of the feed.
@@ -400,9 +412,13 @@ pub(crate) fn round_trips(bytes: &[u8]) -> Result<usize, String> {
             Err(e) => Err(format!("{value:?} was written and could not be read: {e}")),
         }
     }
-    Ok(check(bytes, encode_entry, decode_entry)?
-        + check(bytes, encode_change, decode_change)?
-        + check(bytes, encode_audit, decode_audit)?)
+    /// The key the fuzzed bytes are read under as an entry record.
+    const KEY: &[u8] = b"00112233445566778899aabbccddeeff";
+    Ok(
+        check(bytes, encode_entry, |bytes| decode_entry(KEY, bytes))?
+            + check(bytes, encode_change, decode_change)?
+            + check(bytes, encode_audit, decode_audit)?,
+    )
 }
 
 fn versioned(message: &impl Message) -> Vec<u8> {
@@ -484,12 +500,35 @@ mod tests {
     #[test]
     fn an_entry_reads_back_as_written_in_either_form() {
         for entry in [entry_with_every_field(), entry_with_no_optional_field()] {
+            let key = entry.id.as_str().as_bytes();
             let binary = encode_entry(&entry).unwrap();
             assert_eq!(binary[0], PROTOBUF_V1);
-            assert_eq!(decode_entry(&binary).unwrap(), entry);
+            assert_eq!(decode_entry(key, &binary).unwrap(), entry);
+            // The id is the key's: not in the record.
+            assert!(!binary.windows(key.len()).any(|w| w == key));
             // A record of a build before the binary form.
             let json = serde_json::to_vec(&entry).unwrap();
-            assert_eq!(decode_entry(&json).unwrap(), entry);
+            assert_eq!(decode_entry(key, &json).unwrap(), entry);
+            // Under another key, either form is corrupt; a record with no id takes its key's.
+            let other = EntryId::generate().unwrap();
+            let other = other.as_str().as_bytes();
+            for bytes in [
+                versioned(&EntryRecord::of(&entry, "entry").unwrap()),
+                json.clone(),
+            ] {
+                assert!(matches!(
+                    decode_entry(other, &bytes),
+                    Err(StoreError::Corrupt { what: "entry", .. })
+                ));
+            }
+            assert_eq!(
+                decode_entry(other, &binary).unwrap().id.as_str().as_bytes(),
+                other
+            );
+            assert!(matches!(
+                decode_entry(b"not an id", &binary),
+                Err(StoreError::Corrupt { what: "entry", .. })
+            ));
             assert!(
                 binary.len() * 2 < json.len(),
                 "binary {} B, JSON {} B",
@@ -620,17 +659,18 @@ mod tests {
             ),
             ("bad JSON", b"{\"id\":".to_vec()),
         ];
+        let key = entry.id.as_str().as_bytes();
         for (case, bytes) in cases {
             assert!(
                 matches!(
-                    decode_entry(&bytes),
+                    decode_entry(key, &bytes),
                     Err(StoreError::Corrupt { what: "entry", .. })
                 ),
                 "{case}: {:?}",
-                decode_entry(&bytes)
+                decode_entry(key, &bytes)
             );
         }
-        let unknown = decode_entry(&[0x7f, 1, 2]).unwrap_err().to_string();
+        let unknown = decode_entry(key, &[0x7f, 1, 2]).unwrap_err().to_string();
         assert!(unknown.contains("unknown record form 0x7f"), "{unknown}");
     }
 
@@ -679,7 +719,7 @@ mod tests {
         for len in 0..binary.len() {
             assert!(
                 matches!(
-                    decode_entry(&binary[..len]),
+                    decode_entry(entry.id.as_str().as_bytes(), &binary[..len]),
                     Err(StoreError::Corrupt { what: "entry", .. })
                 ),
                 "cut at {len} of {}",
@@ -743,13 +783,20 @@ mod tests {
     #[test]
     fn records_on_disk_keep_their_meaning() {
         let expected = fixture_entry();
-        // The binary form (version 1), as this build writes it.
+        let key = expected.id.as_str().as_bytes();
+        // The binary form (version 1) with the id, as builds before layout 3 wrote it.
         let binary = sigil_core::hex::decode(ENTRY_V1).unwrap();
-        assert_eq!(decode_entry(&binary).unwrap(), expected);
+        assert_eq!(decode_entry(key, &binary).unwrap(), expected);
+        // As this build writes it: the same without the id (field 1, first: `0a 20`, then
+        // the 32 characters).
+        let without_id = format!("01{}", &ENTRY_V1[2 + 4 + 64..]);
+        assert_eq!(&ENTRY_V1[2..6], "0a20");
         assert_eq!(
             sigil_core::hex::encode(&encode_entry(&expected).unwrap()),
-            ENTRY_V1
+            without_id
         );
+        let binary = sigil_core::hex::decode(&without_id).unwrap();
+        assert_eq!(decode_entry(key, &binary).unwrap(), expected);
         let change = sigil_core::hex::decode(CHANGE_V1).unwrap();
         assert_eq!(
             decode_change(&change).unwrap(),
@@ -783,7 +830,7 @@ mod tests {
         plain.session_id = None;
         plain.federates_with = Vec::new();
         plain.jwt_svid_ttl = Some(Duration::from_secs(300));
-        assert_eq!(decode_entry(ENTRY_JSON.as_bytes()).unwrap(), plain);
+        assert_eq!(decode_entry(key, ENTRY_JSON.as_bytes()).unwrap(), plain);
         // An audit record in each form.
         let audit = decode_audit(&sigil_core::hex::decode(AUDIT_V1).unwrap()).unwrap();
         assert_eq!(audit, decode_audit(AUDIT_JSON.as_bytes()).unwrap());

@@ -47,27 +47,38 @@ fn entry(name: &str) -> NewEntry {
     )
 }
 
-/// A snapshot's scan reads every record of `entries` once, in key order, whatever the keys (the
-/// tree's ids are hex; these keys are not all), however many threads decode and in whatever
-/// chunks.
+/// A snapshot's scan reads every record of `entries` once, in key order, in either form and
+/// with ids random (earlier builds) or time-ordered, however many threads decode and in
+/// whatever chunks.
 #[test]
 fn a_scan_reads_every_record_once_in_key_order() {
     let dir = tempfile::tempdir().unwrap();
     let db = ::sled::open(dir.path()).unwrap();
     let tree = db.open_tree("entries").unwrap();
-    let keys: [&[u8]; 9] = [b"", b"\x00", b"0", b"3f", b"7", b"8", b"a0", b"ff", b"zz"];
+    let random = ["00", "3f", "7a", "80", "a0", "ff"].map(|first| {
+        EntryId::parse(&format!(
+            "{first}{}",
+            &EntryId::generate().unwrap().as_str()[2..]
+        ))
+        .unwrap()
+    });
+    let ordered = (0..4).map(|_| EntryId::generate().unwrap());
     let mut expected = Vec::new();
-    for (n, key) in keys.iter().enumerate() {
+    for (n, id) in random.into_iter().chain(ordered).enumerate() {
         let record = RegistrationEntry::from_new(
-            EntryId::generate().unwrap(),
+            id,
             entry(&format!("e{n}")),
             SystemTime::UNIX_EPOCH,
             n as u64 + 1,
         );
-        tree.insert(key, serde_json::to_vec(&record).unwrap())
-            .unwrap();
+        let value = match n % 2 {
+            0 => serde_json::to_vec(&record).unwrap(),
+            _ => record::encode_entry(&record).unwrap(),
+        };
+        tree.insert(record.id.as_str(), value).unwrap();
         expected.push(record);
     }
+    expected.sort_by(|a, b| a.id.cmp(&b.id));
     for threads in 0..=6 {
         for chunk in [0, 1, 2, 3, 256] {
             assert_eq!(
@@ -78,7 +89,7 @@ fn a_scan_reads_every_record_once_in_key_order() {
         }
     }
     // A record that does not decode fails the scan, whichever thread decodes it.
-    tree.insert(b"c", b"{".to_vec()).unwrap();
+    tree.insert(expected[4].id.as_str(), b"{".to_vec()).unwrap();
     for threads in 1..=4 {
         for chunk in 1..=4 {
             assert!(matches!(
@@ -292,7 +303,7 @@ async fn entries_and_changes_written_as_json_by_an_earlier_build_are_still_serve
                 let (key, value) = item.unwrap();
                 assert_eq!(value[0], 0x01, "written in the binary form");
                 let json = if is_entries {
-                    serde_json::to_vec(&record::decode_entry(&value).unwrap()).unwrap()
+                    serde_json::to_vec(&record::decode_entry(&key, &value).unwrap()).unwrap()
                 } else {
                     // Earlier builds wrote every change in full.
                     let revision = decode_u64(&key).unwrap();
@@ -596,6 +607,26 @@ async fn uniqueness_holds_across_a_restart_whoever_builds_the_index() {
     }
     assert_eq!(created, 1);
     assert_eq!(store.snapshot_entries().await.unwrap().entries.len(), 4);
+    // An id already taken is never written over, and nothing of the batch is written.
+    let revision = store.current_revision().await.unwrap();
+    let reused = store
+        .inner
+        .create_entries(&[(a.id.clone(), entry("y"))], SystemTime::now());
+    assert!(matches!(
+        reused,
+        Err(StoreError::AlreadyExists { key, .. }) if key == a.id.as_str()
+    ));
+    assert_eq!(store.get_entry(&a.id).await.unwrap(), Some(a));
+    assert_eq!(
+        store
+            .inner
+            .trees
+            .meta
+            .get(REVISION_KEY)
+            .unwrap()
+            .map(|v| decode_u64(&v).unwrap()),
+        Some(revision)
+    );
 }
 
 /// The error [`SledStore::open`] gives for `dir` once no store of this process holds it.
