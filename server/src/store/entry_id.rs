@@ -64,6 +64,23 @@ impl EntryId {
         }
     }
 
+    /// The id of these 16 bytes (as [`EntryId::to_bytes`] gives them).
+    pub(crate) fn from_bytes(bytes: &[u8; ENTRY_ID_BYTES]) -> Self {
+        let mut id = [0u8; 2 * ENTRY_ID_BYTES];
+        sigil_core::hex::encode_into(bytes, &mut id);
+        Self(id)
+    }
+
+    /// The 16 bytes the hex form spells (for records that keep an id in half the room).
+    pub(crate) fn to_bytes(&self) -> [u8; ENTRY_ID_BYTES] {
+        let mut bytes = [0u8; ENTRY_ID_BYTES];
+        // Always lowercase hex: every pair decodes.
+        if let Some(decoded) = sigil_core::hex::decode(self.as_str()) {
+            bytes.copy_from_slice(&decoded);
+        }
+        bytes
+    }
+
     /// The 32-character hex form.
     pub(crate) fn as_str(&self) -> &str {
         // Only `generate` and `parse` make ids: always ASCII hex, so never the empty fallback.
@@ -134,6 +151,16 @@ mod tests {
         // 80 random bits apart.
         assert_ne!(a.as_str()[12..], b.as_str()[12..]);
         assert_eq!(EntryId::parse(a.as_str()).unwrap(), a);
+        assert_eq!(EntryId::from_bytes(&a.to_bytes()), a);
+        assert_eq!(
+            EntryId::parse("00112233445566778899aabbccddeeff")
+                .unwrap()
+                .to_bytes(),
+            [
+                0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+                0xee, 0xff
+            ]
+        );
 
         // Later sorts later, whatever the random bits: a sled tree keyed by id grows at its end.
         let mut ids: Vec<EntryId> = (0..64u64)

@@ -78,9 +78,9 @@ struct ChangeRecord {
     /// Absent in a record of [`StoredChange::Current`].
     #[prost(message, optional, tag = "3")]
     entry: Option<EntryRecord>,
-    /// Set only in a record of [`StoredChange::Current`].
-    #[prost(string, tag = "4")]
-    current_entry_id: String,
+    /// Set only in a record of [`StoredChange::Current`]: the 16 bytes of the entry's id.
+    #[prost(bytes = "vec", tag = "4")]
+    current_entry_id: Vec<u8>,
 }
 
 /// A record of the change feed as stored.
@@ -174,14 +174,14 @@ pub(crate) fn encode_change(change: &StoredChange) -> Result<Vec<u8>, StoreError
                 revision: change.revision,
                 deleted,
                 entry: Some(EntryRecord::of(entry, WHAT)?),
-                current_entry_id: String::new(),
+                current_entry_id: Vec::new(),
             }
         }
         StoredChange::Current { revision, id } => ChangeRecord {
             revision: *revision,
             deleted: false,
             entry: None,
-            current_entry_id: id.to_string(),
+            current_entry_id: id.to_bytes().to_vec(),
         },
     }))
 }
@@ -191,8 +191,8 @@ pub(crate) fn decode_change(bytes: &[u8]) -> Result<StoredChange, StoreError> {
     const WHAT: &str = "change";
     let binary = |message: &[u8]| {
         let record = ChangeRecord::decode(message).map_err(|error| corrupt(WHAT, error))?;
-        match (record.entry, record.current_entry_id.as_str()) {
-            (Some(entry), "") => {
+        match (record.entry, record.current_entry_id.as_slice()) {
+            (Some(entry), []) => {
                 let entry = entry.into_entry(WHAT)?;
                 Ok(StoredChange::Change(Change {
                     revision: record.revision,
@@ -205,9 +205,12 @@ pub(crate) fn decode_change(bytes: &[u8]) -> Result<StoredChange, StoreError> {
             }
             (None, id) if !id.is_empty() && !record.deleted => Ok(StoredChange::Current {
                 revision: record.revision,
-                id: EntryId::parse(id).map_err(|error| corrupt(WHAT, error))?,
+                id: EntryId::from_bytes(
+                    id.try_into()
+                        .map_err(|_| corrupt(WHAT, "an entry id that is not 16 bytes"))?,
+                ),
             }),
-            (None, "") => Err(corrupt(WHAT, "no entry")),
+            (None, []) => Err(corrupt(WHAT, "no entry")),
             _ => Err(corrupt(WHAT, "both an entry and a current entry's id")),
         }
     };
@@ -566,7 +569,7 @@ mod tests {
         };
         let binary = encode_change(&current).unwrap();
         assert_eq!(decode_change(&binary).unwrap(), current);
-        assert!(binary.len() <= 40, "{} B", binary.len());
+        assert!(binary.len() <= 24, "{} B", binary.len());
         // An entry record is not a change record, nor is a record with neither or both forms,
         // or a deletion by reference.
         let neither = versioned(&ChangeRecord {
@@ -576,18 +579,18 @@ mod tests {
         let both = versioned(&ChangeRecord {
             revision: 46,
             entry: Some(EntryRecord::of(&entry, "change").unwrap()),
-            current_entry_id: entry.id.to_string(),
+            current_entry_id: entry.id.to_bytes().to_vec(),
             ..ChangeRecord::default()
         });
         let deleted = versioned(&ChangeRecord {
             revision: 47,
             deleted: true,
-            current_entry_id: entry.id.to_string(),
+            current_entry_id: entry.id.to_bytes().to_vec(),
             ..ChangeRecord::default()
         });
         let bad_id = versioned(&ChangeRecord {
             revision: 48,
-            current_entry_id: "not an id".to_owned(),
+            current_entry_id: vec![0; 15],
             ..ChangeRecord::default()
         });
         for bytes in [
@@ -805,17 +808,13 @@ mod tests {
                 kind: ChangeKind::EntryDeleted(expected.clone()),
             })
         );
-        // An upsert naming the entry's record: revision 9 (field 1), the id (field 4).
+        // An upsert naming the entry's record: revision 9 (field 1), the id's 16 bytes
+        // (field 4).
         let current = StoredChange::Current {
             revision: 9,
             id: expected.id.clone(),
         };
-        let bytes = concat!(
-            "01",
-            "0809",
-            "2220",
-            "3030313132323333343435353636373738383939616162626363646465656666"
-        );
+        let bytes = concat!("01", "0809", "2210", "00112233445566778899aabbccddeeff");
         assert_eq!(
             decode_change(&sigil_core::hex::decode(bytes).unwrap()).unwrap(),
             current
