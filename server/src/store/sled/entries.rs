@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::SystemTime;
 
@@ -523,8 +524,9 @@ impl EntryTx<'_> {
 /// Every record of the `entries` tree, decoded, in key (id) order.
 ///
 /// One thread reads the tree in order and hands its records out in chunks of
-/// [`SCAN_CHUNK`], round robin, to itself and to threads that decode them, one per core in
-/// all (at most [`SCAN_THREADS`]; a server's start-up waits for this scan of every entry).
+/// [`SCAN_CHUNK`] to threads that decode them, one per core in all with it (at most
+/// [`SCAN_THREADS`]; a server's start-up waits for this scan of every entry); it decodes a
+/// chunk itself when each of them has one waiting.
 /// However the keys are spread (time-ordered ids of one burst, random ids of earlier builds),
 /// each thread decodes its share. It is one scan of the tree, as "Consistent snapshots"
 /// describes.
@@ -553,42 +555,53 @@ pub(super) fn scan_entries_in<T: Send>(
             .map(|(key, value)| decode_entry(key, value).map(&each))
             .collect()
     };
+    // One queue the workers take chunks from, whichever is free; `waiting` counts the chunks in
+    // it. The reading thread decodes a chunk itself instead when every worker already has one
+    // waiting, so no thread idles while another has work.
+    let (send, receive) = mpsc::channel::<(usize, Vec<(IVec, IVec)>)>();
+    let receive = std::sync::Mutex::new(receive);
+    let waiting = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         // Fewer decoding threads if one cannot be started: this thread decodes the rest.
         let mut workers = Vec::new();
         for _ in 1..threads.clamp(1, SCAN_THREADS) {
-            let (send, receive) = mpsc::channel::<(usize, Vec<(IVec, IVec)>)>();
-            let decode = &decode;
+            let (decode, receive, waiting) = (&decode, &receive, &waiting);
             let spawned = std::thread::Builder::new()
                 .name("sigil-store-scan".to_owned())
                 .spawn_scoped(scope, move || -> Result<Decoded<T>, StoreError> {
-                    receive
-                        .into_iter()
-                        .map(|(n, records)| Ok((n, decode(records)?)))
-                        .collect()
+                    let mut decoded = Vec::new();
+                    loop {
+                        let next = lock(receive).recv();
+                        let Ok((n, records)) = next else {
+                            return Ok(decoded);
+                        };
+                        waiting.fetch_sub(1, Ordering::AcqRel);
+                        decoded.push((n, decode(records)?));
+                    }
                 });
             match spawned {
-                Ok(handle) => workers.push((send, handle)),
+                Ok(handle) => workers.push(handle),
                 Err(_) => break,
             }
         }
         let mut decoded: Decoded<T> = Vec::new();
-        let mut hand_out = |n: usize, records: Vec<(IVec, IVec)>| -> Result<(), StoreError> {
-            match n
-                .checked_rem(workers.len() + 1)
-                .and_then(|slot| slot.checked_sub(1))
-            {
-                Some(worker) => {
-                    // A worker that stopped on an error reports it when joined below.
-                    if let Some((send, _)) = workers.get(worker) {
-                        let _ = send.send((n, records));
-                    }
-                }
-                None => decoded.push((n, decode(records)?)),
-            }
-            Ok(())
-        };
         let read = (|| {
+            let mut hand_out = |n: usize, records: Vec<(IVec, IVec)>| -> Result<(), StoreError> {
+                // (A worker that stopped on an error takes nothing more: its chunks stay
+                // waiting, so this thread decodes the rest itself. The error is reported when
+                // the worker is joined, below.)
+                if waiting.load(Ordering::Acquire) < workers.len() {
+                    waiting.fetch_add(1, Ordering::AcqRel);
+                    if send.send((n, records)).is_ok() {
+                        return Ok(());
+                    }
+                    return Err(StoreError::Io(std::io::Error::other(
+                        "the entry scan's queue closed",
+                    )));
+                }
+                decoded.push((n, decode(records)?));
+                Ok(())
+            };
             let mut records = Vec::with_capacity(chunk);
             let mut chunks = 0;
             for item in tree.iter() {
@@ -604,11 +617,11 @@ pub(super) fn scan_entries_in<T: Send>(
             }
             Ok(())
         })();
+        drop(send);
         // Every worker is joined whatever happened above (the scope would panic on one that
         // panicked and was left to it), and the first error is the scan's.
         let mut failed = read.err();
-        for (send, handle) in workers {
-            drop(send);
+        for handle in workers {
             match handle.join() {
                 Ok(Ok(part)) => decoded.extend(part),
                 Ok(Err(error)) => {
