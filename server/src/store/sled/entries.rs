@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::SystemTime;
 
@@ -561,11 +561,14 @@ pub(super) fn scan_entries_in<T: Send>(
     let (send, receive) = mpsc::channel::<(usize, Vec<(IVec, IVec)>)>();
     let receive = std::sync::Mutex::new(receive);
     let waiting = AtomicUsize::new(0);
+    // Set by a worker whose chunk did not decode: the scan fails, so reading on is useless.
+    let failed_early = AtomicBool::new(false);
     std::thread::scope(|scope| {
         // Fewer decoding threads if one cannot be started: this thread decodes the rest.
         let mut workers = Vec::new();
         for _ in 1..threads.clamp(1, SCAN_THREADS) {
             let (decode, receive, waiting) = (&decode, &receive, &waiting);
+            let failed_early = &failed_early;
             let spawned = std::thread::Builder::new()
                 .name("sigil-store-scan".to_owned())
                 .spawn_scoped(scope, move || -> Result<Decoded<T>, StoreError> {
@@ -576,7 +579,13 @@ pub(super) fn scan_entries_in<T: Send>(
                             return Ok(decoded);
                         };
                         waiting.fetch_sub(1, Ordering::AcqRel);
-                        decoded.push((n, decode(records)?));
+                        match decode(records) {
+                            Ok(part) => decoded.push((n, part)),
+                            Err(error) => {
+                                failed_early.store(true, Ordering::Release);
+                                return Err(error);
+                            }
+                        }
                     }
                 });
             match spawned {
@@ -587,11 +596,10 @@ pub(super) fn scan_entries_in<T: Send>(
         let mut decoded: Decoded<T> = Vec::new();
         let read = (|| {
             let mut hand_out = |n: usize, records: Vec<(IVec, IVec)>| -> Result<(), StoreError> {
-                // (A worker that stopped on an error takes nothing more: its chunks stay
-                // waiting, so this thread decodes the rest itself. The error is reported when
-                // the worker is joined, below.)
                 if waiting.load(Ordering::Acquire) < workers.len() {
                     waiting.fetch_add(1, Ordering::AcqRel);
+                    // The receiver lives until the scope ends: a send cannot fail (checked
+                    // all the same).
                     if send.send((n, records)).is_ok() {
                         return Ok(());
                     }
@@ -605,6 +613,10 @@ pub(super) fn scan_entries_in<T: Send>(
             let mut records = Vec::with_capacity(chunk);
             let mut chunks = 0;
             for item in tree.iter() {
+                if failed_early.load(Ordering::Acquire) {
+                    // The worker's error is reported when it is joined, below.
+                    return Ok(());
+                }
                 records.push(item?);
                 if records.len() == chunk {
                     let full = std::mem::replace(&mut records, Vec::with_capacity(chunk));

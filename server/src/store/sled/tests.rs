@@ -127,6 +127,28 @@ fn a_scan_of_time_ordered_ids_decodes_off_the_reading_thread() {
         let reader = std::thread::current().id();
         assert!(seen.into_inner().unwrap().iter().any(|id| *id != reader));
     }
+    // The reading thread decodes a chunk itself when the worker has one waiting: the worker
+    // holds its first chunk until the reading thread has decoded one (the second chunk waits
+    // in the queue, so the third is the reading thread's).
+    let reader = std::thread::current().id();
+    let reader_decoded = std::sync::atomic::AtomicBool::new(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let scanned = entries::scan_entries_in(&tree, 2, 64, |entry| {
+        if std::thread::current().id() == reader {
+            reader_decoded.store(true, Ordering::SeqCst);
+        } else {
+            while !reader_decoded.load(Ordering::SeqCst) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the reading thread never decoded a chunk"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        entry
+    })
+    .unwrap();
+    assert_eq!(scanned, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
