@@ -379,7 +379,7 @@ impl Inner {
             what: "change",
             reason: format!(
                 "the change at revision {} names an entry whose record is not at that revision",
-                super::decode_u64(key).unwrap_or_default()
+                decode_u64(key).unwrap_or_default()
             ),
         })
     }
@@ -424,10 +424,7 @@ impl EntryTx<'_> {
     /// Writes the change and drops the one that leaves the retention window.
     pub(super) fn record(&self, change: &StoredChange) -> TxResult<()> {
         let value = encode_change(change).map_err(ConflictableTransactionError::Abort)?;
-        let revision = match change {
-            StoredChange::Change(change) => change.revision,
-            StoredChange::Current { revision, .. } => *revision,
-        };
+        let revision = change.revision();
         self.changes.insert(&revision.to_be_bytes()[..], value)?;
         if let Some(expired) = revision.checked_sub(self.retention) {
             self.changes.remove(&expired.to_be_bytes()[..])?;
@@ -498,23 +495,24 @@ impl EntryTx<'_> {
     pub(super) fn replace(&self, old: &RegistrationEntry) -> TxResult<()> {
         self.edits.borrow_mut().insert(old.identity_key(), None);
         let key = old.revision.to_be_bytes();
-        if let Some(bytes) = self.changes.get(key)?
-            && !matches!(decode_change(&bytes), Ok(StoredChange::Change(_)))
-        {
-            if let Err(error) = decode_change(&bytes) {
-                tracing::warn!(
-                    revision = old.revision,
-                    %error,
-                    "a change that did not decode is written again from its entry's record"
-                );
-            }
-            let full = StoredChange::Change(Change {
-                revision: old.revision,
-                kind: ChangeKind::EntryUpserted(old.clone()),
-            });
-            let value = encode_change(&full).map_err(ConflictableTransactionError::Abort)?;
-            self.changes.insert(&key[..], value)?;
+        let Some(bytes) = self.changes.get(key)? else {
+            return Ok(());
+        };
+        match decode_change(&bytes) {
+            Ok(StoredChange::Change(_)) => return Ok(()),
+            Ok(StoredChange::Current { .. }) => {}
+            Err(error) => tracing::warn!(
+                revision = old.revision,
+                %error,
+                "a change that did not decode is written again from its entry's record"
+            ),
         }
+        let full = StoredChange::Change(Change {
+            revision: old.revision,
+            kind: ChangeKind::EntryUpserted(old.clone()),
+        });
+        let value = encode_change(&full).map_err(ConflictableTransactionError::Abort)?;
+        self.changes.insert(&key[..], value)?;
         Ok(())
     }
 }

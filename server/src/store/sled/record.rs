@@ -161,6 +161,16 @@ pub(super) fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<RegistrationEntry
     Ok(entry)
 }
 
+impl StoredChange {
+    /// The revision the change is stored under.
+    pub(crate) fn revision(&self) -> u64 {
+        match self {
+            Self::Change(change) => change.revision,
+            Self::Current { revision, .. } => *revision,
+        }
+    }
+}
+
 /// The record of a change of the feed.
 pub(crate) fn encode_change(change: &StoredChange) -> Result<Vec<u8>, StoreError> {
     const WHAT: &str = "change";
