@@ -26,15 +26,23 @@
 //! Fail closed: when the follower cannot read the store, the cache marks itself stale and
 //! [`EntryCache::authorized`] and [`EntryCache::authorize`] refuse (the callers answer
 //! `Unavailable`) until it has caught up again; a stale cache never authorizes from old state.
+//!
+//! Waking the streams. A sync stream registers the parent IDs whose children concern its
+//! agent ([`EntryCache::watch`], [`EntryWatch::set_parents`]), and the cache, once it has
+//! applied changes, wakes only the streams registered under the parent an entry had before the
+//! change or has after it (every stream after a reload). A server with 1,000 agents used to
+//! wake all 1,000 streams for every change, each to find in a set lookup that the change was
+//! not for it. A stream woken reads every change since the last one it read, so a wake that
+//! comes late loses nothing; see [`EntryWatch`] for why none is missed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use sigil_core::{SelectorSet, SpiffeId};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::policy;
@@ -44,7 +52,7 @@ use crate::store::{
 };
 
 /// How many of the most recent changes the cache keeps for sync streams. A stream that falls
-/// further behind takes a fresh snapshot (from the cache, not the store).
+/// further behind compares what it sent with the cache's current state instead.
 pub(crate) const RECENT_CHANGES: usize = 4096;
 
 /// Changes the follower reads from the store per call.
@@ -57,7 +65,6 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 pub(crate) struct EntryCache {
     store: Arc<dyn Store>,
     state: RwLock<State>,
-    revision: watch::Sender<u64>,
     /// How long the cache may authorize after the store last answered (`max_store_staleness`;
     /// zero until [`EntryCache::set_max_staleness`]).
     max_staleness: RwLock<Duration>,
@@ -67,6 +74,36 @@ pub(crate) struct EntryCache {
     degraded: AtomicBool,
     /// Set while it refuses because the store has not answered for too long (said once).
     refusing: AtomicBool,
+    /// The sync streams to wake, by the parent IDs that concern them.
+    watchers: Mutex<Watchers>,
+}
+
+/// The open [`EntryWatch`]es.
+#[derive(Default)]
+struct Watchers {
+    /// The next watch's id.
+    next: u64,
+    /// Parent ID -> the watches registered under it, by id.
+    by_parent: Map<SpiffeId, Map<u64, Arc<Notify>>>,
+    /// Every watch, by id (a reload wakes them all).
+    all: Map<u64, Arc<Notify>>,
+}
+
+/// One sync stream's registration with the cache: woken ([`EntryWatch::changed`]) after the
+/// cache applied a change to an entry whose parent, before or after the change, is one of the
+/// IDs given to [`EntryWatch::set_parents`], and after a reload; unregistered when dropped.
+///
+/// Why no change is missed: the cache applies a change under its state's write lock and wakes
+/// the watches registered at that moment afterwards. A stream that registers its parents
+/// before it reads the changes after its revision ([`EntryCache::changes_after`]) either reads
+/// the change (applied before that read) or is woken for it (applied after the read, so woken
+/// after the registration). A wake that finds the stream busy is kept until it waits again
+/// ([`Notify::notify_one`]'s permit).
+pub(crate) struct EntryWatch {
+    cache: Arc<EntryCache>,
+    id: u64,
+    notify: Arc<Notify>,
+    parents: HashSet<SpiffeId>,
 }
 
 /// How often the follower reads the store when nothing was published.
@@ -114,7 +151,7 @@ struct State {
     /// SPIFFE ID -> the entries granting it (usually one: a vector).
     by_spiffe_id: Map<SpiffeId, Vec<EntryId>>,
     /// The last [`RECENT_CHANGES`] changes, oldest first, ending at `revision`.
-    recent: VecDeque<Arc<Change>>,
+    recent: VecDeque<Arc<AppliedChange>>,
     /// Set while the follower cannot read the store.
     stale: bool,
 }
@@ -152,12 +189,23 @@ impl From<&SpiffeId> for NodeAgent {
     }
 }
 
+/// A change as the cache applied it.
+#[derive(Debug)]
+pub(crate) struct AppliedChange {
+    /// The change.
+    pub change: Change,
+    /// The parent the entry had before the change, when the change gave it another one: a
+    /// stream below that parent must hear of the entry's move too.
+    pub moved_from: Option<SpiffeId>,
+}
+
 /// The answer of [`EntryCache::changes_after`].
 #[derive(Debug)]
 pub(crate) enum Recent {
     /// The changes after the asked revision, oldest first (empty: up to date).
-    Changes(Vec<Arc<Change>>),
-    /// The cache no longer holds the changes right after the asked revision: take a snapshot.
+    Changes(Vec<Arc<AppliedChange>>),
+    /// The cache no longer holds the changes right after the asked revision (or was reloaded
+    /// since): compare with the current state instead.
     Gone,
 }
 
@@ -198,16 +246,32 @@ impl EntryCache {
             revision = state.revision,
             "entry cache loaded"
         );
-        let (revision, _) = watch::channel(state.revision);
         Ok(Arc::new(Self {
             store,
             state: RwLock::new(state),
-            revision,
             max_staleness: RwLock::new(Duration::ZERO),
             confirmed_at: RwLock::new(Instant::now()),
             degraded: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
+            watchers: Mutex::new(Watchers::default()),
         }))
+    }
+
+    /// A registration for one sync stream, under no parent yet (woken by reloads only until
+    /// [`EntryWatch::set_parents`]).
+    pub(crate) fn watch(self: &Arc<Self>) -> EntryWatch {
+        let notify = Arc::new(Notify::new());
+        let mut watchers = self.watchers();
+        let id = watchers.next;
+        watchers.next += 1;
+        watchers.all.insert(id, Arc::clone(&notify));
+        drop(watchers);
+        EntryWatch {
+            cache: Arc::clone(self),
+            id,
+            notify,
+            parents: HashSet::new(),
+        }
     }
 
     /// How many entries the cache holds.
@@ -373,23 +437,19 @@ impl EntryCache {
                     return Ok(());
                 }
                 ChangesSince::Changes(changes) => {
-                    let applied = self.write().apply(changes);
-                    match applied {
-                        Some(revision) => {
-                            self.revision.send_replace(revision);
-                        }
-                        None => self.reload().await?,
+                    let mut touched = HashSet::new();
+                    let applied = self.write().apply(changes, &mut touched);
+                    // Woken for what was applied even when a gap stopped the batch (and the
+                    // reload below, which wakes every stream, fails).
+                    self.wake(&touched);
+                    if applied.is_none() {
+                        self.reload().await?;
                     }
                 }
                 // Fell behind the feed's retention (or the feed is not gap-free): start over.
                 ChangesSince::Expired => self.reload().await?,
             }
         }
-    }
-
-    /// A receiver of the cache's revision: it changes whenever changes were applied.
-    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.revision.subscribe()
     }
 
     /// The revision the cache reflects.
@@ -466,7 +526,7 @@ impl EntryCache {
         if revision == state.revision {
             return Recent::Changes(Vec::new());
         }
-        let Some(first) = state.recent.front().map(|c| c.revision) else {
+        let Some(first) = state.recent.front().map(|c| c.change.revision) else {
             return Recent::Gone;
         };
         if revision > state.revision || revision + 1 < first {
@@ -598,8 +658,34 @@ impl EntryCache {
             state.stale = stale;
         }
         warn!(revision, "entry cache reloaded from a store snapshot");
-        self.revision.send_replace(revision);
+        self.wake_all();
         Ok(())
+    }
+
+    /// Wakes the watches registered under any of `parents`.
+    fn wake(&self, parents: &HashSet<SpiffeId>) {
+        let watchers = self.watchers();
+        for parent in parents {
+            for notify in watchers
+                .by_parent
+                .get(parent)
+                .into_iter()
+                .flat_map(Map::values)
+            {
+                notify.notify_one();
+            }
+        }
+    }
+
+    /// Wakes every watch (the whole state was replaced).
+    fn wake_all(&self) {
+        for notify in self.watchers().all.values() {
+            notify.notify_one();
+        }
+    }
+
+    fn watchers(&self) -> MutexGuard<'_, Watchers> {
+        self.watchers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -608,6 +694,69 @@ impl EntryCache {
 
     fn write(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+// === impl EntryWatch ===
+
+impl EntryWatch {
+    /// Registers the watch under `parents` (replacing what it was registered under): changes
+    /// to entries below them wake it from now on, and no others do. Register before reading
+    /// the changes the new parents may concern (see [`EntryWatch`]).
+    pub(crate) fn set_parents(&mut self, parents: HashSet<SpiffeId>) {
+        let mut watchers = self.cache.watchers();
+        for gone in self.parents.difference(&parents) {
+            if let Some(watches) = watchers.by_parent.get_mut(gone) {
+                watches.remove(&self.id);
+                if watches.is_empty() {
+                    watchers.by_parent.remove(gone);
+                }
+            }
+        }
+        for new in parents.difference(&self.parents) {
+            watchers
+                .by_parent
+                .entry(new.clone())
+                .or_default()
+                .insert(self.id, Arc::clone(&self.notify));
+        }
+        drop(watchers);
+        self.parents = parents;
+    }
+
+    /// Whether changes to entries below `parent` wake this watch.
+    pub(crate) fn covers(&self, parent: &SpiffeId) -> bool {
+        self.parents.contains(parent)
+    }
+
+    /// Resolves once a change that concerns the watch was applied (at once when one was
+    /// applied since the last call resolved).
+    pub(crate) async fn changed(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for EntryWatch {
+    fn drop(&mut self) {
+        let mut watchers = self.cache.watchers();
+        watchers.all.remove(&self.id);
+        for parent in &self.parents {
+            if let Some(watches) = watchers.by_parent.get_mut(parent) {
+                watches.remove(&self.id);
+                if watches.is_empty() {
+                    watchers.by_parent.remove(parent);
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for EntryWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntryWatch")
+            .field("id", &self.id)
+            .field("parents", &self.parents.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -703,8 +852,9 @@ impl State {
     }
 
     /// Applies `changes` in order; returns the new revision, or `None` (nothing applied past
-    /// the break) when they do not follow on from the cache's revision without a gap.
-    fn apply(&mut self, changes: Vec<Change>) -> Option<u64> {
+    /// the break) when they do not follow on from the cache's revision without a gap. Adds to
+    /// `touched` the parent each changed entry had before the change and has after it.
+    fn apply(&mut self, changes: Vec<Change>, touched: &mut HashSet<SpiffeId>) -> Option<u64> {
         for change in changes {
             if change.revision <= self.revision {
                 // Applied already (a concurrent catch-up read the same changes).
@@ -718,12 +868,21 @@ impl State {
                 );
                 return None;
             }
-            match &change.kind {
-                ChangeKind::EntryUpserted(entry) => self.put(Arc::new(entry.clone())),
-                ChangeKind::EntryDeleted(entry) => self.remove(&entry.id),
+            let (entry, old) = match &change.kind {
+                ChangeKind::EntryUpserted(entry) => (entry, self.put(Arc::new(entry.clone()))),
+                ChangeKind::EntryDeleted(entry) => (entry, self.remove(&entry.id)),
+            };
+            let moved_from = old
+                .filter(|old| old.parent_id != entry.parent_id)
+                .map(|old| old.parent_id.clone());
+            for parent in std::iter::once(&entry.parent_id).chain(moved_from.as_ref()) {
+                if !touched.contains(parent) {
+                    touched.insert(parent.clone());
+                }
             }
             self.revision = change.revision;
-            self.recent.push_back(Arc::new(change));
+            self.recent
+                .push_back(Arc::new(AppliedChange { change, moved_from }));
             if self.recent.len() > RECENT_CHANGES {
                 self.recent.pop_front();
             }
@@ -779,27 +938,30 @@ impl State {
         (items, false)
     }
 
-    fn put(&mut self, entry: Arc<RegistrationEntry>) {
-        self.remove(&entry.id);
+    /// Holds `entry`; returns the entry it replaced.
+    fn put(&mut self, entry: Arc<RegistrationEntry>) -> Option<Arc<RegistrationEntry>> {
+        let old = self.remove(&entry.id);
         index(&mut self.by_parent, &mut self.by_spiffe_id, &entry);
         self.entries.insert(entry.id.clone(), entry);
+        old
     }
 
-    fn remove(&mut self, id: &EntryId) {
-        if let Some(old) = self.entries.remove(id) {
-            if let Some(ids) = self.by_parent.get_mut(&old.parent_id) {
-                ids.remove(id);
-                if ids.is_empty() {
-                    self.by_parent.remove(&old.parent_id);
-                }
-            }
-            if let Some(ids) = self.by_spiffe_id.get_mut(&old.spiffe_id) {
-                ids.retain(|other| other != id);
-                if ids.is_empty() {
-                    self.by_spiffe_id.remove(&old.spiffe_id);
-                }
+    /// Drops entry `id`; returns it.
+    fn remove(&mut self, id: &EntryId) -> Option<Arc<RegistrationEntry>> {
+        let old = self.entries.remove(id)?;
+        if let Some(ids) = self.by_parent.get_mut(&old.parent_id) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_parent.remove(&old.parent_id);
             }
         }
+        if let Some(ids) = self.by_spiffe_id.get_mut(&old.spiffe_id) {
+            ids.retain(|other| other != id);
+            if ids.is_empty() {
+                self.by_spiffe_id.remove(&old.spiffe_id);
+            }
+        }
+        Some(old)
     }
 
     /// The walk down from `agent` (see [`EntryCache::authorized`]); `usable` says which entries
@@ -1608,7 +1770,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn recent_changes_are_shared_and_a_stream_too_far_behind_is_told_to_snapshot() {
+    async fn recent_changes_are_shared_and_a_stream_too_far_behind_is_told_they_are_gone() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), 100_000);
         let cache = EntryCache::load(store.clone()).await.unwrap();
@@ -1627,7 +1789,7 @@ mod tests {
         let Recent::Changes(changes) = cache.changes_after(10, 3) else {
             panic!("revision 10 is the window's start");
         };
-        let revisions: Vec<u64> = changes.iter().map(|c| c.revision).collect();
+        let revisions: Vec<u64> = changes.iter().map(|c| c.change.revision).collect();
         assert_eq!(revisions, [11, 12, 13]);
         let Recent::Changes(tail) = cache.changes_after(last - 2, 100) else {
             panic!("in the window");
@@ -1640,6 +1802,94 @@ mod tests {
             panic!("in the window");
         };
         assert!(Arc::ptr_eq(&tail[0], &again[0]));
+    }
+
+    /// Whether `watch` was woken since it last was (without waiting).
+    async fn woken(watch: &EntryWatch) -> bool {
+        tokio::select! {
+            biased;
+            () = watch.changed() => true,
+            () = std::future::ready(()) => false,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_wakes_the_watches_under_its_old_or_new_parent_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        let mut mine = cache.watch();
+        mine.set_parents(HashSet::from([id(AGENT)]));
+        let mut other = cache.watch();
+        other.set_parents(HashSet::from([id(OTHER_AGENT)]));
+        let idle = cache.watch();
+        for watch in [&mine, &other, &idle] {
+            assert!(!woken(watch).await);
+        }
+
+        // Created below one agent: its watch only, once.
+        let moved = store
+            .create_entry(new_entry("spiffe://example.org/w/moved", AGENT))
+            .await
+            .unwrap();
+        cache.catch_up().await.unwrap();
+        assert!(woken(&mine).await);
+        assert!(!woken(&mine).await, "one wake per change applied");
+        assert!(!woken(&other).await);
+        assert!(!woken(&idle).await);
+
+        // Moved to the other agent: both (the old parent's watch must learn it is gone).
+        store
+            .update_entry(
+                &moved.id,
+                new_entry("spiffe://example.org/w/moved", OTHER_AGENT),
+            )
+            .await
+            .unwrap();
+        cache.catch_up().await.unwrap();
+        assert!(woken(&mine).await);
+        assert!(woken(&other).await);
+
+        // Deleted: the parent it had.
+        store.delete_entry(&moved.id).await.unwrap();
+        cache.catch_up().await.unwrap();
+        assert!(!woken(&mine).await);
+        assert!(woken(&other).await);
+
+        // Registered elsewhere: the old parent no longer wakes it, the new one does.
+        mine.set_parents(HashSet::from([id("spiffe://example.org/w/parent")]));
+        assert!(!mine.covers(&id(AGENT)));
+        store
+            .create_entry(new_entry("spiffe://example.org/w/a", AGENT))
+            .await
+            .unwrap();
+        cache.catch_up().await.unwrap();
+        assert!(!woken(&mine).await);
+        store
+            .create_entry(new_entry(
+                "spiffe://example.org/w/b",
+                "spiffe://example.org/w/parent",
+            ))
+            .await
+            .unwrap();
+        cache.catch_up().await.unwrap();
+        assert!(woken(&mine).await);
+        for watch in [&other, &idle] {
+            assert!(!woken(watch).await);
+        }
+
+        // A dropped watch leaves nothing registered.
+        drop(other);
+        assert!(!cache.watchers().by_parent.contains_key(&id(OTHER_AGENT)));
+        assert_eq!(cache.watchers().all.len(), 2);
+
+        // A reload replaces every entry: every watch wakes, one under no parent too.
+        cache.reload().await.unwrap();
+        assert!(woken(&mine).await);
+        assert!(woken(&idle).await);
+        drop((mine, idle));
+        let watchers = cache.watchers();
+        assert!(watchers.by_parent.is_empty() && watchers.all.is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1669,7 +1919,6 @@ mod tests {
             .await
             .unwrap();
         let cache = EntryCache::load(store.clone()).await.unwrap();
-        let mut revisions = cache.subscribe();
 
         // The next change cannot be decoded (it is corrupted before the follower starts, so
         // that it cannot have been applied already): the follower cannot apply it.
@@ -1698,10 +1947,14 @@ mod tests {
 
         // Repaired: the follower's retry catches up, and the cache authorizes again.
         store.swap_raw_change(2, &good);
-        tokio::time::timeout(Duration::from_secs(10), revisions.wait_for(|r| *r == 3))
-            .await
-            .unwrap()
-            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while cache.revision() != 3 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never applied the change"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while cache.authorized_now(&id(AGENT), SystemTime::now()).is_err() {
             assert!(tokio::time::Instant::now() < deadline, "never caught up");

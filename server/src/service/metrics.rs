@@ -102,11 +102,13 @@ impl fmt::Debug for SessionMetrics {
     }
 }
 
-/// Agents' sync streams open now, and how many distinct agents hold them.
+/// Agents' sync streams open now, how many distinct agents hold them, and how often a stream
+/// slept past the entry cache's window of recent changes.
 #[derive(Clone, Default)]
 pub(crate) struct SyncMetrics {
     pub(crate) streams: Gauge,
     pub(crate) agents: Gauge,
+    pub(crate) resyncs: Counter,
     open: Arc<std::sync::Mutex<std::collections::HashMap<SpiffeId, usize>>>,
 }
 
@@ -217,6 +219,12 @@ pub(crate) fn registry(sources: Sources) -> Registry {
         "agents_connected",
         "Agents holding a sync stream open on this server",
         sources.sync.agents,
+    );
+    registry.register(
+        "sync_resyncs",
+        "Sync streams that slept past the entry cache's window of recent changes and compared \
+         their agent's entries afresh",
+        sources.sync.resyncs,
     );
     registry.register(
         "audit_appended",

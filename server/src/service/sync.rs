@@ -7,16 +7,22 @@
 //! SVID expires, or the server shuts down. The messages are domain values
 //! ([`SyncMessage`]); the node API turns them into protobuf.
 //!
+//! A stream wakes for a change only when the change concerns its agent: it registers with the
+//! entry cache the parent IDs its agent's entries hang below ([`EntryWatch`]), and then reads
+//! every change since the last one it read. A stream that stayed asleep for longer than the
+//! cache's window of recent changes compares what it sent with what its agent is authorized
+//! for now instead, and sends the difference (no snapshot: the agent keeps what did not
+//! change; counted in `sigil_server_sync_resyncs_total`).
+//!
 //! Agents are witnesses of the audit log: before anything else, the checkpoints the agent
 //! presents are checked against the log ([`AuditLog::witness`]); then the stream sends the
 //! latest signed checkpoint, and each new one as it is signed, unless the log has diverged
 //! (an agent must keep the evidence it holds until an operator acknowledged it).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sigil_core::SpiffeId;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::debug;
 
@@ -26,7 +32,7 @@ use crate::service::agents::{Agent, Agents, DenyReason};
 use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, BundleState};
 use crate::service::crl::{CrlPublisher, CrlSet};
-use crate::service::entry_cache::{EntryCache, EntryCacheError, Recent};
+use crate::service::entry_cache::{AppliedChange, EntryCache, EntryCacheError, EntryWatch, Recent};
 use crate::service::federation::{FederatedBundles, FederatedSet};
 use crate::service::metrics::SyncMetrics;
 use crate::store::{Change, ChangeKind, EntryId, RegistrationEntry};
@@ -153,15 +159,19 @@ pub(crate) struct EntrySync {
     federated: Arc<FederatedBundles>,
     shutdown: watch::Receiver<bool>,
     metrics: SyncMetrics,
+    /// How often an open stream checks that the cache still authorizes ([`STALE_CHECK`]).
+    stale_check: Duration,
 }
 
 /// What one stream has told its agent.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SyncState {
     /// Entry id -> revision, for every entry the agent holds.
     sent: BTreeMap<EntryId, u64>,
-    /// The parents whose children concern the agent.
-    reachable: HashSet<SpiffeId>,
+    /// Registered under the parents whose children concern the agent: the agent's ID, the
+    /// SPIFFE IDs of its authorized entries and of the node aliases below it, and for an agent
+    /// with node selectors the server's ID (which node aliases hang below).
+    watch: EntryWatch,
 }
 
 // === impl EntrySync ===
@@ -186,7 +196,16 @@ impl EntrySync {
             federated,
             shutdown,
             metrics: SyncMetrics::default(),
+            stale_check: STALE_CHECK,
         }
+    }
+
+    /// The same service, its streams checking the cache every `every` (tests that must see
+    /// that only a wake, not the periodic check, delivered a change).
+    #[cfg(test)]
+    pub(crate) fn checking_every(mut self, every: Duration) -> Self {
+        self.stale_check = every;
+        self
     }
 
     /// The streams open now.
@@ -246,14 +265,16 @@ impl EntrySync {
         // Subscribed before anything is sent: a ban after this point ends the stream.
         let mut removals = self.agents.subscribe_removed();
         let mut removals_open = true;
-        let mut revisions = cache.subscribe();
         let mut bundle_updates = self.authority.subscribe();
         let mut crl_updates = self.crls.subscribe();
         let mut crls_open = true;
         let mut federated_updates = self.federated.subscribe();
         let mut federated_generation = federated_updates.borrow_and_update().generation;
         let mut shutdown = self.shutdown.clone();
-        let mut state = SyncState::default();
+        let mut state = SyncState {
+            sent: BTreeMap::new(),
+            watch: cache.watch(),
+        };
 
         // Resume from `since` when it is a revision of this store; else snapshot. Either way
         // the last page carries the CRLs and the bundle, which may have changed while the
@@ -275,18 +296,24 @@ impl EntrySync {
         loop {
             // Every change the cache has applied after `revision`.
             loop {
-                let changes = match cache.changes_after(revision, CHANGES_PER_READ) {
-                    Recent::Changes(changes) => changes,
-                    Recent::Gone => {
-                        // Fell too far behind: start over with a snapshot.
+                let (out, seen) = match cache.changes_after(revision, CHANGES_PER_READ) {
+                    Recent::Changes(changes) if changes.is_empty() => break,
+                    Recent::Changes(changes) => {
+                        self.apply_changes(&agent, &changes, &mut state).await?
+                    }
+                    // The cache went back (reloaded from a store restored to an earlier point):
+                    // an id may be back at a revision the agent holds with other contents.
+                    Recent::Gone if revision > cache.revision() => {
                         revision = self.snapshot(&agent, &mut state, tx).await?;
                         continue;
                     }
+                    // Asleep for longer than the cache's window (or the cache was reloaded):
+                    // what the agent is authorized for now against what it was sent.
+                    Recent::Gone => {
+                        self.metrics.resyncs.inc();
+                        self.resync(&agent, &mut state).await?
+                    }
                 };
-                if changes.is_empty() {
-                    break;
-                }
-                let (out, seen) = self.apply_changes(&agent, &changes, &mut state).await?;
                 if !out.is_empty() && !send(tx, SyncMessage::Changes(out)).await {
                     return Ok(());
                 }
@@ -329,7 +356,7 @@ impl EntrySync {
                 }
             }
             tokio::select! {
-                changed = revisions.changed() => if changed.is_err() { return Ok(()) },
+                () = state.watch.changed() => {}
                 changed = bundle_updates.changed() => if changed.is_err() { return Ok(()) },
                 changed = federated_updates.changed() => if changed.is_err() { return Ok(()) },
                 changed = crl_updates.changed(), if crls_open => if changed.is_err() { crls_open = false },
@@ -350,7 +377,7 @@ impl EntrySync {
                 () = &mut expiry => return Err(SyncError::Expired),
                 // A server that can no longer vouch for its entries ends its streams (their
                 // agents reconnect, to another server if they list one).
-                () = tokio::time::sleep(STALE_CHECK) => if cache.is_refusing() {
+                () = tokio::time::sleep(self.stale_check) => if cache.is_refusing() {
                     return Err(SyncError::Entries(EntryCacheError::Stale));
                 },
                 _ = shutdown.wait_for(|stop| *stop) => return Err(SyncError::ShuttingDown),
@@ -390,7 +417,7 @@ impl EntrySync {
             }
         }
         debug!(agent_id = %agent.id, entries = state.sent.len(), revision, "sync snapshot sent");
-        state.reachable = authorized.reachable;
+        state.watch.set_parents(authorized.reachable);
         Ok(revision)
     }
 
@@ -450,7 +477,7 @@ impl EntrySync {
             }
         }
         debug!(agent_id = %agent.id, since, revision, resent = resent.len(), unchanged = unchanged.len(), "sync resumed");
-        state.reachable = authorized.reachable;
+        state.watch.set_parents(authorized.reachable);
         Ok(Some(revision))
     }
 
@@ -461,16 +488,34 @@ impl EntrySync {
     async fn apply_changes(
         &self,
         agent: &Agent,
-        changes: &[Arc<Change>],
+        changes: &[Arc<AppliedChange>],
         state: &mut SyncState,
     ) -> Result<(Vec<SyncChange>, u64), SyncError> {
+        // The rule the cache wakes streams by: the entry's parent before or after the change
+        // (an entry the agent holds hangs below a parent the watch covers).
         let relevant = changes.iter().any(|c| {
-            let e = entry_of(c);
-            state.sent.contains_key(&e.id) || state.reachable.contains(&e.parent_id)
+            let e = entry_of(&c.change);
+            state.sent.contains_key(&e.id)
+                || state.watch.covers(&e.parent_id)
+                || c.moved_from
+                    .as_ref()
+                    .is_some_and(|from| state.watch.covers(from))
         });
         if !relevant {
-            return Ok((vec![], changes.last().map_or(0, |c| c.revision)));
+            return Ok((vec![], changes.last().map_or(0, |c| c.change.revision)));
         }
+        self.resync(agent, state).await
+    }
+
+    /// The agent's changes from what it was sent to what it is authorized for now: upserts
+    /// for entries new or changed since they were sent, deletes for those it no longer holds.
+    /// Registers the stream's watch under the new parents. Returns the changes and the cache
+    /// revision they bring the agent to.
+    async fn resync(
+        &self,
+        agent: &Agent,
+        state: &mut SyncState,
+    ) -> Result<(Vec<SyncChange>, u64), SyncError> {
         let authorized = self.entries.authorized(agent, SystemTime::now()).await?;
         let revision = authorized.revision;
         let mut out = Vec::new();
@@ -490,7 +535,7 @@ impl EntrySync {
             state.sent.remove(&id);
             out.push(SyncChange::Delete { id, revision });
         }
-        state.reachable = authorized.reachable;
+        state.watch.set_parents(authorized.reachable);
         Ok((out, revision))
     }
 }
@@ -532,8 +577,11 @@ fn entry_of(change: &Change) -> &RegistrationEntry {
 
 #[cfg(test)]
 mod tests {
+    use sigil_core::{SelectorSet, SpiffeId};
+
     use super::*;
     use crate::service::testing::{Fixture, bulky_entry, entry};
+    use crate::store::NewEntry;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_ban_or_an_eviction_ends_the_agents_open_stream_at_once() {
@@ -782,6 +830,191 @@ mod tests {
         );
         assert!(unchanged.is_empty());
         assert!(bundle.is_some());
+        drop(rx);
+        task.await.unwrap().unwrap();
+    }
+
+    /// A stream for `agent` from scratch, past its snapshot (whose entries it returns). It
+    /// checks the cache only every hour: a change reaches it only if the change woke it.
+    async fn open_stream(
+        fx: &Fixture,
+        agent: &Agent,
+    ) -> (
+        mpsc::Receiver<Result<SyncMessage, SyncError>>,
+        tokio::task::JoinHandle<Result<(), SyncError>>,
+        Vec<EntryId>,
+    ) {
+        let (tx, mut rx) = mpsc::channel(16);
+        let sync = fx.sync.clone().checking_every(Duration::from_secs(3600));
+        let agent = agent.clone();
+        let task = tokio::spawn(async move { sync.run(agent, 0, vec![], &tx).await });
+        let SyncMessage::Snapshot { entries, .. } = next(&mut rx).await else {
+            panic!("expected a snapshot");
+        };
+        (rx, task, entries.iter().map(|e| e.id.clone()).collect())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_moved_between_agents_leaves_one_stream_and_reaches_the_other() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let (from, to) = (fx.attested_agent().await, fx.attested_agent().await);
+        let moved = fx
+            .entries
+            .create(0, vec![entry("spiffe://example.org/moved", &from.id)], now)
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        let (mut from_rx, from_task, held) = open_stream(&fx, &from).await;
+        assert_eq!(held, std::slice::from_ref(&moved.id));
+        let (mut to_rx, to_task, held) = open_stream(&fx, &to).await;
+        assert!(held.is_empty());
+
+        fx.entries
+            .update(
+                0,
+                &moved.id,
+                entry("spiffe://example.org/moved", &to.id),
+                now,
+            )
+            .await
+            .unwrap();
+        let SyncMessage::Changes(changes) = next(&mut from_rx).await else {
+            panic!("expected changes");
+        };
+        assert!(
+            matches!(&changes[..], [SyncChange::Delete { id, .. }] if *id == moved.id),
+            "{changes:?}"
+        );
+        let SyncMessage::Changes(changes) = next(&mut to_rx).await else {
+            panic!("expected changes");
+        };
+        assert!(
+            matches!(&changes[..], [SyncChange::Upsert(e)] if e.id == moved.id && e.parent_id == to.id),
+            "{changes:?}"
+        );
+        drop((from_rx, to_rx));
+        from_task.await.unwrap().unwrap();
+        to_task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_alias_moved_away_takes_what_hangs_below_it_along() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let (from, to) = (fx.attested_agent().await, fx.attested_agent().await);
+        // A join token's node alias: no selectors, a parent only (never sent to the agent).
+        let alias_id = SpiffeId::new("spiffe://example.org/node/x").unwrap();
+        let alias = fx
+            .store
+            .create_entry(NewEntry::new(
+                alias_id.clone(),
+                from.id.clone(),
+                SelectorSet::new(),
+            ))
+            .await
+            .unwrap();
+        let below = fx
+            .entries
+            .create(0, vec![entry("spiffe://example.org/below", &alias_id)], now)
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        let (mut from_rx, from_task, held) = open_stream(&fx, &from).await;
+        assert_eq!(held, std::slice::from_ref(&below.id));
+        let (mut to_rx, to_task, held) = open_stream(&fx, &to).await;
+        assert!(held.is_empty());
+
+        // The alias (which neither stream was sent) moves: what hangs below it moves along.
+        fx.store
+            .update_entry(
+                &alias.id,
+                NewEntry::new(alias_id, to.id.clone(), SelectorSet::new()),
+            )
+            .await
+            .unwrap();
+        let SyncMessage::Changes(changes) = next(&mut from_rx).await else {
+            panic!("expected changes");
+        };
+        assert!(
+            matches!(&changes[..], [SyncChange::Delete { id, .. }] if *id == below.id),
+            "{changes:?}"
+        );
+        let SyncMessage::Changes(changes) = next(&mut to_rx).await else {
+            panic!("expected changes");
+        };
+        assert!(
+            matches!(&changes[..], [SyncChange::Upsert(e)] if e.id == below.id),
+            "{changes:?}"
+        );
+        drop((from_rx, to_rx));
+        from_task.await.unwrap().unwrap();
+        to_task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_asleep_past_the_cache_window_gets_the_difference_not_a_snapshot() {
+        use crate::service::entry_cache::RECENT_CHANGES;
+
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let (agent, busy) = (fx.attested_agent().await, fx.attested_agent().await);
+        let created = fx
+            .entries
+            .create(
+                0,
+                vec![
+                    entry("spiffe://example.org/kept", &agent.id),
+                    entry("spiffe://example.org/dropped", &agent.id),
+                ],
+                now,
+            )
+            .await
+            .unwrap();
+        let dropped = created[1].as_ref().unwrap().id.clone();
+        let (mut rx, task, held) = open_stream(&fx, &agent).await;
+        assert_eq!(held.len(), 2);
+
+        // More changes than the cache keeps, none for this agent: its stream sleeps through
+        // them, and the changes right after its revision leave the cache's window.
+        let mut others = 0;
+        while others <= RECENT_CHANGES {
+            let batch = (0..1000)
+                .map(|i| entry(&format!("spiffe://example.org/busy/{others}-{i}"), &busy.id))
+                .collect();
+            for result in fx.entries.create(0, batch, now).await.unwrap() {
+                result.unwrap();
+            }
+            others += 1000;
+        }
+        assert_eq!(fx.sync.metrics().resyncs.get(), 0);
+        // Then one for it: it learns exactly what changed for its agent (not the kept entry).
+        fx.entries.delete(0, &dropped).await.unwrap();
+        let SyncMessage::Changes(changes) = next(&mut rx).await else {
+            panic!("expected the difference, not a snapshot");
+        };
+        assert!(
+            matches!(&changes[..], [SyncChange::Delete { id, .. }] if *id == dropped),
+            "{changes:?}"
+        );
+        assert_eq!(fx.sync.metrics().resyncs.get(), 1, "by comparison, once");
+        let added = fx
+            .entries
+            .create(0, vec![entry("spiffe://example.org/added", &agent.id)], now)
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        let SyncMessage::Changes(changes) = next(&mut rx).await else {
+            panic!("expected changes");
+        };
+        assert!(
+            matches!(&changes[..], [SyncChange::Upsert(e)] if e.id == added.id),
+            "{changes:?}"
+        );
+        assert_eq!(fx.sync.metrics().resyncs.get(), 1, "in the window again");
         drop(rx);
         task.await.unwrap().unwrap();
     }
