@@ -36,6 +36,7 @@
 //! comes late loses nothing; see [`EntryWatch`] for why none is missed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -76,15 +77,24 @@ pub(crate) struct EntryCache {
     refusing: AtomicBool,
     /// The sync streams to wake, by the parent IDs that concern them.
     watchers: Mutex<Watchers>,
+    /// Makes a [`ParentKey`] of a parent ID (seeded at random per cache).
+    parent_keys: foldhash::fast::RandomState,
 }
+
+/// A parent ID as watches are registered under it: its 64-bit hash. A stream holds one per
+/// parent instead of a copy of the ID (an agent with 10,000 nested entries has 10,000 parents,
+/// and 1,000 agents of 100 entries as many). An ID always has the same key, so no wake is
+/// lost; two IDs with the same key only wake a stream for nothing (it reads the changes and
+/// finds none for it, or compares its entries and finds them unchanged).
+type ParentKey = u64;
 
 /// The open [`EntryWatch`]es.
 #[derive(Default)]
 struct Watchers {
     /// The next watch's id.
     next: u64,
-    /// Parent ID -> the watches registered under it, by id.
-    by_parent: Map<SpiffeId, Map<u64, Arc<Notify>>>,
+    /// Parent key -> the watches registered under it (usually one: a vector).
+    by_parent: Map<ParentKey, Vec<(u64, Arc<Notify>)>>,
     /// Every watch, by id (a reload wakes them all).
     all: Map<u64, Arc<Notify>>,
 }
@@ -103,7 +113,7 @@ pub(crate) struct EntryWatch {
     cache: Arc<EntryCache>,
     id: u64,
     notify: Arc<Notify>,
-    parents: HashSet<SpiffeId>,
+    parents: HashSet<ParentKey, foldhash::fast::RandomState>,
 }
 
 /// How often the follower reads the store when nothing was published.
@@ -254,6 +264,7 @@ impl EntryCache {
             degraded: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
             watchers: Mutex::new(Watchers::default()),
+            parent_keys: foldhash::fast::RandomState::default(),
         }))
     }
 
@@ -270,7 +281,7 @@ impl EntryCache {
             cache: Arc::clone(self),
             id,
             notify,
-            parents: HashSet::new(),
+            parents: HashSet::default(),
         }
     }
 
@@ -438,7 +449,7 @@ impl EntryCache {
                 }
                 ChangesSince::Changes(changes) => {
                     let mut touched = HashSet::new();
-                    let applied = self.write().apply(changes, &mut touched);
+                    let applied = self.write().apply(changes, &self.parent_keys, &mut touched);
                     // Woken for what was applied even when a gap stopped the batch (and the
                     // reload below, which wakes every stream, fails).
                     self.wake(&touched);
@@ -663,18 +674,18 @@ impl EntryCache {
     }
 
     /// Wakes the watches registered under any of `parents`.
-    fn wake(&self, parents: &HashSet<SpiffeId>) {
+    fn wake(&self, parents: &HashSet<ParentKey>) {
         let watchers = self.watchers();
         for parent in parents {
-            for notify in watchers
-                .by_parent
-                .get(parent)
-                .into_iter()
-                .flat_map(Map::values)
-            {
+            for (_, notify) in watchers.by_parent.get(parent).into_iter().flatten() {
                 notify.notify_one();
             }
         }
+    }
+
+    /// The key watches are registered under for `parent`.
+    fn parent_key(&self, parent: &SpiffeId) -> ParentKey {
+        self.parent_keys.hash_one(parent)
     }
 
     /// Wakes every watch (the whole state was replaced).
@@ -697,6 +708,20 @@ impl EntryCache {
     }
 }
 
+// === impl Watchers ===
+
+impl Watchers {
+    /// Takes watch `id` off the list of `parent`.
+    fn unregister(&mut self, parent: ParentKey, id: u64) {
+        if let Some(watches) = self.by_parent.get_mut(&parent) {
+            watches.retain(|(watch, _)| *watch != id);
+            if watches.is_empty() {
+                self.by_parent.remove(&parent);
+            }
+        }
+    }
+}
+
 // === impl EntryWatch ===
 
 impl EntryWatch {
@@ -704,29 +729,29 @@ impl EntryWatch {
     /// to entries below them wake it from now on, and no others do. Register before reading
     /// the changes the new parents may concern (see [`EntryWatch`]).
     pub(crate) fn set_parents(&mut self, parents: HashSet<SpiffeId>) {
+        let parents: HashSet<ParentKey, _> = parents
+            .iter()
+            .map(|parent| self.cache.parent_key(parent))
+            .collect();
         let mut watchers = self.cache.watchers();
         for gone in self.parents.difference(&parents) {
-            if let Some(watches) = watchers.by_parent.get_mut(gone) {
-                watches.remove(&self.id);
-                if watches.is_empty() {
-                    watchers.by_parent.remove(gone);
-                }
-            }
+            watchers.unregister(*gone, self.id);
         }
         for new in parents.difference(&self.parents) {
             watchers
                 .by_parent
-                .entry(new.clone())
+                .entry(*new)
                 .or_default()
-                .insert(self.id, Arc::clone(&self.notify));
+                .push((self.id, Arc::clone(&self.notify)));
         }
         drop(watchers);
         self.parents = parents;
     }
 
-    /// Whether changes to entries below `parent` wake this watch.
+    /// Whether changes to entries below `parent` wake this watch (true also, rarely, for an
+    /// ID that shares the key of one registered: see [`ParentKey`]).
     pub(crate) fn covers(&self, parent: &SpiffeId) -> bool {
-        self.parents.contains(parent)
+        self.parents.contains(&self.cache.parent_key(parent))
     }
 
     /// Resolves once a change that concerns the watch was applied (at once when one was
@@ -741,12 +766,7 @@ impl Drop for EntryWatch {
         let mut watchers = self.cache.watchers();
         watchers.all.remove(&self.id);
         for parent in &self.parents {
-            if let Some(watches) = watchers.by_parent.get_mut(parent) {
-                watches.remove(&self.id);
-                if watches.is_empty() {
-                    watchers.by_parent.remove(parent);
-                }
-            }
+            watchers.unregister(*parent, self.id);
         }
     }
 }
@@ -853,8 +873,14 @@ impl State {
 
     /// Applies `changes` in order; returns the new revision, or `None` (nothing applied past
     /// the break) when they do not follow on from the cache's revision without a gap. Adds to
-    /// `touched` the parent each changed entry had before the change and has after it.
-    fn apply(&mut self, changes: Vec<Change>, touched: &mut HashSet<SpiffeId>) -> Option<u64> {
+    /// `touched` the parent each changed entry had before the change and has after it, as
+    /// `parent_keys` makes their keys.
+    fn apply(
+        &mut self,
+        changes: Vec<Change>,
+        parent_keys: &foldhash::fast::RandomState,
+        touched: &mut HashSet<ParentKey>,
+    ) -> Option<u64> {
         for change in changes {
             if change.revision <= self.revision {
                 // Applied already (a concurrent catch-up read the same changes).
@@ -876,9 +902,7 @@ impl State {
                 .filter(|old| old.parent_id != entry.parent_id)
                 .map(|old| old.parent_id.clone());
             for parent in std::iter::once(&entry.parent_id).chain(moved_from.as_ref()) {
-                if !touched.contains(parent) {
-                    touched.insert(parent.clone());
-                }
+                touched.insert(parent_keys.hash_one(parent));
             }
             self.revision = change.revision;
             self.recent
@@ -1880,7 +1904,8 @@ mod tests {
 
         // A dropped watch leaves nothing registered.
         drop(other);
-        assert!(!cache.watchers().by_parent.contains_key(&id(OTHER_AGENT)));
+        let other_key = cache.parent_key(&id(OTHER_AGENT));
+        assert!(!cache.watchers().by_parent.contains_key(&other_key));
         assert_eq!(cache.watchers().all.len(), 2);
 
         // A reload replaces every entry: every watch wakes, one under no parent too.
