@@ -75,7 +75,7 @@ pub(crate) struct EntryCache {
     degraded: AtomicBool,
     /// Set while it refuses because the store has not answered for too long (said once).
     refusing: AtomicBool,
-    /// The sync streams to wake, by the parent IDs that concern them.
+    /// The sync streams to wake, by the keys of the parent IDs that concern them.
     watchers: Mutex<Watchers>,
     /// Makes a [`ParentKey`] of a parent ID (seeded at random per cache).
     parent_keys: foldhash::fast::RandomState,
@@ -101,7 +101,8 @@ struct Watchers {
 
 /// One sync stream's registration with the cache: woken ([`EntryWatch::changed`]) after the
 /// cache applied a change to an entry whose parent, before or after the change, is one of the
-/// IDs given to [`EntryWatch::set_parents`], and after a reload; unregistered when dropped.
+/// IDs given to [`EntryWatch::set_parents`] (or shares its [`ParentKey`]), and after a reload;
+/// unregistered when dropped.
 ///
 /// Why no change is missed: the cache applies a change under its state's write lock and wakes
 /// the watches registered at that moment afterwards. A stream that registers its parents
@@ -173,8 +174,9 @@ pub(crate) struct Authorized {
     pub revision: u64,
     /// Entry id -> entry.
     pub entries: BTreeMap<EntryId, Arc<RegistrationEntry>>,
-    /// The agent's ID and the SPIFFE IDs of its authorized entries: the parents whose children
-    /// concern the agent.
+    /// The parents whose children concern the agent: its ID, the SPIFFE IDs of its authorized
+    /// entries that may parent others (not a session's) and of the node aliases below it, and
+    /// for an agent with node selectors the server's ID (node aliases hang below it).
     pub reachable: HashSet<SpiffeId>,
 }
 
@@ -217,6 +219,10 @@ pub(crate) enum Recent {
     /// The cache no longer holds the changes right after the asked revision (or was reloaded
     /// since): compare with the current state instead.
     Gone,
+    /// The cache is at an earlier revision than the asked one: it was reloaded from a store
+    /// restored to an earlier point, where an id may be back at a revision the asker holds
+    /// with other contents. Start over.
+    WentBack,
 }
 
 /// Why the cache could not answer.
@@ -537,10 +543,13 @@ impl EntryCache {
         if revision == state.revision {
             return Recent::Changes(Vec::new());
         }
+        if revision > state.revision {
+            return Recent::WentBack;
+        }
         let Some(first) = state.recent.front().map(|c| c.change.revision) else {
             return Recent::Gone;
         };
-        if revision > state.revision || revision + 1 < first {
+        if revision + 1 < first {
             return Recent::Gone;
         }
         let skip = usize::try_from(revision + 1 - first).unwrap_or(usize::MAX);
@@ -1820,12 +1829,39 @@ mod tests {
         };
         assert_eq!(tail.len(), 2);
         assert!(matches!(cache.changes_after(last, 100), Recent::Changes(c) if c.is_empty()));
-        assert!(matches!(cache.changes_after(last + 1, 100), Recent::Gone));
+        assert!(matches!(
+            cache.changes_after(last + 1, 100),
+            Recent::WentBack
+        ));
         // Shared, not copied: two readers get the same allocation.
         let Recent::Changes(again) = cache.changes_after(last - 2, 100) else {
             panic!("in the window");
         };
         assert!(Arc::ptr_eq(&tail[0], &again[0]));
+    }
+
+    #[test]
+    fn a_batch_cut_short_by_a_gap_names_the_parents_of_what_it_applied() {
+        let change = |revision, parent: &str| Change {
+            revision,
+            kind: ChangeKind::EntryUpserted(RegistrationEntry::from_new(
+                EntryId::generate().unwrap(),
+                new_entry(&format!("spiffe://example.org/w/{revision}"), parent),
+                UNIX_EPOCH,
+                revision,
+            )),
+        };
+        let keys = foldhash::fast::RandomState::default();
+        let mut state = State::default();
+        let mut touched = HashSet::new();
+        let applied = state.apply(
+            vec![change(1, AGENT), change(3, OTHER_AGENT)],
+            &keys,
+            &mut touched,
+        );
+        assert_eq!(applied, None, "revision 2 is missing");
+        assert_eq!(state.revision, 1);
+        assert_eq!(touched, HashSet::from([keys.hash_one(id(AGENT))]));
     }
 
     /// Whether `watch` was woken since it last was (without waiting).
@@ -1858,7 +1894,7 @@ mod tests {
             .unwrap();
         cache.catch_up().await.unwrap();
         assert!(woken(&mine).await);
-        assert!(!woken(&mine).await, "one wake per change applied");
+        assert!(!woken(&mine).await, "the wake was used up");
         assert!(!woken(&other).await);
         assert!(!woken(&idle).await);
 

@@ -241,9 +241,10 @@ impl EntrySync {
         // failed, the stream sends no checkpoint that could replace the evidence the agent
         // holds.
         let (witnessed_tx, mut witnessed_rx) = oneshot::channel();
-        if witnessed.is_empty() {
-            let _ = witnessed_tx.send(true);
-        } else {
+        // Nothing presented: nothing to check (and no wake-up for it).
+        let mut witness_pending = !witnessed.is_empty();
+        let mut may_send_checkpoints = witnessed.is_empty();
+        if witness_pending {
             let audit = Arc::clone(&self.audit);
             let source = agent.id.to_string();
             tokio::spawn(async move {
@@ -257,8 +258,6 @@ impl EntrySync {
                 let _ = witnessed_tx.send(checked);
             });
         }
-        let mut witness_pending = true;
-        let mut may_send_checkpoints = false;
         let mut checkpoints = self.audit.subscribe();
         let mut sent_checkpoint: Option<Arc<AuditCheckpoint>> = None;
         let cache = &self.entries;
@@ -303,7 +302,9 @@ impl EntrySync {
                     }
                     // The cache went back (reloaded from a store restored to an earlier point):
                     // an id may be back at a revision the agent holds with other contents.
-                    Recent::Gone if revision > cache.revision() => {
+                    // Checked under the lock that read the window, so a cache that went back
+                    // and moved past the stream's revision again is not taken for one ahead.
+                    Recent::WentBack => {
                         revision = self.snapshot(&agent, &mut state, tx).await?;
                         continue;
                     }
@@ -834,16 +835,15 @@ mod tests {
         task.await.unwrap().unwrap();
     }
 
-    /// A stream for `agent` from scratch, past its snapshot (whose entries it returns). It
-    /// checks the cache only every hour: a change reaches it only if the change woke it.
-    async fn open_stream(
-        fx: &Fixture,
-        agent: &Agent,
-    ) -> (
+    /// A stream's messages and its task.
+    type Stream = (
         mpsc::Receiver<Result<SyncMessage, SyncError>>,
         tokio::task::JoinHandle<Result<(), SyncError>>,
-        Vec<EntryId>,
-    ) {
+    );
+
+    /// A stream for `agent` from scratch, past its snapshot (whose entries it returns). It
+    /// checks the cache only every hour: a change reaches it only if the change woke it.
+    async fn open_stream(fx: &Fixture, agent: &Agent) -> (Stream, Vec<EntryId>) {
         let (tx, mut rx) = mpsc::channel(16);
         let sync = fx.sync.clone().checking_every(Duration::from_secs(3600));
         let agent = agent.clone();
@@ -851,7 +851,51 @@ mod tests {
         let SyncMessage::Snapshot { entries, .. } = next(&mut rx).await else {
             panic!("expected a snapshot");
         };
-        (rx, task, entries.iter().map(|e| e.id.clone()).collect())
+        ((rx, task), entries.iter().map(|e| e.id.clone()).collect())
+    }
+
+    /// Entry `spiffe_id` under `parent`, created through the entry service.
+    async fn create(fx: &Fixture, spiffe_id: &str, parent: &SpiffeId) -> RegistrationEntry {
+        let created = fx
+            .entries
+            .create(0, vec![entry(spiffe_id, parent)], SystemTime::now());
+        created.await.unwrap().remove(0).unwrap()
+    }
+
+    /// Streams for `from`, which holds just entry `held`, and for `to`, which holds nothing.
+    async fn two_streams(
+        fx: &Fixture,
+        (from, held): (&Agent, &EntryId),
+        to: &Agent,
+    ) -> (Stream, Stream) {
+        let (from_stream, from_held) = open_stream(fx, from).await;
+        assert_eq!(from_held, std::slice::from_ref(held));
+        let (to_stream, to_held) = open_stream(fx, to).await;
+        assert!(to_held.is_empty());
+        (from_stream, to_stream)
+    }
+
+    /// Checks that the stream `from` is told entry `id` is gone and the stream `to` gets it,
+    /// under `parent` (each as its next message), then closes both.
+    async fn moved_between(from: Stream, to: Stream, id: &EntryId, parent: &SpiffeId) {
+        let ((mut from_rx, from_task), (mut to_rx, to_task)) = (from, to);
+        let SyncMessage::Changes(changes) = next(&mut from_rx).await else {
+            panic!("expected changes");
+        };
+        assert!(
+            matches!(&changes[..], [SyncChange::Delete { id: gone, .. }] if gone == id),
+            "{changes:?}"
+        );
+        let SyncMessage::Changes(changes) = next(&mut to_rx).await else {
+            panic!("expected changes");
+        };
+        assert!(
+            matches!(&changes[..], [SyncChange::Upsert(e)] if e.id == *id && e.parent_id == *parent),
+            "{changes:?}"
+        );
+        drop((from_rx, to_rx));
+        from_task.await.unwrap().unwrap();
+        to_task.await.unwrap().unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -859,17 +903,8 @@ mod tests {
         let fx = Fixture::new().await;
         let now = SystemTime::now();
         let (from, to) = (fx.attested_agent().await, fx.attested_agent().await);
-        let moved = fx
-            .entries
-            .create(0, vec![entry("spiffe://example.org/moved", &from.id)], now)
-            .await
-            .unwrap()
-            .remove(0)
-            .unwrap();
-        let (mut from_rx, from_task, held) = open_stream(&fx, &from).await;
-        assert_eq!(held, std::slice::from_ref(&moved.id));
-        let (mut to_rx, to_task, held) = open_stream(&fx, &to).await;
-        assert!(held.is_empty());
+        let moved = create(&fx, "spiffe://example.org/moved", &from.id).await;
+        let (from_stream, to_stream) = two_streams(&fx, (&from, &moved.id), &to).await;
 
         fx.entries
             .update(
@@ -880,29 +915,12 @@ mod tests {
             )
             .await
             .unwrap();
-        let SyncMessage::Changes(changes) = next(&mut from_rx).await else {
-            panic!("expected changes");
-        };
-        assert!(
-            matches!(&changes[..], [SyncChange::Delete { id, .. }] if *id == moved.id),
-            "{changes:?}"
-        );
-        let SyncMessage::Changes(changes) = next(&mut to_rx).await else {
-            panic!("expected changes");
-        };
-        assert!(
-            matches!(&changes[..], [SyncChange::Upsert(e)] if e.id == moved.id && e.parent_id == to.id),
-            "{changes:?}"
-        );
-        drop((from_rx, to_rx));
-        from_task.await.unwrap().unwrap();
-        to_task.await.unwrap().unwrap();
+        moved_between(from_stream, to_stream, &moved.id, &to.id).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_alias_moved_away_takes_what_hangs_below_it_along() {
         let fx = Fixture::new().await;
-        let now = SystemTime::now();
         let (from, to) = (fx.attested_agent().await, fx.attested_agent().await);
         // A join token's node alias: no selectors, a parent only (never sent to the agent).
         let alias_id = SpiffeId::new("spiffe://example.org/node/x").unwrap();
@@ -915,43 +933,18 @@ mod tests {
             ))
             .await
             .unwrap();
-        let below = fx
-            .entries
-            .create(0, vec![entry("spiffe://example.org/below", &alias_id)], now)
-            .await
-            .unwrap()
-            .remove(0)
-            .unwrap();
-        let (mut from_rx, from_task, held) = open_stream(&fx, &from).await;
-        assert_eq!(held, std::slice::from_ref(&below.id));
-        let (mut to_rx, to_task, held) = open_stream(&fx, &to).await;
-        assert!(held.is_empty());
+        let below = create(&fx, "spiffe://example.org/below", &alias_id).await;
+        let (from_stream, to_stream) = two_streams(&fx, (&from, &below.id), &to).await;
 
         // The alias (which neither stream was sent) moves: what hangs below it moves along.
         fx.store
             .update_entry(
                 &alias.id,
-                NewEntry::new(alias_id, to.id.clone(), SelectorSet::new()),
+                NewEntry::new(alias_id.clone(), to.id.clone(), SelectorSet::new()),
             )
             .await
             .unwrap();
-        let SyncMessage::Changes(changes) = next(&mut from_rx).await else {
-            panic!("expected changes");
-        };
-        assert!(
-            matches!(&changes[..], [SyncChange::Delete { id, .. }] if *id == below.id),
-            "{changes:?}"
-        );
-        let SyncMessage::Changes(changes) = next(&mut to_rx).await else {
-            panic!("expected changes");
-        };
-        assert!(
-            matches!(&changes[..], [SyncChange::Upsert(e)] if e.id == below.id),
-            "{changes:?}"
-        );
-        drop((from_rx, to_rx));
-        from_task.await.unwrap().unwrap();
-        to_task.await.unwrap().unwrap();
+        moved_between(from_stream, to_stream, &below.id, &alias_id).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -974,13 +967,14 @@ mod tests {
             .await
             .unwrap();
         let dropped = created[1].as_ref().unwrap().id.clone();
-        let (mut rx, task, held) = open_stream(&fx, &agent).await;
+        let ((mut rx, task), held) = open_stream(&fx, &agent).await;
         assert_eq!(held.len(), 2);
 
         // More changes than the cache keeps, none for this agent: its stream sleeps through
         // them, and the changes right after its revision leave the cache's window.
         let mut others = 0;
-        while others <= RECENT_CHANGES {
+        // Two batches more than the window, in case the stream was still reading the first.
+        while others <= RECENT_CHANGES + 2000 {
             let batch = (0..1000)
                 .map(|i| entry(&format!("spiffe://example.org/busy/{others}-{i}"), &busy.id))
                 .collect();
@@ -1000,13 +994,7 @@ mod tests {
             "{changes:?}"
         );
         assert_eq!(fx.sync.metrics().resyncs.get(), 1, "by comparison, once");
-        let added = fx
-            .entries
-            .create(0, vec![entry("spiffe://example.org/added", &agent.id)], now)
-            .await
-            .unwrap()
-            .remove(0)
-            .unwrap();
+        let added = create(&fx, "spiffe://example.org/added", &agent.id).await;
         let SyncMessage::Changes(changes) = next(&mut rx).await else {
             panic!("expected changes");
         };
