@@ -36,7 +36,7 @@
 //! comes late loses nothing; see [`EntryWatch`] for why none is missed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::hash::BuildHasher;
+use std::hash::BuildHasher as _;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -77,8 +77,8 @@ pub(crate) struct EntryCache {
     refusing: AtomicBool,
     /// The sync streams to wake, by the keys of the parent IDs that concern them.
     watchers: Mutex<Watchers>,
-    /// Makes a [`ParentKey`] of a parent ID (seeded at random per cache).
-    parent_keys: foldhash::fast::RandomState,
+    /// Makes the [`ParentKey`]s of parent IDs.
+    parent_keys: ParentKeys,
 }
 
 /// A parent ID as watches are registered under it: its 64-bit hash. A stream holds one per
@@ -87,6 +87,17 @@ pub(crate) struct EntryCache {
 /// lost; two IDs with the same key only wake a stream for nothing (it reads the changes and
 /// finds none for it, or compares its entries and finds them unchanged).
 type ParentKey = u64;
+
+/// The one hasher, seeded at random per cache, that makes every [`ParentKey`]: the keys
+/// watches register under and the keys a change wakes must come from the same one.
+#[derive(Default)]
+struct ParentKeys(foldhash::fast::RandomState);
+
+impl ParentKeys {
+    fn key(&self, parent: &SpiffeId) -> ParentKey {
+        self.0.hash_one(parent)
+    }
+}
 
 /// The open [`EntryWatch`]es.
 #[derive(Default)]
@@ -206,9 +217,10 @@ impl From<&SpiffeId> for NodeAgent {
 pub(crate) struct AppliedChange {
     /// The change.
     pub change: Change,
-    /// The parent the entry had before the change, when the change gave it another one: a
-    /// stream below that parent must hear of the entry's move too.
-    pub moved_from: Option<SpiffeId>,
+    /// The keys of the parent the entry has after the change and, when the change gave it
+    /// another one, of the parent it had before (a stream below that one must hear of the
+    /// move too): the watches the change woke ([`EntryWatch::concerns`]).
+    parents: (ParentKey, Option<ParentKey>),
 }
 
 /// The answer of [`EntryCache::changes_after`].
@@ -270,7 +282,7 @@ impl EntryCache {
             degraded: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
             watchers: Mutex::new(Watchers::default()),
-            parent_keys: foldhash::fast::RandomState::default(),
+            parent_keys: ParentKeys::default(),
         }))
     }
 
@@ -692,11 +704,6 @@ impl EntryCache {
         }
     }
 
-    /// The key watches are registered under for `parent`.
-    fn parent_key(&self, parent: &SpiffeId) -> ParentKey {
-        self.parent_keys.hash_one(parent)
-    }
-
     /// Wakes every watch (the whole state was replaced).
     fn wake_all(&self) {
         for notify in self.watchers().all.values() {
@@ -740,7 +747,7 @@ impl EntryWatch {
     pub(crate) fn set_parents(&mut self, parents: HashSet<SpiffeId>) {
         let parents: HashSet<ParentKey, _> = parents
             .iter()
-            .map(|parent| self.cache.parent_key(parent))
+            .map(|parent| self.cache.parent_keys.key(parent))
             .collect();
         let mut watchers = self.cache.watchers();
         for gone in self.parents.difference(&parents) {
@@ -757,10 +764,18 @@ impl EntryWatch {
         self.parents = parents;
     }
 
-    /// Whether changes to entries below `parent` wake this watch (true also, rarely, for an
-    /// ID that shares the key of one registered: see [`ParentKey`]).
-    pub(crate) fn covers(&self, parent: &SpiffeId) -> bool {
-        self.parents.contains(&self.cache.parent_key(parent))
+    /// Whether `change` woke this watch (or would have, had it been registered as it is now):
+    /// the entry's parent after the change, or before it, is one the watch is registered under
+    /// (or shares its key: see [`ParentKey`]).
+    pub(crate) fn concerns(&self, change: &AppliedChange) -> bool {
+        let (now, before) = change.parents;
+        self.parents.contains(&now) || before.is_some_and(|key| self.parents.contains(&key))
+    }
+
+    /// Whether changes to entries below `parent` wake this watch.
+    #[cfg(test)]
+    fn covers(&self, parent: &SpiffeId) -> bool {
+        self.parents.contains(&self.cache.parent_keys.key(parent))
     }
 
     /// Resolves once a change that concerns the watch was applied (at once when one was
@@ -882,12 +897,12 @@ impl State {
 
     /// Applies `changes` in order; returns the new revision, or `None` (nothing applied past
     /// the break) when they do not follow on from the cache's revision without a gap. Adds to
-    /// `touched` the parent each changed entry had before the change and has after it, as
-    /// `parent_keys` makes their keys.
+    /// `touched` the keys of the parent each changed entry had before the change and has
+    /// after it.
     fn apply(
         &mut self,
         changes: Vec<Change>,
-        parent_keys: &foldhash::fast::RandomState,
+        parent_keys: &ParentKeys,
         touched: &mut HashSet<ParentKey>,
     ) -> Option<u64> {
         for change in changes {
@@ -907,15 +922,16 @@ impl State {
                 ChangeKind::EntryUpserted(entry) => (entry, self.put(Arc::new(entry.clone()))),
                 ChangeKind::EntryDeleted(entry) => (entry, self.remove(&entry.id)),
             };
-            let moved_from = old
-                .filter(|old| old.parent_id != entry.parent_id)
-                .map(|old| old.parent_id.clone());
-            for parent in std::iter::once(&entry.parent_id).chain(moved_from.as_ref()) {
-                touched.insert(parent_keys.hash_one(parent));
-            }
+            let parents = (
+                parent_keys.key(&entry.parent_id),
+                old.filter(|old| old.parent_id != entry.parent_id)
+                    .map(|old| parent_keys.key(&old.parent_id)),
+            );
+            touched.insert(parents.0);
+            touched.extend(parents.1);
             self.revision = change.revision;
             self.recent
-                .push_back(Arc::new(AppliedChange { change, moved_from }));
+                .push_back(Arc::new(AppliedChange { change, parents }));
             if self.recent.len() > RECENT_CHANGES {
                 self.recent.pop_front();
             }
@@ -1851,7 +1867,7 @@ mod tests {
                 revision,
             )),
         };
-        let keys = foldhash::fast::RandomState::default();
+        let keys = ParentKeys::default();
         let mut state = State::default();
         let mut touched = HashSet::new();
         let applied = state.apply(
@@ -1861,7 +1877,7 @@ mod tests {
         );
         assert_eq!(applied, None, "revision 2 is missing");
         assert_eq!(state.revision, 1);
-        assert_eq!(touched, HashSet::from([keys.hash_one(id(AGENT))]));
+        assert_eq!(touched, HashSet::from([keys.key(&id(AGENT))]));
     }
 
     /// Whether `watch` was woken since it last was (without waiting).
@@ -1940,7 +1956,7 @@ mod tests {
 
         // A dropped watch leaves nothing registered.
         drop(other);
-        let other_key = cache.parent_key(&id(OTHER_AGENT));
+        let other_key = cache.parent_keys.key(&id(OTHER_AGENT));
         assert!(!cache.watchers().by_parent.contains_key(&other_key));
         assert_eq!(cache.watchers().all.len(), 2);
 

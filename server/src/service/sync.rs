@@ -492,16 +492,11 @@ impl EntrySync {
         changes: &[Arc<AppliedChange>],
         state: &mut SyncState,
     ) -> Result<(Vec<SyncChange>, u64), SyncError> {
-        // The rule the cache wakes streams by: the entry's parent before or after the change
-        // (an entry the agent holds hangs below a parent the watch covers).
-        let relevant = changes.iter().any(|c| {
-            let e = entry_of(&c.change);
-            state.sent.contains_key(&e.id)
-                || state.watch.covers(&e.parent_id)
-                || c.moved_from
-                    .as_ref()
-                    .is_some_and(|from| state.watch.covers(from))
-        });
+        // The rule the cache wakes streams by (an entry the agent holds hangs below a parent
+        // the watch is registered under).
+        let relevant = changes
+            .iter()
+            .any(|c| state.sent.contains_key(&entry_of(&c.change).id) || state.watch.concerns(c));
         if !relevant {
             return Ok((vec![], changes.last().map_or(0, |c| c.change.revision)));
         }
