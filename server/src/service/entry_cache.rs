@@ -189,6 +189,21 @@ pub(crate) struct Authorized {
     /// entries that may parent others (not a session's) and of the node aliases below it, and
     /// for an agent with node selectors the server's ID (node aliases hang below it).
     pub reachable: HashSet<SpiffeId>,
+    /// The earliest `expires_at` of the entries the walk went through (the node aliases that
+    /// matched, the parents below them and the entries authorized): when the answer changes
+    /// with no change to the store. `None` when none of them expires.
+    pub next_expiry: Option<SystemTime>,
+}
+
+// === impl Authorized ===
+
+impl Authorized {
+    /// Takes `entry`'s expiry into [`Authorized::next_expiry`].
+    fn expires(&mut self, entry: &RegistrationEntry) {
+        if let Some(at) = entry.expires_at {
+            self.next_expiry = Some(self.next_expiry.map_or(at, |next| next.min(at)));
+        }
+    }
 }
 
 /// Who entries are authorized for: an agent's ID and the selectors its node attestation
@@ -1028,6 +1043,12 @@ impl State {
         if !agent.selectors.is_empty()
             && let Ok(server) = policy::server_id(&agent.id.trust_domain())
         {
+            // The aliases that made roots: when one expires, its root may go.
+            for alias in self.children(&server) {
+                if usable(alias) && roots.contains(&alias.spiffe_id) {
+                    out.expires(alias);
+                }
+            }
             // Node aliases hang below the server's ID: a change there concerns this agent.
             out.reachable.insert(server);
         }
@@ -1037,6 +1058,9 @@ impl State {
             for entry in self.children(&parent) {
                 if !usable(entry) {
                     continue;
+                }
+                if is_parent(entry) || is_issued(entry) {
+                    out.expires(entry);
                 }
                 if is_parent(entry) && out.reachable.insert(entry.spiffe_id.clone()) {
                     queue.push_back(entry.spiffe_id.clone());

@@ -14,6 +14,11 @@
 //! for now instead, and sends the difference (no snapshot: the agent keeps what did not
 //! change; counted in `sigil_server_sync_resyncs_total`).
 //!
+//! An entry that expires changes what its agent is authorized for with no change to the store:
+//! the entry and, when it is a parent or a node alias, everything below it. Each stream keeps
+//! the earliest expiry among the entries its agent's authorization went through and, when it
+//! comes, sends the difference as above (deletes for what is no longer authorized).
+//!
 //! Agents are witnesses of the audit log: before anything else, the checkpoints the agent
 //! presents are checked against the log ([`AuditLog::witness`]); then the stream sends the
 //! latest signed checkpoint, and each new one as it is signed, unless the log has diverged
@@ -32,7 +37,9 @@ use crate::service::agents::{Agent, Agents, DenyReason};
 use crate::service::audit::AuditLog;
 use crate::service::authority::{Authority, BundleState};
 use crate::service::crl::{CrlPublisher, CrlSet};
-use crate::service::entry_cache::{AppliedChange, EntryCache, EntryCacheError, EntryWatch, Recent};
+use crate::service::entry_cache::{
+    AppliedChange, Authorized, EntryCache, EntryCacheError, EntryWatch, Recent,
+};
 use crate::service::federation::{FederatedBundles, FederatedSet};
 use crate::service::metrics::SyncMetrics;
 use crate::store::{Change, ChangeKind, EntryId, RegistrationEntry};
@@ -172,6 +179,28 @@ struct SyncState {
     /// SPIFFE IDs of its authorized entries and of the node aliases below it, and for an agent
     /// with node selectors the server's ID (which node aliases hang below).
     watch: EntryWatch,
+    /// When the earliest expiry among the entries the agent's authorization went through
+    /// comes: an entry, or a parent or node alias above some, that expires changes what the
+    /// agent is authorized for without any change to the store.
+    next_expiry: Option<SystemTime>,
+}
+
+// === impl SyncState ===
+
+impl SyncState {
+    /// Takes `authorized`'s parents (for the watch) and its next expiry.
+    fn follow(&mut self, authorized: Authorized) {
+        self.watch.set_parents(authorized.reachable);
+        self.next_expiry = authorized.next_expiry;
+    }
+
+    /// How long until [`SyncState::next_expiry`], if any.
+    fn until_expiry(&self) -> Option<Duration> {
+        self.next_expiry.map(|at| {
+            at.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        })
+    }
 }
 
 // === impl EntrySync ===
@@ -273,6 +302,7 @@ impl EntrySync {
         let mut state = SyncState {
             sent: BTreeMap::new(),
             watch: cache.watch(),
+            next_expiry: None,
         };
 
         // Resume from `since` when it is a revision of this store; else snapshot. Either way
@@ -292,7 +322,16 @@ impl EntrySync {
         );
         tokio::pin!(expiry);
 
+        let mut expired = false;
         loop {
+            // An entry expired: what the agent is authorized for now against what it was sent.
+            if std::mem::take(&mut expired) {
+                let (out, seen) = self.resync(&agent, &mut state).await?;
+                if !out.is_empty() && !send(tx, SyncMessage::Changes(out)).await {
+                    return Ok(());
+                }
+                revision = revision.max(seen);
+            }
             // Every change the cache has applied after `revision`.
             loop {
                 let (out, seen) = match cache.changes_after(revision, CHANGES_PER_READ) {
@@ -356,8 +395,12 @@ impl EntrySync {
                     return Ok(());
                 }
             }
+            let until_expiry = state.until_expiry();
             tokio::select! {
                 () = state.watch.changed() => {}
+                () = tokio::time::sleep(until_expiry.unwrap_or_default()), if until_expiry.is_some() => {
+                    expired = true;
+                }
                 changed = bundle_updates.changed() => if changed.is_err() { return Ok(()) },
                 changed = federated_updates.changed() => if changed.is_err() { return Ok(()) },
                 changed = crl_updates.changed(), if crls_open => if changed.is_err() { crls_open = false },
@@ -418,7 +461,7 @@ impl EntrySync {
             }
         }
         debug!(agent_id = %agent.id, entries = state.sent.len(), revision, "sync snapshot sent");
-        state.watch.set_parents(authorized.reachable);
+        state.follow(authorized);
         Ok(revision)
     }
 
@@ -478,7 +521,7 @@ impl EntrySync {
             }
         }
         debug!(agent_id = %agent.id, since, revision, resent = resent.len(), unchanged = unchanged.len(), "sync resumed");
-        state.watch.set_parents(authorized.reachable);
+        state.follow(authorized);
         Ok(Some(revision))
     }
 
@@ -531,7 +574,7 @@ impl EntrySync {
             state.sent.remove(&id);
             out.push(SyncChange::Delete { id, revision });
         }
-        state.watch.set_parents(authorized.reachable);
+        state.follow(authorized);
         Ok((out, revision))
     }
 }
@@ -940,6 +983,64 @@ mod tests {
             .await
             .unwrap();
         moved_between(from_stream, to_stream, &below.id, &alias_id).await;
+    }
+
+    /// Creates `parent` (a parent only: no selectors, never sent to an agent) with `selectors`
+    /// under `above`, expiring in 2 s, and an entry below it held by `agent`'s stream. Checks
+    /// that the stream, which only wakes for changes to the store or for an expiry, drops the
+    /// entry below once the parent has expired, and nothing else.
+    async fn check_withdrawn_at_expiry(
+        fx: &Fixture,
+        agent: &Agent,
+        (parent, above, selectors): (&SpiffeId, &SpiffeId, SelectorSet),
+    ) {
+        let expires_at = SystemTime::now() + Duration::from_secs(2);
+        let mut alias = NewEntry::new(parent.clone(), above.clone(), selectors);
+        alias.expires_at = Some(expires_at);
+        fx.store.create_entry(alias).await.unwrap();
+        let below = create(fx, "spiffe://example.org/below", parent).await;
+        let kept = create(fx, "spiffe://example.org/kept", &agent.id).await;
+        let ((mut rx, task), mut held) = open_stream(fx, agent).await;
+        held.sort_unstable();
+        let mut expected = vec![below.id.clone(), kept.id.clone()];
+        expected.sort_unstable();
+        assert_eq!(held, expected);
+
+        let SyncMessage::Changes(changes) = next(&mut rx).await else {
+            panic!("expected changes");
+        };
+        assert!(SystemTime::now() >= expires_at, "not before the expiry");
+        assert!(
+            matches!(&changes[..], [SyncChange::Delete { id, .. }] if *id == below.id),
+            "{changes:?}"
+        );
+        // Nothing else expires: no further message.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err(), "one message only");
+        drop(rx);
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parent_that_expires_takes_what_hangs_below_it_off_the_agent() {
+        let fx = Fixture::new().await;
+        let agent = fx.attested_agent().await;
+        let parent = SpiffeId::new("spiffe://example.org/team").unwrap();
+        check_withdrawn_at_expiry(&fx, &agent, (&parent, &agent.id, SelectorSet::new())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_alias_that_expires_takes_what_hangs_below_it_off_the_agent() {
+        let fx = Fixture::new().await;
+        let selectors: SelectorSet =
+            [sigil_core::Selector::parse("x509pop:subject:cn:web").unwrap()]
+                .into_iter()
+                .collect();
+        let mut agent = fx.attested_agent().await;
+        agent.selectors = selectors.clone();
+        let alias = SpiffeId::new("spiffe://example.org/nodes/web").unwrap();
+        let server = policy::server_id(&agent.id.trust_domain()).unwrap();
+        check_withdrawn_at_expiry(&fx, &agent, (&alias, &server, selectors)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
