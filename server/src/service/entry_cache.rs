@@ -1045,7 +1045,10 @@ impl State {
         {
             // The aliases that made roots: when one expires, its root may go.
             for alias in self.children(&server) {
-                if usable(alias) && roots.contains(&alias.spiffe_id) {
+                if usable(alias)
+                    && alias.selectors.matches(&agent.selectors)
+                    && roots.contains(&alias.spiffe_id)
+                {
                     out.expires(alias);
                 }
             }
@@ -1386,6 +1389,86 @@ mod tests {
                 .await
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_next_expiry_is_the_earliest_among_what_the_walk_went_through_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        let now = SystemTime::now();
+        let at = |secs: u64| now + Duration::from_secs(secs);
+        let sel = |s: &str| Selector::parse(s).unwrap();
+        let create = |mut entry: NewEntry, expires_at: SystemTime| {
+            entry.expires_at = Some(expires_at);
+            let store = store.clone();
+            async move { store.create_entry(entry).await.unwrap() }
+        };
+        // For this agent: an entry (in 300 s), a parent (in 200 s) with an entry below it.
+        create(new_entry("spiffe://example.org/mine", AGENT), at(300)).await;
+        let team = NewEntry::new(
+            id("spiffe://example.org/team"),
+            id(AGENT),
+            SelectorSet::new(),
+        );
+        create(team, at(200)).await;
+        create(
+            new_entry("spiffe://example.org/below", "spiffe://example.org/team"),
+            at(400),
+        )
+        .await;
+        // Not walked for it: another agent's entry, a node alias for other nodes, an entry
+        // below a parent nobody grants (all sooner).
+        create(
+            new_entry("spiffe://example.org/theirs", OTHER_AGENT),
+            at(10),
+        )
+        .await;
+        let db = NewEntry::new(
+            id("spiffe://example.org/nodes/db"),
+            id("spiffe://example.org/sigil/server"),
+            [sel("x509pop:subject:cn:db")].into_iter().collect(),
+        );
+        create(db, at(20)).await;
+        create(
+            new_entry("spiffe://example.org/orphan", "spiffe://example.org/nobody"),
+            at(30),
+        )
+        .await;
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        let agent = |selectors: &[&str]| NodeAgent {
+            id: id(AGENT),
+            selectors: selectors.iter().map(|s| sel(s)).collect(),
+        };
+        let next = |agent: NodeAgent| {
+            let cache = &cache;
+            async move { cache.authorized(agent, now).await.unwrap().next_expiry }
+        };
+        assert_eq!(next(agent(&[])).await, Some(at(200)));
+        assert_eq!(
+            next(agent(&["x509pop:subject:cn:web"])).await,
+            Some(at(200))
+        );
+        // A node alias the agent matches counts, though nothing hangs below it.
+        let web = NewEntry::new(
+            id("spiffe://example.org/nodes/web"),
+            id("spiffe://example.org/sigil/server"),
+            [sel("x509pop:subject:cn:web")].into_iter().collect(),
+        );
+        create(web, at(100)).await;
+        assert_eq!(
+            next(agent(&["x509pop:subject:cn:web"])).await,
+            Some(at(100))
+        );
+        assert_eq!(next(agent(&[])).await, Some(at(200)));
+        // Nothing that expires: none.
+        assert_eq!(
+            cache
+                .authorized(&id("spiffe://example.org/sigil/agent/join_token/c"), now)
+                .await
+                .unwrap()
+                .next_expiry,
+            None
         );
     }
 

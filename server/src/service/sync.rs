@@ -17,7 +17,7 @@
 //! An entry that expires changes what its agent is authorized for with no change to the store:
 //! the entry and, when it is a parent or a node alias, everything below it. Each stream keeps
 //! the earliest expiry among the entries its agent's authorization went through and, when it
-//! comes, sends the difference as above (deletes for what is no longer authorized).
+//! comes, sends the difference as above.
 //!
 //! Agents are witnesses of the audit log: before anything else, the checkpoints the agent
 //! presents are checked against the log ([`AuditLog::witness`]); then the stream sends the
@@ -985,16 +985,17 @@ mod tests {
         moved_between(from_stream, to_stream, &below.id, &alias_id).await;
     }
 
-    /// Creates `parent` (a parent only: no selectors, never sent to an agent) with `selectors`
-    /// under `above`, expiring in 2 s, and an entry below it held by `agent`'s stream. Checks
-    /// that the stream, which only wakes for changes to the store or for an expiry, drops the
-    /// entry below once the parent has expired, and nothing else.
+    /// Creates `parent` with `selectors` under `above`, expiring in 5 s (a parent only, never
+    /// sent to an agent: an alias under the agent without selectors, or a node alias under the
+    /// server), and an entry below it held by `agent`'s stream. Checks that the stream, which
+    /// wakes only for changes to the store or for an expiry, drops the entry below once the
+    /// parent has expired, and nothing else.
     async fn check_withdrawn_at_expiry(
         fx: &Fixture,
         agent: &Agent,
         (parent, above, selectors): (&SpiffeId, &SpiffeId, SelectorSet),
     ) {
-        let expires_at = SystemTime::now() + Duration::from_secs(2);
+        let expires_at = SystemTime::now() + Duration::from_secs(5);
         let mut alias = NewEntry::new(parent.clone(), above.clone(), selectors);
         alias.expires_at = Some(expires_at);
         fx.store.create_entry(alias).await.unwrap();
@@ -1027,6 +1028,48 @@ mod tests {
         let agent = fx.attested_agent().await;
         let parent = SpiffeId::new("spiffe://example.org/team").unwrap();
         check_withdrawn_at_expiry(&fx, &agent, (&parent, &agent.id, SelectorSet::new())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_that_expire_one_after_the_other_each_leave_at_their_own_expiry() {
+        let fx = Fixture::new().await;
+        let agent = fx.attested_agent().await;
+        let now = SystemTime::now();
+        let (first_at, then_at) = (now + Duration::from_secs(5), now + Duration::from_secs(7));
+        // An entry the agent holds itself, then a parent above another one.
+        let mut direct = entry("spiffe://example.org/direct", &agent.id);
+        direct.expires_at = Some(first_at);
+        let direct = fx
+            .entries
+            .create(0, vec![direct], now)
+            .await
+            .unwrap()
+            .remove(0);
+        let direct = direct.unwrap();
+        let parent = SpiffeId::new("spiffe://example.org/team").unwrap();
+        let mut alias = NewEntry::new(parent.clone(), agent.id.clone(), SelectorSet::new());
+        alias.expires_at = Some(then_at);
+        fx.store.create_entry(alias).await.unwrap();
+        let below = create(&fx, "spiffe://example.org/below", &parent).await;
+        let ((mut rx, task), mut held) = open_stream(&fx, &agent).await;
+        held.sort_unstable();
+        let mut expected = vec![direct.id.clone(), below.id.clone()];
+        expected.sort_unstable();
+        assert_eq!(held, expected);
+
+        // Each at its own expiry: the stream's timer is set again after the first.
+        for (gone, at) in [(&direct.id, first_at), (&below.id, then_at)] {
+            let SyncMessage::Changes(changes) = next(&mut rx).await else {
+                panic!("expected changes");
+            };
+            assert!(SystemTime::now() >= at, "not before the expiry");
+            assert!(
+                matches!(&changes[..], [SyncChange::Delete { id, .. }] if id == gone),
+                "{changes:?}"
+            );
+        }
+        drop(rx);
+        task.await.unwrap().unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
