@@ -323,8 +323,9 @@ impl Authority {
     }
 
     /// Signs a workload X509-SVID for `entry` over the CSR's key: identity, DNS names and
-    /// lifetime from the entry, never ending after the entry does; under a privileged
-    /// `session`, it carries the session extension.
+    /// lifetime from the entry, never ending after the entry does (an entry as
+    /// `EntryCache::authorize` returns it ends when the parents it is authorized through do,
+    /// if sooner); under a privileged `session`, it carries the session extension.
     ///
     /// # Errors
     ///

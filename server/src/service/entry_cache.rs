@@ -530,6 +530,11 @@ impl EntryCache {
     /// a cost that does not grow with the agent's other entries. Catches up first, as
     /// [`EntryCache::authorized`] does.
     ///
+    /// Each entry comes with `expires_at` set to when its authorization ends, which is what
+    /// caps the NotAfter of what is signed for it: its own expiry or, when sooner, that of the
+    /// parents and node aliases it is authorized through (of the path that lasts longest when
+    /// there are several). An SVID never outlives the chain that let it be issued.
+    ///
     /// # Errors
     ///
     /// [`EntryCacheError::Stale`] while the store cannot be read.
@@ -1044,13 +1049,8 @@ impl State {
             && let Ok(server) = policy::server_id(&agent.id.trust_domain())
         {
             // The aliases that made roots: when one expires, its root may go.
-            for alias in self.children(&server) {
-                if usable(alias)
-                    && alias.selectors.matches(&agent.selectors)
-                    && roots.contains(&alias.spiffe_id)
-                {
-                    out.expires(alias);
-                }
+            for alias in self.matched_aliases(agent, usable) {
+                out.expires(alias);
             }
             // Node aliases hang below the server's ID: a change there concerns this agent.
             out.reachable.insert(server);
@@ -1084,16 +1084,25 @@ impl State {
         ids: &[EntryId],
         usable: &dyn Fn(&RegistrationEntry) -> bool,
     ) -> HashMap<EntryId, Arc<RegistrationEntry>> {
-        let roots: HashSet<SpiffeId> = self.roots(agent, usable).into_iter().collect();
-        let mut reaches: HashMap<&SpiffeId, bool> = HashMap::new();
+        let roots = self.root_ends(agent, usable);
+        let mut ends: HashMap<&SpiffeId, Option<Until>> = HashMap::new();
         ids.iter()
             .filter_map(|id| self.entries.get(id).filter(|e| usable(e) && is_issued(e)))
-            .filter(|entry| {
-                *reaches
+            .filter_map(|entry| {
+                let chain = *ends
                     .entry(&entry.parent_id)
-                    .or_insert_with(|| self.reaches(&entry.parent_id, &roots, usable))
+                    .or_insert_with(|| self.reach(&entry.parent_id, &roots, usable));
+                let chain = chain?;
+                let entry = if chain < Until(entry.expires_at) {
+                    // Authorized through something that ends sooner than the entry does.
+                    let mut capped = RegistrationEntry::clone(entry);
+                    capped.expires_at = chain.0;
+                    Arc::new(capped)
+                } else {
+                    Arc::clone(entry)
+                };
+                Some((entry.id.clone(), entry))
             })
-            .map(|entry| (entry.id.clone(), entry.clone()))
             .collect()
     }
 
@@ -1106,64 +1115,126 @@ impl State {
         usable: &dyn Fn(&RegistrationEntry) -> bool,
     ) -> Vec<SpiffeId> {
         let mut roots = vec![agent.id.clone()];
-        if agent.selectors.is_empty() {
-            return roots;
-        }
-        let Ok(server) = policy::server_id(&agent.id.trust_domain()) else {
-            return roots;
-        };
-        for alias in self.children(&server) {
-            if usable(alias)
-                && alias.selectors.matches(&agent.selectors)
-                && !roots.contains(&alias.spiffe_id)
-            {
+        for alias in self.matched_aliases(agent, usable) {
+            if !roots.contains(&alias.spiffe_id) {
                 roots.push(alias.spiffe_id.clone());
             }
         }
         roots
     }
 
-    /// True when one of `roots` is `from` or an ancestor of it: there is a chain of usable
-    /// entries, each granting the ID that is the next one's parent, from one parented to a
-    /// root down to one granting `from`. Breadth first up the entries granting each ID, each
-    /// ID visited once (so cycles end).
-    fn reaches(
+    /// [`State::roots`], each with when it stops being one: never for the agent's ID, the
+    /// expiry of the matched node alias that lasts longest for the others.
+    fn root_ends(
+        &self,
+        agent: &NodeAgent,
+        usable: &dyn Fn(&RegistrationEntry) -> bool,
+    ) -> HashMap<SpiffeId, Until> {
+        let mut roots = HashMap::from([(agent.id.clone(), Until::NEVER)]);
+        for alias in self.matched_aliases(agent, usable) {
+            let end = Until(alias.expires_at);
+            roots
+                .entry(alias.spiffe_id.clone())
+                .and_modify(|until| *until = (*until).max(end))
+                .or_insert(end);
+        }
+        roots
+    }
+
+    /// The node aliases `agent`'s node selectors match: usable entries parented to the
+    /// server's ID, every selector of which the node has (none for an agent without node
+    /// selectors).
+    fn matched_aliases<'a>(
+        &'a self,
+        agent: &'a NodeAgent,
+        usable: &'a dyn Fn(&RegistrationEntry) -> bool,
+    ) -> impl Iterator<Item = &'a Arc<RegistrationEntry>> {
+        let server = (!agent.selectors.is_empty())
+            .then(|| policy::server_id(&agent.id.trust_domain()).ok())
+            .flatten();
+        server
+            .into_iter()
+            .flat_map(|server| self.children(&server))
+            .filter(move |alias| usable(alias) && alias.selectors.matches(&agent.selectors))
+    }
+
+    /// When the authorization of what hangs below `from` ends, if one of `roots` is `from` or
+    /// an ancestor of it: there is a chain of usable entries, each granting the ID that is the
+    /// next one's parent, from one parented to a root down to one granting `from`. The chain
+    /// ends with the soonest expiry along it (its root's included); of several chains, the one
+    /// that ends last counts. Up the entries granting each ID, the longest-lasting chains
+    /// first, so that each ID is walked from once per better end it is reached with (cycles
+    /// end: an end only gets shorter along a chain). `None`: not authorized.
+    fn reach(
         &self,
         from: &SpiffeId,
-        roots: &HashSet<SpiffeId>,
+        roots: &HashMap<SpiffeId, Until>,
         usable: &dyn Fn(&RegistrationEntry) -> bool,
-    ) -> bool {
-        if roots.contains(from) {
-            return true;
-        }
-        let mut seen: HashSet<&SpiffeId> = HashSet::from([from]);
-        let mut queue = VecDeque::from([from]);
-        while let Some(id) = queue.pop_front() {
+    ) -> Option<Until> {
+        let mut best: HashMap<&SpiffeId, Until> = HashMap::from([(from, Until::NEVER)]);
+        let mut queue = std::collections::BinaryHeap::from([(Until::NEVER, from)]);
+        let mut found: Option<Until> = None;
+        while let Some((end, id)) = queue.pop() {
+            if best.get(id).is_some_and(|better| *better > end) {
+                continue; // reached again since with a later end
+            }
+            if found.is_some_and(|found| found >= end) {
+                break; // every chain left ends sooner than one found
+            }
+            if let Some(root) = roots.get(id) {
+                let chain = end.min(*root);
+                found = Some(found.map_or(chain, |found| found.max(chain)));
+            }
             let granting = self.by_spiffe_id.get(id).into_iter().flatten();
             for entry in granting.filter_map(|e| self.entries.get(e)) {
                 if !usable(entry) || !is_parent(entry) {
                     continue;
                 }
-                if roots.contains(&entry.parent_id) {
-                    return true;
-                }
-                if seen.insert(&entry.parent_id) {
-                    queue.push_back(&entry.parent_id);
+                let next = end.min(Until(entry.expires_at));
+                let parent = &entry.parent_id;
+                if best.get(parent).is_none_or(|known| next > *known) {
+                    best.insert(parent, next);
+                    queue.push((next, parent));
                 }
             }
         }
-        false
+        found
     }
 
     fn children<'a>(
         &'a self,
         parent: &SpiffeId,
-    ) -> impl Iterator<Item = &'a Arc<RegistrationEntry>> {
+    ) -> impl Iterator<Item = &'a Arc<RegistrationEntry>> + use<'a> {
         self.by_parent
             .get(parent)
             .into_iter()
             .flatten()
             .filter_map(|id| self.entries.get(id))
+    }
+}
+
+/// When something ends: `Until(None)` never, and later than any time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Until(Option<SystemTime>);
+
+impl Until {
+    const NEVER: Self = Self(None);
+}
+
+impl Ord for Until {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (self.0, other.0) {
+            (None, None) => std::cmp::Ordering::Equal,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (Some(a), Some(b)) => a.cmp(&b),
+        }
+    }
+}
+
+impl PartialOrd for Until {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -1468,6 +1539,141 @@ mod tests {
                 .await
                 .unwrap()
                 .next_expiry,
+            None
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_is_signed_for_an_entry_ends_with_the_chain_that_authorizes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        let now = SystemTime::now();
+        let at = |secs: u64| Some(now + Duration::from_secs(secs));
+        let sel = |s: &str| Selector::parse(s).unwrap();
+        let create = |spiffe_id: &str, parent: &str, selectors: &[&str], expires_at| {
+            let mut entry = NewEntry::new(
+                id(spiffe_id),
+                id(parent),
+                selectors.iter().map(|s| sel(s)).collect(),
+            );
+            entry.expires_at = expires_at;
+            let store = store.clone();
+            async move { store.create_entry(entry).await.unwrap().id }
+        };
+        let uid = ["unix:uid:1"];
+        // Below a parent that ends in 200 s: capped there, whether the entry ends later or never.
+        create("spiffe://example.org/team", AGENT, &[], at(200)).await;
+        let later = create(
+            "spiffe://example.org/a",
+            "spiffe://example.org/team",
+            &uid,
+            at(400),
+        );
+        let later = later.await;
+        let never = create(
+            "spiffe://example.org/b",
+            "spiffe://example.org/team",
+            &uid,
+            None,
+        );
+        let never = never.await;
+        // Its own expiry when that is sooner.
+        let sooner = create(
+            "spiffe://example.org/c",
+            "spiffe://example.org/team",
+            &uid,
+            at(50),
+        );
+        let sooner = sooner.await;
+        // Directly below the agent: its own.
+        let direct = create("spiffe://example.org/d", AGENT, &uid, at(300)).await;
+        // Two node aliases of one ID that the node matches, ending in 100 and 150 s: the later.
+        let server = "spiffe://example.org/sigil/server";
+        create(
+            "spiffe://example.org/nodes/web",
+            server,
+            &["x509pop:subject:cn:web"],
+            at(100),
+        )
+        .await;
+        let web_selectors = ["x509pop:subject:cn:web", "x509pop:san:dns:web"];
+        create(
+            "spiffe://example.org/nodes/web",
+            server,
+            &web_selectors,
+            at(150),
+        )
+        .await;
+        let on_web = create(
+            "spiffe://example.org/e",
+            "spiffe://example.org/nodes/web",
+            &uid,
+            None,
+        );
+        let on_web = on_web.await;
+        // A cycle of parents nobody roots, with an entry below it: never authorized.
+        create(
+            "spiffe://example.org/x",
+            "spiffe://example.org/y",
+            &[],
+            None,
+        )
+        .await;
+        create(
+            "spiffe://example.org/y",
+            "spiffe://example.org/x",
+            &[],
+            None,
+        )
+        .await;
+        let cycle = create(
+            "spiffe://example.org/f",
+            "spiffe://example.org/x",
+            &uid,
+            None,
+        )
+        .await;
+        let cache = EntryCache::load(store.clone()).await.unwrap();
+        let agent = NodeAgent {
+            id: id(AGENT),
+            selectors: web_selectors.iter().map(|s| sel(s)).collect(),
+        };
+        let ids = [&later, &never, &sooner, &direct, &on_web, &cycle].map(|id| id.clone());
+        let ends = |granted: HashMap<EntryId, Arc<RegistrationEntry>>| {
+            ids.iter()
+                .map(|id| granted.get(id).map(|e| e.expires_at))
+                .collect::<Vec<_>>()
+        };
+        let granted = cache.authorize(agent.clone(), &ids, now).await.unwrap();
+        assert_eq!(
+            ends(granted),
+            [
+                Some(at(200)),
+                Some(at(200)),
+                Some(at(50)),
+                Some(at(300)),
+                Some(at(150)),
+                None
+            ]
+        );
+
+        // A second, lasting path to the parent: the entries below it end with their own.
+        create("spiffe://example.org/team", AGENT, &["unix:uid:2"], None).await;
+        let granted = cache.authorize(agent, &ids, now).await.unwrap();
+        assert_eq!(
+            ends(granted),
+            [
+                Some(at(400)),
+                Some(None),
+                Some(at(50)),
+                Some(at(300)),
+                Some(at(150)),
+                None
+            ]
+        );
+        // The store's own entries are untouched.
+        assert_eq!(
+            store.get_entry(&never).await.unwrap().unwrap().expires_at,
             None
         );
     }

@@ -304,6 +304,8 @@ pub(crate) fn jwt_record(
 mod tests {
     use super::*;
     use crate::audit::AuditFilter;
+    use std::time::UNIX_EPOCH;
+
     use crate::service::testing::{Fixture, csr, entry};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,6 +373,70 @@ mod tests {
             })
             .await;
         assert_eq!(issued, [action::SVID_X509_ISSUE, action::SVID_JWT_ISSUE]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn svids_below_a_parent_that_expires_end_when_it_does() {
+        use x509_parser::prelude::{FromDer as _, X509Certificate};
+
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let agent = fx.attested_agent().await;
+        // A parent (no selectors: never issued itself) ending in 2 minutes, sooner than the
+        // SVIDs' TTLs (an hour, 5 minutes), and an entry below it that never expires.
+        let team = SpiffeId::new("spiffe://example.org/team").unwrap();
+        let ends = UNIX_EPOCH + Duration::from_secs(unix_seconds(now) + 120);
+        let mut parent = crate::store::NewEntry::new(
+            team.clone(),
+            agent.id.clone(),
+            sigil_core::SelectorSet::new(),
+        );
+        parent.expires_at = Some(ends);
+        fx.store.create_entry(parent).await.unwrap();
+        let below = fx
+            .entries
+            .create(0, vec![entry("spiffe://example.org/web", &team)], now)
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        assert_eq!(below.expires_at, None);
+        let (csr_der, _) = csr();
+        let request = SvidRequest {
+            entry_id: below.id.as_str().to_owned(),
+            csr: csr_der,
+        };
+        let signed = fx
+            .svids
+            .batch_x509(&agent, vec![request], now)
+            .await
+            .unwrap();
+        let svid = signed[0].1.as_ref().unwrap();
+        assert_eq!(svid.not_after, ends);
+        let (_, leaf) = X509Certificate::from_der(&svid.chain_der).unwrap();
+        assert_eq!(
+            u64::try_from(leaf.validity().not_after.timestamp()).unwrap(),
+            unix_seconds(ends)
+        );
+        let (_, jwt) = fx
+            .svids
+            .jwt(&agent, below.id.as_str(), &["db".to_owned()], now)
+            .await
+            .unwrap();
+        // Whole seconds, from a time that is not: at most a second sooner.
+        assert!(
+            jwt.expires_at <= ends,
+            "{:?} after {ends:?}",
+            jwt.expires_at
+        );
+        assert!(jwt.expires_at + Duration::from_secs(1) >= ends);
+        // The entry itself is as it was.
+        let stored = fx.store.get_entry(&below.id).await.unwrap().unwrap();
+        assert_eq!(stored.expires_at, None);
+    }
+
+    fn unix_seconds(t: SystemTime) -> u64 {
+        t.duration_since(UNIX_EPOCH).unwrap().as_secs()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
