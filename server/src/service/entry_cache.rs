@@ -183,7 +183,9 @@ struct State {
 pub(crate) struct Authorized {
     /// The cache revision this reflects.
     pub revision: u64,
-    /// Entry id -> entry.
+    /// Entry id -> entry, as authorized: its `expires_at` is when its authorization ends, its
+    /// own expiry or that of the parents and node aliases it is authorized through when sooner
+    /// (see [`EntryCache::authorize`]).
     pub entries: BTreeMap<EntryId, Arc<RegistrationEntry>>,
     /// The parents whose children concern the agent: its ID, the SPIFFE IDs of its authorized
     /// entries that may parent others (not a session's) and of the node aliases below it, and
@@ -1044,7 +1046,6 @@ impl State {
             revision: self.revision,
             ..Authorized::default()
         };
-        let roots = self.roots(agent, usable);
         if !agent.selectors.is_empty()
             && let Ok(server) = policy::server_id(&agent.id.trust_domain())
         {
@@ -1055,21 +1056,40 @@ impl State {
             // Node aliases hang below the server's ID: a change there concerns this agent.
             out.reachable.insert(server);
         }
-        out.reachable.extend(roots.iter().cloned());
-        let mut queue = VecDeque::from(roots);
-        while let Some(parent) = queue.pop_front() {
-            for entry in self.children(&parent) {
+        // Down from the roots, the IDs whose chains last longest first (as `reach` goes up):
+        // each ID is walked from once, with the latest end any chain to it has.
+        let roots = self.root_ends(agent, usable);
+        let mut best: HashMap<&SpiffeId, Until> = HashMap::new();
+        let mut queue = std::collections::BinaryHeap::new();
+        for (root, end) in &roots {
+            best.insert(root, *end);
+            queue.push((*end, root));
+        }
+        let mut walked: HashSet<&SpiffeId> = HashSet::new();
+        while let Some((end, parent)) = queue.pop() {
+            if !walked.insert(parent) {
+                continue;
+            }
+            out.reachable.insert(parent.clone());
+            for entry in self.children(parent) {
                 if !usable(entry) {
                     continue;
                 }
                 if is_parent(entry) || is_issued(entry) {
                     out.expires(entry);
                 }
-                if is_parent(entry) && out.reachable.insert(entry.spiffe_id.clone()) {
-                    queue.push_back(entry.spiffe_id.clone());
+                let entry_end = end.min(Until(entry.expires_at));
+                let id = &entry.spiffe_id;
+                if is_parent(entry)
+                    && !walked.contains(id)
+                    && best.get(id).is_none_or(|known| entry_end > *known)
+                {
+                    best.insert(id, entry_end);
+                    queue.push((entry_end, id));
                 }
                 if is_issued(entry) {
-                    out.entries.insert(entry.id.clone(), entry.clone());
+                    out.entries
+                        .insert(entry.id.clone(), capped(entry, entry_end));
                 }
             }
         }
@@ -1092,39 +1112,15 @@ impl State {
                 let chain = *ends
                     .entry(&entry.parent_id)
                     .or_insert_with(|| self.reach(&entry.parent_id, &roots, usable));
-                let chain = chain?;
-                let entry = if chain < Until(entry.expires_at) {
-                    // Authorized through something that ends sooner than the entry does.
-                    let mut capped = RegistrationEntry::clone(entry);
-                    capped.expires_at = chain.0;
-                    Arc::new(capped)
-                } else {
-                    Arc::clone(entry)
-                };
+                let entry = capped(entry, chain?);
                 Some((entry.id.clone(), entry))
             })
             .collect()
     }
 
-    /// The IDs an agent's entries may hang below: its own, and those of the node aliases its
-    /// node selectors match (usable entries parented to the server's ID, every selector of
-    /// which the node has).
-    fn roots(
-        &self,
-        agent: &NodeAgent,
-        usable: &dyn Fn(&RegistrationEntry) -> bool,
-    ) -> Vec<SpiffeId> {
-        let mut roots = vec![agent.id.clone()];
-        for alias in self.matched_aliases(agent, usable) {
-            if !roots.contains(&alias.spiffe_id) {
-                roots.push(alias.spiffe_id.clone());
-            }
-        }
-        roots
-    }
-
-    /// [`State::roots`], each with when it stops being one: never for the agent's ID, the
-    /// expiry of the matched node alias that lasts longest for the others.
+    /// The IDs an agent's entries may hang below, each with when it stops being one: the
+    /// agent's own (never), and those of the node aliases its node selectors match (the expiry
+    /// of the matched alias of that ID that lasts longest).
     fn root_ends(
         &self,
         agent: &NodeAgent,
@@ -1163,14 +1159,17 @@ impl State {
     /// next one's parent, from one parented to a root down to one granting `from`. The chain
     /// ends with the soonest expiry along it (its root's included); of several chains, the one
     /// that ends last counts. Up the entries granting each ID, the longest-lasting chains
-    /// first, so that each ID is walked from once per better end it is reached with (cycles
-    /// end: an end only gets shorter along a chain). `None`: not authorized.
+    /// first: an end only gets shorter along a chain, so an ID is walked from at most once,
+    /// with the latest end any chain reaches it with (cycles end). `None`: not authorized.
     fn reach(
         &self,
         from: &SpiffeId,
         roots: &HashMap<SpiffeId, Until>,
         usable: &dyn Fn(&RegistrationEntry) -> bool,
     ) -> Option<Until> {
+        if roots.get(from) == Some(&Until::NEVER) {
+            return Some(Until::NEVER); // nothing lasts longer (the usual case: the agent's ID)
+        }
         let mut best: HashMap<&SpiffeId, Until> = HashMap::from([(from, Until::NEVER)]);
         let mut queue = std::collections::BinaryHeap::from([(Until::NEVER, from)]);
         let mut found: Option<Until> = None;
@@ -1210,6 +1209,18 @@ impl State {
             .into_iter()
             .flatten()
             .filter_map(|id| self.entries.get(id))
+    }
+}
+
+/// `entry`, or a copy of it that ends at `end` when its authorization (`end`, the chain it is
+/// authorized through) ends sooner than the entry does.
+fn capped(entry: &Arc<RegistrationEntry>, end: Until) -> Arc<RegistrationEntry> {
+    if end < Until(entry.expires_at) {
+        let mut capped = RegistrationEntry::clone(entry);
+        capped.expires_at = end.0;
+        Arc::new(capped)
+    } else {
+        Arc::clone(entry)
     }
 }
 
@@ -1644,33 +1655,45 @@ mod tests {
                 .map(|id| granted.get(id).map(|e| e.expires_at))
                 .collect::<Vec<_>>()
         };
+        // The walk down (what sync streams send) agrees with the walk up (what is signed).
+        let down = |cache: &EntryCache, agent: &NodeAgent| {
+            let granted = cache.authorized_now(agent.clone(), now).unwrap().entries;
+            ends(granted.into_iter().collect())
+        };
         let granted = cache.authorize(agent.clone(), &ids, now).await.unwrap();
-        assert_eq!(
-            ends(granted),
-            [
-                Some(at(200)),
-                Some(at(200)),
-                Some(at(50)),
-                Some(at(300)),
-                Some(at(150)),
-                None
-            ]
-        );
+        let expected = [
+            Some(at(200)),
+            Some(at(200)),
+            Some(at(50)),
+            Some(at(300)),
+            Some(at(150)),
+            None,
+        ];
+        assert_eq!(ends(granted), expected);
+        assert_eq!(down(&cache, &agent), expected);
 
-        // A second, lasting path to the parent: the entries below it end with their own.
+        // A second, lasting path to the parent: the entries below it end with their own. So
+        // does a lasting path to the node alias's ID (a root reached from below is walked on
+        // up).
         create("spiffe://example.org/team", AGENT, &["unix:uid:2"], None).await;
-        let granted = cache.authorize(agent, &ids, now).await.unwrap();
-        assert_eq!(
-            ends(granted),
-            [
-                Some(at(400)),
-                Some(None),
-                Some(at(50)),
-                Some(at(300)),
-                Some(at(150)),
-                None
-            ]
-        );
+        create(
+            "spiffe://example.org/nodes/web",
+            AGENT,
+            &["unix:uid:3"],
+            None,
+        )
+        .await;
+        let granted = cache.authorize(agent.clone(), &ids, now).await.unwrap();
+        let expected = [
+            Some(at(400)),
+            Some(None),
+            Some(at(50)),
+            Some(at(300)),
+            Some(None),
+            None,
+        ];
+        assert_eq!(ends(granted), expected);
+        assert_eq!(down(&cache, &agent), expected);
         // The store's own entries are untouched.
         assert_eq!(
             store.get_entry(&never).await.unwrap().unwrap().expires_at,

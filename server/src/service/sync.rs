@@ -173,8 +173,8 @@ pub(crate) struct EntrySync {
 /// What one stream has told its agent.
 #[derive(Debug)]
 struct SyncState {
-    /// Entry id -> revision, for every entry the agent holds.
-    sent: BTreeMap<EntryId, u64>,
+    /// Entry id -> what was sent of it, for every entry the agent holds.
+    sent: BTreeMap<EntryId, Sent>,
     /// Registered under the parents whose children concern the agent: the agent's ID, the
     /// SPIFFE IDs of its authorized entries and of the node aliases below it, and for an agent
     /// with node selectors the server's ID (which node aliases hang below).
@@ -183,6 +183,23 @@ struct SyncState {
     /// comes: an entry, or a parent or node alias above some, that expires changes what the
     /// agent is authorized for without any change to the store.
     next_expiry: Option<SystemTime>,
+}
+
+/// What an agent was sent of an entry: its revision and when its authorization ends (which
+/// moves without a new revision when a parent or node alias it is authorized through changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sent {
+    revision: u64,
+    ends: Option<SystemTime>,
+}
+
+impl Sent {
+    fn of(entry: &RegistrationEntry) -> Self {
+        Self {
+            revision: entry.revision,
+            ends: entry.expires_at,
+        }
+    }
 }
 
 // === impl SyncState ===
@@ -442,7 +459,7 @@ impl EntrySync {
         state.sent = authorized
             .entries
             .iter()
-            .map(|(id, e)| (id.clone(), e.revision))
+            .map(|(id, e)| (id.clone(), Sent::of(e)))
             .collect();
         let entries: Vec<_> = authorized.entries.values().cloned().collect();
         let mut pages = pages(&entries).into_iter().peekable();
@@ -495,7 +512,7 @@ impl EntrySync {
         state.sent = authorized
             .entries
             .iter()
-            .map(|(id, e)| (id.clone(), e.revision))
+            .map(|(id, e)| (id.clone(), Sent::of(e)))
             .collect();
         let mut entries = pages(&resent).into_iter();
         let mut ids = unchanged.chunks(RESUME_IDS_PER_PAGE);
@@ -559,8 +576,9 @@ impl EntrySync {
         let revision = authorized.revision;
         let mut out = Vec::new();
         for (id, entry) in &authorized.entries {
-            if state.sent.get(id) != Some(&entry.revision) {
-                state.sent.insert(id.clone(), entry.revision);
+            let sent = Sent::of(entry);
+            if state.sent.get(id) != Some(&sent) {
+                state.sent.insert(id.clone(), sent);
                 out.push(SyncChange::Upsert(entry.clone()));
             }
         }
@@ -1068,6 +1086,44 @@ mod tests {
                 "{changes:?}"
             );
         }
+        drop(rx);
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_are_sent_ending_with_their_parents_and_again_when_that_moves() {
+        let fx = Fixture::new().await;
+        let agent = fx.attested_agent().await;
+        let now = SystemTime::now();
+        let at = |secs| Some(now + Duration::from_secs(secs));
+        let team = SpiffeId::new("spiffe://example.org/team").unwrap();
+        let mut parent = NewEntry::new(team.clone(), agent.id.clone(), SelectorSet::new());
+        parent.expires_at = at(100);
+        let parent_id = fx.store.create_entry(parent.clone()).await.unwrap().id;
+        let below = create(&fx, "spiffe://example.org/below", &team).await;
+        assert_eq!(below.expires_at, None);
+        let (tx, mut rx) = mpsc::channel(16);
+        let sync = fx.sync.clone().checking_every(Duration::from_secs(3600));
+        let stream_agent = agent.clone();
+        let task = tokio::spawn(async move { sync.run(stream_agent, 0, vec![], &tx).await });
+        let SyncMessage::Snapshot { entries, .. } = next(&mut rx).await else {
+            panic!("expected a snapshot");
+        };
+        // Sent ending with its parent, so that the agent neither serves it longer nor renews
+        // its SVIDs in a loop against a cap it would not know.
+        assert!(matches!(&entries[..], [e] if e.id == below.id && e.expires_at == at(100)));
+
+        // The parent's end moves: the entry (same revision) is sent again with it.
+        parent.expires_at = at(200);
+        fx.store.update_entry(&parent_id, parent).await.unwrap();
+        let SyncMessage::Changes(changes) = next(&mut rx).await else {
+            panic!("expected changes");
+        };
+        assert!(
+            matches!(&changes[..], [SyncChange::Upsert(e)]
+                if e.id == below.id && e.revision == below.revision && e.expires_at == at(200)),
+            "{changes:?}"
+        );
         drop(rx);
         task.await.unwrap().unwrap();
     }
