@@ -471,7 +471,7 @@ impl Manager {
         let now = SystemTime::now();
         let mut next = self.node.renew_at();
         for svid in self.inventory.svids.values() {
-            next = next.min(renew_time(svid)).min(svid.not_after());
+            next = next.min(svid_wakeup(svid));
         }
         let wait = next
             .duration_since(now)
@@ -607,6 +607,22 @@ fn keep_held(held: &BTreeMap<Arc<str>, Held>, id: Arc<str>, parsed: Held) -> (Ar
 }
 
 /// Renewal is due at half the lifetime the SVID got.
+/// When `svid` needs the manager: at its renewal time, unless it already ends with its entry
+/// (a fresh one could not end later, so renewing it is not due: see [`svid_outdated`]), and
+/// at its expiry. Without that exception an SVID capped by its entry's end would wake the
+/// manager at the shortest wait, over and over, from half its life to its end.
+fn svid_wakeup(svid: &WorkloadSvid) -> SystemTime {
+    let ends_with_entry = svid
+        .grant
+        .expires_at
+        .is_some_and(|end| end <= svid.not_after());
+    if ends_with_entry {
+        svid.not_after()
+    } else {
+        renew_time(svid).min(svid.not_after())
+    }
+}
+
 fn renew_time(svid: &WorkloadSvid) -> SystemTime {
     Validity::from_parts(svid.issued_at(), svid.not_after()).renew_at()
 }
@@ -863,6 +879,39 @@ mod tests {
         // The map's key is the grant's own id, not a second copy.
         let (key, _) = after.get_key_value("same").unwrap();
         assert!(Arc::ptr_eq(key, &grant(&after, "same").entry_id));
+    }
+
+    #[test]
+    fn an_svid_that_ends_with_its_entry_wakes_the_manager_at_its_end_only() {
+        let now = SystemTime::now();
+        let not_after = now + Duration::from_secs(30);
+        let at = |expires_at: Option<SystemTime>| {
+            let mut e = entry("capped", 1);
+            e.x509_svid_ttl = 3600;
+            e.expires_at = expires_at.map_or(0, |t| {
+                let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+                i64::try_from(secs).unwrap()
+            });
+            let grant = grant(&held(std::slice::from_ref(&e)), &e.id);
+            // Minted a minute before `not_after`: past half its life.
+            let svid = WorkloadSvid::unsigned(grant.clone(), 1, not_after);
+            assert!(renew_time(&svid) < now);
+            (svid_wakeup(&svid), svid_outdated(&grant, 1, &svid, now))
+        };
+        // Its entry ends when it does (or sooner): nothing to renew until then.
+        let whole_seconds = |t: SystemTime| {
+            SystemTime::UNIX_EPOCH
+                + Duration::from_secs(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs())
+        };
+        let (wake, outdated) = at(Some(whole_seconds(not_after)));
+        assert!(wake > now, "not at once");
+        assert!(!outdated);
+        // An entry that ends later or never: renewal is due (now).
+        for later in [Some(not_after + Duration::from_secs(3600)), None] {
+            let (wake, outdated) = at(later);
+            assert!(wake < now, "renewal due");
+            assert!(outdated);
+        }
     }
 
     #[test]
