@@ -746,6 +746,16 @@ mod tests {
         }
     }
 
+    /// The next message other than an audit checkpoint, which must be changes.
+    async fn next_changes(
+        rx: &mut mpsc::Receiver<Result<SyncMessage, SyncError>>,
+    ) -> Vec<SyncChange> {
+        match next(rx).await {
+            SyncMessage::Changes(changes) => changes,
+            other => panic!("expected changes, got {other:?}"),
+        }
+    }
+
     async fn next_any(rx: &mut mpsc::Receiver<Result<SyncMessage, SyncError>>) -> SyncMessage {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
@@ -855,15 +865,11 @@ mod tests {
             .unwrap()
             .remove(0)
             .unwrap();
-        let SyncMessage::Changes(changes) = next(&mut rx).await else {
-            panic!("expected changes");
-        };
+        let changes = next_changes(&mut rx).await;
         assert_eq!(changes.len(), 1);
         assert!(matches!(&changes[0], SyncChange::Upsert(e) if e.id == mine.id));
         fx.entries.delete(0, &first.id).await.unwrap();
-        let SyncMessage::Changes(changes) = next(&mut rx).await else {
-            panic!("expected changes");
-        };
+        let changes = next_changes(&mut rx).await;
         assert!(matches!(&changes[0], SyncChange::Delete { id, .. } if *id == first.id));
         drop(rx);
         task.await.unwrap().unwrap();
@@ -935,16 +941,12 @@ mod tests {
     /// under `parent` (each as its next message), then closes both.
     async fn moved_between(from: Stream, to: Stream, id: &EntryId, parent: &SpiffeId) {
         let ((mut from_rx, from_task), (mut to_rx, to_task)) = (from, to);
-        let SyncMessage::Changes(changes) = next(&mut from_rx).await else {
-            panic!("expected changes");
-        };
+        let changes = next_changes(&mut from_rx).await;
         assert!(
             matches!(&changes[..], [SyncChange::Delete { id: gone, .. }] if gone == id),
             "{changes:?}"
         );
-        let SyncMessage::Changes(changes) = next(&mut to_rx).await else {
-            panic!("expected changes");
-        };
+        let changes = next_changes(&mut to_rx).await;
         assert!(
             matches!(&changes[..], [SyncChange::Upsert(e)] if e.id == *id && e.parent_id == *parent),
             "{changes:?}"
@@ -1025,9 +1027,7 @@ mod tests {
         expected.sort_unstable();
         assert_eq!(held, expected);
 
-        let SyncMessage::Changes(changes) = next(&mut rx).await else {
-            panic!("expected changes");
-        };
+        let changes = next_changes(&mut rx).await;
         assert!(SystemTime::now() >= expires_at, "not before the expiry");
         assert!(
             matches!(&changes[..], [SyncChange::Delete { id, .. }] if *id == below.id),
@@ -1077,9 +1077,7 @@ mod tests {
 
         // Each at its own expiry: the stream's timer is set again after the first.
         for (gone, at) in [(&direct.id, first_at), (&below.id, then_at)] {
-            let SyncMessage::Changes(changes) = next(&mut rx).await else {
-                panic!("expected changes");
-            };
+            let changes = next_changes(&mut rx).await;
             assert!(SystemTime::now() >= at, "not before the expiry");
             assert!(
                 matches!(&changes[..], [SyncChange::Delete { id, .. }] if id == gone),
@@ -1116,9 +1114,7 @@ mod tests {
         // The parent's end moves: the entry (same revision) is sent again with it.
         parent.expires_at = at(200);
         fx.store.update_entry(&parent_id, parent).await.unwrap();
-        let SyncMessage::Changes(changes) = next(&mut rx).await else {
-            panic!("expected changes");
-        };
+        let changes = next_changes(&mut rx).await;
         assert!(
             matches!(&changes[..], [SyncChange::Upsert(e)]
                 if e.id == below.id && e.revision == below.revision && e.expires_at == at(200)),
@@ -1190,9 +1186,7 @@ mod tests {
         );
         assert_eq!(fx.sync.metrics().resyncs.get(), 1, "by comparison, once");
         let added = create(&fx, "spiffe://example.org/added", &agent.id).await;
-        let SyncMessage::Changes(changes) = next(&mut rx).await else {
-            panic!("expected changes");
-        };
+        let changes = next_changes(&mut rx).await;
         assert!(
             matches!(&changes[..], [SyncChange::Upsert(e)] if e.id == added.id),
             "{changes:?}"
