@@ -249,6 +249,27 @@ impl WorkloadSvid {
         from_millis(self.not_after_ms)
     }
 
+    /// When renewal is due: halfway through its life.
+    #[must_use]
+    pub fn renew_at(&self) -> SystemTime {
+        sigil_core::lifetime::Validity::from_parts(self.issued_at(), self.not_after()).renew_at()
+    }
+
+    /// When its holder must look at it again, given `end`, the end of what it was issued under
+    /// (its entry's or session's): at its renewal time, unless it already ends with `end` (a
+    /// fresh one could not end later, so renewing gains nothing), and at its expiry. Without
+    /// that exception an SVID capped by its end would wake its holder at the shortest wait,
+    /// over and over, from half its life to its end.
+    #[must_use]
+    pub fn next_look(&self, end: Option<SystemTime>) -> SystemTime {
+        let expiry = self.not_after();
+        if end.is_some_and(|end| end <= expiry) {
+            expiry
+        } else {
+            self.renew_at().min(expiry)
+        }
+    }
+
     /// The private key, PKCS#8 DER.
     #[must_use]
     pub fn private_key(&self) -> Zeroizing<Vec<u8>> {

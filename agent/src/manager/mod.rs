@@ -471,7 +471,7 @@ impl Manager {
         let now = SystemTime::now();
         let mut next = self.node.renew_at();
         for svid in self.inventory.svids.values() {
-            next = next.min(svid_wakeup(svid));
+            next = next.min(svid.next_look(svid.grant.expires_at));
         }
         let wait = next
             .duration_since(now)
@@ -607,26 +607,6 @@ fn keep_held(held: &BTreeMap<Arc<str>, Held>, id: Arc<str>, parsed: Held) -> (Ar
 }
 
 /// Renewal is due at half the lifetime the SVID got.
-/// When `svid` needs the manager: at its renewal time, unless it already ends with its entry
-/// (a fresh one could not end later, so renewing it is not due: see [`svid_outdated`]), and
-/// at its expiry. Without that exception an SVID capped by its entry's end would wake the
-/// manager at the shortest wait, over and over, from half its life to its end.
-fn svid_wakeup(svid: &WorkloadSvid) -> SystemTime {
-    let ends_with_entry = svid
-        .grant
-        .expires_at
-        .is_some_and(|end| end <= svid.not_after());
-    if ends_with_entry {
-        svid.not_after()
-    } else {
-        renew_time(svid).min(svid.not_after())
-    }
-}
-
-fn renew_time(svid: &WorkloadSvid) -> SystemTime {
-    Validity::from_parts(svid.issued_at(), svid.not_after()).renew_at()
-}
-
 fn parse_selectors(entry: &Entry) -> Result<SelectorSet, sigil_core::SelectorError> {
     entry.selectors.iter().map(|s| Selector::parse(s)).collect()
 }
@@ -895,8 +875,11 @@ mod tests {
             let grant = grant(&held(std::slice::from_ref(&e)), &e.id);
             // Minted a minute before `not_after`: past half its life.
             let svid = WorkloadSvid::unsigned(grant.clone(), 1, not_after);
-            assert!(renew_time(&svid) < now);
-            (svid_wakeup(&svid), svid_outdated(&grant, 1, &svid, now))
+            assert!(svid.renew_at() < now);
+            (
+                svid.next_look(grant.expires_at),
+                svid_outdated(&grant, 1, &svid, now),
+            )
         };
         // Its entry ends when it does (or sooner): nothing to renew until then.
         let whole_seconds = |t: SystemTime| {

@@ -86,16 +86,12 @@ pub(crate) fn wakeup(
     let now = SystemTime::now();
     let mut next = now + Duration::from_secs(60);
     for svid in held.values() {
-        let validity = Validity::from_parts(svid.issued_at(), svid.not_after());
-        let renew = validity.renew_at();
-        let capped = inventory
+        // A session no longer held: nothing to renew it for.
+        let end = inventory
             .sessions
             .get(&*svid.grant.entry_id)
-            .is_none_or(|s| s.ends_at <= svid.not_after());
-        next = next.min(svid.not_after());
-        if !capped {
-            next = next.min(renew);
-        }
+            .map_or(svid.not_after(), |s| s.ends_at);
+        next = next.min(svid.next_look(Some(end)));
     }
     let wait = next.duration_since(now).unwrap_or(Duration::ZERO);
     tokio::time::Instant::now() + wait.max(Duration::from_millis(50))

@@ -191,18 +191,18 @@ pub(crate) struct Authorized {
     /// entries that may parent others (not a session's) and of the node aliases below it, and
     /// for an agent with node selectors the server's ID (node aliases hang below it).
     pub reachable: HashSet<SpiffeId>,
-    /// The earliest `expires_at` of the entries the walk went through (the node aliases that
-    /// matched, the parents below them and the entries authorized): when the answer changes
-    /// with no change to the store. `None` when none of them expires.
+    /// The earliest expiry among what the walk went through (the roots the matched node
+    /// aliases make, the parents below them and the entries authorized): when the answer
+    /// changes with no change to the store. `None` when none of them expires.
     pub next_expiry: Option<SystemTime>,
 }
 
 // === impl Authorized ===
 
 impl Authorized {
-    /// Takes `entry`'s expiry into [`Authorized::next_expiry`].
-    fn expires(&mut self, entry: &RegistrationEntry) {
-        if let Some(at) = entry.expires_at {
+    /// Takes an expiry (`None`: never) into [`Authorized::next_expiry`].
+    fn expires(&mut self, at: Option<SystemTime>) {
+        if let Some(at) = at {
             self.next_expiry = Some(self.next_expiry.map_or(at, |next| next.min(at)));
         }
     }
@@ -1049,43 +1049,34 @@ impl State {
         if !agent.selectors.is_empty()
             && let Ok(server) = policy::server_id(&agent.id.trust_domain())
         {
-            // The aliases that made roots: when one expires, its root may go.
-            for alias in self.matched_aliases(agent, usable) {
-                out.expires(alias);
-            }
             // Node aliases hang below the server's ID: a change there concerns this agent.
             out.reachable.insert(server);
         }
         // Down from the roots, the IDs whose chains last longest first (as `reach` goes up):
         // each ID is walked from once, with the latest end any chain to it has.
-        // IDs whose chains never end go first, in the order they are found (nothing lasts
-        // longer: the usual case, walked as a breadth-first search); the others by their end.
         let roots = self.root_ends(agent, usable);
         let mut best: Map<&SpiffeId, Until> = Map::default();
         let mut frontier = Frontier::default();
         for (root, end) in &roots {
+            // When a root's last alias expires, the root goes.
+            out.expires(end.0);
             best.insert(root, *end);
             frontier.push(*end, root);
         }
-        let mut walked: HashSet<&SpiffeId, foldhash::fast::RandomState> = HashSet::default();
         while let Some((end, parent)) = frontier.pop() {
-            if !walked.insert(parent) {
-                continue;
+            if best.get(parent).is_some_and(|better| *better > end) {
+                continue; // reached again since with a later end
             }
-            out.reachable.insert(parent.clone());
             for entry in self.children(parent) {
                 if !usable(entry) {
                     continue;
                 }
                 if is_parent(entry) || is_issued(entry) {
-                    out.expires(entry);
+                    out.expires(entry.expires_at);
                 }
                 let entry_end = end.min(Until(entry.expires_at));
                 let id = &entry.spiffe_id;
-                if is_parent(entry)
-                    && !walked.contains(id)
-                    && best.get(id).is_none_or(|known| entry_end > *known)
-                {
+                if is_parent(entry) && best.get(id).is_none_or(|known| entry_end > *known) {
                     best.insert(id, entry_end);
                     frontier.push(entry_end, id);
                 }
@@ -1095,6 +1086,8 @@ impl State {
                 }
             }
         }
+        // Every ID reached was walked from: the parents whose children concern the agent.
+        out.reachable.extend(best.into_keys().cloned());
         out
     }
 

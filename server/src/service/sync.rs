@@ -341,40 +341,41 @@ impl EntrySync {
 
         let mut expired = false;
         loop {
-            // An entry expired: what the agent is authorized for now against what it was sent.
-            if std::mem::take(&mut expired) {
-                let (out, seen) = self.resync(&agent, &mut state).await?;
-                if !out.is_empty() && !send(tx, SyncMessage::Changes(out)).await {
-                    return Ok(());
-                }
-                revision = revision.max(seen);
-            }
             // Every change the cache has applied after `revision`.
             loop {
-                let (out, seen) = match cache.changes_after(revision, CHANGES_PER_READ) {
-                    Recent::Changes(changes) if changes.is_empty() => break,
-                    Recent::Changes(changes) => {
-                        self.apply_changes(&agent, &changes, &mut state).await?
-                    }
-                    // The cache went back (reloaded from a store restored to an earlier point):
-                    // an id may be back at a revision the agent holds with other contents.
-                    // Checked under the lock that read the window, so a cache that went back
-                    // and moved past the stream's revision again is not taken for one ahead.
-                    Recent::WentBack => {
-                        revision = self.snapshot(&agent, &mut state, tx).await?;
-                        continue;
-                    }
-                    // Asleep for longer than the cache's window (or the cache was reloaded):
-                    // what the agent is authorized for now against what it was sent.
-                    Recent::Gone => {
-                        self.metrics.resyncs.inc();
-                        self.resync(&agent, &mut state).await?
+                let (out, seen) = if std::mem::take(&mut expired) {
+                    // An entry expired: what the agent is authorized for now against what it
+                    // was sent.
+                    self.resync(&agent, &mut state).await?
+                } else {
+                    match cache.changes_after(revision, CHANGES_PER_READ) {
+                        Recent::Changes(changes) if changes.is_empty() => break,
+                        Recent::Changes(changes) => {
+                            self.apply_changes(&agent, &changes, &mut state).await?
+                        }
+                        // The cache went back (reloaded from a store restored to an earlier
+                        // point): an id may be back at a revision the agent holds with other
+                        // contents. Checked under the lock that read the window, so a cache
+                        // that went back and moved past the stream's revision again is not
+                        // taken for one ahead.
+                        Recent::WentBack => {
+                            revision = self.snapshot(&agent, &mut state, tx).await?;
+                            continue;
+                        }
+                        // Asleep for longer than the cache's window (or the cache was
+                        // reloaded): what the agent is authorized for now against what it was
+                        // sent.
+                        Recent::Gone => {
+                            self.metrics.resyncs.inc();
+                            self.resync(&agent, &mut state).await?
+                        }
                     }
                 };
                 if !out.is_empty() && !send(tx, SyncMessage::Changes(out)).await {
                     return Ok(());
                 }
-                revision = seen;
+                // Never back: a cache that went back must be seen to have (`WentBack`).
+                revision = revision.max(seen);
             }
             let checkpoint = checkpoints.borrow_and_update().clone();
             if may_send_checkpoints
