@@ -19,21 +19,6 @@ use sigil_server::sled as engine;
 use sigil_server::store_records;
 use sigil_tests::*;
 
-/// Copies a directory tree (a stopped server's data directory: a backup).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-            std::fs::set_permissions(&target, entry.metadata().unwrap().permissions()).unwrap();
-        }
-    }
-}
-
 /// `audit checkpoint --output json`, saved to `path`; returns the document.
 fn save_checkpoint(server: &TestServer, path: &Path) -> Value {
     let run = server_cli(server, &["audit", "checkpoint", "--output", "json"]);

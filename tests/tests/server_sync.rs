@@ -191,6 +191,11 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
         std::slice::from_ref(&a2.id),
         "a2 did not change: by id only"
     );
+    assert_eq!(
+        page.unchanged_revisions,
+        [a2.revision],
+        "with the revision it must be held at"
+    );
     assert!(
         !format!("{page:?}").contains(&b3.id),
         "nothing of B's appears"
@@ -285,6 +290,7 @@ async fn a_resume_drops_what_an_alias_deleted_meanwhile_authorized_and_leaks_not
         std::slice::from_ref(&own.id),
         "A keeps only its own entry: the alias and the entry below it are gone"
     );
+    assert_eq!(page.unchanged_revisions, [own.revision]);
     assert!(
         !format!("{page:?}").contains(&b1.id),
         "B's deleted entry id is not shown to A"

@@ -188,8 +188,18 @@ impl Manager {
                     }
                 }
                 sync_entries_response::Message::Resume(page) => {
+                    if page.unchanged_revisions.len() != page.unchanged_ids.len() {
+                        // A server older than the revisions: nothing proves what is held.
+                        self.revision = 0;
+                        return Err(NodeError::Unavailable(
+                            "the resumed sync names unchanged entries without their revisions; taking a snapshot"
+                                .into(),
+                        ));
+                    }
                     pages.add(page.entries);
-                    pages.unchanged.extend(page.unchanged_ids);
+                    pages
+                        .unchanged
+                        .extend(page.unchanged_ids.into_iter().zip(page.unchanged_revisions));
                     if page.last {
                         if let Some(bundle) = page.bundle {
                             self.set_bundle(&bundle.spiffe_bundle);
@@ -248,10 +258,12 @@ impl Manager {
     async fn synced(&mut self, pages: Pages, revision: u64) -> Result<(), NodeError> {
         let resumed = !pages.unchanged.is_empty();
         let Some(entries) = pages.apply(&self.entries) else {
-            // The server counts on an entry this agent does not hold.
+            // The server counts on an entry this agent does not hold, or holds at another
+            // revision (the server's store went back to an older copy, and the contents held
+            // may be ones it no longer has).
             self.revision = 0;
             return Err(NodeError::Unavailable(
-                "the resumed sync names an entry this agent does not hold; taking a snapshot"
+                "the resumed sync names an entry this agent does not hold at the revision named; taking a snapshot"
                     .into(),
             ));
         };
@@ -520,7 +532,8 @@ struct Pages {
     /// The entries sent in full, parsed page by page (the server's messages are not kept until
     /// the last page: less memory at the peak of a large sync).
     entries: Vec<(Arc<str>, Held)>,
-    unchanged: Vec<String>,
+    /// The entries a resume names as unchanged, with the revision each must be held at.
+    unchanged: Vec<(String, u64)>,
 }
 
 // === impl Pages ===
@@ -533,8 +546,9 @@ impl Pages {
 
     /// The entry set the pages give: the entries sent in full and, of those `held`, the
     /// unchanged ones named (every other held entry is gone), at most [`MAX_ENTRIES`]. `None`
-    /// when an unchanged entry named is not held: only a snapshot can tell what it is. An agent
-    /// at its cap skips those instead: it left them out of its snapshot too.
+    /// when an unchanged entry named is not held, or is held at another revision than named:
+    /// only a snapshot can tell what it is. An agent at its cap skips those it does not hold
+    /// instead: it left them out of its snapshot too.
     fn apply(self, held: &BTreeMap<Arc<str>, Held>) -> Option<BTreeMap<Arc<str>, Held>> {
         if self.unchanged.len() + self.entries.len() > MAX_ENTRIES {
             return self.apply_capped(held);
@@ -544,9 +558,12 @@ impl Pages {
         // a rebuild would stay resident).
         let at_cap = held.len() >= MAX_ENTRIES;
         let mut next = Vec::with_capacity(self.unchanged.len() + self.entries.len());
-        for id in self.unchanged {
+        for (id, revision) in self.unchanged {
             match held.get_key_value(id.as_str()) {
-                Some((id, entry)) => next.push((Arc::clone(id), entry.clone())),
+                Some((id, entry)) if entry.revision() == revision => {
+                    next.push((Arc::clone(id), entry.clone()));
+                }
+                Some(_) => return None,
                 None if at_cap => {}
                 None => return None,
             }
@@ -564,11 +581,12 @@ impl Pages {
     fn apply_capped(self, held: &BTreeMap<Arc<str>, Held>) -> Option<BTreeMap<Arc<str>, Held>> {
         let at_cap = held.len() >= MAX_ENTRIES;
         let mut next = BTreeMap::new();
-        for id in self.unchanged {
+        for (id, revision) in self.unchanged {
             match held.get_key_value(id.as_str()) {
-                Some((id, entry)) => {
+                Some((id, entry)) if entry.revision() == revision => {
                     next.insert(Arc::clone(id), entry.clone());
                 }
+                Some(_) => return None,
                 None if at_cap => {}
                 None => return None,
             }
@@ -734,7 +752,7 @@ impl Held {
         }
     }
 
-    #[cfg(test)]
+    /// The revision of the entry as the server sent it.
     fn revision(&self) -> u64 {
         match self {
             Self::Workload { revision, .. } | Self::Unusable { revision } => *revision,
@@ -798,7 +816,7 @@ mod tests {
         }
     }
 
-    fn pages(entries: Vec<Entry>, unchanged: Vec<String>) -> Pages {
+    fn pages(entries: Vec<Entry>, unchanged: Vec<(String, u64)>) -> Pages {
         let mut pages = Pages {
             entries: vec![],
             unchanged,
@@ -816,7 +834,7 @@ mod tests {
         let before = held(&[entry("kept", 1), entry("changed", 1), entry("gone", 1)]);
         let resume = pages(
             vec![entry("changed", 7), entry("new", 8)],
-            vec!["kept".into()],
+            vec![("kept".into(), 1)],
         );
         let after = resume.apply(&before).unwrap();
         let summary: Vec<(&str, u64)> = after.iter().map(|(id, e)| (&**id, e.revision())).collect();
@@ -829,7 +847,7 @@ mod tests {
         // "both" named unchanged and sent in full; "twice" on two pages.
         let mut resume = pages(
             vec![entry("twice", 3), entry("both", 2)],
-            vec!["kept".into(), "both".into()],
+            vec![("kept".into(), 1), ("both".into(), 1)],
         );
         resume.add(vec![entry("twice", 4)]);
         let after = resume.apply(&before).unwrap();
@@ -955,8 +973,36 @@ mod tests {
     #[test]
     fn a_resume_naming_an_entry_the_agent_lacks_asks_for_a_snapshot() {
         let before = held(&[entry("kept", 1)]);
-        let resume = pages(vec![], vec!["kept".into(), "never-seen".into()]);
+        let resume = pages(vec![], vec![("kept".into(), 1), ("never-seen".into(), 1)]);
         assert!(resume.apply(&before).is_none());
+    }
+
+    #[test]
+    fn a_resume_naming_an_entry_at_another_revision_asks_for_a_snapshot() {
+        // Held at 5 from a history the server lost (its store went back to an older copy);
+        // the server has it at 3, or has reused 5's successor for it: either way, not what is
+        // held. Both under the cap and past it.
+        let before = held(&[entry("kept", 1), entry("changed-in-lost-history", 5)]);
+        for other in [3, 6] {
+            let resume = pages(
+                vec![],
+                vec![
+                    ("kept".into(), 1),
+                    ("changed-in-lost-history".into(), other),
+                ],
+            );
+            assert!(resume.apply(&before).is_none(), "revision {other}");
+        }
+        let at_cap = held(
+            &(0..MAX_ENTRIES)
+                .map(|i| entry(&format!("e{i}"), 1))
+                .collect::<Vec<_>>(),
+        );
+        let mut named: Vec<(String, u64)> =
+            (0..MAX_ENTRIES + 1).map(|i| (format!("e{i}"), 1)).collect();
+        assert!(pages(vec![], named.clone()).apply(&at_cap).is_some());
+        named[7].1 = 2;
+        assert!(pages(vec![], named).apply(&at_cap).is_none());
     }
 
     #[test]
@@ -985,7 +1031,7 @@ mod tests {
         );
         let resume = pages(
             vec![entry("new", 9)],
-            (0..MAX_ENTRIES + 5).map(|i| format!("e{i}")).collect(),
+            (0..MAX_ENTRIES + 5).map(|i| (format!("e{i}"), 1)).collect(),
         );
         let after = resume.apply(&before).unwrap();
         assert_eq!(after.len(), MAX_ENTRIES, "still capped");

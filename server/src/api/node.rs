@@ -204,7 +204,11 @@ impl NodeService {
                 federated,
             } => Message::Resume(pb::ResumePage {
                 entries: entries(&list),
-                unchanged_ids: unchanged.iter().map(|id| id.as_str().to_owned()).collect(),
+                unchanged_ids: unchanged
+                    .iter()
+                    .map(|(id, _)| id.as_str().to_owned())
+                    .collect(),
+                unchanged_revisions: unchanged.iter().map(|(_, revision)| *revision).collect(),
                 revision,
                 last: bundle.is_some(),
                 bundle: bundle.map(|b| self.bundle_message(&b)),

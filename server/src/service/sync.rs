@@ -88,8 +88,8 @@ pub(crate) enum SyncMessage {
     Resume {
         /// Entries that may have changed, in full.
         entries: Vec<Arc<RegistrationEntry>>,
-        /// Entries the agent keeps as it has them.
-        unchanged: Vec<EntryId>,
+        /// Entries the agent keeps as it has them, if it has them at these revisions.
+        unchanged: Vec<(EntryId, u64)>,
         /// The revision the resume is at.
         revision: u64,
         /// The bundle, on the last page only.
@@ -485,9 +485,12 @@ impl EntrySync {
 
     /// Resumes after `since` without sending what the agent already holds: resume pages carry
     /// in full the authorized entries that changed after `since` and those below another entry
-    /// (their authorization depends on their ancestors, which may have changed), and by id the
-    /// entries parented to the agent itself that did not change (authorized now and unchanged
-    /// since `since`, so authorized then too). The agent keeps exactly these. Only ids of
+    /// (their authorization depends on their ancestors, which may have changed), and by id and
+    /// revision the entries parented to the agent itself that did not change (authorized now
+    /// and unchanged since `since`, so authorized then too). The agent keeps exactly these, and
+    /// an unchanged one only if it holds it at that revision: a store restored from an older
+    /// copy numbers its new changes as the lost ones were, so `revision <= since` alone does
+    /// not prove the agent saw this entry's contents. Only ids of
     /// entries authorized for this agent are ever sent. `None` when a snapshot is needed
     /// instead (`since` is 0 or newer than anything this server has).
     async fn resume(
@@ -525,7 +528,7 @@ impl EntrySync {
                 unchanged: id_chunk
                     .unwrap_or_default()
                     .iter()
-                    .map(|e| e.id.clone())
+                    .map(|e| (e.id.clone(), e.revision))
                     .collect(),
                 revision,
                 bundle: last.then(|| self.bundle()),

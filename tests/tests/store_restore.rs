@@ -1,0 +1,108 @@
+//! A server whose data directory is restored from an older copy, with the real binaries: an
+//! agent that saw changes the restored store lost must not keep them when it resumes its sync.
+//! The restored store numbers its new changes as the lost ones were numbered, so "unchanged
+//! since the revision you are at" no longer proves that the agent holds what the server has.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use std::time::Duration;
+
+use sigil_proto::admin::UpdateEntryRequest;
+use sigil_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_does_not_keep_what_a_restored_store_lost() {
+    let mut server = TestServer::start(SLED_STORE);
+    let agent = TestAgentProcess::start(&server).await;
+    let me = format!("unix:uid:{}", my_uid());
+    let always = "spiffe://example.org/always";
+    let lost = "spiffe://example.org/granted-in-the-lost-history";
+    // The agent's entries: one this test's workload always gets, one it gets only in the
+    // history the restore loses.
+    let agent_id = agent.agent_id();
+    create_entry(&server, entry(always, &agent_id, &[&me]))
+        .await
+        .unwrap();
+    let mut narrow = create_entry(&server, entry(lost, &agent_id, &["unix:uid:4242424"]))
+        .await
+        .unwrap();
+    let (mut stream, _) = x509_stream_with(&agent, |m| svid_ids(m) == [always]).await;
+
+    // The backup, taken from the stopped server.
+    let (status, _) = server.signal("TERM", Duration::from_secs(20));
+    assert!(status.success());
+    let backup = tempfile::tempdir().unwrap();
+    copy_dir(&server.data_dir(), &backup.path().join("data"));
+    server.restart();
+
+    // The history the restore loses: the entry is widened to this workload, and the agent
+    // serves it.
+    narrow.selectors = vec![me.clone()];
+    let widened = server
+        .admin()
+        .await
+        .update_entry(UpdateEntryRequest {
+            entry: Some(narrow),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    next_x509_until(&mut stream, Duration::from_secs(30), |m| {
+        svid_ids(m).len() == 2
+    })
+    .await
+    .unwrap();
+
+    // The agent is held still while the disk dies, the backup is restored, and the restored
+    // server writes past the revision the agent is at.
+    agent.signal_nowait("STOP");
+    server.kill9();
+    std::fs::remove_dir_all(server.data_dir()).unwrap();
+    copy_dir(&backup.path().join("data"), &server.data_dir());
+    server.restart();
+    let mut revision = 0;
+    let mut n = 0;
+    while revision <= widened.revision + 10 {
+        let created = create_entry(
+            &server,
+            entry(
+                &format!("spiffe://example.org/elsewhere/{n}"),
+                "spiffe://example.org/some/other/agent",
+                &["unix:uid:1"],
+            ),
+        )
+        .await
+        .unwrap();
+        revision = created.revision;
+        n += 1;
+    }
+    let restored = all_entries(&server).await;
+    let narrow_again = restored.iter().find(|e| e.spiffe_id == lost).unwrap();
+    assert_eq!(narrow_again.selectors, ["unix:uid:4242424"]);
+    assert!(
+        narrow_again.revision < widened.revision,
+        "unchanged since before the agent's revision, as far as the restored server knows"
+    );
+
+    // The agent resumes: the entry it holds at the lost revision is not the server's, so it
+    // takes a snapshot, and the workload loses what only the lost history granted.
+    agent.signal_nowait("CONT");
+    let narrowed = next_x509_until(&mut stream, Duration::from_secs(30), |m| {
+        svid_ids(m) == [always]
+    })
+    .await;
+    assert!(
+        narrowed.is_ok(),
+        "the workload still holds {lost}: {narrowed:?}\nagent log:\n{}",
+        agent.log_text()
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("does not hold at the revision named; taking a snapshot"),
+        "the resume, not a revision the server lacks, led to the snapshot:\n{log}"
+    );
+}
