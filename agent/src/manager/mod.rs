@@ -190,11 +190,11 @@ impl Manager {
                 sync_entries_response::Message::Resume(page) => {
                     if page.unchanged_revisions.len() != page.unchanged_ids.len() {
                         // A server older than the revisions: nothing proves what is held.
+                        warn!(
+                            "the resumed sync names unchanged entries without their revisions (a server older than this agent); taking a snapshot"
+                        );
                         self.revision = 0;
-                        return Err(NodeError::Unavailable(
-                            "the resumed sync names unchanged entries without their revisions; taking a snapshot"
-                                .into(),
-                        ));
+                        return Ok(());
                     }
                     pages.add(page.entries);
                     pages
@@ -208,8 +208,13 @@ impl Manager {
                         if let Some(federated) = page.federated_bundles {
                             self.set_federated(federated);
                         }
-                        self.synced(std::mem::take(&mut pages), page.revision)
-                            .await?;
+                        if !self
+                            .synced(std::mem::take(&mut pages), page.revision)
+                            .await?
+                        {
+                            // Reconnect at once, from a snapshot.
+                            return Ok(());
+                        }
                     }
                 }
                 sync_entries_response::Message::AuditCheckpoint(cp) => {
@@ -254,20 +259,34 @@ impl Manager {
     }
 
     /// The last page of a snapshot or a resume has come: the entry set becomes what the pages
-    /// say, at `revision`.
-    async fn synced(&mut self, pages: Pages, revision: u64) -> Result<(), NodeError> {
+    /// say, at `revision`. `false` when the stream must end for a snapshot:
+    ///
+    /// A resume that names unchanged entries this agent does not hold, or holds at another
+    /// revision, leaves it with what the pages do vouch for; the stream then ends, and the next
+    /// one starts at once from a snapshot. An entry held at another revision than the server
+    /// names is one whose contents the server no longer has (its store went back to an older
+    /// copy): it is dropped now, with its SVIDs, rather than served until the snapshot.
+    async fn synced(&mut self, pages: Pages, revision: u64) -> Result<bool, NodeError> {
         let resumed = !pages.unchanged.is_empty();
-        let Some(entries) = pages.apply(&self.entries) else {
-            // The server counts on an entry this agent does not hold, or holds at another
-            // revision (the server's store went back to an older copy, and the contents held
-            // may be ones it no longer has).
-            self.revision = 0;
-            return Err(NodeError::Unavailable(
-                "the resumed sync names an entry this agent does not hold at the revision named; taking a snapshot"
-                    .into(),
-            ));
-        };
+        let (entries, gaps) = pages.apply(&self.entries);
         self.entries = entries;
+        if !gaps.is_empty() {
+            self.revision = 0;
+            if gaps.stale > 0 {
+                warn!(
+                    stale = gaps.stale,
+                    missing = gaps.missing,
+                    "the resumed sync names entries this agent holds at other revisions (the server's store went back to an older copy?); dropping them and taking a snapshot"
+                );
+            } else {
+                info!(
+                    missing = gaps.missing,
+                    "the resumed sync names entries this agent does not hold; taking a snapshot"
+                );
+            }
+            self.reconcile().await;
+            return Ok(false);
+        }
         self.revision = revision;
         self.inventory.synced = true;
         info!(
@@ -275,7 +294,7 @@ impl Manager {
             revision, resumed, "synced entries"
         );
         self.reconcile().await;
-        Ok(())
+        Ok(true)
     }
 
     fn set_bundle(&mut self, json: &[u8]) {
@@ -545,52 +564,33 @@ impl Pages {
     }
 
     /// The entry set the pages give: the entries sent in full and, of those `held`, the
-    /// unchanged ones named (every other held entry is gone), at most [`MAX_ENTRIES`]. `None`
-    /// when an unchanged entry named is not held, or is held at another revision than named:
-    /// only a snapshot can tell what it is. An agent at its cap skips those it does not hold
-    /// instead: it left them out of its snapshot too.
-    fn apply(self, held: &BTreeMap<Arc<str>, Held>) -> Option<BTreeMap<Arc<str>, Held>> {
+    /// unchanged ones named at the revision named (every other held entry is gone), at most
+    /// [`MAX_ENTRIES`]; and the [`Gaps`], the unchanged entries named that are not held at
+    /// that revision.
+    fn apply(self, held: &BTreeMap<Arc<str>, Held>) -> (BTreeMap<Arc<str>, Held>, Gaps) {
         if self.unchanged.len() + self.entries.len() > MAX_ENTRIES {
             return self.apply_capped(held);
         }
         // Under the cap whatever repeats: one vector, sorted, built into the map in place (a
         // map filled in key order leaves its nodes about half full, and its nodes freed after
         // a rebuild would stay resident).
-        let at_cap = held.len() >= MAX_ENTRIES;
         let mut next = Vec::with_capacity(self.unchanged.len() + self.entries.len());
-        for (id, revision) in self.unchanged {
-            match held.get_key_value(id.as_str()) {
-                Some((id, entry)) if entry.revision() == revision => {
-                    next.push((Arc::clone(id), entry.clone()));
-                }
-                Some(_) => return None,
-                None if at_cap => {}
-                None => return None,
-            }
-        }
+        let gaps = unchanged_held(self.unchanged, held, |id, entry| next.push((id, entry)));
         next.extend(
             self.entries
                 .into_iter()
                 .map(|(id, parsed)| keep_held(held, id, parsed)),
         );
         sort_keeping_last(&mut next);
-        Some(next.into_iter().collect())
+        (next.into_iter().collect(), gaps)
     }
 
     /// [`Pages::apply`] when the pages may hold more than the cap: the first entries are kept.
-    fn apply_capped(self, held: &BTreeMap<Arc<str>, Held>) -> Option<BTreeMap<Arc<str>, Held>> {
-        let at_cap = held.len() >= MAX_ENTRIES;
+    fn apply_capped(self, held: &BTreeMap<Arc<str>, Held>) -> (BTreeMap<Arc<str>, Held>, Gaps) {
         let mut next = BTreeMap::new();
-        for (id, revision) in self.unchanged {
-            match held.get_key_value(id.as_str()) {
-                Some((id, entry)) if entry.revision() == revision => {
-                    next.insert(Arc::clone(id), entry.clone());
-                }
-                Some(_) => return None,
-                None if at_cap => {}
-                None => return None,
-            }
-        }
+        let gaps = unchanged_held(self.unchanged, held, |id, entry| {
+            next.insert(id, entry);
+        });
         let mut ignored = 0usize;
         for (id, parsed) in self.entries {
             if next.len() >= MAX_ENTRIES && !next.contains_key(&id) {
@@ -611,8 +611,47 @@ impl Pages {
         }
         // Built again from its sorted contents: a map filled in key order leaves its nodes
         // about half full, one built from a sorted sequence fills them (less memory per entry).
-        Some(next.into_iter().collect())
+        (next.into_iter().collect(), gaps)
     }
+}
+
+/// The unchanged entries a resume names that the agent cannot keep: only a snapshot can tell
+/// what they are.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Gaps {
+    /// Not held, by an agent below its cap (one at its cap left them out of its snapshot too,
+    /// and skips them).
+    missing: usize,
+    /// Held at another revision than named: contents the server no longer has.
+    stale: usize,
+}
+
+impl Gaps {
+    fn is_empty(self) -> bool {
+        self.missing == 0 && self.stale == 0
+    }
+}
+
+/// Passes to `keep` each of the `unchanged` entries named that `held` has at the revision
+/// named; returns the others.
+fn unchanged_held(
+    unchanged: Vec<(String, u64)>,
+    held: &BTreeMap<Arc<str>, Held>,
+    mut keep: impl FnMut(Arc<str>, Held),
+) -> Gaps {
+    let at_cap = held.len() >= MAX_ENTRIES;
+    let mut gaps = Gaps::default();
+    for (id, revision) in unchanged {
+        match held.get_key_value(id.as_str()) {
+            Some((id, entry)) if entry.revision() == revision => {
+                keep(Arc::clone(id), entry.clone())
+            }
+            Some(_) => gaps.stale += 1,
+            None if at_cap => {}
+            None => gaps.missing += 1,
+        }
+    }
+    gaps
 }
 
 /// An entry sent again as it is held (a snapshot after a reconnect) keeps the held value, which
@@ -829,6 +868,16 @@ mod tests {
         entries.iter().map(Held::of).collect()
     }
 
+    /// The entries of pages that left no gap.
+    fn complete((entries, gaps): (BTreeMap<Arc<str>, Held>, Gaps)) -> BTreeMap<Arc<str>, Held> {
+        assert!(gaps.is_empty(), "{gaps:?}");
+        entries
+    }
+
+    fn ids(entries: &BTreeMap<Arc<str>, Held>) -> Vec<&str> {
+        entries.keys().map(|id| &**id).collect()
+    }
+
     #[test]
     fn a_resume_keeps_exactly_what_it_names() {
         let before = held(&[entry("kept", 1), entry("changed", 1), entry("gone", 1)]);
@@ -836,7 +885,7 @@ mod tests {
             vec![entry("changed", 7), entry("new", 8)],
             vec![("kept".into(), 1)],
         );
-        let after = resume.apply(&before).unwrap();
+        let after = complete(resume.apply(&before));
         let summary: Vec<(&str, u64)> = after.iter().map(|(id, e)| (&**id, e.revision())).collect();
         assert_eq!(summary, [("changed", 7), ("kept", 1), ("new", 8)]);
     }
@@ -850,7 +899,7 @@ mod tests {
             vec![("kept".into(), 1), ("both".into(), 1)],
         );
         resume.add(vec![entry("twice", 4)]);
-        let after = resume.apply(&before).unwrap();
+        let after = complete(resume.apply(&before));
         let summary: Vec<(&str, u64)> = after.iter().map(|(id, e)| (&**id, e.revision())).collect();
         assert_eq!(summary, [("both", 2), ("kept", 1), ("twice", 4)]);
         let (key, _) = after.get_key_value("twice").unwrap();
@@ -868,7 +917,7 @@ mod tests {
     fn an_entry_sent_again_unchanged_keeps_the_grant_its_svids_share() {
         let before = held(&[entry("same", 1), entry("changed", 1)]);
         let snapshot = pages(vec![entry("same", 1), entry("changed", 2)], vec![]);
-        let after = snapshot.apply(&before).unwrap();
+        let after = complete(snapshot.apply(&before));
         assert!(Arc::ptr_eq(&grant(&before, "same"), &grant(&after, "same")));
         assert!(!Arc::ptr_eq(
             &grant(&before, "changed"),
@@ -974,24 +1023,38 @@ mod tests {
     fn a_resume_naming_an_entry_the_agent_lacks_asks_for_a_snapshot() {
         let before = held(&[entry("kept", 1)]);
         let resume = pages(vec![], vec![("kept".into(), 1), ("never-seen".into(), 1)]);
-        assert!(resume.apply(&before).is_none());
+        let (after, gaps) = resume.apply(&before);
+        assert_eq!(
+            gaps,
+            Gaps {
+                missing: 1,
+                stale: 0
+            }
+        );
+        assert_eq!(ids(&after), ["kept"]);
     }
 
     #[test]
-    fn a_resume_naming_an_entry_at_another_revision_asks_for_a_snapshot() {
+    fn a_resume_naming_an_entry_at_another_revision_drops_it_and_asks_for_a_snapshot() {
         // Held at 5 from a history the server lost (its store went back to an older copy);
         // the server has it at 3, or has reused 5's successor for it: either way, not what is
-        // held. Both under the cap and past it.
+        // held, so it is not kept. Both under the cap and past it.
         let before = held(&[entry("kept", 1), entry("changed-in-lost-history", 5)]);
+        let stale = Gaps {
+            missing: 0,
+            stale: 1,
+        };
         for other in [3, 6] {
             let resume = pages(
-                vec![],
+                vec![entry("new", 7)],
                 vec![
                     ("kept".into(), 1),
                     ("changed-in-lost-history".into(), other),
                 ],
             );
-            assert!(resume.apply(&before).is_none(), "revision {other}");
+            let (after, gaps) = resume.apply(&before);
+            assert_eq!(gaps, stale, "revision {other}");
+            assert_eq!(ids(&after), ["kept", "new"], "revision {other}");
         }
         let at_cap = held(
             &(0..MAX_ENTRIES)
@@ -1000,9 +1063,12 @@ mod tests {
         );
         let mut named: Vec<(String, u64)> =
             (0..MAX_ENTRIES + 1).map(|i| (format!("e{i}"), 1)).collect();
-        assert!(pages(vec![], named.clone()).apply(&at_cap).is_some());
+        complete(pages(vec![], named.clone()).apply(&at_cap));
         named[7].1 = 2;
-        assert!(pages(vec![], named).apply(&at_cap).is_none());
+        let (after, gaps) = pages(vec![], named).apply(&at_cap);
+        assert_eq!(gaps, stale);
+        assert_eq!(after.len(), MAX_ENTRIES - 1);
+        assert!(!after.contains_key("e7"));
     }
 
     #[test]
@@ -1013,7 +1079,7 @@ mod tests {
                 .collect(),
             vec![],
         );
-        let after = pages.apply(&held(&[entry("gone", 1)])).unwrap();
+        let after = complete(pages.apply(&held(&[entry("gone", 1)])));
         assert_eq!(after.len(), MAX_ENTRIES);
         assert!(after.contains_key("e00000"));
         assert!(
@@ -1033,7 +1099,7 @@ mod tests {
             vec![entry("new", 9)],
             (0..MAX_ENTRIES + 5).map(|i| (format!("e{i}"), 1)).collect(),
         );
-        let after = resume.apply(&before).unwrap();
+        let after = complete(resume.apply(&before));
         assert_eq!(after.len(), MAX_ENTRIES, "still capped");
         assert!(!after.contains_key("new"), "no room for a new entry");
         assert!(after.contains_key("e0"));

@@ -294,11 +294,12 @@ impl EntrySync {
             let audit = Arc::clone(&self.audit);
             let source = agent.id.to_string();
             tokio::spawn(async move {
+                // Whether the log has diverged, once checked.
                 let checked = match audit.witness(&source, witnessed, SystemTime::now()).await {
-                    Ok(_) => true,
+                    Ok(divergence) => Some(divergence.is_some()),
                     Err(error) => {
                         tracing::warn!(%error, agent = %source, "cannot check the audit checkpoints the agent presented");
-                        false
+                        None
                     }
                 };
                 let _ = witnessed_tx.send(checked);
@@ -327,9 +328,9 @@ impl EntrySync {
         // agent was away.
         let mut crl_generation = crl_updates.borrow_and_update().generation;
         let mut bundle_sequence = bundle_updates.borrow_and_update().sequence;
-        let mut revision = match self.resume(&agent, since, &mut state, tx).await? {
-            Some(revision) => revision,
-            None => self.snapshot(&agent, &mut state, tx).await?,
+        let (mut revision, mut resumed) = match self.resume(&agent, since, &mut state, tx).await? {
+            Some(revision) => (revision, true),
+            None => (self.snapshot(&agent, &mut state, tx).await?, false),
         };
         let expiry = tokio::time::sleep(
             agent
@@ -340,6 +341,7 @@ impl EntrySync {
         tokio::pin!(expiry);
 
         let mut expired = false;
+        let mut snapshot_again = false;
         loop {
             // Every change the cache has applied after `revision`.
             loop {
@@ -425,7 +427,12 @@ impl EntrySync {
                 changed = checkpoints.changed() => if changed.is_err() { return Ok(()) },
                 checked = &mut witnessed_rx, if witness_pending => {
                     witness_pending = false;
-                    may_send_checkpoints = checked.unwrap_or(false);
+                    let diverged = checked.ok().flatten();
+                    may_send_checkpoints = diverged.is_some();
+                    // The stream resumed before the check was done, and the log has diverged
+                    // (or the check failed): the revision the agent resumed from may be one of
+                    // a history this store lost, so it gets a snapshot after all.
+                    snapshot_again = std::mem::take(&mut resumed) && diverged != Some(false);
                 }
                 removed = removals.recv(), if removals_open => match removed {
                     Ok(removed) if removed.id == agent.id => {
@@ -444,6 +451,10 @@ impl EntrySync {
                 },
                 _ = shutdown.wait_for(|stop| *stop) => return Err(SyncError::ShuttingDown),
                 () = tx.closed() => return Ok(()),
+            }
+            if std::mem::take(&mut snapshot_again) {
+                debug!(agent_id = %agent.id, "the audit log has diverged: a snapshot after the resume");
+                revision = self.snapshot(&agent, &mut state, tx).await?;
             }
         }
     }
@@ -492,7 +503,9 @@ impl EntrySync {
     /// copy numbers its new changes as the lost ones were, so `revision <= since` alone does
     /// not prove the agent saw this entry's contents. Only ids of
     /// entries authorized for this agent are ever sent. `None` when a snapshot is needed
-    /// instead (`since` is 0 or newer than anything this server has).
+    /// instead: `since` is 0 or newer than anything this server has, or the audit log has
+    /// diverged (the store went back to an older copy, so `since` may be a revision of a
+    /// history it lost).
     async fn resume(
         &self,
         agent: &Agent,
@@ -501,6 +514,10 @@ impl EntrySync {
         tx: &SyncSender,
     ) -> Result<Option<u64>, SyncError> {
         if since == 0 {
+            return Ok(None);
+        }
+        if self.audit.divergence().is_some() {
+            debug!(agent_id = %agent.id, since, "the audit log has diverged: a snapshot, not a resume");
             return Ok(None);
         }
         let authorized = self.entries.authorized(agent, SystemTime::now()).await?;
@@ -816,6 +833,55 @@ mod tests {
         assert!(matches!(next_any(&mut rx).await, SyncMessage::Changes(_)));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(rx.try_recv().is_err(), "nothing else, no checkpoint");
+        drop(rx);
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_that_saw_a_lost_history_gets_a_snapshot_not_a_resume() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let agent = fx.attested_agent().await;
+        let held = create(&fx, "spiffe://example.org/held", &agent.id).await;
+        let cp = fx.audit.checkpoint(now).await.unwrap().unwrap();
+        let mut lost = cp.clone();
+        lost.sequence += 100;
+        let lost = fx.audit.resign(lost);
+
+        // The agent resumes from a revision this store has, presenting a checkpoint of a
+        // history it does not: the check runs beside the stream, so the resume may go first,
+        // but a snapshot follows it.
+        let (tx, mut rx) = mpsc::channel(4);
+        let sync = fx.sync.clone().checking_every(Duration::from_secs(3600));
+        let stream_agent = agent.clone();
+        let task =
+            tokio::spawn(
+                async move { sync.run(stream_agent, held.revision, vec![lost], &tx).await },
+            );
+        let mut resumed_first = false;
+        let entries = loop {
+            match next_any(&mut rx).await {
+                SyncMessage::Resume { .. } => resumed_first = true,
+                SyncMessage::Snapshot { entries, .. } => break entries,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].id, held.id);
+        assert!(fx.audit.divergence().is_some());
+        drop(rx);
+        task.await.unwrap().unwrap();
+
+        // Once the log is known to have diverged, no stream resumes, witness or not.
+        let (tx, mut rx) = mpsc::channel(4);
+        let sync = fx.sync.clone();
+        let stream_agent = agent.clone();
+        let task =
+            tokio::spawn(async move { sync.run(stream_agent, held.revision, vec![], &tx).await });
+        assert!(
+            matches!(next_any(&mut rx).await, SyncMessage::Snapshot { .. }),
+            "a snapshot (the first stream resumed first: {resumed_first})"
+        );
         drop(rx);
         task.await.unwrap().unwrap();
     }
