@@ -284,7 +284,9 @@ impl Manager {
                     "the resumed sync names entries this agent does not hold; taking a snapshot"
                 );
             }
-            self.reconcile().await;
+            // Withdrawn now; what is new is minted after the snapshot.
+            self.follow_entries();
+            self.publish();
             return Ok(false);
         }
         self.revision = revision;
@@ -343,6 +345,13 @@ impl Manager {
     /// Drops SVIDs of entries that are gone, mints SVIDs for new or changed entries, renews
     /// those due, and publishes.
     async fn reconcile(&mut self) {
+        self.follow_entries();
+        self.renew_svids().await;
+    }
+
+    /// What [`Manager::reconcile`] does before it mints: the SVIDs and sessions follow the
+    /// entries held (nothing is published).
+    fn follow_entries(&mut self) {
         let entries = &self.entries;
         // An SVID whose entry is gone, or now grants another ID, is withdrawn at once; one whose
         // selectors, hint, TTL, end or federated trust domains changed follows the entry now
@@ -379,7 +388,6 @@ impl Manager {
             Held::Session(session) => hashes(&session.selectors),
             Held::Unusable { .. } => false,
         });
-        self.renew_svids().await;
     }
 
     /// Mints SVIDs for entries without a current one (new, changed, or due for renewal).

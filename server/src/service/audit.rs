@@ -288,6 +288,12 @@ impl AuditLog {
         self.divergence.borrow().clone()
     }
 
+    /// The divergence, and its changes (a sync stream that resumed turns to a snapshot when
+    /// the log is found to have diverged).
+    pub(crate) fn subscribe_divergence(&self) -> watch::Receiver<Option<Arc<Divergence>>> {
+        self.divergence.subscribe()
+    }
+
     /// The latest checkpoint, and its changes (for the agents' sync streams).
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Arc<AuditCheckpoint>>> {
         self.latest.subscribe()

@@ -306,6 +306,9 @@ impl EntrySync {
             });
         }
         let mut checkpoints = self.audit.subscribe();
+        // Subscribed before the resume reads the divergence: one found later is seen.
+        let mut divergence = self.audit.subscribe_divergence();
+        divergence.mark_unchanged();
         let mut sent_checkpoint: Option<Arc<AuditCheckpoint>> = None;
         let cache = &self.entries;
         // Subscribed before anything is sent: a ban after this point ends the stream.
@@ -432,8 +435,13 @@ impl EntrySync {
                     // The stream resumed before the check was done, and the log has diverged
                     // (or the check failed): the revision the agent resumed from may be one of
                     // a history this store lost, so it gets a snapshot after all.
-                    snapshot_again = std::mem::take(&mut resumed) && diverged != Some(false);
+                    snapshot_again = resumed && diverged != Some(false);
                 }
+                // The same when the log is found to have diverged later, by anyone.
+                changed = divergence.changed(), if resumed => match changed {
+                    Ok(()) => snapshot_again = divergence.borrow_and_update().is_some(),
+                    Err(_) => resumed = false,
+                },
                 removed = removals.recv(), if removals_open => match removed {
                     Ok(removed) if removed.id == agent.id => {
                         return Err(SyncError::Removed(removed.reason));
@@ -454,6 +462,7 @@ impl EntrySync {
             }
             if std::mem::take(&mut snapshot_again) {
                 debug!(agent_id = %agent.id, "the audit log has diverged: a snapshot after the resume");
+                resumed = false;
                 revision = self.snapshot(&agent, &mut state, tx).await?;
             }
         }
@@ -882,6 +891,52 @@ mod tests {
             matches!(next_any(&mut rx).await, SyncMessage::Snapshot { .. }),
             "a snapshot (the first stream resumed first: {resumed_first})"
         );
+        drop(rx);
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resumed_stream_turns_to_a_snapshot_when_the_log_is_found_diverged_later() {
+        let fx = Fixture::new().await;
+        let now = SystemTime::now();
+        let agent = fx.attested_agent().await;
+        let held = create(&fx, "spiffe://example.org/held", &agent.id).await;
+        let cp = fx.audit.checkpoint(now).await.unwrap().unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let sync = fx.sync.clone().checking_every(Duration::from_secs(3600));
+        let stream_agent = agent.clone();
+        let task =
+            tokio::spawn(async move { sync.run(stream_agent, held.revision, vec![], &tx).await });
+        let SyncMessage::Resume { unchanged, .. } = next_any(&mut rx).await else {
+            panic!("expected a resume");
+        };
+        assert_eq!(unchanged, [(held.id.clone(), held.revision)]);
+        assert!(matches!(
+            next_any(&mut rx).await,
+            SyncMessage::Checkpoint(_)
+        ));
+
+        // Another agent reveals that the log lost a history: this stream's resume may have
+        // been from it.
+        let mut lost = cp.clone();
+        lost.sequence += 100;
+        let found = fx
+            .audit
+            .witness("another agent", vec![fx.audit.resign(lost)], now)
+            .await
+            .unwrap();
+        assert!(found.is_some());
+        let SyncMessage::Snapshot { entries, .. } = next_any(&mut rx).await else {
+            panic!("expected a snapshot");
+        };
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].id, held.id);
+        // And the stream goes on from it.
+        let after = create(&fx, "spiffe://example.org/after", &agent.id).await;
+        let SyncMessage::Changes(changes) = next_any(&mut rx).await else {
+            panic!("expected changes");
+        };
+        assert!(matches!(&changes[..], [SyncChange::Upsert(e)] if e.id == after.id));
         drop(rx);
         task.await.unwrap().unwrap();
     }
