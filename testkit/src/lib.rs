@@ -447,6 +447,23 @@ impl Drop for Postgres {
     }
 }
 
+/// Copies a directory tree, file modes included (a stopped server's data directory: a backup,
+/// or the backup restored).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+            std::fs::set_permissions(&target, entry.metadata()?.permissions())?;
+        }
+    }
+    Ok(())
+}
+
 /// The directory holding `initdb` and `pg_ctl`: on `PATH`, else the newest
 /// `/usr/lib/postgresql/*/bin`.
 pub fn find_bin_dir() -> Option<PathBuf> {

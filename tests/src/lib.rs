@@ -58,19 +58,9 @@ pub fn binary(name: &str) -> PathBuf {
 /// directory. CI runs the end-to-end tests both ways.
 pub const STORE_ENV: &str = "SIGIL_TEST_STORE";
 
-/// Copies a directory tree (a stopped server's data directory: a backup).
+/// Copies a directory tree, file modes included (a stopped server's data directory: a backup).
 pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-            std::fs::set_permissions(&target, entry.metadata().unwrap().permissions()).unwrap();
-        }
-    }
+    sigil_testkit::copy_dir(from, to).unwrap();
 }
 
 /// Configuration lines that pin a test server to sled: for the tests that open or alter the

@@ -1081,16 +1081,7 @@ mod tests {
     }
 
     fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                copy_dir(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), target).unwrap();
-            }
-        }
+        sigil_testkit::copy_dir(from, to).unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
