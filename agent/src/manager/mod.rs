@@ -671,7 +671,7 @@ fn keep_held(held: &BTreeMap<Arc<str>, Held>, id: Arc<str>, parsed: Held) -> (Ar
     }
 }
 
-/// Renewal is due at half the lifetime the SVID got.
+/// The selectors of `entry`, parsed.
 fn parse_selectors(entry: &Entry) -> Result<SelectorSet, sigil_core::SelectorError> {
     entry.selectors.iter().map(|s| Selector::parse(s)).collect()
 }

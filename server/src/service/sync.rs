@@ -294,12 +294,11 @@ impl EntrySync {
             let audit = Arc::clone(&self.audit);
             let source = agent.id.to_string();
             tokio::spawn(async move {
-                // Whether the log has diverged, once checked.
                 let checked = match audit.witness(&source, witnessed, SystemTime::now()).await {
-                    Ok(divergence) => Some(divergence.is_some()),
+                    Ok(_) => true,
                     Err(error) => {
                         tracing::warn!(%error, agent = %source, "cannot check the audit checkpoints the agent presented");
-                        None
+                        false
                     }
                 };
                 let _ = witnessed_tx.send(checked);
@@ -344,11 +343,16 @@ impl EntrySync {
         tokio::pin!(expiry);
 
         let mut expired = false;
+        // What the agent holds can no longer be built on: it gets a snapshot.
         let mut snapshot_again = false;
         loop {
             // Every change the cache has applied after `revision`.
             loop {
-                let (out, seen) = if std::mem::take(&mut expired) {
+                let (out, seen) = if std::mem::take(&mut snapshot_again) {
+                    resumed = false;
+                    revision = self.snapshot(&agent, &mut state, tx).await?;
+                    continue;
+                } else if std::mem::take(&mut expired) {
                     // An entry expired: what the agent is authorized for now against what it
                     // was sent.
                     self.resync(&agent, &mut state).await?
@@ -364,7 +368,7 @@ impl EntrySync {
                         // that went back and moved past the stream's revision again is not
                         // taken for one ahead.
                         Recent::WentBack => {
-                            revision = self.snapshot(&agent, &mut state, tx).await?;
+                            snapshot_again = true;
                             continue;
                         }
                         // Asleep for longer than the cache's window (or the cache was
@@ -430,14 +434,14 @@ impl EntrySync {
                 changed = checkpoints.changed() => if changed.is_err() { return Ok(()) },
                 checked = &mut witnessed_rx, if witness_pending => {
                     witness_pending = false;
-                    let diverged = checked.ok().flatten();
-                    may_send_checkpoints = diverged.is_some();
-                    // The stream resumed before the check was done, and the log has diverged
-                    // (or the check failed): the revision the agent resumed from may be one of
-                    // a history this store lost, so it gets a snapshot after all.
-                    snapshot_again = resumed && diverged != Some(false);
+                    may_send_checkpoints = checked.unwrap_or(false);
+                    // A divergence the check finds comes through `divergence`; a check that
+                    // failed leaves the stream's resume unproven the same way.
+                    snapshot_again = resumed && !may_send_checkpoints;
                 }
-                // The same when the log is found to have diverged later, by anyone.
+                // The stream resumed before the log was found to have diverged (by this agent's
+                // checkpoints or anyone's): the revision the agent resumed from may be one of a
+                // history this store lost.
                 changed = divergence.changed(), if resumed => match changed {
                     Ok(()) => snapshot_again = divergence.borrow_and_update().is_some(),
                     Err(_) => resumed = false,
@@ -459,11 +463,6 @@ impl EntrySync {
                 },
                 _ = shutdown.wait_for(|stop| *stop) => return Err(SyncError::ShuttingDown),
                 () = tx.closed() => return Ok(()),
-            }
-            if std::mem::take(&mut snapshot_again) {
-                debug!(agent_id = %agent.id, "the audit log has diverged: a snapshot after the resume");
-                resumed = false;
-                revision = self.snapshot(&agent, &mut state, tx).await?;
             }
         }
     }
