@@ -53,11 +53,11 @@ use crate::service::ingest::AuditIngest;
 use crate::service::metrics;
 use crate::service::sessions::{SessionRules, Sessions};
 use crate::service::svids::Svids;
-use crate::service::sync::EntrySync;
-use crate::store::Store;
+use crate::service::sync::{EntrySync, Histories};
 use crate::store::StoreError;
 use crate::store::postgres::{PostgresOptions, PostgresStore};
 use crate::store::sled::{SledStore, SledStoreOptions};
+use crate::store::{HistoryId, Store};
 use crate::tls::{self, ServerCertificate};
 use sigil_daemon::limits::ConnectionLimit;
 use sigil_daemon::telemetry::{GrpcMetrics, HttpEndpoints, ReadyCheck};
@@ -176,6 +176,9 @@ pub enum ServerError {
     /// The bundle endpoint cannot start.
     #[error(transparent)]
     BundleEndpoint(#[from] crate::bundle_endpoint::BundleEndpointError),
+    /// The system's random number generator failed.
+    #[error("the system's random number generator failed")]
+    Random,
 }
 
 /// A started server: its components, for the caller (and tests) to use.
@@ -191,6 +194,8 @@ pub struct Server {
     pub audit_checkpoint_interval: Duration,
     config: ServerConfig,
     entries: Arc<EntryCache>,
+    /// The change feed's histories agents may resume from.
+    histories: Histories,
     listener: TcpListener,
     admin_listener: tokio::net::UnixListener,
     certificate: ServerCertificate,
@@ -430,6 +435,10 @@ impl Server {
         refuse_session_only_entries(store.as_ref(), &session_only).await?;
         let entries = EntryCache::load(store.clone()).await?;
         entries.set_max_staleness(config.max_store_staleness);
+        // This run's history of the change feed: agents resume only from revisions the store
+        // is known to share with it (a store restored from an older copy reuses the numbers).
+        let history_id = random_history_id()?;
+        let histories = Histories::new(store.begin_history(history_id).await?);
         info!(key_fingerprint = %audit.key_fingerprint(), "audit log ready");
         info!(trust_domain = %config.trust_domain, sequence = ca.bundle_sequence(), "certificate authority ready");
 
@@ -467,6 +476,7 @@ impl Server {
             audit_checkpoint_interval: audit::DEFAULT_CHECKPOINT_INTERVAL,
             config,
             entries,
+            histories,
             listener,
             admin_listener,
             certificate,
@@ -562,7 +572,8 @@ impl Server {
             agents.clone(),
             federated.clone(),
             stop_rx.clone(),
-        );
+        )
+        .with_histories(self.histories.clone());
         let node_sync_metrics = entry_sync.metrics().clone();
         let node = NodeService::new(
             agents.clone(),
@@ -1027,6 +1038,14 @@ impl Drop for RemoveOnDrop {
 }
 
 /// The x509pop attestor the configuration asks for, its CA bundle read now.
+/// A fresh id for this run's history of the change feed.
+fn random_history_id() -> Result<HistoryId, ServerError> {
+    let mut id = [0; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+        .map_err(|_| ServerError::Random)?;
+    Ok(id)
+}
+
 fn x509pop(config: &ServerConfig) -> Result<Option<X509Pop>, ServerError> {
     let Some(pop) = &config.x509pop else {
         return Ok(None);

@@ -31,17 +31,20 @@ async fn add(
         .unwrap()
 }
 
-/// Agent `agent`'s sync stream from `since`, on a connection of its own (kept alive by the
-/// returned client).
+/// Agent `agent`'s sync stream from revision `since` of `history` (what the snapshot that
+/// began the earlier stream named), on a connection of its own (kept alive by the returned
+/// client).
 async fn open_sync(
     server: &TestServer,
     agent: &TestAgent,
     since: u64,
+    history: &[u8],
 ) -> (NodeClient<Channel>, Streaming<SyncEntriesResponse>) {
     let mut client = agent.client(server).await;
     let stream = client
         .sync_entries(SyncEntriesRequest {
             since_revision: since,
+            since_history: history.to_vec(),
             ..SyncEntriesRequest::default()
         })
         .await
@@ -108,11 +111,13 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
     )
     .await;
 
-    let (client, mut stream) = open_sync(&server, &a, 0).await;
+    let (client, mut stream) = open_sync(&server, &a, 0, &[]).await;
     let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
         panic!("the first message must be the snapshot");
     };
     assert!(page.last);
+    let history = page.history.clone();
+    assert_eq!(history.len(), 16, "a sled server names this run's history");
     let ids: Vec<_> = page.entries.iter().map(|e| e.spiffe_id.as_str()).collect();
     assert_eq!(ids, ["spiffe://example.org/a1"], "only agent A's entries");
     assert_eq!(
@@ -176,7 +181,7 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
         "unix:uid:3",
     )
     .await;
-    let (_client, mut stream) = open_sync(&server, &a, revision).await;
+    let (_client, mut stream) = open_sync(&server, &a, revision, &history).await;
     let page = next_resume(&mut stream).await;
     assert!(page.revision > revision);
     let mut full: Vec<_> = page.entries.iter().map(|e| e.spiffe_id.as_str()).collect();
@@ -209,6 +214,15 @@ async fn snapshot_then_changes_filtered_per_agent_and_resumable() {
         .unwrap();
     let (_, deletes, _) = next_changes(&mut stream).await;
     assert_eq!(deletes, [a3.id]);
+    assert_eq!(page.history, history, "the same run, the same history");
+
+    // A revision without its history proves nothing (it may be one of a history a restore
+    // lost): a snapshot, not a resume.
+    let (_client, mut stream) = open_sync(&server, &a, revision, &[]).await;
+    let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
+        panic!("a snapshot for a revision without its history");
+    };
+    assert_eq!(page.history, history);
 }
 
 /// The next message, which must be a complete (one-page) resume.
@@ -255,12 +269,13 @@ async fn a_resume_drops_what_an_alias_deleted_meanwhile_authorized_and_leaks_not
     )
     .await;
 
-    let (client, mut stream) = open_sync(&server, &a, 0).await;
+    let (client, mut stream) = open_sync(&server, &a, 0, &[]).await;
     let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
         panic!("expected the snapshot");
     };
     assert_eq!(page.entries.len(), 3);
     let revision = page.revision;
+    let history = page.history;
     drop(stream);
     drop(client);
 
@@ -278,7 +293,7 @@ async fn a_resume_drops_what_an_alias_deleted_meanwhile_authorized_and_leaks_not
         .await
         .unwrap();
 
-    let (_client, mut stream) = open_sync(&server, &a, revision).await;
+    let (_client, mut stream) = open_sync(&server, &a, revision, &history).await;
     let page = next_resume(&mut stream).await;
     assert!(
         page.entries.is_empty(),
@@ -308,7 +323,13 @@ async fn a_revision_the_server_does_not_have_means_a_fresh_snapshot() {
         "unix:uid:1",
     )
     .await;
-    let (_client, mut stream) = open_sync(&server, &a, 1_000_000).await;
+    let (client, mut stream) = open_sync(&server, &a, 0, &[]).await;
+    let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
+        panic!("expected the snapshot");
+    };
+    let history = page.history;
+    drop((client, stream));
+    let (_client, mut stream) = open_sync(&server, &a, 1_000_000, &history).await;
     let sync_entries_response::Message::Snapshot(page) = next(&mut stream).await else {
         panic!("expected a snapshot");
     };
@@ -336,7 +357,7 @@ async fn large_snapshots_are_paged_under_the_message_limit() {
         .unwrap()
         .into_inner();
     assert_eq!(resp.results.len(), 2500);
-    let (_client, mut stream) = open_sync(&server, &a, 0).await;
+    let (_client, mut stream) = open_sync(&server, &a, 0, &[]).await;
     let mut total = 0;
     let mut pages = 0;
     loop {

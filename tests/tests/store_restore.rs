@@ -2,12 +2,15 @@
 //! agent that saw changes the restored store lost must not keep them when it resumes its sync.
 //! The restored store numbers its new changes as the lost ones were numbered, so "unchanged
 //! since the revision you are at" no longer proves that the agent holds what the server has.
-//! Three checks stand in the way: the agent keeps an unchanged entry only at the revision the
-//! server names (`manager::tests`), and the server answers with a snapshot when the agent's
-//! audit checkpoint, or anything else, shows that its log has diverged (`sync::tests`). Here
-//! the lost history is shorter than a checkpoint interval and ends with kill -9, so it signs
-//! no checkpoint: the agent witnessed only the one signed at the stop before the backup, the
-//! log does not look diverged, and the agent's own check is all that stands in the way.
+//!
+//! Here the lost history is shorter than a checkpoint interval and ends with kill -9, so it
+//! signs no checkpoint: the agent witnessed only the one signed at the stop before the backup,
+//! and the log does not look diverged. What stands in the way is the history each server run
+//! begins in the store (`sync::tests`): the agent presents the one its revision belongs to,
+//! which the restored store never knew, so it gets a snapshot. That holds even when the entry
+//! the agent holds was changed again after the restore at the very revision the agent holds it
+//! at, where the agent's own check (it keeps an unchanged entry only at the revision the server
+//! names, `manager::tests`) cannot tell the two apart.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -22,6 +25,18 @@ use sigil_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_does_not_keep_what_a_restored_store_lost() {
+    restore_under_a_resuming_agent(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_does_not_keep_what_a_restored_store_lost_at_the_same_revision() {
+    restore_under_a_resuming_agent(true).await;
+}
+
+/// The agent serves an entry widened in a history that a restore then loses; `same_revision`:
+/// the restored server changes that entry again, so that it is at the revision the agent holds
+/// it at, with other contents.
+async fn restore_under_a_resuming_agent(same_revision: bool) {
     let mut server = TestServer::start(SLED_STORE);
     let agent = TestAgentProcess::start(&server).await;
     let me = format!("unix:uid:{}", my_uid());
@@ -81,31 +96,59 @@ async fn an_agent_does_not_keep_what_a_restored_store_lost() {
     std::fs::remove_dir_all(server.data_dir()).unwrap();
     copy_dir(&backup.path().join("data"), &server.data_dir());
     server.restart();
-    let mut revision = 0;
-    let mut n = 0;
-    while revision <= widened.revision + 10 {
-        let created = create_entry(
-            &server,
-            entry(
-                &format!("spiffe://example.org/elsewhere/{n}"),
-                "spiffe://example.org/some/other/agent",
-                &["unix:uid:1"],
-            ),
-        )
+    let mut revision = all_entries(&server)
         .await
+        .iter()
+        .map(|e| e.revision)
+        .max()
         .unwrap();
-        revision = created.revision;
+    let mut n = 0;
+    if same_revision {
+        while revision + 1 < widened.revision {
+            n += 1;
+            revision = write_elsewhere(&server, n).await;
+        }
+        // The entry the agent holds widened, changed again: at the revision the agent holds it
+        // at, to other contents (narrow still, to another uid).
+        let mut changed = all_entries(&server)
+            .await
+            .into_iter()
+            .find(|e| e.spiffe_id == lost)
+            .unwrap();
+        changed.selectors = vec!["unix:uid:4242425".to_owned()];
+        revision = server
+            .admin()
+            .await
+            .update_entry(UpdateEntryRequest {
+                entry: Some(changed),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .revision;
+        assert_eq!(
+            revision, widened.revision,
+            "the restored server numbers the change as the lost one was"
+        );
+    }
+    while revision <= widened.revision + 10 {
         n += 1;
+        revision = write_elsewhere(&server, n).await;
     }
     let restored = all_entries(&server).await;
     let narrow_again = restored.iter().find(|e| e.spiffe_id == lost).unwrap();
-    assert_eq!(narrow_again.selectors, ["unix:uid:4242424"]);
-    assert!(
-        narrow_again.revision < widened.revision,
-        "unchanged since before the agent's revision, as far as the restored server knows"
-    );
+    if same_revision {
+        assert_eq!(narrow_again.selectors, ["unix:uid:4242425"]);
+        assert_eq!(narrow_again.revision, widened.revision);
+    } else {
+        assert_eq!(narrow_again.selectors, ["unix:uid:4242424"]);
+        assert!(
+            narrow_again.revision < widened.revision,
+            "unchanged since before the agent's revision, as far as the restored server knows"
+        );
+    }
 
-    // The agent resumes: the entry it holds at the lost revision is not the server's, so it
+    // The agent resumes from a revision of a history the restored store never knew, so it
     // gets a snapshot, and the workload loses what only the lost history granted.
     agent.signal_nowait("CONT");
     let narrowed = next_x509_until(&mut stream, Duration::from_secs(30), |m| {
@@ -117,10 +160,10 @@ async fn an_agent_does_not_keep_what_a_restored_store_lost() {
         "the workload still holds {lost}: {narrowed:?}\nagent log:\n{}",
         agent.log_text()
     );
-    let log = agent.log_text();
+    let log = server.log_text();
     assert!(
-        log.contains("holds at other revisions") && log.contains("stale=1"),
-        "the agent's check found the entry held at a lost revision:\n{log}"
+        log.contains("a snapshot, not a resume") && log.contains("not one this store knows"),
+        "the server refused to resume from a history the restore lost:\n{log}"
     );
     // And syncs from a snapshot: the entry is back, as the restored store has it.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -150,4 +193,19 @@ async fn an_agent_does_not_keep_what_a_restored_store_lost() {
         .into_inner();
     let first = fresh.message().await.unwrap().unwrap();
     assert_eq!(svid_ids(&first), [always], "nothing grants {lost} again");
+}
+
+/// Creates an entry of another agent's (nothing this test's agent is sent); its revision.
+async fn write_elsewhere(server: &TestServer, n: usize) -> u64 {
+    create_entry(
+        server,
+        entry(
+            &format!("spiffe://example.org/elsewhere/{n}"),
+            "spiffe://example.org/some/other/agent",
+            &["unix:uid:1"],
+        ),
+    )
+    .await
+    .unwrap()
+    .revision
 }

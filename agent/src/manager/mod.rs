@@ -67,6 +67,9 @@ pub struct Manager {
     entries: BTreeMap<Arc<str>, Held>,
     inventory: Inventory,
     revision: u64,
+    /// The history of the server's change feed `revision` belongs to (what the snapshot or
+    /// resume that began the stream named): presented with it when resuming.
+    history: Vec<u8>,
     witness: Witness,
     tx: watch::Sender<Arc<Inventory>>,
 }
@@ -87,6 +90,7 @@ impl Manager {
                 entries: BTreeMap::new(),
                 inventory,
                 revision: 0,
+                history: Vec::new(),
                 tx,
             },
             rx,
@@ -142,6 +146,7 @@ impl Manager {
             .sync_entries(SyncEntriesRequest {
                 since_revision: self.revision,
                 audit_checkpoints: self.witness.presented(),
+                since_history: self.history.clone(),
             })
             .await
             .map_err(status_error)?
@@ -183,7 +188,7 @@ impl Manager {
                             self.set_federated(federated);
                         }
                         self.inventory.crls = page.crls;
-                        self.synced(std::mem::take(&mut pages), page.revision)
+                        self.synced(std::mem::take(&mut pages), page.revision, page.history)
                             .await?;
                     }
                 }
@@ -209,7 +214,7 @@ impl Manager {
                             self.set_federated(federated);
                         }
                         if !self
-                            .synced(std::mem::take(&mut pages), page.revision)
+                            .synced(std::mem::take(&mut pages), page.revision, page.history)
                             .await?
                         {
                             // Reconnect at once, from a snapshot.
@@ -259,14 +264,19 @@ impl Manager {
     }
 
     /// The last page of a snapshot or a resume has come: the entry set becomes what the pages
-    /// say, at `revision`. `false` when the stream must end for a snapshot:
+    /// say, at `revision` of `history`. `false` when the stream must end for a snapshot:
     ///
     /// A resume that names unchanged entries this agent does not hold, or holds at another
     /// revision, leaves it with what the pages do vouch for; the stream then ends, and the next
     /// one starts at once from a snapshot. An entry held at another revision than the server
     /// names is one whose contents the server no longer has (its store went back to an older
     /// copy): it is dropped now, with its SVIDs, rather than served until the snapshot.
-    async fn synced(&mut self, pages: Pages, revision: u64) -> Result<bool, NodeError> {
+    async fn synced(
+        &mut self,
+        pages: Pages,
+        revision: u64,
+        history: Vec<u8>,
+    ) -> Result<bool, NodeError> {
         let resumed = !pages.unchanged.is_empty();
         let (entries, gaps) = pages.apply(&self.entries);
         self.entries = entries;
@@ -290,6 +300,7 @@ impl Manager {
             return Ok(false);
         }
         self.revision = revision;
+        self.history = history;
         self.inventory.synced = true;
         info!(
             entries = self.entries.len(),

@@ -41,7 +41,7 @@ use crate::service::authority::IssuedSvid;
 use crate::service::federation::FederatedSet;
 use crate::service::sessions::{SessionWorkload, Sessions};
 use crate::service::svids::{SvidRequest, Svids};
-use crate::service::sync::{BundleUpdate, EntrySync, SyncChange, SyncMessage};
+use crate::service::sync::{BundleUpdate, EntrySync, Since, SyncChange, SyncMessage};
 use crate::store::RegistrationEntry;
 use crate::tls::PeerInfo;
 
@@ -195,6 +195,7 @@ impl NodeService {
                 crls: crls.map(|c| c.ders()).unwrap_or_default(),
                 bundle: bundle.map(|b| self.bundle_message(&b)),
                 federated_bundles: federated.map(|f| federated_message(&f)),
+                history: self.sync.history().to_vec(),
             }),
             SyncMessage::Resume {
                 entries: list,
@@ -213,6 +214,7 @@ impl NodeService {
                 last: bundle.is_some(),
                 bundle: bundle.map(|b| self.bundle_message(&b)),
                 federated_bundles: federated.map(|f| federated_message(&f)),
+                history: self.sync.history().to_vec(),
             }),
             SyncMessage::Changes(changes) => Message::Changes(pb::Changes {
                 changes: changes
@@ -369,7 +371,10 @@ impl Node for NodeService {
                     .ok()
             })
             .collect();
-        let since = req.since_revision;
+        let since = Since {
+            revision: req.since_revision,
+            history: req.since_history,
+        };
         let (tx, rx) = mpsc::channel(4);
         let sync = self.sync.clone();
         tokio::spawn(async move {

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::audit::AuditCheckpoint;
 use crate::policy;
@@ -42,7 +42,7 @@ use crate::service::entry_cache::{
 };
 use crate::service::federation::{FederatedBundles, FederatedSet};
 use crate::service::metrics::SyncMetrics;
-use crate::store::{Change, ChangeKind, EntryId, RegistrationEntry};
+use crate::store::{Change, ChangeKind, EntryId, History, RegistrationEntry};
 
 /// Entries per snapshot or resume page at most.
 pub(crate) const SNAPSHOT_PAGE_SIZE: usize = 1000;
@@ -155,6 +155,73 @@ pub(crate) enum SyncError {
 /// The receiving end of a stream.
 pub(crate) type SyncSender = mpsc::Sender<Result<SyncMessage, SyncError>>;
 
+/// Where an agent asks its stream to resume from: a revision, and the history of the store's
+/// change feed it is a revision of ([`Store::begin_history`]; empty from an agent that names
+/// none).
+///
+/// [`Store::begin_history`]: crate::store::Store::begin_history
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Since {
+    /// 0: no resume.
+    pub revision: u64,
+    /// The history's id, as the agent was sent it.
+    pub history: Vec<u8>,
+}
+
+/// The histories of the store's change feed that a stream may resume from.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Histories {
+    /// Oldest first, this server run's last. Empty: the store keeps none, and a resume is
+    /// checked by its revision alone.
+    known: Vec<History>,
+}
+
+// === impl Histories ===
+
+impl Histories {
+    /// The histories [`Store::begin_history`] returned (`None`: the store keeps none).
+    ///
+    /// [`Store::begin_history`]: crate::store::Store::begin_history
+    pub(crate) fn new(known: Option<Vec<History>>) -> Self {
+        Self {
+            known: known.unwrap_or_default(),
+        }
+    }
+
+    /// This run's history id, what streams tell their agents (empty when none are kept).
+    pub(crate) fn current(&self) -> &[u8] {
+        self.known.last().map_or(&[], |h| &h.id[..])
+    }
+
+    /// Why a resume from `since` cannot be trusted, if it cannot: its revision is shared with
+    /// this store's history only if it comes from this run's history, or from an earlier one
+    /// this store knows and no later than where that one ended (where the next began).
+    fn refuses(&self, since: &Since) -> Option<&'static str> {
+        let current = self.known.last()?;
+        if since.history == current.id {
+            return None;
+        }
+        if since.history.is_empty() {
+            return Some("the agent names no history");
+        }
+        let Some(at) = self
+            .known
+            .iter()
+            .position(|h| h.id[..] == since.history[..])
+        else {
+            return Some(
+                "its history is not one this store knows (lost with a restore to an older copy, or older than those kept)",
+            );
+        };
+        match self.known.get(at + 1) {
+            Some(next) if since.revision <= next.start => None,
+            _ => Some(
+                "its revision is past the end of its history (the store went back to an older copy?)",
+            ),
+        }
+    }
+}
+
 /// The sync service.
 #[derive(Debug, Clone)]
 pub(crate) struct EntrySync {
@@ -168,6 +235,8 @@ pub(crate) struct EntrySync {
     metrics: SyncMetrics,
     /// How often an open stream checks that the cache still authorizes ([`STALE_CHECK`]).
     stale_check: Duration,
+    /// The change feed's histories a stream may resume from.
+    histories: Arc<Histories>,
 }
 
 /// What one stream has told its agent.
@@ -243,7 +312,21 @@ impl EntrySync {
             shutdown,
             metrics: SyncMetrics::default(),
             stale_check: STALE_CHECK,
+            histories: Arc::new(Histories::default()),
         }
+    }
+
+    /// The same service, resuming only from revisions of `histories` (without, a resume is
+    /// checked by its revision alone).
+    pub(crate) fn with_histories(mut self, histories: Histories) -> Self {
+        self.histories = Arc::new(histories);
+        self
+    }
+
+    /// This run's history of the change feed, sent with every snapshot and resume (empty when
+    /// the store keeps none).
+    pub(crate) fn history(&self) -> &[u8] {
+        self.histories.current()
     }
 
     /// The same service, its streams checking the cache every `every` (tests that must see
@@ -277,7 +360,7 @@ impl EntrySync {
     pub(crate) async fn run(
         &self,
         agent: Agent,
-        since: u64,
+        since: Since,
         witnessed: Vec<AuditCheckpoint>,
         tx: &SyncSender,
     ) -> Result<(), SyncError> {
@@ -330,7 +413,7 @@ impl EntrySync {
         // agent was away.
         let mut crl_generation = crl_updates.borrow_and_update().generation;
         let mut bundle_sequence = bundle_updates.borrow_and_update().sequence;
-        let (mut revision, mut resumed) = match self.resume(&agent, since, &mut state, tx).await? {
+        let (mut revision, mut resumed) = match self.resume(&agent, &since, &mut state, tx).await? {
             Some(revision) => (revision, true),
             None => (self.snapshot(&agent, &mut state, tx).await?, false),
         };
@@ -513,17 +596,23 @@ impl EntrySync {
     /// entries authorized for this agent are ever sent. `None` when a snapshot is needed
     /// instead: `since` is 0 or newer than anything this server has, or the audit log has
     /// diverged (the store went back to an older copy, so `since` may be a revision of a
-    /// history it lost).
+    /// history it lost), or `since` is not a revision of a history shared with this store's
+    /// ([`Histories`]).
     async fn resume(
         &self,
         agent: &Agent,
-        since: u64,
+        since: &Since,
         state: &mut SyncState,
         tx: &SyncSender,
     ) -> Result<Option<u64>, SyncError> {
-        if since == 0 {
+        if since.revision == 0 {
             return Ok(None);
         }
+        if let Some(reason) = self.histories.refuses(since) {
+            info!(agent_id = %agent.id, since = since.revision, reason, "a snapshot, not a resume");
+            return Ok(None);
+        }
+        let since = since.revision;
         if self.audit.divergence().is_some() {
             debug!(agent_id = %agent.id, since, "the audit log has diverged: a snapshot, not a resume");
             return Ok(None);
@@ -680,7 +769,7 @@ mod tests {
             let (tx, mut rx) = mpsc::channel(16);
             let sync = fx.sync.clone();
             let agent = agent.clone();
-            let task = tokio::spawn(async move { sync.run(agent, 0, vec![], &tx).await });
+            let task = tokio::spawn(async move { sync.run(agent, since(0), vec![], &tx).await });
             assert!(matches!(next(&mut rx).await, SyncMessage::Snapshot { .. }));
             streams.push((rx, task));
         }
@@ -733,7 +822,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let sync = fx.sync.clone();
         let stream_agent = agent.clone();
-        let task = tokio::spawn(async move { sync.run(stream_agent, 0, vec![], &tx).await });
+        let task = tokio::spawn(async move { sync.run(stream_agent, since(0), vec![], &tx).await });
         let mut received = 0;
         let mut pages = 0;
         loop {
@@ -804,7 +893,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let sync = fx.sync.clone();
         let stream_agent = agent.clone();
-        let task = tokio::spawn(async move { sync.run(stream_agent, 0, vec![], &tx).await });
+        let task = tokio::spawn(async move { sync.run(stream_agent, since(0), vec![], &tx).await });
         assert!(matches!(
             next_any(&mut rx).await,
             SyncMessage::Snapshot { .. }
@@ -824,7 +913,8 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let sync = fx.sync.clone();
         let stream_agent = agent.clone();
-        let task = tokio::spawn(async move { sync.run(stream_agent, 0, vec![lost], &tx).await });
+        let task =
+            tokio::spawn(async move { sync.run(stream_agent, since(0), vec![lost], &tx).await });
         assert!(matches!(
             next_any(&mut rx).await,
             SyncMessage::Snapshot { .. }
@@ -862,10 +952,10 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let sync = fx.sync.clone().checking_every(Duration::from_secs(3600));
         let stream_agent = agent.clone();
-        let task =
-            tokio::spawn(
-                async move { sync.run(stream_agent, held.revision, vec![lost], &tx).await },
-            );
+        let task = tokio::spawn(async move {
+            sync.run(stream_agent, since(held.revision), vec![lost], &tx)
+                .await
+        });
         let mut resumed_first = false;
         let entries = loop {
             match next_any(&mut rx).await {
@@ -884,8 +974,10 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let sync = fx.sync.clone();
         let stream_agent = agent.clone();
-        let task =
-            tokio::spawn(async move { sync.run(stream_agent, held.revision, vec![], &tx).await });
+        let task = tokio::spawn(async move {
+            sync.run(stream_agent, since(held.revision), vec![], &tx)
+                .await
+        });
         assert!(
             matches!(next_any(&mut rx).await, SyncMessage::Snapshot { .. }),
             "a snapshot (the first stream resumed first: {resumed_first})"
@@ -904,8 +996,10 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let sync = fx.sync.clone().checking_every(Duration::from_secs(3600));
         let stream_agent = agent.clone();
-        let task =
-            tokio::spawn(async move { sync.run(stream_agent, held.revision, vec![], &tx).await });
+        let task = tokio::spawn(async move {
+            sync.run(stream_agent, since(held.revision), vec![], &tx)
+                .await
+        });
         let SyncMessage::Resume { unchanged, .. } = next_any(&mut rx).await else {
             panic!("expected a resume");
         };
@@ -957,7 +1051,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let sync = fx.sync.clone();
         let stream_agent = agent.clone();
-        let task = tokio::spawn(async move { sync.run(stream_agent, 0, vec![], &tx).await });
+        let task = tokio::spawn(async move { sync.run(stream_agent, since(0), vec![], &tx).await });
         let SyncMessage::Snapshot {
             entries,
             revision,
@@ -1001,7 +1095,7 @@ mod tests {
         // Resuming from the snapshot's revision resends the new entry, not the unchanged.
         let (tx, mut rx) = mpsc::channel(4);
         let sync = fx.sync.clone();
-        let task = tokio::spawn(async move { sync.run(agent, revision, vec![], &tx).await });
+        let task = tokio::spawn(async move { sync.run(agent, since(revision), vec![], &tx).await });
         let SyncMessage::Resume {
             entries,
             unchanged,
@@ -1033,11 +1127,101 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let sync = fx.sync.clone().checking_every(Duration::from_secs(3600));
         let agent = agent.clone();
-        let task = tokio::spawn(async move { sync.run(agent, 0, vec![], &tx).await });
+        let task = tokio::spawn(async move { sync.run(agent, since(0), vec![], &tx).await });
         let SyncMessage::Snapshot { entries, .. } = next(&mut rx).await else {
             panic!("expected a snapshot");
         };
         ((rx, task), entries.iter().map(|e| e.id.clone()).collect())
+    }
+
+    /// A resume from `revision`, naming no history (what the fixture, which keeps none, takes).
+    fn since(revision: u64) -> Since {
+        Since {
+            revision,
+            history: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_resume_is_trusted_only_from_a_history_the_store_shares() {
+        let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
+        let known = Histories::new(Some(vec![
+            History { id: a, start: 0 },
+            History { id: b, start: 100 },
+            History { id: c, start: 150 },
+        ]));
+        let at = |id: &[u8], revision| Since {
+            revision,
+            history: id.to_vec(),
+        };
+        assert_eq!(known.current(), c);
+        // This run's history: any revision (one ahead of the store is refused later).
+        assert_eq!(known.refuses(&at(&c, 150)), None);
+        assert_eq!(known.refuses(&at(&c, 10_000)), None);
+        // An earlier one, up to where the next began, and not past it: `b` ended at 150, and
+        // `a` at 100 (a store restored to a copy taken at 100, or a clean restart there).
+        assert_eq!(known.refuses(&at(&b, 150)), None);
+        assert_eq!(known.refuses(&at(&a, 100)), None);
+        assert!(known.refuses(&at(&a, 101)).is_some());
+        assert!(known.refuses(&at(&b, 151)).is_some());
+        // A history the store does not know (lost with a restore), and none at all.
+        assert!(known.refuses(&at(&[4; 16], 1)).is_some());
+        assert!(known.refuses(&at(&[], 1)).is_some());
+        assert!(known.refuses(&at(&c[..8], 1)).is_some());
+        // A store that keeps no histories checks the revision alone.
+        let none = Histories::new(None);
+        assert_eq!(none.current(), b"");
+        assert_eq!(none.refuses(&at(&[], 1)), None);
+        assert_eq!(none.refuses(&at(&a, 1)), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_resumes_only_from_a_revision_of_a_shared_history() {
+        let fx = Fixture::new().await;
+        let agent = fx.attested_agent().await;
+        create(&fx, "spiffe://example.org/before", &agent.id).await;
+        let held = create(&fx, "spiffe://example.org/held", &agent.id).await;
+        let (old, restored) = ([7; 16], [8; 16]);
+        // The store was restored to a copy taken before `held` was created, and this run's
+        // history began there.
+        let histories = Histories::new(Some(vec![
+            History { id: old, start: 0 },
+            History {
+                id: restored,
+                start: held.revision - 1,
+            },
+        ]));
+        let first = |since: Since| {
+            let sync = fx.sync.clone().with_histories(histories.clone());
+            let stream_agent = agent.clone();
+            async move {
+                let (tx, mut rx) = mpsc::channel(4);
+                let task =
+                    tokio::spawn(async move { sync.run(stream_agent, since, vec![], &tx).await });
+                let message = next_any(&mut rx).await;
+                drop(rx);
+                task.await.unwrap().unwrap();
+                message
+            }
+        };
+        let resumed = |m: &SyncMessage| matches!(m, SyncMessage::Resume { .. });
+        let snapshot = |m: &SyncMessage| matches!(m, SyncMessage::Snapshot { .. });
+        let at = |id: &[u8; 16], revision| Since {
+            revision,
+            history: id.to_vec(),
+        };
+        // This run's history resumes; so does the old one up to where it ended.
+        assert!(resumed(&first(at(&restored, held.revision)).await));
+        assert!(resumed(&first(at(&old, held.revision - 1)).await));
+        // The old history past its end: the agent may hold what the restore lost.
+        assert!(snapshot(&first(at(&old, held.revision)).await));
+        // An unknown history, or none named.
+        assert!(snapshot(&first(at(&[9; 16], held.revision)).await));
+        assert!(snapshot(&first(since(held.revision)).await));
+        assert_eq!(
+            fx.sync.clone().with_histories(histories).history(),
+            restored
+        );
     }
 
     /// Entry `spiffe_id` under `parent`, created through the entry service.
@@ -1227,7 +1411,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let sync = fx.sync.clone().checking_every(Duration::from_secs(3600));
         let stream_agent = agent.clone();
-        let task = tokio::spawn(async move { sync.run(stream_agent, 0, vec![], &tx).await });
+        let task = tokio::spawn(async move { sync.run(stream_agent, since(0), vec![], &tx).await });
         let SyncMessage::Snapshot { entries, .. } = next(&mut rx).await else {
             panic!("expected a snapshot");
         };
@@ -1327,7 +1511,7 @@ mod tests {
         agent.not_after = SystemTime::now() + Duration::from_millis(200);
         let (tx, mut rx) = mpsc::channel(4);
         let sync = fx.sync.clone();
-        let task = tokio::spawn(async move { sync.run(agent, 0, vec![], &tx).await });
+        let task = tokio::spawn(async move { sync.run(agent, since(0), vec![], &tx).await });
         assert!(matches!(next(&mut rx).await, SyncMessage::Snapshot { .. }));
         let ended = task.await.unwrap().unwrap_err();
         assert!(matches!(ended, SyncError::Expired));

@@ -167,6 +167,22 @@ pub(crate) trait Store: Send + Sync + fmt::Debug {
     /// flush makes new changes durable, so sync streams wait on it instead of polling.
     fn subscribe(&self) -> watch::Receiver<u64>;
 
+    /// Starts a new history of the change feed, for a server run that begins now: records `id`
+    /// with the latest revision (where the new history starts) durably, and returns every
+    /// history the store knows, oldest first, `id`'s last.
+    ///
+    /// A history shares every revision up to its start with the one before it, so a revision
+    /// an agent holds from an earlier history proves something only up to the start of the
+    /// history that followed it. A store restored from an older copy forgets the histories
+    /// started after the copy was taken, and numbers its new changes as the lost ones were:
+    /// a revision from a history it does not know proves nothing. `None`: the backend keeps no
+    /// histories (PostgreSQL, whose database can go back under running servers; see
+    /// `docs/ha.md`).
+    async fn begin_history(&self, id: HistoryId) -> Result<Option<Vec<History>>, StoreError> {
+        let _ = id;
+        Ok(None)
+    }
+
     // --- attested nodes ---
 
     /// Stores a newly attested node. The store sets `created_at` and `updated_at` to now.
@@ -632,6 +648,20 @@ pub(crate) enum ChangeKind {
     /// The entry was deleted; this is its last version, so that the server can tell which
     /// agents held it.
     EntryDeleted(RegistrationEntry),
+}
+
+/// The id of one history of a store's change feed ([`Store::begin_history`]): random, one per
+/// server run.
+pub(crate) type HistoryId = [u8; 16];
+
+/// One history of a store's change feed: its id and the revision it started at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct History {
+    /// Its id.
+    pub id: HistoryId,
+    /// The latest revision when it began: every revision up to it is shared with the history
+    /// before.
+    pub start: u64,
 }
 
 /// The answer of [`Store::changes_since`].

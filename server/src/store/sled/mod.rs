@@ -14,7 +14,7 @@
 //! |------------------------|-----------------------------------|--------------------------------|
 //! | `entries`              | entry id (32 hex chars)           | [`RegistrationEntry`]          |
 //! | `changes`              | revision, 8 bytes big-endian      | [`Change`], or the entry's id  |
-//! | `meta`                 | `layout`, `revision`, `ca_journal[/server]`, `crl_number/authority` | u64 big-endian, opaque bytes |
+//! | `meta`                 | `layout`, `revision`, `ca_journal[/server]`, `crl_number/authority`, `histories` | u64 big-endian, opaque bytes, 24 bytes per history |
 //! | `nodes`                | agent SPIFFE ID                   | [`AttestedNode`]               |
 //! | `join_tokens`          | token                             | [`JoinToken`]                  |
 //! | `federated_bundles`    | trust domain name                 | [`FederatedBundle`]            |
@@ -142,10 +142,10 @@ use self::entries::prune_changes;
 use self::pool::CallPool;
 use super::{
     AttestedNode, ChangesSince, CrlCounters, DEFAULT_CHANGE_RETENTION, EntryFilter, EntryId,
-    EntrySnapshot, FederatedBundle, FederationRelationship, FetchStatus, JobWork, JoinToken,
-    MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest, Put, RegistrationEntry, Revocation,
-    ServerBundles, Session, SessionCredential, SessionEntryOp, SessionFilter, SessionId,
-    SessionUpdate, Store, StoreError, hex_decode, hex_encode,
+    EntrySnapshot, FederatedBundle, FederationRelationship, FetchStatus, History, HistoryId,
+    JobWork, JoinToken, MAX_CHANGES_PER_CALL, NewEntry, Page, PageRequest, Put, RegistrationEntry,
+    Revocation, ServerBundles, Session, SessionCredential, SessionEntryOp, SessionFilter,
+    SessionId, SessionUpdate, Store, StoreError, hex_decode, hex_encode,
 };
 use crate::audit::{
     AuditCheckpoint, AuditFilter, AuditHead, AuditRecord, AuditSource, NewAuditRecord,
@@ -180,6 +180,11 @@ const LAYOUT_KEY: &[u8] = b"layout";
 pub(crate) const LAYOUT: u64 = 3;
 /// Key of the revision counter in the `meta` tree.
 const REVISION_KEY: &[u8] = b"revision";
+/// Key of the change feed's histories ([`Store::begin_history`]) in the `meta` tree: each 16
+/// bytes of id then its start revision, 8 bytes big-endian, oldest first.
+const HISTORIES_KEY: &[u8] = b"histories";
+/// The most histories kept: an agent whose history is older than all of them takes a snapshot.
+const MAX_HISTORIES: usize = 64;
 /// Key of the last CRL number handed out, in the `meta` tree.
 const CRL_NUMBER_KEY: &[u8] = b"crl_number";
 
@@ -624,6 +629,13 @@ impl Store for SledStore {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.group.durable_revision.subscribe()
+    }
+
+    async fn begin_history(&self, id: HistoryId) -> Result<Option<Vec<History>>, StoreError> {
+        let histories = self.blocking(move |inner| inner.begin_history(id)).await?;
+        // Durable before any agent is told of it.
+        self.commit().await?;
+        Ok(Some(histories))
     }
 
     async fn create_node(&self, node: AttestedNode) -> Result<AttestedNode, StoreError> {
@@ -1216,6 +1228,25 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl Inner {
+    /// See [`Store::begin_history`].
+    fn begin_history(&self, id: HistoryId) -> Result<Vec<History>, StoreError> {
+        let meta = &self.trees.meta;
+        let start = read_revision(meta)?;
+        let mut histories = match meta.get(HISTORIES_KEY)? {
+            Some(bytes) => decode_histories(&bytes)?,
+            None => Vec::new(),
+        };
+        histories.push(History { id, start });
+        let excess = histories.len().saturating_sub(MAX_HISTORIES);
+        histories.drain(..excess);
+        let encoded: Vec<u8> = histories
+            .iter()
+            .flat_map(|h| h.id.into_iter().chain(h.start.to_be_bytes()))
+            .collect();
+        meta.insert(HISTORIES_KEY, encoded)?;
+        Ok(histories)
+    }
+
     /// See [`Store::next_crl_number`]: one atomic update of the authority's counter in `meta`
     /// (`crl_number/` and the authority id). An authority without a counter yet starts above
     /// the one counter of earlier builds (`crl_number`), so numbers never go backwards across
@@ -1369,6 +1400,27 @@ fn read_layout(db: &::sled::Db) -> Result<u64, StoreError> {
         None if !db.was_recovered() => Ok(0),
         None => Ok(1),
     }
+}
+
+/// The `histories` value in `meta`: 24 bytes per history.
+fn decode_histories(bytes: &[u8]) -> Result<Vec<History>, StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: "change feed histories",
+        reason: format!("{} bytes, not a multiple of 24", bytes.len()),
+    };
+    if !bytes.len().is_multiple_of(24) {
+        return Err(corrupt());
+    }
+    bytes
+        .chunks_exact(24)
+        .map(|record| {
+            let (id, start) = record.split_at(16);
+            Ok(History {
+                id: id.try_into().map_err(|_| corrupt())?,
+                start: decode_u64(start)?,
+            })
+        })
+        .collect()
 }
 
 fn read_revision(meta: &Tree) -> Result<u64, StoreError> {

@@ -1168,3 +1168,77 @@ async fn crash_child_writes_until_killed() {
         writer.await.unwrap();
     }
 }
+
+/// Each server run begins a history where the revision stands, kept across reopening; a copy
+/// of the data directory knows only the histories begun before it was taken, and a value that
+/// is not whole histories is refused, not read around.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histories_begin_where_the_revision_stands_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    let (first, second) = {
+        let store = open(dir.path());
+        let first = store.begin_history([1; 16]).await.unwrap().unwrap();
+        assert_eq!(
+            first,
+            [History {
+                id: [1; 16],
+                start: 0
+            }]
+        );
+        store.create_entry(entry("a")).await.unwrap();
+        let revision = store.create_entry(entry("b")).await.unwrap().revision;
+        let second = store.begin_history([2; 16]).await.unwrap().unwrap();
+        assert_eq!(
+            second,
+            [
+                History {
+                    id: [1; 16],
+                    start: 0
+                },
+                History {
+                    id: [2; 16],
+                    start: revision
+                },
+            ]
+        );
+        (first, second)
+    };
+    let copied = copy.path().join("data");
+    sigil_testkit::copy_dir(dir.path(), &copied).unwrap();
+    {
+        let store = open(dir.path());
+        let third = store.begin_history([3; 16]).await.unwrap().unwrap();
+        assert_eq!(third[..2], second[..]);
+        assert_eq!(third[2].id, [3; 16]);
+    }
+    // The copy was taken after the second run began: it knows the first two, not the third.
+    {
+        let store = open(&copied);
+        let restored = store.begin_history([4; 16]).await.unwrap().unwrap();
+        assert_eq!(restored[..2], second[..]);
+        assert_eq!(restored[2].id, [4; 16]);
+        assert!(!restored.iter().any(|h| h.id == [3; 16]));
+    }
+    // Only the latest are kept.
+    {
+        let store = open(dir.path());
+        for n in 0..MAX_HISTORIES as u8 {
+            store.begin_history([100 + n; 16]).await.unwrap();
+        }
+        let kept = store.begin_history([255; 16]).await.unwrap().unwrap();
+        assert_eq!(kept.len(), MAX_HISTORIES);
+        assert_eq!(kept.last().unwrap().id, [255; 16]);
+        assert!(!kept.contains(&first[0]));
+    }
+    open_raw(dir.path())
+        .open_tree("meta")
+        .unwrap()
+        .insert(HISTORIES_KEY, &[0u8; 25][..])
+        .unwrap();
+    let store = open(dir.path());
+    assert!(matches!(
+        store.begin_history([5; 16]).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+}
