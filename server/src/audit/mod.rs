@@ -388,9 +388,14 @@ impl AuditRecord {
         length_prefixed(&mut out, "actor", self.actor.as_bytes())?;
         length_prefixed(&mut out, "action", self.action.as_bytes())?;
         length_prefixed(&mut out, "subject", self.subject.as_bytes())?;
-        let mut details = Vec::new();
-        canonical_object(&self.details, &mut details)?;
-        length_prefixed(&mut out, "details", &details)?;
+        // Written in place, behind a length filled in once it is known.
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        canonical_object(&self.details, &mut out)?;
+        let len = u32::try_from(out.len() - at - 4).map_err(|_| EncodeError::TooLong("details"))?;
+        if let Some(slot) = out.get_mut(at..at + 4) {
+            slot.copy_from_slice(&len.to_be_bytes());
+        }
         out.extend_from_slice(&self.prev_hash);
         Ok(out)
     }
@@ -565,7 +570,9 @@ fn canonical_json(value: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError> {
             if n.is_f64() {
                 return Err(EncodeError::Float(n.to_string()));
             }
-            out.extend_from_slice(n.to_string().as_bytes());
+            // An integer's decimal digits, as serde_json writes them (writing to a Vec cannot
+            // fail).
+            let _ = serde_json::to_writer(&mut *out, n);
         }
         Value::String(s) => json_string(s, out),
         Value::Array(items) => {
@@ -601,11 +608,8 @@ fn canonical_object(map: &Map<String, Value>, out: &mut Vec<u8>) -> Result<(), E
 }
 
 fn json_string(s: &str, out: &mut Vec<u8>) {
-    // serde_json escapes strings deterministically; serializing a &str cannot fail.
-    match serde_json::to_vec(s) {
-        Ok(bytes) => out.extend_from_slice(&bytes),
-        Err(_) => out.extend_from_slice(b"\"\""),
-    }
+    // serde_json escapes strings deterministically; serializing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// Serde helper: `[u8; 32]` as lowercase hex.

@@ -416,6 +416,19 @@ fn the_encoding_is_canonical() {
         .unwrap();
     assert_ne!(c.hash, d.hash);
 
+    // A known answer, so that a change in how the encoding is written cannot change what it
+    // is (every stored chain's hashes depend on it): escapes, non-ASCII, negative numbers.
+    let known = NewAuditRecord::new("uid:0", "x509.issue", "say \"hi\"\n")
+        .detail("name", "caf\u{e9} \u{1}\\/")
+        .detail("delta", -42i64)
+        .detail("list", json!(["a", 7, {"z": false, "y": null}]))
+        .seal("default", 7, t(5), [9; 32])
+        .unwrap();
+    assert_eq!(
+        hex_encode(&known.hash),
+        "042695c06a4fc61dbcad99036322340f8e1417100cfbe4c0995fd5ab5d857f9f"
+    );
+
     // Floats have no canonical form here.
     let float = NewAuditRecord::new("uid:0", "x", "y")
         .detail("ratio", 0.5)
