@@ -435,10 +435,6 @@ impl Server {
         refuse_session_only_entries(store.as_ref(), &session_only).await?;
         let entries = EntryCache::load(store.clone()).await?;
         entries.set_max_staleness(config.max_store_staleness);
-        // This run's history of the change feed: agents resume only from revisions the store
-        // is known to share with it (a store restored from an older copy reuses the numbers).
-        let history_id = random_history_id()?;
-        let histories = Histories::new(store.begin_history(history_id).await?);
         info!(key_fingerprint = %audit.key_fingerprint(), "audit log ready");
         info!(trust_domain = %config.trust_domain, sequence = ca.bundle_sequence(), "certificate authority ready");
 
@@ -467,6 +463,11 @@ impl Server {
             Some(endpoint) => Some(BundleEndpoint::bind(endpoint, certificate.clone()).await?),
             None => None,
         };
+        // This run's history of the change feed, once nothing can stop the start any more (a
+        // start that failed would use up one of the histories kept): agents resume only from
+        // revisions the store is known to share with it (a store restored from an older copy
+        // reuses the numbers).
+        let histories = Histories::new(store.begin_history(random_history_id()?).await?);
         Ok(Self {
             local_addr,
             store,
@@ -1037,7 +1038,6 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// The x509pop attestor the configuration asks for, its CA bundle read now.
 /// A fresh id for this run's history of the change feed.
 fn random_history_id() -> Result<HistoryId, ServerError> {
     let mut id = [0; 16];
@@ -1046,6 +1046,7 @@ fn random_history_id() -> Result<HistoryId, ServerError> {
     Ok(id)
 }
 
+/// The x509pop attestor the configuration asks for, its CA bundle read now.
 fn x509pop(config: &ServerConfig) -> Result<Option<X509Pop>, ServerError> {
     let Some(pop) = &config.x509pop else {
         return Ok(None);

@@ -209,3 +209,43 @@ async fn write_elsewhere(server: &TestServer, n: usize) -> u64 {
     .unwrap()
     .revision
 }
+
+/// A server killed with kill -9 loses nothing an agent saw (only durable changes are sent), so
+/// its next start begins its history no earlier than the agent's revision: the agent resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_resumes_after_the_server_is_killed() {
+    let mut server = TestServer::start(SLED_STORE);
+    let agent = TestAgentProcess::start(&server).await;
+    let me = format!("unix:uid:{}", my_uid());
+    let first = "spiffe://example.org/first";
+    let agent_id = agent.agent_id();
+    create_entry(&server, entry(first, &agent_id, &[&me]))
+        .await
+        .unwrap();
+    let (mut stream, _) = x509_stream_with(&agent, |m| svid_ids(m) == [first]).await;
+    let resumes = |log: &str| log.matches("resumed=true").count();
+    let before = resumes(&agent.log_text());
+
+    server.kill9();
+    server.restart();
+    let second = "spiffe://example.org/second";
+    create_entry(&server, entry(second, &agent_id, &[&me]))
+        .await
+        .unwrap();
+    next_x509_until(&mut stream, Duration::from_secs(30), |m| {
+        svid_ids(m).len() == 2
+    })
+    .await
+    .unwrap();
+    let log = agent.log_text();
+    assert_eq!(
+        resumes(&log),
+        before + 1,
+        "one resume after the kill:\n{log}"
+    );
+    assert!(
+        !server.log_text().contains("a snapshot, not a resume"),
+        "{}",
+        server.log_text()
+    );
+}

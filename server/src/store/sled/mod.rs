@@ -173,11 +173,14 @@ const DROPPED_TREES: [&str; 3] = [
 
 /// Key of the store's layout number in the `meta` tree (see "Layout" in the module docs).
 const LAYOUT_KEY: &[u8] = b"layout";
-/// The layout this build writes and the newest it reads: 3, no uniqueness index of entries on
-/// disk, and changes that name the entry's record instead of holding a copy (which builds of
-/// layout 2 cannot read). Layout 2 had the index (`entries_by_identity`), and no entry index trees by parent or by
-/// SPIFFE ID; layout 1, unnumbered, is that of every build before the number.
-pub(crate) const LAYOUT: u64 = 3;
+/// The layout this build writes and the newest it reads: 4, each server start beginning a
+/// history of the change feed in `meta` (`histories`; a build of layout 3 would write changes
+/// outside any history, which agents resuming from a history would take for shared). Layout 3
+/// has no uniqueness index of entries on disk, and changes that name the entry's record
+/// instead of holding a copy (which builds of layout 2 cannot read). Layout 2 had the index
+/// (`entries_by_identity`), and no entry index trees by parent or by SPIFFE ID; layout 1,
+/// unnumbered, is that of every build before the number.
+pub(crate) const LAYOUT: u64 = 4;
 /// Key of the revision counter in the `meta` tree.
 const REVISION_KEY: &[u8] = b"revision";
 /// Key of the change feed's histories ([`Store::begin_history`]) in the `meta` tree: each 16
@@ -1233,7 +1236,12 @@ impl Inner {
         let meta = &self.trees.meta;
         let start = read_revision(meta)?;
         let mut histories = match meta.get(HISTORIES_KEY)? {
-            Some(bytes) => decode_histories(&bytes)?,
+            Some(bytes) => decode_histories(&bytes).unwrap_or_else(|error| {
+                // Forgetting them is safe: every agent's history becomes unknown, so each
+                // takes a snapshot once.
+                tracing::warn!(%error, "the change feed's histories are unreadable; starting them afresh (agents take a snapshot once)");
+                Vec::new()
+            }),
             None => Vec::new(),
         };
         histories.push(History { id, start });
