@@ -25,9 +25,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 
 use sigil_core::{Selector, SelectorSet};
 
@@ -149,7 +153,7 @@ impl Default for UnixAttestor {
 impl UnixAttestor {
     /// An attestor reading the real `/proc` and `/etc`.
     pub fn new() -> Self {
-        Self::with_roots("/proc", "/etc")
+        Self::with_roots(PROC_ROOT, "/etc")
     }
 
     /// An attestor reading `proc_root` and `etc_root` instead (for tests).
@@ -231,6 +235,19 @@ impl UnixAttestor {
         creds: Credentials,
         with_sha256: bool,
     ) -> Result<SelectorSet, UnixAttestorError> {
+        self.attest_in(creds, None, with_sha256)
+    }
+
+    /// [`UnixAttestor::attest`], reading the process's `status` and `exe` link through
+    /// `proc_dir`, its `/proc/PID` directory opened while it ran (by path under the proc root
+    /// without one). Through the directory, reads fail once the process is gone, even if its
+    /// pid was reused, and no path is looked up again.
+    pub fn attest_in(
+        &self,
+        creds: Credentials,
+        proc_dir: Option<BorrowedFd<'_>>,
+        with_sha256: bool,
+    ) -> Result<SelectorSet, UnixAttestorError> {
         let mut set = SelectorSet::new();
         set.insert(selector(&format!("uid:{}", creds.uid))?);
         set.insert(selector(&format!("gid:{}", creds.gid))?);
@@ -243,15 +260,40 @@ impl UnixAttestor {
         let Some(pid) = creds.pid else {
             return Ok(set);
         };
-        let proc_dir = self.proc_root.join(pid.to_string());
+        let proc_path = self.proc_root.join(pid.to_string());
         let io = |source| UnixAttestorError::Process { pid, source };
-        let status = read_proc_file(&proc_dir.join("status")).map_err(io)?;
+        // A directory of the real proc filesystem is of no use to an attestor given another
+        // root (tests).
+        let proc_dir = proc_dir.filter(|_| self.proc_root == Path::new(PROC_ROOT));
+        let (status, exe) = match proc_dir {
+            Some(dir) => {
+                let status = nix::fcntl::openat(
+                    dir,
+                    "status",
+                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(std::io::Error::from)
+                .and_then(|fd| read_whole(File::from(fd), &proc_path.join("status")))
+                .map_err(io)?;
+                let exe = nix::fcntl::readlinkat(dir, "exe")
+                    .map_err(|e| io(e.into()))?
+                    .into();
+                (status, exe)
+            }
+            None => (
+                File::open(proc_path.join("status"))
+                    .and_then(|file| read_whole(file, &proc_path.join("status")))
+                    .map_err(io)?,
+                std::fs::read_link(proc_path.join("exe")).map_err(io)?,
+            ),
+        };
         for gid in supplementary_gids(&status) {
             set.insert(selector(&format!("supplementary_gid:{gid}"))?);
         }
-        let exe_link = proc_dir.join("exe");
-        let exe = std::fs::read_link(&exe_link).map_err(io)?;
+        let exe: PathBuf = exe;
         set.insert(selector(&format!("path:{}", exe.display()))?);
+        let exe_link = proc_path.join("exe");
         if with_sha256 && let Some(hash) = self.sha256(&exe_link).map_err(io)? {
             set.insert(selector(&format!("sha256:{hash}"))?);
         }
@@ -369,15 +411,23 @@ fn lookup_name(table: &Mutex<Option<NameTable>>, file: &Path, id: u32) -> Option
 }
 
 /// The `Groups:` line of `/proc/PID/status`.
+/// The proc filesystem of a real agent.
+const PROC_ROOT: &str = "/proc";
+
 /// The largest `/proc` file read whole (`status` is about 1.5 KiB).
 const MAX_PROC_FILE: usize = 64 * 1024;
 
-/// A small `/proc` file, read whole in as few calls as it takes (two for `status`: its text,
-/// then the end). `std::fs::read_to_string` sizes its buffer from the file's reported size,
-/// which is 0 in `/proc`, so it stats the file and then reads it in pieces of 32, 32, 64, ...
-/// bytes: ten calls more per workload attested.
+/// [`read_whole`] of the file at `path`.
+#[cfg(test)]
 fn read_proc_file(path: &Path) -> std::io::Result<String> {
-    let mut file = File::open(path)?;
+    read_whole(File::open(path)?, path)
+}
+
+/// A small `/proc` file, open, read whole in as few calls as it takes (two for `status`: its
+/// text, then the end; `path` names it in errors). `std::fs::read_to_string` sizes its buffer
+/// from the file's reported size, which is 0 in `/proc`, so it stats the file and then reads it
+/// in pieces of 32, 32, 64, ... bytes: ten calls more per workload attested.
+fn read_whole(mut file: File, path: &Path) -> std::io::Result<String> {
     let mut buf = vec![0; 4096];
     let mut len = 0;
     loop {
@@ -423,6 +473,48 @@ mod tests {
 
     fn has(set: &SelectorSet, s: &str) -> bool {
         set.contains(&Selector::parse(s).unwrap())
+    }
+
+    /// Through the `/proc/PID` directory held open, attestation gives what it gives by path, and
+    /// nothing once that process is gone (whatever now holds its pid).
+    #[test]
+    fn attestation_through_the_held_proc_directory() {
+        use std::os::fd::AsFd;
+        let open_dir = |pid: u32| {
+            nix::fcntl::open(
+                format!("/proc/{pid}").as_str(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .unwrap()
+        };
+        let attestor = UnixAttestor::new();
+        let creds = |pid: u32| Credentials {
+            uid: 0,
+            gid: 0,
+            pid: Some(i32::try_from(pid).unwrap()),
+        };
+        let own = std::process::id();
+        let dir = open_dir(own);
+        let through_dir = attestor
+            .attest_in(creds(own), Some(dir.as_fd()), false)
+            .unwrap();
+        assert_eq!(through_dir, attestor.attest(creds(own), false).unwrap());
+        assert!(
+            through_dir
+                .iter()
+                .any(|s| s.to_string().starts_with("unix:path:")),
+            "{through_dir:?}"
+        );
+
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dir = open_dir(child.id());
+        child.wait().unwrap();
+        let gone = attestor.attest_in(creds(child.id()), Some(dir.as_fd()), false);
+        assert!(
+            matches!(gone, Err(UnixAttestorError::Process { .. })),
+            "{gone:?}"
+        );
     }
 
     /// `/proc` files are read whole, whatever their size up to the limit: the real status of

@@ -1,6 +1,7 @@
 //! Who is calling: the caller's kernel credentials and whether it is still the process that
 //! connected, as the connection's listener learned them.
 
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use sigil_attestors::unix::Credentials;
@@ -16,6 +17,11 @@ pub trait CallerIdentity: Send + Sync + 'static {
     /// was accepted (so a process that `exec`s after connecting is not attested as what it
     /// became).
     fn is_same_process(&self) -> bool;
+    /// The process's `/proc/PID` directory, opened while it ran, when one is held: attestation
+    /// reads through it (by path without one).
+    fn proc_dir(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// The caller as the front door recorded it at accept: SO_PEERCRED plus a handle on the process
@@ -31,6 +37,10 @@ impl CallerIdentity for CallerProcess {
 
     fn is_same_process(&self) -> bool {
         self.still_alive_and_same() && self.same_executable()
+    }
+
+    fn proc_dir(&self) -> Option<BorrowedFd<'_>> {
+        CallerProcess::proc_dir(self)
     }
 }
 

@@ -20,7 +20,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -162,6 +162,17 @@ impl CallerProcess {
     /// kernel reported none (a process outside our pid namespace).
     pub fn pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    /// The process's `/proc/PID` directory, opened while it ran, if it is held: reads through
+    /// it fail once that process is gone, even if its pid was reused.
+    pub fn proc_dir(&self) -> Option<BorrowedFd<'_>> {
+        match &*self.handle {
+            ProcessHandle::Pidfd { dir: Some(dir), .. } | ProcessHandle::Proc { dir, .. } => {
+                Some(dir.as_fd())
+            }
+            ProcessHandle::Pidfd { dir: None, .. } | ProcessHandle::None => None,
+        }
     }
 
     /// How the process is held.

@@ -441,7 +441,7 @@ impl WorkloadApi {
                 .await
                 .map_err(|_| Status::from(WorkloadError::Attestation("")))?
         } else {
-            self.attestor.attest(creds, false)
+            self.attestor.attest_in(creds, caller.proc_dir(), false)
         };
         let selectors = attested.map_err(|e| {
             debug!(error = %e, "workload attestation failed");
