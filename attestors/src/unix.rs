@@ -276,22 +276,17 @@ impl UnixAttestor {
                 .map_err(std::io::Error::from)
                 .and_then(|fd| read_whole(File::from(fd), &proc_path.join("status")))
                 .map_err(io)?;
-                let exe = nix::fcntl::readlinkat(dir, "exe")
-                    .map_err(|e| io(e.into()))?
-                    .into();
-                (status, exe)
+                let exe = nix::fcntl::readlinkat(dir, "exe").map_err(|e| io(e.into()))?;
+                (status, PathBuf::from(exe))
             }
             None => (
-                File::open(proc_path.join("status"))
-                    .and_then(|file| read_whole(file, &proc_path.join("status")))
-                    .map_err(io)?,
+                read_proc_file(&proc_path.join("status")).map_err(io)?,
                 std::fs::read_link(proc_path.join("exe")).map_err(io)?,
             ),
         };
         for gid in supplementary_gids(&status) {
             set.insert(selector(&format!("supplementary_gid:{gid}"))?);
         }
-        let exe: PathBuf = exe;
         set.insert(selector(&format!("path:{}", exe.display()))?);
         let exe_link = proc_path.join("exe");
         if with_sha256 && let Some(hash) = self.sha256(&exe_link).map_err(io)? {
@@ -418,7 +413,6 @@ const PROC_ROOT: &str = "/proc";
 const MAX_PROC_FILE: usize = 64 * 1024;
 
 /// [`read_whole`] of the file at `path`.
-#[cfg(test)]
 fn read_proc_file(path: &Path) -> std::io::Result<String> {
     read_whole(File::open(path)?, path)
 }

@@ -160,7 +160,7 @@ pub(crate) type SyncSender = mpsc::Sender<Result<SyncMessage, SyncError>>;
 /// none).
 ///
 /// [`Store::begin_history`]: crate::store::Store::begin_history
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Since {
     /// 0: no resume.
     pub revision: u64,
@@ -197,17 +197,11 @@ impl Histories {
     /// this store's history only if it comes from this run's history, or from an earlier one
     /// this store knows and no later than where that one ended (where the next began).
     fn refuses(&self, since: &Since) -> Option<&'static str> {
-        let Some(current) = self.known.last() else {
+        if self.known.is_empty() {
             // A store that keeps none (PostgreSQL) cannot place a history of another's (a sled
             // store's, before a migration).
             return (!since.history.is_empty())
                 .then_some("it names a history of a store that kept them (before a migration?)");
-        };
-        if since.history == current.id {
-            return None;
-        }
-        if since.history.is_empty() {
-            return Some("the agent names no history");
         }
         let Some(at) = self
             .known
@@ -215,15 +209,14 @@ impl Histories {
             .position(|h| h.id[..] == since.history[..])
         else {
             return Some(
-                "its history is not one this store knows (lost with a restore to an older copy, or older than those kept)",
+                "its history is not one this store knows (none named, lost with a restore to an older copy, or older than those kept)",
             );
         };
-        match self.known.get(at + 1) {
-            Some(next) if since.revision <= next.start => None,
-            _ => Some(
-                "its revision is past the end of its history (the store went back to an older copy?)",
-            ),
-        }
+        // This run's history has no end yet; an earlier one ended where the next began.
+        let end = self.known.get(at + 1).map_or(u64::MAX, |next| next.start);
+        (since.revision > end).then_some(
+            "its revision is past the end of its history (the store went back to an older copy?)",
+        )
     }
 }
 
