@@ -10,7 +10,9 @@
 //!
 //! SVIDs are minted ahead for the entries of this agent (bounded by [`MAX_ENTRIES`]): a
 //! workload that connects gets its identity at once, and one already streaming gets new or
-//! changed identities without asking.
+//! changed identities without asking. Minting runs beside the sync stream, which the manager
+//! goes on reading: what an entry no longer grants is withdrawn and published at once, never
+//! after a mint in flight.
 //!
 //! While the server is unreachable it keeps serving what it holds until each SVID expires,
 //! reconnects with backoff and jitter capped at 10 s, and catches up from its last revision.
@@ -29,16 +31,20 @@ mod mint;
 mod witness;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil_core::lifetime::Validity;
 use sigil_core::{Selector, SelectorSet, SpiffeBundle, SpiffeId, TrustDomain};
+use sigil_proto::node::node_client::NodeClient;
 use sigil_proto::node::{
     BatchNewX509svidRequest, Entry, FederatedBundles, NewX509svidParams, SyncEntriesRequest,
     change, sync_entries_response, x509svid_result,
 };
 use tokio::sync::watch;
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use self::mint::issued_svid;
@@ -57,6 +63,9 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// CSRs per `BatchNewX509SVID` call.
 const BATCH: usize = 100;
 
+/// The longest wait for the server's answer to one batch of CSRs.
+const MINT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Keeps the inventory current. See the module docs.
 #[derive(Debug)]
 pub struct Manager {
@@ -72,6 +81,15 @@ pub struct Manager {
     history: Vec<u8>,
     witness: Witness,
     tx: watch::Sender<Arc<Inventory>>,
+    /// The round of minting under way, if any ([`Manager::start_minting`]).
+    minting: Option<Minting>,
+    /// The entries changed while a round was under way: what they left due is minted when it
+    /// ends.
+    changed_while_minting: bool,
+    /// The first sync has ended (the inventory says so once its SVIDs are minted too).
+    synced: bool,
+    /// The bundle or the CRLs changed since the last reconcile.
+    trust_changed: bool,
 }
 
 // === impl Manager ===
@@ -92,6 +110,10 @@ impl Manager {
                 revision: 0,
                 history: Vec::new(),
                 tx,
+                minting: None,
+                changed_while_minting: false,
+                synced: false,
+                trust_changed: false,
             },
             rx,
         )
@@ -124,8 +146,7 @@ impl Manager {
                         self.inventory.disconnected_at = Some(SystemTime::now());
                         self.publish();
                     }
-                    self.renew_svids().await;
-                    tokio::time::sleep(wait).await;
+                    self.mint_while_waiting(wait).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
@@ -162,13 +183,24 @@ impl Manager {
             let wake = self.next_wakeup();
             let message = tokio::select! {
                 message = stream.message() => message.map_err(status_error)?,
+                minted = minting(&mut self.minting) => {
+                    self.minting = None;
+                    self.finish_minting(minted);
+                    continue;
+                }
                 () = tokio::time::sleep_until(wake) => {
                     if self.node.should_renew(SystemTime::now()) {
-                        // Reconnect with the renewed SVID.
+                        // Reconnect with the renewed SVID (a round under way goes on after).
                         self.node.renew().await?;
                         return Ok(());
                     }
-                    self.renew_svids().await;
+                    if self.minting.is_none() {
+                        self.start_minting();
+                        if self.minting.is_none() {
+                            // Nothing to mint; what expired leaves the inventory.
+                            self.publish();
+                        }
+                    }
                     continue;
                 }
             };
@@ -187,9 +219,8 @@ impl Manager {
                         if let Some(federated) = page.federated_bundles {
                             self.set_federated(federated);
                         }
-                        self.inventory.crls = page.crls;
-                        self.synced(std::mem::take(&mut pages), page.revision, page.history)
-                            .await?;
+                        self.set_crls(page.crls);
+                        self.synced(std::mem::take(&mut pages), page.revision, page.history);
                     }
                 }
                 sync_entries_response::Message::Resume(page) => {
@@ -208,15 +239,12 @@ impl Manager {
                     if page.last {
                         if let Some(bundle) = page.bundle {
                             self.set_bundle(&bundle.spiffe_bundle);
-                            self.inventory.crls = bundle.crls;
+                            self.set_crls(bundle.crls);
                         }
                         if let Some(federated) = page.federated_bundles {
                             self.set_federated(federated);
                         }
-                        if !self
-                            .synced(std::mem::take(&mut pages), page.revision, page.history)
-                            .await?
-                        {
+                        if !self.synced(std::mem::take(&mut pages), page.revision, page.history) {
                             // Reconnect at once, from a snapshot.
                             return Ok(());
                         }
@@ -249,7 +277,7 @@ impl Manager {
                             }
                             Some(change::Change::Bundle(bundle)) => {
                                 self.set_bundle(&bundle.spiffe_bundle);
-                                self.inventory.crls = bundle.crls;
+                                self.set_crls(bundle.crls);
                             }
                             Some(change::Change::FederatedBundles(federated)) => {
                                 self.set_federated(federated);
@@ -257,7 +285,8 @@ impl Manager {
                             None => {}
                         }
                     }
-                    self.reconcile().await;
+                    debug!(revision = self.revision, "entry changes applied");
+                    self.reconcile();
                 }
             }
         }
@@ -271,12 +300,7 @@ impl Manager {
     /// one starts at once from a snapshot. An entry held at another revision than the server
     /// names is one whose contents the server no longer has (its store went back to an older
     /// copy): it is dropped now, with its SVIDs, rather than served until the snapshot.
-    async fn synced(
-        &mut self,
-        pages: Pages,
-        revision: u64,
-        history: Vec<u8>,
-    ) -> Result<bool, NodeError> {
+    fn synced(&mut self, pages: Pages, revision: u64, history: Vec<u8>) -> bool {
         let resumed = !pages.unchanged.is_empty();
         let (entries, gaps) = pages.apply(&self.entries);
         self.entries = entries;
@@ -297,22 +321,35 @@ impl Manager {
             // Withdrawn now; what is new is minted after the snapshot.
             self.follow_entries();
             self.publish();
-            return Ok(false);
+            return false;
         }
         self.revision = revision;
         self.history = history;
-        self.inventory.synced = true;
+        self.synced = true;
         info!(
             entries = self.entries.len(),
             revision, resumed, "synced entries"
         );
-        self.reconcile().await;
-        Ok(true)
+        self.reconcile();
+        true
     }
 
+    /// Replaces the CRLs; a change is published with the next reconcile, at once.
+    fn set_crls(&mut self, crls: Vec<Vec<u8>>) {
+        if crls != self.inventory.crls {
+            self.inventory.crls = crls;
+            self.trust_changed = true;
+        }
+    }
+
+    /// Replaces the bundle with the one the server sent (if it parses); a change is published
+    /// with the next reconcile, at once.
     fn set_bundle(&mut self, json: &[u8]) {
         match SpiffeBundle::parse(self.inventory.trust_domain.clone(), json) {
             Ok(bundle) => {
+                if bundle != self.inventory.bundle {
+                    self.trust_changed = true;
+                }
                 if let Err(e) = self.node.set_bundle(bundle.clone()) {
                     warn!(error = %e, "cannot store the new bundle");
                 }
@@ -325,7 +362,8 @@ impl Manager {
     }
 
     /// Replaces the federated bundles with the set the server sent (a bundle that does not
-    /// parse, or claims the agent's own trust domain, is left out, with a warning).
+    /// parse, or claims the agent's own trust domain, is left out, with a warning); a change is
+    /// published with the next reconcile, at once.
     fn set_federated(&mut self, federated: FederatedBundles) {
         let mut bundles = BTreeMap::new();
         for bundle in federated.bundles {
@@ -349,39 +387,59 @@ impl Manager {
         if *self.inventory.federated != bundles {
             info!(trust_domains = bundles.len(), "federated bundles changed");
             self.inventory.federated = Arc::new(bundles);
+            self.trust_changed = true;
+        }
+    }
+
+    /// The entries changed: what they no longer grant is withdrawn, what they grant anew or
+    /// otherwise is minted ([`Manager::start_minting`]), and the inventory is published.
+    ///
+    /// A withdrawal is published at once, never after a mint: an SVID whose entry is gone or
+    /// names another ID, one whose selectors, federated trust domains or end changed, a
+    /// session closed or revoked, and a new bundle or CRL. Any other change (a new entry, a new
+    /// hint or TTL) is published with the SVIDs it needs, so that each stream gets one message
+    /// for it.
+    fn reconcile(&mut self) {
+        let withdrawn = self.follow_entries() | std::mem::take(&mut self.trust_changed);
+        if self.minting.is_some() {
+            self.changed_while_minting = true;
+        } else {
+            self.start_minting();
+        }
+        if withdrawn || self.minting.is_none() {
             self.publish();
         }
     }
 
-    /// Drops SVIDs of entries that are gone, mints SVIDs for new or changed entries, renews
-    /// those due, and publishes.
-    async fn reconcile(&mut self) {
-        self.follow_entries();
-        self.renew_svids().await;
-    }
-
     /// What [`Manager::reconcile`] does before it mints: the SVIDs and sessions follow the
-    /// entries held (nothing is published).
-    fn follow_entries(&mut self) {
+    /// entries held (nothing is published). `true` when that withdrew something: an SVID, who
+    /// may have one or what comes with it, or a session.
+    fn follow_entries(&mut self) -> bool {
         let entries = &self.entries;
+        let mut withdrawn = false;
         // An SVID whose entry is gone, or now grants another ID, is withdrawn at once; one whose
         // selectors, hint, TTL, end or federated trust domains changed follows the entry now
         // (copied, from the published inventories' shared one, only then) and is re-minted
-        // below: a workload must not keep a trust domain its entry no longer names until the
+        // after: a workload must not keep a trust domain its entry no longer names until the
         // new SVID is minted.
         Arc::make_mut(&mut self.inventory.svids).retain(|id, svid| {
             let Some(Held::Workload { grant, .. }) = entries.get(id) else {
+                withdrawn = true;
                 return false;
             };
             if grant.spiffe_id != svid.grant.spiffe_id {
+                withdrawn = true;
                 return false;
             }
             if !Arc::ptr_eq(grant, &svid.grant) && **grant != *svid.grant {
+                withdrawn |= grant.selectors != svid.grant.selectors
+                    || grant.federates_with != svid.grant.federates_with
+                    || grant.expires_at != svid.grant.expires_at;
                 Arc::make_mut(svid).grant = Arc::clone(grant);
             }
             true
         });
-        self.inventory.sessions = self
+        let sessions: BTreeMap<String, SessionEntry> = self
             .entries
             .values()
             .filter_map(|held| match held {
@@ -389,6 +447,8 @@ impl Manager {
                 Held::Workload { .. } | Held::Unusable { .. } => None,
             })
             .collect();
+        withdrawn |= sessions != self.inventory.sessions;
+        self.inventory.sessions = sessions;
         let hashes = |selectors: &SelectorSet| {
             selectors
                 .iter()
@@ -399,10 +459,18 @@ impl Manager {
             Held::Session(session) => hashes(&session.selectors),
             Held::Unusable { .. } => false,
         });
+        withdrawn
     }
 
-    /// Mints SVIDs for entries without a current one (new, changed, or due for renewal).
-    async fn renew_svids(&mut self) {
+    /// Starts a round of minting for the entries without a current SVID (new, changed, or due
+    /// for renewal), unless one is under way. The round runs beside the manager's loop, which
+    /// goes on reading the sync stream: a withdrawal or a revocation that arrives meanwhile is
+    /// published at once, not after the server signed ([`Manager::finish_minting`] takes what
+    /// the round gave).
+    fn start_minting(&mut self) {
+        if self.minting.is_some() {
+            return;
+        }
         let now = SystemTime::now();
         let due: Vec<(Arc<Grant>, u64)> = self
             .entries
@@ -419,87 +487,76 @@ impl Manager {
             )
             .map(|(grant, revision)| (Arc::clone(grant), revision))
             .collect();
-        let mut chunks = due.chunks(BATCH).map(<[(Arc<Grant>, u64)]>::to_vec);
-        // Sized once: a vector grown by doubling leaves the sizes it outgrew in malloc's free
-        // lists, resident.
-        let mut minted = Vec::with_capacity(due.len());
-        let mut next = chunks.next().map(Prepared::spawn);
-        while let Some(prepared) = next.take() {
-            let batch = match prepared.await {
-                Ok(Ok(batch)) => batch,
-                Ok(Err(e)) => {
-                    warn!(error = %e, "cannot mint svids now; will retry");
-                    break;
-                }
-                Err(e) => {
-                    warn!(error = %e, "key generation task failed; will retry");
-                    break;
-                }
-            };
-            // The next batch's keys and CSRs are made while the server signs this one.
-            next = chunks.next().map(Prepared::spawn);
-            if let Err(e) = self.mint(batch, &mut minted).await {
-                warn!(error = %e, "cannot mint svids now; will retry");
-                break;
-            }
+        if !due.is_empty() {
+            self.minting = Some(Minting(Box::pin(mint_round(self.node.client(), due))));
         }
-        self.add_minted(minted);
-        self.publish();
     }
 
-    /// Puts the SVIDs `renew_svids` minted in the map ([`with_minted`]).
+    /// Takes in what a round minted and publishes: an SVID whose entry changed or went while
+    /// it was minted is dropped (the entry's current grant is minted next), one the server
+    /// refused is withdrawn. If the entries changed meanwhile, the next round starts (not after
+    /// a round that failed: the next renewal or change tries again).
+    fn finish_minting(&mut self, minted: Minted) {
+        let entries = &self.entries;
+        let returned = minted.svids.len();
+        let current: Vec<_> = minted
+            .svids
+            .into_iter()
+            .filter(|(id, svid)| match entries.get(id) {
+                Some(Held::Workload { grant, revision }) => {
+                    *revision == svid.revision
+                        && (Arc::ptr_eq(grant, &svid.grant) || **grant == *svid.grant)
+                }
+                _ => false,
+            })
+            .collect();
+        if current.len() < returned {
+            debug!(
+                dropped = returned - current.len(),
+                "svids minted for an entry that changed or went meanwhile; dropped"
+            );
+        }
+        for id in &minted.refused {
+            if self.inventory.svids.contains_key(id) {
+                Arc::make_mut(&mut self.inventory.svids).remove(id);
+            }
+        }
+        self.add_minted(current);
+        self.publish();
+        if std::mem::take(&mut self.changed_while_minting) && !minted.failed {
+            self.start_minting();
+        }
+    }
+
+    /// Waits `wait` before the next connection attempt (the sync stream is down), minting
+    /// meanwhile what is due; a round still under way at the end goes on beside the next
+    /// stream.
+    async fn mint_while_waiting(&mut self, wait: Duration) {
+        if self.minting.is_none() {
+            self.start_minting();
+            if self.minting.is_none() {
+                // Nothing to mint; what expired leaves the inventory.
+                self.publish();
+            }
+        }
+        let until = tokio::time::sleep(wait);
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                minted = minting(&mut self.minting) => {
+                    self.minting = None;
+                    self.finish_minting(minted);
+                }
+                () = &mut until => return,
+            }
+        }
+    }
+
+    /// Puts the SVIDs a round minted in the map ([`with_minted`]).
     fn add_minted(&mut self, minted: Vec<(Arc<str>, Arc<WorkloadSvid>)>) {
         if !minted.is_empty() {
             self.inventory.svids = Arc::new(with_minted(&self.inventory.svids, minted));
         }
-    }
-
-    async fn mint(
-        &mut self,
-        batch: Prepared,
-        minted: &mut Vec<(Arc<str>, Arc<WorkloadSvid>)>,
-    ) -> Result<(), NodeError> {
-        let Prepared {
-            entries,
-            keys,
-            params,
-        } = batch;
-        let results = self
-            .node
-            .client()
-            .batch_new_x509svid(BatchNewX509svidRequest { params })
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .results;
-        for (((grant, revision), key), result) in entries.iter().zip(keys).zip(results) {
-            let entry_id = &grant.entry_id;
-            if result.entry_id != **entry_id {
-                warn!(%entry_id, answered = %result.entry_id, "the server answered out of order; ignoring the result");
-                continue;
-            }
-            match result.result {
-                Some(x509svid_result::Result::Svid(svid)) => {
-                    match issued_svid(Arc::clone(grant), *revision, svid, &key) {
-                        Ok(w) => {
-                            debug!(%entry_id, "svid minted");
-                            minted.push((Arc::clone(entry_id), Arc::new(w)));
-                        }
-                        Err(e) => {
-                            warn!(%entry_id, error = %e, "the server sent an unusable svid")
-                        }
-                    }
-                }
-                Some(x509svid_result::Result::Error(e)) => {
-                    warn!(%entry_id, code = e.code, error = %e.message, "svid refused");
-                    if self.inventory.svids.contains_key(entry_id) {
-                        Arc::make_mut(&mut self.inventory.svids).remove(entry_id);
-                    }
-                }
-                None => {}
-            }
-        }
-        Ok(())
     }
 
     fn publish(&mut self) {
@@ -513,15 +570,22 @@ impl Manager {
         {
             Arc::make_mut(&mut self.inventory.svids).retain(|_, svid| svid.not_after() > now);
         }
+        // Ready once the first sync's SVIDs are minted (or their round failed).
+        if self.synced && self.minting.is_none() {
+            self.inventory.synced = true;
+        }
         self.tx.send_replace(Arc::new(self.inventory.clone()));
     }
 
-    /// The earliest renewal or expiry among the SVIDs and the agent's own.
+    /// The earliest renewal or expiry among the SVIDs and the agent's own; while a round is
+    /// under way, the agent's own renewal only (the SVIDs are looked at when it ends).
     fn next_wakeup(&self) -> tokio::time::Instant {
         let now = SystemTime::now();
         let mut next = self.node.renew_at();
-        for svid in self.inventory.svids.values() {
-            next = next.min(svid.next_look(svid.grant.expires_at));
+        if self.minting.is_none() {
+            for svid in self.inventory.svids.values() {
+                next = next.min(svid.next_look(svid.grant.expires_at));
+            }
         }
         let wait = next
             .duration_since(now)
@@ -561,6 +625,121 @@ impl Prepared {
             })
         })
     }
+}
+
+/// A round of minting under way ([`Manager::start_minting`]).
+struct Minting(Pin<Box<dyn Future<Output = Minted> + Send>>);
+
+impl std::fmt::Debug for Minting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Minting")
+    }
+}
+
+/// What a round of minting gave.
+#[derive(Default)]
+struct Minted {
+    /// The SVIDs, each with the grant and revision it was minted for.
+    svids: Vec<(Arc<str>, Arc<WorkloadSvid>)>,
+    /// The entries the server refused an SVID.
+    refused: Vec<Arc<str>>,
+    /// The round stopped early (the server or key generation failed); the rest waits for the
+    /// next renewal or change.
+    failed: bool,
+}
+
+/// The round under way, once it ends; never, when none is.
+async fn minting(round: &mut Option<Minting>) -> Minted {
+    match round {
+        Some(round) => round.0.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Mints `due` in batches of [`BATCH`], each batch's keys and CSRs made while the server signs
+/// the one before.
+async fn mint_round(mut client: NodeClient<Channel>, due: Vec<(Arc<Grant>, u64)>) -> Minted {
+    let mut chunks = due.chunks(BATCH).map(<[(Arc<Grant>, u64)]>::to_vec);
+    // Sized once: a vector grown by doubling leaves the sizes it outgrew in malloc's free
+    // lists, resident.
+    let mut minted = Minted {
+        svids: Vec::with_capacity(due.len()),
+        ..Minted::default()
+    };
+    let mut next = chunks.next().map(Prepared::spawn);
+    while let Some(prepared) = next.take() {
+        let batch = match prepared.await {
+            Ok(Ok(batch)) => batch,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot mint svids now; will retry");
+                minted.failed = true;
+                break;
+            }
+            Err(e) => {
+                warn!(error = %e, "key generation task failed; will retry");
+                minted.failed = true;
+                break;
+            }
+        };
+        next = chunks.next().map(Prepared::spawn);
+        if let Err(e) = mint_batch(&mut client, batch, &mut minted).await {
+            warn!(error = %e, "cannot mint svids now; will retry");
+            minted.failed = true;
+            break;
+        }
+    }
+    minted
+}
+
+/// Sends one batch of CSRs and keeps what the server answers in `minted`.
+async fn mint_batch(
+    client: &mut NodeClient<Channel>,
+    batch: Prepared,
+    minted: &mut Minted,
+) -> Result<(), NodeError> {
+    let Prepared {
+        entries,
+        keys,
+        params,
+    } = batch;
+    let call = client.batch_new_x509svid(BatchNewX509svidRequest { params });
+    let results = tokio::time::timeout(MINT_TIMEOUT, call)
+        .await
+        .map_err(|_| {
+            NodeError::Unavailable(format!(
+                "the server did not answer a batch of CSRs within {}s",
+                MINT_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(status_error)?
+        .into_inner()
+        .results;
+    for (((grant, revision), key), result) in entries.iter().zip(keys).zip(results) {
+        let entry_id = &grant.entry_id;
+        if result.entry_id != **entry_id {
+            warn!(%entry_id, answered = %result.entry_id, "the server answered out of order; ignoring the result");
+            continue;
+        }
+        match result.result {
+            Some(x509svid_result::Result::Svid(svid)) => {
+                match issued_svid(Arc::clone(grant), *revision, svid, &key) {
+                    Ok(w) => {
+                        debug!(%entry_id, "svid minted");
+                        minted.svids.push((Arc::clone(entry_id), Arc::new(w)));
+                    }
+                    Err(e) => {
+                        warn!(%entry_id, error = %e, "the server sent an unusable svid")
+                    }
+                }
+            }
+            Some(x509svid_result::Result::Error(e)) => {
+                warn!(%entry_id, code = e.code, error = %e.message, "svid refused");
+                minted.refused.push(Arc::clone(entry_id));
+            }
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 /// The pages of a snapshot or of a resume, gathered until the last (a snapshot's name no
