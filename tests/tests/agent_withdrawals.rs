@@ -1,7 +1,9 @@
 //! What an entry no longer grants leaves the agent at once, whatever the agent is minting: the
 //! real server and agent, with a TCP relay between them that can hold what the agent sends. A
 //! mint then stays in flight (its CSRs held) while the server's pushes on the sync stream still
-//! arrive; a workload's stream must lose what was withdrawn before the mint ends.
+//! arrive; a workload's stream must lose what was withdrawn before the mint ends: a renamed or
+//! deleted entry's SVID, one minted for selectors its entry no longer has, and a revoked
+//! session's SVID (with its serial on the CRL).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -159,16 +161,7 @@ async fn withdrawals_do_not_wait_for_a_mint_in_flight() {
         .await
         .unwrap()
         .into_inner();
-    let applied = format!("entry changes applied revision={}", narrowed.revision);
-    let deadline = std::time::Instant::now() + within;
-    while !agent.log_text().contains(&applied) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            log("the narrowing never reached the agent")
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    applied(&agent, narrowed.revision).await;
     relay.hold(false);
     create_entry(&server, entry(LAST, &parent, &[&me]))
         .await
@@ -200,4 +193,108 @@ async fn withdrawals_do_not_wait_for_a_mint_in_flight() {
         "{}",
         log("no stale result")
     );
+}
+
+/// Waits until the agent's log says it applied the change at `revision` (its debug line).
+async fn applied(agent: &TestAgentProcess, revision: u64) {
+    let line = format!("entry changes applied revision={revision}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !agent.log_text().contains(&line) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change at revision {revision} never reached the agent; its log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_revoked_while_a_mint_is_held_leaves_the_stream() {
+    const SESSION: &str = "spiffe://example.org/withdrawals/session";
+    let server = TestServer::start("");
+    let relay = Relay::start(server.node_addr).await;
+    let agent = TestAgentProcess::start_listing(&server, &[relay.address]).await;
+    let me = format!("unix:uid:{}", my_uid());
+    let kept = create_entry(&server, entry(KEPT, &agent.agent_id(), &[&me]))
+        .await
+        .unwrap();
+    let session = open_session(&server, &agent, SESSION, "10m", &[]);
+    let session_id = session["id"].as_str().unwrap().to_owned();
+    let (mut stream, first) = x509_stream_with(&agent, |m| sorted_ids(m) == [KEPT, SESSION]).await;
+    let serial = leaf_serial(
+        &first
+            .svids
+            .iter()
+            .find(|s| s.spiffe_id == SESSION)
+            .unwrap()
+            .x509_svid,
+    );
+    let log = |what: &str| format!("{what}; agent log:\n{}", agent.log_text());
+
+    // A new hint: the agent mints KEPT again, and that mint is held.
+    relay.hold(true);
+    let mut hinted = kept.clone();
+    hinted.hint = "rotated".to_owned();
+    let hinted = server
+        .admin()
+        .await
+        .update_entry(UpdateEntryRequest {
+            entry: Some(hinted),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    applied(&agent, hinted.revision).await;
+
+    // The revocation reaches the stream while that mint is still held: the session's SVID
+    // leaves, and its serial comes on the CRL.
+    let revoked = server_cli(
+        &server,
+        &[
+            "session",
+            "revoke",
+            &session_id,
+            "--reason",
+            "held mint",
+            "--output",
+            "json",
+        ],
+    )
+    .json();
+    assert_eq!(revoked["state"], "revoked", "{revoked}");
+    let within = Duration::from_secs(10);
+    let msg = next_x509_until(&mut stream, within, |m| {
+        !svid_ids(m).contains(&SESSION.to_owned())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{}",
+            log(&format!(
+                "the revoked session stayed while a mint was held: {e:?}"
+            ))
+        )
+    });
+    assert_eq!(sorted_ids(&msg), [KEPT], "{}", log("revoked"));
+    // The CRL comes with that message or in one of its own (the server pushes it after).
+    let listed = |m: &X509svidResponse| m.crl.iter().any(|c| crl_serials(c).contains(&serial));
+    if !listed(&msg) {
+        next_x509_until(&mut stream, within, listed)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("{}", log(&format!("the CRL waited for a held mint: {e:?}")))
+            });
+    }
+
+    // Released, the mint ends and the new hint arrives.
+    relay.hold(false);
+    let msg = next_x509_until(&mut stream, Duration::from_secs(40), |m| {
+        m.svids
+            .iter()
+            .any(|s| s.spiffe_id == KEPT && s.hint == "rotated")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{}", log(&format!("the rotated SVID never came: {e:?}"))));
+    assert_eq!(sorted_ids(&msg), [KEPT], "{}", log("rotated"));
 }
