@@ -298,3 +298,75 @@ async fn a_session_revoked_while_a_mint_is_held_leaves_the_stream() {
     .unwrap_or_else(|e| panic!("{}", log(&format!("the rotated SVID never came: {e:?}"))));
     assert_eq!(sorted_ids(&msg), [KEPT], "{}", log("rotated"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_does_not_wait_for_the_agents_own_renewal() {
+    // The agent renews its own SVID at half its life: 3 s after it attests.
+    let server = TestServer::start("agent_svid_ttl = \"6s\"");
+    let relay = Relay::start(server.node_addr).await;
+    let agent = TestAgentProcess::start_listing(&server, &[relay.address]).await;
+    let me = format!("unix:uid:{}", my_uid());
+    let parent = agent.agent_id();
+    let first = create_entry(&server, entry(FIRST, &parent, &[&me]))
+        .await
+        .unwrap();
+    create_entry(&server, entry(KEPT, &parent, &[&me]))
+        .await
+        .unwrap();
+    let (mut stream, _) = x509_stream_with(&agent, |m| sorted_ids(m) == [FIRST, KEPT]).await;
+    let log = |what: &str| format!("{what}; agent log:\n{}", agent.log_text());
+
+    // The renewal's request is held in the relay.
+    relay.hold(true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !agent.log_text().contains("renewing the agent svid") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            log("the agent never renewed its svid")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server
+        .admin()
+        .await
+        .delete_entry(DeleteEntryRequest { id: first.id })
+        .await
+        .unwrap();
+    let msg = next_x509_until(&mut stream, Duration::from_secs(10), |m| {
+        !svid_ids(m).contains(&FIRST.to_owned())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{}",
+            log(&format!(
+                "the deleted entry's SVID stayed while the agent renewed its own: {e:?}"
+            ))
+        )
+    });
+    assert_eq!(sorted_ids(&msg), [KEPT], "{}", log("deleted"));
+
+    // Released, the renewal ends, the agent syncs again with its new SVID, and what comes next
+    // reaches the stream.
+    relay.hold(false);
+    create_entry(&server, entry(LAST, &parent, &[&me]))
+        .await
+        .unwrap();
+    let msg = next_x509_until(&mut stream, Duration::from_secs(40), |m| {
+        svid_ids(m).contains(&LAST.to_owned())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{}",
+            log(&format!("the last entry's SVID never came: {e:?}"))
+        )
+    });
+    assert_eq!(sorted_ids(&msg), [KEPT, LAST], "{}", log("last"));
+    assert!(
+        agent.log_text().contains("agent svid renewed"),
+        "{}",
+        log("renewed")
+    );
+}

@@ -10,9 +10,9 @@
 //!
 //! SVIDs are minted ahead for the entries of this agent (bounded by [`MAX_ENTRIES`]): a
 //! workload that connects gets its identity at once, and one already streaming gets new or
-//! changed identities without asking. Minting runs beside the sync stream, which the manager
-//! goes on reading: what an entry no longer grants is withdrawn and published at once, never
-//! after a mint in flight.
+//! changed identities without asking. Minting, and the renewal of the agent's own SVID, run
+//! beside the sync stream, which the manager goes on reading: what an entry no longer grants is
+//! withdrawn and published at once, never after a call to the server in flight.
 //!
 //! While the server is unreachable it keeps serving what it holds until each SVID expires,
 //! reconnects with backoff and jitter capped at 10 s, and catches up from its last revision.
@@ -65,6 +65,9 @@ const BATCH: usize = 100;
 
 /// The longest wait for the server's answer to one batch of CSRs.
 const MINT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest wait for the renewal of the agent's own SVID.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Keeps the inventory current. See the module docs.
 #[derive(Debug)]
@@ -179,8 +182,11 @@ impl Manager {
             self.publish();
         }
         let mut pages = Pages::default();
+        // The agent's own renewal runs beside the stream too: a server slow to answer it does
+        // not hold back what the stream brings.
+        let mut renewal: Option<Renewal> = None;
         loop {
-            let wake = self.next_wakeup();
+            let wake = self.next_wakeup(renewal.is_some());
             let message = tokio::select! {
                 message = stream.message() => message.map_err(status_error)?,
                 minted = minting(&mut self.minting) => {
@@ -188,11 +194,15 @@ impl Manager {
                     self.finish_minting(minted);
                     continue;
                 }
+                renewed = renewing(&mut renewal) => {
+                    renewed?;
+                    // Reconnect with the renewed SVID (a round under way goes on after).
+                    return Ok(());
+                }
                 () = tokio::time::sleep_until(wake) => {
-                    if self.node.should_renew(SystemTime::now()) {
-                        // Reconnect with the renewed SVID (a round under way goes on after).
-                        self.node.renew().await?;
-                        return Ok(());
+                    if renewal.is_none() && self.node.should_renew(SystemTime::now()) {
+                        renewal = Some(Renewal::start(Arc::clone(&self.node)));
+                        continue;
                     }
                     if self.minting.is_none() {
                         self.start_minting();
@@ -578,10 +588,15 @@ impl Manager {
     }
 
     /// The earliest renewal or expiry among the SVIDs and the agent's own; while a round is
-    /// under way, the agent's own renewal only (the SVIDs are looked at when it ends).
-    fn next_wakeup(&self) -> tokio::time::Instant {
+    /// under way, the agent's own renewal only (the SVIDs are looked at when it ends), and not
+    /// that while it is `renewing`.
+    fn next_wakeup(&self, renewing: bool) -> tokio::time::Instant {
         let now = SystemTime::now();
-        let mut next = self.node.renew_at();
+        let mut next = if renewing {
+            now + Duration::from_secs(60)
+        } else {
+            self.node.renew_at()
+        };
         if self.minting.is_none() {
             for svid in self.inventory.svids.values() {
                 next = next.min(svid.next_look(svid.grant.expires_at));
@@ -646,6 +661,33 @@ struct Minted {
     /// The round stopped early (the server or key generation failed); the rest waits for the
     /// next renewal or change.
     failed: bool,
+}
+
+/// The agent's own SVID being renewed ([`NodeConnection::renew`]), at most [`RENEW_TIMEOUT`].
+struct Renewal(Pin<Box<dyn Future<Output = Result<(), NodeError>> + Send>>);
+
+impl Renewal {
+    fn start(node: Arc<NodeConnection>) -> Self {
+        debug!("renewing the agent svid");
+        Self(Box::pin(async move {
+            tokio::time::timeout(RENEW_TIMEOUT, node.renew())
+                .await
+                .map_err(|_| {
+                    NodeError::Unavailable(format!(
+                        "the server did not renew the agent svid within {}s",
+                        RENEW_TIMEOUT.as_secs()
+                    ))
+                })?
+        }))
+    }
+}
+
+/// The renewal under way, once it ends; never, when none is.
+async fn renewing(renewal: &mut Option<Renewal>) -> Result<(), NodeError> {
+    match renewal {
+        Some(renewal) => renewal.0.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The round under way, once it ends; never, when none is.
