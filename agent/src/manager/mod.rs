@@ -162,7 +162,7 @@ impl Manager {
     /// One `SyncEntries` stream, from connect to error.
     async fn sync_once(&mut self) -> Result<(), NodeError> {
         if self.node.should_renew(SystemTime::now()) {
-            self.node.renew().await?;
+            Renewal::start(Arc::clone(&self.node)).0.await?;
         }
         let mut stream = self
             .node
@@ -188,7 +188,10 @@ impl Manager {
         loop {
             let wake = self.next_wakeup(renewal.is_some());
             let message = tokio::select! {
-                message = stream.message() => message.map_err(status_error)?,
+                message = stream.message() => match message {
+                    Ok(message) => message,
+                    Err(status) => return ended(&mut renewal, status_error(status)).await,
+                },
                 minted = minting(&mut self.minting) => {
                     self.minting = None;
                     self.finish_minting(minted);
@@ -215,9 +218,8 @@ impl Manager {
                 }
             };
             let Some(message) = message.and_then(|m| m.message) else {
-                return Err(NodeError::Unavailable(
-                    "the server closed the sync stream".into(),
-                ));
+                let closed = NodeError::Unavailable("the server closed the sync stream".into());
+                return ended(&mut renewal, closed).await;
             };
             match message {
                 sync_entries_response::Message::Snapshot(page) => {
@@ -498,7 +500,7 @@ impl Manager {
             .map(|(grant, revision)| (Arc::clone(grant), revision))
             .collect();
         if !due.is_empty() {
-            self.minting = Some(Minting(Box::pin(mint_round(self.node.client(), due))));
+            self.minting = Some(Minting(Box::pin(mint_round(Arc::clone(&self.node), due))));
         }
     }
 
@@ -682,6 +684,19 @@ impl Renewal {
     }
 }
 
+/// The sync stream ended with `error`: with a renewal under way (the server ends a stream when
+/// the SVID it was opened with expires), its end decides: renewed, the agent reconnects with the
+/// new SVID at once.
+async fn ended(renewal: &mut Option<Renewal>, error: NodeError) -> Result<(), NodeError> {
+    match renewal.take() {
+        Some(renewal) => {
+            debug!(%error, "the sync stream ended while the agent svid was renewed; waiting for the renewal");
+            renewal.0.await
+        }
+        None => Err(error),
+    }
+}
+
 /// The renewal under way, once it ends; never, when none is.
 async fn renewing(renewal: &mut Option<Renewal>) -> Result<(), NodeError> {
     match renewal {
@@ -699,8 +714,9 @@ async fn minting(round: &mut Option<Minting>) -> Minted {
 }
 
 /// Mints `due` in batches of [`BATCH`], each batch's keys and CSRs made while the server signs
-/// the one before.
-async fn mint_round(mut client: NodeClient<Channel>, due: Vec<(Arc<Grant>, u64)>) -> Minted {
+/// the one before. Each batch goes through the node's current connection (the agent's SVID may
+/// be renewed during a round: the server accepts the old one no more once the new one is used).
+async fn mint_round(node: Arc<NodeConnection>, due: Vec<(Arc<Grant>, u64)>) -> Minted {
     let mut chunks = due.chunks(BATCH).map(<[(Arc<Grant>, u64)]>::to_vec);
     // Sized once: a vector grown by doubling leaves the sizes it outgrew in malloc's free
     // lists, resident.
@@ -724,7 +740,7 @@ async fn mint_round(mut client: NodeClient<Channel>, due: Vec<(Arc<Grant>, u64)>
             }
         };
         next = chunks.next().map(Prepared::spawn);
-        if let Err(e) = mint_batch(&mut client, batch, &mut minted).await {
+        if let Err(e) = mint_batch(&mut node.client(), batch, &mut minted).await {
             warn!(error = %e, "cannot mint svids now; will retry");
             minted.failed = true;
             break;
