@@ -405,7 +405,6 @@ fn lookup_name(table: &Mutex<Option<NameTable>>, file: &Path, id: u32) -> Option
     name
 }
 
-/// The `Groups:` line of `/proc/PID/status`.
 /// The proc filesystem of a real agent.
 const PROC_ROOT: &str = "/proc";
 
@@ -449,6 +448,7 @@ fn read_whole(mut file: File, path: &Path) -> std::io::Result<String> {
     String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// The `Groups:` line of `/proc/PID/status`.
 fn supplementary_gids(status: &str) -> Vec<u32> {
     status
         .lines()

@@ -162,7 +162,7 @@ impl Manager {
     /// One `SyncEntries` stream, from connect to error.
     async fn sync_once(&mut self) -> Result<(), NodeError> {
         if self.node.should_renew(SystemTime::now()) {
-            Renewal::start(Arc::clone(&self.node)).0.await?;
+            renew(Arc::clone(&self.node)).0.await?;
         }
         let mut stream = self
             .node
@@ -192,28 +192,21 @@ impl Manager {
                     Ok(message) => message,
                     Err(status) => return ended(&mut renewal, status_error(status)).await,
                 },
-                minted = minting(&mut self.minting) => {
-                    self.minting = None;
+                minted = settled(&mut self.minting) => {
                     self.finish_minting(minted);
                     continue;
                 }
-                renewed = renewing(&mut renewal) => {
+                renewed = settled(&mut renewal) => {
                     renewed?;
                     // Reconnect with the renewed SVID (a round under way goes on after).
                     return Ok(());
                 }
                 () = tokio::time::sleep_until(wake) => {
                     if renewal.is_none() && self.node.should_renew(SystemTime::now()) {
-                        renewal = Some(Renewal::start(Arc::clone(&self.node)));
+                        renewal = Some(renew(Arc::clone(&self.node)));
                         continue;
                     }
-                    if self.minting.is_none() {
-                        self.start_minting();
-                        if self.minting.is_none() {
-                            // Nothing to mint; what expired leaves the inventory.
-                            self.publish();
-                        }
-                    }
+                    self.mint_due();
                     continue;
                 }
             };
@@ -500,7 +493,7 @@ impl Manager {
             .map(|(grant, revision)| (Arc::clone(grant), revision))
             .collect();
         if !due.is_empty() {
-            self.minting = Some(Minting(Box::pin(mint_round(Arc::clone(&self.node), due))));
+            self.minting = Some(InFlight(Box::pin(mint_round(Arc::clone(&self.node), due))));
         }
     }
 
@@ -544,22 +537,24 @@ impl Manager {
     /// meanwhile what is due; a round still under way at the end goes on beside the next
     /// stream.
     async fn mint_while_waiting(&mut self, wait: Duration) {
-        if self.minting.is_none() {
-            self.start_minting();
-            if self.minting.is_none() {
-                // Nothing to mint; what expired leaves the inventory.
-                self.publish();
-            }
-        }
+        self.mint_due();
         let until = tokio::time::sleep(wait);
         tokio::pin!(until);
         loop {
             tokio::select! {
-                minted = minting(&mut self.minting) => {
-                    self.minting = None;
-                    self.finish_minting(minted);
-                }
+                minted = settled(&mut self.minting) => self.finish_minting(minted),
                 () = &mut until => return,
+            }
+        }
+    }
+
+    /// Starts a round for what is due, unless one is under way; with nothing to mint,
+    /// publishes (what expired leaves the inventory).
+    fn mint_due(&mut self) {
+        if self.minting.is_none() {
+            self.start_minting();
+            if self.minting.is_none() {
+                self.publish();
             }
         }
     }
@@ -644,14 +639,44 @@ impl Prepared {
     }
 }
 
-/// A round of minting under way ([`Manager::start_minting`]).
-struct Minting(Pin<Box<dyn Future<Output = Minted> + Send>>);
+/// A call to the server under way beside the sync stream: a round of minting ([`Minting`]) or
+/// the renewal of the agent's own SVID ([`Renewal`]).
+struct InFlight<T>(Pin<Box<dyn Future<Output = T> + Send>>);
 
-impl std::fmt::Debug for Minting {
+impl<T> std::fmt::Debug for InFlight<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Minting")
+        f.write_str("InFlight")
     }
 }
+
+/// The call in `slot` once it ends (the slot is then empty); never, when there is none.
+async fn settled<T>(slot: &mut Option<InFlight<T>>) -> T {
+    match slot {
+        Some(call) => {
+            let output = call.0.as_mut().await;
+            *slot = None;
+            output
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// `call`, given up after `limit` (the error says the server did not `what` in time).
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    call: impl Future<Output = Result<T, NodeError>>,
+) -> Result<T, NodeError> {
+    tokio::time::timeout(limit, call).await.map_err(|_| {
+        NodeError::Unavailable(format!(
+            "the server did not {what} within {}s",
+            limit.as_secs()
+        ))
+    })?
+}
+
+/// A round of minting under way ([`Manager::start_minting`]).
+type Minting = InFlight<Minted>;
 
 /// What a round of minting gave.
 #[derive(Default)]
@@ -665,23 +690,16 @@ struct Minted {
     failed: bool,
 }
 
-/// The agent's own SVID being renewed ([`NodeConnection::renew`]), at most [`RENEW_TIMEOUT`].
-struct Renewal(Pin<Box<dyn Future<Output = Result<(), NodeError>> + Send>>);
+/// The agent's own SVID being renewed.
+type Renewal = InFlight<Result<(), NodeError>>;
 
-impl Renewal {
-    fn start(node: Arc<NodeConnection>) -> Self {
-        debug!("renewing the agent svid");
-        Self(Box::pin(async move {
-            tokio::time::timeout(RENEW_TIMEOUT, node.renew())
-                .await
-                .map_err(|_| {
-                    NodeError::Unavailable(format!(
-                        "the server did not renew the agent svid within {}s",
-                        RENEW_TIMEOUT.as_secs()
-                    ))
-                })?
-        }))
-    }
+/// Starts renewing the agent's own SVID ([`NodeConnection::renew`]), for at most
+/// [`RENEW_TIMEOUT`].
+fn renew(node: Arc<NodeConnection>) -> Renewal {
+    debug!("renewing the agent svid");
+    InFlight(Box::pin(async move {
+        within(RENEW_TIMEOUT, "renew the agent svid", node.renew()).await
+    }))
 }
 
 /// The sync stream ended with `error`: with a renewal under way (the server ends a stream when
@@ -694,22 +712,6 @@ async fn ended(renewal: &mut Option<Renewal>, error: NodeError) -> Result<(), No
             renewal.0.await
         }
         None => Err(error),
-    }
-}
-
-/// The renewal under way, once it ends; never, when none is.
-async fn renewing(renewal: &mut Option<Renewal>) -> Result<(), NodeError> {
-    match renewal {
-        Some(renewal) => renewal.0.as_mut().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The round under way, once it ends; never, when none is.
-async fn minting(round: &mut Option<Minting>) -> Minted {
-    match round {
-        Some(round) => round.0.as_mut().await,
-        None => std::future::pending().await,
     }
 }
 
@@ -761,17 +763,12 @@ async fn mint_batch(
         params,
     } = batch;
     let call = client.batch_new_x509svid(BatchNewX509svidRequest { params });
-    let results = tokio::time::timeout(MINT_TIMEOUT, call)
-        .await
-        .map_err(|_| {
-            NodeError::Unavailable(format!(
-                "the server did not answer a batch of CSRs within {}s",
-                MINT_TIMEOUT.as_secs()
-            ))
-        })?
-        .map_err(status_error)?
-        .into_inner()
-        .results;
+    let results = within(MINT_TIMEOUT, "answer a batch of CSRs", async {
+        call.await.map_err(status_error)
+    })
+    .await?
+    .into_inner()
+    .results;
     for (((grant, revision), key), result) in entries.iter().zip(keys).zip(results) {
         let entry_id = &grant.entry_id;
         if result.entry_id != **entry_id {
