@@ -69,6 +69,10 @@ const MINT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest wait for the renewal of the agent's own SVID.
 const RENEW_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How soon what a failed round left unminted is tried again (a batch sent just before the
+/// agent's SVID was renewed is refused once the new one is in use, say).
+const MINT_RETRY: Duration = Duration::from_secs(1);
+
 /// Keeps the inventory current. See the module docs.
 #[derive(Debug)]
 pub struct Manager {
@@ -93,6 +97,8 @@ pub struct Manager {
     synced: bool,
     /// The bundle or the CRLs changed since the last reconcile.
     trust_changed: bool,
+    /// When to try again what the last round, which failed, left unminted.
+    retry_at: Option<tokio::time::Instant>,
 }
 
 // === impl Manager ===
@@ -117,6 +123,7 @@ impl Manager {
                 changed_while_minting: false,
                 synced: false,
                 trust_changed: false,
+                retry_at: None,
             },
             rx,
         )
@@ -492,6 +499,7 @@ impl Manager {
             )
             .map(|(grant, revision)| (Arc::clone(grant), revision))
             .collect();
+        self.retry_at = None;
         if !due.is_empty() {
             self.minting = Some(InFlight(Box::pin(mint_round(Arc::clone(&self.node), due))));
         }
@@ -527,6 +535,9 @@ impl Manager {
             }
         }
         self.add_minted(current);
+        self.retry_at = minted
+            .failed
+            .then(|| tokio::time::Instant::now() + MINT_RETRY);
         self.publish();
         if std::mem::take(&mut self.changed_while_minting) && !minted.failed {
             self.start_minting();
@@ -586,7 +597,7 @@ impl Manager {
 
     /// The earliest renewal or expiry among the SVIDs and the agent's own; while a round is
     /// under way, the agent's own renewal only (the SVIDs are looked at when it ends), and not
-    /// that while it is `renewing`.
+    /// that while it is `renewing`; sooner, the retry of a round that failed.
     fn next_wakeup(&self, renewing: bool) -> tokio::time::Instant {
         let now = SystemTime::now();
         let mut next = if renewing {
@@ -602,7 +613,12 @@ impl Manager {
         let wait = next
             .duration_since(now)
             .unwrap_or(Duration::from_millis(50));
-        tokio::time::Instant::now() + wait.clamp(Duration::from_millis(50), Duration::from_secs(60))
+        let at = tokio::time::Instant::now()
+            + wait.clamp(Duration::from_millis(50), Duration::from_secs(60));
+        match self.retry_at.filter(|_| self.minting.is_none()) {
+            Some(retry) => at.min(retry),
+            None => at,
+        }
     }
 }
 
