@@ -44,6 +44,9 @@ pub enum AgentError {
     /// The gRPC server failed.
     #[error("workload api server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The Workload API's task ended abnormally.
+    #[error("workload api task: {0}")]
+    Task(tokio::task::JoinError),
     /// The metrics or health listener could not be bound.
     #[error(transparent)]
     Http(#[from] sigil_daemon::telemetry::BindError),
@@ -114,10 +117,15 @@ pub async fn run(
         );
     info!(path = %config.socket_path.display(), "workload api listening");
     let socket = config.socket_path.clone();
-    tokio::pin!(serve);
+    // Served from a task of the runtime, not from the thread that blocks on it: a connection's
+    // task then starts on the worker that accepted it, where it would otherwise wake one.
+    let mut serve = tokio::spawn(serve);
 
     let outcome = tokio::select! {
-        result = &mut serve => result.map_err(AgentError::from),
+        result = &mut serve => match result {
+            Ok(served) => served.map_err(AgentError::from),
+            Err(ended) => Err(AgentError::Task(ended)),
+        },
         joined = &mut manager => match joined {
             Ok(Err(e)) => {
                 error!(error = %e, "stopping");
@@ -136,6 +144,7 @@ pub async fn run(
             Ok(())
         }
     };
+    serve.abort();
     manager.abort();
     http.abort();
     let _ = std::fs::remove_file(&socket);

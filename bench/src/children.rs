@@ -6,9 +6,10 @@
 //!   prints `READY <node API address>`.
 //! - `__agent TRUST_DOMAIN SERVER_ADDR JOIN_TOKEN BUNDLE.pem SOCKET DATA_DIR`:
 //!   [`sigil_agent::agent::run`], as `sigil-agent run` starts it.
-//! - `__baseline PLAIN_SOCKET FRONT_DOOR_SOCKET`: a trivial Workload API service (static
-//!   answers) on a plain tokio `UnixListener`, the listener `agent::run` serves on, and on the
-//!   front-door [`WorkloadListener`]; prints `READY ok`.
+//! - `__baseline PLAIN_SOCKET FRONT_DOOR_SOCKET FRONT_DOOR_TASK_SOCKET`: a trivial Workload API
+//!   service (static answers) on a plain tokio `UnixListener`, on the front-door
+//!   [`WorkloadListener`] (the listener `agent::run` serves on), and on the front door again
+//!   with its server run as a task of the runtime (as `agent::run` runs it); prints `READY ok`.
 //!
 //! Each stops at once when its stdin closes. Logs (warnings and errors) go to stderr.
 
@@ -154,8 +155,8 @@ fn agent(args: Vec<String>) -> BoxFuture {
 
 fn baseline(args: Vec<String>) -> BoxFuture {
     Box::pin(async move {
-        let [plain, front] = args.as_slice() else {
-            bail!("usage: __baseline PLAIN_SOCKET FRONT_DOOR_SOCKET");
+        let [plain, front, front_task] = args.as_slice() else {
+            bail!("usage: __baseline PLAIN_SOCKET FRONT_DOOR_SOCKET FRONT_DOOR_TASK_SOCKET");
         };
         let plain_listener = tokio::net::UnixListener::bind(PathBuf::from(plain))
             .with_context(|| format!("cannot bind {plain}"))?;
@@ -166,10 +167,18 @@ fn baseline(args: Vec<String>) -> BoxFuture {
         let front = tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(Trivial::new()))
             .serve_with_incoming(front_listener);
+        // The same, accepting on a runtime worker: a connection's task then starts on the
+        // worker that accepted it instead of waking one.
+        let front_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(SpiffeWorkloadApiServer::new(Trivial::new()))
+                .serve_with_incoming(WorkloadListener::bind(front_task)?),
+        );
         ready("ok")?;
         tokio::select! {
             result = plain => result?,
             result = front => result?,
+            result = front_task => result??,
         }
         Ok(None)
     })

@@ -242,15 +242,19 @@ impl AgentHandle {
 }
 
 /// The baseline service process: a trivial Workload API on a plain listener and on the front
-/// door.
+/// door, the latter twice: served from the thread that blocks on the runtime (as a tonic
+/// server usually is) and from a task of the runtime's.
 #[derive(Debug)]
 pub(crate) struct BaselineHandle {
     /// The process.
     pub(crate) process: Process,
-    /// Its socket with the plain tokio `UnixListener` (what `agent::run` serves on).
+    /// Its socket with the plain tokio `UnixListener`.
     pub(crate) plain: PathBuf,
     /// Its socket with the front-door `WorkloadListener`.
     pub(crate) front_door: PathBuf,
+    /// Its socket with the front-door `WorkloadListener`, served from a task of the runtime's
+    /// (as `agent::run` serves), not from the thread that blocks on the runtime.
+    pub(crate) front_door_task: PathBuf,
 }
 
 // === impl BaselineHandle ===
@@ -261,12 +265,14 @@ impl BaselineHandle {
         std::fs::create_dir_all(dir)?;
         let plain = dir.join("plain.sock");
         let front_door = dir.join("front.sock");
+        let front_door_task = dir.join("front-task.sock");
         let mut process = Process::spawn(
             "baseline service",
             &[
                 "__baseline".into(),
                 plain.clone().into(),
                 front_door.clone().into(),
+                front_door_task.clone().into(),
             ],
             &dir.join("baseline.log"),
         )?;
@@ -275,6 +281,7 @@ impl BaselineHandle {
             process,
             plain,
             front_door,
+            front_door_task,
         })
     }
 
