@@ -3,7 +3,8 @@
 //! mint then stays in flight (its CSRs held) while the server's pushes on the sync stream still
 //! arrive; a workload's stream must lose what was withdrawn before the mint ends: a renamed or
 //! deleted entry's SVID, one minted for selectors its entry no longer has, and a revoked
-//! session's SVID (with its serial on the CRL).
+//! session's SVID (with its serial on the CRL). A federated trust domain's new bundle does not
+//! wait for the mint either.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -15,6 +16,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use sigil_core::TrustDomain;
+use sigil_core::x509_bundle::X509Bundle;
 use sigil_proto::admin::{DeleteEntryRequest, Entry, UpdateEntryRequest};
 use sigil_proto::workload::X509svidResponse;
 use sigil_tests::*;
@@ -376,4 +379,77 @@ async fn a_withdrawal_does_not_wait_for_the_agents_own_renewal() {
         log.contains("agent svid renewed")
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_bundle_set_while_a_mint_is_held_reaches_the_stream() {
+    const PARTNER: &str = "spiffe://partner.example";
+    let mut t = Setup::start("", &[KEPT]).await;
+    let dir = tempfile::tempdir().unwrap();
+    openssl_ca(dir.path(), "partner-1");
+    openssl_ca(dir.path(), "partner-2");
+    let partner = |name: &str| {
+        let path = dir.path().join(format!("{name}.pem"));
+        let pem = std::fs::read(&path).unwrap();
+        let der = X509Bundle::from_pem(TrustDomain::new(PARTNER).unwrap(), &pem)
+            .unwrap()
+            .to_der();
+        (path.to_str().unwrap().to_owned(), der)
+    };
+    let (first_path, first_der) = partner("partner-1");
+    let (second_path, second_der) = partner("partner-2");
+    let set = |server: &TestServer, path: &str| {
+        let set = server_cli(
+            server,
+            &[
+                "bundle", "set", "--id", PARTNER, "--path", path, "--output", "json",
+            ],
+        )
+        .json();
+        assert_eq!(set["id"], "partner.example", "{set}");
+    };
+    set(&t.server, &first_path);
+    let mut federating = t.entries[0].clone();
+    federating.federates_with = vec![PARTNER.to_owned()];
+    let federating = t.update(federating).await;
+    let carries = |der: &[u8]| {
+        let der = der.to_vec();
+        move |m: &X509svidResponse| m.federated_bundles.get(PARTNER) == Some(&der)
+    };
+    t.next(
+        WITHIN,
+        "the partner's bundle never reached the stream",
+        carries(&first_der),
+    )
+    .await;
+
+    // A new hint: the agent mints KEPT again, and that mint is held.
+    t.relay.hold(true);
+    let mut hinted = federating;
+    hinted.hint = "rotated".to_owned();
+    let hinted = t.update(hinted).await;
+    t.applied(hinted.revision).await;
+
+    // The partner's new bundle (its CA replaced, say after a compromise) reaches the stream
+    // while that mint is still held.
+    set(&t.server, &second_path);
+    let msg = t
+        .next(
+            WITHIN,
+            "the partner's new bundle waited for a held mint",
+            carries(&second_der),
+        )
+        .await;
+    assert_eq!(sorted_ids(&msg), [KEPT], "{}", t.log("new bundle"));
+
+    // Released, the mint ends and the new hint arrives, with the new bundle.
+    t.relay.hold(false);
+    let msg = t
+        .next(RELEASED_WITHIN, "the rotated SVID never came", |m| {
+            m.svids
+                .iter()
+                .any(|s| s.spiffe_id == KEPT && s.hint == "rotated")
+        })
+        .await;
+    assert!(carries(&second_der)(&msg), "{}", t.log("rotated"));
 }
