@@ -30,6 +30,8 @@ const RENAMED: &str = "spiffe://example.org/withdrawals/renamed";
 const SECOND: &str = "spiffe://example.org/withdrawals/second";
 const KEPT: &str = "spiffe://example.org/withdrawals/kept";
 const LAST: &str = "spiffe://example.org/withdrawals/last";
+/// The hint that makes the agent mint an entry's SVID again.
+const ROTATED: &str = "rotated";
 
 /// A TCP relay to the server whose agent-to-server direction can be held: bytes read from the
 /// agent wait, unsent, while held; the server's bytes always pass.
@@ -175,6 +177,29 @@ impl Setup {
         }
     }
 
+    /// Holds the relay and gives `entry` a new hint: the agent mints it again, and that mint
+    /// stays held. Returns once the agent has applied the change.
+    async fn hold_a_mint(&self, entry: Entry) -> Entry {
+        self.relay.hold(true);
+        let mut hinted = entry;
+        hinted.hint = ROTATED.to_owned();
+        let hinted = self.update(hinted).await;
+        self.applied(hinted.revision).await;
+        hinted
+    }
+
+    /// Releases the relay: the held mint ends, and the stream gets `id`'s SVID with the new
+    /// hint.
+    async fn released(&mut self, id: &str) -> X509svidResponse {
+        self.relay.hold(false);
+        self.next(RELEASED_WITHIN, "the re-minted SVID never came", |m| {
+            m.svids
+                .iter()
+                .any(|s| s.spiffe_id == id && s.hint == ROTATED)
+        })
+        .await
+    }
+
     /// Waits until the agent's log says it applied the change at `revision` (its debug line).
     async fn applied(&self, revision: u64) {
         let line = format!("entry changes applied revision={revision}");
@@ -286,11 +311,7 @@ async fn a_session_revoked_while_a_mint_is_held_leaves_the_stream() {
     );
 
     // A new hint: the agent mints KEPT again, and that mint is held.
-    t.relay.hold(true);
-    let mut hinted = t.entries[0].clone();
-    hinted.hint = "rotated".to_owned();
-    let hinted = t.update(hinted).await;
-    t.applied(hinted.revision).await;
+    t.hold_a_mint(t.entries[0].clone()).await;
 
     // The revocation reaches the stream while that mint is still held: the session's SVID
     // leaves, and its serial comes on the CRL.
@@ -324,14 +345,7 @@ async fn a_session_revoked_while_a_mint_is_held_leaves_the_stream() {
     }
 
     // Released, the mint ends and the new hint arrives.
-    t.relay.hold(false);
-    let msg = t
-        .next(RELEASED_WITHIN, "the rotated SVID never came", |m| {
-            m.svids
-                .iter()
-                .any(|s| s.spiffe_id == KEPT && s.hint == "rotated")
-        })
-        .await;
+    let msg = t.released(KEPT).await;
     assert_eq!(sorted_ids(&msg), [KEPT], "{}", t.log("rotated"));
 }
 
@@ -424,11 +438,7 @@ async fn a_federated_bundle_set_while_a_mint_is_held_reaches_the_stream() {
     .await;
 
     // A new hint: the agent mints KEPT again, and that mint is held.
-    t.relay.hold(true);
-    let mut hinted = federating;
-    hinted.hint = "rotated".to_owned();
-    let hinted = t.update(hinted).await;
-    t.applied(hinted.revision).await;
+    t.hold_a_mint(federating).await;
 
     // The partner's new bundle (its CA replaced, say after a compromise) reaches the stream
     // while that mint is still held.
@@ -443,13 +453,6 @@ async fn a_federated_bundle_set_while_a_mint_is_held_reaches_the_stream() {
     assert_eq!(sorted_ids(&msg), [KEPT], "{}", t.log("new bundle"));
 
     // Released, the mint ends and the new hint arrives, with the new bundle.
-    t.relay.hold(false);
-    let msg = t
-        .next(RELEASED_WITHIN, "the rotated SVID never came", |m| {
-            m.svids
-                .iter()
-                .any(|s| s.spiffe_id == KEPT && s.hint == "rotated")
-        })
-        .await;
+    let msg = t.released(KEPT).await;
     assert!(carries(&second_der)(&msg), "{}", t.log("rotated"));
 }
