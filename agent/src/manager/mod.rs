@@ -8,7 +8,8 @@
 //! here, and the JWT-SVIDs and session SVIDs the Workload API asks for (session SVIDs per caller,
 //! never from a cache).
 //!
-//! SVIDs are minted ahead for the entries of this agent (bounded by [`MAX_ENTRIES`]): a
+//! SVIDs are minted ahead for the entries of this agent (bounded by [`MAX_ENTRIES`]; those
+//! beyond are left out until the agent has room again, then come with a snapshot): a
 //! workload that connects gets its identity at once, and one already streaming gets new or
 //! changed identities without asking. Minting, and the renewal of the agent's own SVID, run
 //! beside the sync stream, which the manager goes on reading: what an entry no longer grants is
@@ -99,6 +100,10 @@ pub struct Manager {
     trust_changed: bool,
     /// When to try again what the last round, which failed, left unminted.
     retry_at: Option<tokio::time::Instant>,
+    /// Entries of this agent were left out for the cap ([`MAX_ENTRIES`]) since the last sync
+    /// that began the stream: once the agent holds fewer than the cap, it takes a snapshot to
+    /// get them (the server counts them as sent).
+    left_out: bool,
 }
 
 // === impl Manager ===
@@ -124,6 +129,7 @@ impl Manager {
                 synced: false,
                 trust_changed: false,
                 retry_at: None,
+                left_out: false,
             },
             rx,
         )
@@ -283,6 +289,7 @@ impl Manager {
                             }
                             Some(change::Change::Upsert(entry)) => {
                                 warn!(entry_id = %entry.id, max = MAX_ENTRIES, "too many entries for this agent; ignoring one");
+                                self.left_out = true;
                             }
                             Some(change::Change::Delete(id)) => {
                                 self.entries.remove(id.as_str());
@@ -299,6 +306,16 @@ impl Manager {
                     }
                     debug!(revision = self.revision, "entry changes applied");
                     self.reconcile();
+                    if self.left_out && self.entries.len() < MAX_ENTRIES {
+                        // What these changes withdrew is published; the entries left out
+                        // come with the snapshot.
+                        info!(
+                            max = MAX_ENTRIES,
+                            "entries left out for the cap now have room; taking a snapshot"
+                        );
+                        self.revision = 0;
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -316,9 +333,18 @@ impl Manager {
         let resumed = !pages.unchanged.is_empty();
         let (entries, gaps) = pages.apply(&self.entries);
         self.entries = entries;
-        if !gaps.is_empty() {
+        self.left_out = gaps.left_out > 0;
+        // A resume at the cap skips what it cannot hold; if the resume also took some away,
+        // there is room for them, which only a snapshot can fill.
+        let room = self.left_out && self.entries.len() < MAX_ENTRIES;
+        if !gaps.is_empty() || room {
             self.revision = 0;
-            if gaps.stale > 0 {
+            if gaps.is_empty() {
+                info!(
+                    left_out = gaps.left_out,
+                    "entries left out for the cap now have room; taking a snapshot"
+                );
+            } else if gaps.stale > 0 {
                 warn!(
                     stale = gaps.stale,
                     missing = gaps.missing,
@@ -857,7 +883,7 @@ impl Pages {
     /// [`Pages::apply`] when the pages may hold more than the cap: the first entries are kept.
     fn apply_capped(self, held: &BTreeMap<Arc<str>, Held>) -> (BTreeMap<Arc<str>, Held>, Gaps) {
         let mut next = BTreeMap::new();
-        let gaps = unchanged_held(self.unchanged, held, |id, entry| {
+        let mut gaps = unchanged_held(self.unchanged, held, |id, entry| {
             next.insert(id, entry);
         });
         let mut ignored = 0usize;
@@ -878,6 +904,7 @@ impl Pages {
                 "too many entries for this agent; ignoring the rest"
             );
         }
+        gaps.left_out += ignored;
         // Built again from its sorted contents: a map filled in key order leaves its nodes
         // about half full, one built from a sorted sequence fills them (less memory per entry).
         (next.into_iter().collect(), gaps)
@@ -893,6 +920,9 @@ struct Gaps {
     missing: usize,
     /// Held at another revision than named: contents the server no longer has.
     stale: usize,
+    /// Left out for the cap: named but skipped by an agent at its cap, or sent beyond it.
+    /// Not a gap (a snapshot would leave them out too), unless the agent has room for them.
+    left_out: usize,
 }
 
 impl Gaps {
@@ -916,7 +946,7 @@ fn unchanged_held(
                 keep(Arc::clone(id), entry.clone())
             }
             Some(_) => gaps.stale += 1,
-            None if at_cap => {}
+            None if at_cap => gaps.left_out += 1,
             None => gaps.missing += 1,
         }
     }
@@ -1297,7 +1327,8 @@ mod tests {
             gaps,
             Gaps {
                 missing: 1,
-                stale: 0
+                stale: 0,
+                left_out: 0,
             }
         );
         assert_eq!(ids(&after), ["kept"]);
@@ -1312,6 +1343,7 @@ mod tests {
         let stale = Gaps {
             missing: 0,
             stale: 1,
+            left_out: 0,
         };
         for other in [3, 6] {
             let resume = pages(
@@ -1335,7 +1367,14 @@ mod tests {
         complete(pages(vec![], named.clone()).apply(&at_cap));
         named[7].1 = 2;
         let (after, gaps) = pages(vec![], named).apply(&at_cap);
-        assert_eq!(gaps, stale);
+        // The one named beyond the cap is left out, not missing.
+        assert_eq!(
+            gaps,
+            Gaps {
+                left_out: 1,
+                ..stale
+            }
+        );
         assert_eq!(after.len(), MAX_ENTRIES - 1);
         assert!(!after.contains_key("e7"));
     }
@@ -1348,7 +1387,15 @@ mod tests {
                 .collect(),
             vec![],
         );
-        let after = complete(pages.apply(&held(&[entry("gone", 1)])));
+        let (after, gaps) = pages.apply(&held(&[entry("gone", 1)]));
+        assert_eq!(
+            gaps,
+            Gaps {
+                left_out: 3,
+                ..Gaps::default()
+            },
+            "three left out, no gap"
+        );
         assert_eq!(after.len(), MAX_ENTRIES);
         assert!(after.contains_key("e00000"));
         assert!(
@@ -1368,7 +1415,15 @@ mod tests {
             vec![entry("new", 9)],
             (0..MAX_ENTRIES + 5).map(|i| (format!("e{i}"), 1)).collect(),
         );
-        let after = complete(resume.apply(&before));
+        let (after, gaps) = resume.apply(&before);
+        // Five named beyond the cap and the new one: left out, not a gap.
+        assert_eq!(
+            gaps,
+            Gaps {
+                left_out: 6,
+                ..Gaps::default()
+            }
+        );
         assert_eq!(after.len(), MAX_ENTRIES, "still capped");
         assert!(!after.contains_key("new"), "no room for a new entry");
         assert!(after.contains_key("e0"));
