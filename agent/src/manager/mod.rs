@@ -102,7 +102,9 @@ pub struct Manager {
     retry_at: Option<tokio::time::Instant>,
     /// Entries of this agent were left out for the cap ([`MAX_ENTRIES`]) since the last sync
     /// that began the stream: once the agent holds fewer than the cap, it takes a snapshot to
-    /// get them (the server counts them as sent).
+    /// get them (the server counts them as sent). It stays set if what was left out is deleted
+    /// meanwhile (the agent cannot tell): the next room then costs one snapshot that brings
+    /// nothing new.
     left_out: bool,
 }
 
@@ -248,7 +250,7 @@ impl Manager {
                             "the resumed sync names unchanged entries without their revisions (a server older than this agent); taking a snapshot"
                         );
                         self.revision = 0;
-                        return Ok(());
+                        return reconnect(&mut renewal).await;
                     }
                     pages.add(page.entries);
                     pages
@@ -264,7 +266,7 @@ impl Manager {
                         }
                         if !self.synced(std::mem::take(&mut pages), page.revision, page.history) {
                             // Reconnect at once, from a snapshot.
-                            return Ok(());
+                            return reconnect(&mut renewal).await;
                         }
                     }
                 }
@@ -314,7 +316,7 @@ impl Manager {
                             "entries left out for the cap now have room; taking a snapshot"
                         );
                         self.revision = 0;
-                        return Ok(());
+                        return reconnect(&mut renewal).await;
                     }
                 }
             }
@@ -757,6 +759,16 @@ async fn ended(renewal: &mut Option<Renewal>, error: NodeError) -> Result<(), No
     }
 }
 
+/// The stream ends so that the next one starts from a snapshot: a renewal under way is waited
+/// for (within its bound), so that the next stream opens with its SVID instead of renewing again
+/// first.
+async fn reconnect(renewal: &mut Option<Renewal>) -> Result<(), NodeError> {
+    match renewal.take() {
+        Some(renewal) => renewal.0.await,
+        None => Ok(()),
+    }
+}
+
 /// Mints `due` in batches of [`BATCH`], each batch's keys and CSRs made while the server signs
 /// the one before. Each batch goes through the node's current connection (the agent's SVID may
 /// be renewed during a round: the server accepts the old one no more once the new one is used).
@@ -880,14 +892,20 @@ impl Pages {
         (next.into_iter().collect(), gaps)
     }
 
-    /// [`Pages::apply`] when the pages may hold more than the cap: the first entries are kept.
+    /// [`Pages::apply`] when the pages may hold more than the cap: the entries already held
+    /// are kept first (an agent over its cap goes on serving what it serves), then the others
+    /// in the server's order while there is room.
     fn apply_capped(self, held: &BTreeMap<Arc<str>, Held>) -> (BTreeMap<Arc<str>, Held>, Gaps) {
         let mut next = BTreeMap::new();
         let mut gaps = unchanged_held(self.unchanged, held, |id, entry| {
             next.insert(id, entry);
         });
+        let (known, new): (Vec<_>, Vec<_>) = self
+            .entries
+            .into_iter()
+            .partition(|(id, _)| held.contains_key(id));
         let mut ignored = 0usize;
-        for (id, parsed) in self.entries {
+        for (id, parsed) in known.into_iter().chain(new) {
             if next.len() >= MAX_ENTRIES && !next.contains_key(&id) {
                 ignored += 1;
                 continue;
@@ -911,8 +929,8 @@ impl Pages {
     }
 }
 
-/// The unchanged entries a resume names that the agent cannot keep: only a snapshot can tell
-/// what they are.
+/// The unchanged entries a resume names that the agent cannot keep (only a snapshot can tell
+/// what they are), and the entries of a snapshot or resume the cap left out.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Gaps {
     /// Not held, by an agent below its cap (one at its cap left them out of its snapshot too,
@@ -1402,6 +1420,55 @@ mod tests {
             !after.contains_key("gone"),
             "a snapshot replaces what was held"
         );
+    }
+
+    #[test]
+    fn a_snapshot_beyond_the_cap_keeps_what_the_agent_holds_first() {
+        // The held entry sorts last: a snapshot in the server's order would leave it out.
+        let mut sent: Vec<Entry> = (0..MAX_ENTRIES)
+            .map(|i| entry(&format!("e{i:05}"), 1))
+            .collect();
+        sent.push(entry("zzz", 1));
+        let (after, gaps) = pages(sent, vec![]).apply(&held(&[entry("zzz", 1)]));
+        assert_eq!(
+            gaps,
+            Gaps {
+                left_out: 1,
+                ..Gaps::default()
+            }
+        );
+        assert_eq!(after.len(), MAX_ENTRIES);
+        assert!(after.contains_key("zzz"), "what it serves is kept");
+        assert!(after.contains_key("e00000"));
+        assert!(
+            !after.contains_key("e09999"),
+            "the last new one has no room"
+        );
+    }
+
+    #[test]
+    fn a_resume_at_the_cap_that_took_entries_away_leaves_room_for_what_it_skipped() {
+        // Held at the cap; meanwhile e0 went and e10000 came: named, and skipped at the cap.
+        let before = held(
+            &(0..MAX_ENTRIES)
+                .map(|i| entry(&format!("e{i}"), 1))
+                .collect::<Vec<_>>(),
+        );
+        let resume = pages(
+            vec![],
+            (1..=MAX_ENTRIES).map(|i| (format!("e{i}"), 1)).collect(),
+        );
+        let (after, gaps) = resume.apply(&before);
+        // Not a gap, but left out with room for it: `Manager::synced` takes a snapshot.
+        assert_eq!(
+            gaps,
+            Gaps {
+                left_out: 1,
+                ..Gaps::default()
+            }
+        );
+        assert_eq!(after.len(), MAX_ENTRIES - 1);
+        assert!(!after.contains_key("e0") && !after.contains_key("e10000"));
     }
 
     #[test]
