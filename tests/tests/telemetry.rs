@@ -1,6 +1,7 @@
 //! Metrics and health of the real binaries: the server's and the agent's `/metrics` parsed by
 //! Python's `prometheus_client` (the OpenMetrics parser Prometheus users have), issuance
-//! counters that move, and `/ready` through start, serving and the SIGTERM drain.
+//! counters that move, and `/ready` through start, serving and the SIGTERM drain, and after a
+//! restart with entries to mint (ready only once their SVIDs are).
 //!
 //! The parser runs under `SIGIL_PYTHON` (default `python3`); `.ci/run` installs
 //! `prometheus-client` in its venv and sets `SIGIL_REQUIRE_PROMETHEUS_CLIENT=1`, which turns a missing
@@ -18,6 +19,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use sigil_proto::admin::CreateEntriesRequest;
 use sigil_tests::{
     TestAgentProcess, TestServer, create_entry, entry, http_endpoint, http_get, my_uid, svid_ids,
     x509_stream_with,
@@ -301,5 +303,82 @@ async fn metrics_parse_and_move_and_ready_follows_the_lifecycle() {
     assert!(
         saw_draining,
         "the server's /ready never said it was draining"
+    );
+}
+
+/// The value of the unlabelled sample `name` in the metrics text at `address`.
+fn sample(address: SocketAddr, name: &str) -> f64 {
+    let (status, body) = http_get(address, "/metrics").unwrap();
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} sample in:\n{body}"))
+}
+
+// An agent that starts with entries to mint says it is ready only once their SVIDs are minted
+// (a workload that connects then gets its identity at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_is_ready_only_once_its_entries_svids_are_minted() {
+    const ENTRIES: usize = 500;
+    let server = TestServer::start("");
+    let mut agent = TestAgentProcess::start_with_config(
+        &server,
+        &format!("{ENDPOINTS}log_format = \"json\"\n"),
+    )
+    .await;
+    let other = format!("unix:uid:{}", my_uid().wrapping_add(1));
+    let entries = (0..ENTRIES)
+        .map(|i| {
+            entry(
+                &format!("spiffe://example.org/ready/{i}"),
+                &agent.agent_id(),
+                &[&other],
+            )
+        })
+        .collect();
+    let created = server
+        .admin()
+        .await
+        .create_entries(CreateEntriesRequest { entries })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(created.len(), ENTRIES);
+    let metrics = endpoint(|| agent.log_text(), "metrics");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sample(metrics, "sigil_agent_svids") < ENTRIES as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never minted its entries' SVIDs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Started again, it holds nothing until it has synced and minted.
+    let before = agent.log_text().len();
+    agent.restart();
+    let since_restart = || agent.log_text()[before..].to_owned();
+    let health = endpoint(since_restart, "health");
+    let metrics = endpoint(since_restart, "metrics");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut not_ready = 0;
+    loop {
+        match http_get(health, "/ready") {
+            Ok((200, _)) => break,
+            Ok((503, _)) | Err(_) => not_ready += 1,
+            Ok(other) => panic!("/ready answered {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Read after `/ready` said so: every SVID was minted before.
+    let held = sample(metrics, "sigil_agent_svids");
+    assert!(
+        held >= ENTRIES as f64,
+        "ready with {held} SVIDs of {ENTRIES} (after {not_ready} answers not ready)"
     );
 }
