@@ -1,6 +1,7 @@
 //! An agent holds at most `MAX_ENTRIES` entries; one sent beyond the cap is left out (and the
 //! server counts it as sent). Once the agent has room again, it takes a snapshot and serves
-//! what it left out: the real server and agent, 10,001 entries.
+//! what it left out; a change that takes entries away and brings others leaves nothing out (the
+//! server sends what goes first). The real server and agent, with 10,000 entries and more.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -11,7 +12,10 @@
 use std::time::Duration;
 
 use sigil_agent::manager::MAX_ENTRIES;
-use sigil_proto::admin::{CreateEntriesRequest, DeleteEntryRequest, Entry, entry_result};
+use sigil_proto::admin::{
+    CreateEntriesRequest, DeleteEntryRequest, Entry, UpdateEntryRequest, entry_result,
+};
+use sigil_proto::workload::X509svidRequest;
 use sigil_tests::*;
 
 const KEPT: &str = "spiffe://example.org/cap/kept";
@@ -35,30 +39,24 @@ async fn until_logged(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
-    let server = TestServer::start("");
-    let agent = TestAgentProcess::start(&server).await;
-    let parent = agent.agent_id();
-    let me = format!("unix:uid:{}", my_uid());
-    let nobody = format!("unix:uid:{}", my_uid().wrapping_add(1));
-    create_entry(&server, entry(KEPT, &parent, &[&me]))
-        .await
-        .unwrap();
-    let (mut stream, first) = x509_stream_with(&agent, |m| svid_ids(m) == [KEPT]).await;
-    assert_eq!(svid_ids(&first), [KEPT]);
-
-    // The cap filled with entries for another uid, in calls of 1,000.
+/// Creates `count` entries for `selector` under `agent`, in calls of 1,000, and waits until
+/// the agent has applied them all; returns them.
+async fn fill(
+    server: &TestServer,
+    agent: &TestAgentProcess,
+    selector: &str,
+    count: usize,
+) -> Vec<Entry> {
     let mut admin = server.admin().await;
     let mut filler: Vec<Entry> = Vec::new();
     let mut last_revision = 0;
-    for call in 0..MAX_ENTRIES.div_ceil(1_000) {
-        let entries = (call * 1_000..((call + 1) * 1_000).min(MAX_ENTRIES - 1))
+    for call in 0..count.div_ceil(1_000) {
+        let entries = (call * 1_000..((call + 1) * 1_000).min(count))
             .map(|i| {
                 entry(
                     &format!("spiffe://example.org/cap/filler/{i}"),
-                    &parent,
-                    &[&nobody],
+                    &agent.agent_id(),
+                    &[selector],
                 )
             })
             .collect();
@@ -78,15 +76,33 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
             }
         }
     }
-    assert_eq!(filler.len() + 1, MAX_ENTRIES);
+    assert_eq!(filler.len(), count);
     let applied = format!("entry changes applied revision={last_revision}");
     until_logged(
-        &agent,
+        agent,
         Duration::from_secs(120),
         "the agent never held the cap's entries",
         |log| log.contains(&applied),
     )
     .await;
+    filler
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
+    let server = TestServer::start("");
+    let agent = TestAgentProcess::start(&server).await;
+    let parent = agent.agent_id();
+    let me = format!("unix:uid:{}", my_uid());
+    let nobody = format!("unix:uid:{}", my_uid().wrapping_add(1));
+    create_entry(&server, entry(KEPT, &parent, &[&me]))
+        .await
+        .unwrap();
+    let (mut stream, first) = x509_stream_with(&agent, |m| svid_ids(m) == [KEPT]).await;
+    assert_eq!(svid_ids(&first), [KEPT]);
+
+    // The cap filled with entries for another uid.
+    let filler = fill(&server, &agent, &nobody, MAX_ENTRIES - 1).await;
 
     // One more for this uid: beyond the cap, left out.
     create_entry(&server, entry(LEFT_OUT, &parent, &[&me]))
@@ -101,7 +117,9 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
     .await;
 
     // Room for it: the agent takes a snapshot, and serves it.
-    admin
+    server
+        .admin()
+        .await
         .delete_entry(DeleteEntryRequest {
             id: filler[0].id.clone(),
         })
@@ -127,4 +145,76 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
     let mut ids = svid_ids(&msg);
     ids.sort();
     assert_eq!(ids, [KEPT, LEFT_OUT]);
+}
+
+// One change can take an entry away and bring another: an entry renamed takes its children
+// away and brings those of its new ID. The server sends what goes before what comes, so an agent
+// at its cap has room for what comes, and leaves nothing out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_a_change_that_replaces_entries_leaves_nothing_out() {
+    const GROUP_1: &str = "spiffe://example.org/cap/group-1";
+    const GROUP_2: &str = "spiffe://example.org/cap/group-2";
+    const MEMBER_1: &str = "spiffe://example.org/cap/member-1";
+    const MEMBER_2: &str = "spiffe://example.org/cap/member-2";
+    let server = TestServer::start("");
+    let agent = TestAgentProcess::start(&server).await;
+    let me = format!("unix:uid:{}", my_uid());
+    let nobody = format!("unix:uid:{}", my_uid().wrapping_add(1));
+    // The group, an entry for another uid, is the parent of this uid's member 1; member 2's
+    // parent is an ID nothing authorized has yet.
+    let group = create_entry(&server, entry(GROUP_1, &agent.agent_id(), &[&nobody]))
+        .await
+        .unwrap();
+    create_entry(&server, entry(MEMBER_1, GROUP_1, &[&me]))
+        .await
+        .unwrap();
+    create_entry(&server, entry(MEMBER_2, GROUP_2, &[&me]))
+        .await
+        .unwrap();
+    let (mut stream, _) = x509_stream_with(&agent, |m| svid_ids(m) == [MEMBER_1]).await;
+    // The group, member 1 and the fillers: the cap.
+    fill(&server, &agent, &nobody, MAX_ENTRIES - 2).await;
+
+    let mut renamed = group;
+    renamed.spiffe_id = GROUP_2.to_owned();
+    server
+        .admin()
+        .await
+        .update_entry(UpdateEntryRequest {
+            entry: Some(renamed),
+        })
+        .await
+        .unwrap();
+    // Member 1 leaves the stream at once (before member 2 is minted), and with it this
+    // workload's only identity: the stream ends, and a new one gets member 2.
+    let ended = next_x509_until(&mut stream, Duration::from_secs(60), |_| false).await;
+    assert!(
+        matches!(&ended, Err(status) if status.code() == tonic::Code::PermissionDenied),
+        "{ended:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let fetched = agent
+            .client()
+            .await
+            .fetch_x509svid(X509svidRequest {})
+            .await;
+        if let Ok(fetched) = fetched
+            && let Ok(Some(msg)) = fetched.into_inner().message().await
+            && svid_ids(&msg) == [MEMBER_2]
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "member 2 never replaced member 1; agent log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = agent.log_text();
+    assert!(
+        !log.contains("too many entries for this agent") && !log.contains("taking a snapshot"),
+        "the agent left an entry out, or took a snapshot; agent log:\n{log}"
+    );
 }

@@ -679,10 +679,11 @@ impl EntrySync {
         self.resync(agent, state).await
     }
 
-    /// The agent's changes from what it was sent to what it is authorized for now: upserts
-    /// for entries new or changed since they were sent, deletes for those it no longer holds.
-    /// Registers the stream's watch under the new parents. Returns the changes and the cache
-    /// revision they bring the agent to.
+    /// The agent's changes from what it was sent to what it is authorized for now: deletes
+    /// for the entries it no longer holds, then upserts for those new or changed since they
+    /// were sent (each id once, so the order only matters to an agent at its cap: what goes
+    /// first makes room for what comes). Registers the stream's watch under the new parents.
+    /// Returns the changes and the cache revision they bring the agent to.
     async fn resync(
         &self,
         agent: &Agent,
@@ -690,23 +691,23 @@ impl EntrySync {
     ) -> Result<(Vec<SyncChange>, u64), SyncError> {
         let authorized = self.entries.authorized(agent, SystemTime::now()).await?;
         let revision = authorized.revision;
-        let mut out = Vec::new();
-        for (id, entry) in &authorized.entries {
-            let sent = Sent::of(entry);
-            if state.sent.get(id) != Some(&sent) {
-                state.sent.insert(id.clone(), sent);
-                out.push(SyncChange::Upsert(entry.clone()));
-            }
-        }
         let gone: Vec<EntryId> = state
             .sent
             .keys()
             .filter(|id| !authorized.entries.contains_key(*id))
             .cloned()
             .collect();
+        let mut out = Vec::new();
         for id in gone {
             state.sent.remove(&id);
             out.push(SyncChange::Delete { id, revision });
+        }
+        for (id, entry) in &authorized.entries {
+            let sent = Sent::of(entry);
+            if state.sent.get(id) != Some(&sent) {
+                state.sent.insert(id.clone(), sent);
+                out.push(SyncChange::Upsert(entry.clone()));
+            }
         }
         state.follow(authorized);
         Ok((out, revision))
