@@ -706,6 +706,20 @@ impl TestAgentProcess {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// Waits (at most `within`) until the agent's log passes `done`; else fails with `failure`
+    /// and the log.
+    pub async fn until_logged(&self, within: Duration, failure: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + within;
+        while !done(&self.log_text()) {
+            assert!(
+                Instant::now() < deadline,
+                "{failure}; agent log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A Workload API client on this agent's socket; a failure to connect panics with the
     /// agent's exit status (if it exited) and its log.
     pub async fn client(&self) -> sigil_proto::client::WorkloadApiClient {

@@ -21,24 +21,6 @@ use sigil_tests::*;
 const KEPT: &str = "spiffe://example.org/cap/kept";
 const LEFT_OUT: &str = "spiffe://example.org/cap/left-out";
 
-/// Waits (at most `within`) until the agent's log passes `done`.
-async fn until_logged(
-    agent: &TestAgentProcess,
-    within: Duration,
-    what: &str,
-    done: impl Fn(&str) -> bool,
-) {
-    let deadline = std::time::Instant::now() + within;
-    while !done(&agent.log_text()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}; agent log:\n{}",
-            agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Creates `count` entries for `selector` under `agent`, in calls of 1,000, and waits until
 /// the agent has applied them all; returns them.
 async fn fill(
@@ -78,13 +60,13 @@ async fn fill(
     }
     assert_eq!(filler.len(), count);
     let applied = format!("entry changes applied revision={last_revision}");
-    until_logged(
-        agent,
-        Duration::from_secs(120),
-        "the agent never held the cap's entries",
-        |log| log.contains(&applied),
-    )
-    .await;
+    agent
+        .until_logged(
+            Duration::from_secs(120),
+            "the agent never held the cap's entries",
+            |log| log.contains(&applied),
+        )
+        .await;
     filler
 }
 
@@ -108,13 +90,13 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
     create_entry(&server, entry(LEFT_OUT, &parent, &[&me]))
         .await
         .unwrap();
-    until_logged(
-        &agent,
-        Duration::from_secs(30),
-        "the entry beyond the cap was not left out",
-        |log| log.contains("too many entries for this agent; ignoring one"),
-    )
-    .await;
+    agent
+        .until_logged(
+            Duration::from_secs(30),
+            "the entry beyond the cap was not left out",
+            |log| log.contains("too many entries for this agent; ignoring one"),
+        )
+        .await;
 
     // Room for it: the agent takes a snapshot, and serves it.
     server
@@ -125,13 +107,13 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
         })
         .await
         .unwrap();
-    until_logged(
-        &agent,
-        Duration::from_secs(30),
-        "the agent did not take a snapshot once it had room",
-        |log| log.contains("entries left out for the cap now have room; taking a snapshot"),
-    )
-    .await;
+    agent
+        .until_logged(
+            Duration::from_secs(30),
+            "the agent did not take a snapshot once it had room",
+            |log| log.contains("entries left out for the cap now have room; taking a snapshot"),
+        )
+        .await;
     let msg = next_x509_until(&mut stream, Duration::from_secs(180), |m| {
         svid_ids(m).iter().any(|id| id == LEFT_OUT)
     })

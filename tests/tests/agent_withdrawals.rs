@@ -164,19 +164,6 @@ impl Setup {
             .unwrap();
     }
 
-    /// Waits (at most `within`) until the agent's log passes `done`.
-    async fn until_logged(&self, within: Duration, failure: &str, done: impl Fn(&str) -> bool) {
-        let deadline = std::time::Instant::now() + within;
-        while !done(&self.agent.log_text()) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{}",
-                self.log(failure)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     /// Holds the relay and gives `entry` a new hint: the agent mints it again, and that mint
     /// stays held. Returns once the agent has applied the change.
     async fn hold_a_mint(&self, entry: Entry) -> Entry {
@@ -203,12 +190,13 @@ impl Setup {
     /// Waits until the agent's log says it applied the change at `revision` (its debug line).
     async fn applied(&self, revision: u64) {
         let line = format!("entry changes applied revision={revision}");
-        self.until_logged(
-            Duration::from_secs(10),
-            &format!("the change at revision {revision} never reached the agent"),
-            |log| log.contains(&line),
-        )
-        .await;
+        self.agent
+            .until_logged(
+                Duration::from_secs(10),
+                &format!("the change at revision {revision} never reached the agent"),
+                |log| log.contains(&line),
+            )
+            .await;
     }
 }
 
@@ -359,12 +347,13 @@ async fn a_withdrawal_does_not_wait_for_the_agents_own_renewal() {
     let renewals = |log: &str| log.matches("renewing the agent svid").count();
     let before = renewals(&t.agent.log_text());
     t.relay.hold(true);
-    t.until_logged(
-        Duration::from_secs(30),
-        "the agent never renewed its svid",
-        |log| renewals(log) > before,
-    )
-    .await;
+    t.agent
+        .until_logged(
+            Duration::from_secs(30),
+            "the agent never renewed its svid",
+            |log| renewals(log) > before,
+        )
+        .await;
     t.delete(&t.entries[0]).await;
     let msg = t
         .next(
@@ -389,10 +378,11 @@ async fn a_withdrawal_does_not_wait_for_the_agents_own_renewal() {
         )
         .await;
     assert_eq!(sorted_ids(&msg), [KEPT, LAST], "{}", t.log("last"));
-    t.until_logged(RELEASED_WITHIN, "the renewal never ended", |log| {
-        log.contains("agent svid renewed")
-    })
-    .await;
+    t.agent
+        .until_logged(RELEASED_WITHIN, "the renewal never ended", |log| {
+            log.contains("agent svid renewed")
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -205,7 +205,7 @@ impl Manager {
             let message = tokio::select! {
                 message = stream.message() => match message {
                     Ok(message) => message,
-                    Err(status) => return ended(&mut renewal, status_error(status)).await,
+                    Err(status) => return stream_ends(&mut renewal, Err(status_error(status))).await,
                 },
                 minted = settled(&mut self.minting) => {
                     self.finish_minting(minted);
@@ -227,7 +227,7 @@ impl Manager {
             };
             let Some(message) = message.and_then(|m| m.message) else {
                 let closed = NodeError::Unavailable("the server closed the sync stream".into());
-                return ended(&mut renewal, closed).await;
+                return stream_ends(&mut renewal, Err(closed)).await;
             };
             match message {
                 sync_entries_response::Message::Snapshot(page) => {
@@ -250,7 +250,7 @@ impl Manager {
                             "the resumed sync names unchanged entries without their revisions (a server older than this agent); taking a snapshot"
                         );
                         self.revision = 0;
-                        return reconnect(&mut renewal).await;
+                        return stream_ends(&mut renewal, Ok(())).await;
                     }
                     pages.add(page.entries);
                     pages
@@ -266,7 +266,7 @@ impl Manager {
                         }
                         if !self.synced(std::mem::take(&mut pages), page.revision, page.history) {
                             // Reconnect at once, from a snapshot.
-                            return reconnect(&mut renewal).await;
+                            return stream_ends(&mut renewal, Ok(())).await;
                         }
                     }
                 }
@@ -308,7 +308,7 @@ impl Manager {
                     }
                     debug!(revision = self.revision, "entry changes applied");
                     self.reconcile();
-                    if self.left_out && self.entries.len() < MAX_ENTRIES {
+                    if self.room_for_left_out() {
                         // What these changes withdrew is published; the entries left out
                         // come with the snapshot.
                         info!(
@@ -316,7 +316,7 @@ impl Manager {
                             "entries left out for the cap now have room; taking a snapshot"
                         );
                         self.revision = 0;
-                        return reconnect(&mut renewal).await;
+                        return stream_ends(&mut renewal, Ok(())).await;
                     }
                 }
             }
@@ -338,8 +338,7 @@ impl Manager {
         self.left_out = gaps.left_out > 0;
         // A resume at the cap skips what it cannot hold; if the resume also took some away,
         // there is room for them, which only a snapshot can fill.
-        let room = self.left_out && self.entries.len() < MAX_ENTRIES;
-        if !gaps.is_empty() || room {
+        if !gaps.is_empty() || self.room_for_left_out() {
             self.revision = 0;
             if gaps.is_empty() {
                 info!(
@@ -372,6 +371,12 @@ impl Manager {
         );
         self.reconcile();
         true
+    }
+
+    /// Entries were left out for the cap and the agent now holds fewer: only a snapshot brings
+    /// them (the server counts them as sent).
+    fn room_for_left_out(&self) -> bool {
+        self.left_out && self.entries.len() < MAX_ENTRIES
     }
 
     /// Replaces the CRLs; a change is published with the next reconcile, at once.
@@ -746,26 +751,23 @@ fn renew(node: Arc<NodeConnection>) -> Renewal {
     }))
 }
 
-/// The sync stream ended with `error`: with a renewal under way (the server ends a stream when
-/// the SVID it was opened with expires), its end decides: renewed, the agent reconnects with the
-/// new SVID at once.
-async fn ended(renewal: &mut Option<Renewal>, error: NodeError) -> Result<(), NodeError> {
+/// The sync stream ends with `outcome`: `Ok` to reconnect at once (for a snapshot), or the
+/// error that ended it. With a renewal under way, its end decides instead (within its bound):
+/// renewed, the agent reconnects with the new SVID. The server ends a stream when the SVID it
+/// was opened with expires, and a stream ended for a snapshot need not renew again before the
+/// next one.
+async fn stream_ends(
+    renewal: &mut Option<Renewal>,
+    outcome: Result<(), NodeError>,
+) -> Result<(), NodeError> {
     match renewal.take() {
         Some(renewal) => {
-            debug!(%error, "the sync stream ended while the agent svid was renewed; waiting for the renewal");
+            if let Err(error) = &outcome {
+                debug!(%error, "the sync stream ended while the agent svid was renewed; waiting for the renewal");
+            }
             renewal.0.await
         }
-        None => Err(error),
-    }
-}
-
-/// The stream ends so that the next one starts from a snapshot: a renewal under way is waited
-/// for (within its bound), so that the next stream opens with its SVID instead of renewing again
-/// first.
-async fn reconnect(renewal: &mut Option<Renewal>) -> Result<(), NodeError> {
-    match renewal.take() {
-        Some(renewal) => renewal.0.await,
-        None => Ok(()),
+        None => outcome,
     }
 }
 
