@@ -1,7 +1,8 @@
 //! An agent holds at most `MAX_ENTRIES` entries; one sent beyond the cap is left out (and the
-//! server counts it as sent). Once the agent has room again, it takes a snapshot and serves
-//! what it left out; a change that takes entries away and brings others leaves nothing out (the
-//! server sends what goes first). The real server and agent, with 10,000 entries and more.
+//! server counts it as sent). Once the agent has room again, live or in the resume that
+//! reconnects it, it takes a snapshot and serves what it left out; a change that takes entries
+//! away and brings others leaves nothing out (the server sends what goes first). The real
+//! server and agent, with 10,000 entries and more.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -111,6 +112,75 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
         .until_logged(
             Duration::from_secs(30),
             "the agent did not take a snapshot once it had room",
+            |log| log.contains("entries left out for the cap now have room; taking a snapshot"),
+        )
+        .await;
+    let msg = next_x509_until(&mut stream, Duration::from_secs(180), |m| {
+        svid_ids(m).iter().any(|id| id == LEFT_OUT)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "the entry left out never came: {e:?}; agent log:\n{}",
+            agent.log_text()
+        )
+    });
+    let mut ids = svid_ids(&msg);
+    ids.sort();
+    assert_eq!(ids, [KEPT, LEFT_OUT]);
+}
+
+// The same room made while the agent is cut from its server: the resume that reconnects it
+// takes a filler away and names the entry left out as unchanged (the server counts it as sent);
+// the agent, below its cap at the resume's end, takes a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_left_out_for_the_cap_is_served_after_a_resume_that_makes_room() {
+    let server = TestServer::start("");
+    let proxy = CuttableProxy::start(server.node_addr).await;
+    let agent = TestAgentProcess::start_listing(&server, &[proxy.address]).await;
+    let parent = agent.agent_id();
+    let me = format!("unix:uid:{}", my_uid());
+    let nobody = format!("unix:uid:{}", my_uid().wrapping_add(1));
+    create_entry(&server, entry(KEPT, &parent, &[&me]))
+        .await
+        .unwrap();
+    let (mut stream, _) = x509_stream_with(&agent, |m| svid_ids(m) == [KEPT]).await;
+    let filler = fill(&server, &agent, &nobody, MAX_ENTRIES - 1).await;
+    create_entry(&server, entry(LEFT_OUT, &parent, &[&me]))
+        .await
+        .unwrap();
+    agent
+        .until_logged(
+            Duration::from_secs(30),
+            "the entry beyond the cap was not left out",
+            |log| log.contains("too many entries for this agent; ignoring one"),
+        )
+        .await;
+
+    // Room made while the agent cannot hear of it: no live change reaches it.
+    proxy.cut();
+    agent
+        .until_logged(
+            Duration::from_secs(30),
+            "the agent did not notice it was cut from its server",
+            |log| log.contains("sync with the server failed"),
+        )
+        .await;
+    server
+        .admin()
+        .await
+        .delete_entry(DeleteEntryRequest {
+            id: filler[0].id.clone(),
+        })
+        .await
+        .unwrap();
+    // Reconnected, it resumes: a snapshot would bring the entry without room being made
+    // (the log line waited for comes only from the agent's check for room).
+    proxy.restore();
+    agent
+        .until_logged(
+            Duration::from_secs(60),
+            "the agent did not take a snapshot after the resume made room",
             |log| log.contains("entries left out for the cap now have room; taking a snapshot"),
         )
         .await;

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use rustls_pki_types::CertificateDer;
 use sigil_tests::{
-    TestAgentProcess, TestServer, create_entry, entry, my_uid, openssl_verify, svid_ids,
-    x509_stream_with,
+    CuttableProxy, TestAgentProcess, TestServer, create_entry, entry, my_uid, openssl_verify,
+    svid_ids, x509_stream_with,
 };
 
 /// The configuration of server `id` on the database at `url`.
@@ -502,66 +502,6 @@ async fn a_session_opened_through_one_server_and_revoked_through_another_is_with
         peer_b["problem"].as_str().unwrap().contains("missing"),
         "{peer_b}"
     );
-}
-
-/// A TCP proxy on loopback to PostgreSQL that can cut every connection and refuse new ones
-/// (a server cut from its database), then let them through again.
-struct CuttableProxy {
-    address: std::net::SocketAddr,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl CuttableProxy {
-    async fn start(upstream: std::net::SocketAddr) -> Self {
-        use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let accept = tokio::spawn({
-            let (cut, connections) = (cut.clone(), connections.clone());
-            async move {
-                while let Ok((mut client, _)) = listener.accept().await {
-                    if cut.load(Ordering::SeqCst) {
-                        continue; // dropped: the connection is refused
-                    }
-                    let task = tokio::spawn(async move {
-                        if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                        }
-                    });
-                    connections.lock().unwrap().push(task);
-                }
-            }
-        });
-        Self {
-            address,
-            cut,
-            connections,
-            accept,
-        }
-    }
-
-    /// Cuts every open connection and refuses new ones.
-    fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for task in self.connections.lock().unwrap().drain(..) {
-            task.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for CuttableProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
 }
 
 /// Runs `healthcheck` until its outcome passes `wanted` (at most `within`).
