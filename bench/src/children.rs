@@ -10,12 +10,16 @@
 //!   service (static answers) on a plain tokio `UnixListener`, on the front-door
 //!   [`WorkloadListener`] (the listener `agent::run` serves on), and on the front door again
 //!   with its server run as a task of the runtime (as `agent::run` runs it); prints `READY ok`.
+//!   Its `FetchX509SVID` streams all watch one message, which a `ValidateJWTSVID` call changes
+//!   (the svid given becomes its hint): the push the rotation's floor is measured with.
 //!
 //! Each stops at once when its stdin closes. Logs (warnings and errors) go to stderr.
 
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -30,8 +34,9 @@ use sigil_proto::workload::{
     X509svidRequest, X509svidResponse,
 };
 use tokio::io::AsyncReadExt as _;
-use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 /// The log target of the front-door listener, which logs `workload api listening` when bound.
@@ -161,17 +166,18 @@ fn baseline(args: Vec<String>) -> BoxFuture {
         let plain_listener = tokio::net::UnixListener::bind(PathBuf::from(plain))
             .with_context(|| format!("cannot bind {plain}"))?;
         let front_listener = WorkloadListener::bind(front)?;
+        let trivial = Trivial::new();
         let plain = tonic::transport::Server::builder()
-            .add_service(SpiffeWorkloadApiServer::new(Trivial::new()))
+            .add_service(SpiffeWorkloadApiServer::new(trivial.clone()))
             .serve_with_incoming_shutdown(UnixListenerStream::new(plain_listener), stdin_closed());
         let front = tonic::transport::Server::builder()
-            .add_service(SpiffeWorkloadApiServer::new(Trivial::new()))
+            .add_service(SpiffeWorkloadApiServer::new(trivial.clone()))
             .serve_with_incoming(front_listener);
         // The same, accepting on a runtime worker: a connection's task then starts on the
         // worker that accepted it instead of waking one.
         let front_task = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(SpiffeWorkloadApiServer::new(Trivial::new()))
+                .add_service(SpiffeWorkloadApiServer::new(trivial))
                 .serve_with_incoming(WorkloadListener::bind(front_task)?),
         );
         ready("ok")?;
@@ -184,27 +190,72 @@ fn baseline(args: Vec<String>) -> BoxFuture {
     })
 }
 
-/// The baseline service: static answers, no attestation, no cache.
+/// The baseline service: static answers, no attestation, no cache. Its three servers share one
+/// watched X.509 message.
 #[derive(Debug, Clone)]
 struct Trivial {
-    x509: X509svidResponse,
+    x509: Arc<watch::Sender<X509svidResponse>>,
 }
 
 impl Trivial {
     fn new() -> Self {
         // About the size of a real answer: a 450-byte leaf, a 138-byte key, a 500-byte bundle.
+        let (x509, _) = watch::channel(X509svidResponse {
+            svids: vec![X509svid {
+                spiffe_id: "spiffe://bench.example/baseline".into(),
+                x509_svid: vec![0x30; 450],
+                x509_svid_key: vec![0x30; 138],
+                bundle: vec![0x30; 500],
+                hint: String::new(),
+            }],
+            crl: vec![],
+            federated_bundles: Default::default(),
+        });
         Self {
-            x509: X509svidResponse {
-                svids: vec![X509svid {
-                    spiffe_id: "spiffe://bench.example/baseline".into(),
-                    x509_svid: vec![0x30; 450],
-                    x509_svid_key: vec![0x30; 138],
-                    bundle: vec![0x30; 500],
-                    hint: String::new(),
-                }],
-                crl: vec![],
-                federated_bundles: Default::default(),
-            },
+            x509: Arc::new(x509),
+        }
+    }
+}
+
+/// The later messages of a `FetchX509SVID` stream of the baseline: each change of the watched
+/// message, cloned (tonic then encodes it), with no task or channel of the stream's own.
+struct Pushes {
+    /// The wait for the next change, which owns the receiver; `None` once the sender is gone.
+    next: Option<Pin<Box<dyn Future<Output = Option<Pushed>> + Send>>>,
+}
+
+/// A changed message and the receiver to wait on for the next.
+type Pushed = (X509svidResponse, watch::Receiver<X509svidResponse>);
+
+impl Pushes {
+    fn after(mut rx: watch::Receiver<X509svidResponse>) -> Self {
+        Self {
+            next: Some(Box::pin(async move {
+                rx.changed().await.ok()?;
+                let message = rx.borrow_and_update().clone();
+                Some((message, rx))
+            })),
+        }
+    }
+}
+
+impl Stream for Pushes {
+    type Item = Result<X509svidResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let Some(next) = self.next.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match next.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                self.next = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some((message, rx))) => {
+                *self = Self::after(rx);
+                Poll::Ready(Some(Ok(message)))
+            }
         }
     }
 }
@@ -219,20 +270,16 @@ impl SpiffeWorkloadApi for Trivial {
     type FetchWITSVIDStream = ResponseStream<WitsvidResponse>;
     type FetchWITBundlesStream = ResponseStream<WitBundlesResponse>;
 
-    /// One static message, then the stream stays open until the client goes (as the agent's
-    /// streams do: a task and a channel per stream).
+    /// The watched message, then each change of it, until the client goes.
     async fn fetch_x509svid(
         &self,
         _: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let first = self.x509.clone();
-        tokio::spawn(async move {
-            if tx.send(Ok(first)).await.is_ok() {
-                tx.closed().await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut rx = self.x509.subscribe();
+        let first = rx.borrow_and_update().clone();
+        Ok(Response::new(Box::pin(
+            tokio_stream::once(Ok(first)).chain(Pushes::after(rx)),
+        )))
     }
 
     async fn fetch_x509_bundles(
@@ -263,11 +310,19 @@ impl SpiffeWorkloadApi for Trivial {
         Err(Status::unimplemented("baseline"))
     }
 
+    /// The push: the svid given becomes the watched message's hint, and every open
+    /// `FetchX509SVID` stream gets the message.
     async fn validate_jwtsvid(
         &self,
-        _: Request<ValidateJwtsvidRequest>,
+        request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        Err(Status::unimplemented("baseline"))
+        let hint = request.into_inner().svid;
+        self.x509.send_modify(|message| {
+            if let Some(svid) = message.svids.first_mut() {
+                svid.hint = hint;
+            }
+        });
+        Ok(Response::new(ValidateJwtsvidResponse::default()))
     }
 
     async fn fetch_witsvid(

@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 use crate::clients::{self, SimAgent, TRUST_DOMAIN};
 use crate::procs::disk_usage;
 use crate::report::{self, Percentiles, Row, bytes, duration, rate, thousands};
-use crate::small::{self, Facts, Rotations, wait_for_identity};
+use crate::small::{self, Facts, Pusher as _, Rotations, wait_for_identity};
 use crate::topology::{AgentHandle, ServerHandle};
 use crate::{Harness, crypto};
 

@@ -15,7 +15,9 @@ use sigil_proto::admin::admin_client::AdminClient;
 use sigil_proto::admin::{self, DeleteEntryRequest, UpdateEntryRequest};
 use sigil_proto::node::node_client::NodeClient;
 use sigil_proto::node::{BatchNewX509svidRequest, NewX509svidParams, x509svid_result};
-use sigil_proto::workload::{JwtsvidRequest, X509svidRequest, X509svidResponse};
+use sigil_proto::workload::{
+    JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest, X509svidResponse,
+};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tonic::transport::Channel;
@@ -631,6 +633,18 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
         .push(&mut rx, 1, h.plan.pushes, deadline, "one")
         .await?;
     one.abort();
+    // The floor: the trivial service's push to its streams (the same clients, nothing minted,
+    // no caller checked).
+    let (base_tx, mut base_rx) = mpsc::unbounded_channel();
+    let base_client = clients::workload(ctx.baseline.plain.clone()).await?;
+    let base_one = hold_stream(&ctx.baseline.plain, 0, base_tx.clone()).await?;
+    let (base_single, base_single_cpu) = BaselinePushes {
+        client: base_client.clone(),
+        process: &ctx.baseline.process,
+    }
+    .push(&mut base_rx, 1, h.plan.pushes, deadline, "one")
+    .await?;
+    base_one.abort();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     h.note(&format!(
@@ -645,8 +659,7 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
             break;
         }
         streams.push(hold_stream(&ctx.agent.socket, i, tx.clone()).await?);
-        let (base_tx, _) = mpsc::unbounded_channel();
-        base_streams.push(hold_stream(&ctx.baseline.plain, i, base_tx).await?);
+        base_streams.push(hold_stream(&ctx.baseline.plain, i, base_tx.clone()).await?);
     }
     let opened = streams.len();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -663,11 +676,19 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
         .rotations()
         .push(&mut rx, opened, h.plan.pushes, deadline, "all")
         .await?;
+    let (base_fanout, base_fanout_cpu) = BaselinePushes {
+        client: base_client,
+        process: &ctx.baseline.process,
+    }
+    .push(&mut base_rx, opened, h.plan.pushes, deadline, "all")
+    .await?;
     for s in streams.iter().chain(&base_streams) {
         s.abort();
     }
     let single = Percentiles::of(&single).context("no push sample")?;
     let fanout = Percentiles::of(&fanout).context("no push sample")?;
+    let base_single = Percentiles::of(&base_single).context("no push sample")?;
+    let base_fanout = Percentiles::of(&base_fanout).context("no push sample")?;
     h.rows.push(Row::info(
         format!(
             "3. Agent memory per open FetchX509SVID stream ({opened} streams, one connection each)"
@@ -705,27 +726,50 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
         )
         .target("≤ 3", fanout_ratio.is_some_and(|r| r <= 3.0)),
     );
+    h.rows.push(Row::info(
+        format!(
+            "3. The floor: the trivial tonic service pushes one new message to all {opened} \
+             streams (a watched message, cloned and encoded per stream; no mint, no caller \
+             check; the same clients)"
+        ),
+        format!(
+            "median {} (n={}); CPU per push: {}",
+            duration(base_fanout.p50),
+            base_fanout.count,
+            base_fanout_cpu.per(base_fanout.count)
+        ),
+        format!(
+            "its push to one stream: median {}; CPU per push: {}",
+            duration(base_single.p50),
+            base_single_cpu.per(base_single.count)
+        ),
+        report::ratio(base_fanout.p50, base_single.p50),
+    ));
+    let beyond = fanout.p50.saturating_sub(single.p50);
+    let base_beyond = base_fanout.p50.saturating_sub(base_single.p50);
+    h.rows.push(Row::info(
+        format!(
+            "3. What reaching {opened} streams adds to one (median to all minus median to one): \
+             the rotation against the floor"
+        ),
+        format!("the rotation: {}", duration(beyond)),
+        format!("the trivial service's push: {}", duration(base_beyond)),
+        report::ratio(beyond, base_beyond),
+    ));
     Ok(())
 }
 
-/// Rotations of one entry pushed to open `FetchX509SVID` streams ([`hold_stream`]).
-pub(crate) struct Rotations<'a> {
-    /// The admin API, to update the entry.
-    pub(crate) admin: &'a mut AdminClient<Channel>,
-    /// The entry the streams' caller gets, as last updated.
-    pub(crate) entry: &'a mut admin::Entry,
-    /// The agent the streams are open on.
-    pub(crate) agent: &'a Process,
-    /// The server that signs the rotated SVIDs.
-    pub(crate) server: &'a Process,
-}
+/// Something that pushes a new message to open `FetchX509SVID` streams ([`hold_stream`]).
+pub(crate) trait Pusher {
+    /// The processes whose CPU time a push spends (besides the harness's), by name.
+    fn watched(&self) -> Vec<(&'static str, &Process)>;
 
-// === impl Rotations ===
+    /// Starts push `tag`: returns once the push is asked for.
+    async fn push_one(&mut self, tag: &str) -> anyhow::Result<()>;
 
-impl Rotations<'_> {
-    /// Up to `pushes` rotations (until `deadline`), each until all `opened` streams whose
+    /// Up to `pushes` pushes (until `deadline`), each until all `opened` streams whose
     /// messages arrive on `rx` had it: the time of each, and the CPU time spent over them.
-    pub(crate) async fn push(
+    async fn push(
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<(usize, Instant)>,
         opened: usize,
@@ -740,9 +784,9 @@ impl Rotations<'_> {
                 break;
             }
             drain(rx);
-            let before = CpuSplit::now(self.agent, self.server)?;
+            let before = CpuSplit::now(&self.watched())?;
             let t = Instant::now();
-            rotate(self.admin, self.entry, &format!("{tag}-{k}")).await?;
+            self.push_one(&format!("{tag}-{k}")).await?;
             let mut seen = vec![false; opened];
             let mut count = 0;
             let mut last = t;
@@ -751,7 +795,7 @@ impl Rotations<'_> {
                 let left = wait_until.saturating_duration_since(Instant::now());
                 let (i, at) = tokio::time::timeout(left, rx.recv())
                     .await
-                    .with_context(|| format!("the rotation reached {count} of {opened} streams"))?
+                    .with_context(|| format!("the push reached {count} of {opened} streams"))?
                     .context("stream tasks gone")?;
                 if let Some(slot) = seen.get_mut(i)
                     && !*slot
@@ -762,29 +806,81 @@ impl Rotations<'_> {
                 }
             }
             times.push(last.saturating_duration_since(t));
-            cpu.add_since(&before, self.agent, self.server)?;
+            cpu.add_since(&before, &self.watched())?;
         }
         Ok((times, cpu))
     }
 }
 
-/// CPU time of the agent, the server and the harness itself (its workload clients) over a
+/// Rotations of one entry: the agent re-mints its SVID and pushes it to its streams.
+pub(crate) struct Rotations<'a> {
+    /// The admin API, to update the entry.
+    pub(crate) admin: &'a mut AdminClient<Channel>,
+    /// The entry the streams' caller gets, as last updated.
+    pub(crate) entry: &'a mut admin::Entry,
+    /// The agent the streams are open on.
+    pub(crate) agent: &'a Process,
+    /// The server that signs the rotated SVIDs.
+    pub(crate) server: &'a Process,
+}
+
+// === impl Rotations ===
+
+impl Pusher for Rotations<'_> {
+    fn watched(&self) -> Vec<(&'static str, &Process)> {
+        vec![("agent", self.agent), ("server", self.server)]
+    }
+
+    async fn push_one(&mut self, tag: &str) -> anyhow::Result<()> {
+        rotate(self.admin, self.entry, tag).await
+    }
+}
+
+/// Pushes of the baseline service: a new message to all its open streams, nothing minted.
+struct BaselinePushes<'a> {
+    /// A client of the baseline, whose `ValidateJWTSVID` is its push.
+    client: clients::WorkloadClient,
+    /// The baseline's process.
+    process: &'a Process,
+}
+
+// === impl BaselinePushes ===
+
+impl Pusher for BaselinePushes<'_> {
+    fn watched(&self) -> Vec<(&'static str, &Process)> {
+        vec![("baseline service", self.process)]
+    }
+
+    async fn push_one(&mut self, tag: &str) -> anyhow::Result<()> {
+        self.client
+            .validate_jwtsvid(ValidateJwtsvidRequest {
+                audience: "push".to_owned(),
+                svid: tag.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// CPU time of some processes and of the harness itself (its workload clients) over a
 /// measurement: who spends what on the same two cores.
 #[derive(Debug, Default)]
 pub(crate) struct CpuSplit {
-    agent: Duration,
-    server: Duration,
+    /// Each watched process's, by name.
+    watched: Vec<(&'static str, Duration)>,
     harness: Duration,
 }
 
 // === impl CpuSplit ===
 
 impl CpuSplit {
-    /// The three processes' CPU time so far.
-    fn now(agent: &Process, server: &Process) -> anyhow::Result<Self> {
+    /// The processes' CPU time so far, and the harness's.
+    fn now(watched: &[(&'static str, &Process)]) -> anyhow::Result<Self> {
         Ok(Self {
-            agent: agent.cpu_ns()?,
-            server: server.cpu_ns()?,
+            watched: watched
+                .iter()
+                .map(|(name, process)| Ok((*name, process.cpu_ns()?)))
+                .collect::<anyhow::Result<_>>()?,
             harness: procs::cpu_ns_of(std::process::id())?,
         })
     }
@@ -793,12 +889,23 @@ impl CpuSplit {
     fn add_since(
         &mut self,
         before: &Self,
-        agent: &Process,
-        server: &Process,
+        watched: &[(&'static str, &Process)],
     ) -> anyhow::Result<()> {
-        let now = Self::now(agent, server)?;
-        self.agent += now.agent.saturating_sub(before.agent);
-        self.server += now.server.saturating_sub(before.server);
+        let now = Self::now(watched)?;
+        if self.watched.is_empty() {
+            self.watched = now
+                .watched
+                .iter()
+                .map(|(n, _)| (*n, Duration::ZERO))
+                .collect();
+        }
+        for ((_, sum), ((_, now), (_, then))) in self
+            .watched
+            .iter_mut()
+            .zip(now.watched.iter().zip(&before.watched))
+        {
+            *sum += now.saturating_sub(*then);
+        }
         self.harness += now.harness.saturating_sub(before.harness);
         Ok(())
     }
@@ -806,12 +913,13 @@ impl CpuSplit {
     /// The split per sample, as text.
     pub(crate) fn per(&self, samples: usize) -> String {
         let n = u32::try_from(samples.max(1)).unwrap_or(u32::MAX);
-        format!(
-            "agent {}, server {}, harness's clients {}",
-            duration(self.agent / n),
-            duration(self.server / n),
-            duration(self.harness / n)
-        )
+        let mut parts: Vec<String> = self
+            .watched
+            .iter()
+            .map(|(name, spent)| format!("{name} {}", duration(*spent / n)))
+            .collect();
+        parts.push(format!("harness's clients {}", duration(self.harness / n)));
+        parts.join(", ")
     }
 }
 
