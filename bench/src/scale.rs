@@ -428,12 +428,7 @@ pub(crate) async fn run(h: &mut Harness, facts: &Facts) -> anyhow::Result<()> {
             plan.streams,
             thousands(plan.agent_entries as u64)
         ),
-        format!(
-            "median {} (n={}); CPU per rotation: {}",
-            duration(loaded_fanout.p50),
-            loaded_fanout.count,
-            loaded_cpu.per(loaded_fanout.count)
-        ),
+        loaded_cpu.median_and_split(&loaded_fanout, "rotation"),
         "the same agent code with a few SVIDs: measurement 3",
         None,
     ));

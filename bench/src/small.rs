@@ -711,16 +711,10 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
             format!(
                 "3. One rotation (entry update: agent re-mints) pushed to all {opened} streams"
             ),
+            fanout_cpu.median_and_split(&fanout, "rotation"),
             format!(
-                "median {} (n={}); CPU per rotation: {}",
-                duration(fanout.p50),
-                fanout.count,
-                fanout_cpu.per(fanout.count)
-            ),
-            format!(
-                "the same rotation to one stream: median {}; CPU per rotation: {}",
-                duration(single.p50),
-                single_cpu.per(single.count)
+                "the same rotation to one stream: {}",
+                single_cpu.median_and_split(&single, "rotation")
             ),
             fanout_ratio,
         )
@@ -732,16 +726,10 @@ pub(crate) async fn concurrency(h: &mut Harness, ctx: &mut Small) -> anyhow::Res
              streams (a watched message, cloned and encoded per stream; no mint, no caller \
              check; the same clients)"
         ),
+        base_fanout_cpu.median_and_split(&base_fanout, "push"),
         format!(
-            "median {} (n={}); CPU per push: {}",
-            duration(base_fanout.p50),
-            base_fanout.count,
-            base_fanout_cpu.per(base_fanout.count)
-        ),
-        format!(
-            "its push to one stream: median {}; CPU per push: {}",
-            duration(base_single.p50),
-            base_single_cpu.per(base_single.count)
+            "its push to one stream: {}",
+            base_single_cpu.median_and_split(&base_single, "push")
         ),
         report::ratio(base_fanout.p50, base_single.p50),
     ));
@@ -910,8 +898,18 @@ impl CpuSplit {
         Ok(())
     }
 
+    /// The median of `times` and this split per sample (per `what`), as text.
+    pub(crate) fn median_and_split(&self, times: &Percentiles, what: &str) -> String {
+        format!(
+            "median {} (n={}); CPU per {what}: {}",
+            duration(times.p50),
+            times.count,
+            self.per(times.count)
+        )
+    }
+
     /// The split per sample, as text.
-    pub(crate) fn per(&self, samples: usize) -> String {
+    fn per(&self, samples: usize) -> String {
         let n = u32::try_from(samples.max(1)).unwrap_or(u32::MAX);
         let mut parts: Vec<String> = self
             .watched

@@ -16,7 +16,7 @@ use sigil_agent::manager::MAX_ENTRIES;
 use sigil_proto::admin::{
     CreateEntriesRequest, DeleteEntryRequest, Entry, UpdateEntryRequest, entry_result,
 };
-use sigil_proto::workload::X509svidRequest;
+use sigil_proto::workload::{X509svidRequest, X509svidResponse};
 use sigil_tests::*;
 
 const KEPT: &str = "spiffe://example.org/cap/kept";
@@ -71,24 +71,23 @@ async fn fill(
     filler
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
-    let server = TestServer::start("");
-    let agent = TestAgentProcess::start(&server).await;
+/// This uid's entry `KEPT` and a stream that has it, the cap filled with entries for another
+/// uid, and `LEFT_OUT` for this uid beyond the cap, which the agent ignores: the stream and the
+/// fillers.
+async fn left_out_at_the_cap(
+    server: &TestServer,
+    agent: &TestAgentProcess,
+) -> (tonic::Streaming<X509svidResponse>, Vec<Entry>) {
     let parent = agent.agent_id();
     let me = format!("unix:uid:{}", my_uid());
     let nobody = format!("unix:uid:{}", my_uid().wrapping_add(1));
-    create_entry(&server, entry(KEPT, &parent, &[&me]))
+    create_entry(server, entry(KEPT, &parent, &[&me]))
         .await
         .unwrap();
-    let (mut stream, first) = x509_stream_with(&agent, |m| svid_ids(m) == [KEPT]).await;
+    let (stream, first) = x509_stream_with(agent, |m| svid_ids(m) == [KEPT]).await;
     assert_eq!(svid_ids(&first), [KEPT]);
-
-    // The cap filled with entries for another uid.
-    let filler = fill(&server, &agent, &nobody, MAX_ENTRIES - 1).await;
-
-    // One more for this uid: beyond the cap, left out.
-    create_entry(&server, entry(LEFT_OUT, &parent, &[&me]))
+    let filler = fill(server, agent, &nobody, MAX_ENTRIES - 1).await;
+    create_entry(server, entry(LEFT_OUT, &parent, &[&me]))
         .await
         .unwrap();
     agent
@@ -98,24 +97,35 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
             |log| log.contains("too many entries for this agent; ignoring one"),
         )
         .await;
+    (stream, filler)
+}
 
-    // Room for it: the agent takes a snapshot, and serves it.
+/// Deletes `filler`: room for one entry.
+async fn delete(server: &TestServer, filler: &Entry) {
     server
         .admin()
         .await
         .delete_entry(DeleteEntryRequest {
-            id: filler[0].id.clone(),
+            id: filler.id.clone(),
         })
         .await
         .unwrap();
+}
+
+/// Waits until the agent says it takes a snapshot for the entries it left out (else fails with
+/// `failure`), then until `stream` has `LEFT_OUT` beside `KEPT`.
+async fn left_out_served(
+    agent: &TestAgentProcess,
+    stream: &mut tonic::Streaming<X509svidResponse>,
+    within: Duration,
+    failure: &str,
+) {
     agent
-        .until_logged(
-            Duration::from_secs(30),
-            "the agent did not take a snapshot once it had room",
-            |log| log.contains("entries left out for the cap now have room; taking a snapshot"),
-        )
+        .until_logged(within, failure, |log| {
+            log.contains("entries left out for the cap now have room; taking a snapshot")
+        })
         .await;
-    let msg = next_x509_until(&mut stream, Duration::from_secs(180), |m| {
+    let msg = next_x509_until(stream, Duration::from_secs(180), |m| {
         svid_ids(m).iter().any(|id| id == LEFT_OUT)
     })
     .await
@@ -130,6 +140,22 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
     assert_eq!(ids, [KEPT, LEFT_OUT]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
+    let server = TestServer::start("");
+    let agent = TestAgentProcess::start(&server).await;
+    let (mut stream, filler) = left_out_at_the_cap(&server, &agent).await;
+    // Room for it: the agent takes a snapshot, and serves it.
+    delete(&server, &filler[0]).await;
+    left_out_served(
+        &agent,
+        &mut stream,
+        Duration::from_secs(30),
+        "the agent did not take a snapshot once it had room",
+    )
+    .await;
+}
+
 // The same room made while the agent is cut from its server: the resume that reconnects it
 // takes a filler away and names the entry left out as unchanged (the server counts it as sent);
 // the agent, below its cap at the resume's end, takes a snapshot.
@@ -138,25 +164,7 @@ async fn an_entry_left_out_for_the_cap_is_served_after_a_resume_that_makes_room(
     let server = TestServer::start("");
     let proxy = CuttableProxy::start(server.node_addr).await;
     let agent = TestAgentProcess::start_listing(&server, &[proxy.address]).await;
-    let parent = agent.agent_id();
-    let me = format!("unix:uid:{}", my_uid());
-    let nobody = format!("unix:uid:{}", my_uid().wrapping_add(1));
-    create_entry(&server, entry(KEPT, &parent, &[&me]))
-        .await
-        .unwrap();
-    let (mut stream, _) = x509_stream_with(&agent, |m| svid_ids(m) == [KEPT]).await;
-    let filler = fill(&server, &agent, &nobody, MAX_ENTRIES - 1).await;
-    create_entry(&server, entry(LEFT_OUT, &parent, &[&me]))
-        .await
-        .unwrap();
-    agent
-        .until_logged(
-            Duration::from_secs(30),
-            "the entry beyond the cap was not left out",
-            |log| log.contains("too many entries for this agent; ignoring one"),
-        )
-        .await;
-
+    let (mut stream, filler) = left_out_at_the_cap(&server, &agent).await;
     // Room made while the agent cannot hear of it: no live change reaches it.
     proxy.cut();
     agent
@@ -166,37 +174,17 @@ async fn an_entry_left_out_for_the_cap_is_served_after_a_resume_that_makes_room(
             |log| log.contains("sync with the server failed"),
         )
         .await;
-    server
-        .admin()
-        .await
-        .delete_entry(DeleteEntryRequest {
-            id: filler[0].id.clone(),
-        })
-        .await
-        .unwrap();
+    delete(&server, &filler[0]).await;
     // Reconnected, it resumes: a snapshot would bring the entry without room being made
     // (the log line waited for comes only from the agent's check for room).
     proxy.restore();
-    agent
-        .until_logged(
-            Duration::from_secs(60),
-            "the agent did not take a snapshot after the resume made room",
-            |log| log.contains("entries left out for the cap now have room; taking a snapshot"),
-        )
-        .await;
-    let msg = next_x509_until(&mut stream, Duration::from_secs(180), |m| {
-        svid_ids(m).iter().any(|id| id == LEFT_OUT)
-    })
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "the entry left out never came: {e:?}; agent log:\n{}",
-            agent.log_text()
-        )
-    });
-    let mut ids = svid_ids(&msg);
-    ids.sort();
-    assert_eq!(ids, [KEPT, LEFT_OUT]);
+    left_out_served(
+        &agent,
+        &mut stream,
+        Duration::from_secs(60),
+        "the agent did not take a snapshot after the resume made room",
+    )
+    .await;
 }
 
 // One change can take an entry away and bring another: an entry renamed takes its children
