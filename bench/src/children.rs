@@ -7,7 +7,7 @@
 //! - `__agent TRUST_DOMAIN SERVER_ADDR JOIN_TOKEN BUNDLE.pem SOCKET DATA_DIR`:
 //!   [`sigil_agent::agent::run`], as `sigil-agent run` starts it.
 //! - `__baseline PLAIN_SOCKET FRONT_DOOR_SOCKET FRONT_DOOR_TASK_SOCKET`: a trivial Workload API
-//!   service (static answers) on a plain tokio `UnixListener`, on the front-door
+//!   service (fixed answers) on a plain tokio `UnixListener`, on the front-door
 //!   [`WorkloadListener`] (the listener `agent::run` serves on), and on the front door again
 //!   with its server run as a task of the runtime (as `agent::run` runs it); prints `READY ok`.
 //!   Its `FetchX509SVID` streams all watch one message, which a `ValidateJWTSVID` call changes
@@ -190,8 +190,8 @@ fn baseline(args: Vec<String>) -> BoxFuture {
     })
 }
 
-/// The baseline service: static answers, no attestation, no cache. Its three servers share one
-/// watched X.509 message.
+/// The baseline service: fixed answers, no attestation, no cache. Its three servers share one
+/// watched X.509 message, which only the push changes.
 #[derive(Debug, Clone)]
 struct Trivial {
     x509: Arc<watch::Sender<X509svidResponse>>,

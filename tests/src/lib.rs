@@ -1378,15 +1378,18 @@ impl CuttableProxy {
             let (cut, connections) = (cut.clone(), connections.clone());
             async move {
                 while let Ok((mut client, _)) = listener.accept().await {
+                    // Checked and kept under the lock `cut` takes: no connection outlives a
+                    // cut.
+                    let mut open = connections.lock().unwrap();
                     if cut.load(Ordering::SeqCst) {
                         continue; // dropped: the connection is refused
                     }
-                    let task = tokio::spawn(async move {
+                    open.retain(|task: &tokio::task::JoinHandle<()>| !task.is_finished());
+                    open.push(tokio::spawn(async move {
                         if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
                             let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                         }
-                    });
-                    connections.lock().unwrap().push(task);
+                    }));
                 }
             }
         });
@@ -1400,8 +1403,9 @@ impl CuttableProxy {
 
     /// Cuts every open connection and refuses new ones.
     pub fn cut(&self) {
+        let mut open = self.connections.lock().unwrap();
         self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for task in self.connections.lock().unwrap().drain(..) {
+        for task in open.drain(..) {
             task.abort();
         }
     }
