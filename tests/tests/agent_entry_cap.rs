@@ -112,18 +112,22 @@ async fn delete(server: &TestServer, filler: &Entry) {
         .unwrap();
 }
 
-/// Waits until the agent says it takes a snapshot for the entries it left out (else fails with
-/// `failure`), then until `stream` has `LEFT_OUT` beside `KEPT`.
+/// What the agent logs when it takes a snapshot for the entries it left out, followed by
+/// `max=` when a live change made the room (or the spacing ended), by `left_out=` when the
+/// resume that began the stream did.
+const SNAPSHOT: &str = "entries left out for the cap now have room; taking a snapshot";
+
+/// Waits until the agent logs `SNAPSHOT` followed by `path` (else fails with `failure`), then
+/// until `stream` has `LEFT_OUT` beside `KEPT`.
 async fn left_out_served(
     agent: &TestAgentProcess,
     stream: &mut tonic::Streaming<X509svidResponse>,
-    within: Duration,
+    path: &str,
     failure: &str,
 ) {
+    let line = format!("{SNAPSHOT} {path}");
     agent
-        .until_logged(within, failure, |log| {
-            log.contains("entries left out for the cap now have room; taking a snapshot")
-        })
+        .until_logged(Duration::from_secs(60), failure, |log| log.contains(&line))
         .await;
     let msg = next_x509_until(stream, Duration::from_secs(180), |m| {
         svid_ids(m).iter().any(|id| id == LEFT_OUT)
@@ -150,7 +154,7 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
     left_out_served(
         &agent,
         &mut stream,
-        Duration::from_secs(30),
+        "max=",
         "the agent did not take a snapshot once it had room",
     )
     .await;
@@ -166,25 +170,88 @@ async fn an_entry_left_out_for_the_cap_is_served_after_a_resume_that_makes_room(
     let agent = TestAgentProcess::start_listing(&server, &[proxy.address]).await;
     let (mut stream, filler) = left_out_at_the_cap(&server, &agent).await;
     // Room made while the agent cannot hear of it: no live change reaches it.
+    const FAILED: &str = "sync with the server failed";
+    let failed_before = agent.log_text().matches(FAILED).count();
     proxy.cut();
     agent
         .until_logged(
             Duration::from_secs(30),
             "the agent did not notice it was cut from its server",
-            |log| log.contains("sync with the server failed"),
+            |log| log.matches(FAILED).count() > failed_before,
         )
         .await;
     delete(&server, &filler[0]).await;
-    // Reconnected, it resumes: a snapshot would bring the entry without room being made
-    // (the log line waited for comes only from the agent's check for room).
+    // Reconnected, it resumes, and the resume's end finds the room (`left_out=`: a snapshot
+    // instead of the resume would bring the entry without the check, and log no such line).
     proxy.restore();
     left_out_served(
         &agent,
         &mut stream,
-        Duration::from_secs(60),
+        "left_out=",
         "the agent did not take a snapshot after the resume made room",
     )
     .await;
+}
+
+// Room made again soon after such a snapshot waits for the spacing between them
+// (`CAP_SNAPSHOT_SPACING`): an agent over its cap whose entries are deleted one after another
+// takes one snapshot per spacing, not one per deletion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_for_entries_left_out_are_spaced() {
+    const LEFT_OUT_2: &str = "spiffe://example.org/cap/left-out-2";
+    let server = TestServer::start("");
+    let agent = TestAgentProcess::start(&server).await;
+    let (mut stream, filler) = left_out_at_the_cap(&server, &agent).await;
+    delete(&server, &filler[0]).await;
+    left_out_served(
+        &agent,
+        &mut stream,
+        "max=",
+        "the agent did not take a snapshot once it had room",
+    )
+    .await;
+
+    // At the cap again, with one more left out; then two deletions at once after the snapshot.
+    let me = format!("unix:uid:{}", my_uid());
+    create_entry(&server, entry(LEFT_OUT_2, &agent.agent_id(), &[&me]))
+        .await
+        .unwrap();
+    agent
+        .until_logged(
+            Duration::from_secs(30),
+            "the second entry beyond the cap was not left out",
+            |log| {
+                log.matches("too many entries for this agent; ignoring one")
+                    .count()
+                    == 2
+            },
+        )
+        .await;
+    delete(&server, &filler[1]).await;
+    delete(&server, &filler[2]).await;
+    agent
+        .until_logged(
+            Duration::from_secs(30),
+            "the snapshot did not wait for the spacing",
+            |log| log.contains("the snapshot that brings them waits for the spacing"),
+        )
+        .await;
+    next_x509_until(&mut stream, Duration::from_secs(60), |m| {
+        svid_ids(m).iter().any(|id| id == LEFT_OUT_2)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "the second entry left out never came: {e:?}; agent log:\n{}",
+            agent.log_text()
+        )
+    });
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches(SNAPSHOT).count(),
+        2,
+        "one snapshot for the first room, one for both deletions after it; agent log:\n{log}"
+    );
 }
 
 // One change can take an entry away and bring another: an entry renamed takes its children

@@ -9,7 +9,8 @@
 //! never from a cache).
 //!
 //! SVIDs are minted ahead for the entries of this agent (bounded by [`MAX_ENTRIES`]; those
-//! beyond are left out until the agent has room again, then come with a snapshot): a
+//! beyond are left out until the agent has room again, then come with a snapshot, at most one
+//! per [`CAP_SNAPSHOT_SPACING`]): a
 //! workload that connects gets its identity at once, and one already streaming gets new or
 //! changed identities without asking. Minting, and the renewal of the agent's own SVID, run
 //! beside the sync stream, which the manager goes on reading: what an entry no longer grants is
@@ -74,6 +75,11 @@ const RENEW_TIMEOUT: Duration = Duration::from_secs(30);
 /// agent's SVID was renewed is refused once the new one is in use, say).
 const MINT_RETRY: Duration = Duration::from_secs(1);
 
+/// The shortest time between two snapshots taken for entries left out for the cap: an agent
+/// over its cap that sees its entries deleted one batch after another takes one snapshot of
+/// them all per spacing, not one per batch.
+pub const CAP_SNAPSHOT_SPACING: Duration = Duration::from_secs(10);
+
 /// Keeps the inventory current. See the module docs.
 #[derive(Debug)]
 pub struct Manager {
@@ -106,6 +112,8 @@ pub struct Manager {
     /// meanwhile (the agent cannot tell): the next room then costs one snapshot that brings
     /// nothing new.
     left_out: bool,
+    /// When the snapshots that bring entries left out are taken.
+    cap_snapshots: CapSnapshots,
 }
 
 // === impl Manager ===
@@ -132,6 +140,7 @@ impl Manager {
                 trust_changed: false,
                 retry_at: None,
                 left_out: false,
+                cap_snapshots: CapSnapshots::default(),
             },
             rx,
         )
@@ -221,6 +230,17 @@ impl Manager {
                         renewal = Some(renew(Arc::clone(&self.node)));
                         continue;
                     }
+                    let now = tokio::time::Instant::now();
+                    if self.cap_snapshots.due.is_some_and(|due| due <= now)
+                        && self.cap_snapshot_now(now)
+                    {
+                        info!(
+                            max = MAX_ENTRIES,
+                            "entries left out for the cap now have room; taking a snapshot"
+                        );
+                        self.revision = 0;
+                        return stream_ends(&mut renewal, Ok(())).await;
+                    }
                     self.mint_due();
                     continue;
                 }
@@ -308,7 +328,7 @@ impl Manager {
                     }
                     debug!(revision = self.revision, "entry changes applied");
                     self.reconcile();
-                    if self.room_for_left_out() {
+                    if self.cap_snapshot_now(tokio::time::Instant::now()) {
                         // What these changes withdrew is published; the entries left out
                         // come with the snapshot.
                         info!(
@@ -338,7 +358,7 @@ impl Manager {
         self.left_out = gaps.left_out > 0;
         // A resume at the cap skips what it cannot hold; if the resume also took some away,
         // there is room for them, which only a snapshot can fill.
-        if !gaps.is_empty() || self.room_for_left_out() {
+        if !gaps.is_empty() || self.cap_snapshot_now(tokio::time::Instant::now()) {
             self.revision = 0;
             if gaps.is_empty() {
                 info!(
@@ -377,6 +397,12 @@ impl Manager {
     /// them (the server counts them as sent).
     fn room_for_left_out(&self) -> bool {
         self.left_out && self.entries.len() < MAX_ENTRIES
+    }
+
+    /// Whether to take the snapshot for entries left out now ([`CapSnapshots::take`]).
+    fn cap_snapshot_now(&mut self, now: tokio::time::Instant) -> bool {
+        let room = self.room_for_left_out();
+        self.cap_snapshots.take(room, now)
     }
 
     /// Replaces the CRLs; a change is published with the next reconcile, at once.
@@ -648,9 +674,54 @@ impl Manager {
             .unwrap_or(Duration::from_millis(50));
         let at = tokio::time::Instant::now()
             + wait.clamp(Duration::from_millis(50), Duration::from_secs(60));
-        match self.retry_at.filter(|_| self.minting.is_none()) {
+        let at = match self.retry_at.filter(|_| self.minting.is_none()) {
             Some(retry) => at.min(retry),
             None => at,
+        };
+        match self.cap_snapshots.due {
+            Some(due) => at.min(due),
+            None => at,
+        }
+    }
+}
+
+/// When the snapshots that bring entries left out for the cap are taken: at least
+/// [`CAP_SNAPSHOT_SPACING`] apart.
+#[derive(Debug, Default)]
+struct CapSnapshots {
+    /// When the last one was asked for.
+    last: Option<tokio::time::Instant>,
+    /// When the next is due, if there was room too soon after the last.
+    due: Option<tokio::time::Instant>,
+}
+
+// === impl CapSnapshots ===
+
+impl CapSnapshots {
+    /// Whether to take one now: there is `room` for the entries left out, and the last was
+    /// asked for at least [`CAP_SNAPSHOT_SPACING`] ago. With room but too soon, one is due at
+    /// the end of the spacing (the sync stream wakes then); without room, none is.
+    fn take(&mut self, room: bool, now: tokio::time::Instant) -> bool {
+        if !room {
+            self.due = None;
+            return false;
+        }
+        match self.last.map(|last| last + CAP_SNAPSHOT_SPACING) {
+            Some(due) if now < due => {
+                if self.due.is_none() {
+                    info!(
+                        wait = ?due.saturating_duration_since(now),
+                        "entries left out for the cap now have room; the snapshot that brings them waits for the spacing between such snapshots"
+                    );
+                }
+                self.due = Some(due);
+                false
+            }
+            _ => {
+                self.last = Some(now);
+                self.due = None;
+                true
+            }
         }
     }
 }
@@ -1496,5 +1567,33 @@ mod tests {
         assert_eq!(after.len(), MAX_ENTRIES, "still capped");
         assert!(!after.contains_key("new"), "no room for a new entry");
         assert!(after.contains_key("e0"));
+    }
+
+    #[test]
+    fn snapshots_for_entries_left_out_are_spaced() {
+        let t0 = tokio::time::Instant::now();
+        let mut snapshots = CapSnapshots::default();
+        assert!(!snapshots.take(false, t0), "no room, no snapshot");
+        assert!(snapshots.take(true, t0), "the first comes at once");
+        assert_eq!(snapshots.due, None);
+        // Room again soon after: the next is due at the end of the spacing, not now.
+        let soon = t0 + Duration::from_secs(1);
+        assert!(!snapshots.take(true, soon));
+        assert_eq!(snapshots.due, Some(t0 + CAP_SNAPSHOT_SPACING));
+        assert!(!snapshots.take(true, soon + Duration::from_secs(1)));
+        assert_eq!(
+            snapshots.due,
+            Some(t0 + CAP_SNAPSHOT_SPACING),
+            "still one, same time"
+        );
+        // Due: taken, and the spacing starts again.
+        let due = t0 + CAP_SNAPSHOT_SPACING;
+        assert!(snapshots.take(true, due));
+        assert_eq!(snapshots.due, None);
+        assert!(!snapshots.take(true, due + Duration::from_secs(1)));
+        // The room gone meanwhile (an entry took it): nothing is due.
+        assert!(!snapshots.take(false, due + Duration::from_secs(2)));
+        assert_eq!(snapshots.due, None);
+        assert!(snapshots.take(true, due + CAP_SNAPSHOT_SPACING));
     }
 }
