@@ -200,6 +200,11 @@ impl Manager {
             .map_err(status_error)?
             .into_inner();
         debug!(since = self.revision, "sync stream open");
+        if self.revision == 0 {
+            // A snapshot brings whatever fits: one due for entries left out is not needed (and
+            // must not cut this one short).
+            self.cap_snapshots.due = None;
+        }
         if !self.inventory.connected {
             self.inventory.connected = true;
             self.inventory.disconnected_at = None;
