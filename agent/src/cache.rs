@@ -149,6 +149,11 @@ pub struct Inventory {
     /// Since when the agent has not reached a server (`None` while connected, and before the
     /// first attempt failed).
     pub disconnected_at: Option<SystemTime>,
+    /// The entries the agent holds (at most [`MAX_ENTRIES`](crate::manager::MAX_ENTRIES)).
+    pub entries: usize,
+    /// Whether entries authorized for this agent are left out for that cap (the agent cannot
+    /// tell how many: the server counts them as sent).
+    pub entries_left_out: bool,
 }
 
 // === impl SvidKey ===
@@ -343,6 +348,8 @@ impl Inventory {
             crls: Vec::new(),
             connected: false,
             disconnected_at: None,
+            entries: 0,
+            entries_left_out: false,
         }
     }
 

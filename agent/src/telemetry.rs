@@ -112,6 +112,19 @@ impl Collector for Held {
             "Privileged sessions of this agent's workloads",
             inventory.sessions.len(),
         )?;
+        encode_count(
+            &mut encoder,
+            "entries",
+            "Registration entries the agent holds (at most 10,000)",
+            inventory.entries,
+        )?;
+        encode_gauge(
+            &mut encoder,
+            "entries_left_out",
+            "1 while entries authorized for this agent are left out for its cap of 10,000",
+            None,
+            if inventory.entries_left_out { 1.0 } else { 0.0 },
+        )?;
         if let Some(soonest) = inventory.svids.values().map(|s| s.not_after()).min() {
             encode_gauge(
                 &mut encoder,

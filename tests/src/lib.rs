@@ -1156,10 +1156,18 @@ pub async fn write_entries_until(
 }
 
 /// The address a daemon's log says its HTTP listener serving `what` (`metrics` or `health`)
-/// is bound to (the `http endpoints listening` line).
+/// is bound to (the `http endpoints listening` line, in the JSON or the text log format).
 pub fn http_endpoint(log: &str, what: &str) -> Option<SocketAddr> {
     log.lines().find_map(|line| {
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            // The text format: `... http endpoints listening address=A metrics=true ...`.
+            let fields = line.split_once("http endpoints listening ")?.1;
+            let mut words = fields.split(' ');
+            return words
+                .clone()
+                .any(|word| word == format!("{what}=true"))
+                .then(|| words.find_map(|word| word.strip_prefix("address=")?.parse().ok()))?;
+        };
         let fields = &v["fields"];
         (fields["message"] == "http endpoints listening" && fields[what] == true)
             .then(|| fields["address"].as_str()?.parse().ok())?
@@ -1421,4 +1429,29 @@ impl Drop for CuttableProxy {
         self.accept.abort();
         self.cut();
     }
+}
+
+/// Waits (10 s at most) for the log of a daemon to name its `what` listener.
+pub fn logged_endpoint(log: impl Fn() -> String, what: &str) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(address) = http_endpoint(&log(), what) {
+            return address;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} listener logged:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of the unlabelled sample `name` in the metrics text at `address`.
+pub fn metric_sample(address: SocketAddr, name: &str) -> f64 {
+    let (status, body) = http_get(address, "/metrics").unwrap();
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} sample in:\n{body}"))
 }

@@ -21,28 +21,12 @@ use std::time::{Duration, Instant};
 
 use sigil_proto::admin::CreateEntriesRequest;
 use sigil_tests::{
-    TestAgentProcess, TestServer, create_entry, entry, http_endpoint, http_get, my_uid, svid_ids,
-    x509_stream_with,
+    TestAgentProcess, TestServer, create_entry, entry, http_get, logged_endpoint, metric_sample,
+    my_uid, svid_ids, x509_stream_with,
 };
 
 /// Separate listeners for metrics and health, on ports the system picks.
 const ENDPOINTS: &str = "metrics_address = \"127.0.0.1:0\"\nhealth_address = \"127.0.0.1:0\"\n";
-
-/// Waits (10 s at most) for the log of a daemon to name its `what` listener.
-fn endpoint(log: impl Fn() -> String, what: &str) -> SocketAddr {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(address) = http_endpoint(&log(), what) {
-            return address;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {what} listener logged:\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// The samples of the OpenMetrics text at `address`, as Python's `prometheus_client` parses
 /// them: `name{label="value",...}` -> value (labels sorted). `None` when the parser is not
@@ -141,8 +125,8 @@ fn ready_until(address: SocketAddr, status: u16, within: Duration) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_move_and_ready_follows_the_lifecycle() {
     let server = TestServer::start(ENDPOINTS);
-    let server_metrics = endpoint(|| server.log_text(), "metrics");
-    let server_health = endpoint(|| server.log_text(), "health");
+    let server_metrics = logged_endpoint(|| server.log_text(), "metrics");
+    let server_health = logged_endpoint(|| server.log_text(), "health");
     assert_ne!(server_metrics, server_health);
     assert_eq!(
         http_get(server_health, "/live").unwrap(),
@@ -161,8 +145,8 @@ async fn metrics_parse_and_move_and_ready_follows_the_lifecycle() {
         &format!("{ENDPOINTS}log_format = \"json\"\n"),
     )
     .await;
-    let agent_metrics = endpoint(|| agent.log_text(), "metrics");
-    let agent_health = endpoint(|| agent.log_text(), "health");
+    let agent_metrics = logged_endpoint(|| agent.log_text(), "metrics");
+    let agent_health = logged_endpoint(|| agent.log_text(), "health");
     let me = format!("unix:uid:{}", my_uid());
     const ID: &str = "spiffe://example.org/observed";
     create_entry(&server, entry(ID, &agent.agent_id(), &[&me]))
@@ -306,15 +290,6 @@ async fn metrics_parse_and_move_and_ready_follows_the_lifecycle() {
     );
 }
 
-/// The value of the unlabelled sample `name` in the metrics text at `address`.
-fn sample(address: SocketAddr, name: &str) -> f64 {
-    let (status, body) = http_get(address, "/metrics").unwrap();
-    assert_eq!(status, 200, "{body}");
-    body.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} sample in:\n{body}"))
-}
-
 // An agent that starts with entries to mint says it is ready only once their SVIDs are minted
 // (a workload that connects then gets its identity at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,9 +320,9 @@ async fn a_restarted_agent_is_ready_only_once_its_entries_svids_are_minted() {
         .into_inner()
         .results;
     assert_eq!(created.len(), ENTRIES);
-    let metrics = endpoint(|| agent.log_text(), "metrics");
+    let metrics = logged_endpoint(|| agent.log_text(), "metrics");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while sample(metrics, "sigil_agent_svids") < ENTRIES as f64 {
+    while metric_sample(metrics, "sigil_agent_svids") < ENTRIES as f64 {
         assert!(
             Instant::now() < deadline,
             "the agent never minted its entries' SVIDs"
@@ -359,8 +334,8 @@ async fn a_restarted_agent_is_ready_only_once_its_entries_svids_are_minted() {
     let before = agent.log_text().len();
     agent.restart();
     let since_restart = || agent.log_text()[before..].to_owned();
-    let health = endpoint(since_restart, "health");
-    let metrics = endpoint(since_restart, "metrics");
+    let health = logged_endpoint(since_restart, "health");
+    let metrics = logged_endpoint(since_restart, "metrics");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut not_ready = 0;
     loop {
@@ -376,7 +351,7 @@ async fn a_restarted_agent_is_ready_only_once_its_entries_svids_are_minted() {
         std::thread::sleep(Duration::from_millis(2));
     }
     // Read after `/ready` said so: every SVID was minted before.
-    let held = sample(metrics, "sigil_agent_svids");
+    let held = metric_sample(metrics, "sigil_agent_svids");
     assert!(
         held >= ENTRIES as f64,
         "ready with {held} SVIDs of {ENTRIES} (after {not_ready} answers not ready)"

@@ -656,6 +656,8 @@ impl Manager {
         if self.synced && self.minting.is_none() {
             self.inventory.synced = true;
         }
+        self.inventory.entries = self.entries.len();
+        self.inventory.entries_left_out = self.left_out;
         self.tx.send_replace(Arc::new(self.inventory.clone()));
     }
 
