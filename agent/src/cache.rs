@@ -151,9 +151,11 @@ pub struct Inventory {
     pub disconnected_at: Option<SystemTime>,
     /// The entries the agent holds (at most [`MAX_ENTRIES`](crate::manager::MAX_ENTRIES)).
     pub entries: usize,
-    /// Whether entries authorized for this agent are left out for that cap (the agent cannot
-    /// tell how many: the server counts them as sent).
-    pub entries_left_out: bool,
+    /// Whether entries authorized for this agent were left out for that cap since the sync
+    /// that began the stream: set when one is, cleared by a sync that leaves none out (the
+    /// agent cannot tell how many, nor whether they were deleted since: the server counts them
+    /// as sent).
+    pub over_entry_cap: bool,
 }
 
 // === impl SvidKey ===
@@ -349,7 +351,7 @@ impl Inventory {
             connected: false,
             disconnected_at: None,
             entries: 0,
-            entries_left_out: false,
+            over_entry_cap: false,
         }
     }
 

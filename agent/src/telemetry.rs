@@ -21,6 +21,7 @@ use sigil_daemon::telemetry::{ReadyCheck, encode_count, encode_gauge};
 use tokio::sync::watch;
 
 use crate::cache::Inventory;
+use crate::manager::MAX_ENTRIES;
 
 /// The prefix of every agent metric.
 pub const PREFIX: &str = "sigil_agent";
@@ -115,15 +116,18 @@ impl Collector for Held {
         encode_count(
             &mut encoder,
             "entries",
-            "Registration entries the agent holds (at most 10,000)",
+            &format!("Registration entries the agent holds (at most {MAX_ENTRIES})"),
             inventory.entries,
         )?;
         encode_gauge(
             &mut encoder,
-            "entries_left_out",
-            "1 while entries authorized for this agent are left out for its cap of 10,000",
+            "over_entry_cap",
+            &format!(
+                "1 from when an entry authorized for this agent is left out for its cap of \
+                 {MAX_ENTRIES} entries until a sync leaves none out"
+            ),
             None,
-            if inventory.entries_left_out { 1.0 } else { 0.0 },
+            if inventory.over_entry_cap { 1.0 } else { 0.0 },
         )?;
         if let Some(soonest) = inventory.svids.values().map(|s| s.not_after()).min() {
             encode_gauge(

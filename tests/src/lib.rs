@@ -1160,7 +1160,9 @@ pub async fn write_entries_until(
 pub fn http_endpoint(log: &str, what: &str) -> Option<SocketAddr> {
     log.lines().find_map(|line| {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            // The text format: `... http endpoints listening address=A metrics=true ...`.
+            // The text format: `... http endpoints listening address=A metrics=true ...`
+            // (tracing writes the fields in order, the address first: a line cut short while
+            // being written cannot give a cut-off address with `{what}=true` after it).
             let fields = line.split_once("http endpoints listening ")?.1;
             let mut words = fields.split(' ');
             return words

@@ -168,7 +168,7 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
     let metrics = logged_endpoint(|| agent.log_text(), "metrics");
     let (mut stream, filler) = left_out_at_the_cap(&server, &agent).await;
     // Operators see it: the alert rule of docs/operations.md reads this gauge.
-    metric_becomes(metrics, "sigil_agent_entries_left_out", 1.0);
+    metric_becomes(metrics, "sigil_agent_over_entry_cap", 1.0);
     metric_becomes(metrics, "sigil_agent_entries", MAX_ENTRIES as f64);
     // Room for it: the agent takes a snapshot, and serves it.
     delete(&server, &filler[0]).await;
@@ -179,7 +179,7 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
         "the agent did not take a snapshot once it had room",
     )
     .await;
-    metric_becomes(metrics, "sigil_agent_entries_left_out", 0.0);
+    metric_becomes(metrics, "sigil_agent_over_entry_cap", 0.0);
     metric_becomes(metrics, "sigil_agent_entries", MAX_ENTRIES as f64);
 }
 

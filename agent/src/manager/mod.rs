@@ -657,7 +657,7 @@ impl Manager {
             self.inventory.synced = true;
         }
         self.inventory.entries = self.entries.len();
-        self.inventory.entries_left_out = self.left_out;
+        self.inventory.over_entry_cap = self.left_out;
         self.tx.send_replace(Arc::new(self.inventory.clone()));
     }
 
