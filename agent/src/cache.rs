@@ -12,6 +12,9 @@ use sigil_core::{SelectorSet, SpiffeBundle, SpiffeId, TrustDomain};
 use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
 use zeroize::Zeroizing;
 
+/// The most entries one agent holds and mints SVIDs for (the manager leaves the others out).
+pub const MAX_ENTRIES: usize = 10_000;
+
 /// What an entry grants: its identity and what a workload must present to get it. Parsed once
 /// when the entry arrives and shared (`Arc`) by the manager's copy of the entry and the SVIDs
 /// minted for it.
@@ -149,7 +152,7 @@ pub struct Inventory {
     /// Since when the agent has not reached a server (`None` while connected, and before the
     /// first attempt failed).
     pub disconnected_at: Option<SystemTime>,
-    /// The entries the agent holds (at most [`MAX_ENTRIES`](crate::manager::MAX_ENTRIES)).
+    /// The entries the agent holds (at most [`MAX_ENTRIES`]).
     pub entries: usize,
     /// Whether entries authorized for this agent were left out for that cap since the sync
     /// that began the stream: set when one is, cleared by a sync that leaves none out (the

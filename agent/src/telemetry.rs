@@ -20,8 +20,7 @@ use sigil_daemon::limits::ConnectionLimit;
 use sigil_daemon::telemetry::{ReadyCheck, encode_count, encode_gauge};
 use tokio::sync::watch;
 
-use crate::cache::Inventory;
-use crate::manager::MAX_ENTRIES;
+use crate::cache::{Inventory, MAX_ENTRIES};
 
 /// The prefix of every agent metric.
 pub const PREFIX: &str = "sigil_agent";

@@ -53,11 +53,9 @@ use self::mint::issued_svid;
 pub use self::mint::{Caller, Grant, MintError, Minter};
 pub use self::witness::WITNESS_FILE;
 use self::witness::Witness;
+pub use crate::cache::MAX_ENTRIES;
 use crate::cache::{Inventory, SessionEntry, WorkloadSvid};
 use crate::node::{NodeConnection, NodeError, csr, new_key, status_error};
-
-/// The most entries one agent mints SVIDs for.
-pub const MAX_ENTRIES: usize = 10_000;
 
 /// The longest wait between reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
