@@ -144,6 +144,24 @@ async fn left_out_served(
     assert_eq!(ids, [KEPT, LEFT_OUT]);
 }
 
+/// Deletes `filler` while the agent is connected: the live change makes room, and the agent
+/// takes a snapshot at once and serves the entry left out.
+async fn room_made_live(
+    server: &TestServer,
+    agent: &TestAgentProcess,
+    stream: &mut tonic::Streaming<X509svidResponse>,
+    filler: &Entry,
+) {
+    delete(server, filler).await;
+    left_out_served(
+        agent,
+        stream,
+        "max=",
+        "the agent did not take a snapshot once it had room",
+    )
+    .await;
+}
+
 /// Waits (30 s at most) until the agent's metric `name` reads `value`.
 fn metric_becomes(metrics: std::net::SocketAddr, name: &str, value: f64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -171,14 +189,7 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
     metric_becomes(metrics, "sigil_agent_over_entry_cap", 1.0);
     metric_becomes(metrics, "sigil_agent_entries", MAX_ENTRIES as f64);
     // Room for it: the agent takes a snapshot, and serves it.
-    delete(&server, &filler[0]).await;
-    left_out_served(
-        &agent,
-        &mut stream,
-        "max=",
-        "the agent did not take a snapshot once it had room",
-    )
-    .await;
+    room_made_live(&server, &agent, &mut stream, &filler[0]).await;
     metric_becomes(metrics, "sigil_agent_over_entry_cap", 0.0);
     metric_becomes(metrics, "sigil_agent_entries", MAX_ENTRIES as f64);
 }
@@ -226,14 +237,7 @@ async fn snapshots_for_entries_left_out_are_spaced() {
     let agent = TestAgentProcess::start(&server).await;
     let me = format!("unix:uid:{}", my_uid());
     let (mut stream, filler) = left_out_at_the_cap(&server, &agent).await;
-    delete(&server, &filler[0]).await;
-    left_out_served(
-        &agent,
-        &mut stream,
-        "max=",
-        "the agent did not take a snapshot once it had room",
-    )
-    .await;
+    room_made_live(&server, &agent, &mut stream, &filler[0]).await;
 
     // Each round: one more entry left out at the cap, then two deletions. The first deletion
     // of a round that comes within the spacing of the last snapshot must wait, and the second
