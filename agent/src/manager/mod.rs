@@ -233,15 +233,8 @@ impl Manager {
                         renewal = Some(renew(Arc::clone(&self.node)));
                         continue;
                     }
-                    let now = tokio::time::Instant::now();
-                    if self.cap_snapshots.due.is_some_and(|due| due <= now)
-                        && self.cap_snapshot_now(now)
-                    {
-                        info!(
-                            max = MAX_ENTRIES,
-                            "entries left out for the cap now have room; taking a snapshot"
-                        );
-                        self.revision = 0;
+                    // One due for entries left out, at the end of the spacing.
+                    if self.cap_snapshot_starts() {
                         return stream_ends(&mut renewal, Ok(())).await;
                     }
                     self.mint_due();
@@ -331,14 +324,9 @@ impl Manager {
                     }
                     debug!(revision = self.revision, "entry changes applied");
                     self.reconcile();
-                    if self.cap_snapshot_now(tokio::time::Instant::now()) {
-                        // What these changes withdrew is published; the entries left out
-                        // come with the snapshot.
-                        info!(
-                            max = MAX_ENTRIES,
-                            "entries left out for the cap now have room; taking a snapshot"
-                        );
-                        self.revision = 0;
+                    // What these changes withdrew is published; the entries left out come
+                    // with the snapshot.
+                    if self.cap_snapshot_starts() {
                         return stream_ends(&mut renewal, Ok(())).await;
                     }
                 }
@@ -361,7 +349,7 @@ impl Manager {
         self.left_out = gaps.left_out > 0;
         // A resume at the cap skips what it cannot hold; if the resume also took some away,
         // there is room for them, which only a snapshot can fill.
-        if !gaps.is_empty() || self.cap_snapshot_now(tokio::time::Instant::now()) {
+        if !gaps.is_empty() || self.cap_snapshot_now() {
             self.revision = 0;
             if gaps.is_empty() {
                 info!(
@@ -396,16 +384,26 @@ impl Manager {
         true
     }
 
-    /// Entries were left out for the cap and the agent now holds fewer: only a snapshot brings
-    /// them (the server counts them as sent).
-    fn room_for_left_out(&self) -> bool {
-        self.left_out && self.entries.len() < MAX_ENTRIES
+    /// Whether to take the snapshot for entries left out now ([`CapSnapshots::take`]): they
+    /// were left out for the cap and the agent now holds fewer, so only a snapshot brings them
+    /// (the server counts them as sent).
+    fn cap_snapshot_now(&mut self) -> bool {
+        let room = self.left_out && self.entries.len() < MAX_ENTRIES;
+        self.cap_snapshots.take(room, tokio::time::Instant::now())
     }
 
-    /// Whether to take the snapshot for entries left out now ([`CapSnapshots::take`]).
-    fn cap_snapshot_now(&mut self, now: tokio::time::Instant) -> bool {
-        let room = self.room_for_left_out();
-        self.cap_snapshots.take(room, now)
+    /// During a stream: when [`Manager::cap_snapshot_now`], logs it and sets the revision for a
+    /// snapshot (the caller ends the stream).
+    fn cap_snapshot_starts(&mut self) -> bool {
+        if !self.cap_snapshot_now() {
+            return false;
+        }
+        info!(
+            max = MAX_ENTRIES,
+            "entries left out for the cap now have room; taking a snapshot"
+        );
+        self.revision = 0;
+        true
     }
 
     /// Replaces the CRLs; a change is published with the next reconcile, at once.
