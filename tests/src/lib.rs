@@ -1371,31 +1371,33 @@ pub async fn federate(from: &TestServer, to: &TestServer, endpoint_id: &str, dir
 pub struct CuttableProxy {
     /// Where it listens.
     pub address: std::net::SocketAddr,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// Under one lock, so that no connection accepted during a cut outlives it.
+    state: std::sync::Arc<std::sync::Mutex<ProxyState>>,
     accept: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    cut: bool,
+    connections: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl CuttableProxy {
     /// Starts the proxy to `upstream`.
     pub async fn start(upstream: std::net::SocketAddr) -> Self {
-        use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let state = std::sync::Arc::new(std::sync::Mutex::new(ProxyState::default()));
         let accept = tokio::spawn({
-            let (cut, connections) = (cut.clone(), connections.clone());
+            let state = state.clone();
             async move {
                 while let Ok((mut client, _)) = listener.accept().await {
-                    // Checked and kept under the lock `cut` takes: no connection outlives a
-                    // cut.
-                    let mut open = connections.lock().unwrap();
-                    if cut.load(Ordering::SeqCst) {
+                    let mut state = state.lock().unwrap();
+                    if state.cut {
                         continue; // dropped: the connection is refused
                     }
-                    open.retain(|task: &tokio::task::JoinHandle<()>| !task.is_finished());
-                    open.push(tokio::spawn(async move {
+                    state.connections.retain(|task| !task.is_finished());
+                    state.connections.push(tokio::spawn(async move {
                         if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
                             let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                         }
@@ -1405,24 +1407,23 @@ impl CuttableProxy {
         });
         Self {
             address,
-            cut,
-            connections,
+            state,
             accept,
         }
     }
 
     /// Cuts every open connection and refuses new ones.
     pub fn cut(&self) {
-        let mut open = self.connections.lock().unwrap();
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for task in open.drain(..) {
+        let mut state = self.state.lock().unwrap();
+        state.cut = true;
+        for task in state.connections.drain(..) {
             task.abort();
         }
     }
 
     /// Lets new connections through again.
     pub fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.state.lock().unwrap().cut = false;
     }
 }
 
@@ -1446,6 +1447,22 @@ pub fn logged_endpoint(log: impl Fn() -> String, what: &str) -> SocketAddr {
             log()
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits (`within` at most) until the unlabelled sample `name` at `address` reads `value`.
+pub async fn metric_becomes(address: SocketAddr, name: &str, value: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = metric_sample(address, name);
+        if now == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} stayed at {now}, not {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use sigil_proto::admin::CreateEntriesRequest;
 use sigil_tests::{
-    TestAgentProcess, TestServer, create_entry, entry, http_get, logged_endpoint, metric_sample,
-    my_uid, svid_ids, x509_stream_with,
+    TestAgentProcess, TestServer, create_entry, entry, http_get, logged_endpoint, metric_becomes,
+    metric_sample, my_uid, svid_ids, x509_stream_with,
 };
 
 /// Separate listeners for metrics and health, on ports the system picks.
@@ -321,14 +321,14 @@ async fn a_restarted_agent_is_ready_only_once_its_entries_svids_are_minted() {
         .results;
     assert_eq!(created.len(), ENTRIES);
     let metrics = logged_endpoint(|| agent.log_text(), "metrics");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while metric_sample(metrics, "sigil_agent_svids") < ENTRIES as f64 {
-        assert!(
-            Instant::now() < deadline,
-            "the agent never minted its entries' SVIDs"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The agent minted its entries' SVIDs.
+    metric_becomes(
+        metrics,
+        "sigil_agent_svids",
+        ENTRIES as f64,
+        Duration::from_secs(60),
+    )
+    .await;
 
     // Started again, it holds nothing until it has synced and minted.
     let before = agent.log_text().len();
