@@ -161,6 +161,13 @@ impl Process {
         cpu_ns_of(self.pid)
     }
 
+    /// Each of its threads now, by thread id: name and time on a CPU ([`thread_cpu_ns_of`]).
+    pub(crate) fn thread_cpu_ns(
+        &self,
+    ) -> anyhow::Result<std::collections::HashMap<u32, (String, Duration)>> {
+        thread_cpu_ns_of(self.pid)
+    }
+
     /// The last lines of the child's log.
     pub(crate) fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -271,21 +278,41 @@ pub(crate) fn tree_cpu_of(root: u32) -> anyhow::Result<Duration> {
 /// Time on a CPU of every thread process `pid` has now, in nanoseconds (`schedstat`: finer
 /// than [`cpu_of`]'s clock ticks; threads that already ended are not counted).
 pub(crate) fn cpu_ns_of(pid: u32) -> anyhow::Result<Duration> {
+    Ok(thread_cpu_ns_of(pid)?.values().map(|(_, ns)| *ns).sum())
+}
+
+/// Each thread process `pid` has now, by thread id: its name (`comm`, at most 15 bytes) and
+/// its time on a CPU (`schedstat`), as in [`cpu_ns_of`].
+pub(crate) fn thread_cpu_ns_of(
+    pid: u32,
+) -> anyhow::Result<std::collections::HashMap<u32, (String, Duration)>> {
     let tasks = format!("/proc/{pid}/task");
-    let mut total = 0u64;
+    let mut threads = std::collections::HashMap::new();
     for task in std::fs::read_dir(&tasks).with_context(|| format!("cannot list {tasks}"))? {
-        let path = task?.path().join("schedstat");
-        // A thread may end between the listing and the read.
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        let task = task?;
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
-        total += text
+        let path = task.path().join("schedstat");
+        // A thread may end between the listing and the reads.
+        let (Ok(text), Ok(comm)) = (
+            std::fs::read_to_string(&path),
+            std::fs::read_to_string(task.path().join("comm")),
+        ) else {
+            continue;
+        };
+        let ns = text
             .split_whitespace()
             .next()
             .and_then(|n| n.parse::<u64>().ok())
             .with_context(|| format!("unexpected {}", path.display()))?;
+        threads.insert(tid, (comm.trim_end().to_owned(), Duration::from_nanos(ns)));
     }
-    Ok(Duration::from_nanos(total))
+    Ok(threads)
 }
 
 /// Bytes a directory tree occupies on disk (allocated blocks) and its files' apparent size.
@@ -334,5 +361,34 @@ mod tests {
         std::fs::write(dir.path().join("f"), vec![1u8; 10_000]).unwrap();
         let (_, apparent) = disk_usage(dir.path()).unwrap();
         assert_eq!(apparent, 10_000);
+    }
+
+    #[test]
+    fn a_thread_is_found_by_name_with_its_cpu_time() {
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let (busy, spun) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-spinner".to_owned())
+            .spawn(move || {
+                let start = std::time::Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < Duration::from_millis(30) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+                busy.send(()).unwrap();
+                wait.recv().unwrap();
+            })
+            .unwrap();
+        spun.recv().unwrap();
+        let threads = thread_cpu_ns_of(std::process::id()).unwrap();
+        done.send(()).unwrap();
+        thread.join().unwrap();
+        let (_, spent) = threads
+            .values()
+            .find(|(name, _)| name == "bench-spinner")
+            .expect("the named thread is listed");
+        assert!(*spent >= Duration::from_millis(10), "it spun {spent:?}");
+        let total: Duration = threads.values().map(|(_, t)| *t).sum();
+        assert!(total >= *spent);
     }
 }

@@ -216,6 +216,17 @@ pub(crate) async fn issuance(
         )
         .target("≥ 0.8", many_rate / loaded >= 0.8),
     );
+    let others_rate = many_rate / (1.0 - many.store_share).max(1e-3);
+    h.rows.push(Row::info(
+        format!("1. Issuance, {ISSUANCE_CALLERS} agents: the server's store threads (the audit append and its group commit, sled's I/O), and the server without them"),
+        format!(
+            "{:.1} % of the server's CPU; the other threads: {} per CPU-second",
+            many.store_share * 100.0,
+            rate(others_rate)
+        ),
+        format!("ring pairs per CPU-second of each thread (above): {}", rate(loaded)),
+        Some(others_rate / loaded),
+    ));
     let wall_rate = many.signed as f64 / many.wall.as_secs_f64();
     h.rows.push(Row::info(
         format!("1. Issuance, wall clock, {ISSUANCE_CALLERS} agents at once ({cores} cores shared by server and harness)"),
@@ -323,6 +334,9 @@ pub(crate) struct Load {
     pub(crate) wall: Duration,
     pub(crate) server_cpu: Duration,
     pub(crate) harness_cpu: Duration,
+    /// The share of the server's thread CPU time that went to its store's threads
+    /// ([`is_store_thread`]), 0 to 1.
+    pub(crate) store_share: f64,
 }
 
 impl Load {
@@ -355,6 +369,7 @@ pub(crate) async fn load(
         h.plan.issuance_time
     ));
     let cpu_before = server.process.cpu()?;
+    let threads_before = server.process.thread_cpu_ns()?;
     let harness_before = crate::procs::cpu_of(std::process::id())?;
     let started = Instant::now();
     let deadline = started + h.plan.issuance_time;
@@ -393,6 +408,7 @@ pub(crate) async fn load(
     }
     let wall = started.elapsed();
     let server_cpu = server.process.cpu()?.saturating_sub(cpu_before);
+    let store_share = store_share(&threads_before, &server.process.thread_cpu_ns()?);
     let harness_cpu = crate::procs::cpu_of(std::process::id())?.saturating_sub(harness_before);
     if refused > 0 {
         bail!("{refused} of {} CSRs refused under load", signed + refused);
@@ -405,7 +421,36 @@ pub(crate) async fn load(
         wall,
         server_cpu,
         harness_cpu,
+        store_share,
     })
+}
+
+/// Whether a server's thread named `name` is one of its store's: the call pool and its group
+/// commit (`sigil-store-*`, the audit append among their calls) and sled's I/O threads
+/// (`sled-*`).
+fn is_store_thread(name: &str) -> bool {
+    name.starts_with("sigil-store") || name.starts_with("sled-")
+}
+
+/// The share of the CPU time a process's threads spent between two samples of
+/// [`procs::thread_cpu_ns_of`] that went to its store's threads (a thread that ended in
+/// between is not counted; one that started is counted from 0).
+fn store_share(
+    before: &std::collections::HashMap<u32, (String, Duration)>,
+    after: &std::collections::HashMap<u32, (String, Duration)>,
+) -> f64 {
+    let (mut store, mut all) = (Duration::ZERO, Duration::ZERO);
+    for (tid, (name, now)) in after {
+        let spent = now.saturating_sub(before.get(tid).map_or(Duration::ZERO, |(_, t)| *t));
+        all += spent;
+        if is_store_thread(name) {
+            store += spent;
+        }
+    }
+    if all.is_zero() {
+        return 0.0;
+    }
+    store.as_secs_f64() / all.as_secs_f64()
 }
 
 /// Measurement 2, Workload API latency: first `FetchX509SVID` message on a fresh connection,
@@ -1313,4 +1358,38 @@ pub(crate) async fn wait_for_identity(
         "{spiffe_id} not served within {timeout:?} (last: {last_error}); agent log:\n{}",
         agent.process.log_tail()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use super::store_share;
+
+    #[test]
+    fn the_store_share_counts_the_store_threads_time_between_samples() {
+        let ms = Duration::from_millis;
+        let threads = |list: &[(u32, &str, u64)]| -> HashMap<u32, (String, Duration)> {
+            list.iter()
+                .map(|(tid, name, t)| (*tid, ((*name).to_owned(), ms(*t))))
+                .collect()
+        };
+        let before = threads(&[
+            (1, "tokio-rt-worker", 1_000),
+            (2, "sigil-store-0", 500),
+            (3, "sled-io-0", 100),
+            (4, "tokio-rt-worker", 50),
+        ]);
+        // Thread 4 ended; thread 5 started (counted from 0).
+        let after = threads(&[
+            (1, "tokio-rt-worker", 1_600),
+            (2, "sigil-store-0", 700),
+            (3, "sled-io-0", 150),
+            (5, "sigil-store-flu", 50),
+        ]);
+        // Store: 200 + 50 + 50 of 600 + 200 + 50 + 50.
+        assert!((store_share(&before, &after) - 300.0 / 900.0).abs() < 1e-9);
+        assert_eq!(store_share(&after, &after), 0.0);
+    }
 }
