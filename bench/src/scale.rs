@@ -669,7 +669,7 @@ fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
 #[derive(Debug)]
 struct TreeRecords {
     name: String,
-    records: u64,
+    keys: u64,
     bytes: u64,
 }
 
@@ -682,16 +682,16 @@ fn records_by_tree(store: &Path) -> anyhow::Result<Vec<TreeRecords>> {
     let mut trees = Vec::new();
     for name in db.tree_names() {
         let tree = db.open_tree(&name)?;
-        let (mut records, mut bytes) = (0u64, 0u64);
+        let (mut keys, mut bytes) = (0u64, 0u64);
         for item in tree.iter() {
             let (key, value) = item?;
-            records += 1;
+            keys += 1;
             bytes += (key.len() + value.len()) as u64;
         }
-        if records > 0 {
+        if keys > 0 {
             trees.push(TreeRecords {
                 name: String::from_utf8_lossy(&name).into_owned(),
-                records,
+                keys,
                 bytes,
             });
         }
@@ -708,11 +708,11 @@ fn describe_trees(trees: &[TreeRecords]) -> String {
         .take(4)
         .map(|t| {
             format!(
-                "{} {:.1} MiB ({} records, {} B each)",
+                "{} {:.1} MiB ({} keys, {} B each)",
                 t.name,
                 t.bytes as f64 / 1024.0 / 1024.0,
-                thousands(t.records),
-                t.bytes / t.records.max(1)
+                thousands(t.keys),
+                t.bytes / t.keys.max(1)
             )
         })
         .collect();

@@ -73,30 +73,61 @@ pub use crate::server::{
 pub use crate::service::agents::DenyReason;
 pub use crate::store::sled::engine as sled;
 
-/// The stored form of audit records, for the tests that alter a stopped server's store as
-/// someone with write access to its directory could. Not a stable interface.
+/// The `audit` tree of a stopped server's sled store, for the tests that alter it as someone
+/// with write access to its directory could, and for forensic tools. Records are stored in runs
+/// (one value holds consecutive records, under the first one's sequence; earlier builds stored
+/// each alone): these find a record wherever it is. Not a stable interface.
 #[doc(hidden)]
 pub mod store_records {
-    /// The audit record stored as `bytes` (either form), as its JSON fields.
+    use crate::store::sled::audit;
+
+    /// Record `sequence` of `tree` (an `audit` tree), as its JSON fields.
     ///
     /// # Errors
     ///
-    /// Why the bytes are not an audit record.
-    pub fn audit_to_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
-        let record = crate::store::sled::record::decode_audit(bytes).map_err(|e| e.to_string())?;
+    /// No such record, or why the stored value is not audit records.
+    pub fn audit_record(
+        tree: &crate::sled::Tree,
+        sequence: u64,
+    ) -> Result<serde_json::Value, String> {
+        let (_, records) = audit::audit_value_holding(tree, sequence)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no audit record {sequence}"))?;
+        let record = records.into_iter().find(|r| r.sequence == sequence);
         serde_json::to_value(record).map_err(|e| e.to_string())
     }
 
-    /// The stored (binary) form of an audit record given as its JSON fields; its hashes are
-    /// kept as given, not computed.
+    /// Rewrites record `sequence` of `tree` (an `audit` tree) through `edit`, which gets its
+    /// JSON fields; its hashes stay as `edit` leaves them (nothing is computed).
     ///
     /// # Errors
     ///
-    /// Why the JSON is not an audit record.
-    pub fn audit_from_json(json: &serde_json::Value) -> Result<Vec<u8>, String> {
-        let record: crate::audit::AuditRecord =
-            serde_json::from_value(json.clone()).map_err(|e| e.to_string())?;
-        crate::store::sled::record::encode_audit(&record).map_err(|e| e.to_string())
+    /// No such record, why the stored value is not audit records, or why the edited JSON is not
+    /// an audit record.
+    pub fn edit_audit_record(
+        tree: &crate::sled::Tree,
+        sequence: u64,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> Result<(), String> {
+        let (key, mut records) = audit::audit_value_holding(tree, sequence)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no audit record {sequence}"))?;
+        for record in records.iter_mut().filter(|r| r.sequence == sequence) {
+            let mut json = serde_json::to_value(&*record).map_err(|e| e.to_string())?;
+            edit(&mut json);
+            *record = serde_json::from_value(json).map_err(|e| e.to_string())?;
+            break;
+        }
+        audit::store_audit_value(tree, key, &records).map_err(|e| e.to_string())
+    }
+
+    /// Removes the records of `tree` (an `audit` tree) from `sequence` on.
+    ///
+    /// # Errors
+    ///
+    /// Why the stored values are not audit records, or sled's.
+    pub fn truncate_audit(tree: &crate::sled::Tree, sequence: u64) -> Result<(), String> {
+        audit::truncate_audit(tree, sequence).map_err(|e| e.to_string())
     }
 }
 

@@ -308,9 +308,8 @@ async fn a_truncated_tail_is_caught_by_the_state_file_and_a_kept_checkpoint() {
             .open()
             .unwrap();
         let audit = db.open_tree("audit").unwrap();
-        let third =
-            store_records::audit_to_json(&audit.get(3u64.to_be_bytes()).unwrap().unwrap()).unwrap();
-        audit.remove(4u64.to_be_bytes()).unwrap();
+        let third = store_records::audit_record(&audit, 3).unwrap();
+        store_records::truncate_audit(&audit, 4).unwrap();
         let head = serde_json::json!({
             "chain_id": third["chain_id"],
             "sequence": 3,

@@ -74,11 +74,10 @@ fn alter_record(store_dir: &Path, sequence: u64) {
         .open()
         .unwrap();
     let tree = db.open_tree("audit").unwrap();
-    let key = sequence.to_be_bytes();
-    let mut record = store_records::audit_to_json(&tree.get(key).unwrap().unwrap()).unwrap();
-    record["details"]["serial"] = Value::from("00deadbeef");
-    tree.insert(key, store_records::audit_from_json(&record).unwrap())
-        .unwrap();
+    store_records::edit_audit_record(&tree, sequence, |record| {
+        record["details"]["serial"] = Value::from("00deadbeef");
+    })
+    .unwrap();
     db.flush().unwrap();
 }
 

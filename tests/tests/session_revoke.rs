@@ -232,11 +232,10 @@ async fn session_revoke_puts_the_serial_on_the_crl_delivered_to_workloads_and_th
             .open()
             .unwrap();
         let tree = db.open_tree("audit").unwrap();
-        let key = sequence.to_be_bytes();
-        let mut record = store_records::audit_to_json(&tree.get(key).unwrap().unwrap()).unwrap();
-        record["details"]["workload_uid"] = serde_json::Value::from(12345);
-        tree.insert(key, store_records::audit_from_json(&record).unwrap())
-            .unwrap();
+        store_records::edit_audit_record(&tree, sequence, |record| {
+            record["details"]["workload_uid"] = serde_json::Value::from(12345);
+        })
+        .unwrap();
         db.flush().unwrap();
     }
     server.restart();

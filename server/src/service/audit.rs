@@ -1595,15 +1595,9 @@ mod tests {
         {
             let db = open_raw(&dir.path().join("store"));
             let tree = db.open_tree("audit").unwrap();
-            let mut record = crate::store_records::audit_to_json(
-                &tree.get(2u64.to_be_bytes()).unwrap().unwrap(),
-            )
-            .unwrap();
-            record["subject"] = serde_json::Value::from("altered");
-            tree.insert(
-                2u64.to_be_bytes(),
-                crate::store_records::audit_from_json(&record).unwrap(),
-            )
+            crate::store_records::edit_audit_record(&tree, 2, |record| {
+                record["subject"] = serde_json::Value::from("altered");
+            })
             .unwrap();
             db.flush().unwrap();
         }

@@ -20,6 +20,13 @@ const AUDIT_HEAD_KEY: &[u8] = b"head";
 ///
 /// [`Store::append_audit`]: crate::store::Store::append_audit
 const AUDIT_CHUNK: usize = 1_000;
+/// The size at which a run of audit records stored as one value ends (the record that takes it
+/// there is its last). sled's cost is per key: a record stored alone cost an insert, a
+/// traversal and a page update each, a fifth of the server's CPU when it issues (BENCHMARKS.md,
+/// "Audit records in runs"). About a dozen records a run takes most of that away, and a leaf
+/// of sled's (at most 17 keys) stays well under the size at which sled writes it out as a blob
+/// file of its own (a quarter of its 512 KiB segments).
+const AUDIT_RUN_BYTES: usize = 4_096;
 
 impl Inner {
     /// Appends `records` in transactions of [`AUDIT_CHUNK`] records (the caller's one flush
@@ -149,10 +156,11 @@ impl Inner {
                         reason: e.to_string(),
                     })
                 })?;
-            let value = record::encode_audit(&record).map_err(abort)?;
-            audit.insert(&sequence.to_be_bytes()[..], value)?;
             prev_hash = record.hash;
             sealed.push(record);
+        }
+        for (first, value) in record::encode_audit_runs(&sealed, AUDIT_RUN_BYTES).map_err(abort)? {
+            audit.insert(&first.to_be_bytes()[..], value)?;
         }
         if let Some(last) = sealed.last() {
             let value = encode("audit head", &last.head()).map_err(abort)?;
@@ -171,9 +179,8 @@ impl Inner {
             start = start.max(self.first_audit_at(since)?);
         }
         let mut page = PageCollector::new(page.effective_size());
-        for item in self.trees.audit.range(start.to_be_bytes()..) {
-            let (key, value) = item?;
-            let record = decode_audit(&key, &value)?;
+        for record in self.audit_records_from(start)? {
+            let record = record?;
             if filter.matches(&record) && !page.offer(record) {
                 break;
             }
@@ -181,20 +188,48 @@ impl Inner {
         Ok(page.finish(|record| record.sequence.to_be_bytes().to_vec()))
     }
 
+    /// The stored records from sequence `start` on, in order: from the value that holds
+    /// `start` (a run may begin before it), its records before `start` skipped.
+    fn audit_records_from(
+        &self,
+        start: u64,
+    ) -> Result<impl Iterator<Item = Result<AuditRecord, StoreError>> + use<>, StoreError> {
+        let begin = match self.trees.audit.range(..=start.to_be_bytes()).next_back() {
+            Some(item) => item?.0,
+            None => start.to_be_bytes().as_slice().into(),
+        };
+        Ok(self
+            .trees
+            .audit
+            .range(begin..)
+            .flat_map(|item| {
+                let records = item
+                    .map_err(StoreError::from)
+                    .and_then(|(key, value)| decode_audit(&key, &value));
+                match records {
+                    Ok(records) => records.into_iter().map(Ok).collect::<Vec<_>>(),
+                    Err(error) => vec![Err(error)],
+                }
+            })
+            .filter(move |record| record.as_ref().map_or(true, |r| r.sequence >= start)))
+    }
+
     /// The first sequence whose record's time is at or after `since` (binary search: times
     /// never decrease along the chain).
     fn first_audit_at(&self, since: SystemTime) -> Result<u64, StoreError> {
-        let Some((last, _)) = self.trees.audit.last()? else {
+        let Some((key, value)) = self.trees.audit.last()? else {
             return Ok(1);
         };
-        let (mut low, mut high) = (1u64, audit_sequence(&last)?.saturating_add(1));
+        let last = decode_audit(&key, &value)?
+            .last()
+            .map_or(0, |record| record.sequence);
+        let (mut low, mut high) = (1u64, last.saturating_add(1));
         while low < high {
             let mid = low + (high - low) / 2;
-            match self.trees.audit.range(mid.to_be_bytes()..).next() {
+            match self.audit_records_from(mid)?.next() {
                 None => high = mid,
-                Some(item) => {
-                    let (key, value) = item?;
-                    let record = decode_audit(&key, &value)?;
+                Some(record) => {
+                    let record = record?;
                     if record.time < since {
                         low = record.sequence.saturating_add(1).max(mid + 1);
                     } else {
@@ -257,6 +292,52 @@ impl Inner {
     }
 }
 
+// === the `audit` tree of a stopped server (forensics and tests: `sigil_server::store_records`) ===
+
+/// The key of the value of `tree` (an `audit` tree) that holds record `sequence`, and that
+/// value's records; `None` if no value holds it.
+pub(crate) fn audit_value_holding(
+    tree: &::sled::Tree,
+    sequence: u64,
+) -> Result<Option<(u64, Vec<AuditRecord>)>, StoreError> {
+    let Some(item) = tree.range(..=sequence.to_be_bytes()).next_back() else {
+        return Ok(None);
+    };
+    let (key, value) = item?;
+    let records = decode_audit(&key, &value)?;
+    if !records.iter().any(|record| record.sequence == sequence) {
+        return Ok(None);
+    }
+    Ok(Some((audit_sequence(&key)?, records)))
+}
+
+/// Stores `records` (consecutive, as sealed) as one run under `key`, or removes the value
+/// under `key` if there are none.
+pub(crate) fn store_audit_value(
+    tree: &::sled::Tree,
+    key: u64,
+    records: &[AuditRecord],
+) -> Result<(), StoreError> {
+    match record::encode_audit_runs(records, usize::MAX)?.pop() {
+        Some((_, value)) => tree.insert(key.to_be_bytes(), value)?,
+        None => tree.remove(key.to_be_bytes())?,
+    };
+    Ok(())
+}
+
+/// Removes the records from `sequence` on from `tree` (an `audit` tree).
+pub(crate) fn truncate_audit(tree: &::sled::Tree, sequence: u64) -> Result<(), StoreError> {
+    if let Some((key, mut records)) = audit_value_holding(tree, sequence)? {
+        records.retain(|record| record.sequence < sequence);
+        store_audit_value(tree, key, &records)?;
+    }
+    for item in tree.range(sequence.to_be_bytes()..) {
+        let (key, _) = item?;
+        tree.remove(key)?;
+    }
+    Ok(())
+}
+
 // === helpers ===
 
 /// The `audit_sources` key of a source: its SPIFFE ID, `0x00`, its spool id.
@@ -286,12 +367,13 @@ fn audit_sequence(key: &[u8]) -> Result<u64, StoreError> {
         })
 }
 
-/// Decodes an audit record, naming its sequence when it cannot be decoded.
-fn decode_audit(key: &[u8], value: &[u8]) -> Result<AuditRecord, StoreError> {
-    record::decode_audit(value).map_err(|error| match (error, audit_sequence(key)) {
+/// Decodes the records of a value of the `audit` tree, naming its key's sequence when they
+/// cannot be decoded.
+fn decode_audit(key: &[u8], value: &[u8]) -> Result<Vec<AuditRecord>, StoreError> {
+    record::decode_audit_value(value).map_err(|error| match (error, audit_sequence(key)) {
         (StoreError::Corrupt { what, reason }, Ok(sequence)) => StoreError::Corrupt {
             what,
-            reason: format!("record {sequence}: {reason}"),
+            reason: format!("record {sequence} (or the run of records it begins): {reason}"),
         },
         (error, _) => error,
     })

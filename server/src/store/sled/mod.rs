@@ -18,7 +18,7 @@
 //! | `nodes`                | agent SPIFFE ID                   | [`AttestedNode`]               |
 //! | `join_tokens`          | token                             | [`JoinToken`]                  |
 //! | `federated_bundles`    | trust domain name                 | [`FederatedBundle`]            |
-//! | `audit`                | sequence, 8 bytes big-endian      | [`AuditRecord`]                |
+//! | `audit`                | sequence, 8 bytes big-endian      | a run of [`AuditRecord`]s from it |
 //! | `audit_head`           | `head`                            | [`AuditHead`] (the last record)|
 //! | `audit_checkpoints`    | covered sequence, 8 bytes BE      | [`AuditCheckpoint`]            |
 //! | `audit_sources`        | source SPIFFE ID, `0x00`, spool id | last sequence, u64 big-endian |
@@ -60,7 +60,12 @@
 //! An audit append is one sled transaction over `audit` and `audit_head`: it reads the head,
 //! seals each record after it (sequence, time, hashes; see [`crate::audit`]), inserts them and
 //! writes the new head, so concurrent appenders never fork the chain. Large batches are split
-//! into transactions of `AUDIT_CHUNK` records, all covered by one flush. Record times never
+//! into transactions of `AUDIT_CHUNK` records, all covered by one flush. The records of an
+//! append are stored in runs: one value of the `audit` tree holds consecutive records, about
+//! 4 KiB of them (`AUDIT_RUN_BYTES`), under the first one's sequence; a reader starts from the
+//! value at or before the sequence it wants. sled's cost is per key, and a key per record was a
+//! fifth of a server's CPU as it issued. Builds before layout 5 stored each record alone under
+//! its sequence; those values are read as they are (a tree may hold both). Record times never
 //! decrease along the chain, so a `since` filter starts with a binary search over sequences.
 //!
 //! Every entry mutation is one sled transaction over the entry trees, made while holding the
@@ -152,7 +157,7 @@ use crate::audit::{
     SourceAppend, SourceEvent,
 };
 
-mod audit;
+pub(crate) mod audit;
 mod bundles;
 mod commit;
 mod entries;
@@ -173,14 +178,17 @@ const DROPPED_TREES: [&str; 3] = [
 
 /// Key of the store's layout number in the `meta` tree (see "Layout" in the module docs).
 const LAYOUT_KEY: &[u8] = b"layout";
-/// The layout this build writes and the newest it reads: 4, each server start beginning a
-/// history of the change feed in `meta` (`histories`; a build of layout 3 would write changes
-/// outside any history, which agents resuming from a history would take for shared). Layout 3
+/// The layout this build writes and the newest it reads: 5, audit records stored in runs (a
+/// value of the `audit` tree holds consecutive records; a build of layout 4 reads such a value
+/// as damage, and would list records from a sequence inside a run without it). Layout 4 began a
+/// history of the change feed in `meta` at each server start (`histories`; a build of layout 3
+/// would write changes outside any history, which agents resuming from a history would take
+/// for shared). Layout 3
 /// has no uniqueness index of entries on disk, and changes that name the entry's record
 /// instead of holding a copy (which builds of layout 2 cannot read). Layout 2 had the index
 /// (`entries_by_identity`), and no entry index trees by parent or by SPIFFE ID; layout 1,
 /// unnumbered, is that of every build before the number.
-pub(crate) const LAYOUT: u64 = 4;
+pub(crate) const LAYOUT: u64 = 5;
 /// Key of the revision counter in the `meta` tree.
 const REVISION_KEY: &[u8] = b"revision";
 /// Key of the change feed's histories ([`Store::begin_history`]) in the `meta` tree: each 16

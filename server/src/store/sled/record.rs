@@ -14,6 +14,10 @@
 //! Records written by builds before this form are JSON objects: their first byte is `{`, which
 //! is not a version byte, so they are still read as they are (no migration; a record becomes
 //! binary when it is next written). A build before this form cannot read a binary record.
+//!
+//! Audit records are written in runs since store layout 5: one value holds consecutive records
+//! ([`AuditRunBin`], version byte [`AUDIT_RUN_V1`]) under the first one's sequence. A value with
+//! one record alone, binary or JSON, is an earlier build's, and still read.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +31,11 @@ use crate::store::{Change, ChangeKind, EntryId, RegistrationEntry, SessionId, St
 const PROTOBUF_V1: u8 = 0x01;
 /// The first byte of a JSON record (an object), the form before [`PROTOBUF_V1`].
 const JSON_OBJECT: u8 = b'{';
+/// The version byte of a run of audit records ([`AuditRunBin`]), the form of the `audit`
+/// tree's values since store layout 5 (earlier builds stored each record alone).
+const AUDIT_RUN_V1: u8 = 0x02;
+/// What an audit record's errors name.
+const AUDIT: &str = "audit";
 
 /// A [`RegistrationEntry`] as stored.
 #[derive(Clone, PartialEq, Message)]
@@ -123,6 +132,14 @@ struct AuditRecordBin {
     /// 32 bytes.
     #[prost(bytes = "vec", tag = "9")]
     hash: Vec<u8>,
+}
+
+/// Consecutive audit records, stored as one value under the first one's sequence (the form
+/// [`AUDIT_RUN_V1`]).
+#[derive(Clone, PartialEq, Message)]
+struct AuditRunBin {
+    #[prost(message, repeated, tag = "1")]
+    records: Vec<AuditRecordBin>,
 }
 
 /// A duration, or a time as the duration since the Unix epoch (`nanos` below 10^9).
@@ -232,53 +249,123 @@ pub(crate) fn decode_change(bytes: &[u8]) -> Result<StoredChange, StoreError> {
     }
 }
 
-/// The record of a sealed audit record.
+/// The record of a sealed audit record, stored alone (as builds before [`AUDIT_RUN_V1`] stored
+/// every record; this build writes runs, [`encode_audit_runs`]).
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn encode_audit(record: &AuditRecord) -> Result<Vec<u8>, StoreError> {
-    const WHAT: &str = "audit record";
-    Ok(versioned(&AuditRecordBin {
-        chain_id: record.chain_id.clone(),
-        sequence: record.sequence,
-        time: Some(Span::since_epoch(record.time, WHAT)?),
-        actor: record.actor.clone(),
-        action: record.action.clone(),
-        subject: record.subject.clone(),
-        details: serde_json::to_vec(&record.details).map_err(|e| StoreError::Encode {
-            what: WHAT,
-            reason: e.to_string(),
-        })?,
-        prev_hash: record.prev_hash.to_vec(),
-        hash: record.hash.to_vec(),
-    }))
+    Ok(versioned(&AuditRecordBin::of(record)?))
 }
 
-/// An audit record, binary or JSON.
+/// The stored values of sealed `records` (consecutive, in order): runs of records of about
+/// `run_bytes` each (a run ends with the record that takes it to `run_bytes` or over), each
+/// under its first record's sequence.
+pub(crate) fn encode_audit_runs(
+    records: &[AuditRecord],
+    run_bytes: usize,
+) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let mut values = Vec::new();
+    let mut run = AuditRunBin::default();
+    let mut first = 0;
+    for record in records {
+        if run.records.is_empty() {
+            first = record.sequence;
+        }
+        run.records.push(AuditRecordBin::of(record)?);
+        if run.encoded_len() >= run_bytes {
+            values.push((first, run_value(&run)));
+            run.records.clear();
+        }
+    }
+    if !run.records.is_empty() {
+        values.push((first, run_value(&run)));
+    }
+    Ok(values)
+}
+
+/// An audit record stored alone, binary or JSON.
 pub(crate) fn decode_audit(bytes: &[u8]) -> Result<AuditRecord, StoreError> {
-    const WHAT: &str = "audit";
-    let bad = |reason: &dyn std::fmt::Display| corrupt(WHAT, reason);
-    let record = by_form(WHAT, bytes, |message| {
-        let record = AuditRecordBin::decode(message).map_err(|e| bad(&e))?;
+    no_floats(by_form(AUDIT, bytes, |message| {
+        AuditRecordBin::decode(message)
+            .map_err(|e| corrupt(AUDIT, e))?
+            .into_record()
+    })?)
+}
+
+/// The records of a stored value of the `audit` tree: a run (this build's form), or one record
+/// stored alone (earlier builds'). An empty run is corrupt.
+pub(crate) fn decode_audit_value(bytes: &[u8]) -> Result<Vec<AuditRecord>, StoreError> {
+    match bytes.split_first() {
+        Some((&AUDIT_RUN_V1, message)) => {
+            let run = AuditRunBin::decode(message).map_err(|e| corrupt(AUDIT, e))?;
+            if run.records.is_empty() {
+                return Err(corrupt(AUDIT, "an empty run of records"));
+            }
+            run.records
+                .into_iter()
+                .map(|record| no_floats(record.into_record()?))
+                .collect()
+        }
+        _ => decode_audit(bytes).map(|record| vec![record]),
+    }
+}
+
+/// `record`, unless its details hold a floating-point number. No audit record is written with
+/// one (nor could its hash cover one), and serde_json does not read every float back as
+/// written: a float is damage, not a record.
+fn no_floats(record: AuditRecord) -> Result<AuditRecord, StoreError> {
+    if record.details.values().any(crate::audit::holds_float) {
+        return Err(corrupt(AUDIT, "its details hold a floating-point number"));
+    }
+    Ok(record)
+}
+
+fn run_value(run: &AuditRunBin) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(1 + run.encoded_len());
+    bytes.push(AUDIT_RUN_V1);
+    // Encoding into a `Vec` cannot run out of room.
+    let _ = run.encode(&mut bytes);
+    bytes
+}
+
+// === impl AuditRecordBin ===
+
+impl AuditRecordBin {
+    fn of(record: &AuditRecord) -> Result<Self, StoreError> {
+        const WHAT: &str = "audit record";
+        Ok(Self {
+            chain_id: record.chain_id.clone(),
+            sequence: record.sequence,
+            time: Some(Span::since_epoch(record.time, WHAT)?),
+            actor: record.actor.clone(),
+            action: record.action.clone(),
+            subject: record.subject.clone(),
+            details: serde_json::to_vec(&record.details).map_err(|e| StoreError::Encode {
+                what: WHAT,
+                reason: e.to_string(),
+            })?,
+            prev_hash: record.prev_hash.to_vec(),
+            hash: record.hash.to_vec(),
+        })
+    }
+
+    fn into_record(self) -> Result<AuditRecord, StoreError> {
+        let bad = |reason: &dyn std::fmt::Display| corrupt(AUDIT, reason);
         let hash = |bytes: Vec<u8>| {
             <[u8; 32]>::try_from(bytes)
                 .map_err(|b| bad(&format_args!("a hash of {} bytes", b.len())))
         };
         Ok(AuditRecord {
-            chain_id: record.chain_id,
-            sequence: record.sequence,
-            time: record.time.ok_or_else(|| bad(&"no time"))?.time(WHAT)?,
-            actor: record.actor,
-            action: record.action,
-            subject: record.subject,
-            details: serde_json::from_slice(&record.details).map_err(|e| bad(&e))?,
-            prev_hash: hash(record.prev_hash)?,
-            hash: hash(record.hash)?,
+            chain_id: self.chain_id,
+            sequence: self.sequence,
+            time: self.time.ok_or_else(|| bad(&"no time"))?.time(AUDIT)?,
+            actor: self.actor,
+            action: self.action,
+            subject: self.subject,
+            details: serde_json::from_slice(&self.details).map_err(|e| bad(&e))?,
+            prev_hash: hash(self.prev_hash)?,
+            hash: hash(self.hash)?,
         })
-    })?;
-    // No audit record is written with one (nor could its hash cover one), and serde_json does
-    // not read every float back as written: a float is damage, not a record.
-    if record.details.values().any(crate::audit::holds_float) {
-        return Err(bad(&"its details hold a floating-point number"));
     }
-    Ok(record)
 }
 
 // === impl EntryRecord ===
@@ -430,8 +517,19 @@ pub(crate) fn round_trips(bytes: &[u8]) -> Result<usize, String> {
     Ok(
         check(bytes, encode_entry, |bytes| decode_entry(KEY, bytes))?
             + check(bytes, encode_change, decode_change)?
-            + check(bytes, encode_audit, decode_audit)?,
+            + check(bytes, encode_audit, decode_audit)?
+            + check(bytes, encode_audit_run, decode_audit_value)?,
     )
+}
+
+/// `records` (consecutive) as one run (`&Vec`: the round trip's decoder gives a `Vec`).
+#[cfg(any(test, feature = "fuzzing"))]
+#[allow(clippy::ptr_arg)]
+fn encode_audit_run(records: &Vec<AuditRecord>) -> Result<Vec<u8>, StoreError> {
+    encode_audit_runs(records, usize::MAX)?
+        .pop()
+        .map(|(_, value)| value)
+        .ok_or_else(|| corrupt(AUDIT, "an empty run of records"))
 }
 
 fn versioned(message: &impl Message) -> Vec<u8> {

@@ -907,10 +907,11 @@ async fn join_tokens_stored_in_the_clear_are_hashed_at_open_and_still_work() {
 async fn an_undecodable_audit_record_is_reported_with_its_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    let records = (0..3)
-        .map(|n| NewAuditRecord::new("uid:0", "entry.delete", format!("e{n}")))
-        .collect();
-    store.append_audit(records).await.unwrap();
+    // One append each: each record the first of a run of its own.
+    for n in 0..3 {
+        let record = NewAuditRecord::new("uid:0", "entry.delete", format!("e{n}"));
+        store.append_audit(vec![record]).await.unwrap();
+    }
     store
         .inner
         .trees
@@ -924,15 +925,102 @@ async fn an_undecodable_audit_record_is_reported_with_its_sequence() {
     assert!(
         error
             .to_string()
-            .starts_with("corrupt audit record: record 2: "),
+            .starts_with("corrupt audit record: record 2 (or the run of records it begins): "),
         "{error}"
     );
 }
 
-/// An audit chain whose first records an earlier build wrote as JSON reads back whole and
-/// verifies, the records appended after the upgrade (binary) linked to them.
+/// Records appended together are stored in runs of about `AUDIT_RUN_BYTES`, and read back
+/// from any sequence (inside a run too), page by page across runs, and from a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_audit_chain_begun_in_json_continues_in_binary_and_verifies() {
+async fn audit_records_stored_in_runs_list_from_any_sequence_and_page_across_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let record = |n: u64| {
+        NewAuditRecord::new("uid:0", "svid.x509.issue", format!("spiffe://td/w/{n}"))
+            .detail("serial", format!("{n:040x}"))
+    };
+    let first = store
+        .append_audit((1..=200).map(record).collect())
+        .await
+        .unwrap();
+    let later = SystemTime::now() + Duration::from_millis(5);
+    std::thread::sleep(Duration::from_millis(10));
+    let second = store
+        .append_audit((201..=230).map(record).collect())
+        .await
+        .unwrap();
+    let all = [first, second].concat();
+
+    // Several values, each a run of consecutive records under its first's sequence.
+    let mut stored = Vec::new();
+    for item in store.inner.trees.audit.iter() {
+        let (key, value) = item.unwrap();
+        assert!(value.len() < 2 * 4_096, "a run of {} bytes", value.len());
+        let records = record::decode_audit_value(&value).unwrap();
+        assert_eq!(
+            u64::from_be_bytes(key.as_ref().try_into().unwrap()),
+            records[0].sequence
+        );
+        stored.extend(records);
+    }
+    assert!(
+        store.inner.trees.audit.len() > 3,
+        "200 records in one run or few"
+    );
+    assert!(
+        store.inner.trees.audit.len() < 60,
+        "about a dozen records a run"
+    );
+    assert_eq!(stored, all);
+
+    let list = |filter: AuditFilter, page: PageRequest| {
+        let store = &store;
+        async move { store.list_audit(&filter, &page).await.unwrap() }
+    };
+    for from in [1, 2, 17, 100, 199, 200, 201, 230] {
+        let filter = AuditFilter {
+            from_sequence: Some(from),
+            ..AuditFilter::default()
+        };
+        let items = list(filter, PageRequest::first(1_000)).await.items;
+        let sequences: Vec<u64> = items.iter().map(|r| r.sequence).collect();
+        assert_eq!(sequences, (from..=230).collect::<Vec<_>>(), "from {from}");
+        assert_eq!(items, all[from as usize - 1..]);
+    }
+    let beyond = AuditFilter {
+        from_sequence: Some(231),
+        ..AuditFilter::default()
+    };
+    assert!(list(beyond, PageRequest::first(10)).await.items.is_empty());
+
+    // Pages of 7 cut runs anywhere; every record comes once, in order.
+    let mut paged = Vec::new();
+    let mut page = PageRequest::first(7);
+    loop {
+        let got = list(AuditFilter::default(), page.clone()).await;
+        paged.extend(got.items);
+        match got.next_page_token {
+            Some(token) => page = PageRequest::after(7, token),
+            None => break,
+        }
+    }
+    assert_eq!(paged, all);
+
+    let since = AuditFilter {
+        since: Some(later),
+        ..AuditFilter::default()
+    };
+    assert_eq!(
+        list(since, PageRequest::first(1_000)).await.items,
+        all[200..]
+    );
+}
+
+/// An audit chain whose first records an earlier build wrote as JSON, each alone, reads back
+/// whole and verifies, the records appended after the upgrade (a run) linked to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_chain_begun_in_json_continues_in_runs_and_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let record = |n: usize| NewAuditRecord::new("uid:0", "entry.delete", format!("e{n}"));
     let old = {
@@ -967,9 +1055,10 @@ async fn an_audit_chain_begun_in_json_continues_in_binary_and_verifies() {
             .audit
             .get(sequence.to_be_bytes())
             .unwrap()
-            .unwrap()[0]
+            .map(|value| value[0])
     };
-    assert_eq!((kept(3), kept(4)), (b'{', 0x01));
+    // Record 3 alone, as JSON; records 4 and 5 one run under 4.
+    assert_eq!((kept(3), kept(4), kept(5)), (Some(b'{'), Some(0x02), None));
     let listed = store
         .list_audit(&AuditFilter::default(), &PageRequest::first(10))
         .await
