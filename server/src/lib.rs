@@ -112,11 +112,10 @@ pub mod store_records {
         let (key, mut records) = audit::audit_value_holding(tree, sequence)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("no audit record {sequence}"))?;
-        for record in records.iter_mut().filter(|r| r.sequence == sequence) {
+        if let Some(record) = records.iter_mut().find(|r| r.sequence == sequence) {
             let mut json = serde_json::to_value(&*record).map_err(|e| e.to_string())?;
             edit(&mut json);
             *record = serde_json::from_value(json).map_err(|e| e.to_string())?;
-            break;
         }
         audit::store_audit_value(tree, key, &records).map_err(|e| e.to_string())
     }

@@ -300,7 +300,7 @@ async fn a_truncated_tail_is_caught_by_the_state_file_and_a_kept_checkpoint() {
     assert_eq!(cp["sequence"], 4);
     server.kill9();
 
-    // Cut the last two records, as someone with write access to the store could.
+    // Cut the last record, as someone with write access to the store could.
     {
         let db = engine::Config::new()
             .path(server.data_dir().join("store"))

@@ -1569,9 +1569,7 @@ mod tests {
         {
             let db = open_raw(&dir.path().join("store"));
             let tree = db.open_tree("audit").unwrap();
-            for sequence in 1u64..=3 {
-                tree.remove(sequence.to_be_bytes()).unwrap();
-            }
+            crate::store_records::truncate_audit(&tree, 1).unwrap();
             db.flush().unwrap();
         }
         let Opened { log, .. } = open_in(dir.path()).await;

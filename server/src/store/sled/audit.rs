@@ -188,30 +188,18 @@ impl Inner {
         Ok(page.finish(|record| record.sequence.to_be_bytes().to_vec()))
     }
 
-    /// The stored records from sequence `start` on, in order: from the value that holds
-    /// `start` (a run may begin before it), its records before `start` skipped.
-    fn audit_records_from(
-        &self,
-        start: u64,
-    ) -> Result<impl Iterator<Item = Result<AuditRecord, StoreError>> + use<>, StoreError> {
+    /// The stored records from sequence `start` on, in order ([`StoredRecords`]).
+    fn audit_records_from(&self, start: u64) -> Result<StoredRecords, StoreError> {
         let begin = match self.trees.audit.range(..=start.to_be_bytes()).next_back() {
             Some(item) => item?.0,
             None => start.to_be_bytes().as_slice().into(),
         };
-        Ok(self
-            .trees
-            .audit
-            .range(begin..)
-            .flat_map(|item| {
-                let records = item
-                    .map_err(StoreError::from)
-                    .and_then(|(key, value)| decode_audit(&key, &value));
-                match records {
-                    Ok(records) => records.into_iter().map(Ok).collect::<Vec<_>>(),
-                    Err(error) => vec![Err(error)],
-                }
-            })
-            .filter(move |record| record.as_ref().map_or(true, |r| r.sequence >= start)))
+        Ok(StoredRecords {
+            values: self.trees.audit.range(begin..).peekable(),
+            pending: Vec::new().into_iter(),
+            start,
+            failed: false,
+        })
     }
 
     /// The first sequence whose record's time is at or after `since` (binary search: times
@@ -292,6 +280,69 @@ impl Inner {
     }
 }
 
+/// The records of the `audit` tree from sequence `start` on, in order: from the value at or
+/// before `start` (a run may begin before it; its records before `start` are skipped), then
+/// each value after it.
+///
+/// Record `N` is always read from the value with the greatest key at or below `N`, whatever the
+/// sequence a reading starts from: a value that holds a record at or beyond the next value's
+/// key (someone who can write the store added or moved one) is [`StoreError::Corrupt`], as is
+/// a value whose first record is not its key's (`decode_audit`). So every reader, `audit verify`
+/// with its pages among them, reads the same record for each sequence, or fails.
+pub(super) struct StoredRecords {
+    values: std::iter::Peekable<::sled::Iter>,
+    pending: std::vec::IntoIter<AuditRecord>,
+    start: u64,
+    failed: bool,
+}
+
+impl Iterator for StoredRecords {
+    type Item = Result<AuditRecord, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.failed {
+                return None;
+            }
+            if let Some(record) = self.pending.next() {
+                if record.sequence >= self.start {
+                    return Some(Ok(record));
+                }
+                continue;
+            }
+            let records = self
+                .values
+                .next()?
+                .map_err(StoreError::from)
+                .and_then(|(key, value)| {
+                    let records = decode_audit(&key, &value)?;
+                    // An error of the next value's is its own, reported when it is read.
+                    if let Some(Ok((next, _))) = self.values.peek() {
+                        let next = audit_sequence(next)?;
+                        if records.last().is_some_and(|r| r.sequence >= next) {
+                            return Err(StoreError::Corrupt {
+                                what: "audit",
+                                reason: format!(
+                                    "record {} (or the run of records it begins) reaches the run \
+                                 stored under {next}",
+                                    audit_sequence(&key)?
+                                ),
+                            });
+                        }
+                    }
+                    Ok(records)
+                });
+            match records {
+                Ok(records) => self.pending = records.into_iter(),
+                Err(error) => {
+                    self.failed = true;
+                    return Some(Err(error));
+                }
+            }
+        }
+    }
+}
+
 // === the `audit` tree of a stopped server (forensics and tests: `sigil_server::store_records`) ===
 
 /// The key of the value of `tree` (an `audit` tree) that holds record `sequence`, and that
@@ -327,9 +378,13 @@ pub(crate) fn store_audit_value(
 
 /// Removes the records from `sequence` on from `tree` (an `audit` tree).
 pub(crate) fn truncate_audit(tree: &::sled::Tree, sequence: u64) -> Result<(), StoreError> {
-    if let Some((key, mut records)) = audit_value_holding(tree, sequence)? {
-        records.retain(|record| record.sequence < sequence);
-        store_audit_value(tree, key, &records)?;
+    if let Some(item) = tree.range(..=sequence.to_be_bytes()).next_back() {
+        let (key, value) = item?;
+        let mut records = decode_audit(&key, &value)?;
+        if records.iter().any(|record| record.sequence >= sequence) {
+            records.retain(|record| record.sequence < sequence);
+            store_audit_value(tree, audit_sequence(&key)?, &records)?;
+        }
     }
     for item in tree.range(sequence.to_be_bytes()..) {
         let (key, _) = item?;
@@ -368,13 +423,22 @@ fn audit_sequence(key: &[u8]) -> Result<u64, StoreError> {
 }
 
 /// Decodes the records of a value of the `audit` tree, naming its key's sequence when they
-/// cannot be decoded.
+/// cannot be decoded; a value whose first record is not its key's is corrupt.
 fn decode_audit(key: &[u8], value: &[u8]) -> Result<Vec<AuditRecord>, StoreError> {
-    record::decode_audit_value(value).map_err(|error| match (error, audit_sequence(key)) {
-        (StoreError::Corrupt { what, reason }, Ok(sequence)) => StoreError::Corrupt {
-            what,
-            reason: format!("record {sequence} (or the run of records it begins): {reason}"),
-        },
-        (error, _) => error,
-    })
+    let sequence = audit_sequence(key)?;
+    let named = |reason: &dyn std::fmt::Display| StoreError::Corrupt {
+        what: "audit",
+        reason: format!("record {sequence} (or the run of records it begins): {reason}"),
+    };
+    let records = record::decode_audit_value(value).map_err(|error| match error {
+        StoreError::Corrupt { reason, .. } => named(&reason),
+        error => error,
+    })?;
+    match records.first() {
+        Some(first) if first.sequence != sequence => Err(named(&format_args!(
+            "stored under this sequence, it begins with record {}",
+            first.sequence
+        ))),
+        _ => Ok(records),
+    }
 }

@@ -140,6 +140,10 @@ struct AuditRecordBin {
 struct AuditRunBin {
     #[prost(message, repeated, tag = "1")]
     records: Vec<AuditRecordBin>,
+    /// How many records; written after them, so that a run cut short (which protobuf alone
+    /// would read as a shorter run) lacks it or disagrees.
+    #[prost(uint64, tag = "2")]
+    count: u64,
 }
 
 /// A duration, or a time as the duration since the Unix epoch (`nanos` below 10^9).
@@ -265,19 +269,21 @@ pub(crate) fn encode_audit_runs(
 ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
     let mut values = Vec::new();
     let mut run = AuditRunBin::default();
-    let mut first = 0;
+    let (mut first, mut bytes) = (0, 0);
     for record in records {
         if run.records.is_empty() {
             first = record.sequence;
         }
-        run.records.push(AuditRecordBin::of(record)?);
-        if run.encoded_len() >= run_bytes {
-            values.push((first, run_value(&run)));
-            run.records.clear();
+        let record = AuditRecordBin::of(record)?;
+        bytes += prost::encoding::message::encoded_len(1, &record);
+        run.records.push(record);
+        if bytes >= run_bytes {
+            values.push((first, run_value(&mut run)));
+            bytes = 0;
         }
     }
     if !run.records.is_empty() {
-        values.push((first, run_value(&run)));
+        values.push((first, run_value(&mut run)));
     }
     Ok(values)
 }
@@ -292,21 +298,38 @@ pub(crate) fn decode_audit(bytes: &[u8]) -> Result<AuditRecord, StoreError> {
 }
 
 /// The records of a stored value of the `audit` tree: a run (this build's form), or one record
-/// stored alone (earlier builds'). An empty run is corrupt.
+/// stored alone (earlier builds'). A run that is empty, cut short (its count disagrees) or not
+/// of consecutive sequences is corrupt.
 pub(crate) fn decode_audit_value(bytes: &[u8]) -> Result<Vec<AuditRecord>, StoreError> {
-    match bytes.split_first() {
-        Some((&AUDIT_RUN_V1, message)) => {
-            let run = AuditRunBin::decode(message).map_err(|e| corrupt(AUDIT, e))?;
-            if run.records.is_empty() {
-                return Err(corrupt(AUDIT, "an empty run of records"));
-            }
-            run.records
-                .into_iter()
-                .map(|record| no_floats(record.into_record()?))
-                .collect()
-        }
-        _ => decode_audit(bytes).map(|record| vec![record]),
+    let Some((&AUDIT_RUN_V1, message)) = bytes.split_first() else {
+        return decode_audit(bytes).map(|record| vec![record]);
+    };
+    let run = AuditRunBin::decode(message).map_err(|e| corrupt(AUDIT, e))?;
+    if run.records.is_empty() || run.count != run.records.len() as u64 {
+        return Err(corrupt(
+            AUDIT,
+            format_args!(
+                "a run of {} records that says it holds {}",
+                run.records.len(),
+                run.count
+            ),
+        ));
     }
+    let records = run
+        .records
+        .into_iter()
+        .map(|record| no_floats(record.into_record()?))
+        .collect::<Result<Vec<_>, _>>()?;
+    if records
+        .windows(2)
+        .any(|w| w[0].sequence.checked_add(1) != Some(w[1].sequence))
+    {
+        return Err(corrupt(
+            AUDIT,
+            "a run of records whose sequences do not follow",
+        ));
+    }
+    Ok(records)
 }
 
 /// `record`, unless its details hold a floating-point number. No audit record is written with
@@ -319,11 +342,14 @@ fn no_floats(record: AuditRecord) -> Result<AuditRecord, StoreError> {
     Ok(record)
 }
 
-fn run_value(run: &AuditRunBin) -> Vec<u8> {
+/// The stored value of `run` (its count set); leaves `run` empty.
+fn run_value(run: &mut AuditRunBin) -> Vec<u8> {
+    run.count = run.records.len() as u64;
     let mut bytes = Vec::with_capacity(1 + run.encoded_len());
     bytes.push(AUDIT_RUN_V1);
     // Encoding into a `Vec` cannot run out of room.
     let _ = run.encode(&mut bytes);
+    run.records.clear();
     bytes
 }
 
@@ -803,6 +829,7 @@ mod tests {
             })
             .unwrap(),
             encode_audit(&sealed_audit_record()).unwrap(),
+            encode_audit_run(&sealed_audit_run()).unwrap(),
         ];
         let mut decoded = 0;
         for record in &records {
@@ -865,6 +892,26 @@ mod tests {
         for len in 0..audit.len() {
             assert!(decode_audit(&audit[..len]).is_err(), "audit cut at {len}");
         }
+        let run = encode_audit_run(&sealed_audit_run()).unwrap();
+        assert_eq!(decode_audit_value(&run).unwrap(), sealed_audit_run());
+        for len in 0..run.len() {
+            assert!(decode_audit_value(&run[..len]).is_err(), "run cut at {len}");
+        }
+    }
+
+    /// A run whose sequences do not follow one another is corrupt.
+    #[test]
+    fn a_run_of_records_out_of_sequence_is_corrupt() {
+        let mut run = sealed_audit_run();
+        run.swap(1, 2);
+        let value = encode_audit_run(&run).unwrap();
+        assert!(matches!(
+            decode_audit_value(&value),
+            Err(StoreError::Corrupt { reason, .. }) if reason.contains("do not follow")
+        ));
+        let mut gap = sealed_audit_run();
+        gap.remove(1);
+        assert!(decode_audit_value(&encode_audit_run(&gap).unwrap()).is_err());
     }
 
     fn fixture_entry() -> RegistrationEntry {
@@ -978,6 +1025,26 @@ mod tests {
         "8ad2b6e3d630a6c18bd8dc3ac067732f88df",
     );
     const AUDIT_JSON: &str = r#"{"chain_id":"server-a","sequence":7,"time":{"secs_since_epoch":1800000000,"nanos_since_epoch":999999999},"actor":"uid:0","action":"entry.create","subject":"0123","details":{"spiffe_id":"spiffe://example.org/db","selectors":["unix:uid:1000","k8s:ns:\"q\""],"ttl":600},"prev_hash":"0303030303030303030303030303030303030303030303030303030303030303","hash":"47f152b2c8efe08821141fb459c58ad2b6e3d630a6c18bd8dc3ac067732f88df"}"#;
+
+    /// Three records sealed one after the other, from sequence 7.
+    fn sealed_audit_run() -> Vec<AuditRecord> {
+        let mut prev_hash = [3; 32];
+        (7..10)
+            .map(|sequence| {
+                let record = crate::audit::NewAuditRecord::new("uid:0", "entry.delete", "0123")
+                    .detail("n", sequence)
+                    .seal(
+                        "server-a",
+                        sequence,
+                        UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+                        prev_hash,
+                    )
+                    .unwrap();
+                prev_hash = record.hash;
+                record
+            })
+            .collect()
+    }
 
     fn sealed_audit_record() -> AuditRecord {
         crate::audit::NewAuditRecord::new("uid:0", "entry.create", "0123")

@@ -1017,6 +1017,62 @@ async fn audit_records_stored_in_runs_list_from_any_sequence_and_page_across_run
     );
 }
 
+/// A value added under a key inside a run (a forged copy of records the run holds) makes every
+/// reading that passes through the run fail, `audit verify`'s among them: no reader can be shown
+/// a record other than the one every other reader gets. A value under a key that is not its
+/// first record's sequence is corrupt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_value_that_overlaps_a_run_or_sits_under_another_key_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let records = (0..10)
+        .map(|n| NewAuditRecord::new("uid:0", "entry.delete", format!("e{n}")))
+        .collect();
+    let sealed = store.append_audit(records).await.unwrap();
+    assert_eq!(
+        store.inner.trees.audit.len(),
+        1,
+        "ten small records make one run"
+    );
+    let tree = &store.inner.trees.audit;
+    let list_from = |from: u64| {
+        let filter = AuditFilter {
+            from_sequence: Some(from),
+            ..AuditFilter::default()
+        };
+        let store = &store;
+        async move { store.list_audit(&filter, &PageRequest::first(100)).await }
+    };
+
+    // Forged copies of records 5 to 7 under key 5, inside the run stored under 1.
+    let mut forged = sealed[4..7].to_vec();
+    forged[0].subject = "forged".to_owned();
+    super::audit::store_audit_value(tree, 5, &forged).unwrap();
+    for from in [1, 3] {
+        let error = list_from(from).await.unwrap_err();
+        assert!(
+            error.to_string().contains("reaches the run stored under 5"),
+            "from {from}: {error}"
+        );
+    }
+    let verify_reads = store
+        .list_chain_records(crate::audit::DEFAULT_CHAIN_ID, 1, 10_000)
+        .await;
+    assert!(matches!(verify_reads, Err(StoreError::Corrupt { .. })));
+    tree.remove(5u64.to_be_bytes()).unwrap();
+    assert_eq!(list_from(1).await.unwrap().items, sealed);
+
+    // Copies of records 5 to 7 under key 11, after the run.
+    super::audit::store_audit_value(tree, 11, &sealed[4..7]).unwrap();
+    let error = list_from(1).await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("record 11 (or the run of records it begins): stored under this sequence, it begins with record 5"),
+        "{error}"
+    );
+}
+
 /// An audit chain whose first records an earlier build wrote as JSON, each alone, reads back
 /// whole and verifies, the records appended after the upgrade (a run) linked to them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
