@@ -236,7 +236,11 @@ impl AuditLog {
                 Ok(())
             }
             Ok(_) => Ok(()),
-            Err(error @ (AuditError::Diverged { .. } | AuditError::ChainBroken(_))) => {
+            Err(
+                error @ (AuditError::Diverged { .. }
+                | AuditError::ChainBroken(_)
+                | AuditError::Store(StoreError::Corrupt { .. })),
+            ) => {
                 error!(%error, "the audit log cannot be vouched for; the server serves but signs no audit checkpoint");
                 Ok(())
             }
@@ -400,6 +404,14 @@ impl AuditLog {
                 "{error}; run `sigil-server audit verify` (a broken record cannot be \
                  acknowledged away: restore it)"
             ))),
+            // A stored record that cannot be read as one (a value damaged or added by someone
+            // who can write the store) is as broken as a record whose hash does not hold.
+            Err(error @ AuditError::Store(StoreError::Corrupt { .. })) => {
+                self.set_blocked(Some(format!(
+                    "{error}; run `sigil-server audit verify` (a damaged record cannot be \
+                     acknowledged away: restore it)"
+                )));
+            }
             Err(_) => {}
         }
         result
@@ -1612,6 +1624,38 @@ mod tests {
             log.acknowledge("uid:0", None, "x", SystemTime::now()).await,
             Err(AuditError::NotDiverged)
         ));
+    }
+
+    /// A stored value that cannot be read as records (here a forged copy of records added
+    /// under a key inside a run) blocks signing and shows in the health as a broken chain
+    /// does; the server still starts (`prepare` succeeds) and serves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_audit_record_blocks_signing_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealed = {
+            let Opened { log, .. } = open_in(dir.path()).await;
+            log.append(records(4)).await.unwrap()
+        };
+        {
+            let db = open_raw(&dir.path().join("store"));
+            let tree = db.open_tree("audit").unwrap();
+            let mut forged = sealed[2..].to_vec();
+            forged[0].subject = "forged".to_owned();
+            crate::store::sled::audit::store_audit_value(&tree, 3, &forged).unwrap();
+            db.flush().unwrap();
+        }
+        let Opened { log, .. } = open_in(dir.path()).await;
+        let blocked = log.signing_blocked().unwrap();
+        assert!(
+            blocked
+                .contains("records 1 to 4 (stored as one run) reach into the value stored under 3"),
+            "{blocked}"
+        );
+        assert!(matches!(
+            log.checkpoint(SystemTime::now()).await,
+            Err(AuditError::Store(StoreError::Corrupt { .. }))
+        ));
+        assert!(log.signing_blocked().is_some());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -319,13 +319,14 @@ impl Iterator for StoredRecords {
                     // An error of the next value's is its own, reported when it is read.
                     if let Some(Ok((next, _))) = self.values.peek() {
                         let next = audit_sequence(next)?;
-                        if records.last().is_some_and(|r| r.sequence >= next) {
+                        if let Some(last) = records.last().filter(|r| r.sequence >= next) {
                             return Err(StoreError::Corrupt {
                                 what: "audit",
                                 reason: format!(
-                                    "record {} (or the run of records it begins) reaches the run \
-                                 stored under {next}",
-                                    audit_sequence(&key)?
+                                    "records {} to {} (stored as one run) reach into the value \
+                                     stored under {next}: one of the two was added or moved",
+                                    audit_sequence(&key)?,
+                                    last.sequence
                                 ),
                             });
                         }

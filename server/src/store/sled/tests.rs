@@ -1051,7 +1051,9 @@ async fn an_audit_value_that_overlaps_a_run_or_sits_under_another_key_is_corrupt
     for from in [1, 3] {
         let error = list_from(from).await.unwrap_err();
         assert!(
-            error.to_string().contains("reaches the run stored under 5"),
+            error
+                .to_string()
+                .contains("reach into the value stored under 5"),
             "from {from}: {error}"
         );
     }
