@@ -170,36 +170,18 @@ async fn an_entry_left_out_for_the_cap_is_served_once_there_is_room() {
     let metrics = logged_endpoint(|| agent.log_text(), "metrics");
     let (mut stream, filler) = left_out_at_the_cap(&server, &agent).await;
     // Operators see it: the alert rule of docs/operations.md reads this gauge.
-    metric_becomes(
-        metrics,
-        "sigil_agent_over_entry_cap",
-        1.0,
-        Duration::from_secs(30),
-    )
-    .await;
-    metric_becomes(
-        metrics,
-        "sigil_agent_entries",
-        MAX_ENTRIES as f64,
-        Duration::from_secs(30),
-    )
-    .await;
+    cap_gauges_become(metrics, 1.0).await;
     // Room for it: the agent takes a snapshot, and serves it.
     room_made_live(&server, &agent, &mut stream, &filler[0]).await;
-    metric_becomes(
-        metrics,
-        "sigil_agent_over_entry_cap",
-        0.0,
-        Duration::from_secs(30),
-    )
-    .await;
-    metric_becomes(
-        metrics,
-        "sigil_agent_entries",
-        MAX_ENTRIES as f64,
-        Duration::from_secs(30),
-    )
-    .await;
+    cap_gauges_become(metrics, 0.0).await;
+}
+
+/// The agent's metrics at `metrics` come to say it holds `MAX_ENTRIES` entries and is
+/// (`over` 1) or is not (0) over its cap.
+async fn cap_gauges_become(metrics: std::net::SocketAddr, over: f64) {
+    let wait = Duration::from_secs(30);
+    metric_becomes(metrics, "sigil_agent_over_entry_cap", over, wait).await;
+    metric_becomes(metrics, "sigil_agent_entries", MAX_ENTRIES as f64, wait).await;
 }
 
 // The same room made while the agent is cut from its server: the resume that reconnects it

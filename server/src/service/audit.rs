@@ -400,15 +400,14 @@ impl AuditLog {
         let result = self.checkpoint_locked(&mut state, now).await;
         match &result {
             Ok(_) | Err(AuditError::Diverged { .. }) => self.set_blocked(None),
-            Err(error @ AuditError::ChainBroken(_)) => self.set_blocked(Some(format!(
-                "{error}; run `sigil-server audit verify` (a broken record cannot be \
-                 acknowledged away: restore it)"
-            ))),
             // A stored record that cannot be read as one (a value damaged or added by someone
             // who can write the store) is as broken as a record whose hash does not hold.
-            Err(error @ AuditError::Store(StoreError::Corrupt { .. })) => {
+            Err(
+                error
+                @ (AuditError::ChainBroken(_) | AuditError::Store(StoreError::Corrupt { .. })),
+            ) => {
                 self.set_blocked(Some(format!(
-                    "{error}; run `sigil-server audit verify` (a damaged record cannot be \
+                    "{error}; run `sigil-server audit verify` (a broken record cannot be \
                      acknowledged away: restore it)"
                 )));
             }

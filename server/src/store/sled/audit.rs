@@ -352,15 +352,8 @@ pub(crate) fn audit_value_holding(
     tree: &::sled::Tree,
     sequence: u64,
 ) -> Result<Option<(u64, Vec<AuditRecord>)>, StoreError> {
-    let Some(item) = tree.range(..=sequence.to_be_bytes()).next_back() else {
-        return Ok(None);
-    };
-    let (key, value) = item?;
-    let records = decode_audit(&key, &value)?;
-    if !records.iter().any(|record| record.sequence == sequence) {
-        return Ok(None);
-    }
-    Ok(Some((audit_sequence(&key)?, records)))
+    Ok(audit_value_at_or_before(tree, sequence)?
+        .filter(|(_, records)| records.iter().any(|record| record.sequence == sequence)))
 }
 
 /// Stores `records` (consecutive, as sealed) as one run under `key`, or removes the value
@@ -370,22 +363,21 @@ pub(crate) fn store_audit_value(
     key: u64,
     records: &[AuditRecord],
 ) -> Result<(), StoreError> {
-    match record::encode_audit_runs(records, usize::MAX)?.pop() {
-        Some((_, value)) => tree.insert(key.to_be_bytes(), value)?,
-        None => tree.remove(key.to_be_bytes())?,
-    };
+    if records.is_empty() {
+        tree.remove(key.to_be_bytes())?;
+    } else {
+        tree.insert(key.to_be_bytes(), record::encode_audit_run(records)?)?;
+    }
     Ok(())
 }
 
 /// Removes the records from `sequence` on from `tree` (an `audit` tree).
 pub(crate) fn truncate_audit(tree: &::sled::Tree, sequence: u64) -> Result<(), StoreError> {
-    if let Some(item) = tree.range(..=sequence.to_be_bytes()).next_back() {
-        let (key, value) = item?;
-        let mut records = decode_audit(&key, &value)?;
-        if records.iter().any(|record| record.sequence >= sequence) {
-            records.retain(|record| record.sequence < sequence);
-            store_audit_value(tree, audit_sequence(&key)?, &records)?;
-        }
+    if let Some((key, mut records)) = audit_value_at_or_before(tree, sequence)?
+        && records.iter().any(|record| record.sequence >= sequence)
+    {
+        records.retain(|record| record.sequence < sequence);
+        store_audit_value(tree, key, &records)?;
     }
     for item in tree.range(sequence.to_be_bytes()..) {
         let (key, _) = item?;
@@ -395,6 +387,19 @@ pub(crate) fn truncate_audit(tree: &::sled::Tree, sequence: u64) -> Result<(), S
 }
 
 // === helpers ===
+
+/// The key of the value of `tree` (an `audit` tree) with the greatest key at or below
+/// `sequence`, the one that holds record `sequence` if any does, and its records.
+fn audit_value_at_or_before(
+    tree: &::sled::Tree,
+    sequence: u64,
+) -> Result<Option<(u64, Vec<AuditRecord>)>, StoreError> {
+    let Some(item) = tree.range(..=sequence.to_be_bytes()).next_back() else {
+        return Ok(None);
+    };
+    let (key, value) = item?;
+    Ok(Some((audit_sequence(&key)?, decode_audit(&key, &value)?)))
+}
 
 /// The `audit_sources` key of a source: its SPIFFE ID, `0x00`, its spool id.
 fn source_key(source: &AuditSource) -> Vec<u8> {

@@ -288,6 +288,15 @@ pub(crate) fn encode_audit_runs(
     Ok(values)
 }
 
+/// The stored value of sealed `records` (consecutive, in order) as one run, however large; no
+/// records make no run.
+pub(crate) fn encode_audit_run(records: &[AuditRecord]) -> Result<Vec<u8>, StoreError> {
+    encode_audit_runs(records, usize::MAX)?
+        .pop()
+        .map(|(_, value)| value)
+        .ok_or_else(|| corrupt(AUDIT, "an empty run of records"))
+}
+
 /// An audit record stored alone, binary or JSON.
 pub(crate) fn decode_audit(bytes: &[u8]) -> Result<AuditRecord, StoreError> {
     no_floats(by_form(AUDIT, bytes, |message| {
@@ -544,18 +553,12 @@ pub(crate) fn round_trips(bytes: &[u8]) -> Result<usize, String> {
         check(bytes, encode_entry, |bytes| decode_entry(KEY, bytes))?
             + check(bytes, encode_change, decode_change)?
             + check(bytes, encode_audit, decode_audit)?
-            + check(bytes, encode_audit_run, decode_audit_value)?,
+            + check(
+                bytes,
+                |records: &Vec<AuditRecord>| encode_audit_run(records),
+                decode_audit_value,
+            )?,
     )
-}
-
-/// `records` (consecutive) as one run (`&Vec`: the round trip's decoder gives a `Vec`).
-#[cfg(any(test, feature = "fuzzing"))]
-#[allow(clippy::ptr_arg)]
-fn encode_audit_run(records: &Vec<AuditRecord>) -> Result<Vec<u8>, StoreError> {
-    encode_audit_runs(records, usize::MAX)?
-        .pop()
-        .map(|(_, value)| value)
-        .ok_or_else(|| corrupt(AUDIT, "an empty run of records"))
 }
 
 fn versioned(message: &impl Message) -> Vec<u8> {
